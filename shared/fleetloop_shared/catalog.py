@@ -1,0 +1,107 @@
+"""Signal catalog: VSS-style path → stable integer id, datatype and unit.
+
+Ids are what segments and the wire carry (a path is written once, in the device's hello); they are
+assigned in registration order, so the same configuration always yields the same ids.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from fleetloop_shared.errors import UserError
+
+
+class DataType(IntEnum):
+    """Datatype of a signal's values; the numbers are the wire's ``DataType`` enum values."""
+
+    FLOAT64 = 1
+    INT64 = 2
+    BOOL = 3
+
+    @property
+    def numpy_dtype(self) -> str:
+        return {DataType.FLOAT64: "float64", DataType.INT64: "int64", DataType.BOOL: "bool"}[self]
+
+
+@dataclass(frozen=True)
+class SignalSpec:
+    """One catalog entry."""
+
+    id: int
+    path: str
+    data_type: DataType
+    unit: str = ""
+
+
+class Catalog:
+    """The signals one device knows, by path and by id."""
+
+    def __init__(self, signals: Iterable[SignalSpec] = ()) -> None:
+        self._by_path: dict[str, SignalSpec] = {}
+        self._by_id: dict[int, SignalSpec] = {}
+        for spec in signals:
+            self._insert(spec)
+
+    def _insert(self, spec: SignalSpec) -> None:
+        if spec.path in self._by_path or spec.id in self._by_id:
+            raise UserError(f"signal {spec.path!r} (id {spec.id}) is declared twice in the catalog")
+        self._by_path[spec.path] = spec
+        self._by_id[spec.id] = spec
+
+    def add(self, path: str, data_type: DataType, unit: str = "") -> SignalSpec:
+        """Register ``path`` (idempotent for an identical declaration) and return its entry."""
+        existing = self._by_path.get(path)
+        if existing is not None:
+            if existing.data_type != data_type:
+                raise UserError(
+                    f"signal {path!r} declared as {existing.data_type.name} and as {data_type.name}"
+                )
+            return existing
+        spec = SignalSpec(id=len(self._by_id) + 1, path=path, data_type=data_type, unit=unit)
+        self._insert(spec)
+        return spec
+
+    def by_path(self, path: str) -> SignalSpec:
+        try:
+            return self._by_path[path]
+        except KeyError:
+            raise UserError(f"unknown signal {path!r}") from None
+
+    def by_id(self, signal_id: int) -> SignalSpec:
+        try:
+            return self._by_id[signal_id]
+        except KeyError:
+            raise UserError(f"unknown signal id {signal_id}") from None
+
+    def get(self, path: str) -> SignalSpec | None:
+        return self._by_path.get(path)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._by_path
+
+    def __iter__(self) -> Iterator[SignalSpec]:
+        return iter(sorted(self._by_id.values(), key=lambda s: s.id))
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def match(self, patterns: Iterable[str]) -> list[SignalSpec]:
+        """Signals whose path matches any glob pattern (``Vehicle.Chassis.*``), in id order."""
+        pats = list(patterns)
+        return [s for s in self if any(fnmatch.fnmatchcase(s.path, p) for p in pats)]
+
+    def to_records(self) -> list[dict[str, Any]]:
+        return [
+            {"id": s.id, "path": s.path, "data_type": s.data_type.name, "unit": s.unit} for s in self
+        ]
+
+    @classmethod
+    def from_records(cls, records: Iterable[dict[str, Any]]) -> Catalog:
+        return cls(
+            SignalSpec(int(r["id"]), str(r["path"]), DataType[str(r["data_type"])], str(r.get("unit", "")))
+            for r in records
+        )
