@@ -34,7 +34,9 @@ def generate(out: Path) -> None:
         f"--python_out={out}",
         f"--grpc_python_out={out}",
         f"--plugin=protoc-gen-mypy={Path(sys.executable).parent / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={Path(sys.executable).parent / 'protoc-gen-mypy_grpc'}",
         f"--mypy_out={out}",
+        f"--mypy_grpc_out={out}",
         *protos,
     ]
     if protoc.main(args) != 0:
@@ -43,7 +45,12 @@ def generate(out: Path) -> None:
     for path in out.rglob("*.py*"):
         text = path.read_text()
         text = re.sub(r"^(from|import) fleetloop\.", rf"\1 {GEN_PACKAGE}.fleetloop.", text, flags=re.M)
-        text = re.sub(r"^import fleetloop_shared\.wire\.gen\.fleetloop\.(\S+) as", rf"import {GEN_PACKAGE}.fleetloop.\1 as", text, flags=re.M)
+        text = re.sub(
+            r"^import fleetloop_shared\.wire\.gen\.fleetloop\.(\S+) as",
+            rf"import {GEN_PACKAGE}.fleetloop.\1 as",
+            text,
+            flags=re.M,
+        )
         path.write_text(text)
     for d in [out, *[p for p in out.rglob("*") if p.is_dir()]]:
         (d / "__init__.py").touch()

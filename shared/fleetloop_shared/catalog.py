@@ -95,9 +95,7 @@ class Catalog:
         return [s for s in self if any(fnmatch.fnmatchcase(s.path, p) for p in pats)]
 
     def to_records(self) -> list[dict[str, Any]]:
-        return [
-            {"id": s.id, "path": s.path, "data_type": s.data_type.name, "unit": s.unit} for s in self
-        ]
+        return [{"id": s.id, "path": s.path, "data_type": s.data_type.name, "unit": s.unit} for s in self]
 
     @classmethod
     def from_records(cls, records: Iterable[dict[str, Any]]) -> Catalog:

@@ -1,0 +1,45 @@
+# One command per intent, identical locally and in CI.
+#   make demo   — set up (.venv) and run the whole loop on this machine
+#   make test   — set up and run lint, type check, import contracts, proto staleness and the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test check lint type contracts proto proto-check pytest clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[all]'
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/fleetloop demo
+
+test: setup check pytest
+
+check: lint type contracts proto-check
+
+lint: setup
+	$(BIN)/ruff check .
+
+type: setup
+	$(BIN)/mypy
+
+contracts: setup
+	$(BIN)/lint-imports
+
+proto: setup
+	$(BIN)/python scripts/gen_proto.py
+
+proto-check: setup
+	$(BIN)/python scripts/gen_proto.py --check
+
+pytest: setup
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

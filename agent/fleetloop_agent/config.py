@@ -1,0 +1,146 @@
+"""The agent's one configuration file (YAML), loaded and checked up front.
+
+An integrator writes this file once per machine; every mistake in it is reported as
+``FILE: key: what is wrong`` before the agent starts anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fleetloop_shared.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PlatformConfig:
+    """Where the A/B slots and the boot environment are (u-boot style env file)."""
+
+    slots: Mapping[str, Path]
+    env: Path
+    booted_slot: Path
+    health_commands: tuple[tuple[str, ...], ...] = ()
+    hardware_id: str = "generic"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    path: Path
+    base_dir: Path
+    device_id: str
+    fleet: str
+    labels: Mapping[str, str]
+    cloud_grpc: str
+    state_dir: Path
+    store_dir: Path
+    store_quota_bytes: int
+    sources: Sequence[Mapping[str, Any]]
+    platform: PlatformConfig
+    trusted_release_keys: tuple[Path, ...]
+    replay_speed: float = 1.0
+    heartbeat_s: float = 2.0
+    upload_deadline_s: float = 10.0
+    metrics_port: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _req(doc: Mapping[str, Any], key: str, where: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in doc:
+        raise ConfigError(f"{where}: missing required key '{key}'")
+    value = doc[key]
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ConfigError(f"{where}: '{key}' must be a {names}, got {type(value).__name__}")
+    return value
+
+
+def load_agent_config(path: str | Path) -> AgentConfig:
+    """Read and check the agent configuration; ConfigError names the file and the key at fault."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    base = p.parent.resolve()
+    where = str(p)
+
+    def rel(value: str) -> Path:
+        q = Path(value).expanduser()
+        return q if q.is_absolute() else base / q
+
+    cloud = _req(doc, "cloud", where, dict)
+    store = doc.get("store", {}) or {}
+    if not isinstance(store, dict):
+        raise ConfigError(f"{where}: 'store' must be a mapping")
+    plat = _req(doc, "platform", where, dict)
+    slots = _req(plat, "slots", f"{where}: platform", dict)
+    if set(slots) != {"a", "b"}:
+        raise ConfigError(f"{where}: platform.slots must name exactly the slots 'a' and 'b'")
+    health = plat.get("health_commands", []) or []
+    if not isinstance(health, list) or not all(
+        isinstance(c, list) and c and all(isinstance(a, str) for a in c) for c in health
+    ):
+        raise ConfigError(f"{where}: platform.health_commands must be a list of argument lists")
+    sources = _req(doc, "sources", where, list)
+    if not sources:
+        raise ConfigError(f"{where}: 'sources' is empty; the agent needs at least one signal source")
+    for i, s in enumerate(sources):
+        if not isinstance(s, dict) or "kind" not in s:
+            raise ConfigError(f"{where}: sources[{i}] must be a mapping with a 'kind'")
+    labels = doc.get("labels", {}) or {}
+    if not isinstance(labels, dict):
+        raise ConfigError(f"{where}: 'labels' must be a mapping")
+    keys = doc.get("trusted_release_keys", []) or []
+    if not isinstance(keys, list):
+        raise ConfigError(f"{where}: 'trusted_release_keys' must be a list of PEM file paths")
+    key_paths = tuple(rel(str(k)) for k in keys)
+    for k in key_paths:
+        if not k.is_file():
+            raise ConfigError(f"{where}: trusted_release_keys: file not found: {k}")
+    try:
+        quota = int(float(store.get("quota_mb", 256)) * 1024 * 1024)
+        speed = float((doc.get("replay") or {}).get("speed", 1.0))
+        heartbeat = float(doc.get("heartbeat_s", 2.0))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if speed <= 0:
+        raise ConfigError(f"{where}: replay.speed must be > 0")
+    metrics_port = doc.get("metrics_port")
+    if metrics_port is not None and not isinstance(metrics_port, int):
+        raise ConfigError(f"{where}: 'metrics_port' must be an integer")
+    return AgentConfig(
+        path=p,
+        device_id=str(_req(doc, "device_id", where, str)),
+        fleet=str(doc.get("fleet", "default")),
+        labels={str(k): str(v) for k, v in labels.items()},
+        cloud_grpc=str(_req(cloud, "grpc", f"{where}: cloud", str)),
+        state_dir=rel(str(doc.get("state_dir", "state"))),
+        store_dir=rel(str(store.get("dir", "store"))),
+        store_quota_bytes=quota,
+        sources=list(sources),
+        base_dir=base,
+        platform=PlatformConfig(
+            slots={k: rel(str(v)) for k, v in slots.items()},
+            env=rel(str(_req(plat, "env", f"{where}: platform", str))),
+            booted_slot=rel(str(_req(plat, "booted_slot", f"{where}: platform", str))),
+            health_commands=tuple(tuple(c) for c in health),
+            hardware_id=str(plat.get("hardware_id", "generic")),
+        ),
+        trusted_release_keys=key_paths,
+        replay_speed=speed,
+        heartbeat_s=heartbeat,
+        metrics_port=metrics_port,
+    )

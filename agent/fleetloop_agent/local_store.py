@@ -1,0 +1,550 @@
+"""The agent's local segment store: crash-safe files on disk, an SQLite index, a disk quota.
+
+Captures must survive power cuts and ``kill -9`` while the uplink may be offline for days, so:
+
+* A segment file is written to ``*.tmp``, fsynced, renamed into place and the directory fsynced; only
+  then is its index row committed. At every instant the disk holds either nothing of a segment, a
+  ``*.tmp`` leftover (deleted on open), a complete file without a row (re-indexed on open from the file
+  itself), or a complete file with its row.
+* Each file carries its store metadata (capture, campaign, priority, creation time) in a small envelope
+  before the segment bytes, so a file that lost its row in a crash is re-indexed without losing what
+  campaign it belongs to or how urgent it is.
+* Uploads are acknowledged state-first: the row is marked uploaded, then the file deleted; a crash in
+  between leaves a file the next open deletes. Evictions go file-first, so a crash never resurrects an
+  evicted segment (at worst a row without file, which the next open drops).
+* The quota is enforced before writing. Overflow policy: evict pending segments of priority lower than
+  or equal to the new one, lowest priority first, then oldest; never evict more urgent data to make room
+  for less urgent data — the new segment is refused with :class:`StorageFullError` instead. Evictions are
+  counted in :class:`StoreStats` so metrics can say what was lost.
+
+One lock serializes every operation: the agent's main loop appends while the uplink thread reads and
+acknowledges. Encoding (the CPU-heavy part) runs outside the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sqlite3
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fleetloop_shared.errors import (
+    ConfigError,
+    CorruptSegmentError,
+    NotFoundError,
+    StateError,
+    StorageFullError,
+    UserError,
+)
+from fleetloop_shared.segment import Segment, decode_segment, encode_segment
+
+#: Where the store keeps its files, relative to its root.
+SEGMENTS_DIR = "segments"
+INDEX_FILE = "index.sqlite3"
+SEGMENT_SUFFIX = ".seg"
+TMP_SUFFIX = ".tmp"
+
+#: Store file envelope (documented in docs/segment-format.md, "Store file envelope").
+ENVELOPE_MAGIC = b"FLSF"
+ENVELOPE_VERSION = 1
+_ENVELOPE_FIXED = struct.Struct("<4sBBHq")  # magic, version, priority, reserved, created_ns
+_U16 = struct.Struct("<H")
+_CRC = struct.Struct("<I")
+
+MAX_PRIORITY = 9
+MAX_LABEL_BYTES = 256  # capture id and campaign name, UTF-8
+#: Acknowledged segments remembered so a repeated ack stays a no-op; older ones are forgotten (bounded).
+MAX_UPLOADED_REMEMBERED = 10_000
+#: Upper bound of one ``pending()`` page, whatever the caller asks for.
+MAX_PENDING_PAGE = 10_000
+
+_STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS segments (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    segment_id BLOB NOT NULL UNIQUE,
+    capture_id TEXT NOT NULL,
+    campaign TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    grp TEXT NOT NULL,
+    samples INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    disk_bytes INTEGER NOT NULL,
+    first_ns INTEGER NOT NULL,
+    last_ns INTEGER NOT NULL,
+    created_ns INTEGER NOT NULL,
+    uploaded_seq INTEGER
+);
+CREATE INDEX IF NOT EXISTS segments_pending_order
+    ON segments (priority DESC, created_ns, seq) WHERE uploaded_seq IS NULL;
+CREATE INDEX IF NOT EXISTS segments_uploaded ON segments (uploaded_seq) WHERE uploaded_seq IS NOT NULL;
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+_COUNTERS = (
+    "segments_uploaded_total",
+    "samples_stored_total",
+    "evicted_segments_total",
+    "evicted_bytes_total",
+    "upload_seq",
+)
+
+_ROW_COLUMNS = (
+    "segment_id, capture_id, campaign, priority, grp, samples, size_bytes, first_ns, last_ns, created_ns"
+)
+
+
+@dataclass(frozen=True)
+class StoredSegment:
+    """Index entry of one stored segment. ``size_bytes`` is the encoded segment (what the uplink sends);
+    ``first_ns``/``last_ns`` are its earliest and latest timestamps (0 for an empty segment)."""
+
+    segment_id: bytes
+    capture_id: str
+    campaign: str
+    priority: int
+    group: str
+    samples: int
+    size_bytes: int
+    first_ns: int
+    last_ns: int
+    created_ns: int
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """Counters for metrics. Totals persist across restarts (they live in the index)."""
+
+    segments_pending: int
+    bytes_pending: int
+    segments_uploaded_total: int
+    samples_stored_total: int
+    evicted_segments_total: int
+    evicted_bytes_total: int
+
+
+@dataclass(frozen=True)
+class _Envelope:
+    capture_id: str
+    campaign: str
+    priority: int
+    created_ns: int
+    segment_offset: int
+
+
+def _encode_envelope(capture_id: str, campaign: str, priority: int, created_ns: int) -> bytes:
+    cap = capture_id.encode("utf-8")
+    camp = campaign.encode("utf-8")
+    head = b"".join(
+        [
+            _ENVELOPE_FIXED.pack(ENVELOPE_MAGIC, ENVELOPE_VERSION, priority, 0, created_ns),
+            _U16.pack(len(cap)),
+            cap,
+            _U16.pack(len(camp)),
+            camp,
+        ]
+    )
+    return head + _CRC.pack(zlib.crc32(head))
+
+
+def _decode_envelope(data: bytes, where: str) -> _Envelope:
+    """Parse a store file's envelope; any defect is a CorruptSegmentError naming the file."""
+    pos = _ENVELOPE_FIXED.size
+    if len(data) < pos:
+        raise CorruptSegmentError(f"{where}: store file truncated at byte {len(data)}")
+    magic, version, priority, reserved, created_ns = _ENVELOPE_FIXED.unpack_from(data, 0)
+    if magic != ENVELOPE_MAGIC:
+        raise CorruptSegmentError(f"{where}: not a store file (magic {magic!r})")
+    if version != ENVELOPE_VERSION or reserved != 0:
+        raise CorruptSegmentError(f"{where}: unsupported store file version {version}/{reserved}")
+    if priority > MAX_PRIORITY:
+        raise CorruptSegmentError(f"{where}: priority {priority} out of range")
+    labels: list[str] = []
+    for what in ("capture id", "campaign"):
+        if len(data) < pos + 2:
+            raise CorruptSegmentError(f"{where}: store file truncated in {what} length")
+        (n,) = _U16.unpack_from(data, pos)
+        pos += 2
+        if n > MAX_LABEL_BYTES or len(data) < pos + n:
+            raise CorruptSegmentError(f"{where}: {what} length {n} impossible")
+        try:
+            labels.append(data[pos : pos + n].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise CorruptSegmentError(f"{where}: {what} is not UTF-8") from None
+        pos += n
+    if len(data) < pos + _CRC.size:
+        raise CorruptSegmentError(f"{where}: store file truncated in envelope checksum")
+    (crc,) = _CRC.unpack_from(data, pos)
+    if crc != zlib.crc32(data[:pos]):
+        raise CorruptSegmentError(f"{where}: envelope checksum mismatch")
+    return _Envelope(labels[0], labels[1], priority, created_ns, pos + _CRC.size)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+class LocalStore:
+    """Segments pending upload, on disk under ``root``, within ``quota_bytes`` of segment files."""
+
+    def __init__(self, root: Path, *, quota_bytes: int = 256 * 1024 * 1024) -> None:
+        if quota_bytes <= 0:
+            raise ConfigError(f"store quota must be positive, got {quota_bytes}")
+        self._root = Path(root)
+        self._dir = self._root / SEGMENTS_DIR
+        self._quota = quota_bytes
+        self._lock = threading.Lock()
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ConfigError(f"store root {self._root}: a path component is not a directory") from None
+        except PermissionError:
+            raise ConfigError(f"store root {self._root}: permission denied") from None
+        self._db: sqlite3.Connection | None = self._open_index()
+        self._recover()
+
+    # ------------------------------------------------------------------------------------ public API
+
+    def append(
+        self, segment: Segment, *, capture_id: str, campaign: str, priority: int, now_ns: int
+    ) -> StoredSegment:
+        """Store ``segment`` durably and index it; evicts older, less urgent data if the quota needs it."""
+        if not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
+            raise UserError(f"priority must be an integer 0..{MAX_PRIORITY}, got {priority!r}")
+        for what, label in (("capture_id", capture_id), ("campaign", campaign)):
+            if len(label.encode("utf-8")) > MAX_LABEL_BYTES:
+                raise UserError(f"{what} longer than {MAX_LABEL_BYTES} bytes: {label[:40]!r}...")
+        if not -(2**63) <= now_ns < 2**63:
+            raise UserError(f"now_ns {now_ns} is outside the int64 range")
+        encoded = encode_segment(segment)
+        blob = _encode_envelope(capture_id, campaign, priority, now_ns) + encoded
+        rows = int(segment.t_ns.shape[0])
+        entry = StoredSegment(
+            segment_id=segment.segment_id,
+            capture_id=capture_id,
+            campaign=campaign,
+            priority=priority,
+            group=segment.group,
+            samples=segment.sample_count,
+            size_bytes=len(encoded),
+            first_ns=int(segment.t_ns.min()) if rows else 0,
+            last_ns=int(segment.t_ns.max()) if rows else 0,
+            created_ns=now_ns,
+        )
+        with self._lock:
+            db = self._require_open()
+            if db.execute("SELECT 1 FROM segments WHERE segment_id = ?", (entry.segment_id,)).fetchone():
+                raise StateError(f"segment {entry.segment_id.hex()} is already in the store")
+            self._make_room(db, len(blob), priority, entry.segment_id)
+            final = self._path(entry.segment_id)
+            self._write_file(final, blob)
+            try:
+                with db:
+                    self._insert_row(db, entry, len(blob))
+            except sqlite3.Error as exc:
+                _unlink_quietly(final)
+                if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                    raise StorageFullError(f"store index {self._root / INDEX_FILE}: disk full") from None
+                raise
+        return entry
+
+    def pending(self, limit: int = 100) -> list[StoredSegment]:
+        """Segments not yet acknowledged by the cloud, most urgent first, then oldest first."""
+        if limit < 0:
+            raise UserError(f"pending(limit) must be >= 0, got {limit}")
+        with self._lock:
+            db = self._require_open()
+            cur = db.execute(
+                f"SELECT {_ROW_COLUMNS} FROM segments WHERE uploaded_seq IS NULL "
+                "ORDER BY priority DESC, created_ns ASC, seq ASC LIMIT ?",
+                (min(limit, MAX_PENDING_PAGE),),
+            )
+            return [_row_to_entry(row) for row in cur.fetchall()]
+
+    def read(self, segment_id: bytes) -> bytes:
+        """The encoded segment (exactly what ``encode_segment`` produced) of a pending segment."""
+        with self._lock:
+            db = self._require_open()
+            row = db.execute(
+                "SELECT 1 FROM segments WHERE segment_id = ? AND uploaded_seq IS NULL", (segment_id,)
+            ).fetchone()
+        if row is None:
+            raise NotFoundError(f"segment {segment_id.hex()} is not pending in the store")
+        path = self._path(segment_id)
+        try:
+            # Files are never rewritten in place, only created by rename and deleted, so reading outside
+            # the lock sees either the whole file or none.
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"segment {segment_id.hex()} was removed from the store") from None
+        envelope = _decode_envelope(data, str(path))
+        return data[envelope.segment_offset :]
+
+    def mark_uploaded(self, segment_id: bytes) -> None:
+        """The cloud acknowledged the segment: record that, then delete its file. Repeats are no-ops."""
+        with self._lock:
+            db = self._require_open()
+            row = db.execute(
+                "SELECT uploaded_seq FROM segments WHERE segment_id = ?", (segment_id,)
+            ).fetchone()
+            if row is None or row[0] is not None:
+                return  # unknown (evicted, or acknowledged long ago) or already acknowledged
+            with db:
+                seq = self._bump(db, "upload_seq", 1)
+                db.execute("UPDATE segments SET uploaded_seq = ? WHERE segment_id = ?", (seq, segment_id))
+                self._bump(db, "segments_uploaded_total", 1)
+                db.execute(
+                    "DELETE FROM segments WHERE uploaded_seq IS NOT NULL AND uploaded_seq <= ?",
+                    (seq - MAX_UPLOADED_REMEMBERED,),
+                )
+            _unlink_quietly(self._path(segment_id))
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            db = self._require_open()
+            count, size = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM segments WHERE uploaded_seq IS NULL"
+            ).fetchone()
+            counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
+        return StoreStats(
+            segments_pending=int(count),
+            bytes_pending=int(size),
+            segments_uploaded_total=int(counters.get("segments_uploaded_total", 0)),
+            samples_stored_total=int(counters.get("samples_stored_total", 0)),
+            evicted_segments_total=int(counters.get("evicted_segments_total", 0)),
+            evicted_bytes_total=int(counters.get("evicted_bytes_total", 0)),
+        )
+
+    def close(self) -> None:
+        """Close the index; further calls raise StateError. Closing twice is harmless."""
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    # ------------------------------------------------------------------------------------ internals
+
+    def _require_open(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StateError(f"local store {self._root} is closed")
+        return self._db
+
+    def _path(self, segment_id: bytes) -> Path:
+        return self._dir / (segment_id.hex() + SEGMENT_SUFFIX)
+
+    def _open_index(self) -> sqlite3.Connection:
+        """Open (or create) the index; an unreadable index is set aside and rebuilt from the files."""
+        path = self._root / INDEX_FILE
+        try:
+            return self._connect(path)
+        except sqlite3.DatabaseError:
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(str(path) + suffix)
+                if src.exists():
+                    os.replace(src, Path(str(path) + ".corrupt" + suffix))
+            return self._connect(path)
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, check_same_thread=False, timeout=10.0)
+        try:
+            # WAL survives kill -9 with every committed row; synchronous=NORMAL may lose the last commits
+            # on power loss, which recovery repairs from the files (row-less files are re-indexed).
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("quick_check failed")
+            db.executescript(_SCHEMA)
+            with db:
+                db.executemany(
+                    "INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", [(n,) for n in _COUNTERS]
+                )
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
+
+    @staticmethod
+    def _bump(db: sqlite3.Connection, name: str, by: int) -> int:
+        db.execute("UPDATE counters SET value = value + ? WHERE name = ?", (by, name))
+        value: int = db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
+        return value
+
+    def _insert_row(self, db: sqlite3.Connection, entry: StoredSegment, disk_bytes: int) -> None:
+        db.execute(
+            "INSERT INTO segments (segment_id, capture_id, campaign, priority, grp, samples, size_bytes, "
+            "disk_bytes, first_ns, last_ns, created_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                entry.segment_id,
+                entry.capture_id,
+                entry.campaign,
+                entry.priority,
+                entry.group,
+                entry.samples,
+                entry.size_bytes,
+                disk_bytes,
+                entry.first_ns,
+                entry.last_ns,
+                entry.created_ns,
+            ),
+        )
+        self._bump(db, "samples_stored_total", entry.samples)
+
+    def _make_room(self, db: sqlite3.Connection, needed: int, priority: int, segment_id: bytes) -> None:
+        """Evict so that ``needed`` more bytes fit the quota, or refuse before evicting anything."""
+        if needed > self._quota:
+            raise StorageFullError(
+                f"segment {segment_id.hex()} needs {needed} bytes, more than the whole store quota "
+                f"of {self._quota} bytes"
+            )
+        (used,) = db.execute(
+            "SELECT COALESCE(SUM(disk_bytes), 0) FROM segments WHERE uploaded_seq IS NULL"
+        ).fetchone()
+        excess = int(used) + needed - self._quota
+        if excess <= 0:
+            return
+        victims: list[tuple[int, bytes, int]] = []
+        freed = 0
+        for seq, victim_id, disk_bytes in self._eviction_candidates(db, priority):
+            victims.append((seq, victim_id, disk_bytes))
+            freed += disk_bytes
+            if freed >= excess:
+                break
+        if freed < excess:
+            raise StorageFullError(
+                f"store quota of {self._quota} bytes is full of segments more urgent than priority "
+                f"{priority}; segment {segment_id.hex()} refused"
+            )
+        for _, victim_id, _ in victims:
+            _unlink_quietly(self._path(victim_id))
+        with db:
+            db.executemany("DELETE FROM segments WHERE seq = ?", [(v[0],) for v in victims])
+            self._bump(db, "evicted_segments_total", len(victims))
+            self._bump(db, "evicted_bytes_total", sum(v[2] for v in victims))
+
+    @staticmethod
+    def _eviction_candidates(db: sqlite3.Connection, priority: int) -> Iterator[tuple[int, bytes, int]]:
+        cur = db.execute(
+            "SELECT seq, segment_id, disk_bytes FROM segments WHERE uploaded_seq IS NULL AND priority <= ? "
+            "ORDER BY priority ASC, created_ns ASC, seq ASC",
+            (priority,),
+        )
+        for seq, victim_id, disk_bytes in cur:
+            yield int(seq), bytes(victim_id), int(disk_bytes)
+
+    def _write_file(self, final: Path, blob: bytes) -> None:
+        """tmp → write → fsync → rename → fsync dir; on any failure nothing of the segment remains."""
+        tmp = final.with_name(final.name + TMP_SUFFIX)
+        renamed = False
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                view = memoryview(blob)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+            renamed = True
+            _fsync_dir(self._dir)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            if renamed:
+                _unlink_quietly(final)
+            if exc.errno in _STORAGE_FULL_ERRNOS:
+                raise StorageFullError(f"{self._dir}: no space left writing {final.name}") from None
+            raise
+
+    def _recover(self) -> None:
+        """Bring index and files back into agreement after whatever crash came before this open."""
+        db = self._require_open()
+        on_disk: dict[str, Path] = {}
+        for path in self._dir.iterdir():
+            if path.name.endswith(TMP_SUFFIX):
+                _unlink_quietly(path)  # a write that never reached its rename
+            elif path.name.endswith(SEGMENT_SUFFIX):
+                on_disk[path.name] = path
+        known: set[str] = set()
+        dead_rows: list[int] = []
+        for seq, segment_id, uploaded_seq, disk_bytes in db.execute(
+            "SELECT seq, segment_id, uploaded_seq, disk_bytes FROM segments"
+        ).fetchall():
+            name = bytes(segment_id).hex() + SEGMENT_SUFFIX
+            known.add(name)
+            found = on_disk.get(name)
+            if uploaded_seq is not None:
+                if found is not None:
+                    _unlink_quietly(found)  # acknowledged, but the crash came before the delete
+                continue
+            if found is None or found.stat().st_size != disk_bytes:
+                dead_rows.append(int(seq))
+                if found is not None:
+                    _unlink_quietly(found)
+        with db:
+            db.executemany("DELETE FROM segments WHERE seq = ?", [(s,) for s in dead_rows])
+        for name, path in sorted(on_disk.items()):
+            if name not in known:
+                self._reindex(db, path)
+        _fsync_dir(self._dir)
+
+    def _reindex(self, db: sqlite3.Connection, path: Path) -> None:
+        """Index a complete file whose row was lost; a file that does not decode is deleted."""
+        try:
+            data = path.read_bytes()
+            envelope = _decode_envelope(data, str(path))
+            segment = decode_segment(data[envelope.segment_offset :])
+            if segment.segment_id.hex() + SEGMENT_SUFFIX != path.name:
+                raise CorruptSegmentError(f"{path}: file name does not match segment id")
+        except CorruptSegmentError:
+            _unlink_quietly(path)
+            return
+        rows = int(segment.t_ns.shape[0])
+        entry = StoredSegment(
+            segment_id=segment.segment_id,
+            capture_id=envelope.capture_id,
+            campaign=envelope.campaign,
+            priority=envelope.priority,
+            group=segment.group,
+            samples=segment.sample_count,
+            size_bytes=len(data) - envelope.segment_offset,
+            first_ns=int(segment.t_ns.min()) if rows else 0,
+            last_ns=int(segment.t_ns.max()) if rows else 0,
+            created_ns=envelope.created_ns,
+        )
+        with db:
+            self._insert_row(db, entry, len(data))
+
+
+def _row_to_entry(row: tuple[Any, ...]) -> StoredSegment:
+    segment_id, capture_id, campaign, priority, group, samples, size_bytes, first_ns, last_ns, created = row
+    return StoredSegment(
+        segment_id=bytes(segment_id),
+        capture_id=str(capture_id),
+        campaign=str(campaign),
+        priority=int(priority),
+        group=str(group),
+        samples=int(samples),
+        size_bytes=int(size_bytes),
+        first_ns=int(first_ns),
+        last_ns=int(last_ns),
+        created_ns=int(created),
+    )

@@ -1,0 +1,396 @@
+"""The agent's driver: owns the loop, the threads and the I/O; the decisions live in pure cores.
+
+Data path per tick (time passed in, data time = start + elapsed × replay speed):
+sources → ring buffers → trigger engine → capture assembler → local store → uplink (its own thread).
+Control path: the uplink's control stream delivers desired campaigns (compiled here, refused with a
+reason if they do not compile) and OTA jobs (run by the OTA worker thread through ``OtaDriver``, which
+journals before each side effect and asks for a reboot by raising ``RebootRequested``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fleetloop_agent import __version__
+from fleetloop_agent.capture import CaptureAssembler
+from fleetloop_agent.config import AgentConfig
+from fleetloop_agent.local_store import LocalStore
+from fleetloop_agent.metrics import AgentMetrics
+from fleetloop_agent.ota.driver import OtaDriver, OtaReport
+from fleetloop_agent.ota.platform import EXIT_REBOOT, EnvFilePlatform, RebootRequested
+from fleetloop_agent.ring_buffer import RingBuffers
+from fleetloop_agent.sources import SignalSource, build_source
+from fleetloop_agent.trigger_engine import TriggerEngine
+from fleetloop_agent.uplink import CloudLink
+from fleetloop_shared.catalog import Catalog
+from fleetloop_shared.errors import FleetloopError, RuleError, StorageFullError
+from fleetloop_shared.rules import CampaignSpec, check_against_catalog, parse_campaign, selector_matches
+from fleetloop_shared.segment import segment_from_batch
+from fleetloop_shared.wire import device_pb2, ota_pb2
+
+log = logging.getLogger("fleetloop.agent")
+
+TICK_S = 0.1
+MIN_HORIZON_NS = 10 * 1_000_000_000
+#: How long the post-reboot health check waits for the cloud before calling it unreachable.
+HEALTH_CLOUD_WAIT_S = 20.0
+#: Bounded queue of OTA jobs waiting for the worker; overflow policy: refuse (the cloud re-offers).
+OTA_QUEUE_LIMIT = 4
+
+
+@dataclass
+class _DesiredState:
+    version: int
+    documents: list[tuple[str, int, str]]
+
+
+class AgentRuntime:
+    """One agent process: build everything from the config, run until stopped or rebooting."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.config = config
+        self._monotonic = monotonic
+        self._wall_ns = wall_ns
+        self.metrics = AgentMetrics()
+        self.catalog = Catalog()
+        self.start_ns = wall_ns()
+        self.sources: list[SignalSource] = [
+            build_source(spec, base_dir=config.base_dir, start_ns=self.start_ns) for spec in config.sources
+        ]
+        for src in self.sources:
+            src.declare(self.catalog)
+        self.data_origin = (
+            "recordings" if all(s.origin == "recordings" for s in self.sources) else "simulated"
+        )
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.buffers = RingBuffers(self.catalog, horizon_ns=MIN_HORIZON_NS)
+        self.engine = TriggerEngine(self.catalog)
+        self.assembler = CaptureAssembler(self.catalog)
+        self.store = LocalStore(config.store_dir, quota_bytes=config.store_quota_bytes)
+        pc = config.platform
+        self.platform = EnvFilePlatform(
+            pc.slots, pc.env, pc.booted_slot, health_commands=[list(c) for c in pc.health_commands]
+        )
+        self.ota = OtaDriver(
+            self.platform,
+            config.state_dir / "ota",
+            trusted_keys_pem=[p.read_bytes() for p in config.trusted_release_keys],
+            hardware_id=pc.hardware_id,
+            report=self._on_ota_report,
+        )
+        self.specs: dict[str, CampaignSpec] = {}
+        self.refused: dict[str, str] = {}
+        self.desired = _DesiredState(0, [])
+        self.captures_total = 0
+        self._inbox: queue.Queue[device_pb2.CloudMessage] = queue.Queue(maxsize=256)
+        self._ota_jobs: queue.Queue[ota_pb2.OtaJob] = queue.Queue(maxsize=OTA_QUEUE_LIMIT)
+        self._stop = threading.Event()
+        self._reboot = threading.Event()
+        self._last_ota: OtaReport | None = None
+        self.link = CloudLink(
+            config.cloud_grpc,
+            config.device_id,
+            store=self.store,
+            metrics=self.metrics,
+            greeting=self._greeting,
+            on_message=self._on_cloud_message,
+            upload_deadline_s=config.upload_deadline_s,
+        )
+        self._load_desired()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        """Run until :meth:`stop` (returns 0) or until an update needs a reboot (returns EXIT_REBOOT)."""
+        log.info(
+            "agent %s starting: device %s, firmware %s, slot %s, data %s, %d signals",
+            __version__,
+            self.config.device_id,
+            self.ota.installed_version(),
+            self.platform.booted_slot(),
+            self.data_origin,
+            len(self.catalog),
+        )
+        if self.config.metrics_port:
+            self.metrics.serve(self.config.metrics_port)
+        self.link.start()
+        worker = threading.Thread(target=self._ota_worker, name="ota", daemon=True)
+        worker.start()
+        mono0 = self._monotonic()
+        last_beat = 0.0
+        try:
+            while not self._stop.is_set() and not self._reboot.is_set():
+                now_mono = self._monotonic()
+                data_now = self.start_ns + int((now_mono - mono0) * self.config.replay_speed * 1e9)
+                self._drain_inbox()
+                self._tick(data_now)
+                if now_mono - last_beat >= self.config.heartbeat_s:
+                    last_beat = now_mono
+                    self._heartbeat()
+                self._stop.wait(TICK_S)
+        finally:
+            if self._reboot.is_set():
+                self.link.flush(3.0)
+            self.link.stop()
+            self.store.close()
+        if self._reboot.is_set():
+            log.info("rebooting to finish the update")
+            return EXIT_REBOOT
+        return 0
+
+    # -- data path --------------------------------------------------------------------------------
+    def _tick(self, data_now: int) -> None:
+        batches = []
+        for src in self.sources:
+            try:
+                batches.extend(src.read(data_now))
+            except FleetloopError as exc:
+                log.error("source %s failed: %s", src.name, exc)
+        for b in batches:
+            self.buffers.append(b)
+            self.metrics.samples_read.inc(b.sample_count)
+        self.metrics.ring_buffer_bytes.set(self.buffers.bytes_used)
+        if not batches:
+            return
+        for fire in self.engine.process(batches, self.buffers):
+            spec = self.specs.get(fire.campaign)
+            if spec is None:
+                continue
+            self.metrics.fires.inc()
+            self.assembler.on_fire(fire, spec.collect_signals)
+        for capture in self.assembler.poll(data_now, self.buffers):
+            self._store_capture(capture)
+
+    def _store_capture(self, capture: Any) -> None:
+        now_ns = self._wall_ns()
+        try:
+            for batch in capture.batches:
+                if len(batch) == 0 or not batch.values:
+                    continue
+                seg = segment_from_batch(batch, self.catalog)
+                self.store.append(
+                    seg,
+                    capture_id=capture.capture_id,
+                    campaign=capture.campaign,
+                    priority=capture.priority,
+                    now_ns=now_ns,
+                )
+        except StorageFullError as exc:
+            log.error("capture %s not stored: %s", capture.capture_id, exc)
+            return
+        self.captures_total += 1
+        self.metrics.captures.inc()
+        log.info(
+            "capture %s of campaign %s stored: %d samples",
+            capture.capture_id,
+            capture.campaign,
+            capture.sample_count,
+        )
+        self.link.kick_upload()
+
+    # -- control path -----------------------------------------------------------------------------
+    def _on_cloud_message(self, msg: device_pb2.CloudMessage) -> None:
+        """Called on the uplink thread: hand over to the main loop (campaigns) or the OTA worker."""
+        kind = msg.WhichOneof("kind")
+        if kind == "ota_job":
+            try:
+                self._ota_jobs.put_nowait(msg.ota_job)
+            except queue.Full:
+                log.warning("OTA job %s refused: %d jobs already queued", msg.ota_job.job_id, OTA_QUEUE_LIMIT)
+            return
+        try:
+            self._inbox.put(msg, timeout=5)
+        except queue.Full:
+            log.warning("control inbox full; dropped a %s message", kind)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg.WhichOneof("kind") == "desired_campaigns":
+                dc = msg.desired_campaigns
+                self.desired = _DesiredState(
+                    dc.version, [(c.name, c.version, c.document) for c in dc.campaigns]
+                )
+                self._apply_desired()
+                self._save_desired()
+
+    def _apply_desired(self) -> None:
+        specs: list[CampaignSpec] = []
+        refused: dict[str, str] = {}
+        for name, _version, document in self.desired.documents:
+            try:
+                spec = parse_campaign(document, source=f"campaign {name}")
+                check_against_catalog(spec, self.catalog)
+                if spec.selector and not selector_matches(spec.selector, self.config.labels):
+                    continue
+            except RuleError as exc:
+                refused[name] = str(exc)
+                continue
+            specs.append(spec)
+        refused.update(self.engine.set_campaigns(specs, self._wall_ns()))
+        self.specs = {s.name: s for s in specs if s.name not in refused}
+        self.refused = refused
+        horizon = max([MIN_HORIZON_NS, self.engine.required_horizon_ns()])
+        self.buffers.set_horizon(horizon)
+        for name, reason in refused.items():
+            log.warning("campaign %s refused: %s", name, reason)
+        log.info("campaigns v%d running: %s", self.desired.version, ", ".join(self.engine.active) or "none")
+        self.link.send(device_pb2.DeviceMessage(campaign_status=self._campaign_status()))
+
+    def _desired_path(self) -> Path:
+        return self.config.state_dir / "campaigns.json"
+
+    def _save_desired(self) -> None:
+        path = self._desired_path()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"version": self.desired.version, "campaigns": self.desired.documents}))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    def _load_desired(self) -> None:
+        """Run the last desired campaigns at once after a restart, before the cloud is reachable."""
+        path = self._desired_path()
+        if not path.is_file():
+            return
+        try:
+            doc = json.loads(path.read_text())
+            self.desired = _DesiredState(
+                int(doc["version"]), [(str(n), int(v), str(d)) for n, v, d in doc["campaigns"]]
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable %s: %s", path, exc)
+            return
+        self._apply_desired()
+
+    def _campaign_status(self) -> device_pb2.CampaignStatus:
+        return device_pb2.CampaignStatus(
+            version=self.desired.version,
+            running=list(self.engine.active),
+            refused=[device_pb2.CampaignRefusal(name=n, reason=r) for n, r in sorted(self.refused.items())],
+            captures_total=self.captures_total,
+        )
+
+    def _greeting(self) -> list[device_pb2.DeviceMessage]:
+        hello = device_pb2.Hello(
+            device_id=self.config.device_id,
+            fleet=self.config.fleet,
+            labels=dict(self.config.labels),
+            agent_version=__version__,
+            data_origin=self.data_origin,
+            catalog=[
+                device_pb2.CatalogSignal(
+                    id=s.id,
+                    path=s.path,
+                    data_type=device_pb2.DataType.Value(f"DATA_TYPE_{s.data_type.name}"),
+                    unit=s.unit,
+                )
+                for s in self.catalog
+            ],
+        )
+        msgs = [
+            device_pb2.DeviceMessage(hello=hello),
+            device_pb2.DeviceMessage(inventory=self._inventory()),
+            device_pb2.DeviceMessage(campaign_status=self._campaign_status()),
+        ]
+        if self._last_ota is not None:
+            msgs.append(device_pb2.DeviceMessage(ota_status=_ota_status(self._last_ota)))
+        return msgs
+
+    def _inventory(self) -> device_pb2.Inventory:
+        return device_pb2.Inventory(
+            hardware_id=self.config.platform.hardware_id,
+            firmware_version=self.ota.installed_version(),
+            firmware_sha256=self.ota.installed_sha256(),
+            active_slot=self.platform.booted_slot(),
+            campaigns_version=self.desired.version,
+        )
+
+    def _heartbeat(self) -> None:
+        stats = self.store.stats()
+        self.metrics.store_pending_bytes.set(stats.bytes_pending)
+        self.link.send(
+            device_pb2.DeviceMessage(
+                heartbeat=device_pb2.Heartbeat(
+                    time_unix_ns=self._wall_ns(),
+                    segments_pending=stats.segments_pending,
+                    bytes_pending=stats.bytes_pending,
+                )
+            )
+        )
+        self.link.send(device_pb2.DeviceMessage(campaign_status=self._campaign_status()))
+
+    # -- OTA ----------------------------------------------------------------------------------------
+    def _on_ota_report(self, report: OtaReport) -> None:
+        self._last_ota = report
+        log.info(
+            "ota job %s: %s%s",
+            report.job_id,
+            report.state.value,
+            f" ({report.reason})" if report.reason else "",
+        )
+        self.link.send(device_pb2.DeviceMessage(ota_status=_ota_status(report)))
+        if report.state.value in ("COMMITTED", "ROLLED_BACK"):
+            self.link.send(device_pb2.DeviceMessage(inventory=self._inventory()))
+
+    def _extra_health(self) -> list[str]:
+        failures = []
+        if not self.link.connected.wait(HEALTH_CLOUD_WAIT_S):
+            failures.append(
+                f"cloud unreachable at {self.config.cloud_grpc}: {self.link.last_error or 'timeout'}"
+            )
+        dead = [s.name for s in self.sources if not s.alive()]
+        if dead:
+            failures.append(f"sources not alive: {', '.join(dead)}")
+        return failures
+
+    def _ota_worker(self) -> None:
+        try:
+            self.ota.resume_after_boot(self._extra_health)
+            while not self._stop.is_set():
+                try:
+                    job = self._ota_jobs.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                self.ota.handle_job(
+                    job.job_id, job.rollout_id, job.manifest, job.signature, job.artifact_base_url
+                )
+        except RebootRequested:
+            self._reboot.set()
+        except FleetloopError as exc:
+            log.error("OTA worker: %s", exc)
+        except Exception:
+            log.exception("OTA worker crashed")
+
+
+def _ota_status(report: OtaReport) -> ota_pb2.OtaStatus:
+    return ota_pb2.OtaStatus(
+        job_id=report.job_id,
+        rollout_id=report.rollout_id,
+        state=ota_pb2.OtaState.Value(f"OTA_STATE_{report.state.value}"),
+        reason=report.reason,
+        version=report.version,
+        bytes_downloaded=report.bytes_downloaded,
+        bytes_total=report.bytes_total,
+        payload_kind=report.payload_kind,
+    )

@@ -1,0 +1,217 @@
+"""The agent's link to the cloud over gRPC: one control stream and segment uploads.
+
+This adapter is the only agent module that imports grpc; it maps every gRPC failure to a log line, a
+metric and a retry with jittered, bounded backoff. What reaches the rest of the agent is plain callbacks
+(``on_message``) and :meth:`CloudLink.send`. Segments are checkpointed (``mark_uploaded``) only after the
+cloud's ack, so a cut link or a killed process never loses an acknowledged-or-pending segment.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from fleetloop_agent.local_store import LocalStore
+from fleetloop_agent.metrics import AgentMetrics
+from fleetloop_shared.errors import NotFoundError
+from fleetloop_shared.wire import MAX_MESSAGE_BYTES, device_pb2, device_pb2_grpc, ingest_pb2, ingest_pb2_grpc
+
+log = logging.getLogger("fleetloop.agent.uplink")
+
+#: Bounded outbox; overflow policy: drop the oldest message (counted in outbox_dropped).
+OUTBOX_LIMIT = 1000
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 5.0
+#: Upload failures with these codes are the cloud refusing the bytes themselves; retrying cannot help.
+PERMANENT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS}
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.initial_reconnect_backoff_ms", 300),
+    ("grpc.max_reconnect_backoff_ms", 3000),
+]
+
+
+class CloudLink:
+    """Keeps the control stream up and drains the local store to the cloud."""
+
+    def __init__(
+        self,
+        target: str,
+        device_id: str,
+        *,
+        store: LocalStore,
+        metrics: AgentMetrics,
+        greeting: Callable[[], list[device_pb2.DeviceMessage]],
+        on_message: Callable[[device_pb2.CloudMessage], None],
+        upload_deadline_s: float = 10.0,
+    ) -> None:
+        self.target = target
+        self.device_id = device_id
+        self._store = store
+        self._metrics = metrics
+        self._greeting = greeting
+        self._on_message = on_message
+        self._deadline = upload_deadline_s
+        self._outbox: queue.Queue[device_pb2.DeviceMessage] = queue.Queue(maxsize=OUTBOX_LIMIT)
+        self._stop = threading.Event()
+        self.connected = threading.Event()
+        self.last_error = ""
+        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._device = device_pb2_grpc.DeviceServiceStub(self._channel)
+        self._ingest = ingest_pb2_grpc.IngestServiceStub(self._channel)
+        self._threads = [
+            threading.Thread(target=self._control_loop, name="uplink-control", daemon=True),
+            threading.Thread(target=self._upload_loop, name="uplink-upload", daemon=True),
+        ]
+        self._upload_wakeup = threading.Event()
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._upload_wakeup.set()
+        self._channel.close()
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def send(self, msg: device_pb2.DeviceMessage) -> None:
+        """Queue ``msg`` for the control stream; drop-oldest when the outbox is full."""
+        while True:
+            try:
+                self._outbox.put_nowait(msg)
+                return
+            except queue.Full:
+                try:
+                    self._outbox.get_nowait()
+                    self._metrics.outbox_dropped.inc()
+                except queue.Empty:
+                    pass
+
+    def flush(self, timeout_s: float) -> None:
+        """Give queued control messages up to ``timeout_s`` to leave (used before a reboot)."""
+        deadline = time.monotonic() + timeout_s
+        while self.connected.is_set() and not self._outbox.empty() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+
+    def kick_upload(self) -> None:
+        """A new segment is in the store; upload without waiting for the next poll."""
+        self._upload_wakeup.set()
+
+    # -- control stream ---------------------------------------------------------------------------
+    def _requests(self, generation: threading.Event) -> Iterator[device_pb2.DeviceMessage]:
+        yield from self._greeting()
+        while not self._stop.is_set() and not generation.is_set():
+            try:
+                yield self._outbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+
+    def _control_loop(self) -> None:
+        backoff = BACKOFF_MIN_S
+        while not self._stop.is_set():
+            ended = threading.Event()
+            try:
+                responses = self._device.Connect(self._requests(ended))
+                for msg in responses:
+                    if not self.connected.is_set():
+                        self.connected.set()
+                        self._metrics.reconnects.inc()
+                        self._upload_wakeup.set()
+                        if self.last_error:
+                            log.info("cloud at %s reachable again", self.target)
+                        self.last_error = ""
+                        backoff = BACKOFF_MIN_S
+                    self._on_message(msg)
+                self._note_error("cloud closed the control stream")
+            except grpc.RpcError as exc:
+                self._note_error(_describe(exc))
+            except Exception as exc:  # a handler bug must not kill the link thread
+                log.exception("control message handler failed: %s", exc)
+                self._note_error(f"handler failed: {exc}")
+            finally:
+                ended.set()
+                self.connected.clear()
+            if self._stop.wait(backoff * random.uniform(0.8, 1.2)):
+                return
+            backoff = min(BACKOFF_MAX_S, backoff * 2)
+
+    def _note_error(self, what: str) -> None:
+        if self._stop.is_set():
+            return
+        if what != self.last_error:
+            log.warning("cannot reach cloud at %s: %s (retrying)", self.target, what)
+        self.last_error = what
+
+    # -- uploads ----------------------------------------------------------------------------------
+    def _upload_loop(self) -> None:
+        backoff = BACKOFF_MIN_S
+        while not self._stop.is_set():
+            self._upload_wakeup.wait(timeout=1.0)
+            self._upload_wakeup.clear()
+            if self._stop.is_set():
+                return
+            if not self.connected.is_set():
+                continue
+            try:
+                self._drain()
+                backoff = BACKOFF_MIN_S
+            except grpc.RpcError as exc:
+                self._metrics.upload_errors.inc()
+                log.warning("upload to %s failed: %s (retrying)", self.target, _describe(exc))
+                if self._stop.wait(backoff * random.uniform(0.8, 1.2)):
+                    return
+                backoff = min(BACKOFF_MAX_S, backoff * 2)
+                self._upload_wakeup.set()
+
+    def _drain(self) -> None:
+        while not self._stop.is_set():
+            batch = self._store.pending(limit=32)
+            if not batch:
+                return
+            for seg in batch:
+                try:
+                    data = self._store.read(seg.segment_id)
+                except NotFoundError:
+                    continue  # evicted by the quota between pending() and read()
+                req = ingest_pb2.UploadSegmentRequest(
+                    device_id=self.device_id,
+                    segment_id=seg.segment_id,
+                    capture_id=seg.capture_id,
+                    campaign=seg.campaign,
+                    priority=seg.priority,
+                    segment=data,
+                )
+                try:
+                    self._ingest.UploadSegment(req, timeout=self._deadline)
+                except grpc.RpcError as exc:
+                    if exc.code() in PERMANENT_CODES:
+                        # The cloud says these bytes are invalid: keeping them would block the queue forever.
+                        log.error("cloud refused segment %s: %s", seg.segment_id.hex(), _describe(exc))
+                        self._metrics.segments_refused.inc()
+                    else:
+                        raise
+                else:
+                    self._metrics.segments_uploaded.inc()
+                self._store.mark_uploaded(seg.segment_id)
+            self._metrics.store_pending_bytes.set(self._store.stats().bytes_pending)
+
+
+def _describe(exc: grpc.RpcError) -> str:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    name = code.name if code is not None else "ERROR"
+    return f"{name}: {details}"

@@ -1,0 +1,1 @@
+"""The ``fleetloop`` command: a thin CLI over every package; nothing imports it."""

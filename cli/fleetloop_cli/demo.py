@@ -1,0 +1,424 @@
+"""``fleetloop demo``: the whole loop on one machine, as separate processes on loopback.
+
+A coordinator and three simulated devices (a car replaying the comma2k19 drive, a robot replaying the
+x-io IMU, a PLC gateway replaying the SKAB pump — or firmware-sim's generated signals when the recordings
+are absent) are started; a campaign per kind is applied; captures are waited for and queried with SQL;
+then firmware v2 is uploaded (the cloud builds a delta from the installed v1) and rolled out in two
+phases. The summary tells the truth: a rollback or a failed download shows up as such, with the reason,
+and makes the demo exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+import yaml
+
+from fleetloop_cli.client import CoordinatorClient
+from fleetloop_cli.output import render_rows
+from fleetloop_fwsim import bootloader, firmware, profiles
+from fleetloop_fwsim.device import paths as device_paths
+from fleetloop_shared.datapaths import find_recordings
+from fleetloop_shared.errors import FleetloopError, StateError, UnavailableError
+
+HARDWARE_ID = "fleetloop-sim-gen1"
+FLEET = "demo"
+DEVICES = (("car-001", "car"), ("robot-001", "robot"), ("plc-001", "plc"))
+REPLAY_SPEED = 2.0
+T = TypeVar("T")
+
+QUERY = (
+    "SELECT device_id, signal, count(*) AS samples, round(min(value), 3) AS min, "
+    "round(max(value), 3) AS max FROM samples GROUP BY device_id, signal "
+    "ORDER BY device_id, samples DESC, signal LIMIT 12"
+)
+
+
+class DemoFailed(FleetloopError):
+    """The demo could not complete a stage; the message says which and why."""
+
+    exit_code = 1
+
+
+class _Processes:
+    """Child processes of the demo, each in its own process group, all stopped on exit."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        fh = open(log, "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        proc = subprocess.Popen(
+            argv,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        fh.close()
+        self.procs.append((name, proc))
+        return proc
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for _, proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                raise DemoFailed(f"{name} exited with code {proc.returncode} (see its log)")
+
+
+def _wait(what: str, probe: Callable[[], T | None], deadline: float, procs: _Processes) -> T:
+    while True:
+        procs.check_alive()
+        try:
+            result = probe()
+        except UnavailableError:
+            result = None
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise DemoFailed(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def _say(enabled: bool, text: str) -> None:
+    if enabled:
+        print(text, flush=True)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    deadline = started + float(args.timeout)
+    verbose = not args.json
+    recordings = find_recordings(args.data)
+    origin_text = f"recordings in {recordings}" if recordings else "simulated signals (no recordings found)"
+    tmp = None
+    if args.workdir:
+        work = Path(args.workdir).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="fleetloop-demo-")
+        work = Path(tmp.name)
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    procs = _Processes()
+    summary: dict[str, Any] = {
+        "ok": False,
+        "data": "recordings" if recordings else "simulated",
+        "devices": 0,
+        "campaigns": 0,
+        "captures_ingested": 0,
+        "samples_ingested": 0,
+        "query_rows": 0,
+        "rollout": {
+            "state": "not-started",
+            "phases": 0,
+            "devices_updated": 0,
+            "delta_bytes": 0,
+            "full_bytes": 0,
+        },
+        "workdir": str(work) if args.workdir else None,
+    }
+    error: str | None = None
+    try:
+        _say(verbose, f"fleetloop demo — data: {origin_text}")
+        client = _start_cloud(work, logs, env, procs, deadline)
+        _say(verbose, f"coordinator up at {client.base}")
+
+        v1 = firmware.build_image("1.0.0", HARDWARE_ID)
+        v2 = firmware.build_image("2.0.0", HARDWARE_ID, variant=1)
+        _upload(client, v1, "1.0.0")
+        _say(verbose, f"firmware v1 ({len(v1):,} bytes) released and installed on the devices")
+
+        origins = []
+        for device_id, kind in DEVICES:
+            origins.append(
+                _start_device(
+                    device_id,
+                    kind,
+                    work,
+                    logs,
+                    env,
+                    procs,
+                    recordings,
+                    client,
+                    bad_health=("bad-health" in args.inject and kind == "car"),
+                )
+            )
+        summary["data"] = "recordings" if all(o == "recordings" for o in origins) else "simulated"
+        summary["devices"] = len(DEVICES)
+
+        def online() -> list[Any] | None:
+            devs = client.get("/v1/devices")
+            return devs if sum(1 for d in devs if d.get("online")) == len(DEVICES) else None
+
+        _wait("all devices to connect", online, deadline, procs)
+        _say(verbose, f"{len(DEVICES)} devices connected: " + ", ".join(d for d, _ in DEVICES))
+
+        for kind in sorted({k for _, k in DEVICES}):
+            client.request(
+                "POST",
+                f"/v1/campaigns?source=demo-{kind}.yaml",
+                body=profiles.default_campaign(kind).encode(),
+                content_type="text/yaml",
+            )
+        summary["campaigns"] = len({k for _, k in DEVICES})
+        _say(verbose, f"{summary['campaigns']} campaigns applied; waiting for captures …")
+
+        def captured() -> list[Any] | None:
+            caps = client.get("/v1/captures")
+            devices_with = {c["device_id"] for c in caps}
+            return caps if devices_with >= {d for d, _ in DEVICES} else None
+
+        _wait("a capture from every device", captured, deadline, procs)
+        time.sleep(1.0)  # let the segments of the last captures land
+        totals = client.get("/v1/summary")
+        summary["captures_ingested"] = totals["captures_ingested"]
+        summary["samples_ingested"] = totals["samples_ingested"]
+        _say(
+            verbose,
+            f"{totals['captures_ingested']} captures, {totals['samples_ingested']:,} samples ingested",
+        )
+
+        result = client.post_json("/v1/query", {"sql": QUERY})
+        summary["query_rows"] = len(result["rows"])
+        summary["query"] = QUERY
+        _say(
+            verbose,
+            f'\n$ fleetloop query "{QUERY}"\n' + render_rows(result["columns"], result["rows"], "table"),
+        )
+
+        release = _upload(client, v2, "2.0.0")
+        full = next(p["size"] for p in release["payloads"] if p["kind"] == "full")
+        deltas = [p["size"] for p in release["payloads"] if p["kind"] == "delta"]
+        summary["rollout"].update(full_bytes=full, delta_bytes=min(deltas) if deltas else full)
+        _say(
+            verbose,
+            f"\nfirmware v2 uploaded: full {full:,} bytes, delta from v1 "
+            f"{summary['rollout']['delta_bytes']:,} bytes",
+        )
+        if "corrupt-artifact" in args.inject:
+            _corrupt_payloads(work, release)
+            _say(verbose, "injected: the stored delta is corrupted after signing")
+
+        status = client.post_json(
+            "/v1/rollouts",
+            {
+                "release_version": "2.0.0",
+                "selector": "hw=gen1",
+                "phases": [{"name": "canary", "percent": 34}, {"name": "everyone", "percent": 100}],
+                "max_failure_percent": 20,
+                "success_percent": 100,
+            },
+        )
+        rid = status["id"]
+        _say(verbose, f"rollout {rid} started: 2 phases (canary 34 %, then everyone)")
+        last_line = ""
+
+        def finished() -> dict[str, Any] | None:
+            nonlocal last_line
+            st: dict[str, Any] = client.get(f"/v1/rollouts/{rid}")
+            line = f"  rollout {st['state']} phase {st['phase'] + 1}: " + ", ".join(
+                f"{d['device_id']}={d['state']}" for d in st["devices"]
+            )
+            if line != last_line:
+                _say(verbose, line)
+                last_line = line
+            return st if st["state"] in ("SUCCEEDED", "PAUSED", "ABORTED") else None
+
+        final = _wait("the rollout to finish", finished, deadline, procs)
+        devices_after = client.get("/v1/devices")
+        updated = [d["device_id"] for d in devices_after if d.get("firmware_version") == "2.0.0"]
+        ro = summary["rollout"]
+        ro.update(
+            id=rid,
+            state=str(final["state"]).lower(),
+            phases=len(final.get("phases", [])) or 2,
+            devices_updated=len(updated),
+            reason=final.get("reason", ""),
+            devices={
+                d["device_id"]: {"state": d["state"], "reason": d.get("reason", "")} for d in final["devices"]
+            },
+        )
+        if ro["state"] != "succeeded":
+            error = f"rollout {ro['state']}: {ro['reason'] or 'see devices'}"
+        elif len(updated) != len(DEVICES):
+            error = f"rollout reported success but only {len(updated)} devices run v2"
+        elif summary["captures_ingested"] <= 0 or summary["query_rows"] <= 0:
+            error = "no captures were ingested"
+        summary["ok"] = error is None
+    except FleetloopError as exc:
+        error = str(exc)
+    except KeyboardInterrupt:
+        error = "interrupted"
+    finally:
+        procs.stop_all()
+        summary["seconds"] = round(time.monotonic() - started, 1)
+        if tmp is not None:
+            tmp.cleanup()
+    if error:
+        summary["error"] = error
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    else:
+        ro = summary["rollout"]
+        print(
+            f"\nsummary: {summary['devices']} devices ({summary['data']}), {summary['captures_ingested']} "
+            f"captures / {summary['samples_ingested']:,} samples ingested, "
+            f"{summary['query_rows']} query rows; "
+            f"rollout {ro['state']}: {ro['devices_updated']}/{summary['devices']} devices on v2, delta "
+            f"{ro['delta_bytes']:,} of {ro['full_bytes']:,} bytes; {summary['seconds']} s",
+            flush=True,
+        )
+    if error:
+        print(f"error: demo failed: {error}", file=sys.stderr, flush=True)
+        return 130 if error == "interrupted" else 1
+    return 0
+
+
+def _start_cloud(
+    work: Path, logs: Path, env: dict[str, str], procs: _Processes, deadline: float
+) -> CoordinatorClient:
+    ready = work / "cloud.ready"
+    ready.unlink(missing_ok=True)
+    procs.start(
+        "coordinator",
+        [
+            sys.executable,
+            "-m",
+            "fleetloop_cli.main",
+            "cloud",
+            "serve",
+            "--dir",
+            str(work / "cloud"),
+            "--grpc-port",
+            "0",
+            "--http-port",
+            "0",
+            "--ready-file",
+            str(ready),
+        ],
+        logs / "cloud.log",
+        env,
+    )
+    info = _wait(
+        "the coordinator to start",
+        lambda: json.loads(ready.read_text()) if ready.exists() else None,
+        min(deadline, time.monotonic() + 30),
+        procs,
+    )
+    client = CoordinatorClient(info["http"])
+    client.grpc = info["grpc"]  # type: ignore[attr-defined]
+    return client
+
+
+def _upload(client: CoordinatorClient, image: bytes, version: str) -> dict[str, Any]:
+    q = urlencode({"name": "firmware", "version": version, "hardware": HARDWARE_ID})
+    result: dict[str, Any] = client.request(
+        "POST", f"/v1/releases?{q}", body=image, content_type="application/octet-stream"
+    )
+    return result
+
+
+def _start_device(
+    device_id: str,
+    kind: str,
+    work: Path,
+    logs: Path,
+    env: dict[str, str],
+    procs: _Processes,
+    recordings: Path | None,
+    client: CoordinatorClient,
+    *,
+    bad_health: bool,
+) -> str:
+    ddir = work / "devices" / device_id
+    ddir.mkdir(parents=True, exist_ok=True)
+    bootloader.provision(ddir, firmware.build_image("1.0.0", HARDWARE_ID))
+    if bad_health:
+        (ddir / "faults.json").write_text(json.dumps({"health_fail_versions": ["2.0.0"]}))
+    sources, origin = profiles.source_specs(kind, recordings, ddir / "signals")
+    p = device_paths(ddir)
+    config = {
+        "device_id": device_id,
+        "fleet": FLEET,
+        "labels": {"kind": kind, "hw": "gen1"},
+        "cloud": {"grpc": client.grpc},  # type: ignore[attr-defined]
+        "state_dir": str(ddir / "data" / "state"),
+        "store": {"dir": str(ddir / "data" / "store"), "quota_mb": 64},
+        "replay": {"speed": REPLAY_SPEED},
+        "heartbeat_s": 1.0,
+        "sources": sources,
+        "platform": {
+            "hardware_id": HARDWARE_ID,
+            "slots": {"a": str(p["slot_a"]), "b": str(p["slot_b"])},
+            "env": str(p["env"]),
+            "booted_slot": str(p["booted_slot"]),
+            "health_commands": [
+                [sys.executable, "-m", "fleetloop_fwsim.selftest", "--device-dir", str(ddir)]
+            ],
+        },
+        "trusted_release_keys": [str(work / "cloud" / "keys" / "release.pub.pem")],
+    }
+    cfg = ddir / "agent.yaml"
+    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+    procs.start(
+        device_id,
+        [
+            sys.executable,
+            "-m",
+            "fleetloop_cli.main",
+            "sim",
+            "device",
+            "--dir",
+            str(ddir),
+            "--config",
+            str(cfg),
+        ],
+        logs / f"{device_id}.log",
+        env,
+    )
+    return origin
+
+
+def _corrupt_payloads(work: Path, release: dict[str, Any]) -> None:
+    """Flip bytes in the stored delta payloads after signing: what a bad disk or a tamperer would do."""
+    touched = 0
+    for payload in release["payloads"]:
+        if payload["kind"] != "delta":
+            continue
+        f = work / "cloud" / "artifacts" / payload["path"]
+        data = bytearray(f.read_bytes())
+        for i in range(0, len(data), max(1, len(data) // 16)):
+            data[i] ^= 0xFF
+        f.write_bytes(bytes(data))
+        touched += 1
+    if not touched:
+        raise StateError("no delta payload to corrupt")

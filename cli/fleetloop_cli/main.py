@@ -1,0 +1,352 @@
+"""``fleetloop``: one command for integrators, fleet operators, release managers and data teams.
+
+Exit codes scripts can rely on: 0 success, 1 internal error, 2 bad input (config, rule, SQL, arguments),
+3 not found, 5 integrity failure, 6 cloud unreachable, 7 conflicting state, 130 interrupted; see
+``fleetloop_shared.errors``. Every error is one line on stderr; no traceback for a user's mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fleetloop_cli.client import CoordinatorClient, default_cloud
+from fleetloop_cli.output import FORMATS, render_object, render_records, render_rows
+from fleetloop_shared.errors import EXIT_INTERRUPTED, FleetloopError, NotFoundError, UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2, like every other user error
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+def _client(args: argparse.Namespace) -> CoordinatorClient:
+    return CoordinatorClient(args.cloud)
+
+
+def _print(text: str) -> None:
+    sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
+    sys.stdout.flush()
+
+
+# -- cloud / agent / sim ---------------------------------------------------------------------------
+def cmd_cloud_serve(args: argparse.Namespace) -> int:
+    from fleetloop_cloud.server import serve
+    from fleetloop_shared import jsonlog
+
+    jsonlog.configure("cloud", level=args.log_level)
+    return serve(
+        Path(args.dir),
+        host=args.host,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        ready_file=Path(args.ready_file) if args.ready_file else None,
+    )
+
+
+def cmd_agent_run(args: argparse.Namespace) -> int:
+    import signal
+
+    from fleetloop_agent.config import load_agent_config
+    from fleetloop_agent.runtime import AgentRuntime
+    from fleetloop_shared import jsonlog
+
+    config = load_agent_config(args.config)
+    jsonlog.configure(f"agent:{config.device_id}", level=args.log_level)
+    runtime = AgentRuntime(config)
+    signal.signal(signal.SIGTERM, lambda *_: runtime.stop())
+    signal.signal(signal.SIGINT, lambda *_: runtime.stop())
+    return runtime.run()
+
+
+def cmd_sim_device(args: argparse.Namespace) -> int:
+    from fleetloop_fwsim.device import DeviceSupervisor
+
+    argv = [sys.executable, "-m", "fleetloop_cli.main", "agent", "run", "--config", args.config]
+    log_path = Path(args.log) if args.log else None
+    return DeviceSupervisor(Path(args.dir), argv, log_path=log_path).run()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fleetloop_cli.demo import run_demo
+
+    return run_demo(args)
+
+
+# -- rules -----------------------------------------------------------------------------------------
+def cmd_rules_validate(args: argparse.Namespace) -> int:
+    from fleetloop_shared.catalog import Catalog
+    from fleetloop_shared.rules import check_against_catalog, parse_campaign
+
+    catalog = None
+    if args.catalog:
+        catalog = _load_catalog(Path(args.catalog))
+    failures = 0
+    for name in args.files:
+        path = Path(name)
+        try:
+            if not path.is_file():
+                raise NotFoundError(f"{path}: no such file")
+            spec = parse_campaign(path.read_text(), source=str(path))
+            if isinstance(catalog, Catalog):
+                check_against_catalog(spec, catalog)
+        except FleetloopError as exc:
+            failures += 1
+            print(str(exc), file=sys.stderr)
+            continue
+        _print(f"{path}: ok (campaign {spec.name} v{spec.version})")
+    return 2 if failures else 0
+
+
+def _load_catalog(path: Path) -> Any:
+    from fleetloop_shared.catalog import Catalog
+
+    if not path.is_file():
+        raise NotFoundError(f"catalog {path}: no such file")
+    try:
+        doc = json.loads(path.read_text())
+        return Catalog.from_records(doc["signals"] if isinstance(doc, dict) else doc)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"catalog {path}: not a catalog JSON ({exc})") from None
+
+
+def cmd_rules_apply(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise NotFoundError(f"{path}: no such file")
+    result = _client(args).request(
+        "POST", f"/v1/campaigns?source={quote(str(path))}", body=path.read_bytes(), content_type="text/yaml"
+    )
+    _print(render_object(result, "yaml" if args.output == "yaml" else "json"))
+    return 0
+
+
+def cmd_rules_get(args: argparse.Namespace) -> int:
+    doc = _client(args).get("/v1/campaigns")
+    recs = [{"name": c["name"], "version": c["version"]} for c in doc["campaigns"]]
+    _print(render_records(recs, args.output, ["name", "version"]))
+    return 0
+
+
+# -- data ------------------------------------------------------------------------------------------
+def cmd_query(args: argparse.Namespace) -> int:
+    result = _client(args).post_json("/v1/query", {"sql": args.sql, "max_rows": args.max_rows})
+    _print(render_rows(result["columns"], result["rows"], args.output))
+    if result.get("truncated"):
+        print(f"(truncated at {args.max_rows} rows)", file=sys.stderr)
+    return 0
+
+
+def cmd_devices_list(args: argparse.Namespace) -> int:
+    devices = _client(args).get("/v1/devices")
+    cols = ["device_id", "fleet", "online", "firmware_version", "hardware_id", "data_origin"]
+    _print(render_records(devices, args.output, cols if args.output in ("table", "csv") else None))
+    return 0
+
+
+def cmd_captures_list(args: argparse.Namespace) -> int:
+    caps = _client(args).get("/v1/captures")
+    _print(render_records(caps, args.output))
+    return 0
+
+
+# -- artifacts and rollouts ------------------------------------------------------------------------
+def cmd_artifacts_upload(args: argparse.Namespace) -> int:
+    from urllib.parse import urlencode
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise NotFoundError(f"{path}: no such file")
+    q = urlencode({"name": args.name, "version": args.version, "hardware": args.hardware})
+    result = _client(args).request(
+        "POST", f"/v1/releases?{q}", body=path.read_bytes(), content_type="application/octet-stream"
+    )
+    _print(render_object(result, "yaml" if args.output == "yaml" else "json"))
+    return 0
+
+
+def cmd_artifacts_list(args: argparse.Namespace) -> int:
+    rel = _client(args).get("/v1/releases")
+    cols = ["name", "version", "hardware_id"]
+    _print(render_records(rel, args.output, cols if args.output in ("table", "csv") else None))
+    return 0
+
+
+def cmd_rollout_create(args: argparse.Namespace) -> int:
+    try:
+        percents = [float(p) for p in args.phases.split(",")]
+    except ValueError:
+        raise UserError(f"--phases {args.phases!r}: expected comma-separated percents like 33,100") from None
+    policy = {
+        "release_version": args.release,
+        "selector": args.selector,
+        "phases": [{"name": f"phase-{i + 1}", "percent": p} for i, p in enumerate(percents)],
+        "max_failure_percent": args.max_failure_percent,
+        "success_percent": args.success_percent,
+    }
+    status = _client(args).post_json("/v1/rollouts", policy)
+    _print(render_object(status, "yaml" if args.output == "yaml" else "json"))
+    return 0
+
+
+def cmd_rollout_status(args: argparse.Namespace) -> int:
+    client = _client(args)
+    while True:
+        status = client.get(f"/v1/rollouts/{args.id}")
+        if args.output == "table":
+            _print(_rollout_table(status))
+        else:
+            _print(render_object(status, args.output))
+        if not args.watch or status.get("state") in ("SUCCEEDED", "ABORTED", "PAUSED"):
+            return 0
+        time.sleep(1.0)
+
+
+def _rollout_table(status: dict[str, Any]) -> str:
+    head = f"rollout {status.get('id')}: {status.get('state')} (phase {status.get('phase')})"
+    if status.get("reason"):
+        head += f" — {status['reason']}"
+    devices = status.get("devices", [])
+    return head + "\n" + render_records(devices, "table", ["device_id", "phase", "state", "reason"])
+
+
+def cmd_rollout_action(args: argparse.Namespace) -> int:
+    status = _client(args).request("POST", f"/v1/rollouts/{args.id}/{args.action}")
+    _print(_rollout_table(status) if args.output == "table" else render_object(status, args.output))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fleetloop", description=__doc__.split("\n")[0] if __doc__ else None)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def with_cloud(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--cloud", default=default_cloud(), help="coordinator URL ($FLEETLOOP_CLOUD)")
+        sp.add_argument("-o", "--output", choices=FORMATS, default="table")
+
+    cloud = sub.add_parser("cloud", help="run the coordinator").add_subparsers(dest="sub", required=True)
+    s = cloud.add_parser("serve", help="serve gRPC + HTTP with embedded storage")
+    s.add_argument("--dir", default="fleetloop-cloud", help="data directory (SQLite, Parquet, artifacts)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--grpc-port", type=int, default=50051)
+    s.add_argument("--http-port", type=int, default=8080)
+    s.add_argument("--ready-file", help="write the bound ports here as JSON once serving")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=cmd_cloud_serve)
+
+    agent = sub.add_parser("agent", help="run the device agent").add_subparsers(dest="sub", required=True)
+    s = agent.add_parser("run", help="run the agent with one config file")
+    s.add_argument("--config", required=True)
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=cmd_agent_run)
+
+    sim = sub.add_parser("sim", help="simulated devices").add_subparsers(dest="sub", required=True)
+    s = sim.add_parser("device", help="run one simulated A/B device (bootloader + agent process)")
+    s.add_argument("--dir", required=True, help="device directory (slots, boot env)")
+    s.add_argument("--config", required=True, help="agent config file")
+    s.add_argument("--log", help="append the agent's log here")
+    s.set_defaults(func=cmd_sim_device)
+
+    s = sub.add_parser("demo", help="run the whole loop on this machine and print a summary")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--data", help="recordings directory (default: $FLEETLOOP_DATA or ../shared/data/real)")
+    s.add_argument("--workdir", help="keep the demo's files here (default: a temporary directory)")
+    s.add_argument(
+        "--inject",
+        choices=["bad-health", "corrupt-artifact"],
+        action="append",
+        default=[],
+        help="fault to inject: a device whose v2 fails its health check, or a corrupted delta",
+    )
+    s.add_argument("--timeout", type=float, default=170.0, help="give up after this many seconds")
+    s.set_defaults(func=cmd_demo)
+
+    rules = sub.add_parser("rules", help="trigger rules (campaigns)").add_subparsers(
+        dest="sub", required=True
+    )
+    s = rules.add_parser("validate", help="check campaign files offline")
+    s.add_argument("files", nargs="+")
+    s.add_argument("--catalog", help="catalog JSON: check signal names too")
+    s.set_defaults(func=cmd_rules_validate)
+    s = rules.add_parser("apply", help="validate and push a campaign to the fleet")
+    s.add_argument("file")
+    with_cloud(s)
+    s.set_defaults(func=cmd_rules_apply)
+    s = rules.add_parser("get", help="list the fleet's campaigns")
+    with_cloud(s)
+    s.set_defaults(func=cmd_rules_get)
+
+    s = sub.add_parser("query", help="SQL over the fleet's data (tables: samples, captures)")
+    s.add_argument("sql")
+    s.add_argument("--max-rows", type=int, default=10000)
+    with_cloud(s)
+    s.set_defaults(func=cmd_query)
+
+    devices = sub.add_parser("devices", help="the fleet").add_subparsers(dest="sub", required=True)
+    s = devices.add_parser("list")
+    with_cloud(s)
+    s.set_defaults(func=cmd_devices_list)
+
+    captures = sub.add_parser("captures", help="ingested captures").add_subparsers(dest="sub", required=True)
+    s = captures.add_parser("list")
+    with_cloud(s)
+    s.set_defaults(func=cmd_captures_list)
+
+    arts = sub.add_parser("artifacts", help="release artifacts").add_subparsers(dest="sub", required=True)
+    s = arts.add_parser("upload", help="sign and store a release; deltas are built from installed versions")
+    s.add_argument("file")
+    s.add_argument("--name", default="firmware")
+    s.add_argument("--version", required=True)
+    s.add_argument("--hardware", required=True)
+    with_cloud(s)
+    s.set_defaults(func=cmd_artifacts_upload)
+    s = arts.add_parser("list")
+    with_cloud(s)
+    s.set_defaults(func=cmd_artifacts_list)
+
+    ro = sub.add_parser("rollout", help="staged rollouts").add_subparsers(dest="sub", required=True)
+    s = ro.add_parser("create")
+    s.add_argument("--release", required=True, help="release version to roll out")
+    s.add_argument("--selector", default="", help="device label selector, e.g. hw=gen1")
+    s.add_argument("--phases", default="33,100", help="cumulative percents per phase")
+    s.add_argument("--max-failure-percent", type=float, default=20.0)
+    s.add_argument("--success-percent", type=float, default=100.0)
+    with_cloud(s)
+    s.set_defaults(func=cmd_rollout_create)
+    s = ro.add_parser("status")
+    s.add_argument("id")
+    s.add_argument("--watch", action="store_true")
+    with_cloud(s)
+    s.set_defaults(func=cmd_rollout_status)
+    for action in ("pause", "resume", "abort"):
+        s = ro.add_parser(action)
+        s.add_argument("id")
+        with_cloud(s)
+        s.set_defaults(func=cmd_rollout_action, action=action)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = int(args.func(args))
+    except FleetloopError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

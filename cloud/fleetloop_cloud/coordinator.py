@@ -1,0 +1,305 @@
+"""The coordinator's domain operations, shared by the gRPC and HTTP surfaces.
+
+Each surface decodes its request, calls one method here and maps :mod:`fleetloop_shared.errors` to its
+own status codes; nothing here knows about grpc or HTTP. State lives in the metadata store (SQLite), the
+fleet store (Parquet) and the artifact store (content-addressed files), all under one data directory, so
+a restarted coordinator resumes where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fleetloop_cloud.artifact_store import ArtifactStore
+from fleetloop_cloud.fleet_store import FleetStore
+from fleetloop_cloud.metadata import MetadataStore
+from fleetloop_cloud.query import QueryEngine, QueryResult
+from fleetloop_cloud.rollout_controller import RolloutController
+from fleetloop_cloud.rollout_planner import policy_from_dict
+from fleetloop_cloud.sessions import DeviceSessions
+from fleetloop_shared.artifact import ReleaseSigner, manifest_from_bytes
+from fleetloop_shared.catalog import DataType
+from fleetloop_shared.errors import MalformedMessageError, NotFoundError, UserError
+from fleetloop_shared.rules import parse_campaign, selector_matches
+from fleetloop_shared.segment import decode_segment
+from fleetloop_shared.wire import device_pb2, ota_pb2
+
+log = logging.getLogger("fleetloop.cloud")
+
+ROLLOUT_TICK_S = 0.5
+HEARTBEAT_INTERVAL_MS = 2000
+
+
+@dataclass(frozen=True)
+class IngestAck:
+    samples: int
+    duplicate: bool
+
+
+class Coordinator:
+    """Everything the coordinator does, behind plain methods."""
+
+    def __init__(self, data_dir: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self.metadata = MetadataStore(data_dir / "metadata.sqlite")
+        self.fleet_store = FleetStore(data_dir / "fleet")
+        self.query_engine = QueryEngine(data_dir / "fleet", captures=self.metadata.captures)
+        key_path = data_dir / "keys" / "release.pem"
+        if key_path.is_file():
+            self.signer = ReleaseSigner.load(key_path)
+        else:
+            key_path.parent.mkdir(parents=True, exist_ok=True)
+            self.signer = ReleaseSigner.generate()
+            self.signer.save(key_path)
+        (data_dir / "keys" / "release.pub.pem").write_bytes(self.signer.public_key_pem())
+        self.artifacts = ArtifactStore(data_dir / "artifacts", self.signer)
+        self.sessions = DeviceSessions()
+        self.controller = RolloutController(self.metadata, self)
+        self.artifact_base_url = ""
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick_loop, name="rollout-controller", daemon=True)
+
+    def start(self) -> None:
+        self._ticker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._ticker.join(timeout=5)
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(ROLLOUT_TICK_S):
+            try:
+                self.controller.tick(self._clock())
+            except Exception:
+                log.exception("rollout controller tick failed")
+
+    # -- devices ----------------------------------------------------------------------------------
+    def on_hello(self, hello: device_pb2.Hello) -> None:
+        if not hello.device_id:
+            raise MalformedMessageError("hello without a device_id")
+        catalog = []
+        for s in hello.catalog:
+            try:
+                dtype = DataType(s.data_type).name
+            except ValueError:
+                raise MalformedMessageError(
+                    f"hello from {hello.device_id}: signal {s.path!r} has unknown datatype {s.data_type}"
+                ) from None
+            catalog.append({"id": s.id, "path": s.path, "data_type": dtype, "unit": s.unit})
+        self.metadata.upsert_device(
+            hello.device_id,
+            fleet=hello.fleet or "default",
+            labels=dict(hello.labels),
+            catalog=catalog,
+            agent_version=hello.agent_version,
+            data_origin=hello.data_origin,
+            now=self._clock(),
+        )
+        log.info(
+            "device %s connected (%d signals, data %s)", hello.device_id, len(catalog), hello.data_origin
+        )
+
+    def welcome_messages(self, device_id: str) -> list[device_pb2.CloudMessage]:
+        return [
+            device_pb2.CloudMessage(welcome=device_pb2.Welcome(heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS)),
+            device_pb2.CloudMessage(desired_campaigns=self.desired_campaigns_for(device_id)),
+        ]
+
+    def on_device_message(self, device_id: str, msg: device_pb2.DeviceMessage) -> None:
+        now = self._clock()
+        kind = msg.WhichOneof("kind")
+        if kind == "inventory":
+            inv = msg.inventory
+            self.metadata.update_inventory(
+                device_id,
+                hardware_id=inv.hardware_id,
+                firmware_version=inv.firmware_version,
+                firmware_sha256=inv.firmware_sha256,
+                active_slot=inv.active_slot,
+                campaigns_version=inv.campaigns_version,
+                now=now,
+            )
+        elif kind == "heartbeat":
+            self.metadata.touch_device(device_id, now, online=True)
+        elif kind == "campaign_status":
+            cs = msg.campaign_status
+            self.metadata.set_device_campaign_status(
+                device_id,
+                cs.version,
+                list(cs.running),
+                {r.name: r.reason for r in cs.refused},
+                cs.captures_total,
+            )
+        elif kind == "ota_status":
+            st = msg.ota_status
+            state = ota_pb2.OtaState.Name(st.state).removeprefix("OTA_STATE_")
+            log.info("device %s ota %s: %s %s", device_id, st.job_id, state, st.reason)
+            self.controller.on_device_status(device_id, st.job_id, state, st.reason, now)
+        elif kind == "hello":
+            raise MalformedMessageError(f"device {device_id}: a second hello on one stream")
+
+    def on_disconnect(self, device_id: str) -> None:
+        self.metadata.touch_device(device_id, self._clock(), online=False)
+        log.info("device %s disconnected", device_id)
+
+    # -- JobPublisher for the rollout controller ---------------------------------------------------
+    def publish_job(
+        self, device_id: str, job_id: str, rollout_id: str, manifest: bytes, signature: bytes
+    ) -> bool:
+        job = ota_pb2.OtaJob(
+            job_id=job_id,
+            rollout_id=rollout_id,
+            manifest=manifest,
+            signature=signature,
+            artifact_base_url=self.artifact_base_url,
+        )
+        return self.sessions.publish(device_id, device_pb2.CloudMessage(ota_job=job))
+
+    # -- ingest -----------------------------------------------------------------------------------
+    def ingest(
+        self, device_id: str, segment_id: bytes, capture_id: str, campaign: str, priority: int, data: bytes
+    ) -> IngestAck:
+        if len(segment_id) != 16:
+            raise MalformedMessageError(f"segment id must be 16 bytes, got {len(segment_id)}")
+        device = self.metadata.device(device_id)
+        if device is None:
+            raise NotFoundError(f"unknown device {device_id!r}: connect and say hello first")
+        if self.metadata.has_segment(device_id, segment_id):
+            return IngestAck(0, True)
+        seg = decode_segment(data)
+        if seg.segment_id != segment_id:
+            raise MalformedMessageError("segment id in the request differs from the one in the segment")
+        catalog = self.metadata.device_catalog(device_id)
+        for sid in seg.columns:
+            try:
+                catalog.by_id(sid)
+            except UserError:
+                raise MalformedMessageError(
+                    f"segment {segment_id.hex()} names signal id {sid} unknown to device {device_id}"
+                ) from None
+        now = self._clock()
+        samples = self.fleet_store.write_segment(
+            fleet=device.fleet,
+            device_id=device_id,
+            capture_id=capture_id,
+            campaign=campaign,
+            segment=seg,
+            catalog=catalog,
+            received_unix=now,
+        )
+        first = int(seg.t_ns.min()) if len(seg.t_ns) else 0
+        last = int(seg.t_ns.max()) if len(seg.t_ns) else 0
+        fresh = self.metadata.record_segment(
+            device_id,
+            segment_id,
+            capture_id=capture_id,
+            campaign=campaign,
+            priority=priority,
+            samples=samples,
+            first_ns=first,
+            last_ns=last,
+            now=now,
+        )
+        return IngestAck(samples, not fresh)
+
+    # -- campaigns --------------------------------------------------------------------------------
+    def apply_campaign(self, document: str, source: str = "<campaign>") -> dict[str, Any]:
+        """Validate with the same compiler the agents run, then make it desired state."""
+        spec = parse_campaign(document, source=source)
+        version = self.metadata.put_campaign(spec.name, document, self._clock())
+        self._push_campaigns()
+        matching = [d.device_id for d in self.metadata.devices() if selector_matches(spec.selector, d.labels)]
+        return {"name": spec.name, "campaigns_version": version, "devices": matching}
+
+    def delete_campaign(self, name: str) -> dict[str, Any]:
+        version = self.metadata.delete_campaign(name, self._clock())
+        self._push_campaigns()
+        return {"name": name, "campaigns_version": version}
+
+    def desired_campaigns_for(self, device_id: str) -> device_pb2.DesiredCampaigns:
+        version, docs = self.metadata.campaigns()
+        device = self.metadata.device(device_id)
+        labels: Mapping[str, str] = device.labels if device is not None else {}
+        out = device_pb2.DesiredCampaigns(version=version)
+        for name, cversion, document in docs:
+            try:
+                selector = parse_campaign(document, source=name).selector
+            except UserError:
+                continue
+            if selector_matches(selector, labels):
+                out.campaigns.append(device_pb2.Campaign(name=name, version=cversion, document=document))
+        return out
+
+    def _push_campaigns(self) -> None:
+        for device_id in self.sessions.online():
+            self.sessions.publish(
+                device_id, device_pb2.CloudMessage(desired_campaigns=self.desired_campaigns_for(device_id))
+            )
+
+    # -- artifacts and rollouts -------------------------------------------------------------------
+    def upload_release(self, image: bytes, *, name: str, version: str, hardware_id: str) -> dict[str, Any]:
+        if not image:
+            raise UserError("the artifact is empty")
+        bases: list[bytes] = []
+        seen: set[str] = set()
+        for d in self.metadata.devices():
+            sha = d.firmware_sha256
+            if d.hardware_id != hardware_id or not sha or sha in seen:
+                continue
+            seen.add(sha)
+            try:
+                bases.append(self.artifacts.image(sha))
+            except NotFoundError:
+                continue
+        manifest_bytes, signature = self.artifacts.add_release(
+            image, name=name, version=version, hardware_id=hardware_id, bases=bases, now=self._clock()
+        )
+        self.metadata.put_release(name, version, hardware_id, manifest_bytes, signature, self._clock())
+        manifest = manifest_from_bytes(manifest_bytes)
+        return {
+            "name": name,
+            "version": version,
+            "hardware_id": hardware_id,
+            "sha256": manifest.target_sha256,
+            "size": manifest.target_size,
+            "payloads": [
+                {
+                    "kind": p.kind,
+                    "algorithm": p.algorithm,
+                    "size": p.size,
+                    "sha256": p.sha256,
+                    "path": p.path,
+                    "base_sha256": p.base_sha256,
+                }
+                for p in manifest.payloads
+            ],
+        }
+
+    def create_rollout(self, policy: Mapping[str, Any]) -> dict[str, Any]:
+        rid = self.controller.create(policy_from_dict(policy), self._clock())
+        return self.controller.status(rid)
+
+    def summary(self) -> dict[str, Any]:
+        segments, samples, captures = self.metadata.ingest_totals()
+        devices = self.metadata.devices()
+        version, docs = self.metadata.campaigns()
+        return {
+            "devices": len(devices),
+            "online": len(self.sessions.online()),
+            "segments_ingested": segments,
+            "samples_ingested": samples,
+            "captures_ingested": captures,
+            "campaigns": len(docs),
+            "campaigns_version": version,
+        }
+
+    def query(self, sql: str, max_rows: int = 10000) -> QueryResult:
+        return self.query_engine.query(sql, max_rows=max_rows)

@@ -1,0 +1,202 @@
+"""The fleet store: ingested samples as Parquet files in a Hive-partitioned layout.
+
+Layout ``samples/fleet=<fleet>/date=<YYYY-MM-DD>/<device_id>-<segment_id hex>.parquet`` — the one DuckDB
+queries here and Trino, Spark or ClickHouse can read as is. The table is *narrow* (one row per sample:
+device, capture, campaign, signal path, time, value) and sorted by device, signal and time, because that
+is what fleet queries filter and group by and what compresses best column-wise.
+
+One file per segment, named by the segment id, makes ingest idempotent: a retried upload rewrites the
+same file with the same rows. Files appear by rename only, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import os
+import re
+import secrets
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fleetloop_shared.catalog import Catalog, DataType
+from fleetloop_shared.errors import MalformedMessageError, StorageFullError, UserError
+from fleetloop_shared.segment import Segment
+
+#: The narrow table's schema; ``fleet`` and ``date`` come from the directory names (Hive partitions).
+SAMPLES_SCHEMA = pa.schema(
+    [
+        pa.field("device_id", pa.string(), nullable=False),
+        pa.field("capture_id", pa.string(), nullable=False),
+        pa.field("campaign", pa.string(), nullable=False),
+        pa.field("signal", pa.string(), nullable=False),
+        pa.field("t_ns", pa.int64(), nullable=False),
+        pa.field("value", pa.float64(), nullable=True),
+        pa.field("value_int", pa.int64(), nullable=True),
+    ]
+)
+#: Names that become directory or file names must be plain: no separators, no '..', no '=' (Hive).
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+#: A first sample before this is not wall-clock time (device boot time, say): partition by arrival.
+_PLAUSIBLE_EPOCH_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z
+_NS_PER_S = 1_000_000_000
+
+
+def _safe(name: str, what: str) -> str:
+    if not isinstance(name, str) or not _SAFE_NAME.match(name):
+        raise UserError(
+            f"{what} {name!r} cannot name a file: use 1-128 letters, digits, '.', '_' or '-', "
+            "not starting with '.' or '-'"
+        )
+    return name
+
+
+def partition_date(first_ns: int | None, received_unix: float) -> str:
+    """The UTC date a segment is filed under: its first sample's, or its arrival's when the samples
+    do not carry wall-clock time (before 2000 or more than a day after arrival)."""
+    limit_ns = int((received_unix + 86400) * _NS_PER_S)
+    if first_ns is not None and _PLAUSIBLE_EPOCH_NS <= first_ns <= limit_ns:
+        seconds = first_ns // _NS_PER_S
+    else:
+        seconds = int(received_unix)
+    return _dt.datetime.fromtimestamp(seconds, tz=_dt.UTC).strftime("%Y-%m-%d")
+
+
+class FleetStore:
+    """Writes decoded segments as Parquet below ``root/samples`` (the only writer of that tree)."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = Path(root)
+        self._samples = self._root / "samples"
+        self._samples.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    def segment_path(self, *, fleet: str, device_id: str, segment: Segment, received_unix: float) -> Path:
+        """Where ``segment`` is (or will be) stored; deterministic, which is what makes retries safe."""
+        t_ns = np.asarray(segment.t_ns)
+        first = int(t_ns.min()) if t_ns.size else None
+        date = partition_date(first, received_unix)
+        name = f"{_safe(device_id, 'device id')}-{bytes(segment.segment_id).hex()}.parquet"
+        return self._samples / f"fleet={_safe(fleet, 'fleet')}" / f"date={date}" / name
+
+    def write_segment(
+        self,
+        *,
+        fleet: str,
+        device_id: str,
+        capture_id: str,
+        campaign: str,
+        segment: Segment,
+        catalog: Catalog,
+        received_unix: float,
+    ) -> int:
+        """Store one segment's samples; returns how many (rows × signals). Writing it again is harmless.
+
+        A signal id the device's catalog does not know, or a column whose length differs from the
+        timestamps, is a malformed upload (MalformedMessageError) and writes nothing.
+        """
+        path = self.segment_path(
+            fleet=fleet, device_id=device_id, segment=segment, received_unix=received_unix
+        )
+        table = self._table(device_id, capture_id, campaign, segment, catalog)
+        if table.num_rows == 0:
+            return 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                pq.write_table(table, fh, compression="zstd")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno == errno.ENOSPC:
+                raise StorageFullError(f"fleet store {self._root}: disk full writing {path.name}") from None
+            raise
+        return int(table.num_rows)
+
+    @staticmethod
+    def _table(
+        device_id: str, capture_id: str, campaign: str, segment: Segment, catalog: Catalog
+    ) -> pa.Table:
+        where = f"segment {bytes(segment.segment_id).hex()} of device {device_id}"
+        t_ns = np.asarray(segment.t_ns)
+        if t_ns.ndim != 1:
+            raise MalformedMessageError(f"{where}: timestamps are not a 1-D array")
+        t_ns = t_ns.astype(np.int64, copy=False)
+        rows = int(t_ns.shape[0])
+        signal_ids = sorted(segment.columns)
+        paths: list[str] = []
+        for sid in signal_ids:
+            try:
+                spec = catalog.by_id(sid)
+            except UserError:
+                raise MalformedMessageError(
+                    f"{where}: signal id {sid} is not in the device's catalog"
+                ) from None
+            paths.append(spec.path)
+        # Sort by signal path (then time) so each file is ordered like the whole store.
+        order = sorted(range(len(signal_ids)), key=lambda i: paths[i])
+        time_order = np.argsort(t_ns, kind="stable")
+        t_sorted = t_ns[time_order]
+        value_parts: list[npt.NDArray[np.float64]] = []
+        int_parts: list[npt.NDArray[np.int64]] = []
+        int_masks: list[npt.NDArray[np.bool_]] = []
+        for i in order:
+            sid = signal_ids[i]
+            column = np.asarray(segment.columns[sid])
+            if column.shape != (rows,):
+                raise MalformedMessageError(
+                    f"{where}: signal {paths[i]} has {column.shape} values for {rows} timestamps"
+                )
+            column = column[time_order]
+            data_type = DataType(segment.data_types.get(sid, catalog.by_id(sid).data_type))
+            if data_type is DataType.FLOAT64:
+                value_parts.append(column.astype(np.float64, copy=False))
+                int_parts.append(np.zeros(rows, dtype=np.int64))
+                int_masks.append(np.ones(rows, dtype=np.bool_))
+            else:
+                as_int = column.astype(np.int64, copy=False)
+                value_parts.append(as_int.astype(np.float64))
+                int_parts.append(as_int)
+                int_masks.append(np.zeros(rows, dtype=np.bool_))
+        n_signals = len(order)
+        if n_signals == 0 or rows == 0:
+            return SAMPLES_SCHEMA.empty_table()
+        total = rows * n_signals
+        signal_indices = np.repeat(np.arange(n_signals, dtype=np.int32), rows)
+        signal_dict = pa.array([paths[i] for i in order], type=pa.string())
+        signal_column = pa.DictionaryArray.from_arrays(pa.array(signal_indices), signal_dict)
+        signal_column = signal_column.cast(pa.string())
+        table = pa.Table.from_arrays(
+            [
+                _repeat_string(device_id, total),
+                _repeat_string(capture_id, total),
+                _repeat_string(campaign, total),
+                signal_column,
+                pa.array(np.tile(t_sorted, n_signals), type=pa.int64()),
+                pa.array(np.concatenate(value_parts), type=pa.float64()),
+                pa.array(np.concatenate(int_parts), type=pa.int64(), mask=np.concatenate(int_masks)),
+            ],
+            schema=SAMPLES_SCHEMA,
+        )
+        return table
+
+
+def _repeat_string(value: str, count: int) -> pa.Array:
+    """A string column holding one value ``count`` times, built without a Python list of that size."""
+    indices = pa.array(np.zeros(count, dtype=np.int32))
+    return pa.DictionaryArray.from_arrays(indices, pa.array([value], type=pa.string())).cast(pa.string())

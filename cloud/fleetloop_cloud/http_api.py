@@ -1,0 +1,253 @@
+"""The coordinator's HTTP surface: REST API (JSON) and the artifact file server with Range.
+
+Standard library only (``http.server``): the embedded default must run with nothing else installed, and
+the API is small. Domain errors map once, by their class's ``http_status``; the body is always
+``{"error": "...", "type": "..."}``. Artifact files are served with ``Accept-Ranges: bytes`` so a device
+resumes a cut download where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from fleetloop_cloud.coordinator import Coordinator
+from fleetloop_shared.errors import FleetloopError, NotFoundError, UserError
+
+log = logging.getLogger("fleetloop.cloud.http")
+
+#: Largest request body accepted (an artifact upload); larger ones are refused before reading.
+MAX_BODY_BYTES = 1024 * 1024 * 1024
+FILE_CHUNK = 256 * 1024
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "fleetloop"
+    protocol_version = "HTTP/1.1"
+    coordinator: Coordinator  # set on the subclass made by start_http_server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            raise UserError(f"request body of {length} bytes exceeds the limit of {MAX_BODY_BYTES}")
+        return self.rfile.read(length) if length else b""
+
+    def _json_body(self) -> Any:
+        raw = self._body()
+        try:
+            return json.loads(raw or b"{}")
+        except ValueError as exc:
+            raise UserError(f"request body is not valid JSON: {exc}") from None
+
+    def _send_json(self, obj: Any, status: int = 200) -> None:
+        data = json.dumps(obj, default=str).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _dispatch(self, method: str) -> None:
+        url = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        try:
+            for pattern, meth, handler in ROUTES:
+                m = re.fullmatch(pattern, url.path)
+                if m and meth == method:
+                    handler(self, query, *m.groups())
+                    return
+            raise NotFoundError(f"no route for {method} {url.path}")
+        except FleetloopError as exc:
+            self._send_json({"error": str(exc), "type": type(exc).__name__}, exc.http_status)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as exc:
+            log.exception("%s %s failed", method, url.path)
+            self._send_json({"error": f"internal error: {exc}", "type": "InternalError"}, 500)
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    # -- routes -----------------------------------------------------------------------------------
+    def health(self, q: dict[str, str]) -> None:
+        self._send_json({"ok": True})
+
+    def summary(self, q: dict[str, str]) -> None:
+        self._send_json(self.coordinator.summary())
+
+    def devices(self, q: dict[str, str]) -> None:
+        self._send_json([_device_json(d) for d in self.coordinator.metadata.devices()])
+
+    def device(self, q: dict[str, str], device_id: str) -> None:
+        d = self.coordinator.metadata.device(device_id)
+        if d is None:
+            raise NotFoundError(f"unknown device {device_id!r}")
+        self._send_json(_device_json(d))
+
+    def campaigns(self, q: dict[str, str]) -> None:
+        version, docs = self.coordinator.metadata.campaigns()
+        self._send_json(
+            {"version": version, "campaigns": [{"name": n, "version": v, "document": d} for n, v, d in docs]}
+        )
+
+    def apply_campaign(self, q: dict[str, str]) -> None:
+        body = self._body()
+        try:
+            text = body.decode()
+        except UnicodeDecodeError:
+            raise UserError("campaign document is not UTF-8 text") from None
+        self._send_json(self.coordinator.apply_campaign(text, source=q.get("source", "<campaign>")), 201)
+
+    def delete_campaign(self, q: dict[str, str], name: str) -> None:
+        self._send_json(self.coordinator.delete_campaign(name))
+
+    def query(self, q: dict[str, str]) -> None:
+        body = self._json_body()
+        sql = body.get("sql") if isinstance(body, dict) else None
+        if not isinstance(sql, str) or not sql.strip():
+            raise UserError('body must be {"sql": "..."}')
+        try:
+            max_rows = int(body.get("max_rows", 10000))
+        except (TypeError, ValueError):
+            raise UserError("max_rows must be an integer") from None
+        result = self.coordinator.query(sql, max_rows=max(1, min(max_rows, 100_000)))
+        self._send_json({"columns": result.columns, "rows": result.rows, "truncated": result.truncated})
+
+    def captures(self, q: dict[str, str]) -> None:
+        self._send_json([_record_json(c) for c in self.coordinator.metadata.captures()])
+
+    def releases(self, q: dict[str, str]) -> None:
+        self._send_json([_record_json(r) for r in self.coordinator.metadata.releases()])
+
+    def upload_release(self, q: dict[str, str]) -> None:
+        missing = [k for k in ("name", "version", "hardware") if not q.get(k)]
+        if missing:
+            raise UserError(f"missing query parameter(s): {', '.join(missing)}")
+        image = self._body()
+        result = self.coordinator.upload_release(
+            image, name=q["name"], version=q["version"], hardware_id=q["hardware"]
+        )
+        self._send_json(result, 201)
+
+    def rollouts(self, q: dict[str, str]) -> None:
+        self._send_json(self.coordinator.controller.list())
+
+    def create_rollout(self, q: dict[str, str]) -> None:
+        body = self._json_body()
+        if not isinstance(body, dict):
+            raise UserError("body must be a JSON object (the rollout policy)")
+        self._send_json(self.coordinator.create_rollout(body), 201)
+
+    def rollout(self, q: dict[str, str], rid: str) -> None:
+        self._send_json(self.coordinator.controller.status(rid))
+
+    def rollout_action(self, q: dict[str, str], rid: str, action: str) -> None:
+        ctl = self.coordinator.controller
+        now = self.coordinator._clock()
+        {"pause": ctl.pause, "resume": ctl.resume, "abort": ctl.abort}[action](rid, now)
+        self._send_json(ctl.status(rid))
+
+    def file(self, q: dict[str, str], relpath: str) -> None:
+        path = self.coordinator.artifacts.file_path(f"files/{relpath}")
+        size = path.stat().st_size
+        start, end = 0, size - 1
+        status = 200
+        header = self.headers.get("Range")
+        if header:
+            m = _RANGE.match(header.strip())
+            if not m or (not m.group(1) and not m.group(2)):
+                raise UserError(f"unsupported Range header {header!r}")
+            if m.group(1):
+                start = int(m.group(1))
+                end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+            else:  # suffix range: the last N bytes
+                start = max(0, size - int(m.group(2)))
+            if start >= size or start > end:
+                self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            status = 206
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end - start + 1))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            remaining = end - start + 1
+            while remaining > 0:
+                chunk = fh.read(min(FILE_CHUNK, remaining))
+                if not chunk:
+                    break
+                self.wfile.write(chunk)
+                remaining -= len(chunk)
+
+
+def _record_json(rec: Any) -> Any:
+    if hasattr(rec, "__dataclass_fields__"):
+        out = {}
+        for k in rec.__dataclass_fields__:
+            v = getattr(rec, k)
+            if isinstance(v, bytes):
+                v = v.hex()
+            out[k] = v
+        return out
+    return rec
+
+
+def _device_json(d: Any) -> Any:
+    out = _record_json(d)
+    if isinstance(out, dict):
+        out.pop("catalog", None)
+    return out
+
+
+ROUTES: list[tuple[str, str, Any]] = [
+    (r"/healthz", "GET", _Handler.health),
+    (r"/v1/summary", "GET", _Handler.summary),
+    (r"/v1/devices", "GET", _Handler.devices),
+    (r"/v1/devices/([^/]+)", "GET", _Handler.device),
+    (r"/v1/campaigns", "GET", _Handler.campaigns),
+    (r"/v1/campaigns", "POST", _Handler.apply_campaign),
+    (r"/v1/campaigns/([^/]+)", "DELETE", _Handler.delete_campaign),
+    (r"/v1/query", "POST", _Handler.query),
+    (r"/v1/captures", "GET", _Handler.captures),
+    (r"/v1/releases", "GET", _Handler.releases),
+    (r"/v1/releases", "POST", _Handler.upload_release),
+    (r"/v1/rollouts", "GET", _Handler.rollouts),
+    (r"/v1/rollouts", "POST", _Handler.create_rollout),
+    (r"/v1/rollouts/([^/]+)", "GET", _Handler.rollout),
+    (r"/v1/rollouts/([^/]+)/(pause|resume|abort)", "POST", _Handler.rollout_action),
+    (r"/files/([0-9a-f]{64})", "GET", _Handler.file),
+]
+
+
+def start_http_server(coordinator: Coordinator, host: str, port: int) -> tuple[ThreadingHTTPServer, int]:
+    """Serve in a background thread; returns the server and its bound port (0 picks a free one)."""
+    handler = type("Handler", (_Handler,), {"coordinator": coordinator})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    thread.start()
+    return server, server.server_address[1]

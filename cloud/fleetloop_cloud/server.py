@@ -1,0 +1,59 @@
+"""``fleetloop cloud serve``: the embedded coordinator (SQLite + Parquet + gRPC + HTTP on loopback)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+from fleetloop_cloud.coordinator import Coordinator
+from fleetloop_cloud.grpc_api import start_grpc_server
+from fleetloop_cloud.http_api import start_http_server
+
+log = logging.getLogger("fleetloop.cloud")
+
+
+def serve(
+    data_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    grpc_port: int = 50051,
+    http_port: int = 8080,
+    ready_file: Path | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT (or ``stop`` is set). Writes ``ready_file`` once both ports listen."""
+    stop = stop or threading.Event()
+    coordinator = Coordinator(data_dir)
+    grpc_server, gport = start_grpc_server(coordinator, host, grpc_port)
+    http_server, hport = start_http_server(coordinator, host, http_port)
+    coordinator.artifact_base_url = f"http://{host}:{hport}"
+    coordinator.start()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    info = {
+        "grpc": f"{host}:{gport}",
+        "http": f"http://{host}:{hport}",
+        "pid": os.getpid(),
+        "data_dir": str(data_dir),
+    }
+    if ready_file is not None:
+        tmp = ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, ready_file)
+    log.info("coordinator serving: gRPC %s, HTTP %s, data %s", info["grpc"], info["http"], data_dir)
+    stop.wait()
+    log.info("coordinator stopping")
+    coordinator.stop()
+    grpc_server.stop(grace=2).wait(3)
+    http_server.shutdown()
+    return 0

@@ -1,0 +1,73 @@
+"""Connected devices and their outboxes: how the cloud pushes to a device's control stream.
+
+One session per device id; a new connection from the same device replaces the old one (the old stream
+ends). Outboxes are bounded; overflow policy: drop-oldest, counted — a device that does not read its
+stream loses stale pushes, and the rollout controller re-offers what matters.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+
+from fleetloop_shared.wire import device_pb2
+
+OUTBOX_LIMIT = 256
+
+
+@dataclass
+class Session:
+    device_id: str
+    outbox: queue.Queue[device_pb2.CloudMessage] = field(
+        default_factory=lambda: queue.Queue(maxsize=OUTBOX_LIMIT)
+    )
+    closed: threading.Event = field(default_factory=threading.Event)
+
+
+class DeviceSessions:
+    """Registry of open control streams, safe to use from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sessions: dict[str, Session] = {}
+        self.dropped_total = 0
+
+    def open(self, device_id: str) -> Session:
+        session = Session(device_id)
+        with self._lock:
+            old = self._sessions.get(device_id)
+            self._sessions[device_id] = session
+        if old is not None:
+            old.closed.set()
+        return session
+
+    def close(self, session: Session) -> bool:
+        """Close ``session``; True if it was the device's current one (the device is now offline)."""
+        session.closed.set()
+        with self._lock:
+            if self._sessions.get(session.device_id) is session:
+                del self._sessions[session.device_id]
+                return True
+        return False
+
+    def online(self) -> list[str]:
+        with self._lock:
+            return sorted(self._sessions)
+
+    def publish(self, device_id: str, msg: device_pb2.CloudMessage) -> bool:
+        """Queue ``msg`` for the device; False when it is not connected."""
+        with self._lock:
+            session = self._sessions.get(device_id)
+        if session is None:
+            return False
+        while True:
+            try:
+                session.outbox.put_nowait(msg)
+                return True
+            except queue.Full:
+                try:
+                    session.outbox.get_nowait()
+                    self.dropped_total += 1
+                except queue.Empty:
+                    pass

@@ -1,0 +1,200 @@
+"""Device profiles: what a simulated car, robot or PLC gateway feeds its agent, and a campaign that suits it.
+
+A profile yields the ``sources:`` entries of an agent config — replaying the real recordings when they
+are there, generated stand-ins (:mod:`fleetloop_fwsim.signals`) otherwise. Either way a kind's signals
+have the same catalog paths, units and datatypes, so one campaign runs unchanged on both. The car's paths
+follow COVESA VSS where VSS has the signal; the recorded Toyota's brake pressure, pedal and gear codes
+have no exact VSS equivalent, so they keep the car's own units (raw counts, fraction, Toyota gear codes),
+and the simulated car reproduces those.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from fleetloop_fwsim.signals import (
+    SIM_VEHICLE_DBC,
+    generate_imu_csv,
+    generate_pump_csv,
+    generate_vehicle_can,
+)
+from fleetloop_shared.datapaths import comma2k19_segment
+from fleetloop_shared.errors import ConfigError
+
+KINDS: Final = ("car", "robot", "plc")
+
+_WHEEL: Final = "Vehicle.Chassis.Axle.Row{row}.Wheel.{side}.Speed"
+
+#: The recorded Toyota RAV4 (opendbc ``toyota_rav4_2017_pt_generated.dbc``): MESSAGE.SIGNAL → catalog path.
+TOYOTA_MAPPING: Final[dict[str, str]] = {
+    "SPEED.SPEED": "Vehicle.Speed",
+    "WHEEL_SPEEDS.WHEEL_SPEED_FL": _WHEEL.format(row=1, side="Left"),
+    "WHEEL_SPEEDS.WHEEL_SPEED_FR": _WHEEL.format(row=1, side="Right"),
+    "WHEEL_SPEEDS.WHEEL_SPEED_RL": _WHEEL.format(row=2, side="Left"),
+    "WHEEL_SPEEDS.WHEEL_SPEED_RR": _WHEEL.format(row=2, side="Right"),
+    "STEER_ANGLE_SENSOR.STEER_ANGLE": "Vehicle.Chassis.SteeringWheel.Angle",
+    "BRAKE_MODULE.BRAKE_PRESSED": "Vehicle.Chassis.Brake.IsPressed",
+    "BRAKE_MODULE.BRAKE_PRESSURE": "Vehicle.Chassis.Brake.PedalPressure",
+    "GAS_PEDAL.GAS_PEDAL": "Vehicle.Chassis.Accelerator.PedalPosition",
+    "GEAR_PACKET.GEAR": "Vehicle.Powertrain.Transmission.SelectedGear",
+    "ENGINE_RPM.RPM": "Vehicle.Powertrain.CombustionEngine.Speed",
+    "ACCELEROMETER.ACCEL_X": "Vehicle.Acceleration.Longitudinal",
+    "KINEMATICS.ACCEL_Y": "Vehicle.Acceleration.Lateral",
+    "KINEMATICS.YAW_RATE": "Vehicle.AngularVelocity.Yaw",
+}
+
+#: The simulated car (``data/sim_vehicle.dbc``): MESSAGE.SIGNAL → the same catalog paths.
+SIM_MAPPING: Final[dict[str, str]] = {
+    "SIM_VEHICLE_SPEED.VEHICLE_SPEED": "Vehicle.Speed",
+    "SIM_WHEEL_SPEEDS.WHEEL_SPEED_FL": _WHEEL.format(row=1, side="Left"),
+    "SIM_WHEEL_SPEEDS.WHEEL_SPEED_FR": _WHEEL.format(row=1, side="Right"),
+    "SIM_WHEEL_SPEEDS.WHEEL_SPEED_RL": _WHEEL.format(row=2, side="Left"),
+    "SIM_WHEEL_SPEEDS.WHEEL_SPEED_RR": _WHEEL.format(row=2, side="Right"),
+    "SIM_STEERING.STEERING_ANGLE": "Vehicle.Chassis.SteeringWheel.Angle",
+    "SIM_BRAKE.BRAKE_PRESSED": "Vehicle.Chassis.Brake.IsPressed",
+    "SIM_BRAKE.BRAKE_PRESSURE": "Vehicle.Chassis.Brake.PedalPressure",
+    "SIM_ACCEL_PEDAL.PEDAL_POSITION": "Vehicle.Chassis.Accelerator.PedalPosition",
+    "SIM_TRANSMISSION.GEAR": "Vehicle.Powertrain.Transmission.SelectedGear",
+    "SIM_ENGINE.ENGINE_SPEED": "Vehicle.Powertrain.CombustionEngine.Speed",
+    "SIM_DYNAMICS.ACCEL_LONGITUDINAL": "Vehicle.Acceleration.Longitudinal",
+    "SIM_DYNAMICS.ACCEL_LATERAL": "Vehicle.Acceleration.Lateral",
+    "SIM_DYNAMICS.YAW_RATE": "Vehicle.AngularVelocity.Yaw",
+}
+
+#: x-io IMU columns → catalog path and unit.
+IMU_COLUMNS: Final[dict[str, list[str]]] = (
+    {f"Gyroscope {a} (deg/s)": [f"Robot.IMU.Gyro.{a}", "deg/s"] for a in "XYZ"}
+    | {f"Accelerometer {a} (g)": [f"Robot.IMU.Accel.{a}", "g"] for a in "XYZ"}
+    | {f"Magnetometer {a} (uT)": [f"Robot.IMU.Mag.{a}", "uT"] for a in "XYZ"}
+)
+
+#: SKAB pump columns → catalog path and unit (units as the SKAB test bed documents them).
+PUMP_COLUMNS: Final[dict[str, list[str]]] = {
+    "Accelerometer1RMS": ["Plant.Pump.Accelerometer1RMS", "g"],
+    "Accelerometer2RMS": ["Plant.Pump.Accelerometer2RMS", "g"],
+    "Current": ["Plant.Pump.Current", "A"],
+    "Pressure": ["Plant.Pump.Pressure", "bar"],
+    "Temperature": ["Plant.Pump.Temperature", "degC"],
+    "Thermocouple": ["Plant.Pump.Thermocouple", "degC"],
+    "Voltage": ["Plant.Pump.Voltage", "V"],
+    "Volume Flow RateRMS": ["Plant.Pump.FlowRate", "l/min"],
+}
+
+_TRIGGERS: Final = {
+    # Real drive: fires at ~24 s (SPEED 69.7 → 65.7 km/h) ; simulated: at ~29 s (harsh brake).
+    "car": (
+        "harsh-braking",
+        "Vehicle.Speed > 40 and delta(Vehicle.Speed, 2s) < -3",
+        8,
+        ["Vehicle.Speed", "Vehicle.Chassis.*", "Vehicle.Acceleration.*", "Vehicle.AngularVelocity.*"],
+    ),
+    # Real IMU: first fast rotation at ~12 s (up to 155 deg/s); simulated: at ~12 s.
+    # (the largest axis rate: the rule language's abs/max, no square root needed)
+    "robot": (
+        "fast-rotation",
+        "max(abs(Robot.IMU.Gyro.X), abs(Robot.IMU.Gyro.Y), abs(Robot.IMU.Gyro.Z)) > 90",
+        6,
+        ["Robot.IMU.*"],
+    ),
+    # Real pump: 3.10 A at the 7th row; simulated: load surge at 20 s.
+    "plc": ("pump-overcurrent", "Plant.Pump.Current > 3.0", 7, ["Plant.Pump.*"]),
+}
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ConfigError(f"unknown device kind {kind!r} (expected one of {', '.join(KINDS)})")
+
+
+def _frames_complete(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in ("t", "address", "src", "data"))
+
+
+def source_specs(kind: str, recordings: Path | None, workdir: Path) -> tuple[list[dict[str, Any]], str]:
+    """The ``sources:`` entries for a device of ``kind`` and where their data comes from.
+
+    With ``recordings`` the real logs are replayed in place ("recordings"); without, stand-ins are
+    generated into ``workdir`` once (kept for later runs) and replayed ("simulated").
+    """
+    _check_kind(kind)
+    origin = "recordings" if recordings is not None else "simulated"
+    workdir = Path(workdir)
+    if kind == "car":
+        if recordings is not None:
+            frames = comma2k19_segment(Path(recordings)) / "processed_log" / "CAN" / "raw_can"
+            dbc = Path(recordings) / "opendbc" / "toyota_rav4_2017_pt_generated.dbc"
+            mapping = TOYOTA_MAPPING
+        else:
+            frames = workdir / "vehicle_can"
+            if not _frames_complete(frames):
+                generate_vehicle_can(frames)
+            dbc, mapping = SIM_VEHICLE_DBC, SIM_MAPPING
+        spec: dict[str, Any] = {
+            "kind": "can_replay",
+            "name": "can0",
+            "frames": str(frames),
+            "dbc": str(dbc),
+            "bus": 0,
+            "mapping": dict(mapping),
+            "origin": origin,
+        }
+        return [spec], origin
+    if kind == "robot":
+        if recordings is not None:
+            path = Path(recordings) / "xio-fusion-imu" / "sensor_data.csv"
+        else:
+            path = workdir / "imu.csv"
+            if not path.is_file():
+                generate_imu_csv(path)
+        spec = {
+            "kind": "csv_replay",
+            "name": "imu",
+            "path": str(path),
+            "time_column": "Time (s)",
+            "time_format": "seconds",
+            "delimiter": ",",
+            "group": "imu",
+            "columns": {k: list(v) for k, v in IMU_COLUMNS.items()},
+            "origin": origin,
+        }
+        return [spec], origin
+    if recordings is not None:
+        path = Path(recordings) / "skab" / "anomaly-free.csv"
+    else:
+        path = workdir / "pump.csv"
+        if not path.is_file():
+            generate_pump_csv(path)
+    spec = {
+        "kind": "csv_replay",
+        "name": "pump",
+        "path": str(path),
+        "time_column": "datetime",
+        "time_format": "datetime",
+        "delimiter": ";",
+        "group": "pump",
+        "columns": {k: list(v) for k, v in PUMP_COLUMNS.items()},
+        "origin": origin,
+    }
+    return [spec], origin
+
+
+def default_campaign(kind: str) -> str:
+    """A campaign YAML for ``kind`` that fires within the first ~40 s of its data, real or simulated."""
+    _check_kind(kind)
+    name, when, priority, signals = _TRIGGERS[kind]
+    document = {
+        "apiVersion": "fleetloop/v1",
+        "kind": "Campaign",
+        "metadata": {"name": name, "version": 1},
+        "spec": {
+            "target": {"selector": f"kind={kind}"},
+            "trigger": {"when": when, "mode": "rising", "min_interval": "10s"},
+            "collect": {"signals": list(signals), "pre": "5s", "post": "2s"},
+            "priority": priority,
+            "upload": {"network": ["wifi", "cellular"]},
+        },
+    }
+    return str(yaml.safe_dump(document, sort_keys=False, default_flow_style=False))

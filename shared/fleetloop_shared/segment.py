@@ -1,0 +1,553 @@
+"""Segment codec: one group's samples as self-describing, compressed, checksummed bytes.
+
+A segment is the unit the agent stores, the uplink sends and the cloud ingests, so the same code encodes
+on the device and decodes in the cloud. The byte layout is specified in ``docs/segment-format.md``; this
+module is its only implementation.
+
+Why the layout looks the way it does:
+
+* Signals of one group share one timestamp column, and timestamps are most of the cost, so they get the
+  strongest transform: delta-of-delta turns a steady sample rate into a run of small numbers.
+* Every block names its codec, so a later format can add codecs without breaking old readers' ability to
+  say *which* codec they do not know, and the encoder may pick per block whatever is smallest.
+* Decoding trusts nothing: every length is checked against what the header implies *before* anything is
+  allocated or decompressed, and the checksum is verified before any block is decompressed, so hostile or
+  truncated bytes end in :class:`CorruptSegmentError` rather than in a crash, a huge allocation or a
+  silently wrong value.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import zstandard
+
+from fleetloop_shared.catalog import Catalog, DataType
+from fleetloop_shared.errors import CorruptSegmentError, UserError
+from fleetloop_shared.samples import GroupBatch
+
+FORMAT_VERSION: int = 1
+MAGIC: bytes = b"FLSG"
+
+#: Hard limits a decoder enforces before it allocates anything; an encoder refuses to exceed them too.
+MAX_ROWS = 50_000_000
+MAX_COLUMNS = 4096
+#: Rows × (columns + 1): caps what one segment may decode to (~800 MB of 8-byte cells) whatever it claims.
+MAX_CELLS = 100_000_000
+MAX_GROUP_BYTES = 1024
+MAX_SIGNAL_ID = 2**32 - 1
+
+# Codec ids (one byte, stable forever within a format version; see docs/segment-format.md).
+CODEC_TS_DOD_VARINT_ZSTD = 1
+CODEC_F64_RAW_ZSTD = 16
+CODEC_F64_XOR_ZSTD = 17
+CODEC_I64_DELTA_VARINT_ZSTD = 32
+CODEC_BOOL_PACKBITS_ZSTD = 48
+
+_VALUE_CODECS: dict[DataType, frozenset[int]] = {
+    DataType.FLOAT64: frozenset({CODEC_F64_RAW_ZSTD, CODEC_F64_XOR_ZSTD}),
+    DataType.INT64: frozenset({CODEC_I64_DELTA_VARINT_ZSTD}),
+    DataType.BOOL: frozenset({CODEC_BOOL_PACKBITS_ZSTD}),
+}
+
+_ZSTD_LEVEL = 3
+# magic, version, flags, segment id, row count, first ns, last ns
+_FIXED = struct.Struct("<4sHH16sQqq")
+_U16 = struct.Struct("<H")
+_COLUMN = struct.Struct("<IBB")  # signal id, data type, codec id
+_BLOCK = struct.Struct("<BII")  # codec id, raw (decompressed) length, stored (compressed) length
+_CRC = struct.Struct("<I")
+_VARINT_MAX_BYTES = 10  # a 64-bit value needs at most ten 7-bit groups
+
+_compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_content_size=True, write_checksum=False)
+
+
+def new_segment_id() -> bytes:
+    """A 16-byte id that sorts by creation time (UUIDv7 layout: 48-bit ms timestamp, then random).
+
+    Time order lets the cloud and the store list segments chronologically without a second key; the
+    74 random bits make collisions between devices negligible without any coordination.
+    """
+    ms = time.time_ns() // 1_000_000
+    raw = bytearray(ms.to_bytes(6, "big") + os.urandom(10))
+    raw[6] = 0x70 | (raw[6] & 0x0F)  # version 7
+    raw[8] = 0x80 | (raw[8] & 0x3F)  # RFC 4122 variant
+    return bytes(raw)
+
+
+@dataclass(eq=False)
+class Segment:
+    """One group's samples: a shared timestamp column and one value column per signal id.
+
+    Equality is bit-exact (NaN payloads and -0.0 included), which is what a codec round trip promises.
+    """
+
+    segment_id: bytes
+    group: str
+    t_ns: npt.NDArray[np.int64]
+    columns: dict[int, npt.NDArray[Any]]
+    data_types: dict[int, DataType]
+
+    @property
+    def sample_count(self) -> int:
+        """Number of (timestamp, value) samples: rows × columns."""
+        return int(self.t_ns.shape[0]) * len(self.columns)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Segment):
+            return NotImplemented
+        if (
+            self.segment_id != other.segment_id
+            or self.group != other.group
+            or self.data_types != other.data_types
+            or self.columns.keys() != other.columns.keys()
+            or not _bits_equal(self.t_ns, other.t_ns)
+        ):
+            return False
+        return all(_bits_equal(self.columns[k], other.columns[k]) for k in self.columns)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _bits_equal(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and np.ascontiguousarray(a).tobytes() == (
+        np.ascontiguousarray(b).tobytes()
+    )
+
+
+def segment_from_batch(batch: GroupBatch, catalog: Catalog, segment_id: bytes | None = None) -> Segment:
+    """Turn a batch into a segment, typing each column as the catalog declares its signal.
+
+    Values are converted to the catalog's dtype only where no information is lost in kind (ints to
+    float64, bools to int64); anything else is a caller error, not a silent truncation.
+    """
+    t_ns = np.asarray(batch.t_ns)
+    if t_ns.ndim != 1 or t_ns.dtype.kind not in "iu":
+        raise UserError(f"group {batch.group!r}: t_ns must be a 1-D integer array, got {t_ns.dtype}")
+    columns: dict[int, npt.NDArray[Any]] = {}
+    data_types: dict[int, DataType] = {}
+    for signal_id, values in batch.values.items():
+        data_type = catalog.by_id(signal_id).data_type
+        arr = np.asarray(values)
+        try:
+            columns[signal_id] = arr.astype(data_type.numpy_dtype, casting="same_kind")
+        except TypeError:
+            raise UserError(
+                f"group {batch.group!r}: signal id {signal_id} is {data_type.name} in the catalog "
+                f"but its values are {arr.dtype}"
+            ) from None
+        data_types[signal_id] = data_type
+    return Segment(
+        segment_id=new_segment_id() if segment_id is None else segment_id,
+        group=batch.group,
+        t_ns=t_ns.astype(np.int64),
+        columns=columns,
+        data_types=data_types,
+    )
+
+
+# --------------------------------------------------------------------------------------------- encode
+
+
+def encode_segment(segment: Segment) -> bytes:
+    """The segment's bytes (format version :data:`FORMAT_VERSION`); raises UserError on an invalid one."""
+    t_ns, columns = _validated(segment)
+    rows = int(t_ns.shape[0])
+    first_ns = int(t_ns.min()) if rows else 0
+    last_ns = int(t_ns.max()) if rows else 0
+    group = segment.group.encode("utf-8")
+
+    blocks: list[tuple[int, bytes, int]] = [_encode_timestamps(t_ns)]
+    for _, data_type, values in columns:
+        blocks.append(_encode_values(data_type, values))
+
+    parts = [
+        _FIXED.pack(MAGIC, FORMAT_VERSION, 0, segment.segment_id, rows, first_ns, last_ns),
+        _U16.pack(len(group)),
+        group,
+        bytes([blocks[0][0]]),
+        _U16.pack(len(columns)),
+    ]
+    for (signal_id, data_type, _), (codec, _, _) in zip(columns, blocks[1:], strict=True):
+        parts.append(_COLUMN.pack(signal_id, int(data_type), codec))
+    for codec, payload, raw_len in blocks:
+        parts.append(_BLOCK.pack(codec, raw_len, len(payload)))
+        parts.append(payload)
+    body = b"".join(parts)
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+_Columns = list[tuple[int, DataType, npt.NDArray[Any]]]
+
+
+def _validated(segment: Segment) -> tuple[npt.NDArray[np.int64], _Columns]:
+    """Checks an encoder must make so that it never writes bytes its own decoder would refuse."""
+    where = f"segment {segment.segment_id.hex() if isinstance(segment.segment_id, bytes) else '?'}"
+    if not isinstance(segment.segment_id, bytes) or len(segment.segment_id) != 16:
+        raise UserError(f"{where}: segment_id must be 16 bytes")
+    if len(segment.group.encode("utf-8")) > MAX_GROUP_BYTES:
+        raise UserError(f"{where}: group name longer than {MAX_GROUP_BYTES} bytes")
+    t_ns = np.asarray(segment.t_ns)
+    if t_ns.ndim != 1 or t_ns.dtype.kind not in "iu":
+        raise UserError(f"{where}: t_ns must be a 1-D integer array, got {t_ns.dtype} {t_ns.shape}")
+    if t_ns.dtype.kind == "u" and t_ns.size and int(t_ns.max()) > np.iinfo(np.int64).max:
+        raise UserError(f"{where}: t_ns exceeds the int64 range")
+    t_ns = t_ns.astype(np.int64)
+    rows = int(t_ns.shape[0])
+    if rows > MAX_ROWS:
+        raise UserError(f"{where}: {rows} rows exceed the limit of {MAX_ROWS}")
+    if set(segment.columns) != set(segment.data_types):
+        raise UserError(f"{where}: columns and data_types name different signal ids")
+    if len(segment.columns) > MAX_COLUMNS:
+        raise UserError(f"{where}: {len(segment.columns)} columns exceed the limit of {MAX_COLUMNS}")
+    if rows * (len(segment.columns) + 1) > MAX_CELLS:
+        raise UserError(f"{where}: {rows} rows × {len(segment.columns)} columns exceed {MAX_CELLS} cells")
+    out: _Columns = []
+    for signal_id in sorted(segment.columns):
+        if not 0 <= signal_id <= MAX_SIGNAL_ID:
+            raise UserError(f"{where}: signal id {signal_id} outside 0..{MAX_SIGNAL_ID}")
+        data_type = DataType(segment.data_types[signal_id])
+        values = np.asarray(segment.columns[signal_id])
+        if values.shape != (rows,):
+            raise UserError(f"{where}: signal {signal_id} has shape {values.shape}, expected ({rows},)")
+        try:
+            values = values.astype(data_type.numpy_dtype, casting="same_kind")
+        except TypeError:
+            raise UserError(
+                f"{where}: signal {signal_id} is {data_type.name} but holds {values.dtype}"
+            ) from None
+        out.append((signal_id, data_type, values))
+    return t_ns, out
+
+
+def _zstd(raw: bytes) -> bytes:
+    return bytes(_compressor.compress(raw))
+
+
+def _encode_timestamps(t_ns: npt.NDArray[np.int64]) -> tuple[int, bytes, int]:
+    raw = _varint_encode(_zigzag(_delta_of_delta(t_ns)))
+    return CODEC_TS_DOD_VARINT_ZSTD, _zstd(raw), len(raw)
+
+
+def _encode_values(data_type: DataType, values: npt.NDArray[Any]) -> tuple[int, bytes, int]:
+    if data_type is DataType.FLOAT64:
+        bits = np.ascontiguousarray(values, dtype="<f8").view("<u8")
+        raw = bits.tobytes()
+        xored = bits.copy()
+        xored[1:] ^= bits[:-1]
+        plain = _zstd(raw)
+        xor = _zstd(xored.tobytes())
+        # Measured on the real recordings, plain zstd usually wins for sensor noise; XOR wins for slowly
+        # changing true doubles. Ties go to plain (cheaper to decode).
+        if len(xor) < len(plain):
+            return CODEC_F64_XOR_ZSTD, xor, len(raw)
+        return CODEC_F64_RAW_ZSTD, plain, len(raw)
+    if data_type is DataType.INT64:
+        ints = values.astype(np.int64)
+        raw = _varint_encode(_zigzag(_delta(ints)))
+        return CODEC_I64_DELTA_VARINT_ZSTD, _zstd(raw), len(raw)
+    raw = np.packbits(values.astype(np.bool_), bitorder="little").tobytes()
+    return CODEC_BOOL_PACKBITS_ZSTD, _zstd(raw), len(raw)
+
+
+# ----------------------------------------------------------------------------- integer transforms
+# All arithmetic is int64/uint64 and wraps modulo 2**64 on purpose: encode and decode wrap the same way,
+# so the round trip is exact even across int64 min/max.
+
+
+def _delta(x: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    out = x.copy()
+    if out.size > 1:
+        out[1:] = x[1:] - x[:-1]
+    return out
+
+
+def _undelta(d: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    return np.cumsum(d, dtype=np.int64)
+
+
+def _delta_of_delta(t: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """``[t0, t1 - t0, (t2 - t1) - (t1 - t0), ...]``: a steady rate becomes a run of zeros."""
+    d = _delta(t)
+    out = d.copy()
+    if out.size > 2:
+        out[2:] = d[2:] - d[1:-1]
+    return out
+
+
+def _undelta_of_delta(dd: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    d = dd.copy()
+    if d.size > 1:
+        d[1:] = np.cumsum(dd[1:], dtype=np.int64)
+    return np.cumsum(d, dtype=np.int64)
+
+
+def _zigzag(x: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
+    return (x.view(np.uint64) << np.uint64(1)) ^ (x >> np.int64(63)).view(np.uint64)
+
+
+def _unzigzag(u: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+    return ((u >> np.uint64(1)) ^ (np.uint64(0) - (u & np.uint64(1)))).view(np.int64)
+
+
+def _varint_encode(u: npt.NDArray[np.uint64]) -> bytes:
+    """LEB128 (7 bits per byte, high bit = more follows), vectorized over byte positions."""
+    if u.size == 0:
+        return b""
+    nbytes = np.ones(u.shape, dtype=np.int64)
+    for k in range(1, _VARINT_MAX_BYTES):
+        nbytes += u >= np.uint64(1 << (7 * k))
+    ends = np.cumsum(nbytes)
+    starts = ends - nbytes
+    out = np.empty(int(ends[-1]), dtype=np.uint8)
+    for j in range(_VARINT_MAX_BYTES):
+        has = nbytes > j
+        if not has.any():
+            break
+        group = ((u[has] >> np.uint64(7 * j)) & np.uint64(0x7F)).astype(np.uint8)
+        more = (nbytes[has] - 1 > j).astype(np.uint8) << np.uint8(7)
+        out[starts[has] + j] = group | more
+    return out.tobytes()
+
+
+def _varint_decode(raw: bytes, count: int, what: str) -> npt.NDArray[np.uint64]:
+    """Inverse of :func:`_varint_encode`; refuses anything but exactly ``count`` canonical varints."""
+    b = np.frombuffer(raw, dtype=np.uint8)
+    if count == 0:
+        if b.size:
+            raise CorruptSegmentError(f"{what}: {b.size} bytes of varints for 0 rows")
+        return np.zeros(0, dtype=np.uint64)
+    last_bytes = b < 0x80
+    found = int(np.count_nonzero(last_bytes))
+    if found != count or not last_bytes[-1]:
+        raise CorruptSegmentError(f"{what}: holds {found} complete varints, header says {count}")
+    ends = np.flatnonzero(last_bytes)
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    lengths = ends - starts + 1
+    if int(lengths.max()) > _VARINT_MAX_BYTES:
+        raise CorruptSegmentError(f"{what}: varint longer than {_VARINT_MAX_BYTES} bytes")
+    multi = lengths > 1
+    if (b[ends[multi]] == 0).any():
+        raise CorruptSegmentError(f"{what}: non-canonical varint (trailing zero group)")
+    if (b[ends[lengths == _VARINT_MAX_BYTES]] > 1).any():
+        raise CorruptSegmentError(f"{what}: varint overflows 64 bits")
+    # One pass per byte position (at most ten) keeps memory at a few words per value, not per byte.
+    values = np.zeros(count, dtype=np.uint64)
+    for j in range(int(lengths.max())):
+        has = lengths > j
+        group = (b[starts[has] + j] & np.uint8(0x7F)).astype(np.uint64)
+        values[has] |= group << np.uint64(7 * j)
+    return values
+
+
+# --------------------------------------------------------------------------------------------- decode
+
+
+class _Reader:
+    """Bounds-checked cursor: every read names what it wanted, so truncation says where it happened."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int, what: str) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise CorruptSegmentError(
+                f"segment truncated at byte {len(self.data)}: {what} needs bytes {self.pos}..{end}"
+            )
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def unpack(self, fmt: struct.Struct, what: str) -> tuple[Any, ...]:
+        return fmt.unpack(self.take(fmt.size, what))
+
+
+@dataclass(frozen=True)
+class _Block:
+    codec: int
+    raw_len: int
+    payload: bytes
+    what: str
+
+
+def decode_segment(data: bytes) -> Segment:
+    """Parse and verify segment bytes; any defect raises :class:`CorruptSegmentError` with a one-line reason.
+
+    Order matters: framing (lengths) is checked first so truncation is reported as such, then the
+    checksum, and only then are blocks decompressed — never more than the header implies.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise CorruptSegmentError(f"segment must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    try:
+        header, blocks = _parse_framing(data)
+        _check_crc(data)
+        return _decode_blocks(header, blocks)
+    except (struct.error, zstandard.ZstdError, ValueError) as exc:  # defensive: every case is checked above
+        raise CorruptSegmentError(f"segment undecodable: {exc}") from None
+
+
+@dataclass(frozen=True)
+class _Header:
+    segment_id: bytes
+    group: str
+    rows: int
+    first_ns: int
+    last_ns: int
+    columns: list[tuple[int, DataType]]
+
+
+def _parse_framing(data: bytes) -> tuple[_Header, list[_Block]]:
+    r = _Reader(data)
+    if len(data) >= 4 and data[:4] != MAGIC:
+        raise CorruptSegmentError(f"not a segment: magic is {data[:4]!r}, expected {MAGIC!r}")
+    if len(data) >= 6:
+        (version,) = _U16.unpack_from(data, 4)
+        if version != FORMAT_VERSION:
+            raise CorruptSegmentError(
+                f"unsupported segment format version {version} (this build reads {FORMAT_VERSION})"
+            )
+    magic, _version, flags, segment_id, rows, first_ns, last_ns = r.unpack(_FIXED, "fixed header")
+    if magic != MAGIC:  # pragma: no cover - checked above whenever 4 bytes exist
+        raise CorruptSegmentError(f"not a segment: magic is {magic!r}")
+    if flags != 0:
+        raise CorruptSegmentError(f"unknown header flags 0x{flags:04x} at byte 6")
+    if rows > MAX_ROWS:
+        raise CorruptSegmentError(f"impossible row count {rows} (limit {MAX_ROWS})")
+    (group_len,) = r.unpack(_U16, "group name length")
+    if group_len > MAX_GROUP_BYTES:
+        raise CorruptSegmentError(f"group name length {group_len} exceeds {MAX_GROUP_BYTES}")
+    group_bytes = r.take(group_len, "group name")
+    try:
+        group = group_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorruptSegmentError("group name is not valid UTF-8") from None
+    ts_codec = r.take(1, "timestamp codec id")[0]
+    if ts_codec != CODEC_TS_DOD_VARINT_ZSTD:
+        raise CorruptSegmentError(f"unknown timestamp codec id {ts_codec}")
+    (ncols,) = r.unpack(_U16, "column count")
+    if ncols > MAX_COLUMNS:
+        raise CorruptSegmentError(f"impossible column count {ncols} (limit {MAX_COLUMNS})")
+    if rows * (ncols + 1) > MAX_CELLS:
+        raise CorruptSegmentError(f"impossible size: {rows} rows × {ncols} columns exceed {MAX_CELLS} cells")
+    columns: list[tuple[int, DataType]] = []
+    codecs = [ts_codec]
+    seen: set[int] = set()
+    for i in range(ncols):
+        signal_id, dt_raw, codec = r.unpack(_COLUMN, f"column {i} descriptor")
+        try:
+            data_type = DataType(dt_raw)
+        except ValueError:
+            raise CorruptSegmentError(f"column {i}: unknown data type {dt_raw}") from None
+        if codec not in _VALUE_CODECS[data_type]:
+            raise CorruptSegmentError(f"column {i}: codec id {codec} is not valid for {data_type.name}")
+        if signal_id in seen:
+            raise CorruptSegmentError(f"column {i}: signal id {signal_id} appears twice")
+        seen.add(signal_id)
+        columns.append((signal_id, data_type))
+        codecs.append(codec)
+
+    blocks: list[_Block] = []
+    for i, expected_codec in enumerate(codecs):
+        what = "timestamp block" if i == 0 else f"value block of signal {columns[i - 1][0]}"
+        start = r.pos
+        codec, raw_len, stored_len = r.unpack(_BLOCK, f"{what} header")
+        if codec != expected_codec:
+            raise CorruptSegmentError(
+                f"{what} at byte {start}: codec id {codec} differs from header's {expected_codec}"
+            )
+        lo, hi = _raw_len_bounds(codec, rows)
+        if not lo <= raw_len <= hi:
+            raise CorruptSegmentError(
+                f"{what} at byte {start}: decoded length {raw_len} impossible for {rows} rows"
+            )
+        payload = r.take(stored_len, what)
+        blocks.append(_Block(codec, raw_len, payload, what))
+    r.take(_CRC.size, "checksum")
+    if r.pos != len(data):
+        raise CorruptSegmentError(f"{len(data) - r.pos} unexpected bytes after the checksum")
+    header = _Header(segment_id, group, rows, first_ns, last_ns, columns)
+    return header, blocks
+
+
+def _raw_len_bounds(codec: int, rows: int) -> tuple[int, int]:
+    """The decoded size a block may have for ``rows`` rows: the cap on what decompression may produce."""
+    if codec in (CODEC_TS_DOD_VARINT_ZSTD, CODEC_I64_DELTA_VARINT_ZSTD):
+        return rows, rows * _VARINT_MAX_BYTES
+    if codec in (CODEC_F64_RAW_ZSTD, CODEC_F64_XOR_ZSTD):
+        return rows * 8, rows * 8
+    n = (rows + 7) // 8
+    return n, n
+
+
+def _check_crc(data: bytes) -> None:
+    (stored,) = _CRC.unpack_from(data, len(data) - _CRC.size)
+    actual = zlib.crc32(memoryview(data)[: len(data) - _CRC.size])
+    if stored != actual:
+        raise CorruptSegmentError(f"checksum mismatch: stored 0x{stored:08x}, computed 0x{actual:08x}")
+
+
+def _unzstd(block: _Block) -> bytes:
+    try:
+        declared = zstandard.frame_content_size(block.payload)
+    except zstandard.ZstdError:
+        raise CorruptSegmentError(f"{block.what}: not a zstd frame") from None
+    if declared != block.raw_len:
+        raise CorruptSegmentError(
+            f"{block.what}: zstd frame declares {declared} bytes, header says {block.raw_len}"
+        )
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(
+            block.payload, max_output_size=block.raw_len, allow_extra_data=False
+        )
+    except zstandard.ZstdError as exc:
+        raise CorruptSegmentError(f"{block.what}: zstd error: {exc}") from None
+    if len(raw) != block.raw_len:
+        raise CorruptSegmentError(
+            f"{block.what}: decompressed to {len(raw)} bytes, header says {block.raw_len}"
+        )
+    return bytes(raw)
+
+
+def _decode_blocks(header: _Header, blocks: list[_Block]) -> Segment:
+    rows = header.rows
+    ts_block = blocks[0]
+    t_ns = _undelta_of_delta(_unzigzag(_varint_decode(_unzstd(ts_block), rows, ts_block.what)))
+    first = int(t_ns.min()) if rows else 0
+    last = int(t_ns.max()) if rows else 0
+    if (first, last) != (header.first_ns, header.last_ns):
+        raise CorruptSegmentError(
+            f"header time range {header.first_ns}..{header.last_ns} differs from timestamps {first}..{last}"
+        )
+    columns: dict[int, npt.NDArray[Any]] = {}
+    data_types: dict[int, DataType] = {}
+    for (signal_id, data_type), block in zip(header.columns, blocks[1:], strict=True):
+        raw = _unzstd(block)
+        values: npt.NDArray[Any]
+        if block.codec == CODEC_F64_RAW_ZSTD:
+            values = np.frombuffer(raw, dtype="<f8").astype(np.float64)
+        elif block.codec == CODEC_F64_XOR_ZSTD:
+            bits = np.bitwise_xor.accumulate(np.frombuffer(raw, dtype="<u8").astype(np.uint64))
+            values = bits.view(np.float64)
+        elif block.codec == CODEC_I64_DELTA_VARINT_ZSTD:
+            values = _undelta(_unzigzag(_varint_decode(raw, rows, block.what)))
+        else:
+            packed = np.frombuffer(raw, dtype=np.uint8)
+            bits_all = np.unpackbits(packed, bitorder="little")
+            if bits_all[rows:].any():
+                raise CorruptSegmentError(f"{block.what}: padding bits after the last row are set")
+            values = bits_all[:rows].astype(np.bool_)
+        columns[signal_id] = values
+        data_types[signal_id] = data_type
+    return Segment(header.segment_id, header.group, t_ns, columns, data_types)

@@ -1,0 +1,107 @@
+"""The agent runtime end to end in one process: real replay sources, real store, real gRPC.
+
+A device that cannot reach the cloud keeps capturing into its store and says why it cannot upload; when
+the coordinator appears on the configured address, everything pending is uploaded and queryable.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from fleetloop_agent.config import load_agent_config
+from fleetloop_agent.runtime import AgentRuntime
+from fleetloop_cloud.coordinator import Coordinator
+from fleetloop_cloud.grpc_api import start_grpc_server
+from fleetloop_fwsim import bootloader, firmware, profiles
+from fleetloop_fwsim.device import paths as device_paths
+
+HW = "test-hw"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_config(ddir: Path, recordings: Path, grpc_target: str, key: Path) -> Path:
+    bootloader.provision(ddir, firmware.build_image("1.0.0", HW))
+    sources, origin = profiles.source_specs("car", recordings, ddir / "signals")
+    assert origin == "recordings"
+    p = device_paths(ddir)
+    cfg = {
+        "device_id": "car-t1",
+        "fleet": "test",
+        "labels": {"kind": "car"},
+        "cloud": {"grpc": grpc_target},
+        "state_dir": "state",
+        "store": {"dir": "store"},
+        "replay": {"speed": 8.0},
+        "heartbeat_s": 0.5,
+        "sources": sources,
+        "platform": {
+            "hardware_id": HW,
+            "slots": {"a": str(p["slot_a"]), "b": str(p["slot_b"])},
+            "env": str(p["env"]),
+            "booted_slot": str(p["booted_slot"]),
+        },
+        "trusted_release_keys": [str(key)],
+    }
+    path = ddir / "agent.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    # the desired campaigns a previous run persisted (the device shadow): run them before any cloud
+    state = ddir / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    doc = profiles.default_campaign("car")
+    (state / "campaigns.json").write_text(json.dumps({"version": 1, "campaigns": [["car", 1, doc]]}))
+    return path
+
+
+def wait_for(pred: object, timeout: float) -> bool:
+    assert callable(pred)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_offline_capture_then_upload_when_the_cloud_appears(tmp_path: Path, recordings: Path) -> None:
+    port = free_port()
+    coordinator = Coordinator(tmp_path / "cloud")
+    key = tmp_path / "cloud" / "keys" / "release.pub.pem"
+    config = load_agent_config(make_config(tmp_path / "dev", recordings, f"127.0.0.1:{port}", key))
+    runtime = AgentRuntime(config)
+    assert len(runtime.engine.active) == 1 and not runtime.refused, runtime.refused
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(runtime.run()), daemon=True)
+    thread.start()
+    server = None
+    try:
+        assert wait_for(lambda: runtime.store.stats().segments_pending > 0, 60), "no capture while offline"
+        assert not runtime.link.connected.is_set()
+        assert "UNAVAILABLE" in runtime.link.last_error
+        server, _ = start_grpc_server(coordinator, "127.0.0.1", port)
+        assert wait_for(lambda: runtime.link.connected.is_set(), 30), runtime.link.last_error
+        assert wait_for(lambda: runtime.store.stats().segments_pending == 0, 30)
+        segments, samples, captures = coordinator.metadata.ingest_totals()
+        assert segments > 0 and samples > 0 and captures >= 1
+        rows = coordinator.query(
+            "SELECT count(*) FROM samples WHERE device_id = 'car-t1' AND signal = 'Vehicle.Speed'"
+        ).rows
+        assert rows[0][0] > 0
+        device = coordinator.metadata.device("car-t1")
+        assert device is not None and device.firmware_version == "1.0.0"
+    finally:
+        runtime.stop()
+        thread.join(timeout=20)
+        if server is not None:
+            server.stop(grace=0).wait(2)
+    assert result == [0]

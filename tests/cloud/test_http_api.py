@@ -1,0 +1,98 @@
+"""The REST API and the artifact file server (with Range), over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+
+RunningCoordinator = Any
+
+CAMPAIGN = """apiVersion: fleetloop/v1
+kind: Campaign
+metadata: {name: brake, version: 1}
+spec:
+  trigger: {when: "Vehicle.Speed > 50 and delta(Vehicle.Speed, 1s) < -15", mode: rising, min_interval: 30s}
+  collect: {signals: ["Vehicle.*"], pre: 10s, post: 5s}
+  priority: 8
+"""
+
+
+def call(
+    base: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(base + path, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def test_campaign_is_validated_with_line_and_column(running_coordinator: RunningCoordinator) -> None:
+    base = running_coordinator.http_base
+    status, _, body = call(base, "POST", "/v1/campaigns?source=brake.yaml", CAMPAIGN.encode())
+    assert status == 201 and json.loads(body)["name"] == "brake"
+    bad = CAMPAIGN.replace("delta(Vehicle.Speed, 1s)", "delta(Vehicle.Speed)")
+    status, _, body = call(base, "POST", "/v1/campaigns?source=brake.yaml", bad.encode())
+    err = json.loads(body)
+    assert status == 400
+    assert err["error"].startswith("brake.yaml:5:")
+    status, _, body = call(base, "GET", "/v1/campaigns")
+    assert [c["name"] for c in json.loads(body)["campaigns"]] == ["brake"]
+
+
+def test_query_errors_are_400_and_results_are_json(running_coordinator: RunningCoordinator) -> None:
+    base = running_coordinator.http_base
+    status, _, body = call(base, "POST", "/v1/query", json.dumps({"sql": "SELECT 41 + 1 AS answer"}).encode())
+    assert status == 200 and json.loads(body)["rows"] == [[42]]
+    status, _, body = call(base, "POST", "/v1/query", json.dumps({"sql": "SELEKT nothing"}).encode())
+    assert status == 400 and json.loads(body)["type"] == "QueryError"
+    status, _, body = call(base, "POST", "/v1/query", b"not json")
+    assert status == 400
+    status, _, _ = call(base, "GET", "/v1/nothing-here")
+    assert status == 404
+
+
+def test_release_upload_and_ranged_download(running_coordinator: RunningCoordinator) -> None:
+    base = running_coordinator.http_base
+    image = bytes(range(256)) * 4096
+    status, _, body = call(
+        base,
+        "POST",
+        "/v1/releases?name=fw&version=1.0.0&hardware=hw1",
+        image,
+        {"Content-Type": "application/octet-stream"},
+    )
+    assert status == 201, body
+    rel = json.loads(body)
+    full = next(p for p in rel["payloads"] if p["kind"] == "full")
+    status, headers, data = call(base, "GET", f"/{full['path']}")
+    assert status == 200 and data == image and headers["Accept-Ranges"] == "bytes"
+    status, headers, data = call(base, "GET", f"/{full['path']}", headers={"Range": "bytes=1000-"})
+    assert status == 206 and data == image[1000:]
+    assert headers["Content-Range"] == f"bytes 1000-{len(image) - 1}/{len(image)}"
+    status, _, data = call(base, "GET", f"/{full['path']}", headers={"Range": "bytes=10-19"})
+    assert status == 206 and data == image[10:20]
+    status, headers, _ = call(base, "GET", f"/{full['path']}", headers={"Range": f"bytes={len(image)}-"})
+    assert status == 416 and headers["Content-Range"] == f"bytes */{len(image)}"
+    # the same version again is a conflict, an unknown file is 404
+    status, _, body = call(
+        base,
+        "POST",
+        "/v1/releases?name=fw&version=1.0.0&hardware=hw1",
+        image,
+        {"Content-Type": "application/octet-stream"},
+    )
+    assert status == 409, body
+    status, _, _ = call(base, "GET", "/files/" + "0" * 64)
+    assert status == 404
+
+
+@pytest.mark.parametrize("path", ["/files/../metadata.sqlite", "/files/%2e%2e%2fmetadata.sqlite"])
+def test_no_path_traversal(running_coordinator: RunningCoordinator, path: str) -> None:
+    status, _, _ = call(running_coordinator.http_base, "GET", path)
+    assert status == 404

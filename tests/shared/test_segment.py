@@ -1,0 +1,431 @@
+"""Segment codec: bit-exact round trips (synthetic, property-based, real recordings) and hostile bytes."""
+
+from __future__ import annotations
+
+import struct
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fleetloop_shared.catalog import Catalog, DataType
+from fleetloop_shared.datapaths import comma2k19_segment
+from fleetloop_shared.errors import CorruptSegmentError, UserError
+from fleetloop_shared.samples import GroupBatch
+from fleetloop_shared.segment import (
+    CODEC_F64_RAW_ZSTD,
+    CODEC_F64_XOR_ZSTD,
+    FORMAT_VERSION,
+    MAGIC,
+    MAX_CELLS,
+    MAX_ROWS,
+    Segment,
+    decode_segment,
+    encode_segment,
+    new_segment_id,
+    segment_from_batch,
+)
+
+I64_MIN = int(np.iinfo(np.int64).min)
+I64_MAX = int(np.iinfo(np.int64).max)
+
+
+def floats_from_bits(bits: list[int]) -> npt.NDArray[np.float64]:
+    return np.array(bits, dtype=np.uint64).view(np.float64)
+
+
+def assert_bit_exact(a: Segment, b: Segment) -> None:
+    assert a.segment_id == b.segment_id
+    assert a.group == b.group
+    assert a.data_types == b.data_types
+    assert a.t_ns.dtype == np.int64 and b.t_ns.dtype == np.int64
+    assert a.t_ns.tobytes() == b.t_ns.tobytes()
+    assert sorted(a.columns) == sorted(b.columns)
+    for sid, values in a.columns.items():
+        other = b.columns[sid]
+        assert values.dtype == other.dtype, sid
+        assert values.tobytes() == other.tobytes(), sid
+    assert a == b
+
+
+def roundtrip(segment: Segment) -> Segment:
+    decoded = decode_segment(encode_segment(segment))
+    assert_bit_exact(segment, decoded)
+    return decoded
+
+
+def small_segment() -> Segment:
+    t = np.array([-1_000, 0, 10_000_000, 20_000_000, 20_000_000, 31_000_000], dtype=np.int64)
+    return Segment(
+        segment_id=bytes(range(16)),
+        group="can0/SPEED",
+        t_ns=t,
+        columns={
+            3: np.array([1.5, -0.0, np.nan, np.inf, -np.inf, 5e-324]),
+            7: np.array([I64_MIN, -1, 0, 1, I64_MAX, 42], dtype=np.int64),
+            9: np.array([True, False, True, True, False, True]),
+        },
+        data_types={3: DataType.FLOAT64, 7: DataType.INT64, 9: DataType.BOOL},
+    )
+
+
+# ------------------------------------------------------------------------------------- round trips
+
+
+def test_special_values_round_trip_bit_exact() -> None:
+    special_nans = floats_from_bits(
+        [0x7FF8000000000000, 0xFFF8000000000000, 0x7FF0000000000001, 0x7FF4DEADBEEF0001, 0xFFFFFFFFFFFFFFFF]
+    )
+    seg = small_segment()
+    seg.t_ns = np.arange(-5, 0, dtype=np.int64) * 7
+    seg.columns = {1: special_nans, 2: np.array([I64_MIN, I64_MAX, I64_MIN, 0, I64_MAX], dtype=np.int64)}
+    seg.data_types = {1: DataType.FLOAT64, 2: DataType.INT64}
+    decoded = roundtrip(seg)
+    assert decoded.columns[1].view(np.uint64).tolist() == special_nans.view(np.uint64).tolist()
+    assert np.signbit(roundtrip(small_segment()).columns[3][1])  # -0.0 stays negative
+
+
+def test_empty_segment_round_trips() -> None:
+    seg = Segment(new_segment_id(), "imu", np.zeros(0, dtype=np.int64),
+                  {1: np.zeros(0), 2: np.zeros(0, dtype=np.int64), 3: np.zeros(0, dtype=bool)},
+                  {1: DataType.FLOAT64, 2: DataType.INT64, 3: DataType.BOOL})
+    decoded = roundtrip(seg)
+    assert decoded.sample_count == 0
+    no_columns = Segment(new_segment_id(), "", np.array([5, 6], dtype=np.int64), {}, {})
+    assert roundtrip(no_columns).sample_count == 0
+
+
+def test_timestamps_extreme_and_unordered() -> None:
+    t = np.array([I64_MAX, I64_MIN, 0, -1, I64_MAX, I64_MIN + 1, 123_456_789_012], dtype=np.int64)
+    seg = Segment(new_segment_id(), "odd", t, {}, {})
+    roundtrip(seg)
+
+
+def test_decoded_arrays_are_native_and_writable() -> None:
+    decoded = roundtrip(small_segment())
+    for arr in [decoded.t_ns, *decoded.columns.values()]:
+        assert arr.flags.writeable
+        arr[:1] = arr[:1]  # must not raise
+
+
+def test_sample_count_is_rows_times_columns() -> None:
+    assert small_segment().sample_count == 6 * 3
+
+
+def test_float_codec_picks_smaller_of_raw_and_xor() -> None:
+    # A slow ramp of true doubles favours XOR; white noise favours plain zstd. Both must round trip.
+    ramp = Segment(new_segment_id(), "g", np.arange(2000, dtype=np.int64), {1: np.arange(2000) * 0.1},
+                   {1: DataType.FLOAT64})
+    noise = Segment(new_segment_id(), "g", np.arange(2000, dtype=np.int64),
+                    {1: np.random.default_rng(0).normal(size=2000).round(3)}, {1: DataType.FLOAT64})
+    assert column_codec(encode_segment(ramp)) == CODEC_F64_XOR_ZSTD
+    assert column_codec(encode_segment(noise)) == CODEC_F64_RAW_ZSTD
+    roundtrip(ramp)
+    roundtrip(noise)
+
+
+def column_codec(data: bytes) -> int:
+    group_len = struct.unpack_from("<H", data, 48)[0]
+    first_column = 48 + 2 + group_len + 1 + 2
+    return int(data[first_column + 5])
+
+
+def test_steady_rate_timestamps_are_nearly_free() -> None:
+    t = 1_700_000_000_000_000_000 + np.arange(100_000, dtype=np.int64) * 10_000_000
+    seg = Segment(new_segment_id(), "imu", t, {}, {})
+    assert len(encode_segment(seg)) < 200
+    roundtrip(seg)
+
+
+dtypes = st.sampled_from([DataType.FLOAT64, DataType.INT64, DataType.BOOL])
+
+
+@st.composite
+def segments(draw: st.DrawFn) -> Segment:
+    rows = draw(st.integers(0, 300))
+    steady = draw(st.booleans())
+    if steady:
+        start = draw(st.integers(-(2**62), 2**62))
+        step = draw(st.integers(0, 10**9))
+        jitter = draw(st.lists(st.integers(-1000, 1000), min_size=rows, max_size=rows))
+        t = (start + np.arange(rows, dtype=np.int64) * step + np.array(jitter, dtype=np.int64))
+    else:
+        t = np.array(draw(st.lists(st.integers(I64_MIN, I64_MAX), min_size=rows, max_size=rows)),
+                     dtype=np.int64)
+    types = draw(st.dictionaries(st.integers(0, 2**32 - 1), dtypes, max_size=5))
+    columns: dict[int, npt.NDArray[Any]] = {}
+    for sid, dt in types.items():
+        if dt is DataType.FLOAT64:
+            if draw(st.booleans()):
+                columns[sid] = floats_from_bits(
+                    draw(st.lists(st.integers(0, 2**64 - 1), min_size=rows, max_size=rows)))
+            else:
+                columns[sid] = np.array(draw(st.lists(st.floats(), min_size=rows, max_size=rows)),
+                                        dtype=np.float64)
+        elif dt is DataType.INT64:
+            columns[sid] = np.array(draw(st.lists(st.integers(I64_MIN, I64_MAX), min_size=rows,
+                                                  max_size=rows)), dtype=np.int64)
+        else:
+            columns[sid] = np.array(draw(st.lists(st.booleans(), min_size=rows, max_size=rows)),
+                                    dtype=np.bool_)
+    group = draw(st.text(max_size=40))
+    return Segment(draw(st.binary(min_size=16, max_size=16)), group, t, columns, types)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(segments())
+def test_property_round_trip_is_bit_exact(seg: Segment) -> None:
+    roundtrip(seg)
+
+
+# ---------------------------------------------------------------------------------------- real data
+
+
+def _real_groups(recordings: Path) -> list[tuple[str, npt.NDArray[np.int64], list[npt.NDArray[Any]]]]:
+    log = comma2k19_segment(recordings) / "processed_log"
+    groups = []
+    for name in ["IMU/accelerometer", "IMU/gyro", "IMU/magnetometer", "CAN/speed", "CAN/wheel_speed",
+                 "CAN/steering_angle", "CAN/radar", "GNSS/live_gnss_ublox", "GNSS/raw_gnss_ublox"]:
+        t = np.load(log / name / "t")
+        value = np.load(log / name / "value").reshape(len(t), -1)
+        t_ns = np.round(t * 1e9).astype(np.int64)
+        groups.append((name, t_ns, [np.ascontiguousarray(value[:, j]) for j in range(value.shape[1])]))
+    return groups
+
+
+def test_real_comma2k19_arrays_round_trip_exactly(recordings: Path) -> None:
+    total_bytes = 0
+    total_samples = 0
+    for name, t_ns, cols in _real_groups(recordings):
+        seg = Segment(new_segment_id(), name, t_ns, {i + 1: c for i, c in enumerate(cols)},
+                      {i + 1: DataType.FLOAT64 for i in range(len(cols))})
+        encoded = encode_segment(seg)
+        roundtrip(seg)
+        total_bytes += len(encoded)
+        total_samples += seg.sample_count
+        print(f"{name}: {seg.sample_count} samples, {len(encoded) / seg.sample_count:.2f} bytes/sample")
+    print(f"total: {total_bytes / total_samples:.2f} bytes/sample")
+    # Raw would be 8 bytes per value plus 8 per timestamp; the codec must do clearly better than that.
+    assert total_bytes / total_samples < 5.0
+
+
+def test_real_raw_can_ints_and_bools_round_trip(recordings: Path) -> None:
+    can = comma2k19_segment(recordings) / "processed_log" / "CAN" / "raw_can"
+    t_ns = np.round(np.load(can / "t") * 1e9).astype(np.int64)
+    address = np.load(can / "address").astype(np.int64)
+    src = np.load(can / "src").astype(np.int64)
+    payload = np.frombuffer(np.load(can / "data").astype("S8").tobytes(), dtype=">i8")
+    catalog = Catalog()
+    ids = [catalog.add(p, dt).id for p, dt in [
+        ("Can.Address", DataType.INT64), ("Can.Bus", DataType.INT64),
+        ("Can.Payload", DataType.INT64), ("Can.FromDevice", DataType.BOOL)]]
+    batch = GroupBatch("can0/raw", t_ns, dict(zip(ids, [address, src, payload.astype(np.int64), src >= 128],
+                                                 strict=True)))
+    seg = segment_from_batch(batch, catalog)
+    encoded = encode_segment(seg)
+    decoded = roundtrip(seg)
+    assert decoded.columns[ids[3]].dtype == np.bool_
+    print(f"raw_can: {len(encoded) / seg.sample_count:.2f} bytes/sample")
+    assert len(encoded) < seg.sample_count * 8
+
+
+# ------------------------------------------------------------------------------------ construction
+
+
+def test_segment_from_batch_types_columns_from_catalog() -> None:
+    catalog = Catalog()
+    speed = catalog.add("Vehicle.Speed", DataType.FLOAT64).id
+    gear = catalog.add("Vehicle.Gear", DataType.INT64).id
+    brake = catalog.add("Vehicle.Brake", DataType.BOOL).id
+    batch = GroupBatch("can0/x", np.array([1, 2, 3], dtype=np.int64), {
+        speed: np.array([1, 2, 3], dtype=np.int32),  # ints widen to float64
+        gear: np.array([True, False, True]),  # bools widen to int64
+        brake: np.array([True, False, False]),
+    })
+    seg = segment_from_batch(batch, catalog, segment_id=b"x" * 16)
+    assert seg.segment_id == b"x" * 16
+    assert seg.columns[speed].dtype == np.float64 and seg.columns[gear].dtype == np.int64
+    assert seg.data_types == {speed: DataType.FLOAT64, gear: DataType.INT64, brake: DataType.BOOL}
+    roundtrip(seg)
+    auto = segment_from_batch(batch, catalog)
+    assert len(auto.segment_id) == 16
+
+
+def test_segment_from_batch_refuses_lossy_kinds() -> None:
+    catalog = Catalog()
+    gear = catalog.add("Vehicle.Gear", DataType.INT64).id
+    batch = GroupBatch("g", np.array([1], dtype=np.int64), {gear: np.array([1.5])})
+    with pytest.raises(UserError, match="INT64"):
+        segment_from_batch(batch, catalog)
+    with pytest.raises(UserError, match="unknown signal id"):
+        segment_from_batch(GroupBatch("g", np.array([1], dtype=np.int64), {99: np.array([1.0])}), catalog)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda s: setattr(s, "segment_id", b"short"), "16 bytes"),
+        (lambda s: s.columns.__setitem__(3, np.zeros(2)), "shape"),
+        (lambda s: s.data_types.pop(9), "different signal ids"),
+        (lambda s: setattr(s, "t_ns", np.zeros(6)), "integer"),
+        (lambda s: setattr(s, "group", "x" * 2000), "group name"),
+        (lambda s: s.columns.__setitem__(7, np.full(6, 0.5)), "INT64"),
+    ],
+)
+def test_encode_refuses_invalid_segments(mutate: Any, message: str) -> None:
+    seg = small_segment()
+    mutate(seg)
+    with pytest.raises(UserError, match=message):
+        encode_segment(seg)
+
+
+def test_new_segment_ids_are_unique_and_time_ordered() -> None:
+    ids = [new_segment_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000 and all(len(i) == 16 for i in ids)
+    time.sleep(0.002)
+    later = new_segment_id()
+    assert all(later > i for i in ids)
+    now_ms = time.time_ns() // 1_000_000
+    assert abs(int.from_bytes(later[:6], "big") - now_ms) < 5_000
+
+
+# ----------------------------------------------------------------------------------- hostile bytes
+
+
+def reseal(body: bytes) -> bytes:
+    """Recompute the trailing checksum, as a forger (not a random bit flip) would."""
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def expect_corrupt(data: bytes, match: str | None = None) -> CorruptSegmentError:
+    with pytest.raises(CorruptSegmentError, match=match) as info:
+        decode_segment(data)
+    assert "\n" not in str(info.value)
+    return info.value
+
+
+def test_every_single_byte_flip_is_detected() -> None:
+    good = encode_segment(small_segment())
+    for i in range(len(good)):
+        for mask in (0x01, 0x80, 0xFF):
+            bad = bytearray(good)
+            bad[i] ^= mask
+            expect_corrupt(bytes(bad))
+
+
+def test_every_truncation_is_detected() -> None:
+    good = encode_segment(small_segment())
+    for n in range(len(good)):
+        err = expect_corrupt(good[:n])
+        if n >= 6:
+            assert "truncated" in str(err) or "checksum" in str(err), (n, err)
+    expect_corrupt(good + b"\x00", "unexpected bytes")
+
+
+def test_header_errors_name_the_problem() -> None:
+    good = encode_segment(small_segment())
+    expect_corrupt(b"PK\x03\x04" + good[4:], "magic")
+    expect_corrupt(good[:4] + struct.pack("<H", FORMAT_VERSION + 1) + good[6:], "version 2")
+    expect_corrupt(good[:20], "truncated at byte 20")
+    expect_corrupt(good[:-4] + b"\x00\x00\x00\x00", "checksum mismatch")
+    expect_corrupt(reseal(good[:6] + b"\x01\x00" + good[8:-4]), "flags")
+    rows_claim = good[:24] + struct.pack("<Q", MAX_ROWS + 1) + good[32:-4]
+    expect_corrupt(reseal(rows_claim), "impossible row count")
+    cells_claim = good[:24] + struct.pack("<Q", MAX_CELLS // 4 + 1) + good[32:-4]  # 3 columns + timestamps
+    expect_corrupt(reseal(cells_claim), "impossible size")
+    # a plausible row count that the blocks do not back
+    expect_corrupt(reseal(good[:24] + struct.pack("<Q", 1000) + good[32:-4]), "impossible for 1000 rows")
+    expect_corrupt(reseal(good[:32] + struct.pack("<q", -5) + good[40:-4]), "time range")
+    expect_corrupt(b"", "truncated at byte 0")
+    with pytest.raises(CorruptSegmentError):
+        decode_segment("not bytes")  # type: ignore[arg-type]
+
+
+def _rebuild(seg: Segment, block_edit: Any) -> bytes:
+    """Re-encode ``seg`` with the first value block's (codec, raw, payload) replaced by ``block_edit``."""
+    good = encode_segment(seg)
+    group_len = struct.unpack_from("<H", good, 48)[0]
+    pos = 48 + 2 + group_len + 1
+    ncols = struct.unpack_from("<H", good, pos)[0]
+    pos += 2 + ncols * 6
+    codec, raw_len, stored = struct.unpack_from("<BII", good, pos)
+    ts_end = pos + 9 + stored
+    codec, raw_len, stored = struct.unpack_from("<BII", good, ts_end)
+    payload = good[ts_end + 9 : ts_end + 9 + stored]
+    new_codec, new_raw, new_payload = block_edit(codec, raw_len, payload)
+    body = (good[:ts_end] + struct.pack("<BII", new_codec, new_raw, len(new_payload)) + new_payload
+            + good[ts_end + 9 + stored : -4])
+    return reseal(body)
+
+
+def test_forged_blocks_are_refused_without_huge_allocations() -> None:
+    ints = Segment(b"i" * 16, "g", np.arange(4, dtype=np.int64), {1: np.array([0, 1, 2, 3], dtype=np.int64)},
+                   {1: DataType.INT64})
+    zc = zstandard.ZstdCompressor()
+    # zstd bomb: frame declares far more than the header allows
+    expect_corrupt(_rebuild(ints, lambda c, r, p: (c, r, zc.compress(b"\x00" * 10_000_000))), "declares")
+    # frame without content size whose output exceeds the header's size
+    cobj = zstandard.ZstdCompressor(write_content_size=False)
+    expect_corrupt(_rebuild(ints, lambda c, r, p: (c, r, cobj.compress(b"\x00" * 4096))), "zstd")
+    # right length, wrong varint structure
+    expect_corrupt(_rebuild(ints, lambda c, r, p: (c, 4, zc.compress(b"\x80\x80\x80\x80"))), "varints")
+    expect_corrupt(_rebuild(ints, lambda c, r, p: (c, 5, zc.compress(b"\x00\x80\x00\x02\x04"))), "canonical")
+    wide = b"\x00" * 2 + b"\xff" * 9 + b"\x02\x00"
+    expect_corrupt(_rebuild(ints, lambda c, r, p: (c, len(wide), zc.compress(wide))), "overflow")
+    too_long = b"\xff" * 10 + b"\x01" + b"\x00\x00\x00"
+    expect_corrupt(_rebuild(ints, lambda c, r, p: (c, len(too_long), zc.compress(too_long))), "longer")
+    overflow = b"\x00\x00\x00" + b"\xff" * 9 + b"\x02"
+    expect_corrupt(_rebuild(ints, lambda c, r, p: (c, len(overflow), zc.compress(overflow))), "overflow")
+    expect_corrupt(_rebuild(ints, lambda c, r, p: (c, r, b"not zstd at all")), "not a zstd frame")
+    expect_corrupt(_rebuild(ints, lambda c, r, p: (CODEC_F64_RAW_ZSTD, r, p)), "differs from header")
+    expect_corrupt(_rebuild(ints, lambda c, r, p: (c, r, p + b"junk")), "zstd")
+    bools = Segment(b"b" * 16, "g", np.arange(3, dtype=np.int64), {1: np.array([True, False, True])},
+                    {1: DataType.BOOL})
+    expect_corrupt(_rebuild(bools, lambda c, r, p: (c, 1, zc.compress(b"\xff"))), "padding")
+
+
+def test_forged_descriptors_are_refused() -> None:
+    good = encode_segment(small_segment())
+    group_len = struct.unpack_from("<H", good, 48)[0]
+    col0 = 48 + 2 + group_len + 1 + 2
+    expect_corrupt(reseal(good[: col0 + 4] + b"\x09" + good[col0 + 5 : -4]), "unknown data type 9")
+    expect_corrupt(reseal(good[: col0 + 5] + b"\x30" + good[col0 + 6 : -4]), "not valid for FLOAT64")
+    dup = good[:col0 + 6] + good[col0 : col0 + 4] + good[col0 + 10 : -4]
+    expect_corrupt(reseal(dup), "appears twice")
+    expect_corrupt(reseal(good[: col0 - 3] + b"\x63" + good[col0 - 2 : -4]), "timestamp codec")
+    expect_corrupt(reseal(good[:48] + b"\x02\x00\xff\xfe" + good[50 + group_len :-4]), "UTF-8")
+    expect_corrupt(reseal(good[:48] + b"\xff\xff" + good[50:-4]), "group name length")
+    expect_corrupt(reseal(good[: col0 - 2] + b"\xff\xff" + good[col0:-4]), "column count")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_resealed_random_mutations_never_raise_anything_else(data: st.DataObject) -> None:
+    """Forged bytes with a valid checksum: CorruptSegmentError or a self-consistent segment, never a crash."""
+    good = bytearray(encode_segment(small_segment())[:-4])
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(good) - 1))
+        good[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(good)))
+    try:
+        seg = decode_segment(reseal(bytes(good[:cut] if data.draw(st.booleans()) else good)))
+    except CorruptSegmentError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert decode_segment(encode_segment(seg)) == seg
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_are_corrupt(blob: bytes) -> None:
+    prefixed = MAGIC + struct.pack("<H", FORMAT_VERSION) + blob
+    for candidate in (blob, prefixed, reseal(prefixed)):
+        with pytest.raises(CorruptSegmentError):
+            decode_segment(candidate)
