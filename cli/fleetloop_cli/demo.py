@@ -40,9 +40,9 @@ REPLAY_SPEED = 2.0
 T = TypeVar("T")
 
 QUERY = (
-    "SELECT device_id, signal, count(*) AS samples, round(min(value), 3) AS min, "
-    "round(max(value), 3) AS max FROM samples GROUP BY device_id, signal "
-    "ORDER BY device_id, samples DESC, signal LIMIT 12"
+    "SELECT device_id, campaign, count(DISTINCT capture_id) AS captures, count(DISTINCT signal) AS signals, "
+    "count(*) AS samples, round(avg(value), 2) AS avg_value FROM samples "
+    "GROUP BY device_id, campaign ORDER BY device_id, campaign"
 )
 
 
@@ -115,8 +115,12 @@ def run_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     deadline = started + float(args.timeout)
     verbose = not args.json
-    recordings = find_recordings(args.data)
-    origin_text = f"recordings in {recordings}" if recordings else "simulated signals (no recordings found)"
+    recordings = None if args.simulated else find_recordings(args.data)
+    origin_text = (
+        f"recordings in {recordings}"
+        if recordings
+        else "simulated signals" + ("" if args.simulated else " (no recordings found)")
+    )
     tmp = None
     if args.workdir:
         work = Path(args.workdir).resolve()
@@ -233,13 +237,13 @@ def run_demo(args: argparse.Namespace) -> int:
             {
                 "release_version": "2.0.0",
                 "selector": "hw=gen1",
-                "phases": [{"name": "canary", "percent": 34}, {"name": "everyone", "percent": 100}],
+                "phases": [{"name": "canary", "percent": 33}, {"name": "everyone", "percent": 100}],
                 "max_failure_percent": 20,
                 "success_percent": 100,
             },
         )
         rid = status["id"]
-        _say(verbose, f"rollout {rid} started: 2 phases (canary 34 %, then everyone)")
+        _say(verbose, f"rollout {rid} started: 2 phases (canary 33 %, then everyone)")
         last_line = ""
 
         def finished() -> dict[str, Any] | None:
@@ -297,6 +301,9 @@ def run_demo(args: argparse.Namespace) -> int:
             f"{ro['delta_bytes']:,} of {ro['full_bytes']:,} bytes; {summary['seconds']} s",
             flush=True,
         )
+        for device_id, dev in sorted(ro.get("devices", {}).items()):
+            if dev["state"] not in ("COMMITTED", "PENDING"):
+                print(f"  {device_id}: {dev['state']} — {dev['reason']}", flush=True)
     if error:
         print(f"error: demo failed: {error}", file=sys.stderr, flush=True)
         return 130 if error == "interrupted" else 1

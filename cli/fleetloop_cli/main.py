@@ -257,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="run the whole loop on this machine and print a summary")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--data", help="recordings directory (default: $FLEETLOOP_DATA or ../shared/data/real)")
+    s.add_argument("--simulated", action="store_true", help="use firmware-sim's generated signals")
     s.add_argument("--workdir", help="keep the demo's files here (default: a temporary directory)")
     s.add_argument(
         "--inject",

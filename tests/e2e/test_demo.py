@@ -53,6 +53,15 @@ def test_demo_runs_the_whole_loop_on_recordings(tmp_path: Path, recordings: Path
     assert summary["seconds"] < 180
 
 
+def test_demo_runs_on_simulated_signals_without_recordings(tmp_path: Path) -> None:
+    code, summary, logs = run_demo(tmp_path, None, "--simulated")
+    assert code == 0, logs
+    assert summary["data"] == "simulated"
+    assert summary["captures_ingested"] >= 3 and summary["query_rows"] > 0
+    assert summary["rollout"]["state"] == "succeeded"
+    assert summary["rollout"]["devices_updated"] == 3
+
+
 def test_demo_tells_the_truth_when_v2_fails_its_health_check(tmp_path: Path, recordings: Path) -> None:
     code, summary, logs = run_demo(tmp_path, recordings, "--inject", "bad-health")
     assert code != 0
