@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fleetloop_shared.durable import fsync_directory
 from fleetloop_shared.errors import (
     ConfigError,
     CorruptSegmentError,
@@ -186,14 +187,6 @@ def _decode_envelope(data: bytes, where: str) -> _Envelope:
     if crc != zlib.crc32(data[:pos]):
         raise CorruptSegmentError(f"{where}: envelope checksum mismatch")
     return _Envelope(labels[0], labels[1], priority, created_ns, pos + _CRC.size)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -465,7 +458,7 @@ class LocalStore:
                 os.close(fd)
             os.replace(tmp, final)
             renamed = True
-            _fsync_dir(self._dir)
+            fsync_directory(self._dir)
         except OSError as exc:
             _unlink_quietly(tmp)
             if renamed:
@@ -504,7 +497,7 @@ class LocalStore:
         for name, path in sorted(on_disk.items()):
             if name not in known:
                 self._reindex(db, path)
-        _fsync_dir(self._dir)
+        fsync_directory(self._dir)
 
     def _reindex(self, db: sqlite3.Connection, path: Path) -> None:
         """Index a complete file whose row was lost; a file that does not decode is deleted."""

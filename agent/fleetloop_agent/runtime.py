@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -32,6 +31,7 @@ from fleetloop_agent.sources import SignalSource, build_source
 from fleetloop_agent.trigger_engine import TriggerEngine
 from fleetloop_agent.uplink import CloudLink
 from fleetloop_shared.catalog import Catalog
+from fleetloop_shared.durable import write_atomically
 from fleetloop_shared.errors import FleetloopError, RuleError, StorageFullError
 from fleetloop_shared.rules import CampaignSpec, check_against_catalog, parse_campaign, selector_matches
 from fleetloop_shared.segment import segment_from_batch
@@ -261,12 +261,8 @@ class AgentRuntime:
         return self.config.state_dir / "campaigns.json"
 
     def _save_desired(self) -> None:
-        path = self._desired_path()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"version": self.desired.version, "campaigns": self.desired.documents}))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        doc = {"version": self.desired.version, "campaigns": self.desired.documents}
+        write_atomically(self._desired_path(), json.dumps(doc).encode())
 
     def _load_desired(self) -> None:
         """Run the last desired campaigns at once after a restart, before the cloud is reachable."""

@@ -12,10 +12,7 @@ too).
 
 from __future__ import annotations
 
-import errno
-import os
 import re
-import secrets
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +25,8 @@ from fleetloop_shared.artifact import (
     sha256_hex,
 )
 from fleetloop_shared.delta import DELTA_ALGORITHM, make_delta
-from fleetloop_shared.errors import IntegrityError, NotFoundError, StateError, StorageFullError, UserError
+from fleetloop_shared.durable import write_atomically
+from fleetloop_shared.errors import IntegrityError, NotFoundError, StateError, UserError
 
 #: Largest image accepted (refused above, before anything is written).
 MAX_IMAGE_BYTES = 1 << 30
@@ -64,28 +62,6 @@ def _safe(value: str, what: str) -> str:
     return value
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write, fsync, rename, fsync the directory: a file is either absent or whole, even after a crash."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise StorageFullError(f"artifact store: disk full writing {path}") from None
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class ArtifactStore:
     """Stores images and deltas by hash and signs one manifest per release."""
 
@@ -107,7 +83,7 @@ class ArtifactStore:
         sha = sha256_hex(data)
         path = self._files / sha
         if not (path.is_file() and path.stat().st_size == len(data)):
-            _write_atomically(path, data)
+            write_atomically(path, data)
         return sha
 
     def add_image(self, image: bytes) -> str:
@@ -226,9 +202,11 @@ class ArtifactStore:
                 if len(patch) >= len(image):
                     continue
                 patch_sha = self._put_file(patch)
-                payloads.append(PayloadRef(
-                    "delta", DELTA_ALGORITHM, f"files/{patch_sha}", patch_sha, len(patch), base_sha
-                ))
+                payloads.append(
+                    PayloadRef(
+                        "delta", DELTA_ALGORITHM, f"files/{patch_sha}", patch_sha, len(patch), base_sha
+                    )
+                )
             created = int(now)
             manifest = ReleaseManifest(
                 name=name,
@@ -244,6 +222,6 @@ class ArtifactStore:
             signature = self._signer.sign(manifest_bytes)
             directory.mkdir(parents=True, exist_ok=True)
             # Signature first, manifest last: the manifest's presence is what marks the release as existing.
-            _write_atomically(directory / f"{version}.sig", signature)
-            _write_atomically(directory / f"{version}.manifest.json", manifest_bytes)
+            write_atomically(directory / f"{version}.sig", signature)
+            write_atomically(directory / f"{version}.manifest.json", manifest_bytes)
         return manifest_bytes, signature

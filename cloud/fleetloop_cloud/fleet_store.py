@@ -12,10 +12,7 @@ same file with the same rows. Files appear by rename only, so a reader never see
 from __future__ import annotations
 
 import datetime as _dt
-import errno
-import os
 import re
-import secrets
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fleetloop_shared.catalog import Catalog, DataType
-from fleetloop_shared.errors import MalformedMessageError, StorageFullError, UserError
+from fleetloop_shared.durable import write_atomically
+from fleetloop_shared.errors import MalformedMessageError, UserError
 from fleetloop_shared.segment import Segment
 
 #: The narrow table's schema; ``fleet`` and ``date`` come from the directory names (Hive partitions).
@@ -108,24 +106,9 @@ class FleetStore:
         table = self._table(device_id, capture_id, campaign, segment, catalog)
         if table.num_rows == 0:
             return 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            with open(tmp, "wb") as fh:
-                pq.write_table(table, fh, compression="zstd")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno == errno.ENOSPC:
-                raise StorageFullError(f"fleet store {self._root}: disk full writing {path.name}") from None
-            raise
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        write_atomically(path, sink.getvalue().to_pybytes())
         return int(table.num_rows)
 
     @staticmethod

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fleetloop_agent.ota.image import image_info
-from fleetloop_agent.ota.journal import write_atomically
 from fleetloop_agent.ota.platform import DEFAULT_BOOT_ENV, read_boot_env, write_boot_env
+from fleetloop_shared.durable import write_atomically
 from fleetloop_shared.errors import IntegrityError, NotFoundError, StateError
 
 log = logging.getLogger(__name__)

@@ -15,44 +15,19 @@ import base64
 import binascii
 import json
 import logging
-import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from fleetloop_agent.ota.states import OtaState
+from fleetloop_shared.durable import fsync_directory, write_atomically
 
 log = logging.getLogger(__name__)
 
 JOURNAL_SCHEMA = "fleetloop.ota-journal.v1"
 #: A journal holds one job's manifest (small); a bigger file is not ours.
 MAX_JOURNAL_BYTES = 1 << 20
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a power cut leaves either the old or the new content."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_directory(path.parent)
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (POSIX needs the directory itself synced)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass

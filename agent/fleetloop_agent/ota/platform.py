@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn, Protocol
 
-from fleetloop_agent.ota.journal import write_atomically
+from fleetloop_shared.durable import write_atomically
 from fleetloop_shared.errors import ConfigError, IntegrityError, NotFoundError, StateError
 
 log = logging.getLogger(__name__)
