@@ -59,3 +59,8 @@ def _from_http(exc: urllib.error.HTTPError) -> errors.FleetloopError:
     if 400 <= exc.code < 500:
         return errors.UserError(message)
     return errors.UnavailableError(f"coordinator error {exc.code}: {message}")
+
+
+def client_from_args(args: Any) -> CoordinatorClient:
+    """The client for a command parsed with ``--cloud``."""
+    return CoordinatorClient(str(args.cloud))

@@ -8,13 +8,13 @@ Exit codes scripts can rely on: 0 success, 1 internal error, 2 bad input (config
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fleetloop_cli import fleet_commands, ota_commands, rules_commands, store_commands
 from fleetloop_cli.client import CoordinatorClient, default_cloud
 from fleetloop_cli.output import FORMATS, render_object, render_records, render_rows
 from fleetloop_shared.errors import EXIT_INTERRUPTED, FleetloopError, NotFoundError, UserError
@@ -76,63 +76,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fleetloop_cli.demo import run_demo
 
     return run_demo(args)
-
-
-# -- rules -----------------------------------------------------------------------------------------
-def cmd_rules_validate(args: argparse.Namespace) -> int:
-    from fleetloop_shared.catalog import Catalog
-    from fleetloop_shared.rules import check_against_catalog, parse_campaign
-
-    catalog = None
-    if args.catalog:
-        catalog = _load_catalog(Path(args.catalog))
-    failures = 0
-    for name in args.files:
-        path = Path(name)
-        try:
-            if not path.is_file():
-                raise NotFoundError(f"{path}: no such file")
-            spec = parse_campaign(path.read_text(), source=str(path))
-            if isinstance(catalog, Catalog):
-                check_against_catalog(spec, catalog)
-        except FleetloopError as exc:
-            failures += 1
-            print(str(exc), file=sys.stderr)
-            continue
-        _print(f"{path}: ok (campaign {spec.name} v{spec.version})")
-    return 2 if failures else 0
-
-
-def _load_catalog(path: Path) -> Any:
-    from fleetloop_shared.catalog import Catalog
-
-    if not path.is_file():
-        raise NotFoundError(f"catalog {path}: no such file")
-    try:
-        doc = json.loads(path.read_text())
-        return Catalog.from_records(doc["signals"] if isinstance(doc, dict) else doc)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"catalog {path}: not a catalog JSON ({exc})") from None
-
-
-def cmd_rules_apply(args: argparse.Namespace) -> int:
-    from urllib.parse import quote
-
-    path = Path(args.file)
-    if not path.is_file():
-        raise NotFoundError(f"{path}: no such file")
-    result = _client(args).request(
-        "POST", f"/v1/campaigns?source={quote(str(path))}", body=path.read_bytes(), content_type="text/yaml"
-    )
-    _print(render_object(result, "yaml" if args.output == "yaml" else "json"))
-    return 0
-
-
-def cmd_rules_get(args: argparse.Namespace) -> int:
-    doc = _client(args).get("/v1/campaigns")
-    recs = [{"name": c["name"], "version": c["version"]} for c in doc["campaigns"]]
-    _print(render_records(recs, args.output, ["name", "version"]))
-    return 0
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -270,20 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
 
     rules = sub.add_parser("rules", help="trigger rules (campaigns)").add_subparsers(
-        dest="sub", required=True
+        dest="sub", required=True, parser_class=_Parser
     )
-    s = rules.add_parser("validate", help="check campaign files offline")
-    s.add_argument("files", nargs="+")
-    s.add_argument("--catalog", help="catalog JSON: check signal names too")
-    s.set_defaults(func=cmd_rules_validate)
-    s = rules.add_parser("apply", help="validate and push a campaign to the fleet")
-    s.add_argument("file")
-    with_cloud(s)
-    s.set_defaults(func=cmd_rules_apply)
-    s = rules.add_parser("get", help="list the fleet's campaigns")
-    with_cloud(s)
-    s.set_defaults(func=cmd_rules_get)
-
     s = sub.add_parser("query", help="SQL over the fleet's data (tables: samples, captures)")
     s.add_argument("sql")
     s.add_argument("--max-rows", type=int, default=10000)
@@ -331,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("id")
         with_cloud(s)
         s.set_defaults(func=cmd_rollout_action, action=action)
+    groups = {"top": sub, "rules": rules, "sim": sim, "artifacts": arts}
+    for register in (
+        rules_commands.register,
+        store_commands.register,
+        ota_commands.register,
+        fleet_commands.register,
+    ):
+        register(groups, with_cloud)
     return p
 
 

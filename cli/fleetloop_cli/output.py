@@ -56,3 +56,11 @@ def _fmt(v: Any) -> str:
     if isinstance(v, dict | list):
         return json.dumps(v, default=str)
     return str(v)
+
+
+def emit(text: str) -> None:
+    """Write ``text`` to stdout with one trailing newline, flushed (progress stays visible in pipes)."""
+    import sys
+
+    sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
+    sys.stdout.flush()

@@ -8,8 +8,10 @@ firmware v2 as a signed delta.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +84,50 @@ def test_demo_refuses_a_corrupted_artifact(tmp_path: Path, recordings: Path) -> 
     assert failed, logs
     assert any("hash" in d["reason"] or "delta" in d["reason"] for d in failed), ro
     assert ro["devices_updated"] == 0
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_ctrl_c_stops_every_process_it_started(tmp_path: Path, recordings: Path) -> None:
+    work = tmp_path / "w"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleetloop_cli.main",
+            "demo",
+            "--workdir",
+            str(work),
+            "--data",
+            str(recordings),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not (work / "logs" / "plc-001.log").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the demo did not start its devices"
+        time.sleep(0.2)
+    time.sleep(2.0)
+    assert len(_processes_mentioning(str(work))) >= 4  # the coordinator and three device supervisors
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(work)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_mentioning(str(work)) == []
