@@ -3,20 +3,31 @@
 A fire asks for ``[t - pre, t + post]``. The pre-window is already in the ring buffers; the post-window
 is not, so a fire waits as *pending* until data time passes ``to_ns`` and is then cut from the ring
 buffers in one piece (same group/column layout the store writes). Pending fires are bounded: beyond
-``max_pending`` new fires are dropped (policy ``drop-newest``: the captures already waiting are at least
-as valuable and closer to completion) and counted in ``dropped_fires_total``.
+``max_pending`` a new fire evicts the lowest-priority waiting one if it has a higher priority, and is
+dropped otherwise (policy ``drop-lowest-priority-then-newest``: among equals, the captures already
+waiting are closer to completion); both count in ``dropped_fires_total``.
+
+Two campaign limits are applied here, where captures are born: ``upload.max_per_hour`` (a fire beyond
+that many captures of its campaign in the last hour of data time is dropped, counted in
+``rate_limited_total``) and the per-signal ``min_period`` of ``collect.signals`` (the capture keeps at
+most one sample of such a signal per period: the first, then the first at least a period later).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from fleetloop_agent.ring_buffer import RingBuffers
 from fleetloop_agent.trigger_engine import Fire
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.samples import GroupBatch
+
+HOUR_NS = 3_600_000_000_000
 
 
 @dataclass
@@ -57,13 +68,22 @@ class CaptureAssembler:
         self._catalog = catalog
         self._max_pending = max_pending
         self._pending: dict[str, _Pending] = {}
-        #: Fires not captured because ``max_pending`` fires were already waiting (policy drop-newest).
+        self._accepted: dict[str, deque[int]] = {}  # campaign → fire times accepted in the last hour
+        #: Fires not captured because ``max_pending`` fires were already waiting (or evicted by a higher
+        #: priority one).
         self.dropped_fires_total = 0
+        #: Fires not captured because their campaign reached ``upload.max_per_hour``.
+        self.rate_limited_total = 0
 
     @property
     def pending(self) -> int:
         """Number of fires waiting for their post-window."""
         return len(self._pending)
+
+    def required_horizon_ns(self) -> int:
+        """History the ring buffers must keep for the captures still waiting (a campaign swapped out
+        keeps its pending captures: the runtime keeps at least this horizon)."""
+        return max((p.fire.to_ns - p.fire.from_ns for p in self._pending.values()), default=0)
 
     def on_fire(self, fire: Fire, collect_patterns: Sequence[str]) -> None:
         """Queue ``fire``; ``collect_patterns`` are the campaign's ``collect.signals`` globs.
@@ -73,9 +93,22 @@ class CaptureAssembler:
         capture_id = capture_id_for(fire)
         if capture_id in self._pending:
             return
+        if fire.max_per_hour is not None:
+            recent = self._accepted.setdefault(fire.campaign, deque())
+            while recent and recent[0] <= fire.t_ns - HOUR_NS:
+                recent.popleft()
+            if len(recent) >= fire.max_per_hour:
+                self.rate_limited_total += 1
+                return
         if len(self._pending) >= self._max_pending:
+            victim = min(self._pending.values(), key=lambda p: (p.fire.priority, -p.fire.t_ns))
+            if victim.fire.priority >= fire.priority:
+                self.dropped_fires_total += 1
+                return
+            del self._pending[victim.capture_id]
             self.dropped_fires_total += 1
-            return
+        if fire.max_per_hour is not None:
+            self._accepted[fire.campaign].append(fire.t_ns)
         self._pending[capture_id] = _Pending(capture_id, fire, tuple(collect_patterns))
 
     def poll(self, data_now_ns: int, buffers: RingBuffers) -> list[Capture]:
@@ -87,6 +120,8 @@ class CaptureAssembler:
             fire = pending.fire
             ids = {spec.id for spec in self._catalog.match(pending.patterns)}
             batches = buffers.window(ids, fire.from_ns, fire.to_ns) if ids else []
+            if fire.min_periods:
+                batches = self._thin(batches, fire.min_periods)
             captures.append(
                 Capture(
                     capture_id=pending.capture_id,
@@ -99,3 +134,37 @@ class CaptureAssembler:
                 )
             )
         return captures
+
+    def _thin(self, batches: list[GroupBatch], min_periods: Sequence[tuple[str, int]]) -> list[GroupBatch]:
+        """Split the columns with a minimum period out of their group and keep one sample per period."""
+        period_of: dict[int, int] = {}
+        for pattern, period in min_periods:
+            for spec in self._catalog.match([pattern]):
+                period_of[spec.id] = max(period_of.get(spec.id, 0), period)
+        out: list[GroupBatch] = []
+        for batch in batches:
+            plain = {sid: col for sid, col in batch.values.items() if sid not in period_of}
+            if plain:
+                out.append(GroupBatch(batch.group, batch.t_ns, plain))
+            by_period: dict[int, list[int]] = {}
+            for sid in batch.values:
+                if sid in period_of:
+                    by_period.setdefault(period_of[sid], []).append(sid)
+            for period, sids in sorted(by_period.items()):
+                keep = _first_per_period(batch.t_ns.tolist(), period)
+                rows = np.asarray(keep, np.intp)
+                out.append(
+                    GroupBatch(batch.group, batch.t_ns[rows], {sid: batch.values[sid][rows] for sid in sids})
+                )
+        return out
+
+
+def _first_per_period(times: list[int], period: int) -> list[int]:
+    """Rows kept by "at most one sample per period": the first, then the first at least ``period`` later."""
+    keep: list[int] = []
+    last: int | None = None
+    for row, t in enumerate(times):
+        if last is None or t - last >= period:
+            keep.append(row)
+            last = t
+    return keep

@@ -28,6 +28,18 @@ class PlatformConfig:
 
 
 @dataclass(frozen=True)
+class CloudMqttConfig:
+    """MQTT 5 link (``cloud.transport: mqtt``): broker address and the device's TLS identity (CN =
+    device id)."""
+
+    host: str
+    port: int
+    ca: Path
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     path: Path
     base_dir: Path
@@ -46,6 +58,10 @@ class AgentConfig:
     upload_deadline_s: float = 10.0
     metrics_port: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    cloud_transport: str = "grpc"
+    cloud_mqtt: CloudMqttConfig | None = None
+    #: cloud.tls: {ca, cert, key} — mTLS for the gRPC link (certificate CN = device id)
+    cloud_tls: tuple[Path, Path, Path] | None = None
 
 
 def _req(doc: Mapping[str, Any], key: str, where: str, kind: type | tuple[type, ...]) -> Any:
@@ -82,6 +98,24 @@ def load_agent_config(path: str | Path) -> AgentConfig:
         return q if q.is_absolute() else base / q
 
     cloud = _req(doc, "cloud", where, dict)
+    transport = cloud.get("transport", "grpc")
+    if transport not in ("grpc", "mqtt"):
+        raise ConfigError(f"{where}: cloud.transport must be 'grpc' or 'mqtt', got {transport!r}")
+    cloud_tls = None
+    if cloud.get("tls") is not None:
+        t = _req(cloud, "tls", f"{where}: cloud", dict)
+        cloud_tls = tuple(rel(str(_req(t, k, f"{where}: cloud.tls", str))) for k in ("ca", "cert", "key"))
+    cloud_mqtt = None
+    if transport == "mqtt":
+        m = _req(cloud, "mqtt", f"{where}: cloud", dict)
+        port = _req(m, "port", f"{where}: cloud.mqtt", int)
+        cloud_mqtt = CloudMqttConfig(
+            host=str(_req(m, "host", f"{where}: cloud.mqtt", str)),
+            port=int(port),
+            ca=rel(str(_req(m, "ca", f"{where}: cloud.mqtt", str))),
+            cert=rel(str(_req(m, "cert", f"{where}: cloud.mqtt", str))),
+            key=rel(str(_req(m, "key", f"{where}: cloud.mqtt", str))),
+        )
     store = doc.get("store", {}) or {}
     if not isinstance(store, dict):
         raise ConfigError(f"{where}: 'store' must be a mapping")
@@ -126,7 +160,9 @@ def load_agent_config(path: str | Path) -> AgentConfig:
         device_id=str(_req(doc, "device_id", where, str)),
         fleet=str(doc.get("fleet", "default")),
         labels={str(k): str(v) for k, v in labels.items()},
-        cloud_grpc=str(_req(cloud, "grpc", f"{where}: cloud", str)),
+        cloud_grpc=str(
+            _req(cloud, "grpc", f"{where}: cloud", str) if transport == "grpc" else cloud.get("grpc", "")
+        ),
         state_dir=rel(str(doc.get("state_dir", "state"))),
         store_dir=rel(str(store.get("dir", "store"))),
         store_quota_bytes=quota,
@@ -143,4 +179,7 @@ def load_agent_config(path: str | Path) -> AgentConfig:
         replay_speed=speed,
         heartbeat_s=heartbeat,
         metrics_port=metrics_port,
+        cloud_transport=transport,
+        cloud_mqtt=cloud_mqtt,
+        cloud_tls=(cloud_tls[0], cloud_tls[1], cloud_tls[2]) if cloud_tls else None,
     )

@@ -19,6 +19,11 @@ Captures must survive power cuts and ``kill -9`` while the uplink may be offline
 
 One lock serializes every operation: the agent's main loop appends while the uplink thread reads and
 acknowledges. Encoding (the CPU-heavy part) runs outside the lock.
+
+Reading back (operators' ``fleetloop store export``, local inspection): :meth:`LocalStore.query` selects
+pending segments by group, capture and time range through the index, then decodes one at a time and cuts
+them to the requested signals and range; :meth:`LocalStore.inventory` counts samples, signals, groups and
+bytes from the index (the index keeps each segment's signal ids for that).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import sqlite3
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +87,8 @@ CREATE TABLE IF NOT EXISTS segments (
     first_ns INTEGER NOT NULL,
     last_ns INTEGER NOT NULL,
     created_ns INTEGER NOT NULL,
-    uploaded_seq INTEGER
+    uploaded_seq INTEGER,
+    signal_ids TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS segments_pending_order
     ON segments (priority DESC, created_ns, seq) WHERE uploaded_seq IS NULL;
@@ -130,6 +136,30 @@ class StoreStats:
     samples_stored_total: int
     evicted_segments_total: int
     evicted_bytes_total: int
+
+
+@dataclass(frozen=True)
+class StoreInventory:
+    """What a store holds now (pending segments), for operators and the store benchmark.
+
+    ``segment_bytes`` is the size of every segment file (envelope included); ``disk_bytes`` adds the
+    index and everything else under the store root; ``encoded_bytes`` is the segments alone (what the
+    uplink sends).
+    """
+
+    segments: int
+    samples: int
+    signals: int
+    groups: int
+    encoded_bytes: int
+    segment_bytes: int
+    disk_bytes: int
+    first_ns: int | None
+    last_ns: int | None
+
+    @property
+    def bytes_per_sample(self) -> float:
+        return self.segment_bytes / self.samples if self.samples else 0.0
 
 
 @dataclass(frozen=True)
@@ -250,7 +280,7 @@ class LocalStore:
             self._write_file(final, blob)
             try:
                 with db:
-                    self._insert_row(db, entry, len(blob))
+                    self._insert_row(db, entry, len(blob), _ids_text(segment))
             except sqlite3.Error as exc:
                 _unlink_quietly(final)
                 if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
@@ -325,6 +355,94 @@ class LocalStore:
             evicted_bytes_total=int(counters.get("evicted_bytes_total", 0)),
         )
 
+    def inventory(self) -> StoreInventory:
+        """Counts and sizes of the pending segments (index only, plus a directory listing for sizes)."""
+        with self._lock:
+            db = self._require_open()
+            count, samples, encoded, disk, first, last = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(samples), 0), COALESCE(SUM(size_bytes), 0), "
+                "COALESCE(SUM(disk_bytes), 0), MIN(first_ns), MAX(last_ns) FROM segments "
+                "WHERE uploaded_seq IS NULL"
+            ).fetchone()
+            groups = db.execute(
+                "SELECT COUNT(DISTINCT grp) FROM segments WHERE uploaded_seq IS NULL"
+            ).fetchone()[0]
+            signals: set[str] = set()
+            for (text,) in db.execute("SELECT DISTINCT signal_ids FROM segments WHERE uploaded_seq IS NULL"):
+                signals.update(x for x in str(text).split(",") if x)
+        total = 0
+        for path in self._root.rglob("*"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.is_file():
+                    total += path.stat().st_size
+        return StoreInventory(
+            segments=int(count),
+            samples=int(samples),
+            signals=len(signals),
+            groups=int(groups),
+            encoded_bytes=int(encoded),
+            segment_bytes=int(disk),
+            disk_bytes=total,
+            first_ns=None if first is None else int(first),
+            last_ns=None if last is None else int(last),
+        )
+
+    def query(
+        self,
+        *,
+        signal_ids: Iterable[int] | None = None,
+        group: str | None = None,
+        capture_id: str | None = None,
+        from_ns: int | None = None,
+        to_ns: int | None = None,
+    ) -> Iterator[tuple[StoredSegment, Segment]]:
+        """Pending segments that match, decoded and cut to ``from_ns <= t <= to_ns`` and to the requested
+        signals (segments holding none of them are skipped), oldest first.
+
+        The index narrows by group, capture and time range before any file is read; one segment is
+        decoded at a time, so memory stays bounded by the largest segment.
+        """
+        wanted = None if signal_ids is None else {int(s) for s in signal_ids}
+        lo = -(2**63) if from_ns is None else int(from_ns)
+        hi = 2**63 - 1 if to_ns is None else int(to_ns)
+        sql = (
+            f"SELECT {_ROW_COLUMNS}, signal_ids FROM segments WHERE uploaded_seq IS NULL "
+            "AND last_ns >= ? AND first_ns <= ?"
+        )
+        args: list[Any] = [lo, hi]
+        if group is not None:
+            sql += " AND grp = ?"
+            args.append(group)
+        if capture_id is not None:
+            sql += " AND capture_id = ?"
+            args.append(capture_id)
+        sql += " ORDER BY first_ns ASC, seq ASC"
+        with self._lock:
+            rows = self._require_open().execute(sql, args).fetchall()
+        for row in rows:
+            entry = _row_to_entry(row[:-1])
+            ids = {int(x) for x in str(row[-1]).split(",") if x}
+            if wanted is not None and ids and not ids & wanted:
+                continue
+            try:
+                segment = decode_segment(self.read(entry.segment_id))
+            except NotFoundError:
+                continue  # acknowledged or evicted since the index was read
+            keep = (segment.t_ns >= lo) & (segment.t_ns <= hi)
+            columns = {k: v[keep] for k, v in segment.columns.items() if wanted is None or k in wanted}
+            if wanted is not None and not columns:
+                continue
+            yield (
+                entry,
+                Segment(
+                    segment.segment_id,
+                    segment.group,
+                    segment.t_ns[keep],
+                    columns,
+                    {k: segment.data_types[k] for k in columns},
+                ),
+            )
+
     def close(self) -> None:
         """Close the index; further calls raise StateError. Closing twice is harmless."""
         with self._lock:
@@ -365,6 +483,9 @@ class LocalStore:
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("quick_check failed")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(segments)")}
+            if "signal_ids" not in columns:  # index written before the column existed
+                db.execute("ALTER TABLE segments ADD COLUMN signal_ids TEXT NOT NULL DEFAULT ''")
             with db:
                 db.executemany(
                     "INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", [(n,) for n in _COUNTERS]
@@ -380,10 +501,13 @@ class LocalStore:
         value: int = db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
         return value
 
-    def _insert_row(self, db: sqlite3.Connection, entry: StoredSegment, disk_bytes: int) -> None:
+    def _insert_row(
+        self, db: sqlite3.Connection, entry: StoredSegment, disk_bytes: int, signal_ids: str
+    ) -> None:
         db.execute(
             "INSERT INTO segments (segment_id, capture_id, campaign, priority, grp, samples, size_bytes, "
-            "disk_bytes, first_ns, last_ns, created_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "disk_bytes, first_ns, last_ns, created_ns, signal_ids) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 entry.segment_id,
                 entry.capture_id,
@@ -396,6 +520,7 @@ class LocalStore:
                 entry.first_ns,
                 entry.last_ns,
                 entry.created_ns,
+                signal_ids,
             ),
         )
         self._bump(db, "samples_stored_total", entry.samples)
@@ -524,7 +649,12 @@ class LocalStore:
             created_ns=envelope.created_ns,
         )
         with db:
-            self._insert_row(db, entry, len(data))
+            self._insert_row(db, entry, len(data), _ids_text(segment))
+
+
+def _ids_text(segment: Segment) -> str:
+    """Signal ids of a segment as the index stores them (``"1,5,9"``), for inventory and queries."""
+    return ",".join(str(int(k)) for k in sorted(segment.columns))
 
 
 def _row_to_entry(row: tuple[Any, ...]) -> StoredSegment:

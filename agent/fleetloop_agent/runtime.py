@@ -30,6 +30,7 @@ from fleetloop_agent.ring_buffer import RingBuffers
 from fleetloop_agent.sources import SignalSource, build_source
 from fleetloop_agent.trigger_engine import TriggerEngine
 from fleetloop_agent.uplink import CloudLink
+from fleetloop_agent.uplink_mqtt import MqttCloudLink, MqttSettings
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.durable import write_atomically
 from fleetloop_shared.errors import FleetloopError, RuleError, StorageFullError
@@ -89,8 +90,9 @@ class AgentRuntime:
         self.ota = OtaDriver(
             self.platform,
             config.state_dir / "ota",
-            trusted_keys_pem=[p.read_bytes() for p in config.trusted_release_keys],
+            trust_anchors=[p.read_bytes() for p in config.trusted_release_keys],  # TUF roots (issue 5)
             hardware_id=pc.hardware_id,
+            device_id=config.device_id,
             report=self._on_ota_report,
         )
         self.specs: dict[str, CampaignSpec] = {}
@@ -102,15 +104,30 @@ class AgentRuntime:
         self._stop = threading.Event()
         self._reboot = threading.Event()
         self._last_ota: OtaReport | None = None
-        self.link = CloudLink(
-            config.cloud_grpc,
-            config.device_id,
-            store=self.store,
-            metrics=self.metrics,
-            greeting=self._greeting,
-            on_message=self._on_cloud_message,
-            upload_deadline_s=config.upload_deadline_s,
-        )
+        self.link: CloudLink | MqttCloudLink
+        if config.cloud_transport == "mqtt" and config.cloud_mqtt is not None:  # issue 6: MQTT 5 transport
+            m = config.cloud_mqtt
+            self.link = MqttCloudLink(
+                MqttSettings(m.host, m.port, m.ca, m.cert, m.key),
+                config.device_id,
+                fleet=config.fleet,
+                store=self.store,
+                metrics=self.metrics,
+                greeting=self._greeting,
+                on_message=self._on_cloud_message,
+                upload_deadline_s=config.upload_deadline_s,
+            )
+        else:
+            self.link = CloudLink(
+                config.cloud_grpc,
+                config.device_id,
+                store=self.store,
+                metrics=self.metrics,
+                greeting=self._greeting,
+                on_message=self._on_cloud_message,
+                upload_deadline_s=config.upload_deadline_s,
+                tls=config.cloud_tls,
+            )
         self._load_desired()
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -157,6 +174,8 @@ class AgentRuntime:
 
     # -- data path --------------------------------------------------------------------------------
     def _tick(self, data_now: int) -> None:
+        for name in self.engine.expire(self._wall_ns()):  # issue 3: campaign lifecycle
+            log.info("campaign %s expired", name)
         batches = []
         for src in self.sources:
             try:
@@ -250,7 +269,10 @@ class AgentRuntime:
         refused.update(self.engine.set_campaigns(specs, self._wall_ns()))
         self.specs = {s.name: s for s in specs if s.name not in refused}
         self.refused = refused
-        horizon = max([MIN_HORIZON_NS, self.engine.required_horizon_ns()])
+        # issue 3: captures still pending from swapped-out campaigns keep their history
+        horizon = max(
+            [MIN_HORIZON_NS, self.engine.required_horizon_ns(), self.assembler.required_horizon_ns()]
+        )
         self.buffers.set_horizon(horizon)
         for name, reason in refused.items():
             log.warning("campaign %s refused: %s", name, reason)
@@ -353,7 +375,7 @@ class AgentRuntime:
         failures = []
         if not self.link.connected.wait(HEALTH_CLOUD_WAIT_S):
             failures.append(
-                f"cloud unreachable at {self.config.cloud_grpc}: {self.link.last_error or 'timeout'}"
+                f"cloud unreachable at {self.link.target}: {self.link.last_error or 'timeout'}"
             )
         dead = [s.name for s in self.sources if not s.alive()]
         if dead:

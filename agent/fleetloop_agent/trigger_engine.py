@@ -1,11 +1,19 @@
-"""Trigger engine: decides, sample by sample, when a campaign fires. Pure: no I/O, no clock.
+"""Trigger engine: decides, batch by batch, when a campaign fires. Pure: no I/O, no clock.
 
-Semantics (DESIGN.md "Rules"): every signal holds its last value between samples; a campaign is
-evaluated at every distinct timestamp at which a signal its condition reads has a sample, in time order;
-``rising`` fires on a false→true change (the state before the first evaluation counts as true, so a
-condition already true when the campaign starts fires only after it was false once; a missing result
-leaves that state unchanged), ``always`` fires at every true evaluation; ``min_interval`` drops fires
-closer than that to the previous fire of the same campaign.
+Semantics (``docs/rules.md``): every signal holds its last value between samples; a campaign is
+evaluated at every distinct timestamp at which a signal its condition reads has a sample, in time
+order, all samples sharing a timestamp applied first. ``rising`` fires where the condition is true and
+was not true at the previous evaluation (the state before the first evaluation counts as true, so a
+condition already true when the campaign starts fires only after it has been false; a missing result
+counts as not true); ``always`` fires at every true evaluation; ``min_interval`` drops a fire closer
+than that to the previous kept fire of the same campaign.
+
+Evaluation is vectorized: for each campaign, all its evaluation times in the given batches are computed
+at once by :class:`fleetloop_shared.rules.Evaluator` (numpy), which keeps the per-campaign state
+(held values, ``rising``/``held``/``count``/``changed`` memory) between calls. Timestamps not later
+than a campaign's last evaluation (a source that went back in time, or a timestamp split across two
+``process`` calls) are not evaluated again for it (policy ``skip-late``, counted in
+``late_evaluations_total``).
 """
 
 from __future__ import annotations
@@ -13,15 +21,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.errors import FleetloopError
-from fleetloop_shared.rules import CampaignSpec, Evaluator, WindowSource, check_against_catalog
+from fleetloop_shared.rules import CampaignSpec, Evaluator, ModelScorer, WindowSource, check_against_catalog
+from fleetloop_shared.rules.expression import compile_expression
 from fleetloop_shared.samples import GroupBatch
 
+#: Most campaigns one device runs; beyond it the lowest priorities are refused (policy
+#: ``refuse-lowest-priority``), so an operator's mistake cannot eat the device's CPU.
+MAX_CAMPAIGNS = 1000
 #: Extra history kept beyond what campaigns ask for, so a capture polled a little after its post-window
 #: still finds its pre-window in the ring buffers.
 HORIZON_MARGIN_NS = 2_000_000_000
@@ -38,6 +51,10 @@ class Fire:
     from_ns: int
     to_ns: int
     priority: int
+    #: The campaign's ``upload.max_per_hour`` (the capture assembler enforces it), None = unlimited.
+    max_per_hour: int | None = None
+    #: The campaign's per-signal minimum sample periods ``(glob, ns)`` for the capture.
+    min_periods: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -47,9 +64,21 @@ class _Running:
     spec: CampaignSpec
     evaluator: Evaluator
     reads: frozenset[int]
+    paths: frozenset[str]
     was_true: bool = True
     last_fire_ns: int | None = None
     last_eval_ns: int | None = None
+    order: int = 0
+
+
+def _distinct_sorted(t: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """The distinct values of the non-decreasing ``t`` (itself when already strictly increasing)."""
+    if t.shape[0] < 2:
+        return t
+    step = t[1:] != t[:-1]
+    if bool(step.all()):
+        return t
+    return t[np.concatenate(([True], step))]
 
 
 def expires_ns(spec: CampaignSpec) -> int | None:
@@ -63,10 +92,19 @@ def expires_ns(spec: CampaignSpec) -> int | None:
 class TriggerEngine:
     """Evaluates the active campaigns over incoming batches and reports fires."""
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(
+        self, catalog: Catalog, models: ModelScorer | None = None, *, max_campaigns: int = MAX_CAMPAIGNS
+    ) -> None:
         self._catalog = catalog
+        self._max_campaigns = max_campaigns
+        self._models = models
         self._running: dict[str, _Running] = {}
-        self._held: dict[str, object] = {}  # path → last value (sample-and-hold), shared by campaigns
+        #: path → (t_ns, value) of the newest sample seen, so a campaign started mid-stream holds values.
+        self._latest: dict[str, tuple[int, object]] = {}
+        #: Evaluation times skipped because they were not later than the campaign's last one.
+        self.late_evaluations_total = 0
+        #: Evaluations performed (campaign × evaluation time), for the metrics.
+        self.evaluations_total = 0
 
     @property
     def active(self) -> list[str]:
@@ -77,8 +115,9 @@ class TriggerEngine:
         """Make ``specs`` the running set; returns the refused ones as ``{name: reason}``.
 
         A campaign whose (name, version) is already running keeps its evaluation state (edge memory,
-        last fire); a new or changed one starts fresh. Refused: expired at ``now_ns`` (wall clock, ns
-        since the epoch), not compilable against this device's catalog, or a duplicate name.
+        last fire, window state); a new or changed one starts fresh. Refused: expired at ``now_ns`` (wall
+        clock, ns since the epoch), not compilable against this device's catalog, a model it calls that
+        is not installed, or a duplicate name.
         """
         refused: dict[str, str] = {}
         running: dict[str, _Running] = {}
@@ -93,92 +132,168 @@ class TriggerEngine:
                 continue
             try:
                 check_against_catalog(spec, self._catalog)
+                expression = compile_expression(spec.when, catalog=self._catalog, source=spec.source)
             except FleetloopError as exc:
                 refused[spec.name] = str(exc)
+                continue
+            inputs: set[str] = set()
+            model_problem = None
+            for name, window_ns in sorted(expression.models):
+                if self._models is None:
+                    model_problem = f"model {name!r} is not installed on this device"
+                    break
+                try:
+                    inputs.update(self._models.inputs(name, window_ns))
+                except FleetloopError as exc:
+                    model_problem = str(exc)
+                    break
+            if model_problem is not None:
+                refused[spec.name] = model_problem
+                continue
+            unknown = sorted(p for p in inputs if p not in self._catalog)
+            if unknown:
+                refused[spec.name] = f"model input signal {unknown[0]!r} is not in the catalog"
                 continue
             previous = self._running.get(spec.name)
             if previous is not None and previous.spec.version == spec.version:
                 running[spec.name] = previous
                 continue
-            reads = frozenset(self._catalog.by_path(path).id for path in spec.expression.signals)
-            running[spec.name] = _Running(spec, spec.expression.evaluator(), reads)
+            paths = frozenset(expression.signals | inputs)
+            reads = frozenset(self._catalog.by_path(path).id for path in paths)
+            running[spec.name] = _Running(spec, Evaluator(expression, self._models), reads, paths)
+        if len(running) > self._max_campaigns:
+            ranked = sorted(enumerate(running.values()), key=lambda item: (-item[1].spec.priority, item[0]))
+            for _, run in ranked[self._max_campaigns :]:
+                refused[run.spec.name] = (
+                    f"more than {self._max_campaigns} campaigns; priority {run.spec.priority} is below "
+                    "every running one"
+                )
+                del running[run.spec.name]
+        for order, run in enumerate(running.values()):
+            run.order = order
         self._running = running
         return refused
+
+    def expire(self, now_ns: int) -> list[str]:
+        """Stop the running campaigns whose ``spec.expires`` is at or before ``now_ns`` (wall clock);
+        returns their names. Fires already made stay with the capture assembler."""
+        gone = []
+        for name, run in list(self._running.items()):
+            expiry = expires_ns(run.spec)
+            if expiry is not None and expiry <= now_ns:
+                gone.append(name)
+                del self._running[name]
+        return gone
 
     def required_horizon_ns(self) -> int:
         """History the ring buffers must keep for windows and capture pre/post windows."""
         need = 0
         for run in self._running.values():
-            need = max(need, run.spec.pre_ns + run.spec.post_ns, run.spec.expression.max_window_ns)
+            need = max(need, run.spec.pre_ns + run.spec.post_ns, run.evaluator.expression.max_window_ns)
         return need + HORIZON_MARGIN_NS
 
     def process(self, batches: Sequence[GroupBatch], history: WindowSource) -> list[Fire]:
-        """Evaluate the campaigns over ``batches`` (already appended to ``history``); fires in time order.
-
-        Timestamps earlier than a campaign's last evaluation (a source that went back in time) are not
-        evaluated again for it.
-        """
-        if not self._running:
-            return []
+        """Evaluate the campaigns over ``batches`` (already appended to ``history``); fires in time order."""
+        runs = list(self._running.values())
         wanted: set[int] = set()
-        for run in self._running.values():
+        for run in runs:
             wanted |= run.reads
-        # Per batch: the columns that some campaign reads, as Python lists (one conversion per batch).
-        columns: list[list[tuple[int, str, list[object]]]] = []
-        stamps: list[npt.NDArray[np.int64]] = []
+        parts: dict[int, list[tuple[npt.NDArray[np.int64], npt.NDArray[Any]]]] = {}
         for batch in batches:
-            cols: list[tuple[int, str, list[object]]] = []
+            if not len(batch):
+                continue
+            t = np.asarray(batch.t_ns, dtype=np.int64)
             for sid, values in batch.values.items():
                 if sid in wanted:
-                    path = self._catalog.by_id(sid).path
-                    cols.append((sid, path, np.asarray(values).tolist()))
-            if cols and len(batch):
-                columns.append(cols)
-                stamps.append(np.asarray(batch.t_ns, dtype=np.int64))
-        if not columns:
-            return []
-        all_t = np.concatenate(stamps)
-        origin = np.repeat(np.arange(len(stamps)), [s.shape[0] for s in stamps])
-        row = np.concatenate([np.arange(s.shape[0]) for s in stamps])
-        order = np.argsort(all_t, kind="stable")
-        all_t, origin, row = all_t[order].tolist(), origin[order].tolist(), row[order].tolist()
+                    parts.setdefault(sid, []).append((t, np.asarray(values)))
+        feeds: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[Any]]] = {}
+        for sid, pieces in parts.items():
+            path = self._catalog.by_id(sid).path
+            if len(pieces) == 1:
+                feeds[path] = pieces[0]
+                continue
+            t_all = np.concatenate([p[0] for p in pieces])
+            v_all = np.concatenate([p[1] for p in pieces])
+            order = np.argsort(t_all, kind="stable")
+            feeds[path] = (t_all[order], v_all[order])
+        fires: list[tuple[int, int, Fire]] = []
+        times_cache: dict[frozenset[str], npt.NDArray[np.int64]] = {}
+        # Held values and windows computed once per batch for every campaign reading them at the same
+        # evaluation times; ``alive`` keeps each times array (whose id is part of the keys) alive.
+        shared: dict[Any, Any] = {}
+        alive: list[npt.NDArray[np.int64]] = []
+        for run in runs:
+            present = frozenset(p for p in run.paths if p in feeds)
+            if not present:
+                continue
+            times = times_cache.get(present)
+            if times is None:
+                stamps = [feeds[p][0] for p in present]
+                times = _distinct_sorted(stamps[0]) if len(stamps) == 1 else np.unique(np.concatenate(stamps))
+                times_cache[present] = times
+            if run.last_eval_ns is not None and times.shape[0] and int(times[0]) <= run.last_eval_ns:
+                keep = times > run.last_eval_ns
+                self.late_evaluations_total += int(times.shape[0] - np.count_nonzero(keep))
+                times = times[keep]
+                alive.append(times)
+            seed = None
+            if run.last_eval_ns is None:  # a campaign's first evaluation: hold what came before it
+                seed = {p: self._latest[p] for p in run.paths if p in self._latest}
+            data, valid = run.evaluator.evaluate(times, feeds, history, seed, shared)
+            if not times.shape[0]:
+                continue
+            self.evaluations_total += int(times.shape[0])
+            run.last_eval_ns = int(times[-1])
+            for fire in self._fires(run, times, data & valid):
+                fires.append((fire.t_ns, run.order, fire))
+        for batch in batches:
+            if not len(batch):
+                continue
+            last_t = int(batch.t_ns[-1])
+            for sid, values in batch.values.items():
+                path = self._catalog.by_id(sid).path
+                held = self._latest.get(path)
+                if held is None or last_t >= held[0]:
+                    self._latest[path] = (last_t, values[-1])
+        fires.sort(key=lambda item: (item[0], item[1]))
+        return [fire for _, _, fire in fires]
 
-        fires: list[Fire] = []
-        held = self._held
-        runs = list(self._running.values())
-        i, n = 0, len(all_t)
-        while i < n:
-            t = all_t[i]
-            touched: set[int] = set()
-            while i < n and all_t[i] == t:
-                for sid, path, values in columns[origin[i]]:
-                    held[path] = values[row[i]]
-                    touched.add(sid)
-                i += 1
-            for run in runs:
-                if run.reads.isdisjoint(touched):
-                    continue
-                fire = self._evaluate(run, t, history)
-                if fire is not None:
-                    fires.append(fire)
-        return fires
-
-    def _evaluate(self, run: _Running, t: int, history: WindowSource) -> Fire | None:
-        if run.last_eval_ns is not None and t < run.last_eval_ns:
-            return None
-        run.last_eval_ns = t
-        result = run.evaluator.evaluate(t, self._held, history)
-        if result is False:
-            run.was_true = False
-            return None
-        if result is not True:
-            return None  # missing: no fire, edge memory unchanged
+    def _fires(self, run: _Running, times: npt.NDArray[np.int64], true: npt.NDArray[np.bool_]) -> list[Fire]:
         spec = run.spec
-        edge = spec.mode == "always" or not run.was_true
-        run.was_true = True
-        if not edge:
-            return None
-        if run.last_fire_ns is not None and t - run.last_fire_ns < spec.min_interval_ns:
-            return None
-        run.last_fire_ns = t
-        return Fire(spec.name, t, t - spec.pre_ns, t + spec.post_ns, spec.priority)
+        if not bool(true.any()):  # the usual case: nothing to fire, and the edge memory is "not true"
+            run.was_true = False
+            return []
+        if spec.mode == "always":
+            candidates = times[true]
+        else:
+            before = np.empty(true.shape[0], np.bool_)
+            before[0] = run.was_true
+            before[1:] = true[:-1]
+            candidates = times[true & ~before]
+            run.was_true = bool(true[-1])
+        if not candidates.shape[0]:
+            return []
+        kept: list[int] = []
+        last = run.last_fire_ns
+        gap = spec.min_interval_ns
+        if gap == 0:
+            kept = candidates.tolist()
+            last = kept[-1]
+        else:
+            for t in candidates.tolist():
+                if last is None or t - last >= gap:
+                    kept.append(t)
+                    last = t
+        run.last_fire_ns = last
+        return [
+            Fire(
+                spec.name,
+                t,
+                t - spec.pre_ns,
+                t + spec.post_ns,
+                spec.priority,
+                spec.max_per_hour,
+                spec.collect_min_periods,
+            )
+            for t in kept
+        ]

@@ -14,10 +14,11 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 
-from fleetloop_agent.local_store import LocalStore
+from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
 from fleetloop_shared.errors import NotFoundError
 from fleetloop_shared.wire import MAX_MESSAGE_BYTES, device_pb2, device_pb2_grpc, ingest_pb2, ingest_pb2_grpc
@@ -55,7 +56,18 @@ class CloudLink:
         greeting: Callable[[], list[device_pb2.DeviceMessage]],
         on_message: Callable[[device_pb2.CloudMessage], None],
         upload_deadline_s: float = 10.0,
+        on_ack: Callable[[StoredSegment, bool], None] | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
+        grants: bool = False,
     ) -> None:
+        # grants (issue 6): upload only what the cloud's upload scheduler granted (see grant())
+        self._grants = grants
+        self._grant_lock = threading.Lock()
+        self._grant_bytes = 0
+        self._grant_min_priority = 0
+        # on_ack(segment, duplicate) runs once per cloud acknowledgement, before the checkpoint; the
+        # fleet simulator counts acknowledged samples with it.
+        self._on_ack = on_ack
         self.target = target
         self.device_id = device_id
         self._store = store
@@ -67,7 +79,12 @@ class CloudLink:
         self._stop = threading.Event()
         self.connected = threading.Event()
         self.last_error = ""
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        if tls is not None:  # mTLS (issue 6): (ca, cert, key); the certificate's CN is the device id
+            ca, cert, key = (Path(x).read_bytes() for x in tls)
+            creds = grpc.ssl_channel_credentials(ca, private_key=key, certificate_chain=cert)
+            self._channel = grpc.secure_channel(target, creds, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._device = device_pb2_grpc.DeviceServiceStub(self._channel)
         self._ingest = ingest_pb2_grpc.IngestServiceStub(self._channel)
         self._threads = [
@@ -106,6 +123,14 @@ class CloudLink:
         while self.connected.is_set() and not self._outbox.empty() and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.2)
+
+    def grant(self, max_bytes: int, min_priority: int) -> None:
+        """An UploadGrant from the cloud: upload up to ``max_bytes`` more of priority >= ``min_priority``
+        (a segment larger than what is left still goes; the overdraft is paid by the next grants)."""
+        with self._grant_lock:
+            self._grant_bytes += max_bytes
+            self._grant_min_priority = min_priority
+        self._upload_wakeup.set()
 
     def kick_upload(self) -> None:
         """A new segment is in the store; upload without waiting for the next poll."""
@@ -183,6 +208,11 @@ class CloudLink:
             if not batch:
                 return
             for seg in batch:
+                if self._grants:
+                    with self._grant_lock:
+                        if self._grant_bytes <= 0 or seg.priority < self._grant_min_priority:
+                            return  # wait for the next grant
+                        self._grant_bytes -= seg.size_bytes
                 try:
                     data = self._store.read(seg.segment_id)
                 except NotFoundError:
@@ -196,7 +226,7 @@ class CloudLink:
                     segment=data,
                 )
                 try:
-                    self._ingest.UploadSegment(req, timeout=self._deadline)
+                    resp = self._ingest.UploadSegment(req, timeout=self._deadline)
                 except grpc.RpcError as exc:
                     if exc.code() in PERMANENT_CODES:
                         # The cloud says these bytes are invalid: keeping them would block the queue forever.
@@ -206,6 +236,8 @@ class CloudLink:
                         raise
                 else:
                     self._metrics.segments_uploaded.inc()
+                    if self._on_ack is not None:
+                        self._on_ack(seg, bool(resp.duplicate))
                 self._store.mark_uploaded(seg.segment_id)
             self._metrics.store_pending_bytes.set(self._store.stats().bytes_pending)
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode
@@ -133,6 +133,8 @@ def run_demo(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     procs = _Processes()
+    broker: Any = None
+    summary_transport = getattr(args, "transport", "grpc")
     summary: dict[str, Any] = {
         "ok": False,
         "data": "recordings" if recordings else "simulated",
@@ -149,11 +151,32 @@ def run_demo(args: argparse.Namespace) -> int:
             "full_bytes": 0,
         },
         "workdir": str(work) if args.workdir else None,
+        "transport": summary_transport,
     }
     error: str | None = None
     try:
         _say(verbose, f"fleetloop demo — data: {origin_text}")
-        client = _start_cloud(work, logs, env, procs, deadline)
+        mqtt_args: list[str] = []
+        if getattr(args, "transport", "grpc") == "mqtt":  # issue 6: devices over MQTT 5 via a private broker
+            from fleetloop_fwsim.broker import MosquittoProcess
+
+            broker = MosquittoProcess(work / "broker")
+            broker.start()
+            ca, (ccert, ckey) = broker.ca, broker.ca.client("coordinator")
+            mqtt_args = [f"--mqtt=127.0.0.1:{broker.port}", f"--mqtt-ca={ca.ca_path}"]
+            mqtt_args += [f"--mqtt-cert={ccert}", f"--mqtt-key={ckey}"]
+            _say(verbose, f"MQTT 5 broker (TLS, per-device ACLs) on 127.0.0.1:{broker.port}")
+        client = _start_cloud(work, logs, env, procs, deadline, extra=mqtt_args)
+        if broker is not None:
+            for device_id, _ in DEVICES:
+                broker.ca.client(device_id)  # each device's certificate, CN = its id
+            client.mqtt = {  # type: ignore[attr-defined]
+                "host": "127.0.0.1",
+                "port": broker.port,
+                "ca": str(broker.ca.ca_path),
+                "cert": str(broker.ca.dir / "{device_id}.pem"),
+                "key": str(broker.ca.dir / "{device_id}.key"),
+            }
         _say(verbose, f"coordinator up at {client.base}")
 
         v1 = firmware.build_image("1.0.0", HARDWARE_ID)
@@ -284,6 +307,8 @@ def run_demo(args: argparse.Namespace) -> int:
         error = "interrupted"
     finally:
         procs.stop_all()
+        if broker is not None:
+            broker.stop()
         summary["seconds"] = round(time.monotonic() - started, 1)
         if tmp is not None:
             tmp.cleanup()
@@ -311,7 +336,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _start_cloud(
-    work: Path, logs: Path, env: dict[str, str], procs: _Processes, deadline: float
+    work: Path, logs: Path, env: dict[str, str], procs: _Processes, deadline: float, extra: Sequence[str] = ()
 ) -> CoordinatorClient:
     ready = work / "cloud.ready"
     ready.unlink(missing_ok=True)
@@ -331,6 +356,7 @@ def _start_cloud(
             "0",
             "--ready-file",
             str(ready),
+            *extra,
         ],
         logs / "cloud.log",
         env,
@@ -344,6 +370,15 @@ def _start_cloud(
     client = CoordinatorClient(info["http"])
     client.grpc = info["grpc"]  # type: ignore[attr-defined]
     return client
+
+
+def _cloud_config(client: CoordinatorClient, device_id: str) -> dict[str, Any]:
+    """The agent's ``cloud:`` section: gRPC, or MQTT 5 with the device's own certificate (CN = id)."""
+    mqtt = getattr(client, "mqtt", None)
+    if mqtt is None:
+        return {"grpc": client.grpc}  # type: ignore[attr-defined]
+    m = {k: (v.replace("{device_id}", device_id) if isinstance(v, str) else v) for k, v in mqtt.items()}
+    return {"transport": "mqtt", "grpc": client.grpc, "mqtt": m}  # type: ignore[attr-defined]
 
 
 def _upload(client: CoordinatorClient, image: bytes, version: str) -> dict[str, Any]:
@@ -377,7 +412,7 @@ def _start_device(
         "device_id": device_id,
         "fleet": FLEET,
         "labels": {"kind": kind, "hw": "gen1"},
-        "cloud": {"grpc": client.grpc},  # type: ignore[attr-defined]
+        "cloud": _cloud_config(client, device_id),
         "state_dir": str(ddir / "data" / "state"),
         "store": {"dir": str(ddir / "data" / "store"), "quota_mb": 64},
         "replay": {"speed": REPLAY_SPEED},
@@ -392,7 +427,11 @@ def _start_device(
                 [sys.executable, "-m", "fleetloop_fwsim.selftest", "--device-dir", str(ddir)]
             ],
         },
-        "trusted_release_keys": [str(work / "cloud" / "keys" / "release.pub.pem")],
+        # TUF trust anchors (issue 5): the image repository's and the director's roots
+        "trusted_release_keys": [
+            str(work / "cloud" / "keys" / "image-root.json"),
+            str(work / "cloud" / "keys" / "director-root.json"),
+        ],
     }
     cfg = ddir / "agent.yaml"
     cfg.write_text(yaml.safe_dump(config, sort_keys=False))

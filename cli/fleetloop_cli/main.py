@@ -40,13 +40,38 @@ def cmd_cloud_serve(args: argparse.Namespace) -> int:
     from fleetloop_shared import jsonlog
 
     jsonlog.configure("cloud", level=args.log_level)
+    mqtt = None
+    if args.mqtt:  # MQTT 5 beside gRPC (issue 6)
+        from fleetloop_cloud.mqtt_bridge import BridgeSettings
+
+        host, _, port = args.mqtt.rpartition(":")
+        if not host or not port.isdigit() or not (args.mqtt_ca and args.mqtt_cert and args.mqtt_key):
+            raise UserError("--mqtt wants HOST:PORT and --mqtt-ca, --mqtt-cert, --mqtt-key (CN=coordinator)")
+        mqtt = BridgeSettings(host, int(port), Path(args.mqtt_ca), Path(args.mqtt_cert), Path(args.mqtt_key))
     return serve(
         Path(args.dir),
         host=args.host,
         grpc_port=args.grpc_port,
         http_port=args.http_port,
         ready_file=Path(args.ready_file) if args.ready_file else None,
+        mqtt=mqtt,
+        db=args.db,
+        grpc_tls=_grpc_tls(args),
     )
+
+
+def _grpc_tls(args: argparse.Namespace) -> Any:
+    """mTLS for the device gRPC port when --grpc-cert is given (issue 6)."""
+    if not args.grpc_cert:
+        return None
+    if not (args.grpc_ca and args.grpc_key):
+        raise UserError("--grpc-cert needs --grpc-key and --grpc-ca (the CA device certificates chain to)")
+    from fleetloop_cloud.grpc_api import GrpcTls
+
+    for name in (args.grpc_ca, args.grpc_cert, args.grpc_key):
+        if not Path(name).is_file():
+            raise NotFoundError(f"{name}: no such file")
+    return GrpcTls(Path(args.grpc_ca), Path(args.grpc_cert), Path(args.grpc_key))
 
 
 def cmd_agent_run(args: argparse.Namespace) -> int:
@@ -182,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--http-port", type=int, default=8080)
     s.add_argument("--ready-file", help="write the bound ports here as JSON once serving")
     s.add_argument("--log-level", default="info")
+    s.add_argument("--mqtt", help="also serve devices over MQTT 5 through this broker (HOST:PORT, TLS)")
+    s.add_argument("--mqtt-ca", help="CA certificate the broker's certificate is checked against")
+    s.add_argument("--mqtt-cert", help="the coordinator's client certificate (CN=coordinator)")
+    s.add_argument("--mqtt-key", help="its private key")
+    s.add_argument("--db", help="metadata in PostgreSQL (postgresql://...) instead of SQLite in --dir")
+    s.add_argument("--grpc-cert", help="serve devices over mTLS with this certificate (and --grpc-key)")
+    s.add_argument("--grpc-key", help="the gRPC server's private key")
+    s.add_argument("--grpc-ca", help="CA that device certificates must chain to (CN = device id)")
     s.set_defaults(func=cmd_cloud_serve)
 
     agent = sub.add_parser("agent", help="run the device agent").add_subparsers(dest="sub", required=True)
@@ -210,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="fault to inject: a device whose v2 fails its health check, or a corrupted delta",
     )
     s.add_argument("--timeout", type=float, default=170.0, help="give up after this many seconds")
+    s.add_argument(
+        "--transport", choices=["grpc", "mqtt"], default="grpc", help="device link (mqtt: private mosquitto)"
+    )
     s.set_defaults(func=cmd_demo)
 
     rules = sub.add_parser("rules", help="trigger rules (campaigns)").add_subparsers(

@@ -1,14 +1,152 @@
-"""``fleetloop artifacts delta|patch`` and ``fleetloop sim ota-chaos`` (the OTA issue adds commands)."""
+"""``fleetloop artifacts delta|patch`` and ``fleetloop sim ota-chaos``.
+
+``artifacts delta`` makes the delta the cloud would ship (FLDELTA1: per chunk the smallest of zstd, zstd
+patch-from and bsdiff4) and prints ``{algorithm, bytes, new_bytes}``; ``artifacts patch`` applies one with
+the same streaming code the device runs. Both work on local files, no coordinator needed.
+
+``sim ota-chaos`` runs a private coordinator (its real TUF image repository, director and HTTP artifact
+server on a free port) and cuts the power of simulated devices at random points across N updates.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from fleetloop_shared.errors import UserError
+
+
+def cmd_artifacts_delta(args: argparse.Namespace) -> int:
+    from fleetloop_shared.delta import make_delta_file
+
+    out = Path(args.output_file)
+    stats = make_delta_file(Path(args.old), Path(args.new), out)
+    print(
+        json.dumps(
+            {
+                "algorithm": stats.algorithm,
+                "bytes": stats.bytes,
+                "new_bytes": stats.new_bytes,
+                "chunks": stats.chunks,
+                "methods": stats.methods,
+            }
+        )
+    )
+    return 0
+
+
+def cmd_artifacts_patch(args: argparse.Namespace) -> int:
+    from fleetloop_shared.delta import apply_delta_file
+
+    size = apply_delta_file(Path(args.old), Path(args.patch), Path(args.output_file))
+    print(json.dumps({"bytes": size, "output": args.output_file}))
+    return 0
+
+
+class _LocalCloud:
+    """A coordinator in this process, serving HTTP, with one release: old → new (ChaosCloud)."""
+
+    def __init__(self, workdir: Path, image_size: int) -> None:
+        from fleetloop_cloud.coordinator import Coordinator
+        from fleetloop_cloud.http_api import start_http_server
+        from fleetloop_fwsim.firmware import build_image
+
+        self.hardware_id = "chaos-hw"
+        self.old_image = build_image("1.0.0", self.hardware_id, size_hint=image_size)
+        self.new_image = build_image("2.0.0", self.hardware_id, size_hint=image_size)
+        self.coordinator = Coordinator(workdir / "cloud")
+        self.server, port = start_http_server(self.coordinator, "127.0.0.1", 0)
+        self.base_url = f"http://127.0.0.1:{port}/"
+        self.coordinator.artifacts.add_image(self.old_image)
+        manifest, _ = self.coordinator.artifacts.add_release(
+            self.new_image,
+            name="firmware",
+            version="2.0.0",
+            hardware_id=self.hardware_id,
+            bases=[self.old_image],
+            now=self.coordinator._clock(),
+        )
+        from fleetloop_shared.artifact import manifest_from_bytes
+
+        self.release = manifest_from_bytes(manifest)
+        self._keys = workdir / "cloud" / "keys"
+
+    def anchors(self) -> list[bytes]:
+        return [
+            (self._keys / "image-root.json").read_bytes(),
+            (self._keys / "director-root.json").read_bytes(),
+        ]
+
+    def offer(self, device_id: str, job_id: str, installed_sha256: str) -> None:
+        self.coordinator.director.assign(
+            device_id,
+            job_id=job_id,
+            rollout_id="chaos",
+            release=self.release,
+            installed_sha256=installed_sha256,
+        )
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def cmd_sim_ota_chaos(args: argparse.Namespace) -> int:
+    from fleetloop_fwsim.ota_chaos import run_ota_chaos
+
+    if args.runs < 1:
+        raise UserError(f"--runs must be at least 1, got {args.runs}")
+    logging.getLogger().setLevel(logging.ERROR)  # hundreds of cuts: the counters tell the story
+    tmp = tempfile.TemporaryDirectory(prefix="fleetloop-ota-chaos-") if not args.workdir else None
+    workdir = Path(args.workdir) if args.workdir else Path(tmp.name)  # type: ignore[union-attr]
+    cloud = _LocalCloud(workdir, args.image_kb * 1024)
+    try:
+
+        def progress(done: int, _: Any) -> None:
+            if args.output != "json" and sys.stderr.isatty():
+                print(f"\rota-chaos: {done}/{args.runs} runs", end="", file=sys.stderr, flush=True)
+
+        result = run_ota_chaos(cloud, workdir / "devices", runs=args.runs, seed=args.seed, progress=progress)
+    finally:
+        cloud.close()
+        if tmp is not None:
+            tmp.cleanup()
+    out = result.as_dict()
+    if args.output == "json":
+        print(json.dumps(out))
+    else:
+        for key, value in out.items():
+            print(f"{key}: {value}")
+    return 0 if result.bricked == 0 else 1
 
 
 def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Add this area's subcommands to the parser groups (``top``, ``rules``, ``sim``, ``artifacts``).
+    """``artifacts delta|patch`` into ``groups["artifacts"]``, ``sim ota-chaos`` into ``groups["sim"]``."""
+    arts = groups["artifacts"]
+    s = arts.add_parser(
+        "delta", help="make the delta the cloud would ship; prints {algorithm, bytes, new_bytes}"
+    )
+    s.add_argument("--from", dest="old", required=True, help="the installed (old) image")
+    s.add_argument("--to", dest="new", required=True, help="the new image")
+    s.add_argument("-o", "--output-file", required=True, help="where to write the delta")
+    s.set_defaults(func=cmd_artifacts_delta)
+    s = arts.add_parser("patch", help="apply a delta with the device's streaming code")
+    s.add_argument("--from", dest="old", required=True, help="the installed (old) image")
+    s.add_argument("--patch", required=True, help="the delta")
+    s.add_argument("-o", "--output-file", required=True, help="where to write the new image")
+    s.set_defaults(func=cmd_artifacts_patch)
 
-    A new top-level group (``store``) is created from ``groups["top"]``.
-    """
+    sim = groups["sim"]
+    s = sim.add_parser("ota-chaos", help="cut the power at random points across N OTA updates; count bricks")
+    s.add_argument("--runs", type=int, default=50)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-kb", type=int, default=256, help="size of the simulated firmware images")
+    s.add_argument("--workdir", default="", help="keep the devices here (default: a temporary directory)")
+    s.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    s.set_defaults(func=cmd_sim_ota_chaos)

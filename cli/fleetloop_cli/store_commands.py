@@ -1,14 +1,229 @@
-"""``fleetloop store ...``: inspect and fill a device's local store (the store issue adds commands)."""
+"""``fleetloop store import|stats|export``: fill and inspect a device's local store.
+
+Operators use these on a copy of a device's store directory (or on a laptop store filled from a recording)
+to see what the device holds and what it costs; the store benchmark and the checks use them too. The
+store itself has no signal names (segments carry ids), so ``import`` keeps the catalog it built in
+``catalog.json`` beside the index, and ``export`` names signals from it.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import csv
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
+
+from fleetloop_cli.output import FORMATS, emit, render_object, render_rows
+from fleetloop_shared.errors import NotFoundError, UserError
+
+CATALOG_FILE = "catalog.json"
+DEFAULT_QUOTA = 4 * 1024**3
+
+
+def _open_store(root: Path, *, create: bool, quota: int = DEFAULT_QUOTA) -> Any:
+    from fleetloop_agent.local_store import INDEX_FILE, LocalStore
+
+    if not create and not (root / INDEX_FILE).is_file():
+        raise NotFoundError(f"store {root}: no store index ({INDEX_FILE}) there")
+    return LocalStore(root, quota_bytes=quota)
+
+
+def _load_catalog(root: Path) -> Any:
+    from fleetloop_shared.catalog import Catalog
+
+    path = root / CATALOG_FILE
+    if not path.is_file():
+        return Catalog()
+    try:
+        return Catalog.from_records(json.loads(path.read_text())["signals"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not a store catalog ({exc})") from None
+
+
+def cmd_store_import(args: argparse.Namespace) -> int:
+    from fleetloop_agent.store_import import read_can_log, read_long_csv, to_segments
+    from fleetloop_shared.durable import write_atomically
+
+    src = Path(args.input)
+    if not src.is_file():
+        raise NotFoundError(f"{src}: no such file")
+    result = read_can_log(src, Path(args.dbc)) if args.dbc else read_long_csv(src)
+    root = Path(args.store)
+    store = _open_store(root, create=True, quota=args.quota_bytes)
+    try:
+        catalog = _load_catalog(root)
+        capture = args.capture or src.stem
+        segments = samples = 0
+        now = time.time_ns()
+        for seg in to_segments(result, catalog, rows_per_segment=args.rows_per_segment):
+            # The catalog is saved before the segment that needs it, so a crash never leaves ids unnamed.
+            write_atomically(
+                root / CATALOG_FILE, json.dumps({"signals": catalog.to_records()}, indent=1).encode()
+            )
+            store.append(seg, capture_id=capture, campaign=args.campaign, priority=args.priority, now_ns=now)
+            segments += 1
+            samples += seg.sample_count
+            now += 1
+    finally:
+        store.close()
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    summary = {
+        "input": str(src),
+        "groups": len(result.groups),
+        "signals": sum(len(g.columns) for g in result.groups),
+        "segments": segments,
+        "samples": samples,
+        "frames_skipped": result.frames_skipped,
+    }
+    emit(render_object(summary, "json") if args.output == "json" else _kv(summary))
+    return 0
+
+
+def _kv(d: dict[str, Any]) -> str:
+    return render_rows(["field", "value"], list(d.items()), "table")
+
+
+def cmd_store_stats(args: argparse.Namespace) -> int:
+    root = Path(args.store)
+    store = _open_store(root, create=False)
+    try:
+        inv = store.inventory()
+        stats = store.stats()
+    finally:
+        store.close()
+    out = {
+        "samples": inv.samples,
+        "signals": inv.signals,
+        "groups": inv.groups,
+        "segments": inv.segments,
+        "segment_bytes": inv.segment_bytes,
+        "encoded_bytes": inv.encoded_bytes,
+        "disk_bytes": inv.disk_bytes,
+        "bytes_per_sample": round(inv.bytes_per_sample, 4),
+        "first_ns": inv.first_ns,
+        "last_ns": inv.last_ns,
+        "evicted_segments_total": stats.evicted_segments_total,
+        "evicted_bytes_total": stats.evicted_bytes_total,
+    }
+    if args.output in ("json", "yaml"):
+        emit(render_object(out, args.output))
+    else:
+        emit(render_rows(["field", "value"], list(out.items()), args.output))
+    return 0
+
+
+def _rows(store: Any, names: dict[int, str], args: argparse.Namespace) -> Iterator[tuple[int, str, Any]]:
+    import numpy as np
+
+    for _, seg in store.query(
+        group=args.group, capture_id=args.capture, from_ns=args.from_ns, to_ns=args.to_ns
+    ):
+        ids = sorted(seg.columns)
+        cols = [(names.get(i, f"id:{i}"), seg.columns[i]) for i in ids]
+        t = seg.t_ns
+        order = np.argsort(t, kind="stable")
+        for r in order.tolist():
+            for name, values in cols:
+                yield int(t[r]), name, values[r]
+
+
+def _csv_value(v: Any) -> str:
+    import numpy as np
+
+    if isinstance(v, np.floating):
+        return repr(float(v))  # shortest text that parses back to the identical double (nan/inf too)
+    if isinstance(v, np.bool_):
+        return "1" if v else "0"
+    return str(int(v))
+
+
+def cmd_store_export(args: argparse.Namespace) -> int:
+    root = Path(args.store)
+    store = _open_store(root, create=False)
+    names = {s.id: s.path for s in _load_catalog(root)}
+    try:
+        if args.format == "csv":
+            out = open(args.output_file, "w", newline="") if args.output_file else sys.stdout  # noqa: SIM115
+            try:
+                w = csv.writer(out, lineterminator="\n")
+                w.writerow(["t_ns", "signal", "value"])
+                for t, name, v in _rows(store, names, args):
+                    w.writerow([t, name, _csv_value(v)])
+            finally:
+                if out is not sys.stdout:
+                    out.close()
+        else:
+            _export_parquet(store, names, args)
+    finally:
+        store.close()
+    return 0
+
+
+def _export_parquet(store: Any, names: dict[int, str], args: argparse.Namespace) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not args.output_file:
+        raise UserError("--format parquet needs -o FILE")
+    schema = pa.schema(
+        [("t_ns", pa.int64()), ("signal", pa.string()), ("value", pa.float64()), ("value_int", pa.int64())]
+    )
+    with pq.ParquetWriter(args.output_file, schema, compression="zstd") as writer:
+        for _, seg in store.query(
+            group=args.group, capture_id=args.capture, from_ns=args.from_ns, to_ns=args.to_ns
+        ):
+            for sid in sorted(seg.columns):
+                values = seg.columns[sid]
+                n = int(seg.t_ns.shape[0])
+                is_float = values.dtype.kind == "f"
+                table = pa.table(
+                    {
+                        "t_ns": pa.array(seg.t_ns, pa.int64()),
+                        "signal": pa.array([names.get(sid, f"id:{sid}")] * n, pa.string()),
+                        "value": pa.array(values.astype(np.float64), pa.float64()),
+                        "value_int": pa.nulls(n, pa.int64())
+                        if is_float
+                        else pa.array(values.astype(np.int64), pa.int64()),
+                    },
+                    schema=schema,
+                )
+                writer.write_table(table)
 
 
 def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Add this area's subcommands to the parser groups (``top``, ``rules``, ``sim``, ``artifacts``).
-
-    A new top-level group (``store``) is created from ``groups["top"]``.
-    """
+    """Add ``store import|stats|export`` (a new top-level group made from ``groups["top"]``)."""
+    store = groups["top"].add_parser("store", help="a device's local store: import, stats, export")
+    sub = store.add_subparsers(dest="sub", required=True)
+    s = sub.add_parser("import", help="import a long CSV or a CAN log (with --dbc) into a store")
+    s.add_argument("--input", required=True, help="t_ns,signal,value / t,signal,value CSV, or a CAN log")
+    s.add_argument("--store", required=True, help="store directory (created if missing)")
+    s.add_argument("--dbc", help="DBC for a CAN log (candump .log, Vector .asc, GVRET .csv)")
+    s.add_argument("--capture", default="", help="capture id (default: the input's file name)")
+    s.add_argument("--campaign", default="import")
+    s.add_argument("--priority", type=int, default=5)
+    s.add_argument("--quota-bytes", type=int, default=DEFAULT_QUOTA)
+    s.add_argument("--rows-per-segment", type=int, default=65_536)
+    s.add_argument("-o", "--output", choices=FORMATS, default="table")
+    s.set_defaults(func=cmd_store_import)
+    s = sub.add_parser("stats", help="what a store holds and what it costs per sample")
+    s.add_argument("--store", required=True)
+    s.add_argument("-o", "--output", choices=FORMATS, default="table")
+    s.set_defaults(func=cmd_store_stats)
+    s = sub.add_parser(
+        "export",
+        help="every sample as t_ns,signal,value CSV (floats exact via repr, bools 1/0) or Parquet",
+    )
+    s.add_argument("--store", required=True)
+    s.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    s.add_argument("-o", "--output", dest="output_file", help="file to write (CSV default: stdout)")
+    s.add_argument("--group", help="only this group")
+    s.add_argument("--capture", help="only this capture id")
+    s.add_argument("--from-ns", type=int, help="only samples at or after this time")
+    s.add_argument("--to-ns", type=int, help="only samples at or before this time")
+    s.set_defaults(func=cmd_store_export)

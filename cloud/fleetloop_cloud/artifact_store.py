@@ -3,7 +3,14 @@
 Files are content-addressed (``files/<sha256>``): the name *is* the integrity check, the same bytes are
 stored once however many releases use them, and the HTTP server can hand a device any file by hash
 without a lookup table. For every image already installed in the fleet (a *base*), a release carries a
-bsdiff4 delta when it is smaller than the full image, so most devices download a fraction of it.
+chunked delta (``fleetloop_shared.delta``: per chunk the smallest of zstd, zstd patch-from and bsdiff4,
+made file to file in bounded memory) when it is smaller than the full image, so most devices download a
+fraction of it.
+
+What devices trust is the TUF image repository (:mod:`fleetloop_cloud.tuf_repository`): every image and
+delta becomes a signed target there, with its hash, length, hardware id, version and (for a delta) base
+hash. The Ed25519 release manifest is kept as the cloud's own record of a release (rollouts read it);
+devices no longer verify it.
 
 Releases only move forward: a version that is not greater than the newest release of the same name and
 hardware is refused, which is the cloud half of the rollback defence (the device refuses older versions
@@ -17,22 +24,26 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from fleetloop_cloud.tuf_repository import TufRepositories, target_file
 from fleetloop_shared.artifact import (
     PayloadRef,
     ReleaseManifest,
     ReleaseSigner,
     manifest_to_bytes,
+    sha256_file,
     sha256_hex,
 )
-from fleetloop_shared.delta import DELTA_ALGORITHM, make_delta
+from fleetloop_shared.delta import DELTA_ALGORITHM, make_delta_file
 from fleetloop_shared.durable import write_atomically
 from fleetloop_shared.errors import IntegrityError, NotFoundError, StateError, UserError
+from fleetloop_shared.firmware_image import MAGIC as IMAGE_MAGIC
+from fleetloop_shared.firmware_image import image_info
+from fleetloop_shared.tuf_metadata import delta_facts, delta_target_path, image_facts, image_target_path
 
 #: Largest image accepted (refused above, before anything is written).
 MAX_IMAGE_BYTES = 1 << 30
-#: bsdiff needs ~17x the old image in memory; above this size a release is full-image only
-#: (policy "full-only"), which is always correct, just bigger to download.
-DELTA_MAX_IMAGE_BYTES = 64 * 1024 * 1024
+#: Deltas are made chunk by chunk (bounded memory), so every image size up to the limit gets them.
+DELTA_MAX_IMAGE_BYTES = MAX_IMAGE_BYTES
 #: At most this many deltas per release (policy "first bases win": bases after these, in the order the
 #: caller gives them, get the full image).
 MAX_DELTA_BASES = 32
@@ -65,7 +76,14 @@ def _safe(value: str, what: str) -> str:
 class ArtifactStore:
     """Stores images and deltas by hash and signs one manifest per release."""
 
-    def __init__(self, root: Path, signer: ReleaseSigner, *, validity_days: int = 30) -> None:
+    def __init__(
+        self,
+        root: Path,
+        signer: ReleaseSigner,
+        *,
+        validity_days: int = 30,
+        tuf: TufRepositories | None = None,
+    ) -> None:
         if isinstance(validity_days, bool) or not isinstance(validity_days, int) or validity_days < 1:
             raise UserError(f"validity_days must be a whole number of days >= 1, got {validity_days!r}")
         self._root = Path(root)
@@ -74,8 +92,10 @@ class ArtifactStore:
         self._files.mkdir(parents=True, exist_ok=True)
         self._releases.mkdir(parents=True, exist_ok=True)
         self._signer = signer
+        self.tuf = tuf
         self._validity_s = validity_days * 86400
         self._lock = threading.Lock()
+        self._methods: dict[str, str] = {}
 
     # ------------------------------------------------------------------ content-addressed files
 
@@ -173,6 +193,14 @@ class ArtifactStore:
         image = bytes(image)
         key = version_key(version)
         directory = self._release_dir(name, hardware_id)
+        _check_header(image, version, hardware_id)
+        # A tar archive is a bundle (software, model pack, catalog, config): installed by an atomic
+        # directory swap on the device, no reboot; it travels whole (deltas are from firmware bases).
+        install = "swap" if image[257:262] == b"ustar" else "slot"
+        if install == "swap":
+            bases = []
+        if self.tuf is not None:
+            self.tuf.image_authority.check_usable()
         with self._lock:
             existing = self.versions(name, hardware_id)
             for old in existing:
@@ -198,15 +226,16 @@ class ArtifactStore:
                 self._put_file(base)
                 if len(base) > DELTA_MAX_IMAGE_BYTES:
                     continue
-                patch = make_delta(base, image)
-                if len(patch) >= len(image):
+                delta = self._make_delta(base_sha, target_sha)
+                if delta is None:
                     continue
-                patch_sha = self._put_file(patch)
+                patch_sha, patch_size, methods = delta
                 payloads.append(
                     PayloadRef(
-                        "delta", DELTA_ALGORITHM, f"files/{patch_sha}", patch_sha, len(patch), base_sha
+                        "delta", DELTA_ALGORITHM, f"files/{patch_sha}", patch_sha, patch_size, base_sha
                     )
                 )
+                self._methods[patch_sha] = methods
             created = int(now)
             manifest = ReleaseManifest(
                 name=name,
@@ -217,11 +246,87 @@ class ArtifactStore:
                 payloads=tuple(payloads),
                 created_unix=created,
                 expires_unix=created + self._validity_s,
+                install=install,
             )
             manifest_bytes = manifest_to_bytes(manifest)
             signature = self._signer.sign(manifest_bytes)
             directory.mkdir(parents=True, exist_ok=True)
+            if self.tuf is not None:
+                self._publish_targets(manifest)
             # Signature first, manifest last: the manifest's presence is what marks the release as existing.
             write_atomically(directory / f"{version}.sig", signature)
             write_atomically(directory / f"{version}.manifest.json", manifest_bytes)
         return manifest_bytes, signature
+
+    def _make_delta(self, base_sha: str, target_sha: str) -> tuple[str, int, str] | None:
+        """Delta file from one stored image to another (file to file, bounded memory), stored by hash;
+        None when it is not smaller than the full image."""
+        tmp = self._files / f".delta-{base_sha[:16]}-{target_sha[:16]}"
+        try:
+            stats = make_delta_file(self._files / base_sha, self._files / target_sha, tmp)
+            if stats.bytes >= stats.new_bytes:
+                return None
+            patch_sha = sha256_file(tmp)
+            dest = self._files / patch_sha
+            if dest.is_file() and dest.stat().st_size == stats.bytes:
+                tmp.unlink()
+            else:
+                tmp.replace(dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return patch_sha, stats.bytes, "+".join(sorted(stats.methods))
+
+    def _publish_targets(self, manifest: ReleaseManifest) -> None:
+        """Sign the release's image and deltas into the TUF image repository."""
+        assert self.tuf is not None
+        image_path = image_target_path(manifest.name, manifest.hardware_id, manifest.version)
+        targets = {}
+        for p in manifest.payloads:
+            if p.kind == "full":
+                facts = image_facts(
+                    manifest.name, manifest.version, manifest.hardware_id, p.path, install=manifest.install
+                )
+                targets[image_path] = target_file(image_path, p.sha256, p.size, facts)
+            else:
+                assert p.base_sha256 is not None
+                path = delta_target_path(manifest.name, manifest.hardware_id, manifest.version, p.base_sha256)
+                facts = delta_facts(
+                    image_path, p.base_sha256, p.path, methods=self._methods.get(p.sha256, "")
+                )
+                targets[path] = target_file(path, p.sha256, p.size, facts)
+        self.tuf.image.publish(targets)
+
+
+def _check_header(image: bytes, version: str, hardware_id: str) -> None:
+    """A fleetloop firmware image must name the version and hardware it is uploaded as: a release
+    manager uploading the wrong file is told here, before anything is signed or reaches a device.
+    Other files (no image magic) are opaque artifacts and pass."""
+    if not image.startswith(IMAGE_MAGIC):
+        return
+    info = image_info(image)
+    if info.hardware_id != hardware_id:
+        raise UserError(
+            f"the file is a firmware image for hardware {info.hardware_id!r}, not {hardware_id!r}; "
+            "upload it with --hardware " + info.hardware_id
+        )
+    if version_key(info.version) != version_key(version):
+        raise UserError(f"the file is firmware version {info.version}, not {version}")
+
+
+def check_not_older_than_fleet(fleet_versions: Sequence[str], version: str, hardware_id: str) -> None:
+    """Refuse a release older than what devices of this hardware already run: each of them would
+    refuse it as a rollback, so the release manager hears it now, before a rollout is planned."""
+    key = version_key(version)
+    newer = []
+    for v in fleet_versions:
+        try:
+            if v and version_key(v) > key:
+                newer.append(v)
+        except UserError:  # a device reporting a non-numeric version does not block releases
+            continue
+    if newer:
+        top = max(newer, key=version_key)
+        raise UserError(
+            f"version {version} is older than {top}, which devices with hardware {hardware_id} already "
+            "run; devices refuse downgrades, so release a higher version"
+        )

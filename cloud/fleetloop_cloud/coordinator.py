@@ -8,6 +8,7 @@ a restarted coordinator resumes where it was.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -16,13 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fleetloop_cloud.artifact_store import ArtifactStore
+from fleetloop_cloud.artifact_store import ArtifactStore, check_not_older_than_fleet
+from fleetloop_cloud.director import Director
 from fleetloop_cloud.fleet_store import FleetStore
 from fleetloop_cloud.metadata import MetadataStore
 from fleetloop_cloud.query import QueryEngine, QueryResult
 from fleetloop_cloud.rollout_controller import RolloutController
 from fleetloop_cloud.rollout_planner import policy_from_dict
 from fleetloop_cloud.sessions import DeviceSessions
+from fleetloop_cloud.tuf_repository import TufRepositories
+from fleetloop_cloud.upload_scheduler import NETWORKS, Backlog, Budget, UploadScheduler
 from fleetloop_shared.artifact import ReleaseSigner, manifest_from_bytes
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.errors import MalformedMessageError, NotFoundError, UserError
@@ -34,6 +38,10 @@ log = logging.getLogger("fleetloop.cloud")
 
 ROLLOUT_TICK_S = 0.5
 HEARTBEAT_INTERVAL_MS = 2000
+#: Upload budgets for devices that ask for grants (issue 6): what the cloud ingests and what cellular costs.
+UPLOAD_BUDGET = Budget(
+    global_bytes_per_s=64 * 1024 * 1024, per_network_bytes_per_s={"cellular": 4 * 1024 * 1024}
+)
 
 
 @dataclass(frozen=True)
@@ -45,11 +53,14 @@ class IngestAck:
 class Coordinator:
     """Everything the coordinator does, behind plain methods."""
 
-    def __init__(self, data_dir: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, data_dir: Path, *, clock: Callable[[], float] = time.time, db: str | None = None
+    ) -> None:
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self._clock = clock
-        self.metadata = MetadataStore(data_dir / "metadata.sqlite")
+        # db: a postgresql:// URL shared by several coordinators (issue 6); default SQLite in data_dir
+        self.metadata = MetadataStore(db if db else data_dir / "metadata.sqlite")
         self.fleet_store = FleetStore(data_dir / "fleet")
         self.query_engine = QueryEngine(data_dir / "fleet", captures=self.metadata.captures)
         key_path = data_dir / "keys" / "release.pem"
@@ -60,8 +71,15 @@ class Coordinator:
             self.signer = ReleaseSigner.generate()
             self.signer.save(key_path)
         (data_dir / "keys" / "release.pub.pem").write_bytes(self.signer.public_key_pem())
-        self.artifacts = ArtifactStore(data_dir / "artifacts", self.signer)
+        # OTA trust (issue 5): TUF image repository + director; devices are provisioned with the
+        # roots written to keys/image-root.json and keys/director-root.json.
+        self.tuf = TufRepositories(data_dir / "artifacts" / "tuf", data_dir / "keys" / "tuf", clock=clock)
+        self.director = Director(self.tuf)
+        self.artifacts = ArtifactStore(data_dir / "artifacts", self.signer, tuf=self.tuf)
         self.sessions = DeviceSessions()
+        self.upload_scheduler = UploadScheduler(UPLOAD_BUDGET)
+        #: Messages refused from devices, by reason (forged identity, undecodable protobuf, ...): issue 6.
+        self.refused: collections.Counter[str] = collections.Counter()
         self.controller = RolloutController(self.metadata, self)
         self.artifact_base_url = ""
         self._stop = threading.Event()
@@ -80,6 +98,16 @@ class Coordinator:
                 self.controller.tick(self._clock())
             except Exception:
                 log.exception("rollout controller tick failed")
+            self._grant_uploads()
+
+    def _grant_uploads(self) -> None:
+        """Issue 6: the upload scheduler's grants for the next tick, pushed to connected devices."""
+        try:
+            for g in self.upload_scheduler.tick(self._clock(), ROLLOUT_TICK_S):
+                grant = device_pb2.UploadGrant(max_bytes=g.max_bytes, min_priority=g.min_priority)
+                self.sessions.publish(g.device_id, device_pb2.CloudMessage(upload_grant=grant))
+        except Exception:
+            log.exception("upload scheduler tick failed")
 
     # -- devices ----------------------------------------------------------------------------------
     def on_hello(self, hello: device_pb2.Hello) -> None:
@@ -129,6 +157,11 @@ class Coordinator:
             )
         elif kind == "heartbeat":
             self.metadata.touch_device(device_id, now, online=True)
+            hb = msg.heartbeat
+            if hb.backlog:  # the device asks for upload grants (issue 6)
+                network = hb.network if hb.network in NETWORKS else "other"
+                by_priority = {b.priority: b.bytes for b in hb.backlog if b.priority <= 9}
+                self.upload_scheduler.report(Backlog(device_id, network, by_priority), now)
         elif kind == "campaign_status":
             cs = msg.campaign_status
             self.metadata.set_device_campaign_status(
@@ -154,6 +187,15 @@ class Coordinator:
     def publish_job(
         self, device_id: str, job_id: str, rollout_id: str, manifest: bytes, signature: bytes
     ) -> bool:
+        # The director signs this device's targets for the job first; the device verifies them (TUF).
+        device = self.metadata.device(device_id)
+        self.director.assign(
+            device_id,
+            job_id=job_id,
+            rollout_id=rollout_id,
+            release=manifest_from_bytes(manifest),
+            installed_sha256=device.firmware_sha256 if device is not None else "",
+        )
         job = ota_pb2.OtaJob(
             job_id=job_id,
             rollout_id=rollout_id,
@@ -250,6 +292,11 @@ class Coordinator:
             raise UserError("the artifact is empty")
         bases: list[bytes] = []
         seen: set[str] = set()
+        check_not_older_than_fleet(
+            [d.firmware_version for d in self.metadata.devices() if d.hardware_id == hardware_id],
+            version,
+            hardware_id,
+        )
         for d in self.metadata.devices():
             sha = d.firmware_sha256
             if d.hardware_id != hardware_id or not sha or sha in seen:
@@ -299,6 +346,7 @@ class Coordinator:
             "captures_ingested": captures,
             "campaigns": len(docs),
             "campaigns_version": version,
+            "refused": dict(self.refused),
         }
 
     def query(self, sql: str, max_rows: int = 10000) -> QueryResult:

@@ -9,16 +9,21 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from fleetloop_cloud.coordinator import Coordinator
 from fleetloop_shared.errors import FleetloopError
 from fleetloop_shared.wire import MAX_MESSAGE_BYTES, device_pb2, device_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger("fleetloop.cloud.grpc")
+T = TypeVar("T")
 
 #: Devices holding a control stream each occupy one worker thread (sync gRPC); bounded.
 MAX_WORKERS = 128
@@ -41,6 +46,7 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             return
         if first.WhichOneof("kind") != "hello":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message on the stream must be a hello")
+        _check_identity(self.c, context, first.hello.device_id)
         try:
             self.c.on_hello(first.hello)
         except FleetloopError as exc:
@@ -83,6 +89,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     def UploadSegment(
         self, request: ingest_pb2.UploadSegmentRequest, context: grpc.ServicerContext
     ) -> ingest_pb2.UploadSegmentResponse:
+        _check_identity(self.c, context, request.device_id)
         try:
             ack = self.c.ingest(
                 request.device_id,
@@ -101,8 +108,85 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         )
 
 
-def start_grpc_server(coordinator: Coordinator, host: str, port: int) -> tuple[grpc.Server, int]:
-    """Start serving; returns the server and the bound port (``port`` 0 picks a free one)."""
+@dataclass(frozen=True)
+class GrpcTls:
+    """mTLS for the device port: the server's certificate and key, and the CA device certificates
+    must chain to. A device's certificate CN is its device id."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def _peer_device(context: grpc.ServicerContext) -> str | None:
+    """The device id the peer's client certificate proves (its CN), or None without mTLS."""
+    names = context.auth_context().get("x509_common_name")
+    if not names or isinstance(names, bytes):
+        return None
+    return bytes(names[0]).decode("utf-8", "replace")
+
+
+def _check_identity(c: Coordinator, context: grpc.ServicerContext, claimed: str) -> None:
+    """Refuse (PERMISSION_DENIED, counted) a message naming another device than the certificate."""
+    peer = _peer_device(context)
+    if peer is not None and claimed != peer:
+        c.refused["impersonation"] += 1
+        log.warning("device %s claimed to be %r: refused", peer, claimed)
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this connection is device {peer}, not {claimed!r}")
+
+
+def _counting(parse: Callable[[bytes], T], c: Coordinator, what: str) -> Callable[[bytes], T]:
+    """A request deserializer that counts undecodable (hostile or corrupt) protobufs before gRPC
+    refuses them; the server keeps serving everyone else."""
+
+    def deserialize(data: bytes) -> T:
+        try:
+            return parse(data)
+        except DecodeError:
+            c.refused["undecodable"] += 1
+            log.warning("undecodable %s refused (%d bytes)", what, len(data))
+            raise
+
+    return deserialize
+
+
+def _add_services(server: grpc.Server, c: Coordinator) -> None:
+    device, ingest = DeviceServicer(c), IngestServicer(c)
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "fleetloop.device.v1.DeviceService",
+                {
+                    "Connect": grpc.stream_stream_rpc_method_handler(
+                        device.Connect,
+                        request_deserializer=_counting(
+                            device_pb2.DeviceMessage.FromString, c, "DeviceMessage"
+                        ),
+                        response_serializer=device_pb2.CloudMessage.SerializeToString,
+                    )
+                },
+            ),
+            grpc.method_handlers_generic_handler(
+                "fleetloop.ingest.v1.IngestService",
+                {
+                    "UploadSegment": grpc.unary_unary_rpc_method_handler(
+                        ingest.UploadSegment,
+                        request_deserializer=_counting(
+                            ingest_pb2.UploadSegmentRequest.FromString, c, "UploadSegmentRequest"
+                        ),
+                        response_serializer=ingest_pb2.UploadSegmentResponse.SerializeToString,
+                    )
+                },
+            ),
+        )
+    )
+
+
+def start_grpc_server(
+    coordinator: Coordinator, host: str, port: int, *, tls: GrpcTls | None = None
+) -> tuple[grpc.Server, int]:
+    """Start serving; returns the server and the bound port (``port`` 0 picks a free one). With ``tls``
+    every device must present a client certificate of the CA (mTLS; identity = certificate CN)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="grpc"),
         options=[
@@ -113,9 +197,16 @@ def start_grpc_server(coordinator: Coordinator, host: str, port: int) -> tuple[g
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
-    device_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(coordinator), server)
-    ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(coordinator), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    _add_services(server, coordinator)
+    if tls is not None:
+        creds = grpc.ssl_server_credentials(
+            [(tls.key.read_bytes(), tls.cert.read_bytes())],
+            root_certificates=tls.ca.read_bytes(),
+            require_client_auth=True,
+        )
+        bound = server.add_secure_port(f"{host}:{port}", creds)
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind gRPC to {host}:{port}")
     server.start()

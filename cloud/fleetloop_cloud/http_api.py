@@ -164,6 +164,17 @@ class _Handler(BaseHTTPRequestHandler):
         {"pause": ctl.pause, "resume": ctl.resume, "abort": ctl.abort}[action](rid, now)
         self._send_json(ctl.status(rid))
 
+    def tuf_metadata(self, q: dict[str, str], repository: str, name: str) -> None:
+        """TUF metadata for the agent's ngclient (issue 5): ``/tuf/image/<file>``,
+        ``/tuf/director/<device_id>/<file>``; 404 for an absent root version ends a rotation walk."""
+        data = self.coordinator.tuf.metadata_bytes(repository, name)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
+
     def file(self, q: dict[str, str], relpath: str) -> None:
         path = self.coordinator.artifacts.file_path(f"files/{relpath}")
         size = path.stat().st_size
@@ -240,6 +251,11 @@ ROUTES: list[tuple[str, str, Any]] = [
     (r"/v1/rollouts/([^/]+)", "GET", _Handler.rollout),
     (r"/v1/rollouts/([^/]+)/(pause|resume|abort)", "POST", _Handler.rollout_action),
     (r"/files/([0-9a-f]{64})", "GET", _Handler.file),
+    (
+        r"/tuf/(image|director/[A-Za-z0-9_][A-Za-z0-9._-]{0,127})/([a-z0-9.]{1,32}\.json)",
+        "GET",
+        _Handler.tuf_metadata,
+    ),
 ]
 
 

@@ -1,9 +1,17 @@
 """The coordinator's metadata: devices, ingested segments and captures, campaigns, releases, rollouts.
 
-Embedded default is one SQLite file (stdlib ``sqlite3``, WAL so readers never block the writer). One
-connection guarded by one lock keeps it thread-safe: the gRPC ingest threads, the REST API and the rollout
-controller all share one :class:`MetadataStore`. The schema is created on open and carries a version so a
-newer database is refused instead of being misread.
+Embedded default is one SQLite file (stdlib ``sqlite3``, WAL so readers never block the writer); with a
+``postgresql://`` URL (``fleetloop cloud serve --db``) the same statements run on PostgreSQL (psycopg), so
+several coordinators can share one metadata database. One code path: the SQL below is written in the
+dialect both understand (``ON CONFLICT``, ``CASE`` instead of two-argument ``MIN``), and :class:`_Conn`
+only swaps placeholders and column types. This module is the adapter for both drivers: their errors
+become :mod:`fleetloop_shared.errors`. One connection guarded by one lock keeps it thread-safe: the gRPC
+ingest threads, the REST API and the rollout controller all share one :class:`MetadataStore`. The schema
+is created on open and carries a version so a newer database is refused instead of being misread.
+
+Write transactions are serialized: SQLite by ``BEGIN IMMEDIATE``, PostgreSQL by a transaction-scoped
+advisory lock taken first in every write transaction — the same semantics across coordinator processes,
+which is what the read-modify-write steps here (campaign versions, rollout transitions) rely on.
 
 Every write is one transaction. The rollout controller relies on that: a rollout transition, the device
 states it changes and its audit row are committed together, *before* any job is published, so a restarted
@@ -13,6 +21,7 @@ coordinator resumes exactly where the last one stopped.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,7 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from fleetloop_shared.catalog import Catalog
-from fleetloop_shared.errors import ConfigError, MalformedMessageError, NotFoundError, StateError
+from fleetloop_shared.errors import (
+    ConfigError,
+    MalformedMessageError,
+    NotFoundError,
+    StateError,
+    UnavailableError,
+)
 
 #: Version of the schema this code writes; bumped with every incompatible change.
 SCHEMA_VERSION = 1
@@ -249,59 +264,196 @@ class RolloutUpdate:
     audit: Sequence[tuple[str, str]] = ()
 
 
-class MetadataStore:
-    """SQLite-backed metadata with one connection and one lock (safe to share between threads)."""
+#: Key of the PostgreSQL advisory lock that serializes metadata write transactions across coordinators.
+_PG_WRITE_LOCK = 0x666C6F6F70  # "floop"
+_PG_TYPES = (
+    (re.compile(r"INTEGER PRIMARY KEY AUTOINCREMENT"), "BIGSERIAL PRIMARY KEY"),
+    (re.compile(r"\bINTEGER\b"), "BIGINT"),
+    (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),
+    (re.compile(r"\bBLOB\b"), "BYTEA"),
+)
 
-    def __init__(self, path: Path) -> None:
-        self._path = Path(path)
-        self._lock = threading.Lock()
-        try:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                str(self._path), check_same_thread=False, isolation_level=None, timeout=30.0
+
+def _driver_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import psycopg
+    except ImportError:
+        return ()
+    return (psycopg.Error,)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _integrity_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import psycopg
+    except ImportError:  # PostgreSQL support is optional; SQLite needs nothing
+        return (sqlite3.IntegrityError,)
+    return (sqlite3.IntegrityError, psycopg.errors.IntegrityError)
+
+
+_INTEGRITY_ERRORS = _integrity_errors()
+
+
+def is_database_url(location: str | Path) -> bool:
+    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for error messages and logs."""
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+
+
+class _Cursor:
+    """What the statements here use of a DB-API cursor, for both drivers."""
+
+    def __init__(self, cur: Any) -> None:
+        self._cur = cur
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._cur.rowcount)
+
+    def fetchone(self) -> Any:
+        return self._cur.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return list(self._cur.fetchall())
+
+
+class _Conn:
+    """One connection, SQLite or PostgreSQL; statements are written once with ``?`` placeholders."""
+
+    def __init__(self, raw: Any, postgres: bool) -> None:
+        self.raw = raw
+        self.postgres = postgres
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s") if self.postgres else sql
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> _Cursor:
+        if self.postgres:
+            return _Cursor(self.raw.execute(self._sql(sql), tuple(params)))
+        return _Cursor(self.raw.execute(sql, tuple(params)))
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if self.postgres:
+            with self.raw.cursor() as cur:
+                cur.executemany(self._sql(sql), [tuple(r) for r in rows])
+        else:
+            self.raw.executemany(sql, [tuple(r) for r in rows])
+
+    def ddl(self, statement: str) -> str:
+        if not self.postgres:
+            return statement
+        for pattern, replacement in _PG_TYPES:
+            statement = pattern.sub(replacement, statement)
+        if "CREATE TABLE IF NOT EXISTS releases" in statement:
+            # SQLite orders releases of the same time by rowid; PostgreSQL gets an explicit one
+            statement = statement.replace(
+                "created_at DOUBLE PRECISION NOT NULL,",
+                "created_at DOUBLE PRECISION NOT NULL,\n    rowid BIGSERIAL,",
             )
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"metadata database {self._path}: cannot open: {exc}") from None
+        return statement
+
+    def begin_write(self) -> None:
+        if self.postgres:
+            self.raw.execute("BEGIN")
+            self.raw.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_WRITE_LOCK,))
+        else:
+            self.raw.execute("BEGIN IMMEDIATE")
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class MetadataStore:
+    """Metadata in SQLite (a file path) or PostgreSQL (a ``postgresql://`` URL), with one connection and
+    one lock (safe to share between threads)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self._lock = threading.Lock()
+        if is_database_url(path):
+            url = str(path)
+            self._where = _redact(url)
+            self._db = self._connect_postgres(url)
+            self._path = Path(self._where)
+        else:
+            self._path = Path(path)
+            self._where = str(self._path)
+            self._db = self._connect_sqlite(self._path)
+        unusable: tuple[type[BaseException], ...] = (sqlite3.DatabaseError, *_driver_errors())
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
             self._create_schema()
-        except sqlite3.DatabaseError as exc:
+        except unusable as exc:
             self._db.close()
             raise ConfigError(
-                f"metadata database {self._path}: not a usable fleetloop database ({exc})"
+                f"metadata database {self._where}: not a usable fleetloop database ({_first_line(exc)})"
             ) from None
+
+    @staticmethod
+    def _connect_sqlite(path: Path) -> _Conn:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            raw = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30.0)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"metadata database {path}: cannot open: {exc}") from None
+        try:
+            raw.execute("PRAGMA journal_mode=WAL")
+            raw.execute("PRAGMA synchronous=NORMAL")
+            raw.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.DatabaseError as exc:
+            raw.close()
+            raise ConfigError(f"metadata database {path}: not a usable fleetloop database ({exc})") from None
+        return _Conn(raw, postgres=False)
+
+    @staticmethod
+    def _connect_postgres(url: str) -> _Conn:
+        try:
+            import psycopg
+        except ImportError:
+            raise ConfigError("--db postgresql://... needs psycopg (pip install 'psycopg[binary]')") from None
+        try:
+            raw = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            raise UnavailableError(f"metadata database {_redact(url)}: {_first_line(exc)}") from None
+        except psycopg.Error as exc:
+            raise ConfigError(f"metadata database {_redact(url)}: {_first_line(exc)}") from None
+        return _Conn(raw, postgres=True)
 
     def _create_schema(self) -> None:
         with self._tx() as db:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
-                    db.execute(statement)
+                    db.execute(db.ddl(statement))
             row = db.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
             elif int(row[0]) > SCHEMA_VERSION:
                 raise ConfigError(
-                    f"metadata database {self._path} has schema version {row[0]}; "
+                    f"metadata database {self._where} has schema version {row[0]}; "
                     f"this fleetloop understands up to {SCHEMA_VERSION}"
                 )
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction under the lock; rolled back on any exception."""
+    def _tx(self) -> Iterator[_Conn]:
+        """One write transaction under the lock (and, on PostgreSQL, the cross-process write lock);
+        rolled back on any exception."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.begin_write()
             try:
                 yield self._db
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.raw.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            self._db.raw.execute("COMMIT")
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
-            return list(self._db.execute(sql, tuple(params)).fetchall())
+            return [tuple(r) for r in self._db.execute(sql, tuple(params)).fetchall()]
 
     def close(self) -> None:
         with self._lock:
@@ -352,8 +504,15 @@ class MetadataStore:
                 """UPDATE devices SET hardware_id = ?, firmware_version = ?, firmware_sha256 = ?,
                           active_slot = ?, campaigns_version = ?, last_seen = ?
                    WHERE device_id = ?""",
-                (hardware_id, firmware_version, firmware_sha256, active_slot, campaigns_version, now,
-                 device_id),
+                (
+                    hardware_id,
+                    firmware_version,
+                    firmware_sha256,
+                    active_slot,
+                    campaigns_version,
+                    now,
+                    device_id,
+                ),
             )
             if cur.rowcount == 0:
                 raise NotFoundError(f"device {device_id!r} is not registered")
@@ -443,11 +602,21 @@ class MetadataStore:
         """
         with self._tx() as db:
             cur = db.execute(
-                """INSERT OR IGNORE INTO segments (device_id, segment_id, capture_id, campaign, priority,
-                                                   samples, first_ns, last_ns, received_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                (device_id, bytes(segment_id), capture_id, campaign, priority, samples, first_ns, last_ns,
-                 now),
+                """INSERT INTO segments (device_id, segment_id, capture_id, campaign, priority,
+                                         samples, first_ns, last_ns, received_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (device_id, segment_id) DO NOTHING""",
+                (
+                    device_id,
+                    bytes(segment_id),
+                    capture_id,
+                    campaign,
+                    priority,
+                    samples,
+                    first_ns,
+                    last_ns,
+                    now,
+                ),
             )
             if cur.rowcount == 0:
                 return False
@@ -456,10 +625,12 @@ class MetadataStore:
                                          segments, first_received, last_received)
                    VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)
                    ON CONFLICT (device_id, capture_id) DO UPDATE SET
-                     first_ns = MIN(first_ns, excluded.first_ns),
-                     last_ns = MAX(last_ns, excluded.last_ns),
-                     samples = samples + excluded.samples,
-                     segments = segments + 1,
+                     first_ns = CASE WHEN excluded.first_ns < captures.first_ns
+                                     THEN excluded.first_ns ELSE captures.first_ns END,
+                     last_ns = CASE WHEN excluded.last_ns > captures.last_ns
+                                    THEN excluded.last_ns ELSE captures.last_ns END,
+                     samples = captures.samples + excluded.samples,
+                     segments = captures.segments + 1,
                      last_received = excluded.last_received""",
                 (device_id, capture_id, campaign, first_ns, last_ns, samples, now, now),
             )
@@ -471,8 +642,9 @@ class MetadataStore:
                       last_received FROM captures ORDER BY first_received, device_id, capture_id"""
         )
         return [
-            CaptureRecord(r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]), int(r[6]), float(r[7]),
-                          float(r[8]))
+            CaptureRecord(
+                r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]), int(r[6]), float(r[7]), float(r[8])
+            )
             for r in rows
         ]
 
@@ -487,10 +659,10 @@ class MetadataStore:
     # ------------------------------------------------------------------ campaigns
 
     @staticmethod
-    def _bump_campaigns_version(db: sqlite3.Connection) -> int:
+    def _bump_campaigns_version(db: _Conn) -> int:
         db.execute(
             """INSERT INTO settings (key, value) VALUES ('campaigns_version', 1)
-               ON CONFLICT (key) DO UPDATE SET value = value + 1"""
+               ON CONFLICT (key) DO UPDATE SET value = settings.value + 1"""
         )
         return int(db.execute("SELECT value FROM settings WHERE key = 'campaigns_version'").fetchone()[0])
 
@@ -501,8 +673,9 @@ class MetadataStore:
         ``rules apply`` can be re-run without making every device reload.
         """
         with self._tx() as db:
-            row = db.execute("SELECT campaign_version, document FROM campaigns WHERE name = ?",
-                             (name,)).fetchone()
+            row = db.execute(
+                "SELECT campaign_version, document FROM campaigns WHERE name = ?", (name,)
+            ).fetchone()
             if row is not None and row[1] == document:
                 cur = db.execute("SELECT value FROM settings WHERE key = 'campaigns_version'").fetchone()
                 return int(cur[0]) if cur else 0
@@ -545,8 +718,13 @@ class MetadataStore:
             cur = db.execute(
                 """UPDATE devices SET campaigns_version = ?, campaigns_running_json = ?,
                           campaigns_refused_json = ?, captures_total = ? WHERE device_id = ?""",
-                (version, json.dumps(list(running)), json.dumps(dict(refused), sort_keys=True),
-                 captures_total, device_id),
+                (
+                    version,
+                    json.dumps(list(running)),
+                    json.dumps(dict(refused), sort_keys=True),
+                    captures_total,
+                    device_id,
+                ),
             )
             if cur.rowcount == 0:
                 raise NotFoundError(f"device {device_id!r} is not registered")
@@ -564,7 +742,7 @@ class MetadataStore:
                        VALUES (?, ?, ?, ?, ?, ?)""",
                     (name, version, hardware_id, bytes(manifest), bytes(signature), now),
                 )
-            except sqlite3.IntegrityError:
+            except _INTEGRITY_ERRORS:
                 raise StateError(
                     f"release {name} {version} for hardware {hardware_id} already exists"
                 ) from None
@@ -619,10 +797,19 @@ class MetadataStore:
                     """INSERT INTO rollouts (rollout_id, release_version, policy_json, state, phase,
                                              phase_started_at, reason, created_at, updated_at)
                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                    (rollout_id, release_version, json.dumps(dict(policy), sort_keys=True), state, phase,
-                     now, reason, now, now),
+                    (
+                        rollout_id,
+                        release_version,
+                        json.dumps(dict(policy), sort_keys=True),
+                        state,
+                        phase,
+                        now,
+                        reason,
+                        now,
+                        now,
+                    ),
                 )
-            except sqlite3.IntegrityError:
+            except _INTEGRITY_ERRORS:
                 raise StateError(f"rollout {rollout_id} already exists") from None
             db.executemany(
                 """INSERT INTO rollout_devices (rollout_id, device_id, phase, state, reason, updated_at)
@@ -689,8 +876,9 @@ class MetadataStore:
             if update.accepted_failures is not None:
                 sets.append("accepted_failures_json = ?")
                 params.append(json.dumps(sorted(update.accepted_failures)))
-            cur = db.execute(f"UPDATE rollouts SET {', '.join(sets)} WHERE rollout_id = ?",
-                             (*params, rollout_id))
+            cur = db.execute(
+                f"UPDATE rollouts SET {', '.join(sets)} WHERE rollout_id = ?", (*params, rollout_id)
+            )
             if cur.rowcount == 0:
                 raise NotFoundError(f"rollout {rollout_id!r} does not exist")
             for event, detail in update.audit:
@@ -703,7 +891,7 @@ class MetadataStore:
 
     @staticmethod
     def _apply_device_change(
-        db: sqlite3.Connection, rollout_id: str, device_id: str, change: DeviceChange, now: float
+        db: _Conn, rollout_id: str, device_id: str, change: DeviceChange, now: float
     ) -> None:
         row = db.execute(
             "SELECT state FROM rollout_devices WHERE rollout_id = ? AND device_id = ?",
@@ -761,7 +949,7 @@ class MetadataStore:
         rows = self._read(
             """SELECT seq, rollout_id, at, event, detail FROM (
                    SELECT * FROM rollout_audit WHERE rollout_id = ? ORDER BY seq DESC LIMIT ?
-               ) ORDER BY seq""",
+               ) AS recent ORDER BY seq""",
             (rollout_id, AUDIT_READ_LIMIT),
         )
         return [AuditRecord(int(r[0]), r[1], float(r[2]), r[3], r[4]) for r in rows]

@@ -11,8 +11,9 @@ from pathlib import Path
 from types import FrameType
 
 from fleetloop_cloud.coordinator import Coordinator
-from fleetloop_cloud.grpc_api import start_grpc_server
+from fleetloop_cloud.grpc_api import GrpcTls, start_grpc_server
 from fleetloop_cloud.http_api import start_http_server
+from fleetloop_cloud.mqtt_bridge import BridgeSettings, MqttBridge
 
 log = logging.getLogger("fleetloop.cloud")
 
@@ -25,14 +26,21 @@ def serve(
     http_port: int = 8080,
     ready_file: Path | None = None,
     stop: threading.Event | None = None,
+    mqtt: BridgeSettings | None = None,
+    db: str | None = None,
+    grpc_tls: GrpcTls | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (or ``stop`` is set). Writes ``ready_file`` once both ports listen."""
     stop = stop or threading.Event()
-    coordinator = Coordinator(data_dir)
-    grpc_server, gport = start_grpc_server(coordinator, host, grpc_port)
+    coordinator = Coordinator(data_dir, db=db)
+    grpc_server, gport = start_grpc_server(coordinator, host, grpc_port, tls=grpc_tls)
     http_server, hport = start_http_server(coordinator, host, http_port)
     coordinator.artifact_base_url = f"http://{host}:{hport}"
     coordinator.start()
+    # MQTT 5 beside gRPC (issue 6): consumers on a shared subscription calling the same Coordinator.
+    bridge = MqttBridge(coordinator, mqtt) if mqtt is not None else None
+    if bridge is not None:
+        bridge.start()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
@@ -53,6 +61,8 @@ def serve(
     log.info("coordinator serving: gRPC %s, HTTP %s, data %s", info["grpc"], info["http"], data_dir)
     stop.wait()
     log.info("coordinator stopping")
+    if bridge is not None:
+        bridge.stop()
     coordinator.stop()
     grpc_server.stop(grace=2).wait(3)
     http_server.shutdown()

@@ -6,9 +6,10 @@ installed image (its ``base_sha256``). The cloud signs the manifest's canonical 
 release key; the device verifies the signature against the keys it trusts *before* it believes a single
 field, then refuses manifests that expired (freeze attacks) or were made for other hardware.
 
-This is the foundation version of update metadata. Full TUF/Uptane (threshold roots, key rotation, a
-director beside the image repository) replaces it later; the manifest keeps the facts a device needs so
-that change stays inside this module and its callers do not move.
+Since issue 5 devices trust TUF metadata instead (``fleetloop_shared.tuf_metadata``: an image repository
+with threshold roots beside a per-device director, verified by python-tuf's ngclient). The manifest stays
+as the cloud's own record of a release (the rollout controller offers it) and as the *plan* the agent
+journals after TUF verified it; :func:`verify_manifest` remains for that record, not for device trust.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ MAX_MANIFEST_BYTES = 256 * 1024
 #: A release offers at most this many payloads (one full image plus deltas from installed versions).
 MAX_PAYLOADS = 64
 PAYLOAD_KINDS = ("full", "delta")
-#: Algorithm per payload kind: a full payload is the image itself, a delta is a bsdiff4 patch.
-ALGORITHM_FOR_KIND = {"full": "none", "delta": "bsdiff4"}
+INSTALL_MODES = ("slot", "swap")
+#: Algorithm per payload kind: a full payload is the image itself, a delta is an FLDELTA1 container
+#: (``fleetloop_shared.delta``: chunks of zstd, zstd patch-from or bsdiff4).
+ALGORITHM_FOR_KIND = {"full": "none", "delta": "fldelta1"}
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _ED25519_SIGNATURE_LEN = 64
@@ -71,6 +74,9 @@ class ReleaseManifest:
     payloads: tuple[PayloadRef, ...]
     created_unix: int
     expires_unix: int
+    #: How the device installs it: "slot" (A/B firmware image, reboot) or "swap" (a bundle — software,
+    #: model pack, catalog, config — unpacked beside the current one and switched to atomically, no reboot).
+    install: str = "slot"
 
     def payload_for(self, installed_sha256: str) -> PayloadRef:
         """The delta whose base is the installed image, else the full image.
@@ -112,6 +118,8 @@ def manifest_to_bytes(m: ReleaseManifest) -> bytes:
             for p in m.payloads
         ],
     }
+    if m.install != "slot":  # only then: the bytes of every firmware manifest stay what they were
+        doc["install"] = m.install
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
@@ -142,6 +150,11 @@ def manifest_from_bytes(data: bytes) -> ReleaseManifest:
         raise MalformedMessageError(f"release manifest is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise MalformedMessageError("release manifest: top level must be a JSON object")
+    install = doc.pop("install", "slot")
+    if install not in INSTALL_MODES:
+        raise MalformedMessageError(
+            f"release manifest: install {install!r} is not one of {', '.join(INSTALL_MODES)}"
+        )
     _check_fields(doc, _TOP_FIELDS, "release manifest")
     if doc["schema"] != MANIFEST_SCHEMA:
         raise MalformedMessageError(
@@ -161,6 +174,7 @@ def manifest_from_bytes(data: bytes) -> ReleaseManifest:
         payloads=tuple(_payload(p, i) for i, p in enumerate(raw_payloads)),
         created_unix=_count(doc, "created_unix", "release manifest"),
         expires_unix=_count(doc, "expires_unix", "release manifest"),
+        install=install,
     )
     _check_consistent(manifest)
     return manifest

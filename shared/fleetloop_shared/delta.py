@@ -1,102 +1,384 @@
-"""Binary deltas between firmware images (bsdiff4), safe to apply to bytes from outside.
+"""Binary deltas between firmware images, chunked so both ends stay in bounded memory.
 
-A new firmware image mostly repeats the old one: a bsdiff4 patch is a few percent of the image, which is
-what makes fleet updates affordable on metered links. This is the only module that imports bsdiff4, so
-its failure modes are mapped to the error tree in one place.
+A new firmware image mostly repeats the old one, so a delta is a few percent of the image — what makes
+fleet updates affordable on metered links. Whole-file bsdiff4 makes the smallest patches but needs ~17×
+the old image in RAM to diff and holds old + new in memory to apply; zstd "patch-from" is fast but needs
+the whole old image as its window. So the image is cut into chunks: each chunk of the new image is encoded
+against a *window* of the old image around the same relative position, by whichever of three methods is
+smallest for that chunk:
 
-Patches arrive from the network. Before bsdiff4 sees one, its header and compressed blocks are checked
-here with bounded decompression: a hostile patch cannot claim a 100 GB output or hide a bzip2 bomb, and
-garbage raises :class:`IntegrityError`, never another exception.
+- ``zstd``: the chunk compressed on its own (the "full zstd" candidate, never worse than the raw chunk);
+- ``zstd-patch``: zstd at level ≥ 12 with the old window as a raw-content dictionary (patch-from);
+- ``bsdiff4``: bsdiff's control/diff/extra streams (``bsdiff4.core``), each compressed with the smaller
+  of zstd-19 and bzip2-9 (bzip2's BWT wins on the mostly-zero diff stream of a patch release, zstd on
+  the rest).
+
+Container ``FLDELTA1`` (all integers little-endian)::
+
+    magic "FLDELTA1" | new_size u64 | old_size u64 | chunk_size u32 | chunk_count u32
+    per chunk: method u8 | window_start u64 | window_len u32 | out_len u32 | body_len u32 | body
+    bsdiff4 body: 3 × codec u8 | control_len u32 | diff_len u32 | extra_len u32 | control diff extra
+                  (codec 0 = zstd, 1 = bzip2; each stream compressed on its own)
+
+Applying needs one old window, one output chunk and its decoded streams at a time: bounded by
+``chunk_size`` (default 4 MiB) and ``margin`` (512 KiB), not by the image. Patches arrive from the network:
+every length is checked against those bounds and every decompression is bounded before bsdiff4 or zstd
+sees anything, so garbage raises :class:`IntegrityError` ("delta is malformed: ..."), never another
+exception. This is the only module that imports bsdiff4; zstandard errors are mapped here too.
 """
 
 from __future__ import annotations
 
 import bz2
+import io
+import os
 import struct
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
 
-import bsdiff4
+import bsdiff4  # bsdiff4.core: the raw control/diff/extra streams, no bzip2
+import zstandard
 
-from fleetloop_shared.errors import IntegrityError
+from fleetloop_shared.errors import IntegrityError, NotFoundError, UserError
 
-DELTA_ALGORITHM = "bsdiff4"
+#: Name of the container format in signed metadata.
+DELTA_ALGORITHM = "fldelta1"
 #: Default ceiling for a patched image; callers with a device limit pass theirs.
 DEFAULT_MAX_OUTPUT = 1 << 30
+DEFAULT_CHUNK = 4 << 20
+DEFAULT_MARGIN = 512 << 10
+#: Hard bounds a patch may ask for (hostile-input limits; the window is chunk + 2 margins at most).
+MAX_CHUNK = 16 << 20
+MAX_WINDOW = 3 * MAX_CHUNK
+#: zstd level of the whole-chunk candidates (plain and patch-from). Patch-from needs ≥ 12 or zstd ignores
+#: a large raw dictionary; on real binaries 12 is as small as 19 with the window as dictionary and 10-15×
+#: faster (benchmarks/delta.py), and bsdiff usually wins those chunks anyway.
+ZSTD_LEVEL = 12
+#: zstd level for bsdiff's streams (mostly zeros and small numbers: the high level pays off there).
+ZSTD_STREAM_LEVEL = 19
 
-_MAGIC = b"BSDIFF40"
-_HEADER = struct.Struct("<8s8s8s8s")
+METHOD_ZSTD = 0
+METHOD_ZSTD_PATCH = 1
+METHOD_BSDIFF = 2
+METHOD_NAMES = {METHOD_ZSTD: "zstd", METHOD_ZSTD_PATCH: "zstd-patch", METHOD_BSDIFF: "bsdiff4"}
+
+MAGIC = b"FLDELTA1"
+_HEADER = struct.Struct("<8sQQII")
+_CHUNK = struct.Struct("<BQIII")
+_BSDIFF = struct.Struct("<BBBIII")
+_CODEC_ZSTD = 0
+_CODEC_BZIP2 = 1
 _CONTROL_TUPLE = 24
 
 
-def make_delta(old: bytes, new: bytes) -> bytes:
-    """A bsdiff4 patch that turns ``old`` into ``new`` (needs ~17× ``len(old)`` of RAM while diffing)."""
-    return bytes(bsdiff4.diff(old, new))
+@dataclass
+class DeltaStats:
+    """What :func:`make_delta_file` produced: size and which method won how many chunks."""
+
+    bytes: int = 0
+    new_bytes: int = 0
+    chunks: int = 0
+    methods: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def algorithm(self) -> str:
+        """The container plus the methods it used, e.g. ``fldelta1:bsdiff4+zstd``."""
+        used = "+".join(sorted(self.methods))
+        return f"{DELTA_ALGORITHM}:{used}" if used else DELTA_ALGORITHM
 
 
-def apply_delta(old: bytes, patch: bytes, *, max_size: int = DEFAULT_MAX_OUTPUT) -> bytes:
-    """``old`` with ``patch`` applied; IntegrityError("delta is malformed: ...") on anything invalid.
+def _window(index: int, chunk: int, margin: int, old_size: int, new_size: int) -> tuple[int, int]:
+    """The old range a new chunk is diffed against: same relative position, widened by ``margin``."""
+    start = index * chunk
+    center = start * old_size // new_size if new_size else 0
+    lo = max(0, center - margin)
+    hi = min(old_size, center + chunk + margin)
+    return lo, max(0, hi - lo)
 
-    ``max_size`` bounds the output (and so the memory) a patch may ask for.
-    """
-    out_size = _check_patch(patch, max_size)
+
+def _zstd(data: bytes, dictionary: bytes | None = None, level: int = ZSTD_LEVEL) -> bytes:
+    if dictionary:
+        d = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        params = zstandard.ZstdCompressionParameters.from_level(
+            level, window_log=max(20, (len(dictionary) + len(data)).bit_length())
+        )
+        return zstandard.ZstdCompressor(dict_data=d, compression_params=params).compress(data)
+    return zstandard.ZstdCompressor(level=level).compress(data)
+
+
+def _smallest_stream(data: bytes) -> tuple[int, bytes]:
+    z = _zstd(data, level=ZSTD_STREAM_LEVEL)
+    b = bz2.compress(data, 9)
+    return (_CODEC_BZIP2, b) if len(b) < len(z) else (_CODEC_ZSTD, z)
+
+
+def _unbzip2(body: bytes, limit: int, what: str) -> bytes:
+    """Decompress one bzip2 stream, refusing more than ``limit`` bytes (bomb defence)."""
+    decompressor = bz2.BZ2Decompressor()
+    parts: list[bytes] = []
+    total = 0
+    data = body
     try:
-        new = bsdiff4.patch(old, patch)
-    except (ValueError, OverflowError, MemoryError, OSError, EOFError, TypeError) as exc:
-        raise IntegrityError(f"delta is malformed: {exc}") from None
-    if len(new) != out_size:
-        raise IntegrityError(f"delta is malformed: produced {len(new)} bytes, header says {out_size}")
-    return bytes(new)
+        while not decompressor.eof:
+            part = decompressor.decompress(data, max_length=1 << 20)
+            data = b""
+            total += len(part)
+            if total > limit:
+                raise IntegrityError(f"delta is malformed: {what} expands past {limit} bytes")
+            parts.append(part)
+            if not part and decompressor.needs_input:
+                raise IntegrityError(f"delta is malformed: {what} is truncated")
+    except (OSError, ValueError, EOFError) as exc:
+        raise IntegrityError(f"delta is malformed: {what} is not bzip2 ({exc})") from None
+    if decompressor.unused_data:
+        raise IntegrityError(f"delta is malformed: trailing bytes after {what}")
+    return b"".join(parts)
+
+
+def _unstream(codec: int, body: bytes, limit: int, what: str) -> bytes:
+    if codec == _CODEC_ZSTD:
+        return _unzstd(body, limit, what)
+    if codec == _CODEC_BZIP2:
+        return _unbzip2(body, limit, what)
+    raise IntegrityError(f"delta is malformed: {what} has unknown codec {codec}")
+
+
+def _encode_chunk(window: bytes, chunk: bytes) -> tuple[int, bytes]:
+    """The smallest of the three encodings of ``chunk`` against ``window``."""
+    best = (METHOD_ZSTD, _zstd(chunk))
+    if window:
+        patch_from = _zstd(chunk, window)
+        if len(patch_from) < len(best[1]):
+            best = (METHOD_ZSTD_PATCH, patch_from)
+        control, diff, extra = bsdiff4.core.diff(window, chunk)
+        coded = [_smallest_stream(x) for x in (control, diff, extra)]
+        streams = [data for _, data in coded]
+        body = _BSDIFF.pack(*(c for c, _ in coded), *(len(x) for x in streams)) + b"".join(streams)
+        if len(body) < len(best[1]):
+            best = (METHOD_BSDIFF, body)
+    return best
+
+
+def make_delta_stream(
+    old: BinaryIO,
+    old_size: int,
+    new: BinaryIO,
+    new_size: int,
+    out: BinaryIO,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    margin: int = DEFAULT_MARGIN,
+) -> DeltaStats:
+    """Write a delta from ``old`` to ``new`` into ``out``; memory ~17× (chunk + 2·margin), not the image."""
+    if not 0 < chunk <= MAX_CHUNK or not 0 <= margin <= chunk:
+        raise UserError(
+            f"delta chunk {chunk} / margin {margin}: need 0 < chunk ≤ {MAX_CHUNK}, margin ≤ chunk"
+        )
+    count = (new_size + chunk - 1) // chunk
+    out.write(_HEADER.pack(MAGIC, new_size, old_size, chunk, count))
+    stats = DeltaStats(bytes=_HEADER.size, new_bytes=new_size, chunks=count)
+    for i in range(count):
+        data = new.read(min(chunk, new_size - i * chunk))
+        lo, length = _window(i, chunk, margin, old_size, new_size)
+        old.seek(lo)
+        window = old.read(length)
+        if len(window) != length or len(data) != min(chunk, new_size - i * chunk):
+            raise IntegrityError("an input file changed size while the delta was being made")
+        method, body = _encode_chunk(window, data)
+        out.write(_CHUNK.pack(method, lo, length, len(data), len(body)))
+        out.write(body)
+        stats.bytes += _CHUNK.size + len(body)
+        name = METHOD_NAMES[method]
+        stats.methods[name] = stats.methods.get(name, 0) + 1
+    return stats
+
+
+def make_delta(old: bytes, new: bytes, *, chunk: int = DEFAULT_CHUNK, margin: int = DEFAULT_MARGIN) -> bytes:
+    """The delta turning ``old`` into ``new`` (in-memory convenience over :func:`make_delta_stream`)."""
+    out = io.BytesIO()
+    make_delta_stream(io.BytesIO(old), len(old), io.BytesIO(new), len(new), out, chunk=chunk, margin=margin)
+    return out.getvalue()
+
+
+def make_delta_file(old: Path, new: Path, out: Path, **kwargs: int) -> DeltaStats:
+    """File to file; ``out`` appears only complete (written beside it, then renamed)."""
+    try:
+        old_size, new_size = old.stat().st_size, new.stat().st_size
+    except FileNotFoundError as exc:
+        raise NotFoundError(f"{exc.filename}: no such file") from None
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fo, old.open("rb") as fa, new.open("rb") as fb:
+            stats = make_delta_stream(fa, old_size, fb, new_size, fo, **kwargs)
+            fo.flush()
+            os.fsync(fo.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return stats
+
+
+# ----------------------------------------------------------------------------------------- applying
+
+
+def _read_exact(f: BinaryIO, n: int, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise IntegrityError(f"delta is malformed: truncated in {what}")
+    return data
+
+
+def _unzstd(body: bytes, limit: int, what: str, dictionary: bytes | None = None) -> bytes:
+    """Decompress one zstd frame, refusing more than ``limit`` bytes (bomb defence)."""
+    try:
+        if dictionary:
+            d = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+            dctx = zstandard.ZstdDecompressor(dict_data=d, max_window_size=1 << 27)
+        else:
+            dctx = zstandard.ZstdDecompressor(max_window_size=1 << 27)
+        reader = dctx.stream_reader(io.BytesIO(body), read_across_frames=False)
+        parts = []
+        total = 0
+        while True:
+            part = reader.read(min(1 << 20, limit + 1 - total))
+            if not part:
+                break
+            total += len(part)
+            if total > limit:
+                raise IntegrityError(f"delta is malformed: {what} expands past {limit} bytes")
+            parts.append(part)
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"delta is malformed: {what} is not valid zstd ({exc})") from None
+    return b"".join(parts)
 
 
 def _offtin(raw: bytes) -> int:
-    """bsdiff's 64-bit sign-magnitude little-endian integer."""
     value = int.from_bytes(raw, "little") & ~(1 << 63)
     return -value if raw[7] & 0x80 else value
 
 
-def _check_patch(patch: bytes, max_size: int) -> int:
-    if len(patch) < _HEADER.size:
-        raise IntegrityError(f"delta is malformed: {len(patch)} bytes is shorter than a bsdiff4 header")
-    magic, raw_control, raw_diff, raw_size = _HEADER.unpack_from(patch)
-    if magic != _MAGIC:
-        raise IntegrityError("delta is malformed: not a bsdiff4 patch (bad magic)")
-    len_control, len_diff, out_size = _offtin(raw_control), _offtin(raw_diff), _offtin(raw_size)
-    if len_control < 0 or len_diff < 0 or out_size < 0:
-        raise IntegrityError("delta is malformed: negative length in the header")
-    if out_size > max_size:
-        raise IntegrityError(f"delta is malformed: output of {out_size} bytes exceeds the limit {max_size}")
-    start = _HEADER.size
-    if start + len_control + len_diff > len(patch):
-        raise IntegrityError("delta is malformed: truncated (blocks extend past the end)")
-    control = patch[start : start + len_control]
-    diff = patch[start + len_control : start + len_control + len_diff]
-    extra = patch[start + len_control + len_diff :]
-    # Every control tuple moves at least one byte or is useless, so out_size + 1 tuples is generous.
-    control_len = _bounded_bunzip(control, _CONTROL_TUPLE * (out_size + 1), "control")
-    if control_len % _CONTROL_TUPLE:
-        raise IntegrityError("delta is malformed: control block is not a whole number of tuples")
-    _bounded_bunzip(diff, out_size, "diff")
-    _bounded_bunzip(extra, out_size, "extra")
-    return out_size
+def _check_control(control: bytes, window_len: int, out_len: int, diff_len: int, extra_len: int) -> None:
+    """Walk bsdiff's control tuples and prove they stay inside the buffers before C code runs them."""
+    if len(control) % _CONTROL_TUPLE:
+        raise IntegrityError("delta is malformed: bsdiff control is not a whole number of tuples")
+    new_pos = old_pos = diff_pos = extra_pos = 0
+    for off in range(0, len(control), _CONTROL_TUPLE):
+        x = _offtin(control[off : off + 8])
+        y = _offtin(control[off + 8 : off + 16])
+        z = _offtin(control[off + 16 : off + 24])
+        if x < 0 or y < 0 or new_pos + x + y > out_len:
+            raise IntegrityError("delta is malformed: bsdiff control writes past the chunk")
+        if old_pos < 0 or old_pos + x > window_len:
+            raise IntegrityError("delta is malformed: bsdiff control reads outside the old window")
+        diff_pos += x
+        extra_pos += y
+        if diff_pos > diff_len or extra_pos > extra_len:
+            raise IntegrityError("delta is malformed: bsdiff control reads past its streams")
+        new_pos += x + y
+        old_pos += x + z
+    if new_pos != out_len:
+        raise IntegrityError(f"delta is malformed: bsdiff control builds {new_pos} of {out_len} bytes")
 
 
-def _bounded_bunzip(block: bytes, limit: int, name: str) -> int:
-    """Decompressed size of one bzip2 block, refusing to expand past ``limit`` (bomb defence)."""
-    decompressor = bz2.BZ2Decompressor()
-    total = 0
-    data = block
+def _decode_chunk(method: int, body: bytes, window: bytes, out_len: int) -> bytes:
+    if method == METHOD_ZSTD:
+        data = _unzstd(body, out_len, "zstd chunk")
+    elif method == METHOD_ZSTD_PATCH:
+        if not window:
+            raise IntegrityError("delta is malformed: zstd-patch chunk without an old window")
+        data = _unzstd(body, out_len, "zstd-patch chunk", window)
+    elif method == METHOD_BSDIFF:
+        if len(body) < _BSDIFF.size:
+            raise IntegrityError("delta is malformed: bsdiff chunk shorter than its header")
+        *codecs, len_c, len_d, len_e = _BSDIFF.unpack_from(body)
+        if _BSDIFF.size + len_c + len_d + len_e != len(body):
+            raise IntegrityError("delta is malformed: bsdiff stream lengths do not add up")
+        a = _BSDIFF.size
+        b = a + len_c
+        c = b + len_d
+        control = _unstream(codecs[0], body[a:b], _CONTROL_TUPLE * (out_len + 1), "bsdiff control")
+        diff = _unstream(codecs[1], body[b:c], out_len, "bsdiff diff")
+        extra = _unstream(codecs[2], body[c:], out_len, "bsdiff extra")
+        _check_control(control, len(window), out_len, len(diff), len(extra))
+        try:
+            data = bytes(bsdiff4.core.patch(window, out_len, control, diff, extra))
+        except (ValueError, OverflowError, MemoryError, TypeError) as exc:
+            raise IntegrityError(f"delta is malformed: {exc}") from None
+    else:
+        raise IntegrityError(f"delta is malformed: unknown chunk method {method}")
+    if len(data) != out_len:
+        raise IntegrityError(f"delta is malformed: chunk decodes to {len(data)} bytes, header says {out_len}")
+    return data
+
+
+def apply_delta_stream(
+    old: BinaryIO,
+    old_size: int,
+    patch: BinaryIO,
+    write: Callable[[bytes], object],
+    *,
+    max_size: int = DEFAULT_MAX_OUTPUT,
+) -> int:
+    """Apply ``patch`` to ``old``, handing the new image to ``write`` chunk by chunk; returns its size.
+
+    Memory is one old window plus one chunk and its streams, whatever the image size. The caller checks
+    the result's hash (the container has none: the signed metadata holds the target hash).
+    """
+    magic, new_size, base_size, chunk, count = _HEADER.unpack(_read_exact(patch, _HEADER.size, "header"))
+    if magic != MAGIC:
+        raise IntegrityError("delta is malformed: not an FLDELTA1 patch (bad magic)")
+    if new_size > max_size:
+        raise IntegrityError(f"delta is malformed: output of {new_size} bytes exceeds the limit {max_size}")
+    if base_size != old_size:
+        raise IntegrityError(f"delta is for a base of {base_size} bytes, the installed image has {old_size}")
+    if not 0 < chunk <= MAX_CHUNK or count != (new_size + chunk - 1) // chunk:
+        raise IntegrityError("delta is malformed: impossible chunk size or count")
+    written = 0
+    for _ in range(count):
+        method, lo, length, out_len, body_len = _CHUNK.unpack(_read_exact(patch, _CHUNK.size, "chunk header"))
+        if out_len != min(chunk, new_size - written) or length > MAX_WINDOW or lo + length > old_size:
+            raise IntegrityError("delta is malformed: chunk header out of bounds")
+        if body_len > out_len + (out_len >> 7) + (1 << 16):  # zstd alone is always a candidate
+            raise IntegrityError(f"delta is malformed: chunk body of {body_len} bytes is impossible")
+        body = _read_exact(patch, body_len, "chunk body")
+        old.seek(lo)
+        window = old.read(length)
+        if len(window) != length:
+            raise IntegrityError("the installed image is shorter than the delta's window")
+        data = _decode_chunk(method, body, window, out_len)
+        write(data)
+        written += len(data)
+    if patch.read(1):
+        raise IntegrityError("delta is malformed: trailing bytes after the last chunk")
+    return written
+
+
+def apply_delta(old: bytes, patch: bytes, *, max_size: int = DEFAULT_MAX_OUTPUT) -> bytes:
+    """``old`` with ``patch`` applied (in memory); IntegrityError("delta is malformed: ...") on garbage."""
+    out = io.BytesIO()
+    apply_delta_stream(io.BytesIO(old), len(old), io.BytesIO(patch), out.write, max_size=max_size)
+    return out.getvalue()
+
+
+def apply_delta_file(old: Path, patch: Path, out: Path, *, max_size: int = DEFAULT_MAX_OUTPUT) -> int:
+    """File to file, the same streaming code the device runs; ``out`` appears only complete."""
     try:
-        while True:
-            out = decompressor.decompress(data, max_length=1 << 20)
-            data = b""
-            total += len(out)
-            if total > limit:
-                raise IntegrityError(f"delta is malformed: {name} block expands past {limit} bytes")
-            if decompressor.eof:
-                break
-            if decompressor.needs_input:
-                raise IntegrityError(f"delta is malformed: {name} block is truncated")
-    except (OSError, ValueError, EOFError) as exc:
-        raise IntegrityError(f"delta is malformed: {name} block is not bzip2 ({exc})") from None
-    if decompressor.unused_data:
-        raise IntegrityError(f"delta is malformed: trailing bytes after the {name} block")
-    return total
+        old_size = old.stat().st_size
+        fa, fp = old.open("rb"), patch.open("rb")
+    except FileNotFoundError as exc:
+        raise NotFoundError(f"{exc.filename}: no such file") from None
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fo, fa, fp:
+            size = apply_delta_stream(fa, old_size, fp, fo.write, max_size=max_size)
+            fo.flush()
+            os.fsync(fo.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return size

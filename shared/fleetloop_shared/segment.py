@@ -7,9 +7,12 @@ module is its only implementation.
 Why the layout looks the way it does:
 
 * Signals of one group share one timestamp column, and timestamps are most of the cost, so they get the
-  strongest transform: delta-of-delta turns a steady sample rate into a run of small numbers.
-* Every block names its codec, so a later format can add codecs without breaking old readers' ability to
-  say *which* codec they do not know, and the encoder may pick per block whatever is smallest.
+  strongest transform: an integer stream (:mod:`fleetloop_shared.codecs.intstream`) that picks values,
+  first or second differences, divides out the clock's tick and bit-packs with exceptions.
+* Floats are mostly decimals or scaled integers in disguise, so they become integers plus an exact ulp
+  residual (:mod:`fleetloop_shared.codecs.decimal_float`); true doubles fall back to XOR or plain bytes.
+* Every block names its codec (and whether zstd was applied on top), so the encoder picks per block
+  whatever is smallest and a reader can say *which* codec it does not know.
 * Decoding trusts nothing: every length is checked against what the header implies *before* anything is
   allocated or decompressed, and the checksum is verified before any block is decompressed, so hostile or
   truncated bytes end in :class:`CorruptSegmentError` rather than in a crash, a huge allocation or a
@@ -30,10 +33,11 @@ import numpy.typing as npt
 import zstandard
 
 from fleetloop_shared.catalog import Catalog, DataType
+from fleetloop_shared.codecs import decimal_float, intstream, zstd_frames
 from fleetloop_shared.errors import CorruptSegmentError, UserError
 from fleetloop_shared.samples import GroupBatch
 
-FORMAT_VERSION: int = 1
+FORMAT_VERSION: int = 2
 MAGIC: bytes = b"FLSG"
 
 #: Hard limits a decoder enforces before it allocates anything; an encoder refuses to exceed them too.
@@ -44,29 +48,41 @@ MAX_CELLS = 100_000_000
 MAX_GROUP_BYTES = 1024
 MAX_SIGNAL_ID = 2**32 - 1
 
-# Codec ids (one byte, stable forever within a format version; see docs/segment-format.md).
-CODEC_TS_DOD_VARINT_ZSTD = 1
-CODEC_F64_RAW_ZSTD = 16
-CODEC_F64_XOR_ZSTD = 17
-CODEC_I64_DELTA_VARINT_ZSTD = 32
-CODEC_BOOL_PACKBITS_ZSTD = 48
+# Codec ids (one byte, stable forever within a format version; see docs/segment-format.md). The high
+# bit (ZSTD_FLAG) says the block's payload is a zstd frame of the transform's bytes.
+CODEC_TS_INTSTREAM = 2
+CODEC_F64_RAW = 16
+CODEC_F64_XOR = 17
+CODEC_F64_SCALED = 18
+CODEC_F64_BITS_INTSTREAM = 19
+CODEC_I64_INTSTREAM = 33
+CODEC_BOOL_PACKBITS = 48
+ZSTD_FLAG = 0x80
+# Names kept for callers of format version 1 (the zstd-wrapped forms of the same transforms).
+CODEC_F64_RAW_ZSTD = CODEC_F64_RAW | ZSTD_FLAG
+CODEC_F64_XOR_ZSTD = CODEC_F64_XOR | ZSTD_FLAG
+
+_TS_CODECS = frozenset({CODEC_TS_INTSTREAM, CODEC_TS_INTSTREAM | ZSTD_FLAG})
+
+
+def _with_flag(*codecs: int) -> frozenset[int]:
+    return frozenset(c | f for c in codecs for f in (0, ZSTD_FLAG))
+
 
 _VALUE_CODECS: dict[DataType, frozenset[int]] = {
-    DataType.FLOAT64: frozenset({CODEC_F64_RAW_ZSTD, CODEC_F64_XOR_ZSTD}),
-    DataType.INT64: frozenset({CODEC_I64_DELTA_VARINT_ZSTD}),
-    DataType.BOOL: frozenset({CODEC_BOOL_PACKBITS_ZSTD}),
+    DataType.FLOAT64: _with_flag(CODEC_F64_RAW, CODEC_F64_XOR, CODEC_F64_SCALED, CODEC_F64_BITS_INTSTREAM),
+    DataType.INT64: _with_flag(CODEC_I64_INTSTREAM),
+    DataType.BOOL: _with_flag(CODEC_BOOL_PACKBITS),
 }
+#: Below this many bytes a zstd frame (≥ 9 bytes of framing) cannot win; not tried.
+_ZSTD_MIN_INPUT = 24
 
-_ZSTD_LEVEL = 3
 # magic, version, flags, segment id, row count, first ns, last ns
 _FIXED = struct.Struct("<4sHH16sQqq")
 _U16 = struct.Struct("<H")
 _COLUMN = struct.Struct("<IBB")  # signal id, data type, codec id
 _BLOCK = struct.Struct("<BII")  # codec id, raw (decompressed) length, stored (compressed) length
 _CRC = struct.Struct("<I")
-_VARINT_MAX_BYTES = 10  # a 64-bit value needs at most ten 7-bit groups
-
-_compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_content_size=True, write_checksum=False)
 
 
 def new_segment_id() -> bytes:
@@ -117,8 +133,10 @@ class Segment:
 
 
 def _bits_equal(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and np.ascontiguousarray(a).tobytes() == (
-        np.ascontiguousarray(b).tobytes()
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and np.ascontiguousarray(a).tobytes() == (np.ascontiguousarray(b).tobytes())
     )
 
 
@@ -228,125 +246,49 @@ def _validated(segment: Segment) -> tuple[npt.NDArray[np.int64], _Columns]:
 
 
 def _zstd(raw: bytes) -> bytes:
-    return bytes(_compressor.compress(raw))
+    return zstd_frames.compress(raw)
+
+
+def _smaller(codec: int, raw: bytes, compressed: bytes | None = None) -> tuple[int, bytes, int]:
+    """The transform's bytes as they are, or zstd of them (``compressed`` if already made) if smaller."""
+    if len(raw) >= _ZSTD_MIN_INPUT:
+        packed = _zstd(raw) if compressed is None else compressed
+        if len(packed) < len(raw):
+            return codec | ZSTD_FLAG, packed, len(raw)
+    return codec, raw, len(raw)
 
 
 def _encode_timestamps(t_ns: npt.NDArray[np.int64]) -> tuple[int, bytes, int]:
-    raw = _varint_encode(_zigzag(_delta_of_delta(t_ns)))
-    return CODEC_TS_DOD_VARINT_ZSTD, _zstd(raw), len(raw)
+    return _smaller(CODEC_TS_INTSTREAM, *intstream.encode_with_zstd(t_ns))
 
 
 def _encode_values(data_type: DataType, values: npt.NDArray[Any]) -> tuple[int, bytes, int]:
     if data_type is DataType.FLOAT64:
-        bits = np.ascontiguousarray(values, dtype="<f8").view("<u8")
-        raw = bits.tobytes()
-        xored = bits.copy()
-        xored[1:] ^= bits[:-1]
-        plain = _zstd(raw)
-        xor = _zstd(xored.tobytes())
-        # Measured on the real recordings, plain zstd usually wins for sensor noise; XOR wins for slowly
-        # changing true doubles. Ties go to plain (cheaper to decode).
-        if len(xor) < len(plain):
-            return CODEC_F64_XOR_ZSTD, xor, len(raw)
-        return CODEC_F64_RAW_ZSTD, plain, len(raw)
+        floats = np.ascontiguousarray(values, dtype="<f8")
+        packed, planes, exact = decimal_float.encode_variants(floats)
+        best = _smaller(CODEC_F64_SCALED, packed)
+        if planes is not None and len(planes) < len(best[1]):
+            best = (CODEC_F64_SCALED, planes, len(planes))
+        rows = int(floats.shape[0])
+        if not exact and len(best[1]) > 2 * rows:
+            # Not a decimal or scaled integer in disguise (true doubles): XOR of neighbours wins for
+            # slowly changing values, plain bytes for noise. Ties keep the earlier candidate.
+            bits = floats.view("<u8")
+            xored = bits.copy()
+            xored[1:] ^= bits[:-1]
+            for codec, raw in (
+                (CODEC_F64_RAW, bits.tobytes()),
+                (CODEC_F64_XOR, xored.tobytes()),
+                (CODEC_F64_BITS_INTSTREAM, intstream.encode(bits.view(np.int64), (0, 1))),
+            ):
+                candidate = _smaller(codec, raw)
+                if len(candidate[1]) < len(best[1]):
+                    best = candidate
+        return best
     if data_type is DataType.INT64:
-        ints = values.astype(np.int64)
-        raw = _varint_encode(_zigzag(_delta(ints)))
-        return CODEC_I64_DELTA_VARINT_ZSTD, _zstd(raw), len(raw)
+        return _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(values.astype(np.int64)))
     raw = np.packbits(values.astype(np.bool_), bitorder="little").tobytes()
-    return CODEC_BOOL_PACKBITS_ZSTD, _zstd(raw), len(raw)
-
-
-# ----------------------------------------------------------------------------- integer transforms
-# All arithmetic is int64/uint64 and wraps modulo 2**64 on purpose: encode and decode wrap the same way,
-# so the round trip is exact even across int64 min/max.
-
-
-def _delta(x: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    out = x.copy()
-    if out.size > 1:
-        out[1:] = x[1:] - x[:-1]
-    return out
-
-
-def _undelta(d: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    return np.cumsum(d, dtype=np.int64)
-
-
-def _delta_of_delta(t: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    """``[t0, t1 - t0, (t2 - t1) - (t1 - t0), ...]``: a steady rate becomes a run of zeros."""
-    d = _delta(t)
-    out = d.copy()
-    if out.size > 2:
-        out[2:] = d[2:] - d[1:-1]
-    return out
-
-
-def _undelta_of_delta(dd: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    d = dd.copy()
-    if d.size > 1:
-        d[1:] = np.cumsum(dd[1:], dtype=np.int64)
-    return np.cumsum(d, dtype=np.int64)
-
-
-def _zigzag(x: npt.NDArray[np.int64]) -> npt.NDArray[np.uint64]:
-    return (x.view(np.uint64) << np.uint64(1)) ^ (x >> np.int64(63)).view(np.uint64)
-
-
-def _unzigzag(u: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
-    return ((u >> np.uint64(1)) ^ (np.uint64(0) - (u & np.uint64(1)))).view(np.int64)
-
-
-def _varint_encode(u: npt.NDArray[np.uint64]) -> bytes:
-    """LEB128 (7 bits per byte, high bit = more follows), vectorized over byte positions."""
-    if u.size == 0:
-        return b""
-    nbytes = np.ones(u.shape, dtype=np.int64)
-    for k in range(1, _VARINT_MAX_BYTES):
-        nbytes += u >= np.uint64(1 << (7 * k))
-    ends = np.cumsum(nbytes)
-    starts = ends - nbytes
-    out = np.empty(int(ends[-1]), dtype=np.uint8)
-    for j in range(_VARINT_MAX_BYTES):
-        has = nbytes > j
-        if not has.any():
-            break
-        group = ((u[has] >> np.uint64(7 * j)) & np.uint64(0x7F)).astype(np.uint8)
-        more = (nbytes[has] - 1 > j).astype(np.uint8) << np.uint8(7)
-        out[starts[has] + j] = group | more
-    return out.tobytes()
-
-
-def _varint_decode(raw: bytes, count: int, what: str) -> npt.NDArray[np.uint64]:
-    """Inverse of :func:`_varint_encode`; refuses anything but exactly ``count`` canonical varints."""
-    b = np.frombuffer(raw, dtype=np.uint8)
-    if count == 0:
-        if b.size:
-            raise CorruptSegmentError(f"{what}: {b.size} bytes of varints for 0 rows")
-        return np.zeros(0, dtype=np.uint64)
-    last_bytes = b < 0x80
-    found = int(np.count_nonzero(last_bytes))
-    if found != count or not last_bytes[-1]:
-        raise CorruptSegmentError(f"{what}: holds {found} complete varints, header says {count}")
-    ends = np.flatnonzero(last_bytes)
-    starts = np.empty_like(ends)
-    starts[0] = 0
-    starts[1:] = ends[:-1] + 1
-    lengths = ends - starts + 1
-    if int(lengths.max()) > _VARINT_MAX_BYTES:
-        raise CorruptSegmentError(f"{what}: varint longer than {_VARINT_MAX_BYTES} bytes")
-    multi = lengths > 1
-    if (b[ends[multi]] == 0).any():
-        raise CorruptSegmentError(f"{what}: non-canonical varint (trailing zero group)")
-    if (b[ends[lengths == _VARINT_MAX_BYTES]] > 1).any():
-        raise CorruptSegmentError(f"{what}: varint overflows 64 bits")
-    # One pass per byte position (at most ten) keeps memory at a few words per value, not per byte.
-    values = np.zeros(count, dtype=np.uint64)
-    for j in range(int(lengths.max())):
-        has = lengths > j
-        group = (b[starts[has] + j] & np.uint8(0x7F)).astype(np.uint64)
-        values[has] |= group << np.uint64(7 * j)
-    return values
+    return _smaller(CODEC_BOOL_PACKBITS, raw)
 
 
 # --------------------------------------------------------------------------------------------- decode
@@ -434,7 +376,7 @@ def _parse_framing(data: bytes) -> tuple[_Header, list[_Block]]:
     except UnicodeDecodeError:
         raise CorruptSegmentError("group name is not valid UTF-8") from None
     ts_codec = r.take(1, "timestamp codec id")[0]
-    if ts_codec != CODEC_TS_DOD_VARINT_ZSTD:
+    if ts_codec not in _TS_CODECS:
         raise CorruptSegmentError(f"unknown timestamp codec id {ts_codec}")
     (ncols,) = r.unpack(_U16, "column count")
     if ncols > MAX_COLUMNS:
@@ -472,6 +414,10 @@ def _parse_framing(data: bytes) -> tuple[_Header, list[_Block]]:
             raise CorruptSegmentError(
                 f"{what} at byte {start}: decoded length {raw_len} impossible for {rows} rows"
             )
+        if not codec & ZSTD_FLAG and stored_len != raw_len:
+            raise CorruptSegmentError(
+                f"{what} at byte {start}: stored length {stored_len} differs from decoded length {raw_len}"
+            )
         payload = r.take(stored_len, what)
         blocks.append(_Block(codec, raw_len, payload, what))
     r.take(_CRC.size, "checksum")
@@ -483,9 +429,12 @@ def _parse_framing(data: bytes) -> tuple[_Header, list[_Block]]:
 
 def _raw_len_bounds(codec: int, rows: int) -> tuple[int, int]:
     """The decoded size a block may have for ``rows`` rows: the cap on what decompression may produce."""
-    if codec in (CODEC_TS_DOD_VARINT_ZSTD, CODEC_I64_DELTA_VARINT_ZSTD):
-        return rows, rows * _VARINT_MAX_BYTES
-    if codec in (CODEC_F64_RAW_ZSTD, CODEC_F64_XOR_ZSTD):
+    base = codec & ~ZSTD_FLAG
+    if base in (CODEC_TS_INTSTREAM, CODEC_I64_INTSTREAM, CODEC_F64_BITS_INTSTREAM):
+        return 1, intstream.max_encoded_size(rows)
+    if base == CODEC_F64_SCALED:
+        return 1, decimal_float.max_encoded_size(rows)
+    if base in (CODEC_F64_RAW, CODEC_F64_XOR):
         return rows * 8, rows * 8
     n = (rows + 7) // 8
     return n, n
@@ -499,6 +448,8 @@ def _check_crc(data: bytes) -> None:
 
 
 def _unzstd(block: _Block) -> bytes:
+    if not block.codec & ZSTD_FLAG:
+        return block.payload
     try:
         declared = zstandard.frame_content_size(block.payload)
     except zstandard.ZstdError:
@@ -523,7 +474,7 @@ def _unzstd(block: _Block) -> bytes:
 def _decode_blocks(header: _Header, blocks: list[_Block]) -> Segment:
     rows = header.rows
     ts_block = blocks[0]
-    t_ns = _undelta_of_delta(_unzigzag(_varint_decode(_unzstd(ts_block), rows, ts_block.what)))
+    t_ns = _decode_ints(ts_block, rows)
     first = int(t_ns.min()) if rows else 0
     last = int(t_ns.max()) if rows else 0
     if (first, last) != (header.first_ns, header.last_ns):
@@ -533,17 +484,24 @@ def _decode_blocks(header: _Header, blocks: list[_Block]) -> Segment:
     columns: dict[int, npt.NDArray[Any]] = {}
     data_types: dict[int, DataType] = {}
     for (signal_id, data_type), block in zip(header.columns, blocks[1:], strict=True):
-        raw = _unzstd(block)
+        base = block.codec & ~ZSTD_FLAG
         values: npt.NDArray[Any]
-        if block.codec == CODEC_F64_RAW_ZSTD:
-            values = np.frombuffer(raw, dtype="<f8").astype(np.float64)
-        elif block.codec == CODEC_F64_XOR_ZSTD:
-            bits = np.bitwise_xor.accumulate(np.frombuffer(raw, dtype="<u8").astype(np.uint64))
+        if base == CODEC_I64_INTSTREAM:
+            values = _decode_ints(block, rows)
+        elif base == CODEC_F64_BITS_INTSTREAM:
+            values = _decode_ints(block, rows).view(np.float64)
+        elif base == CODEC_F64_SCALED:
+            try:
+                values = decimal_float.decode(_unzstd(block), rows)
+            except intstream.StreamError as exc:
+                raise CorruptSegmentError(f"{block.what}: {exc}") from None
+        elif base == CODEC_F64_RAW:
+            values = np.frombuffer(_unzstd(block), dtype="<f8").astype(np.float64)
+        elif base == CODEC_F64_XOR:
+            bits = np.bitwise_xor.accumulate(np.frombuffer(_unzstd(block), dtype="<u8").astype(np.uint64))
             values = bits.view(np.float64)
-        elif block.codec == CODEC_I64_DELTA_VARINT_ZSTD:
-            values = _undelta(_unzigzag(_varint_decode(raw, rows, block.what)))
         else:
-            packed = np.frombuffer(raw, dtype=np.uint8)
+            packed = np.frombuffer(_unzstd(block), dtype=np.uint8)
             bits_all = np.unpackbits(packed, bitorder="little")
             if bits_all[rows:].any():
                 raise CorruptSegmentError(f"{block.what}: padding bits after the last row are set")
@@ -551,3 +509,14 @@ def _decode_blocks(header: _Header, blocks: list[_Block]) -> Segment:
         columns[signal_id] = values
         data_types[signal_id] = data_type
     return Segment(header.segment_id, header.group, t_ns, columns, data_types)
+
+
+def _decode_ints(block: _Block, rows: int) -> npt.NDArray[np.int64]:
+    raw = _unzstd(block)
+    try:
+        values, end = intstream.decode(raw, 0, rows)
+    except intstream.StreamError as exc:
+        raise CorruptSegmentError(f"{block.what}: {exc}") from None
+    if end != len(raw):
+        raise CorruptSegmentError(f"{block.what}: {len(raw) - end} bytes after the integer stream")
+    return values

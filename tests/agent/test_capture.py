@@ -158,3 +158,42 @@ def test_real_drive_capture_holds_exactly_the_recorded_samples(recordings: Path)
             assert groups[group].t_ns.tolist() == t[want].tolist()
             assert groups[group].values[sid].tolist() == v[want].tolist()
         assert cap.sample_count == sum(len(b) for b in cap.batches)
+
+
+def test_max_per_hour_drops_fires_beyond_the_limit(catalog: Catalog) -> None:
+    assembler = CaptureAssembler(catalog)
+    for minute in (0, 10, 20, 30, 61, 75):
+        assembler.on_fire(
+            Fire("c", minute * 60 * S, minute * 60 * S, minute * 60 * S, 5, 2), ["Vehicle.Speed"]
+        )
+    # kept: 0, 10 (two in the first hour), then 61 (0 has left the hour) and 75 (10 has left it)
+    assert assembler.pending == 4 and assembler.rate_limited_total == 2
+
+
+def test_full_queue_evicts_a_lower_priority_fire(catalog: Catalog) -> None:
+    assembler = CaptureAssembler(catalog, max_pending=2)
+    assembler.on_fire(Fire("low", 1 * S, 0, 100 * S, 1), ["Vehicle.Speed"])
+    assembler.on_fire(Fire("mid", 2 * S, 0, 100 * S, 5), ["Vehicle.Speed"])
+    assembler.on_fire(Fire("high", 3 * S, 0, 100 * S, 9), ["Vehicle.Speed"])  # evicts "low"
+    assembler.on_fire(Fire("low2", 4 * S, 0, 100 * S, 1), ["Vehicle.Speed"])  # dropped
+    assert assembler.dropped_fires_total == 2
+    buffers = RingBuffers(catalog, horizon_ns=600 * S)
+    assert [c.campaign for c in assembler.poll(100 * S, buffers)] == ["mid", "high"]
+
+
+def test_min_period_thins_only_the_named_signals(catalog: Catalog) -> None:
+    buffers = RingBuffers(catalog, horizon_ns=60 * S)
+    t = np.arange(0, 10, dtype=np.int64) * (S // 4)  # 4 Hz for 2.5 s
+    v = np.arange(10, dtype=np.float64)
+    buffers.append(GroupBatch("chassis", t, {2: v, 3: v * 2}))
+    assembler = CaptureAssembler(catalog)
+    assembler.on_fire(
+        Fire("c", 2 * S, 0, 2 * S, 5, None, (("Vehicle.Chassis.Brake", S),)), ["Vehicle.Chassis.*"]
+    )
+    assert assembler.required_horizon_ns() == 2 * S
+    (capture,) = assembler.poll(3 * S, buffers)
+    by_signal = {
+        sid: (b.t_ns.tolist(), col.tolist()) for b in capture.batches for sid, col in b.values.items()
+    }
+    assert by_signal[2] == ([0, S, 2 * S], [0.0, 4.0, 8.0])  # one per second
+    assert len(by_signal[3][0]) == 9  # untouched: every sample in [0, 2 s]

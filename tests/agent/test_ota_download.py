@@ -239,3 +239,28 @@ def test_any_sequence_of_cuts_ends_with_the_exact_file(
     server.cut_next = None
     download(HttpFetcher(), url, dest, expected_size=len(PAYLOAD), expected_sha256=PAYLOAD_SHA)
     assert dest.read_bytes() == PAYLOAD
+
+
+def test_bandwidth_limit_keeps_the_average_rate_under_the_cap(server: ArtifactServer, tmp_path: Path) -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:  # a virtual clock: the limiter's arithmetic, not the machine's speed
+        slept.append(s)
+        now[0] += s
+
+    rate = 50_000.0
+    dest = tmp_path / "p.bin"
+    download(
+        HttpFetcher(), server.url("/files/payload"), dest,
+        expected_size=len(PAYLOAD), expected_sha256=PAYLOAD_SHA, chunk_size=10_000,
+        max_bytes_per_s=rate, clock=lambda: now[0], sleep=sleep,
+    )  # fmt: skip
+    assert dest.read_bytes() == PAYLOAD
+    assert now[0] == pytest.approx(len(PAYLOAD) / rate)
+    assert len(slept) >= -(-len(PAYLOAD) // 10_000)  # at least one pause per piece
+    with pytest.raises(ConfigError, match="rate limit must be positive"):
+        download(
+            HttpFetcher(), server.url("/files/payload"), tmp_path / "q.bin",
+            expected_size=len(PAYLOAD), expected_sha256=PAYLOAD_SHA, max_bytes_per_s=0,
+        )  # fmt: skip

@@ -9,40 +9,45 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import io
 import logging
 import os
 import re
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
+from securesystemslib.signer import CryptoSigner
+from tuf.api.metadata import Metadata, Root, TargetFile
 
 from fleetloop_agent.ota.download import HttpFetcher
 from fleetloop_agent.ota.driver import OtaDriver, OtaReport
 from fleetloop_agent.ota.journal import JournalEntry, OtaJournal
 from fleetloop_agent.ota.platform import EnvFilePlatform, RebootRequested, read_boot_env
 from fleetloop_agent.ota.states import OtaState
+from fleetloop_cloud.artifact_store import ArtifactStore, check_not_older_than_fleet
+from fleetloop_cloud.director import Director
+from fleetloop_cloud.tuf_repository import TufRepositories, target_file
 from fleetloop_fwsim.bootloader import BootResult, boot, paths, provision, slot_paths
 from fleetloop_fwsim.firmware import build_image
-from fleetloop_shared.artifact import (
-    PayloadRef,
-    ReleaseManifest,
-    ReleaseSigner,
-    manifest_to_bytes,
-    sha256_hex,
-)
+from fleetloop_shared.artifact import ReleaseManifest, ReleaseSigner, manifest_from_bytes, sha256_hex
 from fleetloop_shared.delta import make_delta
-from fleetloop_shared.errors import IntegrityError, StateError
+from fleetloop_shared.errors import FleetloopError, IntegrityError, StateError, UserError
+from fleetloop_shared.tuf_metadata import delta_facts, delta_target_path, image_facts, image_target_path
 
 S = OtaState
 HW = "simdev-gen2"
+NAME = "simdev-firmware"
 NOW = 1_750_000_000.0
 IMAGE_SIZE = 512 * 1024
 REPO = Path(__file__).resolve().parents[2]
+DEVICE = "dev-1"
 
 
 @dataclass(frozen=True)
@@ -50,9 +55,6 @@ class Release:
     v1: bytes
     v2: bytes
     v3: bytes
-    delta: bytes  # v1 -> v2
-    delta_v3: bytes  # v1 -> v3
-    signer: ReleaseSigner
 
 
 @pytest.fixture(scope="module")
@@ -60,22 +62,31 @@ def release() -> Release:
     v1 = build_image("1.0.0", HW, size_hint=IMAGE_SIZE)
     v2 = build_image("2.0.0", HW, size_hint=IMAGE_SIZE)
     v3 = build_image("3.0.0", HW, size_hint=IMAGE_SIZE)
-    return Release(v1, v2, v3, make_delta(v1, v2), make_delta(v1, v3), ReleaseSigner.generate())
+    return Release(v1, v2, v3)
 
 
-class ArtifactServer:
-    """Files by URL path, with Range, as the cloud's artifact endpoint serves them."""
+class Cloud:
+    """The real cloud half of OTA: artifact store, TUF image repository, director, served over HTTP.
 
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
+    ``overrides`` replaces what a URL path serves (a tampering mirror); ``requests`` records paths.
+    """
+
+    def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
+        self.root = root
+        self.tuf = TufRepositories(root / "artifacts" / "tuf", root / "keys" / "tuf", clock=clock)
+        self.store = ArtifactStore(root / "artifacts", ReleaseSigner.generate(), tuf=self.tuf)
+        self.director = Director(self.tuf)
+        self.overrides: dict[str, bytes] = {}
         self.requests: list[str] = []
-        server = self
+        self.releases: dict[str, ReleaseManifest] = {}
+        cloud = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                server.requests.append(self.path)
-                body = server.files.get(self.path)
-                if body is None:
+                cloud.requests.append(self.path)
+                try:
+                    body = cloud._body(self.path)
+                except FleetloopError:
                     self.send_error(404)
                     return
                 match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
@@ -96,57 +107,77 @@ class ArtifactServer:
         threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
 
+    def _body(self, path: str) -> bytes:
+        if path in self.overrides:
+            return self.overrides[path]
+        if path.startswith("/files/"):
+            return self.store.file_path(path[1:]).read_bytes()
+        m = re.fullmatch(r"/tuf/(image|director/[^/]+)/([^/]+)", path)
+        if m is None:
+            raise StateError("no such path")
+        return self.tuf.metadata_bytes(m.group(1), m.group(2))
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def anchors(self) -> list[bytes]:
+        keys = self.root / "keys"
+        return [(keys / "image-root.json").read_bytes(), (keys / "director-root.json").read_bytes()]
+
+    def publish(self, image: bytes, version: str, bases: list[bytes]) -> ReleaseManifest:
+        for b in bases:
+            self.store.add_image(b)
+        m, _ = self.store.add_release(image, name=NAME, version=version, hardware_id=HW, bases=bases, now=NOW)
+        self.releases[version] = manifest_from_bytes(m)
+        return self.releases[version]
+
+    def job(self, job_id: str, version: str, installed: bytes, device_id: str = DEVICE) -> tuple[str, ...]:
+        """Direct ``device_id`` to ``version`` for ``job_id``; the handle_job arguments."""
+        self.director.assign(
+            device_id,
+            job_id=job_id,
+            rollout_id="r",
+            release=self.releases[version],
+            installed_sha256=sha256_hex(installed),
+        )
+        return (job_id, "r", b"", b"", self.base_url)
+
+    def delta(self, version: str) -> bytes:
+        p = next(p for p in self.releases[version].payloads if p.kind == "delta")
+        return self.store.file_path(p.path).read_bytes()
+
+
+def make_cloud(root: Path, release: Release) -> Cloud:
+    cloud = Cloud(root)
+    cloud.publish(release.v2, "2.0.0", [release.v1])
+    cloud.publish(release.v3, "3.0.0", [release.v1])
+    return cloud
+
 
 @pytest.fixture(scope="module")
-def server(release: Release) -> Iterator[ArtifactServer]:
-    srv = ArtifactServer()
-    for blob in (release.v2, release.v3, release.delta, release.delta_v3):
-        srv.files[f"/files/{sha256_hex(blob)}"] = blob
-    yield srv
-    srv.httpd.shutdown()
-    srv.httpd.server_close()
-
-
-def _ref(blob: bytes, base: bytes | None = None) -> PayloadRef:
-    kind, algorithm = ("delta", "bsdiff4") if base is not None else ("full", "none")
-    return PayloadRef(
-        kind,
-        algorithm,
-        f"files/{sha256_hex(blob)}",
-        sha256_hex(blob),
-        len(blob),
-        sha256_hex(base) if base else None,
-    )
-
-
-def manifest_v2(release: Release, **changes: object) -> ReleaseManifest:
-    m = ReleaseManifest(
-        name="simdev-firmware",
-        version="2.0.0",
-        hardware_id=HW,
-        target_sha256=sha256_hex(release.v2),
-        target_size=len(release.v2),
-        payloads=(_ref(release.v2), _ref(release.delta, base=release.v1)),
-        created_unix=int(NOW) - 60,
-        expires_unix=int(NOW) + 3600,
-    )
-    return replace(m, **changes)  # type: ignore[arg-type]
-
-
-def signed(release: Release, m: ReleaseManifest) -> tuple[bytes, bytes]:
-    data = manifest_to_bytes(m)
-    return data, release.signer.sign(data)
+def server(release: Release, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
+    cloud = make_cloud(tmp_path_factory.mktemp("cloud"), release)
+    yield cloud
+    cloud.close()
 
 
 class Device:
     """A provisioned simulated device plus the agent-side objects pointed at its files."""
 
     def __init__(
-        self, root: Path, image: bytes, release: Release, health_commands: list[list[str]] | None = None
+        self,
+        root: Path,
+        image: bytes,
+        cloud: Cloud,
+        health_commands: list[list[str]] | None = None,
+        device_id: str = DEVICE,
     ):
         self.dir = root / "device"
         self.state_dir = root / "agent-state"
-        self.release = release
+        self.cloud = cloud
+        self.device_id = device_id
+        self.anchors = cloud.anchors()
         self.health_commands = health_commands or []
         self.reports: list[OtaReport] = []
         provision(self.dir, image, bootlimit=2)
@@ -160,12 +191,16 @@ class Device:
         return OtaDriver(
             platform or self.platform(),
             self.state_dir,
-            trusted_keys_pem=[self.release.signer.public_key_pem()],
+            trust_anchors=self.anchors,
             hardware_id=HW,
+            device_id=self.device_id,
             report=kw.pop("report", self.reports.append),  # type: ignore[arg-type]
             clock=lambda: NOW,
             **kw,  # type: ignore[arg-type]
         )
+
+    def job(self, job_id: str, version: str = "2.0.0") -> tuple[str, ...]:
+        return self.cloud.job(job_id, version, self.slot(boot_slot(self)), self.device_id)
 
     def states(self) -> list[OtaState]:
         return [r.state for r in self.reports]
@@ -180,28 +215,29 @@ class Device:
         return OtaJournal(self.state_dir / "journal.json").load()
 
 
+def boot_slot(dev: Device) -> str:
+    return paths(dev.dir)["booted_slot"].read_text().strip()
+
+
 def _no_failures() -> list[str]:
     return []
 
 
 def test_delta_update_reboots_health_checks_and_commits(
-    tmp_path: Path, release: Release, server: ArtifactServer
+    tmp_path: Path, release: Release, server: Cloud
 ) -> None:
-    dev = Device(tmp_path, release.v1, release)
-    manifest, sig = signed(release, manifest_v2(release))
+    dev = Device(tmp_path, release.v1, server)
+    delta = server.delta("2.0.0")
     driver = dev.driver()
     assert driver.installed_version() == "1.0.0" and driver.last_report() is None
+    job = dev.job("job-1")
     with pytest.raises(RebootRequested):
-        driver.handle_job("job-1", "rollout-1", manifest, sig, server.base_url)
+        driver.handle_job(*job)  # type: ignore[arg-type]
     assert dev.states() == [S.QUEUED, S.DOWNLOADING, S.DOWNLOADED, S.VERIFIED, S.INSTALLING, S.REBOOTING]
     last = dev.reports[-1]
-    assert (last.payload_kind, last.bytes_downloaded, last.bytes_total) == (
-        "delta",
-        len(release.delta),
-        len(release.delta),
-    )
-    assert last.version == "2.0.0" and last.rollout_id == "rollout-1"
-    assert len(release.delta) < 0.1 * len(release.v2)
+    assert (last.payload_kind, last.bytes_downloaded, last.bytes_total) == ("delta", len(delta), len(delta))
+    assert last.version == "2.0.0" and last.rollout_id == "r"
+    assert len(delta) < 0.1 * len(release.v2)
     assert dev.slot("b") == release.v2 and dev.slot("a") == release.v1
     env = dev.env()
     assert (env["boot_slot"], env["upgrade_available"], env["bootcount"]) == ("b", "1", "0")
@@ -220,11 +256,11 @@ def test_delta_update_reboots_health_checks_and_commits(
     assert after.last_report() == dev.reports[-1]
 
     # the same job again (a replay) is refused and the record of how it ended stays
-    after.handle_job("job-1", "rollout-1", manifest, sig, server.base_url)
+    after.handle_job(*job)  # type: ignore[arg-type]
     assert dev.reports[-1].state is S.REJECTED and "already finished as COMMITTED" in dev.reports[-1].reason
     assert after.last_report() is not None and after.last_report().state is S.COMMITTED  # type: ignore[union-attr]
     # the same release under a new job id is not newer than what runs
-    after.handle_job("job-2", "rollout-1", manifest, sig, server.base_url)
+    after.handle_job(*dev.job("job-2"))  # type: ignore[arg-type]
     assert dev.reports[-1].state is S.REJECTED
     assert dev.reports[-1].reason == "version 2.0.0 is not newer than installed 2.0.0"
     # after the next start, the last terminal state is told once more
@@ -234,31 +270,33 @@ def test_delta_update_reboots_health_checks_and_commits(
     assert dev.reports[-1].job_id == "job-2"
 
 
-def test_unknown_base_gets_the_full_image(tmp_path: Path, release: Release, server: ArtifactServer) -> None:
+def test_unknown_base_gets_the_full_image(tmp_path: Path, release: Release, server: Cloud) -> None:
     other_v1 = build_image("1.0.0", HW, size_hint=IMAGE_SIZE, variant=5)
     assert other_v1 != release.v1
-    dev = Device(tmp_path, other_v1, release)
-    manifest, sig = signed(release, manifest_v2(release))
+    dev = Device(tmp_path, other_v1, server)
+    # the director is told the device runs the usual v1 (stale inventory): the device still takes the full
+    job = server.job("job-full", "2.0.0", release.v1)
     with pytest.raises(RebootRequested):
-        dev.driver().handle_job("job-full", "r", manifest, sig, server.base_url)
+        dev.driver().handle_job(*job)  # type: ignore[arg-type]
     assert dev.reports[-1].payload_kind == "full" and dev.reports[-1].bytes_total == len(release.v2)
+    told = [r.bytes_downloaded for r in dev.reports if r.state is S.DOWNLOADING]
+    assert len(told) >= 4 and told == sorted(told) and 0 < told[-1] < len(release.v2)  # progress reports
     boot(dev.dir)
     dev.driver().resume_after_boot(_no_failures)
     assert dev.reports[-1].state is S.COMMITTED and dev.slot("b") == release.v2
 
 
 def test_failing_health_check_reboots_until_the_bootloader_falls_back(
-    tmp_path: Path, release: Release, server: ArtifactServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, release: Release, server: Cloud, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join(str(REPO / d) for d in ("shared", "agent", "firmware-sim"))
     )
     selftest = [sys.executable, "-m", "fleetloop_fwsim.selftest", "--device-dir", str(tmp_path / "device")]
-    dev = Device(tmp_path, release.v1, release, health_commands=[selftest])
+    dev = Device(tmp_path, release.v1, server, health_commands=[selftest])
     (dev.dir / "faults.json").write_text('{"health_fail_versions": ["2.0.0"]}')
-    manifest, sig = signed(release, manifest_v2(release))
     with pytest.raises(RebootRequested):
-        dev.driver().handle_job("job-bad", "r", manifest, sig, server.base_url)
+        dev.driver().handle_job(*dev.job("job-bad"))  # type: ignore[arg-type]
 
     for attempt in (1, 2):
         assert boot(dev.dir) == BootResult("b", False)
@@ -285,12 +323,11 @@ def test_failing_health_check_reboots_until_the_bootloader_falls_back(
 
 
 def test_agent_health_failures_and_crashing_checks_count_as_unhealthy(
-    tmp_path: Path, release: Release, server: ArtifactServer
+    tmp_path: Path, release: Release, server: Cloud
 ) -> None:
-    dev = Device(tmp_path, release.v1, release)
-    manifest, sig = signed(release, manifest_v2(release))
+    dev = Device(tmp_path, release.v1, server)
     with pytest.raises(RebootRequested):
-        dev.driver().handle_job("job-x", "r", manifest, sig, server.base_url)
+        dev.driver().handle_job(*dev.job("job-x"))  # type: ignore[arg-type]
     boot(dev.dir)
     with pytest.raises(RebootRequested):
         dev.driver().resume_after_boot(lambda: ["cloud unreachable at grpc://x: timeout"])
@@ -310,88 +347,39 @@ def test_agent_health_failures_and_crashing_checks_count_as_unhealthy(
 
 
 def test_tampered_payload_fails_and_leaves_the_slots_alone(
-    tmp_path: Path, release: Release, server: ArtifactServer
+    tmp_path: Path, release: Release, release_cloud: Cloud
 ) -> None:
-    tampered = bytearray(release.delta)
+    cloud = release_cloud
+    delta_ref = next(p for p in cloud.releases["2.0.0"].payloads if p.kind == "delta")
+    tampered = bytearray(cloud.delta("2.0.0"))
     tampered[len(tampered) // 2] ^= 0xFF
-    server.files["/files/tampered-delta"] = bytes(tampered)
-    delta = replace(_ref(release.delta, base=release.v1), path="files/tampered-delta")
-    dev = Device(tmp_path, release.v1, release)
+    cloud.overrides["/" + delta_ref.path] = bytes(tampered)
+    dev = Device(tmp_path, release.v1, cloud)
     env_before = dev.env()
-    manifest, sig = signed(release, manifest_v2(release, payloads=(_ref(release.v2), delta)))
-    dev.driver().handle_job("job-t", "r", manifest, sig, server.base_url)
+    dev.driver().handle_job(*dev.job("job-t"))  # type: ignore[arg-type]
     last = dev.reports[-1]
     assert last.state is S.FAILED
-    assert last.reason.startswith(f"payload hash mismatch: expected {sha256_hex(release.delta)}, got ")
+    assert last.reason.startswith(f"payload hash mismatch: expected {delta_ref.sha256}, got ")
     assert dev.slot("b") == b"" and dev.slot("a") == release.v1 and dev.env() == env_before
     assert not any((dev.state_dir / "downloads").iterdir())
     assert boot(dev.dir) == BootResult("a", False)
 
 
-def test_a_signed_delta_that_builds_the_wrong_image_never_reaches_the_slot(
-    tmp_path: Path, release: Release, server: ArtifactServer
-) -> None:
-    wrong = _ref(release.delta_v3, base=release.v1)  # authentic bytes, but they build v3, not the signed v2
-    dev = Device(tmp_path, release.v1, release)
-    manifest, sig = signed(release, manifest_v2(release, payloads=(_ref(release.v2), wrong)))
-    dev.driver().handle_job("job-w", "r", manifest, sig, server.base_url)
-    assert dev.reports[-1].state is S.FAILED
-    assert dev.reports[-1].reason.startswith("image built from the delta payload does not match the release")
-    assert dev.slot("b") == b""
-
-
-def test_missing_artifact_fails_with_a_reason(
-    tmp_path: Path, release: Release, server: ArtifactServer
-) -> None:
-    gone = replace(_ref(release.delta, base=release.v1), path="files/not-there")
-    dev = Device(tmp_path, release.v1, release)
-    manifest, sig = signed(release, manifest_v2(release, payloads=(gone,)))
-    dev.driver().handle_job("job-404", "r", manifest, sig, server.base_url)
+def test_missing_artifact_fails_with_a_reason(tmp_path: Path, release: Release, release_cloud: Cloud) -> None:
+    cloud = release_cloud
+    delta_ref = next(p for p in cloud.releases["2.0.0"].payloads if p.kind == "delta")
+    cloud.store.file_path(delta_ref.path).unlink()
+    dev = Device(tmp_path, release.v1, cloud)
+    dev.driver().handle_job(*dev.job("job-404"))  # type: ignore[arg-type]
     assert dev.reports[-1].state is S.FAILED and "artifact not found" in dev.reports[-1].reason
 
 
-@pytest.mark.parametrize(
-    ("tamper", "reason"),
-    [
-        ("signature", "signature does not verify with any trusted release key"),
-        ("hardware", f"manifest is for hardware other-hw, this device is {HW}"),
-        ("expired", "manifest expired at"),
-        ("older", "version 0.9.0 is not newer than installed 1.0.0"),
-        ("garbage-version", "version latest cannot be compared with installed 1.0.0"),
-        ("too-big", "exceeds the device limit"),
-    ],
-)
-def test_untrustworthy_jobs_are_rejected_before_any_download(
-    tmp_path: Path, release: Release, server: ArtifactServer, tamper: str, reason: str
-) -> None:
-    m = manifest_v2(release)
-    if tamper == "hardware":
-        m = replace(m, hardware_id="other-hw")
-    elif tamper == "expired":
-        m = replace(m, expires_unix=int(NOW) - 1, created_unix=int(NOW) - 100)
-    elif tamper == "older":
-        m = replace(m, version="0.9.0")
-    elif tamper == "garbage-version":
-        m = replace(m, version="latest")
-    manifest, sig = signed(release, m)
-    if tamper == "signature":
-        sig = ReleaseSigner.generate().sign(manifest)
-    dev = Device(tmp_path, release.v1, release)
-    requests_before = len(server.requests)
-    driver = dev.driver(max_artifact_bytes=1000) if tamper == "too-big" else dev.driver()
-    driver.handle_job("job-r", "r", manifest, sig, server.base_url)
-    assert dev.states() == [S.REJECTED]
-    assert reason in dev.reports[0].reason
-    assert len(server.requests) == requests_before
-    assert dev.slot("b") == b""
-    assert driver.last_report() is not None and driver.last_report().state is S.REJECTED  # type: ignore[union-attr]
-
-
-def test_garbage_manifest_is_rejected(tmp_path: Path, release: Release, server: ArtifactServer) -> None:
-    dev = Device(tmp_path, release.v1, release)
-    junk = b"\x00not json"
-    dev.driver().handle_job("job-g", "r", junk, release.signer.sign(junk), server.base_url)
-    assert dev.states() == [S.REJECTED] and "not valid UTF-8 JSON" in dev.reports[0].reason
+@pytest.fixture
+def release_cloud(tmp_path: Path, release: Release) -> Iterator[Cloud]:
+    """A cloud of its own, for tests that damage it."""
+    cloud = make_cloud(tmp_path / "cloud", release)
+    yield cloud
+    cloud.close()
 
 
 class PowerCut(BaseException):
@@ -417,13 +405,26 @@ class CuttingPlatform(EnvFilePlatform):
         super().__init__(slot_paths(dev.dir), p["env"], p["booted_slot"])
         self.cutter = cutter
 
-    def write_slot(self, slot: str, data: bytes) -> None:
-        try:
-            self.cutter.point("write_slot")
-        except PowerCut:
-            self.slot_paths[slot].write_bytes(data[: len(data) // 2])  # torn write
-            raise
-        super().write_slot(slot, data)
+    @contextlib.contextmanager
+    def open_slot_writer(self, slot: str) -> Iterator[BinaryIO]:
+        with super().open_slot_writer(slot) as f:
+            cutter = self.cutter
+
+            class Torn:
+                written = 0
+
+                def write(self, data: bytes) -> int:
+                    if self.written == 0:
+                        try:
+                            cutter.point("write_slot")
+                        except PowerCut:
+                            f.write(data[: len(data) // 2])  # torn write
+                            f.flush()
+                            raise
+                    self.written += len(data)
+                    return f.write(data)
+
+            yield Torn()  # type: ignore[misc]
 
     def set_next_boot(self, slot: str) -> None:
         self.cutter.point("before set_next_boot")
@@ -444,14 +445,14 @@ class CuttingFetcher(HttpFetcher):
     def fetch_range(self, url: str, start: int, max_bytes: int) -> Iterator[bytes]:
         for i, chunk in enumerate(super().fetch_range(url, start, max_bytes)):
             yield chunk
-            if i == 0:
+            if i == 0 and "/files/" in url:  # payloads; metadata fetches are cut in test_ota_chaos
                 self.cutter.point("mid-download")
 
 
 def _simulate(
-    root: Path, release: Release, server: ArtifactServer, cut_at: int | None, health: Callable[[], list[str]]
+    root: Path, release: Release, server: Cloud, cut_at: int | None, health: Callable[[], list[str]]
 ) -> tuple[Device, Cutter]:
-    dev = Device(root, release.v1, release)
+    dev = Device(root, release.v1, server)
     cutter = Cutter(cut_at)
     released = {sha256_hex(release.v1), sha256_hex(release.v2)}
 
@@ -462,9 +463,9 @@ def _simulate(
     def driver() -> OtaDriver:
         return dev.driver(CuttingPlatform(cutter, dev), report=report, fetcher=CuttingFetcher(cutter))
 
-    manifest, sig = signed(release, manifest_v2(release))
+    job = dev.job("job-pc")
     with contextlib.suppress(RebootRequested, PowerCut):
-        driver().handle_job("job-pc", "r", manifest, sig, server.base_url)
+        driver().handle_job(*job)  # type: ignore[arg-type]
     for _ in range(12):
         booted = boot(dev.dir)
         assert sha256_hex(dev.slot(booted.slot)) in released, (
@@ -482,7 +483,7 @@ def _simulate(
 
 @pytest.mark.parametrize("healthy", [True, False], ids=["healthy", "unhealthy"])
 def test_power_cut_at_any_point_resumes_or_rolls_back(
-    tmp_path: Path, release: Release, server: ArtifactServer, healthy: bool
+    tmp_path: Path, release: Release, server: Cloud, healthy: bool
 ) -> None:
     def health() -> list[str]:
         return [] if healthy else ["app does not start on this build"]
@@ -502,7 +503,7 @@ def test_power_cut_at_any_point_resumes_or_rolls_back(
 
 
 def test_a_commit_hidden_by_a_power_cut_is_not_undone_by_a_later_flaky_check(
-    tmp_path: Path, release: Release, server: ArtifactServer
+    tmp_path: Path, release: Release, server: Cloud
 ) -> None:
     calls: list[int] = []
 
@@ -520,26 +521,23 @@ def test_a_commit_hidden_by_a_power_cut_is_not_undone_by_a_later_flaky_check(
 
 
 def test_a_second_job_waits_for_the_first_and_a_repeat_offer_is_answered(
-    tmp_path: Path, release: Release, server: ArtifactServer
+    tmp_path: Path, release: Release, server: Cloud
 ) -> None:
-    dev = Device(tmp_path, release.v1, release)
+    dev = Device(tmp_path, release.v1, server)
     cutter = Cutter(1)  # the first point is mid-download
-    manifest, sig = signed(release, manifest_v2(release))
+    delta = server.delta("2.0.0")
+    job1 = dev.job("job-1")
     with pytest.raises(PowerCut):
-        dev.driver(fetcher=CuttingFetcher(cutter)).handle_job("job-1", "r", manifest, sig, server.base_url)
-    assert (
-        0
-        < (dev.state_dir / "downloads" / f"{sha256_hex(release.delta)}.delta").stat().st_size
-        < len(release.delta)
-    )
+        dev.driver(fetcher=CuttingFetcher(cutter)).handle_job(*job1)  # type: ignore[arg-type]
+    assert 0 < (dev.state_dir / "downloads" / f"{sha256_hex(delta)}.delta").stat().st_size < len(delta)
     boot(dev.dir)
     driver = dev.driver()
-    driver.handle_job("job-2", "r", manifest, sig, server.base_url)
+    driver.handle_job("job-2", "r", b"", b"", server.base_url)
     assert (
         dev.reports[-1].state is S.REJECTED
         and "(job job-1) is in progress (DOWNLOADING)" in dev.reports[-1].reason
     )
-    driver.handle_job("job-1", "r", manifest, sig, server.base_url)
+    driver.handle_job(*job1)  # type: ignore[arg-type]
     again = dev.reports[-1]
     assert again.state is S.DOWNLOADING and again.job_id == "job-1"
     with pytest.raises(RebootRequested):
@@ -548,9 +546,9 @@ def test_a_second_job_waits_for_the_first_and_a_repeat_offer_is_answered(
 
 
 def test_corrupt_journal_is_ignored_with_a_warning(
-    tmp_path: Path, release: Release, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, release: Release, server: Cloud, caplog: pytest.LogCaptureFixture
 ) -> None:
-    dev = Device(tmp_path, release.v1, release)
+    dev = Device(tmp_path, release.v1, server)
     dev.state_dir.mkdir(parents=True)
     (dev.state_dir / "journal.json").write_bytes(b"{\x00 torn")
     with caplog.at_level(logging.WARNING):
@@ -587,8 +585,8 @@ def test_journal_round_trip_and_atomic_replace(tmp_path: Path) -> None:
     journal.clear()
 
 
-def test_platform_health_checks_report_one_line_each(tmp_path: Path, release: Release) -> None:
-    dev = Device(tmp_path, release.v1, release)
+def test_platform_health_checks_report_one_line_each(tmp_path: Path, release: Release, server: Cloud) -> None:
+    dev = Device(tmp_path, release.v1, server)
     p = paths(dev.dir)
     platform = EnvFilePlatform(
         slot_paths(dev.dir),
@@ -611,8 +609,10 @@ def test_platform_health_checks_report_one_line_each(tmp_path: Path, release: Re
     assert len(failures) == 3
 
 
-def test_platform_guards_the_running_slot_and_the_env_format(tmp_path: Path, release: Release) -> None:
-    dev = Device(tmp_path, release.v1, release)
+def test_platform_guards_the_running_slot_and_the_env_format(
+    tmp_path: Path, release: Release, server: Cloud
+) -> None:
+    dev = Device(tmp_path, release.v1, server)
     platform = dev.platform()
     assert (platform.booted_slot(), platform.other_slot()) == ("a", "b")
     with pytest.raises(StateError, match="running slot"):
@@ -625,3 +625,315 @@ def test_platform_guards_the_running_slot_and_the_env_format(tmp_path: Path, rel
     paths(dev.dir)["booted_slot"].write_text("z\n")
     with pytest.raises(IntegrityError, match="booted slot 'z' is not one of the slots"):
         platform.booted_slot()
+
+
+# -- the attack catalog: every attack refused before anything is written, the device stays where it is --
+
+
+def _reject(dev: Device, job: tuple[str, ...], cloud: Cloud, **driver_kw: object) -> str:
+    """Run ``job``; assert it was REJECTED with no payload download and no slot change; its reason."""
+    env_before = dev.env()
+    dev.driver(**driver_kw).handle_job(*job)  # type: ignore[arg-type]
+    assert dev.states() == [S.REJECTED], dev.reports
+    assert not any("/files/" in r for r in cloud.requests)
+    assert dev.slot("b") == b"" and dev.env() == env_before
+    assert boot(dev.dir) == BootResult("a", False)
+    return dev.reports[-1].reason
+
+
+def _signed(md_bytes: bytes, signer: CryptoSigner) -> bytes:
+    md = Metadata.from_bytes(md_bytes)
+    md.signatures.clear()
+    md.sign(signer)
+    return md.to_bytes()
+
+
+def _device_targets(cloud: Cloud, targets: dict[str, TargetFile]) -> None:
+    """What a director with a stolen online key could sign for the device."""
+    cloud.tuf.device(DEVICE).publish(targets, replace=True)
+
+
+def _director_image(
+    cloud: Cloud, release_version: str, job_id: str, **changes: object
+) -> dict[str, TargetFile]:
+    m = cloud.releases[release_version]
+    full = next(p for p in m.payloads if p.kind == "full")
+    facts = image_facts(m.name, m.version, m.hardware_id, full.path)
+    facts.update(device_id=DEVICE, job_id=job_id, rollout_id="r")
+    path = str(changes.pop("path", image_target_path(m.name, m.hardware_id, m.version)))
+    sha = str(changes.pop("sha256", full.sha256))
+    length = int(changes.pop("length", full.size))  # type: ignore[call-overload]
+    facts.update(changes)
+    return {path: target_file(path, sha, length, facts)}
+
+
+def test_attack_arbitrary_software_from_the_director_alone(
+    tmp_path: Path, release: Release, release_cloud: Cloud
+) -> None:
+    cloud, dev = release_cloud, Device(tmp_path, release.v1, release_cloud)
+    evil = build_image("9.0.0", HW, size_hint=4096)
+    sha = cloud.store.add_image(evil)
+    _device_targets(
+        cloud,
+        _director_image(
+            cloud,
+            "2.0.0",
+            "job-evil",
+            path=f"{NAME}/{HW}/9.0.0.img",
+            sha256=sha,
+            length=len(evil),
+            version="9.0.0",
+            file=f"files/{sha}",
+        ),
+    )
+    reason = _reject(dev, ("job-evil", "r", b"", b"", cloud.base_url), cloud)
+    assert "image repository does not sign" in reason
+
+
+def test_attack_mix_and_match_director_and_image_repository_disagree(
+    tmp_path: Path, release: Release, release_cloud: Cloud
+) -> None:
+    cloud, dev = release_cloud, Device(tmp_path, release.v1, release_cloud)
+    v3 = next(p for p in cloud.releases["3.0.0"].payloads if p.kind == "full")
+    _device_targets(cloud, _director_image(cloud, "2.0.0", "job-mix", sha256=v3.sha256, length=v3.size))
+    reason = _reject(dev, ("job-mix", "r", b"", b"", cloud.base_url), cloud)
+    assert "disagree" in reason and "mix-and-match" in reason
+
+
+def test_attack_rollback_to_an_older_version(tmp_path: Path, release: Release) -> None:
+    cloud = Cloud(tmp_path / "cloud")
+    try:
+        old = build_image("0.9.0", HW, size_hint=IMAGE_SIZE)
+        cloud.publish(old, "0.9.0", [])
+        dev = Device(tmp_path, release.v1, cloud)
+        reason = _reject(dev, cloud.job("job-old", "0.9.0", release.v1), cloud)
+        assert reason == "version 0.9.0 is not newer than installed 1.0.0"
+    finally:
+        cloud.close()
+
+
+def test_attack_metadata_rollback_is_refused(tmp_path: Path, release: Release, release_cloud: Cloud) -> None:
+    cloud = release_cloud
+    dev = Device(tmp_path, release.v1, cloud)
+    old = {n: cloud.tuf.image.file(f"{n}.json").read_bytes() for n in ("timestamp", "snapshot", "targets")}
+    cloud.publish(build_image("4.0.0", HW, size_hint=IMAGE_SIZE), "4.0.0", [])
+    dev.job("job-seen")
+    dev.driver().handle_job("job-other", "r", b"", b"", cloud.base_url)  # refused, but metadata was seen
+    assert "not the director's current job" in dev.reports[-1].reason
+    dev.reports.clear()
+    for name, data in old.items():  # a mirror replays the older, validly signed files
+        cloud.overrides[f"/tuf/image/{name}.json"] = data
+    reason = _reject(dev, dev.job("job-replay-md", "3.0.0"), cloud)
+    assert "rollback of metadata refused" in reason
+
+
+def test_attack_freeze_with_expired_metadata(tmp_path: Path, release: Release) -> None:
+    stale = time.time() - 3 * 86400  # a mirror serving what it signed three days ago
+    cloud = Cloud(tmp_path / "cloud", clock=lambda: stale)
+    try:
+        cloud.publish(release.v2, "2.0.0", [release.v1])
+        dev = Device(tmp_path, release.v1, cloud)
+        reason = _reject(dev, dev.job("job-frozen"), cloud)
+        assert "metadata expired" in reason
+    finally:
+        cloud.close()
+
+
+def test_attack_endless_data(tmp_path: Path, release: Release, release_cloud: Cloud) -> None:
+    cloud = release_cloud
+    dev = Device(tmp_path, release.v1, cloud)
+    reason = _reject(dev, dev.job("job-big"), cloud, max_artifact_bytes=1000)
+    assert "exceeds this device's limit" in reason
+    # and metadata that never ends is cut at the client's limit
+    dev2 = Device(tmp_path / "2", release.v1, cloud)
+    cloud.overrides["/tuf/image/timestamp.json"] = b"{" + b" " * (1 << 20)
+    reason = _reject(dev2, dev2.job("job-endless"), cloud)
+    assert "image repository" in reason
+
+
+def test_attack_wrong_key(tmp_path: Path, release: Release, release_cloud: Cloud) -> None:
+    cloud = release_cloud
+    dev = Device(tmp_path, release.v1, cloud)
+    forged = _signed(cloud.tuf.image.file("targets.json").read_bytes(), CryptoSigner.generate_ed25519())
+    cloud.overrides["/tuf/image/targets.json"] = forged
+    reason = _reject(dev, dev.job("job-forged"), cloud)
+    assert "signatures do not meet the threshold" in reason
+
+
+def test_attack_too_few_root_keys_for_a_new_root(
+    tmp_path: Path, release: Release, release_cloud: Cloud
+) -> None:
+    cloud = release_cloud
+    dev = Device(tmp_path, release.v1, cloud)
+    authority = cloud.tuf.image_authority
+    root = Metadata[Root].from_bytes(authority.root_bytes())
+    attacker = CryptoSigner.generate_ed25519()
+    root.signed.version += 1
+    for keyid in list(root.signed.roles["targets"].keyids):
+        root.signed.revoke_key(keyid, "targets")
+    root.signed.add_key(attacker.public_key, "targets")
+    root.signatures.clear()
+    one_key = authority.keys.signer(root.signed.roles["root"].keyids[0])
+    assert one_key is not None and root.signed.roles["root"].threshold == 2
+    root.sign(one_key)  # one of the two root keys: below the threshold
+    cloud.overrides["/tuf/image/2.root.json"] = root.to_bytes()
+    reason = _reject(dev, dev.job("job-root"), cloud)
+    assert "signatures do not meet the threshold" in reason
+
+
+def test_attack_delta_for_the_wrong_base_never_reaches_the_slot(
+    tmp_path: Path, release: Release, release_cloud: Cloud
+) -> None:
+    cloud = release_cloud
+    other_v1 = build_image("1.0.0", HW, size_hint=IMAGE_SIZE, variant=3)
+    lying = make_delta(other_v1, release.v2)  # signed as if it applied to the usual v1
+    sha = cloud.store.add_image(lying)
+    m = cloud.releases["2.0.0"]
+    image_path = image_target_path(NAME, HW, "2.0.0")
+    path = delta_target_path(NAME, HW, "2.0.0", sha256_hex(release.v1))
+    target = target_file(
+        path, sha, len(lying), delta_facts(image_path, sha256_hex(release.v1), f"files/{sha}")
+    )
+    cloud.tuf.image.publish({path: target})
+    cloud.releases["2.0.0"] = m
+    dev = Device(tmp_path, release.v1, cloud)
+    dev.driver().handle_job(*dev.job("job-lie"))  # type: ignore[arg-type]
+    assert dev.reports[-1].state is S.FAILED
+    assert "delta" in dev.reports[-1].reason
+    assert sha256_hex(dev.slot("b")) != sha256_hex(release.v2) or dev.slot("b") == b""
+    assert dev.env()["boot_slot"] == "a" and boot(dev.dir) == BootResult("a", False)
+
+
+def test_attack_replayed_old_job(tmp_path: Path, release: Release, release_cloud: Cloud) -> None:
+    cloud = release_cloud
+    dev = Device(tmp_path, release.v1, cloud)
+    old_job = dev.job("job-old")
+    dev.job("job-new", "3.0.0")  # the director moved on
+    reason = _reject(dev, old_job, cloud)
+    assert "is not the director's current job" in reason
+
+
+def test_root_rotation_reaches_devices_provisioned_with_the_old_root(
+    tmp_path: Path, release: Release, release_cloud: Cloud
+) -> None:
+    cloud = release_cloud
+    dev = Device(tmp_path, release.v1, cloud)  # provisioned with root v1
+    old_root_keys = set(cloud.tuf.image_authority.root.signed.roles["root"].keyids)
+    assert cloud.tuf.image_authority.rotate(root_keys=3, threshold=2, online=True) == 2
+    assert cloud.tuf.director_authority.rotate(root_keys=1, online=True) == 2
+    new_root = cloud.tuf.image_authority.root.signed
+    assert not old_root_keys & set(new_root.roles["root"].keyids)
+    cloud.publish(build_image("4.0.0", HW, size_hint=IMAGE_SIZE), "4.0.0", [release.v1])
+    with pytest.raises(RebootRequested):
+        dev.driver().handle_job(*dev.job("job-rotated", "4.0.0"))  # type: ignore[arg-type]
+    assert dev.reports[-1].state is S.REBOOTING and dev.reports[-1].payload_kind == "delta"
+    trusted = Metadata[Root].from_bytes((dev.state_dir / "tuf" / "image" / "root.json").read_bytes())
+    assert trusted.signed.version == 2
+
+
+def test_release_manager_is_refused_before_anything_reaches_a_device(
+    tmp_path: Path, release: Release
+) -> None:
+    now = [time.time()]
+    cloud = Cloud(tmp_path / "cloud", clock=lambda: now[0])
+    try:
+        with pytest.raises(UserError, match="for hardware 'simdev-gen2', not 'other-hw'"):
+            cloud.store.add_release(
+                release.v2, name=NAME, version="2.0.0", hardware_id="other-hw", bases=[], now=NOW
+            )
+        with pytest.raises(UserError, match=r"is firmware version 2\.0\.0, not 2\.1\.0"):
+            cloud.store.add_release(release.v2, name=NAME, version="2.1.0", hardware_id=HW, bases=[], now=NOW)
+        with pytest.raises(UserError, match=r"older than 1\.5\.0, which devices with hardware"):
+            check_not_older_than_fleet(["1.0.0", "1.5.0"], "1.2.0", HW)
+        now[0] += 400 * 86400  # the image repository's root has expired
+        with pytest.raises(StateError, match=r"root expired at .* rotate the root"):
+            cloud.publish(release.v2, "2.0.0", [])
+        assert cloud.tuf.image.targets() == {}
+    finally:
+        cloud.close()
+
+
+def test_unreachable_metadata_postpones_the_job_until_it_is_offered_again(
+    tmp_path: Path, release: Release, server: Cloud
+) -> None:
+    dev = Device(tmp_path, release.v1, server)
+    job = dev.job("job-later")
+    dev.driver().handle_job(job[0], job[1], b"", b"", "http://127.0.0.1:9/")  # type: ignore[arg-type]
+    assert dev.reports == [] and dev.journal() is None
+    with pytest.raises(RebootRequested):
+        dev.driver().handle_job(*job)  # type: ignore[arg-type]
+    assert dev.reports[-1].state is S.REBOOTING
+
+
+# -- bundles: no-reboot updates through the same metadata, download and journal ------------------------
+
+
+def _tar(files: dict[str, bytes], evil: tarfile.TarInfo | None = None) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if evil is not None:
+            tar.addfile(evil, io.BytesIO(b"x" * evil.size))
+    return out.getvalue()
+
+
+def test_a_bundle_installs_by_atomic_swap_without_a_reboot(
+    tmp_path: Path, release: Release, release_cloud: Cloud
+) -> None:
+    cloud = release_cloud
+    v1 = _tar({"model.yaml": b"name: brake\nversion: 1\n", "model.onnx": b"\x08\x07onnx-v1"})
+    v2 = _tar(
+        {"model.yaml": b"name: brake\nversion: 2\n", "model.onnx": b"\x08\x07onnx-v2", "extra/n.txt": b"n"}
+    )
+    for version, data in (("1.0.0", v1), ("1.1.0", v2)):
+        m, _ = cloud.store.add_release(
+            data, name="brake-model", version=version, hardware_id=HW, bases=[], now=NOW
+        )
+        cloud.releases[version] = manifest_from_bytes(m)
+        assert cloud.releases[version].install == "swap"
+    dev = Device(tmp_path, release.v1, cloud)
+    seen: list[tuple[str, bytes]] = []
+
+    def reload(name: str, current: Path) -> None:  # what the model registry does on a switch
+        seen.append((name, (current / "model.onnx").read_bytes()))
+
+    env_before = dev.env()
+    dev.driver(on_bundle=reload).handle_job(*dev.job("job-b1", "1.0.0"))  # type: ignore[arg-type]
+    assert dev.states() == [S.QUEUED, S.DOWNLOADING, S.DOWNLOADED, S.VERIFIED, S.INSTALLING, S.COMMITTED]
+    current = dev.state_dir / "bundles" / "brake-model" / "current"
+    assert (current / "model.yaml").read_bytes().endswith(b"version: 1\n")
+    assert seen == [("brake-model", b"\x08\x07onnx-v1")]
+    dev.driver(on_bundle=reload).handle_job(*dev.job("job-b2", "1.1.0"))  # type: ignore[arg-type]
+    assert dev.reports[-1].state is S.COMMITTED and seen[-1] == ("brake-model", b"\x08\x07onnx-v2")
+    assert os.readlink(current) == "v-1.1.0" and (current / "extra" / "n.txt").read_bytes() == b"n"
+    assert (current.parent / "v-1.0.0").is_dir()  # one step back is kept
+    # no slot was touched, no reboot asked for, and an older bundle is refused
+    assert dev.slot("b") == b"" and dev.env() == env_before
+    dev.driver().handle_job(*dev.job("job-b3", "1.0.0"))  # type: ignore[arg-type]
+    assert dev.reports[-1].state is S.REJECTED
+    assert dev.reports[-1].reason == "bundle brake-model 1.0.0 is not newer than installed 1.1.0"
+
+
+@pytest.mark.parametrize("kind", ["escape", "symlink"])
+def test_a_hostile_bundle_fails_and_the_current_version_stays(
+    tmp_path: Path, release: Release, release_cloud: Cloud, kind: str
+) -> None:
+    cloud = release_cloud
+    if kind == "escape":
+        evil = tarfile.TarInfo("../../outside.txt")
+        evil.size = 4
+    else:
+        evil = tarfile.TarInfo("link")
+        evil.type, evil.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    data = _tar({"ok.txt": b"ok"}, evil)
+    m, _ = cloud.store.add_release(data, name="cfg", version="2.0.0", hardware_id=HW, bases=[], now=NOW)
+    cloud.releases["cfg-2"] = manifest_from_bytes(m)
+    dev = Device(tmp_path, release.v1, cloud)
+    dev.driver().handle_job(*cloud.job("job-h", "cfg-2", release.v1))  # type: ignore[arg-type]
+    assert dev.reports[-1].state is S.FAILED
+    assert "outside the bundle" in dev.reports[-1].reason or "not a regular file" in dev.reports[-1].reason
+    assert not (dev.state_dir / "bundles" / "cfg" / "current").exists()
+    assert not list(tmp_path.rglob("outside.txt"))

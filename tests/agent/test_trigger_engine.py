@@ -91,12 +91,12 @@ def test_rising_condition_already_true_fires_only_after_being_false(catalog: Cat
     assert times(rig.series("a", 1, [(2, 1), (3, 8)])) == [3]
 
 
-def test_missing_result_neither_fires_nor_resets_the_edge(catalog: Catalog) -> None:
+def test_missing_result_does_not_fire_and_counts_as_not_true(catalog: Catalog) -> None:
     rig = Rig(catalog, campaign("c", "A.x > 5"))
     fires = rig.series(
         "a", 1, [(0, 1), (1, math.nan), (2, 9), (3, math.nan), (4, 9), (5, 1), (6, math.nan), (7, 9)]
     )
-    assert times(fires) == [2, 7]  # true→missing→true is no new edge; false→missing→true is
+    assert times(fires) == [2, 4, 7]  # the contract: rising = true now and not true before
 
 
 def test_always_fires_at_every_true_evaluation(catalog: Catalog) -> None:
@@ -229,15 +229,12 @@ def test_edge_logic_matches_a_plain_loop(
     expected: list[float] = []
     was_true, last_fire = True, None
     for t, v in points:
-        result = None if math.isnan(v) else v > 5
-        if result is False:
-            was_true = False
-        elif result is True:
-            edge = mode == "always" or not was_true
-            was_true = True
-            if edge and (last_fire is None or t - last_fire >= min_interval):
-                last_fire = t
-                expected.append(float(t))
+        true = not math.isnan(v) and v > 5
+        edge = true and (mode == "always" or not was_true)
+        was_true = true
+        if edge and (last_fire is None or t - last_fire >= min_interval):
+            last_fire = t
+            expected.append(float(t))
     assert got == expected
 
 
@@ -283,3 +280,51 @@ def test_real_drive_braking_rule_fires_around_30s(recordings: Path) -> None:
     edges = np.flatnonzero(cond[1:] & ~cond[:-1]) + 1
     assert [f.t_ns for f in fires] == t_ns[edges].tolist()
     assert all(f.to_ns - f.from_ns == 7 * S for f in fires)
+
+
+def test_expire_stops_running_campaigns(catalog: Catalog) -> None:
+    engine = TriggerEngine(catalog)
+    engine.set_campaigns(
+        [campaign("soon", "A.x > 1", expires="2027-01-15T08:00:01Z"), campaign("never", "A.x > 1")], NOW
+    )
+    assert engine.expire(NOW) == [] and engine.active == ["soon", "never"]
+    assert engine.expire(NOW + 10 * 3600 * S) == ["soon"]
+    assert engine.active == ["never"]
+
+
+def test_too_many_campaigns_refuses_the_lowest_priorities(catalog: Catalog) -> None:
+    engine = TriggerEngine(catalog, max_campaigns=2)
+    refused = engine.set_campaigns(
+        [
+            campaign("low", "A.x > 1", priority=1),
+            campaign("high", "A.x > 1", priority=9),
+            campaign("mid", "A.x > 1", priority=5),
+        ],
+        NOW,
+    )
+    assert engine.active == ["high", "mid"]
+    assert set(refused) == {"low"} and "priority 1" in refused["low"]
+
+
+def test_a_campaign_started_mid_stream_holds_earlier_values(catalog: Catalog) -> None:
+    rig = Rig(catalog, campaign("first", "A.x > 100"))
+    rig.series("a", 1, [(1, 9)])  # A.x = 9 arrives before the second campaign exists
+    rig.engine.set_campaigns([campaign("first", "A.x > 100"), campaign("later", "A.x + C.z > 10")], NOW)
+    fires = rig.series("c", 3, [(2, 2)])  # 9 (held from before) + 2 > 10, and rising from "not true"
+    assert [(f.campaign, f.t_ns) for f in fires] == []  # rising: the state before the first eval is true
+    rig.engine.set_campaigns(
+        [campaign("first", "A.x > 100"), campaign("later2", "A.x + C.z > 10", mode="always")], NOW
+    )
+    assert [(f.campaign, f.t_ns) for f in rig.series("c", 3, [(3, 2)])] == [("later2", 3 * S)]
+
+
+def test_fires_carry_the_campaign_limits(catalog: Catalog) -> None:
+    doc = (
+        "apiVersion: fleetloop/v1\nkind: Campaign\nmetadata: {name: c, version: 1}\n"
+        "spec:\n  trigger: {when: 'A.x > 1', mode: always}\n"
+        "  collect:\n    signals: [{signal: 'A.*', min_period: 100ms}, C.z]\n"
+        "  upload: {max_per_hour: 2}\n"
+    )
+    rig = Rig(catalog, parse_campaign(doc, "c.yaml"))
+    (fire,) = rig.series("a", 1, [(1, 9)])
+    assert fire.max_per_hour == 2 and fire.min_periods == (("A.*", 100_000_000),)

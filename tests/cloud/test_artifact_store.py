@@ -49,7 +49,7 @@ def test_release_with_delta_from_installed_image(store: ArtifactStore, tmp_path:
     kinds = sorted(p.kind for p in m.payloads)
     assert kinds == ["delta", "full"]  # duplicates and the image itself give no extra delta
     delta = m.payload_for(base_sha)
-    assert delta.kind == "delta" and delta.base_sha256 == base_sha and delta.algorithm == "bsdiff4"
+    assert delta.kind == "delta" and delta.base_sha256 == base_sha and delta.algorithm == "fldelta1"
     assert delta.size < len(v2) // 10
     patch = store.file_path(delta.path).read_bytes()
     assert apply_delta(v1, patch) == v2

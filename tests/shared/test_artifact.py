@@ -40,7 +40,7 @@ def _manifest(**changes: object) -> ReleaseManifest:
     full = PayloadRef(
         "full", "none", f"files/{sha256_hex(NEW_IMAGE)}", sha256_hex(NEW_IMAGE), len(NEW_IMAGE), None
     )
-    delta = PayloadRef("delta", "bsdiff4", "files/delta-1", "ab" * 32, 123, sha256_hex(OLD_IMAGE))
+    delta = PayloadRef("delta", "fldelta1", "files/delta-1", "ab" * 32, 123, sha256_hex(OLD_IMAGE))
     m = ReleaseManifest(
         name="gateway-fw",
         version="2.0.0",
@@ -173,7 +173,7 @@ def _bytes(doc: object) -> bytes:
         (lambda d: d.update(payloads=[]), "'payloads' must be a non-empty list"),
         (lambda d: d.update(expires_unix=1), "expires_unix is before created_unix"),
         (lambda d: d["payloads"][0].update(kind="zip"), r"payloads\[0\]: kind 'zip'"),
-        (lambda d: d["payloads"][0].update(algorithm="bsdiff4"), "full payload needs algorithm 'none'"),
+        (lambda d: d["payloads"][0].update(algorithm="fldelta1"), "full payload needs algorithm 'none'"),
         (lambda d: d["payloads"][0].update(path="../../etc/passwd"), "must be a relative path"),
         (lambda d: d["payloads"][0].update(path="http://evil/x"), "must be a relative path"),
         (lambda d: d["payloads"][0].update(size=1), "the full payload is not the target image"),

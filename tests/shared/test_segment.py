@@ -20,12 +20,16 @@ from fleetloop_shared.datapaths import comma2k19_segment
 from fleetloop_shared.errors import CorruptSegmentError, UserError
 from fleetloop_shared.samples import GroupBatch
 from fleetloop_shared.segment import (
-    CODEC_F64_RAW_ZSTD,
-    CODEC_F64_XOR_ZSTD,
+    CODEC_F64_BITS_INTSTREAM,
+    CODEC_F64_RAW,
+    CODEC_F64_SCALED,
+    CODEC_F64_XOR,
+    CODEC_I64_INTSTREAM,
     FORMAT_VERSION,
     MAGIC,
     MAX_CELLS,
     MAX_ROWS,
+    ZSTD_FLAG,
     Segment,
     decode_segment,
     encode_segment,
@@ -93,9 +97,13 @@ def test_special_values_round_trip_bit_exact() -> None:
 
 
 def test_empty_segment_round_trips() -> None:
-    seg = Segment(new_segment_id(), "imu", np.zeros(0, dtype=np.int64),
-                  {1: np.zeros(0), 2: np.zeros(0, dtype=np.int64), 3: np.zeros(0, dtype=bool)},
-                  {1: DataType.FLOAT64, 2: DataType.INT64, 3: DataType.BOOL})
+    seg = Segment(
+        new_segment_id(),
+        "imu",
+        np.zeros(0, dtype=np.int64),
+        {1: np.zeros(0), 2: np.zeros(0, dtype=np.int64), 3: np.zeros(0, dtype=bool)},
+        {1: DataType.FLOAT64, 2: DataType.INT64, 3: DataType.BOOL},
+    )
     decoded = roundtrip(seg)
     assert decoded.sample_count == 0
     no_columns = Segment(new_segment_id(), "", np.array([5, 6], dtype=np.int64), {}, {})
@@ -119,16 +127,34 @@ def test_sample_count_is_rows_times_columns() -> None:
     assert small_segment().sample_count == 6 * 3
 
 
-def test_float_codec_picks_smaller_of_raw_and_xor() -> None:
-    # A slow ramp of true doubles favours XOR; white noise favours plain zstd. Both must round trip.
-    ramp = Segment(new_segment_id(), "g", np.arange(2000, dtype=np.int64), {1: np.arange(2000) * 0.1},
-                   {1: DataType.FLOAT64})
-    noise = Segment(new_segment_id(), "g", np.arange(2000, dtype=np.int64),
-                    {1: np.random.default_rng(0).normal(size=2000).round(3)}, {1: DataType.FLOAT64})
-    assert column_codec(encode_segment(ramp)) == CODEC_F64_XOR_ZSTD
-    assert column_codec(encode_segment(noise)) == CODEC_F64_RAW_ZSTD
-    roundtrip(ramp)
-    roundtrip(noise)
+def test_float_codec_picks_scaled_for_decimals_and_falls_back_for_true_doubles() -> None:
+    # Decimals (a ramp of tenths, rounded noise) become integers; true doubles (a slowly changing value
+    # computed in binary, white noise) fall back to XOR or plain bytes. All must round trip.
+    rng = np.random.default_rng(0)
+    ramp = np.arange(2000) * 0.1
+    noise3 = rng.normal(size=2000).round(3)
+    noise = rng.normal(size=2000)
+    codecs = {}
+    for name, values in (("ramp", ramp), ("noise3", noise3), ("noise", noise)):
+        seg = Segment(
+            new_segment_id(), "g", np.arange(2000, dtype=np.int64), {1: values}, {1: DataType.FLOAT64}
+        )
+        codecs[name] = column_codec(encode_segment(seg)) & ~ZSTD_FLAG
+        roundtrip(seg)
+    assert codecs["ramp"] == CODEC_F64_SCALED
+    assert codecs["noise3"] == CODEC_F64_SCALED
+    assert codecs["noise"] in {CODEC_F64_RAW, CODEC_F64_XOR, CODEC_F64_BITS_INTSTREAM}
+
+
+def test_decimal_floats_cost_a_fraction_of_their_doubles() -> None:
+    # A 2-decimal sensor (a DBC 0.01 scale): ~10 bits of range, small steps.
+    rng = np.random.default_rng(1)
+    values = np.round(20 + np.cumsum(rng.integers(-3, 4, 10_000)) * 0.01, 2)
+    seg = Segment(
+        new_segment_id(), "g", np.arange(10_000, dtype=np.int64), {1: values}, {1: DataType.FLOAT64}
+    )
+    assert len(encode_segment(seg)) < 10_000 * 0.5  # < 4 bits per value (raw: 64)
+    roundtrip(seg)
 
 
 def column_codec(data: bytes) -> int:
@@ -155,26 +181,31 @@ def segments(draw: st.DrawFn) -> Segment:
         start = draw(st.integers(-(2**62), 2**62))
         step = draw(st.integers(0, 10**9))
         jitter = draw(st.lists(st.integers(-1000, 1000), min_size=rows, max_size=rows))
-        t = (start + np.arange(rows, dtype=np.int64) * step + np.array(jitter, dtype=np.int64))
+        t = start + np.arange(rows, dtype=np.int64) * step + np.array(jitter, dtype=np.int64)
     else:
-        t = np.array(draw(st.lists(st.integers(I64_MIN, I64_MAX), min_size=rows, max_size=rows)),
-                     dtype=np.int64)
+        t = np.array(
+            draw(st.lists(st.integers(I64_MIN, I64_MAX), min_size=rows, max_size=rows)), dtype=np.int64
+        )
     types = draw(st.dictionaries(st.integers(0, 2**32 - 1), dtypes, max_size=5))
     columns: dict[int, npt.NDArray[Any]] = {}
     for sid, dt in types.items():
         if dt is DataType.FLOAT64:
             if draw(st.booleans()):
                 columns[sid] = floats_from_bits(
-                    draw(st.lists(st.integers(0, 2**64 - 1), min_size=rows, max_size=rows)))
+                    draw(st.lists(st.integers(0, 2**64 - 1), min_size=rows, max_size=rows))
+                )
             else:
-                columns[sid] = np.array(draw(st.lists(st.floats(), min_size=rows, max_size=rows)),
-                                        dtype=np.float64)
+                columns[sid] = np.array(
+                    draw(st.lists(st.floats(), min_size=rows, max_size=rows)), dtype=np.float64
+                )
         elif dt is DataType.INT64:
-            columns[sid] = np.array(draw(st.lists(st.integers(I64_MIN, I64_MAX), min_size=rows,
-                                                  max_size=rows)), dtype=np.int64)
+            columns[sid] = np.array(
+                draw(st.lists(st.integers(I64_MIN, I64_MAX), min_size=rows, max_size=rows)), dtype=np.int64
+            )
         else:
-            columns[sid] = np.array(draw(st.lists(st.booleans(), min_size=rows, max_size=rows)),
-                                    dtype=np.bool_)
+            columns[sid] = np.array(
+                draw(st.lists(st.booleans(), min_size=rows, max_size=rows)), dtype=np.bool_
+            )
     group = draw(st.text(max_size=40))
     return Segment(draw(st.binary(min_size=16, max_size=16)), group, t, columns, types)
 
@@ -191,8 +222,17 @@ def test_property_round_trip_is_bit_exact(seg: Segment) -> None:
 def _real_groups(recordings: Path) -> list[tuple[str, npt.NDArray[np.int64], list[npt.NDArray[Any]]]]:
     log = comma2k19_segment(recordings) / "processed_log"
     groups = []
-    for name in ["IMU/accelerometer", "IMU/gyro", "IMU/magnetometer", "CAN/speed", "CAN/wheel_speed",
-                 "CAN/steering_angle", "CAN/radar", "GNSS/live_gnss_ublox", "GNSS/raw_gnss_ublox"]:
+    for name in [
+        "IMU/accelerometer",
+        "IMU/gyro",
+        "IMU/magnetometer",
+        "CAN/speed",
+        "CAN/wheel_speed",
+        "CAN/steering_angle",
+        "CAN/radar",
+        "GNSS/live_gnss_ublox",
+        "GNSS/raw_gnss_ublox",
+    ]:
         t = np.load(log / name / "t")
         value = np.load(log / name / "value").reshape(len(t), -1)
         t_ns = np.round(t * 1e9).astype(np.int64)
@@ -204,8 +244,13 @@ def test_real_comma2k19_arrays_round_trip_exactly(recordings: Path) -> None:
     total_bytes = 0
     total_samples = 0
     for name, t_ns, cols in _real_groups(recordings):
-        seg = Segment(new_segment_id(), name, t_ns, {i + 1: c for i, c in enumerate(cols)},
-                      {i + 1: DataType.FLOAT64 for i in range(len(cols))})
+        seg = Segment(
+            new_segment_id(),
+            name,
+            t_ns,
+            {i + 1: c for i, c in enumerate(cols)},
+            {i + 1: DataType.FLOAT64 for i in range(len(cols))},
+        )
         encoded = encode_segment(seg)
         roundtrip(seg)
         total_bytes += len(encoded)
@@ -223,11 +268,18 @@ def test_real_raw_can_ints_and_bools_round_trip(recordings: Path) -> None:
     src = np.load(can / "src").astype(np.int64)
     payload = np.frombuffer(np.load(can / "data").astype("S8").tobytes(), dtype=">i8")
     catalog = Catalog()
-    ids = [catalog.add(p, dt).id for p, dt in [
-        ("Can.Address", DataType.INT64), ("Can.Bus", DataType.INT64),
-        ("Can.Payload", DataType.INT64), ("Can.FromDevice", DataType.BOOL)]]
-    batch = GroupBatch("can0/raw", t_ns, dict(zip(ids, [address, src, payload.astype(np.int64), src >= 128],
-                                                 strict=True)))
+    ids = [
+        catalog.add(p, dt).id
+        for p, dt in [
+            ("Can.Address", DataType.INT64),
+            ("Can.Bus", DataType.INT64),
+            ("Can.Payload", DataType.INT64),
+            ("Can.FromDevice", DataType.BOOL),
+        ]
+    ]
+    batch = GroupBatch(
+        "can0/raw", t_ns, dict(zip(ids, [address, src, payload.astype(np.int64), src >= 128], strict=True))
+    )
     seg = segment_from_batch(batch, catalog)
     encoded = encode_segment(seg)
     decoded = roundtrip(seg)
@@ -244,11 +296,15 @@ def test_segment_from_batch_types_columns_from_catalog() -> None:
     speed = catalog.add("Vehicle.Speed", DataType.FLOAT64).id
     gear = catalog.add("Vehicle.Gear", DataType.INT64).id
     brake = catalog.add("Vehicle.Brake", DataType.BOOL).id
-    batch = GroupBatch("can0/x", np.array([1, 2, 3], dtype=np.int64), {
-        speed: np.array([1, 2, 3], dtype=np.int32),  # ints widen to float64
-        gear: np.array([True, False, True]),  # bools widen to int64
-        brake: np.array([True, False, False]),
-    })
+    batch = GroupBatch(
+        "can0/x",
+        np.array([1, 2, 3], dtype=np.int64),
+        {
+            speed: np.array([1, 2, 3], dtype=np.int32),  # ints widen to float64
+            gear: np.array([True, False, True]),  # bools widen to int64
+            brake: np.array([True, False, False]),
+        },
+    )
     seg = segment_from_batch(batch, catalog, segment_id=b"x" * 16)
     assert seg.segment_id == b"x" * 16
     assert seg.columns[speed].dtype == np.float64 and seg.columns[gear].dtype == np.int64
@@ -332,7 +388,10 @@ def test_every_truncation_is_detected() -> None:
 def test_header_errors_name_the_problem() -> None:
     good = encode_segment(small_segment())
     expect_corrupt(b"PK\x03\x04" + good[4:], "magic")
-    expect_corrupt(good[:4] + struct.pack("<H", FORMAT_VERSION + 1) + good[6:], "version 2")
+    expect_corrupt(
+        good[:4] + struct.pack("<H", FORMAT_VERSION + 1) + good[6:], f"version {FORMAT_VERSION + 1}"
+    )
+    expect_corrupt(good[:4] + struct.pack("<H", 1) + good[6:], "version 1")
     expect_corrupt(good[:20], "truncated at byte 20")
     expect_corrupt(good[:-4] + b"\x00\x00\x00\x00", "checksum mismatch")
     expect_corrupt(reseal(good[:6] + b"\x01\x00" + good[8:-4]), "flags")
@@ -341,14 +400,16 @@ def test_header_errors_name_the_problem() -> None:
     cells_claim = good[:24] + struct.pack("<Q", MAX_CELLS // 4 + 1) + good[32:-4]  # 3 columns + timestamps
     expect_corrupt(reseal(cells_claim), "impossible size")
     # a plausible row count that the blocks do not back
-    expect_corrupt(reseal(good[:24] + struct.pack("<Q", 1000) + good[32:-4]), "impossible for 1000 rows")
+    expect_corrupt(
+        reseal(good[:24] + struct.pack("<Q", 1000) + good[32:-4]), "impossible for 1000 rows|expected 1000"
+    )
     expect_corrupt(reseal(good[:32] + struct.pack("<q", -5) + good[40:-4]), "time range")
     expect_corrupt(b"", "truncated at byte 0")
     with pytest.raises(CorruptSegmentError):
         decode_segment("not bytes")  # type: ignore[arg-type]
 
 
-def _rebuild(seg: Segment, block_edit: Any) -> bytes:
+def _rebuild(seg: Segment, block_edit: Any, *, descriptor: bool = True) -> bytes:
     """Re-encode ``seg`` with the first value block's (codec, raw, payload) replaced by ``block_edit``."""
     good = encode_segment(seg)
     group_len = struct.unpack_from("<H", good, 48)[0]
@@ -360,35 +421,71 @@ def _rebuild(seg: Segment, block_edit: Any) -> bytes:
     codec, raw_len, stored = struct.unpack_from("<BII", good, ts_end)
     payload = good[ts_end + 9 : ts_end + 9 + stored]
     new_codec, new_raw, new_payload = block_edit(codec, raw_len, payload)
-    body = (good[:ts_end] + struct.pack("<BII", new_codec, new_raw, len(new_payload)) + new_payload
-            + good[ts_end + 9 + stored : -4])
+    body = (
+        good[:ts_end]
+        + struct.pack("<BII", new_codec, new_raw, len(new_payload))
+        + new_payload
+        + good[ts_end + 9 + stored : -4]
+    )
+    if descriptor:  # keep the column descriptor's codec in step with the forged block
+        col0 = 48 + 2 + group_len + 1 + 2
+        body = body[: col0 + 5] + bytes([new_codec]) + body[col0 + 6 :]
     return reseal(body)
 
 
 def test_forged_blocks_are_refused_without_huge_allocations() -> None:
-    ints = Segment(b"i" * 16, "g", np.arange(4, dtype=np.int64), {1: np.array([0, 1, 2, 3], dtype=np.int64)},
-                   {1: DataType.INT64})
+    ints = Segment(
+        b"i" * 16,
+        "g",
+        np.arange(4, dtype=np.int64),
+        {1: np.array([0, 1, 2, 3], dtype=np.int64)},
+        {1: DataType.INT64},
+    )
     zc = zstandard.ZstdCompressor()
     # zstd bomb: frame declares far more than the header allows
-    expect_corrupt(_rebuild(ints, lambda c, r, p: (c, r, zc.compress(b"\x00" * 10_000_000))), "declares")
+    expect_corrupt(
+        _rebuild(ints, lambda c, r, p: (c | ZSTD_FLAG, r, zc.compress(b"\x00" * 10_000_000))), "declares"
+    )
     # frame without content size whose output exceeds the header's size
     cobj = zstandard.ZstdCompressor(write_content_size=False)
-    expect_corrupt(_rebuild(ints, lambda c, r, p: (c, r, cobj.compress(b"\x00" * 4096))), "zstd")
-    # right length, wrong varint structure
-    expect_corrupt(_rebuild(ints, lambda c, r, p: (c, 4, zc.compress(b"\x80\x80\x80\x80"))), "varints")
-    expect_corrupt(_rebuild(ints, lambda c, r, p: (c, 5, zc.compress(b"\x00\x80\x00\x02\x04"))), "canonical")
-    wide = b"\x00" * 2 + b"\xff" * 9 + b"\x02\x00"
-    expect_corrupt(_rebuild(ints, lambda c, r, p: (c, len(wide), zc.compress(wide))), "overflow")
-    too_long = b"\xff" * 10 + b"\x01" + b"\x00\x00\x00"
-    expect_corrupt(_rebuild(ints, lambda c, r, p: (c, len(too_long), zc.compress(too_long))), "longer")
-    overflow = b"\x00\x00\x00" + b"\xff" * 9 + b"\x02"
-    expect_corrupt(_rebuild(ints, lambda c, r, p: (c, len(overflow), zc.compress(overflow))), "overflow")
-    expect_corrupt(_rebuild(ints, lambda c, r, p: (c, r, b"not zstd at all")), "not a zstd frame")
-    expect_corrupt(_rebuild(ints, lambda c, r, p: (CODEC_F64_RAW_ZSTD, r, p)), "differs from header")
-    expect_corrupt(_rebuild(ints, lambda c, r, p: (c, r, p + b"junk")), "zstd")
-    bools = Segment(b"b" * 16, "g", np.arange(3, dtype=np.int64), {1: np.array([True, False, True])},
-                    {1: DataType.BOOL})
-    expect_corrupt(_rebuild(bools, lambda c, r, p: (c, 1, zc.compress(b"\xff"))), "padding")
+    expect_corrupt(_rebuild(ints, lambda c, r, p: (c | ZSTD_FLAG, r, cobj.compress(b"\x00" * 4096))), "zstd")
+
+    # well-framed integer streams with impossible contents
+    def stream(
+        order: int, count: int, heads: list[int], base: int, gcd: int, width: int, nexc: int, rest: bytes
+    ) -> bytes:
+        return (
+            struct.pack("<BI", order, count)
+            + b"".join(struct.pack("<q", h) for h in heads)
+            + struct.pack("<qQBI", base, gcd, width, nexc)
+            + rest
+        )
+
+    def forged(raw: bytes) -> bytes:
+        return _rebuild(ints, lambda c, r, p: (CODEC_I64_INTSTREAM | ZSTD_FLAG, len(raw), zc.compress(raw)))
+
+    expect_corrupt(forged(stream(0, 5, [], 0, 1, 0, 0, b"")), "holds 5 values, expected 4")
+    expect_corrupt(forged(stream(3, 4, [0, 0, 0], 0, 1, 0, 0, b"")), "order 3")
+    expect_corrupt(forged(stream(0, 4, [], 0, 1, 65, 0, b"\x00" * 40)), "bit width 65")
+    expect_corrupt(forged(stream(0, 4, [], 0, 0, 0, 0, b"")), "divisor 0")
+    expect_corrupt(forged(stream(0, 4, [], 0, 1, 0, 5, b"")), "exceptions")
+    expect_corrupt(forged(stream(0, 4, [], 0, 1, 8, 0, b"\x00" * 3)), "truncated")
+    expect_corrupt(forged(stream(0, 4, [], 0, 1, 0, 1, struct.pack("<IQ", 9, 1))), "exception positions")
+    expect_corrupt(forged(stream(0, 4, [], 0, 1, 0, 0, b"xx")), "bytes after")
+    plain = stream(0, 4, [], 0, 1, 0, 0, b"")
+    expect_corrupt(
+        _rebuild(ints, lambda c, r, p: (CODEC_I64_INTSTREAM, len(plain), plain + b"x")), "stored length"
+    )
+    expect_corrupt(_rebuild(ints, lambda c, r, p: (c | ZSTD_FLAG, r, b"not zstd at all")), "not a zstd frame")
+    expect_corrupt(
+        _rebuild(ints, lambda c, r, p: (CODEC_F64_RAW | ZSTD_FLAG, r, p), descriptor=False),
+        "differs from header",
+    )
+    expect_corrupt(_rebuild(ints, lambda c, r, p: (c | ZSTD_FLAG, r, p + b"junk")), "zstd")
+    bools = Segment(
+        b"b" * 16, "g", np.arange(3, dtype=np.int64), {1: np.array([True, False, True])}, {1: DataType.BOOL}
+    )
+    expect_corrupt(_rebuild(bools, lambda c, r, p: (c | ZSTD_FLAG, 1, zc.compress(b"\xff"))), "padding")
 
 
 def test_forged_descriptors_are_refused() -> None:
@@ -397,10 +494,10 @@ def test_forged_descriptors_are_refused() -> None:
     col0 = 48 + 2 + group_len + 1 + 2
     expect_corrupt(reseal(good[: col0 + 4] + b"\x09" + good[col0 + 5 : -4]), "unknown data type 9")
     expect_corrupt(reseal(good[: col0 + 5] + b"\x30" + good[col0 + 6 : -4]), "not valid for FLOAT64")
-    dup = good[:col0 + 6] + good[col0 : col0 + 4] + good[col0 + 10 : -4]
+    dup = good[: col0 + 6] + good[col0 : col0 + 4] + good[col0 + 10 : -4]
     expect_corrupt(reseal(dup), "appears twice")
     expect_corrupt(reseal(good[: col0 - 3] + b"\x63" + good[col0 - 2 : -4]), "timestamp codec")
-    expect_corrupt(reseal(good[:48] + b"\x02\x00\xff\xfe" + good[50 + group_len :-4]), "UTF-8")
+    expect_corrupt(reseal(good[:48] + b"\x02\x00\xff\xfe" + good[50 + group_len : -4]), "UTF-8")
     expect_corrupt(reseal(good[:48] + b"\xff\xff" + good[50:-4]), "group name length")
     expect_corrupt(reseal(good[: col0 - 2] + b"\xff\xff" + good[col0:-4]), "column count")
 
@@ -429,3 +526,25 @@ def test_random_bytes_are_corrupt(blob: bytes) -> None:
     for candidate in (blob, prefixed, reseal(prefixed)):
         with pytest.raises(CorruptSegmentError):
             decode_segment(candidate)
+
+
+def test_encoding_from_many_threads_at_once_is_safe() -> None:
+    # The agent, the simulator and the cloud encode from several threads; a shared zstd compressor
+    # would fail ("Src size is incorrect") or mix frames.
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    segs = [
+        Segment(
+            new_segment_id(),
+            f"g{i}",
+            np.cumsum(rng.integers(1, 10**6, 20_000)),
+            {1: rng.normal(size=20_000).round(4), 2: rng.integers(0, 1000, 20_000)},
+            {1: DataType.FLOAT64, 2: DataType.INT64},
+        )
+        for i in range(16)
+    ]
+    with ThreadPoolExecutor(4) as pool:
+        encoded = list(pool.map(encode_segment, segs * 4))
+    for seg, data in zip(segs * 4, encoded, strict=True):
+        assert decode_segment(data) == seg

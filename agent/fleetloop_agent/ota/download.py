@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -125,6 +126,9 @@ def download(
     expected_sha256: str,
     progress: Callable[[int], None] | None = None,
     chunk_size: int = 65536,
+    max_bytes_per_s: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> None:
     """Bring ``dest`` to the exact ``expected_size`` bytes with ``expected_sha256``, resuming what is there.
 
@@ -132,12 +136,17 @@ def download(
     ``expected_size`` from the server → ArtifactVerificationError and the file is deleted; a wrong hash →
     the same; a connection that ends early → UnavailableError with the partial file kept for next time.
     ``progress`` gets the number of bytes on disk after each write of at most ``chunk_size`` bytes.
+    ``max_bytes_per_s`` caps the average rate of this call (a metered or shared link): after each piece
+    the download sleeps until it is back under the cap.
     """
+    if max_bytes_per_s is not None and max_bytes_per_s <= 0:
+        raise ConfigError(f"download rate limit must be positive, got {max_bytes_per_s}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     have = dest.stat().st_size if dest.exists() else 0
     if have > expected_size:
         dest.unlink()
         have = 0
+    started_at, started_have = clock(), have
     if have < expected_size:
         with dest.open("ab") as out:
             try:
@@ -153,6 +162,10 @@ def download(
                         have += len(piece)
                         if progress is not None:
                             progress(have)
+                        if max_bytes_per_s is not None:
+                            ahead = (have - started_have) / max_bytes_per_s - (clock() - started_at)
+                            if ahead > 0:
+                                sleep(ahead)
             except ArtifactVerificationError:
                 out.close()
                 dest.unlink(missing_ok=True)

@@ -3,10 +3,13 @@
 The decisions live in ``states`` (the table, where to resume, how to read a boot); this module performs
 the side effects in the order that makes every power cut recoverable:
 
-1. verify the signed manifest (reject before anything is written),
+1. verify the update with TUF: both the image repository and the director, through ngclient
+   (``tuf_client``), must sign the same image for this device and this job (reject before anything
+   is written),
 2. journal, then download (resumable) and verify the payload's hash,
-3. journal INSTALLING, build the image (delta applied in memory) and check it against the signed target
-   hash *before* writing the inactive slot, then read the slot back and check again,
+3. journal INSTALLING, stream the image (full payload copied, or delta applied chunk by chunk from the
+   running slot) into the inactive slot in bounded memory, hashing as it goes; check the hash against the
+   signed target, then read the slot back and check again,
 4. journal REBOOTING, then switch the boot environment, then reboot,
 5. after the boot, see which slot came up: the new one runs the health checks and commits (or reboots
    uncommitted, so the bootloader's counter falls back); the old one means ROLLED_BACK.
@@ -16,6 +19,7 @@ The running slot is never written. Every state change is journaled first and the
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -23,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleetloop_agent.ota.bundles import BundleStore
 from fleetloop_agent.ota.download import Fetcher, HttpFetcher, download
 from fleetloop_agent.ota.image import image_info
 from fleetloop_agent.ota.journal import FinishedJobs, JournalEntry, OtaJournal
@@ -36,15 +41,15 @@ from fleetloop_agent.ota.states import (
     next_state,
     version_key,
 )
+from fleetloop_agent.ota.tuf_client import TufClient
 from fleetloop_shared.artifact import (
     PayloadRef,
     ReleaseManifest,
     manifest_from_bytes,
+    manifest_to_bytes,
     sha256_file,
-    sha256_hex,
-    verify_manifest,
 )
-from fleetloop_shared.delta import apply_delta
+from fleetloop_shared.delta import apply_delta_stream
 from fleetloop_shared.errors import (
     ArtifactVerificationError,
     FleetloopError,
@@ -105,22 +110,38 @@ class OtaDriver:
         platform: SlotPlatform,
         state_dir: Path,
         *,
-        trusted_keys_pem: Sequence[bytes],
+        trust_anchors: Sequence[bytes],
         hardware_id: str,
+        device_id: str,
         report: Callable[[OtaReport], None],
         fetcher: Fetcher | None = None,
         clock: Callable[[], float] = time.time,
         max_artifact_bytes: int = 512 * 1024 * 1024,
+        download_rate_limit: float | None = None,
+        on_bundle: Callable[[str, Path], None] | None = None,
     ) -> None:
         self.platform = platform
         self.state_dir = state_dir
-        self.trusted_keys_pem = list(trusted_keys_pem)
         self.hardware_id = hardware_id
+        self.device_id = device_id
         self.max_artifact_bytes = max_artifact_bytes
+        #: bytes/s cap for payload downloads (None: as fast as the link goes)
+        self.download_rate_limit = download_rate_limit
+        #: Bundles (no-reboot updates) live here; ``on_bundle(name, current_dir)`` runs after each switch
+        #: so a reader (e.g. the model registry) reloads from ``<state_dir>/bundles/<name>/current``.
+        self.bundles = BundleStore(state_dir / "bundles", max_bytes=max_artifact_bytes)
+        self._on_bundle = on_bundle
         self._report = report
         self._fetcher: Fetcher = fetcher if fetcher is not None else HttpFetcher()
         self._clock = clock
         state_dir.mkdir(parents=True, exist_ok=True)
+        self._tuf = TufClient(
+            state_dir / "tuf",
+            trust_anchors,
+            device_id=device_id,
+            fetcher=self._fetcher,
+            max_target_bytes=max_artifact_bytes,
+        )
         self._journal = OtaJournal(state_dir / "journal.json")
         self._finished = FinishedJobs(state_dir / "finished-jobs.json")
         self._downloads = state_dir / "downloads"
@@ -133,7 +154,12 @@ class OtaDriver:
         return image_info(self.platform.slot_image(self.platform.booted_slot())).version
 
     def installed_sha256(self) -> str:
-        return sha256_hex(self.platform.slot_image(self.platform.booted_slot()))
+        return self._slot_sha256(self.platform.booted_slot())
+
+    def _slot_sha256(self, slot: str) -> str:
+        """Hash of a slot in bounded memory (a missing slot file hashes as empty)."""
+        path = self.platform.slot_path(slot)
+        return sha256_file(path) if path.exists() else sha256_file_empty()
 
     def last_report(self) -> OtaReport | None:
         """The journaled state of the current or last finished job (replay refusals are not kept)."""
@@ -143,7 +169,11 @@ class OtaDriver:
     def handle_job(
         self, job_id: str, rollout_id: str, manifest: bytes, signature: bytes, base_url: str
     ) -> None:
-        """Run a new job from the cloud to REJECTED, FAILED, or a reboot (RebootRequested propagates)."""
+        """Run a new job from the cloud to REJECTED, FAILED, or a reboot (RebootRequested propagates).
+
+        ``manifest`` and ``signature`` are the cloud's own release record; they are journaled for the
+        record but trusted for nothing: what to install comes from the TUF repositories only.
+        """
         current = self._journal.load()
         if current is not None and current.state not in TERMINAL:
             if current.job_id == job_id:  # the cloud offered again a job we are already running
@@ -179,6 +209,11 @@ class OtaDriver:
         )
         try:
             self._accept(entry)
+        except UnavailableError as exc:
+            # The metadata could not be fetched: nothing was decided, so nothing is journaled or reported
+            # as final; the cloud offers the job again and it is verified then.
+            log.warning("OTA job %s postponed, update metadata unreachable: %s", job_id, exc)
+            return
         except FleetloopError as exc:
             log.warning("OTA job %s rejected: %s", job_id, exc)
             self._transition(entry, "reject", one_line(str(exc)))
@@ -195,7 +230,7 @@ class OtaDriver:
             self._finished.record(entry.job_id, entry.state)
             self._emit(entry)  # once more: the cloud may have missed it while we were offline
             return
-        if entry.state in _PRE_REBOOT:
+        if entry.state in _PRE_REBOOT and entry.previous_slot:  # a bundle (no slot) has nothing to check
             booted = self.platform.booted_slot()
             if booted != entry.previous_slot:
                 self._fail(
@@ -241,15 +276,23 @@ class OtaDriver:
 
     # -- acceptance -----------------------------------------------------------------------------------
     def _accept(self, entry: JournalEntry) -> None:
-        """Verify the job; fill in what it will do. Raises (→ REJECTED) when it must not run."""
-        manifest = verify_manifest(
-            entry.manifest,
-            entry.signature,
-            self.trusted_keys_pem,
-            now_unix=int(self._clock()),
+        """Verify the job; fill in what it will do. Raises (→ REJECTED) when it must not run.
+
+        The plan TUF verified (image, full payload, delta from the running image) replaces the job's
+        manifest in the journal, so every later state works from verified facts only.
+        """
+        manifest = self._tuf.decide(
+            entry.base_url,
+            job_id=entry.job_id,
             hardware_id=self.hardware_id,
+            installed_sha256=self.installed_sha256(),
         )
+        entry.manifest = manifest_to_bytes(manifest)
+        entry.signature = b""
         entry.version = manifest.version
+        if manifest.install == "swap":
+            self._accept_bundle(entry, manifest)
+            return
         installed = self.installed_version()
         new_key, old_key = version_key(manifest.version), version_key(installed)
         if new_key is None or old_key is None:
@@ -274,10 +317,36 @@ class OtaDriver:
         entry.payload_kind = payload.kind
         entry.bytes_total = payload.size
 
+    def _accept_bundle(self, entry: JournalEntry, manifest: ReleaseManifest) -> None:
+        """A bundle (no reboot): newer than the installed version of the same bundle, within limits.
+
+        Bundles travel as full payloads: the director chooses deltas by the firmware the device reports.
+        """
+        info = self.bundles.installed(manifest.name)
+        if info is not None:
+            installed = str(info.get("version", ""))
+            new_key, old_key = version_key(manifest.version), version_key(installed)
+            if new_key is None or old_key is None or new_key <= old_key:
+                raise ArtifactVerificationError(
+                    f"bundle {manifest.name} {manifest.version} is not newer than installed {installed}"
+                )
+        if manifest.target_size > self.max_artifact_bytes:
+            raise ArtifactVerificationError(
+                f"bundle of {manifest.target_size} bytes exceeds the limit of {self.max_artifact_bytes}"
+            )
+        payload = next(p for p in manifest.payloads if p.kind == "full")
+        entry.previous_slot = entry.target_slot = ""
+        entry.payload_kind = payload.kind
+        entry.bytes_total = payload.size
+
+    @staticmethod
+    def _is_bundle(entry: JournalEntry) -> bool:
+        return manifest_from_bytes(entry.manifest).install == "swap"
+
     def _payload(self, entry: JournalEntry, manifest: ReleaseManifest) -> PayloadRef:
         """The payload chosen at acceptance (same kind; a delta still from the running image)."""
         if entry.payload_kind == "delta":
-            installed = sha256_hex(self.platform.slot_image(entry.previous_slot))
+            installed = self._slot_sha256(entry.previous_slot)
             for p in manifest.payloads:
                 if p.kind == "delta" and p.base_sha256 == installed:
                     return p
@@ -322,7 +391,8 @@ class OtaDriver:
         elif state is OtaState.DOWNLOADED:
             self._verify(entry)
         elif state is OtaState.VERIFIED:
-            self._check_slots(entry)
+            if not self._is_bundle(entry):
+                self._check_slots(entry)
             self._transition(entry, "install")
         elif state is OtaState.INSTALLING:
             self._install(entry)
@@ -354,8 +424,16 @@ class OtaDriver:
             )
         url = entry.base_url.rstrip("/") + "/" + payload.path
 
+        step = max(payload.size // 10, 1)
+        last_told = [entry.bytes_downloaded // step]
+
         def progress(done: int) -> None:
+            # Every further 10 %, tell the cloud how far the download is (a report, not a journal write:
+            # after a cut the partial file itself says where to resume).
             entry.bytes_downloaded = done
+            if done // step > last_told[0] and done < payload.size:
+                last_told[0] = done // step
+                self._emit(entry)
 
         for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
             try:
@@ -366,6 +444,7 @@ class OtaDriver:
                     expected_size=payload.size,
                     expected_sha256=payload.sha256,
                     progress=progress,
+                    max_bytes_per_s=self.download_rate_limit,
                 )
                 break
             except UnavailableError as exc:
@@ -386,34 +465,65 @@ class OtaDriver:
         self._transition(entry, "verified")
 
     def _install(self, entry: JournalEntry) -> None:
-        self._check_slots(entry)
+        """Stream the image into the inactive slot (bounded memory), then prove the slot holds it."""
         manifest = manifest_from_bytes(entry.manifest)
         payload = self._payload(entry, manifest)
-        data = self._payload_file(payload).read_bytes()
-        if sha256_hex(data) != payload.sha256:
-            raise ArtifactVerificationError(
-                f"payload hash mismatch: expected {payload.sha256}, got {sha256_hex(data)}"
-            )
-        if payload.kind == "delta":
-            image = apply_delta(
-                self.platform.slot_image(entry.previous_slot), data, max_size=self.max_artifact_bytes
-            )
-        else:
-            image = data
-        built = sha256_hex(image)
+        source = self._payload_file(payload)
+        actual = sha256_file(source)
+        if actual != payload.sha256:
+            raise ArtifactVerificationError(f"payload hash mismatch: expected {payload.sha256}, got {actual}")
+        if manifest.install == "swap":
+            self._install_bundle(entry, manifest, source)
+            return
+        self._check_slots(entry)
+        digest = hashlib.sha256()
+        limit = min(self.max_artifact_bytes, manifest.target_size)
+        with self.platform.open_slot_writer(entry.target_slot) as out:
+
+            def write(data: bytes) -> None:
+                digest.update(data)
+                out.write(data)
+
+            if payload.kind == "delta":
+                old_path = self.platform.slot_path(entry.previous_slot)
+                with old_path.open("rb") as old, source.open("rb") as patch:
+                    apply_delta_stream(old, old_path.stat().st_size, patch, write, max_size=limit)
+            else:
+                with source.open("rb") as f:
+                    while chunk := f.read(1 << 20):
+                        write(chunk)
+        built = digest.hexdigest()
         if built != manifest.target_sha256:
             raise ArtifactVerificationError(
                 f"image built from the {payload.kind} payload does not match the release: "
                 f"expected {manifest.target_sha256}, got {built}"
             )
-        self.platform.write_slot(entry.target_slot, image)
-        written = sha256_hex(self.platform.slot_image(entry.target_slot))
+        written = self._slot_sha256(entry.target_slot)
         if written != manifest.target_sha256:
             raise ArtifactVerificationError(
                 f"slot {entry.target_slot} reads back wrong: expected {manifest.target_sha256}, got {written}"
             )
         self._transition(entry, "installed")  # REBOOTING is on disk before the boot env changes
         self._switch_and_reboot(entry)
+
+    def _install_bundle(self, entry: JournalEntry, manifest: ReleaseManifest, source: Path) -> None:
+        """Unpack beside the running version, switch ``current`` atomically, commit: no reboot."""
+        if sha256_file(source) != manifest.target_sha256:
+            raise ArtifactVerificationError(
+                f"bundle does not match the release hash {manifest.target_sha256}"
+            )
+        current = self.bundles.install(manifest.name, manifest.version, source, manifest.target_sha256)
+        log.info("OTA job %s: bundle %s %s is current", entry.job_id, manifest.name, manifest.version)
+        self._transition(entry, "swapped", "")
+        if self._on_bundle is not None:
+            try:
+                self._on_bundle(manifest.name, current)
+            except Exception:  # a reader failing to reload must not undo a committed install
+                log.exception(
+                    "OTA job %s: bundle %s installed, but its reader failed to reload",
+                    entry.job_id,
+                    manifest.name,
+                )
 
     def _switch_and_reboot(self, entry: JournalEntry) -> None:
         self.platform.set_next_boot(entry.target_slot)
@@ -432,7 +542,7 @@ class OtaDriver:
         else:
             # Power was lost between journaling REBOOTING and switching: the new slot was never tried.
             manifest = manifest_from_bytes(entry.manifest)
-            written = sha256_hex(self.platform.slot_image(entry.target_slot))
+            written = self._slot_sha256(entry.target_slot)
             if written != manifest.target_sha256:
                 raise ArtifactVerificationError(
                     f"slot {entry.target_slot} no longer holds the release: "
@@ -476,3 +586,7 @@ class OtaDriver:
         self._transition(entry, "unhealthy", one_line("; ".join(failures)))
         log.warning("OTA job %s: unhealthy on slot %s, rebooting uncommitted", entry.job_id, booted)
         self.platform.reboot()
+
+
+def sha256_file_empty() -> str:
+    return hashlib.sha256(b"").hexdigest()

@@ -18,12 +18,14 @@ import logging
 import os
 import subprocess
 import tempfile
-from collections.abc import Mapping, Sequence
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import NoReturn, Protocol
+from typing import BinaryIO, NoReturn, Protocol
 
 from fleetloop_shared.durable import write_atomically
-from fleetloop_shared.errors import ConfigError, IntegrityError, NotFoundError, StateError
+from fleetloop_shared.errors import ConfigError, IntegrityError, NotFoundError, StateError, StorageFullError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,10 @@ class SlotPlatform(Protocol):
     def other_slot(self) -> str: ...
     def slot_image(self, slot: str) -> bytes: ...
     def write_slot(self, slot: str, data: bytes) -> None: ...
+
+    def slot_path(self, slot: str) -> Path: ...
+
+    def open_slot_writer(self, slot: str) -> AbstractContextManager[BinaryIO]: ...
     def boot_env(self) -> dict[str, str]: ...
     def set_next_boot(self, slot: str) -> None: ...
     def commit(self) -> None: ...
@@ -163,26 +169,46 @@ class EnvFilePlatform:
 
     def write_slot(self, slot: str, data: bytes) -> None:
         """Overwrite the slot in place and fsync (a block device cannot be renamed into place)."""
+        with self.open_slot_writer(slot) as f:
+            f.write(data)
+
+    def slot_path(self, slot: str) -> Path:
+        return self._slot_path(slot)
+
+    @contextmanager
+    def open_slot_writer(self, slot: str) -> Iterator[BinaryIO]:
+        """The inactive slot opened for a streaming overwrite; truncated, flushed and fsynced on success.
+
+        Refuses the running slot. A power cut mid-write leaves a torn inactive slot, which nothing boots:
+        the journal restarts the install from the verified payload.
+        """
         if slot == self.booted_slot():
             raise StateError(f"refusing to write slot {slot}: it is the running slot")
         path = self._slot_path(slot)
-        with path.open("wb") as f:
-            f.write(data)
+        with path.open("r+b" if path.is_file() else "wb") as f:
+            yield f
+            f.truncate()
             f.flush()
             os.fsync(f.fileno())
 
     def boot_env(self) -> dict[str, str]:
-        return read_boot_env(self.env_path)
+        return self._read_env()
 
     def set_next_boot(self, slot: str) -> None:
         self._slot_path(slot)
         env = self.boot_env()
         env.update(boot_slot=slot, upgrade_available="1", bootcount="0")
-        write_boot_env(self.env_path, env)
+        self._write_env(env)
 
     def commit(self) -> None:
         env = self.boot_env()
         env.update(boot_slot=self.booted_slot(), upgrade_available="0", bootcount="0")
+        self._write_env(env)
+
+    def _read_env(self) -> dict[str, str]:
+        return read_boot_env(self.env_path)
+
+    def _write_env(self, env: Mapping[str, str]) -> None:
         write_boot_env(self.env_path, env)
 
     def reboot(self) -> NoReturn:
@@ -229,3 +255,125 @@ def _check_name(argv: Sequence[str]) -> str:
     if len(argv) >= 3 and argv[1] == "-m":
         return argv[2]
     return Path(argv[0]).name
+
+
+# -- u-boot's own environment format (what fw_printenv / fw_setenv read and write) --------------------
+
+#: Where a u-boot environment says no more variables follow.
+_UBOOT_END = b"\x00\x00"
+
+
+class UBootEnvStore:
+    """u-boot's binary environment: CRC32 (little-endian) of the data area, then ``key=value`` entries,
+    each NUL-terminated, a second NUL after the last, padded with NULs to ``size`` bytes.
+
+    This is the layout ``fw_printenv``/``fw_setenv`` (u-boot-tools) and u-boot itself use for a
+    single-copy environment at ``offset`` of ``device`` (a file, an MTD or an eMMC partition). The agent
+    reads and writes it natively so a multi-variable change (``boot_slot`` + ``upgrade_available`` +
+    ``bootcount``) is one write: a regular file is replaced atomically (tmp, fsync, rename); a device is
+    written in place and fsynced (real boards use u-boot's redundant environment for atomicity, which
+    this adapter does not implement yet). A bad CRC is an :class:`IntegrityError`, never a guess.
+    """
+
+    def __init__(self, device: Path, *, offset: int = 0, size: int = 0x4000) -> None:
+        if size < 16 or size > 1 << 20 or offset < 0:
+            raise ConfigError(f"u-boot env size {size} / offset {offset} is not plausible")
+        self.device = Path(device)
+        self.offset = offset
+        self.size = size
+
+    @classmethod
+    def from_fw_env_config(cls, config: Path) -> UBootEnvStore:
+        """The first environment of an ``/etc/fw_env.config`` (``device offset size [sector]`` lines)."""
+        try:
+            text = config.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{config}: cannot read: {exc.strerror or exc}") from None
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            fields = line.split("#", 1)[0].split()
+            if not fields:
+                continue
+            if len(fields) < 3:
+                raise ConfigError(f"{config}:{lineno}: expected 'device offset size'")
+            try:
+                return cls(Path(fields[0]), offset=int(fields[1], 0), size=int(fields[2], 0))
+            except ValueError:
+                raise ConfigError(f"{config}:{lineno}: offset and size must be numbers") from None
+        raise ConfigError(f"{config}: no environment device configured")
+
+    def read(self) -> dict[str, str]:
+        try:
+            with self.device.open("rb") as f:
+                f.seek(self.offset)
+                raw = f.read(self.size)
+        except FileNotFoundError:
+            raise NotFoundError(f"{self.device}: no u-boot environment") from None
+        if len(raw) != self.size:
+            raise IntegrityError(f"{self.device}: u-boot environment shorter than {self.size} bytes")
+        crc, data = int.from_bytes(raw[:4], "little"), raw[4:]
+        if zlib.crc32(data) != crc:
+            raise IntegrityError(f"{self.device}: u-boot environment CRC mismatch (torn or never written)")
+        env: dict[str, str] = {}
+        end = data.find(_UBOOT_END)
+        body = data[: end if end >= 0 else len(data)]
+        for i, entry in enumerate(body.split(b"\x00")):
+            if not entry:
+                continue
+            key, sep, value = entry.partition(b"=")
+            if not sep or not key:
+                raise IntegrityError(f"{self.device}: u-boot environment entry {i + 1} is not key=value")
+            try:
+                env[key.decode("utf-8")] = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise IntegrityError(
+                    f"{self.device}: u-boot environment entry {i + 1} is not UTF-8"
+                ) from None
+        return env
+
+    def write(self, env: Mapping[str, str]) -> None:
+        for key, value in env.items():
+            if not key or "=" in key or "\x00" in key + value or "\n" in key:
+                raise ConfigError(f"u-boot variable {key!r}={value!r} cannot be written")
+        body = b"".join(f"{k}={env[k]}".encode() + b"\x00" for k in sorted(env)) + b"\x00"
+        if len(body) > self.size - 4:
+            raise StorageFullError(
+                f"u-boot environment needs {len(body)} bytes, the area has {self.size - 4}"
+            )
+        data = body + b"\x00" * (self.size - 4 - len(body))
+        image = zlib.crc32(data).to_bytes(4, "little") + data
+        if self.offset == 0 and (not self.device.exists() or self.device.is_file()):
+            existing = self.device.stat().st_size if self.device.exists() else 0
+            if existing <= self.size:
+                write_atomically(self.device, image)
+                return
+        with self.device.open("r+b") as f:
+            f.seek(self.offset)
+            f.write(image)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class UBootPlatform(EnvFilePlatform):
+    """:class:`EnvFilePlatform` whose boot environment is u-boot's own (``fw_env.config``), not text.
+
+    The variables and the protocol are the same (``boot_slot``, ``upgrade_available``, ``bootcount``,
+    ``bootlimit``); u-boot's bootcount feature and an ``altbootcmd`` that switches ``boot_slot`` do the
+    fallback on a real board. Unset variables read as :data:`DEFAULT_BOOT_ENV`.
+    """
+
+    def __init__(
+        self,
+        slot_paths: Mapping[str, Path],
+        env: UBootEnvStore,
+        booted_slot_path: Path,
+        health_commands: Sequence[Sequence[str]] = (),
+        health_timeout_s: float = 10,
+    ) -> None:
+        super().__init__(slot_paths, env.device, booted_slot_path, health_commands, health_timeout_s)
+        self.env_store = env
+
+    def _read_env(self) -> dict[str, str]:
+        return {**DEFAULT_BOOT_ENV, **self.env_store.read()}
+
+    def _write_env(self, env: Mapping[str, str]) -> None:
+        self.env_store.write(env)

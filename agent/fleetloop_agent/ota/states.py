@@ -45,6 +45,8 @@ _TABLE: dict[tuple[OtaState, str], OtaState] = {
     (S.DOWNLOADED, "verified"): S.VERIFIED,
     (S.VERIFIED, "install"): S.INSTALLING,
     (S.INSTALLING, "installed"): S.REBOOTING,
+    # a bundle (software, model pack, catalog, config) is switched to atomically: no reboot, done
+    (S.INSTALLING, "swapped"): S.COMMITTED,
     # after the reboot: the new slot came up, or the bootloader gave up on it and booted the old one
     (S.REBOOTING, "booted"): S.HEALTH_CHECK,
     (S.REBOOTING, "fell_back"): S.ROLLED_BACK,

@@ -67,6 +67,9 @@ class CampaignSpec:
     document: str
     source: str
     expression: Expression
+    #: ``(glob, minimum sample period ns)`` for ``collect.signals`` entries written as
+    #: ``{signal: GLOB, min_period: 100ms}``: a capture keeps at most one sample of those signals per period.
+    collect_min_periods: tuple[tuple[str, int], ...] = ()
 
 
 def parse_campaign(text: str, source: str = "<campaign>") -> CampaignSpec:
@@ -291,7 +294,7 @@ class _DocumentReader:
                 trigger["min_interval"][1], "spec.trigger.min_interval", MAX_MIN_INTERVAL_NS
             )
 
-        collect_signals, pre, post = self._collect(spec, expression)
+        collect_signals, pre, post, min_periods = self._collect(spec, expression)
 
         priority = DEFAULT_PRIORITY
         if "priority" in spec:
@@ -337,33 +340,60 @@ class _DocumentReader:
             document=self._text,
             source=self._source,
             expression=expression,
+            collect_min_periods=min_periods,
         )
 
     def _collect(
         self, spec: dict[str, tuple[Node, Node]], expression: Expression
-    ) -> tuple[tuple[str, ...], int, int]:
+    ) -> tuple[tuple[str, ...], int, int, tuple[tuple[str, int], ...]]:
         if "collect" not in spec:
-            return tuple(sorted(expression.signals)), 0, 0
+            return tuple(sorted(expression.signals)), 0, 0, ()
         collect = self._mapping(spec["collect"][1], "spec.collect", ("signals", "pre", "post"))
         patterns: tuple[str, ...] = tuple(sorted(expression.signals))
+        min_periods: list[tuple[str, int]] = []
         if "signals" in collect:
-            items = self._list_of_strings(collect["signals"][1], "spec.collect.signals")
+            items = self._collect_items(collect["signals"][1])
             if not items:
                 raise self._error("spec.collect.signals must name at least one signal", collect["signals"][1])
-            for value, node in items:
+            for value, node, period in items:
                 if not _PATTERN.fullmatch(value):
                     raise self._error(f"spec.collect.signals: {value!r} is not a signal path or glob", node)
                 if self._catalog is not None and not self._catalog.match([value]):
                     raise self._error(
                         f"spec.collect.signals: {value!r} matches no signal in the catalog", node
                     )
-            patterns = tuple(dict.fromkeys(value for value, _ in items))
+                if period:
+                    min_periods.append((value, period))
+            patterns = tuple(dict.fromkeys(value for value, _, _ in items))
         pre = post = 0
         if "pre" in collect:
             pre = self._duration(collect["pre"][1], "spec.collect.pre", MAX_PRE_POST_NS)
         if "post" in collect:
             post = self._duration(collect["post"][1], "spec.collect.post", MAX_PRE_POST_NS)
-        return patterns, pre, post
+        return patterns, pre, post, tuple(min_periods)
+
+    def _collect_items(self, node: Node) -> list[tuple[str, Node, int]]:
+        """``collect.signals``: a glob, or a list of globs and ``{signal: GLOB, min_period: DURATION}``."""
+        where = "spec.collect.signals"
+        if isinstance(node, ScalarNode):
+            return [(self._string(node, where), node, 0)]
+        if not isinstance(node, SequenceNode):
+            raise self._error(f"{where} must be a list", node)
+        self._check_tag(node, where)
+        items: list[tuple[str, Node, int]] = []
+        for i, item in enumerate(node.value):
+            if isinstance(item, MappingNode):
+                fields = self._mapping(item, f"{where}[{i}]", ("signal", "min_period"), ("signal",))
+                value_node = fields["signal"][1]
+                period = 0
+                if "min_period" in fields:
+                    period = self._duration(
+                        fields["min_period"][1], f"{where}[{i}].min_period", MAX_PRE_POST_NS
+                    )
+                items.append((self._string(value_node, f"{where}[{i}].signal"), value_node, period))
+            else:
+                items.append((self._string(item, f"{where}[{i}]"), item, 0))
+        return items
 
     def _keys(self, node: Node) -> tuple[str, ...]:
         """All keys of a free-form mapping (labels), so only structure is checked there."""

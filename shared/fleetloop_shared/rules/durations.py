@@ -21,7 +21,7 @@ UNIT_NS: dict[str, int] = {
     "h": 3_600_000_000_000,
 }
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 
 
 def is_duration_unit(suffix: str) -> bool:

@@ -1,27 +1,25 @@
-"""Compiling a trigger expression: type check against the catalog, then build an evaluation closure.
+"""Compiling a trigger expression: a static type check, then a typed operation tree.
 
 The checker runs once, when a rule is validated (in the cloud) or installed (on the device); everything
 it can know statically (unknown function, wrong arity, a duration where a value belongs, a string
 compared with a number, an unknown signal) is refused there with the exact position. What only run time
-knows (a signal has no sample yet, a division by zero) becomes a missing value, never an exception.
+knows (a signal has no sample yet, a division by zero, an integer overflow) becomes a missing value,
+never an exception.
 
-The closures are the "first engine": one Python call per node per evaluation. They keep the structure
-that a vectorized engine later replaces: a per-campaign :class:`Evaluator` (where stateful functions
-such as ``rising()`` will keep their state) and a :class:`WindowSource` that hands out history.
+The result is a tree of :class:`Op` nodes whose *kind* (integer, float, true/false, string) is fixed
+statically, so the vectorized evaluator (:mod:`fleetloop_shared.rules.vector`) can give every node one
+numpy dtype. Result kinds: ``+ - * %`` keep integers when both sides are integers (an overflow of 64
+bits is missing); ``/``, ``**``, ``sqrt``, ``avg``, ``prev_avg``, ``rate``, ``age`` and ``model`` give
+floats; ``floor``/``ceil`` give integers; ``min``/``max`` give integers only when every argument is one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import difflib
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol
-
-import numpy as np
-import numpy.typing as npt
 
 from fleetloop_shared.catalog import Catalog, DataType
-from fleetloop_shared.rules import values as rt
 from fleetloop_shared.rules.durations import UNIT_NS, format_duration
 from fleetloop_shared.rules.location import Locator
 from fleetloop_shared.rules.parser import MAX_DEPTH, parse
@@ -31,81 +29,99 @@ from fleetloop_shared.rules.syntax import Binary, Boolean, Call, Duration, Node,
 MAX_WINDOW_NS = UNIT_NS["h"]
 
 
-class WindowSource(Protocol):
-    """Where window functions read history: the samples of one signal path in a time range."""
+class Kind(Enum):
+    """The static type of an expression node."""
 
-    def samples(
-        self, path: str, from_ns_exclusive: int, to_ns_inclusive: int
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[Any]]:
-        """``(t_ns, values)`` of ``path`` with ``from_ns_exclusive < t <= to_ns_inclusive``, in time order."""
-        ...
-
-
-_Fn = Callable[[int, Mapping[str, object], WindowSource], rt.Value]
-
-
-class _Type(Enum):
-    NUMBER = "number"
+    INT = "integer"
+    FLOAT = "number"
     BOOL = "true/false"
     STRING = "string"
-    ANY = "signal value"  # a signal whose type is unknown without a catalog
+    ANY = "signal value"  # a signal whose type is unknown without a catalog (validation only)
 
 
-@dataclass(frozen=True)
-class _MathFunction:
-    min_args: int
-    max_args: int | None
-    impl: Callable[[list[rt.Value]], rt.Value]
-    signature: str
+_NUMERIC = frozenset({Kind.INT, Kind.FLOAT, Kind.ANY})
 
-
-_MATH: dict[str, _MathFunction] = {
-    "abs": _MathFunction(1, 1, rt.absolute, "abs(x)"),
-    "min": _MathFunction(2, None, rt.minimum, "min(a, b, ...)"),
-    "max": _MathFunction(2, None, rt.maximum, "max(a, b, ...)"),
+ARITHMETIC_OPS = frozenset({"+", "-", "*", "/", "%", "**"})
+ORDERING_OPS = frozenset({"<", "<=", ">", ">="})
+EQUALITY_OPS = frozenset({"==", "!="})
+#: Window functions over one signal's samples: name → (previous window?, result kind or None = signal's).
+WINDOW_FUNCTIONS: dict[str, tuple[bool, Kind | None]] = {
+    "avg": (False, Kind.FLOAT),
+    "min_over": (False, None),
+    "max_over": (False, None),
+    "delta": (False, None),
+    "rate": (False, Kind.FLOAT),
+    "prev_avg": (True, Kind.FLOAT),
+    "prev_min": (True, None),
+    "prev_max": (True, None),
 }
-
-_WINDOW: dict[str, Callable[[npt.NDArray[Any]], rt.Value]] = {
-    "avg": rt.window_avg,
-    "delta": rt.window_delta,
-    "min_over": rt.window_min,
-    "max_over": rt.window_max,
+_MATH_SIGNATURES = {
+    "abs": "abs(x)",
+    "sqrt": "sqrt(x)",
+    "floor": "floor(x)",
+    "ceil": "ceil(x)",
+    "min": "min(a, b, ...)",
+    "max": "max(a, b, ...)",
 }
+_OTHER_SIGNATURES = {
+    "count": "count(condition, window)",
+    "held": "held(condition, window)",
+    "rising": "rising(condition)",
+    "falling": "falling(condition)",
+    "changed": "changed(x)",
+    "is_null": "is_null(x)",
+    "age": "age(signal)",
+    "model": 'model("name", window)',
+}
+FUNCTIONS = frozenset([*_MATH_SIGNATURES, *WINDOW_FUNCTIONS, *_OTHER_SIGNATURES])
 
-_ARITHMETIC_OPS = frozenset(rt.ARITHMETIC)
-_ORDERING_OPS = frozenset(rt.ORDERING)
 
+@dataclass(eq=False)
+class Op:
+    """One node of a compiled expression.
 
-class Evaluator:
-    """Evaluation of one expression for one campaign; holds the per-campaign state of stateful functions.
-
-    (None of the current functions is stateful; the object exists so that adding ``rising()`` or
-    ``held()`` later does not change how the trigger engine drives evaluation.)
+    ``fn`` names the operation: ``const``, ``signal``, ``neg``, ``not``, an operator (``+``, ``==``,
+    ``and``, ...) or a function name. ``nid`` numbers the nodes of one expression (evaluation state is
+    kept per node). ``path`` is the signal of ``signal``, window functions and ``age``; ``window_ns`` the
+    window of window functions, ``count``, ``held`` and ``model``; ``value`` the constant or model name.
     """
 
-    def __init__(self, fn: _Fn) -> None:
-        self._fn = fn
-
-    def evaluate(self, t_ns: int, values: Mapping[str, object], history: WindowSource) -> object:
-        """The expression's value at ``t_ns`` given the current (sample-and-hold) ``values`` by path.
-
-        ``None`` means missing. Never raises for any input values.
-        """
-        return self._fn(t_ns, values, history)
+    fn: str
+    kind: Kind
+    args: tuple[Op, ...] = ()
+    value: object = None
+    path: str = ""
+    window_ns: int = 0
+    nid: int = field(default=0)
 
 
 class Expression:
-    """A compiled, type-checked expression. Equal when the text is equal."""
+    """A compiled, type-checked expression. Equal when the text is equal.
 
-    def __init__(self, text: str, signals: frozenset[str], max_window_ns: int, fn: _Fn) -> None:
+    ``signals`` are every signal the expression reads (its evaluation times are their sample times);
+    ``max_window_ns`` the history it needs (twice the window for ``prev_*``); ``models`` the
+    ``(model name, window ns)`` pairs it calls.
+    """
+
+    def __init__(
+        self,
+        text: str,
+        root: Op,
+        signals: frozenset[str],
+        max_window_ns: int,
+        node_count: int,
+        models: frozenset[tuple[str, int]] = frozenset(),
+    ) -> None:
         self.text = text
+        self.root = root
         self.signals = signals
         self.max_window_ns = max_window_ns
-        self._fn = fn
+        self.node_count = node_count
+        self.models = models
 
-    def evaluator(self) -> Evaluator:
-        """A fresh evaluation state (one per running campaign)."""
-        return Evaluator(self._fn)
+    @property
+    def kind(self) -> Kind:
+        return self.root.kind
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Expression) and other.text == self.text
@@ -137,12 +153,25 @@ def compile_located(
     """
     tree = parse(text, locator)
     compiler = _Compiler(locator, catalog)
-    kind, fn = compiler.compile(tree, 0)
-    if kind is _Type.STRING:
+    root = compiler.compile(tree, 0)
+    if root.kind is Kind.STRING:
         raise locator.error("expression computes a string; it must compute a number or true/false", 0)
-    if require_condition and kind is _Type.NUMBER:
+    if require_condition and root.kind in (Kind.INT, Kind.FLOAT):
         raise locator.error("condition computes a number; it must be true/false (compare it)", 0)
-    return Expression(text, frozenset(compiler.signals), compiler.max_window_ns, fn)
+    return Expression(
+        text,
+        root,
+        frozenset(compiler.signals),
+        compiler.max_window_ns,
+        compiler.count,
+        frozenset(compiler.models),
+    )
+
+
+def _numeric_result(kinds: list[Kind]) -> Kind:
+    if Kind.ANY in kinds:
+        return Kind.ANY
+    return Kind.INT if all(k is Kind.INT for k in kinds) else Kind.FLOAT
 
 
 class _Compiler:
@@ -150,21 +179,29 @@ class _Compiler:
         self._loc = locator
         self._catalog = catalog
         self.signals: set[str] = set()
+        self.models: set[tuple[str, int]] = set()
         self.max_window_ns = 0
+        self.count = 0
 
-    def compile(self, node: Node, depth: int) -> tuple[_Type, _Fn]:
+    def _op(self, fn: str, kind: Kind, args: tuple[Op, ...] = (), **extra: object) -> Op:
+        op = Op(fn, kind, args, nid=self.count, **extra)  # type: ignore[arg-type]
+        self.count += 1
+        return op
+
+    def compile(self, node: Node, depth: int) -> Op:
         if depth > MAX_DEPTH:
             raise self._loc.error(f"expression is nested deeper than {MAX_DEPTH} levels", node.offset)
         match node:
             case Number(value=number):
-                return _Type.NUMBER, _constant(number)
+                return self._op("const", Kind.INT if type(number) is int else Kind.FLOAT, value=number)
             case Boolean(value=flag):
-                return _Type.BOOL, _constant(flag)
+                return self._op("const", Kind.BOOL, value=flag)
             case String(value=string):
-                return _Type.STRING, _constant(string)
+                return self._op("const", Kind.STRING, value=string)
             case Duration(text=text, offset=offset):
                 raise self._loc.error(
-                    f"duration {text} is only allowed as the window of avg, delta, min_over or max_over",
+                    f"duration {text} is only allowed as the window argument of a window function, "
+                    "e.g. avg(Vehicle.Speed, 1s)",
                     offset,
                 )
             case Signal():
@@ -177,166 +214,192 @@ class _Compiler:
                 return self._call(node, depth)
         raise AssertionError(f"unhandled syntax node {node!r}")  # pragma: no cover
 
-    def _signal_type(self, node: Signal) -> _Type:
+    def _signal_kind(self, node: Signal) -> Kind:
         if self._catalog is None:
-            return _Type.ANY
+            return Kind.ANY
         spec = self._catalog.get(node.path)
         if spec is None:
-            raise self._loc.error(f"unknown signal {node.path!r} (not in the catalog)", node.offset)
-        return _Type.BOOL if spec.data_type is DataType.BOOL else _Type.NUMBER
+            paths = [s.path for s in self._catalog]
+            hint = difflib.get_close_matches(node.path, paths, n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise self._loc.error(
+                f"unknown signal {node.path!r} (not in the catalog){suggestion}", node.offset
+            )
+        return {DataType.BOOL: Kind.BOOL, DataType.INT64: Kind.INT, DataType.FLOAT64: Kind.FLOAT}[
+            spec.data_type
+        ]
 
-    def _signal(self, node: Signal) -> tuple[_Type, _Fn]:
-        kind = self._signal_type(node)
+    def _signal(self, node: Signal) -> Op:
+        kind = self._signal_kind(node)
         self.signals.add(node.path)
-        path = node.path
-        normalize = rt.normalize
+        return self._op("signal", kind, path=node.path)
 
-        def read(t_ns: int, values: Mapping[str, object], history: WindowSource) -> rt.Value:
-            return normalize(values.get(path))
-
-        return kind, read
-
-    def _unary(self, node: Unary, depth: int) -> tuple[_Type, _Fn]:
-        kind, operand = self.compile(node.operand, depth + 1)
+    def _unary(self, node: Unary, depth: int) -> Op:
+        operand = self.compile(node.operand, depth + 1)
         if node.op == "not":
-            self._expect(kind, _Type.BOOL, "'not'", node.offset)
-            kleene_not = rt.kleene_not
+            self._expect(operand.kind, Kind.BOOL, "'not'", node.offset)
+            return self._op("not", Kind.BOOL, (operand,))
+        self._expect_number(operand.kind, "unary '-'", node.offset)
+        return self._op("neg", operand.kind, (operand,))
 
-            def negation(t_ns: int, values: Mapping[str, object], history: WindowSource) -> rt.Value:
-                return kleene_not(operand(t_ns, values, history))
-
-            return _Type.BOOL, negation
-        self._expect(kind, _Type.NUMBER, "unary '-'", node.offset)
-        negate = rt.negate
-
-        def minus(t_ns: int, values: Mapping[str, object], history: WindowSource) -> rt.Value:
-            return negate(operand(t_ns, values, history))
-
-        return _Type.NUMBER, minus
-
-    def _binary(self, node: Binary, depth: int) -> tuple[_Type, _Fn]:
+    def _binary(self, node: Binary, depth: int) -> Op:
         op = node.op
-        left_kind, left = self.compile(node.left, depth + 1)
-        right_kind, right = self.compile(node.right, depth + 1)
-        kinds = (left_kind, right_kind)
+        left = self.compile(node.left, depth + 1)
+        right = self.compile(node.right, depth + 1)
+        kinds = [left.kind, right.kind]
         if op in ("and", "or"):
             for kind in kinds:
-                self._expect(kind, _Type.BOOL, f"'{op}'", node.op_offset)
-            combine = rt.kleene_and if op == "and" else rt.kleene_or
-
-            # Both sides are always evaluated (no short circuit) so that stateful functions added
-            # later see every tick.
-            def logical(t_ns: int, values: Mapping[str, object], history: WindowSource) -> rt.Value:
-                return combine(left(t_ns, values, history), right(t_ns, values, history))
-
-            return _Type.BOOL, logical
-        if op in _ARITHMETIC_OPS or op in _ORDERING_OPS:
-            if any(k not in (_Type.NUMBER, _Type.ANY) for k in kinds):
+                self._expect(kind, Kind.BOOL, f"'{op}'", node.op_offset)
+            return self._op(op, Kind.BOOL, (left, right))
+        if op in ARITHMETIC_OPS or op in ORDERING_OPS:
+            if any(k not in _NUMERIC for k in kinds):
                 message = (
-                    f"cannot compare {left_kind.value} with {right_kind.value} using '{op}'"
-                    if op in _ORDERING_OPS
-                    else f"'{op}' needs numbers, got {left_kind.value} and {right_kind.value}"
+                    f"cannot compare {_describe(left.kind)} with {_describe(right.kind)} using '{op}'"
+                    if op in ORDERING_OPS
+                    else f"'{op}' needs numbers, got {_describe(left.kind)} and {_describe(right.kind)}"
                 )
                 raise self._loc.error(message, node.op_offset)
-        elif not _comparable(left_kind, right_kind):
+        elif not _comparable(left.kind, right.kind):
             raise self._loc.error(
-                f"cannot compare {left_kind.value} with {right_kind.value} using '{op}'", node.op_offset
+                f"cannot compare {_describe(left.kind)} with {_describe(right.kind)} using '{op}'",
+                node.op_offset,
             )
-        if op in _ARITHMETIC_OPS:
-            arithmetic = rt.arithmetic
+        if op in ARITHMETIC_OPS:
+            kind = Kind.FLOAT if op in ("/", "**") and Kind.ANY not in kinds else _numeric_result(kinds)
+            return self._op(op, kind, (left, right))
+        return self._op(op, Kind.BOOL, (left, right))
 
-            def arith(t_ns: int, values: Mapping[str, object], history: WindowSource) -> rt.Value:
-                return arithmetic(op, left(t_ns, values, history), right(t_ns, values, history))
-
-            return _Type.NUMBER, arith
-        compare = rt.compare
-
-        def comparison(t_ns: int, values: Mapping[str, object], history: WindowSource) -> rt.Value:
-            return compare(op, left(t_ns, values, history), right(t_ns, values, history))
-
-        return _Type.BOOL, comparison
-
-    def _call(self, node: Call, depth: int) -> tuple[_Type, _Fn]:
-        if node.name in _WINDOW:
-            return self._window(node)
-        function = _MATH.get(node.name)
-        if function is None:
-            known = ", ".join(sorted([*_MATH, *_WINDOW]))
-            raise self._loc.error(f"unknown function {node.name!r} (known: {known})", node.offset)
+    def _arity(self, node: Call, low: int, high: int | None, signature: str) -> None:
         count = len(node.args)
-        if count < function.min_args or (function.max_args is not None and count > function.max_args):
+        if count < low or (high is not None and count > high):
+            if high is None:
+                wanted = f"at least {low} arguments"
+            elif low == high:
+                wanted = f"{low} argument" + ("s" if low != 1 else "")
+            else:
+                wanted = f"{low} to {high} arguments"
+            raise self._loc.error(f"{node.name}() takes {wanted}, got {count}: {signature}", node.offset)
+
+    def _window_arg(self, node: Call, arg: Node, signature: str, factor: int = 1) -> int:
+        if not isinstance(arg, Duration):
             raise self._loc.error(
-                f"{node.name}() takes {_arity(function)}, got {count}: {function.signature}", node.offset
+                f"the window of {node.name}() must be a duration like 500ms, 1s, 2m or 1h: {signature}",
+                arg.offset,
             )
-        compiled = []
+        if arg.ns <= 0:
+            raise self._loc.error(f"the window of {node.name}() must be longer than 0", arg.offset)
+        if arg.ns > MAX_WINDOW_NS:
+            raise self._loc.error(
+                f"the window of {node.name}() may be at most {format_duration(MAX_WINDOW_NS)}", arg.offset
+            )
+        self.max_window_ns = max(self.max_window_ns, factor * arg.ns)
+        return arg.ns
+
+    def _call(self, node: Call, depth: int) -> Op:
+        name = node.name
+        if name in WINDOW_FUNCTIONS:
+            return self._window(node)
+        if name in _MATH_SIGNATURES:
+            return self._math(node, depth)
+        signature = _OTHER_SIGNATURES.get(name)
+        if signature is None:
+            hint = difflib.get_close_matches(name, sorted(FUNCTIONS), n=1)
+            suggestion = f"; did you mean {hint[0]}()?" if hint else ""
+            raise self._loc.error(
+                f"unknown function {name!r}{suggestion} (known: {', '.join(sorted(FUNCTIONS))})", node.offset
+            )
+        if name in ("count", "held"):
+            self._arity(node, 2, 2, signature)
+            cond = self.compile(node.args[0], depth + 1)
+            self._expect(cond.kind, Kind.BOOL, f"{name}()", node.args[0].offset)
+            window = self._window_arg(node, node.args[1], signature)
+            return self._op(name, Kind.INT if name == "count" else Kind.BOOL, (cond,), window_ns=window)
+        if name in ("rising", "falling"):
+            self._arity(node, 1, 1, signature)
+            cond = self.compile(node.args[0], depth + 1)
+            self._expect(cond.kind, Kind.BOOL, f"{name}()", node.args[0].offset)
+            return self._op(name, Kind.BOOL, (cond,))
+        if name in ("changed", "is_null"):
+            self._arity(node, 1, 1, signature)
+            arg = self.compile(node.args[0], depth + 1)
+            return self._op(name, Kind.BOOL, (arg,))
+        if name == "age":
+            self._arity(node, 1, 1, signature)
+            series = node.args[0]
+            if not isinstance(series, Signal):
+                raise self._loc.error(
+                    f"the argument of age() must be a signal path: {signature}", series.offset
+                )
+            signal_kind = self._signal_kind(series)
+            self.signals.add(series.path)
+            return self._op("age", Kind.FLOAT, path=series.path, value=signal_kind)
+        # model("name", window)
+        self._arity(node, 2, 2, signature)
+        model_name = node.args[0]
+        if not isinstance(model_name, String) or not model_name.value:
+            raise self._loc.error(
+                f"the first argument of model() must be a quoted model name: {signature}", model_name.offset
+            )
+        window = self._window_arg(node, node.args[1], signature)
+        self.models.add((model_name.value, window))
+        return self._op("model", Kind.FLOAT, value=model_name.value, window_ns=window)
+
+    def _math(self, node: Call, depth: int) -> Op:
+        name = node.name
+        signature = _MATH_SIGNATURES[name]
+        if name in ("min", "max"):
+            self._arity(node, 2, None, signature)
+        else:
+            self._arity(node, 1, 1, signature)
+        args = []
         for arg in node.args:
-            kind, fn = self.compile(arg, depth + 1)
-            self._expect(kind, _Type.NUMBER, f"{node.name}()", arg.offset)
-            compiled.append(fn)
-        impl = function.impl
+            op = self.compile(arg, depth + 1)
+            self._expect_number(op.kind, f"{name}()", arg.offset)
+            args.append(op)
+        kinds = [a.kind for a in args]
+        if name == "sqrt":
+            kind = Kind.ANY if Kind.ANY in kinds else Kind.FLOAT
+        elif name in ("floor", "ceil"):
+            kind = Kind.ANY if Kind.ANY in kinds else Kind.INT
+        else:
+            kind = _numeric_result(kinds)
+        return self._op(name, kind, tuple(args))
 
-        def call(t_ns: int, values: Mapping[str, object], history: WindowSource) -> rt.Value:
-            return impl([fn(t_ns, values, history) for fn in compiled])
-
-        return _Type.NUMBER, call
-
-    def _window(self, node: Call) -> tuple[_Type, _Fn]:
+    def _window(self, node: Call) -> Op:
         name = node.name
         signature = f"{name}(signal, window)"
-        if len(node.args) != 2:
-            raise self._loc.error(
-                f"{name}() takes 2 arguments, got {len(node.args)}: {signature}", node.offset
-            )
+        self._arity(node, 2, 2, signature)
         series, window = node.args
         if not isinstance(series, Signal):
             raise self._loc.error(
                 f"the first argument of {name}() must be a signal path: {signature}", series.offset
             )
-        if not isinstance(window, Duration):
-            raise self._loc.error(
-                f"the window of {name}() must be a duration like 500ms, 1s, 2m or 1h", window.offset
-            )
-        if window.ns <= 0:
-            raise self._loc.error(f"the window of {name}() must be longer than 0", window.offset)
-        if window.ns > MAX_WINDOW_NS:
-            raise self._loc.error(
-                f"the window of {name}() may be at most {format_duration(MAX_WINDOW_NS)}", window.offset
-            )
-        kind = self._signal_type(series)
-        self._expect(kind, _Type.NUMBER, f"{name}()", series.offset)
+        previous, result = WINDOW_FUNCTIONS[name]
+        window_ns = self._window_arg(node, window, signature, 2 if previous else 1)
+        kind = self._signal_kind(series)
+        self._expect_number(kind, f"{name}()", series.offset)
         self.signals.add(series.path)
-        self.max_window_ns = max(self.max_window_ns, window.ns)
-        path, window_ns, reduce = series.path, window.ns, _WINDOW[name]
-        usable = rt.window_values
+        return self._op(name, result or kind, path=series.path, window_ns=window_ns)
 
-        def over_window(t_ns: int, values: Mapping[str, object], history: WindowSource) -> rt.Value:
-            _, samples = history.samples(path, t_ns - window_ns, t_ns)
-            cleaned = usable(np.asarray(samples))
-            return None if cleaned is None else reduce(cleaned)
+    def _expect(self, kind: Kind, wanted: Kind, where: str, offset: int) -> None:
+        if kind is not wanted and kind is not Kind.ANY:
+            raise self._loc.error(f"{where} needs {wanted.value}, got {_describe(kind)}", offset)
 
-        return _Type.NUMBER, over_window
-
-    def _expect(self, kind: _Type, wanted: _Type, where: str, offset: int) -> None:
-        if kind is not wanted and kind is not _Type.ANY:
-            raise self._loc.error(f"{where} needs {wanted.value}, got {kind.value}", offset)
+    def _expect_number(self, kind: Kind, where: str, offset: int) -> None:
+        if kind not in _NUMERIC:
+            raise self._loc.error(f"{where} needs a number, got {_describe(kind)}", offset)
 
 
-def _comparable(a: _Type, b: _Type) -> bool:
-    if _Type.STRING in (a, b):
-        return a is b
-    return a is b or _Type.ANY in (a, b)
+def _describe(kind: Kind) -> str:
+    """The kind as messages name it: integers and floats are both just numbers to an operator."""
+    return "number" if kind in (Kind.INT, Kind.FLOAT) else kind.value
 
 
-def _arity(function: _MathFunction) -> str:
-    if function.max_args is None:
-        return f"at least {function.min_args} arguments"
-    if function.min_args == function.max_args:
-        return f"{function.min_args} argument" + ("s" if function.min_args != 1 else "")
-    return f"{function.min_args} to {function.max_args} arguments"
-
-
-def _constant(value: rt.Value) -> _Fn:
-    def constant(t_ns: int, values: Mapping[str, object], history: WindowSource) -> rt.Value:
-        return value
-
-    return constant
+def _comparable(a: Kind, b: Kind) -> bool:
+    if Kind.STRING in (a, b):
+        return a is b  # no catalog type holds text, so a signal is never equal to a string
+    if Kind.ANY in (a, b):
+        return True
+    if a in _NUMERIC and b in _NUMERIC:
+        return True
+    return a is b

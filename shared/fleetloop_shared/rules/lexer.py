@@ -19,6 +19,41 @@ MAX_EXPRESSION_CHARS = 8192
 INT64_MAX = 2**63 - 1
 
 KEYWORDS = frozenset({"and", "or", "not", "true", "false"})
+#: Python words that people try; refused by name so the message says it is not part of the language.
+_FOREIGN_WORDS = frozenset(
+    {
+        "lambda",
+        "if",
+        "else",
+        "for",
+        "in",
+        "is",
+        "import",
+        "from",
+        "def",
+        "class",
+        "return",
+        "yield",
+        "while",
+        "with",
+        "as",
+        "assert",
+        "del",
+        "global",
+        "nonlocal",
+        "pass",
+        "raise",
+        "try",
+        "except",
+        "finally",
+        "async",
+        "await",
+        "None",
+        "True",
+        "False",
+        "null",
+    }
+)
 
 
 class TokenKind(Enum):
@@ -43,13 +78,21 @@ class Token:
     value: int | float | str | None = None
 
 
-_NUMBER = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-_SUFFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
-_OPERATORS = ("==", "!=", "<=", ">=", "<", ">", "+", "-", "*", "/", "%")
+_DIGITS = frozenset("0123456789")
+_NAME_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
+_NUMBER = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+_SUFFIX = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*", re.ASCII)
+_OPERATORS = ("**", "==", "!=", "<=", ">=", "<", ">", "+", "-", "*", "/", "%")
 #: Spellings from other languages, refused with a pointer to ours.
 _FOREIGN = {
-    "**": "operator '**' is not supported yet",
+    "//": "'//' is not an operator; use floor(a / b)",
+    "[": "subscripts ('[...]') are not part of the rule language",
+    "{": "'{' is not part of the rule language",
+    ":": "':' is not part of the rule language (no lambdas or slices)",
+    "@": "'@' is not part of the rule language",
+    "^": "'^' is not an operator; use '**' for powers",
+    "~": "'~' is not an operator; use 'not'",
     "&&": "use 'and' instead of '&&'",
     "||": "use 'or' instead of '||'",
     "=": "use '==' to compare ('=' is not an operator)",
@@ -71,9 +114,9 @@ def tokenize(text: str, locator: Locator) -> list[Token]:
         if ch.isspace():
             i += 1
             continue
-        if ch.isdigit() or (ch == "." and i + 1 < n and text[i + 1].isdigit()):
+        if ch in _DIGITS or (ch == "." and i + 1 < n and text[i + 1] in _DIGITS):
             token = _number(text, i, locator)
-        elif ch.isalpha() or ch == "_":
+        elif ch in _NAME_START:
             token = _name(text, i, locator)
         elif ch in "\"'":
             token = _string(text, i, locator)
@@ -126,9 +169,24 @@ def _name(text: str, i: int, locator: Locator) -> Token:
     after = match.end()
     if text[after : after + 1] == ".":
         raise locator.error(f"incomplete signal path {name + '.'!r}", i)
+    for part_offset, part in _parts(name, i):
+        if part.startswith("_"):
+            raise locator.error(f"names may not start with '_' ({part!r})", part_offset)
     if name in KEYWORDS:
         return Token(TokenKind.KEYWORD, name, i)
+    if name in _FOREIGN_WORDS:
+        hint = {"True": " (write true)", "False": " (write false)", "None": "", "null": ""}.get(name, "")
+        raise locator.error(f"{name!r} is not part of the rule language{hint}", i)
     return Token(TokenKind.NAME, name, i, name)
+
+
+def _parts(name: str, offset: int) -> list[tuple[int, str]]:
+    """The dot-separated parts of ``name`` with their offsets."""
+    parts: list[tuple[int, str]] = []
+    for part in name.split("."):
+        parts.append((offset, part))
+        offset += len(part) + 1
+    return parts
 
 
 def _string(text: str, i: int, locator: Locator) -> Token:

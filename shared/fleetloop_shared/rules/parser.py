@@ -1,8 +1,9 @@
 """Precedence-climbing (Pratt) parser of the trigger language.
 
 Precedence, loosest first, as in Python: ``or``, ``and``, ``not``, comparisons, ``+ -``, ``* / %``,
-unary ``-``. Comparisons do not chain (``a < b < c`` is refused: say ``a < b and b < c``), because
-Python's chaining surprises people who know any other language.
+unary ``-``, ``**`` (right-associative, and binding tighter than a unary minus on its left: ``-2 ** 2``
+is ``-(2 ** 2)``, while ``2 ** -1`` is allowed). Comparisons do not chain (``a < b < c`` is refused:
+say ``a < b and b < c``), because Python's chaining surprises people who know any other language.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ _INFIX_POWER: dict[str, int] = {
     "*": 11,
     "/": 11,
     "%": 11,
+    "**": 15,
 }
 _NOT_POWER = 5
 _NEGATE_POWER = 13
@@ -80,7 +82,8 @@ class _Parser:
             if power is None or power <= min_power:
                 break
             self._next()
-            right = self._expression(power)
+            # '**' is right-associative: its right side may hold another '**'.
+            right = self._expression(power - 1 if token.text == "**" else power)
             left = Binary(token.text, left, right, _start(left), token.offset)
             if token.text in _COMPARISONS:
                 follow = self._peek()
@@ -116,9 +119,15 @@ class _Parser:
             closing = self._next()
             if closing.kind is not TokenKind.RPAREN:
                 raise self._unexpected(closing, "')'")
+            if self._peek().kind is TokenKind.LPAREN:
+                raise self._loc.error("only functions can be called", self._peek().offset)
             return inner
         if kind is TokenKind.NAME:
             if self._peek().kind is TokenKind.LPAREN:
+                if "." in token.text:
+                    raise self._loc.error(
+                        f"{token.text!r} is a signal, not a function; it cannot be called", token.offset
+                    )
                 self._next()
                 return Call(token.text, self._arguments(), token.offset)
             return Signal(token.text, token.offset)

@@ -170,23 +170,55 @@ class Heartbeat(_message.Message):
     TIME_UNIX_NS_FIELD_NUMBER: _builtins.int
     SEGMENTS_PENDING_FIELD_NUMBER: _builtins.int
     BYTES_PENDING_FIELD_NUMBER: _builtins.int
+    BACKLOG_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
     time_unix_ns: _builtins.int
     segments_pending: _builtins.int
     bytes_pending: _builtins.int
+    network: _builtins.str
+    """Network the device is on now: "wifi", "cellular", "ethernet" or "other"."""
+    @_builtins.property
+    def backlog(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriorityBacklog]:
+        """Backlog per priority for the cloud's upload scheduler (empty: the device does not ask for grants)."""
+
     def __init__(
         self,
         *,
         time_unix_ns: _builtins.int = ...,
         segments_pending: _builtins.int = ...,
         bytes_pending: _builtins.int = ...,
+        backlog: _abc.Iterable[Global___PriorityBacklog] | None = ...,
+        network: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_pending", b"bytes_pending", "segments_pending", b"segments_pending", "time_unix_ns", b"time_unix_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "bytes_pending", b"bytes_pending", "network", b"network", "segments_pending", b"segments_pending", "time_unix_ns", b"time_unix_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class PriorityBacklog(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    priority: _builtins.int
+    bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        priority: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "priority", b"priority"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PriorityBacklog: _TypeAlias = PriorityBacklog  # noqa: Y015
 
 @_typing.final
 class CampaignStatus(_message.Message):

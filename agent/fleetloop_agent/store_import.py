@@ -1,0 +1,454 @@
+"""Turn recordings on disk into groups of columns the local store can hold.
+
+Operators import a long CSV (``t_ns,signal,value`` or ``t,signal,value`` in seconds) or a CAN log with
+its DBC into a store to inspect it; the store benchmark and the exactness tests read every real data set
+through the same functions, so what is measured is what operators get.
+
+Groups: signals that share a timestamp column are stored with one time column. A CAN frame says it (the
+message is the group); a long CSV does not, so :func:`detect_groups` groups signals whose sample times are
+identical, which is what a frame, an IMU sample or a PLC poll produces.
+
+Every reader refuses malformed input with a one-line :class:`ConfigError` naming the file and line, and
+nothing is silently dropped: CAN frames the DBC does not describe are counted in ``frames_skipped``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fleetloop_shared.catalog import Catalog, DataType
+from fleetloop_shared.dbc import DbcDatabase, load_dbc
+from fleetloop_shared.errors import ConfigError
+from fleetloop_shared.segment import Segment, new_segment_id
+
+NS_PER_S = 1_000_000_000
+#: Largest input file read (held in memory while grouping).
+MAX_INPUT_BYTES = 512 * 1024 * 1024
+#: Rows per segment when a group is cut into segments (bounded decode memory on the device and cloud).
+DEFAULT_SEGMENT_ROWS = 65_536
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass
+class ImportedGroup:
+    """One group: a shared time column and one value column per signal name."""
+
+    name: str
+    t_ns: npt.NDArray[np.int64]
+    columns: dict[str, npt.NDArray[Any]]
+
+    @property
+    def sample_count(self) -> int:
+        return int(self.t_ns.shape[0]) * len(self.columns)
+
+
+@dataclass
+class ImportResult:
+    """Groups read from one input. ``qualified``: catalog paths are ``group/signal`` (CAN messages reuse
+    signal names); a long CSV's names are already unique and stay as they are."""
+
+    groups: list[ImportedGroup]
+    frames_skipped: int = 0
+    notes: list[str] = field(default_factory=list)
+    qualified: bool = True
+
+    @property
+    def sample_count(self) -> int:
+        return sum(g.sample_count for g in self.groups)
+
+
+# ------------------------------------------------------------------------------------------ long CSV
+
+
+def _seconds_to_ns(cell: str) -> int:
+    """Exact decimal seconds → ns (no binary float rounding on the way)."""
+    try:
+        d = Decimal(cell.strip())
+    except InvalidOperation:
+        raise ValueError(f"time {cell!r} is not a number") from None
+    if not d.is_finite():
+        raise ValueError(f"time {cell!r} is not finite")
+    return int((d * NS_PER_S).to_integral_value())
+
+
+def _parse_value(cell: str) -> float | int:
+    text = cell.strip()
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    return float(text)  # accepts nan, inf, -0.0 and every repr() a float prints
+
+
+def read_long_csv(path: Path) -> ImportResult:
+    """``t_ns,signal,value`` or ``t,signal,value`` (seconds); signals grouped by :func:`detect_groups`."""
+    path = Path(path)
+    _check_size(path)
+    times: dict[str, list[int]] = defaultdict(list)
+    values: dict[str, list[float | int]] = defaultdict(list)
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            header = [h.strip() for h in next(reader, [])]
+            if header not in (["t_ns", "signal", "value"], ["t", "signal", "value"]):
+                raise ConfigError(
+                    f"{path}:1: expected header 't_ns,signal,value' or 't,signal,value', "
+                    f"got {','.join(header)!r}"
+                )
+            in_seconds = header[0] == "t"
+            for lineno, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                if len(row) != 3:
+                    raise ConfigError(f"{path}:{lineno}: expected 3 fields, got {len(row)}")
+                try:
+                    t = _seconds_to_ns(row[0]) if in_seconds else int(row[0])
+                    if not -(2**63) <= t < 2**63:
+                        raise ValueError(f"time {row[0]!r} outside the int64 ns range")
+                    v = _parse_value(row[2])
+                except ValueError as exc:
+                    raise ConfigError(f"{path}:{lineno}: {exc}") from None
+                name = row[1].strip()
+                if not name:
+                    raise ConfigError(f"{path}:{lineno}: empty signal name")
+                times[name].append(t)
+                values[name].append(v)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    series = {}
+    for name, ts in times.items():
+        vs = values[name]
+        if all(isinstance(v, int) for v in vs) and all(-(2**63) <= int(v) < 2**63 for v in vs):
+            arr: npt.NDArray[Any] = np.array(vs, dtype=np.int64)
+        else:
+            arr = np.array([float(v) for v in vs], dtype=np.float64)
+        series[name] = (np.array(ts, dtype=np.int64), arr)
+    return ImportResult(detect_groups(series), qualified=False)
+
+
+def detect_groups(series: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[Any]]]) -> list[ImportedGroup]:
+    """Group signals whose time columns are identical (same length, same values, same order).
+
+    Signals sampled together share their timestamps exactly; anything else (different rates, different
+    phases) would need a lossy alignment, so it stays a group of its own. Each group's rows are sorted by
+    time (stable, so equal times keep file order) — a store reads time ranges.
+    """
+    by_key: dict[bytes, list[str]] = defaultdict(list)
+    for name in sorted(series):
+        t, _ = series[name]
+        order = np.argsort(t, kind="stable")
+        series[name] = (t[order], series[name][1][order])
+        by_key[hashlib.blake2b(series[name][0].tobytes(), digest_size=16).digest()].append(name)
+    groups = []
+    for names in sorted(by_key.values()):
+        t = series[names[0]][0]
+        label = names[0] if len(names) == 1 else f"{_common_prefix(names) or names[0]}+{len(names) - 1}"
+        groups.append(ImportedGroup(label, t, {n: series[n][1] for n in names}))
+    return groups
+
+
+def _common_prefix(names: list[str]) -> str:
+    first, last = min(names), max(names)
+    i = 0
+    while i < min(len(first), len(last)) and first[i] == last[i]:
+        i += 1
+    return first[:i].rstrip("._/ ")
+
+
+# ------------------------------------------------------------------------------------------ CAN logs
+
+
+@dataclass
+class CanFrames:
+    """Raw frames in columns: time (ns), bus, arbitration id, payload."""
+
+    t_ns: npt.NDArray[np.int64]
+    bus: npt.NDArray[np.int64]
+    frame_id: npt.NDArray[np.int64]
+    data: list[bytes]
+
+
+_CANDUMP = re.compile(r"^\s*\((-?\d+(?:\.\d+)?)\)\s+(\S+)\s+([0-9A-Fa-f]{1,8})#([0-9A-Fa-f]*)\s*$")
+
+
+def read_candump(path: Path) -> CanFrames:
+    """A Linux ``candump -l`` log: ``(1436509052.249713) can0 123#DEADBEEF`` per line."""
+    path = Path(path)
+    _check_size(path)
+    t: list[int] = []
+    bus: list[int] = []
+    ids: list[int] = []
+    data: list[bytes] = []
+    buses: dict[str, int] = {}
+    try:
+        with path.open(encoding="utf-8", errors="strict") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                m = _CANDUMP.match(line)
+                if m is None or len(m.group(4)) % 2:
+                    raise ConfigError(f"{path}:{lineno}: not a candump line: {line.strip()[:60]!r}")
+                t.append(_seconds_to_ns(m.group(1)))
+                bus.append(buses.setdefault(m.group(2), len(buses)))
+                ids.append(int(m.group(3), 16))
+                data.append(bytes.fromhex(m.group(4)))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text candump log") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    return CanFrames(np.array(t, np.int64), np.array(bus, np.int64), np.array(ids, np.int64), data)
+
+
+def read_gvret_csv(path: Path) -> CanFrames:
+    """SavvyCAN GVRET CSV (``Time Stamp`` in µs, ``ID`` hex, ``Bus``, ``LEN``, ``D1..D8`` hex)."""
+    path = Path(path)
+    _check_size(path)
+    t: list[int] = []
+    bus: list[int] = []
+    ids: list[int] = []
+    data: list[bytes] = []
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, [])
+        if header[:5] != ["Time Stamp", "ID", "Extended", "Bus", "LEN"]:
+            raise ConfigError(f"{path}:1: not a GVRET CSV header")
+        for lineno, row in enumerate(reader, start=2):
+            try:
+                n = int(row[4])
+                t.append(int(row[0]) * 1000)
+                ids.append(int(row[1], 16))
+                bus.append(int(row[3]))
+                data.append(bytes(int(x, 16) for x in row[5 : 5 + n]))
+            except (ValueError, IndexError):
+                raise ConfigError(f"{path}:{lineno}: malformed GVRET row") from None
+    return CanFrames(np.array(t, np.int64), np.array(bus, np.int64), np.array(ids, np.int64), data)
+
+
+def read_asc(path: Path) -> CanFrames:
+    """Vector ASC with absolute timestamps in seconds (``0.153600 0  594 Rx d 8 34 21 ...``)."""
+    path = Path(path)
+    _check_size(path)
+    pat = re.compile(r"^\s*(\d+\.\d+)\s+(\d+)\s+([0-9A-Fa-f]+)x?\s+(?:Rx|Tx)\s+d\s+(\d+)\s+(.*)$")
+    t: list[int] = []
+    bus: list[int] = []
+    ids: list[int] = []
+    data: list[bytes] = []
+    with path.open(encoding="latin-1") as fh:
+        for line in fh:
+            m = pat.match(line)
+            if m is None:
+                continue  # headers, comments, error frames and status lines carry no signal values
+            n = int(m.group(4))
+            fields = m.group(5).split()[:n]
+            t.append(_seconds_to_ns(m.group(1)))
+            bus.append(int(m.group(2)))
+            ids.append(int(m.group(3), 16))
+            data.append(bytes(int(x, 16) for x in fields))
+    return CanFrames(np.array(t, np.int64), np.array(bus, np.int64), np.array(ids, np.int64), data)
+
+
+def decode_frames(frames: CanFrames, dbcs: dict[int | None, DbcDatabase], prefix: str = "") -> ImportResult:
+    """Decode frames through the DBC of their bus (key ``None`` = any bus); one group per bus+message.
+
+    Values keep the catalog's kind: signals the DBC marks as scaled or float are float64, the others int64
+    (enumerations and counters keep their exact codes).
+    """
+    result = ImportResult([])
+    per_group: dict[tuple[int, str], tuple[list[int], dict[str, list[float | int]]]] = {}
+    decoders = {b: db.decoder(db.message_names()) for b, db in dbcs.items()}
+    kinds: dict[tuple[int, str], dict[str, bool]] = {}
+    for b, db in dbcs.items():
+        for msg in db.message_names():
+            kinds[(-1 if b is None else b, msg)] = {name: scaled for name, _, scaled in db.signals_of(msg)}
+    for i in range(int(frames.t_ns.shape[0])):
+        b = int(frames.bus[i])
+        key: int | None = b if b in decoders else None
+        dec = decoders.get(key)
+        decoded = dec.decode(int(frames.frame_id[i]), frames.data[i]) if dec is not None else None
+        if decoded is None:
+            result.frames_skipped += 1
+            continue
+        msg, vals = decoded
+        slot = per_group.get((b, msg))
+        if slot is None:
+            slot = per_group[(b, msg)] = ([], defaultdict(list))
+        slot[0].append(int(frames.t_ns[i]))
+        for name, v in vals.items():
+            slot[1][name].append(v)
+    for (b, msg), (ts, cols) in sorted(per_group.items()):
+        kind = kinds.get((b if b in decoders else -1, msg), {})
+        out: dict[str, npt.NDArray[Any]] = {}
+        for name, vs in cols.items():
+            if len(vs) != len(ts):
+                # A multiplexed signal is present in some frames only; it cannot share the message's time
+                # column, so it is left out — and said so, never dropped silently.
+                result.notes.append(
+                    f"{prefix}can{b}/{msg}/{name}: multiplexed ({len(vs)} of {len(ts)} frames), not imported"
+                )
+                continue
+            if kind.get(name, True) or not all(isinstance(v, int) for v in vs):
+                out[name] = np.array([float(v) for v in vs], dtype=np.float64)
+            else:
+                out[name] = np.array(vs, dtype=np.int64)
+        if out:
+            t = np.array(ts, dtype=np.int64)
+            order = np.argsort(t, kind="stable")
+            name = f"{prefix}can{b}/{msg}"
+            result.groups.append(ImportedGroup(name, t[order], {k: v[order] for k, v in out.items()}))
+    return result
+
+
+def read_can_log(path: Path, dbc_path: Path) -> ImportResult:
+    """A CAN log (candump ``.log``, GVRET ``.csv`` or Vector ``.asc``) decoded through one DBC."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".asc":
+        frames = read_asc(path)
+    elif suffix == ".csv":
+        frames = read_gvret_csv(path)
+    else:
+        frames = read_candump(path)
+    return decode_frames(frames, {None: load_dbc(Path(dbc_path))})
+
+
+# ------------------------------------------------------------------------------------------ segments
+
+
+_DATA_TYPES = {"f": DataType.FLOAT64, "i": DataType.INT64, "u": DataType.INT64, "b": DataType.BOOL}
+
+
+def to_segments(
+    result: ImportResult, catalog: Catalog, *, rows_per_segment: int = DEFAULT_SEGMENT_ROWS
+) -> Iterator[Segment]:
+    """Register every signal (``group/signal`` paths) in ``catalog`` and cut groups into segments."""
+    for g in result.groups:
+        ids: dict[int, npt.NDArray[Any]] = {}
+        types: dict[int, DataType] = {}
+        for name, values in g.columns.items():
+            dt = _DATA_TYPES.get(values.dtype.kind)
+            if dt is None:
+                raise ConfigError(f"group {g.name!r}: signal {name!r} has unsupported values {values.dtype}")
+            spec = catalog.add(f"{g.name}/{name}" if result.qualified else name, dt)
+            ids[spec.id] = values
+            types[spec.id] = spec.data_type
+        rows = int(g.t_ns.shape[0])
+        for lo in range(0, max(rows, 1), rows_per_segment):
+            hi = min(rows, lo + rows_per_segment)
+            yield Segment(
+                new_segment_id(), g.name, g.t_ns[lo:hi], {k: v[lo:hi] for k, v in ids.items()}, types
+            )
+
+
+# ------------------------------------------------------------------------------------------ real corpus
+
+
+def _wide_csv(path: Path, delimiter: str, time_ns: Any, group: str) -> ImportResult:
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh, delimiter=delimiter))
+    header, body = rows[0], [r for r in rows[1:] if r]
+    t = np.array([time_ns(r[0]) for r in body], dtype=np.int64)
+    cols = {h: np.array([float(r[i]) for r in body], dtype=np.float64) for i, h in enumerate(header) if i}
+    return ImportResult([ImportedGroup(group, t, cols)])
+
+
+def _datetime_ns(cell: str) -> int:
+    moment = datetime.fromisoformat(cell.strip())
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return ((moment - _EPOCH) // timedelta(microseconds=1)) * 1000
+
+
+def _float_seconds_ns(t: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+    return np.round(np.asarray(t, dtype=np.float64) * NS_PER_S).astype(np.int64)
+
+
+def real_corpus(root: Path) -> Iterator[tuple[str, ImportResult]]:
+    """Every real data set under ``root`` (``../shared/data/real``) that this build can decode, as groups.
+
+    The MF4 recordings need ``asammdf`` (not a dependency); they are reported in the notes of an empty
+    result rather than skipped silently.
+    """
+    root = Path(root)
+    comma = next(iter(sorted((root / "comma2k19").glob("*/*"))), None)
+    if comma is not None:
+        raw = comma / "processed_log" / "CAN" / "raw_can"
+        frames = CanFrames(
+            _float_seconds_ns(np.load(raw / "t")),
+            np.load(raw / "src").astype(np.int64),
+            np.load(raw / "address").astype(np.int64),
+            [bytes(x) for x in np.load(raw / "data")],
+        )
+        dbcs: dict[int | None, DbcDatabase] = {
+            0: load_dbc(root / "opendbc" / "toyota_rav4_2017_pt_generated.dbc"),
+            1: load_dbc(root / "opendbc" / "toyota_adas.dbc"),
+        }
+        yield "comma2k19-can", decode_frames(frames, dbcs)
+        groups = []
+        for t_path in sorted((comma / "processed_log").glob("*/*/t")):
+            if t_path.parent.name == "raw_can":
+                continue
+            t = _float_seconds_ns(np.load(t_path))
+            v = np.load(t_path.parent / "value")
+            v2 = v.reshape(v.shape[0], -1)
+            name = f"{t_path.parent.parent.name}/{t_path.parent.name}"
+            groups.append(
+                ImportedGroup(name, t, {f"c{i}": np.ascontiguousarray(v2[:, i]) for i in range(v2.shape[1])})
+            )
+        pose = comma / "global_pose"
+        if (pose / "frame_times").exists():
+            t = _float_seconds_ns(np.load(pose / "frame_times"))
+            cols: dict[str, npt.NDArray[Any]] = {}
+            for part in ("frame_gps_times", "frame_positions", "frame_velocities", "frame_orientations"):
+                v = np.load(pose / part)
+                v2 = v.reshape(v.shape[0], -1)
+                for i in range(v2.shape[1]):
+                    cols[f"{part}{i}"] = np.ascontiguousarray(v2[:, i])
+            groups.append(ImportedGroup("global_pose", t, cols))
+        yield "comma2k19-sensors", ImportResult(groups)
+    kona = root / "kona-ev"
+    if kona.is_dir():
+        dbc = kona / "dbc"
+        for log in sorted(kona.glob("*.csv")):
+            frames = read_gvret_csv(log)
+            yield (
+                "kona-ev-" + log.stem[:10],
+                decode_frames(frames, {0: load_dbc(dbc / "pcan.dbc"), 1: load_dbc(dbc / "ccan.dbc")}),
+            )
+        for log in sorted(kona.glob("*.asc")):
+            yield "kona-ev-" + log.stem, decode_frames(read_asc(log), {None: load_dbc(dbc / "pcan.dbc")})
+    imu = root / "xio-fusion-imu" / "sensor_data.csv"
+    if imu.exists():
+        yield "xio-fusion-imu", _wide_csv(imu, ",", _seconds_to_ns, "imu")
+    skab = root / "skab" / "anomaly-free.csv"
+    if skab.exists():
+        yield "skab", _wide_csv(skab, ";", _datetime_ns, "pump")
+    mf4 = sorted((root / "css-electronics").glob("*/*.MF4")) if (root / "css-electronics").is_dir() else []
+    if mf4:
+        try:
+            import asammdf  # type: ignore[import-not-found]  # noqa: F401
+        except ImportError:
+            yield (
+                "css-electronics-mf4",
+                ImportResult([], notes=[f"{len(mf4)} MF4 files need asammdf (not installed); not measured"]),
+            )
+
+
+def _check_size(path: Path) -> None:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if size > MAX_INPUT_BYTES:
+        raise ConfigError(f"{path}: {size} bytes exceeds the import limit of {MAX_INPUT_BYTES}")

@@ -1,0 +1,274 @@
+"""The coordinator's MQTT 5 surface: consumers on a shared subscription calling the same ``Coordinator``
+methods the gRPC servicers call. The only cloud module that imports paho.
+
+Subscribes ``$share/{group}/fl/v1/+/+/up/#`` (QoS 1), so several coordinators split the devices' traffic
+between them. The device id is taken from the *topic* — which the broker's ``%u`` ACL ties to the
+client certificate's CN — and every claim inside a message is checked against it: a hello or an upload
+naming another device is refused and counted. Undecodable protobufs are refused and counted too; nothing
+a device sends can stop the bridge serving the others.
+
+Handlers are idempotent (QoS 1 may deliver twice): ingest dedupes by (device, segment id), status
+messages overwrite. Messages are handed to ``WORKERS`` threads chosen by device id, so one device's
+messages stay in order; the hand-off queue is bounded (policy: block paho's network thread, which
+applies back-pressure through the broker — nothing is dropped). Pushes to devices (campaigns, OTA jobs)
+go out on ``down/control`` with a message expiry, from the same ``DeviceSessions`` outboxes the gRPC
+control stream drains.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from google.protobuf.message import DecodeError
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from fleetloop_cloud.coordinator import Coordinator
+from fleetloop_cloud.sessions import Session
+from fleetloop_shared.errors import ConfigError, FleetloopError
+from fleetloop_shared.wire import device_pb2, ingest_pb2
+
+log = logging.getLogger("fleetloop.cloud.mqtt")
+
+WORKERS = 4
+#: Messages waiting for a worker, per worker.
+QUEUE_LIMIT = 256
+#: Commands older than this are dropped by the broker instead of reaching a device late.
+COMMAND_EXPIRY_S = 300
+ANSWER_EXPIRY_S = 60
+PUSH_INTERVAL_S = 0.05
+
+
+def _props(packet_type: int) -> Properties:
+    """MQTT 5 properties for one packet (paho's constructor is untyped)."""
+    return Properties(packet_type)  # type: ignore[no-untyped-call]
+
+
+@dataclass(frozen=True)
+class BridgeSettings:
+    host: str
+    port: int
+    ca: Path
+    cert: Path
+    key: Path
+    client_id: str = "coordinator"
+    group: str = "coordinators"
+
+
+class MqttBridge:
+    """MQTT consumers for one coordinator process."""
+
+    def __init__(self, coordinator: Coordinator, settings: BridgeSettings) -> None:
+        for what, path in (("ca", settings.ca), ("cert", settings.cert), ("key", settings.key)):
+            if not Path(path).is_file():
+                raise ConfigError(f"--mqtt-{what}: file not found: {path}")
+        self.c = coordinator
+        self.settings = settings
+        #: Refusals by reason ("undecodable", "impersonation", "bad-topic", "ingest:<code>", ...).
+        self.refused: Counter[str] = Counter()
+        self.handled = 0
+        self._sessions: dict[str, tuple[str, Session]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.connected = threading.Event()
+        self._queues: list[queue.Queue[mqtt.MQTTMessage | None]] = [
+            queue.Queue(maxsize=QUEUE_LIMIT) for _ in range(WORKERS)
+        ]
+        self._client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id,
+            protocol=mqtt.MQTTv5,
+        )
+        self._client.tls_set(
+            ca_certs=str(settings.ca), certfile=str(settings.cert), keyfile=str(settings.key)
+        )
+        self._client.reconnect_delay_set(min_delay=1, max_delay=5)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._threads = [
+            threading.Thread(target=self._work, args=(q,), name=f"mqtt-worker-{i}", daemon=True)
+            for i, q in enumerate(self._queues)
+        ]
+        self._threads.append(threading.Thread(target=self._push_loop, name="mqtt-push", daemon=True))
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+        self._client.connect_async(self.settings.host, self.settings.port, keepalive=30, clean_start=True)
+        self._client.loop_start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._client.disconnect()
+        self._client.loop_stop()
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join(timeout=5)
+
+    # -- paho callbacks ---------------------------------------------------------------------------
+    def _on_connect(
+        self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object
+    ) -> None:
+        if getattr(rc, "is_failure", False):
+            log.warning("broker refused the coordinator: %s", rc)
+            return
+        client.subscribe(f"$share/{self.settings.group}/fl/v1/+/+/up/#", qos=1)
+        self.connected.set()
+        log.info("MQTT bridge connected to %s:%d", self.settings.host, self.settings.port)
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object
+    ) -> None:
+        self.connected.clear()
+        if not self._stop.is_set():
+            log.warning("MQTT bridge lost the broker: %s (reconnecting)", rc)
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        parts = message.topic.split("/")
+        key = parts[3] if len(parts) > 3 else ""
+        self._queues[zlib.crc32(key.encode()) % WORKERS].put(message)
+
+    # -- handling ---------------------------------------------------------------------------------
+    def _work(self, q: queue.Queue[mqtt.MQTTMessage | None]) -> None:
+        while True:
+            message = q.get()
+            if message is None:
+                return
+            try:
+                self.handle(message.topic, bytes(message.payload), getattr(message, "properties", None))
+            except Exception:  # a bug must not kill the worker serving other devices
+                log.exception("MQTT message on %s failed", message.topic)
+                self.refused["internal"] += 1
+
+    def _refuse(self, reason: str, device_id: str, detail: str) -> None:
+        self.refused[reason] += 1
+        self.c.refused[reason] += 1  # the coordinator's total across transports (summary, metrics)
+        log.warning("refused %s from %s: %s", reason, device_id or "?", detail)
+
+    def handle(self, topic: str, payload: bytes, props: Properties | None) -> None:
+        """One message from a device's ``up`` topic (public for tests: the broker is not needed)."""
+        parts = topic.split("/")
+        if len(parts) != 6 or parts[0] != "fl" or parts[1] != "v1" or parts[4] != "up":
+            self._refuse("bad-topic", "", topic)
+            return
+        fleet, device_id, kind = parts[2], parts[3], parts[5]
+        self.handled += 1
+        if kind == "control":
+            self._control(fleet, device_id, payload)
+        elif kind == "upload":
+            self._upload(fleet, device_id, payload, props)
+        elif kind == "status":
+            if payload == b"offline":
+                self._offline(device_id)
+        else:
+            self._refuse("bad-topic", device_id, topic)
+
+    def _control(self, fleet: str, device_id: str, payload: bytes) -> None:
+        try:
+            msg = device_pb2.DeviceMessage.FromString(payload)
+        except DecodeError:
+            self._refuse("undecodable", device_id, "DeviceMessage does not decode")
+            return
+        try:
+            if msg.WhichOneof("kind") == "hello":
+                if msg.hello.device_id != device_id:
+                    self._refuse("impersonation", device_id, f"hello claims device {msg.hello.device_id!r}")
+                    return
+                self.c.on_hello(msg.hello)
+                session = self.c.sessions.open(device_id)
+                with self._lock:
+                    self._sessions[device_id] = (fleet, session)
+                for out in self.c.welcome_messages(device_id):
+                    self._publish_down(fleet, device_id, out)
+                return
+            if self.c.metadata.device(device_id) is None:
+                self._refuse("no-hello", device_id, "message before any hello")
+                return
+            with self._lock:
+                known = device_id in self._sessions
+            if not known:
+                # said hello to another coordinator (shared subscription) or to our predecessor before a
+                # restart: route pushes for it through this one too
+                with self._lock:
+                    self._sessions[device_id] = (fleet, self.c.sessions.open(device_id))
+            self.c.on_device_message(device_id, msg)
+        except FleetloopError as exc:
+            self._refuse("control", device_id, str(exc))
+
+    def _offline(self, device_id: str) -> None:
+        with self._lock:
+            entry = self._sessions.pop(device_id, None)
+        if entry is not None and self.c.sessions.close(entry[1]):
+            self.c.on_disconnect(device_id)
+
+    def _upload(self, fleet: str, device_id: str, payload: bytes, props: Properties | None) -> None:
+        response_topic = str(getattr(props, "ResponseTopic", "") or "")
+        correlation = bytes(getattr(props, "CorrelationData", b"") or b"")
+        own_prefix = f"fl/v1/{fleet}/{device_id}/down/"
+        if response_topic and not response_topic.startswith(own_prefix):
+            # answering there would let a device make the coordinator write into another device's topics
+            self._refuse("bad-response-topic", device_id, response_topic)
+            return
+        status, error, answer = "OK", "", b""
+        try:
+            req = ingest_pb2.UploadSegmentRequest.FromString(payload)
+        except DecodeError:
+            self._refuse("undecodable", device_id, "UploadSegmentRequest does not decode")
+            status, error = "INVALID_ARGUMENT", "UploadSegmentRequest does not decode"
+        else:
+            if req.device_id != device_id:
+                self._refuse("impersonation", device_id, f"upload claims device {req.device_id!r}")
+                status, error = "PERMISSION_DENIED", f"this connection is device {device_id}"
+            else:
+                try:
+                    ack = self.c.ingest(
+                        device_id, req.segment_id, req.capture_id, req.campaign, req.priority, req.segment
+                    )
+                    answer = ingest_pb2.UploadSegmentResponse(
+                        segment_id=req.segment_id, duplicate=ack.duplicate, samples=ack.samples
+                    ).SerializeToString()
+                except FleetloopError as exc:
+                    self._refuse(f"ingest:{exc.grpc_code}", device_id, str(exc))
+                    status, error = exc.grpc_code, str(exc)
+        if not response_topic:
+            return
+        out = _props(PacketTypes.PUBLISH)
+        out.CorrelationData = correlation
+        out.MessageExpiryInterval = ANSWER_EXPIRY_S
+        out.UserProperty = [("status", status), ("error", error[:500])]
+        self._client.publish(response_topic, answer, qos=1, properties=out)
+
+    # -- pushes -----------------------------------------------------------------------------------
+    def _publish_down(self, fleet: str, device_id: str, msg: device_pb2.CloudMessage) -> None:
+        props = _props(PacketTypes.PUBLISH)
+        props.MessageExpiryInterval = COMMAND_EXPIRY_S
+        self._client.publish(
+            f"fl/v1/{fleet}/{device_id}/down/control", msg.SerializeToString(), qos=1, properties=props
+        )
+
+    def _push_loop(self) -> None:
+        while not self._stop.wait(PUSH_INTERVAL_S):
+            with self._lock:
+                entries = list(self._sessions.items())
+            for device_id, (fleet, session) in entries:
+                if session.closed.is_set():
+                    with self._lock:
+                        if self._sessions.get(device_id, (None, None))[1] is session:
+                            del self._sessions[device_id]
+                    continue
+                while True:
+                    try:
+                        msg = session.outbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._publish_down(fleet, device_id, msg)

@@ -1,0 +1,384 @@
+"""Integer streams: the one integer codec behind timestamps, integer signals and decimal floats.
+
+An int64 column becomes: an order (0 = the values, 1 = first differences, 2 = second differences) whose
+leading values are stored whole, then the residuals as *patched frame of reference*: subtract their
+minimum, divide by their greatest common divisor, bit-pack at the width that minimizes the size, and keep
+the few values too wide for it as exceptions. The encoder computes the exact size of every order from
+bit-length histograms (cheap) and packs only the winner.
+
+Why these transforms: a steady or jittery clock becomes small second (or first) differences; bus loggers
+tick in µs, so a GCD of 1000 saves ten bits per timestamp; CAN signals change rarely, so their first
+differences are mostly zero; one outlier (a gap, a glitch) costs an exception, not a wider column.
+
+All arithmetic wraps modulo 2**64 in both directions, so int64 extremes round-trip exactly.
+Layout: docs/segment-format.md, "Integer stream".
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import zstandard
+
+from fleetloop_shared.codecs import bitpack, zstd_frames
+
+I64 = npt.NDArray[np.int64]
+U64 = npt.NDArray[np.uint64]
+
+_HEAD = struct.Struct("<BI")  # order, count
+_I64 = struct.Struct("<q")
+_FOR = struct.Struct("<qQBI")  # base, gcd, width, exception count
+_EXC_ENTRY = 12  # u32 position + u64 value
+MAX_ORDER = 2
+#: ``width`` value that selects the byte-plane layout (then the exception count field holds the planes).
+PLANES = 255
+_PLANE = struct.Struct("<BI")  # compressed?, stored length
+#: Byte planes are tried from this many residuals on (below, framing outweighs any gain).
+_PLANES_MIN_COUNT = 64
+
+
+class StreamError(ValueError):
+    """Malformed stream bytes (the segment decoder turns it into CorruptSegmentError)."""
+
+
+def max_encoded_size(count: int) -> int:
+    """Upper bound of :func:`encode`'s output for ``count`` values (a decoder's allocation cap)."""
+    return _HEAD.size + MAX_ORDER * _I64.size + _FOR.size + count * 8 + count * _EXC_ENTRY + 8 * 64
+
+
+def _diff(x: I64, order: int) -> I64:
+    y = x
+    for _ in range(order):
+        y = y[1:] - y[:-1]
+    return y
+
+
+_EXACT_FLOAT = np.uint64(1 << 53)
+
+
+def _bit_lengths(u: U64) -> npt.NDArray[np.int64]:
+    """Exact bit length of each value (0 for 0).
+
+    ``frexp`` of the float conversion is exact below 2**53; the few larger values (rare: exceptions)
+    are measured by shifting, so rounding to the next power of two never miscounts.
+    """
+    out = np.frexp(u.astype(np.float64))[1].astype(np.int64)
+    big = u >= _EXACT_FLOAT
+    if big.any():
+        v = u[big]
+        lengths = np.zeros(v.shape, dtype=np.int64)
+        for shift in (32, 16, 8, 4, 2, 1):
+            wide = v >= np.uint64(1 << shift)
+            lengths[wide] += shift
+            v[wide] >>= np.uint64(shift)
+        out[big] = lengths + (v > 0)
+    return out
+
+
+def _stats_numpy(x: I64, order: int) -> tuple[int, int, npt.NDArray[np.int64]]:
+    y = _diff(x, order)
+    base = int(y.min())
+    u = (y - np.int64(base)).view(np.uint64)
+    g = int(np.gcd.reduce(u)) if u.shape[0] > 1 else 0
+    if g > 1:
+        u = u // np.uint64(g)
+    return base, max(g, 1), np.bincount(_bit_lengths(u), minlength=65)
+
+
+_stats_kernel: Any = None
+_stats_tried = False
+
+
+def _load_stats_kernel() -> Any:
+    """One pass per statistic over ``x``'s differences without materializing them (numba), or None."""
+    global _stats_kernel, _stats_tried
+    if _stats_tried:
+        return _stats_kernel
+    _stats_tried = True
+    if not bitpack.have_numba():
+        return None
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def stats(x: Any, order: int, counts: Any) -> tuple[Any, Any, Any, Any]:  # pragma: no cover - compiled
+        n = x.shape[0] - order
+        base = np.int64(0)
+        for i in range(n):
+            if order == 0:
+                y = x[i]
+            elif order == 1:
+                y = x[i + 1] - x[i]
+            else:
+                y = (x[i + 2] - x[i + 1]) - (x[i + 1] - x[i])
+            if i == 0 or y < base:
+                base = y
+        g = np.uint64(0)
+        for i in range(n):
+            if order == 0:
+                y = x[i]
+            elif order == 1:
+                y = x[i + 1] - x[i]
+            else:
+                y = (x[i + 2] - x[i + 1]) - (x[i + 1] - x[i])
+            a = np.uint64(y - base)
+            b = g
+            while b != 0:
+                a, b = b, a % b
+            g = a
+            if g == 1:
+                break
+        if g == 0:
+            g = np.uint64(1)
+        for i in range(n):
+            if order == 0:
+                y = x[i]
+            elif order == 1:
+                y = x[i + 1] - x[i]
+            else:
+                y = (x[i + 2] - x[i + 1]) - (x[i + 1] - x[i])
+            u = np.uint64(y - base) // g
+            bl = 0
+            if u >= np.uint64(1 << 32):
+                u >>= np.uint64(32)
+                bl += 32
+            if u >= np.uint64(1 << 16):
+                u >>= np.uint64(16)
+                bl += 16
+            if u >= np.uint64(1 << 8):
+                u >>= np.uint64(8)
+                bl += 8
+            if u >= np.uint64(1 << 4):
+                u >>= np.uint64(4)
+                bl += 4
+            if u >= np.uint64(1 << 2):
+                u >>= np.uint64(2)
+                bl += 2
+            if u >= np.uint64(2):
+                u >>= np.uint64(1)
+                bl += 1
+            bl += int(u)
+            counts[bl] += 1
+        # the width minimizing packed bytes + exceptions (same arithmetic as _width)
+        above = n
+        best_size = -1
+        best_w = 0
+        for w in range(65):
+            above -= counts[w]
+            size = (n * w + 7) // 8 + above * 12
+            if best_size < 0 or size < best_size:
+                best_size = size
+                best_w = w
+        return base, g, best_size, best_w
+
+    try:  # compile now; a failure means the numpy path, never a failed encode (as in bitpack)
+        probe = np.zeros(65, dtype=np.int64)
+        stats(np.array([5, 7, 9], dtype=np.int64), 1, probe)
+    except Exception:  # any failure of the optional accelerator falls back to the numpy path
+        return None
+    _stats_kernel = stats
+    return stats
+
+
+def _stats(x: I64, order: int) -> tuple[int, int, int, int]:
+    """(base, gcd, payload bytes, width) of the residuals of ``x`` at difference ``order`` (n > order)."""
+    kernel = _load_stats_kernel()
+    if kernel is None:
+        base, g, counts = _stats_numpy(x, order)
+        return (base, g, *_width(counts))
+    counts = np.zeros(65, dtype=np.int64)
+    base, g, size, w = kernel(x, order, counts)
+    return int(base), int(g), int(size), int(w)
+
+
+def _width(counts: npt.NDArray[np.int64]) -> tuple[int, int]:
+    """(payload bytes, width) minimizing packed bits + exceptions, from a bit-length histogram."""
+    n = int(counts.sum())
+    above = n - np.cumsum(counts)  # above[w] = how many need more than w bits
+    sizes = (n * np.arange(65) + 7) // 8 + above * _EXC_ENTRY
+    w = int(np.argmin(sizes))
+    return int(sizes[w]), w
+
+
+def plan_size(x: I64, order: int) -> int:
+    """Exact encoded size of ``x`` at one difference order (for callers choosing between transforms)."""
+    if x.shape[0] <= order:
+        return _HEAD.size + order * _I64.size + _FOR.size
+    return _HEAD.size + order * _I64.size + _FOR.size + _stats(x, order)[2]
+
+
+def encode(x: I64, orders: tuple[int, ...] = (0, 1, 2)) -> bytes:
+    """The smallest stream of ``x`` over the given difference orders."""
+    return encode_with_zstd(x, orders)[0]
+
+
+def encode_with_zstd(x: I64, orders: tuple[int, ...] = (0, 1, 2)) -> tuple[bytes, bytes | None]:
+    """:func:`encode`, plus the zstd frame of the result when choosing the layout already computed it
+    (the segment encoder then need not compress the same bytes twice)."""
+    stream, planes = encode_variants(x, orders)
+    if planes is None:
+        return stream, None
+    compressed = zstd_frames.compress(stream)
+    if len(planes) < len(compressed):
+        return planes, None
+    return stream, compressed
+
+
+def encode_variants(x: I64, orders: tuple[int, ...] = (0, 1, 2)) -> tuple[bytes, bytes | None]:
+    """The bit-packed stream of ``x`` and, where worth trying, the same residuals as byte planes.
+
+    The caller picks: the bit-packed stream is usually zstd'd by whoever frames it (so only that caller
+    knows its final size), while the planes are already compressed.
+    """
+    x = np.ascontiguousarray(x, dtype=np.int64)
+    n = int(x.shape[0])
+    if n and (x == x[0]).all():
+        # A constant (an exact decimal's zero residuals, an idle signal): the stream the general path
+        # would choose (order 0, width 0), without computing three plans.
+        return _HEAD.pack(0, n) + _FOR.pack(int(x[0]), 1, 0, 0), None
+    best: tuple[int, int, int, int, int] | None = None  # size, order, base, gcd, width
+    for order in orders:
+        if order > n:
+            continue
+        if order == n:
+            size, base, g, w = 0, 0, 1, 0
+        else:
+            base, g, size, w = _stats(x, order)
+        size += order * _I64.size
+        if best is None or size < best[0]:
+            best = (size, order, base, g, w)
+    assert best is not None  # order 0 always applies
+    _, order, base, g, w = best
+    d = x
+    heads = []
+    for _ in range(order):
+        heads.append(int(d[0]))
+        d = d[1:] - d[:-1]
+    u = (d - np.int64(base)).view(np.uint64)
+    if g > 1:
+        u = u // np.uint64(g)
+    parts = [_HEAD.pack(order, n)] + [_I64.pack(h) for h in heads]
+    if w < 64 and u.size:
+        limit = np.uint64((1 << w) - 1)
+        exc = np.flatnonzero(u > limit)
+    else:
+        exc = np.zeros(0, dtype=np.int64)
+    packed_vals = u
+    if exc.size:
+        packed_vals = u.copy()
+        packed_vals[exc] = 0
+    packed = [_FOR.pack(base, g, w, int(exc.size)), bitpack.pack(packed_vals, w)]
+    if exc.size:
+        packed.append(exc.astype("<u4").tobytes())
+        packed.append(u[exc].astype("<u8").tobytes())
+    head = b"".join(parts)
+    stream = head + b"".join(packed)
+    if u.shape[0] >= _PLANES_MIN_COUNT and w >= 6:
+        return stream, head + _byte_planes(u, base, g)
+    return stream, None
+
+
+def _byte_planes(u: U64, base: int, g: int) -> bytes:
+    """Residuals as byte planes (all low bytes, then all next bytes, ...), each zstd'd when smaller.
+
+    Why: zstd's entropy stage sees each byte position's own distribution — the high planes of skewed or
+    rarely changing data shrink to almost nothing — which the bit-packed layout hides from it.
+    """
+    top = int(u.max()) if u.size else 0
+    nplanes = max(1, (top.bit_length() + 7) // 8)
+    by = u.astype("<u8").view(np.uint8).reshape(-1, 8)
+    parts = [_FOR.pack(base, g, PLANES, nplanes)]
+    for j in range(nplanes):
+        raw = np.ascontiguousarray(by[:, j]).tobytes()
+        packed = zstd_frames.compress(raw)
+        if len(packed) < len(raw):
+            parts += [_PLANE.pack(1, len(packed)), packed]
+        else:
+            parts += [_PLANE.pack(0, len(raw)), raw]
+    return b"".join(parts)
+
+
+def _read_planes(take: Any, m: int, nplanes: int) -> U64:
+    if not 1 <= nplanes <= 8:
+        raise StreamError(f"{nplanes} byte planes (1..8 allowed)")
+    u = np.zeros(m, dtype=np.uint64)
+    for j in range(nplanes):
+        compressed, stored = _PLANE.unpack(take(_PLANE.size, f"byte plane {j} header"))
+        payload = bytes(take(stored, f"byte plane {j}"))
+        if compressed == 0:
+            raw = payload
+        elif compressed == 1:
+            try:
+                declared = zstandard.frame_content_size(payload)
+                if declared != m:
+                    raise StreamError(f"byte plane {j}: zstd frame declares {declared} bytes, expected {m}")
+                raw = zstandard.ZstdDecompressor().decompress(payload, max_output_size=m)
+            except zstandard.ZstdError as exc:
+                raise StreamError(f"byte plane {j}: zstd error: {exc}") from None
+        else:
+            raise StreamError(f"byte plane {j}: unknown plane coding {compressed}")
+        if len(raw) != m:
+            raise StreamError(f"byte plane {j} holds {len(raw)} bytes, expected {m}")
+        u |= np.frombuffer(raw, dtype=np.uint8).astype(np.uint64) << np.uint64(8 * j)
+    return u
+
+
+def decode(data: bytes | memoryview, pos: int, expected_count: int) -> tuple[I64, int]:
+    """Decode one stream starting at ``pos``; returns the values and the position after the stream.
+
+    Every field is checked against ``expected_count`` and the bytes present before anything is sized.
+    """
+    buf = memoryview(data)
+    end = len(buf)
+
+    def take(k: int, what: str) -> memoryview:
+        nonlocal pos
+        if pos + k > end:
+            raise StreamError(f"integer stream truncated in {what}")
+        chunk = buf[pos : pos + k]
+        pos += k
+        return chunk
+
+    order, count = _HEAD.unpack(take(_HEAD.size, "header"))
+    if count != expected_count:
+        raise StreamError(f"integer stream holds {count} values, expected {expected_count}")
+    if order > MAX_ORDER or order > count:
+        raise StreamError(f"integer stream order {order} impossible for {count} values")
+    heads = [_I64.unpack(take(_I64.size, "leading values"))[0] for _ in range(order)]
+    base, g, w, nexc = _FOR.unpack(take(_FOR.size, "frame of reference"))
+    m = count - order
+    if g == 0:
+        raise StreamError("divisor 0")
+    if w == PLANES:
+        u = _read_planes(take, m, nexc)
+        return _finish(u, g, base, heads), pos
+    if w > 64:
+        raise StreamError(f"bit width {w} > 64")
+    if g == 0:
+        raise StreamError("divisor 0")
+    if nexc > m or (w == 64 and nexc):
+        raise StreamError(f"{nexc} exceptions for {m} residuals at width {w}")
+    packed = take(bitpack.packed_size(m, w), "packed residuals")
+    u = bitpack.unpack(bytes(packed), m, w)
+    if nexc:
+        positions = np.frombuffer(take(4 * nexc, "exception positions"), dtype="<u4").astype(np.int64)
+        values = np.frombuffer(take(8 * nexc, "exception values"), dtype="<u8").astype(np.uint64)
+        if (positions >= m).any() or (nexc > 1 and (np.diff(positions) <= 0).any()):
+            raise StreamError("exception positions out of range or not increasing")
+        u = u.copy() if not u.flags.writeable else u
+        u[positions] = values
+    return _finish(u, g, base, heads), pos
+
+
+def _finish(u: U64, g: int, base: int, heads: list[int]) -> I64:
+    """Residuals back to values: times the divisor, plus the base, then undo each difference."""
+    with np.errstate(over="ignore"):
+        y = (u * np.uint64(g) + np.uint64(base & 0xFFFFFFFFFFFFFFFF)).view(np.int64)
+    for h in reversed(heads):
+        out = np.empty(y.shape[0] + 1, dtype=np.int64)
+        out[0] = h
+        out[1:] = y
+        y = np.cumsum(out, dtype=np.int64)
+    return y

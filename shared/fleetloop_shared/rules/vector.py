@@ -1,0 +1,605 @@
+"""Vectorized evaluation of a compiled expression over many evaluation times at once.
+
+The agent's trigger engine hands an :class:`Evaluator` a sorted array of evaluation times and the new
+samples of the signals the expression reads; every node of the expression is computed for all those
+times with a few numpy operations, as a pair ``(data, valid)`` (``valid`` false = missing). Per-node
+state that must survive between calls (``rising``, ``held``, ``count``, ``changed``, the held value of
+each signal) lives in the evaluator, so splitting the same samples into different batches gives the
+same values: the contract in ``docs/rules.md`` is what this module and the slow reference interpreter
+in the tests both implement.
+
+Exactness: integers stay ``int64`` end to end (overflow of 64 bits is missing, detected without ever
+converting to float); an integer compared with a float is compared by exact value; integer averages sum
+exactly and divide with one rounding, like Python's ``int / int``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from fleetloop_shared.rules.expression import Expression, Kind, Op
+
+Array = npt.NDArray[Any]
+Vec = tuple[Array, npt.NDArray[np.bool_]]
+Feed = tuple[npt.NDArray[np.int64], Array]
+
+INT64_MIN = -(2**63)
+_EXACT_FLOAT_INT = 2**53
+_NS_PER_S = 1e9
+_EMPTY_T = np.empty(0, np.int64)
+
+_DTYPES: dict[Kind, Any] = {
+    Kind.INT: np.int64,
+    Kind.FLOAT: np.float64,
+    Kind.BOOL: np.bool_,
+    Kind.STRING: object,
+}
+
+
+class WindowSource(Protocol):
+    """Where window functions read history: the samples of one signal path in a time range."""
+
+    def samples(
+        self, path: str, from_ns_exclusive: int, to_ns_inclusive: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[Any]]:
+        """``(t_ns, values)`` of ``path`` with ``from_ns_exclusive < t <= to_ns_inclusive``, in time order."""
+        ...
+
+
+class ModelScorer(Protocol):
+    """Computes ``model("name", w)`` at each evaluation time (see the agent's model packs)."""
+
+    def inputs(self, name: str, window_ns: int) -> Sequence[str]:
+        """The signal paths model ``name`` reads; a FleetloopError says why it cannot run with that window."""
+        ...
+
+    def score(self, name: str, t_ns: npt.NDArray[np.int64], window_ns: int, history: WindowSource) -> Vec:
+        """``(float64 scores, valid)`` for every time in ``t_ns``."""
+        ...
+
+
+class Evaluator:
+    """The evaluation state of one expression for one campaign.
+
+    Call :meth:`evaluate` with strictly increasing evaluation times across calls; the held values and
+    the state of stateful functions carry over from one call to the next.
+    """
+
+    def __init__(self, expression: Expression, models: ModelScorer | None = None) -> None:
+        if _has_any(expression.root):
+            raise ValueError("an expression compiled without a catalog cannot be evaluated")
+        self.expression = expression
+        self._models = models
+        self._hold: dict[str, tuple[int, object]] = {}
+        self._state: dict[int, Any] = {}
+        self._evaluated = False
+
+    def evaluate(
+        self,
+        t_ns: npt.NDArray[np.int64],
+        feeds: Mapping[str, Feed],
+        history: WindowSource,
+        seed: Mapping[str, tuple[int, object]] | None = None,
+        shared: dict[Any, Any] | None = None,
+    ) -> Vec:
+        """The expression's value at every time of ``t_ns`` (sorted, distinct, later than any earlier call).
+
+        ``feeds`` hold the new samples (time order) of the signals read; ``seed`` the latest sample of a
+        signal from before this evaluator existed (so a campaign started mid-stream sees held values).
+        ``shared`` is a cache the caller may pass to every evaluator of one batch (same feeds, same
+        history): held signal values and window results are then computed once for all campaigns that
+        read them at the same evaluation times. The caller must keep ``t_ns`` alive while it uses it.
+        """
+        if seed:
+            for path, sample in seed.items():
+                if path in self.expression.signals and path not in self._hold:
+                    self._hold[path] = sample
+        context = _Context(self, np.asarray(t_ns, np.int64), feeds, history, shared)
+        with np.errstate(all="ignore"):
+            result = context.eval(self.expression.root) if t_ns.shape[0] else _empty(self.expression.kind)
+        for path in self.expression.signals:
+            feed = feeds.get(path)
+            if feed is None or feed[0].shape[0] == 0:
+                continue
+            last_t = int(feed[0][-1])
+            held = self._hold.get(path)
+            if held is None or last_t >= held[0]:
+                self._hold[path] = (last_t, feed[1][-1])
+        if t_ns.shape[0]:
+            self._evaluated = True
+        return result
+
+
+def _hashable(value: object) -> object:
+    """A held value as a cache key part (numpy scalars are hashable; NaN never equals itself, which only
+    costs a cache miss)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _has_any(op: Op) -> bool:
+    return op.kind is Kind.ANY or any(_has_any(a) for a in op.args)
+
+
+def _empty(kind: Kind) -> Vec:
+    return np.empty(0, _DTYPES.get(kind, np.float64)), np.empty(0, np.bool_)
+
+
+def _scrub(data: Array, valid: npt.NDArray[np.bool_]) -> Vec:
+    """Zero the data where missing, so later operations never see garbage (or NaN) there."""
+    if not bool(valid.all()):
+        data = data.copy() if data.flags.writeable is False else data
+        data[~valid] = False if data.dtype == np.bool_ else (0 if data.dtype != object else "")
+    return data, valid
+
+
+class _Context:
+    """One :meth:`Evaluator.evaluate` call: the evaluation times and the memo of signal lookups."""
+
+    def __init__(
+        self,
+        owner: Evaluator,
+        t: npt.NDArray[np.int64],
+        feeds: Mapping[str, Feed],
+        history: WindowSource,
+        shared: dict[Any, Any] | None,
+    ) -> None:
+        self.owner = owner
+        self.t = t
+        self.n = int(t.shape[0])
+        self.feeds = feeds
+        self.history = history
+        self._signals: dict[str, tuple[Array, npt.NDArray[np.bool_], npt.NDArray[np.int64]]] = {}
+        self._shared = shared
+
+    # --- signals -------------------------------------------------------------------------------------
+
+    def signal(self, path: str, kind: Kind) -> tuple[Array, npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
+        """Held value, validity and the time of the held sample, at every evaluation time."""
+        cached = self._signals.get(path)
+        if cached is not None:
+            return cached
+        held = self.owner._hold.get(path)
+        key = None
+        if self._shared is not None:
+            key = ("signal", path, id(self.t), None if held is None else (held[0], _hashable(held[1])))
+            found = self._shared.get(key)
+            if found is not None:
+                self._signals[path] = found
+                return found  # type: ignore[no-any-return]
+        result = self._fetch(path, kind, held)
+        self._signals[path] = result
+        if key is not None:
+            self._shared[key] = result  # type: ignore[index]
+        return result
+
+    def _fetch(
+        self, path: str, kind: Kind, held: tuple[int, object] | None
+    ) -> tuple[Array, npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
+        n, t = self.n, self.t
+        feed_t, feed_v = self.feeds.get(path, (_EMPTY_T, np.empty(0, _DTYPES[kind])))
+        if feed_t.shape[0] and feed_t[0] <= t[0] and (held is None or held[0] <= feed_t[0]):
+            # Fast path (the usual case): the new samples cover every evaluation time by themselves.
+            if feed_t is t or (feed_t.shape[0] == n and np.array_equal(feed_t, t)):
+                data, stamp = np.asarray(feed_v), feed_t
+            else:
+                idx = np.searchsorted(feed_t, t, side="right") - 1
+                data, stamp = np.asarray(feed_v)[idx], feed_t[idx]
+            if kind is Kind.FLOAT:
+                finite = np.isfinite(data)
+                if not bool(finite.all()):
+                    return (*_scrub(data.copy(), finite), stamp)
+                return data, finite, stamp
+            return data, self.ones(), stamp
+        idx = np.searchsorted(feed_t, t, side="right") - 1
+        have = idx >= 0
+        data = np.zeros(n, _DTYPES[kind])
+        stamp = np.full(n, INT64_MIN, np.int64)
+        if feed_t.shape[0]:
+            picked = np.maximum(idx, 0)
+            data[have] = np.asarray(feed_v)[picked[have]]
+            stamp[have] = feed_t[picked[have]]
+        if held is not None:
+            # a held sample newer than a late feed sample still wins (both are "at or before t")
+            use_held = ~have | (stamp < held[0])
+            data[use_held] = held[1]
+            stamp[use_held] = held[0]
+            present = np.ones(n, np.bool_)
+        else:
+            present = have
+        valid = present.copy()
+        if kind is Kind.FLOAT:
+            valid &= np.isfinite(data)
+        return (*_scrub(data, valid), np.where(present, stamp, INT64_MIN))
+
+    # --- dispatch ------------------------------------------------------------------------------------
+
+    def ones(self) -> npt.NDArray[np.bool_]:
+        """An all-true validity array, shared (no operation writes into its inputs)."""
+        key = ("ones", self.n)
+        found = self._shared.get(key) if self._shared is not None else None
+        if found is None:
+            found = np.ones(self.n, np.bool_)
+            if self._shared is not None:
+                self._shared[key] = found
+        return found
+
+    def eval(self, op: Op) -> Vec:
+        if op.fn == "signal":
+            data, valid, _ = self.signal(op.path, op.kind)
+            return data, valid
+        result: Vec = _HANDLERS[op.fn](self, op)
+        return result
+
+    def const(self, op: Op) -> Vec:
+        n = self.n
+        if self._shared is None:
+            return np.full(n, op.value, _DTYPES[op.kind]), self.ones()
+        key = ("const", type(op.value), op.value, n)
+        found = self._shared.get(key)
+        if found is None:
+            found = (np.full(n, op.value, _DTYPES[op.kind]), self.ones())
+            self._shared[key] = found
+        return found
+
+    def logic(self, op: Op) -> Vec:
+        return _logic(op.fn, self.eval(op.args[0]), self.eval(op.args[1]))
+
+    def negation(self, op: Op) -> Vec:
+        d, v = self.eval(op.args[0])
+        return _scrub(~d, v.copy())
+
+    def minus(self, op: Op) -> Vec:
+        d, v = self.eval(op.args[0])
+        if op.kind is Kind.INT:
+            return _scrub(-d, v & (d != INT64_MIN))
+        return -d, v.copy()
+
+    def arith(self, op: Op) -> Vec:
+        a, b = op.args
+        return _arith(op.fn, op.kind, self.eval(a), a.kind, self.eval(b), b.kind)
+
+    def compare(self, op: Op) -> Vec:
+        a, b = op.args
+        return _compare(op.fn, self.eval(a), a.kind, self.eval(b), b.kind)
+
+    def math(self, op: Op) -> Vec:
+        return _math(op.fn, op.kind, [(self.eval(a), a.kind) for a in op.args])
+
+    def is_null(self, op: Op) -> Vec:
+        _, v = self.eval(op.args[0])
+        return ~v, self.ones()
+
+    def age(self, op: Op) -> Vec:
+        signal_kind = op.value if isinstance(op.value, Kind) else Kind.FLOAT
+        _, _, stamp = self.signal(op.path, signal_kind)
+        present = stamp != INT64_MIN
+        return (self.t - np.where(present, stamp, self.t)) / _NS_PER_S, present
+
+    def model(self, op: Op) -> Vec:
+        n = self.n
+        if self.owner._models is None:
+            return np.zeros(n), np.zeros(n, np.bool_)
+        d, v = self.owner._models.score(str(op.value), self.t, op.window_ns, self.history)
+        return _scrub(np.asarray(d, np.float64).copy(), np.asarray(v, np.bool_) & np.isfinite(d))
+
+    # --- windows ---------------------------------------------------------------------------------------
+
+    def window(self, op: Op) -> Vec:
+        if self._shared is None:
+            return self._window(op)
+        key = ("window", op.fn, op.path, op.window_ns, id(self.t))
+        found = self._shared.get(key)
+        if found is None:
+            found = self._window(op)
+            self._shared[key] = found
+        return found
+
+    def _window(self, op: Op) -> Vec:
+        t, w, n = self.t, op.window_ns, self.n
+        previous = op.fn.startswith("prev_")
+        span = 2 * w if previous else w
+        ht_raw, hv_raw = self.history.samples(op.path, int(t[0]) - span, int(t[-1]))
+        ht = np.asarray(ht_raw, np.int64)
+        hv = np.asarray(hv_raw)
+        if hv.dtype.kind == "f":
+            keep = np.isfinite(hv)
+            if not bool(keep.all()):
+                ht, hv = ht[keep], hv[keep]
+        elif hv.dtype.kind == "b":
+            hv = hv.astype(np.int64)
+        if previous:
+            lo = np.searchsorted(ht, t - 2 * w, side="right")
+            hi = np.searchsorted(ht, t - w, side="right")
+        else:
+            lo = np.searchsorted(ht, t - w, side="right")
+            hi = np.searchsorted(ht, t, side="right")
+        count = hi - lo
+        valid = count > 0
+        integer = hv.dtype.kind in "iu"
+        if integer:
+            hv = hv.astype(np.int64, copy=False)
+        fn = op.fn
+        if not bool(valid.any()):
+            return np.zeros(n, _DTYPES[op.kind]), valid
+        first = np.minimum(lo, hv.shape[0] - 1)
+        last = np.maximum(hi - 1, 0)
+        if fn in ("min_over", "prev_min", "max_over", "prev_max"):
+            ufunc = np.minimum if fn in ("min_over", "prev_min") else np.maximum
+            return _scrub(_segments(ufunc, hv, lo, hi), valid)
+        if fn in ("avg", "prev_avg"):
+            return _scrub(*_average(hv, lo, hi, count, valid, integer))
+        # delta and rate
+        if integer:
+            a, b = hv[last], hv[first]
+            diff = a - b
+            ok = valid & ~(((a ^ b) & (a ^ diff)) < 0)
+        else:
+            diff = hv[last] - hv[first]
+            ok = valid & np.isfinite(diff)
+        if fn == "delta":
+            return _scrub(diff, ok)
+        dt = ht[last] - ht[first]
+        ok &= (count >= 2) & (dt != 0)
+        rate = diff.astype(np.float64) / (np.where(dt != 0, dt, 1) / _NS_PER_S)
+        return _scrub(rate, ok & np.isfinite(rate))
+
+    # --- stateful functions ----------------------------------------------------------------------------
+
+    def count(self, op: Op) -> Vec:
+        d, v = self.eval(op.args[0])
+        true = d & v
+        past: npt.NDArray[np.int64] = self.owner._state.get(op.nid, _EMPTY_T)
+        times = np.concatenate([past, self.t[true]])
+        w = op.window_ns
+        result = np.searchsorted(times, self.t, side="right") - np.searchsorted(
+            times, self.t - w, side="right"
+        )
+        self.owner._state[op.nid] = times[times > self.t[-1] - w]
+        return result.astype(np.int64), self.ones()
+
+    def held(self, op: Op) -> Vec:
+        d, v = self.eval(op.args[0])
+        true = d & v
+        carry: int | None = self.owner._state.get(op.nid)
+        before = np.empty(self.n, np.bool_)
+        before[0] = carry is not None
+        before[1:] = true[:-1]
+        starts = true & ~before
+        index = np.where(starts, np.arange(self.n), -1)
+        start_index = np.maximum.accumulate(index)
+        run_start = np.where(
+            start_index >= 0, self.t[np.maximum(start_index, 0)], carry if carry is not None else 0
+        )
+        result = true & (self.t - run_start >= op.window_ns)
+        self.owner._state[op.nid] = int(run_start[-1]) if bool(true[-1]) else None
+        return result, self.ones()
+
+    def edge(self, op: Op) -> Vec:
+        d, v = self.eval(op.args[0])
+        true = d & v
+        previous: bool | None = self.owner._state.get(op.nid)
+        before = np.empty(self.n, np.bool_)
+        before[1:] = true[:-1]
+        if op.fn == "rising":
+            before[0] = True if previous is None else previous
+            result = true & ~before
+        else:
+            before[0] = False if previous is None else previous
+            result = (v & ~d) & before
+        self.owner._state[op.nid] = bool(true[-1])
+        return result, self.ones()
+
+    def changed(self, op: Op) -> Vec:
+        d, v = self.eval(op.args[0])
+        state = self.owner._state.get(op.nid)
+        prev_d = np.empty_like(d)
+        prev_v = np.empty(self.n, np.bool_)
+        prev_d[1:] = d[:-1]
+        prev_v[1:] = v[:-1]
+        if state is None:
+            prev_d[0] = d[0]
+            prev_v[0] = v[0]
+        else:
+            prev_v[0], prev_d[0] = state
+        result = v & (~prev_v | (d != prev_d))
+        if state is None:
+            result[0] = False
+        self.owner._state[op.nid] = (bool(v[-1]), d[-1])
+        return np.asarray(result, np.bool_), self.ones()
+
+
+_HANDLERS: dict[str, Any] = {
+    "const": _Context.const,
+    "and": _Context.logic,
+    "or": _Context.logic,
+    "not": _Context.negation,
+    "neg": _Context.minus,
+    **dict.fromkeys(("+", "-", "*", "/", "%", "**"), _Context.arith),
+    **dict.fromkeys(("==", "!=", "<", "<=", ">", ">="), _Context.compare),
+    **dict.fromkeys(("abs", "sqrt", "floor", "ceil", "min", "max"), _Context.math),
+    **dict.fromkeys(
+        ("avg", "min_over", "max_over", "delta", "rate", "prev_avg", "prev_min", "prev_max"), _Context.window
+    ),
+    "count": _Context.count,
+    "held": _Context.held,
+    "rising": _Context.edge,
+    "falling": _Context.edge,
+    "changed": _Context.changed,
+    "is_null": _Context.is_null,
+    "age": _Context.age,
+    "model": _Context.model,
+}
+
+
+# --- pure vector kernels ------------------------------------------------------------------------------
+
+
+def _logic(fn: str, a: Vec, b: Vec) -> Vec:
+    ad, av = a
+    bd, bv = b
+    a_true, b_true = ad & av, bd & bv
+    a_false, b_false = av & ~ad, bv & ~bd
+    if fn == "and":
+        true = a_true & b_true
+        false = a_false | b_false
+    else:
+        true = a_true | b_true
+        false = a_false & b_false
+    return true, true | false
+
+
+def _as_float(data: Array) -> npt.NDArray[np.float64]:
+    return data.astype(np.float64, copy=False)
+
+
+def _arith(fn: str, kind: Kind, a: Vec, a_kind: Kind, b: Vec, b_kind: Kind) -> Vec:
+    ad, av = a
+    bd, bv = b
+    valid = av & bv
+    if kind is Kind.INT:
+        if fn == "+":
+            r = ad + bd
+            valid &= ~(((ad ^ r) & (bd ^ r)) < 0)
+        elif fn == "-":
+            r = ad - bd
+            valid &= ~(((ad ^ bd) & (ad ^ r)) < 0)
+        elif fn == "*":
+            r = ad * bd
+            divisor = np.where(ad == 0, 1, ad)
+            wrong = (ad != 0) & ((r // divisor != bd) | ((ad == -1) & (bd == INT64_MIN)))
+            valid &= ~wrong
+        else:  # "%"
+            zero = bd == 0
+            r = np.remainder(ad, np.where(zero, 1, bd))
+            valid &= ~zero
+        return _scrub(r, valid)
+    af, bf = _as_float(ad), _as_float(bd)
+    if fn == "+":
+        r = af + bf
+    elif fn == "-":
+        r = af - bf
+    elif fn == "*":
+        r = af * bf
+    elif fn == "/":
+        zero = bf == 0
+        r = af / np.where(zero, 1.0, bf)
+        valid &= ~zero
+        if a_kind is Kind.INT and b_kind is Kind.INT:
+            big = valid & ((np.abs(af) > _EXACT_FLOAT_INT) | (np.abs(bf) > _EXACT_FLOAT_INT))
+            for i in np.flatnonzero(big).tolist():
+                r[i] = int(ad[i]) / int(bd[i])  # Python's int / int rounds once, exactly
+    elif fn == "%":
+        zero = bf == 0
+        r = np.remainder(af, np.where(zero, 1.0, bf))
+        valid &= ~zero
+    else:  # "**": C's pow() per element (numpy's vector power may round differently on some CPUs)
+        r = np.zeros(af.shape[0])
+        for i, (x, y) in enumerate(zip(af.tolist(), bf.tolist(), strict=True)):
+            try:
+                r[i] = math.pow(x, y)
+            except (OverflowError, ValueError):
+                valid[i] = False
+    valid &= np.isfinite(r)
+    return _scrub(r, valid)
+
+
+def _cmp_int_float(i: npt.NDArray[np.int64], f: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+    """Sign of ``i - f`` computed exactly (no rounding of ``i`` to a float)."""
+    inside = (f >= -(2.0**63)) & (f < 2.0**63)
+    floor = np.floor(np.where(inside, f, 0.0))
+    whole = floor.astype(np.int64)
+    fraction = np.where(inside, f, 0.0) - floor > 0
+    sign = np.where(i < whole, -1, np.where(i > whole, 1, np.where(fraction, -1, 0)))
+    sign = np.where(inside, sign, np.where(f >= 0, -1, 1))
+    return sign.astype(np.int64)
+
+
+def _compare(fn: str, a: Vec, a_kind: Kind, b: Vec, b_kind: Kind) -> Vec:
+    ad, av = a
+    bd, bv = b
+    valid = av & bv
+    if a_kind is Kind.INT and b_kind is Kind.FLOAT:
+        left, right = _cmp_int_float(ad, bd), np.zeros(1, np.int64)
+    elif a_kind is Kind.FLOAT and b_kind is Kind.INT:
+        left, right = -_cmp_int_float(bd, ad), np.zeros(1, np.int64)
+    else:
+        left, right = ad, bd
+    if fn == "==":
+        r = left == right
+    elif fn == "!=":
+        r = left != right
+    elif fn == "<":
+        r = left < right
+    elif fn == "<=":
+        r = left <= right
+    elif fn == ">":
+        r = left > right
+    else:
+        r = left >= right
+    return _scrub(np.asarray(r, np.bool_), valid)
+
+
+def _math(fn: str, kind: Kind, args: list[tuple[Vec, Kind]]) -> Vec:
+    (d, v), arg_kind = args[0]
+    if fn == "abs":
+        if arg_kind is Kind.INT:
+            return _scrub(np.abs(d), v & (d != INT64_MIN))
+        return np.abs(d), v.copy()
+    if fn == "sqrt":
+        f = _as_float(d)
+        ok = v & (f >= 0)
+        return _scrub(np.sqrt(np.where(ok, f, 0.0)), ok)
+    if fn in ("floor", "ceil"):
+        if arg_kind is Kind.INT:
+            return d.copy(), v.copy()
+        rounded = np.floor(d) if fn == "floor" else np.ceil(d)
+        ok = v & (rounded >= -(2.0**63)) & (rounded < 2.0**63)
+        return _scrub(np.where(ok, rounded, 0.0).astype(np.int64), ok)
+    valid = v.copy()
+    for (_, other_v), _ in args[1:]:
+        valid &= other_v
+    columns = [a[0][0] if kind is Kind.INT else _as_float(a[0][0]) for a in args]
+    ufunc = np.minimum if fn == "min" else np.maximum
+    result = columns[0]
+    for column in columns[1:]:
+        result = ufunc(result, column)
+    return _scrub(np.array(result), valid)
+
+
+def _segments(ufunc: Any, values: Array, lo: Array, hi: Array) -> Array:
+    """``ufunc.reduce(values[lo[i]:hi[i]])`` for every i (empty segments give an arbitrary value)."""
+    padded = np.concatenate([values, values[:1]])
+    index = np.empty(2 * lo.shape[0], np.intp)
+    index[0::2] = lo
+    index[1::2] = hi
+    return np.asarray(ufunc.reduceat(padded, index)[0::2])
+
+
+_SMALL_INT = 2**31
+
+
+def _average(
+    values: Array, lo: Array, hi: Array, count: Array, valid: npt.NDArray[np.bool_], integer: bool
+) -> Vec:
+    safe = np.where(count > 0, count, 1)
+    if not integer:
+        return _segments(np.add, values, lo, hi) / safe, valid.copy()
+    # Exact integer sums: int64 cannot overflow while every |value| < 2**31 and windows are < 2**32.
+    small = values.shape[0] == 0 or int(np.max(np.abs(values.astype(np.float64)))) < _SMALL_INT
+    if small:
+        sums = _segments(np.add, values, lo, hi)
+        big = valid & (np.abs(sums) > _EXACT_FLOAT_INT)
+        result = sums.astype(np.float64) / safe
+        for i in np.flatnonzero(big).tolist():
+            result[i] = int(sums[i]) / int(count[i])
+        return result, valid.copy()
+    result = np.zeros(lo.shape[0])
+    as_list = values.tolist()
+    for i in np.flatnonzero(valid).tolist():
+        result[i] = sum(as_list[int(lo[i]) : int(hi[i])]) / int(count[i])
+    return result, valid.copy()

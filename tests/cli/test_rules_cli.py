@@ -1,0 +1,206 @@
+"""``fleetloop rules validate|test|eval`` as an operator meets them: exact outputs, and errors that say
+where (``FILE:LINE:COL``) and why for the usual first mistakes."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fleetloop_cli.main import main
+
+CAMPAIGN = textwrap.dedent(
+    """\
+    apiVersion: fleetloop/v1
+    kind: Campaign
+    metadata: {name: harsh-braking, version: 3}
+    spec:
+      trigger:
+        when: "Vehicle.Speed > 50 and delta(Vehicle.Speed, 1s) < -15"
+        mode: rising
+        min_interval: 30s
+      collect:
+        signals: ["Vehicle.Speed"]
+        pre: 10s
+        post: 5s
+    """
+)
+SAMPLES = (
+    "t,signal,value\n0,Vehicle.Speed,80\n0.5,Vehicle.Speed,79\n1.0,Vehicle.Speed,60\n1.5,Vehicle.Speed,55\n"
+)
+SAMPLES += "3,Vehicle.Speed,80\n3.5,Vehicle.Speed,60\n40,Vehicle.Speed,90\n40.5,Vehicle.Speed,70\n"
+CATALOG = {
+    "signals": [
+        {"id": 1, "path": "Vehicle.Speed", "data_type": "FLOAT64"},
+        {"id": 2, "path": "Vehicle.Brake", "data_type": "BOOL"},
+    ]
+}
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    (tmp_path / "c.yaml").write_text(CAMPAIGN)
+    (tmp_path / "s.csv").write_text(SAMPLES)
+    (tmp_path / "catalog.json").write_text(json.dumps(CATALOG))
+    return tmp_path
+
+
+def test_rules_test_replays_through_the_engine(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(
+        capsys, "rules", "test", str(files / "c.yaml"), "--input", str(files / "s.csv"), "-o", "json"
+    )
+    assert code == 0
+    # 1.0: 60 > 50 and delta -20 -> fire; 3.5: an edge again but within 30 s -> dropped; 40.5: fires
+    assert json.loads(out) == {
+        "campaign": "harsh-braking",
+        "fires": [{"t": 1, "window": [-9, 6]}, {"t": 40.5, "window": [30.5, 45.5]}],
+    }
+
+
+def test_rules_test_with_nanosecond_input(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [
+        "t_ns,signal,value",
+        "0,Vehicle.Speed,80",
+        "500000000,Vehicle.Speed,79",
+        "1000000000,Vehicle.Speed,60",
+    ]
+    (files / "ns.csv").write_text("\n".join(rows) + "\n")
+    code, out, _ = run(
+        capsys, "rules", "test", str(files / "c.yaml"), "--input", str(files / "ns.csv"), "-o", "json"
+    )
+    assert code == 0
+    assert json.loads(out)["fires"] == [{"t": 1_000_000_000, "window": [-9_000_000_000, 6_000_000_000]}]
+
+
+def test_rules_eval_prints_every_evaluation_time(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (files / "e.csv").write_text(
+        "t,signal,value\n0,A.i,7\n1,A.i,9223372036854775807\n1,B.f,2.5\n2,B.f,nan\n3,C.b,true\n"
+    )
+    code, out, _ = run(
+        capsys, "rules", "eval", "A.i - 1 + 0 * floor(B.f)", "--input", str(files / "e.csv"), "-o", "json"
+    )
+    assert code == 0
+    assert json.loads(out) == {
+        "values": [
+            {"t": 0, "value": None},  # B.f has no sample yet: missing
+            {"t": 1, "value": 9223372036854775806},  # exact 64-bit integer, no float on the way
+            {"t": 2, "value": None},  # NaN is missing
+        ]
+    }
+    code, out, _ = run(
+        capsys, "rules", "eval", "is_null(B.f) or C.b", "--input", str(files / "e.csv"), "-o", "json"
+    )
+    # t=1: false or missing is missing; t=2: NaN is missing, so is_null is true
+    assert [v["value"] for v in json.loads(out)["values"]] == [None, True, True]
+
+
+def test_validate_ok_and_catalog_typo(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "rules", "validate", str(files / "c.yaml"))
+    assert code == 0 and "ok" in out
+    (files / "typo.yaml").write_text(CAMPAIGN.replace("delta(Vehicle.Speed", "delta(Vehicle.Sped"))
+    code, _, err = run(
+        capsys, "rules", "validate", str(files / "typo.yaml"), "--catalog", str(files / "catalog.json")
+    )
+    assert code == 2
+    assert err.strip() == (
+        f"{files / 'typo.yaml'}:6:41: unknown signal 'Vehicle.Sped' (not in the catalog); "
+        "did you mean 'Vehicle.Speed'?"
+    )
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "where", "why"),
+    [
+        ("delta(Vehicle.Speed, 1s)", "delta(Vehicle.Speed, 1)", ":6:56:", "must be a duration"),
+        ("Vehicle.Speed > 50 and", "'fast' > 50 and", ":6:19:", "cannot compare string with number"),
+        ("  collect:", " collect:", ":9:2:", "invalid YAML"),
+        ("Vehicle.Speed > 50 and", "Vehicle.Speed ** 2 > 2500 and", "", ""),
+    ],
+)
+def test_validate_first_mistakes_say_where_and_why(
+    files: Path, capsys: pytest.CaptureFixture[str], old: str, new: str, where: str, why: str
+) -> None:
+    assert old in CAMPAIGN
+    path = files / "bad.yaml"
+    path.write_text(CAMPAIGN.replace(old, new, 1))
+    code, _, err = run(capsys, "rules", "validate", str(path))
+    if not why:
+        assert code == 0, err
+        return
+    assert code == 2
+    line = err.strip()
+    assert line.startswith(f"{path}{where}") and why in line and "\n" not in line, line
+
+
+def test_rules_test_refuses_a_bad_rule_with_its_location(
+    files: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (files / "bad.yaml").write_text(CAMPAIGN.replace("delta(Vehicle.Speed", "delta(Vehicle.Sped"))
+    code, _, err = run(capsys, "rules", "test", str(files / "bad.yaml"), "--input", str(files / "s.csv"))
+    assert code == 2
+    assert err.strip().startswith(f"{files / 'bad.yaml'}:6:41: unknown signal 'Vehicle.Sped'")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("time,signal,value\n", "header must be t,signal,value or t_ns,signal,value"),
+        ("t,signal,value\nabc,A.x,1\n", ":2: time 'abc' is not a number of seconds"),
+        ("t,signal,value\n1,A.x,fast\n", ":2: value 'fast' of A.x is text"),
+        ("t,signal,value\n1,A.x\n", ":2: expected 3 fields"),
+        ("t,signal,value\n1,A.x,true\n2,A.x,3\n", "mixes true/false with numbers"),
+        ("t,signal,value\n1,A.x,99999999999999999999\n", "does not fit in 64 bits"),
+        ("t_ns,signal,value\n1.5,A.x,1\n", "not a number of whole nanoseconds"),
+        ("", "empty file"),
+    ],
+)
+def test_bad_input_csv_is_one_clear_line(
+    files: Path, capsys: pytest.CaptureFixture[str], content: str, message: str
+) -> None:
+    (files / "bad.csv").write_text(content)
+    code, _, err = run(capsys, "rules", "eval", "A.x > 1", "--input", str(files / "bad.csv"))
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_with_catalog_checks_types(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(
+        capsys,
+        "rules",
+        "eval",
+        "Vehicle.Brake > 1",
+        "--input",
+        str(files / "s.csv"),
+        "--catalog",
+        str(files / "catalog.json"),
+    )
+    assert code == 2
+    assert err.strip() == "<expression>:1:15: cannot compare true/false with number using '>'"
+
+
+def test_input_signals_missing_from_the_catalog_are_named(
+    files: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (files / "x.csv").write_text("t,signal,value\n0,Vehicle.Speed,1\n0,Vehicle.Sped,2\n")
+    code, out, err = run(
+        capsys,
+        "rules",
+        "eval",
+        "Vehicle.Speed",
+        "--input",
+        str(files / "x.csv"),
+        "--catalog",
+        str(files / "catalog.json"),
+        "-o",
+        "json",
+    )
+    assert code == 0 and json.loads(out) == {"values": [{"t": 0, "value": 1.0}]}
+    assert err.strip() == f"{files / 'x.csv'}:3: note: signal Vehicle.Sped is not in the catalog; ignored"

@@ -1,0 +1,175 @@
+"""``fleetloop store import|stats|export``: what operators run against a device's store."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import struct
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from fleetloop_cli.main import main
+from fleetloop_shared.dbc import load_dbc
+
+SIM_DBC = (
+    Path(__file__).resolve().parents[2] / "firmware-sim" / "fleetloop_fwsim" / "data" / "sim_vehicle.dbc"
+)
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+SPECIAL = [
+    "1.5",
+    "-0.0",
+    "nan",
+    "inf",
+    "-inf",
+    "5e-324",
+    "0.1",
+    "1.7976931348623157e+308",
+    "28.650000000000006",
+]
+
+
+def write_long_csv(path: Path) -> list[tuple[int, str, str]]:
+    rows = []
+    for i, v in enumerate(SPECIAL):
+        rows.append((i * 10_000_000 - 20_000_000, "speed", v))  # negative timestamps too
+        rows.append(
+            (
+                i * 10_000_000 - 20_000_000,
+                "gear",
+                str([0, -1, 9223372036854775807, -9223372036854775808][i % 4]),
+            )
+        )
+    rows.append((5, "lonely", "3.25"))
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["t_ns", "signal", "value"])
+        w.writerows(rows)
+    return rows
+
+
+def test_import_stats_export_round_trip_exactly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "in.csv"
+    rows = write_long_csv(src)
+    store = tmp_path / "store"
+    code, out, err = run(capsys, "store", "import", "--input", str(src), "--store", str(store), "-o", "json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["samples"] == len(rows) and summary["signals"] == 3
+    assert summary["groups"] == 2  # speed+gear share their times; lonely is its own group
+
+    code, out, _ = run(capsys, "store", "stats", "--store", str(store), "-o", "json")
+    stats = json.loads(out)
+    assert {"samples", "signals", "groups", "segment_bytes", "disk_bytes", "bytes_per_sample"} <= set(stats)
+    assert (stats["samples"], stats["signals"], stats["groups"]) == (len(rows), 3, 2)
+    seg_files = list((store / "segments").iterdir())
+    assert stats["segment_bytes"] == sum(p.stat().st_size for p in seg_files)
+    assert stats["disk_bytes"] > stats["segment_bytes"]
+    assert stats["bytes_per_sample"] == pytest.approx(stats["segment_bytes"] / len(rows), abs=1e-3)
+
+    out_csv = tmp_path / "out.csv"
+    code, _, err = run(
+        capsys, "store", "export", "--store", str(store), "--format", "csv", "-o", str(out_csv)
+    )
+    assert code == 0, err
+    got = list(csv.reader(out_csv.open()))
+    assert got[0] == ["t_ns", "signal", "value"]
+
+    def key(r: tuple[int, str, str]) -> tuple[int, str]:
+        return (int(r[0]), r[1])
+
+    exported = sorted(((int(t), s, v) for t, s, v in got[1:]), key=key)
+    expected = sorted(rows, key=key)
+    assert [(t, s) for t, s, _ in exported] == [(t, s) for t, s, _ in expected]
+    for (_, name, a), (_, _, b) in zip(exported, expected, strict=True):
+        if name == "gear":
+            assert int(a) == int(b)
+        else:  # the identical double (sign of zero included; NaN stays NaN)
+            fa, fb = float(a), float(b)
+            assert (math.isnan(fa) and math.isnan(fb)) or struct.pack("<d", fa) == struct.pack("<d", fb)
+
+    # stdout by default, and Parquet
+    code, out, _ = run(capsys, "store", "export", "--store", str(store))
+    assert out.splitlines()[0] == "t_ns,signal,value" and len(out.splitlines()) == len(rows) + 1
+    pq_path = tmp_path / "out.parquet"
+    code, _, err = run(
+        capsys, "store", "export", "--store", str(store), "--format", "parquet", "-o", str(pq_path)
+    )
+    assert code == 0, err
+    table = pq.read_table(pq_path)
+    assert table.num_rows == len(rows)
+    assert set(table.column("signal").to_pylist()) == {"speed", "gear", "lonely"}
+    gear = [
+        v
+        for s, v in zip(
+            table.column("signal").to_pylist(), table.column("value_int").to_pylist(), strict=True
+        )
+        if s == "gear"
+    ]
+    assert -9223372036854775808 in gear and 9223372036854775807 in gear
+
+
+def test_import_seconds_csv_and_candump_with_dbc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    secs = tmp_path / "secs.csv"
+    secs.write_text("t,signal,value\n0.000000001,a,1\n1.5,a,2\n")
+    store = tmp_path / "s"
+    assert run(capsys, "store", "import", "--input", str(secs), "--store", str(store))[0] == 0
+    code, out, _ = run(capsys, "store", "export", "--store", str(store))
+    assert out.splitlines()[1:] == ["1,a,1", "1500000000,a,2"]
+
+    db = load_dbc(SIM_DBC)
+    log = tmp_path / "drive.log"
+    lines = []
+    for i in range(200):
+        payload = db.encode("SIM_WHEEL_SPEEDS", {"WHEEL_SPEED_FL": 10 + i * 0.01, "WHEEL_SPEED_FR": 10.0})
+        lines.append(
+            f"({1_700_000_000 + i * 0.01:.6f}) can0 {db.frame_id('SIM_WHEEL_SPEEDS'):03X}#{payload.hex()}"
+        )
+        lines.append(f"({1_700_000_000 + i * 0.01 + 0.0005:.6f}) can0 7FF#00")  # not in the DBC: skipped
+    log.write_text("\n".join(lines) + "\n")
+    store2 = tmp_path / "can"
+    code, out, err = run(
+        capsys,
+        "store",
+        "import",
+        "--input",
+        str(log),
+        "--dbc",
+        str(SIM_DBC),
+        "--store",
+        str(store2),
+        "-o",
+        "json",
+    )
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["frames_skipped"] == 200 and summary["groups"] == 1 and summary["samples"] == 200 * 4
+    code, out, _ = run(capsys, "store", "export", "--store", str(store2))
+    first = next(csv.reader(io.StringIO(out.splitlines()[1])))
+    assert first[0] == "1700000000000000000" and first[1].startswith("can0/SIM_WHEEL_SPEEDS/")
+
+
+def test_bad_input_is_one_line_with_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("time,name,v\n1,a,2\n")
+    code, _, err = run(capsys, "store", "import", "--input", str(bad), "--store", str(tmp_path / "s"))
+    assert code == 2 and "expected header" in err and len(err.strip().splitlines()) == 1
+    bad.write_text("t_ns,signal,value\n1,a,notanumber\n")
+    code, _, err = run(capsys, "store", "import", "--input", str(bad), "--store", str(tmp_path / "s"))
+    assert code == 2 and "bad.csv:2" in err
+    code, _, err = run(capsys, "store", "stats", "--store", str(tmp_path / "nowhere"))
+    assert code == 3 and "no store index" in err
+    code, _, err = run(
+        capsys, "store", "import", "--input", str(tmp_path / "missing.csv"), "--store", str(tmp_path / "s")
+    )
+    assert code == 3

@@ -1,0 +1,96 @@
+"""A release manager's mistakes are refused by the coordinator over HTTP, before anything is signed;
+the TUF metadata a device fetches is served under /tuf/ and the director signs per device."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from tuf.api.metadata import Metadata
+
+from fleetloop_fwsim.firmware import build_image
+from fleetloop_shared.artifact import manifest_from_bytes, sha256_hex
+
+from .conftest import RunningCoordinator
+
+HW = "gen1"
+
+
+def call(base: str, method: str, path: str, body: bytes = b"") -> tuple[int, Any]:
+    req = urllib.request.Request(base + path, data=body or None, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def upload(base: str, image: bytes, version: str, hardware: str = HW) -> tuple[int, Any]:
+    return call(base, "POST", f"/v1/releases?name=fw&version={version}&hardware={hardware}", image)
+
+
+def test_release_manager_mistakes_get_one_clear_refusal(running_coordinator: RunningCoordinator) -> None:
+    base = running_coordinator.http_base
+    c = running_coordinator.coordinator
+    status, body = upload(base, build_image("2.0.0", HW, size_hint=8192), "2.0.0", hardware="gen9")
+    assert status == 400 and "firmware image for hardware 'gen1', not 'gen9'" in json.loads(body)["error"]
+    status, body = upload(base, build_image("2.0.0", HW, size_hint=8192), "2.1.0")
+    assert status == 400 and "is firmware version 2.0.0, not 2.1.0" in json.loads(body)["error"]
+    c.metadata.upsert_device(
+        "d1", fleet="f", labels={}, catalog=[], agent_version="x", data_origin="sim", now=time.time()
+    )
+    c.metadata.update_inventory(
+        "d1",
+        hardware_id=HW,
+        firmware_version="3.0.0",
+        firmware_sha256="",
+        active_slot="a",
+        campaigns_version=0,
+        now=time.time(),
+    )
+    status, body = upload(base, build_image("2.0.0", HW, size_hint=8192), "2.0.0")
+    assert status == 400
+    assert "older than 3.0.0, which devices with hardware gen1 already run" in json.loads(body)["error"]
+    assert c.tuf.image.targets() == {}  # nothing was signed
+
+
+def test_metadata_is_served_and_the_director_signs_per_device(
+    running_coordinator: RunningCoordinator,
+) -> None:
+    base = running_coordinator.http_base
+    c = running_coordinator.coordinator
+    v1, v2 = build_image("1.0.0", HW, size_hint=65536), build_image("2.0.0", HW, size_hint=65536)
+    c.artifacts.add_image(v1)
+    status, body = upload(base, v2, "2.0.0")
+    assert status == 201, body
+    status, root = call(base, "GET", "/tuf/image/1.root.json")
+    assert status == 200 and Metadata.from_bytes(root).signed.roles["root"].threshold == 2
+    status, targets = call(base, "GET", "/tuf/image/targets.json")
+    assert status == 200 and "fw/gen1/2.0.0.img" in Metadata.from_bytes(targets).signed.targets
+    assert call(base, "GET", "/tuf/image/2.root.json")[0] == 404  # end of the rotation walk
+    assert call(base, "GET", "/tuf/director/d7/targets.json")[0] == 404  # no job for this device yet
+    manifest, signature = c.artifacts.release("fw", HW, "2.0.0")
+    c.publish_job("d7", "job-1", "ro-1", manifest, signature)  # offline device: still directed
+    status, d_targets = call(base, "GET", "/tuf/director/d7/targets.json")
+    signed = Metadata.from_bytes(d_targets).signed.targets
+    assert status == 200 and set(signed) == {"fw/gen1/2.0.0.img"}  # the device reported no base: full
+    assert signed["fw/gen1/2.0.0.img"].custom["fleetloop"]["job_id"] == "job-1"
+    assert signed["fw/gen1/2.0.0.img"].hashes["sha256"] == sha256_hex(v2)
+    assert call(base, "GET", "/tuf/director/d7/1.root.json")[0] == 200
+
+
+def test_re_offering_the_same_job_does_not_re_sign(running_coordinator: RunningCoordinator) -> None:
+    c = running_coordinator.coordinator
+    image = build_image("2.0.0", HW, size_hint=8192)
+    c.artifacts.add_release(image, name="fw", version="2.0.0", hardware_id=HW, bases=[], now=time.time())
+    plan = manifest_from_bytes(c.artifacts.release("fw", HW, "2.0.0")[0])
+
+    def assign(job_id: str) -> int:
+        return c.director.assign("d1", job_id=job_id, rollout_id="r", release=plan, installed_sha256="")
+
+    first = assign("j1")
+    assert {assign("j1") for _ in range(3)} == {first}  # the controller re-offers every tick
+    assert assign("j2") == first + 1
