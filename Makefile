@@ -1,12 +1,13 @@
 # One command per intent, identical locally and in CI.
 #   make demo   — set up (.venv) and run the whole loop on this machine
-#   make test   — set up and run lint, type check, import contracts, proto staleness and the test suite
+#   make test   — set up (system packages for the real broker/database, .venv) and run lint, type check,
+#                 import contracts, proto staleness and the test suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test check lint type contracts proto proto-check pytest clean
+.PHONY: setup system-deps demo test check lint type contracts proto proto-check pytest clean
 
 setup: $(STAMP)
 
@@ -19,7 +20,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/fleetloop demo
 
-test: setup check pytest
+test: system-deps setup check pytest
+
+system-deps:
+	@bash scripts/system-deps.sh
 
 check: lint type contracts proto-check
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the system packages the test suite runs for real: a private mosquitto (MQTT tests), a private
+# PostgreSQL (metadata tests) and u-boot-tools (interoperability of the u-boot environment adapter).
+# Idempotent and quiet; run by `make test` (and so by .ci/run).
+set -euo pipefail
+missing=()
+command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || missing+=(mosquitto)
+if ! command -v initdb >/dev/null 2>&1 && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+  missing+=(postgresql)
+fi
+command -v fw_printenv >/dev/null 2>&1 || missing+=(u-boot-tools)
+((${#missing[@]})) || exit 0
+if [ "$(id -u)" -eq 0 ]; then
+  sudo_cmd=()
+elif command -v sudo >/dev/null 2>&1; then
+  sudo_cmd=(sudo)
+else
+  echo "error: the tests need: ${missing[*]} (install them with your package manager, or run as root)" >&2
+  exit 1
+fi
+echo "installing system packages: ${missing[*]}"
+"${sudo_cmd[@]}" apt-get update -qq
+DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
