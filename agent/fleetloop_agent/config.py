@@ -62,6 +62,8 @@ class AgentConfig:
     cloud_mqtt: CloudMqttConfig | None = None
     #: cloud.tls: {ca, cert, key} — mTLS for the gRPC link (certificate CN = device id)
     cloud_tls: tuple[Path, Path, Path] | None = None
+    #: models_dir: model packs installed by hand (``<dir>/<pack>/model.yaml``), besides OTA bundles
+    models_dir: Path | None = None
 
 
 def _req(doc: Mapping[str, Any], key: str, where: str, kind: type | tuple[type, ...]) -> Any:
@@ -152,6 +154,9 @@ def load_agent_config(path: str | Path) -> AgentConfig:
         raise ConfigError(f"{where}: {exc}") from None
     if speed <= 0:
         raise ConfigError(f"{where}: replay.speed must be > 0")
+    models_dir = doc.get("models_dir")
+    if models_dir is not None and not isinstance(models_dir, str):
+        raise ConfigError(f"{where}: 'models_dir' must be a directory path")
     metrics_port = doc.get("metrics_port")
     if metrics_port is not None and not isinstance(metrics_port, int):
         raise ConfigError(f"{where}: 'metrics_port' must be an integer")
@@ -182,4 +187,5 @@ def load_agent_config(path: str | Path) -> AgentConfig:
         cloud_transport=transport,
         cloud_mqtt=cloud_mqtt,
         cloud_tls=(cloud_tls[0], cloud_tls[1], cloud_tls[2]) if cloud_tls else None,
+        models_dir=rel(models_dir) if models_dir else None,
     )

@@ -138,6 +138,35 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return sorted(self._packs)
 
+    def version_of(self, name: str) -> Path | None:
+        """The installed model file of ``name`` (a versioned path for a bundle), or None."""
+        pack = self._packs.get(name)
+        return pack.path if pack is not None else None
+
+    def replace(self, packs: Sequence[ModelPack]) -> set[str]:
+        """Make ``packs`` the installed set, in place; returns the names added, removed or changed.
+
+        In place because every running evaluator holds this registry: after the call they all score
+        with the new packs. A pack that did not change (same file, same manifest) keeps its loaded
+        onnxruntime session, so a reload costs nothing for the models it does not touch.
+        """
+        fresh: dict[str, ModelPack] = {}
+        for pack in packs:
+            if pack.name in fresh:
+                raise ConfigError(f"model {pack.name!r} is installed twice")
+            fresh[pack.name] = pack
+        changed = set(self._packs) ^ set(fresh)
+        for name, pack in fresh.items():
+            old = self._packs.get(name)
+            if old is None:
+                continue
+            if _identity(old) == _identity(pack):
+                fresh[name] = old
+            else:
+                changed.add(name)
+        self._packs = fresh
+        return changed
+
     def inputs(self, name: str, window_ns: int) -> Sequence[str]:
         pack = self._packs.get(name)
         if pack is None:
@@ -195,6 +224,17 @@ class ModelRegistry:
             self.inference_errors_total += 1
             return np.zeros(n), np.zeros(n, np.bool_)
         return scores, valid & ok & np.isfinite(scores)
+
+
+def _identity(pack: ModelPack) -> tuple[object, ...]:
+    """What makes two loads of a pack the same model: the resolved file, its size and mtime, the manifest."""
+    path = pack.path.resolve()
+    try:
+        st = path.stat()
+        stamp: tuple[int, int] = (st.st_size, st.st_mtime_ns)
+    except OSError:
+        stamp = (-1, -1)
+    return (path, stamp, pack.inputs, pack.window_ns, pack.sample_rate_hz, pack.output)
 
 
 def registry_of(packs: Mapping[str, ModelPack]) -> ModelRegistry:

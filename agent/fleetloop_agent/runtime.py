@@ -5,6 +5,11 @@ sources → ring buffers → trigger engine → capture assembler → local stor
 Control path: the uplink's control stream delivers desired campaigns (compiled here, refused with a
 reason if they do not compile) and OTA jobs (run by the OTA worker thread through ``OtaDriver``, which
 journals before each side effect and asks for a reboot by raising ``RebootRequested``).
+Model packs: ``model("name", w)`` scores come from a :class:`ModelRegistry` loaded from the installed
+model-pack bundles (``<state_dir>/ota/bundles/<name>/current/model.yaml``) and the optional
+``models_dir``. A bundle installed by the OTA worker only raises a flag; the main loop reloads the
+registry in place and re-applies the desired campaigns, so campaigns calling a changed model restart
+with it, campaigns that were refused for want of it start, and every other campaign keeps its state.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,7 @@ from fleetloop_agent.capture import CaptureAssembler
 from fleetloop_agent.config import AgentConfig
 from fleetloop_agent.local_store import LocalStore
 from fleetloop_agent.metrics import AgentMetrics
+from fleetloop_agent.models import MANIFEST, ModelPack, ModelRegistry, load_model_pack
 from fleetloop_agent.ota.driver import OtaDriver, OtaReport
 from fleetloop_agent.ota.platform import EXIT_REBOOT, EnvFilePlatform, RebootRequested
 from fleetloop_agent.ring_buffer import RingBuffers
@@ -80,7 +86,9 @@ class AgentRuntime:
         )
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.buffers = RingBuffers(self.catalog, horizon_ns=MIN_HORIZON_NS)
-        self.engine = TriggerEngine(self.catalog)
+        #: One registry for the process, replaced in place on reload (running evaluators hold it).
+        self.models = ModelRegistry()
+        self.engine = TriggerEngine(self.catalog, models=self.models)
         self.assembler = CaptureAssembler(self.catalog)
         self.store = LocalStore(config.store_dir, quota_bytes=config.store_quota_bytes)
         pc = config.platform
@@ -94,7 +102,10 @@ class AgentRuntime:
             hardware_id=pc.hardware_id,
             device_id=config.device_id,
             report=self._on_ota_report,
+            on_bundle=self._on_bundle,
         )
+        #: Set by the OTA worker when a bundle is switched; the main loop reloads the model registry.
+        self._bundles_changed = threading.Event()
         self.specs: dict[str, CampaignSpec] = {}
         self.refused: dict[str, str] = {}
         self.desired = _DesiredState(0, [])
@@ -128,6 +139,7 @@ class AgentRuntime:
                 upload_deadline_s=config.upload_deadline_s,
                 tls=config.cloud_tls,
             )
+        self.models.replace(self._discover_models())
         self._load_desired()
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -156,6 +168,9 @@ class AgentRuntime:
             while not self._stop.is_set() and not self._reboot.is_set():
                 now_mono = self._monotonic()
                 data_now = self.start_ns + int((now_mono - mono0) * self.config.replay_speed * 1e9)
+                if self._bundles_changed.is_set():
+                    self._bundles_changed.clear()
+                    self._reload_models()
                 self._drain_inbox()
                 self._tick(data_now)
                 if now_mono - last_beat >= self.config.heartbeat_s:
@@ -253,7 +268,7 @@ class AgentRuntime:
                 self._apply_desired()
                 self._save_desired()
 
-    def _apply_desired(self) -> None:
+    def _apply_desired(self, refresh_models: Collection[str] = ()) -> None:
         specs: list[CampaignSpec] = []
         refused: dict[str, str] = {}
         for name, _version, document in self.desired.documents:
@@ -266,7 +281,7 @@ class AgentRuntime:
                 refused[name] = str(exc)
                 continue
             specs.append(spec)
-        refused.update(self.engine.set_campaigns(specs, self._wall_ns()))
+        refused.update(self.engine.set_campaigns(specs, self._wall_ns(), refresh_models=refresh_models))
         self.specs = {s.name: s for s in specs if s.name not in refused}
         self.refused = refused
         # issue 3: captures still pending from swapped-out campaigns keep their history
@@ -357,6 +372,59 @@ class AgentRuntime:
             )
         )
         self.link.send(device_pb2.DeviceMessage(campaign_status=self._campaign_status()))
+
+    # -- model packs --------------------------------------------------------------------------------
+    def _discover_models(self) -> list[ModelPack]:
+        """The usable model packs: every bundle whose ``current`` holds a ``model.yaml``, then ``models_dir``.
+
+        A bundle's pack is loaded from the resolved version directory (``v-<version>``), not through
+        ``current``, so a pack keeps naming the files it was loaded from while a later install switches
+        the link. Its onnxruntime session is created here, so a pack that cannot load is logged and left
+        out (campaigns calling it are refused as "not installed") instead of scoring nothing silently.
+        A model name delivered by a bundle wins over the same name in ``models_dir``.
+        """
+        dirs: list[Path] = []
+        root = self.ota.bundles.root
+        if root.is_dir():
+            dirs += [d / "current" for d in sorted(root.iterdir()) if (d / "current" / MANIFEST).is_file()]
+        if self.config.models_dir is not None and self.config.models_dir.is_dir():
+            dirs += [d for d in sorted(self.config.models_dir.iterdir()) if (d / MANIFEST).is_file()]
+        packs: dict[str, ModelPack] = {}
+        for directory in dirs:
+            try:
+                pack = load_model_pack(directory.resolve())
+                pack.session()
+            except (FleetloopError, OSError) as exc:
+                log.error("model pack %s not loaded: %s", directory, exc)
+                continue
+            if pack.name in packs:
+                log.warning(
+                    "model %s in %s ignored: already installed from %s",
+                    pack.name,
+                    directory,
+                    packs[pack.name].path.parent,
+                )
+                continue
+            packs[pack.name] = pack
+        return list(packs.values())
+
+    def _on_bundle(self, name: str, current: Path) -> None:
+        """Called on the OTA worker thread after a bundle switch: only hand over to the main loop,
+        which owns the engine (the engine is not thread-safe and a reload must not race a tick)."""
+        log.info("bundle %s switched to %s; reloading model packs", name, current.resolve().name)
+        self._bundles_changed.set()
+
+    def _reload_models(self) -> None:
+        """On the main thread: reload the registry and re-apply the campaigns the change touches."""
+        changed = self.models.replace(self._discover_models())
+        if not changed:
+            return
+        log.info(
+            "model packs changed: %s (installed: %s)",
+            ", ".join(sorted(changed)),
+            ", ".join(self.models.names) or "none",
+        )
+        self._apply_desired(refresh_models=changed)
 
     # -- OTA ----------------------------------------------------------------------------------------
     def _on_ota_report(self, report: OtaReport) -> None:

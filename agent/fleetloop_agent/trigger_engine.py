@@ -18,7 +18,7 @@ than a campaign's last evaluation (a source that went back in time, or a timesta
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -111,13 +111,17 @@ class TriggerEngine:
         """Names of the running campaigns, in the order they were given."""
         return list(self._running)
 
-    def set_campaigns(self, specs: Sequence[CampaignSpec], now_ns: int) -> dict[str, str]:
+    def set_campaigns(
+        self, specs: Sequence[CampaignSpec], now_ns: int, *, refresh_models: Collection[str] = ()
+    ) -> dict[str, str]:
         """Make ``specs`` the running set; returns the refused ones as ``{name: reason}``.
 
         A campaign whose (name, version) is already running keeps its evaluation state (edge memory,
-        last fire, window state); a new or changed one starts fresh. Refused: expired at ``now_ns`` (wall
-        clock, ns since the epoch), not compilable against this device's catalog, a model it calls that
-        is not installed, or a duplicate name.
+        last fire, window state); a new or changed one starts fresh, and so does one that calls a model
+        named in ``refresh_models`` (a model pack replaced under it: its inputs, window and scores may
+        differ, so its edge memory no longer describes the same condition). Refused: expired at
+        ``now_ns`` (wall clock, ns since the epoch), not compilable against this device's catalog, a
+        model it calls that is not installed, or a duplicate name.
         """
         refused: dict[str, str] = {}
         running: dict[str, _Running] = {}
@@ -155,7 +159,8 @@ class TriggerEngine:
                 refused[spec.name] = f"model input signal {unknown[0]!r} is not in the catalog"
                 continue
             previous = self._running.get(spec.name)
-            if previous is not None and previous.spec.version == spec.version:
+            model_changed = any(name in refresh_models for name, _ in expression.models)
+            if previous is not None and previous.spec.version == spec.version and not model_changed:
                 running[spec.name] = previous
                 continue
             paths = frozenset(expression.signals | inputs)

@@ -105,7 +105,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- data ------------------------------------------------------------------------------------------
 def cmd_query(args: argparse.Namespace) -> int:
-    result = _client(args).post_json("/v1/query", {"sql": args.sql, "max_rows": args.max_rows})
+    body = {"sql": args.sql, "max_rows": args.max_rows, "timeout_s": args.timeout}
+    result = _client(args).post_json("/v1/query", body)
     _print(render_rows(result["columns"], result["rows"], args.output))
     if result.get("truncated"):
         print(f"(truncated at {args.max_rows} rows)", file=sys.stderr)
@@ -254,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("query", help="SQL over the fleet's data (tables: samples, captures)")
     s.add_argument("sql")
     s.add_argument("--max-rows", type=int, default=10000)
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds the query may run (max 120)")
     with_cloud(s)
     s.set_defaults(func=cmd_query)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetloop_cloud.artifact_store import ArtifactStore, check_not_older_than_fleet
+from fleetloop_cloud.compaction import Compactor
 from fleetloop_cloud.director import Director
 from fleetloop_cloud.fleet_store import FleetStore
 from fleetloop_cloud.metadata import MetadataStore
@@ -37,6 +38,8 @@ from fleetloop_shared.wire import device_pb2, ota_pb2
 log = logging.getLogger("fleetloop.cloud")
 
 ROLLOUT_TICK_S = 0.5
+#: How often the fleet store's small segment files are compacted (compaction.py, docs/query.md).
+COMPACTION_INTERVAL_S = 60.0
 HEARTBEAT_INTERVAL_MS = 2000
 #: Upload budgets for devices that ask for grants (issue 6): what the cloud ingests and what cellular costs.
 UPLOAD_BUDGET = Budget(
@@ -63,6 +66,8 @@ class Coordinator:
         self.metadata = MetadataStore(db if db else data_dir / "metadata.sqlite")
         self.fleet_store = FleetStore(data_dir / "fleet")
         self.query_engine = QueryEngine(data_dir / "fleet", captures=self.metadata.captures)
+        # file ages are wall-clock (file mtimes), whatever clock drives the rest
+        self.compactor = Compactor(self.fleet_store, self.metadata.has_segment)
         key_path = data_dir / "keys" / "release.pem"
         if key_path.is_file():
             self.signer = ReleaseSigner.load(key_path)
@@ -84,13 +89,25 @@ class Coordinator:
         self.artifact_base_url = ""
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick_loop, name="rollout-controller", daemon=True)
+        self._compaction = threading.Thread(target=self._compaction_loop, name="compaction", daemon=True)
 
     def start(self) -> None:
         self._ticker.start()
+        self._compaction.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._ticker.join(timeout=5)
+        self._compaction.join(timeout=5)
+
+    def _compaction_loop(self) -> None:
+        while not self._stop.wait(COMPACTION_INTERVAL_S):
+            try:
+                report = self.compactor.run_once()
+                if report.files_written or report.leftovers_deleted:
+                    log.info("compaction: %s", report.as_dict())
+            except Exception:
+                log.exception("compaction pass failed")
 
     def _tick_loop(self) -> None:
         while not self._stop.wait(ROLLOUT_TICK_S):

@@ -7,12 +7,27 @@ is what fleet queries filter and group by and what compresses best column-wise.
 
 One file per segment, named by the segment id, makes ingest idempotent: a retried upload rewrites the
 same file with the same rows. Files appear by rename only, so a reader never sees half a file.
+
+Compaction (:mod:`fleetloop_cloud.compaction`) later merges a partition's small segment files into
+``compacted-<24 hex>.parquet`` files whose Parquet key-value metadata ``fleetloop.absorbed`` names the
+segment files they absorbed. A segment file so named is never written again (``write_segment`` checks
+under the partition's lock), and queries leave it out until compaction deletes it. Each partition has a
+lock file outside the samples tree, ``compaction/fleet=F/date=D.lock``: ingest holds it shared while it
+writes, compaction exclusively while it commits, and its content is a generation number compaction raises
+with every commit (so ingest re-reads the absorbed names only when they changed, also across processes
+sharing the store).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
+import json
+import os
 import re
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +57,14 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 #: A first sample before this is not wall-clock time (device boot time, say): partition by arrival.
 _PLAUSIBLE_EPOCH_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z
 _NS_PER_S = 1_000_000_000
+#: A segment file's name: ``<device id>-<segment id, 32 hex>.parquet``.
+SEGMENT_FILE = re.compile(
+    r"^(?P<device>[A-Za-z0-9_][A-Za-z0-9._-]{0,127})-(?P<segment>[0-9a-f]{32})\.parquet$"
+)
+#: A compacted file's name (never a segment file's: 24 hex digits, not 32).
+COMPACTED_FILE = re.compile(r"^compacted-[0-9a-f]{24}\.parquet$")
+#: Key of the Parquet key-value metadata listing (JSON) the segment file names a compacted file absorbed.
+ABSORBED_KEY = b"fleetloop.absorbed"
 
 
 def _safe(name: str, what: str) -> str:
@@ -64,6 +87,52 @@ def partition_date(first_ns: int | None, received_unix: float) -> str:
     return _dt.datetime.fromtimestamp(seconds, tz=_dt.UTC).strftime("%Y-%m-%d")
 
 
+def absorbed_by(path: Path) -> list[str]:
+    """The segment file names the compacted file ``path`` absorbed (from its Parquet metadata)."""
+    metadata = pq.read_schema(path).metadata or {}
+    raw = metadata.get(ABSORBED_KEY)
+    if raw is None:
+        return []
+    names = json.loads(raw)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{path}: {ABSORBED_KEY.decode()} is not a list of file names")
+    return names
+
+
+def scan_absorbed(partition: Path) -> dict[str, str]:
+    """Segment file name → the compacted file (name) that absorbed it, for one partition directory."""
+    out: dict[str, str] = {}
+    try:
+        entries = list(os.scandir(partition))
+    except FileNotFoundError:
+        return out
+    for entry in entries:
+        if COMPACTED_FILE.match(entry.name):
+            for name in absorbed_by(Path(entry.path)):
+                out[name] = entry.name
+    return out
+
+
+class PartitionLock:
+    """A held lock on one partition's lock file (see the module docstring)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def generation(self) -> int:
+        raw = os.pread(self._fd, 32, 0).strip()
+        return int(raw) if raw.isdigit() else 0
+
+    def bump(self) -> int:
+        """Raise the generation (exclusive holders only), durably; returns the new one."""
+        new = self.generation() + 1
+        data = f"{new}\n".encode()
+        os.pwrite(self._fd, data, 0)
+        os.ftruncate(self._fd, len(data))
+        os.fsync(self._fd)
+        return new
+
+
 class FleetStore:
     """Writes decoded segments as Parquet below ``root/samples`` (the only writer of that tree)."""
 
@@ -71,10 +140,57 @@ class FleetStore:
         self._root = Path(root)
         self._samples = self._root / "samples"
         self._samples.mkdir(parents=True, exist_ok=True)
+        self._absorbed_cache: dict[Path, tuple[int, frozenset[str]]] = {}
+        self._cache_lock = threading.Lock()
 
     @property
     def root(self) -> Path:
         return self._root
+
+    @property
+    def samples_dir(self) -> Path:
+        return self._samples
+
+    def partitions(self) -> list[Path]:
+        """Every ``fleet=*/date=*`` directory, sorted."""
+        return sorted(p for p in self._samples.glob("fleet=*/date=*") if p.is_dir())
+
+    def _lock_path(self, partition: Path) -> Path:
+        rel = partition.relative_to(self._samples)  # fleet=F/date=D
+        directory = self._root / "compaction" / rel.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory / f"{rel.name}.lock"
+
+    @contextlib.contextmanager
+    def partition_lock(
+        self, partition: Path, *, exclusive: bool, blocking: bool = True
+    ) -> Iterator[PartitionLock | None]:
+        """Hold ``partition``'s lock (shared for writers of segment files, exclusive for compaction);
+        yields None when ``blocking`` is false and the lock is busy."""
+        fd = os.open(self._lock_path(partition), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+            try:
+                fcntl.flock(fd, flags if blocking else flags | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield None
+                return
+            yield PartitionLock(fd)
+        finally:
+            os.close(fd)  # releases the lock
+
+    def absorbed(self, partition: Path, lock: PartitionLock) -> frozenset[str]:
+        """Names of segment files in ``partition`` that compacted files absorbed (the caller holds the
+        partition's lock); re-read from the compacted files only when the generation moved."""
+        generation = lock.generation()
+        with self._cache_lock:
+            cached = self._absorbed_cache.get(partition)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        names = frozenset(scan_absorbed(partition)) if generation else frozenset()
+        with self._cache_lock:
+            self._absorbed_cache[partition] = (generation, names)
+        return names
 
     def segment_path(self, *, fleet: str, device_id: str, segment: Segment, received_unix: float) -> Path:
         """Where ``segment`` is (or will be) stored; deterministic, which is what makes retries safe."""
@@ -97,8 +213,10 @@ class FleetStore:
     ) -> int:
         """Store one segment's samples; returns how many (rows × signals). Writing it again is harmless.
 
-        A signal id the device's catalog does not know, or a column whose length differs from the
-        timestamps, is a malformed upload (MalformedMessageError) and writes nothing.
+        A segment whose file compaction already absorbed is not written again (its rows are in the
+        compacted file); the count is returned all the same. A signal id the device's catalog does not
+        know, or a column whose length differs from the timestamps, is a malformed upload
+        (MalformedMessageError) and writes nothing.
         """
         path = self.segment_path(
             fleet=fleet, device_id=device_id, segment=segment, received_unix=received_unix
@@ -108,7 +226,11 @@ class FleetStore:
             return 0
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
-        write_atomically(path, sink.getvalue().to_pybytes())
+        data = sink.getvalue().to_pybytes()
+        with self.partition_lock(path.parent, exclusive=False) as lock:
+            assert lock is not None  # blocking
+            if path.name not in self.absorbed(path.parent, lock):
+                write_atomically(path, data)
         return int(table.num_rows)
 
     @staticmethod

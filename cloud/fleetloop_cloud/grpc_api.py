@@ -1,7 +1,10 @@
 """The coordinator's gRPC surface: the device control stream and segment ingest.
 
 The only cloud module that imports grpc. Errors from the domain are mapped once, by their class's
-``grpc_code``; anything else is an INTERNAL error logged with its traceback.
+``grpc_code``; anything else is an INTERNAL error logged with its traceback. The server also answers the
+standard ``grpc.health.v1.Health`` service (overall and per service) and server reflection
+(``grpc.reflection.v1alpha``), so load balancers, ``grpc_health_probe`` and ``grpcurl`` work unchanged.
+The wire contract, with the status codes each RPC returns, is ``docs/wire.md``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from fleetloop_cloud.coordinator import Coordinator
 from fleetloop_shared.errors import FleetloopError
@@ -27,6 +32,11 @@ T = TypeVar("T")
 
 #: Devices holding a control stream each occupy one worker thread (sync gRPC); bounded.
 MAX_WORKERS = 128
+#: The fleetloop services this server implements (full protobuf names), as health and reflection list them.
+SERVICE_NAMES: tuple[str, ...] = (
+    device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name,
+    ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
+)
 
 
 def _abort(context: grpc.ServicerContext, exc: FleetloopError) -> None:
@@ -51,6 +61,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             self.c.on_hello(first.hello)
         except FleetloopError as exc:
             _abort(context, exc)
+        except Exception:
+            log.exception("hello from %s failed", first.hello.device_id)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error handling the hello (logged)")
         device_id = first.hello.device_id
         session = self.c.sessions.open(device_id)
 
@@ -102,6 +115,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         except FleetloopError as exc:
             log.warning("upload from %s refused: %s", request.device_id, exc)
             _abort(context, exc)
+            raise  # unreachable: abort raises
+        except Exception:
+            log.exception("upload from %s failed", request.device_id)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error storing the segment (logged)")
             raise  # unreachable: abort raises
         return ingest_pb2.UploadSegmentResponse(
             segment_id=request.segment_id, duplicate=ack.duplicate, samples=ack.samples
@@ -182,11 +199,32 @@ def _add_services(server: grpc.Server, c: Coordinator) -> None:
     )
 
 
+def _add_health_and_reflection(server: grpc.Server) -> health.HealthServicer:
+    """``grpc.health.v1.Health`` reporting SERVING for the server ("") and each fleetloop service, and
+    server reflection over those services, health and reflection itself."""
+    # Watch is non-blocking: an open watch holds none of the server's worker threads (updates are sent
+    # from a small pool of its own). Check is unary and quick, on the server's pool like any call.
+    servicer = health.HealthServicer(
+        experimental_non_blocking=True,
+        experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="grpc-health"),
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in ("", *SERVICE_NAMES):
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflected = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(reflected, server)
+    return servicer
+
+
 def start_grpc_server(
     coordinator: Coordinator, host: str, port: int, *, tls: GrpcTls | None = None
 ) -> tuple[grpc.Server, int]:
     """Start serving; returns the server and the bound port (``port`` 0 picks a free one). With ``tls``
-    every device must present a client certificate of the CA (mTLS; identity = certificate CN)."""
+    every device must present a client certificate of the CA (mTLS; identity = certificate CN).
+
+    The server answers ``grpc.health.v1.Health`` (SERVING for "" and for each of :data:`SERVICE_NAMES`)
+    and server reflection. Health and reflection are not device RPCs: they carry no device identity and,
+    with mTLS, need a client certificate of the CA like everything else on the port."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="grpc"),
         options=[
@@ -198,6 +236,7 @@ def start_grpc_server(
         ],
     )
     _add_services(server, coordinator)
+    _add_health_and_reflection(server)
     if tls is not None:
         creds = grpc.ssl_server_credentials(
             [(tls.key.read_bytes(), tls.cert.read_bytes())],

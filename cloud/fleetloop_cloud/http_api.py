@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from fleetloop_cloud.coordinator import Coordinator
+from fleetloop_cloud.query import QUERY_TIMEOUT_S, check_timeout
 from fleetloop_shared.errors import FleetloopError, NotFoundError, UserError
 
 log = logging.getLogger("fleetloop.cloud.http")
@@ -119,6 +120,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(self.coordinator.delete_campaign(name))
 
     def query(self, q: dict[str, str]) -> None:
+        """``POST /v1/query`` with ``{"sql": "...", "max_rows": N, "timeout_s": S}`` (docs/query.md):
+        at most 100,000 rows; the query is interrupted after ``timeout_s`` (default and most
+        ``query.QUERY_TIMEOUT_S``), answered 400 with type ``QueryTimeoutError``."""
         body = self._json_body()
         sql = body.get("sql") if isinstance(body, dict) else None
         if not isinstance(sql, str) or not sql.strip():
@@ -127,7 +131,10 @@ class _Handler(BaseHTTPRequestHandler):
             max_rows = int(body.get("max_rows", 10000))
         except (TypeError, ValueError):
             raise UserError("max_rows must be an integer") from None
-        result = self.coordinator.query(sql, max_rows=max(1, min(max_rows, 100_000)))
+        timeout_s = check_timeout(body.get("timeout_s", QUERY_TIMEOUT_S))
+        result = self.coordinator.query_engine.query(
+            sql, max_rows=max(1, min(max_rows, 100_000)), timeout_s=timeout_s
+        )
         self._send_json({"columns": result.columns, "rows": result.rows, "truncated": result.truncated})
 
     def captures(self, q: dict[str, str]) -> None:

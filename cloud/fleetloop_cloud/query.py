@@ -13,6 +13,7 @@ import base64
 import datetime as _dt
 import decimal
 import math
+import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -23,12 +24,14 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from fleetloop_cloud.fleet_store import COMPACTED_FILE, absorbed_by
 from fleetloop_cloud.metadata import CaptureRecord
 from fleetloop_shared.errors import QueryError, UserError
 
 #: Largest ``max_rows`` a caller may ask for (the API's result cap; larger exports go through files).
 MAX_ROWS_LIMIT = 1_000_000
 #: A query running longer than this is interrupted (policy: interrupt and report, never hang a thread).
+#: It is also the default and the largest time limit a caller may ask for (``timeout_s``).
 QUERY_TIMEOUT_S = 120.0
 #: DuckDB's memory limit per query.
 QUERY_MEMORY_LIMIT = "1GB"
@@ -60,6 +63,38 @@ CAPTURES_SCHEMA = pa.schema(
     ]
 )
 _ALLOWED_STATEMENTS = frozenset({duckdb.StatementType.SELECT})
+#: A compacted file's path ends so (fleet_store.COMPACTED_FILE).
+_COMPACTED_SUFFIX = r"/compacted-[0-9a-f]{24}\.parquet$"
+
+
+class QueryTimeoutError(QueryError):
+    """A query ran past its time limit and was interrupted; nothing of it is returned.
+
+    Still the caller's to fix (narrow the query, or ask for a longer ``timeout_s`` up to the server's
+    :data:`QUERY_TIMEOUT_S`): HTTP 400 and exit code 2 like every :class:`QueryError`, gRPC name
+    ``DEADLINE_EXCEEDED``; the REST body's ``type`` is ``QueryTimeoutError``.
+    """
+
+    grpc_code = "DEADLINE_EXCEEDED"
+
+    def __init__(self, message: str, *, timeout_s: float) -> None:
+        super().__init__(message)
+        self.timeout_s = timeout_s
+
+
+def check_timeout(timeout_s: object) -> float:
+    """A caller's time limit in seconds: a finite number above 0 and at most :data:`QUERY_TIMEOUT_S`
+    (UserError otherwise)."""
+    if (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, int | float)
+        or not math.isfinite(timeout_s)
+        or not 0 < timeout_s <= QUERY_TIMEOUT_S
+    ):
+        raise UserError(
+            f"timeout_s must be a number above 0 and at most {QUERY_TIMEOUT_S:g}, got {timeout_s!r}"
+        )
+    return float(timeout_s)
 
 
 @dataclass(frozen=True)
@@ -114,6 +149,33 @@ class QueryEngine:
         self._root = Path(root)
         self._samples = self._root / "samples"
         self._captures = captures
+        self._absorbed: dict[str, tuple[int, tuple[str, ...]]] = {}
+
+    def _snapshot(self, root: Path) -> tuple[list[str], list[str]]:
+        """The compacted files present now, and the segment files present now that they absorbed (which
+        this query leaves out: their rows are in the compacted files). Absolute paths, as DuckDB's
+        ``filename`` column gives them."""
+        compacted: list[str] = []
+        absorbed_present: list[str] = []
+        for partition in root.glob("fleet=*/date=*"):
+            try:
+                names = {e.name: e for e in os.scandir(partition)}
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for name, entry in names.items():
+                if not COMPACTED_FILE.match(name):
+                    continue
+                try:
+                    mtime = entry.stat().st_mtime_ns
+                    cached = self._absorbed.get(entry.path)
+                    if cached is None or cached[0] != mtime:
+                        cached = (mtime, tuple(absorbed_by(Path(entry.path))))
+                        self._absorbed[entry.path] = cached
+                except FileNotFoundError:
+                    continue
+                compacted.append(entry.path)
+                absorbed_present.extend(os.path.join(partition, n) for n in cached[1] if n in names)
+        return compacted, absorbed_present
 
     def _has_sample_files(self) -> bool:
         if not self._samples.is_dir():
@@ -148,12 +210,23 @@ class QueryEngine:
             conn.execute("SET autoinstall_known_extensions=false")
             conn.execute("SET autoload_known_extensions=false")
             if self._has_sample_files():
-                pattern = (self._samples.resolve() / "**" / "*.parquet").as_posix()
+                root = self._samples.resolve()
+                pattern = (root / "**" / "*.parquet").as_posix()
+                # Compaction (compaction.py): read each row once. Leave out the segment files a compacted
+                # file absorbed, and any compacted file committed after this snapshot (its segment files
+                # are still there, and in this snapshot). DuckDB prunes whole files on these filters.
+                compacted, absorbed = self._snapshot(root)
+                where = [f"NOT regexp_matches(filename, {_sql_string(_COMPACTED_SUFFIX)})"]
+                if compacted:
+                    where[0] = f"({where[0]} OR filename IN ({', '.join(map(_sql_string, compacted))}))"
+                if absorbed:
+                    where.append(f"filename NOT IN ({', '.join(map(_sql_string, absorbed))})")
                 conn.execute(
                     "CREATE VIEW samples AS SELECT device_id, capture_id, campaign, signal, t_ns, value, "
                     f"value_int, fleet, date FROM read_parquet({_sql_string(pattern)}, "
-                    "hive_partitioning=true, union_by_name=true, "
-                    "hive_types={'fleet': VARCHAR, 'date': DATE})"
+                    "hive_partitioning=true, union_by_name=true, filename=true, "
+                    "hive_types={'fleet': VARCHAR, 'date': DATE}) "
+                    f"WHERE {' AND '.join(where)}"
                 )
             else:
                 cols = ", ".join(f"CAST(NULL AS {t}) AS {n}" for n, t in _SAMPLES_COLUMNS)
@@ -169,13 +242,16 @@ class QueryEngine:
             raise
         return conn
 
-    def query(self, sql: str, *, max_rows: int = 10000) -> QueryResult:
+    def query(self, sql: str, *, max_rows: int = 10000, timeout_s: float = QUERY_TIMEOUT_S) -> QueryResult:
         """Run one SELECT; at most ``max_rows`` rows come back (``truncated`` says whether more existed).
 
-        Any DuckDB error (syntax, unknown column, ...) becomes a QueryError with DuckDB's one-line message.
+        The query (execution and fetching its rows) is interrupted after ``timeout_s`` seconds (above 0, at
+        most :data:`QUERY_TIMEOUT_S`) and raises QueryTimeoutError. Any DuckDB error (syntax, unknown
+        column, ...) becomes a QueryError with DuckDB's one-line message.
         """
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or not 1 <= max_rows <= MAX_ROWS_LIMIT:
             raise UserError(f"max_rows must be between 1 and {MAX_ROWS_LIMIT}, got {max_rows!r}")
+        limit_s = check_timeout(timeout_s)
         if not isinstance(sql, str) or not sql.strip():
             raise QueryError("the query is empty")
         try:
@@ -188,7 +264,7 @@ class QueryEngine:
             timed_out.set()
             conn.interrupt()
 
-        timer = threading.Timer(QUERY_TIMEOUT_S, interrupt)
+        timer = threading.Timer(limit_s, interrupt)
         timer.daemon = True
         try:
             statements = conn.extract_statements(sql)
@@ -205,7 +281,11 @@ class QueryEngine:
             fetched = cursor.fetchmany(max_rows + 1)
         except duckdb.Error as exc:
             if timed_out.is_set():
-                raise QueryError(f"query interrupted after {QUERY_TIMEOUT_S:g} s") from None
+                raise QueryTimeoutError(
+                    f"query interrupted after its time limit of {limit_s:g} s (timeout_s; at most "
+                    f"{QUERY_TIMEOUT_S:g} s): narrow it with WHERE on fleet, date, device_id or signal",
+                    timeout_s=limit_s,
+                ) from None
             raise QueryError(_first_line(exc)) from None
         finally:
             timer.cancel()
