@@ -20,6 +20,7 @@ import grpc
 
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
+from fleetloop_shared.bounded import put_drop_oldest
 from fleetloop_shared.errors import NotFoundError
 from fleetloop_shared.wire import MAX_MESSAGE_BYTES, device_pb2, device_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
@@ -106,16 +107,9 @@ class CloudLink:
 
     def send(self, msg: device_pb2.DeviceMessage) -> None:
         """Queue ``msg`` for the control stream; drop-oldest when the outbox is full."""
-        while True:
-            try:
-                self._outbox.put_nowait(msg)
-                return
-            except queue.Full:
-                try:
-                    self._outbox.get_nowait()
-                    self._metrics.outbox_dropped.inc()
-                except queue.Empty:
-                    pass
+        dropped = put_drop_oldest(self._outbox, msg)
+        if dropped:
+            self._metrics.outbox_dropped.inc(dropped)
 
     def flush(self, timeout_s: float) -> None:
         """Give queued control messages up to ``timeout_s`` to leave (used before a reboot)."""

@@ -38,6 +38,7 @@ from paho.mqtt.properties import Properties
 
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
+from fleetloop_shared.bounded import put_drop_oldest
 from fleetloop_shared.errors import ConfigError, NotFoundError
 from fleetloop_shared.wire import device_pb2, ingest_pb2
 
@@ -182,16 +183,9 @@ class MqttCloudLink:
 
     def send(self, msg: device_pb2.DeviceMessage) -> None:
         """Queue ``msg`` for ``up/control``; drop-oldest when the outbox is full."""
-        while True:
-            try:
-                self._outbox.put_nowait(msg)
-                return
-            except queue.Full:
-                try:
-                    self._outbox.get_nowait()
-                    self._metrics.outbox_dropped.inc()
-                except queue.Empty:
-                    pass
+        dropped = put_drop_oldest(self._outbox, msg)
+        if dropped:
+            self._metrics.outbox_dropped.inc(dropped)
 
     def flush(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -11,6 +11,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
+from fleetloop_shared.bounded import put_drop_oldest
 from fleetloop_shared.wire import device_pb2
 
 OUTBOX_LIMIT = 256
@@ -61,13 +62,5 @@ class DeviceSessions:
             session = self._sessions.get(device_id)
         if session is None:
             return False
-        while True:
-            try:
-                session.outbox.put_nowait(msg)
-                return True
-            except queue.Full:
-                try:
-                    session.outbox.get_nowait()
-                    self.dropped_total += 1
-                except queue.Empty:
-                    pass
+        self.dropped_total += put_drop_oldest(session.outbox, msg)
+        return True
