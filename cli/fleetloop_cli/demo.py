@@ -24,12 +24,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
-import yaml
-
 from fleetloop_cli.client import CoordinatorClient
 from fleetloop_cli.output import render_rows
-from fleetloop_fwsim import bootloader, firmware, profiles
-from fleetloop_fwsim.device import paths as device_paths
+from fleetloop_fwsim import firmware, profiles
+from fleetloop_fwsim.provisioning import provision_sim_device
 from fleetloop_shared.datapaths import find_recordings
 from fleetloop_shared.errors import FleetloopError, StateError, UnavailableError
 
@@ -401,40 +399,21 @@ def _start_device(
     *,
     bad_health: bool,
 ) -> str:
-    ddir = work / "devices" / device_id
-    ddir.mkdir(parents=True, exist_ok=True)
-    bootloader.provision(ddir, firmware.build_image("1.0.0", HARDWARE_ID))
-    if bad_health:
-        (ddir / "faults.json").write_text(json.dumps({"health_fail_versions": ["2.0.0"]}))
-    sources, origin = profiles.source_specs(kind, recordings, ddir / "signals")
-    p = device_paths(ddir)
-    config = {
-        "device_id": device_id,
-        "fleet": FLEET,
-        "labels": {"kind": kind, "hw": "gen1"},
-        "cloud": _cloud_config(client, device_id),
-        "state_dir": str(ddir / "data" / "state"),
-        "store": {"dir": str(ddir / "data" / "store"), "quota_mb": 64},
-        "replay": {"speed": REPLAY_SPEED},
-        "heartbeat_s": 1.0,
-        "sources": sources,
-        "platform": {
-            "hardware_id": HARDWARE_ID,
-            "slots": {"a": str(p["slot_a"]), "b": str(p["slot_b"])},
-            "env": str(p["env"]),
-            "booted_slot": str(p["booted_slot"]),
-            "health_commands": [
-                [sys.executable, "-m", "fleetloop_fwsim.selftest", "--device-dir", str(ddir)]
-            ],
-        },
+    device = provision_sim_device(
+        work / "devices" / device_id,
+        device_id=device_id,
+        kind=kind,
+        hardware_id=HARDWARE_ID,
+        cloud=_cloud_config(client, device_id),
         # TUF trust anchors (issue 5): the image repository's and the director's roots
-        "trusted_release_keys": [
-            str(work / "cloud" / "keys" / "image-root.json"),
-            str(work / "cloud" / "keys" / "director-root.json"),
-        ],
-    }
-    cfg = ddir / "agent.yaml"
-    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+        trust_files=[work / "cloud" / "keys" / f"{repo}-root.json" for repo in ("image", "director")],
+        recordings=recordings,
+        fleet=FLEET,
+        labels={"kind": kind, "hw": "gen1"},
+        replay_speed=REPLAY_SPEED,
+        health_fail_versions=["2.0.0"] if bad_health else [],
+    )
+    ddir, cfg, origin = device.directory, device.config_path, device.origin
     procs.start(
         device_id,
         [

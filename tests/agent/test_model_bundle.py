@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import yaml
 from onnx import TensorProto, helper
 
 from fleetloop_agent.config import load_agent_config
@@ -28,8 +27,8 @@ from fleetloop_agent.runtime import AgentRuntime
 from fleetloop_cloud.coordinator import Coordinator
 from fleetloop_cloud.grpc_api import start_grpc_server
 from fleetloop_cloud.http_api import start_http_server
-from fleetloop_fwsim import bootloader, firmware, profiles
-from fleetloop_fwsim.device import paths as device_paths
+from fleetloop_fwsim import profiles
+from fleetloop_fwsim.provisioning import provision_sim_device
 
 MODEL = "speedscore"
 DEVICE = "car-t1"
@@ -39,32 +38,22 @@ HW = "test-hw"
 def make_config(ddir: Path, recordings: Path, grpc_target: str, keys: Path, **extra: Any) -> Path:
     """A device provisioned by firmware-sim (firmware 1.0.0 in slot a) replaying the real recordings,
     trusting the coordinator's two TUF roots (image repository and director)."""
-    bootloader.provision(ddir, firmware.build_image("1.0.0", HW))
-    sources, origin = profiles.source_specs("car", recordings, ddir / "signals")
-    assert origin == "recordings"
-    p = device_paths(ddir)
-    cfg = {
-        "device_id": DEVICE,
-        "fleet": "test",
-        "labels": {"kind": "car"},
-        "cloud": {"grpc": grpc_target},
-        "state_dir": "state",
-        "store": {"dir": "store"},
-        "replay": {"speed": 8.0},
-        "heartbeat_s": 0.5,
-        "sources": sources,
-        "platform": {
-            "hardware_id": HW,
-            "slots": {"a": str(p["slot_a"]), "b": str(p["slot_b"])},
-            "env": str(p["env"]),
-            "booted_slot": str(p["booted_slot"]),
-        },
-        "trusted_release_keys": [str(keys / "image-root.json"), str(keys / "director-root.json")],
-        **extra,
-    }
-    path = ddir / "agent.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    device = provision_sim_device(
+        ddir,
+        device_id=DEVICE,
+        kind="car",
+        hardware_id=HW,
+        cloud={"grpc": grpc_target},
+        trust_files=[keys / "image-root.json", keys / "director-root.json"],
+        recordings=recordings,
+        fleet="test",
+        replay_speed=8.0,
+        heartbeat_s=0.5,
+        health_check=False,
+        extra=extra,
+    )
+    assert device.origin == "recordings"
+    return device.config_path
 
 
 def wait_for(pred: Callable[[], bool], timeout: float) -> bool:

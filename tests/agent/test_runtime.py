@@ -12,14 +12,12 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
-
 from fleetloop_agent.config import load_agent_config
 from fleetloop_agent.runtime import AgentRuntime
 from fleetloop_cloud.coordinator import Coordinator
 from fleetloop_cloud.grpc_api import start_grpc_server
-from fleetloop_fwsim import bootloader, firmware, profiles
-from fleetloop_fwsim.device import paths as device_paths
+from fleetloop_fwsim import profiles
+from fleetloop_fwsim.provisioning import provision_sim_device
 
 HW = "test-hw"
 
@@ -30,33 +28,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def make_config(ddir: Path, recordings: Path, grpc_target: str, key: Path) -> Path:
-    bootloader.provision(ddir, firmware.build_image("1.0.0", HW))
-    sources, origin = profiles.source_specs("car", recordings, ddir / "signals")
-    assert origin == "recordings"
-    p = device_paths(ddir)
-    cfg = {
-        "device_id": "car-t1",
-        "fleet": "test",
-        "labels": {"kind": "car"},
-        "cloud": {"grpc": grpc_target},
-        "state_dir": "state",
-        "store": {"dir": "store"},
-        "replay": {"speed": 8.0},
-        "heartbeat_s": 0.5,
-        "sources": sources,
-        "platform": {
-            "hardware_id": HW,
-            "slots": {"a": str(p["slot_a"]), "b": str(p["slot_b"])},
-            "env": str(p["env"]),
-            "booted_slot": str(p["booted_slot"]),
-        },
-        "trusted_release_keys": [str(key)],
-    }
-    path = ddir / "agent.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+def make_config(ddir: Path, recordings: Path, grpc_target: str, keys: Path) -> Path:
+    device = provision_sim_device(
+        ddir,
+        device_id="car-t1",
+        kind="car",
+        hardware_id=HW,
+        cloud={"grpc": grpc_target},
+        trust_files=[keys / "image-root.json", keys / "director-root.json"],
+        recordings=recordings,
+        fleet="test",
+        replay_speed=8.0,
+        heartbeat_s=0.5,
+        health_check=False,
+    )
+    assert device.origin == "recordings"
+    path = device.config_path
     # the desired campaigns a previous run persisted (the device shadow): run them before any cloud
-    state = ddir / "state"
+    state = ddir / "data" / "state"
     state.mkdir(parents=True, exist_ok=True)
     doc = profiles.default_campaign("car")
     (state / "campaigns.json").write_text(json.dumps({"version": 1, "campaigns": [["car", 1, doc]]}))
@@ -76,8 +65,8 @@ def wait_for(pred: object, timeout: float) -> bool:
 def test_offline_capture_then_upload_when_the_cloud_appears(tmp_path: Path, recordings: Path) -> None:
     port = free_port()
     coordinator = Coordinator(tmp_path / "cloud")
-    key = tmp_path / "cloud" / "keys" / "release.pub.pem"
-    config = load_agent_config(make_config(tmp_path / "dev", recordings, f"127.0.0.1:{port}", key))
+    keys = tmp_path / "cloud" / "keys"
+    config = load_agent_config(make_config(tmp_path / "dev", recordings, f"127.0.0.1:{port}", keys))
     runtime = AgentRuntime(config)
     assert len(runtime.engine.active) == 1 and not runtime.refused, runtime.refused
     result: list[int] = []
