@@ -12,22 +12,19 @@ import logging
 import queue
 import random
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 
+from fleetloop_agent.control_outbox import ControlOutbox
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
-from fleetloop_shared.bounded import put_drop_oldest
 from fleetloop_shared.errors import NotFoundError
 from fleetloop_shared.wire import MAX_MESSAGE_BYTES, device_pb2, device_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger("fleetloop.agent.uplink")
 
-#: Bounded outbox; overflow policy: drop the oldest message (counted in outbox_dropped).
-OUTBOX_LIMIT = 1000
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 5.0
 #: Upload failures with these codes are the cloud refusing the bytes themselves; retrying cannot help.
@@ -44,7 +41,7 @@ CHANNEL_OPTIONS = [
 ]
 
 
-class CloudLink:
+class CloudLink(ControlOutbox):
     """Keeps the control stream up and drains the local store to the cloud."""
 
     def __init__(
@@ -72,13 +69,11 @@ class CloudLink:
         self.target = target
         self.device_id = device_id
         self._store = store
-        self._metrics = metrics
+        super().__init__(metrics)
         self._greeting = greeting
         self._on_message = on_message
         self._deadline = upload_deadline_s
-        self._outbox: queue.Queue[device_pb2.DeviceMessage] = queue.Queue(maxsize=OUTBOX_LIMIT)
         self._stop = threading.Event()
-        self.connected = threading.Event()
         self.last_error = ""
         if tls is not None:  # mTLS (issue 6): (ca, cert, key); the certificate's CN is the device id
             ca, cert, key = (Path(x).read_bytes() for x in tls)
@@ -104,19 +99,6 @@ class CloudLink:
         self._channel.close()
         for t in self._threads:
             t.join(timeout=5)
-
-    def send(self, msg: device_pb2.DeviceMessage) -> None:
-        """Queue ``msg`` for the control stream; drop-oldest when the outbox is full."""
-        dropped = put_drop_oldest(self._outbox, msg)
-        if dropped:
-            self._metrics.outbox_dropped.inc(dropped)
-
-    def flush(self, timeout_s: float) -> None:
-        """Give queued control messages up to ``timeout_s`` to leave (used before a reboot)."""
-        deadline = time.monotonic() + timeout_s
-        while self.connected.is_set() and not self._outbox.empty() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.2)
 
     def grant(self, max_bytes: int, min_priority: int) -> None:
         """An UploadGrant from the cloud: upload up to ``max_bytes`` more of priority >= ``min_priority``

@@ -36,16 +36,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from fleetloop_agent.control_outbox import OUTBOX_LIMIT, ControlOutbox
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
-from fleetloop_shared.bounded import put_drop_oldest
 from fleetloop_shared.errors import ConfigError, NotFoundError
 from fleetloop_shared.wire import device_pb2, ingest_pb2
 
 log = logging.getLogger("fleetloop.agent.uplink")
 
-#: Bounded outbox of control messages; overflow policy: drop the oldest (counted in outbox_dropped).
-OUTBOX_LIMIT = 1000
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 5.0
 KEEPALIVE_S = 30
@@ -91,7 +89,7 @@ class _RetryLater(Exception):
     """An upload attempt failed in a way a later retry can fix (timeout, link down, cloud busy)."""
 
 
-class MqttCloudLink:
+class MqttCloudLink(ControlOutbox):
     """Keeps the MQTT session up and drains the local store to the cloud (same API as CloudLink)."""
 
     def __init__(
@@ -115,18 +113,16 @@ class MqttCloudLink:
         self.device_id = device_id
         self.fleet = fleet
         self._store = store
-        self._metrics = metrics
+        super().__init__(metrics)
         self._greeting = greeting
         self._on_message = on_message
         self._on_ack = on_ack
         self._deadline = upload_deadline_s
-        self._outbox: queue.Queue[device_pb2.DeviceMessage] = queue.Queue(maxsize=OUTBOX_LIMIT)
         self._stop = threading.Event()
         self._upload_wakeup = threading.Event()
         self._waiters: dict[bytes, _Waiter] = {}
         self._waiters_lock = threading.Lock()
         #: Set once a coordinator answered our hello (a welcome): the cloud, not just the broker, is up.
-        self.connected = threading.Event()
         self._broker_up = threading.Event()
         self._greeted_at = 0.0
         self.last_error = ""
@@ -180,18 +176,6 @@ class MqttCloudLink:
         for t in self._threads:
             if t.is_alive():
                 t.join(timeout=5)
-
-    def send(self, msg: device_pb2.DeviceMessage) -> None:
-        """Queue ``msg`` for ``up/control``; drop-oldest when the outbox is full."""
-        dropped = put_drop_oldest(self._outbox, msg)
-        if dropped:
-            self._metrics.outbox_dropped.inc(dropped)
-
-    def flush(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while self.connected.is_set() and not self._outbox.empty() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.2)
 
     def kick_upload(self) -> None:
         self._upload_wakeup.set()
