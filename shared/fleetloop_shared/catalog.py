@@ -21,10 +21,17 @@ class DataType(IntEnum):
     FLOAT64 = 1
     INT64 = 2
     BOOL = 3
+    #: UTF-8 text; numpy arrays of Python ``str`` (dtype object), so any length and ``""`` are exact.
+    STRING = 4
 
     @property
     def numpy_dtype(self) -> str:
-        return {DataType.FLOAT64: "float64", DataType.INT64: "int64", DataType.BOOL: "bool"}[self]
+        return {
+            DataType.FLOAT64: "float64",
+            DataType.INT64: "int64",
+            DataType.BOOL: "bool",
+            DataType.STRING: "object",
+        }[self]
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ class _DataTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DataType.Val
     DATA_TYPE_FLOAT64: _DataType.ValueType  # 1
     DATA_TYPE_INT64: _DataType.ValueType  # 2
     DATA_TYPE_BOOL: _DataType.ValueType  # 3
+    DATA_TYPE_STRING: _DataType.ValueType  # 4
+    """UTF-8 text (gear names, fault codes, states); segment codec: dictionary."""
 
 class DataType(_DataType, metaclass=_DataTypeEnumTypeWrapper): ...
 
@@ -40,6 +42,8 @@ DATA_TYPE_UNSPECIFIED: DataType.ValueType  # 0
 DATA_TYPE_FLOAT64: DataType.ValueType  # 1
 DATA_TYPE_INT64: DataType.ValueType  # 2
 DATA_TYPE_BOOL: DataType.ValueType  # 3
+DATA_TYPE_STRING: DataType.ValueType  # 4
+"""UTF-8 text (gear names, fault codes, states); segment codec: dictionary."""
 Global___DataType: _TypeAlias = DataType  # noqa: Y015
 
 @_typing.final
