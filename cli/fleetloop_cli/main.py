@@ -155,6 +155,7 @@ def cmd_rollout_create(args: argparse.Namespace) -> int:
         raise UserError(f"--phases {args.phases!r}: expected comma-separated percents like 33,100") from None
     policy = {
         "release_version": args.release,
+        "release_name": args.name,
         "selector": args.selector,
         "phases": [{"name": f"phase-{i + 1}", "percent": p} for i, p in enumerate(percents)],
         "max_failure_percent": args.max_failure_percent,
@@ -284,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     ro = sub.add_parser("rollout", help="staged rollouts").add_subparsers(dest="sub", required=True)
     s = ro.add_parser("create")
     s.add_argument("--release", required=True, help="release version to roll out")
+    s.add_argument(
+        "--name", default="", help="release name as uploaded; needed when releases share the version"
+    )
     s.add_argument("--selector", default="", help="device label selector, e.g. hw=gen1")
     s.add_argument("--phases", default="33,100", help="cumulative percents per phase")
     s.add_argument("--max-failure-percent", type=float, default=20.0)

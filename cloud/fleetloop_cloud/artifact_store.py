@@ -196,7 +196,7 @@ class ArtifactStore:
         _check_header(image, version, hardware_id)
         # A tar archive is a bundle (software, model pack, catalog, config): installed by an atomic
         # directory swap on the device, no reboot; it travels whole (deltas are from firmware bases).
-        install = "swap" if image[257:262] == b"ustar" else "slot"
+        install = "swap" if is_bundle_image(image) else "slot"
         if install == "swap":
             bases = []
         if self.tuf is not None:
@@ -311,6 +311,11 @@ def _check_header(image: bytes, version: str, hardware_id: str) -> None:
         )
     if version_key(info.version) != version_key(version):
         raise UserError(f"the file is firmware version {info.version}, not {version}")
+
+
+def is_bundle_image(image: bytes) -> bool:
+    """A tar archive (ustar/GNU/pax magic at offset 257) is a bundle installed by directory swap."""
+    return len(image) >= 512 and image[257:262] == b"ustar"
 
 
 def check_not_older_than_fleet(fleet_versions: Sequence[str], version: str, hardware_id: str) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fleetloop_cloud.artifact_store import ArtifactStore, check_not_older_than_fleet
+from fleetloop_cloud.artifact_store import ArtifactStore, check_not_older_than_fleet, is_bundle_image
 from fleetloop_cloud.compaction import Compactor
 from fleetloop_cloud.director import Director
 from fleetloop_cloud.fleet_store import FleetStore
@@ -309,11 +309,14 @@ class Coordinator:
             raise UserError("the artifact is empty")
         bases: list[bytes] = []
         seen: set[str] = set()
-        check_not_older_than_fleet(
-            [d.firmware_version for d in self.metadata.devices() if d.hardware_id == hardware_id],
-            version,
-            hardware_id,
-        )
+        if not is_bundle_image(image):
+            # Devices report the firmware they run, so only a slot image can be compared with the fleet;
+            # a bundle (model pack, software) is kept moving forward per name by the artifact store.
+            check_not_older_than_fleet(
+                [d.firmware_version for d in self.metadata.devices() if d.hardware_id == hardware_id],
+                version,
+                hardware_id,
+            )
         for d in self.metadata.devices():
             sha = d.firmware_sha256
             if d.hardware_id != hardware_id or not sha or sha in seen:

@@ -751,15 +751,20 @@ class MetadataStore:
     def _release_from_row(r: tuple[Any, ...]) -> ReleaseRecord:
         return ReleaseRecord(r[0], r[1], r[2], bytes(r[3]), bytes(r[4]), float(r[5]))
 
-    def release(self, version: str) -> ReleaseRecord | None:
-        """The release with this version (the most recently registered one if several hardware ids
-        share it)."""
+    def release(self, version: str, name: str = "") -> ReleaseRecord | None:
+        """The release with this version (and name, when given): the most recently registered one if
+        several hardware ids share it."""
         rows = self._read(
             """SELECT name, version, hardware_id, manifest, signature, created_at FROM releases
-               WHERE version = ? ORDER BY created_at DESC, rowid DESC LIMIT 1""",
-            (version,),
+               WHERE version = ? AND (? = '' OR name = ?) ORDER BY created_at DESC, rowid DESC LIMIT 1""",
+            (version, name, name),
         )
         return self._release_from_row(rows[0]) if rows else None
+
+    def release_names(self, version: str) -> list[str]:
+        """Names of the releases registered with this version (a firmware and a model pack may share one)."""
+        rows = self._read("SELECT DISTINCT name FROM releases WHERE version = ? ORDER BY name", (version,))
+        return [str(r[0]) for r in rows]
 
     def releases(self) -> list[ReleaseRecord]:
         rows = self._read(

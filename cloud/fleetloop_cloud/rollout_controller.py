@@ -10,6 +10,7 @@ new controller object on the same database simply carries on.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import secrets
 import threading
 from collections import Counter
@@ -34,6 +35,7 @@ from fleetloop_cloud.rollout_planner import (
     policy_from_dict,
     policy_to_dict,
 )
+from fleetloop_shared.artifact import manifest_from_bytes
 from fleetloop_shared.errors import NotFoundError, StateError, UserError
 from fleetloop_shared.rules import selector_matches
 
@@ -99,11 +101,24 @@ class RolloutController:
             raise NotFoundError(f"rollout {rollout_id!r} does not exist")
         return record
 
-    def _release(self, version: str) -> ReleaseRecord:
-        release = self._metadata.release(version)
+    def _release(self, version: str, name: str = "") -> ReleaseRecord:
+        """The release a policy names. A version alone must be unambiguous: a firmware and a model pack
+        may both be "1.2.0", and rolling out the wrong one would reach every targeted device."""
+        if not name:
+            names = self._metadata.release_names(version)
+            if len(names) > 1:
+                raise UserError(
+                    f"several releases have version {version!r} ({', '.join(names)}); "
+                    "say which with release_name (fleetloop rollout create --name NAME)"
+                )
+        release = self._metadata.release(version, name)
         if release is None:
-            raise NotFoundError(f"release {version!r} does not exist; upload it first")
+            what = f"{name} {version}" if name else repr(version)
+            raise NotFoundError(f"release {what} does not exist; upload it first")
         return release
+
+    def _release_of(self, record: RolloutRecord) -> ReleaseRecord:
+        return self._release(record.release_version, str(record.policy.get("release_name", "")))
 
     @staticmethod
     def _view(record: RolloutRecord, devices: list[RolloutDeviceRecord]) -> RolloutView:
@@ -124,8 +139,12 @@ class RolloutController:
         release's (a device that has not reported one yet is included; it refuses what does not fit).
         Devices already running the release's version start COMMITTED.
         """
+        release = self._release(policy.release_version, policy.release_name)
+        if not policy.release_name:
+            # Persist the resolved name: a release of another name with this version uploaded later must
+            # not change what this rollout delivers.
+            policy = dataclasses.replace(policy, release_name=release.name)
         planner = RolloutPlanner(policy)
-        release = self._release(policy.release_version)
         targets = []
         for device in self._metadata.devices():
             if not selector_matches(policy.selector, device.selector_labels()):
@@ -139,7 +158,12 @@ class RolloutController:
             )
         phases = assign_phases([d.device_id for d in targets], planner.policy)
         rollout_id = f"ro-{int(now):x}-{secrets.token_hex(4)}"
-        up_to_date = {d.device_id for d in targets if d.firmware_version == release.version}
+        # Only a slot image's version is reported back by devices; a bundle (model pack, software) is
+        # never "already running" from the inventory's point of view and the device settles it itself.
+        is_slot_image = manifest_from_bytes(release.manifest).install == "slot"
+        up_to_date = {
+            d.device_id for d in targets if is_slot_image and d.firmware_version == release.version
+        }
         counts = Counter(phases.values())
         layout = ", ".join(
             f"{spec.name}={counts.get(i, 0)}" for i, spec in enumerate(planner.policy.phases)
@@ -273,7 +297,7 @@ class RolloutController:
             ]
             if not undelivered:
                 return
-            release = self._release(record.release_version)
+            release = self._release_of(record)
             delivered = {}
             for device_id in undelivered:
                 ok = self._publisher.publish_job(
@@ -329,7 +353,9 @@ class RolloutController:
             record = self._metadata.rollout(entry.rollout_id)
             if record is None or record.state != RolloutState.RUNNING.value:
                 continue
-            release = self._metadata.release(record.release_version)
+            release = self._metadata.release(
+                record.release_version, str(record.policy.get("release_name", ""))
+            )
             if release is not None:
                 jobs.append((job_id_for(entry.rollout_id, device_id), entry.rollout_id, release.manifest,
                              release.signature))

@@ -43,6 +43,9 @@ class RolloutPolicy:
     release_version: str
     selector: str
     phases: tuple[PhaseSpec, ...]
+    #: The release's name ("fw", a model pack, ...) when several releases share ``release_version``;
+    #: empty means "the only release with that version" (the controller refuses an ambiguous one).
+    release_name: str = ""
     #: Percent of a phase's devices that must be committed before the next phase opens.
     success_percent: float = 100.0
     #: Brake: failed + rolled-back devices over executed (terminal) devices above this pauses the rollout.
@@ -85,7 +88,7 @@ FAILURE_DEVICE_STATES = frozenset({DevicePhaseState.FAILED, DevicePhaseState.ROL
 SETTLED_ROLLOUT_STATES = frozenset({RolloutState.PAUSED, RolloutState.SUCCEEDED, RolloutState.ABORTED})
 
 _POLICY_FIELDS = frozenset(
-    {"release_version", "selector", "phases", "success_percent", "max_failure_percent",
+    {"release_version", "release_name", "selector", "phases", "success_percent", "max_failure_percent",
      "min_executed_for_brake", "phase_timeout_s"}
 )
 _PHASE_FIELDS = frozenset({"name", "percent", "count", "min_soak_s"})
@@ -189,6 +192,7 @@ def policy_from_dict(d: Mapping[str, Any]) -> RolloutPolicy:
         )
     policy = RolloutPolicy(
         release_version=_string(d["release_version"], "release_version"),
+        release_name=_string(d.get("release_name", ""), "release_name", allow_empty=True),
         selector=_string(d.get("selector", ""), "selector", allow_empty=True),
         phases=tuple(phases),
         success_percent=_number(d.get("success_percent", 100.0), "success_percent", lo=0.0, hi=100.0),
@@ -213,6 +217,7 @@ def policy_to_dict(p: RolloutPolicy) -> dict[str, Any]:
         phases.append(entry)
     return {
         "release_version": p.release_version,
+        "release_name": p.release_name,
         "selector": p.selector,
         "phases": phases,
         "success_percent": p.success_percent,

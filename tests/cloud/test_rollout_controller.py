@@ -14,6 +14,7 @@ from fleetloop_shared.artifact import (
     PayloadRef,
     ReleaseManifest,
     ReleaseSigner,
+    manifest_from_bytes,
     manifest_to_bytes,
     sha256_hex,
     verify_manifest,
@@ -42,15 +43,16 @@ class FakePublisher:
         return device_id in self.online
 
 
-def put_release(store: MetadataStore, version: str = "2.0.0", hardware: str = "sim-a") -> None:
+def put_release(store: MetadataStore, version: str = "2.0.0", hardware: str = "sim-a", *, name: str = "fw",
+                install: str = "slot", created: float = 0.0) -> None:
     sha = sha256_hex(IMAGE)
     manifest = ReleaseManifest(
-        name="fw", version=version, hardware_id=hardware, target_sha256=sha, target_size=len(IMAGE),
+        name=name, version=version, hardware_id=hardware, target_sha256=sha, target_size=len(IMAGE),
         payloads=(PayloadRef("full", "none", f"files/{sha}", sha, len(IMAGE), None),),
-        created_unix=0, expires_unix=10**9,
+        created_unix=0, expires_unix=10**9, install=install,
     )
     data = manifest_to_bytes(manifest)
-    store.put_release("fw", version, hardware, data, SIGNER.sign(data), 0.0)
+    store.put_release(name, version, hardware, data, SIGNER.sign(data), created)
 
 
 def add_device(store: MetadataStore, device_id: str, *, fleet: str = "taxi", hardware: str = "sim-a",
@@ -254,6 +256,36 @@ def test_create_refuses_unknown_release_empty_target_and_bad_selector(store: Met
     with pytest.raises(RuleError):
         ctl.create(policy(selector="fleet=,,=="), now=0.0)
     assert store.rollouts() == []
+
+
+def test_a_model_pack_sharing_the_firmware_version_needs_a_name(store: MetadataStore) -> None:
+    """A model pack "2.0.0" uploaded after firmware "2.0.0": a bare version is refused as ambiguous,
+    and a rollout created before the pack existed keeps delivering the firmware."""
+    add_device(store, "car-new", version="2.0.0")
+    pub = FakePublisher(online={"car-0", "car-1", "car-2", "car-new"})
+    ctl = RolloutController(store, pub)
+    fw_rollout = ctl.create(policy(phases=(PhaseSpec("all"),)), now=0.0)
+    put_release(store, name="detector", install="swap", created=1.0)
+    with pytest.raises(UserError, match=r"several releases have version '2\.0\.0' \(detector, fw\)"):
+        ctl.create(policy(), now=2.0)
+    pack = ctl.create(policy(release_name="detector", phases=(PhaseSpec("all"),)), now=2.0)
+    # The inventory reports firmware only: no device counts as already running the pack.
+    assert {d["state"] for d in ctl.status(pack)["devices"]} == {"PENDING"}
+    fw_devices = {d["device_id"]: d["state"] for d in ctl.status(fw_rollout)["devices"]}
+    assert fw_devices["car-new"] == "COMMITTED"
+    ctl.tick(4.0)
+    assert {d["state"] for d in ctl.status(pack)["devices"]} == {"OFFERED"}
+    names = {
+        rid: {manifest_name(m) for _job, offered, m, _sig in ctl.offered_jobs("car-0") if offered == rid}
+        for rid in (fw_rollout, pack)
+    }
+    assert names == {fw_rollout: {"fw"}, pack: {"detector"}}
+    with pytest.raises(NotFoundError, match=r"release nope 2\.0\.0 does not exist"):
+        ctl.create(policy(release_name="nope"), now=3.0)
+
+
+def manifest_name(manifest: bytes) -> str:
+    return manifest_from_bytes(manifest).name
 
 
 def test_device_reports_are_filtered(store: MetadataStore) -> None:

@@ -3,7 +3,9 @@ the TUF metadata a device fetches is served under /tuf/ and the director signs p
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -55,6 +57,24 @@ def test_release_manager_mistakes_get_one_clear_refusal(running_coordinator: Run
     assert status == 400
     assert "older than 3.0.0, which devices with hardware gen1 already run" in json.loads(body)["error"]
     assert c.tuf.image.targets() == {}  # nothing was signed
+    # A model pack has its own version line: "1.0.0" is not a downgrade of firmware 3.0.0 ...
+    pack = bundle({"model.yaml": b"name: score\n"})
+    path = f"/v1/releases?name=detector&version=1.0.0&hardware={HW}"
+    status, body = call(base, "POST", path, pack)
+    assert status == 201, body
+    # ... but the pack itself only moves forward.
+    status, body = call(base, "POST", f"/v1/releases?name=detector&version=0.9.0&hardware={HW}", pack)
+    assert status == 409 and "not newer than the existing 1.0.0" in json.loads(body)["error"]
+
+
+def bundle(files: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
 
 
 def test_metadata_is_served_and_the_director_signs_per_device(
