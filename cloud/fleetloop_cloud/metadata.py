@@ -249,6 +249,9 @@ class DeviceChange:
     state: str | None = None
     reason: str | None = None
     delivered: bool | None = None
+    #: Apply only while the device is still in this state (an offer is for a PENDING device; another
+    #: coordinator may have moved it since the caller looked).
+    only_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,10 @@ class RolloutUpdate:
     accepted_failures: frozenset[str] | None = None
     devices: Mapping[str, DeviceChange] = field(default_factory=dict)
     audit: Sequence[tuple[str, str]] = ()
+    #: Optimistic concurrency: apply only if the rollout still has this (state, phase). Coordinators
+    #: sharing the database decide from what they read; a decision made from a state an operator (or
+    #: another coordinator) has changed since is dropped, not written over the newer state.
+    expect: tuple[str, int] | None = None
 
 
 #: Key of the PostgreSQL advisory lock that serializes metadata write transactions across coordinators.
@@ -860,13 +867,22 @@ class MetadataStore:
         records = [self._rollout_from_row(r) for r in rows]
         return records if states is None else [r for r in records if r.state in states]
 
-    def update_rollout(self, rollout_id: str, update: RolloutUpdate, now: float) -> None:
+    def update_rollout(self, rollout_id: str, update: RolloutUpdate, now: float) -> bool:
         """Apply one controller step atomically: rollout fields, device changes and audit rows.
 
         A device state change writes its own audit row (``device``), so the audit trail shows every
-        transition even when the caller only lists the rollout-level ones.
+        transition even when the caller only lists the rollout-level ones. False (nothing written) when
+        ``update.expect`` no longer holds.
         """
         with self._tx() as db:
+            if update.expect is not None:
+                row = db.execute(
+                    "SELECT state, phase FROM rollouts WHERE rollout_id = ?", (rollout_id,)
+                ).fetchone()
+                if row is None:
+                    raise NotFoundError(f"rollout {rollout_id!r} does not exist")
+                if (str(row[0]), int(row[1])) != update.expect:
+                    return False
             sets: list[str] = ["updated_at = ?"]
             params: list[Any] = [now]
             for column, value in (
@@ -893,6 +909,7 @@ class MetadataStore:
                 )
             for device_id, change in sorted(update.devices.items()):
                 self._apply_device_change(db, rollout_id, device_id, change, now)
+        return True
 
     @staticmethod
     def _apply_device_change(
@@ -904,6 +921,8 @@ class MetadataStore:
         ).fetchone()
         if row is None:
             raise NotFoundError(f"device {device_id!r} is not part of rollout {rollout_id!r}")
+        if change.only_from is not None and row[0] != change.only_from:
+            return
         sets: list[str] = ["updated_at = ?"]
         params: list[Any] = [now]
         if change.state is not None:

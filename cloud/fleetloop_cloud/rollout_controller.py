@@ -14,6 +14,7 @@ import dataclasses
 import secrets
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from fleetloop_cloud.metadata import (
@@ -60,6 +61,9 @@ MAX_REASON_CHARS = 500
 #: Rollouts that ``tick`` acts on.
 _ACTIVE = (RolloutState.CREATED.value, RolloutState.RUNNING.value)
 
+
+#: How often an operator's action is re-checked when coordinators step the rollout concurrently.
+_OPERATOR_ATTEMPTS = 5
 
 class JobPublisher(Protocol):
     """How the controller reaches devices (control stream / MQTT); owned here, implemented by the server."""
@@ -192,24 +196,25 @@ class RolloutController:
 
     def pause(self, rollout_id: str, now: float) -> None:
         """Stop offering the update (devices already working on it finish); StateError unless running."""
-        with self._lock:
-            record = self._record(rollout_id)
+
+        def change(record: RolloutRecord) -> RolloutUpdate:
             if record.state not in _ACTIVE:
                 raise StateError(
                     f"rollout {rollout_id} is {record.state.lower()}; only a running one can pause"
                 )
-            self._metadata.update_rollout(
-                rollout_id,
-                RolloutUpdate(state=RolloutState.PAUSED.value, reason="paused by operator",
-                              audit=[("paused", "by operator")]),
-                now,
+            return RolloutUpdate(
+                state=RolloutState.PAUSED.value,
+                reason="paused by operator",
+                audit=[("paused", "by operator")],
             )
+
+        self._operator_change(rollout_id, change, now)
 
     def resume(self, rollout_id: str, now: float) -> None:
         """Continue a paused rollout. Resuming accepts the failures seen so far (they no longer count
         against the brake or block their phase's gate) and restarts the phase's timeout clock."""
-        with self._lock:
-            record = self._record(rollout_id)
+
+        def change(record: RolloutRecord) -> RolloutUpdate:
             if record.state != RolloutState.PAUSED.value:
                 raise StateError(
                     f"rollout {rollout_id} is {record.state.lower()}; only a paused one can resume"
@@ -222,30 +227,43 @@ class RolloutController:
             }
             newly = sorted(failed - record.accepted_failures)
             detail = "by operator" + (f"; accepted failures of {', '.join(newly)}" if newly else "")
-            self._metadata.update_rollout(
-                rollout_id,
-                RolloutUpdate(
-                    state=RolloutState.RUNNING.value,
-                    phase_started_at=now,
-                    reason="resumed by operator",
-                    accepted_failures=record.accepted_failures | failed,
-                    audit=[("resumed", _clip(detail))],
-                ),
-                now,
+            return RolloutUpdate(
+                state=RolloutState.RUNNING.value,
+                phase_started_at=now,
+                reason="resumed by operator",
+                accepted_failures=record.accepted_failures | failed,
+                audit=[("resumed", _clip(detail))],
             )
+
+        self._operator_change(rollout_id, change, now)
 
     def abort(self, rollout_id: str, now: float) -> None:
         """End the rollout for good: no device is offered the update any more (finished ones stay)."""
-        with self._lock:
-            record = self._record(rollout_id)
+
+        def change(record: RolloutRecord) -> RolloutUpdate:
             if record.state in (RolloutState.SUCCEEDED.value, RolloutState.ABORTED.value):
                 raise StateError(f"rollout {rollout_id} is already {record.state.lower()}")
-            self._metadata.update_rollout(
-                rollout_id,
-                RolloutUpdate(state=RolloutState.ABORTED.value, reason="aborted by operator",
-                              audit=[("aborted", "by operator")]),
-                now,
+            return RolloutUpdate(
+                state=RolloutState.ABORTED.value,
+                reason="aborted by operator",
+                audit=[("aborted", "by operator")],
             )
+
+        self._operator_change(rollout_id, change, now)
+
+    def _operator_change(
+        self, rollout_id: str, change: Callable[[RolloutRecord], RolloutUpdate], now: float
+    ) -> None:
+        """Check and write an operator's action against the state it was checked on. Another coordinator
+        sharing the database may step the rollout in between; then the check runs again on the new state
+        (a few times at most: steps are rare, an operator's click is not worth a livelock)."""
+        with self._lock:
+            for _ in range(_OPERATOR_ATTEMPTS):
+                record = self._record(rollout_id)
+                update = dataclasses.replace(change(record), expect=(record.state, record.phase))
+                if self._metadata.update_rollout(rollout_id, update, now):
+                    return
+        raise StateError(f"rollout {rollout_id} kept changing under this request; try again")
 
     # ------------------------------------------------------------------ the loop
 
@@ -271,7 +289,7 @@ class RolloutController:
                     audit.append(("phase", decision.reason))
                 if decision.state != view.state:
                     audit.append((decision.state.value.lower(), decision.reason))
-                self._metadata.update_rollout(
+                written = self._metadata.update_rollout(
                     rollout_id,
                     RolloutUpdate(
                         state=decision.state.value,
@@ -279,13 +297,23 @@ class RolloutController:
                         phase_started_at=now if decision.phase != view.phase else None,
                         reason=decision.reason,
                         devices={
-                            d: DeviceChange(state=DevicePhaseState.OFFERED.value, reason="", delivered=False)
+                            d: DeviceChange(
+                                state=DevicePhaseState.OFFERED.value,
+                                reason="",
+                                delivered=False,
+                                only_from=DevicePhaseState.PENDING.value,
+                            )
                             for d in offer
                         },
                         audit=audit,
+                        expect=(record.state, record.phase),
                     ),
                     now,
                 )
+                if not written:
+                    # Another coordinator or an operator changed the rollout since we read it: decide
+                    # again from the new state on the next tick.
+                    return
             if decision.state is not RolloutState.RUNNING:
                 return
             # Persisted; now reach the devices. Offered-but-undelivered ones (offline at offer time,

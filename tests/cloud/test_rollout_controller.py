@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from fleetloop_cloud.metadata import MetadataStore
+from fleetloop_cloud.metadata import MetadataStore, RolloutDeviceRecord, RolloutUpdate
 from fleetloop_cloud.rollout_controller import RolloutController, job_id_for
 from fleetloop_cloud.rollout_planner import PhaseSpec, RolloutPolicy
 from fleetloop_shared.artifact import (
@@ -312,3 +313,58 @@ def test_device_reports_are_filtered(store: MetadataStore) -> None:
     status = ctl.status(rid)
     entry = {d["device_id"]: d for d in status["devices"]}["car-1"]
     assert entry["state"] == "FAILED" and len(entry["reason"]) <= 500
+
+
+class Interleaving(MetadataStore):
+    """A coordinator's metadata store on the shared database that lets another coordinator act right
+    after this one has read a rollout's devices — between its decision and its write."""
+
+    between: Callable[[], None] | None = None
+
+    def rollout_devices(self, rollout_id: str) -> list[RolloutDeviceRecord]:
+        devices = super().rollout_devices(rollout_id)
+        act, self.between = self.between, None
+        if act is not None:
+            act()
+        return devices
+
+
+def test_a_stale_decision_never_overwrites_another_coordinators_change(db_path: Path) -> None:
+    """Two coordinators share the database: A decides the canary phase is done while B's operator
+    pauses the rollout. A's write must be dropped (the pause stands); the next tick decides afresh."""
+    shared = MetadataStore(db_path)
+    put_release(shared)
+    for i in range(3):
+        add_device(shared, f"car-{i}")
+    online = {"car-0", "car-1", "car-2"}
+    a_store = Interleaving(db_path)
+    a = RolloutController(a_store, FakePublisher(online=online))
+    b = RolloutController(shared, FakePublisher())
+    rid = a.create(policy(), now=0.0)
+    a.tick(1.0)
+    report(a, rid, phase_members(a, rid, 0)[0], "COMMITTED", now=2.0)
+
+    a_store.between = lambda: b.pause(rid, now=3.0)
+    a.tick(4.0)  # would open phase 2 and write RUNNING over the pause without the check
+    status = b.status(rid)
+    assert (status["state"], status["phase"], status["reason"]) == ("PAUSED", 0, "paused by operator")
+    assert {d["state"] for d in status["devices"] if d["phase"] == 1} == {"PENDING"}
+
+    # Operators on both coordinators: A resumes while B aborts between A's check and A's write.
+    a_store.between = lambda: b.abort(rid, now=5.0)
+    with pytest.raises(StateError, match="is aborted; only a paused one can resume"):
+        a.resume(rid, now=5.0)
+    assert b.status(rid)["state"] == "ABORTED"
+    a.tick(6.0)
+    assert a.status(rid)["state"] == "ABORTED"
+
+
+def test_stale_write_is_refused_by_the_store(store: MetadataStore) -> None:
+    ctl = RolloutController(store, FakePublisher())
+    rid = ctl.create(policy(), now=0.0)
+    record = store.rollout(rid)
+    assert record is not None
+    stale = RolloutUpdate(state="SUCCEEDED", expect=("PAUSED", 0))
+    assert store.update_rollout(rid, stale, 1.0) is False
+    assert store.rollout(rid).state == record.state  # type: ignore[union-attr]
+    assert store.update_rollout(rid, RolloutUpdate(reason="x", expect=(record.state, record.phase)), 1.0)
