@@ -49,6 +49,20 @@ def cmd_artifacts_patch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from fleetloop_cli.client import CoordinatorClient
+    from fleetloop_cli.output import render_object
+
+    body: dict[str, Any] = {"online": args.online_keys}
+    if args.root_keys is not None:
+        body["root_keys"] = args.root_keys
+    if args.threshold is not None:
+        body["threshold"] = args.threshold
+    result = CoordinatorClient(args.cloud).post_json(f"/v1/tuf/{args.repository}/rotate", body)
+    print(render_object(result, "json" if args.output == "json" else "yaml"), flush=True)
+    return 0
+
+
 class _LocalCloud:
     """A coordinator in this process, serving HTTP, with one release: old → new (ChaosCloud)."""
 
@@ -141,6 +155,21 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     s.add_argument("--patch", required=True, help="the delta")
     s.add_argument("-o", "--output-file", required=True, help="where to write the new image")
     s.set_defaults(func=cmd_artifacts_patch)
+
+    keys = groups["top"].add_parser("keys", help="TUF signing keys").add_subparsers(dest="sub", required=True)
+    s = keys.add_parser(
+        "rotate",
+        help="new root version (new expiry; new root keys and threshold; optionally new online keys)",
+    )
+    s.add_argument("--repository", choices=["image", "director"], required=True)
+    s.add_argument("--root-keys", type=int, default=None, help="replace the root keys with N new ones")
+    s.add_argument("--threshold", type=int, default=None, help="root signatures a new root version needs")
+    s.add_argument(
+        "--online-keys", action="store_true",
+        help="also replace the targets/snapshot/timestamp keys (after a suspected compromise)",
+    )
+    with_cloud(s)
+    s.set_defaults(func=cmd_keys_rotate)
 
     sim = groups["sim"]
     s = sim.add_parser("ota-chaos", help="cut the power at random points across N OTA updates; count bricks")

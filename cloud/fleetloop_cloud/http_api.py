@@ -171,6 +171,24 @@ class _Handler(BaseHTTPRequestHandler):
         {"pause": ctl.pause, "resume": ctl.resume, "abort": ctl.abort}[action](rid, now)
         self._send_json(ctl.status(rid))
 
+    def rotate_root(self, q: dict[str, str], repository: str) -> None:
+        body = self._json_body() or {}
+        if not isinstance(body, dict):
+            raise UserError("body must be a JSON object: {root_keys, threshold, online}")
+        unknown = sorted(set(body) - {"root_keys", "threshold", "online"})
+        if unknown:
+            raise UserError(f"rotate: unknown field {unknown[0]!r}")
+        for key in ("root_keys", "threshold"):
+            if body.get(key) is not None and (type(body[key]) is not int):
+                raise UserError(f"rotate: {key} must be an integer, got {body[key]!r}")
+        result = self.coordinator.tuf.rotate(
+            repository,
+            root_keys=body.get("root_keys"),
+            threshold=body.get("threshold"),
+            online=bool(body.get("online", False)),
+        )
+        self._send_json(result)
+
     def tuf_metadata(self, q: dict[str, str], repository: str, name: str) -> None:
         """TUF metadata for the agent's ngclient (issue 5): ``/tuf/image/<file>``,
         ``/tuf/director/<device_id>/<file>``; 404 for an absent root version ends a rotation walk."""
@@ -257,6 +275,7 @@ ROUTES: list[tuple[str, str, Any]] = [
     (r"/v1/rollouts", "POST", _Handler.create_rollout),
     (r"/v1/rollouts/([^/]+)", "GET", _Handler.rollout),
     (r"/v1/rollouts/([^/]+)/(pause|resume|abort)", "POST", _Handler.rollout_action),
+    (r"/v1/tuf/(image|director)/rotate", "POST", _Handler.rotate_root),
     (r"/files/([0-9a-f]{64})", "GET", _Handler.file),
     (
         r"/tuf/(image|director/[A-Za-z0-9_][A-Za-z0-9._-]{0,127})/([a-z0-9.]{1,32}\.json)",

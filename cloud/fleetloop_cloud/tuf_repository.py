@@ -45,11 +45,13 @@ from tuf.api.metadata import (  # type: ignore[attr-defined]
 )
 
 from fleetloop_shared.durable import write_atomically
-from fleetloop_shared.errors import ConfigError, NotFoundError, StateError
+from fleetloop_shared.errors import ConfigError, NotFoundError, StateError, UserError
 from fleetloop_shared.tuf_metadata import REPOSITORIES, REPOSITORY_FIELD
 
 #: How long each role's metadata is valid. The timestamp is re-signed when half of its life is gone
 #: (on read), so a device that cannot reach the cloud for a day refuses stale metadata (freeze attack).
+#: Most root keys a rotation may create (each is a file an operator must keep offline).
+MAX_ROOT_KEYS = 16
 LIFETIMES = {
     "root": timedelta(days=365),
     "targets": timedelta(days=30),
@@ -191,7 +193,8 @@ class RootAuthority:
         if expires <= _dt(self._clock()):
             raise StateError(
                 f"the {self.repository} repository's root expired at {expires.isoformat()}; "
-                "rotate the root (new keys, new expiry) before releasing"
+                "rotate the root (new keys, new expiry: "
+                f"fleetloop keys rotate --repository {self.repository}) before releasing"
             )
 
     def rotate(
@@ -353,6 +356,46 @@ class TufRepositories:
         provisioned with (a device provisioned later starts from the newer root)."""
         write_atomically(self.anchor_dir / "image-root.json", self.image_authority.root_bytes())
         write_atomically(self.anchor_dir / "director-root.json", self.director_authority.root_bytes())
+
+    def rotate(
+        self, repository: str, *, root_keys: int | None = None, threshold: int | None = None,
+        online: bool = False,
+    ) -> dict[str, Any]:
+        """Rotate one repository's root (``image`` or ``director``) and, with ``online``, its targets,
+        snapshot and timestamp keys; what was signed with retired online keys is re-signed at once, so
+        a device walking to the new root finds metadata it can verify. Devices follow the chain of
+        ``N.root.json`` files; newly provisioned ones get the new anchor."""
+        if repository == "image":
+            authority, role_files = self.image_authority, [self.image]
+        elif repository == "director":
+            authority = self.director_authority
+            with self._lock:
+                known = sorted(p.name for p in self._devices_dir.glob("*") if p.is_dir())
+            role_files = [self.device(d) for d in known if _DEVICE.fullmatch(d)]
+        else:
+            raise UserError(f"no TUF repository {repository!r}; use image or director")
+        if root_keys is not None and not 1 <= root_keys <= MAX_ROOT_KEYS:
+            raise UserError(f"root keys: expected 1..{MAX_ROOT_KEYS}, got {root_keys}")
+        keys_after = root_keys or len(authority.root.signed.roles["root"].keyids)
+        if threshold is not None and not 1 <= threshold <= keys_after:
+            # Checked before any key is made: a refused rotation leaves no orphan key files behind.
+            raise UserError(f"root threshold {threshold} exceeds the number of root keys ({keys_after})")
+        version = authority.rotate(root_keys=root_keys, threshold=threshold, online=online)
+        if online:
+            for files in role_files:
+                if (files.directory / "targets.json").is_file():
+                    files.publish({})
+        self.export_anchors()
+        root = authority.root.signed
+        return {
+            "repository": repository,
+            "root_version": version,
+            "root_expires": root.expires.isoformat(),
+            "root_keys": len(root.roles["root"].keyids),
+            "threshold": root.roles["root"].threshold,
+            "online_keys_rotated": online,
+            "resigned": len(role_files) if online else 0,
+        }
 
     def device(self, device_id: str) -> RoleFiles:
         if not _DEVICE.fullmatch(device_id):
