@@ -28,12 +28,13 @@ from fleetloop_cloud.rollout_planner import policy_from_dict
 from fleetloop_cloud.sessions import DeviceSessions
 from fleetloop_cloud.tuf_repository import TufRepositories
 from fleetloop_cloud.upload_scheduler import NETWORKS, Backlog, Budget, UploadScheduler
+from fleetloop_cloud.upload_staging import UploadStaging
 from fleetloop_shared.artifact import ReleaseSigner, manifest_from_bytes
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.errors import MalformedMessageError, NotFoundError, UserError
 from fleetloop_shared.rules import parse_campaign, selector_matches
 from fleetloop_shared.segment import decode_segment
-from fleetloop_shared.wire import device_pb2, ota_pb2
+from fleetloop_shared.wire import device_pb2, ingest_pb2, ota_pb2, parse
 
 log = logging.getLogger("fleetloop.cloud")
 
@@ -41,6 +42,9 @@ ROLLOUT_TICK_S = 0.5
 #: How often the fleet store's small segment files are compacted (compaction.py, docs/query.md).
 COMPACTION_INTERVAL_S = 60.0
 HEARTBEAT_INTERVAL_MS = 2000
+#: Largest segment a device may upload in pieces (UploadChunk); UploadSegment is bounded by the gRPC
+#: message limit (16 MiB) instead.
+MAX_CHUNKED_UPLOAD_BYTES = 256 << 20
 #: Upload budgets for devices that ask for grants (issue 6): what the cloud ingests and what cellular costs.
 UPLOAD_BUDGET = Budget(
     global_bytes_per_s=64 * 1024 * 1024, per_network_bytes_per_s={"cellular": 4 * 1024 * 1024}
@@ -51,6 +55,14 @@ UPLOAD_BUDGET = Budget(
 class IngestAck:
     samples: int
     duplicate: bool
+
+
+@dataclass(frozen=True)
+class ChunkAck:
+    """Where a resumable upload stands: send from ``next_offset``, or (``ack``) it is stored."""
+
+    next_offset: int
+    ack: IngestAck | None = None
 
 
 class Coordinator:
@@ -82,6 +94,9 @@ class Coordinator:
         self.director = Director(self.tuf)
         self.artifacts = ArtifactStore(data_dir / "artifacts", self.signer, tuf=self.tuf)
         self.sessions = DeviceSessions()
+        # Resumable uploads (UploadChunk) are staged per coordinator: a device that moves to another
+        # coordinator mid-upload starts that segment again there (the dedupe key keeps it exactly once).
+        self.staging = UploadStaging(data_dir / "staging", max_upload_bytes=MAX_CHUNKED_UPLOAD_BYTES)
         self.upload_scheduler = UploadScheduler(UPLOAD_BUDGET)
         #: Messages refused from devices, by reason (forged identity, undecodable protobuf, ...): issue 6.
         self.refused: collections.Counter[str] = collections.Counter()
@@ -106,6 +121,9 @@ class Coordinator:
                 report = self.compactor.run_once()
                 if report.files_written or report.leftovers_deleted:
                     log.info("compaction: %s", report.as_dict())
+                expired = self.staging.expire(time.time())
+                if expired:
+                    log.info("upload staging: removed %d partial uploads left for over a day", expired)
             except Exception:
                 log.exception("compaction pass failed")
 
@@ -268,6 +286,38 @@ class Coordinator:
             now=now,
         )
         return IngestAck(samples, not fresh)
+
+    def ingest_chunk(
+        self,
+        device_id: str,
+        segment_id: bytes,
+        *,
+        offset: int,
+        total_bytes: int,
+        total_sha256: bytes,
+        data: bytes,
+    ) -> ChunkAck:
+        """One piece of a resumable upload (``UploadChunk``); the finished whole goes through
+        :meth:`ingest` like an ``UploadSegment`` of the same request."""
+        if self.metadata.device(device_id) is None:
+            raise NotFoundError(f"unknown device {device_id!r}: connect and say hello first")
+        if len(segment_id) == 16 and self.metadata.has_segment(device_id, segment_id):
+            return ChunkAck(total_bytes, IngestAck(0, True))
+        outcome = self.staging.put(
+            device_id, segment_id, offset=offset, total_bytes=total_bytes, total_sha256=total_sha256,
+            data=data,
+        )
+        if outcome.whole is None:
+            return ChunkAck(outcome.next_offset)
+        request = parse(ingest_pb2.UploadSegmentRequest, outcome.whole, max_bytes=MAX_CHUNKED_UPLOAD_BYTES)
+        if request.device_id != device_id or request.segment_id != segment_id:
+            raise MalformedMessageError(
+                "the assembled upload names another device or segment than its pieces did"
+            )
+        ack = self.ingest(
+            device_id, segment_id, request.capture_id, request.campaign, request.priority, request.segment
+        )
+        return ChunkAck(total_bytes, ack)
 
     # -- campaigns --------------------------------------------------------------------------------
     def apply_campaign(self, document: str, source: str = "<campaign>") -> dict[str, Any]:

@@ -32,10 +32,10 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 M = TypeVar("M", bound=Message)
 
 
-def parse(cls: type[M], data: bytes) -> M:
+def parse(cls: type[M], data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> M:
     """Decode ``data`` as ``cls``; hostile or truncated bytes give MalformedMessageError, nothing else."""
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise MalformedMessageError(f"{cls.__name__}: {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    if len(data) > max_bytes:
+        raise MalformedMessageError(f"{cls.__name__}: {len(data)} bytes exceeds {max_bytes}")
     msg = cls()
     try:
         msg.ParseFromString(data)

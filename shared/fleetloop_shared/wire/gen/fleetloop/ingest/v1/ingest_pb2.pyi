@@ -77,3 +77,74 @@ class UploadSegmentResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UploadSegmentResponse: _TypeAlias = UploadSegmentResponse  # noqa: Y015
+
+@_typing.final
+class UploadChunkRequest(_message.Message):
+    """One piece of a resumable upload. What is cut into pieces is the encoded UploadSegmentRequest, so a
+    finished chunked upload is ingested exactly like UploadSegment (same checks, same dedupe key). A link
+    that drops mid-upload costs only the piece in flight: the device asks where the cloud is (a request
+    with no data) and goes on from next_offset, also after a coordinator restart.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    SEGMENT_ID_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    TOTAL_SHA256_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    segment_id: _builtins.bytes
+    offset: _builtins.int
+    """Where data starts within the whole encoded UploadSegmentRequest."""
+    total_bytes: _builtins.int
+    total_sha256: _builtins.bytes
+    """SHA-256 of the whole; checked before the assembled request is decoded."""
+    data: _builtins.bytes
+    """At most 1 MiB; empty asks only for next_offset."""
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        segment_id: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
+        total_bytes: _builtins.int = ...,
+        total_sha256: _builtins.bytes = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "device_id", b"device_id", "offset", b"offset", "segment_id", b"segment_id", "total_bytes", b"total_bytes", "total_sha256", b"total_sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadChunkRequest: _TypeAlias = UploadChunkRequest  # noqa: Y015
+
+@_typing.final
+class UploadChunkResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NEXT_OFFSET_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    next_offset: _builtins.int
+    """Bytes the cloud holds, contiguous from 0; the device sends from here."""
+    complete: _builtins.bool
+    """The whole upload was stored (or had been already): the segment's ack, as UploadSegment's."""
+    @_builtins.property
+    def result(self) -> Global___UploadSegmentResponse: ...
+    def __init__(
+        self,
+        *,
+        next_offset: _builtins.int = ...,
+        complete: _builtins.bool = ...,
+        result: Global___UploadSegmentResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete", b"complete", "next_offset", b"next_offset", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadChunkResponse: _TypeAlias = UploadChunkResponse  # noqa: Y015

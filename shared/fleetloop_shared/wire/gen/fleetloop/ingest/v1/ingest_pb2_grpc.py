@@ -39,12 +39,23 @@ class IngestServiceStub:
                 request_serializer=fleetloop_dot_ingest_dot_v1_dot_ingest__pb2.UploadSegmentRequest.SerializeToString,
                 response_deserializer=fleetloop_dot_ingest_dot_v1_dot_ingest__pb2.UploadSegmentResponse.FromString,
                 _registered_method=True)
+        self.UploadChunk = channel.unary_unary(
+                '/fleetloop.ingest.v1.IngestService/UploadChunk',
+                request_serializer=fleetloop_dot_ingest_dot_v1_dot_ingest__pb2.UploadChunkRequest.SerializeToString,
+                response_deserializer=fleetloop_dot_ingest_dot_v1_dot_ingest__pb2.UploadChunkResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def UploadSegment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadChunk(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -57,6 +68,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.UploadSegment,
                     request_deserializer=fleetloop_dot_ingest_dot_v1_dot_ingest__pb2.UploadSegmentRequest.FromString,
                     response_serializer=fleetloop_dot_ingest_dot_v1_dot_ingest__pb2.UploadSegmentResponse.SerializeToString,
+            ),
+            'UploadChunk': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadChunk,
+                    request_deserializer=fleetloop_dot_ingest_dot_v1_dot_ingest__pb2.UploadChunkRequest.FromString,
+                    response_serializer=fleetloop_dot_ingest_dot_v1_dot_ingest__pb2.UploadChunkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +102,33 @@ class IngestService:
             '/fleetloop.ingest.v1.IngestService/UploadSegment',
             fleetloop_dot_ingest_dot_v1_dot_ingest__pb2.UploadSegmentRequest.SerializeToString,
             fleetloop_dot_ingest_dot_v1_dot_ingest__pb2.UploadSegmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadChunk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetloop.ingest.v1.IngestService/UploadChunk',
+            fleetloop_dot_ingest_dot_v1_dot_ingest__pb2.UploadChunkRequest.SerializeToString,
+            fleetloop_dot_ingest_dot_v1_dot_ingest__pb2.UploadChunkResponse.FromString,
             options,
             channel_credentials,
             insecure,

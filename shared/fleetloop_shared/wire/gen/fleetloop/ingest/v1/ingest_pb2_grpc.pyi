@@ -32,11 +32,13 @@ class IngestServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> IngestServiceAsyncStub: ...
     UploadSegment: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.UploadSegmentRequest, _ingest_pb2.UploadSegmentResponse]
+    UploadChunk: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.UploadChunkRequest, _ingest_pb2.UploadChunkResponse]
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     UploadSegment: _aio.UnaryUnaryMultiCallable[_ingest_pb2.UploadSegmentRequest, _ingest_pb2.UploadSegmentResponse]  # type: ignore[assignment]
+    UploadChunk: _aio.UnaryUnaryMultiCallable[_ingest_pb2.UploadChunkRequest, _ingest_pb2.UploadChunkResponse]  # type: ignore[assignment]
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -45,5 +47,12 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ingest_pb2.UploadSegmentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ingest_pb2.UploadSegmentResponse, _abc.Awaitable[_ingest_pb2.UploadSegmentResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UploadChunk(
+        self,
+        request: _ingest_pb2.UploadChunkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.UploadChunkResponse, _abc.Awaitable[_ingest_pb2.UploadChunkResponse]]: ...
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
