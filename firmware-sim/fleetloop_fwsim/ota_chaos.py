@@ -60,43 +60,56 @@ class ChaosCloud(Protocol):
 
 
 class Cutter:
-    """Counts the points where power could be lost and cuts at the armed one."""
+    """Counts the points where power could be lost and cuts at the armed one (counted from the last
+    :meth:`arm`); ``points`` logs every point passed, for tests that cut at each of them in turn."""
 
-    def __init__(self) -> None:
-        self.armed: int | None = None
+    def __init__(self, at: int | None = None) -> None:
+        self.armed: int | None = at
         self.count = 0
         self.hit: dict[str, int] = {}
+        self.points: list[str] = []
 
     def arm(self, at: int | None) -> None:
         self.armed, self.count = at, 0
 
     def point(self, name: str) -> None:
         self.count += 1
+        self.points.append(name)
         if self.armed is not None and self.count == self.armed:
             self.armed = None
             self.hit[name] = self.hit.get(name, 0) + 1
             raise PowerCut(name)
 
 
-class _CuttingPlatform(EnvFilePlatform):
-    def __init__(self, cutter: Cutter, device_dir: Path) -> None:
+class CuttingPlatform(EnvFilePlatform):
+    """The simulated device's slots and boot environment, with a power-cut point before and after each
+    boot-environment change and in slot writes (a cut there leaves half the buffer on the flash).
+    ``every_write=False`` makes only the first write of each slot image a point (fewer points for tests
+    that cut at each one in turn)."""
+
+    def __init__(self, cutter: Cutter, device_dir: Path, *, every_write: bool = True) -> None:
         p = paths(device_dir)
         super().__init__(slot_paths(device_dir), p["env"], p["booted_slot"])
         self.cutter = cutter
+        self.every_write = every_write
 
     @contextlib.contextmanager
     def open_slot_writer(self, slot: str) -> Iterator[BinaryIO]:
-        cutter = self.cutter
+        cutter, every_write = self.cutter, self.every_write
         with super().open_slot_writer(slot) as f:
 
             class Torn:
+                written = 0
+
                 def write(self, data: bytes) -> int:
-                    try:
-                        cutter.point("mid slot write")
-                    except PowerCut:
-                        f.write(data[: len(data) // 2])  # the half that made it to the flash
-                        f.flush()
-                        raise
+                    if every_write or self.written == 0:
+                        try:
+                            cutter.point("mid slot write")
+                        except PowerCut:
+                            f.write(data[: len(data) // 2])  # the half that made it to the flash
+                            f.flush()
+                            raise
+                    self.written += len(data)
                     return f.write(data)
 
             yield Torn()  # type: ignore[misc]
@@ -112,16 +125,20 @@ class _CuttingPlatform(EnvFilePlatform):
         self.cutter.point("after commit")
 
 
-class _CuttingFetcher(HttpFetcher):
-    def __init__(self, cutter: Cutter) -> None:
-        super().__init__(chunk_size=16 * 1024, timeout_s=10)
+class CuttingFetcher(HttpFetcher):
+    """The device's HTTP fetcher with a power-cut point after the first chunk of each download (of
+    payloads only, with ``metadata=False``)."""
+
+    def __init__(self, cutter: Cutter, *, chunk_size: int = 16 * 1024, metadata: bool = True) -> None:
+        super().__init__(chunk_size=chunk_size, timeout_s=10)
         self.cutter = cutter
+        self.metadata = metadata
 
     def fetch_range(self, url: str, start: int, max_bytes: int) -> Iterator[bytes]:
         kind = "payload" if "/files/" in url else "metadata"
         for i, chunk in enumerate(super().fetch_range(url, start, max_bytes)):
             yield chunk
-            if i == 0:
+            if i == 0 and (self.metadata or kind == "payload"):
                 self.cutter.point(f"mid {kind} download")
 
 
@@ -225,13 +242,13 @@ def _one_run(
 
     def driver() -> OtaDriver:
         d = OtaDriver(
-            _CuttingPlatform(cutter, device_dir),
+            CuttingPlatform(cutter, device_dir),
             state_dir,
             trust_anchors=anchors,
             hardware_id=cloud.hardware_id,
             device_id=device_id,
             report=report,
-            fetcher=_CuttingFetcher(cutter),
+            fetcher=CuttingFetcher(cutter),
         )
         # the journal is where a cut can tear a write; the driver owns it, so swap it in here
         d._journal = _CuttingJournal(state_dir / "journal.json", cutter)

@@ -20,13 +20,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import pytest
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Root, TargetFile
 
-from fleetloop_agent.ota.download import HttpFetcher
 from fleetloop_agent.ota.driver import OtaDriver, OtaReport
 from fleetloop_agent.ota.journal import JournalEntry, OtaJournal
 from fleetloop_agent.ota.platform import EnvFilePlatform, RebootRequested, read_boot_env
@@ -36,6 +34,7 @@ from fleetloop_cloud.director import Director
 from fleetloop_cloud.tuf_repository import TufRepositories, target_file
 from fleetloop_fwsim.bootloader import BootResult, boot, paths, provision, slot_paths
 from fleetloop_fwsim.firmware import build_image
+from fleetloop_fwsim.ota_chaos import Cutter, CuttingFetcher, CuttingPlatform, PowerCut
 from fleetloop_shared.artifact import ReleaseManifest, ReleaseSigner, manifest_from_bytes, sha256_hex
 from fleetloop_shared.delta import make_delta
 from fleetloop_shared.errors import FleetloopError, IntegrityError, StateError, UserError
@@ -382,73 +381,6 @@ def release_cloud(tmp_path: Path, release: Release) -> Iterator[Cloud]:
     cloud.close()
 
 
-class PowerCut(BaseException):
-    """The lights go out: nothing after this point runs (not an Exception, so nothing catches it)."""
-
-
-class Cutter:
-    """Counts the points where power could be lost and cuts at the chosen one."""
-
-    def __init__(self, at: int | None) -> None:
-        self.at = at
-        self.points: list[str] = []
-
-    def point(self, name: str) -> None:
-        self.points.append(name)
-        if self.at is not None and len(self.points) == self.at:
-            raise PowerCut(name)
-
-
-class CuttingPlatform(EnvFilePlatform):
-    def __init__(self, cutter: Cutter, dev: Device) -> None:
-        p = paths(dev.dir)
-        super().__init__(slot_paths(dev.dir), p["env"], p["booted_slot"])
-        self.cutter = cutter
-
-    @contextlib.contextmanager
-    def open_slot_writer(self, slot: str) -> Iterator[BinaryIO]:
-        with super().open_slot_writer(slot) as f:
-            cutter = self.cutter
-
-            class Torn:
-                written = 0
-
-                def write(self, data: bytes) -> int:
-                    if self.written == 0:
-                        try:
-                            cutter.point("write_slot")
-                        except PowerCut:
-                            f.write(data[: len(data) // 2])  # torn write
-                            f.flush()
-                            raise
-                    self.written += len(data)
-                    return f.write(data)
-
-            yield Torn()  # type: ignore[misc]
-
-    def set_next_boot(self, slot: str) -> None:
-        self.cutter.point("before set_next_boot")
-        super().set_next_boot(slot)
-        self.cutter.point("after set_next_boot")
-
-    def commit(self) -> None:
-        self.cutter.point("before commit")
-        super().commit()
-        self.cutter.point("after commit")
-
-
-class CuttingFetcher(HttpFetcher):
-    def __init__(self, cutter: Cutter) -> None:
-        super().__init__(chunk_size=4096)
-        self.cutter = cutter
-
-    def fetch_range(self, url: str, start: int, max_bytes: int) -> Iterator[bytes]:
-        for i, chunk in enumerate(super().fetch_range(url, start, max_bytes)):
-            yield chunk
-            if i == 0 and "/files/" in url:  # payloads; metadata fetches are cut in test_ota_chaos
-                self.cutter.point("mid-download")
-
-
 def _simulate(
     root: Path, release: Release, server: Cloud, cut_at: int | None, health: Callable[[], list[str]]
 ) -> tuple[Device, Cutter]:
@@ -461,7 +393,11 @@ def _simulate(
         cutter.point(f"journaled {r.state.value}")
 
     def driver() -> OtaDriver:
-        return dev.driver(CuttingPlatform(cutter, dev), report=report, fetcher=CuttingFetcher(cutter))
+        return dev.driver(
+            CuttingPlatform(cutter, dev.dir, every_write=False),
+            report=report,
+            fetcher=CuttingFetcher(cutter, chunk_size=4096, metadata=False),
+        )
 
     job = dev.job("job-pc")
     with contextlib.suppress(RebootRequested, PowerCut):
@@ -489,7 +425,7 @@ def test_power_cut_at_any_point_resumes_or_rolls_back(
         return [] if healthy else ["app does not start on this build"]
 
     _, dry = _simulate(tmp_path / "dry", release, server, None, health)
-    assert "mid-download" in dry.points and "write_slot" in dry.points and "after commit" in dry.points
+    assert {"mid payload download", "mid slot write", "after commit"} <= set(dry.points)
     expected_state, expected_image = (S.COMMITTED, release.v2) if healthy else (S.ROLLED_BACK, release.v1)
     for k in range(1, len(dry.points) + 1):
         dev, cutter = _simulate(tmp_path / f"cut{k}", release, server, k, health)
@@ -524,11 +460,12 @@ def test_a_second_job_waits_for_the_first_and_a_repeat_offer_is_answered(
     tmp_path: Path, release: Release, server: Cloud
 ) -> None:
     dev = Device(tmp_path, release.v1, server)
-    cutter = Cutter(1)  # the first point is mid-download
+    cutter = Cutter(1)  # the first point is mid payload download
     delta = server.delta("2.0.0")
     job1 = dev.job("job-1")
     with pytest.raises(PowerCut):
-        dev.driver(fetcher=CuttingFetcher(cutter)).handle_job(*job1)  # type: ignore[arg-type]
+        fetcher = CuttingFetcher(cutter, chunk_size=4096, metadata=False)
+        dev.driver(fetcher=fetcher).handle_job(*job1)  # type: ignore[arg-type]
     assert 0 < (dev.state_dir / "downloads" / f"{sha256_hex(delta)}.delta").stat().st_size < len(delta)
     boot(dev.dir)
     driver = dev.driver()
