@@ -6,6 +6,8 @@ Two measurements, one JSON object on stdout:
     1000 rules over the decoded bus-0 signals (60 s of drive, ~50 k frames, fed in ticks of ``--tick``
     data time, as the agent's main loop does). ``engine_samples_per_s`` times ``TriggerEngine.process``
     alone; ``path_samples_per_s`` also times the ring-buffer append and capture assembly around it.
+    ``fires_digest`` (SHA-256 of every ``(campaign, t_ns)`` fired) must be the same for every tick size
+    and every version of the engine: batching and sharing work between campaigns change no result.
     Goal: >= 2,000,000 samples/s/core at 100 rules.
 (b) ``load``: AWS IoT FleetWise's edge load-test scenario rebuilt on our data: four CAN buses replaying the
     real frames through ``CanReplaySource`` (DBC-decoded), time-compressed to ~3,500 frames/s each, 50
@@ -24,6 +26,7 @@ Usage: ``.venv/bin/python benchmarks/triggers.py [--data DIR] [--repeat N] [--ti
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import resource
@@ -158,6 +161,7 @@ def throughput(root: Path, repeat: int, tick_ms: int) -> dict[str, Any]:
         specs = rules(count, stats)
         best_engine = best_path = float("inf")
         fires = 0
+        fired_all: list[tuple[str, int]] = []
         for _ in range(1 if count >= 1000 else repeat):
             engine = TriggerEngine(catalog)
             assert not engine.set_campaigns(specs, 0)
@@ -166,6 +170,7 @@ def throughput(root: Path, repeat: int, tick_ms: int) -> dict[str, Any]:
             by_name = {spec.name: spec for spec in specs}
             engine_cpu = 0.0
             fires = 0
+            fired_all = []
             start = time.process_time()
             for tick in ticks:
                 for batch in tick:
@@ -174,6 +179,7 @@ def throughput(root: Path, repeat: int, tick_ms: int) -> dict[str, Any]:
                 fired = engine.process(tick, buffers)
                 engine_cpu += time.process_time() - t0
                 fires += len(fired)
+                fired_all += [(fire.campaign, fire.t_ns) for fire in fired]
                 for fire in fired:
                     assembler.on_fire(fire, by_name[fire.campaign].collect_signals)
                 if tick:
@@ -187,6 +193,7 @@ def throughput(root: Path, repeat: int, tick_ms: int) -> dict[str, Any]:
                 "rules": count,
                 "samples": samples,
                 "fires": fires,
+                "fires_digest": hashlib.sha256(repr(sorted(fired_all)).encode()).hexdigest()[:16],
                 "engine_cpu_s": round(best_engine, 4),
                 "engine_samples_per_s": round(engine_rate),
                 "path_samples_per_s": round(samples / best_path),

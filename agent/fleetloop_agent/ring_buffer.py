@@ -8,6 +8,10 @@ comes out as the same column layout the store writes. Two bounds apply:
 * **max_bytes** — across all groups; above it the globally oldest samples are dropped (policy
   ``drop-oldest``) and counted in ``dropped_samples_total``, so a burst can never exhaust memory.
 
+``STRING`` signals are ``object`` columns of Python ``str``; the byte budget counts each string sample as
+its 8-byte reference (the text is shared with whoever produced it and not counted), and rows dropped
+from the front release their strings at once.
+
 Samples older than the newest one already held for their group (a source that went back in time) are
 not inserted (policy ``drop-late``) and counted in ``late_samples_total``: windows and captures assume
 time order.
@@ -21,11 +25,27 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fleetloop_shared.catalog import Catalog
+from fleetloop_shared.catalog import Catalog, DataType
 from fleetloop_shared.errors import ConfigError, MalformedMessageError, UserError
 from fleetloop_shared.samples import GroupBatch
 
 _INITIAL_ROWS = 256
+
+
+def _text_column(values: npt.NDArray[Any], where: str) -> npt.NDArray[Any]:
+    """``values`` as an ``object`` array of plain ``str``; refuses anything that is not text."""
+    if values.dtype.kind == "U":
+        return values.astype(object)  # elements become plain str
+    if values.dtype != object:
+        raise MalformedMessageError(f"{where} has {values.dtype} values, the catalog declares STRING")
+    items = values.tolist()
+    if all(type(v) is str for v in items):
+        return values
+    for v in items:
+        if not isinstance(v, str):
+            kind = type(v).__name__
+            raise MalformedMessageError(f"{where} has a {kind} value, the catalog declares STRING")
+    return np.asarray([str(v) for v in items], dtype=object)  # str subclasses (numpy.str_) made plain
 
 
 class _GroupRing:
@@ -83,7 +103,11 @@ class _GroupRing:
         self.start, self.end = 0, live
 
     def drop_front(self, rows: int) -> None:
-        self.start = min(self.end, self.start + rows)
+        stop = min(self.end, self.start + rows)
+        for column in self.cols.values():
+            if column.dtype == object:  # let the dropped strings go now, not when the slot is reused
+                column[self.start : stop] = None
+        self.start = stop
         if self.start == self.end:
             self.start = self.end = 0
 
@@ -194,6 +218,9 @@ class RingBuffers:
                 raise MalformedMessageError(
                     f"{where}: signal {spec.path!r} has shape {values.shape}, timestamps have {n} rows"
                 )
+            if spec.data_type is DataType.STRING:
+                columns[sid] = _text_column(values, f"{where}: signal {spec.path!r}")
+                continue
             try:
                 columns[sid] = values.astype(spec.data_type.numpy_dtype, casting="same_kind", copy=False)
             except TypeError:

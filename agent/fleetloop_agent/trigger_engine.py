@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fleetloop_shared.catalog import Catalog
+from fleetloop_shared.catalog import Catalog, DataType
 from fleetloop_shared.errors import FleetloopError
 from fleetloop_shared.rules import CampaignSpec, Evaluator, ModelScorer, WindowSource, check_against_catalog
 from fleetloop_shared.rules.expression import compile_expression
+from fleetloop_shared.rules.vector import BatchGrid
 from fleetloop_shared.samples import GroupBatch
 
 #: Most campaigns one device runs; beyond it the lowest priorities are refused (policy
@@ -105,6 +106,8 @@ class TriggerEngine:
         self.late_evaluations_total = 0
         #: Evaluations performed (campaign × evaluation time), for the metrics.
         self.evaluations_total = 0
+        #: id → (path, holds strings?), memoized: the catalog only grows and ids never change.
+        self._paths: dict[int, tuple[str, bool]] = {}
 
     @property
     def active(self) -> list[str]:
@@ -125,6 +128,10 @@ class TriggerEngine:
         """
         refused: dict[str, str] = {}
         running: dict[str, _Running] = {}
+        # Campaigns started together with the same condition (equal compiled trees) see the same
+        # evaluation times from now on, so their evaluation states stay equal: they share one evaluator,
+        # evaluated once per batch (their modes, min_interval and fires stay their own).
+        fresh: dict[bytes, Evaluator] = {}
         for spec in specs:
             if spec.name in running or spec.name in refused:
                 refused.setdefault(spec.name, f"campaign {spec.name!r} is given more than once")
@@ -136,7 +143,9 @@ class TriggerEngine:
                 continue
             try:
                 check_against_catalog(spec, self._catalog)
-                expression = compile_expression(spec.when, catalog=self._catalog, source=spec.source)
+                expression = compile_expression(
+                    spec.when, catalog=self._catalog, source=spec.source, require_condition=True
+                )
             except FleetloopError as exc:
                 refused[spec.name] = str(exc)
                 continue
@@ -158,6 +167,10 @@ class TriggerEngine:
             if unknown:
                 refused[spec.name] = f"model input signal {unknown[0]!r} is not in the catalog"
                 continue
+            text = sorted(p for p in inputs if self._catalog.by_path(p).data_type is DataType.STRING)
+            if text:
+                refused[spec.name] = f"model input signal {text[0]!r} holds strings; models read numbers"
+                continue
             previous = self._running.get(spec.name)
             model_changed = any(name in refresh_models for name, _ in expression.models)
             if previous is not None and previous.spec.version == spec.version and not model_changed:
@@ -165,7 +178,10 @@ class TriggerEngine:
                 continue
             paths = frozenset(expression.signals | inputs)
             reads = frozenset(self._catalog.by_path(path).id for path in paths)
-            running[spec.name] = _Running(spec, Evaluator(expression, self._models), reads, paths)
+            evaluator = fresh.get(expression.root.key)
+            if evaluator is None:
+                evaluator = fresh[expression.root.key] = Evaluator(expression, self._models)
+            running[spec.name] = _Running(spec, evaluator, reads, paths)
         if len(running) > self._max_campaigns:
             ranked = sorted(enumerate(running.values()), key=lambda item: (-item[1].spec.priority, item[0]))
             for _, run in ranked[self._max_campaigns :]:
@@ -212,8 +228,11 @@ class TriggerEngine:
                 if sid in wanted:
                     parts.setdefault(sid, []).append((t, np.asarray(values)))
         feeds: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[Any]]] = {}
+        text: set[str] = set()  # paths of string signals (their feeds become object arrays of str)
         for sid, pieces in parts.items():
-            path = self._catalog.by_id(sid).path
+            path, is_text = self._signal(sid)
+            if is_text:
+                text.add(path)
             if len(pieces) == 1:
                 feeds[path] = pieces[0]
                 continue
@@ -222,46 +241,97 @@ class TriggerEngine:
             order = np.argsort(t_all, kind="stable")
             feeds[path] = (t_all[order], v_all[order])
         fires: list[tuple[int, int, Fire]] = []
-        times_cache: dict[frozenset[str], npt.NDArray[np.int64]] = {}
-        # Held values and windows computed once per batch for every campaign reading them at the same
-        # evaluation times; ``alive`` keeps each times array (whose id is part of the keys) alive.
-        shared: dict[Any, Any] = {}
-        alive: list[npt.NDArray[np.int64]] = []
-        for run in runs:
-            present = frozenset(p for p in run.paths if p in feeds)
-            if not present:
-                continue
-            times = times_cache.get(present)
-            if times is None:
-                stamps = [feeds[p][0] for p in present]
-                times = _distinct_sorted(stamps[0]) if len(stamps) == 1 else np.unique(np.concatenate(stamps))
-                times_cache[present] = times
-            if run.last_eval_ns is not None and times.shape[0] and int(times[0]) <= run.last_eval_ns:
-                keep = times > run.last_eval_ns
-                self.late_evaluations_total += int(times.shape[0] - np.count_nonzero(keep))
-                times = times[keep]
-                alive.append(times)
-            seed = None
-            if run.last_eval_ns is None:  # a campaign's first evaluation: hold what came before it
-                seed = {p: self._latest[p] for p in run.paths if p in self._latest}
-            data, valid = run.evaluator.evaluate(times, feeds, history, seed, shared)
-            if not times.shape[0]:
-                continue
-            self.evaluations_total += int(times.shape[0])
-            run.last_eval_ns = int(times[-1])
-            for fire in self._fires(run, times, data & valid):
-                fires.append((fire.t_ns, run.order, fire))
+        if feeds:
+            with np.errstate(all="ignore"):  # overflow, division by zero: missing values, not warnings
+                self._evaluate(runs, feeds, history, fires, frozenset(text))
         for batch in batches:
             if not len(batch):
                 continue
             last_t = int(batch.t_ns[-1])
             for sid, values in batch.values.items():
-                path = self._catalog.by_id(sid).path
+                path = self._signal(sid)[0]
                 held = self._latest.get(path)
                 if held is None or last_t >= held[0]:
-                    self._latest[path] = (last_t, values[-1])
+                    last = values[-1]
+                    if isinstance(last, str) and type(last) is not str:
+                        last = str(last)  # numpy.str_ from a text array: held values are plain str
+                    self._latest[path] = (last_t, last)
         fires.sort(key=lambda item: (item[0], item[1]))
         return [fire for _, _, fire in fires]
+
+    def _signal(self, sid: int) -> tuple[str, bool]:
+        """The catalog path of ``sid`` and whether it holds strings."""
+        found = self._paths.get(sid)
+        if found is None:
+            spec = self._catalog.by_id(sid)
+            found = self._paths[sid] = (spec.path, spec.data_type is DataType.STRING)
+        return found
+
+    def _evaluate(
+        self,
+        runs: list[_Running],
+        feeds: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[Any]]],
+        history: WindowSource,
+        fires: list[tuple[int, int, Fire]],
+        text: frozenset[str],
+    ) -> None:
+        """Evaluate every campaign that reads a signal with new samples; append its fires to ``fires``.
+
+        All campaigns share one :class:`BatchGrid`: the pure parts of their conditions are computed once
+        per set of evaluation times, and a campaign whose condition is pure and true nowhere in the
+        batch is settled without further array work (the usual case for most campaigns).
+        """
+        grid = BatchGrid(feeds, history, self._latest, self._models, text)
+        # present signals → (times, first, last): campaigns reading the same signals share one array
+        times_cache: dict[frozenset[str], tuple[npt.NDArray[np.int64], int, int]] = {}
+        alive: list[npt.NDArray[np.int64]] = []  # times arrays whose ids key the grid's contexts
+        keys = feeds.keys()
+        evaluations = 0
+        # id(evaluator) → (first time, count, true): a shared evaluator runs once per batch
+        results: dict[int, tuple[int, int, npt.NDArray[np.bool_]]] = {}
+        for run in runs:
+            present = run.paths
+            if not keys >= present:
+                present = frozenset(p for p in present if p in keys)
+            if not present:  # none of its signals has new samples (or it reads none: `true`)
+                continue
+            cached = times_cache.get(present)
+            if cached is None:
+                if len(present) == 1:
+                    (path,) = present
+                    times = _distinct_sorted(feeds[path][0])
+                else:
+                    times = np.unique(np.concatenate([feeds[p][0] for p in present]))
+                cached = times_cache[present] = (times, int(times[0]), int(times[-1]))
+            times, first, last = cached
+            last_eval = run.last_eval_ns
+            if last_eval is not None and first <= last_eval:
+                if last <= last_eval:
+                    self.late_evaluations_total += int(times.shape[0])
+                    continue
+                keep = times > last_eval
+                self.late_evaluations_total += int(times.shape[0] - np.count_nonzero(keep))
+                times = times[keep]
+                alive.append(times)
+            root = run.evaluator.expression.root
+            if root.pure:
+                true = grid.truth(root, times)  # None: false or missing at every time, nothing fires
+            else:
+                done = results.get(id(run.evaluator))
+                if done is not None and done[0] == int(times[0]) and done[1] == times.shape[0]:
+                    true = done[2]
+                else:
+                    data, valid = run.evaluator.evaluate(times, feeds, history, grid=grid)
+                    true = data & valid
+                    results[id(run.evaluator)] = (int(times[0]), int(times.shape[0]), true)
+            evaluations += times.shape[0]
+            run.last_eval_ns = last
+            if true is None:
+                run.was_true = False
+                continue
+            for fire in self._fires(run, times, true):
+                fires.append((fire.t_ns, run.order, fire))
+        self.evaluations_total += int(evaluations)
 
     def _fires(self, run: _Running, times: npt.NDArray[np.int64], true: npt.NDArray[np.bool_]) -> list[Fire]:
         spec = run.spec

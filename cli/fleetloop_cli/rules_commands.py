@@ -65,11 +65,29 @@ _MAX_CSV_BYTES = 512 * 1024 * 1024
 
 @dataclass
 class _Samples:
-    """Samples read from a CSV, per signal path, in file order; ``seconds`` = the file's time unit."""
+    """Samples read from a CSV, per signal path, in file order; ``seconds`` = the file's time unit.
+
+    Values stay the cell's text (stripped) until the signal's datatype is known: a string signal keeps
+    every cell verbatim (``"1"``, ``"nan"`` and ``"true"`` included), a numeric one parses them. ``rows``
+    holds each sample's line, for messages.
+    """
 
     seconds: bool
-    by_path: dict[str, tuple[list[int], list[object]]]
-    lines: dict[str, int]  # first line of each signal, for messages
+    by_path: dict[str, tuple[list[int], list[str], list[int]]]
+
+
+class _Text:
+    """A cell that is neither true/false nor a number: its signal holds strings."""
+
+
+_TEXT = _Text()
+
+
+@dataclass(frozen=True)
+class _TooBig:
+    """An integer cell outside 64 bits: an error, unless its signal holds strings anyway."""
+
+    raw: str
 
 
 def _parse_time(text: str, seconds: bool, where: str) -> int:
@@ -87,21 +105,18 @@ def _parse_time(text: str, seconds: bool, where: str) -> int:
         raise UserError(f"{where}: time {text!r} is not a number of {unit}") from None
 
 
-def _parse_value(text: str, where: str) -> object:
-    raw = text.strip()
+def _parse_value(raw: str) -> bool | int | float | _Text | _TooBig:
     if raw in ("true", "false"):
         return raw == "true"
     if _INT.fullmatch(raw):
         number = int(raw)
-        if not -(2**63) <= number < 2**63:
-            raise UserError(f"{where}: integer {raw} does not fit in 64 bits")
-        return number
+        return number if -(2**63) <= number < 2**63 else _TooBig(raw)
     try:
         value = float(raw)
     except ValueError:
-        return raw
+        return _TEXT
     if math.isnan(value) and raw.lower() not in ("nan", "+nan", "-nan"):
-        return raw
+        return _TEXT
     return value
 
 
@@ -110,8 +125,7 @@ def _read_samples(path: Path) -> _Samples:
         raise NotFoundError(f"{path}: no such file")
     if path.stat().st_size > _MAX_CSV_BYTES:
         raise UserError(f"{path}: larger than {_MAX_CSV_BYTES // (1024 * 1024)} MiB")
-    by_path: dict[str, tuple[list[int], list[object]]] = {}
-    lines: dict[str, int] = {}
+    by_path: dict[str, tuple[list[int], list[str], list[int]]] = {}
     with path.open(newline="") as handle:
         reader = csv.reader(handle)
         try:
@@ -136,66 +150,100 @@ def _read_samples(path: Path) -> _Samples:
                 signal = row[1].strip()
                 if not signal:
                     raise UserError(f"{where}: empty signal name")
-                value = _parse_value(row[2], where)
-                if isinstance(value, str):
-                    raise UserError(
-                        f"{where}: value {value!r} of {signal} is text; signals hold numbers or true/false"
-                    )
-                times, values = by_path.setdefault(signal, ([], []))
-                lines.setdefault(signal, reader.line_num)
+                times, raws, rows = by_path.setdefault(signal, ([], [], []))
                 times.append(t)
-                values.append(value)
+                raws.append(row[2].strip())
+                rows.append(reader.line_num)
         except csv.Error as exc:
             raise UserError(f"{path}:{reader.line_num}: {exc}") from None
-    return _Samples(seconds, by_path, lines)
+    return _Samples(seconds, by_path)
 
 
-def _infer_catalog(samples: _Samples, source: Path) -> Any:
+def _infer_catalog(samples: _Samples, source: Path, reads: frozenset[str]) -> Any:
+    """A catalog from the values: any text makes a string signal; else all true/false is BOOL, all
+    integers INT64, numbers FLOAT64. A string signal that also has numbers is usually a typo in the
+    input, so when the rule reads it (``reads``) a note on stderr says which line made it text.
+    """
     from fleetloop_shared.catalog import Catalog, DataType
 
     catalog = Catalog()
-    for signal, (_, values) in sorted(samples.by_path.items()):
-        kinds = {type(v) for v in values}
-        if kinds == {bool}:
+    for signal, (_, raws, rows) in sorted(samples.by_path.items()):
+        parsed = [_parse_value(raw) for raw in raws]
+        text = next((i for i, v in enumerate(parsed) if isinstance(v, _Text)), None)
+        if text is not None:
+            number = next((i for i, v in enumerate(parsed) if not isinstance(v, _Text)), None)
+            if number is not None and signal in reads:
+                print(
+                    f"{source}:{rows[text]}: note: signal {signal} has the text {raws[text]!r} (and "
+                    f"{raws[number]!r} at line {rows[number]}): all its values are read as strings",
+                    file=sys.stderr,
+                )
+            catalog.add(signal, DataType.STRING)
+            continue
+        flags = [type(v) is bool for v in parsed]
+        if all(flags):
             catalog.add(signal, DataType.BOOL)
-        elif bool in kinds:
+            continue
+        if any(flags):
+            odd = flags.index(not flags[0])
             raise UserError(
-                f"{source}:{samples.lines[signal]}: signal {signal} mixes true/false with numbers"
+                f"{source}:{rows[odd]}: signal {signal} mixes true/false with numbers "
+                f"({raws[odd]!r}; line {rows[0]} has {raws[0]!r})"
             )
-        elif kinds == {int}:
-            catalog.add(signal, DataType.INT64)
-        else:
-            catalog.add(signal, DataType.FLOAT64)
+        catalog.add(signal, DataType.INT64 if all(type(v) is int for v in parsed) else DataType.FLOAT64)
     return catalog
+
+
+def _typed_values(signal: str, data_type: Any, raws: list[str], rows: list[int], source: Path) -> list[Any]:
+    """The cells of ``signal`` as values of its catalog datatype; the first that is not one is refused."""
+    from fleetloop_shared.catalog import DataType
+
+    if data_type is DataType.STRING:
+        return list(raws)
+    wanted = {DataType.BOOL: "true/false", DataType.INT64: "an integer", DataType.FLOAT64: "a number"}
+    values: list[Any] = []
+    for raw, row in zip(raws, rows, strict=True):
+        value = _parse_value(raw)
+        if isinstance(value, _TooBig):
+            raise UserError(f"{source}:{row}: integer {raw} does not fit in 64 bits")
+        kind = type(value)
+        ok = (
+            kind is bool
+            if data_type is DataType.BOOL
+            else kind is int
+            if data_type is DataType.INT64
+            else kind in (int, float)
+        )
+        if not ok:
+            has = "text" if isinstance(value, _Text) else "true/false" if kind is bool else "a number"
+            raise UserError(
+                f"{source}:{row}: signal {signal} is {wanted[data_type]} in the catalog "
+                f"({data_type.name}), the input has {has}: {raw!r}"
+            )
+        values.append(value)
+    return values
 
 
 def _batches(samples: _Samples, catalog: Any, source: Path) -> list[Any]:
     """One batch per signal (its own group), sorted by time; equal times keep file order."""
     import numpy as np
 
-    from fleetloop_shared.catalog import DataType
     from fleetloop_shared.samples import GroupBatch
 
     batches = []
-    for signal, (times, values) in samples.by_path.items():
+    for signal, (times, raws, rows) in samples.by_path.items():
         spec = catalog.get(signal)
         if spec is None:  # not in the given catalog: no rule can read it; say so (a typo in the input?)
             print(
-                f"{source}:{samples.lines[signal]}: note: signal {signal} is not in the catalog; ignored",
+                f"{source}:{rows[0]}: note: signal {signal} is not in the catalog; ignored",
                 file=sys.stderr,
             )
             continue
-        where = f"{source}:{samples.lines[signal]}"
-        kinds = {type(v) for v in values}
-        if spec.data_type is DataType.BOOL and kinds != {bool}:
-            raise UserError(f"{where}: signal {signal} is true/false in the catalog, the input has numbers")
-        if spec.data_type is not DataType.BOOL and bool in kinds:
-            raise UserError(f"{where}: signal {signal} is a number in the catalog, the input has true/false")
-        if spec.data_type is DataType.INT64 and float in kinds:
-            raise UserError(f"{where}: signal {signal} is an integer in the catalog, the input has fractions")
+        values = _typed_values(signal, spec.data_type, raws, rows, source)
         t = np.asarray(times, np.int64)
         order = np.argsort(t, kind="stable")
-        column = np.asarray(values, dtype=spec.data_type.numpy_dtype)
+        column = np.empty(len(values), dtype=spec.data_type.numpy_dtype)
+        column[:] = values  # element by element: a list of strings never becomes a 2-D array
         batches.append(GroupBatch(signal, t[order], {spec.id: column[order]}))
     return batches
 
@@ -219,22 +267,25 @@ def _time_out(ns: int, seconds: bool) -> int | float:
     return int(ns // 1_000_000_000) if ns % 1_000_000_000 == 0 else ns / 1e9
 
 
-def _load_inputs(args: argparse.Namespace) -> tuple[_Samples, Any, list[Any]]:
+def _load_inputs(args: argparse.Namespace, reads: frozenset[str]) -> tuple[_Samples, Any, list[Any]]:
     input_path = Path(args.input)
     samples = _read_samples(input_path)
-    catalog = _load_catalog(Path(args.catalog)) if args.catalog else _infer_catalog(samples, input_path)
+    if args.catalog:
+        catalog = _load_catalog(Path(args.catalog))
+    else:
+        catalog = _infer_catalog(samples, input_path, reads)
     return samples, catalog, _batches(samples, catalog, input_path)
 
 
 def cmd_rules_test(args: argparse.Namespace) -> int:
     from fleetloop_agent.trigger_engine import TriggerEngine
-    from fleetloop_shared.rules import parse_campaign
+    from fleetloop_shared.rules import compile_expression, parse_campaign
 
     path = Path(args.campaign)
     if not path.is_file():
         raise NotFoundError(f"{path}: no such file")
     spec = parse_campaign(path.read_text(), source=str(path))
-    samples, catalog, batches = _load_inputs(args)
+    samples, catalog, batches = _load_inputs(args, compile_expression(spec.when).signals)
     engine = TriggerEngine(catalog)
     refused = engine.set_campaigns([spec], now_ns=0)  # expiry is the device's business, not the replay's
     if refused:
@@ -262,7 +313,8 @@ def cmd_rules_eval(args: argparse.Namespace) -> int:
 
     from fleetloop_shared.rules import Evaluator, compile_expression
 
-    samples, catalog, batches = _load_inputs(args)
+    reads = compile_expression(args.expression, source="<expression>").signals
+    samples, catalog, batches = _load_inputs(args, reads)
     expression = compile_expression(args.expression, catalog=catalog, source="<expression>")
     feeds = {}
     for batch in batches:

@@ -225,3 +225,45 @@ def test_real_drive_fits_a_one_minute_horizon(recordings: Path) -> None:
     assert held.tolist() == t[expected].tolist()
     assert values.tolist() == wheels[expected, 2].tolist()
     assert rb.bytes_used == int(expected.sum()) * (8 + 4 * 8)
+
+
+def test_string_signals_are_held_as_plain_str(catalog: Catalog) -> None:
+    catalog.add("Vehicle.Mode", DataType.STRING)  # 6
+    rb = RingBuffers(catalog, horizon_ns=2 * S, max_bytes=10_000)
+    # a numpy text array, an object array and a list all become object arrays of plain str
+    rb.append(GroupBatch("mode", np.array([1 * S, 2 * S], np.int64), {6: np.array(["eco", ""])}))
+    rb.append(GroupBatch("mode", np.array([3 * S], np.int64), {6: np.array(["sport é"], dtype=object)}))
+    rb.append(GroupBatch("mode", np.array([4 * S], np.int64), {6: ["x" * 1000]}))  # type: ignore[dict-item]
+    t, v = rb.samples("Vehicle.Mode", 0, 10 * S)
+    assert t.tolist() == [2 * S, 3 * S, 4 * S]  # the horizon (2 s) dropped the first one
+    assert v.dtype == object and v.tolist() == ["", "sport é", "x" * 1000]
+    assert all(type(s) is str for s in v.tolist())
+    (window,) = rb.window({6}, 3 * S, 4 * S)
+    assert window.values[6].tolist() == ["sport é", "x" * 1000]
+    assert rb.bytes_used == 3 * 16  # a timestamp and a reference per sample
+    # the dropped row's string is released at once, not when its slot is reused
+    ring = next(iter(rb._rings.values()))
+    assert ring.cols[6][: ring.start].tolist() == [None] * ring.start
+
+
+@pytest.mark.parametrize(
+    ("values", "words"),
+    [
+        (np.array([1.5]), "float64 values, the catalog declares STRING"),
+        (np.array([None], dtype=object), "NoneType value, the catalog declares STRING"),
+        (np.array([b"raw"], dtype=object), "bytes value, the catalog declares STRING"),
+    ],
+)
+def test_string_signals_refuse_values_that_are_not_text(
+    catalog: Catalog,
+    values: np.ndarray,
+    words: str,  # type: ignore[type-arg]
+) -> None:
+    catalog.add("Vehicle.Mode", DataType.STRING)
+    rb = RingBuffers(catalog, horizon_ns=S)
+    with pytest.raises(MalformedMessageError, match=words):
+        rb.append(GroupBatch("mode", np.array([1], np.int64), {6: values}))
+    # and text is not accepted for a numeric signal
+    with pytest.raises(MalformedMessageError, match="the catalog declares FLOAT64"):
+        rb.append(GroupBatch("car", np.array([1], np.int64), {1: np.array(["fast"], dtype=object)}))
+    assert rb.bytes_used == 0

@@ -328,3 +328,97 @@ def test_fires_carry_the_campaign_limits(catalog: Catalog) -> None:
     rig = Rig(catalog, parse_campaign(doc, "c.yaml"))
     (fire,) = rig.series("a", 1, [(1, 9)])
     assert fire.max_per_hour == 2 and fire.min_periods == (("A.*", 100_000_000),)
+
+
+def test_string_signals_drive_campaigns(catalog: Catalog) -> None:
+    catalog.add("D.mode", DataType.STRING)  # 4
+    rig = Rig(
+        catalog,
+        campaign("sport", 'D.mode == "sport" and A.x > 10', mode="always"),
+        campaign("shift", "changed(D.mode)", mode="always"),
+        campaign("held", 'held(D.mode != "park", 2s)'),
+    )
+    assert rig.refused == {}
+
+    def modes(points: list[tuple[float, str]]) -> list[tuple[str, float]]:
+        t = np.asarray([round(s * S) for s, _ in points], np.int64)
+        fires = rig.feed(GroupBatch("d", t, {4: np.asarray([v for _, v in points])}))  # a numpy <U array
+        return [(f.campaign, f.t_ns / S) for f in fires]
+
+    assert modes([(0, "park")]) == []
+    assert rig.series("a", 1, [(1, 20.0)]) == []
+    assert modes([(2, "sport"), (3, "sport")]) == [("sport", 2), ("shift", 2), ("sport", 3)]
+    assert [(f.campaign, f.t_ns / S) for f in rig.series("a", 1, [(4, 30.0)])] == [("sport", 4)]
+    assert modes([(5, "eco")]) == [("shift", 5), ("held", 5)]  # not "park" since 2 s (held across 4)
+    # a campaign started now holds the string that arrived before it
+    rig.engine.set_campaigns([campaign("late", 'D.mode == "eco" and A.x > 1', mode="always")], NOW)
+    assert [(f.campaign, f.t_ns / S) for f in rig.series("a", 1, [(6, 2.0)])] == [("late", 6)]
+
+
+def test_string_model_inputs_are_refused(catalog: Catalog) -> None:
+    catalog.add("D.mode", DataType.STRING)
+
+    class Scorer:
+        def inputs(self, name: str, window_ns: int) -> list[str]:
+            return ["A.x", "D.mode"]
+
+        def score(self, name: str, t_ns: object, window_ns: int, history: object) -> object:
+            raise AssertionError("never runs")
+
+    engine = TriggerEngine(catalog, Scorer())  # type: ignore[arg-type]
+    refused = engine.set_campaigns([campaign("m", 'model("m", 1s) > 0.5')], NOW)
+    assert refused == {"m": "model input signal 'D.mode' holds strings; models read numbers"}
+
+
+def test_a_string_trigger_is_refused_where_it_is_written(catalog: Catalog) -> None:
+    catalog.add("D.mode", DataType.STRING)
+    engine = TriggerEngine(catalog)
+    refused = engine.set_campaigns([campaign("s", "D.mode"), campaign("n", "D.mode > 1")], NOW)
+    assert refused["s"].startswith("s.yaml:6:12: condition computes a string")
+    assert refused["n"].startswith("n.yaml:6:19: cannot compare string with number using '>'")
+
+
+def test_campaigns_with_the_same_condition_share_work_but_not_fires(catalog: Catalog) -> None:
+    when = "held(A.x > 5, 1s) or count(A.x > 8, 2s) >= 2"
+    specs = [
+        campaign("rise", when),
+        campaign("always", when, mode="always"),
+        campaign("gap", when, mode="always", min_interval="3s"),
+        campaign("other", "A.x > 5 and C.z < 1", mode="always"),
+    ]
+    points = [(t * 0.25, float((t * 7) % 11)) for t in range(80)]
+    chunks = [points[i : i + 7] for i in range(0, len(points), 7)]
+
+    def alone(*chosen: CampaignSpec, late: CampaignSpec | None = None) -> list[tuple[str, int]]:
+        rig = Rig(catalog, *chosen)
+        out: list[tuple[str, int]] = []
+        for k, chunk in enumerate(chunks):
+            if late is not None and k == 4:
+                rig.engine.set_campaigns([*chosen, late], NOW)
+            out += [(f.campaign, f.t_ns) for f in rig.series("a", 1, chunk)]
+            out += [(f.campaign, f.t_ns) for f in rig.series("c", 3, [(chunk[-1][0], 0.5)])]
+        return out
+
+    together = alone(*specs)
+    engine = TriggerEngine(catalog)
+    engine.set_campaigns([*specs], NOW)
+    evaluators = {name: run.evaluator for name, run in engine._running.items()}
+    assert evaluators["rise"] is evaluators["always"] is evaluators["gap"] is not evaluators["other"]
+    engine.set_campaigns([*specs, campaign("late", when)], NOW)
+    assert engine._running["late"].evaluator is not evaluators["rise"]
+    assert engine._running["rise"].evaluator is evaluators["rise"]
+    separately = sorted(
+        (fire for spec in specs for fire in alone(spec)),
+        key=lambda f: (f[1], [s.name for s in specs].index(f[0])),
+    )
+    assert together == separately and {name for name, _ in together} == {s.name for s in specs}
+    # a campaign with the same condition started later starts fresh (its own edge memory and windows)
+    late = campaign("late", when, mode="always")
+    mixed = alone(*specs, late=late)
+    rig = Rig(catalog, late)
+    fresh = []
+    for chunk in chunks[4:]:
+        fresh += [f.t_ns for f in rig.series("a", 1, chunk) if f.campaign == "late"]
+        rig.series("c", 3, [(chunk[-1][0], 0.5)])
+    assert [t for name, t in mixed if name == "late"] == fresh
+    assert [f for f in mixed if f[0] != "late"] == together

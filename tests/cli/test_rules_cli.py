@@ -154,7 +154,7 @@ def test_rules_test_refuses_a_bad_rule_with_its_location(
     [
         ("time,signal,value\n", "header must be t,signal,value or t_ns,signal,value"),
         ("t,signal,value\nabc,A.x,1\n", ":2: time 'abc' is not a number of seconds"),
-        ("t,signal,value\n1,A.x,fast\n", ":2: value 'fast' of A.x is text"),
+        ("t,signal,value\n1,A.x,fast\n", "<expression>:1:5: cannot compare string with number using '>'"),
         ("t,signal,value\n1,A.x\n", ":2: expected 3 fields"),
         ("t,signal,value\n1,A.x,true\n2,A.x,3\n", "mixes true/false with numbers"),
         ("t,signal,value\n1,A.x,99999999999999999999\n", "does not fit in 64 bits"),
@@ -204,3 +204,120 @@ def test_input_signals_missing_from_the_catalog_are_named(
     )
     assert code == 0 and json.loads(out) == {"values": [{"t": 0, "value": 1.0}]}
     assert err.strip() == f"{files / 'x.csv'}:3: note: signal Vehicle.Sped is not in the catalog; ignored"
+
+
+STRINGS = "t,signal,value\n0,Gear,P\n0,Speed,0\n1,Gear,D\n2,Speed,20\n3,Gear, R \n3,Speed,5\n4,Gear,\n"
+
+
+def test_string_values_evaluate_and_print_as_json_strings(
+    files: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (files / "g.csv").write_text(STRINGS)
+    code, out, err = run(capsys, "rules", "eval", "Gear", "--input", str(files / "g.csv"), "-o", "json")
+    assert code == 0 and err == ""
+    # cells are stripped; an empty cell is the empty string, a value (not missing)
+    assert json.loads(out) == {
+        "values": [
+            {"t": 0, "value": "P"},
+            {"t": 1, "value": "D"},
+            {"t": 3, "value": "R"},
+            {"t": 4, "value": ""},
+        ]
+    }
+    code, out, _ = run(
+        capsys, "rules", "eval", 'Gear == "D" and Speed > 10', "--input", str(files / "g.csv"), "-o", "json"
+    )
+    assert [v["value"] for v in json.loads(out)["values"]] == [False, False, True, False, False]
+    code, out, _ = run(
+        capsys, "rules", "eval", 'changed(Gear) or Gear < "Q"', "--input", str(files / "g.csv"), "-o", "csv"
+    )
+    assert out.splitlines()[1:] == ["0,True", "1,True", "3,True", "4,True"]
+
+
+def test_rules_test_fires_on_strings(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (files / "g.csv").write_text(STRINGS)
+    (files / "g.yaml").write_text(
+        CAMPAIGN.replace(
+            "Vehicle.Speed > 50 and delta(Vehicle.Speed, 1s) < -15", "Gear == 'D' and Speed > 10"
+        ).replace('["Vehicle.Speed"]', "[Gear]")
+    )
+    code, out, _ = run(
+        capsys, "rules", "test", str(files / "g.yaml"), "--input", str(files / "g.csv"), "-o", "json"
+    )
+    assert code == 0
+    assert json.loads(out) == {"campaign": "harsh-braking", "fires": [{"t": 2, "window": [-8, 7]}]}
+
+
+def test_a_signal_with_any_text_is_a_string_signal(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (files / "m.csv").write_text("t,signal,value\n1,A.x,1\n2,A.x,nan\n3,A.x,true\n4,A.x,oops\n")
+    code, out, err = run(capsys, "rules", "eval", "A.x", "--input", str(files / "m.csv"), "-o", "json")
+    assert code == 0  # every cell verbatim: "1", "nan" and "true" are text too
+    assert [v["value"] for v in json.loads(out)["values"]] == ["1", "nan", "true", "oops"]
+    assert err.strip() == (
+        f"{files / 'm.csv'}:5: note: signal A.x has the text 'oops' (and '1' at line 2): "
+        "all its values are read as strings"
+    )
+    # a rule that treats it as a number is then refused where it is written, the note says why
+    code, _, err = run(capsys, "rules", "eval", "A.x > 1", "--input", str(files / "m.csv"))
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"{files / 'm.csv'}:5: note: signal A.x has the text 'oops' (and '1' at line 2): "
+        "all its values are read as strings",
+        "<expression>:1:5: cannot compare string with number using '>'",
+    ]
+    # a signal the rule does not read gets no note
+    (files / "n.csv").write_text("t,signal,value\n1,A.x,1\n2,B.y,1\n3,B.y,oops\n")
+    code, _, err = run(capsys, "rules", "eval", "A.x > 0", "--input", str(files / "n.csv"))
+    assert code == 0 and err == ""
+
+
+@pytest.mark.parametrize(
+    ("data_type", "content", "message"),
+    [
+        ("STRING", "t,signal,value\n1,Mode,1.5\n2,Mode,true\n", ""),
+        (
+            "FLOAT64",
+            "t,signal,value\n1,Mode,1.5\n2,Mode,eco\n",
+            ":3: signal Mode is a number in the catalog (FLOAT64), the input has text: 'eco'",
+        ),
+        (
+            "INT64",
+            "t,signal,value\n1,Mode,1\n2,Mode,1.5\n",
+            ":3: signal Mode is an integer in the catalog (INT64), the input has a number: '1.5'",
+        ),
+        (
+            "BOOL",
+            "t,signal,value\n1,Mode,true\n2,Mode,0\n",
+            ":3: signal Mode is true/false in the catalog (BOOL), the input has a number: '0'",
+        ),
+        (
+            "FLOAT64",
+            "t,signal,value\n1,Mode,99999999999999999999\n",
+            ":2: integer 99999999999999999999 does not fit in 64 bits",
+        ),
+        ("STRING", "t,signal,value\n1,Mode,99999999999999999999\n", ""),
+    ],
+)
+def test_catalog_datatypes_decide_how_cells_are_read(
+    files: Path, capsys: pytest.CaptureFixture[str], data_type: str, content: str, message: str
+) -> None:
+    (files / "cat.json").write_text(
+        json.dumps({"signals": [{"id": 1, "path": "Mode", "data_type": data_type}]})
+    )
+    (files / "v.csv").write_text(content)
+    argv = [
+        "rules",
+        "eval",
+        "is_null(Mode)",
+        "--input",
+        str(files / "v.csv"),
+        "--catalog",
+        str(files / "cat.json"),
+    ]
+    code, out, err = run(capsys, *argv, "-o", "json")
+    if not message:
+        assert code == 0 and err == ""
+        code, out, _ = run(capsys, *argv[:2], "Mode", *argv[3:], "-o", "json")
+        assert all(type(v["value"]) is str for v in json.loads(out)["values"])
+        return
+    assert code == 2 and err.strip() == f"error: {files / 'v.csv'}{message}"

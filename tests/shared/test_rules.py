@@ -15,6 +15,7 @@ from fleetloop_shared.catalog import Catalog, DataType
 from fleetloop_shared.errors import RuleError
 from fleetloop_shared.rules import (
     CampaignSpec,
+    Kind,
     check_against_catalog,
     compile_expression,
     parse_campaign,
@@ -46,7 +47,16 @@ ERROR_TABLE = [
     ("avg(x, 0s) > 0", 8, "longer than 0"),
     ("avg(x, 2h) > 0", 8, "at most 1h"),
     ('"abc" > 5', 7, "cannot compare string with number"),
-    ('x == "abc"', 3, "cannot compare signal value with string"),
+    ('x + "abc"', 3, "'+' needs numbers, got signal value and string"),
+    ('"abc" == 1.5', 7, "cannot compare string with number using '=='"),
+    ('"abc" != true', 7, "cannot compare string with true/false"),
+    ('"a" < 1 or x > 1', 5, "cannot compare string with number using '<'"),
+    ('-"a" < x', 1, "unary '-' needs a number, got string"),
+    ('abs("a") > 1', 5, "abs() needs a number, got string"),
+    ('not "a"', 1, "'not' needs true/false, got string"),
+    ('count("a", 1s) > 1', 7, "count() needs true/false, got string"),
+    ('"a" and x > 1', 5, "'and' needs true/false, got string"),
+    ("true < false", 6, "(true/false has no order)"),
     ("x > 1s", 5, "duration 1s is only allowed"),
     ("abs(1, 2)", 1, "abs() takes 1 argument"),
     ("min(1)", 1, "min() takes at least 2 arguments"),
@@ -86,7 +96,6 @@ ERROR_TABLE = [
     ("1 + true", 3, "'+' needs numbers"),
     ("x > 1 and 5", 7, "'and' needs true/false, got number"),
     ("not 5", 1, "'not' needs true/false"),
-    ('"abc"', 1, "computes a string"),
     ("", 1, "empty"),
     ("(" * 100 + "1" + ")" * 100, 65, "nested deeper"),
     ("+".join(["1"] * 200), 1, "nested deeper"),
@@ -128,8 +137,52 @@ def test_catalog_checks_signals_and_types() -> None:
             compile_expression(text, catalog=catalog)
         assert reason in info.value.reason, text
         assert info.value.col == col, text
-    # without a catalog every path is accepted
+    # without a catalog every path is accepted, and may hold strings
     assert compile_expression("Vehicle.Sped > 3").signals == {"Vehicle.Sped"}
+    assert compile_expression('Vehicle.Sped == "D" and Vehicle.Sped < "E"').signals == {"Vehicle.Sped"}
+
+
+def test_string_signals_type_check() -> None:
+    catalog = Catalog()
+    catalog.add("Vehicle.Mode", DataType.STRING)
+    catalog.add("Vehicle.Speed", DataType.FLOAT64)
+    catalog.add("Vehicle.Braking", DataType.BOOL)
+    fine = {
+        'Vehicle.Mode == "eco"': Kind.BOOL,
+        'Vehicle.Mode != ""': Kind.BOOL,
+        'Vehicle.Mode >= "b" and "z" > Vehicle.Mode': Kind.BOOL,  # code-point order
+        "changed(Vehicle.Mode)": Kind.BOOL,
+        "is_null(Vehicle.Mode)": Kind.BOOL,
+        "age(Vehicle.Mode)": Kind.FLOAT,
+        'count(Vehicle.Mode == "eco", 10s)': Kind.INT,
+        'held(Vehicle.Mode == "eco", 1s) and rising(Vehicle.Mode != "x")': Kind.BOOL,
+        "Vehicle.Mode": Kind.STRING,  # a value rules eval can print, not a trigger
+    }
+    for text, kind in fine.items():
+        assert compile_expression(text, catalog=catalog).kind is kind, text
+    cases = [
+        ("Vehicle.Mode > 5", 14, "cannot compare string with number using '>'"),
+        ("Vehicle.Mode == Vehicle.Speed", 14, "cannot compare string with number using '=='"),
+        ("Vehicle.Mode == Vehicle.Braking", 14, "cannot compare string with true/false"),
+        ("Vehicle.Mode + 1 > 2", 14, "'+' needs numbers, got string and number"),
+        ("avg(Vehicle.Mode, 1s) > 2", 5, "avg() needs a numeric signal, Vehicle.Mode holds strings"),
+        ('min_over(Vehicle.Mode, 1s) == "a"', 10, "min_over() needs a numeric signal"),
+        ('delta(Vehicle.Mode, 1s) == "a"', 7, "delta() needs a numeric signal"),
+        ('prev_max(Vehicle.Mode, 1s) == "a"', 10, "prev_max() needs a numeric signal"),
+        ("max(Vehicle.Mode, Vehicle.Speed) > 1", 5, "max() needs a number, got string"),
+        ("Vehicle.Mode and Vehicle.Braking", 14, "'and' needs true/false, got string"),
+        ("rising(Vehicle.Mode)", 8, "rising() needs true/false, got string"),
+    ]
+    for text, col, reason in cases:
+        with pytest.raises(RuleError) as info:
+            compile_expression(text, catalog=catalog, source="c.yaml", line=3, col=1)
+        assert reason in info.value.reason, (text, info.value.reason)
+        assert (info.value.source, info.value.line, info.value.col) == ("c.yaml", 3, col), text
+    # a trigger must be true/false: a string (or number) is refused where it is computed
+    for text, what in (("Vehicle.Mode", "a string"), ('"abc"', "a string"), ("Vehicle.Speed", "a number")):
+        with pytest.raises(RuleError) as info:
+            compile_expression(text, catalog=catalog, require_condition=True)
+        assert f"condition computes {what}; it must be true/false" in info.value.reason
 
 
 @settings(max_examples=300, deadline=None)
@@ -325,6 +378,18 @@ def test_check_against_catalog() -> None:
         check_against_catalog(no_match, catalog)
     assert "'Vehicle.Cabin.*' matches no signal" in info.value.reason
     assert (info.value.line, info.value.col) == (11, 32)
+
+    # a string signal compared with a number: refused on the device with the position in the YAML
+    catalog.add("Vehicle.Mode", DataType.STRING)
+    text = parse_campaign(DOC.replace("Vehicle.Speed > 50 and", "Vehicle.Mode > 50 and"), "c.yaml")
+    with pytest.raises(RuleError) as info:
+        check_against_catalog(text, catalog)
+    assert "cannot compare string with number using '>'" in info.value.reason
+    assert (info.value.line, info.value.col) == (7, WHEN_COL + 13)
+    check_against_catalog(
+        parse_campaign(DOC.replace("Vehicle.Speed > 50 and", "Vehicle.Mode == 'sport' and"), "c.yaml"),
+        catalog,
+    )
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ I64 = (-(2**63), 2**63 - 1)
 Sample = tuple[int, str, Any]  # (t_ns, path, value)
 
 KINDS = {"a": DataType.INT64, "b": DataType.INT64, "x": DataType.FLOAT64, "y": DataType.FLOAT64}
-KINDS |= {"p": DataType.BOOL, "q": DataType.BOOL}
+KINDS |= {"p": DataType.BOOL, "q": DataType.BOOL, "s": DataType.STRING, "u": DataType.STRING}
 
 
 def make_catalog() -> Catalog:
@@ -327,6 +327,8 @@ A3 = series(a=[(1, 3)])
 X = series(x=[(1, 10.0), (2, 20.0), (3, 40.0), (4, 30.0), (5, 35.0)])
 NEG = series(x=[(1, -5.0), (2, -7.0), (3, -6.0)])
 N = None
+GEARS = series(s=[(1, "P"), (2, "D"), (3, "R")])
+XS = series(s=[(1, "x"), (2, "y"), (3, "x"), (4, "x")])
 
 TABLE: list[tuple[str, list[Sample], list[Any]]] = [
     # arithmetic, integer exactness, precedence
@@ -422,6 +424,34 @@ TABLE: list[tuple[str, list[Sample], list[Any]]] = [
     ("changed(b) or a > 5", series(a=[(1, 1), (3, 2)], b=[(2, 5)]), [False, True, False]),
     ("age(a) < 1 and age(b) < 1", series(a=[(1, 1)], b=[(2.5, 0)]), [N, False]),
     ("age(a) + age(b)", series(a=[(1, 1)], b=[(2.5, 0)]), [N, 1.5]),
+    # strings: exact equality, code-point order, sample and hold, missing only before the first sample
+    ('s == "D"', GEARS, [False, True, False]),
+    ('s != "D"', GEARS, [True, False, True]),
+    ('s < "Q"', GEARS, [True, True, False]),
+    ('s >= "R"', GEARS, [False, False, True]),
+    ('"Q" > s', GEARS, [True, True, False]),
+    ("s", GEARS, ["P", "D", "R"]),
+    ('s < "a"', series(s=[(1, "Z"), (2, "é"), (3, "B"), (4, "")]), [True, False, True, True]),
+    ('s == "é"', series(s=[(1, "e\u0301"), (2, "\u00e9"), (3, "é ")]), [False, True, False]),
+    ('s == ""', series(s=[(1, "")]), [True]),
+    ("s == u", series(s=[(1, "a")], u=[(2, "a"), (3, "b")]), [N, True, False]),
+    ("s < u", series(s=[(1, "ab")], u=[(2, "b"), (3, "a")]), [N, True, False]),
+    ('s == "a" and a == 0', series(s=[(1, "a")], a=[(2, 0)]), [N, True]),
+    ('s == "x" or a > 0', series(a=[(1, 3)], s=[(2, "y")]), [True, True]),
+    ("s", series(s=[(1, "a"), (1, "b"), (2, "c")]), ["b", "c"]),
+    ("is_null(s) and a > 0", series(a=[(1, 3)], s=[(2, "x")]), [True, False]),
+    ("is_null(s)", series(s=[(1, "")]), [False]),
+    (
+        "changed(s)",
+        series(s=[(1, "a"), (2, "a"), (3, "b"), (4, "b"), (5, "")]),
+        [False, False, True, False, True],
+    ),
+    ("changed(s) or a > 5", series(s=[(1, "a"), (3, "b")], a=[(2, 0), (4, 0)]), [N, False, True, False]),
+    ("age(s) + a", series(s=[(1, "a")], a=[(2.5, 0)]), [N, 1.5]),
+    ('count(s == "x", 2s)', XS, [1, 1, 1, 2]),
+    ('held(s == "x", 1s)', XS, [False, False, False, True]),
+    ('rising(s == "x")', XS, [False, False, True, False]),
+    ('falling(s == "x")', XS, [False, True, False, False]),
 ]
 
 
@@ -454,19 +484,30 @@ def test_modes_and_min_interval(mode: str, gap: str, expected: list[int]) -> Non
 def fires_through_engine(
     text: str, mode: str, gap: str, samples: Sequence[Sample], chunk: int = 0
 ) -> list[int]:
-    doc = (
-        "apiVersion: fleetloop/v1\nkind: Campaign\nmetadata: {name: c, version: 1}\n"
-        f"spec:\n  trigger:\n    when: '{text}'\n    mode: {mode}\n    min_interval: {gap}\n"
-    )
+    return campaigns_through_engine([(text, mode, gap)], samples, chunk)[0]
+
+
+def campaigns_through_engine(
+    campaigns: Sequence[tuple[str, str, str]], samples: Sequence[Sample], chunk: int = 0
+) -> list[list[int]]:
+    """Fires of each ``(condition, mode, min_interval)`` campaign, all running in one engine (so they
+    share its per-batch work), the samples fed in batches of ``chunk`` timestamps (0: one batch)."""
+    specs = []
+    for k, (text, mode, gap) in enumerate(campaigns):
+        doc = (
+            f"apiVersion: fleetloop/v1\nkind: Campaign\nmetadata: {{name: c{k}, version: 1}}\n"
+            f"spec:\n  trigger:\n    when: '{text}'\n    mode: {mode}\n    min_interval: {gap}\n"
+        )
+        specs.append(parse_campaign(doc))
     engine = TriggerEngine(CATALOG)
-    assert engine.set_campaigns([parse_campaign(doc)], 0) == {}
+    assert engine.set_campaigns(specs, 0) == {}
     buffers = RingBuffers(CATALOG, horizon_ns=10**15)
     ordered = sorted(samples, key=lambda s: s[0])
     times = sorted({t for t, _, _ in ordered})
+    fires: list[list[int]] = [[] for _ in campaigns]
     if not times:
-        return []
+        return fires
     groups = [times] if not chunk else [times[i : i + chunk] for i in range(0, len(times), chunk)]
-    fires: list[int] = []
     for group in groups:
         lo, hi = group[0], group[-1]
         batches = []
@@ -483,7 +524,8 @@ def fires_through_engine(
                 )
         for batch in batches:
             buffers.append(batch)
-        fires += [f.t_ns for f in engine.process(batches, buffers)]
+        for fire in engine.process(batches, buffers):
+            fires[int(fire.campaign[1:])].append(fire.t_ns)
     return fires
 
 
@@ -513,7 +555,9 @@ WINDOW_CALLS = st.tuples(
     st.sampled_from(["a", "b", "x", "y"]),
     st.sampled_from(WINDOWS),
 ).map(lambda t: f"{t[0]}({t[1]}, {t[2]})")
-NUM_LEAVES = st.one_of(INT_LEAVES, FLOAT_LEAVES, WINDOW_CALLS, st.sampled_from(["age(x)", "age(a)"]))
+NUM_LEAVES = st.one_of(
+    INT_LEAVES, FLOAT_LEAVES, WINDOW_CALLS, st.sampled_from(["age(x)", "age(a)", "age(s)"])
+)
 NUMBERS = st.recursive(NUM_LEAVES, _num, max_leaves=4)
 
 
@@ -534,9 +578,15 @@ def _cond(children: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
 COMPARISONS = st.tuples(NUMBERS, st.sampled_from(["==", "!=", "<", "<=", ">", ">="]), NUMBERS).map(
     lambda t: f"({t[0]} {t[1]} {t[2]})"
 )
+STR_LEAVES = st.sampled_from(["s", "u", '""', '"a"', '"ab"', '"B"', '"é"', '"10"'])
+STR_COMPARISONS = st.tuples(STR_LEAVES, st.sampled_from(["==", "!=", "<", "<=", ">", ">="]), STR_LEAVES).map(
+    lambda t: f"({t[0]} {t[1]} {t[2]})"
+)
 COND_LEAVES = st.one_of(
     st.sampled_from(["p", "q", "true", "false"]),
     COMPARISONS,
+    STR_COMPARISONS,
+    st.sampled_from(["changed(s)", "is_null(u)", "changed(u)", "is_null(s)"]),
     NUMBERS.map(lambda n: f"is_null({n})"),
     NUMBERS.map(lambda n: f"changed({n})"),
     st.sampled_from(["changed(p)", "is_null(q)"]),
@@ -544,6 +594,10 @@ COND_LEAVES = st.one_of(
 CONDITIONS = st.recursive(COND_LEAVES, _cond, max_leaves=4)
 
 INT_VALUES = st.one_of(st.integers(-5, 5), st.sampled_from([BIG, -BIG, 2**63 - 1, -(2**63)]))
+STRING_VALUES = st.one_of(
+    st.sampled_from(["", "a", "ab", "b", "B", "é", "e\u0301", "10", "9", "a\x00"]),
+    st.text(max_size=3),
+)
 FLOAT_VALUES = st.one_of(
     st.sampled_from([0.0, -0.0, 0.5, 2.5, -3.0, 1e300, math.nan, 4.611686018427388e18]),
     st.floats(-100, 100, allow_nan=False),
@@ -561,6 +615,8 @@ def sample_sets(draw: st.DrawFn) -> list[Sample]:
                 value: Any = draw(INT_VALUES)
             elif kind is DataType.FLOAT64:
                 value = draw(FLOAT_VALUES)
+            elif kind is DataType.STRING:
+                value = draw(STRING_VALUES)
             else:
                 value = draw(st.booleans())
             samples.append((t, path, value))
@@ -569,7 +625,9 @@ def sample_sets(draw: st.DrawFn) -> list[Sample]:
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    text=st.one_of(NUMBERS, CONDITIONS), samples=sample_sets(), cuts=st.lists(st.integers(0, 16), max_size=3)
+    text=st.one_of(NUMBERS, CONDITIONS, st.sampled_from(["s", "u"])),
+    samples=sample_sets(),
+    cuts=st.lists(st.integers(0, 16), max_size=3),
 )
 def test_evaluator_matches_the_reference(text: str, samples: list[Sample], cuts: list[int]) -> None:
     want = Reference(text, samples).values()
@@ -592,6 +650,30 @@ def test_engine_fires_match_the_reference(
     gap_ns = 0 if gap == "0" else int(float(gap.rstrip("ms").rstrip("s")) * (MS if gap.endswith("ms") else S))
     want = reference_fires(reference.values(), reference.times, mode, gap_ns)
     assert fires_through_engine(text, mode, gap, samples, chunk) == want, text
+
+
+def _gap_ns(gap: str) -> int:
+    return 0 if gap == "0" else int(float(gap.rstrip("ms").rstrip("s")) * (MS if gap.endswith("ms") else S))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    texts=st.lists(CONDITIONS, min_size=2, max_size=4),
+    samples=sample_sets(),
+    modes=st.lists(st.sampled_from(["rising", "always"]), min_size=4, max_size=4),
+    gap=st.sampled_from(["0", "500ms", "1s"]),
+    chunk=st.integers(0, 4),
+)
+def test_campaigns_sharing_one_engine_match_the_reference(
+    texts: list[str], samples: list[Sample], modes: list[str], gap: str, chunk: int
+) -> None:
+    # the same condition twice (one evaluation state shared), and conditions sharing sub-expressions
+    campaigns = [(text, modes[k], gap) for k, text in enumerate(texts)] + [(texts[0], "always", "0")]
+    got = campaigns_through_engine(campaigns, samples, chunk)
+    for (text, mode, gap_text), fires in zip(campaigns, got, strict=True):
+        reference = Reference(text, samples)
+        want = reference_fires(reference.values(), reference.times, mode, _gap_ns(gap_text))
+        assert fires == want, (text, mode, gap_text)
 
 
 def test_reference_agrees_on_a_mapping_of_kinds() -> None:

@@ -93,7 +93,7 @@ def check_against_catalog(spec: CampaignSpec, catalog: Catalog) -> None:
     if spec.document:
         _DocumentReader(spec.document, spec.source, catalog).campaign()
         return
-    compile_expression(spec.when, catalog=catalog, source=spec.source)
+    compile_expression(spec.when, catalog=catalog, source=spec.source, require_condition=True)
     for pattern in spec.collect_signals:
         if not catalog.match([pattern]):
             message = f"collect signal {pattern!r} matches no signal in the catalog"

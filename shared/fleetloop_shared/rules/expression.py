@@ -8,14 +8,21 @@ never an exception.
 
 The result is a tree of :class:`Op` nodes whose *kind* (integer, float, true/false, string) is fixed
 statically, so the vectorized evaluator (:mod:`fleetloop_shared.rules.vector`) can give every node one
-numpy dtype. Result kinds: ``+ - * %`` keep integers when both sides are integers (an overflow of 64
-bits is missing); ``/``, ``**``, ``sqrt``, ``avg``, ``prev_avg``, ``rate``, ``age`` and ``model`` give
-floats; ``floor``/``ceil`` give integers; ``min``/``max`` give integers only when every argument is one.
+numpy dtype (strings: ``object`` arrays of Python ``str``). Result kinds: ``+ - * %`` keep integers
+when both sides are integers (an overflow of 64 bits is missing); ``/``, ``**``, ``sqrt``, ``avg``,
+``prev_avg``, ``rate``, ``age`` and ``model`` give floats; ``floor``/``ceil`` give integers;
+``min``/``max`` give integers only when every argument is one.
+
+Strings (``STRING`` signals and quoted literals) only compare with strings: ``==``/``!=`` exactly, and
+``< <= > >=`` by Unicode code point (Python's ``str`` order, the same as UTF-8 byte order, so every
+implementation agrees without a locale). Arithmetic, numeric functions and numeric windows on a string
+are refused statically, as is a string compared with a number or true/false.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -40,6 +47,13 @@ class Kind(Enum):
 
 
 _NUMERIC = frozenset({Kind.INT, Kind.FLOAT, Kind.ANY})
+#: The static kind of a signal of each catalog datatype.
+_SIGNAL_KINDS = {
+    DataType.BOOL: Kind.BOOL,
+    DataType.INT64: Kind.INT,
+    DataType.FLOAT64: Kind.FLOAT,
+    DataType.STRING: Kind.STRING,
+}
 
 ARITHMETIC_OPS = frozenset({"+", "-", "*", "/", "%", "**"})
 ORDERING_OPS = frozenset({"<", "<=", ">", ">="})
@@ -74,6 +88,9 @@ _OTHER_SIGNATURES = {
     "model": 'model("name", window)',
 }
 FUNCTIONS = frozenset([*_MATH_SIGNATURES, *WINDOW_FUNCTIONS, *_OTHER_SIGNATURES])
+#: Functions whose value depends on more than the evaluation time: the state functions (they see the
+#: campaign's own earlier evaluation times) and models (scored only at the campaign's own times).
+IMPURE_FUNCTIONS = frozenset({"count", "held", "rising", "falling", "changed", "model"})
 
 
 @dataclass(eq=False)
@@ -84,6 +101,11 @@ class Op:
     ``and``, ...) or a function name. ``nid`` numbers the nodes of one expression (evaluation state is
     kept per node). ``path`` is the signal of ``signal``, window functions and ``age``; ``window_ns`` the
     window of window functions, ``count``, ``held`` and ``model``; ``value`` the constant or model name.
+
+    ``key`` is a digest of the node's whole subtree (operation, kinds, constants, paths, windows), equal
+    for equal subtrees of any expression: the engine computes a *pure* node (one whose value at t depends
+    on t alone, i.e. no stateful function or model below it) once per batch for every campaign that
+    contains it.
     """
 
     fn: str
@@ -93,6 +115,8 @@ class Op:
     path: str = ""
     window_ns: int = 0
     nid: int = field(default=0)
+    key: bytes = b""
+    pure: bool = True
 
 
 class Expression:
@@ -134,14 +158,23 @@ class Expression:
 
 
 def compile_expression(
-    text: str, *, catalog: Catalog | None = None, source: str = "", line: int = 1, col: int = 1
+    text: str,
+    *,
+    catalog: Catalog | None = None,
+    source: str = "",
+    line: int = 1,
+    col: int = 1,
+    require_condition: bool = False,
 ) -> Expression:
     """Compile ``text`` (which starts at ``line``:``col`` of ``source``); :class:`RuleError` if invalid.
 
     With a catalog, signal paths must exist in it and get its datatypes; without one, any dotted path
     is accepted as a signal (the cloud validates a rule before it knows every device's catalog).
+    ``require_condition`` refuses an expression that visibly computes a number or a string (a trigger
+    must be true/false); ``rules eval`` leaves it off, as any value can be printed.
     """
-    return compile_located(text, Locator.standalone(text, source=source, line=line, col=col), catalog)
+    locator = Locator.standalone(text, source=source, line=line, col=col)
+    return compile_located(text, locator, catalog, require_condition=require_condition)
 
 
 def compile_located(
@@ -154,10 +187,9 @@ def compile_located(
     tree = parse(text, locator)
     compiler = _Compiler(locator, catalog)
     root = compiler.compile(tree, 0)
-    if root.kind is Kind.STRING:
-        raise locator.error("expression computes a string; it must compute a number or true/false", 0)
-    if require_condition and root.kind in (Kind.INT, Kind.FLOAT):
-        raise locator.error("condition computes a number; it must be true/false (compare it)", 0)
+    if require_condition and root.kind in (Kind.INT, Kind.FLOAT, Kind.STRING):
+        what = "a string" if root.kind is Kind.STRING else "a number"
+        raise locator.error(f"condition computes {what}; it must be true/false (compare it)", 0)
     return Expression(
         text,
         root,
@@ -186,6 +218,13 @@ class _Compiler:
     def _op(self, fn: str, kind: Kind, args: tuple[Op, ...] = (), **extra: object) -> Op:
         op = Op(fn, kind, args, nid=self.count, **extra)  # type: ignore[arg-type]
         self.count += 1
+        op.pure = fn not in IMPURE_FUNCTIONS and all(a.pure for a in args)
+        digest = hashlib.blake2b(digest_size=16)
+        own = (fn, kind.name, type(op.value).__name__, repr(op.value), op.path, op.window_ns, len(args))
+        digest.update(repr(own).encode())
+        for arg in args:
+            digest.update(arg.key)
+        op.key = digest.digest()
         return op
 
     def compile(self, node: Node, depth: int) -> Op:
@@ -225,9 +264,7 @@ class _Compiler:
             raise self._loc.error(
                 f"unknown signal {node.path!r} (not in the catalog){suggestion}", node.offset
             )
-        return {DataType.BOOL: Kind.BOOL, DataType.INT64: Kind.INT, DataType.FLOAT64: Kind.FLOAT}[
-            spec.data_type
-        ]
+        return _SIGNAL_KINDS[spec.data_type]
 
     def _signal(self, node: Signal) -> Op:
         kind = self._signal_kind(node)
@@ -251,14 +288,16 @@ class _Compiler:
             for kind in kinds:
                 self._expect(kind, Kind.BOOL, f"'{op}'", node.op_offset)
             return self._op(op, Kind.BOOL, (left, right))
-        if op in ARITHMETIC_OPS or op in ORDERING_OPS:
+        if op in ARITHMETIC_OPS:
             if any(k not in _NUMERIC for k in kinds):
-                message = (
-                    f"cannot compare {_describe(left.kind)} with {_describe(right.kind)} using '{op}'"
-                    if op in ORDERING_OPS
-                    else f"'{op}' needs numbers, got {_describe(left.kind)} and {_describe(right.kind)}"
-                )
+                message = f"'{op}' needs numbers, got {_describe(left.kind)} and {_describe(right.kind)}"
                 raise self._loc.error(message, node.op_offset)
+        elif op in ORDERING_OPS and Kind.BOOL in kinds:
+            raise self._loc.error(
+                f"cannot compare {_describe(left.kind)} with {_describe(right.kind)} using '{op}'"
+                + (" (true/false has no order)" if left.kind is right.kind else ""),
+                node.op_offset,
+            )
         elif not _comparable(left.kind, right.kind):
             raise self._loc.error(
                 f"cannot compare {_describe(left.kind)} with {_describe(right.kind)} using '{op}'",
@@ -377,6 +416,12 @@ class _Compiler:
         previous, result = WINDOW_FUNCTIONS[name]
         window_ns = self._window_arg(node, window, signature, 2 if previous else 1)
         kind = self._signal_kind(series)
+        if kind is Kind.STRING:
+            raise self._loc.error(
+                f"{name}() needs a numeric signal, {series.path} holds strings "
+                f'(on strings use changed(), is_null(), age() or count({series.path} == "...", w))',
+                series.offset,
+            )
         self._expect_number(kind, f"{name}()", series.offset)
         self.signals.add(series.path)
         return self._op(name, result or kind, path=series.path, window_ns=window_ns)
@@ -396,10 +441,9 @@ def _describe(kind: Kind) -> str:
 
 
 def _comparable(a: Kind, b: Kind) -> bool:
-    if Kind.STRING in (a, b):
-        return a is b  # no catalog type holds text, so a signal is never equal to a string
+    """Whether ``a`` and ``b`` may be compared (ordering also needs neither to be true/false)."""
     if Kind.ANY in (a, b):
-        return True
+        return True  # without a catalog a signal may hold anything, strings too
     if a in _NUMERIC and b in _NUMERIC:
         return True
     return a is b

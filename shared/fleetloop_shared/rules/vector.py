@@ -8,6 +8,10 @@ each signal) lives in the evaluator, so splitting the same samples into differen
 same values: the contract in ``docs/rules.md`` is what this module and the slow reference interpreter
 in the tests both implement.
 
+Strings are ``object`` arrays of Python ``str`` (a missing entry holds ``""``, never a number, so
+comparisons of the whole array never mix types); a string sample is never missing by itself (only
+before a signal's first sample), and strings compare exactly, ordered by code point.
+
 Exactness: integers stay ``int64`` end to end (overflow of 64 bits is missing, detected without ever
 converting to float); an integer compared with a float is compared by exact value; integer averages sum
 exactly and divide with one rounding, like Python's ``int / int``.
@@ -75,6 +79,10 @@ class Evaluator:
             raise ValueError("an expression compiled without a catalog cannot be evaluated")
         self.expression = expression
         self._models = models
+        #: Signals holding strings: their feeds are turned into ``object`` arrays of ``str`` on entry
+        #: (a numpy ``<U`` array would hand out ``numpy.str_`` scalars and pad nothing, but compare the
+        #: same; one representation keeps held values, caches and outputs plain ``str``).
+        self._string_paths = frozenset(_string_signals(expression.root, set()))
         self._hold: dict[str, tuple[int, object]] = {}
         self._state: dict[int, Any] = {}
         self._evaluated = False
@@ -85,21 +93,31 @@ class Evaluator:
         feeds: Mapping[str, Feed],
         history: WindowSource,
         seed: Mapping[str, tuple[int, object]] | None = None,
-        shared: dict[Any, Any] | None = None,
+        grid: BatchGrid | None = None,
     ) -> Vec:
         """The expression's value at every time of ``t_ns`` (sorted, distinct, later than any earlier call).
 
         ``feeds`` hold the new samples (time order) of the signals read; ``seed`` the latest sample of a
         signal from before this evaluator existed (so a campaign started mid-stream sees held values).
-        ``shared`` is a cache the caller may pass to every evaluator of one batch (same feeds, same
-        history): held signal values and window results are then computed once for all campaigns that
-        read them at the same evaluation times. The caller must keep ``t_ns`` alive while it uses it.
+        ``grid`` (the engine's) holds the batch's pure nodes, computed once for every campaign evaluated
+        at the same times: they are taken from its shared context of ``t_ns`` (the caller keeps that
+        array alive), and held values are the grid's (the device's latest samples), so ``seed`` and
+        this evaluator's own held values are not used. Only the state functions and models run here.
         """
+        if grid is not None:
+            if not t_ns.shape[0]:
+                return _empty(self.expression.kind)
+            context = _Context(self, t_ns, grid.feeds, history, grid.context(t_ns))
+            result = context.eval(self.expression.root)  # the grid's user holds np.errstate
+            self._evaluated = True
+            return result
         if seed:
             for path, sample in seed.items():
                 if path in self.expression.signals and path not in self._hold:
                     self._hold[path] = sample
-        context = _Context(self, np.asarray(t_ns, np.int64), feeds, history, shared)
+        if self._string_paths:
+            feeds = _as_text_feeds(feeds, self._string_paths)
+        context = _Context(self, np.asarray(t_ns, np.int64), feeds, history)
         with np.errstate(all="ignore"):
             result = context.eval(self.expression.root) if t_ns.shape[0] else _empty(self.expression.kind)
         for path in self.expression.signals:
@@ -115,10 +133,83 @@ class Evaluator:
         return result
 
 
-def _hashable(value: object) -> object:
-    """A held value as a cache key part (numpy scalars are hashable; NaN never equals itself, which only
-    costs a cache miss)."""
-    return value.item() if isinstance(value, np.generic) else value
+class _Holder:
+    """What a grid's context reads from its owner: the held values and the models (no state)."""
+
+    def __init__(self, hold: Mapping[str, tuple[int, object]], models: ModelScorer | None) -> None:
+        self._hold = hold
+        self._models = models
+        self._state: dict[int, Any] = {}
+
+
+class BatchGrid:
+    """The pure nodes of every running expression in one engine call, each computed once per set of
+    evaluation times.
+
+    A pure node's value at a time t depends on t alone: held values are the device's latest samples
+    (the same for every campaign: a campaign started mid-stream is seeded with them), windows read the
+    same history, and the operators are pointwise. So campaigns evaluated at the same times (those that
+    read the same signals with new samples) share every pure subtree (by ``Op.key``): a window, a
+    comparison, a whole condition is computed once for all of them. Only the state functions and models
+    run per campaign, and a campaign whose whole condition is pure and true nowhere in the batch is
+    settled without array work (:meth:`truth`). Use it (and evaluators given it) inside
+    ``np.errstate(all="ignore")``: overflow and division by zero are missing values, not warnings.
+    """
+
+    def __init__(
+        self,
+        feeds: Mapping[str, Feed],
+        history: WindowSource,
+        hold: Mapping[str, tuple[int, object]],
+        models: ModelScorer | None = None,
+        string_paths: frozenset[str] = frozenset(),
+    ) -> None:
+        self.feeds = _as_text_feeds(feeds, string_paths) if string_paths else feeds
+        self._history = history
+        self._holder = _Holder(hold, models)
+        #: id(times) → (times, its shared context); the caller keeps every times array alive.
+        self._contexts: dict[int, tuple[npt.NDArray[np.int64], _SharedContext]] = {}
+
+    def context(self, times: npt.NDArray[np.int64]) -> _SharedContext:
+        """The shared context of the evaluation times ``times`` (sorted, distinct)."""
+        found = self._contexts.get(id(times))
+        if found is not None and found[0] is times:
+            return found[1]
+        context = _SharedContext(self._holder, times, self.feeds, self._history)  # type: ignore[arg-type]
+        self._contexts[id(times)] = (times, context)
+        return context
+
+    def truth(self, op: Op, times: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_] | None:
+        """Where the pure condition ``op`` is true at ``times``; None when it is true at none of them."""
+        return self.context(times).truth(op)
+
+
+def _string_signals(op: Op, out: set[str]) -> set[str]:
+    """Paths of the string signals ``op`` reads as values (``age`` only reads their timestamps)."""
+    if op.fn == "signal" and op.kind is Kind.STRING:
+        out.add(op.path)
+    for arg in op.args:
+        _string_signals(arg, out)
+    return out
+
+
+def _as_text_feeds(feeds: Mapping[str, Feed], paths: frozenset[str]) -> Mapping[str, Feed]:
+    """``feeds`` with the values of ``paths`` as ``object`` arrays of ``str`` (a copy only if needed)."""
+    if all(feeds[p][1].dtype == object for p in paths if p in feeds):
+        return feeds
+    out = dict(feeds)
+    for path in paths:
+        feed = out.get(path)
+        if feed is not None and feed[1].dtype != object:
+            out[path] = (feed[0], np.asarray(feed[1].tolist(), dtype=object))
+    return out
+
+
+def _blank(n: int, kind: Kind) -> Array:
+    """``n`` placeholder values of ``kind`` (``""`` for strings, zero otherwise), to be masked."""
+    if kind is Kind.STRING:
+        return np.full(n, "", dtype=object)
+    return np.zeros(n, _DTYPES[kind])
 
 
 def _has_any(op: Op) -> bool:
@@ -146,7 +237,7 @@ class _Context:
         t: npt.NDArray[np.int64],
         feeds: Mapping[str, Feed],
         history: WindowSource,
-        shared: dict[Any, Any] | None,
+        shared: _SharedContext | None = None,
     ) -> None:
         self.owner = owner
         self.t = t
@@ -154,34 +245,27 @@ class _Context:
         self.feeds = feeds
         self.history = history
         self._signals: dict[str, tuple[Array, npt.NDArray[np.bool_], npt.NDArray[np.int64]]] = {}
-        self._shared = shared
+        self._ones: npt.NDArray[np.bool_] | None = None
+        self._fetched: dict[str, tuple[int, npt.NDArray[np.int64], Array]] = {}
+        self._window_bounds: dict[tuple[str, int, bool, int], tuple[Array, Array, Array, Array, Array]] = {}
+        #: Where pure nodes come from when a :class:`BatchGrid` is in use (same times, shared memo).
+        self.shared = shared
 
     # --- signals -------------------------------------------------------------------------------------
 
     def signal(self, path: str, kind: Kind) -> tuple[Array, npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
         """Held value, validity and the time of the held sample, at every evaluation time."""
         cached = self._signals.get(path)
-        if cached is not None:
-            return cached
-        held = self.owner._hold.get(path)
-        key = None
-        if self._shared is not None:
-            key = ("signal", path, id(self.t), None if held is None else (held[0], _hashable(held[1])))
-            found = self._shared.get(key)
-            if found is not None:
-                self._signals[path] = found
-                return found  # type: ignore[no-any-return]
-        result = self._fetch(path, kind, held)
-        self._signals[path] = result
-        if key is not None:
-            self._shared[key] = result  # type: ignore[index]
-        return result
+        if cached is None:
+            cached = self._fetch(path, kind, self.owner._hold.get(path))
+            self._signals[path] = cached
+        return cached
 
     def _fetch(
         self, path: str, kind: Kind, held: tuple[int, object] | None
     ) -> tuple[Array, npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
         n, t = self.n, self.t
-        feed_t, feed_v = self.feeds.get(path, (_EMPTY_T, np.empty(0, _DTYPES[kind])))
+        feed_t, feed_v = self.feeds.get(path, (_EMPTY_T, _blank(0, kind)))
         if feed_t.shape[0] and feed_t[0] <= t[0] and (held is None or held[0] <= feed_t[0]):
             # Fast path (the usual case): the new samples cover every evaluation time by themselves.
             if feed_t is t or (feed_t.shape[0] == n and np.array_equal(feed_t, t)):
@@ -197,7 +281,7 @@ class _Context:
             return data, self.ones(), stamp
         idx = np.searchsorted(feed_t, t, side="right") - 1
         have = idx >= 0
-        data = np.zeros(n, _DTYPES[kind])
+        data = _blank(n, kind)
         stamp = np.full(n, INT64_MIN, np.int64)
         if feed_t.shape[0]:
             picked = np.maximum(idx, 0)
@@ -220,15 +304,14 @@ class _Context:
 
     def ones(self) -> npt.NDArray[np.bool_]:
         """An all-true validity array, shared (no operation writes into its inputs)."""
-        key = ("ones", self.n)
-        found = self._shared.get(key) if self._shared is not None else None
-        if found is None:
-            found = np.ones(self.n, np.bool_)
-            if self._shared is not None:
-                self._shared[key] = found
-        return found
+        if self._ones is None:
+            self._ones = np.ones(self.n, np.bool_)
+        return self._ones
 
     def eval(self, op: Op) -> Vec:
+        shared = self.shared
+        if shared is not None and op.pure:
+            return shared.eval(op)
         if op.fn == "signal":
             data, valid, _ = self.signal(op.path, op.kind)
             return data, valid
@@ -236,18 +319,18 @@ class _Context:
         return result
 
     def const(self, op: Op) -> Vec:
-        n = self.n
-        if self._shared is None:
-            return np.full(n, op.value, _DTYPES[op.kind]), self.ones()
-        key = ("const", type(op.value), op.value, n)
-        found = self._shared.get(key)
-        if found is None:
-            found = (np.full(n, op.value, _DTYPES[op.kind]), self.ones())
-            self._shared[key] = found
-        return found
+        return np.full(self.n, op.value, _DTYPES[op.kind]), self.ones()
 
     def logic(self, op: Op) -> Vec:
-        return _logic(op.fn, self.eval(op.args[0]), self.eval(op.args[1]))
+        a, b = op.args
+        left = self.eval(a)
+        if b.pure:  # a pure right side may be skipped when the left decides (it has no state to advance)
+            data, valid = left  # data is False wherever valid is (missing is scrubbed to False)
+            if op.fn == "or" and bool(data.all()):
+                return left  # true everywhere: true or anything is true
+            if op.fn == "and" and not bool(data.any()) and bool(valid.all()):
+                return left  # false everywhere: false and anything is false
+        return _logic(op.fn, left, self.eval(b))
 
     def negation(self, op: Op) -> Vec:
         d, v = self.eval(op.args[0])
@@ -265,7 +348,12 @@ class _Context:
 
     def compare(self, op: Op) -> Vec:
         a, b = op.args
-        return _compare(op.fn, self.eval(a), a.kind, self.eval(b), b.kind)
+        fn = op.fn
+        if b.fn == "const" and a.kind in _NUMBER_KINDS and b.kind in _NUMBER_KINDS:
+            return _compare_constant(fn, self.eval(a), a.kind, b.value)
+        if a.fn == "const" and a.kind in _NUMBER_KINDS and b.kind in _NUMBER_KINDS:
+            return _compare_constant(_FLIPPED[fn], self.eval(b), b.kind, a.value)
+        return _compare(fn, self.eval(a), a.kind, self.eval(b), b.kind)
 
     def math(self, op: Op) -> Vec:
         return _math(op.fn, op.kind, [(self.eval(a), a.kind) for a in op.args])
@@ -289,21 +377,15 @@ class _Context:
 
     # --- windows ---------------------------------------------------------------------------------------
 
-    def window(self, op: Op) -> Vec:
-        if self._shared is None:
-            return self._window(op)
-        key = ("window", op.fn, op.path, op.window_ns, id(self.t))
-        found = self._shared.get(key)
-        if found is None:
-            found = self._window(op)
-            self._shared[key] = found
-        return found
-
-    def _window(self, op: Op) -> Vec:
-        t, w, n = self.t, op.window_ns, self.n
-        previous = op.fn.startswith("prev_")
-        span = 2 * w if previous else w
-        ht_raw, hv_raw = self.history.samples(op.path, int(t[0]) - span, int(t[-1]))
+    def _samples(self, path: str, span: int) -> tuple[int, npt.NDArray[np.int64], Array]:
+        """``(fetched span, t, values)`` of ``path`` over ``(t[0] - span, t[-1]]`` without NaN samples,
+        true/false as 0/1, integers as int64; fetched once per context for every window on ``path``
+        (a wider window refetches)."""
+        found = self._fetched.get(path)
+        if found is not None and found[0] >= span:
+            return found
+        t = self.t
+        ht_raw, hv_raw = self.history.samples(path, int(t[0]) - span, int(t[-1]))
         ht = np.asarray(ht_raw, np.int64)
         hv = np.asarray(hv_raw)
         if hv.dtype.kind == "f":
@@ -312,28 +394,47 @@ class _Context:
                 ht, hv = ht[keep], hv[keep]
         elif hv.dtype.kind == "b":
             hv = hv.astype(np.int64)
-        if previous:
-            lo = np.searchsorted(ht, t - 2 * w, side="right")
-            hi = np.searchsorted(ht, t - w, side="right")
-        else:
-            lo = np.searchsorted(ht, t - w, side="right")
-            hi = np.searchsorted(ht, t, side="right")
-        count = hi - lo
-        valid = count > 0
-        integer = hv.dtype.kind in "iu"
-        if integer:
+        elif hv.dtype.kind in "iu":
             hv = hv.astype(np.int64, copy=False)
+        found = (span, ht, hv)
+        self._fetched[path] = found
+        return found
+
+    def _bounds(self, path: str, w: int, previous: bool) -> tuple[Array, Array, Array, Array, Array]:
+        """``(ht, hv, lo, hi, count)``: the samples of ``path`` in each evaluation time's window are
+        ``hv[lo:hi]`` (shared by every window function of the same signal and width)."""
+        fetched, ht, hv = self._samples(path, 2 * w if previous else w)
+        key = (path, w, previous, fetched)
+        found = self._window_bounds.get(key)
+        if found is None:
+            t = self.t
+            if previous:
+                lo = np.searchsorted(ht, t - 2 * w, side="right")
+                hi = np.searchsorted(ht, t - w, side="right")
+            else:
+                lo = np.searchsorted(ht, t - w, side="right")
+                hi = np.searchsorted(ht, t, side="right")
+            found = (ht, hv, lo, hi, hi - lo)
+            self._window_bounds[key] = found
+        return found
+
+    def window(self, op: Op) -> Vec:
+        n = self.n
+        previous = op.fn.startswith("prev_")
+        ht, hv, lo, hi, count = self._bounds(op.path, op.window_ns, previous)
+        valid = count > 0
+        integer = hv.dtype.kind == "i"
         fn = op.fn
         if not bool(valid.any()):
             return np.zeros(n, _DTYPES[op.kind]), valid
-        first = np.minimum(lo, hv.shape[0] - 1)
-        last = np.maximum(hi - 1, 0)
         if fn in ("min_over", "prev_min", "max_over", "prev_max"):
             ufunc = np.minimum if fn in ("min_over", "prev_min") else np.maximum
             return _scrub(_segments(ufunc, hv, lo, hi), valid)
         if fn in ("avg", "prev_avg"):
             return _scrub(*_average(hv, lo, hi, count, valid, integer))
         # delta and rate
+        first = np.minimum(lo, hv.shape[0] - 1)
+        last = np.maximum(hi - 1, 0)
         if integer:
             a, b = hv[last], hv[first]
             diff = a - b
@@ -411,6 +512,38 @@ class _Context:
             result[0] = False
         self.owner._state[op.nid] = (bool(v[-1]), d[-1])
         return np.asarray(result, np.bool_), self.ones()
+
+
+class _SharedContext(_Context):
+    """The context of one set of evaluation times in a :class:`BatchGrid`: pure nodes are memoized by
+    ``Op.key``, so every campaign evaluated at these times computes each shared subtree once."""
+
+    def __init__(
+        self,
+        owner: Evaluator,
+        t: npt.NDArray[np.int64],
+        feeds: Mapping[str, Feed],
+        history: WindowSource,
+    ) -> None:
+        super().__init__(owner, t, feeds, history)
+        self._memo: dict[bytes, Vec] = {}
+        self._truth: dict[bytes, npt.NDArray[np.bool_] | None] = {}
+
+    def eval(self, op: Op) -> Vec:
+        found = self._memo.get(op.key)
+        if found is None:
+            found = _Context.eval(self, op)
+            self._memo[op.key] = found
+        return found
+
+    def truth(self, op: Op) -> npt.NDArray[np.bool_] | None:
+        if op.key in self._truth:
+            return self._truth[op.key]
+        data, valid = self.eval(op)
+        true = data & valid
+        found = true if bool(true.any()) else None
+        self._truth[op.key] = found
+        return found
 
 
 _HANDLERS: dict[str, Any] = {
@@ -542,6 +675,51 @@ def _compare(fn: str, a: Vec, a_kind: Kind, b: Vec, b_kind: Kind) -> Vec:
     else:
         r = left >= right
     return _scrub(np.asarray(r, np.bool_), valid)
+
+
+_NUMBER_KINDS = (Kind.INT, Kind.FLOAT)
+_FLIPPED = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
+_COMPARE_UFUNCS: dict[str, Any] = {
+    "==": np.equal,
+    "!=": np.not_equal,
+    "<": np.less,
+    "<=": np.less_equal,
+    ">": np.greater,
+    ">=": np.greater_equal,
+}
+_INT64_MAX = 2**63 - 1
+
+
+def _compare_constant(fn: str, a: Vec, a_kind: Kind, constant: object) -> Vec:
+    """``a fn constant`` against a scalar (no array of the constant), exactly as :func:`_compare`.
+
+    An integer compared with a float constant c becomes an integer comparison with a whole bound
+    (``i < 2.5`` is ``i < 3``, ``i <= 2.5`` is ``i <= 2``, ``i == 2.5`` is never true); a float compared
+    with an integer constant uses the constant as a float when that is exact (|k| <= 2**53).
+    """
+    data, valid = a
+    if a_kind is Kind.FLOAT:
+        if type(constant) is int:
+            if abs(constant) > _EXACT_FLOAT_INT:
+                n = data.shape[0]
+                return _compare(fn, a, a_kind, (np.full(n, constant, np.int64), valid), Kind.INT)
+            constant = float(constant)
+        result = _COMPARE_UFUNCS[fn](data, constant)
+        return _scrub(result, valid)
+    if type(constant) is float:
+        whole = math.floor(constant)
+        if whole != constant:  # strictly between two integers
+            if fn in ("==", "!="):
+                return _scrub(np.full(data.shape[0], fn == "!="), valid)
+            # i < c  <=>  i <= floor(c);  i > c  <=>  i > floor(c)
+            fn = {"<": "<=", "<=": "<=", ">": ">", ">=": ">"}[fn]
+        constant = whole
+    bound = int(constant)  # type: ignore[call-overload]
+    if bound > _INT64_MAX or bound < INT64_MIN:  # every int64 is on one side of it
+        below = bound > _INT64_MAX  # every value is below the bound
+        truth = {"==": False, "!=": True, "<": below, "<=": below, ">": not below, ">=": not below}[fn]
+        return _scrub(np.full(data.shape[0], truth), valid)
+    return _scrub(_COMPARE_UFUNCS[fn](data, bound), valid)
 
 
 def _math(fn: str, kind: Kind, args: list[tuple[Vec, Kind]]) -> Vec:
