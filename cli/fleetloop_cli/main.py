@@ -113,6 +113,15 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_devices_catalog(args: argparse.Namespace) -> int:
+    catalog = _client(args).get(f"/v1/devices/{args.id}/catalog")
+    if args.output in ("table", "csv"):
+        _print(render_records(catalog["signals"], args.output, ["id", "path", "data_type", "unit"]))
+    else:
+        _print(render_object(catalog, args.output))
+    return 0
+
+
 def cmd_devices_list(args: argparse.Namespace) -> int:
     devices = _client(args).get("/v1/devices")
     cols = ["device_id", "fleet", "online", "firmware_version", "hardware_id", "data_origin"]
@@ -264,6 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = devices.add_parser("list")
     with_cloud(s)
     s.set_defaults(func=cmd_devices_list)
+    s = devices.add_parser(
+        "catalog", help="a device's signal catalog (-o yaml|json: a file for rules validate --catalog)"
+    )
+    s.add_argument("id")
+    with_cloud(s)
+    s.set_defaults(func=cmd_devices_catalog)
 
     captures = sub.add_parser("captures", help="ingested captures").add_subparsers(dest="sub", required=True)
     s = captures.add_parser("list")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import re
 import sys
@@ -47,16 +46,44 @@ def cmd_rules_validate(args: argparse.Namespace) -> int:
     return 2 if failures else 0
 
 
+_CATALOG_SHAPE = (
+    "expected a list of signals (or {signals: [...]}) with path and data_type "
+    "(float64, int64, bool or string), optionally id and unit"
+)
+
+
 def _load_catalog(path: Path) -> Any:
-    from fleetloop_shared.catalog import Catalog
+    """A catalog file as operators write it (YAML or JSON) or as the cloud lists a device's catalog
+    (JSON records with ids). Ids are optional (given in order); datatypes in any case."""
+    import yaml
+
+    from fleetloop_shared.catalog import Catalog, DataType, SignalSpec
 
     if not path.is_file():
         raise NotFoundError(f"catalog {path}: no such file")
     try:
-        doc = json.loads(path.read_text())
-        return Catalog.from_records(doc["signals"] if isinstance(doc, dict) else doc)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"catalog {path}: not a catalog JSON ({exc})") from None
+        doc = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"catalog {path}: not YAML or JSON ({str(exc).splitlines()[0]})") from None
+    records = doc.get("signals") if isinstance(doc, dict) else doc
+    if not isinstance(records, list):
+        raise UserError(f"catalog {path}: {_CATALOG_SHAPE}")
+    names = ", ".join(t.name.lower() for t in DataType)
+    specs = []
+    for i, record in enumerate(records):
+        where = f"catalog {path}: signals[{i}]"
+        if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+            raise UserError(f"{where}: {_CATALOG_SHAPE}")
+        kind = record.get("data_type", record.get("type"))
+        try:
+            data_type = DataType[str(kind).upper()]
+        except KeyError:
+            raise UserError(f"{where} ({record['path']}): data_type {kind!r} is not one of {names}") from None
+        raw_id = record.get("id", i + 1)
+        if type(raw_id) is not int or raw_id < 1:
+            raise UserError(f"{where} ({record['path']}): id must be a positive integer, got {raw_id!r}")
+        specs.append(SignalSpec(raw_id, record["path"], data_type, str(record.get("unit", ""))))
+    return Catalog(specs)
 
 
 _INT = re.compile(r"[+-]?\d+")

@@ -102,6 +102,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise NotFoundError(f"unknown device {device_id!r}")
         self._send_json(_device_json(d))
 
+    def device_catalog(self, q: dict[str, str], device_id: str) -> None:
+        catalog = self.coordinator.metadata.device_catalog(device_id)
+        self._send_json({"signals": catalog.to_records()})
+
     def campaigns(self, q: dict[str, str]) -> None:
         version, docs = self.coordinator.metadata.campaigns()
         self._send_json(
@@ -264,6 +268,7 @@ ROUTES: list[tuple[str, str, Any]] = [
     (r"/v1/summary", "GET", _Handler.summary),
     (r"/v1/devices", "GET", _Handler.devices),
     (r"/v1/devices/([^/]+)", "GET", _Handler.device),
+    (r"/v1/devices/([^/]+)/catalog", "GET", _Handler.device_catalog),
     (r"/v1/campaigns", "GET", _Handler.campaigns),
     (r"/v1/campaigns", "POST", _Handler.apply_campaign),
     (r"/v1/campaigns/([^/]+)", "DELETE", _Handler.delete_campaign),

@@ -116,6 +116,27 @@ def test_validate_ok_and_catalog_typo(files: Path, capsys: pytest.CaptureFixture
     )
 
 
+def test_a_hand_written_yaml_catalog_works_and_its_mistakes_are_named(
+    files: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What an operator writes by hand: YAML, no ids, datatypes in lower case."""
+    (files / "typo.yaml").write_text(CAMPAIGN.replace("delta(Vehicle.Speed", "delta(Vehicle.Sped"))
+    (files / "cat.yaml").write_text("signals:\n  - {path: Vehicle.Speed, data_type: float64, unit: km/h}\n")
+    catalog = ["--catalog", str(files / "cat.yaml")]
+    code, _, err = run(capsys, "rules", "validate", str(files / "typo.yaml"), *catalog)
+    assert code == 2 and "did you mean 'Vehicle.Speed'?" in err
+    for text, why in [
+        ("- {path: Vehicle.Speed, type: strng}\n", "signals[0] (Vehicle.Speed): data_type 'strng' is not"),
+        ("- {path: Vehicle.Speed, data_type: bool, id: 0}\n", "id must be a positive integer, got 0"),
+        ("signals: Vehicle.Speed\n", "expected a list of signals"),
+        ("signals: [\n", "not YAML or JSON"),
+    ]:
+        (files / "bad.yaml").write_text(text)
+        bad = ["--catalog", str(files / "bad.yaml")]
+        code, _, err = run(capsys, "rules", "validate", str(files / "c.yaml"), *bad)
+        assert code == 2 and why in err, (text, err)
+
+
 @pytest.mark.parametrize(
     ("old", "new", "where", "why"),
     [

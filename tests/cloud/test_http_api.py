@@ -96,3 +96,29 @@ def test_release_upload_and_ranged_download(running_coordinator: RunningCoordina
 def test_no_path_traversal(running_coordinator: RunningCoordinator, path: str) -> None:
     status, _, _ = call(running_coordinator.http_base, "GET", path)
     assert status == 404
+
+
+def test_a_devices_catalog_is_a_file_rules_validate_takes(
+    running_coordinator: RunningCoordinator, tmp_path: Any
+) -> None:
+    from fleetloop_cli.main import main
+    from fleetloop_shared.wire import device_pb2
+
+    hello = device_pb2.Hello(device_id="car-7", fleet="f", labels={"kind": "car"}, data_origin="sim")
+    hello.catalog.add(id=3, path="Vehicle.Speed", data_type=device_pb2.DATA_TYPE_FLOAT64, unit="km/h")
+    hello.catalog.add(id=4, path="Vehicle.Gear", data_type=device_pb2.DATA_TYPE_STRING)
+    running_coordinator.coordinator.on_hello(hello)
+    base = running_coordinator.http_base
+    status, _, body = call(base, "GET", "/v1/devices/car-7/catalog")
+    assert status == 200
+    assert json.loads(body)["signals"] == [
+        {"id": 3, "path": "Vehicle.Speed", "data_type": "FLOAT64", "unit": "km/h"},
+        {"id": 4, "path": "Vehicle.Gear", "data_type": "STRING", "unit": ""},
+    ]
+    assert call(base, "GET", "/v1/devices/nope/catalog")[0] == 404
+    (tmp_path / "catalog.json").write_bytes(body)
+    (tmp_path / "c.yaml").write_text(CAMPAIGN.replace("Vehicle.Speed > 50", "Vehicle.Gear > 'D'"))
+    validate = ["rules", "validate", str(tmp_path / "c.yaml"), "--catalog", str(tmp_path / "catalog.json")]
+    assert main(validate) == 0
+    (tmp_path / "c.yaml").write_text(CAMPAIGN.replace("Vehicle.Speed > 50", "Vehicle.Gear > 5"))
+    assert main(validate) == 2
