@@ -8,9 +8,11 @@ Prints one JSON object with three parts:
   The **reference in the same run** is what ThingsBoard-style ingestion does per point: one row per sample
   inserted into an SQL table (SQLite here, ``executemany`` in one transaction — the cheapest form of it).
   Reported as the ratio; ThingsBoard itself documents 5–10 k points/s on PostgreSQL.
-* ``connected_devices`` — simulated agents (the real uplink and local store, many per process) held
-  connected to one coordinator at once, over gRPC, and over MQTT 5 through the shipped mosquitto config
-  when mosquitto is installed.
+* ``connected_devices`` — simulated devices held connected to one coordinator process at once, with
+  the time to connect them all and what holding them costs the coordinator (RSS, CPU): over gRPC (the
+  fleet simulator's devices, one asyncio loop for all, a connection and identity each), and over MQTT 5
+  through a private mosquitto with the shipped config when mosquitto is installed (paho clients on one
+  epoll loop per simulator process).
 * ``capture_to_queryable`` — ``sim fleet`` with ``--latency-devices`` devices on loopback: seconds from a
   capture's segment being stored on the device to the cloud's ack, which is sent only after the Parquet
   file and the metadata row exist (so the data is queryable by then); p50/p95, and a final SQL count that
@@ -20,6 +22,7 @@ The machine is shared and noisy (2 cores): each throughput figure is the best of
 the reference is timed interleaved with it.
 
 Usage: ``.venv/bin/python benchmarks/ingest.py [--repeat 3] [--devices 100,125,200] [--mqtt-devices 10000]``
+(``--only-connected --devices 10000 --mqtt-devices 10000`` runs only the devices-held part)
 """
 
 from __future__ import annotations
@@ -148,109 +151,178 @@ def bench_ingest(recordings: Path, repeat: int, seconds: float, copies: int) -> 
     }
 
 
-def bench_connected_grpc(recordings: Path, devices: int) -> dict[str, Any]:
+def proc_usage(pid: int) -> dict[str, float]:
+    """RSS now and at peak (MiB) and CPU seconds used so far (user + system) of process ``pid``."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = {line.split(":")[0]: line.split(":")[1].split() for line in status.splitlines() if ":" in line}
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = __import__("os").sysconf("SC_CLK_TCK")
+    return {
+        "rss_mib": round(int(fields["VmRSS"][0]) / 1024, 1),
+        "peak_rss_mib": round(int(fields["VmHWM"][0]) / 1024, 1),
+        "cpu_s": round((int(stat[11]) + int(stat[12])) / ticks, 2),
+        "threads": int(fields["Threads"][0]),
+        "sockets": sum(1 for fd in Path(f"/proc/{pid}/fd").iterdir() if _is_socket(fd)),
+    }
+
+
+def _is_socket(fd: Path) -> bool:
+    try:
+        return __import__("os").readlink(fd).startswith("socket:")
+    except OSError:
+        return False
+
+
+def bench_connected_grpc(recordings: Path, devices: int, timeout_s: float = 300.0,
+                         hold_s: float = 10.0) -> dict[str, Any]:  # fmt: skip
+    """``devices`` simulated devices (own connection and identity each, all on the fleet simulator's one
+    asyncio loop) open their control stream to one coordinator process and say hello with the car's
+    catalog; counted when the device has the coordinator's welcome. Then held ``hold_s`` seconds, idle
+    (keepalive pings only), to see they stay and what holding them costs the coordinator."""
     from fleetloop_fwsim.fleet import CoordinatorProcess
 
     with tempfile.TemporaryDirectory() as tmp:
         cp = CoordinatorProcess(Path(tmp) / "cloud", log_path=Path(tmp) / "cloud.log")
         cp.start()
-        fleet = SimFleet(
-            cp.grpc_target, devices, Path(tmp) / "devices", recordings=recordings, capture_period_s=5
-        )
+        assert cp.proc is not None
+        before = proc_usage(cp.proc.pid)
+        fleet = SimFleet(cp.grpc_target, devices, Path(tmp) / "devices", recordings=recordings,
+                         hold_only=True)  # fmt: skip
         try:
             t0 = time.monotonic()
             fleet.start()
             peak = 0
-            while time.monotonic() - t0 < 20:
+            while time.monotonic() - t0 < timeout_s:
                 peak = max(peak, fleet.connected())
                 if peak == devices:
                     break
-                time.sleep(0.5)
+                time.sleep(0.25)
+            seconds = time.monotonic() - t0
+            connected_usage = proc_usage(cp.proc.pid)
+            time.sleep(hold_s)
             held = fleet.connected()
-            return {"transport": "grpc", "devices": devices, "peak_connected": peak, "held_connected": held,
-                    "seconds_to_connect": round(time.monotonic() - t0, 1)}  # fmt: skip
+            after = proc_usage(cp.proc.pid)
+            online = len(cp.query("SELECT 1", max_rows=1))  # the coordinator still answers
+            return {
+                "transport": "grpc", "devices": devices, "peak_connected": peak, "held_connected": held,
+                "online_at_coordinator": int(_summary(cp)["online"]),
+                "coordinator_sockets": after["sockets"],
+                "seconds_to_connect": round(seconds, 1), "held_for_s": hold_s,
+                "coordinator_rss_mib": after["rss_mib"], "coordinator_peak_rss_mib": after["peak_rss_mib"],
+                "coordinator_rss_before_mib": before["rss_mib"],
+                "coordinator_cpu_s_connecting": round(connected_usage["cpu_s"] - before["cpu_s"], 2),
+                "coordinator_cpu_pct_while_held": round(100 * (after["cpu_s"] - connected_usage["cpu_s"])
+                                                        / hold_s, 1),
+                "coordinator_threads": after["threads"], "coordinator_answers_sql": online == 1,
+                "simulator": proc_usage(__import__("os").getpid()),
+            }  # fmt: skip
         finally:
             fleet.close()
             cp.stop()
 
 
-#: Devices per client process: paho's loop uses select(), which cannot watch fds above 1024, and each
-#: client holds 3 fds — so one process can hold ~300 clients, and the harness spreads them over processes.
-MQTT_CLIENTS_PER_PROCESS = 250
+#: Devices per simulator process over MQTT: each process drives its clients from one epoll loop
+#: (fleetloop_fwsim.mqtt_swarm), one descriptor each; a few processes use both cores for the handshakes.
+MQTT_DEVICES_PER_PROCESS = 2500
 
 
-def mqtt_client_worker(host: str, port: int, ca_dir: str, first: int, count: int) -> None:
-    """(subprocess) hold ``count`` device sessions: connect with TLS (paho retries a failed connect on its
-    own), say hello on every (re)connect, keep alive until killed."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
+def _summary(cp: Any) -> dict[str, Any]:
+    import urllib.request
 
-    ca = Path(ca_dir)
-    clients = []
-    for i in range(first, first + count):
-        did = f"m-{i:05d}"
-        cl = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2, client_id=did, protocol=mqtt.MQTTv5
-        )
-        cl.tls_set(
-            ca_certs=str(ca / "ca.pem"), certfile=str(ca / f"{did}.pem"), keyfile=str(ca / f"{did}.key")
-        )
-        hello = device_pb2.DeviceMessage(
-            hello=device_pb2.Hello(device_id=did, fleet="bench")
-        ).SerializeToString()
-        topic = f"fl/v1/bench/{did}/up/control"
-        cl.on_connect = lambda c, u, f, rc, p, t=topic, h=hello: c.publish(t, h, qos=1)
-        cl.reconnect_delay_set(1, 10)
-        cl.connect_async(host, port, keepalive=120)
-        cl.loop_start()
-        clients.append(cl)
-    time.sleep(3600)
+    with urllib.request.urlopen(cp.http_url + "/v1/summary", timeout=30) as resp:
+        result: dict[str, Any] = json.loads(resp.read())
+    return result
 
 
-def bench_connected_mqtt(devices: int, timeout_s: float = 300.0) -> dict[str, Any]:
-    """Many MQTT 5 device sessions (TLS client certificates, shipped ACLs) against one broker and one
-    coordinator bridge: each device connects and says hello; counted when the coordinator has it online.
-    The devices are paho clients in ``ceil(devices / MQTT_CLIENTS_PER_PROCESS)`` helper processes."""
-    from fleetloop_cloud.mqtt_bridge import BridgeSettings, MqttBridge
+def bench_connected_mqtt(devices: int, timeout_s: float = 300.0, hold_s: float = 10.0,
+                         rate_per_process: float = 150.0) -> dict[str, Any]:  # fmt: skip
+    """Many MQTT 5 device sessions (TLS client certificates, shipped config and ACLs) against one private
+    mosquitto and one coordinator process (its MQTT bridge: one shared-subscription connection). Each
+    device connects, subscribes to its ``down/#``, says hello; counted online by the coordinator
+    (``/v1/summary``) and welcomed at the device. The devices are paho clients on one epoll loop per
+    simulator process (``fleetloop_fwsim.mqtt_swarm``), ``MQTT_DEVICES_PER_PROCESS`` per process, each
+    process admitting ``rate_per_process`` new connections per second with jittered backoff on failures."""
     from fleetloop_fwsim.broker import MosquittoProcess, mosquitto_binary
+    from fleetloop_fwsim.fleet import CoordinatorProcess, coordinator_mqtt_args
 
     if mosquitto_binary() is None:
         return {"transport": "mqtt", "skipped": "mosquitto not installed"}
     with tempfile.TemporaryDirectory() as tmp:
         broker = MosquittoProcess(Path(tmp) / "broker")
         broker.start()
-        c = Coordinator(Path(tmp) / "cloud")
-        cert, key = broker.ca.client("coordinator")
-        bridge = MqttBridge(c, BridgeSettings(broker.host, broker.port, broker.ca.ca_path, cert, key))
-        bridge.start()
-        while not bridge.connected.wait(0.1):
-            pass
-        for i in range(devices):
-            broker.ca.client(f"m-{i:05d}")
+        cp = CoordinatorProcess(Path(tmp) / "cloud", log_path=Path(tmp) / "cloud.log",
+                                extra_args=coordinator_mqtt_args(broker))  # fmt: skip
         workers: list[subprocess.Popen[bytes]] = []
         try:
+            cp.start()
+            assert cp.proc is not None and broker.proc is not None
+            t_certs = time.monotonic()
+            for i in range(devices):
+                broker.ca.client(f"m-{i:05d}")
+            certs_s = time.monotonic() - t_certs
+            before = proc_usage(cp.proc.pid)
+            broker_before = proc_usage(broker.proc.pid)
+            statuses = []
             t0 = time.monotonic()
-            for first in range(0, devices, MQTT_CLIENTS_PER_PROCESS):
-                count = min(MQTT_CLIENTS_PER_PROCESS, devices - first)
-                argv = [sys.executable, __file__, "--mqtt-worker", broker.host, str(broker.port),
-                        str(broker.ca.dir), str(first), str(count)]  # fmt: skip
+            for first in range(0, devices, MQTT_DEVICES_PER_PROCESS):
+                count = min(MQTT_DEVICES_PER_PROCESS, devices - first)
+                status = Path(tmp) / f"swarm-{first}.json"
+                statuses.append(status)
+                argv = [sys.executable, "-m", "fleetloop_fwsim.mqtt_swarm", "--host", broker.host,
+                        "--port", str(broker.port), "--certs", str(broker.ca.dir), "--first", str(first),
+                        "--count", str(count), "--rate", str(rate_per_process),
+                        "--status", str(status)]  # fmt: skip
                 workers.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            peak = 0
+
+            def swarm_counts() -> dict[str, int]:
+                total: dict[str, int] = {}
+                for f in statuses:
+                    try:
+                        counts = json.loads(f.read_text())
+                    except (OSError, ValueError):
+                        continue
+                    for k, v in counts.items():
+                        if k != "pid":
+                            total[k] = total.get(k, 0) + int(v)
+                return total
+
+            online = peak = 0
             while time.monotonic() - t0 < timeout_s:
-                peak = len(c.sessions.online())
-                if peak >= devices:
+                online = int(_summary(cp)["online"])
+                peak = max(peak, online)
+                if online >= devices:
                     break
-                time.sleep(0.5)
+                time.sleep(1.0)
             seconds = time.monotonic() - t0
-            time.sleep(5)  # still held a few seconds later?
-            return {"transport": "mqtt", "devices": devices, "online_at_coordinator": peak,
-                    "held_after_5_s": len(c.sessions.online()), "seconds_to_connect": round(seconds, 1),
-                    "client_processes": len(workers), "bridge_refused": dict(bridge.refused)}  # fmt: skip
+            connected_usage = proc_usage(cp.proc.pid)
+            time.sleep(hold_s)
+            after = proc_usage(cp.proc.pid)
+            broker_after = proc_usage(broker.proc.pid)
+            return {
+                "transport": "mqtt", "devices": devices, "online_at_coordinator": peak,
+                "held_online_after_s": {str(hold_s): int(_summary(cp)["online"])},
+                "seconds_to_connect": round(seconds, 1), "certificates_issued_s": round(certs_s, 1),
+                "devices_side": swarm_counts(), "simulator_processes": len(workers),
+                "connect_rate_per_process": rate_per_process,
+                "coordinator_rss_mib": after["rss_mib"], "coordinator_peak_rss_mib": after["peak_rss_mib"],
+                "coordinator_rss_before_mib": before["rss_mib"],
+                "coordinator_cpu_s_connecting": round(connected_usage["cpu_s"] - before["cpu_s"], 2),
+                "coordinator_cpu_pct_while_held": round(100 * (after["cpu_s"] - connected_usage["cpu_s"])
+                                                        / hold_s, 1),
+                "broker_rss_mib": broker_after["rss_mib"],
+                "broker_cpu_s": round(broker_after["cpu_s"] - broker_before["cpu_s"], 2),
+                "coordinator_refused": _summary(cp).get("refused", {}),
+            }  # fmt: skip
         finally:
             for w in workers:
-                w.kill()
-                w.wait()
-            bridge.stop()
+                w.terminate()
+            for w in workers:
+                try:
+                    w.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    w.kill()
+                    w.wait()
+            cp.stop()
             broker.stop()
 
 
@@ -264,12 +336,10 @@ def main() -> int:
     ap.add_argument("--mqtt-devices", type=int, default=500)
     ap.add_argument("--latency-devices", type=int, default=100)
     ap.add_argument("--latency-seconds", type=float, default=20.0)
-    ap.add_argument("--mqtt-worker", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--hold-seconds", type=float, default=10.0, help="devices held this long once connected")
+    ap.add_argument("--connect-timeout", type=float, default=300.0, help="seconds to connect them all")
+    ap.add_argument("--only-connected", action="store_true", help="run only the devices-held benchmarks")
     args = ap.parse_args()
-    if args.mqtt_worker:
-        host, port, ca_dir, first, count = args.mqtt_worker
-        mqtt_client_worker(host, int(port), ca_dir, int(first), int(count))
-        return 0
     recordings = find_recordings(args.data)
     if recordings is None:
         print("error: the real recordings are needed (../shared/data/real or --data)", file=sys.stderr)
@@ -280,12 +350,20 @@ def main() -> int:
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
         "command": " ".join([".venv/bin/python", "benchmarks/ingest.py", *sys.argv[1:]]),
     }
-    out["ingest_per_core"] = bench_ingest(recordings, args.repeat, args.seconds, args.copies)
+    if not args.only_connected:
+        out["ingest_per_core"] = bench_ingest(recordings, args.repeat, args.seconds, args.copies)
     out["connected_devices"] = [
-        bench_connected_grpc(recordings, int(n)) for n in args.devices.split(",") if n
+        bench_connected_grpc(recordings, int(n), args.connect_timeout, args.hold_seconds)
+        for n in args.devices.split(",")
+        if n
     ]
     if args.mqtt_devices:
-        out["connected_devices"].append(bench_connected_mqtt(args.mqtt_devices))
+        out["connected_devices"].append(
+            bench_connected_mqtt(args.mqtt_devices, args.connect_timeout, args.hold_seconds)
+        )
+    if args.only_connected:
+        print(json.dumps(out, indent=2))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         fleet = run_fleet(devices=args.latency_devices, duration_s=args.latency_seconds, workdir=Path(tmp),
                           recordings=recordings)  # fmt: skip

@@ -41,6 +41,44 @@ CHANNEL_OPTIONS = [
 ]
 
 
+class UploadGrants:
+    """What the cloud's upload scheduler granted and is not spent yet (issue 6), safe from any thread.
+
+    Pure bookkeeping shared by :class:`CloudLink` and the fleet simulator's links, so both follow one
+    rule: a grant adds bytes and sets the lowest priority allowed; a segment goes while bytes are left
+    (one larger than what is left still goes; the overdraft is paid by the next grants)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self._min_priority = 0
+
+    def add(self, max_bytes: int, min_priority: int) -> None:
+        with self._lock:
+            self._bytes += max_bytes
+            self._min_priority = min_priority
+
+    def take(self, seg: StoredSegment) -> bool:
+        """True (and the segment's bytes are spent) when ``seg`` may be uploaded now."""
+        with self._lock:
+            if self._bytes <= 0 or seg.priority < self._min_priority:
+                return False
+            self._bytes -= seg.size_bytes
+            return True
+
+
+def upload_request(device_id: str, seg: StoredSegment, data: bytes) -> ingest_pb2.UploadSegmentRequest:
+    """The upload of one stored segment, exactly as every fleetloop uplink sends it."""
+    return ingest_pb2.UploadSegmentRequest(
+        device_id=device_id,
+        segment_id=seg.segment_id,
+        capture_id=seg.capture_id,
+        campaign=seg.campaign,
+        priority=seg.priority,
+        segment=data,
+    )
+
+
 class CloudLink(ControlOutbox):
     """Keeps the control stream up and drains the local store to the cloud."""
 
@@ -60,9 +98,7 @@ class CloudLink(ControlOutbox):
     ) -> None:
         # grants (issue 6): upload only what the cloud's upload scheduler granted (see grant())
         self._grants = grants
-        self._grant_lock = threading.Lock()
-        self._grant_bytes = 0
-        self._grant_min_priority = 0
+        self._budget = UploadGrants()
         # on_ack(segment, duplicate) runs once per cloud acknowledgement, before the checkpoint; the
         # fleet simulator counts acknowledged samples with it.
         self._on_ack = on_ack
@@ -103,9 +139,7 @@ class CloudLink(ControlOutbox):
     def grant(self, max_bytes: int, min_priority: int) -> None:
         """An UploadGrant from the cloud: upload up to ``max_bytes`` more of priority >= ``min_priority``
         (a segment larger than what is left still goes; the overdraft is paid by the next grants)."""
-        with self._grant_lock:
-            self._grant_bytes += max_bytes
-            self._grant_min_priority = min_priority
+        self._budget.add(max_bytes, min_priority)
         self._upload_wakeup.set()
 
     def kick_upload(self) -> None:
@@ -139,7 +173,7 @@ class CloudLink(ControlOutbox):
                     self._on_message(msg)
                 self._note_error("cloud closed the control stream")
             except grpc.RpcError as exc:
-                self._note_error(_describe(exc))
+                self._note_error(describe_rpc_error(exc))
             except Exception as exc:  # a handler bug must not kill the link thread
                 log.exception("control message handler failed: %s", exc)
                 self._note_error(f"handler failed: {exc}")
@@ -172,7 +206,7 @@ class CloudLink(ControlOutbox):
                 backoff = BACKOFF_MIN_S
             except grpc.RpcError as exc:
                 self._metrics.upload_errors.inc()
-                log.warning("upload to %s failed: %s (retrying)", self.target, _describe(exc))
+                log.warning("upload to %s failed: %s (retrying)", self.target, describe_rpc_error(exc))
                 if self._stop.wait(backoff * random.uniform(0.8, 1.2)):
                     return
                 backoff = min(BACKOFF_MAX_S, backoff * 2)
@@ -184,29 +218,20 @@ class CloudLink(ControlOutbox):
             if not batch:
                 return
             for seg in batch:
-                if self._grants:
-                    with self._grant_lock:
-                        if self._grant_bytes <= 0 or seg.priority < self._grant_min_priority:
-                            return  # wait for the next grant
-                        self._grant_bytes -= seg.size_bytes
+                if self._grants and not self._budget.take(seg):
+                    return  # wait for the next grant
                 try:
                     data = self._store.read(seg.segment_id)
                 except NotFoundError:
                     continue  # evicted by the quota between pending() and read()
-                req = ingest_pb2.UploadSegmentRequest(
-                    device_id=self.device_id,
-                    segment_id=seg.segment_id,
-                    capture_id=seg.capture_id,
-                    campaign=seg.campaign,
-                    priority=seg.priority,
-                    segment=data,
-                )
+                req = upload_request(self.device_id, seg, data)
                 try:
                     resp = self._ingest.UploadSegment(req, timeout=self._deadline)
                 except grpc.RpcError as exc:
                     if exc.code() in PERMANENT_CODES:
                         # The cloud says these bytes are invalid: keeping them would block the queue forever.
-                        log.error("cloud refused segment %s: %s", seg.segment_id.hex(), _describe(exc))
+                        why = describe_rpc_error(exc)
+                        log.error("cloud refused segment %s: %s", seg.segment_id.hex(), why)
                         self._metrics.segments_refused.inc()
                     else:
                         raise
@@ -218,7 +243,8 @@ class CloudLink(ControlOutbox):
             self._metrics.store_pending_bytes.set(self._store.stats().bytes_pending)
 
 
-def _describe(exc: grpc.RpcError) -> str:
+def describe_rpc_error(exc: grpc.RpcError) -> str:
+    """``STATUS: details`` of a failed call, for log lines and ``last_error``."""
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     name = code.name if code is not None else "ERROR"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import signal
 import threading
 from pathlib import Path
@@ -16,6 +17,20 @@ from fleetloop_cloud.http_api import start_http_server
 from fleetloop_cloud.mqtt_bridge import BridgeSettings, MqttBridge
 
 log = logging.getLogger("fleetloop.cloud")
+
+
+def raise_open_files_limit() -> int:
+    """Lift the soft limit on open files to the hard one and return it. Every device on gRPC holds a
+    connection (a descriptor) for as long as it is online; the usual soft limit of 1,024 would turn the
+    1,025th device away long before memory or CPU run short."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d: %s", soft, exc)
+    return soft
 
 
 def serve(
@@ -32,6 +47,7 @@ def serve(
 ) -> int:
     """Run until SIGTERM/SIGINT (or ``stop`` is set). Writes ``ready_file`` once both ports listen."""
     stop = stop or threading.Event()
+    raise_open_files_limit()
     coordinator = Coordinator(data_dir, db=db)
     grpc_server, gport = start_grpc_server(coordinator, host, grpc_port, tls=grpc_tls)
     http_server, hport = start_http_server(coordinator, host, http_port)

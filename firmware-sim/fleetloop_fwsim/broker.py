@@ -13,6 +13,7 @@ import datetime as dt
 import ipaddress
 import os
 import pwd
+import resource
 import shutil
 import socket
 import subprocess
@@ -154,6 +155,7 @@ class MosquittoProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        self._raise_open_files_limit()
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.poll() is not None:
@@ -167,6 +169,14 @@ class MosquittoProcess:
                     self.stop()
                     raise UnavailableError(f"mosquitto did not listen on port {self.port}") from None
                 time.sleep(0.05)
+
+    def _raise_open_files_limit(self) -> None:
+        """Let the broker hold as many connections as the system allows: every device holds one, and the
+        usual soft limit of 1,024 descriptors would refuse device 1,025 (set on the child alone)."""
+        assert self.proc is not None
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        with contextlib.suppress(OSError, ValueError):
+            resource.prlimit(self.proc.pid, resource.RLIMIT_NOFILE, (hard, hard))
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -1,17 +1,21 @@
-"""Many simulated agents in one process, each with the real uplink and the real local store.
+"""Many simulated agents in one process, each with the agent's uplink protocol and the real local store.
 
 A full ``fleetloop agent run`` per device costs a process, an interpreter and a trigger engine; to put a
 fleet in front of one coordinator on a small machine, each simulated agent here keeps only what the
 uplink path needs: its own replay sources (the real recordings, started at a per-device time offset so
 the devices are not in lockstep), its own :class:`~fleetloop_agent.local_store.LocalStore` and its own
-:class:`~fleetloop_agent.uplink.CloudLink`. Every ``capture_period_s`` each device cuts what its sources
+ link to the cloud. Every ``capture_period_s`` each device cuts what its sources
 produced into segments (one capture), stores them durably and lets the uplink drain them — the same
 store → upload → ack → checkpoint path a real agent runs, so what the fleet counts as *acknowledged* is
 exactly what devices were told is safely in the cloud.
 
-One producer thread ticks every device (bounded work per tick); each device's uplink has its own
-threads, as in the agent. Coordinator processes for ``sim fleet`` / ``sim chaos`` are started as
-``fleetloop cloud serve`` subprocesses (the simulator never imports the cloud).
+One producer thread ticks every device (bounded work per tick). Over gRPC every device's link runs on
+one asyncio event loop (:mod:`fleetloop_fwsim.grpc_swarm`: the agent's protocol, a connection and an
+identity per device, no thread per device), so one process holds thousands of devices; over MQTT each
+device has the agent's own ``MqttCloudLink`` and its threads. ``hold_only`` devices keep just their
+control stream (a hello with the fleet's catalog, then keepalives): what "devices held" measures.
+Coordinator processes for ``sim fleet`` / ``sim chaos`` are started as ``fleetloop cloud serve``
+subprocesses (the simulator never imports the cloud).
 """
 
 from __future__ import annotations
@@ -37,9 +41,9 @@ from fleetloop_agent import __version__ as agent_version
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
 from fleetloop_agent.sources import SignalSource, build_source
-from fleetloop_agent.uplink import CloudLink
 from fleetloop_agent.uplink_mqtt import MqttCloudLink, MqttSettings
 from fleetloop_fwsim.broker import CertificateAuthority, MosquittoProcess
+from fleetloop_fwsim.grpc_swarm import GrpcSwarm, SwarmLink
 from fleetloop_fwsim.profiles import KINDS, source_specs
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.errors import ConfigError, StorageFullError, UnavailableError, UserError
@@ -53,8 +57,11 @@ NS_PER_S = 1_000_000_000
 DEVICE_OFFSET_S = 7.0
 #: Local store quota per simulated device (policy when full: the store evicts oldest/least urgent, counted).
 DEVICE_QUOTA_BYTES = 64 * 1024 * 1024
-#: Upper bound of devices in one process (each holds a gRPC channel and two uplink threads).
-MAX_DEVICES = 2000
+#: Upper bound of devices in one process over gRPC (each holds a channel and two coroutines on the
+#: swarm's loop; with data, also a local store: about 3 file descriptors).
+MAX_DEVICES = 10_000
+#: Upper bound over MQTT, where each device runs the agent's MqttCloudLink (three threads each).
+MAX_MQTT_DEVICES = 2000
 CAPTURE_PRIORITY = 5
 #: Latency samples kept per device (bounded; later ones are not recorded).
 MAX_LATENCY_SAMPLES = 100_000
@@ -107,6 +114,8 @@ class SimAgent:
         grants: bool = False,
         priority: int = CAPTURE_PRIORITY,
         network: str = "wifi",
+        swarm: GrpcSwarm | None = None,
+        hold_only: Catalog | None = None,
     ) -> None:
         self.device_id = device_id
         self.grants = grants
@@ -115,20 +124,25 @@ class SimAgent:
         self.fleet = fleet
         self.origin = origin
         self.start_ns = start_ns
-        self.catalog = Catalog()
-        self.sources: list[SignalSource] = [
-            build_source(spec, base_dir=workdir, start_ns=start_ns) for spec in specs
-        ]
-        for src in self.sources:
-            src.declare(self.catalog)
-        self.store = LocalStore(workdir / device_id / "store", quota_bytes=DEVICE_QUOTA_BYTES)
+        self.sources: list[SignalSource] = []
+        self.store: LocalStore | None = None
+        if hold_only is not None:  # holds its control stream only: no sources, no store, no uploads
+            self.catalog = hold_only
+        else:
+            self.catalog = Catalog()
+            self.sources = [build_source(spec, base_dir=workdir, start_ns=start_ns) for spec in specs]
+            for src in self.sources:
+                src.declare(self.catalog)
+            self.store = LocalStore(workdir / device_id / "store", quota_bytes=DEVICE_QUOTA_BYTES)
         self.metrics = AgentMetrics()
         self.counters = DeviceCounters()
         self._lock = lock
         self._captures = 0
         self._stored_at: dict[bytes, float] = {}
-        self.link: CloudLink | MqttCloudLink
+        self.link: SwarmLink | MqttCloudLink
         if mqtt is not None:
+            if self.store is None:
+                raise UserError("hold-only devices are simulated over gRPC only")
             cert, key = mqtt.ca.client(device_id)  # CN = device id = MQTT username
             self.link = MqttCloudLink(
                 MqttSettings(mqtt.host, mqtt.port, mqtt.ca.ca_path, cert, key),
@@ -142,7 +156,9 @@ class SimAgent:
                 on_ack=self._on_ack,
             )
             return
-        grpc_link = CloudLink(
+        if swarm is None:
+            raise UserError("a gRPC device needs the fleet's swarm (its event loop)")
+        grpc_link = swarm.link(
             target,
             device_id,
             store=self.store,
@@ -165,6 +181,8 @@ class SimAgent:
 
     def report_backlog(self) -> None:
         """A heartbeat with the backlog per priority and the network: what the upload scheduler needs."""
+        if self.store is None:
+            return
         by_priority: dict[int, int] = {}
         for seg in self.store.pending(limit=1000):
             by_priority[seg.priority] = by_priority.get(seg.priority, 0) + seg.size_bytes
@@ -205,6 +223,8 @@ class SimAgent:
 
     def capture(self, data_until_ns: int, now_ns: int) -> int:
         """Cut everything the sources produced up to ``data_until_ns`` into one capture; returns samples."""
+        if self.store is None:
+            return 0
         self._captures += 1
         capture_id = f"{self.device_id}-c{self._captures:06d}"
         stored = 0
@@ -239,11 +259,12 @@ class SimAgent:
         return stored
 
     def pending(self) -> int:
-        return self.store.stats().segments_pending
+        return self.store.stats().segments_pending if self.store is not None else 0
 
     def close(self) -> None:
         self.link.stop()
-        self.store.close()
+        if self.store is not None:
+            self.store.close()
 
 
 class SimFleet:
@@ -265,11 +286,16 @@ class SimFleet:
         id_prefix: str = "sim",
         mqtt: MqttEndpoint | None = None,
         grants: bool = False,
+        hold_only: bool = False,
+        connect_rate: float | None = None,
     ) -> None:
         if grants and mqtt is not None:
             raise UserError("upload grants are simulated over gRPC only for now")
-        if not 1 <= devices <= MAX_DEVICES:
-            raise UserError(f"--devices must be between 1 and {MAX_DEVICES}, got {devices}")
+        if hold_only and mqtt is not None:
+            raise UserError("hold-only devices run over gRPC (for MQTT see fleetloop_fwsim.mqtt_swarm)")
+        limit = MAX_MQTT_DEVICES if mqtt is not None else MAX_DEVICES
+        if not 1 <= devices <= limit:
+            raise UserError(f"--devices must be between 1 and {limit} over this transport, got {devices}")
         if kind not in KINDS:
             raise UserError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
         if capture_period_s <= 0 or speed <= 0:
@@ -286,6 +312,14 @@ class SimFleet:
         self._speed = speed
         self._stop = threading.Event()
         self._t0 = time.time_ns()
+        self._swarm: GrpcSwarm | None = None
+        if mqtt is None:
+            self._swarm = GrpcSwarm(connect_rate=connect_rate) if connect_rate else GrpcSwarm()
+        shared_catalog: Catalog | None = None
+        if hold_only:  # one catalog for all: the hello carries it, no device replays anything
+            shared_catalog = Catalog()
+            for spec in specs:
+                build_source(spec, base_dir=self.workdir, start_ns=self._t0).declare(shared_catalog)
         self.agents = [
             SimAgent(
                 f"{id_prefix}-{i:05d}",
@@ -302,6 +336,8 @@ class SimFleet:
                 # with grants, a mixed fleet: priorities 3/6/9, every other device on cellular
                 priority=(3, 6, 9)[i % 3] if grants else CAPTURE_PRIORITY,
                 network="cellular" if grants and i % 2 else "wifi",
+                swarm=self._swarm,
+                hold_only=shared_catalog,
             )
             for i in range(devices)
         ]
@@ -354,8 +390,12 @@ class SimFleet:
 
     def close(self) -> None:
         self.stop_producing()
+        if self._swarm is not None:  # all streams at once rather than one device after the other
+            self._swarm.stop_links([a.link for a in self.agents if isinstance(a.link, SwarmLink)])
         for agent in self.agents:
             agent.close()
+        if self._swarm is not None:
+            self._swarm.close()
 
     def latencies_s(self) -> list[float]:
         with self._lock:
@@ -537,10 +577,13 @@ def run_fleet(
     capture_period_s: float = 1.0,
     transport: str = "grpc",
     grants: bool = False,
+    hold_only: bool = False,
 ) -> dict[str, Any]:
     """``fleetloop sim fleet``: run ``devices`` agents for ``duration_s`` against ``target`` (or a
     private coordinator; with ``transport="mqtt"`` also a private mosquitto), drain, and report what
-    was stored, acknowledged and ingested."""
+    was stored, acknowledged and ingested. ``hold_only`` (gRPC): devices that only hold their control
+    stream — up to ``MAX_DEVICES`` of them, where devices with data are bounded by their local stores
+    (3 descriptors each) and the replay work of one producer thread."""
     coordinator: CoordinatorProcess | None = None
     broker: MosquittoProcess | None = None
     endpoint: MqttEndpoint | None = None
@@ -569,6 +612,7 @@ def run_fleet(
         capture_period_s=capture_period_s,
         mqtt=endpoint,
         grants=grants,
+        hold_only=hold_only,
     )
     try:
         t0 = time.monotonic()

@@ -1,0 +1,153 @@
+"""Control streams on the asyncio gRPC server, over real gRPC on loopback: pushes reach idle streams at
+once, a newer stream of a device replaces the older one, a message that does not decode ends the stream
+(INTERNAL, counted) and the device comes back with a fresh hello."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any as RunningCoordinator
+
+import grpc
+import pytest
+
+from fleetloop_shared.wire import device_pb2
+
+CONNECT = "/fleetloop.device.v1.DeviceService/Connect"
+
+
+def hello_bytes(device_id: str) -> bytes:
+    return device_pb2.DeviceMessage(
+        hello=device_pb2.Hello(device_id=device_id, fleet="t")
+    ).SerializeToString()
+
+
+class RawStream:
+    """A control stream sending raw bytes (so a test can send what does not decode)."""
+
+    def __init__(self, channel: grpc.Channel, first: bytes) -> None:
+        self.out: queue.Queue[bytes | None] = queue.Queue()
+        self.out.put(first)
+        self.received: queue.Queue[device_pb2.CloudMessage] = queue.Queue()
+        self.error: grpc.RpcError | None = None
+        self.ended = threading.Event()
+        call = channel.stream_stream(CONNECT, response_deserializer=device_pb2.CloudMessage.FromString)
+        self.call = call(self._requests())
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _requests(self) -> Iterator[bytes]:
+        while (msg := self.out.get()) is not None:
+            yield msg
+
+    def _read(self) -> None:
+        try:
+            for msg in self.call:
+                self.received.put(msg)
+        except grpc.RpcError as exc:
+            self.error = exc
+        finally:
+            self.ended.set()
+
+    def next(self, kind: str, timeout: float = 5.0) -> device_pb2.CloudMessage:
+        while True:
+            msg = self.received.get(timeout=timeout)
+            if msg.WhichOneof("kind") == kind:
+                return msg
+
+    def close(self) -> None:
+        self.out.put(None)
+        self.call.cancel()
+
+
+def grant(max_bytes: int) -> device_pb2.CloudMessage:
+    return device_pb2.CloudMessage(upload_grant=device_pb2.UploadGrant(max_bytes=max_bytes, min_priority=0))
+
+
+def test_a_push_reaches_an_idle_stream_at_once(running_coordinator: RunningCoordinator) -> None:
+    rc = running_coordinator
+    s = RawStream(rc.channel, hello_bytes("car-1"))
+    try:
+        s.next("desired_campaigns")
+        time.sleep(0.3)  # the stream is idle, waiting
+        for n in (1, 2, 3):
+            t0 = time.monotonic()
+            threading.Thread(target=rc.coordinator.sessions.publish, args=("car-1", grant(n))).start()
+            assert s.next("upload_grant").upload_grant.max_bytes == n
+            assert time.monotonic() - t0 < 0.5
+    finally:
+        s.close()
+
+
+def test_a_newer_stream_of_a_device_replaces_the_older(running_coordinator: RunningCoordinator) -> None:
+    rc = running_coordinator
+    old = RawStream(rc.channel, hello_bytes("car-1"))
+    old.next("welcome")
+    new = RawStream(rc.channel, hello_bytes("car-1"))
+    try:
+        new.next("welcome")
+        assert old.ended.wait(5), "the replaced stream must end"
+        assert old.error is None  # ended by the cloud with OK
+        assert rc.coordinator.sessions.publish("car-1", grant(7))
+        assert new.next("upload_grant").upload_grant.max_bytes == 7
+        assert rc.coordinator.sessions.online() == ["car-1"]
+    finally:
+        old.close()
+        new.close()
+
+
+def test_a_later_undecodable_message_ends_the_stream(running_coordinator: RunningCoordinator) -> None:
+    rc = running_coordinator
+    s = RawStream(rc.channel, hello_bytes("car-1"))
+    s.next("welcome")
+    s.out.put(b"\xff\xff\xff\xff")
+    assert s.ended.wait(5)
+    assert s.error is not None and s.error.code() == grpc.StatusCode.INTERNAL
+    assert rc.coordinator.refused["undecodable"] == 1
+    # the device reconnects with a fresh hello and is served
+    again = RawStream(rc.channel, hello_bytes("car-1"))
+    try:
+        again.next("welcome")
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("first", [b"\xff\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f"])
+def test_an_undecodable_first_message_is_internal(
+    running_coordinator: RunningCoordinator, first: bytes
+) -> None:
+    s = RawStream(running_coordinator.channel, first)
+    assert s.ended.wait(5)
+    assert s.error is not None and s.error.code() == grpc.StatusCode.INTERNAL
+    assert s.error.details() == "Exception deserializing request!"
+    assert running_coordinator.coordinator.refused["undecodable"] == 1
+
+
+def test_the_domain_executor_bounds_the_calls_in_flight() -> None:
+    import asyncio
+
+    from fleetloop_cloud.grpc_api import DomainExecutor
+
+    running = peak = 0
+    lock = threading.Lock()
+
+    def work() -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.01)
+        with lock:
+            running -= 1
+
+    async def main() -> None:
+        domain = DomainExecutor(asyncio.get_running_loop(), threads=8, limit=3)
+        calls = [asyncio.create_task(domain.run(work)) for _ in range(30)]
+        await asyncio.sleep(0.005)
+        calls[0].cancel()  # a cancelled caller keeps its slot until its call ends in the thread
+        await asyncio.gather(*calls, return_exceptions=True)
+        domain.shutdown()
+
+    asyncio.run(main())
+    assert peak == 3  # 8 threads, but never more than the 3 slots at once

@@ -1,0 +1,124 @@
+"""One coordinator holds more devices than it has threads, over gRPC and over MQTT 5 (issue 6).
+
+The coordinator's gRPC server used to spend a worker thread per open control stream (128 of them), so
+device 129 waited at the door; these run 300 simulated devices — each its own connection and identity —
+against one coordinator over real gRPC on loopback, and 300 MQTT devices from one simulator loop through
+the private mosquitto with the shipped config, and check that everyone else is still served meanwhile.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fleetloop_agent.local_store import LocalStore
+from fleetloop_agent.metrics import AgentMetrics
+from fleetloop_agent.uplink import CloudLink
+from fleetloop_cloud.coordinator import Coordinator
+from fleetloop_cloud.grpc_api import start_grpc_server
+from fleetloop_cloud.mqtt_bridge import BridgeSettings, MqttBridge
+from fleetloop_fwsim.fleet import SimFleet
+from fleetloop_fwsim.mqtt_swarm import MqttSwarm, plain_hello
+from fleetloop_shared.catalog import DataType
+from fleetloop_shared.segment import Segment, new_segment_id
+from fleetloop_shared.wire import device_pb2
+
+_spec = importlib.util.spec_from_file_location(
+    "fleetloop_test_mosquitto", Path(__file__).resolve().parents[1] / "fixtures" / "mosquitto_broker.py"
+)
+assert _spec is not None and _spec.loader is not None
+broker_fixture = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = broker_fixture
+_spec.loader.exec_module(broker_fixture)
+
+DEVICES = 300  # > the 128 worker threads of the former synchronous server
+T0 = 1_700_000_000 * 10**9
+
+
+def wait_for(what: str, probe: Callable[[], bool], timeout: float = 25.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_one_coordinator_holds_300_grpc_devices_and_serves_others(tmp_path: Path, recordings: Path) -> None:
+    c = Coordinator(tmp_path / "cloud")
+    server, port = start_grpc_server(c, "127.0.0.1", 0)
+    target = f"127.0.0.1:{port}"
+    fleet = SimFleet(target, DEVICES, tmp_path / "devices", recordings=recordings, hold_only=True)
+    store = LocalStore(tmp_path / "honest")
+    try:
+        fleet.start()
+        wait_for(f"{DEVICES} devices welcomed", lambda: fleet.connected() == DEVICES)
+        wait_for("the coordinator to see them", lambda: len(c.sessions.online()) == DEVICES)
+        # health still answers at once (it queued behind the device streams on the thread pool before)
+        with grpc.insecure_channel(target) as ch:
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        # one more device (the agent's own CloudLink) connects and uploads while the 300 are held
+        t = np.arange(T0, T0 + 100, dtype=np.int64)
+        seg = Segment(new_segment_id(), "speed", t, {1: np.arange(100.0)}, {1: DataType.FLOAT64})
+        store.append(seg, capture_id="cap", campaign="c", priority=5, now_ns=T0)
+        hello = device_pb2.Hello(device_id="car-301", fleet="sim")
+        hello.catalog.add(id=1, path="Vehicle.Speed", data_type=device_pb2.DATA_TYPE_FLOAT64)
+        link = CloudLink(
+            target, "car-301", store=store, metrics=AgentMetrics(),
+            greeting=lambda: [device_pb2.DeviceMessage(hello=hello)], on_message=lambda m: None,
+        )  # fmt: skip
+        link.start()
+        try:
+            wait_for("the upload", lambda: store.stats().segments_pending == 0)
+        finally:
+            link.stop()
+        assert c.query("SELECT count(*) FROM samples").rows[0][0] == 100
+        # every device is its own identity at the coordinator
+        assert {d for d in c.sessions.online() if d.startswith("sim-")} == {
+            f"sim-{i:05d}" for i in range(DEVICES)
+        }
+        assert fleet.connected() == DEVICES  # still held
+    finally:
+        fleet.close()
+        store.close()
+        server.stop(grace=0).wait(5)
+    # once the devices hang up, the coordinator marks them offline
+    wait_for("the coordinator to see them leave", lambda: len(c.sessions.online()) == 0)
+
+
+def test_one_simulator_loop_holds_300_mqtt_devices(tmp_path: Path) -> None:
+    if broker_fixture.mosquitto_binary() is None:
+        pytest.fail("mosquitto is not installed; .ci/run installs it (apt-get install mosquitto)")
+    with broker_fixture.private_broker(tmp_path / "broker") as broker:
+        c = Coordinator(tmp_path / "cloud")
+        cert, key = broker.client_cert("coordinator")
+        bridge = MqttBridge(c, BridgeSettings(broker.host, broker.port, broker.ca.ca_path, cert, key))
+        bridge.start()
+        ids = [f"m-{i:05d}" for i in range(DEVICES)]
+        for did in ids:
+            broker.client_cert(did)
+        swarm = MqttSwarm(
+            broker.host, broker.port, ca=broker.ca.ca_path, certs=broker.ca.dir, fleet="test",
+            device_ids=ids, hello=plain_hello("test"), connect_rate=300,
+        )  # fmt: skip
+        stop = threading.Event()
+        loop = threading.Thread(target=swarm.run, args=(stop,), daemon=True)
+        loop.start()
+        try:
+            wait_for(f"{DEVICES} MQTT devices welcomed", lambda: swarm.welcomed == DEVICES)
+            assert len(c.sessions.online()) == DEVICES
+            assert swarm.status()["connect_failures"] == 0
+            assert threading.active_count() < 20  # one loop, not a thread per device
+        finally:
+            stop.set()
+            loop.join(timeout=10)
+            bridge.stop()
