@@ -17,6 +17,7 @@ executor (:class:`DomainExecutor`), and the loop keeps serving every other strea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import queue
@@ -52,8 +53,6 @@ DOMAIN_THREADS = 8
 #: Domain calls queued or running at once. Overflow policy: the caller waits (backpressure: its stream
 #: is not read meanwhile; an upload's own deadline bounds the wait, DEADLINE_EXCEEDED, then a retry).
 DOMAIN_QUEUE = 256
-#: A second look, this long after a stream opens, at its session's original outbox (see _watch_session).
-SWEEP_AFTER_S = 1.0
 #: What a request that does not decode is answered, with INTERNAL: gRPC's own words for a failing request
 #: deserializer (the synchronous server's answer, docs/wire.md), kept by this server.
 UNDECODABLE_DETAILS = "Exception deserializing request!"
@@ -98,62 +97,14 @@ class DomainExecutor:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-class _WakingQueue(queue.Queue[device_pb2.CloudMessage]):
-    """A session outbox that wakes the stream's coroutine on every put, from whichever thread puts."""
+def _waker(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> Callable[[], None]:
+    """Set ``event`` on ``loop`` from any thread; a no-op once the loop is closed (the stream is gone)."""
 
-    def __init__(self, maxsize: int, wake: Callable[[], None]) -> None:
-        super().__init__(maxsize)
-        self._wake = wake
+    def wake() -> None:
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(event.set)
 
-    def _put(self, item: device_pb2.CloudMessage) -> None:
-        super()._put(item)
-        self._wake()
-
-
-class _WakingEvent(threading.Event):
-    """A session's ``closed`` flag that wakes the stream's coroutine when set (a newer stream of the same
-    device replaced it, or its reader ended)."""
-
-    def __init__(self, wake: Callable[[], None]) -> None:
-        super().__init__()
-        self._wake = wake
-
-    def set(self) -> None:
-        super().set()
-        self._wake()
-
-
-def _watch_session(session: Session, loop: asyncio.AbstractEventLoop, wake: asyncio.Event) -> None:
-    """Make ``session`` wake ``wake`` on a push or a close, so an idle stream needs no thread and no poll.
-
-    The session registry (``sessions.py``) is thread-based and shared with the MQTT bridge; its outbox is a
-    ``queue.Queue`` and its close flag a ``threading.Event``. They are swapped for waking equivalents right
-    after ``open``: what arrived in between is carried over now, and once more ``SWEEP_AFTER_S`` later for
-    a publisher that had already fetched the old outbox when the swap happened."""
-
-    def notify() -> None:
-        loop.call_soon_threadsafe(wake.set)
-
-    old_outbox, old_closed = session.outbox, session.closed
-    outbox = _WakingQueue(old_outbox.maxsize, notify)
-    closed = _WakingEvent(notify)
-    session.outbox, session.closed = outbox, closed
-
-    def carry_over() -> None:
-        while True:
-            try:
-                msg = old_outbox.get_nowait()
-            except queue.Empty:
-                break
-            try:
-                outbox.put_nowait(msg)
-            except queue.Full:
-                break  # the outbox's own policy (drop-oldest) applies to later pushes; this one is stale
-        if old_closed.is_set():
-            closed.set()
-
-    carry_over()
-    loop.call_later(SWEEP_AFTER_S, carry_over)
+    return wake
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: str, details: str) -> NoReturn:
@@ -196,8 +147,8 @@ class DeviceServicer:
             await _abort(context, *failure)
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        session = self.c.sessions.open(device_id)
-        _watch_session(session, loop, wake)
+        # A push or a close (from any thread) wakes this coroutine: an idle stream holds no thread.
+        session = self.c.sessions.open(device_id, wake=_waker(loop, wake))
         reader = asyncio.create_task(self._read(device_id, context, session))
         try:
             for msg in await self.domain.run(self.c.welcome_messages, device_id):
@@ -247,7 +198,7 @@ class DeviceServicer:
         except Exception:
             log.exception("device %s: reader failed", device_id)
         finally:
-            session.closed.set()
+            session.close()  # wakes the writer side, which ends the call
         return None
 
     async def _disconnected(self, device_id: str) -> None:

@@ -22,6 +22,7 @@ import queue
 import threading
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,8 @@ QUEUE_LIMIT = 256
 #: Commands older than this are dropped by the broker instead of reaching a device late.
 COMMAND_EXPIRY_S = 300
 ANSWER_EXPIRY_S = 60
-PUSH_INTERVAL_S = 0.05
+#: The push loop wakes on every push; this is only how often it also looks for closed sessions.
+PUSH_SWEEP_S = 1.0
 
 
 def _props(packet_type: int) -> Properties:
@@ -76,6 +78,9 @@ class MqttBridge:
         self.refused: Counter[str] = Counter()
         self.handled = 0
         self._sessions: dict[str, tuple[str, Session]] = {}
+        #: Devices with pushes waiting (set by the sessions' wake callbacks, from any thread).
+        self._ready: set[str] = set()
+        self._ready_event = threading.Event()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.connected = threading.Event()
@@ -108,6 +113,7 @@ class MqttBridge:
 
     def stop(self) -> None:
         self._stop.set()
+        self._ready_event.set()
         self._client.disconnect()
         self._client.loop_stop()
         for q in self._queues:
@@ -185,7 +191,7 @@ class MqttBridge:
                     self._refuse("impersonation", device_id, f"hello claims device {msg.hello.device_id!r}")
                     return
                 self.c.on_hello(msg.hello)
-                session = self.c.sessions.open(device_id)
+                session = self.c.sessions.open(device_id, wake=self._waker(device_id))
                 with self._lock:
                     self._sessions[device_id] = (fleet, session)
                 for out in self.c.welcome_messages(device_id):
@@ -200,7 +206,9 @@ class MqttBridge:
                 # said hello to another coordinator (shared subscription) or to our predecessor before a
                 # restart: route pushes for it through this one too
                 with self._lock:
-                    self._sessions[device_id] = (fleet, self.c.sessions.open(device_id))
+                    self._sessions[device_id] = (
+                        fleet, self.c.sessions.open(device_id, wake=self._waker(device_id))
+                    )
             self.c.on_device_message(device_id, msg)
         except FleetloopError as exc:
             self._refuse("control", device_id, str(exc))
@@ -256,10 +264,24 @@ class MqttBridge:
             f"fl/v1/{fleet}/{device_id}/down/control", msg.SerializeToString(), qos=1, properties=props
         )
 
-    def _push_loop(self) -> None:
-        while not self._stop.wait(PUSH_INTERVAL_S):
+    def _waker(self, device_id: str) -> Callable[[], None]:
+        def wake() -> None:
             with self._lock:
-                entries = list(self._sessions.items())
+                self._ready.add(device_id)
+            self._ready_event.set()
+
+        return wake
+
+    def _push_loop(self) -> None:
+        """Publishes what sessions were woken for; an idle fleet costs nothing (no per-device polling)."""
+        while not self._stop.is_set():
+            self._ready_event.wait(PUSH_SWEEP_S)
+            self._ready_event.clear()
+            with self._lock:
+                ready, self._ready = self._ready, set()
+                entries = [
+                    (d, e) for d, e in self._sessions.items() if d in ready or e[1].closed.is_set()
+                ]
             for device_id, (fleet, session) in entries:
                 if session.closed.is_set():
                     with self._lock:

@@ -3,12 +3,18 @@
 One session per device id; a new connection from the same device replaces the old one (the old stream
 ends). Outboxes are bounded; overflow policy: drop-oldest, counted — a device that does not read its
 stream loses stale pushes, and the rollout controller re-offers what matters.
+
+Whoever serves a session (a gRPC stream's coroutine, the MQTT bridge's push loop) passes a ``wake``
+callback to :meth:`DeviceSessions.open`: it is called, from the publishing thread, after every push and
+when the session closes. So an idle device costs no thread and no polling — what holds 10,000 devices on
+one coordinator.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fleetloop_shared.bounded import put_drop_oldest
@@ -24,6 +30,12 @@ class Session:
         default_factory=lambda: queue.Queue(maxsize=OUTBOX_LIMIT)
     )
     closed: threading.Event = field(default_factory=threading.Event)
+    #: Called after each push and on close, from the thread that did it; must not block.
+    wake: Callable[[], None] = lambda: None
+
+    def close(self) -> None:
+        self.closed.set()
+        self.wake()
 
 
 class DeviceSessions:
@@ -34,18 +46,19 @@ class DeviceSessions:
         self._sessions: dict[str, Session] = {}
         self.dropped_total = 0
 
-    def open(self, device_id: str) -> Session:
-        session = Session(device_id)
+    def open(self, device_id: str, wake: Callable[[], None] | None = None) -> Session:
+        """The device's new session (its previous one is closed); ``wake`` is told of pushes and close."""
+        session = Session(device_id) if wake is None else Session(device_id, wake=wake)
         with self._lock:
             old = self._sessions.get(device_id)
             self._sessions[device_id] = session
         if old is not None:
-            old.closed.set()
+            old.close()
         return session
 
     def close(self, session: Session) -> bool:
         """Close ``session``; True if it was the device's current one (the device is now offline)."""
-        session.closed.set()
+        session.close()
         with self._lock:
             if self._sessions.get(session.device_id) is session:
                 del self._sessions[session.device_id]
@@ -63,4 +76,5 @@ class DeviceSessions:
         if session is None:
             return False
         self.dropped_total += put_drop_oldest(session.outbox, msg)
+        session.wake()
         return True

@@ -69,7 +69,8 @@ def files(c: Coordinator) -> tuple[list[Path], list[Path]]:
 
 def counts(c: Coordinator) -> tuple[int, int, float, int]:
     row = c.query(COUNT_SQL).rows[0]
-    return int(row[0]), int(row[1]), round(float(row[2]), 6), int(row[3])
+    # sum() over no rows is NULL: a compaction pass may look before the first upload landed
+    return int(row[0]), int(row[1]), round(float(row[2] or 0.0), 6), int(row[3] or 0)
 
 
 def compactor(c: Coordinator, policy: CompactionPolicy = EAGER) -> Compactor:
