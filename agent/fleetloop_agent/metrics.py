@@ -24,6 +24,14 @@ class AgentMetrics:
             "fleetloop_agent_segments_refused", "Segments the cloud refused as invalid", registry=r
         )
         self.upload_errors = Counter("fleetloop_agent_upload_errors", "Failed upload attempts", registry=r)
+        self.upload_pieces = Counter(
+            "fleetloop_agent_upload_pieces", "Pieces of resumable (chunked) uploads sent", registry=r
+        )
+        self.upload_resumes = Counter(
+            "fleetloop_agent_upload_resumes",
+            "Chunked uploads continued from where the cloud was after a cut",
+            registry=r,
+        )
         self.outbox_dropped = Counter(
             "fleetloop_agent_outbox_dropped",
             "Control messages dropped (outbox full, drop-oldest)",

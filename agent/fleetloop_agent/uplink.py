@@ -8,10 +8,12 @@ cloud's ack, so a cut link or a killed process never loses an acknowledged-or-pe
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import random
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,6 +31,12 @@ BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 5.0
 #: Upload failures with these codes are the cloud refusing the bytes themselves; retrying cannot help.
 PERMANENT_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS}
+#: Uploads larger than this go in pieces of this size (``UploadChunk``): a cut link costs one piece, not
+#: the whole segment, and a segment may exceed the gRPC message limit.
+DEFAULT_CHUNK_BYTES = 256 * 1024
+#: Segments whose chunked upload was cut, remembered to ask the cloud where it is before sending again.
+#: Overflow policy: forget the oldest (it then starts with a question all the same, see _upload_pieces).
+MAX_INTERRUPTED = 64
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -95,7 +103,11 @@ class CloudLink(ControlOutbox):
         on_ack: Callable[[StoredSegment, bool], None] | None = None,
         tls: tuple[Path, Path, Path] | None = None,
         grants: bool = False,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
+        self._chunk_bytes = chunk_bytes
+        self._chunked = True  # False once the cloud answers UNIMPLEMENTED (an older coordinator)
+        self._interrupted: OrderedDict[bytes, None] = OrderedDict()
         # grants (issue 6): upload only what the cloud's upload scheduler granted (see grant())
         self._grants = grants
         self._budget = UploadGrants()
@@ -226,7 +238,7 @@ class CloudLink(ControlOutbox):
                     continue  # evicted by the quota between pending() and read()
                 req = upload_request(self.device_id, seg, data)
                 try:
-                    resp = self._ingest.UploadSegment(req, timeout=self._deadline)
+                    resp = self._upload(req)
                 except grpc.RpcError as exc:
                     if exc.code() in PERMANENT_CODES:
                         # The cloud says these bytes are invalid: keeping them would block the queue forever.
@@ -241,6 +253,70 @@ class CloudLink(ControlOutbox):
                         self._on_ack(seg, bool(resp.duplicate))
                 self._store.mark_uploaded(seg.segment_id)
             self._metrics.store_pending_bytes.set(self._store.stats().bytes_pending)
+
+
+    def _upload(self, req: ingest_pb2.UploadSegmentRequest) -> ingest_pb2.UploadSegmentResponse:
+        whole = req.SerializeToString()
+        if self._chunked and len(whole) > self._chunk_bytes:
+            try:
+                return self._upload_pieces(req.segment_id, whole)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                log.info("the cloud at %s takes no chunked uploads; sending segments whole", self.target)
+                self._chunked = False
+        return self._ingest.UploadSegment(req, timeout=self._deadline)
+
+    def _upload_pieces(self, segment_id: bytes, whole: bytes) -> ingest_pb2.UploadSegmentResponse:
+        """``whole`` in pieces, from where the cloud is. After a cut the first request carries no data and
+        only asks for the cloud's offset (its staging survives its restarts), so nothing is sent twice."""
+        sha = hashlib.sha256(whole).digest()
+        offset, ask = 0, segment_id in self._interrupted
+        if ask:
+            self._metrics.upload_resumes.inc()
+        # Each answer moves forward or says where to go back to; a cloud that does neither for this
+        # many requests is treated as a failed attempt (retried later with backoff), never a busy loop.
+        for _ in range(2 * (len(whole) // self._chunk_bytes) + 8):
+            piece = b"" if ask else whole[offset : offset + self._chunk_bytes]
+            request = ingest_pb2.UploadChunkRequest(
+                device_id=self.device_id,
+                segment_id=segment_id,
+                offset=offset,
+                total_bytes=len(whole),
+                total_sha256=sha,
+                data=piece,
+            )
+            try:
+                answer = self._ingest.UploadChunk(request, timeout=self._deadline)
+            except grpc.RpcError:
+                self._interrupted[segment_id] = None
+                self._interrupted.move_to_end(segment_id)
+                while len(self._interrupted) > MAX_INTERRUPTED:
+                    self._interrupted.popitem(last=False)
+                raise
+            if piece:
+                self._metrics.upload_pieces.inc()
+            ask = False
+            if answer.complete:
+                self._interrupted.pop(segment_id, None)
+                return answer.result
+            offset = min(int(answer.next_offset), len(whole))
+        self._interrupted[segment_id] = None
+        raise StalledUpload(f"segment {segment_id.hex()}: the cloud's offsets made no progress")
+
+
+class StalledUpload(grpc.RpcError):
+    """A chunked upload that did not advance: handled like any failed upload call (backoff, retry)."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(details)
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details
 
 
 def describe_rpc_error(exc: grpc.RpcError) -> str:

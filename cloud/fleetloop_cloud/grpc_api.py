@@ -243,6 +243,42 @@ class IngestServicer:
             )
         await _abort(context, *failure)
 
+    async def UploadChunk(
+        self,
+        request: ingest_pb2.UploadChunkRequest | _Undecodable,
+        context: grpc.aio.ServicerContext[ingest_pb2.UploadChunkRequest, ingest_pb2.UploadChunkResponse],
+    ) -> ingest_pb2.UploadChunkResponse:
+        """One piece of a resumable upload (upload_staging.py); the last one is acked like UploadSegment."""
+        if isinstance(request, _Undecodable):
+            await _abort(context, "INTERNAL", UNDECODABLE_DETAILS)
+        await _check_identity(self.c, context, request.device_id)
+        try:
+            ack = await self.domain.run(
+                functools.partial(
+                    self.c.ingest_chunk,
+                    request.device_id,
+                    request.segment_id,
+                    offset=request.offset,
+                    total_bytes=request.total_bytes,
+                    total_sha256=request.total_sha256,
+                    data=request.data,
+                )
+            )
+        except FleetloopError as exc:
+            log.warning("upload piece from %s refused: %s", request.device_id, exc)
+            failure = (exc.grpc_code, str(exc))
+        except Exception:
+            log.exception("upload piece from %s failed", request.device_id)
+            failure = ("INTERNAL", "internal error storing the upload piece (logged)")
+        else:
+            out = ingest_pb2.UploadChunkResponse(next_offset=ack.next_offset, complete=ack.ack is not None)
+            if ack.ack is not None:
+                out.result.segment_id = request.segment_id
+                out.result.duplicate = ack.ack.duplicate
+                out.result.samples = ack.ack.samples
+            return out
+        await _abort(context, *failure)
+
 
 @dataclass(frozen=True)
 class GrpcTls:
@@ -311,7 +347,14 @@ def _add_services(server: grpc.aio.Server, c: Coordinator, domain: DomainExecuto
                             ingest_pb2.UploadSegmentRequest.FromString, c, "UploadSegmentRequest"
                         ),
                         response_serializer=ingest_pb2.UploadSegmentResponse.SerializeToString,
-                    )
+                    ),
+                    "UploadChunk": grpc.unary_unary_rpc_method_handler(
+                        ingest.UploadChunk,
+                        request_deserializer=_counting(
+                            ingest_pb2.UploadChunkRequest.FromString, c, "UploadChunkRequest"
+                        ),
+                        response_serializer=ingest_pb2.UploadChunkResponse.SerializeToString,
+                    ),
                 },
             ),
         )
