@@ -16,6 +16,11 @@ Every segment is decoded and compared bit for bit before anything is timed. Timi
 ``--repeat`` (the machine has 2 noisy cores) with our codec and pyarrow interleaved in the same run; the
 JSON reports ratios (``> 1`` = we are faster).
 
+The real recordings hold no text, so ``generated_strings`` measures STRING columns (segment format 3) on
+generated data in the same way: a few machine states in runs, fault codes, all-distinct identifiers —
+bytes against the same Parquet+zstd layout, and the round trip checked first. Generated, so it is a
+sanity figure, not a corpus result.
+
 Usage: ``.venv/bin/python benchmarks/store.py [--data DIR] [--repeat N] [--kills N]``
 (``--kills`` also runs the kill -9 loop against a store, N times).
 """
@@ -122,6 +127,47 @@ def measure_set(name: str, result: ImportResult, repeat: int) -> dict[str, Any]:
         },
         "seconds": {"encode": enc_ours, "parquet_write": enc_pq, "decode": dec_ours, "parquet_read": dec_pq},
     }
+
+
+def generated_strings(repeat: int) -> dict[str, Any]:
+    """STRING columns (generated: the corpus has none) against Parquet+zstd, exact round trip first."""
+    import numpy as np
+
+    from fleetloop_shared.catalog import DataType
+    from fleetloop_shared.segment import new_segment_id
+
+    rng = np.random.default_rng(11)
+    rows = 65_536
+    states = ["OFF", "ACC", "ON", "READY", "CHARGING", "FAULT"]
+    run_lengths = rng.integers(50, 2000, rows // 50)
+    state = np.repeat(rng.integers(0, len(states), run_lengths.shape[0]), run_lengths)[:rows]
+    codes = [f"P{c:04X}" for c in rng.integers(0, 0xFFFF, 40)]
+    columns = {
+        "state": [states[k] for k in state],
+        "fault_code": [codes[k] if k < 40 else "" for k in rng.integers(0, 400, rows)],
+        "trip_id": [f"trip-{i:08d}-{'é' * (i % 3)}" for i in range(rows)],
+    }
+    t_ns = 1_700_000_000_000_000_000 + np.arange(rows, dtype=np.int64) * 10_000_000
+    out: dict[str, Any] = {"rows": rows}
+    for name, values in columns.items():
+        arr = np.empty(rows, dtype=object)
+        arr[:] = values
+        seg = Segment(new_segment_id(), name, t_ns, {1: arr}, {1: DataType.STRING})
+        data = encode_segment(seg)
+        if decode_segment(data) != seg:
+            raise SystemExit(f"generated strings {name}: did not round-trip exactly")
+        table = _wide_table(seg)
+        pz = _parquet(table)
+        enc = min(_best(lambda s=seg: encode_segment(s), 1) for _ in range(repeat))
+        wr = min(_best(lambda t=table: _parquet(t), 1) for _ in range(repeat))
+        out[name] = {
+            "distinct": len(set(values)),
+            "bytes_per_sample": round(len(data) / rows, 4),
+            "parquet_zstd_bytes_per_sample": round(len(pz) / rows, 4),
+            "size_vs_parquet_zstd": round(len(data) / len(pz), 4),
+            "encode_speed_vs_parquet_write": round(wr / enc, 3),
+        }
+    return out
 
 
 def _ratios(bytes_: dict[str, int], samples: int, seconds: dict[str, float]) -> dict[str, Any]:
@@ -247,6 +293,7 @@ def main() -> None:
             "encode_ge_parquet_write": total["encode_speed_vs_parquet_write"] >= 1.0,
             "decode_ge_parquet_read": total["decode_speed_vs_parquet_read"] >= 1.0,
         },
+        "generated_strings": generated_strings(args.repeat),
         "notes": notes,
     }
     if args.kills:

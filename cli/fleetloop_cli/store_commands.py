@@ -4,21 +4,27 @@ Operators use these on a copy of a device's store directory (or on a laptop stor
 to see what the device holds and what it costs; the store benchmark and the checks use them too. The
 store itself has no signal names (segments carry ids), so ``import`` keeps the catalog it built in
 ``catalog.json`` beside the index, and ``export`` names signals from it.
+
+Text values (catalog ``STRING``) make one rule necessary on both sides: in the long CSV a value cell that
+is *quoted* is always text, and an unquoted cell is ``true``/``false`` (BOOL), an integer (INT64), a
+number (FLOAT64) or, failing those, text. ``export`` quotes every text value, so ``"1.5"``, ``"true"``
+and ``""`` come back as the identical strings rather than as a number, a bool or a missing value.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
+import re
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from fleetloop_cli.output import FORMATS, emit, render_object, render_rows
-from fleetloop_shared.errors import NotFoundError, UserError
+from fleetloop_shared.errors import ConfigError, NotFoundError, UserError
 
 CATALOG_FILE = "catalog.json"
 DEFAULT_QUOTA = 4 * 1024**3
@@ -44,14 +50,164 @@ def _load_catalog(root: Path) -> Any:
         raise UserError(f"{path}: not a store catalog ({exc})") from None
 
 
+# One CSV field (RFC 4180: quoted with "" escapes, or bare) and what ends it. Matched from the start of a
+# field, so a quote inside a bare field or text after a closing quote is a parse error, not a guess.
+_FIELD = re.compile(r'(?:"([^"]*(?:""[^"]*)*)"|([^,"\r\n]*))(,|\r\n|\n|\r|\Z)')
+_INT = re.compile(r"[+-]?\d+")
+_BOOLS = {"true": True, "false": False}
+
+
+def _csv_records(text: str, path: Path) -> Iterator[tuple[int, list[tuple[str, bool]]]]:
+    """(line number, [(field, quoted), ...]) per record; blank lines are skipped.
+
+    ``csv.reader`` cannot say whether a field was quoted, and here that is the difference between the
+    text ``"1.5"`` and the number ``1.5``.
+    """
+    pos, line, end = 0, 1, len(text)
+    while pos < end:
+        start_line = line
+        fields: list[tuple[str, bool]] = []
+        while True:
+            m = _FIELD.match(text, pos)
+            if m is None:
+                raise ConfigError(f"{path}:{line}: malformed CSV (a stray or unclosed quote)")
+            quoted, bare, sep = m.group(1), m.group(2), m.group(3)
+            if quoted is not None:
+                fields.append((quoted.replace('""', '"'), True))
+                line += quoted.count("\n") + (quoted.count("\r") - quoted.count("\r\n"))
+            else:
+                fields.append((bare, False))
+            pos = m.end()
+            if sep != ",":
+                if sep:
+                    line += 1
+                break
+        if fields != [("", False)]:
+            yield start_line, fields
+
+
+def _cell(field: str, quoted: bool) -> bool | int | float | str:
+    """A value cell: quoted is text; bare is true/false, an integer, a number, or else text."""
+    if quoted:
+        return field
+    bare = field.strip()
+    if not bare:
+        raise ValueError('empty value (write "" for an empty string)')
+    flag = _BOOLS.get(bare.lower())
+    if flag is not None:
+        return flag
+    if _INT.fullmatch(bare):
+        return int(bare)
+    try:
+        return float(bare)  # nan, inf, -0.0 and every repr() a float prints
+    except ValueError:
+        return field
+
+
+def read_long_text_csv(path: Path) -> Any:
+    """A long ``t_ns,signal,value`` / ``t,signal,value`` CSV with numbers, bools and text.
+
+    A signal's type follows from all its cells: all bools → BOOL, all integers (in int64) → INT64,
+    numbers → FLOAT64; any text, or bools mixed with numbers → STRING holding every cell's text exactly
+    as written (and a note says so, since that is often a typo in a numeric signal).
+    """
+    import numpy as np
+
+    from fleetloop_agent.store_import import (
+        MAX_INPUT_BYTES,
+        ImportResult,
+        _seconds_to_ns,
+        detect_groups,
+    )
+
+    try:
+        if path.stat().st_size > MAX_INPUT_BYTES:
+            raise ConfigError(
+                f"{path}: {path.stat().st_size} bytes exceeds the import limit of {MAX_INPUT_BYTES}"
+            )
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    text = text.removeprefix("\ufeff")
+    times: dict[str, list[int]] = defaultdict(list)
+    cells: dict[str, list[tuple[bool | int | float | str, str]]] = defaultdict(list)
+    records = _csv_records(text, path)
+    first = next(records, None)
+    header = [f.strip() for f, _ in first[1]] if first else []
+    if header not in (["t_ns", "signal", "value"], ["t", "signal", "value"]):
+        raise ConfigError(
+            f"{path}:1: expected header 't_ns,signal,value' or 't,signal,value', got {','.join(header)!r}"
+        )
+    in_seconds = header[0] == "t"
+    for lineno, row in records:
+        if len(row) != 3:
+            raise ConfigError(f"{path}:{lineno}: expected 3 fields, got {len(row)}")
+        try:
+            t = _seconds_to_ns(row[0][0]) if in_seconds else int(row[0][0])
+            if not -(2**63) <= t < 2**63:
+                raise ValueError(f"time {row[0][0]!r} outside the int64 ns range")
+            value = _cell(*row[2])
+        except ValueError as exc:
+            raise ConfigError(f"{path}:{lineno}: {exc}") from None
+        name = row[1][0].strip()
+        if not name:
+            raise ConfigError(f"{path}:{lineno}: empty signal name")
+        times[name].append(t)
+        cells[name].append((value, row[2][0]))
+    notes: list[str] = []
+    series: dict[str, tuple[Any, Any]] = {}
+    for name, ts in times.items():
+        values = [v for v, _ in cells[name]]
+        kinds = {type(v) for v in values}
+        arr: Any
+        if kinds == {bool}:
+            arr = np.array(values, dtype=np.bool_)
+        elif kinds == {int} and all(-(2**63) <= v < 2**63 for v in values):  # type: ignore[operator]
+            arr = np.array(values, dtype=np.int64)
+        elif kinds <= {int, float}:
+            arr = np.array([float(v) for v in values], dtype=np.float64)
+        else:
+            if kinds - {str}:
+                notes.append(
+                    f"{name}: mixes text with numbers or true/false; stored as STRING (the cells' text)"
+                )
+            arr = np.empty(len(values), dtype=object)
+            arr[:] = [v if isinstance(v, str) else raw for v, raw in cells[name]]
+        series[name] = (np.array(ts, dtype=np.int64), arr)
+    return ImportResult(detect_groups(series), notes=notes, qualified=False)
+
+
+def _to_segments(result: Any, catalog: Any, *, rows_per_segment: int) -> Iterator[Any]:
+    """``store_import.to_segments`` for groups that may hold text: register each signal, cut segments."""
+    from fleetloop_shared.catalog import DataType
+    from fleetloop_shared.segment import Segment, new_segment_id
+
+    kinds = {"f": DataType.FLOAT64, "i": DataType.INT64, "b": DataType.BOOL, "O": DataType.STRING}
+    for g in result.groups:
+        ids: dict[int, Any] = {}
+        types: dict[int, DataType] = {}
+        for name, values in g.columns.items():
+            spec = catalog.add(f"{g.name}/{name}" if result.qualified else name, kinds[values.dtype.kind])
+            ids[spec.id] = values
+            types[spec.id] = spec.data_type
+        rows = int(g.t_ns.shape[0])
+        for lo in range(0, max(rows, 1), rows_per_segment):
+            hi = min(rows, lo + rows_per_segment)
+            yield Segment(
+                new_segment_id(), g.name, g.t_ns[lo:hi], {k: v[lo:hi] for k, v in ids.items()}, types
+            )
+
+
 def cmd_store_import(args: argparse.Namespace) -> int:
-    from fleetloop_agent.store_import import read_can_log, read_long_csv, to_segments
+    from fleetloop_agent.store_import import read_can_log, to_segments
     from fleetloop_shared.durable import write_atomically
 
     src = Path(args.input)
     if not src.is_file():
         raise NotFoundError(f"{src}: no such file")
-    result = read_can_log(src, Path(args.dbc)) if args.dbc else read_long_csv(src)
+    result = read_can_log(src, Path(args.dbc)) if args.dbc else read_long_text_csv(src)
     root = Path(args.store)
     store = _open_store(root, create=True, quota=args.quota_bytes)
     try:
@@ -59,7 +215,8 @@ def cmd_store_import(args: argparse.Namespace) -> int:
         capture = args.capture or src.stem
         segments = samples = 0
         now = time.time_ns()
-        for seg in to_segments(result, catalog, rows_per_segment=args.rows_per_segment):
+        cut = to_segments if args.dbc else _to_segments
+        for seg in cut(result, catalog, rows_per_segment=args.rows_per_segment):
             # The catalog is saved before the segment that needs it, so a crash never leaves ids unnamed.
             write_atomically(
                 root / CATALOG_FILE, json.dumps({"signals": catalog.to_records()}, indent=1).encode()
@@ -132,13 +289,22 @@ def _rows(store: Any, names: dict[int, str], args: argparse.Namespace) -> Iterat
                 yield int(t[r]), name, values[r]
 
 
+def _csv_field(text: str) -> str:
+    """``text`` as a CSV field, quoted only when it must be (names)."""
+    if text and not any(c in text for c in ',"\r\n') and text == text.strip():
+        return text
+    return '"' + text.replace('"', '""') + '"'
+
+
 def _csv_value(v: Any) -> str:
     import numpy as np
 
+    if isinstance(v, str):
+        return '"' + v.replace('"', '""') + '"'  # always quoted: text, never read back as a number
     if isinstance(v, np.floating):
         return repr(float(v))  # shortest text that parses back to the identical double (nan/inf too)
     if isinstance(v, np.bool_):
-        return "1" if v else "0"
+        return "true" if v else "false"
     return str(int(v))
 
 
@@ -148,12 +314,16 @@ def cmd_store_export(args: argparse.Namespace) -> int:
     names = {s.id: s.path for s in _load_catalog(root)}
     try:
         if args.format == "csv":
-            out = open(args.output_file, "w", newline="") if args.output_file else sys.stdout  # noqa: SIM115
+            out = (
+                open(args.output_file, "w", newline="", encoding="utf-8")  # noqa: SIM115
+                if args.output_file
+                else sys.stdout
+            )
             try:
-                w = csv.writer(out, lineterminator="\n")
-                w.writerow(["t_ns", "signal", "value"])
+                out.write("t_ns,signal,value\n")
+                quoted = {name: _csv_field(name) for name in names.values()}
                 for t, name, v in _rows(store, names, args):
-                    w.writerow([t, name, _csv_value(v)])
+                    out.write(f"{t},{quoted.get(name) or _csv_field(name)},{_csv_value(v)}\n")
             finally:
                 if out is not sys.stdout:
                     out.close()
@@ -172,7 +342,13 @@ def _export_parquet(store: Any, names: dict[int, str], args: argparse.Namespace)
     if not args.output_file:
         raise UserError("--format parquet needs -o FILE")
     schema = pa.schema(
-        [("t_ns", pa.int64()), ("signal", pa.string()), ("value", pa.float64()), ("value_int", pa.int64())]
+        [
+            ("t_ns", pa.int64()),
+            ("signal", pa.string()),
+            ("value", pa.float64()),
+            ("value_int", pa.int64()),
+            ("value_str", pa.string()),
+        ]
     )
     with pq.ParquetWriter(args.output_file, schema, compression="zstd") as writer:
         for _, seg in store.query(
@@ -181,15 +357,21 @@ def _export_parquet(store: Any, names: dict[int, str], args: argparse.Namespace)
             for sid in sorted(seg.columns):
                 values = seg.columns[sid]
                 n = int(seg.t_ns.shape[0])
-                is_float = values.dtype.kind == "f"
+                kind = values.dtype.kind
+                is_text = kind == "O"
                 table = pa.table(
                     {
                         "t_ns": pa.array(seg.t_ns, pa.int64()),
                         "signal": pa.array([names.get(sid, f"id:{sid}")] * n, pa.string()),
-                        "value": pa.array(values.astype(np.float64), pa.float64()),
+                        "value": pa.nulls(n, pa.float64())
+                        if is_text
+                        else pa.array(values.astype(np.float64), pa.float64()),
                         "value_int": pa.nulls(n, pa.int64())
-                        if is_float
+                        if kind == "f" or is_text
                         else pa.array(values.astype(np.int64), pa.int64()),
+                        "value_str": pa.array(values.tolist(), pa.string())
+                        if is_text
+                        else pa.nulls(n, pa.string()),
                     },
                     schema=schema,
                 )
@@ -201,7 +383,12 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     store = groups["top"].add_parser("store", help="a device's local store: import, stats, export")
     sub = store.add_subparsers(dest="sub", required=True)
     s = sub.add_parser("import", help="import a long CSV or a CAN log (with --dbc) into a store")
-    s.add_argument("--input", required=True, help="t_ns,signal,value / t,signal,value CSV, or a CAN log")
+    s.add_argument(
+        "--input",
+        required=True,
+        help="t_ns,signal,value / t,signal,value CSV (a quoted value, or one that is not true/false/a "
+        "number, is text), or a CAN log",
+    )
     s.add_argument("--store", required=True, help="store directory (created if missing)")
     s.add_argument("--dbc", help="DBC for a CAN log (candump .log, Vector .asc, GVRET .csv)")
     s.add_argument("--capture", default="", help="capture id (default: the input's file name)")
@@ -217,7 +404,8 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     s.set_defaults(func=cmd_store_stats)
     s = sub.add_parser(
         "export",
-        help="every sample as t_ns,signal,value CSV (floats exact via repr, bools 1/0) or Parquet",
+        help="every sample as t_ns,signal,value CSV (floats exact via repr, bools true/false, text always "
+        "quoted) or Parquet (value, value_int, value_str)",
     )
     s.add_argument("--store", required=True)
     s.add_argument("--format", choices=("csv", "parquet"), default="csv")

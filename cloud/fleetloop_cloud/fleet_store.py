@@ -253,6 +253,14 @@ class FleetStore:
                     f"{where}: signal id {sid} is not in the device's catalog"
                 ) from None
             paths.append(spec.path)
+        for sid, path in zip(signal_ids, paths, strict=True):
+            if DataType(segment.data_types.get(sid, catalog.by_id(sid).data_type)) is DataType.STRING:
+                # The samples table has no text column yet (adding one needs compaction and the query
+                # view to follow), so text is refused whole, before anything is written.
+                raise UserError(
+                    f"{where}: signal {path} is STRING; this coordinator's fleet store cannot hold text "
+                    "values yet"
+                )
         # Sort by signal path (then time) so each file is ordered like the whole store.
         order = sorted(range(len(signal_ids)), key=lambda i: paths[i])
         time_order = np.argsort(t_ns, kind="stable")

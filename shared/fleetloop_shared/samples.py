@@ -18,7 +18,8 @@ class GroupBatch:
     """Samples of one group: ``t_ns`` (int64 ns, non-decreasing) and one value array per signal id.
 
     Every array in ``values`` has the length of ``t_ns``; dtype float64, int64 or bool as the catalog
-    declares the signal.
+    declares the signal, or for a ``STRING`` signal an object array of Python ``str`` (any length, ``""``
+    included: text stays exact all the way into the segment's string dictionary).
     """
 
     group: str

@@ -10,9 +10,14 @@ Why the layout looks the way it does:
   strongest transform: an integer stream (:mod:`fleetloop_shared.codecs.intstream`) that picks values,
   first or second differences, divides out the clock's tick and bit-packs with exceptions.
 * Floats are mostly decimals or scaled integers in disguise, so they become integers plus an exact ulp
-  residual (:mod:`fleetloop_shared.codecs.decimal_float`); true doubles fall back to XOR or plain bytes.
+  residual (:mod:`fleetloop_shared.codecs.decimal_float`); true doubles fall back to plain bytes or
+  first differences of their bits.
 * Every block names its codec (and whether zstd was applied on top), so the encoder picks per block
   whatever is smallest and a reader can say *which* codec it does not know.
+* Text (catalog ``STRING``) is a dictionary of distinct strings plus per-row or run-length indices
+  (:mod:`fleetloop_shared.codecs.strings`): machine text is states and codes with few distinct values.
+* A writer stamps the *lowest* format version that expresses the segment (2 unless a column is text),
+  so a cloud that reads only version 2 keeps accepting every segment without text.
 * Decoding trusts nothing: every length is checked against what the header implies *before* anything is
   allocated or decompressed, and the checksum is verified before any block is decompressed, so hostile or
   truncated bytes end in :class:`CorruptSegmentError` rather than in a crash, a huge allocation or a
@@ -33,11 +38,14 @@ import numpy.typing as npt
 import zstandard
 
 from fleetloop_shared.catalog import Catalog, DataType
-from fleetloop_shared.codecs import decimal_float, intstream, zstd_frames
+from fleetloop_shared.codecs import decimal_float, intstream, strings, zstd_frames
 from fleetloop_shared.errors import CorruptSegmentError, UserError
 from fleetloop_shared.samples import GroupBatch
 
-FORMAT_VERSION: int = 2
+#: The newest format version this build writes (and reads).
+FORMAT_VERSION: int = 3
+#: Every version this build reads (the versioning rule: readers keep reading what was ever released).
+READ_VERSIONS: frozenset[int] = frozenset({2, 3})
 MAGIC: bytes = b"FLSG"
 
 #: Hard limits a decoder enforces before it allocates anything; an encoder refuses to exceed them too.
@@ -47,6 +55,8 @@ MAX_COLUMNS = 4096
 MAX_CELLS = 100_000_000
 MAX_GROUP_BYTES = 1024
 MAX_SIGNAL_ID = 2**32 - 1
+#: Distinct text of all STRING columns of one segment, UTF-8 bytes: what one segment's text may decode to.
+MAX_TEXT_BYTES = strings.MAX_TEXT_BYTES
 
 # Codec ids (one byte, stable forever within a format version; see docs/segment-format.md). The high
 # bit (ZSTD_FLAG) says the block's payload is a zstd frame of the transform's bytes.
@@ -57,6 +67,7 @@ CODEC_F64_SCALED = 18
 CODEC_F64_BITS_INTSTREAM = 19
 CODEC_I64_INTSTREAM = 33
 CODEC_BOOL_PACKBITS = 48
+CODEC_STR_DICT = 64  # format version 3
 ZSTD_FLAG = 0x80
 # Names kept for callers of format version 1 (the zstd-wrapped forms of the same transforms).
 CODEC_F64_RAW_ZSTD = CODEC_F64_RAW | ZSTD_FLAG
@@ -73,7 +84,10 @@ _VALUE_CODECS: dict[DataType, frozenset[int]] = {
     DataType.FLOAT64: _with_flag(CODEC_F64_RAW, CODEC_F64_XOR, CODEC_F64_SCALED, CODEC_F64_BITS_INTSTREAM),
     DataType.INT64: _with_flag(CODEC_I64_INTSTREAM),
     DataType.BOOL: _with_flag(CODEC_BOOL_PACKBITS),
+    DataType.STRING: _with_flag(CODEC_STR_DICT),
 }
+#: Codec ids (base, flag clear) that need format version 3; a version 2 segment naming one is corrupt.
+_V3_CODECS = frozenset({CODEC_STR_DICT})
 #: Below this many bytes a zstd frame (≥ 9 bytes of framing) cannot win; not tried.
 _ZSTD_MIN_INPUT = 24
 
@@ -133,6 +147,12 @@ class Segment:
 
 
 def _bits_equal(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> bool:
+    if a.dtype == object or b.dtype == object:  # text: the same strings (their bytes are pointers)
+        return (
+            a.dtype == b.dtype
+            and a.shape == b.shape
+            and all(type(x) is type(y) and x == y for x, y in zip(a.tolist(), b.tolist(), strict=True))
+        )
     return (
         a.dtype == b.dtype
         and a.shape == b.shape
@@ -140,11 +160,16 @@ def _bits_equal(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> bool:
     )
 
 
+#: numpy dtype kinds that hold text: Python objects (``str``), fixed-width unicode, numpy 2 StringDType.
+_TEXT_KINDS = frozenset("OUT")
+
+
 def segment_from_batch(batch: GroupBatch, catalog: Catalog, segment_id: bytes | None = None) -> Segment:
     """Turn a batch into a segment, typing each column as the catalog declares its signal.
 
     Values are converted to the catalog's dtype only where no information is lost in kind (ints to
-    float64, bools to int64); anything else is a caller error, not a silent truncation.
+    float64, bools to int64, numpy text to Python ``str``); anything else is a caller error, not a
+    silent truncation or a number turned into text.
     """
     t_ns = np.asarray(batch.t_ns)
     if t_ns.ndim != 1 or t_ns.dtype.kind not in "iu":
@@ -154,6 +179,11 @@ def segment_from_batch(batch: GroupBatch, catalog: Catalog, segment_id: bytes | 
     for signal_id, values in batch.values.items():
         data_type = catalog.by_id(signal_id).data_type
         arr = np.asarray(values)
+        if (data_type is DataType.STRING) != (arr.dtype.kind in _TEXT_KINDS):
+            raise UserError(
+                f"group {batch.group!r}: signal id {signal_id} is {data_type.name} in the catalog "
+                f"but its values are {arr.dtype}"
+            )
         try:
             columns[signal_id] = arr.astype(data_type.numpy_dtype, casting="same_kind")
         except TypeError:
@@ -183,11 +213,27 @@ def encode_segment(segment: Segment) -> bytes:
     group = segment.group.encode("utf-8")
 
     blocks: list[tuple[int, bytes, int]] = [_encode_timestamps(t_ns)]
-    for _, data_type, values in columns:
-        blocks.append(_encode_values(data_type, values))
+    text = 0  # distinct text of the STRING columns, capped per segment exactly as the decoder caps it
+    for signal_id, data_type, values in columns:
+        try:
+            if data_type is DataType.STRING:
+                payload, column_text = strings.encode_measured(values)
+                text += column_text
+                blocks.append(_smaller(CODEC_STR_DICT, payload))
+            else:
+                blocks.append(_encode_values(data_type, values))
+        except strings.TextError as exc:
+            raise UserError(f"segment {segment.segment_id.hex()}: signal {signal_id}: {exc}") from None
+    if text > MAX_TEXT_BYTES:
+        raise UserError(
+            f"segment {segment.segment_id.hex()}: {text} bytes of distinct text exceed {MAX_TEXT_BYTES}"
+        )
+    # The lowest version that expresses these blocks: readers of version 2 keep reading segments
+    # without text (the versioning rule's rollout order then only matters for text).
+    version = 3 if any(codec & ~ZSTD_FLAG in _V3_CODECS for codec, _, _ in blocks) else 2
 
     parts = [
-        _FIXED.pack(MAGIC, FORMAT_VERSION, 0, segment.segment_id, rows, first_ns, last_ns),
+        _FIXED.pack(MAGIC, version, 0, segment.segment_id, rows, first_ns, last_ns),
         _U16.pack(len(group)),
         group,
         bytes([blocks[0][0]]),
@@ -217,7 +263,7 @@ def _validated(segment: Segment) -> tuple[npt.NDArray[np.int64], _Columns]:
         raise UserError(f"{where}: t_ns must be a 1-D integer array, got {t_ns.dtype} {t_ns.shape}")
     if t_ns.dtype.kind == "u" and t_ns.size and int(t_ns.max()) > np.iinfo(np.int64).max:
         raise UserError(f"{where}: t_ns exceeds the int64 range")
-    t_ns = t_ns.astype(np.int64)
+    t_ns = t_ns.astype(np.int64, copy=False)  # encoding never writes into the caller's arrays
     rows = int(t_ns.shape[0])
     if rows > MAX_ROWS:
         raise UserError(f"{where}: {rows} rows exceed the limit of {MAX_ROWS}")
@@ -235,8 +281,10 @@ def _validated(segment: Segment) -> tuple[npt.NDArray[np.int64], _Columns]:
         values = np.asarray(segment.columns[signal_id])
         if values.shape != (rows,):
             raise UserError(f"{where}: signal {signal_id} has shape {values.shape}, expected ({rows},)")
+        if (data_type is DataType.STRING) != (values.dtype.kind in _TEXT_KINDS):
+            raise UserError(f"{where}: signal {signal_id} is {data_type.name} but holds {values.dtype}")
         try:
-            values = values.astype(data_type.numpy_dtype, casting="same_kind")
+            values = values.astype(data_type.numpy_dtype, casting="same_kind", copy=False)
         except TypeError:
             raise UserError(
                 f"{where}: signal {signal_id} is {data_type.name} but holds {values.dtype}"
@@ -271,22 +319,23 @@ def _encode_values(data_type: DataType, values: npt.NDArray[Any]) -> tuple[int, 
             best = (CODEC_F64_SCALED, planes, len(planes))
         rows = int(floats.shape[0])
         if not exact and len(best[1]) > 2 * rows:
-            # Not a decimal or scaled integer in disguise (true doubles): XOR of neighbours wins for
-            # slowly changing values, plain bytes for noise. Ties keep the earlier candidate.
+            # Not a decimal or scaled integer in disguise (true doubles): first differences of the bits
+            # win for slowly changing values, plain bytes for noise. Ties keep the earlier candidate.
+            # XOR of neighbours (codec 17, still read) is not tried: on every real data set one of these
+            # two was smaller, so it only cost encode time.
             bits = floats.view("<u8")
-            xored = bits.copy()
-            xored[1:] ^= bits[:-1]
-            for codec, raw in (
-                (CODEC_F64_RAW, bits.tobytes()),
-                (CODEC_F64_XOR, xored.tobytes()),
-                (CODEC_F64_BITS_INTSTREAM, intstream.encode(bits.view(np.int64), (0, 1))),
+            for candidate in (
+                _smaller(CODEC_F64_RAW, bits.tobytes()),
+                # (the stream's zstd frame was made while choosing its layout: not compressed twice)
+                _smaller(CODEC_F64_BITS_INTSTREAM, *intstream.encode_with_zstd(bits.view(np.int64), (0, 1))),
             ):
-                candidate = _smaller(codec, raw)
                 if len(candidate[1]) < len(best[1]):
                     best = candidate
         return best
     if data_type is DataType.INT64:
-        return _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(values.astype(np.int64)))
+        return _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(values))
+    if data_type is DataType.STRING:
+        return _smaller(CODEC_STR_DICT, strings.encode(values))  # (encode_segment measures text itself)
     raw = np.packbits(values.astype(np.bool_), bitorder="little").tobytes()
     return _smaller(CODEC_BOOL_PACKBITS, raw)
 
@@ -356,11 +405,12 @@ def _parse_framing(data: bytes) -> tuple[_Header, list[_Block]]:
         raise CorruptSegmentError(f"not a segment: magic is {data[:4]!r}, expected {MAGIC!r}")
     if len(data) >= 6:
         (version,) = _U16.unpack_from(data, 4)
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS:
             raise CorruptSegmentError(
-                f"unsupported segment format version {version} (this build reads {FORMAT_VERSION})"
+                f"unsupported segment format version {version} "
+                f"(this build reads {', '.join(map(str, sorted(READ_VERSIONS)))})"
             )
-    magic, _version, flags, segment_id, rows, first_ns, last_ns = r.unpack(_FIXED, "fixed header")
+    magic, version, flags, segment_id, rows, first_ns, last_ns = r.unpack(_FIXED, "fixed header")
     if magic != MAGIC:  # pragma: no cover - checked above whenever 4 bytes exist
         raise CorruptSegmentError(f"not a segment: magic is {magic!r}")
     if flags != 0:
@@ -394,6 +444,10 @@ def _parse_framing(data: bytes) -> tuple[_Header, list[_Block]]:
             raise CorruptSegmentError(f"column {i}: unknown data type {dt_raw}") from None
         if codec not in _VALUE_CODECS[data_type]:
             raise CorruptSegmentError(f"column {i}: codec id {codec} is not valid for {data_type.name}")
+        if version < 3 and codec & ~ZSTD_FLAG in _V3_CODECS:
+            raise CorruptSegmentError(
+                f"column {i}: codec id {codec} needs format version 3, segment is {version}"
+            )
         if signal_id in seen:
             raise CorruptSegmentError(f"column {i}: signal id {signal_id} appears twice")
         seen.add(signal_id)
@@ -436,6 +490,8 @@ def _raw_len_bounds(codec: int, rows: int) -> tuple[int, int]:
         return 1, decimal_float.max_encoded_size(rows)
     if base in (CODEC_F64_RAW, CODEC_F64_XOR):
         return rows * 8, rows * 8
+    if base == CODEC_STR_DICT:
+        return 1, strings.max_encoded_size(rows)
     n = (rows + 7) // 8
     return n, n
 
@@ -483,6 +539,7 @@ def _decode_blocks(header: _Header, blocks: list[_Block]) -> Segment:
         )
     columns: dict[int, npt.NDArray[Any]] = {}
     data_types: dict[int, DataType] = {}
+    text_left = MAX_TEXT_BYTES
     for (signal_id, data_type), block in zip(header.columns, blocks[1:], strict=True):
         base = block.codec & ~ZSTD_FLAG
         values: npt.NDArray[Any]
@@ -495,6 +552,12 @@ def _decode_blocks(header: _Header, blocks: list[_Block]) -> Segment:
                 values = decimal_float.decode(_unzstd(block), rows)
             except intstream.StreamError as exc:
                 raise CorruptSegmentError(f"{block.what}: {exc}") from None
+        elif base == CODEC_STR_DICT:
+            try:
+                values, text = strings.decode(_unzstd(block), rows, text_left)
+            except intstream.StreamError as exc:
+                raise CorruptSegmentError(f"{block.what}: {exc}") from None
+            text_left -= text
         elif base == CODEC_F64_RAW:
             values = np.frombuffer(_unzstd(block), dtype="<f8").astype(np.float64)
         elif base == CODEC_F64_XOR:

@@ -95,6 +95,20 @@ def test_query_by_signal_group_capture_and_time_range(store: LocalStore) -> None
     assert (inv.first_ns, inv.last_ns) == (int(a.t_ns[0]), int(b.t_ns[-1]))
 
 
+def test_text_columns_are_stored_queried_and_counted(store: LocalStore) -> None:
+    seg = make_segment(rows=40, seed=3)
+    modes = np.empty(40, dtype=object)
+    modes[:] = ["", "PARK", "DRIVE ✓", "x" * 5000] * 10
+    seg.columns[4] = modes
+    seg.data_types[4] = DataType.STRING
+    store.append(seg, capture_id="c", campaign="x", priority=5, now_ns=1)
+    assert decode_segment(store.read(seg.segment_id)) == seg
+    ((_, window),) = store.query(signal_ids=[4], from_ns=int(seg.t_ns[1]), to_ns=int(seg.t_ns[3]))
+    assert window.columns[4].tolist() == ["PARK", "DRIVE ✓", "x" * 5000]
+    inv = store.inventory()
+    assert (inv.samples, inv.signals) == (40 * 4, 4)
+
+
 # --------------------------------------------------------------------------------- basic behaviour
 
 

@@ -164,12 +164,90 @@ def test_bad_input_is_one_line_with_exit_code(tmp_path: Path, capsys: pytest.Cap
     bad.write_text("time,name,v\n1,a,2\n")
     code, _, err = run(capsys, "store", "import", "--input", str(bad), "--store", str(tmp_path / "s"))
     assert code == 2 and "expected header" in err and len(err.strip().splitlines()) == 1
-    bad.write_text("t_ns,signal,value\n1,a,notanumber\n")
-    code, _, err = run(capsys, "store", "import", "--input", str(bad), "--store", str(tmp_path / "s"))
-    assert code == 2 and "bad.csv:2" in err
+    for body, message in [
+        ("t_ns,signal,value\nx1,a,2\n", "bad.csv:2"),
+        ("t_ns,signal,value\n1,a,2\n2,a,\n", "bad.csv:3: empty value"),
+        ('t_ns,signal,value\n1,a,"open\n', "bad.csv:2: malformed CSV"),
+        ('t_ns,signal,value\n1,a,x"y\n', "bad.csv:2: malformed CSV"),
+        ('t_ns,signal,value\n1,a,"x"y\n', "bad.csv:2: malformed CSV"),
+        ("t_ns,signal,value\n1,a,2,3\n", "bad.csv:2: expected 3 fields"),
+    ]:
+        bad.write_text(body)
+        code, _, err = run(capsys, "store", "import", "--input", str(bad), "--store", str(tmp_path / "s"))
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (body, err)
+    assert not (tmp_path / "s" / "segments").exists() or not any((tmp_path / "s" / "segments").iterdir())
     code, _, err = run(capsys, "store", "stats", "--store", str(tmp_path / "nowhere"))
     assert code == 3 and "no store index" in err
     code, _, err = run(
         capsys, "store", "import", "--input", str(tmp_path / "missing.csv"), "--store", str(tmp_path / "s")
     )
     assert code == 3
+
+
+TEXTS = [
+    "",
+    "plain",
+    "1.5",  # looks like a number: must stay text
+    "true",  # looks like a bool
+    "nan",
+    " padded ",
+    'quote " inside',
+    "comma, inside",
+    "line\nbreak\r\nand CRLF",
+    "ÉTAT ✓ 日本語 🚗",
+    "x" * 100_000,
+]
+
+
+def test_strings_import_export_round_trip_exactly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "text.csv"
+    with src.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, quoting=csv.QUOTE_NONNUMERIC)  # every text value quoted
+        w.writerow(["t_ns", "signal", "value"])
+        for i, v in enumerate(TEXTS):
+            w.writerow([i, "status", v])
+    # bare cells: the unquoted word is text, true/false are bools, a typo makes the signal text
+    with src.open("a", newline="", encoding="utf-8") as fh:
+        fh.write("0,state,IDLE\n1,state,RUN\n0,door,true\n1,door,FALSE\n0,odd,1\n1,odd,2x\n")
+    store = tmp_path / "store"
+    code, out, err = run(capsys, "store", "import", "--input", str(src), "--store", str(store), "-o", "json")
+    assert code == 0, err
+    assert "odd: mixes text" in err
+    catalog = {s["path"]: s["data_type"] for s in json.loads((store / "catalog.json").read_text())["signals"]}
+    assert catalog == {"status": "STRING", "state": "STRING", "door": "BOOL", "odd": "STRING"}
+
+    code, out, _ = run(capsys, "store", "stats", "--store", str(store), "-o", "json")
+    stats = json.loads(out)
+    assert stats["samples"] == len(TEXTS) + 6 and stats["signals"] == 4
+
+    out_csv = tmp_path / "out.csv"
+    code, _, err = run(capsys, "store", "export", "--store", str(store), "-o", str(out_csv))
+    assert code == 0, err
+    got = list(csv.reader(out_csv.open(newline="", encoding="utf-8")))
+    status = [v for _, s, v in got[1:] if s == "status"]
+    assert status == TEXTS
+    assert [v for _, s, v in got[1:] if s == "door"] == ["true", "false"]
+    assert [v for _, s, v in got[1:] if s == "odd"] == ["1", "2x"]
+
+    # the export imports again to the identical store contents (quoted text stays text)
+    store2 = tmp_path / "store2"
+    code, _, err = run(capsys, "store", "import", "--input", str(out_csv), "--store", str(store2))
+    assert code == 0, err
+    again = tmp_path / "again.csv"
+    assert run(capsys, "store", "export", "--store", str(store2), "-o", str(again))[0] == 0
+    assert again.read_bytes() == out_csv.read_bytes()
+    catalog2 = {
+        s["path"]: s["data_type"] for s in json.loads((store2 / "catalog.json").read_text())["signals"]
+    }
+    assert catalog2 == catalog
+
+    pq_path = tmp_path / "out.parquet"
+    code, _, err = run(
+        capsys, "store", "export", "--store", str(store), "--format", "parquet", "-o", str(pq_path)
+    )
+    assert code == 0, err
+    table = pq.read_table(pq_path).to_pylist()
+    assert [r["value_str"] for r in table if r["signal"] == "status"] == TEXTS
+    assert all(r["value"] is None and r["value_int"] is None for r in table if r["signal"] == "status")
+    assert [r["value_int"] for r in table if r["signal"] == "door"] == [1, 0]
+    assert all(r["value_str"] is None for r in table if r["signal"] == "door")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from fleetloop_agent.store_import import real_corpus, to_segments
 from fleetloop_shared.catalog import Catalog
-from fleetloop_shared.codecs import bitpack, decimal_float, intstream
+from fleetloop_shared.codecs import bitpack, decimal_float, intstream, strings
 from fleetloop_shared.segment import decode_segment, encode_segment
 
 I64_MIN = int(np.iinfo(np.int64).min)
@@ -25,12 +25,15 @@ I64_MAX = int(np.iinfo(np.int64).max)
 def numpy_only() -> Iterator[None]:
     """Run the body with the numba kernels switched off (as on a machine without numba)."""
     saved = (bitpack._kernels, bitpack._tried, intstream._stats_kernel, intstream._stats_tried)
+    saved_float = (decimal_float._kernels, decimal_float._kernels_tried)
     bitpack._kernels, bitpack._tried = None, True
     intstream._stats_kernel, intstream._stats_tried = None, True
+    decimal_float._kernels, decimal_float._kernels_tried = None, True
     try:
         yield
     finally:
         bitpack._kernels, bitpack._tried, intstream._stats_kernel, intstream._stats_tried = saved
+        decimal_float._kernels, decimal_float._kernels_tried = saved_float
 
 
 # ------------------------------------------------------------------------------------------ bitpack
@@ -146,6 +149,18 @@ def test_scaled_float_round_trip_is_bit_exact(v: npt.NDArray[np.float64]) -> Non
         assert decimal_float.encode(v) == data
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(float_columns())
+def test_scaled_float_choice_and_split_kernels_match_numpy(v: npt.NDArray[np.float64]) -> None:
+    assert decimal_float._load_kernels() is not None  # numba is a dependency: the fast path runs here
+    fast = decimal_float.choose(v)
+    n, r = decimal_float._split(v, *fast)
+    with numpy_only():
+        assert decimal_float.choose(v) == fast
+        n2, r2 = decimal_float._split(v, *fast)
+    assert n.tobytes() == n2.tobytes() and r.tobytes() == r2.tobytes()
+
+
 def test_scaled_float_special_values() -> None:
     special = floats_from_bits(
         [0x7FF8000000000001, 0xFFF0000000000001, 0x8000000000000000, 0x0000000000000001]
@@ -169,6 +184,94 @@ def test_scaled_float_decoder_refuses_garbage_with_stream_error_only(blob: bytes
     except intstream.StreamError:
         return
     assert out.shape == (count,)
+
+
+# ------------------------------------------------------------------------------ string dictionary
+
+
+def text_array(values: list[str]) -> npt.NDArray[np.object_]:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+@st.composite
+def text_columns(draw: st.DrawFn) -> npt.NDArray[np.object_]:
+    n = draw(st.integers(0, 200))
+    kind = draw(st.sampled_from(["any", "few", "runs", "distinct"]))
+    if kind == "any":
+        return text_array(draw(st.lists(st.text(), min_size=n, max_size=n)))
+    if kind == "distinct":
+        return text_array([f"{draw(st.text(max_size=3))}#{i}" for i in range(n)])
+    pool = draw(st.lists(st.text(max_size=30), min_size=1, max_size=5))
+    if kind == "few":
+        return text_array(draw(st.lists(st.sampled_from(pool), min_size=n, max_size=n)))
+    runs = draw(st.lists(st.tuples(st.sampled_from(pool), st.integers(1, 40)), max_size=20))
+    return text_array([v for v, k in runs for _ in range(k)])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text_columns())
+def test_string_dictionary_round_trip_is_exact(v: npt.NDArray[np.object_]) -> None:
+    data = strings.encode(v)
+    assert len(data) <= strings.max_encoded_size(len(v))
+    out, text = strings.decode(data, len(v))
+    assert out.dtype == object and out.shape == v.shape
+    assert all(type(a) is str and a == b for a, b in zip(out.tolist(), v.tolist(), strict=True))
+    assert text == len(b"".join(s.encode() for s in dict.fromkeys(v.tolist())))
+    with numpy_only():
+        assert strings.encode(v) == data
+
+
+def test_string_dictionary_is_small_for_states_and_free_for_distinct_indices() -> None:
+    states = text_array(["IDLE"] * 5000 + ["DRIVE"] * 20_000 + ["CHARGING"] * 5000)
+    assert len(strings.encode(states)) < 200  # two changes: exceptions of a width-0 stream
+    rng = np.random.default_rng(2)
+    modes = ["OFF", "ACC", "ON", "READY", "FAULT"]
+    flapping = text_array([modes[m] for m in rng.integers(0, 5, 1000) for _ in range(rng.integers(20, 40))])
+    data = strings.encode(flapping)
+    assert data[0] == strings.INDEX_RUNS and len(data) < 1000 * 8 // 8 + 300  # ~8 bits a run, not a row
+    distinct = text_array([f"VIN{i:014d}" for i in range(10_000)])
+    data = strings.encode(distinct)
+    assert data[0] == strings.INDEX_ROWS
+    assert len(data) < 17 * 10_000 + 200  # the text, plus a constant: indices 0, 1, 2, ... cost nothing
+    flicker = text_array(["on", "off"] * 5000)
+    assert len(strings.encode(flicker)) < 10_000 // 8 + 200  # one bit a row
+
+
+def test_string_encoder_refuses_what_it_cannot_store_exactly() -> None:
+    with pytest.raises(strings.TextError, match="row 1 holds int"):
+        strings.encode(text_array(["a", 1]))  # type: ignore[list-item]
+    with pytest.raises(strings.TextError, match="row 0 holds NoneType"):
+        strings.encode(text_array([None]))  # type: ignore[list-item]
+    with pytest.raises(strings.TextError, match="UTF-8"):
+        strings.encode(text_array(["\udc80"]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, 20))
+def test_string_decoder_refuses_garbage_with_stream_error_only(blob: bytes, count: int) -> None:
+    try:
+        out, _ = strings.decode(blob, count)
+    except intstream.StreamError:
+        return
+    assert out.shape == (count,) and all(type(x) is str for x in out.tolist())
+
+
+@settings(max_examples=400, deadline=None)
+@given(text_columns(), st.data())
+def test_string_decoder_refuses_mutated_blocks_with_stream_error_only(
+    v: npt.NDArray[np.object_], data: st.DataObject
+) -> None:
+    blob = bytearray(strings.encode(v))
+    for _ in range(data.draw(st.integers(1, 4))):
+        blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(blob)))
+    try:
+        out, _ = strings.decode(bytes(blob[:cut] if data.draw(st.booleans()) else blob), len(v))
+    except intstream.StreamError:
+        return
+    assert out.shape == v.shape and all(type(x) is str for x in out.tolist())
 
 
 # ---------------------------------------------------------------------------------------- real data

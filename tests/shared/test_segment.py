@@ -25,10 +25,12 @@ from fleetloop_shared.segment import (
     CODEC_F64_SCALED,
     CODEC_F64_XOR,
     CODEC_I64_INTSTREAM,
+    CODEC_STR_DICT,
     FORMAT_VERSION,
     MAGIC,
     MAX_CELLS,
     MAX_ROWS,
+    MAX_TEXT_BYTES,
     ZSTD_FLAG,
     Segment,
     decode_segment,
@@ -55,7 +57,11 @@ def assert_bit_exact(a: Segment, b: Segment) -> None:
     for sid, values in a.columns.items():
         other = b.columns[sid]
         assert values.dtype == other.dtype, sid
-        assert values.tobytes() == other.tobytes(), sid
+        if values.dtype == object:  # text: the same str values (the bytes of an object array are pointers)
+            assert [type(x) for x in other.tolist()] == [str] * len(other), sid
+            assert values.tolist() == other.tolist(), sid
+        else:
+            assert values.tobytes() == other.tobytes(), sid
     assert a == b
 
 
@@ -80,6 +86,27 @@ def small_segment() -> Segment:
     )
 
 
+def text(values: list[str]) -> npt.NDArray[np.object_]:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+def text_segment() -> Segment:
+    t = np.array([-5, 0, 10, 10, 20, 30], dtype=np.int64)
+    return Segment(
+        segment_id=bytes(range(16, 32)),
+        group="plc/status",
+        t_ns=t,
+        columns={
+            4: text(["", "ÉTAT ✓", "x" * 300, "x" * 300, "\U0001f600", ""]),
+            5: text(["IDLE", "IDLE", "RUN", "RUN", "RUN", "IDLE"]),
+            6: np.array([1, 2, 3, 4, 5, 6], dtype=np.int64),
+        },
+        data_types={4: DataType.STRING, 5: DataType.STRING, 6: DataType.INT64},
+    )
+
+
 # ------------------------------------------------------------------------------------- round trips
 
 
@@ -96,13 +123,76 @@ def test_special_values_round_trip_bit_exact() -> None:
     assert np.signbit(roundtrip(small_segment()).columns[3][1])  # -0.0 stays negative
 
 
+def test_strings_round_trip_exactly() -> None:
+    decoded = roundtrip(text_segment())
+    assert decoded.columns[4].dtype == object and decoded.columns[4][0] == ""
+    rng = np.random.default_rng(4)
+    n = 5000
+    cases = {
+        "all equal": text(["same"] * n),
+        "all equal empty": text([""] * n),
+        "all distinct": text([f"fault-{i}-{'ü' * (i % 7)}" for i in range(n)]),
+        "few, flapping": text([["OFF", "ON", "READY"][k] for k in rng.integers(0, 3, n)]),
+        "runs": text(["P"] * 1000 + ["R"] * 10 + ["N"] * 2000 + ["D"] * 1990),
+        "very long": text(["€" * 2_000_000 if i % 1000 == 0 else "short" for i in range(n)]),
+        "scripts": text(
+            ["日本語", "עברית", "Ελληνικά", "emoji 🚗💨", 'tab\tnewline\nquote"', "\x00nul"] * (n // 6)
+        ),
+    }
+    for name, values in cases.items():
+        seg = Segment(
+            new_segment_id(), name, np.arange(len(values), dtype=np.int64), {1: values}, {1: DataType.STRING}
+        )
+        data = encode_segment(seg)
+        assert struct.unpack_from("<H", data, 4)[0] == 3, name
+        assert column_codec(data) & ~ZSTD_FLAG == CODEC_STR_DICT, name
+        roundtrip(seg)
+    # numpy's own text arrays are accepted and come back as Python str
+    seg = Segment(
+        new_segment_id(),
+        "u",
+        np.arange(3, dtype=np.int64),
+        {1: np.array(["a", "", "bc"])},
+        {1: DataType.STRING},
+    )
+    assert decode_segment(encode_segment(seg)).columns[1].tolist() == ["a", "", "bc"]
+
+
+def test_writers_stamp_version_2_unless_a_column_is_text() -> None:
+    # A cloud that reads only version 2 keeps accepting every segment without text.
+    assert struct.unpack_from("<H", encode_segment(small_segment()), 4)[0] == 2
+    assert struct.unpack_from("<H", encode_segment(text_segment()), 4)[0] == 3
+
+
+#: ``small_segment()`` as the released version-2 writer encoded it (commit 8166566): readers keep
+#: reading every released version, so these exact bytes must decode to it for ever.
+V2_SMALL_SEGMENT = bytes.fromhex(
+    "464c534702000000000102030405060708090a0b0c0d0e0f060000000000000018fcffffffffffffc005d90100000000"
+    "0a0063616e302f53504545440203000300000001900700000002a1090000000330022600000026000000000600000018"
+    "fcffffffffffffe8030000000000000f0000000000800040c429c419e2ccc80390300000002a00000028b52ffd20300d"
+    "0100a00000f83f008000f87f00f0ff010000000000000005002b24c00dd030c061012ca14a0000003200000028b52ffd"
+    "204a4d0100b80006008001004000ff7f0080ffffff2a000000000000800700398520450018080603a681e10ae0063001"
+    "000000010000002db2570e0b"
+)
+
+
+def test_released_version_2_bytes_still_decode() -> None:
+    assert_bit_exact(small_segment(), decode_segment(V2_SMALL_SEGMENT))
+    assert encode_segment(small_segment()) == V2_SMALL_SEGMENT  # nothing changed for segments without text
+
+
+def test_version_2_segment_naming_the_string_codec_is_refused() -> None:
+    data = encode_segment(text_segment())
+    expect_corrupt(reseal(data[:4] + struct.pack("<H", 2) + data[6:-4]), "needs format version 3")
+
+
 def test_empty_segment_round_trips() -> None:
     seg = Segment(
         new_segment_id(),
         "imu",
         np.zeros(0, dtype=np.int64),
-        {1: np.zeros(0), 2: np.zeros(0, dtype=np.int64), 3: np.zeros(0, dtype=bool)},
-        {1: DataType.FLOAT64, 2: DataType.INT64, 3: DataType.BOOL},
+        {1: np.zeros(0), 2: np.zeros(0, dtype=np.int64), 3: np.zeros(0, dtype=bool), 4: text([])},
+        {1: DataType.FLOAT64, 2: DataType.INT64, 3: DataType.BOOL, 4: DataType.STRING},
     )
     decoded = roundtrip(seg)
     assert decoded.sample_count == 0
@@ -170,7 +260,7 @@ def test_steady_rate_timestamps_are_nearly_free() -> None:
     roundtrip(seg)
 
 
-dtypes = st.sampled_from([DataType.FLOAT64, DataType.INT64, DataType.BOOL])
+dtypes = st.sampled_from([DataType.FLOAT64, DataType.INT64, DataType.BOOL, DataType.STRING])
 
 
 @st.composite
@@ -201,6 +291,12 @@ def segments(draw: st.DrawFn) -> Segment:
         elif dt is DataType.INT64:
             columns[sid] = np.array(
                 draw(st.lists(st.integers(I64_MIN, I64_MAX), min_size=rows, max_size=rows)), dtype=np.int64
+            )
+        elif dt is DataType.STRING:
+            pool = draw(st.lists(st.text(max_size=20), min_size=1, max_size=4))
+            any_text = draw(st.booleans())
+            columns[sid] = text(
+                draw(st.lists(st.text() if any_text else st.sampled_from(pool), min_size=rows, max_size=rows))
             )
         else:
             columns[sid] = np.array(
@@ -314,6 +410,22 @@ def test_segment_from_batch_types_columns_from_catalog() -> None:
     assert len(auto.segment_id) == 16
 
 
+def test_segment_from_batch_takes_text_for_string_signals_only() -> None:
+    catalog = Catalog()
+    mode = catalog.add("Vehicle.Mode", DataType.STRING).id
+    gear = catalog.add("Vehicle.Gear", DataType.INT64).id
+    batch = GroupBatch(
+        "g", np.array([1, 2], dtype=np.int64), {mode: np.array(["P", "D"]), gear: np.array([0, 3])}
+    )
+    seg = segment_from_batch(batch, catalog)
+    assert seg.columns[mode].dtype == object and seg.data_types[mode] is DataType.STRING
+    assert roundtrip(seg).columns[mode].tolist() == ["P", "D"]
+    with pytest.raises(UserError, match="STRING in the catalog but its values are int64"):
+        segment_from_batch(GroupBatch("g", np.array([1], dtype=np.int64), {mode: np.array([3])}), catalog)
+    with pytest.raises(UserError, match="INT64 in the catalog but its values are <U1"):
+        segment_from_batch(GroupBatch("g", np.array([1], dtype=np.int64), {gear: np.array(["3"])}), catalog)
+
+
 def test_segment_from_batch_refuses_lossy_kinds() -> None:
     catalog = Catalog()
     gear = catalog.add("Vehicle.Gear", DataType.INT64).id
@@ -333,6 +445,22 @@ def test_segment_from_batch_refuses_lossy_kinds() -> None:
         (lambda s: setattr(s, "t_ns", np.zeros(6)), "integer"),
         (lambda s: setattr(s, "group", "x" * 2000), "group name"),
         (lambda s: s.columns.__setitem__(7, np.full(6, 0.5)), "INT64"),
+        (lambda s: s.columns.__setitem__(7, text(["1"] * 6)), "INT64 but holds object"),
+        (lambda s: s.data_types.__setitem__(3, DataType.STRING), "STRING but holds float64"),
+        (
+            lambda s: (
+                s.columns.__setitem__(3, text(["a", 1, "b", "c", "d", "e"])),  # type: ignore[list-item]
+                s.data_types.__setitem__(3, DataType.STRING),
+            ),
+            "row 1 holds int",
+        ),
+        (
+            lambda s: (
+                s.columns.__setitem__(3, text(["a\ud800"] * 6)),
+                s.data_types.__setitem__(3, DataType.STRING),
+            ),
+            "UTF-8",
+        ),
     ],
 )
 def test_encode_refuses_invalid_segments(mutate: Any, message: str) -> None:
@@ -367,8 +495,9 @@ def expect_corrupt(data: bytes, match: str | None = None) -> CorruptSegmentError
     return info.value
 
 
-def test_every_single_byte_flip_is_detected() -> None:
-    good = encode_segment(small_segment())
+@pytest.mark.parametrize("make", [small_segment, text_segment])
+def test_every_single_byte_flip_is_detected(make: Any) -> None:
+    good = encode_segment(make())
     for i in range(len(good)):
         for mask in (0x01, 0x80, 0xFF):
             bad = bytearray(good)
@@ -376,8 +505,9 @@ def test_every_single_byte_flip_is_detected() -> None:
             expect_corrupt(bytes(bad))
 
 
-def test_every_truncation_is_detected() -> None:
-    good = encode_segment(small_segment())
+@pytest.mark.parametrize("make", [small_segment, text_segment])
+def test_every_truncation_is_detected(make: Any) -> None:
+    good = encode_segment(make())
     for n in range(len(good)):
         err = expect_corrupt(good[:n])
         if n >= 6:
@@ -488,6 +618,85 @@ def test_forged_blocks_are_refused_without_huge_allocations() -> None:
     expect_corrupt(_rebuild(bools, lambda c, r, p: (c | ZSTD_FLAG, 1, zc.compress(b"\xff"))), "padding")
 
 
+def test_forged_string_blocks_are_refused_with_a_reason() -> None:
+    from fleetloop_shared.codecs import intstream
+
+    seg = Segment(
+        b"s" * 16, "g", np.arange(4, dtype=np.int64), {1: text(["a", "bb", "a", ""])}, {1: DataType.STRING}
+    )
+    zc = zstandard.ZstdCompressor()
+
+    def ints(values: list[int]) -> bytes:
+        return intstream.encode(np.array(values, dtype=np.int64))
+
+    def block(layout: int, entries: int, lengths: list[int], body: bytes, rest: bytes) -> bytes:
+        return (
+            struct.pack("<BI", layout, entries) + ints(lengths) + struct.pack("<Q", len(body)) + body + rest
+        )
+
+    def forged(raw: bytes) -> bytes:
+        return _rebuild(seg, lambda c, r, p: (CODEC_STR_DICT | ZSTD_FLAG, len(raw), zc.compress(raw)))
+
+    good_rest = ints([0, 1, 0, 2])
+    assert decode_segment(forged(block(0, 3, [1, 2, 0], b"abb", good_rest))).columns[1].tolist() == [
+        "a",
+        "bb",
+        "a",
+        "",
+    ]
+    expect_corrupt(forged(block(2, 3, [1, 2, 0], b"abb", good_rest)), "unknown string index layout 2")
+    expect_corrupt(forged(block(0, 5, [1, 2, 0, 0, 0], b"abb", good_rest)), "5 dictionary entries impossible")
+    expect_corrupt(forged(block(0, 0, [], b"", ints([0, 0, 0, 0]))), "0 dictionary entries impossible")
+    expect_corrupt(forged(block(0, 3, [1, 2, 1], b"abb", good_rest)), "do not add up")
+    expect_corrupt(forged(block(0, 3, [2, 2, -1], b"abb", good_rest)), "do not add up")
+    expect_corrupt(forged(block(0, 3, [1, 2, 0], b"\xff\xfe\xfd", good_rest)), "not valid UTF-8")
+    expect_corrupt(forged(block(0, 3, [1, 2, 0], b"abb", ints([0, 1, 0, 3]))), "index out of range")
+    expect_corrupt(forged(block(0, 3, [1, 2, 0], b"abb", ints([0, 1, 0, -1]))), "index out of range")
+    expect_corrupt(forged(block(0, 3, [1, 2, 0], b"abb", ints([0, 1, 0]))), "holds 3 values, expected 4")
+    expect_corrupt(forged(block(0, 3, [1, 2, 0], b"abb", good_rest + b"x")), "bytes after the string")
+    expect_corrupt(forged(block(0, 3, [1, 2, 0], b"abb", b"")[:-2]), "truncated|exceeds the block")
+    runs = struct.pack("<I", 3) + ints([0, 1, 2]) + ints([1, 1, 2])
+    assert decode_segment(forged(block(1, 3, [1, 2, 0], b"abb", runs))).columns[1].tolist() == [
+        "a",
+        "bb",
+        "",
+        "",
+    ]
+    expect_corrupt(
+        forged(block(1, 3, [1, 2, 0], b"abb", struct.pack("<I", 3) + ints([0, 1, 2]) + ints([1, 1, 1]))),
+        "cover 3 rows",
+    )
+    expect_corrupt(
+        forged(block(1, 3, [1, 2, 0], b"abb", struct.pack("<I", 3) + ints([0, 1, 2]) + ints([0, 2, 2]))),
+        "run lengths",
+    )
+    expect_corrupt(
+        forged(block(1, 3, [1, 2, 0], b"abb", struct.pack("<I", 9) + ints([0] * 9) + ints([1] * 9))),
+        "9 runs impossible",
+    )
+    expect_corrupt(forged(block(1, 3, [1, 2, 0], b"abb", struct.pack("<I", 2))), "truncated")
+    # declared text beyond the limit is refused before anything is read or allocated
+    huge = struct.pack("<BI", 0, 1) + ints([MAX_TEXT_BYTES + 1]) + struct.pack("<Q", MAX_TEXT_BYTES + 1)
+    expect_corrupt(forged(huge), "exceeds the limit")
+    # a block whose zstd frame claims more than a string block of 4 rows may hold
+    expect_corrupt(
+        _rebuild(seg, lambda c, r, p: (c | ZSTD_FLAG, MAX_TEXT_BYTES * 2, p)), "impossible for 4 rows"
+    )
+
+
+def test_text_of_a_segment_is_capped_across_columns() -> None:
+    big = "y" * (MAX_TEXT_BYTES // 2 + 1)
+    seg = Segment(
+        new_segment_id(),
+        "g",
+        np.arange(1, dtype=np.int64),
+        {1: text([big]), 2: text([big + "z"])},
+        {1: DataType.STRING, 2: DataType.STRING},
+    )
+    with pytest.raises(UserError, match="exceed"):
+        encode_segment(seg)
+
+
 def test_forged_descriptors_are_refused() -> None:
     good = encode_segment(small_segment())
     group_len = struct.unpack_from("<H", good, 48)[0]
@@ -506,7 +715,8 @@ def test_forged_descriptors_are_refused() -> None:
 @given(st.data())
 def test_resealed_random_mutations_never_raise_anything_else(data: st.DataObject) -> None:
     """Forged bytes with a valid checksum: CorruptSegmentError or a self-consistent segment, never a crash."""
-    good = bytearray(encode_segment(small_segment())[:-4])
+    source = data.draw(st.sampled_from([small_segment, text_segment]))
+    good = bytearray(encode_segment(source())[:-4])
     for _ in range(data.draw(st.integers(1, 4))):
         i = data.draw(st.integers(0, len(good) - 1))
         good[i] = data.draw(st.integers(0, 255))

@@ -16,11 +16,18 @@ exceptions of the residual stream), so there is no separate exception list to ge
 
 The encoder picks the scaling on a sample (at most :data:`SAMPLE` values) by estimated size, then codes
 the whole column. Layout: docs/segment-format.md, "Scaled float".
+
+The choice and the split run as one numba kernel each when numba is there (the numpy versions are a few
+dozen array operations on 256 values each, whose call overhead dominated the encoder's time); both
+implementations make the same choice and the same integers, so the bytes are identical
+(``tests/shared/test_codecs.py`` compares them).
 """
 
 from __future__ import annotations
 
+import math
 import struct
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -51,6 +58,20 @@ def _approx(n: I64, mode: int, exponent: int) -> F64:
 
 def _split(v: F64, mode: int, exponent: int) -> tuple[I64, I64]:
     """``n`` and the residual for every value (forward-filling ``n`` where the scaling overflows)."""
+    kernels = _load_kernels()
+    if kernels is not None:
+        v = np.ascontiguousarray(v, dtype=np.float64)  # the kernel reads the bits through a view
+        n = np.empty(v.shape[0], dtype=np.int64)
+        r = np.empty(v.shape[0], dtype=np.int64)
+        # the same factors _approx uses: 10**e (exact for e <= 22) to divide by, 2**-k to multiply by
+        p10 = 10.0**exponent if mode == MODE_DECIMAL else 1.0
+        p2neg = 2.0**-exponent if mode == MODE_BINARY else 1.0
+        kernels[0](v, mode, exponent, p10, p2neg, n, r)
+        return n, r
+    return _split_numpy(v, mode, exponent)
+
+
+def _split_numpy(v: F64, mode: int, exponent: int) -> tuple[I64, I64]:
     with np.errstate(over="ignore", invalid="ignore"):
         scaled = v * np.float64(10.0**exponent) if mode == MODE_DECIMAL else np.ldexp(v, exponent)
         ok = np.isfinite(scaled) & (np.abs(scaled) < _LIMIT)
@@ -123,7 +144,15 @@ def choose(v: F64) -> tuple[int, int]:
     """(mode, exponent) with the smallest estimated size on a sample of ``v``."""
     n = int(v.shape[0])
     sample = v if n <= SAMPLE else v[(np.arange(SAMPLE, dtype=np.int64) * (n - 1)) // (SAMPLE - 1)]
-    sample = np.ascontiguousarray(sample)
+    sample = np.ascontiguousarray(sample, dtype=np.float64)
+    kernels = _load_kernels()
+    if kernels is not None:
+        mode, exponent = kernels[1](sample, *_choose_args())
+        return int(mode), int(exponent)
+    return _choose_numpy(sample)
+
+
+def _choose_numpy(sample: F64) -> tuple[int, int]:
     best: tuple[int, int, int] | None = None
     decimals, all_exact = _decimal_candidates(sample)
     if all_exact:
@@ -136,6 +165,207 @@ def choose(v: F64) -> tuple[int, int]:
             best = (size, mode, exponent)
     assert best is not None
     return best[1], best[2]
+
+
+def _choose_args() -> tuple[Any, ...]:
+    return (
+        _POW10,
+        _LIMIT,
+        _NEAR_ULPS,
+        np.zeros(65, dtype=np.int64),
+        intstream.PLAN_FIXED_BYTES,
+        intstream.PLAN_HEAD_BYTES,
+        intstream.EXCEPTION_BYTES,
+    )
+
+
+_kernels: tuple[Any, Any] | None = None
+_kernels_tried = False
+
+
+def _load_kernels() -> tuple[Any, Any] | None:
+    """(split, choose) compiled with numba (cached on disk), or None: then the numpy versions run."""
+    global _kernels, _kernels_tried
+    if _kernels_tried:
+        return _kernels
+    _kernels_tried = True
+    if intstream._load_stats_kernel() is None:  # numba missing, disabled or broken
+        return None
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def split(
+        v: Any, mode: int, exponent: int, p10: float, p2neg: float, n: Any, r: Any
+    ) -> None:  # pragma: no cover - compiled
+        approx = np.empty(v.shape[0], dtype=np.float64)
+        last = np.int64(0)
+        for i in range(v.shape[0]):
+            s = v[i] * p10 if mode == 0 else np.ldexp(v[i], exponent)
+            if np.isfinite(s) and abs(s) < 9007199254740992.0:
+                last = np.int64(np.rint(s))
+            n[i] = last
+            approx[i] = np.float64(last) / p10 if mode == 0 else np.float64(last) * p2neg
+        vb = v.view(np.int64)
+        ab = approx.view(np.int64)
+        for i in range(v.shape[0]):
+            r[i] = vb[i] - ab[i]
+
+    @numba.njit(cache=True, nogil=True)
+    def choose(  # pragma: no cover - compiled
+        sample: Any,
+        pow10: Any,
+        limit: float,
+        near_ulps: int,
+        counts: Any,
+        fixed: int,
+        order_bytes: int,
+        exc_entry: int,
+    ) -> tuple[int, int]:
+        m = sample.shape[0]
+        bits = sample.view(np.int64)
+        approx = np.empty(m, dtype=np.float64)
+        ok = np.empty(m, dtype=np.bool_)
+        best_exact = -1
+        best_exact_e = 0
+        best_near = -1
+        best_near_e = 0
+        for e in range(pow10.shape[0]):
+            p = pow10[e]
+            for i in range(m):
+                s = sample[i] * p
+                ok[i] = np.isfinite(s) and abs(s) < limit
+                approx[i] = (np.rint(s) if ok[i] else 0.0) / p
+            ab = approx.view(np.int64)
+            exact = 0
+            near = 0
+            for i in range(m):
+                if ok[i]:
+                    d = bits[i] - ab[i]
+                    if d == 0:
+                        exact += 1
+                    if abs(d) <= near_ulps:
+                        near += 1
+            if exact > best_exact:
+                best_exact = exact
+                best_exact_e = e
+            if near > best_near:
+                best_near = near
+                best_near_e = e
+        if best_exact == m:
+            return 0, best_exact_e
+        modes = np.zeros(4, dtype=np.int64)
+        exps = np.zeros(4, dtype=np.int64)
+        k = 0
+        exps[k] = min(best_exact_e, best_near_e)
+        k += 1
+        if best_near_e != best_exact_e:
+            exps[k] = max(best_exact_e, best_near_e)
+            k += 1
+        need = np.empty(m, dtype=np.int64)
+        count = 0
+        for i in range(m):
+            x = sample[i]
+            if np.isfinite(x) and x != 0.0:
+                mant, ex = math.frexp(x)
+                mm = np.uint64(abs(mant) * 9007199254740992.0)
+                tz = 0
+                while mm & np.uint64(1) == np.uint64(0):
+                    mm >>= np.uint64(1)
+                    tz += 1
+                need[count] = min(max(53 - ex - tz, 0), 1074)
+                count += 1
+        if count == 0:
+            modes[k] = 1
+            exps[k] = 0
+            k += 1
+        else:
+            ranked = np.sort(need[:count])
+            q90 = ranked[(9 * (count - 1) + 9) // 10]
+            top = ranked[count - 1]
+            modes[k] = 1
+            exps[k] = q90
+            k += 1
+            if top != q90:
+                modes[k] = 1
+                exps[k] = top
+                k += 1
+        n = np.empty(m, dtype=np.int64)
+        r = np.empty(m, dtype=np.int64)
+        best = -1
+        best_mode = 0
+        best_exp = 0
+        for c in range(k):
+            mode = modes[c]
+            e = exps[c]
+            p10 = pow10[e] if mode == 0 else 1.0
+            p2neg = np.ldexp(1.0, -e) if mode == 1 else 1.0
+            # the split (as ``split`` above; numba caches a kernel only if it calls no other one)
+            last = np.int64(0)
+            for i in range(m):
+                s = sample[i] * p10 if mode == 0 else np.ldexp(sample[i], e)
+                if np.isfinite(s) and abs(s) < limit:
+                    last = np.int64(np.rint(s))
+                n[i] = last
+                approx[i] = np.float64(last) / p10 if mode == 0 else np.float64(last) * p2neg
+            ab = approx.view(np.int64)
+            for i in range(m):
+                r[i] = bits[i] - ab[i]
+            # plan_size(n, 1) + plan_size(r, 0): the exact stream sizes (as intstream's stats kernel)
+            size = 2 * fixed + order_bytes
+            for which in range(2):
+                order = 1 - which
+                x = n if which == 0 else r
+                cnt = x.shape[0] - order
+                if cnt <= 0:
+                    continue
+                base = np.int64(0)
+                for i in range(cnt):
+                    y = x[i + 1] - x[i] if order == 1 else x[i]
+                    if i == 0 or y < base:
+                        base = y
+                g = np.uint64(0)
+                for i in range(cnt):
+                    y = x[i + 1] - x[i] if order == 1 else x[i]
+                    a = np.uint64(y - base)
+                    b = g
+                    while b != 0:
+                        a, b = b, a % b
+                    g = a
+                    if g == 1:
+                        break
+                if g == 0:
+                    g = np.uint64(1)
+                counts[:] = 0
+                for i in range(cnt):
+                    y = x[i + 1] - x[i] if order == 1 else x[i]
+                    u = np.uint64(y - base) // g
+                    bl = 0
+                    while u != 0:
+                        u >>= np.uint64(1)
+                        bl += 1
+                    counts[bl] += 1
+                above = cnt
+                best_w = -1
+                for w in range(65):
+                    above -= counts[w]
+                    wsize = (cnt * w + 7) // 8 + above * exc_entry
+                    if best_w < 0 or wsize < best_w:
+                        best_w = wsize
+                size += best_w
+            if best < 0 or size < best:
+                best = size
+                best_mode = mode
+                best_exp = e
+        return best_mode, best_exp
+
+    try:  # compile now; a failure means the numpy path, never a failed encode (as in bitpack)
+        probe = np.array([1.5, 0.25, 3.0], dtype=np.float64)
+        split(probe, 0, 2, 100.0, 1.0, np.empty(3, np.int64), np.empty(3, np.int64))
+        choose(probe, *_choose_args())
+    except Exception:  # any failure of the optional accelerator falls back to the numpy path
+        return None
+    _kernels = (split, choose)
+    return _kernels
 
 
 def encode(v: F64) -> bytes:

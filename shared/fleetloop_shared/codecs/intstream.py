@@ -202,6 +202,13 @@ def _width(counts: npt.NDArray[np.int64]) -> tuple[int, int]:
     return int(sizes[w]), w
 
 
+#: What :func:`plan_size` adds to the residuals' payload (header and frame of reference; per order), and
+#: what one exception costs: the compiled float-scaling chooser computes the same sizes.
+PLAN_FIXED_BYTES = _HEAD.size + _FOR.size
+PLAN_HEAD_BYTES = _I64.size
+EXCEPTION_BYTES = _EXC_ENTRY
+
+
 def plan_size(x: I64, order: int) -> int:
     """Exact encoded size of ``x`` at one difference order (for callers choosing between transforms)."""
     if x.shape[0] <= order:
