@@ -9,9 +9,15 @@ smallest for that chunk:
 
 - ``zstd``: the chunk compressed on its own (the "full zstd" candidate, never worse than the raw chunk);
 - ``zstd-patch``: zstd at level ≥ 12 with the old window as a raw-content dictionary (patch-from);
-- ``bsdiff4``: bsdiff's control/diff/extra streams (``bsdiff4.core``), each compressed with the smaller
-  of zstd-19 and bzip2-9 (bzip2's BWT wins on the mostly-zero diff stream of a patch release, zstd on
-  the rest).
+- ``bsdiff4``: bsdiff's control/diff/extra streams, each compressed with the smaller of bzip2-9 and zstd
+  (bzip2's BWT wins on the mostly-zero diff stream of a patch release, zstd on new code in the extra
+  stream). The streams come from :mod:`fleetloop_shared.suffix_diff` (libdivsufsort + a numba kernel,
+  ~10× faster than bsdiff4's qsufsort) when numba and pydivsufsort are installed (the ``cloud`` extra),
+  else from ``bsdiff4.core.diff``; both are bsdiff's format, applied by ``bsdiff4.core.patch``.
+
+Making a delta is the cloud's cost per release and base version, so candidates that cannot win are not
+paid for in full: each zstd candidate is first estimated at a cheap level and made at its real level only
+if the estimate could beat the best so far (:func:`_encode_chunk`).
 
 Container ``FLDELTA1`` (all integers little-endian)::
 
@@ -24,7 +30,8 @@ Applying needs one old window, one output chunk and its decoded streams at a tim
 ``chunk_size`` (default 4 MiB) and ``margin`` (512 KiB), not by the image. Patches arrive from the network:
 every length is checked against those bounds and every decompression is bounded before bsdiff4 or zstd
 sees anything, so garbage raises :class:`IntegrityError` ("delta is malformed: ..."), never another
-exception. This is the only module that imports bsdiff4; zstandard errors are mapped here too.
+exception. bsdiff4 is imported only here and by suffix_diff (to check its own output); zstandard errors
+are mapped here too.
 """
 
 from __future__ import annotations
@@ -57,8 +64,17 @@ MAX_WINDOW = 3 * MAX_CHUNK
 #: a large raw dictionary; on real binaries 12 is as small as 19 with the window as dictionary and 10-15×
 #: faster (benchmarks/delta.py), and bsdiff usually wins those chunks anyway.
 ZSTD_LEVEL = 12
-#: zstd level for bsdiff's streams (mostly zeros and small numbers: the high level pays off there).
-ZSTD_STREAM_LEVEL = 19
+#: zstd levels for bsdiff's control and extra streams, each against bzip2-9 (the smaller is kept; the
+#: diff stream: :func:`_diff_stream`). Measured on the numpy pairs (benchmarks/delta.py): control
+#: compresses best with bzip2, zstd ≥ 12 adds nothing; the extra stream (new code) gains 15 % from zstd
+#: level 12 to 16 and nothing past 16.
+_CONTROL_STREAM_LEVEL = 12
+_EXTRA_STREAM_LEVEL = 16
+#: The most a candidate's expensive level is assumed to gain over its cheap estimate (a ratio < 1): the
+#: expensive level runs only when ``estimate × gain`` would beat the best so far.
+_PLAIN_GAIN = 0.75
+_PATCH_FROM_GAIN = 0.75
+_PATCH_FROM_9_GAIN = 0.92
 
 METHOD_ZSTD = 0
 METHOD_ZSTD_PATCH = 1
@@ -109,10 +125,53 @@ def _zstd(data: bytes, dictionary: bytes | None = None, level: int = ZSTD_LEVEL)
     return zstandard.ZstdCompressor(level=level).compress(data)
 
 
-def _smallest_stream(data: bytes) -> tuple[int, bytes]:
-    z = _zstd(data, level=ZSTD_STREAM_LEVEL)
+def _patch_from_estimate(chunk: bytes, window: bytes) -> int:
+    """A cheap stand-in for the size of ``chunk`` as zstd patch-from against ``window``.
+
+    Level 1 (one hash probe per position) with a hash table of ~1/8 entry per window byte: ~3× cheaper
+    than level 9 and, on the numpy pairs, 0.97-1.17× the level-12 size (level 1's default table is too
+    small to keep a multi-MB window: it misses nearly every match).
+    """
+    d = zstandard.ZstdCompressionDict(window, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    params = zstandard.ZstdCompressionParameters.from_level(
+        1,
+        window_log=max(20, (len(window) + len(chunk)).bit_length()),
+        hash_log=max(20, min(24, len(window).bit_length() - 3)),
+    )
+    return len(zstandard.ZstdCompressor(dict_data=d, compression_params=params).compress(chunk))
+
+
+def _smallest_stream(data: bytes, zstd_level: int) -> tuple[int, bytes]:
+    """``data`` as the smaller of bzip2-9 and zstd at ``zstd_level`` (the codec byte tells the device)."""
+    z = _zstd(data, level=zstd_level)
     b = bz2.compress(data, 9)
     return (_CODEC_BZIP2, b) if len(b) < len(z) else (_CODEC_ZSTD, z)
+
+
+def _diff_stream(data: bytes) -> tuple[int, bytes]:
+    """bsdiff's diff stream (chunk-sized, mostly zeros): bzip2 with 100 kB blocks, nothing else.
+
+    Measured on the numpy pairs (benchmarks/delta.py): bzip2-1 is within 0.5 % of the per-chunk smallest
+    of {bzip2-1, bzip2-9, zstd-12} on both, and 4 % larger than zstd-19 on the minor release, but zstd-19
+    costs ~0.3 s per 4 MiB, as much as the suffix-sorted diff itself. Small blocks also keep the device's
+    bzip2 decoder small.
+    """
+    return _CODEC_BZIP2, bz2.compress(data, 1)
+
+
+def _bsdiff_streams(window: bytes, chunk: bytes, accelerate: bool) -> tuple[bytes, bytes, bytes]:
+    """bsdiff's raw control/diff/extra streams: the suffix_diff kernel when it can run, else bsdiff4's.
+
+    Both produce the format ``bsdiff4.core.patch`` applies; the kernel is ~10× faster (libdivsufsort
+    instead of qsufsort), the fallback needs nothing beyond the base dependencies.
+    """
+    if accelerate:
+        from fleetloop_shared import suffix_diff
+
+        if suffix_diff.available():
+            return suffix_diff.diff(window, chunk)
+    control, diff, extra = bsdiff4.core.diff(window, chunk)
+    return control, diff, extra
 
 
 def _unbzip2(body: bytes, limit: int, what: str) -> bytes:
@@ -146,20 +205,42 @@ def _unstream(codec: int, body: bytes, limit: int, what: str) -> bytes:
     raise IntegrityError(f"delta is malformed: {what} has unknown codec {codec}")
 
 
-def _encode_chunk(window: bytes, chunk: bytes) -> tuple[int, bytes]:
-    """The smallest of the three encodings of ``chunk`` against ``window``."""
-    best = (METHOD_ZSTD, _zstd(chunk))
+def _encode_chunk(window: bytes, chunk: bytes, accelerate: bool = True) -> tuple[int, bytes]:
+    """The smallest of the three encodings of ``chunk`` against ``window``, without paying for losers.
+
+    bsdiff is computed first (it wins almost every chunk of a real firmware pair). Each zstd candidate
+    is then first estimated cheaply (plain: level 3; patch-from: :func:`_patch_from_estimate`, then
+    level 9 if that was close); its level-12 encoding is made only if the estimate, scaled by how much
+    level 12 can plausibly gain over it, could beat the best so far. On the numpy pairs of
+    benchmarks/delta.py level 12 is 0.91-0.93× the plain estimate and 0.86-1.03× / 0.96-1.0× the two
+    patch-from ones; the factors leave room.
+    """
+    candidates: list[tuple[int, bytes]] = []
     if window:
-        patch_from = _zstd(chunk, window)
-        if len(patch_from) < len(best[1]):
-            best = (METHOD_ZSTD_PATCH, patch_from)
-        control, diff, extra = bsdiff4.core.diff(window, chunk)
-        coded = [_smallest_stream(x) for x in (control, diff, extra)]
+        control, diff, extra = _bsdiff_streams(window, chunk, accelerate)
+        coded = [
+            _smallest_stream(control, _CONTROL_STREAM_LEVEL),
+            _diff_stream(diff),
+            _smallest_stream(extra, _EXTRA_STREAM_LEVEL),
+        ]
         streams = [data for _, data in coded]
         body = _BSDIFF.pack(*(c for c, _ in coded), *(len(x) for x in streams)) + b"".join(streams)
-        if len(body) < len(best[1]):
-            best = (METHOD_BSDIFF, body)
-    return best
+        candidates.append((METHOD_BSDIFF, body))
+
+    def best() -> int:
+        return min((len(data) for _, data in candidates), default=1 << 62)
+
+    cheap = _zstd(chunk, level=3)
+    candidates.append((METHOD_ZSTD, cheap))
+    if len(cheap) * _PLAIN_GAIN < best() or not window:
+        candidates.append((METHOD_ZSTD, _zstd(chunk)))
+    if window and _patch_from_estimate(chunk, window) * _PATCH_FROM_GAIN < best():
+        closer = _zstd(chunk, window, level=9)  # a third of level 12's time, within 4 % of its size
+        candidates.append((METHOD_ZSTD_PATCH, closer))
+        if len(closer) * _PATCH_FROM_9_GAIN < best():
+            candidates.append((METHOD_ZSTD_PATCH, _zstd(chunk, window)))
+    # ties go to the earlier candidate: bsdiff, then plain, then patch-from
+    return min(candidates, key=lambda c: len(c[1]))
 
 
 def make_delta_stream(
@@ -171,8 +252,16 @@ def make_delta_stream(
     *,
     chunk: int = DEFAULT_CHUNK,
     margin: int = DEFAULT_MARGIN,
+    accelerate: bool = True,
 ) -> DeltaStats:
-    """Write a delta from ``old`` to ``new`` into ``out``; memory ~17× (chunk + 2·margin), not the image."""
+    """Write a delta from ``old`` to ``new`` into ``out``; memory grows with chunk + 2·margin, not the image.
+
+    (Peak ~200 MB at the defaults with the kernel, of which ~130 MB is loading numpy and numba; the same
+    for a 10 MB and a 36 MB image: benchmarks/delta.py.)
+
+    ``accelerate=False`` makes bsdiff's streams with ``bsdiff4.core.diff`` even where the suffix_diff
+    kernel could run (tests compare both; the patches apply the same way).
+    """
     if not 0 < chunk <= MAX_CHUNK or not 0 <= margin <= chunk:
         raise UserError(
             f"delta chunk {chunk} / margin {margin}: need 0 < chunk ≤ {MAX_CHUNK}, margin ≤ chunk"
@@ -187,7 +276,7 @@ def make_delta_stream(
         window = old.read(length)
         if len(window) != length or len(data) != min(chunk, new_size - i * chunk):
             raise IntegrityError("an input file changed size while the delta was being made")
-        method, body = _encode_chunk(window, data)
+        method, body = _encode_chunk(window, data, accelerate)
         out.write(_CHUNK.pack(method, lo, length, len(data), len(body)))
         out.write(body)
         stats.bytes += _CHUNK.size + len(body)
@@ -196,14 +285,38 @@ def make_delta_stream(
     return stats
 
 
-def make_delta(old: bytes, new: bytes, *, chunk: int = DEFAULT_CHUNK, margin: int = DEFAULT_MARGIN) -> bytes:
+def make_delta(
+    old: bytes,
+    new: bytes,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    margin: int = DEFAULT_MARGIN,
+    accelerate: bool = True,
+) -> bytes:
     """The delta turning ``old`` into ``new`` (in-memory convenience over :func:`make_delta_stream`)."""
     out = io.BytesIO()
-    make_delta_stream(io.BytesIO(old), len(old), io.BytesIO(new), len(new), out, chunk=chunk, margin=margin)
+    make_delta_stream(
+        io.BytesIO(old),
+        len(old),
+        io.BytesIO(new),
+        len(new),
+        out,
+        chunk=chunk,
+        margin=margin,
+        accelerate=accelerate,
+    )
     return out.getvalue()
 
 
-def make_delta_file(old: Path, new: Path, out: Path, **kwargs: int) -> DeltaStats:
+def make_delta_file(
+    old: Path,
+    new: Path,
+    out: Path,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    margin: int = DEFAULT_MARGIN,
+    accelerate: bool = True,
+) -> DeltaStats:
     """File to file; ``out`` appears only complete (written beside it, then renamed)."""
     try:
         old_size, new_size = old.stat().st_size, new.stat().st_size
@@ -212,7 +325,9 @@ def make_delta_file(old: Path, new: Path, out: Path, **kwargs: int) -> DeltaStat
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
     try:
         with os.fdopen(fd, "wb") as fo, old.open("rb") as fa, new.open("rb") as fb:
-            stats = make_delta_stream(fa, old_size, fb, new_size, fo, **kwargs)
+            stats = make_delta_stream(
+                fa, old_size, fb, new_size, fo, chunk=chunk, margin=margin, accelerate=accelerate
+            )
             fo.flush()
             os.fsync(fo.fileno())
         os.replace(tmp, out)

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleetloop_fwsim.firmware import build_image
+from fleetloop_shared import suffix_diff
 from fleetloop_shared.delta import (
     DELTA_ALGORITHM,
     MAGIC,
@@ -116,21 +117,64 @@ def test_delta_on_the_wrong_base_does_not_give_the_target(
     assert out != v2  # callers catch this with the target hash
 
 
+def test_patch_from_wins_where_new_is_a_mosaic_of_short_old_pieces() -> None:
+    """bsdiff pays a control tuple per piece, zstd a short match: the patch-from candidate must survive
+    the cheap-estimate gate that skips it on firmware pairs."""
+    rng = random.Random(11)
+    old = rng.randbytes(200_000)
+    new = b"".join(old[p : p + 24] for p in (rng.randrange(len(old) - 24) for _ in range(4000)))
+    out = io.BytesIO()
+    stats = make_delta_stream(
+        io.BytesIO(old), len(old), io.BytesIO(new), len(new), out, chunk=1 << 17, margin=1 << 17
+    )
+    assert stats.methods == {"zstd-patch": 1}
+    assert apply_delta(old, out.getvalue()) == new
+
+
+def test_kernel_and_fallback_patches_both_apply_and_are_the_same_size(
+    images: tuple[bytes, bytes],
+) -> None:
+    v1, v2 = images
+    fast = make_delta(v1, v2, chunk=1 << 20, margin=256 << 10, accelerate=True)
+    slow = make_delta(v1, v2, chunk=1 << 20, margin=256 << 10, accelerate=False)
+    assert apply_delta(v1, fast) == v2 and apply_delta(v1, slow) == v2
+    assert abs(len(fast) - len(slow)) <= 0.01 * len(slow), (len(fast), len(slow))
+
+
+def test_without_numba_the_bsdiff4_path_makes_the_patch(
+    monkeypatch: pytest.MonkeyPatch, images: tuple[bytes, bytes]
+) -> None:
+    """No accelerator (FLEETLOOP_NO_NUMBA, or numba/pydivsufsort not installed): same patch as
+    ``accelerate=False``, byte for byte."""
+    monkeypatch.setenv("FLEETLOOP_NO_NUMBA", "1")
+    monkeypatch.setattr(suffix_diff, "_tried", False)
+    monkeypatch.setattr(suffix_diff, "_kernel", None)
+    monkeypatch.setattr(suffix_diff, "_sorter", None)
+    assert not suffix_diff.available()
+    v1, v2 = images[0][: 1 << 20], images[1][: 1 << 20]
+    patch = make_delta(v1, v2, chunk=1 << 19, margin=1 << 17)
+    assert patch == make_delta(v1, v2, chunk=1 << 19, margin=1 << 17, accelerate=False)
+    assert apply_delta(v1, patch) == v2
+    with pytest.raises(RuntimeError, match="needs numba"):
+        suffix_diff.diff(v1, v2)
+
+
 def test_small_inputs_round_trip() -> None:
     for old, new in [(b"", b"abc"), (b"abc", b""), (b"", b""), (b"hello world", b"hello brave new world")]:
         assert apply_delta(old, make_delta(old, new)) == new
 
 
+@pytest.mark.parametrize("accelerate", [True, False], ids=["kernel", "bsdiff4-fallback"])
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     old=st.binary(max_size=3000),
     edits=st.lists(st.tuples(st.integers(0, 3000), st.binary(max_size=40)), max_size=6),
 )
-def test_any_edit_round_trips(old: bytes, edits: list[tuple[int, bytes]]) -> None:
+def test_any_edit_round_trips(accelerate: bool, old: bytes, edits: list[tuple[int, bytes]]) -> None:
     new = bytearray(old)
     for pos, ins in edits:
         new[pos:pos] = ins
-    patch = make_delta(old, bytes(new), chunk=1024, margin=256)
+    patch = make_delta(old, bytes(new), chunk=1024, margin=256, accelerate=accelerate)
     assert apply_delta(old, patch) == bytes(new)
 
 
