@@ -50,6 +50,9 @@ SAMPLES_SCHEMA = pa.schema(
         pa.field("t_ns", pa.int64(), nullable=False),
         pa.field("value", pa.float64(), nullable=True),
         pa.field("value_int", pa.int64(), nullable=True),
+        # The text of a STRING signal (NULL for the others, whose value/value_int are NULL for text).
+        # Files written before text existed lack the column; readers fill it with NULL (union by name).
+        pa.field("value_str", pa.string(), nullable=True),
     ]
 )
 #: Names that become directory or file names must be plain: no separators, no '..', no '=' (Hive).
@@ -253,21 +256,15 @@ class FleetStore:
                     f"{where}: signal id {sid} is not in the device's catalog"
                 ) from None
             paths.append(spec.path)
-        for sid, path in zip(signal_ids, paths, strict=True):
-            if DataType(segment.data_types.get(sid, catalog.by_id(sid).data_type)) is DataType.STRING:
-                # The samples table has no text column yet (adding one needs compaction and the query
-                # view to follow), so text is refused whole, before anything is written.
-                raise UserError(
-                    f"{where}: signal {path} is STRING; this coordinator's fleet store cannot hold text "
-                    "values yet"
-                )
         # Sort by signal path (then time) so each file is ordered like the whole store.
         order = sorted(range(len(signal_ids)), key=lambda i: paths[i])
         time_order = np.argsort(t_ns, kind="stable")
         t_sorted = t_ns[time_order]
         value_parts: list[npt.NDArray[np.float64]] = []
+        value_masks: list[npt.NDArray[np.bool_]] = []
         int_parts: list[npt.NDArray[np.int64]] = []
         int_masks: list[npt.NDArray[np.bool_]] = []
+        str_parts: list[pa.Array] = []
         for i in order:
             sid = signal_ids[i]
             column = np.asarray(segment.columns[sid])
@@ -277,6 +274,17 @@ class FleetStore:
                 )
             column = column[time_order]
             data_type = DataType(segment.data_types.get(sid, catalog.by_id(sid).data_type))
+            if data_type is DataType.STRING:
+                if column.dtype != object or not all(type(v) is str for v in column.tolist()):
+                    raise MalformedMessageError(f"{where}: signal {paths[i]} is STRING but holds non-text")
+                value_parts.append(np.zeros(rows, dtype=np.float64))
+                value_masks.append(np.ones(rows, dtype=np.bool_))
+                int_parts.append(np.zeros(rows, dtype=np.int64))
+                int_masks.append(np.ones(rows, dtype=np.bool_))
+                str_parts.append(pa.array(column.tolist(), type=pa.string()))
+                continue
+            str_parts.append(pa.nulls(rows, type=pa.string()))
+            value_masks.append(np.zeros(rows, dtype=np.bool_))
             if data_type is DataType.FLOAT64:
                 value_parts.append(column.astype(np.float64, copy=False))
                 int_parts.append(np.zeros(rows, dtype=np.int64))
@@ -301,8 +309,9 @@ class FleetStore:
                 _repeat_string(campaign, total),
                 signal_column,
                 pa.array(np.tile(t_sorted, n_signals), type=pa.int64()),
-                pa.array(np.concatenate(value_parts), type=pa.float64()),
+                pa.array(np.concatenate(value_parts), type=pa.float64(), mask=np.concatenate(value_masks)),
                 pa.array(np.concatenate(int_parts), type=pa.int64(), mask=np.concatenate(int_masks)),
+                pa.concat_arrays(str_parts),
             ],
             schema=SAMPLES_SCHEMA,
         )

@@ -46,6 +46,7 @@ _SAMPLES_COLUMNS = (
     ("t_ns", "BIGINT"),
     ("value", "DOUBLE"),
     ("value_int", "BIGINT"),
+    ("value_str", "VARCHAR"),
     ("fleet", "VARCHAR"),
     ("date", "DATE"),
 )
@@ -222,11 +223,17 @@ class QueryEngine:
                 if absorbed:
                     where.append(f"filename NOT IN ({', '.join(map(_sql_string, absorbed))})")
                 conn.execute(
-                    "CREATE VIEW samples AS SELECT device_id, capture_id, campaign, signal, t_ns, value, "
-                    f"value_int, fleet, date FROM read_parquet({_sql_string(pattern)}, "
+                    f"CREATE VIEW stored_samples AS SELECT * FROM read_parquet({_sql_string(pattern)}, "
                     "hive_partitioning=true, union_by_name=true, filename=true, "
                     "hive_types={'fleet': VARCHAR, 'date': DATE}) "
                     f"WHERE {' AND '.join(where)}"
+                )
+                # Files from before text signals existed have no value_str; when none has it, say NULL.
+                stored = {str(r[0]) for r in conn.execute("DESCRIBE stored_samples").fetchall()}
+                value_str = "value_str" if "value_str" in stored else "CAST(NULL AS VARCHAR) AS value_str"
+                conn.execute(
+                    "CREATE VIEW samples AS SELECT device_id, capture_id, campaign, signal, t_ns, value, "
+                    f"value_int, {value_str}, fleet, date FROM stored_samples"
                 )
             else:
                 cols = ", ".join(f"CAST(NULL AS {t}) AS {n}" for n, t in _SAMPLES_COLUMNS)

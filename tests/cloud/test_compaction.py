@@ -295,3 +295,30 @@ def test_lock_files_stay_out_of_the_samples_tree(cloud: Coordinator) -> None:
     ]
     assert int(locks[0].read_text()) == 1
     assert os.access(locks[0], os.R_OK)
+
+
+def test_files_from_before_text_signals_query_and_compact_with_new_ones(cloud: Coordinator) -> None:
+    """Segment files written before ``value_str`` existed: queried alone (value_str NULL), and compacted
+    together with new files carrying text, every row once."""
+    for i in range(4):
+        ingest(cloud, "car-1", segment(i))
+    small, _ = files(cloud)
+    for path in small:  # what the previous release wrote: the same rows without the text column
+        pq.write_table(pq.read_table(path).drop(["value_str"]), path)
+    assert "value_str" not in pq.read_schema(small[0]).names
+    before = counts(cloud)
+    assert cloud.query("SELECT count(*) FROM samples WHERE value_str IS NULL").rows[0][0] == before[0]
+
+    h = hello("car-3")
+    h.catalog.add(id=3, path="Vehicle.Mode", data_type=device_pb2.DATA_TYPE_STRING)
+    cloud.on_hello(h)
+    t = START_NS + 10**12 + np.arange(3, dtype=np.int64) * 10**9
+    text = Segment(new_segment_id(), "mode", t, {3: np.asarray(["eco", "", "sport"], dtype=object)},
+                   {3: DataType.STRING})
+    assert ingest(cloud, "car-3", text) == (3, False)
+    report = compactor(cloud).run_once()
+    assert report.files_written >= 1
+    total, distinct, _, _ = counts(cloud)
+    assert (total, distinct) == (before[0] + 3, before[1] + 3)
+    modes = cloud.query("SELECT value_str FROM samples WHERE signal = 'Vehicle.Mode' ORDER BY t_ns").rows
+    assert [r[0] for r in modes] == ["eco", "", "sport"]

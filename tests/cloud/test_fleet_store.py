@@ -144,3 +144,34 @@ def test_names_that_would_escape_the_layout_are_refused(tmp_path: Path, device: 
     with pytest.raises(UserError):
         write(store, seg, device=device, fleet=fleet)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_text_signals_land_in_value_str_exactly(tmp_path: Path) -> None:
+    """A STRING signal's samples keep their exact text (empty, non-ASCII, long); value/value_int are
+    NULL for them, and value_str is NULL for the numeric signals of the same segment."""
+    c = Catalog()
+    c.add("Vehicle.Speed", DataType.FLOAT64, "m/s")
+    c.add("Vehicle.Gear", DataType.STRING)
+    texts = ["P", "", "D", "Rückwärts ⚙", "x" * 10_000, "D"]
+    t = np.arange(len(texts), dtype=np.int64) * 10**9 + DRIVE_START_NS
+    seg = decode_segment(encode_segment(Segment(
+        new_segment_id(), "gear", t,
+        {1: np.linspace(0, 5, len(texts)), 2: np.asarray(texts, dtype=object)},
+        {1: DataType.FLOAT64, 2: DataType.STRING},
+    )))
+    store = FleetStore(tmp_path)
+    assert store.write_segment(fleet="taxi", device_id="car-1", capture_id="cap", campaign="c", segment=seg,
+                               catalog=c, received_unix=RECEIVED) == 2 * len(texts)
+    (path,) = (tmp_path / "samples").rglob("*.parquet")
+    table = pq.read_table(path)
+    assert table.schema.field("value_str").type == SAMPLES_SCHEMA.field("value_str").type
+    rows = table.to_pylist()
+    gear = [r for r in rows if r["signal"] == "Vehicle.Gear"]
+    assert [r["value_str"] for r in gear] == texts
+    assert {(r["value"], r["value_int"]) for r in gear} == {(None, None)}
+    speed = [r for r in rows if r["signal"] == "Vehicle.Speed"]
+    assert {r["value_str"] for r in speed} == {None} and None not in {r["value"] for r in speed}
+    bad = Segment(new_segment_id(), "gear", t[:1], {2: np.asarray([7], dtype=object)}, {2: DataType.STRING})
+    with pytest.raises(MalformedMessageError, match=r"Vehicle\.Gear is STRING but holds non-text"):
+        store.write_segment(fleet="taxi", device_id="car-1", capture_id="cap", campaign="c", segment=bad,
+                            catalog=c, received_unix=RECEIVED)
