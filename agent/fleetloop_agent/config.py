@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from fleetloop_agent.upload_protocol import NETWORKS
 from fleetloop_shared.errors import ConfigError
 
 
@@ -64,6 +65,10 @@ class AgentConfig:
     cloud_tls: tuple[Path, Path, Path] | None = None
     #: models_dir: model packs installed by hand (``<dir>/<pack>/model.yaml``), besides OTA bundles
     models_dir: Path | None = None
+    #: cloud.upload.scheduled: upload only what the cloud's upload scheduler grants (issue 6)
+    upload_scheduled: bool = False
+    #: cloud.upload.network: the network reported to the scheduler (wifi, cellular, ethernet, other)
+    network: str = "wifi"
 
 
 def _req(doc: Mapping[str, Any], key: str, where: str, kind: type | tuple[type, ...]) -> Any:
@@ -154,6 +159,17 @@ def load_agent_config(path: str | Path) -> AgentConfig:
         raise ConfigError(f"{where}: {exc}") from None
     if speed <= 0:
         raise ConfigError(f"{where}: replay.speed must be > 0")
+    upload = cloud.get("upload", {}) or {}
+    if not isinstance(upload, dict):
+        raise ConfigError(f"{where}: cloud.upload must be a mapping with scheduled and network")
+    scheduled = upload.get("scheduled", False)
+    if not isinstance(scheduled, bool):
+        raise ConfigError(f"{where}: cloud.upload.scheduled must be true or false, got {scheduled!r}")
+    network = upload.get("network", "wifi")
+    if network not in NETWORKS:
+        raise ConfigError(
+            f"{where}: cloud.upload.network must be one of {', '.join(NETWORKS)}, got {network!r}"
+        )
     models_dir = doc.get("models_dir")
     if models_dir is not None and not isinstance(models_dir, str):
         raise ConfigError(f"{where}: 'models_dir' must be a directory path")
@@ -188,4 +204,6 @@ def load_agent_config(path: str | Path) -> AgentConfig:
         cloud_mqtt=cloud_mqtt,
         cloud_tls=(cloud_tls[0], cloud_tls[1], cloud_tls[2]) if cloud_tls else None,
         models_dir=rel(models_dir) if models_dir else None,
+        upload_scheduled=scheduled,
+        network=str(network),
     )

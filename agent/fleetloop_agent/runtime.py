@@ -37,6 +37,7 @@ from fleetloop_agent.sources import SignalSource, build_source
 from fleetloop_agent.trigger_engine import TriggerEngine
 from fleetloop_agent.uplink import CloudLink
 from fleetloop_agent.uplink_mqtt import MqttCloudLink, MqttSettings
+from fleetloop_agent.upload_protocol import backlog_heartbeat
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.durable import write_atomically
 from fleetloop_shared.errors import FleetloopError, RuleError, StorageFullError
@@ -127,6 +128,7 @@ class AgentRuntime:
                 greeting=self._greeting,
                 on_message=self._on_cloud_message,
                 upload_deadline_s=config.upload_deadline_s,
+                grants=config.upload_scheduled,
             )
         else:
             self.link = CloudLink(
@@ -138,6 +140,7 @@ class AgentRuntime:
                 on_message=self._on_cloud_message,
                 upload_deadline_s=config.upload_deadline_s,
                 tls=config.cloud_tls,
+                grants=config.upload_scheduled,
             )
         self.models.replace(self._discover_models())
         self._load_desired()
@@ -243,6 +246,9 @@ class AgentRuntime:
     def _on_cloud_message(self, msg: device_pb2.CloudMessage) -> None:
         """Called on the uplink thread: hand over to the main loop (campaigns) or the OTA worker."""
         kind = msg.WhichOneof("kind")
+        if kind == "upload_grant":
+            self.link.grant(msg.upload_grant.max_bytes, msg.upload_grant.min_priority)
+            return
         if kind == "ota_job":
             try:
                 self._ota_jobs.put_nowait(msg.ota_job)
@@ -360,17 +366,19 @@ class AgentRuntime:
         )
 
     def _heartbeat(self) -> None:
-        stats = self.store.stats()
-        self.metrics.store_pending_bytes.set(stats.bytes_pending)
-        self.link.send(
-            device_pb2.DeviceMessage(
-                heartbeat=device_pb2.Heartbeat(
-                    time_unix_ns=self._wall_ns(),
-                    segments_pending=stats.segments_pending,
-                    bytes_pending=stats.bytes_pending,
-                )
+        if self.config.upload_scheduled:
+            # The backlog per priority is the request for grants (the cloud's upload scheduler).
+            heartbeat = backlog_heartbeat(self.store, self.config.network, self._wall_ns())
+        else:
+            stats = self.store.stats()
+            heartbeat = device_pb2.Heartbeat(
+                time_unix_ns=self._wall_ns(),
+                segments_pending=stats.segments_pending,
+                bytes_pending=stats.bytes_pending,
+                network=self.config.network,
             )
-        )
+        self.metrics.store_pending_bytes.set(heartbeat.bytes_pending)
+        self.link.send(device_pb2.DeviceMessage(heartbeat=heartbeat))
         self.link.send(device_pb2.DeviceMessage(campaign_status=self._campaign_status()))
 
     # -- model packs --------------------------------------------------------------------------------

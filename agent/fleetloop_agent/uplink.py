@@ -22,6 +22,7 @@ import grpc
 from fleetloop_agent.control_outbox import ControlOutbox
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
+from fleetloop_agent.upload_protocol import UploadGrants, upload_request
 from fleetloop_shared.errors import NotFoundError
 from fleetloop_shared.wire import MAX_MESSAGE_BYTES, device_pb2, device_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
@@ -47,44 +48,6 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 300),
     ("grpc.max_reconnect_backoff_ms", 3000),
 ]
-
-
-class UploadGrants:
-    """What the cloud's upload scheduler granted and is not spent yet (issue 6), safe from any thread.
-
-    Pure bookkeeping shared by :class:`CloudLink` and the fleet simulator's links, so both follow one
-    rule: a grant adds bytes and sets the lowest priority allowed; a segment goes while bytes are left
-    (one larger than what is left still goes; the overdraft is paid by the next grants)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._bytes = 0
-        self._min_priority = 0
-
-    def add(self, max_bytes: int, min_priority: int) -> None:
-        with self._lock:
-            self._bytes += max_bytes
-            self._min_priority = min_priority
-
-    def take(self, seg: StoredSegment) -> bool:
-        """True (and the segment's bytes are spent) when ``seg`` may be uploaded now."""
-        with self._lock:
-            if self._bytes <= 0 or seg.priority < self._min_priority:
-                return False
-            self._bytes -= seg.size_bytes
-            return True
-
-
-def upload_request(device_id: str, seg: StoredSegment, data: bytes) -> ingest_pb2.UploadSegmentRequest:
-    """The upload of one stored segment, exactly as every fleetloop uplink sends it."""
-    return ingest_pb2.UploadSegmentRequest(
-        device_id=device_id,
-        segment_id=seg.segment_id,
-        capture_id=seg.capture_id,
-        campaign=seg.campaign,
-        priority=seg.priority,
-        segment=data,
-    )
 
 
 class CloudLink(ControlOutbox):

@@ -39,6 +39,7 @@ from paho.mqtt.properties import Properties
 from fleetloop_agent.control_outbox import OUTBOX_LIMIT, ControlOutbox
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
+from fleetloop_agent.upload_protocol import UploadGrants, upload_request
 from fleetloop_shared.errors import ConfigError, NotFoundError
 from fleetloop_shared.wire import device_pb2, ingest_pb2
 
@@ -104,7 +105,11 @@ class MqttCloudLink(ControlOutbox):
         on_message: Callable[[device_pb2.CloudMessage], None],
         upload_deadline_s: float = 10.0,
         on_ack: Callable[[StoredSegment, bool], None] | None = None,
+        grants: bool = False,
     ) -> None:
+        # grants (issue 6): upload only what the cloud's upload scheduler granted, as CloudLink does
+        self._grants = grants
+        self._budget = UploadGrants()
         for what, path in (("ca", settings.ca), ("cert", settings.cert), ("key", settings.key)):
             if not Path(path).is_file():
                 raise ConfigError(f"cloud.mqtt.{what}: file not found: {path}")
@@ -176,6 +181,11 @@ class MqttCloudLink(ControlOutbox):
         for t in self._threads:
             if t.is_alive():
                 t.join(timeout=5)
+
+    def grant(self, max_bytes: int, min_priority: int) -> None:
+        """An UploadGrant from the cloud (see :class:`~fleetloop_agent.uplink.UploadGrants`)."""
+        self._budget.add(max_bytes, min_priority)
+        self._upload_wakeup.set()
 
     def kick_upload(self) -> None:
         self._upload_wakeup.set()
@@ -302,18 +312,13 @@ class MqttCloudLink(ControlOutbox):
             if not batch:
                 return
             for seg in batch:
+                if self._grants and not self._budget.take(seg):
+                    return  # wait for the next grant
                 try:
                     data = self._store.read(seg.segment_id)
                 except NotFoundError:
                     continue  # evicted by the quota between pending() and read()
-                req = ingest_pb2.UploadSegmentRequest(
-                    device_id=self.device_id,
-                    segment_id=seg.segment_id,
-                    capture_id=seg.capture_id,
-                    campaign=seg.campaign,
-                    priority=seg.priority,
-                    segment=data,
-                )
+                req = upload_request(self.device_id, seg, data)
                 status, error, response = self._request(req)
                 if status == "OK" and response is not None:
                     self._metrics.segments_uploaded.inc()

@@ -42,6 +42,7 @@ from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
 from fleetloop_agent.sources import SignalSource, build_source
 from fleetloop_agent.uplink_mqtt import MqttCloudLink, MqttSettings
+from fleetloop_agent.upload_protocol import backlog_heartbeat
 from fleetloop_fwsim.broker import CertificateAuthority, MosquittoProcess
 from fleetloop_fwsim.grpc_swarm import GrpcSwarm, SwarmLink
 from fleetloop_fwsim.profiles import KINDS, source_specs
@@ -183,12 +184,7 @@ class SimAgent:
         """A heartbeat with the backlog per priority and the network: what the upload scheduler needs."""
         if self.store is None:
             return
-        by_priority: dict[int, int] = {}
-        for seg in self.store.pending(limit=1000):
-            by_priority[seg.priority] = by_priority.get(seg.priority, 0) + seg.size_bytes
-        hb = device_pb2.Heartbeat(time_unix_ns=time.time_ns(), network=self.network)
-        for p, n in sorted(by_priority.items()):
-            hb.backlog.add(priority=p, bytes=n)
+        hb = backlog_heartbeat(self.store, self.network, time.time_ns())
         self.link.send(device_pb2.DeviceMessage(heartbeat=hb))
 
     def _greeting(self) -> list[device_pb2.DeviceMessage]:

@@ -42,10 +42,9 @@ from fleetloop_agent.uplink import (
     BACKOFF_MIN_S,
     CHANNEL_OPTIONS,
     PERMANENT_CODES,
-    UploadGrants,
     describe_rpc_error,
-    upload_request,
 )
+from fleetloop_agent.upload_protocol import UploadGrants, upload_request
 from fleetloop_shared.errors import NotFoundError
 from fleetloop_shared.wire import device_pb2, ingest_pb2
 

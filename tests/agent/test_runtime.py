@@ -12,12 +12,16 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+import yaml
+
 from fleetloop_agent.config import load_agent_config
 from fleetloop_agent.runtime import AgentRuntime
 from fleetloop_cloud.coordinator import Coordinator
 from fleetloop_cloud.grpc_api import start_grpc_server
 from fleetloop_fwsim import profiles
 from fleetloop_fwsim.provisioning import provision_sim_device
+from fleetloop_shared.errors import ConfigError
 
 HW = "test-hw"
 
@@ -94,3 +98,49 @@ def test_offline_capture_then_upload_when_the_cloud_appears(tmp_path: Path, reco
         if server is not None:
             server.stop(grace=0).wait(2)
     assert result == [0]
+
+
+def test_scheduled_uploads_wait_for_the_clouds_grants(tmp_path: Path, recordings: Path) -> None:
+    """cloud.upload.scheduled: the device reports its backlog and network, and uploads only what the
+    coordinator's upload scheduler grants — nothing while the scheduler is not running."""
+    port = free_port()
+    coordinator = Coordinator(tmp_path / "cloud")
+    keys = tmp_path / "cloud" / "keys"
+    path = make_config(tmp_path / "dev", recordings, f"127.0.0.1:{port}", keys)
+    doc = yaml.safe_load(path.read_text())
+    doc["cloud"]["upload"] = {"scheduled": True, "network": "cellular"}
+    path.write_text(yaml.safe_dump(doc))
+    config = load_agent_config(path)
+    assert config.upload_scheduled and config.network == "cellular"
+    coordinator.apply_campaign(profiles.default_campaign("car"))
+    server, _ = start_grpc_server(coordinator, "127.0.0.1", port)  # serving, but not granting yet
+    runtime = AgentRuntime(config)
+    thread = threading.Thread(target=runtime.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: runtime.link.connected.is_set(), 30), runtime.link.last_error
+        assert wait_for(lambda: coordinator.upload_scheduler.pending_bytes("car-t1") > 0, 60)
+        time.sleep(1.5)  # heartbeats keep coming; no grant, so nothing goes up
+        assert runtime.store.stats().segments_pending > 0
+        assert coordinator.metadata.ingest_totals()[0] == 0
+        coordinator.start()  # the scheduler ticks: grants within the cellular budget
+        assert wait_for(lambda: coordinator.metadata.ingest_totals()[0] > 0, 30)
+    finally:
+        runtime.stop()
+        thread.join(timeout=20)
+        coordinator.stop()
+        server.stop(grace=0).wait(2)
+
+
+def test_a_wrong_upload_setting_is_one_clear_line(tmp_path: Path, recordings: Path) -> None:
+    Coordinator(tmp_path / "cloud")  # writes the trust anchors the device is provisioned with
+    path = make_config(tmp_path / "dev", recordings, "127.0.0.1:1", tmp_path / "cloud" / "keys")
+    doc = yaml.safe_load(path.read_text())
+    doc["cloud"]["upload"] = {"scheduled": "yes", "network": "cellular"}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=r"cloud.upload.scheduled must be true or false, got 'yes'"):
+        load_agent_config(path)
+    doc["cloud"]["upload"] = {"network": "5g"}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=r"cloud.upload.network must be one of wifi, cellular"):
+        load_agent_config(path)

@@ -13,7 +13,8 @@ import pytest
 
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
-from fleetloop_agent.uplink import CloudLink, upload_request
+from fleetloop_agent.uplink import CloudLink
+from fleetloop_agent.upload_protocol import upload_request
 from fleetloop_cloud.coordinator import Coordinator
 from fleetloop_cloud.grpc_api import start_grpc_server
 from fleetloop_fwsim.chaos import ChaosProxy
