@@ -63,6 +63,7 @@ def cmd_sim_fleet(args: argparse.Namespace) -> int:
             capture_period_s=args.capture_period,
             transport=args.transport,
             grants=args.grants,
+            hold_only=args.hold_only,
         )
     finally:
         if tmp is not None:
@@ -114,6 +115,11 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     s.add_argument("--capture-period", type=float, default=1.0, help="seconds between captures per device")
     s.add_argument(
         "--grants", action="store_true", help="devices report backlog and upload only what the cloud grants"
+    )
+    s.add_argument(
+        "--hold-only",
+        action="store_true",
+        help="gRPC devices that only hold their control stream (up to 10,000): what one coordinator holds",
     )
     s.set_defaults(func=cmd_sim_fleet)
     s = sim.add_parser(

@@ -9,6 +9,7 @@ the private mosquitto with the shipped config, and check that everyone else is s
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import threading
 import time
@@ -122,3 +123,15 @@ def test_one_simulator_loop_holds_300_mqtt_devices(tmp_path: Path) -> None:
             stop.set()
             loop.join(timeout=10)
             bridge.stop()
+
+
+def test_sim_fleet_hold_only_from_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fleetloop_cli.main import main
+
+    code = main(["sim", "fleet", "--devices", "150", "--duration", "2", "--hold-only", "--simulated",
+                 "--workdir", str(tmp_path), "-o", "json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert (out["devices"], out["peak_connected"], out["segments_stored"]) == (150, 150, 0)
