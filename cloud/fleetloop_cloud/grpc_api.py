@@ -213,6 +213,22 @@ class IngestServicer:
         self.c = coordinator
         self.domain = domain
 
+    async def _store(
+        self, device_id: str, context: grpc.aio.ServicerContext[Any, Any], what: str, call: Callable[[], T]
+    ) -> T:
+        """One upload's domain call, off the loop, for the device the peer proved to be; the caller's
+        fault or ours becomes the call's status."""
+        await _check_identity(self.c, context, device_id)
+        try:
+            return await self.domain.run(call)
+        except FleetloopError as exc:
+            log.warning("%s from %s refused: %s", what, device_id, exc)
+            failure = (exc.grpc_code, str(exc))
+        except Exception:
+            log.exception("%s from %s failed", what, device_id)
+            failure = ("INTERNAL", f"internal error storing the {what} (logged)")
+        await _abort(context, *failure)
+
     async def UploadSegment(
         self,
         request: ingest_pb2.UploadSegmentRequest | _Undecodable,
@@ -220,28 +236,18 @@ class IngestServicer:
     ) -> ingest_pb2.UploadSegmentResponse:
         if isinstance(request, _Undecodable):
             await _abort(context, "INTERNAL", UNDECODABLE_DETAILS)
-        await _check_identity(self.c, context, request.device_id)
-        try:
-            ack = await self.domain.run(
-                self.c.ingest,
-                request.device_id,
-                request.segment_id,
-                request.capture_id,
-                request.campaign,
-                request.priority,
-                request.segment,
-            )
-        except FleetloopError as exc:
-            log.warning("upload from %s refused: %s", request.device_id, exc)
-            failure = (exc.grpc_code, str(exc))
-        except Exception:
-            log.exception("upload from %s failed", request.device_id)
-            failure = ("INTERNAL", "internal error storing the segment (logged)")
-        else:
-            return ingest_pb2.UploadSegmentResponse(
-                segment_id=request.segment_id, duplicate=ack.duplicate, samples=ack.samples
-            )
-        await _abort(context, *failure)
+        r = request
+        ack = await self._store(
+            r.device_id,
+            context,
+            "segment",
+            functools.partial(
+                self.c.ingest, r.device_id, r.segment_id, r.capture_id, r.campaign, r.priority, r.segment
+            ),
+        )
+        return ingest_pb2.UploadSegmentResponse(
+            segment_id=r.segment_id, duplicate=ack.duplicate, samples=ack.samples
+        )
 
     async def UploadChunk(
         self,
@@ -251,33 +257,27 @@ class IngestServicer:
         """One piece of a resumable upload (upload_staging.py); the last one is acked like UploadSegment."""
         if isinstance(request, _Undecodable):
             await _abort(context, "INTERNAL", UNDECODABLE_DETAILS)
-        await _check_identity(self.c, context, request.device_id)
-        try:
-            ack = await self.domain.run(
-                functools.partial(
-                    self.c.ingest_chunk,
-                    request.device_id,
-                    request.segment_id,
-                    offset=request.offset,
-                    total_bytes=request.total_bytes,
-                    total_sha256=request.total_sha256,
-                    data=request.data,
-                )
-            )
-        except FleetloopError as exc:
-            log.warning("upload piece from %s refused: %s", request.device_id, exc)
-            failure = (exc.grpc_code, str(exc))
-        except Exception:
-            log.exception("upload piece from %s failed", request.device_id)
-            failure = ("INTERNAL", "internal error storing the upload piece (logged)")
-        else:
-            out = ingest_pb2.UploadChunkResponse(next_offset=ack.next_offset, complete=ack.ack is not None)
-            if ack.ack is not None:
-                out.result.segment_id = request.segment_id
-                out.result.duplicate = ack.ack.duplicate
-                out.result.samples = ack.ack.samples
-            return out
-        await _abort(context, *failure)
+        r = request
+        ack = await self._store(
+            r.device_id,
+            context,
+            "upload piece",
+            functools.partial(
+                self.c.ingest_chunk,
+                r.device_id,
+                r.segment_id,
+                offset=r.offset,
+                total_bytes=r.total_bytes,
+                total_sha256=r.total_sha256,
+                data=r.data,
+            ),
+        )
+        out = ingest_pb2.UploadChunkResponse(next_offset=ack.next_offset, complete=ack.ack is not None)
+        if ack.ack is not None:
+            out.result.segment_id = r.segment_id
+            out.result.duplicate = ack.ack.duplicate
+            out.result.samples = ack.ack.samples
+        return out
 
 
 @dataclass(frozen=True)
