@@ -44,6 +44,25 @@ class AgentMetrics:
             "fleetloop_agent_store_pending_bytes", "Bytes waiting for upload", registry=r
         )
         self.ring_buffer_bytes = Gauge("fleetloop_agent_ring_buffer_bytes", "Ring buffer memory", registry=r)
+        # Totals the pure cores keep as plain integers (they do no I/O), mirrored by sync_totals().
+        self._mirrored = {
+            name: Counter(f"fleetloop_agent_{name}", help_text, registry=r)
+            for name, help_text in (
+                ("ring_buffer_dropped_samples", "Samples dropped at the buffer memory cap (drop-oldest)"),
+                ("ring_buffer_late_samples", "Samples older than their group's newest, not kept (drop-late)"),
+                ("trigger_evaluations", "Campaign evaluations (campaign x evaluation time)"),
+                ("trigger_late_evaluations", "Evaluation times skipped as not later than the last one"),
+            )
+        }
+        self._mirrored_seen: dict[str, int] = dict.fromkeys(self._mirrored, 0)
+
+    def sync_totals(self, **totals: int) -> None:
+        """Bring the mirrored counters up to the cores' running totals (``trigger_evaluations=...``)."""
+        for name, total in totals.items():
+            delta = total - self._mirrored_seen[name]
+            if delta > 0:
+                self._mirrored[name].inc(delta)
+                self._mirrored_seen[name] = total
 
     def serve(self, port: int) -> None:
         start_http_server(port, addr="127.0.0.1", registry=self.registry)

@@ -206,7 +206,14 @@ class AgentRuntime:
         self.metrics.ring_buffer_bytes.set(self.buffers.bytes_used)
         if not batches:
             return
-        for fire in self.engine.process(batches, self.buffers):
+        fires = self.engine.process(batches, self.buffers)
+        self.metrics.sync_totals(
+            ring_buffer_dropped_samples=self.buffers.dropped_samples_total,
+            ring_buffer_late_samples=self.buffers.late_samples_total,
+            trigger_evaluations=self.engine.evaluations_total,
+            trigger_late_evaluations=self.engine.late_evaluations_total,
+        )
+        for fire in fires:
             spec = self.specs.get(fire.campaign)
             if spec is None:
                 continue
