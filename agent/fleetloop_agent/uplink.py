@@ -203,17 +203,10 @@ class CloudLink(ControlOutbox):
                 try:
                     resp = self._upload(req)
                 except grpc.RpcError as exc:
-                    if exc.code() in PERMANENT_CODES:
-                        # The cloud says these bytes are invalid: keeping them would block the queue forever.
-                        why = describe_rpc_error(exc)
-                        log.error("cloud refused segment %s: %s", seg.segment_id.hex(), why)
-                        self._metrics.segments_refused.inc()
-                    else:
+                    if not refused_for_good(exc, seg, self._metrics):
                         raise
                 else:
-                    self._metrics.segments_uploaded.inc()
-                    if self._on_ack is not None:
-                        self._on_ack(seg, bool(resp.duplicate))
+                    acknowledged(seg, resp, self._metrics, self._on_ack)
                 self._store.mark_uploaded(seg.segment_id)
             self._metrics.store_pending_bytes.set(self._store.stats().bytes_pending)
 
@@ -266,6 +259,28 @@ class CloudLink(ControlOutbox):
             offset = min(int(answer.next_offset), len(whole))
         self._interrupted[segment_id] = None
         raise StalledUpload(f"segment {segment_id.hex()}: the cloud's offsets made no progress")
+
+
+def refused_for_good(exc: grpc.RpcError, seg: StoredSegment, metrics: AgentMetrics) -> bool:
+    """True (logged, counted) when the cloud refused the segment's bytes themselves: keeping it would
+    block the queue forever, so the caller checkpoints it. False: a transient failure, retry later."""
+    if exc.code() not in PERMANENT_CODES:
+        return False
+    log.error("cloud refused segment %s: %s", seg.segment_id.hex(), describe_rpc_error(exc))
+    metrics.segments_refused.inc()
+    return True
+
+
+def acknowledged(
+    seg: StoredSegment,
+    resp: ingest_pb2.UploadSegmentResponse,
+    metrics: AgentMetrics,
+    on_ack: Callable[[StoredSegment, bool], None] | None,
+) -> None:
+    """The cloud has the segment (stored now, or a duplicate of what it stored before)."""
+    metrics.segments_uploaded.inc()
+    if on_ack is not None:
+        on_ack(seg, bool(resp.duplicate))
 
 
 class StalledUpload(grpc.RpcError):

@@ -41,8 +41,9 @@ from fleetloop_agent.uplink import (
     BACKOFF_MAX_S,
     BACKOFF_MIN_S,
     CHANNEL_OPTIONS,
-    PERMANENT_CODES,
+    acknowledged,
     describe_rpc_error,
+    refused_for_good,
 )
 from fleetloop_agent.upload_protocol import UploadGrants, upload_request
 from fleetloop_shared.errors import NotFoundError
@@ -354,17 +355,10 @@ class SwarmLink(ControlOutbox):
                 try:
                     resp = await upload(req, timeout=self._deadline)
                 except grpc.RpcError as exc:
-                    if exc.code() in PERMANENT_CODES:
-                        # The cloud says these bytes are invalid: keeping them would block the queue forever.
-                        why = describe_rpc_error(exc)
-                        log.error("cloud refused segment %s: %s", seg.segment_id.hex(), why)
-                        self._metrics.segments_refused.inc()
-                    else:
+                    if not refused_for_good(exc, seg, self._metrics):
                         raise
                 else:
-                    self._metrics.segments_uploaded.inc()
-                    if self._on_ack is not None:
-                        self._on_ack(seg, bool(resp.duplicate))
+                    acknowledged(seg, resp, self._metrics, self._on_ack)
                 await self._swarm.io(store.mark_uploaded, seg.segment_id)
             stats = await self._swarm.io(store.stats)
             self._metrics.store_pending_bytes.set(stats.bytes_pending)
