@@ -310,11 +310,76 @@ def decode_frames(frames: CanFrames, dbcs: dict[int | None, DbcDatabase], prefix
     return result
 
 
+def read_mf4(path: Path) -> CanFrames:
+    """An ASAM MDF 4 bus log (CANedge and other loggers: ``CAN_DataFrame`` channel groups), through
+    ``asammdf`` (the ``mf4`` extra, imported only here). Times are the file's start time plus each
+    frame's offset; CAN FD payloads are cut to their data length."""
+    path = Path(path)
+    _check_size(path)
+    try:
+        from asammdf import MDF  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        raise ConfigError(
+            f"{path}: reading MF4 needs asammdf; install it with pip install 'fleetloop[mf4]'"
+        ) from None
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    # "UnFinMF " marks a file the logger has not finalized (CANedge writes them so); asammdf reads both.
+    if head[:8] not in (b"MDF     ", b"UnFinMF ") or head[8:10] != b"4.":
+        raise ConfigError(f"{path}: not an MF4 file (no 'MDF 4.x' identification block)")
+    try:
+        mdf = MDF(str(path))
+    except Exception as exc:  # asammdf's errors on outside bytes: one line, never a traceback
+        raise ConfigError(f"{path}: not a readable MF4 file ({str(exc).splitlines()[0][:200]})") from None
+    try:
+        start_ns = int(mdf.start_time.timestamp()) * NS_PER_S + mdf.start_time.microsecond * 1000
+        parts: list[tuple[Any, ...]] = []
+        for gi, group in enumerate(mdf.groups):
+            names = [str(c.name) for c in getattr(group, "channels", ())]
+            if "CAN_DataFrame.ID" not in names or "CAN_DataFrame.DataBytes" not in names:
+                continue
+
+            def channel(name: str, gi: int = gi, names: list[str] = names) -> Any:
+                # converted values: a logger may store the bus number through a conversion table
+                return mdf.get(name, group=gi, index=names.index(name))
+
+            ids = channel("CAN_DataFrame.ID")
+            data = np.asarray(channel("CAN_DataFrame.DataBytes").samples, dtype=np.uint8)
+            bus = (
+                np.asarray(channel("CAN_DataFrame.BusChannel").samples, dtype=np.int64)
+                if "CAN_DataFrame.BusChannel" in names
+                else np.zeros(len(ids.samples), dtype=np.int64)
+            )
+            length = (
+                np.asarray(channel("CAN_DataFrame.DataLength").samples, dtype=np.int64)
+                if "CAN_DataFrame.DataLength" in names
+                else np.full(len(ids.samples), data.shape[1] if data.ndim == 2 else 0, dtype=np.int64)
+            )
+            t = start_ns + np.round(np.asarray(ids.timestamps, dtype=np.float64) * NS_PER_S).astype(np.int64)
+            parts.append((t, bus, np.asarray(ids.samples, dtype=np.int64) & 0x1FFFFFFF, data, length))
+    finally:
+        mdf.close()
+    if not parts:
+        raise ConfigError(f"{path}: no CAN data frames in this MF4 file")
+    t_ns = np.concatenate([p[0] for p in parts])
+    order = np.argsort(t_ns, kind="stable")
+    payloads = [bytes(row[: int(n)]) for p in parts for row, n in zip(p[3], p[4], strict=True)]
+    return CanFrames(
+        t_ns[order],
+        np.concatenate([p[1] for p in parts])[order],
+        np.concatenate([p[2] for p in parts])[order],
+        [payloads[i] for i in order],
+    )
+
+
 def read_can_log(path: Path, dbc_path: Path) -> ImportResult:
-    """A CAN log (candump ``.log``, GVRET ``.csv`` or Vector ``.asc``) decoded through one DBC."""
+    """A CAN log (candump ``.log``, GVRET ``.csv``, Vector ``.asc`` or ASAM ``.mf4``) decoded through one
+    DBC."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".asc":
+    if suffix == ".mf4":
+        frames = read_mf4(path)
+    elif suffix == ".asc":
         frames = read_asc(path)
     elif suffix == ".csv":
         frames = read_gvret_csv(path)
@@ -434,15 +499,22 @@ def real_corpus(root: Path) -> Iterator[tuple[str, ImportResult]]:
     skab = root / "skab" / "anomaly-free.csv"
     if skab.exists():
         yield "skab", _wide_csv(skab, ";", _datetime_ns, "pump")
-    mf4 = sorted((root / "css-electronics").glob("*/*.MF4")) if (root / "css-electronics").is_dir() else []
+    css = root / "css-electronics"
+    mf4 = sorted(css.glob("*/*.MF4")) if css.is_dir() else []
     if mf4:
         try:
-            import asammdf  # type: ignore[import-not-found]  # noqa: F401
+            import asammdf  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
         except ImportError:
             yield (
                 "css-electronics-mf4",
                 ImportResult([], notes=[f"{len(mf4)} MF4 files need asammdf (not installed); not measured"]),
             )
+            return
+        for log in mf4:
+            # SOURCES.md pairs each log with its DBC: the J1939 truck and the GNSS/IMU module.
+            name = "canmod-gps.dbc" if "canmod" in log.parent.name else "CSS-Electronics-SAE-J1939-DEMO.dbc"
+            dbc = css / "dbc" / name
+            yield "css-" + log.parent.name, decode_frames(read_mf4(log), {None: load_dbc(dbc)})
 
 
 def _check_size(path: Path) -> None:

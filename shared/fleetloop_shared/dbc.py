@@ -122,6 +122,15 @@ def load_dbc(path: Path) -> DbcDatabase:
     return DbcDatabase(db, source=str(path))
 
 
+def j1939_pgn(frame_id: int) -> int:
+    """The parameter group number of a 29-bit J1939 id: data page + PDU format, and the PDU specific
+    byte only for PDU2 (PF ≥ 240; for PDU1 it is the destination address)."""
+    pgn = (frame_id >> 8) & 0x3FFFF
+    if (pgn >> 8) & 0xFF < 240:
+        pgn &= 0x3FF00
+    return pgn
+
+
 class FrameDecoder:
     """Turns (frame id, payload) into physical signal values for a chosen set of messages.
 
@@ -131,6 +140,13 @@ class FrameDecoder:
 
     def __init__(self, messages: Mapping[int, Any]) -> None:
         self._by_id = dict(messages)
+        # J1939 messages are named by their PGN: the same message comes from any source address (and,
+        # for PDU1, to any destination), so the DBC's one frame id is not what is on the bus.
+        self._by_pgn = {
+            j1939_pgn(frame_id): m
+            for frame_id, m in self._by_id.items()
+            if getattr(m, "protocol", None) == "j1939"
+        }
         #: Frames of a selected message whose payload could not be decoded.
         self.errors_total = 0
 
@@ -146,6 +162,8 @@ class FrameDecoder:
         shorter than that length is malformed.
         """
         message = self._by_id.get(int(frame_id))
+        if message is None and self._by_pgn:
+            message = self._by_pgn.get(j1939_pgn(int(frame_id)))
         if message is None:
             return None
         try:
