@@ -11,12 +11,18 @@ run, against the references the issue names:
 * ``parquet_long_zstd``: the narrow ``t_ns, value`` layout per signal (what the issue's 3.35 B/sample
   table measured).
 
-Segments are cut as the agent cuts them (``store_import.to_segments``, ≤ 65,536 rows per segment).
+Segments are cut as ``fleetloop store import`` cuts them (``store_commands.import_segments``:
+``store_import.to_segments``, ≤ 65,536 rows of a group per segment, then ``segment.bundle_segments``,
+which packs consecutive groups into format 4 segments of ≤ 262,144 rows that share one clock). The
+Parquet references get one file per *group*, as before; ``segments_one_group`` records what the same
+groups cost as one single-group segment each (formats 2/3), the layout before format 4.
 Every segment is decoded and compared bit for bit before anything is timed. Timings are best of
 ``--repeat`` (the machine has 2 noisy cores) with our codec and pyarrow interleaved in the same run; the
 JSON reports ratios (``> 1`` = we are faster).
 
-The real recordings hold no text, so ``generated_strings`` measures STRING columns (segment format 3) on
+``generated_bus`` is the sanity check for multi-group segments on data nothing was tuned on: a
+generated CAN bus whose frames arrive in USB batches. The real recordings hold no text, so
+``generated_strings`` measures STRING columns (segment format 3) on
 generated data in the same way: a few machine states in runs, fault codes, all-distinct identifiers —
 bytes against the same Parquet+zstd layout, and the round trip checked first. Generated, so it is a
 sanity figure, not a corpus result.
@@ -47,6 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fleetloop_agent.store_import import ImportResult, real_corpus, to_segments
+from fleetloop_cli.store_commands import import_segments
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.codecs import bitpack
 from fleetloop_shared.datapaths import find_recordings
@@ -90,17 +97,19 @@ def _bss_options(table: pa.Table) -> dict[str, Any]:
 
 
 def measure_set(name: str, result: ImportResult, repeat: int) -> dict[str, Any]:
-    segments = list(to_segments(result, Catalog()))
+    segments = list(import_segments(result, Catalog(), to_segments))
+    groups = [g for s in segments for g in s.groups()]
     samples = sum(s.sample_count for s in segments)
     encoded = [encode_segment(s) for s in segments]
     for seg, data in zip(segments, encoded, strict=True):
         if decode_segment(data) != seg:
             raise SystemExit(f"{name}: segment {seg.group} did not round-trip bit-exactly")
-    tables = [_wide_table(s) for s in segments]
+    one_group = sum(len(encode_segment(g)) for g in groups)
+    tables = [_wide_table(s) for s in groups]
     pz = [_parquet(t) for t in tables]
     bss = [_parquet(t, **_bss_options(t)) for t in tables]
     long_bytes = 0
-    for seg in segments:
+    for seg in groups:
         for sid in seg.columns:
             long_bytes += len(_parquet(pa.table({"t_ns": seg.t_ns, "value": seg.columns[sid]})))
     ours = sum(map(len, encoded))
@@ -121,6 +130,7 @@ def measure_set(name: str, result: ImportResult, repeat: int) -> dict[str, Any]:
         "frames_skipped": result.frames_skipped,
         "bytes": {
             "segments": ours,
+            "segments_one_group": one_group,
             "parquet_zstd": sum(map(len, pz)),
             "parquet_bss": sum(map(len, bss)),
             "parquet_long_zstd": long_bytes,
@@ -170,10 +180,72 @@ def generated_strings(repeat: int) -> dict[str, Any]:
     return out
 
 
+def generated_bus(repeat: int) -> dict[str, Any]:
+    """Multi-group segments on generated CAN arrivals (not the corpus the clock screen was set on).
+
+    Periodic messages (10–100 ms) whose frames reach the host in USB batches every ``batch_ms`` and carry
+    the batch's ns-resolved arrival time, as a panda's do; values: a rolling counter and a random walk
+    in 0.01 steps. Bytes of the format 4 segment against the same groups as single-group segments and
+    against Parquet+zstd; round trip checked first.
+    """
+    import numpy as np
+
+    from fleetloop_shared.catalog import DataType
+    from fleetloop_shared.segment import bundle_segments, new_segment_id
+
+    out: dict[str, Any] = {}
+    for batch_ms in (1, 5):
+        rng = np.random.default_rng(batch_ms)
+        step = batch_ms * 1_000_000
+        batch_times = np.cumsum(rng.integers(step * 9 // 10, step * 11 // 10, 60_000 // batch_ms))
+        singles = []
+        for m in range(30):
+            period = int(rng.choice([10, 20, 50, 100])) * 1_000_000
+            sent = np.arange(int(rng.integers(0, period)), int(batch_times[-1]) - period, period)
+            t = batch_times[np.searchsorted(batch_times, sent + rng.integers(0, 300_000, sent.size))]
+            singles.append(
+                Segment(
+                    new_segment_id(),
+                    f"bus/M{m}",
+                    t.astype(np.int64),
+                    {
+                        2 * m: (np.arange(t.size) % 16).astype(np.int64),
+                        2 * m + 1: np.round(np.cumsum(rng.normal(0, 0.5, t.size)), 2),
+                    },
+                    {2 * m: DataType.INT64, 2 * m + 1: DataType.FLOAT64},
+                )
+            )
+        bundles = list(bundle_segments(singles))
+        encoded = [encode_segment(b) for b in bundles]
+        if [decode_segment(d) for d in encoded] != bundles:
+            raise SystemExit(f"generated bus ({batch_ms} ms batches): did not round-trip exactly")
+        samples = sum(s.sample_count for s in singles)
+        ours = sum(map(len, encoded))
+        one_group = sum(len(encode_segment(s)) for s in singles)
+        tables = [_wide_table(s) for s in singles]
+        pz = sum(len(_parquet(t)) for t in tables)
+        enc = min(_best(lambda b=bundles: [encode_segment(x) for x in b], 1) for _ in range(repeat))
+        wr = min(_best(lambda ts=tables: [_parquet(t) for t in ts], 1) for _ in range(repeat))
+        out[f"batches_{batch_ms}ms"] = {
+            "messages": len(singles),
+            "samples": samples,
+            "bytes_per_sample": round(ours / samples, 4),
+            "bytes_per_sample_one_group_segments": round(one_group / samples, 4),
+            "parquet_zstd_bytes_per_sample": round(pz / samples, 4),
+            "size_vs_one_group_segments": round(ours / one_group, 4),
+            "size_vs_parquet_zstd": round(ours / pz, 4),
+            "encode_speed_vs_parquet_write": round(wr / enc, 3),
+        }
+    return out
+
+
 def _ratios(bytes_: dict[str, int], samples: int, seconds: dict[str, float]) -> dict[str, Any]:
     ours = bytes_["segments"]
     return {
         "bytes_per_sample": round(ours / samples, 4) if samples else None,
+        "bytes_per_sample_one_group_segments": round(bytes_["segments_one_group"] / samples, 4)
+        if samples
+        else None,
         "parquet_zstd_bytes_per_sample": round(bytes_["parquet_zstd"] / samples, 4) if samples else None,
         "parquet_bss_bytes_per_sample": round(bytes_["parquet_bss"] / samples, 4) if samples else None,
         "parquet_long_zstd_bytes_per_sample": round(bytes_["parquet_long_zstd"] / samples, 4)
@@ -294,6 +366,7 @@ def main() -> None:
             "decode_ge_parquet_read": total["decode_speed_vs_parquet_read"] >= 1.0,
         },
         "generated_strings": generated_strings(args.repeat),
+        "generated_bus": generated_bus(args.repeat),
         "notes": notes,
     }
     if args.kills:

@@ -26,6 +26,7 @@ from fleetloop_agent.trigger_engine import Fire
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.samples import GroupBatch
+from fleetloop_shared.segment import BUNDLE_MAX_ROWS, Segment, bundle_segments, segment_from_batch
 
 HOUR_NS = 3_600_000_000_000
 
@@ -45,6 +46,16 @@ class Capture:
     @property
     def sample_count(self) -> int:
         return sum(batch.sample_count for batch in self.batches)
+
+    def segments(self, catalog: Catalog, *, bundle_rows: int = BUNDLE_MAX_ROWS) -> list[Segment]:
+        """The capture as the segments to store: its non-empty groups packed into multi-group (format 4)
+        segments of ≤ ``bundle_rows`` rows, whose groups share one clock where their times coincide
+        (the frames of one CAN bus arriving in one USB batch). ``bundle_rows`` 0: one group per segment
+        (formats 2/3) for a coordinator that does not read format 4 yet."""
+        singles = (
+            segment_from_batch(batch, catalog) for batch in self.batches if len(batch) and batch.values
+        )
+        return list(bundle_segments(singles, max_rows=bundle_rows))
 
 
 @dataclass(frozen=True)

@@ -112,7 +112,8 @@ _ROW_COLUMNS = (
 @dataclass(frozen=True)
 class StoredSegment:
     """Index entry of one stored segment. ``size_bytes`` is the encoded segment (what the uplink sends);
-    ``first_ns``/``last_ns`` are its earliest and latest timestamps (0 for an empty segment)."""
+    ``first_ns``/``last_ns`` are its earliest and latest timestamps over all its groups (0 for an empty
+    segment); ``group`` names its groups, separated by newlines when it holds several (format 4)."""
 
     segment_id: bytes
     capture_id: str
@@ -258,17 +259,17 @@ class LocalStore:
             raise UserError(f"now_ns {now_ns} is outside the int64 range")
         encoded = encode_segment(segment)
         blob = _encode_envelope(capture_id, campaign, priority, now_ns) + encoded
-        rows = int(segment.t_ns.shape[0])
+        first, last = segment.time_range() or (0, 0)
         entry = StoredSegment(
             segment_id=segment.segment_id,
             capture_id=capture_id,
             campaign=campaign,
             priority=priority,
-            group=segment.group,
+            group=_group_label(segment),
             samples=segment.sample_count,
             size_bytes=len(encoded),
-            first_ns=int(segment.t_ns.min()) if rows else 0,
-            last_ns=int(segment.t_ns.max()) if rows else 0,
+            first_ns=first,
+            last_ns=last,
             created_ns=now_ns,
         )
         with self._lock:
@@ -364,9 +365,10 @@ class LocalStore:
                 "COALESCE(SUM(disk_bytes), 0), MIN(first_ns), MAX(last_ns) FROM segments "
                 "WHERE uploaded_seq IS NULL"
             ).fetchone()
-            groups = db.execute(
-                "SELECT COUNT(DISTINCT grp) FROM segments WHERE uploaded_seq IS NULL"
-            ).fetchone()[0]
+            names: set[str] = set()
+            for (label,) in db.execute("SELECT DISTINCT grp FROM segments WHERE uploaded_seq IS NULL"):
+                names.update(str(label).split("\n"))
+            groups = len(names)
             signals: set[str] = set()
             for (text,) in db.execute("SELECT DISTINCT signal_ids FROM segments WHERE uploaded_seq IS NULL"):
                 signals.update(x for x in str(text).split(",") if x)
@@ -397,7 +399,8 @@ class LocalStore:
         to_ns: int | None = None,
     ) -> Iterator[tuple[StoredSegment, Segment]]:
         """Pending segments that match, decoded and cut to ``from_ns <= t <= to_ns`` and to the requested
-        signals (segments holding none of them are skipped), oldest first.
+        signals (segments holding none of them are skipped), oldest first. A multi-group (format 4)
+        segment yields one single-group segment per matching group, so callers see groups as before.
 
         The index narrows by group, capture and time range before any file is read; one segment is
         decoded at a time, so memory stays bounded by the largest segment.
@@ -411,7 +414,7 @@ class LocalStore:
         )
         args: list[Any] = [lo, hi]
         if group is not None:
-            sql += " AND grp = ?"
+            sql += " AND (grp = ? OR instr(grp, char(10)) > 0)"  # multi-group rows: filtered once decoded
             args.append(group)
         if capture_id is not None:
             sql += " AND capture_id = ?"
@@ -425,23 +428,26 @@ class LocalStore:
             if wanted is not None and ids and not ids & wanted:
                 continue
             try:
-                segment = decode_segment(self.read(entry.segment_id))
+                decoded = decode_segment(self.read(entry.segment_id))
             except NotFoundError:
                 continue  # acknowledged or evicted since the index was read
-            keep = (segment.t_ns >= lo) & (segment.t_ns <= hi)
-            columns = {k: v[keep] for k, v in segment.columns.items() if wanted is None or k in wanted}
-            if wanted is not None and not columns:
-                continue
-            yield (
-                entry,
-                Segment(
-                    segment.segment_id,
-                    segment.group,
-                    segment.t_ns[keep],
-                    columns,
-                    {k: segment.data_types[k] for k in columns},
-                ),
-            )
+            for segment in decoded.groups():  # a format 4 segment yields one entry per matching group
+                if group is not None and segment.group != group:
+                    continue
+                keep = (segment.t_ns >= lo) & (segment.t_ns <= hi)
+                columns = {k: v[keep] for k, v in segment.columns.items() if wanted is None or k in wanted}
+                if wanted is not None and not columns:
+                    continue
+                yield (
+                    entry,
+                    Segment(
+                        segment.segment_id,
+                        segment.group,
+                        segment.t_ns[keep],
+                        columns,
+                        {k: segment.data_types[k] for k in columns},
+                    ),
+                )
 
     def close(self) -> None:
         """Close the index; further calls raise StateError. Closing twice is harmless."""
@@ -635,17 +641,17 @@ class LocalStore:
         except CorruptSegmentError:
             _unlink_quietly(path)
             return
-        rows = int(segment.t_ns.shape[0])
+        first, last = segment.time_range() or (0, 0)
         entry = StoredSegment(
             segment_id=segment.segment_id,
             capture_id=envelope.capture_id,
             campaign=envelope.campaign,
             priority=envelope.priority,
-            group=segment.group,
+            group=_group_label(segment),
             samples=segment.sample_count,
             size_bytes=len(data) - envelope.segment_offset,
-            first_ns=int(segment.t_ns.min()) if rows else 0,
-            last_ns=int(segment.t_ns.max()) if rows else 0,
+            first_ns=first,
+            last_ns=last,
             created_ns=envelope.created_ns,
         )
         with db:
@@ -654,7 +660,16 @@ class LocalStore:
 
 def _ids_text(segment: Segment) -> str:
     """Signal ids of a segment as the index stores them (``"1,5,9"``), for inventory and queries."""
-    return ",".join(str(int(k)) for k in sorted(segment.columns))
+    return ",".join(str(int(k)) for k in sorted(k for g in segment.groups() for k in g.columns))
+
+
+def _group_label(segment: Segment) -> str:
+    """The index's ``grp``: the group name, or every group's name on its own line (format 4 segments).
+
+    Why not a second table: the index stays one row per segment (what eviction and upload work on);
+    a query by group pre-selects rows holding a newline as well and then filters the decoded groups.
+    """
+    return "\n".join(g.group for g in segment.groups())
 
 
 def _row_to_entry(row: tuple[Any, ...]) -> StoredSegment:

@@ -197,8 +197,8 @@ class FleetStore:
 
     def segment_path(self, *, fleet: str, device_id: str, segment: Segment, received_unix: float) -> Path:
         """Where ``segment`` is (or will be) stored; deterministic, which is what makes retries safe."""
-        t_ns = np.asarray(segment.t_ns)
-        first = int(t_ns.min()) if t_ns.size else None
+        span = segment.time_range()  # over every group of a multi-group (format 4) segment
+        first = span[0] if span is not None else None
         date = partition_date(first, received_unix)
         name = f"{_safe(device_id, 'device id')}-{bytes(segment.segment_id).hex()}.parquet"
         return self._samples / f"fleet={_safe(fleet, 'fleet')}" / f"date={date}" / name
@@ -224,7 +224,12 @@ class FleetStore:
         path = self.segment_path(
             fleet=fleet, device_id=device_id, segment=segment, received_unix=received_unix
         )
-        table = self._table(device_id, capture_id, campaign, segment, catalog)
+        # A multi-group (format 4) segment is one file holding every group's rows, group after group.
+        tables = [self._table(device_id, capture_id, campaign, g, catalog) for g in segment.groups()]
+        if len(tables) == 1:
+            table = tables[0]
+        else:  # ordered like every other file: by signal path, then time
+            table = pa.concat_tables(tables).sort_by([("signal", "ascending"), ("t_ns", "ascending")])
         if table.num_rows == 0:
             return 0
         sink = pa.BufferOutputStream()

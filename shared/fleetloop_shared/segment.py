@@ -16,8 +16,13 @@ Why the layout looks the way it does:
   whatever is smallest and a reader can say *which* codec it does not know.
 * Text (catalog ``STRING``) is a dictionary of distinct strings plus per-row or run-length indices
   (:mod:`fleetloop_shared.codecs.strings`): machine text is states and codes with few distinct values.
-* A writer stamps the *lowest* format version that expresses the segment (2 unless a column is text),
-  so a cloud that reads only version 2 keeps accepting every segment without text.
+* A writer stamps the *lowest* format version that expresses the segment (2 unless a column is text,
+  4 only for a segment of several groups), so a cloud that reads only version 2 keeps accepting every
+  single-group segment without text.
+* A segment may hold several groups (format version 4) because on a CAN bus the *arrival* times are
+  the cost: frames of different messages that came in one USB batch carry the very same timestamp, so
+  those groups share one sorted "clock" column and each group stores indices into it (cheap: a periodic
+  message's indices step by an almost constant amount) when that is smaller than its own timestamps.
 * Decoding trusts nothing: every length is checked against what the header implies *before* anything is
   allocated or decompressed, and the checksum is verified before any block is decompressed, so hostile or
   truncated bytes end in :class:`CorruptSegmentError` rather than in a crash, a huge allocation or a
@@ -30,6 +35,7 @@ import os
 import struct
 import time
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,10 +48,10 @@ from fleetloop_shared.codecs import decimal_float, intstream, strings, zstd_fram
 from fleetloop_shared.errors import CorruptSegmentError, UserError
 from fleetloop_shared.samples import GroupBatch
 
-#: The newest format version this build writes (and reads).
-FORMAT_VERSION: int = 3
+#: The newest format version this build writes (and reads); 4 only for segments of several groups.
+FORMAT_VERSION: int = 4
 #: Every version this build reads (the versioning rule: readers keep reading what was ever released).
-READ_VERSIONS: frozenset[int] = frozenset({2, 3})
+READ_VERSIONS: frozenset[int] = frozenset({2, 3, 4})
 MAGIC: bytes = b"FLSG"
 
 #: Hard limits a decoder enforces before it allocates anything; an encoder refuses to exceed them too.
@@ -55,12 +61,16 @@ MAX_COLUMNS = 4096
 MAX_CELLS = 100_000_000
 MAX_GROUP_BYTES = 1024
 MAX_SIGNAL_ID = 2**32 - 1
+#: Groups of one (format 4) segment.
+MAX_GROUPS = 4096
 #: Distinct text of all STRING columns of one segment, UTF-8 bytes: what one segment's text may decode to.
 MAX_TEXT_BYTES = strings.MAX_TEXT_BYTES
 
 # Codec ids (one byte, stable forever within a format version; see docs/segment-format.md). The high
 # bit (ZSTD_FLAG) says the block's payload is a zstd frame of the transform's bytes.
 CODEC_TS_INTSTREAM = 2
+CODEC_TS_CLOCK_INDEX = 3  # format version 4: indices into the segment's shared clock
+CODEC_TS_SAME_AS = 4  # format version 4: the very timestamps of an earlier group of the segment
 CODEC_F64_RAW = 16
 CODEC_F64_XOR = 17
 CODEC_F64_SCALED = 18
@@ -74,6 +84,8 @@ CODEC_F64_RAW_ZSTD = CODEC_F64_RAW | ZSTD_FLAG
 CODEC_F64_XOR_ZSTD = CODEC_F64_XOR | ZSTD_FLAG
 
 _TS_CODECS = frozenset({CODEC_TS_INTSTREAM, CODEC_TS_INTSTREAM | ZSTD_FLAG})
+#: A group's time block in format 4: its own timestamps or indices into the shared clock.
+_GROUP_TS_CODECS = _TS_CODECS | {CODEC_TS_CLOCK_INDEX, CODEC_TS_CLOCK_INDEX | ZSTD_FLAG, CODEC_TS_SAME_AS}
 
 
 def _with_flag(*codecs: int) -> frozenset[int]:
@@ -96,6 +108,7 @@ _FIXED = struct.Struct("<4sHH16sQqq")
 _U16 = struct.Struct("<H")
 _COLUMN = struct.Struct("<IBB")  # signal id, data type, codec id
 _BLOCK = struct.Struct("<BII")  # codec id, raw (decompressed) length, stored (compressed) length
+_U32 = struct.Struct("<I")
 _CRC = struct.Struct("<I")
 
 
@@ -116,6 +129,11 @@ def new_segment_id() -> bytes:
 class Segment:
     """One group's samples: a shared timestamp column and one value column per signal id.
 
+    A segment may carry further groups in ``more_groups`` (format version 4): single-group segments of
+    the same ``segment_id`` and no ``more_groups`` of their own. They exist because groups that share
+    arrival times (the frames of one CAN bus) store those times once; everything that turns a segment
+    into rows must walk :meth:`groups`, not just the first group's fields.
+
     Equality is bit-exact (NaN payloads and -0.0 included), which is what a codec round trip promises.
     """
 
@@ -124,11 +142,28 @@ class Segment:
     t_ns: npt.NDArray[np.int64]
     columns: dict[int, npt.NDArray[Any]]
     data_types: dict[int, DataType]
+    more_groups: tuple[Segment, ...] = ()
 
     @property
     def sample_count(self) -> int:
-        """Number of (timestamp, value) samples: rows × columns."""
-        return int(self.t_ns.shape[0]) * len(self.columns)
+        """Number of (timestamp, value) samples: rows × columns, summed over every group."""
+        own = int(self.t_ns.shape[0]) * len(self.columns)
+        return own + sum(g.sample_count for g in self.more_groups)
+
+    def groups(self) -> list[Segment]:
+        """Every group of the segment as a single-group segment (the first one is this one's fields)."""
+        if not self.more_groups:
+            return [self]
+        head = Segment(self.segment_id, self.group, self.t_ns, self.columns, self.data_types)
+        return [head, *self.more_groups]
+
+    def time_range(self) -> tuple[int, int] | None:
+        """(earliest, latest) timestamp over every group, ``None`` when the segment has no rows."""
+        times = [np.asarray(g.t_ns) for g in self.groups()]
+        ranges = [(int(t.min()), int(t.max())) for t in times if t.size]
+        if not ranges:
+            return None
+        return min(r[0] for r in ranges), max(r[1] for r in ranges)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Segment):
@@ -139,7 +174,10 @@ class Segment:
             or self.data_types != other.data_types
             or self.columns.keys() != other.columns.keys()
             or not _bits_equal(self.t_ns, other.t_ns)
+            or len(self.more_groups) != len(other.more_groups)
         ):
+            return False
+        if not all(a == b for a, b in zip(self.more_groups, other.more_groups, strict=True)):
             return False
         return all(_bits_equal(self.columns[k], other.columns[k]) for k in self.columns)
 
@@ -201,29 +239,84 @@ def segment_from_batch(batch: GroupBatch, catalog: Catalog, segment_id: bytes | 
     )
 
 
+#: Rows (all groups together) of one segment made by :func:`bundle_segments`: bounds what one decode
+#: holds in memory (a CAN capture's groups are ~5–10 columns, so ~20 MB decoded at most).
+BUNDLE_MAX_ROWS = 262_144
+
+
+def bundle_segments(segments: Iterable[Segment], *, max_rows: int = BUNDLE_MAX_ROWS) -> Iterator[Segment]:
+    """Pack consecutive single-group segments into multi-group (format 4) segments of ≤ ``max_rows`` rows.
+
+    Why: on a CAN bus the arrival times are most of the bytes, and frames of different messages that
+    arrived in one USB batch carry the same timestamp; a multi-group segment stores those shared times
+    once (see :func:`encode_segment`). The bundle takes the first segment's id. A segment with text (its
+    distinct text is capped per segment), one that is already multi-group, or a signal id already in the
+    bundle (the next chunk of the same group) starts a new bundle; a bundle of one is yielded unchanged,
+    so it is written as format 2/3 exactly as before. ``max_rows`` ≤ 0 yields every segment unchanged.
+    """
+    current: list[Segment] = []
+    rows = columns = cells = 0
+    ids: set[int] = set()
+
+    def flush() -> Iterator[Segment]:
+        if len(current) == 1:
+            yield current[0]
+        elif current:
+            head = current[0]
+            more = tuple(
+                Segment(head.segment_id, s.group, s.t_ns, s.columns, s.data_types) for s in current[1:]
+            )
+            yield Segment(head.segment_id, head.group, head.t_ns, head.columns, head.data_types, more)
+
+    for seg in segments:
+        seg_rows = int(np.asarray(seg.t_ns).shape[0])
+        alone = (
+            max_rows <= 0
+            or bool(seg.more_groups)
+            or any(DataType(t) is DataType.STRING for t in seg.data_types.values())
+        )
+        fits = (
+            not alone
+            and current
+            and rows + seg_rows <= max_rows
+            and columns + len(seg.columns) <= MAX_COLUMNS
+            and cells + seg_rows * (len(seg.columns) + 2) <= MAX_CELLS
+            and len(current) < MAX_GROUPS
+            and not ids & seg.columns.keys()
+        )
+        if not fits:
+            yield from flush()
+            current, rows, columns, cells, ids = [], 0, 0, 0, set()
+        current.append(seg)
+        rows += seg_rows
+        columns += len(seg.columns)
+        cells += seg_rows * (len(seg.columns) + 2)  # + its time column + its share of the clock
+        ids |= seg.columns.keys()
+        if alone:
+            yield from flush()
+            current, rows, columns, cells, ids = [], 0, 0, 0, set()
+    yield from flush()
+
+
 # --------------------------------------------------------------------------------------------- encode
 
 
 def encode_segment(segment: Segment) -> bytes:
-    """The segment's bytes (format version :data:`FORMAT_VERSION`); raises UserError on an invalid one."""
+    """The segment's bytes (the lowest format version that expresses it); raises UserError on an invalid one.
+
+    A single-group segment is written as format 2 (or 3 with text), byte for byte as before format 4;
+    only a segment with ``more_groups`` is written as format 4.
+    """
+    if segment.more_groups:
+        return _encode_multi(segment)
     t_ns, columns = _validated(segment)
     rows = int(t_ns.shape[0])
     first_ns = int(t_ns.min()) if rows else 0
     last_ns = int(t_ns.max()) if rows else 0
     group = segment.group.encode("utf-8")
 
-    blocks: list[tuple[int, bytes, int]] = [_encode_timestamps(t_ns)]
-    text = 0  # distinct text of the STRING columns, capped per segment exactly as the decoder caps it
-    for signal_id, data_type, values in columns:
-        try:
-            if data_type is DataType.STRING:
-                payload, column_text = strings.encode_measured(values)
-                text += column_text
-                blocks.append(_smaller(CODEC_STR_DICT, payload))
-            else:
-                blocks.append(_encode_values(data_type, values))
-        except strings.TextError as exc:
-            raise UserError(f"segment {segment.segment_id.hex()}: signal {signal_id}: {exc}") from None
+    value_blocks, text = _encode_columns(segment, columns)
+    blocks: list[tuple[int, bytes, int]] = [_encode_timestamps(t_ns), *value_blocks]
     if text > MAX_TEXT_BYTES:
         raise UserError(
             f"segment {segment.segment_id.hex()}: {text} bytes of distinct text exceed {MAX_TEXT_BYTES}"
@@ -249,6 +342,174 @@ def encode_segment(segment: Segment) -> bytes:
 
 
 _Columns = list[tuple[int, DataType, npt.NDArray[Any]]]
+_EncodedBlock = tuple[int, bytes, int]  # codec id (with the zstd flag), stored payload, raw length
+
+
+def _encode_columns(segment: Segment, columns: _Columns) -> tuple[list[_EncodedBlock], int]:
+    """The value blocks of one group, and its distinct text (capped per segment by the caller)."""
+    blocks: list[_EncodedBlock] = []
+    text = 0
+    for signal_id, data_type, values in columns:
+        try:
+            if data_type is DataType.STRING:
+                payload, column_text = strings.encode_measured(values)
+                text += column_text
+                blocks.append(_smaller(CODEC_STR_DICT, payload))
+            else:
+                blocks.append(_encode_values(data_type, values))
+        except strings.TextError as exc:
+            raise UserError(f"segment {segment.segment_id.hex()}: signal {signal_id}: {exc}") from None
+    return blocks, text
+
+
+def _encode_multi(segment: Segment) -> bytes:
+    """Format 4: several groups, one optional shared clock (see docs/segment-format.md, version 4).
+
+    Each group's time block is whichever is smaller: its own timestamps (codec 2) or indices into the
+    clock (codec 3). The clock is the sorted distinct timestamps of the groups that use it; a group
+    whose indices cost more than its own timestamps leaves it and the clock is rebuilt without it (at
+    most a few rounds: leaving only shrinks the clock), and the clock is dropped when it does not pay.
+    """
+    where = f"segment {segment.segment_id.hex() if isinstance(segment.segment_id, bytes) else '?'}"
+    parts = segment.groups()
+    if len(parts) > MAX_GROUPS:
+        raise UserError(f"{where}: {len(parts)} groups exceed the limit of {MAX_GROUPS}")
+    validated: list[tuple[npt.NDArray[np.int64], _Columns]] = []
+    seen: set[int] = set()
+    for part in parts:
+        if part.segment_id != segment.segment_id:
+            raise UserError(f"{where}: group {part.group!r} has another segment_id")
+        if part.more_groups:
+            raise UserError(f"{where}: group {part.group!r} has more_groups of its own")
+        t_ns, columns = _validated(part)
+        for signal_id, _, _ in columns:
+            if signal_id in seen:
+                raise UserError(f"{where}: signal id {signal_id} appears in two groups")
+            seen.add(signal_id)
+        validated.append((t_ns, columns))
+    rows = sum(int(t.shape[0]) for t, _ in validated)
+    ncols = sum(len(c) for _, c in validated)
+    cells = sum(int(t.shape[0]) * (len(c) + 1) for t, c in validated)
+    if rows > MAX_ROWS:
+        raise UserError(f"{where}: {rows} rows exceed the limit of {MAX_ROWS}")
+    if ncols > MAX_COLUMNS:
+        raise UserError(f"{where}: {ncols} columns exceed the limit of {MAX_COLUMNS}")
+
+    # Groups with the very same time column (the axes of one IMU split across families, two messages
+    # decoded from one frame) name the first such group instead: 2 bytes, whatever the rows.
+    same_as: dict[int, int] = {}
+    first_with: dict[bytes, int] = {}
+    for i, (t_ns, _) in enumerate(validated):
+        if t_ns.shape[0]:
+            j = first_with.setdefault(t_ns.tobytes(), i)
+            if j != i:
+                same_as[i] = j
+    empty = np.zeros(0, dtype=np.int64)
+    clock, clock_index = _choose_clock([empty if i in same_as else t for i, (t, _) in enumerate(validated)])
+    clock_block = _encode_timestamps(clock)
+    if cells + int(clock.shape[0]) > MAX_CELLS:
+        raise UserError(f"{where}: {rows} rows in {ncols} columns exceed {MAX_CELLS} cells")
+    time_range = segment.time_range()
+    first_ns, last_ns = time_range if time_range is not None else (0, 0)
+
+    parts_out = [
+        _FIXED.pack(MAGIC, 4, 0, segment.segment_id, rows, first_ns, last_ns),
+        _U16.pack(len(parts)),
+        _U32.pack(int(clock.shape[0])),
+        _BLOCK.pack(clock_block[0], clock_block[2], len(clock_block[1])),
+        clock_block[1],
+    ]
+    text = 0
+    for i, (part, (t_ns, columns)) in enumerate(zip(parts, validated, strict=True)):
+        index = clock_index.get(i)
+        if i in same_as:
+            time_block = (CODEC_TS_SAME_AS, _U16.pack(same_as[i]), _U16.size)
+        elif index is not None:
+            time_block = _smaller(CODEC_TS_CLOCK_INDEX, *intstream.encode_with_zstd(index, _INDEX_ORDERS))
+        else:
+            time_block = _encode_timestamps(t_ns)
+        value_blocks, column_text = _encode_columns(part, columns)
+        text += column_text
+        name = part.group.encode("utf-8")
+        parts_out += [
+            _U16.pack(len(name)),
+            name,
+            _U32.pack(int(t_ns.shape[0])),
+            bytes([time_block[0]]),
+            _U16.pack(len(columns)),
+        ]
+        for (signal_id, data_type, _), (codec, _, _) in zip(columns, value_blocks, strict=True):
+            parts_out.append(_COLUMN.pack(signal_id, int(data_type), codec))
+        for codec, payload, raw_len in [time_block, *value_blocks]:
+            parts_out.append(_BLOCK.pack(codec, raw_len, len(payload)))
+            parts_out.append(payload)
+    if text > MAX_TEXT_BYTES:
+        raise UserError(f"{where}: {text} bytes of distinct text exceed {MAX_TEXT_BYTES}")
+    body = b"".join(parts_out)
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+#: Difference orders tried for clock indices: they rise (a group's rows are in time order), so the
+#: steps (order 1) or the change of step (order 2) are small; order 0 never wins.
+_INDEX_ORDERS = (1, 2)
+#: A group uses the shared clock when at least this share of its timestamps also occur in another
+#: group that uses it (the screen is repeated once among the users; see :func:`_choose_clock`).
+CLOCK_MIN_SHARED = 0.2
+_CLOCK_ROUNDS = 2
+
+
+def _choose_clock(
+    times: list[npt.NDArray[np.int64]],
+) -> tuple[npt.NDArray[np.int64], dict[int, npt.NDArray[np.int64]]]:
+    """The shared clock and, for each group that uses it, its indices into it.
+
+    Decided by a screen, not by encoding: a group joins when at least :data:`CLOCK_MIN_SHARED` of its
+    timestamps occur in another group too (then those rows cost nothing of their own). Encoding every
+    group both ways and keeping the smaller was ~2 % smaller on the real corpus but cost ~25 % of the
+    corpus encode time (two or three time-block encodes per group instead of one).
+    """
+    empty = np.zeros(0, dtype=np.int64)
+    users = [i for i, t in enumerate(times) if t.shape[0]]
+    # A group's repeated times (one row per satellite or radar track at one instant) are cheap in its
+    # own stream already; only times shared with *another* group count, so each group's runs of equal
+    # times are collapsed first (adjacent ones: rows are normally in time order).
+    firsts = {i: np.concatenate(([True], times[i][1:] != times[i][:-1])) for i in users}
+    distinct = {i: times[i][firsts[i]] for i in users}
+    for round_ in range(_CLOCK_ROUNDS):
+        if len(users) < 2:
+            return empty, {}
+        last_round = round_ == _CLOCK_ROUNDS - 1  # the screen settles in two rounds; keep the rest
+        joined = np.concatenate([distinct[i] for i in users])
+        # Each group's times are usually sorted already: a stable sort (timsort) merges the runs.
+        order = np.argsort(joined, kind="stable")
+        merged = joined[order]
+        new = np.concatenate(([True], merged[1:] != merged[:-1]))
+        clock = merged[new]
+        if not last_round and clock.shape[0] > (1 - CLOCK_MIN_SHARED / 2) * merged.shape[0]:
+            return empty, {}  # hardly any time is shared (a bus of unbatched arrivals): no clock
+        shared = np.diff(np.append(np.flatnonzero(new), merged.shape[0])) > 1
+        rank = np.empty(merged.shape[0], dtype=np.int64)
+        rank[order] = np.cumsum(new) - 1  # each joined time's position in the clock
+        index: dict[int, npt.NDArray[np.int64]] = {}
+        keep: list[int] = []
+        offset = 0
+        for i in users:
+            n = distinct[i].shape[0]
+            own_rank = rank[offset : offset + n]
+            offset += n
+            if last_round or float(shared[own_rank].mean()) >= CLOCK_MIN_SHARED:
+                keep.append(i)
+                # back to one index per row (repeated times repeat their index)
+                index[i] = own_rank if n == times[i].shape[0] else own_rank[np.cumsum(firsts[i]) - 1]
+        if keep == users:
+            return clock, index
+        left = sum(distinct[i].shape[0] for i in users if i not in index)
+        if len(keep) >= 2 and left * 10 < clock.shape[0]:
+            # The groups that left hold few times: keeping them in the clock costs less than a
+            # second round (the users' indices stay valid as they are).
+            return clock, index
+        users = keep
+    return empty, {}
 
 
 def _validated(segment: Segment) -> tuple[npt.NDArray[np.int64], _Columns]:
@@ -382,24 +643,35 @@ def decode_segment(data: bytes) -> Segment:
         raise CorruptSegmentError(f"segment must be bytes, got {type(data).__name__}")
     data = bytes(data)
     try:
-        header, blocks = _parse_framing(data)
+        header = _parse_framing(data)
         _check_crc(data)
-        return _decode_blocks(header, blocks)
+        return _decode_blocks(header)
     except (struct.error, zstandard.ZstdError, ValueError) as exc:  # defensive: every case is checked above
         raise CorruptSegmentError(f"segment undecodable: {exc}") from None
 
 
 @dataclass(frozen=True)
+class _GroupHeader:
+    group: str
+    rows: int
+    columns: list[tuple[int, DataType]]
+    #: the time block, then one value block per column
+    blocks: list[_Block]
+
+
+@dataclass(frozen=True)
 class _Header:
     segment_id: bytes
-    group: str
     rows: int
     first_ns: int
     last_ns: int
-    columns: list[tuple[int, DataType]]
+    groups: list[_GroupHeader]
+    #: format 4's shared clock block (``None`` before format 4) and its row count
+    clock: _Block | None = None
+    clock_rows: int = 0
 
 
-def _parse_framing(data: bytes) -> tuple[_Header, list[_Block]]:
+def _parse_framing(data: bytes) -> _Header:
     r = _Reader(data)
     if len(data) >= 4 and data[:4] != MAGIC:
         raise CorruptSegmentError(f"not a segment: magic is {data[:4]!r}, expected {MAGIC!r}")
@@ -417,74 +689,127 @@ def _parse_framing(data: bytes) -> tuple[_Header, list[_Block]]:
         raise CorruptSegmentError(f"unknown header flags 0x{flags:04x} at byte 6")
     if rows > MAX_ROWS:
         raise CorruptSegmentError(f"impossible row count {rows} (limit {MAX_ROWS})")
-    (group_len,) = r.unpack(_U16, "group name length")
-    if group_len > MAX_GROUP_BYTES:
-        raise CorruptSegmentError(f"group name length {group_len} exceeds {MAX_GROUP_BYTES}")
-    group_bytes = r.take(group_len, "group name")
-    try:
-        group = group_bytes.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CorruptSegmentError("group name is not valid UTF-8") from None
-    ts_codec = r.take(1, "timestamp codec id")[0]
-    if ts_codec not in _TS_CODECS:
-        raise CorruptSegmentError(f"unknown timestamp codec id {ts_codec}")
-    (ncols,) = r.unpack(_U16, "column count")
-    if ncols > MAX_COLUMNS:
-        raise CorruptSegmentError(f"impossible column count {ncols} (limit {MAX_COLUMNS})")
-    if rows * (ncols + 1) > MAX_CELLS:
-        raise CorruptSegmentError(f"impossible size: {rows} rows × {ncols} columns exceed {MAX_CELLS} cells")
-    columns: list[tuple[int, DataType]] = []
-    codecs = [ts_codec]
-    seen: set[int] = set()
-    for i in range(ncols):
-        signal_id, dt_raw, codec = r.unpack(_COLUMN, f"column {i} descriptor")
-        try:
-            data_type = DataType(dt_raw)
-        except ValueError:
-            raise CorruptSegmentError(f"column {i}: unknown data type {dt_raw}") from None
-        if codec not in _VALUE_CODECS[data_type]:
-            raise CorruptSegmentError(f"column {i}: codec id {codec} is not valid for {data_type.name}")
-        if version < 3 and codec & ~ZSTD_FLAG in _V3_CODECS:
-            raise CorruptSegmentError(
-                f"column {i}: codec id {codec} needs format version 3, segment is {version}"
-            )
-        if signal_id in seen:
-            raise CorruptSegmentError(f"column {i}: signal id {signal_id} appears twice")
-        seen.add(signal_id)
-        columns.append((signal_id, data_type))
-        codecs.append(codec)
-
-    blocks: list[_Block] = []
-    for i, expected_codec in enumerate(codecs):
-        what = "timestamp block" if i == 0 else f"value block of signal {columns[i - 1][0]}"
-        start = r.pos
-        codec, raw_len, stored_len = r.unpack(_BLOCK, f"{what} header")
-        if codec != expected_codec:
-            raise CorruptSegmentError(
-                f"{what} at byte {start}: codec id {codec} differs from header's {expected_codec}"
-            )
-        lo, hi = _raw_len_bounds(codec, rows)
-        if not lo <= raw_len <= hi:
-            raise CorruptSegmentError(
-                f"{what} at byte {start}: decoded length {raw_len} impossible for {rows} rows"
-            )
-        if not codec & ZSTD_FLAG and stored_len != raw_len:
-            raise CorruptSegmentError(
-                f"{what} at byte {start}: stored length {stored_len} differs from decoded length {raw_len}"
-            )
-        payload = r.take(stored_len, what)
-        blocks.append(_Block(codec, raw_len, payload, what))
+    if version < 4:
+        group = _parse_group(r, version, rows, "", _TS_CODECS, 0, set(), 0)
+        header = _Header(segment_id, rows, first_ns, last_ns, [group])
+    else:
+        (ngroups,) = r.unpack(_U16, "group count")
+        if not 1 <= ngroups <= MAX_GROUPS:
+            raise CorruptSegmentError(f"impossible group count {ngroups} (1 … {MAX_GROUPS})")
+        (clock_rows,) = r.unpack(_U32, "clock row count")
+        if clock_rows > rows:
+            raise CorruptSegmentError(f"clock of {clock_rows} rows exceeds the segment's {rows} rows")
+        clock = _parse_block(r, "clock block", _TS_CODECS, clock_rows)
+        groups: list[_GroupHeader] = []
+        seen: set[int] = set()
+        total_rows = columns = 0
+        cells = clock_rows
+        for g in range(ngroups):
+            where = f"group {g}: "
+            group = _parse_group(r, version, -1, where, _GROUP_TS_CODECS, columns, seen, cells)
+            groups.append(group)
+            total_rows += group.rows
+            columns += len(group.columns)
+            cells += group.rows * (len(group.columns) + 1)
+            if total_rows > rows:
+                raise CorruptSegmentError(f"{where}rows add up to more than the segment's {rows}")
+        if total_rows != rows:
+            raise CorruptSegmentError(f"groups hold {total_rows} rows, header says {rows}")
+        header = _Header(segment_id, rows, first_ns, last_ns, groups, clock, clock_rows)
     r.take(_CRC.size, "checksum")
     if r.pos != len(data):
         raise CorruptSegmentError(f"{len(data) - r.pos} unexpected bytes after the checksum")
-    header = _Header(segment_id, group, rows, first_ns, last_ns, columns)
-    return header, blocks
+    return header
+
+
+def _parse_group(
+    r: _Reader,
+    version: int,
+    rows: int,
+    where: str,
+    ts_codecs: frozenset[int],
+    columns_before: int,
+    seen: set[int],
+    cells_before: int,
+) -> _GroupHeader:
+    """One group's header and block framing; ``rows`` < 0 means the group states its own (format 4)."""
+    (group_len,) = r.unpack(_U16, f"{where}group name length")
+    if group_len > MAX_GROUP_BYTES:
+        raise CorruptSegmentError(f"{where}group name length {group_len} exceeds {MAX_GROUP_BYTES}")
+    group_bytes = r.take(group_len, f"{where}group name")
+    try:
+        group = group_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorruptSegmentError(f"{where}group name is not valid UTF-8") from None
+    if rows < 0:
+        (rows,) = r.unpack(_U32, f"{where}row count")
+        if rows > MAX_ROWS:
+            raise CorruptSegmentError(f"{where}impossible row count {rows} (limit {MAX_ROWS})")
+    ts_codec = r.take(1, f"{where}timestamp codec id")[0]
+    if ts_codec not in ts_codecs:
+        raise CorruptSegmentError(f"{where}unknown timestamp codec id {ts_codec}")
+    (ncols,) = r.unpack(_U16, f"{where}column count")
+    if columns_before + ncols > MAX_COLUMNS:
+        raise CorruptSegmentError(f"{where}impossible column count {ncols} (limit {MAX_COLUMNS})")
+    if cells_before + rows * (ncols + 1) > MAX_CELLS:
+        raise CorruptSegmentError(
+            f"{where}impossible size: {rows} rows × {ncols} columns exceed {MAX_CELLS} cells"
+        )
+    columns: list[tuple[int, DataType]] = []
+    codecs = [ts_codec]
+    for i in range(ncols):
+        signal_id, dt_raw, codec = r.unpack(_COLUMN, f"{where}column {i} descriptor")
+        try:
+            data_type = DataType(dt_raw)
+        except ValueError:
+            raise CorruptSegmentError(f"{where}column {i}: unknown data type {dt_raw}") from None
+        if codec not in _VALUE_CODECS[data_type]:
+            raise CorruptSegmentError(
+                f"{where}column {i}: codec id {codec} is not valid for {data_type.name}"
+            )
+        if version < 3 and codec & ~ZSTD_FLAG in _V3_CODECS:
+            raise CorruptSegmentError(
+                f"{where}column {i}: codec id {codec} needs format version 3, segment is {version}"
+            )
+        if signal_id in seen:
+            raise CorruptSegmentError(f"{where}column {i}: signal id {signal_id} appears twice")
+        seen.add(signal_id)
+        columns.append((signal_id, data_type))
+        codecs.append(codec)
+    blocks: list[_Block] = []
+    for i, expected_codec in enumerate(codecs):
+        what = f"{where}timestamp block" if i == 0 else f"value block of signal {columns[i - 1][0]}"
+        blocks.append(_parse_block(r, what, frozenset({expected_codec}), rows))
+    return _GroupHeader(group, rows, columns, blocks)
+
+
+def _parse_block(r: _Reader, what: str, codecs: frozenset[int], rows: int) -> _Block:
+    start = r.pos
+    codec, raw_len, stored_len = r.unpack(_BLOCK, f"{what} header")
+    if codec not in codecs:
+        expected = next(iter(codecs)) if len(codecs) == 1 else "a timestamp codec"
+        raise CorruptSegmentError(
+            f"{what} at byte {start}: codec id {codec} differs from header's {expected}"
+        )
+    lo, hi = _raw_len_bounds(codec, rows)
+    if not lo <= raw_len <= hi:
+        raise CorruptSegmentError(
+            f"{what} at byte {start}: decoded length {raw_len} impossible for {rows} rows"
+        )
+    if not codec & ZSTD_FLAG and stored_len != raw_len:
+        raise CorruptSegmentError(
+            f"{what} at byte {start}: stored length {stored_len} differs from decoded length {raw_len}"
+        )
+    payload = r.take(stored_len, what)
+    return _Block(codec, raw_len, payload, what)
 
 
 def _raw_len_bounds(codec: int, rows: int) -> tuple[int, int]:
     """The decoded size a block may have for ``rows`` rows: the cap on what decompression may produce."""
     base = codec & ~ZSTD_FLAG
-    if base in (CODEC_TS_INTSTREAM, CODEC_I64_INTSTREAM, CODEC_F64_BITS_INTSTREAM):
+    if codec == CODEC_TS_SAME_AS:
+        return _U16.size, _U16.size
+    if base in (CODEC_TS_INTSTREAM, CODEC_TS_CLOCK_INDEX, CODEC_I64_INTSTREAM, CODEC_F64_BITS_INTSTREAM):
         return 1, intstream.max_encoded_size(rows)
     if base == CODEC_F64_SCALED:
         return 1, decimal_float.max_encoded_size(rows)
@@ -527,20 +852,55 @@ def _unzstd(block: _Block) -> bytes:
     return bytes(raw)
 
 
-def _decode_blocks(header: _Header, blocks: list[_Block]) -> Segment:
-    rows = header.rows
-    ts_block = blocks[0]
-    t_ns = _decode_ints(ts_block, rows)
-    first = int(t_ns.min()) if rows else 0
-    last = int(t_ns.max()) if rows else 0
+def _decode_blocks(header: _Header) -> Segment:
+    clock = None if header.clock is None else _decode_ints(header.clock, header.clock_rows)
+    text_left = MAX_TEXT_BYTES
+    parts: list[Segment] = []
+    for group in header.groups:
+        part, text = _decode_group(header.segment_id, group, clock, text_left, parts)
+        text_left -= text
+        parts.append(part)
+    ranges = [(int(p.t_ns.min()), int(p.t_ns.max())) for p in parts if p.t_ns.shape[0]]
+    first = min((r[0] for r in ranges), default=0)
+    last = max((r[1] for r in ranges), default=0)
     if (first, last) != (header.first_ns, header.last_ns):
         raise CorruptSegmentError(
             f"header time range {header.first_ns}..{header.last_ns} differs from timestamps {first}..{last}"
         )
+    head = parts[0]
+    head.more_groups = tuple(parts[1:])
+    return head
+
+
+def _decode_group(
+    segment_id: bytes,
+    header: _GroupHeader,
+    clock: npt.NDArray[np.int64] | None,
+    text_left: int,
+    earlier: list[Segment],
+) -> tuple[Segment, int]:
+    """One group's segment and the distinct text it used (counted against the segment's limit)."""
+    rows = header.rows
+    ts_block = header.blocks[0]
+    if ts_block.codec == CODEC_TS_SAME_AS:
+        (j,) = _U16.unpack(ts_block.payload)
+        if j >= len(earlier) or earlier[j].t_ns.shape[0] != rows:
+            raise CorruptSegmentError(
+                f"{ts_block.what}: names group {j}, which is not an earlier group of {rows} rows"
+            )
+        t_ns = earlier[j].t_ns.copy()
+    elif ts_block.codec & ~ZSTD_FLAG == CODEC_TS_CLOCK_INDEX:
+        assert clock is not None  # only format 4 allows the codec, and format 4 always has a clock
+        index = _decode_ints(ts_block, rows)
+        if rows and (int(index.min()) < 0 or int(index.max()) >= clock.shape[0]):
+            raise CorruptSegmentError(f"{ts_block.what}: clock index outside 0..{clock.shape[0] - 1}")
+        t_ns = clock[index]
+    else:
+        t_ns = _decode_ints(ts_block, rows)
     columns: dict[int, npt.NDArray[Any]] = {}
     data_types: dict[int, DataType] = {}
-    text_left = MAX_TEXT_BYTES
-    for (signal_id, data_type), block in zip(header.columns, blocks[1:], strict=True):
+    text_used = 0
+    for (signal_id, data_type), block in zip(header.columns, header.blocks[1:], strict=True):
         base = block.codec & ~ZSTD_FLAG
         values: npt.NDArray[Any]
         if base == CODEC_I64_INTSTREAM:
@@ -554,10 +914,10 @@ def _decode_blocks(header: _Header, blocks: list[_Block]) -> Segment:
                 raise CorruptSegmentError(f"{block.what}: {exc}") from None
         elif base == CODEC_STR_DICT:
             try:
-                values, text = strings.decode(_unzstd(block), rows, text_left)
+                values, text = strings.decode(_unzstd(block), rows, text_left - text_used)
             except intstream.StreamError as exc:
                 raise CorruptSegmentError(f"{block.what}: {exc}") from None
-            text_left -= text
+            text_used += text
         elif base == CODEC_F64_RAW:
             values = np.frombuffer(_unzstd(block), dtype="<f8").astype(np.float64)
         elif base == CODEC_F64_XOR:
@@ -571,7 +931,7 @@ def _decode_blocks(header: _Header, blocks: list[_Block]) -> Segment:
             values = bits_all[:rows].astype(np.bool_)
         columns[signal_id] = values
         data_types[signal_id] = data_type
-    return Segment(header.segment_id, header.group, t_ns, columns, data_types)
+    return Segment(segment_id, header.group, t_ns, columns, data_types), text_used
 
 
 def _decode_ints(block: _Block, rows: int) -> npt.NDArray[np.int64]:

@@ -197,3 +197,22 @@ def test_min_period_thins_only_the_named_signals(catalog: Catalog) -> None:
     }
     assert by_signal[2] == ([0, S, 2 * S], [0.0, 4.0, 8.0])  # one per second
     assert len(by_signal[3][0]) == 9  # untouched: every sample in [0, 2 s]
+
+
+def test_capture_segments_pack_its_groups_and_round_trip() -> None:
+    from fleetloop_shared.segment import decode_segment, encode_segment
+
+    cat = Catalog()
+    a, b, c = (cat.add(name, DataType.FLOAT64).id for name in ("can0/A/x", "can0/B/y", "can0/B/z"))
+    t = np.arange(0, 1_000_000_000, 10_000_000, dtype=np.int64)
+    batches = [
+        GroupBatch("can0/A", t, {a: np.linspace(0, 1, t.size)}),
+        GroupBatch("can0/B", t[::2], {b: np.arange(t.size // 2, dtype=np.float64), c: np.zeros(t.size // 2)}),
+        GroupBatch("empty", t[:0], {a: np.zeros(0)}),
+    ]
+    capture = Capture("cap", "camp", 5, 0, 0, 10**9, batches)
+    (seg,) = capture.segments(cat)
+    assert [g.group for g in seg.groups()] == ["can0/A", "can0/B"]
+    assert seg.sample_count == capture.sample_count
+    assert decode_segment(encode_segment(seg)) == seg
+    assert [s.group for s in capture.segments(cat, bundle_rows=0)] == ["can0/A", "can0/B"]

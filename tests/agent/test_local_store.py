@@ -506,3 +506,52 @@ def test_appender_and_uplink_threads_share_the_store(store: LocalStore, tmp_path
         total * 20 * 3,
     )
     assert seg_files(tmp_path / "store") == set()
+
+
+def _multi_group_segment() -> Segment:
+    """Two groups in one (format 4) segment: ``imu`` at 1.00–1.49 s and ``can0/SPEED`` at 5.00–5.49 s."""
+    a = make_segment(rows=50, seed=7)
+    b = make_segment(rows=50, seed=8, segment_id=a.segment_id)
+    b.group = "can0/SPEED"
+    b.t_ns = b.t_ns + 4_000_000_000
+    b.columns = {10 + k: v for k, v in b.columns.items()}
+    b.data_types = {10 + k: v for k, v in b.data_types.items()}
+    return Segment(a.segment_id, a.group, a.t_ns, a.columns, a.data_types, (b,))
+
+
+def test_multi_group_segments_are_indexed_queried_and_reindexed_per_group(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    s = LocalStore(root)
+    seg = _multi_group_segment()
+    other = make_segment(rows=10, seed=9)
+    entry = s.append(seg, capture_id="c", campaign="k", priority=5, now_ns=1)
+    s.append(other, capture_id="d", campaign="k", priority=5, now_ns=2)
+    assert (entry.first_ns, entry.last_ns) == (1_000_000_000, 5_490_000_000)
+    assert entry.samples == seg.sample_count == 2 * 50 * 3
+    assert entry.group == "imu\ncan0/SPEED"
+    inv = s.inventory()
+    assert (inv.groups, inv.signals, inv.samples) == (2, 6, seg.sample_count + other.sample_count)
+
+    assert [g.group for _, g in s.query(capture_id="c")] == ["imu", "can0/SPEED"]
+    speed = list(s.query(group="can0/SPEED"))
+    assert len(speed) == 1 and speed[0][1] == seg.more_groups[0]
+    imu = [e.capture_id for e, _ in s.query(group="imu")]
+    assert imu == ["c", "d"]
+    late = list(s.query(from_ns=5_000_000_000, signal_ids=[11]))
+    assert len(late) == 1 and set(late[0][1].columns) == {11} and late[0][1].t_ns.shape == (50,)
+    s.close()
+
+    # Lose the index row: recovery re-indexes the file with the same per-group metadata.
+    with sqlite3.connect(root / "index.sqlite3") as db:
+        db.execute("DELETE FROM segments WHERE segment_id = ?", (seg.segment_id,))
+    db.close()
+    s = LocalStore(root)
+    again = next(p for p in s.pending() if p.segment_id == seg.segment_id)
+    assert (again.group, again.first_ns, again.last_ns, again.samples) == (
+        entry.group,
+        entry.first_ns,
+        entry.last_ns,
+        entry.samples,
+    )
+    assert decode_segment(s.read(seg.segment_id)) == seg
+    s.close()

@@ -251,3 +251,56 @@ def test_strings_import_export_round_trip_exactly(tmp_path: Path, capsys: pytest
     assert all(r["value"] is None and r["value_int"] is None for r in table if r["signal"] == "status")
     assert [r["value_int"] for r in table if r["signal"] == "door"] == [1, 0]
     assert all(r["value_str"] is None for r in table if r["signal"] == "door")
+
+
+def test_import_packs_groups_into_one_segment_and_the_cloud_stores_every_group(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What ``store import`` writes by default is one multi-group (format 4) segment; ``--bundle-rows 0``
+    writes one group per segment (format 2), for clouds that do not read format 4 yet. The cloud's fleet
+    store turns every group of a multi-group segment into rows (the same code decodes it)."""
+    from fleetloop_cloud.fleet_store import FleetStore
+    from fleetloop_shared.catalog import Catalog
+    from fleetloop_shared.segment import decode_segment
+
+    src = tmp_path / "in.csv"
+    rows = write_long_csv(src)
+    for bundle_rows, files, version in (("0", 2, 2), ("262144", 1, 4)):
+        store = tmp_path / f"store{bundle_rows}"
+        args = ["store", "import", "--input", str(src), "--store", str(store), "--bundle-rows", bundle_rows]
+        code, out, err = run(capsys, *args, "-o", "json")
+        assert code == 0, err
+        assert json.loads(out)["segments"] == files
+        seg_files = sorted((store / "segments").iterdir())
+        assert len(seg_files) == files
+        for f in seg_files:
+            blob = f.read_bytes()
+            assert struct.unpack_from("<H", blob, blob.index(b"FLSG") + 4)[0] == version
+        code, out, _ = run(capsys, "store", "stats", "--store", str(store), "-o", "json")
+        assert json.loads(out)["groups"] == 2
+        code, out, _ = run(capsys, "store", "export", "--store", str(store), "--format", "csv")
+        assert len(out.strip().splitlines()) == len(rows) + 1
+
+    # The multi-group segment, as uploaded, through the cloud's fleet store.
+    data = seg_files[0].read_bytes()
+    segment = decode_segment(data[data.index(b"FLSG") :])
+    assert [g.group for g in segment.groups()] != [segment.group]
+    catalog = Catalog.from_records(json.loads((store / "catalog.json").read_text())["signals"])
+    fleet = FleetStore(tmp_path / "cloud")
+    written = fleet.write_segment(
+        fleet="f",
+        device_id="d",
+        capture_id="c",
+        campaign="k",
+        segment=segment,
+        catalog=catalog,
+        received_unix=1.7e9,
+    )
+    assert written == len(rows)
+    (path,) = list((tmp_path / "cloud").rglob("*.parquet"))
+    table = pq.read_table(path)
+    assert table.num_rows == len(rows)
+    assert sorted(zip(table["signal"].to_pylist(), table["t_ns"].to_pylist(), strict=True)) == sorted(
+        (s, t) for t, s, _ in rows
+    )
+    assert table["signal"].to_pylist() == sorted(table["signal"].to_pylist())  # ordered by signal
