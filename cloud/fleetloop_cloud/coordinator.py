@@ -255,13 +255,14 @@ class Coordinator:
         if seg.segment_id != segment_id:
             raise MalformedMessageError("segment id in the request differs from the one in the segment")
         catalog = self.metadata.device_catalog(device_id)
-        for sid in seg.columns:
-            try:
-                catalog.by_id(sid)
-            except UserError:
-                raise MalformedMessageError(
-                    f"segment {segment_id.hex()} names signal id {sid} unknown to device {device_id}"
-                ) from None
+        for group in seg.groups():  # a format-4 segment carries several groups
+            for sid in group.columns:
+                try:
+                    catalog.by_id(sid)
+                except UserError:
+                    raise MalformedMessageError(
+                        f"segment {segment_id.hex()} names signal id {sid} unknown to device {device_id}"
+                    ) from None
         now = self._clock()
         samples = self.fleet_store.write_segment(
             fleet=device.fleet,
@@ -272,8 +273,7 @@ class Coordinator:
             catalog=catalog,
             received_unix=now,
         )
-        first = int(seg.t_ns.min()) if len(seg.t_ns) else 0
-        last = int(seg.t_ns.max()) if len(seg.t_ns) else 0
+        first, last = seg.time_range() or (0, 0)
         fresh = self.metadata.record_segment(
             device_id,
             segment_id,

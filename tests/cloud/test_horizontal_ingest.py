@@ -7,9 +7,11 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fleetloop_cloud.coordinator import Coordinator
 from fleetloop_shared.catalog import DataType
+from fleetloop_shared.errors import MalformedMessageError
 from fleetloop_shared.segment import Segment, encode_segment, new_segment_id
 from fleetloop_shared.wire import device_pb2
 
@@ -77,3 +79,30 @@ def test_two_coordinators_sharing_storage_store_each_segment_once(tmp_path: Path
     assert not errors, errors
     assert _rows(a) == (len(uploads) * 50, len(uploads) * 50)
     assert a.summary()["segments_ingested"] == len(uploads)
+
+
+def test_a_segment_of_several_groups_is_checked_and_dated_over_all_of_them(tmp_path: Path) -> None:
+    """Format 4: groups sharing a clock travel in one segment; every group's signals are checked against
+    the catalog and the capture's time range covers every group."""
+    from fleetloop_shared.segment import bundle_segments
+
+    c = Coordinator(tmp_path / "cloud")
+    h = _hello("car-1")
+    h.catalog.add(id=2, path="Vehicle.Gear", data_type=device_pb2.DATA_TYPE_INT64)
+    c.on_hello(h)
+    t0 = 1_700_000_000 * 10**9
+    speed = Segment(new_segment_id(), "speed", t0 + np.arange(50, dtype=np.int64) * 10**7,
+                    {1: np.linspace(0, 100, 50)}, {1: DataType.FLOAT64})
+    gear = Segment(new_segment_id(), "gear", t0 + 10**9 + np.arange(20, dtype=np.int64) * 10**7,
+                   {2: np.arange(20, dtype=np.int64) % 6}, {2: DataType.INT64})
+    (both,) = list(bundle_segments([speed, gear]))
+    assert len(both.groups()) == 2
+    ack = c.ingest("car-1", both.segment_id, "cap-1", "c", 5, encode_segment(both))
+    assert ack.samples == 70
+    (capture,) = c.metadata.captures()
+    assert (capture.first_ns, capture.last_ns) == (t0, t0 + 10**9 + 19 * 10**7)
+    bad_gear = Segment(new_segment_id(), "gear", gear.t_ns, {9: gear.columns[2]}, {9: DataType.INT64})
+    again = Segment(new_segment_id(), "speed", speed.t_ns, speed.columns, speed.data_types)
+    (bad,) = list(bundle_segments([again, bad_gear]))  # a bundle takes its first segment's id
+    with pytest.raises(MalformedMessageError, match="names signal id 9 unknown to device car-1"):
+        c.ingest("car-1", bad.segment_id, "cap-2", "c", 5, encode_segment(bad))
