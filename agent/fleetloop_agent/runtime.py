@@ -42,7 +42,6 @@ from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.durable import write_atomically
 from fleetloop_shared.errors import FleetloopError, RuleError, StorageFullError
 from fleetloop_shared.rules import CampaignSpec, check_against_catalog, parse_campaign, selector_matches
-from fleetloop_shared.segment import segment_from_batch
 from fleetloop_shared.wire import device_pb2, ota_pb2
 
 log = logging.getLogger("fleetloop.agent")
@@ -225,10 +224,8 @@ class AgentRuntime:
     def _store_capture(self, capture: Any) -> None:
         now_ns = self._wall_ns()
         try:
-            for batch in capture.batches:
-                if len(batch) == 0 or not batch.values:
-                    continue
-                seg = segment_from_batch(batch, self.catalog)
+            # groups sharing arrival times (one CAN bus) travel in one segment that stores them once
+            for seg in capture.segments(self.catalog):
                 self.store.append(
                     seg,
                     capture_id=capture.capture_id,
