@@ -18,7 +18,7 @@ than a campaign's last evaluation (a source that went back in time, or a timesta
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -30,7 +30,7 @@ from fleetloop_shared.catalog import Catalog, DataType
 from fleetloop_shared.errors import FleetloopError
 from fleetloop_shared.rules import CampaignSpec, Evaluator, ModelScorer, WindowSource, check_against_catalog
 from fleetloop_shared.rules.expression import compile_expression
-from fleetloop_shared.rules.vector import BatchGrid
+from fleetloop_shared.rules.vector import BatchGrid, window_spans
 from fleetloop_shared.samples import GroupBatch
 
 #: Most campaigns one device runs; beyond it the lowest priorities are refused (policy
@@ -71,13 +71,63 @@ class _Running:
     last_eval_ns: int | None = None
     order: int = 0
 
+    def __post_init__(self) -> None:
+        # Read once per campaign per tick: kept at hand rather than behind three attribute lookups.
+        self.root = self.evaluator.expression.root
+        self.pure = self.root.pure
+
+
+class _Latest(Mapping[str, tuple[int, object]]):
+    """path → ``(t_ns, value)`` of the newest sample seen: the held values every campaign starts from.
+
+    Updated once per batch per signal (the agent sees hundreds of signals per tick), it keeps the
+    newest *column* of each signal id and takes its last element only when a campaign reads the
+    path (a few per tick), instead of converting every signal's last value on every tick.
+    """
+
+    def __init__(self, catalog: Catalog) -> None:
+        self._catalog = catalog
+        #: signal id → (t_ns of the column's last sample, column)
+        self.columns: dict[int, tuple[int, npt.NDArray[Any]]] = {}
+        self._ids: dict[str, int | None] = {}
+
+    def _id(self, path: str) -> int | None:
+        try:
+            return self._ids[path]
+        except KeyError:
+            spec = self._catalog.get(path)
+            found = self._ids[path] = None if spec is None else spec.id
+            return found
+
+    def get(self, path: str, default: Any = None) -> Any:
+        sid = self._id(path)
+        held = None if sid is None else self.columns.get(sid)
+        if held is None:
+            return default
+        last = held[1][-1]
+        if isinstance(last, str) and type(last) is not str:
+            last = str(last)  # numpy.str_ from a text array: held values are plain str
+        return held[0], last
+
+    def __getitem__(self, path: str) -> tuple[int, object]:
+        found: tuple[int, object] | None = self.get(path)
+        if found is None:
+            raise KeyError(path)
+        return found
+
+    def __iter__(self) -> Iterator[str]:
+        return (self._catalog.by_id(sid).path for sid in self.columns)
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
 
 def _distinct_sorted(t: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     """The distinct values of the non-decreasing ``t`` (itself when already strictly increasing)."""
     if t.shape[0] < 2:
         return t
     step = t[1:] != t[:-1]
-    if bool(step.all()):
+    if int(np.count_nonzero(step)) == step.shape[0]:  # ndarray.all costs 4x more on short arrays
         return t
     return t[np.concatenate(([True], step))]
 
@@ -101,13 +151,15 @@ class TriggerEngine:
         self._models = models
         self._running: dict[str, _Running] = {}
         #: path → (t_ns, value) of the newest sample seen, so a campaign started mid-stream holds values.
-        self._latest: dict[str, tuple[int, object]] = {}
+        self._latest = _Latest(catalog)
         #: Evaluation times skipped because they were not later than the campaign's last one.
         self.late_evaluations_total = 0
         #: Evaluations performed (campaign × evaluation time), for the metrics.
         self.evaluations_total = 0
         #: id → (path, holds strings?), memoized: the catalog only grows and ids never change.
         self._paths: dict[int, tuple[str, bool]] = {}
+        #: path → the widest history the running campaigns' windows read on it (one fetch per batch).
+        self._spans: dict[str, int] = {}
 
     @property
     def active(self) -> list[str]:
@@ -190,9 +242,12 @@ class TriggerEngine:
                     "every running one"
                 )
                 del running[run.spec.name]
+        spans: dict[str, int] = {}
         for order, run in enumerate(running.values()):
             run.order = order
+            window_spans(run.root, spans)
         self._running = running
+        self._spans = spans
         return refused
 
     def expire(self, now_ns: int) -> list[str]:
@@ -224,9 +279,9 @@ class TriggerEngine:
             if not len(batch):
                 continue
             t = np.asarray(batch.t_ns, dtype=np.int64)
-            for sid, values in batch.values.items():
-                if sid in wanted:
-                    parts.setdefault(sid, []).append((t, np.asarray(values)))
+            columns = batch.values
+            for sid in wanted.intersection(columns):  # a batch holds many signals, campaigns read few
+                parts.setdefault(sid, []).append((t, np.asarray(columns[sid])))
         feeds: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[Any]]] = {}
         text: set[str] = set()  # paths of string signals (their feeds become object arrays of str)
         for sid, pieces in parts.items():
@@ -244,18 +299,15 @@ class TriggerEngine:
         if feeds:
             with np.errstate(all="ignore"):  # overflow, division by zero: missing values, not warnings
                 self._evaluate(runs, feeds, history, fires, frozenset(text))
+        newest = self._latest.columns
         for batch in batches:
             if not len(batch):
                 continue
             last_t = int(batch.t_ns[-1])
             for sid, values in batch.values.items():
-                path = self._signal(sid)[0]
-                held = self._latest.get(path)
+                held = newest.get(sid)
                 if held is None or last_t >= held[0]:
-                    last = values[-1]
-                    if isinstance(last, str) and type(last) is not str:
-                        last = str(last)  # numpy.str_ from a text array: held values are plain str
-                    self._latest[path] = (last_t, last)
+                    newest[sid] = (last_t, values)
         fires.sort(key=lambda item: (item[0], item[1]))
         return [fire for _, _, fire in fires]
 
@@ -281,28 +333,24 @@ class TriggerEngine:
         per set of evaluation times, and a campaign whose condition is pure and true nowhere in the
         batch is settled without further array work (the usual case for most campaigns).
         """
-        grid = BatchGrid(feeds, history, self._latest, self._models, text)
+        grid = BatchGrid(feeds, history, self._latest, self._models, text, self._spans)
         # present signals → (times, first, last): campaigns reading the same signals share one array
         times_cache: dict[frozenset[str], tuple[npt.NDArray[np.int64], int, int]] = {}
+        # a campaign's signals → its present signals' entry (None: none has new samples), so the
+        # campaigns reading the same signals (the usual case) look the batch up once
+        by_paths: dict[frozenset[str], tuple[npt.NDArray[np.int64], int, int] | None] = {}
         alive: list[npt.NDArray[np.int64]] = []  # times arrays whose ids key the grid's contexts
         keys = feeds.keys()
         evaluations = 0
         # id(evaluator) → (first time, count, true): a shared evaluator runs once per batch
         results: dict[int, tuple[int, int, npt.NDArray[np.bool_]]] = {}
         for run in runs:
-            present = run.paths
-            if not keys >= present:
-                present = frozenset(p for p in present if p in keys)
-            if not present:  # none of its signals has new samples (or it reads none: `true`)
+            try:
+                cached = by_paths[run.paths]
+            except KeyError:
+                cached = by_paths[run.paths] = self._times(run.paths, keys, feeds, times_cache)
+            if cached is None:  # none of its signals has new samples (or it reads none: `true`)
                 continue
-            cached = times_cache.get(present)
-            if cached is None:
-                if len(present) == 1:
-                    (path,) = present
-                    times = _distinct_sorted(feeds[path][0])
-                else:
-                    times = np.unique(np.concatenate([feeds[p][0] for p in present]))
-                cached = times_cache[present] = (times, int(times[0]), int(times[-1]))
             times, first, last = cached
             last_eval = run.last_eval_ns
             if last_eval is not None and first <= last_eval:
@@ -313,8 +361,8 @@ class TriggerEngine:
                 self.late_evaluations_total += int(times.shape[0] - np.count_nonzero(keep))
                 times = times[keep]
                 alive.append(times)
-            root = run.evaluator.expression.root
-            if root.pure:
+            root = run.root
+            if run.pure:
                 true = grid.truth(root, times)  # None: false or missing at every time, nothing fires
             else:
                 done = results.get(id(run.evaluator))
@@ -333,9 +381,32 @@ class TriggerEngine:
                 fires.append((fire.t_ns, run.order, fire))
         self.evaluations_total += int(evaluations)
 
+    @staticmethod
+    def _times(
+        paths: frozenset[str],
+        keys: Collection[str],
+        feeds: Mapping[str, tuple[npt.NDArray[np.int64], npt.NDArray[Any]]],
+        cache: dict[frozenset[str], tuple[npt.NDArray[np.int64], int, int]],
+    ) -> tuple[npt.NDArray[np.int64], int, int] | None:
+        """``(times, first, last)``: the distinct sample times of ``paths`` in this batch, or None."""
+        present = paths if all(p in keys for p in paths) else frozenset(p for p in paths if p in keys)
+        if not present:
+            return None
+        cached = cache.get(present)
+        if cached is None:
+            if len(present) == 1:
+                (path,) = present
+                times = _distinct_sorted(feeds[path][0])
+            else:
+                merged = np.concatenate([feeds[p][0] for p in present])
+                merged.sort()  # np.unique, without its dispatch overhead (a tick holds few samples)
+                times = _distinct_sorted(merged)
+            cached = cache[present] = (times, int(times[0]), int(times[-1]))
+        return cached
+
     def _fires(self, run: _Running, times: npt.NDArray[np.int64], true: npt.NDArray[np.bool_]) -> list[Fire]:
         spec = run.spec
-        if not bool(true.any()):  # the usual case: nothing to fire, and the edge memory is "not true"
+        if not np.count_nonzero(true):  # the usual case: nothing to fire, and the edge memory is "not true"
             run.was_true = False
             return []
         if spec.mode == "always":

@@ -422,3 +422,45 @@ def test_campaigns_with_the_same_condition_share_work_but_not_fires(catalog: Cat
         rig.series("c", 3, [(chunk[-1][0], 0.5)])
     assert [t for name, t in mixed if name == "late"] == fresh
     assert [f for f in mixed if f[0] != "late"] == together
+
+
+def test_batch_sizes_and_campaign_sets_give_the_same_fires(catalog: Catalog) -> None:
+    """The engine's shortcuts (negative literals as scalars, one history fetch per signal and batch,
+    held samples joined to new ones, runs of true/false in ``held``/``count``) change no fire: every
+    campaign fires the same whether fed one timestamp per call or many, alone or with the others."""
+    whens = [
+        "A.x > -1.5 and B.y * -2 < -3",
+        "abs(A.x - -2.5) > 6 or is_null(C.z)",
+        "held(A.x > -2, 1s)",
+        "count(B.y > 1, 2s) >= 2",
+        "rising(A.x > 4) or falling(C.z < 0)",
+        "avg(A.x, 1s) > 3 and max_over(A.x, 2s) - min_over(A.x, 500ms) > 2",
+        "delta(B.y, 1s) < -1 or A.x > 7",
+        "prev_max(A.x, 1s) < max_over(A.x, 1s)",
+    ]
+    specs = [campaign(f"c{i}", when, mode="always") for i, when in enumerate(whens)]
+    a = [(k * 0.25, math.nan if k % 13 == 5 else float((k * 7) % 11) - 3) for k in range(60)]
+    b = [(1.1 + k * 0.4, float((k * 5) % 7)) for k in range(30)]
+    c = [(0.6 + k * 1.5, float(k % 3) - 1) for k in range(9)]
+
+    def run(chosen: Sequence[CampaignSpec], step: float) -> list[tuple[str, int]]:
+        rig = Rig(catalog, *chosen)
+        out: list[tuple[str, int]] = []
+        t = 0.0
+        while t < 16:
+            batches = []
+            for group, sid, points in (("a", 1, a), ("b", 2, b), ("c", 3, c)):
+                part = [p for p in points if t <= p[0] < t + step]
+                if part:
+                    dtype = np.int64 if sid == 2 else np.float64
+                    stamps = np.asarray([round(s * S) for s, _ in part], np.int64)
+                    batches.append(GroupBatch(group, stamps, {sid: np.asarray([v for _, v in part], dtype)}))
+            out += [(f.campaign, f.t_ns) for f in rig.feed(*batches)]
+            t += step
+        return sorted(out)
+
+    expected = run(specs, 0.1)  # at most one timestamp of each signal per call
+    assert {name for name, _ in expected} == {s.name for s in specs}
+    for step in (0.7, 2.0, 16.0):
+        assert run(specs, step) == expected
+    assert sorted(f for spec in specs for f in run([spec], 1.3)) == expected

@@ -163,25 +163,60 @@ class BatchGrid:
         hold: Mapping[str, tuple[int, object]],
         models: ModelScorer | None = None,
         string_paths: frozenset[str] = frozenset(),
+        spans: Mapping[str, int] | None = None,
     ) -> None:
+        """``spans`` (see :func:`window_spans`): the widest history each signal's windows read, so
+        each signal's history is fetched once per batch however many window widths read it."""
+        self._spans = spans or {}
         self.feeds = _as_text_feeds(feeds, string_paths) if string_paths else feeds
         self._history = history
         self._holder = _Holder(hold, models)
         #: id(times) → (times, its shared context); the caller keeps every times array alive.
         self._contexts: dict[int, tuple[npt.NDArray[np.int64], _SharedContext]] = {}
+        self._feed_cache: dict[str, Any] = {}
+        #: path → its history over the whole batch (see ``_Context._samples``), and the batch's range.
+        self._fetched: dict[str, tuple[int, npt.NDArray[np.int64], Array]] = {}
+        self._range: tuple[int, int] | None = None
 
     def context(self, times: npt.NDArray[np.int64]) -> _SharedContext:
         """The shared context of the evaluation times ``times`` (sorted, distinct)."""
         found = self._contexts.get(id(times))
         if found is not None and found[0] is times:
             return found[1]
-        context = _SharedContext(self._holder, times, self.feeds, self._history)  # type: ignore[arg-type]
+        if self._range is None:
+            ends = [(int(t[0]), int(t[-1])) for t, _ in self.feeds.values() if t.shape[0]]
+            self._range = (min(e[0] for e in ends), max(e[1] for e in ends)) if ends else (0, 0)
+        context = _SharedContext(
+            self._holder,  # type: ignore[arg-type]
+            times,
+            self.feeds,
+            self._history,
+            self._feed_cache,
+            self._fetched,
+            (min(self._range[0], int(times[0])), max(self._range[1], int(times[-1]))),
+            self._spans,
+        )
         self._contexts[id(times)] = (times, context)
         return context
 
     def truth(self, op: Op, times: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_] | None:
         """Where the pure condition ``op`` is true at ``times``; None when it is true at none of them."""
         return self.context(times).truth(op)
+
+
+def window_spans(op: Op, out: dict[str, int]) -> dict[str, int]:
+    """Add to ``out`` (path → span) the history each window function below ``op`` reads before an
+    evaluation time: its window, twice for ``prev_*``; the widest per path is kept."""
+    if op.fn in _WINDOW_FNS:
+        span = 2 * op.window_ns if op.fn.startswith("prev_") else op.window_ns
+        if span > out.get(op.path, -1):
+            out[op.path] = span
+    for arg in op.args:
+        window_spans(arg, out)
+    return out
+
+
+_WINDOW_FNS = frozenset(("avg", "min_over", "max_over", "delta", "rate", "prev_avg", "prev_min", "prev_max"))
 
 
 def _string_signals(op: Op, out: set[str]) -> set[str]:
@@ -205,6 +240,17 @@ def _as_text_feeds(feeds: Mapping[str, Feed], paths: frozenset[str]) -> Mapping[
     return out
 
 
+def _all(flags: npt.NDArray[np.bool_]) -> bool:
+    """Whether every element of the 1-D ``flags`` is true (``count_nonzero`` costs a quarter of
+    ``ndarray.all``'s Python-level dispatch, which dominates on the short arrays of one tick)."""
+    return int(np.count_nonzero(flags)) == int(flags.shape[0])
+
+
+def _any(flags: npt.NDArray[np.bool_]) -> bool:
+    """Whether some element of the 1-D ``flags`` is true (see :func:`_all`)."""
+    return int(np.count_nonzero(flags)) != 0
+
+
 def _blank(n: int, kind: Kind) -> Array:
     """``n`` placeholder values of ``kind`` (``""`` for strings, zero otherwise), to be masked."""
     if kind is Kind.STRING:
@@ -220,9 +266,24 @@ def _empty(kind: Kind) -> Vec:
     return np.empty(0, _DTYPES.get(kind, np.float64)), np.empty(0, np.bool_)
 
 
+#: Every all-true validity array of up to 65,536 elements is a view of this read-only one, so that
+#: "valid everywhere" is known by looking at ``.base`` instead of counting (see :func:`_scrub`).
+_TRUE = np.ones(1 << 16, np.bool_)
+_TRUE.flags.writeable = False
+
+
+def _true(n: int) -> npt.NDArray[np.bool_]:
+    """``n`` true flags, read-only (a view of ``_TRUE`` when it is long enough)."""
+    if n <= _TRUE.shape[0]:
+        return _TRUE[:n]
+    flags = np.ones(n, np.bool_)
+    flags.flags.writeable = False
+    return flags
+
+
 def _scrub(data: Array, valid: npt.NDArray[np.bool_]) -> Vec:
     """Zero the data where missing, so later operations never see garbage (or NaN) there."""
-    if not bool(valid.all()):
+    if valid.base is not _TRUE and not _all(valid):
         data = data.copy() if data.flags.writeable is False else data
         data[~valid] = False if data.dtype == np.bool_ else (0 if data.dtype != object else "")
     return data, valid
@@ -238,6 +299,7 @@ class _Context:
         feeds: Mapping[str, Feed],
         history: WindowSource,
         shared: _SharedContext | None = None,
+        feed_cache: dict[str, Any] | None = None,
     ) -> None:
         self.owner = owner
         self.t = t
@@ -247,9 +309,18 @@ class _Context:
         self._signals: dict[str, tuple[Array, npt.NDArray[np.bool_], npt.NDArray[np.int64]]] = {}
         self._ones: npt.NDArray[np.bool_] | None = None
         self._fetched: dict[str, tuple[int, npt.NDArray[np.int64], Array]] = {}
-        self._window_bounds: dict[tuple[str, int, bool, int], tuple[Array, Array, Array, Array, Array]] = {}
+        self._window_bounds: dict[tuple[str, int, bool, int], _Window] = {}
+        #: id(history values) → (them, them padded by one element): see :meth:`_Window.segments`.
+        self._pads: dict[int, tuple[Array, Array]] = {}
         #: Where pure nodes come from when a :class:`BatchGrid` is in use (same times, shared memo).
         self.shared = shared
+        #: What is derived from the feeds once per batch (a grid shares it between its contexts): path →
+        #: whether its values are all finite; "held+" path → the held sample and the new ones.
+        self.feed_cache: dict[str, Any] = {} if feed_cache is None else feed_cache
+        #: ``(first, last)`` time the history fetches cover when wider than ``t`` (a grid's batch).
+        self.fetch_range: tuple[int, int] | None = None
+        #: path → the widest window span read on it (fetched at once; see :func:`window_spans`).
+        self.spans: Mapping[str, int] = {}
 
     # --- signals -------------------------------------------------------------------------------------
 
@@ -261,25 +332,63 @@ class _Context:
             self._signals[path] = cached
         return cached
 
+    def _finite_feed(self, path: str, values: Array) -> bool:
+        """Whether every new sample of the float signal ``path`` is finite (then so is every value
+        picked from them): checked once per batch, not once per set of evaluation times."""
+        found = self.feed_cache.get(path)
+        if found is None:
+            found = self.feed_cache[path] = _all(np.isfinite(values))
+        return bool(found)
+
+    def _extended(
+        self, path: str, kind: Kind, feed_t: npt.NDArray[np.int64], feed_v: Array, held: tuple[int, object]
+    ) -> tuple[npt.NDArray[np.int64], Array] | None:
+        """The held sample followed by the new samples of ``path`` (built once per batch), or None
+        when that is not a plain array of valid values (a float that is not finite)."""
+        key = "held+" + path
+        found: tuple[npt.NDArray[np.int64], Array] | bool | None = self.feed_cache.get(key, False)
+        if found is False:
+            found = None
+            values = np.asarray(feed_v)
+            if values.dtype == _DTYPES[kind]:
+                first = np.empty(1, values.dtype)
+                first[0] = held[1]
+                if kind is not Kind.FLOAT or (
+                    self._finite_feed(path, feed_v) and bool(np.isfinite(first[0]))
+                ):
+                    found = (
+                        np.concatenate([np.array([held[0]], np.int64), feed_t]),
+                        np.concatenate([first, values]),
+                    )
+            self.feed_cache[key] = found
+        return found  # type: ignore[return-value]
+
     def _fetch(
         self, path: str, kind: Kind, held: tuple[int, object] | None
     ) -> tuple[Array, npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
         n, t = self.n, self.t
-        feed_t, feed_v = self.feeds.get(path, (_EMPTY_T, _blank(0, kind)))
+        feed = self.feeds.get(path)
+        feed_t, feed_v = (_EMPTY_T, _blank(0, kind)) if feed is None else feed
         if feed_t.shape[0] and feed_t[0] <= t[0] and (held is None or held[0] <= feed_t[0]):
             # Fast path (the usual case): the new samples cover every evaluation time by themselves.
             if feed_t is t or (feed_t.shape[0] == n and np.array_equal(feed_t, t)):
                 data, stamp = np.asarray(feed_v), feed_t
             else:
-                idx = np.searchsorted(feed_t, t, side="right") - 1
+                idx = feed_t.searchsorted(t, side="right") - 1
                 data, stamp = np.asarray(feed_v)[idx], feed_t[idx]
-            if kind is Kind.FLOAT:
+            if kind is Kind.FLOAT and not self._finite_feed(path, feed_v):
                 finite = np.isfinite(data)
-                if not bool(finite.all()):
-                    return (*_scrub(data.copy(), finite), stamp)
-                return data, finite, stamp
+                return (*_scrub(data.copy(), finite), stamp)
             return data, self.ones(), stamp
-        idx = np.searchsorted(feed_t, t, side="right") - 1
+        if feed_t.shape[0] and held is not None and held[0] <= feed_t[0] and held[0] <= t[0]:
+            # The usual case at times that start before this signal's first new sample (another
+            # signal's): the held sample, then the new ones, cover every time.
+            extended = self._extended(path, kind, feed_t, feed_v, held)
+            if extended is not None:
+                ext_t, ext_v = extended
+                idx = ext_t.searchsorted(t, side="right") - 1
+                return ext_v[idx], self.ones(), ext_t[idx]
+        idx = feed_t.searchsorted(t, side="right") - 1
         have = idx >= 0
         data = _blank(n, kind)
         stamp = np.full(n, INT64_MIN, np.int64)
@@ -305,7 +414,7 @@ class _Context:
     def ones(self) -> npt.NDArray[np.bool_]:
         """An all-true validity array, shared (no operation writes into its inputs)."""
         if self._ones is None:
-            self._ones = np.ones(self.n, np.bool_)
+            self._ones = _true(self.n)
         return self._ones
 
     def eval(self, op: Op) -> Vec:
@@ -326,33 +435,46 @@ class _Context:
         left = self.eval(a)
         if b.pure:  # a pure right side may be skipped when the left decides (it has no state to advance)
             data, valid = left  # data is False wherever valid is (missing is scrubbed to False)
-            if op.fn == "or" and bool(data.all()):
+            if op.fn == "or" and _all(data):
                 return left  # true everywhere: true or anything is true
-            if op.fn == "and" and not bool(data.any()) and bool(valid.all()):
+            if op.fn == "and" and not _any(data) and _all(valid):
                 return left  # false everywhere: false and anything is false
         return _logic(op.fn, left, self.eval(b))
 
     def negation(self, op: Op) -> Vec:
         d, v = self.eval(op.args[0])
-        return _scrub(~d, v.copy())
+        return _scrub(~d, v)  # validity arrays are never written into: share it
 
     def minus(self, op: Op) -> Vec:
         d, v = self.eval(op.args[0])
         if op.kind is Kind.INT:
             return _scrub(-d, v & (d != INT64_MIN))
-        return -d, v.copy()
+        return -d, v
 
     def arith(self, op: Op) -> Vec:
         a, b = op.args
-        return _arith(op.fn, op.kind, self.eval(a), a.kind, self.eval(b), b.kind)
+        fn = op.fn
+        if fn != "**" and not (fn == "/" and a.kind is Kind.INT and b.kind is Kind.INT):
+            # One constant operand (``x - 2.5``, ``x * -1``) enters as a one-element array that numpy
+            # broadcasts: the same element operations as with a full array of it, none allocated.
+            # (``**`` and exact ``int / int`` work element by element on equal lengths.)
+            ca, cb = _number_constant(a), _number_constant(b)
+            if cb is not _NOT_CONSTANT and ca is _NOT_CONSTANT:
+                return _arith(fn, op.kind, self.eval(a), a.kind, _scalar_vec(cb, b.kind), b.kind)
+            if ca is not _NOT_CONSTANT and cb is _NOT_CONSTANT:
+                return _arith(fn, op.kind, _scalar_vec(ca, a.kind), a.kind, self.eval(b), b.kind)
+        return _arith(fn, op.kind, self.eval(a), a.kind, self.eval(b), b.kind)
 
     def compare(self, op: Op) -> Vec:
         a, b = op.args
         fn = op.fn
-        if b.fn == "const" and a.kind in _NUMBER_KINDS and b.kind in _NUMBER_KINDS:
-            return _compare_constant(fn, self.eval(a), a.kind, b.value)
-        if a.fn == "const" and a.kind in _NUMBER_KINDS and b.kind in _NUMBER_KINDS:
-            return _compare_constant(_FLIPPED[fn], self.eval(b), b.kind, a.value)
+        if a.kind in _NUMBER_KINDS and b.kind in _NUMBER_KINDS:
+            constant = _number_constant(b)  # a negative literal is ``neg(const)``: a constant too
+            if constant is not _NOT_CONSTANT:
+                return _compare_constant(fn, self.eval(a), a.kind, constant)
+            constant = _number_constant(a)
+            if constant is not _NOT_CONSTANT:
+                return _compare_constant(_FLIPPED[fn], self.eval(b), b.kind, constant)
         return _compare(fn, self.eval(a), a.kind, self.eval(b), b.kind)
 
     def math(self, op: Op) -> Vec:
@@ -380,17 +502,20 @@ class _Context:
     def _samples(self, path: str, span: int) -> tuple[int, npt.NDArray[np.int64], Array]:
         """``(fetched span, t, values)`` of ``path`` over ``(t[0] - span, t[-1]]`` without NaN samples,
         true/false as 0/1, integers as int64; fetched once per context for every window on ``path``
-        (a wider window refetches)."""
+        (a wider window refetches). In a :class:`BatchGrid`, ``fetch_range`` is the whole batch's time
+        range and the fetch is shared by all its contexts: more samples than one context's windows
+        reach change nothing, as window bounds are searched by time in what was fetched."""
         found = self._fetched.get(path)
         if found is not None and found[0] >= span:
             return found
-        t = self.t
-        ht_raw, hv_raw = self.history.samples(path, int(t[0]) - span, int(t[-1]))
+        first, last = self.fetch_range if self.fetch_range is not None else (int(self.t[0]), int(self.t[-1]))
+        span = max(span, self.spans.get(path, 0))
+        ht_raw, hv_raw = self.history.samples(path, first - span, last)
         ht = np.asarray(ht_raw, np.int64)
         hv = np.asarray(hv_raw)
         if hv.dtype.kind == "f":
             keep = np.isfinite(hv)
-            if not bool(keep.all()):
+            if not _all(keep):
                 ht, hv = ht[keep], hv[keep]
         elif hv.dtype.kind == "b":
             hv = hv.astype(np.int64)
@@ -400,73 +525,86 @@ class _Context:
         self._fetched[path] = found
         return found
 
-    def _bounds(self, path: str, w: int, previous: bool) -> tuple[Array, Array, Array, Array, Array]:
-        """``(ht, hv, lo, hi, count)``: the samples of ``path`` in each evaluation time's window are
-        ``hv[lo:hi]`` (shared by every window function of the same signal and width)."""
+    def _bounds(self, path: str, w: int, previous: bool) -> _Window:
+        """The samples of ``path`` in each evaluation time's window (``hv[lo:hi]``), shared by every
+        window function of the same signal and width (``avg``, ``min_over`` and ``max_over`` of one
+        window search the history once and build one segment index)."""
         fetched, ht, hv = self._samples(path, 2 * w if previous else w)
         key = (path, w, previous, fetched)
         found = self._window_bounds.get(key)
         if found is None:
             t = self.t
             if previous:
-                lo = np.searchsorted(ht, t - 2 * w, side="right")
-                hi = np.searchsorted(ht, t - w, side="right")
+                lo = ht.searchsorted(t - 2 * w, side="right")
+                hi = ht.searchsorted(t - w, side="right")
             else:
-                lo = np.searchsorted(ht, t - w, side="right")
-                hi = np.searchsorted(ht, t, side="right")
-            found = (ht, hv, lo, hi, hi - lo)
+                lo = ht.searchsorted(t - w, side="right")
+                hi = ht.searchsorted(t, side="right")
+            found = _Window(ht, hv, lo, hi, self._pads)
             self._window_bounds[key] = found
         return found
 
     def window(self, op: Op) -> Vec:
         n = self.n
         previous = op.fn.startswith("prev_")
-        ht, hv, lo, hi, count = self._bounds(op.path, op.window_ns, previous)
-        valid = count > 0
-        integer = hv.dtype.kind == "i"
+        win = self._bounds(op.path, op.window_ns, previous)
+        valid = win.valid
         fn = op.fn
-        if not bool(valid.any()):
+        if not win.some:
             return np.zeros(n, _DTYPES[op.kind]), valid
         if fn in ("min_over", "prev_min", "max_over", "prev_max"):
             ufunc = np.minimum if fn in ("min_over", "prev_min") else np.maximum
-            return _scrub(_segments(ufunc, hv, lo, hi), valid)
+            result = win.segments(ufunc)
+            return (result, valid) if win.every else _scrub(result, valid)
+        hv = win.hv
+        integer = hv.dtype.kind == "i"
         if fn in ("avg", "prev_avg"):
-            return _scrub(*_average(hv, lo, hi, count, valid, integer))
+            return _scrub(*_average(win, integer))
         # delta and rate
-        first = np.minimum(lo, hv.shape[0] - 1)
-        last = np.maximum(hi - 1, 0)
+        first, last = win.ends()
         if integer:
             a, b = hv[last], hv[first]
             diff = a - b
             ok = valid & ~(((a ^ b) & (a ^ diff)) < 0)
         else:
             diff = hv[last] - hv[first]
-            ok = valid & np.isfinite(diff)
+            finite = np.isfinite(diff)
+            ok = valid if win.every and _all(finite) else valid & finite
         if fn == "delta":
             return _scrub(diff, ok)
+        ht, count = win.ht, win.count
         dt = ht[last] - ht[first]
-        ok &= (count >= 2) & (dt != 0)
+        ok = ok & (count >= 2) & (dt != 0)
         rate = diff.astype(np.float64) / (np.where(dt != 0, dt, 1) / _NS_PER_S)
         return _scrub(rate, ok & np.isfinite(rate))
 
     # --- stateful functions ----------------------------------------------------------------------------
 
     def count(self, op: Op) -> Vec:
-        d, v = self.eval(op.args[0])
-        true = d & v
+        d, _ = self.eval(op.args[0])
+        true = d  # scrubbed: true exactly where the condition is true (not missing)
         past: npt.NDArray[np.int64] = self.owner._state.get(op.nid, _EMPTY_T)
-        times = np.concatenate([past, self.t[true]])
+        trues = int(np.count_nonzero(true))
+        if not trues and not past.shape[0]:  # the usual case: never true in the window
+            return np.zeros(self.n, np.int64), self.ones()
+        times = np.concatenate([past, self.t[true]]) if trues else past
         w = op.window_ns
-        result = np.searchsorted(times, self.t, side="right") - np.searchsorted(
-            times, self.t - w, side="right"
-        )
+        result = times.searchsorted(self.t, side="right") - times.searchsorted(self.t - w, side="right")
         self.owner._state[op.nid] = times[times > self.t[-1] - w]
-        return result.astype(np.int64), self.ones()
+        return result.astype(np.int64, copy=False), self.ones()
 
     def held(self, op: Op) -> Vec:
-        d, v = self.eval(op.args[0])
-        true = d & v
+        d, _ = self.eval(op.args[0])
+        true = d  # scrubbed: true exactly where the condition is true (not missing)
         carry: int | None = self.owner._state.get(op.nid)
+        trues = int(np.count_nonzero(true))
+        if trues == 0:  # no run: nothing is held, and no run continues into the next call
+            self.owner._state[op.nid] = None
+            return np.zeros(self.n, np.bool_), self.ones()
+        if trues == self.n:  # one run through the whole call, started before it (carry) or at t[0]
+            start = carry if carry is not None else int(self.t[0])
+            self.owner._state[op.nid] = start
+            return self.t - start >= op.window_ns, self.ones()
         before = np.empty(self.n, np.bool_)
         before[0] = carry is not None
         before[1:] = true[:-1]
@@ -482,7 +620,7 @@ class _Context:
 
     def edge(self, op: Op) -> Vec:
         d, v = self.eval(op.args[0])
-        true = d & v
+        true = d  # scrubbed: true exactly where the condition is true (not missing)
         previous: bool | None = self.owner._state.get(op.nid)
         before = np.empty(self.n, np.bool_)
         before[1:] = true[:-1]
@@ -524,8 +662,16 @@ class _SharedContext(_Context):
         t: npt.NDArray[np.int64],
         feeds: Mapping[str, Feed],
         history: WindowSource,
+        feed_cache: dict[str, Any] | None = None,
+        fetched: dict[str, tuple[int, npt.NDArray[np.int64], Array]] | None = None,
+        fetch_range: tuple[int, int] | None = None,
+        spans: Mapping[str, int] | None = None,
     ) -> None:
-        super().__init__(owner, t, feeds, history)
+        super().__init__(owner, t, feeds, history, feed_cache=feed_cache)
+        if fetched is not None:
+            self._fetched = fetched  # one history fetch per signal for the whole batch
+            self.fetch_range = fetch_range
+            self.spans = spans or {}
         self._memo: dict[bytes, Vec] = {}
         self._truth: dict[bytes, npt.NDArray[np.bool_] | None] = {}
 
@@ -539,9 +685,8 @@ class _SharedContext(_Context):
     def truth(self, op: Op) -> npt.NDArray[np.bool_] | None:
         if op.key in self._truth:
             return self._truth[op.key]
-        data, valid = self.eval(op)
-        true = data & valid
-        found = true if bool(true.any()) else None
+        true, _ = self.eval(op)  # scrubbed: the data is true exactly where the condition is true
+        found = true if _any(true) else None
         self._truth[op.key] = found
         return found
 
@@ -573,17 +718,15 @@ _HANDLERS: dict[str, Any] = {
 
 
 def _logic(fn: str, a: Vec, b: Vec) -> Vec:
+    """Kleene ``and``/``or``. Every true/false operand is scrubbed (its data is false wherever it is
+    missing), so its data is exactly "true" and ``valid ^ data`` exactly "false"."""
     ad, av = a
     bd, bv = b
-    a_true, b_true = ad & av, bd & bv
-    a_false, b_false = av & ~ad, bv & ~bd
     if fn == "and":
-        true = a_true & b_true
-        false = a_false | b_false
-    else:
-        true = a_true | b_true
-        false = a_false & b_false
-    return true, true | false
+        true = ad & bd
+        return true, true | (av ^ ad) | (bv ^ bd)  # true, or false on either side
+    true = ad | bd
+    return true, true | (av & bv)  # true on either side, or known on both (then false on both)
 
 
 def _as_float(data: Array) -> npt.NDArray[np.float64]:
@@ -678,6 +821,33 @@ def _compare(fn: str, a: Vec, a_kind: Kind, b: Vec, b_kind: Kind) -> Vec:
 
 
 _NUMBER_KINDS = (Kind.INT, Kind.FLOAT)
+_NOT_CONSTANT: Any = object()
+#: The validity of a one-element constant operand; read-only (no operation writes into its inputs).
+_ONE_VALID = _true(1)
+
+
+def _number_constant(op: Op) -> Any:
+    """The value of ``op`` when it is a numeric constant (a literal, or ``-`` of one: ``-2.5`` parses
+    as ``neg(2.5)``), else ``_NOT_CONSTANT``. Exact: an integer negation that would leave 64 bits is
+    not folded (the node computes it as missing)."""
+    if op.kind not in _NUMBER_KINDS:
+        return _NOT_CONSTANT
+    if op.fn == "const":
+        return op.value
+    if op.fn == "neg":
+        inner = _number_constant(op.args[0])
+        if inner is _NOT_CONSTANT or (op.kind is Kind.INT and inner == INT64_MIN):
+            return _NOT_CONSTANT
+        return -inner
+    return _NOT_CONSTANT
+
+
+def _scalar_vec(value: object, kind: Kind) -> Vec:
+    """A constant as a one-element operand (broadcast by numpy against the other operand)."""
+    data = np.array([value], _DTYPES[kind])
+    return data, _ONE_VALID
+
+
 _FLIPPED = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
 _COMPARE_UFUNCS: dict[str, Any] = {
     "==": np.equal,
@@ -727,7 +897,7 @@ def _math(fn: str, kind: Kind, args: list[tuple[Vec, Kind]]) -> Vec:
     if fn == "abs":
         if arg_kind is Kind.INT:
             return _scrub(np.abs(d), v & (d != INT64_MIN))
-        return np.abs(d), v.copy()
+        return np.abs(d), v
     if fn == "sqrt":
         f = _as_float(d)
         ok = v & (f >= 0)
@@ -749,35 +919,81 @@ def _math(fn: str, kind: Kind, args: list[tuple[Vec, Kind]]) -> Vec:
     return _scrub(np.array(result), valid)
 
 
-def _segments(ufunc: Any, values: Array, lo: Array, hi: Array) -> Array:
-    """``ufunc.reduce(values[lo[i]:hi[i]])`` for every i (empty segments give an arbitrary value)."""
-    padded = np.concatenate([values, values[:1]])
-    index = np.empty(2 * lo.shape[0], np.intp)
-    index[0::2] = lo
-    index[1::2] = hi
-    return np.asarray(ufunc.reduceat(padded, index)[0::2])
+class _Window:
+    """One window of one signal at every evaluation time: ``hv[lo[i]:hi[i]]`` (``ht`` their times),
+    with what every window function over it needs, each computed once: the segment index of
+    :meth:`segments`, the first and last sample, whether any (``some``) or every (``every``) window
+    holds a sample (then results need no scrubbing)."""
+
+    __slots__ = (
+        "_ends",
+        "_index",
+        "_padded",
+        "_pads",
+        "count",
+        "every",
+        "hi",
+        "ht",
+        "hv",
+        "lo",
+        "some",
+        "valid",
+    )
+
+    def __init__(
+        self, ht: Array, hv: Array, lo: Array, hi: Array, pads: dict[int, tuple[Array, Array]]
+    ) -> None:
+        self.ht, self.hv, self.lo, self.hi = ht, hv, lo, hi
+        self._pads = pads
+        self.count = hi - lo
+        self.valid: npt.NDArray[np.bool_] = self.count > 0
+        self.every = _all(self.valid)
+        self.some = self.every or _any(self.valid)
+        self._index: npt.NDArray[np.intp] | None = None
+        self._padded: Array | None = None
+        self._ends: tuple[Array, Array] | None = None
+
+    def segments(self, ufunc: Any) -> Array:
+        """``ufunc.reduce(hv[lo[i]:hi[i]])`` for every i (empty segments give an arbitrary value)."""
+        if self._index is None:
+            # windows of every width over one fetched history share its padded copy
+            pad = self._pads.get(id(self.hv))
+            if pad is None or pad[0] is not self.hv:
+                pad = self._pads[id(self.hv)] = (self.hv, np.concatenate([self.hv, self.hv[:1]]))
+            self._padded = pad[1]
+            index = np.empty(2 * self.lo.shape[0], np.intp)
+            index[0::2] = self.lo
+            index[1::2] = self.hi
+            self._index = index
+        return np.asarray(ufunc.reduceat(self._padded, self._index)[0::2])
+
+    def ends(self) -> tuple[Array, Array]:
+        """Indices of the first and last sample of each window (clamped into ``hv`` when empty)."""
+        if self._ends is None:
+            self._ends = (np.minimum(self.lo, self.hv.shape[0] - 1), np.maximum(self.hi - 1, 0))
+        return self._ends
 
 
 _SMALL_INT = 2**31
 
 
-def _average(
-    values: Array, lo: Array, hi: Array, count: Array, valid: npt.NDArray[np.bool_], integer: bool
-) -> Vec:
-    safe = np.where(count > 0, count, 1)
+def _average(win: _Window, integer: bool) -> Vec:
+    values, lo, count, valid = win.hv, win.lo, win.count, win.valid
+    safe = count if win.every else np.where(count > 0, count, 1)
     if not integer:
-        return _segments(np.add, values, lo, hi) / safe, valid.copy()
+        return win.segments(np.add) / safe, valid
     # Exact integer sums: int64 cannot overflow while every |value| < 2**31 and windows are < 2**32.
     small = values.shape[0] == 0 or int(np.max(np.abs(values.astype(np.float64)))) < _SMALL_INT
     if small:
-        sums = _segments(np.add, values, lo, hi)
+        sums = win.segments(np.add)
         big = valid & (np.abs(sums) > _EXACT_FLOAT_INT)
         result = sums.astype(np.float64) / safe
         for i in np.flatnonzero(big).tolist():
             result[i] = int(sums[i]) / int(count[i])
-        return result, valid.copy()
+        return result, valid
     result = np.zeros(lo.shape[0])
     as_list = values.tolist()
+    hi = win.hi
     for i in np.flatnonzero(valid).tolist():
         result[i] = sum(as_list[int(lo[i]) : int(hi[i])]) / int(count[i])
-    return result, valid.copy()
+    return result, valid
