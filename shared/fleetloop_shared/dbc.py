@@ -14,13 +14,31 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-import cantools
-
 from fleetloop_shared.errors import ConfigError
+
+
+def _import_cantools() -> Any:
+    """cantools imports python-can, whose MF4 log writer imports asammdf — and with it pandas and
+    canmatrix, ~300 ms and ~85 MB — whenever asammdf is installed (the ``mf4`` extra). The agent decodes
+    frames and never writes MF4 through python-can, so asammdf is hidden while cantools loads; our own
+    MF4 reader (``store_import.read_mf4``) imports it normally afterwards, only when a file is read."""
+    hide = "asammdf" not in sys.modules
+    if hide:
+        sys.modules["asammdf"] = None  # type: ignore[assignment]  # "not installed" for this import only
+    try:
+        import cantools as module
+    finally:
+        if hide and sys.modules.get("asammdf", 0) is None:
+            del sys.modules["asammdf"]
+    return module
+
+
+cantools = _import_cantools()
 
 #: Largest DBC file we parse; real ones are well under 1 MiB, and the parser's cost grows with size.
 MAX_DBC_BYTES = 16 * 1024 * 1024

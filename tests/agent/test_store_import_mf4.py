@@ -50,3 +50,18 @@ def test_a_file_that_is_not_mf4_is_one_clear_error(tmp_path: Path) -> None:
     bad.write_text("t,signal,value\n0,a,1\n")  # a CSV saved under the wrong name
     with pytest.raises(ConfigError, match=r"log\.MF4: not an MF4 file"):
         read_mf4(bad)
+
+
+def test_the_agent_does_not_load_asammdf_or_pandas_until_an_mf4_file_is_read() -> None:
+    """python-can (under cantools) would import asammdf and pandas (~85 MB) in every agent once the mf4
+    extra is installed; the agent's memory budget (issue 3, RSS ≤ 80 MB) depends on it not doing so."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, fleetloop_agent.runtime, fleetloop_agent.sources.can_replay;"
+        "print(sorted(m for m in ('pandas', 'asammdf', 'canmatrix') if m in sys.modules))"
+    )
+    cmd = [sys.executable, "-c", probe]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
