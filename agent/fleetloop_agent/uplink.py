@@ -22,7 +22,7 @@ import grpc
 from fleetloop_agent.control_outbox import ControlOutbox
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
-from fleetloop_agent.upload_protocol import UploadGrants, upload_request
+from fleetloop_agent.upload_protocol import UploadGrants, acknowledged, upload_request
 from fleetloop_shared.errors import NotFoundError
 from fleetloop_shared.wire import MAX_MESSAGE_BYTES, device_pb2, device_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
@@ -269,18 +269,6 @@ def refused_for_good(exc: grpc.RpcError, seg: StoredSegment, metrics: AgentMetri
     log.error("cloud refused segment %s: %s", seg.segment_id.hex(), describe_rpc_error(exc))
     metrics.segments_refused.inc()
     return True
-
-
-def acknowledged(
-    seg: StoredSegment,
-    resp: ingest_pb2.UploadSegmentResponse,
-    metrics: AgentMetrics,
-    on_ack: Callable[[StoredSegment, bool], None] | None,
-) -> None:
-    """The cloud has the segment (stored now, or a duplicate of what it stored before)."""
-    metrics.segments_uploaded.inc()
-    if on_ack is not None:
-        on_ack(seg, bool(resp.duplicate))
 
 
 class StalledUpload(grpc.RpcError):

@@ -39,7 +39,7 @@ from paho.mqtt.properties import Properties
 from fleetloop_agent.control_outbox import OUTBOX_LIMIT, ControlOutbox
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
-from fleetloop_agent.upload_protocol import UploadGrants, upload_request
+from fleetloop_agent.upload_protocol import UploadGrants, acknowledged, upload_request
 from fleetloop_shared.errors import ConfigError, NotFoundError
 from fleetloop_shared.wire import device_pb2, ingest_pb2
 
@@ -321,9 +321,7 @@ class MqttCloudLink(ControlOutbox):
                 req = upload_request(self.device_id, seg, data)
                 status, error, response = self._request(req)
                 if status == "OK" and response is not None:
-                    self._metrics.segments_uploaded.inc()
-                    if self._on_ack is not None:
-                        self._on_ack(seg, bool(response.duplicate))
+                    acknowledged(seg, response, self._metrics, self._on_ack)
                 elif status in PERMANENT_STATUSES:
                     log.error("cloud refused segment %s: %s: %s", seg.segment_id.hex(), status, error)
                     self._metrics.segments_refused.inc()

@@ -8,8 +8,10 @@ fleet simulator's links all use these, so they cannot drift apart.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from fleetloop_agent.local_store import LocalStore, StoredSegment
+from fleetloop_agent.metrics import AgentMetrics
 from fleetloop_shared.wire import device_pb2, ingest_pb2
 
 
@@ -73,3 +75,16 @@ def upload_request(device_id: str, seg: StoredSegment, data: bytes) -> ingest_pb
         priority=seg.priority,
         segment=data,
     )
+
+
+def acknowledged(
+    seg: StoredSegment,
+    resp: ingest_pb2.UploadSegmentResponse,
+    metrics: AgentMetrics,
+    on_ack: Callable[[StoredSegment, bool], None] | None,
+) -> None:
+    """The cloud has the segment (stored now, or a duplicate of what it stored before): counted, and
+    ``on_ack`` told, the same way on every transport."""
+    metrics.segments_uploaded.inc()
+    if on_ack is not None:
+        on_ack(seg, bool(resp.duplicate))

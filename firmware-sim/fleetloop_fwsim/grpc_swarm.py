@@ -41,11 +41,10 @@ from fleetloop_agent.uplink import (
     BACKOFF_MAX_S,
     BACKOFF_MIN_S,
     CHANNEL_OPTIONS,
-    acknowledged,
     describe_rpc_error,
     refused_for_good,
 )
-from fleetloop_agent.upload_protocol import UploadGrants, upload_request
+from fleetloop_agent.upload_protocol import UploadGrants, acknowledged, upload_request
 from fleetloop_shared.errors import NotFoundError
 from fleetloop_shared.wire import device_pb2, ingest_pb2
 
