@@ -26,14 +26,17 @@ def numpy_only() -> Iterator[None]:
     """Run the body with the numba kernels switched off (as on a machine without numba)."""
     saved = (bitpack._kernels, bitpack._tried, intstream._stats_kernel, intstream._stats_tried)
     saved_float = (decimal_float._kernels, decimal_float._kernels_tried)
+    saved_residuals = (intstream._residuals_kernel, intstream._residuals_tried)
     bitpack._kernels, bitpack._tried = None, True
     intstream._stats_kernel, intstream._stats_tried = None, True
+    intstream._residuals_kernel, intstream._residuals_tried = None, True
     decimal_float._kernels, decimal_float._kernels_tried = None, True
     try:
         yield
     finally:
         bitpack._kernels, bitpack._tried, intstream._stats_kernel, intstream._stats_tried = saved
         decimal_float._kernels, decimal_float._kernels_tried = saved_float
+        intstream._residuals_kernel, intstream._residuals_tried = saved_residuals
 
 
 # ------------------------------------------------------------------------------------------ bitpack
@@ -69,8 +72,15 @@ int64s = st.integers(I64_MIN, I64_MAX)
 
 @st.composite
 def int_columns(draw: st.DrawFn) -> npt.NDArray[np.int64]:
+    kind = draw(st.sampled_from(["any", "steady", "rare", "small", "glitches"]))
+    if kind == "glitches":
+        # small residuals with a few values far below them, anywhere (the frame is moved above them)
+        n = draw(st.integers(258, 700))
+        x = np.cumsum(np.array(draw(st.lists(st.integers(-40, 40), min_size=n, max_size=n)), dtype=np.int64))
+        for _ in range(draw(st.integers(1, 4))):
+            x[draw(st.integers(0, n - 1))] = draw(st.sampled_from([I64_MIN, -(2**40), -(2**20), I64_MAX]))
+        return x
     n = draw(st.integers(0, 300))
-    kind = draw(st.sampled_from(["any", "steady", "rare", "small"]))
     if kind == "any":
         return np.array(draw(st.lists(int64s, min_size=n, max_size=n)), dtype=np.int64)
     start = draw(int64s)
@@ -96,6 +106,22 @@ def test_intstream_round_trips_and_kernels_match_numpy(x: npt.NDArray[np.int64])
         assert intstream.encode(x) == data
         again, _ = intstream.decode(data, 0, len(x))
     assert again.tobytes() == x.tobytes()
+
+
+def test_intstream_stores_low_glitches_as_exceptions_not_as_width() -> None:
+    """A few values far below the rest (a NaN's residual, the jump back between two series) must not
+    make every value as wide as the glitch: the frame starts above them and they are exceptions."""
+    rng = np.random.default_rng(3)
+    x = np.cumsum(rng.integers(-100, 101, 5000)).astype(np.int64)
+    clean = len(intstream.encode(x))
+    glitched = x.copy()
+    glitched[[17, 2000, 4999]] = [I64_MIN, -(2**45), -(2**45) + 3]
+    data = intstream.encode(glitched)
+    assert len(data) < clean + 3 * 2 * 12 + 64  # each glitch costs two exceptions (order 1), not bits
+    out, _ = intstream.decode(data, 0, glitched.size)
+    assert out.tobytes() == glitched.tobytes()
+    with numpy_only():
+        assert intstream.encode(glitched) == data
 
 
 def test_intstream_finds_the_clock_tick_and_steady_rates() -> None:
@@ -293,8 +319,9 @@ def test_every_real_data_set_round_trips_bit_exactly_and_small(recordings: Path)
 
 
 def test_multi_group_segments_of_the_real_corpus_are_identical_without_numba(recordings: Path) -> None:
-    """Format 4 segments (as ``store import`` writes them) come out byte for byte the same with and
-    without the kernels: the clock choice is numpy only, the streams under it are the kernels'."""
+    """Format 4/5 segments (as ``store import`` writes them) come out byte for byte the same with and
+    without the kernels: the clock, key and difference choices are numpy only, the streams under them
+    are the kernels'."""
     from fleetloop_shared.segment import bundle_segments
 
     checked = 0

@@ -21,10 +21,13 @@ from fleetloop_shared.errors import CorruptSegmentError, UserError
 from fleetloop_shared.samples import GroupBatch
 from fleetloop_shared.segment import (
     CODEC_F64_BITS_INTSTREAM,
+    CODEC_F64_DIFF,
+    CODEC_F64_KEYED,
     CODEC_F64_RAW,
     CODEC_F64_SCALED,
     CODEC_F64_XOR,
     CODEC_I64_INTSTREAM,
+    CODEC_I64_KEYED,
     CODEC_STR_DICT,
     FORMAT_VERSION,
     MAGIC,
@@ -1029,3 +1032,398 @@ def test_real_comma2k19_can_bundle_round_trips_and_shrinks(recordings: Path) -> 
         assert sum(map(len, encoded)) < 0.9 * sum(len(encode_segment(s)) for s in singles)
         return
     pytest.skip("comma2k19 CAN log not in the recordings")
+
+
+# ------------------------------------------------------------------------- keyed columns (format 5)
+
+
+def interleaved_series(seed: int, epochs: int = 400) -> Segment:
+    """Generated multiplexed rows (not the corpus): each epoch lists the series in view (ids in
+    ascending order, some appearing and disappearing), one row per series, as a GNSS receiver's raw
+    measurements or a radar's tracks do. Per series: a range that drifts smoothly around its own large
+    offset (decimals), a Doppler-like rate and a signal strength; plus NaN fills and -0.0."""
+    rng = np.random.default_rng(seed)
+    ids = np.sort(rng.choice(np.arange(1, 64), 24, replace=False))
+    offset = rng.uniform(2e7, 2.6e7, ids.shape[0])
+    rate = rng.uniform(-800, 800, ids.shape[0])
+    t, key, rng_m, dopp, cn0 = [], [], [], [], []
+    for e in range(epochs):
+        visible = rng.random(ids.shape[0]) < 0.8
+        for j in np.flatnonzero(visible):
+            t.append(1_700_000_000_000_000_000 + e * 100_000_000)
+            key.append(float(ids[j]))
+            rng_m.append(round(offset[j] + rate[j] * e * 0.1 + rng.normal(0, 0.05), 3))
+            dopp.append(round(rate[j] + rng.normal(0, 0.01), 3))
+            cn0.append(float(rng.integers(25, 50)))
+    rows = len(t)
+    dopp_arr = np.array(dopp)
+    dopp_arr[rng.integers(0, rows, 5)] = np.nan
+    dopp_arr[0] = -0.0
+    return Segment(
+        new_segment_id(),
+        "gnss/raw",
+        np.array(t, dtype=np.int64),
+        {
+            1: np.array(key),
+            2: np.array(rng_m),
+            3: dopp_arr,
+            4: np.array(cn0),
+            5: np.arange(rows, dtype=np.int64) % 7,
+        },
+        {
+            1: DataType.FLOAT64,
+            2: DataType.FLOAT64,
+            3: DataType.FLOAT64,
+            4: DataType.FLOAT64,
+            5: DataType.INT64,
+        },
+    )
+
+
+def _column_codecs(data: bytes) -> dict[int, int]:
+    """signal id -> codec id of every column of a format 4/5 segment (walks the framing)."""
+    from fleetloop_shared.segment import _parse_framing
+
+    header = _parse_framing(data)
+    return {
+        sid: block.codec
+        for g in header.groups
+        for (sid, _), block in zip(g.columns, g.blocks[1:], strict=True)
+    }
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_keyed_columns_shrink_interleaved_series_and_round_trip(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seg = interleaved_series(seed)
+    data = encode_segment(seg)
+    assert _version(data) == 5
+    roundtrip(seg)
+    codecs = _column_codecs(data)
+    assert codecs[2] == CODEC_F64_KEYED and codecs[3] == CODEC_F64_KEYED  # range and rate follow the key
+    assert codecs[1] & ~ZSTD_FLAG != CODEC_F64_KEYED  # the key itself is stored as it is
+    import fleetloop_shared.segment as segment_module
+
+    monkeypatch.setattr(segment_module, "_plan_key", lambda t_ns, columns: None)
+    plain = encode_segment(seg)
+    assert _version(plain) == 2  # one group, nothing keyed: format 2 as before
+    assert len(data) < 0.85 * len(plain)
+
+
+def test_counters_and_checksums_are_not_keys() -> None:
+    """A CAN message's rolling counter and the checksum over it change on every row too; they must not
+    reorder the message's signals (and the segment stays format 2, readable by older clouds)."""
+    rows = 2000
+    rng = np.random.default_rng(5)
+    counter = (np.arange(rows) % 16).astype(np.int64)
+    speed = np.round(np.cumsum(rng.normal(0, 0.2, rows)) + 50, 2)
+    checksum = ((counter * 7 + (speed * 100).astype(np.int64)) % 256).astype(np.int64)
+    seg = Segment(
+        new_segment_id(),
+        "can0/SPEED",
+        np.arange(rows, dtype=np.int64) * 10_000_000,
+        {1: counter, 2: checksum, 3: speed, 4: np.round(speed * 0.9, 2)},
+        {1: DataType.INT64, 2: DataType.INT64, 3: DataType.FLOAT64, 4: DataType.FLOAT64},
+    )
+    data = encode_segment(seg)
+    assert _version(data) == 2
+    roundtrip(seg)
+
+
+@st.composite
+def keyed_segments(draw: st.DrawFn) -> Segment:
+    """Interleaved series with hypothesis-drawn ids, values and special values (any may be keyed)."""
+    series = draw(st.integers(3, 12))
+    epochs = draw(st.integers(40, 90))
+    ids = draw(st.lists(st.integers(-5, 200), min_size=series, max_size=series, unique=True))
+    keys = np.tile(np.array(ids, dtype=np.int64), epochs)
+    rows = keys.shape[0]
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    base = np.repeat(rng.uniform(-1e6, 1e6, series)[None, :], epochs, axis=0).ravel()
+    values = np.round(base + np.cumsum(rng.normal(0, 1, rows)) * 0.01, 2)
+    specials = draw(st.lists(st.sampled_from([np.nan, -0.0, np.inf, -np.inf, 5e-324, 1e308]), max_size=6))
+    for x in specials:
+        values[draw(st.integers(0, rows - 1))] = x
+    as_float = draw(st.booleans())
+    key_col = keys.astype(np.float64) if as_float else keys
+    ints = (
+        np.repeat(np.array(ids, dtype=np.int64)[None, :] * 1000, epochs, axis=0).ravel()
+        + np.arange(rows) // series
+    )
+    return Segment(
+        new_segment_id(),
+        "keyed",
+        np.repeat(np.arange(epochs, dtype=np.int64) * 1_000_000, series),
+        {7: key_col, 8: values, 9: ints, 10: values[::-1].copy()},
+        {
+            7: DataType.FLOAT64 if as_float else DataType.INT64,
+            8: DataType.FLOAT64,
+            9: DataType.INT64,
+            10: DataType.FLOAT64,
+        },
+    )
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(keyed_segments(), st.booleans())
+def test_property_keyed_round_trip_is_bit_exact(seg: Segment, bundled: bool) -> None:
+    if bundled:  # a keyed group among others of a format 5 multi-group segment
+        other = Segment(
+            seg.segment_id, "other", seg.t_ns[:10].copy(), {1: np.arange(10.0)}, {1: DataType.FLOAT64}
+        )
+        seg = Segment(seg.segment_id, seg.group, seg.t_ns, seg.columns, seg.data_types, (other,))
+    data = encode_segment(seg)
+    decoded = decode_segment(data)
+    for want, got in zip(seg.groups(), decoded.groups(), strict=True):
+        assert_bit_exact(want, got)
+
+
+def _keyed_block(data: bytes) -> tuple[int, int]:
+    """(offset of the payload, stored length) of the first keyed value block of a format 5 segment."""
+    from fleetloop_shared.segment import _parse_framing
+
+    header = _parse_framing(data)
+    for g in header.groups:
+        for block in g.blocks[1:]:
+            if block.codec == CODEC_F64_KEYED:
+                pos = data.find(block.payload)
+                assert pos > 0
+                return pos, len(block.payload)
+    raise AssertionError("no keyed block")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda p: struct.pack("<I", 99) + p[4:], "key signal 99 is not an unkeyed number column"),
+        (
+            lambda p: struct.pack("<I", 3) + p[4:],
+            "key signal 3 is not an unkeyed number column",
+        ),  # keyed itself
+        (lambda p: p[:4] + bytes([CODEC_I64_INTSTREAM]) + p[5:], "wraps codec id 33, not valid for FLOAT64"),
+        (lambda p: p[:4] + bytes([CODEC_F64_KEYED]) + p[5:], "wraps codec id 20"),
+        (lambda p: p[:5] + struct.pack("<I", 2**31) + p[9:], "lengths impossible"),
+        (lambda p: p[:-1], "lengths impossible|truncated|stored length"),
+    ],
+)
+def test_forged_keyed_blocks_are_refused_with_a_reason(edit: Any, message: str) -> None:
+    data = encode_segment(interleaved_series(1, epochs=60))
+    pos, stored = _keyed_block(data)
+    payload = data[pos : pos + stored]
+    forged_payload = edit(payload)
+    # rewrite the block header's lengths (keyed blocks are never zstd'd: stored == raw)
+    head = data[pos - 9 : pos]
+    codec = head[0]
+    body = (
+        data[: pos - 9]
+        + struct.pack("<BII", codec, len(forged_payload), len(forged_payload))
+        + forged_payload
+        + data[pos + stored : -4]
+    )
+    expect_corrupt(reseal(body), message)
+
+
+def test_keyed_codecs_in_a_version_4_segment_are_refused() -> None:
+    data = encode_segment(interleaved_series(2, epochs=60))
+    assert _version(data) == 5
+    expect_corrupt(reseal(data[:4] + struct.pack("<H", 4) + data[6:-4]), "needs format version 5")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_resealed_random_mutations_of_keyed_segments_never_raise_anything_else(data: st.DataObject) -> None:
+    good = bytearray(encode_segment(interleaved_series(3, epochs=30))[:-4])
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(good) - 1))
+        good[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(good)))
+    try:
+        seg = decode_segment(reseal(bytes(good[:cut] if data.draw(st.booleans()) else good)))
+    except CorruptSegmentError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert decode_segment(encode_segment(seg)) == seg
+
+
+def test_real_gnss_measurements_are_keyed_by_satellite(recordings: Path) -> None:
+    """On the real comma2k19 u-blox raw measurements (one row per satellite), keying by the satellite
+    id shrinks the message by more than a fifth; every value round-trips."""
+    from fleetloop_agent.store_import import real_corpus, to_segments
+
+    for name, result in real_corpus(recordings):
+        if name != "comma2k19-sensors":
+            continue
+        for seg in to_segments(result, Catalog()):
+            if seg.group != "GNSS/raw_gnss_ublox":
+                continue
+            data = encode_segment(seg)
+            assert _version(data) == 5
+            assert decode_segment(data) == seg
+            keyed = [c for c in _column_codecs(data).values() if c in (CODEC_F64_KEYED, CODEC_I64_KEYED)]
+            assert len(keyed) >= 4
+            import fleetloop_shared.segment as segment_module
+
+            saved = segment_module._plan_key
+            try:
+                segment_module._plan_key = lambda t_ns, columns: None  # type: ignore[assignment]
+                plain = len(encode_segment(seg))
+            finally:
+                segment_module._plan_key = saved
+            assert len(data) < 0.8 * plain
+            return
+    pytest.skip("comma2k19 sensors not in the recordings")
+
+
+# ---------------------------------------------------------------------- difference columns (format 5)
+
+
+def calibrated_pair(seed: int, rows: int = 3000) -> Segment:
+    """Generated (not the corpus): a gyro reported calibrated and uncalibrated by a constant bias, as
+    two groups stamped together; float32-valued readings with -0.0 rows (which x + (-x) does not give
+    back) and a NaN dropout in both."""
+    rng = np.random.default_rng(seed)
+    sid = new_segment_id()
+    t = np.arange(rows, dtype=np.int64) * 5_000_000
+    raw = np.cumsum(rng.normal(0, 0.01, (rows, 3)), axis=0).astype(np.float32).astype(np.float64)
+    bias = np.array([-0.00978088, 0.03511047, -0.06835938], dtype=np.float32).astype(np.float64)
+    calibrated = raw - bias
+    calibrated[rng.integers(0, rows, 6), 0] = -0.0
+    raw[100:104, 1] = np.nan
+    calibrated[100:104, 1] = np.nan
+    uncal = Segment(
+        sid,
+        "imu/gyro_uncalibrated",
+        t.copy(),
+        {10 + k: raw[:, k].copy() for k in range(3)},
+        {10 + k: DataType.FLOAT64 for k in range(3)},
+    )
+    cal = Segment(
+        sid,
+        "imu/gyro",
+        t.copy(),
+        {20 + k: calibrated[:, k].copy() for k in range(3)},
+        {20 + k: DataType.FLOAT64 for k in range(3)},
+    )
+    return Segment(uncal.segment_id, uncal.group, uncal.t_ns, uncal.columns, uncal.data_types, (cal,))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_difference_columns_store_a_calibrated_twin_nearly_free(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seg = calibrated_pair(seed)
+    data = encode_segment(seg)
+    assert _version(data) == 5
+    decoded = decode_segment(data)
+    for want, got in zip(seg.groups(), decoded.groups(), strict=True):
+        assert_bit_exact(want, got)
+    codecs = _column_codecs(data)
+    assert [codecs[20 + k] for k in range(3)] == [CODEC_F64_DIFF] * 3
+    import fleetloop_shared.segment as segment_module
+
+    monkeypatch.setattr(segment_module, "_difference_columns", lambda columns, blocks, stamped_with: None)
+    plain = encode_segment(seg)
+    assert _version(plain) == 4
+    assert len(data) < 0.65 * len(plain)
+
+
+@st.composite
+def twin_segments(draw: st.DrawFn) -> Segment:
+    rows = draw(st.integers(800, 2000))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    ref = np.round(np.cumsum(rng.normal(0, 1, rows)), draw(st.integers(2, 6)))
+    offset = draw(st.sampled_from([0.0, 0.5, -1e-3, 1e6, 0.1]))
+    twin = ref + offset + np.round(rng.normal(0, 0.001, rows), 4) * draw(st.integers(0, 1))
+    for x in draw(st.lists(st.sampled_from([np.nan, -0.0, np.inf, -np.inf, 5e-324]), max_size=5)):
+        (twin if draw(st.booleans()) else ref)[draw(st.integers(0, rows - 1))] = x
+    t = np.arange(rows, dtype=np.int64)
+    sid = new_segment_id()
+    if draw(st.booleans()):  # the twin in the same group
+        return Segment(
+            sid,
+            "a",
+            t,
+            {1: ref, 2: twin, 3: -twin},
+            {1: DataType.FLOAT64, 2: DataType.FLOAT64, 3: DataType.FLOAT64},
+        )
+    other = Segment(sid, "b", t.copy(), {2: twin}, {2: DataType.FLOAT64})
+    return Segment(sid, "a", t, {1: ref}, {1: DataType.FLOAT64}, (other,))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(twin_segments())
+def test_property_difference_round_trip_is_bit_exact(seg: Segment) -> None:
+    decoded = decode_segment(encode_segment(seg))
+    for want, got in zip(seg.groups(), decoded.groups(), strict=True):
+        assert_bit_exact(want, got)
+
+
+def _first_block(data: bytes, codec: int) -> tuple[int, int]:
+    from fleetloop_shared.segment import _parse_framing
+
+    for g in _parse_framing(data).groups:
+        for block in g.blocks[1:]:
+            if block.codec == codec:
+                pos = data.find(block.payload)
+                return pos, len(block.payload)
+    raise AssertionError(f"no block with codec {codec}")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda p: struct.pack("<I", 99) + p[4:], "reference signal 99 is no FLOAT64 column"),
+        (lambda p: struct.pack("<I", 21) + p[4:], "reference signal 21 is no FLOAT64 column"),  # a difference
+        (lambda p: p[:5] + struct.pack("<I", 2**31) + p[9:], "lengths impossible"),
+        (lambda p: p[:9] + struct.pack("<I", 10**6) + p[13:], "patched rows impossible"),
+        (lambda p: p[:4] + bytes([CODEC_F64_DIFF]) + p[5:], "wraps codec id 21"),
+    ],
+)
+def test_forged_difference_blocks_are_refused_with_a_reason(edit: Any, message: str) -> None:
+    data = encode_segment(calibrated_pair(1, rows=600))
+    pos, stored = _first_block(data, CODEC_F64_DIFF)
+    forged = edit(data[pos : pos + stored])
+    head = data[pos - 9 : pos]
+    body = (
+        data[: pos - 9]
+        + struct.pack("<BII", head[0], len(forged), len(forged))
+        + forged
+        + data[pos + stored : -4]
+    )
+    expect_corrupt(reseal(body), message)
+
+
+def test_forged_difference_patches_out_of_order_are_refused() -> None:
+    data = encode_segment(calibrated_pair(2, rows=600))
+    from fleetloop_shared.segment import _parse_framing
+
+    for g in _parse_framing(data).groups:
+        for block in g.blocks[1:]:
+            if block.codec == CODEC_F64_DIFF and struct.unpack_from("<I", block.payload, 9)[0] >= 2:
+                pos = data.find(block.payload)
+                forged = bytearray(block.payload)
+                forged[13:17], forged[17:21] = forged[17:21], forged[13:17]  # swap the first two positions
+                body = data[:pos] + bytes(forged) + data[pos + len(forged) : -4]
+                expect_corrupt(reseal(body), "patched rows out of range or not increasing")
+                return
+    raise AssertionError("no difference block with two patches")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_resealed_random_mutations_of_difference_segments_never_raise_anything_else(
+    data: st.DataObject,
+) -> None:
+    good = bytearray(encode_segment(calibrated_pair(3, rows=400))[:-4])
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(good) - 1))
+        good[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(good)))
+    try:
+        seg = decode_segment(reseal(bytes(good[:cut] if data.draw(st.booleans()) else good)))
+    except CorruptSegmentError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert decode_segment(encode_segment(seg)) == seg

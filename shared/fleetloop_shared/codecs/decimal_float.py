@@ -245,6 +245,10 @@ def _load_kernels() -> tuple[Any, Any] | None:
                         exact += 1
                     if abs(d) <= near_ulps:
                         near += 1
+            if exact == m:
+                # every value exact: no exponent can do better (the common case of decimals from a
+                # CSV or a PLC), so the smaller exponents' counts are all that was needed
+                return 0, e
             if exact > best_exact:
                 best_exact = exact
                 best_exact_e = e
@@ -338,12 +342,29 @@ def _load_kernels() -> tuple[Any, Any] | None:
                 counts[:] = 0
                 for i in range(cnt):
                     y = x[i + 1] - x[i] if order == 1 else x[i]
-                    u = np.uint64(y - base) // g
+                    u = np.uint64(y - base)
+                    if g != 1:  # (a 64-bit division costs more than the rest of the loop)
+                        u //= g
                     bl = 0
-                    while u != 0:
+                    if u >= np.uint64(1 << 32):
+                        u >>= np.uint64(32)
+                        bl += 32
+                    if u >= np.uint64(1 << 16):
+                        u >>= np.uint64(16)
+                        bl += 16
+                    if u >= np.uint64(1 << 8):
+                        u >>= np.uint64(8)
+                        bl += 8
+                    if u >= np.uint64(1 << 4):
+                        u >>= np.uint64(4)
+                        bl += 4
+                    if u >= np.uint64(1 << 2):
+                        u >>= np.uint64(2)
+                        bl += 2
+                    if u >= np.uint64(2):
                         u >>= np.uint64(1)
                         bl += 1
-                    counts[bl] += 1
+                    counts[bl + int(u)] += 1
                 above = cnt
                 best_w = -1
                 for w in range(65):
@@ -370,14 +391,18 @@ def _load_kernels() -> tuple[Any, Any] | None:
 
 def encode(v: F64) -> bytes:
     """The scaled-float payload of ``v`` (any float64 values)."""
-    return encode_variants(v)[0]
+    packed, planes, _ = encode_variants(v)
+    payload = packed if packed is not None else planes
+    assert payload is not None  # one of the two always exists
+    return payload
 
 
-def encode_variants(v: F64) -> tuple[bytes, bytes | None, bool]:
+def encode_variants(v: F64) -> tuple[bytes | None, bytes | None, bool]:
     """Two payloads of ``v``: with the integers bit-packed (for zstd on top), and with them as
-    compressed byte planes when that was worth trying; the framing caller keeps the smaller. The flag
-    says the scaling was exact for every value (the column is decimals or scaled integers, so no
-    encoding of the raw doubles can be smaller and the caller need not try one)."""
+    compressed byte planes when that was worth trying; the framing caller keeps the smaller (the first
+    is ``None`` when the planes are sure to be, see ``intstream.encode_variants``). The flag says the
+    scaling was exact for every value (the column is decimals or scaled integers, so no encoding of
+    the raw doubles can be smaller and the caller need not try one)."""
     v = np.ascontiguousarray(v, dtype=np.float64)
     mode, exponent = choose(v)
     n, r = _split(v, mode, exponent)
@@ -386,7 +411,7 @@ def encode_variants(v: F64) -> tuple[bytes, bytes | None, bool]:
     n_stream, n_planes = intstream.encode_variants(n)
     exact = not r.any()
     return (
-        head + n_stream + r_stream,
+        None if n_stream is None else head + n_stream + r_stream,
         None if n_planes is None else head + n_planes + r_stream,
         exact,
     )
