@@ -69,6 +69,9 @@ class AgentConfig:
     upload_scheduled: bool = False
     #: cloud.upload.network: the network reported to the scheduler (wifi, cellular, ethernet, other)
     network: str = "wifi"
+    #: store.segment_version: the newest segment format written (None: this build's newest), for a
+    #: fleet whose cloud reads only older ones; below 4 every group travels in its own segment
+    store_segment_version: int | None = None
 
 
 def _req(doc: Mapping[str, Any], key: str, where: str, kind: type | tuple[type, ...]) -> Any:
@@ -170,6 +173,13 @@ def load_agent_config(path: str | Path) -> AgentConfig:
         raise ConfigError(
             f"{where}: cloud.upload.network must be one of {', '.join(NETWORKS)}, got {network!r}"
         )
+    segment_version = store.get("segment_version")
+    if segment_version is not None and (
+        not isinstance(segment_version, int)
+        or isinstance(segment_version, bool)
+        or not 2 <= segment_version <= 5
+    ):
+        raise ConfigError(f"{where}: store.segment_version must be 2, 3, 4 or 5, got {segment_version!r}")
     models_dir = doc.get("models_dir")
     if models_dir is not None and not isinstance(models_dir, str):
         raise ConfigError(f"{where}: 'models_dir' must be a directory path")
@@ -206,4 +216,5 @@ def load_agent_config(path: str | Path) -> AgentConfig:
         models_dir=rel(models_dir) if models_dir else None,
         upload_scheduled=scheduled,
         network=str(network),
+        store_segment_version=segment_version,
     )

@@ -49,7 +49,7 @@ from fleetloop_shared.errors import (
     StorageFullError,
     UserError,
 )
-from fleetloop_shared.segment import Segment, decode_segment, encode_segment
+from fleetloop_shared.segment import FORMAT_VERSION, READ_VERSIONS, Segment, decode_segment, encode_segment
 
 #: Where the store keeps its files, relative to its root.
 SEGMENTS_DIR = "segments"
@@ -226,9 +226,21 @@ def _unlink_quietly(path: Path) -> None:
 
 
 class LocalStore:
-    """Segments pending upload, on disk under ``root``, within ``quota_bytes`` of segment files."""
+    """Segments pending upload, on disk under ``root``, within ``quota_bytes`` of segment files.
 
-    def __init__(self, root: Path, *, quota_bytes: int = 256 * 1024 * 1024) -> None:
+    ``segment_version``: the newest segment format written (``encode_segment(max_version=...)``), for a
+    fleet whose cloud does not read the newest yet.
+    """
+
+    def __init__(
+        self, root: Path, *, quota_bytes: int = 256 * 1024 * 1024, segment_version: int = FORMAT_VERSION
+    ) -> None:
+        if segment_version not in READ_VERSIONS:
+            raise ConfigError(
+                f"segment format version {segment_version} unknown "
+                f"(this build writes {', '.join(map(str, sorted(READ_VERSIONS)))})"
+            )
+        self.segment_version = segment_version
         if quota_bytes <= 0:
             raise ConfigError(f"store quota must be positive, got {quota_bytes}")
         self._root = Path(root)
@@ -257,7 +269,7 @@ class LocalStore:
                 raise UserError(f"{what} longer than {MAX_LABEL_BYTES} bytes: {label[:40]!r}...")
         if not -(2**63) <= now_ns < 2**63:
             raise UserError(f"now_ns {now_ns} is outside the int64 range")
-        encoded = encode_segment(segment)
+        encoded = encode_segment(segment, max_version=self.segment_version)
         blob = _encode_envelope(capture_id, campaign, priority, now_ns) + encoded
         first, last = segment.time_range() or (0, 0)
         entry = StoredSegment(

@@ -42,6 +42,7 @@ from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.durable import write_atomically
 from fleetloop_shared.errors import FleetloopError, RuleError, StorageFullError
 from fleetloop_shared.rules import CampaignSpec, check_against_catalog, parse_campaign, selector_matches
+from fleetloop_shared.segment import BUNDLE_MAX_ROWS, FORMAT_VERSION
 from fleetloop_shared.wire import device_pb2, ota_pb2
 
 log = logging.getLogger("fleetloop.agent")
@@ -90,7 +91,11 @@ class AgentRuntime:
         self.models = ModelRegistry()
         self.engine = TriggerEngine(self.catalog, models=self.models)
         self.assembler = CaptureAssembler(self.catalog)
-        self.store = LocalStore(config.store_dir, quota_bytes=config.store_quota_bytes)
+        self.store = LocalStore(
+            config.store_dir,
+            quota_bytes=config.store_quota_bytes,
+            segment_version=config.store_segment_version or FORMAT_VERSION,
+        )
         pc = config.platform
         self.platform = EnvFilePlatform(
             pc.slots, pc.env, pc.booted_slot, health_commands=[list(c) for c in pc.health_commands]
@@ -225,7 +230,9 @@ class AgentRuntime:
         now_ns = self._wall_ns()
         try:
             # groups sharing arrival times (one CAN bus) travel in one segment that stores them once
-            for seg in capture.segments(self.catalog):
+            # (below format 4, as the cloud reads it: one group per segment)
+            bundle_rows = BUNDLE_MAX_ROWS if self.store.segment_version >= 4 else 0
+            for seg in capture.segments(self.catalog, bundle_rows=bundle_rows):
                 self.store.append(
                     seg,
                     capture_id=capture.capture_id,

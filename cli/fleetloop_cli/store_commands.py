@@ -30,12 +30,15 @@ CATALOG_FILE = "catalog.json"
 DEFAULT_QUOTA = 4 * 1024**3
 
 
-def _open_store(root: Path, *, create: bool, quota: int = DEFAULT_QUOTA) -> Any:
+def _open_store(
+    root: Path, *, create: bool, quota: int = DEFAULT_QUOTA, segment_version: int | None = None
+) -> Any:
     from fleetloop_agent.local_store import INDEX_FILE, LocalStore
+    from fleetloop_shared.segment import FORMAT_VERSION
 
     if not create and not (root / INDEX_FILE).is_file():
         raise NotFoundError(f"store {root}: no store index ({INDEX_FILE}) there")
-    return LocalStore(root, quota_bytes=quota)
+    return LocalStore(root, quota_bytes=quota, segment_version=segment_version or FORMAT_VERSION)
 
 
 def _load_catalog(root: Path) -> Any:
@@ -231,15 +234,16 @@ def cmd_store_import(args: argparse.Namespace) -> int:
         raise NotFoundError(f"{src}: no such file")
     result = read_can_log(src, Path(args.dbc)) if args.dbc else read_long_text_csv(src)
     root = Path(args.store)
-    store = _open_store(root, create=True, quota=args.quota_bytes)
+    store = _open_store(root, create=True, quota=args.quota_bytes, segment_version=args.format_version)
     try:
         catalog = _load_catalog(root)
         capture = args.capture or src.stem
         segments = samples = 0
         now = time.time_ns()
         cut = to_segments if args.dbc else _to_segments
+        bundle_rows = 0 if args.format_version is not None and args.format_version < 4 else args.bundle_rows
         for seg in import_segments(
-            result, catalog, cut, rows_per_segment=args.rows_per_segment, bundle_rows=args.bundle_rows
+            result, catalog, cut, rows_per_segment=args.rows_per_segment, bundle_rows=bundle_rows
         ):
             # The catalog is saved before the segment that needs it, so a crash never leaves ids unnamed.
             write_atomically(
@@ -426,6 +430,14 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
         default=None,
         help="rows of all groups of one multi-group segment (format 4; default 262144); 0 writes one "
         "group per segment (formats 2/3, readable by clouds that do not read format 4 yet)",
+    )
+    s.add_argument(
+        "--format-version",
+        type=int,
+        choices=(2, 3, 4, 5),
+        default=None,
+        help="newest segment format to write (default: this build's newest, 5); 4 for a cloud that does "
+        "not read keyed or difference columns yet, 3 or 2 also write one group per segment",
     )
     s.add_argument("-o", "--output", choices=FORMATS, default="table")
     s.set_defaults(func=cmd_store_import)

@@ -319,21 +319,35 @@ def bundle_segments(segments: Iterable[Segment], *, max_rows: int = BUNDLE_MAX_R
 # --------------------------------------------------------------------------------------------- encode
 
 
-def encode_segment(segment: Segment) -> bytes:
+def encode_segment(segment: Segment, *, max_version: int = FORMAT_VERSION) -> bytes:
     """The segment's bytes (the lowest format version that expresses it); raises UserError on an invalid one.
 
     A single-group segment is written as format 2 (or 3 with text), byte for byte as before format 4;
-    only a segment with ``more_groups`` is written as format 4.
+    only a segment with ``more_groups`` is written as format 4, and 5 only where a keyed or difference
+    column pays. ``max_version`` caps that for a cloud that reads only older versions (the versioning
+    rule's rollout order): below 5 no column is keyed or a difference; a segment that needs more than
+    the cap (several groups below 4, text below 3) is refused with a UserError saying so.
     """
+    if max_version not in READ_VERSIONS:
+        raise UserError(
+            f"segment format version {max_version} cannot be written "
+            f"(this build writes {', '.join(map(str, sorted(READ_VERSIONS)))})"
+        )
+    derive = max_version >= 5
     if segment.more_groups:
-        return _encode_multi(segment)
+        if max_version < 4:
+            raise UserError(
+                f"a segment of {len(segment.more_groups) + 1} groups needs format version 4, "
+                f"the limit is {max_version} (write one group per segment)"
+            )
+        return _encode_multi(segment, derive=derive)
     t_ns, columns = _validated(segment)
     rows = int(t_ns.shape[0])
     first_ns = int(t_ns.min()) if rows else 0
     last_ns = int(t_ns.max()) if rows else 0
     group = segment.group.encode("utf-8")
 
-    value_blocks, text = _encode_columns(segment, columns)
+    value_blocks, text = _encode_columns(segment, columns, derive=derive)
     if any(codec in _WRAPPING_CODECS for codec, _, _ in value_blocks):
         # keyed columns exist from format 5 on, which has the multi-group layout (here of one group)
         return _encode_multi(segment, {0: (value_blocks, text)})
@@ -345,6 +359,8 @@ def encode_segment(segment: Segment) -> bytes:
     # The lowest version that expresses these blocks: readers of version 2 keep reading segments
     # without text (the versioning rule's rollout order then only matters for text).
     version = 3 if any(codec & ~ZSTD_FLAG in _V3_CODECS for codec, _, _ in blocks) else 2
+    if version > max_version:
+        raise UserError(f"text columns need segment format version 3, the limit is {max_version}")
 
     parts = [
         _FIXED.pack(MAGIC, version, 0, segment.segment_id, rows, first_ns, last_ns),
@@ -368,16 +384,17 @@ _EncodedBlock = tuple[int, bytes, int]  # codec id (with the zstd flag), stored 
 
 
 def _encode_columns(
-    segment: Segment, columns: _Columns, stamped_with: Sequence[_Column] = ()
+    segment: Segment, columns: _Columns, stamped_with: Sequence[_Column] = (), *, derive: bool = True
 ) -> tuple[list[_EncodedBlock], int]:
     """The value blocks of one group, and its distinct text (capped per segment by the caller).
 
     ``stamped_with``: the columns of an earlier group of the segment with the very same timestamps,
-    which a column may be stored as the difference from.
+    which a column may be stored as the difference from. ``derive`` False: no keyed or difference
+    column (format version 4 and older).
     """
     blocks: list[_EncodedBlock] = []
     text = 0
-    key = _plan_key(np.asarray(segment.t_ns), columns)
+    key = _plan_key(np.asarray(segment.t_ns), columns) if derive else None
     for i, (signal_id, data_type, values) in enumerate(columns):
         try:
             if data_type is DataType.STRING:
@@ -390,7 +407,8 @@ def _encode_columns(
                 blocks.append(_encode_values(data_type, values))
         except strings.TextError as exc:
             raise UserError(f"segment {segment.segment_id.hex()}: signal {signal_id}: {exc}") from None
-    _difference_columns(columns, blocks, stamped_with)
+    if derive:
+        _difference_columns(columns, blocks, stamped_with)
     return blocks, text
 
 
@@ -616,7 +634,10 @@ def _encode_keyed(data_type: DataType, values: npt.NDArray[Any], key: _KeyPlan) 
 
 
 def _encode_multi(
-    segment: Segment, encoded: dict[int, tuple[list[_EncodedBlock], int]] | None = None
+    segment: Segment,
+    encoded: dict[int, tuple[list[_EncodedBlock], int]] | None = None,
+    *,
+    derive: bool = True,
 ) -> bytes:
     """Format 4: several groups, one optional shared clock (see docs/segment-format.md, version 4).
 
@@ -691,7 +712,7 @@ def _encode_multi(
             # the columns of the earlier groups stamped with the very same times
             root = same_as.get(i, i)
             stamped_with = [c for j in range(root, i) if same_as.get(j, j) == root for c in validated[j][1]]
-            known = _encode_columns(part, columns, stamped_with)
+            known = _encode_columns(part, columns, stamped_with, derive=derive)
         value_blocks, column_text = known
         if any(codec in _WRAPPING_CODECS for codec, _, _ in value_blocks):
             version = 5

@@ -39,6 +39,10 @@ def test_good_config_resolves_paths_against_its_directory(tmp_path: Path) -> Non
     assert cfg.platform.health_commands == (("/bin/true",),)
     assert cfg.replay_speed == 2.0
     assert cfg.base_dir == tmp_path.resolve()
+    assert cfg.store_segment_version is None  # this build's newest
+    assert (
+        load_agent_config(write(tmp_path, GOOD + "store: {segment_version: 4}\n")).store_segment_version == 4
+    )
 
 
 def test_missing_file(tmp_path: Path) -> None:
@@ -61,6 +65,8 @@ def test_yaml_slip_names_line_and_column(tmp_path: Path) -> None:
         (lambda t: t.replace("speed: 2", "speed: -1"), "replay.speed must be > 0"),
         (lambda t: t.replace("  - {kind: csv_replay, path: x.csv}", "  - 7"), r"sources\[0\]"),
         (lambda t: t + "trusted_release_keys: [missing.pem]\n", "file not found"),
+        (lambda t: t + "store: {segment_version: 6}\n", "store.segment_version must be 2, 3, 4 or 5, got 6"),
+        (lambda t: t + "store: {segment_version: '4'}\n", "store.segment_version must be 2, 3, 4 or 5"),
     ],
 )
 def test_each_mistake_is_named(tmp_path: Path, edit: object, message: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -146,3 +147,27 @@ def test_a_wrong_upload_setting_is_one_clear_line(tmp_path: Path, recordings: Pa
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match=r"cloud.upload.network must be one of wifi, cellular"):
         load_agent_config(path)
+
+
+def test_store_segment_version_caps_what_the_agent_writes(tmp_path: Path, recordings: Path) -> None:
+    """store.segment_version 3 (a fleet whose cloud reads formats 2/3 only): captures are stored one
+    group per segment, none newer than 3."""
+    Coordinator(tmp_path / "cloud")  # (makes the trust roots the device is provisioned with; not served)
+    path = make_config(tmp_path / "dev", recordings, f"127.0.0.1:{free_port()}", tmp_path / "cloud" / "keys")
+    doc = yaml.safe_load(path.read_text())
+    doc.setdefault("store", {})["segment_version"] = 3
+    path.write_text(yaml.safe_dump(doc))
+    config = load_agent_config(path)
+    runtime = AgentRuntime(config)
+    thread = threading.Thread(target=runtime.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: runtime.store.stats().segments_pending > 1, 60), "no capture stored"
+    finally:
+        runtime.stop()
+        thread.join(timeout=20)
+    versions = set()
+    for f in (config.store_dir / "segments").glob("*.seg"):
+        blob = f.read_bytes()
+        versions.add(struct.unpack_from("<H", blob, blob.index(b"FLSG") + 4)[0])
+    assert versions and max(versions) <= 3, versions

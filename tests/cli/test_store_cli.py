@@ -281,7 +281,22 @@ def test_import_packs_groups_into_one_segment_and_the_cloud_stores_every_group(
         code, out, _ = run(capsys, "store", "export", "--store", str(store), "--format", "csv")
         assert len(out.strip().splitlines()) == len(rows) + 1
 
+    # --format-version 3 (a cloud of that age): one group per segment whatever --bundle-rows says
+    store = tmp_path / "store_v3"
+    args = ["store", "import", "--input", str(src), "--store", str(store), "--format-version", "3"]
+    code, out, err = run(capsys, *args, "-o", "json")
+    assert code == 0, err
+    assert json.loads(out)["segments"] == 2
+    for f in sorted((store / "segments").iterdir()):
+        blob = f.read_bytes()
+        assert struct.unpack_from("<H", blob, blob.index(b"FLSG") + 4)[0] <= 3
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage error, exit code 2
+        run(capsys, *args[:-2], "--format-version", "7", "-o", "json")
+    assert exit_info.value.code == 2 and "invalid choice: 7" in capsys.readouterr().err
+
     # The multi-group segment, as uploaded, through the cloud's fleet store.
+    store = tmp_path / "store262144"
+    seg_files = sorted((store / "segments").iterdir())
     data = seg_files[0].read_bytes()
     segment = decode_segment(data[data.index(b"FLSG") :])
     assert [g.group for g in segment.groups()] != [segment.group]

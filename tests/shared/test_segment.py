@@ -1427,3 +1427,23 @@ def test_resealed_random_mutations_of_difference_segments_never_raise_anything_e
         assert "\n" not in str(exc)
         return
     assert decode_segment(encode_segment(seg)) == seg
+
+
+def test_max_version_caps_what_a_writer_uses_for_older_clouds() -> None:
+    """The rollout order: until the cloud reads format 5, agents write at most 4 (no keyed or difference
+    column, same values); below 4 a segment of several groups is refused with the reason, not
+    silently split; unknown versions are refused."""
+    keyed = interleaved_series(4, epochs=80)
+    assert _version(encode_segment(keyed)) == 5
+    capped = encode_segment(keyed, max_version=4)
+    assert _version(capped) == 2 and decode_segment(capped) == keyed
+    assert len(capped) > len(encode_segment(keyed))
+    twins = calibrated_pair(4, rows=800)
+    assert _version(encode_segment(twins, max_version=4)) == 4
+    assert decode_segment(encode_segment(twins, max_version=4)) == twins
+    with pytest.raises(UserError, match="needs format version 4, the limit is 3"):
+        encode_segment(twins, max_version=3)
+    with pytest.raises(UserError, match="text columns need segment format version 3, the limit is 2"):
+        encode_segment(text_segment(), max_version=2)
+    with pytest.raises(UserError, match="format version 6 cannot be written"):
+        encode_segment(small_segment(), max_version=6)
