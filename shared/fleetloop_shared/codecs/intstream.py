@@ -252,7 +252,7 @@ def encode_variants(x: I64, orders: tuple[int, ...] = (0, 1, 2)) -> tuple[bytes 
     """
     x = np.ascontiguousarray(x, dtype=np.int64)
     n = int(x.shape[0])
-    if n and (x == x[0]).all():
+    if n and x[0] == x[-1] and (x == x[0]).all():
         # A constant (an exact decimal's zero residuals, an idle signal): the stream the general path
         # would choose (order 0, width 0), without computing three plans.
         return _HEAD.pack(0, n) + _FOR.pack(int(x[0]), 1, 0, 0), None
@@ -260,6 +260,8 @@ def encode_variants(x: I64, orders: tuple[int, ...] = (0, 1, 2)) -> tuple[bytes 
     for order in orders:
         if order > n:
             continue
+        if order == 2 and best is not None and best[1] == 0 and 1 in orders:
+            continue  # values beat their first differences: second differences would be wider still
         if order == n:
             size, base, g, w = 0, 0, 1, 0
         else:
@@ -306,23 +308,28 @@ def _above_low_outliers(x: I64, order: int, base: int, w: int, size: int) -> tup
     is tried only then). Decided on the exact payload size, and only for a clear gain: measured on
     the corpus, moving the frame for small gains made the zstd'd streams larger, not smaller."""
     m = int(x.shape[0]) - order
-    # A cheap look first: a low one of 64 evenly spread residuals. If it is as far above the minimum
-    # as the width spans, the minimum is an outlier; otherwise nothing is to be gained here.
-    at = (np.arange(64, dtype=np.int64) * (m - 1)) // 63
-    sample = x[at + order] - x[at + order - 1] if order == 1 else x[at] if order == 0 else None
-    if sample is None:
-        sample = (x[at + 2] - x[at + 1]) - (x[at + 1] - x[at])
-    # a little below the sample's third lowest (a second or third glitch may be in the sample; the
-    # rest of the column reaches a little lower than 64 values do)
-    ranked = np.partition(sample, (2, 61))
-    low = max(base, int(ranked[2]) - (int(ranked[61]) - int(ranked[2])) // 4)
-    if low - base < (1 << (w - 1)):
-        return base, w, size
     counts = np.zeros(65, dtype=np.int64)
     kernel = _load_residuals_kernel()
     if kernel is not None:
-        nbelow = int(kernel[1](x, order, np.int64(low), counts))
+        low, nbelow = (int(v) for v in kernel[2](x, order, np.int64(base), w, counts))
+        if nbelow < 0:
+            return base, w, size
     else:
+        # A cheap look first: a low one of 64 evenly spread residuals. If it is as far above the
+        # minimum as the width spans, the minimum is an outlier; otherwise nothing is to be gained.
+        step = m // 64
+        if order == 0:
+            sample = x[::step]
+        elif order == 1:
+            sample = x[1::step] - x[:m:step]
+        else:
+            sample = (x[2::step] - x[1 : m + 1 : step]) - (x[1 : m + 1 : step] - x[:m:step])
+        ranked = np.sort(sample[:64])
+        # a little below the third lowest (a second or third glitch may be among the 64; the rest of
+        # the column reaches a little lower than 64 values do)
+        low = max(base, int(ranked[2]) - (int(ranked[61]) - int(ranked[2])) // 4)
+        if low - base < (1 << (w - 1)):
+            return base, w, size
         d = x
         for _ in range(order):
             d = d[1:] - d[:-1]
@@ -396,9 +403,31 @@ def _load_residuals_kernel() -> Any:
         return wide
 
     @numba.njit(cache=True, nogil=True)
-    def histogram_from(x: Any, order: int, low: Any, counts: Any) -> int:  # pragma: no cover - compiled
+    def outlier_frame(
+        x: Any, order: int, base: Any, w: int, counts: Any
+    ) -> tuple[Any, Any]:  # pragma: no cover - compiled
+        # the numpy path of _above_low_outliers, in exact 64-bit arithmetic (uint64 where a Python
+        # int could exceed int64): the same sample, the same frame, the same histogram
+        m = x.shape[0] - order
+        step = m // 64
+        sample = np.empty(64, dtype=np.int64)
+        for k in range(64):
+            i = k * step
+            if order == 0:
+                sample[k] = x[i]
+            elif order == 1:
+                sample[k] = x[i + 1] - x[i]
+            else:
+                sample[k] = (x[i + 2] - x[i + 1]) - (x[i + 1] - x[i])
+        sample.sort()
+        span = np.uint64(sample[61]) - np.uint64(sample[2])
+        room = np.uint64(sample[2]) - np.uint64(base)
+        quarter = span // np.uint64(4)
+        low = base if quarter >= room else sample[2] - np.int64(quarter)
+        if np.uint64(low) - np.uint64(base) < (np.uint64(1) << np.uint64(w - 1)):
+            return low, -1
         below = 0
-        for i in range(x.shape[0] - order):
+        for i in range(m):
             if order == 0:
                 y = x[i]
             elif order == 1:
@@ -429,15 +458,15 @@ def _load_residuals_kernel() -> Any:
                 u >>= np.uint64(1)
                 bl += 1
             counts[bl + int(u)] += 1
-        return below
+        return low, below
 
     try:
         probe = np.array([5, 7, 9], dtype=np.int64)
         residuals(probe, 1, np.int64(2), np.uint64(1), 2, np.empty(2, dtype=np.uint64))
-        histogram_from(probe, 1, np.int64(2), np.zeros(65, dtype=np.int64))
+        outlier_frame(np.arange(300, dtype=np.int64), 1, np.int64(-5), 20, np.zeros(65, dtype=np.int64))
     except Exception:  # any failure of the optional accelerator falls back to the numpy path
         return None
-    _residuals_kernel = (residuals, histogram_from)
+    _residuals_kernel = (residuals, None, outlier_frame)
     return _residuals_kernel
 
 
@@ -454,7 +483,7 @@ def _byte_planes(u: U64, base: int, g: int) -> bytes:
     parts = [_FOR.pack(base, g, PLANES, nplanes)]
     for j in range(nplanes):
         raw = planes[j].tobytes()
-        packed = zstd_frames.compress(raw)
+        packed = zstd_frames.compress(raw, level=zstd_frames.PLANE_LEVEL)
         if len(packed) < len(raw):
             parts += [_PLANE.pack(1, len(packed)), packed]
         else:
