@@ -44,7 +44,7 @@ import numpy.typing as npt
 import zstandard
 
 from fleetloop_shared.catalog import Catalog, DataType
-from fleetloop_shared.codecs import decimal_float, intstream, strings, zstd_frames
+from fleetloop_shared.codecs import decimal_float, intstream, recent, strings, zstd_frames
 from fleetloop_shared.errors import CorruptSegmentError, UserError
 from fleetloop_shared.samples import GroupBatch
 
@@ -78,6 +78,7 @@ CODEC_F64_SCALED = 18
 CODEC_F64_BITS_INTSTREAM = 19
 CODEC_F64_KEYED = 20  # format version 5: the column in the order of a key column of its group
 CODEC_F64_DIFF = 21  # format version 5: the difference from another FLOAT64 column of the segment
+CODEC_F64_RECENT = 22  # format version 5: values that repeat a recent value name it instead
 CODEC_I64_INTSTREAM = 33
 CODEC_I64_KEYED = 34  # format version 5
 CODEC_BOOL_PACKBITS = 48
@@ -107,7 +108,8 @@ _PLAIN_VALUE_CODECS: dict[DataType, frozenset[int]] = {
 _KEYED_CODECS = frozenset({CODEC_F64_KEYED, CODEC_I64_KEYED})
 _WRAPPING_CODECS = _KEYED_CODECS | {CODEC_F64_DIFF}
 _VALUE_CODECS: dict[DataType, frozenset[int]] = {
-    DataType.FLOAT64: _PLAIN_VALUE_CODECS[DataType.FLOAT64] | {CODEC_F64_KEYED, CODEC_F64_DIFF},
+    DataType.FLOAT64: _PLAIN_VALUE_CODECS[DataType.FLOAT64]
+    | {CODEC_F64_KEYED, CODEC_F64_DIFF, CODEC_F64_RECENT},
     DataType.INT64: _PLAIN_VALUE_CODECS[DataType.INT64] | {CODEC_I64_KEYED},
     DataType.BOOL: _PLAIN_VALUE_CODECS[DataType.BOOL],
     DataType.STRING: _PLAIN_VALUE_CODECS[DataType.STRING],
@@ -115,7 +117,7 @@ _VALUE_CODECS: dict[DataType, frozenset[int]] = {
 #: Codec ids (base, flag clear) that need format version 3; a version 2 segment naming one is corrupt.
 _V3_CODECS = frozenset({CODEC_STR_DICT})
 #: Keyed blocks need format version 5 (the multi-group layout of version 4).
-_V5_CODECS = _WRAPPING_CODECS
+_V5_CODECS = _WRAPPING_CODECS | {CODEC_F64_RECENT}
 #: Below this many bytes a zstd frame (≥ 9 bytes of framing) cannot win; not tried.
 _ZSTD_MIN_INPUT = 24
 
@@ -348,8 +350,9 @@ def encode_segment(segment: Segment, *, max_version: int = FORMAT_VERSION) -> by
     group = segment.group.encode("utf-8")
 
     value_blocks, text = _encode_columns(segment, columns, derive=derive)
-    if any(codec in _WRAPPING_CODECS for codec, _, _ in value_blocks):
-        # keyed columns exist from format 5 on, which has the multi-group layout (here of one group)
+    if any(codec in _V5_CODECS for codec, _, _ in value_blocks):
+        # keyed, difference and recent-value columns exist from format 5 on, which has the multi-group
+        # layout (here of one group)
         return _encode_multi(segment, {0: (value_blocks, text)})
     blocks: list[tuple[int, bytes, int]] = [_encode_timestamps(t_ns), *value_blocks]
     if text > MAX_TEXT_BYTES:
@@ -404,12 +407,70 @@ def _encode_columns(
             elif key is not None and i in key.keyed:
                 blocks.append(_encode_keyed(data_type, values, key))
             else:
-                blocks.append(_encode_values(data_type, values))
+                block = _recent_values(values) if derive and data_type is DataType.FLOAT64 else None
+                blocks.append(block if block is not None else _encode_values(data_type, values))
         except strings.TextError as exc:
             raise UserError(f"segment {segment.segment_id.hex()}: signal {signal_id}: {exc}") from None
     if derive:
         _difference_columns(columns, blocks, stamped_with)
     return blocks, text
+
+
+# Recent values (format 5). A sensor's raw readings are integers under a calibration: an IMU at rest
+# dithers between a handful of values, so a third of the xio gyro readings repeat one of the last 255
+# (but rarely the one just before). Such a row names how many rows back the same value was instead of
+# carrying it: the references are small integers, and the remaining (literal) values get their own codec.
+RECENT_WINDOW = recent.WINDOW
+#: Columns of fewer rows are not tried, nor columns whose literals cost less than this a value.
+_RECENT_MIN_ROWS = 2048
+_RECENT_MIN_BYTES_PER_ROW = 2
+#: ... nor columns with fewer distinct values than one in this many rows ...
+_RECENT_MIN_DISTINCT_SHARE = 16
+#: ... nor columns where fewer than this share of the rows repeat a recent value.
+_RECENT_MIN_HITS = 0.15
+#: Below this share of the estimated plain size the block is taken without encoding the column plainly.
+_RECENT_SURE = 0.9
+
+
+def _recent_values(values: npt.NDArray[np.float64]) -> _EncodedBlock | None:
+    """The recent-values block of a column, or None when the column is stored as it is.
+
+    Decided without encoding the column plainly first (that doubled the cost of every column tried):
+    the literals are encoded anyway, and their bytes per value estimate what every row would cost
+    plainly; only when the estimate is close is the plain block made to compare.
+    """
+    rows = int(values.shape[0])
+    if rows < _RECENT_MIN_ROWS:
+        return None
+    bits = values.view(np.int64)
+    middle = np.sort(bits[rows // 2 : rows // 2 + 256])
+    if int(np.count_nonzero(middle[1:] != middle[:-1])) * _RECENT_MIN_DISTINCT_SHARE < 2 * middle.shape[0]:
+        return None  # (a quick look: few distinct values in 256 rows, see below)
+    refs, distinct = recent.references(bits)
+    if distinct * _RECENT_MIN_DISTINCT_SHARE < rows:
+        return None  # few distinct values: cheap for the plain codecs already
+    literal = refs == 0
+    count = int(np.count_nonzero(literal))
+    if count > (1 - _RECENT_MIN_HITS) * rows:
+        return None
+    literal_block = _encode_values(DataType.FLOAT64, values[literal])
+    if len(literal_block[1]) < _RECENT_MIN_BYTES_PER_ROW * count:
+        return None  # cheap values: a reference would cost about as much as the value
+    ref_block = _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(refs, (0,)))
+    payload = b"".join(
+        [
+            _BLOCK.pack(ref_block[0], ref_block[2], len(ref_block[1])),
+            ref_block[1],
+            _BLOCK.pack(literal_block[0], literal_block[2], len(literal_block[1])),
+            literal_block[1],
+        ]
+    )
+    estimate = len(literal_block[1]) * rows / max(count, 1)
+    if len(payload) > _RECENT_SURE * estimate:
+        plain = _encode_values(DataType.FLOAT64, values)
+        if len(plain[1]) <= len(payload):
+            return plain
+    return CODEC_F64_RECENT, payload, len(payload)
 
 
 # Difference columns (format 5). Signals stamped together are sometimes the same quantity twice or
@@ -714,7 +775,7 @@ def _encode_multi(
             stamped_with = [c for j in range(root, i) if same_as.get(j, j) == root for c in validated[j][1]]
             known = _encode_columns(part, columns, stamped_with, derive=derive)
         value_blocks, column_text = known
-        if any(codec in _WRAPPING_CODECS for codec, _, _ in value_blocks):
+        if any(codec in _V5_CODECS for codec, _, _ in value_blocks):
             version = 5
         text += column_text
         name = part.group.encode("utf-8")
@@ -1121,6 +1182,9 @@ def _raw_len_bounds(codec: int, rows: int) -> tuple[int, int]:
         return rows * 8, rows * 8
     if base == CODEC_STR_DICT:
         return 1, strings.max_encoded_size(rows)
+    if codec == CODEC_F64_RECENT:
+        inner = max(decimal_float.max_encoded_size(rows), intstream.max_encoded_size(rows), rows * 8)
+        return 2 * _BLOCK.size + 2, 2 * _BLOCK.size + intstream.max_encoded_size(rows) + inner
     if codec in _WRAPPING_CODECS:
         inner = max(decimal_float.max_encoded_size(rows), intstream.max_encoded_size(rows), rows * 8)
         return _KEYED.size + 1, _DIFF.size + 12 * rows + inner
@@ -1317,6 +1381,8 @@ def _decode_values(
             values, text = strings.decode(_unzstd(block), rows, text_left)
         except intstream.StreamError as exc:
             raise CorruptSegmentError(f"{block.what}: {exc}") from None
+    elif base == CODEC_F64_RECENT:
+        values = _decode_recent(block, rows)
     elif base == CODEC_F64_RAW:
         values = np.frombuffer(_unzstd(block), dtype="<f8").astype(np.float64)
     elif base == CODEC_F64_XOR:
@@ -1329,6 +1395,53 @@ def _decode_values(
             raise CorruptSegmentError(f"{block.what}: padding bits after the last row are set")
         values = bits_all[:rows].astype(np.bool_)
     return values, text
+
+
+def _decode_recent(block: _Block, rows: int) -> npt.NDArray[np.float64]:
+    """Recent values: the references (an integer stream), then the literals (a FLOAT64 block)."""
+    payload = block.payload
+    pos = 0
+    parts: list[_Block] = []
+    for what, codecs in (
+        ("references", frozenset({CODEC_I64_INTSTREAM, CODEC_I64_INTSTREAM | ZSTD_FLAG})),
+        ("literals", _PLAIN_VALUE_CODECS[DataType.FLOAT64]),
+    ):
+        if pos + _BLOCK.size > len(payload):
+            raise CorruptSegmentError(f"{block.what}: recent values truncated in the {what} header")
+        codec, raw_len, stored = _BLOCK.unpack_from(payload, pos)
+        pos += _BLOCK.size
+        if codec not in codecs:
+            raise CorruptSegmentError(f"{block.what}: {what} of recent values in codec {codec}")
+        if pos + stored > len(payload) or (not codec & ZSTD_FLAG and stored != raw_len):
+            raise CorruptSegmentError(f"{block.what}: {what} of recent values have impossible lengths")
+        parts.append(_Block(codec, raw_len, payload[pos : pos + stored], f"{block.what} ({what})"))
+        pos += stored
+    if pos != len(payload):
+        raise CorruptSegmentError(f"{block.what}: {len(payload) - pos} bytes after the recent values")
+    ref_block, literal_block = parts
+    lo, hi = _raw_len_bounds(ref_block.codec, rows)
+    if not lo <= ref_block.raw_len <= hi:
+        raise CorruptSegmentError(f"{block.what}: references of recent values impossible for {rows} rows")
+    refs = _decode_ints(ref_block, rows)
+    row = np.arange(rows, dtype=np.int64)
+    if rows and (int(refs.min()) < 0 or int(refs.max()) > RECENT_WINDOW or bool((refs > row).any())):
+        raise CorruptSegmentError(f"{block.what}: a reference points outside 0..{RECENT_WINDOW} rows back")
+    literal = refs == 0
+    count = int(np.count_nonzero(literal))
+    lo, hi = _raw_len_bounds(literal_block.codec, count)
+    if not lo <= literal_block.raw_len <= hi:
+        raise CorruptSegmentError(f"{block.what}: literals of recent values impossible for {count} rows")
+    literals = _decode_values(literal_block, DataType.FLOAT64, count, 0)[0]
+    # Every reference points strictly back, so following them ends at a literal; pointer jumping gets
+    # there in at most log2(rows) + 1 rounds.
+    source = row - refs
+    for _ in range(64):
+        further = source[source]
+        if np.array_equal(further, source):
+            break
+        source = further
+    out: npt.NDArray[np.float64] = literals[(np.cumsum(literal) - 1)[source]]
+    return out
 
 
 def _decode_ints(block: _Block, rows: int) -> npt.NDArray[np.int64]:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from fleetloop_agent.store_import import real_corpus, to_segments
 from fleetloop_shared.catalog import Catalog
-from fleetloop_shared.codecs import bitpack, decimal_float, intstream, strings
+from fleetloop_shared.codecs import bitpack, decimal_float, intstream, recent, strings
 from fleetloop_shared.segment import decode_segment, encode_segment
 
 I64_MIN = int(np.iinfo(np.int64).min)
@@ -27,6 +27,8 @@ def numpy_only() -> Iterator[None]:
     saved = (bitpack._kernels, bitpack._tried, intstream._stats_kernel, intstream._stats_tried)
     saved_float = (decimal_float._kernels, decimal_float._kernels_tried)
     saved_residuals = (intstream._residuals_kernel, intstream._residuals_tried)
+    saved_recent = (recent._kernel, recent._tried)
+    recent._kernel, recent._tried = None, True
     bitpack._kernels, bitpack._tried = None, True
     intstream._stats_kernel, intstream._stats_tried = None, True
     intstream._residuals_kernel, intstream._residuals_tried = None, True
@@ -37,6 +39,7 @@ def numpy_only() -> Iterator[None]:
         bitpack._kernels, bitpack._tried, intstream._stats_kernel, intstream._stats_tried = saved
         decimal_float._kernels, decimal_float._kernels_tried = saved_float
         intstream._residuals_kernel, intstream._residuals_tried = saved_residuals
+        recent._kernel, recent._tried = saved_recent
 
 
 # ------------------------------------------------------------------------------------------ bitpack

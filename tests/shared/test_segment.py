@@ -24,6 +24,7 @@ from fleetloop_shared.segment import (
     CODEC_F64_DIFF,
     CODEC_F64_KEYED,
     CODEC_F64_RAW,
+    CODEC_F64_RECENT,
     CODEC_F64_SCALED,
     CODEC_F64_XOR,
     CODEC_I64_INTSTREAM,
@@ -1447,3 +1448,150 @@ def test_max_version_caps_what_a_writer_uses_for_older_clouds() -> None:
         encode_segment(text_segment(), max_version=2)
     with pytest.raises(UserError, match="format version 6 cannot be written"):
         encode_segment(small_segment(), max_version=6)
+
+
+# ------------------------------------------------------------------------- recent values (format 5)
+
+
+def dithering_imu(seed: int, rows: int = 6000) -> Segment:
+    """Generated (not the corpus): a calibrated IMU axis at rest and moving. Raw readings are integers
+    (noise of a few counts, a slow drift while moving), printed as 7-significant-digit floats, so the
+    same few values recur within a few hundred rows but seldom twice in a row; plus NaN dropouts."""
+    rng = np.random.default_rng(seed)
+    counts = np.round(rng.normal(0, 3, rows)).astype(np.int64)
+    counts[rows // 2 :] += np.cumsum(rng.integers(-40, 41, rows - rows // 2))  # motion
+    values = np.array([float(f"{c * 0.0610351 + 0.0123:.7g}") for c in counts])
+    values[rng.integers(0, rows, 4)] = np.nan
+    return Segment(
+        new_segment_id(),
+        "imu/gyro_x",
+        np.arange(rows, dtype=np.int64) * 10_000_000,
+        {1: values},
+        {1: DataType.FLOAT64},
+    )
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_recent_values_name_an_earlier_row_and_round_trip(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    seg = dithering_imu(seed)
+    data = encode_segment(seg)
+    assert _version(data) == 5 and _column_codecs(data)[1] == CODEC_F64_RECENT
+    roundtrip(seg)
+    import fleetloop_shared.segment as segment_module
+
+    monkeypatch.setattr(segment_module, "_recent_values", lambda values: None)
+    plain = encode_segment(seg)
+    assert _version(plain) == 2
+    assert len(data) < 0.9 * len(plain)
+    assert decode_segment(encode_segment(seg, max_version=4)) == seg
+
+
+def test_recent_references_kernel_and_numpy_agree() -> None:
+    from fleetloop_shared.codecs import recent
+
+    rng = np.random.default_rng(7)
+    for values in (
+        rng.integers(0, 50, 5000),
+        rng.integers(0, 3, 700),
+        np.arange(3000),
+        np.repeat(rng.integers(0, 9, 400), 3),
+        np.array([], dtype=np.int64),
+        np.array([I64_MIN, I64_MAX, I64_MIN, 0, I64_MAX]),
+    ):
+        bits = np.asarray(values, dtype=np.int64)
+        fast, fast_distinct = recent.references(bits)
+        slow, slow_distinct = recent._references_numpy(bits)
+        assert fast.tolist() == slow.tolist() and fast_distinct == slow_distinct
+        for i, k in enumerate(slow.tolist()):
+            if k:
+                assert 2 <= k <= recent.WINDOW and bits[i - k] == bits[i]
+                assert not (bits[i - k + 1 : i] == bits[i]).any()  # the most recent one
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(2048, 5000),
+    st.integers(2, 400),
+    st.integers(0, 2**32 - 1),
+    st.lists(st.sampled_from([np.nan, -0.0, np.inf, 5e-324]), max_size=4),
+)
+def test_property_recent_values_round_trip_is_bit_exact(
+    rows: int, levels: int, seed: int, specials: list[float]
+) -> None:
+    rng = np.random.default_rng(seed)
+    table = rng.normal(0, 100, levels)
+    values = table[rng.integers(0, levels, rows)] + np.repeat(rng.normal(0, 1e-3, rows // 64 + 1), 64)[:rows]
+    for k, x in enumerate(specials):
+        values[(k * 997) % rows] = x
+    seg = Segment(new_segment_id(), "g", np.arange(rows, dtype=np.int64), {3: values}, {3: DataType.FLOAT64})
+    roundtrip(seg)
+
+
+def _recent_payload(data: bytes) -> tuple[int, int]:
+    return _first_block(data, CODEC_F64_RECENT)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda p: p[:-1], "lengths|truncated|impossible"),
+        (lambda p: p + b"\x00", "bytes after the recent values"),
+        (lambda p: bytes([CODEC_F64_RAW]) + p[1:], "references of recent values in codec 16"),
+        (lambda p: p, None),  # unchanged: decodes (the forging itself is sound)
+    ],
+)
+def test_forged_recent_value_blocks_are_refused_with_a_reason(edit: Any, message: str | None) -> None:
+    seg = dithering_imu(3, rows=3000)
+    data = encode_segment(seg)
+    pos, stored = _recent_payload(data)
+    forged = edit(data[pos : pos + stored])
+    body = (
+        data[: pos - 9]
+        + struct.pack("<BII", CODEC_F64_RECENT, len(forged), len(forged))
+        + forged
+        + data[pos + stored : -4]
+    )
+    if message is None:
+        assert decode_segment(reseal(body)) == seg
+    else:
+        expect_corrupt(reseal(body), message)
+
+
+def test_forged_recent_references_pointing_before_the_first_row_are_refused() -> None:
+    from fleetloop_shared.codecs import intstream
+
+    seg = dithering_imu(4, rows=3000)
+    data = encode_segment(seg)
+    pos, stored = _recent_payload(data)
+    payload = data[pos : pos + stored]
+    ref_stored = struct.unpack_from("<BII", payload, 0)[2]
+    rest = payload[9 + ref_stored :]
+    refs = np.zeros(3000, dtype=np.int64)
+    refs[0] = 5  # row 0 naming a row before it (checked before the literals are counted)
+    stream = intstream.encode(refs)
+    forged = struct.pack("<BII", CODEC_I64_INTSTREAM, len(stream), len(stream)) + stream + rest
+    body = (
+        data[: pos - 9]
+        + struct.pack("<BII", CODEC_F64_RECENT, len(forged), len(forged))
+        + forged
+        + data[pos + stored : -4]
+    )
+    expect_corrupt(reseal(body), "a reference points outside")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_resealed_random_mutations_of_recent_value_segments_never_raise_anything_else(
+    data: st.DataObject,
+) -> None:
+    good = bytearray(encode_segment(dithering_imu(5, rows=2500))[:-4])
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(good) - 1))
+        good[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(good)))
+    try:
+        seg = decode_segment(reseal(bytes(good[:cut] if data.draw(st.booleans()) else good)))
+    except CorruptSegmentError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert decode_segment(encode_segment(seg)) == seg
