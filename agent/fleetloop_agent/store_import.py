@@ -83,59 +83,124 @@ def _seconds_to_ns(cell: str) -> int:
     return int((d * NS_PER_S).to_integral_value())
 
 
-def _parse_value(cell: str) -> float | int:
-    text = cell.strip()
-    if re.fullmatch(r"[+-]?\d+", text):
-        return int(text)
-    return float(text)  # accepts nan, inf, -0.0 and every repr() a float prints
+# One CSV field (RFC 4180: quoted with "" escapes, or bare) and what ends it. Matched from the start of a
+# field, so a quote inside a bare field or text after a closing quote is a parse error, not a guess.
+_FIELD = re.compile(r'(?:"([^"]*(?:""[^"]*)*)"|([^,"\r\n]*))(,|\r\n|\n|\r|\Z)')
+_INT = re.compile(r"[+-]?\d+")
+_BOOLS = {"true": True, "false": False}
+
+
+def _csv_records(text: str, path: Path) -> Iterator[tuple[int, list[tuple[str, bool]]]]:
+    """(line number, [(field, quoted), ...]) per record; blank lines are skipped.
+
+    ``csv.reader`` cannot say whether a field was quoted, and here that is the difference between the
+    text ``"1.5"`` and the number ``1.5``.
+    """
+    pos, line, end = 0, 1, len(text)
+    while pos < end:
+        start_line = line
+        fields: list[tuple[str, bool]] = []
+        while True:
+            m = _FIELD.match(text, pos)
+            if m is None:
+                raise ConfigError(f"{path}:{line}: malformed CSV (a stray or unclosed quote)")
+            quoted, bare, sep = m.group(1), m.group(2), m.group(3)
+            if quoted is not None:
+                fields.append((quoted.replace('""', '"'), True))
+                line += quoted.count("\n") + (quoted.count("\r") - quoted.count("\r\n"))
+            else:
+                fields.append((bare, False))
+            pos = m.end()
+            if sep != ",":
+                if sep:
+                    line += 1
+                break
+        if fields != [("", False)]:
+            yield start_line, fields
+
+
+def _cell(field: str, quoted: bool) -> bool | int | float | str:
+    """A value cell: quoted is text; bare is true/false, an integer, a number, or else text."""
+    if quoted:
+        return field
+    bare = field.strip()
+    if not bare:
+        raise ValueError('empty value (write "" for an empty string)')
+    flag = _BOOLS.get(bare.lower())
+    if flag is not None:
+        return flag
+    if _INT.fullmatch(bare):
+        return int(bare)
+    try:
+        return float(bare)  # nan, inf, -0.0 and every repr() a float prints
+    except ValueError:
+        return field
 
 
 def read_long_csv(path: Path) -> ImportResult:
-    """``t_ns,signal,value`` or ``t,signal,value`` (seconds); signals grouped by :func:`detect_groups`."""
-    path = Path(path)
-    _check_size(path)
-    times: dict[str, list[int]] = defaultdict(list)
-    values: dict[str, list[float | int]] = defaultdict(list)
+    """A long ``t_ns,signal,value`` / ``t,signal,value`` CSV with numbers, bools and text.
+
+    A signal's type follows from all its cells: all bools → BOOL, all integers (in int64) → INT64,
+    numbers → FLOAT64; any text, or bools mixed with numbers → STRING holding every cell's text exactly
+    as written (and a note says so, since that is often a typo in a numeric signal).
+    """
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.reader(fh)
-            header = [h.strip() for h in next(reader, [])]
-            if header not in (["t_ns", "signal", "value"], ["t", "signal", "value"]):
-                raise ConfigError(
-                    f"{path}:1: expected header 't_ns,signal,value' or 't,signal,value', "
-                    f"got {','.join(header)!r}"
-                )
-            in_seconds = header[0] == "t"
-            for lineno, row in enumerate(reader, start=2):
-                if not row:
-                    continue
-                if len(row) != 3:
-                    raise ConfigError(f"{path}:{lineno}: expected 3 fields, got {len(row)}")
-                try:
-                    t = _seconds_to_ns(row[0]) if in_seconds else int(row[0])
-                    if not -(2**63) <= t < 2**63:
-                        raise ValueError(f"time {row[0]!r} outside the int64 ns range")
-                    v = _parse_value(row[2])
-                except ValueError as exc:
-                    raise ConfigError(f"{path}:{lineno}: {exc}") from None
-                name = row[1].strip()
-                if not name:
-                    raise ConfigError(f"{path}:{lineno}: empty signal name")
-                times[name].append(t)
-                values[name].append(v)
+        if path.stat().st_size > MAX_INPUT_BYTES:
+            raise ConfigError(
+                f"{path}: {path.stat().st_size} bytes exceeds the import limit of {MAX_INPUT_BYTES}"
+            )
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    series = {}
+    text = text.removeprefix("\ufeff")
+    times: dict[str, list[int]] = defaultdict(list)
+    cells: dict[str, list[tuple[bool | int | float | str, str]]] = defaultdict(list)
+    records = _csv_records(text, path)
+    first = next(records, None)
+    header = [f.strip() for f, _ in first[1]] if first else []
+    if header not in (["t_ns", "signal", "value"], ["t", "signal", "value"]):
+        raise ConfigError(
+            f"{path}:1: expected header 't_ns,signal,value' or 't,signal,value', got {','.join(header)!r}"
+        )
+    in_seconds = header[0] == "t"
+    for lineno, row in records:
+        if len(row) != 3:
+            raise ConfigError(f"{path}:{lineno}: expected 3 fields, got {len(row)}")
+        try:
+            t = _seconds_to_ns(row[0][0]) if in_seconds else int(row[0][0])
+            if not -(2**63) <= t < 2**63:
+                raise ValueError(f"time {row[0][0]!r} outside the int64 ns range")
+            value = _cell(*row[2])
+        except ValueError as exc:
+            raise ConfigError(f"{path}:{lineno}: {exc}") from None
+        name = row[1][0].strip()
+        if not name:
+            raise ConfigError(f"{path}:{lineno}: empty signal name")
+        times[name].append(t)
+        cells[name].append((value, row[2][0]))
+    notes: list[str] = []
+    series: dict[str, tuple[Any, Any]] = {}
     for name, ts in times.items():
-        vs = values[name]
-        if all(isinstance(v, int) for v in vs) and all(-(2**63) <= int(v) < 2**63 for v in vs):
-            arr: npt.NDArray[Any] = np.array(vs, dtype=np.int64)
+        values = [v for v, _ in cells[name]]
+        kinds = {type(v) for v in values}
+        arr: Any
+        if kinds == {bool}:
+            arr = np.array(values, dtype=np.bool_)
+        elif kinds == {int} and all(-(2**63) <= v < 2**63 for v in values):  # type: ignore[operator]
+            arr = np.array(values, dtype=np.int64)
+        elif kinds <= {int, float}:
+            arr = np.array([float(v) for v in values], dtype=np.float64)
         else:
-            arr = np.array([float(v) for v in vs], dtype=np.float64)
+            if kinds - {str}:
+                notes.append(
+                    f"{name}: mixes text with numbers or true/false; stored as STRING (the cells' text)"
+                )
+            arr = np.empty(len(values), dtype=object)
+            arr[:] = [v if isinstance(v, str) else raw for v, raw in cells[name]]
         series[name] = (np.array(ts, dtype=np.int64), arr)
-    return ImportResult(detect_groups(series), qualified=False)
+    return ImportResult(detect_groups(series), notes=notes, qualified=False)
 
 
 def detect_groups(series: dict[str, tuple[npt.NDArray[np.int64], npt.NDArray[Any]]]) -> list[ImportedGroup]:
@@ -391,7 +456,13 @@ def read_can_log(path: Path, dbc_path: Path) -> ImportResult:
 # ------------------------------------------------------------------------------------------ segments
 
 
-_DATA_TYPES = {"f": DataType.FLOAT64, "i": DataType.INT64, "u": DataType.INT64, "b": DataType.BOOL}
+_DATA_TYPES = {
+    "f": DataType.FLOAT64,
+    "i": DataType.INT64,
+    "u": DataType.INT64,
+    "b": DataType.BOOL,
+    "O": DataType.STRING,  # text (an object array of str, as read_long_csv makes)
+}
 
 
 def to_segments(

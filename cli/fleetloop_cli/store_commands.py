@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from fleetloop_cli.output import FORMATS, emit, render_object, render_rows
-from fleetloop_shared.errors import ConfigError, NotFoundError, UserError
+from fleetloop_shared.errors import NotFoundError, UserError
 
 CATALOG_FILE = "catalog.json"
 DEFAULT_QUOTA = 4 * 1024**3
@@ -53,156 +51,6 @@ def _load_catalog(root: Path) -> Any:
         raise UserError(f"{path}: not a store catalog ({exc})") from None
 
 
-# One CSV field (RFC 4180: quoted with "" escapes, or bare) and what ends it. Matched from the start of a
-# field, so a quote inside a bare field or text after a closing quote is a parse error, not a guess.
-_FIELD = re.compile(r'(?:"([^"]*(?:""[^"]*)*)"|([^,"\r\n]*))(,|\r\n|\n|\r|\Z)')
-_INT = re.compile(r"[+-]?\d+")
-_BOOLS = {"true": True, "false": False}
-
-
-def _csv_records(text: str, path: Path) -> Iterator[tuple[int, list[tuple[str, bool]]]]:
-    """(line number, [(field, quoted), ...]) per record; blank lines are skipped.
-
-    ``csv.reader`` cannot say whether a field was quoted, and here that is the difference between the
-    text ``"1.5"`` and the number ``1.5``.
-    """
-    pos, line, end = 0, 1, len(text)
-    while pos < end:
-        start_line = line
-        fields: list[tuple[str, bool]] = []
-        while True:
-            m = _FIELD.match(text, pos)
-            if m is None:
-                raise ConfigError(f"{path}:{line}: malformed CSV (a stray or unclosed quote)")
-            quoted, bare, sep = m.group(1), m.group(2), m.group(3)
-            if quoted is not None:
-                fields.append((quoted.replace('""', '"'), True))
-                line += quoted.count("\n") + (quoted.count("\r") - quoted.count("\r\n"))
-            else:
-                fields.append((bare, False))
-            pos = m.end()
-            if sep != ",":
-                if sep:
-                    line += 1
-                break
-        if fields != [("", False)]:
-            yield start_line, fields
-
-
-def _cell(field: str, quoted: bool) -> bool | int | float | str:
-    """A value cell: quoted is text; bare is true/false, an integer, a number, or else text."""
-    if quoted:
-        return field
-    bare = field.strip()
-    if not bare:
-        raise ValueError('empty value (write "" for an empty string)')
-    flag = _BOOLS.get(bare.lower())
-    if flag is not None:
-        return flag
-    if _INT.fullmatch(bare):
-        return int(bare)
-    try:
-        return float(bare)  # nan, inf, -0.0 and every repr() a float prints
-    except ValueError:
-        return field
-
-
-def read_long_text_csv(path: Path) -> Any:
-    """A long ``t_ns,signal,value`` / ``t,signal,value`` CSV with numbers, bools and text.
-
-    A signal's type follows from all its cells: all bools → BOOL, all integers (in int64) → INT64,
-    numbers → FLOAT64; any text, or bools mixed with numbers → STRING holding every cell's text exactly
-    as written (and a note says so, since that is often a typo in a numeric signal).
-    """
-    import numpy as np
-
-    from fleetloop_agent.store_import import (
-        MAX_INPUT_BYTES,
-        ImportResult,
-        _seconds_to_ns,
-        detect_groups,
-    )
-
-    try:
-        if path.stat().st_size > MAX_INPUT_BYTES:
-            raise ConfigError(
-                f"{path}: {path.stat().st_size} bytes exceeds the import limit of {MAX_INPUT_BYTES}"
-            )
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    text = text.removeprefix("\ufeff")
-    times: dict[str, list[int]] = defaultdict(list)
-    cells: dict[str, list[tuple[bool | int | float | str, str]]] = defaultdict(list)
-    records = _csv_records(text, path)
-    first = next(records, None)
-    header = [f.strip() for f, _ in first[1]] if first else []
-    if header not in (["t_ns", "signal", "value"], ["t", "signal", "value"]):
-        raise ConfigError(
-            f"{path}:1: expected header 't_ns,signal,value' or 't,signal,value', got {','.join(header)!r}"
-        )
-    in_seconds = header[0] == "t"
-    for lineno, row in records:
-        if len(row) != 3:
-            raise ConfigError(f"{path}:{lineno}: expected 3 fields, got {len(row)}")
-        try:
-            t = _seconds_to_ns(row[0][0]) if in_seconds else int(row[0][0])
-            if not -(2**63) <= t < 2**63:
-                raise ValueError(f"time {row[0][0]!r} outside the int64 ns range")
-            value = _cell(*row[2])
-        except ValueError as exc:
-            raise ConfigError(f"{path}:{lineno}: {exc}") from None
-        name = row[1][0].strip()
-        if not name:
-            raise ConfigError(f"{path}:{lineno}: empty signal name")
-        times[name].append(t)
-        cells[name].append((value, row[2][0]))
-    notes: list[str] = []
-    series: dict[str, tuple[Any, Any]] = {}
-    for name, ts in times.items():
-        values = [v for v, _ in cells[name]]
-        kinds = {type(v) for v in values}
-        arr: Any
-        if kinds == {bool}:
-            arr = np.array(values, dtype=np.bool_)
-        elif kinds == {int} and all(-(2**63) <= v < 2**63 for v in values):  # type: ignore[operator]
-            arr = np.array(values, dtype=np.int64)
-        elif kinds <= {int, float}:
-            arr = np.array([float(v) for v in values], dtype=np.float64)
-        else:
-            if kinds - {str}:
-                notes.append(
-                    f"{name}: mixes text with numbers or true/false; stored as STRING (the cells' text)"
-                )
-            arr = np.empty(len(values), dtype=object)
-            arr[:] = [v if isinstance(v, str) else raw for v, raw in cells[name]]
-        series[name] = (np.array(ts, dtype=np.int64), arr)
-    return ImportResult(detect_groups(series), notes=notes, qualified=False)
-
-
-def _to_segments(result: Any, catalog: Any, *, rows_per_segment: int) -> Iterator[Any]:
-    """``store_import.to_segments`` for groups that may hold text: register each signal, cut segments."""
-    from fleetloop_shared.catalog import DataType
-    from fleetloop_shared.segment import Segment, new_segment_id
-
-    kinds = {"f": DataType.FLOAT64, "i": DataType.INT64, "b": DataType.BOOL, "O": DataType.STRING}
-    for g in result.groups:
-        ids: dict[int, Any] = {}
-        types: dict[int, DataType] = {}
-        for name, values in g.columns.items():
-            spec = catalog.add(f"{g.name}/{name}" if result.qualified else name, kinds[values.dtype.kind])
-            ids[spec.id] = values
-            types[spec.id] = spec.data_type
-        rows = int(g.t_ns.shape[0])
-        for lo in range(0, max(rows, 1), rows_per_segment):
-            hi = min(rows, lo + rows_per_segment)
-            yield Segment(
-                new_segment_id(), g.name, g.t_ns[lo:hi], {k: v[lo:hi] for k, v in ids.items()}, types
-            )
-
-
 def import_segments(
     result: Any,
     catalog: Any,
@@ -226,13 +74,13 @@ def import_segments(
 
 
 def cmd_store_import(args: argparse.Namespace) -> int:
-    from fleetloop_agent.store_import import read_can_log, to_segments
+    from fleetloop_agent.store_import import read_can_log, read_long_csv, to_segments
     from fleetloop_shared.durable import write_atomically
 
     src = Path(args.input)
     if not src.is_file():
         raise NotFoundError(f"{src}: no such file")
-    result = read_can_log(src, Path(args.dbc)) if args.dbc else read_long_text_csv(src)
+    result = read_can_log(src, Path(args.dbc)) if args.dbc else read_long_csv(src)
     root = Path(args.store)
     store = _open_store(root, create=True, quota=args.quota_bytes, segment_version=args.format_version)
     try:
@@ -240,10 +88,9 @@ def cmd_store_import(args: argparse.Namespace) -> int:
         capture = args.capture or src.stem
         segments = samples = 0
         now = time.time_ns()
-        cut = to_segments if args.dbc else _to_segments
         bundle_rows = 0 if args.format_version is not None and args.format_version < 4 else args.bundle_rows
         for seg in import_segments(
-            result, catalog, cut, rows_per_segment=args.rows_per_segment, bundle_rows=bundle_rows
+            result, catalog, to_segments, rows_per_segment=args.rows_per_segment, bundle_rows=bundle_rows
         ):
             # The catalog is saved before the segment that needs it, so a crash never leaves ids unnamed.
             write_atomically(
