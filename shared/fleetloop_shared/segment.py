@@ -31,6 +31,7 @@ Why the layout looks the way it does:
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import time
@@ -81,6 +82,8 @@ CODEC_F64_DIFF = 21  # format version 5: the difference from another FLOAT64 col
 CODEC_F64_RECENT = 22  # format version 5: values that repeat a recent value name it instead
 CODEC_I64_INTSTREAM = 33
 CODEC_I64_KEYED = 34  # format version 5
+CODEC_F64_DICT = 23  # format version 5: few distinct values, as a dictionary and one index per row
+CODEC_I64_DICT = 35  # format version 5
 CODEC_BOOL_PACKBITS = 48
 CODEC_STR_DICT = 64  # format version 3
 ZSTD_FLAG = 0x80
@@ -109,15 +112,16 @@ _KEYED_CODECS = frozenset({CODEC_F64_KEYED, CODEC_I64_KEYED})
 _WRAPPING_CODECS = _KEYED_CODECS | {CODEC_F64_DIFF}
 _VALUE_CODECS: dict[DataType, frozenset[int]] = {
     DataType.FLOAT64: _PLAIN_VALUE_CODECS[DataType.FLOAT64]
-    | {CODEC_F64_KEYED, CODEC_F64_DIFF, CODEC_F64_RECENT},
-    DataType.INT64: _PLAIN_VALUE_CODECS[DataType.INT64] | {CODEC_I64_KEYED},
+    | {CODEC_F64_KEYED, CODEC_F64_DIFF, CODEC_F64_RECENT, CODEC_F64_DICT},
+    DataType.INT64: _PLAIN_VALUE_CODECS[DataType.INT64] | {CODEC_I64_KEYED, CODEC_I64_DICT},
     DataType.BOOL: _PLAIN_VALUE_CODECS[DataType.BOOL],
     DataType.STRING: _PLAIN_VALUE_CODECS[DataType.STRING],
 }
 #: Codec ids (base, flag clear) that need format version 3; a version 2 segment naming one is corrupt.
 _V3_CODECS = frozenset({CODEC_STR_DICT})
 #: Keyed blocks need format version 5 (the multi-group layout of version 4).
-_V5_CODECS = _WRAPPING_CODECS | {CODEC_F64_RECENT}
+_DICT_CODECS = frozenset({CODEC_F64_DICT, CODEC_I64_DICT})
+_V5_CODECS = _WRAPPING_CODECS | _DICT_CODECS | {CODEC_F64_RECENT}
 #: Below this many bytes a zstd frame (≥ 9 bytes of framing) cannot win; not tried.
 _ZSTD_MIN_INPUT = 24
 
@@ -408,7 +412,11 @@ def _encode_columns(
                 blocks.append(_encode_keyed(data_type, values, key))
             else:
                 block = _recent_values(values) if derive and data_type is DataType.FLOAT64 else None
-                blocks.append(block if block is not None else _encode_values(data_type, values))
+                if block is None:
+                    block = _encode_values(data_type, values)
+                    if derive and data_type in _NUMERIC:
+                        block = _with_dictionary(data_type, values, block)
+                blocks.append(block)
         except strings.TextError as exc:
             raise UserError(f"segment {segment.segment_id.hex()}: signal {signal_id}: {exc}") from None
     if derive:
@@ -471,6 +479,44 @@ def _recent_values(values: npt.NDArray[np.float64]) -> _EncodedBlock | None:
         if len(plain[1]) <= len(payload):
             return plain
     return CODEC_F64_RECENT, payload, len(payload)
+
+
+# Dictionaries (format 5). A column with few distinct values that do not lie on a grid — a pressure
+# gauge printing 6 significant digits of 9 ADC levels, a phone gyro's ~100 calibrated raw counts — costs
+# as many bits as the spread of its values under the integer transforms; as one index per row into its
+# distinct values it costs what the index sequence carries.
+#: At most this many distinct values (an index fits a byte).
+DICT_MAX_VALUES = 256
+#: Columns of fewer rows, or cheaper than this many bytes a row, are not tried.
+_DICT_MIN_ROWS = 256
+_DICT_MIN_BYTES_PER_ROW = 0.5
+
+
+def _with_dictionary(data_type: DataType, values: npt.NDArray[Any], plain: _EncodedBlock) -> _EncodedBlock:
+    """``plain``, or the dictionary block of the column when that is smaller."""
+    rows = int(values.shape[0])
+    if rows < _DICT_MIN_ROWS or len(plain[1]) < _DICT_MIN_BYTES_PER_ROW * rows:
+        return plain
+    bits = np.ascontiguousarray(values).view(np.int64)
+    count = recent.distinct_up_to(bits, DICT_MAX_VALUES)  # (compiled; stops past the limit)
+    # an index costs about log2(count) bits before zstd: not worth it where the plain block is cheaper
+    if count > DICT_MAX_VALUES or 8 * len(plain[1]) < rows * (math.log2(count) + 1):
+        return plain
+    distinct, index = recent.dictionary(bits)
+    entries = _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(distinct))
+    indices = _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(index))
+    payload = b"".join(
+        [
+            _U32.pack(distinct.shape[0]),
+            _BLOCK.pack(entries[0], entries[2], len(entries[1])),
+            entries[1],
+            _BLOCK.pack(indices[0], indices[2], len(indices[1])),
+            indices[1],
+        ]
+    )
+    if len(payload) < len(plain[1]):
+        return (CODEC_F64_DICT if data_type is DataType.FLOAT64 else CODEC_I64_DICT), payload, len(payload)
+    return plain
 
 
 # Difference columns (format 5). Signals stamped together are sometimes the same quantity twice or
@@ -1182,6 +1228,9 @@ def _raw_len_bounds(codec: int, rows: int) -> tuple[int, int]:
         return rows * 8, rows * 8
     if base == CODEC_STR_DICT:
         return 1, strings.max_encoded_size(rows)
+    if codec in _DICT_CODECS:
+        most = intstream.max_encoded_size(DICT_MAX_VALUES) + intstream.max_encoded_size(rows)
+        return _U32.size + 2 * _BLOCK.size + 2, _U32.size + 2 * _BLOCK.size + most
     if codec == CODEC_F64_RECENT:
         inner = max(decimal_float.max_encoded_size(rows), intstream.max_encoded_size(rows), rows * 8)
         return 2 * _BLOCK.size + 2, 2 * _BLOCK.size + intstream.max_encoded_size(rows) + inner
@@ -1383,6 +1432,10 @@ def _decode_values(
             raise CorruptSegmentError(f"{block.what}: {exc}") from None
     elif base == CODEC_F64_RECENT:
         values = _decode_recent(block, rows)
+    elif block.codec in _DICT_CODECS:
+        values = _decode_dictionary(block, rows)
+        if data_type is DataType.FLOAT64:
+            values = values.view(np.float64)
     elif base == CODEC_F64_RAW:
         values = np.frombuffer(_unzstd(block), dtype="<f8").astype(np.float64)
     elif base == CODEC_F64_XOR:
@@ -1395,6 +1448,52 @@ def _decode_values(
             raise CorruptSegmentError(f"{block.what}: padding bits after the last row are set")
         values = bits_all[:rows].astype(np.bool_)
     return values, text
+
+
+def _nested_blocks(block: _Block, start: int, parts: list[tuple[str, frozenset[int]]]) -> list[_Block]:
+    """Blocks framed inside a block's payload (as in *Blocks*), from ``start``, filling it exactly."""
+    payload = block.payload
+    pos = start
+    out: list[_Block] = []
+    for what, codecs in parts:
+        if pos + _BLOCK.size > len(payload):
+            raise CorruptSegmentError(f"{block.what}: truncated in the {what} header")
+        codec, raw_len, stored = _BLOCK.unpack_from(payload, pos)
+        pos += _BLOCK.size
+        if codec not in codecs:
+            raise CorruptSegmentError(f"{block.what}: {what} in codec {codec}")
+        if pos + stored > len(payload) or (not codec & ZSTD_FLAG and stored != raw_len):
+            raise CorruptSegmentError(f"{block.what}: {what} have impossible lengths")
+        out.append(_Block(codec, raw_len, payload[pos : pos + stored], f"{block.what} ({what})"))
+        pos += stored
+    if pos != len(payload):
+        raise CorruptSegmentError(f"{block.what}: {len(payload) - pos} bytes after the {parts[-1][0]}")
+    return out
+
+
+_INT_STREAM_CODECS = frozenset({CODEC_I64_INTSTREAM, CODEC_I64_INTSTREAM | ZSTD_FLAG})
+
+
+def _decode_dictionary(block: _Block, rows: int) -> npt.NDArray[np.int64]:
+    """A dictionary block: the count, the distinct values (bits), one index per row."""
+    if len(block.payload) < _U32.size:
+        raise CorruptSegmentError(f"{block.what}: dictionary truncated")
+    (count,) = _U32.unpack_from(block.payload, 0)
+    if not 1 <= count <= min(DICT_MAX_VALUES, max(rows, 1)):
+        raise CorruptSegmentError(f"{block.what}: {count} dictionary entries impossible for {rows} rows")
+    entries, indices = _nested_blocks(
+        block, _U32.size, [("dictionary entries", _INT_STREAM_CODECS), ("indices", _INT_STREAM_CODECS)]
+    )
+    for part, n in ((entries, count), (indices, rows)):
+        lo, hi = _raw_len_bounds(part.codec, n)
+        if not lo <= part.raw_len <= hi:
+            raise CorruptSegmentError(f"{part.what}: impossible length for {n} values")
+    table = _decode_ints(entries, count)
+    index = _decode_ints(indices, rows)
+    if rows and (int(index.min()) < 0 or int(index.max()) >= count):
+        raise CorruptSegmentError(f"{block.what}: an index outside the {count} dictionary entries")
+    out: npt.NDArray[np.int64] = table[index]
+    return out
 
 
 def _decode_recent(block: _Block, rows: int) -> npt.NDArray[np.float64]:

@@ -21,6 +21,7 @@ from fleetloop_shared.errors import CorruptSegmentError, UserError
 from fleetloop_shared.samples import GroupBatch
 from fleetloop_shared.segment import (
     CODEC_F64_BITS_INTSTREAM,
+    CODEC_F64_DICT,
     CODEC_F64_DIFF,
     CODEC_F64_KEYED,
     CODEC_F64_RAW,
@@ -1585,6 +1586,128 @@ def test_resealed_random_mutations_of_recent_value_segments_never_raise_anything
     data: st.DataObject,
 ) -> None:
     good = bytearray(encode_segment(dithering_imu(5, rows=2500))[:-4])
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(good) - 1))
+        good[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(good)))
+    try:
+        seg = decode_segment(reseal(bytes(good[:cut] if data.draw(st.booleans()) else good)))
+    except CorruptSegmentError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert decode_segment(encode_segment(seg)) == seg
+
+
+# --------------------------------------------------------------------------- dictionaries (format 5)
+
+
+def pressure_gauge(seed: int, rows: int = 4000) -> Segment:
+    """Generated (not the corpus): a gauge with 9 ADC levels printed to 6 significant digits (so the
+    levels are not on a grid), noisy between them; and an INT64 mode with 5 odd codes."""
+    rng = np.random.default_rng(seed)
+    levels = np.array([float(f"{0.327927 * k - 1.257:.6g}") for k in range(9)])
+    fresh = rng.random(rows) < 0.55  # a new reading lands on any level; otherwise the last one holds
+    level = rng.integers(0, 9, rows)[np.maximum.accumulate(np.where(fresh, np.arange(rows), 0))]
+    codes = np.array([3, 1_000_003, -77, 2**40 + 1, 12345], dtype=np.int64)
+    return Segment(
+        new_segment_id(),
+        "pump/gauge",
+        np.arange(rows, dtype=np.int64) * 1_000_000_000,
+        {1: levels[level], 2: codes[rng.integers(0, 5, rows)]},
+        {1: DataType.FLOAT64, 2: DataType.INT64},
+    )
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_dictionaries_store_few_off_grid_values_as_indices(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleetloop_shared.segment import CODEC_I64_DICT
+
+    seg = pressure_gauge(seed)
+    data = encode_segment(seg)
+    assert _version(data) == 5
+    codecs = _column_codecs(data)
+    assert codecs[1] == CODEC_F64_DICT and codecs[2] == CODEC_I64_DICT
+    roundtrip(seg)
+    import fleetloop_shared.segment as segment_module
+
+    monkeypatch.setattr(segment_module, "_with_dictionary", lambda data_type, values, plain: plain)
+    assert len(data) < 0.7 * len(encode_segment(seg))
+
+
+def test_dictionary_kernel_and_numpy_agree() -> None:
+    from fleetloop_shared.codecs import recent
+
+    rng = np.random.default_rng(9)
+    for x in (
+        rng.integers(-5, 5, 3000),
+        np.array([7, 7, 7]),
+        np.array([I64_MAX, I64_MIN, 0, I64_MIN]),
+        rng.integers(0, 10**6, 500),
+    ):
+        bits = np.asarray(x, dtype=np.int64)
+        table, index = recent.dictionary(bits)
+        want_table, want_index = np.unique(bits, return_inverse=True)
+        assert table.tolist() == want_table.tolist() and index.tolist() == want_index.ravel().tolist()
+        for limit in (1, 5, 300):
+            assert recent.distinct_up_to(bits, limit) == min(len(want_table), limit + 1)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda p: struct.pack("<I", 0) + p[4:], "0 dictionary entries impossible"),
+        (lambda p: struct.pack("<I", 300) + p[4:], "300 dictionary entries impossible"),
+        (
+            lambda p: struct.pack("<I", 8) + p[4:],
+            "an index outside the 8 dictionary entries|integer stream holds",
+        ),
+        (lambda p: p + b"\x00", "bytes after the indices"),
+        (lambda p: p[:4] + bytes([CODEC_F64_RAW]) + p[5:], "dictionary entries in codec 16"),
+        (lambda p: p, None),
+    ],
+)
+def test_forged_dictionary_blocks_are_refused_with_a_reason(edit: Any, message: str | None) -> None:
+    seg = pressure_gauge(3, rows=1000)
+    data = encode_segment(seg)
+    pos, stored = _first_block(data, CODEC_F64_DICT)
+    forged = edit(data[pos : pos + stored])
+    body = (
+        data[: pos - 9]
+        + struct.pack("<BII", CODEC_F64_DICT, len(forged), len(forged))
+        + forged
+        + data[pos + stored : -4]
+    )
+    if message is None:
+        assert decode_segment(reseal(body)) == seg
+    else:
+        expect_corrupt(reseal(body), message)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(256, 3000), st.integers(1, 256), st.integers(0, 2**32 - 1), st.booleans())
+def test_property_dictionary_round_trip_is_bit_exact(rows: int, levels: int, seed: int, floats: bool) -> None:
+    rng = np.random.default_rng(seed)
+    if floats:
+        table = rng.normal(0, 1e3, levels)
+        table[: min(levels, 3)] = [np.nan, -0.0, np.inf][: min(levels, 3)]
+        values: npt.NDArray[Any] = table[rng.integers(0, levels, rows)]
+        dt = DataType.FLOAT64
+    else:
+        values = rng.integers(I64_MIN, I64_MAX, levels, dtype=np.int64, endpoint=True)[
+            rng.integers(0, levels, rows)
+        ]
+        dt = DataType.INT64
+    roundtrip(Segment(new_segment_id(), "g", np.arange(rows, dtype=np.int64), {5: values}, {5: dt}))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_resealed_random_mutations_of_dictionary_segments_never_raise_anything_else(
+    data: st.DataObject,
+) -> None:
+    good = bytearray(encode_segment(pressure_gauge(5, rows=1200))[:-4])
     for _ in range(data.draw(st.integers(1, 4))):
         i = data.draw(st.integers(0, len(good) - 1))
         good[i] = data.draw(st.integers(0, 255))

@@ -54,7 +54,40 @@ def _references_numpy(bits: I64) -> tuple[I64, int]:
     return out, distinct
 
 
+def distinct_up_to(bits: I64, limit: int) -> int:
+    """How many distinct values ``bits`` holds, or ``limit + 1`` if more (the kernel stops there: most
+    columns have thousands, and a dictionary is only wanted for a few)."""
+    bits = np.ascontiguousarray(bits, dtype=np.int64)
+    kernel = _load_kernel()
+    if kernel is not None:
+        size = 1 << max(4, (4 * limit).bit_length())
+        return int(_count_kernel(bits, np.full(size, -1, dtype=np.int64), limit))
+    return min(int(np.unique(bits).shape[0]), limit + 1)
+
+
+def dictionary(bits: I64) -> tuple[I64, I64]:
+    """The distinct values in ascending order and each row's index among them (as ``np.unique`` with
+    ``return_inverse``; the kernel numbers values in a hash table as they come, then sorts the few)."""
+    bits = np.ascontiguousarray(bits, dtype=np.int64)
+    kernel = _load_kernel()
+    if kernel is None:
+        table, index = np.unique(bits, return_inverse=True)
+        return table, index.astype(np.int64).ravel()
+    n = int(bits.shape[0])
+    size = 1 << max(4, (2 * n).bit_length())
+    ids = np.empty(n, dtype=np.int64)
+    firsts = np.empty(n, dtype=np.int64)
+    count = int(_number_kernel(bits, np.full(size, -1, dtype=np.int64), ids, firsts))
+    values = bits[firsts[:count]]
+    order = np.argsort(values, kind="stable")
+    rank = np.empty(count, dtype=np.int64)
+    rank[order] = np.arange(count, dtype=np.int64)
+    return values[order], rank[ids]
+
+
 _kernel: Any = None
+_count_kernel: Any = None
+_number_kernel: Any = None
 _tried = False
 
 
@@ -90,8 +123,57 @@ def _load_kernel() -> Any:
                 slot = (slot + 1) & mask
         return distinct
 
+    @numba.njit(cache=True, nogil=True)
+    def count(bits: Any, table: Any, limit: int) -> int:  # pragma: no cover - compiled
+        mask = table.shape[0] - 1
+        distinct = 0
+        for i in range(bits.shape[0]):
+            b = bits[i]
+            h = (np.uint64(b) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
+            slot = np.int64(h) & mask
+            while True:
+                j = table[slot]
+                if j < 0:
+                    table[slot] = i
+                    distinct += 1
+                    if distinct > limit:
+                        return distinct
+                    break
+                if bits[j] == b:
+                    break
+                slot = (slot + 1) & mask
+        return distinct
+
+    @numba.njit(cache=True, nogil=True)
+    def number(bits: Any, table: Any, ids: Any, firsts: Any) -> int:  # pragma: no cover - compiled
+        mask = table.shape[0] - 1
+        count = 0
+        for i in range(bits.shape[0]):
+            b = bits[i]
+            h = (np.uint64(b) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
+            slot = np.int64(h) & mask
+            while True:
+                j = table[slot]
+                if j < 0:
+                    table[slot] = i
+                    ids[i] = count
+                    firsts[count] = i
+                    count += 1
+                    break
+                if bits[j] == b:
+                    ids[i] = ids[j]
+                    break
+                slot = (slot + 1) & mask
+        return count
+
+    global _count_kernel, _number_kernel
     try:
         probe = np.array([1, 2, 1, 1, 3, 2], dtype=np.int64)
+        if (
+            count(probe, np.full(16, -1, dtype=np.int64), 2) != 3
+            or count(probe, np.full(16, -1, dtype=np.int64), 5) != 3
+        ):
+            return None
         got = np.zeros(6, dtype=np.int64)
         distinct = refs(probe, np.full(16, -1, dtype=np.int64), got)
         if (got.tolist(), distinct) != (lambda r: (r[0].tolist(), r[1]))(_references_numpy(probe)):
@@ -99,4 +181,6 @@ def _load_kernel() -> Any:
     except Exception:  # any failure of the optional accelerator falls back to the numpy path
         return None
     _kernel = refs
+    _count_kernel = count
+    _number_kernel = number
     return refs
