@@ -193,6 +193,11 @@ def _load_kernels() -> tuple[Any, Any] | None:
         return None
     import numba
 
+    try:  # numba's count-leading-zeros intrinsic: the bit length in one instruction
+        from numba.cpython.unsafe.numbers import leading_zeros
+    except ImportError:  # pragma: no cover - a numba without it: the numpy path
+        return None
+
     @numba.njit(cache=True, nogil=True)
     def split(
         v: Any, mode: int, exponent: int, p10: float, p2neg: float, n: Any, r: Any
@@ -345,26 +350,7 @@ def _load_kernels() -> tuple[Any, Any] | None:
                     u = np.uint64(y - base)
                     if g != 1:  # (a 64-bit division costs more than the rest of the loop)
                         u //= g
-                    bl = 0
-                    if u >= np.uint64(1 << 32):
-                        u >>= np.uint64(32)
-                        bl += 32
-                    if u >= np.uint64(1 << 16):
-                        u >>= np.uint64(16)
-                        bl += 16
-                    if u >= np.uint64(1 << 8):
-                        u >>= np.uint64(8)
-                        bl += 8
-                    if u >= np.uint64(1 << 4):
-                        u >>= np.uint64(4)
-                        bl += 4
-                    if u >= np.uint64(1 << 2):
-                        u >>= np.uint64(2)
-                        bl += 2
-                    if u >= np.uint64(2):
-                        u >>= np.uint64(1)
-                        bl += 1
-                    counts[bl + int(u)] += 1
+                    counts[64 - leading_zeros(u)] += 1  # type: ignore[call-arg]  # (bit length: one instruction)
                 above = cnt
                 best_w = -1
                 for w in range(65):
