@@ -1498,25 +1498,9 @@ def _decode_dictionary(block: _Block, rows: int) -> npt.NDArray[np.int64]:
 
 def _decode_recent(block: _Block, rows: int) -> npt.NDArray[np.float64]:
     """Recent values: the references (an integer stream), then the literals (a FLOAT64 block)."""
-    payload = block.payload
-    pos = 0
-    parts: list[_Block] = []
-    for what, codecs in (
-        ("references", frozenset({CODEC_I64_INTSTREAM, CODEC_I64_INTSTREAM | ZSTD_FLAG})),
-        ("literals", _PLAIN_VALUE_CODECS[DataType.FLOAT64]),
-    ):
-        if pos + _BLOCK.size > len(payload):
-            raise CorruptSegmentError(f"{block.what}: recent values truncated in the {what} header")
-        codec, raw_len, stored = _BLOCK.unpack_from(payload, pos)
-        pos += _BLOCK.size
-        if codec not in codecs:
-            raise CorruptSegmentError(f"{block.what}: {what} of recent values in codec {codec}")
-        if pos + stored > len(payload) or (not codec & ZSTD_FLAG and stored != raw_len):
-            raise CorruptSegmentError(f"{block.what}: {what} of recent values have impossible lengths")
-        parts.append(_Block(codec, raw_len, payload[pos : pos + stored], f"{block.what} ({what})"))
-        pos += stored
-    if pos != len(payload):
-        raise CorruptSegmentError(f"{block.what}: {len(payload) - pos} bytes after the recent values")
+    parts = _nested_blocks(
+        block, 0, [("references", _INT_STREAM_CODECS), ("literals", _PLAIN_VALUE_CODECS[DataType.FLOAT64])]
+    )
     ref_block, literal_block = parts
     lo, hi = _raw_len_bounds(ref_block.codec, rows)
     if not lo <= ref_block.raw_len <= hi:
