@@ -949,6 +949,9 @@ def _validated(segment: Segment) -> tuple[npt.NDArray[np.int64], _Columns]:
     return t_ns, out
 
 
+#: A float column whose best scaling is estimated (on its sample) above this many bytes a value is taken
+#: for true doubles: only the bit-level codecs 19 and 16 are made.
+_TRUE_DOUBLE_BYTES = 6.0
 #: Plain doubles (codec 16) are tried only for a column still costing more than this many bytes a value
 #: (on the real corpus they won once, on a column of near-noise).
 _RAW_WORTH_TRYING = 6
@@ -974,16 +977,22 @@ def _encode_timestamps(t_ns: npt.NDArray[np.int64]) -> tuple[int, bytes, int]:
 def _encode_values(data_type: DataType, values: npt.NDArray[Any]) -> tuple[int, bytes, int]:
     if data_type is DataType.FLOAT64:
         floats = np.ascontiguousarray(values, dtype="<f8")
-        packed, planes, exact = decimal_float.encode_variants(floats)
-        if packed is None:
-            assert planes is not None
-            best = (CODEC_F64_SCALED, planes, len(planes))
-        else:
-            best = _smaller(CODEC_F64_SCALED, packed)
-            if planes is not None and len(planes) < len(best[1]):
-                best = (CODEC_F64_SCALED, planes, len(planes))
         rows = int(floats.shape[0])
-        if not exact and len(best[1]) > 2 * rows:
+        mode, exponent, estimate = decimal_float.choose_estimated(floats)
+        best: _EncodedBlock | None = None
+        exact = False
+        if estimate <= _TRUE_DOUBLE_BYTES:
+            packed, planes, exact = decimal_float.encode_variants(floats, (mode, exponent))
+            if packed is None:
+                assert planes is not None
+                best = (CODEC_F64_SCALED, planes, len(planes))
+            else:
+                best = _smaller(CODEC_F64_SCALED, packed)
+                if planes is not None and len(planes) < len(best[1]):
+                    best = (CODEC_F64_SCALED, planes, len(planes))
+        # else: true doubles (no scaling came near: the sample's best cost > 6 bytes a value, as for
+        # GNSS pseudoranges or a pose) — the scaled encoding is not even made.
+        if best is None or (not exact and len(best[1]) > 2 * rows):
             # Not a decimal or scaled integer in disguise (true doubles): first differences of the bits
             # win for slowly changing values, plain bytes for noise — but plain bytes (8 a value before
             # zstd) only when nothing so far came near them. XOR of neighbours (codec 17, still read)
@@ -993,7 +1002,7 @@ def _encode_values(data_type: DataType, values: npt.NDArray[Any]) -> tuple[int, 
             candidate = _smaller(
                 CODEC_F64_BITS_INTSTREAM, *intstream.encode_with_zstd(bits.view(np.int64), (0, 1))
             )
-            if len(candidate[1]) < len(best[1]):
+            if best is None or len(candidate[1]) < len(best[1]):
                 best = candidate
             if len(best[1]) > _RAW_WORTH_TRYING * rows:
                 candidate = _smaller(CODEC_F64_RAW, bits.tobytes())

@@ -142,21 +142,29 @@ def _decimal_candidates(sample: F64) -> tuple[list[int], bool]:
 
 def choose(v: F64) -> tuple[int, int]:
     """(mode, exponent) with the smallest estimated size on a sample of ``v``."""
+    mode, exponent, _ = choose_estimated(v)
+    return mode, exponent
+
+
+def choose_estimated(v: F64) -> tuple[int, int, float]:
+    """:func:`choose`, and the estimated bytes a value at that scaling (0.0 when every sampled value is
+    exact: then no estimate was needed). Both implementations compute the same exact sizes."""
     n = int(v.shape[0])
     sample = v if n <= SAMPLE else v[(np.arange(SAMPLE, dtype=np.int64) * (n - 1)) // (SAMPLE - 1)]
     sample = np.ascontiguousarray(sample, dtype=np.float64)
     kernels = _load_kernels()
     if kernels is not None:
-        mode, exponent = kernels[1](sample, *_choose_args())
-        return int(mode), int(exponent)
-    return _choose_numpy(sample)
+        mode, exponent, size = kernels[1](sample, *_choose_args())
+    else:
+        mode, exponent, size = _choose_numpy(sample)
+    return int(mode), int(exponent), max(0, int(size)) / max(1, int(sample.shape[0]))
 
 
-def _choose_numpy(sample: F64) -> tuple[int, int]:
+def _choose_numpy(sample: F64) -> tuple[int, int, int]:
     best: tuple[int, int, int] | None = None
     decimals, all_exact = _decimal_candidates(sample)
     if all_exact:
-        return MODE_DECIMAL, decimals[0]
+        return MODE_DECIMAL, decimals[0], -1
     candidates = [(MODE_DECIMAL, e) for e in decimals]
     candidates += [(MODE_BINARY, k) for k in _binary_exponent_candidates(sample)]
     for mode, exponent in candidates:
@@ -164,7 +172,7 @@ def _choose_numpy(sample: F64) -> tuple[int, int]:
         if best is None or size < best[0]:
             best = (size, mode, exponent)
     assert best is not None
-    return best[1], best[2]
+    return best[1], best[2], best[0]
 
 
 def _choose_args() -> tuple[Any, ...]:
@@ -225,7 +233,7 @@ def _load_kernels() -> tuple[Any, Any] | None:
         fixed: int,
         order_bytes: int,
         exc_entry: int,
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, int]:
         m = sample.shape[0]
         bits = sample.view(np.int64)
         approx = np.empty(m, dtype=np.float64)
@@ -253,7 +261,7 @@ def _load_kernels() -> tuple[Any, Any] | None:
             if exact == m:
                 # every value exact: no exponent can do better (the common case of decimals from a
                 # CSV or a PLC), so the smaller exponents' counts are all that was needed
-                return 0, e
+                return 0, e, -1
             if exact > best_exact:
                 best_exact = exact
                 best_exact_e = e
@@ -261,7 +269,7 @@ def _load_kernels() -> tuple[Any, Any] | None:
                 best_near = near
                 best_near_e = e
         if best_exact == m:
-            return 0, best_exact_e
+            return 0, best_exact_e, -1
         modes = np.zeros(4, dtype=np.int64)
         exps = np.zeros(4, dtype=np.int64)
         k = 0
@@ -363,7 +371,7 @@ def _load_kernels() -> tuple[Any, Any] | None:
                 best = size
                 best_mode = mode
                 best_exp = e
-        return best_mode, best_exp
+        return best_mode, best_exp, best
 
     try:  # compile now; a failure means the numpy path, never a failed encode (as in bitpack)
         probe = np.array([1.5, 0.25, 3.0], dtype=np.float64)
@@ -383,14 +391,14 @@ def encode(v: F64) -> bytes:
     return payload
 
 
-def encode_variants(v: F64) -> tuple[bytes | None, bytes | None, bool]:
+def encode_variants(v: F64, choice: tuple[int, int] | None = None) -> tuple[bytes | None, bytes | None, bool]:
     """Two payloads of ``v``: with the integers bit-packed (for zstd on top), and with them as
     compressed byte planes when that was worth trying; the framing caller keeps the smaller (the first
     is ``None`` when the planes are sure to be, see ``intstream.encode_variants``). The flag says the
     scaling was exact for every value (the column is decimals or scaled integers, so no encoding of
     the raw doubles can be smaller and the caller need not try one)."""
     v = np.ascontiguousarray(v, dtype=np.float64)
-    mode, exponent = choose(v)
+    mode, exponent = choose(v) if choice is None else choice
     n, r = _split(v, mode, exponent)
     head = _HEAD.pack(mode, exponent)
     r_stream = intstream.encode(r, (0, 1))
