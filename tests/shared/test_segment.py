@@ -1178,18 +1178,21 @@ def test_property_keyed_round_trip_is_bit_exact(seg: Segment, bundled: bool) -> 
         assert_bit_exact(want, got)
 
 
-def _keyed_block(data: bytes) -> tuple[int, int]:
-    """(offset of the payload, stored length) of the first keyed value block of a format 5 segment."""
+def forge_block(data: bytes, codec: int, edit: Any) -> bytes:
+    """``data`` with the payload of its first value block of ``codec`` replaced by ``edit(payload)``,
+    the block's lengths set to match (these blocks are never zstd'd as a whole: stored == raw) and the
+    checksum resealed, as a forger would."""
     from fleetloop_shared.segment import _parse_framing
 
-    header = _parse_framing(data)
-    for g in header.groups:
+    for g in _parse_framing(data).groups:
         for block in g.blocks[1:]:
-            if block.codec == CODEC_F64_KEYED:
+            if block.codec == codec:
                 pos = data.find(block.payload)
                 assert pos > 0
-                return pos, len(block.payload)
-    raise AssertionError("no keyed block")
+                forged = edit(block.payload)
+                head = struct.pack("<BII", codec, len(forged), len(forged))
+                return reseal(data[: pos - 9] + head + forged + data[pos + len(block.payload) : -4])
+    raise AssertionError(f"no block with codec {codec}")
 
 
 @pytest.mark.parametrize(
@@ -1207,20 +1210,9 @@ def _keyed_block(data: bytes) -> tuple[int, int]:
     ],
 )
 def test_forged_keyed_blocks_are_refused_with_a_reason(edit: Any, message: str) -> None:
-    data = encode_segment(interleaved_series(1, epochs=60))
-    pos, stored = _keyed_block(data)
-    payload = data[pos : pos + stored]
-    forged_payload = edit(payload)
-    # rewrite the block header's lengths (keyed blocks are never zstd'd: stored == raw)
-    head = data[pos - 9 : pos]
-    codec = head[0]
-    body = (
-        data[: pos - 9]
-        + struct.pack("<BII", codec, len(forged_payload), len(forged_payload))
-        + forged_payload
-        + data[pos + stored : -4]
+    expect_corrupt(
+        forge_block(encode_segment(interleaved_series(1, epochs=60)), CODEC_F64_KEYED, edit), message
     )
-    expect_corrupt(reseal(body), message)
 
 
 def test_keyed_codecs_in_a_version_4_segment_are_refused() -> None:
@@ -1348,17 +1340,6 @@ def test_property_difference_round_trip_is_bit_exact(seg: Segment) -> None:
         assert_bit_exact(want, got)
 
 
-def _first_block(data: bytes, codec: int) -> tuple[int, int]:
-    from fleetloop_shared.segment import _parse_framing
-
-    for g in _parse_framing(data).groups:
-        for block in g.blocks[1:]:
-            if block.codec == codec:
-                pos = data.find(block.payload)
-                return pos, len(block.payload)
-    raise AssertionError(f"no block with codec {codec}")
-
-
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -1370,17 +1351,7 @@ def _first_block(data: bytes, codec: int) -> tuple[int, int]:
     ],
 )
 def test_forged_difference_blocks_are_refused_with_a_reason(edit: Any, message: str) -> None:
-    data = encode_segment(calibrated_pair(1, rows=600))
-    pos, stored = _first_block(data, CODEC_F64_DIFF)
-    forged = edit(data[pos : pos + stored])
-    head = data[pos - 9 : pos]
-    body = (
-        data[: pos - 9]
-        + struct.pack("<BII", head[0], len(forged), len(forged))
-        + forged
-        + data[pos + stored : -4]
-    )
-    expect_corrupt(reseal(body), message)
+    expect_corrupt(forge_block(encode_segment(calibrated_pair(1, rows=600)), CODEC_F64_DIFF, edit), message)
 
 
 def test_forged_difference_patches_out_of_order_are_refused() -> None:
@@ -1504,10 +1475,6 @@ def test_property_recent_values_round_trip_is_bit_exact(
     roundtrip(seg)
 
 
-def _recent_payload(data: bytes) -> tuple[int, int]:
-    return _first_block(data, CODEC_F64_RECENT)
-
-
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -1519,41 +1486,28 @@ def _recent_payload(data: bytes) -> tuple[int, int]:
 )
 def test_forged_recent_value_blocks_are_refused_with_a_reason(edit: Any, message: str | None) -> None:
     seg = dithering_imu(3, rows=3000)
-    data = encode_segment(seg)
-    pos, stored = _recent_payload(data)
-    forged = edit(data[pos : pos + stored])
-    body = (
-        data[: pos - 9]
-        + struct.pack("<BII", CODEC_F64_RECENT, len(forged), len(forged))
-        + forged
-        + data[pos + stored : -4]
-    )
+    forged = forge_block(encode_segment(seg), CODEC_F64_RECENT, edit)
     if message is None:
-        assert decode_segment(reseal(body)) == seg
+        assert decode_segment(forged) == seg
     else:
-        expect_corrupt(reseal(body), message)
+        expect_corrupt(forged, message)
 
 
 def test_forged_recent_references_pointing_before_the_first_row_are_refused() -> None:
     from fleetloop_shared.codecs import intstream
 
-    seg = dithering_imu(4, rows=3000)
-    data = encode_segment(seg)
-    pos, stored = _recent_payload(data)
-    payload = data[pos : pos + stored]
-    ref_stored = struct.unpack_from("<BII", payload, 0)[2]
-    rest = payload[9 + ref_stored :]
     refs = np.zeros(3000, dtype=np.int64)
     refs[0] = 5  # row 0 naming a row before it (checked before the literals are counted)
     stream = intstream.encode(refs)
-    forged = struct.pack("<BII", CODEC_I64_INTSTREAM, len(stream), len(stream)) + stream + rest
-    body = (
-        data[: pos - 9]
-        + struct.pack("<BII", CODEC_F64_RECENT, len(forged), len(forged))
-        + forged
-        + data[pos + stored : -4]
+
+    def edit(payload: bytes) -> bytes:
+        rest = payload[9 + struct.unpack_from("<BII", payload, 0)[2] :]  # the literals as they were
+        return struct.pack("<BII", CODEC_I64_INTSTREAM, len(stream), len(stream)) + stream + rest
+
+    expect_corrupt(
+        forge_block(encode_segment(dithering_imu(4, rows=3000)), CODEC_F64_RECENT, edit),
+        "a reference points outside",
     )
-    expect_corrupt(reseal(body), "a reference points outside")
 
 
 @settings(max_examples=150, deadline=None)
@@ -1636,19 +1590,11 @@ def test_dictionary_kernel_and_numpy_agree() -> None:
 )
 def test_forged_dictionary_blocks_are_refused_with_a_reason(edit: Any, message: str | None) -> None:
     seg = pressure_gauge(3, rows=1000)
-    data = encode_segment(seg)
-    pos, stored = _first_block(data, CODEC_F64_DICT)
-    forged = edit(data[pos : pos + stored])
-    body = (
-        data[: pos - 9]
-        + struct.pack("<BII", CODEC_F64_DICT, len(forged), len(forged))
-        + forged
-        + data[pos + stored : -4]
-    )
+    forged = forge_block(encode_segment(seg), CODEC_F64_DICT, edit)
     if message is None:
-        assert decode_segment(reseal(body)) == seg
+        assert decode_segment(forged) == seg
     else:
-        expect_corrupt(reseal(body), message)
+        expect_corrupt(forged, message)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
