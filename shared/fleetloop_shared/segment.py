@@ -17,8 +17,12 @@ Why the layout looks the way it does:
 * Text (catalog ``STRING``) is a dictionary of distinct strings plus per-row or run-length indices
   (:mod:`fleetloop_shared.codecs.strings`): machine text is states and codes with few distinct values.
 * A writer stamps the *lowest* format version that expresses the segment (2 unless a column is text,
-  4 only for a segment of several groups), so a cloud that reads only version 2 keeps accepting every
-  single-group segment without text.
+  4 only for a segment of several groups, 5 only where a keyed, difference, recent-value or dictionary
+  column pays), so a cloud that reads only version 2 keeps accepting every single-group segment without
+  text; ``encode_segment(max_version=...)`` caps it for a fleet whose cloud is older.
+* Format 5 columns may be stored relative to something: in the order of a key column (interleaved
+  series), as the difference from a twin column, as references to recent equal rows, or as indices into
+  a few distinct values — each only where the block comes out smaller.
 * A segment may hold several groups (format version 4) because on a CAN bus the *arrival* times are
   the cost: frames of different messages that came in one USB batch carry the very same timestamp, so
   those groups share one sorted "clock" column and each group stores indices into it (cheap: a periodic
