@@ -502,11 +502,13 @@ def _with_dictionary(data_type: DataType, values: npt.NDArray[Any], plain: _Enco
     if rows < _DICT_MIN_ROWS or len(plain[1]) < _DICT_MIN_BYTES_PER_ROW * rows:
         return plain
     bits = np.ascontiguousarray(values).view(np.int64)
-    count = recent.distinct_up_to(bits, DICT_MAX_VALUES)  # (compiled; stops past the limit)
-    # an index costs about log2(count) bits before zstd: not worth it where the plain block is cheaper
-    if count > DICT_MAX_VALUES or 8 * len(plain[1]) < rows * (math.log2(count) + 1):
+    found = recent.dictionary(bits, DICT_MAX_VALUES)  # (one compiled pass; stops past the limit)
+    if found is None:
         return plain
-    distinct, index = recent.dictionary(bits)
+    distinct, index = found
+    # an index costs about log2(count) bits before zstd: not worth it where the plain block is cheaper
+    if 8 * len(plain[1]) < rows * (math.log2(distinct.shape[0]) + 1):
+        return plain
     entries = _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(distinct))
     indices = _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(index))
     payload = b"".join(
@@ -1249,7 +1251,9 @@ def _raw_len_bounds(codec: int, rows: int) -> tuple[int, int]:
         return 2 * _BLOCK.size + 2, 2 * _BLOCK.size + intstream.max_encoded_size(rows) + inner
     if codec in _WRAPPING_CODECS:
         inner = max(decimal_float.max_encoded_size(rows), intstream.max_encoded_size(rows), rows * 8)
-        return _KEYED.size + 1, _DIFF.size + 12 * rows + inner
+        if codec == CODEC_F64_DIFF:  # (its header, then up to one patch of 12 bytes a row)
+            return _DIFF.size + 1, _DIFF.size + 12 * rows + inner
+        return _KEYED.size + 1, _KEYED.size + inner
     n = (rows + 7) // 8
     return n, n
 

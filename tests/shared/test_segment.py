@@ -1567,11 +1567,16 @@ def test_dictionary_kernel_and_numpy_agree() -> None:
         rng.integers(0, 10**6, 500),
     ):
         bits = np.asarray(x, dtype=np.int64)
-        table, index = recent.dictionary(bits)
         want_table, want_index = np.unique(bits, return_inverse=True)
-        assert table.tolist() == want_table.tolist() and index.tolist() == want_index.ravel().tolist()
-        for limit in (1, 5, 300):
-            assert recent.distinct_up_to(bits, limit) == min(len(want_table), limit + 1)
+        for limit in (1, 5, 300, len(bits)):
+            found = recent.dictionary(bits, limit)
+            if len(want_table) > limit:
+                assert found is None
+            else:
+                assert found is not None
+                table, index = found
+                assert table.tolist() == want_table.tolist()
+                assert index.tolist() == want_index.ravel().tolist()
 
 
 @pytest.mark.parametrize(

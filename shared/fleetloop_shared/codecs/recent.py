@@ -58,25 +58,19 @@ def references(bits: I64) -> tuple[I64, int]:
     return out, count
 
 
-def distinct_up_to(bits: I64, limit: int) -> int:
-    """How many distinct values ``bits`` holds, or ``limit + 1`` if more (the kernel stops there: most
-    columns have thousands, and a dictionary is only wanted for a few)."""
+def dictionary(bits: I64, limit: int) -> tuple[I64, I64] | None:
+    """The distinct values in ascending order and each row's index among them (as ``np.unique`` with
+    ``return_inverse``), or None when there are more than ``limit``: the kernel numbers values as they
+    come and stops there (most columns have thousands, a dictionary is only wanted for a few), then
+    only the few are sorted."""
     bits = np.ascontiguousarray(bits, dtype=np.int64)
     scanned = _scan(bits, limit)
     if scanned is None:
-        return min(int(np.unique(bits).shape[0]), limit + 1)
-    return min(scanned[0], limit + 1)
-
-
-def dictionary(bits: I64) -> tuple[I64, I64]:
-    """The distinct values in ascending order and each row's index among them (as ``np.unique`` with
-    ``return_inverse``; the kernel numbers values as they come, then only the few are sorted)."""
-    bits = np.ascontiguousarray(bits, dtype=np.int64)
-    scanned = _scan(bits, int(bits.shape[0]))
-    if scanned is None:
         table, index = np.unique(bits, return_inverse=True)
-        return table, index.astype(np.int64).ravel()
+        return None if table.shape[0] > limit else (table, index.astype(np.int64).ravel())
     count, ids, _, first = scanned
+    if count > limit:
+        return None
     values = bits[first[:count]]
     order = np.argsort(values, kind="stable")
     rank = np.empty(count, dtype=np.int64)
