@@ -15,6 +15,7 @@ import yaml
 
 from fleetloop_agent.upload_protocol import NETWORKS
 from fleetloop_shared.errors import ConfigError
+from fleetloop_shared.segment import READ_VERSIONS
 
 
 @dataclass(frozen=True)
@@ -177,9 +178,10 @@ def load_agent_config(path: str | Path) -> AgentConfig:
     if segment_version is not None and (
         not isinstance(segment_version, int)
         or isinstance(segment_version, bool)
-        or not 2 <= segment_version <= 5
+        or segment_version not in READ_VERSIONS
     ):
-        raise ConfigError(f"{where}: store.segment_version must be 2, 3, 4 or 5, got {segment_version!r}")
+        allowed = ", ".join(map(str, sorted(READ_VERSIONS)))
+        raise ConfigError(f"{where}: store.segment_version must be one of {allowed}, got {segment_version!r}")
     models_dir = doc.get("models_dir")
     if models_dir is not None and not isinstance(models_dir, str):
         raise ConfigError(f"{where}: 'models_dir' must be a directory path")

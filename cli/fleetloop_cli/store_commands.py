@@ -275,16 +275,17 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
         "--bundle-rows",
         type=int,
         default=None,
-        help="rows of all groups of one multi-group segment (format 4; default 262144); 0 writes one "
-        "group per segment (formats 2/3, readable by clouds that do not read format 4 yet)",
+        help="rows of all groups of one multi-group segment (format 4 and newer; default 262144); 0 writes "
+        "one group per segment (a cloud that reads only formats 2/3 also needs --format-version 3)",
     )
     s.add_argument(
         "--format-version",
         type=int,
-        choices=(2, 3, 4, 5),
+        choices=(2, 3, 4, 5, 6),  # (segment.READ_VERSIONS; the codecs are imported only when a store opens)
         default=None,
-        help="newest segment format to write (default: this build's newest, 5); 4 for a cloud that does "
-        "not read keyed or difference columns yet, 3 or 2 also write one group per segment",
+        help="newest segment format to write (default: this build's newest, 6); 5 for a "
+        "cloud that does not read grid floats and compressed bodies yet, 4 for one that does not read "
+        "keyed or difference columns either, 3 or 2 also write one group per segment",
     )
     s.add_argument("-o", "--output", choices=FORMATS, default="table")
     s.set_defaults(func=cmd_store_import)

@@ -49,15 +49,15 @@ import numpy.typing as npt
 import zstandard
 
 from fleetloop_shared.catalog import Catalog, DataType
-from fleetloop_shared.codecs import decimal_float, intstream, recent, strings, zstd_frames
+from fleetloop_shared.codecs import decimal_float, grid_float, intstream, recent, strings, zstd_frames
 from fleetloop_shared.errors import CorruptSegmentError, UserError
 from fleetloop_shared.samples import GroupBatch
 
 #: The newest format version this build writes (and reads): 4 for segments of several groups, 5 only
 #: for segments with a keyed column.
-FORMAT_VERSION: int = 5
+FORMAT_VERSION: int = 6
 #: Every version this build reads (the versioning rule: readers keep reading what was ever released).
-READ_VERSIONS: frozenset[int] = frozenset({2, 3, 4, 5})
+READ_VERSIONS: frozenset[int] = frozenset({2, 3, 4, 5, 6})
 MAGIC: bytes = b"FLSG"
 
 #: Hard limits a decoder enforces before it allocates anything; an encoder refuses to exceed them too.
@@ -87,6 +87,7 @@ CODEC_F64_RECENT = 22  # format version 5: values that repeat a recent value nam
 CODEC_I64_INTSTREAM = 33
 CODEC_I64_KEYED = 34  # format version 5
 CODEC_F64_DICT = 23  # format version 5: few distinct values, as a dictionary and one index per row
+CODEC_F64_GRID = 24  # format version 6: integers times a step found in the data, plus an ulp residual
 CODEC_I64_DICT = 35  # format version 5
 CODEC_BOOL_PACKBITS = 48
 CODEC_STR_DICT = 64  # format version 3
@@ -106,7 +107,9 @@ def _with_flag(*codecs: int) -> frozenset[int]:
 
 #: The codecs a keyed block may wrap (never another keyed block).
 _PLAIN_VALUE_CODECS: dict[DataType, frozenset[int]] = {
-    DataType.FLOAT64: _with_flag(CODEC_F64_RAW, CODEC_F64_XOR, CODEC_F64_SCALED, CODEC_F64_BITS_INTSTREAM),
+    DataType.FLOAT64: _with_flag(
+        CODEC_F64_RAW, CODEC_F64_XOR, CODEC_F64_SCALED, CODEC_F64_BITS_INTSTREAM, CODEC_F64_GRID
+    ),
     DataType.INT64: _with_flag(CODEC_I64_INTSTREAM),
     DataType.BOOL: _with_flag(CODEC_BOOL_PACKBITS),
     DataType.STRING: _with_flag(CODEC_STR_DICT),
@@ -126,6 +129,18 @@ _V3_CODECS = frozenset({CODEC_STR_DICT})
 #: Keyed blocks need format version 5 (the multi-group layout of version 4).
 _DICT_CODECS = frozenset({CODEC_F64_DICT, CODEC_I64_DICT})
 _V5_CODECS = _WRAPPING_CODECS | _DICT_CODECS | {CODEC_F64_RECENT}
+#: Grid floats need format version 6, at any depth (a keyed or recent-values block may wrap one).
+_V6_CODECS = _with_flag(CODEC_F64_GRID)
+#: ``flags`` bit of format 6: the body (after the fixed header, before the checksum) is one zstd frame.
+FLAG_BODY_ZSTD = 1
+#: Format 6: the body (everything between the fixed header and the checksum) is one zstd frame, at this
+#: level; top-level blocks stored smaller than :data:`BODY_RAW_BELOW` lose their own zstd frame in it.
+BODY_LEVEL = 3
+BODY_RAW_BELOW = 4096
+#: A format 6 body may decompress to at most this many times its stored size plus the slack (a reader
+#: refuses more before decompressing; the encoder writes format 5 instead of exceeding it).
+BODY_MAX_RATIO = 32
+BODY_MAX_SLACK = 1 << 20
 #: Below this many bytes a zstd frame (≥ 9 bytes of framing) cannot win; not tried.
 _ZSTD_MIN_INPUT = 24
 
@@ -344,24 +359,25 @@ def encode_segment(segment: Segment, *, max_version: int = FORMAT_VERSION) -> by
             f"(this build writes {', '.join(map(str, sorted(READ_VERSIONS)))})"
         )
     derive = max_version >= 5
+    grid = compress = max_version >= 6
     if segment.more_groups:
         if max_version < 4:
             raise UserError(
                 f"a segment of {len(segment.more_groups) + 1} groups needs format version 4, "
                 f"the limit is {max_version} (write one group per segment)"
             )
-        return _encode_multi(segment, derive=derive)
+        return _encode_multi(segment, derive=derive, grid=grid, compress=compress)
     t_ns, columns = _validated(segment)
     rows = int(t_ns.shape[0])
     first_ns = int(t_ns.min()) if rows else 0
     last_ns = int(t_ns.max()) if rows else 0
     group = segment.group.encode("utf-8")
 
-    value_blocks, text = _encode_columns(segment, columns, derive=derive)
-    if any(codec in _V5_CODECS for codec, _, _ in value_blocks):
+    value_blocks, text = _encode_columns(segment, columns, derive=derive, grid=grid)
+    if any(codec in _V5_CODECS or _uses_grid(codec, payload) for codec, payload, _ in value_blocks):
         # keyed, difference and recent-value columns exist from format 5 on, which has the multi-group
         # layout (here of one group)
-        return _encode_multi(segment, {0: (value_blocks, text)})
+        return _encode_multi(segment, {0: (value_blocks, text)}, derive=derive, grid=grid, compress=compress)
     blocks: list[tuple[int, bytes, int]] = [_encode_timestamps(t_ns), *value_blocks]
     if text > MAX_TEXT_BYTES:
         raise UserError(
@@ -386,7 +402,13 @@ def encode_segment(segment: Segment, *, max_version: int = FORMAT_VERSION) -> by
         parts.append(_BLOCK.pack(codec, raw_len, len(payload)))
         parts.append(payload)
     body = b"".join(parts)
-    return body + _CRC.pack(zlib.crc32(body))
+    plain = body + _CRC.pack(zlib.crc32(body))
+    if compress and any(codec & ZSTD_FLAG and len(p) < BODY_RAW_BELOW for codec, p, _ in blocks):
+        # several small zstd frames: one frame for the whole body (format 6) may well be smaller
+        packed = _encode_multi(segment, {0: (value_blocks, text)}, derive=derive, grid=grid, compress=True)
+        if len(packed) < len(plain):
+            return packed
+    return plain
 
 
 _Column = tuple[int, DataType, npt.NDArray[Any]]
@@ -395,13 +417,18 @@ _EncodedBlock = tuple[int, bytes, int]  # codec id (with the zstd flag), stored 
 
 
 def _encode_columns(
-    segment: Segment, columns: _Columns, stamped_with: Sequence[_Column] = (), *, derive: bool = True
+    segment: Segment,
+    columns: _Columns,
+    stamped_with: Sequence[_Column] = (),
+    *,
+    derive: bool,
+    grid: bool,
 ) -> tuple[list[_EncodedBlock], int]:
     """The value blocks of one group, and its distinct text (capped per segment by the caller).
 
     ``stamped_with``: the columns of an earlier group of the segment with the very same timestamps,
     which a column may be stored as the difference from. ``derive`` False: no keyed or difference
-    column (format version 4 and older).
+    column (format version 4 and older); ``grid`` False: no grid float (format version 5 and older).
     """
     blocks: list[_EncodedBlock] = []
     text = 0
@@ -413,18 +440,18 @@ def _encode_columns(
                 text += column_text
                 blocks.append(_smaller(CODEC_STR_DICT, payload))
             elif key is not None and i in key.keyed:
-                blocks.append(_encode_keyed(data_type, values, key))
+                blocks.append(_encode_keyed(data_type, values, key, grid))
             else:
-                block = _recent_values(values) if derive and data_type is DataType.FLOAT64 else None
+                block = _recent_values(values, grid) if derive and data_type is DataType.FLOAT64 else None
                 if block is None:
-                    block = _encode_values(data_type, values)
+                    block = _encode_values(data_type, values, grid)
                     if derive and data_type in _NUMERIC:
                         block = _with_dictionary(data_type, values, block)
                 blocks.append(block)
         except strings.TextError as exc:
             raise UserError(f"segment {segment.segment_id.hex()}: signal {signal_id}: {exc}") from None
     if derive:
-        _difference_columns(columns, blocks, stamped_with)
+        _difference_columns(columns, blocks, stamped_with, grid)
     return blocks, text
 
 
@@ -444,7 +471,7 @@ _RECENT_MIN_HITS = 0.15
 _RECENT_SURE = 0.9
 
 
-def _recent_values(values: npt.NDArray[np.float64]) -> _EncodedBlock | None:
+def _recent_values(values: npt.NDArray[np.float64], grid: bool) -> _EncodedBlock | None:
     """The recent-values block of a column, or None when the column is stored as it is.
 
     Decided without encoding the column plainly first (that doubled the cost of every column tried):
@@ -465,7 +492,7 @@ def _recent_values(values: npt.NDArray[np.float64]) -> _EncodedBlock | None:
     count = int(np.count_nonzero(literal))
     if count > (1 - _RECENT_MIN_HITS) * rows:
         return None
-    literal_block = _encode_values(DataType.FLOAT64, values[literal])
+    literal_block = _encode_values(DataType.FLOAT64, values[literal], grid)
     if len(literal_block[1]) < _RECENT_MIN_BYTES_PER_ROW * count:
         return None  # cheap values: a reference would cost about as much as the value
     ref_block = _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(refs, (0,)))
@@ -479,7 +506,7 @@ def _recent_values(values: npt.NDArray[np.float64]) -> _EncodedBlock | None:
     )
     estimate = len(literal_block[1]) * rows / max(count, 1)
     if len(payload) > _RECENT_SURE * estimate:
-        plain = _encode_values(DataType.FLOAT64, values)
+        plain = _encode_values(DataType.FLOAT64, values, grid)
         if len(plain[1]) <= len(payload):
             return plain
     return CODEC_F64_RECENT, payload, len(payload)
@@ -540,7 +567,7 @@ _DIFF_MAX_PATCH_SHARE = 16
 
 
 def _difference_columns(
-    columns: _Columns, blocks: list[_EncodedBlock], stamped_with: Sequence[_Column]
+    columns: _Columns, blocks: list[_EncodedBlock], stamped_with: Sequence[_Column], grid: bool
 ) -> None:
     """Replace costly FLOAT64 blocks by their difference from another column where that is smaller."""
     rows = int(columns[0][2].shape[0]) if columns else 0
@@ -601,7 +628,7 @@ def _difference_columns(
         patches = np.flatnonzero(wrong)
         if patches.shape[0] * _DIFF_MAX_PATCH_SHARE > rows:
             continue
-        inner = _encode_values(DataType.FLOAT64, difference)
+        inner = _encode_values(DataType.FLOAT64, difference, grid)
         payload = b"".join(
             [
                 _DIFF.pack(ref_id, inner[0], inner[2], patches.shape[0]),
@@ -740,8 +767,8 @@ def _step_sums(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return sums
 
 
-def _encode_keyed(data_type: DataType, values: npt.NDArray[Any], key: _KeyPlan) -> _EncodedBlock:
-    inner = _encode_values(data_type, values[key.order])
+def _encode_keyed(data_type: DataType, values: npt.NDArray[Any], key: _KeyPlan, grid: bool) -> _EncodedBlock:
+    inner = _encode_values(data_type, values[key.order], grid)
     payload = _KEYED.pack(key.key_id, inner[0], inner[2]) + inner[1]
     return (CODEC_F64_KEYED if data_type is DataType.FLOAT64 else CODEC_I64_KEYED), payload, len(payload)
 
@@ -750,7 +777,9 @@ def _encode_multi(
     segment: Segment,
     encoded: dict[int, tuple[list[_EncodedBlock], int]] | None = None,
     *,
-    derive: bool = True,
+    derive: bool,
+    grid: bool,
+    compress: bool,
 ) -> bytes:
     """Format 4: several groups, one optional shared clock (see docs/segment-format.md, version 4).
 
@@ -803,15 +832,10 @@ def _encode_multi(
     time_range = segment.time_range()
     first_ns, last_ns = time_range if time_range is not None else (0, 0)
 
-    parts_out = [
-        b"",  # the fixed header, once the version is known
-        _U16.pack(len(parts)),
-        _U32.pack(int(clock.shape[0])),
-        _BLOCK.pack(clock_block[0], clock_block[2], len(clock_block[1])),
-        clock_block[1],
-    ]
     text = 0
     version = 4
+    #: per group: its header fields, column descriptors and blocks, rendered below (twice for format 6)
+    rendered: list[tuple[bytes, list[tuple[int, DataType]], list[_EncodedBlock]]] = []
     for i, (part, (t_ns, columns)) in enumerate(zip(parts, validated, strict=True)):
         index = clock_index.get(i)
         if i in same_as:
@@ -825,29 +849,70 @@ def _encode_multi(
             # the columns of the earlier groups stamped with the very same times
             root = same_as.get(i, i)
             stamped_with = [c for j in range(root, i) if same_as.get(j, j) == root for c in validated[j][1]]
-            known = _encode_columns(part, columns, stamped_with, derive=derive)
+            known = _encode_columns(part, columns, stamped_with, derive=derive, grid=grid)
         value_blocks, column_text = known
         if any(codec in _V5_CODECS for codec, _, _ in value_blocks):
-            version = 5
+            version = max(version, 5)
+        if any(_uses_grid(codec, payload) for codec, payload, _ in value_blocks):
+            version = 6
         text += column_text
         name = part.group.encode("utf-8")
-        parts_out += [
-            _U16.pack(len(name)),
-            name,
-            _U32.pack(int(t_ns.shape[0])),
-            bytes([time_block[0]]),
-            _U16.pack(len(columns)),
-        ]
-        for (signal_id, data_type, _), (codec, _, _) in zip(columns, value_blocks, strict=True):
-            parts_out.append(_COLUMN.pack(signal_id, int(data_type), codec))
-        for codec, payload, raw_len in [time_block, *value_blocks]:
-            parts_out.append(_BLOCK.pack(codec, raw_len, len(payload)))
-            parts_out.append(payload)
+        head = _U16.pack(len(name)) + name + _U32.pack(int(t_ns.shape[0]))
+        rendered.append((head, [(sid, dt) for sid, dt, _ in columns], [time_block, *value_blocks]))
     if text > MAX_TEXT_BYTES:
         raise UserError(f"{where}: {text} bytes of distinct text exceed {MAX_TEXT_BYTES}")
-    parts_out[0] = _FIXED.pack(MAGIC, version, 0, segment.segment_id, rows, first_ns, last_ns)
-    body = b"".join(parts_out)
-    return body + _CRC.pack(zlib.crc32(body))
+
+    def body(block: Any) -> bytes:
+        out = [_U16.pack(len(parts)), _U32.pack(int(clock.shape[0]))]
+        for codec, payload, raw_len in [block(clock_block)]:
+            out += [_BLOCK.pack(codec, raw_len, len(payload)), payload]
+        for head, descriptors, blocks in rendered:
+            stored = [block(b) for b in blocks]
+            out += [head, bytes([stored[0][0]]), _U16.pack(len(descriptors))]
+            for (signal_id, data_type), (codec, _, _) in zip(descriptors, stored[1:], strict=True):
+                out.append(_COLUMN.pack(signal_id, int(data_type), codec))
+            for codec, payload, raw_len in stored:
+                out += [_BLOCK.pack(codec, raw_len, len(payload)), payload]
+        return b"".join(out)
+
+    plain = _FIXED.pack(MAGIC, version, 0, segment.segment_id, rows, first_ns, last_ns) + body(_as_is)
+    plain += _CRC.pack(zlib.crc32(plain))
+    if not compress:
+        return plain
+    inner = body(_small_blocks_raw)
+    packed = zstd_frames.compress(inner, level=BODY_LEVEL)
+    if (
+        len(inner) > BODY_MAX_RATIO * len(packed) + BODY_MAX_SLACK
+        or len(packed) + _CRC.size >= len(plain) - _FIXED.size
+    ):
+        return plain
+    out = _FIXED.pack(MAGIC, 6, FLAG_BODY_ZSTD, segment.segment_id, rows, first_ns, last_ns) + packed
+    return out + _CRC.pack(zlib.crc32(out))
+
+
+def _uses_grid(codec: int, payload: bytes) -> bool:
+    """Whether a value block is a grid float or wraps one (then its segment is format 6)."""
+    if codec in _V6_CODECS:
+        return True
+    if codec in _WRAPPING_CODECS:  # keyed and difference blocks name their wrapped codec at byte 4
+        return payload[4] in _V6_CODECS
+    if codec == CODEC_F64_RECENT:  # the references block, then the literals block
+        (stored,) = _U32.unpack_from(payload, 5)
+        return payload[_BLOCK.size + stored] in _V6_CODECS
+    return False
+
+
+def _as_is(block: _EncodedBlock) -> _EncodedBlock:
+    return block
+
+
+def _small_blocks_raw(block: _EncodedBlock) -> _EncodedBlock:
+    """A block as a format 6 body holds it: a small one without its own zstd frame (the body's frame
+    codes it, with tables shared by every small block instead of a frame and tables each)."""
+    codec, payload, raw_len = block
+    if codec & ZSTD_FLAG and len(payload) < BODY_RAW_BELOW:
+        return codec & ~ZSTD_FLAG, zstandard.ZstdDecompressor().decompress(payload), raw_len
+    return block
 
 
 #: Difference orders tried for clock indices: they rise (a group's rows are in time order), so the
@@ -961,6 +1026,9 @@ _TRUE_DOUBLE_BYTES = 6.0
 #: Plain doubles (codec 16) are tried only for a column still costing more than this many bytes a value
 #: (on the real corpus they won once, on a column of near-noise).
 _RAW_WORTH_TRYING = 6
+#: A grid of another step is looked for only where the scaled estimate is at least this many bytes a
+#: value (cheaper columns have little to gain, and the look costs a sort of the sample).
+GRID_MIN_ESTIMATE = 0.75
 
 
 def _zstd(raw: bytes) -> bytes:
@@ -980,7 +1048,7 @@ def _encode_timestamps(t_ns: npt.NDArray[np.int64]) -> tuple[int, bytes, int]:
     return _smaller(CODEC_TS_INTSTREAM, *intstream.encode_with_zstd(t_ns))
 
 
-def _encode_values(data_type: DataType, values: npt.NDArray[Any]) -> tuple[int, bytes, int]:
+def _encode_values(data_type: DataType, values: npt.NDArray[Any], grid: bool) -> tuple[int, bytes, int]:
     if data_type is DataType.FLOAT64:
         floats = np.ascontiguousarray(values, dtype="<f8")
         rows = int(floats.shape[0])
@@ -1014,6 +1082,15 @@ def _encode_values(data_type: DataType, values: npt.NDArray[Any]) -> tuple[int, 
                 candidate = _smaller(CODEC_F64_RAW, bits.tobytes())
                 if len(candidate[1]) < len(best[1]):
                     best = candidate
+        if grid and not exact and estimate >= GRID_MIN_ESTIMATE:
+            # not decimals: perhaps a grid of another step (a unit conversion, a calibration)
+            step = grid_float.find_step(floats, estimate)
+            if step is not None:
+                packed, planes = grid_float.encode_variants(floats, step)
+                stepped = [(CODEC_F64_GRID, planes, len(planes))] if planes is not None else []
+                if packed is not None:
+                    stepped.append(_smaller(CODEC_F64_GRID, packed))
+                best = min([best, *stepped], key=lambda block: len(block[1]))
         return best
     if data_type is DataType.INT64:
         return _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(values))
@@ -1053,6 +1130,8 @@ class _Block:
     raw_len: int
     payload: bytes
     what: str
+    #: the segment's format version (what codecs the block and the blocks it wraps may use)
+    version: int
 
 
 def decode_segment(data: bytes) -> Segment:
@@ -1065,8 +1144,10 @@ def decode_segment(data: bytes) -> Segment:
         raise CorruptSegmentError(f"segment must be bytes, got {type(data).__name__}")
     data = bytes(data)
     try:
-        header = _parse_framing(data)
-        _check_crc(data)
+        opened = _opened(data)
+        header = _parse_framing(opened)
+        if opened is data:  # (an opened body's checksum was verified before decompressing it)
+            _check_crc(data)
         return _decode_blocks(header)
     except (struct.error, zstandard.ZstdError, ValueError) as exc:  # defensive: every case is checked above
         raise CorruptSegmentError(f"segment undecodable: {exc}") from None
@@ -1091,6 +1172,44 @@ class _Header:
     #: format 4's shared clock block (``None`` before format 4) and its row count
     clock: _Block | None = None
     clock_rows: int = 0
+
+
+def _opened(data: bytes) -> bytes:
+    """The segment as :func:`_parse_framing` reads it: a format 6 segment with a compressed body gets its
+    checksum verified, then its body decompressed — never to more than :data:`BODY_MAX_RATIO` times the
+    stored bytes — and its flag cleared (offsets in later errors are then offsets in the opened body).
+    Every other segment is returned as it is."""
+    if len(data) < _FIXED.size or data[:4] != MAGIC:
+        return data
+    version, flags = struct.unpack_from("<HH", data, 4)
+    if version < 6 or not flags & FLAG_BODY_ZSTD:
+        return data
+    if len(data) < _FIXED.size + _CRC.size:
+        raise CorruptSegmentError(
+            f"segment truncated at byte {len(data)}: "
+            f"the compressed body and checksum start at byte {_FIXED.size}"
+        )
+    _check_crc(data)
+    stored = data[_FIXED.size : len(data) - _CRC.size]
+    try:
+        declared = zstandard.frame_content_size(stored)
+    except zstandard.ZstdError:
+        raise CorruptSegmentError(f"compressed body at byte {_FIXED.size}: not a zstd frame") from None
+    limit = BODY_MAX_RATIO * len(stored) + BODY_MAX_SLACK
+    if not 0 <= declared <= limit:
+        raise CorruptSegmentError(
+            f"compressed body at byte {_FIXED.size}: declares {declared} bytes "
+            f"(at most {limit} for its {len(stored)} stored bytes)"
+        )
+    try:
+        body = zstandard.ZstdDecompressor().decompress(
+            stored, max_output_size=declared, allow_extra_data=False
+        )
+    except zstandard.ZstdError as exc:
+        raise CorruptSegmentError(f"compressed body at byte {_FIXED.size}: zstd error: {exc}") from None
+    if len(body) != declared:
+        raise CorruptSegmentError(f"compressed body decompressed to {len(body)} bytes, declares {declared}")
+    return data[:6] + _U16.pack(flags & ~FLAG_BODY_ZSTD) + data[8 : _FIXED.size] + body + data[-_CRC.size :]
 
 
 def _parse_framing(data: bytes) -> _Header:
@@ -1121,7 +1240,7 @@ def _parse_framing(data: bytes) -> _Header:
         (clock_rows,) = r.unpack(_U32, "clock row count")
         if clock_rows > rows:
             raise CorruptSegmentError(f"clock of {clock_rows} rows exceeds the segment's {rows} rows")
-        clock = _parse_block(r, "clock block", _TS_CODECS, clock_rows)
+        clock = _parse_block(r, "clock block", _TS_CODECS, clock_rows, version)
         groups: list[_GroupHeader] = []
         seen: set[int] = set()
         total_rows = columns = 0
@@ -1197,6 +1316,10 @@ def _parse_group(
             raise CorruptSegmentError(
                 f"{where}column {i}: codec id {codec} needs format version 5, segment is {version}"
             )
+        if version < 6 and codec in _V6_CODECS:
+            raise CorruptSegmentError(
+                f"{where}column {i}: codec id {codec} needs format version 6, segment is {version}"
+            )
         if signal_id in seen:
             raise CorruptSegmentError(f"{where}column {i}: signal id {signal_id} appears twice")
         seen.add(signal_id)
@@ -1205,11 +1328,11 @@ def _parse_group(
     blocks: list[_Block] = []
     for i, expected_codec in enumerate(codecs):
         what = f"{where}timestamp block" if i == 0 else f"value block of signal {columns[i - 1][0]}"
-        blocks.append(_parse_block(r, what, frozenset({expected_codec}), rows))
+        blocks.append(_parse_block(r, what, frozenset({expected_codec}), rows, version))
     return _GroupHeader(group, rows, columns, blocks)
 
 
-def _parse_block(r: _Reader, what: str, codecs: frozenset[int], rows: int) -> _Block:
+def _parse_block(r: _Reader, what: str, codecs: frozenset[int], rows: int, version: int) -> _Block:
     start = r.pos
     codec, raw_len, stored_len = r.unpack(_BLOCK, f"{what} header")
     if codec not in codecs:
@@ -1227,7 +1350,7 @@ def _parse_block(r: _Reader, what: str, codecs: frozenset[int], rows: int) -> _B
             f"{what} at byte {start}: stored length {stored_len} differs from decoded length {raw_len}"
         )
     payload = r.take(stored_len, what)
-    return _Block(codec, raw_len, payload, what)
+    return _Block(codec, raw_len, payload, what, version)
 
 
 def _raw_len_bounds(codec: int, rows: int) -> tuple[int, int]:
@@ -1239,6 +1362,8 @@ def _raw_len_bounds(codec: int, rows: int) -> tuple[int, int]:
         return 1, intstream.max_encoded_size(rows)
     if base == CODEC_F64_SCALED:
         return 1, decimal_float.max_encoded_size(rows)
+    if base == CODEC_F64_GRID:
+        return 1, grid_float.max_encoded_size(rows)
     if base in (CODEC_F64_RAW, CODEC_F64_XOR):
         return rows * 8, rows * 8
     if base == CODEC_STR_DICT:
@@ -1246,11 +1371,11 @@ def _raw_len_bounds(codec: int, rows: int) -> tuple[int, int]:
     if codec in _DICT_CODECS:
         most = intstream.max_encoded_size(DICT_MAX_VALUES) + intstream.max_encoded_size(rows)
         return _U32.size + 2 * _BLOCK.size + 2, _U32.size + 2 * _BLOCK.size + most
+    # (the largest block a keyed, difference or recent-values block may wrap: a grid float's)
+    inner = max(grid_float.max_encoded_size(rows), intstream.max_encoded_size(rows), rows * 8)
     if codec == CODEC_F64_RECENT:
-        inner = max(decimal_float.max_encoded_size(rows), intstream.max_encoded_size(rows), rows * 8)
         return 2 * _BLOCK.size + 2, 2 * _BLOCK.size + intstream.max_encoded_size(rows) + inner
     if codec in _WRAPPING_CODECS:
-        inner = max(decimal_float.max_encoded_size(rows), intstream.max_encoded_size(rows), rows * 8)
         if codec == CODEC_F64_DIFF:  # (its header, then up to one patch of 12 bytes a row)
             return _DIFF.size + 1, _DIFF.size + 12 * rows + inner
         return _KEYED.size + 1, _KEYED.size + inner
@@ -1423,7 +1548,7 @@ def _decode_wrapped(
     payload = block.payload[start:]
     if not lo <= raw_len <= hi or (not codec & ZSTD_FLAG and len(payload) != raw_len):
         raise CorruptSegmentError(f"{block.what}: wrapped block's lengths impossible for {rows} rows")
-    return _decode_values(_Block(codec, raw_len, payload, block.what), data_type, rows, 0)[0]
+    return _decode_values(_Block(codec, raw_len, payload, block.what, block.version), data_type, rows, 0)[0]
 
 
 def _decode_values(
@@ -1440,6 +1565,15 @@ def _decode_values(
     elif base == CODEC_F64_SCALED:
         try:
             values = decimal_float.decode(_unzstd(block), rows)
+        except intstream.StreamError as exc:
+            raise CorruptSegmentError(f"{block.what}: {exc}") from None
+    elif base == CODEC_F64_GRID:
+        if block.version < 6:  # (at the top level the framing refused it already; this is a wrapped one)
+            raise CorruptSegmentError(
+                f"{block.what}: codec id {block.codec} needs format version 6, segment is {block.version}"
+            )
+        try:
+            values = grid_float.decode(_unzstd(block), rows)
         except intstream.StreamError as exc:
             raise CorruptSegmentError(f"{block.what}: {exc}") from None
     elif base == CODEC_STR_DICT:
@@ -1481,7 +1615,9 @@ def _nested_blocks(block: _Block, start: int, parts: list[tuple[str, frozenset[i
             raise CorruptSegmentError(f"{block.what}: {what} in codec {codec}")
         if pos + stored > len(payload) or (not codec & ZSTD_FLAG and stored != raw_len):
             raise CorruptSegmentError(f"{block.what}: {what} have impossible lengths")
-        out.append(_Block(codec, raw_len, payload[pos : pos + stored], f"{block.what} ({what})"))
+        out.append(
+            _Block(codec, raw_len, payload[pos : pos + stored], f"{block.what} ({what})", block.version)
+        )
         pos += stored
     if pos != len(payload):
         raise CorruptSegmentError(f"{block.what}: {len(payload) - pos} bytes after the {parts[-1][0]}")

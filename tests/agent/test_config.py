@@ -65,8 +65,14 @@ def test_yaml_slip_names_line_and_column(tmp_path: Path) -> None:
         (lambda t: t.replace("speed: 2", "speed: -1"), "replay.speed must be > 0"),
         (lambda t: t.replace("  - {kind: csv_replay, path: x.csv}", "  - 7"), r"sources\[0\]"),
         (lambda t: t + "trusted_release_keys: [missing.pem]\n", "file not found"),
-        (lambda t: t + "store: {segment_version: 6}\n", "store.segment_version must be 2, 3, 4 or 5, got 6"),
-        (lambda t: t + "store: {segment_version: '4'}\n", "store.segment_version must be 2, 3, 4 or 5"),
+        (
+            lambda t: t + "store: {segment_version: 7}\n",
+            "store.segment_version must be one of 2, 3, 4, 5, 6, got 7",
+        ),
+        (
+            lambda t: t + "store: {segment_version: '4'}\n",
+            "store.segment_version must be one of 2, 3, 4, 5, 6",
+        ),
     ],
 )
 def test_each_mistake_is_named(tmp_path: Path, edit: object, message: str) -> None:

@@ -40,10 +40,17 @@ from fleetloop_shared.segment import (
     Segment,
     bundle_segments,
     decode_segment,
-    encode_segment,
     new_segment_id,
     segment_from_batch,
 )
+from fleetloop_shared.segment import encode_segment as encode_newest
+
+
+def encode_segment(segment: Segment, *, max_version: int = 5) -> bytes:
+    """The format 5 writer: these tests take the bytes of formats 2–5 apart, which format 6 compresses
+    into one zstd frame (tests/shared/test_segment_v6.py covers format 6 and the newest writer)."""
+    return encode_newest(segment, max_version=max_version)
+
 
 I64_MIN = int(np.iinfo(np.int64).min)
 I64_MAX = int(np.iinfo(np.int64).max)
@@ -1303,7 +1310,9 @@ def test_difference_columns_store_a_calibrated_twin_nearly_free(
     assert [codecs[20 + k] for k in range(3)] == [CODEC_F64_DIFF] * 3
     import fleetloop_shared.segment as segment_module
 
-    monkeypatch.setattr(segment_module, "_difference_columns", lambda columns, blocks, stamped_with: None)
+    monkeypatch.setattr(
+        segment_module, "_difference_columns", lambda columns, blocks, stamped_with, grid: None
+    )
     plain = encode_segment(seg)
     assert _version(plain) == 4
     assert len(data) < 0.65 * len(plain)
@@ -1394,8 +1403,8 @@ def test_max_version_caps_what_a_writer_uses_for_older_clouds() -> None:
         encode_segment(twins, max_version=3)
     with pytest.raises(UserError, match="text columns need segment format version 3, the limit is 2"):
         encode_segment(text_segment(), max_version=2)
-    with pytest.raises(UserError, match="format version 6 cannot be written"):
-        encode_segment(small_segment(), max_version=6)
+    with pytest.raises(UserError, match="format version 7 cannot be written"):
+        encode_segment(small_segment(), max_version=7)
 
 
 # ------------------------------------------------------------------------- recent values (format 5)
@@ -1427,7 +1436,7 @@ def test_recent_values_name_an_earlier_row_and_round_trip(seed: int, monkeypatch
     roundtrip(seg)
     import fleetloop_shared.segment as segment_module
 
-    monkeypatch.setattr(segment_module, "_recent_values", lambda values: None)
+    monkeypatch.setattr(segment_module, "_recent_values", lambda values, grid: None)
     plain = encode_segment(seg)
     assert _version(plain) == 2
     assert len(data) < 0.9 * len(plain)

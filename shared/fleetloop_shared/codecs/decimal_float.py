@@ -149,15 +149,20 @@ def choose(v: F64) -> tuple[int, int]:
 def choose_estimated(v: F64) -> tuple[int, int, float]:
     """:func:`choose`, and the estimated bytes a value at that scaling (0.0 when every sampled value is
     exact: then no estimate was needed). Both implementations compute the same exact sizes."""
-    n = int(v.shape[0])
-    sample = v if n <= SAMPLE else v[(np.arange(SAMPLE, dtype=np.int64) * (n - 1)) // (SAMPLE - 1)]
-    sample = np.ascontiguousarray(sample, dtype=np.float64)
+    sample = sample_of(v)
     kernels = _load_kernels()
     if kernels is not None:
         mode, exponent, size = kernels[1](sample, *_choose_args())
     else:
         mode, exponent, size = _choose_numpy(sample)
     return int(mode), int(exponent), max(0, int(size)) / max(1, int(sample.shape[0]))
+
+
+def sample_of(v: F64) -> F64:
+    """The values the scaling is chosen on: all of them, or :data:`SAMPLE` spread evenly over them."""
+    n = int(v.shape[0])
+    sample = v if n <= SAMPLE else v[(np.arange(SAMPLE, dtype=np.int64) * (n - 1)) // (SAMPLE - 1)]
+    return np.ascontiguousarray(sample, dtype=np.float64)
 
 
 def _choose_numpy(sample: F64) -> tuple[int, int, int]:
