@@ -359,26 +359,26 @@ def encode_segment(segment: Segment, *, max_version: int = FORMAT_VERSION) -> by
             f"(this build writes {', '.join(map(str, sorted(READ_VERSIONS)))})"
         )
     derive = max_version >= 5
-    grid = compress = max_version >= 6
+    v6 = max_version >= 6
     if segment.more_groups:
         if max_version < 4:
             raise UserError(
                 f"a segment of {len(segment.more_groups) + 1} groups needs format version 4, "
                 f"the limit is {max_version} (write one group per segment)"
             )
-        return _encode_multi(segment, derive=derive, grid=grid, compress=compress)
+        return _encode_multi(segment, derive=derive, v6=v6)
     t_ns, columns = _validated(segment)
     rows = int(t_ns.shape[0])
     first_ns = int(t_ns.min()) if rows else 0
     last_ns = int(t_ns.max()) if rows else 0
     group = segment.group.encode("utf-8")
 
-    value_blocks, text = _encode_columns(segment, columns, derive=derive, grid=grid)
+    value_blocks, text = _encode_columns(segment, columns, derive=derive, v6=v6)
     if any(codec in _V5_CODECS or _uses_grid(codec, payload) for codec, payload, _ in value_blocks):
         # keyed, difference and recent-value columns exist from format 5 on, which has the multi-group
         # layout (here of one group)
-        return _encode_multi(segment, {0: (value_blocks, text)}, derive=derive, grid=grid, compress=compress)
-    blocks: list[tuple[int, bytes, int]] = [_encode_timestamps(t_ns), *value_blocks]
+        return _encode_multi(segment, {0: (value_blocks, text)}, derive=derive, v6=v6)
+    blocks: list[tuple[int, bytes, int]] = [_encode_timestamps(t_ns, v6), *value_blocks]
     if text > MAX_TEXT_BYTES:
         raise UserError(
             f"segment {segment.segment_id.hex()}: {text} bytes of distinct text exceed {MAX_TEXT_BYTES}"
@@ -403,9 +403,9 @@ def encode_segment(segment: Segment, *, max_version: int = FORMAT_VERSION) -> by
         parts.append(payload)
     body = b"".join(parts)
     plain = body + _CRC.pack(zlib.crc32(body))
-    if compress and any(codec & ZSTD_FLAG and len(p) < BODY_RAW_BELOW for codec, p, _ in blocks):
-        # several small zstd frames: one frame for the whole body (format 6) may well be smaller
-        packed = _encode_multi(segment, {0: (value_blocks, text)}, derive=derive, grid=grid, compress=True)
+    if v6 and any(len(p) < BODY_RAW_BELOW for _, p, _ in blocks):
+        # small blocks (stored as they are for the body's frame): one frame may well be smaller
+        packed = _encode_multi(segment, {0: (value_blocks, text)}, derive=derive, v6=v6)
         if len(packed) < len(plain):
             return packed
     return plain
@@ -422,13 +422,13 @@ def _encode_columns(
     stamped_with: Sequence[_Column] = (),
     *,
     derive: bool,
-    grid: bool,
+    v6: bool,
 ) -> tuple[list[_EncodedBlock], int]:
     """The value blocks of one group, and its distinct text (capped per segment by the caller).
 
     ``stamped_with``: the columns of an earlier group of the segment with the very same timestamps,
     which a column may be stored as the difference from. ``derive`` False: no keyed or difference
-    column (format version 4 and older); ``grid`` False: no grid float (format version 5 and older).
+    column (format version 4 and older); ``v6`` False: no grid float (format version 5 and older), and small blocks get their own zstd frames.
     """
     blocks: list[_EncodedBlock] = []
     text = 0
@@ -438,20 +438,20 @@ def _encode_columns(
             if data_type is DataType.STRING:
                 payload, column_text = strings.encode_measured(values)
                 text += column_text
-                blocks.append(_smaller(CODEC_STR_DICT, payload))
+                blocks.append(_smaller(CODEC_STR_DICT, payload, v6=v6))
             elif key is not None and i in key.keyed:
-                blocks.append(_encode_keyed(data_type, values, key, grid))
+                blocks.append(_encode_keyed(data_type, values, key, v6))
             else:
-                block = _recent_values(values, grid) if derive and data_type is DataType.FLOAT64 else None
+                block = _recent_values(values, v6) if derive and data_type is DataType.FLOAT64 else None
                 if block is None:
-                    block = _encode_values(data_type, values, grid)
+                    block = _encode_values(data_type, values, v6)
                     if derive and data_type in _NUMERIC:
-                        block = _with_dictionary(data_type, values, block)
+                        block = _with_dictionary(data_type, values, block, v6)
                 blocks.append(block)
         except strings.TextError as exc:
             raise UserError(f"segment {segment.segment_id.hex()}: signal {signal_id}: {exc}") from None
     if derive:
-        _difference_columns(columns, blocks, stamped_with, grid)
+        _difference_columns(columns, blocks, stamped_with, v6)
     return blocks, text
 
 
@@ -471,7 +471,7 @@ _RECENT_MIN_HITS = 0.15
 _RECENT_SURE = 0.9
 
 
-def _recent_values(values: npt.NDArray[np.float64], grid: bool) -> _EncodedBlock | None:
+def _recent_values(values: npt.NDArray[np.float64], v6: bool) -> _EncodedBlock | None:
     """The recent-values block of a column, or None when the column is stored as it is.
 
     Decided without encoding the column plainly first (that doubled the cost of every column tried):
@@ -492,10 +492,10 @@ def _recent_values(values: npt.NDArray[np.float64], grid: bool) -> _EncodedBlock
     count = int(np.count_nonzero(literal))
     if count > (1 - _RECENT_MIN_HITS) * rows:
         return None
-    literal_block = _encode_values(DataType.FLOAT64, values[literal], grid)
+    literal_block = _encode_values(DataType.FLOAT64, values[literal], v6)
     if len(literal_block[1]) < _RECENT_MIN_BYTES_PER_ROW * count:
         return None  # cheap values: a reference would cost about as much as the value
-    ref_block = _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(refs, (0,)))
+    ref_block = _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(refs, (0,)), v6=v6)
     payload = b"".join(
         [
             _BLOCK.pack(ref_block[0], ref_block[2], len(ref_block[1])),
@@ -506,7 +506,7 @@ def _recent_values(values: npt.NDArray[np.float64], grid: bool) -> _EncodedBlock
     )
     estimate = len(literal_block[1]) * rows / max(count, 1)
     if len(payload) > _RECENT_SURE * estimate:
-        plain = _encode_values(DataType.FLOAT64, values, grid)
+        plain = _encode_values(DataType.FLOAT64, values, v6)
         if len(plain[1]) <= len(payload):
             return plain
     return CODEC_F64_RECENT, payload, len(payload)
@@ -523,7 +523,9 @@ _DICT_MIN_ROWS = 256
 _DICT_MIN_BYTES_PER_ROW = 0.5
 
 
-def _with_dictionary(data_type: DataType, values: npt.NDArray[Any], plain: _EncodedBlock) -> _EncodedBlock:
+def _with_dictionary(
+    data_type: DataType, values: npt.NDArray[Any], plain: _EncodedBlock, v6: bool
+) -> _EncodedBlock:
     """``plain``, or the dictionary block of the column when that is smaller."""
     rows = int(values.shape[0])
     if rows < _DICT_MIN_ROWS or len(plain[1]) < _DICT_MIN_BYTES_PER_ROW * rows:
@@ -536,8 +538,8 @@ def _with_dictionary(data_type: DataType, values: npt.NDArray[Any], plain: _Enco
     # an index costs about log2(count) bits before zstd: not worth it where the plain block is cheaper
     if 8 * len(plain[1]) < rows * (math.log2(distinct.shape[0]) + 1):
         return plain
-    entries = _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(distinct))
-    indices = _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(index))
+    entries = _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(distinct), v6=v6)
+    indices = _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(index), v6=v6)
     payload = b"".join(
         [
             _U32.pack(distinct.shape[0]),
@@ -567,7 +569,7 @@ _DIFF_MAX_PATCH_SHARE = 16
 
 
 def _difference_columns(
-    columns: _Columns, blocks: list[_EncodedBlock], stamped_with: Sequence[_Column], grid: bool
+    columns: _Columns, blocks: list[_EncodedBlock], stamped_with: Sequence[_Column], v6: bool
 ) -> None:
     """Replace costly FLOAT64 blocks by their difference from another column where that is smaller."""
     rows = int(columns[0][2].shape[0]) if columns else 0
@@ -628,7 +630,7 @@ def _difference_columns(
         patches = np.flatnonzero(wrong)
         if patches.shape[0] * _DIFF_MAX_PATCH_SHARE > rows:
             continue
-        inner = _encode_values(DataType.FLOAT64, difference, grid)
+        inner = _encode_values(DataType.FLOAT64, difference, v6)
         payload = b"".join(
             [
                 _DIFF.pack(ref_id, inner[0], inner[2], patches.shape[0]),
@@ -767,8 +769,8 @@ def _step_sums(values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return sums
 
 
-def _encode_keyed(data_type: DataType, values: npt.NDArray[Any], key: _KeyPlan, grid: bool) -> _EncodedBlock:
-    inner = _encode_values(data_type, values[key.order], grid)
+def _encode_keyed(data_type: DataType, values: npt.NDArray[Any], key: _KeyPlan, v6: bool) -> _EncodedBlock:
+    inner = _encode_values(data_type, values[key.order], v6)
     payload = _KEYED.pack(key.key_id, inner[0], inner[2]) + inner[1]
     return (CODEC_F64_KEYED if data_type is DataType.FLOAT64 else CODEC_I64_KEYED), payload, len(payload)
 
@@ -778,8 +780,7 @@ def _encode_multi(
     encoded: dict[int, tuple[list[_EncodedBlock], int]] | None = None,
     *,
     derive: bool,
-    grid: bool,
-    compress: bool,
+    v6: bool,
 ) -> bytes:
     """Format 4: several groups, one optional shared clock (see docs/segment-format.md, version 4).
 
@@ -826,7 +827,7 @@ def _encode_multi(
                 same_as[i] = j
     empty = np.zeros(0, dtype=np.int64)
     clock, clock_index = _choose_clock([empty if i in same_as else t for i, (t, _) in enumerate(validated)])
-    clock_block = _encode_timestamps(clock)
+    clock_block = _encode_timestamps(clock, v6)
     if cells + int(clock.shape[0]) > MAX_CELLS:
         raise UserError(f"{where}: {rows} rows in {ncols} columns exceed {MAX_CELLS} cells")
     time_range = segment.time_range()
@@ -841,15 +842,17 @@ def _encode_multi(
         if i in same_as:
             time_block = (CODEC_TS_SAME_AS, _U16.pack(same_as[i]), _U16.size)
         elif index is not None:
-            time_block = _smaller(CODEC_TS_CLOCK_INDEX, *intstream.encode_with_zstd(index, _INDEX_ORDERS))
+            time_block = _smaller(
+                CODEC_TS_CLOCK_INDEX, *intstream.encode_with_zstd(index, _INDEX_ORDERS), v6=v6
+            )
         else:
-            time_block = _encode_timestamps(t_ns)
+            time_block = _encode_timestamps(t_ns, v6)
         known = encoded.get(i) if encoded else None
         if known is None:
             # the columns of the earlier groups stamped with the very same times
             root = same_as.get(i, i)
             stamped_with = [c for j in range(root, i) if same_as.get(j, j) == root for c in validated[j][1]]
-            known = _encode_columns(part, columns, stamped_with, derive=derive, grid=grid)
+            known = _encode_columns(part, columns, stamped_with, derive=derive, v6=v6)
         value_blocks, column_text = known
         if any(codec in _V5_CODECS for codec, _, _ in value_blocks):
             version = max(version, 5)
@@ -877,7 +880,7 @@ def _encode_multi(
 
     plain = _FIXED.pack(MAGIC, version, 0, segment.segment_id, rows, first_ns, last_ns) + body(_as_is)
     plain += _CRC.pack(zlib.crc32(plain))
-    if not compress:
+    if not v6:
         return plain
     inner = body(_small_blocks_raw)
     packed = zstd_frames.compress(inner, level=BODY_LEVEL)
@@ -911,7 +914,7 @@ def _small_blocks_raw(block: _EncodedBlock) -> _EncodedBlock:
     codes it, with tables shared by every small block instead of a frame and tables each)."""
     codec, payload, raw_len = block
     if codec & ZSTD_FLAG and len(payload) < BODY_RAW_BELOW:
-        return codec & ~ZSTD_FLAG, zstandard.ZstdDecompressor().decompress(payload), raw_len
+        return codec & ~ZSTD_FLAG, zstd_frames.decompress(payload), raw_len
     return block
 
 
@@ -1029,41 +1032,58 @@ _RAW_WORTH_TRYING = 6
 #: A grid of another step is looked for only where the scaled estimate is at least this many bytes a
 #: value (cheaper columns have little to gain, and the look costs a sort of the sample).
 GRID_MIN_ESTIMATE = 0.75
+#: ... and where its sample costs less than this share of the scaled estimate, the scaled encoding is
+#: not made at all.
+GRID_SURE = 0.5
 
 
 def _zstd(raw: bytes) -> bytes:
     return zstd_frames.compress(raw)
 
 
-def _smaller(codec: int, raw: bytes, compressed: bytes | None = None) -> tuple[int, bytes, int]:
-    """The transform's bytes as they are, or zstd of them (``compressed`` if already made) if smaller."""
-    if len(raw) >= _ZSTD_MIN_INPUT:
+def _smaller(codec: int, raw: bytes, compressed: bytes | None = None, *, v6: bool) -> tuple[int, bytes, int]:
+    """The transform's bytes as they are, or zstd of them (``compressed`` if already made) if smaller.
+
+    ``v6``: a format 6 writer leaves blocks of fewer than :data:`BODY_RAW_BELOW` bytes as they are — the
+    body's one frame codes them, with tables they share (and compressing them was most of the zstd
+    calls)."""
+    if len(raw) >= (BODY_RAW_BELOW if v6 else _ZSTD_MIN_INPUT):
         packed = _zstd(raw) if compressed is None else compressed
         if len(packed) < len(raw):
             return codec | ZSTD_FLAG, packed, len(raw)
     return codec, raw, len(raw)
 
 
-def _encode_timestamps(t_ns: npt.NDArray[np.int64]) -> tuple[int, bytes, int]:
-    return _smaller(CODEC_TS_INTSTREAM, *intstream.encode_with_zstd(t_ns))
+def _encode_timestamps(t_ns: npt.NDArray[np.int64], v6: bool) -> tuple[int, bytes, int]:
+    return _smaller(CODEC_TS_INTSTREAM, *intstream.encode_with_zstd(t_ns), v6=v6)
 
 
-def _encode_values(data_type: DataType, values: npt.NDArray[Any], grid: bool) -> tuple[int, bytes, int]:
+def _encode_values(data_type: DataType, values: npt.NDArray[Any], v6: bool) -> tuple[int, bytes, int]:
     if data_type is DataType.FLOAT64:
         floats = np.ascontiguousarray(values, dtype="<f8")
         rows = int(floats.shape[0])
         mode, exponent, estimate = decimal_float.choose_estimated(floats)
         best: _EncodedBlock | None = None
         exact = False
-        if estimate <= _TRUE_DOUBLE_BYTES:
+        # Not decimals (the scaling was not exact on the sample): perhaps a grid of another step — a
+        # unit conversion, a calibration. Clearly cheaper on the sample: the scaled encoding is not made.
+        found = (
+            grid_float.find_step(floats, estimate, (mode, exponent))
+            if v6 and estimate >= GRID_MIN_ESTIMATE
+            else None
+        )
+        if found is not None:
+            packed, planes = grid_float.encode_variants(floats, found[0])
+            stepped = [(CODEC_F64_GRID, planes, len(planes))] if planes is not None else []
+            if packed is not None:
+                stepped.append(_smaller(CODEC_F64_GRID, packed, v6=v6))
+            best = min(stepped, key=lambda block: len(block[1]))
+        if estimate <= _TRUE_DOUBLE_BYTES and (found is None or found[1] > GRID_SURE * estimate):
             packed, planes, exact = decimal_float.encode_variants(floats, (mode, exponent))
-            if packed is None:
-                assert planes is not None
-                best = (CODEC_F64_SCALED, planes, len(planes))
-            else:
-                best = _smaller(CODEC_F64_SCALED, packed)
-                if planes is not None and len(planes) < len(best[1]):
-                    best = (CODEC_F64_SCALED, planes, len(planes))
+            scaled = [(CODEC_F64_SCALED, planes, len(planes))] if planes is not None else []
+            if packed is not None:
+                scaled.append(_smaller(CODEC_F64_SCALED, packed, v6=v6))
+            best = min(scaled if best is None else [best, *scaled], key=lambda block: len(block[1]))
         # else: true doubles (no scaling came near: the sample's best cost > 6 bytes a value, as for
         # GNSS pseudoranges or a pose) — the scaled encoding is not even made.
         if best is None or (not exact and len(best[1]) > 2 * rows):
@@ -1074,30 +1094,21 @@ def _encode_values(data_type: DataType, values: npt.NDArray[Any], grid: bool) ->
             bits = floats.view("<u8")
             # (the stream's zstd frame was made while choosing its layout: not compressed twice)
             candidate = _smaller(
-                CODEC_F64_BITS_INTSTREAM, *intstream.encode_with_zstd(bits.view(np.int64), (0, 1))
+                CODEC_F64_BITS_INTSTREAM, *intstream.encode_with_zstd(bits.view(np.int64), (0, 1)), v6=v6
             )
             if best is None or len(candidate[1]) < len(best[1]):
                 best = candidate
             if len(best[1]) > _RAW_WORTH_TRYING * rows:
-                candidate = _smaller(CODEC_F64_RAW, bits.tobytes())
+                candidate = _smaller(CODEC_F64_RAW, bits.tobytes(), v6=v6)
                 if len(candidate[1]) < len(best[1]):
                     best = candidate
-        if grid and not exact and estimate >= GRID_MIN_ESTIMATE:
-            # not decimals: perhaps a grid of another step (a unit conversion, a calibration)
-            step = grid_float.find_step(floats, estimate)
-            if step is not None:
-                packed, planes = grid_float.encode_variants(floats, step)
-                stepped = [(CODEC_F64_GRID, planes, len(planes))] if planes is not None else []
-                if packed is not None:
-                    stepped.append(_smaller(CODEC_F64_GRID, packed))
-                best = min([best, *stepped], key=lambda block: len(block[1]))
         return best
     if data_type is DataType.INT64:
-        return _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(values))
+        return _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(values), v6=v6)
     if data_type is DataType.STRING:
-        return _smaller(CODEC_STR_DICT, strings.encode(values))  # (encode_segment measures text itself)
+        return _smaller(CODEC_STR_DICT, strings.encode(values), v6=v6)  # (encode_segment measures text)
     raw = np.packbits(values.astype(np.bool_), bitorder="little").tobytes()
-    return _smaller(CODEC_BOOL_PACKBITS, raw)
+    return _smaller(CODEC_BOOL_PACKBITS, raw, v6=v6)
 
 
 # --------------------------------------------------------------------------------------------- decode

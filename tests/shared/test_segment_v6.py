@@ -114,10 +114,10 @@ def test_grid_floats_store_converted_units_as_their_counts() -> None:
     ],
 )
 def test_find_step_sees_grids_of_other_steps_only(values: npt.NDArray[np.float64], found: bool) -> None:
-    step = grid_float.find_step(values, estimate=8.0)
+    step = grid_float.find_step(values, 8.0, (0, 0))
     assert (step is not None) == found, step
     if step is not None:
-        n = values / step
+        n = values / step[0]
         assert np.abs(n - np.rint(n)).max() < 1e-6
 
 

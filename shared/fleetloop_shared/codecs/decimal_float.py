@@ -39,6 +39,9 @@ I64 = npt.NDArray[np.int64]
 
 MODE_DECIMAL = 0
 MODE_BINARY = 1
+#: Kernel-only mode (never stored in a scaled float): ``n = rint(v / step)``, ``approx = n * step`` — the
+#: split and the size estimate of :mod:`grid_float`, computed by the same compiled loops.
+_MODE_GRID = 2
 MAX_DECIMAL_EXPONENT = 22  # 10**22 is the largest power of ten a double holds exactly
 MAX_BINARY_EXPONENT = 1074
 SAMPLE = 256
@@ -56,24 +59,47 @@ def _approx(n: I64, mode: int, exponent: int) -> F64:
     return n.astype(np.float64) * np.float64(2.0**-exponent)
 
 
-def _split(v: F64, mode: int, exponent: int) -> tuple[I64, I64]:
-    """``n`` and the residual for every value (forward-filling ``n`` where the scaling overflows)."""
+def _split(v: F64, mode: int, exponent: int, step: float = 0.0) -> tuple[I64, I64]:
+    """``n`` and the residual for every value (forward-filling ``n`` where the scaling overflows);
+    ``step`` is the grid's (mode :data:`_MODE_GRID` only)."""
     kernels = _load_kernels()
     if kernels is not None:
         v = np.ascontiguousarray(v, dtype=np.float64)  # the kernel reads the bits through a view
         n = np.empty(v.shape[0], dtype=np.int64)
         r = np.empty(v.shape[0], dtype=np.int64)
-        # the same factors _approx uses: 10**e (exact for e <= 22) to divide by, 2**-k to multiply by
-        p10 = 10.0**exponent if mode == MODE_DECIMAL else 1.0
+        # the same factors _approx uses: 10**e (exact for e <= 22) to divide by, 2**-k to multiply by,
+        # the grid's step to multiply by (passed in place of 10**e)
+        p10 = 10.0**exponent if mode == MODE_DECIMAL else step if mode == _MODE_GRID else 1.0
         p2neg = 2.0**-exponent if mode == MODE_BINARY else 1.0
         kernels[0](v, mode, exponent, p10, p2neg, n, r)
         return n, r
-    return _split_numpy(v, mode, exponent)
+    return _split_numpy(v, mode, exponent, step)
 
 
-def _split_numpy(v: F64, mode: int, exponent: int) -> tuple[I64, I64]:
-    with np.errstate(over="ignore", invalid="ignore"):
-        scaled = v * np.float64(10.0**exponent) if mode == MODE_DECIMAL else np.ldexp(v, exponent)
+def split_grid(v: F64, step: float) -> tuple[I64, I64]:
+    """:mod:`grid_float`'s split: ``n = rint(v / step)`` (forward-filled where that is no integer a double
+    holds) and the residual ``bits(v) - bits(n * step)``."""
+    return _split(v, _MODE_GRID, 0, step)
+
+
+def grid_size(sample: F64, step: float) -> int:
+    """Exact stream bytes of ``sample`` on a grid of ``step`` (as the chooser's sizes: n at order 1,
+    the residual at order 0)."""
+    sample = np.ascontiguousarray(sample, dtype=np.float64)
+    kernels = _load_kernels()
+    if kernels is not None:
+        return int(kernels[1](sample, *_choose_args(), step)[2])
+    return _estimate(sample, _MODE_GRID, 0, step)
+
+
+def _split_numpy(v: F64, mode: int, exponent: int, step: float = 0.0) -> tuple[I64, I64]:
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        if mode == _MODE_GRID:
+            scaled = v / np.float64(step)
+        elif mode == MODE_DECIMAL:
+            scaled = v * np.float64(10.0**exponent)
+        else:
+            scaled = np.ldexp(v, exponent)
         ok = np.isfinite(scaled) & (np.abs(scaled) < _LIMIT)
     n = np.zeros(v.shape[0], dtype=np.int64)
     n[ok] = np.round(scaled[ok]).astype(np.int64)
@@ -82,13 +108,13 @@ def _split_numpy(v: F64, mode: int, exponent: int) -> tuple[I64, I64]:
         np.maximum.accumulate(idx, out=idx)
         n = n[idx]
     with np.errstate(over="ignore", invalid="ignore"):
-        approx = _approx(n, mode, exponent)
+        approx = n.astype(np.float64) * np.float64(step) if mode == _MODE_GRID else _approx(n, mode, exponent)
     r = v.view(np.int64) - approx.view(np.int64)
     return n, r
 
 
-def _estimate(sample: F64, mode: int, exponent: int) -> int:
-    n, r = _split(sample, mode, exponent)
+def _estimate(sample: F64, mode: int, exponent: int, step: float = 0.0) -> int:
+    n, r = _split(sample, mode, exponent, step)
     return _size(n, (1,)) + _size(r, (0,))
 
 
@@ -152,7 +178,7 @@ def choose_estimated(v: F64) -> tuple[int, int, float]:
     sample = sample_of(v)
     kernels = _load_kernels()
     if kernels is not None:
-        mode, exponent, size = kernels[1](sample, *_choose_args())
+        mode, exponent, size = kernels[1](sample, *_choose_args(), 0.0)
     else:
         mode, exponent, size = _choose_numpy(sample)
     return int(mode), int(exponent), max(0, int(size)) / max(1, int(sample.shape[0]))
@@ -218,11 +244,21 @@ def _load_kernels() -> tuple[Any, Any] | None:
         approx = np.empty(v.shape[0], dtype=np.float64)
         last = np.int64(0)
         for i in range(v.shape[0]):
-            s = v[i] * p10 if mode == 0 else np.ldexp(v[i], exponent)
+            if mode == 0:
+                s = v[i] * p10
+            elif mode == 1:
+                s = np.ldexp(v[i], exponent)
+            else:
+                s = v[i] / p10
             if np.isfinite(s) and abs(s) < 9007199254740992.0:
                 last = np.int64(np.rint(s))
             n[i] = last
-            approx[i] = np.float64(last) / p10 if mode == 0 else np.float64(last) * p2neg
+            if mode == 0:
+                approx[i] = np.float64(last) / p10
+            elif mode == 1:
+                approx[i] = np.float64(last) * p2neg
+            else:
+                approx[i] = np.float64(last) * p10
         vb = v.view(np.int64)
         ab = approx.view(np.int64)
         for i in range(v.shape[0]):
@@ -238,16 +274,21 @@ def _load_kernels() -> tuple[Any, Any] | None:
         fixed: int,
         order_bytes: int,
         exc_entry: int,
+        step: float,
     ) -> tuple[int, int, int]:
+        # ``step`` > 0: only the size of the sample on that grid (mode 2), no search
         m = sample.shape[0]
         bits = sample.view(np.int64)
         approx = np.empty(m, dtype=np.float64)
         ok = np.empty(m, dtype=np.bool_)
+        modes = np.zeros(4, dtype=np.int64)
+        exps = np.zeros(4, dtype=np.int64)
+        k = 0
         best_exact = -1
         best_exact_e = 0
         best_near = -1
         best_near_e = 0
-        for e in range(pow10.shape[0]):
+        for e in range(0 if step > 0 else pow10.shape[0]):
             p = pow10[e]
             for i in range(m):
                 s = sample[i] * p
@@ -273,19 +314,20 @@ def _load_kernels() -> tuple[Any, Any] | None:
             if near > best_near:
                 best_near = near
                 best_near_e = e
-        if best_exact == m:
+        if best_exact == m and step <= 0:
             return 0, best_exact_e, -1
-        modes = np.zeros(4, dtype=np.int64)
-        exps = np.zeros(4, dtype=np.int64)
-        k = 0
-        exps[k] = min(best_exact_e, best_near_e)
-        k += 1
-        if best_near_e != best_exact_e:
-            exps[k] = max(best_exact_e, best_near_e)
+        if step > 0:
+            modes[k] = 2
             k += 1
+        else:
+            exps[k] = min(best_exact_e, best_near_e)
+            k += 1
+            if best_near_e != best_exact_e:
+                exps[k] = max(best_exact_e, best_near_e)
+                k += 1
         need = np.empty(m, dtype=np.int64)
         count = 0
-        for i in range(m):
+        for i in range(m if step <= 0 else 0):
             x = sample[i]
             if np.isfinite(x) and x != 0.0:
                 mant, ex = math.frexp(x)
@@ -296,7 +338,9 @@ def _load_kernels() -> tuple[Any, Any] | None:
                     tz += 1
                 need[count] = min(max(53 - ex - tz, 0), 1074)
                 count += 1
-        if count == 0:
+        if step > 0:
+            pass
+        elif count == 0:
             modes[k] = 1
             exps[k] = 0
             k += 1
@@ -319,16 +363,26 @@ def _load_kernels() -> tuple[Any, Any] | None:
         for c in range(k):
             mode = modes[c]
             e = exps[c]
-            p10 = pow10[e] if mode == 0 else 1.0
+            p10 = pow10[e] if mode == 0 else step if mode == 2 else 1.0
             p2neg = np.ldexp(1.0, -e) if mode == 1 else 1.0
             # the split (as ``split`` above; numba caches a kernel only if it calls no other one)
             last = np.int64(0)
             for i in range(m):
-                s = sample[i] * p10 if mode == 0 else np.ldexp(sample[i], e)
+                if mode == 0:
+                    s = sample[i] * p10
+                elif mode == 1:
+                    s = np.ldexp(sample[i], e)
+                else:
+                    s = sample[i] / p10
                 if np.isfinite(s) and abs(s) < limit:
                     last = np.int64(np.rint(s))
                 n[i] = last
-                approx[i] = np.float64(last) / p10 if mode == 0 else np.float64(last) * p2neg
+                if mode == 0:
+                    approx[i] = np.float64(last) / p10
+                elif mode == 1:
+                    approx[i] = np.float64(last) * p2neg
+                else:
+                    approx[i] = np.float64(last) * p10
             ab = approx.view(np.int64)
             for i in range(m):
                 r[i] = bits[i] - ab[i]
@@ -381,7 +435,8 @@ def _load_kernels() -> tuple[Any, Any] | None:
     try:  # compile now; a failure means the numpy path, never a failed encode (as in bitpack)
         probe = np.array([1.5, 0.25, 3.0], dtype=np.float64)
         split(probe, 0, 2, 100.0, 1.0, np.empty(3, np.int64), np.empty(3, np.int64))
-        choose(probe, *_choose_args())
+        choose(probe, *_choose_args(), 0.0)
+        choose(probe, *_choose_args(), 0.5)
     except Exception:  # any failure of the optional accelerator falls back to the numpy path
         return None
     _kernels = (split, choose)

@@ -42,6 +42,11 @@ _MULTIPLE_SHARE = 0.9
 _NOISE = 2.0**-40
 #: Into how many parts the smallest sampled gap may be divided to find the step.
 _PARTS = np.arange(1, 65, dtype=np.float64)
+#: ... screened on this many of the gaps.
+_SCREEN_GAPS = 8
+#: The grid is used only when its estimate is below this share of the scaled float's (a close call is
+#: not worth encoding the column twice).
+GAIN = 0.97
 #: At least this many distinct sampled values (fewer: a dictionary or the plain codecs do as well).
 _MIN_DISTINCT = 8
 
@@ -52,65 +57,69 @@ def max_encoded_size(count: int) -> int:
 
 def _split(v: F64, step: float) -> tuple[I64, I64]:
     """``n`` (forward-filled where ``v / step`` is no integer a double holds) and the residual."""
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        q = v / np.float64(step)
-        ok = np.isfinite(q) & (np.abs(q) < _LIMIT)
-    n = np.zeros(v.shape[0], dtype=np.int64)
-    n[ok] = np.rint(q[ok]).astype(np.int64)
-    if not ok.all():
-        idx = np.where(ok, np.arange(v.shape[0]), 0)
-        np.maximum.accumulate(idx, out=idx)
-        n = n[idx]
-    with np.errstate(over="ignore", invalid="ignore"):
-        approx = n.astype(np.float64) * np.float64(step)
-    return n, v.view(np.int64) - approx.view(np.int64)
+    return decimal_float.split_grid(v, step)
 
 
 def _estimate(sample: F64, step: float) -> int:
-    n, r = _split(sample, step)
-    return min(intstream.plan_size(n, 1), intstream.plan_size(n, 0)) + intstream.plan_size(r, 0)
+    return decimal_float.grid_size(sample, step)
 
 
-def find_step(v: F64, estimate: float) -> float | None:
-    """The step of ``v``'s grid when, on the sample, it codes smaller than ``estimate`` bytes a value
-    (what the decimal or binary scaling was estimated at); else None."""
+def find_step(v: F64, estimate: float, scaling: tuple[int, int]) -> tuple[float, float] | None:
+    """The step of ``v``'s grid and its estimated bytes a value, when on the sample it codes clearly
+    smaller (:data:`GAIN`) than ``estimate`` bytes a value — what the decimal or binary ``scaling``
+    (mode, exponent) was estimated at; else None. A step that scaling already divides into whole
+    quanta (a DBC factor of 0.01, a float32's binary fraction) gains nothing: not estimated."""
     sample = decimal_float.sample_of(v)
-    finite = sample[np.isfinite(sample)]
-    distinct = np.unique(finite)
+    distinct = np.unique(sample[np.isfinite(sample)])
     if distinct.shape[0] < _MIN_DISTINCT:
         return None
     gaps = np.diff(distinct)
     gaps = gaps[gaps > np.maximum(np.abs(distinct[1:]), np.abs(distinct[:-1])) * _NOISE]
     if gaps.shape[0] < _MIN_DISTINCT - 1:
         return None
-    # the smallest gap may span several steps (a sample of a wide column rarely holds two neighbours):
-    # the step is the smallest gap over the fewest parts that make the gaps whole multiples of it
     smallest = float(gaps.min())
-    with np.errstate(over="ignore", invalid="ignore"):
-        multiples = gaps[None, :] * _PARTS[:, None] / smallest
-        whole = np.abs(multiples - np.rint(multiples)) <= _MULTIPLE_TOLERANCE * np.maximum(multiples, 1.0)
-    fits = np.flatnonzero(np.count_nonzero(whole, axis=1) >= _MULTIPLE_SHARE * gaps.shape[0])
-    if fits.shape[0] == 0:
+    parts = _parts(gaps / smallest)
+    if parts == 0:
         return None
-    smallest /= float(_PARTS[fits[0]])
+    smallest /= parts
     largest = float(distinct[np.argmax(np.abs(distinct))])
     ratio = largest / smallest
-    if not (math.isfinite(ratio) and abs(ratio) < _LIMIT):
+    if not (math.isfinite(ratio) and abs(ratio) < _LIMIT) or round(ratio) == 0:
         return None
-    count = round(ratio)
-    if count == 0:
+    # ``largest / count`` is the step to within half an ulp of ``largest`` over ``count``; of it and
+    # its neighbouring doubles, the one that makes the most values exact (tried only when it matters)
+    step = largest / round(ratio)
+    if np.count_nonzero(_split(sample, step)[1]) * 2 > sample.shape[0]:
+        step = max(
+            (step, math.nextafter(step, math.inf), math.nextafter(step, -math.inf)),
+            key=lambda s: np.count_nonzero(_split(sample, s)[1] == 0) if math.isfinite(s) and s > 0 else -1,
+        )
+    if not (math.isfinite(step) and step > 0):
         return None
-    refined = largest / count
-    best: tuple[int, float] | None = None
-    for step in (refined, math.nextafter(refined, math.inf), math.nextafter(refined, -math.inf)):
-        if not (math.isfinite(step) and step > 0):
-            continue
-        size = _estimate(sample, step)
-        if best is None or size < best[0]:
-            best = (size, step)
-    if best is None or best[0] >= estimate * sample.shape[0]:
-        return None
-    return best[1]
+    size = _estimate(sample, step) / sample.shape[0]
+    return None if size >= GAIN * estimate else (step, size)
+
+
+def _parts(multiples: F64) -> int:
+    """Into how many parts (1 … 64) the smallest gap divides so that ~all gaps are whole multiples of a
+    part (the smallest sampled gap may span several steps: a sample of a wide column rarely holds two
+    neighbours); 0 when none does. Counts of parts are screened on a few gaps first (true doubles fail
+    there at once)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if _whole_share(multiples) >= _MULTIPLE_SHARE:
+            return 1
+        few = multiples[:: max(1, multiples.shape[0] // _SCREEN_GAPS)][:_SCREEN_GAPS]
+        scaled = few[None, :] * _PARTS[1:, None]
+        close = np.abs(scaled - np.rint(scaled)) <= _MULTIPLE_TOLERANCE * np.maximum(scaled, 1.0)
+        for k in _PARTS[1:][np.count_nonzero(close, axis=1) >= _MULTIPLE_SHARE * few.shape[0] - 1]:
+            if _whole_share(multiples * k) >= _MULTIPLE_SHARE:
+                return int(k)
+    return 0
+
+
+def _whole_share(multiples: F64) -> float:
+    whole = np.abs(multiples - np.rint(multiples)) <= _MULTIPLE_TOLERANCE * np.maximum(multiples, 1.0)
+    return float(np.count_nonzero(whole)) / max(1, multiples.shape[0])
 
 
 def encode_variants(v: F64, step: float) -> tuple[bytes | None, bytes | None]:

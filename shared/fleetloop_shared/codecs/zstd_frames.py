@@ -33,3 +33,12 @@ def compress(raw: bytes, *, level: int = LEVEL) -> bytes:
             level=level, write_content_size=True, write_checksum=False
         )
     return bytes(compressor.compress(raw))
+
+
+def decompress(frame: bytes) -> bytes:
+    """The content of one zstd frame made by :func:`compress` (for the encoder's own frames: a reader of
+    outside bytes checks the declared size first, see ``segment._unzstd``)."""
+    decompressor = getattr(_local, "decompressor", None)
+    if decompressor is None:
+        decompressor = _local.decompressor = zstandard.ZstdDecompressor()
+    return bytes(decompressor.decompress(frame))
