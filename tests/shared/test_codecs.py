@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from fleetloop_agent.store_import import real_corpus, to_segments
 from fleetloop_shared.catalog import Catalog
-from fleetloop_shared.codecs import bitpack, decimal_float, intstream, recent, strings
+from fleetloop_shared.codecs import bitpack, decimal_float, grid_float, intstream, recent, strings
 from fleetloop_shared.segment import decode_segment, encode_segment
 
 I64_MIN = int(np.iinfo(np.int64).min)
@@ -188,6 +188,20 @@ def test_scaled_float_choice_and_split_kernels_match_numpy(v: npt.NDArray[np.flo
         assert decimal_float.choose(v) == fast
         n2, r2 = decimal_float._split(v, *fast)
     assert n.tobytes() == n2.tobytes() and r.tobytes() == r2.tobytes()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(float_columns())
+def test_grid_step_search_kernel_matches_numpy(v: npt.NDArray[np.float64]) -> None:
+    """The compiled grid search makes the numpy path's decisions (the same step, the same estimate)."""
+    fast = grid_float.find_step(v, 64.0)
+    with numpy_only():
+        assert grid_float.find_step(v, 64.0) == fast
+    if fast is not None:
+        n, r = decimal_float.split_grid(v, fast[0])
+        with numpy_only():
+            n2, r2 = decimal_float.split_grid(v, fast[0])
+        assert n.tobytes() == n2.tobytes() and r.tobytes() == r2.tobytes()
 
 
 def test_scaled_float_special_values() -> None:

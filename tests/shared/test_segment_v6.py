@@ -114,7 +114,7 @@ def test_grid_floats_store_converted_units_as_their_counts() -> None:
     ],
 )
 def test_find_step_sees_grids_of_other_steps_only(values: npt.NDArray[np.float64], found: bool) -> None:
-    step = grid_float.find_step(values, 8.0, (0, 0))
+    step = grid_float.find_step(values, 8.0)
     assert (step is not None) == found, step
     if step is not None:
         n = values / step[0]
@@ -357,16 +357,21 @@ def test_property_newest_writer_round_trip_is_bit_exact(seg: Segment) -> None:
 
 
 def test_real_corpus_round_trips_through_the_newest_writer(recordings: Path) -> None:
-    """Every real data set, bundled as the store imports it: bit-exact, and no larger than format 5."""
+    """Every real data set, bundled as the store imports it: bit-exact, and smaller than format 5 as a
+    whole (a set may come out a few bytes larger: the grid is chosen on a sample, not by encoding twice)."""
     from fleetloop_agent.store_import import real_corpus, to_segments
     from fleetloop_cli.store_commands import import_segments
     from fleetloop_shared.catalog import Catalog
 
     versions = set()
+    newest = older = 0
     for name, result in real_corpus(recordings):
         for seg in import_segments(result, Catalog(), to_segments):
             data = encode_segment(seg)
             versions.add(header_fields(data)[0])
             assert decode_segment(data) == seg, name
-            assert len(data) <= len(encode_segment(seg, max_version=5)), name
+            five = len(encode_segment(seg, max_version=5))
+            assert len(data) <= five * 1.001, name
+            newest, older = newest + len(data), older + five
     assert 6 in versions
+    assert newest < 0.95 * older, (newest, older)

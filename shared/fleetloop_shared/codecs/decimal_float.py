@@ -218,12 +218,13 @@ def _choose_args() -> tuple[Any, ...]:
     )
 
 
-_kernels: tuple[Any, Any] | None = None
+_kernels: tuple[Any, Any, Any] | None = None
 _kernels_tried = False
 
 
-def _load_kernels() -> tuple[Any, Any] | None:
-    """(split, choose) compiled with numba (cached on disk), or None: then the numpy versions run."""
+def _load_kernels() -> tuple[Any, Any, Any] | None:
+    """(split, choose, grid_step) compiled with numba (cached on disk), or None: then the numpy versions
+    run."""
     global _kernels, _kernels_tried
     if _kernels_tried:
         return _kernels
@@ -432,14 +433,110 @@ def _load_kernels() -> tuple[Any, Any] | None:
                 best_exp = e
         return best_mode, best_exp, best
 
+    @numba.njit(cache=True, nogil=True)
+    def grid_step(  # pragma: no cover - compiled
+        sample: Any,
+        min_distinct: int,
+        noise: float,
+        tolerance: float,
+        share: float,
+        screen: int,
+        parts: int,
+        limit: float,
+    ) -> float:
+        # grid_float._find_step_numpy in one compiled pass (the same arithmetic, the same decisions);
+        # 0.0: no grid
+        finite = np.sort(sample[np.isfinite(sample)])
+        distinct = np.empty(finite.shape[0], dtype=np.float64)
+        nd = 0
+        for i in range(finite.shape[0]):
+            if nd == 0 or finite[i] != distinct[nd - 1]:
+                distinct[nd] = finite[i]
+                nd += 1
+        if nd < min_distinct:
+            return 0.0
+        gaps = np.empty(nd - 1, dtype=np.float64)
+        ng = 0
+        for i in range(nd - 1):
+            gap = distinct[i + 1] - distinct[i]
+            if gap > max(abs(distinct[i + 1]), abs(distinct[i])) * noise:
+                gaps[ng] = gap
+                ng += 1
+        if ng < min_distinct - 1:
+            return 0.0
+        smallest = gaps[0]
+        for i in range(ng):
+            smallest = min(smallest, gaps[i])
+        multiples = np.empty(ng, dtype=np.float64)
+        for i in range(ng):
+            multiples[i] = gaps[i] / smallest
+        stride = max(1, ng // screen)
+        nfew = min(screen, (ng + stride - 1) // stride)
+        found = 0
+        for k in range(1, parts + 1):
+            kk = np.float64(k)
+            if k > 1:  # screened on a few gaps first
+                close = 0
+                for j in range(nfew):
+                    m = multiples[j * stride] * kk
+                    if abs(m - np.rint(m)) <= tolerance * max(m, 1.0):
+                        close += 1
+                if close < share * nfew - 1:
+                    continue
+            whole = 0
+            for i in range(ng):
+                m = multiples[i] * kk if k > 1 else multiples[i]
+                if abs(m - np.rint(m)) <= tolerance * max(m, 1.0):
+                    whole += 1
+            if whole / max(1, ng) >= share:
+                found = k
+                break
+        if found == 0:
+            return 0.0
+        smallest /= np.float64(found)
+        largest = distinct[0]
+        for i in range(nd):
+            if abs(distinct[i]) > abs(largest):
+                largest = distinct[i]
+        ratio = largest / smallest
+        if not (np.isfinite(ratio) and abs(ratio) < limit) or np.rint(ratio) == 0.0:
+            return 0.0
+        step = largest / np.rint(ratio)
+        bits = sample.view(np.int64)
+        approx = np.empty(sample.shape[0], dtype=np.float64)
+        ab = approx.view(np.int64)
+        best = step
+        best_exact = -1
+        for c in range(3):
+            s = step if c == 0 else np.nextafter(step, np.inf) if c == 1 else np.nextafter(step, -np.inf)
+            exact = -1
+            if np.isfinite(s) and s > 0:
+                exact = 0
+                last = np.int64(0)
+                for i in range(sample.shape[0]):
+                    q = sample[i] / s
+                    if np.isfinite(q) and abs(q) < limit:
+                        last = np.int64(np.rint(q))
+                    approx[i] = np.float64(last) * s
+                for i in range(sample.shape[0]):
+                    if bits[i] == ab[i]:
+                        exact += 1
+            if c == 0 and exact * 2 >= sample.shape[0]:
+                return step  # most values exact: no neighbour can do much better
+            if exact > best_exact:
+                best_exact = exact
+                best = s
+        return best if np.isfinite(best) and best > 0 else 0.0
+
     try:  # compile now; a failure means the numpy path, never a failed encode (as in bitpack)
         probe = np.array([1.5, 0.25, 3.0], dtype=np.float64)
         split(probe, 0, 2, 100.0, 1.0, np.empty(3, np.int64), np.empty(3, np.int64))
         choose(probe, *_choose_args(), 0.0)
         choose(probe, *_choose_args(), 0.5)
+        grid_step(np.arange(20, dtype=np.float64) * 0.3, 8, 2.0**-40, 1e-6, 0.9, 8, 64, _LIMIT)
     except Exception:  # any failure of the optional accelerator falls back to the numpy path
         return None
-    _kernels = (split, choose)
+    _kernels = (split, choose, grid_step)
     return _kernels
 
 

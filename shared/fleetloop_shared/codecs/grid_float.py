@@ -64,12 +64,25 @@ def _estimate(sample: F64, step: float) -> int:
     return decimal_float.grid_size(sample, step)
 
 
-def find_step(v: F64, estimate: float, scaling: tuple[int, int]) -> tuple[float, float] | None:
+def find_step(v: F64, estimate: float) -> tuple[float, float] | None:
     """The step of ``v``'s grid and its estimated bytes a value, when on the sample it codes clearly
-    smaller (:data:`GAIN`) than ``estimate`` bytes a value — what the decimal or binary ``scaling``
-    (mode, exponent) was estimated at; else None. A step that scaling already divides into whole
-    quanta (a DBC factor of 0.01, a float32's binary fraction) gains nothing: not estimated."""
+    smaller (:data:`GAIN`) than ``estimate`` bytes a value (what the decimal or binary scaling was
+    estimated at); else None. One compiled pass when numba is there (the same decisions)."""
     sample = decimal_float.sample_of(v)
+    kernels = decimal_float._load_kernels()
+    if kernels is not None:
+        args = (_MIN_DISTINCT, _NOISE, _MULTIPLE_TOLERANCE, _MULTIPLE_SHARE, _SCREEN_GAPS, len(_PARTS), _LIMIT)
+        found = float(kernels[2](sample, *args))
+        step = found if found > 0 else None
+    else:
+        step = _find_step_numpy(sample)
+    if step is None:
+        return None
+    size = _estimate(sample, step) / sample.shape[0]
+    return None if size >= GAIN * estimate else (step, size)
+
+
+def _find_step_numpy(sample: F64) -> float | None:
     distinct = np.unique(sample[np.isfinite(sample)])
     if distinct.shape[0] < _MIN_DISTINCT:
         return None
@@ -96,8 +109,7 @@ def find_step(v: F64, estimate: float, scaling: tuple[int, int]) -> tuple[float,
         )
     if not (math.isfinite(step) and step > 0):
         return None
-    size = _estimate(sample, step) / sample.shape[0]
-    return None if size >= GAIN * estimate else (step, size)
+    return step
 
 
 def _parts(multiples: F64) -> int:
