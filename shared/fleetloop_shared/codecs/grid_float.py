@@ -86,12 +86,14 @@ def _find_step_numpy(sample: F64) -> float | None:
     distinct = np.unique(sample[np.isfinite(sample)])
     if distinct.shape[0] < _MIN_DISTINCT:
         return None
-    gaps = np.diff(distinct)
-    gaps = gaps[gaps > np.maximum(np.abs(distinct[1:]), np.abs(distinct[:-1])) * _NOISE]
-    if gaps.shape[0] < _MIN_DISTINCT - 1:
-        return None
-    smallest = float(gaps.min())
-    parts = _parts(gaps / smallest)
+    with np.errstate(over="ignore", invalid="ignore"):  # (infinite gaps and multiples fail the tests)
+        gaps = np.diff(distinct)
+        gaps = gaps[gaps > np.maximum(np.abs(distinct[1:]), np.abs(distinct[:-1])) * _NOISE]
+        if gaps.shape[0] < _MIN_DISTINCT - 1:
+            return None
+        smallest = float(gaps.min())
+        multiples = gaps / smallest
+    parts = _parts(multiples)
     if parts == 0:
         return None
     smallest /= parts
