@@ -142,6 +142,9 @@ FLAG_BODY_ZSTD = 1
 #: the frame still finds a little in them.)
 BODY_LEVEL = 3
 BODY_RAW_BELOW = 4096
+#: ... and bodies under this many bytes (a small bundle) at this level: cheap there, ~1 % smaller.
+BODY_SMALL = 64 * 1024
+BODY_SMALL_LEVEL = 9
 #: A format 6 body may decompress to at most this many times its stored size plus the slack (a reader
 #: refuses more before decompressing; the encoder writes format 5 instead of exceeding it).
 BODY_MAX_RATIO = 32
@@ -383,7 +386,7 @@ def encode_segment(segment: Segment, *, max_version: int = FORMAT_VERSION) -> by
         # keyed, difference and recent-value columns exist from format 5 on, which has the multi-group
         # layout (here of one group)
         return _encode_multi(segment, {0: (value_blocks, text)}, derive=derive, v6=v6)
-    blocks: list[tuple[int, bytes, int]] = [_encode_timestamps(t_ns, v6), *value_blocks]
+    blocks: list[tuple[int, bytes, int]] = [_encode_timestamps(t_ns), *value_blocks]
     if text > MAX_TEXT_BYTES:
         raise UserError(
             f"segment {segment.segment_id.hex()}: {text} bytes of distinct text exceed {MAX_TEXT_BYTES}"
@@ -433,7 +436,7 @@ def _encode_columns(
 
     ``stamped_with``: the columns of an earlier group of the segment with the very same timestamps,
     which a column may be stored as the difference from. ``derive`` False: no keyed or difference
-    column (format version 4 and older); ``v6`` False: no grid float (format version 5 and older), and small blocks get their own zstd frames.
+    column (format version 4 and older); ``v6`` False: no grid float (format version 5 and older).
     """
     blocks: list[_EncodedBlock] = []
     text = 0
@@ -443,7 +446,7 @@ def _encode_columns(
             if data_type is DataType.STRING:
                 payload, column_text = strings.encode_measured(values)
                 text += column_text
-                blocks.append(_smaller(CODEC_STR_DICT, payload, v6=v6))
+                blocks.append(_smaller(CODEC_STR_DICT, payload))
             elif key is not None and i in key.keyed:
                 blocks.append(_encode_keyed(data_type, values, key, v6))
             else:
@@ -451,7 +454,7 @@ def _encode_columns(
                 if block is None:
                     block = _encode_values(data_type, values, v6)
                     if derive and data_type in _NUMERIC:
-                        block = _with_dictionary(data_type, values, block, v6)
+                        block = _with_dictionary(data_type, values, block)
                 blocks.append(block)
         except strings.TextError as exc:
             raise UserError(f"segment {segment.segment_id.hex()}: signal {signal_id}: {exc}") from None
@@ -500,7 +503,7 @@ def _recent_values(values: npt.NDArray[np.float64], v6: bool) -> _EncodedBlock |
     literal_block = _encode_values(DataType.FLOAT64, values[literal], v6)
     if len(literal_block[1]) < _RECENT_MIN_BYTES_PER_ROW * count:
         return None  # cheap values: a reference would cost about as much as the value
-    ref_block = _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(refs, (0,)), v6=v6)
+    ref_block = _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(refs, (0,)))
     payload = b"".join(
         [
             _BLOCK.pack(ref_block[0], ref_block[2], len(ref_block[1])),
@@ -528,9 +531,7 @@ _DICT_MIN_ROWS = 256
 _DICT_MIN_BYTES_PER_ROW = 0.5
 
 
-def _with_dictionary(
-    data_type: DataType, values: npt.NDArray[Any], plain: _EncodedBlock, v6: bool
-) -> _EncodedBlock:
+def _with_dictionary(data_type: DataType, values: npt.NDArray[Any], plain: _EncodedBlock) -> _EncodedBlock:
     """``plain``, or the dictionary block of the column when that is smaller."""
     rows = int(values.shape[0])
     if rows < _DICT_MIN_ROWS or len(plain[1]) < _DICT_MIN_BYTES_PER_ROW * rows:
@@ -543,8 +544,8 @@ def _with_dictionary(
     # an index costs about log2(count) bits before zstd: not worth it where the plain block is cheaper
     if 8 * len(plain[1]) < rows * (math.log2(distinct.shape[0]) + 1):
         return plain
-    entries = _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(distinct), v6=v6)
-    indices = _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(index), v6=v6)
+    entries = _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(distinct))
+    indices = _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(index))
     payload = b"".join(
         [
             _U32.pack(distinct.shape[0]),
@@ -832,7 +833,7 @@ def _encode_multi(
                 same_as[i] = j
     empty = np.zeros(0, dtype=np.int64)
     clock, clock_index = _choose_clock([empty if i in same_as else t for i, (t, _) in enumerate(validated)])
-    clock_block = _encode_timestamps(clock, v6)
+    clock_block = _encode_timestamps(clock)
     if cells + int(clock.shape[0]) > MAX_CELLS:
         raise UserError(f"{where}: {rows} rows in {ncols} columns exceed {MAX_CELLS} cells")
     time_range = segment.time_range()
@@ -847,11 +848,9 @@ def _encode_multi(
         if i in same_as:
             time_block = (CODEC_TS_SAME_AS, _U16.pack(same_as[i]), _U16.size)
         elif index is not None:
-            time_block = _smaller(
-                CODEC_TS_CLOCK_INDEX, *intstream.encode_with_zstd(index, _INDEX_ORDERS), v6=v6
-            )
+            time_block = _smaller(CODEC_TS_CLOCK_INDEX, *intstream.encode_with_zstd(index, _INDEX_ORDERS))
         else:
-            time_block = _encode_timestamps(t_ns, v6)
+            time_block = _encode_timestamps(t_ns)
             if v6:
                 offsets = _offset_times(i, validated, same_as, time_block)
                 if offsets is not None:
@@ -891,11 +890,16 @@ def _encode_multi(
 
     if v6:
         inner = body(True)
-        packed = zstd_frames.compress(inner, level=BODY_LEVEL)
+        level = BODY_SMALL_LEVEL if len(inner) < BODY_SMALL else BODY_LEVEL
+        packed = zstd_frames.compress(inner, level=level)
         # the format 4/5 body's size, without building it
-        plain_size = _U16.size + _U32.size + sum(
-            len(head) + 1 + _U16.size + _COLUMN.size * len(descriptors)
-            for head, descriptors, _ in rendered
+        plain_size = (
+            _U16.size
+            + _U32.size
+            + sum(
+                len(head) + 1 + _U16.size + _COLUMN.size * len(descriptors)
+                for head, descriptors, _ in rendered
+            )
         )
         plain_size += sum(_BLOCK.size + len(b[1]) for _, _, blocks in rendered for b in blocks)
         plain_size += _BLOCK.size + len(clock_block[1])
@@ -930,9 +934,9 @@ def _offset_times(
     rows = int(t_ns.shape[0])
     if len(own[1]) < _OFFSET_MIN_BYTES_PER_ROW * rows or rows < 2:
         return None  # own times cheap already (a steady clock)
-    candidates = [
-        j for j in range(i - 1, -1, -1) if j not in same_as and validated[j][0].shape[0] == rows
-    ][:OFFSET_CANDIDATES]
+    candidates = [j for j in range(i - 1, -1, -1) if j not in same_as and validated[j][0].shape[0] == rows][
+        :OFFSET_CANDIDATES
+    ]
     best: tuple[int, int, npt.NDArray[np.int64]] | None = None
     for j in candidates:
         offsets = t_ns - validated[j][0]  # (wraps like the decoder's addition)
@@ -942,7 +946,7 @@ def _offset_times(
     if best is None or best[0] >= _OFFSET_SCREEN * len(own[1]):
         return None
     _, j, offsets = best
-    codec, payload, raw_len = _smaller(CODEC_TS_OFFSET, _U16.pack(j) + intstream.encode(offsets), v6=True)
+    codec, payload, raw_len = _smaller(CODEC_TS_OFFSET, _U16.pack(j) + intstream.encode(offsets))
     if len(payload) >= len(own[1]):
         return None
     return codec, payload, raw_len
@@ -1089,12 +1093,11 @@ def _zstd(raw: bytes) -> bytes:
     return zstd_frames.compress(raw)
 
 
-def _smaller(codec: int, raw: bytes, compressed: bytes | None = None, *, v6: bool) -> tuple[int, bytes, int]:
+def _smaller(codec: int, raw: bytes, compressed: bytes | None = None) -> tuple[int, bytes, int]:
     """The transform's bytes as they are, or zstd of them (``compressed`` if already made) if smaller.
 
-    ``v6``: a format 6 writer leaves blocks of fewer than :data:`BODY_RAW_BELOW` bytes as they are — the
-    body's one frame codes them, with tables they share (and compressing them was most of the zstd
-    calls)."""
+    (A format 6 body takes small blocks' frames off again, see :func:`_small_block_raw`: every block
+    is still compressed here, so that the choices between codecs compare what they would store.)"""
     if len(raw) >= _ZSTD_MIN_INPUT:
         packed = _zstd(raw) if compressed is None else compressed
         if len(packed) < len(raw):
@@ -1102,8 +1105,8 @@ def _smaller(codec: int, raw: bytes, compressed: bytes | None = None, *, v6: boo
     return codec, raw, len(raw)
 
 
-def _encode_timestamps(t_ns: npt.NDArray[np.int64], v6: bool) -> tuple[int, bytes, int]:
-    return _smaller(CODEC_TS_INTSTREAM, *intstream.encode_with_zstd(t_ns), v6=v6)
+def _encode_timestamps(t_ns: npt.NDArray[np.int64]) -> tuple[int, bytes, int]:
+    return _smaller(CODEC_TS_INTSTREAM, *intstream.encode_with_zstd(t_ns))
 
 
 def _encode_values(data_type: DataType, values: npt.NDArray[Any], v6: bool) -> tuple[int, bytes, int]:
@@ -1117,22 +1120,18 @@ def _encode_values(data_type: DataType, values: npt.NDArray[Any], v6: bool) -> t
         # unit conversion, a calibration. Cheaper on the sample: the scaled encoding is not even made
         # (making both where the sample's gain was under 20 % and keeping the smaller came out the same
         # on the real corpus, ~3 % slower).
-        found = (
-            grid_float.find_step(floats, estimate)
-            if v6 and estimate >= GRID_MIN_ESTIMATE
-            else None
-        )
+        found = grid_float.find_step(floats, estimate) if v6 and estimate >= GRID_MIN_ESTIMATE else None
         if found is not None:
             packed, planes = grid_float.encode_variants(floats, found[0])
             stepped = [(CODEC_F64_GRID, planes, len(planes))] if planes is not None else []
             if packed is not None:
-                stepped.append(_smaller(CODEC_F64_GRID, packed, v6=v6))
+                stepped.append(_smaller(CODEC_F64_GRID, packed))
             best = min(stepped, key=lambda block: len(block[1]))
         if estimate <= _TRUE_DOUBLE_BYTES and found is None:
             packed, planes, exact = decimal_float.encode_variants(floats, (mode, exponent))
             scaled = [(CODEC_F64_SCALED, planes, len(planes))] if planes is not None else []
             if packed is not None:
-                scaled.append(_smaller(CODEC_F64_SCALED, packed, v6=v6))
+                scaled.append(_smaller(CODEC_F64_SCALED, packed))
             best = min(scaled if best is None else [best, *scaled], key=lambda block: len(block[1]))
         # else: true doubles (no scaling came near: the sample's best cost > 6 bytes a value, as for
         # GNSS pseudoranges or a pose) — the scaled encoding is not even made.
@@ -1144,21 +1143,21 @@ def _encode_values(data_type: DataType, values: npt.NDArray[Any], v6: bool) -> t
             bits = floats.view("<u8")
             # (the stream's zstd frame was made while choosing its layout: not compressed twice)
             candidate = _smaller(
-                CODEC_F64_BITS_INTSTREAM, *intstream.encode_with_zstd(bits.view(np.int64), (0, 1)), v6=v6
+                CODEC_F64_BITS_INTSTREAM, *intstream.encode_with_zstd(bits.view(np.int64), (0, 1))
             )
             if best is None or len(candidate[1]) < len(best[1]):
                 best = candidate
             if len(best[1]) > _RAW_WORTH_TRYING * rows:
-                candidate = _smaller(CODEC_F64_RAW, bits.tobytes(), v6=v6)
+                candidate = _smaller(CODEC_F64_RAW, bits.tobytes())
                 if len(candidate[1]) < len(best[1]):
                     best = candidate
         return best
     if data_type is DataType.INT64:
-        return _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(values), v6=v6)
+        return _smaller(CODEC_I64_INTSTREAM, *intstream.encode_with_zstd(values))
     if data_type is DataType.STRING:
-        return _smaller(CODEC_STR_DICT, strings.encode(values), v6=v6)  # (encode_segment measures text)
+        return _smaller(CODEC_STR_DICT, strings.encode(values))  # (encode_segment measures text)
     raw = np.packbits(values.astype(np.bool_), bitorder="little").tobytes()
-    return _smaller(CODEC_BOOL_PACKBITS, raw, v6=v6)
+    return _smaller(CODEC_BOOL_PACKBITS, raw)
 
 
 # --------------------------------------------------------------------------------------------- decode
@@ -1263,7 +1262,9 @@ def _opened(data: bytes) -> bytes:
             f"(at most {limit} for its {len(stored)} stored bytes)"
         )
     try:
-        body = zstandard.ZstdDecompressor().decompress(stored, max_output_size=declared, allow_extra_data=False)
+        body = zstandard.ZstdDecompressor().decompress(
+            stored, max_output_size=declared, allow_extra_data=False
+        )
     except zstandard.ZstdError as exc:
         raise CorruptSegmentError(f"compressed body at byte {_FIXED.size}: zstd error: {exc}") from None
     if len(body) != declared:

@@ -1561,7 +1561,7 @@ def test_dictionaries_store_few_off_grid_values_as_indices(
     roundtrip(seg)
     import fleetloop_shared.segment as segment_module
 
-    monkeypatch.setattr(segment_module, "_with_dictionary", lambda data_type, values, plain, v6: plain)
+    monkeypatch.setattr(segment_module, "_with_dictionary", lambda data_type, values, plain: plain)
     assert len(data) < 0.7 * len(encode_segment(seg))
 
 

@@ -317,10 +317,15 @@ def mixed_segments(draw: st.DrawFn) -> Segment:
     parts = []
     sid = 1
     for g in range(ngroups):
-        rows = draw(st.integers(0, 120))
-        t = np.array(
-            draw(st.lists(st.integers(-(2**62), 2**62), min_size=rows, max_size=rows)), dtype=np.int64
-        )
+        if parts and draw(st.booleans()):  # sent together with the first group: its times plus a little
+            rows = int(parts[0].t_ns.shape[0])
+            jitter = draw(st.lists(st.integers(-(2**20), 2**20), min_size=rows, max_size=rows))
+            t = parts[0].t_ns + np.array(jitter, dtype=np.int64)
+        else:
+            rows = draw(st.integers(0, 120))
+            t = np.array(
+                draw(st.lists(st.integers(-(2**62), 2**62), min_size=rows, max_size=rows)), dtype=np.int64
+            )
         cols: dict[int, npt.NDArray[Any]] = {}
         types: dict[int, DataType] = {}
         for _ in range(draw(st.integers(1, 3))):
@@ -375,3 +380,102 @@ def test_real_corpus_round_trips_through_the_newest_writer(recordings: Path) -> 
             newest, older = newest + len(data), older + five
     assert 6 in versions
     assert newest < 0.95 * older, (newest, older)
+
+
+# ------------------------------------------------------------------------- time offsets (codec 5)
+
+
+def gnss_module(seed: int, epochs: int = 600) -> Segment:
+    """A CAN GNSS module: each epoch it sends position, speed and attitude frames one after the other.
+    The epoch's arrival jitters by milliseconds, the frames within it by microseconds."""
+    rng = np.random.default_rng(seed)
+    epoch = np.cumsum(rng.integers(95_000_000, 105_000_000, epochs)).astype(np.int64)
+    parts = []
+    for k, name in enumerate(["gnss_pos", "gnss_speed", "gnss_attitude"]):
+        t = epoch + k * 350_000 + rng.integers(-2_000, 2_000, epochs)
+        values = np.cumsum(rng.integers(-5, 6, epochs)).astype(np.int64)
+        parts.append(
+            Segment(SID, f"can2/{name}", t.astype(np.int64), {10 + k: values}, {10 + k: DataType.INT64})
+        )
+    head = parts[0]
+    return Segment(SID, head.group, head.t_ns, head.columns, head.data_types, tuple(parts[1:]))
+
+
+def time_codecs(data: bytes) -> list[int]:
+    header = segment_module._parse_framing(opened(data))
+    return [g.blocks[0].codec & ~ZSTD_FLAG for g in header.groups]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_time_offsets_store_frames_sent_together_as_their_spacing(seed: int) -> None:
+    seg = gnss_module(seed)
+    data = encode_segment(seg)
+    assert time_codecs(data) == [segment_module.CODEC_TS_INTSTREAM, *[segment_module.CODEC_TS_OFFSET] * 2]
+    assert decode_segment(data) == seg
+    older = encode_segment(seg, max_version=5)
+    assert segment_module.CODEC_TS_OFFSET not in time_codecs(older) and decode_segment(older) == seg
+    assert len(data) < 0.8 * len(older), (len(data), len(older))
+
+
+def test_time_offsets_wrap_like_int64_and_round_trip_at_the_extremes() -> None:
+    t = np.array([np.iinfo(np.int64).min, -1, 0, np.iinfo(np.int64).max] * 40, dtype=np.int64)
+    u = t[::-1].copy()
+    parts = [
+        Segment(SID, "a", t, {1: np.arange(160, dtype=np.int64)}, {1: DataType.INT64}),
+        Segment(SID, "b", u, {2: np.arange(160, dtype=np.int64)}, {2: DataType.INT64}),
+    ]
+    seg = Segment(SID, "a", t, parts[0].columns, parts[0].data_types, (parts[1],))
+    assert decode_segment(encode_segment(seg)) == seg
+
+
+@pytest.mark.parametrize(
+    ("forge", "message"),
+    [
+        (lambda i, rows: (segment_module.CODEC_TS_OFFSET, struct.pack("<H", i), 2), "impossible|truncated"),
+        (
+            lambda i, rows: (
+                segment_module.CODEC_TS_OFFSET,
+                struct.pack("<H", i) + intstream.encode(np.zeros(rows, np.int64)),
+                0,
+            ),
+            "not an earlier group",
+        ),
+        (
+            lambda i, rows: (
+                segment_module.CODEC_TS_OFFSET,
+                struct.pack("<H", 0) + intstream.encode(np.zeros(rows + 1, np.int64)),
+                0,
+            ),
+            "holds .* values, expected",
+        ),
+        (
+            lambda i, rows: (
+                segment_module.CODEC_TS_OFFSET,
+                struct.pack("<H", 0) + intstream.encode(np.zeros(rows, np.int64)) + b"x",
+                0,
+            ),
+            "bytes after the offsets",
+        ),
+    ],
+)
+def test_forged_time_offsets_are_refused_with_a_reason(
+    forge: Any, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offsets naming the group itself (not an earlier one), too many offsets, bytes after them."""
+
+    def forged(i: int, validated: Any, same_as: Any, own: Any) -> Any:
+        if i == 0:
+            return None
+        rows = int(validated[i][0].shape[0])
+        codec, payload, _ = forge(i, rows)
+        return codec, payload, len(payload)
+
+    monkeypatch.setattr(segment_module, "_offset_times", forged)
+    data = encode_segment(gnss_module(4, epochs=50))
+    expect_corrupt(data, message)
+
+
+def test_time_offsets_in_a_version_5_segment_are_refused() -> None:
+    body = opened(encode_segment(gnss_module(5)))[:-4]
+    assert header_fields(body)[0] == 6
+    expect_corrupt(reseal(body[:4] + struct.pack("<H", 5) + body[6:]), "unknown timestamp codec id")

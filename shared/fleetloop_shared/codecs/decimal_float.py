@@ -88,7 +88,7 @@ def grid_size(sample: F64, step: float) -> int:
     sample = np.ascontiguousarray(sample, dtype=np.float64)
     kernels = _load_kernels()
     if kernels is not None:
-        return int(kernels[1](sample, *_choose_args(), step)[2])
+        return int(kernels[1](sample, *_choose_args(step))[2])
     return _estimate(sample, _MODE_GRID, 0, step)
 
 
@@ -178,7 +178,7 @@ def choose_estimated(v: F64) -> tuple[int, int, float]:
     sample = sample_of(v)
     kernels = _load_kernels()
     if kernels is not None:
-        mode, exponent, size = kernels[1](sample, *_choose_args(), 0.0)
+        mode, exponent, size = kernels[1](sample, *_choose_args())
     else:
         mode, exponent, size = _choose_numpy(sample)
     return int(mode), int(exponent), max(0, int(size)) / max(1, int(sample.shape[0]))
@@ -206,7 +206,8 @@ def _choose_numpy(sample: F64) -> tuple[int, int, int]:
     return best[1], best[2], best[0]
 
 
-def _choose_args() -> tuple[Any, ...]:
+def _choose_args(step: float = 0.0) -> tuple[Any, ...]:
+    """The compiled chooser's arguments after the sample; ``step`` > 0 sizes that grid instead."""
     return (
         _POW10,
         _LIMIT,
@@ -215,6 +216,7 @@ def _choose_args() -> tuple[Any, ...]:
         intstream.PLAN_FIXED_BYTES,
         intstream.PLAN_HEAD_BYTES,
         intstream.EXCEPTION_BYTES,
+        step,
     )
 
 
@@ -443,7 +445,7 @@ def _load_kernels() -> tuple[Any, Any, Any] | None:
         screen: int,
         parts: int,
         limit: float,
-    ) -> float:
+    ) -> Any:
         # grid_float._find_step_numpy in one compiled pass (the same arithmetic, the same decisions);
         # 0.0: no grid
         finite = np.sort(sample[np.isfinite(sample)])
@@ -531,8 +533,8 @@ def _load_kernels() -> tuple[Any, Any, Any] | None:
     try:  # compile now; a failure means the numpy path, never a failed encode (as in bitpack)
         probe = np.array([1.5, 0.25, 3.0], dtype=np.float64)
         split(probe, 0, 2, 100.0, 1.0, np.empty(3, np.int64), np.empty(3, np.int64))
-        choose(probe, *_choose_args(), 0.0)
-        choose(probe, *_choose_args(), 0.5)
+        choose(probe, *_choose_args())
+        choose(probe, *_choose_args(0.5))
         grid_step(np.arange(20, dtype=np.float64) * 0.3, 8, 2.0**-40, 1e-6, 0.9, 8, 64, _LIMIT)
     except Exception:  # any failure of the optional accelerator falls back to the numpy path
         return None

@@ -71,7 +71,15 @@ def find_step(v: F64, estimate: float) -> tuple[float, float] | None:
     sample = decimal_float.sample_of(v)
     kernels = decimal_float._load_kernels()
     if kernels is not None:
-        args = (_MIN_DISTINCT, _NOISE, _MULTIPLE_TOLERANCE, _MULTIPLE_SHARE, _SCREEN_GAPS, len(_PARTS), _LIMIT)
+        args = (
+            _MIN_DISTINCT,
+            _NOISE,
+            _MULTIPLE_TOLERANCE,
+            _MULTIPLE_SHARE,
+            _SCREEN_GAPS,
+            len(_PARTS),
+            _LIMIT,
+        )
         found = float(kernels[2](sample, *args))
         step = found if found > 0 else None
     else:
@@ -133,7 +141,7 @@ def _parts(multiples: F64) -> int:
 
 def _whole_share(multiples: F64) -> float:
     whole = np.abs(multiples - np.rint(multiples)) <= _MULTIPLE_TOLERANCE * np.maximum(multiples, 1.0)
-    return float(np.count_nonzero(whole)) / max(1, multiples.shape[0])
+    return float(np.count_nonzero(whole)) / max(1, int(multiples.shape[0]))
 
 
 def encode_variants(v: F64, step: float) -> tuple[bytes | None, bytes | None]:
