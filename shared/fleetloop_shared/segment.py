@@ -18,11 +18,16 @@ Why the layout looks the way it does:
   (:mod:`fleetloop_shared.codecs.strings`): machine text is states and codes with few distinct values.
 * A writer stamps the *lowest* format version that expresses the segment (2 unless a column is text,
   4 only for a segment of several groups, 5 only where a keyed, difference, recent-value or dictionary
-  column pays), so a cloud that reads only version 2 keeps accepting every single-group segment without
-  text; ``encode_segment(max_version=...)`` caps it for a fleet whose cloud is older.
+  column pays, 6 only where a compressed body, a grid float or a time offset pays), so a cloud that
+  reads only version 2 keeps accepting every single-group segment without text;
+  ``encode_segment(max_version=...)`` caps it for a fleet whose cloud is older.
 * Format 5 columns may be stored relative to something: in the order of a key column (interleaved
   series), as the difference from a twin column, as references to recent equal rows, or as indices into
   a few distinct values — each only where the block comes out smaller.
+* Format 6 compresses the whole body as one zstd frame (dozens of small groups no longer pay a frame,
+  tables and zero-filled headers each), stores floats on a grid of any step as integers times that step
+  (a unit conversion, a calibration) and a group's times as offsets from an earlier group's (frames one
+  node sends one after another).
 * A segment may hold several groups (format version 4) because on a CAN bus the *arrival* times are
   the cost: frames of different messages that came in one USB batch carry the very same timestamp, so
   those groups share one sorted "clock" column and each group stores indices into it (cheap: a periodic
@@ -54,7 +59,7 @@ from fleetloop_shared.errors import CorruptSegmentError, UserError
 from fleetloop_shared.samples import GroupBatch
 
 #: The newest format version this build writes (and reads): 4 for segments of several groups, 5 only
-#: for segments with a keyed column.
+#: for segments with a derived column, 6 only where a compressed body, grid float or time offset pays.
 FORMAT_VERSION: int = 6
 #: Every version this build reads (the versioning rule: readers keep reading what was ever released).
 READ_VERSIONS: frozenset[int] = frozenset({2, 3, 4, 5, 6})
@@ -149,6 +154,8 @@ BODY_SMALL_LEVEL = 9
 #: refuses more before decompressing; the encoder writes format 5 instead of exceeding it).
 BODY_MAX_RATIO = 32
 BODY_MAX_SLACK = 1 << 20
+#: The smallest body a format 6 frame can hold (group count, clock rows, the clock block's header).
+_SMALLEST_BODY = 2 + 4 + 9
 #: Below this many bytes a zstd frame (≥ 9 bytes of framing) cannot win; not tried.
 _ZSTD_MIN_INPUT = 24
 
@@ -356,10 +363,11 @@ def encode_segment(segment: Segment, *, max_version: int = FORMAT_VERSION) -> by
     """The segment's bytes (the lowest format version that expresses it); raises UserError on an invalid one.
 
     A single-group segment is written as format 2 (or 3 with text), byte for byte as before format 4;
-    only a segment with ``more_groups`` is written as format 4, and 5 only where a keyed or difference
-    column pays. ``max_version`` caps that for a cloud that reads only older versions (the versioning
-    rule's rollout order): below 5 no column is keyed or a difference; a segment that needs more than
-    the cap (several groups below 4, text below 3) is refused with a UserError saying so.
+    only a segment with ``more_groups`` is written as format 4, 5 only where a keyed, difference,
+    recent-values or dictionary column pays, and 6 only where a compressed body, a grid float or a
+    time offset pays. ``max_version`` caps that for a cloud that reads only older versions (the
+    versioning rule's rollout order): below 6 none of format 6's, below 5 no derived column; a segment
+    that needs more than the cap (several groups below 4, text below 3) is refused with a UserError.
     """
     if max_version not in READ_VERSIONS:
         raise UserError(
@@ -1198,7 +1206,9 @@ def decode_segment(data: bytes) -> Segment:
     """Parse and verify segment bytes; any defect raises :class:`CorruptSegmentError` with a one-line reason.
 
     Order matters: framing (lengths) is checked first so truncation is reported as such, then the
-    checksum, and only then are blocks decompressed — never more than the header implies.
+    checksum, and only then are blocks decompressed — never more than the header implies. A format 6
+    compressed body is the exception: its checksum is verified first, then the body decompressed
+    (capped, see :data:`BODY_MAX_RATIO`), then its framing checked as above.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise CorruptSegmentError(f"segment must be bytes, got {type(data).__name__}")
@@ -1242,8 +1252,8 @@ def _opened(data: bytes) -> bytes:
     if len(data) < _FIXED.size or data[:4] != MAGIC:
         return data
     version, flags = struct.unpack_from("<HH", data, 4)
-    if version < 6 or not flags & FLAG_BODY_ZSTD:
-        return data
+    if version not in READ_VERSIONS or version < 6 or not flags & FLAG_BODY_ZSTD:
+        return data  # (an unknown version is refused by its number, before anything is decompressed)
     if len(data) < _FIXED.size + _CRC.size:
         raise CorruptSegmentError(
             f"segment truncated at byte {len(data)}: "
@@ -1256,7 +1266,7 @@ def _opened(data: bytes) -> bytes:
     except zstandard.ZstdError:
         raise CorruptSegmentError(f"compressed body at byte {_FIXED.size}: not a zstd frame") from None
     limit = BODY_MAX_RATIO * len(stored) + BODY_MAX_SLACK
-    if not 0 <= declared <= limit:
+    if not _SMALLEST_BODY <= declared <= limit:
         raise CorruptSegmentError(
             f"compressed body at byte {_FIXED.size}: declares {declared} bytes "
             f"(at most {limit} for its {len(stored)} stored bytes)"

@@ -284,6 +284,12 @@ def test_forged_compressed_bodies_are_refused_before_decompressing() -> None:
     expect_corrupt(reseal(good[:4] + struct.pack("<H", 5) + good[6:-4]), "unknown header flags 0x0001")
     # an unknown flag beside the body flag
     expect_corrupt(reseal(good[:6] + struct.pack("<H", FLAG_BODY_ZSTD | 4) + good[8:-4]), "flags 0x0004")
+    # an empty body (zstd would hand back nothing and ignore what follows the frame)
+    empty = zstandard.ZstdCompressor().compress(b"")
+    expect_corrupt(reseal(head + empty + b"junk after the frame"), "declares 0 bytes")
+    # a newer version with the flag: refused by its number, nothing decompressed
+    newer = good[:4] + struct.pack("<H", FORMAT_VERSION + 1) + good[6:-4] + b"\xff"
+    expect_corrupt(reseal(newer), f"unsupported segment format version {FORMAT_VERSION + 1}")
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
