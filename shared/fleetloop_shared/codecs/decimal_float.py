@@ -581,10 +581,17 @@ def decode(data: bytes, count: int) -> F64:
         raise intstream.StreamError(f"binary exponent {exponent} > {MAX_BINARY_EXPONENT}")
     if mode not in (MODE_DECIMAL, MODE_BINARY):
         raise intstream.StreamError(f"unknown scaling mode {mode}")
-    n, pos = intstream.decode(data, _HEAD.size, count)
-    r, pos = intstream.decode(data, pos, count)
-    if pos != len(data):
-        raise intstream.StreamError(f"{len(data) - pos} bytes after the scaled float streams")
+    n, r = decode_streams(data, _HEAD.size, count, "scaled float")
     with np.errstate(over="ignore", invalid="ignore"):
         approx = _approx(n, mode, exponent)
     return (approx.view(np.int64) + r).view(np.float64)
+
+
+def decode_streams(data: bytes, start: int, count: int, what: str) -> tuple[I64, I64]:
+    """The two integer streams (``n``, then the residual) from ``start`` to the very end of ``data``:
+    the scaled float's and the grid float's payload after their headers."""
+    n, pos = intstream.decode(data, start, count)
+    r, pos = intstream.decode(data, pos, count)
+    if pos != len(data):
+        raise intstream.StreamError(f"{len(data) - pos} bytes after the {what} streams")
+    return n, r

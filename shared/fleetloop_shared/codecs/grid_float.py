@@ -167,10 +167,7 @@ def decode(data: bytes, count: int) -> F64:
     (step,) = _STEP.unpack_from(data, 0)
     if not (math.isfinite(step) and step > 0):
         raise intstream.StreamError(f"grid step {step!r} is not a positive finite number")
-    n, pos = intstream.decode(data, _STEP.size, count)
-    r, pos = intstream.decode(data, pos, count)
-    if pos != len(data):
-        raise intstream.StreamError(f"{len(data) - pos} bytes after the grid float streams")
+    n, r = decimal_float.decode_streams(data, _STEP.size, count, "grid float")
     with np.errstate(over="ignore", invalid="ignore"):
         approx = n.astype(np.float64) * np.float64(step)
     return (approx.view(np.int64) + r).view(np.float64)
