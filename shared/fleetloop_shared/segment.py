@@ -896,25 +896,15 @@ def _encode_multi(
                 out += [_BLOCK.pack(codec, raw_len, len(payload)), payload]
         return b"".join(out)
 
+    plain_body = body(False)
     if v6:
         inner = body(True)
         level = BODY_SMALL_LEVEL if len(inner) < BODY_SMALL else BODY_LEVEL
         packed = zstd_frames.compress(inner, level=level)
-        # the format 4/5 body's size, without building it
-        plain_size = (
-            _U16.size
-            + _U32.size
-            + sum(
-                len(head) + 1 + _U16.size + _COLUMN.size * len(descriptors)
-                for head, descriptors, _ in rendered
-            )
-        )
-        plain_size += sum(_BLOCK.size + len(b[1]) for _, _, blocks in rendered for b in blocks)
-        plain_size += _BLOCK.size + len(clock_block[1])
-        if len(inner) <= BODY_MAX_RATIO * len(packed) + BODY_MAX_SLACK and len(packed) < plain_size:
+        if len(inner) <= BODY_MAX_RATIO * len(packed) + BODY_MAX_SLACK and len(packed) < len(plain_body):
             out = _FIXED.pack(MAGIC, 6, FLAG_BODY_ZSTD, segment.segment_id, rows, first_ns, last_ns) + packed
             return out + _CRC.pack(zlib.crc32(out))
-    plain = _FIXED.pack(MAGIC, version, 0, segment.segment_id, rows, first_ns, last_ns) + body(False)
+    plain = _FIXED.pack(MAGIC, version, 0, segment.segment_id, rows, first_ns, last_ns) + plain_body
     return plain + _CRC.pack(zlib.crc32(plain))
 
 
