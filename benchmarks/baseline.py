@@ -7,9 +7,9 @@ starting point on the real recordings and prints it as one JSON object:
 * segment codec (``fleetloop_shared.segment``) vs pyarrow Parquet+zstd of the same samples, grouped the
   same way: one group = one signal family with one shared timestamp column (a segment with one value
   column per signal; a Parquet file with ``t_ns`` int64 plus one float64 column per signal);
-* the OTA delta (``fleetloop_shared.delta``; bsdiff4 in the foundation) vs plain bsdiff4, zstd -19 of the
-  full image and zstd -19 "patch-from" (the old image as a raw-content dictionary) between two simulated
-  firmware images.
+* the OTA delta (``fleetloop_shared.update.delta``; bsdiff4 in the foundation) vs plain bsdiff4,
+  zstd -19 of the full image and zstd -19 "patch-from" (the old image as a raw-content dictionary)
+  between two simulated firmware images.
 
 The JSON names the commit and says, per measured module, whether its file is the committed one, so a
 figure is never attributed to code that was not measured.
@@ -50,11 +50,11 @@ import pyarrow.parquet as pq
 import zstandard
 
 from fleetloop_fwsim.firmware import build_image
-from fleetloop_shared import delta as fleetloop_delta
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.datapaths import comma2k19_segment, find_recordings
 from fleetloop_shared.errors import FleetloopError
 from fleetloop_shared.segment import Segment, decode_segment, encode_segment, new_segment_id
+from fleetloop_shared.update import delta as fleetloop_delta
 
 #: comma2k19 families measured besides every ``processed_log/IMU/*`` family.
 CAN_FAMILIES = ("speed", "steering_angle", "wheel_speed")
@@ -443,7 +443,7 @@ def bench_ota(repeat: int) -> dict[str, Any]:
         "fleetloop_delta": entry(len(ours), "ours_create", "ours_apply")
         | {
             "algorithm": str(getattr(fleetloop_delta, "DELTA_ALGORITHM", "unknown")),
-            "via": "fleetloop_shared.delta.make_delta / apply_delta",
+            "via": "fleetloop_shared.update.delta.make_delta / apply_delta",
         },
         "bsdiff4": entry(len(plain), "bsdiff4_create", "bsdiff4_apply")
         | {"via": f"bsdiff4 {bsdiff4.__version__} diff / patch, called directly"},
@@ -468,7 +468,7 @@ def bench_ota(repeat: int) -> dict[str, Any]:
 #: The modules whose code the figures describe.
 MEASURED_MODULES = (
     "fleetloop_shared.segment",
-    "fleetloop_shared.delta",
+    "fleetloop_shared.update.delta",
     "fleetloop_fwsim.firmware",
     "fleetloop_agent.ota.image",
 )

@@ -46,7 +46,7 @@ from pathlib import Path
 kind, old, new, out, chunk, margin = sys.argv[1:7]
 chunk, margin = int(chunk), int(margin)
 import bsdiff4, zstandard
-from fleetloop_shared import delta
+from fleetloop_shared.update import delta
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
@@ -90,7 +90,7 @@ seconds = time.perf_counter() - t0
 cpu = time.process_time() - c0
 peak = status("VmHWM")
 if kind == "ours-make":  # after the clocks and the peak: did the kernel make it (or the fallback)?
-    from fleetloop_shared import suffix_diff
+    from fleetloop_shared.update import suffix_diff
     extra["kernel"] = suffix_diff.available()
 print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_rss_kib": peak, "import_rss_kib": base,
                   **extra}))

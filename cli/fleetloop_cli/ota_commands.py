@@ -23,7 +23,7 @@ from fleetloop_shared.errors import UserError
 
 
 def cmd_artifacts_delta(args: argparse.Namespace) -> int:
-    from fleetloop_shared.delta import make_delta_file
+    from fleetloop_shared.update.delta import make_delta_file
 
     out = Path(args.output_file)
     stats = make_delta_file(Path(args.old), Path(args.new), out)
@@ -42,7 +42,7 @@ def cmd_artifacts_delta(args: argparse.Namespace) -> int:
 
 
 def cmd_artifacts_patch(args: argparse.Namespace) -> int:
-    from fleetloop_shared.delta import apply_delta_file
+    from fleetloop_shared.update.delta import apply_delta_file
 
     size = apply_delta_file(Path(args.old), Path(args.patch), Path(args.output_file))
     print(json.dumps({"bytes": size, "output": args.output_file}))
@@ -86,7 +86,7 @@ class _LocalCloud:
             bases=[self.old_image],
             now=self.coordinator._clock(),
         )
-        from fleetloop_shared.artifact import manifest_from_bytes
+        from fleetloop_shared.update.artifact import manifest_from_bytes
 
         self.release = manifest_from_bytes(manifest)
         self._keys = workdir / "cloud" / "keys"

@@ -3,7 +3,7 @@
 Files are content-addressed (``files/<sha256>``): the name *is* the integrity check, the same bytes are
 stored once however many releases use them, and the HTTP server can hand a device any file by hash
 without a lookup table. For every image already installed in the fleet (a *base*), a release carries a
-chunked delta (``fleetloop_shared.delta``: per chunk the smallest of zstd, zstd patch-from and bsdiff4,
+chunked delta (``fleetloop_shared.update.delta``: per chunk the smallest of zstd, zstd patch-from and bsdiff4,
 made file to file in bounded memory) when it is smaller than the full image, so most devices download a
 fraction of it.
 
@@ -25,7 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fleetloop_cloud.tuf_repository import TufRepositories, target_file
-from fleetloop_shared.artifact import (
+from fleetloop_shared.durable import write_atomically
+from fleetloop_shared.errors import IntegrityError, NotFoundError, StateError, UserError
+from fleetloop_shared.update.artifact import (
     PayloadRef,
     ReleaseManifest,
     ReleaseSigner,
@@ -33,12 +35,15 @@ from fleetloop_shared.artifact import (
     sha256_file,
     sha256_hex,
 )
-from fleetloop_shared.delta import DELTA_ALGORITHM, make_delta_file
-from fleetloop_shared.durable import write_atomically
-from fleetloop_shared.errors import IntegrityError, NotFoundError, StateError, UserError
-from fleetloop_shared.firmware_image import MAGIC as IMAGE_MAGIC
-from fleetloop_shared.firmware_image import image_info
-from fleetloop_shared.tuf_metadata import delta_facts, delta_target_path, image_facts, image_target_path
+from fleetloop_shared.update.delta import DELTA_ALGORITHM, make_delta_file
+from fleetloop_shared.update.firmware_image import MAGIC as IMAGE_MAGIC
+from fleetloop_shared.update.firmware_image import image_info
+from fleetloop_shared.update.tuf_metadata import (
+    delta_facts,
+    delta_target_path,
+    image_facts,
+    image_target_path,
+)
 
 #: Largest image accepted (refused above, before anything is written).
 MAX_IMAGE_BYTES = 1 << 30

@@ -29,11 +29,11 @@ from fleetloop_cloud.sessions import DeviceSessions
 from fleetloop_cloud.tuf_repository import TufRepositories
 from fleetloop_cloud.upload_scheduler import NETWORKS, Backlog, Budget, UploadScheduler
 from fleetloop_cloud.upload_staging import UploadStaging
-from fleetloop_shared.artifact import ReleaseSigner, manifest_from_bytes
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.errors import MalformedMessageError, NotFoundError, UserError
 from fleetloop_shared.rules import parse_campaign, selector_matches
 from fleetloop_shared.segment import decode_segment
+from fleetloop_shared.update.artifact import ReleaseSigner, manifest_from_bytes
 from fleetloop_shared.wire import device_pb2, ingest_pb2, ota_pb2, parse
 
 log = logging.getLogger("fleetloop.cloud")

@@ -13,9 +13,9 @@ The device still checks everything against the image repository; the director on
 from __future__ import annotations
 
 from fleetloop_cloud.tuf_repository import TufRepositories, target_file
-from fleetloop_shared.artifact import ReleaseManifest
 from fleetloop_shared.errors import NotFoundError
-from fleetloop_shared.tuf_metadata import CUSTOM_KEY, KIND_DELTA, delta_target_path, image_target_path
+from fleetloop_shared.update.artifact import ReleaseManifest
+from fleetloop_shared.update.tuf_metadata import CUSTOM_KEY, KIND_DELTA, delta_target_path, image_target_path
 
 
 class Director:

@@ -36,9 +36,9 @@ from fleetloop_cloud.rollout_planner import (
     policy_from_dict,
     policy_to_dict,
 )
-from fleetloop_shared.artifact import manifest_from_bytes
 from fleetloop_shared.errors import NotFoundError, StateError, UserError
 from fleetloop_shared.rules import selector_matches
+from fleetloop_shared.update.artifact import manifest_from_bytes
 
 #: Agent OTA state name -> the device's state in the rollout.
 OTA_TO_PHASE_STATE: dict[str, DevicePhaseState] = {

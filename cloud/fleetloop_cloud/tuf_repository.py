@@ -1,6 +1,6 @@
 """TUF metadata in the cloud: the image repository and the director, signed with python-tuf.
 
-Uptane's split (see ``fleetloop_shared.tuf_metadata`` for what the device checks):
+Uptane's split (see ``fleetloop_shared.update.tuf_metadata`` for what the device checks):
 
 - the **image repository** signs every image and delta the cloud built. Its root needs a threshold of
   root keys (2 of 2 by default; offline in a real deployment), its targets role is the release key;
@@ -46,7 +46,7 @@ from tuf.api.metadata import (  # type: ignore[attr-defined]
 
 from fleetloop_shared.durable import write_atomically
 from fleetloop_shared.errors import ConfigError, NotFoundError, StateError, UserError
-from fleetloop_shared.tuf_metadata import REPOSITORIES, REPOSITORY_FIELD
+from fleetloop_shared.update.tuf_metadata import REPOSITORIES, REPOSITORY_FIELD
 
 #: How long each role's metadata is valid. The timestamp is re-signed when half of its life is gone
 #: (on read), so a device that cannot reach the cloud for a day refuses stale metadata (freeze attack).

@@ -35,10 +35,15 @@ from fleetloop_cloud.tuf_repository import TufRepositories, target_file
 from fleetloop_fwsim.bootloader import BootResult, boot, paths, provision, slot_paths
 from fleetloop_fwsim.firmware import build_image
 from fleetloop_fwsim.ota_chaos import Cutter, CuttingFetcher, CuttingPlatform, PowerCut
-from fleetloop_shared.artifact import ReleaseManifest, ReleaseSigner, manifest_from_bytes, sha256_hex
-from fleetloop_shared.delta import make_delta
 from fleetloop_shared.errors import FleetloopError, IntegrityError, StateError, UserError
-from fleetloop_shared.tuf_metadata import delta_facts, delta_target_path, image_facts, image_target_path
+from fleetloop_shared.update.artifact import ReleaseManifest, ReleaseSigner, manifest_from_bytes, sha256_hex
+from fleetloop_shared.update.delta import make_delta
+from fleetloop_shared.update.tuf_metadata import (
+    delta_facts,
+    delta_target_path,
+    image_facts,
+    image_target_path,
+)
 
 S = OtaState
 HW = "simdev-gen2"

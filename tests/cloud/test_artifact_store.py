@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from fleetloop_cloud.artifact_store import ArtifactStore, version_key
-from fleetloop_shared.artifact import ReleaseSigner, manifest_from_bytes, sha256_hex, verify_manifest
-from fleetloop_shared.delta import apply_delta
 from fleetloop_shared.errors import IntegrityError, NotFoundError, StateError, UserError
+from fleetloop_shared.update.artifact import ReleaseSigner, manifest_from_bytes, sha256_hex, verify_manifest
+from fleetloop_shared.update.delta import apply_delta
 
 SIGNER = ReleaseSigner.generate()
 

@@ -11,7 +11,8 @@ import pytest
 from fleetloop_cloud.metadata import MetadataStore, RolloutDeviceRecord, RolloutUpdate
 from fleetloop_cloud.rollout_controller import RolloutController, job_id_for
 from fleetloop_cloud.rollout_planner import PhaseSpec, RolloutPolicy
-from fleetloop_shared.artifact import (
+from fleetloop_shared.errors import NotFoundError, RuleError, StateError, UserError
+from fleetloop_shared.update.artifact import (
     PayloadRef,
     ReleaseManifest,
     ReleaseSigner,
@@ -20,7 +21,6 @@ from fleetloop_shared.artifact import (
     sha256_hex,
     verify_manifest,
 )
-from fleetloop_shared.errors import NotFoundError, RuleError, StateError, UserError
 
 SIGNER = ReleaseSigner.generate()
 IMAGE = b"firmware 2.0.0 " * 1000

@@ -14,7 +14,7 @@ from typing import Any
 from tuf.api.metadata import Metadata
 
 from fleetloop_fwsim.firmware import build_image
-from fleetloop_shared.artifact import manifest_from_bytes, sha256_hex
+from fleetloop_shared.update.artifact import manifest_from_bytes, sha256_hex
 
 from .conftest import RunningCoordinator
 

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from fleetloop_agent.ota.image import MAGIC, pack_image
 from fleetloop_fwsim.firmware import ImageInfo, build_image, image_info
-from fleetloop_shared.delta import apply_delta, make_delta
 from fleetloop_shared.errors import IntegrityError
+from fleetloop_shared.update.delta import apply_delta, make_delta
 
 SIZE = 1024 * 1024
 

@@ -14,7 +14,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetloop_shared.artifact import (
+from fleetloop_shared.errors import (
+    ArtifactVerificationError,
+    ConfigError,
+    MalformedMessageError,
+    NotFoundError,
+)
+from fleetloop_shared.update.artifact import (
     PayloadRef,
     ReleaseManifest,
     ReleaseSigner,
@@ -23,12 +29,6 @@ from fleetloop_shared.artifact import (
     sha256_file,
     sha256_hex,
     verify_manifest,
-)
-from fleetloop_shared.errors import (
-    ArtifactVerificationError,
-    ConfigError,
-    MalformedMessageError,
-    NotFoundError,
 )
 
 NOW = 1_750_000_000

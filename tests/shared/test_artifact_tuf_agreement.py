@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fleetloop_shared.errors import ArtifactVerificationError
-from fleetloop_shared.tuf_metadata import (
+from fleetloop_shared.update.tuf_metadata import (
     Target,
     decide_update,
     delta_facts,

@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleetloop_fwsim.firmware import build_image
-from fleetloop_shared import suffix_diff
-from fleetloop_shared.delta import (
+from fleetloop_shared.errors import IntegrityError
+from fleetloop_shared.update import suffix_diff
+from fleetloop_shared.update.delta import (
     DELTA_ALGORITHM,
     MAGIC,
     apply_delta,
@@ -25,7 +26,6 @@ from fleetloop_shared.delta import (
     make_delta_file,
     make_delta_stream,
 )
-from fleetloop_shared.errors import IntegrityError
 
 _HEADER = struct.Struct("<8sQQII")
 _CHUNK = struct.Struct("<BQIII")

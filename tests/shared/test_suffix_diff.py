@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleetloop_fwsim.firmware import build_image
-from fleetloop_shared import suffix_diff
-from fleetloop_shared.delta import apply_delta, make_delta
+from fleetloop_shared.update import suffix_diff
+from fleetloop_shared.update.delta import apply_delta, make_delta
 
 pytestmark = pytest.mark.skipif(not suffix_diff.available(), reason="numba or pydivsufsort not installed")
 

@@ -22,13 +22,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
-from fleetloop_shared.artifact import sha256_file
 from fleetloop_shared.errors import (
     ArtifactVerificationError,
     ConfigError,
     NotFoundError,
     UnavailableError,
 )
+from fleetloop_shared.update.artifact import sha256_file
 
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 

@@ -42,14 +42,6 @@ from fleetloop_agent.ota.states import (
     version_key,
 )
 from fleetloop_agent.ota.tuf_client import TufClient
-from fleetloop_shared.artifact import (
-    PayloadRef,
-    ReleaseManifest,
-    manifest_from_bytes,
-    manifest_to_bytes,
-    sha256_file,
-)
-from fleetloop_shared.delta import apply_delta_stream
 from fleetloop_shared.errors import (
     ArtifactVerificationError,
     FleetloopError,
@@ -57,6 +49,14 @@ from fleetloop_shared.errors import (
     StorageFullError,
     UnavailableError,
 )
+from fleetloop_shared.update.artifact import (
+    PayloadRef,
+    ReleaseManifest,
+    manifest_from_bytes,
+    manifest_to_bytes,
+    sha256_file,
+)
+from fleetloop_shared.update.delta import apply_delta_stream
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The firmware image format, as the agent reads it (defined in :mod:`fleetloop_shared.firmware_image`).
+"""The firmware image format, as the agent reads it
+(defined in :mod:`fleetloop_shared.update.firmware_image`).
 
 The format moved to the shared package so the cloud can refuse an upload whose header names other
 hardware or another version before anything is signed; the agent keeps importing it from here.
@@ -6,7 +7,7 @@ hardware or another version before anything is signed; the agent keeps importing
 
 from __future__ import annotations
 
-from fleetloop_shared.firmware_image import (
+from fleetloop_shared.update.firmware_image import (
     FORMAT_VERSION,
     MAGIC,
     MAX_HEADER_BYTES,

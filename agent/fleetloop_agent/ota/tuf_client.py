@@ -6,7 +6,7 @@ field). For every job, ngclient refreshes each repository from the job's artifac
 rotations (``N.root.json``), then timestamp, snapshot and targets, checking signatures against the
 thresholds, version numbers against what this device saw before (kept in ``state_dir``, so rollback and
 replay are refused across restarts), expiry against the clock and lengths against its limits. Only then
-are the verified targets handed to :func:`fleetloop_shared.tuf_metadata.decide_update`, which demands
+are the verified targets handed to :func:`fleetloop_shared.update.tuf_metadata.decide_update`, which demands
 that the director and the image repository agree.
 
 This module is the only agent user of ``tuf``; every python-tuf error becomes an
@@ -26,7 +26,6 @@ from tuf.api.metadata import Metadata, Root  # type: ignore[attr-defined]
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig  # type: ignore[attr-defined]
 
 from fleetloop_agent.ota.download import Fetcher
-from fleetloop_shared.artifact import ReleaseManifest
 from fleetloop_shared.errors import (
     ArtifactVerificationError,
     ConfigError,
@@ -34,7 +33,8 @@ from fleetloop_shared.errors import (
     NotFoundError,
     UnavailableError,
 )
-from fleetloop_shared.tuf_metadata import (
+from fleetloop_shared.update.artifact import ReleaseManifest
+from fleetloop_shared.update.tuf_metadata import (
     DIRECTOR_REPOSITORY,
     IMAGE_REPOSITORY,
     REPOSITORY_FIELD,

@@ -20,9 +20,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fleetloop_shared.artifact import PayloadRef, ReleaseManifest
-from fleetloop_shared.delta import DELTA_ALGORITHM
 from fleetloop_shared.errors import ArtifactVerificationError
+from fleetloop_shared.update.artifact import PayloadRef, ReleaseManifest
+from fleetloop_shared.update.delta import DELTA_ALGORITHM
 
 #: Signed field in each root saying which repository the root belongs to (a device holds one of each).
 REPOSITORY_FIELD = "x-fleetloop-repository"

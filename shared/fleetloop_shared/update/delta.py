@@ -11,7 +11,7 @@ smallest for that chunk:
 - ``zstd-patch``: zstd at level ≥ 12 with the old window as a raw-content dictionary (patch-from);
 - ``bsdiff4``: bsdiff's control/diff/extra streams, each compressed with the smaller of bzip2-9 and zstd
   (bzip2's BWT wins on the mostly-zero diff stream of a patch release, zstd on new code in the extra
-  stream). The streams come from :mod:`fleetloop_shared.suffix_diff` (libdivsufsort + a numba kernel,
+  stream). The streams come from :mod:`fleetloop_shared.update.suffix_diff` (libdivsufsort + a numba kernel,
   ~10× faster than bsdiff4's qsufsort) when numba and pydivsufsort are installed (the ``cloud`` extra),
   else from ``bsdiff4.core.diff``; both are bsdiff's format, applied by ``bsdiff4.core.patch``.
 
@@ -166,7 +166,7 @@ def _bsdiff_streams(window: bytes, chunk: bytes, accelerate: bool) -> tuple[byte
     instead of qsufsort), the fallback needs nothing beyond the base dependencies.
     """
     if accelerate:
-        from fleetloop_shared import suffix_diff
+        from fleetloop_shared.update import suffix_diff
 
         if suffix_diff.available():
             return suffix_diff.diff(window, chunk)

@@ -6,9 +6,9 @@ installed image (its ``base_sha256``). The cloud signs the manifest's canonical 
 release key; the device verifies the signature against the keys it trusts *before* it believes a single
 field, then refuses manifests that expired (freeze attacks) or were made for other hardware.
 
-Since issue 5 devices trust TUF metadata instead (``fleetloop_shared.tuf_metadata``: an image repository
-with threshold roots beside a per-device director, verified by python-tuf's ngclient). The manifest stays
-as the cloud's own record of a release (the rollout controller offers it) and as the *plan* the agent
+Devices trust TUF metadata instead (``fleetloop_shared.update.tuf_metadata``: an image repository with
+threshold roots beside a per-device director, verified by python-tuf's ngclient). The manifest stays as
+the cloud's own record of a release (the rollout controller offers it) and as the *plan* the agent
 journals after TUF verified it; :func:`verify_manifest` remains for that record, not for device trust.
 """
 
@@ -43,7 +43,7 @@ MAX_PAYLOADS = 64
 PAYLOAD_KINDS = ("full", "delta")
 INSTALL_MODES = ("slot", "swap")
 #: Algorithm per payload kind: a full payload is the image itself, a delta is an FLDELTA1 container
-#: (``fleetloop_shared.delta``: chunks of zstd, zstd patch-from or bsdiff4).
+#: (``fleetloop_shared.update.delta``: chunks of zstd, zstd patch-from or bsdiff4).
 ALGORITHM_FOR_KIND = {"full": "none", "delta": "fldelta1"}
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
