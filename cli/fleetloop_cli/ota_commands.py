@@ -67,8 +67,8 @@ class _LocalCloud:
     """A coordinator in this process, serving HTTP, with one release: old → new (ChaosCloud)."""
 
     def __init__(self, workdir: Path, image_size: int) -> None:
-        from fleetloop_cloud.coordinator import Coordinator
         from fleetloop_cloud.http_api import start_http_server
+        from fleetloop_cloud.server import Coordinator
         from fleetloop_fwsim.firmware import build_image
 
         self.hardware_id = "chaos-hw"
@@ -84,7 +84,7 @@ class _LocalCloud:
             version="2.0.0",
             hardware_id=self.hardware_id,
             bases=[self.old_image],
-            now=self.coordinator._clock(),
+            now=self.coordinator.clock(),
         )
         from fleetloop_shared.update.artifact import manifest_from_bytes
 

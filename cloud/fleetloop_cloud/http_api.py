@@ -1,25 +1,35 @@
 """The coordinator's HTTP surface: REST API (JSON) and the artifact file server with Range.
 
 Standard library only (``http.server``): the embedded default must run with nothing else installed, and
-the API is small. Domain errors map once, by their class's ``http_status``; the body is always
-``{"error": "...", "type": "..."}``. Artifact files are served with ``Accept-Ranges: bytes`` so a device
-resumes a cut download where it stopped.
+the API is small. Each request's :class:`~fleetloop_cloud.services.access.Caller` is built once, in
+:meth:`_Handler._dispatch` (today the anonymous operator), and handed to the services, which check it.
+Services answer with typed records; this module renders them as JSON, once. Domain errors map once, by
+their class's ``http_status``; the body is always ``{"error": "...", "type": "..."}``. Artifact files
+are served with ``Accept-Ranges: bytes`` so a device resumes a cut download where it stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
 import threading
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from fleetloop_cloud.coordinator import Coordinator
-from fleetloop_cloud.query import QUERY_TIMEOUT_S, check_timeout
+from fleetloop_cloud.fleet_store.query import QUERY_TIMEOUT_S, check_timeout
+from fleetloop_cloud.services.access import Caller
+from fleetloop_cloud.services.campaigns import CampaignService
+from fleetloop_cloud.services.devices import DeviceService, DeviceStatus
+from fleetloop_cloud.services.query import QueryService
+from fleetloop_cloud.services.releases import ReleaseService
+from fleetloop_cloud.services.rollouts import RolloutService
 from fleetloop_shared.errors import FleetloopError, NotFoundError, UserError
+from fleetloop_shared.update.artifact import ReleaseManifest
 
 log = logging.getLogger("fleetloop.cloud.http")
 
@@ -29,10 +39,33 @@ FILE_CHUNK = 256 * 1024
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
+class OperatorApi(Protocol):
+    """What the HTTP surface calls: the coordinator's services and its clock (``server.Coordinator``)."""
+
+    @property
+    def devices(self) -> DeviceService: ...
+
+    @property
+    def campaigns(self) -> CampaignService: ...
+
+    @property
+    def releases(self) -> ReleaseService: ...
+
+    @property
+    def rollouts(self) -> RolloutService: ...
+
+    @property
+    def queries(self) -> QueryService: ...
+
+    @property
+    def clock(self) -> Callable[[], float]: ...
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "fleetloop"
     protocol_version = "HTTP/1.1"
-    coordinator: Coordinator  # set on the subclass made by start_http_server
+    api: OperatorApi  # set on the subclass made by start_http_server
+    caller: Caller
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
@@ -62,6 +95,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        # Who is asking, built once per request: the next step puts a token's name and role here.
+        self.caller = Caller.operator(transport="http")
         try:
             for pattern, meth, handler in ROUTES:
                 m = re.fullmatch(pattern, url.path)
@@ -91,25 +126,27 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json({"ok": True})
 
     def summary(self, q: dict[str, str]) -> None:
-        self._send_json(self.coordinator.summary())
+        self._send_json(_plain(self.api.queries.summary(self.caller, self.api.clock())))
 
     def devices(self, q: dict[str, str]) -> None:
-        self._send_json([_device_json(d) for d in self.coordinator.metadata.devices()])
+        self._send_json([_device_json(d) for d in self.api.devices.fleet(self.caller, self.api.clock())])
 
     def device(self, q: dict[str, str], device_id: str) -> None:
-        d = self.coordinator.metadata.device(device_id)
-        if d is None:
-            raise NotFoundError(f"unknown device {device_id!r}")
-        self._send_json(_device_json(d))
+        self._send_json(_device_json(self.api.devices.describe(self.caller, device_id, self.api.clock())))
 
     def device_catalog(self, q: dict[str, str], device_id: str) -> None:
-        catalog = self.coordinator.metadata.device_catalog(device_id)
+        catalog = self.api.devices.catalog(self.caller, device_id)
         self._send_json({"signals": catalog.to_records()})
 
     def campaigns(self, q: dict[str, str]) -> None:
-        version, docs = self.coordinator.metadata.campaigns()
+        desired = self.api.campaigns.desired(self.caller)
         self._send_json(
-            {"version": version, "campaigns": [{"name": n, "version": v, "document": d} for n, v, d in docs]}
+            {
+                "version": desired.version,
+                "campaigns": [
+                    {"name": c.name, "version": c.revision, "document": c.document} for c in desired.campaigns
+                ],
+            }
         )
 
     def apply_campaign(self, q: dict[str, str]) -> None:
@@ -118,10 +155,13 @@ class _Handler(BaseHTTPRequestHandler):
             text = body.decode()
         except UnicodeDecodeError:
             raise UserError("campaign document is not UTF-8 text") from None
-        self._send_json(self.coordinator.apply_campaign(text, source=q.get("source", "<campaign>")), 201)
+        applied = self.api.campaigns.apply(
+            self.caller, text, source=q.get("source", "<campaign>"), now=self.api.clock()
+        )
+        self._send_json(_plain(applied), 201)
 
     def delete_campaign(self, q: dict[str, str], name: str) -> None:
-        self._send_json(self.coordinator.delete_campaign(name))
+        self._send_json(_plain(self.api.campaigns.delete(self.caller, name, self.api.clock())))
 
     def query(self, q: dict[str, str]) -> None:
         """``POST /v1/query`` with ``{"sql": "...", "max_rows": N, "timeout_s": S}`` (docs/query.md):
@@ -136,44 +176,44 @@ class _Handler(BaseHTTPRequestHandler):
         except (TypeError, ValueError):
             raise UserError("max_rows must be an integer") from None
         timeout_s = check_timeout(body.get("timeout_s", QUERY_TIMEOUT_S))
-        result = self.coordinator.query_engine.query(
-            sql, max_rows=max(1, min(max_rows, 100_000)), timeout_s=timeout_s
+        result = self.api.queries.sql(
+            self.caller, sql, max_rows=max(1, min(max_rows, 100_000)), timeout_s=timeout_s
         )
         self._send_json({"columns": result.columns, "rows": result.rows, "truncated": result.truncated})
 
     def captures(self, q: dict[str, str]) -> None:
-        self._send_json([_record_json(c) for c in self.coordinator.metadata.captures()])
+        self._send_json([_plain(c) for c in self.api.queries.captures(self.caller)])
 
     def releases(self, q: dict[str, str]) -> None:
-        self._send_json([_record_json(r) for r in self.coordinator.metadata.releases()])
+        self._send_json([_plain(r) for r in self.api.releases.all(self.caller)])
 
     def upload_release(self, q: dict[str, str]) -> None:
         missing = [k for k in ("name", "version", "hardware") if not q.get(k)]
         if missing:
             raise UserError(f"missing query parameter(s): {', '.join(missing)}")
         image = self._body()
-        result = self.coordinator.upload_release(
-            image, name=q["name"], version=q["version"], hardware_id=q["hardware"]
-        )
-        self._send_json(result, 201)
+        manifest = self.api.releases.upload(
+            self.caller, image, name=q["name"], version=q["version"], hardware_id=q["hardware"],
+            now=self.api.clock(),
+        )  # fmt: skip
+        self._send_json(_release_json(manifest), 201)
 
     def rollouts(self, q: dict[str, str]) -> None:
-        self._send_json(self.coordinator.controller.list())
+        self._send_json([_plain(r) for r in self.api.rollouts.all(self.caller)])
 
     def create_rollout(self, q: dict[str, str]) -> None:
         body = self._json_body()
         if not isinstance(body, dict):
             raise UserError("body must be a JSON object (the rollout policy)")
-        self._send_json(self.coordinator.create_rollout(body), 201)
+        self._send_json(_plain(self.api.rollouts.create(self.caller, body, self.api.clock())), 201)
 
     def rollout(self, q: dict[str, str], rid: str) -> None:
-        self._send_json(self.coordinator.controller.status(rid))
+        self._send_json(_plain(self.api.rollouts.status(self.caller, rid)))
 
     def rollout_action(self, q: dict[str, str], rid: str, action: str) -> None:
-        ctl = self.coordinator.controller
-        now = self.coordinator._clock()
-        {"pause": ctl.pause, "resume": ctl.resume, "abort": ctl.abort}[action](rid, now)
-        self._send_json(ctl.status(rid))
+        rollouts = self.api.rollouts
+        act = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort}[action]
+        self._send_json(_plain(act(self.caller, rid, self.api.clock())))
 
     def rotate_root(self, q: dict[str, str], repository: str) -> None:
         body = self._json_body() or {}
@@ -185,7 +225,8 @@ class _Handler(BaseHTTPRequestHandler):
         for key in ("root_keys", "threshold"):
             if body.get(key) is not None and (type(body[key]) is not int):
                 raise UserError(f"rotate: {key} must be an integer, got {body[key]!r}")
-        result = self.coordinator.tuf.rotate(
+        result = self.api.releases.rotate_root(
+            self.caller,
             repository,
             root_keys=body.get("root_keys"),
             threshold=body.get("threshold"),
@@ -194,9 +235,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(result)
 
     def tuf_metadata(self, q: dict[str, str], repository: str, name: str) -> None:
-        """TUF metadata for the agent's ngclient (issue 5): ``/tuf/image/<file>``,
-        ``/tuf/director/<device_id>/<file>``; 404 for an absent root version ends a rotation walk."""
-        data = self.coordinator.tuf.metadata_bytes(repository, name)
+        """TUF metadata for the agent's ngclient: ``/tuf/image/<file>``, ``/tuf/director/<device_id>/<file>``;
+        404 for an absent root version ends a rotation walk."""
+        data = self.api.releases.metadata_file(repository, name)
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -205,7 +246,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def file(self, q: dict[str, str], relpath: str) -> None:
-        path = self.coordinator.artifacts.file_path(f"files/{relpath}")
+        path = self.api.releases.artifact_file(f"files/{relpath}")
         size = path.stat().st_size
         start, end = 0, size - 1
         status = 200
@@ -244,23 +285,46 @@ class _Handler(BaseHTTPRequestHandler):
                 remaining -= len(chunk)
 
 
-def _record_json(rec: Any) -> Any:
-    if hasattr(rec, "__dataclass_fields__"):
-        out = {}
-        for k in rec.__dataclass_fields__:
-            v = getattr(rec, k)
-            if isinstance(v, bytes):
-                v = v.hex()
-            out[k] = v
-        return out
-    return rec
+def _plain(record: Any) -> Any:
+    """A service's record as JSON-ready data: dataclasses as objects, bytes as hex."""
+    if dataclasses.is_dataclass(record) and not isinstance(record, type):
+        return {f.name: _plain(getattr(record, f.name)) for f in dataclasses.fields(record)}
+    if isinstance(record, bytes):
+        return record.hex()
+    if isinstance(record, list | tuple):
+        return [_plain(v) for v in record]
+    if isinstance(record, dict):
+        return {k: _plain(v) for k, v in record.items()}
+    return record
 
 
-def _device_json(d: Any) -> Any:
-    out = _record_json(d)
-    if isinstance(out, dict):
-        out.pop("catalog", None)
+def _device_json(status: DeviceStatus) -> dict[str, Any]:
+    out: dict[str, Any] = _plain(status.record)
+    out.pop("catalog", None)
+    out.pop("session_owner", None)
+    out["online"] = status.online
     return out
+
+
+def _release_json(m: ReleaseManifest) -> dict[str, Any]:
+    return {
+        "name": m.name,
+        "version": m.version,
+        "hardware_id": m.hardware_id,
+        "sha256": m.target_sha256,
+        "size": m.target_size,
+        "payloads": [
+            {
+                "kind": p.kind,
+                "algorithm": p.algorithm,
+                "size": p.size,
+                "sha256": p.sha256,
+                "path": p.path,
+                "base_sha256": p.base_sha256,
+            }
+            for p in m.payloads
+        ],
+    }
 
 
 ROUTES: list[tuple[str, str, Any]] = [
@@ -290,9 +354,9 @@ ROUTES: list[tuple[str, str, Any]] = [
 ]
 
 
-def start_http_server(coordinator: Coordinator, host: str, port: int) -> tuple[ThreadingHTTPServer, int]:
+def start_http_server(api: OperatorApi, host: str, port: int) -> tuple[ThreadingHTTPServer, int]:
     """Serve in a background thread; returns the server and its bound port (0 picks a free one)."""
-    handler = type("Handler", (_Handler,), {"coordinator": coordinator})
+    handler = type("Handler", (_Handler,), {"api": api})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from fleetloop_cloud.services.access import Caller
+
 RunningCoordinator = Any
 
 CAMPAIGN = """apiVersion: fleetloop/v1
@@ -107,7 +109,8 @@ def test_a_devices_catalog_is_a_file_rules_validate_takes(
     hello = device_pb2.Hello(device_id="car-7", fleet="f", labels={"kind": "car"}, data_origin="sim")
     hello.catalog.add(id=3, path="Vehicle.Speed", data_type=device_pb2.DATA_TYPE_FLOAT64, unit="km/h")
     hello.catalog.add(id=4, path="Vehicle.Gear", data_type=device_pb2.DATA_TYPE_STRING)
-    running_coordinator.coordinator.on_hello(hello)
+    c = running_coordinator.coordinator
+    c.devices.connect(Caller.device("car-7", transport="test", proven=True), hello, c.clock())
     base = running_coordinator.http_base
     status, _, body = call(base, "GET", "/v1/devices/car-7/catalog")
     assert status == 200

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import queue
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,8 +24,9 @@ from paho.mqtt.properties import Properties
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
 from fleetloop_agent.uplink_mqtt import MqttCloudLink, MqttSettings
-from fleetloop_cloud.coordinator import Coordinator
 from fleetloop_cloud.mqtt_bridge import BridgeSettings, MqttBridge
+from fleetloop_cloud.server import Coordinator
+from fleetloop_cloud.services.access import Caller
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.segment import Segment, encode_segment, new_segment_id
 from fleetloop_shared.wire import device_pb2, ingest_pb2
@@ -38,6 +40,7 @@ sys.modules[_spec.name] = broker_fixture
 _spec.loader.exec_module(broker_fixture)
 
 T0 = 1_700_000_000 * 10**9
+LOCAL = Caller.local()
 
 
 def wait_for(what: str, probe: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -117,13 +120,15 @@ def test_segments_flow_over_mqtt_exactly_once(cloud: Any, tmp_path: Path) -> Non
         link.kick_upload()
         wait_for("all acks", lambda: store.stats().segments_pending == 0)
         assert len(acks) == 5
-        assert coordinator.query("SELECT count(*) FROM samples").rows[0][0] == 500
+        assert coordinator.queries.sql(LOCAL, "SELECT count(*) FROM samples").rows[0][0] == 500
         assert "car-1" in coordinator.sessions.online()
         # a push from the cloud reaches the device on down/control
-        coordinator.apply_campaign(
+        coordinator.campaigns.apply(
+            LOCAL,
             "apiVersion: fleetloop/v1\nkind: Campaign\nmetadata: {name: fast, version: 1}\nspec:\n"
             '  target: {selector: "kind=car"}\n  trigger: {when: "Vehicle.Speed > 50"}\n'
-            '  collect: {signals: ["Vehicle.*"], pre: 1s, post: 1s}\n'
+            '  collect: {signals: ["Vehicle.*"], pre: 1s, post: 1s}\n',
+            now=time.time(),
         )
 
         def got_campaign() -> bool:
@@ -145,16 +150,18 @@ class RawDevice:
 
     def __init__(self, broker: Any, device_id: str) -> None:
         self.answers: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        subscribed = threading.Event()
         self.c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5
         )
         cert, key = broker.client_cert(device_id)
         self.c.tls_set(ca_certs=str(broker.ca.ca_path), certfile=str(cert), keyfile=str(key))
         self.c.on_message = lambda c, u, m: self.answers.put(m)
+        self.c.on_subscribe = lambda c, u, mid, codes, props: subscribed.set()
         self.c.connect(broker.host, broker.port)
         self.c.loop_start()
         self.c.subscribe(f"fl/v1/test/{device_id}/down/#", qos=1)
-        time.sleep(0.3)
+        assert subscribed.wait(30), "the broker did not acknowledge the subscription"
 
     def publish(self, topic: str, payload: bytes, response_topic: str | None = None) -> None:
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -174,7 +181,8 @@ def test_an_attacking_device_is_refused_counted_and_others_are_served(cloud: Any
     try:
         up = "fl/v1/test/intruder-1/up"
         intruder.publish(f"{up}/control", hello("intruder-1").SerializeToString())
-        wait_for("the attacker's hello", lambda: coordinator.metadata.device("intruder-1") is not None)
+        devices = coordinator.repositories.devices
+        wait_for("the attacker's hello", lambda: devices.get("intruder-1") is not None)
         # 1. a hello claiming another device id
         intruder.publish(f"{up}/control", hello("car-9").SerializeToString())
         # 2. an upload claiming another device id: answered PERMISSION_DENIED
@@ -209,8 +217,8 @@ def test_an_attacking_device_is_refused_counted_and_others_are_served(cloud: Any
         assert bridge.refused["impersonation"] == 2
         assert bridge.refused["undecodable"] >= 2
         assert bridge.refused["bad-response-topic"] == 1
-        assert coordinator.metadata.device("car-9") is None
-        assert coordinator.metadata.device("car-1") is None
+        assert devices.get("car-9") is None
+        assert devices.get("car-1") is None
 
         # the coordinator keeps serving an honest device
         acks: list[StoredSegment] = []
@@ -222,6 +230,7 @@ def test_an_attacking_device_is_refused_counted_and_others_are_served(cloud: Any
             assert len(acks) == 1
         finally:
             link.stop()
-        assert coordinator.query("SELECT count(DISTINCT device_id) FROM samples").rows[0][0] == 1
+        distinct = "SELECT count(DISTINCT device_id) FROM samples"
+        assert coordinator.queries.sql(LOCAL, distinct).rows[0][0] == 1
     finally:
         intruder.close()

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from fleetloop_cloud import query as query_module
-from fleetloop_cloud.query import QUERY_TIMEOUT_S, QueryEngine, QueryTimeoutError
+from fleetloop_cloud.fleet_store import query as query_module
+from fleetloop_cloud.fleet_store.query import QUERY_TIMEOUT_S, QueryEngine, QueryTimeoutError
 from fleetloop_shared.errors import QueryError, UserError
 
 RunningCoordinator = Any
@@ -106,8 +106,9 @@ def store(tmp_path: Path) -> QueryEngine:
 
     import numpy as np
 
-    from fleetloop_cloud.fleet_store import FleetStore
-    from fleetloop_cloud.metadata import MetadataStore
+    from fleetloop_cloud.fleet_store.parquet import FleetStore
+    from fleetloop_cloud.repositories import open_repositories
+    from fleetloop_cloud.repositories.records import SegmentReceipt
     from fleetloop_shared.catalog import Catalog, DataType
     from fleetloop_shared.segment import Segment, new_segment_id
 
@@ -117,7 +118,7 @@ def store(tmp_path: Path) -> QueryEngine:
     speed_cat.add("Vehicle.Speed", DataType.FLOAT64, "m/s")
     gear_cat.add("Vehicle.Gear", DataType.INT64)
     fleet = FleetStore(tmp_path / "fleet")
-    meta = MetadataStore(tmp_path / "meta.sqlite")
+    meta = open_repositories(tmp_path / "meta.sqlite").segments
     for n, device in enumerate(("car-1", "car-2")):
         t_speed = start + n * 10**9 + np.arange(100, dtype=np.int64) * 100_000_000
         t_gear = start + n * 10**9 + 50_000_000 + np.arange(10, dtype=np.int64) * 1_000_000_000
@@ -131,9 +132,9 @@ def store(tmp_path: Path) -> QueryEngine:
             samples = fleet.write_segment(fleet="taxi", device_id=device, capture_id=f"cap-{device}",
                                           campaign="braking", segment=seg, catalog=cat,
                                           received_unix=received)
-            meta.record_segment(device, seg.segment_id, capture_id=f"cap-{device}", campaign="braking",
-                                priority=8, samples=samples, first_ns=int(seg.t_ns.min()),
-                                last_ns=int(seg.t_ns.max()), now=received)
+            receipt = SegmentReceipt(f"cap-{device}", "braking", 8, samples, int(seg.t_ns.min()),
+                                     int(seg.t_ns.max()))
+            meta.record(device, seg.segment_id, receipt, received)
     return QueryEngine(tmp_path / "fleet", captures=meta.captures)
 
 

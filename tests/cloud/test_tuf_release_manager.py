@@ -13,6 +13,7 @@ from typing import Any
 
 from tuf.api.metadata import Metadata
 
+from fleetloop_cloud.repositories.records import Inventory, Registration
 from fleetloop_fwsim.firmware import build_image
 from fleetloop_shared.update.artifact import manifest_from_bytes, sha256_hex
 
@@ -41,18 +42,9 @@ def test_release_manager_mistakes_get_one_clear_refusal(running_coordinator: Run
     assert status == 400 and "firmware image for hardware 'gen1', not 'gen9'" in json.loads(body)["error"]
     status, body = upload(base, build_image("2.0.0", HW, size_hint=8192), "2.1.0")
     assert status == 400 and "is firmware version 2.0.0, not 2.1.0" in json.loads(body)["error"]
-    c.metadata.upsert_device(
-        "d1", fleet="f", labels={}, catalog=[], agent_version="x", data_origin="sim", now=time.time()
-    )
-    c.metadata.update_inventory(
-        "d1",
-        hardware_id=HW,
-        firmware_version="3.0.0",
-        firmware_sha256="",
-        active_slot="a",
-        campaigns_version=0,
-        now=time.time(),
-    )
+    devices = c.repositories.devices
+    devices.register("d1", Registration("f", {}, [], "x", "sim"), owner="", now=time.time())
+    devices.update_inventory("d1", Inventory(HW, "3.0.0", "", "a", 0), time.time())
     status, body = upload(base, build_image("2.0.0", HW, size_hint=8192), "2.0.0")
     assert status == 400
     assert "older than 3.0.0, which devices with hardware gen1 already run" in json.loads(body)["error"]
@@ -93,7 +85,7 @@ def test_metadata_is_served_and_the_director_signs_per_device(
     assert call(base, "GET", "/tuf/image/2.root.json")[0] == 404  # end of the rotation walk
     assert call(base, "GET", "/tuf/director/d7/targets.json")[0] == 404  # no job for this device yet
     manifest, signature = c.artifacts.release("fw", HW, "2.0.0")
-    c.publish_job("d7", "job-1", "ro-1", manifest, signature)  # offline device: still directed
+    assert not c.jobs.publish_job("d7", "job-1", "ro-1", manifest, signature)  # offline: still directed
     status, d_targets = call(base, "GET", "/tuf/director/d7/targets.json")
     signed = Metadata.from_bytes(d_targets).signed.targets
     assert status == 200 and set(signed) == {"fw/gen1/2.0.0.img"}  # the device reported no base: full

@@ -24,8 +24,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from fleetloop_cloud.fleet_store import COMPACTED_FILE, absorbed_by
-from fleetloop_cloud.metadata import CaptureRecord
+from fleetloop_cloud.fleet_store.parquet import COMPACTED_FILE, absorbed_by
+from fleetloop_cloud.repositories.records import CaptureRecord
 from fleetloop_shared.errors import QueryError, UserError
 
 #: Largest ``max_rows`` a caller may ask for (the API's result cap; larger exports go through files).

@@ -1,7 +1,7 @@
 """The rollout driver: turns planner decisions into persisted transitions and published OTA jobs.
 
 Order matters and is the point of this module: every decision (rollout state, phase, the devices now
-OFFERED) and its audit rows are committed to the metadata store *before* a job is published. If the
+OFFERED) and its audit rows are committed to the rollouts repository *before* a job is published. If the
 coordinator dies between the two, the restarted one finds those devices OFFERED but not delivered and
 publishes again; the device side is idempotent by job id. Nothing is kept in memory between calls, so a
 new controller object on the same database simply carries on.
@@ -9,23 +9,23 @@ new controller object on the same database simply carries on.
 
 from __future__ import annotations
 
-import builtins
 import dataclasses
 import secrets
 import threading
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
-from fleetloop_cloud.metadata import (
+from fleetloop_cloud.repositories.interfaces import DeviceRepository, ReleaseRepository, RolloutRepository
+from fleetloop_cloud.repositories.records import (
     DeviceChange,
-    MetadataStore,
+    NewRollout,
     ReleaseRecord,
     RolloutDeviceRecord,
     RolloutRecord,
     RolloutUpdate,
 )
-from fleetloop_cloud.rollout_planner import (
+from fleetloop_cloud.rollout.planner import (
     TERMINAL_DEVICE_STATES,
     DevicePhaseState,
     RolloutPlanner,
@@ -36,6 +36,7 @@ from fleetloop_cloud.rollout_planner import (
     policy_from_dict,
     policy_to_dict,
 )
+from fleetloop_cloud.rollout.views import record_of
 from fleetloop_shared.errors import NotFoundError, StateError, UserError
 from fleetloop_shared.rules import selector_matches
 from fleetloop_shared.update.artifact import manifest_from_bytes
@@ -59,14 +60,14 @@ OTA_TO_PHASE_STATE: dict[str, DevicePhaseState] = {
 #: Reasons stored per device are cut to this many characters (a hostile device cannot bloat the DB).
 MAX_REASON_CHARS = 500
 #: Rollouts that ``tick`` acts on.
-_ACTIVE = (RolloutState.CREATED.value, RolloutState.RUNNING.value)
-
-
+ACTIVE_STATES = (RolloutState.CREATED.value, RolloutState.RUNNING.value)
 #: How often an operator's action is re-checked when coordinators step the rollout concurrently.
 _OPERATOR_ATTEMPTS = 5
 
+
 class JobPublisher(Protocol):
-    """How the controller reaches devices (control stream / MQTT); owned here, implemented by the server."""
+    """How the controller reaches devices; owned here, implemented by :class:`~.jobs.OtaJobs` (the
+    director signs the device's targets, its session carries the job)."""
 
     def publish_job(
         self, device_id: str, job_id: str, rollout_id: str, manifest: bytes, signature: bytes
@@ -92,30 +93,35 @@ class RolloutController:
     cannot interleave with a decision that is being persisted.
     """
 
-    def __init__(self, metadata: MetadataStore, publisher: JobPublisher) -> None:
-        self._metadata = metadata
+    def __init__(
+        self,
+        rollouts: RolloutRepository,
+        releases: ReleaseRepository,
+        devices: DeviceRepository,
+        publisher: JobPublisher,
+    ) -> None:
+        self._rollouts = rollouts
+        self._releases = releases
+        self._devices = devices
         self._publisher = publisher
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ helpers
 
     def _record(self, rollout_id: str) -> RolloutRecord:
-        record = self._metadata.rollout(rollout_id)
-        if record is None:
-            raise NotFoundError(f"rollout {rollout_id!r} does not exist")
-        return record
+        return record_of(self._rollouts, rollout_id)
 
     def _release(self, version: str, name: str = "") -> ReleaseRecord:
         """The release a policy names. A version alone must be unambiguous: a firmware and a model pack
         may both be "1.2.0", and rolling out the wrong one would reach every targeted device."""
         if not name:
-            names = self._metadata.release_names(version)
+            names = self._releases.names(version)
             if len(names) > 1:
                 raise UserError(
                     f"several releases have version {version!r} ({', '.join(names)}); "
                     "say which with release_name (fleetloop rollout create --name NAME)"
                 )
-        release = self._metadata.release(version, name)
+        release = self._releases.get(version, name)
         if release is None:
             what = f"{name} {version}" if name else repr(version)
             raise NotFoundError(f"release {what} does not exist; upload it first")
@@ -150,7 +156,7 @@ class RolloutController:
             policy = dataclasses.replace(policy, release_name=release.name)
         planner = RolloutPlanner(policy)
         targets = []
-        for device in self._metadata.devices():
+        for device in self._devices.all():
             if not selector_matches(policy.selector, device.selector_labels()):
                 continue
             if device.hardware_id and device.hardware_id != release.hardware_id:
@@ -172,33 +178,33 @@ class RolloutController:
         layout = ", ".join(
             f"{spec.name}={counts.get(i, 0)}" for i, spec in enumerate(planner.policy.phases)
         )
+        rollout = NewRollout(
+            rollout_id=rollout_id,
+            release_version=policy.release_version,
+            policy=policy_to_dict(planner.policy),
+            state=RolloutState.RUNNING.value,
+            phase=0,
+            reason="created",
+            devices=phases,
+            device_state=DevicePhaseState.PENDING.value,
+            audit=[
+                ("created", f"release {release.name} {release.version} for {release.hardware_id}; "
+                            f"selector {policy.selector!r}; {len(phases)} devices ({layout})"),
+            ],
+            initial={
+                d: (DevicePhaseState.COMMITTED.value, f"already running {release.version}")
+                for d in up_to_date
+            },
+        )
         with self._lock:
-            self._metadata.create_rollout(
-                rollout_id,
-                release_version=policy.release_version,
-                policy=policy_to_dict(planner.policy),
-                state=RolloutState.RUNNING.value,
-                phase=0,
-                reason="created",
-                devices=phases,
-                device_state=DevicePhaseState.PENDING.value,
-                now=now,
-                audit=[
-                    ("created", f"release {release.name} {release.version} for {release.hardware_id}; "
-                                f"selector {policy.selector!r}; {len(phases)} devices ({layout})"),
-                ],
-                initial={
-                    d: (DevicePhaseState.COMMITTED.value, f"already running {release.version}")
-                    for d in up_to_date
-                },
-            )
+            self._rollouts.create(rollout, now)
         return rollout_id
 
     def pause(self, rollout_id: str, now: float) -> None:
         """Stop offering the update (devices already working on it finish); StateError unless running."""
 
         def change(record: RolloutRecord) -> RolloutUpdate:
-            if record.state not in _ACTIVE:
+            if record.state not in ACTIVE_STATES:
                 raise StateError(
                     f"rollout {rollout_id} is {record.state.lower()}; only a running one can pause"
                 )
@@ -221,7 +227,7 @@ class RolloutController:
                 )
             failed = {
                 d.device_id
-                for d in self._metadata.rollout_devices(rollout_id)
+                for d in self._rollouts.devices(rollout_id)
                 if DevicePhaseState(d.state) in TERMINAL_DEVICE_STATES
                 and d.state != DevicePhaseState.COMMITTED.value
             }
@@ -261,7 +267,7 @@ class RolloutController:
             for _ in range(_OPERATOR_ATTEMPTS):
                 record = self._record(rollout_id)
                 update = dataclasses.replace(change(record), expect=(record.state, record.phase))
-                if self._metadata.update_rollout(rollout_id, update, now):
+                if self._rollouts.update(rollout_id, update, now):
                     return
         raise StateError(f"rollout {rollout_id} kept changing under this request; try again")
 
@@ -269,16 +275,16 @@ class RolloutController:
 
     def tick(self, now: float) -> None:
         """One step of every running rollout: decide, persist (with audit), then publish."""
-        for record in self._metadata.rollouts(states=_ACTIVE):
+        for record in self._rollouts.all(states=ACTIVE_STATES):
             self._step(record.rollout_id, now)
 
     def _step(self, rollout_id: str, now: float) -> None:
         with self._lock:
             record = self._record(rollout_id)
-            if record.state not in _ACTIVE:
+            if record.state not in ACTIVE_STATES:
                 return
             planner = RolloutPlanner(policy_from_dict(record.policy))
-            devices = self._metadata.rollout_devices(rollout_id)
+            devices = self._rollouts.devices(rollout_id)
             view = self._view(record, devices)
             decision = planner.decide(view, now)
             changed = decision.state != view.state or decision.phase != view.phase
@@ -289,7 +295,7 @@ class RolloutController:
                     audit.append(("phase", decision.reason))
                 if decision.state != view.state:
                     audit.append((decision.state.value.lower(), decision.reason))
-                written = self._metadata.update_rollout(
+                written = self._rollouts.update(
                     rollout_id,
                     RolloutUpdate(
                         state=decision.state.value,
@@ -320,7 +326,7 @@ class RolloutController:
             # or a coordinator that died right after persisting) get the job again on every tick.
             undelivered = [
                 d.device_id
-                for d in self._metadata.rollout_devices(rollout_id)
+                for d in self._rollouts.devices(rollout_id)
                 if d.state == DevicePhaseState.OFFERED.value and not d.delivered
             ]
             if not undelivered:
@@ -335,7 +341,7 @@ class RolloutController:
                 if ok:
                     delivered[device_id] = DeviceChange(delivered=True)
             if delivered:
-                self._metadata.update_rollout(rollout_id, RolloutUpdate(devices=delivered), now)
+                self._rollouts.update(rollout_id, RolloutUpdate(devices=delivered), now)
 
     def on_device_status(self, device_id: str, job_id: str, state: str, reason: str, now: float) -> None:
         """Fold an OTA status report into the rollout. Reports for unknown jobs, other devices' jobs or
@@ -352,9 +358,9 @@ class RolloutController:
             # Keep the agent's finer state visible (DOWNLOADING, REBOOTING, ...) for the release manager.
             reason = f"{ota_state}: {reason}" if reason else ota_state
         with self._lock:
-            if self._metadata.rollout(rollout_id) is None:
+            if self._rollouts.get(rollout_id) is None:
                 return
-            current = {d.device_id: d for d in self._metadata.rollout_devices(rollout_id)}.get(device_id)
+            current = {d.device_id: d for d in self._rollouts.devices(rollout_id)}.get(device_id)
             if current is None:
                 return
             old = DevicePhaseState(current.state)
@@ -362,7 +368,7 @@ class RolloutController:
                 return
             if old is phase_state and current.reason == _clip(reason):
                 return
-            self._metadata.update_rollout(
+            self._rollouts.update(
                 rollout_id,
                 RolloutUpdate(devices={device_id: DeviceChange(
                     state=phase_state.value, reason=_clip(reason), delivered=True)}),
@@ -375,82 +381,14 @@ class RolloutController:
         """Jobs waiting for this device as (job_id, rollout_id, manifest, signature): the polling path,
         so a device that missed the push (asleep, NAT) still finds its job."""
         jobs: list[tuple[str, str, bytes, bytes]] = []
-        for entry in self._metadata.device_rollouts(device_id):
+        for entry in self._rollouts.of_device(device_id):
             if entry.state != DevicePhaseState.OFFERED.value:
                 continue
-            record = self._metadata.rollout(entry.rollout_id)
+            record = self._rollouts.get(entry.rollout_id)
             if record is None or record.state != RolloutState.RUNNING.value:
                 continue
-            release = self._metadata.release(
-                record.release_version, str(record.policy.get("release_name", ""))
-            )
+            release = self._releases.get(record.release_version, str(record.policy.get("release_name", "")))
             if release is not None:
                 jobs.append((job_id_for(entry.rollout_id, device_id), entry.rollout_id, release.manifest,
                              release.signature))
         return jobs
-
-    def status(self, rollout_id: str) -> dict[str, Any]:
-        """JSON-friendly status for the CLI, REST API and dashboard."""
-        record = self._record(rollout_id)
-        devices = self._metadata.rollout_devices(rollout_id)
-        policy = policy_from_dict(record.policy)
-        phases: list[dict[str, Any]] = []
-        for index, spec in enumerate(policy.phases):
-            members = [d for d in devices if d.phase == index]
-            phases.append({
-                "name": spec.name,
-                "devices": len(members),
-                "committed": sum(d.state == DevicePhaseState.COMMITTED.value for d in members),
-                "failed": sum(
-                    d.state in (DevicePhaseState.FAILED.value, DevicePhaseState.ROLLED_BACK.value)
-                    for d in members
-                ),
-            })
-        counts = {s.value: 0 for s in DevicePhaseState}
-        for d in devices:
-            counts[d.state] = counts.get(d.state, 0) + 1
-        return {
-            "id": rollout_id,
-            "release_version": record.release_version,
-            "state": record.state,
-            "phase": record.phase,
-            "phase_name": policy.phases[record.phase].name if record.phase < len(policy.phases) else "",
-            "phase_started_at": record.phase_started_at,
-            "phases": phases,
-            "devices": [
-                {"device_id": d.device_id, "phase": d.phase, "state": d.state, "reason": d.reason}
-                for d in devices
-            ],
-            "reason": record.reason,
-            "counts": counts,
-            "accepted_failures": sorted(record.accepted_failures),
-            "created_at": record.created_at,
-            "updated_at": record.updated_at,
-            "policy": policy_to_dict(policy),
-        }
-
-    def history(self, rollout_id: str) -> list[dict[str, Any]]:
-        """The audit trail as JSON-friendly rows (``rollout history``)."""
-        self._record(rollout_id)
-        return [
-            {"seq": a.seq, "at": a.at, "event": a.event, "detail": a.detail}
-            for a in self._metadata.audit(rollout_id)
-        ]
-
-    def list(self) -> builtins.list[dict[str, Any]]:
-        """Every rollout, oldest first, as a short JSON-friendly summary (``rollout list``)."""
-        out: list[dict[str, Any]] = []
-        for record in self._metadata.rollouts():
-            counts: Counter[str] = Counter(d.state for d in self._metadata.rollout_devices(record.rollout_id))
-            out.append({
-                "id": record.rollout_id,
-                "release_version": record.release_version,
-                "state": record.state,
-                "phase": record.phase,
-                "reason": record.reason,
-                "devices": sum(counts.values()),
-                "counts": {s.value: counts.get(s.value, 0) for s in DevicePhaseState},
-                "created_at": record.created_at,
-                "updated_at": record.updated_at,
-            })
-        return out

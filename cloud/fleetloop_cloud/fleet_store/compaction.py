@@ -16,7 +16,8 @@ pass, per partition (``fleet=F/date=D``), under the partition's exclusive lock:
    file instead of the segment files, and ingest never writes those segment files again;
 4. raises the partition's generation (so every process's ingest re-reads the absorbed names).
 
-So a row is never visible twice to :class:`~fleetloop_cloud.query.QueryEngine` and never lost: before the
+So a row is never visible twice to :class:`~fleetloop_cloud.fleet_store.query.QueryEngine` and never
+lost: before the
 rename queries read the segment files, after it the compacted one. A crash at any point leaves either
 the segment files alone (a stray temporary file, ignored), or both (the segment files left out by name
 and deleted by a later pass). Readers other than ours (Trino, Spark reading the layout directly) can
@@ -39,7 +40,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fleetloop_cloud.fleet_store import (
+from fleetloop_cloud.fleet_store.parquet import (
     ABSORBED_KEY,
     COMPACTED_FILE,
     SAMPLES_SCHEMA,

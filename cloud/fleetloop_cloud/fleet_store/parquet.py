@@ -8,7 +8,7 @@ is what fleet queries filter and group by and what compresses best column-wise.
 One file per segment, named by the segment id, makes ingest idempotent: a retried upload rewrites the
 same file with the same rows. Files appear by rename only, so a reader never sees half a file.
 
-Compaction (:mod:`fleetloop_cloud.compaction`) later merges a partition's small segment files into
+Compaction (:mod:`fleetloop_cloud.fleet_store.compaction`) later merges a partition's small segment files into
 ``compacted-<24 hex>.parquet`` files whose Parquet key-value metadata ``fleetloop.absorbed`` names the
 segment files they absorbed. A segment file so named is never written again (``write_segment`` checks
 under the partition's lock), and queries leave it out until compaction deletes it. Each partition has a

@@ -1,7 +1,7 @@
 """The director: per device, signs which image to install now and the delta from what it runs.
 
 When the rollout controller offers a job to a device, the director writes that device's targets
-metadata (online keys, :mod:`fleetloop_cloud.tuf_repository`): the release's image target — the same
+metadata (online keys, :mod:`fleetloop_cloud.ota.tuf_repository`): the release's image target — the same
 path, length and hash as the image repository's, plus the device id, job id and rollout id — and the
 image repository's delta from the device's reported installed image, if there is one. Each new job
 replaces the device's previous targets (a higher version), so an old job replayed to the device no
@@ -12,7 +12,7 @@ The device still checks everything against the image repository; the director on
 
 from __future__ import annotations
 
-from fleetloop_cloud.tuf_repository import TufRepositories, target_file
+from fleetloop_cloud.ota.tuf_repository import TufRepositories, target_file
 from fleetloop_shared.errors import NotFoundError
 from fleetloop_shared.update.artifact import ReleaseManifest
 from fleetloop_shared.update.tuf_metadata import CUSTOM_KEY, KIND_DELTA, delta_target_path, image_target_path

@@ -7,7 +7,7 @@ chunked delta (``fleetloop_shared.update.delta``: per chunk the smallest of zstd
 made file to file in bounded memory) when it is smaller than the full image, so most devices download a
 fraction of it.
 
-What devices trust is the TUF image repository (:mod:`fleetloop_cloud.tuf_repository`): every image and
+What devices trust is the TUF image repository (:mod:`fleetloop_cloud.ota.tuf_repository`): every image and
 delta becomes a signed target there, with its hash, length, hardware id, version and (for a delta) base
 hash. The Ed25519 release manifest is kept as the cloud's own record of a release (rollouts read it);
 devices no longer verify it.
@@ -24,7 +24,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from fleetloop_cloud.tuf_repository import TufRepositories, target_file
+from fleetloop_cloud.ota.tuf_repository import TufRepositories, target_file
 from fleetloop_shared.durable import write_atomically
 from fleetloop_shared.errors import IntegrityError, NotFoundError, StateError, UserError
 from fleetloop_shared.update.artifact import (

@@ -1,0 +1,138 @@
+"""The metadata schema, created on open and versioned so a newer database is refused, not misread.
+
+Version 2 (this one) replaced the devices' ``online`` flag — which nothing reset when a coordinator
+died — by ``session_owner`` and the ``coordinators`` leases: a device is online while a coordinator
+whose lease is current holds its session. A version 1 database is upgraded in place on open (the column
+is added; the old flag stays, unread).
+"""
+
+from __future__ import annotations
+
+from fleetloop_cloud.repositories.database import Database, Transaction
+from fleetloop_shared.errors import ConfigError
+
+#: Version of the schema this code writes; bumped with every incompatible change.
+SCHEMA_VERSION = 2
+
+_TABLES = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    fleet TEXT NOT NULL,
+    labels_json TEXT NOT NULL,
+    catalog_json TEXT NOT NULL,
+    agent_version TEXT NOT NULL,
+    data_origin TEXT NOT NULL,
+    hardware_id TEXT NOT NULL DEFAULT '',
+    firmware_version TEXT NOT NULL DEFAULT '',
+    firmware_sha256 TEXT NOT NULL DEFAULT '',
+    active_slot TEXT NOT NULL DEFAULT '',
+    campaigns_version INTEGER NOT NULL DEFAULT 0,
+    campaigns_running_json TEXT NOT NULL DEFAULT '[]',
+    campaigns_refused_json TEXT NOT NULL DEFAULT '{}',
+    captures_total INTEGER NOT NULL DEFAULT 0,
+    session_owner TEXT NOT NULL DEFAULT '',
+    last_seen REAL NOT NULL,
+    registered_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS coordinators (
+    coordinator_id TEXT PRIMARY KEY,
+    beat_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS segments (
+    device_id TEXT NOT NULL,
+    segment_id BLOB NOT NULL,
+    capture_id TEXT NOT NULL,
+    campaign TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
+    first_ns INTEGER NOT NULL,
+    last_ns INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (device_id, segment_id)
+);
+CREATE TABLE IF NOT EXISTS captures (
+    device_id TEXT NOT NULL,
+    capture_id TEXT NOT NULL,
+    campaign TEXT NOT NULL,
+    first_ns INTEGER NOT NULL,
+    last_ns INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
+    segments INTEGER NOT NULL,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    PRIMARY KEY (device_id, capture_id)
+);
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS campaigns (
+    name TEXT PRIMARY KEY,
+    campaign_version INTEGER NOT NULL,
+    document TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS releases (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    hardware_id TEXT NOT NULL,
+    manifest BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (name, hardware_id, version)
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    rollout_id TEXT PRIMARY KEY,
+    release_version TEXT NOT NULL,
+    policy_json TEXT NOT NULL,
+    state TEXT NOT NULL,
+    phase INTEGER NOT NULL,
+    phase_started_at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    accepted_failures_json TEXT NOT NULL DEFAULT '[]',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rollout_devices (
+    rollout_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    phase INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    delivered INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (rollout_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS rollout_audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    rollout_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    event TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rollout_audit_by_rollout ON rollout_audit (rollout_id, seq);
+"""
+
+
+def ensure_schema(db: Database) -> None:
+    """Create what is missing, upgrade an older version, refuse a newer one (ConfigError)."""
+    with db.write() as tx:
+        for statement in _TABLES.split(";"):
+            if statement.strip():
+                tx.execute(db.ddl(statement))
+        row = tx.execute("SELECT version FROM schema_version").fetchone()
+        if row is None:
+            tx.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            return
+        version = int(row[0])
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"metadata database {db.where} has schema version {version}; "
+                f"this fleetloop understands up to {SCHEMA_VERSION}"
+            )
+        if version < 2:
+            _upgrade_to_2(tx)
+        tx.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+
+
+def _upgrade_to_2(tx: Transaction) -> None:
+    """Version 1 devices carry ``online`` and no ``session_owner``: add the owner, leave the flag."""
+    tx.execute("ALTER TABLE devices ADD COLUMN session_owner TEXT NOT NULL DEFAULT ''")

@@ -1,0 +1,84 @@
+"""Releases: images and bundles uploaded by a release manager, signed into the TUF image repository,
+with deltas from every image the fleet's devices of that hardware report running.
+
+What devices fetch (TUF metadata, artifact files) is public: everything in it is signed or hashed, and a
+device verifies it before use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fleetloop_cloud.ota.artifact_store import ArtifactStore, check_not_older_than_fleet, is_bundle_image
+from fleetloop_cloud.ota.tuf_repository import TufRepositories
+from fleetloop_cloud.repositories.interfaces import DeviceRepository, ReleaseRepository
+from fleetloop_cloud.repositories.records import ReleaseRecord
+from fleetloop_cloud.services.access import Access, Caller
+from fleetloop_shared.errors import NotFoundError, UserError
+from fleetloop_shared.update.artifact import ReleaseManifest, manifest_from_bytes
+
+
+class ReleaseService:
+    def __init__(
+        self,
+        releases: ReleaseRepository,
+        devices: DeviceRepository,
+        artifacts: ArtifactStore,
+        tuf: TufRepositories,
+        access: Access,
+    ) -> None:
+        self._releases = releases
+        self._devices = devices
+        self._artifacts = artifacts
+        self._tuf = tuf
+        self._access = access
+
+    def upload(
+        self, caller: Caller, image: bytes, *, name: str, version: str, hardware_id: str, now: float
+    ) -> ReleaseManifest:
+        """Check, store and sign a release; its deltas start from the images devices of ``hardware_id``
+        run. Refused (UserError / StateError) before anything is signed when the image does not fit."""
+        self._access.operator(caller, "releases.upload")
+        if not image:
+            raise UserError("the artifact is empty")
+        fleet = [d for d in self._devices.all() if d.hardware_id == hardware_id]
+        if not is_bundle_image(image):
+            # Devices report the firmware they run, so only a slot image can be compared with the fleet;
+            # a bundle (model pack, software) is kept moving forward per name by the artifact store.
+            check_not_older_than_fleet([d.firmware_version for d in fleet], version, hardware_id)
+        bases: list[bytes] = []
+        seen: set[str] = set()
+        for d in fleet:
+            sha = d.firmware_sha256
+            if not sha or sha in seen:
+                continue
+            seen.add(sha)
+            try:
+                bases.append(self._artifacts.image(sha))
+            except NotFoundError:
+                continue
+        manifest, signature = self._artifacts.add_release(
+            image, name=name, version=version, hardware_id=hardware_id, bases=bases, now=now
+        )
+        self._releases.put(ReleaseRecord(name, version, hardware_id, manifest, signature, now))
+        return manifest_from_bytes(manifest)
+
+    def all(self, caller: Caller) -> list[ReleaseRecord]:
+        self._access.operator(caller, "releases.list")
+        return self._releases.all()
+
+    def rotate_root(
+        self, caller: Caller, repository: str, *, root_keys: int | None, threshold: int | None, online: bool
+    ) -> dict[str, Any]:
+        """A new root for the ``image`` or ``director`` repository (see ``TufRepositories.rotate``)."""
+        self._access.operator(caller, "keys.rotate")
+        return self._tuf.rotate(repository, root_keys=root_keys, threshold=threshold, online=online)
+
+    def metadata_file(self, repository: str, name: str) -> bytes:
+        """TUF metadata for devices' ngclient: ``image/<file>`` or ``director/<device_id>/<file>``."""
+        return self._tuf.metadata_bytes(repository, name)
+
+    def artifact_file(self, relpath: str) -> Path:
+        """The file behind ``files/<sha256>``; NotFoundError for anything else."""
+        return self._artifacts.file_path(relpath)
