@@ -15,8 +15,9 @@ from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
 from fleetloop_agent.uplink import CloudLink
 from fleetloop_agent.upload_protocol import upload_request
-from fleetloop_cloud.coordinator import Coordinator
 from fleetloop_cloud.grpc_api import start_grpc_server
+from fleetloop_cloud.server import Coordinator
+from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim.chaos import ChaosProxy
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.segment import Segment, new_segment_id
@@ -62,7 +63,7 @@ def count(metrics: AgentMetrics, name: str) -> float:
 
 
 def rows(c: Coordinator) -> int:
-    return int(c.query("SELECT count(*) FROM samples").rows[0][0])
+    return int(c.queries.sql(Caller.local(), "SELECT count(*) FROM samples").rows[0][0])
 
 
 def test_a_cut_link_resumes_where_the_cloud_is(cloud: tuple[Coordinator, ChaosProxy], tmp_path: Path) -> None:

@@ -13,8 +13,8 @@ import pytest
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
 from fleetloop_agent.uplink import CloudLink
-from fleetloop_cloud.coordinator import Coordinator
 from fleetloop_cloud.grpc_api import start_grpc_server
+from fleetloop_cloud.server import Coordinator
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.segment import Segment, new_segment_id
 from fleetloop_shared.wire import device_pb2

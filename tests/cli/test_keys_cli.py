@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from tuf.api.metadata import Metadata, Root
 
-from fleetloop_cloud.coordinator import Coordinator
 from fleetloop_cloud.http_api import start_http_server
+from fleetloop_cloud.server import Coordinator
 from fleetloop_fwsim.firmware import build_image
 
 HW = "gen1"
@@ -40,7 +40,7 @@ def cloud(tmp_path: Path) -> Iterator[tuple[Coordinator, str, list[float]]]:
         yield c, f"http://127.0.0.1:{port}", now
     finally:
         server.shutdown()
-        c.metadata.close()
+        c.close()
 
 
 def upload(base: str, version: str) -> tuple[int, dict[str, object]]:

@@ -259,7 +259,7 @@ def test_import_packs_groups_into_one_segment_and_the_cloud_stores_every_group(
     """What ``store import`` writes by default is one multi-group (format 4 or newer) segment;
     ``--bundle-rows 0`` writes one group per segment (format 2, or 6 where a compressed body pays). The
     cloud's fleet store turns every group of a multi-group segment into rows (the same code decodes it)."""
-    from fleetloop_cloud.fleet_store import FleetStore
+    from fleetloop_cloud.fleet_store.parquet import FleetStore
     from fleetloop_shared.catalog import Catalog
     from fleetloop_shared.segment import decode_segment
 

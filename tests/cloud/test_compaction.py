@@ -325,7 +325,8 @@ def test_files_from_before_text_signals_query_and_compact_with_new_ones(cloud: C
         pq.write_table(pq.read_table(path).drop(["value_str"]), path)
     assert "value_str" not in pq.read_schema(small[0]).names
     before = counts(cloud)
-    assert cloud.queries.sql(LOCAL, "SELECT count(*) FROM samples WHERE value_str IS NULL").rows[0][0] == before[0]
+    no_text = "SELECT count(*) FROM samples WHERE value_str IS NULL"
+    assert cloud.queries.sql(LOCAL, no_text).rows[0][0] == before[0]
 
     h = hello("car-3")
     h.catalog.add(id=3, path="Vehicle.Mode", data_type=device_pb2.DATA_TYPE_STRING)

@@ -55,7 +55,8 @@ def _segment(start_ns: int, rows: int = 50) -> tuple[bytes, bytes]:
 
 
 def _rows(c: Coordinator) -> tuple[int, int]:
-    r = c.queries.sql(LOCAL, "SELECT count(*), count(DISTINCT (device_id, signal, t_ns)) FROM samples").rows[0]
+    sql = "SELECT count(*), count(DISTINCT (device_id, signal, t_ns)) FROM samples"
+    r = c.queries.sql(LOCAL, sql).rows[0]
     return int(r[0]), int(r[1])
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from fleetloop_cloud.fleet_store.parquet import FleetStore
+from fleetloop_cloud.fleet_store.query import QueryEngine
 from fleetloop_cloud.repositories import open_repositories
 from fleetloop_cloud.repositories.records import SegmentReceipt
-from fleetloop_cloud.fleet_store.query import QueryEngine
 from fleetloop_shared.catalog import Catalog, DataType
 from fleetloop_shared.datapaths import comma2k19_segment
 from fleetloop_shared.errors import QueryError, UserError

@@ -131,7 +131,8 @@ def test_concurrent_writers_lose_nothing(repos: Repositories) -> None:
     def worker(k: int) -> None:
         for i in range(50):
             for _ in range(2):
-                repos.segments.record(f"car-{k}", i.to_bytes(16, "big"), receipt(f"cap-{k}", 2, i, i), float(i))
+                sid = i.to_bytes(16, "big")
+                repos.segments.record(f"car-{k}", sid, receipt(f"cap-{k}", 2, i, i), float(i))
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
     for t in threads:

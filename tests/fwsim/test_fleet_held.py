@@ -24,9 +24,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fleetloop_agent.local_store import LocalStore
 from fleetloop_agent.metrics import AgentMetrics
 from fleetloop_agent.uplink import CloudLink
-from fleetloop_cloud.coordinator import Coordinator
 from fleetloop_cloud.grpc_api import start_grpc_server
 from fleetloop_cloud.mqtt_bridge import BridgeSettings, MqttBridge
+from fleetloop_cloud.server import Coordinator
+from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim.fleet import SimFleet
 from fleetloop_fwsim.mqtt_swarm import MqttSwarm, plain_hello
 from fleetloop_shared.catalog import DataType
@@ -82,7 +83,7 @@ def test_one_coordinator_holds_300_grpc_devices_and_serves_others(tmp_path: Path
             wait_for("the upload", lambda: store.stats().segments_pending == 0)
         finally:
             link.stop()
-        assert c.query("SELECT count(*) FROM samples").rows[0][0] == 100
+        assert c.queries.sql(Caller.local(), "SELECT count(*) FROM samples").rows[0][0] == 100
         # every device is its own identity at the coordinator
         assert {d for d in c.sessions.online() if d.startswith("sim-")} == {
             f"sim-{i:05d}" for i in range(DEVICES)
