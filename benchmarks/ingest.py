@@ -1,4 +1,4 @@
-"""Ingest benchmark (issue 6): uploads → queryable Parquet, devices held, capture-to-queryable latency.
+"""Ingest benchmark: uploads → queryable Parquet, devices held, capture-to-queryable latency.
 
 Prints one JSON object with three parts:
 

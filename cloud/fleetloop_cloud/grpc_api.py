@@ -28,7 +28,7 @@ from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import grpc.aio
@@ -41,8 +41,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from fleetloop_cloud.services.access import Caller, Refusals
-from fleetloop_cloud.services.devices import DeviceService
-from fleetloop_cloud.services.ingest import ChunkAck, IngestService
+from fleetloop_cloud.services.api import DeviceApi
+from fleetloop_cloud.services.ingest import ChunkAck
 from fleetloop_cloud.sessions import Session
 from fleetloop_shared.errors import FleetloopError
 from fleetloop_shared.wire import MAX_MESSAGE_BYTES, device_pb2, ingest_pb2
@@ -72,23 +72,6 @@ SERVICE_NAMES: tuple[str, ...] = (
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 #: Services ``Health/List`` reports at most (the standard's overflow policy: RESOURCE_EXHAUSTED).
 HEALTH_LIST_LIMIT = 100
-
-
-class DeviceApi(Protocol):
-    """What the gRPC surface calls: the coordinator's device and ingest services, its refusal counts
-    and its clock (``server.Coordinator``)."""
-
-    @property
-    def devices(self) -> DeviceService: ...
-
-    @property
-    def ingest(self) -> IngestService: ...
-
-    @property
-    def refusals(self) -> Refusals: ...
-
-    @property
-    def clock(self) -> Callable[[], float]: ...
 
 
 class _Undecodable:

@@ -15,19 +15,15 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from fleetloop_cloud.fleet_store.query import QUERY_TIMEOUT_S, check_timeout
 from fleetloop_cloud.services.access import Caller
-from fleetloop_cloud.services.campaigns import CampaignService
-from fleetloop_cloud.services.devices import DeviceService, DeviceStatus
-from fleetloop_cloud.services.query import QueryService
-from fleetloop_cloud.services.releases import ReleaseService
-from fleetloop_cloud.services.rollouts import RolloutService
+from fleetloop_cloud.services.api import OperatorApi
+from fleetloop_cloud.services.devices import DeviceStatus
 from fleetloop_shared.errors import FleetloopError, NotFoundError, UserError
 from fleetloop_shared.update.artifact import ReleaseManifest
 
@@ -37,28 +33,6 @@ log = logging.getLogger("fleetloop.cloud.http")
 MAX_BODY_BYTES = 1024 * 1024 * 1024
 FILE_CHUNK = 256 * 1024
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-
-
-class OperatorApi(Protocol):
-    """What the HTTP surface calls: the coordinator's services and its clock (``server.Coordinator``)."""
-
-    @property
-    def devices(self) -> DeviceService: ...
-
-    @property
-    def campaigns(self) -> CampaignService: ...
-
-    @property
-    def releases(self) -> ReleaseService: ...
-
-    @property
-    def rollouts(self) -> RolloutService: ...
-
-    @property
-    def queries(self) -> QueryService: ...
-
-    @property
-    def clock(self) -> Callable[[], float]: ...
 
 
 class _Handler(BaseHTTPRequestHandler):

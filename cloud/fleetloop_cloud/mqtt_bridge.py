@@ -25,7 +25,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import paho.mqtt.client as mqtt
 from google.protobuf.message import DecodeError
@@ -33,9 +32,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fleetloop_cloud.services.access import Caller, Refusals
-from fleetloop_cloud.services.devices import DeviceService
-from fleetloop_cloud.services.ingest import IngestService
+from fleetloop_cloud.services.access import Caller
+from fleetloop_cloud.services.api import DeviceApi
 from fleetloop_cloud.sessions import Session
 from fleetloop_shared.errors import ConfigError, FleetloopError, NotFoundError, PermissionDeniedError
 from fleetloop_shared.wire import device_pb2, ingest_pb2
@@ -50,23 +48,6 @@ COMMAND_EXPIRY_S = 300
 ANSWER_EXPIRY_S = 60
 #: The push loop wakes on every push; this is only how often it also looks for closed sessions.
 PUSH_SWEEP_S = 1.0
-
-
-class DeviceApi(Protocol):
-    """What the bridge calls: the coordinator's device and ingest services, its refusal counts and its
-    clock (``server.Coordinator``)."""
-
-    @property
-    def devices(self) -> DeviceService: ...
-
-    @property
-    def ingest(self) -> IngestService: ...
-
-    @property
-    def refusals(self) -> Refusals: ...
-
-    @property
-    def clock(self) -> Callable[[], float]: ...
 
 
 def _props(packet_type: int) -> Properties:

@@ -1,6 +1,6 @@
-"""The coordinator's services on the in-memory repositories, with fakes for what stands outside them (the
-fleet store's writer, the SQL engine, the OTA and backlog sinks) and a test clock passed as ``now``. No
-transport, no database: what each service decides, and that every one checks its caller."""
+"""The coordinator's services on the in-memory repositories, with fakes for the OTA and backlog sinks,
+the real file stores in a temporary directory and a test clock passed as ``now``. No transport, no
+database: what each service decides, and that every one checks its caller."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fleetloop_cloud.fleet_store.query import QueryResult
+from fleetloop_cloud.fleet_store.parquet import FleetStore
+from fleetloop_cloud.fleet_store.query import QueryEngine
 from fleetloop_cloud.ota.artifact_store import ArtifactStore
 from fleetloop_cloud.ota.release_key import release_signer
 from fleetloop_cloud.ota.tuf_repository import TufRepositories
@@ -30,7 +31,7 @@ from fleetloop_cloud.sessions import DeviceSessions
 from fleetloop_cloud.uploads.scheduler import Budget, UploadScheduler
 from fleetloop_cloud.uploads.staging import UploadStaging
 from fleetloop_fwsim.firmware import build_image
-from fleetloop_shared.catalog import Catalog, DataType
+from fleetloop_shared.catalog import DataType
 from fleetloop_shared.errors import (
     IntegrityError,
     MalformedMessageError,
@@ -55,20 +56,6 @@ spec:
   trigger: {when: "Vehicle.Speed > 50"}
   collect: {signals: ["Vehicle.*"], pre: 1s, post: 1s}
 """
-
-
-@dataclass
-class SampleSink:
-    """The fleet store's writer as ingest sees it: what was written, one row count per signal value."""
-
-    written: list[tuple[str, bytes, str]] = field(default_factory=list)
-
-    def write_segment(
-        self, *, fleet: str, device_id: str, capture_id: str, campaign: str, segment: Segment,
-        catalog: Catalog, received_unix: float,
-    ) -> int:  # fmt: skip
-        self.written.append((device_id, bytes(segment.segment_id), fleet))
-        return int(segment.sample_count)
 
 
 @dataclass
@@ -253,30 +240,35 @@ def upload(seg: Segment, device_id: str = "car-1") -> ingest_pb2.UploadSegmentRe
 
 
 @pytest.fixture
-def ingest(world: World, tmp_path: Path) -> tuple[IngestService, SampleSink]:
-    sink = SampleSink()
+def ingest(world: World, tmp_path: Path) -> tuple[IngestService, FleetStore]:
+    store = FleetStore(tmp_path / "fleet")
     staging = UploadStaging(tmp_path / "staging", max_upload_bytes=1 << 20)
-    return IngestService(world.repos.devices, world.repos.segments, sink, staging, world.access), sink
+    return IngestService(world.repos.devices, world.repos.segments, store, staging, world.access), store
+
+
+def written(store: FleetStore) -> list[str]:
+    return sorted(p.name for p in store.samples_dir.rglob("*.parquet"))
 
 
 def test_a_segment_is_stored_once_and_a_retry_is_a_duplicate(
-    world: World, ingest: tuple[IngestService, SampleSink]
+    world: World, ingest: tuple[IngestService, FleetStore]
 ) -> None:
-    service, sink = ingest
+    service, store = ingest
     world.devices.connect(CAR, hello(), NOW)
     seg = segment()
     first = service.segment(CAR, upload(seg), NOW)
     again = service.segment(CAR, upload(seg), NOW + 1)
     assert (first.samples, first.duplicate) == (50, False)
     assert (again.samples, again.duplicate) == (0, True)
-    assert sink.written == [("car-1", bytes(seg.segment_id), "taxi")]
+    assert written(store) == [f"car-1-{bytes(seg.segment_id).hex()}.parquet"]
+    assert store.samples_dir.joinpath("fleet=taxi").is_dir()
     (capture,) = world.repos.segments.captures()
     assert (capture.capture_id, capture.samples, capture.first_received) == ("cap", 50, NOW)
     assert first.response(seg.segment_id).samples == 50
 
 
-def test_what_ingest_refuses_writes_nothing(world: World, ingest: tuple[IngestService, SampleSink]) -> None:
-    service, sink = ingest
+def test_what_ingest_refuses_writes_nothing(world: World, ingest: tuple[IngestService, FleetStore]) -> None:
+    service, store = ingest
     seg = segment()
     with pytest.raises(NotFoundError, match="say hello first"):
         service.segment(CAR, upload(seg), NOW)
@@ -298,13 +290,13 @@ def test_what_ingest_refuses_writes_nothing(world: World, ingest: tuple[IngestSe
     unknown = Segment(new_segment_id(), "x", seg.t_ns, {9: seg.columns[1]}, {9: DataType.FLOAT64})
     with pytest.raises(MalformedMessageError, match="signal id 9 unknown to device car-1"):
         service.segment(CAR, upload(unknown), NOW)
-    assert sink.written == [] and world.repos.segments.totals().segments == 0
+    assert written(store) == [] and world.repos.segments.totals().segments == 0
 
 
 def test_a_segment_in_pieces_is_ingested_once_whole(
-    world: World, ingest: tuple[IngestService, SampleSink]
+    world: World, ingest: tuple[IngestService, FleetStore]
 ) -> None:
-    service, sink = ingest
+    service, store = ingest
     world.devices.connect(CAR, hello(), NOW)
     seg = segment(rows=2000)
     whole = upload(seg).SerializeToString()
@@ -322,7 +314,7 @@ def test_a_segment_in_pieces_is_ingested_once_whole(
     done = piece(half, len(whole))
     assert done.next_offset == len(whole) and done.ack is not None and not done.ack.duplicate
     assert piece(0, half).ack.duplicate  # type: ignore[union-attr]  # a retry of the finished upload
-    assert len(sink.written) == 1
+    assert len(written(store)) == 1
 
 
 def test_upload_grants_go_to_the_devices_connected_here(world: World) -> None:
@@ -414,17 +406,8 @@ def test_rollouts_are_created_driven_and_read_by_operators_only(
 # -- query -----------------------------------------------------------------------------------------
 
 
-@dataclass
-class Engine:
-    asked: list[tuple[str, int, float]] = field(default_factory=list)
-
-    def query(self, sql: str, *, max_rows: int, timeout_s: float) -> QueryResult:
-        self.asked.append((sql, max_rows, timeout_s))
-        return QueryResult(columns=["n"], rows=[(1,)], truncated=False)
-
-
-def test_the_summary_counts_devices_ingest_campaigns_and_refusals(world: World) -> None:
-    engine = Engine()
+def test_the_summary_counts_devices_ingest_campaigns_and_refusals(world: World, tmp_path: Path) -> None:
+    engine = QueryEngine(tmp_path / "fleet", captures=world.repos.segments.captures)
     query = QueryService(engine, world.repos.segments, world.repos.campaigns, world.devices, world.access)
     world.devices.connect(CAR, hello(), NOW)
     world.campaigns.apply(LOCAL, CAMPAIGN, now=NOW)
@@ -433,8 +416,9 @@ def test_the_summary_counts_devices_ingest_campaigns_and_refusals(world: World) 
     assert (summary.devices, summary.online, summary.campaigns, summary.campaigns_version) == (1, 1, 1, 1)
     assert summary.refused == {"undecodable": 1} and summary.segments_ingested == 0
     assert query.summary(LOCAL, NOW + LEASE_S + 1).online == 0
-    assert query.sql(LOCAL, "SELECT 1 AS n", max_rows=5, timeout_s=2.0).rows == [(1,)]
-    assert engine.asked == [("SELECT 1 AS n", 5, 2.0)]
+    result = query.sql(LOCAL, "SELECT n FROM range(10) AS r(n)", max_rows=5, timeout_s=2.0)
+    assert result.rows == [(0,), (1,), (2,), (3,), (4,)] and result.truncated
+    assert query.sql(LOCAL, "SELECT count(*) FROM captures").rows == [(0,)]
     assert query.captures(LOCAL) == []
     with pytest.raises(PermissionDeniedError):
         query.sql(CAR, "SELECT 1")

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Protocol
 
+from fleetloop_cloud.fleet_store.parquet import FleetStore
 from fleetloop_cloud.repositories.interfaces import DeviceRepository, SegmentRepository
 from fleetloop_cloud.repositories.records import SegmentReceipt
 from fleetloop_cloud.services.access import Access, Caller
 from fleetloop_cloud.sessions import DeviceSessions
 from fleetloop_cloud.uploads.scheduler import NETWORKS, Backlog, Budget, UploadScheduler
-from fleetloop_cloud.uploads.staging import ChunkOutcome
-from fleetloop_shared.catalog import Catalog
+from fleetloop_cloud.uploads.staging import UploadStaging
 from fleetloop_shared.errors import MalformedMessageError, NotFoundError, UserError
-from fleetloop_shared.segment import Segment, decode_segment
+from fleetloop_shared.segment import decode_segment
 from fleetloop_shared.wire import device_pb2, ingest_pb2, parse
 
 #: Largest segment a device may upload in pieces (UploadChunk); UploadSegment is bounded by the gRPC
@@ -31,37 +30,6 @@ MAX_CHUNKED_UPLOAD_BYTES = 256 << 20
 UPLOAD_BUDGET = Budget(
     global_bytes_per_s=64 * 1024 * 1024, per_network_bytes_per_s={"cellular": 4 * 1024 * 1024}
 )
-
-
-class SampleSink(Protocol):
-    """Where a segment's samples are stored (the fleet store's Parquet writer)."""
-
-    def write_segment(
-        self,
-        *,
-        fleet: str,
-        device_id: str,
-        capture_id: str,
-        campaign: str,
-        segment: Segment,
-        catalog: Catalog,
-        received_unix: float,
-    ) -> int: ...
-
-
-class ChunkStaging(Protocol):
-    """Where the pieces of a resumable upload wait until whole (``uploads.staging``)."""
-
-    def put(
-        self,
-        device_id: str,
-        segment_id: bytes,
-        *,
-        offset: int,
-        total_bytes: int,
-        total_sha256: bytes,
-        data: bytes,
-    ) -> ChunkOutcome: ...
 
 
 @dataclass(frozen=True)
@@ -89,8 +57,8 @@ class IngestService:
         self,
         devices: DeviceRepository,
         segments: SegmentRepository,
-        samples: SampleSink,
-        staging: ChunkStaging,
+        samples: FleetStore,
+        staging: UploadStaging,
         access: Access,
     ) -> None:
         self._devices = devices

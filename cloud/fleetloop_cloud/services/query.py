@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from fleetloop_cloud.fleet_store.query import QUERY_TIMEOUT_S, QueryResult
+from fleetloop_cloud.fleet_store.query import QUERY_TIMEOUT_S, QueryEngine, QueryResult
 from fleetloop_cloud.repositories.interfaces import CampaignRepository, SegmentRepository
 from fleetloop_cloud.repositories.records import CaptureRecord
 from fleetloop_cloud.services.access import Access, Caller
@@ -14,12 +14,6 @@ from fleetloop_cloud.services.devices import Census
 
 #: Rows a query returns unless it asks for another number.
 DEFAULT_MAX_ROWS = 10_000
-
-
-class SqlEngine(Protocol):
-    """SQL over the fleet store (the DuckDB adapter, ``fleet_store.query.QueryEngine``)."""
-
-    def query(self, sql: str, *, max_rows: int, timeout_s: float) -> QueryResult: ...
 
 
 class CensusSource(Protocol):
@@ -42,7 +36,7 @@ class Summary:
 class QueryService:
     def __init__(
         self,
-        engine: SqlEngine,
+        engine: QueryEngine,
         segments: SegmentRepository,
         campaigns: CampaignRepository,
         devices: CensusSource,
