@@ -33,7 +33,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import grpc.aio
 from google.protobuf import descriptor_pb2, descriptor_pool
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 
 # Not in grpc-stubs (yet): the end-of-stream marker context.read() returns, the asyncio health servicer.
 from grpc.aio import EOF  # type: ignore[attr-defined]
@@ -44,13 +44,12 @@ from fleetloop_cloud.services.access import Caller, Refusals
 from fleetloop_cloud.services.api import DeviceApi
 from fleetloop_cloud.services.ingest import ChunkAck
 from fleetloop_cloud.sessions import Session
-from fleetloop_shared.errors import FleetloopError
-from fleetloop_shared.wire import MAX_MESSAGE_BYTES, device_pb2, ingest_pb2
+from fleetloop_shared.errors import FleetloopError, MalformedMessageError
+from fleetloop_shared.wire import MAX_MESSAGE_BYTES, device_pb2, ingest_pb2, parse
 
 log = logging.getLogger("fleetloop.cloud.grpc")
 T = TypeVar("T")
 Req = TypeVar("Req", bound=Message)
-Resp = TypeVar("Resp", bound=Message)
 
 #: RPCs served at once (open control streams + uploads in flight + health/reflection). Overflow policy:
 #: gRPC itself answers RESOURCE_EXHAUSTED to the call beyond it; the device retries with backoff.
@@ -277,7 +276,7 @@ class _Unary:
 
         return grpc.unary_unary_rpc_method_handler(
             serve,
-            request_deserializer=_counting(self.request.FromString, api.refusals, self.request.__name__),
+            request_deserializer=_counting(self.request, api.refusals),
             response_serializer=self.response.SerializeToString,
         )
 
@@ -302,18 +301,16 @@ class GrpcTls:
     key: Path
 
 
-def _counting(
-    parse: Callable[[bytes], T], refusals: Refusals, what: str
-) -> Callable[[bytes], T | _Undecodable]:
+def _counting(cls: type[Req], refusals: Refusals) -> Callable[[bytes], Req | _Undecodable]:
     """A request deserializer that counts undecodable (hostile or corrupt) protobufs and hands the
     handler :data:`UNDECODABLE`, which refuses them (INTERNAL); the server keeps serving everyone else."""
 
-    def deserialize(data: bytes) -> T | _Undecodable:
+    def deserialize(data: bytes) -> Req | _Undecodable:
         try:
-            return parse(data)
-        except DecodeError:
+            return parse(cls, data)
+        except MalformedMessageError:
             refusals.count("undecodable", "grpc")
-            log.warning("undecodable %s refused (%d bytes)", what, len(data))
+            log.warning("undecodable %s refused (%d bytes)", cls.__name__, len(data))
             return UNDECODABLE
 
     return deserialize
@@ -323,7 +320,7 @@ def _add_services(server: grpc.aio.Server, api: DeviceApi, domain: DomainExecuto
     device = DeviceServicer(api, domain)
     connect = grpc.stream_stream_rpc_method_handler(
         device.Connect,
-        request_deserializer=_counting(device_pb2.DeviceMessage.FromString, api.refusals, "DeviceMessage"),
+        request_deserializer=_counting(device_pb2.DeviceMessage, api.refusals),
         response_serializer=device_pb2.CloudMessage.SerializeToString,
     )
     server.add_generic_rpc_handlers(

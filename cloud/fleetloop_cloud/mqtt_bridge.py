@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from google.protobuf.message import DecodeError
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -35,8 +34,14 @@ from paho.mqtt.properties import Properties
 from fleetloop_cloud.services.access import Caller
 from fleetloop_cloud.services.api import DeviceApi
 from fleetloop_cloud.sessions import Session
-from fleetloop_shared.errors import ConfigError, FleetloopError, NotFoundError, PermissionDeniedError
-from fleetloop_shared.wire import device_pb2, ingest_pb2
+from fleetloop_shared.errors import (
+    ConfigError,
+    FleetloopError,
+    MalformedMessageError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from fleetloop_shared.wire import device_pb2, ingest_pb2, parse
 
 log = logging.getLogger("fleetloop.cloud.mqtt")
 
@@ -187,8 +192,8 @@ class MqttBridge:
     def _control(self, fleet: str, caller: Caller, payload: bytes) -> None:
         device_id = caller.name
         try:
-            msg = device_pb2.DeviceMessage.FromString(payload)
-        except DecodeError:
+            msg = parse(device_pb2.DeviceMessage, payload)
+        except MalformedMessageError:
             self._refuse("undecodable", device_id, "DeviceMessage does not decode")
             return
         devices = self.api.devices
@@ -232,8 +237,8 @@ class MqttBridge:
             return
         status, error, answer = "OK", "", b""
         try:
-            req = ingest_pb2.UploadSegmentRequest.FromString(payload)
-        except DecodeError:
+            req = parse(ingest_pb2.UploadSegmentRequest, payload)
+        except MalformedMessageError:
             self._refuse("undecodable", device_id, "UploadSegmentRequest does not decode")
             status, error = "INVALID_ARGUMENT", "UploadSegmentRequest does not decode"
         else:
