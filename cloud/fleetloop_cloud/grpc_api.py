@@ -100,8 +100,14 @@ class DomainExecutor:
         except BaseException:
             self._slots.release()
             raise
-        done.add_done_callback(lambda _: self._loop.call_soon_threadsafe(self._slots.release))
+        done.add_done_callback(self._give_back)
         return await asyncio.wrap_future(done, loop=self._loop)
+
+    def _give_back(self, done: futures.Future[Any]) -> None:
+        """A call finished in its thread: its slot is free again (nothing to free once the loop is closed:
+        the server is gone)."""
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._slots.release)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -202,10 +208,11 @@ class DeviceServicer:
                 await _abort(context, *failure)
         finally:
             reader.cancel()
-            # not awaited here: the handler may be ending because it was cancelled
-            task = loop.create_task(self._disconnected(session))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            if devices.release(session):
+                # not awaited here: the handler may be ending because it was cancelled
+                task = loop.create_task(self._disconnected(session.device_id))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
     async def _read(
         self,
@@ -238,11 +245,11 @@ class DeviceServicer:
     def _receive(self, caller: Caller, msg: device_pb2.DeviceMessage) -> None:
         self.api.devices.receive(caller, msg, self.api.clock())
 
-    async def _disconnected(self, session: Session) -> None:
+    async def _disconnected(self, device_id: str) -> None:
         try:
-            await self.domain.run(self.api.devices.disconnect, session)
+            await self.domain.run(self.api.devices.offline, device_id)
         except Exception:
-            log.exception("device %s: recording the disconnect failed", session.device_id)
+            log.exception("device %s: recording the disconnect failed", device_id)
 
 
 def _chunk_answer(r: ingest_pb2.UploadChunkRequest, ack: ChunkAck) -> ingest_pb2.UploadChunkResponse:

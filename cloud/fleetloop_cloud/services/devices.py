@@ -185,12 +185,21 @@ class DeviceService:
         elif kind == "hello":
             raise MalformedMessageError(f"device {device_id}: a second hello on one stream")
 
+    def release(self, session: Session) -> bool:
+        """Close the session of a stream that ended, here and at once (no I/O: safe on an event loop).
+        True if it was the device's current session here; then :meth:`offline` records that it left."""
+        return self._sessions.close(session)
+
+    def offline(self, device_id: str) -> None:
+        """The device's stream here ended: it is offline, unless another coordinator holds its session
+        by now (a metadata write)."""
+        if self._devices.end_session(device_id, owner=self.coordinator_id):
+            log.info("device %s disconnected", device_id)
+
     def disconnect(self, session: Session) -> None:
-        """The stream of ``session`` ended. If it was the device's current session here, the device is
-        offline — unless another coordinator holds its session by now."""
-        if self._sessions.close(session):
-            self._devices.end_session(session.device_id, owner=self.coordinator_id)
-            log.info("device %s disconnected", session.device_id)
+        """:meth:`release`, then :meth:`offline` when it was the device's current session."""
+        if self.release(session):
+            self.offline(session.device_id)
 
     def gone(self, caller: Caller, session: Session | None) -> None:
         """The transport says the device left (MQTT's last will): its session is over wherever it was."""
