@@ -272,8 +272,8 @@ class UBootEnvStore:
     eMMC partition). The agent reads and writes it natively so a multi-variable change (``boot_slot`` +
     ``upgrade_available`` + ``bootcount``) is one write: a regular file is replaced atomically (tmp,
     fsync, rename); a device is written in place and fsynced (real boards use u-boot's redundant
-    environment for atomicity, which
-    this adapter does not implement yet). A bad CRC is an :class:`IntegrityError`, never a guess.
+    environment for atomicity, which this adapter does not implement yet). A bad CRC is an
+    :class:`IntegrityError`, never a guess.
     """
 
     def __init__(self, device: Path, *, offset: int = 0, size: int = 0x4000) -> None:
