@@ -527,15 +527,22 @@ class CoordinatorProcess:
         return [list(r) for r in result["rows"]]
 
 
-def coordinator_mqtt_args(broker: MosquittoProcess) -> list[str]:
-    """``cloud serve`` flags that attach a coordinator to ``broker`` (certificate CN=coordinator)."""
-    cert, key = broker.ca.client("coordinator")
+def coordinator_mqtt_args(broker: MosquittoProcess, name: str = "coordinator") -> list[str]:
+    """``cloud serve`` flags that attach a coordinator to ``broker`` (its own certificate, CN=``name``,
+    registered in the broker's group of coordinators)."""
+    cert, key = broker.add_coordinator(name)
     return [
         f"--mqtt={broker.host}:{broker.port}",
         f"--mqtt-ca={broker.ca.ca_path}",
         f"--mqtt-cert={cert}",
         f"--mqtt-key={key}",
     ]
+
+
+def register_mqtt_devices(broker: MosquittoProcess, fleet: SimFleet) -> None:
+    """Register the fleet's devices with the broker, each in its fleet, before they connect."""
+    for name in sorted({agent.fleet for agent in fleet.agents}):
+        broker.add_devices(name, [agent.device_id for agent in fleet.agents if agent.fleet == name])
 
 
 def store_counts(coordinator: CoordinatorProcess) -> tuple[int, int]:
@@ -611,6 +618,8 @@ def run_fleet(
         hold_only=hold_only,
     )
     try:
+        if broker is not None:
+            register_mqtt_devices(broker, fleet)
         t0 = time.monotonic()
         fleet.start()
         peak_connected = 0

@@ -54,7 +54,7 @@ def cloud(tmp_path: Path) -> Iterator[tuple[Any, Coordinator, MqttBridge]]:
         pytest.fail("mosquitto is not installed; .ci/run installs it (apt-get install mosquitto)")
     with broker_fixture.private_broker(tmp_path / "broker") as broker:
         coordinator = Coordinator(tmp_path / "cloud")
-        cert, key = broker.client_cert("coordinator")
+        cert, key = broker.coordinator()
         bridge = MqttBridge(
             coordinator, BridgeSettings(broker.host, broker.port, broker.ca.ca_path, cert, key)
         )
@@ -85,7 +85,7 @@ def segment(k: int, rows: int = 100) -> Segment:
 def make_link(
     broker: Any, device_id: str, tmp: Path, acks: list[StoredSegment]
 ) -> tuple[MqttCloudLink, LocalStore]:
-    cert, key = broker.client_cert(device_id)
+    cert, key = broker.device(device_id)
     store = LocalStore(tmp / device_id)
     received: queue.Queue[device_pb2.CloudMessage] = queue.Queue()
     link = MqttCloudLink(
@@ -148,7 +148,7 @@ class RawDevice:
         self.c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5
         )
-        cert, key = broker.client_cert(device_id)
+        cert, key = broker.device(device_id)
         self.c.tls_set(ca_certs=str(broker.ca.ca_path), certfile=str(cert), keyfile=str(key))
         self.c.on_message = lambda c, u, m: self.answers.put(m)
         self.c.connect(broker.host, broker.port)

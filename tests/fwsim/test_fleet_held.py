@@ -99,14 +99,12 @@ def test_one_coordinator_holds_300_grpc_devices_and_serves_others(tmp_path: Path
 def test_one_simulator_loop_holds_300_mqtt_devices(tmp_path: Path) -> None:
     if broker_fixture.mosquitto_binary() is None:
         pytest.fail("mosquitto is not installed; .ci/run installs it (apt-get install mosquitto)")
-    with broker_fixture.private_broker(tmp_path / "broker") as broker:
+    ids = [f"m-{i:05d}" for i in range(DEVICES)]
+    with broker_fixture.private_broker(tmp_path / "broker", devices=ids, fleet="test") as broker:
         c = Coordinator(tmp_path / "cloud")
-        cert, key = broker.client_cert("coordinator")
+        cert, key = broker.coordinator()
         bridge = MqttBridge(c, BridgeSettings(broker.host, broker.port, broker.ca.ca_path, cert, key))
         bridge.start()
-        ids = [f"m-{i:05d}" for i in range(DEVICES)]
-        for did in ids:
-            broker.client_cert(did)
         swarm = MqttSwarm(
             broker.host, broker.port, ca=broker.ca.ca_path, certs=broker.ca.dir, fleet="test",
             device_ids=ids, hello=plain_hello("test"), connect_rate=300,
