@@ -2,7 +2,7 @@
 methods the gRPC servicers call. The only cloud module that imports paho.
 
 Subscribes ``$share/{group}/fl/v1/+/+/up/#`` (QoS 1), so several coordinators split the devices' traffic
-between them. The device id is taken from the *topic* — which the broker's ``%u`` ACL ties to the
+between them. The device id is taken from the *topic* — which the broker's per-device role ties to the
 client certificate's CN — and every claim inside a message is checked against it: a hello or an upload
 naming another device is refused and counted. Undecodable protobufs are refused and counted too; nothing
 a device sends can stop the bridge serving the others.

@@ -72,47 +72,49 @@ def coordinator_commands(name: str) -> list[Command]:
     ]
 
 
-def _named(items: list[dict[str, Any]], key: str, name: str) -> dict[str, Any] | None:
-    return next((item for item in items if item.get(key) == name), None)
-
-
 def apply(config: dict[str, Any], commands: list[Command]) -> list[Command]:
     """Apply ``commands`` to the plugin's config document in place; returns those that changed it.
 
     Registering the same identity twice changes nothing; registering a name again with other rights
     (a device in another fleet, a device's CN as a coordinator) is refused with :class:`ConfigError`
-    rather than silently widening or moving what the certificate may do."""
+    rather than silently widening or moving what the certificate may do. Linear in the document and the
+    commands (fleets of thousands are registered in one call)."""
     clients: list[dict[str, Any]] = config.setdefault("clients", [])
     roles: list[dict[str, Any]] = config.setdefault("roles", [])
     groups: list[dict[str, Any]] = config.setdefault("groups", [])
+    client_by_name = {c["username"]: c for c in clients}
+    role_by_name = {r["rolename"]: r for r in roles}
+    group_by_name = {g["groupname"]: g for g in groups}
     changed: list[Command] = []
     for cmd in commands:
         kind = cmd["command"]
         if kind == "createRole":
             role = {k: v for k, v in cmd.items() if k != "command"}
-            have = _named(roles, "rolename", role["rolename"])
+            have = role_by_name.get(role["rolename"])
             if have is None:
                 roles.append(role)
+                role_by_name[role["rolename"]] = role
                 changed.append(cmd)
             elif have.get("acls") != role["acls"]:
                 raise ConfigError(
-                    f"broker role {role['rolename']!r} exists with other rights: {have['acls']}"
+                    f"broker role {role['rolename']!r} exists with other rights: {have.get('acls')}"
                 )
         elif kind == "createClient":
             client = {k: v for k, v in cmd.items() if k != "command"}
             client.setdefault("roles", [])
-            have = _named(clients, "username", client["username"])
-            if have is None:
+            had = client_by_name.get(client["username"])
+            if had is None:
                 clients.append(client)
+                client_by_name[client["username"]] = client
                 changed.append(cmd)
-            elif have.get("roles", []) != client["roles"]:
+            elif had.get("roles", []) != client["roles"]:
                 raise ConfigError(f"broker client {client['username']!r} is registered with other roles")
         elif kind == "addGroupClient":
-            group = _named(groups, "groupname", cmd["groupname"])
+            group = group_by_name.get(cmd["groupname"])
             if group is None:
                 raise ConfigError(f"broker group {cmd['groupname']!r} is missing from the policy")
             members = group.setdefault("clients", [])
-            if _named(members, "username", cmd["username"]) is None:
+            if all(m.get("username") != cmd["username"] for m in members):
                 members.append({"username": cmd["username"]})
                 changed.append(cmd)
         else:
