@@ -35,6 +35,7 @@ from google.protobuf.message import DecodeError
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from fleetloop_agent.control_outbox import OUTBOX_LIMIT, ControlOutbox
 from fleetloop_agent.local_store import LocalStore, StoredSegment
@@ -151,6 +152,7 @@ class MqttCloudLink(ControlOutbox):
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_mqtt_message
+        self._client.on_subscribe = self._on_subscribe
         self._threads = [
             threading.Thread(target=self._control_loop, name="uplink-mqtt-control", daemon=True),
             threading.Thread(target=self._upload_loop, name="uplink-mqtt-upload", daemon=True),
@@ -200,6 +202,17 @@ class MqttCloudLink(ControlOutbox):
         client.subscribe(self._down, qos=1)
         self._broker_up.set()
         self._greet()
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: object, mid: int, codes: list[ReasonCode], props: object
+    ) -> None:
+        """A refused SUBSCRIBE means the broker does not know this device in this fleet: say so, since
+        otherwise commands would just never arrive."""
+        if codes and codes[0].is_failure:
+            self._note_error(
+                f"the broker refused {self._down} ({codes[0]}): is {self.device_id!r} registered with the "
+                f"broker in fleet {self.fleet!r}?"
+            )
 
     def _greet(self) -> None:
         """Say hello (again): the cloud answers with a welcome, which is what marks the link up. A hello

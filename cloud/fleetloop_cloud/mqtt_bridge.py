@@ -31,6 +31,7 @@ from google.protobuf.message import DecodeError
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from fleetloop_cloud.coordinator import Coordinator
 from fleetloop_cloud.sessions import Session
@@ -99,6 +100,7 @@ class MqttBridge:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
         self._threads = [
             threading.Thread(target=self._work, args=(q,), name=f"mqtt-worker-{i}", daemon=True)
             for i, q in enumerate(self._queues)
@@ -131,6 +133,17 @@ class MqttBridge:
         client.subscribe(f"$share/{self.settings.group}/fl/v1/+/+/up/#", qos=1)
         self.connected.set()
         log.info("MQTT bridge connected to %s:%d", self.settings.host, self.settings.port)
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: object, mid: int, codes: list[ReasonCode], props: object
+    ) -> None:
+        if codes and codes[0].is_failure:  # nothing would ever arrive: say why
+            log.error(
+                "the broker refused the shared subscription $share/%s/... (%s): is this coordinator's "
+                "certificate CN in the broker's group of coordinators, and the share group the one allowed?",
+                self.settings.group,
+                codes[0],
+            )
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object

@@ -6,6 +6,7 @@ everyone else keeps being served."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import queue
 import sys
 import time
@@ -225,3 +226,42 @@ def test_an_attacking_device_is_refused_counted_and_others_are_served(cloud: Any
         assert coordinator.query("SELECT count(DISTINCT device_id) FROM samples").rows[0][0] == 1
     finally:
         intruder.close()
+
+
+def test_identities_the_broker_does_not_know_are_told_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A coordinator outside the broker's group, or a device registered in another fleet, would otherwise
+    wait forever for messages the broker will never let through."""
+    with broker_fixture.private_broker(tmp_path / "broker") as broker:
+        cert, key = broker.client_cert("coordinator-x")  # a certificate of the CA, never registered
+        bridge = MqttBridge(
+            Coordinator(tmp_path / "cloud"),
+            BridgeSettings(broker.host, broker.port, broker.ca.ca_path, cert, key),
+        )
+        with caplog.at_level(logging.ERROR, logger="fleetloop.cloud.mqtt"):
+            bridge.start()
+            try:
+                wait_for("the refusal in the log", lambda: "refused the shared subscription" in caplog.text)
+            finally:
+                bridge.stop()
+        assert "group of coordinators" in caplog.text
+
+        cert, key = broker.device("car-1", fleet="other")
+        store = LocalStore(tmp_path / "car-1")
+        link = MqttCloudLink(
+            MqttSettings(broker.host, broker.port, broker.ca.ca_path, cert, key),
+            "car-1",
+            fleet="test",
+            store=store,
+            metrics=AgentMetrics(),
+            greeting=lambda: [hello("car-1")],
+            on_message=lambda m: None,
+        )
+        link.start()
+        try:
+            wait_for("the device to say why", lambda: "registered with the broker" in link.last_error)
+            assert "fleet 'test'" in link.last_error
+        finally:
+            link.stop()
+            store.close()
