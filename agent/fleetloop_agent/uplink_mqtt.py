@@ -10,8 +10,9 @@ The only agent module that imports paho. Topics are ``fl/v1/{fleet}/{device_id}/
 - ``down/control`` — :class:`CloudMessage` pushed by the cloud (each with a message expiry).
 
 Identity: TLS with the device's client certificate; its CN is the MQTT username and must be the device
-id (the broker's ``%u`` ACLs let a device touch only its own topics). The session is persistent (session
-expiry ``SESSION_EXPIRY_S``) so commands published while the device is away wait at the broker.
+id (the broker's role for the device lets it touch only its own topics, in its own fleet). The session
+is persistent (session expiry ``SESSION_EXPIRY_S``) so commands published while the device is away wait
+at the broker.
 
 Exactly once, device side: a segment is checkpointed (``mark_uploaded``) only after the cloud's
 ``OK``/duplicate answer for that correlation id; a timeout or a lost connection retries the same segment
