@@ -93,6 +93,7 @@ def read_recording(
         return decode_frames(frames, {None: load_dbc(Path(dbc))})
     if dbc is not None:
         raise ConfigError(f"{path}: a CSV of signals, not a CAN bus log; it takes no DBC")
-    if time_column is None and is_long_header(_csv_header(path)):
-        return read_long_csv(path, types=types)
+    header = _csv_header(path)
+    if time_column is None and (is_long_header(header) or header[1:] == ["signal", "value"]):
+        return read_long_csv(path, types=types)  # a long CSV, or one whose time header is mistyped
     return read_wide_csv(path, time_column=time_column, types=types)

@@ -183,8 +183,8 @@ def decode_frames(frames: CanFrames, dbcs: dict[int | None, DbcDatabase], prefix
             if len(vs) != len(ts):
                 # A multiplexed signal is present in some frames only; it cannot share the message's time
                 # column, so it is left out — and said so, never dropped silently.
-                text = f"{group}/{name}: multiplexed ({len(vs)} of {len(ts)} frames), not imported"
-                result.notes.append(Note(text, f"{group}/{name}"))
+                text = f"note: {group}/{name}: multiplexed ({len(vs)} of {len(ts)} frames), not imported"
+                result.notes.append(Note(text))
                 continue
             if kind.get(name, True) or not all(isinstance(v, int) for v in vs):
                 out[name] = np.array([float(v) for v in vs], dtype=np.float64)

@@ -65,12 +65,14 @@ class SignalGroup:
 class Recording:
     """Groups read from one input. ``qualified``: a signal's path is ``group/signal`` (CAN messages reuse
     signal names); a CSV's names are already unique and are the paths as they stand. ``frames_skipped``:
-    CAN frames no DBC describes or that did not decode (counted, never silently dropped)."""
+    CAN frames no DBC describes or that did not decode (counted, never silently dropped). ``time_unit``:
+    the unit the input wrote its times in (``ns`` or coarser), for showing times back as written."""
 
     groups: list[SignalGroup]
     frames_skipped: int = 0
     notes: list[Note] = field(default_factory=list)
     qualified: bool = True
+    time_unit: str = "s"
 
     @property
     def sample_count(self) -> int:

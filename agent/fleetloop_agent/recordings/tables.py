@@ -83,7 +83,7 @@ def read_long_csv(path: Path, *, types: TypeOf | None = None, limit: int = MAX_I
         cells[name].add(row[2][0], row[2][1], line)
     columns, notes = _typed(cells, path, types, first_line)
     series = {name: (np.array(times[name], dtype=np.int64), values) for name, values in columns.items()}
-    return Recording(detect_groups(series), notes=notes, qualified=False)
+    return Recording(detect_groups(series), notes=notes, qualified=False, time_unit=unit)
 
 
 def read_wide_csv(
@@ -143,4 +143,5 @@ def read_wide_csv(
     type_of = types.get if isinstance(types, Mapping) else types
     typed, notes = _typed(cells, path, type_of, dict.fromkeys(wanted, first[0]))
     t_ns = np.array(times, dtype=np.int64)
-    return Recording([SignalGroup(group or path.stem, t_ns, typed)], notes=notes, qualified=False)
+    table = SignalGroup(group or path.stem, t_ns, typed)
+    return Recording([table], notes=notes, qualified=False, time_unit=unit or "s")
