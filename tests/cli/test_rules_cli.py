@@ -367,3 +367,77 @@ def test_catalog_datatypes_decide_how_cells_are_read(
         assert all(type(v["value"]) is str for v in json.loads(out)["values"])
         return
     assert code == 2 and err.strip() == f"error: {files / 'v.csv'}{message}"
+
+
+def test_rules_test_runs_model_rules_offline_with_models_dir(
+    files: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--models DIR`` installs model packs as a device does; a rule calling a model fires where the
+    model's score says, and a model input the input lacks is missing throughout (no score, no fire)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    # score = mean of the speed over the window (1 s at 4 Hz), a real ONNX model run by onnxruntime
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 4])
+    y = helper.make_tensor_value_info("score", TensorProto.FLOAT, ["n"])
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["score"], axes=[1, 2], keepdims=0)], "mean", [x], [y]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    pack = files / "models" / "mean"
+    pack.mkdir(parents=True)
+    onnx.save(model, str(pack / "model.onnx"))
+    (pack / "model.yaml").write_text(
+        "name: mean\nfile: model.onnx\ninputs: [Vehicle.Speed]\nwindow: 1s\nsample_rate_hz: 4\n"
+    )
+    rows = ["t,signal,value"] + [f"{i / 4},Vehicle.Speed,{v}" for i, v in enumerate([10] * 8 + [90] * 8)]
+    (files / "m.csv").write_text("\n".join(rows) + "\n")
+    (files / "m.yaml").write_text(
+        CAMPAIGN.replace("Vehicle.Speed > 50 and delta(Vehicle.Speed, 1s) < -15", "model('mean', 1s) > 50")
+    )
+    argv = ["rules", "test", str(files / "m.yaml"), "--input", str(files / "m.csv"), "-o", "json"]
+    code, out, err = run(capsys, *argv, "--models", str(files / "models"))
+    assert code == 0, err
+    # the mean of the last four samples passes 50 once three of them are 90: t = 2.5 s
+    assert json.loads(out)["fires"] == [{"t": 2.5, "window": [-7.5, 7.5]}]
+    assert float(np.mean([10, 90, 90, 90])) > 50 >= float(np.mean([10, 10, 90, 90]))
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "model 'mean' is not installed" in err
+    (files / "other.csv").write_text("t,signal,value\n0,Other,1\n1,Other,2\n")
+    argv[4] = str(files / "other.csv")
+    code, out, err = run(capsys, *argv, "--models", str(files / "models"))
+    assert code == 0 and json.loads(out)["fires"] == []
+    assert "signal Vehicle.Speed is not in" in err
+
+
+def test_rules_test_reads_what_the_replay_sources_read(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A wide CSV (the layout csv_replay replays) and a candump log decoded with a DBC (CAN signals named
+    as a device names unmapped DBC signals) go through the same reader as the device and store import."""
+    from fleetloop_shared.dbc import load_dbc
+
+    (files / "wide.csv").write_text("time;Vehicle.Speed;Mode\n0;80;eco\n0.5;79;eco\n1.0;60;sport\n")
+    code, out, err = run(
+        capsys, "rules", "test", str(files / "c.yaml"), "--input", str(files / "wide.csv"), "-o", "json"
+    )
+    assert code == 0 and err == ""
+    assert json.loads(out)["fires"] == [{"t": 1, "window": [-9, 6]}]
+    code, out, _ = run(capsys, "rules", "eval", "Mode", "--input", str(files / "wide.csv"), "-o", "json")
+    assert [v["value"] for v in json.loads(out)["values"]] == ["eco", "eco", "sport"]
+
+    dbc = Path(__file__).resolve().parents[2] / "firmware-sim" / "fleetloop_fwsim" / "data" / "sim_vehicle.dbc"
+    db = load_dbc(dbc)
+    frame = db.frame_id("SIM_VEHICLE_SPEED")
+    lines = [
+        f"({100 + i * 0.5:.6f}) can0 {frame:03X}#{db.encode('SIM_VEHICLE_SPEED', {'VEHICLE_SPEED': v}).hex()}"
+        for i, v in enumerate([80, 79, 60, 55])
+    ]
+    (files / "drive.log").write_text("\n".join(lines) + "\n")
+    (files / "can.yaml").write_text(CAMPAIGN.replace("Vehicle.Speed", "CAN.SIM_VEHICLE_SPEED.VEHICLE_SPEED"))
+    argv = ["rules", "test", str(files / "can.yaml"), "--input", str(files / "drive.log"), "-o", "json"]
+    code, out, err = run(capsys, *argv, "--dbc", str(dbc))
+    assert code == 0, err
+    assert json.loads(out)["fires"] == [{"t": 101, "window": [91, 106]}]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "needs a DBC (--dbc)" in err
