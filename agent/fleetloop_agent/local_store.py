@@ -578,7 +578,7 @@ class LocalStore:
         """Allocated bytes of every file under the root but the segment files (index, log, shared memory,
         an operator's catalog, a set-aside corrupt index): counted as they are, not estimated."""
         total = 0
-        for dirpath, dirnames, filenames in os.walk(self._root):
+        for dirpath, _, filenames in os.walk(self._root):
             here = Path(dirpath)
             if here == self._dir:
                 filenames = [n for n in filenames if not n.endswith(SEGMENT_SUFFIX)]

@@ -166,7 +166,9 @@ def test_rules_test_refuses_a_bad_rule_with_its_location(
 ) -> None:
     (files / "bad.yaml").write_text(CAMPAIGN.replace("delta(Vehicle.Speed", "delta(Vehicle.Sped"))
     catalog = ["--catalog", str(files / "catalog.json")]
-    code, _, err = run(capsys, "rules", "test", str(files / "bad.yaml"), "--input", str(files / "s.csv"), *catalog)
+    code, _, err = run(
+        capsys, "rules", "test", str(files / "bad.yaml"), "--input", str(files / "s.csv"), *catalog
+    )
     assert code == 2
     assert err.strip().startswith(f"{files / 'bad.yaml'}:6:41: unknown signal 'Vehicle.Sped'")
 
@@ -181,7 +183,9 @@ def test_a_signal_the_input_never_has_is_missing_throughout_with_a_warning(
         capsys, "rules", "test", str(files / "typo.yaml"), "--input", str(files / "s.csv"), "-o", "json"
     )
     assert code == 0 and json.loads(out)["fires"] == []
-    assert err.strip() == f"warning: signal Vehicle.Sped is not in {files / 's.csv'}; it is missing throughout"
+    assert (
+        err.strip() == f"warning: signal Vehicle.Sped is not in {files / 's.csv'}; it is missing throughout"
+    )
     code, out, err = run(
         capsys, "rules", "eval", "is_null(Gear) and Vehicle.Speed > 70 or Gear == 'D'",
         "--input", str(files / "s.csv"), "-o", "json",
@@ -412,7 +416,9 @@ def test_rules_test_runs_model_rules_offline_with_models_dir(
     assert "signal Vehicle.Speed is not in" in err
 
 
-def test_rules_test_reads_what_the_replay_sources_read(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_rules_test_reads_what_the_replay_sources_read(
+    files: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A wide CSV (the layout csv_replay replays) and a candump log decoded with a DBC (CAN signals named
     as a device names unmapped DBC signals) go through the same reader as the device and store import."""
     from fleetloop_shared.dbc import load_dbc
@@ -426,7 +432,9 @@ def test_rules_test_reads_what_the_replay_sources_read(files: Path, capsys: pyte
     code, out, _ = run(capsys, "rules", "eval", "Mode", "--input", str(files / "wide.csv"), "-o", "json")
     assert [v["value"] for v in json.loads(out)["values"]] == ["eco", "eco", "sport"]
 
-    dbc = Path(__file__).resolve().parents[2] / "firmware-sim" / "fleetloop_fwsim" / "data" / "sim_vehicle.dbc"
+    dbc = (
+        Path(__file__).resolve().parents[2] / "firmware-sim" / "fleetloop_fwsim" / "data" / "sim_vehicle.dbc"
+    )
     db = load_dbc(dbc)
     frame = db.frame_id("SIM_VEHICLE_SPEED")
     lines = [
