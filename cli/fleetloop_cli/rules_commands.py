@@ -162,6 +162,43 @@ def _model_inputs(expression: Any, models: Any) -> set[str]:
     return out
 
 
+def _inferred_catalog(
+    signals: dict[str, tuple[Any, Any]],
+    expression: Any,
+    model_inputs: set[str],
+    source: Path,
+    condition: bool,
+) -> Any:
+    """The catalog the input's signals make, plus every signal the rule or its models read that the input
+    lacks (missing throughout: named in a warning; a model input is a number, the rule's own signals get
+    a datatype the rule compiles with)."""
+    from fleetloop_agent.recordings import data_type_of
+    from fleetloop_shared.catalog import Catalog, DataType
+    from fleetloop_shared.rules import compile_expression
+
+    catalog = Catalog()
+    for path, (_, values) in sorted(signals.items()):
+        catalog.add(path, data_type_of(values, f"{source}: {path}"))
+    missing = sorted((expression.signals | model_inputs) - set(signals))
+    for path in missing:
+        print(f"warning: signal {path} is not in {source}; it is missing throughout", file=sys.stderr)
+    for path in missing:
+        if path in model_inputs and path not in expression.signals:
+            catalog.add(path, DataType.FLOAT64)
+    read = [p for p in missing if p not in catalog]
+
+    def compiles(trial: Any) -> bool:
+        try:
+            compile_expression(expression.text, catalog=trial, require_condition=condition)
+        except FleetloopError:
+            return False
+        return True
+
+    for path, data_type in zip(read, _missing_types(read, catalog, compiles), strict=True):
+        catalog.add(path, data_type)
+    return catalog
+
+
 def _load_inputs(args: argparse.Namespace, when: str, *, where: str, condition: bool) -> _Inputs:
     """Read ``--input`` with the one reader of recordings; the catalog is ``--catalog`` or the one the
     input's cells make. With an inferred catalog, a signal the rule (or a model it calls) reads that the
@@ -170,8 +207,7 @@ def _load_inputs(args: argparse.Namespace, when: str, *, where: str, condition: 
     import numpy as np
 
     from fleetloop_agent.models import ModelRegistry
-    from fleetloop_agent.recordings import data_type_of, read_recording
-    from fleetloop_shared.catalog import Catalog, DataType
+    from fleetloop_agent.recordings import read_recording
     from fleetloop_shared.rules import compile_expression
     from fleetloop_shared.samples import GroupBatch
 
@@ -183,10 +219,15 @@ def _load_inputs(args: argparse.Namespace, when: str, *, where: str, condition: 
         if not Path(args.models).is_dir():
             raise NotFoundError(f"--models {args.models}: no such directory")
         models = ModelRegistry.from_directory(Path(args.models))
-    catalog = _load_catalog(Path(args.catalog)) if args.catalog else None
+    given = _load_catalog(Path(args.catalog)) if args.catalog else None
     dbc = Path(args.dbc) if getattr(args, "dbc", None) else None
-    types = None if catalog is None else lambda path: catalog.get(path).data_type if path in catalog else None
-    recording = read_recording(source, dbc=dbc, types=types)
+
+    def types(path: str) -> Any:
+        spec = given.get(path) if given is not None else None
+        return None if spec is None else spec.data_type
+
+    recording = read_recording(source, dbc=dbc, types=types if given is not None else None)
+    catalog = given
     signals = _signals(recording, source)
     expression = compile_expression(when, source=where)
     model_inputs = _model_inputs(expression, models)
@@ -195,22 +236,7 @@ def _load_inputs(args: argparse.Namespace, when: str, *, where: str, condition: 
         if catalog is not None or note.signal is None or note.signal in reads:
             print(note, file=sys.stderr)
     if catalog is None:
-        catalog = Catalog()
-        for path, (_, values) in sorted(signals.items()):
-            catalog.add(path, data_type_of(values, f"{source}: {path}"))
-        missing = sorted(reads - set(signals))
-        for path in missing:
-            print(f"warning: signal {path} is not in {source}; it is missing throughout", file=sys.stderr)
-
-        def compiles(trial: Any) -> bool:
-            try:
-                compile_expression(when, catalog=trial, require_condition=condition)
-            except FleetloopError:
-                return False
-            return True
-
-        for path, data_type in zip(missing, _missing_types(missing, catalog, compiles), strict=True):
-            catalog.add(path, DataType.FLOAT64 if path in model_inputs else data_type)  # models read numbers
+        catalog = _inferred_catalog(signals, expression, model_inputs, source, condition)
     batches = []
     for path, (t_ns, values) in signals.items():
         spec = catalog.get(path)

@@ -21,7 +21,7 @@ from fleetloop_agent.recordings.text import MAX_INPUT_BYTES, csv_records, read_t
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.errors import ConfigError
 
-LONG_HEADERS = {("t_ns", "signal", "value"): "ns", ("t", "signal", "value"): "s"}
+LONG_HEADERS: dict[tuple[str, ...], str] = {("t_ns", "signal", "value"): "ns", ("t", "signal", "value"): "s"}
 #: ``types(signal)``: the datatype a catalog gives a signal, or None when the catalog does not know it.
 TypeOf = Callable[[str], DataType | None]
 

@@ -75,7 +75,7 @@ class CsvReplaySource:
         for note in recording.notes:
             log.warning("source %s: %s", name, note)
         (table,) = recording.groups
-        self._rel_ns = table.t_ns - table.t_ns[0]
+        self._rel_ns: npt.NDArray[np.int64] = table.t_ns - table.t_ns[0]
         self._values: dict[str, npt.NDArray[Any]] = table.columns
         period = loop_period_ns(self._rel_ns, int(self._rel_ns[-1]))
         self._cursor = ReplayCursor(len(self._rel_ns), int(start_ns), period)
