@@ -1,6 +1,6 @@
 """Store benchmark: bytes per sample and codec throughput of the segment format vs pyarrow Parquet.
 
-Why: the local store's promise (issue 4) is "the smallest lossless on-device store we can build", at
+Why: the local store's promise is "the smallest lossless on-device store we can build", at
 least as fast as writing Parquet. This script measures exactly that on every real data set this build
 can decode (``../shared/data/real`` through the same readers ``fleetloop store import`` uses), in one
 run, against the references the issue names:
