@@ -1,7 +1,8 @@
 """``fleetloop rules ...``: validate campaigns offline, replay samples through them, push them, list them.
 
-``rules test`` and ``rules eval`` run the agent's own trigger engine and evaluator over a CSV of samples,
-so what an operator tries on a laptop is exactly what fires in the machine.
+``rules test`` and ``rules eval`` run the agent's own trigger engine and evaluator over a recording read
+by the agent's own reader (``fleetloop_agent.recordings``), so what an operator tries on a laptop is
+exactly what fires in the machine.
 """
 
 from __future__ import annotations

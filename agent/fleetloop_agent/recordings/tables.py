@@ -8,7 +8,7 @@ naming ``FILE:LINE``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,7 @@ def read_wide_csv(
     delimiter: str | None = None,
     columns: Sequence[str] | None = None,
     group: str | None = None,
-    types: TypeOf | Mapping[str, DataType] | None = None,
+    types: TypeOf | None = None,
     limit: int = MAX_INPUT_BYTES,
 ) -> Recording:
     """A wide CSV: a header, then one row per sample time. The time column is ``time_column`` (default:
@@ -140,8 +140,7 @@ def read_wide_csv(
             cells[name].add(field, quoted, line)
     if not times:
         raise ConfigError(f"{path}: no data rows after the header")
-    type_of = types.get if isinstance(types, Mapping) else types
-    typed, notes = _typed(cells, path, type_of, dict.fromkeys(wanted, first[0]))
+    typed, notes = _typed(cells, path, types, dict.fromkeys(wanted, first[0]))
     t_ns = np.array(times, dtype=np.int64)
     table = SignalGroup(group or path.stem, t_ns, typed)
     return Recording([table], notes=notes, qualified=False, time_unit=unit or "s")
