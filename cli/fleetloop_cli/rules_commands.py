@@ -113,7 +113,7 @@ def _signals(recording: Any, source: Path) -> dict[str, tuple[Any, Any]]:
         for name, values in group.columns.items():
             path = _rule_path(recording, group, name)
             if path in out:
-                raise UserError(f"{source}: signal {path} comes from two buses; decode one bus at a time")
+                raise UserError(f"{source}: signal {path} comes from two buses; choose one with --bus N")
             out[path] = (group.t_ns, values)
     return out
 
@@ -227,7 +227,8 @@ def _load_inputs(args: argparse.Namespace, when: str, *, where: str, condition: 
         spec = given.get(path) if given is not None else None
         return None if spec is None else spec.data_type
 
-    recording = read_recording(source, dbc=dbc, types=types if given is not None else None)
+    bus = getattr(args, "bus", None)
+    recording = read_recording(source, dbc=dbc, bus=bus, types=types if given is not None else None)
     catalog = given
     signals = _signals(recording, source)
     expression = compile_expression(when, source=where)
@@ -371,6 +372,9 @@ def _input_arguments(s: argparse.ArgumentParser) -> None:
         "CAN log with --dbc (its signals are CAN.MESSAGE.SIGNAL)",
     )
     s.add_argument("--dbc", help="DBC to decode a CAN log (candump .log, .asc, GVRET .csv, MF4, numpy dir)")
+    s.add_argument(
+        "--bus", type=int, help="with --dbc: decode only this bus of the log (as a device's source)"
+    )
     s.add_argument("--catalog", help="catalog JSON or YAML (default: inferred from the input)")
     s.add_argument("--models", help="directory of model packs (DIR/*/model.yaml) for model() rules")
     s.add_argument("-o", "--output", choices=FORMATS, default="table")

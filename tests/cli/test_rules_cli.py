@@ -449,3 +449,10 @@ def test_rules_test_reads_what_the_replay_sources_read(
     assert json.loads(out)["fires"] == [{"t": 101, "window": [91, 106]}]
     code, _, err = run(capsys, *argv)
     assert code == 2 and "needs a DBC (--dbc)" in err
+    (files / "drive.log").write_text(
+        "\n".join([*lines, *(ln.replace(" can0 ", " can1 ") for ln in lines)]) + "\n"
+    )
+    code, _, err = run(capsys, *argv, "--dbc", str(dbc))
+    assert code == 2 and "comes from two buses; choose one with --bus N" in err
+    code, out, err = run(capsys, *argv, "--dbc", str(dbc), "--bus", "1")
+    assert code == 0 and json.loads(out)["fires"] == [{"t": 101, "window": [91, 106]}]

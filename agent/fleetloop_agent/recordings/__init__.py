@@ -81,15 +81,28 @@ def read_can_frames(path: Path) -> CanFrames | None:
 
 
 def read_recording(
-    path: Path, *, dbc: Path | None = None, types: TypeOf | None = None, time_column: str | None = None
+    path: Path,
+    *,
+    dbc: Path | None = None,
+    bus: int | None = None,
+    types: TypeOf | None = None,
+    time_column: str | None = None,
 ) -> Recording:
-    """Any recording as groups of typed signals. A bus log needs ``dbc``; ``types`` (a catalog's) and
-    ``time_column`` apply to CSVs of signals."""
+    """Any recording as groups of typed signals. A bus log needs ``dbc`` (``bus``: decode that bus only);
+    ``types`` (a catalog's) and ``time_column`` apply to CSVs of signals."""
     path = Path(path)
     frames = read_can_frames(path)
     if frames is not None:
         if dbc is None:
             raise ConfigError(f"{path}: a CAN bus log; decoding it needs a DBC (--dbc)")
+        if bus is not None:
+            keep = frames.bus == bus
+            frames = CanFrames(
+                frames.t_ns[keep],
+                frames.bus[keep],
+                frames.frame_id[keep],
+                [d for d, k in zip(frames.data, keep, strict=True) if k],
+            )
         return decode_frames(frames, {None: load_dbc(Path(dbc))})
     if dbc is not None:
         raise ConfigError(f"{path}: a CSV of signals, not a CAN bus log; it takes no DBC")
