@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from fleetloop_agent.upload_protocol import NETWORKS
+from fleetloop_agent.uplink.device_messages import NETWORKS
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.segment import READ_VERSIONS
 

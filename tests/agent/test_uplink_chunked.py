@@ -1,4 +1,4 @@
-"""Resumable uploads end to end: the real CloudLink, a real coordinator over gRPC, a TCP proxy that cuts
+"""Resumable uploads end to end: the agent's link over gRPC, a real coordinator, a TCP proxy that cuts
 every connection mid-upload. The segment arrives once, and each cut costs at most the piece in flight."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import pytest
 
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
-from fleetloop_agent.uplink import CloudLink
-from fleetloop_agent.upload_protocol import upload_request
+from fleetloop_agent.uplink import Link
+from fleetloop_agent.uplink.grpc_transport import GrpcTransport
+from fleetloop_agent.uplink.uploader import upload_request
 from fleetloop_cloud.coordinator import Coordinator
 from fleetloop_cloud.grpc_api import start_grpc_server
 from fleetloop_fwsim.chaos import ChaosProxy
@@ -49,12 +50,14 @@ def noisy_segment(store: LocalStore, rows: int) -> StoredSegment:
     return pending
 
 
-def link(target: str, store: LocalStore, metrics: AgentMetrics, acks: list[bool]) -> CloudLink:
+def link(
+    target: str, store: LocalStore, metrics: AgentMetrics, acks: list[bool], chunk_bytes: int = PIECE
+) -> Link:
     hello = device_pb2.Hello(device_id="car-1", fleet="t", data_origin="recordings")
     hello.catalog.add(id=1, path="Vehicle.Speed", data_type=device_pb2.DATA_TYPE_FLOAT64)
-    return CloudLink(target, "car-1", store=store, metrics=metrics, upload_deadline_s=3.0,
-                     greeting=lambda: [device_pb2.DeviceMessage(hello=hello)], on_message=lambda m: None,
-                     on_ack=lambda s, duplicate: acks.append(duplicate), chunk_bytes=PIECE)  # fmt: skip
+    return Link(GrpcTransport(target), device_id="car-1", store=store, metrics=metrics, upload_deadline_s=3.0,
+                greeting=lambda: [device_pb2.DeviceMessage(hello=hello)], on_message=lambda m: None,
+                on_ack=lambda s, duplicate: acks.append(duplicate), chunk_bytes=chunk_bytes)  # fmt: skip
 
 
 def count(metrics: AgentMetrics, name: str) -> float:
@@ -105,8 +108,8 @@ def test_a_segment_over_the_message_limit_goes_in_pieces(
     seg = noisy_segment(store, 2_600_000)
     assert seg.size_bytes > MAX_MESSAGE_BYTES  # UploadSegment could never carry it
     metrics, acks = AgentMetrics(), []
-    uplink = link(f"127.0.0.1:{_upstream_port(cloud)}", store, metrics, acks)
-    uplink._chunk_bytes = 1 << 20  # the largest piece the cloud takes
+    largest = 1 << 20  # the largest piece the cloud takes
+    uplink = link(f"127.0.0.1:{_upstream_port(cloud)}", store, metrics, acks, chunk_bytes=largest)
     uplink.start()
     try:
         deadline = time.monotonic() + 120

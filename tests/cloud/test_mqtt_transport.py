@@ -1,6 +1,6 @@
-"""Devices over MQTT 5 end to end: the agent's MqttCloudLink (real LocalStore) → a private mosquitto with
-the shipped TLS + ACL config → the coordinator's MqttBridge → Parquet. Plus a device acting as an
-attacker: forged ids, hostile protobufs, answers steered to other topics — refused, counted, and
+"""Devices over MQTT 5 end to end: the agent's link with the MQTT transport (real LocalStore) → a private
+mosquitto with the shipped TLS + ACL config → the coordinator's MqttBridge → Parquet. Plus a device acting
+as an attacker: forged ids, hostile protobufs, answers steered to other topics — refused, counted, and
 everyone else keeps being served."""
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from paho.mqtt.properties import Properties
 
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
-from fleetloop_agent.uplink_mqtt import MqttCloudLink, MqttSettings
+from fleetloop_agent.uplink import Link
+from fleetloop_agent.uplink.mqtt_transport import MqttSettings, MqttTransport
 from fleetloop_cloud.coordinator import Coordinator
 from fleetloop_cloud.mqtt_bridge import BridgeSettings, MqttBridge
 from fleetloop_shared.catalog import DataType
@@ -82,16 +83,15 @@ def segment(k: int, rows: int = 100) -> Segment:
     )
 
 
-def make_link(
-    broker: Any, device_id: str, tmp: Path, acks: list[StoredSegment]
-) -> tuple[MqttCloudLink, LocalStore]:
+def make_link(broker: Any, device_id: str, tmp: Path, acks: list[StoredSegment]) -> tuple[Link, LocalStore]:
     cert, key = broker.client_cert(device_id)
     store = LocalStore(tmp / device_id)
     received: queue.Queue[device_pb2.CloudMessage] = queue.Queue()
-    link = MqttCloudLink(
-        MqttSettings(broker.host, broker.port, broker.ca.ca_path, cert, key),
-        device_id,
-        fleet="test",
+    link = Link(
+        MqttTransport(
+            MqttSettings(broker.host, broker.port, broker.ca.ca_path, cert, key), device_id, fleet="test"
+        ),
+        device_id=device_id,
         store=store,
         metrics=AgentMetrics(),
         greeting=lambda: [hello(device_id)],
