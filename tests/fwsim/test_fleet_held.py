@@ -1,4 +1,4 @@
-"""One coordinator holds more devices than it has threads, over gRPC and over MQTT 5 (issue 6).
+"""One coordinator holds more devices than it has threads, over gRPC and over MQTT 5.
 
 The coordinator's gRPC server used to spend a worker thread per open control stream (128 of them), so
 device 129 waited at the door; these run 300 simulated devices — each its own connection and identity —

@@ -74,6 +74,10 @@ MISC_INTERVAL_S = 1.0
 CLOSE_WAIT_S = 1.0
 
 
+#: What the CONNACK wait gets when the connection dropped before the broker answered.
+_LOST = object()
+
+
 def _props(packet_type: int) -> Properties:
     """MQTT 5 properties for one packet (paho's constructor is untyped)."""
     return Properties(packet_type)  # type: ignore[no-untyped-call]
@@ -231,6 +235,8 @@ class MqttTransport:
         except TimeoutError:
             self._client.disconnect()
             raise UnavailableError(f"no answer from the broker at {self.target}") from None
+        if rc is _LOST:
+            raise UnavailableError(f"the broker at {self.target} dropped the connection before answering")
         if getattr(rc, "is_failure", False):
             raise UnavailableError(f"the broker at {self.target} refused the connection: {rc}")
         self._up = True
@@ -307,7 +313,7 @@ class MqttTransport:
     ) -> None:
         self._up = False
         if self._connack is not None and not self._connack.done():
-            self._connack.set_result(rc)
+            self._connack.set_result(_LOST)
         if self._session is not None:
             self._session.inbox.end(f"disconnected from the broker: {rc}")
         for waiter in self._waiters.values():
