@@ -39,6 +39,9 @@ CONNECT_BURST = 20
 #: Retry backoff after a failed or lost connection: doubles from 1 s to 30 s, times a jitter of 0.5–1.5
 #: (wider than an agent's: thousands of devices failed together).
 SWARM_BACKOFF = BackoffPolicy(1.0, 30.0, jitter=(0.5, 1.5))
+#: Seconds before an unanswered hello is said again (then doubling): longer than an agent's, since a
+#: coordinator welcoming thousands at once is slow, and every repeated hello is another write for it.
+HELLO_RETRY_S = 30.0
 
 
 class MqttSwarm:
@@ -65,6 +68,7 @@ class MqttSwarm:
                     did,
                     fleet=fleet,
                     keepalive_s=keepalive_s,
+                    hello_retry_s=HELLO_RETRY_S,
                 ),
                 device_id=did,
                 metrics=metrics,

@@ -9,6 +9,8 @@ cut, grants are obeyed, and an unreachable cloud is retried with backoff.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,10 +24,12 @@ from fleetloop_agent.metrics import AgentMetrics
 from fleetloop_agent.uplink import Greeting, Link, heartbeat
 from fleetloop_agent.uplink.memory_transport import Downlink, MemoryTransport
 from fleetloop_agent.uplink.pacing import BackoffPolicy
+from fleetloop_agent.uplink.transport import Acknowledged, Refused, RetryLater
 from fleetloop_cloud.coordinator import Coordinator
 from fleetloop_cloud.sessions import Session
 from fleetloop_shared.catalog import Catalog, DataType
-from fleetloop_shared.segment import Segment, new_segment_id
+from fleetloop_shared.errors import UnavailableError
+from fleetloop_shared.segment import Segment, encode_segment, new_segment_id
 from fleetloop_shared.wire import device_pb2, ingest_pb2
 
 T0 = 1_700_000_000 * 10**9
@@ -301,3 +305,55 @@ def test_the_greeting_and_the_heartbeat(store: LocalStore) -> None:
     asking = heartbeat(store, "cellular", T0, backlog=True)
     assert [(b.priority, b.bytes > 0) for b in asking.backlog] == [(3, True), (9, True)]
     assert sum(b.bytes for b in asking.backlog) == asking.bytes_pending == store.stats().bytes_pending
+
+
+# -- the in-memory transport on its own ------------------------------------------------------------
+
+
+class SlowCloud(CoordinatorCloud):
+    def upload(self, request: ingest_pb2.UploadSegmentRequest) -> ingest_pb2.UploadSegmentResponse:
+        time.sleep(0.5)
+        return super().upload(request)
+
+
+def test_the_memory_transport_maps_the_clouds_answers(cloud: CoordinatorCloud) -> None:
+    greeting = Greeting("car-1", "test", catalog=catalog()).messages()
+    seg = segment(1)
+    whole = ingest_pb2.UploadSegmentRequest(
+        device_id="car-1", segment_id=seg.segment_id, capture_id="c", segment=encode_segment(seg)
+    )
+
+    async def run() -> None:
+        transport = MemoryTransport(cloud)
+        # before any hello the device is unknown: worth a retry, not a refusal
+        unknown = await transport.upload(whole, 5.0)
+        assert isinstance(unknown, RetryLater) and unknown.reason.startswith("NOT_FOUND")
+        session = await transport.connect(greeting)
+        assert (await session.receive()).WhichOneof("kind") == "welcome"
+        assert cloud.c.sessions.online() == ["car-1"]
+        assert await transport.upload(whole, 5.0) == Acknowledged(False, 100)
+        assert await transport.upload(whole, 5.0) == Acknowledged(True, 0)  # a retry the cloud had
+        junk = ingest_pb2.UploadSegmentRequest(device_id="car-1", segment_id=new_segment_id(), segment=b"x")
+        refused = await transport.upload(junk, 5.0)
+        assert isinstance(refused, Refused) and refused.status == "DATA_LOSS"
+        encoded = whole.SerializeToString()
+        piece = ingest_pb2.UploadChunkRequest(
+            device_id="car-1", segment_id=seg.segment_id, offset=0, total_bytes=len(encoded),
+            total_sha256=hashlib.sha256(encoded).digest(), data=encoded[:10],
+        )  # fmt: skip
+        assert await transport.upload(piece, 5.0) == Acknowledged(True, 0)  # stored already: done at once
+        transport.reachable = False
+        assert isinstance(await transport.upload(whole, 5.0), RetryLater)
+        transport.cut()
+        with pytest.raises(UnavailableError, match="link cut"):
+            while True:
+                await session.receive()  # what was pushed before the cut, then the end
+        with pytest.raises(UnavailableError, match="out of reach"):
+            await transport.connect(greeting)
+        await session.close()
+        assert cloud.c.sessions.online() == []  # the cloud learned of the hang-up
+        slow = MemoryTransport(SlowCloud(cloud.c))
+        late = await slow.upload(whole, 0.1)
+        assert isinstance(late, RetryLater) and late.reason.startswith("DEADLINE_EXCEEDED")
+
+    asyncio.run(run())
