@@ -1,8 +1,8 @@
 """The agent's driver: owns the loop, the threads and the I/O; the decisions live in pure cores.
 
 Data path per tick (time passed in, data time = start + elapsed × replay speed):
-sources → ring buffers → trigger engine → capture assembler → local store → uplink (its own thread).
-Control path: the uplink's control stream delivers desired campaigns (compiled here, refused with a
+sources → ring buffers → trigger engine → capture assembler → local store → link (its own thread).
+Control path: the link's control session delivers desired campaigns (compiled here, refused with a
 reason if they do not compile) and OTA jobs (run by the OTA worker thread through ``OtaDriver``, which
 journals before each side effect and asks for a reboot by raising ``RebootRequested``).
 Model packs: ``model("name", w)`` scores come from a :class:`ModelRegistry` loaded from the installed

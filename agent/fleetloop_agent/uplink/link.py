@@ -268,15 +268,19 @@ class Link:
     async def aclose(self) -> None:
         """End the session, stop uploading and close the transport (idempotent)."""
         self._stopped = True
-        try:  # first, while the session is up: a transport may say goodbye on it
-            await self.transport.close()
-        except Exception:
-            log.exception("%s: closing the transport failed", self.device_id)
+        await self._close_transport()  # first, while the session is up: a transport may say goodbye on it
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._close_transport()  # again, should a connect have finished meanwhile
         self.connected.clear()
+
+    async def _close_transport(self) -> None:
+        try:
+            await self.transport.close()
+        except Exception:
+            log.exception("%s: closing the transport failed", self.device_id)
 
     def _note_error(self, what: str) -> None:
         if self._stopped:
