@@ -2,10 +2,10 @@
 
 :class:`InProcessCloud` is what this transport needs of such a cloud — the agent owns it; a test adapts a
 fake or a real coordinator to it. Its calls may block (a real ingest writes files), so they run in the
-loop's default executor; its errors are :class:`~fleetloop_shared.errors.FleetloopError`\\ s, mapped by
-their status name exactly as the gRPC and MQTT adapters map the wire's. A test switches the cloud out of
-reach (:attr:`MemoryTransport.reachable`) or cuts the session (:meth:`MemoryTransport.cut`) to see what
-a link does about it.
+loop's default executor; the errors it raises (:class:`~fleetloop_shared.errors.FleetloopError`) are
+mapped by their status name exactly as the gRPC and MQTT adapters map the wire's. A test switches the
+cloud out of reach (:attr:`MemoryTransport.reachable`) or cuts the session (:meth:`MemoryTransport.cut`)
+to see what a link does about it.
 """
 
 from __future__ import annotations

@@ -278,12 +278,11 @@ class MqttTransport:
             self._client.disconnect()
             await self._until(lambda: self._fd is None)
         self._stop_misc()
-        if self._fd is not None:
-            sock = self._client.socket()
-            self._unwatch()
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.close()
+        sock = self._client.socket()  # still open: the DISCONNECT did not leave, or a connect was cut short
+        self._unwatch()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
         self._up = False
 
     # -- for the session --------------------------------------------------------------------------
