@@ -1,6 +1,6 @@
-"""Devices over MQTT 5 end to end: the agent's MqttCloudLink (real LocalStore) → a private mosquitto with
-the shipped TLS + ACL config → the coordinator's MqttBridge → Parquet. Plus a device acting as an
-attacker: forged ids, hostile protobufs, answers steered to other topics — refused, counted, and
+"""Devices over MQTT 5 end to end: the agent's link with the MQTT transport (real LocalStore) → a private
+mosquitto with the shipped TLS + ACL config → the coordinator's MqttBridge → Parquet. Plus a device acting
+as an attacker: forged ids, hostile protobufs, answers steered to other topics — refused, counted, and
 everyone else keeps being served."""
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from paho.mqtt.properties import Properties
 
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
-from fleetloop_agent.uplink_mqtt import MqttCloudLink, MqttSettings
+from fleetloop_agent.uplink import Link
+from fleetloop_agent.uplink.mqtt_transport import MqttSettings, MqttTransport
 from fleetloop_cloud.coordinator import Coordinator
 from fleetloop_cloud.mqtt_bridge import BridgeSettings, MqttBridge
 from fleetloop_shared.catalog import DataType
@@ -54,17 +55,21 @@ def cloud(tmp_path: Path) -> Iterator[tuple[Any, Coordinator, MqttBridge]]:
     if broker_fixture.mosquitto_binary() is None:
         pytest.fail("mosquitto is not installed; .ci/run installs it (apt-get install mosquitto)")
     with broker_fixture.private_broker(tmp_path / "broker") as broker:
-        coordinator = Coordinator(tmp_path / "cloud")
-        cert, key = broker.coordinator()
-        bridge = MqttBridge(
-            coordinator, BridgeSettings(broker.host, broker.port, broker.ca.ca_path, cert, key)
-        )
-        bridge.start()
+        coordinator, bridge = start_cloud(broker, tmp_path)
         wait_for("the bridge to connect", bridge.connected.is_set)
         try:
             yield broker, coordinator, bridge
         finally:
             bridge.stop()
+
+
+def start_cloud(broker: Any, tmp: Path) -> tuple[Coordinator, MqttBridge]:
+    """A coordinator and its MQTT bridge (its own certificate, registered as a coordinator) on ``broker``."""
+    coordinator = Coordinator(tmp / "cloud")
+    cert, key = broker.coordinator()
+    bridge = MqttBridge(coordinator, BridgeSettings(broker.host, broker.port, broker.ca.ca_path, cert, key))
+    bridge.start()
+    return coordinator, bridge
 
 
 def hello(device_id: str) -> device_pb2.DeviceMessage:
@@ -84,15 +89,19 @@ def segment(k: int, rows: int = 100) -> Segment:
 
 
 def make_link(
-    broker: Any, device_id: str, tmp: Path, acks: list[StoredSegment]
-) -> tuple[MqttCloudLink, LocalStore]:
+    broker: Any, device_id: str, tmp: Path, acks: list[StoredSegment], hello_retry_s: float = 5.0
+) -> tuple[Link, LocalStore]:
     cert, key = broker.device(device_id)
     store = LocalStore(tmp / device_id)
     received: queue.Queue[device_pb2.CloudMessage] = queue.Queue()
-    link = MqttCloudLink(
-        MqttSettings(broker.host, broker.port, broker.ca.ca_path, cert, key),
-        device_id,
-        fleet="test",
+    link = Link(
+        MqttTransport(
+            MqttSettings(broker.host, broker.port, broker.ca.ca_path, cert, key),
+            device_id,
+            fleet="test",
+            hello_retry_s=hello_retry_s,
+        ),
+        device_id=device_id,
         store=store,
         metrics=AgentMetrics(),
         greeting=lambda: [hello(device_id)],
@@ -139,6 +148,30 @@ def test_segments_flow_over_mqtt_exactly_once(cloud: Any, tmp_path: Path) -> Non
         link.stop()
     wait_for("the device to go offline", lambda: "car-1" not in coordinator.sessions.online())
     assert bridge.refused == {}
+
+
+def test_a_hello_nobody_answered_is_said_again_until_a_coordinator_does(tmp_path: Path) -> None:
+    if broker_fixture.mosquitto_binary() is None:
+        pytest.fail("mosquitto is not installed; .ci/run installs it (apt-get install mosquitto)")
+    with broker_fixture.private_broker(tmp_path / "broker") as broker:
+        acks: list[StoredSegment] = []
+        link, store = make_link(broker, "car-1", tmp_path, acks, hello_retry_s=0.2)
+        store.append(segment(0), capture_id="cap", campaign="c", priority=5, now_ns=T0)
+        link.start()
+        bridge: MqttBridge | None = None
+        try:
+            wait_for("the broker session", lambda: link.in_session)
+            time.sleep(1.0)  # hellos go out; no coordinator consumes them
+            assert not link.connected.is_set() and acks == []
+            _, bridge = start_cloud(broker, tmp_path)
+            wait_for("the welcome", link.connected.is_set)
+            wait_for("the upload", lambda: store.stats().segments_pending == 0)
+            assert link.sessions_ended == 0  # the same broker session all along
+        finally:
+            link.stop()
+            if bridge is not None:
+                bridge.stop()
+    assert len(acks) == 1
 
 
 class RawDevice:
@@ -249,10 +282,11 @@ def test_identities_the_broker_does_not_know_are_told_why(
 
         cert, key = broker.device("car-1", fleet="other")
         store = LocalStore(tmp_path / "car-1")
-        link = MqttCloudLink(
-            MqttSettings(broker.host, broker.port, broker.ca.ca_path, cert, key),
-            "car-1",
-            fleet="test",
+        link = Link(
+            MqttTransport(
+                MqttSettings(broker.host, broker.port, broker.ca.ca_path, cert, key), "car-1", fleet="test"
+            ),
+            device_id="car-1",
             store=store,
             metrics=AgentMetrics(),
             greeting=lambda: [hello("car-1")],
