@@ -1,6 +1,6 @@
 """Store benchmark: bytes per sample and codec throughput of the segment format vs pyarrow Parquet.
 
-Why: the local store's promise (issue 4) is "the smallest lossless on-device store we can build", at
+Why: the local store's promise is "the smallest lossless on-device store we can build", at
 least as fast as writing Parquet. This script measures exactly that on every real data set this build
 can decode (``../shared/data/real`` through the same readers ``fleetloop store import`` uses), in one
 run, against the references the issue names:
@@ -51,8 +51,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from real_corpus import real_corpus
 
-from fleetloop_agent.store_import import ImportResult, real_corpus, to_segments
+from fleetloop_agent.recordings import Recording
+from fleetloop_agent.store_import import to_segments
 from fleetloop_cli.store_commands import import_segments
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.codecs import bitpack
@@ -96,7 +98,7 @@ def _bss_options(table: pa.Table) -> dict[str, Any]:
     return {"use_dictionary": False, "column_encoding": enc}
 
 
-def measure_set(name: str, result: ImportResult, repeat: int) -> dict[str, Any]:
+def measure_set(name: str, result: Recording, repeat: int) -> dict[str, Any]:
     segments = list(import_segments(result, Catalog(), to_segments))
     groups = [g for s in segments for g in s.groups()]
     samples = sum(s.sample_count for s in segments)

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from fleetloop_agent.upload_protocol import NETWORKS
+from fleetloop_agent.uplink.device_messages import NETWORKS
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.segment import READ_VERSIONS
 
@@ -66,7 +66,7 @@ class AgentConfig:
     cloud_tls: tuple[Path, Path, Path] | None = None
     #: models_dir: model packs installed by hand (``<dir>/<pack>/model.yaml``), besides OTA bundles
     models_dir: Path | None = None
-    #: cloud.upload.scheduled: upload only what the cloud's upload scheduler grants (issue 6)
+    #: cloud.upload.scheduled: upload only what the cloud's upload scheduler grants
     upload_scheduled: bool = False
     #: cloud.upload.network: the network reported to the scheduler (wifi, cellular, ethernet, other)
     network: str = "wifi"

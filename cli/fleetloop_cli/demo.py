@@ -159,15 +159,16 @@ def run_demo(args: argparse.Namespace) -> int:
             from fleetloop_fwsim.broker import MosquittoProcess
 
             broker = MosquittoProcess(work / "broker")
+            # certificates (CN = identity) registered with the broker: the coordinator in the group of
+            # coordinators, each device in the demo's fleet
+            ca, (ccert, ckey) = broker.ca, broker.add_coordinator("coordinator")
+            broker.add_devices(FLEET, [device_id for device_id, _ in DEVICES])
             broker.start()
-            ca, (ccert, ckey) = broker.ca, broker.ca.client("coordinator")
             mqtt_args = [f"--mqtt=127.0.0.1:{broker.port}", f"--mqtt-ca={ca.ca_path}"]
             mqtt_args += [f"--mqtt-cert={ccert}", f"--mqtt-key={ckey}"]
-            _say(verbose, f"MQTT 5 broker (TLS, per-device ACLs) on 127.0.0.1:{broker.port}")
+            _say(verbose, f"MQTT 5 broker (TLS, a role per device) on 127.0.0.1:{broker.port}")
         client = _start_cloud(work, logs, env, procs, deadline, extra=mqtt_args)
         if broker is not None:
-            for device_id, _ in DEVICES:
-                broker.ca.client(device_id)  # each device's certificate, CN = its id
             client.mqtt = {  # type: ignore[attr-defined]
                 "host": "127.0.0.1",
                 "port": broker.port,

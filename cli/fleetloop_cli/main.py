@@ -46,7 +46,7 @@ def cmd_cloud_serve(args: argparse.Namespace) -> int:
 
         host, _, port = args.mqtt.rpartition(":")
         if not host or not port.isdigit() or not (args.mqtt_ca and args.mqtt_cert and args.mqtt_key):
-            raise UserError("--mqtt wants HOST:PORT and --mqtt-ca, --mqtt-cert, --mqtt-key (CN=coordinator)")
+            raise UserError("--mqtt wants HOST:PORT and --mqtt-ca, --mqtt-cert, --mqtt-key")
         mqtt = BridgeSettings(host, int(port), Path(args.mqtt_ca), Path(args.mqtt_cert), Path(args.mqtt_key))
     return serve(
         Path(args.dir),
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info")
     s.add_argument("--mqtt", help="also serve devices over MQTT 5 through this broker (HOST:PORT, TLS)")
     s.add_argument("--mqtt-ca", help="CA certificate the broker's certificate is checked against")
-    s.add_argument("--mqtt-cert", help="the coordinator's client certificate (CN=coordinator)")
+    s.add_argument("--mqtt-cert", help="this coordinator's own certificate (CN in group coordinators)")
     s.add_argument("--mqtt-key", help="its private key")
     s.add_argument("--db", help="metadata in PostgreSQL (postgresql://...) instead of SQLite in --dir")
     s.add_argument("--grpc-cert", help="serve devices over mTLS with this certificate (and --grpc-key)")

@@ -5,10 +5,11 @@ to see what the device holds and what it costs; the store benchmark and the chec
 store itself has no signal names (segments carry ids), so ``import`` keeps the catalog it built in
 ``catalog.json`` beside the index, and ``export`` names signals from it.
 
-Text values (catalog ``STRING``) make one rule necessary on both sides: in the long CSV a value cell that
-is *quoted* is always text, and an unquoted cell is ``true``/``false`` (BOOL), an integer (INT64), a
-number (FLOAT64) or, failing those, text. ``export`` quotes every text value, so ``"1.5"``, ``"true"``
-and ``""`` come back as the identical strings rather than as a number, a bool or a missing value.
+Text values (catalog ``STRING``) make one rule necessary on both sides: ``import`` reads cells by the one
+rule of ``fleetloop_agent.recordings.cells`` (a *quoted* cell is always text; an unquoted one is
+``true``/``false``, an integer, a number or, failing those, text), and ``export`` quotes every text
+value, so ``"1.5"``, ``"true"`` and ``""`` come back as the identical strings rather than as a number, a
+bool or a missing value.
 """
 
 from __future__ import annotations
@@ -74,13 +75,14 @@ def import_segments(
 
 
 def cmd_store_import(args: argparse.Namespace) -> int:
-    from fleetloop_agent.store_import import read_can_log, read_long_csv, to_segments
+    from fleetloop_agent.recordings import read_recording
+    from fleetloop_agent.store_import import to_segments
     from fleetloop_shared.durable import write_atomically
 
     src = Path(args.input)
-    if not src.is_file():
+    if not src.exists():
         raise NotFoundError(f"{src}: no such file")
-    result = read_can_log(src, Path(args.dbc)) if args.dbc else read_long_csv(src)
+    result = read_recording(src, dbc=Path(args.dbc) if args.dbc else None)
     root = Path(args.store)
     store = _open_store(root, create=True, quota=args.quota_bytes, segment_version=args.format_version)
     try:
@@ -103,7 +105,7 @@ def cmd_store_import(args: argparse.Namespace) -> int:
     finally:
         store.close()
     for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
+        print(note, file=sys.stderr)
     summary = {
         "input": str(src),
         "groups": len(result.groups),
@@ -257,15 +259,17 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     """Add ``store import|stats|export`` (a new top-level group made from ``groups["top"]``)."""
     store = groups["top"].add_parser("store", help="a device's local store: import, stats, export")
     sub = store.add_subparsers(dest="sub", required=True)
-    s = sub.add_parser("import", help="import a long CSV or a CAN log (with --dbc) into a store")
+    s = sub.add_parser("import", help="import a recording (a CSV, or a CAN log with --dbc) into a store")
     s.add_argument(
         "--input",
         required=True,
-        help="t_ns,signal,value / t,signal,value CSV (a quoted value, or one that is not true/false/a "
-        "number, is text), or a CAN log",
+        help="a long t_ns,signal,value / t,signal,value CSV or a wide CSV (time column first; a quoted "
+        "value, or one that is not true/false/a number, is text), or a CAN log",
     )
     s.add_argument("--store", required=True, help="store directory (created if missing)")
-    s.add_argument("--dbc", help="DBC for a CAN log (candump .log, Vector .asc, GVRET .csv)")
+    s.add_argument(
+        "--dbc", help="DBC for a CAN log (candump .log, Vector .asc, GVRET .csv, MF4, numpy frames directory)"
+    )
     s.add_argument("--capture", default="", help="capture id (default: the input's file name)")
     s.add_argument("--campaign", default="import")
     s.add_argument("--priority", type=int, default=5)

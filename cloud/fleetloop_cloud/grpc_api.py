@@ -42,7 +42,6 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from fleetloop_cloud.services.access import Caller, Refusals
 from fleetloop_cloud.services.api import DeviceApi
-from fleetloop_cloud.services.ingest import ChunkAck
 from fleetloop_cloud.sessions import Session
 from fleetloop_shared.errors import FleetloopError, MalformedMessageError
 from fleetloop_shared.wire import MAX_MESSAGE_BYTES, device_pb2, ingest_pb2, parse
@@ -252,13 +251,6 @@ class DeviceServicer:
             log.exception("device %s: recording the disconnect failed", device_id)
 
 
-def _chunk_answer(r: ingest_pb2.UploadChunkRequest, ack: ChunkAck) -> ingest_pb2.UploadChunkResponse:
-    out = ingest_pb2.UploadChunkResponse(next_offset=ack.next_offset, complete=ack.ack is not None)
-    if ack.ack is not None:
-        out.result.CopyFrom(ack.ack.response(r.segment_id))
-    return out
-
-
 @dataclass(frozen=True)
 class _Unary:
     """One device RPC answered from one service call: its messages, how to call and how to answer."""
@@ -294,7 +286,8 @@ INGEST_RPCS = (
            lambda r, ack: ack.response(r.segment_id)),
     # One piece of a resumable upload (uploads/staging.py); the last one is acked like UploadSegment.
     _Unary("UploadChunk", "upload piece", ingest_pb2.UploadChunkRequest, ingest_pb2.UploadChunkResponse,
-           lambda api, caller, r, now: api.ingest.chunk(caller, r, now), _chunk_answer),
+           lambda api, caller, r, now: api.ingest.chunk(caller, r, now),
+           lambda r, ack: ack.response(r.segment_id)),
 )  # fmt: skip
 
 

@@ -2,10 +2,10 @@
 gRPC servicers call. The cloud's paho adapter: the only cloud module that imports paho.
 
 Subscribes ``$share/{group}/fl/v1/+/+/up/#`` (QoS 1), so several coordinators split the devices' traffic
-between them. The caller is the device of the *topic* — which the broker's ``%u`` ACL ties to the client
-certificate's CN — and the services check every claim inside a message against it: a hello or an upload
-naming another device is refused and counted. Undecodable protobufs are refused and counted too; nothing
-a device sends can stop the bridge serving the others.
+between them. The caller is the device of the *topic* — which the broker's per-device role ties to the
+client certificate's CN — and the services check every claim inside a message against it: a hello or an
+upload naming another device is refused and counted. Undecodable protobufs are refused and counted too;
+nothing a device sends can stop the bridge serving the others.
 
 Handlers are idempotent (QoS 1 may deliver twice): ingest dedupes by (device, segment id), status
 messages overwrite. Messages are handed to ``WORKERS`` threads chosen by device id, so one device's
@@ -30,6 +30,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from fleetloop_cloud.services.access import Caller
 from fleetloop_cloud.services.api import DeviceApi
@@ -103,6 +104,7 @@ class MqttBridge:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
         self._threads = [
             threading.Thread(target=self._work, args=(q,), name=f"mqtt-worker-{i}", daemon=True)
             for i, q in enumerate(self._queues)
@@ -135,6 +137,17 @@ class MqttBridge:
         client.subscribe(f"$share/{self.settings.group}/fl/v1/+/+/up/#", qos=1)
         self.connected.set()
         log.info("MQTT bridge connected to %s:%d", self.settings.host, self.settings.port)
+
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: object, mid: int, codes: list[ReasonCode], props: object
+    ) -> None:
+        if codes and codes[0].is_failure:  # nothing would ever arrive: say why
+            log.error(
+                "the broker refused the shared subscription $share/%s/... (%s): is this coordinator's "
+                "certificate CN in the broker's group of coordinators, and the share group the one allowed?",
+                self.settings.group,
+                codes[0],
+            )
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object

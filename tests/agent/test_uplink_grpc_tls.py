@@ -1,4 +1,4 @@
-"""The gRPC link with mTLS: the agent's CloudLink uploads over a client certificate (CN = device id); a
+"""The gRPC link with mTLS: the agent's link uploads over a client certificate (CN = device id); a
 device acting as an attacker — claiming another device id, sending hostile protobufs, or connecting
 without a certificate of the fleet's CA — is refused and counted while everyone else is served."""
 
@@ -16,7 +16,8 @@ import pytest
 
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
-from fleetloop_agent.uplink import CloudLink
+from fleetloop_agent.uplink import Link
+from fleetloop_agent.uplink.grpc_transport import GrpcTransport
 from fleetloop_cloud.grpc_api import GrpcTls, start_grpc_server
 from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
@@ -78,9 +79,10 @@ def run_link(
         store.append(segment(k), capture_id="cap", campaign="c", priority=5, now_ns=T0)
     acks: list[StoredSegment] = []
     received: queue.Queue[Any] = queue.Queue()
-    link = CloudLink(
-        target, name, store=store, metrics=AgentMetrics(), greeting=lambda: [hello(name)],
-        on_message=received.put, tls=(ca.ca_path, cert, key), on_ack=lambda s, d: acks.append(s),
+    link = Link(
+        GrpcTransport(target, tls=(ca.ca_path, cert, key)), device_id=name, store=store,
+        metrics=AgentMetrics(), greeting=lambda: [hello(name)], on_message=received.put,
+        on_ack=lambda s, d: acks.append(s),
     )  # fmt: skip
     link.start()
     try:

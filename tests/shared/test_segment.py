@@ -1025,7 +1025,9 @@ def test_resealed_random_mutations_of_multi_group_segments_never_raise_anything_
 
 
 def test_real_comma2k19_can_bundle_round_trips_and_shrinks(recordings: Path) -> None:
-    from fleetloop_agent.store_import import real_corpus, to_segments
+    from real_corpus import real_corpus
+
+    from fleetloop_agent.store_import import to_segments
 
     for name, result in real_corpus(recordings):
         if name != "comma2k19-can":
@@ -1237,7 +1239,9 @@ def test_resealed_random_mutations_of_keyed_segments_never_raise_anything_else(d
 def test_real_gnss_measurements_are_keyed_by_satellite(recordings: Path) -> None:
     """On the real comma2k19 u-blox raw measurements (one row per satellite), keying by the satellite
     id shrinks the message by more than a fifth; every value round-trips."""
-    from fleetloop_agent.store_import import real_corpus, to_segments
+    from real_corpus import real_corpus
+
+    from fleetloop_agent.store_import import to_segments
 
     for name, result in real_corpus(recordings):
         if name != "comma2k19-sensors":

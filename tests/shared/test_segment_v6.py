@@ -370,7 +370,9 @@ def test_property_newest_writer_round_trip_is_bit_exact(seg: Segment) -> None:
 def test_real_corpus_round_trips_through_the_newest_writer(recordings: Path) -> None:
     """Every real data set, bundled as the store imports it: bit-exact, and smaller than format 5 as a
     whole (a set may come out a few bytes larger: the grid is chosen on a sample, not by encoding twice)."""
-    from fleetloop_agent.store_import import real_corpus, to_segments
+    from real_corpus import real_corpus
+
+    from fleetloop_agent.store_import import to_segments
     from fleetloop_cli.store_commands import import_segments
     from fleetloop_shared.catalog import Catalog
 

@@ -125,7 +125,7 @@ def _can_source(r: _SpecReader, name: str, start_ns: int) -> CanReplaySource:
 def _csv_source(r: _SpecReader, name: str, start_ns: int) -> CsvReplaySource:
     path = r.path("path", directory=False)
     time_column = r.string("time_column")
-    time_format = r.string("time_format", choices=TIME_FORMATS)
+    time_format = r.string("time_format", choices=tuple(TIME_FORMATS))
     delimiter = r.string("delimiter", ",")
     if len(delimiter) != 1:
         raise r.fail("delimiter", f"expected one character, got {delimiter!r}")

@@ -51,6 +51,13 @@ class ChunkAck:
     next_offset: int
     ack: IngestAck | None = None
 
+    def response(self, segment_id: bytes) -> ingest_pb2.UploadChunkResponse:
+        """The device's answer to the piece; the last one carries the segment's ack."""
+        out = ingest_pb2.UploadChunkResponse(next_offset=self.next_offset, complete=self.ack is not None)
+        if self.ack is not None:
+            out.result.CopyFrom(self.ack.response(segment_id))
+        return out
+
 
 class IngestService:
     def __init__(

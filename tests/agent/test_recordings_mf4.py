@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleetloop_agent.store_import import read_can_log, read_mf4
+from fleetloop_agent.recordings import read_recording
+from fleetloop_agent.recordings.mf4 import read_mf4
 from fleetloop_shared.dbc import j1939_pgn
 from fleetloop_shared.errors import ConfigError
 
@@ -27,7 +28,7 @@ def test_a_j1939_truck_log_decodes_by_pgn(recordings: Path) -> None:
     frames = read_mf4(log)
     assert len(frames.t_ns) > 100_000 and np.all(np.diff(frames.t_ns) >= 0)
     assert frames.t_ns[0] > 1_600_000_000 * 10**9  # wall-clock time from the file's start time
-    result = read_can_log(log, css / "dbc" / "CSS-Electronics-SAE-J1939-DEMO.dbc")
+    result = read_recording(log, dbc=css / "dbc" / "CSS-Electronics-SAE-J1939-DEMO.dbc")
     groups = {g.name: g for g in result.groups}
     assert set(groups) == {"can1/EEC1", "can1/CCVS1"}
     rpm = groups["can1/EEC1"].columns["EngineSpeed"]
@@ -39,7 +40,7 @@ def test_a_j1939_truck_log_decodes_by_pgn(recordings: Path) -> None:
 def test_a_gnss_module_log_decodes_its_can_fd_frames(recordings: Path) -> None:
     css = recordings / "css-electronics"
     log = css / "canmod_gps_obd2_545s" / "00000001-60FE3F04.MF4"
-    result = read_can_log(log, css / "dbc" / "canmod-gps.dbc")
+    result = read_recording(log, dbc=css / "dbc" / "canmod-gps.dbc")
     imu = next(g for g in result.groups if g.name.endswith("/gnss_imu"))
     assert len(imu.t_ns) > 50_000
     assert sum(len(g.t_ns) * len(g.columns) for g in result.groups) > 300_000
@@ -54,7 +55,7 @@ def test_a_file_that_is_not_mf4_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_the_agent_does_not_load_asammdf_or_pandas_until_an_mf4_file_is_read() -> None:
     """python-can (under cantools) would import asammdf and pandas (~85 MB) in every agent once the mf4
-    extra is installed; the agent's memory budget (issue 3, RSS ≤ 80 MB) depends on it not doing so."""
+    extra is installed; the agent's memory budget (RSS ≤ 80 MB) depends on it not doing so."""
     import subprocess
     import sys
 
