@@ -18,8 +18,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode
@@ -50,6 +51,26 @@ class DemoFailed(FleetloopError):
     exit_code = 1
 
 
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C inside the block is raised when it ends, not inside it.
+
+    A KeyboardInterrupt raised inside ``Popen`` (after the child was started, before it returned) would
+    leave a child nobody knows of, still running after the demo exits; deferring it past the line that
+    records the child lets :meth:`_Processes.stop_all` stop it like the others."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 class _Processes:
     """Child processes of the demo, each in its own process group, all stopped on exit."""
 
@@ -58,16 +79,17 @@ class _Processes:
 
     def start(self, name: str, argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
         fh = open(log, "ab")  # noqa: SIM115 - kept open for the child's lifetime
-        proc = subprocess.Popen(
-            argv,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
+        with _interrupts_deferred():
+            proc = subprocess.Popen(
+                argv,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+            self.procs.append((name, proc))
         fh.close()
-        self.procs.append((name, proc))
         return proc
 
     def stop_all(self) -> None:

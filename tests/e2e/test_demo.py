@@ -100,6 +100,17 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def _describe(pid: int) -> str:
+    """State, parent, process group and command line of ``pid`` (what a leftover process is)."""
+    try:
+        proc = Path("/proc") / str(pid)
+        stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "gone"
+    return f"state {stat[0]} ppid {stat[1]} pgid {stat[2]}: {cmd[:200]}"
+
+
 def test_ctrl_c_stops_every_process_it_started(tmp_path: Path, recordings: Path) -> None:
     work = tmp_path / "w"
     proc = subprocess.Popen(
@@ -129,4 +140,5 @@ def test_ctrl_c_stops_every_process_it_started(tmp_path: Path, recordings: Path)
     deadline = time.monotonic() + 10
     while _processes_mentioning(str(work)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _processes_mentioning(str(work)) == []
+    left = {pid: _describe(pid) for pid in _processes_mentioning(str(work))}
+    assert left == {}, err
