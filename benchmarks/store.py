@@ -55,9 +55,9 @@ import pyarrow.parquet as pq
 from fleetloop_agent.store_import import ImportResult, real_corpus, to_segments
 from fleetloop_cli.store_commands import import_segments
 from fleetloop_shared.catalog import Catalog
-from fleetloop_shared.codecs import bitpack
 from fleetloop_shared.datapaths import find_recordings
 from fleetloop_shared.segment import FORMAT_VERSION, Segment, decode_segment, encode_segment
+from fleetloop_shared.segment.codecs import bitpack
 
 GOAL_BYTES_PER_SAMPLE = 1.0
 GOAL_VS_PARQUET_ZSTD = 0.30

@@ -632,7 +632,7 @@ def test_forged_blocks_are_refused_without_huge_allocations() -> None:
 
 
 def test_forged_string_blocks_are_refused_with_a_reason() -> None:
-    from fleetloop_shared.codecs import intstream
+    from fleetloop_shared.segment.codecs import intstream
 
     seg = Segment(
         b"s" * 16, "g", np.arange(4, dtype=np.int64), {1: text(["a", "bb", "a", ""])}, {1: DataType.STRING}
@@ -1002,16 +1002,16 @@ def test_a_time_column_naming_a_later_group_is_refused() -> None:
 
 
 def test_clock_indices_outside_the_clock_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fleetloop_shared import segment as segment_module
+    from fleetloop_shared.segment import plan_times
 
-    real = segment_module._choose_clock
+    real = plan_times.choose_clock
 
     def short_clock(times: list[npt.NDArray[np.int64]]) -> Any:
         clock, index = real(times)
         assert index, "the fixture's groups share times"
         return clock[:1], index  # indices now point past the clock
 
-    monkeypatch.setattr(segment_module, "_choose_clock", short_clock)
+    monkeypatch.setattr(plan_times, "choose_clock", short_clock)
     data = encode_segment(multi_segment())
     expect_corrupt(data, "clock index outside|time range")
 
@@ -1087,9 +1087,9 @@ def interleaved_series(seed: int, epochs: int = 400) -> Segment:
 
 def _column_codecs(data: bytes) -> dict[int, int]:
     """signal id -> codec id of every column of a format 4/5 segment (walks the framing)."""
-    from fleetloop_shared.segment import _parse_framing
+    from fleetloop_shared.segment import framing
 
-    header = _parse_framing(data)
+    header = framing.parse(data)
     return {
         sid: block.codec
         for g in header.groups
@@ -1108,9 +1108,9 @@ def test_keyed_columns_shrink_interleaved_series_and_round_trip(
     codecs = _column_codecs(data)
     assert codecs[2] == CODEC_F64_KEYED and codecs[3] == CODEC_F64_KEYED  # range and rate follow the key
     assert codecs[1] & ~ZSTD_FLAG != CODEC_F64_KEYED  # the key itself is stored as it is
-    import fleetloop_shared.segment as segment_module
+    from fleetloop_shared.segment import plan_columns
 
-    monkeypatch.setattr(segment_module, "_plan_key", lambda t_ns, columns: None)
+    monkeypatch.setattr(plan_columns, "plan_key", lambda t_ns, columns: None)
     plain = encode_segment(seg)
     assert _version(plain) == 2  # one group, nothing keyed: format 2 as before
     assert len(data) < 0.85 * len(plain)
@@ -1189,9 +1189,9 @@ def forge_block(data: bytes, codec: int, edit: Any) -> bytes:
     """``data`` with the payload of its first value block of ``codec`` replaced by ``edit(payload)``,
     the block's lengths set to match (these blocks are never zstd'd as a whole: stored == raw) and the
     checksum resealed, as a forger would."""
-    from fleetloop_shared.segment import _parse_framing
+    from fleetloop_shared.segment import framing
 
-    for g in _parse_framing(data).groups:
+    for g in framing.parse(data).groups:
         for block in g.blocks[1:]:
             if block.codec == codec:
                 pos = data.find(block.payload)
@@ -1250,14 +1250,14 @@ def test_real_gnss_measurements_are_keyed_by_satellite(recordings: Path) -> None
             assert decode_segment(data) == seg
             keyed = [c for c in _column_codecs(data).values() if c in (CODEC_F64_KEYED, CODEC_I64_KEYED)]
             assert len(keyed) >= 4
-            import fleetloop_shared.segment as segment_module
+            from fleetloop_shared.segment import plan_columns
 
-            saved = segment_module._plan_key
+            saved = plan_columns.plan_key
             try:
-                segment_module._plan_key = lambda t_ns, columns: None  # type: ignore[assignment]
+                plan_columns.plan_key = lambda t_ns, columns: None  # type: ignore[assignment]
                 plain = len(encode_segment(seg))
             finally:
-                segment_module._plan_key = saved
+                plan_columns.plan_key = saved
             assert len(data) < 0.8 * plain
             return
     pytest.skip("comma2k19 sensors not in the recordings")
@@ -1308,11 +1308,9 @@ def test_difference_columns_store_a_calibrated_twin_nearly_free(
         assert_bit_exact(want, got)
     codecs = _column_codecs(data)
     assert [codecs[20 + k] for k in range(3)] == [CODEC_F64_DIFF] * 3
-    import fleetloop_shared.segment as segment_module
+    from fleetloop_shared.segment import plan_columns
 
-    monkeypatch.setattr(
-        segment_module, "_difference_columns", lambda columns, blocks, stamped_with, grid: None
-    )
+    monkeypatch.setattr(plan_columns, "difference_columns", lambda columns, blocks, stamped_with, grid: None)
     plain = encode_segment(seg)
     assert _version(plain) == 4
     assert len(data) < 0.65 * len(plain)
@@ -1365,9 +1363,9 @@ def test_forged_difference_blocks_are_refused_with_a_reason(edit: Any, message: 
 
 def test_forged_difference_patches_out_of_order_are_refused() -> None:
     data = encode_segment(calibrated_pair(2, rows=600))
-    from fleetloop_shared.segment import _parse_framing
+    from fleetloop_shared.segment import framing
 
-    for g in _parse_framing(data).groups:
+    for g in framing.parse(data).groups:
         for block in g.blocks[1:]:
             if block.codec == CODEC_F64_DIFF and struct.unpack_from("<I", block.payload, 9)[0] >= 2:
                 pos = data.find(block.payload)
@@ -1434,9 +1432,9 @@ def test_recent_values_name_an_earlier_row_and_round_trip(seed: int, monkeypatch
     data = encode_segment(seg)
     assert _version(data) == 5 and _column_codecs(data)[1] == CODEC_F64_RECENT
     roundtrip(seg)
-    import fleetloop_shared.segment as segment_module
+    from fleetloop_shared.segment import plan_values
 
-    monkeypatch.setattr(segment_module, "_recent_values", lambda values, grid: None)
+    monkeypatch.setattr(plan_values, "recent_values", lambda values, grid: None)
     plain = encode_segment(seg)
     assert _version(plain) == 2
     assert len(data) < 0.9 * len(plain)
@@ -1444,7 +1442,7 @@ def test_recent_values_name_an_earlier_row_and_round_trip(seed: int, monkeypatch
 
 
 def test_recent_references_kernel_and_numpy_agree() -> None:
-    from fleetloop_shared.codecs import recent
+    from fleetloop_shared.segment.codecs import recent
 
     rng = np.random.default_rng(7)
     for values in (
@@ -1503,7 +1501,7 @@ def test_forged_recent_value_blocks_are_refused_with_a_reason(edit: Any, message
 
 
 def test_forged_recent_references_pointing_before_the_first_row_are_refused() -> None:
-    from fleetloop_shared.codecs import intstream
+    from fleetloop_shared.segment.codecs import intstream
 
     refs = np.zeros(3000, dtype=np.int64)
     refs[0] = 5  # row 0 naming a row before it (checked before the literals are counted)
@@ -1559,14 +1557,14 @@ def test_dictionaries_store_few_off_grid_values_as_indices(
     codecs = _column_codecs(data)
     assert codecs[1] == CODEC_F64_DICT and codecs[2] == CODEC_I64_DICT
     roundtrip(seg)
-    import fleetloop_shared.segment as segment_module
+    from fleetloop_shared.segment import plan_values
 
-    monkeypatch.setattr(segment_module, "_with_dictionary", lambda data_type, values, plain: plain)
+    monkeypatch.setattr(plan_values, "with_dictionary", lambda data_type, values, plain: plain)
     assert len(data) < 0.7 * len(encode_segment(seg))
 
 
 def test_dictionary_kernel_and_numpy_agree() -> None:
-    from fleetloop_shared.codecs import recent
+    from fleetloop_shared.segment.codecs import recent
 
     rng = np.random.default_rng(9)
     for x in (

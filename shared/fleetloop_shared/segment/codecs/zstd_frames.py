@@ -1,9 +1,10 @@
-"""zstd compression for the segment codecs, safe to call from any thread.
+"""zstd for the segment codecs: the only module of the segment format that imports ``zstandard``.
 
 A ``zstandard.ZstdCompressor`` must not be used by two threads at once (it fails with "Src size is
 incorrect" or worse), and the agent, the simulator and the cloud encode from several threads; so each
 thread gets its own compressor, made on first use and reused after (making one per call would cost more
-than compressing a small block).
+than compressing a small block). Frames from outside are read only through :func:`content_size` and
+:func:`decompress_at_most`, which turn every zstd error into :class:`StreamError`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import threading
 
 import zstandard
+
+from fleetloop_shared.segment.codecs import StreamError
 
 #: zstd level of every block and byte plane: an encoder choice, not part of the format. Level 3 is the
 #: measured balance (benchmarks/store.py: level 9 saves 1.8 % of bytes for ~20 % more encode time).
@@ -37,8 +40,31 @@ def compress(raw: bytes, *, level: int = LEVEL) -> bytes:
 
 def decompress(frame: bytes) -> bytes:
     """The content of one zstd frame made by :func:`compress` (for the encoder's own frames: a reader of
-    outside bytes checks the declared size first, see ``segment._unzstd``)."""
+    outside bytes checks the declared size first, with :func:`content_size` and
+    :func:`decompress_at_most`)."""
     decompressor = getattr(_local, "decompressor", None)
     if decompressor is None:
         decompressor = _local.decompressor = zstandard.ZstdDecompressor()
     return bytes(decompressor.decompress(frame))
+
+
+def content_size(frame: bytes) -> int:
+    """The content size a frame declares (-1 when it declares none), read before anything is
+    decompressed."""
+    try:
+        return int(zstandard.frame_content_size(frame))
+    except zstandard.ZstdError:
+        raise StreamError("not a zstd frame") from None
+
+
+def decompress_at_most(frame: bytes, size: int, *, allow_extra_data: bool = False) -> bytes:
+    """The content of a frame from outside, never more than ``size`` bytes (the caller compares what it
+    got with what it expected)."""
+    try:
+        return bytes(
+            zstandard.ZstdDecompressor().decompress(
+                frame, max_output_size=size, allow_extra_data=allow_extra_data
+            )
+        )
+    except zstandard.ZstdError as exc:
+        raise StreamError(f"zstd error: {exc}") from None
