@@ -1,7 +1,8 @@
 """Segment format 6 and the newest writer: grid floats (codec 24) and compressed bodies.
 
-tests/shared/test_segment.py takes formats 2–5 apart byte by byte (with the writer capped at 5); here the
-default writer runs, so every round trip below goes through format 6 wherever it pays.
+test_segment.py, test_segment_groups.py and test_segment_derived.py take formats 2–5 apart byte by byte
+(with the writer capped at 5); here the default writer runs, so every round trip below goes through
+format 6 wherever it pays.
 """
 
 from __future__ import annotations

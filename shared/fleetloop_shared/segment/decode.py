@@ -71,9 +71,11 @@ def _decode_group(segment_id: bytes, header: framing.GroupHeader, reading: regis
     decoded: dict[int, npt.NDArray[Any]] = {}
     reading.decoded = decoded
     reading.orders = {}
-    for stage in registry.Stage:
-        for (signal_id, _), block in zip(header.columns, header.blocks[1:], strict=True):
-            if registry.stage(block.codec) is stage:
-                decoded[signal_id] = registry.decode(block, rows, reading)
+    # in the order columns can be decoded (a stable sort: within a stage, the descriptors' order)
+    for (signal_id, _), block in sorted(
+        zip(header.columns, header.blocks[1:], strict=True),
+        key=lambda column: registry.stage(column[1].codec),
+    ):
+        decoded[signal_id] = registry.decode(block, rows, reading)
     columns = {signal_id: decoded[signal_id] for signal_id, _ in header.columns}
     return Segment(segment_id, header.group, t_ns, columns, reading.data_types)
