@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from segment_cases import reseal  # (tests/shared/conftest.py loads it)
 
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.datapaths import comma2k19_segment
@@ -93,10 +94,6 @@ def real_segments(root: Path) -> tuple[bytes, ...]:
         for groups in (sensors, can):
             out += [encode_segment(b, max_version=version) for b in bundle_segments(groups)]
     return tuple(out)
-
-
-def reseal(body: bytes) -> bytes:
-    return body + struct.pack("<I", zlib.crc32(body))
 
 
 def compressed(opened_body: bytes) -> bytes:

@@ -4,7 +4,6 @@ does not know is refused, in the registry and in real segment bytes."""
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +12,7 @@ import numpy.typing as npt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from segment_cases import reseal  # (tests/shared/conftest.py loads it)
 
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.errors import CorruptSegmentError
@@ -283,10 +283,6 @@ def test_a_codec_of_another_data_type_or_an_unknown_id_is_refused() -> None:
         if found is None or found.data_type is not None:
             with pytest.raises(CorruptSegmentError, match="unknown timestamp codec"):
                 registry.time_codec(codec_id, 6, "")
-
-
-def reseal(body: bytes) -> bytes:
-    return body + struct.pack("<I", zlib.crc32(body))
 
 
 def _descriptor_offsets(data: bytes) -> dict[DataType, list[int]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from segment_cases import expect_corrupt, reseal  # (tests/shared/conftest.py loads it)
 
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.errors import CorruptSegmentError
@@ -60,17 +60,6 @@ def opened(data: bytes) -> bytes:
 def column_codecs(data: bytes) -> dict[int, int]:
     header = framing.parse(opened(data))
     return {sid: b.codec for g in header.groups for (sid, _), b in zip(g.columns, g.blocks[1:], strict=True)}
-
-
-def reseal(body: bytes) -> bytes:
-    return body + struct.pack("<I", zlib.crc32(body))
-
-
-def expect_corrupt(data: bytes, match: str | None = None) -> CorruptSegmentError:
-    with pytest.raises(CorruptSegmentError, match=match) as info:
-        decode_segment(data)
-    assert "\n" not in str(info.value)
-    return info.value
 
 
 def assert_bit_exact(want: Segment, got: Segment) -> None:

@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.errors import CorruptSegmentError
-from fleetloop_shared.segment import derived, plain
+from fleetloop_shared.segment import derived, layout, plain
 from fleetloop_shared.segment.codecs import (
     StreamError,
     decimal_float,
@@ -32,24 +32,6 @@ from fleetloop_shared.segment.codecs import (
 )
 from fleetloop_shared.segment.layout import (
     BLOCK,
-    CODEC_BOOL_PACKBITS,
-    CODEC_F64_BITS_INTSTREAM,
-    CODEC_F64_DICT,
-    CODEC_F64_DIFF,
-    CODEC_F64_GRID,
-    CODEC_F64_KEYED,
-    CODEC_F64_RAW,
-    CODEC_F64_RECENT,
-    CODEC_F64_SCALED,
-    CODEC_F64_XOR,
-    CODEC_I64_DICT,
-    CODEC_I64_INTSTREAM,
-    CODEC_I64_KEYED,
-    CODEC_STR_DICT,
-    CODEC_TS_CLOCK_INDEX,
-    CODEC_TS_INTSTREAM,
-    CODEC_TS_OFFSET,
-    CODEC_TS_SAME_AS,
     DICT_MAX_VALUES,
     DIFF,
     KEYED,
@@ -150,155 +132,88 @@ def _dictionary(rows: int) -> tuple[int, int]:
     return least + 2, least + intstream.max_encoded_size(DICT_MAX_VALUES) + intstream.max_encoded_size(rows)
 
 
-_KEYED_PART = (Part("wrapped block", PLAIN),)
-_INDEX_PARTS = (Part("dictionary entries", CODEC_I64_INTSTREAM), Part("indices", CODEC_I64_INTSTREAM))
+_WRAPPED = (Part("wrapped block", PLAIN),)
 F64, I64 = DataType.FLOAT64, DataType.INT64
 
+
+def _keyed_codec(codec_id: int, data_type: DataType) -> Codec[Callable[[int, Encoded], bytes]]:
+    return Codec(
+        codec_id, "keyed", data_type, 5, derived.keyed, derived.decode_keyed, _keyed,
+        zstd=False, wraps=_WRAPPED, stage=Stage.KEYED,
+    )  # fmt: skip
+
+
+def _dictionary_codec(
+    codec_id: int, data_type: DataType, decode: Decoder
+) -> Codec[Callable[[int, Encoded, Encoded], bytes]]:
+    indices = (
+        Part("dictionary entries", layout.CODEC_I64_INTSTREAM),
+        Part("indices", layout.CODEC_I64_INTSTREAM),
+    )
+    return Codec(
+        codec_id, "dictionary", data_type, 5, derived.dictionary, decode, _dictionary,
+        zstd=False, wraps=indices,
+    )  # fmt: skip
+
+
+# fmt: off
+# Each codec: its id, name, what it holds (None: a group's times), first format version, encoder, decoder
+# and decoded sizes; then what differs from the defaults.
 TS_INTSTREAM = Codec(
-    CODEC_TS_INTSTREAM, "timestamps", None, 2, intstream.encode_with_zstd, plain.decode_ints, _stream
+    layout.CODEC_TS_INTSTREAM, "timestamps", None, 2, intstream.encode_with_zstd, plain.decode_ints, _stream
 )
 TS_CLOCK_INDEX = Codec(
-    CODEC_TS_CLOCK_INDEX,
-    "clock indices",
-    None,
-    4,
-    intstream.encode_with_zstd,
-    plain.decode_clock_index,
-    _stream,
+    layout.CODEC_TS_CLOCK_INDEX, "clock indices", None, 4,
+    intstream.encode_with_zstd, plain.decode_clock_index, _stream,
 )
 TS_SAME_AS = Codec(
-    CODEC_TS_SAME_AS,
-    "same times",
-    None,
-    4,
-    plain.same_as,
-    plain.decode_same_as,
-    lambda rows: (2, 2),
+    layout.CODEC_TS_SAME_AS, "same times", None, 4, plain.same_as, plain.decode_same_as, lambda rows: (2, 2),
     zstd=False,
 )
 TS_OFFSET = Codec(
-    CODEC_TS_OFFSET,
-    "time offsets",
-    None,
-    6,
-    plain.offsets,
-    plain.decode_offsets,
+    layout.CODEC_TS_OFFSET, "time offsets", None, 6, plain.offsets, plain.decode_offsets,
     lambda rows: (U16.size + 1, U16.size + intstream.max_encoded_size(rows)),
 )
-F64_RAW = Codec(CODEC_F64_RAW, "doubles", F64, 2, plain.doubles, plain.decode_doubles, _doubles)
-F64_XOR = Codec(CODEC_F64_XOR, "XOR doubles", F64, 2, None, plain.decode_xor, _doubles)
+F64_RAW = Codec(layout.CODEC_F64_RAW, "doubles", F64, 2, plain.doubles, plain.decode_doubles, _doubles)
+F64_XOR = Codec(layout.CODEC_F64_XOR, "XOR doubles", F64, 2, None, plain.decode_xor, _doubles)
 F64_SCALED = Codec(
-    CODEC_F64_SCALED,
-    "scaled float",
-    F64,
-    2,
-    decimal_float.encode_variants,
-    plain.decode_scaled,
+    layout.CODEC_F64_SCALED, "scaled float", F64, 2, decimal_float.encode_variants, plain.decode_scaled,
     lambda rows: (1, decimal_float.max_encoded_size(rows)),
 )
 F64_BITS_INTSTREAM = Codec(
-    CODEC_F64_BITS_INTSTREAM, "float bits", F64, 2, plain.float_bits, plain.decode_float_bits, _stream
+    layout.CODEC_F64_BITS_INTSTREAM, "float bits", F64, 2, plain.float_bits, plain.decode_float_bits, _stream
 )
-F64_KEYED = Codec(
-    CODEC_F64_KEYED,
-    "keyed",
-    F64,
-    5,
-    derived.keyed,
-    derived.decode_keyed,
-    _keyed,
-    zstd=False,
-    wraps=_KEYED_PART,
-    stage=Stage.KEYED,
-)
+F64_KEYED = _keyed_codec(layout.CODEC_F64_KEYED, F64)
 F64_DIFF = Codec(
-    CODEC_F64_DIFF,
-    "difference",
-    F64,
-    5,
-    derived.difference,
-    derived.decode_difference,
+    layout.CODEC_F64_DIFF, "difference", F64, 5, derived.difference, derived.decode_difference,
     # (its header, then up to one patch of 12 bytes a row)
     lambda rows: (DIFF.size + 1, DIFF.size + 12 * rows + _wrapped(rows)),
-    zstd=False,
-    wraps=_KEYED_PART,
-    stage=Stage.DIFFERENCE,
+    zstd=False, wraps=_WRAPPED, stage=Stage.DIFFERENCE,
 )
 F64_RECENT = Codec(
-    CODEC_F64_RECENT,
-    "recent values",
-    F64,
-    5,
-    derived.recent,
-    derived.decode_recent,
+    layout.CODEC_F64_RECENT, "recent values", F64, 5, derived.recent, derived.decode_recent,
     lambda rows: (2 * BLOCK.size + 2, 2 * BLOCK.size + intstream.max_encoded_size(rows) + _wrapped(rows)),
-    zstd=False,
-    wraps=(Part("references", CODEC_I64_INTSTREAM), Part("literals", PLAIN)),
+    zstd=False, wraps=(Part("references", layout.CODEC_I64_INTSTREAM), Part("literals", PLAIN)),
 )
-F64_DICT = Codec(
-    CODEC_F64_DICT,
-    "dictionary",
-    F64,
-    5,
-    derived.dictionary,
-    derived.decode_float_dictionary,
-    _dictionary,
-    zstd=False,
-    wraps=_INDEX_PARTS,
-)
+F64_DICT = _dictionary_codec(layout.CODEC_F64_DICT, F64, derived.decode_float_dictionary)
 F64_GRID = Codec(
-    CODEC_F64_GRID,
-    "grid float",
-    F64,
-    6,
-    grid_float.encode_variants,
-    plain.decode_grid,
+    layout.CODEC_F64_GRID, "grid float", F64, 6, grid_float.encode_variants, plain.decode_grid,
     lambda rows: (1, grid_float.max_encoded_size(rows)),
 )
 I64_INTSTREAM = Codec(
-    CODEC_I64_INTSTREAM, "integers", I64, 2, intstream.encode_with_zstd, plain.decode_ints, _stream
+    layout.CODEC_I64_INTSTREAM, "integers", I64, 2, intstream.encode_with_zstd, plain.decode_ints, _stream
 )
-I64_KEYED = Codec(
-    CODEC_I64_KEYED,
-    "keyed",
-    I64,
-    5,
-    derived.keyed,
-    derived.decode_keyed,
-    _keyed,
-    zstd=False,
-    wraps=_KEYED_PART,
-    stage=Stage.KEYED,
-)
-I64_DICT = Codec(
-    CODEC_I64_DICT,
-    "dictionary",
-    I64,
-    5,
-    derived.dictionary,
-    derived.decode_dictionary,
-    _dictionary,
-    zstd=False,
-    wraps=_INDEX_PARTS,
-)
+I64_KEYED = _keyed_codec(layout.CODEC_I64_KEYED, I64)
+I64_DICT = _dictionary_codec(layout.CODEC_I64_DICT, I64, derived.decode_dictionary)
 BOOL_PACKBITS = Codec(
-    CODEC_BOOL_PACKBITS,
-    "packed bits",
-    DataType.BOOL,
-    2,
-    plain.packed_bits,
-    plain.decode_bools,
+    layout.CODEC_BOOL_PACKBITS, "packed bits", DataType.BOOL, 2, plain.packed_bits, plain.decode_bools,
     lambda rows: ((rows + 7) // 8, (rows + 7) // 8),
 )
 STR_DICT = Codec(
-    CODEC_STR_DICT,
-    "string dictionary",
-    DataType.STRING,
-    3,
-    strings.encode_measured,
-    plain.decode_text,
-    lambda rows: (1, strings.max_encoded_size(rows)),
+    layout.CODEC_STR_DICT, "string dictionary", DataType.STRING, 3,
+    strings.encode_measured, plain.decode_text, lambda rows: (1, strings.max_encoded_size(rows)),
 )
+# fmt: on
 
 #: Every codec, by id (flag clear).
 REGISTRY: dict[int, Codec[Any]] = {
