@@ -14,6 +14,8 @@ package is its only implementation:
 * :mod:`.framing` — header, groups, descriptors, block headers and checksum, both ways;
 * :mod:`.encode` and :mod:`.decode` — :func:`encode_segment` and :func:`decode_segment`.
 
+The names below are what callers use; the rest of the format's numbers are in :mod:`.layout`.
+
 Why the layout looks the way it does:
 
 * Signals of one group share one timestamp column, and timestamps are most of the cost, so they get the
@@ -73,16 +75,11 @@ from fleetloop_shared.segment.layout import (
     CODEC_TS_INTSTREAM,
     CODEC_TS_OFFSET,
     CODEC_TS_SAME_AS,
-    DICT_MAX_VALUES,
     FLAG_BODY_ZSTD,
     FORMAT_VERSION,
     MAGIC,
     MAX_CELLS,
-    MAX_COLUMNS,
-    MAX_GROUP_BYTES,
-    MAX_GROUPS,
     MAX_ROWS,
-    MAX_SIGNAL_ID,
     MAX_TEXT_BYTES,
     READ_VERSIONS,
     ZSTD_FLAG,
@@ -119,16 +116,11 @@ __all__ = [
     "CODEC_TS_INTSTREAM",
     "CODEC_TS_OFFSET",
     "CODEC_TS_SAME_AS",
-    "DICT_MAX_VALUES",
     "FLAG_BODY_ZSTD",
     "FORMAT_VERSION",
     "MAGIC",
     "MAX_CELLS",
-    "MAX_COLUMNS",
-    "MAX_GROUPS",
-    "MAX_GROUP_BYTES",
     "MAX_ROWS",
-    "MAX_SIGNAL_ID",
     "MAX_TEXT_BYTES",
     "READ_VERSIONS",
     "ZSTD_FLAG",

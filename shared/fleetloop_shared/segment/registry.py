@@ -110,12 +110,18 @@ class Codec(Generic[E]):
         return Encoded(self.id, raw, len(raw))
 
 
-def _stream(rows: int) -> tuple[int, int]:
-    return 1, intstream.max_encoded_size(rows)
+def _up_to(largest: Callable[[int], int]) -> Callable[[int], tuple[int, int]]:
+    """Bounds of a codec whose bytes are at least one and at most what ``largest`` says for the rows."""
+    return lambda rows: (1, largest(rows))
 
 
-def _doubles(rows: int) -> tuple[int, int]:
-    return rows * 8, rows * 8
+def _exactly(size: Callable[[int], int]) -> Callable[[int], tuple[int, int]]:
+    """Bounds of a codec whose bytes are a function of the rows."""
+    return lambda rows: (size(rows), size(rows))
+
+
+_stream = _up_to(intstream.max_encoded_size)
+_doubles = _exactly(lambda rows: rows * 8)
 
 
 def _wrapped(rows: int) -> int:
@@ -167,8 +173,8 @@ TS_CLOCK_INDEX = Codec(
     intstream.encode_with_zstd, plain.decode_clock_index, _stream,
 )
 TS_SAME_AS = Codec(
-    layout.CODEC_TS_SAME_AS, "same times", None, 4, plain.same_as, plain.decode_same_as, lambda rows: (2, 2),
-    zstd=False,
+    layout.CODEC_TS_SAME_AS, "same times", None, 4, plain.same_as, plain.decode_same_as,
+    _exactly(lambda rows: U16.size), zstd=False,
 )
 TS_OFFSET = Codec(
     layout.CODEC_TS_OFFSET, "time offsets", None, 6, plain.offsets, plain.decode_offsets,
@@ -178,7 +184,7 @@ F64_RAW = Codec(layout.CODEC_F64_RAW, "doubles", F64, 2, plain.doubles, plain.de
 F64_XOR = Codec(layout.CODEC_F64_XOR, "XOR doubles", F64, 2, None, plain.decode_xor, _doubles)
 F64_SCALED = Codec(
     layout.CODEC_F64_SCALED, "scaled float", F64, 2, decimal_float.encode_variants, plain.decode_scaled,
-    lambda rows: (1, decimal_float.max_encoded_size(rows)),
+    _up_to(decimal_float.max_encoded_size),
 )
 F64_BITS_INTSTREAM = Codec(
     layout.CODEC_F64_BITS_INTSTREAM, "float bits", F64, 2, plain.float_bits, plain.decode_float_bits, _stream
@@ -198,7 +204,7 @@ F64_RECENT = Codec(
 F64_DICT = _dictionary_codec(layout.CODEC_F64_DICT, F64, derived.decode_float_dictionary)
 F64_GRID = Codec(
     layout.CODEC_F64_GRID, "grid float", F64, 6, grid_float.encode_variants, plain.decode_grid,
-    lambda rows: (1, grid_float.max_encoded_size(rows)),
+    _up_to(grid_float.max_encoded_size),
 )
 I64_INTSTREAM = Codec(
     layout.CODEC_I64_INTSTREAM, "integers", I64, 2, intstream.encode_with_zstd, plain.decode_ints, _stream
@@ -207,11 +213,11 @@ I64_KEYED = _keyed_codec(layout.CODEC_I64_KEYED, I64)
 I64_DICT = _dictionary_codec(layout.CODEC_I64_DICT, I64, derived.decode_dictionary)
 BOOL_PACKBITS = Codec(
     layout.CODEC_BOOL_PACKBITS, "packed bits", DataType.BOOL, 2, plain.packed_bits, plain.decode_bools,
-    lambda rows: ((rows + 7) // 8, (rows + 7) // 8),
+    _exactly(lambda rows: (rows + 7) // 8),
 )
 STR_DICT = Codec(
     layout.CODEC_STR_DICT, "string dictionary", DataType.STRING, 3,
-    strings.encode_measured, plain.decode_text, lambda rows: (1, strings.max_encoded_size(rows)),
+    strings.encode_measured, plain.decode_text, _up_to(strings.max_encoded_size),
 )
 # fmt: on
 
