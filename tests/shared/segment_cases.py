@@ -14,10 +14,7 @@ from hypothesis import strategies as st
 
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.errors import CorruptSegmentError
-from fleetloop_shared.segment import (
-    Segment,
-    decode_segment,
-)
+from fleetloop_shared.segment import Segment, decode_segment
 from fleetloop_shared.segment import encode_segment as encode_newest
 
 

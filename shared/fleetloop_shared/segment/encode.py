@@ -95,7 +95,9 @@ def encode_segment(segment: Segment, *, max_version: int = FORMAT_VERSION) -> by
         version, 0, segment.segment_id, rows, int(t_ns.min()) if rows else 0, int(t_ns.max()) if rows else 0
     )
     descriptors = [(signal_id, data_type) for signal_id, data_type, _ in columns]
-    plain = framing.sealed(head + framing.group(segment.group, None, descriptors, time, values))
+    plain = framing.sealed(
+        b"".join([head, *framing.group(segment.group, None, descriptors, [time, *values])])
+    )
     if grid and any(len(block.payload) < BODY_RAW_BELOW for block in [time, *values]):
         # small blocks (stored as they are for the body's frame): one frame may well be smaller
         packed = _several(segment, {0: (values, text)}, derive=derive, grid=grid)
@@ -153,12 +155,15 @@ def _several(
     def body(compressed: bool) -> bytes:
         """The body as formats 4/5 frame it, or as a format 6 compressed body holds it before its zstd
         frame: blocks stored in fewer than :data:`BODY_RAW_BELOW` bytes without their own frame."""
-        kept = _small_block_raw if compressed else _as_it_is
+
+        def kept(blocks: list[Encoded]) -> list[Encoded]:
+            return [_small_block_raw(b) for b in blocks] if compressed else blocks
+
         framed = [
-            framing.group(name, rows, descriptors, kept(time), [kept(b) for b in values])
+            framing.group(name, rows, descriptors, kept([time, *values]))
             for name, rows, descriptors, time, values in planned
         ]
-        return framing.several(framed, int(clock.shape[0]), kept(clock_block))
+        return framing.several(framed, int(clock.shape[0]), kept([clock_block])[0])
 
     time_range = segment.time_range()
     first_ns, last_ns = time_range if time_range is not None else (0, 0)
@@ -173,10 +178,6 @@ def _several(
             return framing.sealed(head + packed)
     head = framing.fixed_header(version, 0, segment.segment_id, rows, first_ns, last_ns)
     return framing.sealed(head + plain_body)
-
-
-def _as_it_is(block: Encoded) -> Encoded:
-    return block
 
 
 def _small_block_raw(block: Encoded) -> Encoded:

@@ -52,32 +52,36 @@ def fixed_header(
     return FIXED.pack(MAGIC, version, flags, segment_id, rows, first_ns, last_ns)
 
 
-def blocks(*blocks: Encoded) -> bytes:
-    """Blocks as *Blocks* frames them: codec, decoded length, stored length, stored bytes."""
-    return b"".join(BLOCK.pack(b.codec, b.raw_len, len(b.payload)) + b.payload for b in blocks)
-
-
 def group(
-    name: str,
-    rows: int | None,
-    columns: Sequence[tuple[int, DataType]],
-    time: Encoded,
-    values: Sequence[Encoded],
-) -> bytes:
-    """A group: its name, its row count (format 4 on; ``None`` in formats 2/3, where the fixed header's
-    is the group's), its time codec, its column descriptors and blocks."""
+    name: str, rows: int | None, columns: Sequence[tuple[int, DataType]], blocks: Sequence[Encoded]
+) -> list[bytes]:
+    """A group's parts: its name, its row count (format 4 on; ``None`` in formats 2/3, where the fixed
+    header's is the group's), its time codec, its column descriptors, then its blocks (the time block
+    first) as *Blocks* frames them. (Parts, not bytes: a body is joined once, not copied per group.)"""
     encoded = name.encode("utf-8")
-    head = U16.pack(len(encoded)) + encoded + (b"" if rows is None else U32.pack(rows))
-    descriptors = b"".join(
+    parts = [U16.pack(len(encoded)), encoded]
+    if rows is not None:
+        parts.append(U32.pack(rows))
+    parts += [bytes([blocks[0].codec]), U16.pack(len(columns))]
+    parts += [
         COLUMN.pack(signal_id, int(data_type), block.codec)
-        for (signal_id, data_type), block in zip(columns, values, strict=True)
-    )
-    return head + bytes([time.codec]) + U16.pack(len(columns)) + descriptors + blocks(time, *values)
+        for (signal_id, data_type), block in zip(columns, blocks[1:], strict=True)
+    ]
+    return parts + _framed(blocks)
 
 
-def several(groups: Sequence[bytes], clock_rows: int, clock: Encoded) -> bytes:
+def several(groups: Sequence[list[bytes]], clock_rows: int, clock: Encoded) -> bytes:
     """The body of format 4 on: the group count, the shared clock, then the groups."""
-    return U16.pack(len(groups)) + U32.pack(clock_rows) + blocks(clock) + b"".join(groups)
+    head = [U16.pack(len(groups)), U32.pack(clock_rows), *_framed([clock])]
+    return b"".join(head + [part for parts in groups for part in parts])
+
+
+def _framed(blocks: Sequence[Encoded]) -> list[bytes]:
+    """Blocks as *Blocks* frames them: codec, decoded length, stored length, stored bytes."""
+    parts: list[bytes] = []
+    for block in blocks:
+        parts += [BLOCK.pack(block.codec, block.raw_len, len(block.payload)), block.payload]
+    return parts
 
 
 def sealed(data: bytes) -> bytes:

@@ -90,7 +90,9 @@ class Codec(Generic[E]):
     bounds: Callable[[int], tuple[int, int]]
     #: whether a block of it may be a zstd frame (``codec | ZSTD_FLAG``)
     zstd: bool = True
+    #: the blocks its payload frames, each checked against the registry before it is decoded
     wraps: tuple[Part, ...] = ()
+    #: when in its group a column of it can be decoded
     stage: Stage = Stage.OWN
 
     def block(self, raw: bytes, compressed: bytes | None = None, *, inner: tuple[int, ...] = ()) -> Encoded:
@@ -290,7 +292,10 @@ def value_codec(codec: int, data_type: DataType, version: int, where: str) -> Co
 
 def needs(block: Encoded) -> int:
     """The lowest format version that reads a block: its codec's, or a wrapped block's if newer."""
-    return max(REGISTRY[codec & ~ZSTD_FLAG].since for codec in (block.codec, *block.inner))
+    since = REGISTRY[block.codec & ~ZSTD_FLAG].since
+    for codec in block.inner:
+        since = max(since, REGISTRY[codec & ~ZSTD_FLAG].since)
+    return since
 
 
 def stage(codec: int) -> Stage:

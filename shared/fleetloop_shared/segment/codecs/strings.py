@@ -132,9 +132,7 @@ def decode(data: bytes, count: int, max_text: int = MAX_TEXT_BYTES) -> tuple[npt
     (total,) = _U64.unpack_from(data, pos)
     pos += _U64.size
     if total > max_text:
-        raise StreamError(
-            f"string dictionary text of {total} bytes exceeds the limit of {max_text}"
-        )
+        raise StreamError(f"string dictionary text of {total} bytes exceeds the limit of {max_text}")
     if pos + total > len(data):
         raise StreamError(f"string dictionary text of {total} bytes exceeds the block")
     if entries and (int(lengths.min()) < 0 or int(lengths.max()) > total or int(lengths.sum()) != total):

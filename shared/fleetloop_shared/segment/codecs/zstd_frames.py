@@ -42,10 +42,16 @@ def decompress(frame: bytes) -> bytes:
     """The content of one zstd frame made by :func:`compress` (for the encoder's own frames: a reader of
     outside bytes checks the declared size first, with :func:`content_size` and
     :func:`decompress_at_most`)."""
+    return bytes(_decompressor().decompress(frame))
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor (each call starts a fresh frame; making one per block cost more than
+    decompressing a small block)."""
     decompressor = getattr(_local, "decompressor", None)
     if decompressor is None:
         decompressor = _local.decompressor = zstandard.ZstdDecompressor()
-    return bytes(decompressor.decompress(frame))
+    return decompressor
 
 
 def content_size(frame: bytes) -> int:
@@ -58,13 +64,15 @@ def content_size(frame: bytes) -> int:
 
 
 def decompress_at_most(frame: bytes, size: int, *, allow_extra_data: bool = False) -> bytes:
-    """The content of a frame from outside, never more than ``size`` bytes (the caller compares what it
-    got with what it expected)."""
+    """The content of a frame from outside, never more than ``size`` bytes: a frame that declares more
+    (or no size) is refused before anything is decompressed. The caller compares what it got with what
+    it expected."""
+    declared = content_size(frame)
+    if not 0 <= declared <= size:
+        raise StreamError(f"zstd frame declares {declared} bytes, at most {size} expected")
     try:
         return bytes(
-            zstandard.ZstdDecompressor().decompress(
-                frame, max_output_size=size, allow_extra_data=allow_extra_data
-            )
+            _decompressor().decompress(frame, max_output_size=size, allow_extra_data=allow_extra_data)
         )
     except zstandard.ZstdError as exc:
         raise StreamError(f"zstd error: {exc}") from None
