@@ -5,7 +5,7 @@ long runs of the same one. So a column becomes its distinct strings (in order of
 the rows' indices into them. First-appearance order makes the indices of a column whose values are all
 distinct ``0, 1, 2, …`` (free as an integer stream of first differences) and those of a slowly changing
 state mostly repeats; the indices are stored either as one integer stream per row (bit-packed, see
-:mod:`fleetloop_shared.codecs.intstream`) or, when runs are long, as run values and run lengths —
+:mod:`fleetloop_shared.segment.codecs.intstream`) or, when runs are long, as run values and run lengths —
 whichever is smaller, computed exactly. zstd on top (the segment framing's choice) takes care of text
 the dictionary cannot share (similar but distinct strings).
 
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fleetloop_shared.codecs import intstream
+from fleetloop_shared.segment.codecs import StreamError, intstream
 
 #: Index layouts (the payload's first byte).
 INDEX_ROWS = 0
@@ -117,28 +117,26 @@ def decode(data: bytes, count: int, max_text: int = MAX_TEXT_BYTES) -> tuple[npt
     """Inverse of :func:`encode`: an object array of ``count`` ``str``, and the bytes of distinct text
     it held (so a caller decoding many columns can cap their total with ``max_text``).
 
-    Raises :class:`intstream.StreamError` on any malformed field (sizes are checked before use).
+    Raises :class:`StreamError` on any malformed field (sizes are checked before use).
     """
     if len(data) < _HEAD.size:
-        raise intstream.StreamError("string dictionary header truncated")
+        raise StreamError("string dictionary header truncated")
     layout, entries = _HEAD.unpack_from(data, 0)
     if layout not in (INDEX_ROWS, INDEX_RUNS):
-        raise intstream.StreamError(f"unknown string index layout {layout}")
+        raise StreamError(f"unknown string index layout {layout}")
     if entries > count or (count > 0 and entries == 0):
-        raise intstream.StreamError(f"{entries} dictionary entries impossible for {count} rows")
+        raise StreamError(f"{entries} dictionary entries impossible for {count} rows")
     lengths, pos = intstream.decode(data, _HEAD.size, entries)
     if pos + _U64.size > len(data):
-        raise intstream.StreamError("string dictionary truncated in text length")
+        raise StreamError("string dictionary truncated in text length")
     (total,) = _U64.unpack_from(data, pos)
     pos += _U64.size
     if total > max_text:
-        raise intstream.StreamError(
-            f"string dictionary text of {total} bytes exceeds the limit of {max_text}"
-        )
+        raise StreamError(f"string dictionary text of {total} bytes exceeds the limit of {max_text}")
     if pos + total > len(data):
-        raise intstream.StreamError(f"string dictionary text of {total} bytes exceeds the block")
+        raise StreamError(f"string dictionary text of {total} bytes exceeds the block")
     if entries and (int(lengths.min()) < 0 or int(lengths.max()) > total or int(lengths.sum()) != total):
-        raise intstream.StreamError("string lengths do not add up to the dictionary text")
+        raise StreamError("string lengths do not add up to the dictionary text")
     text = data[pos : pos + total]
     pos += total
     table = _strings(text, lengths)
@@ -146,22 +144,22 @@ def decode(data: bytes, count: int, max_text: int = MAX_TEXT_BYTES) -> tuple[npt
         idx, pos = intstream.decode(data, pos, count)
     else:
         if pos + _U32.size > len(data):
-            raise intstream.StreamError("string runs truncated in run count")
+            raise StreamError("string runs truncated in run count")
         (nruns,) = _U32.unpack_from(data, pos)
         pos += _U32.size
         if nruns > count or (count > 0 and nruns == 0):
-            raise intstream.StreamError(f"{nruns} runs impossible for {count} rows")
+            raise StreamError(f"{nruns} runs impossible for {count} rows")
         run_values, pos = intstream.decode(data, pos, nruns)
         run_lengths, pos = intstream.decode(data, pos, nruns)
         if nruns and (int(run_lengths.min()) < 1 or int(run_lengths.max()) > count):
-            raise intstream.StreamError("string run lengths out of range")
+            raise StreamError("string run lengths out of range")
         if int(run_lengths.sum()) != count:
-            raise intstream.StreamError(f"string runs cover {int(run_lengths.sum())} rows, expected {count}")
+            raise StreamError(f"string runs cover {int(run_lengths.sum())} rows, expected {count}")
         idx = np.repeat(run_values, run_lengths)
     if pos != len(data):
-        raise intstream.StreamError(f"{len(data) - pos} bytes after the string dictionary block")
+        raise StreamError(f"{len(data) - pos} bytes after the string dictionary block")
     if count and (int(idx.min()) < 0 or int(idx.max()) >= entries):
-        raise intstream.StreamError(f"string index out of range of {entries} dictionary entries")
+        raise StreamError(f"string index out of range of {entries} dictionary entries")
     out: npt.NDArray[np.object_] = table[idx] if count else np.empty(0, dtype=object)
     return out, int(total)
 
@@ -178,5 +176,5 @@ def _strings(text: bytes, lengths: npt.NDArray[np.int64]) -> npt.NDArray[np.obje
     try:
         table[:] = [text[a:b].decode("utf-8") for a, b in zip(starts, ends, strict=True)]
     except UnicodeDecodeError as exc:
-        raise intstream.StreamError(f"string dictionary entry is not valid UTF-8 ({exc.reason})") from None
+        raise StreamError(f"string dictionary entry is not valid UTF-8 ({exc.reason})") from None
     return table

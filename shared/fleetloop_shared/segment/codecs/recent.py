@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fleetloop_shared.codecs import bitpack
+from fleetloop_shared.segment.codecs import bitpack
 
 I64 = npt.NDArray[np.int64]
 

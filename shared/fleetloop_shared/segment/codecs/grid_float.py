@@ -29,7 +29,7 @@ import struct
 import numpy as np
 import numpy.typing as npt
 
-from fleetloop_shared.codecs import decimal_float, intstream
+from fleetloop_shared.segment.codecs import StreamError, decimal_float, intstream
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -161,12 +161,12 @@ def encode_variants(v: F64, step: float) -> tuple[bytes | None, bytes | None]:
 
 
 def decode(data: bytes, count: int) -> F64:
-    """Inverse of :func:`encode_variants`; raises :class:`intstream.StreamError` on malformed bytes."""
+    """Inverse of :func:`encode_variants`; raises :class:`StreamError` on malformed bytes."""
     if len(data) < _STEP.size:
-        raise intstream.StreamError("grid float step truncated")
+        raise StreamError("grid float step truncated")
     (step,) = _STEP.unpack_from(data, 0)
     if not (math.isfinite(step) and step > 0):
-        raise intstream.StreamError(f"grid step {step!r} is not a positive finite number")
+        raise StreamError(f"grid step {step!r} is not a positive finite number")
     n, r = decimal_float.decode_streams(data, _STEP.size, count, "grid float")
     with np.errstate(over="ignore", invalid="ignore"):
         approx = n.astype(np.float64) * np.float64(step)

@@ -10,7 +10,7 @@ float32 values (binary fractions with 24 significant bits). Each becomes a small
 
 and a residual ``r = bits(value) - bits(approx)`` (int64, wrapping), which is zero where the scaling is
 exact and a small number of ulps where the value was computed in binary. Both ``n`` and ``r`` go through
-:mod:`fleetloop_shared.codecs.intstream`. The round trip is exact for every double by construction — NaN
+:mod:`.intstream`. The round trip is exact for every double by construction — NaN
 payloads, -0.0, infinities and values the scaling cannot express just carry a large residual (they are
 exceptions of the residual stream), so there is no separate exception list to get wrong.
 
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fleetloop_shared.codecs import intstream
+from fleetloop_shared.segment.codecs import StreamError, intstream
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -571,16 +571,16 @@ def encode_variants(v: F64, choice: tuple[int, int] | None = None) -> tuple[byte
 
 
 def decode(data: bytes, count: int) -> F64:
-    """Inverse of :func:`encode`; raises :class:`intstream.StreamError` on malformed bytes."""
+    """Inverse of :func:`encode`; raises :class:`StreamError` on malformed bytes."""
     if len(data) < _HEAD.size:
-        raise intstream.StreamError("scaled float header truncated")
+        raise StreamError("scaled float header truncated")
     mode, exponent = _HEAD.unpack_from(data, 0)
     if mode == MODE_DECIMAL and exponent > MAX_DECIMAL_EXPONENT:
-        raise intstream.StreamError(f"decimal exponent {exponent} > {MAX_DECIMAL_EXPONENT}")
+        raise StreamError(f"decimal exponent {exponent} > {MAX_DECIMAL_EXPONENT}")
     if mode == MODE_BINARY and exponent > MAX_BINARY_EXPONENT:
-        raise intstream.StreamError(f"binary exponent {exponent} > {MAX_BINARY_EXPONENT}")
+        raise StreamError(f"binary exponent {exponent} > {MAX_BINARY_EXPONENT}")
     if mode not in (MODE_DECIMAL, MODE_BINARY):
-        raise intstream.StreamError(f"unknown scaling mode {mode}")
+        raise StreamError(f"unknown scaling mode {mode}")
     n, r = decode_streams(data, _HEAD.size, count, "scaled float")
     with np.errstate(over="ignore", invalid="ignore"):
         approx = _approx(n, mode, exponent)
@@ -593,5 +593,5 @@ def decode_streams(data: bytes, start: int, count: int, what: str) -> tuple[I64,
     n, pos = intstream.decode(data, start, count)
     r, pos = intstream.decode(data, pos, count)
     if pos != len(data):
-        raise intstream.StreamError(f"{len(data) - pos} bytes after the {what} streams")
+        raise StreamError(f"{len(data) - pos} bytes after the {what} streams")
     return n, r
