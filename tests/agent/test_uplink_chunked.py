@@ -55,13 +55,26 @@ def noisy_segment(store: LocalStore, rows: int) -> StoredSegment:
 
 
 def link(
-    target: str, store: LocalStore, metrics: AgentMetrics, acks: list[bool], chunk_bytes: int = PIECE
+    target: str,
+    store: LocalStore,
+    metrics: AgentMetrics,
+    acks: list[bool],
+    chunk_bytes: int = PIECE,
+    deadline_s: float = 3.0,
 ) -> Link:
     hello = device_pb2.Hello(device_id="car-1", fleet="t", data_origin="recordings")
     hello.catalog.add(id=1, path="Vehicle.Speed", data_type=device_pb2.DATA_TYPE_FLOAT64)
-    return Link(GrpcTransport(target), device_id="car-1", store=store, metrics=metrics, upload_deadline_s=3.0,
-                greeting=lambda: [device_pb2.DeviceMessage(hello=hello)], on_message=lambda m: None,
-                on_ack=lambda s, duplicate: acks.append(duplicate), chunk_bytes=chunk_bytes)  # fmt: skip
+    return Link(
+        GrpcTransport(target),
+        device_id="car-1",
+        store=store,
+        metrics=metrics,
+        upload_deadline_s=deadline_s,
+        greeting=lambda: [device_pb2.DeviceMessage(hello=hello)],
+        on_message=lambda m: None,
+        on_ack=lambda s, duplicate: acks.append(duplicate),
+        chunk_bytes=chunk_bytes,
+    )
 
 
 def count(metrics: AgentMetrics, name: str) -> float:
@@ -113,7 +126,11 @@ def test_a_segment_over_the_message_limit_goes_in_pieces(
     assert seg.size_bytes > MAX_MESSAGE_BYTES  # UploadSegment could never carry it
     metrics, acks = AgentMetrics(), []
     largest = 1 << 20  # the largest piece the cloud takes
-    uplink = link(f"127.0.0.1:{_upstream_port(cloud)}", store, metrics, acks, chunk_bytes=largest)
+    # the last piece makes the cloud ingest 2.6 M rows before it answers: on a loaded machine that takes
+    # longer than a short deadline, and the retry is (correctly) answered as a duplicate
+    uplink = link(
+        f"127.0.0.1:{_upstream_port(cloud)}", store, metrics, acks, chunk_bytes=largest, deadline_s=120.0
+    )
     uplink.start()
     try:
         deadline = time.monotonic() + 120
