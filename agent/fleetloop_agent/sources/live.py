@@ -183,10 +183,17 @@ class SampleQueue:
         columns: Sequence[Sequence[Any] | npt.NDArray[Any]],
     ) -> bool:
         """Queue rows of one group; False (and counted as dropped) when the policy refuses them."""
-        chunk = _Chunk(group, ids, t_ns, columns)
-        n = chunk.samples
-        if n == 0:
-            return True
+        return self.put_all([(group, ids, t_ns, columns)])
+
+    def put_all(
+        self,
+        chunks: Sequence[
+            tuple[str, tuple[int, ...], Sequence[int] | npt.NDArray[np.int64], Sequence[Sequence[Any] | npt.NDArray[Any]]]
+        ],
+    ) -> bool:
+        """Queue several chunks all or none (one publisher's request); False when the policy refuses."""
+        parts = [_Chunk(*c) for c in chunks]
+        n = sum(p.samples for p in parts)
         with self._lock:
             if n > self.capacity or (
                 self.policy is OverflowPolicy.REFUSE_NEWEST and self._size + n > self.capacity
@@ -197,7 +204,7 @@ class SampleQueue:
                 old = self._chunks.popleft()
                 self._size -= old.samples
                 self._counters.dropped += old.samples
-            self._chunks.append(chunk)
+            self._chunks.extend(p for p in parts if p.samples)
             self._size += n
             self._counters.samples += n
         return True
