@@ -47,7 +47,11 @@ def _guess(value: Any) -> DataType:
 def _error(exc: grpc.RpcError) -> FleetloopError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+    if code in (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    ):
         return UnavailableError(f"agent push API: {details}")
     return UserError(f"agent push API refused the request: {details}")
 
@@ -72,7 +76,8 @@ class PushClient:
         return list(reply.signals)
 
     def batch(self, values: Values, time_ns: Sequence[int] | None = None) -> push_pb2.SampleBatch:
-        """One batch: columns of equal length (a scalar is one row), times in ns (None: stamped on arrival)."""
+        """One batch: columns of equal length (a scalar is one row), times in ns (None: stamped on
+        arrival)."""
         if self._types is None:
             self.signals()
         types = self._types or {}
@@ -91,7 +96,9 @@ class PushClient:
     def publish_batches(self, batches: Sequence[push_pb2.SampleBatch]) -> int:
         """Publish several batches in one call, accepted all or none."""
         try:
-            reply = self._stub.PublishValues(push_pb2.PublishValuesRequest(batches=batches), timeout=self.timeout_s)
+            reply = self._stub.PublishValues(
+                push_pb2.PublishValuesRequest(batches=batches), timeout=self.timeout_s
+            )
         except grpc.RpcError as exc:
             raise _error(exc) from None
         return int(reply.accepted_samples)

@@ -24,7 +24,7 @@ import math
 import struct
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -58,10 +58,10 @@ OPCUA_NAMESPACE: Final = "urn:fleetloop:sim:pump"
 class SkabTable:
     """The SKAB pump rows (or generated ones), indexed by wall time."""
 
-    def __init__(self, rows: list[tuple[float, ...]], *, rows_per_s: float = 1.0, origin: str) -> None:
+    def __init__(self, rows: Sequence[tuple[float, ...]], *, rows_per_s: float = 1.0, origin: str) -> None:
         if not rows:
             raise ConfigError("SKAB table: no rows")
-        self.rows = rows
+        self.rows = list(rows)
         self.rows_per_s = float(rows_per_s)
         self.origin = origin
         self._t0 = time.monotonic()
@@ -112,7 +112,13 @@ def registers_of(row: tuple[float, ...]) -> dict[str, list[int]]:
     x100 = [w for v in row for w in _words("h", max(-32768, min(32767, round(v * 100))), "big")]
     coils = (1 if row[2] > 1.0 else 0) | ((1 if row[3] > 0.0 else 0) << 1)
     discrete = 1 if row[7] > 100.0 else 0
-    return {"float_abcd": abcd, "float_cdab": cdab, "int16_x100": x100, "coils": [coils], "discrete": [discrete]}
+    return {
+        "float_abcd": abcd,
+        "float_cdab": cdab,
+        "int16_x100": x100,
+        "coils": [coils],
+        "discrete": [discrete],
+    }
 
 
 class _LoopThread:
@@ -251,7 +257,8 @@ class OpcUaPump:
         return f"ns={self.namespace_index};s=Pump.{column}"
 
     async def _start(self) -> None:
-        from asyncua import Server, ua
+        from asyncua import ua
+        from asyncua.server.server import Server
 
         server = Server()
         await server.init()
@@ -259,15 +266,17 @@ class OpcUaPump:
         server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
         idx = await server.register_namespace(OPCUA_NAMESPACE)
         self.namespace_index = idx
-        pump = await server.nodes.objects.add_object(ua.NodeId("Pump", idx), ua.QualifiedName("Pump", idx))
+        pump = await server.nodes.objects.add_object(f"ns={idx};s=Pump", f"{idx}:Pump")
         row = self.table.current()
         variables = []
         for column, value in zip(SKAB_COLUMNS, row, strict=True):
             var = await pump.add_variable(
-                ua.NodeId(f"Pump.{column}", idx), ua.QualifiedName(column, idx), float(value)
+                f"ns={idx};s=Pump.{column}", f"{idx}:{column}", float(value)
             )
             variables.append(var)
-        running = await pump.add_variable(ua.NodeId("Pump.Running", idx), ua.QualifiedName("Running", idx), True)
+        running = await pump.add_variable(
+            f"ns={idx};s=Pump.Running", f"{idx}:Running", True
+        )
         await server.start()
         self._server = server
 

@@ -58,7 +58,9 @@ def write_mcap(path: Path, rows: list[tuple[int, tuple[float, ...]]]) -> Path:
     rad = math.pi / 180
     with path.open("wb") as fh:
         writer = Writer(fh)
-        imu = writer.register_msgdef("sensor_msgs/msg/Imu", ts.generate_msgdef("sensor_msgs/msg/Imu", ros_version=2)[0])
+        imu = writer.register_msgdef(
+            "sensor_msgs/msg/Imu", ts.generate_msgdef("sensor_msgs/msg/Imu", ros_version=2)[0]
+        )
         mode = writer.register_msgdef("std_msgs/msg/String", "string data\n")
         for i, (t_ns, v) in enumerate(rows):
             msg = {
@@ -104,7 +106,11 @@ def write_bag(path: Path, rows: list[tuple[int, tuple[float, ...]]], *, ros2: bo
             msg1 = _imu_ros1(ts, t_ns, v)
             writer1.write(imu1, t_ns, ts.serialize_ros1(msg1, "sensor_msgs/msg/Imu"))
             if i % 10 == 0:
-                writer1.write(mode1, t_ns, ts.serialize_ros1(ts.types[String](data="walk" if i % 20 else "stand"), String))
+                writer1.write(
+                    mode1,
+                    t_ns,
+                    ts.serialize_ros1(ts.types[String](data="walk" if i % 20 else "stand"), String),
+                )
     return path
 
 

@@ -84,7 +84,12 @@ class _Topics:
             if value is ...:
                 if (topic, path) not in self._skipped:
                     self._skipped.add((topic, path))
-                    self.notes.append(Note(f"{topic}: {path} is an array or blob too large for signals; left out", f"{topic}/{path}"))
+                    self.notes.append(
+                        Note(
+                            f"{topic}: {path} is an array or blob too large for signals; left out",
+                            f"{topic}/{path}",
+                        )
+                    )
                 continue
             col = cols.get(path)
             if col is None:
@@ -107,13 +112,19 @@ class _Topics:
             columns: dict[str, Any] = {}
             for path, values in self.cols[topic].items():
                 if (topic, path) in self._ragged:
-                    self.notes.append(Note(f"{topic}: {path} is missing from some messages; left out", f"{topic}/{path}"))
+                    self.notes.append(
+                        Note(f"{topic}: {path} is missing from some messages; left out", f"{topic}/{path}")
+                    )
                     continue
                 first = values[0]
                 dtype: Any = bool if isinstance(first, bool) else object if isinstance(first, str) else float
                 if isinstance(first, int) and not isinstance(first, bool):
                     dtype = np.int64 if all(-(2**63) <= v < 2**63 for v in values) else float
-                arr = np.asarray(values, dtype=dtype) if dtype is not object else np.asarray(values, dtype=object)
+                arr = (
+                    np.asarray(values, dtype=dtype)
+                    if dtype is not object
+                    else np.asarray(values, dtype=object)
+                )
                 columns[path] = arr[order]
             if columns:
                 groups.append(SignalGroup(topic, t[order], columns))
@@ -137,7 +148,9 @@ def read_mcap(path: Path, *, topics: set[str] | None = None, limit: int = MAX_IN
         from mcap.reader import make_reader
         from mcap_ros2.decoder import DecoderFactory
     except ImportError:
-        raise ConfigError(f"{path}: reading MCAP needs mcap and mcap-ros2-support: pip install 'fleetloop[robot]'") from None
+        raise ConfigError(
+            f"{path}: reading MCAP needs mcap and mcap-ros2-support: pip install 'fleetloop[robot]'"
+        ) from None
     out = _Topics()
     try:
         with path.open("rb") as fh:
@@ -147,7 +160,9 @@ def read_mcap(path: Path, *, topics: set[str] | None = None, limit: int = MAX_IN
             ):
                 out.add(channel.topic, int(message.log_time), decoded)
     except Exception as exc:  # mcap's and the CDR decoder's errors on outside bytes: one line
-        raise ConfigError(f"{path}: not a readable MCAP file of ROS 2 messages ({_first_line(exc)})") from None
+        raise ConfigError(
+            f"{path}: not a readable MCAP file of ROS 2 messages ({_first_line(exc)})"
+        ) from None
     return out.recording()
 
 

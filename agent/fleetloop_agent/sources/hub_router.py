@@ -181,8 +181,10 @@ class HubRouter:
 
     def on_message(self, topic: str, payload: bytes, t_ns: int) -> tuple[Row | None, list[str]]:
         """The row a message gives (None if nothing mapped or all dropped), and new topics to follow."""
-        if self.discovery_prefix is not None and topic.startswith(self.discovery_prefix + "/") and topic.endswith(
-            "/config"
+        if (
+            self.discovery_prefix is not None
+            and topic.startswith(self.discovery_prefix + "/")
+            and topic.endswith("/config")
         ):
             return None, self._on_discovery(topic, payload)
         fields = self._fields(topic)
@@ -190,7 +192,9 @@ class HubRouter:
             return None, []
         if len(payload) > self.max_payload:
             self.malformed_total += 1
-            self._on_error(f"size:{topic}", f"{topic}: {len(payload)}-byte payload exceeds {self.max_payload}, dropped")
+            self._on_error(
+                f"size:{topic}", f"{topic}: {len(payload)}-byte payload exceeds {self.max_payload}, dropped"
+            )
             return None, []
         try:
             raw = payload.decode("utf-8")
@@ -249,7 +253,9 @@ class HubRouter:
                 continue
             state_topic = cfg.get("state_topic")
             if not isinstance(state_topic, str) or not state_topic:
-                self._on_error(f"entity:{key}", f"discovered entity {key!r} announces no state_topic; ignored")
+                self._on_error(
+                    f"entity:{key}", f"discovered entity {key!r} announces no state_topic; ignored"
+                )
                 continue
             template = cfg.get("value_template") or "{{ value }}"
             try:
@@ -260,9 +266,17 @@ class HubRouter:
             target = self.entities[key]
             unit = cfg.get("unit_of_measurement")
             if unit and target.unit and unit != target.unit:
-                self._on_error(f"unit:{key}", f"entity {key!r} announces unit {unit!r}, the config says {target.unit!r}")
+                self._on_error(
+                    f"unit:{key}", f"entity {key!r} announces unit {unit!r}, the config says {target.unit!r}"
+                )
             on, off = cfg.get("payload_on"), cfg.get("payload_off")
-            field = Field(topic, extractor, target, str(on) if on is not None else None, str(off) if off is not None else None)
+            field = Field(
+                topic,
+                extractor,
+                target,
+                str(on) if on is not None else None,
+                str(off) if off is not None else None,
+            )
             known = {t for t, _ in self._discovered.values()} | set(self._static)
             self._discovered[key] = (state_topic, field)
             if state_topic not in known:

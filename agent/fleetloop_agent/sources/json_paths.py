@@ -108,11 +108,11 @@ _FILTERS: Final[dict[str, Callable[..., Callable[[Any], Any]]]] = {
     "float": lambda default=MISSING: _num(float, default),
     "int": lambda default=MISSING: _num(int, default),
     "round": lambda ndigits=0: _round(int(ndigits)),
-    "string": lambda: (lambda v: v if isinstance(v, str) else str(v)),
+    "string": lambda: lambda v: v if isinstance(v, str) else str(v),
     "lower": lambda: _text(str.lower),
     "upper": lambda: _text(str.upper),
     "trim": lambda: _text(str.strip),
-    "is_defined": lambda: (lambda v: v),
+    "is_defined": lambda: lambda v: v,
 }
 _TEMPLATE = re.compile(r"^\s*\{\{\s*(?P<expr>.*?)\s*\}\}\s*$", re.S)
 _FILTER = re.compile(r"^\s*(?P<name>[a-z_]+)\s*(?:\(\s*(?P<args>[^()]*)\)\s*)?$")

@@ -188,7 +188,12 @@ class SampleQueue:
     def put_all(
         self,
         chunks: Sequence[
-            tuple[str, tuple[int, ...], Sequence[int] | npt.NDArray[np.int64], Sequence[Sequence[Any] | npt.NDArray[Any]]]
+            tuple[
+                str,
+                tuple[int, ...],
+                Sequence[int] | npt.NDArray[np.int64],
+                Sequence[Sequence[Any] | npt.NDArray[Any]],
+            ]
         ],
     ) -> bool:
         """Queue several chunks all or none (one publisher's request); False when the policy refuses."""
@@ -235,7 +240,9 @@ class SampleQueue:
                 columns = [c[order] for c in columns]
             k = int(np.searchsorted(t_ns, until_ns, side="right"))
             if k:
-                out.append(GroupBatch(group, t_ns[:k], {sid: col[:k] for sid, col in zip(ids, columns, strict=True)}))
+                out.append(
+                    GroupBatch(group, t_ns[:k], {sid: col[:k] for sid, col in zip(ids, columns, strict=True)})
+                )
             if k < t_ns.shape[0]:
                 keep.append(_Chunk(group, ids, t_ns[k:], [col[k:] for col in columns]))
         if keep:
@@ -260,7 +267,8 @@ class SampleQueue:
             return t_ns, [self._array(sid, c) for sid, c in zip(ids, col_lists, strict=True)]
         t_ns = np.concatenate([np.asarray(p.t_ns, dtype=np.int64) for p in parts])
         cols = [
-            np.concatenate([self._array(sid, p.columns[i]) for p in parts]) if len(parts) > 1
+            np.concatenate([self._array(sid, p.columns[i]) for p in parts])
+            if len(parts) > 1
             else self._array(sid, parts[0].columns[i])
             for i, sid in enumerate(ids)
         ]

@@ -59,7 +59,9 @@ class Tag:
     def __post_init__(self) -> None:
         where = f"tag {self.signal!r}"
         if self.register not in REGISTER_TYPES:
-            raise ConfigError(f"{where}: register must be one of {', '.join(REGISTER_TYPES)}, got {self.register!r}")
+            raise ConfigError(
+                f"{where}: register must be one of {', '.join(REGISTER_TYPES)}, got {self.register!r}"
+            )
         if self.data_type not in DATA_TYPES:
             raise ConfigError(f"{where}: type must be one of {', '.join(DATA_TYPES)}, got {self.data_type!r}")
         if self.register in BIT_TYPES and self.data_type != "bool":
@@ -70,7 +72,7 @@ class Tag:
             raise ConfigError(f"{where}: 'bit' (0-15) applies to a bool in a holding or input register")
         if self.word_order not in ORDERS or self.byte_order not in ORDERS:
             raise ConfigError(f"{where}: word_order and byte_order must be big or little")
-        if not 0 <= self.address or self.address + self.words - 1 > MAX_ADDRESS:
+        if not self.address >= 0 or self.address + self.words - 1 > MAX_ADDRESS:
             raise ConfigError(f"{where}: address {self.address} is outside 0-{MAX_ADDRESS}")
         if not 0 <= self.device_id <= 255:
             raise ConfigError(f"{where}: device_id must be 0-255, got {self.device_id}")
@@ -131,7 +133,9 @@ class ReadRequest:
     def decode(self, words: Sequence[int] | Sequence[bool]) -> list[float | int | bool]:
         """The tag values of one answer (``count`` registers, or at least ``count`` bits)."""
         if len(words) < self.count:
-            raise MalformedMessageError(f"{self.describe()}: answer has {len(words)} values, expected {self.count}")
+            raise MalformedMessageError(
+                f"{self.describe()}: answer has {len(words)} values, expected {self.count}"
+            )
         if self.register in BIT_TYPES:
             return [bool(words[s.index]) for s in self.slots]
         try:
@@ -170,7 +174,11 @@ class PollGroup:
 
 
 def plan_requests(
-    tags: Sequence[Tag], *, max_registers: int = MAX_REGISTERS, max_bits: int = MAX_BITS, max_gap: int | None = None
+    tags: Sequence[Tag],
+    *,
+    max_registers: int = MAX_REGISTERS,
+    max_bits: int = MAX_BITS,
+    max_gap: int | None = None,
 ) -> list[ReadRequest]:
     """The fewest requests covering ``tags`` (all of one device): per register type, tags sorted by
     address, a request grown while the next tag still fits within the size limit and the hole before it
@@ -185,7 +193,8 @@ def plan_requests(
     for register in REGISTER_TYPES:
         limit = max_bits if register in BIT_TYPES else max_registers
         members = sorted(
-            ((i, t) for i, t in enumerate(tags) if t.register == register), key=lambda it: (it[1].address, it[0])
+            ((i, t) for i, t in enumerate(tags) if t.register == register),
+            key=lambda it: (it[1].address, it[0]),
         )
         current: list[tuple[int, Tag]] = []
         start = end = 0
@@ -229,7 +238,11 @@ def _request(register: str, start: int, end: int, members: list[tuple[int, Tag]]
 
 
 def poll_groups(
-    tags: Sequence[Tag], *, source: str, max_registers: int = MAX_REGISTERS, max_bits: int = MAX_BITS,
+    tags: Sequence[Tag],
+    *,
+    source: str,
+    max_registers: int = MAX_REGISTERS,
+    max_bits: int = MAX_BITS,
     max_gap: int | None = None,
 ) -> list[PollGroup]:
     """Tags split by (interval, device) into poll groups, each with its planned requests."""

@@ -74,7 +74,9 @@ class MqttJsonSource(LiveSource):
     # -- paho callbacks (on the source's thread) ------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
-            self._error("connect", f"broker {self.broker.host}:{self.broker.port} refused the connection: {reason}")
+            self._error(
+                "connect", f"broker {self.broker.host}:{self.broker.port} refused the connection: {reason}"
+            )
             return
         self.connected = True
         if self._ever_connected:
@@ -91,7 +93,7 @@ class MqttJsonSource(LiveSource):
             self._error("connection", f"connection to {self.broker.host}:{self.broker.port} lost: {reason}")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        row, follow = self.router.on_message(msg.topic, msg.payload, self.clock.now_ns())
+        row, follow = self.router.on_message(msg.topic, bytes(msg.payload), self.clock.now_ns())
         if row is not None:
             self.queue.put(row.group, row.ids, [row.t_ns], [[v] for v in row.values])
         for topic in follow:

@@ -99,7 +99,7 @@ class AsyncuaSession:
         self.lost = asyncio.Event()
 
     async def connect(self) -> None:
-        from asyncua import Client
+        from asyncua.client.client import Client
 
         client = Client(self.url, timeout=self.timeout_s, watchdog_intervall=max(0.2, self.timeout_s / 2))
 
@@ -109,7 +109,7 @@ class AsyncuaSession:
         client.connection_lost_callback = lost
         try:
             await client.connect()
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise UnavailableError(f"OPC UA server {self.url}: {exc or type(exc).__name__}") from None
         except Exception as exc:  # asyncua's protocol errors (UaError and friends)
             raise UnavailableError(f"OPC UA server {self.url}: {type(exc).__name__}: {exc}") from None
@@ -150,7 +150,7 @@ class AsyncuaSession:
             subscription = await self._client.create_subscription(self.publishing_ms, Handler())
             nodes = [self._client.get_node(parsed[nid]) for nid in parsed]
             results = await subscription.subscribe_data_change(nodes, sampling_interval=self.sampling_ms)
-        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, OSError, ConnectionError) as exc:
             raise UnavailableError(f"OPC UA server {self.url}: {exc or type(exc).__name__}") from None
         for nid, result in zip(parsed, results, strict=True):
             if isinstance(result, ua.StatusCode):
@@ -191,11 +191,17 @@ class OpcUaSource(LiveSource):
             raise ConfigError(f"source {name!r}: timestamps must be one of {', '.join(TIMESTAMPS)}")
         ids = [n.node_id for n in nodes]
         if len(set(ids)) != len(ids):
-            raise ConfigError(f"source {name!r}: node {next(i for i in ids if ids.count(i) > 1)!r} is mapped twice")
+            raise ConfigError(
+                f"source {name!r}: node {next(i for i in ids if ids.count(i) > 1)!r} is mapped twice"
+            )
         self.url = url
         self.nodes = list(nodes)
         self.timestamps = timestamps
-        self._session_args = {"timeout_s": timeout_s, "publishing_ms": publishing_ms, "sampling_ms": sampling_ms}
+        self._session_args = {
+            "timeout_s": timeout_s,
+            "publishing_ms": publishing_ms,
+            "sampling_ms": sampling_ms,
+        }
         self._backoff = backoff or Backoff(0.2, 30.0)
         self.server_clock = ServerClock()
         self._slots: dict[str, tuple[str, tuple[int, ...], Callable[[Any], Any]]] = {}
@@ -212,7 +218,9 @@ class OpcUaSource(LiveSource):
             self._slots[n.node_id] = (f"{self.name}/{n.signal}", (spec.id,), _converter(n.data_type))
 
     # -- notifications (on the source's loop) -----------------------------------------------------------
-    def _on_value(self, node_id: str, value: Any, server_ns: int | None, source_ns: int | None, good: bool) -> None:
+    def _on_value(
+        self, node_id: str, value: Any, server_ns: int | None, source_ns: int | None, good: bool
+    ) -> None:
         slot = self._slots.get(node_id)
         if slot is None:
             return
@@ -223,10 +231,14 @@ class OpcUaSource(LiveSource):
         try:
             converted = convert(value)
         except (TypeError, ValueError) as exc:
-            self._error(f"value:{node_id}", f"node {node_id}: value {value!r} is not a {convert.__name__}: {exc}")
+            self._error(
+                f"value:{node_id}", f"node {node_id}: value {value!r} is not a {convert.__name__}: {exc}"
+            )
             return
         arrival = self.clock.now_ns()
-        stamp = server_ns if self.timestamps == "server" else source_ns if self.timestamps == "source" else None
+        stamp = (
+            server_ns if self.timestamps == "server" else source_ns if self.timestamps == "source" else None
+        )
         if stamp is None:
             t_ns = arrival
         else:

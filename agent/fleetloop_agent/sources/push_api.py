@@ -76,7 +76,9 @@ class PushCatalog:
             raise ConfigError(f"source {source!r}: no signals to accept")
         paths = [s.path for s in signals]
         if len(set(paths)) != len(paths):
-            raise ConfigError(f"source {source!r}: signal {next(p for p in paths if paths.count(p) > 1)!r} listed twice")
+            raise ConfigError(
+                f"source {source!r}: signal {next(p for p in paths if paths.count(p) > 1)!r} listed twice"
+            )
         self.source = source
         self.signals = [s if s.group else PushSignal(s.path, s.data_type, s.unit, s.path) for s in signals]
         self._by_path = {s.path: s for s in self.signals}
@@ -96,7 +98,12 @@ class PushCatalog:
     def listing(self) -> push_pb2.ListSignalsResponse:
         return push_pb2.ListSignalsResponse(
             signals=[
-                push_pb2.PushSignal(path=s.path, data_type=device_pb2.DataType.ValueType(int(s.data_type)), unit=s.unit, group=s.group)
+                push_pb2.PushSignal(
+                    path=s.path,
+                    data_type=device_pb2.DataType.ValueType(int(s.data_type)),
+                    unit=s.unit,
+                    group=s.group,
+                )
                 for s in self.signals
             ]
         )
@@ -120,13 +127,17 @@ class PushCatalog:
                 f"({len(unknown)} unknown; ListSignals lists the accepted ones)"
             )
         if len(set(names)) != len(names):
-            raise RequestRefused(f"{where}: signal {next(n for n in names if names.count(n) > 1)!r} given twice")
+            raise RequestRefused(
+                f"{where}: signal {next(n for n in names if names.count(n) > 1)!r} given twice"
+            )
         group = self._by_path[names[0]].group
         members = self._groups[group]
         if set(names) != set(members):
             missing = sorted(set(members) - set(names))
             other = sorted(set(names) - set(members))
-            detail = f"missing {', '.join(missing)}" if missing else f"{', '.join(other)} belong to other groups"
+            detail = (
+                f"missing {', '.join(missing)}" if missing else f"{', '.join(other)} belong to other groups"
+            )
             raise RequestRefused(f"{where}: the signals of group {group!r} travel together ({detail})")
         rows = len(batch.time_ns)
         columns: dict[str, npt.NDArray[Any]] = {}
@@ -135,20 +146,27 @@ class PushCatalog:
             kind = c.WhichOneof("values")
             expected = _VALUE_FIELD[sig.data_type]
             if kind != expected:
-                raise RequestRefused(f"{where}: {c.signal} is {sig.data_type.name}; send its values as {expected}, not {kind}")
+                raise RequestRefused(
+                    f"{where}: {c.signal} is {sig.data_type.name}; send its values as {expected}, not {kind}"
+                )
             raw = getattr(c, expected).values
             values = (
-                np.array(raw, dtype=object) if sig.data_type is DataType.STRING
+                np.array(raw, dtype=object)
+                if sig.data_type is DataType.STRING
                 else np.array(raw, dtype=sig.data_type.numpy_dtype)
             )
             columns[c.signal] = values
         lengths = {len(v) for v in columns.values()}
         if len(lengths) != 1:
-            raise RequestRefused(f"{where}: columns of unequal length ({', '.join(map(str, sorted(lengths)))})")
+            raise RequestRefused(
+                f"{where}: columns of unequal length ({', '.join(map(str, sorted(lengths)))})"
+            )
         (n,) = lengths
         if rows == 0:
             if n != 1:
-                raise RequestRefused(f"{where}: {n} rows but no time_ns (only a single row is stamped on arrival)")
+                raise RequestRefused(
+                    f"{where}: {n} rows but no time_ns (only a single row is stamped on arrival)"
+                )
             t_ns = np.array([now_ns], dtype=np.int64)
         else:
             if rows != n:
@@ -169,7 +187,9 @@ class _Servicer(push_pb2_grpc.PushServiceServicer):
     def __init__(self, source: PushApiSource) -> None:
         self.source = source
 
-    def PublishValues(self, request: push_pb2.PublishValuesRequest, context: grpc.ServicerContext) -> push_pb2.PublishValuesResponse:  # noqa: N802
+    def PublishValues(
+        self, request: push_pb2.PublishValuesRequest, context: grpc.ServicerContext
+    ) -> push_pb2.PublishValuesResponse:
         src = self.source
         try:
             chunks = src.catalog.admit(request, src.clock.now_ns())
@@ -180,7 +200,8 @@ class _Servicer(push_pb2_grpc.PushServiceServicer):
         if not src.queue.put_all(chunks):
             src.counters.errors += 1
             src.errors.error(
-                "full", f"queue full ({len(src.queue)} of {src.queue.capacity} samples waiting); publishers refused",
+                "full",
+                f"queue full ({len(src.queue)} of {src.queue.capacity} samples waiting); publishers refused",
                 src.clock.now_ns(),
             )
             context.abort(
@@ -190,7 +211,9 @@ class _Servicer(push_pb2_grpc.PushServiceServicer):
             )
         return push_pb2.PublishValuesResponse(accepted_samples=total)
 
-    def ListSignals(self, request: push_pb2.ListSignalsRequest, context: grpc.ServicerContext) -> push_pb2.ListSignalsResponse:  # noqa: N802
+    def ListSignals(
+        self, request: push_pb2.ListSignalsRequest, context: grpc.ServicerContext
+    ) -> push_pb2.ListSignalsResponse:
         return self.source.catalog.listing()
 
 
@@ -214,7 +237,9 @@ class PushApiSource(LiveSource):
         )
         self.socket_path = Path(socket_path)
         if len(str(self.socket_path)) > MAX_SOCKET_PATH:
-            raise ConfigError(f"source {name!r}: socket path longer than {MAX_SOCKET_PATH} bytes: {socket_path}")
+            raise ConfigError(
+                f"source {name!r}: socket path longer than {MAX_SOCKET_PATH} bytes: {socket_path}"
+            )
         self.socket_mode = socket_mode
         self.workers = workers
         self.catalog = PushCatalog(name, signals)
@@ -228,7 +253,9 @@ class PushApiSource(LiveSource):
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() or path.is_symlink():
             if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise ConfigError(f"source {self.name!r}: {path} exists and is not a socket; not replacing it")
+                raise ConfigError(
+                    f"source {self.name!r}: {path} exists and is not a socket; not replacing it"
+                )
             path.unlink()  # left by an agent that did not stop cleanly
 
     def _run(self) -> None:

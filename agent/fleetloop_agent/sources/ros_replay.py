@@ -28,7 +28,13 @@ log = logging.getLogger("fleetloop.agent.sources")
 
 
 class _Topic:
-    def __init__(self, name: str, rel_ns: npt.NDArray[np.int64], columns: dict[str, npt.NDArray[Any]], cursor: ReplayCursor) -> None:
+    def __init__(
+        self,
+        name: str,
+        rel_ns: npt.NDArray[np.int64],
+        columns: dict[str, npt.NDArray[Any]],
+        cursor: ReplayCursor,
+    ) -> None:
         self.name = name
         self.rel_ns = rel_ns
         self.columns = columns
@@ -60,11 +66,17 @@ class RosReplaySource:
         for key, target in (mapping or {}).items():
             topic, dot, field = str(key).partition(".")
             if not dot or not topic or not field:
-                raise ConfigError(f"source {name!r}: mapping key {key!r}: expected TOPIC.FIELD (e.g. /imu.linear_acceleration.x)")
+                raise ConfigError(
+                    f"source {name!r}: mapping key {key!r}: expected TOPIC.FIELD "
+                    "(e.g. /imu.linear_acceleration.x)"
+                )
             wanted.setdefault(topic, {})[field] = target
         targets = [t[0] for t in (mapping or {}).values()]
         if len(set(targets)) != len(targets):
-            raise ConfigError(f"source {name!r}: signal {next(t for t in targets if targets.count(t) > 1)!r} is the target of two keys")
+            raise ConfigError(
+                f"source {name!r}: signal {next(t for t in targets if targets.count(t) > 1)!r} "
+                "is the target of two keys"
+            )
         if not wanted and not include_unmapped:
             raise ConfigError(f"source {name!r}: maps no field (give a mapping or include_unmapped: true)")
         recording = read_robot_log(Path(path), topics=None if include_unmapped else set(wanted))
@@ -74,11 +86,15 @@ class RosReplaySource:
         for topic, fields in wanted.items():
             group = by_topic.get(topic)
             if group is None:
-                raise ConfigError(f"source {name!r}: {path} has no topic {topic!r} (topics: {', '.join(sorted(by_topic)) or 'none'})")
+                raise ConfigError(
+                    f"source {name!r}: {path} has no topic {topic!r} "
+                    f"(topics: {', '.join(sorted(by_topic)) or 'none'})"
+                )
             for field in fields:
                 if field not in group.columns:
                     raise ConfigError(
-                        f"source {name!r}: topic {topic} has no field {field!r} (fields: {', '.join(list(group.columns)[:12])})"
+                        f"source {name!r}: topic {topic} has no field {field!r} "
+                        f"(fields: {', '.join(list(group.columns)[:12])})"
                     )
         if not recording.groups:
             raise ConfigError(f"source {name!r}: {path} holds no messages")
@@ -101,7 +117,9 @@ class RosReplaySource:
                 keep[field] = values
             if keep:
                 rel = group.t_ns - np.int64(t0)
-                self._topics.append(_Topic(group.name, rel, keep, ReplayCursor(len(rel), int(start_ns), period)))
+                self._topics.append(
+                    _Topic(group.name, rel, keep, ReplayCursor(len(rel), int(start_ns), period))
+                )
         self._declared = False
 
     def declare(self, catalog: Catalog) -> None:
