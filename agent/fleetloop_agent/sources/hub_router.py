@@ -96,7 +96,10 @@ def convert(value: Any, data_type: DataType, on: str | None = None, off: str | N
         return value if isinstance(value, str) else json.dumps(value)
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError(f"{value!r} is not a number")
-    number = float(value)  # numeric text too: plain state topics publish "21.5"
+    try:
+        number = float(value)  # numeric text too: plain state topics publish "21.5"
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number") from None
     if data_type is DataType.INT64:
         if not number.is_integer():
             raise ValueError(f"{value!r} is not an integer")
