@@ -127,8 +127,8 @@ class _Nested:
 
 def _number(r: _SpecReader, key: str, default: float, *, positive: bool = True) -> float:
     v = r.raw(key, default)
-    if isinstance(v, bool) or not isinstance(v, int | float) or (positive and v <= 0):
-        raise r.fail(key, f"expected a {'positive ' if positive else ''}number, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0 or (positive and v == 0):
+        raise r.fail(key, f"expected a {'positive' if positive else 'non-negative'} number, got {v!r}")
     return float(v)
 
 
@@ -230,7 +230,7 @@ def _opcua(r: _SpecReader, name: str, start_ns: int, clock: DeviceClock | None) 
         clock=clock,
         timestamps=r.string("timestamps", "server", choices=TIMESTAMPS),
         publishing_ms=_number(r, "publishing_ms", 100),
-        sampling_ms=_number(r, "sampling_ms", 50),
+        sampling_ms=_number(r, "sampling_ms", 50, positive=False),  # 0: as fast as the server samples
         timeout_s=_number(r, "timeout_s", 4.0),
         **_common(r),
     )
