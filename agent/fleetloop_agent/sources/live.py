@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fleetloop_shared.catalog import Catalog
-from fleetloop_shared.errors import StateError
+from fleetloop_shared.errors import FleetloopError, StateError
 from fleetloop_shared.samples import GroupBatch
 
 log = logging.getLogger("fleetloop.agent.sources")
@@ -370,6 +370,9 @@ class LiveSource:
     def _guarded(self) -> None:
         try:
             self._run()
+        except FleetloopError as exc:  # a mistake the message explains (a path that is not a socket)
+            log.error("source %s stopped: %s", self.name, exc)
+            self._failed = str(exc)
         except Exception as exc:  # a bug or a library fault: the source stops, the agent goes on
             log.exception("source %s stopped", self.name)
             self._failed = f"{type(exc).__name__}: {exc}"
