@@ -103,7 +103,13 @@ def test_planner_covers_a_map_with_the_fewest_requests() -> None:
     reqs = plan_requests(tags)
     got = [(r.register, r.address, r.count) for r in reqs]
     # 0..125 would be 126 registers: one more than a request may hold
-    assert got == [("holding", 0, 122), ("holding", 124, 2), ("input", 0, 8), ("coil", 0, 2000), ("coil", 2000, 1)]
+    assert got == [
+        ("holding", 0, 122),
+        ("holding", 124, 2),
+        ("input", 0, 8),
+        ("coil", 0, 2000),
+        ("coil", 2000, 1),
+    ]
     gaps = plan_requests(tags[:5], max_gap=4)
     assert [(r.address, r.count) for r in gaps] == [(0, 4), (10, 2), (120, 6)]
 
@@ -218,7 +224,7 @@ def test_server_clock_keeps_the_least_delayed_offset_and_server_spacing() -> Non
         ("$.color.x", 0.3),
         ("color.x", 0.3),
         ("$['weird key'][1]", 2),
-        ('list[0].v', "a"),
+        ("list[0].v", "a"),
         ("list[-1].v", "b"),
         ("missing.deeper", MISSING),
         ("color[0]", MISSING),
@@ -257,7 +263,12 @@ def test_convert_to_catalog_types() -> None:
     assert convert("ON", DataType.BOOL) is True and convert(0, DataType.BOOL) is False
     assert convert("open", DataType.BOOL, on="open", off="closed") is True
     assert convert("21.5", DataType.FLOAT64) == 21.5 and convert(3.0, DataType.INT64) == 3
-    for value, dt in [(True, DataType.FLOAT64), ("warm", DataType.FLOAT64), (2.5, DataType.INT64), ("x", DataType.BOOL)]:
+    for value, dt in [
+        (True, DataType.FLOAT64),
+        ("warm", DataType.FLOAT64),
+        (2.5, DataType.INT64),
+        ("x", DataType.BOOL),
+    ]:
         with pytest.raises(ValueError):
             convert(value, dt)
 
@@ -281,7 +292,12 @@ def _router(errors: list[str]) -> tuple[HubRouter, Catalog]:
 def test_router_follows_discovered_entities_with_abbreviations_and_tilde() -> None:
     errors: list[str] = []
     router, catalog = _router(errors)
-    config = {"~": "zigbee2mqtt/plug", "stat_t": "~", "val_tpl": "{{ value_json.power }}", "uniq_id": "plug_power"}
+    config = {
+        "~": "zigbee2mqtt/plug",
+        "stat_t": "~",
+        "val_tpl": "{{ value_json.power }}",
+        "uniq_id": "plug_power",
+    }
     row, follow = router.on_message("homeassistant/sensor/plug/power/config", json.dumps(config).encode(), 1)
     assert row is None and follow == ["zigbee2mqtt/plug"]
     door = {"state_topic": "zigbee2mqtt/door", "value_template": "{{ value_json.contact }}", "pl_on": "false"}
@@ -338,7 +354,7 @@ def _batch(times: list[int], **cols: Any) -> push_pb2.SampleBatch:
 
 
 def test_push_admission_accepts_whole_groups_and_stamps_single_rows() -> None:
-    pc, catalog = _push()
+    pc, _ = _push()
     now = 1_700_000_000 * S
     req = push_pb2.PublishValuesRequest(
         batches=[_batch([now - 2, now - 1], Imu_X=[1.0, 2.0], Imu_Y=[3.0, 4.0]), _batch([], Mode=["dock"])]

@@ -71,7 +71,9 @@ def hub_source(broker: HubBroker) -> MqttJsonSource:
                 "binary_sensor.garage_door": {"signal": "Home.Garage.DoorOpen", "type": "bool"},
             },
         },
-        "topics": {"sensors/boiler": {"$.flow.temp": {"signal": "Home.Boiler.FlowTemperature", "unit": "celsius"}}},
+        "topics": {
+            "sensors/boiler": {"$.flow.temp": {"signal": "Home.Boiler.FlowTemperature", "unit": "celsius"}}
+        },
     }
     src = build_source(spec, base_dir=Path("."), start_ns=0)
     assert isinstance(src, MqttJsonSource)
@@ -103,7 +105,11 @@ def test_zigbee2mqtt_and_discovery_devices_become_signals(broker: HubBroker, pub
     publish(
         publisher,
         "homeassistant/binary_sensor/garage_door/config",
-        {"state_topic": "zigbee2mqtt/garage", "value_template": "{{ value_json.contact }}", "payload_on": "false"},
+        {
+            "state_topic": "zigbee2mqtt/garage",
+            "value_template": "{{ value_json.contact }}",
+            "payload_on": "false",
+        },
         retain=True,
     )
     publish(publisher, "homeassistant/sensor/other/config", {"state_topic": "x/y"}, retain=True)  # not mapped
@@ -115,11 +121,23 @@ def test_zigbee2mqtt_and_discovery_devices_become_signals(broker: HubBroker, pub
         wait_for(lambda: src.connected and src.router.ignored_total == 1)
         time.sleep(0.2)  # the discovered state topics are subscribed to
         for i in range(5):
-            publish(publisher, "zigbee2mqtt/living_room", {"temperature": 20.0 + i, "humidity": 40 + i, "occupancy": i % 2 == 0, "battery": 97, "linkquality": 120})
+            publish(
+                publisher,
+                "zigbee2mqtt/living_room",
+                {
+                    "temperature": 20.0 + i,
+                    "humidity": 40 + i,
+                    "occupancy": i % 2 == 0,
+                    "battery": 97,
+                    "linkquality": 120,
+                },
+            )
             publish(publisher, "zigbee2mqtt/pump_plug", {"power": 100 + i, "state": "ON"})
         publish(publisher, "zigbee2mqtt/garage", {"contact": "false"})
-        publish(publisher, "zigbee2mqtt/living_room", b"{\"temperature\": 21,")  # cut short
-        publish(publisher, "zigbee2mqtt/living_room", {"temperature": "warm", "humidity": 50})  # a wrong value
+        publish(publisher, "zigbee2mqtt/living_room", b'{"temperature": 21,')  # cut short
+        publish(
+            publisher, "zigbee2mqtt/living_room", {"temperature": "warm", "humidity": 50}
+        )  # a wrong value
         publish(publisher, "sensors/boiler", {"flow": {"temp": 61.5}})
         wait_for(lambda: src.counters.samples >= 5 * 3 + 5 + 1 + 1 + 1)
         groups = by_group(src.read(time.time_ns() + 10**9))
@@ -127,8 +145,20 @@ def test_zigbee2mqtt_and_discovery_devices_become_signals(broker: HubBroker, pub
         src.close()
     room = groups["hub/zigbee2mqtt/living_room"]
     full = next(b for b in room if len(b.values) == 3)
-    assert full.values[catalog.by_path("Home.LivingRoom.Temperature").id].tolist() == [20.0, 21.0, 22.0, 23.0, 24.0]
-    assert full.values[catalog.by_path("Home.LivingRoom.Occupied").id].tolist() == [True, False, True, False, True]
+    assert full.values[catalog.by_path("Home.LivingRoom.Temperature").id].tolist() == [
+        20.0,
+        21.0,
+        22.0,
+        23.0,
+        24.0,
+    ]
+    assert full.values[catalog.by_path("Home.LivingRoom.Occupied").id].tolist() == [
+        True,
+        False,
+        True,
+        False,
+        True,
+    ]
     partial = next(b for b in room if len(b.values) == 1)  # the wrong temperature dropped, the humidity kept
     assert partial.values[catalog.by_path("Home.LivingRoom.Humidity").id].tolist() == [50.0]
     (plug,) = groups["hub/zigbee2mqtt/pump_plug"]
@@ -141,7 +171,9 @@ def test_zigbee2mqtt_and_discovery_devices_become_signals(broker: HubBroker, pub
     assert catalog.by_path("Home.Pump.Power").unit == "W"
 
 
-def test_a_broker_restart_is_reconnected_and_topics_resubscribed(broker: HubBroker, publisher: mqtt.Client) -> None:
+def test_a_broker_restart_is_reconnected_and_topics_resubscribed(
+    broker: HubBroker, publisher: mqtt.Client
+) -> None:
     src = hub_source(broker)
     src.declare(Catalog())
     src.start()
@@ -171,7 +203,10 @@ def test_a_broker_restart_is_reconnected_and_topics_resubscribed(broker: HubBrok
     [
         ({"topics": {"a/#": {"x": {"signal": "X"}}}}, "key 'topics': topic 'a/#': wildcards are not mapped"),
         ({"topics": {"a": {"x..y": {"signal": "X"}}}}, "key 'topics': topic 'a': JSON path 'x..y'"),
-        ({"topics": {"a": {"x": {"signal": "X", "typ": "bool"}}}}, "key 'topics': topic 'a': x: unknown key 'typ'"),
+        (
+            {"topics": {"a": {"x": {"signal": "X", "typ": "bool"}}}},
+            "key 'topics': topic 'a': x: unknown key 'typ'",
+        ),
         ({"topics": {"a": {"x": {"signal": "X"}, "y": {"signal": "X"}}}}, "signal 'X' is mapped twice"),
         ({"zigbee2mqtt": {"devices": {}}}, "key 'zigbee2mqtt': zigbee2mqtt: key 'devices'"),
         ({"discovery": {"entities": {"e": {"unit": "W"}}}}, "key 'discovery': entity 'e': key 'signal'"),

@@ -37,7 +37,10 @@ def pump_tags(poll_ms: int = 20) -> dict[str, dict[str, Any]]:
         key = column.replace(" ", "")
         tags[f"Pump.ABCD.{key}"] = {"register": "holding", "address": 2 * i, "type": "float32"}
         tags[f"Pump.CDAB.{key}"] = {
-            "register": "holding", "address": 100 + 2 * i, "type": "float32", "word_order": "little",
+            "register": "holding",
+            "address": 100 + 2 * i,
+            "type": "float32",
+            "word_order": "little",
         }
         tags[f"Pump.X100.{key}"] = {"register": "input", "address": i, "type": "int16", "scale": 0.01}
     tags["Pump.MotorOn"] = {"register": "coil", "address": 0}
@@ -162,10 +165,19 @@ def test_float_word_order_is_what_the_server_sends() -> None:
         ({"host": None}, "source 'pump': missing key 'host'"),
         ({"port": "502"}, "source 'pump': key 'port': expected a non-negative integer"),
         ({"tags": {}}, "source 'pump': key 'tags': maps no tag"),
-        ({"tags": {"A": {"register": "holdng", "address": 0}}}, "key 'tags': tag 'A': key 'register': expected one of"),
-        ({"tags": {"A": {"address": 0, "type": "float"}}}, "key 'tags': tag 'A': key 'type': expected one of"),
+        (
+            {"tags": {"A": {"register": "holdng", "address": 0}}},
+            "key 'tags': tag 'A': key 'register': expected one of",
+        ),
+        (
+            {"tags": {"A": {"address": 0, "type": "float"}}},
+            "key 'tags': tag 'A': key 'type': expected one of",
+        ),
         ({"tags": {"A": {"address": 0, "adress": 1}}}, "key 'tags': tag 'A': unknown key 'adress'"),
-        ({"tags": {"A": {"register": "coil", "address": 0, "type": "int16"}}}, "tag 'A': a coil holds one bit"),
+        (
+            {"tags": {"A": {"register": "coil", "address": 0, "type": "int16"}}},
+            "tag 'A': a coil holds one bit",
+        ),
         ({"tags": {"A": {"address": 0, "poll_ms": 0}}}, "tag 'A': key 'poll_ms': expected a positive number"),
         ({"max_registers": 200}, "max_registers must be 1-125"),
         ({"pol_ms": 5}, "source 'pump': unknown key 'pol_ms'"),
@@ -173,7 +185,10 @@ def test_float_word_order_is_what_the_server_sends() -> None:
 )
 def test_config_mistakes_name_the_source_and_the_key(change: dict[str, Any], message: str) -> None:
     spec: dict[str, Any] = {
-        "kind": "modbus_tcp", "name": "pump", "host": "127.0.0.1", "tags": {"A": {"address": 0}},
+        "kind": "modbus_tcp",
+        "name": "pump",
+        "host": "127.0.0.1",
+        "tags": {"A": {"address": 0}},
     }
     spec.update(change)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

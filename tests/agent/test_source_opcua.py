@@ -43,16 +43,27 @@ def pump() -> Iterator[OpcUaPump]:
 
 
 def make_source(pump: OpcUaPump, *, extra_nodes: dict[str, Any] | None = None) -> OpcUaSource:
-    nodes: dict[str, Any] = {pump.node_id(c): {"signal": f"Pump.{c.replace(' ', '')}", "unit": "x"} for c in WATCHED}
+    nodes: dict[str, Any] = {
+        pump.node_id(c): {"signal": f"Pump.{c.replace(' ', '')}", "unit": "x"} for c in WATCHED
+    }
     nodes[pump.node_id("Running")] = {"signal": "Pump.Running", "type": "bool"}
     nodes.update(extra_nodes or {})
-    spec = {"kind": "opcua", "name": "ua", "url": pump.url, "nodes": nodes, "publishing_ms": 50, "sampling_ms": 0}
+    spec = {
+        "kind": "opcua",
+        "name": "ua",
+        "url": pump.url,
+        "nodes": nodes,
+        "publishing_ms": 50,
+        "sampling_ms": 0,
+    }
     src = build_source(spec, base_dir=Path("."), start_ns=0, clock=SkewedClock())
     assert isinstance(src, OpcUaSource)
     return src
 
 
-def test_notifications_carry_server_time_on_the_device_clock_and_a_missing_node_is_named(pump: OpcUaPump) -> None:
+def test_notifications_carry_server_time_on_the_device_clock_and_a_missing_node_is_named(
+    pump: OpcUaPump,
+) -> None:
     missing = f"ns={pump.namespace_index};s=Pump.NoSuchSensor"
     src = make_source(pump, extra_nodes={missing: {"signal": "Pump.NoSuchSensor"}})
     catalog = Catalog()
@@ -105,12 +116,20 @@ def test_a_server_restart_is_reconnected_and_counted(pump: OpcUaPump) -> None:
         ({"url": "http://x"}, "key 'url': expected opc.tcp://"),
         ({"nodes": {}}, "key 'nodes': maps no node"),
         ({"nodes": {"ns=2;s=A": {"unit": "bar"}}}, "key 'nodes': node 'ns=2;s=A': key 'signal'"),
-        ({"nodes": {"ns=2;s=A": {"signal": "A", "type": "double"}}}, "key 'nodes': node 'ns=2;s=A': key 'type': expected one of"),
+        (
+            {"nodes": {"ns=2;s=A": {"signal": "A", "type": "double"}}},
+            "key 'nodes': node 'ns=2;s=A': key 'type': expected one of",
+        ),
         ({"timestamps": "client"}, "key 'timestamps': expected one of server, source, device"),
     ],
 )
 def test_config_mistakes_name_the_source_and_the_key(change: dict[str, Any], message: str) -> None:
-    spec: dict[str, Any] = {"kind": "opcua", "name": "ua", "url": "opc.tcp://127.0.0.1:4840", "nodes": {"ns=2;s=A": {"signal": "A"}}}
+    spec: dict[str, Any] = {
+        "kind": "opcua",
+        "name": "ua",
+        "url": "opc.tcp://127.0.0.1:4840",
+        "nodes": {"ns=2;s=A": {"signal": "A"}},
+    }
     spec.update(change)
     with pytest.raises(ConfigError, match=f"source 'ua': {message}"):
         build_source(spec, base_dir=Path("."), start_ns=0)

@@ -56,33 +56,51 @@ def test_batches_are_accepted_whole_and_read_by_the_agent(robot: tuple[PushApiSo
     t0 = time.time_ns()
     with PushClient(sock) as client:
         assert {s.path: DataType(s.data_type) for s in client.signals()}["Robot.Mode"] is DataType.STRING
-        n = client.publish({f"Robot.Imu.Acceleration.{a}": np.arange(100.0) + i for i, a in enumerate(AXES)},
-                           time_ns=[t0 + k * 10_000_000 for k in range(100)])
+        n = client.publish(
+            {f"Robot.Imu.Acceleration.{a}": np.arange(100.0) + i for i, a in enumerate(AXES)},
+            time_ns=[t0 + k * 10_000_000 for k in range(100)],
+        )
         assert n == 300
         assert client.publish({"Robot.Mode": "docking"}) == 1  # one row, stamped on arrival
         assert client.publish({"Robot.Battery.Cells": [12, 12]}, time_ns=[t0, t0 + 1]) == 2
     batches = {b.group: b for b in src.read(time.time_ns() + S)}
     imu = batches["robot/imu"]
     assert imu.t_ns.tolist() == [t0 + k * 10_000_000 for k in range(100)]
-    assert imu.values[catalog.by_path("Robot.Imu.Acceleration.Y").id].tolist() == (np.arange(100.0) + 1).tolist()
+    assert (
+        imu.values[catalog.by_path("Robot.Imu.Acceleration.Y").id].tolist() == (np.arange(100.0) + 1).tolist()
+    )
     mode = batches["robot/Robot.Mode"]
     assert mode.values[catalog.by_path("Robot.Mode").id].tolist() == ["docking"] and t0 <= int(mode.t_ns[0])
-    assert batches["robot/Robot.Battery.Cells"].values[catalog.by_path("Robot.Battery.Cells").id].dtype == np.int64
+    assert (
+        batches["robot/Robot.Battery.Cells"].values[catalog.by_path("Robot.Battery.Cells").id].dtype
+        == np.int64
+    )
     assert src.counters.samples == 303 and src.counters.errors == 0
 
 
-def test_unknown_signals_and_bad_batches_are_refused_whole(robot: tuple[PushApiSource, Catalog, Path]) -> None:
+def test_unknown_signals_and_bad_batches_are_refused_whole(
+    robot: tuple[PushApiSource, Catalog, Path],
+) -> None:
     src, _, sock = robot
     with PushClient(sock) as client:
         good = client.batch({"Robot.Mode": "ok"})
         bad = client.batch({"Robot.Arm.Joint1": 0.5})
-        with pytest.raises(UserError, match="signal 'Robot.Arm.Joint1' is not in this agent's catalog"):
+        with pytest.raises(UserError, match=r"signal 'Robot\.Arm\.Joint1' is not in this agent's catalog"):
             client.publish_batches([good, bad])
         with pytest.raises(UserError, match="the signals of group 'imu' travel together"):
             client.publish({"Robot.Imu.Acceleration.X": 1.0})
-        with pytest.raises(UserError, match="Robot.Battery.Cells is INT64; send its values as int64s"):
-            client.publish_batches([push_pb2.SampleBatch(columns=[push_pb2.Column(
-                signal="Robot.Battery.Cells", doubles=push_pb2.DoubleValues(values=[1.5]))])])
+        with pytest.raises(UserError, match=r"Robot\.Battery\.Cells is INT64; send its values as int64s"):
+            client.publish_batches(
+                [
+                    push_pb2.SampleBatch(
+                        columns=[
+                            push_pb2.Column(
+                                signal="Robot.Battery.Cells", doubles=push_pb2.DoubleValues(values=[1.5])
+                            )
+                        ]
+                    )
+                ]
+            )
     assert src.read(time.time_ns() + S) == []  # nothing of a refused request was taken, not even "ok"
     assert src.counters.errors == 3 and "Robot.Battery.Cells" in (src.last_error or "")
 
@@ -97,8 +115,10 @@ def test_a_flood_is_refused_with_resource_exhausted_and_memory_stays_bounded(
 
     def flood() -> None:
         with PushClient(sock) as client:
-            batch = client.batch({f"Robot.Imu.Acceleration.{a}": np.zeros(500) for a in AXES},
-                                 time_ns=[t0 + k for k in range(500)])
+            batch = client.batch(
+                {f"Robot.Imu.Acceleration.{a}": np.zeros(500) for a in AXES},
+                time_ns=[t0 + k for k in range(500)],
+            )
             for _ in range(10):
                 try:
                     client.publish_batches([batch])
@@ -126,8 +146,13 @@ def test_a_request_over_the_size_limit_is_refused_by_grpc(robot: tuple[PushApiSo
     src, _, sock = robot
     with grpc.insecure_channel(f"unix:{sock}") as channel:
         stub = push_pb2_grpc.PushServiceStub(channel)
-        huge = push_pb2.SampleBatch(columns=[push_pb2.Column(
-            signal="Robot.Mode", strings=push_pb2.StringValues(values=["x" * (5 * 1024 * 1024)]))])
+        huge = push_pb2.SampleBatch(
+            columns=[
+                push_pb2.Column(
+                    signal="Robot.Mode", strings=push_pb2.StringValues(values=["x" * (5 * 1024 * 1024)])
+                )
+            ]
+        )
         with pytest.raises(grpc.RpcError) as info:
             stub.PublishValues(push_pb2.PublishValuesRequest(batches=[huge]), timeout=5)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -173,7 +198,9 @@ def test_a_stale_socket_is_replaced_and_a_file_is_not(tmp_path: Path) -> None:
         ({"socket_mode": "rw"}, "key 'socket_mode': expected an octal mode"),
     ],
 )
-def test_config_mistakes_name_the_source_and_the_key(tmp_path: Path, change: dict[str, Any], message: str) -> None:
+def test_config_mistakes_name_the_source_and_the_key(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
     s = spec(tmp_path / "p.sock")
     s.update(change)
     with pytest.raises(ConfigError, match=f"source 'robot': {message}"):

@@ -197,6 +197,24 @@ def read_robot_log(path: Path, *, topics: set[str] | None = None, limit: int = M
     raise ConfigError(f"{path}: not an MCAP file, a ROS 1 .bag or a ROS 2 bag directory")
 
 
+def robot_log_topics(path: Path) -> list[str]:
+    """The topics a robot recording holds (from its summary or connections, without reading messages)."""
+    path = Path(path)
+    try:
+        if path.is_file() and path.suffix.lower() == ".mcap":
+            from mcap.reader import make_reader
+
+            with path.open("rb") as fh:
+                summary = make_reader(fh).get_summary()
+            return sorted({c.topic for c in summary.channels.values()}) if summary else []
+        from rosbags.highlevel import AnyReader
+
+        with AnyReader([path]) as reader:
+            return sorted({c.topic for c in reader.connections})
+    except Exception as exc:  # the same outside bytes read_robot_log refuses
+        raise ConfigError(f"{path}: not a readable robot recording ({_first_line(exc)})") from None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:200]

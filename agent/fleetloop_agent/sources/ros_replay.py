@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fleetloop_agent.recordings import data_type_of, read_robot_log
+from fleetloop_agent.recordings.ros import robot_log_topics
 from fleetloop_agent.sources.base import ORIGINS, GroupAccumulator, ReplayCursor, loop_period_ns
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.errors import ConfigError, StateError
@@ -88,7 +89,7 @@ class RosReplaySource:
             if group is None:
                 raise ConfigError(
                     f"source {name!r}: {path} has no topic {topic!r} "
-                    f"(topics: {', '.join(sorted(by_topic)) or 'none'})"
+                    f"(topics: {', '.join(robot_log_topics(Path(path))) or 'none'})"
                 )
             for field in fields:
                 if field not in group.columns:
