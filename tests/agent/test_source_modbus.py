@@ -193,3 +193,32 @@ def test_config_mistakes_name_the_source_and_the_key(change: dict[str, Any], mes
     spec.update(change)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build_source(spec, base_dir=Path("."), start_ns=0)
+
+
+def test_a_wrong_config_file_is_refused_with_file_line_and_column(tmp_path: Path) -> None:
+    from fleetloop_agent.config import load_agent_config
+
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        "device_id: pump-1\n"
+        "cloud: {grpc: '127.0.0.1:1'}\n"
+        "platform: {slots: {a: a, b: b}, env: env, booted_slot: booted}\n"
+        "sources:\n"
+        "  - kind: modbus_tcp\n"
+        "    name: pump\n"
+        "    host: 127.0.0.1\n"
+        "    tags:\n"
+        "      Plant.Pump.Pressure:\n"
+        "        register: holding\n"
+        "        address: 0\n"
+        "        type: float\n"
+        "      Plant.Pump.Flow: {register: input, adress: 3}\n"
+    )
+    config = load_agent_config(path)
+    with pytest.raises(ConfigError) as info:
+        build_source(config.sources[0], base_dir=config.base_dir, start_ns=0)
+    assert info.value.message.startswith(f"{path}:12:9: source 'pump': key 'tags': tag 'Plant.Pump.Pressure'")
+    path.write_text(path.read_text().replace("type: float\n", "type: float32\n"))
+    config = load_agent_config(path)
+    with pytest.raises(ConfigError, match=rf"^{path}:13:42: .* unknown key 'adress'"):
+        build_source(config.sources[0], base_dir=config.base_dir, start_ns=0)

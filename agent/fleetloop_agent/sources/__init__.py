@@ -17,6 +17,7 @@ from fleetloop_agent.sources.csv_replay import TIME_FORMATS, CsvReplaySource
 from fleetloop_agent.sources.live import DeviceClock
 from fleetloop_agent.sources.machine_kinds import BUILDERS as _MACHINE_BUILDERS
 from fleetloop_agent.sources.machine_kinds import KEYS as _MACHINE_KEYS
+from fleetloop_agent.yaml_marks import location
 from fleetloop_shared.errors import ConfigError
 
 __all__ = ["CanReplaySource", "CsvReplaySource", "SignalSource", "build_source"]
@@ -46,18 +47,19 @@ class _SpecReader:
         self.spec = spec
         self.label = label
         self.base_dir = base_dir
-        unknown = [str(k) for k in spec if k not in allowed]
+        unknown = [k for k in spec if k not in allowed]
         if unknown:
-            raise ConfigError(f"{label}: unknown key {unknown[0]!r} (expected {', '.join(allowed)})")
+            where, key = location(spec, unknown[0]), str(unknown[0])
+            raise ConfigError(f"{where}{label}: unknown key {key!r} (expected {', '.join(allowed)})")
 
     def fail(self, key: str, reason: str) -> ConfigError:
-        return ConfigError(f"{self.label}: key {key!r}: {reason}")
+        return ConfigError(f"{location(self.spec, key)}{self.label}: key {key!r}: {reason}")
 
     def raw(self, key: str, default: Any = _MISSING) -> Any:
         value = self.spec.get(key, _MISSING)
         if value is _MISSING or value is None:
             if default is _MISSING:
-                raise ConfigError(f"{self.label}: missing key {key!r}")
+                raise ConfigError(f"{location(self.spec)}{self.label}: missing key {key!r}")
             return default
         return value
 
@@ -190,6 +192,6 @@ def build_source(
             return _can_source(reader, name, start_ns)
         return _csv_source(reader, name, start_ns)
     except ConfigError as exc:
-        if exc.message.startswith(label):
+        if label in exc.message:
             raise
-        raise ConfigError(f"{label}: {exc.message}") from None
+        raise ConfigError(f"{location(spec)}{label}: {exc.message}") from None

@@ -17,6 +17,7 @@ from fleetloop_agent.sources.hub_router import Field, Target
 from fleetloop_agent.sources.json_paths import path_extractor
 from fleetloop_agent.sources.live import DEFAULT_QUEUE_SAMPLES, LIVE_ORIGIN, DeviceClock
 from fleetloop_agent.sources.modbus_map import BIT_TYPES, DATA_TYPES, ORDERS, REGISTER_TYPES, Tag
+from fleetloop_agent.yaml_marks import location
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.errors import ConfigError
 
@@ -86,15 +87,21 @@ class _Nested:
 
     def __init__(self, r: _SpecReader, key: str, label: str, value: Any, allowed: tuple[str, ...]) -> None:
         self.r, self.key, self.label = r, key, label
+        self.value = value
         if not isinstance(value, Mapping):
             raise self.fail(f"expected a mapping, got {type(value).__name__}")
-        unknown = [str(k) for k in value if k not in allowed]
+        unknown = [k for k in value if k not in allowed]
         if unknown:
-            raise self.fail(f"unknown key {unknown[0]!r} (expected {', '.join(allowed)})")
-        self.value = value
+            raise self.fail(f"unknown key {str(unknown[0])!r} (expected {', '.join(allowed)})", unknown[0])
 
-    def fail(self, reason: str) -> ConfigError:
-        return self.r.fail(self.key, f"{self.label}: {reason}")
+    def fail(self, reason: str, key: Any = None) -> ConfigError:
+        return self.located(f"{self.label}: {reason}", key)
+
+    def located(self, message: str, key: Any = None) -> ConfigError:
+        """``message`` about this mapping (or its ``key``), with the entry's label and FILE:LINE:COL."""
+        where = location(self.value, key) if isinstance(self.value, Mapping) else ""
+        where = where or location(self.r.spec, self.key)
+        return ConfigError(f"{where}{self.r.label}: key {self.key!r}: {message}")
 
     def get(self, key: str, default: Any = None) -> Any:
         v = self.value.get(key)
@@ -103,22 +110,22 @@ class _Nested:
     def string(self, key: str, default: str | None = None, choices: tuple[str, ...] = ()) -> str:
         v = self.get(key, default)
         if not isinstance(v, str) or (v == "" and default != ""):
-            raise self.fail(f"key {key!r}: expected a string, got {v!r}")
+            raise self.fail(f"key {key!r}: expected a string, got {v!r}", key)
         if choices and v not in choices:
-            raise self.fail(f"key {key!r}: expected one of {', '.join(choices)}, got {v!r}")
+            raise self.fail(f"key {key!r}: expected one of {', '.join(choices)}, got {v!r}", key)
         return v
 
     def integer(self, key: str, default: int | None = None, lo: int = 0, hi: int | None = None) -> int:
         v = self.get(key, default)
         if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
             bound = f"{lo}-{hi}" if hi is not None else f">= {lo}"
-            raise self.fail(f"key {key!r}: expected an integer {bound}, got {v!r}")
+            raise self.fail(f"key {key!r}: expected an integer {bound}, got {v!r}", key)
         return v
 
     def number(self, key: str, default: float) -> float:
         v = self.get(key, default)
         if isinstance(v, bool) or not isinstance(v, int | float):
-            raise self.fail(f"key {key!r}: expected a number, got {v!r}")
+            raise self.fail(f"key {key!r}: expected a number, got {v!r}", key)
         return float(v)
 
     def data_type(self, default: str = "float") -> DataType:
@@ -166,7 +173,7 @@ def _modbus(r: _SpecReader, name: str, start_ns: int, clock: DeviceClock | None)
         data_type = n.string("type", "bool" if register in BIT_TYPES else "uint16", tuple(DATA_TYPES))
         poll_ms = n.number("poll_ms", default_poll)
         if poll_ms <= 0:
-            raise n.fail(f"key 'poll_ms': expected a positive number, got {poll_ms!r}")
+            raise n.fail(f"key 'poll_ms': expected a positive number, got {poll_ms!r}", "poll_ms")
         bit = n.get("bit")
         try:
             tags.append(
@@ -186,9 +193,9 @@ def _modbus(r: _SpecReader, name: str, start_ns: int, clock: DeviceClock | None)
                 )
             )
         except ConfigError as exc:
-            if exc.message.startswith(r.label):
+            if r.label in exc.message:
                 raise
-            raise r.fail("tags", exc.message) from None
+            raise n.located(exc.message) from None
     if not tags:
         raise r.fail("tags", "maps no tag")
     max_gap = r.raw("max_gap", None)
@@ -206,7 +213,7 @@ def _modbus(r: _SpecReader, name: str, start_ns: int, clock: DeviceClock | None)
             **_common(r),
         )
     except ConfigError as exc:
-        if exc.message.startswith(r.label):
+        if r.label in exc.message:
             raise
         raise r.fail("tags", exc.message) from None
 
@@ -303,7 +310,7 @@ def _mqtt_json(r: _SpecReader, name: str, start_ns: int, clock: DeviceClock | No
             name, broker, topics, discovery_prefix=prefix, entities=entities, clock=clock, **_common(r)
         )
     except ConfigError as exc:
-        if exc.message.startswith(r.label):
+        if r.label in exc.message:
             raise
         raise r.fail("topics", exc.message) from None
 
