@@ -385,3 +385,23 @@ def test_push_admission_refuses_saying_why(batch: push_pb2.SampleBatch, message:
         return
     with pytest.raises(RequestRefused, match=message):
         pc.admit(request, 1_700_000_000 * S)
+
+
+def test_router_reads_device_based_discovery_with_several_components() -> None:
+    errors: list[str] = []
+    router, catalog = _router(errors)
+    config = {
+        "dev": {"ids": ["0x00158d0001"]},
+        "~": "zigbee2mqtt/plug",
+        "stat_t": "~",
+        "cmps": {
+            "power": {"p": "sensor", "val_tpl": "{{ value_json.power }}", "uniq_id": "plug_power"},
+            "energy": {"p": "sensor", "val_tpl": "{{ value_json.energy }}", "uniq_id": "plug_energy"},
+        },
+    }
+    _, follow = router.on_message("homeassistant/device/0x00158d0001/config", json.dumps(config).encode(), 1)
+    assert follow == ["zigbee2mqtt/plug"] and router.ignored_total == 1  # energy is not mapped
+    row, _ = router.on_message("zigbee2mqtt/plug", b'{"power": 7.5, "energy": 1.2}', 2)
+    assert row is not None and row.values == (7.5,) and row.ids == (catalog.by_path("P").id,)
+    router.on_message("homeassistant/device/0x00158d0001/config", b"", 3)
+    assert router.on_message("zigbee2mqtt/plug", b'{"power": 8}', 4)[0] is None and errors == []

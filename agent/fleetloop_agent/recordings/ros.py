@@ -78,7 +78,7 @@ class _Topics:
     def add(self, topic: str, t_ns: int, msg: Any) -> None:
         times = self.t.setdefault(topic, [])
         cols = self.cols.setdefault(topic, {})
-        row = 0 if not times else len(times)
+        row = len(times)
         seen = set()
         for path, value in flatten(msg):
             if value is ...:

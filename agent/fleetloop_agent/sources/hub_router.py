@@ -224,11 +224,9 @@ class HubRouter:
         assert self.discovery_prefix is not None
         parts = topic[len(self.discovery_prefix) + 1 :].split("/")
         component, object_id = parts[0], parts[-2]
-        if not payload:
-            gone = [k for k in (f"{component}.{object_id}", object_id) if k in self._discovered]
-            gone += [k for k, (_, f) in self._discovered.items() if f.key == topic]
-            for k in gone:
-                self._discovered.pop(k, None)
+        if not payload:  # the entity was removed: forget what this config announced
+            for k in [k for k, (_, f) in self._discovered.items() if f.key == topic]:
+                del self._discovered[k]
             return []
         try:
             doc = json.loads(payload.decode("utf-8"))
