@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+from typing import Any
 
 from rosbags.typesys import Stores, get_typestore
 
@@ -31,7 +32,7 @@ def imu_rows(recordings: Path | None, n: int = 200) -> list[tuple[int, tuple[flo
     return rows
 
 
-def _imu(ts, t_ns: int, v: tuple[float, ...]):  # type: ignore[no-untyped-def]
+def _imu(ts: Any, t_ns: int, v: tuple[float, ...], *, ros1: bool = False) -> Any:
     Imu = ts.types["sensor_msgs/msg/Imu"]
     Header = ts.types["std_msgs/msg/Header"]
     Time = ts.types["builtin_interfaces/msg/Time"]
@@ -41,7 +42,11 @@ def _imu(ts, t_ns: int, v: tuple[float, ...]):  # type: ignore[no-untyped-def]
 
     rad = math.pi / 180
     return Imu(
-        header=Header(stamp=Time(sec=t_ns // 10**9, nanosec=t_ns % 10**9), frame_id="imu_link"),
+        header=Header(
+            **({"seq": 0} if ros1 else {}),
+            stamp=Time(sec=t_ns // 10**9, nanosec=t_ns % 10**9),
+            frame_id="imu_link",
+        ),
         orientation=Quaternion(x=0.0, y=0.0, z=0.0, w=1.0),
         orientation_covariance=np.zeros(9),
         angular_velocity=Vector3(x=v[0] * rad, y=v[1] * rad, z=v[2] * rad),
@@ -103,7 +108,7 @@ def write_bag(path: Path, rows: list[tuple[int, tuple[float, ...]]], *, ros2: bo
         imu1 = writer1.add_connection("/imu", "sensor_msgs/msg/Imu", typestore=ts)
         mode1 = writer1.add_connection("/mode", String, typestore=ts)
         for i, (t_ns, v) in enumerate(rows):
-            msg1 = _imu_ros1(ts, t_ns, v)
+            msg1 = _imu(ts, t_ns, v, ros1=True)
             writer1.write(imu1, t_ns, ts.serialize_ros1(msg1, "sensor_msgs/msg/Imu"))
             if i % 10 == 0:
                 writer1.write(
@@ -112,23 +117,3 @@ def write_bag(path: Path, rows: list[tuple[int, tuple[float, ...]]], *, ros2: bo
                     ts.serialize_ros1(ts.types[String](data="walk" if i % 20 else "stand"), String),
                 )
     return path
-
-
-def _imu_ros1(ts, t_ns: int, v: tuple[float, ...]):  # type: ignore[no-untyped-def]
-    import numpy as np
-
-    Imu = ts.types["sensor_msgs/msg/Imu"]
-    Header = ts.types["std_msgs/msg/Header"]
-    Time = ts.types["builtin_interfaces/msg/Time"]
-    Quaternion = ts.types["geometry_msgs/msg/Quaternion"]
-    Vector3 = ts.types["geometry_msgs/msg/Vector3"]
-    rad = math.pi / 180
-    return Imu(
-        header=Header(seq=0, stamp=Time(sec=t_ns // 10**9, nanosec=t_ns % 10**9), frame_id="imu_link"),
-        orientation=Quaternion(x=0.0, y=0.0, z=0.0, w=1.0),
-        orientation_covariance=np.zeros(9),
-        angular_velocity=Vector3(x=v[0] * rad, y=v[1] * rad, z=v[2] * rad),
-        angular_velocity_covariance=np.zeros(9),
-        linear_acceleration=Vector3(x=v[3] * G, y=v[4] * G, z=v[5] * G),
-        linear_acceleration_covariance=np.zeros(9),
-    )

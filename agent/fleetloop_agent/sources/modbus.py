@@ -175,9 +175,6 @@ class ModbusSource(LiveSource):
                 self.queue.dtypes[spec.id] = t.catalog_type.numpy_dtype
             self._ids[g.key] = tuple(ids)
 
-    def _wake(self) -> None:
-        pass  # the poll loop waits on self._stop itself
-
     def poll(self, group: PollGroup) -> bool:
         """Poll one group now; False when the connection was lost on the way."""
         t_ns = self.clock.now_ns()
