@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from fleetloop_agent.uplink.device_messages import NETWORKS
+from fleetloop_agent.yaml_marks import load_marked
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.segment import READ_VERSIONS
 
@@ -91,7 +92,7 @@ def load_agent_config(path: str | Path) -> AgentConfig:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        doc = yaml.safe_load(p.read_text())
+        doc = load_marked(p.read_text(), source=str(p))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)

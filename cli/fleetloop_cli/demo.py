@@ -177,7 +177,7 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         _say(verbose, f"fleetloop demo — data: {origin_text}")
         mqtt_args: list[str] = []
-        if getattr(args, "transport", "grpc") == "mqtt":  # issue 6: devices over MQTT 5 via a private broker
+        if getattr(args, "transport", "grpc") == "mqtt":  # devices over MQTT 5 via a private broker
             from fleetloop_fwsim.broker import MosquittoProcess
 
             broker = MosquittoProcess(work / "broker")
@@ -428,7 +428,7 @@ def _start_device(
         kind=kind,
         hardware_id=HARDWARE_ID,
         cloud=_cloud_config(client, device_id),
-        # TUF trust anchors (issue 5): the image repository's and the director's roots
+        # TUF trust anchors: the image repository's and the director's roots
         trust_files=[work / "cloud" / "keys" / f"{repo}-root.json" for repo in ("image", "director")],
         recordings=recordings,
         fleet=FLEET,

@@ -41,7 +41,7 @@ def cmd_cloud_serve(args: argparse.Namespace) -> int:
 
     jsonlog.configure("cloud", level=args.log_level)
     mqtt = None
-    if args.mqtt:  # MQTT 5 beside gRPC (issue 6)
+    if args.mqtt:  # MQTT 5 beside gRPC
         from fleetloop_cloud.mqtt_bridge import BridgeSettings
 
         host, _, port = args.mqtt.rpartition(":")
@@ -61,7 +61,7 @@ def cmd_cloud_serve(args: argparse.Namespace) -> int:
 
 
 def _grpc_tls(args: argparse.Namespace) -> Any:
-    """mTLS for the device gRPC port when --grpc-cert is given (issue 6)."""
+    """mTLS for the device gRPC port when --grpc-cert is given."""
     if not args.grpc_cert:
         return None
     if not (args.grpc_ca and args.grpc_key):

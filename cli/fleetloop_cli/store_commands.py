@@ -212,47 +212,12 @@ def cmd_store_export(args: argparse.Namespace) -> int:
 
 
 def _export_parquet(store: Any, names: dict[int, str], args: argparse.Namespace) -> None:
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from fleetloop_cloud.fleet_store.parquet import export_segments
 
     if not args.output_file:
         raise UserError("--format parquet needs -o FILE")
-    schema = pa.schema(
-        [
-            ("t_ns", pa.int64()),
-            ("signal", pa.string()),
-            ("value", pa.float64()),
-            ("value_int", pa.int64()),
-            ("value_str", pa.string()),
-        ]
-    )
-    with pq.ParquetWriter(args.output_file, schema, compression="zstd") as writer:
-        for _, seg in store.query(
-            group=args.group, capture_id=args.capture, from_ns=args.from_ns, to_ns=args.to_ns
-        ):
-            for sid in sorted(seg.columns):
-                values = seg.columns[sid]
-                n = int(seg.t_ns.shape[0])
-                kind = values.dtype.kind
-                is_text = kind == "O"
-                table = pa.table(
-                    {
-                        "t_ns": pa.array(seg.t_ns, pa.int64()),
-                        "signal": pa.array([names.get(sid, f"id:{sid}")] * n, pa.string()),
-                        "value": pa.nulls(n, pa.float64())
-                        if is_text
-                        else pa.array(values.astype(np.float64), pa.float64()),
-                        "value_int": pa.nulls(n, pa.int64())
-                        if kind == "f" or is_text
-                        else pa.array(values.astype(np.int64), pa.int64()),
-                        "value_str": pa.array(values.tolist(), pa.string())
-                        if is_text
-                        else pa.nulls(n, pa.string()),
-                    },
-                    schema=schema,
-                )
-                writer.write_table(table)
+    segments = store.query(group=args.group, capture_id=args.capture, from_ns=args.from_ns, to_ns=args.to_ns)
+    export_segments(Path(args.output_file), (seg for _, seg in segments), names)
 
 
 def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentParser], None]) -> None:

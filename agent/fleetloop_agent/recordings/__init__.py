@@ -1,5 +1,6 @@
 """One reader of recordings: long and wide CSV, candump, Vector ASC, GVRET CSV, ASAM MF4 and comma-style
-numpy CAN arrays, decoded through a DBC where they hold CAN frames.
+numpy CAN arrays, decoded through a DBC where they hold CAN frames; and robot recordings (MCAP of ROS 2
+messages, ROS 1 and ROS 2 bags), one group per topic.
 
 The replay sources, ``fleetloop store import`` and ``fleetloop rules test`` all read through this package
 and its one rule for typing cells and times (:mod:`.cells`), so what an operator tests is what a device
@@ -24,6 +25,7 @@ from fleetloop_agent.recordings.cells import TIME_UNITS, float_seconds_to_ns, pa
 from fleetloop_agent.recordings.mf4 import read_mf4
 from fleetloop_agent.recordings.numpy_can import NumpyCanLog, is_numpy_can, read_numpy_can
 from fleetloop_agent.recordings.recording import Note, Recording, SignalGroup, data_type_of, detect_groups
+from fleetloop_agent.recordings.ros import is_robot_log, read_robot_log
 from fleetloop_agent.recordings.tables import TypeOf, is_long_header, read_long_csv, read_wide_csv
 from fleetloop_agent.recordings.text import MAX_INPUT_BYTES, check_size, sniff_delimiter
 from fleetloop_shared.dbc import load_dbc
@@ -45,6 +47,7 @@ __all__ = [
     "parse_time",
     "read_can_frames",
     "read_recording",
+    "read_robot_log",
     "read_wide_csv",
 ]
 
@@ -91,6 +94,10 @@ def read_recording(
     """Any recording as groups of typed signals. A bus log needs ``dbc`` (``bus``: decode that bus only);
     ``types`` (a catalog's) and ``time_column`` apply to CSVs of signals."""
     path = Path(path)
+    if is_robot_log(path):
+        if dbc is not None:
+            raise ConfigError(f"{path}: a robot recording (MCAP or ROS bag); it takes no DBC")
+        return read_robot_log(path)
     frames = read_can_frames(path)
     if frames is not None:
         if dbc is None:

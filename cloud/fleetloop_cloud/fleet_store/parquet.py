@@ -27,7 +27,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -321,6 +321,39 @@ class FleetStore:
             schema=SAMPLES_SCHEMA,
         )
         return table
+
+
+#: Columns of ``fleetloop store export --format parquet``: one device's samples, no fleet columns.
+EXPORT_SCHEMA = pa.schema(
+    [SAMPLES_SCHEMA.field(name) for name in ("t_ns", "signal", "value", "value_int", "value_str")]
+)
+
+
+def export_segments(output: Path, segments: Iterable[Segment], names: Mapping[int, str]) -> None:
+    """Write a device store's ``segments`` as one Parquet file (zstd): a row per sample, the signal named
+    by ``names`` (``id:N`` for an id it lacks); the CLI's export, kept here so only the fleet store
+    imports pyarrow."""
+    with pq.ParquetWriter(output, EXPORT_SCHEMA, compression="zstd") as writer:
+        for seg in segments:
+            rows = int(seg.t_ns.shape[0])
+            for sid in sorted(seg.columns):
+                values = np.asarray(seg.columns[sid])
+                kind = values.dtype.kind
+                text = kind == "O"
+                writer.write_table(
+                    pa.Table.from_arrays(
+                        [
+                            pa.array(seg.t_ns, pa.int64()),
+                            _repeat_string(names.get(sid, f"id:{sid}"), rows),
+                            pa.nulls(rows, pa.float64()) if text else pa.array(values.astype(np.float64)),
+                            pa.nulls(rows, pa.int64())
+                            if kind == "f" or text
+                            else pa.array(values.astype(np.int64), pa.int64()),
+                            pa.array(values.tolist(), pa.string()) if text else pa.nulls(rows, pa.string()),
+                        ],
+                        schema=EXPORT_SCHEMA,
+                    )
+                )
 
 
 def _repeat_string(value: str, count: int) -> pa.Array:
