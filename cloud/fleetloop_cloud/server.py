@@ -50,10 +50,10 @@ from fleetloop_cloud.services.query import QueryService
 from fleetloop_cloud.services.releases import ReleaseService
 from fleetloop_cloud.services.rollouts import RolloutService
 from fleetloop_cloud.services.tokens import IssuedToken, TokenService
-from fleetloop_shared.errors import ConfigError
 from fleetloop_cloud.sessions import DeviceSessions
 from fleetloop_cloud.uploads.scheduler import UploadScheduler
 from fleetloop_cloud.uploads.staging import UploadStaging
+from fleetloop_shared.errors import ConfigError
 
 log = logging.getLogger("fleetloop.cloud")
 

@@ -54,6 +54,12 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 #: What aiohttp's own HTTP errors are called in the error body (the CLI maps ``type`` to its errors).
 _HTTP_TYPES = {404: "NotFoundError", 405: "MethodNotAllowed", 413: "PayloadTooLargeError"}
 BODY_CHUNK = 256 * 1024
+#: What the chain stores on a request, for the middlewares after it (a metrics middleware reads the
+#: route name from ``request.match_info.route.name``, and these).
+REQUEST_ID = web.RequestKey("request_id", str)
+CALLER = web.RequestKey("caller", Caller)
+#: 401 or 403 when the request was refused for its credentials.
+AUTH_FAILURE = web.RequestKey("auth_failure", int)
 #: Routes devices and probes call all the time: logged at debug level only.
 _QUIET_ROUTES = frozenset({"getArtifactFile", "getImageMetadata", "getDirectorMetadata", "health"})
 
@@ -93,7 +99,7 @@ class HttpSettings:
 
 # -- middlewares -----------------------------------------------------------------------------------
 def request_id_of(request: web.Request) -> str:
-    return str(request.get("request_id", ""))
+    return str(request.get(REQUEST_ID, ""))
 
 
 def error_response(request: web.Request, status: int, kind: str, message: str) -> web.Response:
@@ -105,13 +111,13 @@ def error_response(request: web.Request, status: int, kind: str, message: str) -
 @web.middleware
 async def request_ids(request: web.Request, handler: Handler) -> web.StreamResponse:
     given = request.headers.get("X-Request-Id", "")
-    request["request_id"] = given if _REQUEST_ID.match(given) else secrets.token_hex(8)
+    request[REQUEST_ID] = given if _REQUEST_ID.match(given) else secrets.token_hex(8)
     try:
         response = await handler(request)
     except web.HTTPException as exc:
-        exc.headers["X-Request-Id"] = request["request_id"]
+        exc.headers["X-Request-Id"] = request[REQUEST_ID]
         raise
-    response.headers["X-Request-Id"] = request["request_id"]
+    response.headers["X-Request-Id"] = request[REQUEST_ID]
     return response
 
 
@@ -124,13 +130,18 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
         status = response.status
         return response
     finally:
-        caller = request.get("caller")
+        caller = request.get(CALLER)
         route = request.match_info.route.name or "-"
         log.log(
-            logging.DEBUG if route in _QUIET_ROUTES else logging.INFO, "%s %s %d %.1f ms %s", request.method, redact(request.path), status,
-            (time.perf_counter() - started) * 1000, caller.name if isinstance(caller, Caller) else "-",
+            logging.DEBUG if route in _QUIET_ROUTES else logging.INFO,
+            "%s %s %d %.1f ms %s",
+            request.method,
+            redact(request.path),
+            status,
+            (time.perf_counter() - started) * 1000,
+            caller.name if isinstance(caller, Caller) else "-",
             extra={"request_id": request_id_of(request)},
-        )  # fmt: skip
+        )
 
 
 @web.middleware
@@ -139,7 +150,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except FleetloopError as exc:
         if exc.http_status in (401, 403):  # what a metrics middleware counts as an auth failure
-            request["auth_failure"] = exc.http_status
+            request[AUTH_FAILURE] = exc.http_status
         return error_response(request, exc.http_status, type(exc).__name__, str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -207,7 +218,7 @@ class _Operations:
         return await asyncio.get_running_loop().run_in_executor(
             self.executor,
             lambda: self.api.tokens.authenticate(secret, now, transport="http", address=address,
-                                                 request_id=rid),  # fmt: skip
+                                                 request_id=rid),
         )
 
     def handler(self, route: Route) -> Handler:
@@ -216,7 +227,7 @@ class _Operations:
 
         async def handle(request: web.Request) -> web.StreamResponse:
             caller = await self.caller(request)
-            request["caller"] = caller
+            request[CALLER] = caller
             if action is not None:
                 self.api.access.operator(caller, action)  # the role, before the body is read
             body = await read_body(request, limit) if route.max_body else b""

@@ -75,7 +75,7 @@ RESPONSES: dict[str, S] = {
     "summary": _obj(
         ["devices", "online"], devices=INT, online=INT, segments_ingested=INT, samples_ingested=INT,
         captures_ingested=INT, campaigns=INT, campaigns_version=INT, refused=INT_MAP,
-    ),  # fmt: skip
+    ),
     "listDevices": _arr(DEVICE),
     "getDevice": DEVICE,
     "getDeviceCatalog": _obj(
@@ -84,17 +84,17 @@ RESPONSES: dict[str, S] = {
     "listCampaigns": _obj(
         ["version", "campaigns"], version=INT,
         campaigns=_arr(_obj(["name", "version", "document"], name=STR, version=INT, document=STR)),
-    ),  # fmt: skip
+    ),
     "applyCampaign": _obj(["name", "campaigns_version"], name=STR, campaigns_version=INT,
-                          devices=_arr(STR)),  # fmt: skip
+                          devices=_arr(STR)),
     "deleteCampaign": _obj(["name", "campaigns_version"], name=STR, campaigns_version=INT),
     "query": _obj(["columns", "rows", "truncated"], columns=_arr(STR), rows=_arr({"type": "array"}),
-                  truncated=BOOL),  # fmt: skip
+                  truncated=BOOL),
     "listCaptures": _arr(_obj(["capture_id", "device_id"], capture_id=STR, device_id=STR, campaign=STR,
                               first_ns=INT, last_ns=INT, samples=INT, segments=INT,
-                              first_received=NUM, last_received=NUM)),  # fmt: skip
+                              first_received=NUM, last_received=NUM)),
     "listReleases": _arr(_obj(["name", "version", "hardware_id"], name=STR, version=STR, hardware_id=STR,
-                              manifest=STR, signature=STR, created_at=NUM)),  # fmt: skip
+                              manifest=STR, signature=STR, created_at=NUM)),
     "uploadRelease": _obj(["name", "version", "hardware_id", "sha256", "size", "payloads"], name=STR,
                           version=STR, hardware_id=STR, sha256=STR, size=INT, payloads=_arr(PAYLOAD)),
     "listRollouts": _arr(ROLLOUT_SUMMARY),
@@ -104,15 +104,15 @@ RESPONSES: dict[str, S] = {
     "resumeRollout": ROLLOUT,
     "abortRollout": ROLLOUT,
     "rotateRoot": _obj(["root_version"], root_version=INT, root_keys=INT, threshold=INT,
-                       online_keys_rotated=BOOL),  # fmt: skip
+                       online_keys_rotated=BOOL),
     "listTokens": _arr(TOKEN),
     "createToken": {**TOKEN, "properties": {**TOKEN["properties"], "token": STR},
-                    "required": [*TOKEN["required"], "token"]},  # fmt: skip
+                    "required": [*TOKEN["required"], "token"]},
     "revokeToken": TOKEN,
     "listAudit": _arr(AUDIT_ENTRY),
     "verifyAudit": _obj(["ok", "entries", "head_seq", "head_hash"], ok=BOOL, entries=INT, head_seq=INT,
                         head_hash=STR, broken_at={"type": ["integer", "null"]}, reason=STR),
-}  # fmt: skip
+}
 
 #: Request body schema of each route that takes a JSON body.
 REQUESTS: dict[str, S] = {
@@ -124,14 +124,14 @@ REQUESTS: dict[str, S] = {
             success_percent=NUM,
         ),
         "additionalProperties": True,
-    },  # fmt: skip
+    },
     "rotateRoot": {**_obj(root_keys=INT, threshold=INT, online=BOOL), "additionalProperties": False},
     "createToken": {
         **_obj(["name", "role"], name={"type": "string", "pattern": NAME_PATTERN},
                role={"enum": ["viewer", "operator", "release-manager", "admin"]},
                expires_in_s={"type": "number", "exclusiveMinimum": 0}),
         "additionalProperties": False,
-    },  # fmt: skip
+    },
 }
 
 #: Query parameters of the routes that take some: name → (schema, required, description).
@@ -179,7 +179,8 @@ def _error_responses(public: bool) -> S:
     if not public:
         codes["401"] = "no valid API token (missing, unknown, expired or revoked)"
         codes["403"] = "the token's role does not allow this; the body names the role needed"
-    return {code: {"description": text, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    return {code: {"description": text, "content": error}
             for code, text in codes.items()}  # fmt: skip
 
 
@@ -218,6 +219,7 @@ def _operation(route: Any) -> S:
     return op
 
 
+BINARY: S = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 _PUBLIC: S = {
     "/healthz": {"get": {"operationId": "health", "security": [], "responses": {
         "200": {"description": "the coordinator answers",
@@ -233,9 +235,9 @@ _PUBLIC: S = {
         ],
         "responses": {
             "200": {"description": "the whole file",
-                    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                    "content": BINARY},
             "206": {"description": "the requested range",
-                    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                    "content": BINARY},
             "416": {"description": "the range starts past the end"},
             **_error_responses(public=True),
         },

@@ -101,7 +101,7 @@ def _campaigns(c: Call) -> Reply:
             "version": desired.version,
             "campaigns": [{"name": d.name, "version": d.revision, "document": d.document}
                           for d in desired.campaigns],
-        }  # fmt: skip
+        }
     )
 
 
@@ -208,8 +208,8 @@ def _create_token(c: Call) -> Reply:
     name, role, ttl = body.get("name"), body.get("role"), body.get("expires_in_s")
     if not isinstance(name, str) or not isinstance(role, str):
         raise UserError('body must be {"name": "...", "role": "...", "expires_in_s": N (optional)}')
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl)
-                            or ttl <= 0):  # fmt: skip
+    bad_ttl = isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0
+    if ttl is not None and bad_ttl:
         raise UserError(f"expires_in_s must be a positive number of seconds, got {ttl!r}")
     issued = c.api.tokens.create(
         c.caller, name, role, c.now, expires_at=None if ttl is None else c.now + float(ttl)

@@ -1,5 +1,6 @@
 """The coordinator's metadata, one repository per aggregate (devices, the ingest ledger, campaigns,
-releases, rollouts, coordinator leases, API tokens, the audit log) behind the interfaces in :mod:`.interfaces`.
+releases, rollouts, coordinator leases, API tokens, the audit log) behind the interfaces in
+:mod:`.interfaces`.
 
 :func:`open_repositories` puts them over one SQLite file or PostgreSQL database (:mod:`.database`, the
 only module importing a database driver); :func:`memory_repositories` gives the in-memory fakes that
