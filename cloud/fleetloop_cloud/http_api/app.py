@@ -44,6 +44,7 @@ from fleetloop_shared.errors import (
     FleetloopError,
     PayloadTooLargeError,
     UnavailableError,
+    UserError,
 )
 
 log = logging.getLogger("fleetloop.cloud.http")
@@ -230,6 +231,8 @@ class _Operations:
             request[CALLER] = caller
             if action is not None:
                 self.api.access.operator(caller, action)  # the role, before the body is read
+            if any("\x00" in v for v in (*request.match_info.values(), *request.query.values())):
+                raise UserError("a path or query parameter holds a NUL character")
             body = await read_body(request, limit) if route.max_body else b""
             call = Call(self.api, caller, dict(request.match_info), dict(request.query), body,
                         self.api.clock())  # fmt: skip

@@ -143,11 +143,14 @@ QUERY: dict[str, dict[str, tuple[S, bool, str]]] = {
         "hardware": (STR, True, "hardware id the image is for"),
     },
     "listAudit": {
-        "after": (INT, False, "entries after this sequence number"),
-        "since": (NUM, False, "entries at or after this Unix time"),
+        "after": ({"type": "integer", "minimum": 0, "maximum": 2**53},
+                  False, "entries after this sequence number"),
+        "since": ({"type": "number", "minimum": -(2**53), "maximum": 2**53},
+                  False, "entries at or after this Unix time"),
         "actor": (STR, False, "only this actor (token name)"),
         "kind": (STR, False, "only this action, or actions under it (rollouts, rollouts.create)"),
-        "limit": (INT, False, "at most this many entries (1000 by default, 10000 at most)"),
+        "limit": ({"type": "integer", "minimum": 1, "maximum": 10000},
+                  False, "at most this many entries (1000 by default)"),
     },
 }
 

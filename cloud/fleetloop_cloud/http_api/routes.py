@@ -221,24 +221,30 @@ def _revoke_token(c: Call) -> Reply:
     return Reply(plain(c.api.tokens.revoke(c.caller, c.path["name"], c.now)))
 
 
-def _number(q: Mapping[str, str], key: str) -> float | None:
+def _number(q: Mapping[str, str], key: str, low: float, high: float) -> float | None:
     if key not in q:
         return None
     try:
         value = float(q[key])
     except ValueError:
         raise UserError(f"{key} must be a number, got {q[key]!r}") from None
-    if not math.isfinite(value):
-        raise UserError(f"{key} must be a finite number")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise UserError(f"{key} must be a number from {low:g} to {high:g}, got {q[key]!r}")
     return value
+
+
+#: Largest sequence number or time a query parameter may name (an integer any database stores).
+MAX_QUERY_NUMBER = 2.0**53
 
 
 def _audit(c: Call) -> Reply:
     q = c.query
-    after, limit = _number(q, "after"), _number(q, "limit")
+    after = _number(q, "after", 0, MAX_QUERY_NUMBER)
+    limit = _number(q, "limit", 1, 10_000)
     where = AuditFilter(
-        after_seq=max(0, int(after or 0)), since=_number(q, "since"), actor=q.get("actor") or None,
-        kind=q.get("kind") or None, limit=int(limit) if limit is not None else 1000,
+        after_seq=int(after or 0), since=_number(q, "since", -MAX_QUERY_NUMBER, MAX_QUERY_NUMBER),
+        actor=q.get("actor") or None, kind=q.get("kind") or None,
+        limit=int(limit) if limit is not None else 1000,
     )  # fmt: skip
     return Reply([plain(e) for e in c.api.audit.entries(c.caller, where)])
 
