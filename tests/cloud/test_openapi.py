@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import schemathesis
-from schemathesis.checks import positive_data_acceptance
 from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import positive_data_acceptance
 
 from fleetloop_cloud.http_api import start_http_server
 from fleetloop_cloud.http_api.openapi import openapi_document

@@ -120,8 +120,8 @@ REQUESTS: dict[str, S] = {
     "createRollout": {
         **_obj(
             ["release_version"], release_version=STR, release_name=STR, selector=STR,
-            phases=_arr(_obj(["percent"], name=STR, percent=NUM)), max_failure_percent=NUM,
-            success_percent=NUM,
+            phases=_arr(_obj(["name"], name=STR, percent=NUM, count=INT, min_soak_s={})),
+            max_failure_percent=NUM, success_percent=NUM, min_executed_for_brake=INT, phase_timeout_s={},
         ),
         "additionalProperties": True,
     },
