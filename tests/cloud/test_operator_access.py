@@ -38,7 +38,11 @@ spec:
 """
 CASES = ("no token", "expired", "revoked", "wrong role", "right role")
 #: A role that may not take an action of each role (none for reads: every role may read).
-WRONG = {Role.OPERATOR: Role.RELEASE_MANAGER, Role.RELEASE_MANAGER: Role.OPERATOR, Role.ADMIN: Role.RELEASE_MANAGER}
+WRONG = {
+    Role.OPERATOR: Role.RELEASE_MANAGER,
+    Role.RELEASE_MANAGER: Role.OPERATOR,
+    Role.ADMIN: Role.RELEASE_MANAGER,
+}
 
 
 @dataclass
@@ -57,7 +61,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tokens = {"admin-boot": c.tokens.bootstrap(now[0]).secret}
     for role in Role:
         tokens[role.value] = c.tokens.create(LOCAL, f"the-{role.value}", role.value, now[0]).secret
-    tokens["expired"] = c.tokens.create(LOCAL, "short-lived", "admin", now[0], expires_at=now[0] + 60).secret
+    expiring = c.tokens.create(LOCAL, "short-lived", "admin", now[0], expires_at=now[0] + 60)
+    tokens["expired"] = expiring.secret
     tokens["revoked"] = c.tokens.create(LOCAL, "gone", "admin", now[0]).secret
     c.tokens.revoke(LOCAL, "gone", now[0])
     c.tokens.create(LOCAL, "to-revoke", "viewer", now[0])
@@ -90,7 +95,8 @@ def request_for(name: str, w: World) -> tuple[str, bytes | None, str]:
         "getDevice": ("/v1/devices/car-1", None, json_type),
         "getDeviceCatalog": ("/v1/devices/car-1/catalog", None, json_type),
         "listCampaigns": ("/v1/campaigns", None, json_type),
-        "applyCampaign": ("/v1/campaigns?source=x.yaml", CAMPAIGN.replace("brake", "fast").encode(), "text/yaml"),
+        "applyCampaign": ("/v1/campaigns?source=x.yaml", CAMPAIGN.replace("brake", "fast").encode(),
+                          "text/yaml"),
         "deleteCampaign": ("/v1/campaigns/brake", None, json_type),
         "query": ("/v1/query", b'{"sql": "SELECT 1"}', json_type),
         "listCaptures": ("/v1/captures", None, json_type),
@@ -99,7 +105,8 @@ def request_for(name: str, w: World) -> tuple[str, bytes | None, str]:
                           build_image("2.0.0", "gen1", size_hint=4096), "application/octet-stream"),
         "listRollouts": ("/v1/rollouts", None, json_type),
         "createRollout": ("/v1/rollouts", json.dumps({"release_version": "2.0.0", "selector": "hw=gen1",
-                                                      "phases": [{"name": "all", "percent": 100}]}).encode(), json_type),
+                                                      "phases": [{"name": "all", "percent": 100}]}).encode(),
+                          json_type),
         "getRollout": (f"/v1/rollouts/{rid}", None, json_type),
         "pauseRollout": (f"/v1/rollouts/{rid}/pause", None, json_type),
         "resumeRollout": (f"/v1/rollouts/{rid}/resume", None, json_type),
@@ -139,8 +146,9 @@ def test_every_route_by_token_state_and_role(world: World) -> None:
                 row[case] = "n/a"  # every role may read
                 continue
             token = token_for(case, role, w)
-            status, headers, data = http_call(w.base, route.method, path, body, {"Content-Type": content_type},
-                                              token=token)  # fmt: skip
+            status, headers, data = http_call(
+                w.base, route.method, path, body, {"Content-Type": content_type}, token=token
+            )
             row[case] = str(status)
             doc: Any = json.loads(data) if data else None
             want = {"right role": route.status, "wrong role": 403}.get(case, 401)
@@ -156,7 +164,7 @@ def test_every_route_by_token_state_and_role(world: World) -> None:
                 assert doc["type"] == "PermissionDeniedError" and doc["request_id"] == headers["X-Request-Id"]
             elif is_write(route.action):
                 writes.append((route.action, headers["X-Request-Id"], {"actor": f"the-{role.value}"}))
-    print("\n" + "\n".join(f"{k:60} " + " ".join(f"{c}={v}" for c, v in row.items()) for k, row in table.items()))
+    print("\n".join(f"{k:60} " + " ".join(f"{c}={v}" for c, v in row.items()) for k, row in table.items()))
     assert not mismatches, "\n".join(mismatches)
     # every write that succeeded left exactly one audit entry, with who, what, where and the request id
     entries = w.coordinator.audit.entries(LOCAL, AuditFilter(limit=10_000))
@@ -176,7 +184,7 @@ def test_devices_download_without_a_token_and_hold_none(world: World) -> None:
     from fleetloop_shared.update.artifact import manifest_from_bytes
 
     full = next(p for p in manifest_from_bytes(release.manifest).payloads if p.kind == "full")
-    status, headers, data = http_call(w.base, "GET", f"/{full.path}", headers={"Range": "bytes=10-"})
+    status, _, data = http_call(w.base, "GET", f"/{full.path}", headers={"Range": "bytes=10-"})
     assert status == 206 and len(data) == full.size - 10
     assert http_call(w.base, "GET", "/tuf/image/timestamp.json")[0] == 200
     assert http_call(w.base, "GET", "/healthz")[0] == 200
@@ -218,7 +226,8 @@ def test_rollout_transitions_name_the_controller(tmp_path: Path) -> None:
         c.devices.connect(Caller.device("car-1", transport="test", proven=True), hello, now)
         c.releases.upload(LOCAL, build_image("1.0.0", "gen1", size_hint=4096), name="firmware",
                           version="1.0.0", hardware_id="gen1", now=now)  # fmt: skip
-        policy = {"release_version": "1.0.0", "selector": "hw=gen1", "phases": [{"name": "all", "percent": 100}]}
+        phases = [{"name": "all", "percent": 100}]
+        policy = {"release_version": "1.0.0", "selector": "hw=gen1", "phases": phases}
         rollout_id = c.rollouts.create(LOCAL, policy, now).id
         c.controller.tick(now + 1)  # offers the job to car-1
         c.controller.on_device_status("car-1", f"{rollout_id}:car-1", "COMMITTED", "", now + 2)
