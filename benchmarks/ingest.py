@@ -239,7 +239,8 @@ MQTT_DEVICES_PER_PROCESS = 2500
 def _summary(cp: Any) -> dict[str, Any]:
     import urllib.request
 
-    with urllib.request.urlopen(cp.http_url + "/v1/summary", timeout=30) as resp:
+    req = urllib.request.Request(cp.http_url + "/v1/summary", headers={"Authorization": f"Bearer {cp.token}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
         result: dict[str, Any] = json.loads(resp.read())
     return result
 

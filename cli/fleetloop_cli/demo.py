@@ -189,7 +189,12 @@ def run_demo(args: argparse.Namespace) -> int:
             mqtt_args = [f"--mqtt=127.0.0.1:{broker.port}", f"--mqtt-ca={ca.ca_path}"]
             mqtt_args += [f"--mqtt-cert={ccert}", f"--mqtt-key={ckey}"]
             _say(verbose, f"MQTT 5 broker (TLS, a role per device) on 127.0.0.1:{broker.port}")
-        client = _start_cloud(work, logs, env, procs, deadline, extra=mqtt_args)
+        admin = _start_cloud(work, logs, env, procs, deadline, extra=mqtt_args)
+        # Least privilege, as an operator team would run it: campaigns with an operator token, releases
+        # and rollouts with a release manager's; the admin token from init only makes those two.
+        operator = admin.with_token(_mint(admin, "demo-operator", "operator"))
+        client = admin.with_token(_mint(admin, "demo-release-manager", "release-manager"))
+        client.grpc = admin.grpc  # type: ignore[attr-defined]
         if broker is not None:
             client.mqtt = {  # type: ignore[attr-defined]
                 "host": "127.0.0.1",
@@ -198,7 +203,8 @@ def run_demo(args: argparse.Namespace) -> int:
                 "cert": str(broker.ca.dir / "{device_id}.pem"),
                 "key": str(broker.ca.dir / "{device_id}.key"),
             }
-        _say(verbose, f"coordinator up at {client.base}")
+        _say(verbose, f"coordinator up at {client.base} (tokens: admin from cloud init, an operator, "
+                      "a release manager)")
 
         v1 = firmware.build_image("1.0.0", HARDWARE_ID)
         v2 = firmware.build_image("2.0.0", HARDWARE_ID, variant=1)
@@ -231,7 +237,7 @@ def run_demo(args: argparse.Namespace) -> int:
         _say(verbose, f"{len(DEVICES)} devices connected: " + ", ".join(d for d, _ in DEVICES))
 
         for kind in sorted({k for _, k in DEVICES}):
-            client.request(
+            operator.request(
                 "POST",
                 f"/v1/campaigns?source=demo-{kind}.yaml",
                 body=profiles.default_campaign(kind).encode(),
@@ -359,8 +365,14 @@ def run_demo(args: argparse.Namespace) -> int:
 def _start_cloud(
     work: Path, logs: Path, env: dict[str, str], procs: _Processes, deadline: float, extra: Sequence[str] = ()
 ) -> CoordinatorClient:
+    from fleetloop_cloud.server import initialise
+
     ready = work / "cloud.ready"
     ready.unlink(missing_ok=True)
+    cloud_dir = work / "cloud"
+    # what `fleetloop cloud init --dir` does: the data directory, its keys and the first admin token,
+    # which stays in this process's memory (a kept workdir is initialised once; later runs recover)
+    admin = initialise(cloud_dir, recover=(cloud_dir / "metadata.sqlite").exists())
     procs.start(
         "coordinator",
         [
@@ -388,9 +400,16 @@ def _start_cloud(
         min(deadline, time.monotonic() + 30),
         procs,
     )
-    client = CoordinatorClient(info["http"])
+    client = CoordinatorClient(info["http"], token=admin.secret)
     client.grpc = info["grpc"]  # type: ignore[attr-defined]
     return client
+
+
+def _mint(admin: CoordinatorClient, name: str, role: str) -> str:
+    """A token of ``role`` for the demo's own use (a kept workdir gets a fresh name each run)."""
+    taken = {t["name"] for t in admin.get("/v1/tokens")}
+    unique = name if name not in taken else f"{name}-{int(time.time())}"
+    return str(admin.post_json("/v1/tokens", {"name": unique, "role": role})["token"])
 
 
 def _cloud_config(client: CoordinatorClient, device_id: str) -> dict[str, Any]:

@@ -50,7 +50,7 @@ def cmd_artifacts_patch(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from fleetloop_cli.client import CoordinatorClient
+    from fleetloop_cli.client import client_from_args
     from fleetloop_cli.output import render_object
 
     body: dict[str, Any] = {"online": args.online_keys}
@@ -58,7 +58,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         body["root_keys"] = args.root_keys
     if args.threshold is not None:
         body["threshold"] = args.threshold
-    result = CoordinatorClient(args.cloud).post_json(f"/v1/tuf/{args.repository}/rotate", body)
+    result = client_from_args(args).post_json(f"/v1/tuf/{args.repository}/rotate", body)
     print(render_object(result, "json" if args.output == "json" else "yaml"), flush=True)
     return 0
 

@@ -9,6 +9,7 @@ under the data directory, so a restarted coordinator resumes where it was.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from fleetloop_cloud.fleet_store.compaction import Compactor
 from fleetloop_cloud.fleet_store.parquet import FleetStore
 from fleetloop_cloud.fleet_store.query import QueryEngine
 from fleetloop_cloud.grpc_api import GrpcTls, start_grpc_server
-from fleetloop_cloud.http_api import start_http_server
+from fleetloop_cloud.http_api import HttpSettings, start_http_server
 from fleetloop_cloud.mqtt_bridge import BridgeSettings, MqttBridge
 from fleetloop_cloud.ota.artifact_store import ArtifactStore
 from fleetloop_cloud.ota.director import Director
@@ -35,7 +36,8 @@ from fleetloop_cloud.ota.tuf_repository import TufRepositories
 from fleetloop_cloud.repositories import open_repositories
 from fleetloop_cloud.rollout.controller import RolloutController
 from fleetloop_cloud.rollout.jobs import OtaJobs
-from fleetloop_cloud.services.access import Access, Refusals
+from fleetloop_cloud.services.access import Access, Caller, Refusals
+from fleetloop_cloud.services.audit import AuditService
 from fleetloop_cloud.services.campaigns import CampaignService
 from fleetloop_cloud.services.devices import LEASE_BEAT_S, DeviceService
 from fleetloop_cloud.services.ingest import (
@@ -47,9 +49,11 @@ from fleetloop_cloud.services.ingest import (
 from fleetloop_cloud.services.query import QueryService
 from fleetloop_cloud.services.releases import ReleaseService
 from fleetloop_cloud.services.rollouts import RolloutService
+from fleetloop_cloud.services.tokens import IssuedToken, TokenService
 from fleetloop_cloud.sessions import DeviceSessions
 from fleetloop_cloud.uploads.scheduler import UploadScheduler
 from fleetloop_cloud.uploads.staging import UploadStaging
+from fleetloop_shared.errors import ConfigError
 
 log = logging.getLogger("fleetloop.cloud")
 
@@ -111,20 +115,30 @@ class Coordinator:
         # mid-upload starts that segment again there (the ingest ledger keeps it exactly once).
         self.staging = UploadStaging(data_dir / "staging", max_upload_bytes=MAX_CHUNKED_UPLOAD_BYTES)
         self.refusals = Refusals()
-        access = Access(self.refusals)
+        self.access = access = Access(self.refusals, repos.audit_log)
+        coordinator_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        controller = Caller.controller(coordinator_id)
+
+        def transition(rollout_id: str, before: str, after: str, reason: str, now: float) -> None:
+            access.record(controller, "rollouts.transition", rollout_id, now, before=before, after=after,
+                          detail=reason)  # fmt: skip
+
         self.grants = UploadGrants(UploadScheduler(UPLOAD_BUDGET), self.sessions)
         self.jobs = OtaJobs(self.director, self.sessions, repos.devices)
-        self.controller = RolloutController(repos.rollouts, repos.releases, repos.devices, self.jobs)
+        self.controller = RolloutController(
+            repos.rollouts, repos.releases, repos.devices, self.jobs, transitions=transition
+        )
         self.campaigns = CampaignService(repos.campaigns, repos.devices, self.sessions, access)
         self.devices = DeviceService(
-            repos.devices, repos.leases, self.sessions, access,
-            coordinator_id=f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}",
+            repos.devices, repos.leases, self.sessions, access, coordinator_id=coordinator_id,
             campaigns=self.campaigns, ota=self.controller, backlog=self.grants,
         )  # fmt: skip
         self.ingest = IngestService(repos.devices, repos.segments, self.fleet_store, self.staging, access)
         self.releases = ReleaseService(repos.releases, repos.devices, self.artifacts, self.tuf, access)
         self.rollouts = RolloutService(self.controller, repos.rollouts, access)
         self.queries = QueryService(self.query_engine, repos.segments, repos.campaigns, self.devices, access)
+        self.tokens = TokenService(repos.tokens, access)
+        self.audit = AuditService(access)
         self.devices.beat(clock())
         self._last_beat = clock()
         self._loops = [
@@ -179,6 +193,48 @@ def raise_open_files_limit() -> int:
     return soft
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only reaches this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: it may resolve anywhere
+
+
+def exposure_refusal(host: str, *, http: HttpSettings, grpc_tls: bool) -> str | None:
+    """Why ``cloud serve`` must not listen on ``host`` as configured, or None. Off loopback, operators'
+    tokens and devices' identities would cross the network in the clear: both ports need TLS, unless
+    ``--insecure`` says this is a lab."""
+    if is_loopback(host) or http.insecure:
+        return None
+    if http.tls is None:
+        return (
+            f"refusing to serve HTTP on {host} without TLS: give --http-cert and --http-key (a certificate "
+            "from your CA, like the gRPC port's), or bind 127.0.0.1, or --insecure for a lab"
+        )
+    if not grpc_tls:
+        return (
+            f"refusing to serve devices' gRPC on {host} without mTLS: give --grpc-cert, --grpc-key and "
+            "--grpc-ca, or bind 127.0.0.1, or --insecure for a lab"
+        )
+    return None
+
+
+def initialise(
+    data_dir: Path, *, db: str | None = None, recover: bool = False, clock: Callable[[], float] = time.time
+) -> IssuedToken:
+    """``fleetloop cloud init``: the data directory, its keys and metadata schema, and the first admin
+    token (returned once; only its hash is stored). StateError when tokens exist, unless ``recover``."""
+    coordinator = Coordinator(data_dir, clock=clock, db=db)
+    try:
+        return coordinator.tokens.bootstrap(clock(), recover=recover)
+    finally:
+        coordinator.stop()
+        coordinator.close()
+
+
 def serve(
     data_dir: Path,
     *,
@@ -190,14 +246,34 @@ def serve(
     mqtt: BridgeSettings | None = None,
     db: str | None = None,
     grpc_tls: GrpcTls | None = None,
+    http: HttpSettings | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT (or ``stop`` is set). Writes ``ready_file`` once both ports listen."""
+    """Run until SIGTERM/SIGINT (or ``stop`` is set). Writes ``ready_file`` once both ports listen.
+    ConfigError (before anything listens) for an address it must not serve on as configured."""
     stop = stop or threading.Event()
+    http = http or HttpSettings()
+    refusal = exposure_refusal(host, http=http, grpc_tls=grpc_tls is not None)
+    if refusal is not None:
+        raise ConfigError(refusal)
     raise_open_files_limit()
     coordinator = Coordinator(data_dir, db=db)
+    if http.insecure:
+        log.warning("--insecure: no API tokens (every HTTP request acts as an admin)%s",
+                    "" if http.tls else " and no TLS")  # fmt: skip
+    elif not coordinator.tokens.exist():
+        if not is_loopback(host):
+            coordinator.stop()
+            coordinator.close()
+            raise ConfigError(
+                f"refusing to serve on {host}: no API token exists yet; run "
+                f"'fleetloop cloud init --dir {data_dir}' first (it prints the first admin token once)"
+            )
+        log.warning("no API token exists yet: 'fleetloop cloud init --dir %s' makes the first admin token",
+                    data_dir)  # fmt: skip
     grpc_server, gport = start_grpc_server(coordinator, host, grpc_port, tls=grpc_tls)
-    http_server, hport = start_http_server(coordinator, host, http_port)
-    coordinator.jobs.artifact_base_url = f"http://{host}:{hport}"
+    http_server, hport = start_http_server(coordinator, host, http_port, http)
+    scheme = "https" if http.tls is not None else "http"
+    coordinator.jobs.artifact_base_url = f"{scheme}://{host}:{hport}"
     coordinator.start()
     # MQTT 5 beside gRPC: consumers on a shared subscription calling the same services.
     bridge = MqttBridge(coordinator, mqtt) if mqtt is not None else None
@@ -212,7 +288,7 @@ def serve(
         signal.signal(signal.SIGINT, on_signal)
     info = {
         "grpc": f"{host}:{gport}",
-        "http": f"http://{host}:{hport}",
+        "http": f"{scheme}://{host}:{hport}",
         "pid": os.getpid(),
         "data_dir": str(data_dir),
     }

@@ -410,6 +410,8 @@ class CoordinatorProcess:
         self.extra_args = list(extra_args or [])
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
+        #: The admin API token of this coordinator's data (made by ``cloud init`` on the first start).
+        self.token = ""
 
     @property
     def grpc_target(self) -> str:
@@ -419,7 +421,22 @@ class CoordinatorProcess:
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    def _init(self) -> None:
+        """``fleetloop cloud init`` once per data directory (and database); the admin token goes to a
+        file there, so coordinators sharing the directory share it."""
+        token_file = self.data_dir / "admin.token"
+        if not token_file.exists():
+            db = self.extra_args[self.extra_args.index("--db") + 1] if "--db" in self.extra_args else None
+            argv = [sys.executable, "-m", "fleetloop_cli.main", "cloud", "init", "--dir", str(self.data_dir),
+                    "--token-file", str(token_file), *(["--db", db] if db else [])]  # fmt: skip
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+            if done.returncode != 0:
+                raise UnavailableError(f"cloud init failed: {done.stderr.strip()[-500:]}")
+        self.token = token_file.read_text().strip()
+
     def start(self, timeout_s: float = 60.0) -> None:
+        if not self.token:
+            self._init()
         ready = self.log_path.with_suffix(".ready.json")  # per process: several may share data_dir
         with contextlib.suppress(FileNotFoundError):
             ready.unlink()
@@ -481,8 +498,9 @@ class CoordinatorProcess:
     def query(self, sql: str, max_rows: int = 1000) -> list[list[Any]]:
         body = json.dumps({"sql": sql, "max_rows": max_rows}).encode()
         req = urllib.request.Request(
-            self.http_url + "/v1/query", data=body, headers={"Content-Type": "application/json"}
-        )
+            self.http_url + "/v1/query", data=body,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
+        )  # fmt: skip
         try:
             with urllib.request.urlopen(req, timeout=150) as resp:
                 result = json.loads(resp.read())

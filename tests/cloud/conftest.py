@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,18 +39,44 @@ class RunningCoordinator:
     grpc_target: str
     http_base: str
     channel: grpc.Channel
+    #: The admin token ``cloud init`` would print: what the tests' HTTP calls authenticate with.
+    token: str
+
+    def call(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+        *, token: str | None = "admin",
+    ) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+        """One HTTP request (with the admin token unless ``token`` says another, or None for none):
+        status, headers, body."""
+        return http_call(self.http_base, method, path, body, headers,
+                         token=self.token if token == "admin" else token)  # fmt: skip
+
+
+def http_call(
+    base: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+    *, token: str | None = None,
+) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+    req = urllib.request.Request(base + path, data=body, method=method, headers=headers or {})
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
 
 
 @pytest.fixture
 def running_coordinator(tmp_path: Path) -> Iterator[RunningCoordinator]:
     c = Coordinator(tmp_path / "cloud")
+    token = c.tokens.bootstrap(c.clock()).secret
     gserver, gport = start_grpc_server(c, "127.0.0.1", 0)
     hserver, hport = start_http_server(c, "127.0.0.1", 0)
     c.jobs.artifact_base_url = f"http://127.0.0.1:{hport}"
     c.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{gport}")
     try:
-        yield RunningCoordinator(c, f"127.0.0.1:{gport}", f"http://127.0.0.1:{hport}", channel)
+        yield RunningCoordinator(c, f"127.0.0.1:{gport}", f"http://127.0.0.1:{hport}", channel, token)
     finally:
         channel.close()
         c.stop()

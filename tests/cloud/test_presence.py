@@ -9,6 +9,7 @@ killed with SIGKILL and started again.
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 import time
 import urllib.request
@@ -69,10 +70,13 @@ def online(c: Coordinator, device_id: str = "car-1") -> bool:
 
 
 def devices_list(c: Coordinator) -> dict[str, bool]:
-    """What ``fleetloop devices list`` shows: GET /v1/devices from this coordinator."""
+    """What ``fleetloop devices list`` shows: GET /v1/devices from this coordinator, as a viewer."""
+    viewer = c.tokens.create(LOCAL, f"viewer-{secrets.token_hex(4)}", "viewer", c.clock()).secret
     server, port = start_http_server(c, "127.0.0.1", 0)
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/devices", timeout=10) as resp:
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/devices",
+                                     headers={"Authorization": f"Bearer {viewer}"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=10) as resp:
             return {d["device_id"]: d["online"] for d in json.loads(resp.read())}
     finally:
         server.shutdown()
@@ -133,8 +137,9 @@ def test_the_mqtt_last_will_ends_the_session_wherever_it_is_held(
     assert not online(a) and not online(b)
 
 
-def _get_devices(base: str) -> dict[str, Any]:
-    with urllib.request.urlopen(f"{base}/v1/devices", timeout=10) as resp:
+def _get_devices(cp: CoordinatorProcess) -> dict[str, Any]:
+    req = urllib.request.Request(f"{cp.http_url}/v1/devices", headers={"Authorization": f"Bearer {cp.token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
         return {d["device_id"]: d for d in json.loads(resp.read())}
 
 
@@ -161,13 +166,13 @@ def test_a_killed_coordinator_process_does_not_keep_its_devices_online(tmp_path:
     stream = device_pb2_grpc.DeviceServiceStub(channel).Connect(messages())
     try:
         next(stream)  # the welcome: the hello is registered
-        wait_for("the device online", lambda: _get_devices(cp.http_url).get("car-1", {}).get("online"), 60)
+        wait_for("the device online", lambda: _get_devices(cp).get("car-1", {}).get("online"), 60)
         cp.kill()
         cp.start()
         # generous: a loaded machine may be slow; the lease itself is LEASE_S
         wait_for(
             "the device offline after the restart",
-            lambda: _get_devices(cp.http_url)["car-1"]["online"] is False,
+            lambda: _get_devices(cp)["car-1"]["online"] is False,
             LEASE_S + 120,
         )
     finally:

@@ -252,6 +252,38 @@ def test_leases_say_which_coordinators_are_alive(repos: Repositories) -> None:
 # -- what only a database has ----------------------------------------------------------------------
 
 
+def test_tokens_by_name_and_hash_revoked_once(repos: Repositories) -> None:
+    from fleetloop_cloud.repositories.records import TokenRecord
+
+    t = TokenRecord("ci", "viewer", "ab" * 32, 1.0, "admin", None, None, None)
+    repos.tokens.add(t)
+    with pytest.raises(StateError, match="exists already"):
+        repos.tokens.add(t)
+    assert repos.tokens.by_hash("ab" * 32) == t and repos.tokens.by_hash("cd" * 32) is None
+    repos.tokens.used("ci", 5.0)
+    assert repos.tokens.revoke("ci", 7.0).revoked_at is None  # the token as it was
+    after = repos.tokens.get("ci")
+    assert after is not None and (after.revoked_at, after.last_used_at) == (7.0, 5.0)
+    with pytest.raises(StateError, match="revoked already"):
+        repos.tokens.revoke("ci", 8.0)
+    with pytest.raises(NotFoundError):
+        repos.tokens.revoke("nobody", 8.0)
+    assert [x.name for x in repos.tokens.all()] == ["ci"]
+
+
+def test_the_audit_log_chains_entries_and_filters_them(repos: Repositories) -> None:
+    from fleetloop_cloud.identity.audit_chain import verify
+    from fleetloop_cloud.repositories.records import AuditFilter, NewAuditEntry
+
+    for i, action in enumerate(["campaigns.apply", "rollouts.create", "rollouts.pause"]):
+        repos.audit_log.append(NewAuditEntry(10.0 + i, "alice", "admin", "http", "127.0.0.1", f"r{i}", action,
+                                             "t", "1", "2", ""))  # fmt: skip
+    entries = repos.audit_log.chain(0, 100)
+    assert [e.seq for e in entries] == [1, 2, 3] and verify(e.fields() for e in entries).ok
+    assert [e.seq for e in repos.audit_log.entries(AuditFilter(kind="rollouts", since=11.5))] == [3]
+    assert [e.seq for e in repos.audit_log.chain(1, 1)] == [2]
+
+
 def test_state_survives_reopen(sql_location: str | Path) -> None:
     first = open_repositories(sql_location)
     hello(first)

@@ -14,6 +14,7 @@ import pytest
 
 from fleetloop_cloud.fleet_store.parquet import FleetStore
 from fleetloop_cloud.fleet_store.query import QueryEngine
+from fleetloop_cloud.identity.roles import Role
 from fleetloop_cloud.ota.artifact_store import ArtifactStore
 from fleetloop_cloud.ota.release_key import release_signer
 from fleetloop_cloud.ota.tuf_repository import TufRepositories
@@ -118,7 +119,7 @@ def test_a_device_acts_only_for_itself_and_never_as_an_operator() -> None:
         access.operator(CAR, "rollouts.create")
     with pytest.raises(PermissionDeniedError):
         access.device(LOCAL, "car-1")
-    access.operator(Caller.operator(), "rollouts.create")  # the anonymous operator may, for now
+    access.operator(Caller.operator("ci", Role.RELEASE_MANAGER), "rollouts.create")
     assert refusals["impersonation"] == 1 and refusals.of("test") == {"impersonation": 1}
     assert refusals.of("mqtt") == {}
 

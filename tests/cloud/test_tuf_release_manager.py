@@ -7,8 +7,6 @@ import io
 import json
 import tarfile
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 from tuf.api.metadata import Metadata
@@ -22,21 +20,17 @@ from .conftest import RunningCoordinator
 HW = "gen1"
 
 
-def call(base: str, method: str, path: str, body: bytes = b"") -> tuple[int, Any]:
-    req = urllib.request.Request(base + path, data=body or None, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+def call(rc: RunningCoordinator, method: str, path: str, body: bytes = b"") -> tuple[int, Any]:
+    status, _, data = rc.call(method, path, body or None)
+    return status, data
 
 
-def upload(base: str, image: bytes, version: str, hardware: str = HW) -> tuple[int, Any]:
+def upload(base: RunningCoordinator, image: bytes, version: str, hardware: str = HW) -> tuple[int, Any]:
     return call(base, "POST", f"/v1/releases?name=fw&version={version}&hardware={hardware}", image)
 
 
 def test_release_manager_mistakes_get_one_clear_refusal(running_coordinator: RunningCoordinator) -> None:
-    base = running_coordinator.http_base
+    base = running_coordinator
     c = running_coordinator.coordinator
     status, body = upload(base, build_image("2.0.0", HW, size_hint=8192), "2.0.0", hardware="gen9")
     assert status == 400 and "firmware image for hardware 'gen1', not 'gen9'" in json.loads(body)["error"]
@@ -72,7 +66,7 @@ def bundle(files: dict[str, bytes]) -> bytes:
 def test_metadata_is_served_and_the_director_signs_per_device(
     running_coordinator: RunningCoordinator,
 ) -> None:
-    base = running_coordinator.http_base
+    base = running_coordinator
     c = running_coordinator.coordinator
     v1, v2 = build_image("1.0.0", HW, size_hint=65536), build_image("2.0.0", HW, size_hint=65536)
     c.artifacts.add_image(v1)

@@ -1,5 +1,6 @@
 """The coordinator's metadata, one repository per aggregate (devices, the ingest ledger, campaigns,
-releases, rollouts, coordinator leases) behind the interfaces in :mod:`.interfaces`.
+releases, rollouts, coordinator leases, API tokens, the audit log) behind the interfaces in
+:mod:`.interfaces`.
 
 :func:`open_repositories` puts them over one SQLite file or PostgreSQL database (:mod:`.database`, the
 only module importing a database driver); :func:`memory_repositories` gives the in-memory fakes that
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fleetloop_cloud.repositories.audit import MemoryAuditLog, SqlAuditLog
 from fleetloop_cloud.repositories.campaigns import MemoryCampaigns, SqlCampaigns
 from fleetloop_cloud.repositories.database import Database
 from fleetloop_cloud.repositories.devices import MemoryDevices, SqlDevices
@@ -19,6 +21,7 @@ from fleetloop_cloud.repositories.releases import MemoryReleases, SqlReleases
 from fleetloop_cloud.repositories.rollouts import MemoryRollouts, SqlRollouts
 from fleetloop_cloud.repositories.schema import ensure_schema
 from fleetloop_cloud.repositories.segments import MemorySegments, SqlSegments
+from fleetloop_cloud.repositories.tokens import MemoryTokens, SqlTokens
 
 __all__ = ["Repositories", "memory_repositories", "open_repositories"]
 
@@ -35,6 +38,8 @@ def open_repositories(location: Path | str) -> Repositories:
         releases=SqlReleases(db),
         rollouts=SqlRollouts(db),
         leases=SqlLeases(db),
+        tokens=SqlTokens(db),
+        audit_log=SqlAuditLog(db),
         where=db.where,
         close=db.close,
     )
@@ -49,6 +54,8 @@ def memory_repositories() -> Repositories:
         releases=MemoryReleases(),
         rollouts=MemoryRollouts(),
         leases=MemoryLeases(),
+        tokens=MemoryTokens(),
+        audit_log=MemoryAuditLog(),
         where="memory",
         close=lambda: None,
     )

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from fleetloop_cloud.repositories.records import (
+    AuditEntry,
+    AuditFilter,
     AuditRecord,
     CampaignSet,
     CaptureRecord,
@@ -21,6 +23,7 @@ from fleetloop_cloud.repositories.records import (
     DeviceRecord,
     IngestTotals,
     Inventory,
+    NewAuditEntry,
     NewRollout,
     Registration,
     ReleaseRecord,
@@ -28,6 +31,7 @@ from fleetloop_cloud.repositories.records import (
     RolloutRecord,
     RolloutUpdate,
     SegmentReceipt,
+    TokenRecord,
 )
 from fleetloop_shared.catalog import Catalog
 
@@ -174,6 +178,47 @@ class CoordinatorLeases(Protocol):
         ...
 
 
+class TokenRepository(Protocol):
+    """API tokens, by name and by the hash of their secret."""
+
+    def add(self, token: TokenRecord) -> None:
+        """StateError when a token of this name exists (revoked ones too: names are never reused)."""
+        ...
+
+    def by_hash(self, token_hash: str) -> TokenRecord | None: ...
+
+    def get(self, name: str) -> TokenRecord | None: ...
+
+    def all(self) -> list[TokenRecord]:
+        """Every token, oldest first."""
+        ...
+
+    def revoke(self, name: str, now: float) -> TokenRecord:
+        """Mark revoked (kept for the record); NotFoundError for an unknown name, StateError if it is
+        revoked already. Returns the token as it was before."""
+        ...
+
+    def used(self, name: str, now: float) -> None:
+        """Note when the token was last used."""
+        ...
+
+
+class AuditLog(Protocol):
+    """The append-only, hash-chained log of every write."""
+
+    def append(self, entry: NewAuditEntry) -> AuditEntry:
+        """Add an entry at the end of the chain (one transaction: read the head, write the next)."""
+        ...
+
+    def entries(self, where: AuditFilter) -> list[AuditEntry]:
+        """Entries matching ``where``, oldest first."""
+        ...
+
+    def chain(self, after_seq: int, limit: int) -> list[AuditEntry]:
+        """Every entry after ``after_seq``, oldest first, at most ``limit``: what verification walks."""
+        ...
+
+
 #: Audit rows a read returns at most (the newest kept); the trail itself is append-only.
 AUDIT_READ_LIMIT = 10_000
 
@@ -188,6 +233,8 @@ class Repositories:
     releases: ReleaseRepository
     rollouts: RolloutRepository
     leases: CoordinatorLeases
+    tokens: TokenRepository
+    audit_log: AuditLog
     #: Where the state lives, for messages ("memory", a file path, a redacted URL).
     where: str
     #: Releases the connection (the repositories are unusable afterwards).

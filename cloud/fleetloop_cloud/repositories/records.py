@@ -231,3 +231,69 @@ def device_transition_detail(device_id: str, old: str, new: str, reason: str | N
     """The audit detail every backend writes for a device's state change in a rollout."""
     detail = f"{device_id}: {old} -> {new}"
     return f"{detail} ({reason})" if reason else detail
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """An API token as stored: never the secret, only its SHA-256."""
+
+    name: str
+    role: str
+    token_hash: str
+    created_at: float
+    created_by: str
+    expires_at: float | None
+    revoked_at: float | None
+    last_used_at: float | None
+
+
+@dataclass(frozen=True)
+class NewAuditEntry:
+    """One write as the audit log takes it; the log adds the sequence number and the chain."""
+
+    at: float
+    actor: str
+    role: str
+    transport: str
+    address: str
+    request_id: str
+    action: str
+    target: str
+    before: str
+    after: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One entry of the audit log, with its place in the hash chain."""
+
+    seq: int
+    at: float
+    actor: str
+    role: str
+    transport: str
+    address: str
+    request_id: str
+    action: str
+    target: str
+    before: str
+    after: str
+    detail: str
+    prev_hash: str
+    hash: str
+
+    def fields(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """Which entries a read returns: after a sequence number, since a time, of an actor, of an action
+    kind (``rollouts`` or ``rollouts.create``), at most ``limit``."""
+
+    after_seq: int = 0
+    since: float | None = None
+    actor: str | None = None
+    kind: str | None = None
+    limit: int = 1000

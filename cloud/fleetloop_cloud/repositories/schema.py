@@ -1,9 +1,11 @@
 """The metadata schema, created on open and versioned so a newer database is refused, not misread.
 
-Version 2 (this one) replaced the devices' ``online`` flag — which nothing reset when a coordinator
+Version 2 replaced the devices' ``online`` flag — which nothing reset when a coordinator
 died — by ``session_owner`` and the ``coordinators`` leases: a device is online while a coordinator
 whose lease is current holds its session. A version 1 database is upgraded in place on open (the column
-is added; the old flag stays, unread).
+is added; the old flag stays, unread). Version 3 (this one) added the operator plane: ``api_tokens``
+(only the SHA-256 of each secret) and the hash-chained ``audit_log``; an older database gains both
+tables, empty, on open.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from fleetloop_cloud.repositories.database import Database, Transaction
 from fleetloop_shared.errors import ConfigError
 
 #: Version of the schema this code writes; bumped with every incompatible change.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -109,6 +111,33 @@ CREATE TABLE IF NOT EXISTS rollout_audit (
     detail TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS rollout_audit_by_rollout ON rollout_audit (rollout_id, seq);
+CREATE TABLE IF NOT EXISTS api_tokens (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL,
+    created_by TEXT NOT NULL,
+    expires_at REAL,
+    revoked_at REAL,
+    last_used_at REAL
+);
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    role TEXT NOT NULL,
+    transport TEXT NOT NULL,
+    address TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    before_value TEXT NOT NULL,
+    after_value TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    entry_hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_log_by_time ON audit_log (at);
 """
 
 

@@ -86,6 +86,13 @@ def _clip(reason: str) -> str:
     return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 1] + "…"
 
 
+class TransitionLog(Protocol):
+    """Where the controller's own rollout transitions are recorded with the controller as their actor
+    (the coordinator's audit log); operators' transitions are recorded by the rollouts service."""
+
+    def __call__(self, rollout_id: str, before: str, after: str, reason: str, now: float) -> None: ...
+
+
 class RolloutController:
     """Creates rollouts, steps them with the planner, publishes jobs and folds device reports back in.
 
@@ -99,8 +106,10 @@ class RolloutController:
         releases: ReleaseRepository,
         devices: DeviceRepository,
         publisher: JobPublisher,
+        transitions: TransitionLog | None = None,
     ) -> None:
         self._rollouts = rollouts
+        self._transitions = transitions
         self._releases = releases
         self._devices = devices
         self._publisher = publisher
@@ -320,6 +329,13 @@ class RolloutController:
                     # Another coordinator or an operator changed the rollout since we read it: decide
                     # again from the new state on the next tick.
                     return
+                if self._transitions is not None and (
+                    decision.state != view.state or decision.phase != view.phase
+                ):
+                    self._transitions(
+                        rollout_id, f"{view.state.value} phase {view.phase + 1}",
+                        f"{decision.state.value} phase {decision.phase + 1}", decision.reason, now,
+                    )  # fmt: skip
             if decision.state is not RolloutState.RUNNING:
                 return
             # Persisted; now reach the devices. Offered-but-undelivered ones (offline at offer time,

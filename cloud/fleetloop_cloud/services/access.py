@@ -1,11 +1,14 @@
-"""Who is asking: the one place where a request's identity is checked against what it asks for.
+"""Who is asking: the one place where a request's identity is checked against what it asks for, and
+where what it did is written down.
 
 Each surface builds a :class:`Caller` once per request or stream from what its transport established —
 the gRPC peer's certificate CN (or, without mTLS, the device id the hello claims), the MQTT topic the
-broker tied to the certificate, the HTTP request — and passes it to every service call. Services ask
-:class:`Access` before they act: a device may act only for itself; operator actions are named, so the
-roles that come with API tokens attach here and nowhere else. Today every HTTP caller is the anonymous
-operator and may do every operator action.
+broker tied to the certificate, the HTTP request's API token (its name and role) — and passes it to
+every service call. Services ask :class:`Access` before they act: a device may act only for itself and
+never as an operator; an operator action needs the role :data:`~fleetloop_cloud.identity.roles.ACTIONS`
+names for it (403 naming that role otherwise). After a write, the service records it through
+:meth:`Access.record` in the hash-chained audit log: who (token name and role), what, on which target,
+before and after, when, from which address, with which request id.
 
 Refusals (a forged identity, an undecodable message, ...) are counted in :class:`Refusals`, by reason
 and by transport: what the summary and the surfaces' tests read.
@@ -13,47 +16,80 @@ and by transport: what the summary and the surfaces' tests read.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from fleetloop_shared.errors import PermissionDeniedError
+from fleetloop_cloud.identity.roles import ACTIONS, Role, allows
+from fleetloop_cloud.repositories.audit import MemoryAuditLog
+from fleetloop_cloud.repositories.interfaces import AuditLog
+from fleetloop_cloud.repositories.records import AuditEntry, NewAuditEntry
+from fleetloop_shared.errors import PermissionDeniedError, UnauthenticatedError
+
+log = logging.getLogger("fleetloop.cloud.audit")
 
 
 class CallerKind(StrEnum):
     DEVICE = "device"
     OPERATOR = "operator"
+    #: The coordinator acting on its own (the rollout controller stepping a rollout).
+    COORDINATOR = "coordinator"
 
 
 @dataclass(frozen=True)
 class Caller:
     """Who a request comes from, as the surface that received it knows it.
 
-    ``proven`` says whether the transport proved the name (an mTLS certificate, a broker ACL) or the
-    request only claims it (gRPC without mTLS, HTTP without tokens).
+    ``proven`` says whether the transport proved the name (an mTLS certificate, a broker ACL, an API
+    token) or the request only claims it (gRPC without mTLS, HTTP with ``--insecure``). An operator's
+    ``role`` comes from its token; ``address`` and ``request_id`` are what the audit log records.
     """
 
     kind: CallerKind
     name: str
     transport: str
     proven: bool
+    role: Role | None = None
+    address: str = ""
+    request_id: str = ""
 
     @classmethod
-    def device(cls, device_id: str, *, transport: str, proven: bool) -> Caller:
-        return cls(CallerKind.DEVICE, device_id, transport, proven)
+    def device(cls, device_id: str, *, transport: str, proven: bool, address: str = "") -> Caller:
+        return cls(CallerKind.DEVICE, device_id, transport, proven, address=address)
 
     @classmethod
-    def operator(cls, name: str = "anonymous", *, transport: str = "http", proven: bool = False) -> Caller:
-        return cls(CallerKind.OPERATOR, name, transport, proven)
+    def operator(
+        cls,
+        name: str,
+        role: Role | None,
+        *,
+        transport: str = "http",
+        proven: bool = True,
+        address: str = "",
+        request_id: str = "",
+    ) -> Caller:
+        """An operator named by its token (``role`` None: not authenticated; every action refused)."""
+        return cls(CallerKind.OPERATOR, name, transport, proven, role, address, request_id)
 
     @classmethod
     def local(cls) -> Caller:
-        """This process itself (tests, benchmarks, a coordinator embedded in a CLI command)."""
-        return cls(CallerKind.OPERATOR, "local", "in-process", True)
+        """This process itself (tests, benchmarks, ``cloud init``, a coordinator embedded in a CLI
+        command): whoever can run code here owns the data directory anyway."""
+        return cls(CallerKind.OPERATOR, "local", "in-process", True, Role.ADMIN)
+
+    @classmethod
+    def controller(cls, coordinator_id: str) -> Caller:
+        """The rollout controller of one coordinator, acting on a rollout by itself."""
+        return cls(CallerKind.COORDINATOR, "rollout-controller", "internal", True, address=coordinator_id)
+
+    def with_request(self, *, address: str, request_id: str) -> Caller:
+        return replace(self, address=address, request_id=request_id)
 
     def __str__(self) -> str:
-        return f"{self.kind.value} {self.name} ({self.transport})"
+        role = f", {self.role.value}" if self.role is not None else ""
+        return f"{self.kind.value} {self.name} ({self.transport}{role})"
 
 
 class Refusals:
@@ -85,10 +121,15 @@ class Refusals:
 
 
 class Access:
-    """The identity checks every service makes before it acts."""
+    """The identity checks every service makes before it acts, and the audit log it writes after.
 
-    def __init__(self, refusals: Refusals) -> None:
+    ``audit`` is where writes are recorded (the coordinator's metadata database; an in-memory log when
+    none is given, as in the services' tests).
+    """
+
+    def __init__(self, refusals: Refusals, audit: AuditLog | None = None) -> None:
         self.refusals = refusals
+        self.audit: AuditLog = audit if audit is not None else MemoryAuditLog()
 
     def device(self, caller: Caller, claimed: str) -> str:
         """The device a device request acts for. A request naming another device than its caller (a
@@ -102,6 +143,47 @@ class Access:
 
     def operator(self, caller: Caller, action: str) -> None:
         """May ``caller`` do the operator ``action`` (``campaigns.apply``, ``rollouts.create``, ...)?
-        Devices never may; every operator may, until tokens and roles say otherwise."""
+        Devices never may (PermissionDeniedError); an operator without a role was not authenticated
+        (UnauthenticatedError); one whose role does not allow the action is told the role it needs."""
+        needed = ACTIONS.get(action)
+        if needed is None:
+            raise PermissionDeniedError(f"{action!r} is not an operator action")
         if caller.kind is not CallerKind.OPERATOR:
             raise PermissionDeniedError(f"{caller} may not {action}: devices cannot use operator actions")
+        if caller.role is None:
+            raise UnauthenticatedError(f"{action} needs an API token (role {needed.value})")
+        if not allows(caller.role, action):
+            either = needed.value if needed is Role.ADMIN else f"{needed.value} or admin"
+            raise PermissionDeniedError(
+                f"{action} needs role {either}; token {caller.name!r} has role {caller.role.value}"
+            )
+
+    def record(
+        self,
+        caller: Caller,
+        action: str,
+        target: str,
+        now: float,
+        *,
+        before: object = "",
+        after: object = "",
+        detail: str = "",
+    ) -> AuditEntry:
+        """Write one entry of the audit log for a write ``caller`` made (after it succeeded)."""
+        role = caller.role.value if caller.role is not None else caller.kind.value
+        entry = self.audit.append(
+            NewAuditEntry(
+                at=now, actor=caller.name, role=role, transport=caller.transport, address=caller.address,
+                request_id=caller.request_id, action=action, target=target, before=_text(before),
+                after=_text(after), detail=detail,
+            )
+        )  # fmt: skip
+        log.info(
+            "audit %d: %s (%s) %s %s", entry.seq, entry.actor, role, action, target,
+            extra={"request_id": caller.request_id} if caller.request_id else None,
+        )  # fmt: skip
+        return entry
+
+
+def _text(value: object) -> str:
+    return "" if value is None else str(value)

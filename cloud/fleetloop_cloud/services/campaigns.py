@@ -51,14 +51,21 @@ class CampaignService:
         """Validate (RuleError with FILE:LINE:COL), store, and push to the devices connected here."""
         self._access.operator(caller, "campaigns.apply")
         spec = parse_campaign(document, source=source)
+        before = self._campaigns.desired().version
         version = self._campaigns.put(spec.name, document, now)
+        self._access.record(
+            caller, "campaigns.apply", spec.name, now, before=before, after=version,
+            detail="unchanged" if version == before else "",
+        )  # fmt: skip
         self._push()
         matching = [d.device_id for d in self._devices.all() if selector_matches(spec.selector, d.labels)]
         return CampaignApplied(spec.name, version, matching)
 
     def delete(self, caller: Caller, name: str, now: float) -> CampaignDeleted:
         self._access.operator(caller, "campaigns.delete")
+        before = self._campaigns.desired().version
         version = self._campaigns.delete(name, now)
+        self._access.record(caller, "campaigns.delete", name, now, before=before, after=version)
         self._push()
         return CampaignDeleted(name, version)
 

@@ -129,7 +129,11 @@ class DeviceService:
         device_id = self._access.device(caller, hello.device_id)
         if not device_id:
             raise MalformedMessageError("hello without a device_id")
+        new = self._devices.get(device_id) is None
         self._devices.register(device_id, registration(hello), owner=self.coordinator_id, now=now)
+        if new:  # a device joining the fleet is for operators to see; its later reports are telemetry
+            self._access.record(caller, "devices.register", device_id, now,
+                                detail=f"fleet {hello.fleet or 'default'}, proven: {caller.proven}")
         session = self._sessions.open(device_id, wake)
         log.info(
             "device %s connected over %s (%d signals, data %s)",

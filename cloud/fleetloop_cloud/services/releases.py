@@ -58,22 +58,38 @@ class ReleaseService:
                 bases.append(self._artifacts.image(sha))
             except NotFoundError:
                 continue
+        previous = [r.version for r in self._releases.all() if (r.name, r.hardware_id) == (name, hardware_id)]
         manifest, signature = self._artifacts.add_release(
             image, name=name, version=version, hardware_id=hardware_id, bases=bases, now=now
         )
         self._releases.put(ReleaseRecord(name, version, hardware_id, manifest, signature, now))
-        return manifest_from_bytes(manifest)
+        parsed = manifest_from_bytes(manifest)
+        self._access.record(
+            caller, "releases.upload", f"{name} for {hardware_id}", now,
+            before=previous[-1] if previous else "", after=version,
+            detail=f"sha256 {parsed.target_sha256}, {parsed.target_size} bytes",
+        )  # fmt: skip
+        return parsed
 
     def all(self, caller: Caller) -> list[ReleaseRecord]:
         self._access.operator(caller, "releases.list")
         return self._releases.all()
 
     def rotate_root(
-        self, caller: Caller, repository: str, *, root_keys: int | None, threshold: int | None, online: bool
-    ) -> dict[str, Any]:
+        self, caller: Caller, repository: str, *, root_keys: int | None, threshold: int | None, online: bool,
+        now: float,
+    ) -> dict[str, Any]:  # fmt: skip
         """A new root for the ``image`` or ``director`` repository (see ``TufRepositories.rotate``)."""
         self._access.operator(caller, "keys.rotate")
-        return self._tuf.rotate(repository, root_keys=root_keys, threshold=threshold, online=online)
+        result = self._tuf.rotate(repository, root_keys=root_keys, threshold=threshold, online=online)
+        version = result.get("root_version")
+        self._access.record(
+            caller, "keys.rotate", repository, now,
+            before=int(version) - 1 if isinstance(version, int) else "", after=version,
+            detail=f"root keys {result.get('root_keys')}, threshold {result.get('threshold')}, "
+                   f"online keys rotated: {bool(result.get('online_keys_rotated'))}",
+        )  # fmt: skip
+        return result
 
     def metadata_file(self, repository: str, name: str) -> bytes:
         """TUF metadata for devices' ngclient: ``image/<file>`` or ``director/<device_id>/<file>``."""

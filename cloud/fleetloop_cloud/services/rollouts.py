@@ -32,8 +32,15 @@ class RolloutService:
     def create(self, caller: Caller, policy: Mapping[str, Any], now: float) -> RolloutStatus:
         """A rollout of the policy (as the API takes it; UserError naming the field that is wrong)."""
         self._access.operator(caller, "rollouts.create")
-        rollout_id = self._controller.create(policy_from_dict(policy), now)
-        return rollout_status(self._rollouts, rollout_id)
+        parsed = policy_from_dict(policy)
+        rollout_id = self._controller.create(parsed, now)
+        status = rollout_status(self._rollouts, rollout_id)
+        self._access.record(
+            caller, "rollouts.create", rollout_id, now, after=status.state,
+            detail=f"release {status.policy.get('release_name', '')} {parsed.release_version}; "
+                   f"selector {parsed.selector!r}; {len(status.devices)} devices",
+        )  # fmt: skip
+        return status
 
     def status(self, caller: Caller, rollout_id: str) -> RolloutStatus:
         self._access.operator(caller, "rollouts.get")
@@ -50,16 +57,19 @@ class RolloutService:
         return self._rollouts.audit(rollout_id)
 
     def pause(self, caller: Caller, rollout_id: str, now: float) -> RolloutStatus:
-        self._access.operator(caller, "rollouts.pause")
-        self._controller.pause(rollout_id, now)
-        return rollout_status(self._rollouts, rollout_id)
+        return self._transition(caller, "pause", rollout_id, now)
 
     def resume(self, caller: Caller, rollout_id: str, now: float) -> RolloutStatus:
-        self._access.operator(caller, "rollouts.resume")
-        self._controller.resume(rollout_id, now)
-        return rollout_status(self._rollouts, rollout_id)
+        return self._transition(caller, "resume", rollout_id, now)
+
+    def _transition(self, caller: Caller, action: str, rollout_id: str, now: float) -> RolloutStatus:
+        self._access.operator(caller, f"rollouts.{action}")
+        before = record_of(self._rollouts, rollout_id).state
+        {"pause": self._controller.pause, "resume": self._controller.resume,
+         "abort": self._controller.abort}[action](rollout_id, now)  # fmt: skip
+        status = rollout_status(self._rollouts, rollout_id)
+        self._access.record(caller, f"rollouts.{action}", rollout_id, now, before=before, after=status.state)
+        return status
 
     def abort(self, caller: Caller, rollout_id: str, now: float) -> RolloutStatus:
-        self._access.operator(caller, "rollouts.abort")
-        self._controller.abort(rollout_id, now)
-        return rollout_status(self._rollouts, rollout_id)
+        return self._transition(caller, "abort", rollout_id, now)
