@@ -85,8 +85,10 @@ class AgentRuntime:
         ]
         for src in self.sources:
             src.declare(self.catalog)
+        origins = {s.origin for s in self.sources}
+        # one origin when all sources agree; otherwise any simulated data makes the whole simulated
         self.data_origin = (
-            "recordings" if all(s.origin == "recordings" for s in self.sources) else "simulated"
+            origins.pop() if len(origins) == 1 else "simulated" if "simulated" in origins else "live"
         )
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.buffers = RingBuffers(self.catalog, horizon_ns=MIN_HORIZON_NS)

@@ -14,6 +14,7 @@ from typing import Any, Final
 from fleetloop_agent.sources.base import ORIGINS, SignalSource
 from fleetloop_agent.sources.can_replay import CanReplaySource
 from fleetloop_agent.sources.csv_replay import TIME_FORMATS, CsvReplaySource
+from fleetloop_agent.sources.live import Clock
 from fleetloop_shared.errors import ConfigError
 
 __all__ = ["CanReplaySource", "CsvReplaySource", "SignalSource", "build_source"]
@@ -33,6 +34,8 @@ _CSV_KEYS: Final = (
     "origin",
 )
 KINDS: Final = ("can_replay", "csv_replay")
+# Kinds built elsewhere, each module with its own KEYS and build(): the machine's own buses and adapters.
+_EXTERNAL: Final = ("fleetloop_agent.sources.can_config",)
 
 
 class _SpecReader:
@@ -158,22 +161,42 @@ def _csv_source(r: _SpecReader, name: str, start_ns: int) -> CsvReplaySource:
     )
 
 
-def build_source(spec: Mapping[str, Any], *, base_dir: Path, start_ns: int) -> SignalSource:
+def _external_kinds() -> dict[str, Any]:
+    """kind -> module building it (imported here, not at the top: they import this package's reader)."""
+    import importlib
+
+    kinds: dict[str, Any] = {}
+    for module_name in _EXTERNAL:
+        module = importlib.import_module(module_name)
+        kinds.update(dict.fromkeys(module.KEYS, module))
+    return kinds
+
+
+def build_source(
+    spec: Mapping[str, Any], *, base_dir: Path, start_ns: int, clock: Clock | None = None
+) -> SignalSource:
     """The source one ``sources:`` entry describes; relative paths resolve against ``base_dir`` (the
     config file's directory). Any missing or invalid key, or a missing file, is a ConfigError naming the
-    source and the key."""
+    source and the key. Live sources stamp samples with ``clock`` (by default the wall clock)."""
     if not isinstance(spec, Mapping):
         raise ConfigError(f"sources: each entry must be a mapping, got {type(spec).__name__}")
     raw_name = spec.get("name")
     label = f"source {raw_name!r}" if isinstance(raw_name, str) and raw_name else "source"
     kind = spec.get("kind")
-    if kind not in KINDS:
+    external = _external_kinds()
+    kinds = (*KINDS, *external)
+    if kind not in kinds:
         if kind is None:
-            raise ConfigError(f"{label}: missing key 'kind' (expected one of {', '.join(KINDS)})")
-        raise ConfigError(f"{label}: key 'kind': expected one of {', '.join(KINDS)}, got {kind!r}")
-    reader = _SpecReader(spec, label, Path(base_dir), _CAN_KEYS if kind == "can_replay" else _CSV_KEYS)
+            raise ConfigError(f"{label}: missing key 'kind' (expected one of {', '.join(kinds)})")
+        raise ConfigError(f"{label}: key 'kind': expected one of {', '.join(kinds)}, got {kind!r}")
+    module = external.get(str(kind))
+    keys = module.KEYS[kind] if module is not None else _CAN_KEYS if kind == "can_replay" else _CSV_KEYS
+    reader = _SpecReader(spec, label, Path(base_dir), keys)
     name = reader.string("name")
     try:
+        if module is not None:
+            source: SignalSource = module.build(kind, reader, name, start_ns=start_ns, clock=clock)
+            return source
         if kind == "can_replay":
             return _can_source(reader, name, start_ns)
         return _csv_source(reader, name, start_ns)

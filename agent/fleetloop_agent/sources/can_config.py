@@ -1,0 +1,123 @@
+"""The ``sources:`` entries of the CAN kinds — ``can`` (a live bus), ``can_log`` (a bus log replayed) and
+``obd`` (OBD-II over ISO-TP or an ELM327 adapter) — checked key by key before the agent starts.
+
+Everything that can be known without the machine's hardware is checked here: the keys, the DBC and the
+mapping against it, the python-can interface name, the PIDs. Whether the bus or adapter is there is
+not a configuration question: a live source that cannot open it keeps retrying and says why.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from fleetloop_agent.sources.base import ORIGINS, SignalSource
+from fleetloop_agent.sources.can_bus import TIMESTAMPS, CanBusSource, interfaces
+from fleetloop_agent.sources.can_log import CanLogSource
+from fleetloop_agent.sources.can_signals import CanSignalMap
+from fleetloop_agent.sources.live import DEFAULT_QUEUE_FRAMES, Clock
+from fleetloop_shared.dbc import load_dbc
+from fleetloop_shared.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fleetloop_agent.sources import _SpecReader
+
+_SIGNAL_KEYS: Final = ("dbc", "mapping", "include_unmapped", "j1939")
+KEYS: Final[dict[str, tuple[str, ...]]] = {
+    "can": (
+        "kind",
+        "name",
+        "interface",
+        "channel",
+        "bitrate",
+        "fd",
+        *_SIGNAL_KEYS,
+        "timestamps",
+        "queue_frames",
+        "filters",
+        "options",
+    ),
+    "can_log": ("kind", "name", "path", "bus", *_SIGNAL_KEYS, "speed", "loop", "origin"),
+}
+
+
+def _signals(r: _SpecReader, name: str) -> CanSignalMap:
+    dbc = r.path("dbc", directory=False)
+    mapping: dict[str, str] = {}
+    for k, v in r.mapping("mapping", {}).items():
+        if not isinstance(k, str) or not isinstance(v, str) or not k or not v:
+            raise r.fail("mapping", f"entries must be MESSAGE.SIGNAL: catalog.path strings, got {k!r}: {v!r}")
+        mapping[k] = v
+    include_unmapped = r.boolean("include_unmapped", False)
+    if not mapping and not include_unmapped:
+        raise r.fail("mapping", "maps no signal (give a mapping or include_unmapped: true)")
+    return CanSignalMap(load_dbc(dbc), mapping, include_unmapped=include_unmapped, source=name)
+
+
+def _number(r: _SpecReader, key: str, default: float) -> float:
+    value = r.raw(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise r.fail(key, f"expected a number > 0, got {value!r}")
+    return float(value)
+
+
+def _can_bus(r: _SpecReader, name: str, clock: Clock | None) -> CanBusSource:
+    known = interfaces()
+    interface = r.string("interface", "socketcan")
+    if interface not in known:
+        raise r.fail("interface", f"python-can has no interface {interface!r} here (known: {', '.join(sorted(known))})")
+    channel = r.raw("channel")
+    if not isinstance(channel, str | int) or isinstance(channel, bool) or str(channel) == "":
+        raise r.fail("channel", f"expected a channel name (can0, vcan0, ws://host:port/), got {channel!r}")
+    options: dict[str, Any] = {str(k): v for k, v in r.mapping("options", {}).items()}
+    if r.spec.get("bitrate") is not None:
+        options["bitrate"] = r.integer("bitrate", 0)
+    queue_frames = r.integer("queue_frames", DEFAULT_QUEUE_FRAMES)
+    if queue_frames < 1:
+        raise r.fail("queue_frames", "expected at least 1")
+    return CanBusSource(
+        _signals(r, name),
+        interface=interface,
+        channel=str(channel),
+        name=name,
+        options=options,
+        fd=r.boolean("fd", False),
+        j1939=r.boolean("j1939", False),
+        timestamps=r.string("timestamps", "receive", choices=TIMESTAMPS),
+        queue_frames=queue_frames,
+        filters=r.boolean("filters", True),
+        clock=clock,
+    )
+
+
+def _can_log(r: _SpecReader, name: str, start_ns: int) -> CanLogSource:
+    raw_path = r.raw("path")
+    if not isinstance(raw_path, str | Path) or not str(raw_path):
+        raise r.fail("path", f"expected a path, got {raw_path!r}")
+    path = Path(raw_path).expanduser()
+    path = path if path.is_absolute() else r.base_dir / path
+    if not path.exists():
+        raise r.fail("path", f"not found: {path}")
+    bus = r.spec.get("bus")
+    if bus is not None and (isinstance(bus, bool) or not isinstance(bus, int) or bus < 0):
+        raise r.fail("bus", f"expected a bus number (0, 1, ...), got {bus!r}")
+    return CanLogSource(
+        path,
+        _signals(r, name),
+        start_ns=start_ns,
+        bus=bus,
+        speed=_number(r, "speed", 1.0),
+        loop=r.boolean("loop", True),
+        j1939=r.boolean("j1939", False),
+        name=name,
+        origin=r.string("origin", "recordings", choices=ORIGINS),
+    )
+
+
+def build(kind: str, r: _SpecReader, name: str, *, start_ns: int, clock: Clock | None) -> SignalSource:
+    """The source of one checked ``sources:`` entry of a CAN kind."""
+    if kind == "can":
+        return _can_bus(r, name, clock)
+    if kind == "can_log":
+        return _can_log(r, name, start_ns)
+    raise ConfigError(f"{r.label}: key 'kind': not a CAN kind: {kind!r}")
