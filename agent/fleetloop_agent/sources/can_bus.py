@@ -157,6 +157,9 @@ class CanBusSource:
                 bus.shutdown()
             except Exception as exc:  # a bus that died may fail to close too; nothing more to do
                 log.debug("source %s: closing the bus: %s", self.name, exc)
+                import can
+
+                can.BusABC.shutdown(bus)  # mark it closed, or python-can retries (and fails) at exit
 
     def _fail(self, what: str, exc: BaseException) -> None:
         self._counters.errors += 1
