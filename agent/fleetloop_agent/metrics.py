@@ -5,7 +5,18 @@ Each agent owns its registry, so several agents in one process (tests, fleet sim
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+#: Totals a live source keeps (``counters()``), each mirrored as ``fleetloop_agent_source_<name>_total``.
+SOURCE_COUNTERS = {
+    "samples": "Samples a source delivered",
+    "errors": "Source errors: bus or link failures, error frames, undecodable frames",
+    "dropped": "Samples or frames a source dropped (bounded queue full, drop-oldest)",
+    "reconnects": "Times a source reopened its bus, adapter or server",
+    "missed_polls": "Polls that came due again before they could be sent",
+}
 
 
 class AgentMetrics:
@@ -55,6 +66,23 @@ class AgentMetrics:
             )
         }
         self._mirrored_seen: dict[str, int] = dict.fromkeys(self._mirrored, 0)
+        self._sources = {
+            name: Counter(f"fleetloop_agent_source_{name}", help_text, ["source"], registry=r)
+            for name, help_text in SOURCE_COUNTERS.items()
+        }
+        self._sources_seen: dict[tuple[str, str], int] = {}
+
+    def sync_source(self, source: str, totals: Mapping[str, int]) -> None:
+        """Bring one source's counters (labelled by source name) up to its running totals."""
+        for name, total in totals.items():
+            counter = self._sources.get(name)
+            if counter is None:
+                continue
+            key = (name, source)
+            delta = total - self._sources_seen.get(key, 0)
+            if delta > 0:
+                counter.labels(source=source).inc(delta)
+                self._sources_seen[key] = total
 
     def sync_totals(self, **totals: int) -> None:
         """Bring the mirrored counters up to the cores' running totals (``trigger_evaluations=...``)."""

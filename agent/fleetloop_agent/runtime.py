@@ -177,6 +177,10 @@ class AgentRuntime:
             if self._reboot.is_set():
                 self.link.flush(3.0)
             self.link.stop()
+            for src in self.sources:
+                close = getattr(src, "close", None)  # live sources stop their bus or polling thread
+                if close is not None:
+                    close()
             self.store.close()
         if self._reboot.is_set():
             log.info("rebooting to finish the update")
@@ -193,6 +197,9 @@ class AgentRuntime:
                 batches.extend(src.read(data_now))
             except FleetloopError as exc:
                 log.error("source %s failed: %s", src.name, exc)
+            counters = getattr(src, "counters", None)  # live sources keep samples/errors/... totals
+            if counters is not None:
+                self.metrics.sync_source(src.name, counters())
         for b in batches:
             self.buffers.append(b)
             self.metrics.samples_read.inc(b.sample_count)

@@ -27,7 +27,9 @@ from fleetloop_shared.errors import UnavailableError
 class RemoteCanServer:
     """python-can-remote's server process on ``127.0.0.1:port``, one virtual channel."""
 
-    def __init__(self, *, channel: str = "fleetloop", port: int | None = None, log: Path | None = None) -> None:
+    def __init__(
+        self, *, channel: str = "fleetloop", port: int | None = None, log: Path | None = None
+    ) -> None:
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.channel = channel
@@ -41,8 +43,19 @@ class RemoteCanServer:
     def start(self, timeout: float = 15.0) -> RemoteCanServer:
         out = self._log.open("ab") if self._log is not None else subprocess.DEVNULL
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "can_remote", "-i", "virtual", "-c", self.channel, "-H", self.host,
-             "-p", str(self.port)],
+            [
+                sys.executable,
+                "-m",
+                "can_remote",
+                "-i",
+                "virtual",
+                "-c",
+                self.channel,
+                "-H",
+                self.host,
+                "-p",
+                str(self.port),
+            ],
             stdout=out,
             stderr=out,
         )

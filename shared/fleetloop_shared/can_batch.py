@@ -53,7 +53,10 @@ class FrameBatch:
     @staticmethod
     def empty(width: int = CLASSIC_WIDTH) -> FrameBatch:
         return FrameBatch(
-            np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, width), np.uint8), np.zeros(0, np.int64)
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
+            np.zeros((0, width), np.uint8),
+            np.zeros(0, np.int64),
         )
 
     @staticmethod
@@ -98,10 +101,10 @@ class DecodedMessage:
         """Values of ``signal`` with choice codes replaced by their names (cantools' ``decode_choices``)."""
         choices = next(s.choices for s in self.layout.signals if s.name == signal)
         codes = self.raw.get(signal)
-        values = self.values[signal].tolist()
+        values: list[str | int | float] = self.values[signal].tolist()
         if codes is None:
             return values
-        return [choices.get(c, v) for c, v in zip(codes.tolist(), values, strict=True)]
+        return [choices.get(int(c), v) for c, v in zip(codes.tolist(), values, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,11 @@ def _exact_product_needed(sig: SignalLayout) -> bool:
 
 def _fits_int64(sig: SignalLayout) -> bool:
     """Whether ``raw * scale + offset`` stays within int64 for every raw value of the field."""
-    lo, hi = (-(1 << (sig.length - 1)), (1 << (sig.length - 1)) - 1) if sig.is_signed else (0, (1 << sig.length) - 1)
+    lo, hi = (
+        (-(1 << (sig.length - 1)), (1 << (sig.length - 1)) - 1)
+        if sig.is_signed
+        else (0, (1 << sig.length) - 1)
+    )
     ends = [lo * int(sig.scale) + int(sig.offset), hi * int(sig.scale) + int(sig.offset)]
     return all(-(1 << 63) <= e < (1 << 63) for e in ends) and hi < (1 << 63)
 
@@ -255,7 +262,9 @@ class _Message:
                     mask &= present[parent]
                 present[sig.name] = mask
             if sig.is_multiplexer:
-                v = np.asarray(values[sig.name], dtype=np.float64 if values[sig.name].dtype == object else None)
+                v = np.asarray(
+                    values[sig.name], dtype=np.float64 if values[sig.name].dtype == object else None
+                )
                 selector[sig.name] = (np.trunc(v) if v.dtype.kind == "f" else v).astype(np.int64)
                 if sig.selector_ids:
                     valid = np.isin(selector[sig.name], np.fromiter(sorted(sig.selector_ids), np.int64))
@@ -320,7 +329,9 @@ class BatchDecoder:
         windows = sorted({(c.big_endian, max(c.window, 0)) for c in columns})
         self._windows = windows
         window_index = {w: k for k, w in enumerate(windows)}
-        self._sig_window = np.array([window_index[(c.big_endian, max(c.window, 0))] for c in columns], np.intp)
+        self._sig_window = np.array(
+            [window_index[(c.big_endian, max(c.window, 0))] for c in columns], np.intp
+        )
         self._shift = np.array([c.shift for c in columns], _U64)
         self._mask = np.array([c.mask for c in columns], _U64)
         self._sign = np.array([c.sign for c in columns], _U64)
@@ -337,8 +348,8 @@ class BatchDecoder:
         self._offset_f = np.array(
             [float(c.layout.offset) if k == _LINEAR else 0.0 for c, k in zip(columns, kinds, strict=True)]
         )
-        for m in self._messages:
-            m.windows = {window_index[(c.big_endian, max(c.window, 0))] for c in m.columns}
+        for compiled in self._messages:
+            compiled.windows = {window_index[(c.big_endian, max(c.window, 0))] for c in compiled.columns}
         self._any_integer = _INTEGER in kinds
         self._any_linear = _LINEAR in kinds
         self._count = np.array([len(m.columns) for m in self._messages] + [0], np.int64)
@@ -385,7 +396,9 @@ class BatchDecoder:
         if not hit.all():
             fresh = np.unique(ids[~hit])
             if known.size + fresh.size <= 65_536:  # bounded: a bus of random ids cannot grow it
-                found = np.fromiter((self.message_index(int(i)) for i in fresh.tolist()), np.int64, fresh.size)
+                found = np.fromiter(
+                    (self.message_index(int(i)) for i in fresh.tolist()), np.int64, fresh.size
+                )
                 ids_all = np.concatenate((known, fresh))
                 msg_all = np.concatenate((self._known_msg, found))
                 order = np.argsort(ids_all, kind="stable")
@@ -427,7 +440,9 @@ class BatchDecoder:
         counts = self._count[present]
         pair_starts = np.concatenate(([0], np.cumsum((ends - starts) * counts)[:-1]))
         out = []
-        for a, b, p0, k in zip(starts.tolist(), ends.tolist(), pair_starts.tolist(), present.tolist(), strict=True):
+        for a, b, p0, k in zip(
+            starts.tolist(), ends.tolist(), pair_starts.tolist(), present.tolist(), strict=True
+        ):
             decoded = self._message(self._messages[k], sel[a:b], payload[a:b], raw, ints, ivals, fvals, p0)
             if decoded is not None:
                 out.append(decoded)
@@ -485,7 +500,10 @@ class BatchDecoder:
                 values[name] = block_i[:, j]
             else:
                 values[name], code = _slow_value(
-                    m.columns[j], raw[span].reshape(n, width)[:, j], ints[span].reshape(n, width)[:, j], payload
+                    m.columns[j],
+                    raw[span].reshape(n, width)[:, j],
+                    ints[span].reshape(n, width)[:, j],
+                    payload,
                 )
                 if code is not None:
                     codes[name] = code

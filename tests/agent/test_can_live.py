@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,17 +161,20 @@ def _vcan_available(name: str = "vcan0") -> str | None:
         with socket.socket(socket.AF_CAN, socket.SOCK_RAW, socket.CAN_RAW) as s:
             s.bind((name,))
     except OSError as exc:
-        return f"no SocketCAN interface {name} ({exc.strerror}); create one with `ip link add dev {name} type vcan`"
+        return f"no SocketCAN interface {name} ({exc.strerror}); `ip link add dev {name} type vcan` makes one"
     return None
 
 
+VCAN = os.environ.get("FLEETLOOP_VCAN", "vcan0")
+WHY_NO_VCAN = _vcan_available(VCAN)
+
+
 @pytest.mark.skipif(
-    _vcan_available(os.environ.get("FLEETLOOP_VCAN", "vcan0")) is not None,
-    reason=f"SocketCAN: {_vcan_available(os.environ.get('FLEETLOOP_VCAN', 'vcan0'))}; the virtual and remote-bus "
-    "tests cover the live path here",
+    WHY_NO_VCAN is not None,
+    reason=f"SocketCAN: {WHY_NO_VCAN}; the virtual and remote-bus tests cover the live path here",
 )
 def test_socketcan_vcan(drive: dict[str, Any]) -> None:
-    channel = os.environ.get("FLEETLOOP_VCAN", "vcan0")
+    channel = VCAN
     src, catalog = _source(drive["dbc"], interface="socketcan", channel=channel)
     src.start()
     assert src.wait_connected(5)
@@ -210,7 +212,10 @@ def test_malformed_and_error_frames_are_counted_and_the_rest_decoded(drive: dict
 
 def test_an_absent_bus_is_retried_not_fatal(drive: dict[str, Any]) -> None:
     src, _ = _source(
-        drive["dbc"], interface="remote", channel="ws://127.0.0.1:9/", backoff=Backoff(initial_s=0.01, max_s=0.05)
+        drive["dbc"],
+        interface="remote",
+        channel="ws://127.0.0.1:9/",
+        backoff=Backoff(initial_s=0.01, max_s=0.05),
     )
     try:
         assert src.read(time.time_ns()) == []

@@ -15,7 +15,6 @@ import pytest
 from fleetloop_agent.recordings import read_can_frames
 from fleetloop_agent.sources import build_source
 from fleetloop_agent.sources.can_bus import CanBusSource
-from fleetloop_agent.sources.can_log import CanLogSource
 from fleetloop_agent.sources.can_signals import CanSignalMap
 from fleetloop_agent.sources.j1939 import J1939Reassembler, frame_id_of
 from fleetloop_shared.can_batch import BatchDecoder, FrameBatch
@@ -33,7 +32,14 @@ def _samples(batches: list[GroupBatch]) -> int:
 
 
 def _log_source(tmp_path: Path, path: Path, dbc: Path, **extra: Any) -> tuple[Any, Catalog]:
-    spec = {"kind": "can_log", "name": "log", "path": str(path), "dbc": str(dbc), "include_unmapped": True, **extra}
+    spec = {
+        "kind": "can_log",
+        "name": "log",
+        "path": str(path),
+        "dbc": str(dbc),
+        "include_unmapped": True,
+        **extra,
+    }
     src = build_source(spec, base_dir=tmp_path, start_ns=START)
     catalog = Catalog()
     src.declare(catalog)
@@ -48,7 +54,10 @@ def _reference_samples(path: Path, dbc: Path, bus: int | None = None) -> int:
     rows = np.flatnonzero(keep).tolist()
     batch = FrameBatch.from_payloads(frames.t_ns[keep], frames.frame_id[keep], [frames.data[i] for i in rows])
     db = load_dbc(dbc)
-    return sum(len(m.rows) * len(m.values) for m in BatchDecoder([db.layout(n) for n in db.message_names()]).decode(batch))
+    return sum(
+        len(m.rows) * len(m.values)
+        for m in BatchDecoder([db.layout(n) for n in db.message_names()]).decode(batch)
+    )
 
 
 def test_every_log_format_replays_once_completely(recordings: Path, tmp_path: Path) -> None:
@@ -59,15 +68,26 @@ def test_every_log_format_replays_once_completely(recordings: Path, tmp_path: Pa
     assert frames is not None
     blf = tmp_path / "bms.blf"
     with can.BLFWriter(str(blf)) as writer:
-        for t, b, i, d in zip(frames.t_ns.tolist(), frames.bus.tolist(), frames.frame_id.tolist(), frames.data, strict=True):
-            writer.on_message_received(can.Message(timestamp=t / S, channel=b, arbitration_id=i, data=d, is_extended_id=i > 0x7FF))
+        for t, b, i, d in zip(
+            frames.t_ns.tolist(), frames.bus.tolist(), frames.frame_id.tolist(), frames.data, strict=True
+        ):
+            writer.on_message_received(
+                can.Message(timestamp=t / S, channel=b, arbitration_id=i, data=d, is_extended_id=i > 0x7FF)
+            )
     back = read_can_frames(blf)
-    assert back is not None and back.frame_id.tolist() == frames.frame_id.tolist() and back.data == frames.data
+    assert (
+        back is not None and back.frame_id.tolist() == frames.frame_id.tolist() and back.data == frames.data
+    )
     # BLF counts time from its first frame, in 10 µs or 1 ns ticks
     assert np.abs((back.t_ns - back.t_ns[0]) - (frames.t_ns - frames.t_ns[0])).max() < 1000
     candump = tmp_path / "bms.log"
     candump.write_text(
-        "".join(f"({t / S:.6f}) can{b} {i:03X}#{d.hex().upper()}\n" for t, b, i, d in zip(frames.t_ns.tolist(), frames.bus.tolist(), frames.frame_id.tolist(), frames.data, strict=True))
+        "".join(
+            f"({t / S:.6f}) can{b} {i:03X}#{d.hex().upper()}\n"
+            for t, b, i, d in zip(
+                frames.t_ns.tolist(), frames.bus.tolist(), frames.frame_id.tolist(), frames.data, strict=True
+            )
+        )
     )
     cases = [
         (asc, kona / "dbc" / "pcan.dbc"),
@@ -118,7 +138,7 @@ def test_log_config_errors_name_the_key(recordings: Path, tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match="not a readable BLF file"):
         build_source({**base, "path": str(bad)}, base_dir=tmp_path, start_ns=START)
     wrong = tmp_path / "wrong.dbc"
-    wrong.write_text("BO_ 1 X: 8 Y\n SG_ A : 0|8@1+ (1,0) [0|1] \"\" Y\n garbage here\n")
+    wrong.write_text('BO_ 1 X: 8 Y\n SG_ A : 0|8@1+ (1,0) [0|1] "" Y\n garbage here\n')
     with pytest.raises(ConfigError, match="not a valid DBC"):
         build_source({**base, "dbc": str(wrong)}, base_dir=tmp_path, start_ns=START)
 
@@ -129,8 +149,11 @@ def test_log_config_errors_name_the_key(recordings: Path, tmp_path: Path) -> Non
 def test_real_truck_log_decodes_by_pgn(recordings: Path, tmp_path: Path) -> None:
     css = recordings / "css-electronics"
     src, catalog = _log_source(
-        tmp_path, css / "j1939_truck_400s" / "00000001.MF4", css / "dbc" / "CSS-Electronics-SAE-J1939-DEMO.dbc",
-        loop=False, j1939=True,
+        tmp_path,
+        css / "j1939_truck_400s" / "00000001.MF4",
+        css / "dbc" / "CSS-Electronics-SAE-J1939-DEMO.dbc",
+        loop=False,
+        j1939=True,
     )
     batches = {b.group: b for b in src.read(START + 250 * S)}
     assert set(batches) == {"log/EEC1", "log/CCVS1"}
@@ -161,7 +184,11 @@ BA_ "ProtocolType" "J1939";
 def _j1939_dbc(tmp_path: Path) -> Path:
     path = tmp_path / "j1939.dbc"
     # DBC ids of extended frames carry bit 31; source address FE and destination FE in the file
-    path.write_text(J1939_DBC.format(vi=0x80000000 | frame_id_of(0xFEEC, 0xFE), pa=0x80000000 | frame_id_of(0xEF00, 0xFE, 0xFE)))
+    path.write_text(
+        J1939_DBC.format(
+            vi=0x80000000 | frame_id_of(0xFEEC, 0xFE), pa=0x80000000 | frame_id_of(0xEF00, 0xFE, 0xFE)
+        )
+    )
     return path
 
 
@@ -171,8 +198,14 @@ def _ecu(channel: str, address: int, identity: int) -> Any:
     ecu = j1939.ElectronicControlUnit()
     ecu.connect(interface="virtual", channel=channel)
     name = j1939.Name(
-        arbitrary_address_capable=0, industry_group=j1939.Name.IndustryGroup.Industrial, vehicle_system_instance=1,
-        vehicle_system=1, function=identity % 200, function_instance=1, ecu_instance=1, manufacturer_code=666,
+        arbitrary_address_capable=0,
+        industry_group=j1939.Name.IndustryGroup.Industrial,
+        vehicle_system_instance=1,
+        vehicle_system=1,
+        function=identity % 200,
+        function_instance=1,
+        ecu_instance=1,
+        manufacturer_code=666,
         identity_number=identity,
     )
     ca = j1939.ControllerApplication(name, address, bypass_address_claim=True)
@@ -214,7 +247,10 @@ def test_transport_sessions_of_a_real_j1939_stack_are_reassembled(tmp_path: Path
     assert head.to_bytes(7, "little") == vin[:7]
     assert int(vi.values[catalog.by_path("CAN.VI.VinTail").id][0]).to_bytes(4, "little") == vin[14:18]
     assert int(pa.values[catalog.by_path("CAN.PROPA.First").id][0]) == int.from_bytes(block[:4], "little")
-    assert float(pa.values[catalog.by_path("CAN.PROPA.Last").id][0]) == int.from_bytes(block[16:20], "little") * 0.5
+    assert (
+        float(pa.values[catalog.by_path("CAN.PROPA.Last").id][0])
+        == int.from_bytes(block[16:20], "little") * 0.5
+    )
 
 
 def _tp(t: int, frame_id: int, data: bytes) -> tuple[int, int, bytes]:

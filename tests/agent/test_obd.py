@@ -30,7 +30,9 @@ RPM, SPEED, COOLANT, FUEL_RATE, THROTTLE_REL = 0x0C, 0x0D, 0x05, 0x5E, 0x45
 VALUES = {RPM: 1726.5, SPEED: 88.0, COOLANT: 91.0, 0x42: 14.2}
 
 
-def _collect(src: ObdSource, catalog: Catalog, paths: list[str], per_path: int, timeout: float = 10.0) -> dict[str, list[Any]]:
+def _collect(
+    src: ObdSource, catalog: Catalog, paths: list[str], per_path: int, timeout: float = 10.0
+) -> dict[str, list[Any]]:
     """Values per path until each has ``per_path`` (the VIN: one)."""
     got: dict[str, list[Any]] = {p: [] for p in paths}
     ids = {catalog.by_path(p).id: p for p in paths}
@@ -161,7 +163,9 @@ def test_elm327_emulator_on_a_pty(elm: Any) -> None:
 
 def test_an_absent_adapter_is_retried_not_fatal(tmp_path: Path) -> None:
     src = ObdSource(
-        lambda: Elm327Link(str(tmp_path / "ttyUSB9")), {SPEED: 0.1}, backoff=Backoff(initial_s=0.01, max_s=0.05)
+        lambda: Elm327Link(str(tmp_path / "ttyUSB9")),
+        {SPEED: 0.1},
+        backoff=Backoff(initial_s=0.01, max_s=0.05),
     )
     src.declare(Catalog())
     try:
@@ -175,7 +179,13 @@ def test_an_absent_adapter_is_retried_not_fatal(tmp_path: Path) -> None:
 
 
 def test_elm_lines_join_isotp_frames_per_ecu() -> None:
-    lines = ["SEARCHING...", "7E81014490201575030", "7E8215A5A5A39395A54", "7E82253333930303030", "7EA03410D04"]
+    lines = [
+        "SEARCHING...",
+        "7E81014490201575030",
+        "7E8215A5A5A39395A54",
+        "7E82253333930303030",
+        "7EA03410D04",
+    ]
     answers = dict(parse_elm_lines(lines))
     assert parse_vin(answers[0x7E8]) == "WP0ZZZ99ZTS390000"
     assert answers[0x7EA] == bytes([0x41, 0x0D, 0x04])
@@ -195,7 +205,13 @@ def test_plan_counts_missed_polls_and_drops_silent_pids() -> None:
 
 
 def test_obd_config(tmp_path: Path) -> None:
-    base = {"kind": "obd", "name": "obd", "transport": "isotp", "channel": "can0", "pids": {"RPM": 0.5, "0x0D": 1}}
+    base = {
+        "kind": "obd",
+        "name": "obd",
+        "transport": "isotp",
+        "channel": "can0",
+        "pids": {"RPM": 0.5, "0x0D": 1},
+    }
     src = build_source(base, base_dir=tmp_path, start_ns=0)
     assert isinstance(src, ObdSource) and src.plan.pids == [RPM, SPEED]
     for change, message in [
@@ -203,7 +219,10 @@ def test_obd_config(tmp_path: Path) -> None:
         ({"pids": {"WARP_DRIVE": 1}}, "key 'pids': unknown PID 'WARP_DRIVE'"),
         ({"pids": {"RPM": 0}}, "key 'pids': RPM: expected a polling interval"),
         ({"port": "/dev/ttyUSB0"}, "key 'port': belongs to transport elm327"),
-        ({"transport": "elm327", "port": "/dev/ttyUSB0", "protocol": "3"}, "key 'protocol': expected one of 0, 6, 7, 8, 9"),
+        (
+            {"transport": "elm327", "port": "/dev/ttyUSB0", "protocol": "3"},
+            "key 'protocol': expected one of 0, 6, 7, 8, 9",
+        ),
         ({"multi_pid": "sometimes"}, "key 'multi_pid': expected auto, true or false"),
     ]:
         spec = {**base, **change}

@@ -56,7 +56,9 @@ def assert_batch_equals_cantools(db: DbcDatabase, batch: FrameBatch, chunk: int 
             assert have[0] == want[0]
             assert set(have[1]) == set(want[1]), f"row {lo + row}: signals differ"
             for name, value in want[1].items():
-                assert _same(have[1][name], value), f"row {lo + row} {want[0]}.{name}: {have[1][name]!r} != {value!r}"
+                assert _same(have[1][name], value), (
+                    f"row {lo + row} {want[0]}.{name}: {have[1][name]!r} != {value!r}"
+                )
             compared += 1
     assert decoder.errors_total == reference.errors_total
     return compared
@@ -79,8 +81,18 @@ def _cases(root: Path) -> list[tuple[str, Path, int | None, Path]]:
     cases = [
         ("comma2k19 bus 0", comma, 0, root / "opendbc" / "toyota_rav4_2017_pt_generated.dbc"),
         ("comma2k19 bus 1", comma, 1, root / "opendbc" / "toyota_adas.dbc"),
-        ("j1939 truck", css / "j1939_truck_400s" / "00000001.MF4", None, css / "dbc" / "CSS-Electronics-SAE-J1939-DEMO.dbc"),
-        ("canmod gps", css / "canmod_gps_obd2_545s" / "00000001-60FE3F04.MF4", None, css / "dbc" / "canmod-gps.dbc"),
+        (
+            "j1939 truck",
+            css / "j1939_truck_400s" / "00000001.MF4",
+            None,
+            css / "dbc" / "CSS-Electronics-SAE-J1939-DEMO.dbc",
+        ),
+        (
+            "canmod gps",
+            css / "canmod_gps_obd2_545s" / "00000001-60FE3F04.MF4",
+            None,
+            css / "dbc" / "canmod-gps.dbc",
+        ),
     ]
     for log in sorted(kona.glob("*.csv")) + sorted(kona.glob("*.asc")):
         for dbc in sorted((kona / "dbc").glob("*.dbc")):
@@ -114,14 +126,16 @@ def _message(draw: st.DrawFn) -> Any:
     # (a broken DBC) shift each other there instead of reading the bits the DBC declares.
     used: set[int] = set()
     if draw(st.booleans()) and bits >= 8:
-        signals.append(
-            Signal("MUX", start=0, length=4, byte_order="little_endian", is_multiplexer=True)
-        )
+        signals.append(Signal("MUX", start=0, length=4, byte_order="little_endian", is_multiplexer=True))
         used.update(range(4))
         mux_ids = sorted(draw(st.sets(st.integers(0, 15), min_size=1, max_size=4)))
     for k in range(draw(st.integers(1, 6))):
         is_float = draw(st.integers(0, 9)) == 0 and bits >= 32
-        size = draw(st.sampled_from([32, 64] if bits >= 64 else [32])) if is_float else draw(st.integers(1, min(64, bits)))
+        size = (
+            draw(st.sampled_from([32, 64] if bits >= 64 else [32]))
+            if is_float
+            else draw(st.integers(1, min(64, bits)))
+        )
         big = draw(st.booleans())
         if big:
             # MSB position in network order, then back to the DBC's sawtooth start bit
@@ -145,7 +159,9 @@ def _message(draw: st.DrawFn) -> Any:
                 length=size,
                 byte_order="big_endian" if big else "little_endian",
                 is_signed=draw(st.booleans()) and not is_float,
-                conversion=BaseConversion.factory(scale=scale, offset=offset, choices=choices, is_float=is_float),
+                conversion=BaseConversion.factory(
+                    scale=scale, offset=offset, choices=choices, is_float=is_float
+                ),
                 multiplexer_ids=[draw(st.sampled_from(mux_ids))] if muxed else None,
                 multiplexer_signal="MUX" if muxed else None,
             )
@@ -211,7 +227,9 @@ def test_short_and_unknown_frames_are_counted_not_raised(tmp_path: Path) -> None
     msg = Message(0x10, "M", 8, [Signal("A", 0, 16), Signal("B", 16, 8, is_signed=True)], strict=False)
     db = DbcDatabase(cantools.database.can.Database(messages=[msg], strict=False))
     decoder = BatchDecoder([db.layout("M")])
-    batch = FrameBatch.from_payloads([1, 2, 3], [0x10, 0x10, 0x99], [b"\x01\x02\xff" + bytes(5), b"\x01", bytes(8)])
+    batch = FrameBatch.from_payloads(
+        [1, 2, 3], [0x10, 0x10, 0x99], [b"\x01\x02\xff" + bytes(5), b"\x01", bytes(8)]
+    )
     (m,) = decoder.decode(batch)
     assert m.rows.tolist() == [0]
     assert m.values["A"].tolist() == [0x0201] and m.values["B"].tolist() == [-1]

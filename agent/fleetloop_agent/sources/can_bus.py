@@ -25,7 +25,14 @@ from typing import Any, Final
 from fleetloop_agent.sources.base import LIVE, GroupAccumulator
 from fleetloop_agent.sources.can_signals import CanSignalMap
 from fleetloop_agent.sources.j1939 import TP_CM, TP_DT, J1939Reassembler
-from fleetloop_agent.sources.live import DEFAULT_QUEUE_FRAMES, Backoff, Clock, FrameQueue, SourceCounters, SystemClock
+from fleetloop_agent.sources.live import (
+    DEFAULT_QUEUE_FRAMES,
+    Backoff,
+    Clock,
+    FrameQueue,
+    SourceCounters,
+    SystemClock,
+)
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.dbc import j1939_pgn
 from fleetloop_shared.errors import ConfigError, StateError

@@ -90,7 +90,9 @@ def _can_bus(r: _SpecReader, name: str, clock: Clock | None) -> CanBusSource:
     known = interfaces()
     interface = r.string("interface", "socketcan")
     if interface not in known:
-        raise r.fail("interface", f"python-can has no interface {interface!r} here (known: {', '.join(sorted(known))})")
+        raise r.fail(
+            "interface", f"python-can has no interface {interface!r} here (known: {', '.join(sorted(known))})"
+        )
     channel = r.raw("channel")
     if not isinstance(channel, str | int) or isinstance(channel, bool) or str(channel) == "":
         raise r.fail("channel", f"expected a channel name (can0, vcan0, ws://host:port/), got {channel!r}")
@@ -169,7 +171,12 @@ def _obd(r: _SpecReader, name: str, clock: Clock | None) -> ObdSource:
 
         def factory() -> ObdLink:
             return IsoTpLink(
-                interface, channel, options=options, request_id=request_id, response_id=response_id, extended=extended
+                interface,
+                channel,
+                options=options,
+                request_id=request_id,
+                response_id=response_id,
+                extended=extended,
             )
 
     else:
@@ -177,7 +184,10 @@ def _obd(r: _SpecReader, name: str, clock: Clock | None) -> ObdSource:
         baudrate = r.integer("baudrate", 38400)
         protocol = str(r.raw("protocol", "0"))
         if protocol not in ELM_PROTOCOLS:
-            raise r.fail("protocol", f"expected one of {', '.join(ELM_PROTOCOLS)} (the CAN protocols), got {protocol!r}")
+            raise r.fail(
+                "protocol",
+                f"expected one of {', '.join(ELM_PROTOCOLS)} (the CAN protocols), got {protocol!r}",
+            )
         for key in ("interface", "channel", "options", "request_id", "response_id", "extended"):
             if key in r.spec:
                 raise r.fail(key, "belongs to transport isotp, not elm327")

@@ -42,7 +42,9 @@ class CanSignalMap:
     ``CAN.MESSAGE.SIGNAL`` when ``include_unmapped``), their catalog ids once declared, and the decoder
     for exactly them."""
 
-    def __init__(self, dbc: DbcDatabase, mapping: Mapping[str, str], *, include_unmapped: bool, source: str) -> None:
+    def __init__(
+        self, dbc: DbcDatabase, mapping: Mapping[str, str], *, include_unmapped: bool, source: str
+    ) -> None:
         self.dbc = dbc
         self.source = source
         self._mapping_order = [str(p) for p in mapping.values()]
@@ -80,11 +82,11 @@ class CanSignalMap:
             targets = wanted.get(message, {})
             kept = []
             for signal, unit, is_float in self.dbc.signals_of(message):
-                path = targets.get(signal)
-                if path is None and include_unmapped:
-                    path = f"CAN.{message}.{signal}"
-                if path is not None:
-                    kept.append(_Target(signal, path, unit, is_float))
+                target: str | None = targets.get(signal)
+                if target is None and include_unmapped:
+                    target = f"CAN.{message}.{signal}"
+                if target is not None:
+                    kept.append(_Target(signal, target, unit, is_float))
             if kept:
                 resolved[message] = kept
         return resolved
@@ -110,7 +112,9 @@ class CanSignalMap:
         same order get the same ids, whatever their DBCs look like.
         """
         flat = {t.path: t for targets in self._targets.values() for t in targets}
-        order = [p for p in self._mapping_order if p in flat] + [p for p in flat if p not in self._mapping_order]
+        order = [p for p in self._mapping_order if p in flat] + [
+            p for p in flat if p not in self._mapping_order
+        ]
         ids: dict[str, tuple[int, DataType]] = {}
         for path in order:
             dtype = DataType.FLOAT64 if flat[path].is_float else DataType.INT64

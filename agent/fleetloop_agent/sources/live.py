@@ -129,6 +129,8 @@ class FrameQueue:
         return FrameBatch.from_payloads(t_ns, ids, [f[2] for f in frames], width=self.width)
 
 
-def stoppable_sleep(stop: threading.Event, seconds: float, sleep: Callable[[float], bool] | None = None) -> bool:
+def stoppable_sleep(
+    stop: threading.Event, seconds: float, sleep: Callable[[float], bool] | None = None
+) -> bool:
     """Wait ``seconds`` unless ``stop`` is set first; True when stopped."""
     return (sleep or stop.wait)(seconds)

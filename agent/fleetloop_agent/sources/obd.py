@@ -207,7 +207,11 @@ class ObdSource:
             if pid < 0:
                 group, sid, column = f"{self.name}/VIN", self._vin_id, np.array(values, dtype=object)
             else:
-                group, sid, column = f"{self.name}/{PIDS[pid].name}", self._ids[pid], np.array(values, np.float64)
+                group, sid, column = (
+                    f"{self.name}/{PIDS[pid].name}",
+                    self._ids[pid],
+                    np.array(values, np.float64),
+                )
             out.append(GroupBatch(group, np.array(times, np.int64), {sid: column}))
         self._counters.samples += len(taken)
         return out

@@ -14,6 +14,7 @@ supported; an adapter that settles on another says so at connect.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Mapping
@@ -22,7 +23,15 @@ from typing import Any, Final, Protocol
 from fleetloop_shared.errors import ConfigError, UnavailableError
 
 ELM_PROTOCOLS: Final = ("0", "6", "7", "8", "9")
-_ELM_FAILURES: Final = ("UNABLE TO CONNECT", "CAN ERROR", "BUS ERROR", "BUS INIT", "STOPPED", "ERR", "LV RESET")
+_ELM_FAILURES: Final = (
+    "UNABLE TO CONNECT",
+    "CAN ERROR",
+    "BUS ERROR",
+    "BUS INIT",
+    "STOPPED",
+    "ERR",
+    "LV RESET",
+)
 _HEX: Final = re.compile(r"[0-9A-F]+")
 
 
@@ -88,7 +97,9 @@ class IsoTpLink:
 
         try:
             self._bus.send(
-                can.Message(arbitration_id=msg.arbitration_id, data=msg.data, is_extended_id=msg.is_extended_id)
+                can.Message(
+                    arbitration_id=msg.arbitration_id, data=msg.data, is_extended_id=msg.is_extended_id
+                )
             )
         except Exception as exc:
             self._failure = f"{type(exc).__name__}: {exc}"
@@ -100,7 +111,9 @@ class IsoTpLink:
         try:
             self._bus = can.Bus(interface=self._interface, channel=self._channel, **self._options)
         except Exception as exc:  # python-can raises many types for an absent interface
-            raise UnavailableError(f"cannot open {self._interface} channel {self._channel!r}: {exc}") from None
+            raise UnavailableError(
+                f"cannot open {self._interface} channel {self._channel!r}: {exc}"
+            ) from None
         mode = isotp.AddressingMode.Normal_29bits if self._extended else isotp.AddressingMode.Normal_11bits
         address = isotp.Address(mode, txid=self._request_id, rxid=self._response_id)
         # ISO 15765-4: every frame 8 bytes (padded); the ECU paces consecutive frames by our flow control
@@ -126,10 +139,8 @@ class IsoTpLink:
         stack, self._stack = self._stack, None
         bus, self._bus = self._bus, None
         if stack is not None:
-            try:
+            with contextlib.suppress(Exception):  # stopping a stack whose bus died can fail
                 stack.stop()
-            except Exception:  # stopping a stack whose bus died can fail; nothing more to do
-                pass
         if bus is not None:
             try:
                 bus.shutdown()
@@ -189,9 +200,13 @@ def _join_isotp(parts: list[bytes]) -> bytes | None:
 class Elm327Link:
     """An ELM327 (or compatible) adapter on a serial port."""
 
-    def __init__(self, port: str, *, baudrate: int = 38400, protocol: str = "0", reset_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, port: str, *, baudrate: int = 38400, protocol: str = "0", reset_timeout_s: float = 5.0
+    ) -> None:
         if protocol not in ELM_PROTOCOLS:
-            raise ConfigError(f"ELM327 protocol {protocol!r}: expected one of {', '.join(ELM_PROTOCOLS)} (CAN)")
+            raise ConfigError(
+                f"ELM327 protocol {protocol!r}: expected one of {', '.join(ELM_PROTOCOLS)} (CAN)"
+            )
         self._port = port
         self._baudrate = baudrate
         self._protocol = protocol
@@ -209,7 +224,9 @@ class Elm327Link:
         for setting in ("ATE0", "ATL0", "ATS0", "ATH1", f"ATSP{self._protocol}"):
             answer = self._command(setting, 2.0)
             if not any("OK" in line for line in answer):
-                raise UnavailableError(f"ELM327 on {self._port} refused {setting}: {' '.join(answer) or 'no answer'}")
+                raise UnavailableError(
+                    f"ELM327 on {self._port} refused {setting}: {' '.join(answer) or 'no answer'}"
+                )
 
     def _command(self, text: str, timeout_s: float) -> list[str]:
         """Send one line; the adapter's answer lines (up to its ``>`` prompt)."""
@@ -225,11 +242,15 @@ class Elm327Link:
             deadline = time.monotonic() + timeout_s
             while not buf.endswith(b">"):
                 if time.monotonic() > deadline:
-                    raise UnavailableError(f"ELM327 on {self._port}: no prompt after {text!r} within {timeout_s}s")
+                    raise UnavailableError(
+                        f"ELM327 on {self._port}: no prompt after {text!r} within {timeout_s}s"
+                    )
                 buf += port.read(port.in_waiting or 1)
         except (serial.SerialException, OSError) as exc:
             raise UnavailableError(f"ELM327 on {self._port}: {exc}") from None
-        lines = [ln.strip() for ln in buf[:-1].decode("ascii", errors="replace").replace("\n", "\r").split("\r")]
+        lines = [
+            ln.strip() for ln in buf[:-1].decode("ascii", errors="replace").replace("\n", "\r").split("\r")
+        ]
         return [ln for ln in lines if ln and ln != text]
 
     def request(self, payload: bytes, timeout_s: float) -> list[tuple[int, bytes]]:
@@ -244,7 +265,5 @@ class Elm327Link:
     def close(self) -> None:
         port, self._serial = self._serial, None
         if port is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing a vanished port can fail
                 port.close()
-            except Exception:  # closing a vanished port can fail; nothing more to do
-                pass

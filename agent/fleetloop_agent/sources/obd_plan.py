@@ -5,9 +5,9 @@ six, as J1979 allows) while the ECU answers them; an ECU that refuses multi-PID 
 some of the PIDs asked, or nothing — is learned from its first such answer: the PIDs it left out are
 asked again alone, at once, and every later request carries one PID. PIDs the ECU declares unsupported
 in its support bitmaps (01 00, 01 20, ...) are never asked; a PID that goes unanswered alone twice in a
-row is dropped the same way (as is one left out of multi-PID answers twice, where the
-configuration fixes multi-PID requests on). A PID whose turn came round again before it could be asked (the ECU or the
-link was too slow) counts as a missed poll.
+row is dropped the same way (as is one left out of multi-PID answers twice, where the configuration
+fixes multi-PID requests on). A PID whose turn came round again before it could be asked (the ECU or
+the link was too slow) counts as a missed poll.
 """
 
 from __future__ import annotations
