@@ -67,15 +67,20 @@ class FrameBatch:
         width: int | None = None,
     ) -> FrameBatch:
         """Frames from byte strings of any length (up to ``width``, by default the longest, at least 8)."""
-        lengths = np.fromiter((len(p) for p in payloads), dtype=np.int64, count=len(payloads))
-        w = max(CLASSIC_WIDTH, int(lengths.max()) if lengths.size else 0) if width is None else width
-        if lengths.size and int(lengths.max()) > w:
-            raise ValueError(f"payload of {int(lengths.max())} bytes is wider than {w}")
-        if lengths.size and bool((lengths == w).all()):
-            payload = np.frombuffer(b"".join(payloads), dtype=np.uint8).reshape(len(payloads), w).copy()
-        else:
-            payload = np.frombuffer(b"".join(p.ljust(w, b"\0") for p in payloads), dtype=np.uint8)
-            payload = payload.reshape(len(payloads), w).copy()
+        n = len(payloads)
+        lengths = np.fromiter(map(len, payloads), dtype=np.int64, count=n)
+        longest = int(lengths.max()) if n else 0
+        w = max(CLASSIC_WIDTH, longest) if width is None else width
+        if longest > w:
+            raise ValueError(f"payload of {longest} bytes is wider than {w}")
+        flat = np.frombuffer(b"".join(payloads), dtype=np.uint8)
+        if n and bool((lengths == w).all()):
+            payload = flat.reshape(n, w).copy()
+        else:  # scatter each payload into its zero-padded row
+            payload = np.zeros((n, w), np.uint8)
+            starts = np.cumsum(lengths) - lengths
+            rows = np.repeat(np.arange(n), lengths)
+            payload[rows, np.arange(flat.size) - np.repeat(starts, lengths)] = flat
         return FrameBatch(
             np.asarray(t_ns, dtype=np.int64), np.asarray(frame_id, dtype=np.int64), payload, lengths
         )

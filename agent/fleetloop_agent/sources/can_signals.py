@@ -55,7 +55,7 @@ class CanSignalMap:
             [dbc.layout(m) for m in self._targets],
             {m: [t.signal for t in targets] for m, targets in self._targets.items()},
         )
-        self._ids: dict[str, dict[str, tuple[int, DataType]]] = {}
+        self._ids: dict[str, dict[str, tuple[int, np.dtype[Any]]]] = {}
         self._muxed_groups: dict[tuple[str, tuple[str, ...]], str] = {}
         #: Frames of a chosen message that carried none of its chosen signals (multiplexed elsewhere).
         self.skipped_frames_total = 0
@@ -120,7 +120,8 @@ class CanSignalMap:
             dtype = DataType.FLOAT64 if flat[path].is_float else DataType.INT64
             ids[path] = (catalog.add(path, dtype, flat[path].unit).id, dtype)
         self._ids = {
-            message: {t.signal: ids[t.path] for t in targets} for message, targets in self._targets.items()
+            message: {t.signal: (ids[t.path][0], np.dtype(ids[t.path][1].numpy_dtype)) for t in targets}
+            for message, targets in self._targets.items()
         }
 
     def emit(self, batch: FrameBatch, offset_ns: int, out: GroupAccumulator) -> None:
@@ -138,7 +139,7 @@ class CanSignalMap:
     @staticmethod
     def _columns(
         message: DecodedMessage,
-        ids: Mapping[str, tuple[int, DataType]],
+        ids: Mapping[str, tuple[int, np.dtype[Any]]],
         rows: npt.NDArray[np.intp] | None,
         names: tuple[str, ...] | None,
     ) -> dict[int, npt.NDArray[np.generic]]:
@@ -149,15 +150,15 @@ class CanSignalMap:
             values: Any = message.values[name]
             if rows is not None:
                 values = values[rows]
-            if values.dtype != dtype.numpy_dtype:
-                values = values.astype(dtype.numpy_dtype)
+            if values.dtype != dtype:
+                values = values.astype(dtype)
             columns[sid] = values
         return columns
 
     def _emit_multiplexed(
         self,
         message: DecodedMessage,
-        ids: Mapping[str, tuple[int, DataType]],
+        ids: Mapping[str, tuple[int, np.dtype[Any]]],
         t_ns: npt.NDArray[np.int64],
         out: GroupAccumulator,
     ) -> None:

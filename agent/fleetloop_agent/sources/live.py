@@ -13,7 +13,6 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -123,14 +122,7 @@ class FrameQueue:
                 frames = taken
         if not frames:
             return FrameBatch.empty(self.width)
-        n = len(frames)
-        t_ns = np.fromiter((f[0] for f in frames), dtype=np.int64, count=n)
-        ids = np.fromiter((f[1] for f in frames), dtype=np.int64, count=n)
-        return FrameBatch.from_payloads(t_ns, ids, [f[2] for f in frames], width=self.width)
-
-
-def stoppable_sleep(
-    stop: threading.Event, seconds: float, sleep: Callable[[float], bool] | None = None
-) -> bool:
-    """Wait ``seconds`` unless ``stop`` is set first; True when stopped."""
-    return (sleep or stop.wait)(seconds)
+        t_ns, ids, payloads = zip(*frames, strict=True)
+        return FrameBatch.from_payloads(
+            np.array(t_ns, dtype=np.int64), np.array(ids, dtype=np.int64), payloads, width=self.width
+        )
