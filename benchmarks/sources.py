@@ -207,7 +207,7 @@ def sender(root: Path, urls: list[str], seconds: float) -> None:
 
 def _dbc_frames_per_s(root: Path, dbc: Any) -> float:
     """Frames per second of the sent drive that the DBC decodes (what reaches the agent's sources)."""
-    frames, rate = _drive_frames(root)
+    frames, _ = _drive_frames(root)
     ids = set(dbc.decoder(dbc.message_names()).frame_ids)
     return sum(1 for _, i, _ in frames if i in ids) / len(frames) * FRAMES_PER_S_PER_BUS
 
