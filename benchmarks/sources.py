@@ -212,6 +212,16 @@ def _dbc_frames_per_s(root: Path, dbc: Any) -> float:
     return sum(1 for _, i, _ in frames if i in ids) / len(frames) * FRAMES_PER_S_PER_BUS
 
 
+def _vm_hwm_mb() -> float:
+    """Peak RSS of this process image (``VmHWM``): unlike ``ru_maxrss`` it does not inherit the peak of
+    the benchmark process that started this one (Linux keeps that across exec)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _thread_cpu(threads: Sequence[threading.Thread]) -> float:
     total = 0.0
     for t in threads:
@@ -369,7 +379,7 @@ def load_child(root: Path, seconds: int, bus_kind: str) -> dict[str, Any]:
     agent_cpu = loop_cpu + receive_cpu
     dropped = sum(src.counters()["dropped"] for src in sources) - dropped0
     errors = sum(src.counters()["errors"] for src in sources)
-    rss_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_peak_mb = _vm_hwm_mb()
     for src in sources:
         src.close()
     for proc in helpers:
