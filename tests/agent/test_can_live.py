@@ -255,3 +255,38 @@ def test_config_is_checked_key_by_key(drive: dict[str, Any], tmp_path: Path) -> 
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as info:
             build_source({**base, **change}, base_dir=tmp_path, start_ns=0)
         assert str(info.value).startswith("source 'car'")
+
+
+FD_DBC = """VERSION ""
+NS_ :
+BS_:
+BU_: ECU
+BO_ 1024 WIDE: 64 ECU
+ SG_ Head : 0|16@1+ (0.5,0) [0|0] "" Vector__XXX
+ SG_ Tail : 496|16@1- (1,0) [0|0] "" Vector__XXX
+BA_DEF_ BO_ "VFrameFormat" ENUM "StandardCAN","ExtendedCAN","reserved","J1939PG","reserved","reserved","reserved","reserved","reserved","reserved","reserved","reserved","reserved","reserved","StandardCAN_FD","ExtendedCAN_FD";
+BA_DEF_DEF_ "VFrameFormat" "StandardCAN";
+BA_ "VFrameFormat" BO_ 1024 14;
+"""
+
+
+def test_can_fd_frames_of_64_bytes(tmp_path: Path) -> None:
+    dbc = tmp_path / "fd.dbc"
+    dbc.write_text(FD_DBC)
+    assert load_dbc(dbc).layout("WIDE").is_fd
+    signals = CanSignalMap(load_dbc(dbc), {}, include_unmapped=True, source="fd")
+    src = CanBusSource(signals, interface="virtual", channel="live-fd", name="fd", fd=True)
+    catalog = Catalog()
+    src.declare(catalog)
+    src.start()
+    assert src.wait_connected(5)
+    sender = can.Bus(interface="virtual", channel="live-fd")
+    payload = bytes([0x10, 0x27]) + bytes(60) + (-2).to_bytes(2, "little", signed=True)
+    try:
+        sender.send(can.Message(arbitration_id=1024, data=payload, is_fd=True, is_extended_id=False))
+        batches = _collect(src, 2, timeout=5)
+    finally:
+        sender.shutdown()
+        src.close()
+    assert _values(batches, catalog, "CAN.WIDE.Head") == [0x2710 * 0.5]
+    assert _values(batches, catalog, "CAN.WIDE.Tail") == [-2]

@@ -1,8 +1,9 @@
 """A live CAN bus through python-can: SocketCAN on a vehicle computer, or any other python-can interface
 (a USB adapter, python-can's virtual bus, a remote bus over TCP).
 
-This is the only module of the agent that imports python-can. A receive thread takes frames off the bus
-and stamps each with the device clock as it arrives; ``read()`` drains them through the bounded
+python-can is imported here when a bus is opened (and, for ISO-TP and BLF files, in :mod:`.obd_link`
+and :mod:`fleetloop_agent.recordings.blf`). A receive thread takes frames off the bus and stamps each
+with the device clock as it arrives; ``read()`` drains them through the bounded
 :class:`~fleetloop_agent.sources.live.FrameQueue` (drop-oldest, counted) and decodes them all at once
 (:class:`~fleetloop_agent.sources.can_signals.CanSignalMap`). When the bus fails — the interface goes
 down, the adapter is unplugged, the remote end closes — the thread closes it, counts the error, and
