@@ -264,10 +264,15 @@ BU_: ECU
 BO_ 1024 WIDE: 64 ECU
  SG_ Head : 0|16@1+ (0.5,0) [0|0] "" Vector__XXX
  SG_ Tail : 496|16@1- (1,0) [0|0] "" Vector__XXX
-BA_DEF_ BO_ "VFrameFormat" ENUM "StandardCAN","ExtendedCAN","reserved","J1939PG","reserved","reserved","reserved","reserved","reserved","reserved","reserved","reserved","reserved","reserved","StandardCAN_FD","ExtendedCAN_FD";
+BA_DEF_ BO_ "VFrameFormat" ENUM {formats};
 BA_DEF_DEF_ "VFrameFormat" "StandardCAN";
 BA_ "VFrameFormat" BO_ 1024 14;
-"""
+""".format(
+    formats=",".join(
+        f'"{f}"'
+        for f in ["StandardCAN", "ExtendedCAN", "reserved", "J1939PG", *["reserved"] * 10, "StandardCAN_FD"]
+    )
+)
 
 
 def test_can_fd_frames_of_64_bytes(tmp_path: Path) -> None:
