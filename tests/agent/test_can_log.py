@@ -239,8 +239,9 @@ def test_transport_sessions_of_a_real_j1939_stack_are_reassembled(tmp_path: Path
     finally:
         for ca in (ca_a, ca_b):
             ca.stop()
-        sender.disconnect()
-        receiver.disconnect()
+        for ecu in (sender, receiver):
+            ecu.disconnect()
+            ecu.stop()  # its job thread
         src.close()
     vi, pa = got["truck/VI"], got["truck/PROPA"]
     head = int(vi.values[catalog.by_path("CAN.VI.VinHead").id][0])
