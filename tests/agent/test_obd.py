@@ -5,6 +5,7 @@ refuse them, unsupported PIDs learned and never asked."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,9 +123,24 @@ def test_isotp_across_processes_and_a_link_that_goes_away(tmp_path: Path) -> Non
 
 
 @pytest.fixture(scope="module")
-def elm() -> Iterator[Any]:
+def elm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from elm import Elm
 
+    # the emulator configures logging from $ELM_LOG_CFG, by default into ./elm.log: keep it quiet
+    quiet = tmp_path_factory.mktemp("elm") / "logging.yaml"
+    quiet.write_text("version: 1\ndisable_existing_loggers: false\n")
+    saved = os.environ.get("ELM_LOG_CFG")
+    os.environ["ELM_LOG_CFG"] = str(quiet)
+    try:
+        yield from _emulator(Elm)
+    finally:
+        if saved is None:
+            os.environ.pop("ELM_LOG_CFG", None)
+        else:
+            os.environ["ELM_LOG_CFG"] = saved
+
+
+def _emulator(Elm: Any) -> Iterator[Any]:
     with Elm() as emulator:
         deadline = time.monotonic() + 10
         while emulator.threadState != Elm.THREAD.ACTIVE and time.monotonic() < deadline:
