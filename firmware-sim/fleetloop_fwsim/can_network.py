@@ -11,7 +11,6 @@ source connects to it exactly as it would to any python-can interface. :class:`C
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -20,8 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fleetloop_fwsim.broker import free_port
-from fleetloop_shared.errors import UnavailableError
+from fleetloop_fwsim.child_process import await_listening, free_port, terminate
 
 
 class RemoteCanServer:
@@ -59,27 +57,14 @@ class RemoteCanServer:
             stdout=out,
             stderr=out,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise UnavailableError(f"the CAN server exited at start (code {self._proc.returncode})")
-            try:
-                socket.create_connection((self.host, self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise UnavailableError(f"the CAN server did not listen on {self.host}:{self.port} within {timeout}s")
+        await_listening(
+            self._proc, self.host, self.port, name="the CAN server", timeout_s=timeout, log_path=self._log
+        )
+        return self
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        terminate(proc)
 
     def __enter__(self) -> RemoteCanServer:
         return self.start()

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from fleetloop_fwsim.broker import free_port
+from fleetloop_fwsim.child_process import free_port
 from fleetloop_shared.errors import ConfigError, UnavailableError
 
 #: SKAB anomaly-free columns (after ``datetime``), in file order.
@@ -270,13 +270,9 @@ class OpcUaPump:
         row = self.table.current()
         variables = []
         for column, value in zip(SKAB_COLUMNS, row, strict=True):
-            var = await pump.add_variable(
-                f"ns={idx};s=Pump.{column}", f"{idx}:{column}", float(value)
-            )
+            var = await pump.add_variable(f"ns={idx};s=Pump.{column}", f"{idx}:{column}", float(value))
             variables.append(var)
-        running = await pump.add_variable(
-            f"ns={idx};s=Pump.Running", f"{idx}:Running", True
-        )
+        running = await pump.add_variable(f"ns={idx};s=Pump.Running", f"{idx}:Running", True)
         await server.start()
         self._server = server
 

@@ -15,7 +15,7 @@ from fleetloop_agent.push_client import PushClient
 from fleetloop_agent.runtime import AgentRuntime
 from fleetloop_agent.sources.push_api import PushApiSource
 from fleetloop_fwsim import bootloader, firmware
-from fleetloop_fwsim.broker import free_port
+from fleetloop_fwsim.child_process import free_port
 from fleetloop_shared.errors import UserError
 from tests.fixtures.plc_servers import modbus_pump
 
