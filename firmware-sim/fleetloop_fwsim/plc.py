@@ -30,19 +30,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from fleetloop_fwsim.child_process import free_port
+from fleetloop_fwsim.signals import SKAB_COLUMNS
 from fleetloop_shared.errors import ConfigError, UnavailableError
 
-#: SKAB anomaly-free columns (after ``datetime``), in file order.
-SKAB_COLUMNS: Final = (
-    "Accelerometer1RMS",
-    "Accelerometer2RMS",
-    "Current",
-    "Pressure",
-    "Temperature",
-    "Thermocouple",
-    "Voltage",
-    "Volume Flow RateRMS",
-)
 #: (register, first address, data type, word order, scale) of each served block.
 MODBUS_MAP: Final = {
     "float_abcd": ("holding", 0, "float32", "big", 1.0),

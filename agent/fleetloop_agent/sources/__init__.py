@@ -107,17 +107,9 @@ class _SpecReader:
 
 def _can_source(r: _SpecReader, name: str, start_ns: int) -> CanReplaySource:
     frames = r.path("frames", directory=True)
-    dbc = r.path("dbc", directory=False)
+    dbc, mapping, include_unmapped = can_config.dbc_mapping(r)
     bus = r.integer("bus", 0)
-    mapping: dict[str, str] = {}
-    for k, v in r.mapping("mapping", {}).items():
-        if not isinstance(k, str) or not isinstance(v, str) or not k or not v:
-            raise r.fail("mapping", f"entries must be MESSAGE.SIGNAL: catalog.path strings, got {k!r}: {v!r}")
-        mapping[k] = v
-    include_unmapped = r.boolean("include_unmapped", False)
     origin = r.string("origin", "recordings", choices=ORIGINS)
-    if not mapping and not include_unmapped:
-        raise r.fail("mapping", "maps no signal (give a mapping or include_unmapped: true)")
     return CanReplaySource(
         frames,
         dbc,

@@ -66,7 +66,9 @@ KEYS: Final[dict[str, tuple[str, ...]]] = {
 OBD_TRANSPORTS: Final = ("isotp", "elm327")
 
 
-def _signals(r: _SpecReader, name: str) -> CanSignalMap:
+def dbc_mapping(r: _SpecReader) -> tuple[Path, dict[str, str], bool]:
+    """``dbc``, ``mapping`` (MESSAGE.SIGNAL → catalog path) and ``include_unmapped`` of a CAN source
+    (live or replayed: one reading, one set of messages)."""
     dbc = r.path("dbc", directory=False)
     mapping: dict[str, str] = {}
     for k, v in r.mapping("mapping", {}).items():
@@ -76,6 +78,11 @@ def _signals(r: _SpecReader, name: str) -> CanSignalMap:
     include_unmapped = r.boolean("include_unmapped", False)
     if not mapping and not include_unmapped:
         raise r.fail("mapping", "maps no signal (give a mapping or include_unmapped: true)")
+    return dbc, mapping, include_unmapped
+
+
+def _signals(r: _SpecReader, name: str) -> CanSignalMap:
+    dbc, mapping, include_unmapped = dbc_mapping(r)
     return CanSignalMap(load_dbc(dbc), mapping, include_unmapped=include_unmapped, source=name)
 
 
