@@ -321,6 +321,7 @@ def serve(
     info = {
         "grpc": f"{host}:{gport}",
         "http": f"{scheme}://{host}:{hport}",
+        "artifacts": coordinator.jobs.artifact_base_url,
         "pid": os.getpid(),
         "data_dir": str(data_dir),
     }
