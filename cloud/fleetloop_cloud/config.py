@@ -138,13 +138,11 @@ def _memory(value: Any, base: Path) -> str:
     return text
 
 
-def _choice(*options: str) -> Parser:
-    def parse(value: Any, base: Path) -> str:
-        if value not in options:
-            raise Invalid(f"must be one of {', '.join(options)}, got {value!r}")
-        return str(value)
-
-    return parse
+def _level(value: Any, base: Path) -> str:
+    levels = ("debug", "info", "warning", "error", "critical")
+    if not isinstance(value, str) or value.lower() not in levels:
+        raise Invalid(f"must be one of {', '.join(levels)}, got {value!r}")
+    return value.lower()
 
 
 def _sizes_by(names: tuple[str, ...], what: str) -> Parser:
@@ -218,7 +216,7 @@ KEYS: tuple[Key, ...] = (
         "--dir"),
     Key("database", _optional(_text), None,
         "metadata in PostgreSQL (postgresql://...) instead of SQLite in the data directory", "--db"),
-    Key("log_level", _choice("debug", "info", "warning", "error"), "info", "log level", "--log-level"),
+    Key("log_level", _level, "info", "log level", "--log-level"),
     Key("ready_file", _optional(_path), None, "write the bound ports here as JSON once serving",
         "--ready-file"),
     Key("listen.host", _text, "127.0.0.1", "address to listen on (off loopback: TLS on both ports)",

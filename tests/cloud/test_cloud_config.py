@@ -54,7 +54,7 @@ def every_key(tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     table: dict[str, tuple[Any, Any]] = {
         "data_dir": ("data", tmp / "data"),
         "database": ("postgresql://fleet@db.internal/fleet", "postgresql://fleet@db.internal/fleet"),
-        "log_level": ("debug", "debug"),
+        "log_level": ("DEBUG", "debug"),
         "ready_file": ("run/ready.json", tmp / "run" / "ready.json"),
         "listen.host": ("0.0.0.0", "0.0.0.0"),
         "listen.grpc_port": (50443, 50443),
@@ -145,7 +145,8 @@ def test_every_key_is_read_and_reaches_its_part(tmp_path: Path) -> None:
          "2:3: listen.http_port: must be an integer from 0 to 65535, got 70000"),
         ("listen:\n  grpc_port: '50051'\n", "2:3: listen.grpc_port: must be an integer from 0 to 65535"),
         ("insecure: yes please\n", "1:1: insecure: must be true or false, got 'yes please'"),
-        ("log_level: loud\n", "1:1: log_level: must be one of debug, info, warning, error, got 'loud'"),
+        ("log_level: loud\n",
+         "1:1: log_level: must be one of debug, info, warning, error, critical, got 'loud'"),
         ("query:\n  timeout_s: soon\n", "2:3: query.timeout_s: 'soon' is not a duration"),
         ("query:\n  timeout_s: -1\n", "2:3: query.timeout_s: must be above 0 seconds, got -1"),
         ("query:\n  memory_limit: plenty\n", "2:3: query.memory_limit: query memory limit must look like"),
