@@ -144,16 +144,30 @@ class Coordinator:
             repos.devices, repos.leases, self.sessions, access, coordinator_id=coordinator_id,
             campaigns=self.campaigns, ota=self.controller, backlog=self.grants,
         )  # fmt: skip
-        self.ingest = IngestService(repos.devices, repos.segments, self.fleet_store, self.staging, access,
-                                    metrics=self.metrics, max_upload_bytes=limits.staging.max_upload_bytes)
+        self.ingest = IngestService(
+            repos.devices,
+            repos.segments,
+            self.fleet_store,
+            self.staging,
+            access,
+            metrics=self.metrics,
+            max_upload_bytes=limits.staging.max_upload_bytes,
+        )
         self.releases = ReleaseService(repos.releases, repos.devices, self.artifacts, self.tuf, access)
         self.rollouts = RolloutService(self.controller, repos.rollouts, access)
-        self.queries = QueryService(self.query_engine, repos.segments, repos.campaigns, self.devices, access,
-                                    metrics=self.metrics)
+        self.queries = QueryService(
+            self.query_engine, repos.segments, repos.campaigns, self.devices, access, metrics=self.metrics
+        )
         self.tokens = TokenService(repos.tokens, access)
         self.audit = AuditService(access)
-        watch_coordinator(self.metrics, sessions=self.sessions, rollouts=repos.rollouts,
-                          refusals=self.refusals, staging=self.staging, grants=self.grants)
+        watch_coordinator(
+            self.metrics,
+            sessions=self.sessions,
+            rollouts=repos.rollouts,
+            refusals=self.refusals,
+            staging=self.staging,
+            grants=self.grants,
+        )
         self.devices.beat(clock())
         self._last_beat = clock()
         self._loops = [

@@ -49,9 +49,7 @@ class DeviceSessions:
         self._sessions: dict[str, Session] = {}
         self.dropped_total = 0
 
-    def open(
-        self, device_id: str, wake: Callable[[], None] | None = None, *, transport: str = ""
-    ) -> Session:
+    def open(self, device_id: str, wake: Callable[[], None] | None = None, *, transport: str = "") -> Session:
         """The device's new session (its previous one is closed); ``wake`` is told of pushes and close."""
         session = Session(device_id, transport=transport)
         if wake is not None:

@@ -120,8 +120,14 @@ def test_every_key_is_read_and_reaches_its_part(tmp_path: Path) -> None:
         result = c.queries.sql(Caller.local(), "SELECT * FROM range(50)", max_rows=1000)
         assert len(result.rows) == 5 and result.truncated
         device = Caller.device("car-1", transport="grpc", proven=True)
-        piece = ingest_pb2.UploadChunkRequest(device_id="car-1", segment_id=b"\x01" * 16, offset=0,
-                                              total_bytes=2048, total_sha256=b"\x00" * 32, data=b"x")
+        piece = ingest_pb2.UploadChunkRequest(
+            device_id="car-1",
+            segment_id=b"\x01" * 16,
+            offset=0,
+            total_bytes=2048,
+            total_sha256=b"\x00" * 32,
+            data=b"x",
+        )
         c.devices.connect(device, device_pb2.Hello(device_id="car-1", fleet="f"), c.clock())
         with pytest.raises(MalformedMessageError, match=r"outside 1\.\.1024"):
             c.ingest.chunk(device, piece, c.clock())

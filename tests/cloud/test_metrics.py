@@ -245,8 +245,9 @@ def test_ingest_and_query_observations_in_the_fake(tmp_path: Path) -> None:
     repos.devices.register(DEVICE, registration(h), owner="here", now=1.0)
     caller = Caller.device(DEVICE, transport="mqtt", proven=True)
     segment_id, encoded = segment_bytes()
-    whole = ingest_pb2.UploadSegmentRequest(device_id=DEVICE, segment_id=segment_id, capture_id="c",
-                                            campaign="c", priority=1, segment=encoded).SerializeToString()
+    whole = ingest_pb2.UploadSegmentRequest(
+        device_id=DEVICE, segment_id=segment_id, capture_id="c", campaign="c", priority=1, segment=encoded
+    ).SerializeToString()
     digest, piece = hashlib.sha256(whole).digest(), (len(whole) + 1) // 2
     for offset in (0, piece):
         ingest.chunk(caller, ingest_pb2.UploadChunkRequest(

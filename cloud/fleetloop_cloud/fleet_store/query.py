@@ -65,6 +65,7 @@ class QueryLimits:
         if not 1 <= self.max_rows <= MAX_ROWS_LIMIT:
             raise UserError(f"query max rows must be from 1 to {MAX_ROWS_LIMIT}, got {self.max_rows!r}")
 
+
 _SAMPLES_COLUMNS = (
     ("device_id", "VARCHAR"),
     ("capture_id", "VARCHAR"),
