@@ -28,6 +28,7 @@ from fleetloop_cloud.http_api import HttpSettings, HttpTls
 from fleetloop_cloud.http_api.routes import ROUTES
 from fleetloop_cloud.limits import Limits
 from fleetloop_cloud.mqtt_bridge import BridgeSettings
+from fleetloop_cloud.repositories.database import redact
 from fleetloop_cloud.services.ingest import UPLOAD_BUDGET
 from fleetloop_cloud.uploads.scheduler import NETWORKS, Budget
 from fleetloop_cloud.uploads.staging import StagingLimits
@@ -305,9 +306,12 @@ class CloudConfig:
         return self.values[path]
 
     def describe(self) -> dict[str, Any]:
-        """The effective settings as nested plain values (``cloud serve --check`` prints them)."""
+        """The effective settings as nested plain values (``cloud serve --check`` prints them), the
+        database URL without its password: what is printed ends up in terminals and tickets."""
         out: dict[str, Any] = {}
         for path, value in self.values.items():
+            if path == "database" and value is not None:
+                value = redact(value)
             *sections, leaf = path.split(".")
             node = out
             for section in sections:

@@ -266,3 +266,13 @@ def test_the_artifact_url_without_public_url() -> None:
     assert served_url("http", "::1", 8080) == "http://[::1]:8080"
     wildcard = served_url("https", "0.0.0.0", 8443)
     assert "0.0.0.0" not in wildcard and wildcard.startswith("https://") and wildcard.endswith(":8443")
+
+
+def test_check_does_not_print_the_database_password(tmp_path: Path) -> None:
+    path = tmp_path / "cloud.yaml"
+    path.write_text("database: postgresql://fleet:s3cret-pw@db.internal/fleet\n")
+    assert load_cloud_config(path)["database"] == "postgresql://fleet:s3cret-pw@db.internal/fleet"
+    checked = cli("cloud", "serve", "--config", str(path), "--check")
+    assert checked.returncode == 0, checked.stderr
+    assert "s3cret-pw" not in checked.stdout
+    assert json.loads(checked.stdout)["settings"]["database"] == "postgresql://fleet:***@db.internal/fleet"
