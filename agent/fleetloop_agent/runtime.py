@@ -30,6 +30,7 @@ from fleetloop_agent.config import AgentConfig
 from fleetloop_agent.local_store import LocalStore
 from fleetloop_agent.metrics import AgentMetrics
 from fleetloop_agent.models import MANIFEST, ModelPack, ModelRegistry, load_model_pack
+from fleetloop_agent.ota.download import HttpFetcher
 from fleetloop_agent.ota.driver import OtaDriver, OtaReport
 from fleetloop_agent.ota.platform import EXIT_REBOOT, EnvFilePlatform, RebootRequested
 from fleetloop_agent.ring_buffer import RingBuffers
@@ -113,6 +114,7 @@ class AgentRuntime:
             hardware_id=pc.hardware_id,
             device_id=config.device_id,
             report=self._on_ota_report,
+            fetcher=HttpFetcher(ca=config.cloud_ca),
             on_bundle=self._on_bundle,
         )
         #: Set by the OTA worker when a bundle is switched; the main loop reloads the model registry.
