@@ -83,4 +83,5 @@ def cmd_cloud_serve(args: argparse.Namespace) -> int:
         http=config.http,
         limits=config.limits,
         public_url=config["public_url"],
+        storage=config.storage,
     )

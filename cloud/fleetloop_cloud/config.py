@@ -30,6 +30,7 @@ from fleetloop_cloud.limits import Limits
 from fleetloop_cloud.mqtt_bridge import BridgeSettings
 from fleetloop_cloud.repositories.database import redact
 from fleetloop_cloud.services.ingest import UPLOAD_BUDGET
+from fleetloop_cloud.storage import S3Settings, check_key
 from fleetloop_cloud.uploads.scheduler import NETWORKS, Budget
 from fleetloop_cloud.uploads.staging import StagingLimits
 from fleetloop_shared.errors import ConfigError, FleetloopError, RuleError
@@ -179,6 +180,26 @@ def _public_url(value: Any, base: Path) -> str:
     return url
 
 
+def _endpoint(value: Any, base: Path) -> str:
+    url = _text(value, base).rstrip("/")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
+        raise Invalid(f"must be an http(s) URL of the S3 service like https://s3.example.com:9000, "
+                      f"got {value!r}")  # fmt: skip
+    return url
+
+
+def _object_prefix(value: Any, base: Path) -> str:
+    if value is None or value == "":
+        return ""
+    text = _text(value, base).strip("/")
+    try:
+        check_key(text)
+    except FleetloopError:
+        raise Invalid(f"must be a key prefix of plain names separated by '/', got {value!r}") from None
+    return text
+
+
 def _broker(value: Any, base: Path) -> str:
     host, _, port = _text(value, base).rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -209,6 +230,7 @@ class Key:
 
 
 _BUDGET, _STAGING, _QUERY = UPLOAD_BUDGET, StagingLimits(), QueryLimits()
+_S3 = S3Settings(bucket="defaults")
 _ROUTE_NAMES = tuple(r.name for r in ROUTES if r.max_body)
 _file = _optional(_existing_file)
 
@@ -274,6 +296,21 @@ KEYS: tuple[Key, ...] = (
     Key("query.memory_limit", _memory, _QUERY.memory_limit, "DuckDB memory per query (1GB, 512MiB)"),
     Key("query.threads", _integer(1, 256), _QUERY.threads, "DuckDB threads per query"),
     Key("query.max_rows", _integer(1, MAX_ROWS_LIMIT), _QUERY.max_rows, "rows a query returns at most"),
+    Key("storage.bucket", _optional(_text), None,
+        "keep the fleet store and upload staging in this S3 bucket (default: the data directory)",
+        "--bucket"),
+    Key("storage.prefix", _object_prefix, "", "key prefix in the bucket for this deployment's objects"),
+    Key("storage.endpoint", _optional(_endpoint), None,
+        "URL of an S3-compatible service (MinIO, Ceph, ...); none: AWS", "--s3-endpoint"),
+    Key("storage.region", _text, _S3.region, "the bucket's region"),
+    Key("storage.credentials_file", _file, None,
+        "AWS shared-credentials file (default: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, instance role)"),
+    Key("storage.profile", _text, _S3.profile, "profile in the credentials file"),
+    Key("storage.request_timeout_s", _seconds, _S3.request_timeout_s,
+        "one S3 request's time limit (a slower answer is abandoned and retried)"),
+    Key("storage.connect_timeout_s", _seconds, _S3.connect_timeout_s, "time limit to connect to the service"),
+    Key("storage.max_attempts", _integer(1, 100), _S3.max_attempts,
+        "attempts per S3 request, with backoff, before the caller is told it is unavailable"),
 )  # fmt: skip
 _BY_PATH = {k.path: k for k in KEYS}
 _BY_FLAG = {k.flag: k for k in KEYS if k.flag}
@@ -301,6 +338,8 @@ class CloudConfig:
     grpc_tls: GrpcTls | None
     mqtt: BridgeSettings | None
     limits: Limits
+    #: The S3 bucket the fleet store and staging live in; None: the data directory.
+    storage: S3Settings | None = None
 
     def __getitem__(self, path: str) -> Any:
         return self.values[path]
@@ -416,4 +455,15 @@ def _assemble(source: Path | None, v: dict[str, Any], origins: dict[str, str]) -
         )  # fmt: skip
     except FleetloopError as exc:  # what a key's own check cannot see (DuckDB's memory spelling, ...)
         raise ConfigError(f"{source or 'flags'}: {exc}") from None
-    return CloudConfig(source, v, origins, http, grpc_tls, mqtt, limits)
+    storage = None
+    if v["storage.bucket"] is not None:
+        try:
+            storage = S3Settings(
+                v["storage.bucket"], v["storage.prefix"], v["storage.endpoint"], v["storage.region"],
+                v["storage.credentials_file"], v["storage.profile"], v["storage.request_timeout_s"],
+                v["storage.connect_timeout_s"], v["storage.max_attempts"],
+            )  # fmt: skip
+        except FleetloopError as exc:
+            where = origins["storage.bucket"]
+            raise ConfigError(f"{where}: storage.bucket: {exc}") from None
+    return CloudConfig(source, v, origins, http, grpc_tls, mqtt, limits, storage)

@@ -51,6 +51,7 @@ from fleetloop_cloud.services.releases import ReleaseService
 from fleetloop_cloud.services.rollouts import RolloutService
 from fleetloop_cloud.services.tokens import IssuedToken, TokenService
 from fleetloop_cloud.sessions import DeviceSessions
+from fleetloop_cloud.storage import S3Settings, open_object_store
 from fleetloop_cloud.uploads.scheduler import UploadScheduler
 from fleetloop_cloud.uploads.staging import UploadStaging
 from fleetloop_shared.errors import ConfigError
@@ -101,6 +102,7 @@ class Coordinator:
         clock: Callable[[], float] = time.time,
         db: str | None = None,
         limits: Limits | None = None,
+        storage: S3Settings | None = None,
     ) -> None:
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -122,9 +124,12 @@ class Coordinator:
         self.director = Director(self.tuf)
         self.artifacts = ArtifactStore(data_dir / "artifacts", self.signer, tuf=self.tuf)
         self.sessions = DeviceSessions()
-        # Resumable uploads are staged per coordinator: a device that moves to another coordinator
-        # mid-upload starts that segment again there (the ingest ledger keeps it exactly once).
-        self.staging = UploadStaging(data_dir / "staging", **asdict(limits.staging))
+        # Resumable uploads are staged in the object store: with a bucket shared by every coordinator, a
+        # device that moves to another one mid-upload goes on where it was; in a data directory it
+        # starts that segment again there (the ingest ledger keeps it exactly once either way).
+        self.storage = storage
+        staging_store = open_object_store(storage, data_dir / "staging", area="staging", durable=False)
+        self.staging = UploadStaging(staging_store, **asdict(limits.staging))
         self.refusals = Refusals()
         self.access = access = Access(self.refusals, repos.audit_log)
         coordinator_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -290,6 +295,7 @@ def serve(
     http: HttpSettings | None = None,
     limits: Limits | None = None,
     public_url: str | None = None,
+    storage: S3Settings | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (or ``stop`` is set). Writes ``ready_file`` once both ports listen.
     ConfigError (before anything listens) for an address it must not serve on as configured.
@@ -300,7 +306,7 @@ def serve(
     if refusal is not None:
         raise ConfigError(refusal)
     raise_open_files_limit()
-    coordinator = Coordinator(data_dir, db=db, limits=limits)
+    coordinator = Coordinator(data_dir, db=db, limits=limits, storage=storage)
     if http.insecure:
         log.warning("--insecure: no API tokens (every HTTP request acts as an admin)%s",
                     "" if http.tls else " and no TLS")  # fmt: skip

@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psycopg
@@ -23,14 +24,21 @@ from fleetloop_cloud.http_api import start_http_server
 from fleetloop_cloud.repositories import Repositories, memory_repositories, open_repositories
 from fleetloop_cloud.server import Coordinator
 
-_spec = importlib.util.spec_from_file_location(
-    "fleetloop_test_postgres", Path(__file__).resolve().parents[1] / "fixtures" / "postgres_server.py"
-)
-assert _spec is not None and _spec.loader is not None
-pg_fixture = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = pg_fixture
-_spec.loader.exec_module(pg_fixture)
+
+def _fixture_module(name: str, filename: str) -> Any:
+    path = Path(__file__).resolve().parents[1] / "fixtures" / filename
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+pg_fixture = _fixture_module("fleetloop_test_postgres", "postgres_server.py")
+s3_fixture = _fixture_module("fleetloop_test_s3", "s3_server.py")
 _databases = itertools.count()
+_buckets = itertools.count()
 
 
 @dataclass
@@ -100,6 +108,27 @@ def pg_url(pg_server: str) -> str:
     with psycopg.connect(pg_server, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     return pg_server.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[Any]:
+    """moto's S3 server for the session, behind a fault-injecting front (tests/fixtures/s3_server.py)."""
+    with s3_fixture.s3_endpoint() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3(s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The session's S3 endpoint with a fresh bucket (``s3.bucket``), its credentials in the environment
+    and no faults armed; whatever a test armed is disarmed afterwards."""
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    s3_server.bucket = f"fleet-{next(_buckets)}"
+    s3_server.create_bucket(s3_server.bucket)
+    s3_server.faults.clear()
+    yield s3_server
+    s3_server.faults.clear()
+    s3_server.front.ensure_started()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -89,6 +89,15 @@ def every_key(tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         "query.memory_limit": ("512MiB", "512MiB"),
         "query.threads": (1, 1),
         "query.max_rows": (5, 5),
+        "storage.bucket": ("fleet-data", "fleet-data"),
+        "storage.prefix": ("/prod/eu/", "prod/eu"),
+        "storage.endpoint": ("http://minio.internal:9000/", "http://minio.internal:9000"),
+        "storage.region": ("eu-central-1", "eu-central-1"),
+        "storage.credentials_file": ("pki/coordinator.pem", cert),
+        "storage.profile": ("fleet", "fleet"),
+        "storage.request_timeout_s": ("3s", 3.0),
+        "storage.connect_timeout_s": (2, 2.0),
+        "storage.max_attempts": (4, 4),
     }  # fmt: skip
     assert set(table) == {k.path for k in KEYS}, "a key without a case here"
     return {k: w for k, (w, _) in table.items()}, {k: r for k, (_, r) in table.items()}
@@ -107,6 +116,8 @@ def test_every_key_is_read_and_reaches_its_part(tmp_path: Path) -> None:
     assert config.http.tls is not None and config.http.tls.cert == expected["tls.http.cert"]
     assert config.grpc_tls is not None and config.grpc_tls.ca == expected["tls.grpc.ca"]
     assert config.mqtt is not None and (config.mqtt.host, config.mqtt.port) == ("broker.internal", 8883)
+    assert config.storage is not None and config.storage.location == "s3://fleet-data/prod/eu"
+    assert (config.storage.endpoint, config.storage.max_attempts) == ("http://minio.internal:9000", 4)
     budget = config.limits.upload_budget
     assert (budget.global_bytes_per_s, budget.quantum_bytes, budget.aging_s, budget.max_devices) == (
         10 << 20, 65536, 60.0, 500)  # fmt: skip

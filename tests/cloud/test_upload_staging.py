@@ -7,6 +7,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from hypothesis import strategies as st
 from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
 from fleetloop_cloud.services.ingest import ChunkAck
+from fleetloop_cloud.storage import S3Settings
+from fleetloop_cloud.storage.s3 import S3ObjectStore
 from fleetloop_cloud.uploads.staging import MAX_CHUNK_BYTES, UploadStaging
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.errors import MalformedMessageError, StorageFullError
@@ -181,3 +184,21 @@ def test_an_assembled_upload_claiming_another_device_is_refused(tmp_path: Path) 
     garbage = b"\xff" * 40
     with pytest.raises(MalformedMessageError, match="cannot decode"):
         chunk(c, new_segment_id(), garbage, 0, len(garbage))
+
+
+def test_coordinators_sharing_a_bucket_resume_each_others_uploads_through_its_failures(s3: Any) -> None:
+    """Pieces in a bucket: a device that moves between two coordinators mid-upload goes on where it was;
+    500s and slow answers on the way are retried; the whole arrives once, no piece is left behind."""
+    settings = S3Settings(bucket=s3.bucket, endpoint=s3.url, request_timeout_s=1.0, max_attempts=8)
+    first, second = (UploadStaging(S3ObjectStore(settings, area="staging"), max_upload_bytes=1 << 20)
+                     for _ in range(2))  # fmt: skip
+    sid, whole = new_segment_id(), os.urandom(10_000)
+    cursor, got, turn = 0, None, 0
+    while got is None:
+        s3.faults.fail_next = 2 if turn % 3 == 0 else 0
+        s3.faults.slow_next, s3.faults.delay_s = (1, 1.5) if turn % 4 == 1 else (0, 0.0)
+        cursor, got = send((first, second)[turn % 2], sid, whole, cursor, min(cursor + 1500, len(whole)))
+        turn += 1
+    assert got == whole and turn == 7
+    assert S3ObjectStore(settings, area="staging").list() == []
+    assert first.counters["restarted"] + second.counters["restarted"] == 0

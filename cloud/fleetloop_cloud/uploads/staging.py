@@ -1,10 +1,13 @@
-"""Resumable uploads: pieces of an encoded ``UploadSegmentRequest`` collected on disk until whole.
+"""Resumable uploads: pieces of an encoded ``UploadSegmentRequest`` collected in object storage until whole.
 
 A device on a cellular link that drops every few minutes cannot move a large segment in one message: each
 attempt starts from zero and may never finish. So the device cuts the encoded request into pieces
-(``UploadChunk``), and the cloud keeps what arrived in a staging file per (device, segment id). After a
-cut the device asks where the cloud is and goes on from there — also after a coordinator restart, since
-the staging file is the state. When the last piece is in and the whole matches its SHA-256, the request
+(``UploadChunk``), and the cloud keeps what arrived as one object per piece under
+``<device>/<segment id>-<total>-<sha256>/<offset>.part`` in its object store (a local folder by default,
+a bucket shared by every coordinator at scale). After a cut the device asks where the cloud is and goes
+on from there — also after a coordinator restart, or through another coordinator sharing the bucket,
+since the pieces are the state. Objects are never appended to: each new stretch of bytes is a new piece
+named by its offset. When the last piece is in and the whole matches its SHA-256, the request
 is handed to the same ingest path as ``UploadSegment``, so identity checks and exactly-once dedupe are
 the same ones.
 
@@ -17,27 +20,30 @@ Bounded, with named policies (counted in :attr:`UploadStaging.counters`):
   gRPC RESOURCE_EXHAUSTED: the device backs off and resumes later; nothing it sent is lost);
 - partial uploads untouched for ``ttl_s`` are removed by :meth:`expire` (``expired``).
 
-Pieces are written without fsync: after a crash the file may be short (the device resends from its
-size) or hold garbage that the whole-upload SHA-256 refuses (the staging restarts from zero,
-``restarted``). The durable point stays where it was: the ingest of the whole request.
+On local disk pieces are written without fsync: after a crash a piece may be missing (the device
+resends from where the pieces end) or hold garbage that the whole-upload SHA-256 refuses (the staging
+restarts from zero, ``restarted``). The durable point stays where it was: the ingest of the whole
+request. The total bound is kept by each coordinator from a listing at start and at every
+:meth:`~UploadStaging.expire` pass, plus what it staged itself since.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleetloop_cloud.storage import LocalObjectStore, ObjectInfo, ObjectStore
 from fleetloop_shared.errors import MalformedMessageError, StorageFullError, UserError
 
 #: Largest piece a device may send in one UploadChunk (well under the gRPC message limit).
 MAX_CHUNK_BYTES = 1 << 20
 _DEVICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_PART = re.compile(r"^([0-9a-f]{32})-(\d+)-([0-9a-f]{64})\.part$")
+_UPLOAD = re.compile(r"^([0-9a-f]{32})-(\d+)-([0-9a-f]{64})$")
+_PIECE = re.compile(r"^(\d{12})\.part$")
 
 
 @dataclass(frozen=True)
@@ -67,25 +73,27 @@ class ChunkOutcome:
 
 
 class UploadStaging:
-    """Staging files under ``directory/<device>/<segment id>-<total>-<sha256>.part``."""
+    """Partial uploads as pieces in ``store`` (a folder given as a path is a local object store)."""
 
     def __init__(
         self,
-        directory: Path,
+        store: ObjectStore | Path,
         *,
         max_upload_bytes: int,
         max_total_bytes: int = 1 << 30,
         max_per_device: int = 4,
         ttl_s: float = 24 * 3600.0,
     ) -> None:
-        self._dir = directory
+        if isinstance(store, Path):
+            store = LocalObjectStore(store, durable=False)
+        self._store: ObjectStore = store
         self._max_upload = max_upload_bytes
         self._max_total = max_total_bytes
         self._max_per_device = max_per_device
         self._ttl_s = ttl_s
         self._lock = threading.Lock()
         self.counters: Counter[str] = Counter()
-        directory.mkdir(parents=True, exist_ok=True)
+        self._staged = sum(o.size for o in self._store.list())
 
     # ------------------------------------------------------------------ the one entry point
 
@@ -100,67 +108,61 @@ class UploadStaging:
         data: bytes,
     ) -> ChunkOutcome:
         """Take one piece (or, with empty ``data``, answer "where are we"). Returns the offset to send
-        from next, or the whole request once it is complete and matches its hash (the staging file is
-        gone then; ingest it, and a retry of the last piece starts a fresh staging that the ingest's
-        dedupe answers as a duplicate)."""
+        from next, or the whole request once it is complete and matches its hash (its pieces are gone
+        then; ingest it, and a retry of the last piece starts a fresh staging that the ingest's dedupe
+        answers as a duplicate)."""
         self._check(device_id, segment_id, offset, total_bytes, total_sha256, data)
-        path = self._dir / device_id / f"{segment_id.hex()}-{total_bytes}-{total_sha256.hex()}.part"
+        upload = f"{device_id}/{segment_id.hex()}-{total_bytes}-{total_sha256.hex()}/"
         with self._lock:
-            size = path.stat().st_size if path.is_file() else None
-            if size is None:
-                if not data and offset == 0 and total_bytes > 0:
+            pieces = self._store.list(upload)
+            size = _contiguous(upload, pieces)
+            if not pieces:
+                if not data:
                     return ChunkOutcome(0)
-                self._make_room(device_id, segment_id, len(data))
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.touch()
-                size = 0
+                self._make_room(device_id, segment_id)
             elif size > total_bytes:
-                path.unlink()
+                self._remove(pieces)
                 self.counters["restarted"] += 1
                 return ChunkOutcome(0)
             if data and offset <= size < offset + len(data):
-                # Append what is new; a resent piece overlapping what we hold only adds its tail.
+                # Store what is new; a resent piece overlapping what we hold only adds its tail.
                 new = data[size - offset :]
-                if self._staged_bytes() + len(new) > self._max_total:
+                if self._staged + len(new) > self._max_total:
                     self.counters["refused_full"] += 1
-                    raise StorageFullError(
-                        f"upload staging is full ({self._max_total} bytes); resume later"
-                    )
-                with open(path, "r+b") as fh:
-                    fh.seek(size)
-                    fh.write(new)
+                    raise StorageFullError(f"upload staging is full ({self._max_total} bytes); resume later")
+                self._store.put(f"{upload}{size:012d}.part", new)
+                self._staged += len(new)
                 size += len(new)
                 self.counters["pieces"] += 1
             elif data and offset > size:
                 self.counters["gaps"] += 1  # the device is ahead of us (a lost piece): resend from size
             if size < total_bytes:
-                os.utime(path)
                 return ChunkOutcome(size)
-            whole = path.read_bytes()
-            path.unlink()
-            if hashlib.sha256(whole).digest() != total_sha256:
+            pieces = self._store.list(upload)
+            whole = b"".join(self._store.get(p.key) for p in pieces)
+            self._remove(pieces)
+            if len(whole) != total_bytes or hashlib.sha256(whole).digest() != total_sha256:
                 self.counters["restarted"] += 1
                 return ChunkOutcome(0)
             self.counters["completed"] += 1
             return ChunkOutcome(total_bytes, whole)
 
     def expire(self, now: float) -> int:
-        """Remove partial uploads untouched for ``ttl_s`` (a device that went away for good)."""
+        """Remove partial uploads untouched for ``ttl_s`` (a device that went away for good), and take
+        the total staged afresh from the store."""
         removed = 0
         with self._lock:
-            for path in self._dir.glob("*/*.part"):
-                try:
-                    if now - path.stat().st_mtime > self._ttl_s:
-                        path.unlink()
-                        removed += 1
-                except FileNotFoundError:
-                    continue
+            for pieces in _uploads(self._store.list()).values():
+                if now - max(p.modified for p in pieces) > self._ttl_s:
+                    self._remove(pieces)
+                    removed += 1
+            self._staged = sum(o.size for o in self._store.list())
         self.counters["expired"] += removed
         return removed
 
     def staged_bytes(self) -> int:
         with self._lock:
-            return self._staged_bytes()
+            return self._staged
 
     # ------------------------------------------------------------------ internals
 
@@ -182,33 +184,47 @@ class UploadStaging:
                 f"piece at offset {offset} with {len(data)} bytes runs past total_bytes {total}"
             )
 
-    def _staged_bytes(self) -> int:
-        total = 0
-        for path in self._dir.glob("*/*.part"):
-            try:
-                total += path.stat().st_size
-            except FileNotFoundError:
-                continue
-        return total
+    def _remove(self, pieces: list[ObjectInfo]) -> None:
+        for piece in pieces:
+            self._store.delete(piece.key)
+            self._staged = max(0, self._staged - piece.size)
 
-    def _make_room(self, device_id: str, segment_id: bytes, first_piece: int) -> None:
+    def _make_room(self, device_id: str, segment_id: bytes) -> None:
         """Per-device bound: evict this device's oldest partial uploads (and any stale staging of the
         same segment with another size/hash — the device re-encoded it)."""
-        folder = self._dir / device_id
-        if not folder.is_dir():
-            return
         partials = []
-        for path in folder.glob("*.part"):
-            m = _PART.fullmatch(path.name)
+        for name, pieces in _uploads(self._store.list(f"{device_id}/")).items():
+            m = _UPLOAD.fullmatch(name.split("/", 1)[1])
             if m is None:
                 continue
             if m.group(1) == segment_id.hex():
-                path.unlink(missing_ok=True)
+                self._remove(pieces)
                 self.counters["restarted"] += 1
                 continue
-            partials.append((path.stat().st_mtime, path))
+            partials.append((max(p.modified for p in pieces), name, pieces))
         partials.sort()
         while len(partials) >= self._max_per_device:
-            _, oldest = partials.pop(0)
-            oldest.unlink(missing_ok=True)
+            _, _, oldest = partials.pop(0)
+            self._remove(oldest)
             self.counters["evicted"] += 1
+
+
+def _uploads(objects: list[ObjectInfo]) -> dict[str, list[ObjectInfo]]:
+    """Pieces grouped by upload (``<device>/<upload>``), each group ordered by offset."""
+    out: dict[str, list[ObjectInfo]] = {}
+    for obj in objects:
+        upload, _, piece = obj.key.rpartition("/")
+        if upload.count("/") == 1 and _PIECE.fullmatch(piece):
+            out.setdefault(upload, []).append(obj)
+    return out
+
+
+def _contiguous(upload: str, pieces: list[ObjectInfo]) -> int:
+    """How many bytes from 0 the pieces hold without a gap."""
+    size = 0
+    for piece in pieces:
+        m = _PIECE.fullmatch(piece.key[len(upload) :])
+        if m is None or int(m.group(1)) != size:
+            break
+        size += piece.size
+    return size
