@@ -84,4 +84,5 @@ def cmd_cloud_serve(args: argparse.Namespace) -> int:
         limits=config.limits,
         public_url=config["public_url"],
         storage=config.storage,
+        tables=config.tables,
     )

@@ -18,11 +18,12 @@ import math
 import re
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fleetloop_cloud.fleet_store.query import MAX_ROWS_LIMIT, QueryLimits
+from fleetloop_cloud.fleet_store.settings import FORMATS, TableSettings
 from fleetloop_cloud.grpc_api import GrpcTls
 from fleetloop_cloud.http_api import HttpSettings, HttpTls
 from fleetloop_cloud.http_api.routes import ROUTES
@@ -200,6 +201,21 @@ def _object_prefix(value: Any, base: Path) -> str:
     return text
 
 
+def _choice(names: tuple[str, ...]) -> Parser:
+    def parse(value: Any, base: Path) -> str:
+        if value not in names:
+            raise Invalid(f"must be one of {', '.join(names)}, got {value!r}")
+        return str(value)
+
+    return parse
+
+
+def _non_negative_seconds(value: Any, base: Path) -> float:
+    if value == 0:
+        return 0.0
+    return _seconds(value, base)
+
+
 def _broker(value: Any, base: Path) -> str:
     host, _, port = _text(value, base).rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -230,7 +246,7 @@ class Key:
 
 
 _BUDGET, _STAGING, _QUERY = UPLOAD_BUDGET, StagingLimits(), QueryLimits()
-_S3 = S3Settings(bucket="defaults")
+_S3, _TABLES = S3Settings(bucket="defaults"), TableSettings()
 _ROUTE_NAMES = tuple(r.name for r in ROUTES if r.max_body)
 _file = _optional(_existing_file)
 
@@ -311,6 +327,17 @@ KEYS: tuple[Key, ...] = (
     Key("storage.connect_timeout_s", _seconds, _S3.connect_timeout_s, "time limit to connect to the service"),
     Key("storage.max_attempts", _integer(1, 100), _S3.max_attempts,
         "attempts per S3 request, with backoff, before the caller is told it is unavailable"),
+    Key("fleet_store.format", _choice(FORMATS), _TABLES.format,
+        "parquet (a Hive-partitioned folder) or iceberg (tables in the database's catalog; needed with "
+        "storage.bucket)", "--table-format"),
+    Key("fleet_store.batch_wait_s", _non_negative_seconds, _TABLES.batch_wait_s,
+        "iceberg: an ingest batch (one commit) waits this long at most for more segments"),
+    Key("fleet_store.batch_max_segments", _integer(1, 10_000), _TABLES.batch_max_segments,
+        "iceberg: segments in one ingest batch at most"),
+    Key("fleet_store.snapshot_retention_s", _seconds, _TABLES.snapshot_retention_s,
+        "iceberg: snapshots older than this expire, and files only they referenced are deleted"),
+    Key("fleet_store.compact_min_files", _integer(2, 100_000), _TABLES.compact_min_files,
+        "iceberg: a partition with this many small files is rewritten as one"),
 )  # fmt: skip
 _BY_PATH = {k.path: k for k in KEYS}
 _BY_FLAG = {k.flag: k for k in KEYS if k.flag}
@@ -340,6 +367,7 @@ class CloudConfig:
     limits: Limits
     #: The S3 bucket the fleet store and staging live in; None: the data directory.
     storage: S3Settings | None = None
+    tables: TableSettings = field(default_factory=TableSettings)
 
     def __getitem__(self, path: str) -> Any:
         return self.values[path]
@@ -466,4 +494,11 @@ def _assemble(source: Path | None, v: dict[str, Any], origins: dict[str, str]) -
         except FleetloopError as exc:
             where = origins["storage.bucket"]
             raise ConfigError(f"{where}: storage.bucket: {exc}") from None
-    return CloudConfig(source, v, origins, http, grpc_tls, mqtt, limits, storage)
+    if storage is not None and v["fleet_store.format"] != "iceberg":
+        where = origins["storage.bucket"]
+        raise ConfigError(f"{where}: storage.bucket needs fleet_store.format: iceberg (--table-format "
+                          "iceberg): the Parquet layout lives on local disk only")  # fmt: skip
+    tables = TableSettings(v["fleet_store.format"], v["fleet_store.batch_wait_s"],
+                           v["fleet_store.batch_max_segments"], v["fleet_store.snapshot_retention_s"],
+                           v["fleet_store.compact_min_files"])  # fmt: skip
+    return CloudConfig(source, v, origins, http, grpc_tls, mqtt, limits, storage, tables)

@@ -25,8 +25,11 @@ from pathlib import Path
 from types import FrameType
 
 from fleetloop_cloud.fleet_store.compaction import CompactionPolicy, Compactor
+from fleetloop_cloud.fleet_store.iceberg import IcebergFleetStore, IcebergTables, catalog_uri, io_properties
+from fleetloop_cloud.fleet_store.iceberg_maintenance import IcebergMaintenance
 from fleetloop_cloud.fleet_store.parquet import FleetStore
 from fleetloop_cloud.fleet_store.query import QueryEngine
+from fleetloop_cloud.fleet_store.settings import TableSettings
 from fleetloop_cloud.grpc_api import GrpcTls, start_grpc_server
 from fleetloop_cloud.http_api import HttpSettings, start_http_server
 from fleetloop_cloud.http_api.metrics import metrics_middleware
@@ -45,7 +48,7 @@ from fleetloop_cloud.services.access import Access, Caller, Refusals
 from fleetloop_cloud.services.audit import AuditService
 from fleetloop_cloud.services.campaigns import CampaignService
 from fleetloop_cloud.services.devices import LEASE_BEAT_S, DeviceService
-from fleetloop_cloud.services.ingest import IngestService, UploadGrants
+from fleetloop_cloud.services.ingest import IngestService, SampleStore, UploadGrants
 from fleetloop_cloud.services.query import QueryService
 from fleetloop_cloud.services.releases import ReleaseService
 from fleetloop_cloud.services.rollouts import RolloutService
@@ -103,6 +106,7 @@ class Coordinator:
         db: str | None = None,
         limits: Limits | None = None,
         storage: S3Settings | None = None,
+        tables: TableSettings | None = None,
     ) -> None:
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -110,14 +114,30 @@ class Coordinator:
         self.limits = limits = limits or Limits()
         self.metrics = PrometheusMetrics()
         self.repositories = repos = open_repositories(db if db else data_dir / "metadata.sqlite")
-        self.fleet_store = FleetStore(data_dir / "fleet")
-        self.query_engine = QueryEngine(
-            data_dir / "fleet", captures=repos.segments.captures, limits=limits.query
-        )
-        # file ages are wall-clock (file mtimes), whatever clock drives the rest; absorbed files outlive
-        # the longest query by a minute at least
-        grace_s = max(CompactionPolicy().grace_s, limits.query.timeout_s + 60)
-        self.compactor = Compactor(self.fleet_store, repos.segments.has, CompactionPolicy(grace_s=grace_s))
+        self.table_settings = tables = tables or TableSettings()
+        if storage is not None and tables.format != "iceberg":
+            raise ConfigError("an S3 bucket needs the iceberg table format (fleet_store.format: iceberg)")
+        self.fleet_store: SampleStore
+        self.compactor: Compactor | IcebergMaintenance
+        self.tables: IcebergTables | None = None
+        if tables.format == "iceberg":
+            # Tables in the database's catalog, files in the object store (a folder or a bucket).
+            warehouse = open_object_store(storage, data_dir / "fleet", area="fleet").location
+            self.tables = IcebergTables(catalog_uri(db, data_dir / "metadata.sqlite"), warehouse,
+                                        io_properties(storage))  # fmt: skip
+            self.fleet_store = IcebergFleetStore(self.tables, tables)
+            self.query_engine = QueryEngine(data_dir / "fleet", limits=limits.query, tables=self.tables)
+            self.compactor = IcebergMaintenance(self.tables, repos.segments, tables)
+        else:
+            self.fleet_store = FleetStore(data_dir / "fleet")
+            self.query_engine = QueryEngine(
+                data_dir / "fleet", captures=repos.segments.captures, limits=limits.query
+            )
+            # file ages are wall-clock (file mtimes), whatever clock drives the rest; absorbed files
+            # outlive the longest query by a minute at least
+            grace_s = max(CompactionPolicy().grace_s, limits.query.timeout_s + 60)
+            policy = CompactionPolicy(grace_s=grace_s)
+            self.compactor = Compactor(self.fleet_store, repos.segments.has, policy)
         self.signer = release_signer(data_dir / "keys")
         # OTA trust: devices are provisioned with keys/image-root.json and keys/director-root.json
         self.tuf = TufRepositories(data_dir / "artifacts" / "tuf", data_dir / "keys" / "tuf", clock=clock)
@@ -210,6 +230,8 @@ class Coordinator:
 
     def close(self) -> None:
         """Release the metadata connection (after :meth:`stop`)."""
+        if self.tables is not None:
+            self.tables.close()
         self.repositories.close()
 
 
@@ -296,6 +318,7 @@ def serve(
     limits: Limits | None = None,
     public_url: str | None = None,
     storage: S3Settings | None = None,
+    tables: TableSettings | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (or ``stop`` is set). Writes ``ready_file`` once both ports listen.
     ConfigError (before anything listens) for an address it must not serve on as configured.
@@ -306,7 +329,7 @@ def serve(
     if refusal is not None:
         raise ConfigError(refusal)
     raise_open_files_limit()
-    coordinator = Coordinator(data_dir, db=db, limits=limits, storage=storage)
+    coordinator = Coordinator(data_dir, db=db, limits=limits, storage=storage, tables=tables)
     if http.insecure:
         log.warning("--insecure: no API tokens (every HTTP request acts as an admin)%s",
                     "" if http.tls else " and no TLS")  # fmt: skip

@@ -98,6 +98,11 @@ def every_key(tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         "storage.request_timeout_s": ("3s", 3.0),
         "storage.connect_timeout_s": (2, 2.0),
         "storage.max_attempts": (4, 4),
+        "fleet_store.format": ("iceberg", "iceberg"),
+        "fleet_store.batch_wait_s": ("20ms", 0.02),
+        "fleet_store.batch_max_segments": (64, 64),
+        "fleet_store.snapshot_retention_s": ("1h", 3600.0),
+        "fleet_store.compact_min_files": (8, 8),
     }  # fmt: skip
     assert set(table) == {k.path for k in KEYS}, "a key without a case here"
     return {k: w for k, (w, _) in table.items()}, {k: r for k, (_, r) in table.items()}
@@ -118,6 +123,7 @@ def test_every_key_is_read_and_reaches_its_part(tmp_path: Path) -> None:
     assert config.mqtt is not None and (config.mqtt.host, config.mqtt.port) == ("broker.internal", 8883)
     assert config.storage is not None and config.storage.location == "s3://fleet-data/prod/eu"
     assert (config.storage.endpoint, config.storage.max_attempts) == ("http://minio.internal:9000", 4)
+    assert (config.tables.format, config.tables.batch_max_segments) == ("iceberg", 64)
     budget = config.limits.upload_budget
     assert (budget.global_bytes_per_s, budget.quantum_bytes, budget.aging_s, budget.max_devices) == (
         10 << 20, 65536, 60.0, 500)  # fmt: skip

@@ -224,12 +224,7 @@ class FleetStore:
         path = self.segment_path(
             fleet=fleet, device_id=device_id, segment=segment, received_unix=received_unix
         )
-        # A multi-group (format 4) segment is one file holding every group's rows, group after group.
-        tables = [self._table(device_id, capture_id, campaign, g, catalog) for g in segment.groups()]
-        if len(tables) == 1:
-            table = tables[0]
-        else:  # ordered like every other file: by signal path, then time
-            table = pa.concat_tables(tables).sort_by([("signal", "ascending"), ("t_ns", "ascending")])
+        table = segment_table(device_id, capture_id, campaign, segment, catalog)
         if table.num_rows == 0:
             return 0
         sink = pa.BufferOutputStream()
@@ -321,6 +316,19 @@ class FleetStore:
             schema=SAMPLES_SCHEMA,
         )
         return table
+
+
+def segment_table(
+    device_id: str, capture_id: str, campaign: str, segment: Segment, catalog: Catalog
+) -> pa.Table:
+    """One segment's rows in :data:`SAMPLES_SCHEMA`, by signal path and time (what either table format
+    stores); MalformedMessageError for a signal id the catalog lacks or a column of the wrong length."""
+    # A multi-group (format 4) segment holds every group's rows, group after group.
+    tables = [FleetStore._table(device_id, capture_id, campaign, g, catalog) for g in segment.groups()]
+    if len(tables) == 1:
+        return tables[0]
+    # ordered like every other file: by signal path, then time
+    return pa.concat_tables(tables).sort_by([("signal", "ascending"), ("t_ns", "ascending")])
 
 
 #: Columns of ``fleetloop store export --format parquet``: one device's samples, no fleet columns.

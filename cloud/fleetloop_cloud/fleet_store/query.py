@@ -20,10 +20,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
 from fleetloop_cloud.fleet_store.parquet import COMPACTED_FILE, absorbed_by
 from fleetloop_cloud.repositories.records import CaptureRecord
@@ -94,6 +96,46 @@ CAPTURES_SCHEMA = pa.schema(
 _ALLOWED_STATEMENTS = frozenset({duckdb.StatementType.SELECT})
 #: A compacted file's path ends so (fleet_store.COMPACTED_FILE).
 _COMPACTED_SUFFIX = r"/compacted-[0-9a-f]{24}\.parquet$"
+
+
+@dataclass(frozen=True)
+class TableFiles:
+    """A table's data files in one snapshot, as a table format's catalog lists them."""
+
+    #: The pyarrow file system the paths are on.
+    filesystem: Any
+    #: (path, fleet, date) of each data file: the partition values prune files before any is opened.
+    files: list[tuple[str, str, _dt.date]]
+    schema: pa.Schema
+
+
+class TableSource(Protocol):
+    """Where the ``samples`` and ``captures`` tables' files are (the Iceberg catalog)."""
+
+    def scan_files(self, name: str) -> TableFiles:
+        """``name`` is ``samples`` or ``captures``; the snapshot current now."""
+        ...
+
+
+def _dataset(table: TableFiles) -> ds.Dataset:
+    """The files as one pyarrow dataset whose fragments carry their partition values, so a query's
+    filter on fleet and date skips whole files (DuckDB pushes its filters into the scan)."""
+    fmt = ds.ParquetFileFormat()
+    if not table.files:
+        return ds.dataset(table.schema.empty_table())
+    partitions = [(pc.field("fleet") == fleet) & (pc.field("date") == date) for _, fleet, date in table.files]
+    return ds.FileSystemDataset.from_paths(
+        [path for path, _, _ in table.files], schema=table.schema, format=fmt, filesystem=table.filesystem,
+        partitions=partitions,
+    )  # fmt: skip
+
+
+_CAPTURES_FROM_SEGMENTS = (
+    "SELECT capture_id, device_id, campaign, min(first_ns) AS first_ns, max(last_ns) AS last_ns, "
+    "CAST(sum(samples) AS BIGINT) AS samples, CAST(sum(segments) AS BIGINT) AS segments, "
+    "min(first_received) AS first_received, max(last_received) AS last_received "
+    "FROM captures_segments GROUP BY capture_id, device_id, campaign"
+)
 
 
 class QueryTimeoutError(QueryError):
@@ -178,8 +220,12 @@ class QueryEngine:
         root: Path,
         captures: Callable[[], list[CaptureRecord]] | None = None,
         limits: QueryLimits | None = None,
+        tables: TableSource | None = None,
     ) -> None:
+        """Over the Parquet layout below ``root`` (captures from ``captures``), or, with ``tables``,
+        over a table format's current snapshot (both tables from there)."""
         self.limits = limits or QueryLimits()
+        self._tables = tables
         self._root = Path(root)
         self._samples = self._root / "samples"
         self._captures = captures
@@ -243,7 +289,13 @@ class QueryEngine:
             conn.execute(f"SET threads={int(self.limits.threads)}")
             conn.execute("SET autoinstall_known_extensions=false")
             conn.execute("SET autoload_known_extensions=false")
-            if self._has_sample_files():
+            if self._tables is not None:
+                conn.register("samples_files", _dataset(self._tables.scan_files("samples")))
+                columns = ", ".join(n for n, _ in _SAMPLES_COLUMNS)
+                conn.execute(f"CREATE VIEW samples AS SELECT {columns} FROM samples_files")
+                conn.register("captures_segments", _dataset(self._tables.scan_files("captures")))
+                conn.execute(f"CREATE VIEW captures AS {_CAPTURES_FROM_SEGMENTS}")
+            elif self._has_sample_files():
                 root = self._samples.resolve()
                 pattern = (root / "**" / "*.parquet").as_posix()
                 # Compaction (compaction.py): read each row once. Leave out the segment files a compacted
@@ -271,8 +323,9 @@ class QueryEngine:
             else:
                 cols = ", ".join(f"CAST(NULL AS {t}) AS {n}" for n, t in _SAMPLES_COLUMNS)
                 conn.execute(f"CREATE VIEW samples AS SELECT {cols} WHERE false")
-            conn.register("captures_arrow", self._captures_table())
-            conn.execute("CREATE VIEW captures AS SELECT * FROM captures_arrow")
+            if self._tables is None:
+                conn.register("captures_arrow", self._captures_table())
+                conn.execute("CREATE VIEW captures AS SELECT * FROM captures_arrow")
             allowed = self._samples.resolve().as_posix().rstrip("/") + "/"
             conn.execute(f"SET allowed_directories=[{_sql_string(allowed)}]")
             conn.execute("SET enable_external_access=false")

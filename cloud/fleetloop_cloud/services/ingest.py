@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from fleetloop_cloud.fleet_store.parquet import FleetStore
 from fleetloop_cloud.metrics.memory import MemoryMetrics
 from fleetloop_cloud.repositories.interfaces import DeviceRepository, SegmentRepository
 from fleetloop_cloud.repositories.records import SegmentReceipt
@@ -28,8 +27,9 @@ from fleetloop_cloud.services.access import Access, Caller
 from fleetloop_cloud.sessions import DeviceSessions
 from fleetloop_cloud.uploads.scheduler import NETWORKS, Backlog, Budget, UploadScheduler
 from fleetloop_cloud.uploads.staging import StagingLimits, UploadStaging
+from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.errors import FleetloopError, MalformedMessageError, NotFoundError, UserError
-from fleetloop_shared.segment import decode_segment
+from fleetloop_shared.segment import Segment, decode_segment
 from fleetloop_shared.wire import device_pb2, ingest_pb2, parse
 
 #: Largest segment a device may upload in pieces (UploadChunk), unless configured
@@ -39,6 +39,17 @@ MAX_CHUNKED_UPLOAD_BYTES = StagingLimits().max_upload_bytes
 UPLOAD_BUDGET = Budget(
     global_bytes_per_s=64 * 1024 * 1024, per_network_bytes_per_s={"cellular": 4 * 1024 * 1024}
 )
+
+
+class SampleStore(Protocol):
+    """Where ingested samples go (the fleet store, in either table format)."""
+
+    def write_segment(
+        self, *, fleet: str, device_id: str, capture_id: str, campaign: str, segment: Segment,
+        catalog: Catalog, received_unix: float,
+    ) -> int:  # fmt: skip
+        """Store one segment's samples durably and return how many; storing it again is harmless."""
+        ...
 
 
 class IngestMetrics(Protocol):
@@ -86,7 +97,7 @@ class IngestService:
         self,
         devices: DeviceRepository,
         segments: SegmentRepository,
-        samples: FleetStore,
+        samples: SampleStore,
         staging: UploadStaging,
         access: Access,
         *,

@@ -1,0 +1,430 @@
+"""The fleet store as Apache Iceberg tables: ``fleetloop.samples`` and ``fleetloop.captures``.
+
+The catalog is pyiceberg's SQL catalog in the coordinator's own database (the SQLite file of the
+embedded default, or the PostgreSQL database coordinators share), the files live in the object store
+(a folder, or an S3 bucket through the same pyarrow S3 file system as :mod:`fleetloop_cloud.storage.s3`).
+Spark, Trino, DuckDB and pyiceberg read the same tables (docs/query.md).
+
+``samples`` is the narrow table of the Parquet layout plus its partition columns: partitioned by
+``fleet`` and ``date`` (identity: the same ``fleet=F/date=D`` folders the Hive layout had), sorted by
+device, signal and time. ``captures`` has one row per ingested segment (capture, device, campaign,
+first/last sample time, samples, arrival), also by fleet and date; ``segments`` is 1 for those rows
+and N for a capture migrated from the ledger as a whole.
+
+**Ingest** (:class:`IcebergFleetStore`): segments arriving together are written as one batch — one
+append, one snapshot, atomic — a *group commit*: each request waits (``batch_wait_s`` at most) for
+others to join, and its ack goes out after the commit. The batch's receipts travel in the snapshot's
+summary (``fleetloop.segments``), which makes appends exactly-once without a transaction spanning the
+table and the ingest ledger: a segment whose batch committed but whose ledger row was never written (a
+crash between the two) is found there when it is retried and not appended again; two coordinators
+appending the same segment at once conflict in the append's validation (any snapshot committed since
+the batch began that names one of its segments) and the later one drops it and commits the rest.
+Other concurrent appends merely retry (pyiceberg's commit retries, fresh metadata each time).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from pyiceberg.catalog import Catalog
+from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg.exceptions import CommitFailedException, ValidationException
+from pyiceberg.io.pyarrow import PyArrowFileIO, _dataframe_to_data_files
+from pyiceberg.partitioning import PartitionField, PartitionSpec
+from pyiceberg.schema import Schema
+from pyiceberg.table import Table
+from pyiceberg.table.snapshots import Operation, Snapshot
+from pyiceberg.table.sorting import SortField, SortOrder
+from pyiceberg.table.update.snapshot import _FastAppendFiles
+from pyiceberg.transforms import IdentityTransform
+from pyiceberg.types import DateType, DoubleType, LongType, NestedField, StringType
+
+from fleetloop_cloud.fleet_store.parquet import partition_date, segment_table
+from fleetloop_cloud.fleet_store.query import TableFiles
+from fleetloop_cloud.fleet_store.settings import TableSettings
+from fleetloop_cloud.storage import S3Settings
+from fleetloop_shared.catalog import Catalog as SignalCatalog
+from fleetloop_shared.errors import ConfigError, UnavailableError
+from fleetloop_shared.segment import Segment
+
+log = logging.getLogger("fleetloop.cloud.iceberg")
+
+NAMESPACE = "fleetloop"
+SAMPLES = f"{NAMESPACE}.samples"
+CAPTURES = f"{NAMESPACE}.captures"
+#: Snapshot summary key holding the batch's receipts (JSON list of :data:`RECEIPT_FIELDS` lists).
+SEGMENTS_KEY = "fleetloop.segments"
+#: Snapshot summary key naming the batch (the same in the samples and the captures snapshot).
+BATCH_KEY = "fleetloop.batch"
+#: Snapshot summary key naming a migrated Parquet partition (``fleet=F/date=D``).
+MIGRATED_KEY = "fleetloop.migrated"
+
+SAMPLES_SCHEMA = Schema(
+    NestedField(1, "device_id", StringType(), required=True),
+    NestedField(2, "capture_id", StringType(), required=True),
+    NestedField(3, "campaign", StringType(), required=True),
+    NestedField(4, "signal", StringType(), required=True),
+    NestedField(5, "t_ns", LongType(), required=True),
+    NestedField(6, "value", DoubleType(), required=False),
+    NestedField(7, "value_int", LongType(), required=False),
+    NestedField(8, "value_str", StringType(), required=False),
+    NestedField(9, "fleet", StringType(), required=True),
+    NestedField(10, "date", DateType(), required=True),
+)
+CAPTURES_SCHEMA = Schema(
+    NestedField(1, "capture_id", StringType(), required=True),
+    NestedField(2, "device_id", StringType(), required=True),
+    NestedField(3, "campaign", StringType(), required=True),
+    NestedField(4, "segment_id", StringType(), required=False),
+    NestedField(5, "first_ns", LongType(), required=True),
+    NestedField(6, "last_ns", LongType(), required=True),
+    NestedField(7, "samples", LongType(), required=True),
+    NestedField(8, "segments", LongType(), required=True),
+    NestedField(9, "first_received", DoubleType(), required=True),
+    NestedField(10, "last_received", DoubleType(), required=True),
+    NestedField(11, "fleet", StringType(), required=True),
+    NestedField(12, "date", DateType(), required=True),
+)
+_EPOCH = datetime.date(1970, 1, 1)
+#: What one receipt in a snapshot summary holds, in order.
+RECEIPT_FIELDS = ("device_id", "segment_id", "samples", "capture_id", "campaign", "first_ns", "last_ns",
+                  "received", "fleet", "date")  # fmt: skip
+#: Table properties: zstd data files, commits retried on conflict, old metadata files removed.
+TABLE_PROPERTIES = {
+    "format-version": "2",
+    "write.parquet.compression-codec": "zstd",
+    "commit.retry.num-retries": "10",
+    "commit.retry.min-wait-ms": "20",
+    "commit.retry.max-wait-ms": "2000",
+    "write.metadata.delete-after-commit.enabled": "true",
+    "write.metadata.previous-versions-max": "20",
+}
+
+
+def _spec(schema: Schema) -> PartitionSpec:
+    fleet, date = schema.find_field("fleet").field_id, schema.find_field("date").field_id
+    return PartitionSpec(
+        PartitionField(fleet, 1000, IdentityTransform(), "fleet"),
+        PartitionField(date, 1001, IdentityTransform(), "date"),
+    )
+
+
+def _sort(schema: Schema, names: Iterable[str]) -> SortOrder:
+    return SortOrder(*(SortField(schema.find_field(n).field_id, IdentityTransform()) for n in names))
+
+
+# -- the catalog and its file IO ---------------------------------------------------------------------
+class FleetFileIO(PyArrowFileIO):
+    """pyiceberg's pyarrow file IO with our S3 file system (one client, one set of settings)."""
+
+    def _initialize_s3_fs(self, netloc: str | None) -> Any:
+        from fleetloop_cloud.storage.s3 import s3_filesystem
+
+        return s3_filesystem(S3Settings(**json.loads(self.properties["fleetloop.s3"])))
+
+
+def catalog_uri(db: str | None, sqlite_path: Path) -> str:
+    """SQLAlchemy's URL for the coordinator's database: PostgreSQL through psycopg 3, or the SQLite file."""
+    if db:
+        scheme, _, rest = db.partition("://")
+        if scheme not in ("postgresql", "postgres"):
+            raise ConfigError(f"the Iceberg catalog needs PostgreSQL or SQLite, got {scheme}://")
+        return f"postgresql+psycopg://{rest}"
+    sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{sqlite_path}?timeout=30"
+
+
+def io_properties(storage: S3Settings | None) -> dict[str, str]:
+    if storage is None:
+        return {}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in storage.__dict__.items()}
+    return {"py-io-impl": f"{FleetFileIO.__module__}.{FleetFileIO.__qualname__}",
+            "fleetloop.s3": json.dumps(settings)}  # fmt: skip
+
+
+class IcebergTables:
+    """The two tables, created on first use, in the catalog at ``uri`` with files under ``warehouse``."""
+
+    def __init__(self, uri: str, warehouse: str, properties: dict[str, str] | None = None) -> None:
+        self.warehouse = warehouse.rstrip("/")
+        try:
+            self.catalog: Catalog = SqlCatalog("fleetloop", uri=uri, warehouse=self.warehouse,
+                                               **(properties or {}))  # fmt: skip
+            self.catalog.create_namespace_if_not_exists(NAMESPACE)
+            self.samples = self._table(SAMPLES, SAMPLES_SCHEMA, ("device_id", "signal", "t_ns"))
+            self.captures = self._table(CAPTURES, CAPTURES_SCHEMA, ("device_id", "capture_id", "first_ns"))
+        except (OSError, CommitFailedException) as exc:
+            raise UnavailableError(f"Iceberg catalog at {uri.split('@')[-1]}: {exc}") from None
+
+    def _table(self, name: str, schema: Schema, order: tuple[str, ...]) -> Table:
+        location = f"{self.warehouse}/{name.split('.')[-1]}"
+        return self.catalog.create_table_if_not_exists(
+            name, schema, location=location, partition_spec=_spec(schema), sort_order=_sort(schema, order),
+            properties=TABLE_PROPERTIES,
+        )  # fmt: skip
+
+    def load(self, name: str) -> Table:
+        return self.catalog.load_table(name)
+
+    def scan_files(self, name: str) -> TableFiles:
+        """The current snapshot's data files of ``samples`` or ``captures`` (a fresh load: other
+        coordinators' commits included)."""
+        table = self.load(f"{NAMESPACE}.{name}")
+        snapshot = table.current_snapshot()
+        arrow_schema = table.schema().as_arrow()
+        files: list[tuple[str, str, datetime.date]] = []
+        filesystem: Any = None
+        if snapshot is not None:
+            for task in table.scan().plan_files():
+                if task.delete_files:
+                    raise UnavailableError(
+                        f"{name} has row-level delete files (written by another engine); rewrite the table "
+                        "with copy-on-write deletes before querying it here"
+                    )
+                scheme, netloc, path = PyArrowFileIO.parse_location(task.file.file_path)
+                if filesystem is None:
+                    filesystem = table.io.fs_by_scheme(scheme, netloc)  # type: ignore[attr-defined]
+                partition = task.file.partition
+                files.append((path, partition[0], _EPOCH + datetime.timedelta(days=partition[1])))
+        return TableFiles(filesystem, files, arrow_schema)
+
+    def close(self) -> None:
+        engine = getattr(self.catalog, "engine", None)
+        if engine is not None:
+            engine.dispose()
+
+
+# -- exactly-once appends ----------------------------------------------------------------------------
+def receipts_of(snapshot: Snapshot) -> list[list[Any]]:
+    """The receipts a snapshot's summary carries (none for snapshots not made by ingest)."""
+    raw = snapshot.summary.additional_properties.get(SEGMENTS_KEY) if snapshot.summary else None
+    if not raw:
+        return []
+    try:
+        out = json.loads(raw)
+    except ValueError:
+        return []
+    return [r for r in out if isinstance(r, list) and len(r) == len(RECEIPT_FIELDS)]
+
+
+def _keys_between(table: Table, head: Snapshot | None, base_id: int | None) -> set[str]:
+    """Segment keys named by the snapshots from ``head`` back to (not including) ``base_id``."""
+    keys: set[str] = set()
+    snapshot = head
+    while snapshot is not None and snapshot.snapshot_id != base_id:
+        keys.update(f"{r[0]}/{r[1]}" for r in receipts_of(snapshot))
+        parent = snapshot.parent_snapshot_id
+        snapshot = table.metadata.snapshot_by_id(parent) if parent is not None else None
+    return keys
+
+
+class _Duplicates(ValidationException):
+    def __init__(self, keys: set[str]) -> None:
+        super().__init__(f"{len(keys)} segments were committed concurrently")
+        self.keys = keys
+
+
+class _KeyedAppend(_FastAppendFiles):
+    """A fast append that conflicts with a concurrent snapshot naming one of its segments."""
+
+    keys: frozenset[str] = frozenset()
+
+    def _validate_concurrency(self) -> None:
+        window = self._commit_window
+        if window is None or window.is_empty():
+            return
+        base = window.base.snapshot_id if window.base is not None else None
+        clash = _keys_between(self._transaction._table, window.head, base) & self.keys
+        if clash:
+            raise _Duplicates(clash)
+
+
+@dataclass
+class _Item:
+    key: str
+    rows: pa.Table
+    receipt: list[Any]
+    done: threading.Event = field(default_factory=threading.Event)
+    samples: int = 0
+    error: BaseException | None = None
+
+
+class IcebergFleetStore:
+    """Ingest's sink in the Iceberg format: ``write_segment`` like the Parquet store's, group-committed."""
+
+    def __init__(
+        self,
+        tables: IcebergTables,
+        settings: TableSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.tables = tables
+        self.settings = settings or TableSettings(format="iceberg")
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._pending: list[_Item] = []
+        self._leader = False
+        self._samples = tables.load(SAMPLES)
+        self._captures = tables.load(CAPTURES)
+        #: Segment key → samples, from the snapshots seen so far (bounded by snapshot expiry).
+        self._committed: dict[str, int] = {}
+        self._seen: set[int] = set()
+        self._index(self._samples)
+        #: Batches and segments committed, duplicates dropped, conflicts retried (for metrics and tests).
+        self.counters = {"batches": 0, "segments": 0, "duplicates": 0, "conflicts": 0}
+
+    def _index(self, table: Table) -> None:
+        for snapshot in table.metadata.snapshots:
+            if snapshot.snapshot_id in self._seen:
+                continue
+            self._seen.add(snapshot.snapshot_id)
+            for r in receipts_of(snapshot):
+                self._committed[f"{r[0]}/{r[1]}"] = int(r[2])
+        live = {s.snapshot_id for s in table.metadata.snapshots}
+        self._seen &= live
+
+    def write_segment(
+        self, *, fleet: str, device_id: str, capture_id: str, campaign: str, segment: Segment,
+        catalog: SignalCatalog, received_unix: float,
+    ) -> int:  # fmt: skip
+        """Store one segment's samples in the next batch and return how many once it is committed (the
+        count it had, for a segment committed before). Writing it again is harmless."""
+        rows = segment_table(device_id, capture_id, campaign, segment, catalog)
+        span = segment.time_range()
+        first, last = span if span is not None else (0, 0)
+        date = partition_date(span[0] if span is not None else None, received_unix)
+        key = f"{device_id}/{bytes(segment.segment_id).hex()}"
+        if rows.num_rows:
+            rows = rows.append_column("fleet", pa.array([fleet] * rows.num_rows, pa.string()))
+            rows = rows.append_column("date", pa.array([date] * rows.num_rows, pa.string()).cast(pa.date32()))
+        receipt = [device_id, key.split("/")[1], rows.num_rows, capture_id, campaign, int(first), int(last),
+                   float(received_unix), fleet, date]  # fmt: skip
+        item = _Item(key, rows, receipt)
+        with self._cond:
+            if key in self._committed:
+                return self._committed[key]
+            self._pending.append(item)
+            while not item.done.is_set():
+                if self._leader:
+                    self._cond.wait(1.0)
+                    continue
+                self._leader = True
+                self._cond.release()
+                try:
+                    if self.settings.batch_wait_s:
+                        time.sleep(self.settings.batch_wait_s)
+                    with self._cond:
+                        batch = self._pending[: self.settings.batch_max_segments]
+                        del self._pending[: len(batch)]
+                    self._commit_batch(batch)
+                finally:
+                    self._cond.acquire()
+                    self._leader = False
+                    self._cond.notify_all()
+        if item.error is not None:
+            raise item.error
+        return item.samples
+
+    def _commit_batch(self, batch: list[_Item]) -> None:
+        try:
+            self._append(batch)
+        except BaseException as exc:
+            for item in batch:
+                if not item.done.is_set():
+                    item.error = exc if isinstance(exc, UnavailableError) else UnavailableError(
+                        f"fleet store commit failed: {exc}")  # fmt: skip
+                    item.done.set()
+            if not isinstance(exc, Exception):
+                raise
+
+    def _append(self, batch: list[_Item]) -> None:
+        unique: dict[str, _Item] = {}
+        for item in batch:
+            unique.setdefault(item.key, item)
+        while True:
+            fresh = [i for k, i in unique.items() if k not in self._committed]
+            if fresh:
+                try:
+                    self._commit(fresh)
+                except _Duplicates as exc:
+                    self.counters["conflicts"] += 1
+                    self.counters["duplicates"] += len(exc.keys)
+                    self._samples = self._samples.refresh()
+                    self._index(self._samples)
+                    continue
+            break
+        for item in batch:
+            item.samples = self._committed.get(item.key, unique[item.key].rows.num_rows)
+            item.done.set()
+
+    def _commit(self, items: list[_Item]) -> None:
+        batch_id = uuid.uuid4().hex
+        receipts = [i.receipt for i in items]
+        props = {SEGMENTS_KEY: json.dumps(receipts, separators=(",", ":")), BATCH_KEY: batch_id}
+        tables = [i.rows for i in items if i.rows.num_rows]
+        table = self._samples
+        files = []
+        if tables:
+            data = pa.concat_tables(tables).sort_by(
+                [("fleet", "ascending"), ("date", "ascending"), ("device_id", "ascending"),
+                 ("signal", "ascending"), ("t_ns", "ascending")]
+            )  # fmt: skip
+            data = data.cast(table.schema().as_arrow())
+            files = list(_dataframe_to_data_files(table.metadata, data, table.io))
+        tx = table.transaction()
+        producer = _KeyedAppend(
+            operation=Operation.APPEND, transaction=tx, io=table.io, snapshot_properties=props
+        )
+        producer.keys = frozenset(i.key for i in items)
+        for data_file in files:
+            producer.append_data_file(data_file)
+        try:
+            producer.commit()
+            self._samples = tx.commit_transaction()
+        except _Duplicates:
+            for data_file in files:
+                table.io.delete(data_file.file_path)
+            raise
+        self._index(self._samples)
+        self.counters["batches"] += 1
+        self.counters["segments"] += len(items)
+        self._captures = append_captures(self._captures, receipts, batch_id)
+
+
+def captures_rows(
+    receipts: list[list[Any]], *, segments: list[int] | None = None, last_received: list[float] | None = None
+) -> pa.Table:
+    """The captures table's rows for a batch's receipts (one per segment; a migrated capture's row
+    stands for ``segments`` segments received until ``last_received``)."""
+    cols = {name: [r[i] for r in receipts] for i, name in enumerate(RECEIPT_FIELDS)}
+    schema = CAPTURES_SCHEMA.as_arrow()
+    return pa.Table.from_pydict(
+        {
+            "capture_id": cols["capture_id"], "device_id": cols["device_id"], "campaign": cols["campaign"],
+            "segment_id": cols["segment_id"], "first_ns": cols["first_ns"], "last_ns": cols["last_ns"],
+            "samples": cols["samples"], "segments": segments or [1] * len(receipts),
+            "first_received": cols["received"], "last_received": last_received or cols["received"],
+            "fleet": cols["fleet"],
+            "date": pa.array(cols["date"], pa.string()).cast(pa.date32()),
+        },
+        schema=schema,
+    )  # fmt: skip
+
+
+def append_captures(table: Table, receipts: list[list[Any]], batch_id: str) -> Table:
+    """Append a batch's capture rows (its samples commit happened first; the maintenance pass adds
+    those of a batch whose captures append never happened)."""
+    if receipts:
+        table.append(captures_rows(receipts), snapshot_properties={BATCH_KEY: batch_id})
+    return table
