@@ -44,12 +44,34 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
                            metavar=key.path.rsplit(".", 1)[-1].upper())  # fmt: skip
     s.set_defaults(func=cmd_cloud_serve)
 
+    m = groups["cloud"].add_parser(
+        "migrate", help="copy a data directory's Parquet fleet store into Iceberg tables",
+        description="Copies samples/fleet=*/date=* (compacted files included) and the captures into the "
+        "Iceberg tables that serve --table-format iceberg uses, in the same database and storage; safe to "
+        "run again. Then serve with fleet_store.format: iceberg.",
+    )  # fmt: skip
+    m.add_argument("--config", help="the coordinator's configuration file (data_dir, database, storage)")
+    m.add_argument("--dir", dest="data_dir", help="data directory [data_dir]")
+    m.add_argument("--db", dest="database", help="postgresql://... metadata database [database]")
+    m.set_defaults(func=cmd_cloud_migrate)
+
 
 def given_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The configuration keys the command line set (key path → value)."""
     from fleetloop_cloud.config import KEYS
 
     return {k.path: getattr(args, k.path) for k in KEYS if k.flag and getattr(args, k.path) is not None}
+
+
+def cmd_cloud_migrate(args: argparse.Namespace) -> int:
+    from fleetloop_cloud.config import load_cloud_config
+    from fleetloop_cloud.server import migrate
+
+    flags = {k: v for k, v in (("data_dir", args.data_dir), ("database", args.database)) if v is not None}
+    config = load_cloud_config(Path(args.config) if args.config else None, flags)
+    report = migrate(config["data_dir"], db=config["database"], storage=config.storage)
+    print(json.dumps({"data_dir": str(config["data_dir"]), **report.__dict__}), flush=True)
+    return 0
 
 
 def cmd_cloud_serve(args: argparse.Namespace) -> int:

@@ -26,7 +26,11 @@ from types import FrameType
 
 from fleetloop_cloud.fleet_store.compaction import CompactionPolicy, Compactor
 from fleetloop_cloud.fleet_store.iceberg import IcebergFleetStore, IcebergTables, catalog_uri, io_properties
-from fleetloop_cloud.fleet_store.iceberg_maintenance import IcebergMaintenance
+from fleetloop_cloud.fleet_store.iceberg_maintenance import (
+    IcebergMaintenance,
+    MigrationReport,
+    migrate_parquet,
+)
 from fleetloop_cloud.fleet_store.parquet import FleetStore
 from fleetloop_cloud.fleet_store.query import QueryEngine
 from fleetloop_cloud.fleet_store.settings import TableSettings
@@ -93,6 +97,13 @@ class _Periodic:
             self._thread.join(timeout=5)
 
 
+def open_tables(data_dir: Path, db: str | None, storage: S3Settings | None) -> IcebergTables:
+    """The Iceberg tables: catalog in the coordinator's database, files in its object store (the bucket,
+    or ``data_dir/tables``)."""
+    warehouse = open_object_store(storage, data_dir / "tables", area="fleet").location
+    return IcebergTables(catalog_uri(db, data_dir / "metadata.sqlite"), warehouse, io_properties(storage))
+
+
 class Coordinator:
     """One coordinator's parts, built from ``data_dir`` (and ``db``: a ``postgresql://`` URL shared by
     several coordinators; default SQLite in ``data_dir``). ``clock`` is what every service's ``now``
@@ -121,10 +132,7 @@ class Coordinator:
         self.compactor: Compactor | IcebergMaintenance
         self.tables: IcebergTables | None = None
         if tables.format == "iceberg":
-            # Tables in the database's catalog, files in the object store (a folder or a bucket).
-            warehouse = open_object_store(storage, data_dir / "fleet", area="fleet").location
-            self.tables = IcebergTables(catalog_uri(db, data_dir / "metadata.sqlite"), warehouse,
-                                        io_properties(storage))  # fmt: skip
+            self.tables = open_tables(data_dir, db, storage)
             self.fleet_store = IcebergFleetStore(self.tables, tables)
             self.query_engine = QueryEngine(data_dir / "fleet", limits=limits.query, tables=self.tables)
             self.compactor = IcebergMaintenance(self.tables, repos.segments, tables)
@@ -233,6 +241,26 @@ class Coordinator:
         if self.tables is not None:
             self.tables.close()
         self.repositories.close()
+
+
+def migrate(data_dir: Path, *, db: str | None = None, storage: S3Settings | None = None) -> MigrationReport:
+    """``fleetloop cloud migrate``: copy the Parquet fleet store of ``data_dir`` (and the ledger's
+    captures) into the Iceberg tables a coordinator with ``fleet_store.format: iceberg`` (and the same
+    ``db`` and ``storage``) uses. Safe to run again: partitions already copied are skipped. The Parquet
+    folder is left as it was (delete it once the tables are checked)."""
+    samples = data_dir / "fleet" / "samples"
+    if not samples.is_dir():
+        raise ConfigError(f"{data_dir} holds no Parquet fleet store ({samples} is missing)")
+    repos = open_repositories(db if db else data_dir / "metadata.sqlite")
+    try:
+        tables = open_tables(data_dir, db, storage)
+        try:
+            fleets = {d.device_id: d.fleet for d in repos.devices.all()}
+            return migrate_parquet(samples, tables, repos.segments.captures(), fleets, now=time.time())
+        finally:
+            tables.close()
+    finally:
+        repos.close()
 
 
 def raise_open_files_limit() -> int:
