@@ -172,22 +172,22 @@ def _sizes_by(names: tuple[str, ...], what: str) -> Parser:
     return parse
 
 
-def _public_url(value: Any, base: Path) -> str:
-    url = _text(value, base).rstrip("/")
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise Invalid(f"must be an http(s) URL with a host and no query, like https://fleet.example:8080, "
-                      f"got {value!r}")  # fmt: skip
-    return url
+def _http_url(what: str, example: str, *, path: bool) -> Parser:
+    """An http(s) URL with a host, no query (and no path unless ``path``), without a trailing '/'."""
+
+    def parse(value: Any, base: Path) -> str:
+        url = _text(value, base).rstrip("/")
+        parts = urllib.parse.urlsplit(url)
+        if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment
+                or (parts.path and not path)):  # fmt: skip
+            raise Invalid(f"must be an http(s) URL {what}, like {example}, got {value!r}")
+        return url
+
+    return parse
 
 
-def _endpoint(value: Any, base: Path) -> str:
-    url = _text(value, base).rstrip("/")
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query:
-        raise Invalid(f"must be an http(s) URL of the S3 service like https://s3.example.com:9000, "
-                      f"got {value!r}")  # fmt: skip
-    return url
+_public_url = _http_url("with a host and no query", "https://fleet.example:8080", path=True)
+_endpoint = _http_url("of the S3 service", "https://s3.example.com:9000", path=False)
 
 
 def _object_prefix(value: Any, base: Path) -> str:
