@@ -129,6 +129,7 @@ def s3(s3_server: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     yield s3_server
     s3_server.faults.clear()
     s3_server.front.ensure_started()
+    s3_server.front.hang_up()  # no handler thread outlives the test (later tests count threads)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
