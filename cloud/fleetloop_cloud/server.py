@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from fleetloop_cloud.fleet_store.captures import CaptureReader
 from fleetloop_cloud.fleet_store.compaction import Compactor
 from fleetloop_cloud.fleet_store.parquet import FleetStore
 from fleetloop_cloud.fleet_store.query import QueryEngine
@@ -39,6 +40,7 @@ from fleetloop_cloud.rollout.jobs import OtaJobs
 from fleetloop_cloud.services.access import Access, Caller, Refusals
 from fleetloop_cloud.services.audit import AuditService
 from fleetloop_cloud.services.campaigns import CampaignService
+from fleetloop_cloud.services.captures import CaptureService
 from fleetloop_cloud.services.devices import LEASE_BEAT_S, DeviceService
 from fleetloop_cloud.services.ingest import (
     MAX_CHUNKED_UPLOAD_BYTES,
@@ -137,6 +139,8 @@ class Coordinator:
         self.releases = ReleaseService(repos.releases, repos.devices, self.artifacts, self.tuf, access)
         self.rollouts = RolloutService(self.controller, repos.rollouts, access)
         self.queries = QueryService(self.query_engine, repos.segments, repos.campaigns, self.devices, access)
+        self.captures = CaptureService(repos.segments, repos.devices, repos.campaigns,
+                                       CaptureReader(self.query_engine), access)  # fmt: skip
         self.tokens = TokenService(repos.tokens, access)
         self.audit = AuditService(access)
         self.devices.beat(clock())

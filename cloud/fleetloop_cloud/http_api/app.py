@@ -242,6 +242,10 @@ class _Operations:
                 )
             async with self.gate:
                 reply = await asyncio.get_running_loop().run_in_executor(self.executor, route.handler, call)
+            if isinstance(reply.body, bytes):
+                disposition = {"Content-Disposition": f'attachment; filename="{reply.filename}"'}
+                return web.Response(body=reply.body, status=reply.status, content_type=reply.media_type,
+                                    headers=disposition if reply.filename else None)  # fmt: skip
             return web.json_response(reply.body, status=reply.status, dumps=_dumps)
 
         return handle
