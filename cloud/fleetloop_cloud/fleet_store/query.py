@@ -330,9 +330,12 @@ class QueryEngine:
         limit_s = check_timeout(timeout_s)
 
         def work(conn: duckdb.DuckDBPyConnection) -> pa.Table:
-            cursor = conn.execute(sql, list(params))
-            to_arrow = getattr(cursor, "to_arrow_table", None) or getattr(cursor, "fetch_arrow_table")  # noqa: B009
-            table: pa.Table = to_arrow()
+            relation = conn.sql(sql, params=list(params))
+            if relation is None:
+                return pa.table({})
+            fetch = getattr(relation, "to_arrow_table", None) or relation.arrow  # DuckDB 2 / 1.x
+            result = fetch()
+            table: pa.Table = result.read_all() if isinstance(result, pa.RecordBatchReader) else result
             return table
 
         return self._run(limit_s, f"reading the fleet store took longer than {limit_s:g} s", work)
