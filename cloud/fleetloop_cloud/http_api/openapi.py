@@ -1,6 +1,7 @@
 """The OpenAPI 3.1 document of the REST API, built from the route table so it cannot drift from it.
 
-Each operator route carries its role (``x-fleetloop-role``, and in its description), the bearer
+Each operator route carries its role (``x-fleetloop-role``, and in its description) and its action
+(``x-fleetloop-action``: the console offers a button where the caller's actions include it), the bearer
 security scheme, its request body and limit, and its response schema; every operation documents its
 errors as the one JSON error body. ``tests/cloud/test_openapi.py`` runs schemathesis against a live
 coordinator with this document: no 5xx, and every response matches it.
@@ -261,6 +262,7 @@ def _operation(route: Any) -> S:
         },
         "security": [{"bearer": []}],
         "x-fleetloop-role": role,
+        "x-fleetloop-action": route.action,
     }  # fmt: skip
     if route.max_body:
         schema = REQUESTS.get(route.name, {"type": "string"} if route.body_type == "text/yaml"
