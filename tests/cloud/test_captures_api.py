@@ -103,15 +103,16 @@ def test_state_bands_are_the_runs_of_one_value(
     t, v = cruise.t_ns[order], cruise.values[order]
     changes = [0, *(np.nonzero(v[1:] != v[:-1])[0] + 1).tolist()]
     mid = int(t[len(t) // 2])
-    series = get(running_coordinator, f"/v1/captures/{capture_id}/series",
-                 signals="Vehicle.ADAS.CruiseControl.IsActive", from_ns=int(t[0]), to_ns=int(t[-1]))  # fmt: skip
+    signal = "Vehicle.ADAS.CruiseControl.IsActive"
+    series = get(running_coordinator, f"/v1/captures/{capture_id}/series", signals=signal, from_ns=int(t[0]),
+                 to_ns=int(t[-1]))  # fmt: skip
     bands = series["bands"][0]["bands"]
     assert [b["from_ns"] for b in bands] == [int(t[i]) for i in changes]
     assert [b["value"] for b in bands] == [str(int(v[i])) for i in changes]
     assert bands[-1]["to_ns"] == int(t[-1])
     # a window starting mid-run starts with the value holding then
-    later = get(running_coordinator, f"/v1/captures/{capture_id}/series",
-                signals="Vehicle.ADAS.CruiseControl.IsActive", from_ns=mid, to_ns=int(t[-1]))["bands"][0]["bands"]
+    later = get(running_coordinator, f"/v1/captures/{capture_id}/series", signals=signal, from_ns=mid,
+                to_ns=int(t[-1]))["bands"][0]["bands"]  # fmt: skip
     holding = int(v[np.searchsorted(t, mid, side="right") - 1])
     assert later[0]["from_ns"] == mid and later[0]["value"] == str(holding)
 
@@ -174,7 +175,9 @@ def test_parquet_and_csv_exports_hold_the_rows_of_samples(
     assert csv.column("value").to_pylist() == [r[5] for r in sql.rows]
 
 
-def test_bad_requests_are_named(running_coordinator: RunningCoordinator, drive: tuple[str, list[Signal]]) -> None:
+def test_bad_requests_are_named(
+    running_coordinator: RunningCoordinator, drive: tuple[str, list[Signal]]
+) -> None:
     capture_id, _ = drive
     status, _, body = running_coordinator.call("GET", f"/v1/captures/{capture_id}/export?format=xls")
     assert status == 400 and b"unknown export format 'xls'" in body

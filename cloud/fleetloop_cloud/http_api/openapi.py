@@ -43,6 +43,9 @@ DEVICE = _obj(
     firmware_version=STR, firmware_sha256=STR, active_slot=STR, campaigns_version=INT,
     campaigns_running=_arr(STR), campaigns_refused=STR_MAP, captures_total=INT, last_seen=NUM,
     registered_at=NUM, online=BOOL,
+    telemetry={"type": ["object", "null"], "properties": {
+        "reported_at": NUM, "segments_pending": INT, "bytes_pending": INT, "store_bytes": INT,
+        "store_quota_bytes": INT, "clock_offset_ms": NUM, "network": STR}},
 )  # fmt: skip
 PHASE = _obj(["name", "devices"], name=STR, devices=INT, committed=INT, failed=INT)
 ROLLOUT_DEVICE = _obj(["device_id", "state"], device_id=STR, phase=INT, state=STR, reason=STR)
