@@ -20,6 +20,8 @@ export function timelinePage(main, { id, device }) {
   const q = device ? `?device=${encodeURIComponent(device)}` : "";
   const base = `/v1/captures/${encodeURIComponent(id)}`;
   const started = performance.now();
+  delete main.dataset.drawnMs; // what the previous timeline drew is not this one's
+  delete main.dataset.window;
 
   const plotsBox = h("div", { class: "plots", id: "plots" });
   const trajBox = h("div", { class: "trajectory" });
@@ -42,12 +44,9 @@ export function timelinePage(main, { id, device }) {
     ctx.fillRect(pre0, top, px(t) - pre0, height);
     ctx.fillStyle = "rgba(234, 88, 12, 0.08)";
     ctx.fillRect(px(t), top, px(t + d.post_ns / 1e9) - px(t), height);
-    ctx.strokeStyle = "#dc2626";
-    ctx.lineWidth = 2 * devicePixelRatio;
-    ctx.beginPath();
-    ctx.moveTo(px(t), top);
-    ctx.lineTo(px(t), top + height);
-    ctx.stroke();
+    ctx.fillStyle = "#dc2626"; // the trigger instant: a crisp line of whole device pixels
+    const w = Math.max(2, Math.round(2 * devicePixelRatio));
+    ctx.fillRect(Math.round(px(t)) - w / 2, top, w, height);
     ctx.restore();
   }
 
@@ -63,6 +62,8 @@ export function timelinePage(main, { id, device }) {
       width,
       height,
       legend: { show: true, live: true },
+      // the same plot area on every plot (no auto padding), so one x is one column across the stack
+      padding: [8, 24, 0, 0],
       scales: { x: { time: false, auto: false } },
       axes: [{ size: 28, values: (u, ticks) => ticks.map((t) => `${t} s`) }, { size: 64 }],
       cursor: {
@@ -162,7 +163,11 @@ export function timelinePage(main, { id, device }) {
 
   async function fetchSeries(signals, lo, hi) {
     const columns = Math.min(4000, Math.max(100, Math.round((plotsBox.clientWidth || 1000) * (window.devicePixelRatio || 1))));
-    const params = new URLSearchParams({ signals: signals.join(","), from_ns: String(ns(lo)), to_ns: String(ns(hi)), columns: String(columns) });
+    const params = new URLSearchParams({ signals: signals.join(","), columns: String(columns) });
+    // the whole capture: let the coordinator take its exact bounds (a browser's numbers cannot hold
+    // nanoseconds since 1970 exactly, and the first or last sample would fall outside)
+    if (lo > state.full[0]) params.set("from_ns", String(ns(lo)));
+    if (hi < state.full[1]) params.set("to_ns", String(ns(hi)));
     if (device) params.set("device", device);
     return get(`${base}/series?${params}`);
   }
@@ -327,6 +332,8 @@ export function timelinePage(main, { id, device }) {
     dispose() {
       window.removeEventListener("resize", onResize);
       for (const p of state.plots) p.destroy();
+      delete main.dataset.drawnMs;
+      delete main.dataset.window;
       if (window.fleetloopTimeline === expose) delete window.fleetloopTimeline;
     },
   };
