@@ -51,7 +51,7 @@ class SignalStats:
     numbers: int
     integers: int
     texts: int
-    #: Distinct exact values (integers or texts), counted up to :data:`ENUM_LIMIT` + 1.
+    #: Distinct exact values (integers and texts).
     distinct: int
 
 
@@ -98,8 +98,7 @@ class CaptureReader:
         """Every signal of the capture, by name (an empty list: no rows stored yet)."""
         table = self._engine.read(
             f"""SELECT signal, count(*), min(t_ns), max(t_ns), count(value), count(value_int),
-                       count(value_str),
-                       count(DISTINCT coalesce(value_str, CAST(value_int AS VARCHAR)))
+                       count(value_str), count(DISTINCT value_int) + count(DISTINCT value_str)
                 FROM samples WHERE {_OF_CAPTURE} GROUP BY signal ORDER BY signal""",
             [device_id, capture_id],
         )
@@ -110,71 +109,36 @@ class CaptureReader:
     ) -> list[Envelope]:
         """The numeric ``signals`` between ``from_ns`` and ``to_ns`` (inclusive), reduced to ``columns``
         plot columns."""
-        _check_window(signals, from_ns, to_ns, columns)
-        if not signals:
-            return []
-        marks = ", ".join("?" for _ in signals)
-        table = self._engine.read(
-            f"""SELECT signal, count(*) AS n, min(value), max(value),
-                       arg_min(t_ns, value), arg_max(t_ns, value)
-                FROM (SELECT signal, t_ns, value,
-                             CAST(floor((t_ns - ?) * ? / (? - ? + 1.0)) AS BIGINT) AS col
-                      FROM samples
-                      WHERE {_OF_CAPTURE} AND signal IN ({marks}) AND t_ns BETWEEN ? AND ?
-                            AND value IS NOT NULL AND isfinite(value))
-                GROUP BY signal, col ORDER BY signal, col""",
-            [from_ns, float(columns), to_ns, from_ns, device_id, capture_id, *signals, from_ns, to_ns],
-        )
-        out: dict[str, Envelope] = {s: Envelope(s, [], [], 0, False) for s in signals}
-        for signal, n, low, high, t_low, t_high in _rows(table):
-            env = out[signal]
-            points = sorted({(int(t_low), float(low)), (int(t_high), float(high))})
-            env.t_ns.extend(p[0] for p in points)
-            env.values.extend(p[1] for p in points)
-            out[signal] = Envelope(signal, env.t_ns, env.values, env.samples + int(n),
-                                   env.reduced or int(n) > len(points))  # fmt: skip
-        return [out[s] for s in signals]
+        return self.series(device_id, capture_id, signals, [], from_ns, to_ns, columns)[0]
 
     def bands(
         self, device_id: str, capture_id: str, signals: Sequence[str], from_ns: int, to_ns: int
     ) -> list[Bands]:
         """The enumeration ``signals`` between ``from_ns`` and ``to_ns`` as runs of one value; the value
         holding at ``from_ns`` (set before the window) starts the first band."""
-        _check_window(signals, from_ns, to_ns, 1)
-        if not signals:
-            return []
-        marks = ", ".join("?" for _ in signals)
-        table = self._engine.read(
-            f"""SELECT signal, t_ns, v FROM (
-                    SELECT signal, t_ns, v, row_number() OVER (PARTITION BY signal ORDER BY t_ns) AS k
-                    FROM (SELECT signal, t_ns, v,
-                                 lag(v) OVER (PARTITION BY signal ORDER BY t_ns) AS before,
-                                 lead(t_ns) OVER (PARTITION BY signal ORDER BY t_ns) AS next_t
-                          FROM (SELECT signal, t_ns,
-                                       coalesce(value_str, CAST(value_int AS VARCHAR),
-                                                CAST(value AS VARCHAR)) AS v
-                                FROM samples WHERE {_OF_CAPTURE} AND signal IN ({marks})
-                                      AND t_ns <= ?))
-                    WHERE (before IS DISTINCT FROM v AND t_ns >= ?)
-                          OR (t_ns < ? AND (next_t IS NULL OR next_t >= ?)))
-                WHERE k <= ? ORDER BY signal, t_ns""",
-            [device_id, capture_id, *signals, to_ns, from_ns, from_ns, from_ns, MAX_BANDS + 1],
-        )
-        changes: dict[str, list[tuple[int, str]]] = {s: [] for s in signals}
-        for signal, t, value in _rows(table):
-            changes[signal].append((max(int(t), from_ns), "" if value is None else str(value)))
-        out = []
-        for signal in signals:
-            runs = changes[signal]
-            truncated = len(runs) > MAX_BANDS
-            bands = [
-                Band(t, runs[i + 1][0] if i + 1 < len(runs) else to_ns, value)
-                for i, (t, value) in enumerate(runs[:MAX_BANDS])
-            ]
-            if truncated:
-                bands[-1] = Band(bands[-1].from_ns, to_ns, "…")
-            out.append(Bands(signal, bands, truncated))
-        return out
+        return self.series(device_id, capture_id, [], signals, from_ns, to_ns, 1)[1]
+
+    def series(
+        self,
+        device_id: str,
+        capture_id: str,
+        lines: Sequence[str],
+        states: Sequence[str],
+        from_ns: int,
+        to_ns: int,
+        columns: int,
+    ) -> tuple[list[Envelope], list[Bands]]:
+        """:meth:`envelope` of ``lines`` and :meth:`bands` of ``states``, read on one connection."""
+        _check_window([*lines, *states], from_ns, to_ns, columns)
+        statements = []
+        if lines:
+            statements.append(_envelope_sql(device_id, capture_id, lines, from_ns, to_ns, columns))
+        if states:
+            statements.append(_bands_sql(device_id, capture_id, states, from_ns, to_ns))
+        tables = self._engine.read_many(statements) if statements else []
+        envelopes = _envelopes(lines, tables.pop(0)) if lines else []
+        bands = _bands(states, tables.pop(0), from_ns, to_ns) if states else []
+        return envelopes, bands
 
     def rows(self, device_id: str, capture_id: str) -> pa.Table:
         """Every row of the capture as ``samples`` has it, in time order (then by signal). UserError past
@@ -205,3 +169,71 @@ def _check_window(signals: Sequence[str], from_ns: int, to_ns: int, columns: int
 def _rows(table: pa.Table) -> list[tuple[Any, ...]]:
     columns = [c.to_pylist() for c in table.columns]
     return list(zip(*columns, strict=True)) if columns else []
+
+
+def _envelope_sql(
+    device_id: str, capture_id: str, signals: Sequence[str], from_ns: int, to_ns: int, columns: int
+) -> tuple[str, list[object]]:
+    marks = ", ".join("?" for _ in signals)
+    return (
+        f"""SELECT signal, count(*) AS n, min(value), max(value), arg_min(t_ns, value), arg_max(t_ns, value)
+            FROM (SELECT signal, t_ns, value,
+                         CAST(floor((t_ns - ?) * ? / (? - ? + 1.0)) AS BIGINT) AS col
+                  FROM samples
+                  WHERE {_OF_CAPTURE} AND signal IN ({marks}) AND t_ns BETWEEN ? AND ?
+                        AND value IS NOT NULL AND isfinite(value))
+            GROUP BY signal, col ORDER BY signal, col""",
+        [from_ns, float(columns), to_ns, from_ns, device_id, capture_id, *signals, from_ns, to_ns],
+    )
+
+
+def _envelopes(signals: Sequence[str], table: pa.Table) -> list[Envelope]:
+    out: dict[str, Envelope] = {s: Envelope(s, [], [], 0, False) for s in signals}
+    for signal, n, low, high, t_low, t_high in _rows(table):
+        env = out[signal]
+        points = sorted({(int(t_low), float(low)), (int(t_high), float(high))})
+        env.t_ns.extend(p[0] for p in points)
+        env.values.extend(p[1] for p in points)
+        out[signal] = Envelope(signal, env.t_ns, env.values, env.samples + int(n),
+                               env.reduced or int(n) > len(points))  # fmt: skip
+    return [out[s] for s in signals]
+
+
+def _bands_sql(
+    device_id: str, capture_id: str, signals: Sequence[str], from_ns: int, to_ns: int
+) -> tuple[str, list[object]]:
+    # Every change of value inside the window, and the last sample before it (the value holding
+    # when the window starts), at most MAX_BANDS + 1 per signal.
+    marks = ", ".join("?" for _ in signals)
+    return (
+        f"""SELECT signal, t_ns, v FROM (
+                SELECT signal, t_ns, v, row_number() OVER (PARTITION BY signal ORDER BY t_ns) AS k
+                FROM (SELECT signal, t_ns, v,
+                             lag(v) OVER (PARTITION BY signal ORDER BY t_ns) AS before,
+                             lead(t_ns) OVER (PARTITION BY signal ORDER BY t_ns) AS next_t
+                      FROM (SELECT signal, t_ns, coalesce(value_str, CAST(value_int AS VARCHAR),
+                                                          CAST(value AS VARCHAR)) AS v
+                            FROM samples WHERE {_OF_CAPTURE} AND signal IN ({marks}) AND t_ns <= ?))
+                WHERE (before IS DISTINCT FROM v AND t_ns >= ?)
+                      OR (t_ns < ? AND (next_t IS NULL OR next_t >= ?)))
+            WHERE k <= ? ORDER BY signal, t_ns""",
+        [device_id, capture_id, *signals, to_ns, from_ns, from_ns, from_ns, MAX_BANDS + 1],
+    )
+
+
+def _bands(signals: Sequence[str], table: pa.Table, from_ns: int, to_ns: int) -> list[Bands]:
+    changes: dict[str, list[tuple[int, str]]] = {s: [] for s in signals}
+    for signal, t, value in _rows(table):  # the value holding before the window starts with it
+        changes[signal].append((max(int(t), from_ns), "" if value is None else str(value)))
+    out = []
+    for signal in signals:
+        runs = changes[signal]
+        truncated = len(runs) > MAX_BANDS
+        bands = [
+            Band(t, runs[i + 1][0] if i + 1 < len(runs) else to_ns, value)
+            for i, (t, value) in enumerate(runs[:MAX_BANDS])
+        ]
+        if truncated:
+            bands[-1] = Band(bands[-1].from_ns, to_ns, "…")
+        out.append(Bands(signal, bands, truncated))
+    return out

@@ -327,16 +327,24 @@ class QueryEngine:
         """Run one of this package's own statements (``sql`` is ours, never a user's; values come as
         bound ``params``) on the same locked-down connection, as an Arrow table. What the console's
         timeline and the capture exports read; QueryTimeoutError past ``timeout_s``."""
+        return self.read_many([(sql, params)], timeout_s=timeout_s)[0]
+
+    def read_many(
+        self, statements: Sequence[tuple[str, Sequence[object]]], *, timeout_s: float = QUERY_TIMEOUT_S
+    ) -> list[pa.Table]:
+        """:meth:`read` for several statements on one connection (opening one costs tens of ms)."""
         limit_s = check_timeout(timeout_s)
 
-        def work(conn: duckdb.DuckDBPyConnection) -> pa.Table:
-            relation = conn.sql(sql, params=list(params))
-            if relation is None:
-                return pa.table({})
-            fetch = getattr(relation, "to_arrow_table", None) or relation.arrow  # DuckDB 2 / 1.x
-            result = fetch()
-            table: pa.Table = result.read_all() if isinstance(result, pa.RecordBatchReader) else result
-            return table
+        def work(conn: duckdb.DuckDBPyConnection) -> list[pa.Table]:
+            out = []
+            for sql, params in statements:
+                relation = conn.sql(sql, params=list(params))
+                if relation is None:
+                    out.append(pa.table({}))
+                    continue
+                fetch = getattr(relation, "to_arrow_table", None) or relation.arrow  # DuckDB 2 / 1.x
+                result = fetch()
+                out.append(result.read_all() if isinstance(result, pa.RecordBatchReader) else result)
+            return out
 
         return self._run(limit_s, f"reading the fleet store took longer than {limit_s:g} s", work)
-

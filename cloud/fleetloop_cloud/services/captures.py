@@ -10,6 +10,8 @@ applied, else what the data spans around the trigger. A capture whose last segme
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +25,8 @@ from fleetloop_shared.rules import parse_campaign
 
 #: A capture whose newest segment is younger than this may still be arriving.
 ARRIVING_S = 15.0
+#: Captures whose signal statistics are kept (the ones opened last).
+STATS_CACHED = 64
 #: Captures one list returns at most (the newest).
 MAX_LIST = 10_000
 _FIRE_TIME = re.compile(r"-(\d{1,19})$")
@@ -114,6 +118,30 @@ def trigger_time(capture: CaptureRecord) -> int | None:
     return t if t < 2**63 else None
 
 
+class StatsCache:
+    """The signals of the captures opened last: a timeline asks for a capture's series again with every
+    zoom, and its signals only change when a segment of it arrives (its segment count changes then).
+    Bounded: the :data:`STATS_CACHED` captures used last (least recently used dropped)."""
+
+    def __init__(self, reader: CaptureReader) -> None:
+        self._reader = reader
+        self._lock = threading.Lock()
+        self._cached: OrderedDict[tuple[str, str, int, int], list[SignalStats]] = OrderedDict()
+
+    def of(self, capture: CaptureRecord) -> list[SignalStats]:
+        key = (capture.device_id, capture.capture_id, capture.segments, capture.samples)
+        with self._lock:
+            if key in self._cached:
+                self._cached.move_to_end(key)
+                return self._cached[key]
+        stats = self._reader.signals(capture.device_id, capture.capture_id)
+        with self._lock:
+            self._cached[key] = stats
+            while len(self._cached) > STATS_CACHED:
+                self._cached.popitem(last=False)
+        return stats
+
+
 class CaptureService:
     def __init__(
         self,
@@ -128,6 +156,7 @@ class CaptureService:
         self._campaigns = campaigns
         self._reader = reader
         self._access = access
+        self._stats = StatsCache(reader)
 
     def list(
         self,
@@ -163,7 +192,7 @@ class CaptureService:
     def detail(self, caller: Caller, capture_id: str, device: str | None, now: float) -> CaptureDetail:
         self._access.operator(caller, "captures.get")
         capture = self._find(capture_id, device)
-        stats = self._reader.signals(capture.device_id, capture.capture_id)
+        stats = self._stats.of(capture)
         units = self._units(capture.device_id)
         signals = tuple(
             SignalInfo(s.signal, signal_kind(s), s.samples, s.first_ns, s.last_ns, units.get(s.signal, ""))
@@ -209,7 +238,7 @@ class CaptureService:
         plot columns, enumerations as bands. UserError naming a signal the capture does not hold."""
         self._access.operator(caller, "captures.get")
         capture = self._find(capture_id, device)
-        stats = {s.signal: s for s in self._reader.signals(capture.device_id, capture.capture_id)}
+        stats = {s.signal: s for s in self._stats.of(capture)}
         unknown = [s for s in signals if s not in stats]
         if unknown:
             raise UserError(f"capture {capture_id!r} holds no signal {unknown[0]!r}")
@@ -217,9 +246,8 @@ class CaptureService:
         end = capture.last_ns if to_ns is None else to_ns
         numeric = [s for s in signals if signal_kind(stats[s]) == "number"]
         states = [s for s in signals if signal_kind(stats[s]) != "number"]
-        d, c = capture.device_id, capture.capture_id
-        lines = self._reader.envelope(d, c, numeric, start, end, columns)
-        bands = self._reader.bands(d, c, states, start, end)
+        lines, bands = self._reader.series(capture.device_id, capture.capture_id, numeric, states, start, end,
+                                           columns)  # fmt: skip
         return Series(start, end, columns, tuple(lines), tuple(bands))
 
     def export(self, caller: Caller, capture_id: str, device: str | None, fmt_name: str) -> CaptureFile:

@@ -176,12 +176,18 @@ export function timelinePage(main, { id, device }) {
     const [lo, hi] = state.window;
     status.textContent = "loading…";
     try {
+      const asked = performance.now();
       const series = await fetchSeries(state.selected, lo, hi);
+      const received = performance.now();
       build(series);
       const from = state.detail.trigger_ns !== null ? "the trigger" : "the first sample";
       status.textContent = `window ${lo.toFixed(3)} s … ${hi.toFixed(3)} s from ${from}`;
       if (!expose.timing) {
-        expose.timing = { ms: performance.now() - started, points: series.lines.reduce((n, l) => n + l.t_ns.length, 0) };
+        const now = performance.now();
+        expose.timing = {
+          ms: now - started, detailMs: state.detailMs, seriesMs: received - asked, drawMs: now - received,
+          points: series.lines.reduce((n, l) => n + l.t_ns.length, 0),
+        };
         main.dataset.drawnMs = String(Math.round(expose.timing.ms));
       }
       main.dataset.window = `${lo},${hi}`;
@@ -282,6 +288,7 @@ export function timelinePage(main, { id, device }) {
   async function load() {
     try {
       const d = await get(`${base}${q}`);
+      state.detailMs = performance.now() - started;
       state.detail = d;
       state.origin = d.trigger_ns !== null ? Number(d.trigger_ns) : Number(d.first_ns);
       state.full = [x(d.first_ns), x(d.last_ns)];
