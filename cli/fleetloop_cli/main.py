@@ -290,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="recordings directory (default: $FLEETLOOP_DATA or ../shared/data/real)")
     s.add_argument("--simulated", action="store_true", help="use firmware-sim's generated signals")
     s.add_argument("--workdir", help="keep the demo's files here (default: a temporary directory)")
+    s.add_argument("--serve", action="store_true",
+                   help="after the summary, keep the coordinator and devices running and print the "
+                        "console's URL and a viewer token; Ctrl-C stops them")  # fmt: skip
     s.add_argument(
         "--inject",
         choices=["bad-health", "corrupt-artifact"],
