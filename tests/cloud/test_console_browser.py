@@ -363,8 +363,8 @@ def test_a_million_samples_draw_from_a_bounded_number_of_points(page: Page, cons
     assert sum(p["samples"] for p in plots) == LARGE_SAMPLES
     assert all(p["points"] <= 2 * width for p in plots), (width, [p["points"] for p in plots])
     timing = page.evaluate("window.fleetloopTimeline.timing")
-    print(f"a capture of {LARGE_SAMPLES:,} samples drew in {timing['ms']:.0f} ms ({timing['points']} points): "
-          f"details {timing['detailMs']:.0f} ms, series {timing['seriesMs']:.0f} ms, "
+    print(f"a capture of {LARGE_SAMPLES:,} samples drew in {timing['ms']:.0f} ms ({timing['points']} "
+          f"points): details {timing['detailMs']:.0f} ms, series {timing['seriesMs']:.0f} ms, "
           f"drawing {timing['drawMs']:.0f} ms")  # fmt: skip
     screenshot(page, "timeline-large")
 
