@@ -7,8 +7,9 @@ no inline script), so a value shown on the page can never run as code.
 
 ``/v1/events``: the page opens the socket and sends ``{"token": "..."}`` first (a browser cannot set an
 ``Authorization`` header on a websocket, and a token in the URL would land in logs). The token is
-checked like a REST request's; then the page gets ``{"type": "ready", "name", "role"}`` and, from then
-on, the events of :mod:`fleetloop_cloud.console.feed`. The token is checked again every
+checked like a REST request's; then, once the watcher holds a snapshot to compare against, the page
+gets ``{"type": "ready", "name", "role"}`` (and reloads what it shows) and, from then on, the events of
+:mod:`fleetloop_cloud.console.feed`. The token is checked again every
 :data:`RECHECK_S`: an expired or revoked token gets ``{"type": "expired", "error"}`` and the socket is
 closed (4401), and the page goes back to its login saying why. Each listener has a queue of
 :data:`QUEUE_EVENTS`; a listener too slow to keep up has its queue replaced by one ``resync`` event
@@ -113,6 +114,7 @@ class Events:
         self._watcher = Watcher(_Reads(api), reader)
         self._queues: set[asyncio.Queue[Json]] = set()
         self._task: asyncio.Task[None] | None = None
+        self._baseline = asyncio.Event()
         #: Listeners told to resync because their queue was full.
         self.resyncs_total = 0
         #: Ticks whose reads failed (the next tick tries again).
@@ -127,8 +129,19 @@ class Events:
         self._queues.add(queue)
         if self._task is None or self._task.done():
             self._watcher.reset()
+            self._baseline.clear()
             self._task = asyncio.get_running_loop().create_task(self._run())
         return queue
+
+    async def baseline(self, timeout_s: float) -> bool:
+        """Wait until the watcher holds a snapshot to compare against, so that every change after this
+        returns becomes an event (a page reloads what it shows on ``ready``: a change between that reload
+        and a later first snapshot would be lost); False if none came within ``timeout_s``."""
+        try:
+            await asyncio.wait_for(self._baseline.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     def unsubscribe(self, queue: asyncio.Queue[Json]) -> None:
         self._queues.discard(queue)
@@ -154,6 +167,8 @@ class Events:
                 self.failed_ticks_total += 1
                 log.warning("console feed: a snapshot failed: %s", exc)
                 events = []
+            else:
+                self._baseline.set()
             self.publish(events)
             await asyncio.sleep(FEED_TICK_S)
 
@@ -211,12 +226,14 @@ def add_console_routes(
             await ws.close(code=4401, message=b"unauthenticated")
             return ws
         queue = events.subscribe()
-        role = caller.role.value if caller.role is not None else ""
-        await _send(ws, {"type": "ready", "name": caller.name, "role": role})
         loop = asyncio.get_running_loop()
         next_check = loop.time() + RECHECK_S
         reader = loop.create_task(_drain(ws))
         try:
+            if not await events.baseline(HELLO_TIMEOUT_S):
+                log.warning("console feed: no snapshot within %.0f s; a page may miss a change", HELLO_TIMEOUT_S)
+            role = caller.role.value if caller.role is not None else ""
+            await _send(ws, {"type": "ready", "name": caller.name, "role": role})
             while not ws.closed and not reader.done():
                 with contextlib.suppress(TimeoutError):
                     event = await asyncio.wait_for(queue.get(), max(0.1, next_check - loop.time()))
