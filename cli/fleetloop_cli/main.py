@@ -162,7 +162,8 @@ def cmd_captures_export(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         return 0
-    target = Path(args.file or filename or f"{args.id}.{args.format}")
+    suggested = filename if filename and not filename.startswith(".") else f"{args.id}.{args.format}"
+    target = Path(args.file or Path(suggested).name)
     tmp = target.with_name(target.name + ".part")
     tmp.write_bytes(data)
     tmp.replace(target)

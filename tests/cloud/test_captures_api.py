@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from mcap.reader import make_reader
 
+from fleetloop_cloud.services import captures as capture_service
 from fleetloop_cloud.services.access import Caller
 from tests.cloud.conftest import RunningCoordinator
 from tests.fixtures.recorded_capture import (
@@ -176,9 +177,14 @@ def test_parquet_and_csv_exports_hold_the_rows_of_samples(
 
 
 def test_bad_requests_are_named(
-    running_coordinator: RunningCoordinator, drive: tuple[str, list[Signal]]
+    running_coordinator: RunningCoordinator, drive: tuple[str, list[Signal]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     capture_id, _ = drive
+    monkeypatch.setattr(capture_service, "MAX_EXPORT_SAMPLES", 1000)
+    status, _, body = running_coordinator.call("GET", f"/v1/captures/{capture_id}/export?format=csv")
+    assert status == 400 and b"an export at most 1,000" in body and b"/v1/query" in body
+    assert running_coordinator.coordinator.captures.exports_refused_total == 1
+    monkeypatch.undo()
     status, _, body = running_coordinator.call("GET", f"/v1/captures/{capture_id}/export?format=xls")
     assert status == 400 and b"unknown export format 'xls'" in body
     status, _, body = running_coordinator.call("GET", f"/v1/captures/{capture_id}/series?signals=No.Such")
@@ -187,3 +193,35 @@ def test_bad_requests_are_named(
     assert status == 404 and b"no capture 'nothing-1'" in body
     status, _, body = running_coordinator.call("GET", f"/v1/captures/{capture_id}/series?from_ns=2&to_ns=1")
     assert status == 400 and b"ends (1) before it starts (2)" in body
+
+
+def test_the_cli_exports_a_capture_to_a_file_or_stdout(
+    running_coordinator: RunningCoordinator, drive: tuple[str, list[Signal]], tmp_path: Path,
+    capsysbinary: pytest.CaptureFixture[bytes], monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """``fleetloop captures export``: the file the coordinator names (or ``-o``), every sample intact;
+    ``-o -`` writes to standard output; a capture that does not exist is an error that says so."""
+    from fleetloop_cli.main import main as cli_main
+
+    capture_id, signals = drive
+    rc = running_coordinator
+    monkeypatch.setenv("FLEETLOOP_TOKEN", rc.token)
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["captures", "export", capture_id, "--format", "mcap", "--cloud", rc.http_base]) == 0
+    written = tmp_path / f"car-rec_{capture_id}.mcap"
+    assert f"wrote {written.name}".encode() in capsysbinary.readouterr().err
+    messages = list(make_reader(io.BytesIO(written.read_bytes()), validate_crcs=True).iter_messages())
+    assert sum(len(json.loads(m.data)) for _, _, m in messages) == sum(len(s.t_ns) for s in signals)
+    assert cli_main(["captures", "export", capture_id, "--format", "csv", "-o", "-", "--cloud", rc.http_base,
+                     "--device", "car-rec"]) == 0  # fmt: skip
+    csv = pa_csv.read_csv(io.BytesIO(capsysbinary.readouterr().out))
+    assert csv.num_rows == sum(len(s.t_ns) for s in signals)
+    out = tmp_path / "drive.parquet"
+    assert cli_main(["captures", "export", capture_id, "--format", "parquet", "-o", str(out),
+                     "--cloud", rc.http_base]) == 0  # fmt: skip
+    assert pq.read_table(out).num_rows == csv.num_rows and not list(tmp_path.glob("*.part"))
+    capsysbinary.readouterr()
+    assert cli_main(["captures", "export", "nothing-1", "--cloud", rc.http_base]) != 0
+    err = capsysbinary.readouterr().err.decode()
+    assert "no capture 'nothing-1'" in err and "Traceback" not in err
+    assert not (tmp_path / "nothing-1.mcap").exists()

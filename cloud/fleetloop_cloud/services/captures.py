@@ -29,6 +29,9 @@ ARRIVING_S = 15.0
 STATS_CACHED = 64
 #: Captures one list returns at most (the newest).
 MAX_LIST = 10_000
+#: Samples one export holds at most: the file is made in memory (an MCAP of a million samples peaks at
+#: ~200 MB); a larger capture is refused with a pointer to SQL, and counted.
+MAX_EXPORT_SAMPLES = 2_000_000
 _FIRE_TIME = re.compile(r"-(\d{1,19})$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -157,6 +160,8 @@ class CaptureService:
         self._reader = reader
         self._access = access
         self._stats = StatsCache(reader)
+        #: Exports refused for holding more than :data:`MAX_EXPORT_SAMPLES`.
+        self.exports_refused_total = 0
 
     def list(
         self,
@@ -255,6 +260,11 @@ class CaptureService:
         self._access.operator(caller, "captures.export")
         fmt = export_format(fmt_name)
         capture = self._find(capture_id, device)
+        if capture.samples > MAX_EXPORT_SAMPLES:
+            self.exports_refused_total += 1
+            raise UserError(f"capture {capture_id!r} holds {capture.samples:,} samples and an export at most "
+                            f"{MAX_EXPORT_SAMPLES:,}: select its rows in parts with SQL (POST /v1/query, "
+                            "docs/query.md)")  # fmt: skip
         table = self._reader.rows(capture.device_id, capture.capture_id)
         if table.num_rows == 0:
             raise NotFoundError(f"capture {capture_id!r} has no rows in the fleet store yet")
