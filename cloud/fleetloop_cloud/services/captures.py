@@ -29,8 +29,9 @@ ARRIVING_S = 15.0
 STATS_CACHED = 64
 #: Captures one list returns at most (the newest).
 MAX_LIST = 10_000
-#: Samples one export holds at most: the file is made in memory (an MCAP of a million samples peaks at
-#: ~200 MB); a larger capture is refused with a pointer to SQL, and counted.
+#: Samples one export holds at most: the file is made in memory (a million samples peak at ~215 MB of
+#: Python heap as MCAP, ~170 MB as CSV: benchmarks/console.py); a larger capture is refused with a
+#: pointer to SQL, and counted.
 MAX_EXPORT_SAMPLES = 2_000_000
 _FIRE_TIME = re.compile(r"-(\d{1,19})$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
