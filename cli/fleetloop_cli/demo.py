@@ -342,7 +342,7 @@ def run_demo(args: argparse.Namespace) -> int:
         try:
             _report(summary, args)
             if getattr(args, "serve", False) and serving is not None and error is None:
-                _serve(serving, procs)
+                error = _serve(serving, procs)
         finally:
             procs.stop_all()
             if broker is not None:
@@ -373,9 +373,9 @@ def _report(summary: dict[str, Any], args: argparse.Namespace) -> None:
             print(f"  {device_id}: {dev['state']} — {dev['reason']}", flush=True)
 
 
-def _serve(serving: tuple[str, str], procs: _Processes) -> None:
+def _serve(serving: tuple[str, str], procs: _Processes) -> str | None:
     """``demo --serve``: keep the coordinator and the devices running until Ctrl-C (or SIGTERM), with the
-    console's address and a viewer token on screen."""
+    console's address and a viewer token on screen; why it stopped early, if one of them died."""
     url, viewer = serving
     print(
         f"\nconsole: {url}/  (sign in with this viewer token: {viewer})\n"
@@ -390,10 +390,11 @@ def _serve(serving: tuple[str, str], procs: _Processes) -> None:
     except KeyboardInterrupt:
         pass
     except DemoFailed as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return str(exc)
     finally:
         signal.signal(signal.SIGTERM, previous)
         print("stopping the coordinator and the devices", flush=True)
+    return None
 
 
 def _start_cloud(

@@ -82,8 +82,8 @@ def test_a_device_that_connects_arrives_as_an_event(running_coordinator: Running
             ready = await _next(ws, "ready")
             assert ready["role"] == "admin"
             hello = device_pb2.Hello(device_id="car-9", fleet="f", labels={"kind": "car"})
-            await asyncio.to_thread(rc.coordinator.devices.connect,
-                                    Caller.device("car-9", transport="test", proven=True), hello, rc.coordinator.clock())  # fmt: skip
+            caller = Caller.device("car-9", transport="test", proven=True)
+            await asyncio.to_thread(rc.coordinator.devices.connect, caller, hello, rc.coordinator.clock())
             event = await _next(ws, "device")
             assert event["device"]["device_id"] == "car-9" and event["device"]["online"] is True
 

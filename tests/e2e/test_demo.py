@@ -146,8 +146,8 @@ def test_ctrl_c_stops_every_process_it_started(tmp_path: Path, recordings: Path)
 
 def test_serve_keeps_the_fleet_running_for_the_console_until_ctrl_c(tmp_path: Path, recordings: Path) -> None:
     """``demo --serve``: after the summary the coordinator and the devices keep running; the console's
-    URL and a viewer token are printed, the console answers with the demo's fleet, and Ctrl-C stops
-    every process."""
+    URL and a viewer token are printed, the console (in Chromium) shows the demo's fleet, campaigns,
+    rollout and a capture in the timeline, and Ctrl-C stops every process."""
     import re
     import urllib.request
 
@@ -173,6 +173,7 @@ def test_serve_keeps_the_fleet_running_for_the_console_until_ctrl_c(tmp_path: Pa
     with urllib.request.urlopen(request, timeout=10) as answer:
         devices = json.loads(answer.read())
     assert {d["device_id"] for d in devices if d["online"]} == {"car-001", "robot-001", "plc-001"}
+    _console_shows_the_demo(url, token, tmp_path / "downloads")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Traceback" not in err, err
@@ -180,3 +181,30 @@ def test_serve_keeps_the_fleet_running_for_the_console_until_ctrl_c(tmp_path: Pa
     while _processes_mentioning(str(work)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert {pid: _describe(pid) for pid in _processes_mentioning(str(work))} == {}
+
+
+def _console_shows_the_demo(url: str, token: str, downloads: Path) -> None:
+    """Sign in with the printed viewer token; each page shows what the demo made."""
+    import re
+
+    from playwright.sync_api import expect
+
+    from tests.fixtures.browser import browser_context
+
+    with browser_context(downloads) as context:
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+        page.goto(f"{url}/")
+        page.fill("#token", token)
+        page.click("#login button[type=submit]")
+        for device in ("car-001", "robot-001", "plc-001"):
+            expect(page.locator(f"tr[data-device={device}]")).to_contain_text("online")
+        page.click("nav a[href='#/campaigns']")
+        expect(page.locator("#campaign-list tbody tr")).to_have_count(3)
+        page.click("nav a[href='#/rollouts']")
+        expect(page.locator("main table")).to_contain_text("2.0.0")
+        assert page.locator("button.write").count() == 0  # a viewer
+        page.click("nav a[href='#/captures']")
+        page.locator(".capture-link").first.click()
+        expect(page.locator("main")).to_have_attribute("data-drawn-ms", re.compile(r"^\d+$"))
+        assert page.evaluate("window.fleetloopTimeline.plots.length") > 0

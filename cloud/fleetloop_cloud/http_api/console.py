@@ -231,7 +231,7 @@ def add_console_routes(
         reader = loop.create_task(_drain(ws))
         try:
             if not await events.baseline(HELLO_TIMEOUT_S):
-                log.warning("console feed: no snapshot within %.0f s; a page may miss a change", HELLO_TIMEOUT_S)
+                log.warning("console feed: no snapshot in %.0f s; a page may miss a change", HELLO_TIMEOUT_S)
             role = caller.role.value if caller.role is not None else ""
             await _send(ws, {"type": "ready", "name": caller.name, "role": role})
             while not ws.closed and not reader.done():
