@@ -214,6 +214,10 @@ def test_each_page_shows_the_fleets_data(page: Page, console: Console) -> None:
     page.fill("#sql", "SELECT nothing FROM samples")
     page.click("#run-query")
     expect(page.locator("#query-result .error")).to_contain_text("nothing")
+    page.fill("#timeout", "1")  # a query past its time limit says so
+    page.fill("#sql", "SELECT count(*) FROM samples a, samples b WHERE a.value < b.value")
+    page.click("#run-query")
+    expect(page.locator("#query-result .error")).to_contain_text("time limit of 1 s")
 
 
 def test_a_viewer_sees_no_write_buttons(page: Page, console: Console) -> None:
