@@ -105,6 +105,26 @@ def cmd_captures_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_captures_export(args: argparse.Namespace) -> int:
+    """One capture as an MCAP, Parquet or CSV file, made by the coordinator (``-o -``: standard output)."""
+    from urllib.parse import quote, urlencode
+
+    query = {"format": args.format} | ({"device": args.device} if args.device else {})
+    path = f"/v1/captures/{quote(args.id, safe='')}/export?{urlencode(query)}"
+    data, filename = _client(args).download(path)
+    if args.file == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return 0
+    suggested = filename if filename and not filename.startswith(".") else f"{args.id}.{args.format}"
+    target = Path(args.file or Path(suggested).name)
+    tmp = target.with_name(target.name + ".part")
+    tmp.write_bytes(data)
+    tmp.replace(target)
+    print(f"wrote {target} ({len(data)} bytes, {args.format})", file=sys.stderr)
+    return 0
+
+
 # -- artifacts and rollouts ------------------------------------------------------------------------
 def cmd_artifacts_upload(args: argparse.Namespace) -> int:
     from urllib.parse import urlencode
@@ -202,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="recordings directory (default: $FLEETLOOP_DATA or ../shared/data/real)")
     s.add_argument("--simulated", action="store_true", help="use firmware-sim's generated signals")
     s.add_argument("--workdir", help="keep the demo's files here (default: a temporary directory)")
+    s.add_argument("--serve", action="store_true",
+                   help="after the summary, keep the coordinator and devices running and print the "
+                        "console's URL and a viewer token; Ctrl-C stops them")  # fmt: skip
     s.add_argument(
         "--inject",
         choices=["bad-health", "corrupt-artifact"],
@@ -241,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = captures.add_parser("list")
     with_cloud(s)
     s.set_defaults(func=cmd_captures_list)
+    s = captures.add_parser("export", help="a capture as MCAP (Foxglove), Parquet or CSV (PlotJuggler)")
+    s.add_argument("id", help="capture id (fleetloop captures list)")
+    s.add_argument("--format", choices=("mcap", "parquet", "csv"), default="mcap")
+    s.add_argument("--device", help="the device, when captures of two devices share the id")
+    s.add_argument("-o", "--file", dest="file",
+                   help="output file (default: the name the coordinator gives; - for stdout)")  # fmt: skip
+    s.add_argument("--cloud", default=None, help="coordinator URL ($FLEETLOOP_CLOUD)")
+    s.add_argument("--context", default=None, help="config context to use ($FLEETLOOP_CONTEXT)")
+    s.set_defaults(func=cmd_captures_export)
 
     arts = sub.add_parser("artifacts", help="release artifacts").add_subparsers(dest="sub", required=True)
     s = arts.add_parser("upload", help="sign and store a release; deltas are built from installed versions")

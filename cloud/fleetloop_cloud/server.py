@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 
+from fleetloop_cloud.fleet_store.captures import CaptureReader
 from fleetloop_cloud.fleet_store.compaction import CompactionPolicy, Compactor
 from fleetloop_cloud.fleet_store.parquet import FleetStore
 from fleetloop_cloud.fleet_store.query import QueryEngine
@@ -44,6 +45,7 @@ from fleetloop_cloud.rollout.jobs import OtaJobs
 from fleetloop_cloud.services.access import Access, Caller, Refusals
 from fleetloop_cloud.services.audit import AuditService
 from fleetloop_cloud.services.campaigns import CampaignService
+from fleetloop_cloud.services.captures import CaptureService
 from fleetloop_cloud.services.devices import LEASE_BEAT_S, DeviceService
 from fleetloop_cloud.services.ingest import IngestService, UploadGrants
 from fleetloop_cloud.services.query import QueryService
@@ -158,6 +160,8 @@ class Coordinator:
         self.queries = QueryService(
             self.query_engine, repos.segments, repos.campaigns, self.devices, access, metrics=self.metrics
         )
+        self.captures = CaptureService(repos.segments, repos.devices, repos.campaigns,
+                                       CaptureReader(self.query_engine), access)  # fmt: skip
         self.tokens = TokenService(repos.tokens, access)
         self.audit = AuditService(access)
         watch_coordinator(

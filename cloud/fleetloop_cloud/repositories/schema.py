@@ -5,7 +5,8 @@ died — by ``session_owner`` and the ``coordinators`` leases: a device is onlin
 whose lease is current holds its session. A version 1 database is upgraded in place on open (the column
 is added; the old flag stays, unread). Version 3 (this one) added the operator plane: ``api_tokens``
 (only the SHA-256 of each secret) and the hash-chained ``audit_log``; an older database gains both
-tables, empty, on open.
+tables, empty, on open. ``device_telemetry`` (each device's latest heartbeat report) is added to any
+database on open without a new version: older code never reads it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ CREATE TABLE IF NOT EXISTS devices (
     session_owner TEXT NOT NULL DEFAULT '',
     last_seen REAL NOT NULL,
     registered_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS device_telemetry (
+    device_id TEXT PRIMARY KEY,
+    reported_at REAL NOT NULL,
+    telemetry_json TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS coordinators (
     coordinator_id TEXT PRIMARY KEY,
