@@ -113,6 +113,22 @@ def cmd_sim_device(args: argparse.Namespace) -> int:
     return DeviceSupervisor(Path(args.dir), argv, log_path=log_path).run()
 
 
+def cmd_sim_far_side(args: argparse.Namespace) -> int:
+    from fleetloop_fwsim.far_side import serve
+    from fleetloop_shared.datapaths import find_recordings
+
+    recordings = find_recordings(args.data) if args.data else None
+    socket = Path(args.socket) if args.socket else None
+    return serve(
+        args.kind,
+        Path(args.dir),
+        Path(args.ready_file),
+        recordings=recordings,
+        speed=args.speed,
+        socket=socket,
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from fleetloop_cli.demo import run_demo
 
@@ -248,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--http-cert", help="serve HTTP over TLS with this certificate (and --http-key)")
     s.add_argument("--http-key", help="the HTTP server's private key")
     s.add_argument(
-        "--insecure", action="store_true",
+        "--insecure",
+        action="store_true",
         help="lab only: no API tokens (everyone is admin) and no TLS required off loopback",
     )
     s.set_defaults(func=cmd_cloud_serve)
@@ -265,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True, help="agent config file")
     s.add_argument("--log", help="append the agent's log here")
     s.set_defaults(func=cmd_sim_device)
+
+    s = sim.add_parser("far-side", help="the simulated far side of a machine's bus (ECU, PLC, robot, hub)")
+    s.add_argument("--kind", required=True, choices=["car", "robot", "plc", "hub"])
+    s.add_argument("--dir", required=True, help="its working directory (generated stand-ins, logs)")
+    s.add_argument("--ready-file", required=True, help="written (JSON: the agent's sources) once it runs")
+    s.add_argument("--data", help="recordings to play (default: generated stand-ins)")
+    s.add_argument("--speed", type=float, default=1.0, help="play the data this many times as fast")
+    s.add_argument("--socket", help="robot: the agent's push-API socket (default DIR/push.sock)")
+    s.set_defaults(func=cmd_sim_far_side)
 
     s = sub.add_parser("demo", help="run the whole loop on this machine and print a summary")
     s.add_argument("--json", action="store_true", help="print one JSON object")
