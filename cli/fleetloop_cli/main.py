@@ -14,7 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fleetloop_cli import access_commands, fleet_commands, ota_commands, rules_commands, store_commands
+from fleetloop_cli import (
+    access_commands,
+    catalog_commands,
+    fleet_commands,
+    ota_commands,
+    rules_commands,
+    store_commands,
+)
 from fleetloop_cli.client import CoordinatorClient, client_from_args
 from fleetloop_cli.output import FORMATS, render_object, render_records, render_rows
 from fleetloop_shared.errors import EXIT_INTERRUPTED, FleetloopError, NotFoundError, UserError
@@ -373,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups = {"top": sub, "rules": rules, "sim": sim, "artifacts": arts, "cloud": cloud}
     for register in (
         access_commands.register,
+        catalog_commands.register,
         rules_commands.register,
         store_commands.register,
         ota_commands.register,
