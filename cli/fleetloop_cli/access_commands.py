@@ -234,11 +234,8 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     )
     s.add_argument("--dir", default="fleetloop-cloud", help="data directory")
     s.add_argument("--db", help="metadata in PostgreSQL (postgresql://...) instead of SQLite in --dir")
-    s.add_argument(
-        "--recover",
-        action="store_true",
-        help="tokens exist but every admin token is lost: make another admin token",
-    )
+    s.add_argument("--recover", action="store_true",
+                   help="tokens exist but every admin token is lost: make another admin token")
     s.add_argument("--token-file", help="write the token to this file (mode 0600) instead of printing it")
     s.add_argument("-o", "--output", choices=["text", "json"], default="text")
     s.set_defaults(func=cmd_cloud_init)

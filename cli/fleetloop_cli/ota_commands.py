@@ -165,8 +165,7 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     s.add_argument("--root-keys", type=int, default=None, help="replace the root keys with N new ones")
     s.add_argument("--threshold", type=int, default=None, help="root signatures a new root version needs")
     s.add_argument(
-        "--online-keys",
-        action="store_true",
+        "--online-keys", action="store_true",
         help="also replace the targets/snapshot/timestamp keys (after a suspected compromise)",
     )
     with_cloud(s)
