@@ -271,8 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--http-cert", help="serve HTTP over TLS with this certificate (and --http-key)")
     s.add_argument("--http-key", help="the HTTP server's private key")
     s.add_argument(
-        "--insecure",
-        action="store_true",
+        "--insecure", action="store_true",
         help="lab only: no API tokens (everyone is admin) and no TLS required off loopback",
     )
     s.set_defaults(func=cmd_cloud_serve)
