@@ -16,6 +16,7 @@ from typing import Any
 
 from fleetloop_cli import (
     access_commands,
+    catalog_commands,
     cloud_commands,
     fleet_commands,
     ota_commands,
@@ -63,6 +64,22 @@ def cmd_sim_device(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "fleetloop_cli.main", "agent", "run", "--config", args.config]
     log_path = Path(args.log) if args.log else None
     return DeviceSupervisor(Path(args.dir), argv, log_path=log_path).run()
+
+
+def cmd_sim_far_side(args: argparse.Namespace) -> int:
+    from fleetloop_fwsim.far_side import serve
+    from fleetloop_shared.datapaths import find_recordings
+
+    recordings = find_recordings(args.data) if args.data else None
+    socket = Path(args.socket) if args.socket else None
+    return serve(
+        args.kind,
+        Path(args.dir),
+        Path(args.ready_file),
+        recordings=recordings,
+        speed=args.speed,
+        socket=socket,
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -217,6 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log", help="append the agent's log here")
     s.set_defaults(func=cmd_sim_device)
 
+    s = sim.add_parser("far-side", help="the simulated far side of a machine's bus (ECU, PLC, robot, hub)")
+    s.add_argument("--kind", required=True, choices=["car", "robot", "plc", "hub"])
+    s.add_argument("--dir", required=True, help="its working directory (generated stand-ins, logs)")
+    s.add_argument("--ready-file", required=True, help="written (JSON: the agent's sources) once it runs")
+    s.add_argument("--data", help="recordings to play (default: generated stand-ins)")
+    s.add_argument("--speed", type=float, default=1.0, help="play the data this many times as fast")
+    s.add_argument("--socket", help="robot: the agent's push-API socket (default DIR/push.sock)")
+    s.set_defaults(func=cmd_sim_far_side)
+
     s = sub.add_parser("demo", help="run the whole loop on this machine and print a summary")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--data", help="recordings directory (default: $FLEETLOOP_DATA or ../shared/data/real)")
@@ -312,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     for register in (
         cloud_commands.register,
         access_commands.register,
+        catalog_commands.register,
         rules_commands.register,
         store_commands.register,
         ota_commands.register,

@@ -45,11 +45,13 @@ def provision_sim_device(
     health_check: bool = True,
     health_fail_versions: Sequence[str] = (),
     extra: Mapping[str, Any] | None = None,
+    live: tuple[Sequence[Mapping[str, Any]], str] | None = None,
 ) -> SimDevice:
     """Write slot a (``firmware_version``), the boot env, the signals and ``agent.yaml`` into ``directory``.
 
     ``health_fail_versions`` simulates hardware on which those versions fail their self-test (the
-    platform's health-check executable reads it from ``faults.json``).
+    platform's health-check executable reads it from ``faults.json``). ``live``: the ``sources:`` entries
+    reaching a running far side (:mod:`fleetloop_fwsim.far_side`) and what it plays, instead of replays.
     """
     directory.mkdir(parents=True, exist_ok=True)
     bootloader.provision(directory, firmware.build_image(firmware_version, hardware_id))
@@ -57,7 +59,10 @@ def provision_sim_device(
         (directory / "faults.json").write_text(
             json.dumps({"health_fail_versions": list(health_fail_versions)})
         )
-    sources, origin = profiles.source_specs(kind, recordings, directory / "signals")
+    if live is not None:
+        sources, origin = [dict(spec) for spec in live[0]], live[1]
+    else:
+        sources, origin = profiles.source_specs(kind, recordings, directory / "signals")
     p = bootloader.paths(directory)
     platform: dict[str, Any] = {
         "hardware_id": hardware_id,
