@@ -14,9 +14,9 @@ from typing import Any
 import yaml
 
 from fleetloop_agent.uplink.device_messages import NETWORKS
-from fleetloop_agent.yaml_marks import load_marked
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.segment import READ_VERSIONS
+from fleetloop_shared.yaml_marks import load_marked
 
 
 @dataclass(frozen=True)

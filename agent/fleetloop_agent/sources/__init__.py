@@ -17,8 +17,8 @@ from fleetloop_agent.sources.csv_replay import TIME_FORMATS, CsvReplaySource
 from fleetloop_agent.sources.live import DeviceClock
 from fleetloop_agent.sources.machine_kinds import BUILDERS as _MACHINE_BUILDERS
 from fleetloop_agent.sources.machine_kinds import KEYS as _MACHINE_KEYS
-from fleetloop_agent.yaml_marks import location
 from fleetloop_shared.errors import ConfigError
+from fleetloop_shared.yaml_marks import location
 
 __all__ = ["CanReplaySource", "CsvReplaySource", "SignalSource", "build_source"]
 
