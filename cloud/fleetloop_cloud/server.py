@@ -35,6 +35,7 @@ from fleetloop_cloud.ota.release_key import release_signer
 from fleetloop_cloud.ota.tuf_repository import TufRepositories
 from fleetloop_cloud.repositories import open_repositories
 from fleetloop_cloud.rollout.controller import LEASE_TTL_S, RolloutController
+from fleetloop_cloud.rollout.gate_inputs import FleetStoreGateInputs
 from fleetloop_cloud.rollout.jobs import OtaJobs
 from fleetloop_cloud.services.access import Access, Caller, Refusals
 from fleetloop_cloud.services.audit import AuditService
@@ -123,6 +124,7 @@ class Coordinator:
         self.controller = RolloutController(
             repos.rollouts, repos.releases, repos.devices, self.jobs,
             log_to=controller, holder=coordinator_id, lease_ttl_s=_lease_ttl(),
+            gate_inputs=FleetStoreGateInputs(self.query_engine),
         )
         self.campaigns = CampaignService(repos.campaigns, repos.devices, self.sessions, access)
         self.devices = DeviceService(

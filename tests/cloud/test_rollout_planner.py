@@ -41,11 +41,19 @@ def policy(**spec: Any) -> RolloutPolicy:
 DEVS = {"a": 0, "b": 1, "c": 1}
 
 
-def view(state: R = R.RUNNING, phase: int = 0, started: float = 0.0, accepted: frozenset[str] = frozenset(),
-         gates: dict[str, GateStatus] | None = None, busy: frozenset[str] = frozenset(),
-         **states: DevicePhaseState) -> RolloutView:
-    devices = {d: DeviceView(p, states.get(d, P.PENDING), attempt=0 if states.get(d, P.PENDING) is P.PENDING else 1)
-               for d, p in DEVS.items()}
+def view(
+    state: R = R.RUNNING,
+    phase: int = 0,
+    started: float = 0.0,
+    accepted: frozenset[str] = frozenset(),
+    gates: dict[str, GateStatus] | None = None,
+    busy: frozenset[str] = frozenset(),
+    **states: DevicePhaseState,
+) -> RolloutView:
+    devices = {
+        d: DeviceView(p, states.get(d, P.PENDING), attempt=0 if states.get(d, P.PENDING) is P.PENDING else 1)
+        for d, p in DEVS.items()
+    }
     return RolloutView(state, phase, started, devices, accepted, gates or {}, busy)
 
 
@@ -75,7 +83,9 @@ def test_assignment_is_deterministic_and_order_independent() -> None:
 
 
 def test_counts_and_the_last_phase_takes_the_rest() -> None:
-    p = policy(phases=[{"name": "one", "count": 1}, {"name": "two", "count": 2}, {"name": "rest", "count": 1}])
+    p = policy(
+        phases=[{"name": "one", "count": 1}, {"name": "two", "count": 2}, {"name": "rest", "count": 1}]
+    )
     phases = assign_phases([f"d{i}" for i in range(7)], p)
     assert [list(phases.values()).count(i) for i in range(3)] == [1, 2, 4]
 
@@ -116,78 +126,248 @@ GATED = policy(gates=[{"name": "hb", "capture_rate": {"campaign": "harsh"}}])
 APPROVE = policy(success={"action": "pause"})
 
 SCENARIOS: list[tuple[str, RolloutView, float, RolloutPolicy, Decision]] = [
-    ("start offers the canary only", view(), 0.0, policy(),
-     Decision(R.RUNNING, 0, offers("a"), "phase 1 'canary': 0 of 1 succeeded, need 100%")),
-    ("created rollouts start running", view(R.CREATED), 0.0, policy(),
-     Decision(R.RUNNING, 0, offers("a"), "phase 1 'canary': 0 of 1 succeeded, need 100%")),
-    ("before its scheduled start a rollout waits", view(R.CREATED), 10.0, policy(schedule={"start": 100}),
-     Decision(R.CREATED, 0, (), "scheduled to start at 100")),
-    ("in progress: nothing new to offer", view(a=P.IN_PROGRESS), 5.0, policy(),
-     Decision(R.RUNNING, 0, (), "phase 1 'canary': 0 of 1 succeeded, need 100%")),
-    ("condition met but soaking", view(a=P.COMMITTED), 30.0, SOAKING,
-     Decision(R.RUNNING, 0, (), "phase 1 'canary': condition met, soaking until 60")),
-    ("condition met and soaked opens phase 2", view(a=P.COMMITTED), 61.0, SOAKING,
-     Decision(R.RUNNING, 1, offers("b", "c"), "phase 1 'canary' passed (1 of 1 succeeded); opening phase 2 'rest'")),
-    ("success action pause waits for approval", view(a=P.COMMITTED), 1.0, APPROVE,
-     Decision(R.WAITING_APPROVAL, 0, (), "phase 1 'canary' passed (1 of 1 succeeded); approve to open phase 2 'rest'")),
-    ("next phase with a later start waits for it",
-     view(a=P.COMMITTED), 1.0,
-     policy(phases=[{"name": "canary", "percent": 33}, {"name": "rest", "percent": 100, "start": 50}]),
-     Decision(R.RUNNING, 0, (), "phase 1 'canary' passed (1 of 1 succeeded); phase 2 'rest' starts at 50")),
-    ("brake pauses", view(phase=1, a=P.COMMITTED, b=P.FAILED), 70.0, policy(),
-     Decision(R.PAUSED, 1, (), "FAILED rate 50% (1 of 2 executed) above 20%")),
-    ("rolled back counts as FAILED", view(a=P.ROLLED_BACK), 1.0, policy(),
-     Decision(R.PAUSED, 0, (), "FAILED rate 100% (1 of 1 executed) above 20%")),
-    ("a criterion may abort and roll back", view(a=P.ROLLED_BACK), 1.0,
-     policy(abort=[{"failure_type": "ROLLED_BACK", "threshold_percent": 0, "action": "abort-and-roll-back"}]),
-     Decision(R.ABORTED, 0, (), "ROLLED_BACK rate 100% (1 of 1 executed) above 0%", roll_back=True)),
-    ("brake waits for enough executions", view(a=P.FAILED), 1.0, policy(abort=[{"min_executed": 2}]),
-     Decision(R.RUNNING, 0, (), "phase 1 'canary': 0 of 1 succeeded, need 100%")),
-    ("rejected is executed but not FAILED",
-     view(phase=1, a=P.COMMITTED, b=P.REJECTED, c=P.IN_PROGRESS), 1.0, policy(abort=[{"threshold_percent": 0}]),
-     Decision(R.RUNNING, 1, (), "phase 2 'rest': 0 of 2 succeeded, need 100%")),
-    ("ALL counts rejected and timed out", view(phase=1, a=P.COMMITTED, b=P.REJECTED, c=P.TIMED_OUT), 1.0,
-     policy(abort=[{"failure_type": "ALL", "threshold_percent": 50, "action": "abort"}]),
-     Decision(R.ABORTED, 1, (), "ALL rate 67% (2 of 3 executed) above 50%")),
-    ("a tripped gate stops the rollout with its action",
-     view(a=P.COMMITTED, gates={"hb": GateStatus("trip", "rate ratio 2.1")}), 1.0, GATED,
-     Decision(R.ABORTED, 0, (), "signal gate 'hb' tripped: rate ratio 2.1", roll_back=True)),
-    ("a gate not yet passed holds the phase", view(a=P.COMMITTED, gates={"hb": GateStatus("insufficient")}), 1.0,
-     GATED, Decision(R.RUNNING, 0, (), "phase 1 'canary': condition met; gates not yet passed: hb")),
-    ("a passed gate lets the phase open", view(a=P.COMMITTED, gates={"hb": GateStatus("pass")}), 1.0, GATED,
-     Decision(R.RUNNING, 1, offers("b", "c"), "phase 1 'canary' passed (1 of 1 succeeded); opening phase 2 'rest'")),
-    ("a gate not passed in time pauses", view(a=P.COMMITTED), 601.0, GATED,
-     Decision(R.PAUSED, 0, (), "phase 1 'canary' timed out after 600s: 1 of 1 succeeded, gates not yet passed: hb")),
-    ("last phase condition met but devices still working",
-     view(phase=1, a=P.COMMITTED, b=P.COMMITTED, c=P.IN_PROGRESS), 99.0, policy(success={"percent": 50}),
-     Decision(R.RUNNING, 1, (), "phase 2 'rest': condition met, waiting for 1 devices to finish")),
-    ("last phase condition met and timed out succeeds without the stragglers",
-     view(phase=1, a=P.COMMITTED, b=P.COMMITTED, c=P.IN_PROGRESS), 601.0, policy(success={"percent": 50}),
-     Decision(R.SUCCEEDED, 1, (),
-              "last phase condition met: 2 of 3 devices succeeded; 1 did not finish within 600s")),
-    ("all committed succeeds", view(phase=1, a=P.COMMITTED, b=P.COMMITTED, c=P.COMMITTED), 99.0, policy(),
-     Decision(R.SUCCEEDED, 1, (), "all 3 devices succeeded")),
-    ("continuous rollouts wait for new devices",
-     view(phase=1, a=P.COMMITTED, b=P.COMMITTED, c=P.COMMITTED), 99.0, policy(target={"selection": "continuous"}),
-     Decision(R.RUNNING, 1, (), "phase 2 'rest': continuous: waiting for new devices")),
-    ("timeout without the condition pauses", view(a=P.IN_PROGRESS), 601.0, policy(),
-     Decision(R.PAUSED, 0, (), "phase 1 'canary' timed out after 600s: 0 of 1 succeeded, need 100%")),
-    ("accepted failures leave the brake and the condition", view(a=P.FAILED, accepted=frozenset({"a"})), 1.0,
-     policy(), Decision(R.RUNNING, 1, offers("b", "c"),
-                        "phase 1 'canary' passed (0 of 0 succeeded); opening phase 2 'rest'")),
-    ("devices another rollout holds wait", view(phase=1, a=P.COMMITTED, busy=frozenset({"b"})), 1.0, policy(),
-     Decision(R.RUNNING, 1, offers("c"), "phase 2 'rest': 0 of 2 succeeded, need 100%")),
-    ("the schedule's end stops offers and may cancel", view(phase=1, a=P.COMMITTED, b=P.OFFERED), 100.0,
-     policy(schedule={"end": 50, "end_behavior": "cancel"}),
-     Decision(R.ABORTED, 1, (), "schedule ended: no new offers; unstarted offers canceled", cancel=("b",))),
-    ("download-only succeeds once devices hold the payload",
-     view(phase=1, a=P.WAITING, b=P.WAITING, c=P.WAITING), 1.0, policy(install={"type": "downloadonly"}),
-     Decision(R.SUCCEEDED, 1, (), "all 3 devices succeeded")),
-    ("paused is left alone", view(R.PAUSED, a=P.COMMITTED), 1e6, policy(),
-     Decision(R.PAUSED, 0, (), "rollout is paused")),
-    ("waiting for approval is left alone", view(R.WAITING_APPROVAL, a=P.COMMITTED), 1e6, APPROVE,
-     Decision(R.WAITING_APPROVAL, 0, (), "rollout is waiting_approval")),
-    ("aborted is left alone", view(R.ABORTED), 1e6, policy(), Decision(R.ABORTED, 0, (), "rollout is aborted")),
+    (
+        "start offers the canary only",
+        view(),
+        0.0,
+        policy(),
+        Decision(R.RUNNING, 0, offers("a"), "phase 1 'canary': 0 of 1 succeeded, need 100%"),
+    ),
+    (
+        "created rollouts start running",
+        view(R.CREATED),
+        0.0,
+        policy(),
+        Decision(R.RUNNING, 0, offers("a"), "phase 1 'canary': 0 of 1 succeeded, need 100%"),
+    ),
+    (
+        "before its scheduled start a rollout waits",
+        view(R.CREATED),
+        10.0,
+        policy(schedule={"start": 100}),
+        Decision(R.CREATED, 0, (), "scheduled to start at 100"),
+    ),
+    (
+        "in progress: nothing new to offer",
+        view(a=P.IN_PROGRESS),
+        5.0,
+        policy(),
+        Decision(R.RUNNING, 0, (), "phase 1 'canary': 0 of 1 succeeded, need 100%"),
+    ),
+    (
+        "condition met but soaking",
+        view(a=P.COMMITTED),
+        30.0,
+        SOAKING,
+        Decision(R.RUNNING, 0, (), "phase 1 'canary': condition met, soaking until 60"),
+    ),
+    (
+        "condition met and soaked opens phase 2",
+        view(a=P.COMMITTED),
+        61.0,
+        SOAKING,
+        Decision(
+            R.RUNNING,
+            1,
+            offers("b", "c"),
+            "phase 1 'canary' passed (1 of 1 succeeded); opening phase 2 'rest'",
+        ),
+    ),
+    (
+        "success action pause waits for approval",
+        view(a=P.COMMITTED),
+        1.0,
+        APPROVE,
+        Decision(
+            R.WAITING_APPROVAL,
+            0,
+            (),
+            "phase 1 'canary' passed (1 of 1 succeeded); approve to open phase 2 'rest'",
+        ),
+    ),
+    (
+        "next phase with a later start waits for it",
+        view(a=P.COMMITTED),
+        1.0,
+        policy(phases=[{"name": "canary", "percent": 33}, {"name": "rest", "percent": 100, "start": 50}]),
+        Decision(R.RUNNING, 0, (), "phase 1 'canary' passed (1 of 1 succeeded); phase 2 'rest' starts at 50"),
+    ),
+    (
+        "brake pauses",
+        view(phase=1, a=P.COMMITTED, b=P.FAILED),
+        70.0,
+        policy(),
+        Decision(R.PAUSED, 1, (), "FAILED rate 50% (1 of 2 executed) above 20%"),
+    ),
+    (
+        "rolled back counts as FAILED",
+        view(a=P.ROLLED_BACK),
+        1.0,
+        policy(),
+        Decision(R.PAUSED, 0, (), "FAILED rate 100% (1 of 1 executed) above 20%"),
+    ),
+    (
+        "a criterion may abort and roll back",
+        view(a=P.ROLLED_BACK),
+        1.0,
+        policy(
+            abort=[{"failure_type": "ROLLED_BACK", "threshold_percent": 0, "action": "abort-and-roll-back"}]
+        ),
+        Decision(R.ABORTED, 0, (), "ROLLED_BACK rate 100% (1 of 1 executed) above 0%", roll_back=True),
+    ),
+    (
+        "brake waits for enough executions",
+        view(a=P.FAILED),
+        1.0,
+        policy(abort=[{"min_executed": 2}]),
+        Decision(R.RUNNING, 0, (), "phase 1 'canary': 0 of 1 succeeded, need 100%"),
+    ),
+    (
+        "rejected is executed but not FAILED",
+        view(phase=1, a=P.COMMITTED, b=P.REJECTED, c=P.IN_PROGRESS),
+        1.0,
+        policy(abort=[{"threshold_percent": 0}]),
+        Decision(R.RUNNING, 1, (), "phase 2 'rest': 0 of 2 succeeded, need 100%"),
+    ),
+    (
+        "ALL counts rejected and timed out",
+        view(phase=1, a=P.COMMITTED, b=P.REJECTED, c=P.TIMED_OUT),
+        1.0,
+        policy(abort=[{"failure_type": "ALL", "threshold_percent": 50, "action": "abort"}]),
+        Decision(R.ABORTED, 1, (), "ALL rate 67% (2 of 3 executed) above 50%"),
+    ),
+    (
+        "a tripped gate stops the rollout with its action",
+        view(a=P.COMMITTED, gates={"hb": GateStatus("trip", "rate ratio 2.1")}),
+        1.0,
+        GATED,
+        Decision(R.ABORTED, 0, (), "signal gate 'hb' tripped: rate ratio 2.1", roll_back=True),
+    ),
+    (
+        "a gate not yet passed holds the phase",
+        view(a=P.COMMITTED, gates={"hb": GateStatus("insufficient")}),
+        1.0,
+        GATED,
+        Decision(R.RUNNING, 0, (), "phase 1 'canary': condition met; gates not yet passed: hb"),
+    ),
+    (
+        "a passed gate lets the phase open",
+        view(a=P.COMMITTED, gates={"hb": GateStatus("pass")}),
+        1.0,
+        GATED,
+        Decision(
+            R.RUNNING,
+            1,
+            offers("b", "c"),
+            "phase 1 'canary' passed (1 of 1 succeeded); opening phase 2 'rest'",
+        ),
+    ),
+    (
+        "a gate not passed in time pauses",
+        view(a=P.COMMITTED),
+        601.0,
+        GATED,
+        Decision(
+            R.PAUSED,
+            0,
+            (),
+            "phase 1 'canary' timed out after 600s: 1 of 1 succeeded, gates not yet passed: hb",
+        ),
+    ),
+    (
+        "last phase condition met but devices still working",
+        view(phase=1, a=P.COMMITTED, b=P.COMMITTED, c=P.IN_PROGRESS),
+        99.0,
+        policy(success={"percent": 50}),
+        Decision(R.RUNNING, 1, (), "phase 2 'rest': condition met, waiting for 1 devices to finish"),
+    ),
+    (
+        "last phase condition met and timed out succeeds without the stragglers",
+        view(phase=1, a=P.COMMITTED, b=P.COMMITTED, c=P.IN_PROGRESS),
+        601.0,
+        policy(success={"percent": 50}),
+        Decision(
+            R.SUCCEEDED,
+            1,
+            (),
+            "last phase condition met: 2 of 3 devices succeeded; 1 did not finish within 600s",
+        ),
+    ),
+    (
+        "all committed succeeds",
+        view(phase=1, a=P.COMMITTED, b=P.COMMITTED, c=P.COMMITTED),
+        99.0,
+        policy(),
+        Decision(R.SUCCEEDED, 1, (), "all 3 devices succeeded"),
+    ),
+    (
+        "continuous rollouts wait for new devices",
+        view(phase=1, a=P.COMMITTED, b=P.COMMITTED, c=P.COMMITTED),
+        99.0,
+        policy(target={"selection": "continuous"}),
+        Decision(R.RUNNING, 1, (), "phase 2 'rest': continuous: waiting for new devices"),
+    ),
+    (
+        "timeout without the condition pauses",
+        view(a=P.IN_PROGRESS),
+        601.0,
+        policy(),
+        Decision(R.PAUSED, 0, (), "phase 1 'canary' timed out after 600s: 0 of 1 succeeded, need 100%"),
+    ),
+    (
+        "accepted failures leave the brake and the condition",
+        view(a=P.FAILED, accepted=frozenset({"a"})),
+        1.0,
+        policy(),
+        Decision(
+            R.RUNNING,
+            1,
+            offers("b", "c"),
+            "phase 1 'canary' passed (0 of 0 succeeded); opening phase 2 'rest'",
+        ),
+    ),
+    (
+        "devices another rollout holds wait",
+        view(phase=1, a=P.COMMITTED, busy=frozenset({"b"})),
+        1.0,
+        policy(),
+        Decision(R.RUNNING, 1, offers("c"), "phase 2 'rest': 0 of 2 succeeded, need 100%"),
+    ),
+    (
+        "the schedule's end stops offers and may cancel",
+        view(phase=1, a=P.COMMITTED, b=P.OFFERED),
+        100.0,
+        policy(schedule={"end": 50, "end_behavior": "cancel"}),
+        Decision(R.ABORTED, 1, (), "schedule ended: no new offers; unstarted offers canceled", cancel=("b",)),
+    ),
+    (
+        "download-only succeeds once devices hold the payload",
+        view(phase=1, a=P.WAITING, b=P.WAITING, c=P.WAITING),
+        1.0,
+        policy(install={"type": "downloadonly"}),
+        Decision(R.SUCCEEDED, 1, (), "all 3 devices succeeded"),
+    ),
+    (
+        "paused is left alone",
+        view(R.PAUSED, a=P.COMMITTED),
+        1e6,
+        policy(),
+        Decision(R.PAUSED, 0, (), "rollout is paused"),
+    ),
+    (
+        "waiting for approval is left alone",
+        view(R.WAITING_APPROVAL, a=P.COMMITTED),
+        1e6,
+        APPROVE,
+        Decision(R.WAITING_APPROVAL, 0, (), "rollout is waiting_approval"),
+    ),
+    (
+        "aborted is left alone",
+        view(R.ABORTED),
+        1e6,
+        policy(),
+        Decision(R.ABORTED, 0, (), "rollout is aborted"),
+    ),
 ]
 
 
@@ -204,21 +384,38 @@ def test_never_offers_a_device_beyond_the_current_phase() -> None:
 
 
 def test_in_progress_timeout_and_retries() -> None:
-    p = policy(execution={"in_progress_timeout": "10m",
-                          "retries": [{"failure_type": "TIMED_OUT", "max": 1, "backoff": "2m", "factor": 3}]})
+    p = policy(
+        execution={
+            "in_progress_timeout": "10m",
+            "retries": [{"failure_type": "TIMED_OUT", "max": 1, "backoff": "2m", "factor": 3}],
+        }
+    )
     planner = RolloutPlanner(p)
-    v = RolloutView(R.RUNNING, 0, 0.0, {"a": DeviceView(0, P.IN_PROGRESS, attempt=1, changed_at=0.0, offered_at=0.0),
-                                         "b": DeviceView(1, P.PENDING)})
+    v = RolloutView(
+        R.RUNNING,
+        0,
+        0.0,
+        {
+            "a": DeviceView(0, P.IN_PROGRESS, attempt=1, changed_at=0.0, offered_at=0.0),
+            "b": DeviceView(1, P.PENDING),
+        },
+    )
     assert planner.decide(v, 599.0).timeouts == ()
     assert planner.decide(v, 601.0).timeouts == ("a",)
     first = planner.settle(v.devices["a"], P.TIMED_OUT, "in progress too long", 601.0)
     assert first.state is P.PENDING and first.retry_at == 721.0 and "retry 1 of 1" in first.reason
-    second = planner.settle(DeviceView(0, P.IN_PROGRESS, attempt=2, offered_at=721.0), P.TIMED_OUT, "", 1500.0)
+    second = planner.settle(
+        DeviceView(0, P.IN_PROGRESS, attempt=2, offered_at=721.0), P.TIMED_OUT, "", 1500.0
+    )
     assert second.state is P.TIMED_OUT  # retries used up
     assert planner.settle(v.devices["a"], P.FAILED, "boom", 601.0).state is P.FAILED  # no rule for FAILED
     # A retrying device is not offered before its time, then on its next attempt.
-    waiting = RolloutView(R.RUNNING, 0, 600.0, {"a": DeviceView(0, P.PENDING, attempt=1, retry_at=721.0),
-                                              "b": DeviceView(1, P.PENDING)})
+    waiting = RolloutView(
+        R.RUNNING,
+        0,
+        600.0,
+        {"a": DeviceView(0, P.PENDING, attempt=1, retry_at=721.0), "b": DeviceView(1, P.PENDING)},
+    )
     assert planner.decide(waiting, 700.0).offers == ()
     assert planner.decide(waiting, 721.0).offers == (Offer("a", 2),)
 
@@ -227,12 +424,24 @@ def test_rate_constant_and_exponential() -> None:
     devices = {f"d{i:02d}": DeviceView(0, P.PENDING) for i in range(30)}
     flat = RolloutPlanner(policy(phases=[{"name": "all"}], rate={"max_per_minute": 4}))
     assert len(flat.decide(RolloutView(R.RUNNING, 0, 0.0, devices), 0.0).offers) == 4
-    recent = dict(devices) | {f"d{i:02d}": DeviceView(0, P.OFFERED, attempt=1, offered_at=30.0) for i in range(3)}
+    recent = dict(devices) | {
+        f"d{i:02d}": DeviceView(0, P.OFFERED, attempt=1, offered_at=30.0) for i in range(3)
+    }
     assert len(flat.decide(RolloutView(R.RUNNING, 0, 0.0, recent), 60.0).offers) == 1
     assert len(flat.decide(RolloutView(R.RUNNING, 0, 0.0, recent), 90.5).offers) == 4
-    exp = RolloutPlanner(policy(phases=[{"name": "all"}], rate={
-        "max_per_minute": 20, "exponential": {"base_per_minute": 2, "increment_factor": 3,
-                                              "increase_after": {"succeeded": 2}}}))
+    exp = RolloutPlanner(
+        policy(
+            phases=[{"name": "all"}],
+            rate={
+                "max_per_minute": 20,
+                "exponential": {
+                    "base_per_minute": 2,
+                    "increment_factor": 3,
+                    "increase_after": {"succeeded": 2},
+                },
+            },
+        )
+    )
     assert exp.rate_per_minute(notified=0, succeeded=0) == 2
     assert exp.rate_per_minute(notified=9, succeeded=2) == 6
     assert exp.rate_per_minute(notified=9, succeeded=4) == 18
@@ -240,20 +449,36 @@ def test_rate_constant_and_exponential() -> None:
 
 
 def test_install_windows_in_each_devices_zone() -> None:
-    p = policy(phases=[{"name": "all"}],
-               maintenance={"windows": [{"cron": "0 2 * * *", "duration": "2h", "time_zone": "device"}],
-                            "default_time_zone": "UTC"})
+    p = policy(
+        phases=[{"name": "all"}],
+        maintenance={
+            "windows": [{"cron": "0 2 * * *", "duration": "2h", "time_zone": "device"}],
+            "default_time_zone": "UTC",
+        },
+    )
     planner = RolloutPlanner(p)
     now = 1_772_000_000.0
-    v = RolloutView(R.RUNNING, 0, now, {"berlin": DeviceView(0, P.PENDING, time_zone="Europe/Berlin"),
-                                         "nowhere": DeviceView(0, P.PENDING),
-                                         "bogus": DeviceView(0, P.PENDING, time_zone="Mars/Base")})
+    v = RolloutView(
+        R.RUNNING,
+        0,
+        now,
+        {
+            "berlin": DeviceView(0, P.PENDING, time_zone="Europe/Berlin"),
+            "nowhere": DeviceView(0, P.PENDING),
+            "bogus": DeviceView(0, P.PENDING, time_zone="Mars/Base"),
+        },
+    )
     got = {o.device_id: o for o in planner.decide(v, now).offers}
     assert got["berlin"].windows and not got["berlin"].hold
     assert got["berlin"].windows[0][0] - got["nowhere"].windows[0][0] in (-3600.0, 82800.0)  # CET is UTC+1
     assert got["bogus"].windows == got["nowhere"].windows  # an unknown zone falls back to the default
-    forced = RolloutPlanner(policy(phases=[{"name": "all"}], install={"type": "forced"},
-                                   maintenance={"windows": [{"cron": "0 2 * * *", "duration": "2h"}]}))
+    forced = RolloutPlanner(
+        policy(
+            phases=[{"name": "all"}],
+            install={"type": "forced"},
+            maintenance={"windows": [{"cron": "0 2 * * *", "duration": "2h"}]},
+        )
+    )
     assert all(not o.windows for o in forced.decide(v, now).offers)
     held = RolloutPlanner(policy(phases=[{"name": "all"}], install={"type": "downloadonly"}))
     assert all(o.hold and not o.windows for o in held.decide(v, now).offers)
@@ -261,16 +486,30 @@ def test_install_windows_in_each_devices_zone() -> None:
 
 def test_offer_scope_offers_only_inside_a_window_and_timeforced_lifts_the_windows() -> None:
     day = 86400.0 * 20000  # a midnight UTC
-    p = policy(phases=[{"name": "all"}], success={"timeout": "1d"},
-               maintenance={"windows": [{"cron": "0 2 * * *", "duration": "1h", "time_zone": "UTC"}],
-                            "scope": "offer"})
+    p = policy(
+        phases=[{"name": "all"}],
+        success={"timeout": "1d"},
+        maintenance={
+            "windows": [{"cron": "0 2 * * *", "duration": "1h", "time_zone": "UTC"}],
+            "scope": "offer",
+        },
+    )
     v = RolloutView(R.RUNNING, 0, day, {"a": DeviceView(0, P.PENDING)})
     assert RolloutPlanner(p).decide(v, day + 3600).offers == ()
     assert RolloutPlanner(p).decide(v, day + 2.5 * 3600).offers == (Offer("a", 1),)
-    tf = RolloutPlanner(policy(phases=[{"name": "all"}], install={"type": "timeforced", "forced_at": day},
-                               maintenance={"windows": [{"cron": "0 2 * * *", "duration": "1h"}]}))
-    waiting = RolloutView(R.RUNNING, 0, day - 100, {"a": DeviceView(0, P.WAITING, attempt=1, windowed=True),
-                                              "b": DeviceView(0, P.PENDING)})
+    tf = RolloutPlanner(
+        policy(
+            phases=[{"name": "all"}],
+            install={"type": "timeforced", "forced_at": day},
+            maintenance={"windows": [{"cron": "0 2 * * *", "duration": "1h"}]},
+        )
+    )
+    waiting = RolloutView(
+        R.RUNNING,
+        0,
+        day - 100,
+        {"a": DeviceView(0, P.WAITING, attempt=1, windowed=True), "b": DeviceView(0, P.PENDING)},
+    )
     before = tf.decide(waiting, day - 10)
     assert before.reoffers == () and before.offers[0].windows
     after = tf.decide(waiting, day + 10)

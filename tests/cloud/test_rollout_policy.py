@@ -4,6 +4,7 @@ and the field; maintenance windows from cron expressions in a time zone."""
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -58,7 +59,8 @@ spec:
       phases: [canary, early]
     - name: brake-pressure
       signal:
-        sql: "SELECT device_id, avg(value) AS value FROM samples GROUP BY device_id"
+        aggregate: avg(value)
+        where: "signal = 'Vehicle.Chassis.Brake.PedalPressure'"
         direction: decrease
       min_effect: 0.5
       min_devices: 4
@@ -102,7 +104,9 @@ def test_the_full_document_reads_every_field_group() -> None:
     assert p.success_of(1).action is SuccessAction.PAUSE and p.success_of(1).timeout_s == 4 * 3600
     assert p.success_of(2).percent == 95 and p.success_of(2).action is SuccessAction.NEXT
     assert [(a.failure_type, a.action) for a in p.abort] == [
-        (FailureType.FAILED, BrakeAction.ROLL_BACK), (FailureType.ALL, BrakeAction.PAUSE)]
+        (FailureType.FAILED, BrakeAction.ROLL_BACK),
+        (FailureType.ALL, BrakeAction.PAUSE),
+    ]
     rate_gate, signal_gate = p.gates
     assert rate_gate.kind is GateKind.CAPTURE_RATE and rate_gate.campaign == "harsh-braking"
     assert rate_gate.min_exposure_h == 2.0 and rate_gate.interval_s == 300
@@ -130,10 +134,18 @@ def test_policy_round_trips_through_plain_data() -> None:
 
 
 def test_the_flat_form_of_earlier_versions_still_reads() -> None:
-    p = parse_policy({"release_version": "2.0.0", "release_name": "fw", "selector": "kind=car",
-                      "phases": [{"name": "a", "percent": 33, "min_soak_s": 60}, {"name": "b", "percent": 100}],
-                      "success_percent": 90, "max_failure_percent": 10, "min_executed_for_brake": 3,
-                      "phase_timeout_s": 1200})
+    p = parse_policy(
+        {
+            "release_version": "2.0.0",
+            "release_name": "fw",
+            "selector": "kind=car",
+            "phases": [{"name": "a", "percent": 33, "min_soak_s": 60}, {"name": "b", "percent": 100}],
+            "success_percent": 90,
+            "max_failure_percent": 10,
+            "min_executed_for_brake": 3,
+            "phase_timeout_s": 1200,
+        }
+    )
     assert p.release_name == "fw" and p.selector == "kind=car"
     assert p.phases[0].min_soak_s == 60 and p.success.percent == 90 and p.success.timeout_s == 1200
     assert (p.abort[0].threshold_percent, p.abort[0].min_executed) == (10, 3)
@@ -142,22 +154,38 @@ def test_the_flat_form_of_earlier_versions_still_reads() -> None:
 @pytest.mark.parametrize(
     ("text", "where"),
     [
-        ("spec:\n  release: {version: 2.0.0}\n  phases:\n    - {name: a, percent: 120}\n",
-         "rollout.yaml:4:17: spec.phases[0].percent: must be between 0 and 100"),
-        ("spec:\n  release: {version: 2.0.0}\n  phases: [{name: a}]\n  colour: red\n",
-         "rollout.yaml:4:3: spec.colour: unknown field"),
-        ("spec:\n  release: {version: 2.0.0}\n  phases:\n    - name: a\n      percent: 50\n",
-         "rollout.yaml:5:7: spec.phases[0].percent: the last phase must reach 100"),
-        ("spec:\n  release: {version: 2.0.0}\n  phases: [{name: a}]\n  maintenance:\n    windows:\n"
-         "      - {cron: '0 25 * * *', duration: 1h}\n",
-         "rollout.yaml:6:10: spec.maintenance.windows[0].cron: cron '0 25 * * *': hour '25' is outside 0-23"),
-        ("spec:\n  release: {version: 2.0.0}\n  phases: [{name: a}]\n  gates:\n    - name: g\n"
-         "      capture_rate: {campaign: c}\n      phases: [nope]\n",
-         "rollout.yaml:7:7: spec.gates[0].phases[0]: no phase named 'nope'"),
-        ("spec:\n  release: {version: 2.0.0}\n  phases: [{name: a}]\n  install: {type: sometimes}\n",
-         "rollout.yaml:4:13: spec.install.type: expected one of soft, forced, timeforced, downloadonly"),
-        ("spec:\n  release: {version: 2.0.0}\n  phases: [{name: a}]\n  execution: {in_progress_timeout: soon}\n",
-         "rollout.yaml:4:15: spec.execution.in_progress_timeout: expected a duration"),
+        (
+            "spec:\n  release: {version: 2.0.0}\n  phases:\n    - {name: a, percent: 120}\n",
+            "rollout.yaml:4:17: spec.phases[0].percent: must be between 0 and 100",
+        ),
+        (
+            "spec:\n  release: {version: 2.0.0}\n  phases: [{name: a}]\n  colour: red\n",
+            "rollout.yaml:4:3: spec.colour: unknown field",
+        ),
+        (
+            "spec:\n  release: {version: 2.0.0}\n  phases:\n    - name: a\n      percent: 50\n",
+            "rollout.yaml:5:7: spec.phases[0].percent: the last phase must reach 100",
+        ),
+        (
+            "spec:\n  release: {version: 2.0.0}\n  phases: [{name: a}]\n  maintenance:\n    windows:\n"
+            "      - {cron: '0 25 * * *', duration: 1h}\n",
+            "rollout.yaml:6:10: spec.maintenance.windows[0].cron: "
+            "cron '0 25 * * *': hour '25' is outside 0-23",
+        ),
+        (
+            "spec:\n  release: {version: 2.0.0}\n  phases: [{name: a}]\n  gates:\n    - name: g\n"
+            "      capture_rate: {campaign: c}\n      phases: [nope]\n",
+            "rollout.yaml:7:7: spec.gates[0].phases[0]: no phase named 'nope'",
+        ),
+        (
+            "spec:\n  release: {version: 2.0.0}\n  phases: [{name: a}]\n  install: {type: sometimes}\n",
+            "rollout.yaml:4:13: spec.install.type: expected one of soft, forced, timeforced, downloadonly",
+        ),
+        (
+            "spec:\n  release: {version: 2.0.0}\n  phases: [{name: a}]\n"
+            "  execution: {in_progress_timeout: soon}\n",
+            "rollout.yaml:4:15: spec.execution.in_progress_timeout: expected a duration",
+        ),
         ("kind: Deployment\nspec: {}\n", "rollout.yaml:1:1: kind: expected Rollout"),
         ("spec:\n  phases: [{name: a}]\n", "rollout.yaml:2:3: spec.release: required"),
     ],
@@ -178,32 +206,88 @@ def test_bad_input_says_file_line_col_and_field(text: str, where: str) -> None:
         ({"release": {"version": "2"}, "phases": [{"name": "a", "percent": "ten"}]}, "phases[0].percent"),
         ({"release": {"version": "2"}, "phases": [{"name": "a", "count": True}]}, "phases[0].count"),
         ({"release": {"version": "2"}, "phases": [{"percent": 100}]}, "phases[0].name"),
-        ({"release": {"version": "2"}, "phases": [{"name": "a", "percent": 60}, {"name": "b", "percent": 40}]},
-         "phases[1].percent"),
-        ({"release": {"version": "2"}, "phases": [{"name": "a", "count": 1}, {"name": "a"}]}, "phases[1].name"),
+        (
+            {
+                "release": {"version": "2"},
+                "phases": [{"name": "a", "percent": 60}, {"name": "b", "percent": 40}],
+            },
+            "phases[1].percent",
+        ),
+        (
+            {"release": {"version": "2"}, "phases": [{"name": "a", "count": 1}, {"name": "a"}]},
+            "phases[1].name",
+        ),
         ({"release": {"version": "2"}, "phases": [{"name": "a", "count": 1, "percent": 100}]}, "phases[0]"),
-        ({"release": {"version": "2"}, "phases": [{"name": "a"}], "success": {"percent": -1}},
-         "success.percent"),
-        ({"release": {"version": "2"}, "phases": [{"name": "a"}], "abort": [{"min_executed": 0}]},
-         "abort[0].min_executed"),
-        ({"release": {"version": "2"}, "phases": [{"name": "a"}],
-          "gates": [{"name": "g", "capture_rate": {"campaign": "c"}, "signal": {"sql": "SELECT 1"}}]}, "gates[0]"),
-        ({"release": {"version": "2"}, "phases": [{"name": "a"}],
-          "gates": [{"name": "g", "signal": {"sql": "DROP TABLE samples"}}]}, "gates[0].signal.sql"),
-        ({"release": {"version": "2"}, "phases": [{"name": "a"}],
-          "rate": {"exponential": {"base_per_minute": 1, "increase_after": {"notified": 1, "succeeded": 1}}}},
-         "rate.exponential.increase_after"),
-        ({"release": {"version": "2"}, "phases": [{"name": "a"}],
-          "schedule": {"start": "2026-01-02T00:00:00Z", "end": "2026-01-01T00:00:00Z"}}, "schedule.end"),
-        ({"release": {"version": "2"}, "phases": [{"name": "a"}], "install": {"type": "timeforced"}},
-         "install.forced_at"),
-        ({"release": {"version": "2"}, "phases": [{"name": "a"}],
-          "maintenance": {"windows": [{"cron": "0 2 * * *", "duration": "1h", "time_zone": "Mars/Olympus"}]}},
-         "maintenance.windows[0].time_zone"),
-        ({"release": {"version": "2"}, "phases": [{"name": "a"}],
-          "maintenance": {"windows": [{"cron": "0 2 * * *"}]}}, "maintenance.windows[0].duration"),
-        ({"release": {"version": "2"}, "phases": [{"name": "a"}], "target": {"devices": ["a", "a"]}},
-         "target.devices"),
+        (
+            {"release": {"version": "2"}, "phases": [{"name": "a"}], "success": {"percent": -1}},
+            "success.percent",
+        ),
+        (
+            {"release": {"version": "2"}, "phases": [{"name": "a"}], "abort": [{"min_executed": 0}]},
+            "abort[0].min_executed",
+        ),
+        (
+            {
+                "release": {"version": "2"},
+                "phases": [{"name": "a"}],
+                "gates": [
+                    {"name": "g", "capture_rate": {"campaign": "c"}, "signal": {"aggregate": "avg(value)"}}
+                ],
+            },
+            "gates[0]",
+        ),
+        (
+            {
+                "release": {"version": "2"},
+                "phases": [{"name": "a"}],
+                "gates": [{"name": "g", "signal": {"aggregate": "avg(value); DROP TABLE samples"}}],
+            },
+            "gates[0].signal.aggregate",
+        ),
+        (
+            {
+                "release": {"version": "2"},
+                "phases": [{"name": "a"}],
+                "rate": {
+                    "exponential": {"base_per_minute": 1, "increase_after": {"notified": 1, "succeeded": 1}}
+                },
+            },
+            "rate.exponential.increase_after",
+        ),
+        (
+            {
+                "release": {"version": "2"},
+                "phases": [{"name": "a"}],
+                "schedule": {"start": "2026-01-02T00:00:00Z", "end": "2026-01-01T00:00:00Z"},
+            },
+            "schedule.end",
+        ),
+        (
+            {"release": {"version": "2"}, "phases": [{"name": "a"}], "install": {"type": "timeforced"}},
+            "install.forced_at",
+        ),
+        (
+            {
+                "release": {"version": "2"},
+                "phases": [{"name": "a"}],
+                "maintenance": {
+                    "windows": [{"cron": "0 2 * * *", "duration": "1h", "time_zone": "Mars/Olympus"}]
+                },
+            },
+            "maintenance.windows[0].time_zone",
+        ),
+        (
+            {
+                "release": {"version": "2"},
+                "phases": [{"name": "a"}],
+                "maintenance": {"windows": [{"cron": "0 2 * * *"}]},
+            },
+            "maintenance.windows[0].duration",
+        ),
+        (
+            {"release": {"version": "2"}, "phases": [{"name": "a"}], "target": {"devices": ["a", "a"]}},
+            "target.devices",
+        ),
         ({"release": {"version": "2"}, "phases": [{"name": "a"}], "weight": 1.5}, "weight"),
         ({"release": {"version": ""}, "phases": [{"name": "a"}]}, "release.version"),
     ],
@@ -215,8 +299,14 @@ def test_bad_json_names_the_field(spec: dict[str, Any], field: str) -> None:
 
 
 def test_durations() -> None:
-    assert [parse_duration(v) for v in ("500ms", "90s", "10m", "1.5h", "2d", 42)] == [0.5, 90, 600, 5400,
-                                                                                       172800, 42]
+    assert [parse_duration(v) for v in ("500ms", "90s", "10m", "1.5h", "2d", 42)] == [
+        0.5,
+        90,
+        600,
+        5400,
+        172800,
+        42,
+    ]
     for bad in ("soon", -1, "1y", True, float("nan")):
         with pytest.raises(ValueError):
             parse_duration(bad)
@@ -264,7 +354,9 @@ def test_day_of_month_or_weekday_like_cron() -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(
-    minute=st.integers(0, 59), hour=st.integers(0, 23), duration=st.integers(60, 6 * 3600),
+    minute=st.integers(0, 59),
+    hour=st.integers(0, 23),
+    duration=st.integers(60, 6 * 3600),
     zone=st.sampled_from(["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata", "Australia/Lord_Howe"]),
     start=st.floats(1.7e9, 1.9e9),
 )
@@ -280,3 +372,16 @@ def test_every_window_starts_at_the_local_time_the_cron_says(
         local = dt.datetime.fromtimestamp(a, ZoneInfo(zone))
         # a local time inside a DST gap starts after the gap; every other start is exactly hh:mm
         assert (local.hour, local.minute) == (hour, minute) or local.hour == (hour + 1) % 24
+
+
+def _doc_examples() -> list[str]:
+    text = (Path(__file__).parents[2] / "docs" / "rollouts.md").read_text(encoding="utf-8")
+    return [block.split("```", 1)[0] for block in text.split("```yaml\n")[1:]]
+
+
+def test_every_policy_in_the_docs_parses_and_round_trips() -> None:
+    examples = _doc_examples()
+    assert len(examples) >= 9  # one per field group
+    for i, text in enumerate(examples):
+        policy = parse_policy(marked(text, f"docs/rollouts.md#{i}"))
+        assert parse_policy(policy_to_dict(policy)) == policy

@@ -44,36 +44,66 @@ T0 = 1_770_000_000.0
 @st.composite
 def policies(draw: st.DrawFn) -> dict[str, Any]:
     cuts = sorted(draw(st.lists(st.integers(1, 99), max_size=3, unique=True)))
-    phases = [{"name": f"p{i}", "percent": c, "soak": draw(st.sampled_from([0, 30, 300]))}
-              for i, c in enumerate(cuts)] + [{"name": "all", "percent": 100}]
+    phases = [
+        {"name": f"p{i}", "percent": c, "soak": draw(st.sampled_from([0, 30, 300]))}
+        for i, c in enumerate(cuts)
+    ] + [{"name": "all", "percent": 100}]
     spec: dict[str, Any] = {
         "release": {"name": "fw", "version": "2.0.0"},
         "phases": phases,
-        "success": {"percent": draw(st.sampled_from([50, 80, 100])), "timeout": "2h",
-                    "action": draw(st.sampled_from(["next", "next", "pause"]))},
-        "abort": [{"failure_type": draw(st.sampled_from(["FAILED", "ROLLED_BACK", "REJECTED", "TIMED_OUT", "ALL"])),
-                   "threshold_percent": draw(st.sampled_from([0, 20, 50, 100])),
-                   "min_executed": draw(st.integers(1, 5)),
-                   "action": draw(st.sampled_from(["pause", "abort", "abort-and-roll-back"]))}
-                  for _ in range(draw(st.integers(0, 2)))],
-        "gates": [{"name": f"g{i}", "capture_rate": {"campaign": "c"},
-                   "action": draw(st.sampled_from(["pause", "abort", "abort-and-roll-back"]))}
-                  for i in range(draw(st.sampled_from([0, 1, 1, 2])))],
-        "execution": {"in_progress_timeout": draw(st.sampled_from([None, "10m"])),
-                      "retries": [{"failure_type": draw(st.sampled_from(["FAILED", "TIMED_OUT", "ALL"])),
-                                   "max": draw(st.integers(0, 2)), "backoff": draw(st.sampled_from([0, 30, 600]))}]},
+        "success": {
+            "percent": draw(st.sampled_from([50, 80, 100])),
+            "timeout": "2h",
+            "action": draw(st.sampled_from(["next", "next", "pause"])),
+        },
+        "abort": [
+            {
+                "failure_type": draw(
+                    st.sampled_from(["FAILED", "ROLLED_BACK", "REJECTED", "TIMED_OUT", "ALL"])
+                ),
+                "threshold_percent": draw(st.sampled_from([0, 20, 50, 100])),
+                "min_executed": draw(st.integers(1, 5)),
+                "action": draw(st.sampled_from(["pause", "abort", "abort-and-roll-back"])),
+            }
+            for _ in range(draw(st.integers(0, 2)))
+        ],
+        "gates": [
+            {
+                "name": f"g{i}",
+                "capture_rate": {"campaign": "c"},
+                "action": draw(st.sampled_from(["pause", "abort", "abort-and-roll-back"])),
+            }
+            for i in range(draw(st.sampled_from([0, 1, 1, 2])))
+        ],
+        "execution": {
+            "in_progress_timeout": draw(st.sampled_from([None, "10m"])),
+            "retries": [
+                {
+                    "failure_type": draw(st.sampled_from(["FAILED", "TIMED_OUT", "ALL"])),
+                    "max": draw(st.integers(0, 2)),
+                    "backoff": draw(st.sampled_from([0, 30, 600])),
+                }
+            ],
+        },
     }
     if draw(st.booleans()):
         rate: dict[str, Any] = {"max_per_minute": draw(st.integers(1, 8))}
         if draw(st.booleans()):
-            rate["exponential"] = {"base_per_minute": draw(st.integers(1, 3)), "increment_factor": 2,
-                                   "increase_after": {draw(st.sampled_from(["notified", "succeeded"])): 3}}
+            rate["exponential"] = {
+                "base_per_minute": draw(st.integers(1, 3)),
+                "increment_factor": 2,
+                "increase_after": {draw(st.sampled_from(["notified", "succeeded"])): 3},
+            }
         spec["rate"] = rate
     if draw(st.booleans()):
         spec["maintenance"] = {
-            "windows": [{"cron": f"{draw(st.integers(0, 59))} {draw(st.integers(0, 23))} * * *",
-                         "duration": draw(st.sampled_from(["30m", "2h"])),
-                         "time_zone": draw(st.sampled_from(["device", "UTC", "Asia/Tokyo"]))}],
+            "windows": [
+                {
+                    "cron": f"{draw(st.integers(0, 59))} {draw(st.integers(0, 23))} * * *",
+                    "duration": draw(st.sampled_from(["30m", "2h"])),
+                    "time_zone": draw(st.sampled_from(["device", "UTC", "Asia/Tokyo"])),
+                }
+            ],
             "scope": draw(st.sampled_from(["install", "offer"])),
             "default_time_zone": "Europe/Berlin",
         }
@@ -83,9 +113,13 @@ def policies(draw: st.DrawFn) -> dict[str, Any]:
 
 EVENT = st.one_of(
     st.tuples(st.just("tick"), st.sampled_from([1.0, 20.0, 61.0, 400.0, 3 * 3600.0])),
-    st.tuples(st.just("report"), st.integers(0, 39),
-              st.sampled_from([P.IN_PROGRESS, P.WAITING, P.COMMITTED, P.COMMITTED, P.FAILED, P.ROLLED_BACK,
-                               P.REJECTED])),
+    st.tuples(
+        st.just("report"),
+        st.integers(0, 39),
+        st.sampled_from(
+            [P.IN_PROGRESS, P.WAITING, P.COMMITTED, P.COMMITTED, P.FAILED, P.ROLLED_BACK, P.REJECTED]
+        ),
+    ),
     st.tuples(st.just("install"), st.integers(0, 39)),
     st.tuples(st.just("gate"), st.integers(0, 1), st.sampled_from(["pass", "trip", "insufficient"])),
     st.tuples(st.just("operator")),
@@ -94,9 +128,13 @@ EVENT = st.one_of(
 
 def brake_holds(planner: RolloutPlanner, view: RolloutView) -> bool:
     """The abort criteria, evaluated the plain way (an oracle for the planner's tally)."""
-    executed = [d.state for k, d in view.devices.items()
-                if k not in view.accepted_failures and d.state is not P.CANCELED
-                and (d.state in TERMINAL_DEVICE_STATES or planner.succeeded(d.state))]
+    executed = [
+        d.state
+        for k, d in view.devices.items()
+        if k not in view.accepted_failures
+        and d.state is not P.CANCELED
+        and (d.state in TERMINAL_DEVICE_STATES or planner.succeeded(d.state))
+    ]
     for rule in planner.policy.abort:
         failed = sum(1 for s in executed if s in FAILURE_TYPES and counts_as(s, rule.failure_type))
         if len(executed) >= rule.min_executed and failed * 100 > rule.threshold_percent * len(executed):
@@ -105,8 +143,12 @@ def brake_holds(planner: RolloutPlanner, view: RolloutView) -> bool:
 
 
 @settings(max_examples=250, deadline=None)
-@given(spec=policies(), events=st.lists(EVENT, min_size=10, max_size=80), n=st.integers(1, 40),
-       zones=st.lists(st.sampled_from(ZONES), min_size=40, max_size=40))
+@given(
+    spec=policies(),
+    events=st.lists(EVENT, min_size=10, max_size=80),
+    n=st.integers(1, 40),
+    zones=st.lists(st.sampled_from(ZONES), min_size=40, max_size=40),
+)
 def test_the_planners_invariants_hold_whatever_happens(
     spec: dict[str, Any], events: list[tuple[Any, ...]], n: int, zones: list[str]
 ) -> None:
@@ -126,8 +168,10 @@ def test_the_planners_invariants_hold_whatever_happens(
         if kind == "tick":
             now += event[1]
             view = RolloutView(state, phase, started, dict(devices), accepted, dict(gates))
-            rate = planner.rate_per_minute(sum(d.attempt > 0 for d in devices.values()),
-                                           sum(planner.succeeded(d.state) for d in devices.values()))
+            rate = planner.rate_per_minute(
+                sum(d.attempt > 0 for d in devices.values()),
+                sum(planner.succeeded(d.state) for d in devices.values()),
+            )
             d = planner.decide(view, now)
             # 1. never beyond the current phase, only pending devices past their retry time
             assert d.phase in (phase, phase + 1)
@@ -136,7 +180,9 @@ def test_the_planners_invariants_hold_whatever_happens(
                 assert dev.state is P.PENDING and dev.phase <= d.phase
                 assert dev.retry_at is None or dev.retry_at <= now
             # 4. a tripped brake or gate stops the rollout
-            tripped = [g for g in policy.gates_of(phase) if gates.get(g.name, GateStatus("")).decision == "trip"]
+            tripped = [
+                g for g in policy.gates_of(phase) if gates.get(g.name, GateStatus("")).decision == "trip"
+            ]
             if state in (R.RUNNING, R.CREATED) and (brake_holds(planner, view) or tripped):
                 assert d.state in (R.PAUSED, R.ABORTED) and d.offers == ()
                 actions = [g.action for g in tripped] + [a.action for a in policy.abort]
@@ -166,14 +212,21 @@ def test_the_planners_invariants_hold_whatever_happens(
             state, phase = d.state, d.phase
             for offer in d.offers:
                 devices[offer.device_id] = dataclasses.replace(
-                    devices[offer.device_id], state=P.OFFERED, attempt=offer.attempt, offered_at=now,
-                    retry_at=None, changed_at=now, windowed=bool(offer.windows))
+                    devices[offer.device_id],
+                    state=P.OFFERED,
+                    attempt=offer.attempt,
+                    offered_at=now,
+                    retry_at=None,
+                    changed_at=now,
+                    windowed=bool(offer.windows),
+                )
                 windows_of[offer.device_id] = offer.windows
                 offered_at.append(now)
             for dev_id in d.timeouts:
                 settled = planner.settle(devices[dev_id], P.TIMED_OUT, "", now)
-                devices[dev_id] = dataclasses.replace(devices[dev_id], state=settled.state,
-                                                      retry_at=settled.retry_at, changed_at=now)
+                devices[dev_id] = dataclasses.replace(
+                    devices[dev_id], state=settled.state, retry_at=settled.retry_at, changed_at=now
+                )
         elif kind in ("report", "install"):
             dev_id = ids[event[1] % n]
             dev = devices[dev_id]
@@ -193,8 +246,9 @@ def test_the_planners_invariants_hold_whatever_happens(
                 new = event[2]
             if new in FAILURE_TYPES:
                 settled = planner.settle(dev, new, "", now)
-                devices[dev_id] = dataclasses.replace(dev, state=settled.state, retry_at=settled.retry_at,
-                                                      changed_at=now)
+                devices[dev_id] = dataclasses.replace(
+                    dev, state=settled.state, retry_at=settled.retry_at, changed_at=now
+                )
             else:
                 devices[dev_id] = dataclasses.replace(dev, state=new, changed_at=now)
         elif kind == "gate":
@@ -219,5 +273,7 @@ def _windows(policy: Any, zone: str, now: float) -> tuple[tuple[float, float], .
 
     m = policy.maintenance
     device_zone = zone if zone and check_zone(zone) else m.default_time_zone
-    specs = [(w.cron, w.duration_s, device_zone if w.time_zone == "device" else w.time_zone) for w in m.windows]
+    specs = [
+        (w.cron, w.duration_s, device_zone if w.time_zone == "device" else w.time_zone) for w in m.windows
+    ]
     return windows_between(specs, now, now + WINDOW_HORIZON_S)

@@ -260,9 +260,10 @@ class NewGateEvaluation:
     phase: int
     gate: str
     decision: str
-    statistic: float
-    p_value: float
-    effect: float
+    #: None when there is no such number (no statistic while insufficient; an infinite ratio).
+    statistic: float | None
+    p_value: float | None
+    effect: float | None
     reason: str
     inputs: Mapping[str, float]
 
@@ -277,9 +278,9 @@ class GateEvaluationRecord:
     phase: int
     gate: str
     decision: str
-    statistic: float
-    p_value: float
-    effect: float
+    statistic: float | None
+    p_value: float | None
+    effect: float | None
     reason: str
     inputs: dict[str, float]
 

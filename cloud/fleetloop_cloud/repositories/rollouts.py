@@ -113,12 +113,16 @@ def _gate(r: tuple[Any, ...]) -> GateEvaluationRecord:
         int(r[3]),
         r[4],
         r[5],
-        float(r[6]),
-        float(r[7]),
-        float(r[8]),
+        _maybe(r[6]),
+        _maybe(r[7]),
+        _maybe(r[8]),
         r[9],
         {str(k): float(v) for k, v in json.loads(r[10]).items()},
     )
+
+
+def _maybe(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _inputs_json(evaluation: NewGateEvaluation) -> str:

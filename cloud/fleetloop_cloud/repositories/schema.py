@@ -127,9 +127,9 @@ CREATE TABLE IF NOT EXISTS rollout_gates (
     phase INTEGER NOT NULL,
     gate TEXT NOT NULL,
     decision TEXT NOT NULL,
-    statistic REAL NOT NULL,
-    p_value REAL NOT NULL,
-    effect REAL NOT NULL,
+    statistic REAL,
+    p_value REAL,
+    effect REAL,
     reason TEXT NOT NULL,
     inputs_json TEXT NOT NULL
 );

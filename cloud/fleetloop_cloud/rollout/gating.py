@@ -1,18 +1,19 @@
 """When and on what the controller evaluates a rollout's signal gates.
 
-The statistics are pure (:mod:`.gates`: an exact test for the ratio of two Poisson rates, a two-sample
-test on per-device values); their inputs come from the fleet store (:mod:`.gate_inputs`, SQL over
-``samples`` and ``captures``). This module sits between them and the controller: it forms the two
-cohorts of a phase — the devices that run the release (each since it committed) against the devices of
-the rollout that have not been offered it yet (observed over the same time) — asks the inputs for
-events, exposure and values, and turns the test's answer into an evaluation the controller persists and
-audits. A gate is evaluated every ``interval`` while its phase is current; the planner acts on the
-latest evaluation only.
+The statistics are pure (:mod:`.gates`: an exact test for the ratio of two Poisson rates, Welch's test on
+per-device values); their inputs come from the fleet store (:mod:`.gate_inputs`, SQL over ``samples``
+and ``captures``). This module sits between them and the controller: it forms the two cohorts of a
+phase — the devices that run the release (each since it committed) against the devices of the rollout
+that have not been offered it yet (observed over the same time) — asks the inputs (:class:`GateInputs`,
+the one interface the controller needs from the fleet's data) for events, exposure and values, and turns
+the test's answer into an evaluation the controller persists and audits. A gate is evaluated every
+``interval`` while its phase is current; the planner acts on the latest evaluation only.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -26,14 +27,15 @@ from fleetloop_shared.errors import FleetloopError
 log = logging.getLogger("fleetloop.cloud.rollout.gates")
 
 #: Longest reason kept with an evaluation.
-MAX_REASON_CHARS = 400
+MAX_REASON_CHARS = 600
 
 
 @dataclass(frozen=True)
 class Cohorts:
     """The two groups a gate compares, each device with the time (Unix seconds) from which its data
     counts: a treated device since it committed the release, a control device since the earliest of
-    those (the same stretch of time, so time of day and weather affect both alike)."""
+    those (the same stretch of time, so time of day and weather affect both alike). Both count until
+    the evaluation's ``now``."""
 
     treated: Mapping[str, float]
     control: Mapping[str, float]
@@ -41,22 +43,33 @@ class Cohorts:
 
 @dataclass(frozen=True)
 class RateCounts:
+    """Captures and device-hours of each cohort: what :func:`~.gates.rate_ratio_gate` takes."""
+
     treated_events: int
     treated_exposure_h: float
     control_events: int
     control_exposure_h: float
 
 
+@dataclass(frozen=True)
+class DeviceValues:
+    """One value per device of each cohort that had data (a device that did not drive has no mean
+    brake pressure, not zero): what :func:`~.gates.mean_shift_gate` takes."""
+
+    treated: Sequence[float]
+    control: Sequence[float]
+
+
 class GateInputs(Protocol):
-    """What a gate needs from the fleet's data (implemented over the fleet store by
-    :class:`.gate_inputs.FleetStoreGateInputs`; an in-memory fake stands beside it in the tests)."""
+    """What a gate needs from the fleet's data (:class:`.gate_inputs.FleetStoreGateInputs` over the
+    fleet store; the tests put an in-memory fake beside it)."""
 
     def capture_counts(self, campaign: str, cohorts: Cohorts, now: float) -> RateCounts:
-        """Captures of ``campaign`` and device-hours of data of each cohort, each device from its time."""
+        """Captures of ``campaign`` and device-hours of each cohort, each device from its time to now."""
         ...
 
-    def signal_values(self, sql: str, cohorts: Cohorts, now: float) -> tuple[list[float], list[float]]:
-        """One value per device of each cohort from ``sql`` (columns ``device_id, value``)."""
+    def device_values(self, aggregate: str, where: str, cohorts: Cohorts, now: float) -> DeviceValues:
+        """``aggregate`` over each device's ``samples`` matching ``where``, from its time to now."""
         ...
 
 
@@ -79,20 +92,17 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
 
 
-def _insufficient(reason: str, inputs: Mapping[str, float]) -> GateEvaluation:
-    return GateEvaluation("insufficient", 0.0, 1.0, 0.0, reason, dict(inputs))
-
-
 def evaluate(gate: SignalGate, cohorts: Cohorts, inputs: GateInputs, now: float) -> GateEvaluation:
-    """One evaluation of ``gate``; a failing input (a bad query, the store unreachable) is an
-    "insufficient" evaluation with the reason — it never trips a gate, never passes one."""
+    """One evaluation of ``gate``. Too few devices in a cohort, or a failing input (a bad query, the
+    store unreachable), is an "insufficient" evaluation with the reason: it never trips a gate, never
+    passes one."""
     sizes = {"treated_devices": float(len(cohorts.treated)), "control_devices": float(len(cohorts.control))}
     if min(len(cohorts.treated), len(cohorts.control)) < gate.min_devices:
-        return _insufficient(
-            f"{len(cohorts.treated)} updated and {len(cohorts.control)} not-yet-updated devices; "
-            f"need {gate.min_devices} in each",
-            sizes,
+        reason = (
+            f"insufficient devices: {len(cohorts.treated)} updated and {len(cohorts.control)} not updated "
+            f"(each needs ≥ {gate.min_devices})"
         )
+        return GateEvaluation("insufficient", math.nan, math.nan, math.nan, reason, sizes)
     try:
         if gate.kind is GateKind.CAPTURE_RATE:
             c = inputs.capture_counts(gate.campaign, cohorts, now)
@@ -106,10 +116,10 @@ def evaluate(gate: SignalGate, cohorts: Cohorts, inputs: GateInputs, now: float)
                 min_exposure_h=gate.min_exposure_h,
             )
         else:
-            treated, control = inputs.signal_values(gate.sql, cohorts, now)
+            v = inputs.device_values(gate.aggregate, gate.where, cohorts, now)
             result = mean_shift_gate(
-                treated,
-                control,
+                v.treated,
+                v.control,
                 confidence=gate.confidence,
                 min_effect=gate.min_effect,
                 min_devices=gate.min_devices,
@@ -117,7 +127,8 @@ def evaluate(gate: SignalGate, cohorts: Cohorts, inputs: GateInputs, now: float)
             )
     except FleetloopError as exc:
         log.warning("gate %s: inputs unavailable: %s", gate.name, exc)
-        return _insufficient(f"inputs unavailable: {exc}", sizes)
+        reason = f"inputs unavailable: {exc}"
+        return GateEvaluation("insufficient", math.nan, math.nan, math.nan, reason, sizes)
     return GateEvaluation(
         result.decision,
         result.statistic,
@@ -128,20 +139,30 @@ def evaluate(gate: SignalGate, cohorts: Cohorts, inputs: GateInputs, now: float)
     )
 
 
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
 def as_record(phase: int, gate: SignalGate, result: GateEvaluation) -> NewGateEvaluation:
+    """The evaluation as persisted: a number that is not finite (no statistic while insufficient; an
+    infinite ratio when the control cohort had no event) is stored as absent — the reason says why."""
     return NewGateEvaluation(
         phase=phase,
         gate=gate.name,
         decision=result.decision,
-        statistic=float(result.statistic),
-        p_value=float(result.p_value),
-        effect=float(result.effect),
+        statistic=_finite(result.statistic),
+        p_value=_finite(result.p_value),
+        effect=_finite(result.effect),
         reason=_clip(result.reason),
-        inputs=dict(result.inputs),
+        inputs={k: float(v) for k, v in result.inputs.items() if math.isfinite(v)},
     )
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 def summary(gate: str, e: NewGateEvaluation) -> str:
     """One line for the audit trail."""
-    numbers = f"statistic {e.statistic:.3g}, p {e.p_value:.3g}, effect {e.effect:.3g}"
+    numbers = f"statistic {_num(e.statistic)}, p {_num(e.p_value)}, effect {_num(e.effect)}"
     return f"{gate}: {e.decision} ({numbers}) — {e.reason}"

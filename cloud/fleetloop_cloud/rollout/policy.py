@@ -158,17 +158,19 @@ class SignalGate:
     """A fleet-signal gate: the updated cohort against the not-yet-updated one, one-sided.
 
     ``capture_rate``: captures of ``campaign`` per device-hour (an exact test for the ratio of two
-    Poisson rates); trips when the rate rises by at least ``min_effect`` (0.2 = +20 %) at ``confidence``.
-    ``signal``: ``sql`` over ``samples`` yields one value per device (columns ``device_id, value``); a
-    two-sample test on the per-device values trips when they move by at least ``min_effect`` (in the
-    signal's unit) in ``direction``. Evaluated every ``interval_s`` once both cohorts have
-    ``min_exposure_h`` device-hours (and ``min_devices`` devices each).
+    Poisson rates); trips when the rate is shown above ``1 + min_effect`` times the control's (0.2 =
+    +20 % allowed) at ``confidence``. ``signal``: ``aggregate`` (SQL over the columns of ``samples``,
+    e.g. ``avg(value)``) of each device's samples that match ``where``, since the device's cohort time;
+    Welch's test on the per-device values trips when they are shown to move beyond ``min_effect`` (in
+    the aggregate's unit) in ``direction``. Evaluated every ``interval_s`` once both cohorts have
+    ``min_devices`` devices (and, for the rate, ``min_exposure_h`` device-hours).
     """
 
     name: str
     kind: GateKind
     campaign: str = ""
-    sql: str = ""
+    aggregate: str = ""
+    where: str = ""
     direction: Direction = Direction.INCREASE
     confidence: float = 0.99
     min_effect: float = 0.2
@@ -541,8 +543,8 @@ def _gates(spec: _Reader, phase_names: set[str]) -> tuple[SignalGate, ...]:
         seen.add(name)
         rate, signal = r.child("capture_rate"), r.child("signal")
         if (rate is None) == (signal is None):
-            raise r.fail(None, "a gate needs exactly one of capture_rate: {campaign} or signal: {sql}")
-        campaign = sql = ""
+            raise r.fail(None, "a gate needs exactly one of capture_rate: {campaign} or signal: {aggregate}")
+        campaign = aggregate = where = ""
         direction = Direction.INCREASE
         if rate is not None:
             rate.only(("campaign",))
@@ -550,10 +552,12 @@ def _gates(spec: _Reader, phase_names: set[str]) -> tuple[SignalGate, ...]:
             kind = GateKind.CAPTURE_RATE
         else:
             assert signal is not None
-            signal.only(("sql", "direction"))
-            sql = signal.text("sql")
-            if not sql.lstrip().lower().startswith(("select", "with")):
-                raise signal.fail("sql", "expected one SELECT over samples giving device_id, value")
+            signal.only(("aggregate", "where", "direction"))
+            aggregate = signal.text("aggregate")
+            where = signal.text("where", "", allow_empty=True)
+            for key, text in (("aggregate", aggregate), ("where", where)):
+                if ";" in text:
+                    raise signal.fail(key, "one SQL expression over samples, without ';'")
             direction = signal.choice("direction", Direction, Direction.INCREASE)
             kind = GateKind.SIGNAL
         phases: list[str] = []
@@ -567,12 +571,13 @@ def _gates(spec: _Reader, phase_names: set[str]) -> tuple[SignalGate, ...]:
                 name=name,
                 kind=kind,
                 campaign=campaign,
-                sql=sql,
+                aggregate=aggregate,
+                where=where,
                 direction=direction,
                 confidence=r.number("confidence", 0.99, lo=0.5, hi=0.999999) or 0.99,
                 min_effect=min_effect,
                 min_exposure_h=(r.duration("min_exposure", 3600.0) or 0.0) / 3600.0,
-                min_devices=r.integer("min_devices", 3, lo=1) or 1,
+                min_devices=r.integer("min_devices", 3, lo=1 if kind is GateKind.CAPTURE_RATE else 2) or 1,
                 interval_s=max(r.duration("interval", 60.0) or 60.0, 1.0),
                 phases=tuple(phases),
                 action=r.choice("action", BrakeAction, BrakeAction.ROLL_BACK),
@@ -896,7 +901,7 @@ def _gate_dict(g: SignalGate) -> dict[str, Any]:
     source: dict[str, Any] = (
         {"capture_rate": {"campaign": g.campaign}}
         if g.kind is GateKind.CAPTURE_RATE
-        else {"signal": {"sql": g.sql, "direction": g.direction.value}}
+        else {"signal": {"aggregate": g.aggregate, "where": g.where, "direction": g.direction.value}}
     )
     return {
         "name": g.name,

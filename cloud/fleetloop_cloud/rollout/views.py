@@ -51,9 +51,9 @@ class GateDecision:
     phase: int
     at: float
     decision: str
-    statistic: float
-    p_value: float
-    effect: float
+    statistic: float | None
+    p_value: float | None
+    effect: float | None
     reason: str
     inputs: dict[str, float]
 
