@@ -197,7 +197,7 @@ def ensure_schema(db: Database) -> None:
         if version < 2:
             _upgrade_to_2(tx)
         if version < 4:
-            _upgrade_to_4(tx, db)
+            _add_rollout_controller_columns(tx, db)
         tx.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
 
@@ -206,8 +206,9 @@ def _upgrade_to_2(tx: Transaction) -> None:
     tx.execute("ALTER TABLE devices ADD COLUMN session_owner TEXT NOT NULL DEFAULT ''")
 
 
-#: Columns version 4 added to tables that existed before it (new tables are created above).
-_ADDED_IN_4 = (
+#: The rollout controller's migration (schema version 4): columns it added to tables that existed before
+#: it; its new tables (``rollout_gates``, ``controller_lease``) are created above with the rest.
+_ROLLOUT_CONTROLLER_COLUMNS = (
     ("devices", "time_zone TEXT NOT NULL DEFAULT ''"),
     ("rollouts", "revision INTEGER NOT NULL DEFAULT 0"),
     ("rollouts", "parent_id TEXT NOT NULL DEFAULT ''"),
@@ -223,9 +224,10 @@ _ADDED_IN_4 = (
 )
 
 
-def _upgrade_to_4(tx: Transaction, db: Database) -> None:
-    """Version 3 rollouts carry no executions' details: add the columns, with their defaults."""
-    for table, column in _ADDED_IN_4:
+def _add_rollout_controller_columns(tx: Transaction, db: Database) -> None:
+    """Version 3 rollouts carry no executions' details: add the columns, with their defaults. Each is
+    added only if missing, so the step can run at any version number."""
+    for table, column in _ROLLOUT_CONTROLLER_COLUMNS:
         if column.split()[0] not in _columns(tx, db, table):  # tables made since came with it
             tx.execute(db.ddl(f"ALTER TABLE {table} ADD COLUMN {column}"))
 
