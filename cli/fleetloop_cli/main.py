@@ -15,6 +15,7 @@ from typing import Any
 
 from fleetloop_cli import (
     access_commands,
+    cloud_commands,
     fleet_commands,
     ota_commands,
     rollout_commands,
@@ -23,7 +24,7 @@ from fleetloop_cli import (
 )
 from fleetloop_cli.client import CoordinatorClient, client_from_args
 from fleetloop_cli.output import FORMATS, render_object, render_records, render_rows
-from fleetloop_shared.errors import EXIT_INTERRUPTED, FleetloopError, NotFoundError, UserError
+from fleetloop_shared.errors import EXIT_INTERRUPTED, FleetloopError, NotFoundError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,61 +42,6 @@ def _print(text: str) -> None:
 
 
 # -- cloud / agent / sim ---------------------------------------------------------------------------
-def cmd_cloud_serve(args: argparse.Namespace) -> int:
-    from fleetloop_cloud.server import serve
-    from fleetloop_shared import jsonlog
-
-    jsonlog.configure("cloud", level=args.log_level)
-    mqtt = None
-    if args.mqtt:  # MQTT 5 beside gRPC
-        from fleetloop_cloud.mqtt_bridge import BridgeSettings
-
-        host, _, port = args.mqtt.rpartition(":")
-        if not host or not port.isdigit() or not (args.mqtt_ca and args.mqtt_cert and args.mqtt_key):
-            raise UserError("--mqtt wants HOST:PORT and --mqtt-ca, --mqtt-cert, --mqtt-key")
-        mqtt = BridgeSettings(host, int(port), Path(args.mqtt_ca), Path(args.mqtt_cert), Path(args.mqtt_key))
-    return serve(
-        Path(args.dir),
-        host=args.host,
-        grpc_port=args.grpc_port,
-        http_port=args.http_port,
-        ready_file=Path(args.ready_file) if args.ready_file else None,
-        mqtt=mqtt,
-        db=args.db,
-        grpc_tls=_grpc_tls(args),
-        http=_http_settings(args),
-    )
-
-
-def _http_settings(args: argparse.Namespace) -> Any:
-    """TLS for the HTTP port when --http-cert is given; --insecure for a lab."""
-    from fleetloop_cloud.http_api import HttpSettings, HttpTls
-
-    tls = None
-    if args.http_cert or args.http_key:
-        if not (args.http_cert and args.http_key):
-            raise UserError("--http-cert and --http-key go together")
-        for name in (args.http_cert, args.http_key):
-            if not Path(name).is_file():
-                raise NotFoundError(f"{name}: no such file")
-        tls = HttpTls(Path(args.http_cert), Path(args.http_key))
-    return HttpSettings(tls=tls, insecure=args.insecure)
-
-
-def _grpc_tls(args: argparse.Namespace) -> Any:
-    """mTLS for the device gRPC port when --grpc-cert is given."""
-    if not args.grpc_cert:
-        return None
-    if not (args.grpc_ca and args.grpc_key):
-        raise UserError("--grpc-cert needs --grpc-key and --grpc-ca (the CA device certificates chain to)")
-    from fleetloop_cloud.grpc_api import GrpcTls
-
-    for name in (args.grpc_ca, args.grpc_cert, args.grpc_key):
-        if not Path(name).is_file():
-            raise NotFoundError(f"{name}: no such file")
-    return GrpcTls(Path(args.grpc_ca), Path(args.grpc_cert), Path(args.grpc_key))
-
-
 def cmd_agent_run(args: argparse.Namespace) -> int:
     import signal
 
@@ -127,7 +73,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- data ------------------------------------------------------------------------------------------
 def cmd_query(args: argparse.Namespace) -> int:
-    body = {"sql": args.sql, "max_rows": args.max_rows, "timeout_s": args.timeout}
+    body = {"sql": args.sql, "max_rows": args.max_rows}
+    if args.timeout is not None:
+        body["timeout_s"] = args.timeout
     result = _client(args).post_json("/v1/query", body)
     _print(render_rows(result["columns"], result["rows"], args.output))
     if result.get("truncated"):
@@ -191,29 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
     cloud = sub.add_parser("cloud", help="run the coordinator").add_subparsers(
         dest="sub", required=True, parser_class=_Parser
     )
-    s = cloud.add_parser("serve", help="serve gRPC + HTTP with embedded storage")
-    s.add_argument("--dir", default="fleetloop-cloud", help="data directory (SQLite, Parquet, artifacts)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--grpc-port", type=int, default=50051)
-    s.add_argument("--http-port", type=int, default=8080)
-    s.add_argument("--ready-file", help="write the bound ports here as JSON once serving")
-    s.add_argument("--log-level", default="info")
-    s.add_argument("--mqtt", help="also serve devices over MQTT 5 through this broker (HOST:PORT, TLS)")
-    s.add_argument("--mqtt-ca", help="CA certificate the broker's certificate is checked against")
-    s.add_argument("--mqtt-cert", help="this coordinator's own certificate (CN in group coordinators)")
-    s.add_argument("--mqtt-key", help="its private key")
-    s.add_argument("--db", help="metadata in PostgreSQL (postgresql://...) instead of SQLite in --dir")
-    s.add_argument("--grpc-cert", help="serve devices over mTLS with this certificate (and --grpc-key)")
-    s.add_argument("--grpc-key", help="the gRPC server's private key")
-    s.add_argument("--grpc-ca", help="CA that device certificates must chain to (CN = device id)")
-    s.add_argument("--http-cert", help="serve HTTP over TLS with this certificate (and --http-key)")
-    s.add_argument("--http-key", help="the HTTP server's private key")
-    s.add_argument(
-        "--insecure", action="store_true",
-        help="lab only: no API tokens (everyone is admin) and no TLS required off loopback",
-    )
-    s.set_defaults(func=cmd_cloud_serve)
-
     agent = sub.add_parser("agent", help="run the device agent").add_subparsers(dest="sub", required=True)
     s = agent.add_parser("run", help="run the agent with one config file")
     s.add_argument("--config", required=True)
@@ -251,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("query", help="SQL over the fleet's data (tables: samples, captures)")
     s.add_argument("sql")
     s.add_argument("--max-rows", type=int, default=10000)
-    s.add_argument("--timeout", type=float, default=120.0, help="seconds the query may run (max 120)")
+    s.add_argument("--timeout", type=float, default=None,
+                   help="seconds the query may run (default and most: the coordinator's query.timeout_s)")
     with_cloud(s)
     s.set_defaults(func=cmd_query)
 
@@ -285,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     groups = {"top": sub, "rules": rules, "sim": sim, "artifacts": arts, "cloud": cloud}
     for register in (
+        cloud_commands.register,
         access_commands.register,
         rules_commands.register,
         store_commands.register,

@@ -153,6 +153,7 @@ def request_for(name: str, w: World) -> tuple[str, bytes | None, str]:
         "revokeToken": ("/v1/tokens/to-revoke", None, json_type),
         "listAudit": ("/v1/audit", None, json_type),
         "verifyAudit": ("/v1/audit/verify", None, json_type),
+        "getMetrics": ("/metrics", None, json_type),
     }  # fmt: skip
     return requests[name]
 
@@ -192,7 +193,8 @@ def test_every_route_by_token_state_and_role(world: World) -> None:
                 w.base, route.method, path, body, {"Content-Type": content_type}, token=token
             )
             row[case] = str(status)
-            doc: Any = json.loads(data) if data else None
+            is_json = headers.get("Content-Type", "").startswith("application/json")
+            doc: Any = json.loads(data) if data and is_json else None
             want = {"right role": route.status, "wrong role": 403}.get(case, 401)
             if status != want:
                 mismatches.append(f"{route.name} / {case}: {status} (wanted {want}): {data[:300]!r}")

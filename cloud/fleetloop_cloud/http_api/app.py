@@ -61,8 +61,10 @@ REQUEST_ID = web.RequestKey("request_id", str)
 CALLER = web.RequestKey("caller", Caller)
 #: 401 or 403 when the request was refused for its credentials.
 AUTH_FAILURE = web.RequestKey("auth_failure", int)
-#: Routes devices and probes call all the time: logged at debug level only.
-_QUIET_ROUTES = frozenset({"getArtifactFile", "getImageMetadata", "getDirectorMetadata", "health"})
+#: Routes devices, probes and scrapers call all the time: logged at debug level only.
+_QUIET_ROUTES = frozenset(
+    {"getArtifactFile", "getImageMetadata", "getDirectorMetadata", "health", "getMetrics"}
+)
 
 
 @dataclass(frozen=True)
@@ -242,6 +244,9 @@ class _Operations:
                 )
             async with self.gate:
                 reply = await asyncio.get_running_loop().run_in_executor(self.executor, route.handler, call)
+            if reply.content_type is not None:
+                return web.Response(body=reply.body, status=reply.status,
+                                    headers={"Content-Type": reply.content_type})  # fmt: skip
             return web.json_response(reply.body, status=reply.status, dumps=_dumps)
 
         return handle

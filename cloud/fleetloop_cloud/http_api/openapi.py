@@ -140,6 +140,7 @@ RESPONSES: dict[str, S] = {
                     "required": [*TOKEN["required"], "token"]},
     "revokeToken": TOKEN,
     "listAudit": _arr(AUDIT_ENTRY),
+    "getMetrics": {"type": "string", "description": "Prometheus text exposition format"},
     "verifyAudit": _obj(["ok", "entries", "head_seq", "head_hash"], ok=BOOL, entries=INT, head_seq=INT,
                         head_hash=STR, broken_at={"type": ["integer", "null"]}, reason=STR),
 }
@@ -241,7 +242,7 @@ def _operation(route: Any) -> S:
         "responses": {
             str(route.status): {
                 "description": "success",
-                "content": {"application/json": {"schema": RESPONSES[route.name]}},
+                "content": {route.reply_type: {"schema": RESPONSES[route.name]}},
             },
             **_error_responses(public=False),
         },

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fleetloop_cloud.fleet_store.query import QUERY_TIMEOUT_S, check_timeout
+from fleetloop_cloud.fleet_store.query import check_timeout
 from fleetloop_cloud.http_api.render import device_json, plain, release_json
 from fleetloop_cloud.repositories.records import AuditFilter
 from fleetloop_cloud.services.access import Caller
@@ -51,8 +51,11 @@ class Call:
 
 @dataclass(frozen=True)
 class Reply:
+    """A JSON answer, or (``content_type`` given) ``body`` as bytes of that type."""
+
     body: Any
     status: int = 200
+    content_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class Route:
     #: Media type of the body, when there is one.
     body_type: str = "application/json"
     status: int = 200
+    #: Media type of the success answer.
+    reply_type: str = "application/json"
 
 
 # -- handlers ---------------------------------------------------------------------------------------
@@ -126,14 +131,15 @@ def _int_field(body: Mapping[str, Any], key: str, default: int) -> int:
 
 
 def _query(c: Call) -> Reply:
-    """``{"sql": "...", "max_rows": N, "timeout_s": S}`` (docs/query.md): at most 100,000 rows; the
-    query is interrupted after ``timeout_s`` (400 with type ``QueryTimeoutError``)."""
+    """``{"sql": "...", "max_rows": N, "timeout_s": S}`` (docs/query.md): at most the coordinator's
+    ``query.max_rows`` rows (100,000 unless configured); the query is interrupted after ``timeout_s``
+    (400 with type ``QueryTimeoutError``), by default the coordinator's ``query.timeout_s``."""
     body = c.json_object('{"sql": "..."}')
     sql = body.get("sql")
     if not isinstance(sql, str) or not sql.strip():
         raise UserError('body must be {"sql": "..."}')
-    max_rows = max(1, min(_int_field(body, "max_rows", 10000), 100_000))
-    timeout_s = check_timeout(body.get("timeout_s", QUERY_TIMEOUT_S))
+    max_rows = _int_field(body, "max_rows", 10000)
+    timeout_s = check_timeout(body["timeout_s"]) if "timeout_s" in body else None
     result = c.api.queries.sql(c.caller, sql, max_rows=max_rows, timeout_s=timeout_s)
     return Reply({"columns": result.columns, "rows": result.rows, "truncated": result.truncated})
 
@@ -288,6 +294,12 @@ def _audit_verify(c: Call) -> Reply:
     return Reply(plain(c.api.audit.verify(c.caller)))
 
 
+def _metrics(c: Call) -> Reply:
+    """The coordinator's metrics in Prometheus' text format (docs/api.md: Metrics)."""
+    body, content_type = c.api.metrics.exposition()
+    return Reply(body, content_type=content_type)
+
+
 #: Every operator route. Public routes (health, the OpenAPI document, artifact files and TUF metadata)
 #: are in :mod:`.app` and :mod:`.files`.
 ROUTES: tuple[Route, ...] = (
@@ -333,4 +345,5 @@ ROUTES: tuple[Route, ...] = (
     Route("revokeToken", "DELETE", "/v1/tokens/{name}", "tokens.revoke", _revoke_token),
     Route("listAudit", "GET", "/v1/audit", "audit.list", _audit),
     Route("verifyAudit", "GET", "/v1/audit/verify", "audit.verify", _audit_verify),
+    Route("getMetrics", "GET", "/metrics", "metrics", _metrics, reply_type="text/plain"),
 )  # fmt: skip

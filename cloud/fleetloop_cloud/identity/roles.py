@@ -34,6 +34,7 @@ ACTIONS: dict[str, Role] = {
     "rollouts.get": Role.VIEWER,
     "audit.list": Role.VIEWER,
     "audit.verify": Role.VIEWER,
+    "metrics": Role.VIEWER,
     "campaigns.apply": Role.OPERATOR,
     "campaigns.delete": Role.OPERATOR,
     "releases.upload": Role.RELEASE_MANAGER,

@@ -27,9 +27,15 @@ class DeviceApi(Protocol):
     clock: Callable[[], float]
 
 
+class MetricsText(Protocol):
+    """The coordinator's metrics as ``GET /metrics`` serves them: the body and its content type."""
+
+    def exposition(self) -> tuple[bytes, str]: ...
+
+
 class OperatorApi(Protocol):
     """The operator-facing services (tokens and the audit log among them), the access checks the
-    surface makes before it reads a request's body, and the clock."""
+    surface makes before it reads a request's body, the metrics, and the clock."""
 
     access: Access
     tokens: TokenService
@@ -40,3 +46,6 @@ class OperatorApi(Protocol):
     rollouts: RolloutService
     queries: QueryService
     clock: Callable[[], float]
+
+    @property
+    def metrics(self) -> MetricsText: ...

@@ -137,7 +137,7 @@ class DeviceService:
         if new:  # a device joining the fleet is for operators to see; its later reports are telemetry
             self._access.record(caller, "devices.register", device_id, now,
                                 detail=f"fleet {hello.fleet or 'default'}, proven: {caller.proven}")
-        session = self._sessions.open(device_id, wake)
+        session = self._sessions.open(device_id, wake, transport=caller.transport)
         log.info(
             "device %s connected over %s (%d signals, data %s)",
             device_id, caller.transport, len(hello.catalog), hello.data_origin,
@@ -151,7 +151,7 @@ class DeviceService:
         device_id = self._access.device(caller, caller.name)
         if self._devices.get(device_id) is None:
             raise NotFoundError(f"device {device_id!r}: a message before any hello")
-        session = self._sessions.open(device_id, wake)
+        session = self._sessions.open(device_id, wake, transport=caller.transport)
         self._devices.touch(device_id, now, owner=self.coordinator_id)
         return session
 
