@@ -200,7 +200,7 @@ def test_serve_keeps_the_fleet_running_for_the_console_until_ctrl_c(tmp_path: Pa
     request = urllib.request.Request(f"{url}/v1/devices", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=10) as answer:
         devices = json.loads(answer.read())
-    assert {d["device_id"] for d in devices if d["online"]} == {"car-001", "robot-001", "plc-001"}
+    assert {d["device_id"] for d in devices if d["online"]} == {"car-001", "robot-001", "plc-001", "hub-001"}
     _console_shows_the_demo(url, token, tmp_path / "downloads")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -225,10 +225,10 @@ def _console_shows_the_demo(url: str, token: str, downloads: Path) -> None:
         page.goto(f"{url}/")
         page.fill("#token", token)
         page.click("#login button[type=submit]")
-        for device in ("car-001", "robot-001", "plc-001"):
+        for device in ("car-001", "robot-001", "plc-001", "hub-001"):
             expect(page.locator(f"tr[data-device={device}]")).to_contain_text("online")
         page.click("nav a[href='#/campaigns']")
-        expect(page.locator("#campaign-list tbody tr")).to_have_count(3)
+        expect(page.locator("#campaign-list tbody tr")).to_have_count(4)
         page.click("nav a[href='#/rollouts']")
         expect(page.locator("main table")).to_contain_text("2.0.0")
         assert page.locator("button.write").count() == 0  # a viewer
