@@ -14,6 +14,7 @@ import pytest
 from fleetloop_cloud.repositories import Repositories, open_repositories
 from fleetloop_cloud.repositories.records import (
     DeviceChange,
+    DeviceTelemetry,
     Inventory,
     NewRollout,
     Registration,
@@ -65,6 +66,20 @@ def test_device_hello_inventory_heartbeat(repos: Repositories) -> None:
     assert d.session_owner == "c1"
     assert [x.device_id for x in devices.all()] == ["car-1"]
     assert devices.get("nobody") is None
+
+
+def test_a_heartbeat_keeps_the_latest_telemetry(repos: Repositories) -> None:
+    devices = repos.devices
+    hello(repos)
+    assert devices.telemetry() == {}
+    first = DeviceTelemetry(150.0, 3, 4096, 1 << 20, 1 << 28, -12.5, "wifi")
+    devices.touch("car-1", 150.0, owner="c1", telemetry=first)
+    devices.touch("nobody", 150.0, owner="c1", telemetry=first)  # unknown devices report nothing
+    assert devices.telemetry() == {"car-1": first}
+    devices.touch("car-1", 151.0, owner="c1")  # a sign of life without a report keeps the last one
+    later = DeviceTelemetry(152.0, 0, 0, 2 << 20, 1 << 28, 3.0, "cellular")
+    devices.touch("car-1", 152.0, owner="c2", telemetry=later)
+    assert devices.telemetry() == {"car-1": later}
 
 
 def test_a_session_ends_only_where_it_is_held(repos: Repositories) -> None:
@@ -343,6 +358,38 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     assert d is not None and d.session_owner == "" and d.registered_at == 1.0  # the stale flag is gone
     hello(repos, "car-2")
     assert repos.devices.get("car-2").session_owner == "c1"  # type: ignore[union-attr]
+    repos.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_a_version_3_rollout_gains_the_rollout_controller_columns(tmp_path: Path) -> None:
+    """What the operator-plane release wrote: rollouts with a flat policy, executions without attempts."""
+    path = tmp_path / "m.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            """CREATE TABLE schema_version (version INTEGER NOT NULL);
+               INSERT INTO schema_version VALUES (3);
+               CREATE TABLE rollouts (
+                   rollout_id TEXT PRIMARY KEY, release_version TEXT NOT NULL, policy_json TEXT NOT NULL,
+                   state TEXT NOT NULL, phase INTEGER NOT NULL, phase_started_at REAL NOT NULL,
+                   reason TEXT NOT NULL, accepted_failures_json TEXT NOT NULL DEFAULT '[]',
+                   created_at REAL NOT NULL, updated_at REAL NOT NULL);
+               CREATE TABLE rollout_devices (
+                   rollout_id TEXT NOT NULL, device_id TEXT NOT NULL, phase INTEGER NOT NULL,
+                   state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', delivered INTEGER NOT NULL DEFAULT 0,
+                   updated_at REAL NOT NULL, PRIMARY KEY (rollout_id, device_id));
+               INSERT INTO rollouts VALUES ('ro-old', '2.0.0',
+                 '{"release_version": "2.0.0", "phases": [{"name": "all", "percent": 100}]}',
+                 'RUNNING', 0, 1.0, 'created', '[]', 1.0, 2.0);
+               INSERT INTO rollout_devices VALUES ('ro-old', 'car-1', 0, 'COMMITTED', '', 1, 2.0);"""
+        )
+    repos = open_repositories(path)
+    record = repos.rollouts.get("ro-old")
+    assert record is not None and (record.revision, record.parent_id, record.state) == (0, "", "RUNNING")
+    (device,) = repos.rollouts.devices("ro-old")
+    assert (device.state, device.attempt, device.windows, device.running_version) == ("COMMITTED", 0, (), "")
+    assert repos.rollouts.latest_evaluations("ro-old", 0) == {} and repos.rollouts.lease() is None
     repos.close()
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]

@@ -1,8 +1,9 @@
 """The whole loop, as a user runs it: `fleetloop demo --json`, also with injected faults.
 
-Each run starts a real coordinator and three simulated A/B devices as separate processes on loopback,
-replays the real recordings, ingests captures into Parquet, queries them with DuckDB and rolls out
-firmware v2 as a signed delta.
+Each run starts a real coordinator and four simulated A/B machines as separate processes on loopback —
+a car, a robot, a PLC gateway and a home hub, each agent on live sources (CAN + OBD-II, the push API,
+Modbus TCP, zigbee2mqtt over MQTT) whose far side plays the real recordings (or generated signals) —
+ingests captures into Parquet, queries them with DuckDB and rolls out firmware v2 as a signed delta.
 """
 
 from __future__ import annotations
@@ -37,20 +38,45 @@ def _logs(tmp_path: Path) -> str:
     return "\n".join(out)
 
 
+#: What each kind's agent reads, by source name and kind (the summary names them).
+LIVE_SOURCES = {
+    "car": {"can0": "can", "obd": "obd"},
+    "robot": {"robot": "push_api"},
+    "plc": {"pump": "modbus_tcp"},
+    "hub": {"zigbee": "mqtt_json"},
+}
+
+
+def assert_four_live_machines(summary: dict[str, Any], data: str) -> None:
+    """Each of the four kinds ran on live sources (the origin its agent reported to the cloud) and
+    captured data through them; the far side played ``data`` (the hub's house is always generated)."""
+    machines = summary["machines"]
+    assert sorted(m["kind"] for m in machines.values()) == ["car", "hub", "plc", "robot"], machines
+    for device_id, m in machines.items():
+        assert m["origin"] == "live", (device_id, m)
+        assert m["sources"] == LIVE_SOURCES[m["kind"]], (device_id, m)
+        assert m["captures"] >= 1 and m["samples"] > 0, (device_id, m)
+        assert m["data"] == (data if m["kind"] != "hub" else "simulated"), (device_id, m)
+        assert m["far_side"], device_id
+    car = next(m for m in machines.values() if m["kind"] == "car")
+    assert "ISO-TP" in car["far_side"] and "ws://127.0.0.1:" in car["far_side"]
+
+
 def test_demo_runs_the_whole_loop_on_recordings(tmp_path: Path, recordings: Path) -> None:
     code, summary, logs = run_demo(tmp_path, recordings)
     assert code == 0, logs
     assert summary["ok"] is True
     assert summary["data"] == "recordings"
-    assert summary["devices"] == 3
-    assert summary["campaigns"] == 3
-    assert summary["captures_ingested"] >= 3
+    assert summary["devices"] == 4
+    assert summary["campaigns"] == 4
+    assert_four_live_machines(summary, "recordings")
+    assert summary["captures_ingested"] >= 4
     assert summary["samples_ingested"] > 0
     assert summary["query_rows"] > 0
     ro = summary["rollout"]
     assert ro["state"] == "succeeded"
     assert ro["phases"] == 2
-    assert ro["devices_updated"] == 3
+    assert ro["devices_updated"] == 4
     assert 0 < ro["delta_bytes"] < ro["full_bytes"]
     assert summary["seconds"] < 180
 
@@ -59,9 +85,10 @@ def test_demo_runs_on_simulated_signals_without_recordings(tmp_path: Path) -> No
     code, summary, logs = run_demo(tmp_path, None, "--simulated")
     assert code == 0, logs
     assert summary["data"] == "simulated"
-    assert summary["captures_ingested"] >= 3 and summary["query_rows"] > 0
+    assert_four_live_machines(summary, "simulated")
+    assert summary["captures_ingested"] >= 4 and summary["query_rows"] > 0
     assert summary["rollout"]["state"] == "succeeded"
-    assert summary["rollout"]["devices_updated"] == 3
+    assert summary["rollout"]["devices_updated"] == 4
 
 
 def test_demo_tells_the_truth_when_v2_fails_its_health_check(tmp_path: Path, recordings: Path) -> None:
@@ -71,7 +98,7 @@ def test_demo_tells_the_truth_when_v2_fails_its_health_check(tmp_path: Path, rec
     assert ro["state"] == "paused", logs
     assert ro["devices"]["car-001"]["state"] == "ROLLED_BACK", logs
     assert "health" in ro["devices"]["car-001"]["reason"]
-    assert ro["devices_updated"] < 3
+    assert ro["devices_updated"] < 4
     assert "rollout paused" in summary["error"]
 
 
@@ -129,8 +156,9 @@ def test_ctrl_c_stops_every_process_it_started(tmp_path: Path, recordings: Path)
         text=True,
     )
     deadline = time.monotonic() + 120  # generous: a loaded machine starts processes slowly
-    # the coordinator and three device supervisors, whenever they are all up (never a fixed wait)
-    while len(_processes_mentioning(str(work))) < 4 or not (work / "logs" / "plc-001.log").exists():
+    # the coordinator, four far sides and four device supervisors, whenever they are all up (never a
+    # fixed wait)
+    while len(_processes_mentioning(str(work))) < 9 or not (work / "logs" / "hub-001.log").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "the demo did not start its devices"
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
@@ -142,3 +170,69 @@ def test_ctrl_c_stops_every_process_it_started(tmp_path: Path, recordings: Path)
         time.sleep(0.2)
     left = {pid: _describe(pid) for pid in _processes_mentioning(str(work))}
     assert left == {}, err
+
+
+def test_serve_keeps_the_fleet_running_for_the_console_until_ctrl_c(tmp_path: Path, recordings: Path) -> None:
+    """``demo --serve``: after the summary the coordinator and the devices keep running; the console's
+    URL and a viewer token are printed, the console (in Chromium) shows the demo's fleet, campaigns,
+    rollout and a capture in the timeline, and Ctrl-C stops every process."""
+    import re
+    import urllib.request
+
+    work = tmp_path / "w"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleetloop_cli.main", "demo", "--serve", "--workdir", str(work),
+         "--data", str(recordings)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:  # ends when the demo exits: then the assertion below says why
+        seen.append(line)
+        if line.startswith("console: "):
+            break
+    found = re.match(r"console: (http://\S+)/ .*viewer token: (\S+)\)", seen[-1] if seen else "")
+    assert found, "".join(seen) + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+    url, token = found.groups()
+    assert any(line.startswith("summary: ") for line in seen)
+    with urllib.request.urlopen(f"{url}/", timeout=10) as page:
+        assert b"fleetloop console" in page.read()
+    request = urllib.request.Request(f"{url}/v1/devices", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        devices = json.loads(answer.read())
+    assert {d["device_id"] for d in devices if d["online"]} == {"car-001", "robot-001", "plc-001", "hub-001"}
+    _console_shows_the_demo(url, token, tmp_path / "downloads")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(work)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert {pid: _describe(pid) for pid in _processes_mentioning(str(work))} == {}
+
+
+def _console_shows_the_demo(url: str, token: str, downloads: Path) -> None:
+    """Sign in with the printed viewer token; each page shows what the demo made."""
+    import re
+
+    from playwright.sync_api import expect
+
+    from tests.fixtures.browser import browser_context
+
+    with browser_context(downloads) as context:
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+        page.goto(f"{url}/")
+        page.fill("#token", token)
+        page.click("#login button[type=submit]")
+        for device in ("car-001", "robot-001", "plc-001", "hub-001"):
+            expect(page.locator(f"tr[data-device={device}]")).to_contain_text("online")
+        page.click("nav a[href='#/campaigns']")
+        expect(page.locator("#campaign-list tbody tr")).to_have_count(4)
+        page.click("nav a[href='#/rollouts']")
+        expect(page.locator("main table")).to_contain_text("2.0.0")
+        assert page.locator("button.write").count() == 0  # a viewer
+        page.click("nav a[href='#/captures']")
+        page.locator(".capture-link").first.click()
+        expect(page.locator("main")).to_have_attribute("data-drawn-ms", re.compile(r"^\d+$"))
+        assert page.evaluate("window.fleetloopTimeline.plots.length") > 0

@@ -17,10 +17,10 @@ import os
 import re
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -93,6 +93,7 @@ CAPTURES_SCHEMA = pa.schema(
         pa.field("last_received", pa.float64()),
     ]
 )
+T = TypeVar("T")
 _ALLOWED_STATEMENTS = frozenset({duckdb.StatementType.SELECT})
 #: A compacted file's path ends so (fleet_store.COMPACTED_FILE).
 _COMPACTED_SUFFIX = r"/compacted-[0-9a-f]{24}\.parquet$"
@@ -335,19 +336,16 @@ class QueryEngine:
             raise
         return conn
 
-    def query(self, sql: str, *, max_rows: int = 10000, timeout_s: float | None = None) -> QueryResult:
-        """Run one SELECT; at most ``max_rows`` rows come back (``truncated`` says whether more existed).
-
-        The query (execution and fetching its rows) is interrupted after ``timeout_s`` seconds (above 0, at
-        most the limits' ``timeout_s``, which is also the default) and raises QueryTimeoutError. Any
-        DuckDB error (syntax, unknown column, ...) becomes a QueryError with DuckDB's one-line message.
-        """
-        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or not 1 <= max_rows <= MAX_ROWS_LIMIT:
-            raise UserError(f"max_rows must be between 1 and {MAX_ROWS_LIMIT}, got {max_rows!r}")
-        most = self.limits.timeout_s
-        limit_s = most if timeout_s is None else check_timeout(timeout_s, most)
-        if not isinstance(sql, str) or not sql.strip():
-            raise QueryError("the query is empty")
+    def _run(
+        self,
+        limit_s: float,
+        timeout_message: str,
+        work: Callable[[duckdb.DuckDBPyConnection], T],
+        check: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
+    ) -> T:
+        """``work`` on a fresh locked-down connection, interrupted after ``limit_s`` seconds
+        (QueryTimeoutError with ``timeout_message``), after ``check`` (untimed: it runs nothing);
+        DuckDB's errors become QueryError."""
         try:
             conn = self._connect()
         except duckdb.Error as exc:
@@ -361,6 +359,33 @@ class QueryEngine:
         timer = threading.Timer(limit_s, interrupt)
         timer.daemon = True
         try:
+            if check is not None:
+                check(conn)
+            timer.start()
+            return work(conn)
+        except duckdb.Error as exc:
+            if timed_out.is_set():
+                raise QueryTimeoutError(timeout_message, timeout_s=limit_s) from None
+            raise QueryError(_first_line(exc)) from None
+        finally:
+            timer.cancel()
+            conn.close()
+
+    def query(self, sql: str, *, max_rows: int = 10000, timeout_s: float | None = None) -> QueryResult:
+        """Run one SELECT; at most ``max_rows`` rows come back (``truncated`` says whether more existed).
+
+        The query (execution and fetching its rows) is interrupted after ``timeout_s`` seconds (above 0, at
+        most the limits' ``timeout_s``, which is also the default) and raises QueryTimeoutError. Any
+        DuckDB error (syntax, unknown column, ...) becomes a QueryError with DuckDB's one-line message.
+        """
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or not 1 <= max_rows <= MAX_ROWS_LIMIT:
+            raise UserError(f"max_rows must be between 1 and {MAX_ROWS_LIMIT}, got {max_rows!r}")
+        most = self.limits.timeout_s
+        limit_s = most if timeout_s is None else check_timeout(timeout_s, most)
+        if not isinstance(sql, str) or not sql.strip():
+            raise QueryError("the query is empty")
+
+        def check(conn: duckdb.DuckDBPyConnection) -> None:
             statements = conn.extract_statements(sql)
             if len(statements) != 1:
                 raise QueryError(f"send exactly one SQL statement, got {len(statements)}")
@@ -368,22 +393,47 @@ class QueryEngine:
                 raise QueryError(
                     f"only SELECT queries are allowed, got {statements[0].type.name.replace('_', ' ')}"
                 )
-            timer.start()
+
+        def work(conn: duckdb.DuckDBPyConnection) -> tuple[list[str], list[Any]]:
             cursor = conn.execute(sql)
-            description = cursor.description or []
-            columns = [str(d[0]) for d in description]
-            fetched = cursor.fetchmany(max_rows + 1)
-        except duckdb.Error as exc:
-            if timed_out.is_set():
-                raise QueryTimeoutError(
-                    f"query interrupted after its time limit of {limit_s:g} s (timeout_s; at most "
-                    f"{most:g} s): narrow it with WHERE on fleet, date, device_id or signal",
-                    timeout_s=limit_s,
-                ) from None
-            raise QueryError(_first_line(exc)) from None
-        finally:
-            timer.cancel()
-            conn.close()
+            columns = [str(d[0]) for d in cursor.description or []]
+            return columns, cursor.fetchmany(max_rows + 1)
+
+        columns, fetched = self._run(
+            limit_s,
+            f"query interrupted after its time limit of {limit_s:g} s (timeout_s; at most "
+            f"{most:g} s): narrow it with WHERE on fleet, date, device_id or signal",
+            work,
+            check,
+        )
         truncated = len(fetched) > max_rows
         rows = [tuple(_plain(v) for v in row) for row in fetched[:max_rows]]
         return QueryResult(columns=columns, rows=rows, truncated=truncated)
+
+    def read(self, sql: str, params: Sequence[object], *, timeout_s: float | None = None) -> pa.Table:
+        """Run one of this package's own statements (``sql`` is ours, never a user's; values come as
+        bound ``params``) on the same locked-down connection, as an Arrow table. What the console's
+        timeline and the capture exports read; QueryTimeoutError past ``timeout_s``."""
+        return self.read_many([(sql, params)], timeout_s=timeout_s)[0]
+
+    def read_many(
+        self, statements: Sequence[tuple[str, Sequence[object]]], *, timeout_s: float | None = None
+    ) -> list[pa.Table]:
+        """:meth:`read` for several statements on one connection (opening one costs tens of ms); the
+        limits' ``timeout_s`` unless a shorter one is given."""
+        most = self.limits.timeout_s
+        limit_s = most if timeout_s is None else check_timeout(timeout_s, most)
+
+        def work(conn: duckdb.DuckDBPyConnection) -> list[pa.Table]:
+            out = []
+            for sql, params in statements:
+                relation = conn.sql(sql, params=list(params))
+                if relation is None:
+                    out.append(pa.table({}))
+                    continue
+                fetch = getattr(relation, "to_arrow_table", None) or relation.arrow  # DuckDB 2 / 1.x
+                result = fetch()
+                out.append(result.read_all() if isinstance(result, pa.RecordBatchReader) else result)
+            return out
+
+        return self._run(limit_s, f"reading the fleet store took longer than {limit_s:g} s", work)

@@ -1,6 +1,7 @@
 """The OpenAPI 3.1 document of the REST API, built from the route table so it cannot drift from it.
 
-Each operator route carries its role (``x-fleetloop-role``, and in its description), the bearer
+Each operator route carries its role (``x-fleetloop-role``, and in its description) and its action
+(``x-fleetloop-action``: the console offers a button where the caller's actions include it), the bearer
 security scheme, its request body and limit, and its response schema; every operation documents its
 errors as the one JSON error body. ``tests/cloud/test_openapi.py`` runs schemathesis against a live
 coordinator with this document: no 5xx, and every response matches it.
@@ -33,6 +34,7 @@ NUM_OR_NULL: S = {"type": ["number", "null"]}
 STR_MAP: S = {"type": "object", "additionalProperties": {"type": "string"}}
 INT_MAP: S = {"type": "object", "additionalProperties": {"type": "integer"}}
 ANY_MAP: S = {"type": "object"}
+NS: S = {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}
 
 ERROR = _obj(["error", "type", "request_id"], error=STR, type=STR, request_id=STR)
 DEVICE = _obj(
@@ -41,18 +43,44 @@ DEVICE = _obj(
     firmware_version=STR, firmware_sha256=STR, active_slot=STR, campaigns_version=INT,
     campaigns_running=_arr(STR), campaigns_refused=STR_MAP, captures_total=INT, last_seen=NUM,
     registered_at=NUM, online=BOOL,
+    telemetry={"type": ["object", "null"], "properties": {
+        "reported_at": NUM, "segments_pending": INT, "bytes_pending": INT, "store_bytes": INT,
+        "store_quota_bytes": INT, "clock_offset_ms": NUM, "network": STR}},
 )  # fmt: skip
-PHASE = _obj(["name", "devices"], name=STR, devices=INT, committed=INT, failed=INT)
+PHASE = _obj(["name", "devices"], name=STR, devices=INT, committed=INT, failed=INT, in_progress=INT,
+             pending=INT)  # fmt: skip
 ROLLOUT_DEVICE = _obj(["device_id", "state"], device_id=STR, phase=INT, state=STR, reason=STR)
+NUM_MAP: S = {"type": "object", "additionalProperties": {"type": "number"}}
+GATE_DECISION = _obj(
+    ["gate", "phase", "decision"], gate=STR, phase=INT, at=NUM,
+    decision={"enum": ["pass", "trip", "insufficient"]}, statistic=NUM_OR_NULL, p_value=NUM_OR_NULL,
+    effect=NUM_OR_NULL,
+    reason=STR, inputs=NUM_MAP,
+)  # fmt: skip
 ROLLOUT = _obj(
     ["id", "state", "phase", "devices"],
-    id=STR, release_version=STR, state=STR, phase=INT, phase_name=STR, phase_started_at=NUM,
-    phases=_arr(PHASE), devices=_arr(ROLLOUT_DEVICE), reason=STR, counts=INT_MAP,
-    accepted_failures=_arr(STR), created_at=NUM, updated_at=NUM, policy=ANY_MAP,
+    id=STR, release_version=STR, release_name=STR, revision=INT, state=STR, phase=INT, phase_name=STR,
+    phase_started_at=NUM, phases=_arr(PHASE), devices=_arr(ROLLOUT_DEVICE), reason=STR, counts=INT_MAP,
+    accepted_failures=_arr(STR), gates=_arr(GATE_DECISION), parent_id=STR, rollbacks=_arr(STR),
+    created_at=NUM, updated_at=NUM, policy=ANY_MAP,
 )  # fmt: skip
 ROLLOUT_SUMMARY = _obj(
-    ["id", "state"], id=STR, release_version=STR, state=STR, phase=INT, reason=STR, devices=INT,
-    counts=INT_MAP, created_at=NUM, updated_at=NUM,
+    ["id", "state"], id=STR, release_version=STR, release_name=STR, revision=INT, state=STR, phase=INT,
+    reason=STR, devices=INT, counts=INT_MAP, parent_id=STR, created_at=NUM, updated_at=NUM,
+)  # fmt: skip
+EXECUTION = _obj(
+    ["device_id", "state", "attempt"], device_id=STR, phase=INT, state=STR, reason=STR, attempt=INT,
+    delivered=BOOL, offered_at=NUM_OR_NULL, retry_at=NUM_OR_NULL, changed_at=NUM,
+    install_windows=_arr(_arr(NUM)), hold=BOOL, from_version=STR, running_version=STR,
+)  # fmt: skip
+HISTORY = _obj(
+    ["id", "events", "gate_evaluations"], id=STR,
+    events=_arr(_obj(["seq", "at", "event", "detail"], seq=INT, at=NUM, event=STR, detail=STR)),
+    gate_evaluations=_arr(GATE_DECISION),
+)  # fmt: skip
+REVISION = _obj(
+    ["revision", "id", "release_version"], revision=INT, id=STR, release_name=STR, release_version=STR,
+    state=STR, parent_id=STR, created_at=NUM,
 )  # fmt: skip
 TOKEN = _obj(
     ["name", "role", "state"], name=STR, role=STR, state={"enum": ["active", "expired", "revoked"]},
@@ -64,6 +92,17 @@ AUDIT_ENTRY = _obj(
     seq=INT, at=NUM, actor=STR, role=STR, transport=STR, address=STR, request_id=STR, action=STR,
     target=STR, before=STR, after=STR, detail=STR, prev_hash=STR, hash=STR,
 )  # fmt: skip
+CAPTURE_PROPS: S = dict(
+    capture_id=STR, device_id=STR, campaign=STR, first_ns=INT, last_ns=INT, samples=INT, segments=INT,
+    first_received=NUM, last_received=NUM, state={"enum": ["complete", "arriving"]},
+)
+SIGNAL_INFO = _obj(["signal", "kind"], signal=STR, kind={"enum": ["number", "enum", "text"]}, samples=INT,
+                   first_ns=INT, last_ns=INT, unit=STR)  # fmt: skip
+LINE = _obj(["signal", "t_ns", "values"], signal=STR, t_ns=_arr(INT), values=_arr(NUM), samples=INT,
+            reduced=BOOL)  # fmt: skip
+BANDS = _obj(["signal", "bands"], signal=STR, truncated=BOOL,
+             bands=_arr(_obj(["from_ns", "to_ns", "value"], from_ns=INT, to_ns=INT, value=STR)))  # fmt: skip
+AUDIT_ROW = _obj(["seq", "at", "event"], seq=INT, rollout_id=STR, at=NUM, event=STR, detail=STR)
 PAYLOAD = _obj(
     ["kind", "size", "sha256", "path"], kind=STR, algorithm=STR, size=INT, sha256=STR, path=STR,
     base_sha256=STR,
@@ -71,13 +110,22 @@ PAYLOAD = _obj(
 
 #: Response schema of each operator route (by operationId).
 RESPONSES: dict[str, S] = {
-    "whoami": _obj(["name", "role"], name=STR, role=STR, proven=BOOL),
+    "whoami": _obj(["name", "role", "actions"], name=STR, role=STR, proven=BOOL, actions=_arr(STR)),
     "summary": _obj(
         ["devices", "online"], devices=INT, online=INT, segments_ingested=INT, samples_ingested=INT,
         captures_ingested=INT, campaigns=INT, campaigns_version=INT, refused=INT_MAP,
     ),
     "listDevices": _arr(DEVICE),
     "getDevice": DEVICE,
+    "getDeviceCampaigns": _obj(
+        ["desired_version", "desired", "reported_version", "running", "refused"], desired_version=INT,
+        desired=_arr(_obj(["name", "version"], name=STR, version=INT)), reported_version=INT,
+        running=_arr(STR), refused=STR_MAP,
+    ),
+    "getDeviceOta": _arr(_obj(
+        ["rollout_id", "state"], rollout_id=STR, release_version=STR, phase=INT, state=STR, reason=STR,
+        updated_at=NUM, events=_arr(AUDIT_ROW),
+    )),
     "getDeviceCatalog": _obj(
         ["signals"], signals=_arr(_obj(["id", "path"], id=INT, path=STR, data_type=STR, unit=STR))
     ),
@@ -87,12 +135,20 @@ RESPONSES: dict[str, S] = {
     ),
     "applyCampaign": _obj(["name", "campaigns_version"], name=STR, campaigns_version=INT,
                           devices=_arr(STR)),
+    "validateCampaign": _obj(["name", "version", "selector", "devices"], name=STR, version=INT,
+                             selector=STR, devices=_arr(STR)),
     "deleteCampaign": _obj(["name", "campaigns_version"], name=STR, campaigns_version=INT),
     "query": _obj(["columns", "rows", "truncated"], columns=_arr(STR), rows=_arr({"type": "array"}),
                   truncated=BOOL),
-    "listCaptures": _arr(_obj(["capture_id", "device_id"], capture_id=STR, device_id=STR, campaign=STR,
-                              first_ns=INT, last_ns=INT, samples=INT, segments=INT,
-                              first_received=NUM, last_received=NUM)),
+    "listCaptures": _arr(_obj(["capture_id", "device_id", "state"], **CAPTURE_PROPS)),
+    "getCapture": _obj(
+        ["capture_id", "device_id", "state", "signals"], **CAPTURE_PROPS,
+        trigger_ns={"type": ["integer", "null"]}, pre_ns=INT, post_ns=INT,
+        windows_from={"enum": ["campaign", "data"]}, signals=_arr(SIGNAL_INFO), trajectory=_arr(STR),
+    ),
+    "getCaptureSeries": _obj(["from_ns", "to_ns", "lines", "bands"], from_ns=INT, to_ns=INT, columns=INT,
+                             lines=_arr(LINE), bands=_arr(BANDS)),
+    "exportCapture": {"type": "string", "format": "binary"},
     "listReleases": _arr(_obj(["name", "version", "hardware_id"], name=STR, version=STR, hardware_id=STR,
                               manifest=STR, signature=STR, created_at=NUM)),
     "uploadRelease": _obj(["name", "version", "hardware_id", "sha256", "size", "payloads"], name=STR,
@@ -103,6 +159,13 @@ RESPONSES: dict[str, S] = {
     "pauseRollout": ROLLOUT,
     "resumeRollout": ROLLOUT,
     "abortRollout": ROLLOUT,
+    "approveRollout": ROLLOUT,
+    "rollbackRollout": ROLLOUT,
+    "undoRollout": ROLLOUT,
+    "retryRollout": ROLLOUT,
+    "listRolloutExecutions": _arr(EXECUTION),
+    "getRolloutHistory": HISTORY,
+    "listRolloutRevisions": _arr(REVISION),
     "rotateRoot": _obj(["root_version"], root_version=INT, root_keys=INT, threshold=INT,
                        online_keys_rotated=BOOL),
     "listTokens": _arr(TOKEN),
@@ -118,14 +181,20 @@ RESPONSES: dict[str, S] = {
 #: Request body schema of each route that takes a JSON body.
 REQUESTS: dict[str, S] = {
     "query": _obj(["sql"], sql=STR, max_rows=INT, timeout_s=NUM),
+    # The policy (docs/rollouts.md): a whole document (apiVersion, kind, spec) or a bare spec.
     "createRollout": {
         **_obj(
-            ["release_version"], release_version=STR, release_name=STR, selector=STR,
-            phases=_arr(_obj(["name"], name=STR, percent=NUM, count=INT, min_soak_s={})),
-            max_failure_percent=NUM, success_percent=NUM, min_executed_for_brake=INT, phase_timeout_s={},
+            apiVersion=STR, kind=STR, metadata=ANY_MAP, spec=ANY_MAP,
+            release=_obj(["version"], name=STR, version=STR), target=ANY_MAP,
+            phases=_arr(_obj(["name"], name=STR, percent=NUM, count=INT, soak={}, start={}, success=ANY_MAP)),
+            success=ANY_MAP, abort=_arr(ANY_MAP), gates=_arr(ANY_MAP), rate=ANY_MAP, schedule=ANY_MAP,
+            maintenance=ANY_MAP, install=ANY_MAP, execution=ANY_MAP, weight=INT,
         ),
         "additionalProperties": True,
     },
+    "undoRollout": {**_obj(["to_revision"], to_revision={"type": "integer", "minimum": 1}),
+                    "additionalProperties": False},
+    "retryRollout": {**_obj(devices=_arr(STR)), "additionalProperties": False},
     "rotateRoot": {**_obj(root_keys=INT, threshold=INT, online=BOOL), "additionalProperties": False},
     "createToken": {
         **_obj(["name", "role"], name={"type": "string", "pattern": NAME_PATTERN},
@@ -138,11 +207,33 @@ REQUESTS: dict[str, S] = {
 #: Query parameters of the routes that take some: name → (schema, required, description).
 QUERY: dict[str, dict[str, tuple[S, bool, str]]] = {
     "applyCampaign": {"source": (STR, False, "file name used in error locations (FILE:LINE:COL)")},
+    "validateCampaign": {"source": (STR, False, "file name used in error locations (FILE:LINE:COL)")},
+    "listCaptures": {
+        "device": (STR, False, "only this device's captures"),
+        "campaign": (STR, False, "only this campaign's captures"),
+        "since_ns": (NS, False, "only captures with data at or after this time (Unix ns)"),
+        "until_ns": (NS, False, "only captures with data at or before this time (Unix ns)"),
+        "limit": ({"type": "integer", "minimum": 1, "maximum": 10000}, False, "the newest N (10,000)"),
+    },
+    "getCapture": {"device": (STR, False, "the device, when two devices have captures of this id")},
+    "getCaptureSeries": {
+        "device": (STR, False, "the device, when two devices have captures of this id"),
+        "signals": (STR, False, "comma-separated signal paths (at most 64)"),
+        "from_ns": (NS, False, "window start (Unix ns; the capture's first sample by default)"),
+        "to_ns": (NS, False, "window end (Unix ns; the capture's last sample by default)"),
+        "columns": ({"type": "integer", "minimum": 1, "maximum": 4000}, False,
+                    "plot columns: a line comes back as at most two points (low, high) per column"),
+    },
+    "exportCapture": {
+        "device": (STR, False, "the device, when two devices have captures of this id"),
+        "format": ({"enum": ["mcap", "parquet", "csv"]}, False, "file format (mcap by default)"),
+    },
     "uploadRelease": {
         "name": (STR, True, "release name (firmware, a model pack, ...)"),
         "version": (STR, True, "release version"),
         "hardware": (STR, True, "hardware id the image is for"),
     },
+    "listRolloutRevisions": {"name": (STR, False, "only the revisions of this release name")},
     "listAudit": {
         "after": ({"type": "integer", "minimum": 0, "maximum": 2**53},
                   False, "entries after this sequence number"),
@@ -211,12 +302,13 @@ def _operation(route: Any) -> S:
         },
         "security": [{"bearer": []}],
         "x-fleetloop-role": role,
+        "x-fleetloop-action": route.action,
     }  # fmt: skip
     if route.max_body:
         schema = REQUESTS.get(route.name, {"type": "string"} if route.body_type == "text/yaml"
                               else {"type": "string", "format": "binary"})  # fmt: skip
         op["requestBody"] = {
-            "required": route.name != "rotateRoot",
+            "required": route.name not in ("rotateRoot", "retryRollout"),
             "description": f"at most {route.max_body} bytes",
             "content": {route.body_type: {"schema": schema}},
         }

@@ -17,6 +17,7 @@ from typing import Any
 
 from fleetloop_cloud.fleet_store.query import check_timeout
 from fleetloop_cloud.http_api.render import device_json, plain, release_json
+from fleetloop_cloud.identity.roles import ACTIONS, allows
 from fleetloop_cloud.repositories.records import AuditFilter
 from fleetloop_cloud.services.access import Caller
 from fleetloop_cloud.services.api import OperatorApi
@@ -51,11 +52,12 @@ class Call:
 
 @dataclass(frozen=True)
 class Reply:
-    """A JSON answer, or (``content_type`` given) ``body`` as bytes of that type."""
+    """``body`` as JSON, or as it is when it is bytes (a file: ``media_type``, saved as ``filename``)."""
 
     body: Any
     status: int = 200
-    content_type: str | None = None
+    media_type: str = "application/octet-stream"
+    filename: str = ""
 
 
 @dataclass(frozen=True)
@@ -72,15 +74,18 @@ class Route:
     #: Media type of the body, when there is one.
     body_type: str = "application/json"
     status: int = 200
-    #: Media type of the success answer.
+    #: Media type of the answer (a route answering a file says so).
     reply_type: str = "application/json"
 
 
 # -- handlers ---------------------------------------------------------------------------------------
 def _whoami(c: Call) -> Reply:
+    """Who the token is, and every action its role allows (what the console offers as buttons)."""
     c.api.access.operator(c.caller, "whoami")
-    role = c.caller.role.value if c.caller.role is not None else ""
-    return Reply({"name": c.caller.name, "role": role, "proven": c.caller.proven})
+    role = c.caller.role
+    actions = sorted(a for a in ACTIONS if role is not None and allows(role, a))
+    return Reply({"name": c.caller.name, "role": role.value if role is not None else "",
+                  "proven": c.caller.proven, "actions": actions})  # fmt: skip
 
 
 def _summary(c: Call) -> Reply:
@@ -110,13 +115,37 @@ def _campaigns(c: Call) -> Reply:
     )
 
 
-def _apply_campaign(c: Call) -> Reply:
+def _campaign_text(c: Call) -> str:
     try:
-        text = c.body.decode()
+        return c.body.decode()
     except UnicodeDecodeError:
         raise UserError("campaign document is not UTF-8 text") from None
+
+
+def _apply_campaign(c: Call) -> Reply:
     source = c.query.get("source", "<campaign>")
-    return Reply(plain(c.api.campaigns.apply(c.caller, text, source=source, now=c.now)), 201)
+    return Reply(plain(c.api.campaigns.apply(c.caller, _campaign_text(c), source=source, now=c.now)), 201)
+
+
+def _validate_campaign(c: Call) -> Reply:
+    source = c.query.get("source", "<campaign>")
+    return Reply(plain(c.api.campaigns.validate(c.caller, _campaign_text(c), source=source)))
+
+
+def _device_campaigns(c: Call) -> Reply:
+    device = c.api.devices.describe(c.caller, c.path["device_id"], c.now).record
+    version, desired = c.api.campaigns.desired_names(c.caller, device.device_id)
+    return Reply({
+        "desired_version": version,
+        "desired": [{"name": n, "version": v} for n, v in desired],
+        "reported_version": device.campaigns_version,
+        "running": device.campaigns_running,
+        "refused": device.campaigns_refused,
+    })  # fmt: skip
+
+
+def _device_ota(c: Call) -> Reply:
+    return Reply([plain(r) for r in c.api.rollouts.device_history(c.caller, c.path["device_id"])])
 
 
 def _delete_campaign(c: Call) -> Reply:
@@ -145,7 +174,38 @@ def _query(c: Call) -> Reply:
 
 
 def _captures(c: Call) -> Reply:
-    return Reply([plain(r) for r in c.api.queries.captures(c.caller)])
+    q = c.query
+    limit = _integer(q, "limit", 1, 10_000)
+    views = c.api.captures.list(
+        c.caller, c.now, device=q.get("device") or None, campaign=q.get("campaign") or None,
+        since_ns=_integer(q, "since_ns", -(2**63), 2**63 - 1),
+        until_ns=_integer(q, "until_ns", -(2**63), 2**63 - 1), limit=limit or 10_000,
+    )  # fmt: skip
+    return Reply([plain(v.capture) | {"state": v.state} for v in views])
+
+
+def _capture(c: Call) -> Reply:
+    detail = c.api.captures.detail(c.caller, c.path["capture_id"], c.query.get("device") or None, c.now)
+    return Reply(plain(detail.capture) | {k: plain(getattr(detail, k)) for k in (
+        "state", "trigger_ns", "pre_ns", "post_ns", "windows_from", "signals", "trajectory")})  # fmt: skip
+
+
+def _capture_series(c: Call) -> Reply:
+    q = c.query
+    signals = [s for s in q.get("signals", "").split(",") if s]
+    series = c.api.captures.series(
+        c.caller, c.path["capture_id"], q.get("device") or None, signals,
+        from_ns=_integer(q, "from_ns", -(2**63), 2**63 - 1), to_ns=_integer(q, "to_ns", -(2**63), 2**63 - 1),
+        columns=_integer(q, "columns", 1, 4000) or 1000,
+    )  # fmt: skip
+    return Reply(plain(series))
+
+
+def _export_capture(c: Call) -> Reply:
+    out = c.api.captures.export(
+        c.caller, c.path["capture_id"], c.query.get("device") or None, c.query.get("format", "mcap")
+    )
+    return Reply(out.data, media_type="application/octet-stream", filename=out.filename)
 
 
 def _releases(c: Call) -> Reply:
@@ -179,10 +239,45 @@ def _rollout(c: Call) -> Reply:
 def _rollout_action(action: str) -> Callable[[Call], Reply]:
     def handle(c: Call) -> Reply:
         rollouts = c.api.rollouts
-        act = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort}[action]
+        act = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort,
+               "approve": rollouts.approve, "rollback": rollouts.rollback}[action]  # fmt: skip
         return Reply(plain(act(c.caller, c.path["rollout_id"], c.now)))
 
     return handle
+
+
+def _rollout_executions(c: Call) -> Reply:
+    return Reply([plain(e) for e in c.api.rollouts.executions(c.caller, c.path["rollout_id"])])
+
+
+def _rollout_history(c: Call) -> Reply:
+    return Reply(plain(c.api.rollouts.history(c.caller, c.path["rollout_id"])))
+
+
+def _rollout_revisions(c: Call) -> Reply:
+    return Reply([plain(r) for r in c.api.rollouts.revisions(c.caller, c.query.get("name", ""))])
+
+
+def _undo_rollout(c: Call) -> Reply:
+    body = c.json_object('{"to_revision": N}')
+    unknown = sorted(set(body) - {"to_revision"})
+    if unknown:
+        raise UserError(f"undo: unknown field {unknown[0]!r}")
+    revision = body.get("to_revision")
+    if type(revision) is not int or revision < 1:
+        raise UserError(f"undo: to_revision must be a revision number (1, 2, ...), got {revision!r}")
+    return Reply(plain(c.api.rollouts.rollback(c.caller, c.path["rollout_id"], c.now, to_revision=revision)))
+
+
+def _retry_rollout(c: Call) -> Reply:
+    body = c.json_object('{"devices": [...]} (optional)')
+    unknown = sorted(set(body) - {"devices"})
+    if unknown:
+        raise UserError(f"retry: unknown field {unknown[0]!r}")
+    devices = body.get("devices", [])
+    if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+        raise UserError("retry: devices must be a list of device ids")
+    return Reply(plain(c.api.rollouts.retry(c.caller, c.path["rollout_id"], c.now, devices)))
 
 
 def _rotate_root(c: Call) -> Reply:
@@ -239,6 +334,19 @@ def _number(q: Mapping[str, str], key: str, low: float, high: float) -> float | 
     return value
 
 
+def _integer(q: Mapping[str, str], key: str, low: int, high: int) -> int | None:
+    """An integer query parameter within [low, high] (exact: nanosecond times do not fit a float)."""
+    if key not in q:
+        return None
+    try:
+        value = int(q[key])
+    except ValueError:
+        raise UserError(f"{key} must be an integer, got {q[key]!r}") from None
+    if not low <= value <= high:
+        raise UserError(f"{key} must be an integer from {low} to {high}, got {q[key]!r}")
+    return value
+
+
 #: Largest sequence number or time a query parameter may name (an integer any database stores).
 MAX_QUERY_NUMBER = 2.0**53
 
@@ -262,7 +370,7 @@ def _audit_verify(c: Call) -> Reply:
 def _metrics(c: Call) -> Reply:
     """The coordinator's metrics in Prometheus' text format (docs/api.md: Metrics)."""
     body, content_type = c.api.metrics.exposition()
-    return Reply(body, content_type=content_type)
+    return Reply(body, media_type=content_type)
 
 
 #: Every operator route. Public routes (health, the OpenAPI document, artifact files and TUF metadata)
@@ -273,12 +381,21 @@ ROUTES: tuple[Route, ...] = (
     Route("listDevices", "GET", "/v1/devices", "devices.list", _devices),
     Route("getDevice", "GET", "/v1/devices/{device_id}", "devices.get", _device),
     Route("getDeviceCatalog", "GET", "/v1/devices/{device_id}/catalog", "devices.get", _device_catalog),
+    Route("getDeviceCampaigns", "GET", "/v1/devices/{device_id}/campaigns", "campaigns.list",
+          _device_campaigns),
+    Route("getDeviceOta", "GET", "/v1/devices/{device_id}/ota", "rollouts.get", _device_ota),
     Route("listCampaigns", "GET", "/v1/campaigns", "campaigns.list", _campaigns),
     Route("applyCampaign", "POST", "/v1/campaigns", "campaigns.apply", _apply_campaign, 1 * MiB,
           "text/yaml", 201),
+    Route("validateCampaign", "POST", "/v1/campaigns/validate", "campaigns.validate", _validate_campaign,
+          1 * MiB, "text/yaml"),
     Route("deleteCampaign", "DELETE", "/v1/campaigns/{name}", "campaigns.delete", _delete_campaign),
     Route("query", "POST", "/v1/query", "query", _query, 64 * KiB),
     Route("listCaptures", "GET", "/v1/captures", "query", _captures),
+    Route("getCapture", "GET", "/v1/captures/{capture_id}", "captures.get", _capture),
+    Route("getCaptureSeries", "GET", "/v1/captures/{capture_id}/series", "captures.get", _capture_series),
+    Route("exportCapture", "GET", "/v1/captures/{capture_id}/export", "captures.export", _export_capture,
+          reply_type="application/octet-stream"),
     Route("listReleases", "GET", "/v1/releases", "releases.list", _releases),
     Route("uploadRelease", "POST", "/v1/releases", "releases.upload", _upload_release, MAX_RELEASE_BYTES,
           "application/octet-stream", 201),
@@ -292,6 +409,17 @@ ROUTES: tuple[Route, ...] = (
           _rollout_action("resume")),
     Route("abortRollout", "POST", "/v1/rollouts/{rollout_id}/abort", "rollouts.abort",
           _rollout_action("abort")),
+    Route("approveRollout", "POST", "/v1/rollouts/{rollout_id}/approve", "rollouts.approve",
+          _rollout_action("approve")),
+    Route("rollbackRollout", "POST", "/v1/rollouts/{rollout_id}/rollback", "rollouts.rollback",
+          _rollout_action("rollback")),
+    Route("undoRollout", "POST", "/v1/rollouts/{rollout_id}/undo", "rollouts.undo", _undo_rollout, 4 * KiB),
+    Route("retryRollout", "POST", "/v1/rollouts/{rollout_id}/retry", "rollouts.retry", _retry_rollout,
+          256 * KiB),
+    Route("listRolloutExecutions", "GET", "/v1/rollouts/{rollout_id}/executions", "rollouts.get",
+          _rollout_executions),
+    Route("getRolloutHistory", "GET", "/v1/rollouts/{rollout_id}/history", "rollouts.get", _rollout_history),
+    Route("listRolloutRevisions", "GET", "/v1/rollout-revisions", "rollouts.list", _rollout_revisions),
     Route("rotateRoot", "POST", "/v1/tuf/{repository:image|director}/rotate", "keys.rotate", _rotate_root,
           4 * KiB),
     Route("listTokens", "GET", "/v1/tokens", "tokens.list", _tokens),

@@ -10,6 +10,7 @@ from typing import Protocol
 from fleetloop_cloud.services.access import Access, Refusals
 from fleetloop_cloud.services.audit import AuditService
 from fleetloop_cloud.services.campaigns import CampaignService
+from fleetloop_cloud.services.captures import CaptureService
 from fleetloop_cloud.services.devices import DeviceService
 from fleetloop_cloud.services.ingest import IngestService
 from fleetloop_cloud.services.query import QueryService
@@ -45,6 +46,7 @@ class OperatorApi(Protocol):
     releases: ReleaseService
     rollouts: RolloutService
     queries: QueryService
+    captures: CaptureService
     clock: Callable[[], float]
 
     @property

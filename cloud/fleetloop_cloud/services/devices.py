@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from fleetloop_cloud.repositories.interfaces import CoordinatorLeases, DeviceRepository
-from fleetloop_cloud.repositories.records import DeviceRecord, Inventory, Registration
+from fleetloop_cloud.repositories.records import DeviceRecord, DeviceTelemetry, Inventory, Registration
 from fleetloop_cloud.services.access import Access, Caller
 from fleetloop_cloud.sessions import DeviceSessions, Session
 from fleetloop_shared.catalog import Catalog, DataType
@@ -43,7 +43,10 @@ class CampaignsFor(Protocol):
 class OtaReports(Protocol):
     """Where a device's OTA status goes (the rollout controller)."""
 
-    def on_device_status(self, device_id: str, job_id: str, state: str, reason: str, now: float) -> None: ...
+    def on_device_status(
+        self, device_id: str, job_id: str, state: str, reason: str, now: float, *,
+        running_version: str = "", waiting: bool = False,
+    ) -> None: ...  # fmt: skip
 
 
 class BacklogReports(Protocol):
@@ -54,10 +57,22 @@ class BacklogReports(Protocol):
 
 @dataclass(frozen=True)
 class DeviceStatus:
-    """A device and whether it is online now."""
+    """A device, whether it is online now, and what its latest heartbeat reported."""
 
     record: DeviceRecord
     online: bool
+    telemetry: DeviceTelemetry | None = None
+
+
+def telemetry_of(heartbeat: device_pb2.Heartbeat, now: float) -> DeviceTelemetry:
+    """What a heartbeat says of the device's store and clock (offset 0 when it sent no time)."""
+    hb = heartbeat
+    offset_ms = hb.time_unix_ns / 1e6 - now * 1000.0 if hb.time_unix_ns else 0.0
+    return DeviceTelemetry(
+        reported_at=now, segments_pending=hb.segments_pending, bytes_pending=hb.bytes_pending,
+        store_bytes=hb.store_bytes, store_quota_bytes=hb.store_quota_bytes,
+        clock_offset_ms=round(offset_ms, 1), network=hb.network,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -168,11 +183,12 @@ class DeviceService:
             inv = msg.inventory
             inventory = Inventory(
                 inv.hardware_id, inv.firmware_version, inv.firmware_sha256, inv.active_slot,
-                inv.campaigns_version,
+                inv.campaigns_version, inv.time_zone[:64],
             )  # fmt: skip
             self._devices.update_inventory(device_id, inventory, now)
         elif kind == "heartbeat":
-            self._devices.touch(device_id, now, owner=self.coordinator_id)
+            self._devices.touch(device_id, now, owner=self.coordinator_id,
+                                telemetry=telemetry_of(msg.heartbeat, now))  # fmt: skip
             if msg.heartbeat.backlog:
                 self._backlog.report(device_id, msg.heartbeat, now)
         elif kind == "campaign_status":
@@ -185,7 +201,8 @@ class DeviceService:
             st = msg.ota_status
             state = ota_pb2.OtaState.Name(st.state).removeprefix("OTA_STATE_")
             log.info("device %s ota %s: %s %s", device_id, st.job_id, state, st.reason)
-            self._ota.on_device_status(device_id, st.job_id, state, st.reason, now)
+            self._ota.on_device_status(device_id, st.job_id, state, st.reason, now,
+                                       running_version=st.running_version, waiting=st.install_waiting)
         elif kind == "hello":
             raise MalformedMessageError(f"device {device_id}: a second hello on one stream")
 
@@ -220,14 +237,18 @@ class DeviceService:
     def fleet(self, caller: Caller, now: float) -> list[DeviceStatus]:
         self._access.operator(caller, "devices.list")
         alive = self._alive(now)
-        return [DeviceStatus(d, d.session_owner in alive) for d in self._devices.all()]
+        telemetry = self._devices.telemetry()
+        return [
+            DeviceStatus(d, d.session_owner in alive, telemetry.get(d.device_id)) for d in self._devices.all()
+        ]
 
     def describe(self, caller: Caller, device_id: str, now: float) -> DeviceStatus:
         self._access.operator(caller, "devices.get")
         record = self._devices.get(device_id)
         if record is None:
             raise NotFoundError(f"unknown device {device_id!r}")
-        return DeviceStatus(record, record.session_owner in self._alive(now))
+        telemetry = self._devices.telemetry().get(device_id)
+        return DeviceStatus(record, record.session_owner in self._alive(now), telemetry)
 
     def catalog(self, caller: Caller, device_id: str) -> Catalog:
         self._access.operator(caller, "devices.get")

@@ -144,12 +144,17 @@ class Inventory(_message.Message):
     FIRMWARE_SHA256_FIELD_NUMBER: _builtins.int
     ACTIVE_SLOT_FIELD_NUMBER: _builtins.int
     CAMPAIGNS_VERSION_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
     hardware_id: _builtins.str
     firmware_version: _builtins.str
     firmware_sha256: _builtins.str
     active_slot: _builtins.str
     campaigns_version: _builtins.int
     """Version of the campaign set the device runs (the device-shadow "reported" side)."""
+    time_zone: _builtins.str
+    """The device's IANA time zone ("Europe/Berlin"; empty: unknown): maintenance windows in device-local
+    time are computed in it.
+    """
     def __init__(
         self,
         *,
@@ -158,10 +163,11 @@ class Inventory(_message.Message):
         firmware_sha256: _builtins.str = ...,
         active_slot: _builtins.str = ...,
         campaigns_version: _builtins.int = ...,
+        time_zone: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_slot", b"active_slot", "campaigns_version", b"campaigns_version", "firmware_sha256", b"firmware_sha256", "firmware_version", b"firmware_version", "hardware_id", b"hardware_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_slot", b"active_slot", "campaigns_version", b"campaigns_version", "firmware_sha256", b"firmware_sha256", "firmware_version", b"firmware_version", "hardware_id", b"hardware_id", "time_zone", b"time_zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -176,11 +182,16 @@ class Heartbeat(_message.Message):
     BYTES_PENDING_FIELD_NUMBER: _builtins.int
     BACKLOG_FIELD_NUMBER: _builtins.int
     NETWORK_FIELD_NUMBER: _builtins.int
+    STORE_BYTES_FIELD_NUMBER: _builtins.int
+    STORE_QUOTA_BYTES_FIELD_NUMBER: _builtins.int
     time_unix_ns: _builtins.int
     segments_pending: _builtins.int
     bytes_pending: _builtins.int
     network: _builtins.str
     """Network the device is on now: "wifi", "cellular", "ethernet" or "other"."""
+    store_bytes: _builtins.int
+    """What the device's segment store takes on disk, and its quota (0: not reported)."""
+    store_quota_bytes: _builtins.int
     @_builtins.property
     def backlog(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriorityBacklog]:
         """Backlog per priority for the cloud's upload scheduler (empty: the device does not ask for grants)."""
@@ -193,10 +204,12 @@ class Heartbeat(_message.Message):
         bytes_pending: _builtins.int = ...,
         backlog: _abc.Iterable[Global___PriorityBacklog] | None = ...,
         network: _builtins.str = ...,
+        store_bytes: _builtins.int = ...,
+        store_quota_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "bytes_pending", b"bytes_pending", "network", b"network", "segments_pending", b"segments_pending", "time_unix_ns", b"time_unix_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "bytes_pending", b"bytes_pending", "network", b"network", "segments_pending", b"segments_pending", "store_bytes", b"store_bytes", "store_quota_bytes", b"store_quota_bytes", "time_unix_ns", b"time_unix_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
