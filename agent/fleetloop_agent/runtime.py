@@ -108,6 +108,7 @@ class AgentRuntime:
             device_id=config.device_id,
             report=self._on_ota_report,
             on_bundle=self._on_bundle,
+            delta_formats=config.delta_formats,
         )
         #: Set by the OTA worker when a bundle is switched; the main loop reloads the model registry.
         self._bundles_changed = threading.Event()
@@ -374,6 +375,7 @@ class AgentRuntime:
             firmware_sha256=self.ota.installed_sha256(),
             active_slot=self.platform.booted_slot(),
             campaigns_version=self.desired.version,
+            delta_formats=list(self.ota.delta_formats),
         )
 
     def _heartbeat(self) -> None:

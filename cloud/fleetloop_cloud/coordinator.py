@@ -34,6 +34,7 @@ from fleetloop_shared.errors import MalformedMessageError, NotFoundError, UserEr
 from fleetloop_shared.rules import parse_campaign, selector_matches
 from fleetloop_shared.segment import decode_segment
 from fleetloop_shared.update.artifact import ReleaseSigner, manifest_from_bytes
+from fleetloop_shared.update.delta_format import readable_formats
 from fleetloop_shared.wire import device_pb2, ingest_pb2, ota_pb2, parse
 
 log = logging.getLogger("fleetloop.cloud")
@@ -189,6 +190,7 @@ class Coordinator:
                 active_slot=inv.active_slot,
                 campaigns_version=inv.campaigns_version,
                 now=now,
+                delta_formats=readable_formats(inv.delta_formats) if inv.delta_formats else (),
             )
         elif kind == "heartbeat":
             self.metadata.touch_device(device_id, now, online=True)
@@ -230,6 +232,7 @@ class Coordinator:
             rollout_id=rollout_id,
             release=manifest_from_bytes(manifest),
             installed_sha256=device.firmware_sha256 if device is not None else "",
+            delta_formats=readable_formats(device.delta_formats if device is not None else ()),
         )
         job = ota_pb2.OtaJob(
             job_id=job_id,
@@ -359,6 +362,7 @@ class Coordinator:
             raise UserError("the artifact is empty")
         bases: list[bytes] = []
         seen: set[str] = set()
+        base_formats: dict[str, set[str]] = {}  # per base, the format each device on it prefers
         if not is_bundle_image(image):
             # Devices report the firmware they run, so only a slot image can be compared with the fleet;
             # a bundle (model pack, software) is kept moving forward per name by the artifact store.
@@ -369,6 +373,8 @@ class Coordinator:
             )
         for d in self.metadata.devices():
             sha = d.firmware_sha256
+            if d.hardware_id == hardware_id and sha:
+                base_formats.setdefault(sha, set()).add(readable_formats(d.delta_formats)[0])
             if d.hardware_id != hardware_id or not sha or sha in seen:
                 continue
             seen.add(sha)
@@ -377,7 +383,8 @@ class Coordinator:
             except NotFoundError:
                 continue
         manifest_bytes, signature = self.artifacts.add_release(
-            image, name=name, version=version, hardware_id=hardware_id, bases=bases, now=self._clock()
+            image, name=name, version=version, hardware_id=hardware_id, bases=bases, now=self._clock(),
+            base_formats=base_formats,
         )
         self.metadata.put_release(name, version, hardware_id, manifest_bytes, signature, self._clock())
         manifest = manifest_from_bytes(manifest_bytes)

@@ -63,7 +63,8 @@ CREATE TABLE IF NOT EXISTS devices (
     captures_total INTEGER NOT NULL DEFAULT 0,
     online INTEGER NOT NULL DEFAULT 0,
     last_seen REAL NOT NULL,
-    registered_at REAL NOT NULL
+    registered_at REAL NOT NULL,
+    delta_formats TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS segments (
     device_id TEXT NOT NULL,
@@ -159,6 +160,8 @@ class DeviceRecord:
     online: bool
     last_seen: float
     registered_at: float
+    #: OTA delta formats the device applies, preferred first, as its inventory says ('' before it says).
+    delta_formats: tuple[str, ...] = ()
 
     def selector_labels(self) -> dict[str, str]:
         """Labels a selector is matched against: the device's own labels plus ``fleet`` and ``hardware_id``.
@@ -436,6 +439,7 @@ class MetadataStore:
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(db.ddl(statement))
+            self._add_missing_columns(db)
             row = db.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -444,6 +448,16 @@ class MetadataStore:
                     f"metadata database {self._where} has schema version {row[0]}; "
                     f"this fleetloop understands up to {SCHEMA_VERSION}"
                 )
+
+    @staticmethod
+    def _add_missing_columns(db: _Conn) -> None:
+        """Columns added after a database was created (``CREATE TABLE IF NOT EXISTS`` keeps old tables)."""
+        if db.postgres:
+            db.execute("ALTER TABLE devices ADD COLUMN IF NOT EXISTS delta_formats TEXT NOT NULL DEFAULT ''")
+            return
+        columns = {row[1] for row in db.execute("PRAGMA table_info(devices)").fetchall()}
+        if "delta_formats" not in columns:
+            db.execute("ALTER TABLE devices ADD COLUMN delta_formats TEXT NOT NULL DEFAULT ''")
 
     @contextmanager
     def _tx(self) -> Iterator[_Conn]:
@@ -504,12 +518,13 @@ class MetadataStore:
         active_slot: str,
         campaigns_version: int,
         now: float,
+        delta_formats: Sequence[str] = (),
     ) -> None:
         """Record what the device reports it runs; NotFoundError for a device that never said hello."""
         with self._tx() as db:
             cur = db.execute(
                 """UPDATE devices SET hardware_id = ?, firmware_version = ?, firmware_sha256 = ?,
-                          active_slot = ?, campaigns_version = ?, last_seen = ?
+                          active_slot = ?, campaigns_version = ?, last_seen = ?, delta_formats = ?
                    WHERE device_id = ?""",
                 (
                     hardware_id,
@@ -518,6 +533,7 @@ class MetadataStore:
                     active_slot,
                     campaigns_version,
                     now,
+                    ",".join(delta_formats),
                     device_id,
                 ),
             )
@@ -539,7 +555,7 @@ class MetadataStore:
     _DEVICE_COLUMNS = (
         "device_id, fleet, labels_json, catalog_json, agent_version, data_origin, hardware_id, "
         "firmware_version, firmware_sha256, active_slot, campaigns_version, campaigns_running_json, "
-        "campaigns_refused_json, captures_total, online, last_seen, registered_at"
+        "campaigns_refused_json, captures_total, online, last_seen, registered_at, delta_formats"
     )
 
     @staticmethod
@@ -562,6 +578,7 @@ class MetadataStore:
             online=bool(row[14]),
             last_seen=float(row[15]),
             registered_at=float(row[16]),
+            delta_formats=tuple(f for f in str(row[17]).split(",") if f),
         )
 
     def device(self, device_id: str) -> DeviceRecord | None:

@@ -33,6 +33,7 @@ from fleetloop_shared.errors import (
     MalformedMessageError,
     NotFoundError,
 )
+from fleetloop_shared.update.delta_format import FORMATS
 
 #: Marks the JSON as a fleetloop release manifest of this layout; a different layout is refused.
 MANIFEST_SCHEMA = "fleetloop.release.v1"
@@ -42,9 +43,9 @@ MAX_MANIFEST_BYTES = 256 * 1024
 MAX_PAYLOADS = 64
 PAYLOAD_KINDS = ("full", "delta")
 INSTALL_MODES = ("slot", "swap")
-#: Algorithm per payload kind: a full payload is the image itself, a delta is an FLDELTA1 container
-#: (``fleetloop_shared.update.delta``: chunks of zstd, zstd patch-from or bsdiff4).
-ALGORITHM_FOR_KIND = {"full": "none", "delta": "fldelta1"}
+#: Algorithms per payload kind: a full payload is the image itself, a delta is an FLDELTA2 or FLDELTA1
+#: container (:mod:`fleetloop_shared.update.delta`).
+ALGORITHMS_FOR_KIND = {"full": ("none",), "delta": FORMATS}
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _ED25519_SIGNATURE_LEN = 64
@@ -219,10 +220,9 @@ def _payload(raw: Any, index: int) -> PayloadRef:
     if kind not in PAYLOAD_KINDS:
         raise MalformedMessageError(f"{where}: kind {kind!r} is not one of {', '.join(PAYLOAD_KINDS)}")
     algorithm = raw["algorithm"]
-    if algorithm != ALGORITHM_FOR_KIND[kind]:
-        raise MalformedMessageError(
-            f"{where}: a {kind} payload needs algorithm {ALGORITHM_FOR_KIND[kind]!r}, not {algorithm!r}"
-        )
+    if algorithm not in ALGORITHMS_FOR_KIND[kind]:
+        allowed = " or ".join(repr(a) for a in ALGORITHMS_FOR_KIND[kind])
+        raise MalformedMessageError(f"{where}: a {kind} payload needs algorithm {allowed}, not {algorithm!r}")
     path = _text(raw, "path", where)
     if path.startswith("/") or "\\" in path or ".." in path.split("/") or "://" in path or "?" in path:
         raise MalformedMessageError(f"{where}: path {path!r} must be a relative path below the server base")

@@ -6,6 +6,7 @@ Kept apart from the containers so the device-side decoders, the cloud-side encod
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -59,3 +60,13 @@ def check_formats(formats: object, where: str) -> tuple[str, ...]:
             f"{where}: {', '.join(unknown) or 'repeated names'}: delta formats are {', '.join(FORMATS)}"
         )
     return names
+
+
+def readable_formats(reported: Iterable[object]) -> tuple[str, ...]:
+    """The formats a device reads, preferred first, from what its inventory reported.
+
+    Names this code does not know are left out; a device that reported none predates the report and
+    reads FLDELTA1 only.
+    """
+    names = tuple(f for f in reported if isinstance(f, str) and f in FORMATS)
+    return tuple(dict.fromkeys(names)) or (FLDELTA1,)

@@ -67,7 +67,8 @@ ZSTD_LEVEL = 19
 _BLOCK = 1 << 16
 #: Typical size of the expensive form over the cheap one, measured on the benchmark pairs
 #: (benchmarks/delta.py): zstd-19 patch-from over level 1 with a large hash table 0.60-1.05, median 0.78;
-#: zstd-19 over level 3 on a lone chunk 0.74-0.89; LZMA2 over bzip2 on the extra stream (new code) 0.69-0.89, median 0.8.
+#: zstd-19 over level 3 on a lone chunk 0.74-0.89; LZMA2 over bzip2 on the extra stream (new code)
+#: 0.69-0.89, median 0.8.
 _PATCH_GAIN = 0.78
 _PLAIN_GAIN = 0.82
 _REFINE_GAIN = 0.8
@@ -186,6 +187,12 @@ def sparse(diff: bytes) -> tuple[bytes, bytes]:
     return varints(runs.astype(np.uint64)), a[nonzero].tobytes()
 
 
+def _packed(raw: bytes, deep: bool) -> tuple[int, bytes, int]:
+    """``(codec, packed bytes, raw length)`` of one stream."""
+    codec, data = _pack_stream(raw, deep)
+    return codec, data, len(raw)
+
+
 class _Streams:
     """One chunk's tuples and bytes as the six streams of a streams body, each packed its best way.
 
@@ -198,16 +205,16 @@ class _Streams:
     def __init__(self, tuples: I64, diff: bytes, extra: bytes) -> None:
         self.count = len(tuples)
         numbers = (_zigzag(tuples[:, 0]), tuples[:, 1].astype(np.uint64), tuples[:, 2].astype(np.uint64))
-        self.numbers = [_pack_stream(varints(v), True) + (len(varints(v)),) for v in numbers]
-        plain = _pack_stream(diff, False)
+        self.numbers = [_packed(varints(v), True) for v in numbers]
+        plain = _packed(diff, False)
         runs, literal = sparse(diff)
-        packed_runs, packed_literal = _pack_stream(runs, True), _pack_stream(literal, True)
+        packed_runs, packed_literal = _packed(runs, True), _packed(literal, True)
         if len(plain[1]) <= len(packed_runs[1]) + len(packed_literal[1]):
-            self.diff = [(CODEC_STORED, b"", 0), plain + (len(diff),)]
+            self.diff = [(CODEC_STORED, b"", 0), plain]
         else:
-            self.diff = [packed_runs + (len(runs),), packed_literal + (len(literal),)]
+            self.diff = [packed_runs, packed_literal]
         self.extra_raw = extra
-        self.extra = _pack_stream(extra, len(extra) <= _DEEP_EXTRA) + (len(extra),)
+        self.extra = _packed(extra, len(extra) <= _DEEP_EXTRA)
 
     def body(self) -> bytes:
         parts = [*self.numbers, *self.diff, self.extra]
@@ -218,7 +225,7 @@ class _Streams:
         return self.extra[0] != CODEC_LZMA2 and len(self.extra_raw) > _DEEP_EXTRA
 
     def refined(self) -> bytes:
-        self.extra = _pack_stream(self.extra_raw, True) + (len(self.extra_raw),)
+        self.extra = _packed(self.extra_raw, True)
         return self.body()
 
 
@@ -353,4 +360,3 @@ def encode(
     if new.read(1):
         raise IntegrityError("the new image changed size while the delta was being made")
     return stats
-

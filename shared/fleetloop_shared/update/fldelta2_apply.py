@@ -243,11 +243,10 @@ def _apply_zstd_patch(old: BinaryIO, old_size: int, body: bytes, out_len: int) -
     def fill(buf: memoryview) -> None:
         at = 0
         for offset, length in regions:
-            old.seek(offset)
-            got = old.readinto(buf[at : at + length])
-            if got != length:
-                raise IntegrityError("the installed image is shorter than the delta's dictionary")
-            at += length
+            for start in range(offset, offset + length, FLUSH):
+                n = min(FLUSH, offset + length - start)
+                buf[at : at + n] = _read_old(old, start, n)
+                at += n
 
     return unzstd_patch(body[start:], out_len, "zstd-patch chunk", total, fill)
 
