@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from fleetloop_shared.errors import IntegrityError, NotFoundError, UserError
 from fleetloop_shared.update import fldelta1, fldelta2_apply
@@ -53,24 +53,27 @@ def delta_format(head: bytes) -> str | None:
 
 
 def _make(
-    old: BinaryIO, old_size: int, new: BinaryIO, new_size: int, out: BinaryIO, fmt: str, accelerate: bool
+    old: BinaryIO, old_size: int, new: BinaryIO, new_size: int, out: BinaryIO, fmt: str, **options: Any
 ) -> DeltaStats:
+    """Encode in ``fmt``; ``options`` are the encoder's (``accelerate``, ``chunk``; FLDELTA1 ``margin``)."""
     if fmt == FLDELTA2:
         from fleetloop_shared.update import fldelta2  # the cloud's side: numpy, numba, suffix arrays
 
+        if "margin" in options:
+            raise UserError("FLDELTA2 searches the whole old image: it takes no margin")
         data = old.read()
         if len(data) != old_size:
             raise IntegrityError("the old image changed size while the delta was being made")
-        return fldelta2.encode(data, new, new_size, out, accelerate=accelerate)
+        return fldelta2.encode(data, new, new_size, out, **options)
     if fmt == FLDELTA1:
-        return fldelta1.encode(old, old_size, new, new_size, out, accelerate=accelerate)
+        return fldelta1.encode(old, old_size, new, new_size, out, **options)
     raise UserError(f"unknown delta format {fmt!r}; known: {', '.join(FORMATS)}")
 
 
-def make_delta(old: bytes, new: bytes, *, format: str = FLDELTA2, accelerate: bool = True) -> bytes:
-    """The delta turning ``old`` into ``new``, in memory."""
+def make_delta(old: bytes, new: bytes, *, format: str = FLDELTA2, **options: Any) -> bytes:
+    """The delta turning ``old`` into ``new``, in memory (``options``: see :func:`make_delta_file`)."""
     out = io.BytesIO()
-    _make(io.BytesIO(old), len(old), io.BytesIO(new), len(new), out, format, accelerate)
+    _make(io.BytesIO(old), len(old), io.BytesIO(new), len(new), out, format, **options)
     return out.getvalue()
 
 
@@ -96,13 +99,15 @@ def _open(path: Path) -> BinaryIO:
         raise NotFoundError(f"{path}: no such file") from None
 
 
-def make_delta_file(
-    old: Path, new: Path, out: Path, *, format: str = FLDELTA2, accelerate: bool = True
-) -> DeltaStats:
-    """File to file; ``out`` appears only complete."""
+def make_delta_file(old: Path, new: Path, out: Path, *, format: str = FLDELTA2, **options: Any) -> DeltaStats:
+    """File to file; ``out`` appears only complete.
+
+    ``options``: ``accelerate=False`` searches with ``bsdiff4.core.diff`` even where the suffix_diff
+    kernel could run; ``chunk`` is the output chunk size; FLDELTA1 also takes ``margin`` (its window).
+    """
     with _open(old) as fa, _open(new) as fb, _beside(out) as fo:
         old_size, new_size = os.fstat(fa.fileno()).st_size, os.fstat(fb.fileno()).st_size
-        return _make(fa, old_size, fb, new_size, fo, format, accelerate)
+        return _make(fa, old_size, fb, new_size, fo, format, **options)
 
 
 def apply_delta_stream(

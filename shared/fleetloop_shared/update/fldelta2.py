@@ -160,12 +160,14 @@ def _zigzag(values: I64) -> npt.NDArray[np.uint64]:
 
 
 def _pack_stream(raw: bytes, deep: bool) -> tuple[int, bytes]:
-    """The smallest of stored, bzip2 and (``deep``) LZMA2."""
+    """The smallest of stored, bzip2 (100 kB blocks, and blocks as large as the stream: on a diff the
+    small blocks often win, they adapt to each region) and (``deep``) LZMA2."""
     best = (CODEC_STORED, raw)
     if len(raw) > 64:
-        packed = bz2.compress(raw, bzip2_level(len(raw)))
-        if len(packed) < len(best[1]):
-            best = (CODEC_BZIP2, packed)
+        for level in {1, bzip2_level(len(raw))}:
+            packed = bz2.compress(raw, level)
+            if len(packed) < len(best[1]):
+                best = (CODEC_BZIP2, packed)
         if deep:
             filters = [dict(lzma_filters(len(raw))[0], preset=_LZMA_PRESET)]
             packed = lzma.compress(raw, format=lzma.FORMAT_RAW, filters=filters)
