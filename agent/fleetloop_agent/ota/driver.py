@@ -312,7 +312,7 @@ class OtaDriver:
             raise ArtifactVerificationError(
                 f"image of {manifest.target_size} bytes exceeds the device limit of {self.max_artifact_bytes}"
             )
-        payload = manifest.payload_for(self.installed_sha256())
+        payload = manifest.payload_for(self.installed_sha256(), self.delta_formats)
         if payload.size > self.max_artifact_bytes:
             raise ArtifactVerificationError(
                 f"payload of {payload.size} bytes exceeds this device's limit of {self.max_artifact_bytes}"
@@ -352,9 +352,9 @@ class OtaDriver:
         """The payload chosen at acceptance (same kind; a delta still from the running image)."""
         if entry.payload_kind == "delta":
             installed = self._slot_sha256(entry.previous_slot)
-            for p in manifest.payloads:
-                if p.kind == "delta" and p.base_sha256 == installed:
-                    return p
+            chosen = manifest.payload_for(installed, self.delta_formats)
+            if chosen.kind == "delta":
+                return chosen
             raise ArtifactVerificationError(
                 f"no delta in the release applies to the running image {installed[:12]}"
             )

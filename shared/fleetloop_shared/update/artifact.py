@@ -79,14 +79,17 @@ class ReleaseManifest:
     #: model pack, catalog, config — unpacked beside the current one and switched to atomically, no reboot).
     install: str = "slot"
 
-    def payload_for(self, installed_sha256: str) -> PayloadRef:
-        """The delta whose base is the installed image, else the full image.
+    def payload_for(self, installed_sha256: str, formats: Sequence[str] = FORMATS) -> PayloadRef:
+        """The delta whose base is the installed image, in the first of ``formats`` that has one, else the
+        full image.
 
         A delta only applies to the exact bytes it was made from; anything else needs the full image.
         """
-        for p in self.payloads:
-            if p.kind == "delta" and p.base_sha256 == installed_sha256:
-                return p
+        mine = [p for p in self.payloads if p.kind == "delta" and p.base_sha256 == installed_sha256]
+        deltas = {p.algorithm: p for p in mine}
+        for fmt in formats:
+            if fmt in deltas:
+                return deltas[fmt]
         for p in self.payloads:
             if p.kind == "full":
                 return p
@@ -250,10 +253,10 @@ def _check_consistent(m: ReleaseManifest) -> None:
     for p in fulls:
         if p.sha256 != m.target_sha256 or p.size != m.target_size:
             raise MalformedMessageError("release manifest: the full payload is not the target image")
-    bases = [p.base_sha256 for p in m.payloads if p.kind == "delta"]
-    if len(bases) != len(set(bases)):
-        raise MalformedMessageError("release manifest: two deltas from the same base image")
-    if m.target_sha256 in bases:
+    deltas = [(p.base_sha256, p.algorithm) for p in m.payloads if p.kind == "delta"]
+    if len(deltas) != len(set(deltas)):
+        raise MalformedMessageError("release manifest: two deltas from the same base image in one format")
+    if m.target_sha256 in {base for base, _ in deltas}:
         raise MalformedMessageError("release manifest: a delta from the target image to itself")
 
 
