@@ -183,7 +183,8 @@ def run_demo(args: argparse.Namespace) -> int:
         _say(verbose, f"firmware v1 ({len(v1):,} bytes) released and installed on the devices")
 
         origins = []
-        for device_id, kind in DEVICES:
+        legacy = getattr(args, "fldelta1_devices", 0)
+        for i, (device_id, kind) in enumerate(DEVICES):
             origins.append(
                 _start_device(
                     device_id,
@@ -195,6 +196,7 @@ def run_demo(args: argparse.Namespace) -> int:
                     recordings,
                     client,
                     bad_health=("bad-health" in args.inject and kind == "car"),
+                    fldelta1_only=i < legacy,
                 )
             )
         summary["data"] = "recordings" if all(o == "recordings" for o in origins) else "simulated"
@@ -279,6 +281,7 @@ def run_demo(args: argparse.Namespace) -> int:
             return st if st["state"] in ("SUCCEEDED", "PAUSED", "ABORTED") else None
 
         final = _wait("the rollout to finish", finished, deadline, procs)
+        summary["rollout"]["payloads"] = {d: _directed_payload(client, d) for d, _ in DEVICES}
         devices_after = client.get("/v1/devices")
         updated = [d["device_id"] for d in devices_after if d.get("firmware_version") == "2.0.0"]
         ro = summary["rollout"]
@@ -398,6 +401,7 @@ def _start_device(
     client: CoordinatorClient,
     *,
     bad_health: bool,
+    fldelta1_only: bool = False,
 ) -> str:
     device = provision_sim_device(
         work / "devices" / device_id,
@@ -412,6 +416,8 @@ def _start_device(
         labels={"kind": kind, "hw": "gen1"},
         replay_speed=REPLAY_SPEED,
         health_fail_versions=["2.0.0"] if bad_health else [],
+        # an agent that reads only FLDELTA1, as agents did before FLDELTA2
+        extra={"ota": {"delta_formats": ["fldelta1"]}} if fldelta1_only else None,
     )
     ddir, cfg, origin = device.directory, device.config_path, device.origin
     procs.start(
@@ -431,6 +437,13 @@ def _start_device(
         env,
     )
     return origin
+
+
+def _directed_payload(client: CoordinatorClient, device_id: str) -> str:
+    """What the director sent this device for its job: the delta's format, or "full"."""
+    signed = client.get(f"/tuf/director/{device_id}/targets.json").get("signed", {})
+    facts = [t.get("custom", {}).get("fleetloop", {}) for t in signed.get("targets", {}).values()]
+    return next((str(f.get("algorithm")) for f in facts if f.get("kind") == "delta"), "full")
 
 
 def _corrupt_payloads(work: Path, release: dict[str, Any]) -> None:

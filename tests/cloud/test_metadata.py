@@ -193,3 +193,21 @@ def test_concurrent_writers_lose_nothing(store: MetadataStore) -> None:
     for t in threads:
         t.join()
     assert store.ingest_totals() == (200, 400, 4)
+
+
+def test_a_database_from_before_delta_formats_gains_the_column(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    MetadataStore(db).close()
+    raw = sqlite3.connect(db)  # the devices table as it was before devices reported delta formats
+    raw.execute("ALTER TABLE devices DROP COLUMN delta_formats")
+    raw.commit()
+    raw.close()
+    store = MetadataStore(db)
+    hello(store)
+    assert store.device("car-1").delta_formats == ()  # type: ignore[union-attr]
+    store.update_inventory(
+        "car-1", hardware_id="hw", firmware_version="1", firmware_sha256="", active_slot="a",
+        campaigns_version=0, now=1.0, delta_formats=("fldelta2", "fldelta1"),
+    )  # fmt: skip
+    assert store.device("car-1").delta_formats == ("fldelta2", "fldelta1")  # type: ignore[union-attr]
+    store.close()

@@ -131,3 +131,14 @@ def test_ctrl_c_stops_every_process_it_started(tmp_path: Path, recordings: Path)
     while _processes_mentioning(str(work)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _processes_mentioning(str(work)) == []
+
+
+def test_a_fleet_mixing_fldelta1_only_agents_updates_in_one_rollout(tmp_path: Path) -> None:
+    """One device runs an agent that reads only FLDELTA1 (``ota.delta_formats: [fldelta1]``), the others
+    read FLDELTA2: the cloud builds both deltas from v1, the director sends each device the one it reads,
+    and the one rollout updates all three."""
+    code, summary, logs = run_demo(tmp_path, None, "--simulated", "--fldelta1-devices", "1")
+    assert code == 0, logs
+    ro = summary["rollout"]
+    assert ro["state"] == "succeeded" and ro["devices_updated"] == 3
+    assert ro["payloads"] == {"car-001": "fldelta1", "robot-001": "fldelta2", "plc-001": "fldelta2"}
