@@ -30,6 +30,7 @@ window of the old image around the chunk's relative position (FLDELTA1's search,
 from __future__ import annotations
 
 import bz2
+import io
 import lzma
 from collections.abc import Callable
 from typing import BinaryIO, Protocol
@@ -57,7 +58,7 @@ from fleetloop_shared.update.fldelta2_apply import (
     STREAMS,
     max_body,
 )
-from fleetloop_shared.update.inflate import CODEC_BZIP2, CODEC_LZMA2, CODEC_STORED, bzip2_level, lzma_filters
+from fleetloop_shared.update.inflate import CODEC_BZIP2, CODEC_LZMA2, CODEC_STORED, lzma_filters
 
 I64 = npt.NDArray[np.int64]
 DEFAULT_CHUNK = MAX_CHUNK
@@ -160,20 +161,20 @@ def _zigzag(values: I64) -> npt.NDArray[np.uint64]:
 
 
 def _pack_stream(raw: bytes, deep: bool) -> tuple[int, bytes]:
-    """The smallest of stored, bzip2 (100 kB blocks, and blocks as large as the stream: on a diff the
-    small blocks often win, they adapt to each region) and (``deep``) LZMA2."""
-    best = (CODEC_STORED, raw)
-    if len(raw) > 64:
-        for level in {1, bzip2_level(len(raw))}:
-            packed = bz2.compress(raw, level)
-            if len(packed) < len(best[1]):
-                best = (CODEC_BZIP2, packed)
-        if deep:
-            filters = [dict(lzma_filters(len(raw))[0], preset=_LZMA_PRESET)]
-            packed = lzma.compress(raw, format=lzma.FORMAT_RAW, filters=filters)
-            if len(packed) < len(best[1]):
-                best = (CODEC_LZMA2, packed)
-    return best
+    """The smaller of stored and LZMA2 (``deep``) or bzip2 with 100 kB blocks.
+
+    Measured on the benchmark pairs: LZMA2 wins every number stream, every sparse diff and every extra
+    stream over bzip2, but costs seconds on millions of zeros, where bzip2's small blocks are as small
+    (the plain diff; FLDELTA1's finding too) and larger blocks are no smaller.
+    """
+    if len(raw) <= 64:
+        return CODEC_STORED, raw
+    if deep:
+        filters = [dict(lzma_filters(len(raw))[0], preset=_LZMA_PRESET)]
+        packed = (CODEC_LZMA2, lzma.compress(raw, format=lzma.FORMAT_RAW, filters=filters))
+    else:
+        packed = (CODEC_BZIP2, bz2.compress(raw, 1))
+    return packed if len(packed[1]) < len(raw) else (CODEC_STORED, raw)
 
 
 def sparse(diff: bytes) -> tuple[bytes, bytes]:
@@ -268,15 +269,27 @@ def dictionary_regions(tuples: I64, old_size: int, budget: int = MAX_DICT) -> li
 
 
 def _zstd(data: bytes, dictionary: bytes = b"", level: int = ZSTD_LEVEL, **overrides: int) -> bytes:
-    """One zstd frame (content size declared) whose window covers the dictionary and the data."""
+    """One zstd frame (content size declared) whose window covers the dictionary and the data.
+
+    Made through zstd's streaming entry point: with a large raw dictionary it loads the dictionary into
+    the match finder as the one-shot call does not, and the patches are smaller (on the benchmark
+    pairs 0.01-4.4 % smaller, in the same time).
+    """
     overrides.setdefault("window_log", max(10, (len(dictionary) + len(data) - 1).bit_length()))
     params = zstandard.ZstdCompressionParameters.from_level(
         level, source_size=len(data), dict_size=len(dictionary), **overrides
     )
-    if not dictionary:
-        return zstandard.ZstdCompressor(compression_params=params).compress(data)
-    d = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-    return zstandard.ZstdCompressor(dict_data=d, compression_params=params).compress(data)
+    d = (
+        zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        if dictionary
+        else None
+    )
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor(dict_data=d, compression_params=params).stream_writer(
+        out, size=len(data), closefd=False
+    ) as writer:
+        writer.write(data)
+    return out.getvalue()
 
 
 def _patch_from_estimate(data: bytes, dictionary: bytes) -> int:
