@@ -25,8 +25,8 @@ Goals (same run): bytes ≤ min(references) + 256; creation CPU ≤ 0.5× bsdiff
 interpreter + 32 MiB. The 1 GiB image has no references (bsdiff4 needs ~17× the old image in memory,
 zstd-19 patch-from takes ~15 minutes on it): it shows creation memory ≤ 10× and apply memory bounded.
 
-Usage: ``.venv/bin/python benchmarks/delta.py [--repeat N] [--only NAME …] [--large-gib G | --no-large]
-[--out FILE]``; prints JSON (and writes it to ``--out``).
+Usage: ``.venv/bin/python benchmarks/delta.py [--repeat N] [--only NAME …] [--no-pairs] [--no-firmware]
+[--large-gib G | --no-large] [--out FILE]``; prints JSON (and writes it to ``--out``).
 """
 
 from __future__ import annotations
@@ -329,6 +329,7 @@ def main() -> None:
     ap.add_argument("--large-gib", type=float, default=1.0)
     ap.add_argument("--no-large", action="store_true")
     ap.add_argument("--no-firmware", action="store_true")
+    ap.add_argument("--no-pairs", action="store_true", help="skip the library pairs (the 1 GiB image alone)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     work = args.cache / "work"
@@ -343,7 +344,7 @@ def main() -> None:
     }
     for package, old_v, new_v, (old_m, new_m), kind in PAIRS:
         name = f"{package} {old_v} -> {new_v} {new_m.rsplit('/', 1)[1]} ({kind})"
-        if args.only is not None and not any(o in name for o in args.only):
+        if args.no_pairs or (args.only is not None and not any(o in name for o in args.only)):
             continue
         old, new = fetch(args.cache, package, old_v, old_m), fetch(args.cache, package, new_v, new_m)
         report["pairs"].append(measure(name, old, new, work, args.repeat, interp))

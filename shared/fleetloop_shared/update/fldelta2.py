@@ -1,6 +1,6 @@
 """FLDELTA2 in the cloud: whole-image matching, each output chunk by its smallest encoding.
 
-Why: FLDELTA1 diffed each 4 MiB chunk of the new image against a window of the old one "around the same
+Why: FLDELTA1 diffed each chunk of the new image against a window of the old one "around the same
 relative position", which holds when a release changes a little in place and fails when code moves (a
 library rebuilt with another toolchain, sections reordered, an image that grows or shrinks). Bounded
 memory on the device never required a bounded *search*: the device reads its old slot at any offset
@@ -13,18 +13,19 @@ The chunk is then written as the smallest of:
 
 - ``streams``: those tuples as separately compressed streams (seeks, copy lengths, add lengths as
   varints — far smaller than bsdiff's 8-byte words —, the diff, plain or as runs of zeros and the bytes
-  between them, and the extra bytes), each stored, bzip2 or LZMA2, whichever is smallest;
-- ``zstd-patch``: zstd level 19 with a raw dictionary made of the old regions the tuples copy from
-  (64 KiB blocks ranked by bytes copied, at most :data:`MAX_DICT`): the whole old image's relevant part,
-  small enough for the device to hold (zstd's decoder needs its whole dictionary in memory), and
-  on the benchmark pairs as small as zstd-19 with the whole old file as dictionary;
+  between them, and the extra bytes), each stored, bzip2 or LZMA2 (:func:`_pack_stream`);
+- ``zstd-patch``: zstd level 19 with a raw dictionary of old regions — the whole old image when it fits
+  :data:`MAX_DICT`, else the 64 KiB blocks the tuples copy from most —: small enough for the device to
+  hold (zstd's decoder needs its whole dictionary in memory), and on the benchmark pairs as small as
+  zstd-19 with the whole old file as dictionary;
 - ``zstd``: the chunk alone at level 19.
 
-The expensive encodings (zstd-19, LZMA2) are paid for only where they are likely to win: each candidate
-is first made cheaply (bzip2 streams; zstd level 1 / 3), and the expensive form is made only when the
-cheap size times its typical gain (measured on the benchmark pairs, constants below) beats the best so
-far by :data:`_WORTH`. Without numba or pydivsufsort the tuples come from ``bsdiff4.core.diff`` against a
-window of the old image around the chunk's relative position (FLDELTA1's search, FLDELTA2's container).
+The expensive encodings (zstd-19, LZMA2 on a large extra stream) are paid for only where they are
+likely to win: each candidate is first made cheaply (bzip2 / small LZMA2 streams; zstd level 1 / 3), and
+the expensive form is made only when the cheap size times its typical gain (measured on the benchmark
+pairs, constants below) beats the best so far by :data:`_WORTH`. Without numba or pydivsufsort the
+tuples come from ``bsdiff4.core.diff`` against a window of the old image around the chunk's relative
+position (FLDELTA1's search, FLDELTA2's container).
 """
 
 from __future__ import annotations

@@ -30,7 +30,6 @@ CODEC_STORED = 0
 CODEC_ZSTD = 1
 CODEC_BZIP2 = 2
 CODEC_LZMA2 = 3
-CODEC_NAMES = {CODEC_STORED: "stored", CODEC_ZSTD: "zstd", CODEC_BZIP2: "bzip2", CODEC_LZMA2: "lzma2"}
 #: Largest zstd window a stream may ask the device for (streams are at most one chunk long).
 STREAM_WINDOW = 1 << 22
 #: Largest window of a whole-chunk zstd frame: a patch-from dictionary plus the chunk.
@@ -48,11 +47,6 @@ def lzma_filters(raw_len: int) -> list[dict[str, int]]:
     """
     size = 1 << max(12, (max(raw_len, 1) - 1).bit_length())
     return [{"id": lzma.FILTER_LZMA2, "dict_size": min(size, STREAM_WINDOW)}]
-
-
-def bzip2_level(raw_len: int) -> int:
-    """bzip2's block size in 100 kB: no larger than the stream, so the decoder allocates no more."""
-    return max(1, min(9, (raw_len + 99_999) // 100_000))
 
 
 def unzstd(
