@@ -31,7 +31,7 @@ CODEC_ZSTD = 1
 CODEC_BZIP2 = 2
 CODEC_LZMA2 = 3
 #: Largest zstd window a stream may ask the device for (streams are at most one chunk long).
-STREAM_WINDOW = 1 << 22
+STREAM_WINDOW = 1 << 20
 #: Largest window of a whole-chunk zstd frame: a patch-from dictionary plus the chunk.
 FRAME_WINDOW = 1 << 24
 #: Decoded bytes pulled from a decompressor per step.
