@@ -161,7 +161,7 @@ def _streams(body: bytes, out_len: int) -> tuple[int, list[Inflow]]:
     for (codec, raw_len, packed_len), limit, name in zip(heads, limits, STREAM_NAMES, strict=True):
         if raw_len > limit:
             raise IntegrityError(f"delta is malformed: {name} of {raw_len} bytes exceeds {limit}")
-        streams.append(Inflow(codec, body[offset : offset + packed_len], raw_len, name))
+        streams.append(Inflow(codec, memoryview(body)[offset : offset + packed_len], raw_len, name))
         offset += packed_len
     return tuples, streams
 
@@ -174,8 +174,8 @@ def _apply_streams(
     diff: Inflow | _SparseDiff = _SparseDiff(runs, literal) if runs.left else literal
     if diff is literal:
         runs.finish()
-    pos = produced = 0
-    out = bytearray()
+    pos = produced = fill = 0
+    out = bytearray(FLUSH)  # one output buffer, filled in place and handed on whenever it is full
     for _ in range(tuples):
         zig = seeks.next()
         pos += (zig >> 1) ^ -(zig & 1)
@@ -187,32 +187,32 @@ def _apply_streams(
             raise IntegrityError(f"delta is malformed: copy of {x} bytes at {pos} is outside the old image")
         produced += x + y
         while x:
-            n = min(x, FLUSH)
-            added = np.add(
+            n = min(x, FLUSH - fill)
+            target = np.frombuffer(out, dtype=np.uint8, count=n, offset=fill)
+            np.add(
                 np.frombuffer(_read_old(old, pos, n), dtype=np.uint8),
                 np.frombuffer(diff.read(n), dtype=np.uint8),
+                out=target,
             )
-            out += added.tobytes()
-            pos += n
-            x -= n
-            if len(out) >= FLUSH:
+            pos, x, fill = pos + n, x - n, fill + n
+            if fill == FLUSH:
                 write(bytes(out))
-                out.clear()
+                fill = 0
         while y:
-            n = min(y, FLUSH)
-            out += extra.read(n)
-            y -= n
-            if len(out) >= FLUSH:
+            n = min(y, FLUSH - fill)
+            out[fill : fill + n] = extra.read(n)
+            y, fill = y - n, fill + n
+            if fill == FLUSH:
                 write(bytes(out))
-                out.clear()
+                fill = 0
     if produced != out_len:
         raise IntegrityError(f"delta is malformed: tuples build {produced} of {out_len} bytes")
     for v in (seeks, xs, ys):
         v.finish()
     diff.finish()
     extra.finish()
-    if out:
-        write(bytes(out))
+    if fill:
+        write(bytes(memoryview(out)[:fill]))
 
 
 def _dictionary_regions(body: bytes, old_size: int) -> tuple[list[tuple[int, int]], int, int]:

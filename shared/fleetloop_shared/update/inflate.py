@@ -120,7 +120,7 @@ class _Decoder(Protocol):
     @property
     def unused_data(self) -> bytes: ...
 
-    def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...
+    def decompress(self, data: bytes | memoryview, max_length: int = -1) -> bytes: ...
 
 
 class Inflow:
@@ -133,7 +133,9 @@ class Inflow:
     piece of decoded bytes not yet read.
     """
 
-    def __init__(self, codec: int, body: bytes, raw_len: int, what: str, *, exact: bool = True) -> None:
+    def __init__(
+        self, codec: int, body: bytes | memoryview, raw_len: int, what: str, *, exact: bool = True
+    ) -> None:
         self.what = what
         self.left = raw_len
         self.exact = exact
