@@ -29,7 +29,7 @@ from fleetloop_cli.output import render_rows
 from fleetloop_fwsim import firmware, profiles
 from fleetloop_fwsim.provisioning import provision_sim_device
 from fleetloop_shared.datapaths import find_recordings
-from fleetloop_shared.errors import FleetloopError, StateError, UnavailableError
+from fleetloop_shared.errors import FleetloopError, NotFoundError, StateError, UnavailableError
 
 HARDWARE_ID = "fleetloop-sim-gen1"
 FLEET = "demo"
@@ -440,8 +440,12 @@ def _start_device(
 
 
 def _directed_payload(client: CoordinatorClient, device_id: str) -> str:
-    """What the director sent this device for its job: the delta's format, or "full"."""
-    signed = client.get(f"/tuf/director/{device_id}/targets.json").get("signed", {})
+    """What the director sent this device for its job: the delta's format, "full", or "none" (no job:
+    a paused rollout never reached it)."""
+    try:
+        signed = client.get(f"/tuf/director/{device_id}/targets.json").get("signed", {})
+    except NotFoundError:
+        return "none"
     facts = [t.get("custom", {}).get("fleetloop", {}) for t in signed.get("targets", {}).values()]
     return next((str(f.get("algorithm")) for f in facts if f.get("kind") == "delta"), "full")
 
