@@ -1,8 +1,8 @@
-"""Ingest benchmark (issue 6): uploads → queryable Parquet, devices held, capture-to-queryable latency.
+"""Ingest benchmark: uploads → queryable Parquet, devices held, capture-to-queryable latency.
 
 Prints one JSON object with three parts:
 
-* ``ingest_per_core`` — ``Coordinator.ingest`` (decode the segment, check it, write the Parquet file,
+* ``ingest_per_core`` — ``IngestService.segment`` (decode the segment, check it, write the Parquet file,
   commit the metadata row: what happens between an upload arriving and its ack) on segments cut from the
   real comma2k19 drive, timed by the process's CPU time on one thread: samples per coordinator CPU-second.
   The **reference in the same run** is what ThingsBoard-style ingestion does per point: one row per sample
@@ -42,15 +42,18 @@ from typing import Any
 import numpy as np
 
 from fleetloop_agent.sources import build_source
-from fleetloop_cloud.coordinator import Coordinator
+from fleetloop_cloud.server import Coordinator
+from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim.fleet import SimFleet, latency_summary, run_fleet
 from fleetloop_fwsim.profiles import source_specs
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.datapaths import find_recordings
 from fleetloop_shared.segment import Segment, encode_segment, new_segment_id, segment_from_batch
-from fleetloop_shared.wire import device_pb2
+from fleetloop_shared.wire import device_pb2, ingest_pb2
 
 NS = 1_000_000_000
+CAR = Caller.device("car-1", transport="in-process", proven=True)
+LOCAL = Caller.local()
 
 
 def _commit() -> str:
@@ -79,6 +82,13 @@ def real_segments(recordings: Path, seconds: float) -> tuple[Catalog, list[Segme
     return catalog, segs
 
 
+def _upload(seg: Segment, capture_id: str) -> ingest_pb2.UploadSegmentRequest:
+    return ingest_pb2.UploadSegmentRequest(
+        device_id="car-1", segment_id=seg.segment_id, capture_id=capture_id, campaign="bench", priority=5,
+        segment=encode_segment(seg),
+    )  # fmt: skip
+
+
 def _hello(device_id: str, catalog: Catalog) -> device_pb2.Hello:
     h = device_pb2.Hello(device_id=device_id, fleet="bench", data_origin="recordings")
     for s in catalog:
@@ -99,24 +109,24 @@ def bench_ingest(recordings: Path, repeat: int, seconds: float, copies: int) -> 
     for r in range(repeat):
         with tempfile.TemporaryDirectory() as tmp:
             c = Coordinator(Path(tmp) / "cloud")
-            c.on_hello(_hello("car-1", catalog))
+            c.devices.connect(CAR, _hello("car-1", catalog), time.time())
             uploads = []
             for k in range(copies):  # distinct segments: new ids, each copy later in time
                 for s in base:
                     seg = dataclasses.replace(
                         s, segment_id=new_segment_id(), t_ns=s.t_ns + (k + r * copies) * 120 * NS
                     )
-                    uploads.append((seg.segment_id, encode_segment(seg)))
+                    uploads.append(_upload(seg, "cap"))
             warm = dataclasses.replace(base[0], segment_id=new_segment_id(), t_ns=base[0].t_ns - 10**6 * NS)
-            c.ingest("car-1", warm.segment_id, "warm-up", "bench", 5, encode_segment(warm))  # imports, caches
-            c.query("SELECT 1")
+            c.ingest.segment(CAR, _upload(warm, "warm-up"), time.time())  # imports, caches
+            c.queries.sql(LOCAL, "SELECT 1")
             t0 = time.process_time()
             samples = 0
-            for sid, data in uploads:
-                samples += c.ingest("car-1", sid, "cap", "bench", 5, data).samples
+            for request in uploads:
+                samples += c.ingest.segment(CAR, request, time.time()).samples
             cpu = time.process_time() - t0
             best_ours = max(best_ours, samples / cpu)
-            check = c.query("SELECT count(*) FROM samples WHERE capture_id = 'cap'").rows[0][0]
+            check = c.queries.sql(LOCAL, "SELECT count(*) FROM samples WHERE capture_id = 'cap'").rows[0][0]
             assert check == samples == per_copy * copies, (check, samples)
             files = len(uploads)
             rows = samples
@@ -137,7 +147,7 @@ def bench_ingest(recordings: Path, repeat: int, seconds: float, copies: int) -> 
             db.close()
             best_ref = max(best_ref, ref)
     return {
-        "what": "Coordinator.ingest (decode + validate + Parquet + metadata) on real comma2k19 segments, "
+        "what": "IngestService.segment (decode + validate + Parquet + metadata) on real comma2k19 segments, "
         "one thread, samples per CPU-second",
         "segments_per_run": files,
         "samples_per_run": rows,
@@ -229,7 +239,8 @@ MQTT_DEVICES_PER_PROCESS = 2500
 def _summary(cp: Any) -> dict[str, Any]:
     import urllib.request
 
-    with urllib.request.urlopen(cp.http_url + "/v1/summary", timeout=30) as resp:
+    req = urllib.request.Request(cp.http_url + "/v1/summary", headers={"Authorization": f"Bearer {cp.token}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
         result: dict[str, Any] = json.loads(resp.read())
     return result
 
@@ -249,6 +260,9 @@ def bench_connected_mqtt(devices: int, timeout_s: float = 300.0, hold_s: float =
         return {"transport": "mqtt", "skipped": "mosquitto not installed"}
     with tempfile.TemporaryDirectory() as tmp:
         broker = MosquittoProcess(Path(tmp) / "broker")
+        t_certs = time.monotonic()  # certificates issued and registered at once, before the broker starts
+        broker.add_devices("bench", [f"m-{i:05d}" for i in range(devices)])
+        certs_s = time.monotonic() - t_certs
         broker.start()
         cp = CoordinatorProcess(Path(tmp) / "cloud", log_path=Path(tmp) / "cloud.log",
                                 extra_args=coordinator_mqtt_args(broker))  # fmt: skip
@@ -256,10 +270,6 @@ def bench_connected_mqtt(devices: int, timeout_s: float = 300.0, hold_s: float =
         try:
             cp.start()
             assert cp.proc is not None and broker.proc is not None
-            t_certs = time.monotonic()
-            for i in range(devices):
-                broker.ca.client(f"m-{i:05d}")
-            certs_s = time.monotonic() - t_certs
             before = proc_usage(cp.proc.pid)
             broker_before = proc_usage(broker.proc.pid)
             statuses = []

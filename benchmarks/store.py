@@ -1,15 +1,15 @@
 """Store benchmark: bytes per sample and codec throughput of the segment format vs pyarrow Parquet.
 
-Why: the local store's promise (issue 4) is "the smallest lossless on-device store we can build", at
-least as fast as writing Parquet. This script measures exactly that on every real data set this build
-can decode (``../shared/data/real`` through the same readers ``fleetloop store import`` uses), in one
-run, against the references the issue names:
+Why: the local store's promise is "the smallest lossless on-device store we can build", at least as
+fast as writing Parquet. This script measures exactly that on every real data set this build can decode
+(``../shared/data/real`` through the same readers ``fleetloop store import`` uses), in one run, against
+these references:
 
 * ``parquet_zstd``: pyarrow Parquet + zstd, one file per group with ``t_ns`` int64 and one column per
   signal (the signals of a group share their timestamps there too — the fair comparison);
 * ``parquet_bss``: the same with BYTE_STREAM_SPLIT for floats and DELTA_BINARY_PACKED for integers;
-* ``parquet_long_zstd``: the narrow ``t_ns, value`` layout per signal (what the issue's 3.35 B/sample
-  table measured).
+* ``parquet_long_zstd``: the narrow ``t_ns, value`` layout per signal (the layout of the first
+  3.35 B/sample figures the store was measured against).
 
 Segments are cut as ``fleetloop store import`` cuts them (``store_commands.import_segments``:
 ``store_import.to_segments``, ≤ 65,536 rows of a group per segment, then ``segment.bundle_segments``,
@@ -51,13 +51,15 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from real_corpus import real_corpus
 
-from fleetloop_agent.store_import import ImportResult, real_corpus, to_segments
+from fleetloop_agent.recordings import Recording
+from fleetloop_agent.store_import import to_segments
 from fleetloop_cli.store_commands import import_segments
 from fleetloop_shared.catalog import Catalog
-from fleetloop_shared.codecs import bitpack
 from fleetloop_shared.datapaths import find_recordings
 from fleetloop_shared.segment import FORMAT_VERSION, Segment, decode_segment, encode_segment
+from fleetloop_shared.segment.codecs import bitpack
 
 GOAL_BYTES_PER_SAMPLE = 1.0
 GOAL_VS_PARQUET_ZSTD = 0.30
@@ -96,7 +98,7 @@ def _bss_options(table: pa.Table) -> dict[str, Any]:
     return {"use_dictionary": False, "column_encoding": enc}
 
 
-def measure_set(name: str, result: ImportResult, repeat: int) -> dict[str, Any]:
+def measure_set(name: str, result: Recording, repeat: int) -> dict[str, Any]:
     segments = list(import_segments(result, Catalog(), to_segments))
     groups = [g for s in segments for g in s.groups()]
     samples = sum(s.sample_count for s in segments)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages the test suite runs for real: a private mosquitto (MQTT tests), a private
-# PostgreSQL (metadata tests) and u-boot-tools (interoperability of the u-boot environment adapter).
+# PostgreSQL (metadata tests) and libubootenv-tool (fw_printenv/fw_setenv: interoperability of the u-boot
+# environment adapter; on Debian 12 u-boot-tools does not ship them).
 # Idempotent and quiet; run by `make test` (and so by .ci/run).
 set -euo pipefail
 missing=()
@@ -8,7 +9,7 @@ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || missing+=
 if ! command -v initdb >/dev/null 2>&1 && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
   missing+=(postgresql)
 fi
-command -v fw_printenv >/dev/null 2>&1 || missing+=(u-boot-tools)
+command -v fw_printenv >/dev/null 2>&1 || missing+=(libubootenv-tool)
 ((${#missing[@]})) || exit 0
 if [ "$(id -u)" -eq 0 ]; then
   sudo_cmd=()

@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from fleetloop_agent.upload_protocol import NETWORKS
+from fleetloop_agent.uplink.device_messages import NETWORKS
+from fleetloop_agent.yaml_marks import load_marked
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.segment import READ_VERSIONS
 from fleetloop_shared.update.delta_format import FORMATS, check_formats
@@ -67,7 +68,7 @@ class AgentConfig:
     cloud_tls: tuple[Path, Path, Path] | None = None
     #: models_dir: model packs installed by hand (``<dir>/<pack>/model.yaml``), besides OTA bundles
     models_dir: Path | None = None
-    #: cloud.upload.scheduled: upload only what the cloud's upload scheduler grants (issue 6)
+    #: cloud.upload.scheduled: upload only what the cloud's upload scheduler grants
     upload_scheduled: bool = False
     #: cloud.upload.network: the network reported to the scheduler (wifi, cellular, ethernet, other)
     network: str = "wifi"
@@ -95,7 +96,7 @@ def load_agent_config(path: str | Path) -> AgentConfig:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        doc = yaml.safe_load(p.read_text())
+        doc = load_marked(p.read_text(), source=str(p))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)

@@ -12,10 +12,14 @@ Captures must survive power cuts and ``kill -9`` while the uplink may be offline
 * Uploads are acknowledged state-first: the row is marked uploaded, then the file deleted; a crash in
   between leaves a file the next open deletes. Evictions go file-first, so a crash never resurrects an
   evicted segment (at worst a row without file, which the next open drops).
-* The quota is enforced before writing. Overflow policy: evict pending segments of priority lower than
-  or equal to the new one, lowest priority first, then oldest; never evict more urgent data to make room
-  for less urgent data — the new segment is refused with :class:`StorageFullError` instead. Evictions are
-  counted in :class:`StoreStats` so metrics can say what was lost.
+* The quota is enforced before writing, on what the store takes on disk: the blocks its segment files
+  occupy, plus the index, its write-ahead log and anything else under the root (:meth:`disk_usage`).
+  The log is bounded (checkpointed every :data:`WAL_AUTOCHECKPOINT_PAGES` pages, truncated to
+  :data:`JOURNAL_SIZE_LIMIT_BYTES`) and, when the quota is tight, checkpointed to nothing before any data
+  is evicted. Overflow policy: evict pending segments of priority lower than or equal to the new one,
+  lowest priority first, then oldest; never evict more urgent data to make room for less urgent data —
+  the new segment is refused with :class:`StorageFullError` instead. Evictions are counted in
+  :class:`StoreStats` so metrics can say what was lost.
 
 One lock serializes every operation: the agent's main loop appends while the uplink thread reads and
 acknowledges. Encoding (the CPU-heavy part) runs outside the lock.
@@ -70,6 +74,15 @@ MAX_LABEL_BYTES = 256  # capture id and campaign name, UTF-8
 MAX_UPLOADED_REMEMBERED = 10_000
 #: Upper bound of one ``pending()`` page, whatever the caller asks for.
 MAX_PENDING_PAGE = 10_000
+#: Index pages the write-ahead log may hold before SQLite checkpoints it into the index.
+WAL_AUTOCHECKPOINT_PAGES = 256
+#: Size the write-ahead log is truncated to after a checkpoint.
+JOURNAL_SIZE_LIMIT_BYTES = 1024 * 1024
+#: Page size of the index (set when it is created).
+INDEX_PAGE_BYTES = 4096
+#: What one append may add to the index's log, reserved before the segment is written: its eviction and
+#: its insert touch about five pages each (table, three indexes, counters), a page split a few more.
+COMMIT_RESERVE_BYTES = 12 * (INDEX_PAGE_BYTES + 24) + 32  # WAL frames carry a 24-byte header; 32: file header
 
 _STORAGE_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
@@ -143,9 +156,9 @@ class StoreStats:
 class StoreInventory:
     """What a store holds now (pending segments), for operators and the store benchmark.
 
-    ``segment_bytes`` is the size of every segment file (envelope included); ``disk_bytes`` adds the
-    index and everything else under the store root; ``encoded_bytes`` is the segments alone (what the
-    uplink sends).
+    ``segment_bytes`` is the size of every segment file (envelope included); ``disk_bytes`` is what the
+    store takes on disk, as the quota counts it (the blocks of its segment files, the index, its log and
+    everything else under the root); ``encoded_bytes`` is the segments alone (what the uplink sends).
     """
 
     segments: int
@@ -226,7 +239,7 @@ def _unlink_quietly(path: Path) -> None:
 
 
 class LocalStore:
-    """Segments pending upload, on disk under ``root``, within ``quota_bytes`` of segment files.
+    """Segments pending upload, on disk under ``root``, within ``quota_bytes`` of disk.
 
     ``segment_version``: the newest segment format written (``encode_segment(max_version=...)``), for a
     fleet whose cloud does not read the newest yet.
@@ -249,6 +262,7 @@ class LocalStore:
         self._lock = threading.Lock()
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
+            self._block = os.statvfs(self._dir).f_frsize or 4096
         except (FileExistsError, NotADirectoryError):
             raise ConfigError(f"store root {self._root}: a path component is not a directory") from None
         except PermissionError:
@@ -352,6 +366,12 @@ class LocalStore:
                 )
             _unlink_quietly(self._path(segment_id))
 
+    def disk_usage(self) -> int:
+        """Bytes the store takes on disk, as the quota counts them: the blocks of the pending segment
+        files, plus everything else under the root (the index, its log, leftovers) as allocated."""
+        with self._lock:
+            return self._segments_on_disk(self._require_open()) + self._overhead_bytes()
+
     def stats(self) -> StoreStats:
         with self._lock:
             db = self._require_open()
@@ -384,11 +404,7 @@ class LocalStore:
             signals: set[str] = set()
             for (text,) in db.execute("SELECT DISTINCT signal_ids FROM segments WHERE uploaded_seq IS NULL"):
                 signals.update(x for x in str(text).split(",") if x)
-        total = 0
-        for path in self._root.rglob("*"):
-            with contextlib.suppress(FileNotFoundError):
-                if path.is_file():
-                    total += path.stat().st_size
+            total = self._segments_on_disk(db) + self._overhead_bytes()
         return StoreInventory(
             segments=int(count),
             samples=int(samples),
@@ -496,8 +512,11 @@ class LocalStore:
         try:
             # WAL survives kill -9 with every committed row; synchronous=NORMAL may lose the last commits
             # on power loss, which recovery repairs from the files (row-less files are re-indexed).
+            db.execute(f"PRAGMA page_size={INDEX_PAGE_BYTES}")  # only takes effect on a new index
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT_BYTES}")
             if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("quick_check failed")
             db.executescript(_SCHEMA)
@@ -543,24 +562,52 @@ class LocalStore:
         )
         self._bump(db, "samples_stored_total", entry.samples)
 
-    def _make_room(self, db: sqlite3.Connection, needed: int, priority: int, segment_id: bytes) -> None:
-        """Evict so that ``needed`` more bytes fit the quota, or refuse before evicting anything."""
-        if needed > self._quota:
-            raise StorageFullError(
-                f"segment {segment_id.hex()} needs {needed} bytes, more than the whole store quota "
-                f"of {self._quota} bytes"
-            )
+    def _allocated(self, size: int) -> int:
+        """Disk a file of ``size`` bytes occupies: whole filesystem blocks."""
+        return -(-size // self._block) * self._block
+
+    def _segments_on_disk(self, db: sqlite3.Connection) -> int:
+        block = self._block
         (used,) = db.execute(
-            "SELECT COALESCE(SUM(disk_bytes), 0) FROM segments WHERE uploaded_seq IS NULL"
+            "SELECT COALESCE(SUM((disk_bytes + ? - 1) / ? * ?), 0) FROM segments WHERE uploaded_seq IS NULL",
+            (block, block, block),
         ).fetchone()
-        excess = int(used) + needed - self._quota
+        return int(used)
+
+    def _overhead_bytes(self) -> int:
+        """Allocated bytes of every file under the root but the segment files (index, log, shared memory,
+        an operator's catalog, a set-aside corrupt index): counted as they are, not estimated."""
+        total = 0
+        for dirpath, _, filenames in os.walk(self._root):
+            here = Path(dirpath)
+            if here == self._dir:
+                filenames = [n for n in filenames if not n.endswith(SEGMENT_SUFFIX)]
+            for name in filenames:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.stat(here / name).st_blocks * 512
+        return total
+
+    def _make_room(self, db: sqlite3.Connection, size: int, priority: int, segment_id: bytes) -> None:
+        """Evict so that a segment file of ``size`` bytes (and its commit) fits the quota, or refuse before
+        evicting anything. The index's log is checkpointed to nothing first: it holds no data."""
+        needed = self._allocated(size) + COMMIT_RESERVE_BYTES
+        excess = self._segments_on_disk(db) + self._overhead_bytes() + needed - self._quota
+        if excess > 0:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            overhead = self._overhead_bytes()
+            excess = self._segments_on_disk(db) + overhead + needed - self._quota
+            if needed + overhead > self._quota:
+                raise StorageFullError(
+                    f"segment {segment_id.hex()} needs {needed} bytes of disk; the whole store quota of "
+                    f"{self._quota} bytes leaves {max(self._quota - overhead, 0)} beside the index"
+                )
         if excess <= 0:
             return
         victims: list[tuple[int, bytes, int]] = []
         freed = 0
         for seq, victim_id, disk_bytes in self._eviction_candidates(db, priority):
             victims.append((seq, victim_id, disk_bytes))
-            freed += disk_bytes
+            freed += self._allocated(disk_bytes)
             if freed >= excess:
                 break
         if freed < excess:

@@ -5,7 +5,18 @@ Each agent owns its registry, so several agents in one process (tests, fleet sim
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+#: Running totals every live source keeps (``SourceCounters``), exported per source name.
+SOURCE_TOTALS = {
+    "samples": "Samples a source handed to the agent",
+    "errors": "Faults of a source: refused requests, malformed input, lost connections",
+    "missed_polls": "Polls that did not happen or failed",
+    "reconnects": "Connections re-established after a loss",
+    "dropped": "Samples lost to a source's overflow policy or refused",
+}
 
 
 class AgentMetrics:
@@ -55,6 +66,12 @@ class AgentMetrics:
             )
         }
         self._mirrored_seen: dict[str, int] = dict.fromkeys(self._mirrored, 0)
+        # Live sources' totals, labelled by source name (a config's name, never a device id).
+        self._sources = {
+            name: Counter(f"fleetloop_agent_source_{name}", help_text, ["source"], registry=r)
+            for name, help_text in SOURCE_TOTALS.items()
+        }
+        self._sources_seen: dict[tuple[str, str], int] = {}
 
     def sync_totals(self, **totals: int) -> None:
         """Bring the mirrored counters up to the cores' running totals (``trigger_evaluations=...``)."""
@@ -63,6 +80,17 @@ class AgentMetrics:
             if delta > 0:
                 self._mirrored[name].inc(delta)
                 self._mirrored_seen[name] = total
+
+    def sync_source(self, source: str, totals: Mapping[str, int]) -> None:
+        """Bring source ``source``'s counters up to its running totals (keys of :data:`SOURCE_TOTALS`)."""
+        for name, total in totals.items():
+            counter = self._sources.get(name)
+            if counter is None:
+                continue
+            delta = total - self._sources_seen.get((source, name), 0)
+            if delta > 0:
+                counter.labels(source=source).inc(delta)
+                self._sources_seen[(source, name)] = total
 
     def serve(self, port: int) -> None:
         start_http_server(port, addr="127.0.0.1", registry=self.registry)

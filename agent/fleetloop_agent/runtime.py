@@ -1,8 +1,8 @@
 """The agent's driver: owns the loop, the threads and the I/O; the decisions live in pure cores.
 
 Data path per tick (time passed in, data time = start + elapsed × replay speed):
-sources → ring buffers → trigger engine → capture assembler → local store → uplink (its own thread).
-Control path: the uplink's control stream delivers desired campaigns (compiled here, refused with a
+sources → ring buffers → trigger engine → capture assembler → local store → link (its own thread).
+Control path: the link's control session delivers desired campaigns (compiled here, refused with a
 reason if they do not compile) and OTA jobs (run by the OTA worker thread through ``OtaDriver``, which
 journals before each side effect and asks for a reboot by raising ``RebootRequested``).
 Model packs: ``model("name", w)`` scores come from a :class:`ModelRegistry` loaded from the installed
@@ -34,10 +34,11 @@ from fleetloop_agent.ota.driver import OtaDriver, OtaReport
 from fleetloop_agent.ota.platform import EXIT_REBOOT, EnvFilePlatform, RebootRequested
 from fleetloop_agent.ring_buffer import RingBuffers
 from fleetloop_agent.sources import SignalSource, build_source
+from fleetloop_agent.sources.live import LIVE_ORIGIN, Closable, SourceCounters
 from fleetloop_agent.trigger_engine import TriggerEngine
-from fleetloop_agent.uplink import CloudLink
-from fleetloop_agent.uplink_mqtt import MqttCloudLink, MqttSettings
-from fleetloop_agent.upload_protocol import backlog_heartbeat
+from fleetloop_agent.uplink import Greeting, Link, UplinkTransport, heartbeat
+from fleetloop_agent.uplink.grpc_transport import GrpcTransport
+from fleetloop_agent.uplink.mqtt_transport import MqttSettings, MqttTransport
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.durable import write_atomically
 from fleetloop_shared.errors import FleetloopError, RuleError, StorageFullError
@@ -62,12 +63,15 @@ class _DesiredState:
 
 
 class AgentRuntime:
-    """One agent process: build everything from the config, run until stopped or rebooting."""
+    """One agent process: build everything from the config, run until stopped or rebooting.
+
+    The link reaches the cloud over ``transport``, by default the one the config names."""
 
     def __init__(
         self,
         config: AgentConfig,
         *,
+        transport: UplinkTransport | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         wall_ns: Callable[[], int] = time.time_ns,
     ) -> None:
@@ -82,9 +86,10 @@ class AgentRuntime:
         ]
         for src in self.sources:
             src.declare(self.catalog)
-        self.data_origin = (
-            "recordings" if all(s.origin == "recordings" for s in self.sources) else "simulated"
-        )
+        origins = {s.origin for s in self.sources}
+        self.data_origin = "simulated"
+        if origins in ({"recordings"}, {LIVE_ORIGIN}):
+            (self.data_origin,) = origins
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.buffers = RingBuffers(self.catalog, horizon_ns=MIN_HORIZON_NS)
         #: One registry for the process, replaced in place on reload (running evaluators hold it).
@@ -103,7 +108,7 @@ class AgentRuntime:
         self.ota = OtaDriver(
             self.platform,
             config.state_dir / "ota",
-            trust_anchors=[p.read_bytes() for p in config.trusted_release_keys],  # TUF roots (issue 5)
+            trust_anchors=[p.read_bytes() for p in config.trusted_release_keys],  # TUF roots
             hardware_id=pc.hardware_id,
             device_id=config.device_id,
             report=self._on_ota_report,
@@ -121,32 +126,16 @@ class AgentRuntime:
         self._stop = threading.Event()
         self._reboot = threading.Event()
         self._last_ota: OtaReport | None = None
-        self.link: CloudLink | MqttCloudLink
-        if config.cloud_transport == "mqtt" and config.cloud_mqtt is not None:  # issue 6: MQTT 5 transport
-            m = config.cloud_mqtt
-            self.link = MqttCloudLink(
-                MqttSettings(m.host, m.port, m.ca, m.cert, m.key),
-                config.device_id,
-                fleet=config.fleet,
-                store=self.store,
-                metrics=self.metrics,
-                greeting=self._greeting,
-                on_message=self._on_cloud_message,
-                upload_deadline_s=config.upload_deadline_s,
-                grants=config.upload_scheduled,
-            )
-        else:
-            self.link = CloudLink(
-                config.cloud_grpc,
-                config.device_id,
-                store=self.store,
-                metrics=self.metrics,
-                greeting=self._greeting,
-                on_message=self._on_cloud_message,
-                upload_deadline_s=config.upload_deadline_s,
-                tls=config.cloud_tls,
-                grants=config.upload_scheduled,
-            )
+        self.link = Link(
+            transport if transport is not None else transport_from_config(config),
+            device_id=config.device_id,
+            store=self.store,
+            metrics=self.metrics,
+            greeting=self._greeting,
+            on_message=self._on_cloud_message,
+            upload_deadline_s=config.upload_deadline_s,
+            scheduled=config.upload_scheduled,
+        )
         self.models.replace(self._discover_models())
         self._load_desired()
 
@@ -190,6 +179,9 @@ class AgentRuntime:
                 self.link.flush(3.0)
             self.link.stop()
             self.store.close()
+            for src in self.sources:
+                if isinstance(src, Closable):
+                    src.close()
         if self._reboot.is_set():
             log.info("rebooting to finish the update")
             return EXIT_REBOOT
@@ -197,7 +189,7 @@ class AgentRuntime:
 
     # -- data path --------------------------------------------------------------------------------
     def _tick(self, data_now: int) -> None:
-        for name in self.engine.expire(self._wall_ns()):  # issue 3: campaign lifecycle
+        for name in self.engine.expire(self._wall_ns()):  # campaigns past their end
             log.info("campaign %s expired", name)
         batches = []
         for src in self.sources:
@@ -205,6 +197,10 @@ class AgentRuntime:
                 batches.extend(src.read(data_now))
             except FleetloopError as exc:
                 log.error("source %s failed: %s", src.name, exc)
+        for src in self.sources:
+            counters = getattr(src, "counters", None)
+            if isinstance(counters, SourceCounters):
+                self.metrics.sync_source(src.name, counters.totals())
         for b in batches:
             self.buffers.append(b)
             self.metrics.samples_read.inc(b.sample_count)
@@ -256,7 +252,7 @@ class AgentRuntime:
 
     # -- control path -----------------------------------------------------------------------------
     def _on_cloud_message(self, msg: device_pb2.CloudMessage) -> None:
-        """Called on the uplink thread: hand over to the main loop (campaigns) or the OTA worker."""
+        """Called on the link's thread: hand over to the main loop (campaigns) or the OTA worker."""
         kind = msg.WhichOneof("kind")
         if kind == "upload_grant":
             self.link.grant(msg.upload_grant.max_bytes, msg.upload_grant.min_priority)
@@ -268,7 +264,7 @@ class AgentRuntime:
                 log.warning("OTA job %s refused: %d jobs already queued", msg.ota_job.job_id, OTA_QUEUE_LIMIT)
             return
         try:
-            self._inbox.put(msg, timeout=5)
+            self._inbox.put_nowait(msg)  # on the link's loop: never wait here
         except queue.Full:
             log.warning("control inbox full; dropped a %s message", kind)
 
@@ -302,7 +298,7 @@ class AgentRuntime:
         refused.update(self.engine.set_campaigns(specs, self._wall_ns(), refresh_models=refresh_models))
         self.specs = {s.name: s for s in specs if s.name not in refused}
         self.refused = refused
-        # issue 3: captures still pending from swapped-out campaigns keep their history
+        # captures still pending from swapped-out campaigns keep their history
         horizon = max(
             [MIN_HORIZON_NS, self.engine.required_horizon_ns(), self.assembler.required_horizon_ns()]
         )
@@ -343,30 +339,16 @@ class AgentRuntime:
         )
 
     def _greeting(self) -> list[device_pb2.DeviceMessage]:
-        hello = device_pb2.Hello(
+        return Greeting(
             device_id=self.config.device_id,
             fleet=self.config.fleet,
-            labels=dict(self.config.labels),
-            agent_version=__version__,
+            catalog=self.catalog,
+            labels=self.config.labels,
             data_origin=self.data_origin,
-            catalog=[
-                device_pb2.CatalogSignal(
-                    id=s.id,
-                    path=s.path,
-                    data_type=device_pb2.DataType.Value(f"DATA_TYPE_{s.data_type.name}"),
-                    unit=s.unit,
-                )
-                for s in self.catalog
-            ],
-        )
-        msgs = [
-            device_pb2.DeviceMessage(hello=hello),
-            device_pb2.DeviceMessage(inventory=self._inventory()),
-            device_pb2.DeviceMessage(campaign_status=self._campaign_status()),
-        ]
-        if self._last_ota is not None:
-            msgs.append(device_pb2.DeviceMessage(ota_status=_ota_status(self._last_ota)))
-        return msgs
+            inventory=self._inventory(),
+            campaign_status=self._campaign_status(),
+            ota_status=_ota_status(self._last_ota) if self._last_ota is not None else None,
+        ).messages()
 
     def _inventory(self) -> device_pb2.Inventory:
         return device_pb2.Inventory(
@@ -379,19 +361,10 @@ class AgentRuntime:
         )
 
     def _heartbeat(self) -> None:
-        if self.config.upload_scheduled:
-            # The backlog per priority is the request for grants (the cloud's upload scheduler).
-            heartbeat = backlog_heartbeat(self.store, self.config.network, self._wall_ns())
-        else:
-            stats = self.store.stats()
-            heartbeat = device_pb2.Heartbeat(
-                time_unix_ns=self._wall_ns(),
-                segments_pending=stats.segments_pending,
-                bytes_pending=stats.bytes_pending,
-                network=self.config.network,
-            )
-        self.metrics.store_pending_bytes.set(heartbeat.bytes_pending)
-        self.link.send(device_pb2.DeviceMessage(heartbeat=heartbeat))
+        # with scheduled uploads, the backlog per priority is the request for grants
+        hb = heartbeat(self.store, self.config.network, self._wall_ns(), backlog=self.config.upload_scheduled)
+        self.metrics.store_pending_bytes.set(hb.bytes_pending)
+        self.link.send(device_pb2.DeviceMessage(heartbeat=hb))
         self.link.send(device_pb2.DeviceMessage(campaign_status=self._campaign_status()))
 
     # -- model packs --------------------------------------------------------------------------------
@@ -463,9 +436,7 @@ class AgentRuntime:
     def _extra_health(self) -> list[str]:
         failures = []
         if not self.link.connected.wait(HEALTH_CLOUD_WAIT_S):
-            failures.append(
-                f"cloud unreachable at {self.link.target}: {self.link.last_error or 'timeout'}"
-            )
+            failures.append(f"cloud unreachable at {self.link.target}: {self.link.last_error or 'timeout'}")
         dead = [s.name for s in self.sources if not s.alive()]
         if dead:
             failures.append(f"sources not alive: {', '.join(dead)}")
@@ -501,3 +472,13 @@ def _ota_status(report: OtaReport) -> ota_pb2.OtaStatus:
         bytes_total=report.bytes_total,
         payload_kind=report.payload_kind,
     )
+
+
+def transport_from_config(config: AgentConfig) -> UplinkTransport:
+    """The transport ``cloud.transport`` names: MQTT 5 to a broker, or gRPC to a coordinator."""
+    if config.cloud_transport == "mqtt" and config.cloud_mqtt is not None:
+        m = config.cloud_mqtt
+        return MqttTransport(
+            MqttSettings(m.host, m.port, m.ca, m.cert, m.key), config.device_id, fleet=config.fleet
+        )
+    return GrpcTransport(config.cloud_grpc, tls=config.cloud_tls)

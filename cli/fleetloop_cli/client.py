@@ -1,26 +1,42 @@
-"""The CLI's HTTP client for the coordinator's REST API (urllib; errors mapped to the error tree)."""
+"""The CLI's HTTP client for the coordinator's REST API (urllib; errors mapped to the error tree).
+
+Every request carries the API token as ``Authorization: Bearer`` when there is one; an ``https``
+coordinator's certificate is checked against the context's CA when one is set (else the system's).
+"""
 
 from __future__ import annotations
 
 import json
-import os
+import ssl
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
+from fleetloop_cli.contexts import DEFAULT_CLOUD, resolve
 from fleetloop_shared import errors
 
-DEFAULT_CLOUD = "http://127.0.0.1:8080"
-
-
-def default_cloud() -> str:
-    return os.environ.get("FLEETLOOP_CLOUD", DEFAULT_CLOUD)
+__all__ = ["DEFAULT_CLOUD", "CoordinatorClient", "client_from_args"]
 
 
 class CoordinatorClient:
-    def __init__(self, base_url: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, base_url: str, *, token: str | None = None, ca: Path | None = None, timeout_s: float = 30.0
+    ) -> None:
         self.base = base_url.rstrip("/")
+        self.token = token
+        self.ca = ca
         self.timeout = timeout_s
+        self._ssl: ssl.SSLContext | None = None
+        if self.base.startswith("https://"):
+            try:
+                self._ssl = ssl.create_default_context(cafile=str(ca) if ca else None)
+            except (OSError, ssl.SSLError) as exc:
+                raise errors.ConfigError(f"CA certificate {ca}: {exc}") from None
+
+    def with_token(self, token: str) -> CoordinatorClient:
+        """The same coordinator, acting with another token."""
+        return CoordinatorClient(self.base, token=token, ca=self.ca, timeout_s=self.timeout)
 
     def request(
         self, method: str, path: str, *, body: bytes | None = None, content_type: str = "application/json"
@@ -28,8 +44,10 @@ class CoordinatorClient:
         req = urllib.request.Request(self.base + path, data=body, method=method)
         if body is not None:
             req.add_header("Content-Type", content_type)
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self._ssl) as resp:
                 return json.loads(resp.read() or b"null")
         except urllib.error.HTTPError as exc:
             raise _from_http(exc) from None
@@ -49,6 +67,8 @@ def _from_http(exc: urllib.error.HTTPError) -> errors.FleetloopError:
         doc = json.loads(exc.read() or b"{}")
         message = str(doc.get("error") or exc.reason)
         kind = str(doc.get("type") or "")
+        if doc.get("request_id"):
+            message += f" (request {doc['request_id']})" if exc.code >= 500 else ""
     except ValueError:
         message, kind = str(exc.reason), ""
     cls = getattr(errors, kind, None)
@@ -56,11 +76,16 @@ def _from_http(exc: urllib.error.HTTPError) -> errors.FleetloopError:
         if cls is errors.RuleError:
             return errors.UserError(message)  # the message already carries FILE:LINE:COL
         return cls(message)
+    if exc.code == 401:
+        return errors.UnauthenticatedError(message)
+    if exc.code == 403:
+        return errors.PermissionDeniedError(message)
     if 400 <= exc.code < 500:
         return errors.UserError(message)
     return errors.UnavailableError(f"coordinator error {exc.code}: {message}")
 
 
 def client_from_args(args: Any) -> CoordinatorClient:
-    """The client for a command parsed with ``--cloud``."""
-    return CoordinatorClient(str(args.cloud))
+    """The client for a command parsed with ``--cloud`` / ``--context`` (see :mod:`.contexts`)."""
+    target = resolve(getattr(args, "cloud", None), getattr(args, "context", None))
+    return CoordinatorClient(target.cloud, token=target.token, ca=target.ca)

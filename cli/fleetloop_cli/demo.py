@@ -18,8 +18,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlencode
@@ -50,6 +51,26 @@ class DemoFailed(FleetloopError):
     exit_code = 1
 
 
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C inside the block is raised when it ends, not inside it.
+
+    A KeyboardInterrupt raised inside ``Popen`` (after the child was started, before it returned) would
+    leave a child nobody knows of, still running after the demo exits; deferring it past the line that
+    records the child lets :meth:`_Processes.stop_all` stop it like the others."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 class _Processes:
     """Child processes of the demo, each in its own process group, all stopped on exit."""
 
@@ -58,16 +79,17 @@ class _Processes:
 
     def start(self, name: str, argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
         fh = open(log, "ab")  # noqa: SIM115 - kept open for the child's lifetime
-        proc = subprocess.Popen(
-            argv,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
+        with _interrupts_deferred():
+            proc = subprocess.Popen(
+                argv,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+            self.procs.append((name, proc))
         fh.close()
-        self.procs.append((name, proc))
         return proc
 
     def stop_all(self) -> None:
@@ -155,19 +177,25 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         _say(verbose, f"fleetloop demo — data: {origin_text}")
         mqtt_args: list[str] = []
-        if getattr(args, "transport", "grpc") == "mqtt":  # issue 6: devices over MQTT 5 via a private broker
+        if getattr(args, "transport", "grpc") == "mqtt":  # devices over MQTT 5 via a private broker
             from fleetloop_fwsim.broker import MosquittoProcess
 
             broker = MosquittoProcess(work / "broker")
+            # certificates (CN = identity) registered with the broker: the coordinator in the group of
+            # coordinators, each device in the demo's fleet
+            ca, (ccert, ckey) = broker.ca, broker.add_coordinator("coordinator")
+            broker.add_devices(FLEET, [device_id for device_id, _ in DEVICES])
             broker.start()
-            ca, (ccert, ckey) = broker.ca, broker.ca.client("coordinator")
             mqtt_args = [f"--mqtt=127.0.0.1:{broker.port}", f"--mqtt-ca={ca.ca_path}"]
             mqtt_args += [f"--mqtt-cert={ccert}", f"--mqtt-key={ckey}"]
-            _say(verbose, f"MQTT 5 broker (TLS, per-device ACLs) on 127.0.0.1:{broker.port}")
-        client = _start_cloud(work, logs, env, procs, deadline, extra=mqtt_args)
+            _say(verbose, f"MQTT 5 broker (TLS, a role per device) on 127.0.0.1:{broker.port}")
+        admin = _start_cloud(work, logs, env, procs, deadline, extra=mqtt_args)
+        # Least privilege, as an operator team would run it: campaigns with an operator token, releases
+        # and rollouts with a release manager's; the admin token from init only makes those two.
+        operator = admin.with_token(_mint(admin, "demo-operator", "operator"))
+        client = admin.with_token(_mint(admin, "demo-release-manager", "release-manager"))
+        client.grpc = admin.grpc  # type: ignore[attr-defined]
         if broker is not None:
-            for device_id, _ in DEVICES:
-                broker.ca.client(device_id)  # each device's certificate, CN = its id
             client.mqtt = {  # type: ignore[attr-defined]
                 "host": "127.0.0.1",
                 "port": broker.port,
@@ -175,7 +203,8 @@ def run_demo(args: argparse.Namespace) -> int:
                 "cert": str(broker.ca.dir / "{device_id}.pem"),
                 "key": str(broker.ca.dir / "{device_id}.key"),
             }
-        _say(verbose, f"coordinator up at {client.base}")
+        _say(verbose, f"coordinator up at {client.base} (tokens: admin from cloud init, an operator, "
+                      "a release manager)")
 
         v1 = firmware.build_image("1.0.0", HARDWARE_ID)
         v2 = firmware.build_image("2.0.0", HARDWARE_ID, variant=1)
@@ -210,7 +239,7 @@ def run_demo(args: argparse.Namespace) -> int:
         _say(verbose, f"{len(DEVICES)} devices connected: " + ", ".join(d for d, _ in DEVICES))
 
         for kind in sorted({k for _, k in DEVICES}):
-            client.request(
+            operator.request(
                 "POST",
                 f"/v1/campaigns?source=demo-{kind}.yaml",
                 body=profiles.default_campaign(kind).encode(),
@@ -339,8 +368,14 @@ def run_demo(args: argparse.Namespace) -> int:
 def _start_cloud(
     work: Path, logs: Path, env: dict[str, str], procs: _Processes, deadline: float, extra: Sequence[str] = ()
 ) -> CoordinatorClient:
+    from fleetloop_cloud.server import initialise
+
     ready = work / "cloud.ready"
     ready.unlink(missing_ok=True)
+    cloud_dir = work / "cloud"
+    # what `fleetloop cloud init --dir` does: the data directory, its keys and the first admin token,
+    # which stays in this process's memory (a kept workdir is initialised once; later runs recover)
+    admin = initialise(cloud_dir, recover=(cloud_dir / "metadata.sqlite").exists())
     procs.start(
         "coordinator",
         [
@@ -368,9 +403,16 @@ def _start_cloud(
         min(deadline, time.monotonic() + 30),
         procs,
     )
-    client = CoordinatorClient(info["http"])
+    client = CoordinatorClient(info["http"], token=admin.secret)
     client.grpc = info["grpc"]  # type: ignore[attr-defined]
     return client
+
+
+def _mint(admin: CoordinatorClient, name: str, role: str) -> str:
+    """A token of ``role`` for the demo's own use (a kept workdir gets a fresh name each run)."""
+    taken = {t["name"] for t in admin.get("/v1/tokens")}
+    unique = name if name not in taken else f"{name}-{int(time.time())}"
+    return str(admin.post_json("/v1/tokens", {"name": unique, "role": role})["token"])
 
 
 def _cloud_config(client: CoordinatorClient, device_id: str) -> dict[str, Any]:
@@ -409,7 +451,7 @@ def _start_device(
         kind=kind,
         hardware_id=HARDWARE_ID,
         cloud=_cloud_config(client, device_id),
-        # TUF trust anchors (issue 5): the image repository's and the director's roots
+        # TUF trust anchors: the image repository's and the director's roots
         trust_files=[work / "cloud" / "keys" / f"{repo}-root.json" for repo in ("image", "director")],
         recordings=recordings,
         fleet=FLEET,

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fleetloop_cli import fleet_commands, ota_commands, rules_commands, store_commands
-from fleetloop_cli.client import CoordinatorClient, default_cloud
+from fleetloop_cli import access_commands, fleet_commands, ota_commands, rules_commands, store_commands
+from fleetloop_cli.client import CoordinatorClient, client_from_args
 from fleetloop_cli.output import FORMATS, render_object, render_records, render_rows
 from fleetloop_shared.errors import EXIT_INTERRUPTED, FleetloopError, NotFoundError, UserError
 
@@ -26,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _client(args: argparse.Namespace) -> CoordinatorClient:
-    return CoordinatorClient(args.cloud)
+    return client_from_args(args)
 
 
 def _print(text: str) -> None:
@@ -41,12 +41,12 @@ def cmd_cloud_serve(args: argparse.Namespace) -> int:
 
     jsonlog.configure("cloud", level=args.log_level)
     mqtt = None
-    if args.mqtt:  # MQTT 5 beside gRPC (issue 6)
+    if args.mqtt:  # MQTT 5 beside gRPC
         from fleetloop_cloud.mqtt_bridge import BridgeSettings
 
         host, _, port = args.mqtt.rpartition(":")
         if not host or not port.isdigit() or not (args.mqtt_ca and args.mqtt_cert and args.mqtt_key):
-            raise UserError("--mqtt wants HOST:PORT and --mqtt-ca, --mqtt-cert, --mqtt-key (CN=coordinator)")
+            raise UserError("--mqtt wants HOST:PORT and --mqtt-ca, --mqtt-cert, --mqtt-key")
         mqtt = BridgeSettings(host, int(port), Path(args.mqtt_ca), Path(args.mqtt_cert), Path(args.mqtt_key))
     return serve(
         Path(args.dir),
@@ -57,11 +57,27 @@ def cmd_cloud_serve(args: argparse.Namespace) -> int:
         mqtt=mqtt,
         db=args.db,
         grpc_tls=_grpc_tls(args),
+        http=_http_settings(args),
     )
 
 
+def _http_settings(args: argparse.Namespace) -> Any:
+    """TLS for the HTTP port when --http-cert is given; --insecure for a lab."""
+    from fleetloop_cloud.http_api import HttpSettings, HttpTls
+
+    tls = None
+    if args.http_cert or args.http_key:
+        if not (args.http_cert and args.http_key):
+            raise UserError("--http-cert and --http-key go together")
+        for name in (args.http_cert, args.http_key):
+            if not Path(name).is_file():
+                raise NotFoundError(f"{name}: no such file")
+        tls = HttpTls(Path(args.http_cert), Path(args.http_key))
+    return HttpSettings(tls=tls, insecure=args.insecure)
+
+
 def _grpc_tls(args: argparse.Namespace) -> Any:
-    """mTLS for the device gRPC port when --grpc-cert is given (issue 6)."""
+    """mTLS for the device gRPC port when --grpc-cert is given."""
     if not args.grpc_cert:
         return None
     if not (args.grpc_ca and args.grpc_key):
@@ -207,10 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def with_cloud(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--cloud", default=default_cloud(), help="coordinator URL ($FLEETLOOP_CLOUD)")
+        sp.add_argument("--cloud", default=None, help="coordinator URL ($FLEETLOOP_CLOUD)")
+        sp.add_argument("--context", default=None, help="config context to use ($FLEETLOOP_CONTEXT)")
         sp.add_argument("-o", "--output", choices=FORMATS, default="table")
 
-    cloud = sub.add_parser("cloud", help="run the coordinator").add_subparsers(dest="sub", required=True)
+    cloud = sub.add_parser("cloud", help="run the coordinator").add_subparsers(
+        dest="sub", required=True, parser_class=_Parser
+    )
     s = cloud.add_parser("serve", help="serve gRPC + HTTP with embedded storage")
     s.add_argument("--dir", default="fleetloop-cloud", help="data directory (SQLite, Parquet, artifacts)")
     s.add_argument("--host", default="127.0.0.1")
@@ -220,12 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info")
     s.add_argument("--mqtt", help="also serve devices over MQTT 5 through this broker (HOST:PORT, TLS)")
     s.add_argument("--mqtt-ca", help="CA certificate the broker's certificate is checked against")
-    s.add_argument("--mqtt-cert", help="the coordinator's client certificate (CN=coordinator)")
+    s.add_argument("--mqtt-cert", help="this coordinator's own certificate (CN in group coordinators)")
     s.add_argument("--mqtt-key", help="its private key")
     s.add_argument("--db", help="metadata in PostgreSQL (postgresql://...) instead of SQLite in --dir")
     s.add_argument("--grpc-cert", help="serve devices over mTLS with this certificate (and --grpc-key)")
     s.add_argument("--grpc-key", help="the gRPC server's private key")
     s.add_argument("--grpc-ca", help="CA that device certificates must chain to (CN = device id)")
+    s.add_argument("--http-cert", help="serve HTTP over TLS with this certificate (and --http-key)")
+    s.add_argument("--http-key", help="the HTTP server's private key")
+    s.add_argument(
+        "--insecure", action="store_true",
+        help="lab only: no API tokens (everyone is admin) and no TLS required off loopback",
+    )
     s.set_defaults(func=cmd_cloud_serve)
 
     agent = sub.add_parser("agent", help="run the device agent").add_subparsers(dest="sub", required=True)
@@ -323,8 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("id")
         with_cloud(s)
         s.set_defaults(func=cmd_rollout_action, action=action)
-    groups = {"top": sub, "rules": rules, "sim": sim, "artifacts": arts}
+    groups = {"top": sub, "rules": rules, "sim": sim, "artifacts": arts, "cloud": cloud}
     for register in (
+        access_commands.register,
         rules_commands.register,
         store_commands.register,
         ota_commands.register,

@@ -53,7 +53,7 @@ def cmd_artifacts_patch(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from fleetloop_cli.client import CoordinatorClient
+    from fleetloop_cli.client import client_from_args
     from fleetloop_cli.output import render_object
 
     body: dict[str, Any] = {"online": args.online_keys}
@@ -61,7 +61,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         body["root_keys"] = args.root_keys
     if args.threshold is not None:
         body["threshold"] = args.threshold
-    result = CoordinatorClient(args.cloud).post_json(f"/v1/tuf/{args.repository}/rotate", body)
+    result = client_from_args(args).post_json(f"/v1/tuf/{args.repository}/rotate", body)
     print(render_object(result, "json" if args.output == "json" else "yaml"), flush=True)
     return 0
 
@@ -70,8 +70,8 @@ class _LocalCloud:
     """A coordinator in this process, serving HTTP, with one release: old → new (ChaosCloud)."""
 
     def __init__(self, workdir: Path, image_size: int, delta_format: str = FLDELTA2) -> None:
-        from fleetloop_cloud.coordinator import Coordinator
         from fleetloop_cloud.http_api import start_http_server
+        from fleetloop_cloud.server import Coordinator
         from fleetloop_fwsim.firmware import build_image
 
         self.hardware_id = "chaos-hw"
@@ -88,7 +88,7 @@ class _LocalCloud:
             version="2.0.0",
             hardware_id=self.hardware_id,
             bases=[self.old_image],
-            now=self.coordinator._clock(),
+            now=self.coordinator.clock(),
             base_formats={sha256_hex(self.old_image): self.delta_formats},
         )
         self.release = manifest_from_bytes(manifest)

@@ -1,19 +1,16 @@
 """``fleetloop rules ...``: validate campaigns offline, replay samples through them, push them, list them.
 
-``rules test`` and ``rules eval`` run the agent's own trigger engine and evaluator over a CSV of samples,
-so what an operator tries on a laptop is exactly what fires in the machine.
+``rules test`` and ``rules eval`` run the agent's own trigger engine and evaluator over a recording read
+by the agent's own reader (``fleetloop_agent.recordings``), so what an operator tries on a laptop is
+exactly what fires in the machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import math
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -86,193 +83,170 @@ def _load_catalog(path: Path) -> Any:
     return Catalog(specs)
 
 
-_INT = re.compile(r"[+-]?\d+")
-_MAX_CSV_BYTES = 512 * 1024 * 1024
+#: Missing signals whose datatypes are searched for one the rule compiles with (3 ** this tries at most).
+_MAX_MISSING_SEARCH = 5
 
 
 @dataclass
-class _Samples:
-    """Samples read from a CSV, per signal path, in file order; ``seconds`` = the file's time unit.
+class _Inputs:
+    """What ``rules test`` and ``rules eval`` replay: the catalog, one batch per signal (time order), the
+    models, and whether times are shown in seconds (the input's own unit) or in ns."""
 
-    Values stay the cell's text (stripped) until the signal's datatype is known: a string signal keeps
-    every cell verbatim (``"1"``, ``"nan"`` and ``"true"`` included), a numeric one parses them. ``rows``
-    holds each sample's line, for messages.
-    """
-
+    catalog: Any
+    batches: list[Any]
     seconds: bool
-    by_path: dict[str, tuple[list[int], list[str], list[int]]]
+    models: Any
 
 
-class _Text:
-    """A cell that is neither true/false nor a number: its signal holds strings."""
+def _rule_path(recording: Any, group: Any, name: str) -> str:
+    """The path a rule reads a signal by: a CSV's names as they stand; a CAN signal as a device names a
+    DBC signal it does not map (``CAN.MESSAGE.SIGNAL``)."""
+    if not recording.qualified:
+        return str(name)
+    return f"CAN.{group.name.rsplit('/', 1)[-1]}.{name}"
 
 
-_TEXT = _Text()
+def _signals(recording: Any, source: Path) -> dict[str, tuple[Any, Any]]:
+    """path → (t_ns, values) of every signal of the recording."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for group in recording.groups:
+        for name, values in group.columns.items():
+            path = _rule_path(recording, group, name)
+            if path in out:
+                raise UserError(f"{source}: signal {path} comes from two buses; choose one with --bus N")
+            out[path] = (group.t_ns, values)
+    return out
 
 
-@dataclass(frozen=True)
-class _TooBig:
-    """An integer cell outside 64 bits: an error, unless its signal holds strings anyway."""
+def _as_catalog_type(path: str, values: Any, data_type: Any, source: Path) -> Any:
+    """A decoded CAN column in the datatype a given catalog says (CSV cells are typed while read)."""
+    import numpy as np
 
-    raw: str
+    from fleetloop_agent.recordings import data_type_of
+    from fleetloop_shared.catalog import DataType
 
-
-def _parse_time(text: str, seconds: bool, where: str) -> int:
-    try:
-        if seconds:
-            ns = Decimal(text.strip()) * 1_000_000_000
-            if not ns.is_finite() or ns != ns.to_integral_value():
-                raise InvalidOperation
-            return int(ns)
-        if not _INT.fullmatch(text.strip()):
-            raise InvalidOperation
-        return int(text.strip())
-    except InvalidOperation:
-        unit = "seconds" if seconds else "whole nanoseconds"
-        raise UserError(f"{where}: time {text!r} is not a number of {unit}") from None
+    have = data_type_of(values, f"{source}: {path}")
+    if have is data_type or (have is DataType.INT64 and data_type is DataType.FLOAT64):
+        return np.asarray(values, dtype=data_type.numpy_dtype)
+    if have is DataType.FLOAT64 and data_type is DataType.INT64 and np.all(np.mod(values, 1) == 0):
+        return np.asarray(values, dtype=np.int64)
+    raise UserError(f"{source}: signal {path} is {have.name} in the input, {data_type.name} in the catalog")
 
 
-def _parse_value(raw: str) -> bool | int | float | _Text | _TooBig:
-    if raw in ("true", "false"):
-        return raw == "true"
-    if _INT.fullmatch(raw):
-        number = int(raw)
-        return number if -(2**63) <= number < 2**63 else _TooBig(raw)
-    try:
-        value = float(raw)
-    except ValueError:
-        return _TEXT
-    if math.isnan(value) and raw.lower() not in ("nan", "+nan", "-nan"):
-        return _TEXT
-    return value
+def _missing_types(missing: list[str], catalog: Any, compiles: Callable[[Any], bool]) -> list[Any]:
+    """Datatypes for signals the input lacks, chosen so the rule compiles (they never hold a value, so
+    any datatype the rule accepts means the same: missing throughout). FLOAT64 when none does."""
+    import itertools
+
+    from fleetloop_shared.catalog import Catalog, DataType, SignalSpec
+
+    options = (DataType.FLOAT64, DataType.BOOL, DataType.STRING, DataType.INT64)
+    if len(missing) <= _MAX_MISSING_SEARCH:
+        base = list(catalog)
+        top = max((s.id for s in base), default=0)
+        for types in itertools.product(options, repeat=len(missing)):
+            extra = [
+                SignalSpec(top + 1 + i, p, t) for i, (p, t) in enumerate(zip(missing, types, strict=True))
+            ]
+            if compiles(Catalog([*base, *extra])):
+                return list(types)
+    return [DataType.FLOAT64] * len(missing)
 
 
-def _read_samples(path: Path) -> _Samples:
-    if not path.is_file():
-        raise NotFoundError(f"{path}: no such file")
-    if path.stat().st_size > _MAX_CSV_BYTES:
-        raise UserError(f"{path}: larger than {_MAX_CSV_BYTES // (1024 * 1024)} MiB")
-    by_path: dict[str, tuple[list[int], list[str], list[int]]] = {}
-    with path.open(newline="") as handle:
-        reader = csv.reader(handle)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise UserError(f"{path}: empty file; expected the header t,signal,value") from None
-        except csv.Error as exc:
-            raise UserError(f"{path}:1: {exc}") from None
-        if header not in (["t", "signal", "value"], ["t_ns", "signal", "value"]):
-            raise UserError(
-                f"{path}:1: header must be t,signal,value or t_ns,signal,value, got {','.join(header)}"
-            )
-        seconds = header[0] == "t"
-        try:
-            for row in reader:
-                where = f"{path}:{reader.line_num}"
-                if not row or all(not cell.strip() for cell in row):
-                    continue
-                if len(row) != 3:
-                    raise UserError(f"{where}: expected 3 fields (t,signal,value), got {len(row)}")
-                t = _parse_time(row[0], seconds, where)
-                signal = row[1].strip()
-                if not signal:
-                    raise UserError(f"{where}: empty signal name")
-                times, raws, rows = by_path.setdefault(signal, ([], [], []))
-                times.append(t)
-                raws.append(row[2].strip())
-                rows.append(reader.line_num)
-        except csv.Error as exc:
-            raise UserError(f"{path}:{reader.line_num}: {exc}") from None
-    return _Samples(seconds, by_path)
+def _model_inputs(expression: Any, models: Any) -> set[str]:
+    """The signals the installed models an expression calls read."""
+    out: set[str] = set()
+    if models is not None:
+        for name, window_ns in expression.models:
+            if name in models.names:
+                out.update(models.inputs(name, window_ns))
+    return out
 
 
-def _infer_catalog(samples: _Samples, source: Path, reads: frozenset[str]) -> Any:
-    """A catalog from the values: any text makes a string signal; else all true/false is BOOL, all
-    integers INT64, numbers FLOAT64. A string signal that also has numbers is usually a typo in the
-    input, so when the rule reads it (``reads``) a note on stderr says which line made it text.
-    """
+def _inferred_catalog(
+    signals: dict[str, tuple[Any, Any]],
+    expression: Any,
+    model_inputs: set[str],
+    source: Path,
+    condition: bool,
+) -> Any:
+    """The catalog the input's signals make, plus every signal the rule or its models read that the input
+    lacks (missing throughout: named in a warning; a model input is a number, the rule's own signals get
+    a datatype the rule compiles with)."""
+    from fleetloop_agent.recordings import data_type_of
     from fleetloop_shared.catalog import Catalog, DataType
+    from fleetloop_shared.rules import compile_expression
 
     catalog = Catalog()
-    for signal, (_, raws, rows) in sorted(samples.by_path.items()):
-        parsed = [_parse_value(raw) for raw in raws]
-        text = next((i for i, v in enumerate(parsed) if isinstance(v, _Text)), None)
-        if text is not None:
-            number = next((i for i, v in enumerate(parsed) if not isinstance(v, _Text)), None)
-            if number is not None and signal in reads:
-                print(
-                    f"{source}:{rows[text]}: note: signal {signal} has the text {raws[text]!r} (and "
-                    f"{raws[number]!r} at line {rows[number]}): all its values are read as strings",
-                    file=sys.stderr,
-                )
-            catalog.add(signal, DataType.STRING)
-            continue
-        flags = [type(v) is bool for v in parsed]
-        if all(flags):
-            catalog.add(signal, DataType.BOOL)
-            continue
-        if any(flags):
-            odd = flags.index(not flags[0])
-            raise UserError(
-                f"{source}:{rows[odd]}: signal {signal} mixes true/false with numbers "
-                f"({raws[odd]!r}; line {rows[0]} has {raws[0]!r})"
-            )
-        catalog.add(signal, DataType.INT64 if all(type(v) is int for v in parsed) else DataType.FLOAT64)
+    for path, (_, values) in sorted(signals.items()):
+        catalog.add(path, data_type_of(values, f"{source}: {path}"))
+    missing = sorted((expression.signals | model_inputs) - set(signals))
+    for path in missing:
+        print(f"warning: signal {path} is not in {source}; it is missing throughout", file=sys.stderr)
+    for path in missing:
+        if path in model_inputs and path not in expression.signals:
+            catalog.add(path, DataType.FLOAT64)
+    read = [p for p in missing if p not in catalog]
+
+    def compiles(trial: Any) -> bool:
+        try:
+            compile_expression(expression.text, catalog=trial, require_condition=condition)
+        except FleetloopError:
+            return False
+        return True
+
+    for path, data_type in zip(read, _missing_types(read, catalog, compiles), strict=True):
+        catalog.add(path, data_type)
     return catalog
 
 
-def _typed_values(signal: str, data_type: Any, raws: list[str], rows: list[int], source: Path) -> list[Any]:
-    """The cells of ``signal`` as values of its catalog datatype; the first that is not one is refused."""
-    from fleetloop_shared.catalog import DataType
-
-    if data_type is DataType.STRING:
-        return list(raws)
-    wanted = {DataType.BOOL: "true/false", DataType.INT64: "an integer", DataType.FLOAT64: "a number"}
-    values: list[Any] = []
-    for raw, row in zip(raws, rows, strict=True):
-        value = _parse_value(raw)
-        if isinstance(value, _TooBig):
-            raise UserError(f"{source}:{row}: integer {raw} does not fit in 64 bits")
-        kind = type(value)
-        ok = (
-            kind is bool
-            if data_type is DataType.BOOL
-            else kind is int
-            if data_type is DataType.INT64
-            else kind in (int, float)
-        )
-        if not ok:
-            has = "text" if isinstance(value, _Text) else "true/false" if kind is bool else "a number"
-            raise UserError(
-                f"{source}:{row}: signal {signal} is {wanted[data_type]} in the catalog "
-                f"({data_type.name}), the input has {has}: {raw!r}"
-            )
-        values.append(value)
-    return values
-
-
-def _batches(samples: _Samples, catalog: Any, source: Path) -> list[Any]:
-    """One batch per signal (its own group), sorted by time; equal times keep file order."""
+def _load_inputs(args: argparse.Namespace, when: str, *, where: str, condition: bool) -> _Inputs:
+    """Read ``--input`` with the one reader of recordings; the catalog is ``--catalog`` or the one the
+    input's cells make. With an inferred catalog, a signal the rule (or a model it calls) reads that the
+    input never has is missing throughout, and a warning names it; with ``--catalog``, an unknown name
+    stays the rule's error."""
     import numpy as np
 
+    from fleetloop_agent.models import ModelRegistry
+    from fleetloop_agent.recordings import read_recording
+    from fleetloop_shared.rules import compile_expression
     from fleetloop_shared.samples import GroupBatch
 
+    source = Path(args.input)
+    if not source.exists():
+        raise NotFoundError(f"{source}: no such file")
+    models = None
+    if getattr(args, "models", None):
+        if not Path(args.models).is_dir():
+            raise NotFoundError(f"--models {args.models}: no such directory")
+        models = ModelRegistry.from_directory(Path(args.models))
+    given = _load_catalog(Path(args.catalog)) if args.catalog else None
+    dbc = Path(args.dbc) if getattr(args, "dbc", None) else None
+
+    def types(path: str) -> Any:
+        spec = given.get(path) if given is not None else None
+        return None if spec is None else spec.data_type
+
+    bus = getattr(args, "bus", None)
+    recording = read_recording(source, dbc=dbc, bus=bus, types=types if given is not None else None)
+    catalog = given
+    signals = _signals(recording, source)
+    expression = compile_expression(when, source=where)
+    model_inputs = _model_inputs(expression, models)
+    reads = expression.signals | model_inputs
+    for note in recording.notes:
+        if catalog is not None or note.signal is None or note.signal in reads:
+            print(note, file=sys.stderr)
+    if catalog is None:
+        catalog = _inferred_catalog(signals, expression, model_inputs, source, condition)
     batches = []
-    for signal, (times, raws, rows) in samples.by_path.items():
-        spec = catalog.get(signal)
-        if spec is None:  # not in the given catalog: no rule can read it; say so (a typo in the input?)
-            print(
-                f"{source}:{rows[0]}: note: signal {signal} is not in the catalog; ignored",
-                file=sys.stderr,
-            )
+    for path, (t_ns, values) in signals.items():
+        spec = catalog.get(path)
+        if spec is None:
             continue
-        values = _typed_values(signal, spec.data_type, raws, rows, source)
-        t = np.asarray(times, np.int64)
-        order = np.argsort(t, kind="stable")
-        column = np.empty(len(values), dtype=spec.data_type.numpy_dtype)
-        column[:] = values  # element by element: a list of strings never becomes a 2-D array
-        batches.append(GroupBatch(signal, t[order], {spec.id: column[order]}))
-    return batches
+        column = _as_catalog_type(path, values, spec.data_type, source) if recording.qualified else values
+        batches.append(GroupBatch(path, np.asarray(t_ns, np.int64), {spec.id: column}))
+    return _Inputs(catalog, batches, recording.time_unit != "ns", models)
 
 
 def _history(catalog: Any, batches: list[Any]) -> Any:
@@ -294,35 +268,26 @@ def _time_out(ns: int, seconds: bool) -> int | float:
     return int(ns // 1_000_000_000) if ns % 1_000_000_000 == 0 else ns / 1e9
 
 
-def _load_inputs(args: argparse.Namespace, reads: frozenset[str]) -> tuple[_Samples, Any, list[Any]]:
-    input_path = Path(args.input)
-    samples = _read_samples(input_path)
-    if args.catalog:
-        catalog = _load_catalog(Path(args.catalog))
-    else:
-        catalog = _infer_catalog(samples, input_path, reads)
-    return samples, catalog, _batches(samples, catalog, input_path)
-
-
 def cmd_rules_test(args: argparse.Namespace) -> int:
     from fleetloop_agent.trigger_engine import TriggerEngine
-    from fleetloop_shared.rules import compile_expression, parse_campaign
+    from fleetloop_shared.rules import parse_campaign
 
     path = Path(args.campaign)
     if not path.is_file():
         raise NotFoundError(f"{path}: no such file")
     spec = parse_campaign(path.read_text(), source=str(path))
-    samples, catalog, batches = _load_inputs(args, compile_expression(spec.when).signals)
-    engine = TriggerEngine(catalog)
+    inputs = _load_inputs(args, spec.when, where=str(path), condition=True)
+    engine = TriggerEngine(inputs.catalog, inputs.models)
     refused = engine.set_campaigns([spec], now_ns=0)  # expiry is the device's business, not the replay's
     if refused:
         print(refused[spec.name], file=sys.stderr)
         return 2
-    fires = engine.process(batches, _history(catalog, batches))
+    fires = engine.process(inputs.batches, _history(inputs.catalog, inputs.batches))
+    seconds = inputs.seconds
     fire_list: list[dict[str, Any]] = [
         {
-            "t": _time_out(f.t_ns, samples.seconds),
-            "window": [_time_out(f.from_ns, samples.seconds), _time_out(f.to_ns, samples.seconds)],
+            "t": _time_out(f.t_ns, seconds),
+            "window": [_time_out(f.from_ns, seconds), _time_out(f.to_ns, seconds)],
         }
         for f in fires
     ]
@@ -340,21 +305,22 @@ def cmd_rules_eval(args: argparse.Namespace) -> int:
 
     from fleetloop_shared.rules import Evaluator, compile_expression
 
-    reads = compile_expression(args.expression, source="<expression>").signals
-    samples, catalog, batches = _load_inputs(args, reads)
+    inputs = _load_inputs(args, args.expression, where="<expression>", condition=False)
+    catalog = inputs.catalog
     expression = compile_expression(args.expression, catalog=catalog, source="<expression>")
     feeds = {}
-    for batch in batches:
+    for batch in inputs.batches:
         (sid,) = batch.values
         path = catalog.by_id(sid).path
         if path in expression.signals:
             feeds[path] = (batch.t_ns, batch.values[sid])
     stamps = [feeds[p][0] for p in feeds]
     times = np.unique(np.concatenate(stamps)) if stamps else np.empty(0, np.int64)
-    data, valid = Evaluator(expression).evaluate(times, feeds, _history(catalog, batches))
+    history = _history(catalog, inputs.batches)
+    data, valid = Evaluator(expression, inputs.models).evaluate(times, feeds, history)
     out = []
     for t, value, ok in zip(times.tolist(), data.tolist(), valid.tolist(), strict=True):
-        out.append({"t": _time_out(t, samples.seconds), "value": value if ok else None})
+        out.append({"t": _time_out(t, inputs.seconds), "value": value if ok else None})
     if args.output in ("json", "yaml"):
         emit(render_object({"values": out}, args.output))
     else:
@@ -397,6 +363,23 @@ def cmd_rules_get(args: argparse.Namespace) -> int:
     return 0
 
 
+def _input_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--input",
+        required=True,
+        help="a recording, read as a device's replay sources and store import read it: a long CSV "
+        "(t,signal,value with t in seconds, or t_ns,signal,value), a wide CSV (time column first), or a "
+        "CAN log with --dbc (its signals are CAN.MESSAGE.SIGNAL)",
+    )
+    s.add_argument("--dbc", help="DBC to decode a CAN log (candump .log, .asc, GVRET .csv, MF4, numpy dir)")
+    s.add_argument(
+        "--bus", type=int, help="with --dbc: decode only this bus of the log (as a device's source)"
+    )
+    s.add_argument("--catalog", help="catalog JSON or YAML (default: inferred from the input)")
+    s.add_argument("--models", help="directory of model packs (DIR/*/model.yaml) for model() rules")
+    s.add_argument("-o", "--output", choices=FORMATS, default="table")
+
+
 def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentParser], None]) -> None:
     rules = groups["rules"]
     s = rules.add_parser("validate", help="check campaign files offline")
@@ -405,15 +388,11 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     s.set_defaults(func=cmd_rules_validate)
     s = rules.add_parser("test", help="replay samples through a campaign with the agent's engine")
     s.add_argument("campaign")
-    s.add_argument("--input", required=True, help="CSV: t,signal,value (t in seconds) or t_ns,signal,value")
-    s.add_argument("--catalog", help="catalog JSON (default: inferred from the input)")
-    s.add_argument("-o", "--output", choices=FORMATS, default="table")
+    _input_arguments(s)
     s.set_defaults(func=_reporting_rule_errors(cmd_rules_test))
     s = rules.add_parser("eval", help="an expression's value at each evaluation time of a CSV of samples")
     s.add_argument("expression")
-    s.add_argument("--input", required=True, help="CSV: t,signal,value (t in seconds) or t_ns,signal,value")
-    s.add_argument("--catalog", help="catalog JSON (default: inferred from the input)")
-    s.add_argument("-o", "--output", choices=FORMATS, default="table")
+    _input_arguments(s)
     s.set_defaults(func=_reporting_rule_errors(cmd_rules_eval))
     s = rules.add_parser("apply", help="validate and push a campaign to the fleet")
     s.add_argument("file")

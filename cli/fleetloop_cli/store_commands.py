@@ -5,10 +5,11 @@ to see what the device holds and what it costs; the store benchmark and the chec
 store itself has no signal names (segments carry ids), so ``import`` keeps the catalog it built in
 ``catalog.json`` beside the index, and ``export`` names signals from it.
 
-Text values (catalog ``STRING``) make one rule necessary on both sides: in the long CSV a value cell that
-is *quoted* is always text, and an unquoted cell is ``true``/``false`` (BOOL), an integer (INT64), a
-number (FLOAT64) or, failing those, text. ``export`` quotes every text value, so ``"1.5"``, ``"true"``
-and ``""`` come back as the identical strings rather than as a number, a bool or a missing value.
+Text values (catalog ``STRING``) make one rule necessary on both sides: ``import`` reads cells by the one
+rule of ``fleetloop_agent.recordings.cells`` (a *quoted* cell is always text; an unquoted one is
+``true``/``false``, an integer, a number or, failing those, text), and ``export`` quotes every text
+value, so ``"1.5"``, ``"true"`` and ``""`` come back as the identical strings rather than as a number, a
+bool or a missing value.
 """
 
 from __future__ import annotations
@@ -74,13 +75,14 @@ def import_segments(
 
 
 def cmd_store_import(args: argparse.Namespace) -> int:
-    from fleetloop_agent.store_import import read_can_log, read_long_csv, to_segments
+    from fleetloop_agent.recordings import read_recording
+    from fleetloop_agent.store_import import to_segments
     from fleetloop_shared.durable import write_atomically
 
     src = Path(args.input)
-    if not src.is_file():
+    if not src.exists():
         raise NotFoundError(f"{src}: no such file")
-    result = read_can_log(src, Path(args.dbc)) if args.dbc else read_long_csv(src)
+    result = read_recording(src, dbc=Path(args.dbc) if args.dbc else None)
     root = Path(args.store)
     store = _open_store(root, create=True, quota=args.quota_bytes, segment_version=args.format_version)
     try:
@@ -103,7 +105,7 @@ def cmd_store_import(args: argparse.Namespace) -> int:
     finally:
         store.close()
     for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
+        print(note, file=sys.stderr)
     summary = {
         "input": str(src),
         "groups": len(result.groups),
@@ -210,62 +212,29 @@ def cmd_store_export(args: argparse.Namespace) -> int:
 
 
 def _export_parquet(store: Any, names: dict[int, str], args: argparse.Namespace) -> None:
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from fleetloop_cloud.fleet_store.parquet import export_segments
 
     if not args.output_file:
         raise UserError("--format parquet needs -o FILE")
-    schema = pa.schema(
-        [
-            ("t_ns", pa.int64()),
-            ("signal", pa.string()),
-            ("value", pa.float64()),
-            ("value_int", pa.int64()),
-            ("value_str", pa.string()),
-        ]
-    )
-    with pq.ParquetWriter(args.output_file, schema, compression="zstd") as writer:
-        for _, seg in store.query(
-            group=args.group, capture_id=args.capture, from_ns=args.from_ns, to_ns=args.to_ns
-        ):
-            for sid in sorted(seg.columns):
-                values = seg.columns[sid]
-                n = int(seg.t_ns.shape[0])
-                kind = values.dtype.kind
-                is_text = kind == "O"
-                table = pa.table(
-                    {
-                        "t_ns": pa.array(seg.t_ns, pa.int64()),
-                        "signal": pa.array([names.get(sid, f"id:{sid}")] * n, pa.string()),
-                        "value": pa.nulls(n, pa.float64())
-                        if is_text
-                        else pa.array(values.astype(np.float64), pa.float64()),
-                        "value_int": pa.nulls(n, pa.int64())
-                        if kind == "f" or is_text
-                        else pa.array(values.astype(np.int64), pa.int64()),
-                        "value_str": pa.array(values.tolist(), pa.string())
-                        if is_text
-                        else pa.nulls(n, pa.string()),
-                    },
-                    schema=schema,
-                )
-                writer.write_table(table)
+    segments = store.query(group=args.group, capture_id=args.capture, from_ns=args.from_ns, to_ns=args.to_ns)
+    export_segments(Path(args.output_file), (seg for _, seg in segments), names)
 
 
 def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add ``store import|stats|export`` (a new top-level group made from ``groups["top"]``)."""
     store = groups["top"].add_parser("store", help="a device's local store: import, stats, export")
     sub = store.add_subparsers(dest="sub", required=True)
-    s = sub.add_parser("import", help="import a long CSV or a CAN log (with --dbc) into a store")
+    s = sub.add_parser("import", help="import a recording (a CSV, or a CAN log with --dbc) into a store")
     s.add_argument(
         "--input",
         required=True,
-        help="t_ns,signal,value / t,signal,value CSV (a quoted value, or one that is not true/false/a "
-        "number, is text), or a CAN log",
+        help="a long t_ns,signal,value / t,signal,value CSV or a wide CSV (time column first; a quoted "
+        "value, or one that is not true/false/a number, is text), or a CAN log",
     )
     s.add_argument("--store", required=True, help="store directory (created if missing)")
-    s.add_argument("--dbc", help="DBC for a CAN log (candump .log, Vector .asc, GVRET .csv)")
+    s.add_argument(
+        "--dbc", help="DBC for a CAN log (candump .log, Vector .asc, GVRET .csv, MF4, numpy frames directory)"
+    )
     s.add_argument("--capture", default="", help="capture id (default: the input's file name)")
     s.add_argument("--campaign", default="import")
     s.add_argument("--priority", type=int, default=5)

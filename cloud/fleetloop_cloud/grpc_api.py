@@ -1,17 +1,19 @@
 """The coordinator's gRPC surface: the device control stream and segment ingest.
 
-The only cloud module that imports grpc. Errors from the domain are mapped once, by their class's
-``grpc_code``; anything else is an INTERNAL error logged with its traceback. The server also answers the
-standard ``grpc.health.v1.Health`` service (overall and per service) and server reflection
-(``grpc.reflection.v1alpha``), so load balancers, ``grpc_health_probe`` and ``grpcurl`` work unchanged.
-The wire contract, with the status codes each RPC returns, is ``docs/wire.md``.
+The cloud's grpc adapter (with ``grpc_health`` and ``grpc_reflection``, the only cloud module importing
+them). Each call's :class:`~fleetloop_cloud.services.access.Caller` is built here once — the client
+certificate's CN with mTLS, else the device id the request claims — and handed to the services, which
+check it. Errors from the domain are mapped once, by their class's ``grpc_code``; anything else is an
+INTERNAL error logged with its traceback. The server also answers the standard ``grpc.health.v1.Health``
+service (``Check``, ``Watch`` and ``List``) and server reflection (``grpc.reflection.v1`` and
+``v1alpha``), so load balancers, ``grpc_health_probe`` and ``grpcurl`` work unchanged. The wire
+contract, with the status codes each RPC returns, is ``docs/wire.md``.
 
-Why asyncio (issue 6): every device holds one ``Connect`` stream for as long as it is online. A
-synchronous gRPC server spends a worker thread per open stream, so a fleet larger than its pool waits at
-the door (it was 128). The server here is ``grpc.aio`` on an event loop in a thread of its own: an open
-stream costs two suspended coroutines, not a thread. The coordinator's domain calls (hello: metadata;
-ingest: decode + Parquet + fsync + metadata) block, so they never run on the loop: they go to a bounded
-executor (:class:`DomainExecutor`), and the loop keeps serving every other stream meanwhile.
+Why asyncio: every device holds one ``Connect`` stream for as long as it is online. A synchronous gRPC
+server spends a worker thread per open stream, so a fleet larger than its pool waits at the door. The
+server here is ``grpc.aio`` on an event loop in a thread of its own: an open stream costs two suspended
+coroutines, not a thread. The services block (metadata, Parquet, fsync), so they never run on the loop:
+they go to a bounded executor (:class:`DomainExecutor`), and the loop keeps serving every other stream.
 """
 
 from __future__ import annotations
@@ -30,20 +32,23 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 import grpc.aio
-from google.protobuf.message import DecodeError
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.message import Message
 
 # Not in grpc-stubs (yet): the end-of-stream marker context.read() returns, the asyncio health servicer.
 from grpc.aio import EOF  # type: ignore[attr-defined]
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from fleetloop_cloud.coordinator import Coordinator
+from fleetloop_cloud.services.access import Caller, Refusals
+from fleetloop_cloud.services.api import DeviceApi
 from fleetloop_cloud.sessions import Session
-from fleetloop_shared.errors import FleetloopError
-from fleetloop_shared.wire import MAX_MESSAGE_BYTES, device_pb2, ingest_pb2
+from fleetloop_shared.errors import FleetloopError, MalformedMessageError
+from fleetloop_shared.wire import MAX_MESSAGE_BYTES, device_pb2, ingest_pb2, parse
 
 log = logging.getLogger("fleetloop.cloud.grpc")
 T = TypeVar("T")
+Req = TypeVar("Req", bound=Message)
 
 #: RPCs served at once (open control streams + uploads in flight + health/reflection). Overflow policy:
 #: gRPC itself answers RESOURCE_EXHAUSTED to the call beyond it; the device retries with backoff.
@@ -61,6 +66,10 @@ SERVICE_NAMES: tuple[str, ...] = (
     device_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name,
     ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
 )
+#: Server reflection v1: the same messages as v1alpha (field for field), under the released name.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+#: Services ``Health/List`` reports at most (the standard's overflow policy: RESOURCE_EXHAUSTED).
+HEALTH_LIST_LIMIT = 100
 
 
 class _Undecodable:
@@ -90,8 +99,14 @@ class DomainExecutor:
         except BaseException:
             self._slots.release()
             raise
-        done.add_done_callback(lambda _: self._loop.call_soon_threadsafe(self._slots.release))
+        done.add_done_callback(self._give_back)
         return await asyncio.wrap_future(done, loop=self._loop)
+
+    def _give_back(self, done: futures.Future[Any]) -> None:
+        """A call finished in its thread: its slot is free again (nothing to free once the loop is closed:
+        the server is gone)."""
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._slots.release)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -112,11 +127,41 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], code: str, details
     raise AssertionError("unreachable: abort raises")
 
 
+def _peer_device(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    """The device id the peer's client certificate proves (its CN), or None without mTLS."""
+    names = context.auth_context().get("x509_common_name")
+    if not names or isinstance(names, bytes):
+        return None
+    return bytes(next(iter(names))).decode("utf-8", "replace")
+
+
+def _caller(context: grpc.aio.ServicerContext[Any, Any], claimed: str) -> Caller:
+    """Who this call is from: the certificate's CN with mTLS (the services refuse a claim of another
+    device), else the device id the request claims."""
+    peer = _peer_device(context)
+    return Caller.device(peer if peer is not None else claimed, transport="grpc", proven=peer is not None)
+
+
+async def _call(
+    domain: DomainExecutor, context: grpc.aio.ServicerContext[Any, Any], what: str, fn: Callable[[], T]
+) -> T:
+    """A service call off the loop; the caller's fault or ours becomes the call's status."""
+    try:
+        return await domain.run(fn)
+    except FleetloopError as exc:
+        log.warning("%s refused: %s", what, exc)
+        failure = (exc.grpc_code, str(exc))
+    except Exception:
+        log.exception("%s failed", what)
+        failure = ("INTERNAL", f"internal error handling the {what} (logged)")
+    await _abort(context, *failure)
+
+
 class DeviceServicer:
     """``DeviceService.Connect``: one coroutine writes the device's outbox, one task reads its messages."""
 
-    def __init__(self, coordinator: Coordinator, domain: DomainExecutor) -> None:
-        self.c = coordinator
+    def __init__(self, api: DeviceApi, domain: DomainExecutor) -> None:
+        self.api = api
         self.domain = domain
         self._background: set[asyncio.Task[None]] = set()
 
@@ -133,25 +178,20 @@ class DeviceServicer:
         assert isinstance(first, device_pb2.DeviceMessage)
         if first.WhichOneof("kind") != "hello":
             await _abort(context, "INVALID_ARGUMENT", "the first message on the stream must be a hello")
-        device_id = first.hello.device_id
-        await _check_identity(self.c, context, device_id)
-        failure: tuple[str, str] | None = None
-        try:
-            await self.domain.run(self.c.on_hello, first.hello)
-        except FleetloopError as exc:
-            failure = (exc.grpc_code, str(exc))
-        except Exception:
-            log.exception("hello from %s failed", device_id)
-            failure = ("INTERNAL", "internal error handling the hello (logged)")
-        if failure is not None:
-            await _abort(context, *failure)
+        caller = _caller(context, first.hello.device_id)
+        devices, clock = self.api.devices, self.api.clock
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
         # A push or a close (from any thread) wakes this coroutine: an idle stream holds no thread.
-        session = self.c.sessions.open(device_id, wake=_waker(loop, wake))
-        reader = asyncio.create_task(self._read(device_id, context, session))
+        waker = _waker(loop, wake)
+        session = await _call(
+            self.domain, context, f"hello from {caller.name}",
+            lambda: devices.connect(caller, first.hello, clock(), waker),
+        )  # fmt: skip
+        reader = asyncio.create_task(self._read(caller, context, session))
+        failure: tuple[str, str] | None = None
         try:
-            for msg in await self.domain.run(self.c.welcome_messages, device_id):
+            for msg in await self.domain.run(devices.welcome, caller):
                 await context.write(msg)
             while not session.closed.is_set():
                 try:
@@ -167,15 +207,15 @@ class DeviceServicer:
                 await _abort(context, *failure)
         finally:
             reader.cancel()
-            if self.c.sessions.close(session):
+            if devices.release(session):
                 # not awaited here: the handler may be ending because it was cancelled
-                task = loop.create_task(self._disconnected(device_id))
+                task = loop.create_task(self._disconnected(session.device_id))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
 
     async def _read(
         self,
-        device_id: str,
+        caller: Caller,
         context: grpc.aio.ServicerContext[device_pb2.DeviceMessage, device_pb2.CloudMessage],
         session: Session,
     ) -> tuple[str, str] | None:
@@ -190,94 +230,65 @@ class DeviceServicer:
                     return ("INTERNAL", UNDECODABLE_DETAILS)
                 assert isinstance(msg, device_pb2.DeviceMessage)
                 try:
-                    await self.domain.run(self.c.on_device_message, device_id, msg)
+                    await self.domain.run(self._receive, caller, msg)
                 except FleetloopError as exc:
-                    log.warning("device %s: %s", device_id, exc)
+                    log.warning("device %s: %s", caller.name, exc)
         except (grpc.RpcError, asyncio.CancelledError):
             pass
         except Exception:
-            log.exception("device %s: reader failed", device_id)
+            log.exception("device %s: reader failed", caller.name)
         finally:
             session.close()  # wakes the writer side, which ends the call
         return None
 
+    def _receive(self, caller: Caller, msg: device_pb2.DeviceMessage) -> None:
+        self.api.devices.receive(caller, msg, self.api.clock())
+
     async def _disconnected(self, device_id: str) -> None:
         try:
-            await self.domain.run(self.c.on_disconnect, device_id)
+            await self.domain.run(self.api.devices.offline, device_id)
         except Exception:
             log.exception("device %s: recording the disconnect failed", device_id)
 
 
-class IngestServicer:
-    def __init__(self, coordinator: Coordinator, domain: DomainExecutor) -> None:
-        self.c = coordinator
-        self.domain = domain
+@dataclass(frozen=True)
+class _Unary:
+    """One device RPC answered from one service call: its messages, how to call and how to answer."""
 
-    async def _store(
-        self, device_id: str, context: grpc.aio.ServicerContext[Any, Any], what: str, call: Callable[[], T]
-    ) -> T:
-        """One upload's domain call, off the loop, for the device the peer proved to be; the caller's
-        fault or ours becomes the call's status."""
-        await _check_identity(self.c, context, device_id)
-        try:
-            return await self.domain.run(call)
-        except FleetloopError as exc:
-            log.warning("%s from %s refused: %s", what, device_id, exc)
-            failure = (exc.grpc_code, str(exc))
-        except Exception:
-            log.exception("%s from %s failed", what, device_id)
-            failure = ("INTERNAL", f"internal error storing the {what} (logged)")
-        await _abort(context, *failure)
+    name: str
+    what: str
+    request: type[Message]
+    response: type[Message]
+    call: Callable[[DeviceApi, Caller, Any, float], Any]
+    answer: Callable[[Any, Any], Message]
 
-    async def UploadSegment(
-        self,
-        request: ingest_pb2.UploadSegmentRequest | _Undecodable,
-        context: grpc.aio.ServicerContext[ingest_pb2.UploadSegmentRequest, ingest_pb2.UploadSegmentResponse],
-    ) -> ingest_pb2.UploadSegmentResponse:
-        if isinstance(request, _Undecodable):
-            await _abort(context, "INTERNAL", UNDECODABLE_DETAILS)
-        r = request
-        ack = await self._store(
-            r.device_id,
-            context,
-            "segment",
-            functools.partial(
-                self.c.ingest, r.device_id, r.segment_id, r.capture_id, r.campaign, r.priority, r.segment
-            ),
-        )
-        return ingest_pb2.UploadSegmentResponse(
-            segment_id=r.segment_id, duplicate=ack.duplicate, samples=ack.samples
+    def handler(self, api: DeviceApi, domain: DomainExecutor) -> grpc.RpcMethodHandler[Any, Any]:
+        async def serve(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Message:
+            if isinstance(request, _Undecodable):
+                await _abort(context, "INTERNAL", UNDECODABLE_DETAILS)
+            caller = _caller(context, request.device_id)
+            ack = await _call(
+                domain, context, f"{self.what} from {caller.name}",
+                lambda: self.call(api, caller, request, api.clock()),
+            )  # fmt: skip
+            return self.answer(request, ack)
+
+        return grpc.unary_unary_rpc_method_handler(
+            serve,
+            request_deserializer=_counting(self.request, api.refusals),
+            response_serializer=self.response.SerializeToString,
         )
 
-    async def UploadChunk(
-        self,
-        request: ingest_pb2.UploadChunkRequest | _Undecodable,
-        context: grpc.aio.ServicerContext[ingest_pb2.UploadChunkRequest, ingest_pb2.UploadChunkResponse],
-    ) -> ingest_pb2.UploadChunkResponse:
-        """One piece of a resumable upload (upload_staging.py); the last one is acked like UploadSegment."""
-        if isinstance(request, _Undecodable):
-            await _abort(context, "INTERNAL", UNDECODABLE_DETAILS)
-        r = request
-        ack = await self._store(
-            r.device_id,
-            context,
-            "upload piece",
-            functools.partial(
-                self.c.ingest_chunk,
-                r.device_id,
-                r.segment_id,
-                offset=r.offset,
-                total_bytes=r.total_bytes,
-                total_sha256=r.total_sha256,
-                data=r.data,
-            ),
-        )
-        out = ingest_pb2.UploadChunkResponse(next_offset=ack.next_offset, complete=ack.ack is not None)
-        if ack.ack is not None:
-            out.result.segment_id = r.segment_id
-            out.result.duplicate = ack.ack.duplicate
-            out.result.samples = ack.ack.samples
-        return out
+
+INGEST_RPCS = (
+    _Unary("UploadSegment", "segment", ingest_pb2.UploadSegmentRequest, ingest_pb2.UploadSegmentResponse,
+           lambda api, caller, r, now: api.ingest.segment(caller, r, now),
+           lambda r, ack: ack.response(r.segment_id)),
+    # One piece of a resumable upload (uploads/staging.py); the last one is acked like UploadSegment.
+    _Unary("UploadChunk", "upload piece", ingest_pb2.UploadChunkRequest, ingest_pb2.UploadChunkResponse,
+           lambda api, caller, r, now: api.ingest.chunk(caller, r, now),
+           lambda r, ack: ack.response(r.segment_id)),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -290,87 +301,113 @@ class GrpcTls:
     key: Path
 
 
-def _peer_device(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
-    """The device id the peer's client certificate proves (its CN), or None without mTLS."""
-    names = context.auth_context().get("x509_common_name")
-    if not names or isinstance(names, bytes):
-        return None
-    return bytes(next(iter(names))).decode("utf-8", "replace")
-
-
-async def _check_identity(c: Coordinator, context: grpc.aio.ServicerContext[Any, Any], claimed: str) -> None:
-    """Refuse (PERMISSION_DENIED, counted) a message naming another device than the certificate."""
-    peer = _peer_device(context)
-    if peer is not None and claimed != peer:
-        c.refused["impersonation"] += 1
-        log.warning("device %s claimed to be %r: refused", peer, claimed)
-        await _abort(context, "PERMISSION_DENIED", f"this connection is device {peer}, not {claimed!r}")
-
-
-def _counting(parse: Callable[[bytes], T], c: Coordinator, what: str) -> Callable[[bytes], T | _Undecodable]:
+def _counting(cls: type[Req], refusals: Refusals) -> Callable[[bytes], Req | _Undecodable]:
     """A request deserializer that counts undecodable (hostile or corrupt) protobufs and hands the
     handler :data:`UNDECODABLE`, which refuses them (INTERNAL); the server keeps serving everyone else."""
 
-    def deserialize(data: bytes) -> T | _Undecodable:
+    def deserialize(data: bytes) -> Req | _Undecodable:
         try:
-            return parse(data)
-        except DecodeError:
-            c.refused["undecodable"] += 1
-            log.warning("undecodable %s refused (%d bytes)", what, len(data))
+            return parse(cls, data)
+        except MalformedMessageError:
+            refusals.count("undecodable", "grpc")
+            log.warning("undecodable %s refused (%d bytes)", cls.__name__, len(data))
             return UNDECODABLE
 
     return deserialize
 
 
-def _add_services(server: grpc.aio.Server, c: Coordinator, domain: DomainExecutor) -> None:
-    device, ingest = DeviceServicer(c, domain), IngestServicer(c, domain)
+def _add_services(server: grpc.aio.Server, api: DeviceApi, domain: DomainExecutor) -> None:
+    device = DeviceServicer(api, domain)
+    connect = grpc.stream_stream_rpc_method_handler(
+        device.Connect,
+        request_deserializer=_counting(device_pb2.DeviceMessage, api.refusals),
+        response_serializer=device_pb2.CloudMessage.SerializeToString,
+    )
     server.add_generic_rpc_handlers(
         (
+            grpc.method_handlers_generic_handler(SERVICE_NAMES[0], {"Connect": connect}),
             grpc.method_handlers_generic_handler(
-                "fleetloop.device.v1.DeviceService",
-                {
-                    "Connect": grpc.stream_stream_rpc_method_handler(
-                        device.Connect,
-                        request_deserializer=_counting(
-                            device_pb2.DeviceMessage.FromString, c, "DeviceMessage"
-                        ),
-                        response_serializer=device_pb2.CloudMessage.SerializeToString,
-                    )
-                },
-            ),
-            grpc.method_handlers_generic_handler(
-                "fleetloop.ingest.v1.IngestService",
-                {
-                    "UploadSegment": grpc.unary_unary_rpc_method_handler(
-                        ingest.UploadSegment,
-                        request_deserializer=_counting(
-                            ingest_pb2.UploadSegmentRequest.FromString, c, "UploadSegmentRequest"
-                        ),
-                        response_serializer=ingest_pb2.UploadSegmentResponse.SerializeToString,
-                    ),
-                    "UploadChunk": grpc.unary_unary_rpc_method_handler(
-                        ingest.UploadChunk,
-                        request_deserializer=_counting(
-                            ingest_pb2.UploadChunkRequest.FromString, c, "UploadChunkRequest"
-                        ),
-                        response_serializer=ingest_pb2.UploadChunkResponse.SerializeToString,
-                    ),
-                },
+                SERVICE_NAMES[1], {rpc.name: rpc.handler(api, domain) for rpc in INGEST_RPCS}
             ),
         )
     )
 
 
+class _HealthServicer(health.aio.HealthServicer):  # type: ignore[name-defined,misc]
+    """The asyncio health servicer of grpcio-health-checking, plus ``List`` (a snapshot of every
+    service's status), which that package's asyncio servicer does not implement yet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._statuses: dict[str, int] = {"": health_pb2.HealthCheckResponse.SERVING}
+
+    async def set(self, service: str, status: int) -> None:
+        await super().set(service, status)
+        self._statuses[service] = status
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthListResponse:
+        if len(self._statuses) > HEALTH_LIST_LIMIT:
+            await _abort(context, "RESOURCE_EXHAUSTED", f"more than {HEALTH_LIST_LIMIT} services")
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in self._statuses.items()
+            }
+        )
+
+
+def _register_reflection_v1() -> None:
+    """Put a ``grpc.reflection.v1`` file into the default descriptor pool, built from the installed
+    v1alpha one (the released v1 renamed the package and changed nothing else), so reflection can
+    describe itself under both names."""
+    pool = descriptor_pool.Default()
+    v1_file = "grpc/reflection/v1/reflection.proto"
+    try:
+        pool.FindFileByName(v1_file)
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    old, new = proto.package, "grpc.reflection.v1"
+    proto.name, proto.package = v1_file, new
+    proto.options.Clear()
+    for message in proto.message_type:
+        for f in message.field:
+            if f.HasField("type_name"):
+                f.type_name = f.type_name.replace(f".{old}.", f".{new}.")
+    for service in proto.service:
+        for m in service.method:
+            m.input_type = m.input_type.replace(f".{old}.", f".{new}.")
+            m.output_type = m.output_type.replace(f".{old}.", f".{new}.")
+    pool.Add(proto)
+
+
 async def _add_health_and_reflection(server: grpc.aio.Server) -> None:
     """``grpc.health.v1.Health`` reporting SERVING for the server ("") and each fleetloop service, and
-    server reflection over those services, health and reflection itself. Both are coroutines on the
-    loop like the device services: an open ``Watch`` holds no thread."""
-    servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    server reflection (v1 and v1alpha) over those services, health and reflection itself. All are
+    coroutines on the loop like the device services: an open ``Watch`` holds no thread."""
+    servicer = _HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     for name in ("", *SERVICE_NAMES):
         await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflected = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(reflected, server)
+    _register_reflection_v1()
+    names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+    reflector = reflection.aio.ReflectionServicer(names)  # type: ignore[attr-defined]
+    # v1 and v1alpha messages are the same bytes on the wire: one servicer answers both names.
+    handler = grpc.stream_stream_rpc_method_handler(
+        reflector.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        tuple(
+            grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler})
+            for name in (reflection.SERVICE_NAME, REFLECTION_V1)
+        )
+    )
 
 
 class GrpcServer:
@@ -410,15 +447,16 @@ class GrpcServer:
 
 
 def start_grpc_server(
-    coordinator: Coordinator, host: str, port: int, *, tls: GrpcTls | None = None
+    api: DeviceApi, host: str, port: int, *, tls: GrpcTls | None = None
 ) -> tuple[GrpcServer, int]:
     """Start serving on an event loop in a new thread; returns the server and the bound port (``port`` 0
     picks a free one). With ``tls`` every device must present a client certificate of the CA (mTLS;
     identity = certificate CN).
 
     The server answers ``grpc.health.v1.Health`` (SERVING for "" and for each of :data:`SERVICE_NAMES`)
-    and server reflection. Health and reflection are not device RPCs: they carry no device identity and,
-    with mTLS, need a client certificate of the CA like everything else on the port."""
+    and server reflection (v1 and v1alpha). Health and reflection are not device RPCs: they carry no
+    device identity and, with mTLS, need a client certificate of the CA like everything else on the
+    port."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=_run_loop, args=(loop,), name="grpc-aio", daemon=True)
     handle = GrpcServer(loop, thread)
@@ -436,7 +474,7 @@ def start_grpc_server(
             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         )
         handle._server, handle._domain = server, domain
-        _add_services(server, coordinator, domain)
+        _add_services(server, api, domain)
         await _add_health_and_reflection(server)
         if tls is not None:
             creds = grpc.ssl_server_credentials(

@@ -1,11 +1,11 @@
-"""The coordinator's MQTT 5 surface: consumers on a shared subscription calling the same ``Coordinator``
-methods the gRPC servicers call. The only cloud module that imports paho.
+"""The coordinator's MQTT 5 surface: consumers on a shared subscription calling the same services the
+gRPC servicers call. The cloud's paho adapter: the only cloud module that imports paho.
 
 Subscribes ``$share/{group}/fl/v1/+/+/up/#`` (QoS 1), so several coordinators split the devices' traffic
-between them. The device id is taken from the *topic* — which the broker's ``%u`` ACL ties to the
-client certificate's CN — and every claim inside a message is checked against it: a hello or an upload
-naming another device is refused and counted. Undecodable protobufs are refused and counted too; nothing
-a device sends can stop the bridge serving the others.
+between them. The caller is the device of the *topic* — which the broker's per-device role ties to the
+client certificate's CN — and the services check every claim inside a message against it: a hello or an
+upload naming another device is refused and counted. Undecodable protobufs are refused and counted too;
+nothing a device sends can stop the bridge serving the others.
 
 Handlers are idempotent (QoS 1 may deliver twice): ingest dedupes by (device, segment id), status
 messages overwrite. Messages are handed to ``WORKERS`` threads chosen by device id, so one device's
@@ -27,15 +27,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from google.protobuf.message import DecodeError
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
-from fleetloop_cloud.coordinator import Coordinator
+from fleetloop_cloud.services.access import Caller
+from fleetloop_cloud.services.api import DeviceApi
 from fleetloop_cloud.sessions import Session
-from fleetloop_shared.errors import ConfigError, FleetloopError
-from fleetloop_shared.wire import device_pb2, ingest_pb2
+from fleetloop_shared.errors import (
+    ConfigError,
+    FleetloopError,
+    MalformedMessageError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from fleetloop_shared.wire import device_pb2, ingest_pb2, parse
 
 log = logging.getLogger("fleetloop.cloud.mqtt")
 
@@ -68,14 +75,12 @@ class BridgeSettings:
 class MqttBridge:
     """MQTT consumers for one coordinator process."""
 
-    def __init__(self, coordinator: Coordinator, settings: BridgeSettings) -> None:
+    def __init__(self, api: DeviceApi, settings: BridgeSettings) -> None:
         for what, path in (("ca", settings.ca), ("cert", settings.cert), ("key", settings.key)):
             if not Path(path).is_file():
                 raise ConfigError(f"--mqtt-{what}: file not found: {path}")
-        self.c = coordinator
+        self.api = api
         self.settings = settings
-        #: Refusals by reason ("undecodable", "impersonation", "bad-topic", "ingest:<code>", ...).
-        self.refused: Counter[str] = Counter()
         self.handled = 0
         self._sessions: dict[str, tuple[str, Session]] = {}
         #: Devices with pushes waiting (set by the sessions' wake callbacks, from any thread).
@@ -99,6 +104,7 @@ class MqttBridge:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
         self._threads = [
             threading.Thread(target=self._work, args=(q,), name=f"mqtt-worker-{i}", daemon=True)
             for i, q in enumerate(self._queues)
@@ -132,6 +138,17 @@ class MqttBridge:
         self.connected.set()
         log.info("MQTT bridge connected to %s:%d", self.settings.host, self.settings.port)
 
+    def _on_subscribe(
+        self, client: mqtt.Client, userdata: object, mid: int, codes: list[ReasonCode], props: object
+    ) -> None:
+        if codes and codes[0].is_failure:  # nothing would ever arrive: say why
+            log.error(
+                "the broker refused the shared subscription $share/%s/... (%s): is this coordinator's "
+                "certificate CN in the broker's group of coordinators, and the share group the one allowed?",
+                self.settings.group,
+                codes[0],
+            )
+
     def _on_disconnect(
         self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object
     ) -> None:
@@ -144,6 +161,11 @@ class MqttBridge:
         key = parts[3] if len(parts) > 3 else ""
         self._queues[zlib.crc32(key.encode()) % WORKERS].put(message)
 
+    @property
+    def refused(self) -> Counter[str]:
+        """Refusals over MQTT by reason ("undecodable", "impersonation", "bad-topic", "ingest:CODE")."""
+        return self.api.refusals.of("mqtt")
+
     # -- handling ---------------------------------------------------------------------------------
     def _work(self, q: queue.Queue[mqtt.MQTTMessage | None]) -> None:
         while True:
@@ -154,11 +176,10 @@ class MqttBridge:
                 self.handle(message.topic, bytes(message.payload), getattr(message, "properties", None))
             except Exception:  # a bug must not kill the worker serving other devices
                 log.exception("MQTT message on %s failed", message.topic)
-                self.refused["internal"] += 1
+                self.api.refusals.count("internal", "mqtt")
 
     def _refuse(self, reason: str, device_id: str, detail: str) -> None:
-        self.refused[reason] += 1
-        self.c.refused[reason] += 1  # the coordinator's total across transports (summary, metrics)
+        self.api.refusals.count(reason, "mqtt")
         log.warning("refused %s from %s: %s", reason, device_id or "?", detail)
 
     def handle(self, topic: str, payload: bytes, props: Properties | None) -> None:
@@ -169,57 +190,57 @@ class MqttBridge:
             return
         fleet, device_id, kind = parts[2], parts[3], parts[5]
         self.handled += 1
+        # The broker's ACL ties the topic to the client certificate: the topic's device is proven.
+        caller = Caller.device(device_id, transport="mqtt", proven=True)
         if kind == "control":
-            self._control(fleet, device_id, payload)
+            self._control(fleet, caller, payload)
         elif kind == "upload":
-            self._upload(fleet, device_id, payload, props)
+            self._upload(fleet, caller, payload, props)
         elif kind == "status":
             if payload == b"offline":
-                self._offline(device_id)
+                self._offline(caller)
         else:
             self._refuse("bad-topic", device_id, topic)
 
-    def _control(self, fleet: str, device_id: str, payload: bytes) -> None:
+    def _control(self, fleet: str, caller: Caller, payload: bytes) -> None:
+        device_id = caller.name
         try:
-            msg = device_pb2.DeviceMessage.FromString(payload)
-        except DecodeError:
+            msg = parse(device_pb2.DeviceMessage, payload)
+        except MalformedMessageError:
             self._refuse("undecodable", device_id, "DeviceMessage does not decode")
             return
+        devices = self.api.devices
         try:
             if msg.WhichOneof("kind") == "hello":
-                if msg.hello.device_id != device_id:
-                    self._refuse("impersonation", device_id, f"hello claims device {msg.hello.device_id!r}")
-                    return
-                self.c.on_hello(msg.hello)
-                session = self.c.sessions.open(device_id, wake=self._waker(device_id))
+                session = devices.connect(caller, msg.hello, self.api.clock(), self._waker(device_id))
                 with self._lock:
                     self._sessions[device_id] = (fleet, session)
-                for out in self.c.welcome_messages(device_id):
+                for out in devices.welcome(caller):
                     self._publish_down(fleet, device_id, out)
-                return
-            if self.c.metadata.device(device_id) is None:
-                self._refuse("no-hello", device_id, "message before any hello")
                 return
             with self._lock:
                 known = device_id in self._sessions
             if not known:
                 # said hello to another coordinator (shared subscription) or to our predecessor before a
                 # restart: route pushes for it through this one too
+                session = devices.attach(caller, self.api.clock(), self._waker(device_id))
                 with self._lock:
-                    self._sessions[device_id] = (
-                        fleet, self.c.sessions.open(device_id, wake=self._waker(device_id))
-                    )
-            self.c.on_device_message(device_id, msg)
+                    self._sessions[device_id] = (fleet, session)
+            devices.receive(caller, msg, self.api.clock())
+        except PermissionDeniedError as exc:  # counted where it was found (services.access)
+            log.warning("refused from %s: %s", device_id, exc)
+        except NotFoundError as exc:
+            self._refuse("no-hello", device_id, str(exc))
         except FleetloopError as exc:
             self._refuse("control", device_id, str(exc))
 
-    def _offline(self, device_id: str) -> None:
+    def _offline(self, caller: Caller) -> None:
         with self._lock:
-            entry = self._sessions.pop(device_id, None)
-        if entry is not None and self.c.sessions.close(entry[1]):
-            self.c.on_disconnect(device_id)
+            entry = self._sessions.pop(caller.name, None)
+        self.api.devices.gone(caller, entry[1] if entry is not None else None)
 
-    def _upload(self, fleet: str, device_id: str, payload: bytes, props: Properties | None) -> None:
+    def _upload(self, fleet: str, caller: Caller, payload: bytes, props: Properties | None) -> None:
+        device_id = caller.name
         response_topic = str(getattr(props, "ResponseTopic", "") or "")
         correlation = bytes(getattr(props, "CorrelationData", b"") or b"")
         own_prefix = f"fl/v1/{fleet}/{device_id}/down/"
@@ -229,25 +250,19 @@ class MqttBridge:
             return
         status, error, answer = "OK", "", b""
         try:
-            req = ingest_pb2.UploadSegmentRequest.FromString(payload)
-        except DecodeError:
+            req = parse(ingest_pb2.UploadSegmentRequest, payload)
+        except MalformedMessageError:
             self._refuse("undecodable", device_id, "UploadSegmentRequest does not decode")
             status, error = "INVALID_ARGUMENT", "UploadSegmentRequest does not decode"
         else:
-            if req.device_id != device_id:
-                self._refuse("impersonation", device_id, f"upload claims device {req.device_id!r}")
-                status, error = "PERMISSION_DENIED", f"this connection is device {device_id}"
-            else:
-                try:
-                    ack = self.c.ingest(
-                        device_id, req.segment_id, req.capture_id, req.campaign, req.priority, req.segment
-                    )
-                    answer = ingest_pb2.UploadSegmentResponse(
-                        segment_id=req.segment_id, duplicate=ack.duplicate, samples=ack.samples
-                    ).SerializeToString()
-                except FleetloopError as exc:
-                    self._refuse(f"ingest:{exc.grpc_code}", device_id, str(exc))
-                    status, error = exc.grpc_code, str(exc)
+            try:
+                ack = self.api.ingest.segment(caller, req, self.api.clock())
+                answer = ack.response(req.segment_id).SerializeToString()
+            except PermissionDeniedError as exc:  # counted where it was found (services.access)
+                status, error = exc.grpc_code, str(exc)
+            except FleetloopError as exc:
+                self._refuse(f"ingest:{exc.grpc_code}", device_id, str(exc))
+                status, error = exc.grpc_code, str(exc)
         if not response_topic:
             return
         out = _props(PacketTypes.PUBLISH)

@@ -1,22 +1,182 @@
-"""``fleetloop cloud serve``: the embedded coordinator (SQLite + Parquet + gRPC + HTTP on loopback)."""
+"""``fleetloop cloud serve``: one coordinator process, wired — its stores, services, surfaces and threads.
+
+:class:`Coordinator` is the composition root: it builds the parts from one data directory (and an
+optional PostgreSQL URL) and runs the periodic work; it decides nothing itself. The surfaces (gRPC,
+HTTP, MQTT) are handed the coordinator and call its services. State lives in the metadata repositories
+(SQLite or PostgreSQL), the fleet store (Parquet) and the artifact store (content-addressed files), all
+under the data directory, so a restarted coordinator resumes where it was.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
 import resource
+import secrets
 import signal
+import socket
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from fleetloop_cloud.coordinator import Coordinator
+from fleetloop_cloud.fleet_store.compaction import Compactor
+from fleetloop_cloud.fleet_store.parquet import FleetStore
+from fleetloop_cloud.fleet_store.query import QueryEngine
 from fleetloop_cloud.grpc_api import GrpcTls, start_grpc_server
-from fleetloop_cloud.http_api import start_http_server
+from fleetloop_cloud.http_api import HttpSettings, start_http_server
 from fleetloop_cloud.mqtt_bridge import BridgeSettings, MqttBridge
+from fleetloop_cloud.ota.artifact_store import ArtifactStore
+from fleetloop_cloud.ota.director import Director
+from fleetloop_cloud.ota.release_key import release_signer
+from fleetloop_cloud.ota.tuf_repository import TufRepositories
+from fleetloop_cloud.repositories import open_repositories
+from fleetloop_cloud.rollout.controller import RolloutController
+from fleetloop_cloud.rollout.jobs import OtaJobs
+from fleetloop_cloud.services.access import Access, Caller, Refusals
+from fleetloop_cloud.services.audit import AuditService
+from fleetloop_cloud.services.campaigns import CampaignService
+from fleetloop_cloud.services.devices import LEASE_BEAT_S, DeviceService
+from fleetloop_cloud.services.ingest import (
+    MAX_CHUNKED_UPLOAD_BYTES,
+    UPLOAD_BUDGET,
+    IngestService,
+    UploadGrants,
+)
+from fleetloop_cloud.services.query import QueryService
+from fleetloop_cloud.services.releases import ReleaseService
+from fleetloop_cloud.services.rollouts import RolloutService
+from fleetloop_cloud.services.tokens import IssuedToken, TokenService
+from fleetloop_cloud.sessions import DeviceSessions
+from fleetloop_cloud.uploads.scheduler import UploadScheduler
+from fleetloop_cloud.uploads.staging import UploadStaging
+from fleetloop_shared.errors import ConfigError
 
 log = logging.getLogger("fleetloop.cloud")
+
+#: How often rollouts are stepped and upload grants handed out.
+ROLLOUT_TICK_S = 0.5
+#: How often the fleet store's small segment files are compacted (compaction.py, docs/query.md).
+COMPACTION_INTERVAL_S = 60.0
+
+
+class _Periodic:
+    """A daemon thread calling ``step`` every ``interval()`` seconds until stopped. A failing step is
+    logged and the next one runs: one bad pass must not stop rollouts or compaction for good."""
+
+    def __init__(self, name: str, interval: Callable[[], float], step: Callable[[], None]) -> None:
+        self._interval = interval
+        self._step = step
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval()):
+            try:
+                self._step()
+            except Exception:
+                log.exception("%s: a pass failed", self._thread.name)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+
+class Coordinator:
+    """One coordinator's parts, built from ``data_dir`` (and ``db``: a ``postgresql://`` URL shared by
+    several coordinators; default SQLite in ``data_dir``). ``clock`` is what every service's ``now``
+    comes from."""
+
+    def __init__(
+        self, data_dir: Path, *, clock: Callable[[], float] = time.time, db: str | None = None
+    ) -> None:
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
+        self.repositories = repos = open_repositories(db if db else data_dir / "metadata.sqlite")
+        self.fleet_store = FleetStore(data_dir / "fleet")
+        self.query_engine = QueryEngine(data_dir / "fleet", captures=repos.segments.captures)
+        # file ages are wall-clock (file mtimes), whatever clock drives the rest
+        self.compactor = Compactor(self.fleet_store, repos.segments.has)
+        self.signer = release_signer(data_dir / "keys")
+        # OTA trust: devices are provisioned with keys/image-root.json and keys/director-root.json
+        self.tuf = TufRepositories(data_dir / "artifacts" / "tuf", data_dir / "keys" / "tuf", clock=clock)
+        self.director = Director(self.tuf)
+        self.artifacts = ArtifactStore(data_dir / "artifacts", self.signer, tuf=self.tuf)
+        self.sessions = DeviceSessions()
+        # Resumable uploads are staged per coordinator: a device that moves to another coordinator
+        # mid-upload starts that segment again there (the ingest ledger keeps it exactly once).
+        self.staging = UploadStaging(data_dir / "staging", max_upload_bytes=MAX_CHUNKED_UPLOAD_BYTES)
+        self.refusals = Refusals()
+        self.access = access = Access(self.refusals, repos.audit_log)
+        coordinator_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        controller = Caller.controller(coordinator_id)
+
+        def transition(rollout_id: str, before: str, after: str, reason: str, now: float) -> None:
+            access.record(controller, "rollouts.transition", rollout_id, now, before=before, after=after,
+                          detail=reason)  # fmt: skip
+
+        self.grants = UploadGrants(UploadScheduler(UPLOAD_BUDGET), self.sessions)
+        self.jobs = OtaJobs(self.director, self.sessions, repos.devices)
+        self.controller = RolloutController(
+            repos.rollouts, repos.releases, repos.devices, self.jobs, transitions=transition
+        )
+        self.campaigns = CampaignService(repos.campaigns, repos.devices, self.sessions, access)
+        self.devices = DeviceService(
+            repos.devices, repos.leases, self.sessions, access, coordinator_id=coordinator_id,
+            campaigns=self.campaigns, ota=self.controller, backlog=self.grants,
+        )  # fmt: skip
+        self.ingest = IngestService(repos.devices, repos.segments, self.fleet_store, self.staging, access)
+        self.releases = ReleaseService(repos.releases, repos.devices, self.artifacts, self.tuf, access)
+        self.rollouts = RolloutService(self.controller, repos.rollouts, access)
+        self.queries = QueryService(self.query_engine, repos.segments, repos.campaigns, self.devices, access)
+        self.tokens = TokenService(repos.tokens, access)
+        self.audit = AuditService(access)
+        self.devices.beat(clock())
+        self._last_beat = clock()
+        self._loops = [
+            _Periodic("rollout-controller", lambda: ROLLOUT_TICK_S, self._tick),
+            _Periodic("compaction", lambda: COMPACTION_INTERVAL_S, self._compact),
+        ]
+
+    def _tick(self) -> None:
+        now = self.clock()
+        try:
+            self.controller.tick(now)
+        finally:
+            self.grants.tick(now, ROLLOUT_TICK_S)
+            if now - self._last_beat >= LEASE_BEAT_S:
+                self.devices.beat(now)
+                self._last_beat = now
+
+    def _compact(self) -> None:
+        report = self.compactor.run_once()
+        if report.files_written or report.leftovers_deleted:
+            log.info("compaction: %s", report.as_dict())
+        expired = self.staging.expire(time.time())
+        if expired:
+            log.info("upload staging: removed %d partial uploads left for over a day", expired)
+
+    def start(self) -> None:
+        for loop in self._loops:
+            loop.start()
+
+    def stop(self) -> None:
+        """Stop the periodic work and end this coordinator's lease (its devices are offline now)."""
+        for loop in self._loops:
+            loop.stop()
+        self.devices.retire()
+
+    def close(self) -> None:
+        """Release the metadata connection (after :meth:`stop`)."""
+        self.repositories.close()
 
 
 def raise_open_files_limit() -> int:
@@ -33,6 +193,48 @@ def raise_open_files_limit() -> int:
     return soft
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only reaches this machine (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: it may resolve anywhere
+
+
+def exposure_refusal(host: str, *, http: HttpSettings, grpc_tls: bool) -> str | None:
+    """Why ``cloud serve`` must not listen on ``host`` as configured, or None. Off loopback, operators'
+    tokens and devices' identities would cross the network in the clear: both ports need TLS, unless
+    ``--insecure`` says this is a lab."""
+    if is_loopback(host) or http.insecure:
+        return None
+    if http.tls is None:
+        return (
+            f"refusing to serve HTTP on {host} without TLS: give --http-cert and --http-key (a certificate "
+            "from your CA, like the gRPC port's), or bind 127.0.0.1, or --insecure for a lab"
+        )
+    if not grpc_tls:
+        return (
+            f"refusing to serve devices' gRPC on {host} without mTLS: give --grpc-cert, --grpc-key and "
+            "--grpc-ca, or bind 127.0.0.1, or --insecure for a lab"
+        )
+    return None
+
+
+def initialise(
+    data_dir: Path, *, db: str | None = None, recover: bool = False, clock: Callable[[], float] = time.time
+) -> IssuedToken:
+    """``fleetloop cloud init``: the data directory, its keys and metadata schema, and the first admin
+    token (returned once; only its hash is stored). StateError when tokens exist, unless ``recover``."""
+    coordinator = Coordinator(data_dir, clock=clock, db=db)
+    try:
+        return coordinator.tokens.bootstrap(clock(), recover=recover)
+    finally:
+        coordinator.stop()
+        coordinator.close()
+
+
 def serve(
     data_dir: Path,
     *,
@@ -44,16 +246,36 @@ def serve(
     mqtt: BridgeSettings | None = None,
     db: str | None = None,
     grpc_tls: GrpcTls | None = None,
+    http: HttpSettings | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT (or ``stop`` is set). Writes ``ready_file`` once both ports listen."""
+    """Run until SIGTERM/SIGINT (or ``stop`` is set). Writes ``ready_file`` once both ports listen.
+    ConfigError (before anything listens) for an address it must not serve on as configured."""
     stop = stop or threading.Event()
+    http = http or HttpSettings()
+    refusal = exposure_refusal(host, http=http, grpc_tls=grpc_tls is not None)
+    if refusal is not None:
+        raise ConfigError(refusal)
     raise_open_files_limit()
     coordinator = Coordinator(data_dir, db=db)
+    if http.insecure:
+        log.warning("--insecure: no API tokens (every HTTP request acts as an admin)%s",
+                    "" if http.tls else " and no TLS")  # fmt: skip
+    elif not coordinator.tokens.exist():
+        if not is_loopback(host):
+            coordinator.stop()
+            coordinator.close()
+            raise ConfigError(
+                f"refusing to serve on {host}: no API token exists yet; run "
+                f"'fleetloop cloud init --dir {data_dir}' first (it prints the first admin token once)"
+            )
+        log.warning("no API token exists yet: 'fleetloop cloud init --dir %s' makes the first admin token",
+                    data_dir)  # fmt: skip
     grpc_server, gport = start_grpc_server(coordinator, host, grpc_port, tls=grpc_tls)
-    http_server, hport = start_http_server(coordinator, host, http_port)
-    coordinator.artifact_base_url = f"http://{host}:{hport}"
+    http_server, hport = start_http_server(coordinator, host, http_port, http)
+    scheme = "https" if http.tls is not None else "http"
+    coordinator.jobs.artifact_base_url = f"{scheme}://{host}:{hport}"
     coordinator.start()
-    # MQTT 5 beside gRPC (issue 6): consumers on a shared subscription calling the same Coordinator.
+    # MQTT 5 beside gRPC: consumers on a shared subscription calling the same services.
     bridge = MqttBridge(coordinator, mqtt) if mqtt is not None else None
     if bridge is not None:
         bridge.start()
@@ -66,7 +288,7 @@ def serve(
         signal.signal(signal.SIGINT, on_signal)
     info = {
         "grpc": f"{host}:{gport}",
-        "http": f"http://{host}:{hport}",
+        "http": f"{scheme}://{host}:{hport}",
         "pid": os.getpid(),
         "data_dir": str(data_dir),
     }
@@ -79,7 +301,8 @@ def serve(
     log.info("coordinator stopping")
     if bridge is not None:
         bridge.stop()
-    coordinator.stop()
     grpc_server.stop(grace=2).wait(3)
     http_server.shutdown()
+    coordinator.stop()
+    coordinator.close()
     return 0

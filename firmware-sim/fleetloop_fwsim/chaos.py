@@ -34,6 +34,7 @@ from fleetloop_fwsim.fleet import (
     MqttEndpoint,
     SimFleet,
     coordinator_mqtt_args,
+    register_mqtt_devices,
     store_counts,
 )
 
@@ -229,6 +230,8 @@ def run_chaos(
     )
     events: list[str] = []
     try:
+        if broker is not None:
+            register_mqtt_devices(broker, fleet)
         t0 = time.monotonic()
         fleet.start()
         proxy.max_delay_s = 0.02

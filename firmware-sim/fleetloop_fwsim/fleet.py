@@ -9,11 +9,11 @@ produced into segments (one capture), stores them durably and lets the uplink dr
 store → upload → ack → checkpoint path a real agent runs, so what the fleet counts as *acknowledged* is
 exactly what devices were told is safely in the cloud.
 
-One producer thread ticks every device (bounded work per tick). Over gRPC every device's link runs on
-one asyncio event loop (:mod:`fleetloop_fwsim.grpc_swarm`: the agent's protocol, a connection and an
-identity per device, no thread per device), so one process holds thousands of devices; over MQTT each
-device has the agent's own ``MqttCloudLink`` and its threads. ``hold_only`` devices keep just their
-control stream (a hello with the fleet's catalog, then keepalives): what "devices held" measures.
+One producer thread ticks every device (bounded work per tick). Every device runs the agent's own link
+(:class:`~fleetloop_agent.uplink.Link`, over gRPC or MQTT 5), and all of them run on one event loop
+(:mod:`fleetloop_fwsim.swarm`: a connection and an identity per device, no thread per device), so one
+process holds thousands of devices. ``hold_only`` devices keep just their control session (a hello with
+the fleet's catalog, then keepalives): what "devices held" measures.
 Coordinator processes for ``sim fleet`` / ``sim chaos`` are started as ``fleetloop cloud serve``
 subprocesses (the simulator never imports the cloud).
 """
@@ -37,15 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleetloop_agent import __version__ as agent_version
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
 from fleetloop_agent.sources import SignalSource, build_source
-from fleetloop_agent.uplink_mqtt import MqttCloudLink, MqttSettings
-from fleetloop_agent.upload_protocol import backlog_heartbeat
+from fleetloop_agent.uplink import Greeting, Link, UplinkTransport, heartbeat
+from fleetloop_agent.uplink.grpc_transport import GrpcTransport
+from fleetloop_agent.uplink.mqtt_transport import MqttSettings, MqttTransport
 from fleetloop_fwsim.broker import CertificateAuthority, MosquittoProcess
-from fleetloop_fwsim.grpc_swarm import GrpcSwarm, SwarmLink
 from fleetloop_fwsim.profiles import KINDS, source_specs
+from fleetloop_fwsim.swarm import Swarm
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.errors import ConfigError, StorageFullError, UnavailableError, UserError
 from fleetloop_shared.segment import segment_from_batch
@@ -58,10 +58,10 @@ NS_PER_S = 1_000_000_000
 DEVICE_OFFSET_S = 7.0
 #: Local store quota per simulated device (policy when full: the store evicts oldest/least urgent, counted).
 DEVICE_QUOTA_BYTES = 64 * 1024 * 1024
-#: Upper bound of devices in one process over gRPC (each holds a channel and two coroutines on the
+#: Upper bound of devices in one process over gRPC (each holds a channel and a few coroutines on the
 #: swarm's loop; with data, also a local store: about 3 file descriptors).
 MAX_DEVICES = 10_000
-#: Upper bound over MQTT, where each device runs the agent's MqttCloudLink (three threads each).
+#: Upper bound over MQTT (each device a TLS session, its handshake on one of the swarm's few threads).
 MAX_MQTT_DEVICES = 2000
 CAPTURE_PRIORITY = 5
 #: Latency samples kept per device (bounded; later ones are not recorded).
@@ -97,7 +97,7 @@ class DeviceCounters:
 
 
 class SimAgent:
-    """One simulated device: replay sources → local store → CloudLink (the real uplink)."""
+    """One simulated device: replay sources → local store → the agent's link (on the fleet's swarm)."""
 
     def __init__(
         self,
@@ -111,11 +111,11 @@ class SimAgent:
         start_ns: int,
         lock: threading.Lock,
         upload_deadline_s: float = 10.0,
+        swarm: Swarm,
         mqtt: MqttEndpoint | None = None,
         grants: bool = False,
         priority: int = CAPTURE_PRIORITY,
         network: str = "wifi",
-        swarm: GrpcSwarm | None = None,
         hold_only: Catalog | None = None,
     ) -> None:
         self.device_id = device_id
@@ -140,71 +140,42 @@ class SimAgent:
         self._lock = lock
         self._captures = 0
         self._stored_at: dict[bytes, float] = {}
-        self.link: SwarmLink | MqttCloudLink
+        transport: UplinkTransport
         if mqtt is not None:
-            if self.store is None:
-                raise UserError("hold-only devices are simulated over gRPC only")
             cert, key = mqtt.ca.client(device_id)  # CN = device id = MQTT username
-            self.link = MqttCloudLink(
-                MqttSettings(mqtt.host, mqtt.port, mqtt.ca.ca_path, cert, key),
-                device_id,
-                fleet=fleet,
-                store=self.store,
-                metrics=self.metrics,
-                greeting=self._greeting,
-                on_message=lambda msg: None,
-                upload_deadline_s=upload_deadline_s,
-                on_ack=self._on_ack,
+            transport = MqttTransport(
+                MqttSettings(mqtt.host, mqtt.port, mqtt.ca.ca_path, cert, key), device_id, fleet=fleet
             )
-            return
-        if swarm is None:
-            raise UserError("a gRPC device needs the fleet's swarm (its event loop)")
-        grpc_link = swarm.link(
-            target,
-            device_id,
+        else:
+            transport = GrpcTransport(target)
+        self.link = Link(
+            transport,
+            device_id=device_id,
             store=self.store,
             metrics=self.metrics,
-            greeting=self._greeting,
+            greeting=Greeting(
+                device_id, fleet, catalog=self.catalog, labels={"sim": "fleet"}, data_origin=origin
+            ).messages,
             on_message=self._on_cloud,
             upload_deadline_s=upload_deadline_s,
             on_ack=self._on_ack,
-            grants=grants,
+            scheduled=grants,
+            loop=swarm,
         )
-        self.link = grpc_link
-        self._grpc_link = grpc_link
 
     def _on_cloud(self, msg: device_pb2.CloudMessage) -> None:
         if msg.WhichOneof("kind") == "upload_grant":
             with self._lock:
                 self.counters.grants += 1
                 self.counters.granted_bytes += msg.upload_grant.max_bytes
-            self._grpc_link.grant(msg.upload_grant.max_bytes, msg.upload_grant.min_priority)
+            self.link.grant(msg.upload_grant.max_bytes, msg.upload_grant.min_priority)
 
     def report_backlog(self) -> None:
         """A heartbeat with the backlog per priority and the network: what the upload scheduler needs."""
         if self.store is None:
             return
-        hb = backlog_heartbeat(self.store, self.network, time.time_ns())
+        hb = heartbeat(self.store, self.network, time.time_ns(), backlog=True)
         self.link.send(device_pb2.DeviceMessage(heartbeat=hb))
-
-    def _greeting(self) -> list[device_pb2.DeviceMessage]:
-        hello = device_pb2.Hello(
-            device_id=self.device_id,
-            fleet=self.fleet,
-            labels={"sim": "fleet"},
-            agent_version=agent_version,
-            data_origin=self.origin,
-            catalog=[
-                device_pb2.CatalogSignal(
-                    id=s.id,
-                    path=s.path,
-                    data_type=device_pb2.DataType.Value(f"DATA_TYPE_{s.data_type.name}"),
-                    unit=s.unit,
-                )
-                for s in self.catalog
-            ],
-        )
-        return [device_pb2.DeviceMessage(hello=hello)]
 
     def _on_ack(self, seg: StoredSegment, duplicate: bool) -> None:
         with self._lock:
@@ -308,9 +279,7 @@ class SimFleet:
         self._speed = speed
         self._stop = threading.Event()
         self._t0 = time.time_ns()
-        self._swarm: GrpcSwarm | None = None
-        if mqtt is None:
-            self._swarm = GrpcSwarm(connect_rate=connect_rate) if connect_rate else GrpcSwarm()
+        self._swarm = Swarm(connect_rate=connect_rate) if connect_rate else Swarm()
         shared_catalog: Catalog | None = None
         if hold_only:  # one catalog for all: the hello carries it, no device replays anything
             shared_catalog = Catalog()
@@ -386,12 +355,9 @@ class SimFleet:
 
     def close(self) -> None:
         self.stop_producing()
-        if self._swarm is not None:  # all streams at once rather than one device after the other
-            self._swarm.stop_links([a.link for a in self.agents if isinstance(a.link, SwarmLink)])
+        self._swarm.close()  # every link at once rather than one device after the other
         for agent in self.agents:
             agent.close()
-        if self._swarm is not None:
-            self._swarm.close()
 
     def latencies_s(self) -> list[float]:
         with self._lock:
@@ -444,6 +410,8 @@ class CoordinatorProcess:
         self.extra_args = list(extra_args or [])
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
+        #: The admin API token of this coordinator's data (made by ``cloud init`` on the first start).
+        self.token = ""
 
     @property
     def grpc_target(self) -> str:
@@ -453,7 +421,22 @@ class CoordinatorProcess:
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    def _init(self) -> None:
+        """``fleetloop cloud init`` once per data directory (and database); the admin token goes to a
+        file there, so coordinators sharing the directory share it."""
+        token_file = self.data_dir / "admin.token"
+        if not token_file.exists():
+            db = self.extra_args[self.extra_args.index("--db") + 1] if "--db" in self.extra_args else None
+            argv = [sys.executable, "-m", "fleetloop_cli.main", "cloud", "init", "--dir", str(self.data_dir),
+                    "--token-file", str(token_file), *(["--db", db] if db else [])]  # fmt: skip
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=dict(os.environ))
+            if done.returncode != 0:
+                raise UnavailableError(f"cloud init failed: {done.stderr.strip()[-500:]}")
+        self.token = token_file.read_text().strip()
+
     def start(self, timeout_s: float = 60.0) -> None:
+        if not self.token:
+            self._init()
         ready = self.log_path.with_suffix(".ready.json")  # per process: several may share data_dir
         with contextlib.suppress(FileNotFoundError):
             ready.unlink()
@@ -515,8 +498,9 @@ class CoordinatorProcess:
     def query(self, sql: str, max_rows: int = 1000) -> list[list[Any]]:
         body = json.dumps({"sql": sql, "max_rows": max_rows}).encode()
         req = urllib.request.Request(
-            self.http_url + "/v1/query", data=body, headers={"Content-Type": "application/json"}
-        )
+            self.http_url + "/v1/query", data=body,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
+        )  # fmt: skip
         try:
             with urllib.request.urlopen(req, timeout=150) as resp:
                 result = json.loads(resp.read())
@@ -527,15 +511,22 @@ class CoordinatorProcess:
         return [list(r) for r in result["rows"]]
 
 
-def coordinator_mqtt_args(broker: MosquittoProcess) -> list[str]:
-    """``cloud serve`` flags that attach a coordinator to ``broker`` (certificate CN=coordinator)."""
-    cert, key = broker.ca.client("coordinator")
+def coordinator_mqtt_args(broker: MosquittoProcess, name: str = "coordinator") -> list[str]:
+    """``cloud serve`` flags that attach a coordinator to ``broker`` (its own certificate, CN=``name``,
+    registered in the broker's group of coordinators)."""
+    cert, key = broker.add_coordinator(name)
     return [
         f"--mqtt={broker.host}:{broker.port}",
         f"--mqtt-ca={broker.ca.ca_path}",
         f"--mqtt-cert={cert}",
         f"--mqtt-key={key}",
     ]
+
+
+def register_mqtt_devices(broker: MosquittoProcess, fleet: SimFleet) -> None:
+    """Register the fleet's devices with the broker, each in its fleet, before they connect."""
+    for name in sorted({agent.fleet for agent in fleet.agents}):
+        broker.add_devices(name, [agent.device_id for agent in fleet.agents if agent.fleet == name])
 
 
 def store_counts(coordinator: CoordinatorProcess) -> tuple[int, int]:
@@ -611,6 +602,8 @@ def run_fleet(
         hold_only=hold_only,
     )
     try:
+        if broker is not None:
+            register_mqtt_devices(broker, fleet)
         t0 = time.monotonic()
         fleet.start()
         peak_connected = 0

@@ -82,6 +82,21 @@ class PermissionDeniedError(UserError):
     grpc_code = "PERMISSION_DENIED"
 
 
+class UnauthenticatedError(UserError):
+    """The request carries no valid credential (a token missing, unknown, expired or revoked); the
+    message says which and how to get one."""
+
+    exit_code = 4
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
+
+
+class PayloadTooLargeError(UserError):
+    """A request body is larger than the route accepts; refused before it is read."""
+
+    http_status = 413
+
+
 class IntegrityError(FleetloopError):
     """Bytes from outside failed a check: checksum, hash, signature, structure."""
 

@@ -23,6 +23,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            obj["request_id"] = request_id
         if record.exc_info and record.levelno >= logging.ERROR:
             obj["exc"] = self.formatException(record.exc_info).splitlines()[-1]
         return json.dumps(obj, ensure_ascii=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleetloop_agent.local_store import LocalStore, StoredSegment
+from fleetloop_agent.local_store import COMMIT_RESERVE_BYTES, LocalStore, StoredSegment
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.datapaths import comma2k19_segment
 from fleetloop_shared.errors import (
@@ -226,23 +226,36 @@ def test_state_and_counters_survive_reopen(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------- quota
 
 
+def du(root: Path) -> int:
+    """What ``du`` says a directory takes: the allocated blocks of every file under it."""
+    return sum(os.stat(Path(d) / n).st_blocks * 512 for d, _, names in os.walk(root) for n in names)
+
+
 def test_quota_evicts_lowest_priority_then_oldest_and_counts(tmp_path: Path) -> None:
-    root = tmp_path / "s"
+    rows = 20_000  # ~170 kB segments: the index and its log change by a few pages, far less than half one
     probe = LocalStore(tmp_path / "probe")
-    probe.append(make_segment(seed=0), capture_id="c0", campaign="x", priority=1, now_ns=0)
-    size = sum(p.stat().st_size for p in (tmp_path / "probe" / "segments").iterdir())
+    probe.append(make_segment(rows=rows), capture_id="c0", campaign="x", priority=1, now_ns=0)
+    (path,) = (tmp_path / "probe" / "segments").iterdir()
+    size = path.stat().st_size
+    allocated = path.stat().st_blocks * 512
+    overhead = probe.disk_usage() - allocated  # the index, its log and shared memory
     probe.close()
 
-    s = LocalStore(root, quota_bytes=3 * size + size // 2)
+    root = tmp_path / "s"
+    s = LocalStore(root, quota_bytes=overhead + COMMIT_RESERVE_BYTES + 3 * allocated + allocated // 2)
     made = {}
     for name, prio, created in [("A", 1, 1), ("B", 5, 2), ("C", 1, 3)]:
         made[name] = s.append(
-            make_segment(seed=0), capture_id="c0", campaign="x", priority=prio, now_ns=created
+            make_segment(rows=rows), capture_id="c0", campaign="x", priority=prio, now_ns=created
         ).segment_id
-    made["D"] = s.append(make_segment(seed=0), capture_id="c0", campaign="x", priority=5, now_ns=4).segment_id
+    made["D"] = s.append(
+        make_segment(rows=rows), capture_id="c0", campaign="x", priority=5, now_ns=4
+    ).segment_id
     names = {v: k for k, v in made.items()}
     assert sorted(names[p.segment_id] for p in s.pending()) == ["B", "C", "D"]  # A: lowest, oldest
-    made["E"] = s.append(make_segment(seed=0), capture_id="c0", campaign="x", priority=1, now_ns=5).segment_id
+    made["E"] = s.append(
+        make_segment(rows=rows), capture_id="c0", campaign="x", priority=1, now_ns=5
+    ).segment_id
     names = {v: k for k, v in made.items()}
     assert sorted(names[p.segment_id] for p in s.pending()) == ["B", "D", "E"]  # C: only one <= 1
     stats = s.stats()
@@ -250,20 +263,40 @@ def test_quota_evicts_lowest_priority_then_oldest_and_counts(tmp_path: Path) -> 
 
     # A less urgent segment never pushes out more urgent data: refused, nothing evicted.
     with pytest.raises(StorageFullError, match="more urgent"):
-        s.append(make_segment(seed=0), capture_id="c0", campaign="x", priority=0, now_ns=6)
+        s.append(make_segment(rows=rows), capture_id="c0", campaign="x", priority=0, now_ns=6)
     assert len(s.pending()) == 3 and s.stats().evicted_segments_total == 2
     with pytest.raises(NotFoundError):
         s.read(made["A"])
     assert len(seg_files(root)) == 3
 
     with pytest.raises(StorageFullError, match="whole store quota"):
-        s.append(make_segment(rows=5000), capture_id="c0", campaign="x", priority=9, now_ns=7)
+        s.append(make_segment(rows=10 * rows), capture_id="c0", campaign="x", priority=9, now_ns=7)
     assert len(seg_files(root)) == 3
     # Acknowledged data frees quota.
     for p in s.pending():
         s.mark_uploaded(p.segment_id)
-    s.append(make_segment(seed=0), capture_id="c0", campaign="x", priority=0, now_ns=8)
+    s.append(make_segment(rows=rows), capture_id="c0", campaign="x", priority=0, now_ns=8)
     assert s.stats().evicted_segments_total == 2
+    s.close()
+
+
+def test_quota_counts_what_the_store_takes_on_disk(tmp_path: Path) -> None:
+    """Small segments take whole blocks, and the index and its log take disk too: the store never takes
+    more than its quota as ``du`` measures it, although its segment files alone add up to far less."""
+    root = tmp_path / "s"
+    quota = 256 * 1024
+    s = LocalStore(root, quota_bytes=quota)
+    (root / "catalog.json").write_bytes(b"x" * 20_000)  # an operator's file under the root counts too
+    file_bytes = 0
+    for i in range(120):
+        s.append(make_segment(seed=i), capture_id="c", campaign="x", priority=5, now_ns=i)
+        file_bytes += s.pending(limit=10_000)[-1].size_bytes
+        assert du(root) <= quota, i
+        assert s.disk_usage() == du(root)
+    assert file_bytes < quota  # counting segment bytes alone, nothing would ever have been evicted
+    assert s.stats().evicted_segments_total > 60
+    inventory = s.inventory()
+    assert inventory.disk_bytes == du(root) and inventory.disk_bytes > inventory.segment_bytes
     s.close()
 
 

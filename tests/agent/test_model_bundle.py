@@ -24,9 +24,10 @@ from onnx import TensorProto, helper
 from fleetloop_agent.config import load_agent_config
 from fleetloop_agent.models import ModelRegistry, load_model_pack
 from fleetloop_agent.runtime import AgentRuntime
-from fleetloop_cloud.coordinator import Coordinator
 from fleetloop_cloud.grpc_api import start_grpc_server
 from fleetloop_cloud.http_api import start_http_server
+from fleetloop_cloud.server import Coordinator
+from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim import profiles
 from fleetloop_fwsim.provisioning import provision_sim_device
 
@@ -110,25 +111,28 @@ def campaign(name: str, when: str) -> str:
 
 
 def captures(coordinator: Coordinator, name: str) -> int:
-    rows = coordinator.query(
+    rows = coordinator.queries.sql(
+        Caller.local(),
         f"SELECT count(DISTINCT capture_id) FROM samples WHERE device_id = '{DEVICE}' AND campaign = '{name}'"
     ).rows
     return int(rows[0][0])
 
 
 def roll_out(coordinator: Coordinator, version: str, score: float) -> None:
-    coordinator.upload_release(model_pack(score), name="speedscore-pack", version=version, hardware_id=HW)
-    rid = coordinator.create_rollout(
-        {"release_version": version, "phases": [{"name": "all", "percent": 100}]}
-    )["id"]
-    status: dict[str, Any] = {}
+    local = Caller.local()
+    coordinator.releases.upload(
+        local, model_pack(score), name="speedscore-pack", version=version, hardware_id=HW, now=time.time()
+    )
+    policy = {"release_version": version, "phases": [{"name": "all", "percent": 100}]}
+    rid = coordinator.rollouts.create(local, policy, time.time()).id
+    status: list[Any] = []
 
     def done() -> bool:
-        status.update(coordinator.controller.status(rid))
-        return bool(status["state"] in ("SUCCEEDED", "PAUSED", "ABORTED"))
+        status[:] = [coordinator.rollouts.status(local, rid)]
+        return bool(status[0].state in ("SUCCEEDED", "PAUSED", "ABORTED"))
 
     assert wait_for(done, 60), status
-    assert status["state"] == "SUCCEEDED", status
+    assert status[0].state == "SUCCEEDED", status
 
 
 def test_a_model_pack_bundle_reaches_the_running_rule_without_a_restart(
@@ -137,7 +141,7 @@ def test_a_model_pack_bundle_reaches_the_running_rule_without_a_restart(
     coordinator = Coordinator(tmp_path / "cloud")
     gserver, gport = start_grpc_server(coordinator, "127.0.0.1", 0)
     hserver, hport = start_http_server(coordinator, "127.0.0.1", 0)
-    coordinator.artifact_base_url = f"http://127.0.0.1:{hport}"
+    coordinator.jobs.artifact_base_url = f"http://127.0.0.1:{hport}"
     coordinator.start()
     keys = tmp_path / "cloud" / "keys"
     cfg = make_config(tmp_path / "dev", recordings, f"127.0.0.1:{gport}", keys)
@@ -145,11 +149,12 @@ def test_a_model_pack_bundle_reaches_the_running_rule_without_a_restart(
     assert len(config.trusted_release_keys) == 2
     # the default campaign (no model) and two that call the model: "one" fires on v1's score 1.0,
     # "two" on v2's score 2.0
-    coordinator.apply_campaign(profiles.default_campaign("car"))
-    coordinator.apply_campaign(
-        campaign("model-one", f'model("{MODEL}", 1s) > 0.5 and model("{MODEL}", 1s) < 1.5')
-    )
-    coordinator.apply_campaign(campaign("model-two", f'model("{MODEL}", 1s) > 1.5'))
+    for document in (
+        profiles.default_campaign("car"),
+        campaign("model-one", f'model("{MODEL}", 1s) > 0.5 and model("{MODEL}", 1s) < 1.5'),
+        campaign("model-two", f'model("{MODEL}", 1s) > 1.5'),
+    ):
+        coordinator.campaigns.apply(Caller.local(), document, now=time.time())
     runtime = AgentRuntime(config)
     result: list[int] = []
     thread = threading.Thread(target=lambda: result.append(runtime.run()), daemon=True)
@@ -162,7 +167,7 @@ def test_a_model_pack_bundle_reaches_the_running_rule_without_a_restart(
         assert runtime.refused.get("model-two") == refusal
         assert wait_for(
             lambda: (
-                (d := coordinator.metadata.device(DEVICE)) is not None
+                (d := coordinator.repositories.devices.get(DEVICE)) is not None
                 and d.campaigns_refused.get("model-one") == refusal
             ),
             30,

@@ -29,9 +29,9 @@ from fleetloop_agent.ota.driver import OtaDriver, OtaReport
 from fleetloop_agent.ota.journal import JournalEntry, OtaJournal
 from fleetloop_agent.ota.platform import EnvFilePlatform, RebootRequested, read_boot_env
 from fleetloop_agent.ota.states import OtaState
-from fleetloop_cloud.artifact_store import ArtifactStore, check_not_older_than_fleet
-from fleetloop_cloud.director import Director
-from fleetloop_cloud.tuf_repository import TufRepositories, target_file
+from fleetloop_cloud.ota.artifact_store import ArtifactStore, check_not_older_than_fleet
+from fleetloop_cloud.ota.director import Director
+from fleetloop_cloud.ota.tuf_repository import TufRepositories, target_file
 from fleetloop_fwsim.bootloader import BootResult, boot, paths, provision, slot_paths
 from fleetloop_fwsim.firmware import build_image
 from fleetloop_fwsim.ota_chaos import Cutter, CuttingFetcher, CuttingPlatform, PowerCut

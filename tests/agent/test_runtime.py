@@ -18,8 +18,9 @@ import yaml
 
 from fleetloop_agent.config import load_agent_config
 from fleetloop_agent.runtime import AgentRuntime
-from fleetloop_cloud.coordinator import Coordinator
 from fleetloop_cloud.grpc_api import start_grpc_server
+from fleetloop_cloud.server import Coordinator
+from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim import profiles
 from fleetloop_fwsim.provisioning import provision_sim_device
 from fleetloop_shared.errors import ConfigError
@@ -85,13 +86,14 @@ def test_offline_capture_then_upload_when_the_cloud_appears(tmp_path: Path, reco
         server, _ = start_grpc_server(coordinator, "127.0.0.1", port)
         assert wait_for(lambda: runtime.link.connected.is_set(), 30), runtime.link.last_error
         assert wait_for(lambda: runtime.store.stats().segments_pending == 0, 30)
-        segments, samples, captures = coordinator.metadata.ingest_totals()
-        assert segments > 0 and samples > 0 and captures >= 1
-        rows = coordinator.query(
+        totals = coordinator.repositories.segments.totals()
+        assert totals.segments > 0 and totals.samples > 0 and totals.captures >= 1
+        rows = coordinator.queries.sql(
+            Caller.local(),
             "SELECT count(*) FROM samples WHERE device_id = 'car-t1' AND signal = 'Vehicle.Speed'"
         ).rows
         assert rows[0][0] > 0
-        device = coordinator.metadata.device("car-t1")
+        device = coordinator.repositories.devices.get("car-t1")
         assert device is not None and device.firmware_version == "1.0.0"
         assert device.delta_formats == ("fldelta2", "fldelta1")  # its inventory says what it applies
         evaluations = runtime.metrics.registry.get_sample_value("fleetloop_agent_trigger_evaluations_total")
@@ -116,19 +118,20 @@ def test_scheduled_uploads_wait_for_the_clouds_grants(tmp_path: Path, recordings
     path.write_text(yaml.safe_dump(doc))
     config = load_agent_config(path)
     assert config.upload_scheduled and config.network == "cellular"
-    coordinator.apply_campaign(profiles.default_campaign("car"))
+    coordinator.campaigns.apply(Caller.local(), profiles.default_campaign("car"), now=time.time())
     server, _ = start_grpc_server(coordinator, "127.0.0.1", port)  # serving, but not granting yet
     runtime = AgentRuntime(config)
     thread = threading.Thread(target=runtime.run, daemon=True)
     thread.start()
     try:
         assert wait_for(lambda: runtime.link.connected.is_set(), 30), runtime.link.last_error
-        assert wait_for(lambda: coordinator.upload_scheduler.pending_bytes("car-t1") > 0, 60)
+        assert wait_for(lambda: coordinator.grants.pending_bytes("car-t1") > 0, 60)
         time.sleep(1.5)  # heartbeats keep coming; no grant, so nothing goes up
         assert runtime.store.stats().segments_pending > 0
-        assert coordinator.metadata.ingest_totals()[0] == 0
+        segments = coordinator.repositories.segments
+        assert segments.totals().segments == 0
         coordinator.start()  # the scheduler ticks: grants within the cellular budget
-        assert wait_for(lambda: coordinator.metadata.ingest_totals()[0] > 0, 30)
+        assert wait_for(lambda: segments.totals().segments > 0, 30)
     finally:
         runtime.stop()
         thread.join(timeout=20)

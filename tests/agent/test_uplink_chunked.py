@@ -1,4 +1,4 @@
-"""Resumable uploads end to end: the real CloudLink, a real coordinator over gRPC, a TCP proxy that cuts
+"""Resumable uploads end to end: the agent's link over gRPC, a real coordinator, a TCP proxy that cuts
 every connection mid-upload. The segment arrives once, and each cut costs at most the piece in flight."""
 
 from __future__ import annotations
@@ -6,21 +6,26 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
-from fleetloop_agent.uplink import CloudLink
-from fleetloop_agent.upload_protocol import upload_request
-from fleetloop_cloud.coordinator import Coordinator
+from fleetloop_agent.uplink import Link
+from fleetloop_agent.uplink.grpc_transport import GrpcTransport
+from fleetloop_agent.uplink.uploader import upload_request
 from fleetloop_cloud.grpc_api import start_grpc_server
+from fleetloop_cloud.server import Coordinator
+from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim.chaos import ChaosProxy
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.segment import Segment, new_segment_id
-from fleetloop_shared.wire import MAX_MESSAGE_BYTES, device_pb2
+from fleetloop_shared.wire import MAX_MESSAGE_BYTES, device_pb2, ingest_pb2
 
 T0 = 1_700_000_000 * 10**9
 PIECE = 32 * 1024
@@ -49,12 +54,27 @@ def noisy_segment(store: LocalStore, rows: int) -> StoredSegment:
     return pending
 
 
-def link(target: str, store: LocalStore, metrics: AgentMetrics, acks: list[bool]) -> CloudLink:
+def link(
+    target: str,
+    store: LocalStore,
+    metrics: AgentMetrics,
+    acks: list[bool],
+    chunk_bytes: int = PIECE,
+    deadline_s: float = 3.0,
+) -> Link:
     hello = device_pb2.Hello(device_id="car-1", fleet="t", data_origin="recordings")
     hello.catalog.add(id=1, path="Vehicle.Speed", data_type=device_pb2.DATA_TYPE_FLOAT64)
-    return CloudLink(target, "car-1", store=store, metrics=metrics, upload_deadline_s=3.0,
-                     greeting=lambda: [device_pb2.DeviceMessage(hello=hello)], on_message=lambda m: None,
-                     on_ack=lambda s, duplicate: acks.append(duplicate), chunk_bytes=PIECE)  # fmt: skip
+    return Link(
+        GrpcTransport(target),
+        device_id="car-1",
+        store=store,
+        metrics=metrics,
+        upload_deadline_s=deadline_s,
+        greeting=lambda: [device_pb2.DeviceMessage(hello=hello)],
+        on_message=lambda m: None,
+        on_ack=lambda s, duplicate: acks.append(duplicate),
+        chunk_bytes=chunk_bytes,
+    )
 
 
 def count(metrics: AgentMetrics, name: str) -> float:
@@ -62,7 +82,7 @@ def count(metrics: AgentMetrics, name: str) -> float:
 
 
 def rows(c: Coordinator) -> int:
-    return int(c.query("SELECT count(*) FROM samples").rows[0][0])
+    return int(c.queries.sql(Caller.local(), "SELECT count(*) FROM samples").rows[0][0])
 
 
 def test_a_cut_link_resumes_where_the_cloud_is(cloud: tuple[Coordinator, ChaosProxy], tmp_path: Path) -> None:
@@ -105,8 +125,12 @@ def test_a_segment_over_the_message_limit_goes_in_pieces(
     seg = noisy_segment(store, 2_600_000)
     assert seg.size_bytes > MAX_MESSAGE_BYTES  # UploadSegment could never carry it
     metrics, acks = AgentMetrics(), []
-    uplink = link(f"127.0.0.1:{_upstream_port(cloud)}", store, metrics, acks)
-    uplink._chunk_bytes = 1 << 20  # the largest piece the cloud takes
+    largest = 1 << 20  # the largest piece the cloud takes
+    # the last piece makes the cloud ingest 2.6 M rows before it answers: on a loaded machine that takes
+    # longer than a short deadline, and the retry is (correctly) answered as a duplicate
+    uplink = link(
+        f"127.0.0.1:{_upstream_port(cloud)}", store, metrics, acks, chunk_bytes=largest, deadline_s=120.0
+    )
     uplink.start()
     try:
         deadline = time.monotonic() + 120
@@ -120,3 +144,54 @@ def test_a_segment_over_the_message_limit_goes_in_pieces(
 
 def _upstream_port(cloud: tuple[Coordinator, ChaosProxy]) -> int:
     return cloud[1].upstream[1]
+
+
+def test_an_older_coordinator_without_pieces_gets_segments_whole(tmp_path: Path) -> None:
+    """A real gRPC server that serves the control stream and ``UploadSegment`` only (as coordinators did
+    before ``UploadChunk``): the link hears UNIMPLEMENTED once and sends whole segments from then on."""
+    c = Coordinator(tmp_path / "cloud")
+
+    def connect(requests: Iterator[device_pb2.DeviceMessage], context: grpc.ServicerContext) -> Iterator[Any]:
+        first = next(requests)
+        caller = Caller.device(first.hello.device_id, transport="grpc", proven=False)
+        c.devices.connect(caller, first.hello, c.clock())
+        yield from c.devices.welcome(caller)
+        for msg in requests:
+            c.devices.receive(caller, msg, c.clock())
+
+    def upload(r: ingest_pb2.UploadSegmentRequest, context: grpc.ServicerContext) -> Any:
+        caller = Caller.device(r.device_id, transport="grpc", proven=False)
+        return c.ingest.segment(caller, r, c.clock()).response(r.segment_id)
+
+    segment_rpc = grpc.unary_unary_rpc_method_handler(
+        upload, ingest_pb2.UploadSegmentRequest.FromString, ingest_pb2.UploadSegmentResponse.SerializeToString
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers([
+        grpc.method_handlers_generic_handler("fleetloop.device.v1.DeviceService", {
+            "Connect": grpc.stream_stream_rpc_method_handler(
+                connect, device_pb2.DeviceMessage.FromString, device_pb2.CloudMessage.SerializeToString
+            )
+        }),
+        grpc.method_handlers_generic_handler("fleetloop.ingest.v1.IngestService", {
+            "UploadSegment": segment_rpc,
+        }),
+    ])  # fmt: skip
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    store = LocalStore(tmp_path / "store")
+    noisy_segment(store, 2_000)
+    metrics, acks = AgentMetrics(), []
+    uplink = link(f"127.0.0.1:{port}", store, metrics, acks, chunk_bytes=1024)
+    uplink.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not acks and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        uplink.stop()
+        server.stop(grace=0).wait(2)
+    assert acks == [False]
+    assert uplink.uploader is not None and not uplink.uploader.pieces
+    assert count(metrics, "upload_errors") == 0  # a change of plan, not a failed attempt
+    assert rows(c) == 2_000

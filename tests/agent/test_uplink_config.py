@@ -1,4 +1,4 @@
-"""The agent config's link keys (issue 6): ``cloud.transport: grpc|mqtt``, ``cloud.mqtt``, ``cloud.tls``."""
+"""The agent config's link keys: ``cloud.transport: grpc|mqtt``, ``cloud.mqtt``, ``cloud.tls``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CloudLink with grants on uploads nothing until the cloud grants, then only what was granted, highest
+"""A link with scheduled uploads uploads nothing until the cloud grants, then only what was granted, highest
 priority first."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import pytest
 
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
-from fleetloop_agent.uplink import CloudLink
-from fleetloop_cloud.coordinator import Coordinator
+from fleetloop_agent.uplink import Link
+from fleetloop_agent.uplink.grpc_transport import GrpcTransport
 from fleetloop_cloud.grpc_api import start_grpc_server
+from fleetloop_cloud.server import Coordinator
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.segment import Segment, new_segment_id
 from fleetloop_shared.wire import device_pb2
@@ -41,9 +42,9 @@ def test_uploads_wait_for_grants_and_respect_them(target: str, tmp_path: Path) -
     h = device_pb2.Hello(device_id="car-1", fleet="t", data_origin="recordings")
     h.catalog.add(id=1, path="Vehicle.Speed", data_type=device_pb2.DATA_TYPE_FLOAT64)
     acks: list[StoredSegment] = []
-    link = CloudLink(target, "car-1", store=store, metrics=AgentMetrics(),
-                     greeting=lambda: [device_pb2.DeviceMessage(hello=h)], on_message=lambda m: None,
-                     on_ack=lambda s, d: acks.append(s), grants=True)  # fmt: skip
+    link = Link(GrpcTransport(target), device_id="car-1", store=store, metrics=AgentMetrics(),
+                greeting=lambda: [device_pb2.DeviceMessage(hello=h)], on_message=lambda m: None,
+                on_ack=lambda s, d: acks.append(s), scheduled=True)  # fmt: skip
     link.start()
     try:
         assert link.connected.wait(10)

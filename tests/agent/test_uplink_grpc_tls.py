@@ -1,4 +1,4 @@
-"""The gRPC link with mTLS: the agent's CloudLink uploads over a client certificate (CN = device id); a
+"""The gRPC link with mTLS: the agent's link uploads over a client certificate (CN = device id); a
 device acting as an attacker — claiming another device id, sending hostile protobufs, or connecting
 without a certificate of the fleet's CA — is refused and counted while everyone else is served."""
 
@@ -16,9 +16,11 @@ import pytest
 
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
-from fleetloop_agent.uplink import CloudLink
-from fleetloop_cloud.coordinator import Coordinator
+from fleetloop_agent.uplink import Link
+from fleetloop_agent.uplink.grpc_transport import GrpcTransport
 from fleetloop_cloud.grpc_api import GrpcTls, start_grpc_server
+from fleetloop_cloud.server import Coordinator
+from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim.broker import CertificateAuthority
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.segment import Segment, encode_segment, new_segment_id
@@ -77,9 +79,10 @@ def run_link(
         store.append(segment(k), capture_id="cap", campaign="c", priority=5, now_ns=T0)
     acks: list[StoredSegment] = []
     received: queue.Queue[Any] = queue.Queue()
-    link = CloudLink(
-        target, name, store=store, metrics=AgentMetrics(), greeting=lambda: [hello(name)],
-        on_message=received.put, tls=(ca.ca_path, cert, key), on_ack=lambda s, d: acks.append(s),
+    link = Link(
+        GrpcTransport(target, tls=(ca.ca_path, cert, key)), device_id=name, store=store,
+        metrics=AgentMetrics(), greeting=lambda: [hello(name)], on_message=received.put,
+        on_ack=lambda s, d: acks.append(s),
     )  # fmt: skip
     link.start()
     try:
@@ -92,13 +95,14 @@ def run_link(
 def test_agent_uploads_over_mtls(tls_cloud: Any, tmp_path: Path) -> None:
     c, target, ca = tls_cloud
     assert len(run_link(c, target, ca, tmp_path, "car-1")) == 3
-    assert c.query("SELECT count(*) FROM samples").rows[0][0] == 300
-    assert c.refused == {}
+    assert c.queries.sql(Caller.local(), "SELECT count(*) FROM samples").rows[0][0] == 300
+    assert c.refusals.totals() == {}
 
 
 def test_attacks_over_grpc_are_refused_counted_and_others_served(tls_cloud: Any, tmp_path: Path) -> None:
     c, target, ca = tls_cloud
-    c.on_hello(hello("car-2").hello)
+    car_2 = Caller.device("car-2", transport="test", proven=True)
+    c.devices.connect(car_2, hello("car-2").hello, time.time())
     intruder = channel(target, ca, "intruder-1")
     # 1. an upload claiming another device id
     seg = segment(0)
@@ -116,13 +120,13 @@ def test_attacks_over_grpc_are_refused_counted_and_others_served(tls_cloud: Any,
     with pytest.raises(grpc.RpcError) as exc:
         list(device_pb2_grpc.DeviceServiceStub(intruder).Connect(iter([hello("car-2")]), timeout=5))
     assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert c.refused["impersonation"] == 2
+    assert c.refusals["impersonation"] == 2
     # 3. hostile protobufs
     raw = intruder.unary_unary("/fleetloop.ingest.v1.IngestService/UploadSegment")
     for junk in (b"\xff\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f", b"\x12\x05ab"):
         with pytest.raises(grpc.RpcError):
             raw(junk, timeout=5)
-    assert c.refused["undecodable"] == 3
+    assert c.refusals["undecodable"] == 3
     intruder.close()
     # 4. no certificate of the fleet's CA: the handshake fails
     rogue = CertificateAuthority(tmp_path / "rogue")
@@ -131,5 +135,5 @@ def test_attacks_over_grpc_are_refused_counted_and_others_served(tls_cloud: Any,
     assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
     # the coordinator keeps serving an honest device; nothing of the attacker's was stored
     assert len(run_link(c, target, ca, tmp_path, "car-1")) == 3
-    assert c.query("SELECT DISTINCT device_id FROM samples").rows == [("car-1",)]
-    assert c.summary()["refused"] == {"impersonation": 2, "undecodable": 3}
+    assert c.queries.sql(Caller.local(), "SELECT DISTINCT device_id FROM samples").rows == [("car-1",)]
+    assert c.queries.summary(Caller.local(), time.time()).refused == {"impersonation": 2, "undecodable": 3}

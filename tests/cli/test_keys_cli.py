@@ -7,6 +7,7 @@ runs it; the rotated root is checked the way a device checks it (the old root vo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,8 +19,8 @@ from pathlib import Path
 import pytest
 from tuf.api.metadata import Metadata, Root
 
-from fleetloop_cloud.coordinator import Coordinator
 from fleetloop_cloud.http_api import start_http_server
+from fleetloop_cloud.server import Coordinator
 from fleetloop_fwsim.firmware import build_image
 
 HW = "gen1"
@@ -32,21 +33,24 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def cloud(tmp_path: Path) -> Iterator[tuple[Coordinator, str, list[float]]]:
+def cloud(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Coordinator, str, list[float]]]:
     now = [time.time()]
     c = Coordinator(tmp_path / "cloud", clock=lambda: now[0])
+    # the CLI below (a subprocess) and upload() act as the admin `cloud init` made
+    monkeypatch.setenv("FLEETLOOP_TOKEN", c.tokens.bootstrap(now[0]).secret)
     server, port = start_http_server(c, "127.0.0.1", 0)
     try:
         yield c, f"http://127.0.0.1:{port}", now
     finally:
         server.shutdown()
-        c.metadata.close()
+        c.close()
 
 
 def upload(base: str, version: str) -> tuple[int, dict[str, object]]:
     image = build_image(version, HW, size_hint=8192)
     req = urllib.request.Request(
-        f"{base}/v1/releases?name=fw&version={version}&hardware={HW}", data=image, method="POST"
+        f"{base}/v1/releases?name=fw&version={version}&hardware={HW}", data=image, method="POST",
+        headers={"Authorization": f"Bearer {os.environ['FLEETLOOP_TOKEN']}"},
     )
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:

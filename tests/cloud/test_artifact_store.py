@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleetloop_cloud.artifact_store import ArtifactStore, version_key
+from fleetloop_cloud.ota.artifact_store import ArtifactStore, version_key
 from fleetloop_shared.errors import IntegrityError, NotFoundError, StateError, UserError
 from fleetloop_shared.update.artifact import ReleaseSigner, manifest_from_bytes, sha256_hex, verify_manifest
 from fleetloop_shared.update.delta import apply_delta

@@ -10,7 +10,7 @@ import numpy.typing as npt
 import pyarrow.parquet as pq
 import pytest
 
-from fleetloop_cloud.fleet_store import SAMPLES_SCHEMA, FleetStore, partition_date
+from fleetloop_cloud.fleet_store.parquet import SAMPLES_SCHEMA, FleetStore, partition_date
 from fleetloop_shared.catalog import Catalog, DataType
 from fleetloop_shared.datapaths import comma2k19_segment
 from fleetloop_shared.errors import MalformedMessageError, UserError

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any as RunningCoordinator
 
@@ -11,10 +12,12 @@ import grpc
 import numpy as np
 import pytest
 
+from fleetloop_cloud.services.access import Caller
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.segment import Segment, encode_segment, new_segment_id
 from fleetloop_shared.wire import device_pb2, device_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
+LOCAL = Caller.local()
 CAMPAIGN = """
 apiVersion: fleetloop/v1
 kind: Campaign
@@ -85,7 +88,7 @@ def segment() -> Segment:
 
 def test_hello_gets_welcome_and_matching_campaigns(running_coordinator: RunningCoordinator) -> None:
     rc = running_coordinator
-    rc.coordinator.apply_campaign(CAMPAIGN, source="fast.yaml")
+    rc.coordinator.campaigns.apply(LOCAL, CAMPAIGN, source="fast.yaml", now=time.time())
     car = Stream(rc.channel, hello("car-1", "car"))
     robot = Stream(rc.channel, hello("robot-1", "robot"))
     try:
@@ -94,7 +97,9 @@ def test_hello_gets_welcome_and_matching_campaigns(running_coordinator: RunningC
         assert [c.name for c in desired.campaigns] == ["fast"]
         assert [c.name for c in robot.next("desired_campaigns").desired_campaigns.campaigns] == []
         # a new campaign version is pushed to connected devices
-        rc.coordinator.apply_campaign(CAMPAIGN.replace("> 50", "> 60"), source="fast.yaml")
+        rc.coordinator.campaigns.apply(
+            LOCAL, CAMPAIGN.replace("> 50", "> 60"), source="fast.yaml", now=time.time()
+        )
         pushed = car.next("desired_campaigns").desired_campaigns
         assert pushed.version > desired.version and "> 60" in pushed.campaigns[0].document
     finally:
@@ -127,7 +132,8 @@ def test_upload_is_acked_once_and_deduplicated(running_coordinator: RunningCoord
     car.close()
     assert first.duplicate is False and first.samples == seg.sample_count
     assert again.duplicate is True
-    rows = rc.coordinator.query(
+    rows = rc.coordinator.queries.sql(
+        LOCAL,
         "SELECT signal, count(*) AS n FROM samples GROUP BY signal ORDER BY signal"
     ).rows
     assert rows == [("Vehicle.Gear", 100), ("Vehicle.Speed", 100)]
@@ -162,4 +168,4 @@ def test_bad_uploads_are_refused_with_a_code(
         ingest_pb2_grpc.IngestServiceStub(rc.channel).UploadSegment(req, timeout=10)
     car.close()
     assert info.value.code() == code
-    assert rc.coordinator.summary()["segments_ingested"] == 0
+    assert rc.coordinator.queries.summary(LOCAL, time.time()).segments_ingested == 0

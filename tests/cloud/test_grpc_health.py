@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 from typing import Any as RunningCoordinator
 
@@ -42,27 +43,75 @@ def test_health_watch_streams_the_current_status(running_coordinator: RunningCoo
         call.cancel()
 
 
-def _reflect(channel: grpc.Channel, request: reflection_pb2.ServerReflectionRequest) -> Any:
-    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    replies = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+def test_health_list_reports_every_service(
+    running_coordinator: RunningCoordinator, caplog: pytest.LogCaptureFixture
+) -> None:
+    stub = health_pb2_grpc.HealthStub(running_coordinator.channel)
+    reply = stub.List(health_pb2.HealthListRequest(), timeout=5)
+    assert {name: s.status for name, s in reply.statuses.items()} == {
+        name: SERVING for name in ("", *SERVICE_NAMES)
+    }
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+#: Server reflection under both names a client may try: the released v1 (grpcurl and current clients
+#: ask it first) and v1alpha. The messages are the same on the wire, so one set of stubs calls both.
+REFLECTION = ["grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"]
+
+
+def _reflect(
+    channel: grpc.Channel, request: reflection_pb2.ServerReflectionRequest, service: str = REFLECTION[1]
+) -> Any:
+    call = channel.stream_stream(
+        f"/{service}/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    replies = list(call(iter([request]), timeout=5))
     assert len(replies) == 1
+    assert not replies[0].HasField("error_response"), replies[0].error_response
     return replies[0]
 
 
-def test_reflection_lists_the_services(running_coordinator: RunningCoordinator) -> None:
-    reply = _reflect(running_coordinator.channel, reflection_pb2.ServerReflectionRequest(list_services=""))
+def test_reflection_v1alpha_stubs_still_work(running_coordinator: RunningCoordinator) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(running_coordinator.channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    (reply,) = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+    assert set(SERVICE_NAMES) <= {s.name for s in reply.list_services_response.service}
+
+
+@pytest.mark.parametrize("service", REFLECTION)
+def test_reflection_lists_the_services(running_coordinator: RunningCoordinator, service: str) -> None:
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    reply = _reflect(running_coordinator.channel, request, service)
     names = {s.name for s in reply.list_services_response.service}
     assert set(SERVICE_NAMES) <= names
     assert "grpc.health.v1.Health" in names
-    assert "grpc.reflection.v1alpha.ServerReflection" in names
+    assert set(REFLECTION) <= names
 
 
-def test_reflection_describes_upload_segment(running_coordinator: RunningCoordinator) -> None:
+@pytest.mark.parametrize("service", REFLECTION)
+def test_reflection_describes_itself(running_coordinator: RunningCoordinator, service: str) -> None:
+    from google.protobuf import descriptor_pb2
+
+    request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=service)
+    reply = _reflect(running_coordinator.channel, request, service)
+    (proto,) = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in reply.file_descriptor_response.file_descriptor_proto
+    ]
+    assert f"{proto.package}.{proto.service[0].name}" == service
+    assert [m.name for m in proto.service[0].method] == ["ServerReflectionInfo"]
+
+
+@pytest.mark.parametrize("service", REFLECTION)
+def test_reflection_describes_upload_segment(running_coordinator: RunningCoordinator, service: str) -> None:
     from google.protobuf import descriptor_pb2
 
     reply = _reflect(
         running_coordinator.channel,
         reflection_pb2.ServerReflectionRequest(file_containing_symbol="fleetloop.ingest.v1.IngestService"),
+        service,
     )
     files = [
         descriptor_pb2.FileDescriptorProto.FromString(raw)
@@ -93,7 +142,7 @@ def test_a_bug_while_ingesting_is_internal_not_unknown(
     def broken(*args: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(running_coordinator.coordinator, "ingest", broken)
+    monkeypatch.setattr(running_coordinator.coordinator.ingest, "segment", broken)
     stub = ingest_pb2_grpc.IngestServiceStub(running_coordinator.channel)
     with pytest.raises(grpc.RpcError) as info:
         stub.UploadSegment(ingest_pb2.UploadSegmentRequest(device_id="car-1"), timeout=5)

@@ -104,7 +104,7 @@ def test_a_later_undecodable_message_ends_the_stream(running_coordinator: Runnin
     s.out.put(b"\xff\xff\xff\xff")
     assert s.ended.wait(5)
     assert s.error is not None and s.error.code() == grpc.StatusCode.INTERNAL
-    assert rc.coordinator.refused["undecodable"] == 1
+    assert rc.coordinator.refusals["undecodable"] == 1
     # the device reconnects with a fresh hello and is served
     again = RawStream(rc.channel, hello_bytes("car-1"))
     try:
@@ -121,7 +121,7 @@ def test_an_undecodable_first_message_is_internal(
     assert s.ended.wait(5)
     assert s.error is not None and s.error.code() == grpc.StatusCode.INTERNAL
     assert s.error.details() == "Exception deserializing request!"
-    assert running_coordinator.coordinator.refused["undecodable"] == 1
+    assert running_coordinator.coordinator.refusals["undecodable"] == 1
 
 
 def test_the_domain_executor_bounds_the_calls_in_flight() -> None:

@@ -4,16 +4,36 @@ coordinators sharing one data directory (metadata + Parquet) store a segment upl
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fleetloop_cloud.coordinator import Coordinator
+from fleetloop_cloud.server import Coordinator
+from fleetloop_cloud.services.access import Caller
+from fleetloop_cloud.services.ingest import IngestAck
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.errors import MalformedMessageError
 from fleetloop_shared.segment import Segment, encode_segment, new_segment_id
-from fleetloop_shared.wire import device_pb2
+from fleetloop_shared.wire import device_pb2, ingest_pb2
+
+LOCAL = Caller.local()
+
+
+def device(device_id: str) -> Caller:
+    return Caller.device(device_id, transport="test", proven=True)
+
+
+def hello(c: Coordinator, h: device_pb2.Hello) -> None:
+    c.devices.connect(device(h.device_id), h, time.time())
+
+
+def ingest(c: Coordinator, device_id: str, sid: bytes, capture: str, data: bytes) -> IngestAck:
+    request = ingest_pb2.UploadSegmentRequest(
+        device_id=device_id, segment_id=sid, capture_id=capture, campaign="c", priority=5, segment=data
+    )
+    return c.ingest.segment(device(device_id), request, time.time())
 
 
 def _hello(device_id: str) -> device_pb2.Hello:
@@ -35,19 +55,20 @@ def _segment(start_ns: int, rows: int = 50) -> tuple[bytes, bytes]:
 
 
 def _rows(c: Coordinator) -> tuple[int, int]:
-    r = c.query("SELECT count(*), count(DISTINCT (device_id, signal, t_ns)) FROM samples").rows[0]
+    sql = "SELECT count(*), count(DISTINCT (device_id, signal, t_ns)) FROM samples"
+    r = c.queries.sql(LOCAL, sql).rows[0]
     return int(r[0]), int(r[1])
 
 
 def test_dedupe_survives_a_coordinator_restart(tmp_path: Path) -> None:
     t0 = 1_700_000_000 * 10**9
     first = Coordinator(tmp_path / "cloud")
-    first.on_hello(_hello("car-1"))
+    hello(first, _hello("car-1"))
     sid, data = _segment(t0)
-    assert not first.ingest("car-1", sid, "cap-1", "c", 5, data).duplicate
+    assert not ingest(first, "car-1", sid, "cap-1", data).duplicate
     del first  # a crash: nothing flushed beyond what ingest already made durable
     second = Coordinator(tmp_path / "cloud")
-    ack = second.ingest("car-1", sid, "cap-1", "c", 5, data)
+    ack = ingest(second, "car-1", sid, "cap-1", data)
     assert ack.duplicate and ack.samples == 0
     assert _rows(second) == (50, 50)
 
@@ -58,14 +79,14 @@ def test_two_coordinators_sharing_storage_store_each_segment_once(tmp_path: Path
     t0 = 1_700_000_000 * 10**9
     devices = [f"car-{i}" for i in range(6)]
     for i, d in enumerate(devices):
-        (a if i % 2 else b).on_hello(_hello(d))
+        hello(a if i % 2 else b, _hello(d))
     uploads = [(d, *_segment(t0 + k * 10**9)) for d in devices for k in range(5)]
     errors: list[BaseException] = []
 
     def send(c: Coordinator, items: list[tuple[str, bytes, bytes]]) -> None:
         try:
             for device, sid, data in items:
-                c.ingest(device, sid, f"{device}-cap", "c", 5, data)
+                ingest(c, device, sid, f"{device}-cap", data)
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
@@ -78,7 +99,7 @@ def test_two_coordinators_sharing_storage_store_each_segment_once(tmp_path: Path
         t.join()
     assert not errors, errors
     assert _rows(a) == (len(uploads) * 50, len(uploads) * 50)
-    assert a.summary()["segments_ingested"] == len(uploads)
+    assert a.queries.summary(LOCAL, time.time()).segments_ingested == len(uploads)
 
 
 def test_a_segment_of_several_groups_is_checked_and_dated_over_all_of_them(tmp_path: Path) -> None:
@@ -89,7 +110,7 @@ def test_a_segment_of_several_groups_is_checked_and_dated_over_all_of_them(tmp_p
     c = Coordinator(tmp_path / "cloud")
     h = _hello("car-1")
     h.catalog.add(id=2, path="Vehicle.Gear", data_type=device_pb2.DATA_TYPE_INT64)
-    c.on_hello(h)
+    hello(c, h)
     t0 = 1_700_000_000 * 10**9
     speed = Segment(new_segment_id(), "speed", t0 + np.arange(50, dtype=np.int64) * 10**7,
                     {1: np.linspace(0, 100, 50)}, {1: DataType.FLOAT64})
@@ -97,12 +118,12 @@ def test_a_segment_of_several_groups_is_checked_and_dated_over_all_of_them(tmp_p
                    {2: np.arange(20, dtype=np.int64) % 6}, {2: DataType.INT64})
     (both,) = list(bundle_segments([speed, gear]))
     assert len(both.groups()) == 2
-    ack = c.ingest("car-1", both.segment_id, "cap-1", "c", 5, encode_segment(both))
+    ack = ingest(c, "car-1", both.segment_id, "cap-1", encode_segment(both))
     assert ack.samples == 70
-    (capture,) = c.metadata.captures()
+    (capture,) = c.repositories.segments.captures()
     assert (capture.first_ns, capture.last_ns) == (t0, t0 + 10**9 + 19 * 10**7)
     bad_gear = Segment(new_segment_id(), "gear", gear.t_ns, {9: gear.columns[2]}, {9: DataType.INT64})
     again = Segment(new_segment_id(), "speed", speed.t_ns, speed.columns, speed.data_types)
     (bad,) = list(bundle_segments([again, bad_gear]))  # a bundle takes its first segment's id
     with pytest.raises(MalformedMessageError, match="names signal id 9 unknown to device car-1"):
-        c.ingest("car-1", bad.segment_id, "cap-2", "c", 5, encode_segment(bad))
+        ingest(c, "car-1", bad.segment_id, "cap-2", encode_segment(bad))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from typing import Any
 
 import pytest
+
+from fleetloop_cloud.services.access import Caller
 
 RunningCoordinator = Any
 
@@ -22,18 +22,15 @@ spec:
 
 
 def call(
-    base: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    req = urllib.request.Request(base + path, data=body, method=method, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+    rc: RunningCoordinator, method: str, path: str, body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+    """One request with the admin token."""
+    return rc.call(method, path, body, headers)
 
 
 def test_campaign_is_validated_with_line_and_column(running_coordinator: RunningCoordinator) -> None:
-    base = running_coordinator.http_base
+    base = running_coordinator
     status, _, body = call(base, "POST", "/v1/campaigns?source=brake.yaml", CAMPAIGN.encode())
     assert status == 201 and json.loads(body)["name"] == "brake"
     bad = CAMPAIGN.replace("delta(Vehicle.Speed, 1s)", "delta(Vehicle.Speed)")
@@ -46,7 +43,7 @@ def test_campaign_is_validated_with_line_and_column(running_coordinator: Running
 
 
 def test_query_errors_are_400_and_results_are_json(running_coordinator: RunningCoordinator) -> None:
-    base = running_coordinator.http_base
+    base = running_coordinator
     status, _, body = call(base, "POST", "/v1/query", json.dumps({"sql": "SELECT 41 + 1 AS answer"}).encode())
     assert status == 200 and json.loads(body)["rows"] == [[42]]
     status, _, body = call(base, "POST", "/v1/query", json.dumps({"sql": "SELEKT nothing"}).encode())
@@ -58,7 +55,7 @@ def test_query_errors_are_400_and_results_are_json(running_coordinator: RunningC
 
 
 def test_release_upload_and_ranged_download(running_coordinator: RunningCoordinator) -> None:
-    base = running_coordinator.http_base
+    base = running_coordinator
     image = bytes(range(256)) * 4096
     status, _, body = call(
         base,
@@ -94,7 +91,7 @@ def test_release_upload_and_ranged_download(running_coordinator: RunningCoordina
 
 @pytest.mark.parametrize("path", ["/files/../metadata.sqlite", "/files/%2e%2e%2fmetadata.sqlite"])
 def test_no_path_traversal(running_coordinator: RunningCoordinator, path: str) -> None:
-    status, _, _ = call(running_coordinator.http_base, "GET", path)
+    status, _, _ = call(running_coordinator, "GET", path)
     assert status == 404
 
 
@@ -107,8 +104,9 @@ def test_a_devices_catalog_is_a_file_rules_validate_takes(
     hello = device_pb2.Hello(device_id="car-7", fleet="f", labels={"kind": "car"}, data_origin="sim")
     hello.catalog.add(id=3, path="Vehicle.Speed", data_type=device_pb2.DATA_TYPE_FLOAT64, unit="km/h")
     hello.catalog.add(id=4, path="Vehicle.Gear", data_type=device_pb2.DATA_TYPE_STRING)
-    running_coordinator.coordinator.on_hello(hello)
-    base = running_coordinator.http_base
+    c = running_coordinator.coordinator
+    c.devices.connect(Caller.device("car-7", transport="test", proven=True), hello, c.clock())
+    base = running_coordinator
     status, _, body = call(base, "GET", "/v1/devices/car-7/catalog")
     assert status == 200
     assert json.loads(body)["signals"] == [

@@ -1,13 +1,15 @@
-"""Devices over MQTT 5 end to end: the agent's MqttCloudLink (real LocalStore) → a private mosquitto with
-the shipped TLS + ACL config → the coordinator's MqttBridge → Parquet. Plus a device acting as an
-attacker: forged ids, hostile protobufs, answers steered to other topics — refused, counted, and
+"""Devices over MQTT 5 end to end: the agent's link with the MQTT transport (real LocalStore) → a private
+mosquitto with the shipped TLS + ACL config → the coordinator's MqttBridge → Parquet. Plus a device acting
+as an attacker: forged ids, hostile protobufs, answers steered to other topics — refused, counted, and
 everyone else keeps being served."""
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import queue
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,9 +24,11 @@ from paho.mqtt.properties import Properties
 
 from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
-from fleetloop_agent.uplink_mqtt import MqttCloudLink, MqttSettings
-from fleetloop_cloud.coordinator import Coordinator
+from fleetloop_agent.uplink import Link
+from fleetloop_agent.uplink.mqtt_transport import MqttSettings, MqttTransport
 from fleetloop_cloud.mqtt_bridge import BridgeSettings, MqttBridge
+from fleetloop_cloud.server import Coordinator
+from fleetloop_cloud.services.access import Caller
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.segment import Segment, encode_segment, new_segment_id
 from fleetloop_shared.wire import device_pb2, ingest_pb2
@@ -38,6 +42,7 @@ sys.modules[_spec.name] = broker_fixture
 _spec.loader.exec_module(broker_fixture)
 
 T0 = 1_700_000_000 * 10**9
+LOCAL = Caller.local()
 
 
 def wait_for(what: str, probe: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -53,17 +58,21 @@ def cloud(tmp_path: Path) -> Iterator[tuple[Any, Coordinator, MqttBridge]]:
     if broker_fixture.mosquitto_binary() is None:
         pytest.fail("mosquitto is not installed; .ci/run installs it (apt-get install mosquitto)")
     with broker_fixture.private_broker(tmp_path / "broker") as broker:
-        coordinator = Coordinator(tmp_path / "cloud")
-        cert, key = broker.client_cert("coordinator")
-        bridge = MqttBridge(
-            coordinator, BridgeSettings(broker.host, broker.port, broker.ca.ca_path, cert, key)
-        )
-        bridge.start()
+        coordinator, bridge = start_cloud(broker, tmp_path)
         wait_for("the bridge to connect", bridge.connected.is_set)
         try:
             yield broker, coordinator, bridge
         finally:
             bridge.stop()
+
+
+def start_cloud(broker: Any, tmp: Path) -> tuple[Coordinator, MqttBridge]:
+    """A coordinator and its MQTT bridge (its own certificate, registered as a coordinator) on ``broker``."""
+    coordinator = Coordinator(tmp / "cloud")
+    cert, key = broker.coordinator()
+    bridge = MqttBridge(coordinator, BridgeSettings(broker.host, broker.port, broker.ca.ca_path, cert, key))
+    bridge.start()
+    return coordinator, bridge
 
 
 def hello(device_id: str) -> device_pb2.DeviceMessage:
@@ -83,15 +92,19 @@ def segment(k: int, rows: int = 100) -> Segment:
 
 
 def make_link(
-    broker: Any, device_id: str, tmp: Path, acks: list[StoredSegment]
-) -> tuple[MqttCloudLink, LocalStore]:
-    cert, key = broker.client_cert(device_id)
+    broker: Any, device_id: str, tmp: Path, acks: list[StoredSegment], hello_retry_s: float = 5.0
+) -> tuple[Link, LocalStore]:
+    cert, key = broker.device(device_id)
     store = LocalStore(tmp / device_id)
     received: queue.Queue[device_pb2.CloudMessage] = queue.Queue()
-    link = MqttCloudLink(
-        MqttSettings(broker.host, broker.port, broker.ca.ca_path, cert, key),
-        device_id,
-        fleet="test",
+    link = Link(
+        MqttTransport(
+            MqttSettings(broker.host, broker.port, broker.ca.ca_path, cert, key),
+            device_id,
+            fleet="test",
+            hello_retry_s=hello_retry_s,
+        ),
+        device_id=device_id,
         store=store,
         metrics=AgentMetrics(),
         greeting=lambda: [hello(device_id)],
@@ -117,13 +130,15 @@ def test_segments_flow_over_mqtt_exactly_once(cloud: Any, tmp_path: Path) -> Non
         link.kick_upload()
         wait_for("all acks", lambda: store.stats().segments_pending == 0)
         assert len(acks) == 5
-        assert coordinator.query("SELECT count(*) FROM samples").rows[0][0] == 500
+        assert coordinator.queries.sql(LOCAL, "SELECT count(*) FROM samples").rows[0][0] == 500
         assert "car-1" in coordinator.sessions.online()
         # a push from the cloud reaches the device on down/control
-        coordinator.apply_campaign(
+        coordinator.campaigns.apply(
+            LOCAL,
             "apiVersion: fleetloop/v1\nkind: Campaign\nmetadata: {name: fast, version: 1}\nspec:\n"
             '  target: {selector: "kind=car"}\n  trigger: {when: "Vehicle.Speed > 50"}\n'
-            '  collect: {signals: ["Vehicle.*"], pre: 1s, post: 1s}\n'
+            '  collect: {signals: ["Vehicle.*"], pre: 1s, post: 1s}\n',
+            now=time.time(),
         )
 
         def got_campaign() -> bool:
@@ -140,21 +155,47 @@ def test_segments_flow_over_mqtt_exactly_once(cloud: Any, tmp_path: Path) -> Non
     assert bridge.refused == {}
 
 
+def test_a_hello_nobody_answered_is_said_again_until_a_coordinator_does(tmp_path: Path) -> None:
+    if broker_fixture.mosquitto_binary() is None:
+        pytest.fail("mosquitto is not installed; .ci/run installs it (apt-get install mosquitto)")
+    with broker_fixture.private_broker(tmp_path / "broker") as broker:
+        acks: list[StoredSegment] = []
+        link, store = make_link(broker, "car-1", tmp_path, acks, hello_retry_s=0.2)
+        store.append(segment(0), capture_id="cap", campaign="c", priority=5, now_ns=T0)
+        link.start()
+        bridge: MqttBridge | None = None
+        try:
+            wait_for("the broker session", lambda: link.in_session)
+            time.sleep(1.0)  # hellos go out; no coordinator consumes them
+            assert not link.connected.is_set() and acks == []
+            _, bridge = start_cloud(broker, tmp_path)
+            wait_for("the welcome", link.connected.is_set)
+            wait_for("the upload", lambda: store.stats().segments_pending == 0)
+            assert link.sessions_ended == 0  # the same broker session all along
+        finally:
+            link.stop()
+            if bridge is not None:
+                bridge.stop()
+    assert len(acks) == 1
+
+
 class RawDevice:
     """A device that speaks MQTT directly, as an attacker would."""
 
     def __init__(self, broker: Any, device_id: str) -> None:
         self.answers: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        subscribed = threading.Event()
         self.c = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5
         )
-        cert, key = broker.client_cert(device_id)
+        cert, key = broker.device(device_id)
         self.c.tls_set(ca_certs=str(broker.ca.ca_path), certfile=str(cert), keyfile=str(key))
         self.c.on_message = lambda c, u, m: self.answers.put(m)
+        self.c.on_subscribe = lambda c, u, mid, codes, props: subscribed.set()
         self.c.connect(broker.host, broker.port)
         self.c.loop_start()
         self.c.subscribe(f"fl/v1/test/{device_id}/down/#", qos=1)
-        time.sleep(0.3)
+        assert subscribed.wait(30), "the broker did not acknowledge the subscription"
 
     def publish(self, topic: str, payload: bytes, response_topic: str | None = None) -> None:
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -174,7 +215,8 @@ def test_an_attacking_device_is_refused_counted_and_others_are_served(cloud: Any
     try:
         up = "fl/v1/test/intruder-1/up"
         intruder.publish(f"{up}/control", hello("intruder-1").SerializeToString())
-        wait_for("the attacker's hello", lambda: coordinator.metadata.device("intruder-1") is not None)
+        devices = coordinator.repositories.devices
+        wait_for("the attacker's hello", lambda: devices.get("intruder-1") is not None)
         # 1. a hello claiming another device id
         intruder.publish(f"{up}/control", hello("car-9").SerializeToString())
         # 2. an upload claiming another device id: answered PERMISSION_DENIED
@@ -209,8 +251,8 @@ def test_an_attacking_device_is_refused_counted_and_others_are_served(cloud: Any
         assert bridge.refused["impersonation"] == 2
         assert bridge.refused["undecodable"] >= 2
         assert bridge.refused["bad-response-topic"] == 1
-        assert coordinator.metadata.device("car-9") is None
-        assert coordinator.metadata.device("car-1") is None
+        assert devices.get("car-9") is None
+        assert devices.get("car-1") is None
 
         # the coordinator keeps serving an honest device
         acks: list[StoredSegment] = []
@@ -222,6 +264,47 @@ def test_an_attacking_device_is_refused_counted_and_others_are_served(cloud: Any
             assert len(acks) == 1
         finally:
             link.stop()
-        assert coordinator.query("SELECT count(DISTINCT device_id) FROM samples").rows[0][0] == 1
+        distinct = "SELECT count(DISTINCT device_id) FROM samples"
+        assert coordinator.queries.sql(LOCAL, distinct).rows[0][0] == 1
     finally:
         intruder.close()
+
+
+def test_identities_the_broker_does_not_know_are_told_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A coordinator outside the broker's group, or a device registered in another fleet, would otherwise
+    wait forever for messages the broker will never let through."""
+    with broker_fixture.private_broker(tmp_path / "broker") as broker:
+        cert, key = broker.client_cert("coordinator-x")  # a certificate of the CA, never registered
+        bridge = MqttBridge(
+            Coordinator(tmp_path / "cloud"),
+            BridgeSettings(broker.host, broker.port, broker.ca.ca_path, cert, key),
+        )
+        with caplog.at_level(logging.ERROR, logger="fleetloop.cloud.mqtt"):
+            bridge.start()
+            try:
+                wait_for("the refusal in the log", lambda: "refused the shared subscription" in caplog.text)
+            finally:
+                bridge.stop()
+        assert "group of coordinators" in caplog.text
+
+        cert, key = broker.device("car-1", fleet="other")
+        store = LocalStore(tmp_path / "car-1")
+        link = Link(
+            MqttTransport(
+                MqttSettings(broker.host, broker.port, broker.ca.ca_path, cert, key), "car-1", fleet="test"
+            ),
+            device_id="car-1",
+            store=store,
+            metrics=AgentMetrics(),
+            greeting=lambda: [hello("car-1")],
+            on_message=lambda m: None,
+        )
+        link.start()
+        try:
+            wait_for("the device to say why", lambda: "registered with the broker" in link.last_error)
+            assert "fleet 'test'" in link.last_error
+        finally:
+            link.stop()
+            store.close()

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleetloop_cloud.fleet_store import FleetStore
-from fleetloop_cloud.metadata import MetadataStore
-from fleetloop_cloud.query import QueryEngine
+from fleetloop_cloud.fleet_store.parquet import FleetStore
+from fleetloop_cloud.fleet_store.query import QueryEngine
+from fleetloop_cloud.repositories import open_repositories
+from fleetloop_cloud.repositories.records import SegmentReceipt
 from fleetloop_shared.catalog import Catalog, DataType
 from fleetloop_shared.datapaths import comma2k19_segment
 from fleetloop_shared.errors import QueryError, UserError
@@ -42,7 +43,7 @@ def loaded(tmp_path: Path, speed: tuple[np.ndarray, np.ndarray]) -> tuple[QueryE
     t, v = speed
     half = len(t) // 2
     fleet = FleetStore(tmp_path / "fleet")
-    meta = MetadataStore(tmp_path / "meta.sqlite")
+    meta = open_repositories(tmp_path / "meta.sqlite").segments
     segments = []
     for device, sl in (("car-1", slice(0, half)), ("car-2", slice(half, None))):
         gear = np.full(len(t[sl]), 3, dtype=np.int64)
@@ -52,9 +53,9 @@ def loaded(tmp_path: Path, speed: tuple[np.ndarray, np.ndarray]) -> tuple[QueryE
         samples = fleet.write_segment(fleet="taxi", device_id=device, capture_id=f"cap-{device}",
                                       campaign="braking", segment=seg, catalog=catalog(),
                                       received_unix=RECEIVED)
-        meta.record_segment(device, seg.segment_id, capture_id=f"cap-{device}", campaign="braking",
-                            priority=8, samples=samples, first_ns=int(seg.t_ns.min()),
-                            last_ns=int(seg.t_ns.max()), now=RECEIVED)
+        receipt = SegmentReceipt(f"cap-{device}", "braking", 8, samples, int(seg.t_ns.min()),
+                                 int(seg.t_ns.max()))
+        meta.record(device, seg.segment_id, receipt, RECEIVED)
         segments.append(seg)
     return QueryEngine(tmp_path / "fleet", captures=meta.captures), segments, tmp_path
 

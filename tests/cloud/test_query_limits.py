@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from fleetloop_cloud import query as query_module
-from fleetloop_cloud.query import QUERY_TIMEOUT_S, QueryEngine, QueryTimeoutError
+from fleetloop_cloud.fleet_store import query as query_module
+from fleetloop_cloud.fleet_store.query import QUERY_TIMEOUT_S, QueryEngine, QueryTimeoutError
 from fleetloop_shared.errors import QueryError, UserError
 
 RunningCoordinator = Any
@@ -20,16 +18,10 @@ RunningCoordinator = Any
 SLOW_SQL = "SELECT count(*) FROM range(1000000) a, range(100000) b WHERE (a.range * 7 + b.range) % 13 = 5"
 
 
-def post_query(base: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(
-        base + "/v1/query", data=json.dumps(body).encode(), method="POST",
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+def post_query(rc: RunningCoordinator, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    status, _, data = rc.call("POST", "/v1/query", json.dumps(body).encode(),
+                              {"Content-Type": "application/json"})  # fmt: skip
+    return status, json.loads(data)
 
 
 def test_a_slow_query_is_interrupted_at_its_time_limit(tmp_path: Path) -> None:
@@ -66,7 +58,7 @@ def test_the_maximum_is_read_when_the_query_runs(tmp_path: Path, monkeypatch: py
 
 
 def test_rest_query_takes_a_time_limit(running_coordinator: RunningCoordinator) -> None:
-    base = running_coordinator.http_base
+    base = running_coordinator
     status, body = post_query(base, {"sql": "SELECT 41 + 1 AS answer", "timeout_s": 5})
     assert status == 200 and body["rows"] == [[42]]
     started = time.monotonic()
@@ -82,7 +74,7 @@ def test_rest_query_takes_a_time_limit(running_coordinator: RunningCoordinator) 
 
 @pytest.mark.parametrize("bad", [0, -3, 1e9, "soon", None, [1]])
 def test_rest_refuses_a_bad_time_limit(running_coordinator: RunningCoordinator, bad: object) -> None:
-    status, body = post_query(running_coordinator.http_base, {"sql": "SELECT 1", "timeout_s": bad})
+    status, body = post_query(running_coordinator, {"sql": "SELECT 1", "timeout_s": bad})
     assert status == 400
     assert body["type"] == "UserError"
     assert "timeout_s must be" in body["error"]
@@ -106,8 +98,9 @@ def store(tmp_path: Path) -> QueryEngine:
 
     import numpy as np
 
-    from fleetloop_cloud.fleet_store import FleetStore
-    from fleetloop_cloud.metadata import MetadataStore
+    from fleetloop_cloud.fleet_store.parquet import FleetStore
+    from fleetloop_cloud.repositories import open_repositories
+    from fleetloop_cloud.repositories.records import SegmentReceipt
     from fleetloop_shared.catalog import Catalog, DataType
     from fleetloop_shared.segment import Segment, new_segment_id
 
@@ -117,7 +110,7 @@ def store(tmp_path: Path) -> QueryEngine:
     speed_cat.add("Vehicle.Speed", DataType.FLOAT64, "m/s")
     gear_cat.add("Vehicle.Gear", DataType.INT64)
     fleet = FleetStore(tmp_path / "fleet")
-    meta = MetadataStore(tmp_path / "meta.sqlite")
+    meta = open_repositories(tmp_path / "meta.sqlite").segments
     for n, device in enumerate(("car-1", "car-2")):
         t_speed = start + n * 10**9 + np.arange(100, dtype=np.int64) * 100_000_000
         t_gear = start + n * 10**9 + 50_000_000 + np.arange(10, dtype=np.int64) * 1_000_000_000
@@ -131,9 +124,9 @@ def store(tmp_path: Path) -> QueryEngine:
             samples = fleet.write_segment(fleet="taxi", device_id=device, capture_id=f"cap-{device}",
                                           campaign="braking", segment=seg, catalog=cat,
                                           received_unix=received)
-            meta.record_segment(device, seg.segment_id, capture_id=f"cap-{device}", campaign="braking",
-                                priority=8, samples=samples, first_ns=int(seg.t_ns.min()),
-                                last_ns=int(seg.t_ns.max()), now=received)
+            receipt = SegmentReceipt(f"cap-{device}", "braking", 8, samples, int(seg.t_ns.min()),
+                                     int(seg.t_ns.max()))
+            meta.record(device, seg.segment_id, receipt, received)
     return QueryEngine(tmp_path / "fleet", captures=meta.captures)
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetloop_cloud.rollout_planner import (
+from fleetloop_cloud.rollout.planner import (
     Decision,
     DevicePhaseState,
     PhaseSpec,

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetloop_cloud.upload_scheduler import MAX_PRIORITY, NETWORKS, Backlog, Budget, UploadScheduler
+from fleetloop_cloud.uploads.scheduler import MAX_PRIORITY, NETWORKS, Backlog, Budget, UploadScheduler
 from fleetloop_shared.errors import UserError
 
 backlogs = st.dictionaries(st.integers(0, MAX_PRIORITY), st.integers(0, 50_000_000), max_size=4)

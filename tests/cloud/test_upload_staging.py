@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +13,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleetloop_cloud.coordinator import Coordinator
-from fleetloop_cloud.upload_staging import MAX_CHUNK_BYTES, UploadStaging
+from fleetloop_cloud.server import Coordinator
+from fleetloop_cloud.services.access import Caller
+from fleetloop_cloud.services.ingest import ChunkAck
+from fleetloop_cloud.uploads.staging import MAX_CHUNK_BYTES, UploadStaging
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.errors import MalformedMessageError, StorageFullError
 from fleetloop_shared.segment import Segment, encode_segment, new_segment_id
 from fleetloop_shared.wire import device_pb2, ingest_pb2
 
 DEVICE = "car-1"
+CALLER = Caller.device(DEVICE, transport="test", proven=True)
 
 
 def staging(path: Path, **kw: int) -> UploadStaging:
@@ -125,8 +129,16 @@ def _coordinator(tmp_path: Path) -> Coordinator:
     c = Coordinator(tmp_path / "cloud")
     hello = device_pb2.Hello(device_id=DEVICE, fleet="test", labels={"kind": "car"}, data_origin="recordings")
     hello.catalog.add(id=1, path="Vehicle.Speed", data_type=device_pb2.DATA_TYPE_FLOAT64, unit="km/h")
-    c.on_hello(hello)
+    c.devices.connect(CALLER, hello, time.time())
     return c
+
+
+def chunk(c: Coordinator, sid: bytes, whole: bytes, offset: int, size: int) -> ChunkAck:
+    request = ingest_pb2.UploadChunkRequest(
+        device_id=DEVICE, segment_id=sid, offset=offset, total_bytes=len(whole),
+        total_sha256=hashlib.sha256(whole).digest(), data=whole[offset:offset + size],
+    )  # fmt: skip
+    return c.ingest.chunk(CALLER, request, time.time())
 
 
 def test_a_segment_uploaded_in_pieces_across_a_restart_lands_once(tmp_path: Path) -> None:
@@ -138,12 +150,10 @@ def test_a_segment_uploaded_in_pieces_across_a_restart_lands_once(tmp_path: Path
         device_id=DEVICE, segment_id=sid, capture_id="cap", campaign="c", priority=5,
         segment=encode_segment(seg),
     ).SerializeToString()
-    sha = hashlib.sha256(whole).digest()
     assert len(whole) > 3 * 256 * 1024
 
     def put(c: Coordinator, offset: int, size: int) -> tuple[int, bool, bool]:
-        ack = c.ingest_chunk(DEVICE, sid, offset=offset, total_bytes=len(whole), total_sha256=sha,
-                             data=whole[offset:offset + size])
+        ack = chunk(c, sid, whole, offset, size)
         return ack.next_offset, ack.ack is not None, bool(ack.ack and ack.ack.duplicate)
 
     c = _coordinator(tmp_path)
@@ -155,9 +165,10 @@ def test_a_segment_uploaded_in_pieces_across_a_restart_lands_once(tmp_path: Path
     while not done:
         offset, done, duplicate = put(c, offset, 256 * 1024)
     assert not duplicate
-    assert c.query("SELECT count(*) FROM samples").rows[0][0] == rows
+    count = "SELECT count(*) FROM samples"
+    assert c.queries.sql(Caller.local(), count).rows[0][0] == rows
     assert put(c, 0, 256 * 1024) == (len(whole), True, True)  # a retry of the finished upload
-    assert c.query("SELECT count(*) FROM samples").rows[0][0] == rows
+    assert c.queries.sql(Caller.local(), count).rows[0][0] == rows
 
 
 def test_an_assembled_upload_claiming_another_device_is_refused(tmp_path: Path) -> None:
@@ -166,9 +177,7 @@ def test_an_assembled_upload_claiming_another_device_is_refused(tmp_path: Path) 
     claim = ingest_pb2.UploadSegmentRequest(device_id="car-2", segment_id=sid, segment=b"x")
     whole = claim.SerializeToString()
     with pytest.raises(MalformedMessageError, match="names another device or segment"):
-        c.ingest_chunk(DEVICE, sid, offset=0, total_bytes=len(whole),
-                       total_sha256=hashlib.sha256(whole).digest(), data=whole)
+        chunk(c, sid, whole, 0, len(whole))
     garbage = b"\xff" * 40
     with pytest.raises(MalformedMessageError, match="cannot decode"):
-        c.ingest_chunk(DEVICE, new_segment_id(), offset=0, total_bytes=len(garbage),
-                       total_sha256=hashlib.sha256(garbage).digest(), data=garbage)
+        chunk(c, new_segment_id(), garbage, 0, len(garbage))

@@ -1,4 +1,4 @@
-"""Upload scheduling wired end to end: simulated devices (real CloudLink with grants on) report their
+"""Upload scheduling wired end to end: simulated devices (the agent's link with grants on) report their
 backlog per priority and network in heartbeats; the coordinator's scheduler grants; devices upload only
 what was granted — and everything still arrives, exactly once."""
 

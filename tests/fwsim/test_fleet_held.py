@@ -1,4 +1,4 @@
-"""One coordinator holds more devices than it has threads, over gRPC and over MQTT 5 (issue 6).
+"""One coordinator holds more devices than it has threads, over gRPC and over MQTT 5.
 
 The coordinator's gRPC server used to spend a worker thread per open control stream (128 of them), so
 device 129 waited at the door; these run 300 simulated devices — each its own connection and identity —
@@ -23,12 +23,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fleetloop_agent.local_store import LocalStore
 from fleetloop_agent.metrics import AgentMetrics
-from fleetloop_agent.uplink import CloudLink
-from fleetloop_cloud.coordinator import Coordinator
+from fleetloop_agent.uplink import Link
+from fleetloop_agent.uplink.grpc_transport import GrpcTransport
 from fleetloop_cloud.grpc_api import start_grpc_server
 from fleetloop_cloud.mqtt_bridge import BridgeSettings, MqttBridge
+from fleetloop_cloud.server import Coordinator
+from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim.fleet import SimFleet
-from fleetloop_fwsim.mqtt_swarm import MqttSwarm, plain_hello
+from fleetloop_fwsim.mqtt_swarm import MqttSwarm
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.segment import Segment, new_segment_id
 from fleetloop_shared.wire import device_pb2
@@ -67,14 +69,14 @@ def test_one_coordinator_holds_300_grpc_devices_and_serves_others(tmp_path: Path
         with grpc.insecure_channel(target) as ch:
             reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        # one more device (the agent's own CloudLink) connects and uploads while the 300 are held
+        # one more device (an agent's own link) connects and uploads while the 300 are held
         t = np.arange(T0, T0 + 100, dtype=np.int64)
         seg = Segment(new_segment_id(), "speed", t, {1: np.arange(100.0)}, {1: DataType.FLOAT64})
         store.append(seg, capture_id="cap", campaign="c", priority=5, now_ns=T0)
         hello = device_pb2.Hello(device_id="car-301", fleet="sim")
         hello.catalog.add(id=1, path="Vehicle.Speed", data_type=device_pb2.DATA_TYPE_FLOAT64)
-        link = CloudLink(
-            target, "car-301", store=store, metrics=AgentMetrics(),
+        link = Link(
+            GrpcTransport(target), device_id="car-301", store=store, metrics=AgentMetrics(),
             greeting=lambda: [device_pb2.DeviceMessage(hello=hello)], on_message=lambda m: None,
         )  # fmt: skip
         link.start()
@@ -82,7 +84,7 @@ def test_one_coordinator_holds_300_grpc_devices_and_serves_others(tmp_path: Path
             wait_for("the upload", lambda: store.stats().segments_pending == 0)
         finally:
             link.stop()
-        assert c.query("SELECT count(*) FROM samples").rows[0][0] == 100
+        assert c.queries.sql(Caller.local(), "SELECT count(*) FROM samples").rows[0][0] == 100
         # every device is its own identity at the coordinator
         assert {d for d in c.sessions.online() if d.startswith("sim-")} == {
             f"sim-{i:05d}" for i in range(DEVICES)
@@ -99,17 +101,15 @@ def test_one_coordinator_holds_300_grpc_devices_and_serves_others(tmp_path: Path
 def test_one_simulator_loop_holds_300_mqtt_devices(tmp_path: Path) -> None:
     if broker_fixture.mosquitto_binary() is None:
         pytest.fail("mosquitto is not installed; .ci/run installs it (apt-get install mosquitto)")
-    with broker_fixture.private_broker(tmp_path / "broker") as broker:
+    ids = [f"m-{i:05d}" for i in range(DEVICES)]
+    with broker_fixture.private_broker(tmp_path / "broker", devices=ids, fleet="test") as broker:
         c = Coordinator(tmp_path / "cloud")
-        cert, key = broker.client_cert("coordinator")
+        cert, key = broker.coordinator()
         bridge = MqttBridge(c, BridgeSettings(broker.host, broker.port, broker.ca.ca_path, cert, key))
         bridge.start()
-        ids = [f"m-{i:05d}" for i in range(DEVICES)]
-        for did in ids:
-            broker.client_cert(did)
         swarm = MqttSwarm(
             broker.host, broker.port, ca=broker.ca.ca_path, certs=broker.ca.dir, fleet="test",
-            device_ids=ids, hello=plain_hello("test"), connect_rate=300,
+            device_ids=ids, connect_rate=300,
         )  # fmt: skip
         stop = threading.Event()
         loop = threading.Thread(target=swarm.run, args=(stop,), daemon=True)

@@ -11,11 +11,12 @@ import numpy.typing as npt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from real_corpus import real_corpus
 
-from fleetloop_agent.store_import import real_corpus, to_segments
+from fleetloop_agent.store_import import to_segments
 from fleetloop_shared.catalog import Catalog
-from fleetloop_shared.codecs import bitpack, decimal_float, grid_float, intstream, recent, strings
 from fleetloop_shared.segment import decode_segment, encode_segment
+from fleetloop_shared.segment.codecs import bitpack, decimal_float, grid_float, intstream, recent, strings
 
 I64_MIN = int(np.iinfo(np.int64).min)
 I64_MAX = int(np.iinfo(np.int64).max)

@@ -1,10 +1,11 @@
-"""Segment codec: bit-exact round trips (synthetic, property-based, real recordings) and hostile bytes."""
+"""Segment codec, formats 2 and 3: bit-exact round trips (synthetic, property-based, real recordings),
+building segments, and hostile bytes; multi-group segments are in test_segment_groups.py, derived
+columns in test_segment_derived.py, format 6 in test_segment_v6.py."""
 
 from __future__ import annotations
 
 import struct
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,23 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from segment_cases import (  # (tests/shared/conftest.py loads it)
+    I64_MAX,
+    I64_MIN,
+    _column_codecs,
+    _version,
+    assert_bit_exact,
+    encode_segment,
+    expect_corrupt,
+    floats_from_bits,
+    mutate_resealed,
+    reseal,
+    roundtrip,
+    segments,
+    small_segment,
+    text,
+    text_segment,
+)
 
 from fleetloop_shared.catalog import Catalog, DataType
 from fleetloop_shared.datapaths import comma2k19_segment
@@ -21,11 +39,8 @@ from fleetloop_shared.errors import CorruptSegmentError, UserError
 from fleetloop_shared.samples import GroupBatch
 from fleetloop_shared.segment import (
     CODEC_F64_BITS_INTSTREAM,
-    CODEC_F64_DICT,
-    CODEC_F64_DIFF,
     CODEC_F64_KEYED,
     CODEC_F64_RAW,
-    CODEC_F64_RECENT,
     CODEC_F64_SCALED,
     CODEC_F64_XOR,
     CODEC_I64_INTSTREAM,
@@ -43,82 +58,6 @@ from fleetloop_shared.segment import (
     new_segment_id,
     segment_from_batch,
 )
-from fleetloop_shared.segment import encode_segment as encode_newest
-
-
-def encode_segment(segment: Segment, *, max_version: int = 5) -> bytes:
-    """The format 5 writer: these tests take the bytes of formats 2–5 apart, which format 6 compresses
-    into one zstd frame (tests/shared/test_segment_v6.py covers format 6 and the newest writer)."""
-    return encode_newest(segment, max_version=max_version)
-
-
-I64_MIN = int(np.iinfo(np.int64).min)
-I64_MAX = int(np.iinfo(np.int64).max)
-
-
-def floats_from_bits(bits: list[int]) -> npt.NDArray[np.float64]:
-    return np.array(bits, dtype=np.uint64).view(np.float64)
-
-
-def assert_bit_exact(a: Segment, b: Segment) -> None:
-    assert a.segment_id == b.segment_id
-    assert a.group == b.group
-    assert a.data_types == b.data_types
-    assert a.t_ns.dtype == np.int64 and b.t_ns.dtype == np.int64
-    assert a.t_ns.tobytes() == b.t_ns.tobytes()
-    assert sorted(a.columns) == sorted(b.columns)
-    for sid, values in a.columns.items():
-        other = b.columns[sid]
-        assert values.dtype == other.dtype, sid
-        if values.dtype == object:  # text: the same str values (the bytes of an object array are pointers)
-            assert [type(x) for x in other.tolist()] == [str] * len(other), sid
-            assert values.tolist() == other.tolist(), sid
-        else:
-            assert values.tobytes() == other.tobytes(), sid
-    assert a == b
-
-
-def roundtrip(segment: Segment) -> Segment:
-    decoded = decode_segment(encode_segment(segment))
-    assert_bit_exact(segment, decoded)
-    return decoded
-
-
-def small_segment() -> Segment:
-    t = np.array([-1_000, 0, 10_000_000, 20_000_000, 20_000_000, 31_000_000], dtype=np.int64)
-    return Segment(
-        segment_id=bytes(range(16)),
-        group="can0/SPEED",
-        t_ns=t,
-        columns={
-            3: np.array([1.5, -0.0, np.nan, np.inf, -np.inf, 5e-324]),
-            7: np.array([I64_MIN, -1, 0, 1, I64_MAX, 42], dtype=np.int64),
-            9: np.array([True, False, True, True, False, True]),
-        },
-        data_types={3: DataType.FLOAT64, 7: DataType.INT64, 9: DataType.BOOL},
-    )
-
-
-def text(values: list[str]) -> npt.NDArray[np.object_]:
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out
-
-
-def text_segment() -> Segment:
-    t = np.array([-5, 0, 10, 10, 20, 30], dtype=np.int64)
-    return Segment(
-        segment_id=bytes(range(16, 32)),
-        group="plc/status",
-        t_ns=t,
-        columns={
-            4: text(["", "ÉTAT ✓", "x" * 300, "x" * 300, "\U0001f600", ""]),
-            5: text(["IDLE", "IDLE", "RUN", "RUN", "RUN", "IDLE"]),
-            6: np.array([1, 2, 3, 4, 5, 6], dtype=np.int64),
-        },
-        data_types={4: DataType.STRING, 5: DataType.STRING, 6: DataType.INT64},
-    )
-
 
 # ------------------------------------------------------------------------------------- round trips
 
@@ -271,52 +210,6 @@ def test_steady_rate_timestamps_are_nearly_free() -> None:
     seg = Segment(new_segment_id(), "imu", t, {}, {})
     assert len(encode_segment(seg)) < 200
     roundtrip(seg)
-
-
-dtypes = st.sampled_from([DataType.FLOAT64, DataType.INT64, DataType.BOOL, DataType.STRING])
-
-
-@st.composite
-def segments(draw: st.DrawFn) -> Segment:
-    rows = draw(st.integers(0, 300))
-    steady = draw(st.booleans())
-    if steady:
-        start = draw(st.integers(-(2**62), 2**62))
-        step = draw(st.integers(0, 10**9))
-        jitter = draw(st.lists(st.integers(-1000, 1000), min_size=rows, max_size=rows))
-        t = start + np.arange(rows, dtype=np.int64) * step + np.array(jitter, dtype=np.int64)
-    else:
-        t = np.array(
-            draw(st.lists(st.integers(I64_MIN, I64_MAX), min_size=rows, max_size=rows)), dtype=np.int64
-        )
-    types = draw(st.dictionaries(st.integers(0, 2**32 - 1), dtypes, max_size=5))
-    columns: dict[int, npt.NDArray[Any]] = {}
-    for sid, dt in types.items():
-        if dt is DataType.FLOAT64:
-            if draw(st.booleans()):
-                columns[sid] = floats_from_bits(
-                    draw(st.lists(st.integers(0, 2**64 - 1), min_size=rows, max_size=rows))
-                )
-            else:
-                columns[sid] = np.array(
-                    draw(st.lists(st.floats(), min_size=rows, max_size=rows)), dtype=np.float64
-                )
-        elif dt is DataType.INT64:
-            columns[sid] = np.array(
-                draw(st.lists(st.integers(I64_MIN, I64_MAX), min_size=rows, max_size=rows)), dtype=np.int64
-            )
-        elif dt is DataType.STRING:
-            pool = draw(st.lists(st.text(max_size=20), min_size=1, max_size=4))
-            any_text = draw(st.booleans())
-            columns[sid] = text(
-                draw(st.lists(st.text() if any_text else st.sampled_from(pool), min_size=rows, max_size=rows))
-            )
-        else:
-            columns[sid] = np.array(
-                draw(st.lists(st.booleans(), min_size=rows, max_size=rows)), dtype=np.bool_
-            )
-    group = draw(st.text(max_size=40))
-    return Segment(draw(st.binary(min_size=16, max_size=16)), group, t, columns, types)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -496,18 +389,6 @@ def test_new_segment_ids_are_unique_and_time_ordered() -> None:
 # ----------------------------------------------------------------------------------- hostile bytes
 
 
-def reseal(body: bytes) -> bytes:
-    """Recompute the trailing checksum, as a forger (not a random bit flip) would."""
-    return body + struct.pack("<I", zlib.crc32(body))
-
-
-def expect_corrupt(data: bytes, match: str | None = None) -> CorruptSegmentError:
-    with pytest.raises(CorruptSegmentError, match=match) as info:
-        decode_segment(data)
-    assert "\n" not in str(info.value)
-    return info.value
-
-
 @pytest.mark.parametrize("make", [small_segment, text_segment])
 def test_every_single_byte_flip_is_detected(make: Any) -> None:
     good = encode_segment(make())
@@ -632,7 +513,7 @@ def test_forged_blocks_are_refused_without_huge_allocations() -> None:
 
 
 def test_forged_string_blocks_are_refused_with_a_reason() -> None:
-    from fleetloop_shared.codecs import intstream
+    from fleetloop_shared.segment.codecs import intstream
 
     seg = Segment(
         b"s" * 16, "g", np.arange(4, dtype=np.int64), {1: text(["a", "bb", "a", ""])}, {1: DataType.STRING}
@@ -724,22 +605,6 @@ def test_forged_descriptors_are_refused() -> None:
     expect_corrupt(reseal(good[: col0 - 2] + b"\xff\xff" + good[col0:-4]), "column count")
 
 
-def mutate_resealed(data: st.DataObject, encoded: bytes) -> None:
-    """Overwrite a few bytes of ``encoded`` (maybe cut it short) and reseal the checksum, as a forger
-    would: decoding ends in CorruptSegmentError (one line) or a segment that round-trips, never else."""
-    good = bytearray(encoded[:-4])
-    for _ in range(data.draw(st.integers(1, 4))):
-        i = data.draw(st.integers(0, len(good) - 1))
-        good[i] = data.draw(st.integers(0, 255))
-    cut = data.draw(st.integers(0, len(good)))
-    try:
-        seg = decode_segment(reseal(bytes(good[:cut] if data.draw(st.booleans()) else good)))
-    except CorruptSegmentError as exc:
-        assert "\n" not in str(exc)
-        return
-    assert decode_segment(encode_segment(seg)) == seg
-
-
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_resealed_random_mutations_never_raise_anything_else(data: st.DataObject) -> None:
@@ -779,253 +644,13 @@ def test_encoding_from_many_threads_at_once_is_safe() -> None:
         assert decode_segment(data) == seg
 
 
-# ------------------------------------------------------------------ multi-group segments (format 4)
-
-
-def multi_segment() -> Segment:
-    """Four groups of one bus: two share most arrival times (one USB batch), one shares none, one has
-    exactly the first one's times; plus text, NaN payloads, int64 extremes and negative times."""
-    sid = bytes(range(32, 48))
-    batch = np.array([-30_000_000, -20_000_000, -10_000_000, 0, 10_000_000, 20_000_000], dtype=np.int64)
-    a = Segment(
-        sid,
-        "can0/A",
-        batch.copy(),
-        {
-            1: floats_from_bits([0x7FF4DEADBEEF0001, 0x8000000000000000, 0x7FF0000000000000] * 2),
-            2: np.array([I64_MIN, I64_MAX, 0, -1, 1, I64_MIN], dtype=np.int64),
-        },
-        {1: DataType.FLOAT64, 2: DataType.INT64},
-    )
-    b = Segment(
-        sid,
-        "can0/B",
-        batch[[0, 1, 1, 3, 5]],
-        {3: np.array([True, False, True, True, False])},
-        {3: DataType.BOOL},
-    )
-    c = Segment(
-        sid,
-        "can0/C",
-        np.array([I64_MIN, 7, I64_MAX], dtype=np.int64),
-        {4: text(["", "ÉTAT ✓", ""]), 5: np.array([0.1, -0.0, np.nan])},
-        {4: DataType.STRING, 5: DataType.FLOAT64},
-    )
-    d = Segment(sid, "can0/D", batch.copy(), {6: np.arange(6, dtype=np.int64) % 2 == 0}, {6: DataType.BOOL})
-    return Segment(sid, a.group, a.t_ns, a.columns, a.data_types, (b, c, d))
-
-
-def _version(data: bytes) -> int:
-    return int(struct.unpack_from("<H", data, 4)[0])
-
-
-def test_multi_group_segment_round_trips_as_version_4() -> None:
-    seg = multi_segment()
-    data = encode_segment(seg)
-    assert _version(data) == 4
-    decoded = decode_segment(data)
-    assert decoded == seg
-    for want, got in zip(seg.groups(), decoded.groups(), strict=True):
-        assert_bit_exact(want, got)
-    assert decoded.sample_count == 6 * 2 + 5 + 3 * 2 + 6
-    same_as = struct.pack("<BIIH", 4, 2, 2, 0)  # group D's time block: "the times of group 0"
-    assert data.count(same_as) == 1
-    assert decoded.more_groups[2].t_ns is not decoded.t_ns  # a copy, not a shared array
-    assert decoded.time_range() == (I64_MIN, I64_MAX)
-
-
-def test_single_group_segments_keep_their_version_2_and_3_bytes() -> None:
-    # Format 4 is only for several groups: one group is written exactly as before.
-    for make in (small_segment, text_segment):
-        seg = make()
-        assert encode_segment(seg) == encode_segment(Segment(*vars(seg).values()))
-        assert _version(encode_segment(seg)) in (2, 3)
-        assert list(bundle_segments([seg])) == [seg]
-
-
-def batched_bus(seed: int, messages: int = 12, seconds: float = 20.0, batch_ms: int = 1) -> list[Segment]:
-    """Generated CAN arrivals (not the corpus): periodic messages whose frames reach the host in USB
-    batches every ``batch_ms`` (jittered), stamped with the batch's ns-resolved arrival time, so
-    different messages share timestamps as on a real bus; values are rolling counters and scaled sensor
-    readings."""
-    rng = np.random.default_rng(seed)
-    step = batch_ms * 1_000_000
-    batch_times = np.cumsum(rng.integers(step * 9 // 10, step * 11 // 10, int(seconds * 1000) // batch_ms))
-    out = []
-    for m in range(messages):
-        period = int(rng.choice([10, 20, 50, 100])) * 1_000_000
-        sent = np.arange(int(rng.integers(0, period)), int(batch_times[-1]) - period, period, dtype=np.int64)
-        t = batch_times[np.searchsorted(batch_times, sent + rng.integers(0, 300_000, sent.size))]
-        rows = t.shape[0]
-        out.append(
-            Segment(
-                new_segment_id(),
-                f"bus/M{m}",
-                t,
-                {
-                    2 * m: (np.arange(rows) % 16).astype(np.int64),
-                    2 * m + 1: np.round(np.cumsum(rng.normal(0, 0.5, rows)), 2),
-                },
-                {2 * m: DataType.INT64, 2 * m + 1: DataType.FLOAT64},
-            )
-        )
-    return out
-
-
-@pytest.mark.parametrize("seed", [1, 2, 3, 4])
-def test_shared_clock_pays_on_generated_batched_arrivals(seed: int) -> None:
-    """The gain holds on data the codec was not tuned on: a generated bus, not the recordings."""
-    for batch_ms, most in ((1, 1.0), (5, 0.85)):
-        singles = batched_bus(seed, batch_ms=batch_ms)
-        (bundle,) = bundle_segments(singles)
-        data = encode_segment(bundle)
-        assert decode_segment(data) == bundle
-        separate = sum(len(encode_segment(s)) for s in singles)
-        # never worse; clearly better when several frames arrive per batch (as from a panda)
-        assert len(data) <= most * separate, (batch_ms, len(data), separate)
-
-
-def test_groups_without_shared_times_use_no_clock_and_cost_no_more() -> None:
-    rng = np.random.default_rng(9)
-    singles = [
-        Segment(
-            new_segment_id(),
-            f"g{i}",
-            np.cumsum(rng.integers(1, 10**7, 3000)).astype(np.int64) + i,
-            {i: rng.integers(0, 5, 3000).astype(np.int64)},
-            {i: DataType.INT64},
-        )
-        for i in range(5)
-    ]
-    (bundle,) = bundle_segments(singles)
-    data = encode_segment(bundle)
-    assert decode_segment(data) == bundle
-    assert struct.unpack_from("<I", data, 50)[0] == 0  # clock of 0 rows
-    assert len(data) <= sum(len(encode_segment(s)) for s in singles)
-
-
-def test_bundle_segments_limits() -> None:
-    segs = batched_bus(4, messages=6, seconds=2.0)
-    rows = [int(s.t_ns.shape[0]) for s in segs]
-    bundles = list(bundle_segments(segs, max_rows=rows[0] + rows[1]))
-    assert all(
-        sum(int(g.t_ns.shape[0]) for g in b.groups()) <= rows[0] + rows[1] or not b.more_groups
-        for b in bundles
-    )
-    assert [g.group for b in bundles for g in b.groups()] == [s.group for s in segs]
-    assert all(g.segment_id == b.segment_id for b in bundles for g in b.groups())
-    assert list(bundle_segments(segs, max_rows=0)) == segs
-    # the next chunk of a group (same signal ids) and a group with text start new segments
-    again = Segment(
-        new_segment_id(), segs[0].group, segs[0].t_ns + 10**10, segs[0].columns, segs[0].data_types
-    )
-    texty = text_segment()
-    out = list(bundle_segments([segs[0], segs[1], again, texty, segs[2]]))
-    assert [len(b.groups()) for b in out] == [2, 1, 1, 1]
-    assert out[2] is texty
-
-
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(segments(), min_size=2, max_size=4), st.data())
-def test_property_multi_group_round_trip_is_bit_exact(parts: list[Segment], data: st.DataObject) -> None:
-    # Give the groups disjoint signal ids and let some share timestamps (so the clock is exercised).
-    sid = parts[0].segment_id
-    groups = []
-    pool = np.concatenate([p.t_ns for p in parts])
-    for k, p in enumerate(parts):
-        t = p.t_ns
-        if pool.size and t.size and data.draw(st.booleans()):
-            picks = data.draw(st.lists(st.integers(0, pool.size - 1), min_size=t.size, max_size=t.size))
-            t = pool[np.array(picks, dtype=np.int64)]
-            if data.draw(st.booleans()):
-                t = np.sort(t)
-        cols = {k * 2**28 + (s % 2**28): v for s, v in p.columns.items()}
-        types = {k * 2**28 + (s % 2**28): v for s, v in p.data_types.items()}
-        if len(cols) != len(p.columns):
-            return  # ids collided after the remap: nothing to test
-        groups.append(Segment(sid, p.group, t, cols, types))
-    seg = Segment(
-        sid, groups[0].group, groups[0].t_ns, groups[0].columns, groups[0].data_types, tuple(groups[1:])
-    )
-    decoded = decode_segment(encode_segment(seg))
-    assert decoded == seg
-    for want, got in zip(seg.groups(), decoded.groups(), strict=True):
-        assert_bit_exact(want, got)
-
-
-@pytest.mark.parametrize(
-    "mutate, message",
-    [
-        (lambda s: setattr(s.more_groups[0], "segment_id", bytes(16)), "another segment_id"),
-        (lambda s: setattr(s.more_groups[0], "more_groups", (s.more_groups[1],)), "more_groups of its own"),
-        (lambda s: s.more_groups[1].columns.__setitem__(1, s.more_groups[1].columns.pop(5)), "two groups"),
-    ],
-)
-def test_encode_refuses_invalid_multi_group_segments(mutate: Any, message: str) -> None:
-    seg = multi_segment()
-    if "two groups" in message:
-        seg.more_groups[1].data_types[1] = seg.more_groups[1].data_types.pop(5)
-    mutate(seg)
-    with pytest.raises(UserError, match=message):
-        encode_segment(seg)
-
-
-def test_every_single_byte_flip_and_truncation_of_a_multi_group_segment_is_detected() -> None:
-    good = encode_segment(multi_segment())
-    for i in range(len(good)):
-        for mask in (0x01, 0x80, 0xFF):
-            bad = bytearray(good)
-            bad[i] ^= mask
-            expect_corrupt(bytes(bad))
-    for n in range(len(good)):
-        err = expect_corrupt(good[:n])
-        if n >= 6:
-            assert "truncated" in str(err) or "checksum" in str(err), (n, err)
-    expect_corrupt(good + b"\x00", "unexpected bytes")
-
-
-def test_forged_multi_group_headers_are_refused_with_a_reason() -> None:
-    good = encode_segment(multi_segment())
-    rows = struct.unpack_from("<Q", good, 24)[0]
-    expect_corrupt(reseal(good[:24] + struct.pack("<Q", rows + 1) + good[32:-4]), "rows")
-    expect_corrupt(reseal(good[:48] + struct.pack("<H", 0) + good[50:-4]), "group count")
-    expect_corrupt(reseal(good[:50] + struct.pack("<I", rows + 1) + good[54:-4]), "clock of")
-    expect_corrupt(reseal(good[:48] + struct.pack("<H", 9) + good[50:-4]))
-
-
-def test_a_time_column_naming_a_later_group_is_refused() -> None:
-    good = encode_segment(multi_segment())
-    at = good.index(struct.pack("<BIIH", 4, 2, 2, 0))
-    for j in (3, 1, 9):  # itself, an earlier group of other rows, no such group
-        forged = good[: at + 9] + struct.pack("<H", j) + good[at + 11 : -4]
-        expect_corrupt(reseal(forged), "not an earlier group")
-
-
-def test_clock_indices_outside_the_clock_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fleetloop_shared import segment as segment_module
-
-    real = segment_module._choose_clock
-
-    def short_clock(times: list[npt.NDArray[np.int64]]) -> Any:
-        clock, index = real(times)
-        assert index, "the fixture's groups share times"
-        return clock[:1], index  # indices now point past the clock
-
-    monkeypatch.setattr(segment_module, "_choose_clock", short_clock)
-    data = encode_segment(multi_segment())
-    expect_corrupt(data, "clock index outside|time range")
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.data())
-def test_resealed_random_mutations_of_multi_group_segments_never_raise_anything_else(
-    data: st.DataObject,
-) -> None:
-    mutate_resealed(data, encode_segment(multi_segment()))
+# ------------------------------------------------------ real recordings in bundles and keyed columns
 
 
 def test_real_comma2k19_can_bundle_round_trips_and_shrinks(recordings: Path) -> None:
-    from fleetloop_agent.store_import import real_corpus, to_segments
+    from real_corpus import real_corpus
+
+    from fleetloop_agent.store_import import to_segments
 
     for name, result in real_corpus(recordings):
         if name != "comma2k19-can":
@@ -1039,205 +664,12 @@ def test_real_comma2k19_can_bundle_round_trips_and_shrinks(recordings: Path) -> 
     pytest.skip("comma2k19 CAN log not in the recordings")
 
 
-# ------------------------------------------------------------------------- keyed columns (format 5)
-
-
-def interleaved_series(seed: int, epochs: int = 400) -> Segment:
-    """Generated multiplexed rows (not the corpus): each epoch lists the series in view (ids in
-    ascending order, some appearing and disappearing), one row per series, as a GNSS receiver's raw
-    measurements or a radar's tracks do. Per series: a range that drifts smoothly around its own large
-    offset (decimals), a Doppler-like rate and a signal strength; plus NaN fills and -0.0."""
-    rng = np.random.default_rng(seed)
-    ids = np.sort(rng.choice(np.arange(1, 64), 24, replace=False))
-    offset = rng.uniform(2e7, 2.6e7, ids.shape[0])
-    rate = rng.uniform(-800, 800, ids.shape[0])
-    t, key, rng_m, dopp, cn0 = [], [], [], [], []
-    for e in range(epochs):
-        visible = rng.random(ids.shape[0]) < 0.8
-        for j in np.flatnonzero(visible):
-            t.append(1_700_000_000_000_000_000 + e * 100_000_000)
-            key.append(float(ids[j]))
-            rng_m.append(round(offset[j] + rate[j] * e * 0.1 + rng.normal(0, 0.05), 3))
-            dopp.append(round(rate[j] + rng.normal(0, 0.01), 3))
-            cn0.append(float(rng.integers(25, 50)))
-    rows = len(t)
-    dopp_arr = np.array(dopp)
-    dopp_arr[rng.integers(0, rows, 5)] = np.nan
-    dopp_arr[0] = -0.0
-    return Segment(
-        new_segment_id(),
-        "gnss/raw",
-        np.array(t, dtype=np.int64),
-        {
-            1: np.array(key),
-            2: np.array(rng_m),
-            3: dopp_arr,
-            4: np.array(cn0),
-            5: np.arange(rows, dtype=np.int64) % 7,
-        },
-        {
-            1: DataType.FLOAT64,
-            2: DataType.FLOAT64,
-            3: DataType.FLOAT64,
-            4: DataType.FLOAT64,
-            5: DataType.INT64,
-        },
-    )
-
-
-def _column_codecs(data: bytes) -> dict[int, int]:
-    """signal id -> codec id of every column of a format 4/5 segment (walks the framing)."""
-    from fleetloop_shared.segment import _parse_framing
-
-    header = _parse_framing(data)
-    return {
-        sid: block.codec
-        for g in header.groups
-        for (sid, _), block in zip(g.columns, g.blocks[1:], strict=True)
-    }
-
-
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_keyed_columns_shrink_interleaved_series_and_round_trip(
-    seed: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    seg = interleaved_series(seed)
-    data = encode_segment(seg)
-    assert _version(data) == 5
-    roundtrip(seg)
-    codecs = _column_codecs(data)
-    assert codecs[2] == CODEC_F64_KEYED and codecs[3] == CODEC_F64_KEYED  # range and rate follow the key
-    assert codecs[1] & ~ZSTD_FLAG != CODEC_F64_KEYED  # the key itself is stored as it is
-    import fleetloop_shared.segment as segment_module
-
-    monkeypatch.setattr(segment_module, "_plan_key", lambda t_ns, columns: None)
-    plain = encode_segment(seg)
-    assert _version(plain) == 2  # one group, nothing keyed: format 2 as before
-    assert len(data) < 0.85 * len(plain)
-
-
-def test_counters_and_checksums_are_not_keys() -> None:
-    """A CAN message's rolling counter and the checksum over it change on every row too; they must not
-    reorder the message's signals (and the segment stays format 2, readable by older clouds)."""
-    rows = 2000
-    rng = np.random.default_rng(5)
-    counter = (np.arange(rows) % 16).astype(np.int64)
-    speed = np.round(np.cumsum(rng.normal(0, 0.2, rows)) + 50, 2)
-    checksum = ((counter * 7 + (speed * 100).astype(np.int64)) % 256).astype(np.int64)
-    seg = Segment(
-        new_segment_id(),
-        "can0/SPEED",
-        np.arange(rows, dtype=np.int64) * 10_000_000,
-        {1: counter, 2: checksum, 3: speed, 4: np.round(speed * 0.9, 2)},
-        {1: DataType.INT64, 2: DataType.INT64, 3: DataType.FLOAT64, 4: DataType.FLOAT64},
-    )
-    data = encode_segment(seg)
-    assert _version(data) == 2
-    roundtrip(seg)
-
-
-@st.composite
-def keyed_segments(draw: st.DrawFn) -> Segment:
-    """Interleaved series with hypothesis-drawn ids, values and special values (any may be keyed)."""
-    series = draw(st.integers(3, 12))
-    epochs = draw(st.integers(40, 90))
-    ids = draw(st.lists(st.integers(-5, 200), min_size=series, max_size=series, unique=True))
-    keys = np.tile(np.array(ids, dtype=np.int64), epochs)
-    rows = keys.shape[0]
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
-    base = np.repeat(rng.uniform(-1e6, 1e6, series)[None, :], epochs, axis=0).ravel()
-    values = np.round(base + np.cumsum(rng.normal(0, 1, rows)) * 0.01, 2)
-    specials = draw(st.lists(st.sampled_from([np.nan, -0.0, np.inf, -np.inf, 5e-324, 1e308]), max_size=6))
-    for x in specials:
-        values[draw(st.integers(0, rows - 1))] = x
-    as_float = draw(st.booleans())
-    key_col = keys.astype(np.float64) if as_float else keys
-    ints = (
-        np.repeat(np.array(ids, dtype=np.int64)[None, :] * 1000, epochs, axis=0).ravel()
-        + np.arange(rows) // series
-    )
-    return Segment(
-        new_segment_id(),
-        "keyed",
-        np.repeat(np.arange(epochs, dtype=np.int64) * 1_000_000, series),
-        {7: key_col, 8: values, 9: ints, 10: values[::-1].copy()},
-        {
-            7: DataType.FLOAT64 if as_float else DataType.INT64,
-            8: DataType.FLOAT64,
-            9: DataType.INT64,
-            10: DataType.FLOAT64,
-        },
-    )
-
-
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(keyed_segments(), st.booleans())
-def test_property_keyed_round_trip_is_bit_exact(seg: Segment, bundled: bool) -> None:
-    if bundled:  # a keyed group among others of a format 5 multi-group segment
-        other = Segment(
-            seg.segment_id, "other", seg.t_ns[:10].copy(), {1: np.arange(10.0)}, {1: DataType.FLOAT64}
-        )
-        seg = Segment(seg.segment_id, seg.group, seg.t_ns, seg.columns, seg.data_types, (other,))
-    data = encode_segment(seg)
-    decoded = decode_segment(data)
-    for want, got in zip(seg.groups(), decoded.groups(), strict=True):
-        assert_bit_exact(want, got)
-
-
-def forge_block(data: bytes, codec: int, edit: Any) -> bytes:
-    """``data`` with the payload of its first value block of ``codec`` replaced by ``edit(payload)``,
-    the block's lengths set to match (these blocks are never zstd'd as a whole: stored == raw) and the
-    checksum resealed, as a forger would."""
-    from fleetloop_shared.segment import _parse_framing
-
-    for g in _parse_framing(data).groups:
-        for block in g.blocks[1:]:
-            if block.codec == codec:
-                pos = data.find(block.payload)
-                assert pos > 0
-                forged = edit(block.payload)
-                head = struct.pack("<BII", codec, len(forged), len(forged))
-                return reseal(data[: pos - 9] + head + forged + data[pos + len(block.payload) : -4])
-    raise AssertionError(f"no block with codec {codec}")
-
-
-@pytest.mark.parametrize(
-    ("edit", "message"),
-    [
-        (lambda p: struct.pack("<I", 99) + p[4:], "key signal 99 is not an unkeyed number column"),
-        (
-            lambda p: struct.pack("<I", 3) + p[4:],
-            "key signal 3 is not an unkeyed number column",
-        ),  # keyed itself
-        (lambda p: p[:4] + bytes([CODEC_I64_INTSTREAM]) + p[5:], "wraps codec id 33, not valid for FLOAT64"),
-        (lambda p: p[:4] + bytes([CODEC_F64_KEYED]) + p[5:], "wraps codec id 20"),
-        (lambda p: p[:5] + struct.pack("<I", 2**31) + p[9:], "lengths impossible"),
-        (lambda p: p[:-1], "lengths impossible|truncated|stored length"),
-    ],
-)
-def test_forged_keyed_blocks_are_refused_with_a_reason(edit: Any, message: str) -> None:
-    expect_corrupt(
-        forge_block(encode_segment(interleaved_series(1, epochs=60)), CODEC_F64_KEYED, edit), message
-    )
-
-
-def test_keyed_codecs_in_a_version_4_segment_are_refused() -> None:
-    data = encode_segment(interleaved_series(2, epochs=60))
-    assert _version(data) == 5
-    expect_corrupt(reseal(data[:4] + struct.pack("<H", 4) + data[6:-4]), "needs format version 5")
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.data())
-def test_resealed_random_mutations_of_keyed_segments_never_raise_anything_else(data: st.DataObject) -> None:
-    mutate_resealed(data, encode_segment(interleaved_series(3, epochs=30)))
-
-
 def test_real_gnss_measurements_are_keyed_by_satellite(recordings: Path) -> None:
     """On the real comma2k19 u-blox raw measurements (one row per satellite), keying by the satellite
     id shrinks the message by more than a fifth; every value round-trips."""
-    from fleetloop_agent.store_import import real_corpus, to_segments
+    from real_corpus import real_corpus
+
+    from fleetloop_agent.store_import import to_segments
 
     for name, result in real_corpus(recordings):
         if name != "comma2k19-sensors":
@@ -1250,387 +682,14 @@ def test_real_gnss_measurements_are_keyed_by_satellite(recordings: Path) -> None
             assert decode_segment(data) == seg
             keyed = [c for c in _column_codecs(data).values() if c in (CODEC_F64_KEYED, CODEC_I64_KEYED)]
             assert len(keyed) >= 4
-            import fleetloop_shared.segment as segment_module
+            from fleetloop_shared.segment import plan_columns
 
-            saved = segment_module._plan_key
+            saved = plan_columns.plan_key
             try:
-                segment_module._plan_key = lambda t_ns, columns: None  # type: ignore[assignment]
+                plan_columns.plan_key = lambda t_ns, columns: None  # type: ignore[assignment]
                 plain = len(encode_segment(seg))
             finally:
-                segment_module._plan_key = saved
+                plan_columns.plan_key = saved
             assert len(data) < 0.8 * plain
             return
     pytest.skip("comma2k19 sensors not in the recordings")
-
-
-# ---------------------------------------------------------------------- difference columns (format 5)
-
-
-def calibrated_pair(seed: int, rows: int = 3000) -> Segment:
-    """Generated (not the corpus): a gyro reported calibrated and uncalibrated by a constant bias, as
-    two groups stamped together; float32-valued readings with -0.0 rows (which x + (-x) does not give
-    back) and a NaN dropout in both."""
-    rng = np.random.default_rng(seed)
-    sid = new_segment_id()
-    t = np.arange(rows, dtype=np.int64) * 5_000_000
-    raw = np.cumsum(rng.normal(0, 0.01, (rows, 3)), axis=0).astype(np.float32).astype(np.float64)
-    bias = np.array([-0.00978088, 0.03511047, -0.06835938], dtype=np.float32).astype(np.float64)
-    calibrated = raw - bias
-    calibrated[rng.integers(0, rows, 6), 0] = -0.0
-    raw[100:104, 1] = np.nan
-    calibrated[100:104, 1] = np.nan
-    uncal = Segment(
-        sid,
-        "imu/gyro_uncalibrated",
-        t.copy(),
-        {10 + k: raw[:, k].copy() for k in range(3)},
-        {10 + k: DataType.FLOAT64 for k in range(3)},
-    )
-    cal = Segment(
-        sid,
-        "imu/gyro",
-        t.copy(),
-        {20 + k: calibrated[:, k].copy() for k in range(3)},
-        {20 + k: DataType.FLOAT64 for k in range(3)},
-    )
-    return Segment(uncal.segment_id, uncal.group, uncal.t_ns, uncal.columns, uncal.data_types, (cal,))
-
-
-@pytest.mark.parametrize("seed", [1, 2])
-def test_difference_columns_store_a_calibrated_twin_nearly_free(
-    seed: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    seg = calibrated_pair(seed)
-    data = encode_segment(seg)
-    assert _version(data) == 5
-    decoded = decode_segment(data)
-    for want, got in zip(seg.groups(), decoded.groups(), strict=True):
-        assert_bit_exact(want, got)
-    codecs = _column_codecs(data)
-    assert [codecs[20 + k] for k in range(3)] == [CODEC_F64_DIFF] * 3
-    import fleetloop_shared.segment as segment_module
-
-    monkeypatch.setattr(
-        segment_module, "_difference_columns", lambda columns, blocks, stamped_with, grid: None
-    )
-    plain = encode_segment(seg)
-    assert _version(plain) == 4
-    assert len(data) < 0.65 * len(plain)
-
-
-@st.composite
-def twin_segments(draw: st.DrawFn) -> Segment:
-    rows = draw(st.integers(800, 2000))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    ref = np.round(np.cumsum(rng.normal(0, 1, rows)), draw(st.integers(2, 6)))
-    offset = draw(st.sampled_from([0.0, 0.5, -1e-3, 1e6, 0.1]))
-    twin = ref + offset + np.round(rng.normal(0, 0.001, rows), 4) * draw(st.integers(0, 1))
-    for x in draw(st.lists(st.sampled_from([np.nan, -0.0, np.inf, -np.inf, 5e-324]), max_size=5)):
-        (twin if draw(st.booleans()) else ref)[draw(st.integers(0, rows - 1))] = x
-    t = np.arange(rows, dtype=np.int64)
-    sid = new_segment_id()
-    if draw(st.booleans()):  # the twin in the same group
-        return Segment(
-            sid,
-            "a",
-            t,
-            {1: ref, 2: twin, 3: -twin},
-            {1: DataType.FLOAT64, 2: DataType.FLOAT64, 3: DataType.FLOAT64},
-        )
-    other = Segment(sid, "b", t.copy(), {2: twin}, {2: DataType.FLOAT64})
-    return Segment(sid, "a", t, {1: ref}, {1: DataType.FLOAT64}, (other,))
-
-
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(twin_segments())
-def test_property_difference_round_trip_is_bit_exact(seg: Segment) -> None:
-    decoded = decode_segment(encode_segment(seg))
-    for want, got in zip(seg.groups(), decoded.groups(), strict=True):
-        assert_bit_exact(want, got)
-
-
-@pytest.mark.parametrize(
-    ("edit", "message"),
-    [
-        (lambda p: struct.pack("<I", 99) + p[4:], "reference signal 99 is no FLOAT64 column"),
-        (lambda p: struct.pack("<I", 21) + p[4:], "reference signal 21 is no FLOAT64 column"),  # a difference
-        (lambda p: p[:5] + struct.pack("<I", 2**31) + p[9:], "lengths impossible"),
-        (lambda p: p[:9] + struct.pack("<I", 10**6) + p[13:], "patched rows impossible"),
-        (lambda p: p[:4] + bytes([CODEC_F64_DIFF]) + p[5:], "wraps codec id 21"),
-    ],
-)
-def test_forged_difference_blocks_are_refused_with_a_reason(edit: Any, message: str) -> None:
-    expect_corrupt(forge_block(encode_segment(calibrated_pair(1, rows=600)), CODEC_F64_DIFF, edit), message)
-
-
-def test_forged_difference_patches_out_of_order_are_refused() -> None:
-    data = encode_segment(calibrated_pair(2, rows=600))
-    from fleetloop_shared.segment import _parse_framing
-
-    for g in _parse_framing(data).groups:
-        for block in g.blocks[1:]:
-            if block.codec == CODEC_F64_DIFF and struct.unpack_from("<I", block.payload, 9)[0] >= 2:
-                pos = data.find(block.payload)
-                forged = bytearray(block.payload)
-                forged[13:17], forged[17:21] = forged[17:21], forged[13:17]  # swap the first two positions
-                body = data[:pos] + bytes(forged) + data[pos + len(forged) : -4]
-                expect_corrupt(reseal(body), "patched rows out of range or not increasing")
-                return
-    raise AssertionError("no difference block with two patches")
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.data())
-def test_resealed_random_mutations_of_difference_segments_never_raise_anything_else(
-    data: st.DataObject,
-) -> None:
-    mutate_resealed(data, encode_segment(calibrated_pair(3, rows=400)))
-
-
-def test_max_version_caps_what_a_writer_uses_for_older_clouds() -> None:
-    """The rollout order: until the cloud reads format 5, agents write at most 4 (no keyed or difference
-    column, same values); below 4 a segment of several groups is refused with the reason, not
-    silently split; unknown versions are refused."""
-    keyed = interleaved_series(4, epochs=80)
-    assert _version(encode_segment(keyed)) == 5
-    capped = encode_segment(keyed, max_version=4)
-    assert _version(capped) == 2 and decode_segment(capped) == keyed
-    assert len(capped) > len(encode_segment(keyed))
-    twins = calibrated_pair(4, rows=800)
-    assert _version(encode_segment(twins, max_version=4)) == 4
-    assert decode_segment(encode_segment(twins, max_version=4)) == twins
-    with pytest.raises(UserError, match="needs format version 4, the limit is 3"):
-        encode_segment(twins, max_version=3)
-    with pytest.raises(UserError, match="text columns need segment format version 3, the limit is 2"):
-        encode_segment(text_segment(), max_version=2)
-    with pytest.raises(UserError, match="format version 7 cannot be written"):
-        encode_segment(small_segment(), max_version=7)
-
-
-# ------------------------------------------------------------------------- recent values (format 5)
-
-
-def dithering_imu(seed: int, rows: int = 6000) -> Segment:
-    """Generated (not the corpus): a calibrated IMU axis at rest and moving. Raw readings are integers
-    (noise of a few counts, a slow drift while moving), printed as 7-significant-digit floats, so the
-    same few values recur within a few hundred rows but seldom twice in a row; plus NaN dropouts."""
-    rng = np.random.default_rng(seed)
-    counts = np.round(rng.normal(0, 3, rows)).astype(np.int64)
-    counts[rows // 2 :] += np.cumsum(rng.integers(-40, 41, rows - rows // 2))  # motion
-    values = np.array([float(f"{c * 0.0610351 + 0.0123:.7g}") for c in counts])
-    values[rng.integers(0, rows, 4)] = np.nan
-    return Segment(
-        new_segment_id(),
-        "imu/gyro_x",
-        np.arange(rows, dtype=np.int64) * 10_000_000,
-        {1: values},
-        {1: DataType.FLOAT64},
-    )
-
-
-@pytest.mark.parametrize("seed", [1, 2])
-def test_recent_values_name_an_earlier_row_and_round_trip(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    seg = dithering_imu(seed)
-    data = encode_segment(seg)
-    assert _version(data) == 5 and _column_codecs(data)[1] == CODEC_F64_RECENT
-    roundtrip(seg)
-    import fleetloop_shared.segment as segment_module
-
-    monkeypatch.setattr(segment_module, "_recent_values", lambda values, grid: None)
-    plain = encode_segment(seg)
-    assert _version(plain) == 2
-    assert len(data) < 0.9 * len(plain)
-    assert decode_segment(encode_segment(seg, max_version=4)) == seg
-
-
-def test_recent_references_kernel_and_numpy_agree() -> None:
-    from fleetloop_shared.codecs import recent
-
-    rng = np.random.default_rng(7)
-    for values in (
-        rng.integers(0, 50, 5000),
-        rng.integers(0, 3, 700),
-        np.arange(3000),
-        np.repeat(rng.integers(0, 9, 400), 3),
-        np.array([], dtype=np.int64),
-        np.array([I64_MIN, I64_MAX, I64_MIN, 0, I64_MAX]),
-    ):
-        bits = np.asarray(values, dtype=np.int64)
-        fast, fast_distinct = recent.references(bits)
-        slow, slow_distinct = recent._references_numpy(bits)
-        assert fast.tolist() == slow.tolist() and fast_distinct == slow_distinct
-        for i, k in enumerate(slow.tolist()):
-            if k:
-                assert 2 <= k <= recent.WINDOW and bits[i - k] == bits[i]
-                assert not (bits[i - k + 1 : i] == bits[i]).any()  # the most recent one
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    st.integers(2048, 5000),
-    st.integers(2, 400),
-    st.integers(0, 2**32 - 1),
-    st.lists(st.sampled_from([np.nan, -0.0, np.inf, 5e-324]), max_size=4),
-)
-def test_property_recent_values_round_trip_is_bit_exact(
-    rows: int, levels: int, seed: int, specials: list[float]
-) -> None:
-    rng = np.random.default_rng(seed)
-    table = rng.normal(0, 100, levels)
-    values = table[rng.integers(0, levels, rows)] + np.repeat(rng.normal(0, 1e-3, rows // 64 + 1), 64)[:rows]
-    for k, x in enumerate(specials):
-        values[(k * 997) % rows] = x
-    seg = Segment(new_segment_id(), "g", np.arange(rows, dtype=np.int64), {3: values}, {3: DataType.FLOAT64})
-    roundtrip(seg)
-
-
-@pytest.mark.parametrize(
-    ("edit", "message"),
-    [
-        (lambda p: p[:-1], "lengths|truncated|impossible"),
-        (lambda p: p + b"\x00", "bytes after the literals"),
-        (lambda p: bytes([CODEC_F64_RAW]) + p[1:], "references in codec 16"),
-        (lambda p: p, None),  # unchanged: decodes (the forging itself is sound)
-    ],
-)
-def test_forged_recent_value_blocks_are_refused_with_a_reason(edit: Any, message: str | None) -> None:
-    seg = dithering_imu(3, rows=3000)
-    forged = forge_block(encode_segment(seg), CODEC_F64_RECENT, edit)
-    if message is None:
-        assert decode_segment(forged) == seg
-    else:
-        expect_corrupt(forged, message)
-
-
-def test_forged_recent_references_pointing_before_the_first_row_are_refused() -> None:
-    from fleetloop_shared.codecs import intstream
-
-    refs = np.zeros(3000, dtype=np.int64)
-    refs[0] = 5  # row 0 naming a row before it (checked before the literals are counted)
-    stream = intstream.encode(refs)
-
-    def edit(payload: bytes) -> bytes:
-        rest = payload[9 + struct.unpack_from("<BII", payload, 0)[2] :]  # the literals as they were
-        return struct.pack("<BII", CODEC_I64_INTSTREAM, len(stream), len(stream)) + stream + rest
-
-    expect_corrupt(
-        forge_block(encode_segment(dithering_imu(4, rows=3000)), CODEC_F64_RECENT, edit),
-        "a reference points outside",
-    )
-
-
-@settings(max_examples=150, deadline=None)
-@given(st.data())
-def test_resealed_random_mutations_of_recent_value_segments_never_raise_anything_else(
-    data: st.DataObject,
-) -> None:
-    mutate_resealed(data, encode_segment(dithering_imu(5, rows=2500)))
-
-
-# --------------------------------------------------------------------------- dictionaries (format 5)
-
-
-def pressure_gauge(seed: int, rows: int = 4000) -> Segment:
-    """Generated (not the corpus): a gauge with 9 ADC levels printed to 6 significant digits (so the
-    levels are not on a grid), noisy between them; and an INT64 mode with 5 odd codes."""
-    rng = np.random.default_rng(seed)
-    levels = np.array([float(f"{0.327927 * k - 1.257:.6g}") for k in range(9)])
-    fresh = rng.random(rows) < 0.55  # a new reading lands on any level; otherwise the last one holds
-    level = rng.integers(0, 9, rows)[np.maximum.accumulate(np.where(fresh, np.arange(rows), 0))]
-    codes = np.array([3, 1_000_003, -77, 2**40 + 1, 12345], dtype=np.int64)
-    return Segment(
-        new_segment_id(),
-        "pump/gauge",
-        np.arange(rows, dtype=np.int64) * 1_000_000_000,
-        {1: levels[level], 2: codes[rng.integers(0, 5, rows)]},
-        {1: DataType.FLOAT64, 2: DataType.INT64},
-    )
-
-
-@pytest.mark.parametrize("seed", [1, 2])
-def test_dictionaries_store_few_off_grid_values_as_indices(
-    seed: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from fleetloop_shared.segment import CODEC_I64_DICT
-
-    seg = pressure_gauge(seed)
-    data = encode_segment(seg)
-    assert _version(data) == 5
-    codecs = _column_codecs(data)
-    assert codecs[1] == CODEC_F64_DICT and codecs[2] == CODEC_I64_DICT
-    roundtrip(seg)
-    import fleetloop_shared.segment as segment_module
-
-    monkeypatch.setattr(segment_module, "_with_dictionary", lambda data_type, values, plain: plain)
-    assert len(data) < 0.7 * len(encode_segment(seg))
-
-
-def test_dictionary_kernel_and_numpy_agree() -> None:
-    from fleetloop_shared.codecs import recent
-
-    rng = np.random.default_rng(9)
-    for x in (
-        rng.integers(-5, 5, 3000),
-        np.array([7, 7, 7]),
-        np.array([I64_MAX, I64_MIN, 0, I64_MIN]),
-        rng.integers(0, 10**6, 500),
-    ):
-        bits = np.asarray(x, dtype=np.int64)
-        want_table, want_index = np.unique(bits, return_inverse=True)
-        for limit in (1, 5, 300, len(bits)):
-            found = recent.dictionary(bits, limit)
-            if len(want_table) > limit:
-                assert found is None
-            else:
-                assert found is not None
-                table, index = found
-                assert table.tolist() == want_table.tolist()
-                assert index.tolist() == want_index.ravel().tolist()
-
-
-@pytest.mark.parametrize(
-    ("edit", "message"),
-    [
-        (lambda p: struct.pack("<I", 0) + p[4:], "0 dictionary entries impossible"),
-        (lambda p: struct.pack("<I", 300) + p[4:], "300 dictionary entries impossible"),
-        (
-            lambda p: struct.pack("<I", 8) + p[4:],
-            "an index outside the 8 dictionary entries|integer stream holds",
-        ),
-        (lambda p: p + b"\x00", "bytes after the indices"),
-        (lambda p: p[:4] + bytes([CODEC_F64_RAW]) + p[5:], "dictionary entries in codec 16"),
-        (lambda p: p, None),
-    ],
-)
-def test_forged_dictionary_blocks_are_refused_with_a_reason(edit: Any, message: str | None) -> None:
-    seg = pressure_gauge(3, rows=1000)
-    forged = forge_block(encode_segment(seg), CODEC_F64_DICT, edit)
-    if message is None:
-        assert decode_segment(forged) == seg
-    else:
-        expect_corrupt(forged, message)
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(256, 3000), st.integers(1, 256), st.integers(0, 2**32 - 1), st.booleans())
-def test_property_dictionary_round_trip_is_bit_exact(rows: int, levels: int, seed: int, floats: bool) -> None:
-    rng = np.random.default_rng(seed)
-    if floats:
-        table = rng.normal(0, 1e3, levels)
-        table[: min(levels, 3)] = [np.nan, -0.0, np.inf][: min(levels, 3)]
-        values: npt.NDArray[Any] = table[rng.integers(0, levels, rows)]
-        dt = DataType.FLOAT64
-    else:
-        values = rng.integers(I64_MIN, I64_MAX, levels, dtype=np.int64, endpoint=True)[
-            rng.integers(0, levels, rows)
-        ]
-        dt = DataType.INT64
-    roundtrip(Segment(new_segment_id(), "g", np.arange(rows, dtype=np.int64), {5: values}, {5: dt}))
-
-
-@settings(max_examples=150, deadline=None)
-@given(st.data())
-def test_resealed_random_mutations_of_dictionary_segments_never_raise_anything_else(
-    data: st.DataObject,
-) -> None:
-    mutate_resealed(data, encode_segment(pressure_gauge(5, rows=1200)))

@@ -1,14 +1,14 @@
 """Segment format 6 and the newest writer: grid floats (codec 24) and compressed bodies.
 
-tests/shared/test_segment.py takes formats 2–5 apart byte by byte (with the writer capped at 5); here the
-default writer runs, so every round trip below goes through format 6 wherever it pays.
+test_segment.py, test_segment_groups.py and test_segment_derived.py take formats 2–5 apart byte by byte
+(with the writer capped at 5); here the default writer runs, so every round trip below goes through
+format 6 wherever it pays.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,9 @@ import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from segment_cases import expect_corrupt, reseal  # (tests/shared/conftest.py loads it)
 
-import fleetloop_shared.segment as segment_module
 from fleetloop_shared.catalog import DataType
-from fleetloop_shared.codecs import grid_float, intstream
 from fleetloop_shared.errors import CorruptSegmentError
 from fleetloop_shared.segment import (
     BODY_MAX_RATIO,
@@ -29,14 +28,20 @@ from fleetloop_shared.segment import (
     CODEC_F64_GRID,
     CODEC_F64_KEYED,
     CODEC_F64_RECENT,
+    CODEC_TS_INTSTREAM,
+    CODEC_TS_OFFSET,
     FLAG_BODY_ZSTD,
     FORMAT_VERSION,
     ZSTD_FLAG,
     Segment,
     decode_segment,
     encode_segment,
+    framing,
     new_segment_id,
+    plan_times,
 )
+from fleetloop_shared.segment.codecs import grid_float, intstream
+from fleetloop_shared.segment.layout import Encoded
 
 SID = new_segment_id()
 
@@ -49,23 +54,12 @@ def header_fields(data: bytes) -> tuple[int, int]:
 
 def opened(data: bytes) -> bytes:
     """The segment with its body decompressed (as the reader sees it) — for looking at the codecs."""
-    return segment_module._opened(data)
+    return framing.opened(data)
 
 
 def column_codecs(data: bytes) -> dict[int, int]:
-    header = segment_module._parse_framing(opened(data))
+    header = framing.parse(opened(data))
     return {sid: b.codec for g in header.groups for (sid, _), b in zip(g.columns, g.blocks[1:], strict=True)}
-
-
-def reseal(body: bytes) -> bytes:
-    return body + struct.pack("<I", zlib.crc32(body))
-
-
-def expect_corrupt(data: bytes, match: str | None = None) -> CorruptSegmentError:
-    with pytest.raises(CorruptSegmentError, match=match) as info:
-        decode_segment(data)
-    assert "\n" not in str(info.value)
-    return info.value
 
 
 def assert_bit_exact(want: Segment, got: Segment) -> None:
@@ -195,14 +189,16 @@ def test_a_wrapped_grid_float_makes_the_segment_version_6() -> None:
     data = encode_segment(seg)
     codecs = column_codecs(data)
     assert codecs[1] == CODEC_F64_RECENT
-    assert segment_module._uses_grid(codecs[1], _first_value_payload(data))
+    payload = _first_value_payload(data)
+    (references_stored,) = struct.unpack_from("<I", payload, 5)
+    assert payload[9 + references_stored] & ~ZSTD_FLAG == CODEC_F64_GRID  # the literals are grid floats
     assert header_fields(data)[0] == 6 and decode_segment(data) == seg
     capped = encode_segment(seg, max_version=5)
     assert header_fields(capped)[0] == 5 and decode_segment(capped) == seg
 
 
 def _first_value_payload(data: bytes) -> bytes:
-    header = segment_module._parse_framing(opened(data))
+    header = framing.parse(opened(data))
     return bytes(header.groups[0].blocks[1].payload)
 
 
@@ -370,7 +366,9 @@ def test_property_newest_writer_round_trip_is_bit_exact(seg: Segment) -> None:
 def test_real_corpus_round_trips_through_the_newest_writer(recordings: Path) -> None:
     """Every real data set, bundled as the store imports it: bit-exact, and smaller than format 5 as a
     whole (a set may come out a few bytes larger: the grid is chosen on a sample, not by encoding twice)."""
-    from fleetloop_agent.store_import import real_corpus, to_segments
+    from real_corpus import real_corpus
+
+    from fleetloop_agent.store_import import to_segments
     from fleetloop_cli.store_commands import import_segments
     from fleetloop_shared.catalog import Catalog
 
@@ -408,7 +406,7 @@ def gnss_module(seed: int, epochs: int = 600) -> Segment:
 
 
 def time_codecs(data: bytes) -> list[int]:
-    header = segment_module._parse_framing(opened(data))
+    header = framing.parse(opened(data))
     return [g.blocks[0].codec & ~ZSTD_FLAG for g in header.groups]
 
 
@@ -416,10 +414,10 @@ def time_codecs(data: bytes) -> list[int]:
 def test_time_offsets_store_frames_sent_together_as_their_spacing(seed: int) -> None:
     seg = gnss_module(seed)
     data = encode_segment(seg)
-    assert time_codecs(data) == [segment_module.CODEC_TS_INTSTREAM, *[segment_module.CODEC_TS_OFFSET] * 2]
+    assert time_codecs(data) == [CODEC_TS_INTSTREAM, *[CODEC_TS_OFFSET] * 2]
     assert decode_segment(data) == seg
     older = encode_segment(seg, max_version=5)
-    assert segment_module.CODEC_TS_OFFSET not in time_codecs(older) and decode_segment(older) == seg
+    assert CODEC_TS_OFFSET not in time_codecs(older) and decode_segment(older) == seg
     assert len(data) < 0.8 * len(older), (len(data), len(older))
 
 
@@ -437,10 +435,10 @@ def test_time_offsets_wrap_like_int64_and_round_trip_at_the_extremes() -> None:
 @pytest.mark.parametrize(
     ("forge", "message"),
     [
-        (lambda i, rows: (segment_module.CODEC_TS_OFFSET, struct.pack("<H", i), 2), "impossible|truncated"),
+        (lambda i, rows: (CODEC_TS_OFFSET, struct.pack("<H", i), 2), "impossible|truncated"),
         (
             lambda i, rows: (
-                segment_module.CODEC_TS_OFFSET,
+                CODEC_TS_OFFSET,
                 struct.pack("<H", i) + intstream.encode(np.zeros(rows, np.int64)),
                 0,
             ),
@@ -448,7 +446,7 @@ def test_time_offsets_wrap_like_int64_and_round_trip_at_the_extremes() -> None:
         ),
         (
             lambda i, rows: (
-                segment_module.CODEC_TS_OFFSET,
+                CODEC_TS_OFFSET,
                 struct.pack("<H", 0) + intstream.encode(np.zeros(rows + 1, np.int64)),
                 0,
             ),
@@ -456,7 +454,7 @@ def test_time_offsets_wrap_like_int64_and_round_trip_at_the_extremes() -> None:
         ),
         (
             lambda i, rows: (
-                segment_module.CODEC_TS_OFFSET,
+                CODEC_TS_OFFSET,
                 struct.pack("<H", 0) + intstream.encode(np.zeros(rows, np.int64)) + b"x",
                 0,
             ),
@@ -469,14 +467,13 @@ def test_forged_time_offsets_are_refused_with_a_reason(
 ) -> None:
     """Offsets naming the group itself (not an earlier one), too many offsets, bytes after them."""
 
-    def forged(i: int, validated: Any, same_as: Any, own: Any) -> Any:
+    def forged(i: int, times: Any, same_as: Any, own: Any) -> Any:
         if i == 0:
             return None
-        rows = int(validated[i][0].shape[0])
-        codec, payload, _ = forge(i, rows)
-        return codec, payload, len(payload)
+        codec, payload, _ = forge(i, int(times[i].shape[0]))
+        return Encoded(codec, payload, len(payload))
 
-    monkeypatch.setattr(segment_module, "_offset_times", forged)
+    monkeypatch.setattr(plan_times, "offset_times", forged)
     data = encode_segment(gnss_module(4, epochs=50))
     expect_corrupt(data, message)
 

@@ -267,12 +267,13 @@ class UBootEnvStore:
     """u-boot's binary environment: CRC32 (little-endian) of the data area, then ``key=value`` entries,
     each NUL-terminated, a second NUL after the last, padded with NULs to ``size`` bytes.
 
-    This is the layout ``fw_printenv``/``fw_setenv`` (u-boot-tools) and u-boot itself use for a
-    single-copy environment at ``offset`` of ``device`` (a file, an MTD or an eMMC partition). The agent
-    reads and writes it natively so a multi-variable change (``boot_slot`` + ``upgrade_available`` +
-    ``bootcount``) is one write: a regular file is replaced atomically (tmp, fsync, rename); a device is
-    written in place and fsynced (real boards use u-boot's redundant environment for atomicity, which
-    this adapter does not implement yet). A bad CRC is an :class:`IntegrityError`, never a guess.
+    This is the layout ``fw_printenv``/``fw_setenv`` (libubootenv; u-boot-tools on older distributions)
+    and u-boot itself use for a single-copy environment at ``offset`` of ``device`` (a file, an MTD or an
+    eMMC partition). The agent reads and writes it natively so a multi-variable change (``boot_slot`` +
+    ``upgrade_available`` + ``bootcount``) is one write: a regular file is replaced atomically (tmp,
+    fsync, rename); a device is written in place and fsynced (real boards use u-boot's redundant
+    environment for atomicity, which this adapter does not implement yet). A bad CRC is an
+    :class:`IntegrityError`, never a guess.
     """
 
     def __init__(self, device: Path, *, offset: int = 0, size: int = 0x4000) -> None:

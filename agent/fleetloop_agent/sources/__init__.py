@@ -14,6 +14,10 @@ from typing import Any, Final
 from fleetloop_agent.sources.base import ORIGINS, SignalSource
 from fleetloop_agent.sources.can_replay import CanReplaySource
 from fleetloop_agent.sources.csv_replay import TIME_FORMATS, CsvReplaySource
+from fleetloop_agent.sources.live import DeviceClock
+from fleetloop_agent.sources.machine_kinds import BUILDERS as _MACHINE_BUILDERS
+from fleetloop_agent.sources.machine_kinds import KEYS as _MACHINE_KEYS
+from fleetloop_agent.yaml_marks import location
 from fleetloop_shared.errors import ConfigError
 
 __all__ = ["CanReplaySource", "CsvReplaySource", "SignalSource", "build_source"]
@@ -32,7 +36,8 @@ _CSV_KEYS: Final = (
     "columns",
     "origin",
 )
-KINDS: Final = ("can_replay", "csv_replay")
+# PLC gateways, home hubs and robots: their kinds, keys and builders live in machine_kinds.
+KINDS: Final = ("can_replay", "csv_replay", *_MACHINE_BUILDERS)
 
 
 class _SpecReader:
@@ -42,18 +47,19 @@ class _SpecReader:
         self.spec = spec
         self.label = label
         self.base_dir = base_dir
-        unknown = [str(k) for k in spec if k not in allowed]
+        unknown = [k for k in spec if k not in allowed]
         if unknown:
-            raise ConfigError(f"{label}: unknown key {unknown[0]!r} (expected {', '.join(allowed)})")
+            where, key = location(spec, unknown[0]), str(unknown[0])
+            raise ConfigError(f"{where}{label}: unknown key {key!r} (expected {', '.join(allowed)})")
 
     def fail(self, key: str, reason: str) -> ConfigError:
-        return ConfigError(f"{self.label}: key {key!r}: {reason}")
+        return ConfigError(f"{location(self.spec, key)}{self.label}: key {key!r}: {reason}")
 
     def raw(self, key: str, default: Any = _MISSING) -> Any:
         value = self.spec.get(key, _MISSING)
         if value is _MISSING or value is None:
             if default is _MISSING:
-                raise ConfigError(f"{self.label}: missing key {key!r}")
+                raise ConfigError(f"{location(self.spec)}{self.label}: missing key {key!r}")
             return default
         return value
 
@@ -125,7 +131,7 @@ def _can_source(r: _SpecReader, name: str, start_ns: int) -> CanReplaySource:
 def _csv_source(r: _SpecReader, name: str, start_ns: int) -> CsvReplaySource:
     path = r.path("path", directory=False)
     time_column = r.string("time_column")
-    time_format = r.string("time_format", choices=TIME_FORMATS)
+    time_format = r.string("time_format", choices=tuple(TIME_FORMATS))
     delimiter = r.string("delimiter", ",")
     if len(delimiter) != 1:
         raise r.fail("delimiter", f"expected one character, got {delimiter!r}")
@@ -158,10 +164,12 @@ def _csv_source(r: _SpecReader, name: str, start_ns: int) -> CsvReplaySource:
     )
 
 
-def build_source(spec: Mapping[str, Any], *, base_dir: Path, start_ns: int) -> SignalSource:
+def build_source(
+    spec: Mapping[str, Any], *, base_dir: Path, start_ns: int, clock: DeviceClock | None = None
+) -> SignalSource:
     """The source one ``sources:`` entry describes; relative paths resolve against ``base_dir`` (the
-    config file's directory). Any missing or invalid key, or a missing file, is a ConfigError naming the
-    source and the key."""
+    config file's directory); live sources stamp with ``clock`` (default: the system clock). Any missing
+    or invalid key, or a missing file, is a ConfigError naming the source and the key."""
     if not isinstance(spec, Mapping):
         raise ConfigError(f"sources: each entry must be a mapping, got {type(spec).__name__}")
     raw_name = spec.get("name")
@@ -171,13 +179,19 @@ def build_source(spec: Mapping[str, Any], *, base_dir: Path, start_ns: int) -> S
         if kind is None:
             raise ConfigError(f"{label}: missing key 'kind' (expected one of {', '.join(KINDS)})")
         raise ConfigError(f"{label}: key 'kind': expected one of {', '.join(KINDS)}, got {kind!r}")
-    reader = _SpecReader(spec, label, Path(base_dir), _CAN_KEYS if kind == "can_replay" else _CSV_KEYS)
+    if kind in _MACHINE_KEYS:
+        allowed = _MACHINE_KEYS[kind]
+    else:
+        allowed = _CAN_KEYS if kind == "can_replay" else _CSV_KEYS
+    reader = _SpecReader(spec, label, Path(base_dir), allowed)
     name = reader.string("name")
     try:
+        if kind in _MACHINE_BUILDERS:
+            return _MACHINE_BUILDERS[kind](reader, name, start_ns, clock)
         if kind == "can_replay":
             return _can_source(reader, name, start_ns)
         return _csv_source(reader, name, start_ns)
     except ConfigError as exc:
-        if exc.message.startswith(label):
+        if label in exc.message:
             raise
-        raise ConfigError(f"{label}: {exc.message}") from None
+        raise ConfigError(f"{location(spec)}{label}: {exc.message}") from None

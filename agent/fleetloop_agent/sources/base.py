@@ -34,7 +34,7 @@ MAX_BACKLOG_NS: Final = 300 * NS_PER_S
 #: of loops of a degenerate (one-frame, zero-length) recording.
 MIN_LOOP_PERIOD_NS: Final = 100_000_000
 #: Sample period assumed for a recording whose timestamps are all equal.
-FALLBACK_PERIOD_S: Final = 1.0
+FALLBACK_PERIOD_NS: Final = NS_PER_S
 #: How many leading timestamps are inspected to find the median sample period (bounded work).
 PERIOD_PROBE: Final = 65_536
 
@@ -59,19 +59,14 @@ class SignalSource(Protocol):
         ...
 
 
-def median_period_s(t: npt.NDArray[np.float64]) -> float:
-    """Median of the positive intervals between consecutive timestamps (``t`` in seconds, sorted)."""
-    diffs = np.diff(np.asarray(t[:PERIOD_PROBE], dtype=np.float64))
+def loop_period_ns(t_ns: npt.NDArray[np.int64], duration_ns: int) -> int:
+    """Length of one loop of a recording: its duration plus one median sample period (the median of
+    the positive intervals between its first :data:`PERIOD_PROBE` times), at least
+    :data:`MIN_LOOP_PERIOD_NS`."""
+    diffs = np.diff(np.asarray(t_ns[:PERIOD_PROBE], dtype=np.int64))
     positive = diffs[diffs > 0]
-    if positive.size == 0:
-        return FALLBACK_PERIOD_S
-    return float(np.median(positive))
-
-
-def loop_period_ns(duration_ns: int, median_period_ns: int) -> int:
-    """Length of one loop of a recording: its duration plus one median sample period (at least
-    :data:`MIN_LOOP_PERIOD_NS`)."""
-    return max(int(duration_ns) + max(int(median_period_ns), 1), MIN_LOOP_PERIOD_NS)
+    median = int(np.median(positive)) if positive.size else FALLBACK_PERIOD_NS
+    return max(int(duration_ns) + max(median, 1), MIN_LOOP_PERIOD_NS)
 
 
 @dataclass(frozen=True)

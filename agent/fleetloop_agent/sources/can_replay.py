@@ -1,15 +1,10 @@
 """Replay of a raw CAN log through a DBC, looping forever as if the bus never stopped.
 
-The log is comma2k19's layout: a directory with four numpy arrays saved without extension — ``t``
-(float seconds), ``address`` (frame id), ``src`` (bus number) and ``data`` (payload, ``|S8`` or an
-``(N, width)`` uint8 array). Frames are read from disk in chunks of :data:`CHUNK_FRAMES` and decoded only
-as :meth:`CanReplaySource.read` reaches them, so memory stays bounded however long the log is, and a file
-that vanishes mid-run turns the source dead (``alive() is False``) instead of crashing the agent.
-
-Files come from outside and are not trusted: headers are parsed without unpickling, and a log whose
-time is not finite or goes backwards is refused at construction (ConfigError naming the frame). Should
-the file change under a running source, chunk times are clamped to the previous frame's time (policy:
-clamp-to-previous), so data time still never goes backwards.
+The log is comma2k19's layout of numpy arrays, opened and checked by
+:class:`~fleetloop_agent.recordings.NumpyCanLog` (the one reader of recordings). Frames are read from
+disk in chunks of :data:`CHUNK_FRAMES` and decoded only as :meth:`CanReplaySource.read` reaches them, so
+memory stays bounded however long the log is, and a file that vanishes mid-run turns the source dead
+(``alive() is False``) instead of crashing the agent.
 
 Multiplexed messages are not supported: a frame lacking one of its message's selected signals is
 skipped and counted in ``skipped_frames_total`` (none of the recorded DBCs multiplexes).
@@ -20,19 +15,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
-from fleetloop_agent.sources.base import (
-    ORIGINS,
-    PERIOD_PROBE,
-    GroupAccumulator,
-    ReplayCursor,
-    loop_period_ns,
-    median_period_s,
-)
+from fleetloop_agent.recordings.numpy_can import FrameRows, NumpyCanLog
+from fleetloop_agent.sources.base import ORIGINS, PERIOD_PROBE, GroupAccumulator, ReplayCursor, loop_period_ns
 from fleetloop_shared.catalog import Catalog, DataType
 from fleetloop_shared.dbc import DbcDatabase, FrameDecoder, load_dbc
 from fleetloop_shared.errors import ConfigError, StateError
@@ -40,79 +29,15 @@ from fleetloop_shared.samples import GroupBatch
 
 #: Frames read from disk (and decoded) at a time.
 CHUNK_FRAMES: Final = 8192
-#: Widest payload accepted (CAN FD).
-MAX_PAYLOAD_BYTES: Final = 64
-COLUMNS: Final = ("t", "address", "src", "data")
-
-
-@dataclass(frozen=True)
-class _NpyColumn:
-    """Where one extension-less ``.npy`` array's rows are in its file (read without loading it)."""
-
-    path: Path
-    offset: int
-    dtype: np.dtype[Any]
-    rows: int
-    row_bytes: int
-
-    def read(self, lo: int, hi: int) -> npt.NDArray[Any]:
-        count = max(hi - lo, 0)
-        with self.path.open("rb") as f:
-            f.seek(self.offset + lo * self.row_bytes)
-            buf = f.read(count * self.row_bytes)
-        if len(buf) != count * self.row_bytes:
-            raise OSError(f"{self.path}: truncated (wanted rows {lo}..{hi})")
-        return np.frombuffer(buf, dtype=self.dtype, count=count * (self.row_bytes // self.dtype.itemsize))
-
-
-def _open_column(path: Path) -> _NpyColumn:
-    """Read and check the header of one ``.npy`` column; never unpickles anything."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: CAN log column missing")
-    try:
-        with path.open("rb") as f:
-            version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-            else:
-                raise ValueError(f"unsupported .npy version {version}")
-            offset = f.tell()
-        size = path.stat().st_size
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ConfigError(f"{path}: not a numpy array file: {exc}") from None
-    if dtype.hasobject or dtype.fields is not None:
-        raise ConfigError(f"{path}: unsupported dtype {dtype} (objects and records are refused)")
-    if not shape or len(shape) > 2 or (len(shape) == 2 and fortran):
-        raise ConfigError(f"{path}: expected a 1-D array (or C-ordered 2-D payload), got shape {shape}")
-    rows = int(shape[0])
-    width = int(shape[1]) if len(shape) == 2 else 1
-    row_bytes = width * dtype.itemsize
-    if offset + rows * row_bytes > size:
-        raise ConfigError(f"{path}: truncated: header says {rows} rows but the file is {size} bytes")
-    return _NpyColumn(path, offset, dtype, rows, row_bytes)
-
-
-def _payload_width(col: _NpyColumn) -> int:
-    if col.dtype.kind == "S":
-        width = col.dtype.itemsize
-    elif col.dtype.kind == "u" and col.dtype.itemsize == 1:
-        width = col.row_bytes
-    else:
-        raise ConfigError(f"{col.path}: payloads must be bytes (|S8) or uint8 rows, got {col.dtype}")
-    if not 1 <= width <= MAX_PAYLOAD_BYTES:
-        raise ConfigError(f"{col.path}: payload width {width} is outside 1..{MAX_PAYLOAD_BYTES} bytes")
-    return width
 
 
 @dataclass
 class _Chunk:
+    """Frames ``[lo, lo + n)`` of the log, with their times relative to its first frame."""
+
     lo: int
     rel_ns: npt.NDArray[np.int64]
-    address: npt.NDArray[np.int64]
-    src: npt.NDArray[np.int64]
-    payload: npt.NDArray[np.uint8]  # (n, width)
+    rows: FrameRows
 
 
 @dataclass(frozen=True)
@@ -143,34 +68,13 @@ class CanReplaySource:
         self.name = name
         self.origin = origin
         self._bus = int(bus)
-        frames_dir = Path(frames_dir)
-        if not frames_dir.is_dir():
-            raise ConfigError(f"{frames_dir}: CAN frames directory not found")
-        cols = {c: _open_column(frames_dir / c) for c in COLUMNS}
-        rows = {c: col.rows for c, col in cols.items()}
-        if len(set(rows.values())) != 1:
-            raise ConfigError(f"{frames_dir}: columns differ in length: {rows}")
-        self._records = rows["t"]
-        if self._records == 0:
-            raise ConfigError(f"{frames_dir}: the CAN log holds no frames")
-        for c in ("t", "address", "src"):
-            kinds = "f" if c == "t" else "iu"
-            if cols[c].dtype.kind not in kinds or cols[c].row_bytes != cols[c].dtype.itemsize:
-                raise ConfigError(f"{cols[c].path}: unexpected dtype {cols[c].dtype} for column {c!r}")
-        self._width = _payload_width(cols["data"])
-        self._cols = cols
+        self._log = NumpyCanLog(Path(frames_dir))
+        self._records = self._log.records
         try:
-            head = cols["t"].read(0, min(self._records, PERIOD_PROBE)).astype(np.float64)
-            last = cols["t"].read(self._records - 1, self._records).astype(np.float64)
+            head = self._log.read(0, min(self._records, PERIOD_PROBE)).t_ns
         except OSError as exc:
             raise ConfigError(f"{frames_dir}: cannot read timestamps: {exc}") from None
-        self._t0 = float(head[0])
-        self._t_last = float(last[0])
-        if not (np.isfinite(self._t0) and np.isfinite(self._t_last) and self._t_last >= self._t0):
-            raise ConfigError(f"{frames_dir}: first/last timestamps {self._t0}, {self._t_last} are unusable")
-        self._check_time_order(frames_dir)
-        self._last_rel_ns = round((self._t_last - self._t0) * 1e9)
-        period = loop_period_ns(self._last_rel_ns, round(median_period_s(head) * 1e9))
+        period = loop_period_ns(head, self._log.t_last_ns - self._log.t0_ns)
         self._cursor = ReplayCursor(self._records, int(start_ns), period)
 
         self._dbc: DbcDatabase = load_dbc(Path(dbc_path))
@@ -184,26 +88,6 @@ class CanReplaySource:
         self._failed: str | None = None
         #: Frames of selected messages that lacked a selected signal (multiplexed messages).
         self.skipped_frames_total = 0
-
-    def _check_time_order(self, frames_dir: Path) -> None:
-        """Refuse a log whose time goes backwards or is not finite (one streaming pass, bounded memory)."""
-        previous = -np.inf
-        for lo in range(0, self._records, CHUNK_FRAMES):
-            hi = min(lo + CHUNK_FRAMES, self._records)
-            try:
-                t = self._cols["t"].read(lo, hi).astype(np.float64)
-            except OSError as exc:
-                raise ConfigError(f"{frames_dir}: cannot read timestamps: {exc}") from None
-            bad = ~np.isfinite(t)
-            if bad.any():
-                raise ConfigError(
-                    f"{frames_dir}/t: frame {lo + int(np.argmax(bad))}: timestamp is not finite"
-                )
-            back = np.diff(np.concatenate(([previous], t))) < 0
-            if back.any():
-                i = lo + int(np.argmax(back))
-                raise ConfigError(f"{frames_dir}/t: frame {i}: time goes backwards")
-            previous = float(t[-1])
 
     # -- configuration -------------------------------------------------------------------------------------
 
@@ -290,16 +174,8 @@ class CanReplaySource:
 
     def _load(self, block: int) -> _Chunk:
         lo = block * CHUNK_FRAMES
-        hi = min(lo + CHUNK_FRAMES, self._records)
-        t = self._cols["t"].read(lo, hi).astype(np.float64)
-        address = self._cols["address"].read(lo, hi).astype(np.int64)
-        src = self._cols["src"].read(lo, hi).astype(np.int64)
-        payload = self._cols["data"].read(lo, hi).view(np.uint8).reshape(hi - lo, self._width)
-        # The constructor checked that time never goes backwards; should the file change under us,
-        # clamp-to-previous keeps the cursor's binary searches (and data time) monotonic anyway.
-        t = np.clip(np.maximum.accumulate(np.where(np.isfinite(t), t, -np.inf)), self._t0, self._t_last)
-        rel = np.rint((t - self._t0) * 1e9).astype(np.int64)
-        return _Chunk(lo, rel, address, src, payload)
+        rows = self._log.read(lo, min(lo + CHUNK_FRAMES, self._records))
+        return _Chunk(lo, rows.t_ns - np.int64(self._log.t0_ns), rows)
 
     def _chunk_at(self, index: int) -> _Chunk:
         chunk = self._chunk
@@ -331,8 +207,8 @@ class CanReplaySource:
         return out.build()
 
     def _decode(self, chunk: _Chunk, a: int, b: int, offset_ns: int, out: GroupAccumulator) -> None:
-        address = chunk.address[a:b]
-        keep = (chunk.src[a:b] == self._bus) & np.isin(address, self._ids)
+        address = chunk.rows.address[a:b]
+        keep = (chunk.rows.src[a:b] == self._bus) & np.isin(address, self._ids)
         rows = np.flatnonzero(keep) + a
         if rows.size == 0:
             return
@@ -340,7 +216,7 @@ class CanReplaySource:
         columns: dict[str, list[list[float | int]]] = {}
         decode = self._decoder.decode
         for row in rows.tolist():
-            decoded = decode(int(chunk.address[row]), chunk.payload[row].tobytes())
+            decoded = decode(int(chunk.rows.address[row]), chunk.rows.payload[row].tobytes())
             if decoded is None:
                 continue
             message, values = decoded

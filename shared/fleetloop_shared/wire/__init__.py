@@ -15,6 +15,7 @@ from fleetloop_shared.errors import MalformedMessageError
 from fleetloop_shared.wire.gen.fleetloop.device.v1 import device_pb2, device_pb2_grpc
 from fleetloop_shared.wire.gen.fleetloop.ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from fleetloop_shared.wire.gen.fleetloop.ota.v1 import ota_pb2
+from fleetloop_shared.wire.gen.fleetloop.push.v1 import push_pb2, push_pb2_grpc
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -24,6 +25,8 @@ __all__ = [
     "ingest_pb2_grpc",
     "ota_pb2",
     "parse",
+    "push_pb2",
+    "push_pb2_grpc",
 ]
 
 #: Largest message either side accepts (a segment upload is the largest); bounded on both ends.

@@ -1,0 +1,290 @@
+"""The OpenAPI 3.1 document of the REST API, built from the route table so it cannot drift from it.
+
+Each operator route carries its role (``x-fleetloop-role``, and in its description), the bearer
+security scheme, its request body and limit, and its response schema; every operation documents its
+errors as the one JSON error body. ``tests/cloud/test_openapi.py`` runs schemathesis against a live
+coordinator with this document: no 5xx, and every response matches it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fleetloop_cloud.identity.roles import ACTIONS
+from fleetloop_cloud.identity.tokens import NAME_PATTERN
+
+S = dict[str, Any]
+
+
+def _obj(required: Sequence[str] = (), **props: S) -> S:
+    return {"type": "object", "properties": props, "required": list(required)}
+
+
+def _arr(items: S) -> S:
+    return {"type": "array", "items": items}
+
+
+STR: S = {"type": "string"}
+INT: S = {"type": "integer"}
+NUM: S = {"type": "number"}
+BOOL: S = {"type": "boolean"}
+NUM_OR_NULL: S = {"type": ["number", "null"]}
+STR_MAP: S = {"type": "object", "additionalProperties": {"type": "string"}}
+INT_MAP: S = {"type": "object", "additionalProperties": {"type": "integer"}}
+ANY_MAP: S = {"type": "object"}
+
+ERROR = _obj(["error", "type", "request_id"], error=STR, type=STR, request_id=STR)
+DEVICE = _obj(
+    ["device_id", "fleet", "online"],
+    device_id=STR, fleet=STR, labels=STR_MAP, agent_version=STR, data_origin=STR, hardware_id=STR,
+    firmware_version=STR, firmware_sha256=STR, active_slot=STR, campaigns_version=INT,
+    campaigns_running=_arr(STR), campaigns_refused=STR_MAP, captures_total=INT, last_seen=NUM,
+    registered_at=NUM, online=BOOL,
+)  # fmt: skip
+PHASE = _obj(["name", "devices"], name=STR, devices=INT, committed=INT, failed=INT)
+ROLLOUT_DEVICE = _obj(["device_id", "state"], device_id=STR, phase=INT, state=STR, reason=STR)
+ROLLOUT = _obj(
+    ["id", "state", "phase", "devices"],
+    id=STR, release_version=STR, state=STR, phase=INT, phase_name=STR, phase_started_at=NUM,
+    phases=_arr(PHASE), devices=_arr(ROLLOUT_DEVICE), reason=STR, counts=INT_MAP,
+    accepted_failures=_arr(STR), created_at=NUM, updated_at=NUM, policy=ANY_MAP,
+)  # fmt: skip
+ROLLOUT_SUMMARY = _obj(
+    ["id", "state"], id=STR, release_version=STR, state=STR, phase=INT, reason=STR, devices=INT,
+    counts=INT_MAP, created_at=NUM, updated_at=NUM,
+)  # fmt: skip
+TOKEN = _obj(
+    ["name", "role", "state"], name=STR, role=STR, state={"enum": ["active", "expired", "revoked"]},
+    created_at=NUM, created_by=STR, expires_at=NUM_OR_NULL, revoked_at=NUM_OR_NULL,
+    last_used_at=NUM_OR_NULL,
+)  # fmt: skip
+AUDIT_ENTRY = _obj(
+    ["seq", "at", "actor", "role", "action", "target", "prev_hash", "hash"],
+    seq=INT, at=NUM, actor=STR, role=STR, transport=STR, address=STR, request_id=STR, action=STR,
+    target=STR, before=STR, after=STR, detail=STR, prev_hash=STR, hash=STR,
+)  # fmt: skip
+PAYLOAD = _obj(
+    ["kind", "size", "sha256", "path"], kind=STR, algorithm=STR, size=INT, sha256=STR, path=STR,
+    base_sha256=STR,
+)  # fmt: skip
+
+#: Response schema of each operator route (by operationId).
+RESPONSES: dict[str, S] = {
+    "whoami": _obj(["name", "role"], name=STR, role=STR, proven=BOOL),
+    "summary": _obj(
+        ["devices", "online"], devices=INT, online=INT, segments_ingested=INT, samples_ingested=INT,
+        captures_ingested=INT, campaigns=INT, campaigns_version=INT, refused=INT_MAP,
+    ),
+    "listDevices": _arr(DEVICE),
+    "getDevice": DEVICE,
+    "getDeviceCatalog": _obj(
+        ["signals"], signals=_arr(_obj(["id", "path"], id=INT, path=STR, data_type=STR, unit=STR))
+    ),
+    "listCampaigns": _obj(
+        ["version", "campaigns"], version=INT,
+        campaigns=_arr(_obj(["name", "version", "document"], name=STR, version=INT, document=STR)),
+    ),
+    "applyCampaign": _obj(["name", "campaigns_version"], name=STR, campaigns_version=INT,
+                          devices=_arr(STR)),
+    "deleteCampaign": _obj(["name", "campaigns_version"], name=STR, campaigns_version=INT),
+    "query": _obj(["columns", "rows", "truncated"], columns=_arr(STR), rows=_arr({"type": "array"}),
+                  truncated=BOOL),
+    "listCaptures": _arr(_obj(["capture_id", "device_id"], capture_id=STR, device_id=STR, campaign=STR,
+                              first_ns=INT, last_ns=INT, samples=INT, segments=INT,
+                              first_received=NUM, last_received=NUM)),
+    "listReleases": _arr(_obj(["name", "version", "hardware_id"], name=STR, version=STR, hardware_id=STR,
+                              manifest=STR, signature=STR, created_at=NUM)),
+    "uploadRelease": _obj(["name", "version", "hardware_id", "sha256", "size", "payloads"], name=STR,
+                          version=STR, hardware_id=STR, sha256=STR, size=INT, payloads=_arr(PAYLOAD)),
+    "listRollouts": _arr(ROLLOUT_SUMMARY),
+    "createRollout": ROLLOUT,
+    "getRollout": ROLLOUT,
+    "pauseRollout": ROLLOUT,
+    "resumeRollout": ROLLOUT,
+    "abortRollout": ROLLOUT,
+    "rotateRoot": _obj(["root_version"], root_version=INT, root_keys=INT, threshold=INT,
+                       online_keys_rotated=BOOL),
+    "listTokens": _arr(TOKEN),
+    "createToken": {**TOKEN, "properties": {**TOKEN["properties"], "token": STR},
+                    "required": [*TOKEN["required"], "token"]},
+    "revokeToken": TOKEN,
+    "listAudit": _arr(AUDIT_ENTRY),
+    "verifyAudit": _obj(["ok", "entries", "head_seq", "head_hash"], ok=BOOL, entries=INT, head_seq=INT,
+                        head_hash=STR, broken_at={"type": ["integer", "null"]}, reason=STR),
+}
+
+#: Request body schema of each route that takes a JSON body.
+REQUESTS: dict[str, S] = {
+    "query": _obj(["sql"], sql=STR, max_rows=INT, timeout_s=NUM),
+    "createRollout": {
+        **_obj(
+            ["release_version"], release_version=STR, release_name=STR, selector=STR,
+            phases=_arr(_obj(["name"], name=STR, percent=NUM, count=INT, min_soak_s={})),
+            max_failure_percent=NUM, success_percent=NUM, min_executed_for_brake=INT, phase_timeout_s={},
+        ),
+        "additionalProperties": True,
+    },
+    "rotateRoot": {**_obj(root_keys=INT, threshold=INT, online=BOOL), "additionalProperties": False},
+    "createToken": {
+        **_obj(["name", "role"], name={"type": "string", "pattern": NAME_PATTERN},
+               role={"enum": ["viewer", "operator", "release-manager", "admin"]},
+               expires_in_s={"type": "number", "exclusiveMinimum": 0}),
+        "additionalProperties": False,
+    },
+}
+
+#: Query parameters of the routes that take some: name → (schema, required, description).
+QUERY: dict[str, dict[str, tuple[S, bool, str]]] = {
+    "applyCampaign": {"source": (STR, False, "file name used in error locations (FILE:LINE:COL)")},
+    "uploadRelease": {
+        "name": (STR, True, "release name (firmware, a model pack, ...)"),
+        "version": (STR, True, "release version"),
+        "hardware": (STR, True, "hardware id the image is for"),
+    },
+    "listAudit": {
+        "after": ({"type": "integer", "minimum": 0, "maximum": 2**53},
+                  False, "entries after this sequence number"),
+        "since": ({"type": "number", "minimum": -(2**53), "maximum": 2**53},
+                  False, "entries at or after this Unix time"),
+        "actor": (STR, False, "only this actor (token name)"),
+        "kind": (STR, False, "only this action, or actions under it (rollouts, rollouts.create)"),
+        "limit": ({"type": "integer", "minimum": 1, "maximum": 10000},
+                  False, "at most this many entries (1000 by default)"),
+    },
+}
+
+_PATH_PARAM_PATTERNS = {"repository": {"enum": ["image", "director"]}}
+
+
+def _path_template(path: str) -> tuple[str, list[str]]:
+    """aiohttp's ``/v1/x/{name:regex}`` as OpenAPI's ``/v1/x/{name}``, and the parameter names."""
+    out, names, i = [], [], 0
+    while i < len(path):
+        if path[i] == "{":
+            depth, j = 1, i + 1
+            while depth:
+                depth += {"{": 1, "}": -1}.get(path[j], 0)
+                j += 1
+            name = path[i + 1 : j - 1].split(":", 1)[0]
+            names.append(name)
+            out.append("{" + name + "}")
+            i = j
+        else:
+            out.append(path[i])
+            i += 1
+    return "".join(out), names
+
+
+def _error_responses(public: bool) -> S:
+    codes = {"4XX": "the request was refused; the body says why"}
+    codes["503"] = "the coordinator is busy or its database unreachable; retry"
+    if not public:
+        codes["401"] = "no valid API token (missing, unknown, expired or revoked)"
+        codes["403"] = "the token's role does not allow this; the body names the role needed"
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    return {code: {"description": text, "content": error}
+            for code, text in codes.items()}  # fmt: skip
+
+
+def _operation(route: Any) -> S:
+    path_params = _path_template(route.path)[1]
+    role = ACTIONS[route.action].value if route.action else None
+    op: S = {
+        "operationId": route.name,
+        "summary": f"{route.action} (role {role})" if role else route.name,
+        "parameters": [
+            {"name": n, "in": "path", "required": True,
+             "schema": _PATH_PARAM_PATTERNS.get(n, {"type": "string", "minLength": 1})}
+            for n in path_params
+        ] + [
+            {"name": n, "in": "query", "required": req, "description": text, "schema": schema}
+            for n, (schema, req, text) in QUERY.get(route.name, {}).items()
+        ],
+        "responses": {
+            str(route.status): {
+                "description": "success",
+                "content": {"application/json": {"schema": RESPONSES[route.name]}},
+            },
+            **_error_responses(public=False),
+        },
+        "security": [{"bearer": []}],
+        "x-fleetloop-role": role,
+    }  # fmt: skip
+    if route.max_body:
+        schema = REQUESTS.get(route.name, {"type": "string"} if route.body_type == "text/yaml"
+                              else {"type": "string", "format": "binary"})  # fmt: skip
+        op["requestBody"] = {
+            "required": route.name != "rotateRoot",
+            "description": f"at most {route.max_body} bytes",
+            "content": {route.body_type: {"schema": schema}},
+        }
+    return op
+
+
+BINARY: S = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+_PUBLIC: S = {
+    "/healthz": {"get": {"operationId": "health", "security": [], "responses": {
+        "200": {"description": "the coordinator answers",
+                "content": {"application/json": {"schema": _obj(["ok"], ok=BOOL)}}}}}},
+    "/v1/openapi.json": {"get": {"operationId": "openapi", "security": [], "responses": {
+        "200": {"description": "this document", "content": {"application/json": {"schema": ANY_MAP}}}}}},
+    "/files/{sha256}": {"get": {
+        "operationId": "getArtifactFile", "security": [],
+        "description": "An artifact payload by its SHA-256, with Range (bytes=N-, N-M, -N) for resuming.",
+        "parameters": [
+            {"name": "sha256", "in": "path", "required": True,
+             "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+        ],
+        "responses": {
+            "200": {"description": "the whole file",
+                    "content": BINARY},
+            "206": {"description": "the requested range",
+                    "content": BINARY},
+            "416": {"description": "the range starts past the end"},
+            **_error_responses(public=True),
+        },
+    }},
+    "/tuf/image/{name}": {"get": {
+        "operationId": "getImageMetadata", "security": [],
+        "parameters": [{"name": "name", "in": "path", "required": True,
+                        "schema": {"type": "string", "pattern": "^[a-z0-9.]{1,32}\\.json$"}}],
+        "responses": {"200": {"description": "TUF metadata of the image repository",
+                              "content": {"application/json": {"schema": ANY_MAP}}},
+                      **_error_responses(public=True)},
+    }},
+    "/tuf/director/{device_id}/{name}": {"get": {
+        "operationId": "getDirectorMetadata", "security": [],
+        "parameters": [
+            {"name": "device_id", "in": "path", "required": True,
+             "schema": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$"}},
+            {"name": "name", "in": "path", "required": True,
+             "schema": {"type": "string", "pattern": "^[a-z0-9.]{1,32}\\.json$"}},
+        ],
+        "responses": {"200": {"description": "TUF metadata the director signed for one device",
+                              "content": {"application/json": {"schema": ANY_MAP}}},
+                      **_error_responses(public=True)},
+    }},
+}  # fmt: skip
+
+
+def openapi_document(routes: Sequence[Any]) -> S:
+    """The OpenAPI 3.1 document for ``routes`` plus the public routes."""
+    paths: dict[str, S] = {k: dict(v) for k, v in _PUBLIC.items()}
+    for route in routes:
+        template = _path_template(route.path)[0]
+        paths.setdefault(template, {})[route.method.lower()] = _operation(route)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "fleetloop coordinator",
+            "version": "1",
+            "description": "Operators authenticate with an API token (Authorization: Bearer ...); each "
+            "operation names the role it needs. Devices fetch /files and /tuf without a token.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": {"Error": ERROR},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

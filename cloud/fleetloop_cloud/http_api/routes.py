@@ -1,0 +1,290 @@
+"""The REST API's routes: one table, each route with the operator action it calls (and so the role it
+needs, :data:`fleetloop_cloud.identity.roles.ACTIONS`), its body limit and its handler.
+
+Handlers are plain functions of a :class:`Call` (the authenticated caller, the path and query
+parameters, the body already read within the route's limit, ``now``) answering a :class:`Reply`; the
+application (:mod:`.app`) runs them on its worker threads, because the services block (SQL, DuckDB,
+signing). The OpenAPI document (:mod:`.openapi`) is built from this same table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fleetloop_cloud.fleet_store.query import QUERY_TIMEOUT_S, check_timeout
+from fleetloop_cloud.http_api.render import device_json, plain, release_json
+from fleetloop_cloud.repositories.records import AuditFilter
+from fleetloop_cloud.services.access import Caller
+from fleetloop_cloud.services.api import OperatorApi
+from fleetloop_shared.errors import UserError
+
+KiB, MiB, GiB = 1024, 1024 * 1024, 1024 * 1024 * 1024
+#: Largest release image accepted (the whole body is handed to the release service at once).
+MAX_RELEASE_BYTES = 1 * GiB
+
+
+@dataclass(frozen=True)
+class Call:
+    api: OperatorApi
+    caller: Caller
+    path: Mapping[str, str]
+    query: Mapping[str, str]
+    body: bytes
+    now: float
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body or b"{}")
+        except ValueError as exc:
+            raise UserError(f"request body is not valid JSON: {exc}") from None
+
+    def json_object(self, what: str) -> dict[str, Any]:
+        doc = self.json()
+        if not isinstance(doc, dict):
+            raise UserError(f"body must be a JSON object ({what})")
+        return doc
+
+
+@dataclass(frozen=True)
+class Reply:
+    body: Any
+    status: int = 200
+
+
+@dataclass(frozen=True)
+class Route:
+    """One operation: ``name`` is its OpenAPI operationId; ``action`` None makes it public."""
+
+    name: str
+    method: str
+    path: str
+    action: str | None
+    handler: Callable[[Call], Reply]
+    #: Largest body accepted, in bytes (0: none is read).
+    max_body: int = 0
+    #: Media type of the body, when there is one.
+    body_type: str = "application/json"
+    status: int = 200
+
+
+# -- handlers ---------------------------------------------------------------------------------------
+def _whoami(c: Call) -> Reply:
+    c.api.access.operator(c.caller, "whoami")
+    role = c.caller.role.value if c.caller.role is not None else ""
+    return Reply({"name": c.caller.name, "role": role, "proven": c.caller.proven})
+
+
+def _summary(c: Call) -> Reply:
+    return Reply(plain(c.api.queries.summary(c.caller, c.now)))
+
+
+def _devices(c: Call) -> Reply:
+    return Reply([device_json(d) for d in c.api.devices.fleet(c.caller, c.now)])
+
+
+def _device(c: Call) -> Reply:
+    return Reply(device_json(c.api.devices.describe(c.caller, c.path["device_id"], c.now)))
+
+
+def _device_catalog(c: Call) -> Reply:
+    return Reply({"signals": c.api.devices.catalog(c.caller, c.path["device_id"]).to_records()})
+
+
+def _campaigns(c: Call) -> Reply:
+    desired = c.api.campaigns.desired(c.caller)
+    return Reply(
+        {
+            "version": desired.version,
+            "campaigns": [{"name": d.name, "version": d.revision, "document": d.document}
+                          for d in desired.campaigns],
+        }
+    )
+
+
+def _apply_campaign(c: Call) -> Reply:
+    try:
+        text = c.body.decode()
+    except UnicodeDecodeError:
+        raise UserError("campaign document is not UTF-8 text") from None
+    source = c.query.get("source", "<campaign>")
+    return Reply(plain(c.api.campaigns.apply(c.caller, text, source=source, now=c.now)), 201)
+
+
+def _delete_campaign(c: Call) -> Reply:
+    return Reply(plain(c.api.campaigns.delete(c.caller, c.path["name"], c.now)))
+
+
+def _int_field(body: Mapping[str, Any], key: str, default: int) -> int:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise UserError(f"{key} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _query(c: Call) -> Reply:
+    """``{"sql": "...", "max_rows": N, "timeout_s": S}`` (docs/query.md): at most 100,000 rows; the
+    query is interrupted after ``timeout_s`` (400 with type ``QueryTimeoutError``)."""
+    body = c.json_object('{"sql": "..."}')
+    sql = body.get("sql")
+    if not isinstance(sql, str) or not sql.strip():
+        raise UserError('body must be {"sql": "..."}')
+    max_rows = max(1, min(_int_field(body, "max_rows", 10000), 100_000))
+    timeout_s = check_timeout(body.get("timeout_s", QUERY_TIMEOUT_S))
+    result = c.api.queries.sql(c.caller, sql, max_rows=max_rows, timeout_s=timeout_s)
+    return Reply({"columns": result.columns, "rows": result.rows, "truncated": result.truncated})
+
+
+def _captures(c: Call) -> Reply:
+    return Reply([plain(r) for r in c.api.queries.captures(c.caller)])
+
+
+def _releases(c: Call) -> Reply:
+    return Reply([plain(r) for r in c.api.releases.all(c.caller)])
+
+
+def _upload_release(c: Call) -> Reply:
+    missing = [k for k in ("name", "version", "hardware") if not c.query.get(k)]
+    if missing:
+        raise UserError(f"missing query parameter(s): {', '.join(missing)}")
+    q = c.query
+    manifest = c.api.releases.upload(
+        c.caller, c.body, name=q["name"], version=q["version"], hardware_id=q["hardware"], now=c.now
+    )
+    return Reply(release_json(manifest), 201)
+
+
+def _rollouts(c: Call) -> Reply:
+    return Reply([plain(r) for r in c.api.rollouts.all(c.caller)])
+
+
+def _create_rollout(c: Call) -> Reply:
+    policy = c.json_object("the rollout policy")
+    return Reply(plain(c.api.rollouts.create(c.caller, policy, c.now)), 201)
+
+
+def _rollout(c: Call) -> Reply:
+    return Reply(plain(c.api.rollouts.status(c.caller, c.path["rollout_id"])))
+
+
+def _rollout_action(action: str) -> Callable[[Call], Reply]:
+    def handle(c: Call) -> Reply:
+        rollouts = c.api.rollouts
+        act = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort}[action]
+        return Reply(plain(act(c.caller, c.path["rollout_id"], c.now)))
+
+    return handle
+
+
+def _rotate_root(c: Call) -> Reply:
+    body = c.json_object("{root_keys, threshold, online}")
+    unknown = sorted(set(body) - {"root_keys", "threshold", "online"})
+    if unknown:
+        raise UserError(f"rotate: unknown field {unknown[0]!r}")
+    for key in ("root_keys", "threshold"):
+        if body.get(key) is not None and type(body[key]) is not int:
+            raise UserError(f"rotate: {key} must be an integer, got {body[key]!r}")
+    if not isinstance(body.get("online", False), bool):
+        raise UserError("rotate: online must be true or false")
+    result = c.api.releases.rotate_root(
+        c.caller, c.path["repository"], root_keys=body.get("root_keys"), threshold=body.get("threshold"),
+        online=bool(body.get("online", False)), now=c.now,
+    )  # fmt: skip
+    return Reply(result)
+
+
+def _tokens(c: Call) -> Reply:
+    return Reply([plain(t) for t in c.api.tokens.all(c.caller, c.now)])
+
+
+def _create_token(c: Call) -> Reply:
+    body = c.json_object("{name, role, expires_in_s}")
+    unknown = sorted(set(body) - {"name", "role", "expires_in_s"})
+    if unknown:
+        raise UserError(f"token: unknown field {unknown[0]!r}")
+    name, role, ttl = body.get("name"), body.get("role"), body.get("expires_in_s")
+    if not isinstance(name, str) or not isinstance(role, str):
+        raise UserError('body must be {"name": "...", "role": "...", "expires_in_s": N (optional)}')
+    bad_ttl = isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0
+    if ttl is not None and bad_ttl:
+        raise UserError(f"expires_in_s must be a positive number of seconds, got {ttl!r}")
+    issued = c.api.tokens.create(
+        c.caller, name, role, c.now, expires_at=None if ttl is None else c.now + float(ttl)
+    )
+    return Reply(plain(issued.token) | {"token": issued.secret}, 201)
+
+
+def _revoke_token(c: Call) -> Reply:
+    return Reply(plain(c.api.tokens.revoke(c.caller, c.path["name"], c.now)))
+
+
+def _number(q: Mapping[str, str], key: str, low: float, high: float) -> float | None:
+    if key not in q:
+        return None
+    try:
+        value = float(q[key])
+    except ValueError:
+        raise UserError(f"{key} must be a number, got {q[key]!r}") from None
+    if not (math.isfinite(value) and low <= value <= high):
+        raise UserError(f"{key} must be a number from {low:g} to {high:g}, got {q[key]!r}")
+    return value
+
+
+#: Largest sequence number or time a query parameter may name (an integer any database stores).
+MAX_QUERY_NUMBER = 2.0**53
+
+
+def _audit(c: Call) -> Reply:
+    q = c.query
+    after = _number(q, "after", 0, MAX_QUERY_NUMBER)
+    limit = _number(q, "limit", 1, 10_000)
+    where = AuditFilter(
+        after_seq=int(after or 0), since=_number(q, "since", -MAX_QUERY_NUMBER, MAX_QUERY_NUMBER),
+        actor=q.get("actor") or None, kind=q.get("kind") or None,
+        limit=int(limit) if limit is not None else 1000,
+    )  # fmt: skip
+    return Reply([plain(e) for e in c.api.audit.entries(c.caller, where)])
+
+
+def _audit_verify(c: Call) -> Reply:
+    return Reply(plain(c.api.audit.verify(c.caller)))
+
+
+#: Every operator route. Public routes (health, the OpenAPI document, artifact files and TUF metadata)
+#: are in :mod:`.app` and :mod:`.files`.
+ROUTES: tuple[Route, ...] = (
+    Route("whoami", "GET", "/v1/whoami", "whoami", _whoami),
+    Route("summary", "GET", "/v1/summary", "summary", _summary),
+    Route("listDevices", "GET", "/v1/devices", "devices.list", _devices),
+    Route("getDevice", "GET", "/v1/devices/{device_id}", "devices.get", _device),
+    Route("getDeviceCatalog", "GET", "/v1/devices/{device_id}/catalog", "devices.get", _device_catalog),
+    Route("listCampaigns", "GET", "/v1/campaigns", "campaigns.list", _campaigns),
+    Route("applyCampaign", "POST", "/v1/campaigns", "campaigns.apply", _apply_campaign, 1 * MiB,
+          "text/yaml", 201),
+    Route("deleteCampaign", "DELETE", "/v1/campaigns/{name}", "campaigns.delete", _delete_campaign),
+    Route("query", "POST", "/v1/query", "query", _query, 64 * KiB),
+    Route("listCaptures", "GET", "/v1/captures", "query", _captures),
+    Route("listReleases", "GET", "/v1/releases", "releases.list", _releases),
+    Route("uploadRelease", "POST", "/v1/releases", "releases.upload", _upload_release, MAX_RELEASE_BYTES,
+          "application/octet-stream", 201),
+    Route("listRollouts", "GET", "/v1/rollouts", "rollouts.list", _rollouts),
+    Route("createRollout", "POST", "/v1/rollouts", "rollouts.create", _create_rollout, 64 * KiB,
+          status=201),
+    Route("getRollout", "GET", "/v1/rollouts/{rollout_id}", "rollouts.get", _rollout),
+    Route("pauseRollout", "POST", "/v1/rollouts/{rollout_id}/pause", "rollouts.pause",
+          _rollout_action("pause")),
+    Route("resumeRollout", "POST", "/v1/rollouts/{rollout_id}/resume", "rollouts.resume",
+          _rollout_action("resume")),
+    Route("abortRollout", "POST", "/v1/rollouts/{rollout_id}/abort", "rollouts.abort",
+          _rollout_action("abort")),
+    Route("rotateRoot", "POST", "/v1/tuf/{repository:image|director}/rotate", "keys.rotate", _rotate_root,
+          4 * KiB),
+    Route("listTokens", "GET", "/v1/tokens", "tokens.list", _tokens),
+    Route("createToken", "POST", "/v1/tokens", "tokens.create", _create_token, 4 * KiB, status=201),
+    Route("revokeToken", "DELETE", "/v1/tokens/{name}", "tokens.revoke", _revoke_token),
+    Route("listAudit", "GET", "/v1/audit", "audit.list", _audit),
+    Route("verifyAudit", "GET", "/v1/audit/verify", "audit.verify", _audit_verify),
+)  # fmt: skip

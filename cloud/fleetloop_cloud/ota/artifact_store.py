@@ -1,0 +1,350 @@
+"""The artifact store: release images, their deltas and signed manifests on local disk.
+
+Files are content-addressed (``files/<sha256>``): the name *is* the integrity check, the same bytes are
+stored once however many releases use them, and the HTTP server can hand a device any file by hash
+without a lookup table. For every image already installed in the fleet (a *base*), a release carries a
+delta (:mod:`fleetloop_shared.update.delta`) in each format that devices on that base prefer — FLDELTA2
+(whole-image matching) for current agents, FLDELTA1 for agents that read only it — when it is smaller
+than the full image, so most devices download a fraction of it.
+
+What devices trust is the TUF image repository (:mod:`fleetloop_cloud.ota.tuf_repository`): every image and
+delta becomes a signed target there, with its hash, length, hardware id, version and (for a delta) base
+hash. The Ed25519 release manifest is kept as the cloud's own record of a release (rollouts read it);
+devices no longer verify it.
+
+Releases only move forward: a version that is not greater than the newest release of the same name and
+hardware is refused, which is the cloud half of the rollback defence (the device refuses older versions
+too).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+
+from fleetloop_cloud.ota.tuf_repository import TufRepositories, target_file
+from fleetloop_shared.durable import write_atomically
+from fleetloop_shared.errors import IntegrityError, NotFoundError, StateError, UserError
+from fleetloop_shared.update.artifact import (
+    PayloadRef,
+    ReleaseManifest,
+    ReleaseSigner,
+    manifest_to_bytes,
+    sha256_file,
+    sha256_hex,
+)
+from fleetloop_shared.update.delta import FLDELTA2, FORMATS, make_delta_file
+from fleetloop_shared.update.firmware_image import MAGIC as IMAGE_MAGIC
+from fleetloop_shared.update.firmware_image import image_info
+from fleetloop_shared.update.tuf_metadata import (
+    delta_facts,
+    delta_target_path,
+    image_facts,
+    image_target_path,
+)
+
+#: Largest image accepted (refused above, before anything is written).
+MAX_IMAGE_BYTES = 1 << 30
+#: Every image size up to the limit gets deltas (FLDELTA2 indexes the whole base: ~5× its size in memory).
+DELTA_MAX_IMAGE_BYTES = MAX_IMAGE_BYTES
+#: At most this many deltas per release (policy "first bases win": bases after these, in the order the
+#: caller gives them, get the full image).
+MAX_DELTA_BASES = 32
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FILE_RELPATH = re.compile(r"files/([0-9a-f]{64})")
+_VERSION = re.compile(r"\d{1,9}(\.\d{1,9}){0,7}")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """Numeric comparison key of a dotted version ("1.10.0" > "1.9.2"); trailing zeros do not count,
+    so "2.0" and "2.0.0" are the same version."""
+    if not isinstance(version, str) or not _VERSION.fullmatch(version):
+        raise UserError(f"version {version!r}: expected dotted numbers like 1.4.2")
+    parts = [int(p) for p in version.split(".")]
+    while len(parts) > 1 and parts[-1] == 0:
+        parts.pop()
+    return tuple(parts)
+
+
+def _safe(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise UserError(
+            f"{what} {value!r}: use 1-128 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
+        )
+    return value
+
+
+class ArtifactStore:
+    """Stores images and deltas by hash and signs one manifest per release."""
+
+    def __init__(
+        self,
+        root: Path,
+        signer: ReleaseSigner,
+        *,
+        validity_days: int = 30,
+        tuf: TufRepositories | None = None,
+    ) -> None:
+        if isinstance(validity_days, bool) or not isinstance(validity_days, int) or validity_days < 1:
+            raise UserError(f"validity_days must be a whole number of days >= 1, got {validity_days!r}")
+        self._root = Path(root)
+        self._files = self._root / "files"
+        self._releases = self._root / "releases"
+        self._files.mkdir(parents=True, exist_ok=True)
+        self._releases.mkdir(parents=True, exist_ok=True)
+        self._signer = signer
+        self.tuf = tuf
+        self._validity_s = validity_days * 86400
+        self._lock = threading.Lock()
+        self._methods: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ content-addressed files
+
+    def _put_file(self, data: bytes) -> str:
+        sha = sha256_hex(data)
+        path = self._files / sha
+        if not (path.is_file() and path.stat().st_size == len(data)):
+            write_atomically(path, data)
+        return sha
+
+    def add_image(self, image: bytes) -> str:
+        """Store an installed base image (e.g. v1 as provisioned) so later releases can delta from it."""
+        self._check_image(image)
+        return self._put_file(bytes(image))
+
+    def image(self, sha256: str) -> bytes:
+        """The stored bytes with this hash; NotFoundError if absent, IntegrityError if the disk lies."""
+        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+            raise NotFoundError(f"no image {sha256!r}: expected a lowercase hex sha256")
+        path = self._files / sha256
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"no image with sha256 {sha256}") from None
+        actual = sha256_hex(data)
+        if actual != sha256:
+            raise IntegrityError(f"artifact file {path} is corrupt: its sha256 is {actual}")
+        return data
+
+    def file_path(self, relpath: str) -> Path:
+        """Absolute path of ``files/<sha256>`` for the file server; NotFoundError for anything else."""
+        match = _FILE_RELPATH.fullmatch(relpath) if isinstance(relpath, str) else None
+        if match is None:
+            raise NotFoundError(f"no artifact file {relpath!r}")
+        path = self._files / match.group(1)
+        if not path.is_file():
+            raise NotFoundError(f"no artifact file {relpath!r}")
+        return path
+
+    # ------------------------------------------------------------------ releases
+
+    @staticmethod
+    def _check_image(image: bytes) -> None:
+        if not isinstance(image, bytes | bytearray | memoryview):
+            raise UserError(f"an image must be bytes, got {type(image).__name__}")
+        if len(image) == 0:
+            raise UserError("the image is empty")
+        if len(image) > MAX_IMAGE_BYTES:
+            raise UserError(f"the image is {len(image)} bytes; the limit is {MAX_IMAGE_BYTES}")
+
+    def _release_dir(self, name: str, hardware_id: str) -> Path:
+        return self._releases / _safe(name, "release name") / _safe(hardware_id, "hardware id")
+
+    def versions(self, name: str, hardware_id: str) -> list[str]:
+        """Released versions of ``name`` for ``hardware_id``, oldest first."""
+        directory = self._release_dir(name, hardware_id)
+        if not directory.is_dir():
+            return []
+        found = []
+        for p in directory.glob("*.manifest.json"):
+            version = p.name.removesuffix(".manifest.json")
+            if _VERSION.fullmatch(version):
+                found.append(version)
+        return sorted(found, key=version_key)
+
+    def release(self, name: str, hardware_id: str, version: str) -> tuple[bytes, bytes]:
+        """(manifest bytes, signature) of one stored release; NotFoundError if there is none."""
+        version_key(version)
+        directory = self._release_dir(name, hardware_id)
+        try:
+            return (
+                (directory / f"{version}.manifest.json").read_bytes(),
+                (directory / f"{version}.sig").read_bytes(),
+            )
+        except FileNotFoundError:
+            raise NotFoundError(f"no release {name} {version} for hardware {hardware_id}") from None
+
+    def add_release(
+        self,
+        image: bytes,
+        *,
+        name: str,
+        version: str,
+        hardware_id: str,
+        bases: Sequence[bytes],
+        now: float,
+        base_formats: Mapping[str, Collection[str]] | None = None,
+    ) -> tuple[bytes, bytes]:
+        """Store the image and its deltas, sign the manifest; returns (manifest bytes, signature).
+
+        Per distinct base (bases identical to the new image are skipped), one delta in each format
+        ``base_formats`` names for that base's sha256 (default: FLDELTA2), each kept only when smaller
+        than the full image. StateError for a duplicate or a version not greater than the newest
+        existing release of this name and hardware.
+        """
+        self._check_image(image)
+        image = bytes(image)
+        key = version_key(version)
+        directory = self._release_dir(name, hardware_id)
+        _check_header(image, version, hardware_id)
+        # A tar archive is a bundle (software, model pack, catalog, config): installed by an atomic
+        # directory swap on the device, no reboot; it travels whole (deltas are from firmware bases).
+        install = "swap" if is_bundle_image(image) else "slot"
+        if install == "swap":
+            bases = []
+        if self.tuf is not None:
+            self.tuf.image_authority.check_usable()
+        with self._lock:
+            existing = self.versions(name, hardware_id)
+            for old in existing:
+                if version_key(old) == key:
+                    raise StateError(f"release {name} {version} for hardware {hardware_id} already exists")
+            if existing and version_key(existing[-1]) > key:
+                raise StateError(
+                    f"release {name} {version} for hardware {hardware_id} is not newer than the existing "
+                    f"{existing[-1]}; versions only move forward"
+                )
+            target_sha = self._put_file(image)
+            payloads = [PayloadRef("full", "none", f"files/{target_sha}", target_sha, len(image), None)]
+            seen = {target_sha}
+            for base in bases:
+                if len(seen) > MAX_DELTA_BASES or len(image) > DELTA_MAX_IMAGE_BYTES:
+                    break
+                self._check_image(base)
+                base = bytes(base)
+                base_sha = sha256_hex(base)
+                if base_sha in seen:
+                    continue
+                seen.add(base_sha)
+                self._put_file(base)
+                if len(base) > DELTA_MAX_IMAGE_BYTES:
+                    continue
+                wanted = (base_formats or {}).get(base_sha, (FLDELTA2,))
+                for fmt in sorted(set(wanted), key=list(FORMATS).index):
+                    delta = self._make_delta(base_sha, target_sha, fmt)
+                    if delta is None:
+                        continue
+                    patch_sha, patch_size, methods = delta
+                    payloads.append(
+                        PayloadRef("delta", fmt, f"files/{patch_sha}", patch_sha, patch_size, base_sha)
+                    )
+                    self._methods[patch_sha] = methods
+            created = int(now)
+            manifest = ReleaseManifest(
+                name=name,
+                version=version,
+                hardware_id=hardware_id,
+                target_sha256=target_sha,
+                target_size=len(image),
+                payloads=tuple(payloads),
+                created_unix=created,
+                expires_unix=created + self._validity_s,
+                install=install,
+            )
+            manifest_bytes = manifest_to_bytes(manifest)
+            signature = self._signer.sign(manifest_bytes)
+            directory.mkdir(parents=True, exist_ok=True)
+            if self.tuf is not None:
+                self._publish_targets(manifest)
+            # Signature first, manifest last: the manifest's presence is what marks the release as existing.
+            write_atomically(directory / f"{version}.sig", signature)
+            write_atomically(directory / f"{version}.manifest.json", manifest_bytes)
+        return manifest_bytes, signature
+
+    def _make_delta(self, base_sha: str, target_sha: str, fmt: str) -> tuple[str, int, str] | None:
+        """Delta file in format ``fmt`` from one stored image to another, stored by hash; None when it is
+        not smaller than the full image."""
+        tmp = self._files / f".delta-{base_sha[:16]}-{target_sha[:16]}.{fmt}"
+        try:
+            stats = make_delta_file(self._files / base_sha, self._files / target_sha, tmp, format=fmt)
+            if stats.bytes >= stats.new_bytes:
+                return None
+            patch_sha = sha256_file(tmp)
+            dest = self._files / patch_sha
+            if dest.is_file() and dest.stat().st_size == stats.bytes:
+                tmp.unlink()
+            else:
+                tmp.replace(dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return patch_sha, stats.bytes, "+".join(sorted(stats.methods))
+
+    def _publish_targets(self, manifest: ReleaseManifest) -> None:
+        """Sign the release's image and deltas into the TUF image repository."""
+        assert self.tuf is not None
+        image_path = image_target_path(manifest.name, manifest.hardware_id, manifest.version)
+        targets = {}
+        for p in manifest.payloads:
+            if p.kind == "full":
+                facts = image_facts(
+                    manifest.name, manifest.version, manifest.hardware_id, p.path, install=manifest.install
+                )
+                targets[image_path] = target_file(image_path, p.sha256, p.size, facts)
+            else:
+                assert p.base_sha256 is not None
+                path = delta_target_path(
+                    manifest.name, manifest.hardware_id, manifest.version, p.base_sha256, p.algorithm
+                )
+                facts = delta_facts(
+                    image_path,
+                    p.base_sha256,
+                    p.path,
+                    algorithm=p.algorithm,
+                    methods=self._methods.get(p.sha256, ""),
+                )
+                targets[path] = target_file(path, p.sha256, p.size, facts)
+        self.tuf.image.publish(targets)
+
+
+def _check_header(image: bytes, version: str, hardware_id: str) -> None:
+    """A fleetloop firmware image must name the version and hardware it is uploaded as: a release
+    manager uploading the wrong file is told here, before anything is signed or reaches a device.
+    Other files (no image magic) are opaque artifacts and pass."""
+    if not image.startswith(IMAGE_MAGIC):
+        return
+    info = image_info(image)
+    if info.hardware_id != hardware_id:
+        raise UserError(
+            f"the file is a firmware image for hardware {info.hardware_id!r}, not {hardware_id!r}; "
+            "upload it with --hardware " + info.hardware_id
+        )
+    if version_key(info.version) != version_key(version):
+        raise UserError(f"the file is firmware version {info.version}, not {version}")
+
+
+def is_bundle_image(image: bytes) -> bool:
+    """A tar archive (ustar/GNU/pax magic at offset 257) is a bundle installed by directory swap."""
+    return len(image) >= 512 and image[257:262] == b"ustar"
+
+
+def check_not_older_than_fleet(fleet_versions: Sequence[str], version: str, hardware_id: str) -> None:
+    """Refuse a release older than what devices of this hardware already run: each of them would
+    refuse it as a rollback, so the release manager hears it now, before a rollout is planned."""
+    key = version_key(version)
+    newer = []
+    for v in fleet_versions:
+        try:
+            if v and version_key(v) > key:
+                newer.append(v)
+        except UserError:  # a device reporting a non-numeric version does not block releases
+            continue
+    if newer:
+        top = max(newer, key=version_key)
+        raise UserError(
+            f"version {version} is older than {top}, which devices with hardware {hardware_id} already "
+            "run; devices refuse downgrades, so release a higher version"
+        )

@@ -1,0 +1,304 @@
+"""What the repositories hand out and take in: plain frozen records, the same for every backend.
+
+The SQL repositories and the in-memory fakes return these, so a service or a test cannot tell which one
+it talks to. A record is a snapshot: changing the stored state goes through a repository method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """What the coordinator knows of one device: its hello, its inventory and its campaign shadow.
+
+    ``session_owner`` is the coordinator holding the device's session ('' when none does); whether that
+    coordinator is still alive is the coordinator leases' to say, so "online" is decided by the caller
+    with its ``now`` (``services.devices``), never stored as a flag that a crash would leave set.
+    """
+
+    device_id: str
+    fleet: str
+    labels: dict[str, str]
+    catalog: list[dict[str, Any]]
+    agent_version: str
+    data_origin: str
+    hardware_id: str
+    firmware_version: str
+    firmware_sha256: str
+    active_slot: str
+    campaigns_version: int
+    campaigns_running: list[str]
+    campaigns_refused: dict[str, str]
+    captures_total: int
+    session_owner: str
+    last_seen: float
+    registered_at: float
+    #: OTA delta formats the device applies, preferred first, as its inventory says (empty before it
+    #: says: such a device predates the report and reads FLDELTA1 only).
+    delta_formats: tuple[str, ...] = ()
+
+    def selector_labels(self) -> dict[str, str]:
+        """Labels a selector is matched against: the device's own labels plus ``fleet`` and ``hardware_id``.
+
+        The implicit ones let an operator write ``fleet=taxi`` without every device repeating its fleet
+        as a label; explicit labels of the same key win.
+        """
+        implicit = {"fleet": self.fleet}
+        if self.hardware_id:
+            implicit["hardware_id"] = self.hardware_id
+        return implicit | self.labels
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """What a device reports it runs (its ``Inventory`` message)."""
+
+    hardware_id: str
+    firmware_version: str
+    firmware_sha256: str
+    active_slot: str
+    campaigns_version: int
+    #: The delta formats it reads, preferred first (known names only; empty when it did not say).
+    delta_formats: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a device's hello says about it (inventory and campaign status come in later messages)."""
+
+    fleet: str
+    labels: Mapping[str, str]
+    catalog: Sequence[Mapping[str, Any]]
+    agent_version: str
+    data_origin: str
+
+
+@dataclass(frozen=True)
+class SegmentReceipt:
+    """One ingested segment as the ledger records it; folded into its capture."""
+
+    capture_id: str
+    campaign: str
+    priority: int
+    samples: int
+    first_ns: int
+    last_ns: int
+
+
+@dataclass(frozen=True)
+class CaptureRecord:
+    """One capture as assembled from its uploaded segments (a capture may span several segments)."""
+
+    capture_id: str
+    device_id: str
+    campaign: str
+    first_ns: int
+    last_ns: int
+    samples: int
+    segments: int
+    first_received: float
+    last_received: float
+
+
+@dataclass(frozen=True)
+class IngestTotals:
+    segments: int
+    samples: int
+    captures: int
+
+
+@dataclass(frozen=True)
+class CampaignDocument:
+    """A desired campaign: its name, its own revision (bumped when its document changes) and the YAML."""
+
+    name: str
+    revision: int
+    document: str
+
+
+@dataclass(frozen=True)
+class CampaignSet:
+    """The desired state every device converges to: the global version and the campaigns by name."""
+
+    version: int
+    campaigns: tuple[CampaignDocument, ...]
+
+
+@dataclass(frozen=True)
+class ReleaseRecord:
+    """A signed release as registered by the artifact store (manifest bytes are exactly what was signed)."""
+
+    name: str
+    version: str
+    hardware_id: str
+    manifest: bytes
+    signature: bytes
+    created_at: float
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    """A rollout's persisted state; ``policy`` is the policy as a plain dict (``policy_to_dict``)."""
+
+    rollout_id: str
+    release_version: str
+    policy: dict[str, Any]
+    state: str
+    phase: int
+    phase_started_at: float
+    reason: str
+    accepted_failures: frozenset[str]
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class NewRollout:
+    """A rollout as created: its device snapshot (device → phase) and its first audit rows.
+
+    ``initial`` overrides ``device_state`` for some devices as (state, reason), e.g. devices that
+    already run the release.
+    """
+
+    rollout_id: str
+    release_version: str
+    policy: Mapping[str, Any]
+    state: str
+    phase: int
+    reason: str
+    devices: Mapping[str, int]
+    device_state: str
+    audit: Sequence[tuple[str, str]] = ()
+    initial: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RolloutDeviceRecord:
+    """One device's place in a rollout: its phase, its state and whether the job reached it."""
+
+    rollout_id: str
+    device_id: str
+    phase: int
+    state: str
+    reason: str
+    delivered: bool
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audit row: every rollout transition and every device state change leaves one."""
+
+    seq: int
+    rollout_id: str
+    at: float
+    event: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class DeviceChange:
+    """A change to one device of a rollout, applied in the same transaction as its rollout update.
+
+    ``state`` None leaves the state as it is (e.g. only ``delivered`` changes).
+    """
+
+    state: str | None = None
+    reason: str | None = None
+    delivered: bool | None = None
+    #: Apply only while the device is still in this state (an offer is for a PENDING device; another
+    #: coordinator may have moved it since the caller looked).
+    only_from: str | None = None
+
+
+@dataclass(frozen=True)
+class RolloutUpdate:
+    """Everything one controller step persists at once: rollout fields, device changes, audit rows."""
+
+    state: str | None = None
+    phase: int | None = None
+    phase_started_at: float | None = None
+    reason: str | None = None
+    accepted_failures: frozenset[str] | None = None
+    devices: Mapping[str, DeviceChange] = field(default_factory=dict)
+    audit: Sequence[tuple[str, str]] = ()
+    #: Optimistic concurrency: apply only if the rollout still has this (state, phase). Coordinators
+    #: sharing the database decide from what they read; a decision made from a state an operator (or
+    #: another coordinator) has changed since is dropped, not written over the newer state.
+    expect: tuple[str, int] | None = None
+
+
+def device_transition_detail(device_id: str, old: str, new: str, reason: str | None) -> str:
+    """The audit detail every backend writes for a device's state change in a rollout."""
+    detail = f"{device_id}: {old} -> {new}"
+    return f"{detail} ({reason})" if reason else detail
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """An API token as stored: never the secret, only its SHA-256."""
+
+    name: str
+    role: str
+    token_hash: str
+    created_at: float
+    created_by: str
+    expires_at: float | None
+    revoked_at: float | None
+    last_used_at: float | None
+
+
+@dataclass(frozen=True)
+class NewAuditEntry:
+    """One write as the audit log takes it; the log adds the sequence number and the chain."""
+
+    at: float
+    actor: str
+    role: str
+    transport: str
+    address: str
+    request_id: str
+    action: str
+    target: str
+    before: str
+    after: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One entry of the audit log, with its place in the hash chain."""
+
+    seq: int
+    at: float
+    actor: str
+    role: str
+    transport: str
+    address: str
+    request_id: str
+    action: str
+    target: str
+    before: str
+    after: str
+    detail: str
+    prev_hash: str
+    hash: str
+
+    def fields(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """Which entries a read returns: after a sequence number, since a time, of an actor, of an action
+    kind (``rollouts`` or ``rollouts.create``), at most ``limit``."""
+
+    after_seq: int = 0
+    since: float | None = None
+    actor: str | None = None
+    kind: str | None = None
+    limit: int = 1000

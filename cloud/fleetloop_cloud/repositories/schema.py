@@ -1,0 +1,177 @@
+"""The metadata schema, created on open and versioned so a newer database is refused, not misread.
+
+Version 2 replaced the devices' ``online`` flag — which nothing reset when a coordinator
+died — by ``session_owner`` and the ``coordinators`` leases: a device is online while a coordinator
+whose lease is current holds its session. A version 1 database is upgraded in place on open (the column
+is added; the old flag stays, unread). Version 3 added the operator plane: ``api_tokens``
+(only the SHA-256 of each secret) and the hash-chained ``audit_log``; an older database gains both
+tables, empty, on open. Version 4 (this one) added the devices' ``delta_formats`` (the OTA delta
+formats a device's inventory says it reads, comma-separated, preferred first); an older database gains
+the column, empty for every device (read as FLDELTA1 only, what agents before the report read), on open.
+"""
+
+from __future__ import annotations
+
+from fleetloop_cloud.repositories.database import Database, Transaction
+from fleetloop_shared.errors import ConfigError
+
+#: Version of the schema this code writes; bumped with every incompatible change.
+SCHEMA_VERSION = 4
+
+_TABLES = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    fleet TEXT NOT NULL,
+    labels_json TEXT NOT NULL,
+    catalog_json TEXT NOT NULL,
+    agent_version TEXT NOT NULL,
+    data_origin TEXT NOT NULL,
+    hardware_id TEXT NOT NULL DEFAULT '',
+    firmware_version TEXT NOT NULL DEFAULT '',
+    firmware_sha256 TEXT NOT NULL DEFAULT '',
+    active_slot TEXT NOT NULL DEFAULT '',
+    campaigns_version INTEGER NOT NULL DEFAULT 0,
+    campaigns_running_json TEXT NOT NULL DEFAULT '[]',
+    campaigns_refused_json TEXT NOT NULL DEFAULT '{}',
+    captures_total INTEGER NOT NULL DEFAULT 0,
+    session_owner TEXT NOT NULL DEFAULT '',
+    last_seen REAL NOT NULL,
+    registered_at REAL NOT NULL,
+    delta_formats TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS coordinators (
+    coordinator_id TEXT PRIMARY KEY,
+    beat_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS segments (
+    device_id TEXT NOT NULL,
+    segment_id BLOB NOT NULL,
+    capture_id TEXT NOT NULL,
+    campaign TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
+    first_ns INTEGER NOT NULL,
+    last_ns INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (device_id, segment_id)
+);
+CREATE TABLE IF NOT EXISTS captures (
+    device_id TEXT NOT NULL,
+    capture_id TEXT NOT NULL,
+    campaign TEXT NOT NULL,
+    first_ns INTEGER NOT NULL,
+    last_ns INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
+    segments INTEGER NOT NULL,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    PRIMARY KEY (device_id, capture_id)
+);
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS campaigns (
+    name TEXT PRIMARY KEY,
+    campaign_version INTEGER NOT NULL,
+    document TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS releases (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    hardware_id TEXT NOT NULL,
+    manifest BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (name, hardware_id, version)
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    rollout_id TEXT PRIMARY KEY,
+    release_version TEXT NOT NULL,
+    policy_json TEXT NOT NULL,
+    state TEXT NOT NULL,
+    phase INTEGER NOT NULL,
+    phase_started_at REAL NOT NULL,
+    reason TEXT NOT NULL,
+    accepted_failures_json TEXT NOT NULL DEFAULT '[]',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rollout_devices (
+    rollout_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    phase INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    delivered INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (rollout_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS rollout_audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    rollout_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    event TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rollout_audit_by_rollout ON rollout_audit (rollout_id, seq);
+CREATE TABLE IF NOT EXISTS api_tokens (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL,
+    created_by TEXT NOT NULL,
+    expires_at REAL,
+    revoked_at REAL,
+    last_used_at REAL
+);
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    role TEXT NOT NULL,
+    transport TEXT NOT NULL,
+    address TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    before_value TEXT NOT NULL,
+    after_value TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    entry_hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_log_by_time ON audit_log (at);
+"""
+
+
+def ensure_schema(db: Database) -> None:
+    """Create what is missing, upgrade an older version, refuse a newer one (ConfigError)."""
+    with db.write() as tx:
+        for statement in _TABLES.split(";"):
+            if statement.strip():
+                tx.execute(db.ddl(statement))
+        row = tx.execute("SELECT version FROM schema_version").fetchone()
+        if row is None:
+            tx.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            return
+        version = int(row[0])
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"metadata database {db.where} has schema version {version}; "
+                f"this fleetloop understands up to {SCHEMA_VERSION}"
+            )
+        if version < 2:
+            _upgrade_to_2(tx)
+        if version < 4:
+            _upgrade_to_4(tx)
+        tx.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+
+
+def _upgrade_to_2(tx: Transaction) -> None:
+    """Version 1 devices carry ``online`` and no ``session_owner``: add the owner, leave the flag."""
+    tx.execute("ALTER TABLE devices ADD COLUMN session_owner TEXT NOT NULL DEFAULT ''")
+
+
+def _upgrade_to_4(tx: Transaction) -> None:
+    """Devices before version 4 never reported delta formats: add the column, empty for all of them."""
+    tx.execute("ALTER TABLE devices ADD COLUMN delta_formats TEXT NOT NULL DEFAULT ''")

@@ -1,0 +1,115 @@
+"""The ingest ledger aggregate (segments and the captures they form): SQL and its in-memory fake.
+
+The (device, segment id) key is what makes a retried upload harmless: recording a segment twice changes
+nothing the second time, in one transaction with its capture's totals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+from fleetloop_cloud.repositories.database import Database
+from fleetloop_cloud.repositories.records import CaptureRecord, IngestTotals, SegmentReceipt
+
+
+class SqlSegments:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def has(self, device_id: str, segment_id: bytes) -> bool:
+        rows = self._db.read(
+            "SELECT 1 FROM segments WHERE device_id = ? AND segment_id = ?", (device_id, bytes(segment_id))
+        )
+        return bool(rows)
+
+    def record(self, device_id: str, segment_id: bytes, receipt: SegmentReceipt, now: float) -> bool:
+        r = receipt
+        with self._db.write() as tx:
+            cur = tx.execute(
+                """INSERT INTO segments (device_id, segment_id, capture_id, campaign, priority,
+                                         samples, first_ns, last_ns, received_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (device_id, segment_id) DO NOTHING""",
+                (device_id, bytes(segment_id), r.capture_id, r.campaign, r.priority, r.samples, r.first_ns,
+                 r.last_ns, now),
+            )  # fmt: skip
+            if cur.rowcount == 0:
+                return False
+            tx.execute(
+                """INSERT INTO captures (device_id, capture_id, campaign, first_ns, last_ns, samples,
+                                         segments, first_received, last_received)
+                   VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)
+                   ON CONFLICT (device_id, capture_id) DO UPDATE SET
+                     first_ns = CASE WHEN excluded.first_ns < captures.first_ns
+                                     THEN excluded.first_ns ELSE captures.first_ns END,
+                     last_ns = CASE WHEN excluded.last_ns > captures.last_ns
+                                    THEN excluded.last_ns ELSE captures.last_ns END,
+                     samples = captures.samples + excluded.samples,
+                     segments = captures.segments + 1,
+                     last_received = excluded.last_received""",
+                (device_id, r.capture_id, r.campaign, r.first_ns, r.last_ns, r.samples, now, now),
+            )
+            return True
+
+    def captures(self) -> list[CaptureRecord]:
+        rows = self._db.read(
+            """SELECT capture_id, device_id, campaign, first_ns, last_ns, samples, segments, first_received,
+                      last_received FROM captures ORDER BY first_received, device_id, capture_id"""
+        )
+        return [
+            CaptureRecord(
+                r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]), int(r[6]), float(r[7]), float(r[8])
+            )
+            for r in rows
+        ]
+
+    def totals(self) -> IngestTotals:
+        rows = self._db.read(
+            "SELECT COUNT(*), COALESCE(SUM(samples), 0), (SELECT COUNT(*) FROM captures) FROM segments"
+        )
+        segments, samples, captures = rows[0]
+        return IngestTotals(int(segments), int(samples), int(captures))
+
+
+class MemorySegments:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._segments: dict[tuple[str, bytes], int] = {}
+        self._captures: dict[tuple[str, str], CaptureRecord] = {}
+
+    def has(self, device_id: str, segment_id: bytes) -> bool:
+        with self._lock:
+            return (device_id, bytes(segment_id)) in self._segments
+
+    def record(self, device_id: str, segment_id: bytes, receipt: SegmentReceipt, now: float) -> bool:
+        r = receipt
+        with self._lock:
+            key = (device_id, bytes(segment_id))
+            if key in self._segments:
+                return False
+            self._segments[key] = r.samples
+            old = self._captures.get((device_id, r.capture_id))
+            if old is None:
+                self._captures[(device_id, r.capture_id)] = CaptureRecord(
+                    r.capture_id, device_id, r.campaign, r.first_ns, r.last_ns, r.samples, 1, now, now
+                )
+            else:
+                self._captures[(device_id, r.capture_id)] = dataclasses.replace(
+                    old,
+                    first_ns=min(old.first_ns, r.first_ns),
+                    last_ns=max(old.last_ns, r.last_ns),
+                    samples=old.samples + r.samples,
+                    segments=old.segments + 1,
+                    last_received=now,
+                )
+            return True
+
+    def captures(self) -> list[CaptureRecord]:
+        with self._lock:
+            records = list(self._captures.values())
+        return sorted(records, key=lambda c: (c.first_received, c.device_id, c.capture_id))
+
+    def totals(self) -> IngestTotals:
+        with self._lock:
+            return IngestTotals(len(self._segments), sum(self._segments.values()), len(self._captures))

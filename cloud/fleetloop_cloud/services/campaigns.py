@@ -1,0 +1,96 @@
+"""Campaigns: the desired state devices converge to, validated with the same compiler the agents run.
+
+Applying or deleting a campaign bumps the global version and pushes each device connected here the
+campaigns whose selector matches it; a device connecting later gets them in its welcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from fleetloop_cloud.repositories.interfaces import CampaignRepository, DeviceRepository
+from fleetloop_cloud.repositories.records import CampaignSet
+from fleetloop_cloud.services.access import Access, Caller
+from fleetloop_cloud.sessions import DeviceSessions
+from fleetloop_shared.errors import UserError
+from fleetloop_shared.rules import parse_campaign, selector_matches
+from fleetloop_shared.wire import device_pb2
+
+
+@dataclass(frozen=True)
+class CampaignApplied:
+    name: str
+    campaigns_version: int
+    #: Devices whose labels match the campaign's selector now.
+    devices: list[str]
+
+
+@dataclass(frozen=True)
+class CampaignDeleted:
+    name: str
+    campaigns_version: int
+
+
+class CampaignService:
+    def __init__(
+        self,
+        campaigns: CampaignRepository,
+        devices: DeviceRepository,
+        sessions: DeviceSessions,
+        access: Access,
+    ) -> None:
+        self._campaigns = campaigns
+        self._devices = devices
+        self._sessions = sessions
+        self._access = access
+
+    def apply(
+        self, caller: Caller, document: str, *, source: str = "<campaign>", now: float
+    ) -> CampaignApplied:
+        """Validate (RuleError with FILE:LINE:COL), store, and push to the devices connected here."""
+        self._access.operator(caller, "campaigns.apply")
+        spec = parse_campaign(document, source=source)
+        before = self._campaigns.desired().version
+        version = self._campaigns.put(spec.name, document, now)
+        self._access.record(
+            caller, "campaigns.apply", spec.name, now, before=before, after=version,
+            detail="unchanged" if version == before else "",
+        )  # fmt: skip
+        self._push()
+        matching = [d.device_id for d in self._devices.all() if selector_matches(spec.selector, d.labels)]
+        return CampaignApplied(spec.name, version, matching)
+
+    def delete(self, caller: Caller, name: str, now: float) -> CampaignDeleted:
+        self._access.operator(caller, "campaigns.delete")
+        before = self._campaigns.desired().version
+        version = self._campaigns.delete(name, now)
+        self._access.record(caller, "campaigns.delete", name, now, before=before, after=version)
+        self._push()
+        return CampaignDeleted(name, version)
+
+    def desired(self, caller: Caller) -> CampaignSet:
+        self._access.operator(caller, "campaigns.list")
+        return self._campaigns.desired()
+
+    def desired_for(self, device_id: str) -> device_pb2.DesiredCampaigns:
+        """The campaigns whose selector matches the device's labels, at the current global version."""
+        desired = self._campaigns.desired()
+        device = self._devices.get(device_id)
+        labels: Mapping[str, str] = device.labels if device is not None else {}
+        out = device_pb2.DesiredCampaigns(version=desired.version)
+        for c in desired.campaigns:
+            try:
+                selector = parse_campaign(c.document, source=c.name).selector
+            except UserError:
+                continue
+            if selector_matches(selector, labels):
+                campaign = device_pb2.Campaign(name=c.name, version=c.revision, document=c.document)
+                out.campaigns.append(campaign)
+        return out
+
+    def _push(self) -> None:
+        for device_id in self._sessions.online():
+            self._sessions.publish(
+                device_id, device_pb2.CloudMessage(desired_campaigns=self.desired_for(device_id))
+            )

@@ -1,0 +1,168 @@
+"""Ingest: segments from devices into the fleet store, exactly once, and the upload grants that pace them.
+
+A segment is checked before anything is written — a known device, a segment that decodes (else
+DATA_LOSS), ids that agree, signal ids the device's catalog names — then its samples are written (one
+Parquet file named by device and segment id, so a retry rewrites the same file) and recorded in the
+ingest ledger, whose (device, segment id) key answers a retry "duplicate". Resumable uploads
+(``UploadChunk``) are staged until whole and then take the same path.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from fleetloop_cloud.fleet_store.parquet import FleetStore
+from fleetloop_cloud.repositories.interfaces import DeviceRepository, SegmentRepository
+from fleetloop_cloud.repositories.records import SegmentReceipt
+from fleetloop_cloud.services.access import Access, Caller
+from fleetloop_cloud.sessions import DeviceSessions
+from fleetloop_cloud.uploads.scheduler import NETWORKS, Backlog, Budget, UploadScheduler
+from fleetloop_cloud.uploads.staging import UploadStaging
+from fleetloop_shared.errors import MalformedMessageError, NotFoundError, UserError
+from fleetloop_shared.segment import decode_segment
+from fleetloop_shared.wire import device_pb2, ingest_pb2, parse
+
+#: Largest segment a device may upload in pieces (UploadChunk); UploadSegment is bounded by the gRPC
+#: message limit (16 MiB) instead.
+MAX_CHUNKED_UPLOAD_BYTES = 256 << 20
+#: Upload budgets for devices that ask for grants: what the cloud ingests and what cellular costs.
+UPLOAD_BUDGET = Budget(
+    global_bytes_per_s=64 * 1024 * 1024, per_network_bytes_per_s={"cellular": 4 * 1024 * 1024}
+)
+
+
+@dataclass(frozen=True)
+class IngestAck:
+    samples: int
+    duplicate: bool
+
+    def response(self, segment_id: bytes) -> ingest_pb2.UploadSegmentResponse:
+        """The device's answer, the same over gRPC and MQTT."""
+        return ingest_pb2.UploadSegmentResponse(
+            segment_id=segment_id, duplicate=self.duplicate, samples=self.samples
+        )
+
+
+@dataclass(frozen=True)
+class ChunkAck:
+    """Where a resumable upload stands: send from ``next_offset``, or (``ack``) it is stored."""
+
+    next_offset: int
+    ack: IngestAck | None = None
+
+    def response(self, segment_id: bytes) -> ingest_pb2.UploadChunkResponse:
+        """The device's answer to the piece; the last one carries the segment's ack."""
+        out = ingest_pb2.UploadChunkResponse(next_offset=self.next_offset, complete=self.ack is not None)
+        if self.ack is not None:
+            out.result.CopyFrom(self.ack.response(segment_id))
+        return out
+
+
+class IngestService:
+    def __init__(
+        self,
+        devices: DeviceRepository,
+        segments: SegmentRepository,
+        samples: FleetStore,
+        staging: UploadStaging,
+        access: Access,
+    ) -> None:
+        self._devices = devices
+        self._segments = segments
+        self._samples = samples
+        self._staging = staging
+        self._access = access
+
+    def segment(self, caller: Caller, request: ingest_pb2.UploadSegmentRequest, now: float) -> IngestAck:
+        """One whole segment (``UploadSegment``)."""
+        r = request
+        device_id = self._access.device(caller, r.device_id)
+        return self._ingest(device_id, r.segment_id, r.capture_id, r.campaign, r.priority, r.segment, now)
+
+    def chunk(self, caller: Caller, request: ingest_pb2.UploadChunkRequest, now: float) -> ChunkAck:
+        """One piece of a resumable upload (``UploadChunk``); the finished whole is ingested like an
+        ``UploadSegment`` of the same request."""
+        r = request
+        device_id = self._access.device(caller, r.device_id)
+        if self._devices.get(device_id) is None:
+            raise NotFoundError(f"unknown device {device_id!r}: connect and say hello first")
+        if len(r.segment_id) == 16 and self._segments.has(device_id, r.segment_id):
+            return ChunkAck(r.total_bytes, IngestAck(0, True))
+        outcome = self._staging.put(
+            device_id, r.segment_id, offset=r.offset, total_bytes=r.total_bytes,
+            total_sha256=r.total_sha256, data=r.data,
+        )  # fmt: skip
+        if outcome.whole is None:
+            return ChunkAck(outcome.next_offset)
+        whole = parse(ingest_pb2.UploadSegmentRequest, outcome.whole, max_bytes=MAX_CHUNKED_UPLOAD_BYTES)
+        if whole.device_id != device_id or whole.segment_id != r.segment_id:
+            raise MalformedMessageError(
+                "the assembled upload names another device or segment than its pieces did"
+            )
+        ack = self._ingest(
+            device_id, whole.segment_id, whole.capture_id, whole.campaign, whole.priority, whole.segment, now
+        )
+        return ChunkAck(r.total_bytes, ack)
+
+    def _ingest(
+        self, device_id: str, segment_id: bytes, capture_id: str, campaign: str, priority: int, data: bytes,
+        now: float,
+    ) -> IngestAck:  # fmt: skip
+        if len(segment_id) != 16:
+            raise MalformedMessageError(f"segment id must be 16 bytes, got {len(segment_id)}")
+        device = self._devices.get(device_id)
+        if device is None:
+            raise NotFoundError(f"unknown device {device_id!r}: connect and say hello first")
+        if self._segments.has(device_id, segment_id):
+            return IngestAck(0, True)
+        seg = decode_segment(data)
+        if seg.segment_id != segment_id:
+            raise MalformedMessageError("segment id in the request differs from the one in the segment")
+        catalog = self._devices.catalog(device_id)
+        for group in seg.groups():  # a format-4 segment carries several groups
+            for sid in group.columns:
+                try:
+                    catalog.by_id(sid)
+                except UserError:
+                    raise MalformedMessageError(
+                        f"segment {segment_id.hex()} names signal id {sid} unknown to device {device_id}"
+                    ) from None
+        samples = self._samples.write_segment(
+            fleet=device.fleet, device_id=device_id, capture_id=capture_id, campaign=campaign, segment=seg,
+            catalog=catalog, received_unix=now,
+        )  # fmt: skip
+        first, last = seg.time_range() or (0, 0)
+        receipt = SegmentReceipt(capture_id, campaign, priority, samples, first, last)
+        fresh = self._segments.record(device_id, segment_id, receipt, now)
+        return IngestAck(samples, not fresh)
+
+
+class UploadGrants:
+    """The upload scheduler behind a lock, fed by heartbeats and ticked by the coordinator: each tick's
+    grants are pushed to the devices connected here."""
+
+    def __init__(self, scheduler: UploadScheduler, sessions: DeviceSessions) -> None:
+        self.scheduler = scheduler
+        self._sessions = sessions
+        self._lock = threading.Lock()
+
+    def report(self, device_id: str, heartbeat: device_pb2.Heartbeat, now: float) -> None:
+        network = heartbeat.network if heartbeat.network in NETWORKS else "other"
+        by_priority = {b.priority: b.bytes for b in heartbeat.backlog if b.priority <= 9}
+        with self._lock:
+            self.scheduler.report(Backlog(device_id, network, by_priority), now)
+
+    def pending_bytes(self, device_id: str) -> int:
+        with self._lock:
+            return self.scheduler.pending_bytes(device_id)
+
+    def tick(self, now: float, dt: float) -> int:
+        """Grant the next ``dt`` seconds' budgets; returns how many grants reached a device."""
+        with self._lock:
+            grants = self.scheduler.tick(now, dt)
+        pushed = 0
+        for g in grants:
+            grant = device_pb2.UploadGrant(max_bytes=g.max_bytes, min_priority=g.min_priority)
+            pushed += self._sessions.publish(g.device_id, device_pb2.CloudMessage(upload_grant=grant))
+        return pushed

@@ -1,0 +1,81 @@
+"""What an operator asks of the data: SQL over the fleet store, the captures, and the coordinator's
+summary (devices, ingest totals, campaigns, refusals)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from fleetloop_cloud.fleet_store.query import QUERY_TIMEOUT_S, QueryEngine, QueryResult
+from fleetloop_cloud.repositories.interfaces import CampaignRepository, SegmentRepository
+from fleetloop_cloud.repositories.records import CaptureRecord
+from fleetloop_cloud.services.access import Access, Caller
+from fleetloop_cloud.services.devices import Census
+
+#: Rows a query returns unless it asks for another number.
+DEFAULT_MAX_ROWS = 10_000
+
+
+class CensusSource(Protocol):
+    def census(self, now: float) -> Census: ...
+
+
+@dataclass(frozen=True)
+class Summary:
+    devices: int
+    online: int
+    segments_ingested: int
+    samples_ingested: int
+    captures_ingested: int
+    campaigns: int
+    campaigns_version: int
+    #: Messages refused from devices, by reason, over every transport.
+    refused: dict[str, int]
+
+
+class QueryService:
+    def __init__(
+        self,
+        engine: QueryEngine,
+        segments: SegmentRepository,
+        campaigns: CampaignRepository,
+        devices: CensusSource,
+        access: Access,
+    ) -> None:
+        self._engine = engine
+        self._segments = segments
+        self._campaigns = campaigns
+        self._devices = devices
+        self._access = access
+
+    def sql(
+        self,
+        caller: Caller,
+        sql: str,
+        *,
+        max_rows: int = DEFAULT_MAX_ROWS,
+        timeout_s: float = QUERY_TIMEOUT_S,
+    ) -> QueryResult:
+        """One read-only SELECT over ``samples`` and ``captures`` (QueryError, QueryTimeoutError)."""
+        self._access.operator(caller, "query")
+        return self._engine.query(sql, max_rows=max_rows, timeout_s=timeout_s)
+
+    def captures(self, caller: Caller) -> list[CaptureRecord]:
+        self._access.operator(caller, "query")
+        return self._segments.captures()
+
+    def summary(self, caller: Caller, now: float) -> Summary:
+        self._access.operator(caller, "summary")
+        totals = self._segments.totals()
+        desired = self._campaigns.desired()
+        census = self._devices.census(now)
+        return Summary(
+            devices=census.devices,
+            online=census.online,
+            segments_ingested=totals.segments,
+            samples_ingested=totals.samples,
+            captures_ingested=totals.captures,
+            campaigns=len(desired.campaigns),
+            campaigns_version=desired.version,
+            refused=dict(self._access.refusals.totals()),
+        )
