@@ -1,5 +1,6 @@
 # One command per intent, identical locally and in CI.
-#   make demo   — set up (.venv) and run the whole loop on this machine
+#   make demo   — set up (.venv) and run the whole loop on this machine (DEMO_ARGS=--serve keeps it
+#                 running, with the console, until Ctrl-C)
 #   make test   — set up (system packages for the real broker/database, .venv) and run lint, type check,
 #                 import contracts, proto staleness and the test suite
 PYTHON ?= python3
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: setup
-	$(BIN)/fleetloop demo
+	$(BIN)/fleetloop demo $(DEMO_ARGS)
 
 test: system-deps setup check pytest
 

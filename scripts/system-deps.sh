@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the system packages the test suite runs for real: a private mosquitto (MQTT tests), a private
-# PostgreSQL (metadata tests) and libubootenv-tool (fw_printenv/fw_setenv: interoperability of the u-boot
-# environment adapter; on Debian 12 u-boot-tools does not ship them).
+# PostgreSQL (metadata tests), libubootenv-tool (fw_printenv/fw_setenv: interoperability of the u-boot
+# environment adapter; on Debian 12 u-boot-tools does not ship them) and Debian's Chromium (the
+# console's browser tests drive it through Playwright over its DevTools protocol: no chromedriver, and
+# no browser of Playwright's own, whose download needs the network).
 # Idempotent and quiet; run by `make test` (and so by .ci/run).
 set -euo pipefail
 missing=()
@@ -10,6 +12,7 @@ if ! command -v initdb >/dev/null 2>&1 && ! compgen -G '/usr/lib/postgresql/*/bi
   missing+=(postgresql)
 fi
 command -v fw_printenv >/dev/null 2>&1 || missing+=(libubootenv-tool)
+test -x /usr/bin/chromium || command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 ((${#missing[@]})) || exit 0
 if [ "$(id -u)" -eq 0 ]; then
   sudo_cmd=()

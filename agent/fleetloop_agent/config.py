@@ -11,13 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fleetloop_agent.uplink.device_messages import NETWORKS
-from fleetloop_agent.yaml_marks import load_marked
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.segment import READ_VERSIONS
 from fleetloop_shared.update.delta_format import FORMATS, check_formats
+from fleetloop_shared.yaml_marks import read_config_file
 
 
 @dataclass(frozen=True)
@@ -79,6 +77,14 @@ class AgentConfig:
     #: cloud); ``[fldelta1]`` makes it behave as agents from before FLDELTA2
     delta_formats: tuple[str, ...] = FORMATS
 
+    @property
+    def cloud_ca(self) -> Path | None:
+        """The CA the cloud's certificates chain to (``cloud.tls.ca``, else ``cloud.mqtt.ca``): trusted
+        for the coordinator's HTTPS too, where OTA payloads and TUF metadata come from."""
+        if self.cloud_tls is not None:
+            return self.cloud_tls[0]
+        return self.cloud_mqtt.ca if self.cloud_mqtt is not None else None
+
 
 def _req(doc: Mapping[str, Any], key: str, where: str, kind: type | tuple[type, ...]) -> Any:
     if key not in doc:
@@ -93,19 +99,7 @@ def _req(doc: Mapping[str, Any], key: str, where: str, kind: type | tuple[type, 
 def load_agent_config(path: str | Path) -> AgentConfig:
     """Read and check the agent configuration; ConfigError names the file and the key at fault."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        doc = load_marked(p.read_text(), source=str(p))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level")
+    doc = read_config_file(p)
     base = p.parent.resolve()
     where = str(p)
 

@@ -366,6 +366,11 @@ class LocalStore:
                 )
             _unlink_quietly(self._path(segment_id))
 
+    @property
+    def quota_bytes(self) -> int:
+        """The disk quota the store keeps within."""
+        return self._quota
+
     def disk_usage(self) -> int:
         """Bytes the store takes on disk, as the quota counts them: the blocks of the pending segment
         files, plus everything else under the root (the index, its log, leftovers) as allocated."""

@@ -30,11 +30,12 @@ from fleetloop_agent.config import AgentConfig
 from fleetloop_agent.local_store import LocalStore
 from fleetloop_agent.metrics import AgentMetrics
 from fleetloop_agent.models import MANIFEST, ModelPack, ModelRegistry, load_model_pack
+from fleetloop_agent.ota.download import HttpFetcher
 from fleetloop_agent.ota.driver import OtaDriver, OtaReport
 from fleetloop_agent.ota.platform import EXIT_REBOOT, EnvFilePlatform, RebootRequested
 from fleetloop_agent.ring_buffer import RingBuffers
 from fleetloop_agent.sources import SignalSource, build_source
-from fleetloop_agent.sources.live import LIVE_ORIGIN, Closable, SourceCounters
+from fleetloop_agent.sources.live import LIVE_ORIGIN, Closable, source_totals
 from fleetloop_agent.trigger_engine import TriggerEngine
 from fleetloop_agent.uplink import Greeting, Link, UplinkTransport, heartbeat
 from fleetloop_agent.uplink.grpc_transport import GrpcTransport
@@ -87,9 +88,10 @@ class AgentRuntime:
         for src in self.sources:
             src.declare(self.catalog)
         origins = {s.origin for s in self.sources}
-        self.data_origin = "simulated"
-        if origins in ({"recordings"}, {LIVE_ORIGIN}):
-            (self.data_origin,) = origins
+        # one origin when all sources agree; otherwise any simulated data makes the whole simulated
+        self.data_origin = (
+            origins.pop() if len(origins) == 1 else "simulated" if "simulated" in origins else LIVE_ORIGIN
+        )
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.buffers = RingBuffers(self.catalog, horizon_ns=MIN_HORIZON_NS)
         #: One registry for the process, replaced in place on reload (running evaluators hold it).
@@ -112,6 +114,7 @@ class AgentRuntime:
             hardware_id=pc.hardware_id,
             device_id=config.device_id,
             report=self._on_ota_report,
+            fetcher=HttpFetcher(ca=config.cloud_ca),
             on_bundle=self._on_bundle,
             delta_formats=config.delta_formats,
         )
@@ -180,7 +183,7 @@ class AgentRuntime:
             self.link.stop()
             self.store.close()
             for src in self.sources:
-                if isinstance(src, Closable):
+                if isinstance(src, Closable):  # live sources stop their bus, poller or server thread
                     src.close()
         if self._reboot.is_set():
             log.info("rebooting to finish the update")
@@ -198,9 +201,9 @@ class AgentRuntime:
             except FleetloopError as exc:
                 log.error("source %s failed: %s", src.name, exc)
         for src in self.sources:
-            counters = getattr(src, "counters", None)
-            if isinstance(counters, SourceCounters):
-                self.metrics.sync_source(src.name, counters.totals())
+            totals = source_totals(src)
+            if totals is not None:
+                self.metrics.sync_source(src.name, totals)
         for b in batches:
             self.buffers.append(b)
             self.metrics.samples_read.inc(b.sample_count)

@@ -7,6 +7,7 @@ coordinator's certificate is checked against the context's CA when one is set (e
 from __future__ import annotations
 
 import json
+import re
 import ssl
 import urllib.error
 import urllib.request
@@ -41,6 +42,14 @@ class CoordinatorClient:
     def request(
         self, method: str, path: str, *, body: bytes | None = None, content_type: str = "application/json"
     ) -> Any:
+        raw, _ = self._send(method, path, body, content_type)
+        return json.loads(raw or b"null")
+
+    def download(self, path: str) -> tuple[bytes, str]:
+        """A file the coordinator makes (an export): its bytes and the file name it suggests."""
+        return self._send("GET", path, None, "")
+
+    def _send(self, method: str, path: str, body: bytes | None, content_type: str) -> tuple[bytes, str]:
         req = urllib.request.Request(self.base + path, data=body, method=method)
         if body is not None:
             req.add_header("Content-Type", content_type)
@@ -48,7 +57,9 @@ class CoordinatorClient:
             req.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(req, timeout=self.timeout, context=self._ssl) as resp:
-                return json.loads(resp.read() or b"null")
+                disposition = resp.headers.get("Content-Disposition", "")
+                match = re.search(r'filename="([A-Za-z0-9._-]+)"', disposition)
+                return resp.read(), match.group(1) if match else ""
         except urllib.error.HTTPError as exc:
             raise _from_http(exc) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:

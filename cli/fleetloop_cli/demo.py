@@ -174,6 +174,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "transport": summary_transport,
     }
     error: str | None = None
+    serving: tuple[str, str] | None = None  # the console's URL and a viewer token, with --serve
     try:
         _say(verbose, f"fleetloop demo — data: {origin_text}")
         mqtt_args: list[str] = []
@@ -205,6 +206,8 @@ def run_demo(args: argparse.Namespace) -> int:
             }
         _say(verbose, f"coordinator up at {client.base} (tokens: admin from cloud init, an operator, "
                       "a release manager)")
+        if getattr(args, "serve", False):
+            serving = (client.base, _mint(admin, "demo-viewer", "viewer"))
 
         v1 = firmware.build_image("1.0.0", HARDWARE_ID)
         v2 = firmware.build_image("2.0.0", HARDWARE_ID, variant=1)
@@ -336,33 +339,65 @@ def run_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         error = "interrupted"
     finally:
-        procs.stop_all()
-        if broker is not None:
-            broker.stop()
         summary["seconds"] = round(time.monotonic() - started, 1)
-        if tmp is not None:
-            tmp.cleanup()
-    if error:
-        summary["error"] = error
-    if args.json:
-        print(json.dumps(summary), flush=True)
-    else:
-        ro = summary["rollout"]
-        print(
-            f"\nsummary: {summary['devices']} devices ({summary['data']}), {summary['captures_ingested']} "
-            f"captures / {summary['samples_ingested']:,} samples ingested, "
-            f"{summary['query_rows']} query rows; "
-            f"rollout {ro['state']}: {ro['devices_updated']}/{summary['devices']} devices on v2, delta "
-            f"{ro['delta_bytes']:,} of {ro['full_bytes']:,} bytes; {summary['seconds']} s",
-            flush=True,
-        )
-        for device_id, dev in sorted(ro.get("devices", {}).items()):
-            if dev["state"] not in ("COMMITTED", "PENDING"):
-                print(f"  {device_id}: {dev['state']} — {dev['reason']}", flush=True)
+        if error:
+            summary["error"] = error
+        try:
+            _report(summary, args)
+            if getattr(args, "serve", False) and serving is not None and error is None:
+                error = _serve(serving, procs)
+        finally:
+            procs.stop_all()
+            if broker is not None:
+                broker.stop()
+            if tmp is not None:
+                tmp.cleanup()
     if error:
         print(f"error: demo failed: {error}", file=sys.stderr, flush=True)
         return 130 if error == "interrupted" else 1
     return 0
+
+
+def _report(summary: dict[str, Any], args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps(summary), flush=True)
+        return
+    ro = summary["rollout"]
+    print(
+        f"\nsummary: {summary['devices']} devices ({summary['data']}), {summary['captures_ingested']} "
+        f"captures / {summary['samples_ingested']:,} samples ingested, "
+        f"{summary['query_rows']} query rows; "
+        f"rollout {ro['state']}: {ro['devices_updated']}/{summary['devices']} devices on v2, delta "
+        f"{ro['delta_bytes']:,} of {ro['full_bytes']:,} bytes; {summary['seconds']} s",
+        flush=True,
+    )
+    for device_id, dev in sorted(ro.get("devices", {}).items()):
+        if dev["state"] not in ("COMMITTED", "PENDING"):
+            print(f"  {device_id}: {dev['state']} — {dev['reason']}", flush=True)
+
+
+def _serve(serving: tuple[str, str], procs: _Processes) -> str | None:
+    """``demo --serve``: keep the coordinator and the devices running until Ctrl-C (or SIGTERM), with the
+    console's address and a viewer token on screen; why it stopped early, if one of them died."""
+    url, viewer = serving
+    print(
+        f"\nconsole: {url}/  (sign in with this viewer token: {viewer})\n"
+        "the coordinator and the devices keep running; Ctrl-C stops them",
+        flush=True,
+    )
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        while not stop.wait(1.0):
+            procs.check_alive()
+    except KeyboardInterrupt:
+        pass
+    except DemoFailed as exc:
+        return str(exc)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        print("stopping the coordinator and the devices", flush=True)
+    return None
 
 
 def _start_cloud(

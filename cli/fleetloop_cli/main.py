@@ -14,7 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fleetloop_cli import access_commands, fleet_commands, ota_commands, rules_commands, store_commands
+from fleetloop_cli import (
+    access_commands,
+    cloud_commands,
+    fleet_commands,
+    ota_commands,
+    rules_commands,
+    store_commands,
+)
 from fleetloop_cli.client import CoordinatorClient, client_from_args
 from fleetloop_cli.output import FORMATS, render_object, render_records, render_rows
 from fleetloop_shared.errors import EXIT_INTERRUPTED, FleetloopError, NotFoundError, UserError
@@ -35,61 +42,6 @@ def _print(text: str) -> None:
 
 
 # -- cloud / agent / sim ---------------------------------------------------------------------------
-def cmd_cloud_serve(args: argparse.Namespace) -> int:
-    from fleetloop_cloud.server import serve
-    from fleetloop_shared import jsonlog
-
-    jsonlog.configure("cloud", level=args.log_level)
-    mqtt = None
-    if args.mqtt:  # MQTT 5 beside gRPC
-        from fleetloop_cloud.mqtt_bridge import BridgeSettings
-
-        host, _, port = args.mqtt.rpartition(":")
-        if not host or not port.isdigit() or not (args.mqtt_ca and args.mqtt_cert and args.mqtt_key):
-            raise UserError("--mqtt wants HOST:PORT and --mqtt-ca, --mqtt-cert, --mqtt-key")
-        mqtt = BridgeSettings(host, int(port), Path(args.mqtt_ca), Path(args.mqtt_cert), Path(args.mqtt_key))
-    return serve(
-        Path(args.dir),
-        host=args.host,
-        grpc_port=args.grpc_port,
-        http_port=args.http_port,
-        ready_file=Path(args.ready_file) if args.ready_file else None,
-        mqtt=mqtt,
-        db=args.db,
-        grpc_tls=_grpc_tls(args),
-        http=_http_settings(args),
-    )
-
-
-def _http_settings(args: argparse.Namespace) -> Any:
-    """TLS for the HTTP port when --http-cert is given; --insecure for a lab."""
-    from fleetloop_cloud.http_api import HttpSettings, HttpTls
-
-    tls = None
-    if args.http_cert or args.http_key:
-        if not (args.http_cert and args.http_key):
-            raise UserError("--http-cert and --http-key go together")
-        for name in (args.http_cert, args.http_key):
-            if not Path(name).is_file():
-                raise NotFoundError(f"{name}: no such file")
-        tls = HttpTls(Path(args.http_cert), Path(args.http_key))
-    return HttpSettings(tls=tls, insecure=args.insecure)
-
-
-def _grpc_tls(args: argparse.Namespace) -> Any:
-    """mTLS for the device gRPC port when --grpc-cert is given."""
-    if not args.grpc_cert:
-        return None
-    if not (args.grpc_ca and args.grpc_key):
-        raise UserError("--grpc-cert needs --grpc-key and --grpc-ca (the CA device certificates chain to)")
-    from fleetloop_cloud.grpc_api import GrpcTls
-
-    for name in (args.grpc_ca, args.grpc_cert, args.grpc_key):
-        if not Path(name).is_file():
-            raise NotFoundError(f"{name}: no such file")
-    return GrpcTls(Path(args.grpc_ca), Path(args.grpc_cert), Path(args.grpc_key))
-
-
 def cmd_agent_run(args: argparse.Namespace) -> int:
     import signal
 
@@ -121,7 +73,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -- data ------------------------------------------------------------------------------------------
 def cmd_query(args: argparse.Namespace) -> int:
-    body = {"sql": args.sql, "max_rows": args.max_rows, "timeout_s": args.timeout}
+    body = {"sql": args.sql, "max_rows": args.max_rows}
+    if args.timeout is not None:
+        body["timeout_s"] = args.timeout
     result = _client(args).post_json("/v1/query", body)
     _print(render_rows(result["columns"], result["rows"], args.output))
     if result.get("truncated"):
@@ -148,6 +102,26 @@ def cmd_devices_list(args: argparse.Namespace) -> int:
 def cmd_captures_list(args: argparse.Namespace) -> int:
     caps = _client(args).get("/v1/captures")
     _print(render_records(caps, args.output))
+    return 0
+
+
+def cmd_captures_export(args: argparse.Namespace) -> int:
+    """One capture as an MCAP, Parquet or CSV file, made by the coordinator (``-o -``: standard output)."""
+    from urllib.parse import quote, urlencode
+
+    query = {"format": args.format} | ({"device": args.device} if args.device else {})
+    path = f"/v1/captures/{quote(args.id, safe='')}/export?{urlencode(query)}"
+    data, filename = _client(args).download(path)
+    if args.file == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return 0
+    suggested = filename if filename and not filename.startswith(".") else f"{args.id}.{args.format}"
+    target = Path(args.file or Path(suggested).name)
+    tmp = target.with_name(target.name + ".part")
+    tmp.write_bytes(data)
+    tmp.replace(target)
+    print(f"wrote {target} ({len(data)} bytes, {args.format})", file=sys.stderr)
     return 0
 
 
@@ -230,29 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
     cloud = sub.add_parser("cloud", help="run the coordinator").add_subparsers(
         dest="sub", required=True, parser_class=_Parser
     )
-    s = cloud.add_parser("serve", help="serve gRPC + HTTP with embedded storage")
-    s.add_argument("--dir", default="fleetloop-cloud", help="data directory (SQLite, Parquet, artifacts)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--grpc-port", type=int, default=50051)
-    s.add_argument("--http-port", type=int, default=8080)
-    s.add_argument("--ready-file", help="write the bound ports here as JSON once serving")
-    s.add_argument("--log-level", default="info")
-    s.add_argument("--mqtt", help="also serve devices over MQTT 5 through this broker (HOST:PORT, TLS)")
-    s.add_argument("--mqtt-ca", help="CA certificate the broker's certificate is checked against")
-    s.add_argument("--mqtt-cert", help="this coordinator's own certificate (CN in group coordinators)")
-    s.add_argument("--mqtt-key", help="its private key")
-    s.add_argument("--db", help="metadata in PostgreSQL (postgresql://...) instead of SQLite in --dir")
-    s.add_argument("--grpc-cert", help="serve devices over mTLS with this certificate (and --grpc-key)")
-    s.add_argument("--grpc-key", help="the gRPC server's private key")
-    s.add_argument("--grpc-ca", help="CA that device certificates must chain to (CN = device id)")
-    s.add_argument("--http-cert", help="serve HTTP over TLS with this certificate (and --http-key)")
-    s.add_argument("--http-key", help="the HTTP server's private key")
-    s.add_argument(
-        "--insecure", action="store_true",
-        help="lab only: no API tokens (everyone is admin) and no TLS required off loopback",
-    )
-    s.set_defaults(func=cmd_cloud_serve)
-
     agent = sub.add_parser("agent", help="run the device agent").add_subparsers(dest="sub", required=True)
     s = agent.add_parser("run", help="run the agent with one config file")
     s.add_argument("--config", required=True)
@@ -271,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="recordings directory (default: $FLEETLOOP_DATA or ../shared/data/real)")
     s.add_argument("--simulated", action="store_true", help="use firmware-sim's generated signals")
     s.add_argument("--workdir", help="keep the demo's files here (default: a temporary directory)")
+    s.add_argument("--serve", action="store_true",
+                   help="after the summary, keep the coordinator and devices running and print the "
+                        "console's URL and a viewer token; Ctrl-C stops them")  # fmt: skip
     s.add_argument(
         "--inject",
         choices=["bad-health", "corrupt-artifact"],
@@ -294,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("query", help="SQL over the fleet's data (tables: samples, captures)")
     s.add_argument("sql")
     s.add_argument("--max-rows", type=int, default=10000)
-    s.add_argument("--timeout", type=float, default=120.0, help="seconds the query may run (max 120)")
+    s.add_argument("--timeout", type=float, default=None,
+                   help="seconds the query may run (default and most: the coordinator's query.timeout_s)")
     with_cloud(s)
     s.set_defaults(func=cmd_query)
 
@@ -313,6 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = captures.add_parser("list")
     with_cloud(s)
     s.set_defaults(func=cmd_captures_list)
+    s = captures.add_parser("export", help="a capture as MCAP (Foxglove), Parquet or CSV (PlotJuggler)")
+    s.add_argument("id", help="capture id (fleetloop captures list)")
+    s.add_argument("--format", choices=("mcap", "parquet", "csv"), default="mcap")
+    s.add_argument("--device", help="the device, when captures of two devices share the id")
+    s.add_argument("-o", "--file", dest="file",
+                   help="output file (default: the name the coordinator gives; - for stdout)")  # fmt: skip
+    s.add_argument("--cloud", default=None, help="coordinator URL ($FLEETLOOP_CLOUD)")
+    s.add_argument("--context", default=None, help="config context to use ($FLEETLOOP_CONTEXT)")
+    s.set_defaults(func=cmd_captures_export)
 
     arts = sub.add_parser("artifacts", help="release artifacts").add_subparsers(dest="sub", required=True)
     s = arts.add_parser("upload", help="sign and store a release; deltas are built from installed versions")
@@ -350,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=cmd_rollout_action, action=action)
     groups = {"top": sub, "rules": rules, "sim": sim, "artifacts": arts, "cloud": cloud}
     for register in (
+        cloud_commands.register,
         access_commands.register,
         rules_commands.register,
         store_commands.register,

@@ -20,14 +20,20 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 
-from fleetloop_cloud.fleet_store.compaction import Compactor
+from fleetloop_cloud.fleet_store.captures import CaptureReader
+from fleetloop_cloud.fleet_store.compaction import CompactionPolicy, Compactor
 from fleetloop_cloud.fleet_store.parquet import FleetStore
 from fleetloop_cloud.fleet_store.query import QueryEngine
 from fleetloop_cloud.grpc_api import GrpcTls, start_grpc_server
 from fleetloop_cloud.http_api import HttpSettings, start_http_server
+from fleetloop_cloud.http_api.metrics import metrics_middleware
+from fleetloop_cloud.limits import Limits
+from fleetloop_cloud.metrics.prometheus import PrometheusMetrics
+from fleetloop_cloud.metrics.watches import watch_coordinator
 from fleetloop_cloud.mqtt_bridge import BridgeSettings, MqttBridge
 from fleetloop_cloud.ota.artifact_store import ArtifactStore
 from fleetloop_cloud.ota.director import Director
@@ -39,13 +45,9 @@ from fleetloop_cloud.rollout.jobs import OtaJobs
 from fleetloop_cloud.services.access import Access, Caller, Refusals
 from fleetloop_cloud.services.audit import AuditService
 from fleetloop_cloud.services.campaigns import CampaignService
+from fleetloop_cloud.services.captures import CaptureService
 from fleetloop_cloud.services.devices import LEASE_BEAT_S, DeviceService
-from fleetloop_cloud.services.ingest import (
-    MAX_CHUNKED_UPLOAD_BYTES,
-    UPLOAD_BUDGET,
-    IngestService,
-    UploadGrants,
-)
+from fleetloop_cloud.services.ingest import IngestService, UploadGrants
 from fleetloop_cloud.services.query import QueryService
 from fleetloop_cloud.services.releases import ReleaseService
 from fleetloop_cloud.services.rollouts import RolloutService
@@ -92,19 +94,30 @@ class _Periodic:
 class Coordinator:
     """One coordinator's parts, built from ``data_dir`` (and ``db``: a ``postgresql://`` URL shared by
     several coordinators; default SQLite in ``data_dir``). ``clock`` is what every service's ``now``
-    comes from."""
+    comes from; ``limits`` the budgets and bounds it works within (a configuration file's)."""
 
     def __init__(
-        self, data_dir: Path, *, clock: Callable[[], float] = time.time, db: str | None = None
+        self,
+        data_dir: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        db: str | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.clock = clock
+        self.limits = limits = limits or Limits()
+        self.metrics = PrometheusMetrics()
         self.repositories = repos = open_repositories(db if db else data_dir / "metadata.sqlite")
         self.fleet_store = FleetStore(data_dir / "fleet")
-        self.query_engine = QueryEngine(data_dir / "fleet", captures=repos.segments.captures)
-        # file ages are wall-clock (file mtimes), whatever clock drives the rest
-        self.compactor = Compactor(self.fleet_store, repos.segments.has)
+        self.query_engine = QueryEngine(
+            data_dir / "fleet", captures=repos.segments.captures, limits=limits.query
+        )
+        # file ages are wall-clock (file mtimes), whatever clock drives the rest; absorbed files outlive
+        # the longest query by a minute at least
+        grace_s = max(CompactionPolicy().grace_s, limits.query.timeout_s + 60)
+        self.compactor = Compactor(self.fleet_store, repos.segments.has, CompactionPolicy(grace_s=grace_s))
         self.signer = release_signer(data_dir / "keys")
         # OTA trust: devices are provisioned with keys/image-root.json and keys/director-root.json
         self.tuf = TufRepositories(data_dir / "artifacts" / "tuf", data_dir / "keys" / "tuf", clock=clock)
@@ -113,7 +126,7 @@ class Coordinator:
         self.sessions = DeviceSessions()
         # Resumable uploads are staged per coordinator: a device that moves to another coordinator
         # mid-upload starts that segment again there (the ingest ledger keeps it exactly once).
-        self.staging = UploadStaging(data_dir / "staging", max_upload_bytes=MAX_CHUNKED_UPLOAD_BYTES)
+        self.staging = UploadStaging(data_dir / "staging", **asdict(limits.staging))
         self.refusals = Refusals()
         self.access = access = Access(self.refusals, repos.audit_log)
         coordinator_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -123,7 +136,7 @@ class Coordinator:
             access.record(controller, "rollouts.transition", rollout_id, now, before=before, after=after,
                           detail=reason)  # fmt: skip
 
-        self.grants = UploadGrants(UploadScheduler(UPLOAD_BUDGET), self.sessions)
+        self.grants = UploadGrants(UploadScheduler(limits.upload_budget), self.sessions)
         self.jobs = OtaJobs(self.director, self.sessions, repos.devices)
         self.controller = RolloutController(
             repos.rollouts, repos.releases, repos.devices, self.jobs, transitions=transition
@@ -133,12 +146,32 @@ class Coordinator:
             repos.devices, repos.leases, self.sessions, access, coordinator_id=coordinator_id,
             campaigns=self.campaigns, ota=self.controller, backlog=self.grants,
         )  # fmt: skip
-        self.ingest = IngestService(repos.devices, repos.segments, self.fleet_store, self.staging, access)
+        self.ingest = IngestService(
+            repos.devices,
+            repos.segments,
+            self.fleet_store,
+            self.staging,
+            access,
+            metrics=self.metrics,
+            max_upload_bytes=limits.staging.max_upload_bytes,
+        )
         self.releases = ReleaseService(repos.releases, repos.devices, self.artifacts, self.tuf, access)
         self.rollouts = RolloutService(self.controller, repos.rollouts, access)
-        self.queries = QueryService(self.query_engine, repos.segments, repos.campaigns, self.devices, access)
+        self.queries = QueryService(
+            self.query_engine, repos.segments, repos.campaigns, self.devices, access, metrics=self.metrics
+        )
+        self.captures = CaptureService(repos.segments, repos.devices, repos.campaigns,
+                                       CaptureReader(self.query_engine), access)  # fmt: skip
         self.tokens = TokenService(repos.tokens, access)
         self.audit = AuditService(access)
+        watch_coordinator(
+            self.metrics,
+            sessions=self.sessions,
+            rollouts=repos.rollouts,
+            refusals=self.refusals,
+            staging=self.staging,
+            grants=self.grants,
+        )
         self.devices.beat(clock())
         self._last_beat = clock()
         self._loops = [
@@ -222,6 +255,18 @@ def exposure_refusal(host: str, *, http: HttpSettings, grpc_tls: bool) -> str | 
     return None
 
 
+def served_url(scheme: str, host: str, port: int) -> str:
+    """This coordinator's HTTP address as devices should reach it, when no public URL is configured.
+    A wildcard address (0.0.0.0, ::) is no address a device can use: this machine's name stands in,
+    with a warning to configure ``public_url``."""
+    if host in ("", "0.0.0.0", "::"):
+        name = socket.getfqdn()
+        log.warning("devices will download artifacts from %s://%s:%d; set public_url (--public-url) if "
+                    "they reach this coordinator under another name", scheme, name, port)  # fmt: skip
+        host = name
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
 def initialise(
     data_dir: Path, *, db: str | None = None, recover: bool = False, clock: Callable[[], float] = time.time
 ) -> IssuedToken:
@@ -247,16 +292,19 @@ def serve(
     db: str | None = None,
     grpc_tls: GrpcTls | None = None,
     http: HttpSettings | None = None,
+    limits: Limits | None = None,
+    public_url: str | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (or ``stop`` is set). Writes ``ready_file`` once both ports listen.
-    ConfigError (before anything listens) for an address it must not serve on as configured."""
+    ConfigError (before anything listens) for an address it must not serve on as configured.
+    ``public_url`` is where devices reach the HTTP port (artifact downloads); by default this address."""
     stop = stop or threading.Event()
     http = http or HttpSettings()
     refusal = exposure_refusal(host, http=http, grpc_tls=grpc_tls is not None)
     if refusal is not None:
         raise ConfigError(refusal)
     raise_open_files_limit()
-    coordinator = Coordinator(data_dir, db=db)
+    coordinator = Coordinator(data_dir, db=db, limits=limits)
     if http.insecure:
         log.warning("--insecure: no API tokens (every HTTP request acts as an admin)%s",
                     "" if http.tls else " and no TLS")  # fmt: skip
@@ -271,9 +319,11 @@ def serve(
         log.warning("no API token exists yet: 'fleetloop cloud init --dir %s' makes the first admin token",
                     data_dir)  # fmt: skip
     grpc_server, gport = start_grpc_server(coordinator, host, grpc_port, tls=grpc_tls)
-    http_server, hport = start_http_server(coordinator, host, http_port, http)
+    http_server, hport = start_http_server(
+        coordinator, host, http_port, http, middlewares=[metrics_middleware(coordinator.metrics)]
+    )
     scheme = "https" if http.tls is not None else "http"
-    coordinator.jobs.artifact_base_url = f"{scheme}://{host}:{hport}"
+    coordinator.jobs.artifact_base_url = public_url or served_url(scheme, host, hport)
     coordinator.start()
     # MQTT 5 beside gRPC: consumers on a shared subscription calling the same services.
     bridge = MqttBridge(coordinator, mqtt) if mqtt is not None else None
@@ -289,6 +339,7 @@ def serve(
     info = {
         "grpc": f"{host}:{gport}",
         "http": f"{scheme}://{host}:{hport}",
+        "artifacts": coordinator.jobs.artifact_base_url,
         "pid": os.getpid(),
         "data_dir": str(data_dir),
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +33,8 @@ class Session:
     closed: threading.Event = field(default_factory=threading.Event)
     #: Called after each push and on close, from the thread that did it; must not block.
     wake: Callable[[], None] = lambda: None
+    #: The transport the device is connected over (grpc, mqtt): what the metrics count by.
+    transport: str = ""
 
     def close(self) -> None:
         self.closed.set()
@@ -46,9 +49,11 @@ class DeviceSessions:
         self._sessions: dict[str, Session] = {}
         self.dropped_total = 0
 
-    def open(self, device_id: str, wake: Callable[[], None] | None = None) -> Session:
+    def open(self, device_id: str, wake: Callable[[], None] | None = None, *, transport: str = "") -> Session:
         """The device's new session (its previous one is closed); ``wake`` is told of pushes and close."""
-        session = Session(device_id) if wake is None else Session(device_id, wake=wake)
+        session = Session(device_id, transport=transport)
+        if wake is not None:
+            session.wake = wake
         with self._lock:
             old = self._sessions.get(device_id)
             self._sessions[device_id] = session
@@ -68,6 +73,11 @@ class DeviceSessions:
     def online(self) -> list[str]:
         with self._lock:
             return sorted(self._sessions)
+
+    def by_transport(self) -> dict[str, int]:
+        """How many devices are connected here, by transport."""
+        with self._lock:
+            return dict(Counter(s.transport for s in self._sessions.values()))
 
     def publish(self, device_id: str, msg: device_pb2.CloudMessage) -> bool:
         """Queue ``msg`` for the device; False when it is not connected."""

@@ -23,7 +23,6 @@ import pwd
 import queue
 import resource
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -39,6 +38,7 @@ from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleetloop_fwsim.broker_policy import ADMIN, Command, apply, coordinator_commands, device_commands
+from fleetloop_fwsim.child_process import await_listening, free_port, terminate
 from fleetloop_shared.errors import ConfigError, UnavailableError
 
 #: The shipped broker configuration (repository checkout; the systemd packaging installs the same files).
@@ -72,12 +72,6 @@ def _answer(answers: queue.Queue[Any], what: str) -> Any:
         return answers.get(timeout=CONTROL_TIMEOUT_S)
     except queue.Empty:
         raise UnavailableError(f"the broker did not answer {what} within {CONTROL_TIMEOUT_S:.0f} s") from None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class CertificateAuthority:
@@ -274,19 +268,9 @@ class MosquittoProcess:
                 start_new_session=True,
             )
         self._raise_open_files_limit()
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-600:]
-                raise UnavailableError(f"mosquitto exited with code {self.proc.returncode}: {tail}")
-            try:
-                socket.create_connection((self.host, self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise UnavailableError(f"mosquitto did not listen on port {self.port}") from None
-                time.sleep(0.05)
+        await_listening(
+            self.proc, self.host, self.port, name="mosquitto", timeout_s=timeout_s, log_path=self.log_path
+        )
 
     def _raise_open_files_limit(self) -> None:
         """Let the broker hold as many connections as the system allows: every device holds one, and the
@@ -297,13 +281,7 @@ class MosquittoProcess:
             resource.prlimit(self.proc.pid, resource.RLIMIT_NOFILE, (hard, hard))
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        terminate(self.proc)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import pwd
-import socket
 import subprocess
-import time
 from pathlib import Path
 
-from fleetloop_fwsim.broker import free_port, mosquitto_binary
-from fleetloop_shared.errors import ConfigError, UnavailableError
+from fleetloop_fwsim.broker import mosquitto_binary
+from fleetloop_fwsim.child_process import await_listening, free_port, terminate
+from fleetloop_shared.errors import ConfigError
 
 
 class HubBroker:
@@ -49,25 +48,9 @@ class HubBroker:
             self.proc = subprocess.Popen(
                 [self.binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-600:]
-                raise UnavailableError(f"hub mosquitto exited with code {self.proc.returncode}: {tail}")
-            try:
-                socket.create_connection((self.host, self.port), timeout=0.2).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise UnavailableError(f"hub mosquitto did not listen on port {self.port}") from None
-                time.sleep(0.05)
+        await_listening(
+            self.proc, self.host, self.port, name="hub mosquitto", timeout_s=timeout_s, log_path=self.log_path
+        )
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+        terminate(self.proc)

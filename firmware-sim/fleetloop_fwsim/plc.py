@@ -29,20 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from fleetloop_fwsim.broker import free_port
+from fleetloop_fwsim.child_process import free_port
+from fleetloop_fwsim.signals import SKAB_COLUMNS
 from fleetloop_shared.errors import ConfigError, UnavailableError
 
-#: SKAB anomaly-free columns (after ``datetime``), in file order.
-SKAB_COLUMNS: Final = (
-    "Accelerometer1RMS",
-    "Accelerometer2RMS",
-    "Current",
-    "Pressure",
-    "Temperature",
-    "Thermocouple",
-    "Voltage",
-    "Volume Flow RateRMS",
-)
 #: (register, first address, data type, word order, scale) of each served block.
 MODBUS_MAP: Final = {
     "float_abcd": ("holding", 0, "float32", "big", 1.0),
@@ -270,13 +260,9 @@ class OpcUaPump:
         row = self.table.current()
         variables = []
         for column, value in zip(SKAB_COLUMNS, row, strict=True):
-            var = await pump.add_variable(
-                f"ns={idx};s=Pump.{column}", f"{idx}:{column}", float(value)
-            )
+            var = await pump.add_variable(f"ns={idx};s=Pump.{column}", f"{idx}:{column}", float(value))
             variables.append(var)
-        running = await pump.add_variable(
-            f"ns={idx};s=Pump.Running", f"{idx}:Running", True
-        )
+        running = await pump.add_variable(f"ns={idx};s=Pump.Running", f"{idx}:Running", True)
         await server.start()
         self._server = server
 

@@ -54,8 +54,8 @@ IMU_HEADER: Final = (
     "Magnetometer Y (uT)",
     "Magnetometer Z (uT)",
 )
-PUMP_HEADER: Final = (
-    "datetime",
+#: SKAB anomaly-free columns (after ``datetime``), in file order.
+SKAB_COLUMNS: Final = (
     "Accelerometer1RMS",
     "Accelerometer2RMS",
     "Current",
@@ -65,6 +65,7 @@ PUMP_HEADER: Final = (
     "Voltage",
     "Volume Flow RateRMS",
 )
+PUMP_HEADER: Final = ("datetime", *SKAB_COLUMNS)
 
 FloatArray = npt.NDArray[np.float64]
 

@@ -44,12 +44,17 @@ class SignalSpec:
     unit: str = ""
 
 
+#: Pattern sets whose matches a catalog remembers.
+MATCH_CACHE = 256
+
+
 class Catalog:
     """The signals one device knows, by path and by id."""
 
     def __init__(self, signals: Iterable[SignalSpec] = ()) -> None:
         self._by_path: dict[str, SignalSpec] = {}
         self._by_id: dict[int, SignalSpec] = {}
+        self._matches: dict[tuple[tuple[str, ...], int], list[SignalSpec]] = {}
         for spec in signals:
             self._insert(spec)
 
@@ -97,9 +102,19 @@ class Catalog:
         return len(self._by_id)
 
     def match(self, patterns: Iterable[str]) -> list[SignalSpec]:
-        """Signals whose path matches any glob pattern (``Vehicle.Chassis.*``), in id order."""
-        pats = list(patterns)
-        return [s for s in self if any(fnmatch.fnmatchcase(s.path, p) for p in pats)]
+        """Signals whose path matches any glob pattern (``Vehicle.Chassis.*``), in id order.
+
+        Remembered per pattern set until a signal is added (entries are only ever added), since every
+        capture asks again for its campaign's patterns; at most :data:`MATCH_CACHE` sets are kept."""
+        pats = tuple(patterns)
+        key = (pats, len(self._by_id))
+        hit = self._matches.get(key)
+        if hit is None:
+            hit = [s for s in self if any(fnmatch.fnmatchcase(s.path, p) for p in pats)]
+            if len(self._matches) >= MATCH_CACHE:
+                self._matches.clear()
+            self._matches[key] = hit
+        return list(hit)
 
     def to_records(self) -> list[dict[str, Any]]:
         return [{"id": s.id, "path": s.path, "data_type": s.data_type.name, "unit": s.unit} for s in self]

@@ -16,8 +16,9 @@ import math
 import re
 import sys
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fleetloop_shared.errors import ConfigError
 
@@ -149,6 +150,109 @@ def j1939_pgn(frame_id: int) -> int:
     return pgn
 
 
+@dataclass(frozen=True)
+class SignalLayout:
+    """Where one signal sits in its message and how its raw bits become a value, as plain data.
+
+    ``start`` is the DBC start bit: the least significant bit for little-endian (Intel) signals, the most
+    significant bit in the DBC's sawtooth numbering for big-endian (Motorola) ones. ``conversion`` is how
+    the decoded value is typed, exactly as cantools types it: ``identity`` (the raw value, an int, or a
+    float for IEEE signals), ``integer`` (``raw * scale + offset`` in integers) or ``linear`` (the same in
+    floats). A multiplexed signal is present when its ``multiplexer`` signal's value is in
+    ``multiplexer_ids``; a multiplexer signal's value must be one of ``selector_ids`` (its children's ids
+    and its choices), or the whole frame does not decode.
+    """
+
+    name: str
+    start: int
+    length: int
+    byte_order: Literal["little_endian", "big_endian"]
+    is_signed: bool
+    is_float: bool
+    conversion: Literal["identity", "integer", "linear"]
+    scale: int | float
+    offset: int | float
+    unit: str
+    choices: Mapping[int, str]
+    multiplexer: str | None
+    multiplexer_ids: frozenset[int] | None
+    is_multiplexer: bool
+    selector_ids: frozenset[int]
+
+
+@dataclass(frozen=True)
+class MessageLayout:
+    """One DBC message as plain data: what a batch decoder compiles (see :mod:`.can_batch`)."""
+
+    name: str
+    frame_id: int
+    is_extended: bool
+    length: int
+    is_fd: bool
+    is_j1939: bool
+    signals: tuple[SignalLayout, ...]
+
+
+def _conversion_kind(signal: Any) -> Literal["identity", "integer", "linear"]:
+    """Which of cantools' conversions types this signal's values (its ``BaseConversion.factory`` rule:
+    identity for scale 1 and offset 0, integer arithmetic for whole scale and offset, else floats)."""
+    scale, offset = signal.scale, signal.offset
+    if scale == 1 and offset == 0:
+        return "identity"
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+    if whole(scale) and whole(offset) and not bool(signal.is_float):
+        return "integer"
+    return "linear"
+
+
+def _signal_layout(signal: Any, children: Mapping[str, set[int]]) -> SignalLayout:
+    kind = _conversion_kind(signal)
+    scale, offset = signal.scale, signal.offset
+    if kind == "integer":
+        scale, offset = int(scale), int(offset)
+    choices = {int(k): str(v) for k, v in (signal.choices or {}).items()}
+    ids = signal.multiplexer_ids
+    return SignalLayout(
+        name=str(signal.name),
+        start=int(signal.start),
+        length=int(signal.length),
+        byte_order="big_endian" if signal.byte_order == "big_endian" else "little_endian",
+        is_signed=bool(signal.is_signed),
+        is_float=bool(signal.is_float),
+        conversion=kind,
+        scale=scale,
+        offset=offset,
+        unit=str(signal.unit or ""),
+        choices=choices,
+        multiplexer=None if signal.multiplexer_signal is None else str(signal.multiplexer_signal),
+        multiplexer_ids=None if ids is None else frozenset(int(i) for i in ids),
+        is_multiplexer=bool(signal.is_multiplexer),
+        selector_ids=frozenset(children.get(str(signal.name), set()) | set(choices))
+        if signal.is_multiplexer
+        else frozenset(),
+    )
+
+
+def message_layout(message: Any) -> MessageLayout:
+    """The plain-data layout of one cantools message."""
+    children: dict[str, set[int]] = {}
+    for s in message.signals:
+        if s.multiplexer_signal is not None and s.multiplexer_ids is not None:
+            children.setdefault(str(s.multiplexer_signal), set()).update(int(i) for i in s.multiplexer_ids)
+    return MessageLayout(
+        name=str(message.name),
+        frame_id=int(message.frame_id),
+        is_extended=bool(message.is_extended_frame),
+        length=int(message.length),
+        is_fd=bool(message.is_fd),
+        is_j1939=getattr(message, "protocol", None) == "j1939",
+        signals=tuple(_signal_layout(s, children) for s in message.signals),
+    )
+
+
 class FrameDecoder:
     """Turns (frame id, payload) into physical signal values for a chosen set of messages.
 
@@ -236,6 +340,10 @@ class DbcDatabase:
 
     def frame_id(self, message: str) -> int:
         return int(self._message(message).frame_id)
+
+    def layout(self, message: str) -> MessageLayout:
+        """``message`` as plain data, for decoders that work on many frames at once."""
+        return message_layout(self._message(message))
 
     def decoder(self, messages: Collection[str]) -> FrameDecoder:
         """A decoder for just ``messages``: frames with other ids decode to ``None`` at the cost of a dict

@@ -15,7 +15,7 @@ from fleetloop_agent.push_client import PushClient
 from fleetloop_agent.runtime import AgentRuntime
 from fleetloop_agent.sources.push_api import PushApiSource
 from fleetloop_fwsim import bootloader, firmware
-from fleetloop_fwsim.broker import free_port
+from fleetloop_fwsim.child_process import free_port
 from fleetloop_shared.errors import UserError
 from tests.fixtures.plc_servers import modbus_pump
 
@@ -85,9 +85,12 @@ def test_the_agent_runs_live_plc_and_robot_sources(tmp_path: Path) -> None:
             def read_total() -> float:
                 return runtime.metrics.registry.get_sample_value("fleetloop_agent_samples_read_total") or 0.0
 
-            # a source counts a sample when it hands it off, the runtime when it takes it: wait for both
+            # the sources count a sample when they queue it, the main loop when it reads it: wait for both
+            deadline = time.monotonic() + 30
             while (
-                value("samples", "pump") < 20 or value("samples", "robot") < 1 or value("errors", "robot") < 1
+                value("samples", "pump") < 20
+                or value("samples", "robot") < 1
+                or value("errors", "robot") < 1
                 or read_total() < 20
             ):
                 assert time.monotonic() < deadline, "the source counters never reached Prometheus"

@@ -13,7 +13,7 @@ import pytest
 
 from fleetloop_agent.sources import build_source
 from fleetloop_agent.sources.opcua import OpcUaSource
-from fleetloop_fwsim.plc import SKAB_COLUMNS
+from fleetloop_fwsim.signals import SKAB_COLUMNS
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.errors import ConfigError
 from tests.fixtures.plc_servers import OpcUaPump, opcua_pump

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from fleetloop_cloud.http_api import start_http_server
@@ -24,7 +25,9 @@ from fleetloop_cloud.repositories.records import AuditFilter, Inventory
 from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim.firmware import build_image
-from fleetloop_shared.wire import device_pb2
+from fleetloop_shared.catalog import DataType
+from fleetloop_shared.segment import Segment, encode_segment, new_segment_id
+from fleetloop_shared.wire import device_pb2, ingest_pb2
 
 from .conftest import http_call
 
@@ -36,6 +39,8 @@ spec:
   trigger: {when: "Vehicle.Speed > 50"}
   collect: {signals: ["Vehicle.*"], pre: 1s, post: 1s}
 """
+T0 = 1_800_000_000 * 10**9
+CAPTURE = f"brake-{T0 + 10**8}"
 CASES = ("no token", "expired", "revoked", "wrong role", "right role")
 #: A role that may not take an action of each role (none for reads: every role may read).
 WRONG = {
@@ -72,6 +77,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     c.devices.connect(Caller.device("car-1", transport="test", proven=True), hello, now[0])
     c.repositories.devices.update_inventory("car-1", Inventory("gen1", "0.9.0", "", "a", 0), now[0])
     c.campaigns.apply(LOCAL, CAMPAIGN, now=now[0])
+    speed = Segment(new_segment_id(), "speed", np.arange(3, dtype=np.int64) * 10**8 + T0,
+                    {1: np.array([1.0, 2.0, 3.0])}, {1: DataType.FLOAT64})  # fmt: skip
+    c.ingest.segment(Caller.device("car-1", transport="test", proven=True), ingest_pb2.UploadSegmentRequest(
+        device_id="car-1", segment_id=speed.segment_id, capture_id=CAPTURE, campaign="brake", priority=5,
+        segment=encode_segment(speed)), now[0])  # fmt: skip
     c.releases.upload(LOCAL, build_image("1.0.0", "gen1", size_hint=4096), name="firmware", version="1.0.0",
                       hardware_id="gen1", now=now[0])  # fmt: skip
     policy = {"release_version": "1.0.0", "selector": "hw=gen1", "phases": [{"name": "all", "percent": 100}]}
@@ -94,6 +104,13 @@ def request_for(name: str, w: World) -> tuple[str, bytes | None, str]:
         "listDevices": ("/v1/devices", None, json_type),
         "getDevice": ("/v1/devices/car-1", None, json_type),
         "getDeviceCatalog": ("/v1/devices/car-1/catalog", None, json_type),
+        "getDeviceCampaigns": ("/v1/devices/car-1/campaigns", None, json_type),
+        "getDeviceOta": ("/v1/devices/car-1/ota", None, json_type),
+        "validateCampaign": ("/v1/campaigns/validate?source=x.yaml", CAMPAIGN.encode(), "text/yaml"),
+        "getCapture": (f"/v1/captures/{CAPTURE}", None, json_type),
+        "getCaptureSeries": (f"/v1/captures/{CAPTURE}/series?signals=Vehicle.Speed", None, json_type),
+        "exportCapture": (f"/v1/captures/{CAPTURE}/export?format=csv", None, json_type),
+        "getRolloutHistory": (f"/v1/rollouts/{rid}/history", None, json_type),
         "listCampaigns": ("/v1/campaigns", None, json_type),
         "applyCampaign": ("/v1/campaigns?source=x.yaml", CAMPAIGN.replace("brake", "fast").encode(),
                           "text/yaml"),
@@ -117,6 +134,7 @@ def request_for(name: str, w: World) -> tuple[str, bytes | None, str]:
         "revokeToken": ("/v1/tokens/to-revoke", None, json_type),
         "listAudit": ("/v1/audit", None, json_type),
         "verifyAudit": ("/v1/audit/verify", None, json_type),
+        "getMetrics": ("/metrics", None, json_type),
     }  # fmt: skip
     return requests[name]
 
@@ -150,7 +168,8 @@ def test_every_route_by_token_state_and_role(world: World) -> None:
                 w.base, route.method, path, body, {"Content-Type": content_type}, token=token
             )
             row[case] = str(status)
-            doc: Any = json.loads(data) if data else None
+            is_json = headers.get("Content-Type", "").startswith("application/json")
+            doc: Any = json.loads(data) if data and is_json else None
             want = {"right role": route.status, "wrong role": 403}.get(case, 401)
             if status != want:
                 mismatches.append(f"{route.name} / {case}: {status} (wanted {want}): {data[:300]!r}")

@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from fleetloop_cloud.fleet_store import query as query_module
-from fleetloop_cloud.fleet_store.query import QUERY_TIMEOUT_S, QueryEngine, QueryTimeoutError
+from fleetloop_cloud.fleet_store.query import QUERY_TIMEOUT_S, QueryEngine, QueryLimits, QueryTimeoutError
 from fleetloop_shared.errors import QueryError, UserError
 
 RunningCoordinator = Any
@@ -43,18 +42,22 @@ def test_a_quick_query_under_a_short_limit_answers(tmp_path: Path) -> None:
     assert QueryEngine(tmp_path / "fleet").query("SELECT 1 + 1", timeout_s=0.05).rows == [(2,)]
 
 
-@pytest.mark.parametrize("bad", [0, -1, QUERY_TIMEOUT_S + 1, float("nan"), float("inf"), True, "5", None])
+@pytest.mark.parametrize("bad", [0, -1, QUERY_TIMEOUT_S + 1, float("nan"), float("inf"), True, "5"])
 def test_a_time_limit_outside_the_bounds_is_refused(tmp_path: Path, bad: object) -> None:
     with pytest.raises(UserError, match="timeout_s must be"):
         QueryEngine(tmp_path / "fleet").query("SELECT 1", timeout_s=bad)  # type: ignore[arg-type]
 
 
-def test_the_maximum_is_read_when_the_query_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # With the server's maximum lowered, a query without timeout_s asking for more is refused, and the
-    # check reads the current maximum (an operator lowering it takes effect).
-    monkeypatch.setattr(query_module, "QUERY_TIMEOUT_S", 1.0)
+def test_a_configured_maximum_bounds_and_defaults_the_time_limit(tmp_path: Path) -> None:
+    # With the coordinator's maximum lowered (query.timeout_s), a query asking for more is refused, and
+    # one asking for nothing gets the maximum.
+    engine = QueryEngine(tmp_path / "fleet", limits=QueryLimits(timeout_s=1.0))
     with pytest.raises(UserError, match="at most 1"):
-        QueryEngine(tmp_path / "fleet").query("SELECT 1", timeout_s=2.0)
+        engine.query("SELECT 1", timeout_s=2.0)
+    started = time.monotonic()
+    with pytest.raises(QueryTimeoutError, match="time limit of 1 s"):
+        engine.query(SLOW_SQL)
+    assert time.monotonic() - started < 5.0
 
 
 def test_rest_query_takes_a_time_limit(running_coordinator: RunningCoordinator) -> None:

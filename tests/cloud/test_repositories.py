@@ -14,6 +14,7 @@ import pytest
 from fleetloop_cloud.repositories import Repositories, open_repositories
 from fleetloop_cloud.repositories.records import (
     DeviceChange,
+    DeviceTelemetry,
     Inventory,
     NewRollout,
     Registration,
@@ -65,6 +66,20 @@ def test_device_hello_inventory_heartbeat(repos: Repositories) -> None:
     assert d.session_owner == "c1"
     assert [x.device_id for x in devices.all()] == ["car-1"]
     assert devices.get("nobody") is None
+
+
+def test_a_heartbeat_keeps_the_latest_telemetry(repos: Repositories) -> None:
+    devices = repos.devices
+    hello(repos)
+    assert devices.telemetry() == {}
+    first = DeviceTelemetry(150.0, 3, 4096, 1 << 20, 1 << 28, -12.5, "wifi")
+    devices.touch("car-1", 150.0, owner="c1", telemetry=first)
+    devices.touch("nobody", 150.0, owner="c1", telemetry=first)  # unknown devices report nothing
+    assert devices.telemetry() == {"car-1": first}
+    devices.touch("car-1", 151.0, owner="c1")  # a sign of life without a report keeps the last one
+    later = DeviceTelemetry(152.0, 0, 0, 2 << 20, 1 << 28, 3.0, "cellular")
+    devices.touch("car-1", 152.0, owner="c2", telemetry=later)
+    assert devices.telemetry() == {"car-1": later}
 
 
 def test_a_session_ends_only_where_it_is_held(repos: Repositories) -> None:

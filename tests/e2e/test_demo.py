@@ -144,6 +144,72 @@ def test_ctrl_c_stops_every_process_it_started(tmp_path: Path, recordings: Path)
     assert left == {}, err
 
 
+def test_serve_keeps_the_fleet_running_for_the_console_until_ctrl_c(tmp_path: Path, recordings: Path) -> None:
+    """``demo --serve``: after the summary the coordinator and the devices keep running; the console's
+    URL and a viewer token are printed, the console (in Chromium) shows the demo's fleet, campaigns,
+    rollout and a capture in the timeline, and Ctrl-C stops every process."""
+    import re
+    import urllib.request
+
+    work = tmp_path / "w"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleetloop_cli.main", "demo", "--serve", "--workdir", str(work),
+         "--data", str(recordings)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:  # ends when the demo exits: then the assertion below says why
+        seen.append(line)
+        if line.startswith("console: "):
+            break
+    found = re.match(r"console: (http://\S+)/ .*viewer token: (\S+)\)", seen[-1] if seen else "")
+    assert found, "".join(seen) + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+    url, token = found.groups()
+    assert any(line.startswith("summary: ") for line in seen)
+    with urllib.request.urlopen(f"{url}/", timeout=10) as page:
+        assert b"fleetloop console" in page.read()
+    request = urllib.request.Request(f"{url}/v1/devices", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        devices = json.loads(answer.read())
+    assert {d["device_id"] for d in devices if d["online"]} == {"car-001", "robot-001", "plc-001"}
+    _console_shows_the_demo(url, token, tmp_path / "downloads")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(work)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert {pid: _describe(pid) for pid in _processes_mentioning(str(work))} == {}
+
+
+def _console_shows_the_demo(url: str, token: str, downloads: Path) -> None:
+    """Sign in with the printed viewer token; each page shows what the demo made."""
+    import re
+
+    from playwright.sync_api import expect
+
+    from tests.fixtures.browser import browser_context
+
+    with browser_context(downloads) as context:
+        page = context.new_page()
+        page.set_default_timeout(20_000)
+        page.goto(f"{url}/")
+        page.fill("#token", token)
+        page.click("#login button[type=submit]")
+        for device in ("car-001", "robot-001", "plc-001"):
+            expect(page.locator(f"tr[data-device={device}]")).to_contain_text("online")
+        page.click("nav a[href='#/campaigns']")
+        expect(page.locator("#campaign-list tbody tr")).to_have_count(3)
+        page.click("nav a[href='#/rollouts']")
+        expect(page.locator("main table")).to_contain_text("2.0.0")
+        assert page.locator("button.write").count() == 0  # a viewer
+        page.click("nav a[href='#/captures']")
+        page.locator(".capture-link").first.click()
+        expect(page.locator("main")).to_have_attribute("data-drawn-ms", re.compile(r"^\d+$"))
+        assert page.evaluate("window.fleetloopTimeline.plots.length") > 0
+
+
 def test_a_fleet_mixing_fldelta1_only_agents_updates_in_one_rollout(tmp_path: Path) -> None:
     """One device runs an agent that reads only FLDELTA1 (``ota.delta_formats: [fldelta1]``), the others
     read FLDELTA2: the cloud builds both deltas from v1, the director sends each device the one it reads,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,31 +14,11 @@ from real_corpus import real_corpus
 from fleetloop_agent.store_import import to_segments
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.segment import decode_segment, encode_segment
-from fleetloop_shared.segment.codecs import bitpack, decimal_float, grid_float, intstream, recent, strings
+from fleetloop_shared.segment.codecs import bitpack, decimal_float, grid_float, intstream, strings
+from fleetloop_shared.segment.codecs.compiled import numpy_only
 
 I64_MIN = int(np.iinfo(np.int64).min)
 I64_MAX = int(np.iinfo(np.int64).max)
-
-
-@contextlib.contextmanager
-def numpy_only() -> Iterator[None]:
-    """Run the body with the numba kernels switched off (as on a machine without numba)."""
-    saved = (bitpack._kernels, bitpack._tried, intstream._stats_kernel, intstream._stats_tried)
-    saved_float = (decimal_float._kernels, decimal_float._kernels_tried)
-    saved_residuals = (intstream._residuals_kernel, intstream._residuals_tried)
-    saved_recent = (recent._kernel, recent._tried)
-    recent._kernel, recent._tried = None, True
-    bitpack._kernels, bitpack._tried = None, True
-    intstream._stats_kernel, intstream._stats_tried = None, True
-    intstream._residuals_kernel, intstream._residuals_tried = None, True
-    decimal_float._kernels, decimal_float._kernels_tried = None, True
-    try:
-        yield
-    finally:
-        bitpack._kernels, bitpack._tried, intstream._stats_kernel, intstream._stats_tried = saved
-        decimal_float._kernels, decimal_float._kernels_tried = saved_float
-        intstream._residuals_kernel, intstream._residuals_tried = saved_residuals
-        recent._kernel, recent._tried = saved_recent
 
 
 # ------------------------------------------------------------------------------------------ bitpack

@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -42,15 +43,28 @@ class Fetcher(Protocol):
 class HttpFetcher:
     """HTTP(S) GET with a Range header (urllib); maps transport failures onto the error tree.
 
-    ``timeout_s`` bounds every connect and every read; ``chunk_size`` bounds each read.
+    ``timeout_s`` bounds every connect and every read; ``chunk_size`` bounds each read. ``ca`` (PEM) is
+    trusted for HTTPS besides the system's CAs: a coordinator whose certificate comes from the fleet's
+    private CA (the one the agent's ``cloud.tls.ca`` names) would otherwise be refused.
     """
 
     def __init__(
-        self, *, timeout_s: float = 30.0, chunk_size: int = 65536, user_agent: str = "fleetloop-agent"
+        self,
+        *,
+        timeout_s: float = 30.0,
+        chunk_size: int = 65536,
+        user_agent: str = "fleetloop-agent",
+        ca: Path | None = None,
     ):
         self.timeout_s = timeout_s
         self.chunk_size = chunk_size
         self.user_agent = user_agent
+        self._ssl = ssl.create_default_context()
+        if ca is not None:
+            try:
+                self._ssl.load_verify_locations(cafile=str(ca))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"cannot load the cloud CA {ca}: {exc}") from None
 
     def fetch_range(self, url: str, start: int, max_bytes: int) -> Iterator[bytes]:
         scheme = urllib.parse.urlsplit(url).scheme
@@ -61,7 +75,7 @@ class HttpFetcher:
             headers["Range"] = f"bytes={start}-"
         request = urllib.request.Request(url, headers=headers, method="GET")
         try:
-            response = urllib.request.urlopen(request, timeout=self.timeout_s)
+            response = urllib.request.urlopen(request, timeout=self.timeout_s, context=self._ssl)
         except urllib.error.HTTPError as exc:
             exc.close()
             if exc.code in (404, 410):

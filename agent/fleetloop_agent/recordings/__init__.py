@@ -1,18 +1,19 @@
-"""One reader of recordings: long and wide CSV, candump, Vector ASC, GVRET CSV, ASAM MF4 and comma-style
-numpy CAN arrays, decoded through a DBC where they hold CAN frames; and robot recordings (MCAP of ROS 2
-messages, ROS 1 and ROS 2 bags), one group per topic.
+"""One reader of recordings: long and wide CSV, candump, Vector ASC and BLF, GVRET CSV, ASAM MF4 and
+comma-style numpy CAN arrays, decoded through a DBC where they hold CAN frames; and robot recordings (MCAP
+of ROS 2 messages, ROS 1 and ROS 2 bags), one group per topic.
 
 The replay sources, ``fleetloop store import`` and ``fleetloop rules test`` all read through this package
 and its one rule for typing cells and times (:mod:`.cells`), so what an operator tests is what a device
 sees. Formats are told apart by what a file is: a directory of numpy columns, the suffix of a bus log
-(``.mf4``, ``.asc``, ``.log``), or else the header of a CSV (``t_ns,signal,value`` is long, GVRET's own
-header is a bus log, anything else is wide).
+(``.mf4``, ``.asc``, ``.blf``, ``.log``), or else the header of a CSV (``t_ns,signal,value`` is long,
+GVRET's own header is a bus log, anything else is wide).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from fleetloop_agent.recordings.blf import read_blf
 from fleetloop_agent.recordings.can_logs import (
     CanFrames,
     decode_frames,
@@ -64,8 +65,8 @@ def _csv_header(path: Path) -> list[str]:
 
 
 def read_can_frames(path: Path) -> CanFrames | None:
-    """The frames of a bus log (numpy directory, ``.mf4``, ``.asc``, ``.log`` or GVRET CSV), or None
-    when ``path`` is a CSV of signals."""
+    """The frames of a bus log (numpy directory, ``.mf4``, ``.asc``, ``.blf``, ``.log`` or GVRET CSV), or
+    None when ``path`` is a CSV of signals."""
     path = Path(path)
     if path.is_dir():
         if not is_numpy_can(path):
@@ -78,6 +79,8 @@ def read_can_frames(path: Path) -> CanFrames | None:
         return read_asc(path)
     if suffix == ".log":
         return read_candump(path)
+    if suffix == ".blf":
+        return read_blf(path)
     if is_gvret_header(_csv_header(path)):
         return read_gvret(path)
     return None

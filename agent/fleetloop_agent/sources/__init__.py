@@ -11,14 +11,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
+from fleetloop_agent.sources import can_config
 from fleetloop_agent.sources.base import ORIGINS, SignalSource
 from fleetloop_agent.sources.can_replay import CanReplaySource
 from fleetloop_agent.sources.csv_replay import TIME_FORMATS, CsvReplaySource
 from fleetloop_agent.sources.live import DeviceClock
 from fleetloop_agent.sources.machine_kinds import BUILDERS as _MACHINE_BUILDERS
 from fleetloop_agent.sources.machine_kinds import KEYS as _MACHINE_KEYS
-from fleetloop_agent.yaml_marks import location
 from fleetloop_shared.errors import ConfigError
+from fleetloop_shared.yaml_marks import location
 
 __all__ = ["CanReplaySource", "CsvReplaySource", "SignalSource", "build_source"]
 
@@ -36,8 +37,9 @@ _CSV_KEYS: Final = (
     "columns",
     "origin",
 )
-# PLC gateways, home hubs and robots: their kinds, keys and builders live in machine_kinds.
-KINDS: Final = ("can_replay", "csv_replay", *_MACHINE_BUILDERS)
+# The machine's own buses, adapters and servers: CAN, J1939 and OBD-II (can_config); PLC gateways, home
+# hubs and robots (machine_kinds). Each module holds its kinds' keys and builders.
+KINDS: Final = ("can_replay", "csv_replay", *can_config.KEYS, *_MACHINE_BUILDERS)
 
 
 class _SpecReader:
@@ -105,17 +107,9 @@ class _SpecReader:
 
 def _can_source(r: _SpecReader, name: str, start_ns: int) -> CanReplaySource:
     frames = r.path("frames", directory=True)
-    dbc = r.path("dbc", directory=False)
+    dbc, mapping, include_unmapped = can_config.dbc_mapping(r)
     bus = r.integer("bus", 0)
-    mapping: dict[str, str] = {}
-    for k, v in r.mapping("mapping", {}).items():
-        if not isinstance(k, str) or not isinstance(v, str) or not k or not v:
-            raise r.fail("mapping", f"entries must be MESSAGE.SIGNAL: catalog.path strings, got {k!r}: {v!r}")
-        mapping[k] = v
-    include_unmapped = r.boolean("include_unmapped", False)
     origin = r.string("origin", "recordings", choices=ORIGINS)
-    if not mapping and not include_unmapped:
-        raise r.fail("mapping", "maps no signal (give a mapping or include_unmapped: true)")
     return CanReplaySource(
         frames,
         dbc,
@@ -179,13 +173,17 @@ def build_source(
         if kind is None:
             raise ConfigError(f"{label}: missing key 'kind' (expected one of {', '.join(KINDS)})")
         raise ConfigError(f"{label}: key 'kind': expected one of {', '.join(KINDS)}, got {kind!r}")
-    if kind in _MACHINE_KEYS:
+    if kind in can_config.KEYS:
+        allowed = can_config.KEYS[kind]
+    elif kind in _MACHINE_KEYS:
         allowed = _MACHINE_KEYS[kind]
     else:
         allowed = _CAN_KEYS if kind == "can_replay" else _CSV_KEYS
     reader = _SpecReader(spec, label, Path(base_dir), allowed)
     name = reader.string("name")
     try:
+        if kind in can_config.KEYS:
+            return can_config.build(kind, reader, name, start_ns=start_ns, clock=clock)
         if kind in _MACHINE_BUILDERS:
             return _MACHINE_BUILDERS[kind](reader, name, start_ns, clock)
         if kind == "can_replay":

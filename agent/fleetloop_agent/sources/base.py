@@ -28,6 +28,8 @@ from fleetloop_shared.samples import GroupBatch
 NS_PER_S: Final = 1_000_000_000
 #: Where samples come from, as every command and capture reports it.
 ORIGINS: Final = ("recordings", "simulated")
+#: The origin of a source reading the machine's own bus or devices (never configured: it is what it is).
+LIVE: Final = "live"
 #: Oldest data a single ``read`` still delivers, relative to ``until_ns`` (policy: drop-oldest).
 MAX_BACKLOG_NS: Final = 300 * NS_PER_S
 #: Shortest loop period; a recording shorter than this is padded so a read cannot spin through millions

@@ -6,8 +6,9 @@ disk in chunks of :data:`CHUNK_FRAMES` and decoded only as :meth:`CanReplaySourc
 memory stays bounded however long the log is, and a file that vanishes mid-run turns the source dead
 (``alive() is False``) instead of crashing the agent.
 
-Multiplexed messages are not supported: a frame lacking one of its message's selected signals is
-skipped and counted in ``skipped_frames_total`` (none of the recorded DBCs multiplexes).
+Frames are decoded a chunk at a time by :class:`~fleetloop_agent.sources.can_signals.CanSignalMap`
+(vectorized, values exactly cantools'); multiplexed messages become one group per combination of the
+multiplexed signals their frames carry.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import numpy.typing as npt
 
 from fleetloop_agent.recordings.numpy_can import FrameRows, NumpyCanLog
 from fleetloop_agent.sources.base import ORIGINS, PERIOD_PROBE, GroupAccumulator, ReplayCursor, loop_period_ns
-from fleetloop_shared.catalog import Catalog, DataType
-from fleetloop_shared.dbc import DbcDatabase, FrameDecoder, load_dbc
+from fleetloop_agent.sources.can_signals import CanSignalMap
+from fleetloop_shared.can_batch import FrameBatch
+from fleetloop_shared.catalog import Catalog
+from fleetloop_shared.dbc import load_dbc
 from fleetloop_shared.errors import ConfigError, StateError
 from fleetloop_shared.samples import GroupBatch
 
@@ -38,14 +41,6 @@ class _Chunk:
     lo: int
     rel_ns: npt.NDArray[np.int64]
     rows: FrameRows
-
-
-@dataclass(frozen=True)
-class _Selected:
-    """One decoded message: its group and where each kept signal goes."""
-
-    group: str
-    signals: tuple[tuple[str, int, DataType], ...]  # (signal name, catalog id, datatype)
 
 
 class CanReplaySource:
@@ -77,79 +72,22 @@ class CanReplaySource:
         period = loop_period_ns(head, self._log.t_last_ns - self._log.t0_ns)
         self._cursor = ReplayCursor(self._records, int(start_ns), period)
 
-        self._dbc: DbcDatabase = load_dbc(Path(dbc_path))
-        self._mapping_order: list[str] = []
-        self._paths = self._resolve_mapping(dict(mapping or {}), include_unmapped)
-        self._decoder: FrameDecoder = self._dbc.decoder(self._paths.keys())
-        self._ids = np.array(sorted(self._decoder.frame_ids), dtype=np.int64)
-        self._selected: dict[str, _Selected] = {}
+        self._signals = CanSignalMap(
+            load_dbc(Path(dbc_path)), dict(mapping or {}), include_unmapped=include_unmapped, source=name
+        )
         self._declared = False
         self._chunk: _Chunk | None = None
         self._failed: str | None = None
-        #: Frames of selected messages that lacked a selected signal (multiplexed messages).
-        self.skipped_frames_total = 0
 
-    # -- configuration -------------------------------------------------------------------------------------
-
-    def _resolve_mapping(
-        self, mapping: dict[str, str], include_unmapped: bool
-    ) -> dict[str, list[tuple[str, str, str, bool]]]:
-        """message → [(signal, catalog path, unit, is_float)] for every signal to deliver (DBC order)."""
-        wanted: dict[str, dict[str, str]] = {}
-        all_paths = list(mapping.values())
-        for key, path in mapping.items():
-            if all_paths.count(path) > 1:
-                raise ConfigError(f"mapping key {key!r}: signal {path!r} is the target of two keys")
-            message, dot, signal = str(key).partition(".")
-            if not dot or not message or not signal:
-                raise ConfigError(f"mapping key {key!r}: expected MESSAGE.SIGNAL")
-            if not isinstance(path, str) or not path:
-                raise ConfigError(f"mapping key {key!r}: the catalog path must be a non-empty string")
-            if message not in self._dbc.message_names():
-                raise ConfigError(f"mapping key {key!r}: {self._dbc.source} has no message {message!r}")
-            names = [s[0] for s in self._dbc.signals_of(message)]
-            if signal not in names:
-                raise ConfigError(f"mapping key {key!r}: message {message} has no signal {signal!r}")
-            wanted.setdefault(message, {})[signal] = path
-        self._mapping_order = [str(p) for p in mapping.values()]
-        messages = self._dbc.message_names() if include_unmapped else list(wanted)
-        resolved: dict[str, list[tuple[str, str, str, bool]]] = {}
-        for message in messages:
-            targets = wanted.get(message, {})
-            kept = []
-            for signal, unit, is_float in self._dbc.signals_of(message):
-                mapped = targets.get(signal)
-                if mapped is None and include_unmapped:
-                    mapped = f"CAN.{message}.{signal}"
-                if mapped is not None:
-                    kept.append((signal, mapped, unit, is_float))
-            if kept:
-                resolved[message] = kept
-        return resolved
+    @property
+    def skipped_frames_total(self) -> int:
+        """Frames of selected messages that carried none of their selected signals (multiplexed)."""
+        return self._signals.skipped_frames_total
 
     def declare(self, catalog: Catalog) -> None:
-        """Register mapped signals in mapping order, then unmapped ones in DBC order.
-
-        Catalog ids follow registration order, so two cars whose mappings list the same paths in the same
-        order get the same ids, whatever their DBCs look like.
-        """
-        flat = {
-            path: (unit, is_float) for signals in self._paths.values() for _, path, unit, is_float in signals
-        }
-        order = [p for p in self._mapping_order if p in flat] + [
-            p for p in flat if p not in self._mapping_order
-        ]
-        ids: dict[str, tuple[int, DataType]] = {}
-        for path in order:
-            unit, is_float = flat[path]
-            dtype = DataType.FLOAT64 if is_float else DataType.INT64
-            ids[path] = (catalog.add(path, dtype, unit).id, dtype)
-        self._selected = {
-            message: _Selected(
-                f"{self.name}/{message}", tuple((signal, *ids[path]) for signal, path, _, _ in signals)
-            )
-            for message, signals in self._paths.items()
-        }
+        """Register mapped signals in mapping order, then unmapped ones in DBC order (see
+        :meth:`CanSignalMap.declare`)."""
+        self._signals.declare(catalog)
         self._declared = True
 
     # -- reading -------------------------------------------------------------------------------------------
@@ -165,7 +103,7 @@ class CanReplaySource:
     @property
     def decode_errors_total(self) -> int:
         """Frames of selected messages with a payload the DBC could not decode."""
-        return self._decoder.errors_total
+        return self._signals.decode_errors_total
 
     @property
     def dropped_total(self) -> int:
@@ -207,35 +145,15 @@ class CanReplaySource:
         return out.build()
 
     def _decode(self, chunk: _Chunk, a: int, b: int, offset_ns: int, out: GroupAccumulator) -> None:
-        address = chunk.rows.address[a:b]
-        keep = (chunk.rows.src[a:b] == self._bus) & np.isin(address, self._ids)
-        rows = np.flatnonzero(keep) + a
-        if rows.size == 0:
+        rows = chunk.rows
+        keep = np.flatnonzero(rows.src[a:b] == self._bus) + a
+        if keep.size == 0:
             return
-        times: dict[str, list[int]] = {}
-        columns: dict[str, list[list[float | int]]] = {}
-        decode = self._decoder.decode
-        for row in rows.tolist():
-            decoded = decode(int(chunk.rows.address[row]), chunk.rows.payload[row].tobytes())
-            if decoded is None:
-                continue
-            message, values = decoded
-            sel = self._selected.get(message)
-            if sel is None:
-                continue
-            try:
-                picked = [values[signal] for signal, _, _ in sel.signals]
-            except KeyError:
-                self.skipped_frames_total += 1
-                continue
-            times.setdefault(message, []).append(int(chunk.rel_ns[row]))
-            cols = columns.setdefault(message, [[] for _ in sel.signals])
-            for col, value in zip(cols, picked, strict=True):
-                col.append(value)
-        for message, rel in times.items():
-            sel = self._selected[message]
-            t_ns = np.asarray(rel, dtype=np.int64) + np.int64(offset_ns)
-            arrays: dict[int, npt.NDArray[np.generic]] = {}
-            for (_, signal_id, dtype), col in zip(sel.signals, columns[message], strict=True):
-                arrays[signal_id] = np.asarray(col, dtype=dtype.numpy_dtype)
-            out.add(sel.group, t_ns, arrays)
+        payload = rows.payload[keep]
+        batch = FrameBatch(
+            chunk.rel_ns[keep],
+            rows.address[keep],
+            payload,
+            np.full(keep.size, payload.shape[1], dtype=np.int64),
+        )
+        self._signals.emit(batch, offset_ns, out)

@@ -21,13 +21,14 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Final, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
+from fleetloop_shared.can_batch import CLASSIC_WIDTH, FrameBatch
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.errors import FleetloopError, StateError
 from fleetloop_shared.samples import GroupBatch
@@ -39,6 +40,8 @@ LIVE_ORIGIN: Final = "live"
 #: Default bound of a live source's hand-off queue, in samples (rows × signals).
 DEFAULT_QUEUE_SAMPLES: Final = 1_000_000
 NS_PER_S: Final = 1_000_000_000
+#: Default capacity of a CAN source's receive queue (frames): ~10 s of a busy 500 kbit/s bus.
+DEFAULT_QUEUE_FRAMES: Final = 65_536
 
 
 class DeviceClock(Protocol):
@@ -78,6 +81,19 @@ class SourceCounters:
 
     def totals(self) -> dict[str, int]:
         return {f.name: int(getattr(self, f.name)) for f in fields(self)}
+
+
+def source_totals(source: object) -> Mapping[str, int] | None:
+    """A source's running totals for the agent's metrics: a :class:`SourceCounters` attribute
+    ``counters``, or a ``counters()`` method that adds what the source keeps elsewhere (a queue's drops,
+    a decoder's errors); None for a source that keeps none (a replay)."""
+    counters = getattr(source, "counters", None)
+    if isinstance(counters, SourceCounters):
+        return counters.totals()
+    if callable(counters):
+        totals: Mapping[str, int] = counters()
+        return totals
+    return None
 
 
 class Backoff:
@@ -392,3 +408,49 @@ class LiveSource:
         self.counters.errors += 1
         self.last_error = message
         self.errors.error(key, message, time.monotonic_ns())
+
+
+class FrameQueue:
+    """Frames handed from a receive thread to ``read()``: bounded, drop-oldest, counted.
+
+    ``put`` is what the receive thread calls per frame, so it does the least possible: one tuple into a
+    deque under a lock. ``drain`` turns everything queued into one :class:`FrameBatch`.
+    """
+
+    def __init__(self, capacity: int = DEFAULT_QUEUE_FRAMES, width: int = CLASSIC_WIDTH) -> None:
+        if capacity < 1:
+            raise ValueError("queue capacity must be at least 1 frame")
+        self.capacity = capacity
+        self.width = width
+        self._frames: deque[tuple[int, int, bytes]] = deque()
+        self._lock = threading.Lock()
+        #: Frames dropped because the queue was full (oldest first).
+        self.dropped_total = 0
+
+    def put(self, t_ns: int, frame_id: int, data: bytes) -> None:
+        with self._lock:
+            if len(self._frames) >= self.capacity:
+                self._frames.popleft()
+                self.dropped_total += 1
+            self._frames.append((t_ns, frame_id, data))
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def drain(self, until_ns: int | None = None) -> FrameBatch:
+        """Every queued frame (received at or before ``until_ns``, if given) as one batch; later ones stay."""
+        with self._lock:
+            frames = self._frames
+            if until_ns is None or not frames or frames[-1][0] <= until_ns:
+                self._frames = deque()
+            else:
+                taken: deque[tuple[int, int, bytes]] = deque()
+                while frames and frames[0][0] <= until_ns:
+                    taken.append(frames.popleft())
+                frames = taken
+        if not frames:
+            return FrameBatch.empty(self.width)
+        t_ns, ids, payloads = zip(*frames, strict=True)
+        return FrameBatch.from_payloads(
+            np.array(t_ns, dtype=np.int64), np.array(ids, dtype=np.int64), payloads, width=self.width
+        )

@@ -17,9 +17,9 @@ from fleetloop_agent.sources.hub_router import Field, Target
 from fleetloop_agent.sources.json_paths import path_extractor
 from fleetloop_agent.sources.live import DEFAULT_QUEUE_SAMPLES, LIVE_ORIGIN, DeviceClock
 from fleetloop_agent.sources.modbus_map import BIT_TYPES, DATA_TYPES, ORDERS, REGISTER_TYPES, Tag
-from fleetloop_agent.yaml_marks import location
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.errors import ConfigError
+from fleetloop_shared.yaml_marks import location
 
 if TYPE_CHECKING:
     from fleetloop_agent.sources import _SpecReader

@@ -74,6 +74,8 @@ def heartbeat(store: LocalStore, network: str, now_ns: int, *, backlog: bool) ->
         segments_pending=stats.segments_pending,
         bytes_pending=stats.bytes_pending,
         network=network,
+        store_bytes=store.disk_usage(),
+        store_quota_bytes=store.quota_bytes,
     )
     if backlog:
         by_priority: dict[int, int] = {}

@@ -14,12 +14,13 @@ import datetime as _dt
 import decimal
 import math
 import os
+import re
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -37,6 +38,33 @@ QUERY_TIMEOUT_S = 120.0
 QUERY_MEMORY_LIMIT = "1GB"
 #: DuckDB threads per query.
 QUERY_THREADS = 2
+_MEMORY = re.compile(r"^[1-9][0-9]*(\.[0-9]+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+
+
+@dataclass(frozen=True)
+class QueryLimits:
+    """What one query may take; the defaults are the constants above, a configuration file changes
+    them (``query:`` in the coordinator's config)."""
+
+    #: Longest run, in seconds: the default and the largest ``timeout_s`` a caller may ask for.
+    timeout_s: float = QUERY_TIMEOUT_S
+    #: DuckDB's memory limit per query, as DuckDB spells it ("1GB", "512MiB").
+    memory_limit: str = QUERY_MEMORY_LIMIT
+    #: DuckDB threads per query.
+    threads: int = QUERY_THREADS
+    #: Rows a query may return at most (a larger ``max_rows`` is lowered to this).
+    max_rows: int = 100_000
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise UserError(f"query timeout must be a number of seconds above 0, got {self.timeout_s!r}")
+        if not _MEMORY.match(self.memory_limit):
+            raise UserError(f"query memory limit must look like 1GB or 512MiB, got {self.memory_limit!r}")
+        if not 1 <= self.threads <= 256:
+            raise UserError(f"query threads must be from 1 to 256, got {self.threads!r}")
+        if not 1 <= self.max_rows <= MAX_ROWS_LIMIT:
+            raise UserError(f"query max rows must be from 1 to {MAX_ROWS_LIMIT}, got {self.max_rows!r}")
+
 
 _SAMPLES_COLUMNS = (
     ("device_id", "VARCHAR"),
@@ -63,6 +91,7 @@ CAPTURES_SCHEMA = pa.schema(
         pa.field("last_received", pa.float64()),
     ]
 )
+T = TypeVar("T")
 _ALLOWED_STATEMENTS = frozenset({duckdb.StatementType.SELECT})
 #: A compacted file's path ends so (fleet_store.COMPACTED_FILE).
 _COMPACTED_SUFFIX = r"/compacted-[0-9a-f]{24}\.parquet$"
@@ -72,7 +101,7 @@ class QueryTimeoutError(QueryError):
     """A query ran past its time limit and was interrupted; nothing of it is returned.
 
     Still the caller's to fix (narrow the query, or ask for a longer ``timeout_s`` up to the server's
-    :data:`QUERY_TIMEOUT_S`): HTTP 400 and exit code 2 like every :class:`QueryError`, gRPC name
+    :attr:`QueryLimits.timeout_s`): HTTP 400 and exit code 2 like every :class:`QueryError`, gRPC name
     ``DEADLINE_EXCEEDED``; the REST body's ``type`` is ``QueryTimeoutError``.
     """
 
@@ -83,18 +112,17 @@ class QueryTimeoutError(QueryError):
         self.timeout_s = timeout_s
 
 
-def check_timeout(timeout_s: object) -> float:
-    """A caller's time limit in seconds: a finite number above 0 and at most :data:`QUERY_TIMEOUT_S`
-    (UserError otherwise)."""
+def check_timeout(timeout_s: object, maximum: float = math.inf) -> float:
+    """A caller's time limit in seconds: a finite number above 0 and at most ``maximum`` (the
+    engine's :attr:`QueryLimits.timeout_s`; UserError otherwise)."""
     if (
         isinstance(timeout_s, bool)
         or not isinstance(timeout_s, int | float)
         or not math.isfinite(timeout_s)
-        or not 0 < timeout_s <= QUERY_TIMEOUT_S
+        or not 0 < timeout_s <= maximum
     ):
-        raise UserError(
-            f"timeout_s must be a number above 0 and at most {QUERY_TIMEOUT_S:g}, got {timeout_s!r}"
-        )
+        most = f" and at most {maximum:g}" if math.isfinite(maximum) else ""
+        raise UserError(f"timeout_s must be a number above 0{most}, got {timeout_s!r}")
     return float(timeout_s)
 
 
@@ -146,7 +174,13 @@ def _first_line(exc: BaseException) -> str:
 class QueryEngine:
     """Runs a user's SQL over the views ``samples`` and ``captures``."""
 
-    def __init__(self, root: Path, captures: Callable[[], list[CaptureRecord]] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        captures: Callable[[], list[CaptureRecord]] | None = None,
+        limits: QueryLimits | None = None,
+    ) -> None:
+        self.limits = limits or QueryLimits()
         self._root = Path(root)
         self._samples = self._root / "samples"
         self._captures = captures
@@ -206,8 +240,8 @@ class QueryEngine:
     def _connect(self) -> duckdb.DuckDBPyConnection:
         conn = duckdb.connect(":memory:")
         try:
-            conn.execute(f"SET memory_limit={_sql_string(QUERY_MEMORY_LIMIT)}")
-            conn.execute(f"SET threads={QUERY_THREADS}")
+            conn.execute(f"SET memory_limit={_sql_string(self.limits.memory_limit)}")
+            conn.execute(f"SET threads={int(self.limits.threads)}")
             conn.execute("SET autoinstall_known_extensions=false")
             conn.execute("SET autoload_known_extensions=false")
             if self._has_sample_files():
@@ -249,18 +283,16 @@ class QueryEngine:
             raise
         return conn
 
-    def query(self, sql: str, *, max_rows: int = 10000, timeout_s: float = QUERY_TIMEOUT_S) -> QueryResult:
-        """Run one SELECT; at most ``max_rows`` rows come back (``truncated`` says whether more existed).
-
-        The query (execution and fetching its rows) is interrupted after ``timeout_s`` seconds (above 0, at
-        most :data:`QUERY_TIMEOUT_S`) and raises QueryTimeoutError. Any DuckDB error (syntax, unknown
-        column, ...) becomes a QueryError with DuckDB's one-line message.
-        """
-        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or not 1 <= max_rows <= MAX_ROWS_LIMIT:
-            raise UserError(f"max_rows must be between 1 and {MAX_ROWS_LIMIT}, got {max_rows!r}")
-        limit_s = check_timeout(timeout_s)
-        if not isinstance(sql, str) or not sql.strip():
-            raise QueryError("the query is empty")
+    def _run(
+        self,
+        limit_s: float,
+        timeout_message: str,
+        work: Callable[[duckdb.DuckDBPyConnection], T],
+        check: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
+    ) -> T:
+        """``work`` on a fresh locked-down connection, interrupted after ``limit_s`` seconds
+        (QueryTimeoutError with ``timeout_message``), after ``check`` (untimed: it runs nothing);
+        DuckDB's errors become QueryError."""
         try:
             conn = self._connect()
         except duckdb.Error as exc:
@@ -274,6 +306,33 @@ class QueryEngine:
         timer = threading.Timer(limit_s, interrupt)
         timer.daemon = True
         try:
+            if check is not None:
+                check(conn)
+            timer.start()
+            return work(conn)
+        except duckdb.Error as exc:
+            if timed_out.is_set():
+                raise QueryTimeoutError(timeout_message, timeout_s=limit_s) from None
+            raise QueryError(_first_line(exc)) from None
+        finally:
+            timer.cancel()
+            conn.close()
+
+    def query(self, sql: str, *, max_rows: int = 10000, timeout_s: float | None = None) -> QueryResult:
+        """Run one SELECT; at most ``max_rows`` rows come back (``truncated`` says whether more existed).
+
+        The query (execution and fetching its rows) is interrupted after ``timeout_s`` seconds (above 0, at
+        most the limits' ``timeout_s``, which is also the default) and raises QueryTimeoutError. Any
+        DuckDB error (syntax, unknown column, ...) becomes a QueryError with DuckDB's one-line message.
+        """
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or not 1 <= max_rows <= MAX_ROWS_LIMIT:
+            raise UserError(f"max_rows must be between 1 and {MAX_ROWS_LIMIT}, got {max_rows!r}")
+        most = self.limits.timeout_s
+        limit_s = most if timeout_s is None else check_timeout(timeout_s, most)
+        if not isinstance(sql, str) or not sql.strip():
+            raise QueryError("the query is empty")
+
+        def check(conn: duckdb.DuckDBPyConnection) -> None:
             statements = conn.extract_statements(sql)
             if len(statements) != 1:
                 raise QueryError(f"send exactly one SQL statement, got {len(statements)}")
@@ -281,22 +340,47 @@ class QueryEngine:
                 raise QueryError(
                     f"only SELECT queries are allowed, got {statements[0].type.name.replace('_', ' ')}"
                 )
-            timer.start()
+
+        def work(conn: duckdb.DuckDBPyConnection) -> tuple[list[str], list[Any]]:
             cursor = conn.execute(sql)
-            description = cursor.description or []
-            columns = [str(d[0]) for d in description]
-            fetched = cursor.fetchmany(max_rows + 1)
-        except duckdb.Error as exc:
-            if timed_out.is_set():
-                raise QueryTimeoutError(
-                    f"query interrupted after its time limit of {limit_s:g} s (timeout_s; at most "
-                    f"{QUERY_TIMEOUT_S:g} s): narrow it with WHERE on fleet, date, device_id or signal",
-                    timeout_s=limit_s,
-                ) from None
-            raise QueryError(_first_line(exc)) from None
-        finally:
-            timer.cancel()
-            conn.close()
+            columns = [str(d[0]) for d in cursor.description or []]
+            return columns, cursor.fetchmany(max_rows + 1)
+
+        columns, fetched = self._run(
+            limit_s,
+            f"query interrupted after its time limit of {limit_s:g} s (timeout_s; at most "
+            f"{most:g} s): narrow it with WHERE on fleet, date, device_id or signal",
+            work,
+            check,
+        )
         truncated = len(fetched) > max_rows
         rows = [tuple(_plain(v) for v in row) for row in fetched[:max_rows]]
         return QueryResult(columns=columns, rows=rows, truncated=truncated)
+
+    def read(self, sql: str, params: Sequence[object], *, timeout_s: float | None = None) -> pa.Table:
+        """Run one of this package's own statements (``sql`` is ours, never a user's; values come as
+        bound ``params``) on the same locked-down connection, as an Arrow table. What the console's
+        timeline and the capture exports read; QueryTimeoutError past ``timeout_s``."""
+        return self.read_many([(sql, params)], timeout_s=timeout_s)[0]
+
+    def read_many(
+        self, statements: Sequence[tuple[str, Sequence[object]]], *, timeout_s: float | None = None
+    ) -> list[pa.Table]:
+        """:meth:`read` for several statements on one connection (opening one costs tens of ms); the
+        limits' ``timeout_s`` unless a shorter one is given."""
+        most = self.limits.timeout_s
+        limit_s = most if timeout_s is None else check_timeout(timeout_s, most)
+
+        def work(conn: duckdb.DuckDBPyConnection) -> list[pa.Table]:
+            out = []
+            for sql, params in statements:
+                relation = conn.sql(sql, params=list(params))
+                if relation is None:
+                    out.append(pa.table({}))
+                    continue
+                fetch = getattr(relation, "to_arrow_table", None) or relation.arrow  # DuckDB 2 / 1.x
+                result = fetch()
+                out.append(result.read_all() if isinstance(result, pa.RecordBatchReader) else result)
+            return out
+
+        return self._run(limit_s, f"reading the fleet store took longer than {limit_s:g} s", work)

@@ -32,6 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
+from fleetloop_cloud.http_api.console import add_console_routes
 from fleetloop_cloud.http_api.files import add_file_routes
 from fleetloop_cloud.http_api.openapi import openapi_document
 from fleetloop_cloud.http_api.routes import ROUTES, Call, Route
@@ -61,8 +62,10 @@ REQUEST_ID = web.RequestKey("request_id", str)
 CALLER = web.RequestKey("caller", Caller)
 #: 401 or 403 when the request was refused for its credentials.
 AUTH_FAILURE = web.RequestKey("auth_failure", int)
-#: Routes devices and probes call all the time: logged at debug level only.
-_QUIET_ROUTES = frozenset({"getArtifactFile", "getImageMetadata", "getDirectorMetadata", "health"})
+#: Routes devices, probes and scrapers call all the time: logged at debug level only.
+_QUIET_ROUTES = frozenset(
+    {"getArtifactFile", "getImageMetadata", "getDirectorMetadata", "health", "getMetrics"}
+)
 
 
 @dataclass(frozen=True)
@@ -210,11 +213,12 @@ class _Operations:
         self.gate = asyncio.Semaphore(settings.max_inflight)
 
     async def caller(self, request: web.Request) -> Caller:
-        address = request.remote or ""
-        rid = request_id_of(request)
+        return await self.authenticate(bearer(request), request.remote or "", request_id_of(request))
+
+    async def authenticate(self, secret: str | None, address: str, rid: str) -> Caller:
+        """The caller a token secret stands for (UnauthenticatedError for a bad one)."""
         if self.settings.insecure:
             return Caller.operator("anonymous", Role.ADMIN, proven=False, address=address, request_id=rid)
-        secret = bearer(request)
         now = self.api.clock()
         return await asyncio.get_running_loop().run_in_executor(
             self.executor,
@@ -242,6 +246,11 @@ class _Operations:
                 )
             async with self.gate:
                 reply = await asyncio.get_running_loop().run_in_executor(self.executor, route.handler, call)
+            if isinstance(reply.body, bytes):
+                headers = {"Content-Type": reply.media_type}  # (as given: a charset or version stays)
+                if reply.filename:
+                    headers["Content-Disposition"] = f'attachment; filename="{reply.filename}"'
+                return web.Response(body=reply.body, status=reply.status, headers=headers)
             return web.json_response(reply.body, status=reply.status, dumps=_dumps)
 
         return handle
@@ -256,13 +265,15 @@ def build_app(
     routes: Sequence[Route] = ROUTES,
 ) -> web.Application:
     """The application: middlewares (request ids, ``middlewares``, access log, errors), the operator
-    ``routes``, the device file routes, ``/healthz`` and ``/v1/openapi.json``."""
+    ``routes``, the device file routes, the console (``/``, its files and ``/v1/events``), ``/healthz``
+    and ``/v1/openapi.json``."""
     chain: list[Middleware] = [request_ids, *middlewares, access_log, errors]
     app = web.Application(middlewares=chain)  # type: ignore[arg-type]
     ops = _Operations(api, settings, executor)
     for route in routes:
         app.router.add_route(route.method, route.path, ops.handler(route), name=route.name)
     add_file_routes(app, api, executor)
+    add_console_routes(app, api, executor, ops.authenticate)
     document = openapi_document(routes)
 
     async def health(request: web.Request) -> web.Response:

@@ -1,6 +1,7 @@
 """The OpenAPI 3.1 document of the REST API, built from the route table so it cannot drift from it.
 
-Each operator route carries its role (``x-fleetloop-role``, and in its description), the bearer
+Each operator route carries its role (``x-fleetloop-role``, and in its description) and its action
+(``x-fleetloop-action``: the console offers a button where the caller's actions include it), the bearer
 security scheme, its request body and limit, and its response schema; every operation documents its
 errors as the one JSON error body. ``tests/cloud/test_openapi.py`` runs schemathesis against a live
 coordinator with this document: no 5xx, and every response matches it.
@@ -33,6 +34,7 @@ NUM_OR_NULL: S = {"type": ["number", "null"]}
 STR_MAP: S = {"type": "object", "additionalProperties": {"type": "string"}}
 INT_MAP: S = {"type": "object", "additionalProperties": {"type": "integer"}}
 ANY_MAP: S = {"type": "object"}
+NS: S = {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}
 
 ERROR = _obj(["error", "type", "request_id"], error=STR, type=STR, request_id=STR)
 DEVICE = _obj(
@@ -40,7 +42,10 @@ DEVICE = _obj(
     device_id=STR, fleet=STR, labels=STR_MAP, agent_version=STR, data_origin=STR, hardware_id=STR,
     firmware_version=STR, firmware_sha256=STR, active_slot=STR, campaigns_version=INT,
     campaigns_running=_arr(STR), campaigns_refused=STR_MAP, captures_total=INT, last_seen=NUM,
-    registered_at=NUM, online=BOOL,
+    registered_at=NUM, online=BOOL, delta_formats=_arr(STR),
+    telemetry={"type": ["object", "null"], "properties": {
+        "reported_at": NUM, "segments_pending": INT, "bytes_pending": INT, "store_bytes": INT,
+        "store_quota_bytes": INT, "clock_offset_ms": NUM, "network": STR}},
 )  # fmt: skip
 PHASE = _obj(["name", "devices"], name=STR, devices=INT, committed=INT, failed=INT)
 ROLLOUT_DEVICE = _obj(["device_id", "state"], device_id=STR, phase=INT, state=STR, reason=STR)
@@ -64,6 +69,17 @@ AUDIT_ENTRY = _obj(
     seq=INT, at=NUM, actor=STR, role=STR, transport=STR, address=STR, request_id=STR, action=STR,
     target=STR, before=STR, after=STR, detail=STR, prev_hash=STR, hash=STR,
 )  # fmt: skip
+CAPTURE_PROPS: S = dict(
+    capture_id=STR, device_id=STR, campaign=STR, first_ns=INT, last_ns=INT, samples=INT, segments=INT,
+    first_received=NUM, last_received=NUM, state={"enum": ["complete", "arriving"]},
+)
+SIGNAL_INFO = _obj(["signal", "kind"], signal=STR, kind={"enum": ["number", "enum", "text"]}, samples=INT,
+                   first_ns=INT, last_ns=INT, unit=STR)  # fmt: skip
+LINE = _obj(["signal", "t_ns", "values"], signal=STR, t_ns=_arr(INT), values=_arr(NUM), samples=INT,
+            reduced=BOOL)  # fmt: skip
+BANDS = _obj(["signal", "bands"], signal=STR, truncated=BOOL,
+             bands=_arr(_obj(["from_ns", "to_ns", "value"], from_ns=INT, to_ns=INT, value=STR)))  # fmt: skip
+AUDIT_ROW = _obj(["seq", "at", "event"], seq=INT, rollout_id=STR, at=NUM, event=STR, detail=STR)
 PAYLOAD = _obj(
     ["kind", "size", "sha256", "path"], kind=STR, algorithm=STR, size=INT, sha256=STR, path=STR,
     base_sha256=STR,
@@ -71,13 +87,22 @@ PAYLOAD = _obj(
 
 #: Response schema of each operator route (by operationId).
 RESPONSES: dict[str, S] = {
-    "whoami": _obj(["name", "role"], name=STR, role=STR, proven=BOOL),
+    "whoami": _obj(["name", "role", "actions"], name=STR, role=STR, proven=BOOL, actions=_arr(STR)),
     "summary": _obj(
         ["devices", "online"], devices=INT, online=INT, segments_ingested=INT, samples_ingested=INT,
         captures_ingested=INT, campaigns=INT, campaigns_version=INT, refused=INT_MAP,
     ),
     "listDevices": _arr(DEVICE),
     "getDevice": DEVICE,
+    "getDeviceCampaigns": _obj(
+        ["desired_version", "desired", "reported_version", "running", "refused"], desired_version=INT,
+        desired=_arr(_obj(["name", "version"], name=STR, version=INT)), reported_version=INT,
+        running=_arr(STR), refused=STR_MAP,
+    ),
+    "getDeviceOta": _arr(_obj(
+        ["rollout_id", "state"], rollout_id=STR, release_version=STR, phase=INT, state=STR, reason=STR,
+        updated_at=NUM, events=_arr(AUDIT_ROW),
+    )),
     "getDeviceCatalog": _obj(
         ["signals"], signals=_arr(_obj(["id", "path"], id=INT, path=STR, data_type=STR, unit=STR))
     ),
@@ -87,12 +112,20 @@ RESPONSES: dict[str, S] = {
     ),
     "applyCampaign": _obj(["name", "campaigns_version"], name=STR, campaigns_version=INT,
                           devices=_arr(STR)),
+    "validateCampaign": _obj(["name", "version", "selector", "devices"], name=STR, version=INT,
+                             selector=STR, devices=_arr(STR)),
     "deleteCampaign": _obj(["name", "campaigns_version"], name=STR, campaigns_version=INT),
     "query": _obj(["columns", "rows", "truncated"], columns=_arr(STR), rows=_arr({"type": "array"}),
                   truncated=BOOL),
-    "listCaptures": _arr(_obj(["capture_id", "device_id"], capture_id=STR, device_id=STR, campaign=STR,
-                              first_ns=INT, last_ns=INT, samples=INT, segments=INT,
-                              first_received=NUM, last_received=NUM)),
+    "listCaptures": _arr(_obj(["capture_id", "device_id", "state"], **CAPTURE_PROPS)),
+    "getCapture": _obj(
+        ["capture_id", "device_id", "state", "signals"], **CAPTURE_PROPS,
+        trigger_ns={"type": ["integer", "null"]}, pre_ns=INT, post_ns=INT,
+        windows_from={"enum": ["campaign", "data"]}, signals=_arr(SIGNAL_INFO), trajectory=_arr(STR),
+    ),
+    "getCaptureSeries": _obj(["from_ns", "to_ns", "lines", "bands"], from_ns=INT, to_ns=INT, columns=INT,
+                             lines=_arr(LINE), bands=_arr(BANDS)),
+    "exportCapture": {"type": "string", "format": "binary"},
     "listReleases": _arr(_obj(["name", "version", "hardware_id"], name=STR, version=STR, hardware_id=STR,
                               manifest=STR, signature=STR, created_at=NUM)),
     "uploadRelease": _obj(["name", "version", "hardware_id", "sha256", "size", "payloads"], name=STR,
@@ -100,6 +133,7 @@ RESPONSES: dict[str, S] = {
     "listRollouts": _arr(ROLLOUT_SUMMARY),
     "createRollout": ROLLOUT,
     "getRollout": ROLLOUT,
+    "getRolloutHistory": _arr(AUDIT_ROW),
     "pauseRollout": ROLLOUT,
     "resumeRollout": ROLLOUT,
     "abortRollout": ROLLOUT,
@@ -110,6 +144,7 @@ RESPONSES: dict[str, S] = {
                     "required": [*TOKEN["required"], "token"]},
     "revokeToken": TOKEN,
     "listAudit": _arr(AUDIT_ENTRY),
+    "getMetrics": {"type": "string", "description": "Prometheus text exposition format"},
     "verifyAudit": _obj(["ok", "entries", "head_seq", "head_hash"], ok=BOOL, entries=INT, head_seq=INT,
                         head_hash=STR, broken_at={"type": ["integer", "null"]}, reason=STR),
 }
@@ -137,6 +172,27 @@ REQUESTS: dict[str, S] = {
 #: Query parameters of the routes that take some: name → (schema, required, description).
 QUERY: dict[str, dict[str, tuple[S, bool, str]]] = {
     "applyCampaign": {"source": (STR, False, "file name used in error locations (FILE:LINE:COL)")},
+    "validateCampaign": {"source": (STR, False, "file name used in error locations (FILE:LINE:COL)")},
+    "listCaptures": {
+        "device": (STR, False, "only this device's captures"),
+        "campaign": (STR, False, "only this campaign's captures"),
+        "since_ns": (NS, False, "only captures with data at or after this time (Unix ns)"),
+        "until_ns": (NS, False, "only captures with data at or before this time (Unix ns)"),
+        "limit": ({"type": "integer", "minimum": 1, "maximum": 10000}, False, "the newest N (10,000)"),
+    },
+    "getCapture": {"device": (STR, False, "the device, when two devices have captures of this id")},
+    "getCaptureSeries": {
+        "device": (STR, False, "the device, when two devices have captures of this id"),
+        "signals": (STR, False, "comma-separated signal paths (at most 64)"),
+        "from_ns": (NS, False, "window start (Unix ns; the capture's first sample by default)"),
+        "to_ns": (NS, False, "window end (Unix ns; the capture's last sample by default)"),
+        "columns": ({"type": "integer", "minimum": 1, "maximum": 4000}, False,
+                    "plot columns: a line comes back as at most two points (low, high) per column"),
+    },
+    "exportCapture": {
+        "device": (STR, False, "the device, when two devices have captures of this id"),
+        "format": ({"enum": ["mcap", "parquet", "csv"]}, False, "file format (mcap by default)"),
+    },
     "uploadRelease": {
         "name": (STR, True, "release name (firmware, a model pack, ...)"),
         "version": (STR, True, "release version"),
@@ -204,12 +260,13 @@ def _operation(route: Any) -> S:
         "responses": {
             str(route.status): {
                 "description": "success",
-                "content": {"application/json": {"schema": RESPONSES[route.name]}},
+                "content": {route.reply_type: {"schema": RESPONSES[route.name]}},
             },
             **_error_responses(public=False),
         },
         "security": [{"bearer": []}],
         "x-fleetloop-role": role,
+        "x-fleetloop-action": route.action,
     }  # fmt: skip
     if route.max_body:
         schema = REQUESTS.get(route.name, {"type": "string"} if route.body_type == "text/yaml"

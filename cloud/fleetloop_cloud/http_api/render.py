@@ -27,6 +27,7 @@ def device_json(status: DeviceStatus) -> dict[str, Any]:
     out.pop("catalog", None)
     out.pop("session_owner", None)
     out["online"] = status.online
+    out["telemetry"] = plain(status.telemetry) if status.telemetry is not None else None
     return out
 
 

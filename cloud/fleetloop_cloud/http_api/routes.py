@@ -15,8 +15,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from fleetloop_cloud.fleet_store.query import QUERY_TIMEOUT_S, check_timeout
+from fleetloop_cloud.fleet_store.query import check_timeout
 from fleetloop_cloud.http_api.render import device_json, plain, release_json
+from fleetloop_cloud.identity.roles import ACTIONS, allows
 from fleetloop_cloud.repositories.records import AuditFilter
 from fleetloop_cloud.services.access import Caller
 from fleetloop_cloud.services.api import OperatorApi
@@ -51,8 +52,12 @@ class Call:
 
 @dataclass(frozen=True)
 class Reply:
+    """``body`` as JSON, or as it is when it is bytes (a file: ``media_type``, saved as ``filename``)."""
+
     body: Any
     status: int = 200
+    media_type: str = "application/octet-stream"
+    filename: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,13 +74,18 @@ class Route:
     #: Media type of the body, when there is one.
     body_type: str = "application/json"
     status: int = 200
+    #: Media type of the answer (a route answering a file says so).
+    reply_type: str = "application/json"
 
 
 # -- handlers ---------------------------------------------------------------------------------------
 def _whoami(c: Call) -> Reply:
+    """Who the token is, and every action its role allows (what the console offers as buttons)."""
     c.api.access.operator(c.caller, "whoami")
-    role = c.caller.role.value if c.caller.role is not None else ""
-    return Reply({"name": c.caller.name, "role": role, "proven": c.caller.proven})
+    role = c.caller.role
+    actions = sorted(a for a in ACTIONS if role is not None and allows(role, a))
+    return Reply({"name": c.caller.name, "role": role.value if role is not None else "",
+                  "proven": c.caller.proven, "actions": actions})  # fmt: skip
 
 
 def _summary(c: Call) -> Reply:
@@ -105,13 +115,37 @@ def _campaigns(c: Call) -> Reply:
     )
 
 
-def _apply_campaign(c: Call) -> Reply:
+def _campaign_text(c: Call) -> str:
     try:
-        text = c.body.decode()
+        return c.body.decode()
     except UnicodeDecodeError:
         raise UserError("campaign document is not UTF-8 text") from None
+
+
+def _apply_campaign(c: Call) -> Reply:
     source = c.query.get("source", "<campaign>")
-    return Reply(plain(c.api.campaigns.apply(c.caller, text, source=source, now=c.now)), 201)
+    return Reply(plain(c.api.campaigns.apply(c.caller, _campaign_text(c), source=source, now=c.now)), 201)
+
+
+def _validate_campaign(c: Call) -> Reply:
+    source = c.query.get("source", "<campaign>")
+    return Reply(plain(c.api.campaigns.validate(c.caller, _campaign_text(c), source=source)))
+
+
+def _device_campaigns(c: Call) -> Reply:
+    device = c.api.devices.describe(c.caller, c.path["device_id"], c.now).record
+    version, desired = c.api.campaigns.desired_names(c.caller, device.device_id)
+    return Reply({
+        "desired_version": version,
+        "desired": [{"name": n, "version": v} for n, v in desired],
+        "reported_version": device.campaigns_version,
+        "running": device.campaigns_running,
+        "refused": device.campaigns_refused,
+    })  # fmt: skip
+
+
+def _device_ota(c: Call) -> Reply:
+    return Reply([plain(r) for r in c.api.rollouts.device_history(c.caller, c.path["device_id"])])
 
 
 def _delete_campaign(c: Call) -> Reply:
@@ -126,20 +160,52 @@ def _int_field(body: Mapping[str, Any], key: str, default: int) -> int:
 
 
 def _query(c: Call) -> Reply:
-    """``{"sql": "...", "max_rows": N, "timeout_s": S}`` (docs/query.md): at most 100,000 rows; the
-    query is interrupted after ``timeout_s`` (400 with type ``QueryTimeoutError``)."""
+    """``{"sql": "...", "max_rows": N, "timeout_s": S}`` (docs/query.md): at most the coordinator's
+    ``query.max_rows`` rows (100,000 unless configured); the query is interrupted after ``timeout_s``
+    (400 with type ``QueryTimeoutError``), by default the coordinator's ``query.timeout_s``."""
     body = c.json_object('{"sql": "..."}')
     sql = body.get("sql")
     if not isinstance(sql, str) or not sql.strip():
         raise UserError('body must be {"sql": "..."}')
-    max_rows = max(1, min(_int_field(body, "max_rows", 10000), 100_000))
-    timeout_s = check_timeout(body.get("timeout_s", QUERY_TIMEOUT_S))
+    max_rows = _int_field(body, "max_rows", 10000)
+    timeout_s = check_timeout(body["timeout_s"]) if "timeout_s" in body else None
     result = c.api.queries.sql(c.caller, sql, max_rows=max_rows, timeout_s=timeout_s)
     return Reply({"columns": result.columns, "rows": result.rows, "truncated": result.truncated})
 
 
 def _captures(c: Call) -> Reply:
-    return Reply([plain(r) for r in c.api.queries.captures(c.caller)])
+    q = c.query
+    limit = _integer(q, "limit", 1, 10_000)
+    views = c.api.captures.list(
+        c.caller, c.now, device=q.get("device") or None, campaign=q.get("campaign") or None,
+        since_ns=_integer(q, "since_ns", -(2**63), 2**63 - 1),
+        until_ns=_integer(q, "until_ns", -(2**63), 2**63 - 1), limit=limit or 10_000,
+    )  # fmt: skip
+    return Reply([plain(v.capture) | {"state": v.state} for v in views])
+
+
+def _capture(c: Call) -> Reply:
+    detail = c.api.captures.detail(c.caller, c.path["capture_id"], c.query.get("device") or None, c.now)
+    return Reply(plain(detail.capture) | {k: plain(getattr(detail, k)) for k in (
+        "state", "trigger_ns", "pre_ns", "post_ns", "windows_from", "signals", "trajectory")})  # fmt: skip
+
+
+def _capture_series(c: Call) -> Reply:
+    q = c.query
+    signals = [s for s in q.get("signals", "").split(",") if s]
+    series = c.api.captures.series(
+        c.caller, c.path["capture_id"], q.get("device") or None, signals,
+        from_ns=_integer(q, "from_ns", -(2**63), 2**63 - 1), to_ns=_integer(q, "to_ns", -(2**63), 2**63 - 1),
+        columns=_integer(q, "columns", 1, 4000) or 1000,
+    )  # fmt: skip
+    return Reply(plain(series))
+
+
+def _export_capture(c: Call) -> Reply:
+    out = c.api.captures.export(
+        c.caller, c.path["capture_id"], c.query.get("device") or None, c.query.get("format", "mcap")
+    )
+    return Reply(out.data, media_type="application/octet-stream", filename=out.filename)
 
 
 def _releases(c: Call) -> Reply:
@@ -168,6 +234,10 @@ def _create_rollout(c: Call) -> Reply:
 
 def _rollout(c: Call) -> Reply:
     return Reply(plain(c.api.rollouts.status(c.caller, c.path["rollout_id"])))
+
+
+def _rollout_history(c: Call) -> Reply:
+    return Reply([plain(a) for a in c.api.rollouts.history(c.caller, c.path["rollout_id"])])
 
 
 def _rollout_action(action: str) -> Callable[[Call], Reply]:
@@ -233,6 +303,19 @@ def _number(q: Mapping[str, str], key: str, low: float, high: float) -> float | 
     return value
 
 
+def _integer(q: Mapping[str, str], key: str, low: int, high: int) -> int | None:
+    """An integer query parameter within [low, high] (exact: nanosecond times do not fit a float)."""
+    if key not in q:
+        return None
+    try:
+        value = int(q[key])
+    except ValueError:
+        raise UserError(f"{key} must be an integer, got {q[key]!r}") from None
+    if not low <= value <= high:
+        raise UserError(f"{key} must be an integer from {low} to {high}, got {q[key]!r}")
+    return value
+
+
 #: Largest sequence number or time a query parameter may name (an integer any database stores).
 MAX_QUERY_NUMBER = 2.0**53
 
@@ -253,6 +336,12 @@ def _audit_verify(c: Call) -> Reply:
     return Reply(plain(c.api.audit.verify(c.caller)))
 
 
+def _metrics(c: Call) -> Reply:
+    """The coordinator's metrics in Prometheus' text format (docs/api.md: Metrics)."""
+    body, content_type = c.api.metrics.exposition()
+    return Reply(body, media_type=content_type)
+
+
 #: Every operator route. Public routes (health, the OpenAPI document, artifact files and TUF metadata)
 #: are in :mod:`.app` and :mod:`.files`.
 ROUTES: tuple[Route, ...] = (
@@ -261,12 +350,21 @@ ROUTES: tuple[Route, ...] = (
     Route("listDevices", "GET", "/v1/devices", "devices.list", _devices),
     Route("getDevice", "GET", "/v1/devices/{device_id}", "devices.get", _device),
     Route("getDeviceCatalog", "GET", "/v1/devices/{device_id}/catalog", "devices.get", _device_catalog),
+    Route("getDeviceCampaigns", "GET", "/v1/devices/{device_id}/campaigns", "campaigns.list",
+          _device_campaigns),
+    Route("getDeviceOta", "GET", "/v1/devices/{device_id}/ota", "rollouts.get", _device_ota),
     Route("listCampaigns", "GET", "/v1/campaigns", "campaigns.list", _campaigns),
     Route("applyCampaign", "POST", "/v1/campaigns", "campaigns.apply", _apply_campaign, 1 * MiB,
           "text/yaml", 201),
+    Route("validateCampaign", "POST", "/v1/campaigns/validate", "campaigns.validate", _validate_campaign,
+          1 * MiB, "text/yaml"),
     Route("deleteCampaign", "DELETE", "/v1/campaigns/{name}", "campaigns.delete", _delete_campaign),
     Route("query", "POST", "/v1/query", "query", _query, 64 * KiB),
     Route("listCaptures", "GET", "/v1/captures", "query", _captures),
+    Route("getCapture", "GET", "/v1/captures/{capture_id}", "captures.get", _capture),
+    Route("getCaptureSeries", "GET", "/v1/captures/{capture_id}/series", "captures.get", _capture_series),
+    Route("exportCapture", "GET", "/v1/captures/{capture_id}/export", "captures.export", _export_capture,
+          reply_type="application/octet-stream"),
     Route("listReleases", "GET", "/v1/releases", "releases.list", _releases),
     Route("uploadRelease", "POST", "/v1/releases", "releases.upload", _upload_release, MAX_RELEASE_BYTES,
           "application/octet-stream", 201),
@@ -274,6 +372,7 @@ ROUTES: tuple[Route, ...] = (
     Route("createRollout", "POST", "/v1/rollouts", "rollouts.create", _create_rollout, 64 * KiB,
           status=201),
     Route("getRollout", "GET", "/v1/rollouts/{rollout_id}", "rollouts.get", _rollout),
+    Route("getRolloutHistory", "GET", "/v1/rollouts/{rollout_id}/history", "rollouts.get", _rollout_history),
     Route("pauseRollout", "POST", "/v1/rollouts/{rollout_id}/pause", "rollouts.pause",
           _rollout_action("pause")),
     Route("resumeRollout", "POST", "/v1/rollouts/{rollout_id}/resume", "rollouts.resume",
@@ -287,4 +386,5 @@ ROUTES: tuple[Route, ...] = (
     Route("revokeToken", "DELETE", "/v1/tokens/{name}", "tokens.revoke", _revoke_token),
     Route("listAudit", "GET", "/v1/audit", "audit.list", _audit),
     Route("verifyAudit", "GET", "/v1/audit/verify", "audit.verify", _audit_verify),
+    Route("getMetrics", "GET", "/metrics", "metrics", _metrics, reply_type="text/plain"),
 )  # fmt: skip

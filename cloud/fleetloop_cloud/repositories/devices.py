@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from fleetloop_cloud.repositories.database import Database
-from fleetloop_cloud.repositories.records import DeviceRecord, Inventory, Registration
+from fleetloop_cloud.repositories.records import DeviceRecord, DeviceTelemetry, Inventory, Registration
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.errors import MalformedMessageError, NotFoundError
 
@@ -79,12 +79,31 @@ class SqlDevices:
             if cur.rowcount == 0:
                 raise _unknown(device_id)
 
-    def touch(self, device_id: str, now: float, *, owner: str) -> None:
+    def touch(
+        self, device_id: str, now: float, *, owner: str, telemetry: DeviceTelemetry | None = None
+    ) -> None:
         with self._db.write() as tx:
-            tx.execute(
+            cur = tx.execute(
                 "UPDATE devices SET last_seen = ?, session_owner = ? WHERE device_id = ?",
                 (now, owner, device_id),
             )
+            if telemetry is not None and cur.rowcount > 0:
+                tx.execute(
+                    """INSERT INTO device_telemetry (device_id, reported_at, telemetry_json) VALUES (?, ?, ?)
+                       ON CONFLICT (device_id) DO UPDATE SET reported_at = excluded.reported_at,
+                         telemetry_json = excluded.telemetry_json""",
+                    (device_id, telemetry.reported_at, json.dumps(dataclasses.asdict(telemetry))),
+                )
+
+    def telemetry(self) -> dict[str, DeviceTelemetry]:
+        rows = self._db.read("SELECT device_id, telemetry_json FROM device_telemetry")
+        known = {f.name for f in dataclasses.fields(DeviceTelemetry)}
+        out = {}
+        for device_id, text in rows:
+            fields = {k: v for k, v in json.loads(text).items() if k in known}
+            if fields.keys() == known:  # a row a newer or older coordinator wrote otherwise is left out
+                out[str(device_id)] = DeviceTelemetry(**fields)
+        return out
 
     def end_session(self, device_id: str, *, owner: str | None) -> bool:
         with self._db.write() as tx:
@@ -147,6 +166,7 @@ class MemoryDevices:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._devices: dict[str, DeviceRecord] = {}
+        self._telemetry: dict[str, DeviceTelemetry] = {}
 
     def register(self, device_id: str, registration: Registration, *, owner: str, now: float) -> None:
         r = registration
@@ -184,8 +204,16 @@ class MemoryDevices:
         ):  # fmt: skip
             raise _unknown(device_id)
 
-    def touch(self, device_id: str, now: float, *, owner: str) -> None:
-        self._change(device_id, last_seen=now, session_owner=owner)
+    def touch(
+        self, device_id: str, now: float, *, owner: str, telemetry: DeviceTelemetry | None = None
+    ) -> None:
+        if self._change(device_id, last_seen=now, session_owner=owner) and telemetry is not None:
+            with self._lock:
+                self._telemetry[device_id] = telemetry
+
+    def telemetry(self) -> dict[str, DeviceTelemetry]:
+        with self._lock:
+            return dict(self._telemetry)
 
     def end_session(self, device_id: str, *, owner: str | None) -> bool:
         with self._lock:

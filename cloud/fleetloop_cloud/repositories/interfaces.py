@@ -21,6 +21,7 @@ from fleetloop_cloud.repositories.records import (
     CaptureRecord,
     DeviceChange,
     DeviceRecord,
+    DeviceTelemetry,
     IngestTotals,
     Inventory,
     NewAuditEntry,
@@ -54,9 +55,15 @@ class DeviceRepository(Protocol):
         """The device's report of what it runs; NotFoundError for an unknown device."""
         ...
 
-    def touch(self, device_id: str, now: float, *, owner: str) -> None:
+    def touch(
+        self, device_id: str, now: float, *, owner: str, telemetry: DeviceTelemetry | None = None
+    ) -> None:
         """A sign of life through coordinator ``owner`` (last_seen, and that coordinator holds the
-        session now); an unknown device is ignored."""
+        session now), with what its heartbeat reported when it is one; an unknown device is ignored."""
+        ...
+
+    def telemetry(self) -> dict[str, DeviceTelemetry]:
+        """The latest heartbeat report of every device that sent one, by device id."""
         ...
 
     def end_session(self, device_id: str, *, owner: str | None) -> bool:

@@ -54,6 +54,20 @@ class DeviceRecord:
 
 
 @dataclass(frozen=True)
+class DeviceTelemetry:
+    """What a device's latest heartbeat said of its store and clock, and when it came."""
+
+    reported_at: float
+    segments_pending: int
+    bytes_pending: int
+    store_bytes: int
+    store_quota_bytes: int
+    #: The device's clock minus the coordinator's when the heartbeat arrived (transport delay included).
+    clock_offset_ms: float
+    network: str
+
+
+@dataclass(frozen=True)
 class Inventory:
     """What a device reports it runs (its ``Inventory`` message)."""
 

@@ -5,9 +5,11 @@ died — by ``session_owner`` and the ``coordinators`` leases: a device is onlin
 whose lease is current holds its session. A version 1 database is upgraded in place on open (the column
 is added; the old flag stays, unread). Version 3 added the operator plane: ``api_tokens``
 (only the SHA-256 of each secret) and the hash-chained ``audit_log``; an older database gains both
-tables, empty, on open. Version 4 (this one) added the devices' ``delta_formats`` (the OTA delta
-formats a device's inventory says it reads, comma-separated, preferred first); an older database gains
-the column, empty for every device (read as FLDELTA1 only, what agents before the report read), on open.
+tables, empty, on open. ``device_telemetry`` (each device's latest heartbeat report) is added to any
+database on open without a new version: older code never reads it. Version 4 (this one) added the
+devices' ``delta_formats`` (the OTA delta formats a device's inventory says it reads, comma-separated,
+preferred first); an older database gains the column, empty for every device (read as FLDELTA1 only,
+what agents before the report read), on open.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ CREATE TABLE IF NOT EXISTS devices (
     last_seen REAL NOT NULL,
     registered_at REAL NOT NULL,
     delta_formats TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS device_telemetry (
+    device_id TEXT PRIMARY KEY,
+    reported_at REAL NOT NULL,
+    telemetry_json TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS coordinators (
     coordinator_id TEXT PRIMARY KEY,

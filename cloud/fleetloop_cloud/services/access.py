@@ -119,6 +119,11 @@ class Refusals:
     def __getitem__(self, reason: str) -> int:
         return self.totals()[reason]
 
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        """Every count, by (transport, reason): what the coordinator's metrics export."""
+        with self._lock:
+            return {(t, r): n for t, counts in self._by_transport.items() for r, n in counts.items()}
+
 
 class Access:
     """The identity checks every service makes before it acts, and the audit log it writes after.

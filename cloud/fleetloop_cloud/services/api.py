@@ -10,6 +10,7 @@ from typing import Protocol
 from fleetloop_cloud.services.access import Access, Refusals
 from fleetloop_cloud.services.audit import AuditService
 from fleetloop_cloud.services.campaigns import CampaignService
+from fleetloop_cloud.services.captures import CaptureService
 from fleetloop_cloud.services.devices import DeviceService
 from fleetloop_cloud.services.ingest import IngestService
 from fleetloop_cloud.services.query import QueryService
@@ -27,9 +28,15 @@ class DeviceApi(Protocol):
     clock: Callable[[], float]
 
 
+class MetricsText(Protocol):
+    """The coordinator's metrics as ``GET /metrics`` serves them: the body and its content type."""
+
+    def exposition(self) -> tuple[bytes, str]: ...
+
+
 class OperatorApi(Protocol):
     """The operator-facing services (tokens and the audit log among them), the access checks the
-    surface makes before it reads a request's body, and the clock."""
+    surface makes before it reads a request's body, the metrics, and the clock."""
 
     access: Access
     tokens: TokenService
@@ -39,4 +46,8 @@ class OperatorApi(Protocol):
     releases: ReleaseService
     rollouts: RolloutService
     queries: QueryService
+    captures: CaptureService
     clock: Callable[[], float]
+
+    @property
+    def metrics(self) -> MetricsText: ...

@@ -27,6 +27,17 @@ class CampaignApplied:
 
 
 @dataclass(frozen=True)
+class CampaignChecked:
+    """A campaign document that compiles: what applying it would set, and where."""
+
+    name: str
+    version: int
+    selector: str
+    #: Devices whose labels match the selector now.
+    devices: list[str]
+
+
+@dataclass(frozen=True)
 class CampaignDeleted:
     name: str
     campaigns_version: int
@@ -58,8 +69,22 @@ class CampaignService:
             detail="unchanged" if version == before else "",
         )  # fmt: skip
         self._push()
-        matching = [d.device_id for d in self._devices.all() if selector_matches(spec.selector, d.labels)]
-        return CampaignApplied(spec.name, version, matching)
+        return CampaignApplied(spec.name, version, self._matching(spec.selector))
+
+    def validate(self, caller: Caller, document: str, *, source: str = "<campaign>") -> CampaignChecked:
+        """Compile ``document`` as :meth:`apply` would (RuleError with FILE:LINE:COL), storing nothing."""
+        self._access.operator(caller, "campaigns.validate")
+        spec = parse_campaign(document, source=source)
+        return CampaignChecked(spec.name, spec.version, spec.selector, self._matching(spec.selector))
+
+    def _matching(self, selector: str) -> list[str]:
+        return [d.device_id for d in self._devices.all() if selector_matches(selector, d.labels)]
+
+    def desired_names(self, caller: Caller, device_id: str) -> tuple[int, list[tuple[str, int]]]:
+        """The global version and the (name, revision) of each campaign a device should run."""
+        self._access.operator(caller, "campaigns.list")
+        desired = self.desired_for(device_id)
+        return desired.version, [(c.name, c.version) for c in desired.campaigns]
 
     def delete(self, caller: Caller, name: str, now: float) -> CampaignDeleted:
         self._access.operator(caller, "campaigns.delete")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from fleetloop_cloud.repositories.interfaces import CoordinatorLeases, DeviceRepository
-from fleetloop_cloud.repositories.records import DeviceRecord, Inventory, Registration
+from fleetloop_cloud.repositories.records import DeviceRecord, DeviceTelemetry, Inventory, Registration
 from fleetloop_cloud.services.access import Access, Caller
 from fleetloop_cloud.sessions import DeviceSessions, Session
 from fleetloop_shared.catalog import Catalog, DataType
@@ -55,10 +55,22 @@ class BacklogReports(Protocol):
 
 @dataclass(frozen=True)
 class DeviceStatus:
-    """A device and whether it is online now."""
+    """A device, whether it is online now, and what its latest heartbeat reported."""
 
     record: DeviceRecord
     online: bool
+    telemetry: DeviceTelemetry | None = None
+
+
+def telemetry_of(heartbeat: device_pb2.Heartbeat, now: float) -> DeviceTelemetry:
+    """What a heartbeat says of the device's store and clock (offset 0 when it sent no time)."""
+    hb = heartbeat
+    offset_ms = hb.time_unix_ns / 1e6 - now * 1000.0 if hb.time_unix_ns else 0.0
+    return DeviceTelemetry(
+        reported_at=now, segments_pending=hb.segments_pending, bytes_pending=hb.bytes_pending,
+        store_bytes=hb.store_bytes, store_quota_bytes=hb.store_quota_bytes,
+        clock_offset_ms=round(offset_ms, 1), network=hb.network,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -135,7 +147,7 @@ class DeviceService:
         if new:  # a device joining the fleet is for operators to see; its later reports are telemetry
             self._access.record(caller, "devices.register", device_id, now,
                                 detail=f"fleet {hello.fleet or 'default'}, proven: {caller.proven}")
-        session = self._sessions.open(device_id, wake)
+        session = self._sessions.open(device_id, wake, transport=caller.transport)
         log.info(
             "device %s connected over %s (%d signals, data %s)",
             device_id, caller.transport, len(hello.catalog), hello.data_origin,
@@ -149,7 +161,7 @@ class DeviceService:
         device_id = self._access.device(caller, caller.name)
         if self._devices.get(device_id) is None:
             raise NotFoundError(f"device {device_id!r}: a message before any hello")
-        session = self._sessions.open(device_id, wake)
+        session = self._sessions.open(device_id, wake, transport=caller.transport)
         self._devices.touch(device_id, now, owner=self.coordinator_id)
         return session
 
@@ -174,7 +186,8 @@ class DeviceService:
             )  # fmt: skip
             self._devices.update_inventory(device_id, inventory, now)
         elif kind == "heartbeat":
-            self._devices.touch(device_id, now, owner=self.coordinator_id)
+            self._devices.touch(device_id, now, owner=self.coordinator_id,
+                                telemetry=telemetry_of(msg.heartbeat, now))  # fmt: skip
             if msg.heartbeat.backlog:
                 self._backlog.report(device_id, msg.heartbeat, now)
         elif kind == "campaign_status":
@@ -222,14 +235,18 @@ class DeviceService:
     def fleet(self, caller: Caller, now: float) -> list[DeviceStatus]:
         self._access.operator(caller, "devices.list")
         alive = self._alive(now)
-        return [DeviceStatus(d, d.session_owner in alive) for d in self._devices.all()]
+        telemetry = self._devices.telemetry()
+        return [
+            DeviceStatus(d, d.session_owner in alive, telemetry.get(d.device_id)) for d in self._devices.all()
+        ]
 
     def describe(self, caller: Caller, device_id: str, now: float) -> DeviceStatus:
         self._access.operator(caller, "devices.get")
         record = self._devices.get(device_id)
         if record is None:
             raise NotFoundError(f"unknown device {device_id!r}")
-        return DeviceStatus(record, record.session_owner in self._alive(now))
+        telemetry = self._devices.telemetry().get(device_id)
+        return DeviceStatus(record, record.session_owner in self._alive(now), telemetry)
 
     def catalog(self, caller: Caller, device_id: str) -> Catalog:
         self._access.operator(caller, "devices.get")

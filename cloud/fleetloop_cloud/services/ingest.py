@@ -5,31 +5,53 @@ DATA_LOSS), ids that agree, signal ids the device's catalog names — then its s
 Parquet file named by device and segment id, so a retry rewrites the same file) and recorded in the
 ingest ledger, whose (device, segment id) key answers a retry "duplicate". Resumable uploads
 (``UploadChunk``) are staged until whole and then take the same path.
+
+What ingest observes — segments by outcome (stored, duplicate, refused), samples and bytes stored, the
+time to answer each upload request and to make each new segment durable — goes to the narrow
+:class:`IngestMetrics` this service owns, labelled by transport, never by device.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 from fleetloop_cloud.fleet_store.parquet import FleetStore
+from fleetloop_cloud.metrics.memory import MemoryMetrics
 from fleetloop_cloud.repositories.interfaces import DeviceRepository, SegmentRepository
 from fleetloop_cloud.repositories.records import SegmentReceipt
 from fleetloop_cloud.services.access import Access, Caller
 from fleetloop_cloud.sessions import DeviceSessions
 from fleetloop_cloud.uploads.scheduler import NETWORKS, Backlog, Budget, UploadScheduler
-from fleetloop_cloud.uploads.staging import UploadStaging
-from fleetloop_shared.errors import MalformedMessageError, NotFoundError, UserError
+from fleetloop_cloud.uploads.staging import StagingLimits, UploadStaging
+from fleetloop_shared.errors import FleetloopError, MalformedMessageError, NotFoundError, UserError
 from fleetloop_shared.segment import decode_segment
 from fleetloop_shared.wire import device_pb2, ingest_pb2, parse
 
-#: Largest segment a device may upload in pieces (UploadChunk); UploadSegment is bounded by the gRPC
-#: message limit (16 MiB) instead.
-MAX_CHUNKED_UPLOAD_BYTES = 256 << 20
+#: Largest segment a device may upload in pieces (UploadChunk), unless configured
+#: (``uploads.staging.max_upload_bytes``); UploadSegment is bounded by the gRPC message limit (16 MiB).
+MAX_CHUNKED_UPLOAD_BYTES = StagingLimits().max_upload_bytes
 #: Upload budgets for devices that ask for grants: what the cloud ingests and what cellular costs.
 UPLOAD_BUDGET = Budget(
     global_bytes_per_s=64 * 1024 * 1024, per_network_bytes_per_s={"cellular": 4 * 1024 * 1024}
 )
+
+
+class IngestMetrics(Protocol):
+    """Where ingest's observations go (the coordinator's metrics)."""
+
+    def segment(
+        self, transport: str, outcome: str, *, samples: int = 0, size: int = 0, seconds: float | None = None
+    ) -> None:
+        """One segment ``stored`` (with its samples, encoded size and seconds to make it durable),
+        ``duplicate`` or ``refused``."""
+
+    def upload(self, transport: str, kind: str, seconds: float) -> None:
+        """One upload request answered (``segment`` or ``chunk``), refused ones included."""
 
 
 @dataclass(frozen=True)
@@ -67,27 +89,55 @@ class IngestService:
         samples: FleetStore,
         staging: UploadStaging,
         access: Access,
+        *,
+        metrics: IngestMetrics | None = None,
+        max_upload_bytes: int = MAX_CHUNKED_UPLOAD_BYTES,
+        timer: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._devices = devices
         self._segments = segments
         self._samples = samples
         self._staging = staging
         self._access = access
+        self._metrics: IngestMetrics = metrics if metrics is not None else MemoryMetrics()
+        self._max_upload_bytes = max_upload_bytes
+        self._timer = timer
+
+    @contextmanager
+    def _observed(self, caller: Caller, kind: str) -> Iterator[None]:
+        """Time the request; a refused one (any error of ours) counts as a refused segment."""
+        started = self._timer()
+        try:
+            yield
+        except FleetloopError:
+            self._metrics.segment(caller.transport, "refused")
+            raise
+        finally:
+            self._metrics.upload(caller.transport, kind, self._timer() - started)
 
     def segment(self, caller: Caller, request: ingest_pb2.UploadSegmentRequest, now: float) -> IngestAck:
         """One whole segment (``UploadSegment``)."""
         r = request
-        device_id = self._access.device(caller, r.device_id)
-        return self._ingest(device_id, r.segment_id, r.capture_id, r.campaign, r.priority, r.segment, now)
+        with self._observed(caller, "segment"):
+            device_id = self._access.device(caller, r.device_id)
+            return self._ingest(
+                caller.transport, device_id, r.segment_id, r.capture_id, r.campaign, r.priority, r.segment,
+                now,
+            )  # fmt: skip
 
     def chunk(self, caller: Caller, request: ingest_pb2.UploadChunkRequest, now: float) -> ChunkAck:
         """One piece of a resumable upload (``UploadChunk``); the finished whole is ingested like an
         ``UploadSegment`` of the same request."""
+        with self._observed(caller, "chunk"):
+            return self._chunk(caller, request, now)
+
+    def _chunk(self, caller: Caller, request: ingest_pb2.UploadChunkRequest, now: float) -> ChunkAck:
         r = request
         device_id = self._access.device(caller, r.device_id)
         if self._devices.get(device_id) is None:
             raise NotFoundError(f"unknown device {device_id!r}: connect and say hello first")
         if len(r.segment_id) == 16 and self._segments.has(device_id, r.segment_id):
+            self._metrics.segment(caller.transport, "duplicate")
             return ChunkAck(r.total_bytes, IngestAck(0, True))
         outcome = self._staging.put(
             device_id, r.segment_id, offset=r.offset, total_bytes=r.total_bytes,
@@ -95,19 +145,20 @@ class IngestService:
         )  # fmt: skip
         if outcome.whole is None:
             return ChunkAck(outcome.next_offset)
-        whole = parse(ingest_pb2.UploadSegmentRequest, outcome.whole, max_bytes=MAX_CHUNKED_UPLOAD_BYTES)
+        whole = parse(ingest_pb2.UploadSegmentRequest, outcome.whole, max_bytes=self._max_upload_bytes)
         if whole.device_id != device_id or whole.segment_id != r.segment_id:
             raise MalformedMessageError(
                 "the assembled upload names another device or segment than its pieces did"
             )
         ack = self._ingest(
-            device_id, whole.segment_id, whole.capture_id, whole.campaign, whole.priority, whole.segment, now
-        )
+            caller.transport, device_id, whole.segment_id, whole.capture_id, whole.campaign, whole.priority,
+            whole.segment, now,
+        )  # fmt: skip
         return ChunkAck(r.total_bytes, ack)
 
     def _ingest(
-        self, device_id: str, segment_id: bytes, capture_id: str, campaign: str, priority: int, data: bytes,
-        now: float,
+        self, transport: str, device_id: str, segment_id: bytes, capture_id: str, campaign: str,
+        priority: int, data: bytes, now: float,
     ) -> IngestAck:  # fmt: skip
         if len(segment_id) != 16:
             raise MalformedMessageError(f"segment id must be 16 bytes, got {len(segment_id)}")
@@ -115,7 +166,9 @@ class IngestService:
         if device is None:
             raise NotFoundError(f"unknown device {device_id!r}: connect and say hello first")
         if self._segments.has(device_id, segment_id):
+            self._metrics.segment(transport, "duplicate")
             return IngestAck(0, True)
+        started = self._timer()
         seg = decode_segment(data)
         if seg.segment_id != segment_id:
             raise MalformedMessageError("segment id in the request differs from the one in the segment")
@@ -135,6 +188,12 @@ class IngestService:
         first, last = seg.time_range() or (0, 0)
         receipt = SegmentReceipt(capture_id, campaign, priority, samples, first, last)
         fresh = self._segments.record(device_id, segment_id, receipt, now)
+        if fresh:
+            self._metrics.segment(
+                transport, "stored", samples=samples, size=len(data), seconds=self._timer() - started
+            )
+        else:  # another coordinator recorded it first
+            self._metrics.segment(transport, "duplicate")
         return IngestAck(samples, not fresh)
 
 

@@ -1,12 +1,19 @@
 """What an operator asks of the data: SQL over the fleet store, the captures, and the coordinator's
-summary (devices, ingest totals, campaigns, refusals)."""
+summary (devices, ingest totals, campaigns, refusals).
+
+Each SQL query's run time is observed here, by outcome (``ok``, ``error``, ``timeout``), through the
+narrow :class:`QueryMetrics` this service owns.
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from fleetloop_cloud.fleet_store.query import QUERY_TIMEOUT_S, QueryEngine, QueryResult
+from fleetloop_cloud.fleet_store.query import QueryEngine, QueryResult, QueryTimeoutError
+from fleetloop_cloud.metrics.memory import MemoryMetrics
 from fleetloop_cloud.repositories.interfaces import CampaignRepository, SegmentRepository
 from fleetloop_cloud.repositories.records import CaptureRecord
 from fleetloop_cloud.services.access import Access, Caller
@@ -18,6 +25,12 @@ DEFAULT_MAX_ROWS = 10_000
 
 class CensusSource(Protocol):
     def census(self, now: float) -> Census: ...
+
+
+class QueryMetrics(Protocol):
+    """Where the run time of each SQL query goes (the coordinator's metrics)."""
+
+    def query(self, outcome: str, seconds: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -41,12 +54,17 @@ class QueryService:
         campaigns: CampaignRepository,
         devices: CensusSource,
         access: Access,
+        *,
+        metrics: QueryMetrics | None = None,
+        timer: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._engine = engine
         self._segments = segments
         self._campaigns = campaigns
         self._devices = devices
         self._access = access
+        self._metrics: QueryMetrics = metrics if metrics is not None else MemoryMetrics()
+        self._timer = timer
 
     def sql(
         self,
@@ -54,11 +72,22 @@ class QueryService:
         sql: str,
         *,
         max_rows: int = DEFAULT_MAX_ROWS,
-        timeout_s: float = QUERY_TIMEOUT_S,
+        timeout_s: float | None = None,
     ) -> QueryResult:
-        """One read-only SELECT over ``samples`` and ``captures`` (QueryError, QueryTimeoutError)."""
+        """One read-only SELECT over ``samples`` and ``captures`` (QueryError, QueryTimeoutError).
+        ``max_rows`` above the engine's limit is lowered to it; ``timeout_s`` None is the limit."""
         self._access.operator(caller, "query")
-        return self._engine.query(sql, max_rows=max_rows, timeout_s=timeout_s)
+        max_rows = max(1, min(max_rows, self._engine.limits.max_rows))
+        started, outcome = self._timer(), "error"
+        try:
+            result = self._engine.query(sql, max_rows=max_rows, timeout_s=timeout_s)
+            outcome = "ok"
+            return result
+        except QueryTimeoutError:
+            outcome = "timeout"
+            raise
+        finally:
+            self._metrics.query(outcome, self._timer() - started)
 
     def captures(self, caller: Caller) -> list[CaptureRecord]:
         self._access.operator(caller, "query")

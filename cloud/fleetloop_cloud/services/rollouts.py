@@ -7,6 +7,7 @@ door to it, where the caller is checked and the answer is the rollout's status a
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fleetloop_cloud.repositories.interfaces import RolloutRepository
@@ -21,6 +22,19 @@ from fleetloop_cloud.rollout.views import (
     rollout_summaries,
 )
 from fleetloop_cloud.services.access import Access, Caller
+
+
+@dataclass(frozen=True)
+class DeviceOta:
+    """One rollout as one device lived it."""
+
+    rollout_id: str
+    release_version: str
+    phase: int
+    state: str
+    reason: str
+    updated_at: float
+    events: list[AuditRecord]
 
 
 class RolloutService:
@@ -55,6 +69,19 @@ class RolloutService:
         self._access.operator(caller, "rollouts.get")
         record_of(self._rollouts, rollout_id)
         return self._rollouts.audit(rollout_id)
+
+    def device_history(self, caller: Caller, device_id: str) -> list[DeviceOta]:
+        """Every rollout that included ``device_id``, oldest first, each with the device's state, reason
+        and the transitions the rollout's audit trail recorded for it."""
+        self._access.operator(caller, "rollouts.get")
+        out = []
+        for entry in self._rollouts.of_device(device_id):
+            record = self._rollouts.get(entry.rollout_id)
+            trail = self._rollouts.audit(entry.rollout_id)
+            events = [a for a in trail if a.detail.startswith(f"{device_id}:")]
+            out.append(DeviceOta(entry.rollout_id, record.release_version if record else "", entry.phase,
+                                 entry.state, entry.reason, entry.updated_at, events))  # fmt: skip
+        return out
 
     def pause(self, caller: Caller, rollout_id: str, now: float) -> RolloutStatus:
         return self._transition(caller, "pause", rollout_id, now)

@@ -32,12 +32,30 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetloop_shared.errors import MalformedMessageError, StorageFullError
+from fleetloop_shared.errors import MalformedMessageError, StorageFullError, UserError
 
 #: Largest piece a device may send in one UploadChunk (well under the gRPC message limit).
 MAX_CHUNK_BYTES = 1 << 20
 _DEVICE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _PART = re.compile(r"^([0-9a-f]{32})-(\d+)-([0-9a-f]{64})\.part$")
+
+
+@dataclass(frozen=True)
+class StagingLimits:
+    """The bounds of :class:`UploadStaging` (``uploads.staging`` in the coordinator's config)."""
+
+    #: Largest whole upload, in bytes.
+    max_upload_bytes: int = 256 << 20
+    #: Bytes staged over all devices; a piece beyond it is refused (the device resumes later).
+    max_total_bytes: int = 1 << 30
+    #: Partial uploads per device; a new one evicts that device's oldest.
+    max_per_device: int = 4
+    #: Partial uploads untouched this long (seconds) are removed.
+    ttl_s: float = 24 * 3600.0
+
+    def __post_init__(self) -> None:
+        if min(self.max_upload_bytes, self.max_total_bytes, self.max_per_device) <= 0 or self.ttl_s <= 0:
+            raise UserError("upload staging limits must be above 0")
 
 
 @dataclass(frozen=True)

@@ -10,17 +10,15 @@ The tests compare them byte for byte.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-U64 = npt.NDArray[np.uint64]
+from fleetloop_shared.segment.codecs.compiled import numba_kernels
 
-_kernels: tuple[Callable[..., Any], Callable[..., Any]] | None = None
-_tried = False
+U64 = npt.NDArray[np.uint64]
 
 
 def packed_size(count: int, width: int) -> int:
@@ -28,18 +26,10 @@ def packed_size(count: int, width: int) -> int:
     return (count * width + 7) // 8
 
 
+@numba_kernels
 def _load_kernels() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
-    """Compile (or load from cache) the numba kernels once; ``None`` when numba is absent or disabled."""
-    global _kernels, _tried
-    if _tried:
-        return _kernels
-    _tried = True
-    if os.environ.get("FLEETLOOP_NO_NUMBA"):
-        return None
-    try:
-        import numba
-    except ImportError:
-        return None
+    """Compile (or load from cache) the numba kernels; ``None`` when numba is absent or disabled."""
+    import numba
 
     @numba.njit(cache=True, nogil=True)
     def pack(values: Any, width: int, out: Any) -> None:  # pragma: no cover - compiled
@@ -95,19 +85,13 @@ def _load_kernels() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
             out[i] = v & mask
             bit += width
 
-    try:
-        # Compile (or load from the cache) now, on a tiny input, so that a numba or LLVM failure
-        # (broken install, unwritable cache, unsupported CPU) means "use numpy", never a failed encode.
-        probe = np.zeros(2, dtype=np.uint8)
-        pack(np.array([1, 2], dtype=np.uint64), 3, probe)
-        back = np.empty(2, dtype=np.uint64)
-        unpack(probe, 2, 3, back)
-        if back.tolist() != [1, 2]:
-            return None
-    except Exception:  # any failure of the optional accelerator falls back to the numpy path
-        return None
-    _kernels = (pack, unpack)
-    return _kernels
+    # Compile (or load from the cache) now, on a tiny input, so that a numba or LLVM failure
+    # (broken install, unwritable cache, unsupported CPU) means "use numpy", never a failed encode.
+    probe = np.zeros(2, dtype=np.uint8)
+    pack(np.array([1, 2], dtype=np.uint64), 3, probe)
+    back = np.empty(2, dtype=np.uint64)
+    unpack(probe, 2, 3, back)
+    return (pack, unpack) if back.tolist() == [1, 2] else None
 
 
 def pack(values: U64, width: int, *, use_numba: bool | None = None) -> bytes:

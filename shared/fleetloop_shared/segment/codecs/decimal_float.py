@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fleetloop_shared.segment.codecs import StreamError, intstream
+from fleetloop_shared.segment.codecs.compiled import numba_kernels
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -220,25 +221,14 @@ def _choose_args(step: float = 0.0) -> tuple[Any, ...]:
     )
 
 
-_kernels: tuple[Any, Any, Any] | None = None
-_kernels_tried = False
-
-
+@numba_kernels
 def _load_kernels() -> tuple[Any, Any, Any] | None:
     """(split, choose, grid_step) compiled with numba (cached on disk), or None: then the numpy versions
     run."""
-    global _kernels, _kernels_tried
-    if _kernels_tried:
-        return _kernels
-    _kernels_tried = True
-    if intstream._load_stats_kernel() is None:  # numba missing, disabled or broken
-        return None
     import numba
 
-    try:  # numba's count-leading-zeros intrinsic: the bit length in one instruction
-        from numba.cpython.unsafe.numbers import leading_zeros
-    except ImportError:  # pragma: no cover - a numba without it: the numpy path
-        return None
+    # numba's count-leading-zeros intrinsic (ImportError in a numba without it: the numpy path)
+    from numba.cpython.unsafe.numbers import leading_zeros
 
     @numba.njit(cache=True, nogil=True)
     def split(
@@ -530,16 +520,12 @@ def _load_kernels() -> tuple[Any, Any, Any] | None:
                 best = s
         return best if np.isfinite(best) and best > 0 else 0.0
 
-    try:  # compile now; a failure means the numpy path, never a failed encode (as in bitpack)
-        probe = np.array([1.5, 0.25, 3.0], dtype=np.float64)
-        split(probe, 0, 2, 100.0, 1.0, np.empty(3, np.int64), np.empty(3, np.int64))
-        choose(probe, *_choose_args())
-        choose(probe, *_choose_args(0.5))
-        grid_step(np.arange(20, dtype=np.float64) * 0.3, 8, 2.0**-40, 1e-6, 0.9, 8, 64, _LIMIT)
-    except Exception:  # any failure of the optional accelerator falls back to the numpy path
-        return None
-    _kernels = (split, choose, grid_step)
-    return _kernels
+    probe = np.array([1.5, 0.25, 3.0], dtype=np.float64)  # compile now
+    split(probe, 0, 2, 100.0, 1.0, np.empty(3, np.int64), np.empty(3, np.int64))
+    choose(probe, *_choose_args())
+    choose(probe, *_choose_args(0.5))
+    grid_step(np.arange(20, dtype=np.float64) * 0.3, 8, 2.0**-40, 1e-6, 0.9, 8, 64, _LIMIT)
+    return (split, choose, grid_step)
 
 
 def encode(v: F64) -> bytes:

@@ -24,6 +24,7 @@ import numpy.typing as npt
 
 from fleetloop_shared.segment.codecs import StreamError as StreamError  # (raised by every codec)
 from fleetloop_shared.segment.codecs import bitpack, zstd_frames
+from fleetloop_shared.segment.codecs.compiled import numba_kernels
 
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
@@ -88,24 +89,14 @@ def _stats_numpy(x: I64, order: int) -> tuple[int, int, npt.NDArray[np.int64]]:
     return base, max(g, 1), np.bincount(_bit_lengths(u), minlength=65)
 
 
-_stats_kernel: Any = None
-_stats_tried = False
-
-
+@numba_kernels
 def _load_stats_kernel() -> Any:
     """One pass per statistic over ``x``'s differences without materializing them (numba), or None."""
-    global _stats_kernel, _stats_tried
-    if _stats_tried:
-        return _stats_kernel
-    _stats_tried = True
-    if not bitpack.have_numba():
-        return None
     import numba
 
-    try:  # numba's count-leading-zeros intrinsic: the bit length in one instruction
-        from numba.cpython.unsafe.numbers import leading_zeros
-    except ImportError:  # pragma: no cover - a numba without it: the numpy path
-        return None
+    # numba's count-leading-zeros intrinsic: the bit length in one instruction (ImportError in a numba
+    # without it: the numpy path)
+    from numba.cpython.unsafe.numbers import leading_zeros
 
     @numba.njit(cache=True, nogil=True)
     def stats(x: Any, order: int, counts: Any) -> tuple[Any, Any, Any, Any]:  # pragma: no cover - compiled
@@ -160,12 +151,7 @@ def _load_stats_kernel() -> Any:
                 best_w = w
         return base, g, best_size, best_w
 
-    try:  # compile now; a failure means the numpy path, never a failed encode (as in bitpack)
-        probe = np.zeros(65, dtype=np.int64)
-        stats(np.array([5, 7, 9], dtype=np.int64), 1, probe)
-    except Exception:  # any failure of the optional accelerator falls back to the numpy path
-        return None
-    _stats_kernel = stats
+    stats(np.array([5, 7, 9], dtype=np.int64), 1, np.zeros(65, dtype=np.int64))  # compile now
     return stats
 
 
@@ -347,23 +333,13 @@ def _residuals(x: I64, order: int, base: int, g: int, w: int) -> tuple[U64, npt.
     return u, np.zeros(0, dtype=np.int64)
 
 
-_residuals_kernel: Any = None
-_residuals_tried = False
-
-
+@numba_kernels
 def _load_residuals_kernel() -> Any:
-    global _residuals_kernel, _residuals_tried
-    if _residuals_tried:
-        return _residuals_kernel
-    _residuals_tried = True
-    if _load_stats_kernel() is None:  # numba missing, disabled or broken
-        return None
     import numba
 
-    try:  # numba's count-leading-zeros intrinsic: the bit length in one instruction
-        from numba.cpython.unsafe.numbers import leading_zeros
-    except ImportError:  # pragma: no cover - a numba without it: the numpy path
-        return None
+    # numba's count-leading-zeros intrinsic: the bit length in one instruction (ImportError in a numba
+    # without it: the numpy path)
+    from numba.cpython.unsafe.numbers import leading_zeros
 
     @numba.njit(cache=True, nogil=True)
     def residuals(
@@ -427,14 +403,10 @@ def _load_residuals_kernel() -> Any:
             counts[64 - leading_zeros(u)] += 1  # type: ignore[call-arg]  # (bit length: one instruction)
         return low, below
 
-    try:
-        probe = np.array([5, 7, 9], dtype=np.int64)
-        residuals(probe, 1, np.int64(2), np.uint64(1), 2, np.empty(2, dtype=np.uint64))
-        outlier_frame(np.arange(300, dtype=np.int64), 1, np.int64(-5), 20, np.zeros(65, dtype=np.int64))
-    except Exception:  # any failure of the optional accelerator falls back to the numpy path
-        return None
-    _residuals_kernel = (residuals, None, outlier_frame)
-    return _residuals_kernel
+    probe = np.array([5, 7, 9], dtype=np.int64)  # compile now
+    residuals(probe, 1, np.int64(2), np.uint64(1), 2, np.empty(2, dtype=np.uint64))
+    outlier_frame(np.arange(300, dtype=np.int64), 1, np.int64(-5), 20, np.zeros(65, dtype=np.int64))
+    return (residuals, None, outlier_frame)
 
 
 def _byte_planes(u: U64, base: int, g: int) -> bytes:

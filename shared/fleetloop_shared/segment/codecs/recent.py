@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fleetloop_shared.segment.codecs import bitpack
+from fleetloop_shared.segment.codecs.compiled import numba_kernels
 
 I64 = npt.NDArray[np.int64]
 
@@ -91,17 +91,9 @@ def _references_numpy(bits: I64) -> tuple[I64, int]:
     return out, distinct
 
 
-_kernel: Any = None
-_tried = False
-
-
+@numba_kernels
 def _load_kernel() -> Any:
-    global _kernel, _tried
-    if _tried:
-        return _kernel
-    _tried = True
-    if not bitpack.have_numba():
-        return None
+    """The window scan compiled with numba, or None: then the numpy version runs."""
     import numba
 
     @numba.njit(cache=True, nogil=True)
@@ -134,13 +126,7 @@ def _load_kernel() -> Any:
                 slot = (slot + 1) & mask
         return count
 
-    try:
-        probe = np.array([1, 2, 1, 1, 3, 2], dtype=np.int64)
-        n = probe.shape[0]
-        ids, back, first, last = (np.empty(n, dtype=np.int64) for _ in range(4))
-        if scan(probe, np.full(16, -1, dtype=np.int64), ids, back, first, last, n) != 3:
-            return None
-    except Exception:  # any failure of the optional accelerator falls back to the numpy path
-        return None
-    _kernel = scan
-    return scan
+    probe = np.array([1, 2, 1, 1, 3, 2], dtype=np.int64)  # compile now, and check
+    n = probe.shape[0]
+    ids, back, first, last = (np.empty(n, dtype=np.int64) for _ in range(4))
+    return scan if scan(probe, np.full(16, -1, dtype=np.int64), ids, back, first, last, n) == 3 else None

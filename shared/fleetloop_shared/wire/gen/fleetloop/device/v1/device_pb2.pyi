@@ -184,11 +184,16 @@ class Heartbeat(_message.Message):
     BYTES_PENDING_FIELD_NUMBER: _builtins.int
     BACKLOG_FIELD_NUMBER: _builtins.int
     NETWORK_FIELD_NUMBER: _builtins.int
+    STORE_BYTES_FIELD_NUMBER: _builtins.int
+    STORE_QUOTA_BYTES_FIELD_NUMBER: _builtins.int
     time_unix_ns: _builtins.int
     segments_pending: _builtins.int
     bytes_pending: _builtins.int
     network: _builtins.str
     """Network the device is on now: "wifi", "cellular", "ethernet" or "other"."""
+    store_bytes: _builtins.int
+    """What the device's segment store takes on disk, and its quota (0: not reported)."""
+    store_quota_bytes: _builtins.int
     @_builtins.property
     def backlog(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriorityBacklog]:
         """Backlog per priority for the cloud's upload scheduler (empty: the device does not ask for grants)."""
@@ -201,10 +206,12 @@ class Heartbeat(_message.Message):
         bytes_pending: _builtins.int = ...,
         backlog: _abc.Iterable[Global___PriorityBacklog] | None = ...,
         network: _builtins.str = ...,
+        store_bytes: _builtins.int = ...,
+        store_quota_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "bytes_pending", b"bytes_pending", "network", b"network", "segments_pending", b"segments_pending", "time_unix_ns", b"time_unix_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backlog", b"backlog", "bytes_pending", b"bytes_pending", "network", b"network", "segments_pending", b"segments_pending", "store_bytes", b"store_bytes", "store_quota_bytes", b"store_quota_bytes", "time_unix_ns", b"time_unix_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

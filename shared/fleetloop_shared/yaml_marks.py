@@ -3,14 +3,20 @@
 :func:`load_marked` reads like ``yaml.safe_load`` but builds every mapping as a :class:`MarkedDict` — a
 plain ``dict`` (every ``isinstance(x, dict)`` check still holds) that also knows the file, its own
 position and each key's. :func:`location` turns that into the ``FILE:LINE:COL`` prefix of an error.
+:func:`read_config_file` is what a configuration loader starts with: the file's top-level mapping, or a
+ConfigError saying where the file is unreadable or not YAML. The agent's and the coordinator's
+configuration files are read through it, so both report mistakes the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import yaml
+
+from fleetloop_shared.errors import ConfigError
 
 
 class MarkedDict(dict[Any, Any]):
@@ -53,3 +59,28 @@ def location(mapping: Mapping[Any, Any], key: Any = None) -> str:
         return ""
     line, col = mapping.marks.get(key, mapping.mark)
     return f"{mapping.source}:{line}:{col}: "
+
+
+def read_config_file(path: Path) -> MarkedDict:
+    """The top-level mapping of the YAML file at ``path`` (empty for an empty file); ConfigError
+    (``FILE:LINE:COL: ...`` where the YAML parser knows the place) for a missing, unreadable or
+    malformed file, or one whose top level is not a mapping."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        doc = load_marked(path.read_text(encoding="utf-8"), source=str(path))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if doc is None:  # an empty file, or only comments: no settings
+        doc = MarkedDict()
+        doc.source = str(path)
+    if not isinstance(doc, MarkedDict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return doc

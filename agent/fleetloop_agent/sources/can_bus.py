@@ -1,0 +1,245 @@
+"""A live CAN bus through python-can: SocketCAN on a vehicle computer, or any other python-can interface
+(a USB adapter, python-can's virtual bus, a remote bus over TCP).
+
+python-can is imported here when a bus is opened (and, for ISO-TP and BLF files, in :mod:`.obd_link`
+and :mod:`fleetloop_agent.recordings.blf`). A receive thread takes frames off the bus and stamps each
+with the device clock as it arrives; ``read()`` drains them through the bounded
+:class:`~fleetloop_agent.sources.live.FrameQueue` (drop-oldest, counted) and decodes them all at once
+(:class:`~fleetloop_agent.sources.can_signals.CanSignalMap`). When the bus fails — the interface goes
+down, the adapter is unplugged, the remote end closes — the thread closes it, counts the error, and
+opens it again after a growing backoff, counting the reconnect; frames already queued are still
+delivered, so nothing captured before the failure is lost. Error frames and undecodable frames are
+counted, never raised.
+
+The kernel (or the adapter) is told which ids to deliver — the DBC's chosen messages, J1939 messages by
+PGN, and the transport protocol's frames when reassembly is on — so a busy bus costs little for the
+frames nobody asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+from fleetloop_agent.sources.base import LIVE, GroupAccumulator
+from fleetloop_agent.sources.can_signals import CanSignalMap
+from fleetloop_agent.sources.j1939 import TP_CM, TP_DT, J1939Reassembler
+from fleetloop_agent.sources.live import (
+    DEFAULT_QUEUE_FRAMES,
+    Backoff,
+    DeviceClock,
+    FrameQueue,
+    SourceCounters,
+    SystemClock,
+)
+from fleetloop_shared.catalog import Catalog
+from fleetloop_shared.dbc import j1939_pgn
+from fleetloop_shared.errors import ConfigError, StateError
+from fleetloop_shared.samples import GroupBatch
+
+log = logging.getLogger("fleetloop.agent.sources")
+
+#: How long one ``recv`` waits before the thread looks at its stop flag again.
+RECV_TIMEOUT_S: Final = 0.2
+TIMESTAMPS: Final = ("receive", "bus")
+FD_WIDTH: Final = 64
+
+#: Opens the bus: ``(interface, channel, options) -> python-can bus``.
+BusFactory = Callable[[str, str, Mapping[str, Any]], Any]
+
+
+def interfaces() -> frozenset[str]:
+    """The python-can interfaces installed here (its own and plugins such as ``remote``)."""
+    import can
+
+    return frozenset(can.interfaces.VALID_INTERFACES)
+
+
+def open_bus(interface: str, channel: str, options: Mapping[str, Any]) -> Any:
+    import can
+
+    return can.Bus(interface=interface, channel=channel, **dict(options))
+
+
+def kernel_filters(signals: CanSignalMap, j1939: bool) -> list[dict[str, Any]]:
+    """python-can ``can_filters`` delivering exactly the frames the source decodes."""
+    filters: list[dict[str, Any]] = []
+    for layout in (signals.dbc.layout(m) for m in signals.messages):
+        if layout.is_j1939:
+            pgn = j1939_pgn(layout.frame_id)
+            mask = 0x3FFFF00 if (pgn >> 8) & 0xFF >= 240 else 0x3FF0000
+            filters.append({"can_id": pgn << 8, "can_mask": mask, "extended": True})
+        elif layout.is_extended:
+            filters.append({"can_id": layout.frame_id, "can_mask": 0x1FFFFFFF, "extended": True})
+        else:
+            filters.append({"can_id": layout.frame_id, "can_mask": 0x7FF, "extended": False})
+    if j1939:
+        for pgn in (TP_CM, TP_DT):
+            filters.append({"can_id": pgn << 8, "can_mask": 0x3FF0000, "extended": True})
+    return filters
+
+
+class CanBusSource:
+    """Signals of a DBC, decoded from a live bus."""
+
+    def __init__(
+        self,
+        signals: CanSignalMap,
+        *,
+        interface: str,
+        channel: str,
+        name: str = "can0",
+        options: Mapping[str, Any] | None = None,
+        fd: bool = False,
+        j1939: bool = False,
+        timestamps: str = "receive",
+        queue_frames: int = DEFAULT_QUEUE_FRAMES,
+        filters: bool = True,
+        clock: DeviceClock | None = None,
+        backoff: Backoff | None = None,
+        bus_factory: BusFactory = open_bus,
+    ) -> None:
+        if timestamps not in TIMESTAMPS:
+            raise ConfigError(f"source {name!r}: timestamps must be one of {', '.join(TIMESTAMPS)}")
+        self.name = name
+        self.origin = LIVE
+        self._signals = signals
+        self._interface = interface
+        self._channel = channel
+        self._options = dict(options or {})
+        if fd:
+            self._options.setdefault("fd", True)
+        if filters:
+            self._options.setdefault("can_filters", kernel_filters(signals, j1939))
+        self._stamp_bus = timestamps == "bus"
+        self._queue = FrameQueue(queue_frames, FD_WIDTH if fd else 8)
+        self._reassembler = J1939Reassembler() if j1939 else None
+        self._clock = clock or SystemClock()
+        self._backoff = backoff or Backoff()
+        self._factory = bus_factory
+        self._counters = SourceCounters()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bus: Any = None
+        self._connected = threading.Event()
+        self._down = False
+        self._declared = False
+        #: Why the bus last failed (None while it works).
+        self.failure: str | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    def declare(self, catalog: Catalog) -> None:
+        self._signals.declare(catalog)
+        self._declared = True
+
+    def start(self) -> None:
+        """Open the bus and start receiving (``read`` does it on first call)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._receive, name=f"can-{self.name}", daemon=True)
+            self._thread.start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def close(self) -> None:
+        """Stop receiving and shut the bus down (frames still queued stay readable)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+        self._close_bus()
+
+    def alive(self) -> bool:
+        """False while the bus is down (the source keeps trying to reopen it)."""
+        return not self._down
+
+    # -- the receive thread -------------------------------------------------------------------------------
+
+    def _close_bus(self) -> None:
+        bus, self._bus = self._bus, None
+        self._connected.clear()
+        if bus is not None:
+            try:
+                bus.shutdown()
+            except Exception as exc:  # a bus that died may fail to close too; nothing more to do
+                log.debug("source %s: closing the bus: %s", self.name, exc)
+                import can
+
+                can.BusABC.shutdown(bus)  # mark it closed, or python-can retries (and fails) at exit
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        self._counters.errors += 1
+        reason = f"{what}: {type(exc).__name__}: {exc}"
+        if self.failure != reason:
+            log.warning("source %s: %s", self.name, reason)
+        self.failure = reason
+        self._down = True
+        self._close_bus()
+
+    def _receive(self) -> None:
+        ever_connected = False
+        while not self._stop.is_set():
+            if self._bus is None:
+                try:
+                    self._bus = self._factory(self._interface, self._channel, self._options)
+                except Exception as exc:  # python-can raises many types for an absent interface
+                    self._fail(f"cannot open {self._interface} channel {self._channel!r}", exc)
+                    self._stop.wait(self._backoff.next_delay())
+                    continue
+                if ever_connected:
+                    self._counters.reconnects += 1
+                ever_connected = True
+                self._down = False
+                self.failure = None
+                self._backoff.reset()
+                self._connected.set()
+            try:
+                self._pump(self._bus)
+            except Exception as exc:  # the bus went away under us
+                self._fail("bus failed", exc)
+                self._stop.wait(self._backoff.next_delay())
+
+    def _pump(self, bus: Any) -> None:
+        """Receive until stopped (or until the bus raises)."""
+        put, now, stop = self._queue.put, self._clock.now_ns, self._stop
+        stamp_bus = self._stamp_bus
+        while not stop.is_set():
+            msg = bus.recv(RECV_TIMEOUT_S)
+            if msg is None:
+                continue
+            if msg.is_error_frame:
+                self._counters.errors += 1
+                continue
+            if msg.is_remote_frame:
+                continue
+            put(int(msg.timestamp * 1e9) if stamp_bus else now(), msg.arbitration_id, bytes(msg.data))
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    def read(self, until_ns: int) -> list[GroupBatch]:
+        if not self._declared:
+            raise StateError(f"source {self.name!r}: read() before declare()")
+        self.start()
+        batch = self._queue.drain(int(until_ns))
+        out = GroupAccumulator()
+        if len(batch):
+            self._signals.emit(batch, 0, out)
+            if self._reassembler is not None:
+                whole = self._reassembler.feed(batch)
+                if len(whole):
+                    self._signals.emit(whole, 0, out)
+        batches = out.build()
+        self._counters.samples += sum(b.sample_count for b in batches)
+        return batches
+
+    def counters(self) -> dict[str, int]:
+        """Running totals: samples, errors (bus, error frames, undecodable frames), dropped, reconnects."""
+        totals = self._counters.totals()
+        totals["errors"] += self._signals.decode_errors_total
+        totals["dropped"] = self._queue.dropped_total
+        if self._reassembler is not None:
+            s = self._reassembler.stats
+            totals["errors"] += s.malformed + s.timed_out + s.aborted + s.overflowed
+        return totals

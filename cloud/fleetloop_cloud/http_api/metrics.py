@@ -1,0 +1,54 @@
+"""The HTTP surface's own metrics: one middleware that counts every request by route and status, times
+it, and counts refusals for credentials — handed to :func:`~fleetloop_cloud.http_api.start_http_server`
+through its ``middlewares`` seam, where it sees each request's route name and final status.
+
+The route label is the route's name (its OpenAPI operationId, ``request.match_info.route.name``), never
+the raw path: paths carry device ids, rollout ids and file hashes, and a label per distinct path would
+grow without bound. A request no route matched is ``unmatched``; one whose client went away before the
+answer is counted with status 499 (nginx's "client closed request").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+from aiohttp import web
+
+from fleetloop_cloud.http_api.app import AUTH_FAILURE, Handler, Middleware
+
+#: Status of a request whose client went away before the answer.
+CLIENT_CLOSED = 499
+
+
+class HttpMetrics(Protocol):
+    """Where the HTTP surface's observations go (the coordinator's metrics)."""
+
+    def http_request(self, route: str, status: int, seconds: float, *, auth_failure: bool) -> None: ...
+
+
+def metrics_middleware(metrics: HttpMetrics) -> Middleware:
+    """A middleware observing every request into ``metrics``."""
+
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:  # what the error middleware lets through (< 400)
+            status = exc.status
+            raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            status = CLIENT_CLOSED
+            raise
+        finally:
+            metrics.http_request(
+                request.match_info.route.name or "unmatched", status, time.perf_counter() - started,
+                auth_failure=request.get(AUTH_FAILURE) is not None,
+            )  # fmt: skip
+
+    return observe
