@@ -1,11 +1,14 @@
 """``fleetloop demo``: the whole loop on one machine, as separate processes on loopback.
 
-A coordinator and three simulated devices (a car replaying the comma2k19 drive, a robot replaying the
-x-io IMU, a PLC gateway replaying the SKAB pump — or firmware-sim's generated signals when the recordings
-are absent) are started; a campaign per kind is applied; captures are waited for and queried with SQL;
-then firmware v2 is uploaded (the cloud builds a delta from the installed v1) and rolled out in two
-phases. The summary tells the truth: a rollback or a failed download shows up as such, with the reason,
-and makes the demo exit non-zero.
+A coordinator and four simulated machines are started, each agent on live sources exactly as on a real
+machine; only the far side of each bus is simulated (``fleetloop sim far-side``, one process per machine):
+a car reading a CAN bus that its ECU drives with the comma2k19 frames, plus OBD-II over ISO-TP from its
+engine ECU; a robot whose controller pushes the x-io IMU through the push API; a PLC gateway polling a
+Modbus server that plays the SKAB pump; a home hub reading zigbee2mqtt devices from its own mosquitto.
+Without the recordings the far sides play firmware-sim's generated signals. A campaign per kind is
+applied; captures are waited for and queried with SQL; then firmware v2 is uploaded (the cloud builds a
+delta from the installed v1) and rolled out in two phases. The summary tells the truth: a rollback or a
+failed download shows up as such, with the reason, and makes the demo exit non-zero.
 """
 
 from __future__ import annotations
@@ -34,8 +37,11 @@ from fleetloop_shared.errors import FleetloopError, NotFoundError, StateError, U
 
 HARDWARE_ID = "fleetloop-sim-gen1"
 FLEET = "demo"
-DEVICES = (("car-001", "car"), ("robot-001", "robot"), ("plc-001", "plc"))
+DEVICES = (("car-001", "car"), ("robot-001", "robot"), ("plc-001", "plc"), ("hub-001", "hub"))
+#: The far sides play their data this many times as fast as it was recorded.
 REPLAY_SPEED = 2.0
+#: More than a kind's default campaign collects on a live machine: the car's OBD-II signals.
+EXTRA_SIGNALS = {"car": ("Vehicle.OBD.*",)}
 T = TypeVar("T")
 
 QUERY = (
@@ -72,12 +78,17 @@ def _interrupts_deferred() -> Iterator[None]:
 
 
 class _Processes:
-    """Child processes of the demo, each in its own process group, all stopped on exit."""
+    """Child processes of the demo, each in its own process group, all stopped on exit: the last tier
+    started first (the agents before the far sides of their buses, those before the coordinator), so
+    none sees its peer vanish while it is still running."""
 
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._tiers: dict[int, int] = {}
 
-    def start(self, name: str, argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, argv: list[str], log: Path, env: dict[str, str], *, tier: int = 0
+    ) -> subprocess.Popen[bytes]:
         fh = open(log, "ab")  # noqa: SIM115 - kept open for the child's lifetime
         with _interrupts_deferred():
             proc = subprocess.Popen(
@@ -89,16 +100,22 @@ class _Processes:
                 start_new_session=True,
             )
             self.procs.append((name, proc))
+            self._tiers[proc.pid] = tier
         fh.close()
         return proc
 
     def stop_all(self) -> None:
-        for _, proc in reversed(self.procs):
+        for tier in sorted(set(self._tiers.values()), reverse=True):
+            self._stop([p for _, p in self.procs if self._tiers[p.pid] == tier])
+
+    @staticmethod
+    def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+        for proc in procs:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        for _, proc in self.procs:
+        for proc in procs:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -214,47 +231,64 @@ def run_demo(args: argparse.Namespace) -> int:
         _upload(client, v1, "1.0.0")
         _say(verbose, f"firmware v1 ({len(v1):,} bytes) released and installed on the devices")
 
-        origins = []
+        devices, skipped = _machines()
+        for device_id, why in skipped.items():
+            _say(verbose, f"{device_id} left out: {why}")
+        if skipped:
+            summary["skipped"] = skipped
+        sides = _start_far_sides(devices, work, logs, env, procs, recordings, deadline)
+        machines: dict[str, dict[str, Any]] = {}
         legacy = getattr(args, "fldelta1_devices", 0)
-        for i, (device_id, kind) in enumerate(DEVICES):
-            origins.append(
-                _start_device(
-                    device_id,
-                    kind,
-                    work,
-                    logs,
-                    env,
-                    procs,
-                    recordings,
-                    client,
-                    bad_health=("bad-health" in args.inject and kind == "car"),
-                    fldelta1_only=i < legacy,
-                )
+        for i, (device_id, kind) in enumerate(devices):
+            side = sides[device_id]
+            _start_device(
+                device_id,
+                kind,
+                work,
+                logs,
+                env,
+                procs,
+                (side["sources"], side["data"]),
+                client,
+                bad_health=("bad-health" in args.inject and kind == "car"),
+                fldelta1_only=i < legacy,
             )
-        summary["data"] = "recordings" if all(o == "recordings" for o in origins) else "simulated"
-        summary["devices"] = len(DEVICES)
+            machines[device_id] = {
+                "kind": kind,
+                "data": side["data"],
+                "far_side": side["description"],
+                "sources": {src["name"]: src["kind"] for src in side["sources"]},
+            }
+        summary["machines"] = machines
+        summary["devices"] = len(devices)
 
         def online() -> list[Any] | None:
             devs = client.get("/v1/devices")
-            return devs if sum(1 for d in devs if d.get("online")) == len(DEVICES) else None
+            return devs if sum(1 for d in devs if d.get("online")) == len(devices) else None
 
-        _wait("all devices to connect", online, deadline, procs)
-        _say(verbose, f"{len(DEVICES)} devices connected: " + ", ".join(d for d, _ in DEVICES))
+        connected = _wait("all devices to connect", online, deadline, procs)
+        for dev in connected:
+            if dev["device_id"] in machines:
+                machines[dev["device_id"]]["origin"] = dev.get("data_origin", "")
+        _say(verbose, f"{len(devices)} devices connected, each agent on live sources:")
+        for device_id, m in machines.items():
+            _say(verbose, f"  {device_id:<9} {m['kind']:<5} {m.get('origin', '?'):<4} {m['far_side']}")
 
-        for kind in sorted({k for _, k in DEVICES}):
+        kinds = sorted({k for _, k in devices})
+        for kind in kinds:
             operator.request(
                 "POST",
                 f"/v1/campaigns?source=demo-{kind}.yaml",
-                body=profiles.default_campaign(kind).encode(),
+                body=profiles.default_campaign(kind, EXTRA_SIGNALS.get(kind, ())).encode(),
                 content_type="text/yaml",
             )
-        summary["campaigns"] = len({k for _, k in DEVICES})
+        summary["campaigns"] = len(kinds)
         _say(verbose, f"{summary['campaigns']} campaigns applied; waiting for captures …")
 
         def captured() -> list[Any] | None:
             caps = client.get("/v1/captures")
             devices_with = {c["device_id"] for c in caps}
-            return caps if devices_with >= {d for d, _ in DEVICES} else None
+            return caps if devices_with >= {d for d, _ in devices} else None
 
         _wait("a capture from every device", captured, deadline, procs)
         time.sleep(1.0)  # let the segments of the last captures land
@@ -268,6 +302,10 @@ def run_demo(args: argparse.Namespace) -> int:
 
         result = client.post_json("/v1/query", {"sql": QUERY})
         summary["query_rows"] = len(result["rows"])
+        caps = client.get("/v1/captures")
+        for device_id, m in machines.items():
+            m["captures"] = len({c["capture_id"] for c in caps if c["device_id"] == device_id})
+            m["samples"] = sum(int(r[4]) for r in result["rows"] if r[0] == device_id)
         summary["query"] = QUERY
         _say(
             verbose,
@@ -313,7 +351,7 @@ def run_demo(args: argparse.Namespace) -> int:
             return st if st["state"] in ("SUCCEEDED", "PAUSED", "ABORTED") else None
 
         final = _wait("the rollout to finish", finished, deadline, procs)
-        summary["rollout"]["payloads"] = {d: _directed_payload(client, d) for d, _ in DEVICES}
+        summary["rollout"]["payloads"] = {d: _directed_payload(client, d) for d, _ in devices}
         devices_after = client.get("/v1/devices")
         updated = [d["device_id"] for d in devices_after if d.get("firmware_version") == "2.0.0"]
         ro = summary["rollout"]
@@ -329,10 +367,14 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         if ro["state"] != "succeeded":
             error = f"rollout {ro['state']}: {ro['reason'] or 'see devices'}"
-        elif len(updated) != len(DEVICES):
+        elif len(updated) != len(devices):
             error = f"rollout reported success but only {len(updated)} devices run v2"
         elif summary["captures_ingested"] <= 0 or summary["query_rows"] <= 0:
             error = "no captures were ingested"
+        elif any(m.get("origin") != "live" for m in machines.values()):
+            error = "a device did not run on live sources: " + ", ".join(
+                f"{d}={m.get('origin')}" for d, m in machines.items() if m.get("origin") != "live"
+            )
         summary["ok"] = error is None
     except FleetloopError as exc:
         error = str(exc)
@@ -371,6 +413,13 @@ def _report(summary: dict[str, Any], args: argparse.Namespace) -> None:
         f"{ro['delta_bytes']:,} of {ro['full_bytes']:,} bytes; {summary['seconds']} s",
         flush=True,
     )
+    for device_id, m in summary.get("machines", {}).items():
+        sources = " + ".join(f"{name} ({kind})" for name, kind in m["sources"].items())
+        print(
+            f"  {device_id:<9} {m['kind']:<5} {m.get('origin', '?')} sources {sources}: "
+            f"{m.get('captures', 0)} captures, {m.get('samples', 0):,} samples",
+            flush=True,
+        )
     for device_id, dev in sorted(ro.get("devices", {}).items()):
         if dev["state"] not in ("COMMITTED", "PENDING"):
             print(f"  {device_id}: {dev['state']} — {dev['reason']}", flush=True)
@@ -474,12 +523,12 @@ def _start_device(
     logs: Path,
     env: dict[str, str],
     procs: _Processes,
-    recordings: Path | None,
+    live: tuple[list[dict[str, Any]], str],
     client: CoordinatorClient,
     *,
     bad_health: bool,
     fldelta1_only: bool = False,
-) -> str:
+) -> None:
     device = provision_sim_device(
         work / "devices" / device_id,
         device_id=device_id,
@@ -488,15 +537,15 @@ def _start_device(
         cloud=_cloud_config(client, device_id),
         # TUF trust anchors: the image repository's and the director's roots
         trust_files=[work / "cloud" / "keys" / f"{repo}-root.json" for repo in ("image", "director")],
-        recordings=recordings,
+        recordings=None,
+        live=live,
         fleet=FLEET,
         labels={"kind": kind, "hw": "gen1"},
-        replay_speed=REPLAY_SPEED,
         health_fail_versions=["2.0.0"] if bad_health else [],
         # an agent that reads only FLDELTA1, as agents did before FLDELTA2
         extra={"ota": {"delta_formats": ["fldelta1"]}} if fldelta1_only else None,
     )
-    ddir, cfg, origin = device.directory, device.config_path, device.origin
+    ddir, cfg = device.directory, device.config_path
     procs.start(
         device_id,
         [
@@ -512,8 +561,54 @@ def _start_device(
         ],
         logs / f"{device_id}.log",
         env,
+        tier=2,
     )
-    return origin
+
+
+def _machines() -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """The demo's machines, and those left out with the reason: the home hub needs mosquitto for its
+    own broker (the other three need nothing installed)."""
+    from fleetloop_fwsim.broker import mosquitto_binary
+
+    if mosquitto_binary() is not None:
+        return list(DEVICES), {}
+    skipped = {d: "its broker needs mosquitto (apt-get install mosquitto)" for d, k in DEVICES if k == "hub"}
+    return [(d, k) for d, k in DEVICES if d not in skipped], skipped
+
+
+def _start_far_sides(
+    devices: Sequence[tuple[str, str]],
+    work: Path,
+    logs: Path,
+    env: dict[str, str],
+    procs: _Processes,
+    recordings: Path | None,
+    deadline: float,
+) -> dict[str, dict[str, Any]]:
+    """Start the far side of every machine's bus (all at once), and wait until each announces the
+    ``sources:`` entries that reach it."""
+    ready: dict[str, Path] = {}
+    for device_id, kind in devices:
+        directory = work / "machines" / device_id
+        directory.mkdir(parents=True, exist_ok=True)
+        ready[device_id] = directory / "ready.json"
+        ready[device_id].unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "fleetloop_cli.main", "sim", "far-side", "--kind", kind]
+        argv += ["--dir", str(directory), "--ready-file", str(ready[device_id]), "--speed", str(REPLAY_SPEED)]
+        if recordings is not None:
+            argv += ["--data", str(recordings)]
+        if kind == "robot":  # short: a UNIX socket's path is limited to 107 bytes
+            argv += ["--socket", str(work / f"{device_id}.sock")]
+        procs.start(f"{device_id} far side", argv, logs / f"{device_id}-far-side.log", env, tier=1)
+    sides: dict[str, dict[str, Any]] = {}
+    for device_id, path in ready.items():
+        sides[device_id] = _wait(
+            f"the far side of {device_id}",
+            lambda p=path: json.loads(p.read_text()) if p.exists() else None,  # type: ignore[misc]
+            min(deadline, time.monotonic() + 60),
+            procs,
+        )
+    return sides
 
 
 def _directed_payload(client: CoordinatorClient, device_id: str) -> str:

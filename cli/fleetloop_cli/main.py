@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fleetloop_cli import (
     access_commands,
+    catalog_commands,
     cloud_commands,
     fleet_commands,
     ota_commands,
+    rollout_commands,
     rules_commands,
     store_commands,
 )
 from fleetloop_cli.client import CoordinatorClient, client_from_args
 from fleetloop_cli.output import FORMATS, render_object, render_records, render_rows
-from fleetloop_shared.errors import EXIT_INTERRUPTED, FleetloopError, NotFoundError, UserError
+from fleetloop_shared.errors import EXIT_INTERRUPTED, FleetloopError, NotFoundError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,6 +64,22 @@ def cmd_sim_device(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "fleetloop_cli.main", "agent", "run", "--config", args.config]
     log_path = Path(args.log) if args.log else None
     return DeviceSupervisor(Path(args.dir), argv, log_path=log_path).run()
+
+
+def cmd_sim_far_side(args: argparse.Namespace) -> int:
+    from fleetloop_fwsim.far_side import serve
+    from fleetloop_shared.datapaths import find_recordings
+
+    recordings = find_recordings(args.data) if args.data else None
+    socket = Path(args.socket) if args.socket else None
+    return serve(
+        args.kind,
+        Path(args.dir),
+        Path(args.ready_file),
+        recordings=recordings,
+        speed=args.speed,
+        socket=socket,
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -147,51 +164,6 @@ def cmd_artifacts_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_rollout_create(args: argparse.Namespace) -> int:
-    try:
-        percents = [float(p) for p in args.phases.split(",")]
-    except ValueError:
-        raise UserError(f"--phases {args.phases!r}: expected comma-separated percents like 33,100") from None
-    policy = {
-        "release_version": args.release,
-        "release_name": args.name,
-        "selector": args.selector,
-        "phases": [{"name": f"phase-{i + 1}", "percent": p} for i, p in enumerate(percents)],
-        "max_failure_percent": args.max_failure_percent,
-        "success_percent": args.success_percent,
-    }
-    status = _client(args).post_json("/v1/rollouts", policy)
-    _print(render_object(status, "yaml" if args.output == "yaml" else "json"))
-    return 0
-
-
-def cmd_rollout_status(args: argparse.Namespace) -> int:
-    client = _client(args)
-    while True:
-        status = client.get(f"/v1/rollouts/{args.id}")
-        if args.output == "table":
-            _print(_rollout_table(status))
-        else:
-            _print(render_object(status, args.output))
-        if not args.watch or status.get("state") in ("SUCCEEDED", "ABORTED", "PAUSED"):
-            return 0
-        time.sleep(1.0)
-
-
-def _rollout_table(status: dict[str, Any]) -> str:
-    head = f"rollout {status.get('id')}: {status.get('state')} (phase {status.get('phase')})"
-    if status.get("reason"):
-        head += f" — {status['reason']}"
-    devices = status.get("devices", [])
-    return head + "\n" + render_records(devices, "table", ["device_id", "phase", "state", "reason"])
-
-
-def cmd_rollout_action(args: argparse.Namespace) -> int:
-    status = _client(args).request("POST", f"/v1/rollouts/{args.id}/{args.action}")
-    _print(_rollout_table(status) if args.output == "table" else render_object(status, args.output))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fleetloop", description=__doc__.split("\n")[0] if __doc__ else None)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -217,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log", help="append the agent's log here")
     s.set_defaults(func=cmd_sim_device)
 
+    s = sim.add_parser("far-side", help="the simulated far side of a machine's bus (ECU, PLC, robot, hub)")
+    s.add_argument("--kind", required=True, choices=["car", "robot", "plc", "hub"])
+    s.add_argument("--dir", required=True, help="its working directory (generated stand-ins, logs)")
+    s.add_argument("--ready-file", required=True, help="written (JSON: the agent's sources) once it runs")
+    s.add_argument("--data", help="recordings to play (default: generated stand-ins)")
+    s.add_argument("--speed", type=float, default=1.0, help="play the data this many times as fast")
+    s.add_argument("--socket", help="robot: the agent's push-API socket (default DIR/push.sock)")
+    s.set_defaults(func=cmd_sim_far_side)
+
     s = sub.add_parser("demo", help="run the whole loop on this machine and print a summary")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.add_argument("--data", help="recordings directory (default: $FLEETLOOP_DATA or ../shared/data/real)")
@@ -237,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--transport", choices=["grpc", "mqtt"], default="grpc", help="device link (mqtt: private mosquitto)"
     )
     s.add_argument(
-        "--fldelta1-devices", type=int, default=0, choices=range(4), metavar="{0..3}",
+        "--fldelta1-devices", type=int, default=0, choices=range(5), metavar="{0..4}",
         help="how many devices run an agent that reads only FLDELTA1 deltas (a mixed fleet)",
     )  # fmt: skip
     s.set_defaults(func=cmd_demo)
@@ -290,36 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     with_cloud(s)
     s.set_defaults(func=cmd_artifacts_list)
 
-    ro = sub.add_parser("rollout", help="staged rollouts").add_subparsers(dest="sub", required=True)
-    s = ro.add_parser("create")
-    s.add_argument("--release", required=True, help="release version to roll out")
-    s.add_argument(
-        "--name", default="", help="release name as uploaded; needed when releases share the version"
-    )
-    s.add_argument("--selector", default="", help="device label selector, e.g. hw=gen1")
-    s.add_argument("--phases", default="33,100", help="cumulative percents per phase")
-    s.add_argument("--max-failure-percent", type=float, default=20.0)
-    s.add_argument("--success-percent", type=float, default=100.0)
-    with_cloud(s)
-    s.set_defaults(func=cmd_rollout_create)
-    s = ro.add_parser("status")
-    s.add_argument("id")
-    s.add_argument("--watch", action="store_true")
-    with_cloud(s)
-    s.set_defaults(func=cmd_rollout_status)
-    for action in ("pause", "resume", "abort"):
-        s = ro.add_parser(action)
-        s.add_argument("id")
-        with_cloud(s)
-        s.set_defaults(func=cmd_rollout_action, action=action)
     groups = {"top": sub, "rules": rules, "sim": sim, "artifacts": arts, "cloud": cloud}
     for register in (
         cloud_commands.register,
         access_commands.register,
+        catalog_commands.register,
         rules_commands.register,
         store_commands.register,
         ota_commands.register,
         fleet_commands.register,
+        rollout_commands.register,
     ):
         register(groups, with_cloud)
     return p

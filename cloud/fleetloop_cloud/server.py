@@ -40,7 +40,8 @@ from fleetloop_cloud.ota.director import Director
 from fleetloop_cloud.ota.release_key import release_signer
 from fleetloop_cloud.ota.tuf_repository import TufRepositories
 from fleetloop_cloud.repositories import open_repositories
-from fleetloop_cloud.rollout.controller import RolloutController
+from fleetloop_cloud.rollout.controller import LEASE_TTL_S, RolloutController
+from fleetloop_cloud.rollout.gate_inputs import FleetStoreGateInputs
 from fleetloop_cloud.rollout.jobs import OtaJobs
 from fleetloop_cloud.services.access import Access, Caller, Refusals
 from fleetloop_cloud.services.audit import AuditService
@@ -50,7 +51,7 @@ from fleetloop_cloud.services.devices import LEASE_BEAT_S, DeviceService
 from fleetloop_cloud.services.ingest import IngestService, UploadGrants
 from fleetloop_cloud.services.query import QueryService
 from fleetloop_cloud.services.releases import ReleaseService
-from fleetloop_cloud.services.rollouts import RolloutService
+from fleetloop_cloud.services.rollouts import ControllerAudit, RolloutService
 from fleetloop_cloud.services.tokens import IssuedToken, TokenService
 from fleetloop_cloud.sessions import DeviceSessions
 from fleetloop_cloud.uploads.scheduler import UploadScheduler
@@ -130,16 +131,13 @@ class Coordinator:
         self.refusals = Refusals()
         self.access = access = Access(self.refusals, repos.audit_log)
         coordinator_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        controller = Caller.controller(coordinator_id)
-
-        def transition(rollout_id: str, before: str, after: str, reason: str, now: float) -> None:
-            access.record(controller, "rollouts.transition", rollout_id, now, before=before, after=after,
-                          detail=reason)  # fmt: skip
-
+        controller = ControllerAudit(access, Caller.controller(coordinator_id))
         self.grants = UploadGrants(UploadScheduler(limits.upload_budget), self.sessions)
         self.jobs = OtaJobs(self.director, self.sessions, repos.devices)
         self.controller = RolloutController(
-            repos.rollouts, repos.releases, repos.devices, self.jobs, transitions=transition
+            repos.rollouts, repos.releases, repos.devices, self.jobs,
+            log_to=controller, holder=coordinator_id, lease_ttl_s=_lease_ttl(),
+            gate_inputs=FleetStoreGateInputs(self.query_engine),
         )
         self.campaigns = CampaignService(repos.campaigns, repos.devices, self.sessions, access)
         self.devices = DeviceService(
@@ -205,11 +203,25 @@ class Coordinator:
         """Stop the periodic work and end this coordinator's lease (its devices are offline now)."""
         for loop in self._loops:
             loop.stop()
+        self.controller.release_lease()
         self.devices.retire()
 
     def close(self) -> None:
         """Release the metadata connection (after :meth:`stop`)."""
         self.repositories.close()
+
+
+def _lease_ttl() -> float:
+    """The controller lease's length: ``$FLEETLOOP_CONTROLLER_LEASE_S`` or :data:`LEASE_TTL_S` (shorter
+    leases fail over faster and renew more often; the kill loop of ``sim rollout-kill`` uses a short one)."""
+    text = os.environ.get("FLEETLOOP_CONTROLLER_LEASE_S", "")
+    try:
+        value = float(text) if text else LEASE_TTL_S
+    except ValueError:
+        value = -1.0
+    if not 1.0 <= value <= 3600.0:
+        raise ConfigError(f"FLEETLOOP_CONTROLLER_LEASE_S={text!r}: expected seconds from 1 to 3600")
+    return value
 
 
 def raise_open_files_limit() -> int:

@@ -26,9 +26,17 @@ class RemoteCanServer:
     """python-can-remote's server process on ``127.0.0.1:port``, one virtual channel."""
 
     def __init__(
-        self, *, channel: str = "fleetloop", port: int | None = None, log: Path | None = None
+        self,
+        *,
+        channel: str = "fleetloop",
+        port: int | None = None,
+        log: Path | None = None,
+        own_session: bool = False,
     ) -> None:
+        """``own_session``: out of the caller's process group, so a signal to the group does not take the
+        bus away from under the caller's clients before the caller has closed them (it stops it)."""
         self.host = "127.0.0.1"
+        self._own_session = own_session
         self.port = port or free_port()
         self.channel = channel
         self._log = log
@@ -56,6 +64,7 @@ class RemoteCanServer:
             ],
             stdout=out,
             stderr=out,
+            start_new_session=self._own_session,
         )
         await_listening(
             self._proc, self.host, self.port, name="the CAN server", timeout_s=timeout, log_path=self._log
@@ -89,10 +98,14 @@ class CanPlayer:
         ]
         self._speed = speed
         self._loops = loops
+        self._span_ns = frames[-1][0] - frames[0][0] + 1_000_000 if frames else 1
+        self._started: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="can-player", daemon=True)
         #: Frames sent so far.
         self.sent = 0
+        #: Why the player ended early (its bus failed), if it did.
+        self.error: str | None = None
 
     def start(self) -> CanPlayer:
         self._thread.start()
@@ -105,13 +118,21 @@ class CanPlayer:
         self._stop.set()
         self._thread.join(5)
 
+    def position_s(self) -> float:
+        """Where in the frames the player is now: seconds since the first frame (within one loop), what
+        an ECU answering beside it reports as "now" of the drive."""
+        if self._started is None:
+            return 0.0
+        elapsed_ns = int((time.monotonic() - self._started) * self._speed * 1e9)
+        return (elapsed_ns % self._span_ns) / 1e9
+
     def _run(self) -> None:
         if not self._messages:
             return
         t0 = self._messages[0][0]
-        span = self._messages[-1][0] - t0
+        span = self._span_ns - 1_000_000
         loop = 0
-        start = time.monotonic()
+        start = self._started = time.monotonic()
         while not self._stop.is_set() and (self._loops == 0 or loop < self._loops):
             base = loop * (span + 1_000_000)
             for t, msg in self._messages:
@@ -119,6 +140,10 @@ class CanPlayer:
                 wait = due - time.monotonic()
                 if wait > 0.002 and self._stop.wait(wait):
                     return
-                self._bus.send(msg)
+                try:
+                    self._bus.send(msg)
+                except Exception as exc:  # the bus went away: the player ends, saying why
+                    self.error = f"{type(exc).__name__}: {exc}"
+                    return
                 self.sent += 1
             loop += 1

@@ -2,10 +2,11 @@
 
 On a real device systemd starts the agent after the bootloader picked a slot, and a reboot runs the
 bootloader again. :class:`DeviceSupervisor` plays both parts for a device directory: each round it calls
-:func:`~fleetloop_fwsim.bootloader.boot`, starts the agent as a child process and waits. The agent asks
-for a reboot by exiting with :data:`~fleetloop_agent.ota.platform.EXIT_REBOOT`; any other exit ends the
-run with that code. :meth:`DeviceSupervisor.power_cut` kills the agent without warning and boots again,
-the way a pulled plug would.
+:func:`~fleetloop_fwsim.bootloader.boot`, lets the booted firmware decide how the simulated car drives
+(:func:`~fleetloop_fwsim.vehicle.select_vehicle_bus`), starts the agent as a child process and waits.
+The agent asks for a reboot by exiting with :data:`~fleetloop_agent.ota.platform.EXIT_REBOOT`; any other
+exit ends the run with that code. :meth:`DeviceSupervisor.power_cut` kills the agent without warning and
+boots again, the way a pulled plug would.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from types import FrameType
 from typing import IO, Any
 
 from fleetloop_agent.ota.platform import EXIT_REBOOT
-from fleetloop_fwsim import bootloader
+from fleetloop_fwsim import bootloader, vehicle
 from fleetloop_fwsim.bootloader import BootResult, paths
 
 __all__ = ["DeviceSupervisor", "paths"]
@@ -92,6 +93,7 @@ class DeviceSupervisor:
             log.info(
                 "booted slot %s%s", self.last_boot.slot, " (fell back)" if self.last_boot.fell_back else ""
             )
+            vehicle.select_vehicle_bus(self.device_dir)  # the car drives as the booted firmware says
             code = self._run_agent()
             if self._stop.is_set():
                 return 0

@@ -8,6 +8,11 @@ selection), with per-version changes the way a release has them: a version file,
 bsdiff4 delta between them is a few percent of the image, as on real devices.
 
 The image format (header with version and hardware id) is the agent's: :mod:`fleetloop_agent.ota.image`.
+
+An image may also change what the simulated machine does once booted (``behaviour``: a brake controller
+that brakes harshly more often, ...). That is written where real firmware keeps such things — inside the
+image, in its release file — so only the image a device booted decides it, and an OTA update, a fallback
+or a rollback changes it exactly as it changes the firmware. :mod:`fleetloop_fwsim.vehicle` reads it.
 """
 
 from __future__ import annotations
@@ -22,9 +27,18 @@ import tarfile
 from pathlib import Path
 
 from fleetloop_agent.ota.image import ImageInfo, image_info, pack_image
-from fleetloop_shared.errors import StateError
+from fleetloop_shared.errors import IntegrityError, StateError, UserError
+from fleetloop_shared.update.firmware_image import image_body
 
-__all__ = ["ImageInfo", "build_image", "image_info"]
+__all__ = ["BEHAVIOURS", "DEFAULT_BEHAVIOUR", "ImageInfo", "build_image", "image_info", "release_fields"]
+
+#: What an image can make the simulated machine do (:mod:`fleetloop_fwsim.vehicle` says how).
+DEFAULT_BEHAVIOUR = "default"
+BEHAVIOURS = (DEFAULT_BEHAVIOUR, "harsh-braking")
+#: The image's release file: ``KEY=value`` lines, the first member of the image's tar.
+RELEASE_FILE = "etc/fleetloop-release"
+#: Bytes of the release file read at most (it holds a few short lines).
+_MAX_RELEASE_BYTES = 4096
 
 #: Fixed tar metadata so that the same inputs always give the same bytes.
 _MTIME = 1_700_000_000
@@ -149,22 +163,29 @@ def _recompiled(data: bytes, build: str, name: str) -> bytes:
 
 
 def build_image(
-    version: str, hardware_id: str, *, size_hint: int = 4 * 1024 * 1024, variant: int = 0
+    version: str,
+    hardware_id: str,
+    *,
+    size_hint: int = 4 * 1024 * 1024,
+    variant: int = 0,
+    behaviour: str = DEFAULT_BEHAVIOUR,
 ) -> bytes:
     """An image of about ``size_hint`` bytes; the same arguments give the same bytes on this machine.
 
     ``variant`` is another build of the same version (other binaries rebuilt, another one added): a
-    different image, still a small delta away from every other build of the same size.
+    different image, still a small delta away from every other build of the same size. ``behaviour``
+    (one of :data:`BEHAVIOURS`) is what the machine does on this firmware; the default image's bytes are
+    those of an image built without it.
     """
+    if behaviour not in BEHAVIOURS:
+        raise UserError(f"unknown firmware behaviour {behaviour!r} (expected one of {', '.join(BEHAVIOURS)})")
     chosen, rest = _select(size_hint)
     build = f"{version}/{variant}"  # what a build's changes depend on
     picks = {_seed(build, "changed", i) % len(chosen) for i in range(_CHANGED_FILES)}
-    files: list[tuple[str, bytes]] = [
-        (
-            "etc/fleetloop-release",
-            f"VERSION={version}\nHARDWARE_ID={hardware_id}\nVARIANT={variant}\n".encode(),
-        ),
-    ]
+    release = f"VERSION={version}\nHARDWARE_ID={hardware_id}\nVARIANT={variant}\n"
+    if behaviour != DEFAULT_BEHAVIOUR:
+        release += f"BEHAVIOUR={behaviour}\n"
+    files: list[tuple[str, bytes]] = [(RELEASE_FILE, release.encode())]
     for index, path in enumerate(chosen):
         data = _read(path)
         if index in picks:
@@ -188,3 +209,29 @@ def _tar(files: list[tuple[str, bytes]]) -> bytes:
             info.uname = info.gname = "root"
             tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
+
+
+def release_fields(image: bytes) -> dict[str, str]:
+    """The ``KEY=value`` lines of an image's release file; IntegrityError when the image or its body is
+    not what :func:`build_image` makes (no header, not a tar, no release file first)."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(image_body(image)), mode="r:") as tar:
+            member = tar.next()
+            if member is None or member.name != RELEASE_FILE or not member.isfile():
+                raise IntegrityError(f"firmware image has no {RELEASE_FILE} first in its body")
+            if member.size > _MAX_RELEASE_BYTES:
+                raise IntegrityError(f"firmware image's {RELEASE_FILE} is {member.size} bytes, too large")
+            f = tar.extractfile(member)
+            raw = f.read() if f is not None else b""
+    except (tarfile.TarError, EOFError) as exc:
+        raise IntegrityError(f"firmware image body is not a tar: {exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise IntegrityError(f"firmware image's {RELEASE_FILE} is not UTF-8") from None
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields

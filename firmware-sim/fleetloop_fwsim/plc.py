@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from fleetloop_fwsim.child_process import free_port
-from fleetloop_fwsim.signals import SKAB_COLUMNS
+from fleetloop_fwsim.signals import SKAB_COLUMNS, generate_pump_csv
 from fleetloop_shared.errors import ConfigError, UnavailableError
 
 #: (register, first address, data type, word order, scale) of each served block.
@@ -45,6 +45,15 @@ DISCRETE_FLOW: Final = 0
 OPCUA_NAMESPACE: Final = "urn:fleetloop:sim:pump"
 
 
+def _read_skab(path: Path, limit: int) -> list[tuple[float, ...]]:
+    """The first ``limit`` rows of a SKAB-layout CSV (``;``-separated, a ``datetime`` column first)."""
+    with path.open(newline="") as fh:
+        reader = csv.reader(fh, delimiter=";")
+        header = next(reader)
+        idx = [header.index(c) for c in SKAB_COLUMNS]
+        return [tuple(float(r[i]) for i in idx) for r, _ in zip(reader, range(limit), strict=False)]
+
+
 class SkabTable:
     """The SKAB pump rows (or generated ones), indexed by wall time."""
 
@@ -54,19 +63,31 @@ class SkabTable:
         self.rows = list(rows)
         self.rows_per_s = float(rows_per_s)
         self.origin = origin
+        self._t0: float | None = None
+
+    def start(self) -> None:
+        """Start the table's clock now (else at the first read: the log starts when someone asks)."""
         self._t0 = time.monotonic()
 
     @classmethod
-    def load(cls, recordings: Path | None, *, rows_per_s: float = 1.0, limit: int = 2000) -> SkabTable:
-        """Rows of ``skab/anomaly-free.csv`` under ``recordings``, else ``limit`` generated rows."""
+    def load(
+        cls,
+        recordings: Path | None,
+        *,
+        rows_per_s: float = 1.0,
+        limit: int = 2000,
+        generated: Path | None = None,
+    ) -> SkabTable:
+        """Rows of ``skab/anomaly-free.csv`` under ``recordings``; without recordings, those of the
+        generated pump log at ``generated`` (written there once: its load surges fire the pump's
+        campaign as the real log does), else ``limit`` rows of a smooth stand-in."""
         if recordings is not None:
             path = Path(recordings) / "skab" / "anomaly-free.csv"
-            with path.open(newline="") as fh:
-                reader = csv.reader(fh, delimiter=";")
-                header = next(reader)
-                idx = [header.index(c) for c in SKAB_COLUMNS]
-                rows = [tuple(float(r[i]) for i in idx) for r, _ in zip(reader, range(limit), strict=False)]
-            return cls(rows, rows_per_s=rows_per_s, origin="recordings")
+            return cls(_read_skab(path, limit), rows_per_s=rows_per_s, origin="recordings")
+        if generated is not None:
+            if not generated.is_file():
+                generate_pump_csv(generated)
+            return cls(_read_skab(generated, limit), rows_per_s=rows_per_s, origin="simulated")
         gen = [
             (
                 0.2 + 0.01 * math.sin(i / 7),
@@ -83,7 +104,9 @@ class SkabTable:
         return cls(gen, rows_per_s=rows_per_s, origin="simulated")
 
     def index(self) -> int:
-        return int((time.monotonic() - self._t0) * self.rows_per_s) % len(self.rows)
+        if self._t0 is None:
+            self.start()
+        return int((time.monotonic() - (self._t0 or 0.0)) * self.rows_per_s) % len(self.rows)
 
     def current(self) -> tuple[float, ...]:
         return self.rows[self.index()]

@@ -101,6 +101,9 @@ _TRIGGERS: Final = {
     ),
     # Real pump: 3.10 A at the 7th row; simulated: load surge at 20 s.
     "plc": ("pump-overcurrent", "Plant.Pump.Current > 3.0", 7, ["Plant.Pump.*"]),
+    # A home hub (live zigbee2mqtt devices only, fleetloop_fwsim.hub): the kettle's plug draws 2.2 kW
+    # for 4 s of every 30 s of its scene.
+    "hub": ("kettle-on", "Home.Kitchen.Kettle.Power > 1500", 5, ["Home.*"]),
 }
 
 
@@ -109,7 +112,7 @@ def _check_kind(kind: str) -> None:
         raise ConfigError(f"unknown device kind {kind!r} (expected one of {', '.join(KINDS)})")
 
 
-def _frames_complete(directory: Path) -> bool:
+def frames_complete(directory: Path) -> bool:
     return all((directory / name).is_file() for name in ("t", "address", "src", "data"))
 
 
@@ -129,7 +132,7 @@ def source_specs(kind: str, recordings: Path | None, workdir: Path) -> tuple[lis
             mapping = TOYOTA_MAPPING
         else:
             frames = workdir / "vehicle_can"
-            if not _frames_complete(frames):
+            if not frames_complete(frames):
                 generate_vehicle_can(frames)
             dbc, mapping = SIM_VEHICLE_DBC, SIM_MAPPING
         spec: dict[str, Any] = {
@@ -181,10 +184,40 @@ def source_specs(kind: str, recordings: Path | None, workdir: Path) -> tuple[lis
     return [spec], origin
 
 
-def default_campaign(kind: str) -> str:
-    """A campaign YAML for ``kind`` that fires within the first ~40 s of its data, real or simulated."""
-    _check_kind(kind)
+#: Decelerations beyond ~4.2 m/s²: the harsh brakes of :mod:`fleetloop_fwsim.vehicle`'s drive (17 km/h
+#: lost within a second), not its ordinary brakes (12.6 km/h) — the campaign a signal gate counts.
+HARD_BRAKING_WHEN: Final = "Vehicle.Speed > 40 and delta(Vehicle.Speed, 1s) < -15"
+
+
+def hard_braking_campaign(name: str = "hard-braking", *, version: int = 1) -> str:
+    """A campaign YAML for cars capturing only harsh brakes (one capture per brake): on a simulated car,
+    15 per device-hour of driving on the default firmware, 4× that on ``harsh-braking`` firmware."""
+    document = {
+        "apiVersion": "fleetloop/v1",
+        "kind": "Campaign",
+        "metadata": {"name": name, "version": version},
+        "spec": {
+            "target": {"selector": "kind=car"},
+            "trigger": {"when": HARD_BRAKING_WHEN, "mode": "rising", "min_interval": "10s"},
+            "collect": {
+                "signals": ["Vehicle.Speed", "Vehicle.Chassis.Brake.*", "Vehicle.Acceleration.Longitudinal"],
+                "pre": "2s",
+                "post": "2s",
+            },
+            "priority": 8,
+            "upload": {"network": ["wifi", "cellular"]},
+        },
+    }
+    return str(yaml.safe_dump(document, sort_keys=False, default_flow_style=False))
+
+
+def default_campaign(kind: str, extra_signals: tuple[str, ...] = ()) -> str:
+    """A campaign YAML for ``kind`` that fires within the first ~40 s of its data, real or simulated;
+    ``extra_signals``: more patterns to collect (a live car's OBD-II signals)."""
+    if kind not in _TRIGGERS:  # (a hub too: it has a campaign, only no replay)
+        raise ConfigError(f"unknown device kind {kind!r} (expected one of {', '.join(_TRIGGERS)})")
     name, when, priority, signals = _TRIGGERS[kind]
+    signals = [*signals, *extra_signals]
     document = {
         "apiVersion": "fleetloop/v1",
         "kind": "Campaign",

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from fleetloop_fwsim import bootloader, firmware, profiles
+from fleetloop_fwsim import bootloader, firmware, profiles, vehicle
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ def provision_sim_device(
     trust_files: Sequence[Path],
     recordings: Path | None,
     firmware_version: str = "1.0.0",
+    firmware_behaviour: str = firmware.DEFAULT_BEHAVIOUR,
     fleet: str = "default",
     labels: Mapping[str, str] | None = None,
     replay_speed: float = 1.0,
@@ -45,19 +46,29 @@ def provision_sim_device(
     health_check: bool = True,
     health_fail_versions: Sequence[str] = (),
     extra: Mapping[str, Any] | None = None,
+    live: tuple[Sequence[Mapping[str, Any]], str] | None = None,
 ) -> SimDevice:
     """Write slot a (``firmware_version``), the boot env, the signals and ``agent.yaml`` into ``directory``.
 
     ``health_fail_versions`` simulates hardware on which those versions fail their self-test (the
-    platform's health-check executable reads it from ``faults.json``).
+    platform's health-check executable reads it from ``faults.json``). ``live``: the ``sources:`` entries
+    reaching a running far side (:mod:`fleetloop_fwsim.far_side`) and what it plays, instead of replays.
+    A simulated car (``kind`` car without ``recordings``) drives as its booted firmware says
+    (:mod:`fleetloop_fwsim.vehicle`); ``firmware_behaviour`` is slot a's.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    bootloader.provision(directory, firmware.build_image(firmware_version, hardware_id))
+    image = firmware.build_image(firmware_version, hardware_id, behaviour=firmware_behaviour)
+    bootloader.provision(directory, image)
+    if kind == "car" and recordings is None:
+        vehicle.attach_vehicle_bus(directory, device_id)
     if health_fail_versions:
         (directory / "faults.json").write_text(
             json.dumps({"health_fail_versions": list(health_fail_versions)})
         )
-    sources, origin = profiles.source_specs(kind, recordings, directory / "signals")
+    if live is not None:
+        sources, origin = [dict(spec) for spec in live[0]], live[1]
+    else:
+        sources, origin = profiles.source_specs(kind, recordings, directory / "signals")
     p = bootloader.paths(directory)
     platform: dict[str, Any] = {
         "hardware_id": hardware_id,

@@ -16,9 +16,10 @@ motor-current surge of the pump at ~20 s. Everything is deterministic for a give
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -79,6 +80,10 @@ _ACCEL_PLAN: Final = (
     (44.0, 49.0, -0.3),  # coast down below 40 km/h
     (49.0, 60.0, -1.5),  # brake to a stop (speed is clipped at 0)
 )
+#: The brake of a cycle listed in ``harsh_brake_cycles``, instead of the one at 29 s above: about the same
+#: speed lost (~60 -> ~43 km/h) in half the time, 17 km/h within one second — what a campaign like
+#: ``delta(Vehicle.Speed, 1s) < -15`` catches and the ordinary brake (12.6 km/h in a second) does not.
+HARSH_BRAKE: Final = (29.0, 29.6, -8.0)
 
 
 def _smooth_window(t: FloatArray, start: float, end: float, ramp: float) -> FloatArray:
@@ -97,11 +102,24 @@ class _VehicleState:
     accel: FloatArray  # m/s²
     steering: FloatArray  # steering wheel angle, deg, positive to the left
 
+    @property
+    def steering_rate(self) -> FloatArray:
+        return np.asarray(np.gradient(self.steering, self.t), dtype=np.float64)
 
-def _vehicle_cycle(dt: float = 0.001) -> _VehicleState:
+    @property
+    def yaw(self) -> FloatArray:
+        """Yaw rate, rad/s (a kinematic bicycle)."""
+        road_wheel = np.radians(self.steering / STEERING_RATIO)
+        return np.asarray(self.speed * np.tan(road_wheel) / WHEELBASE_M, dtype=np.float64)
+
+
+@functools.lru_cache(maxsize=2)
+def _vehicle_cycle(*, harsh_brake: bool = False, dt: float = 0.001) -> _VehicleState:
     t = np.arange(0.0, VEHICLE_CYCLE_S + dt, dt)
     accel = np.zeros_like(t)
     for start, end, a in _ACCEL_PLAN:
+        if harsh_brake and start == HARSH_BRAKE[0]:
+            start, end, a = HARSH_BRAKE
         accel[(t >= start) & (t < end)] = a
     cruise = (t >= 14.0) & (t < 29.0)
     accel[cruise] = 0.15 * np.sin(2 * np.pi * (t[cruise] - 14.0) / 7.5)
@@ -120,28 +138,62 @@ def _frame_times(rng: np.random.Generator, period: float, phase: float, seconds:
     return np.asarray(np.sort(nominal + jitter), dtype=np.float64)
 
 
-def generate_vehicle_can(out_dir: Path, *, seconds: float = 60, seed: int = 1) -> None:
+class _Drive:
+    """Which cycle the car drives when: the ordinary one, or the harsh-brake one in the listed cycles."""
+
+    def __init__(self, harsh_brake_cycles: Collection[int]) -> None:
+        self.normal = _vehicle_cycle()
+        self.harsh = _vehicle_cycle(harsh_brake=True) if harsh_brake_cycles else None
+        self.harsh_cycles = np.array(sorted(set(harsh_brake_cycles)), dtype=np.int64)
+        self._derived: dict[tuple[bool, str], FloatArray] = {}
+
+    def _field(self, state: _VehicleState, harsh: bool, name: str) -> FloatArray:
+        """A state field, derived ones (steering rate, yaw) computed once per drive."""
+        key = (harsh, name)
+        if key not in self._derived:
+            self._derived[key] = np.asarray(getattr(state, name), dtype=np.float64)
+        return self._derived[key]
+
+    def sample(self, name: str, times: FloatArray) -> FloatArray:
+        """State ``name`` (a :class:`_VehicleState` field) at frame ``times`` (s since the first cycle)."""
+        within = np.mod(times, VEHICLE_CYCLE_S)
+        normal = self._field(self.normal, False, name)
+        values = np.asarray(np.interp(within, self.normal.t, normal), dtype=np.float64)
+        if self.harsh is not None:
+            harsh = np.isin(np.floor(times / VEHICLE_CYCLE_S).astype(np.int64), self.harsh_cycles)
+            if harsh.any():
+                values[harsh] = np.interp(within[harsh], self.harsh.t, self._field(self.harsh, True, name))
+        return values
+
+
+def generate_vehicle_can(
+    out_dir: Path, *, seconds: float = 60, seed: int = 1, harsh_brake_cycles: Collection[int] = ()
+) -> None:
     """Write ``seconds`` of simulated car bus to ``out_dir`` as comma-style ``t``, ``address``, ``src``,
     ``data`` arrays.
 
     Message rates are those of a real car: steering and body dynamics 100 Hz, wheel speeds 80 Hz, speed,
-    brake, pedal and engine 50 Hz, transmission 10 Hz; each frame has a little timing jitter.
+    brake, pedal and engine 50 Hz, transmission 10 Hz; each frame has a little timing jitter. The drive
+    repeats every :data:`VEHICLE_CYCLE_S`; in the cycles numbered (from 0) in ``harsh_brake_cycles`` the
+    brake at 29 s is :data:`HARSH_BRAKE` instead of the ordinary one.
     """
     if not seconds > 0:
         raise ValueError(f"seconds must be positive, got {seconds}")
+    t, address, data = _vehicle_frames(float(seconds), seed, tuple(sorted(set(harsh_brake_cycles))))
+    _write_frames(Path(out_dir), t, address, np.zeros(t.size, dtype=np.int64), data)
+
+
+@functools.lru_cache(maxsize=8)
+def _vehicle_frames(
+    seconds: float, seed: int, harsh_brake_cycles: tuple[int, ...]
+) -> tuple[FloatArray, npt.NDArray[np.int64], npt.NDArray[np.bytes_]]:
+    """(times, addresses, payloads) of the bus, time-ordered; cached, as a fleet's cars share drives."""
     rng = np.random.default_rng(seed)
     dbc = load_dbc(SIM_VEHICLE_DBC)
-    state = _vehicle_cycle()
-
-    def sample(values: FloatArray, times: FloatArray) -> FloatArray:
-        return np.asarray(np.interp(np.mod(times, VEHICLE_CYCLE_S), state.t, values), dtype=np.float64)
+    sample = _Drive(harsh_brake_cycles).sample
 
     def noisy(values: FloatArray, sigma: float) -> FloatArray:
         return np.asarray(values + rng.normal(0.0, sigma, values.size), dtype=np.float64)
-
-    steering_rate_full = np.gradient(state.steering, state.t)
-    road_wheel = np.radians(state.steering / STEERING_RATIO)
-    yaw_full = state.speed * np.tan(road_wheel) / WHEELBASE_M  # rad/s
 
     frames: list[tuple[FloatArray, int, list[bytes]]] = []
 
@@ -153,16 +205,16 @@ def generate_vehicle_can(out_dir: Path, *, seconds: float = 60, seed: int = 1) -
         frames.append((times, dbc.frame_id(message), payloads))
 
     def steering(times: FloatArray) -> list[dict[str, float]]:
-        angle = np.clip(noisy(sample(state.steering, times), 0.05), -780, 780)
-        rate = np.clip(sample(steering_rate_full, times), -1500, 1500)
+        angle = np.clip(noisy(sample("steering", times), 0.05), -780, 780)
+        rate = np.clip(sample("steering_rate", times), -1500, 1500)
         return [
             {"STEERING_ANGLE": a, "STEERING_RATE": r, "ALIVE_COUNTER": k % 16}
             for k, (a, r) in enumerate(zip(angle.tolist(), rate.tolist(), strict=True))
         ]
 
     def wheel_speeds(times: FloatArray) -> list[dict[str, float]]:
-        v_kmh = sample(state.speed, times) * 3.6
-        yaw_kmh = sample(yaw_full, times) * (TRACK_M / 2) * 3.6
+        v_kmh = sample("speed", times) * 3.6
+        yaw_kmh = sample("yaw", times) * (TRACK_M / 2) * 3.6
         moving = v_kmh > 0.05
         columns = {}
         for name, side, tyre in (("FL", -1, 1.002), ("FR", 1, 0.999), ("RL", -1, 1.001), ("RR", 1, 0.998)):
@@ -171,7 +223,7 @@ def generate_vehicle_can(out_dir: Path, *, seconds: float = 60, seed: int = 1) -
         return [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
 
     def vehicle_speed(times: FloatArray) -> list[dict[str, float]]:
-        v_kmh = sample(state.speed, times) * 3.6
+        v_kmh = sample("speed", times) * 3.6
         shown = np.clip(np.where(v_kmh > 0.05, noisy(v_kmh, 0.02), 0.0), 0.0, 320.0)
         return [
             {"VEHICLE_SPEED": v, "STANDSTILL": float(v < 0.05), "ALIVE_COUNTER": k % 16}
@@ -179,8 +231,8 @@ def generate_vehicle_can(out_dir: Path, *, seconds: float = 60, seed: int = 1) -
         ]
 
     def brake(times: FloatArray) -> list[dict[str, float]]:
-        v = sample(state.speed, times)
-        a = sample(state.accel, times)
+        v = sample("speed", times)
+        a = sample("accel", times)
         pressed = (a < -0.2) | (v < 0.01)
         pressure = np.where(v < 0.01, 600.0, np.maximum(-a, 0.0) * 450.0)
         pressure = np.where(pressed, np.clip(np.rint(noisy(pressure, 8.0)), 0, 4095), 0.0)
@@ -194,13 +246,13 @@ def generate_vehicle_can(out_dir: Path, *, seconds: float = 60, seed: int = 1) -
         return np.asarray(np.clip(pedal, 0.0, 1.0), dtype=np.float64)
 
     def pedal(times: FloatArray) -> list[dict[str, float]]:
-        position = accelerator(sample(state.speed, times), sample(state.accel, times))
+        position = accelerator(sample("speed", times), sample("accel", times))
         return [{"PEDAL_POSITION": p} for p in position.tolist()]
 
     def dynamics(times: FloatArray) -> list[dict[str, float]]:
-        v = sample(state.speed, times)
-        yaw = sample(yaw_full, times)
-        lon = np.clip(noisy(sample(state.accel, times), 0.04), -20, 20)
+        v = sample("speed", times)
+        yaw = sample("yaw", times)
+        lon = np.clip(noisy(sample("accel", times), 0.04), -20, 20)
         lat = np.clip(noisy(v * yaw, 0.03), -20, 20)
         yaw_deg = np.clip(noisy(np.degrees(yaw), 0.05), -300, 300)
         return [
@@ -209,8 +261,8 @@ def generate_vehicle_can(out_dir: Path, *, seconds: float = 60, seed: int = 1) -
         ]
 
     def engine(times: FloatArray) -> list[dict[str, float]]:
-        v_kmh = sample(state.speed, times) * 3.6
-        throttle = accelerator(sample(state.speed, times), sample(state.accel, times))
+        v_kmh = sample("speed", times) * 3.6
+        throttle = accelerator(sample("speed", times), sample("accel", times))
         # a crude automatic gearbox: rpm climbs with speed, drops at each upshift (every 25 km/h)
         within_gear = np.mod(v_kmh, 25.0) / 25.0
         rpm = 750.0 + 900.0 * within_gear * (v_kmh > 1.0) + 8.0 * v_kmh + 600.0 * throttle
@@ -234,8 +286,10 @@ def generate_vehicle_can(out_dir: Path, *, seconds: float = 60, seed: int = 1) -
     address = np.concatenate([np.full(f[0].size, f[1], dtype=np.int64) for f in frames])
     data = np.array([p for f in frames for p in f[2]], dtype="S8")
     order = np.argsort(t, kind="stable")
-    t = np.clip(t[order], 0.0, None) + BOOT_TIME_S
-    _write_frames(Path(out_dir), t, address[order], np.zeros(t.size, dtype=np.int64), data[order])
+    t, address, data = np.clip(t[order], 0.0, None) + BOOT_TIME_S, address[order], data[order]
+    for array in (t, address, data):
+        array.flags.writeable = False  # shared by every caller of the cache
+    return t, address, data
 
 
 def _write_frames(

@@ -257,6 +257,34 @@ def test_config_is_checked_key_by_key(drive: dict[str, Any], tmp_path: Path) -> 
         assert str(info.value).startswith("source 'car'")
 
 
+def test_a_wrong_mapping_key_is_refused_where_it_is_written(tmp_path: Path) -> None:
+    from fleetloop_agent.config import load_agent_config
+    from fleetloop_fwsim.signals import SIM_VEHICLE_DBC
+
+    path = tmp_path / "agent.yaml"
+    path.write_text(
+        "device_id: car-1\n"
+        "cloud: {grpc: '127.0.0.1:1'}\n"
+        "platform: {slots: {a: a, b: b}, env: env, booted_slot: booted}\n"
+        "sources:\n"
+        "  - kind: can\n"
+        "    name: can0\n"
+        "    interface: virtual\n"
+        "    channel: car\n"
+        f"    dbc: {SIM_VEHICLE_DBC}\n"
+        "    mapping:\n"
+        "      SIM_VEHICLE_SPEED.VEHICLE_SPEED: Vehicle.Speed\n"
+        "      SIM_BRAKE.BRAKE_PRESURE: Vehicle.Chassis.Brake.PedalPressure\n"
+    )
+    config = load_agent_config(path)
+    with pytest.raises(ConfigError) as info:
+        build_source(config.sources[0], base_dir=config.base_dir, start_ns=0)
+    assert info.value.message == (
+        f"{path}:12:7: source 'can0': mapping key 'SIM_BRAKE.BRAKE_PRESURE': "
+        "message SIM_BRAKE has no signal 'BRAKE_PRESURE'"
+    )
+
+
 FD_DBC = """VERSION ""
 NS_ :
 BS_:

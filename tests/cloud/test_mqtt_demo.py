@@ -22,6 +22,12 @@ def test_demo_over_mqtt(tmp_path: Path, recordings: Path) -> None:
     summary = json.loads(lines[-1])
     assert proc.returncode == 0 and summary["ok"], summary
     assert summary["transport"] == "mqtt"
-    assert summary["samples_ingested"] > 0 and summary["rollout"]["devices_updated"] == 3
+    assert summary["samples_ingested"] > 0 and summary["rollout"]["devices_updated"] == 4
+    assert {m["kind"]: m["origin"] for m in summary["machines"].values()} == {
+        "car": "live",
+        "robot": "live",
+        "plc": "live",
+        "hub": "live",
+    }
     broker_log = (tmp_path / "w" / "broker" / "mosquitto.log").read_text()
     assert "as car-001" in broker_log and "u'car-001'" in broker_log

@@ -57,6 +57,30 @@ class World:
     tokens: dict[str, str]
     rollout_id: str
     now: list[float]
+    #: rollouts ready for approve, roll back (then undo) and retry
+    waiting: str = ""
+    succeeded: str = ""
+    failed: str = ""
+
+
+def _device(c: Coordinator, device_id: str, version: str, now: float, **labels: str) -> None:
+    labels = {"hw": "gen1", **labels}
+    hello = device_pb2.Hello(device_id=device_id, fleet="taxi", labels=labels, data_origin="sim")
+    hello.catalog.add(id=1, path="Vehicle.Speed", data_type=device_pb2.DATA_TYPE_FLOAT64)
+    c.devices.connect(Caller.device(device_id, transport="test", proven=True), hello, now)
+    c.repositories.devices.update_inventory(device_id, Inventory("gen1", version, "", "a", 0), now)
+
+
+def _rollout(c: Coordinator, now: float, role: str, final: str, **spec: Any) -> str:
+    """A rollout of 1.0.0 to the devices of ``role``, stepped until the offered ones report ``final``."""
+    policy = {"release": {"version": "1.0.0"}, "target": {"selector": f"role={role}"}, **spec}
+    rollout_id = c.rollouts.create(LOCAL, policy, now).id
+    c.controller.tick(now)
+    for e in c.rollouts.executions(LOCAL, rollout_id):
+        if e.state == "OFFERED":
+            c.controller.on_device_status(e.device_id, f"{rollout_id}:{e.device_id}", final, "", now)
+    c.controller.tick(now)
+    return rollout_id
 
 
 @pytest.fixture(scope="module")
@@ -72,23 +96,27 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     c.tokens.revoke(LOCAL, "gone", now[0])
     c.tokens.create(LOCAL, "to-revoke", "viewer", now[0])
     now[0] += 120  # "short-lived" is past its expiry now
-    hello = device_pb2.Hello(device_id="car-1", fleet="taxi", labels={"hw": "gen1"}, data_origin="sim")
-    hello.catalog.add(id=1, path="Vehicle.Speed", data_type=device_pb2.DATA_TYPE_FLOAT64)
-    c.devices.connect(Caller.device("car-1", transport="test", proven=True), hello, now[0])
-    c.repositories.devices.update_inventory("car-1", Inventory("gen1", "0.9.0", "", "a", 0), now[0])
+    for version in ("0.8.0", "1.0.0"):
+        c.releases.upload(LOCAL, build_image(version, "gen1", size_hint=4096), name="firmware",
+                          version=version, hardware_id="gen1", now=now[0])  # fmt: skip
+    _device(c, "car-1", "0.9.0", now[0])
     c.campaigns.apply(LOCAL, CAMPAIGN, now=now[0])
     speed = Segment(new_segment_id(), "speed", np.arange(3, dtype=np.int64) * 10**8 + T0,
                     {1: np.array([1.0, 2.0, 3.0])}, {1: DataType.FLOAT64})  # fmt: skip
     c.ingest.segment(Caller.device("car-1", transport="test", proven=True), ingest_pb2.UploadSegmentRequest(
         device_id="car-1", segment_id=speed.segment_id, capture_id=CAPTURE, campaign="brake", priority=5,
         segment=encode_segment(speed)), now[0])  # fmt: skip
-    c.releases.upload(LOCAL, build_image("1.0.0", "gen1", size_hint=4096), name="firmware", version="1.0.0",
-                      hardware_id="gen1", now=now[0])  # fmt: skip
     policy = {"release_version": "1.0.0", "selector": "hw=gen1", "phases": [{"name": "all", "percent": 100}]}
     rollout_id = c.rollouts.create(LOCAL, policy, now[0]).id
+    for device in ("car-a", "car-b", "car-r", "car-f"):
+        _device(c, device, "0.8.0", now[0], role=device.replace("car-b", "car-a"))
+    two_phases = [{"name": "canary", "count": 1}, {"name": "rest"}]
+    waiting = _rollout(c, now[0], "car-a", "COMMITTED", phases=two_phases, success={"action": "pause"})
+    succeeded = _rollout(c, now[0], "car-r", "COMMITTED", phases=[{"name": "all"}])
+    failed = _rollout(c, now[0], "car-f", "FAILED", phases=[{"name": "all"}])
     server, port = start_http_server(c, "127.0.0.1", 0)
     try:
-        yield World(c, f"http://127.0.0.1:{port}", tokens, rollout_id, now)
+        yield World(c, f"http://127.0.0.1:{port}", tokens, rollout_id, now, waiting, succeeded, failed)
     finally:
         server.shutdown()
         c.stop()
@@ -110,7 +138,6 @@ def request_for(name: str, w: World) -> tuple[str, bytes | None, str]:
         "getCapture": (f"/v1/captures/{CAPTURE}", None, json_type),
         "getCaptureSeries": (f"/v1/captures/{CAPTURE}/series?signals=Vehicle.Speed", None, json_type),
         "exportCapture": (f"/v1/captures/{CAPTURE}/export?format=csv", None, json_type),
-        "getRolloutHistory": (f"/v1/rollouts/{rid}/history", None, json_type),
         "listCampaigns": ("/v1/campaigns", None, json_type),
         "applyCampaign": ("/v1/campaigns?source=x.yaml", CAMPAIGN.replace("brake", "fast").encode(),
                           "text/yaml"),
@@ -128,6 +155,14 @@ def request_for(name: str, w: World) -> tuple[str, bytes | None, str]:
         "pauseRollout": (f"/v1/rollouts/{rid}/pause", None, json_type),
         "resumeRollout": (f"/v1/rollouts/{rid}/resume", None, json_type),
         "abortRollout": (f"/v1/rollouts/{rid}/abort", None, json_type),
+        "approveRollout": (f"/v1/rollouts/{w.waiting}/approve", None, json_type),
+        "rollbackRollout": (f"/v1/rollouts/{w.succeeded}/rollback", None, json_type),
+        "undoRollout": (f"/v1/rollouts/{w.succeeded}/undo",
+                        json.dumps({"to_revision": _revision_of(w, "0.8.0")}).encode(), json_type),
+        "retryRollout": (f"/v1/rollouts/{w.failed}/retry", b'{"devices": ["car-f"]}', json_type),
+        "listRolloutExecutions": (f"/v1/rollouts/{rid}/executions", None, json_type),
+        "getRolloutHistory": (f"/v1/rollouts/{rid}/history", None, json_type),
+        "listRolloutRevisions": ("/v1/rollout-revisions?name=firmware", None, json_type),
         "rotateRoot": ("/v1/tuf/director/rotate", b"{}", json_type),
         "listTokens": ("/v1/tokens", None, json_type),
         "createToken": ("/v1/tokens", b'{"name": "made-by-the-table", "role": "viewer"}', json_type),
@@ -137,6 +172,12 @@ def request_for(name: str, w: World) -> tuple[str, bytes | None, str]:
         "getMetrics": ("/metrics", None, json_type),
     }  # fmt: skip
     return requests[name]
+
+
+def _revision_of(w: World, version: str) -> int:
+    """The revision of a rollout of ``version`` (0 before there is one: refused, like an unknown one)."""
+    found = [r.revision for r in w.coordinator.rollouts.revisions(LOCAL) if r.release_version == version]
+    return found[0] if found else 1
 
 
 def token_for(case: str, role: Role, w: World) -> str | None:

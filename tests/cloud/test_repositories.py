@@ -363,6 +363,38 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
 
 
+def test_a_version_3_rollout_gains_the_rollout_controller_columns(tmp_path: Path) -> None:
+    """What the operator-plane release wrote: rollouts with a flat policy, executions without attempts."""
+    path = tmp_path / "m.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            """CREATE TABLE schema_version (version INTEGER NOT NULL);
+               INSERT INTO schema_version VALUES (3);
+               CREATE TABLE rollouts (
+                   rollout_id TEXT PRIMARY KEY, release_version TEXT NOT NULL, policy_json TEXT NOT NULL,
+                   state TEXT NOT NULL, phase INTEGER NOT NULL, phase_started_at REAL NOT NULL,
+                   reason TEXT NOT NULL, accepted_failures_json TEXT NOT NULL DEFAULT '[]',
+                   created_at REAL NOT NULL, updated_at REAL NOT NULL);
+               CREATE TABLE rollout_devices (
+                   rollout_id TEXT NOT NULL, device_id TEXT NOT NULL, phase INTEGER NOT NULL,
+                   state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', delivered INTEGER NOT NULL DEFAULT 0,
+                   updated_at REAL NOT NULL, PRIMARY KEY (rollout_id, device_id));
+               INSERT INTO rollouts VALUES ('ro-old', '2.0.0',
+                 '{"release_version": "2.0.0", "phases": [{"name": "all", "percent": 100}]}',
+                 'RUNNING', 0, 1.0, 'created', '[]', 1.0, 2.0);
+               INSERT INTO rollout_devices VALUES ('ro-old', 'car-1', 0, 'COMMITTED', '', 1, 2.0);"""
+        )
+    repos = open_repositories(path)
+    record = repos.rollouts.get("ro-old")
+    assert record is not None and (record.revision, record.parent_id, record.state) == (0, "", "RUNNING")
+    (device,) = repos.rollouts.devices("ro-old")
+    assert (device.state, device.attempt, device.windows, device.running_version) == ("COMMITTED", 0, (), "")
+    assert repos.rollouts.latest_evaluations("ro-old", 0) == {} and repos.rollouts.lease() is None
+    repos.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
 def test_a_file_that_is_not_a_database_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "junk.sqlite"
     path.write_bytes(b"this is not sqlite at all" * 100)
@@ -381,24 +413,24 @@ def test_unreachable_and_wrong_databases_are_one_line_errors(pg_server: str) -> 
 def test_devices_keep_the_delta_formats_they_report(repos: Repositories) -> None:
     hello(repos)
     assert repos.devices.get("car-1").delta_formats == ()  # type: ignore[union-attr]
-    inventory = Inventory("sim-a", "1.0.0", "ab" * 32, "a", 0, ("fldelta2", "fldelta1"))
+    inventory = Inventory("sim-a", "1.0.0", "ab" * 32, "a", 0, delta_formats=("fldelta2", "fldelta1"))
     repos.devices.update_inventory("car-1", inventory, 101.0)
     assert repos.devices.get("car-1").delta_formats == ("fldelta2", "fldelta1")  # type: ignore[union-attr]
     hello(repos, now=200.0)  # a new hello keeps what the last inventory said
     assert repos.devices.get("car-1").delta_formats == ("fldelta2", "fldelta1")  # type: ignore[union-attr]
 
 
-def test_a_version_3_database_gains_the_delta_formats_column(tmp_path: Path) -> None:
+def test_a_version_4_database_gains_the_delta_formats_column(tmp_path: Path) -> None:
     """What the previous release wrote: devices without ``delta_formats``; they read FLDELTA1 only."""
     path = tmp_path / "m.sqlite"
     hello(repos := open_repositories(path))
     repos.close()
-    with sqlite3.connect(path) as db:  # the devices table as version 3 had it
+    with sqlite3.connect(path) as db:  # the devices table as version 4 had it
         db.execute("ALTER TABLE devices DROP COLUMN delta_formats")
-        db.execute("UPDATE schema_version SET version = 3")
+        db.execute("UPDATE schema_version SET version = 4")
     repos = open_repositories(path)
     assert repos.devices.get("car-1").delta_formats == ()  # type: ignore[union-attr]
-    inventory = Inventory("sim-a", "1.0.0", "ab" * 32, "a", 0, ("fldelta1",))
+    inventory = Inventory("sim-a", "1.0.0", "ab" * 32, "a", 0, delta_formats=("fldelta1",))
     repos.devices.update_inventory("car-1", inventory, 101.0)
     assert repos.devices.get("car-1").delta_formats == ("fldelta1",)  # type: ignore[union-attr]
     repos.close()

@@ -20,7 +20,7 @@ from fleetloop_cloud.ota.release_key import release_signer
 from fleetloop_cloud.ota.tuf_repository import TufRepositories
 from fleetloop_cloud.repositories import Repositories, memory_repositories
 from fleetloop_cloud.repositories.records import Inventory, Registration
-from fleetloop_cloud.rollout.controller import RolloutController
+from fleetloop_cloud.rollout.controller import Job, RolloutController
 from fleetloop_cloud.services.access import Access, Caller, Refusals
 from fleetloop_cloud.services.campaigns import CampaignService
 from fleetloop_cloud.services.devices import LEASE_S, DeviceService
@@ -66,7 +66,8 @@ class Sinks:
     ota: list[tuple[str, str, str, str, float]] = field(default_factory=list)
     backlog: list[tuple[str, int, float]] = field(default_factory=list)
 
-    def on_device_status(self, device_id: str, job_id: str, state: str, reason: str, now: float) -> None:
+    def on_device_status(self, device_id: str, job_id: str, state: str, reason: str, now: float, *,
+                         running_version: str = "", waiting: bool = False) -> None:  # fmt: skip
         self.ota.append((device_id, job_id, state, reason, now))
 
     def report(self, device_id: str, heartbeat: device_pb2.Heartbeat, now: float) -> None:
@@ -366,9 +367,10 @@ def test_a_release_is_checked_against_the_fleet_and_signed(world: World, release
 class Publisher:
     sent: list[str] = field(default_factory=list)
 
-    def publish_job(
-        self, device_id: str, job_id: str, rollout_id: str, manifest: bytes, signature: bytes
-    ) -> bool:
+    def reachable(self) -> set[str]:
+        return {"car-1", "car-2"}
+
+    def publish(self, device_id: str, job: Job) -> bool:
         self.sent.append(device_id)
         return True
 
@@ -385,7 +387,8 @@ def test_rollouts_are_created_driven_and_read_by_operators_only(
     publisher = Publisher()
     controller = RolloutController(world.repos.rollouts, world.repos.releases, world.repos.devices, publisher)
     rollouts = RolloutService(controller, world.repos.rollouts, world.access)
-    policy = {"release_version": "2.0.0", "selector": "kind=car", "phases": [{"name": "all", "percent": 100}]}
+    policy = {"release": {"version": "2.0.0"}, "target": {"selector": "kind=car"},
+              "phases": [{"name": "all"}]}  # fmt: skip
     with pytest.raises(PermissionDeniedError):
         rollouts.create(CAR, policy, NOW)
     with pytest.raises(UserError, match="phases"):
@@ -398,7 +401,7 @@ def test_rollouts_are_created_driven_and_read_by_operators_only(
     assert rollouts.resume(LOCAL, created.id, NOW + 3).state == "RUNNING"
     assert rollouts.abort(LOCAL, created.id, NOW + 4).state == "ABORTED"
     assert [r.state for r in rollouts.all(LOCAL)] == ["ABORTED"]
-    events = [a.event for a in rollouts.history(LOCAL, created.id)]
+    events = [a.event for a in rollouts.history(LOCAL, created.id).events]
     assert events[0] == "created" and events[-1] == "aborted"
     with pytest.raises(NotFoundError):
         rollouts.history(LOCAL, "ro-none")

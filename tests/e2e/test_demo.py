@@ -1,8 +1,9 @@
 """The whole loop, as a user runs it: `fleetloop demo --json`, also with injected faults.
 
-Each run starts a real coordinator and three simulated A/B devices as separate processes on loopback,
-replays the real recordings, ingests captures into Parquet, queries them with DuckDB and rolls out
-firmware v2 as a signed delta.
+Each run starts a real coordinator and four simulated A/B machines as separate processes on loopback —
+a car, a robot, a PLC gateway and a home hub, each agent on live sources (CAN + OBD-II, the push API,
+Modbus TCP, zigbee2mqtt over MQTT) whose far side plays the real recordings (or generated signals) —
+ingests captures into Parquet, queries them with DuckDB and rolls out firmware v2 as a signed delta.
 """
 
 from __future__ import annotations
@@ -37,20 +38,45 @@ def _logs(tmp_path: Path) -> str:
     return "\n".join(out)
 
 
+#: What each kind's agent reads, by source name and kind (the summary names them).
+LIVE_SOURCES = {
+    "car": {"can0": "can", "obd": "obd"},
+    "robot": {"robot": "push_api"},
+    "plc": {"pump": "modbus_tcp"},
+    "hub": {"zigbee": "mqtt_json"},
+}
+
+
+def assert_four_live_machines(summary: dict[str, Any], data: str) -> None:
+    """Each of the four kinds ran on live sources (the origin its agent reported to the cloud) and
+    captured data through them; the far side played ``data`` (the hub's house is always generated)."""
+    machines = summary["machines"]
+    assert sorted(m["kind"] for m in machines.values()) == ["car", "hub", "plc", "robot"], machines
+    for device_id, m in machines.items():
+        assert m["origin"] == "live", (device_id, m)
+        assert m["sources"] == LIVE_SOURCES[m["kind"]], (device_id, m)
+        assert m["captures"] >= 1 and m["samples"] > 0, (device_id, m)
+        assert m["data"] == (data if m["kind"] != "hub" else "simulated"), (device_id, m)
+        assert m["far_side"], device_id
+    car = next(m for m in machines.values() if m["kind"] == "car")
+    assert "ISO-TP" in car["far_side"] and "ws://127.0.0.1:" in car["far_side"]
+
+
 def test_demo_runs_the_whole_loop_on_recordings(tmp_path: Path, recordings: Path) -> None:
     code, summary, logs = run_demo(tmp_path, recordings)
     assert code == 0, logs
     assert summary["ok"] is True
     assert summary["data"] == "recordings"
-    assert summary["devices"] == 3
-    assert summary["campaigns"] == 3
-    assert summary["captures_ingested"] >= 3
+    assert summary["devices"] == 4
+    assert summary["campaigns"] == 4
+    assert_four_live_machines(summary, "recordings")
+    assert summary["captures_ingested"] >= 4
     assert summary["samples_ingested"] > 0
     assert summary["query_rows"] > 0
     ro = summary["rollout"]
     assert ro["state"] == "succeeded"
     assert ro["phases"] == 2
-    assert ro["devices_updated"] == 3
+    assert ro["devices_updated"] == 4
     assert 0 < ro["delta_bytes"] < ro["full_bytes"]
     assert summary["seconds"] < 180
 
@@ -59,9 +85,10 @@ def test_demo_runs_on_simulated_signals_without_recordings(tmp_path: Path) -> No
     code, summary, logs = run_demo(tmp_path, None, "--simulated")
     assert code == 0, logs
     assert summary["data"] == "simulated"
-    assert summary["captures_ingested"] >= 3 and summary["query_rows"] > 0
+    assert_four_live_machines(summary, "simulated")
+    assert summary["captures_ingested"] >= 4 and summary["query_rows"] > 0
     assert summary["rollout"]["state"] == "succeeded"
-    assert summary["rollout"]["devices_updated"] == 3
+    assert summary["rollout"]["devices_updated"] == 4
 
 
 def test_demo_tells_the_truth_when_v2_fails_its_health_check(tmp_path: Path, recordings: Path) -> None:
@@ -71,7 +98,7 @@ def test_demo_tells_the_truth_when_v2_fails_its_health_check(tmp_path: Path, rec
     assert ro["state"] == "paused", logs
     assert ro["devices"]["car-001"]["state"] == "ROLLED_BACK", logs
     assert "health" in ro["devices"]["car-001"]["reason"]
-    assert ro["devices_updated"] < 3
+    assert ro["devices_updated"] < 4
     assert "rollout paused" in summary["error"]
 
 
@@ -129,8 +156,9 @@ def test_ctrl_c_stops_every_process_it_started(tmp_path: Path, recordings: Path)
         text=True,
     )
     deadline = time.monotonic() + 120  # generous: a loaded machine starts processes slowly
-    # the coordinator and three device supervisors, whenever they are all up (never a fixed wait)
-    while len(_processes_mentioning(str(work))) < 4 or not (work / "logs" / "plc-001.log").exists():
+    # the coordinator, four far sides and four device supervisors, whenever they are all up (never a
+    # fixed wait)
+    while len(_processes_mentioning(str(work))) < 9 or not (work / "logs" / "hub-001.log").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "the demo did not start its devices"
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
@@ -172,7 +200,7 @@ def test_serve_keeps_the_fleet_running_for_the_console_until_ctrl_c(tmp_path: Pa
     request = urllib.request.Request(f"{url}/v1/devices", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=10) as answer:
         devices = json.loads(answer.read())
-    assert {d["device_id"] for d in devices if d["online"]} == {"car-001", "robot-001", "plc-001"}
+    assert {d["device_id"] for d in devices if d["online"]} == {"car-001", "robot-001", "plc-001", "hub-001"}
     _console_shows_the_demo(url, token, tmp_path / "downloads")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -197,10 +225,10 @@ def _console_shows_the_demo(url: str, token: str, downloads: Path) -> None:
         page.goto(f"{url}/")
         page.fill("#token", token)
         page.click("#login button[type=submit]")
-        for device in ("car-001", "robot-001", "plc-001"):
+        for device in ("car-001", "robot-001", "plc-001", "hub-001"):
             expect(page.locator(f"tr[data-device={device}]")).to_contain_text("online")
         page.click("nav a[href='#/campaigns']")
-        expect(page.locator("#campaign-list tbody tr")).to_have_count(3)
+        expect(page.locator("#campaign-list tbody tr")).to_have_count(4)
         page.click("nav a[href='#/rollouts']")
         expect(page.locator("main table")).to_contain_text("2.0.0")
         assert page.locator("button.write").count() == 0  # a viewer
@@ -213,9 +241,11 @@ def _console_shows_the_demo(url: str, token: str, downloads: Path) -> None:
 def test_a_fleet_mixing_fldelta1_only_agents_updates_in_one_rollout(tmp_path: Path) -> None:
     """One device runs an agent that reads only FLDELTA1 (``ota.delta_formats: [fldelta1]``), the others
     read FLDELTA2: the cloud builds both deltas from v1, the director sends each device the one it reads,
-    and the one rollout updates all three."""
+    and the one rollout updates all four."""
     code, summary, logs = run_demo(tmp_path, None, "--simulated", "--fldelta1-devices", "1")
     assert code == 0, logs
     ro = summary["rollout"]
-    assert ro["state"] == "succeeded" and ro["devices_updated"] == 3
-    assert ro["payloads"] == {"car-001": "fldelta1", "robot-001": "fldelta2", "plc-001": "fldelta2"}
+    assert ro["state"] == "succeeded" and ro["devices_updated"] == 4
+    assert ro["payloads"] == {
+        "car-001": "fldelta1", "robot-001": "fldelta2", "plc-001": "fldelta2", "hub-001": "fldelta2"
+    }  # fmt: skip

@@ -8,20 +8,21 @@ not a configuration question: a live source that cannot open it keeps retrying a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from fleetloop_agent.sources.base import ORIGINS, SignalSource
 from fleetloop_agent.sources.can_bus import TIMESTAMPS, CanBusSource, interfaces
 from fleetloop_agent.sources.can_log import CanLogSource
-from fleetloop_agent.sources.can_signals import CanSignalMap
+from fleetloop_agent.sources.can_signals import CanSignalMap, MappingKeyError
 from fleetloop_agent.sources.live import DEFAULT_QUEUE_FRAMES, DeviceClock
 from fleetloop_agent.sources.obd import DEFAULT_QUEUE_SAMPLES, ObdSource
 from fleetloop_agent.sources.obd_link import ELM_PROTOCOLS, Elm327Link, IsoTpLink, ObdLink
 from fleetloop_shared.dbc import load_dbc
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.obd_pids import BY_NAME, PIDS
+from fleetloop_shared.yaml_marks import location
 
 if TYPE_CHECKING:
     from fleetloop_agent.sources import _SpecReader
@@ -83,7 +84,12 @@ def dbc_mapping(r: _SpecReader) -> tuple[Path, dict[str, str], bool]:
 
 def _signals(r: _SpecReader, name: str) -> CanSignalMap:
     dbc, mapping, include_unmapped = dbc_mapping(r)
-    return CanSignalMap(load_dbc(dbc), mapping, include_unmapped=include_unmapped, source=name)
+    try:
+        return CanSignalMap(load_dbc(dbc), mapping, include_unmapped=include_unmapped, source=name)
+    except MappingKeyError as exc:  # FILE:LINE:COL of the key itself, not of the source entry
+        written = r.spec.get("mapping")
+        where = location(written, exc.key) if isinstance(written, Mapping) else ""
+        raise ConfigError(f"{where or location(r.spec, 'mapping')}{r.label}: {exc.message}") from None
 
 
 def _number(r: _SpecReader, key: str, default: float) -> float:

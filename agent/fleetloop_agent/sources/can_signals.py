@@ -29,6 +29,15 @@ from fleetloop_shared.errors import ConfigError
 MAX_GROUP_NAME: Final = 120
 
 
+class MappingKeyError(ConfigError):
+    """A ``mapping:`` entry that cannot be: the message names the key, ``key`` lets the config reader say
+    where it was written."""
+
+    def __init__(self, key: object, reason: str) -> None:
+        super().__init__(f"mapping key {key!r}: {reason}")
+        self.key = key
+
+
 @dataclass(frozen=True)
 class _Target:
     signal: str
@@ -65,16 +74,16 @@ class CanSignalMap:
         paths = list(mapping.values())
         for key, path in mapping.items():
             if paths.count(path) > 1:
-                raise ConfigError(f"mapping key {key!r}: signal {path!r} is the target of two keys")
+                raise MappingKeyError(key, f"signal {path!r} is the target of two keys")
             message, dot, signal = str(key).partition(".")
             if not dot or not message or not signal:
-                raise ConfigError(f"mapping key {key!r}: expected MESSAGE.SIGNAL")
+                raise MappingKeyError(key, "expected MESSAGE.SIGNAL")
             if not isinstance(path, str) or not path:
-                raise ConfigError(f"mapping key {key!r}: the catalog path must be a non-empty string")
+                raise MappingKeyError(key, "the catalog path must be a non-empty string")
             if message not in self.dbc.message_names():
-                raise ConfigError(f"mapping key {key!r}: {self.dbc.source} has no message {message!r}")
+                raise MappingKeyError(key, f"{self.dbc.source} has no message {message!r}")
             if signal not in [s[0] for s in self.dbc.signals_of(message)]:
-                raise ConfigError(f"mapping key {key!r}: message {message} has no signal {signal!r}")
+                raise MappingKeyError(key, f"message {message} has no signal {signal!r}")
             wanted.setdefault(message, {})[signal] = path
         messages = self.dbc.message_names() if include_unmapped else list(wanted)
         resolved: dict[str, list[_Target]] = {}

@@ -108,8 +108,13 @@ class IsoTpLink:
         import can
         import isotp
 
+        # on a busy bus only the ECU's answers are wanted: the adapter (or the remote server, or the
+        # kernel) drops every other frame before this process has to look at it
+        mask = 0x1FFFFFFF if self._extended else 0x7FF
+        answers = [{"can_id": self._response_id, "can_mask": mask, "extended": self._extended}]
+        options = {"can_filters": answers, **self._options}
         try:
-            self._bus = can.Bus(interface=self._interface, channel=self._channel, **self._options)
+            self._bus = can.Bus(interface=self._interface, channel=self._channel, **options)
         except Exception as exc:  # python-can raises many types for an absent interface
             raise UnavailableError(
                 f"cannot open {self._interface} channel {self._channel!r}: {exc}"

@@ -47,17 +47,40 @@ DEVICE = _obj(
         "reported_at": NUM, "segments_pending": INT, "bytes_pending": INT, "store_bytes": INT,
         "store_quota_bytes": INT, "clock_offset_ms": NUM, "network": STR}},
 )  # fmt: skip
-PHASE = _obj(["name", "devices"], name=STR, devices=INT, committed=INT, failed=INT)
+PHASE = _obj(["name", "devices"], name=STR, devices=INT, committed=INT, failed=INT, in_progress=INT,
+             pending=INT)  # fmt: skip
 ROLLOUT_DEVICE = _obj(["device_id", "state"], device_id=STR, phase=INT, state=STR, reason=STR)
+NUM_MAP: S = {"type": "object", "additionalProperties": {"type": "number"}}
+GATE_DECISION = _obj(
+    ["gate", "phase", "decision"], gate=STR, phase=INT, at=NUM,
+    decision={"enum": ["pass", "trip", "insufficient"]}, statistic=NUM_OR_NULL, p_value=NUM_OR_NULL,
+    effect=NUM_OR_NULL,
+    reason=STR, inputs=NUM_MAP,
+)  # fmt: skip
 ROLLOUT = _obj(
     ["id", "state", "phase", "devices"],
-    id=STR, release_version=STR, state=STR, phase=INT, phase_name=STR, phase_started_at=NUM,
-    phases=_arr(PHASE), devices=_arr(ROLLOUT_DEVICE), reason=STR, counts=INT_MAP,
-    accepted_failures=_arr(STR), created_at=NUM, updated_at=NUM, policy=ANY_MAP,
+    id=STR, release_version=STR, release_name=STR, revision=INT, state=STR, phase=INT, phase_name=STR,
+    phase_started_at=NUM, phases=_arr(PHASE), devices=_arr(ROLLOUT_DEVICE), reason=STR, counts=INT_MAP,
+    accepted_failures=_arr(STR), gates=_arr(GATE_DECISION), parent_id=STR, rollbacks=_arr(STR),
+    created_at=NUM, updated_at=NUM, policy=ANY_MAP,
 )  # fmt: skip
 ROLLOUT_SUMMARY = _obj(
-    ["id", "state"], id=STR, release_version=STR, state=STR, phase=INT, reason=STR, devices=INT,
-    counts=INT_MAP, created_at=NUM, updated_at=NUM,
+    ["id", "state"], id=STR, release_version=STR, release_name=STR, revision=INT, state=STR, phase=INT,
+    reason=STR, devices=INT, counts=INT_MAP, parent_id=STR, created_at=NUM, updated_at=NUM,
+)  # fmt: skip
+EXECUTION = _obj(
+    ["device_id", "state", "attempt"], device_id=STR, phase=INT, state=STR, reason=STR, attempt=INT,
+    delivered=BOOL, offered_at=NUM_OR_NULL, retry_at=NUM_OR_NULL, changed_at=NUM,
+    install_windows=_arr(_arr(NUM)), hold=BOOL, from_version=STR, running_version=STR,
+)  # fmt: skip
+HISTORY = _obj(
+    ["id", "events", "gate_evaluations"], id=STR,
+    events=_arr(_obj(["seq", "at", "event", "detail"], seq=INT, at=NUM, event=STR, detail=STR)),
+    gate_evaluations=_arr(GATE_DECISION),
+)  # fmt: skip
+REVISION = _obj(
+    ["revision", "id", "release_version"], revision=INT, id=STR, release_name=STR, release_version=STR,
+    state=STR, parent_id=STR, created_at=NUM,
 )  # fmt: skip
 TOKEN = _obj(
     ["name", "role", "state"], name=STR, role=STR, state={"enum": ["active", "expired", "revoked"]},
@@ -133,10 +156,16 @@ RESPONSES: dict[str, S] = {
     "listRollouts": _arr(ROLLOUT_SUMMARY),
     "createRollout": ROLLOUT,
     "getRollout": ROLLOUT,
-    "getRolloutHistory": _arr(AUDIT_ROW),
     "pauseRollout": ROLLOUT,
     "resumeRollout": ROLLOUT,
     "abortRollout": ROLLOUT,
+    "approveRollout": ROLLOUT,
+    "rollbackRollout": ROLLOUT,
+    "undoRollout": ROLLOUT,
+    "retryRollout": ROLLOUT,
+    "listRolloutExecutions": _arr(EXECUTION),
+    "getRolloutHistory": HISTORY,
+    "listRolloutRevisions": _arr(REVISION),
     "rotateRoot": _obj(["root_version"], root_version=INT, root_keys=INT, threshold=INT,
                        online_keys_rotated=BOOL),
     "listTokens": _arr(TOKEN),
@@ -152,14 +181,20 @@ RESPONSES: dict[str, S] = {
 #: Request body schema of each route that takes a JSON body.
 REQUESTS: dict[str, S] = {
     "query": _obj(["sql"], sql=STR, max_rows=INT, timeout_s=NUM),
+    # The policy (docs/rollouts.md): a whole document (apiVersion, kind, spec) or a bare spec.
     "createRollout": {
         **_obj(
-            ["release_version"], release_version=STR, release_name=STR, selector=STR,
-            phases=_arr(_obj(["name"], name=STR, percent=NUM, count=INT, min_soak_s={})),
-            max_failure_percent=NUM, success_percent=NUM, min_executed_for_brake=INT, phase_timeout_s={},
+            apiVersion=STR, kind=STR, metadata=ANY_MAP, spec=ANY_MAP,
+            release=_obj(["version"], name=STR, version=STR), target=ANY_MAP,
+            phases=_arr(_obj(["name"], name=STR, percent=NUM, count=INT, soak={}, start={}, success=ANY_MAP)),
+            success=ANY_MAP, abort=_arr(ANY_MAP), gates=_arr(ANY_MAP), rate=ANY_MAP, schedule=ANY_MAP,
+            maintenance=ANY_MAP, install=ANY_MAP, execution=ANY_MAP, weight=INT,
         ),
         "additionalProperties": True,
     },
+    "undoRollout": {**_obj(["to_revision"], to_revision={"type": "integer", "minimum": 1}),
+                    "additionalProperties": False},
+    "retryRollout": {**_obj(devices=_arr(STR)), "additionalProperties": False},
     "rotateRoot": {**_obj(root_keys=INT, threshold=INT, online=BOOL), "additionalProperties": False},
     "createToken": {
         **_obj(["name", "role"], name={"type": "string", "pattern": NAME_PATTERN},
@@ -198,6 +233,7 @@ QUERY: dict[str, dict[str, tuple[S, bool, str]]] = {
         "version": (STR, True, "release version"),
         "hardware": (STR, True, "hardware id the image is for"),
     },
+    "listRolloutRevisions": {"name": (STR, False, "only the revisions of this release name")},
     "listAudit": {
         "after": ({"type": "integer", "minimum": 0, "maximum": 2**53},
                   False, "entries after this sequence number"),
@@ -272,7 +308,7 @@ def _operation(route: Any) -> S:
         schema = REQUESTS.get(route.name, {"type": "string"} if route.body_type == "text/yaml"
                               else {"type": "string", "format": "binary"})  # fmt: skip
         op["requestBody"] = {
-            "required": route.name != "rotateRoot",
+            "required": route.name not in ("rotateRoot", "retryRollout"),
             "description": f"at most {route.max_body} bytes",
             "content": {route.body_type: {"schema": schema}},
         }

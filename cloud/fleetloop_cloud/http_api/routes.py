@@ -236,17 +236,48 @@ def _rollout(c: Call) -> Reply:
     return Reply(plain(c.api.rollouts.status(c.caller, c.path["rollout_id"])))
 
 
-def _rollout_history(c: Call) -> Reply:
-    return Reply([plain(a) for a in c.api.rollouts.history(c.caller, c.path["rollout_id"])])
-
-
 def _rollout_action(action: str) -> Callable[[Call], Reply]:
     def handle(c: Call) -> Reply:
         rollouts = c.api.rollouts
-        act = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort}[action]
+        act = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort,
+               "approve": rollouts.approve, "rollback": rollouts.rollback}[action]  # fmt: skip
         return Reply(plain(act(c.caller, c.path["rollout_id"], c.now)))
 
     return handle
+
+
+def _rollout_executions(c: Call) -> Reply:
+    return Reply([plain(e) for e in c.api.rollouts.executions(c.caller, c.path["rollout_id"])])
+
+
+def _rollout_history(c: Call) -> Reply:
+    return Reply(plain(c.api.rollouts.history(c.caller, c.path["rollout_id"])))
+
+
+def _rollout_revisions(c: Call) -> Reply:
+    return Reply([plain(r) for r in c.api.rollouts.revisions(c.caller, c.query.get("name", ""))])
+
+
+def _undo_rollout(c: Call) -> Reply:
+    body = c.json_object('{"to_revision": N}')
+    unknown = sorted(set(body) - {"to_revision"})
+    if unknown:
+        raise UserError(f"undo: unknown field {unknown[0]!r}")
+    revision = body.get("to_revision")
+    if type(revision) is not int or revision < 1:
+        raise UserError(f"undo: to_revision must be a revision number (1, 2, ...), got {revision!r}")
+    return Reply(plain(c.api.rollouts.rollback(c.caller, c.path["rollout_id"], c.now, to_revision=revision)))
+
+
+def _retry_rollout(c: Call) -> Reply:
+    body = c.json_object('{"devices": [...]} (optional)')
+    unknown = sorted(set(body) - {"devices"})
+    if unknown:
+        raise UserError(f"retry: unknown field {unknown[0]!r}")
+    devices = body.get("devices", [])
+    if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+        raise UserError("retry: devices must be a list of device ids")
+    return Reply(plain(c.api.rollouts.retry(c.caller, c.path["rollout_id"], c.now, devices)))
 
 
 def _rotate_root(c: Call) -> Reply:
@@ -372,13 +403,23 @@ ROUTES: tuple[Route, ...] = (
     Route("createRollout", "POST", "/v1/rollouts", "rollouts.create", _create_rollout, 64 * KiB,
           status=201),
     Route("getRollout", "GET", "/v1/rollouts/{rollout_id}", "rollouts.get", _rollout),
-    Route("getRolloutHistory", "GET", "/v1/rollouts/{rollout_id}/history", "rollouts.get", _rollout_history),
     Route("pauseRollout", "POST", "/v1/rollouts/{rollout_id}/pause", "rollouts.pause",
           _rollout_action("pause")),
     Route("resumeRollout", "POST", "/v1/rollouts/{rollout_id}/resume", "rollouts.resume",
           _rollout_action("resume")),
     Route("abortRollout", "POST", "/v1/rollouts/{rollout_id}/abort", "rollouts.abort",
           _rollout_action("abort")),
+    Route("approveRollout", "POST", "/v1/rollouts/{rollout_id}/approve", "rollouts.approve",
+          _rollout_action("approve")),
+    Route("rollbackRollout", "POST", "/v1/rollouts/{rollout_id}/rollback", "rollouts.rollback",
+          _rollout_action("rollback")),
+    Route("undoRollout", "POST", "/v1/rollouts/{rollout_id}/undo", "rollouts.undo", _undo_rollout, 4 * KiB),
+    Route("retryRollout", "POST", "/v1/rollouts/{rollout_id}/retry", "rollouts.retry", _retry_rollout,
+          256 * KiB),
+    Route("listRolloutExecutions", "GET", "/v1/rollouts/{rollout_id}/executions", "rollouts.get",
+          _rollout_executions),
+    Route("getRolloutHistory", "GET", "/v1/rollouts/{rollout_id}/history", "rollouts.get", _rollout_history),
+    Route("listRolloutRevisions", "GET", "/v1/rollout-revisions", "rollouts.list", _rollout_revisions),
     Route("rotateRoot", "POST", "/v1/tuf/{repository:image|director}/rotate", "keys.rotate", _rotate_root,
           4 * KiB),
     Route("listTokens", "GET", "/v1/tokens", "tokens.list", _tokens),

@@ -22,6 +22,8 @@ from fleetloop_cloud.repositories.records import (
     DeviceChange,
     DeviceRecord,
     DeviceTelemetry,
+    Fence,
+    GateEvaluationRecord,
     IngestTotals,
     Inventory,
     NewAuditEntry,
@@ -133,10 +135,12 @@ class ReleaseRepository(Protocol):
 
 
 class RolloutRepository(Protocol):
-    """Rollouts with their device snapshots and audit trail: one aggregate, written atomically."""
+    """Rollouts with their executions, audit trail and signal-gate evaluations — one aggregate, written
+    atomically — and the controller lease whose fencing token guards the controller's writes."""
 
-    def create(self, rollout: NewRollout, now: float) -> None:
-        """StateError when the id exists already."""
+    def create(self, rollout: NewRollout, now: float, *, fence: Fence | None = None) -> bool:
+        """Store a new rollout (its revision is the next of its release name). StateError when the id
+        exists already; False, and nothing written, when ``fence`` no longer holds the lease."""
         ...
 
     def get(self, rollout_id: str) -> RolloutRecord | None: ...
@@ -146,9 +150,10 @@ class RolloutRepository(Protocol):
         ...
 
     def update(self, rollout_id: str, update: RolloutUpdate, now: float) -> bool:
-        """Apply one step atomically (rollout fields, device changes with their audit rows, audit rows).
-        False, and nothing written, when ``update.expect`` no longer holds; NotFoundError for an unknown
-        rollout or a device outside it."""
+        """Apply one step atomically (rollout fields, device changes with their audit rows, audit rows,
+        gate evaluations, joining devices, spawned rollouts). False, and nothing written, when
+        ``update.expect`` or ``update.fence`` no longer holds; NotFoundError for an unknown rollout or a
+        device outside it."""
         ...
 
     def set_device(self, rollout_id: str, device_id: str, change: DeviceChange, now: float) -> None: ...
@@ -163,6 +168,27 @@ class RolloutRepository(Protocol):
 
     def audit(self, rollout_id: str) -> list[AuditRecord]:
         """The audit trail, oldest first (bounded: the newest ``AUDIT_READ_LIMIT`` rows)."""
+        ...
+
+    def evaluations(self, rollout_id: str) -> list[GateEvaluationRecord]:
+        """Signal-gate evaluations, oldest first (bounded: the newest ``GATE_READ_LIMIT``)."""
+        ...
+
+    def latest_evaluations(self, rollout_id: str, phase: int) -> dict[str, GateEvaluationRecord]:
+        """The latest evaluation of each gate in ``phase``, by gate name."""
+        ...
+
+    def acquire(self, holder: str, now: float, ttl_s: float) -> int | None:
+        """Take or renew the controller lease until ``now + ttl_s``: its fencing token (bumped whenever
+        the holder changes), or None while another holder's lease runs."""
+        ...
+
+    def release(self, holder: str) -> None:
+        """End ``holder``'s lease now (a clean stop); the token stays, so the next holder's is higher."""
+        ...
+
+    def lease(self) -> tuple[str, int, float] | None:
+        """(holder, token, expires_at) of the controller lease, if anyone ever held it."""
         ...
 
 
@@ -228,6 +254,8 @@ class AuditLog(Protocol):
 
 #: Audit rows a read returns at most (the newest kept); the trail itself is append-only.
 AUDIT_READ_LIMIT = 10_000
+#: Gate evaluations a read returns at most (the newest kept).
+GATE_READ_LIMIT = 10_000
 
 
 @dataclass(frozen=True)

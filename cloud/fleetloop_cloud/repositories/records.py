@@ -37,6 +37,9 @@ class DeviceRecord:
     session_owner: str
     last_seen: float
     registered_at: float
+    #: The IANA time zone the device reports ("" when it reports none): maintenance windows in
+    #: device-local time are computed in it.
+    time_zone: str = ""
     #: OTA delta formats the device applies, preferred first, as its inventory says (empty before it
     #: says: such a device predates the report and reads FLDELTA1 only).
     delta_formats: tuple[str, ...] = ()
@@ -76,6 +79,7 @@ class Inventory:
     firmware_sha256: str
     active_slot: str
     campaigns_version: int
+    time_zone: str = ""
     #: The delta formats it reads, preferred first (known names only; empty when it did not say).
     delta_formats: tuple[str, ...] = ()
 
@@ -156,7 +160,11 @@ class ReleaseRecord:
 
 @dataclass(frozen=True)
 class RolloutRecord:
-    """A rollout's persisted state; ``policy`` is the policy as a plain dict (``policy_to_dict``)."""
+    """A rollout's persisted state; ``policy`` is the policy as a plain dict (``policy_to_dict``).
+
+    ``revision`` numbers the rollouts of one release name (1, 2, ...: what ``rollout undo
+    --to-revision`` names); ``parent_id`` is the rollout this one rolls back ('' for none).
+    """
 
     rollout_id: str
     release_version: str
@@ -168,6 +176,8 @@ class RolloutRecord:
     accepted_failures: frozenset[str]
     created_at: float
     updated_at: float
+    revision: int = 0
+    parent_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -175,7 +185,8 @@ class NewRollout:
     """A rollout as created: its device snapshot (device → phase) and its first audit rows.
 
     ``initial`` overrides ``device_state`` for some devices as (state, reason), e.g. devices that
-    already run the release.
+    already run the release; ``from_versions`` is the version each device ran when the rollout was made
+    (what a roll-back returns it to). The revision is assigned by the repository.
     """
 
     rollout_id: str
@@ -188,11 +199,15 @@ class NewRollout:
     device_state: str
     audit: Sequence[tuple[str, str]] = ()
     initial: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    from_versions: Mapping[str, str] = field(default_factory=dict)
+    release_name: str = ""
+    parent_id: str = ""
 
 
 @dataclass(frozen=True)
 class RolloutDeviceRecord:
-    """One device's place in a rollout: its phase, its state and whether the job reached it."""
+    """One device's execution in a rollout: its phase, state, whether the job reached it, and the
+    terms of its current offer (attempt, install windows, hold)."""
 
     rollout_id: str
     device_id: str
@@ -201,6 +216,17 @@ class RolloutDeviceRecord:
     reason: str
     delivered: bool
     updated_at: float
+    attempt: int = 0
+    #: When the state last changed (``updated_at`` also moves when only the reason does).
+    changed_at: float = 0.0
+    offered_at: float | None = None
+    #: PENDING after a retryable failure: not offered again before this (0: no wait).
+    retry_at: float = 0.0
+    windows: tuple[tuple[float, float], ...] = ()
+    hold: bool = False
+    from_version: str = ""
+    #: The version the device says it runs after this execution (after an A/B fallback: the old one).
+    running_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -218,7 +244,7 @@ class AuditRecord:
 class DeviceChange:
     """A change to one device of a rollout, applied in the same transaction as its rollout update.
 
-    ``state`` None leaves the state as it is (e.g. only ``delivered`` changes).
+    A field left None stays as it is (e.g. only ``delivered`` changes).
     """
 
     state: str | None = None
@@ -227,11 +253,61 @@ class DeviceChange:
     #: Apply only while the device is still in this state (an offer is for a PENDING device; another
     #: coordinator may have moved it since the caller looked).
     only_from: str | None = None
+    attempt: int | None = None
+    offered_at: float | None = None
+    retry_at: float | None = None
+    windows: tuple[tuple[float, float], ...] | None = None
+    hold: bool | None = None
+    running_version: str | None = None
+    #: Apply only while the device is still on this attempt (a report for an older job is stale).
+    only_attempt: int | None = None
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The controller lease a write was decided under: refused unless ``holder`` still holds the lease
+    with this ``token`` (a paused old leader, woken after another took over, cannot write)."""
+
+    holder: str
+    token: int
+
+
+@dataclass(frozen=True)
+class NewGateEvaluation:
+    """One signal-gate evaluation as the controller persists it."""
+
+    phase: int
+    gate: str
+    decision: str
+    #: None when there is no such number (no statistic while insufficient; an infinite ratio).
+    statistic: float | None
+    p_value: float | None
+    effect: float | None
+    reason: str
+    inputs: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class GateEvaluationRecord:
+    """A persisted signal-gate evaluation: inputs, statistic, p-value and decision."""
+
+    seq: int
+    rollout_id: str
+    at: float
+    phase: int
+    gate: str
+    decision: str
+    statistic: float | None
+    p_value: float | None
+    effect: float | None
+    reason: str
+    inputs: dict[str, float]
 
 
 @dataclass(frozen=True)
 class RolloutUpdate:
-    """Everything one controller step persists at once: rollout fields, device changes, audit rows."""
+    """Everything one controller step persists at once: rollout fields, device changes, audit rows,
+    gate evaluations, devices joining (continuous targets) and rollouts it spawns (a roll-back)."""
 
     state: str | None = None
     phase: int | None = None
@@ -244,6 +320,13 @@ class RolloutUpdate:
     #: sharing the database decide from what they read; a decision made from a state an operator (or
     #: another coordinator) has changed since is dropped, not written over the newer state.
     expect: tuple[str, int] | None = None
+    #: Apply only under this controller lease (see :class:`Fence`).
+    fence: Fence | None = None
+    gates: Sequence[NewGateEvaluation] = ()
+    #: Devices joining the rollout: device → (phase, version it runs).
+    joined: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+    #: Rollouts created in the same transaction (a roll-back is never lost nor made twice).
+    spawn: Sequence[NewRollout] = ()
 
 
 def device_transition_detail(device_id: str, old: str, new: str, reason: str | None) -> str:

@@ -5,11 +5,15 @@ died — by ``session_owner`` and the ``coordinators`` leases: a device is onlin
 whose lease is current holds its session. A version 1 database is upgraded in place on open (the column
 is added; the old flag stays, unread). Version 3 added the operator plane: ``api_tokens``
 (only the SHA-256 of each secret) and the hash-chained ``audit_log``; an older database gains both
-tables, empty, on open. ``device_telemetry`` (each device's latest heartbeat report) is added to any
-database on open without a new version: older code never reads it. Version 4 (this one) added the
-devices' ``delta_formats`` (the OTA delta formats a device's inventory says it reads, comma-separated,
-preferred first); an older database gains the column, empty for every device (read as FLDELTA1 only,
-what agents before the report read), on open.
+tables, empty, on open. Version 4 added what rollouts need beyond phases and a brake: per
+execution its attempt, offer time, retry time, install windows, and the versions before and after; the
+rollouts' revision and parent (a roll-back); the signal-gate evaluations; the controller lease with its
+fencing token; and each device's reported time zone. An older database gains the columns (with their
+defaults) and the tables on open. ``device_telemetry`` (each device's latest heartbeat report) is
+added to any database on open without a new version: older code never reads it. Version 5 (this one)
+added the devices' ``delta_formats`` (the OTA delta formats a device's inventory says it reads,
+comma-separated, preferred first); an older database gains the column, empty for every device (read as
+FLDELTA1 only, what agents before the report read), on open.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from fleetloop_cloud.repositories.database import Database, Transaction
 from fleetloop_shared.errors import ConfigError
 
 #: Version of the schema this code writes; bumped with every incompatible change.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -40,6 +44,7 @@ CREATE TABLE IF NOT EXISTS devices (
     session_owner TEXT NOT NULL DEFAULT '',
     last_seen REAL NOT NULL,
     registered_at REAL NOT NULL,
+    time_zone TEXT NOT NULL DEFAULT '',
     delta_formats TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS device_telemetry (
@@ -101,7 +106,10 @@ CREATE TABLE IF NOT EXISTS rollouts (
     reason TEXT NOT NULL,
     accepted_failures_json TEXT NOT NULL DEFAULT '[]',
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    revision INTEGER NOT NULL DEFAULT 0,
+    parent_id TEXT NOT NULL DEFAULT '',
+    release_name TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS rollout_devices (
     rollout_id TEXT NOT NULL,
@@ -111,7 +119,36 @@ CREATE TABLE IF NOT EXISTS rollout_devices (
     reason TEXT NOT NULL DEFAULT '',
     delivered INTEGER NOT NULL DEFAULT 0,
     updated_at REAL NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    changed_at REAL NOT NULL DEFAULT 0,
+    offered_at REAL,
+    retry_at REAL NOT NULL DEFAULT 0,
+    windows_json TEXT NOT NULL DEFAULT '[]',
+    hold INTEGER NOT NULL DEFAULT 0,
+    from_version TEXT NOT NULL DEFAULT '',
+    running_version TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (rollout_id, device_id)
+);
+CREATE INDEX IF NOT EXISTS rollout_devices_by_device ON rollout_devices (device_id);
+CREATE TABLE IF NOT EXISTS rollout_gates (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    rollout_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    phase INTEGER NOT NULL,
+    gate TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    statistic REAL,
+    p_value REAL,
+    effect REAL,
+    reason TEXT NOT NULL,
+    inputs_json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rollout_gates_by_rollout ON rollout_gates (rollout_id, phase, gate, seq);
+CREATE TABLE IF NOT EXISTS controller_lease (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    token INTEGER NOT NULL,
+    expires_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS rollout_audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -170,7 +207,9 @@ def ensure_schema(db: Database) -> None:
         if version < 2:
             _upgrade_to_2(tx)
         if version < 4:
-            _upgrade_to_4(tx)
+            _add_rollout_controller_columns(tx, db)
+        if version < 5:
+            _add_delta_formats_column(tx, db)
         tx.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
 
@@ -179,6 +218,42 @@ def _upgrade_to_2(tx: Transaction) -> None:
     tx.execute("ALTER TABLE devices ADD COLUMN session_owner TEXT NOT NULL DEFAULT ''")
 
 
-def _upgrade_to_4(tx: Transaction) -> None:
-    """Devices before version 4 never reported delta formats: add the column, empty for all of them."""
-    tx.execute("ALTER TABLE devices ADD COLUMN delta_formats TEXT NOT NULL DEFAULT ''")
+#: The rollout controller's migration (schema version 4): columns it added to tables that existed before
+#: it; its new tables (``rollout_gates``, ``controller_lease``) are created above with the rest.
+_ROLLOUT_CONTROLLER_COLUMNS = (
+    ("devices", "time_zone TEXT NOT NULL DEFAULT ''"),
+    ("rollouts", "revision INTEGER NOT NULL DEFAULT 0"),
+    ("rollouts", "parent_id TEXT NOT NULL DEFAULT ''"),
+    ("rollouts", "release_name TEXT NOT NULL DEFAULT ''"),
+    ("rollout_devices", "attempt INTEGER NOT NULL DEFAULT 0"),
+    ("rollout_devices", "changed_at REAL NOT NULL DEFAULT 0"),
+    ("rollout_devices", "offered_at REAL"),
+    ("rollout_devices", "retry_at REAL NOT NULL DEFAULT 0"),
+    ("rollout_devices", "windows_json TEXT NOT NULL DEFAULT '[]'"),
+    ("rollout_devices", "hold INTEGER NOT NULL DEFAULT 0"),
+    ("rollout_devices", "from_version TEXT NOT NULL DEFAULT ''"),
+    ("rollout_devices", "running_version TEXT NOT NULL DEFAULT ''"),
+)
+
+
+def _add_rollout_controller_columns(tx: Transaction, db: Database) -> None:
+    """Version 3 rollouts carry no executions' details: add the columns, with their defaults. Each is
+    added only if missing, so the step can run at any version number."""
+    for table, column in _ROLLOUT_CONTROLLER_COLUMNS:
+        if column.split()[0] not in _columns(tx, db, table):  # tables made since came with it
+            tx.execute(db.ddl(f"ALTER TABLE {table} ADD COLUMN {column}"))
+
+
+def _columns(tx: Transaction, db: Database, table: str) -> set[str]:
+    if db.postgres:
+        rows = tx.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ?", (table,)
+        ).fetchall()
+        return {str(r[0]) for r in rows}
+    return {str(r[1]) for r in tx.execute(f"PRAGMA table_info({table})").fetchall()}
+
+
+def _add_delta_formats_column(tx: Transaction, db: Database) -> None:
+    """Devices before version 5 never reported delta formats: add the column, empty for all of them."""
+    if "delta_formats" not in _columns(tx, db, "devices"):
+        tx.execute(db.ddl("ALTER TABLE devices ADD COLUMN delta_formats TEXT NOT NULL DEFAULT ''"))

@@ -1,104 +1,165 @@
 """The rollout driver: turns planner decisions into persisted transitions and published OTA jobs.
 
 Order matters and is the point of this module: every decision (rollout state, phase, the devices now
-OFFERED) and its audit rows are committed to the rollouts repository *before* a job is published. If the
-coordinator dies between the two, the restarted one finds those devices OFFERED but not delivered and
-publishes again; the device side is idempotent by job id. Nothing is kept in memory between calls, so a
+OFFERED with the terms of their offer, the gate evaluations behind it, a roll-back it spawns) and its
+audit rows are committed to the rollouts repository *before* a job is published. If the coordinator dies
+between the two, the restarted one finds those devices OFFERED but not delivered and publishes again;
+the device side is idempotent by job id. Nothing is kept in memory between calls but a parse cache, so a
 new controller object on the same database simply carries on.
+
+With several coordinators exactly one decides: the holder of the controller lease
+(:meth:`RolloutRepository.acquire`), and every write it makes carries the lease's fencing token, checked
+by the database in the same transaction — a leader paused past its lease (a long GC, SIGSTOP, a VM
+migration) that wakes up with a stale decision is refused. Every coordinator still delivers offered jobs
+to the devices whose sessions it holds, and folds in their reports.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import secrets
 import threading
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from fleetloop_cloud.repositories.interfaces import DeviceRepository, ReleaseRepository, RolloutRepository
 from fleetloop_cloud.repositories.records import (
     DeviceChange,
+    Fence,
+    NewGateEvaluation,
     NewRollout,
     ReleaseRecord,
     RolloutDeviceRecord,
     RolloutRecord,
     RolloutUpdate,
 )
+from fleetloop_cloud.rollout import gating
+from fleetloop_cloud.rollout.gating import GateInputs
 from fleetloop_cloud.rollout.planner import (
-    TERMINAL_DEVICE_STATES,
+    ACTIVE_DEVICE_STATES,
+    ACTIVE_ROLLOUT_STATES,
     DevicePhaseState,
+    DeviceView,
+    GateStatus,
     RolloutPlanner,
-    RolloutPolicy,
     RolloutState,
     RolloutView,
-    assign_phases,
-    policy_from_dict,
-    policy_to_dict,
 )
-from fleetloop_cloud.rollout.views import record_of
-from fleetloop_shared.errors import NotFoundError, StateError, UserError
-from fleetloop_shared.rules import selector_matches
-from fleetloop_shared.update.artifact import manifest_from_bytes
+from fleetloop_cloud.rollout.policy import RolloutPolicy, Selection, parse_policy
+from fleetloop_cloud.rollout.targets import TargetSelection, new_rollout
+from fleetloop_shared.errors import NotFoundError, UserError
 
+log = logging.getLogger("fleetloop.cloud.rollout")
+
+S = DevicePhaseState
 #: Agent OTA state name -> the device's state in the rollout.
 OTA_TO_PHASE_STATE: dict[str, DevicePhaseState] = {
-    "QUEUED": DevicePhaseState.IN_PROGRESS,
-    "DOWNLOADING": DevicePhaseState.IN_PROGRESS,
-    "DOWNLOADED": DevicePhaseState.IN_PROGRESS,
-    "VERIFIED": DevicePhaseState.IN_PROGRESS,
-    "INSTALLING": DevicePhaseState.IN_PROGRESS,
-    "REBOOTING": DevicePhaseState.IN_PROGRESS,
-    "HEALTH_CHECK": DevicePhaseState.IN_PROGRESS,
-    "COMMITTED": DevicePhaseState.COMMITTED,
-    "ROLLED_BACK": DevicePhaseState.ROLLED_BACK,
-    "FAILED": DevicePhaseState.FAILED,
-    "REJECTED": DevicePhaseState.REJECTED,
+    "QUEUED": S.IN_PROGRESS,
+    "DOWNLOADING": S.IN_PROGRESS,
+    "DOWNLOADED": S.IN_PROGRESS,
+    "VERIFIED": S.IN_PROGRESS,
+    "INSTALLING": S.IN_PROGRESS,
+    "REBOOTING": S.IN_PROGRESS,
+    "HEALTH_CHECK": S.IN_PROGRESS,
+    "COMMITTED": S.COMMITTED,
+    "ROLLED_BACK": S.ROLLED_BACK,
+    "FAILED": S.FAILED,
+    "REJECTED": S.REJECTED,
     # A job canceled on the device did not install: for the brake that is a failure, not a success.
-    "CANCELED": DevicePhaseState.FAILED,
+    "CANCELED": S.FAILED,
 }
 #: Reasons stored per device are cut to this many characters (a hostile device cannot bloat the DB).
 MAX_REASON_CHARS = 500
-#: Rollouts that ``tick`` acts on.
-ACTIVE_STATES = (RolloutState.CREATED.value, RolloutState.RUNNING.value)
-#: How often an operator's action is re-checked when coordinators step the rollout concurrently.
-_OPERATOR_ATTEMPTS = 5
+#: Rollouts that ``tick`` steps.
+ACTIVE_STATES = tuple(s.value for s in ACTIVE_ROLLOUT_STATES)
+#: Rollouts whose devices may still hold an execution (a device runs one update at a time).
+HOLDING_STATES = (*ACTIVE_STATES, RolloutState.PAUSED.value, RolloutState.WAITING_APPROVAL.value)
+#: Seconds a controller lease lasts without renewal; a successor takes over after it.
+LEASE_TTL_S = 15.0
+
+
+@dataclass(frozen=True)
+class Job:
+    """One OTA job as a device receives it."""
+
+    job_id: str
+    rollout_id: str
+    manifest: bytes
+    signature: bytes
+    #: Install only inside one of these ``[start, end)`` (Unix seconds); empty: at once.
+    windows: tuple[tuple[float, float], ...] = ()
+    #: Download and verify, then hold the install until a later offer of this job lifts it.
+    hold: bool = False
 
 
 class JobPublisher(Protocol):
     """How the controller reaches devices; owned here, implemented by :class:`~.jobs.OtaJobs` (the
     director signs the device's targets, its session carries the job)."""
 
-    def publish_job(
-        self, device_id: str, job_id: str, rollout_id: str, manifest: bytes, signature: bytes
-    ) -> bool:
+    def publish(self, device_id: str, job: Job) -> bool:
         """Send the job; True if it was delivered to a connected device now."""
         ...
 
+    def reachable(self) -> Collection[str]:
+        """Devices this coordinator can deliver to now (their sessions are here)."""
+        ...
 
-def job_id_for(rollout_id: str, device_id: str) -> str:
-    """A device's job id in a rollout; the rollout id never contains ':' so the split is unambiguous."""
-    return f"{rollout_id}:{device_id}"
+
+class ControllerLog(Protocol):
+    """Where the controller's own actions are recorded with the controller as their actor (the
+    coordinator's audit log); operators' actions are recorded by the rollouts service."""
+
+    def transition(self, rollout_id: str, before: str, after: str, reason: str, now: float) -> None: ...
+
+    def gate(self, rollout_id: str, evaluation: NewGateEvaluation, now: float) -> None: ...
+
+    def created(self, rollout_id: str, parent_id: str, detail: str, now: float) -> None: ...
 
 
-def _clip(reason: str) -> str:
+def job_id_for(rollout_id: str, device_id: str, attempt: int = 1) -> str:
+    """A device's job id in a rollout (a retry is a new job: devices refuse to run a job id twice); the
+    rollout id never contains ':' and a device id never '#', so the split is unambiguous."""
+    return f"{rollout_id}:{device_id}" if attempt <= 1 else f"{rollout_id}:{device_id}#{attempt}"
+
+
+def parse_job_id(job_id: str) -> tuple[str, str, int] | None:
+    """(rollout id, device id, attempt) of a job id, or None for one that is not ours."""
+    rollout_id, sep, rest = job_id.partition(":")
+    if not sep or not rest:
+        return None
+    device_id, _, attempt = rest.partition("#")
+    if attempt and not attempt.isdigit():
+        return None
+    return rollout_id, device_id, int(attempt) if attempt else 1
+
+
+def clip(reason: str) -> str:
     reason = " ".join(reason.split())
     return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 1] + "…"
 
 
-class TransitionLog(Protocol):
-    """Where the controller's own rollout transitions are recorded with the controller as their actor
-    (the coordinator's audit log); operators' transitions are recorded by the rollouts service."""
+#: State names to states: a dict lookup, much cheaper per device per tick than the enum's constructor.
+_STATES = {s.value: s for s in DevicePhaseState}
 
-    def __call__(self, rollout_id: str, before: str, after: str, reason: str, now: float) -> None: ...
+
+def device_view(d: RolloutDeviceRecord, time_zone: str = "") -> DeviceView:
+    return DeviceView(
+        phase=d.phase,
+        state=_STATES[d.state],
+        attempt=d.attempt,
+        changed_at=d.changed_at,
+        offered_at=d.offered_at,
+        retry_at=d.retry_at or None,
+        time_zone=time_zone,
+        windowed=bool(d.windows),
+    )
 
 
 class RolloutController:
-    """Creates rollouts, steps them with the planner, publishes jobs and folds device reports back in.
-
-    One lock serialises the controller's own steps (tick, status, operator commands) so a device report
-    cannot interleave with a decision that is being persisted.
-    """
+    """Creates rollouts, steps them with the planner (while it holds the lease), publishes jobs and folds
+    device reports back in. One lock serialises this object's own steps so a device report cannot
+    interleave with a decision that is being persisted."""
 
     def __init__(
         self,
@@ -106,305 +167,407 @@ class RolloutController:
         releases: ReleaseRepository,
         devices: DeviceRepository,
         publisher: JobPublisher,
-        transitions: TransitionLog | None = None,
+        *,
+        log_to: ControllerLog | None = None,
+        gate_inputs: GateInputs | None = None,
+        holder: str = "",
+        lease_ttl_s: float = LEASE_TTL_S,
     ) -> None:
         self._rollouts = rollouts
-        self._transitions = transitions
         self._releases = releases
         self._devices = devices
         self._publisher = publisher
+        self._log = log_to
+        self._gate_inputs = gate_inputs
+        #: This controller's name in the lease (unique per process: a paused process and its successor
+        #: must never share one).
+        self.holder = holder or f"controller-{secrets.token_hex(6)}"
+        self.lease_ttl_s = lease_ttl_s
         self._lock = threading.RLock()
+        self._planners: dict[str, tuple[str, RolloutPlanner]] = {}
+        self.targets = TargetSelection(rollouts, releases, devices)
 
     # ------------------------------------------------------------------ helpers
 
-    def _record(self, rollout_id: str) -> RolloutRecord:
-        return record_of(self._rollouts, rollout_id)
+    def planner_of(self, record: RolloutRecord) -> RolloutPlanner:
+        """The record's planner (parsing a policy costs more than a tick's decision: cached per policy)."""
+        key = repr(sorted(record.policy.items()))
+        cached = self._planners.get(record.rollout_id)
+        if cached is None or cached[0] != key:
+            cached = (key, RolloutPlanner(parse_policy(record.policy)))
+            self._planners[record.rollout_id] = cached
+        return cached[1]
 
-    def _release(self, version: str, name: str = "") -> ReleaseRecord:
-        """The release a policy names. A version alone must be unambiguous: a firmware and a model pack
-        may both be "1.2.0", and rolling out the wrong one would reach every targeted device."""
-        if not name:
-            names = self._releases.names(version)
-            if len(names) > 1:
-                raise UserError(
-                    f"several releases have version {version!r} ({', '.join(names)}); "
-                    "say which with release_name (fleetloop rollout create --name NAME)"
-                )
-        release = self._releases.get(version, name)
-        if release is None:
-            what = f"{name} {version}" if name else repr(version)
-            raise NotFoundError(f"release {what} does not exist; upload it first")
-        return release
+    def release_of(self, record: RolloutRecord) -> ReleaseRecord:
+        return self.targets.release(record.release_version, str(record.policy["release"].get("name", "")))
 
-    def _release_of(self, record: RolloutRecord) -> ReleaseRecord:
-        return self._release(record.release_version, str(record.policy.get("release_name", "")))
+    def _zones(self, devices: Sequence[RolloutDeviceRecord], planner: RolloutPlanner) -> dict[str, str]:
+        """Reported zones, read only when the policy has windows in device-local time."""
+        if not any(w.time_zone == "device" for w in planner.policy.maintenance.windows):
+            return {}
+        zones = {}
+        for d in devices:
+            if d.state == S.PENDING.value:
+                record = self._devices.get(d.device_id)
+                if record is not None and record.time_zone:
+                    zones[d.device_id] = record.time_zone
+        return zones
 
-    @staticmethod
-    def _view(record: RolloutRecord, devices: list[RolloutDeviceRecord]) -> RolloutView:
-        return RolloutView(
-            state=RolloutState(record.state),
-            phase=record.phase,
-            phase_started_at=record.phase_started_at,
-            devices={d.device_id: (d.phase, DevicePhaseState(d.state)) for d in devices},
-            accepted_failures=record.accepted_failures,
-        )
-
-    # ------------------------------------------------------------------ commands
+    # ------------------------------------------------------------------ creating
 
     def create(self, policy: RolloutPolicy, now: float) -> str:
-        """Snapshot the target devices, assign phases and persist the rollout as RUNNING (phase 1).
-
-        Targets are the devices whose labels match the selector and whose reported hardware id is the
-        release's (a device that has not reported one yet is included; it refuses what does not fit).
-        Devices already running the release's version start COMMITTED.
-        """
-        release = self._release(policy.release_version, policy.release_name)
-        if not policy.release_name:
-            # Persist the resolved name: a release of another name with this version uploaded later must
-            # not change what this rollout delivers.
-            policy = dataclasses.replace(policy, release_name=release.name)
-        planner = RolloutPlanner(policy)
-        targets = []
-        for device in self._devices.all():
-            if not selector_matches(policy.selector, device.selector_labels()):
-                continue
-            if device.hardware_id and device.hardware_id != release.hardware_id:
-                continue
-            targets.append(device)
-        if not targets:
-            raise UserError(
-                f"selector {policy.selector!r} matches no device with hardware {release.hardware_id!r}"
-            )
-        phases = assign_phases([d.device_id for d in targets], planner.policy)
-        rollout_id = f"ro-{int(now):x}-{secrets.token_hex(4)}"
-        # Only a slot image's version is reported back by devices; a bundle (model pack, software) is
-        # never "already running" from the inventory's point of view and the device settles it itself.
-        is_slot_image = manifest_from_bytes(release.manifest).install == "slot"
-        up_to_date = {
-            d.device_id for d in targets if is_slot_image and d.firmware_version == release.version
-        }
-        counts = Counter(phases.values())
-        layout = ", ".join(
-            f"{spec.name}={counts.get(i, 0)}" for i, spec in enumerate(planner.policy.phases)
-        )
-        rollout = NewRollout(
-            rollout_id=rollout_id,
-            release_version=policy.release_version,
-            policy=policy_to_dict(planner.policy),
-            state=RolloutState.RUNNING.value,
-            phase=0,
-            reason="created",
-            devices=phases,
-            device_state=DevicePhaseState.PENDING.value,
-            audit=[
-                ("created", f"release {release.name} {release.version} for {release.hardware_id}; "
-                            f"selector {policy.selector!r}; {len(phases)} devices ({layout})"),
-            ],
-            initial={
-                d: (DevicePhaseState.COMMITTED.value, f"already running {release.version}")
-                for d in up_to_date
-            },
-        )
+        """Select the target devices, assign phases and persist the rollout (RUNNING, or CREATED until
+        its scheduled start). Devices already running the release start COMMITTED."""
+        rollout = new_rollout(self.targets, policy, now)
         with self._lock:
             self._rollouts.create(rollout, now)
-        return rollout_id
-
-    def pause(self, rollout_id: str, now: float) -> None:
-        """Stop offering the update (devices already working on it finish); StateError unless running."""
-
-        def change(record: RolloutRecord) -> RolloutUpdate:
-            if record.state not in ACTIVE_STATES:
-                raise StateError(
-                    f"rollout {rollout_id} is {record.state.lower()}; only a running one can pause"
-                )
-            return RolloutUpdate(
-                state=RolloutState.PAUSED.value,
-                reason="paused by operator",
-                audit=[("paused", "by operator")],
-            )
-
-        self._operator_change(rollout_id, change, now)
-
-    def resume(self, rollout_id: str, now: float) -> None:
-        """Continue a paused rollout. Resuming accepts the failures seen so far (they no longer count
-        against the brake or block their phase's gate) and restarts the phase's timeout clock."""
-
-        def change(record: RolloutRecord) -> RolloutUpdate:
-            if record.state != RolloutState.PAUSED.value:
-                raise StateError(
-                    f"rollout {rollout_id} is {record.state.lower()}; only a paused one can resume"
-                )
-            failed = {
-                d.device_id
-                for d in self._rollouts.devices(rollout_id)
-                if DevicePhaseState(d.state) in TERMINAL_DEVICE_STATES
-                and d.state != DevicePhaseState.COMMITTED.value
-            }
-            newly = sorted(failed - record.accepted_failures)
-            detail = "by operator" + (f"; accepted failures of {', '.join(newly)}" if newly else "")
-            return RolloutUpdate(
-                state=RolloutState.RUNNING.value,
-                phase_started_at=now,
-                reason="resumed by operator",
-                accepted_failures=record.accepted_failures | failed,
-                audit=[("resumed", _clip(detail))],
-            )
-
-        self._operator_change(rollout_id, change, now)
-
-    def abort(self, rollout_id: str, now: float) -> None:
-        """End the rollout for good: no device is offered the update any more (finished ones stay)."""
-
-        def change(record: RolloutRecord) -> RolloutUpdate:
-            if record.state in (RolloutState.SUCCEEDED.value, RolloutState.ABORTED.value):
-                raise StateError(f"rollout {rollout_id} is already {record.state.lower()}")
-            return RolloutUpdate(
-                state=RolloutState.ABORTED.value,
-                reason="aborted by operator",
-                audit=[("aborted", "by operator")],
-            )
-
-        self._operator_change(rollout_id, change, now)
-
-    def _operator_change(
-        self, rollout_id: str, change: Callable[[RolloutRecord], RolloutUpdate], now: float
-    ) -> None:
-        """Check and write an operator's action against the state it was checked on. Another coordinator
-        sharing the database may step the rollout in between; then the check runs again on the new state
-        (a few times at most: steps are rare, an operator's click is not worth a livelock)."""
-        with self._lock:
-            for _ in range(_OPERATOR_ATTEMPTS):
-                record = self._record(rollout_id)
-                update = dataclasses.replace(change(record), expect=(record.state, record.phase))
-                if self._rollouts.update(rollout_id, update, now):
-                    return
-        raise StateError(f"rollout {rollout_id} kept changing under this request; try again")
+        return rollout.rollout_id
 
     # ------------------------------------------------------------------ the loop
 
+    def lead(self, now: float) -> Fence | None:
+        """Take or renew the controller lease: the fence to write under, or None (another leads)."""
+        token = self._rollouts.acquire(self.holder, now, self.lease_ttl_s)
+        return None if token is None else Fence(self.holder, token)
+
+    def release_lease(self) -> None:
+        """A clean stop: another coordinator may lead at once."""
+        self._rollouts.release(self.holder)
+
     def tick(self, now: float) -> None:
-        """One step of every running rollout: decide, persist (with audit), then publish."""
-        for record in self._rollouts.all(states=ACTIVE_STATES):
-            self._step(record.rollout_id, now)
+        """Decide (if this controller holds the lease), then deliver offered jobs to devices here.
 
-    def _step(self, rollout_id: str, now: float) -> None:
+        The devices of each rollout are read once per tick; only a rollout whose step just offered
+        devices is read again for delivery (a tick's reads are most of its cost on a large fleet)."""
+        fence = self.lead(now)
+        records = self._rollouts.all(states=HOLDING_STATES)
+        members = {r.rollout_id: self._rollouts.devices(r.rollout_id) for r in records}
+        if fence is not None:
+            busy = _busy(records, members)
+            for record in records:
+                if record.state not in ACTIVE_STATES:
+                    continue
+                written = self._step(
+                    record, members[record.rollout_id], busy.get(record.rollout_id, frozenset()), now, fence
+                )
+                if written is None:
+                    break  # the lease is gone: another coordinator decides from here on
+                if written:
+                    del members[record.rollout_id]  # changed: delivery reads it again
+        self.deliver(now, members)
+
+    def _step(
+        self,
+        record: RolloutRecord,
+        devices: list[RolloutDeviceRecord],
+        busy: frozenset[str],
+        now: float,
+        fence: Fence,
+    ) -> bool | None:
+        """One decision for one rollout: whether it wrote a change, None when the fence refused the
+        write (this controller lost the lease)."""
         with self._lock:
-            record = self._record(rollout_id)
-            if record.state not in ACTIVE_STATES:
-                return
-            planner = RolloutPlanner(policy_from_dict(record.policy))
-            devices = self._rollouts.devices(rollout_id)
-            view = self._view(record, devices)
+            planner = self.planner_of(record)
+            policy = planner.policy
+            joined: dict[str, tuple[int, str]] = {}
+            if policy.target.selection is Selection.CONTINUOUS:
+                joined = self.targets.newcomers(record, policy, devices)
+            evaluations = self._evaluate_gates(record, devices, planner, now)
+            latest = {
+                name: GateStatus(e.decision, e.reason)
+                for name, e in self._rollouts.latest_evaluations(record.rollout_id, record.phase).items()
+            }
+            latest.update({e.gate: GateStatus(e.decision, e.reason) for e in evaluations})
+            zones = self._zones(devices, planner)
+            view = RolloutView(
+                state=RolloutState(record.state),
+                phase=record.phase,
+                phase_started_at=record.phase_started_at,
+                devices={d.device_id: device_view(d, zones.get(d.device_id, "")) for d in devices},
+                accepted_failures=record.accepted_failures,
+                gates=latest,
+                busy=busy,
+            )
             decision = planner.decide(view, now)
-            changed = decision.state != view.state or decision.phase != view.phase
-            offer = [d for d in decision.offer if view.devices[d][1] is DevicePhaseState.PENDING]
-            if changed or offer or decision.reason != record.reason:
-                audit: list[tuple[str, str]] = []
-                if decision.phase != view.phase:
-                    audit.append(("phase", decision.reason))
-                if decision.state != view.state:
-                    audit.append((decision.state.value.lower(), decision.reason))
-                written = self._rollouts.update(
-                    rollout_id,
-                    RolloutUpdate(
-                        state=decision.state.value,
-                        phase=decision.phase,
-                        phase_started_at=now if decision.phase != view.phase else None,
-                        reason=decision.reason,
-                        devices={
-                            d: DeviceChange(
-                                state=DevicePhaseState.OFFERED.value,
-                                reason="",
-                                delivered=False,
-                                only_from=DevicePhaseState.PENDING.value,
-                            )
-                            for d in offer
-                        },
-                        audit=audit,
-                        expect=(record.state, record.phase),
-                    ),
-                    now,
+            moved = decision.state != view.state or decision.phase != view.phase
+            changes: dict[str, DeviceChange] = {}
+            already = self.targets.already_running(record, [o.device_id for o in decision.offers])
+            for offer in decision.offers:
+                if offer.device_id in already:
+                    changes[offer.device_id] = DeviceChange(
+                        state=S.COMMITTED.value,
+                        reason=f"already running {record.release_version}",
+                        only_from=S.PENDING.value,
+                    )
+                    continue
+                changes[offer.device_id] = DeviceChange(
+                    state=S.OFFERED.value,
+                    reason="",
+                    delivered=False,
+                    only_from=S.PENDING.value,
+                    attempt=offer.attempt,
+                    offered_at=now,
+                    retry_at=0.0,
+                    windows=offer.windows,
+                    hold=offer.hold,
                 )
-                if not written:
-                    # Another coordinator or an operator changed the rollout since we read it: decide
-                    # again from the new state on the next tick.
-                    return
-                if self._transitions is not None and (
-                    decision.state != view.state or decision.phase != view.phase
-                ):
-                    self._transitions(
-                        rollout_id, f"{view.state.value} phase {view.phase + 1}",
-                        f"{decision.state.value} phase {decision.phase + 1}", decision.reason, now,
-                    )  # fmt: skip
-            if decision.state is not RolloutState.RUNNING:
-                return
-            # Persisted; now reach the devices. Offered-but-undelivered ones (offline at offer time,
-            # or a coordinator that died right after persisting) get the job again on every tick.
-            undelivered = [
-                d.device_id
-                for d in self._rollouts.devices(rollout_id)
-                if d.state == DevicePhaseState.OFFERED.value and not d.delivered
-            ]
-            if not undelivered:
-                return
-            release = self._release_of(record)
-            delivered = {}
-            for device_id in undelivered:
-                ok = self._publisher.publish_job(
-                    device_id, job_id_for(rollout_id, device_id), rollout_id, release.manifest,
-                    release.signature,
+            for device_id in decision.timeouts:
+                settled = planner.settle(view.devices[device_id], S.TIMED_OUT, "in progress too long", now)
+                changes[device_id] = DeviceChange(
+                    state=settled.state.value,
+                    reason=clip(settled.reason),
+                    retry_at=settled.retry_at or 0.0,
+                    only_from=S.IN_PROGRESS.value,
                 )
-                if ok:
-                    delivered[device_id] = DeviceChange(delivered=True)
-            if delivered:
-                self._rollouts.update(rollout_id, RolloutUpdate(devices=delivered), now)
+            for device_id in decision.cancel:
+                changes[device_id] = DeviceChange(
+                    state=S.CANCELED.value,
+                    reason="offer withdrawn: " + decision.reason,
+                    only_from=S.OFFERED.value,
+                )
+            for offer in decision.reoffers:
+                changes[offer.device_id] = DeviceChange(
+                    windows=(),
+                    hold=False,
+                    delivered=False,
+                    reason="install forced now",
+                    only_from=S.WAITING.value,
+                )
+            spawn: list[NewRollout] = []
+            audit: list[tuple[str, str]] = [("gate", gating.summary(e.gate, e)) for e in evaluations]
+            if decision.roll_back and moved:
+                spawn, notes = self.targets.rollbacks(record, devices, now, why=decision.reason)
+                audit += [("rollback", note) for note in notes]
+            if decision.phase != view.phase:
+                audit.append(("phase", decision.reason))
+            if decision.state != view.state:
+                audit.append((decision.state.value.lower(), decision.reason))
+            if not (moved or changes or evaluations or joined or decision.reason != record.reason):
+                return False
+            written = self._rollouts.update(
+                record.rollout_id,
+                RolloutUpdate(
+                    state=decision.state.value,
+                    phase=decision.phase,
+                    phase_started_at=now if decision.phase != view.phase else None,
+                    reason=decision.reason,
+                    devices=changes,
+                    audit=audit,
+                    expect=(record.state, record.phase),
+                    fence=fence,
+                    gates=evaluations,
+                    joined=joined,
+                    spawn=spawn,
+                ),
+                now,
+            )
+            if not written:
+                # Another coordinator or an operator changed the rollout since we read it (decided again
+                # on the next tick), or this controller lost the lease.
+                lease = self._rollouts.lease()
+                return False if lease is not None and lease[:2] == (fence.holder, fence.token) else None
+            if self._log is not None:
+                for e in evaluations:
+                    self._log.gate(record.rollout_id, e, now)
+                if moved:
+                    self._log.transition(
+                        record.rollout_id,
+                        f"{view.state.value} phase {view.phase + 1}",
+                        f"{decision.state.value} phase {decision.phase + 1}",
+                        decision.reason,
+                        now,
+                    )
+                for child in spawn:
+                    self._log.created(child.rollout_id, record.rollout_id, child.reason, now)
+            return True
 
-    def on_device_status(self, device_id: str, job_id: str, state: str, reason: str, now: float) -> None:
-        """Fold an OTA status report into the rollout. Reports for unknown jobs, other devices' jobs or
-        unknown states are ignored (a device replays old reports after reconnecting); a device's terminal
-        state in a rollout is final."""
-        rollout_id, sep, job_device = job_id.partition(":")
-        if not sep or job_device != device_id:
+    def _evaluate_gates(
+        self,
+        record: RolloutRecord,
+        devices: Sequence[RolloutDeviceRecord],
+        planner: RolloutPlanner,
+        now: float,
+    ) -> list[NewGateEvaluation]:
+        """The gates of the current phase whose interval has passed, evaluated now."""
+        gates = planner.policy.gates_of(record.phase)
+        if not gates or self._gate_inputs is None or record.state != RolloutState.RUNNING.value:
+            return []
+        last = self._rollouts.latest_evaluations(record.rollout_id, record.phase)
+        due = [g for g in gates if g.name not in last or now - last[g.name].at >= g.interval_s]
+        if not due:
+            return []
+        cohorts = gating.cohorts_of(devices)
+        return [
+            gating.as_record(record.phase, g, gating.evaluate(g, cohorts, self._gate_inputs, now))
+            for g in due
+        ]
+
+    # ------------------------------------------------------------------ delivery
+
+    def job_for(self, record: RolloutRecord, d: RolloutDeviceRecord) -> Job:
+        release = self.release_of(record)
+        return Job(
+            job_id_for(record.rollout_id, d.device_id, d.attempt),
+            record.rollout_id,
+            release.manifest,
+            release.signature,
+            d.windows,
+            d.hold,
+        )
+
+    def deliver(self, now: float, known: Mapping[str, Sequence[RolloutDeviceRecord]] | None = None) -> int:
+        """Publish every offered, undelivered job of a running rollout to its device, if the device's
+        session is here; returns how many were delivered. Offered-but-undelivered jobs (the device was
+        offline, or a coordinator died right after persisting) go out again on every tick. ``known``:
+        devices of rollouts read earlier in this tick and not changed since by this controller."""
+        reachable = set(self._publisher.reachable())
+        if not reachable:
+            return 0
+        sent = 0
+        for record in self._rollouts.all(states=(RolloutState.RUNNING.value,)):
+            members = known.get(record.rollout_id) if known is not None else None
+            if members is None:
+                members = self._rollouts.devices(record.rollout_id)
+            waiting = [
+                d for d in members if not d.delivered and d.state in _DELIVERABLE and d.device_id in reachable
+            ]
+            delivered: dict[str, DeviceChange] = {}
+            for d in waiting:
+                if self._publisher.publish(d.device_id, self.job_for(record, d)):
+                    delivered[d.device_id] = DeviceChange(delivered=True, only_attempt=d.attempt)
+            if delivered:
+                self._rollouts.update(record.rollout_id, RolloutUpdate(devices=delivered), now)
+                sent += len(delivered)
+        return sent
+
+    def on_device_status(
+        self,
+        device_id: str,
+        job_id: str,
+        state: str,
+        reason: str,
+        now: float,
+        *,
+        running_version: str = "",
+        waiting: bool = False,
+    ) -> None:
+        """Fold an OTA status report into the rollout. Reports for unknown jobs, other devices' jobs,
+        older attempts or unknown states are ignored (a device replays old reports after reconnecting); a
+        device's terminal state in a rollout is final. A failure may send the device round again
+        (the policy's retries)."""
+        parsed = parse_job_id(job_id)
+        if parsed is None or parsed[1] != device_id:
             return
+        rollout_id, _, attempt = parsed
         ota_state = state.upper().removeprefix("OTA_STATE_")
         phase_state = OTA_TO_PHASE_STATE.get(ota_state)
         if phase_state is None:
             return
-        if phase_state is DevicePhaseState.IN_PROGRESS:
+        if phase_state is S.IN_PROGRESS:
+            if waiting:
+                phase_state = S.WAITING
             # Keep the agent's finer state visible (DOWNLOADING, REBOOTING, ...) for the release manager.
             reason = f"{ota_state}: {reason}" if reason else ota_state
         with self._lock:
-            if self._rollouts.get(rollout_id) is None:
+            record = self._rollouts.get(rollout_id)
+            if record is None:
                 return
-            current = {d.device_id: d for d in self._rollouts.devices(rollout_id)}.get(device_id)
-            if current is None:
+            entries = self._rollouts.of_device(device_id)
+            current = next((d for d in entries if d.rollout_id == rollout_id), None)
+            if current is None or current.attempt != attempt:
                 return
             old = DevicePhaseState(current.state)
-            if old in TERMINAL_DEVICE_STATES or old is DevicePhaseState.PENDING:
+            if old in (S.PENDING, S.COMMITTED, S.CANCELED) or old.value in _FINAL:
                 return
-            if old is phase_state and current.reason == _clip(reason):
+            running = clip(running_version) if running_version else None
+            if (
+                old is phase_state
+                and current.reason == clip(reason)
+                and running in (None, current.running_version)
+            ):
                 return
+            retry_at = 0.0
+            if phase_state.value in _FINAL:
+                settled = self.planner_of(record).settle(device_view(current), phase_state, clip(reason), now)
+                phase_state, reason, retry_at = settled.state, settled.reason, settled.retry_at or 0.0
             self._rollouts.update(
                 rollout_id,
-                RolloutUpdate(devices={device_id: DeviceChange(
-                    state=phase_state.value, reason=_clip(reason), delivered=True)}),
+                RolloutUpdate(
+                    devices={
+                        device_id: DeviceChange(
+                            state=phase_state.value,
+                            reason=clip(reason),
+                            delivered=True,
+                            running_version=running,
+                            retry_at=retry_at,
+                            only_attempt=attempt,
+                        )
+                    }
+                ),
                 now,
             )
 
     # ------------------------------------------------------------------ reads
 
-    def offered_jobs(self, device_id: str) -> list[tuple[str, str, bytes, bytes]]:
-        """Jobs waiting for this device as (job_id, rollout_id, manifest, signature): the polling path,
-        so a device that missed the push (asleep, NAT) still finds its job."""
-        jobs: list[tuple[str, str, bytes, bytes]] = []
+    def offered_jobs(self, device_id: str) -> list[Job]:
+        """Jobs waiting for this device: the polling path, so a device that missed the push (asleep,
+        NAT) still finds its job."""
+        jobs: list[Job] = []
         for entry in self._rollouts.of_device(device_id):
-            if entry.state != DevicePhaseState.OFFERED.value:
+            if entry.state not in (S.OFFERED.value, S.WAITING.value):
                 continue
             record = self._rollouts.get(entry.rollout_id)
             if record is None or record.state != RolloutState.RUNNING.value:
                 continue
-            release = self._releases.get(record.release_version, str(record.policy.get("release_name", "")))
-            if release is not None:
-                jobs.append((job_id_for(entry.rollout_id, device_id), entry.rollout_id, release.manifest,
-                             release.signature))
+            try:
+                jobs.append(self.job_for(record, entry))
+            except (NotFoundError, UserError):
+                continue
         return jobs
+
+
+#: Failure states a report may end an execution in (COMMITTED is final too, but never retried).
+_FINAL = frozenset(
+    {S.COMMITTED.value, S.FAILED.value, S.ROLLED_BACK.value, S.REJECTED.value, S.TIMED_OUT.value}
+)
+
+
+def _busy(
+    records: Sequence[RolloutRecord],
+    members: Mapping[str, Sequence[RolloutDeviceRecord]],
+) -> dict[str, frozenset[str]]:
+    """Per rollout, the devices it must not offer now: those executing another rollout's job, and those
+    pending in a heavier (or, equally heavy, older) active rollout too."""
+    if len(records) == 1:  # alone: nothing of its own can be busy elsewhere
+        return {records[0].rollout_id: frozenset()}
+    holding: dict[str, str] = {}
+    claims: dict[str, tuple[int, int, str]] = {}
+    offered, pending = S.OFFERED.value, S.PENDING.value
+    for rank, record in enumerate(records):
+        weight = int(record.policy.get("weight", 0) or 0)
+        active = record.state in ACTIVE_STATES
+        for d in members[record.rollout_id]:
+            state = d.state
+            if state in _HOLDING and (state != offered or d.delivered or active):
+                holding[d.device_id] = record.rollout_id
+            elif active and state == pending:
+                key = (-weight, rank, record.rollout_id)
+                if d.device_id not in claims or key < claims[d.device_id]:
+                    claims[d.device_id] = key
+    out: dict[str, set[str]] = {r.rollout_id: set() for r in records}
+    for record in records:
+        if record.state not in ACTIVE_STATES:
+            continue
+        rid = record.rollout_id
+        mine = out[rid]
+        for d in members[rid]:
+            owner = holding.get(d.device_id)
+            if (owner is not None and owner != rid) or (
+                d.state == pending and claims.get(d.device_id, (0, 0, rid))[2] != rid
+            ):
+                mine.add(d.device_id)
+    return {rid: frozenset(v) for rid, v in out.items()}
+
+
+_HOLDING = frozenset(s.value for s in ACTIVE_DEVICE_STATES)
+_DELIVERABLE = frozenset({S.OFFERED.value, S.WAITING.value})

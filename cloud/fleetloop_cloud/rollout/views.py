@@ -1,7 +1,9 @@
 """What an operator sees of rollouts: typed read models built from the rollouts repository.
 
 Plain data (no I/O beyond the repository reads), so the REST surface renders them as JSON once and the
-CLI, the console and tests read the same fields.
+CLI, the console and tests read the same fields: a rollout's status with its progress per phase and the
+latest evaluation of each signal gate, its executions (one per device), its history (audit trail and
+every gate evaluation) and the revisions of a release.
 """
 
 from __future__ import annotations
@@ -11,19 +13,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleetloop_cloud.repositories.interfaces import RolloutRepository
-from fleetloop_cloud.repositories.records import RolloutRecord
-from fleetloop_cloud.rollout.planner import DevicePhaseState, policy_from_dict, policy_to_dict
+from fleetloop_cloud.repositories.records import AuditRecord, GateEvaluationRecord, RolloutRecord
+from fleetloop_cloud.rollout.planner import DevicePhaseState
+from fleetloop_cloud.rollout.policy import parse_policy, policy_to_dict
 from fleetloop_shared.errors import NotFoundError
 
-_FAILED = (DevicePhaseState.FAILED.value, DevicePhaseState.ROLLED_BACK.value)
+S = DevicePhaseState
+_FAILED = (S.FAILED.value, S.ROLLED_BACK.value, S.REJECTED.value, S.TIMED_OUT.value)
+_WORKING = (S.OFFERED.value, S.IN_PROGRESS.value, S.WAITING.value)
 
 
 @dataclass(frozen=True)
 class PhaseProgress:
+    """One phase's devices by where they are: what a progress bar draws."""
+
     name: str
     devices: int
     committed: int
     failed: int
+    in_progress: int
+    pending: int
 
 
 @dataclass(frozen=True)
@@ -35,11 +44,29 @@ class DeviceProgress:
 
 
 @dataclass(frozen=True)
+class GateDecision:
+    """The latest evaluation of one signal gate in one phase."""
+
+    gate: str
+    phase: int
+    at: float
+    decision: str
+    statistic: float | None
+    p_value: float | None
+    effect: float | None
+    reason: str
+    inputs: dict[str, float]
+
+
+@dataclass(frozen=True)
 class RolloutStatus:
-    """One rollout in full: its phases, every device's state and the counts per state."""
+    """One rollout in full: its phases, every device's state, the counts per state, the latest gate
+    decisions, and the rollouts it is linked with (the one it rolls back, its roll-backs)."""
 
     id: str
     release_version: str
+    release_name: str
+    revision: int
     state: str
     phase: int
     phase_name: str
@@ -49,6 +76,9 @@ class RolloutStatus:
     reason: str
     counts: dict[str, int]
     accepted_failures: list[str]
+    gates: tuple[GateDecision, ...]
+    parent_id: str
+    rollbacks: list[str]
     created_at: float
     updated_at: float
     policy: dict[str, Any]
@@ -60,13 +90,65 @@ class RolloutSummary:
 
     id: str
     release_version: str
+    release_name: str
+    revision: int
     state: str
     phase: int
     reason: str
     devices: int
     counts: dict[str, int]
+    parent_id: str
     created_at: float
     updated_at: float
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One device's execution of a rollout (AWS IoT Jobs' word): attempts, offer, versions."""
+
+    device_id: str
+    phase: int
+    state: str
+    reason: str
+    attempt: int
+    delivered: bool
+    offered_at: float | None
+    retry_at: float | None
+    changed_at: float
+    install_windows: list[list[float]]
+    hold: bool
+    from_version: str
+    running_version: str
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    seq: int
+    at: float
+    event: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class RolloutHistory:
+    """A rollout's audit trail and every signal-gate evaluation, oldest first."""
+
+    id: str
+    events: tuple[HistoryEntry, ...]
+    gate_evaluations: tuple[GateDecision, ...]
+
+
+@dataclass(frozen=True)
+class Revision:
+    """One rollout as a revision of its release name (what ``rollout undo --to-revision`` names)."""
+
+    revision: int
+    id: str
+    release_name: str
+    release_version: str
+    state: str
+    parent_id: str
+    created_at: float
 
 
 def record_of(rollouts: RolloutRepository, rollout_id: str) -> RolloutRecord:
@@ -76,28 +158,57 @@ def record_of(rollouts: RolloutRepository, rollout_id: str) -> RolloutRecord:
     return record
 
 
+def _gate(e: GateEvaluationRecord) -> GateDecision:
+    return GateDecision(
+        e.gate, e.phase, e.at, e.decision, e.statistic, e.p_value, e.effect, e.reason, dict(e.inputs)
+    )
+
+
+def _counts(states: list[str]) -> dict[str, int]:
+    found = Counter(states)
+    return {s.value: found.get(s.value, 0) for s in DevicePhaseState}
+
+
+def _name(record: RolloutRecord) -> str:
+    release = record.policy.get("release")
+    return (
+        str(release.get("name", ""))
+        if isinstance(release, dict)
+        else str(record.policy.get("release_name", ""))
+    )
+
+
 def rollout_status(rollouts: RolloutRepository, rollout_id: str) -> RolloutStatus:
     """NotFoundError for an unknown rollout."""
     record = record_of(rollouts, rollout_id)
     devices = rollouts.devices(rollout_id)
-    policy = policy_from_dict(record.policy)
+    policy = parse_policy(record.policy)
     phases = []
     for index, spec in enumerate(policy.phases):
-        members = [d for d in devices if d.phase == index]
+        states = [d.state for d in devices if d.phase == index]
         phases.append(
             PhaseProgress(
                 name=spec.name,
-                devices=len(members),
-                committed=sum(d.state == DevicePhaseState.COMMITTED.value for d in members),
-                failed=sum(d.state in _FAILED for d in members),
+                devices=len(states),
+                committed=states.count(S.COMMITTED.value),
+                failed=sum(s in _FAILED for s in states),
+                in_progress=sum(s in _WORKING for s in states),
+                pending=states.count(S.PENDING.value),
             )
         )
-    counts = {s.value: 0 for s in DevicePhaseState}
-    for d in devices:
-        counts[d.state] = counts.get(d.state, 0) + 1
+    gates = sorted(
+        (
+            g
+            for phase in range(len(policy.phases))
+            for g in rollouts.latest_evaluations(rollout_id, phase).values()
+        ),
+        key=lambda g: (g.phase, g.gate),
+    )
     return RolloutStatus(
         id=rollout_id,
         release_version=record.release_version,
+        release_name=policy.release_name,
+        revision=record.revision,
         state=record.state,
         phase=record.phase,
         phase_name=policy.phases[record.phase].name if record.phase < len(policy.phases) else "",
@@ -105,8 +216,11 @@ def rollout_status(rollouts: RolloutRepository, rollout_id: str) -> RolloutStatu
         phases=tuple(phases),
         devices=tuple(DeviceProgress(d.device_id, d.phase, d.state, d.reason) for d in devices),
         reason=record.reason,
-        counts=counts,
+        counts=_counts([d.state for d in devices]),
         accepted_failures=sorted(record.accepted_failures),
+        gates=tuple(_gate(g) for g in gates),
+        parent_id=record.parent_id,
+        rollbacks=[r.rollout_id for r in rollouts.all() if r.parent_id == rollout_id],
         created_at=record.created_at,
         updated_at=record.updated_at,
         policy=policy_to_dict(policy),
@@ -117,18 +231,64 @@ def rollout_summaries(rollouts: RolloutRepository) -> list[RolloutSummary]:
     """Every rollout, oldest first."""
     out = []
     for record in rollouts.all():
-        counts: Counter[str] = Counter(d.state for d in rollouts.devices(record.rollout_id))
+        states = [d.state for d in rollouts.devices(record.rollout_id)]
         out.append(
             RolloutSummary(
                 id=record.rollout_id,
                 release_version=record.release_version,
+                release_name=_name(record),
+                revision=record.revision,
                 state=record.state,
                 phase=record.phase,
                 reason=record.reason,
-                devices=sum(counts.values()),
-                counts={s.value: counts.get(s.value, 0) for s in DevicePhaseState},
+                devices=len(states),
+                counts=_counts(states),
+                parent_id=record.parent_id,
                 created_at=record.created_at,
                 updated_at=record.updated_at,
             )
         )
     return out
+
+
+def executions(rollouts: RolloutRepository, rollout_id: str) -> list[Execution]:
+    record_of(rollouts, rollout_id)
+    return [
+        Execution(
+            d.device_id,
+            d.phase,
+            d.state,
+            d.reason,
+            d.attempt,
+            d.delivered,
+            d.offered_at,
+            d.retry_at or None,
+            d.changed_at,
+            [[a, b] for a, b in d.windows],
+            d.hold,
+            d.from_version,
+            d.running_version,
+        )
+        for d in rollouts.devices(rollout_id)
+    ]
+
+
+def history(rollouts: RolloutRepository, rollout_id: str) -> RolloutHistory:
+    record_of(rollouts, rollout_id)
+    events = tuple(HistoryEntry(a.seq, a.at, a.event, a.detail) for a in rollouts.audit(rollout_id))
+    return RolloutHistory(rollout_id, events, tuple(_gate(e) for e in rollouts.evaluations(rollout_id)))
+
+
+def audit_rows(rollouts: RolloutRepository, rollout_id: str) -> list[AuditRecord]:
+    record_of(rollouts, rollout_id)
+    return rollouts.audit(rollout_id)
+
+
+def revisions(rollouts: RolloutRepository, release_name: str = "") -> list[Revision]:
+    """Rollouts as revisions, by release name then revision (only ``release_name``'s when given)."""
+    out = [
+        Revision(r.revision, r.rollout_id, _name(r), r.release_version, r.state, r.parent_id, r.created_at)
+        for r in rollouts.all()
+        if not release_name or _name(r) == release_name
+    ]
+    return sorted(out, key=lambda r: (r.release_name, r.revision))

@@ -44,7 +44,10 @@ class CampaignsFor(Protocol):
 class OtaReports(Protocol):
     """Where a device's OTA status goes (the rollout controller)."""
 
-    def on_device_status(self, device_id: str, job_id: str, state: str, reason: str, now: float) -> None: ...
+    def on_device_status(
+        self, device_id: str, job_id: str, state: str, reason: str, now: float, *,
+        running_version: str = "", waiting: bool = False,
+    ) -> None: ...  # fmt: skip
 
 
 class BacklogReports(Protocol):
@@ -181,7 +184,7 @@ class DeviceService:
             inv = msg.inventory
             inventory = Inventory(
                 inv.hardware_id, inv.firmware_version, inv.firmware_sha256, inv.active_slot,
-                inv.campaigns_version,
+                inv.campaigns_version, inv.time_zone[:64],
                 readable_formats(inv.delta_formats) if inv.delta_formats else (),
             )  # fmt: skip
             self._devices.update_inventory(device_id, inventory, now)
@@ -200,7 +203,8 @@ class DeviceService:
             st = msg.ota_status
             state = ota_pb2.OtaState.Name(st.state).removeprefix("OTA_STATE_")
             log.info("device %s ota %s: %s %s", device_id, st.job_id, state, st.reason)
-            self._ota.on_device_status(device_id, st.job_id, state, st.reason, now)
+            self._ota.on_device_status(device_id, st.job_id, state, st.reason, now,
+                                       running_version=st.running_version, waiting=st.install_waiting)
         elif kind == "hello":
             raise MalformedMessageError(f"device {device_id}: a second hello on one stream")
 

@@ -45,6 +45,13 @@ def pack_image(version: str, hardware_id: str, body: bytes) -> bytes:
     return MAGIC + _LEN.pack(len(header)) + header + body
 
 
+def image_body(data: bytes) -> bytes:
+    """The body after the header (IntegrityError when ``data`` is not a whole image)."""
+    image_info(data)
+    (header_len,) = _LEN.unpack_from(data, len(MAGIC))
+    return data[len(MAGIC) + _LEN.size + header_len :]
+
+
 def image_info(data: bytes) -> ImageInfo:
     """Read an image's header; IntegrityError when ``data`` is not a whole image."""
     prefix = len(MAGIC) + _LEN.size

@@ -379,7 +379,9 @@ export function rolloutsPage(main, { id }) {
         get(path), get(`${path}/history`), get(`/v1/audit?kind=rollouts&limit=10000`),
       ]);
       const feedback = h("div", { id: "rollout-result" });
-      const buttons = [...session.rolloutVerbs.entries()].map(([verb, action]) =>
+      // every verb the coordinator offers, but undo: it needs a revision (`fleetloop rollout undo`)
+      const verbs = [...session.rolloutVerbs.entries()].filter(([verb]) => verb !== "undo");
+      const buttons = verbs.map(([verb, action]) =>
         writeButton(action, verb.replace("-", " "), async () => {
           if (["abort", "rollback"].includes(verb) && !confirm(`${verb} rollout ${id}?`)) return;
           try {
@@ -414,12 +416,22 @@ export function rolloutsPage(main, { id }) {
           { title: "change", cell: (e) => (e.before || e.after ? `${e.before} → ${e.after}` : "") },
           { title: "detail", cell: (e) => e.detail },
         ], trail, { empty: "no operator action yet" }),
+        h("h3", {}, "Signal-gate evaluations"),
+        table([
+          { title: "when", cell: (g) => when(g.at) },
+          { title: "gate", cell: (g) => g.gate },
+          { title: "phase", cell: (g) => String(g.phase) },
+          { title: "decision", cell: (g) => stateBadge(g.decision) },
+          { title: "effect", cell: (g) => (g.effect === null || g.effect === undefined ? "—" : g.effect.toFixed(3)) },
+          { title: "p", cell: (g) => (g.p_value === null || g.p_value === undefined ? "—" : g.p_value.toPrecision(2)) },
+          { title: "reason", cell: (g) => g.reason },
+        ], history.gate_evaluations.slice().reverse(), { empty: "no gate evaluated yet" }),
         h("h3", {}, "Controller events"),
         table([
           { title: "when", cell: (e) => when(e.at) },
           { title: "event", cell: (e) => e.event },
           { title: "detail", cell: (e) => e.detail },
-        ], history.slice().reverse(), { empty: "no event yet" }),
+        ], history.events.slice().reverse(), { empty: "no event yet" }),
       );
     });
   }

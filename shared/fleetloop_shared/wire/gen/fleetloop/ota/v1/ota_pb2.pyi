@@ -3,8 +3,10 @@
 isort:skip_file
 OTA jobs (cloud to device) and their status (device to cloud)."""
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -63,6 +65,8 @@ class OtaJob(_message.Message):
     MANIFEST_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
     ARTIFACT_BASE_URL_FIELD_NUMBER: _builtins.int
+    INSTALL_WINDOWS_FIELD_NUMBER: _builtins.int
+    HOLD_INSTALL_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     rollout_id: _builtins.str
     manifest: _builtins.bytes
@@ -70,6 +74,17 @@ class OtaJob(_message.Message):
     signature: _builtins.bytes
     artifact_base_url: _builtins.str
     """Base URL of the artifact server; the manifest names paths below it."""
+    hold_install: _builtins.bool
+    """Download and verify now, install only when a later offer of the same job lifts the hold
+    (download-only rollouts).
+    """
+    @_builtins.property
+    def install_windows(self) -> _containers.RepeatedCompositeFieldContainer[Global___InstallWindow]:
+        """Download and verify now, but install only inside one of these windows (the device's clock; the
+        cloud computed them from the rollout's maintenance windows in the device's time zone). Empty:
+        install at once. A later offer of the same job replaces them.
+        """
+
     def __init__(
         self,
         *,
@@ -78,14 +93,40 @@ class OtaJob(_message.Message):
         manifest: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
         artifact_base_url: _builtins.str = ...,
+        install_windows: _abc.Iterable[Global___InstallWindow] | None = ...,
+        hold_install: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_base_url", b"artifact_base_url", "job_id", b"job_id", "manifest", b"manifest", "rollout_id", b"rollout_id", "signature", b"signature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_base_url", b"artifact_base_url", "hold_install", b"hold_install", "install_windows", b"install_windows", "job_id", b"job_id", "manifest", b"manifest", "rollout_id", b"rollout_id", "signature", b"signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OtaJob: _TypeAlias = OtaJob  # noqa: Y015
+
+@_typing.final
+class InstallWindow(_message.Message):
+    """One interval [start, end) in Unix seconds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_UNIX_FIELD_NUMBER: _builtins.int
+    END_UNIX_FIELD_NUMBER: _builtins.int
+    start_unix: _builtins.int
+    end_unix: _builtins.int
+    def __init__(
+        self,
+        *,
+        start_unix: _builtins.int = ...,
+        end_unix: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_unix", b"end_unix", "start_unix", b"start_unix"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InstallWindow: _TypeAlias = InstallWindow  # noqa: Y015
 
 @_typing.final
 class OtaStatus(_message.Message):
@@ -99,6 +140,8 @@ class OtaStatus(_message.Message):
     BYTES_DOWNLOADED_FIELD_NUMBER: _builtins.int
     BYTES_TOTAL_FIELD_NUMBER: _builtins.int
     PAYLOAD_KIND_FIELD_NUMBER: _builtins.int
+    RUNNING_VERSION_FIELD_NUMBER: _builtins.int
+    INSTALL_WAITING_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     rollout_id: _builtins.str
     state: Global___OtaState.ValueType
@@ -108,6 +151,10 @@ class OtaStatus(_message.Message):
     bytes_total: _builtins.int
     payload_kind: _builtins.str
     """"delta" or "full" """
+    running_version: _builtins.str
+    """The version the device runs as it reports (after an A/B fallback: the old one, not the job's)."""
+    install_waiting: _builtins.bool
+    """Downloaded and verified; the install waits for a window or for the hold to be lifted."""
     def __init__(
         self,
         *,
@@ -119,10 +166,12 @@ class OtaStatus(_message.Message):
         bytes_downloaded: _builtins.int = ...,
         bytes_total: _builtins.int = ...,
         payload_kind: _builtins.str = ...,
+        running_version: _builtins.str = ...,
+        install_waiting: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_downloaded", b"bytes_downloaded", "bytes_total", b"bytes_total", "job_id", b"job_id", "payload_kind", b"payload_kind", "reason", b"reason", "rollout_id", b"rollout_id", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_downloaded", b"bytes_downloaded", "bytes_total", b"bytes_total", "install_waiting", b"install_waiting", "job_id", b"job_id", "payload_kind", b"payload_kind", "reason", b"reason", "rollout_id", b"rollout_id", "running_version", b"running_version", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,167 @@
+"""``fleetloop catalog import --dbc | --vspec``: a catalog file from a DBC or a VSS specification, that
+``rules validate --catalog`` accepts; a wrong vspec refused with FILE:LINE:COL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fleetloop_cli.main import main
+from fleetloop_shared.dbc import load_dbc
+from fleetloop_shared.vspec import read_vspec
+
+SIM_DBC = (
+    Path(__file__).resolve().parents[2] / "firmware-sim" / "fleetloop_fwsim" / "data" / "sim_vehicle.dbc"
+)
+
+VEHICLE = """\
+Vehicle:
+  type: branch
+  description: High-level vehicle data.
+
+#include Chassis.vspec Vehicle.Chassis
+
+Vehicle.Speed:
+  datatype: float
+  type: sensor
+  unit: km/h
+  description: Vehicle speed.
+
+Vehicle.IsMoving:
+  datatype: boolean
+  type: sensor
+  description: Whether the vehicle is moving.
+
+Vehicle.VehicleIdentification.VIN:
+  datatype: string
+  type: attribute
+  description: 17-character VIN.
+"""
+CHASSIS = """\
+SteeringWheel:
+  type: branch
+  description: Steering wheel.
+SteeringWheel.Angle:
+  datatype: int16
+  type: sensor
+  unit: degrees
+  description: Steering wheel angle.
+"""
+CAMPAIGN = """\
+apiVersion: fleetloop/v1
+kind: Campaign
+metadata: {name: fast, version: 1}
+spec:
+  trigger: {when: "Vehicle.Speed > 100 and Vehicle.IsMoving"}
+  collect: {signals: ["Vehicle.Chassis.*"], pre: 5s, post: 2s}
+"""
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def vspec(tmp_path: Path) -> Path:
+    (tmp_path / "Chassis.vspec").write_text(CHASSIS)
+    path = tmp_path / "Vehicle.vspec"
+    path.write_text(VEHICLE)
+    return path
+
+
+def test_a_vspec_becomes_a_catalog_that_rules_validate_reads(
+    vspec: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "catalog.yaml"
+    code, _, err = run(capsys, "catalog", "import", "--vspec", str(vspec), "--out", str(out))
+    assert code == 0, err
+    signals = {s["path"]: s for s in yaml.safe_load(out.read_text())["signals"]}
+    assert signals["Vehicle.Chassis.SteeringWheel.Angle"]["data_type"] == "int64"  # included with its prefix
+    assert signals["Vehicle.Chassis.SteeringWheel.Angle"]["unit"] == "degrees"
+    assert signals["Vehicle.Speed"] | {} == {
+        "path": "Vehicle.Speed",
+        "data_type": "float64",
+        "unit": "km/h",
+        "kind": "sensor",
+        "description": "Vehicle speed.",
+    }
+    assert signals["Vehicle.IsMoving"]["data_type"] == "bool"
+    assert signals["Vehicle.VehicleIdentification.VIN"]["data_type"] == "string"
+    assert "Vehicle" not in signals  # branches are not signals
+    rules = tmp_path / "fast.yaml"
+    rules.write_text(CAMPAIGN)
+    code, text, err = run(capsys, "rules", "validate", str(rules), "--catalog", str(out))
+    assert code == 0 and "ok" in text, err
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new", "where", "message"),
+    [
+        ("Chassis.vspec", "datatype: int16", "datatype: unit16", "Chassis.vspec:5:13", "datatype 'unit16'"),
+        (
+            "Vehicle.vspec",
+            "type: sensor\n  unit: km/h",
+            "type: sensr\n  unit: km/h",
+            "Vehicle.vspec:9:9",
+            "sensr",
+        ),
+        ("Vehicle.vspec", "unit: km/h", "units: km/h", "Vehicle.vspec:10:3", "unknown key 'units'"),
+        ("Vehicle.vspec", "datatype: boolean", "datatype: boolean[]", "Vehicle.vspec:14:13", "array"),
+        ("Vehicle.vspec", "#include Chassis.vspec", "#include Chasis.vspec", "Vehicle.vspec:5:1", "no such"),
+        (
+            "Vehicle.vspec",
+            "  description: Vehicle speed.",
+            "  description: [",
+            "Vehicle.vspec",
+            "not valid YAML",
+        ),
+    ],
+)
+def test_a_wrong_vspec_is_refused_with_file_line_col(
+    vspec: Path,
+    capsys: pytest.CaptureFixture[str],
+    file: str,
+    old: str,
+    new: str,
+    where: str,
+    message: str,
+) -> None:
+    target = vspec.parent / file
+    text = target.read_text()
+    assert old in text
+    target.write_text(text.replace(old, new, 1))
+    code, _, err = run(capsys, "catalog", "import", "--vspec", str(vspec))
+    assert code != 0 and where in err and message in err, err
+    assert "Traceback" not in err
+
+
+def test_an_include_loop_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "a.vspec").write_text("#include a.vspec A\n")
+    with pytest.raises(Exception, match="nested deeper"):
+        read_vspec(tmp_path / "a.vspec")
+
+
+def test_a_dbc_becomes_a_catalog_with_the_sources_datatypes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, text, err = run(capsys, "catalog", "import", "--dbc", str(SIM_DBC), "-o", "json")
+    assert code == 0, err
+    signals = yaml.safe_load(text)["signals"]
+    db = load_dbc(SIM_DBC)
+    want = [(m, s, f) for m in db.message_names() for s, _, f in db.signals_of(m)]
+    assert [s["source"] for s in signals] == [f"{m}.{s}" for m, s, _ in want]
+    assert [s["path"] for s in signals] == [f"CAN.{m}.{s}" for m, s, _ in want]
+    assert [s["data_type"] for s in signals] == ["float64" if f else "int64" for _, _, f in want]
+    speed = next(s for s in signals if s["source"] == "SIM_VEHICLE_SPEED.VEHICLE_SPEED")
+    assert speed["unit"] == "km/h" and speed["data_type"] == "float64"
+
+
+def test_catalog_import_wants_one_input(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(capsys, "catalog", "import")
+    assert code != 0 and "exactly one of --dbc FILE or --vspec FILE" in err
+    code, _, err = run(capsys, "catalog", "import", "--dbc", str(tmp_path / "none.dbc"))
+    assert code != 0 and "no such file" in err
