@@ -217,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--transport", choices=["grpc", "mqtt"], default="grpc", help="device link (mqtt: private mosquitto)"
     )
+    s.add_argument(
+        "--fldelta1-devices", type=int, default=0, choices=range(5), metavar="{0..4}",
+        help="how many devices run an agent that reads only FLDELTA1 deltas (a mixed fleet)",
+    )  # fmt: skip
     s.set_defaults(func=cmd_demo)
 
     rules = sub.add_parser("rules", help="trigger rules (campaigns)").add_subparsers(

@@ -37,7 +37,7 @@ from fleetloop_fwsim.firmware import build_image
 from fleetloop_fwsim.ota_chaos import Cutter, CuttingFetcher, CuttingPlatform, PowerCut
 from fleetloop_shared.errors import FleetloopError, IntegrityError, StateError, UserError
 from fleetloop_shared.update.artifact import ReleaseManifest, ReleaseSigner, manifest_from_bytes, sha256_hex
-from fleetloop_shared.update.delta import make_delta
+from fleetloop_shared.update.delta import FLDELTA2, FORMATS, make_delta
 from fleetloop_shared.update.tuf_metadata import (
     delta_facts,
     delta_target_path,
@@ -144,6 +144,7 @@ class Cloud:
             rollout_id="r",
             release=self.releases[version],
             installed_sha256=sha256_hex(installed),
+            delta_formats=FORMATS,
         )
         return (job_id, "r", b"", b"", self.base_url)
 
@@ -732,10 +733,9 @@ def test_attack_delta_for_the_wrong_base_never_reaches_the_slot(
     sha = cloud.store.add_image(lying)
     m = cloud.releases["2.0.0"]
     image_path = image_target_path(NAME, HW, "2.0.0")
-    path = delta_target_path(NAME, HW, "2.0.0", sha256_hex(release.v1))
-    target = target_file(
-        path, sha, len(lying), delta_facts(image_path, sha256_hex(release.v1), f"files/{sha}")
-    )
+    path = delta_target_path(NAME, HW, "2.0.0", sha256_hex(release.v1), FLDELTA2)
+    facts = delta_facts(image_path, sha256_hex(release.v1), f"files/{sha}", algorithm=FLDELTA2)
+    target = target_file(path, sha, len(lying), facts)
     cloud.tuf.image.publish({path: target})
     cloud.releases["2.0.0"] = m
     dev = Device(tmp_path, release.v1, cloud)

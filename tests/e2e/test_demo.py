@@ -236,3 +236,16 @@ def _console_shows_the_demo(url: str, token: str, downloads: Path) -> None:
         page.locator(".capture-link").first.click()
         expect(page.locator("main")).to_have_attribute("data-drawn-ms", re.compile(r"^\d+$"))
         assert page.evaluate("window.fleetloopTimeline.plots.length") > 0
+
+
+def test_a_fleet_mixing_fldelta1_only_agents_updates_in_one_rollout(tmp_path: Path) -> None:
+    """One device runs an agent that reads only FLDELTA1 (``ota.delta_formats: [fldelta1]``), the others
+    read FLDELTA2: the cloud builds both deltas from v1, the director sends each device the one it reads,
+    and the one rollout updates all four."""
+    code, summary, logs = run_demo(tmp_path, None, "--simulated", "--fldelta1-devices", "1")
+    assert code == 0, logs
+    ro = summary["rollout"]
+    assert ro["state"] == "succeeded" and ro["devices_updated"] == 4
+    assert ro["payloads"] == {
+        "car-001": "fldelta1", "robot-001": "fldelta2", "plc-001": "fldelta2", "hub-001": "fldelta2"
+    }  # fmt: skip

@@ -7,9 +7,9 @@ the side effects in the order that makes every power cut recoverable:
    (``tuf_client``), must sign the same image for this device and this job (reject before anything
    is written),
 2. journal, then download (resumable) and verify the payload's hash,
-3. journal INSTALLING, stream the image (full payload copied, or delta applied chunk by chunk from the
-   running slot) into the inactive slot in bounded memory, hashing as it goes; check the hash against the
-   signed target, then read the slot back and check again,
+3. journal INSTALLING, stream the image (full payload copied, or delta applied piece by piece with
+   positioned reads of the running slot) into the inactive slot in bounded memory, hashing as it goes;
+   check the hash against the signed target, then read the slot back and check again,
 4. journal REBOOTING, then switch the boot environment, then reboot,
 5. after the boot, see which slot came up: the new one runs the health checks and commits (or reboots
    uncommitted, so the bootloader's counter falls back); the old one means ROLLED_BACK.
@@ -56,7 +56,7 @@ from fleetloop_shared.update.artifact import (
     manifest_to_bytes,
     sha256_file,
 )
-from fleetloop_shared.update.delta import apply_delta_stream
+from fleetloop_shared.update.delta import FORMATS, apply_delta_stream
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,12 @@ class OtaDriver:
         max_artifact_bytes: int = 512 * 1024 * 1024,
         download_rate_limit: float | None = None,
         on_bundle: Callable[[str, Path], None] | None = None,
+        delta_formats: Sequence[str] = FORMATS,
     ) -> None:
         self.platform = platform
+        #: Delta formats this device applies, preferred first (reported in the inventory; a job's delta in
+        #: another format is passed over for the full image).
+        self.delta_formats = tuple(delta_formats)
         self.state_dir = state_dir
         self.hardware_id = hardware_id
         self.device_id = device_id
@@ -286,6 +290,7 @@ class OtaDriver:
             job_id=entry.job_id,
             hardware_id=self.hardware_id,
             installed_sha256=self.installed_sha256(),
+            delta_formats=self.delta_formats,
         )
         entry.manifest = manifest_to_bytes(manifest)
         entry.signature = b""
@@ -307,7 +312,7 @@ class OtaDriver:
             raise ArtifactVerificationError(
                 f"image of {manifest.target_size} bytes exceeds the device limit of {self.max_artifact_bytes}"
             )
-        payload = manifest.payload_for(self.installed_sha256())
+        payload = manifest.payload_for(self.installed_sha256(), self.delta_formats)
         if payload.size > self.max_artifact_bytes:
             raise ArtifactVerificationError(
                 f"payload of {payload.size} bytes exceeds this device's limit of {self.max_artifact_bytes}"
@@ -347,9 +352,9 @@ class OtaDriver:
         """The payload chosen at acceptance (same kind; a delta still from the running image)."""
         if entry.payload_kind == "delta":
             installed = self._slot_sha256(entry.previous_slot)
-            for p in manifest.payloads:
-                if p.kind == "delta" and p.base_sha256 == installed:
-                    return p
+            chosen = manifest.payload_for(installed, self.delta_formats)
+            if chosen.kind == "delta":
+                return chosen
             raise ArtifactVerificationError(
                 f"no delta in the release applies to the running image {installed[:12]}"
             )
@@ -487,7 +492,14 @@ class OtaDriver:
             if payload.kind == "delta":
                 old_path = self.platform.slot_path(entry.previous_slot)
                 with old_path.open("rb") as old, source.open("rb") as patch:
-                    apply_delta_stream(old, old_path.stat().st_size, patch, write, max_size=limit)
+                    apply_delta_stream(
+                        old,
+                        old_path.stat().st_size,
+                        patch,
+                        write,
+                        max_size=limit,
+                        formats=self.delta_formats,
+                    )
             else:
                 with source.open("rb") as f:
                     while chunk := f.read(1 << 20):

@@ -40,6 +40,9 @@ class DeviceRecord:
     #: The IANA time zone the device reports ("" when it reports none): maintenance windows in
     #: device-local time are computed in it.
     time_zone: str = ""
+    #: OTA delta formats the device applies, preferred first, as its inventory says (empty before it
+    #: says: such a device predates the report and reads FLDELTA1 only).
+    delta_formats: tuple[str, ...] = ()
 
     def selector_labels(self) -> dict[str, str]:
         """Labels a selector is matched against: the device's own labels plus ``fleet`` and ``hardware_id``.
@@ -77,6 +80,8 @@ class Inventory:
     active_slot: str
     campaigns_version: int
     time_zone: str = ""
+    #: The delta formats it reads, preferred first (known names only; empty when it did not say).
+    delta_formats: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
