@@ -32,7 +32,8 @@ from fleetloop_cloud.rollout.planner import (
     assign_phases,
     counts_as,
 )
-from fleetloop_cloud.rollout.policy import BrakeAction, parse_policy
+from fleetloop_cloud.rollout.policy import BrakeAction
+from fleetloop_cloud.rollout.policy_reader import parse_policy
 from fleetloop_cloud.rollout.windows import WINDOW_HORIZON_S, inside, windows_between
 
 P = DevicePhaseState

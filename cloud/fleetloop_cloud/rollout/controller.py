@@ -46,7 +46,8 @@ from fleetloop_cloud.rollout.planner import (
     RolloutState,
     RolloutView,
 )
-from fleetloop_cloud.rollout.policy import RolloutPolicy, Selection, parse_policy
+from fleetloop_cloud.rollout.policy import RolloutPolicy, Selection
+from fleetloop_cloud.rollout.policy_reader import parse_policy
 from fleetloop_cloud.rollout.targets import TargetSelection, new_rollout
 from fleetloop_shared.errors import NotFoundError, UserError
 
