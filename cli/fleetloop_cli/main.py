@@ -83,6 +83,10 @@ def cmd_sim_far_side(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.scenario:
+        from fleetloop_cli.demo_scenarios import run_scenario
+
+        return run_scenario(args)
     from fleetloop_cli.demo import run_demo
 
     return run_demo(args)
@@ -214,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fault to inject: a device whose v2 fails its health check, or a corrupted delta",
     )
     s.add_argument("--timeout", type=float, default=170.0, help="give up after this many seconds")
+    s.add_argument(
+        "--scenario",
+        choices=["bad-release", "good-release"],
+        help="instead: a fleet of simulated cars and a rollout its signal gate decides (bad-release: "
+        "v2 brakes harshly 4x as often, is stopped and rolled back; good-release: goes through)",
+    )
     s.add_argument(
         "--transport", choices=["grpc", "mqtt"], default="grpc", help="device link (mqtt: private mosquitto)"
     )
