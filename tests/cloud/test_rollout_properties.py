@@ -14,7 +14,6 @@ a window), signal gates report random decisions, operators resume. At every step
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from hypothesis import given, settings
@@ -212,8 +211,7 @@ def test_the_planners_invariants_hold_whatever_happens(
                 gates = {}
             state, phase = d.state, d.phase
             for offer in d.offers:
-                devices[offer.device_id] = dataclasses.replace(
-                    devices[offer.device_id],
+                devices[offer.device_id] = devices[offer.device_id]._replace(
                     state=P.OFFERED,
                     attempt=offer.attempt,
                     offered_at=now,
@@ -225,8 +223,8 @@ def test_the_planners_invariants_hold_whatever_happens(
                 offered_at.append(now)
             for dev_id in d.timeouts:
                 settled = planner.settle(devices[dev_id], P.TIMED_OUT, "", now)
-                devices[dev_id] = dataclasses.replace(
-                    devices[dev_id], state=settled.state, retry_at=settled.retry_at, changed_at=now
+                devices[dev_id] = devices[dev_id]._replace(
+                    state=settled.state, retry_at=settled.retry_at, changed_at=now
                 )
         elif kind in ("report", "install"):
             dev_id = ids[event[1] % n]
@@ -247,11 +245,9 @@ def test_the_planners_invariants_hold_whatever_happens(
                 new = event[2]
             if new in FAILURE_TYPES:
                 settled = planner.settle(dev, new, "", now)
-                devices[dev_id] = dataclasses.replace(
-                    dev, state=settled.state, retry_at=settled.retry_at, changed_at=now
-                )
+                devices[dev_id] = dev._replace(state=settled.state, retry_at=settled.retry_at, changed_at=now)
             else:
-                devices[dev_id] = dataclasses.replace(dev, state=new, changed_at=now)
+                devices[dev_id] = dev._replace(state=new, changed_at=now)
         elif kind == "gate":
             names = [g.name for g in policy.gates]
             if names:
