@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,11 +35,13 @@ from fleetloop_cli.demo import (
     _start_cloud,
     _upload,
     _wait,
+    attempt,
+    exit_code,
+    workspace,
 )
 from fleetloop_cli.output import render_rows
 from fleetloop_fwsim import firmware, profiles
 from fleetloop_fwsim.provisioning import provision_sim_device
-from fleetloop_shared.errors import FleetloopError
 
 SCENARIOS = ("bad-release", "good-release")
 #: The scenario's fleet: enough cars that the canary and the control cohort both have a few.
@@ -103,19 +103,7 @@ def why_sql(since: float, until: float, treated: list[str]) -> str:
 def run_scenario(args: argparse.Namespace) -> int:
     scenario = str(args.scenario)
     started = time.monotonic()
-    deadline = started + float(args.timeout)
-    verbose = not args.json
-    tmp = None
-    if args.workdir:
-        work = Path(args.workdir).resolve()
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="fleetloop-scenario-")
-        work = Path(tmp.name)
-    logs = work / "logs"
-    logs.mkdir(exist_ok=True)
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
+    work, tmp, env = workspace(args.workdir, "fleetloop-scenario-")
     procs = _Processes()
     summary: dict[str, Any] = {
         "ok": False,
@@ -124,81 +112,87 @@ def run_scenario(args: argparse.Namespace) -> int:
         "rollout": {"state": "not-started", "gate_decisions": [], "devices_exposed_beyond_phase": 0},
         "workdir": str(work) if args.workdir else None,
     }
-    error: str | None = None
-    try:
-        _say(verbose, f"fleetloop demo --scenario {scenario}: {CARS} simulated cars, drive at {SPEED:g}x")
-        admin = _start_cloud(work, logs, env, procs, deadline)
-        operator = admin.with_token(_mint(admin, "scenario-operator", "operator"))
-        client = admin.with_token(_mint(admin, "scenario-release-manager", "release-manager"))
-        grpc = admin.grpc  # type: ignore[attr-defined]
-        v1 = firmware.build_image("1.0.0", HARDWARE_ID)
-        bad = scenario == "bad-release"
-        v2 = firmware.build_image(
-            "2.0.0", HARDWARE_ID, variant=1, behaviour="harsh-braking" if bad else firmware.DEFAULT_BEHAVIOUR
-        )
-        _upload(client, v1, "1.0.0")
-        cars = [f"car-{i:03d}" for i in range(1, CARS + 1)]
-        for device_id in cars:
-            _start_car(device_id, work, logs, env, procs, grpc)
-        summary["devices"] = len(cars)
-        _upload(client, v2, "2.0.0")  # the delta from v1 is built while the cars boot
-        what = "brakes harshly 4x as often" if bad else "drives like v1"
-        _say(verbose, f"firmware v1 on {len(cars)} cars; v2 uploaded ({what})")
-
-        def online() -> list[Any] | None:
-            devs = client.get("/v1/devices")
-            return devs if sum(1 for d in devs if d.get("online")) == len(cars) else None
-
-        _wait("all cars to connect", online, deadline, procs)
-        operator.request(
-            "POST",
-            f"/v1/campaigns?source={CAMPAIGN}.yaml",
-            body=profiles.hard_braking_campaign(CAMPAIGN).encode(),
-            content_type="text/yaml",
-        )
-        _say(verbose, f"{len(cars)} cars connected; campaign {CAMPAIGN} applied")
-        _say(verbose, f"rollout of v2: canary {CANARY} cars with gate {GATE}, then everyone")
-        rid = str(client.post_json("/v1/rollouts", scenario_policy("2.0.0"))["id"])
-        summary["rollout"]["id"] = rid
-        final = _follow(client, rid, verbose, deadline, procs)
-        ro = summary["rollout"]
-        ro.update(_outcome(client, final))
-        if bad and ro["rollback"]:
-            rb = _follow(client, ro["rollback"]["id"], verbose, deadline, procs)
-            ro["rollback"]["state"] = str(rb["state"]).lower()
-        running = {d["device_id"]: d.get("firmware_version", "") for d in client.get("/v1/devices")}
-        ro["devices_on_v2"] = sorted(d for d, v in running.items() if v == "2.0.0")
-        ro["devices_on_v1"] = sorted(d for d, v in running.items() if v == "1.0.0")
-        executions = client.get(f"/v1/rollouts/{rid}/executions")
-        treated = [e["device_id"] for e in executions if e["phase"] == 0]
-        since = min((e["changed_at"] for e in executions if e["state"] == "COMMITTED"), default=0.0)
-        decided = max((e["at"] for e in ro["gate_decisions"]), default=time.time())
-        sql = why_sql(since, decided, treated)
-        result = client.post_json("/v1/query", {"sql": sql})
-        summary["sql"] = sql
-        summary["sql_rows"] = result["rows"]
-        if verbose:
-            _print_decisions(ro, sql, result)
-        error = _verdict(scenario, ro, cars)
-        summary["ok"] = error is None
-    except FleetloopError as exc:
-        error = str(exc)
-    except KeyboardInterrupt:
-        error = "interrupted"
-    finally:
-        summary["seconds"] = round(time.monotonic() - started, 1)
-        if error:
-            summary["error"] = error
-        try:
-            _report(summary, args)
-        finally:
-            procs.stop_all()
-            if tmp is not None:
-                tmp.cleanup()
+    error = attempt(lambda: _play(args, work, env, procs, summary, started + float(args.timeout)))
+    summary["ok"] = error is None
+    summary["seconds"] = round(time.monotonic() - started, 1)
     if error:
-        print(f"error: scenario {scenario} failed: {error}", file=sys.stderr, flush=True)
-        return 130 if error == "interrupted" else 1
-    return 0
+        summary["error"] = error
+    try:
+        _report(summary, args)
+    finally:
+        procs.stop_all()
+        if tmp is not None:
+            tmp.cleanup()
+    return exit_code(error, f"scenario {scenario}")
+
+
+def _play(
+    args: argparse.Namespace,
+    work: Path,
+    env: dict[str, str],
+    procs: _Processes,
+    summary: dict[str, Any],
+    deadline: float,
+) -> str | None:
+    """The scenario's stages, filling in ``summary``; None if it did what it says, else what went
+    otherwise."""
+    scenario = str(args.scenario)
+    verbose = not args.json
+    logs = work / "logs"
+    _say(verbose, f"fleetloop demo --scenario {scenario}: {CARS} simulated cars, drive at {SPEED:g}x")
+    admin = _start_cloud(work, logs, env, procs, deadline)
+    operator = admin.with_token(_mint(admin, "scenario-operator", "operator"))
+    client = admin.with_token(_mint(admin, "scenario-release-manager", "release-manager"))
+    grpc = admin.grpc  # type: ignore[attr-defined]
+    v1 = firmware.build_image("1.0.0", HARDWARE_ID)
+    bad = scenario == "bad-release"
+    v2 = firmware.build_image(
+        "2.0.0", HARDWARE_ID, variant=1, behaviour="harsh-braking" if bad else firmware.DEFAULT_BEHAVIOUR
+    )
+    _upload(client, v1, "1.0.0")
+    cars = [f"car-{i:03d}" for i in range(1, CARS + 1)]
+    for device_id in cars:
+        _start_car(device_id, work, logs, env, procs, grpc)
+    summary["devices"] = len(cars)
+    _upload(client, v2, "2.0.0")  # the delta from v1 is built while the cars boot
+    what = "brakes harshly 4x as often" if bad else "drives like v1"
+    _say(verbose, f"firmware v1 on {len(cars)} cars; v2 uploaded ({what})")
+
+    def online() -> list[Any] | None:
+        devs = client.get("/v1/devices")
+        return devs if sum(1 for d in devs if d.get("online")) == len(cars) else None
+
+    _wait("all cars to connect", online, deadline, procs)
+    operator.request(
+        "POST",
+        f"/v1/campaigns?source={CAMPAIGN}.yaml",
+        body=profiles.hard_braking_campaign(CAMPAIGN).encode(),
+        content_type="text/yaml",
+    )
+    _say(verbose, f"{len(cars)} cars connected; campaign {CAMPAIGN} applied")
+    _say(verbose, f"rollout of v2: canary {CANARY} cars with gate {GATE}, then everyone")
+    rid = str(client.post_json("/v1/rollouts", scenario_policy("2.0.0"))["id"])
+    summary["rollout"]["id"] = rid
+    final = _follow(client, rid, verbose, deadline, procs)
+    ro = summary["rollout"]
+    ro.update(_outcome(client, final))
+    if bad and ro["rollback"]:
+        rb = _follow(client, ro["rollback"]["id"], verbose, deadline, procs)
+        ro["rollback"]["state"] = str(rb["state"]).lower()
+    running = {d["device_id"]: d.get("firmware_version", "") for d in client.get("/v1/devices")}
+    ro["devices_on_v2"] = sorted(d for d, v in running.items() if v == "2.0.0")
+    ro["devices_on_v1"] = sorted(d for d, v in running.items() if v == "1.0.0")
+    executions = client.get(f"/v1/rollouts/{rid}/executions")
+    treated = [e["device_id"] for e in executions if e["phase"] == 0]
+    since = min((e["changed_at"] for e in executions if e["state"] == "COMMITTED"), default=0.0)
+    decided = max((e["at"] for e in ro["gate_decisions"]), default=time.time())
+    sql = why_sql(since, decided, treated)
+    result = client.post_json("/v1/query", {"sql": sql})
+    summary["sql"] = sql
+    summary["sql_rows"] = result["rows"]
+    if verbose:
+        _print_decisions(ro, sql, result)
+    return _verdict(scenario, ro, cars)
 
 
 def _start_car(
@@ -324,10 +318,11 @@ def _print_decisions(ro: dict[str, Any], sql: str, result: dict[str, Any]) -> No
 
 
 def _report(summary: dict[str, Any], args: argparse.Namespace) -> None:
+    """One JSON object with ``--json``, else one line (the stages printed the rest as they went)."""
+    ro = summary["rollout"]
     if args.json:
         print(json.dumps(summary), flush=True)
         return
-    ro = summary["rollout"]
     print(
         f"\nsummary: scenario {summary['scenario']}, {summary['devices']} cars; rollout {ro['state']}"
         f" in phase {ro.get('phase', '-')}; gate decisions "
