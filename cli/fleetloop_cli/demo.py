@@ -158,17 +158,8 @@ def run_demo(args: argparse.Namespace) -> int:
         if recordings
         else "simulated signals" + ("" if args.simulated else " (no recordings found)")
     )
-    tmp = None
-    if args.workdir:
-        work = Path(args.workdir).resolve()
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="fleetloop-demo-")
-        work = Path(tmp.name)
+    work, tmp, env = workspace(args.workdir, "fleetloop-demo-")
     logs = work / "logs"
-    logs.mkdir(exist_ok=True)
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
     procs = _Processes()
     broker: Any = None
     summary_transport = getattr(args, "transport", "grpc")
@@ -394,10 +385,42 @@ def run_demo(args: argparse.Namespace) -> int:
                 broker.stop()
             if tmp is not None:
                 tmp.cleanup()
-    if error:
-        print(f"error: demo failed: {error}", file=sys.stderr, flush=True)
-        return 130 if error == "interrupted" else 1
-    return 0
+    return exit_code(error, "demo")
+
+
+def attempt(stages: Callable[[], str | None]) -> str | None:
+    """Run a demo's stages: None when they did what they say, else why not (a FleetloopError's
+    message, or "interrupted" on Ctrl-C)."""
+    try:
+        return stages()
+    except FleetloopError as exc:
+        return str(exc)
+    except KeyboardInterrupt:
+        return "interrupted"
+
+
+def exit_code(error: str | None, what: str) -> int:
+    """0, or the error on stderr and 1 (130 when interrupted)."""
+    if error is None:
+        return 0
+    print(f"error: {what} failed: {error}", file=sys.stderr, flush=True)
+    return 130 if error == "interrupted" else 1
+
+
+def workspace(
+    workdir: str | None, prefix: str
+) -> tuple[Path, tempfile.TemporaryDirectory[str] | None, dict[str, str]]:
+    """The demo's directory (``--workdir``, kept; else a temporary one to clean up), with ``logs/`` in
+    it, and the environment of its child processes (unbuffered, so their logs are complete)."""
+    tmp = None
+    if workdir:
+        work = Path(workdir).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        work = Path(tmp.name)
+    (work / "logs").mkdir(exist_ok=True)
+    return work, tmp, {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def _report(summary: dict[str, Any], args: argparse.Namespace) -> None:

@@ -95,6 +95,21 @@ def cmd_sim_chaos(args: argparse.Namespace) -> int:
     return 0 if ok else 5
 
 
+def cmd_sim_rollout_kill(args: argparse.Namespace) -> int:
+    from fleetloop_fwsim.rollout_kill import run_kill_loop
+
+    if args.kills < 1 or args.devices < 8:
+        raise UserError("sim rollout-kill: --kills must be at least 1 and --devices at least 8")
+    workdir, tmp = _workdir(args)
+    try:
+        report = run_kill_loop(workdir, devices=args.devices, kills=args.kills, seed=args.seed)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    _emit(report.as_dict(), args.output)
+    return 0 if report.ok else 5
+
+
 def _common(s: argparse.ArgumentParser) -> None:
     s.add_argument("--devices", type=int, default=10, help="simulated agents in this process")
     s.add_argument("--duration", type=float, default=20.0, help="seconds of data production")
@@ -128,3 +143,14 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     _common(s)
     s.add_argument("--seed", type=int, default=1, help="seed of the fault schedule")
     s.set_defaults(func=cmd_sim_chaos)
+    s = sim.add_parser(
+        "rollout-kill",
+        help="rollouts while the coordinator is SIGKILLed and restarted; checks no device beyond its phase "
+        "and no decision lost or doubled",
+    )
+    s.add_argument("--kills", type=int, default=50, help="coordinator kills (SIGKILL) during the rollouts")
+    s.add_argument("--devices", type=int, default=24, help="simulated devices answering the OTA jobs")
+    s.add_argument("--seed", type=int, default=1, help="seed of the kill schedule and install times")
+    s.add_argument("--workdir", help="keep the coordinator's data and log here")
+    s.add_argument("-o", "--output", choices=("json", "yaml"), default="yaml")
+    s.set_defaults(func=cmd_sim_rollout_kill)

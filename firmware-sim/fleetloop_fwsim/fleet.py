@@ -402,8 +402,17 @@ def free_port() -> int:
 class CoordinatorProcess:
     """``fleetloop cloud serve`` in its own process group, restartable on the same ports."""
 
-    def __init__(self, data_dir: Path, *, log_path: Path, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        log_path: Path,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir)
+        #: Added to this process's environment for the coordinator (e.g. a short controller lease).
+        self.env = dict(env or {})
         self.log_path = log_path
         self.grpc_port = 0
         self.http_port = 0
@@ -450,8 +459,9 @@ class CoordinatorProcess:
         log_file = self.log_path.open("ab")
         try:
             self.proc = subprocess.Popen(
-                argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ)
-            )
+                argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **self.env},
+            )  # fmt: skip
         finally:
             log_file.close()
         deadline = time.monotonic() + timeout_s

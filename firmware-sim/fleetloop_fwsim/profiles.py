@@ -213,8 +213,9 @@ def hard_braking_campaign(name: str = "hard-braking", *, version: int = 1) -> st
 
 def default_campaign(kind: str, extra_signals: tuple[str, ...] = ()) -> str:
     """A campaign YAML for ``kind`` that fires within the first ~40 s of its data, real or simulated;
-    ``extra_signals``: more patterns to collect (a live car's OBD-II signals)."""
-    if kind not in _TRIGGERS:  # (a hub too: it has a campaign, only no replay)
+    ``extra_signals``: more patterns to collect (a live car's OBD-II signals). Every kind with a
+    trigger has one, the home hub too (it has no replay sources, so it is not one of :data:`KINDS`)."""
+    if kind not in _TRIGGERS:
         raise ConfigError(f"unknown device kind {kind!r} (expected one of {', '.join(_TRIGGERS)})")
     name, when, priority, signals = _TRIGGERS[kind]
     signals = [*signals, *extra_signals]

@@ -22,10 +22,9 @@ from fleetloop_cloud.rollout.policy import (
     Selection,
     SuccessAction,
     WindowScope,
-    parse_duration,
-    parse_policy,
     policy_to_dict,
 )
+from fleetloop_cloud.rollout.policy_reader import parse_duration, parse_policy
 from fleetloop_cloud.rollout.windows import inside, parse_cron, windows_between
 from fleetloop_shared.errors import UserError
 from fleetloop_shared.yaml_marks import load_marked

@@ -304,7 +304,7 @@ class OtaDriver:
             raise ArtifactVerificationError(
                 f"version {manifest.version} cannot be compared with installed {installed} (need 1.2.3 style)"
             )
-        if new_key <= old_key:
+        if new_key <= old_key and not (new_key < old_key and self._is_previous_image(manifest)):
             raise ArtifactVerificationError(
                 f"version {manifest.version} is not newer than installed {installed}"
             )
@@ -321,6 +321,19 @@ class OtaDriver:
         entry.target_slot = self.platform.other_slot()
         entry.payload_kind = payload.kind
         entry.bytes_total = payload.size
+
+    def _is_previous_image(self, manifest: ReleaseManifest) -> bool:
+        """Whether the job takes the device back to exactly the image it ran before, still in its other
+        slot: a release manager's (or the rollout controller's) roll-back of a bad release.
+
+        Anti-rollback still holds for everything else: an older version is refused unless its signed
+        hash (both repositories agreed on it) is that of the other slot's bytes, so the device never
+        goes further back than the one step its own A/B history allows."""
+        other = self.platform.other_slot()
+        path = self.platform.slot_path(other)
+        if not path.is_file() or path.stat().st_size != manifest.target_size:
+            return False
+        return self._slot_sha256(other) == manifest.target_sha256
 
     def _accept_bundle(self, entry: JournalEntry, manifest: ReleaseManifest) -> None:
         """A bundle (no reboot): newer than the installed version of the same bundle, within limits.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
 @dataclass(frozen=True)
@@ -204,10 +204,11 @@ class NewRollout:
     parent_id: str = ""
 
 
-@dataclass(frozen=True)
-class RolloutDeviceRecord:
+class RolloutDeviceRecord(NamedTuple):
     """One device's execution in a rollout: its phase, state, whether the job reached it, and the
-    terms of its current offer (attempt, install windows, hold)."""
+    terms of its current offer (attempt, install windows, hold). A tuple: the controller reads every
+    device of a rollout on each tick, and a tuple is built from a row several times faster than a frozen
+    dataclass."""
 
     rollout_id: str
     device_id: str

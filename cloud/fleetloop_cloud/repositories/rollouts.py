@@ -564,8 +564,7 @@ class MemoryRollouts:
         def pick(new: Any, current: Any) -> Any:
             return current if new is None else new
 
-        devices[device_id] = dataclasses.replace(
-            old,
+        devices[device_id] = old._replace(
             state=pick(change.state, old.state),
             reason=pick(change.reason, old.reason),
             delivered=pick(change.delivered, old.delivered),

@@ -21,6 +21,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 from fleetloop_cloud.rollout.policy import (
     BrakeAction,
@@ -144,9 +145,9 @@ def assign_phases(device_ids: Sequence[str], policy: RolloutPolicy) -> dict[str,
     return result
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceView:
-    """One device as the planner sees it."""
+class DeviceView(NamedTuple):
+    """One device as the planner sees it. A tuple: the controller builds one per device of a rollout
+    on every tick, and a tuple is built several times faster than a frozen dataclass."""
 
     phase: int
     state: DevicePhaseState
