@@ -75,6 +75,18 @@ def _rollout(r: tuple[Any, ...]) -> RolloutRecord:
     )
 
 
+def _assignments(now: float, **columns: Any) -> tuple[list[str], list[Any]]:
+    """The SET clauses and their parameters of a partial update: ``updated_at`` and every column
+    given a value (None leaves a column as it is)."""
+    sets: list[str] = ["updated_at = ?"]
+    params: list[Any] = [now]
+    for column, value in columns.items():
+        if value is not None:
+            sets.append(f"{column} = ?")
+            params.append(value)
+    return sets, params
+
+
 def _windows_json(windows: Sequence[tuple[float, float]]) -> str:
     return json.dumps([[a, b] for a, b in windows]) if windows else "[]"
 
@@ -229,17 +241,13 @@ class SqlRollouts:
                     raise _no_rollout(rollout_id)
                 if (str(row[0]), int(row[1])) != update.expect:
                     return False
-            sets: list[str] = ["updated_at = ?"]
-            params: list[Any] = [now]
-            for column, value in (
-                ("state", update.state),
-                ("phase", update.phase),
-                ("phase_started_at", update.phase_started_at),
-                ("reason", update.reason),
-            ):
-                if value is not None:
-                    sets.append(f"{column} = ?")
-                    params.append(value)
+            sets, params = _assignments(
+                now,
+                state=update.state,
+                phase=update.phase,
+                phase_started_at=update.phase_started_at,
+                reason=update.reason,
+            )
             if update.accepted_failures is not None:
                 sets.append("accepted_failures_json = ?")
                 params.append(json.dumps(sorted(update.accepted_failures)))
@@ -294,19 +302,15 @@ class SqlRollouts:
             return
         if change.only_attempt is not None and int(row[1]) != change.only_attempt:
             return
-        sets: list[str] = ["updated_at = ?"]
-        params: list[Any] = [now]
-        for column, value in (
-            ("state", change.state),
-            ("reason", change.reason),
-            ("attempt", change.attempt),
-            ("offered_at", change.offered_at),
-            ("retry_at", change.retry_at),
-            ("running_version", change.running_version),
-        ):
-            if value is not None:
-                sets.append(f"{column} = ?")
-                params.append(value)
+        sets, params = _assignments(
+            now,
+            state=change.state,
+            reason=change.reason,
+            attempt=change.attempt,
+            offered_at=change.offered_at,
+            retry_at=change.retry_at,
+            running_version=change.running_version,
+        )
         if change.state is not None and change.state != row[0]:
             sets.append("changed_at = ?")
             params.append(now)
