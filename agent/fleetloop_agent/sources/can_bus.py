@@ -19,7 +19,6 @@ frames nobody asked for.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -31,6 +30,7 @@ from fleetloop_agent.sources.live import (
     Backoff,
     DeviceClock,
     FrameQueue,
+    IoThread,
     SourceCounters,
     SystemClock,
 )
@@ -120,10 +120,9 @@ class CanBusSource:
         self._backoff = backoff or Backoff()
         self._factory = bus_factory
         self._counters = SourceCounters()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._io = IoThread(f"can-{name}", self._receive, join_s=2.0)
+        self._stop, self._connected = self._io.stop, self._io.connected
         self._bus: Any = None
-        self._connected = threading.Event()
         self._down = False
         self._declared = False
         #: Why the bus last failed (None while it works).
@@ -137,18 +136,14 @@ class CanBusSource:
 
     def start(self) -> None:
         """Open the bus and start receiving (``read`` does it on first call)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._receive, name=f"can-{self.name}", daemon=True)
-            self._thread.start()
+        self._io.start()
 
     def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
+        return self._io.wait_connected(timeout)
 
     def close(self) -> None:
         """Stop receiving and shut the bus down (frames still queued stay readable)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
+        self._io.close()
         self._close_bus()
 
     def alive(self) -> bool:

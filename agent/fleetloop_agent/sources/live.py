@@ -21,7 +21,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -408,6 +408,35 @@ class LiveSource:
         self.counters.errors += 1
         self.last_error = message
         self.errors.error(key, message, time.monotonic_ns())
+
+
+class IoThread:
+    """The I/O thread of a source that owns one connection (a CAN bus, an OBD link): started once,
+    stopped through :attr:`stop` and joined on :meth:`close`, with :attr:`connected` set while the
+    connection is up — a member object, so such a source need not be a :class:`LiveSource`."""
+
+    def __init__(self, name: str, target: Callable[[], None], *, join_s: float) -> None:
+        self.stop = threading.Event()
+        self.connected = threading.Event()
+        self._name = name
+        self._target = target
+        self._join_s = join_s
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the thread (once; later calls do nothing)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._target, name=self._name, daemon=True)
+            self._thread.start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def close(self) -> None:
+        """Tell the thread to stop and wait for it (at most ``join_s``)."""
+        self.stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self._join_s)
 
 
 class FrameQueue:

@@ -20,7 +20,7 @@ from typing import Final
 import numpy as np
 
 from fleetloop_agent.sources.base import LIVE
-from fleetloop_agent.sources.live import Backoff, DeviceClock, SourceCounters, SystemClock
+from fleetloop_agent.sources.live import Backoff, DeviceClock, IoThread, SourceCounters, SystemClock
 from fleetloop_agent.sources.obd_link import ObdLink
 from fleetloop_agent.sources.obd_plan import ObdPollPlan
 from fleetloop_shared.catalog import Catalog, DataType
@@ -78,9 +78,8 @@ class ObdSource:
         self._counters = SourceCounters()
         self._ids: dict[int, int] = {}
         self._vin_id = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._connected = threading.Event()
+        self._io = IoThread(f"obd-{name}", self._run, join_s=5.0)
+        self._stop, self._connected = self._io.stop, self._io.connected
         self._down = False
         self._declared = False
         #: Why the link last failed (None while it works); the VIN once read.
@@ -95,17 +94,13 @@ class ObdSource:
         self._declared = True
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"obd-{self.name}", daemon=True)
-            self._thread.start()
+        self._io.start()
 
     def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
+        return self._io.wait_connected(timeout)
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
+        self._io.close()
 
     def alive(self) -> bool:
         """False while the link is down (the source keeps trying to reopen it)."""
