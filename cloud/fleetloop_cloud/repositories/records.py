@@ -361,27 +361,17 @@ class NewAuditEntry:
     detail: str
 
 
-@dataclass(frozen=True)
-class AuditEntry:
-    """One entry of the audit log, with its place in the hash chain."""
+@dataclass(frozen=True, kw_only=True)
+class AuditEntry(NewAuditEntry):
+    """One entry of the audit log: the write as taken, with its place in the hash chain."""
 
     seq: int
-    at: float
-    actor: str
-    role: str
-    transport: str
-    address: str
-    request_id: str
-    action: str
-    target: str
-    before: str
-    after: str
-    detail: str
     prev_hash: str
     hash: str
 
     def fields(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+        """Every field, the sequence number first (the order entries are shown and exported in)."""
+        return {"seq": self.seq} | {f: getattr(self, f) for f in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)
