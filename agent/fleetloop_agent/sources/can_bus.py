@@ -28,9 +28,9 @@ from fleetloop_agent.sources.j1939 import TP_CM, TP_DT, J1939Reassembler
 from fleetloop_agent.sources.live import (
     DEFAULT_QUEUE_FRAMES,
     Backoff,
+    ConnectionSource,
     DeviceClock,
     FrameQueue,
-    IoThread,
     SourceCounters,
     SystemClock,
 )
@@ -81,7 +81,7 @@ def kernel_filters(signals: CanSignalMap, j1939: bool) -> list[dict[str, Any]]:
     return filters
 
 
-class CanBusSource:
+class CanBusSource(ConnectionSource):
     """Signals of a DBC, decoded from a live bus."""
 
     def __init__(
@@ -120,10 +120,8 @@ class CanBusSource:
         self._backoff = backoff or Backoff()
         self._factory = bus_factory
         self._counters = SourceCounters()
-        self._io = IoThread(f"can-{name}", self._receive, join_s=2.0)
-        self._stop, self._connected = self._io.stop, self._io.connected
+        super().__init__(f"can-{name}", self._receive, join_s=2.0)
         self._bus: Any = None
-        self._down = False
         self._declared = False
         #: Why the bus last failed (None while it works).
         self.failure: str | None = None
@@ -134,21 +132,10 @@ class CanBusSource:
         self._signals.declare(catalog)
         self._declared = True
 
-    def start(self) -> None:
-        """Open the bus and start receiving (``read`` does it on first call)."""
-        self._io.start()
-
-    def wait_connected(self, timeout: float) -> bool:
-        return self._io.wait_connected(timeout)
-
     def close(self) -> None:
         """Stop receiving and shut the bus down (frames still queued stay readable)."""
-        self._io.close()
+        super().close()
         self._close_bus()
-
-    def alive(self) -> bool:
-        """False while the bus is down (the source keeps trying to reopen it)."""
-        return not self._down
 
     # -- the receive thread -------------------------------------------------------------------------------
 

@@ -410,33 +410,39 @@ class LiveSource:
         self.errors.error(key, message, time.monotonic_ns())
 
 
-class IoThread:
-    """The I/O thread of a source that owns one connection (a CAN bus, an OBD link): started once,
-    stopped through :attr:`stop` and joined on :meth:`close`, with :attr:`connected` set while the
-    connection is up — a member object, so such a source need not be a :class:`LiveSource`."""
+class ConnectionSource:
+    """Base of a source that keeps one connection (a CAN bus, an OBD link) on an I/O thread it owns:
+    the thread starts once (:meth:`start`, or the first ``read``), :attr:`_connected` is set while the
+    connection is up, :attr:`_down` while it is lost and being reopened, and :meth:`close` sets
+    :attr:`_stop` and joins the thread (at most ``join_s``)."""
 
-    def __init__(self, name: str, target: Callable[[], None], *, join_s: float) -> None:
-        self.stop = threading.Event()
-        self.connected = threading.Event()
-        self._name = name
+    def __init__(self, thread_name: str, target: Callable[[], None], *, join_s: float) -> None:
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._down = False
+        self._thread_name = thread_name
         self._target = target
         self._join_s = join_s
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Start the thread (once; later calls do nothing)."""
+        """Start the I/O thread (once; later calls do nothing)."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._target, name=self._name, daemon=True)
+            self._thread = threading.Thread(target=self._target, name=self._thread_name, daemon=True)
             self._thread.start()
 
     def wait_connected(self, timeout: float) -> bool:
-        return self.connected.wait(timeout)
+        return self._connected.wait(timeout)
 
     def close(self) -> None:
-        """Tell the thread to stop and wait for it (at most ``join_s``)."""
-        self.stop.set()
+        """Stop the I/O thread and wait for it."""
+        self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self._join_s)
+
+    def alive(self) -> bool:
+        """False while the connection is down (the source keeps trying to reopen it)."""
+        return not self._down
 
 
 class FrameQueue:
