@@ -282,21 +282,14 @@ class NewGateEvaluation:
     inputs: Mapping[str, float]
 
 
-@dataclass(frozen=True)
-class GateEvaluationRecord:
-    """A persisted signal-gate evaluation: inputs, statistic, p-value and decision."""
+@dataclass(frozen=True, kw_only=True)
+class GateEvaluationRecord(NewGateEvaluation):
+    """A persisted signal-gate evaluation: the evaluation as made (inputs, statistic, p-value and
+    decision), with its rollout, its time and its sequence number."""
 
     seq: int
     rollout_id: str
     at: float
-    phase: int
-    gate: str
-    decision: str
-    statistic: float | None
-    p_value: float | None
-    effect: float | None
-    reason: str
-    inputs: dict[str, float]
 
 
 @dataclass(frozen=True)

@@ -119,9 +119,6 @@ def _device(r: tuple[Any, ...]) -> RolloutDeviceRecord:
 
 def _gate(r: tuple[Any, ...]) -> GateEvaluationRecord:
     return GateEvaluationRecord(
-        int(r[0]),
-        r[1],
-        float(r[2]),
         int(r[3]),
         r[4],
         r[5],
@@ -130,6 +127,9 @@ def _gate(r: tuple[Any, ...]) -> GateEvaluationRecord:
         _maybe(r[8]),
         r[9],
         {str(k): float(v) for k, v in json.loads(r[10]).items()},
+        seq=int(r[0]),
+        rollout_id=r[1],
+        at=float(r[2]),
     )
 
 
@@ -516,19 +516,14 @@ class MemoryRollouts:
             )
             self._log(rollout_id, now, update.audit)
             for e in update.gates:
+                made = {f.name: getattr(e, f.name) for f in dataclasses.fields(e)}
+                made["inputs"] = {k: float(v) for k, v in e.inputs.items()}  # a copy, as a database row is
                 self._gates.append(
                     GateEvaluationRecord(
-                        len(self._gates) + 1,
-                        rollout_id,
-                        now,
-                        e.phase,
-                        e.gate,
-                        e.decision,
-                        e.statistic,
-                        e.p_value,
-                        e.effect,
-                        e.reason,
-                        {k: float(v) for k, v in e.inputs.items()},
+                        **made,
+                        seq=len(self._gates) + 1,
+                        rollout_id=rollout_id,
+                        at=now,
                     )
                 )
             for device_id, (phase, version) in sorted(update.joined.items()):
