@@ -118,19 +118,12 @@ def _device(r: tuple[Any, ...]) -> RolloutDeviceRecord:
 
 
 def _gate(r: tuple[Any, ...]) -> GateEvaluationRecord:
+    seq, rollout_id, at, phase, gate, decision, statistic, p_value, effect, reason, inputs = r
     return GateEvaluationRecord(
-        int(r[3]),
-        r[4],
-        r[5],
-        _maybe(r[6]),
-        _maybe(r[7]),
-        _maybe(r[8]),
-        r[9],
-        {str(k): float(v) for k, v in json.loads(r[10]).items()},
-        seq=int(r[0]),
-        rollout_id=r[1],
-        at=float(r[2]),
-    )
+        int(phase), gate, decision, _maybe(statistic), _maybe(p_value), _maybe(effect), reason,
+        {str(k): float(v) for k, v in json.loads(inputs).items()},
+        seq=int(seq), rollout_id=rollout_id, at=float(at),
+    )  # fmt: skip
 
 
 def _maybe(value: Any) -> float | None:
