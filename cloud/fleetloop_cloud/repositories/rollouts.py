@@ -235,12 +235,9 @@ class SqlRollouts:
                 if (str(row[0]), int(row[1])) != update.expect:
                     return False
             sets, params = _assignments(
-                now,
-                state=update.state,
-                phase=update.phase,
-                phase_started_at=update.phase_started_at,
+                now, state=update.state, phase=update.phase, phase_started_at=update.phase_started_at,
                 reason=update.reason,
-            )
+            )  # fmt: skip
             if update.accepted_failures is not None:
                 sets.append("accepted_failures_json = ?")
                 params.append(json.dumps(sorted(update.accepted_failures)))
@@ -296,14 +293,9 @@ class SqlRollouts:
         if change.only_attempt is not None and int(row[1]) != change.only_attempt:
             return
         sets, params = _assignments(
-            now,
-            state=change.state,
-            reason=change.reason,
-            attempt=change.attempt,
-            offered_at=change.offered_at,
-            retry_at=change.retry_at,
-            running_version=change.running_version,
-        )
+            now, state=change.state, reason=change.reason, attempt=change.attempt,
+            offered_at=change.offered_at, retry_at=change.retry_at, running_version=change.running_version,
+        )  # fmt: skip
         if change.state is not None and change.state != row[0]:
             sets.append("changed_at = ?")
             params.append(now)
