@@ -47,50 +47,46 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"--duration must be positive, got {args.duration}")
 
 
-def cmd_sim_fleet(args: argparse.Namespace) -> int:
-    from fleetloop_fwsim.fleet import run_fleet
-
+def _simulate(args: argparse.Namespace, run: Callable[..., dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """Run one simulation with the options every ``sim`` command shares, in ``--workdir`` or a temporary
+    directory removed afterwards, and print its result."""
     _check(args)
     workdir, tmp = _workdir(args)
     try:
-        result = run_fleet(
+        result = run(
             devices=args.devices,
             duration_s=args.duration,
             workdir=workdir,
             recordings=_recordings(args),
-            target=args.grpc,
             kind=args.kind,
-            capture_period_s=args.capture_period,
             transport=args.transport,
-            grants=args.grants,
-            hold_only=args.hold_only,
+            **options,
         )
     finally:
         if tmp is not None:
             tmp.cleanup()
     _emit(result, args.output)
+    return result
+
+
+def cmd_sim_fleet(args: argparse.Namespace) -> int:
+    from fleetloop_fwsim.fleet import run_fleet
+
+    _simulate(
+        args,
+        run_fleet,
+        target=args.grpc,
+        capture_period_s=args.capture_period,
+        grants=args.grants,
+        hold_only=args.hold_only,
+    )
     return 0
 
 
 def cmd_sim_chaos(args: argparse.Namespace) -> int:
     from fleetloop_fwsim.chaos import run_chaos
 
-    _check(args)
-    workdir, tmp = _workdir(args)
-    try:
-        result = run_chaos(
-            devices=args.devices,
-            duration_s=args.duration,
-            workdir=workdir,
-            recordings=_recordings(args),
-            kind=args.kind,
-            seed=args.seed,
-            transport=args.transport,
-        )
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    _emit(result, args.output)
+    result = _simulate(args, run_chaos, seed=args.seed)
     ok = result["acknowledged_samples"] == result["ingested_samples"] and result["duplicates"] == 0
     return 0 if ok else 5
 

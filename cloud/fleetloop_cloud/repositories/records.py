@@ -288,21 +288,14 @@ class NewGateEvaluation:
     inputs: Mapping[str, float]
 
 
-@dataclass(frozen=True)
-class GateEvaluationRecord:
-    """A persisted signal-gate evaluation: inputs, statistic, p-value and decision."""
+@dataclass(frozen=True, kw_only=True)
+class GateEvaluationRecord(NewGateEvaluation):
+    """A persisted signal-gate evaluation: the evaluation as made (inputs, statistic, p-value and
+    decision), with its rollout, its time and its sequence number."""
 
     seq: int
     rollout_id: str
     at: float
-    phase: int
-    gate: str
-    decision: str
-    statistic: float | None
-    p_value: float | None
-    effect: float | None
-    reason: str
-    inputs: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -367,27 +360,17 @@ class NewAuditEntry:
     detail: str
 
 
-@dataclass(frozen=True)
-class AuditEntry:
-    """One entry of the audit log, with its place in the hash chain."""
+@dataclass(frozen=True, kw_only=True)
+class AuditEntry(NewAuditEntry):
+    """One entry of the audit log: the write as taken, with its place in the hash chain."""
 
     seq: int
-    at: float
-    actor: str
-    role: str
-    transport: str
-    address: str
-    request_id: str
-    action: str
-    target: str
-    before: str
-    after: str
-    detail: str
     prev_hash: str
     hash: str
 
     def fields(self) -> dict[str, Any]:
-        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+        """Every field, the sequence number first (the order entries are shown and exported in)."""
+        return {"seq": self.seq} | {f: getattr(self, f) for f in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)
