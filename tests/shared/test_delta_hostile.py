@@ -17,6 +17,7 @@ from fleetloop_fwsim.code_image import image_pair
 from fleetloop_shared.errors import IntegrityError
 from fleetloop_shared.update import fldelta2_apply as v2
 from fleetloop_shared.update.delta import FLDELTA1, apply_delta, make_delta
+from fleetloop_shared.update.delta_format import HEADER
 from fleetloop_shared.update.fldelta2 import varints
 from fleetloop_shared.update.inflate import CODEC_BZIP2, CODEC_STORED, CODEC_ZSTD
 
@@ -25,7 +26,7 @@ OLD = bytes(range(256)) * 16  # 4 KiB
 
 def container(new_size: int, chunks: Sequence[tuple[int, int, bytes]], *, old_size: int = len(OLD)) -> bytes:
     chunk = max([out for _, out, _ in chunks] + [1])
-    head = v2.HEADER.pack(v2.MAGIC, new_size, old_size, chunk, len(chunks))
+    head = HEADER.pack(v2.MAGIC, new_size, old_size, chunk, len(chunks))
     return head + b"".join(v2.CHUNK.pack(m, out, len(body)) + body for m, out, body in chunks)
 
 
@@ -161,16 +162,16 @@ def test_zstd_chunks_that_lie_are_refused(method: int, body: bytes, out: int, me
         (b"", "bad magic"),
         (b"garbage!", "bad magic"),
         (v2.MAGIC, "truncated in header"),
-        (v2.HEADER.pack(v2.MAGIC, 1 << 40, len(OLD), 1 << 20, 1 << 20), "exceeds the limit"),
-        (v2.HEADER.pack(v2.MAGIC, 10, len(OLD) + 1, 1 << 20, 1), "base of 4097 bytes"),
-        (v2.HEADER.pack(v2.MAGIC, 10, len(OLD), 16 << 20, 1), "impossible chunk size"),
-        (v2.HEADER.pack(v2.MAGIC, 10, len(OLD), 4, 1), "impossible chunk size or count"),
+        (HEADER.pack(v2.MAGIC, 1 << 40, len(OLD), 1 << 20, 1 << 20), "exceeds the limit"),
+        (HEADER.pack(v2.MAGIC, 10, len(OLD) + 1, 1 << 20, 1), "base of 4097 bytes"),
+        (HEADER.pack(v2.MAGIC, 10, len(OLD), 16 << 20, 1), "impossible chunk size"),
+        (HEADER.pack(v2.MAGIC, 10, len(OLD), 4, 1), "impossible chunk size or count"),
         (
-            v2.HEADER.pack(v2.MAGIC, 10, len(OLD), 16, 1) + v2.CHUNK.pack(0, 9, 0),
+            HEADER.pack(v2.MAGIC, 10, len(OLD), 16, 1) + v2.CHUNK.pack(0, 9, 0),
             "chunk length out of bounds",
         ),
-        (v2.HEADER.pack(v2.MAGIC, 10, len(OLD), 16, 1) + v2.CHUNK.pack(0, 10, 1 << 30), "is impossible"),
-        (v2.HEADER.pack(v2.MAGIC, 10, len(OLD), 16, 1) + v2.CHUNK.pack(0, 10, 50), "truncated in chunk body"),
+        (HEADER.pack(v2.MAGIC, 10, len(OLD), 16, 1) + v2.CHUNK.pack(0, 10, 1 << 30), "is impossible"),
+        (HEADER.pack(v2.MAGIC, 10, len(OLD), 16, 1) + v2.CHUNK.pack(0, 10, 50), "truncated in chunk body"),
         (container(4, [(v2.METHOD_ZSTD, 4, _frame(b"abcd"))]) + b"!", "trailing bytes"),
     ],
 )
@@ -192,7 +193,7 @@ def real_patches() -> list[tuple[bytes, bytes]]:
 def test_the_fuzzed_patches_use_every_method(real_patches: list[tuple[bytes, bytes]]) -> None:
     methods = set()
     for _, patch in real_patches:
-        at = v2.HEADER.size
+        at = HEADER.size
         while at < len(patch):
             method, _, body_len = v2.CHUNK.unpack_from(patch, at)
             methods.add(method)

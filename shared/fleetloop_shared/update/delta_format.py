@@ -6,6 +6,7 @@ Kept apart from the containers so the device-side decoders, the cloud-side encod
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -47,6 +48,27 @@ def read_exact(f: BinaryIO, n: int, what: str) -> bytes:
     if len(data) != n:
         raise IntegrityError(f"delta is malformed: truncated in {what}")
     return data
+
+
+#: The container header both formats start with: magic, new size, base size, chunk size, chunk count.
+HEADER = struct.Struct("<8sQQII")
+
+
+def read_header(
+    patch: BinaryIO, magic: bytes, *, old_size: int, max_size: int, max_chunk: int
+) -> tuple[int, int, int]:
+    """``(new_size, chunk, count)`` of a patch, each checked against the base the device has and the
+    bounds before anything is allocated; IntegrityError naming what is wrong otherwise."""
+    got, new_size, base_size, chunk, count = HEADER.unpack(read_exact(patch, HEADER.size, "header"))
+    if got != magic:
+        raise IntegrityError(f"delta is malformed: not an {magic.decode()} patch (bad magic)")
+    if new_size > max_size:
+        raise IntegrityError(f"delta is malformed: output of {new_size} bytes exceeds the limit {max_size}")
+    if base_size != old_size:
+        raise IntegrityError(f"delta is for a base of {base_size} bytes, the installed image has {old_size}")
+    if not 0 < chunk <= max_chunk or count != (new_size + chunk - 1) // chunk:
+        raise IntegrityError("delta is malformed: impossible chunk size or count")
+    return new_size, chunk, count
 
 
 def check_formats(formats: object, where: str) -> tuple[str, ...]:

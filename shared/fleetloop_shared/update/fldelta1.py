@@ -48,7 +48,14 @@ import bsdiff4  # bsdiff4.core: the raw control/diff/extra streams, no bzip2
 import zstandard
 
 from fleetloop_shared.errors import IntegrityError, UserError
-from fleetloop_shared.update.delta_format import DEFAULT_MAX_OUTPUT, FLDELTA1, DeltaStats, read_exact
+from fleetloop_shared.update.delta_format import (
+    DEFAULT_MAX_OUTPUT,
+    FLDELTA1,
+    HEADER,
+    DeltaStats,
+    read_exact,
+    read_header,
+)
 from fleetloop_shared.update.inflate import unbzip2, unzstd
 
 DEFAULT_CHUNK = 4 << 20
@@ -78,7 +85,6 @@ METHOD_BSDIFF = 2
 METHOD_NAMES = {METHOD_ZSTD: "zstd", METHOD_ZSTD_PATCH: "zstd-patch", METHOD_BSDIFF: "bsdiff4"}
 
 MAGIC = b"FLDELTA1"
-_HEADER = struct.Struct("<8sQQII")
 _CHUNK = struct.Struct("<BQIII")
 _BSDIFF = struct.Struct("<BBBIII")
 _CODEC_ZSTD = 0
@@ -218,8 +224,8 @@ def encode(
             f"delta chunk {chunk} / margin {margin}: need 0 < chunk ≤ {MAX_CHUNK}, margin ≤ chunk"
         )
     count = (new_size + chunk - 1) // chunk
-    out.write(_HEADER.pack(MAGIC, new_size, old_size, chunk, count))
-    stats = DeltaStats(format=FLDELTA1, bytes=_HEADER.size, new_bytes=new_size, chunks=count)
+    out.write(HEADER.pack(MAGIC, new_size, old_size, chunk, count))
+    stats = DeltaStats(format=FLDELTA1, bytes=HEADER.size, new_bytes=new_size, chunks=count)
     for i in range(count):
         data = new.read(min(chunk, new_size - i * chunk))
         lo, length = _window(i, chunk, margin, old_size, new_size)
@@ -318,15 +324,9 @@ def decode(
     Memory is one old window plus one chunk and its streams, whatever the image size. The caller checks
     the result's hash (the container has none: the signed metadata holds the target hash).
     """
-    magic, new_size, base_size, chunk, count = _HEADER.unpack(read_exact(patch, _HEADER.size, "header"))
-    if magic != MAGIC:
-        raise IntegrityError("delta is malformed: not an FLDELTA1 patch (bad magic)")
-    if new_size > max_size:
-        raise IntegrityError(f"delta is malformed: output of {new_size} bytes exceeds the limit {max_size}")
-    if base_size != old_size:
-        raise IntegrityError(f"delta is for a base of {base_size} bytes, the installed image has {old_size}")
-    if not 0 < chunk <= MAX_CHUNK or count != (new_size + chunk - 1) // chunk:
-        raise IntegrityError("delta is malformed: impossible chunk size or count")
+    new_size, chunk, count = read_header(
+        patch, MAGIC, old_size=old_size, max_size=max_size, max_chunk=MAX_CHUNK
+    )
     written = 0
     for _ in range(count):
         method, lo, length, out_len, body_len = _CHUNK.unpack(read_exact(patch, _CHUNK.size, "chunk header"))

@@ -42,10 +42,9 @@ import numpy.typing as npt
 import zstandard
 
 from fleetloop_shared.errors import IntegrityError, UserError
-from fleetloop_shared.update.delta_format import FLDELTA2, DeltaStats
+from fleetloop_shared.update.delta_format import FLDELTA2, HEADER, DeltaStats
 from fleetloop_shared.update.fldelta2_apply import (
     CHUNK,
-    HEADER,
     MAGIC,
     MAX_CHUNK,
     MAX_DICT,

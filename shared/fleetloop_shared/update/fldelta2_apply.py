@@ -42,11 +42,10 @@ from typing import BinaryIO
 import numpy as np
 
 from fleetloop_shared.errors import IntegrityError
-from fleetloop_shared.update.delta_format import DEFAULT_MAX_OUTPUT, read_exact
+from fleetloop_shared.update.delta_format import DEFAULT_MAX_OUTPUT, read_exact, read_header
 from fleetloop_shared.update.inflate import Inflow, unzstd, unzstd_patch
 
 MAGIC = b"FLDELTA2"
-HEADER = struct.Struct("<8sQQII")
 CHUNK = struct.Struct("<BII")
 REGION = struct.Struct("<QI")
 REGION_COUNT = struct.Struct("<H")
@@ -263,15 +262,9 @@ def decode(
 
     The caller checks the result's hash (the container has none: the signed metadata holds it).
     """
-    magic, new_size, base_size, chunk, count = HEADER.unpack(read_exact(patch, HEADER.size, "header"))
-    if magic != MAGIC:
-        raise IntegrityError("delta is malformed: not an FLDELTA2 patch (bad magic)")
-    if new_size > max_size:
-        raise IntegrityError(f"delta is malformed: output of {new_size} bytes exceeds the limit {max_size}")
-    if base_size != old_size:
-        raise IntegrityError(f"delta is for a base of {base_size} bytes, the installed image has {old_size}")
-    if not 0 < chunk <= MAX_CHUNK or count != (new_size + chunk - 1) // chunk:
-        raise IntegrityError("delta is malformed: impossible chunk size or count")
+    new_size, chunk, count = read_header(
+        patch, MAGIC, old_size=old_size, max_size=max_size, max_chunk=MAX_CHUNK
+    )
     written = 0
     for _ in range(count):
         method, out_len, body_len = CHUNK.unpack(read_exact(patch, CHUNK.size, "chunk header"))
