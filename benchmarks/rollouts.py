@@ -46,7 +46,7 @@ from fleetloop_cloud.repositories.records import Inventory, Registration, Releas
 from fleetloop_cloud.rollout.controller import Job, RolloutController, parse_job_id
 from fleetloop_cloud.rollout.gates import rate_ratio_gate
 from fleetloop_cloud.rollout.gating import Cohorts, DeviceValues, RateCounts
-from fleetloop_cloud.rollout.policy import parse_policy
+from fleetloop_cloud.rollout.policy_reader import parse_policy
 from fleetloop_shared.update.artifact import PayloadRef, ReleaseManifest, ReleaseSigner, manifest_to_bytes
 
 HARDWARE = "bench-hw"

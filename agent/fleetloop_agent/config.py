@@ -14,6 +14,7 @@ from typing import Any
 from fleetloop_agent.uplink.device_messages import NETWORKS
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.segment import READ_VERSIONS
+from fleetloop_shared.update.delta_format import FORMATS, check_formats
 from fleetloop_shared.yaml_marks import read_config_file
 
 
@@ -72,6 +73,9 @@ class AgentConfig:
     #: store.segment_version: the newest segment format written (None: this build's newest), for a
     #: fleet whose cloud reads only older ones; below 4 every group travels in its own segment
     store_segment_version: int | None = None
+    #: ota.delta_formats: the OTA delta formats this agent applies, preferred first (reported to the
+    #: cloud); ``[fldelta1]`` makes it behave as agents from before FLDELTA2
+    delta_formats: tuple[str, ...] = FORMATS
 
     @property
     def cloud_ca(self) -> Path | None:
@@ -180,6 +184,13 @@ def load_agent_config(path: str | Path) -> AgentConfig:
     models_dir = doc.get("models_dir")
     if models_dir is not None and not isinstance(models_dir, str):
         raise ConfigError(f"{where}: 'models_dir' must be a directory path")
+    ota = doc.get("ota", {}) or {}
+    if not isinstance(ota, dict):
+        raise ConfigError(f"{where}: 'ota' must be a mapping")
+    try:
+        delta_formats = check_formats(ota.get("delta_formats", list(FORMATS)), f"{where}: ota.delta_formats")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     metrics_port = doc.get("metrics_port")
     if metrics_port is not None and not isinstance(metrics_port, int):
         raise ConfigError(f"{where}: 'metrics_port' must be an integer")
@@ -214,4 +225,5 @@ def load_agent_config(path: str | Path) -> AgentConfig:
         upload_scheduled=scheduled,
         network=str(network),
         store_segment_version=segment_version,
+        delta_formats=delta_formats,
     )

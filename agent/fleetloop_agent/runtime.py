@@ -116,6 +116,7 @@ class AgentRuntime:
             report=self._on_ota_report,
             fetcher=HttpFetcher(ca=config.cloud_ca),
             on_bundle=self._on_bundle,
+            delta_formats=config.delta_formats,
         )
         #: Set by the OTA worker when a bundle is switched; the main loop reloads the model registry.
         self._bundles_changed = threading.Event()
@@ -359,6 +360,7 @@ class AgentRuntime:
             firmware_sha256=self.ota.installed_sha256(),
             active_slot=self.platform.booted_slot(),
             campaigns_version=self.desired.version,
+            delta_formats=list(self.ota.delta_formats),
         )
 
     def _heartbeat(self) -> None:

@@ -33,7 +33,7 @@ from fleetloop_cli.output import render_rows
 from fleetloop_fwsim import firmware, profiles
 from fleetloop_fwsim.provisioning import provision_sim_device
 from fleetloop_shared.datapaths import find_recordings
-from fleetloop_shared.errors import FleetloopError, StateError, UnavailableError
+from fleetloop_shared.errors import FleetloopError, NotFoundError, StateError, UnavailableError
 
 HARDWARE_ID = "fleetloop-sim-gen1"
 FLEET = "demo"
@@ -158,17 +158,8 @@ def run_demo(args: argparse.Namespace) -> int:
         if recordings
         else "simulated signals" + ("" if args.simulated else " (no recordings found)")
     )
-    tmp = None
-    if args.workdir:
-        work = Path(args.workdir).resolve()
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="fleetloop-demo-")
-        work = Path(tmp.name)
+    work, tmp, env = workspace(args.workdir, "fleetloop-demo-")
     logs = work / "logs"
-    logs.mkdir(exist_ok=True)
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
     procs = _Processes()
     broker: Any = None
     summary_transport = getattr(args, "transport", "grpc")
@@ -238,7 +229,8 @@ def run_demo(args: argparse.Namespace) -> int:
             summary["skipped"] = skipped
         sides = _start_far_sides(devices, work, logs, env, procs, recordings, deadline)
         machines: dict[str, dict[str, Any]] = {}
-        for device_id, kind in devices:
+        legacy = getattr(args, "fldelta1_devices", 0)
+        for i, (device_id, kind) in enumerate(devices):
             side = sides[device_id]
             _start_device(
                 device_id,
@@ -250,6 +242,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 (side["sources"], side["data"]),
                 client,
                 bad_health=("bad-health" in args.inject and kind == "car"),
+                fldelta1_only=i < legacy,
             )
             machines[device_id] = {
                 "kind": kind,
@@ -349,6 +342,7 @@ def run_demo(args: argparse.Namespace) -> int:
             return st if st["state"] in ("SUCCEEDED", "PAUSED", "ABORTED") else None
 
         final = _wait("the rollout to finish", finished, deadline, procs)
+        summary["rollout"]["payloads"] = {d: _directed_payload(client, d) for d, _ in devices}
         devices_after = client.get("/v1/devices")
         updated = [d["device_id"] for d in devices_after if d.get("firmware_version") == "2.0.0"]
         ro = summary["rollout"]
@@ -391,10 +385,42 @@ def run_demo(args: argparse.Namespace) -> int:
                 broker.stop()
             if tmp is not None:
                 tmp.cleanup()
-    if error:
-        print(f"error: demo failed: {error}", file=sys.stderr, flush=True)
-        return 130 if error == "interrupted" else 1
-    return 0
+    return exit_code(error, "demo")
+
+
+def attempt(stages: Callable[[], str | None]) -> str | None:
+    """Run a demo's stages: None when they did what they say, else why not (a FleetloopError's
+    message, or "interrupted" on Ctrl-C)."""
+    try:
+        return stages()
+    except FleetloopError as exc:
+        return str(exc)
+    except KeyboardInterrupt:
+        return "interrupted"
+
+
+def exit_code(error: str | None, what: str) -> int:
+    """0, or the error on stderr and 1 (130 when interrupted)."""
+    if error is None:
+        return 0
+    print(f"error: {what} failed: {error}", file=sys.stderr, flush=True)
+    return 130 if error == "interrupted" else 1
+
+
+def workspace(
+    workdir: str | None, prefix: str
+) -> tuple[Path, tempfile.TemporaryDirectory[str] | None, dict[str, str]]:
+    """The demo's directory (``--workdir``, kept; else a temporary one to clean up), with ``logs/`` in
+    it, and the environment of its child processes (unbuffered, so their logs are complete)."""
+    tmp = None
+    if workdir:
+        work = Path(workdir).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        work = Path(tmp.name)
+    (work / "logs").mkdir(exist_ok=True)
+    return work, tmp, {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def _report(summary: dict[str, Any], args: argparse.Namespace) -> None:
@@ -524,6 +550,7 @@ def _start_device(
     client: CoordinatorClient,
     *,
     bad_health: bool,
+    fldelta1_only: bool = False,
 ) -> None:
     device = provision_sim_device(
         work / "devices" / device_id,
@@ -538,6 +565,8 @@ def _start_device(
         fleet=FLEET,
         labels={"kind": kind, "hw": "gen1"},
         health_fail_versions=["2.0.0"] if bad_health else [],
+        # an agent that reads only FLDELTA1, as agents did before FLDELTA2
+        extra={"ota": {"delta_formats": ["fldelta1"]}} if fldelta1_only else None,
     )
     ddir, cfg = device.directory, device.config_path
     procs.start(
@@ -603,6 +632,17 @@ def _start_far_sides(
             procs,
         )
     return sides
+
+
+def _directed_payload(client: CoordinatorClient, device_id: str) -> str:
+    """What the director sent this device for its job: the delta's format, "full", or "none" (no job:
+    a paused rollout never reached it)."""
+    try:
+        signed = client.get(f"/tuf/director/{device_id}/targets.json").get("signed", {})
+    except NotFoundError:
+        return "none"
+    facts = [t.get("custom", {}).get("fleetloop", {}) for t in signed.get("targets", {}).values()]
+    return next((str(f.get("algorithm")) for f in facts if f.get("kind") == "delta"), "full")
 
 
 def _corrupt_payloads(work: Path, release: dict[str, Any]) -> None:

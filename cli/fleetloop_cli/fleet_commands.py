@@ -47,52 +47,63 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError(f"--duration must be positive, got {args.duration}")
 
 
-def cmd_sim_fleet(args: argparse.Namespace) -> int:
-    from fleetloop_fwsim.fleet import run_fleet
-
+def _simulate(args: argparse.Namespace, run: Callable[..., dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """Run one simulation with the options every ``sim`` command shares, in ``--workdir`` or a temporary
+    directory removed afterwards, and print its result."""
     _check(args)
     workdir, tmp = _workdir(args)
     try:
-        result = run_fleet(
+        result = run(
             devices=args.devices,
             duration_s=args.duration,
             workdir=workdir,
             recordings=_recordings(args),
-            target=args.grpc,
             kind=args.kind,
-            capture_period_s=args.capture_period,
             transport=args.transport,
-            grants=args.grants,
-            hold_only=args.hold_only,
+            **options,
         )
     finally:
         if tmp is not None:
             tmp.cleanup()
     _emit(result, args.output)
+    return result
+
+
+def cmd_sim_fleet(args: argparse.Namespace) -> int:
+    from fleetloop_fwsim.fleet import run_fleet
+
+    _simulate(
+        args,
+        run_fleet,
+        target=args.grpc,
+        capture_period_s=args.capture_period,
+        grants=args.grants,
+        hold_only=args.hold_only,
+    )
     return 0
 
 
 def cmd_sim_chaos(args: argparse.Namespace) -> int:
     from fleetloop_fwsim.chaos import run_chaos
 
-    _check(args)
+    result = _simulate(args, run_chaos, seed=args.seed)
+    ok = result["acknowledged_samples"] == result["ingested_samples"] and result["duplicates"] == 0
+    return 0 if ok else 5
+
+
+def cmd_sim_rollout_kill(args: argparse.Namespace) -> int:
+    from fleetloop_fwsim.rollout_kill import run_kill_loop
+
+    if args.kills < 1 or args.devices < 8:
+        raise UserError("sim rollout-kill: --kills must be at least 1 and --devices at least 8")
     workdir, tmp = _workdir(args)
     try:
-        result = run_chaos(
-            devices=args.devices,
-            duration_s=args.duration,
-            workdir=workdir,
-            recordings=_recordings(args),
-            kind=args.kind,
-            seed=args.seed,
-            transport=args.transport,
-        )
+        report = run_kill_loop(workdir, devices=args.devices, kills=args.kills, seed=args.seed)
     finally:
         if tmp is not None:
             tmp.cleanup()
-    _emit(result, args.output)
-    ok = result["acknowledged_samples"] == result["ingested_samples"] and result["duplicates"] == 0
-    return 0 if ok else 5
+    _emit(report.as_dict(), args.output)
+    return 0 if report.ok else 5
 
 
 def _common(s: argparse.ArgumentParser) -> None:
@@ -128,3 +139,14 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     _common(s)
     s.add_argument("--seed", type=int, default=1, help="seed of the fault schedule")
     s.set_defaults(func=cmd_sim_chaos)
+    s = sim.add_parser(
+        "rollout-kill",
+        help="rollouts while the coordinator is SIGKILLed and restarted; checks no device beyond its phase "
+        "and no decision lost or doubled",
+    )
+    s.add_argument("--kills", type=int, default=50, help="coordinator kills (SIGKILL) during the rollouts")
+    s.add_argument("--devices", type=int, default=24, help="simulated devices answering the OTA jobs")
+    s.add_argument("--seed", type=int, default=1, help="seed of the kill schedule and install times")
+    s.add_argument("--workdir", help="keep the coordinator's data and log here")
+    s.add_argument("-o", "--output", choices=("json", "yaml"), default="yaml")
+    s.set_defaults(func=cmd_sim_rollout_kill)

@@ -25,7 +25,7 @@ from fleetloop_cli import (
 )
 from fleetloop_cli.client import CoordinatorClient, client_from_args
 from fleetloop_cli.output import FORMATS, render_object, render_records, render_rows
-from fleetloop_shared.errors import EXIT_INTERRUPTED, FleetloopError, NotFoundError
+from fleetloop_shared.errors import EXIT_INTERRUPTED, FleetloopError, NotFoundError, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,6 +83,15 @@ def cmd_sim_far_side(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.scenario:
+        from fleetloop_cli.demo_scenarios import run_scenario
+
+        if args.inject or args.serve or args.transport != "grpc" or args.data or args.simulated:
+            raise UserError("demo --scenario runs its own simulated cars over gRPC: it takes --json, "
+                            "--workdir and --timeout only")  # fmt: skip
+        args.timeout = 300.0 if args.timeout is None else args.timeout
+        return run_scenario(args)
+    args.timeout = 170.0 if args.timeout is None else args.timeout
     from fleetloop_cli.demo import run_demo
 
     return run_demo(args)
@@ -213,10 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="fault to inject: a device whose v2 fails its health check, or a corrupted delta",
     )
-    s.add_argument("--timeout", type=float, default=170.0, help="give up after this many seconds")
+    s.add_argument("--timeout", type=float, default=None,
+                   help="give up after this many seconds (default 170; with --scenario 300)")  # fmt: skip
+    s.add_argument(
+        "--scenario",
+        choices=["bad-release", "good-release"],
+        help="instead: a fleet of simulated cars and a rollout its signal gate decides (bad-release: "
+        "v2 brakes harshly 4x as often, is stopped and rolled back; good-release: goes through)",
+    )
     s.add_argument(
         "--transport", choices=["grpc", "mqtt"], default="grpc", help="device link (mqtt: private mosquitto)"
     )
+    s.add_argument(
+        "--fldelta1-devices", type=int, default=0, choices=range(5), metavar="{0..4}",
+        help="how many devices run an agent that reads only FLDELTA1 deltas (a mixed fleet)",
+    )  # fmt: skip
     s.set_defaults(func=cmd_demo)
 
     rules = sub.add_parser("rules", help="trigger rules (campaigns)").add_subparsers(

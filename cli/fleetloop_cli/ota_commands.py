@@ -1,11 +1,12 @@
 """``fleetloop artifacts delta|patch`` and ``fleetloop sim ota-chaos``.
 
-``artifacts delta`` makes the delta the cloud would ship (FLDELTA1: per chunk the smallest of zstd, zstd
-patch-from and bsdiff4) and prints ``{algorithm, bytes, new_bytes}``; ``artifacts patch`` applies one with
-the same streaming code the device runs. Both work on local files, no coordinator needed.
+``artifacts delta`` makes the delta the cloud would ship (FLDELTA2 by default, ``--format fldelta1`` for
+devices that read only that) and prints ``{algorithm, bytes, new_bytes}``; ``artifacts patch`` applies one
+with the same streaming code the device runs. Both work on local files, no coordinator needed.
 
 ``sim ota-chaos`` runs a private coordinator (its real TUF image repository, director and HTTP artifact
-server on a free port) and cuts the power of simulated devices at random points across N updates.
+server on a free port) and cuts the power of simulated devices at random points across N updates, with
+deltas in the format ``--delta-format`` names (the devices read only that one).
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from fleetloop_shared.errors import UserError
+from fleetloop_shared.update.artifact import manifest_from_bytes, sha256_hex
+from fleetloop_shared.update.delta_format import FLDELTA2, FORMATS
 
 
 def cmd_artifacts_delta(args: argparse.Namespace) -> int:
     from fleetloop_shared.update.delta import make_delta_file
 
     out = Path(args.output_file)
-    stats = make_delta_file(Path(args.old), Path(args.new), out)
+    stats = make_delta_file(Path(args.old), Path(args.new), out, format=args.format)
     print(
         json.dumps(
             {
@@ -66,12 +69,13 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 class _LocalCloud:
     """A coordinator in this process, serving HTTP, with one release: old → new (ChaosCloud)."""
 
-    def __init__(self, workdir: Path, image_size: int) -> None:
+    def __init__(self, workdir: Path, image_size: int, delta_format: str = FLDELTA2) -> None:
         from fleetloop_cloud.http_api import start_http_server
         from fleetloop_cloud.server import Coordinator
         from fleetloop_fwsim.firmware import build_image
 
         self.hardware_id = "chaos-hw"
+        self.delta_formats: tuple[str, ...] = (delta_format,)
         self.old_image = build_image("1.0.0", self.hardware_id, size_hint=image_size)
         self.new_image = build_image("2.0.0", self.hardware_id, size_hint=image_size)
         self.coordinator = Coordinator(workdir / "cloud")
@@ -85,9 +89,8 @@ class _LocalCloud:
             hardware_id=self.hardware_id,
             bases=[self.old_image],
             now=self.coordinator.clock(),
+            base_formats={sha256_hex(self.old_image): self.delta_formats},
         )
-        from fleetloop_shared.update.artifact import manifest_from_bytes
-
         self.release = manifest_from_bytes(manifest)
         self._keys = workdir / "cloud" / "keys"
 
@@ -104,6 +107,7 @@ class _LocalCloud:
             rollout_id="chaos",
             release=self.release,
             installed_sha256=installed_sha256,
+            delta_formats=self.delta_formats,
         )
 
     def close(self) -> None:
@@ -119,7 +123,7 @@ def cmd_sim_ota_chaos(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(logging.ERROR)  # hundreds of cuts: the counters tell the story
     tmp = tempfile.TemporaryDirectory(prefix="fleetloop-ota-chaos-") if not args.workdir else None
     workdir = Path(args.workdir) if args.workdir else Path(tmp.name)  # type: ignore[union-attr]
-    cloud = _LocalCloud(workdir, args.image_kb * 1024)
+    cloud = _LocalCloud(workdir, args.image_kb * 1024, args.delta_format)
     try:
 
         def progress(done: int, _: Any) -> None:
@@ -149,6 +153,7 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     s.add_argument("--from", dest="old", required=True, help="the installed (old) image")
     s.add_argument("--to", dest="new", required=True, help="the new image")
     s.add_argument("-o", "--output-file", required=True, help="where to write the delta")
+    s.add_argument("--format", choices=FORMATS, default=FLDELTA2, help="delta container format")
     s.set_defaults(func=cmd_artifacts_delta)
     s = arts.add_parser("patch", help="apply a delta with the device's streaming code")
     s.add_argument("--from", dest="old", required=True, help="the installed (old) image")
@@ -176,6 +181,9 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     s.add_argument("--runs", type=int, default=50)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-kb", type=int, default=256, help="size of the simulated firmware images")
+    s.add_argument(
+        "--delta-format", choices=FORMATS, default=FLDELTA2, help="delta format the devices read"
+    )
     s.add_argument("--workdir", default="", help="keep the devices here (default: a temporary directory)")
     s.add_argument("-o", "--output", choices=["table", "json"], default="table")
     s.set_defaults(func=cmd_sim_ota_chaos)

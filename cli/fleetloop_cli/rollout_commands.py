@@ -75,7 +75,8 @@ def _policy_from_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def read_policy(args: argparse.Namespace) -> dict[str, Any]:
     """The policy to send, checked here (``FILE:LINE:COL`` errors) and written out as plain data."""
-    from fleetloop_cloud.rollout.policy import parse_policy, policy_to_dict
+    from fleetloop_cloud.rollout.policy import policy_to_dict
+    from fleetloop_cloud.rollout.policy_reader import parse_policy
     from fleetloop_shared.yaml_marks import load_marked
 
     if args.file:

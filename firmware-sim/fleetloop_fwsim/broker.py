@@ -25,7 +25,6 @@ import resource
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleetloop_fwsim.broker_policy import ADMIN, Command, apply, coordinator_commands, device_commands
-from fleetloop_fwsim.child_process import await_listening, free_port, terminate
+from fleetloop_fwsim.child_process import RestartableChild, await_listening, free_port, terminate
 from fleetloop_shared.errors import ConfigError, UnavailableError
 
 #: The shipped broker configuration (repository checkout; the systemd packaging installs the same files).
@@ -137,7 +136,7 @@ class CertificateAuthority:
         return self.issue(common_name)
 
 
-class MosquittoProcess:
+class MosquittoProcess(RestartableChild):
     """mosquitto on a free loopback port with the shipped config; restartable on the same port.
 
     Holds the broker's identity policy (the dynamic-security document, starting from the shipped one):
@@ -288,10 +287,3 @@ class MosquittoProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             self.proc.wait(timeout=5)
-
-    def restart(self, down_s: float = 0.0) -> None:
-        self.kill()
-        if down_s > 0:
-            time.sleep(down_s)
-        self.start()
-        self.restarts += 1

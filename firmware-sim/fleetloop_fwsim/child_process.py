@@ -1,5 +1,5 @@
 """Server processes the simulator starts for tests and demos (brokers, a CAN network): one way to wait
-until one listens and one way to stop it.
+until one listens, one way to stop it and one way to restart it.
 
 A child that exits at start is reported with the tail of its log (the reason is nearly always there);
 one that never listens is stopped before the error is raised, so a failed start leaves no process behind.
@@ -13,6 +13,26 @@ import time
 from pathlib import Path
 
 from fleetloop_shared.errors import UnavailableError
+
+
+class RestartableChild:
+    """A server child that can crash and come back on the same ports: :meth:`restart` is a SIGKILL, an
+    optional outage and a fresh start, counted in :attr:`restarts` (what chaos tests assert on)."""
+
+    restarts: int = 0
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+    def restart(self, down_s: float = 0.0) -> None:
+        self.kill()
+        if down_s > 0:
+            time.sleep(down_s)
+        self.start()
+        self.restarts += 1
 
 
 def free_port() -> int:

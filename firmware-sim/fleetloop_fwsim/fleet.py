@@ -44,6 +44,7 @@ from fleetloop_agent.uplink import Greeting, Link, UplinkTransport, heartbeat
 from fleetloop_agent.uplink.grpc_transport import GrpcTransport
 from fleetloop_agent.uplink.mqtt_transport import MqttSettings, MqttTransport
 from fleetloop_fwsim.broker import CertificateAuthority, MosquittoProcess
+from fleetloop_fwsim.child_process import RestartableChild
 from fleetloop_fwsim.profiles import KINDS, source_specs
 from fleetloop_fwsim.swarm import Swarm
 from fleetloop_shared.catalog import Catalog
@@ -399,11 +400,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class CoordinatorProcess:
+class CoordinatorProcess(RestartableChild):
     """``fleetloop cloud serve`` in its own process group, restartable on the same ports."""
 
-    def __init__(self, data_dir: Path, *, log_path: Path, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        log_path: Path,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir)
+        #: Added to this process's environment for the coordinator (e.g. a short controller lease).
+        self.env = dict(env or {})
         self.log_path = log_path
         self.grpc_port = 0
         self.http_port = 0
@@ -450,8 +460,9 @@ class CoordinatorProcess:
         log_file = self.log_path.open("ab")
         try:
             self.proc = subprocess.Popen(
-                argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ)
-            )
+                argv, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **self.env},
+            )  # fmt: skip
         finally:
             log_file.close()
         deadline = time.monotonic() + timeout_s
@@ -487,13 +498,6 @@ class CoordinatorProcess:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.kill()
-
-    def restart(self, down_s: float = 0.0) -> None:
-        self.kill()
-        if down_s > 0:
-            time.sleep(down_s)
-        self.start()
-        self.restarts += 1
 
     def query(self, sql: str, max_rows: int = 1000) -> list[list[Any]]:
         body = json.dumps({"sql": sql, "max_rows": max_rows}).encode()

@@ -53,6 +53,8 @@ class ChaosCloud(Protocol):
     old_image: bytes
     new_image: bytes
     hardware_id: str
+    #: The delta formats the simulated devices apply (what their agent's ``ota.delta_formats`` says).
+    delta_formats: tuple[str, ...]
 
     def anchors(self) -> list[bytes]: ...
 
@@ -249,6 +251,7 @@ def _one_run(
             device_id=device_id,
             report=report,
             fetcher=CuttingFetcher(cutter),
+            delta_formats=cloud.delta_formats,
         )
         # the journal is where a cut can tear a write; the driver owns it, so swap it in here
         d._journal = _CuttingJournal(state_dir / "journal.json", cutter)

@@ -26,15 +26,20 @@ from fleetloop_shared.errors import ConfigError
 
 KINDS: Final = ("car", "robot", "plc")
 
-_WHEEL: Final = "Vehicle.Chassis.Axle.Row{row}.Wheel.{side}.Speed"
+
+def _wheel_speeds(message: str) -> dict[str, str]:
+    """``message``'s four WHEEL_SPEED_FL/FR/RL/RR signals → the catalog's wheel speed paths."""
+    return {
+        f"{message}.WHEEL_SPEED_{axle}{side[0]}": f"Vehicle.Chassis.Axle.Row{row}.Wheel.{side}.Speed"
+        for axle, row in (("F", 1), ("R", 2))
+        for side in ("Left", "Right")
+    }
+
 
 #: The recorded Toyota RAV4 (opendbc ``toyota_rav4_2017_pt_generated.dbc``): MESSAGE.SIGNAL → catalog path.
 TOYOTA_MAPPING: Final[dict[str, str]] = {
     "SPEED.SPEED": "Vehicle.Speed",
-    "WHEEL_SPEEDS.WHEEL_SPEED_FL": _WHEEL.format(row=1, side="Left"),
-    "WHEEL_SPEEDS.WHEEL_SPEED_FR": _WHEEL.format(row=1, side="Right"),
-    "WHEEL_SPEEDS.WHEEL_SPEED_RL": _WHEEL.format(row=2, side="Left"),
-    "WHEEL_SPEEDS.WHEEL_SPEED_RR": _WHEEL.format(row=2, side="Right"),
+    **_wheel_speeds("WHEEL_SPEEDS"),
     "STEER_ANGLE_SENSOR.STEER_ANGLE": "Vehicle.Chassis.SteeringWheel.Angle",
     "BRAKE_MODULE.BRAKE_PRESSED": "Vehicle.Chassis.Brake.IsPressed",
     "BRAKE_MODULE.BRAKE_PRESSURE": "Vehicle.Chassis.Brake.PedalPressure",
@@ -49,10 +54,7 @@ TOYOTA_MAPPING: Final[dict[str, str]] = {
 #: The simulated car (``data/sim_vehicle.dbc``): MESSAGE.SIGNAL → the same catalog paths.
 SIM_MAPPING: Final[dict[str, str]] = {
     "SIM_VEHICLE_SPEED.VEHICLE_SPEED": "Vehicle.Speed",
-    "SIM_WHEEL_SPEEDS.WHEEL_SPEED_FL": _WHEEL.format(row=1, side="Left"),
-    "SIM_WHEEL_SPEEDS.WHEEL_SPEED_FR": _WHEEL.format(row=1, side="Right"),
-    "SIM_WHEEL_SPEEDS.WHEEL_SPEED_RL": _WHEEL.format(row=2, side="Left"),
-    "SIM_WHEEL_SPEEDS.WHEEL_SPEED_RR": _WHEEL.format(row=2, side="Right"),
+    **_wheel_speeds("SIM_WHEEL_SPEEDS"),
     "SIM_STEERING.STEERING_ANGLE": "Vehicle.Chassis.SteeringWheel.Angle",
     "SIM_BRAKE.BRAKE_PRESSED": "Vehicle.Chassis.Brake.IsPressed",
     "SIM_BRAKE.BRAKE_PRESSURE": "Vehicle.Chassis.Brake.PedalPressure",
@@ -213,8 +215,9 @@ def hard_braking_campaign(name: str = "hard-braking", *, version: int = 1) -> st
 
 def default_campaign(kind: str, extra_signals: tuple[str, ...] = ()) -> str:
     """A campaign YAML for ``kind`` that fires within the first ~40 s of its data, real or simulated;
-    ``extra_signals``: more patterns to collect (a live car's OBD-II signals)."""
-    if kind not in _TRIGGERS:  # (a hub too: it has a campaign, only no replay)
+    ``extra_signals``: more patterns to collect (a live car's OBD-II signals). Every kind with a
+    trigger has one, the home hub too (it has no replay sources, so it is not one of :data:`KINDS`)."""
+    if kind not in _TRIGGERS:
         raise ConfigError(f"unknown device kind {kind!r} (expected one of {', '.join(_TRIGGERS)})")
     name, when, priority, signals = _TRIGGERS[kind]
     signals = [*signals, *extra_signals]

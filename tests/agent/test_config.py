@@ -79,3 +79,18 @@ def test_each_mistake_is_named(tmp_path: Path, edit: object, message: str) -> No
     assert callable(edit)
     with pytest.raises(ConfigError, match=message):
         load_agent_config(write(tmp_path, edit(GOOD)))
+
+
+def test_ota_delta_formats_default_to_every_format_and_can_be_narrowed(tmp_path: Path) -> None:
+    assert load_agent_config(write(tmp_path, GOOD)).delta_formats == ("fldelta2", "fldelta1")
+    legacy = load_agent_config(write(tmp_path, GOOD + "ota: {delta_formats: [fldelta1]}\n"))
+    assert legacy.delta_formats == ("fldelta1",)
+    for bad, message in (
+        ("ota: {delta_formats: [xdelta3]}", "xdelta3: delta formats are fldelta2, fldelta1"),
+        ("ota: {delta_formats: []}", "expected a non-empty list"),
+        ("ota: {delta_formats: fldelta1}", "expected a non-empty list"),
+        ("ota: {delta_formats: [fldelta1, fldelta1]}", "repeated names"),
+        ("ota: [fldelta1]", "'ota' must be a mapping"),
+    ):
+        with pytest.raises(ConfigError, match=rf"agent\.yaml.*{message}"):
+            load_agent_config(write(tmp_path, GOOD + bad + "\n"))

@@ -37,7 +37,7 @@ from fleetloop_fwsim.firmware import build_image
 from fleetloop_fwsim.ota_chaos import Cutter, CuttingFetcher, CuttingPlatform, PowerCut
 from fleetloop_shared.errors import FleetloopError, IntegrityError, StateError, UserError
 from fleetloop_shared.update.artifact import ReleaseManifest, ReleaseSigner, manifest_from_bytes, sha256_hex
-from fleetloop_shared.update.delta import make_delta
+from fleetloop_shared.update.delta import FLDELTA2, FORMATS, make_delta
 from fleetloop_shared.update.tuf_metadata import (
     delta_facts,
     delta_target_path,
@@ -144,6 +144,7 @@ class Cloud:
             rollout_id="r",
             release=self.releases[version],
             installed_sha256=sha256_hex(installed),
+            delta_formats=FORMATS,
         )
         return (job_id, "r", b"", b"", self.base_url)
 
@@ -654,6 +655,43 @@ def test_attack_rollback_to_an_older_version(tmp_path: Path, release: Release) -
         cloud.close()
 
 
+def test_a_roll_back_to_the_image_in_the_other_slot_is_accepted_and_no_further(
+    tmp_path: Path, release: Release
+) -> None:
+    """A bad release is rolled back by offering the release the device ran before: accepted only because
+    its signed hash is the other slot's bytes; an older image than that stays refused."""
+    cloud = Cloud(tmp_path / "cloud")
+    try:
+        cloud.publish(build_image("0.9.0", HW, size_hint=IMAGE_SIZE), "0.9.0", [])
+        cloud.publish(release.v1, "1.0.0", [])
+        cloud.publish(release.v2, "2.0.0", [release.v1])
+        dev = Device(tmp_path, release.v1, cloud)
+        with pytest.raises(RebootRequested):
+            dev.driver().handle_job(*dev.job("job-up"))  # type: ignore[arg-type]
+        boot(dev.dir)
+        dev.driver().resume_after_boot(_no_failures)
+        assert dev.states()[-1] is S.COMMITTED and boot_slot(dev) == "b"
+
+        back = dev.driver()
+        with pytest.raises(RebootRequested):
+            back.handle_job(*dev.job("job-back", "1.0.0"))  # type: ignore[arg-type]
+        assert dev.slot("a") == release.v1 and dev.env()["boot_slot"] == "a"
+        boot(dev.dir)
+        after = dev.driver()
+        after.resume_after_boot(_no_failures)
+        assert dev.states()[-1] is S.COMMITTED and after.installed_version() == "1.0.0"
+
+        # the other slot now holds 2.0.0: going further back than v1 is refused, nothing downloaded
+        cloud.requests.clear()
+        after.handle_job(*dev.job("job-older", "0.9.0"))  # type: ignore[arg-type]
+        assert dev.states()[-1] is S.REJECTED
+        assert dev.reports[-1].reason == "version 0.9.0 is not newer than installed 1.0.0"
+        assert not any("/files/" in r for r in cloud.requests)
+        assert dev.slot("b") == release.v2 and boot(dev.dir) == BootResult("a", False)
+    finally:
+        cloud.close()
+
+
 def test_attack_metadata_rollback_is_refused(tmp_path: Path, release: Release, release_cloud: Cloud) -> None:
     cloud = release_cloud
     dev = Device(tmp_path, release.v1, cloud)
@@ -732,10 +770,9 @@ def test_attack_delta_for_the_wrong_base_never_reaches_the_slot(
     sha = cloud.store.add_image(lying)
     m = cloud.releases["2.0.0"]
     image_path = image_target_path(NAME, HW, "2.0.0")
-    path = delta_target_path(NAME, HW, "2.0.0", sha256_hex(release.v1))
-    target = target_file(
-        path, sha, len(lying), delta_facts(image_path, sha256_hex(release.v1), f"files/{sha}")
-    )
+    path = delta_target_path(NAME, HW, "2.0.0", sha256_hex(release.v1), FLDELTA2)
+    facts = delta_facts(image_path, sha256_hex(release.v1), f"files/{sha}", algorithm=FLDELTA2)
+    target = target_file(path, sha, len(lying), facts)
     cloud.tuf.image.publish({path: target})
     cloud.releases["2.0.0"] = m
     dev = Device(tmp_path, release.v1, cloud)

@@ -95,6 +95,7 @@ def test_offline_capture_then_upload_when_the_cloud_appears(tmp_path: Path, reco
         assert rows[0][0] > 0
         device = coordinator.repositories.devices.get("car-t1")
         assert device is not None and device.firmware_version == "1.0.0"
+        assert device.delta_formats == ("fldelta2", "fldelta1")  # its inventory says what it applies
         evaluations = runtime.metrics.registry.get_sample_value("fleetloop_agent_trigger_evaluations_total")
         assert evaluations is not None and evaluations > 0  # the engine's totals reach Prometheus
     finally:

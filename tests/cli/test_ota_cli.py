@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fleetloop_fwsim.firmware import build_image
+import pytest
+
+from fleetloop_fwsim.code_image import image_pair
 
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -20,34 +22,21 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_delta_then_patch_rebuilds_the_new_image(tmp_path: Path) -> None:
-    old, new = build_image("1.0.0", "hw", size_hint=300_000), build_image("1.1.0", "hw", size_hint=300_000)
+@pytest.mark.parametrize("fmt", ["fldelta2", "fldelta1"])
+def test_delta_then_patch_rebuilds_the_new_image(tmp_path: Path, fmt: str) -> None:
+    old, new = image_pair("insert", size=300_000)
     (tmp_path / "old.img").write_bytes(old)
     (tmp_path / "new.img").write_bytes(new)
-    made = run(
-        "artifacts",
-        "delta",
-        "--from",
-        str(tmp_path / "old.img"),
-        "--to",
-        str(tmp_path / "new.img"),
-        "-o",
-        str(tmp_path / "p.delta"),
-    )
+    args = ["--from", str(tmp_path / "old.img"), "--to", str(tmp_path / "new.img"), "-o", str(tmp_path / "p")]
+    made = run("artifacts", "delta", *args, *(["--format", fmt] if fmt == "fldelta1" else []))
     assert made.returncode == 0, made.stderr
     info = json.loads(made.stdout)
-    assert info["algorithm"].startswith("fldelta1") and info["new_bytes"] == len(new)
-    assert info["bytes"] == (tmp_path / "p.delta").stat().st_size < len(new) // 10
+    assert info["algorithm"].startswith(f"{fmt}:") and info["new_bytes"] == len(new)
+    assert info["bytes"] == (tmp_path / "p").stat().st_size < len(new) // 3
     applied = run(
-        "artifacts",
-        "patch",
-        "--from",
-        str(tmp_path / "old.img"),
-        "--patch",
-        str(tmp_path / "p.delta"),
-        "-o",
-        str(tmp_path / "out.img"),
-    )
+        "artifacts", "patch", "--from", str(tmp_path / "old.img"), "--patch", str(tmp_path / "p"),
+        "-o", str(tmp_path / "out.img"),
+    )  # fmt: skip
     assert applied.returncode == 0, applied.stderr
     assert (tmp_path / "out.img").read_bytes() == new
 

@@ -49,7 +49,7 @@ def test_release_with_delta_from_installed_image(store: ArtifactStore, tmp_path:
     kinds = sorted(p.kind for p in m.payloads)
     assert kinds == ["delta", "full"]  # duplicates and the image itself give no extra delta
     delta = m.payload_for(base_sha)
-    assert delta.kind == "delta" and delta.base_sha256 == base_sha and delta.algorithm == "fldelta1"
+    assert delta.kind == "delta" and delta.base_sha256 == base_sha and delta.algorithm == "fldelta2"
     assert delta.size < len(v2) // 10
     patch = store.file_path(delta.path).read_bytes()
     assert apply_delta(v1, patch) == v2
@@ -60,6 +60,22 @@ def test_release_with_delta_from_installed_image(store: ArtifactStore, tmp_path:
     assert files and all(f.name == sha256_hex(f.read_bytes()) for f in files)
     assert {f.name for f in files} == {sha256_hex(v1), sha256_hex(v2), delta.sha256}
     assert store.release("fw", "sim-a", "2.0.0") == (manifest_bytes, signature)
+
+
+def test_a_base_gets_a_delta_in_each_format_its_devices_prefer(store: ArtifactStore) -> None:
+    v1, other, v2 = firmware(1), firmware(3), firmware(2)
+    formats = {sha256_hex(v1): {"fldelta1", "fldelta2"}, sha256_hex(other): {"fldelta1"}}
+    manifest_bytes, _ = store.add_release(
+        v2, name="fw", version="2.0.0", hardware_id="sim-a", bases=[v1, other], now=1.0, base_formats=formats
+    )
+    m = manifest_from_bytes(manifest_bytes)
+    deltas = sorted((p.base_sha256 == sha256_hex(v1), p.algorithm) for p in m.payloads if p.kind == "delta")
+    assert deltas == [(False, "fldelta1"), (True, "fldelta1"), (True, "fldelta2")]
+    for p in m.payloads:
+        if p.kind == "delta":
+            base = v1 if p.base_sha256 == sha256_hex(v1) else other
+            patch = store.file_path(p.path).read_bytes()
+            assert patch.startswith(p.algorithm.upper().encode()) and apply_delta(base, patch) == v2
 
 
 def test_same_bytes_are_stored_once(store: ArtifactStore, tmp_path: Path) -> None:

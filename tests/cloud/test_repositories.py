@@ -408,3 +408,31 @@ def test_unreachable_and_wrong_databases_are_one_line_errors(pg_server: str) -> 
     assert "secret" not in str(exc.value) and "\n" not in str(exc.value)
     with pytest.raises((UnavailableError, ConfigError)):
         open_repositories(pg_server.rsplit("/", 1)[0] + "/no_such_database")
+
+
+def test_devices_keep_the_delta_formats_they_report(repos: Repositories) -> None:
+    hello(repos)
+    assert repos.devices.get("car-1").delta_formats == ()  # type: ignore[union-attr]
+    inventory = Inventory("sim-a", "1.0.0", "ab" * 32, "a", 0, delta_formats=("fldelta2", "fldelta1"))
+    repos.devices.update_inventory("car-1", inventory, 101.0)
+    assert repos.devices.get("car-1").delta_formats == ("fldelta2", "fldelta1")  # type: ignore[union-attr]
+    hello(repos, now=200.0)  # a new hello keeps what the last inventory said
+    assert repos.devices.get("car-1").delta_formats == ("fldelta2", "fldelta1")  # type: ignore[union-attr]
+
+
+def test_a_version_4_database_gains_the_delta_formats_column(tmp_path: Path) -> None:
+    """What the previous release wrote: devices without ``delta_formats``; they read FLDELTA1 only."""
+    path = tmp_path / "m.sqlite"
+    hello(repos := open_repositories(path))
+    repos.close()
+    with sqlite3.connect(path) as db:  # the devices table as version 4 had it
+        db.execute("ALTER TABLE devices DROP COLUMN delta_formats")
+        db.execute("UPDATE schema_version SET version = 4")
+    repos = open_repositories(path)
+    assert repos.devices.get("car-1").delta_formats == ()  # type: ignore[union-attr]
+    inventory = Inventory("sim-a", "1.0.0", "ab" * 32, "a", 0, delta_formats=("fldelta1",))
+    repos.devices.update_inventory("car-1", inventory, 101.0)
+    assert repos.devices.get("car-1").delta_formats == ("fldelta1",)  # type: ignore[union-attr]
+    repos.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]

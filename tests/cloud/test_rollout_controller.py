@@ -23,7 +23,8 @@ from fleetloop_cloud.repositories.records import (
 from fleetloop_cloud.rollout.actions import RolloutActions
 from fleetloop_cloud.rollout.controller import Job, RolloutController, job_id_for
 from fleetloop_cloud.rollout.gating import Cohorts, DeviceValues, RateCounts
-from fleetloop_cloud.rollout.policy import RolloutPolicy, parse_policy
+from fleetloop_cloud.rollout.policy import RolloutPolicy
+from fleetloop_cloud.rollout.policy_reader import parse_policy
 from fleetloop_cloud.rollout.views import (
     DeviceProgress,
     PhaseProgress,

@@ -21,7 +21,8 @@ from fleetloop_cloud.rollout.gate_inputs import (
     cohort_over,
     device_values,
 )
-from fleetloop_cloud.rollout.policy import SignalGate, parse_policy
+from fleetloop_cloud.rollout.policy import SignalGate
+from fleetloop_cloud.rollout.policy_reader import parse_policy
 from fleetloop_shared.catalog import Catalog, DataType
 from fleetloop_shared.errors import UserError
 from fleetloop_shared.segment import Segment, new_segment_id

@@ -21,7 +21,8 @@ from fleetloop_cloud.rollout.planner import (
     RolloutView,
     assign_phases,
 )
-from fleetloop_cloud.rollout.policy import RolloutPolicy, parse_policy
+from fleetloop_cloud.rollout.policy import RolloutPolicy
+from fleetloop_cloud.rollout.policy_reader import parse_policy
 from fleetloop_shared.errors import UserError
 
 P = DevicePhaseState

@@ -22,10 +22,9 @@ from fleetloop_cloud.rollout.policy import (
     Selection,
     SuccessAction,
     WindowScope,
-    parse_duration,
-    parse_policy,
     policy_to_dict,
 )
+from fleetloop_cloud.rollout.policy_reader import parse_duration, parse_policy
 from fleetloop_cloud.rollout.windows import inside, parse_cron, windows_between
 from fleetloop_shared.errors import UserError
 from fleetloop_shared.yaml_marks import load_marked
@@ -341,6 +340,16 @@ def test_weekday_names_and_dst() -> None:
     assert summer[0][0] == ts("2026-03-29T01:00:00Z")  # 03:00 CEST = 01:00 UTC
 
 
+def test_a_time_in_a_half_hour_gap_starts_when_the_gap_ends() -> None:
+    # Lord Howe Island springs forward by 30 minutes: 02:00-02:30 does not exist on 2027-10-03
+    since = ts("2027-10-02T00:00:00Z")
+    for cron in ("0 2 * * *", "15 2 * * *", "29 2 * * *"):
+        first = windows_between([(cron, 600, "Australia/Lord_Howe")], since, since + 86400)[0][0]
+        assert first == ts("2027-10-02T15:30:00Z")  # 02:30 +11:00, the first instant after the gap
+    after = windows_between([("30 2 * * *", 600, "Australia/Lord_Howe")], since, since + 86400)[0][0]
+    assert after == ts("2027-10-02T15:30:00Z")
+
+
 def test_day_of_month_or_weekday_like_cron() -> None:
     cron = parse_cron("0 0 1 * mon")
     assert cron.matches_date(dt.date(2026, 3, 1))  # the 1st (a Sunday)
@@ -370,8 +379,15 @@ def test_every_window_starts_at_the_local_time_the_cron_says(
     for a, b in windows:
         assert b > start and a < start + 4 * 86400 and b - a >= duration
         local = dt.datetime.fromtimestamp(a, ZoneInfo(zone))
-        # a local time inside a DST gap starts after the gap; every other start is exactly hh:mm
-        assert (local.hour, local.minute) == (hour, minute) or local.hour == (hour + 1) % 24
+        if (local.hour, local.minute) == (hour, minute):
+            continue
+        # a local time that does not exist that day (inside a DST gap, one hour or Lord Howe's half hour)
+        # starts where the gap ends: the wall time is missing, and the offset changes exactly at the start
+        wall = dt.datetime(local.year, local.month, local.day, hour, minute, tzinfo=ZoneInfo(zone))
+        back = wall.astimezone(dt.UTC).astimezone(ZoneInfo(zone))
+        assert back.replace(tzinfo=None) != wall.replace(tzinfo=None), (local, hour, minute)
+        before = dt.datetime.fromtimestamp(a - 1, ZoneInfo(zone))
+        assert before.utcoffset() != local.utcoffset(), (local, hour, minute)
 
 
 def _doc_examples() -> list[str]:

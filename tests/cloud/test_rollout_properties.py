@@ -14,7 +14,6 @@ a window), signal gates report random decisions, operators resume. At every step
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from hypothesis import given, settings
@@ -32,7 +31,8 @@ from fleetloop_cloud.rollout.planner import (
     assign_phases,
     counts_as,
 )
-from fleetloop_cloud.rollout.policy import BrakeAction, parse_policy
+from fleetloop_cloud.rollout.policy import BrakeAction
+from fleetloop_cloud.rollout.policy_reader import parse_policy
 from fleetloop_cloud.rollout.windows import WINDOW_HORIZON_S, inside, windows_between
 
 P = DevicePhaseState
@@ -211,8 +211,7 @@ def test_the_planners_invariants_hold_whatever_happens(
                 gates = {}
             state, phase = d.state, d.phase
             for offer in d.offers:
-                devices[offer.device_id] = dataclasses.replace(
-                    devices[offer.device_id],
+                devices[offer.device_id] = devices[offer.device_id]._replace(
                     state=P.OFFERED,
                     attempt=offer.attempt,
                     offered_at=now,
@@ -224,8 +223,8 @@ def test_the_planners_invariants_hold_whatever_happens(
                 offered_at.append(now)
             for dev_id in d.timeouts:
                 settled = planner.settle(devices[dev_id], P.TIMED_OUT, "", now)
-                devices[dev_id] = dataclasses.replace(
-                    devices[dev_id], state=settled.state, retry_at=settled.retry_at, changed_at=now
+                devices[dev_id] = devices[dev_id]._replace(
+                    state=settled.state, retry_at=settled.retry_at, changed_at=now
                 )
         elif kind in ("report", "install"):
             dev_id = ids[event[1] % n]
@@ -246,11 +245,9 @@ def test_the_planners_invariants_hold_whatever_happens(
                 new = event[2]
             if new in FAILURE_TYPES:
                 settled = planner.settle(dev, new, "", now)
-                devices[dev_id] = dataclasses.replace(
-                    dev, state=settled.state, retry_at=settled.retry_at, changed_at=now
-                )
+                devices[dev_id] = dev._replace(state=settled.state, retry_at=settled.retry_at, changed_at=now)
             else:
-                devices[dev_id] = dataclasses.replace(dev, state=new, changed_at=now)
+                devices[dev_id] = dev._replace(state=new, changed_at=now)
         elif kind == "gate":
             names = [g.name for g in policy.gates]
             if names:

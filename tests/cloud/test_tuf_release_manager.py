@@ -12,8 +12,10 @@ from typing import Any
 from tuf.api.metadata import Metadata
 
 from fleetloop_cloud.repositories.records import Inventory, Registration
+from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim.firmware import build_image
 from fleetloop_shared.update.artifact import manifest_from_bytes, sha256_hex
+from fleetloop_shared.wire import device_pb2
 
 from .conftest import RunningCoordinator
 
@@ -100,3 +102,38 @@ def test_re_offering_the_same_job_does_not_re_sign(running_coordinator: RunningC
     first = assign("j1")
     assert {assign("j1") for _ in range(3)} == {first}  # the controller re-offers every tick
     assert assign("j2") == first + 1
+
+
+def test_each_device_is_directed_to_the_delta_format_it_reads(
+    running_coordinator: RunningCoordinator,
+) -> None:
+    """Devices on the same base report different formats (one reports none: an agent from before the
+    report); the release carries a delta in each preferred format, and the director signs each device
+    the one it reads."""
+    base = running_coordinator
+    c = running_coordinator.coordinator
+    v1, v2 = build_image("1.0.0", HW, size_hint=65536), build_image("2.0.0", HW, size_hint=65536)
+    c.artifacts.add_image(v1)
+    reads = {"new": ["fldelta2", "fldelta1"], "legacy": ["fldelta1"], "old-agent": []}
+    for device, formats in reads.items():
+        caller = Caller.device(device, transport="test", proven=True)
+        c.devices.connect(caller, device_pb2.Hello(device_id=device, fleet="f"), time.time())
+        inventory = device_pb2.Inventory(
+            hardware_id=HW, firmware_version="1.0.0", firmware_sha256=sha256_hex(v1), delta_formats=formats
+        )
+        c.devices.receive(caller, device_pb2.DeviceMessage(inventory=inventory), time.time())
+    devices = c.repositories.devices
+    assert devices.get("new").delta_formats == ("fldelta2", "fldelta1")  # type: ignore[union-attr]
+    assert devices.get("legacy").delta_formats == ("fldelta1",)  # type: ignore[union-attr]
+    assert devices.get("old-agent").delta_formats == ()  # type: ignore[union-attr]
+    status, body = upload(base, v2, "2.0.0")
+    assert status == 201, body
+    payloads = json.loads(body)["payloads"]
+    assert sorted(p["algorithm"] for p in payloads if p["kind"] == "delta") == ["fldelta1", "fldelta2"]
+    manifest, signature = c.artifacts.release("fw", HW, "2.0.0")
+    for device, expected in (("new", "fldelta2"), ("legacy", "fldelta1"), ("old-agent", "fldelta1")):
+        c.jobs.publish_job(device, f"job-{device}", "ro-1", manifest, signature)
+        status, d_targets = call(base, "GET", f"/tuf/director/{device}/targets.json")
+        signed = Metadata.from_bytes(d_targets).signed.targets
+        deltas = [t.custom["fleetloop"] for t in signed.values() if t.custom["fleetloop"]["kind"] == "delta"]
+        assert [d["algorithm"] for d in deltas] == [expected], (device, deltas)

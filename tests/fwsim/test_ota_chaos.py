@@ -14,6 +14,7 @@ def test_power_cuts_everywhere_brick_nothing(tmp_path: Path) -> None:
         result = run_ota_chaos(cloud, tmp_path / "devices", runs=16, seed=11)
     finally:
         cloud.close()
+    assert [p.algorithm for p in cloud.release.payloads if p.kind == "delta"] == ["fldelta2"]
     assert result.runs == 16 and result.bricked == 0, result.bricks
     assert result.ended_old + result.ended_new == 16
     assert result.ended_old > 0 and result.ended_new > 0  # rollbacks and commits both happened

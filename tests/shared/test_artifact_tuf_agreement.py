@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fleetloop_shared.errors import ArtifactVerificationError
+from fleetloop_shared.update.delta_format import FLDELTA1, FLDELTA2
 from fleetloop_shared.update.tuf_metadata import (
     Target,
     decide_update,
@@ -25,8 +26,8 @@ def repos(
 ) -> tuple[dict[str, Target], dict[str, Target]]:
     path = image_target_path("fw", HW, "2.0.0")
     facts = image_facts("fw", "2.0.0", HW, f"files/{image_sha}")
-    dpath = delta_target_path("fw", HW, "2.0.0", base)
-    dfacts = delta_facts(path, base, f"files/{delta_sha}", methods="bsdiff4")
+    dpath = delta_target_path("fw", HW, "2.0.0", base, FLDELTA2)
+    dfacts = delta_facts(path, base, f"files/{delta_sha}", algorithm=FLDELTA2, methods="streams")
     image_repo = {path: Target(path, size, image_sha, facts), dpath: Target(dpath, 77, delta_sha, dfacts)}
     director = {
         path: Target(path, size, image_sha, {**facts, "device_id": DEV, "job_id": JOB, "rollout_id": "r"}),
@@ -35,10 +36,15 @@ def repos(
     return director, image_repo
 
 
-def decide(director: dict[str, Target], image_repo: dict[str, Target], installed: str) -> object:
+def decide(
+    director: dict[str, Target],
+    image_repo: dict[str, Target],
+    installed: str,
+    formats: tuple[str, ...] = (FLDELTA2,),
+) -> object:
     return decide_update(
         director, image_repo.get, device_id=DEV, hardware_id=HW, installed_sha256=installed, job_id=JOB,
-        expires_unix=0,
+        expires_unix=0, delta_formats=formats,
     )  # fmt: skip
 
 
@@ -92,12 +98,35 @@ def test_any_single_disagreement_is_refused(image_sha: str, base: str, field: st
         decide(director, image_repo, base)
 
 
-def test_a_delta_for_another_image_or_algorithm_is_refused() -> None:
+def test_a_delta_for_another_image_is_refused_and_one_in_an_unread_format_passed_over() -> None:
     director, image_repo = repos("a" * 64, "b" * 64, "c" * 64, 10)
-    dpath = delta_target_path("fw", HW, "2.0.0", "c" * 64)
-    for change in ({"image": "fw/gen1/3.0.0.img"}, {"algorithm": "xdelta3"}):
+    dpath = delta_target_path("fw", HW, "2.0.0", "c" * 64, FLDELTA2)
+
+    def changed(change: dict[str, str]) -> tuple[dict[str, Target], dict[str, Target]]:
         facts = {**image_repo[dpath].facts, **change}
-        d2 = {**director, dpath: Target(dpath, 77, "b" * 64, facts)}
-        i2 = {**image_repo, dpath: Target(dpath, 77, "b" * 64, facts)}
-        with pytest.raises(ArtifactVerificationError):
-            decide(d2, i2, "c" * 64)
+        target = Target(dpath, 77, "b" * 64, facts)
+        return {**director, dpath: target}, {**image_repo, dpath: target}
+
+    with pytest.raises(ArtifactVerificationError, match="builds 'fw/gen1/3\\.0\\.0\\.img'"):
+        decide(*changed({"image": "fw/gen1/3.0.0.img"}), "c" * 64)
+    # a format the device does not read: the full image builds the same target
+    plan = decide(*changed({"algorithm": "xdelta3"}), "c" * 64, (FLDELTA2, FLDELTA1))
+    assert [p.kind for p in plan.payloads] == ["full"]  # type: ignore[attr-defined]
+    plan = decide(director, image_repo, "c" * 64, (FLDELTA1,))
+    assert [p.kind for p in plan.payloads] == ["full"]  # type: ignore[attr-defined]
+
+
+def test_of_two_deltas_the_device_takes_its_preferred_format() -> None:
+    director, image_repo = repos("a" * 64, "b" * 64, "c" * 64, 10)
+    path = image_target_path("fw", HW, "2.0.0")
+    v1path = delta_target_path("fw", HW, "2.0.0", "c" * 64)
+    assert v1path == "fw/gen1/2.0.0.from-cccccccccccccccc.delta"  # FLDELTA1 keeps the path old agents know
+    v1 = Target(v1path, 99, "d" * 64, delta_facts(path, "c" * 64, "files/" + "d" * 64, algorithm=FLDELTA1))
+    director[v1path] = image_repo[v1path] = v1
+    for formats, chosen in (
+        ((FLDELTA2, FLDELTA1), FLDELTA2),
+        ((FLDELTA1, FLDELTA2), FLDELTA1),
+        ((FLDELTA1,), FLDELTA1),
+    ):
+        plan = decide(director, image_repo, "c" * 64, formats)
+        assert [(p.kind, p.algorithm) for p in plan.payloads] == [("full", "none"), ("delta", chosen)]  # type: ignore[attr-defined]

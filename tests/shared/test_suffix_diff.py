@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fleetloop_fwsim.firmware import build_image
+from fleetloop_fwsim.code_image import image_pair
 from fleetloop_shared.update import suffix_diff
-from fleetloop_shared.update.delta import apply_delta, make_delta
+from fleetloop_shared.update.delta import FLDELTA1, FLDELTA2, apply_delta, make_delta
 
 pytestmark = pytest.mark.skipif(not suffix_diff.available(), reason="numba or pydivsufsort not installed")
 
@@ -69,12 +69,14 @@ def test_streams_rebuild_the_new_buffer_exactly_through_bsdiff4(pair: tuple[byte
 
 
 @pytest.mark.parametrize("accelerate", [True, False], ids=["kernel", "bsdiff4-fallback"])
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.parametrize("fmt", [FLDELTA2, FLDELTA1])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pair=edited_pairs())
-def test_fldelta1_patches_from_both_paths_apply_exactly(accelerate: bool, pair: tuple[bytes, bytes]) -> None:
-    """Small chunks and margins, so one pair spans several chunks, windows and chosen methods."""
+def test_patches_from_both_paths_apply_exactly(fmt: str, accelerate: bool, pair: tuple[bytes, bytes]) -> None:
+    """Small chunks (and FLDELTA1 margins), so one pair spans several chunks and chosen methods."""
     old, new = pair
-    patch = make_delta(old, new, chunk=256, margin=64, accelerate=accelerate)
+    options = {"margin": 64} if fmt == FLDELTA1 else {}
+    patch = make_delta(old, new, format=fmt, chunk=256, accelerate=accelerate, **options)
     assert apply_delta(old, patch) == new
 
 
@@ -126,9 +128,10 @@ def test_empty_old_is_refused() -> None:
         suffix_diff.diff(b"", b"new")
 
 
-def test_streams_are_as_small_as_bsdiff4s_on_firmware_versions() -> None:
+@pytest.mark.parametrize("change", ["patch", "relocate", "grow"])
+def test_streams_are_as_small_as_bsdiff4s_on_linked_code(change: str) -> None:
     """Same algorithm, same format: the compressed streams are within a few bytes of bsdiff4's."""
-    v1, v2 = build_image("1.0.0", "gen2")[: 1 << 20], build_image("2.0.0", "gen2")[: 1 << 20]
+    v1, v2 = image_pair(change, size=512 << 10)
     ours = suffix_diff.diff(v1, v2)
     theirs = bsdiff4.core.diff(v1, v2)
     assert _apply(v1, len(v2), ours) == v2
@@ -146,3 +149,24 @@ def test_a_suffix_array_of_the_wrong_shape_is_refused() -> None:
         suffix_diff.diff(b"abcdefg", b"abc", sa)
     with pytest.raises(ValueError, match="suffix array"):
         suffix_diff.diff(b"abcdef", b"abc", sa.astype(np.int64))
+
+
+def test_one_index_serves_every_chunk_and_matches_the_one_shot_diff() -> None:
+    """The whole-image index is built once; diffing a chunk against it gives bsdiff's tuples (signed,
+    whole-image offsets) and the same streams as the one-shot diff."""
+    old, new = image_pair("reorder", size=256 << 10)
+    index = suffix_diff.OldIndex(old)
+    tuples, diff, extra = suffix_diff.diff_tuples(index, new)
+    control, diff1, extra1 = suffix_diff.diff(old, new)
+    assert (diff, extra) == (diff1, extra1)
+    assert tuples.tolist() == suffix_diff.control_tuples(control).tolist()
+    for start in range(0, len(new), 64 << 10):  # chunk by chunk against the same index
+        part = new[start : start + (64 << 10)]
+        t, d, e = suffix_diff.diff_tuples(index, part)
+        words = b"".join(
+            (abs(v) | (1 << 63 if v < 0 else 0)).to_bytes(8, "little") for v in t.reshape(-1).tolist()
+        )
+        rebuilt = _apply(old, len(part), (words, d, e))
+        assert rebuilt == part
+    with pytest.raises(ValueError, match="whole number of tuples"):
+        suffix_diff.control_tuples(b"\x00" * 23)

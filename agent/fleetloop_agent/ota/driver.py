@@ -7,9 +7,9 @@ the side effects in the order that makes every power cut recoverable:
    (``tuf_client``), must sign the same image for this device and this job (reject before anything
    is written),
 2. journal, then download (resumable) and verify the payload's hash,
-3. journal INSTALLING, stream the image (full payload copied, or delta applied chunk by chunk from the
-   running slot) into the inactive slot in bounded memory, hashing as it goes; check the hash against the
-   signed target, then read the slot back and check again,
+3. journal INSTALLING, stream the image (full payload copied, or delta applied piece by piece with
+   positioned reads of the running slot) into the inactive slot in bounded memory, hashing as it goes;
+   check the hash against the signed target, then read the slot back and check again,
 4. journal REBOOTING, then switch the boot environment, then reboot,
 5. after the boot, see which slot came up: the new one runs the health checks and commits (or reboots
    uncommitted, so the bootloader's counter falls back); the old one means ROLLED_BACK.
@@ -56,7 +56,7 @@ from fleetloop_shared.update.artifact import (
     manifest_to_bytes,
     sha256_file,
 )
-from fleetloop_shared.update.delta import apply_delta_stream
+from fleetloop_shared.update.delta import FORMATS, apply_delta_stream
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,12 @@ class OtaDriver:
         max_artifact_bytes: int = 512 * 1024 * 1024,
         download_rate_limit: float | None = None,
         on_bundle: Callable[[str, Path], None] | None = None,
+        delta_formats: Sequence[str] = FORMATS,
     ) -> None:
         self.platform = platform
+        #: Delta formats this device applies, preferred first (reported in the inventory; a job's delta in
+        #: another format is passed over for the full image).
+        self.delta_formats = tuple(delta_formats)
         self.state_dir = state_dir
         self.hardware_id = hardware_id
         self.device_id = device_id
@@ -286,6 +290,7 @@ class OtaDriver:
             job_id=entry.job_id,
             hardware_id=self.hardware_id,
             installed_sha256=self.installed_sha256(),
+            delta_formats=self.delta_formats,
         )
         entry.manifest = manifest_to_bytes(manifest)
         entry.signature = b""
@@ -299,7 +304,7 @@ class OtaDriver:
             raise ArtifactVerificationError(
                 f"version {manifest.version} cannot be compared with installed {installed} (need 1.2.3 style)"
             )
-        if new_key <= old_key:
+        if new_key <= old_key and not (new_key < old_key and self._is_previous_image(manifest)):
             raise ArtifactVerificationError(
                 f"version {manifest.version} is not newer than installed {installed}"
             )
@@ -307,7 +312,7 @@ class OtaDriver:
             raise ArtifactVerificationError(
                 f"image of {manifest.target_size} bytes exceeds the device limit of {self.max_artifact_bytes}"
             )
-        payload = manifest.payload_for(self.installed_sha256())
+        payload = manifest.payload_for(self.installed_sha256(), self.delta_formats)
         if payload.size > self.max_artifact_bytes:
             raise ArtifactVerificationError(
                 f"payload of {payload.size} bytes exceeds this device's limit of {self.max_artifact_bytes}"
@@ -316,6 +321,19 @@ class OtaDriver:
         entry.target_slot = self.platform.other_slot()
         entry.payload_kind = payload.kind
         entry.bytes_total = payload.size
+
+    def _is_previous_image(self, manifest: ReleaseManifest) -> bool:
+        """Whether the job takes the device back to exactly the image it ran before, still in its other
+        slot: a release manager's (or the rollout controller's) roll-back of a bad release.
+
+        Anti-rollback still holds for everything else: an older version is refused unless its signed
+        hash (both repositories agreed on it) is that of the other slot's bytes, so the device never
+        goes further back than the one step its own A/B history allows."""
+        other = self.platform.other_slot()
+        path = self.platform.slot_path(other)
+        if not path.is_file() or path.stat().st_size != manifest.target_size:
+            return False
+        return self._slot_sha256(other) == manifest.target_sha256
 
     def _accept_bundle(self, entry: JournalEntry, manifest: ReleaseManifest) -> None:
         """A bundle (no reboot): newer than the installed version of the same bundle, within limits.
@@ -347,9 +365,9 @@ class OtaDriver:
         """The payload chosen at acceptance (same kind; a delta still from the running image)."""
         if entry.payload_kind == "delta":
             installed = self._slot_sha256(entry.previous_slot)
-            for p in manifest.payloads:
-                if p.kind == "delta" and p.base_sha256 == installed:
-                    return p
+            chosen = manifest.payload_for(installed, self.delta_formats)
+            if chosen.kind == "delta":
+                return chosen
             raise ArtifactVerificationError(
                 f"no delta in the release applies to the running image {installed[:12]}"
             )
@@ -487,7 +505,14 @@ class OtaDriver:
             if payload.kind == "delta":
                 old_path = self.platform.slot_path(entry.previous_slot)
                 with old_path.open("rb") as old, source.open("rb") as patch:
-                    apply_delta_stream(old, old_path.stat().st_size, patch, write, max_size=limit)
+                    apply_delta_stream(
+                        old,
+                        old_path.stat().st_size,
+                        patch,
+                        write,
+                        max_size=limit,
+                        formats=self.delta_formats,
+                    )
             else:
                 with source.open("rb") as f:
                     while chunk := f.read(1 << 20):

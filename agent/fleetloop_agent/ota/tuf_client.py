@@ -34,6 +34,7 @@ from fleetloop_shared.errors import (
     UnavailableError,
 )
 from fleetloop_shared.update.artifact import ReleaseManifest
+from fleetloop_shared.update.delta_format import FORMATS
 from fleetloop_shared.update.tuf_metadata import (
     DIRECTOR_REPOSITORY,
     IMAGE_REPOSITORY,
@@ -165,7 +166,13 @@ class TufClient:
         return updater
 
     def decide(
-        self, base_url: str, *, job_id: str, hardware_id: str, installed_sha256: str
+        self,
+        base_url: str,
+        *,
+        job_id: str,
+        hardware_id: str,
+        installed_sha256: str,
+        delta_formats: Sequence[str] = FORMATS,
     ) -> ReleaseManifest:
         """The update this job may install, verified by both repositories; raises why not."""
         image = self._refresh(IMAGE_REPOSITORY, base_url)
@@ -191,6 +198,7 @@ class TufClient:
             installed_sha256=installed_sha256,
             job_id=job_id,
             expires_unix=0,
+            delta_formats=delta_formats,
         )
         for p in plan.payloads:
             if p.size > self._max_target:

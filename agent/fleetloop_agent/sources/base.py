@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fleetloop_shared.catalog import Catalog
+from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.samples import GroupBatch
 
 NS_PER_S: Final = 1_000_000_000
@@ -59,6 +60,12 @@ class SignalSource(Protocol):
     def alive(self) -> bool:
         """False once the source has failed for good (its file vanished, its bus went away)."""
         ...
+
+
+def check_origin(name: str, origin: str) -> None:
+    """ConfigError unless ``origin`` is one a replayed source may claim (:data:`ORIGINS`)."""
+    if origin not in ORIGINS:
+        raise ConfigError(f"source {name!r}: origin must be one of {', '.join(ORIGINS)}, got {origin!r}")
 
 
 def loop_period_ns(t_ns: npt.NDArray[np.int64], duration_ns: int) -> int:

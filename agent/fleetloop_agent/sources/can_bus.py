@@ -19,7 +19,6 @@ frames nobody asked for.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -29,6 +28,7 @@ from fleetloop_agent.sources.j1939 import TP_CM, TP_DT, J1939Reassembler
 from fleetloop_agent.sources.live import (
     DEFAULT_QUEUE_FRAMES,
     Backoff,
+    ConnectionSource,
     DeviceClock,
     FrameQueue,
     SourceCounters,
@@ -81,7 +81,7 @@ def kernel_filters(signals: CanSignalMap, j1939: bool) -> list[dict[str, Any]]:
     return filters
 
 
-class CanBusSource:
+class CanBusSource(ConnectionSource):
     """Signals of a DBC, decoded from a live bus."""
 
     def __init__(
@@ -120,11 +120,8 @@ class CanBusSource:
         self._backoff = backoff or Backoff()
         self._factory = bus_factory
         self._counters = SourceCounters()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__(f"can-{name}", self._receive, join_s=2.0)
         self._bus: Any = None
-        self._connected = threading.Event()
-        self._down = False
         self._declared = False
         #: Why the bus last failed (None while it works).
         self.failure: str | None = None
@@ -135,25 +132,10 @@ class CanBusSource:
         self._signals.declare(catalog)
         self._declared = True
 
-    def start(self) -> None:
-        """Open the bus and start receiving (``read`` does it on first call)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._receive, name=f"can-{self.name}", daemon=True)
-            self._thread.start()
-
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
-
     def close(self) -> None:
         """Stop receiving and shut the bus down (frames still queued stay readable)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=2.0)
+        super().close()
         self._close_bus()
-
-    def alive(self) -> bool:
-        """False while the bus is down (the source keeps trying to reopen it)."""
-        return not self._down
 
     # -- the receive thread -------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fleetloop_agent.recordings import read_can_frames
-from fleetloop_agent.sources.base import ORIGINS, GroupAccumulator, ReplayCursor, loop_period_ns
+from fleetloop_agent.sources.base import GroupAccumulator, ReplayCursor, check_origin, loop_period_ns
 from fleetloop_agent.sources.can_signals import CanSignalMap
 from fleetloop_agent.sources.j1939 import J1939Reassembler
 from fleetloop_shared.can_batch import FrameBatch
@@ -43,8 +43,7 @@ class CanLogSource:
         name: str = "can0",
         origin: str = "recordings",
     ) -> None:
-        if origin not in ORIGINS:
-            raise ConfigError(f"source {name!r}: origin must be one of {', '.join(ORIGINS)}, got {origin!r}")
+        check_origin(name, origin)
         if not speed > 0:
             raise ConfigError(f"source {name!r}: speed must be > 0, got {speed!r}")
         self.name = name

@@ -22,7 +22,13 @@ import numpy as np
 import numpy.typing as npt
 
 from fleetloop_agent.recordings.numpy_can import FrameRows, NumpyCanLog
-from fleetloop_agent.sources.base import ORIGINS, PERIOD_PROBE, GroupAccumulator, ReplayCursor, loop_period_ns
+from fleetloop_agent.sources.base import (
+    PERIOD_PROBE,
+    GroupAccumulator,
+    ReplayCursor,
+    check_origin,
+    loop_period_ns,
+)
 from fleetloop_agent.sources.can_signals import CanSignalMap
 from fleetloop_shared.can_batch import FrameBatch
 from fleetloop_shared.catalog import Catalog
@@ -58,8 +64,7 @@ class CanReplaySource:
         name: str = "can0",
         origin: str = "recordings",
     ) -> None:
-        if origin not in ORIGINS:
-            raise ConfigError(f"source {name!r}: origin must be one of {', '.join(ORIGINS)}, got {origin!r}")
+        check_origin(name, origin)
         self.name = name
         self.origin = origin
         self._bus = int(bus)

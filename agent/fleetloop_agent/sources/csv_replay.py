@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fleetloop_agent.recordings import data_type_of, read_wide_csv
-from fleetloop_agent.sources.base import ORIGINS, GroupAccumulator, ReplayCursor, loop_period_ns
+from fleetloop_agent.sources.base import GroupAccumulator, ReplayCursor, check_origin, loop_period_ns
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.errors import ConfigError, StateError
 from fleetloop_shared.samples import GroupBatch
@@ -47,8 +47,7 @@ class CsvReplaySource:
         name: str = "csv",
         origin: str = "recordings",
     ) -> None:
-        if origin not in ORIGINS:
-            raise ConfigError(f"source {name!r}: origin must be one of {', '.join(ORIGINS)}, got {origin!r}")
+        check_origin(name, origin)
         if time_format not in TIME_FORMATS:
             raise ConfigError(
                 f"source {name!r}: time_format must be one of {', '.join(TIME_FORMATS)}, got {time_format!r}"

@@ -21,7 +21,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -408,6 +408,41 @@ class LiveSource:
         self.counters.errors += 1
         self.last_error = message
         self.errors.error(key, message, time.monotonic_ns())
+
+
+class ConnectionSource:
+    """Base of a source that keeps one connection (a CAN bus, an OBD link) on an I/O thread it owns:
+    the thread starts once (:meth:`start`, or the first ``read``), :attr:`_connected` is set while the
+    connection is up, :attr:`_down` while it is lost and being reopened, and :meth:`close` sets
+    :attr:`_stop` and joins the thread (at most ``join_s``)."""
+
+    def __init__(self, thread_name: str, target: Callable[[], None], *, join_s: float) -> None:
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._down = False
+        self._thread_name = thread_name
+        self._target = target
+        self._join_s = join_s
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the I/O thread (once; later calls do nothing)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._target, name=self._thread_name, daemon=True)
+            self._thread.start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def close(self) -> None:
+        """Stop the I/O thread and wait for it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self._join_s)
+
+    def alive(self) -> bool:
+        """False while the connection is down (the source keeps trying to reopen it)."""
+        return not self._down
 
 
 class FrameQueue:

@@ -8,7 +8,8 @@ the source, which opens nothing until its first read. docs/sources.md has a work
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -80,6 +81,18 @@ KEYS: Final = {
     "push_api": (*_COMMON, "socket", "socket_mode", "workers", "signals"),
     "ros_replay": ("kind", "name", "origin", "path", "mapping", "include_unmapped"),
 }
+
+
+@contextmanager
+def _blamed(label: str, locate: Callable[[str], ConfigError]) -> Iterator[None]:
+    """A source's own ConfigError located where the entry's YAML says it (``locate``), unless it
+    already names the entry (then it is located already)."""
+    try:
+        yield
+    except ConfigError as exc:
+        if label in exc.message:
+            raise
+        raise locate(exc.message) from None
 
 
 class _Nested:
@@ -175,7 +188,7 @@ def _modbus(r: _SpecReader, name: str, start_ns: int, clock: DeviceClock | None)
         if poll_ms <= 0:
             raise n.fail(f"key 'poll_ms': expected a positive number, got {poll_ms!r}", "poll_ms")
         bit = n.get("bit")
-        try:
+        with _blamed(r.label, n.located):
             tags.append(
                 Tag(
                     signal,
@@ -192,16 +205,12 @@ def _modbus(r: _SpecReader, name: str, start_ns: int, clock: DeviceClock | None)
                     n.integer("bit", None, 0, 15) if bit is not None else None,
                 )
             )
-        except ConfigError as exc:
-            if r.label in exc.message:
-                raise
-            raise n.located(exc.message) from None
     if not tags:
         raise r.fail("tags", "maps no tag")
     max_gap = r.raw("max_gap", None)
     if max_gap is not None:
         max_gap = r.integer("max_gap", 0)
-    try:
+    with _blamed(r.label, lambda message: r.fail("tags", message)):
         return ModbusSource(
             name,
             PymodbusClient(host, port, timeout_s=_number(r, "timeout_s", 1.0)),
@@ -212,10 +221,6 @@ def _modbus(r: _SpecReader, name: str, start_ns: int, clock: DeviceClock | None)
             max_gap=max_gap,
             **_common(r),
         )
-    except ConfigError as exc:
-        if r.label in exc.message:
-            raise
-        raise r.fail("tags", exc.message) from None
 
 
 def _opcua(r: _SpecReader, name: str, start_ns: int, clock: DeviceClock | None) -> SignalSource:
@@ -305,14 +310,10 @@ def _mqtt_json(r: _SpecReader, name: str, start_ns: int, clock: DeviceClock | No
             entities[str(key)] = _target(r, "discovery", f"entity {key!r}", raw)
     if not topics and not entities:
         raise r.fail("topics", "maps nothing (give topics, zigbee2mqtt devices or discovery entities)")
-    try:
+    with _blamed(r.label, lambda message: r.fail("topics", message)):
         return MqttJsonSource(
             name, broker, topics, discovery_prefix=prefix, entities=entities, clock=clock, **_common(r)
         )
-    except ConfigError as exc:
-        if r.label in exc.message:
-            raise
-        raise r.fail("topics", exc.message) from None
 
 
 def _push_api(r: _SpecReader, name: str, start_ns: int, clock: DeviceClock | None) -> SignalSource:

@@ -20,7 +20,7 @@ from typing import Final
 import numpy as np
 
 from fleetloop_agent.sources.base import LIVE
-from fleetloop_agent.sources.live import Backoff, DeviceClock, SourceCounters, SystemClock
+from fleetloop_agent.sources.live import Backoff, ConnectionSource, DeviceClock, SourceCounters, SystemClock
 from fleetloop_agent.sources.obd_link import ObdLink
 from fleetloop_agent.sources.obd_plan import ObdPollPlan
 from fleetloop_shared.catalog import Catalog, DataType
@@ -45,7 +45,7 @@ DEFAULT_QUEUE_SAMPLES: Final = 16_384
 MAX_IDLE_S: Final = 0.2
 
 
-class ObdSource:
+class ObdSource(ConnectionSource):
     """PIDs (``{pid: interval_s}``) of one ECU, polled over ``link``."""
 
     def __init__(
@@ -78,10 +78,7 @@ class ObdSource:
         self._counters = SourceCounters()
         self._ids: dict[int, int] = {}
         self._vin_id = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._connected = threading.Event()
-        self._down = False
+        super().__init__(f"obd-{name}", self._run, join_s=5.0)
         self._declared = False
         #: Why the link last failed (None while it works); the VIN once read.
         self.failure: str | None = None
@@ -93,23 +90,6 @@ class ObdSource:
         if self._vin:
             self._vin_id = catalog.add(VIN_PATH, DataType.STRING).id
         self._declared = True
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"obd-{self.name}", daemon=True)
-            self._thread.start()
-
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-
-    def alive(self) -> bool:
-        """False while the link is down (the source keeps trying to reopen it)."""
-        return not self._down
 
     # -- the polling thread -------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from fleetloop_agent.recordings import data_type_of, read_robot_log
 from fleetloop_agent.recordings.ros import robot_log_topics
-from fleetloop_agent.sources.base import ORIGINS, GroupAccumulator, ReplayCursor, loop_period_ns
+from fleetloop_agent.sources.base import GroupAccumulator, ReplayCursor, check_origin, loop_period_ns
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.errors import ConfigError, StateError
 from fleetloop_shared.samples import GroupBatch
@@ -59,8 +59,7 @@ class RosReplaySource:
         name: str = "robot",
         origin: str = "recordings",
     ) -> None:
-        if origin not in ORIGINS:
-            raise ConfigError(f"source {name!r}: origin must be one of {', '.join(ORIGINS)}, got {origin!r}")
+        check_origin(name, origin)
         self.name = name
         self.origin = origin
         wanted: dict[str, dict[str, tuple[str, str]]] = {}

@@ -3,7 +3,7 @@
 Two formats: ``parquet`` — today's Hive-partitioned folder of Parquet files, one per segment, on local
 disk (docs/decisions/0008) — and ``iceberg`` — Apache Iceberg tables ``samples`` and ``captures`` whose
 catalog is the coordinator's own SQL database and whose files live in the object store (a folder, or an
-S3 bucket shared by several coordinators; docs/decisions/0024).
+S3 bucket shared by several coordinators; docs/decisions/0025).
 """
 
 from __future__ import annotations

@@ -52,6 +52,8 @@ log = logging.getLogger("fleetloop.cloud.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+#: Status of a request whose client went away before the answer (nginx's "client closed request").
+CLIENT_CLOSED = 499
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 #: What aiohttp's own HTTP errors are called in the error body (the CLI maps ``type`` to its errors).
 _HTTP_TYPES = {404: "NotFoundError", 405: "MethodNotAllowed", 413: "PayloadTooLargeError"}
@@ -125,15 +127,32 @@ async def request_ids(request: web.Request, handler: Handler) -> web.StreamRespo
     return response
 
 
-@web.middleware
-async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def observed(
+    request: web.Request, handler: Handler, done: Callable[[int, float], None]
+) -> web.StreamResponse:
+    """Run ``handler`` and then tell ``done`` the request's final status and the seconds it took,
+    however it ended: an exception the error middleware let through counts with its own status, a
+    client that went away with :data:`CLIENT_CLOSED`, anything else as 500. The access log and the
+    metrics middleware both see a request through this, so they cannot disagree on its status."""
     started = time.perf_counter()
     status = 500
     try:
         response = await handler(request)
         status = response.status
         return response
+    except web.HTTPException as exc:  # what the error middleware lets through (< 400)
+        status = exc.status
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        status = CLIENT_CLOSED
+        raise
     finally:
+        done(status, time.perf_counter() - started)
+
+
+@web.middleware
+async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def line(status: int, seconds: float) -> None:
         caller = request.get(CALLER)
         route = request.match_info.route.name or "-"
         log.log(
@@ -142,10 +161,12 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
             request.method,
             redact(request.path),
             status,
-            (time.perf_counter() - started) * 1000,
+            seconds * 1000,
             caller.name if isinstance(caller, Caller) else "-",
             extra={"request_id": request_id_of(request)},
         )
+
+    return await observed(request, handler, line)
 
 
 @web.middleware

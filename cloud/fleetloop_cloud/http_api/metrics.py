@@ -10,16 +10,13 @@ answer is counted with status 499 (nginx's "client closed request").
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Protocol
 
 from aiohttp import web
 
-from fleetloop_cloud.http_api.app import AUTH_FAILURE, Handler, Middleware
+from fleetloop_cloud.http_api.app import AUTH_FAILURE, CLIENT_CLOSED, Handler, Middleware, observed
 
-#: Status of a request whose client went away before the answer.
-CLIENT_CLOSED = 499
+__all__ = ["CLIENT_CLOSED", "HttpMetrics", "metrics_middleware"]
 
 
 class HttpMetrics(Protocol):
@@ -33,22 +30,12 @@ def metrics_middleware(metrics: HttpMetrics) -> Middleware:
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-        started = time.perf_counter()
-        status = 500
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:  # what the error middleware lets through (< 400)
-            status = exc.status
-            raise
-        except (asyncio.CancelledError, ConnectionResetError):
-            status = CLIENT_CLOSED
-            raise
-        finally:
+        def count(status: int, seconds: float) -> None:
             metrics.http_request(
-                request.match_info.route.name or "unmatched", status, time.perf_counter() - started,
+                request.match_info.route.name or "unmatched", status, seconds,
                 auth_failure=request.get(AUTH_FAILURE) is not None,
             )  # fmt: skip
+
+        return await observed(request, handler, count)
 
     return observe

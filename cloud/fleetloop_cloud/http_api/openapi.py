@@ -42,7 +42,7 @@ DEVICE = _obj(
     device_id=STR, fleet=STR, labels=STR_MAP, agent_version=STR, data_origin=STR, hardware_id=STR,
     firmware_version=STR, firmware_sha256=STR, active_slot=STR, campaigns_version=INT,
     campaigns_running=_arr(STR), campaigns_refused=STR_MAP, captures_total=INT, last_seen=NUM,
-    registered_at=NUM, online=BOOL,
+    registered_at=NUM, online=BOOL, delta_formats=_arr(STR),
     telemetry={"type": ["object", "null"], "properties": {
         "reported_at": NUM, "segments_pending": INT, "bytes_pending": INT, "store_bytes": INT,
         "store_quota_bytes": INT, "clock_offset_ms": NUM, "network": STR}},

@@ -3,9 +3,9 @@
 Files are content-addressed (``files/<sha256>``): the name *is* the integrity check, the same bytes are
 stored once however many releases use them, and the HTTP server can hand a device any file by hash
 without a lookup table. For every image already installed in the fleet (a *base*), a release carries a
-chunked delta (``fleetloop_shared.update.delta``: per chunk the smallest of zstd, zstd patch-from and bsdiff4,
-made file to file in bounded memory) when it is smaller than the full image, so most devices download a
-fraction of it.
+delta (:mod:`fleetloop_shared.update.delta`) in each format that devices on that base prefer — FLDELTA2
+(whole-image matching) for current agents, FLDELTA1 for agents that read only it — when it is smaller
+than the full image, so most devices download a fraction of it.
 
 What devices trust is the TUF image repository (:mod:`fleetloop_cloud.ota.tuf_repository`): every image and
 delta becomes a signed target there, with its hash, length, hardware id, version and (for a delta) base
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from fleetloop_cloud.ota.tuf_repository import TufRepositories, target_file
@@ -35,7 +35,7 @@ from fleetloop_shared.update.artifact import (
     sha256_file,
     sha256_hex,
 )
-from fleetloop_shared.update.delta import DELTA_ALGORITHM, make_delta_file
+from fleetloop_shared.update.delta import FLDELTA2, FORMATS, make_delta_file
 from fleetloop_shared.update.firmware_image import MAGIC as IMAGE_MAGIC
 from fleetloop_shared.update.firmware_image import image_info
 from fleetloop_shared.update.tuf_metadata import (
@@ -47,7 +47,7 @@ from fleetloop_shared.update.tuf_metadata import (
 
 #: Largest image accepted (refused above, before anything is written).
 MAX_IMAGE_BYTES = 1 << 30
-#: Deltas are made chunk by chunk (bounded memory), so every image size up to the limit gets them.
+#: Every image size up to the limit gets deltas (FLDELTA2 indexes the whole base: ~5× its size in memory).
 DELTA_MAX_IMAGE_BYTES = MAX_IMAGE_BYTES
 #: At most this many deltas per release (policy "first bases win": bases after these, in the order the
 #: caller gives them, get the full image).
@@ -187,12 +187,14 @@ class ArtifactStore:
         hardware_id: str,
         bases: Sequence[bytes],
         now: float,
+        base_formats: Mapping[str, Collection[str]] | None = None,
     ) -> tuple[bytes, bytes]:
         """Store the image and its deltas, sign the manifest; returns (manifest bytes, signature).
 
-        One bsdiff4 delta per distinct base (bases identical to the new image are skipped), kept only
-        when smaller than the full image. StateError for a duplicate or a version not greater than the
-        newest existing release of this name and hardware.
+        Per distinct base (bases identical to the new image are skipped), one delta in each format
+        ``base_formats`` names for that base's sha256 (default: FLDELTA2), each kept only when smaller
+        than the full image. StateError for a duplicate or a version not greater than the newest
+        existing release of this name and hardware.
         """
         self._check_image(image)
         image = bytes(image)
@@ -231,16 +233,16 @@ class ArtifactStore:
                 self._put_file(base)
                 if len(base) > DELTA_MAX_IMAGE_BYTES:
                     continue
-                delta = self._make_delta(base_sha, target_sha)
-                if delta is None:
-                    continue
-                patch_sha, patch_size, methods = delta
-                payloads.append(
-                    PayloadRef(
-                        "delta", DELTA_ALGORITHM, f"files/{patch_sha}", patch_sha, patch_size, base_sha
+                wanted = (base_formats or {}).get(base_sha, (FLDELTA2,))
+                for fmt in sorted(set(wanted), key=list(FORMATS).index):
+                    delta = self._make_delta(base_sha, target_sha, fmt)
+                    if delta is None:
+                        continue
+                    patch_sha, patch_size, methods = delta
+                    payloads.append(
+                        PayloadRef("delta", fmt, f"files/{patch_sha}", patch_sha, patch_size, base_sha)
                     )
-                )
-                self._methods[patch_sha] = methods
+                    self._methods[patch_sha] = methods
             created = int(now)
             manifest = ReleaseManifest(
                 name=name,
@@ -263,12 +265,12 @@ class ArtifactStore:
             write_atomically(directory / f"{version}.manifest.json", manifest_bytes)
         return manifest_bytes, signature
 
-    def _make_delta(self, base_sha: str, target_sha: str) -> tuple[str, int, str] | None:
-        """Delta file from one stored image to another (file to file, bounded memory), stored by hash;
-        None when it is not smaller than the full image."""
-        tmp = self._files / f".delta-{base_sha[:16]}-{target_sha[:16]}"
+    def _make_delta(self, base_sha: str, target_sha: str, fmt: str) -> tuple[str, int, str] | None:
+        """Delta file in format ``fmt`` from one stored image to another, stored by hash; None when it is
+        not smaller than the full image."""
+        tmp = self._files / f".delta-{base_sha[:16]}-{target_sha[:16]}.{fmt}"
         try:
-            stats = make_delta_file(self._files / base_sha, self._files / target_sha, tmp)
+            stats = make_delta_file(self._files / base_sha, self._files / target_sha, tmp, format=fmt)
             if stats.bytes >= stats.new_bytes:
                 return None
             patch_sha = sha256_file(tmp)
@@ -294,9 +296,15 @@ class ArtifactStore:
                 targets[image_path] = target_file(image_path, p.sha256, p.size, facts)
             else:
                 assert p.base_sha256 is not None
-                path = delta_target_path(manifest.name, manifest.hardware_id, manifest.version, p.base_sha256)
+                path = delta_target_path(
+                    manifest.name, manifest.hardware_id, manifest.version, p.base_sha256, p.algorithm
+                )
                 facts = delta_facts(
-                    image_path, p.base_sha256, p.path, methods=self._methods.get(p.sha256, "")
+                    image_path,
+                    p.base_sha256,
+                    p.path,
+                    algorithm=p.algorithm,
+                    methods=self._methods.get(p.sha256, ""),
                 )
                 targets[path] = target_file(path, p.sha256, p.size, facts)
         self.tuf.image.publish(targets)

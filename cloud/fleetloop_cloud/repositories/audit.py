@@ -7,6 +7,7 @@ sharing PostgreSQL extend one chain (write transactions are serialized across pr
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any
 
@@ -23,17 +24,14 @@ MAX_READ = 10_000
 
 
 def _chained(entry: NewAuditEntry, seq: int, prev_hash: str) -> AuditEntry:
-    e = entry
-    fields: dict[str, Any] = {
-        "seq": seq, "at": e.at, "actor": e.actor, "role": e.role, "transport": e.transport,
-        "address": e.address, "request_id": e.request_id, "action": e.action, "target": e.target,
-        "before": e.before, "after": e.after, "detail": e.detail, "prev_hash": prev_hash,
-    }  # fmt: skip
+    fields: dict[str, Any] = {"seq": seq, **dataclasses.asdict(entry), "prev_hash": prev_hash}
     return AuditEntry(**fields, hash=entry_hash(fields))
 
 
 def _entry(r: tuple[Any, ...]) -> AuditEntry:
-    return AuditEntry(int(r[0]), float(r[1]), *(str(v) for v in r[2:]))
+    """An entry from a row of :data:`_COLUMNS`."""
+    *taken, prev_hash, hash_ = (str(v) for v in r[2:])
+    return AuditEntry(float(r[1]), *taken, seq=int(r[0]), prev_hash=prev_hash, hash=hash_)
 
 
 def _matches(e: AuditEntry, where: AuditFilter) -> bool:

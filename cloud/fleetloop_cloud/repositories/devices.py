@@ -16,7 +16,8 @@ from fleetloop_shared.errors import MalformedMessageError, NotFoundError
 _COLUMNS = (
     "device_id, fleet, labels_json, catalog_json, agent_version, data_origin, hardware_id, "
     "firmware_version, firmware_sha256, active_slot, campaigns_version, campaigns_running_json, "
-    "campaigns_refused_json, captures_total, session_owner, last_seen, registered_at, time_zone"
+    "campaigns_refused_json, captures_total, session_owner, last_seen, registered_at, time_zone, "
+    "delta_formats"
 )
 
 
@@ -58,10 +59,11 @@ class SqlDevices:
         with self._db.write() as tx:
             cur = tx.execute(
                 """UPDATE devices SET hardware_id = ?, firmware_version = ?, firmware_sha256 = ?,
-                          active_slot = ?, campaigns_version = ?, time_zone = ?, last_seen = ?
+                          active_slot = ?, campaigns_version = ?, time_zone = ?, last_seen = ?,
+                          delta_formats = ?
                    WHERE device_id = ?""",
                 (i.hardware_id, i.firmware_version, i.firmware_sha256, i.active_slot, i.campaigns_version,
-                 i.time_zone, now, device_id),
+                 i.time_zone, now, ",".join(i.delta_formats), device_id),
             )  # fmt: skip
             if cur.rowcount == 0:
                 raise _unknown(device_id)
@@ -140,6 +142,7 @@ class SqlDevices:
             last_seen=float(row[15]),
             registered_at=float(row[16]),
             time_zone=str(row[17]),
+            delta_formats=tuple(f for f in str(row[18]).split(",") if f),
         )
 
     def get(self, device_id: str) -> DeviceRecord | None:

@@ -75,6 +75,18 @@ def _rollout(r: tuple[Any, ...]) -> RolloutRecord:
     )
 
 
+def _assignments(now: float, **columns: Any) -> tuple[list[str], list[Any]]:
+    """The SET clauses and their parameters of a partial update: ``updated_at`` and every column
+    given a value (None leaves a column as it is)."""
+    sets: list[str] = ["updated_at = ?"]
+    params: list[Any] = [now]
+    for column, value in columns.items():
+        if value is not None:
+            sets.append(f"{column} = ?")
+            params.append(value)
+    return sets, params
+
+
 def _windows_json(windows: Sequence[tuple[float, float]]) -> str:
     return json.dumps([[a, b] for a, b in windows]) if windows else "[]"
 
@@ -106,19 +118,12 @@ def _device(r: tuple[Any, ...]) -> RolloutDeviceRecord:
 
 
 def _gate(r: tuple[Any, ...]) -> GateEvaluationRecord:
+    seq, rollout_id, at, phase, gate, decision, statistic, p_value, effect, reason, inputs = r
     return GateEvaluationRecord(
-        int(r[0]),
-        r[1],
-        float(r[2]),
-        int(r[3]),
-        r[4],
-        r[5],
-        _maybe(r[6]),
-        _maybe(r[7]),
-        _maybe(r[8]),
-        r[9],
-        {str(k): float(v) for k, v in json.loads(r[10]).items()},
-    )
+        int(phase), gate, decision, _maybe(statistic), _maybe(p_value), _maybe(effect), reason,
+        {str(k): float(v) for k, v in json.loads(inputs).items()},
+        seq=int(seq), rollout_id=rollout_id, at=float(at),
+    )  # fmt: skip
 
 
 def _maybe(value: Any) -> float | None:
@@ -229,17 +234,10 @@ class SqlRollouts:
                     raise _no_rollout(rollout_id)
                 if (str(row[0]), int(row[1])) != update.expect:
                     return False
-            sets: list[str] = ["updated_at = ?"]
-            params: list[Any] = [now]
-            for column, value in (
-                ("state", update.state),
-                ("phase", update.phase),
-                ("phase_started_at", update.phase_started_at),
-                ("reason", update.reason),
-            ):
-                if value is not None:
-                    sets.append(f"{column} = ?")
-                    params.append(value)
+            sets, params = _assignments(
+                now, state=update.state, phase=update.phase, phase_started_at=update.phase_started_at,
+                reason=update.reason,
+            )  # fmt: skip
             if update.accepted_failures is not None:
                 sets.append("accepted_failures_json = ?")
                 params.append(json.dumps(sorted(update.accepted_failures)))
@@ -294,19 +292,10 @@ class SqlRollouts:
             return
         if change.only_attempt is not None and int(row[1]) != change.only_attempt:
             return
-        sets: list[str] = ["updated_at = ?"]
-        params: list[Any] = [now]
-        for column, value in (
-            ("state", change.state),
-            ("reason", change.reason),
-            ("attempt", change.attempt),
-            ("offered_at", change.offered_at),
-            ("retry_at", change.retry_at),
-            ("running_version", change.running_version),
-        ):
-            if value is not None:
-                sets.append(f"{column} = ?")
-                params.append(value)
+        sets, params = _assignments(
+            now, state=change.state, reason=change.reason, attempt=change.attempt,
+            offered_at=change.offered_at, retry_at=change.retry_at, running_version=change.running_version,
+        )  # fmt: skip
         if change.state is not None and change.state != row[0]:
             sets.append("changed_at = ?")
             params.append(now)
@@ -512,19 +501,14 @@ class MemoryRollouts:
             )
             self._log(rollout_id, now, update.audit)
             for e in update.gates:
+                made = {f.name: getattr(e, f.name) for f in dataclasses.fields(e)}
+                made["inputs"] = {k: float(v) for k, v in e.inputs.items()}  # a copy, as a database row is
                 self._gates.append(
                     GateEvaluationRecord(
-                        len(self._gates) + 1,
-                        rollout_id,
-                        now,
-                        e.phase,
-                        e.gate,
-                        e.decision,
-                        e.statistic,
-                        e.p_value,
-                        e.effect,
-                        e.reason,
-                        {k: float(v) for k, v in e.inputs.items()},
+                        **made,
+                        seq=len(self._gates) + 1,
+                        rollout_id=rollout_id,
+                        at=now,
                     )
                 )
             for device_id, (phase, version) in sorted(update.joined.items()):
@@ -564,8 +548,7 @@ class MemoryRollouts:
         def pick(new: Any, current: Any) -> Any:
             return current if new is None else new
 
-        devices[device_id] = dataclasses.replace(
-            old,
+        devices[device_id] = old._replace(
             state=pick(change.state, old.state),
             reason=pick(change.reason, old.reason),
             delivered=pick(change.delivered, old.delivered),

@@ -5,12 +5,15 @@ died — by ``session_owner`` and the ``coordinators`` leases: a device is onlin
 whose lease is current holds its session. A version 1 database is upgraded in place on open (the column
 is added; the old flag stays, unread). Version 3 added the operator plane: ``api_tokens``
 (only the SHA-256 of each secret) and the hash-chained ``audit_log``; an older database gains both
-tables, empty, on open. Version 4 (this one) added what rollouts need beyond phases and a brake: per
+tables, empty, on open. Version 4 added what rollouts need beyond phases and a brake: per
 execution its attempt, offer time, retry time, install windows, and the versions before and after; the
 rollouts' revision and parent (a roll-back); the signal-gate evaluations; the controller lease with its
 fencing token; and each device's reported time zone. An older database gains the columns (with their
 defaults) and the tables on open. ``device_telemetry`` (each device's latest heartbeat report) is
-added to any database on open without a new version: older code never reads it.
+added to any database on open without a new version: older code never reads it. Version 5 (this one)
+added the devices' ``delta_formats`` (the OTA delta formats a device's inventory says it reads,
+comma-separated, preferred first); an older database gains the column, empty for every device (read as
+FLDELTA1 only, what agents before the report read), on open.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from fleetloop_cloud.repositories.database import Database, Transaction
 from fleetloop_shared.errors import ConfigError
 
 #: Version of the schema this code writes; bumped with every incompatible change.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -41,7 +44,8 @@ CREATE TABLE IF NOT EXISTS devices (
     session_owner TEXT NOT NULL DEFAULT '',
     last_seen REAL NOT NULL,
     registered_at REAL NOT NULL,
-    time_zone TEXT NOT NULL DEFAULT ''
+    time_zone TEXT NOT NULL DEFAULT '',
+    delta_formats TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS device_telemetry (
     device_id TEXT PRIMARY KEY,
@@ -204,6 +208,8 @@ def ensure_schema(db: Database) -> None:
             _upgrade_to_2(tx)
         if version < 4:
             _add_rollout_controller_columns(tx, db)
+        if version < 5:
+            _add_delta_formats_column(tx, db)
         tx.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
 
@@ -245,3 +251,9 @@ def _columns(tx: Transaction, db: Database, table: str) -> set[str]:
         ).fetchall()
         return {str(r[0]) for r in rows}
     return {str(r[1]) for r in tx.execute(f"PRAGMA table_info({table})").fetchall()}
+
+
+def _add_delta_formats_column(tx: Transaction, db: Database) -> None:
+    """Devices before version 5 never reported delta formats: add the column, empty for all of them."""
+    if "delta_formats" not in _columns(tx, db, "devices"):
+        tx.execute(db.ddl("ALTER TABLE devices ADD COLUMN delta_formats TEXT NOT NULL DEFAULT ''"))

@@ -46,7 +46,8 @@ from fleetloop_cloud.rollout.planner import (
     RolloutState,
     RolloutView,
 )
-from fleetloop_cloud.rollout.policy import RolloutPolicy, Selection, parse_policy
+from fleetloop_cloud.rollout.policy import RolloutPolicy, Selection
+from fleetloop_cloud.rollout.policy_reader import parse_policy
 from fleetloop_cloud.rollout.targets import TargetSelection, new_rollout
 from fleetloop_shared.errors import NotFoundError, UserError
 
@@ -144,16 +145,25 @@ _STATES = {s.value: s for s in DevicePhaseState}
 
 
 def device_view(d: RolloutDeviceRecord, time_zone: str = "") -> DeviceView:
+    # positional: this runs once per device of every active rollout on every tick
     return DeviceView(
-        phase=d.phase,
-        state=_STATES[d.state],
-        attempt=d.attempt,
-        changed_at=d.changed_at,
-        offered_at=d.offered_at,
-        retry_at=d.retry_at or None,
-        time_zone=time_zone,
-        windowed=bool(d.windows),
-    )
+        d.phase, _STATES[d.state], d.attempt, d.changed_at, d.offered_at, d.retry_at or None, time_zone,
+        bool(d.windows),
+    )  # fmt: skip
+
+
+def _views(devices: Sequence[RolloutDeviceRecord], zones: Mapping[str, str]) -> dict[str, DeviceView]:
+    """The planner's view of every device (zones only matter for windows in device-local time)."""
+    states, view = _STATES, DeviceView
+    if zones:
+        return {d.device_id: device_view(d, zones.get(d.device_id, "")) for d in devices}
+    return {
+        d.device_id: view(
+            d.phase, states[d.state], d.attempt, d.changed_at, d.offered_at, d.retry_at or None, "",
+            bool(d.windows),
+        )
+        for d in devices
+    }  # fmt: skip
 
 
 class RolloutController:
@@ -283,7 +293,7 @@ class RolloutController:
                 state=RolloutState(record.state),
                 phase=record.phase,
                 phase_started_at=record.phase_started_at,
-                devices={d.device_id: device_view(d, zones.get(d.device_id, "")) for d in devices},
+                devices=_views(devices, zones),
                 accepted_failures=record.accepted_failures,
                 gates=latest,
                 busy=busy,

@@ -15,6 +15,7 @@ from fleetloop_cloud.repositories.interfaces import DeviceRepository
 from fleetloop_cloud.rollout.controller import Job
 from fleetloop_cloud.sessions import DeviceSessions
 from fleetloop_shared.update.artifact import manifest_from_bytes
+from fleetloop_shared.update.delta_format import readable_formats
 from fleetloop_shared.wire import device_pb2, ota_pb2
 
 
@@ -48,6 +49,7 @@ class OtaJobs:
             rollout_id=job.rollout_id,
             release=manifest_from_bytes(job.manifest),
             installed_sha256=device.firmware_sha256 if device is not None else "",
+            delta_formats=readable_formats(device.delta_formats if device is not None else ()),
         )
         message = ota_pb2.OtaJob(
             job_id=job.job_id,

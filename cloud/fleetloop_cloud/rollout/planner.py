@@ -21,6 +21,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 from fleetloop_cloud.rollout.policy import (
     BrakeAction,
@@ -144,9 +145,9 @@ def assign_phases(device_ids: Sequence[str], policy: RolloutPolicy) -> dict[str,
     return result
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceView:
-    """One device as the planner sees it."""
+class DeviceView(NamedTuple):
+    """One device as the planner sees it. A tuple: the controller builds one per device of a rollout
+    on every tick, and a tuple is built several times faster than a frozen dataclass."""
 
     phase: int
     state: DevicePhaseState
@@ -473,15 +474,8 @@ class RolloutPlanner:
             start_at = phases[nxt].start_at
             passed = f"{self._phase_label(phase)} passed ({t.phase_succeeded} of {t.phase_members} succeeded)"
             if start_at is not None and now < start_at:
-                offers, reoffers = self._offers(view, t, phase, now)
-                return Decision(
-                    RolloutState.RUNNING,
-                    phase,
-                    offers,
-                    f"{passed}; {self._phase_label(nxt)} starts at {start_at:.0f}",
-                    timeouts,
-                    reoffers=reoffers,
-                )
+                starts = f"{passed}; {self._phase_label(nxt)} starts at {start_at:.0f}"
+                return self._running(view, t, phase, now, starts, timeouts)
             if success.action is SuccessAction.PAUSE:
                 return Decision(
                     RolloutState.WAITING_APPROVAL,
@@ -490,15 +484,7 @@ class RolloutPlanner:
                     f"{passed}; approve to open {self._phase_label(nxt)}",
                     timeouts,
                 )
-            offers, reoffers = self._offers(view, t, nxt, now)
-            return Decision(
-                RolloutState.RUNNING,
-                nxt,
-                offers,
-                f"{passed}; opening {self._phase_label(nxt)}",
-                timeouts,
-                reoffers=reoffers,
-            )
+            return self._running(view, t, nxt, now, f"{passed}; opening {self._phase_label(nxt)}", timeouts)
 
         if timed_out and not (met and gates_ok):
             need = f"need {success.percent:g}%" if not met else gates_note
@@ -511,7 +497,6 @@ class RolloutPlanner:
                 timeouts,
             )
 
-        offers, reoffers = self._offers(view, t, phase, now)
         if met and last:
             waiting = (
                 "continuous: waiting for new devices"
@@ -524,14 +509,14 @@ class RolloutPlanner:
             waiting = f"condition met; {gates_note}"
         else:
             waiting = f"{t.phase_succeeded} of {t.phase_members} succeeded, need {success.percent:g}%"
-        return Decision(
-            RolloutState.RUNNING,
-            phase,
-            offers,
-            f"{self._phase_label(phase)}: {waiting}",
-            timeouts,
-            reoffers=reoffers,
-        )
+        return self._running(view, t, phase, now, f"{self._phase_label(phase)}: {waiting}", timeouts)
+
+    def _running(
+        self, view: RolloutView, t: _Tally, phase: int, now: float, reason: str, timeouts: tuple[str, ...]
+    ) -> Decision:
+        """The rollout keeps running in ``phase``, offering what :meth:`_offers` allows now."""
+        offers, reoffers = self._offers(view, t, phase, now)
+        return Decision(RolloutState.RUNNING, phase, offers, reason, timeouts, reoffers=reoffers)
 
     def _offers(
         self, view: RolloutView, t: _Tally, phase: int, now: float

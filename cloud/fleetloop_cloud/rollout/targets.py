@@ -38,9 +38,9 @@ from fleetloop_cloud.rollout.policy import (
     RolloutPolicy,
     SuccessCondition,
     Target,
-    parse_policy,
     policy_to_dict,
 )
+from fleetloop_cloud.rollout.policy_reader import parse_policy
 from fleetloop_shared.errors import NotFoundError, UserError
 from fleetloop_shared.rules import selector_matches
 from fleetloop_shared.update.artifact import manifest_from_bytes

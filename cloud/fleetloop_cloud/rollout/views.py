@@ -15,7 +15,8 @@ from typing import Any
 from fleetloop_cloud.repositories.interfaces import RolloutRepository
 from fleetloop_cloud.repositories.records import AuditRecord, GateEvaluationRecord, RolloutRecord
 from fleetloop_cloud.rollout.planner import DevicePhaseState
-from fleetloop_cloud.rollout.policy import parse_policy, policy_to_dict
+from fleetloop_cloud.rollout.policy import policy_to_dict
+from fleetloop_cloud.rollout.policy_reader import parse_policy
 from fleetloop_shared.errors import NotFoundError
 
 S = DevicePhaseState

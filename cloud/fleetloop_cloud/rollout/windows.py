@@ -153,11 +153,29 @@ def _starts(cron: Cron, tz: ZoneInfo, since: float, until: float) -> Iterable[fl
         if cron.matches_date(day):
             for hour in cron.hours:
                 for minute in cron.minutes:
-                    local = dt.datetime(day.year, day.month, day.day, hour, minute, tzinfo=tz)
-                    start = local.timestamp()
+                    start = _instant(dt.datetime(day.year, day.month, day.day, hour, minute, tzinfo=tz))
                     if since <= start <= until:
                         yield start
         day += dt.timedelta(days=1)
+
+
+def _instant(local: dt.datetime) -> float:
+    """Unix seconds of the wall time ``local``; for one inside a spring-forward gap, the instant the gap
+    ends (the first moment the clock shows a time at or after it), whatever the gap's length."""
+    early, late = local.replace(fold=1).timestamp(), local.timestamp()
+    if early == late or local.tzinfo is None:
+        return late
+    # fold=1 reads the wall time with the offset after the change (an instant before the gap), fold=0
+    # with the one before it (an instant after): the change lies between; find it to the second
+    lo, hi = int(early), int(late)
+    offset_after = dt.datetime.fromtimestamp(hi, local.tzinfo).utcoffset()
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if dt.datetime.fromtimestamp(mid, local.tzinfo).utcoffset() == offset_after:
+            hi = mid
+        else:
+            lo = mid
+    return float(hi)
 
 
 def windows_between(

@@ -21,6 +21,7 @@ from fleetloop_cloud.services.access import Access, Caller
 from fleetloop_cloud.sessions import DeviceSessions, Session
 from fleetloop_shared.catalog import Catalog, DataType
 from fleetloop_shared.errors import MalformedMessageError, NotFoundError
+from fleetloop_shared.update.delta_format import readable_formats
 from fleetloop_shared.wire import device_pb2, ota_pb2
 
 log = logging.getLogger("fleetloop.cloud")
@@ -184,6 +185,7 @@ class DeviceService:
             inventory = Inventory(
                 inv.hardware_id, inv.firmware_version, inv.firmware_sha256, inv.active_slot,
                 inv.campaigns_version, inv.time_zone[:64],
+                readable_formats(inv.delta_formats) if inv.delta_formats else (),
             )  # fmt: skip
             self._devices.update_inventory(device_id, inventory, now)
         elif kind == "heartbeat":

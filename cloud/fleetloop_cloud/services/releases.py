@@ -17,6 +17,7 @@ from fleetloop_cloud.repositories.records import ReleaseRecord
 from fleetloop_cloud.services.access import Access, Caller
 from fleetloop_shared.errors import NotFoundError, UserError
 from fleetloop_shared.update.artifact import ReleaseManifest, manifest_from_bytes
+from fleetloop_shared.update.delta_format import readable_formats
 
 
 class ReleaseService:
@@ -49,6 +50,12 @@ class ReleaseService:
             check_not_older_than_fleet([d.firmware_version for d in fleet], version, hardware_id)
         bases: list[bytes] = []
         seen: set[str] = set()
+        # per base, the format each device on it prefers: FLDELTA2 for current agents, FLDELTA1 for the
+        # agents that read only it, so one rollout updates a fleet that mixes them
+        base_formats: dict[str, set[str]] = {}
+        for d in fleet:
+            if d.firmware_sha256:
+                base_formats.setdefault(d.firmware_sha256, set()).add(readable_formats(d.delta_formats)[0])
         for d in fleet:
             sha = d.firmware_sha256
             if not sha or sha in seen:
@@ -60,7 +67,8 @@ class ReleaseService:
                 continue
         previous = [r.version for r in self._releases.all() if (r.name, r.hardware_id) == (name, hardware_id)]
         manifest, signature = self._artifacts.add_release(
-            image, name=name, version=version, hardware_id=hardware_id, bases=bases, now=now
+            image, name=name, version=version, hardware_id=hardware_id, bases=bases, now=now,
+            base_formats=base_formats,
         )
         self._releases.put(ReleaseRecord(name, version, hardware_id, manifest, signature, now))
         parsed = manifest_from_bytes(manifest)

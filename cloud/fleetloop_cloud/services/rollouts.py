@@ -18,7 +18,7 @@ from fleetloop_cloud.repositories.records import AuditRecord, NewGateEvaluation
 from fleetloop_cloud.rollout.actions import RolloutActions
 from fleetloop_cloud.rollout.controller import RolloutController
 from fleetloop_cloud.rollout.gating import summary
-from fleetloop_cloud.rollout.policy import parse_policy
+from fleetloop_cloud.rollout.policy_reader import parse_policy
 from fleetloop_cloud.rollout.views import (
     Execution,
     Revision,

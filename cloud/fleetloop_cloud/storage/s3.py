@@ -1,5 +1,5 @@
 """The S3 adapter: :class:`~fleetloop_cloud.storage.objects.ObjectStore` over an S3-compatible bucket,
-through pyarrow's S3 file system (docs/decisions/0023-object-storage-through-pyarrow-s3.md says why that
+through pyarrow's S3 file system (docs/decisions/0024-object-storage-through-pyarrow-s3.md says why that
 client). The only module that builds an S3 client: the Iceberg fleet store gets its file system from
 :func:`s3_filesystem` too, so both use one set of endpoint, credentials, timeouts and retries.
 

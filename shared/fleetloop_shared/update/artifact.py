@@ -33,6 +33,7 @@ from fleetloop_shared.errors import (
     MalformedMessageError,
     NotFoundError,
 )
+from fleetloop_shared.update.delta_format import FORMATS
 
 #: Marks the JSON as a fleetloop release manifest of this layout; a different layout is refused.
 MANIFEST_SCHEMA = "fleetloop.release.v1"
@@ -42,9 +43,9 @@ MAX_MANIFEST_BYTES = 256 * 1024
 MAX_PAYLOADS = 64
 PAYLOAD_KINDS = ("full", "delta")
 INSTALL_MODES = ("slot", "swap")
-#: Algorithm per payload kind: a full payload is the image itself, a delta is an FLDELTA1 container
-#: (``fleetloop_shared.update.delta``: chunks of zstd, zstd patch-from or bsdiff4).
-ALGORITHM_FOR_KIND = {"full": "none", "delta": "fldelta1"}
+#: Algorithms per payload kind: a full payload is the image itself, a delta is an FLDELTA2 or FLDELTA1
+#: container (:mod:`fleetloop_shared.update.delta`).
+ALGORITHMS_FOR_KIND = {"full": ("none",), "delta": FORMATS}
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _ED25519_SIGNATURE_LEN = 64
@@ -78,14 +79,17 @@ class ReleaseManifest:
     #: model pack, catalog, config — unpacked beside the current one and switched to atomically, no reboot).
     install: str = "slot"
 
-    def payload_for(self, installed_sha256: str) -> PayloadRef:
-        """The delta whose base is the installed image, else the full image.
+    def payload_for(self, installed_sha256: str, formats: Sequence[str] = FORMATS) -> PayloadRef:
+        """The delta whose base is the installed image, in the first of ``formats`` that has one, else the
+        full image.
 
         A delta only applies to the exact bytes it was made from; anything else needs the full image.
         """
-        for p in self.payloads:
-            if p.kind == "delta" and p.base_sha256 == installed_sha256:
-                return p
+        mine = [p for p in self.payloads if p.kind == "delta" and p.base_sha256 == installed_sha256]
+        deltas = {p.algorithm: p for p in mine}
+        for fmt in formats:
+            if fmt in deltas:
+                return deltas[fmt]
         for p in self.payloads:
             if p.kind == "full":
                 return p
@@ -219,10 +223,9 @@ def _payload(raw: Any, index: int) -> PayloadRef:
     if kind not in PAYLOAD_KINDS:
         raise MalformedMessageError(f"{where}: kind {kind!r} is not one of {', '.join(PAYLOAD_KINDS)}")
     algorithm = raw["algorithm"]
-    if algorithm != ALGORITHM_FOR_KIND[kind]:
-        raise MalformedMessageError(
-            f"{where}: a {kind} payload needs algorithm {ALGORITHM_FOR_KIND[kind]!r}, not {algorithm!r}"
-        )
+    if algorithm not in ALGORITHMS_FOR_KIND[kind]:
+        allowed = " or ".join(repr(a) for a in ALGORITHMS_FOR_KIND[kind])
+        raise MalformedMessageError(f"{where}: a {kind} payload needs algorithm {allowed}, not {algorithm!r}")
     path = _text(raw, "path", where)
     if path.startswith("/") or "\\" in path or ".." in path.split("/") or "://" in path or "?" in path:
         raise MalformedMessageError(f"{where}: path {path!r} must be a relative path below the server base")
@@ -250,10 +253,10 @@ def _check_consistent(m: ReleaseManifest) -> None:
     for p in fulls:
         if p.sha256 != m.target_sha256 or p.size != m.target_size:
             raise MalformedMessageError("release manifest: the full payload is not the target image")
-    bases = [p.base_sha256 for p in m.payloads if p.kind == "delta"]
-    if len(bases) != len(set(bases)):
-        raise MalformedMessageError("release manifest: two deltas from the same base image")
-    if m.target_sha256 in bases:
+    deltas = [(p.base_sha256, p.algorithm) for p in m.payloads if p.kind == "delta"]
+    if len(deltas) != len(set(deltas)):
+        raise MalformedMessageError("release manifest: two deltas from the same base image in one format")
+    if m.target_sha256 in {base for base, _ in deltas}:
         raise MalformedMessageError("release manifest: a delta from the target image to itself")
 
 

@@ -1,433 +1,113 @@
-"""Binary deltas between firmware images, chunked so both ends stay in bounded memory.
+"""Binary deltas between firmware images: make one in a format the device reads, apply any it reads.
 
-A new firmware image mostly repeats the old one, so a delta is a few percent of the image — what makes
-fleet updates affordable on metered links. Whole-file bsdiff4 makes the smallest patches but needs ~17×
-the old image in RAM to diff and holds old + new in memory to apply; zstd "patch-from" is fast but needs
-the whole old image as its window. So the image is cut into chunks: each chunk of the new image is encoded
-against a *window* of the old image around the same relative position, by whichever of three methods is
-smallest for that chunk:
+Two container formats exist. **FLDELTA2** (:mod:`~fleetloop_shared.update.fldelta2`, the default)
+matches the new image against the whole old image and applies in bounded memory by reading the old slot
+at any offset; **FLDELTA1** (:mod:`~fleetloop_shared.update.fldelta1`) diffs each chunk against a window
+of the old image and is still made for devices whose agent reads only it. A patch names its format in
+its first eight bytes; :func:`apply_delta_stream` reads that and refuses a format the caller does not
+accept (a device configured to read only FLDELTA1 behaves as an older agent would).
 
-- ``zstd``: the chunk compressed on its own (the "full zstd" candidate, never worse than the raw chunk);
-- ``zstd-patch``: zstd at level ≥ 12 with the old window as a raw-content dictionary (patch-from);
-- ``bsdiff4``: bsdiff's control/diff/extra streams, each compressed with the smaller of bzip2-9 and zstd
-  (bzip2's BWT wins on the mostly-zero diff stream of a patch release, zstd on new code in the extra
-  stream). The streams come from :mod:`fleetloop_shared.update.suffix_diff` (libdivsufsort + a numba kernel,
-  ~10× faster than bsdiff4's qsufsort) when numba and pydivsufsort are installed (the ``cloud`` extra),
-  else from ``bsdiff4.core.diff``; both are bsdiff's format, applied by ``bsdiff4.core.patch``.
-
-Making a delta is the cloud's cost per release and base version, so candidates that cannot win are not
-paid for in full: each zstd candidate is first estimated at a cheap level and made at its real level only
-if the estimate could beat the best so far (:func:`_encode_chunk`).
-
-Container ``FLDELTA1`` (all integers little-endian)::
-
-    magic "FLDELTA1" | new_size u64 | old_size u64 | chunk_size u32 | chunk_count u32
-    per chunk: method u8 | window_start u64 | window_len u32 | out_len u32 | body_len u32 | body
-    bsdiff4 body: 3 × codec u8 | control_len u32 | diff_len u32 | extra_len u32 | control diff extra
-                  (codec 0 = zstd, 1 = bzip2; each stream compressed on its own)
-
-Applying needs one old window, one output chunk and its decoded streams at a time: bounded by
-``chunk_size`` (default 4 MiB) and ``margin`` (512 KiB), not by the image. Patches arrive from the network:
-every length is checked against those bounds and every decompression is bounded before bsdiff4 or zstd
-sees anything, so garbage raises :class:`IntegrityError` ("delta is malformed: ..."), never another
-exception. bsdiff4 is imported only here and by suffix_diff (to check its own output); zstandard errors
-are mapped here too.
+The functions here are the files-and-bytes shell around the two codecs: ``*_file`` write beside the
+target and rename (the output appears only complete), ``make_delta`` / ``apply_delta`` work in memory.
 """
 
 from __future__ import annotations
 
-import bz2
 import io
 import os
-import struct
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
-
-import bsdiff4  # bsdiff4.core: the raw control/diff/extra streams, no bzip2
-import zstandard
+from typing import Any, BinaryIO
 
 from fleetloop_shared.errors import IntegrityError, NotFoundError, UserError
+from fleetloop_shared.update import fldelta1, fldelta2_apply
+from fleetloop_shared.update.delta_format import (
+    DEFAULT_MAX_OUTPUT,
+    FLDELTA1,
+    FLDELTA2,
+    FORMATS,
+    MAGICS,
+    DeltaStats,
+)
 
-#: Name of the container format in signed metadata.
-DELTA_ALGORITHM = "fldelta1"
-#: Default ceiling for a patched image; callers with a device limit pass theirs.
-DEFAULT_MAX_OUTPUT = 1 << 30
-DEFAULT_CHUNK = 4 << 20
-DEFAULT_MARGIN = 512 << 10
-#: Hard bounds a patch may ask for (hostile-input limits; the window is chunk + 2 margins at most).
-MAX_CHUNK = 16 << 20
-MAX_WINDOW = 3 * MAX_CHUNK
-#: zstd level of the whole-chunk candidates (plain and patch-from). Patch-from needs ≥ 12 or zstd ignores
-#: a large raw dictionary; on real binaries 12 is as small as 19 with the window as dictionary and 10-15×
-#: faster (benchmarks/delta.py), and bsdiff usually wins those chunks anyway.
-ZSTD_LEVEL = 12
-#: zstd levels for bsdiff's control and extra streams, each against bzip2-9 (the smaller is kept; the
-#: diff stream: :func:`_diff_stream`). Measured on the numpy pairs (benchmarks/delta.py): control
-#: compresses best with bzip2, zstd ≥ 12 adds nothing; the extra stream (new code) gains 15 % from zstd
-#: level 12 to 16 and nothing past 16.
-_CONTROL_STREAM_LEVEL = 12
-_EXTRA_STREAM_LEVEL = 16
-#: The most a candidate's expensive level is assumed to gain over its cheap estimate (a ratio < 1): the
-#: expensive level runs only when ``estimate × gain`` would beat the best so far.
-_PLAIN_GAIN = 0.75
-_PATCH_FROM_GAIN = 0.75
-_PATCH_FROM_9_GAIN = 0.92
-
-METHOD_ZSTD = 0
-METHOD_ZSTD_PATCH = 1
-METHOD_BSDIFF = 2
-METHOD_NAMES = {METHOD_ZSTD: "zstd", METHOD_ZSTD_PATCH: "zstd-patch", METHOD_BSDIFF: "bsdiff4"}
-
-MAGIC = b"FLDELTA1"
-_HEADER = struct.Struct("<8sQQII")
-_CHUNK = struct.Struct("<BQIII")
-_BSDIFF = struct.Struct("<BBBIII")
-_CODEC_ZSTD = 0
-_CODEC_BZIP2 = 1
-_CONTROL_TUPLE = 24
+__all__ = [
+    "DEFAULT_MAX_OUTPUT",
+    "FLDELTA1",
+    "FLDELTA2",
+    "FORMATS",
+    "DeltaStats",
+    "apply_delta",
+    "apply_delta_file",
+    "apply_delta_stream",
+    "delta_format",
+    "make_delta",
+    "make_delta_file",
+]
 
 
-@dataclass
-class DeltaStats:
-    """What :func:`make_delta_file` produced: size and which method won how many chunks."""
-
-    bytes: int = 0
-    new_bytes: int = 0
-    chunks: int = 0
-    methods: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def algorithm(self) -> str:
-        """The container plus the methods it used, e.g. ``fldelta1:bsdiff4+zstd``."""
-        used = "+".join(sorted(self.methods))
-        return f"{DELTA_ALGORITHM}:{used}" if used else DELTA_ALGORITHM
+def delta_format(head: bytes) -> str | None:
+    """The format a patch starting with ``head`` is in, or None when it is none of ours."""
+    return MAGICS.get(bytes(head[:8]))
 
 
-def _window(index: int, chunk: int, margin: int, old_size: int, new_size: int) -> tuple[int, int]:
-    """The old range a new chunk is diffed against: same relative position, widened by ``margin``."""
-    start = index * chunk
-    center = start * old_size // new_size if new_size else 0
-    lo = max(0, center - margin)
-    hi = min(old_size, center + chunk + margin)
-    return lo, max(0, hi - lo)
-
-
-def _zstd(data: bytes, dictionary: bytes | None = None, level: int = ZSTD_LEVEL) -> bytes:
-    if dictionary:
-        d = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-        params = zstandard.ZstdCompressionParameters.from_level(
-            level, window_log=max(20, (len(dictionary) + len(data)).bit_length())
-        )
-        return zstandard.ZstdCompressor(dict_data=d, compression_params=params).compress(data)
-    return zstandard.ZstdCompressor(level=level).compress(data)
-
-
-def _patch_from_estimate(chunk: bytes, window: bytes) -> int:
-    """A cheap stand-in for the size of ``chunk`` as zstd patch-from against ``window``.
-
-    Level 1 (one hash probe per position) with a hash table of ~1/8 entry per window byte: ~3× cheaper
-    than level 9 and, on the numpy pairs, 0.97-1.17× the level-12 size (level 1's default table is too
-    small to keep a multi-MB window: it misses nearly every match).
-    """
-    d = zstandard.ZstdCompressionDict(window, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-    params = zstandard.ZstdCompressionParameters.from_level(
-        1,
-        window_log=max(20, (len(window) + len(chunk)).bit_length()),
-        hash_log=max(20, min(24, len(window).bit_length() - 3)),
-    )
-    return len(zstandard.ZstdCompressor(dict_data=d, compression_params=params).compress(chunk))
-
-
-def _smallest_stream(data: bytes, zstd_level: int) -> tuple[int, bytes]:
-    """``data`` as the smaller of bzip2-9 and zstd at ``zstd_level`` (the codec byte tells the device)."""
-    z = _zstd(data, level=zstd_level)
-    b = bz2.compress(data, 9)
-    return (_CODEC_BZIP2, b) if len(b) < len(z) else (_CODEC_ZSTD, z)
-
-
-def _diff_stream(data: bytes) -> tuple[int, bytes]:
-    """bsdiff's diff stream (chunk-sized, mostly zeros): bzip2 with 100 kB blocks, nothing else.
-
-    Measured on the numpy pairs (benchmarks/delta.py): bzip2-1 is within 0.5 % of the per-chunk smallest
-    of {bzip2-1, bzip2-9, zstd-12} on both, and 4 % larger than zstd-19 on the minor release, but zstd-19
-    costs ~0.3 s per 4 MiB, as much as the suffix-sorted diff itself. Small blocks also keep the device's
-    bzip2 decoder small.
-    """
-    return _CODEC_BZIP2, bz2.compress(data, 1)
-
-
-def _bsdiff_streams(window: bytes, chunk: bytes, accelerate: bool) -> tuple[bytes, bytes, bytes]:
-    """bsdiff's raw control/diff/extra streams: the suffix_diff kernel when it can run, else bsdiff4's.
-
-    Both produce the format ``bsdiff4.core.patch`` applies; the kernel is ~10× faster (libdivsufsort
-    instead of qsufsort), the fallback needs nothing beyond the base dependencies.
-    """
-    if accelerate:
-        from fleetloop_shared.update import suffix_diff
-
-        if suffix_diff.available():
-            return suffix_diff.diff(window, chunk)
-    control, diff, extra = bsdiff4.core.diff(window, chunk)
-    return control, diff, extra
-
-
-def _unbzip2(body: bytes, limit: int, what: str) -> bytes:
-    """Decompress one bzip2 stream, refusing more than ``limit`` bytes (bomb defence)."""
-    decompressor = bz2.BZ2Decompressor()
-    parts: list[bytes] = []
-    total = 0
-    data = body
-    try:
-        while not decompressor.eof:
-            part = decompressor.decompress(data, max_length=1 << 20)
-            data = b""
-            total += len(part)
-            if total > limit:
-                raise IntegrityError(f"delta is malformed: {what} expands past {limit} bytes")
-            parts.append(part)
-            if not part and decompressor.needs_input:
-                raise IntegrityError(f"delta is malformed: {what} is truncated")
-    except (OSError, ValueError, EOFError) as exc:
-        raise IntegrityError(f"delta is malformed: {what} is not bzip2 ({exc})") from None
-    if decompressor.unused_data:
-        raise IntegrityError(f"delta is malformed: trailing bytes after {what}")
-    return b"".join(parts)
-
-
-def _unstream(codec: int, body: bytes, limit: int, what: str) -> bytes:
-    if codec == _CODEC_ZSTD:
-        return _unzstd(body, limit, what)
-    if codec == _CODEC_BZIP2:
-        return _unbzip2(body, limit, what)
-    raise IntegrityError(f"delta is malformed: {what} has unknown codec {codec}")
-
-
-def _encode_chunk(window: bytes, chunk: bytes, accelerate: bool = True) -> tuple[int, bytes]:
-    """The smallest of the three encodings of ``chunk`` against ``window``, without paying for losers.
-
-    bsdiff is computed first (it wins almost every chunk of a real firmware pair). Each zstd candidate
-    is then first estimated cheaply (plain: level 3; patch-from: :func:`_patch_from_estimate`, then
-    level 9 if that was close); its level-12 encoding is made only if the estimate, scaled by how much
-    level 12 can plausibly gain over it, could beat the best so far. On the numpy pairs of
-    benchmarks/delta.py level 12 is 0.91-0.93× the plain estimate and 0.86-1.03× / 0.96-1.0× the two
-    patch-from ones; the factors leave room.
-    """
-    candidates: list[tuple[int, bytes]] = []
-    if window:
-        control, diff, extra = _bsdiff_streams(window, chunk, accelerate)
-        coded = [
-            _smallest_stream(control, _CONTROL_STREAM_LEVEL),
-            _diff_stream(diff),
-            _smallest_stream(extra, _EXTRA_STREAM_LEVEL),
-        ]
-        streams = [data for _, data in coded]
-        body = _BSDIFF.pack(*(c for c, _ in coded), *(len(x) for x in streams)) + b"".join(streams)
-        candidates.append((METHOD_BSDIFF, body))
-
-    def best() -> int:
-        return min((len(data) for _, data in candidates), default=1 << 62)
-
-    cheap = _zstd(chunk, level=3)
-    candidates.append((METHOD_ZSTD, cheap))
-    if len(cheap) * _PLAIN_GAIN < best() or not window:
-        candidates.append((METHOD_ZSTD, _zstd(chunk)))
-    if window and _patch_from_estimate(chunk, window) * _PATCH_FROM_GAIN < best():
-        closer = _zstd(chunk, window, level=9)  # a third of level 12's time, within 4 % of its size
-        candidates.append((METHOD_ZSTD_PATCH, closer))
-        if len(closer) * _PATCH_FROM_9_GAIN < best():
-            candidates.append((METHOD_ZSTD_PATCH, _zstd(chunk, window)))
-    # ties go to the earlier candidate: bsdiff, then plain, then patch-from
-    return min(candidates, key=lambda c: len(c[1]))
-
-
-def make_delta_stream(
-    old: BinaryIO,
-    old_size: int,
-    new: BinaryIO,
-    new_size: int,
-    out: BinaryIO,
-    *,
-    chunk: int = DEFAULT_CHUNK,
-    margin: int = DEFAULT_MARGIN,
-    accelerate: bool = True,
+def _make(
+    old: BinaryIO, old_size: int, new: BinaryIO, new_size: int, out: BinaryIO, fmt: str, **options: Any
 ) -> DeltaStats:
-    """Write a delta from ``old`` to ``new`` into ``out``; memory grows with chunk + 2·margin, not the image.
+    """Encode in ``fmt``; ``options`` are the encoder's (``accelerate``, ``chunk``; FLDELTA1 ``margin``)."""
+    if fmt == FLDELTA2:
+        from fleetloop_shared.update import fldelta2  # the cloud's side: numpy, numba, suffix arrays
 
-    (Peak ~200 MB at the defaults with the kernel, of which ~130 MB is loading numpy and numba; the same
-    for a 10 MB and a 36 MB image: benchmarks/delta.py.)
-
-    ``accelerate=False`` makes bsdiff's streams with ``bsdiff4.core.diff`` even where the suffix_diff
-    kernel could run (tests compare both; the patches apply the same way).
-    """
-    if not 0 < chunk <= MAX_CHUNK or not 0 <= margin <= chunk:
-        raise UserError(
-            f"delta chunk {chunk} / margin {margin}: need 0 < chunk ≤ {MAX_CHUNK}, margin ≤ chunk"
-        )
-    count = (new_size + chunk - 1) // chunk
-    out.write(_HEADER.pack(MAGIC, new_size, old_size, chunk, count))
-    stats = DeltaStats(bytes=_HEADER.size, new_bytes=new_size, chunks=count)
-    for i in range(count):
-        data = new.read(min(chunk, new_size - i * chunk))
-        lo, length = _window(i, chunk, margin, old_size, new_size)
-        old.seek(lo)
-        window = old.read(length)
-        if len(window) != length or len(data) != min(chunk, new_size - i * chunk):
-            raise IntegrityError("an input file changed size while the delta was being made")
-        method, body = _encode_chunk(window, data, accelerate)
-        out.write(_CHUNK.pack(method, lo, length, len(data), len(body)))
-        out.write(body)
-        stats.bytes += _CHUNK.size + len(body)
-        name = METHOD_NAMES[method]
-        stats.methods[name] = stats.methods.get(name, 0) + 1
-    return stats
+        if "margin" in options:
+            raise UserError("FLDELTA2 searches the whole old image: it takes no margin")
+        data = old.read()
+        if len(data) != old_size:
+            raise IntegrityError("the old image changed size while the delta was being made")
+        return fldelta2.encode(data, new, new_size, out, **options)
+    if fmt == FLDELTA1:
+        return fldelta1.encode(old, old_size, new, new_size, out, **options)
+    raise UserError(f"unknown delta format {fmt!r}; known: {', '.join(FORMATS)}")
 
 
-def make_delta(
-    old: bytes,
-    new: bytes,
-    *,
-    chunk: int = DEFAULT_CHUNK,
-    margin: int = DEFAULT_MARGIN,
-    accelerate: bool = True,
-) -> bytes:
-    """The delta turning ``old`` into ``new`` (in-memory convenience over :func:`make_delta_stream`)."""
+def make_delta(old: bytes, new: bytes, *, format: str = FLDELTA2, **options: Any) -> bytes:
+    """The delta turning ``old`` into ``new``, in memory (``options``: see :func:`make_delta_file`)."""
     out = io.BytesIO()
-    make_delta_stream(
-        io.BytesIO(old),
-        len(old),
-        io.BytesIO(new),
-        len(new),
-        out,
-        chunk=chunk,
-        margin=margin,
-        accelerate=accelerate,
-    )
+    _make(io.BytesIO(old), len(old), io.BytesIO(new), len(new), out, format, **options)
     return out.getvalue()
 
 
-def make_delta_file(
-    old: Path,
-    new: Path,
-    out: Path,
-    *,
-    chunk: int = DEFAULT_CHUNK,
-    margin: int = DEFAULT_MARGIN,
-    accelerate: bool = True,
-) -> DeltaStats:
-    """File to file; ``out`` appears only complete (written beside it, then renamed)."""
-    try:
-        old_size, new_size = old.stat().st_size, new.stat().st_size
-    except FileNotFoundError as exc:
-        raise NotFoundError(f"{exc.filename}: no such file") from None
+@contextmanager
+def _beside(out: Path) -> Iterator[BinaryIO]:
+    """A temporary file next to ``out``, fsynced and renamed onto it only if the block succeeds."""
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
     try:
-        with os.fdopen(fd, "wb") as fo, old.open("rb") as fa, new.open("rb") as fb:
-            stats = make_delta_stream(
-                fa, old_size, fb, new_size, fo, chunk=chunk, margin=margin, accelerate=accelerate
-            )
+        with os.fdopen(fd, "wb") as fo:
+            yield fo
             fo.flush()
             os.fsync(fo.fileno())
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return stats
 
 
-# ----------------------------------------------------------------------------------------- applying
-
-
-def _read_exact(f: BinaryIO, n: int, what: str) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise IntegrityError(f"delta is malformed: truncated in {what}")
-    return data
-
-
-def _unzstd(body: bytes, limit: int, what: str, dictionary: bytes | None = None) -> bytes:
-    """Decompress one zstd frame, refusing more than ``limit`` bytes (bomb defence)."""
+def _open(path: Path) -> BinaryIO:
     try:
-        if dictionary:
-            d = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-            dctx = zstandard.ZstdDecompressor(dict_data=d, max_window_size=1 << 27)
-        else:
-            dctx = zstandard.ZstdDecompressor(max_window_size=1 << 27)
-        reader = dctx.stream_reader(io.BytesIO(body), read_across_frames=False)
-        parts = []
-        total = 0
-        while True:
-            part = reader.read(min(1 << 20, limit + 1 - total))
-            if not part:
-                break
-            total += len(part)
-            if total > limit:
-                raise IntegrityError(f"delta is malformed: {what} expands past {limit} bytes")
-            parts.append(part)
-    except zstandard.ZstdError as exc:
-        raise IntegrityError(f"delta is malformed: {what} is not valid zstd ({exc})") from None
-    return b"".join(parts)
+        return path.open("rb")
+    except FileNotFoundError:
+        raise NotFoundError(f"{path}: no such file") from None
 
 
-def _offtin(raw: bytes) -> int:
-    value = int.from_bytes(raw, "little") & ~(1 << 63)
-    return -value if raw[7] & 0x80 else value
+def make_delta_file(old: Path, new: Path, out: Path, *, format: str = FLDELTA2, **options: Any) -> DeltaStats:
+    """File to file; ``out`` appears only complete.
 
-
-def _check_control(control: bytes, window_len: int, out_len: int, diff_len: int, extra_len: int) -> None:
-    """Walk bsdiff's control tuples and prove they stay inside the buffers before C code runs them."""
-    if len(control) % _CONTROL_TUPLE:
-        raise IntegrityError("delta is malformed: bsdiff control is not a whole number of tuples")
-    new_pos = old_pos = diff_pos = extra_pos = 0
-    for off in range(0, len(control), _CONTROL_TUPLE):
-        x = _offtin(control[off : off + 8])
-        y = _offtin(control[off + 8 : off + 16])
-        z = _offtin(control[off + 16 : off + 24])
-        if x < 0 or y < 0 or new_pos + x + y > out_len:
-            raise IntegrityError("delta is malformed: bsdiff control writes past the chunk")
-        if old_pos < 0 or old_pos + x > window_len:
-            raise IntegrityError("delta is malformed: bsdiff control reads outside the old window")
-        diff_pos += x
-        extra_pos += y
-        if diff_pos > diff_len or extra_pos > extra_len:
-            raise IntegrityError("delta is malformed: bsdiff control reads past its streams")
-        new_pos += x + y
-        old_pos += x + z
-    if new_pos != out_len:
-        raise IntegrityError(f"delta is malformed: bsdiff control builds {new_pos} of {out_len} bytes")
-
-
-def _decode_chunk(method: int, body: bytes, window: bytes, out_len: int) -> bytes:
-    if method == METHOD_ZSTD:
-        data = _unzstd(body, out_len, "zstd chunk")
-    elif method == METHOD_ZSTD_PATCH:
-        if not window:
-            raise IntegrityError("delta is malformed: zstd-patch chunk without an old window")
-        data = _unzstd(body, out_len, "zstd-patch chunk", window)
-    elif method == METHOD_BSDIFF:
-        if len(body) < _BSDIFF.size:
-            raise IntegrityError("delta is malformed: bsdiff chunk shorter than its header")
-        *codecs, len_c, len_d, len_e = _BSDIFF.unpack_from(body)
-        if _BSDIFF.size + len_c + len_d + len_e != len(body):
-            raise IntegrityError("delta is malformed: bsdiff stream lengths do not add up")
-        a = _BSDIFF.size
-        b = a + len_c
-        c = b + len_d
-        control = _unstream(codecs[0], body[a:b], _CONTROL_TUPLE * (out_len + 1), "bsdiff control")
-        diff = _unstream(codecs[1], body[b:c], out_len, "bsdiff diff")
-        extra = _unstream(codecs[2], body[c:], out_len, "bsdiff extra")
-        _check_control(control, len(window), out_len, len(diff), len(extra))
-        try:
-            data = bytes(bsdiff4.core.patch(window, out_len, control, diff, extra))
-        except (ValueError, OverflowError, MemoryError, TypeError) as exc:
-            raise IntegrityError(f"delta is malformed: {exc}") from None
-    else:
-        raise IntegrityError(f"delta is malformed: unknown chunk method {method}")
-    if len(data) != out_len:
-        raise IntegrityError(f"delta is malformed: chunk decodes to {len(data)} bytes, header says {out_len}")
-    return data
+    ``options``: ``accelerate=False`` searches with ``bsdiff4.core.diff`` even where the suffix_diff
+    kernel could run; ``chunk`` is the output chunk size; FLDELTA1 also takes ``margin`` (its window).
+    """
+    with _open(old) as fa, _open(new) as fb, _beside(out) as fo:
+        old_size, new_size = os.fstat(fa.fileno()).st_size, os.fstat(fb.fileno()).st_size
+        return _make(fa, old_size, fb, new_size, fo, format, **options)
 
 
 def apply_delta_stream(
@@ -437,63 +117,42 @@ def apply_delta_stream(
     write: Callable[[bytes], object],
     *,
     max_size: int = DEFAULT_MAX_OUTPUT,
+    formats: Collection[str] = FORMATS,
 ) -> int:
-    """Apply ``patch`` to ``old``, handing the new image to ``write`` chunk by chunk; returns its size.
-
-    Memory is one old window plus one chunk and its streams, whatever the image size. The caller checks
-    the result's hash (the container has none: the signed metadata holds the target hash).
-    """
-    magic, new_size, base_size, chunk, count = _HEADER.unpack(_read_exact(patch, _HEADER.size, "header"))
-    if magic != MAGIC:
-        raise IntegrityError("delta is malformed: not an FLDELTA1 patch (bad magic)")
-    if new_size > max_size:
-        raise IntegrityError(f"delta is malformed: output of {new_size} bytes exceeds the limit {max_size}")
-    if base_size != old_size:
-        raise IntegrityError(f"delta is for a base of {base_size} bytes, the installed image has {old_size}")
-    if not 0 < chunk <= MAX_CHUNK or count != (new_size + chunk - 1) // chunk:
-        raise IntegrityError("delta is malformed: impossible chunk size or count")
-    written = 0
-    for _ in range(count):
-        method, lo, length, out_len, body_len = _CHUNK.unpack(_read_exact(patch, _CHUNK.size, "chunk header"))
-        if out_len != min(chunk, new_size - written) or length > MAX_WINDOW or lo + length > old_size:
-            raise IntegrityError("delta is malformed: chunk header out of bounds")
-        if body_len > out_len + (out_len >> 7) + (1 << 16):  # zstd alone is always a candidate
-            raise IntegrityError(f"delta is malformed: chunk body of {body_len} bytes is impossible")
-        body = _read_exact(patch, body_len, "chunk body")
-        old.seek(lo)
-        window = old.read(length)
-        if len(window) != length:
-            raise IntegrityError("the installed image is shorter than the delta's window")
-        data = _decode_chunk(method, body, window, out_len)
-        write(data)
-        written += len(data)
-    if patch.read(1):
-        raise IntegrityError("delta is malformed: trailing bytes after the last chunk")
-    return written
+    """Apply ``patch`` (any format in ``formats``) to ``old``, handing the new image to ``write`` piece by
+    piece; returns its size. IntegrityError("delta is malformed: ...") on garbage; the caller checks the
+    result's hash (the signed metadata holds it)."""
+    head = patch.read(8)
+    fmt = delta_format(head)
+    if fmt is None:
+        raise IntegrityError("delta is malformed: not a delta this device reads (bad magic)")
+    if fmt not in formats:
+        raise IntegrityError(f"delta is in format {fmt}; this device reads {', '.join(formats)}")
+    patch.seek(-len(head), io.SEEK_CUR)
+    codec = fldelta2_apply.decode if fmt == FLDELTA2 else fldelta1.decode
+    return codec(old, old_size, patch, write, max_size=max_size)
 
 
-def apply_delta(old: bytes, patch: bytes, *, max_size: int = DEFAULT_MAX_OUTPUT) -> bytes:
-    """``old`` with ``patch`` applied (in memory); IntegrityError("delta is malformed: ...") on garbage."""
+def apply_delta(
+    old: bytes, patch: bytes, *, max_size: int = DEFAULT_MAX_OUTPUT, formats: Collection[str] = FORMATS
+) -> bytes:
+    """``old`` with ``patch`` applied (in memory)."""
     out = io.BytesIO()
-    apply_delta_stream(io.BytesIO(old), len(old), io.BytesIO(patch), out.write, max_size=max_size)
+    apply_delta_stream(
+        io.BytesIO(old), len(old), io.BytesIO(patch), out.write, max_size=max_size, formats=formats
+    )
     return out.getvalue()
 
 
-def apply_delta_file(old: Path, patch: Path, out: Path, *, max_size: int = DEFAULT_MAX_OUTPUT) -> int:
+def apply_delta_file(
+    old: Path,
+    patch: Path,
+    out: Path,
+    *,
+    max_size: int = DEFAULT_MAX_OUTPUT,
+    formats: Collection[str] = FORMATS,
+) -> int:
     """File to file, the same streaming code the device runs; ``out`` appears only complete."""
-    try:
-        old_size = old.stat().st_size
-        fa, fp = old.open("rb"), patch.open("rb")
-    except FileNotFoundError as exc:
-        raise NotFoundError(f"{exc.filename}: no such file") from None
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fo, fa, fp:
-            size = apply_delta_stream(fa, old_size, fp, fo.write, max_size=max_size)
-            fo.flush()
-            os.fsync(fo.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return size
+    with _open(old) as fa, _open(patch) as fp, _beside(out) as fo:
+        size = os.fstat(fa.fileno()).st_size
+        return apply_delta_stream(fa, size, fp, fo.write, max_size=max_size, formats=formats)

@@ -38,12 +38,32 @@ U8 = npt.NDArray[np.uint8]
 I32 = npt.NDArray[np.int32]
 
 _kernel: Callable[..., Any] | None = None
+_buckets: Callable[..., Any] | None = None
 _sorter: Callable[[bytes], I32] | None = None
 _tried = False
 
 
-def _diff_kernel(old: Any, new: Any, sa: Any, dif: Any, ext: Any) -> Any:  # pragma: no cover - compiled
-    """bsdiff's control/diff/extra for ``new`` against ``old`` (``sa``: suffix array of ``old``).
+def _bucket_kernel(old: Any) -> Any:  # pragma: no cover - compiled
+    """Where each two-byte prefix starts in the suffix array of ``old`` (one pass over ``old``).
+
+    ``start[b*257 + c + 1]``: first suffix-array index of the suffixes beginning with bytes b, c;
+    ``start[b*257]``: the one-byte suffix "b" (the last byte of old), which sorts first among b's.
+    Counted from old itself (sequential reads), then summed into starts. Computed once per old image
+    (:class:`OldIndex`): a whole-image delta diffs every chunk of the new image against the same table.
+    """
+    n_old = old.shape[0]
+    start = np.zeros(256 * 257 + 1, dtype=np.int64)
+    for i in range(n_old - 1):
+        start[np.int64(old[i]) * 257 + np.int64(old[i + 1]) + 2] += 1
+    start[np.int64(old[n_old - 1]) * 257 + 1] += 1
+    for k in range(256 * 257):
+        start[k + 1] += start[k]
+    return start
+
+
+def _diff_kernel(old: Any, new: Any, sa: Any, start: Any, dif: Any, ext: Any) -> Any:  # pragma: no cover
+    """bsdiff's control/diff/extra for ``new`` against ``old`` (``sa``: suffix array of ``old``,
+    ``start``: its two-byte buckets from :func:`_bucket_kernel`).
 
     Writes the diff and extra streams into ``dif`` / ``ext`` (each ``len(new)`` long) and returns
     ``(control, control_words, diff_len, extra_len)``; ``control`` is a uint64 array of sign-magnitude
@@ -52,15 +72,6 @@ def _diff_kernel(old: Any, new: Any, sa: Any, dif: Any, ext: Any) -> Any:  # pra
     n_old = old.shape[0]
     n_new = new.shape[0]
     top = np.uint64(1) << np.uint64(63)
-    # start[b*257 + c + 1]: first suffix-array index of the suffixes beginning with bytes b, c;
-    # start[b*257]: the one-byte suffix "b" (the last byte of old), which sorts first among b's.
-    # Counted from old itself (sequential reads), then summed into starts.
-    start = np.zeros(256 * 257 + 1, dtype=np.int64)
-    for i in range(n_old - 1):
-        start[np.int64(old[i]) * 257 + np.int64(old[i + 1]) + 2] += 1
-    start[np.int64(old[n_old - 1]) * 257 + 1] += 1
-    for k in range(256 * 257):
-        start[k + 1] += start[k]
     control = np.empty(3 * 64, dtype=np.uint64)
     words = 0
     n_dif = 0
@@ -227,7 +238,7 @@ def _load() -> bool:
 
 
 def _compile() -> bool:
-    global _kernel, _sorter
+    global _kernel, _buckets, _sorter
     try:
         import numba
         from pydivsufsort import divsufsort  # type: ignore[import-untyped]
@@ -235,17 +246,18 @@ def _compile() -> bool:
         return False
     try:
         kernel = numba.njit(cache=True, nogil=True)(_diff_kernel)
+        buckets = numba.njit(cache=True, nogil=True)(_bucket_kernel)
 
         def sort(data: bytes) -> I32:
             sa: I32 = divsufsort(data)
             return sa
 
-        _kernel, _sorter = kernel, sort
+        _kernel, _buckets, _sorter = kernel, buckets, sort
         old, new = b"abcdefgh" * 4, b"abcdXfgh" * 3 + b"tail"  # compiles now; fails here if broken
         if bytes(bsdiff4.core.patch(old, len(new), *diff(old, new))) != new:
             raise RuntimeError("suffix diff probe does not round-trip")
     except Exception:  # the optional accelerator is broken: fall back, the delta stays correct
-        _kernel = _sorter = None
+        _kernel = _buckets = _sorter = None
         return False
     return True
 
@@ -255,11 +267,53 @@ def available() -> bool:
     return _load()
 
 
+def _need() -> None:
+    if not _load() or _kernel is None or _buckets is None or _sorter is None:
+        raise RuntimeError("suffix_diff needs numba and pydivsufsort (check available() first)")
+
+
 def suffix_array(old: bytes) -> I32:
     """The suffix array of ``old`` (int32 start offsets in lexicographic order), for :func:`diff`."""
-    if not _load() or _sorter is None:
-        raise RuntimeError("suffix_diff needs numba and pydivsufsort (check available() first)")
+    _need()
+    assert _sorter is not None
     return _sorter(old)
+
+
+class OldIndex:
+    """One old image made searchable once: its suffix array and two-byte buckets.
+
+    A whole-image delta diffs every chunk of the new image against all of the old one, so the sort
+    (~5 bytes of memory per old byte: the data and an int32 array) is paid once per old image, not per
+    chunk. int32 offsets bound the old image to 2 GiB.
+    """
+
+    def __init__(self, old: bytes, sa: I32 | None = None) -> None:
+        _need()
+        assert _buckets is not None
+        if not old:
+            raise ValueError("suffix_diff needs a non-empty old buffer")
+        if len(old) >= 1 << 31:
+            raise ValueError(f"old buffer of {len(old)} bytes: int32 suffix arrays stop at 2 GiB")
+        if sa is None:
+            sa = suffix_array(old)
+        elif sa.dtype != np.int32 or sa.shape != (len(old),):  # the kernel trusts it: no bounds checks
+            raise ValueError(f"suffix array of {sa.shape} {sa.dtype} for {len(old)} bytes of old")
+        self.data = old
+        self.array = np.frombuffer(old, dtype=np.uint8)
+        self.sa = sa
+        self.starts = _buckets(self.array)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+def _run(index: OldIndex, new: bytes) -> tuple[npt.NDArray[np.uint64], int, U8, U8]:
+    assert _kernel is not None
+    n = np.frombuffer(new, dtype=np.uint8)
+    dif = np.empty(len(new), dtype=np.uint8)
+    ext = np.empty(len(new), dtype=np.uint8)
+    control, words, n_dif, n_ext = _kernel(index.array, n, index.sa, index.starts, dif, ext)
+    return control[:words], words, dif[:n_dif], ext[:n_ext]
 
 
 def diff(old: bytes, new: bytes, sa: I32 | None = None) -> tuple[bytes, bytes, bytes]:
@@ -268,21 +322,35 @@ def diff(old: bytes, new: bytes, sa: I32 | None = None) -> tuple[bytes, bytes, b
     Same format as ``bsdiff4.core.diff`` (so ``bsdiff4.core.patch`` applies it). ``sa`` is
     :func:`suffix_array` of ``old`` when the caller already has it. ``old`` must not be empty.
     """
-    if not _load() or _kernel is None:
-        raise RuntimeError("suffix_diff needs numba and pydivsufsort (check available() first)")
+    _need()
     if not old:
         raise ValueError("suffix_diff.diff needs a non-empty old buffer")
-    if sa is None:
-        sa = suffix_array(old)
-    elif sa.dtype != np.int32 or sa.shape != (len(old),):  # the kernel trusts it: no bounds checks
-        raise ValueError(f"suffix array of {sa.shape} {sa.dtype} for {len(old)} bytes of old")
-    o = np.frombuffer(old, dtype=np.uint8)
-    n = np.frombuffer(new, dtype=np.uint8)
-    dif = np.empty(len(new), dtype=np.uint8)
-    ext = np.empty(len(new), dtype=np.uint8)
-    control, words, n_dif, n_ext = _kernel(o, n, sa, dif, ext)
-    return (
-        control[:words].astype("<u8", copy=False).tobytes(),
-        dif[:n_dif].tobytes(),
-        ext[:n_ext].tobytes(),
-    )
+    control, _, dif, ext = _run(OldIndex(old, sa), new)
+    return control.astype("<u8", copy=False).tobytes(), dif.tobytes(), ext.tobytes()
+
+
+def diff_tuples(index: OldIndex, new: bytes) -> tuple[npt.NDArray[np.int64], bytes, bytes]:
+    """bsdiff's tuples for ``new`` against the indexed old image, as signed integers.
+
+    Returns ``(tuples, diff, extra)``: ``tuples`` is an ``(n, 3)`` int64 array of ``(x, y, z)`` — add
+    ``x`` bytes of ``diff`` to the old image at the current position, append ``y`` bytes of ``extra``,
+    move the old position by ``x + z`` — starting at old position 0. Offsets reach the whole old image.
+    """
+    _need()
+    control, _, dif, ext = _run(index, new)
+    return _signed(control), dif.tobytes(), ext.tobytes()
+
+
+def _signed(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+    sign = (words >> np.uint64(63)).astype(bool)
+    magnitude = (words & np.uint64((1 << 63) - 1)).astype(np.int64)
+    signed: npt.NDArray[np.int64] = np.where(sign, -magnitude, magnitude).reshape(-1, 3)
+    return signed
+
+
+def control_tuples(control: bytes) -> npt.NDArray[np.int64]:
+    """bsdiff's control stream (8-byte sign-magnitude words, as ``bsdiff4.core.diff`` makes it) as an
+    ``(n, 3)`` int64 array of ``(x, y, z)``."""
+    if len(control) % 24:
+        raise ValueError("bsdiff control is not a whole number of tuples")
+    return _signed(np.frombuffer(control, dtype="<u8").astype(np.uint64))

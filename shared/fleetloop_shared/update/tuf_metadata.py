@@ -16,13 +16,13 @@ names the attack it stops.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fleetloop_shared.errors import ArtifactVerificationError
 from fleetloop_shared.update.artifact import PayloadRef, ReleaseManifest
-from fleetloop_shared.update.delta import DELTA_ALGORITHM
+from fleetloop_shared.update.delta_format import FLDELTA1, FORMATS
 
 #: Signed field in each root saying which repository the root belongs to (a device holds one of each).
 REPOSITORY_FIELD = "x-fleetloop-repository"
@@ -55,8 +55,12 @@ def image_target_path(name: str, hardware_id: str, version: str) -> str:
     return f"{name}/{hardware_id}/{version}.img"
 
 
-def delta_target_path(name: str, hardware_id: str, version: str, base_sha256: str) -> str:
-    return f"{name}/{hardware_id}/{version}.from-{base_sha256[:16]}.delta"
+def delta_target_path(
+    name: str, hardware_id: str, version: str, base_sha256: str, algorithm: str = FLDELTA1
+) -> str:
+    """Where the delta from one base in one format is signed (FLDELTA1 keeps its original path)."""
+    stem = f"{name}/{hardware_id}/{version}.from-{base_sha256[:16]}"
+    return f"{stem}.delta" if algorithm == FLDELTA1 else f"{stem}.{algorithm}.delta"
 
 
 def image_facts(
@@ -73,12 +77,15 @@ def image_facts(
     }
 
 
-def delta_facts(image_path: str, base_sha256: str, file: str, *, methods: str = "") -> dict[str, Any]:
+def delta_facts(
+    image_path: str, base_sha256: str, file: str, *, algorithm: str, methods: str = ""
+) -> dict[str, Any]:
+    """The signed facts of a delta: which image it builds, from which base, in which container format."""
     return {
         "kind": KIND_DELTA,
         "image": image_path,
         "base_sha256": base_sha256,
-        "algorithm": DELTA_ALGORITHM,
+        "algorithm": algorithm,
         "methods": methods,
         "file": file,
     }
@@ -107,15 +114,18 @@ def decide_update(
     installed_sha256: str,
     job_id: str,
     expires_unix: int,
+    delta_formats: Sequence[str] = FORMATS,
 ) -> ReleaseManifest:
     """What to install, if the director and the image repository agree; else why not.
 
     ``director`` is this device's verified director targets; ``image_repository`` looks a path up in the
     verified image repository. The result is the plan the driver journals: the image and the payloads this
     device may use (the full image, plus the delta from ``installed_sha256`` when both repositories sign
-    one). Checks: the director names exactly one image for this device and this job (replayed old jobs
-    fail here); the image repository signs the same path with the same length and hash (mix-and-match,
-    arbitrary software); the image is for this hardware.
+    one in a format of ``delta_formats``, the device's, preferred first). Checks: the director names
+    exactly one image for this device and this job (replayed old jobs fail here); the image repository
+    signs the same path with the same length and hash (mix-and-match, arbitrary software); the image is
+    for this hardware. A delta in a format the device does not read is passed over, not refused: the
+    full image builds the same target.
     """
     images = [t for t in director.values() if t.facts.get("kind") == KIND_IMAGE]
     if not images:
@@ -156,6 +166,7 @@ def decide_update(
                 f"director and image repository disagree on {key} of {i_image.path}"
             )
     payloads = [PayloadRef("full", "none", _file(facts, where), i_image.sha256, i_image.length, None)]
+    readable: list[PayloadRef] = []
     for d_delta in director.values():
         if d_delta.facts.get("kind") != KIND_DELTA or d_delta.facts.get("base_sha256") != installed_sha256:
             continue  # a delta for another base: this device gets the full image
@@ -169,21 +180,21 @@ def decide_update(
             raise ArtifactVerificationError(
                 f"{dwhere} builds {i_delta.facts.get('image')!r}, not {i_image.path}"
             )
-        if i_delta.facts.get("algorithm") != DELTA_ALGORITHM:
-            raise ArtifactVerificationError(
-                f"{dwhere}: unsupported algorithm {i_delta.facts.get('algorithm')!r}"
-            )
-        payloads.append(
+        algorithm = str(i_delta.facts.get("algorithm"))
+        if algorithm not in delta_formats:
+            continue  # a format this device does not read: the full image (or another delta) instead
+        readable.append(
             PayloadRef(
                 "delta",
-                DELTA_ALGORITHM,
+                algorithm,
                 _file(i_delta.facts, dwhere),
                 i_delta.sha256,
                 i_delta.length,
                 installed_sha256,
             )
         )
-        break
+    if readable:
+        payloads.append(min(readable, key=lambda p: list(delta_formats).index(p.algorithm)))
     install = facts.get("install", "slot")
     if install not in ("slot", "swap"):
         raise ArtifactVerificationError(f"{where}: unknown install mode {install!r}")

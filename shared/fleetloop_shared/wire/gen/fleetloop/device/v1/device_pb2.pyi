@@ -144,6 +144,7 @@ class Inventory(_message.Message):
     FIRMWARE_SHA256_FIELD_NUMBER: _builtins.int
     ACTIVE_SLOT_FIELD_NUMBER: _builtins.int
     CAMPAIGNS_VERSION_FIELD_NUMBER: _builtins.int
+    DELTA_FORMATS_FIELD_NUMBER: _builtins.int
     TIME_ZONE_FIELD_NUMBER: _builtins.int
     hardware_id: _builtins.str
     firmware_version: _builtins.str
@@ -155,6 +156,12 @@ class Inventory(_message.Message):
     """The device's IANA time zone ("Europe/Berlin"; empty: unknown): maintenance windows in device-local
     time are computed in it.
     """
+    @_builtins.property
+    def delta_formats(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """OTA delta formats the device applies, preferred first ("fldelta2", "fldelta1"). Empty: a device
+        from before this field, which applies "fldelta1" only.
+        """
+
     def __init__(
         self,
         *,
@@ -163,11 +170,12 @@ class Inventory(_message.Message):
         firmware_sha256: _builtins.str = ...,
         active_slot: _builtins.str = ...,
         campaigns_version: _builtins.int = ...,
+        delta_formats: _abc.Iterable[_builtins.str] | None = ...,
         time_zone: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_slot", b"active_slot", "campaigns_version", b"campaigns_version", "firmware_sha256", b"firmware_sha256", "firmware_version", b"firmware_version", "hardware_id", b"hardware_id", "time_zone", b"time_zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_slot", b"active_slot", "campaigns_version", b"campaigns_version", "delta_formats", b"delta_formats", "firmware_sha256", b"firmware_sha256", "firmware_version", b"firmware_version", "hardware_id", b"hardware_id", "time_zone", b"time_zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,291 @@
+"""FLDELTA2 on the device: rebuild the new image from the running slot, streaming, in bounded memory.
+
+FLDELTA2 copies may address *any* offset of the old image (the cloud searches all of it:
+:mod:`fleetloop_shared.update.fldelta2`). The device never holds the old image: the old slot is on its
+own disk and is read with positioned reads through a small buffer, the new image is handed to ``write``
+in pieces of at most :data:`FLUSH` bytes (the driver hashes and writes them into the other slot), and
+every stream inside the patch is decoded piece by piece (:class:`~fleetloop_shared.update.inflate.Inflow`).
+What memory a patch can make the device use is fixed by this module's constants, not by the image:
+one chunk body (≤ ~4 MiB), one zstd output chunk (≤ :data:`MAX_CHUNK`) or the decoders of one chunk's
+streams, and a patch-from dictionary (≤ :data:`MAX_DICT`; built once, copied once by zstd).
+
+Container (all integers little-endian)::
+
+    magic "FLDELTA2" | new_size u64 | old_size u64 | chunk_size u32 | chunk_count u32
+    per chunk: method u8 | out_len u32 | body_len u32 | body
+      method 0, zstd:       a zstd frame (content size declared), no dictionary
+      method 1, zstd-patch: region_count u16 | region_count × (offset u64 | length u32) | a zstd frame
+                            whose raw-content dictionary is those old regions, concatenated in order
+      method 2, streams:    tuple_count u32 | 6 × (codec u8 | raw_len u32 | packed_len u32) | 6 streams:
+                            seeks, copy lengths, add lengths (LEB128 varints; seeks zigzag-signed),
+                            diff runs (varints), diff bytes, extra bytes;
+                            codec: 0 stored, 1 zstd, 2 bzip2, 3 LZMA2 (raw)
+
+A streams chunk is bsdiff's idea with whole-image reach: an old position starts at 0; each tuple
+``(seek, x, y)`` moves it by ``seek``, appends ``x`` bytes of old + diff (bytewise, mod 256: a relocated
+pointer differs in a few bytes), moves it by ``x``, then appends ``y`` bytes of extra. Every tuple
+appends at least one byte. The diff is mostly zeros: with an empty *diff runs* stream the diff bytes are
+the diff itself; otherwise the diff is rebuilt from runs alternately of zeros and of the diff bytes
+(starting with zeros), which LZMA2 codes in a tenth of the time it takes on the zeros themselves.
+
+Hostile input: the header, each chunk header, each region and each tuple is checked against the old
+image, the output and the declared lengths *before* the read or allocation it would cause; every stream
+must decode to exactly its declared length. Anything else is :class:`IntegrityError`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import BinaryIO
+
+import numpy as np
+
+from fleetloop_shared.errors import IntegrityError
+from fleetloop_shared.update.delta_format import DEFAULT_MAX_OUTPUT, read_exact, read_header
+from fleetloop_shared.update.inflate import Inflow, unzstd, unzstd_patch
+
+MAGIC = b"FLDELTA2"
+CHUNK = struct.Struct("<BII")
+REGION = struct.Struct("<QI")
+REGION_COUNT = struct.Struct("<H")
+STREAMS = struct.Struct("<I")
+STREAM = struct.Struct("<BII")
+STREAM_NAMES = ("seeks", "copy lengths", "add lengths", "diff runs", "diff", "extra")
+
+METHOD_ZSTD = 0
+METHOD_ZSTD_PATCH = 1
+METHOD_STREAMS = 2
+METHOD_NAMES = {METHOD_ZSTD: "zstd", METHOD_ZSTD_PATCH: "zstd-patch", METHOD_STREAMS: "streams"}
+
+#: Largest output chunk a patch may declare (the device holds at most one zstd chunk decoded).
+MAX_CHUNK = 8 << 20
+#: Largest patch-from dictionary (old regions) a chunk may ask the device to assemble.
+MAX_DICT = 8 << 20
+MAX_REGIONS = 1024
+#: Output handed to ``write`` per call, and the largest positioned read of the old image.
+FLUSH = 1 << 20
+_VARINT_MAX = 10
+
+
+def max_body(out_len: int) -> int:
+    """The largest chunk body that can be honest: plain zstd of the chunk always fits (zstd's bound),
+    plus a region table."""
+    return out_len + (out_len >> 7) + (1 << 16) + REGION_COUNT.size + MAX_REGIONS * REGION.size
+
+
+class _Varints:
+    """LEB128 integers out of an :class:`Inflow`, a piece at a time."""
+
+    def __init__(self, stream: Inflow) -> None:
+        self.stream = stream
+        self.buf = b""
+        self.i = 0
+
+    def next(self) -> int:
+        value = shift = 0
+        for _ in range(_VARINT_MAX):
+            if self.i >= len(self.buf):
+                if not self.stream.left:
+                    raise IntegrityError(f"delta is malformed: {self.stream.what} ends inside a number")
+                self.buf, self.i = self.stream.read(min(1 << 16, self.stream.left)), 0
+            byte = self.buf[self.i]
+            self.i += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+        raise IntegrityError(f"delta is malformed: {self.stream.what} holds a number over 64 bits")
+
+    def finish(self) -> None:
+        if self.i != len(self.buf):
+            raise IntegrityError(f"delta is malformed: {self.stream.what} has numbers nobody read")
+        self.stream.finish()
+
+
+class _SparseDiff:
+    """The diff rebuilt from runs of zeros and of literal bytes (see the module docstring)."""
+
+    def __init__(self, runs: Inflow, literal: Inflow) -> None:
+        self.runs = _Varints(runs)
+        self.literal = literal
+        self.zeros = True  # the kind of the current run
+        self.left = 0  # bytes left in it
+        self.started = False
+
+    def read(self, n: int) -> bytes:
+        parts: list[bytes] = []
+        while n:
+            if not self.left:
+                if self.started:
+                    self.zeros = not self.zeros
+                self.started = True
+                self.left = self.runs.next()
+                continue
+            take = min(n, self.left)
+            parts.append(bytes(take) if self.zeros else self.literal.read(take))
+            self.left -= take
+            n -= take
+        return b"".join(parts)
+
+    def finish(self) -> None:
+        if self.left:
+            raise IntegrityError("delta is malformed: diff runs are longer than the copies")
+        self.runs.finish()
+        self.literal.finish()
+
+
+def _read_old(old: BinaryIO, pos: int, n: int) -> bytes:
+    old.seek(pos)
+    data = old.read(n)
+    if len(data) != n:
+        raise IntegrityError("the installed image is shorter than it was when the delta was checked")
+    return data
+
+
+def _streams(body: bytes, out_len: int) -> tuple[int, list[Inflow]]:
+    """The tuple count and the six streams of a streams chunk, every declared length checked."""
+    n = len(STREAM_NAMES)
+    if len(body) < STREAMS.size + n * STREAM.size:
+        raise IntegrityError("delta is malformed: streams chunk shorter than its header")
+    (tuples,) = STREAMS.unpack_from(body)
+    if tuples > out_len:
+        raise IntegrityError(f"delta is malformed: {tuples} tuples cannot build {out_len} bytes")
+    heads = [STREAM.unpack_from(body, STREAMS.size + i * STREAM.size) for i in range(n)]
+    offset = STREAMS.size + n * STREAM.size
+    if offset + sum(h[2] for h in heads) != len(body):
+        raise IntegrityError("delta is malformed: stream lengths do not add up to the chunk body")
+    limits = (_VARINT_MAX * tuples,) * 3 + (_VARINT_MAX * (out_len + 1), out_len, out_len)
+    streams = []
+    for (codec, raw_len, packed_len), limit, name in zip(heads, limits, STREAM_NAMES, strict=True):
+        if raw_len > limit:
+            raise IntegrityError(f"delta is malformed: {name} of {raw_len} bytes exceeds {limit}")
+        streams.append(Inflow(codec, memoryview(body)[offset : offset + packed_len], raw_len, name))
+        offset += packed_len
+    return tuples, streams
+
+
+def _apply_streams(
+    old: BinaryIO, old_size: int, body: bytes, out_len: int, write: Callable[[bytes], object]
+) -> None:
+    tuples, (seeks_s, xs_s, ys_s, runs, literal, extra) = _streams(body, out_len)
+    seeks, xs, ys = _Varints(seeks_s), _Varints(xs_s), _Varints(ys_s)
+    diff: Inflow | _SparseDiff = _SparseDiff(runs, literal) if runs.left else literal
+    if diff is literal:
+        runs.finish()
+    pos = produced = fill = 0
+    out = bytearray(FLUSH)  # one output buffer, filled in place and handed on whenever it is full
+    for _ in range(tuples):
+        zig = seeks.next()
+        pos += (zig >> 1) ^ -(zig & 1)
+        x = xs.next()
+        y = ys.next()
+        if x + y == 0 or produced + x + y > out_len:
+            raise IntegrityError("delta is malformed: a tuple builds nothing or past the chunk")
+        if x and (pos < 0 or pos + x > old_size):
+            raise IntegrityError(f"delta is malformed: copy of {x} bytes at {pos} is outside the old image")
+        produced += x + y
+        while x:
+            n = min(x, FLUSH - fill)
+            target = np.frombuffer(out, dtype=np.uint8, count=n, offset=fill)
+            np.add(
+                np.frombuffer(_read_old(old, pos, n), dtype=np.uint8),
+                np.frombuffer(diff.read(n), dtype=np.uint8),
+                out=target,
+            )
+            pos, x, fill = pos + n, x - n, fill + n
+            if fill == FLUSH:
+                write(bytes(out))
+                fill = 0
+        while y:
+            n = min(y, FLUSH - fill)
+            out[fill : fill + n] = extra.read(n)
+            y, fill = y - n, fill + n
+            if fill == FLUSH:
+                write(bytes(out))
+                fill = 0
+    if produced != out_len:
+        raise IntegrityError(f"delta is malformed: tuples build {produced} of {out_len} bytes")
+    for v in (seeks, xs, ys):
+        v.finish()
+    diff.finish()
+    extra.finish()
+    if fill:
+        write(bytes(memoryview(out)[:fill]))
+
+
+def _dictionary_regions(body: bytes, old_size: int) -> tuple[list[tuple[int, int]], int, int]:
+    """The old regions of a zstd-patch chunk, checked; returns (regions, dictionary size, frame start)."""
+    if len(body) < REGION_COUNT.size:
+        raise IntegrityError("delta is malformed: zstd-patch chunk shorter than its header")
+    (count,) = REGION_COUNT.unpack_from(body)
+    start = REGION_COUNT.size + count * REGION.size
+    if not 0 < count <= MAX_REGIONS or start > len(body):
+        raise IntegrityError(f"delta is malformed: {count} dictionary regions")
+    regions = []
+    total = 0
+    for i in range(count):
+        offset, length = REGION.unpack_from(body, REGION_COUNT.size + i * REGION.size)
+        total += length
+        if length == 0 or offset + length > old_size or total > MAX_DICT:
+            raise IntegrityError(
+                f"delta is malformed: dictionary region {offset}+{length} is outside the old image "
+                f"or over {MAX_DICT} bytes in all"
+            )
+        regions.append((offset, length))
+    return regions, total, start
+
+
+def _apply_zstd_patch(old: BinaryIO, old_size: int, body: bytes, out_len: int) -> bytes:
+    regions, total, start = _dictionary_regions(body, old_size)
+
+    def fill(buf: memoryview) -> None:
+        at = 0
+        for offset, length in regions:
+            for start in range(offset, offset + length, FLUSH):
+                n = min(FLUSH, offset + length - start)
+                buf[at : at + n] = _read_old(old, start, n)
+                at += n
+
+    return unzstd_patch(body[start:], out_len, "zstd-patch chunk", total, fill)
+
+
+def decode(
+    old: BinaryIO,
+    old_size: int,
+    patch: BinaryIO,
+    write: Callable[[bytes], object],
+    *,
+    max_size: int = DEFAULT_MAX_OUTPUT,
+) -> int:
+    """Apply an FLDELTA2 ``patch`` to ``old``, handing the new image to ``write``; returns its size.
+
+    The caller checks the result's hash (the container has none: the signed metadata holds it).
+    """
+    new_size, chunk, count = read_header(
+        patch, MAGIC, old_size=old_size, max_size=max_size, max_chunk=MAX_CHUNK
+    )
+    written = 0
+    for _ in range(count):
+        method, out_len, body_len = CHUNK.unpack(read_exact(patch, CHUNK.size, "chunk header"))
+        if out_len != min(chunk, new_size - written):
+            raise IntegrityError("delta is malformed: chunk length out of bounds")
+        if body_len > max_body(out_len):
+            raise IntegrityError(f"delta is malformed: chunk body of {body_len} bytes is impossible")
+        body = read_exact(patch, body_len, "chunk body")
+        if method == METHOD_STREAMS:
+            _apply_streams(old, old_size, body, out_len, write)
+        elif method in (METHOD_ZSTD, METHOD_ZSTD_PATCH):
+            if method == METHOD_ZSTD:
+                data = unzstd(body, out_len, "zstd chunk")
+            else:
+                data = _apply_zstd_patch(old, old_size, body, out_len)
+            if len(data) != out_len:
+                raise IntegrityError(f"delta is malformed: chunk decodes to {len(data)} of {out_len} bytes")
+            write(data)
+        else:
+            raise IntegrityError(f"delta is malformed: unknown chunk method {method}")
+        written += out_len
+    if patch.read(1):
+        raise IntegrityError("delta is malformed: trailing bytes after the last chunk")
+    return written
