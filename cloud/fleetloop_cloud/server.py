@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
 
+from fleetloop_cloud.changes import ChangeFeed, ChangeFollower, Topic, open_change_feed
 from fleetloop_cloud.fleet_store.captures import CaptureReader
 from fleetloop_cloud.fleet_store.compaction import CompactionPolicy, Compactor
 from fleetloop_cloud.fleet_store.iceberg import IcebergFleetStore, IcebergTables, catalog_uri, io_properties
@@ -75,27 +76,38 @@ COMPACTION_INTERVAL_S = 60.0
 
 
 class _Periodic:
-    """A daemon thread calling ``step`` every ``interval()`` seconds until stopped. A failing step is
-    logged and the next one runs: one bad pass must not stop rollouts or compaction for good."""
+    """A daemon thread calling ``step`` every ``interval()`` seconds until stopped, or sooner when
+    woken (:meth:`wake`: a change another coordinator made). A failing step is logged and the next one
+    runs: one bad pass must not stop rollouts or compaction for good."""
 
     def __init__(self, name: str, interval: Callable[[], float], step: Callable[[], None]) -> None:
         self._interval = interval
         self._step = step
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval()):
+        while True:
+            self._wake.wait(self._interval())
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self._step()
             except Exception:
                 log.exception("%s: a pass failed", self._thread.name)
+
+    def wake(self) -> None:
+        """Run the next pass now (several wakes before it starts make one pass)."""
+        self._wake.set()
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
 
@@ -121,6 +133,7 @@ class Coordinator:
         limits: Limits | None = None,
         storage: S3Settings | None = None,
         tables: TableSettings | None = None,
+        changes: ChangeFeed | None = None,
     ) -> None:
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -165,14 +178,23 @@ class Coordinator:
         self.access = access = Access(self.refusals, repos.audit_log)
         coordinator_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         controller = ControllerAudit(access, Caller.controller(coordinator_id))
+        # A change made here reaches the devices of the other coordinators on one database through the
+        # change feed (LISTEN/NOTIFY on PostgreSQL); each catches up on a timer too.
+        self._rollout_loop = _Periodic("rollout-controller", lambda: ROLLOUT_TICK_S, self._tick)
+        self.changes = ChangeFollower(
+            changes or open_change_feed(db), coordinator_id,
+            {Topic.CAMPAIGNS: self._campaigns_changed, Topic.ROLLOUTS: self._rollout_loop.wake},
+        )  # fmt: skip
         self.grants = UploadGrants(UploadScheduler(limits.upload_budget), self.sessions)
         self.jobs = OtaJobs(self.director, self.sessions, repos.devices)
         self.controller = RolloutController(
             repos.rollouts, repos.releases, repos.devices, self.jobs,
             log_to=controller, holder=coordinator_id, lease_ttl_s=_lease_ttl(),
             gate_inputs=FleetStoreGateInputs(self.query_engine),
+            stepped=lambda: self.changes.publish(Topic.ROLLOUTS),
         )
-        self.campaigns = CampaignService(repos.campaigns, repos.devices, self.sessions, access)
+        self.campaigns = CampaignService(repos.campaigns, repos.devices, self.sessions, access,
+                                         changed=lambda: self.changes.publish(Topic.CAMPAIGNS))  # fmt: skip
         self.devices = DeviceService(
             repos.devices, repos.leases, self.sessions, access, coordinator_id=coordinator_id,
             campaigns=self.campaigns, ota=self.controller, backlog=self.grants,
@@ -187,7 +209,9 @@ class Coordinator:
             max_upload_bytes=limits.staging.max_upload_bytes,
         )
         self.releases = ReleaseService(repos.releases, repos.devices, self.artifacts, self.tuf, access)
-        self.rollouts = RolloutService(self.controller, repos.rollouts, access)
+        self.rollouts = RolloutService(
+            self.controller, repos.rollouts, access, changed=self._rollouts_changed
+        )
         self.queries = QueryService(
             self.query_engine, repos.segments, repos.campaigns, self.devices, access, metrics=self.metrics
         )
@@ -206,9 +230,19 @@ class Coordinator:
         self.devices.beat(clock())
         self._last_beat = clock()
         self._loops = [
-            _Periodic("rollout-controller", lambda: ROLLOUT_TICK_S, self._tick),
+            self._rollout_loop,
             _Periodic("compaction", lambda: COMPACTION_INTERVAL_S, self._compact),
         ]
+
+    def _campaigns_changed(self) -> None:
+        if self.campaigns.catch_up():
+            log.info("campaigns changed elsewhere: pushed to %d devices", len(self.sessions.online()))
+
+    def _rollouts_changed(self) -> None:
+        """An operator's rollout command here: step now, and tell the others (their devices, or their
+        controller if one of them leads)."""
+        self._rollout_loop.wake()
+        self.changes.publish(Topic.ROLLOUTS)
 
     def _tick(self) -> None:
         now = self.clock()
@@ -229,11 +263,13 @@ class Coordinator:
             log.info("upload staging: removed %d partial uploads left for over a day", expired)
 
     def start(self) -> None:
+        self.changes.start()
         for loop in self._loops:
             loop.start()
 
     def stop(self) -> None:
         """Stop the periodic work and end this coordinator's lease (its devices are offline now)."""
+        self.changes.stop()
         for loop in self._loops:
             loop.stop()
         self.controller.release_lease()
@@ -241,6 +277,7 @@ class Coordinator:
 
     def close(self) -> None:
         """Release the metadata connection (after :meth:`stop`)."""
+        self.changes.stop()
         if self.tables is not None:
             self.tables.close()
         self.repositories.close()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -182,6 +182,7 @@ class RolloutController:
         gate_inputs: GateInputs | None = None,
         holder: str = "",
         lease_ttl_s: float = LEASE_TTL_S,
+        stepped: Callable[[], None] = lambda: None,
     ) -> None:
         self._rollouts = rollouts
         self._releases = releases
@@ -193,6 +194,8 @@ class RolloutController:
         #: must never share one).
         self.holder = holder or f"controller-{secrets.token_hex(6)}"
         self.lease_ttl_s = lease_ttl_s
+        #: Told after a tick whose decisions were written (the other coordinators deliver at once).
+        self._stepped = stepped
         self._lock = threading.RLock()
         self._planners: dict[str, tuple[str, RolloutPlanner]] = {}
         self.targets = TargetSelection(rollouts, releases, devices)
@@ -252,6 +255,7 @@ class RolloutController:
         fence = self.lead(now)
         records = self._rollouts.all(states=HOLDING_STATES)
         members = {r.rollout_id: self._rollouts.devices(r.rollout_id) for r in records}
+        wrote = False
         if fence is not None:
             busy = _busy(records, members)
             for record in records:
@@ -263,7 +267,10 @@ class RolloutController:
                 if written is None:
                     break  # the lease is gone: another coordinator decides from here on
                 if written:
+                    wrote = True
                     del members[record.rollout_id]  # changed: delivery reads it again
+        if wrote:
+            self._stepped()
         self.deliver(now, members)
 
     def _step(

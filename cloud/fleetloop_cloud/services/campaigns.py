@@ -1,12 +1,15 @@
 """Campaigns: the desired state devices converge to, validated with the same compiler the agents run.
 
 Applying or deleting a campaign bumps the global version and pushes each device connected here the
-campaigns whose selector matches it; a device connecting later gets them in its welcome.
+campaigns whose selector matches it; a device connecting later gets them in its welcome. Devices
+connected to other coordinators get theirs from :meth:`CampaignService.catch_up` there, run when the
+change feed says campaigns changed (and on a timer, for a notice that was lost).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from fleetloop_cloud.repositories.interfaces import CampaignRepository, DeviceRepository
@@ -44,17 +47,25 @@ class CampaignDeleted:
 
 
 class CampaignService:
+    """``changed`` is told after every write (the coordinator tells the others through its change feed)."""
+
     def __init__(
         self,
         campaigns: CampaignRepository,
         devices: DeviceRepository,
         sessions: DeviceSessions,
         access: Access,
+        *,
+        changed: Callable[[], None] = lambda: None,
     ) -> None:
         self._campaigns = campaigns
         self._devices = devices
         self._sessions = sessions
         self._access = access
+        self._changed = changed
+        self._push_lock = threading.Lock()
+        #: The global version last pushed to the devices here (None: none pushed since the start).
+        self._pushed: int | None = None
 
     def apply(
         self, caller: Caller, document: str, *, source: str = "<campaign>", now: float
@@ -69,6 +80,7 @@ class CampaignService:
             detail="unchanged" if version == before else "",
         )  # fmt: skip
         self._push()
+        self._changed()
         return CampaignApplied(spec.name, version, self._matching(spec.selector))
 
     def validate(self, caller: Caller, document: str, *, source: str = "<campaign>") -> CampaignChecked:
@@ -92,6 +104,7 @@ class CampaignService:
         version = self._campaigns.delete(name, now)
         self._access.record(caller, "campaigns.delete", name, now, before=before, after=version)
         self._push()
+        self._changed()
         return CampaignDeleted(name, version)
 
     def desired(self, caller: Caller) -> CampaignSet:
@@ -114,8 +127,19 @@ class CampaignService:
                 out.campaigns.append(campaign)
         return out
 
+    def catch_up(self) -> bool:
+        """Push the devices connected here their desired campaigns if the global version moved since
+        the last push here (a change made through another coordinator); True if it pushed."""
+        if self._campaigns.desired().version == self._pushed:
+            return False
+        self._push()
+        return True
+
     def _push(self) -> None:
-        for device_id in self._sessions.online():
-            self._sessions.publish(
-                device_id, device_pb2.CloudMessage(desired_campaigns=self.desired_for(device_id))
-            )
+        with self._push_lock:  # a push here and a catch-up must not interleave their versions
+            version = self._campaigns.desired().version
+            for device_id in self._sessions.online():
+                self._sessions.publish(
+                    device_id, device_pb2.CloudMessage(desired_campaigns=self.desired_for(device_id))
+                )
+            self._pushed = version

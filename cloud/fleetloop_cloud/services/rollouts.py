@@ -51,11 +51,22 @@ class DeviceOta:
 
 
 class RolloutService:
-    def __init__(self, controller: RolloutController, rollouts: RolloutRepository, access: Access) -> None:
+    """``changed`` is told after every write here (the coordinator steps its controller now and tells
+    the other coordinators, so whichever leads acts on it at once)."""
+
+    def __init__(
+        self,
+        controller: RolloutController,
+        rollouts: RolloutRepository,
+        access: Access,
+        *,
+        changed: Callable[[], None] = lambda: None,
+    ) -> None:
         self._controller = controller
         self._actions = RolloutActions(controller, rollouts)
         self._rollouts = rollouts
         self._access = access
+        self._changed = changed
 
     def create(self, caller: Caller, policy: Mapping[str, Any], now: float) -> RolloutStatus:
         """A rollout of the policy (a document or a bare spec; UserError naming the field that is wrong)."""
@@ -72,6 +83,7 @@ class RolloutService:
             detail=f"release {status.release_name} {parsed.release_version} (revision {status.revision}); "
             f"selector {parsed.selector!r}; {len(status.devices)} devices",
         )
+        self._changed()
         return status
 
     def status(self, caller: Caller, rollout_id: str) -> RolloutStatus:
@@ -120,6 +132,7 @@ class RolloutService:
         self._access.operator(caller, f"rollouts.{action}")
         before = record_of(self._rollouts, rollout_id).state
         result = run()
+        self._changed()
         status = rollout_status(self._rollouts, rollout_id)
         self._access.record(
             caller,
