@@ -107,4 +107,5 @@ def cmd_cloud_serve(args: argparse.Namespace) -> int:
         public_url=config["public_url"],
         storage=config.storage,
         tables=config.tables,
+        keys_dir=config["keys.dir"],
     )

@@ -255,6 +255,9 @@ KEYS: tuple[Key, ...] = (
         "--dir"),
     Key("database", _optional(_text), None,
         "metadata in PostgreSQL (postgresql://...) instead of SQLite in the data directory", "--db"),
+    Key("keys.dir", _optional(_path), None,
+        "online keys from this mounted secret (read-only; FLEETLOOP_KEY_* variables win over its files) "
+        "instead of the data directory's keys/", "--keys-dir"),
     Key("log_level", _level, "info", "log level", "--log-level"),
     Key("ready_file", _optional(_path), None, "write the bound ports here as JSON once serving",
         "--ready-file"),

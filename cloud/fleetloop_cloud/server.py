@@ -45,7 +45,7 @@ from fleetloop_cloud.metrics.watches import watch_coordinator
 from fleetloop_cloud.mqtt_bridge import BridgeSettings, MqttBridge
 from fleetloop_cloud.ota.artifact_store import ArtifactStore
 from fleetloop_cloud.ota.director import Director
-from fleetloop_cloud.ota.release_key import release_signer
+from fleetloop_cloud.ota.online_keys import KeyFiles, OnlineKeys, SecretKeys, release_signer
 from fleetloop_cloud.ota.tuf_repository import TufRepositories
 from fleetloop_cloud.repositories import open_repositories
 from fleetloop_cloud.rollout.controller import LEASE_TTL_S, RolloutController
@@ -122,7 +122,9 @@ def open_tables(data_dir: Path, db: str | None, storage: S3Settings | None) -> I
 class Coordinator:
     """One coordinator's parts, built from ``data_dir`` (and ``db``: a ``postgresql://`` URL shared by
     several coordinators; default SQLite in ``data_dir``). ``clock`` is what every service's ``now``
-    comes from; ``limits`` the budgets and bounds it works within (a configuration file's)."""
+    comes from; ``limits`` the budgets and bounds it works within (a configuration file's); ``keys`` where
+    its online keys load from (default: ``data_dir/keys``); ``changes`` the feed it hears the other
+    coordinators' changes on (default: LISTEN/NOTIFY with a PostgreSQL ``db``, in-process otherwise)."""
 
     def __init__(
         self,
@@ -134,10 +136,23 @@ class Coordinator:
         storage: S3Settings | None = None,
         tables: TableSettings | None = None,
         changes: ChangeFeed | None = None,
+        keys: OnlineKeys | None = None,
     ) -> None:
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.clock = clock
+        # Online keys: the data directory's keys/ (made here on the first start), or a secret every
+        # coordinator mounts (never the database)
+        self.keys = keys = keys or KeyFiles(data_dir / "keys")
+        self.signer = release_signer(keys)
+        # OTA trust: devices are provisioned with keys/image-root.json and keys/director-root.json
+        tuf_dir = data_dir / "artifacts" / "tuf"
+        if not keys.writable and not tuf_dir.is_dir():
+            raise ConfigError(
+                f"{data_dir} holds no TUF repositories, and with keys from a secret ({keys.directory}) a "
+                "coordinator makes no keys: start from the data directory 'fleetloop cloud init' made "
+                "with those keys"
+            )
         self.limits = limits = limits or Limits()
         self.metrics = PrometheusMetrics()
         self.repositories = repos = open_repositories(db if db else data_dir / "metadata.sqlite")
@@ -162,9 +177,9 @@ class Coordinator:
             grace_s = max(CompactionPolicy().grace_s, limits.query.timeout_s + 60)
             policy = CompactionPolicy(grace_s=grace_s)
             self.compactor = Compactor(self.fleet_store, repos.segments.has, policy)
-        self.signer = release_signer(data_dir / "keys")
-        # OTA trust: devices are provisioned with keys/image-root.json and keys/director-root.json
-        self.tuf = TufRepositories(data_dir / "artifacts" / "tuf", data_dir / "keys" / "tuf", clock=clock)
+        self.tuf = TufRepositories(
+            tuf_dir, keys.directory / "tuf", clock=clock, anchor_dir=data_dir / "keys"
+        )
         self.director = Director(self.tuf)
         self.artifacts = ArtifactStore(data_dir / "artifacts", self.signer, tuf=self.tuf)
         self.sessions = DeviceSessions()
@@ -400,17 +415,20 @@ def serve(
     public_url: str | None = None,
     storage: S3Settings | None = None,
     tables: TableSettings | None = None,
+    keys_dir: Path | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (or ``stop`` is set). Writes ``ready_file`` once both ports listen.
     ConfigError (before anything listens) for an address it must not serve on as configured.
-    ``public_url`` is where devices reach the HTTP port (artifact downloads); by default this address."""
+    ``public_url`` is where devices reach the HTTP port (artifact downloads); by default this address.
+    ``keys_dir``: a mounted secret holding the online keys (default: the data directory's keys/)."""
     stop = stop or threading.Event()
     http = http or HttpSettings()
     refusal = exposure_refusal(host, http=http, grpc_tls=grpc_tls is not None)
     if refusal is not None:
         raise ConfigError(refusal)
     raise_open_files_limit()
-    coordinator = Coordinator(data_dir, db=db, limits=limits, storage=storage, tables=tables)
+    keys = SecretKeys(keys_dir) if keys_dir is not None else None
+    coordinator = Coordinator(data_dir, db=db, limits=limits, storage=storage, tables=tables, keys=keys)
     if http.insecure:
         log.warning("--insecure: no API tokens (every HTTP request acts as an admin)%s",
                     "" if http.tls else " and no TLS")  # fmt: skip

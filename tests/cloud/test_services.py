@@ -16,7 +16,7 @@ from fleetloop_cloud.fleet_store.parquet import FleetStore
 from fleetloop_cloud.fleet_store.query import QueryEngine
 from fleetloop_cloud.identity.roles import Role
 from fleetloop_cloud.ota.artifact_store import ArtifactStore
-from fleetloop_cloud.ota.release_key import release_signer
+from fleetloop_cloud.ota.online_keys import KeyFiles, release_signer
 from fleetloop_cloud.ota.tuf_repository import TufRepositories
 from fleetloop_cloud.repositories import Repositories, memory_repositories
 from fleetloop_cloud.repositories.records import Inventory, Registration
@@ -339,7 +339,7 @@ def test_upload_grants_go_to_the_devices_connected_here(world: World) -> None:
 @pytest.fixture
 def releases(world: World, tmp_path: Path) -> ReleaseService:
     tuf = TufRepositories(tmp_path / "tuf", tmp_path / "keys" / "tuf", clock=lambda: NOW)
-    artifacts = ArtifactStore(tmp_path / "artifacts", release_signer(tmp_path / "keys"), tuf=tuf)
+    artifacts = ArtifactStore(tmp_path / "artifacts", release_signer(KeyFiles(tmp_path / "keys")), tuf=tuf)
     return ReleaseService(world.repos.releases, world.repos.devices, artifacts, tuf, world.access)
 
 

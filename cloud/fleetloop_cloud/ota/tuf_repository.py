@@ -331,6 +331,7 @@ class TufRepositories:
         clock: Callable[[], float],
         root_keys: int = 2,
         root_threshold: int = 2,
+        anchor_dir: Path | None = None,
     ) -> None:
         self._clock = clock
         self.image_authority = RootAuthority(
@@ -348,7 +349,8 @@ class TufRepositories:
         self._devices_dir = root / "director" / "devices"
         self._devices: dict[str, RoleFiles] = {}
         self._lock = threading.Lock()
-        self.anchor_dir = key_root.parent
+        #: Where the roots devices are provisioned with are written (public: beside the keys by default).
+        self.anchor_dir = anchor_dir or key_root.parent
         self.export_anchors()
 
     def export_anchors(self) -> None:

@@ -277,20 +277,29 @@ class ReleaseSigner:
             data = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read release key: {exc.strerror or exc}") from None
+        return cls.from_pem(data, str(path))
+
+    @classmethod
+    def from_pem(cls, data: bytes, source: str) -> ReleaseSigner:
+        """The key in ``data`` (PEM, PKCS#8, unencrypted, Ed25519); ConfigError naming ``source`` (a
+        file, an environment variable) says why it is unusable."""
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{path}: not an unencrypted PEM private key ({exc})") from None
+            raise ConfigError(f"{source}: not an unencrypted PEM private key ({exc})") from None
         if not isinstance(key, Ed25519PrivateKey):
-            raise ConfigError(f"{path}: release key is {type(key).__name__}, expected an Ed25519 key")
+            raise ConfigError(f"{source}: release key is {type(key).__name__}, expected an Ed25519 key")
         return cls(key)
+
+    def pem(self) -> bytes:
+        """The private key as unencrypted PKCS#8 PEM (for whoever keeps it: a 0600 file, a secret)."""
+        return self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
 
     def save(self, path: Path) -> None:
         """Write the key as PEM, readable by its owner only (0600), atomically."""
-        pem = self._key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        write_atomically(path, pem, mode=0o600)
+        write_atomically(path, self.pem(), mode=0o600)
 
     def public_key_pem(self) -> bytes:
         return self._key.public_key().public_bytes(
