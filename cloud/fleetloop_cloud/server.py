@@ -241,6 +241,7 @@ class Coordinator:
             refusals=self.refusals,
             staging=self.staging,
             grants=self.grants,
+            changes=self.changes,
         )
         self.devices.beat(clock())
         self._last_beat = clock()

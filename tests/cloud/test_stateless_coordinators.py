@@ -65,6 +65,19 @@ def call(coordinator: CoordinatorProcess, method: str, path: str, body: bytes | 
         pytest.fail(f"{method} {path}: HTTP {exc.code}: {exc.read()[:500]!r}")
 
 
+def scrape(coordinator: CoordinatorProcess, series: str) -> float:
+    """One series of the coordinator's ``GET /metrics``."""
+    req = urllib.request.Request(
+        coordinator.http_url + "/metrics", headers={"Authorization": f"Bearer {coordinator.token}"}
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    pytest.fail(f"{series} is not in the metrics:\n{text[:2000]}")
+
+
 class Car:
     """A device on one coordinator: the agent's own link over gRPC, noting when each campaigns version
     arrived."""
@@ -141,6 +154,10 @@ def test_a_campaign_applied_through_one_coordinator_reaches_a_device_on_the_othe
         arrived = on_a.got(version)
         assert arrived is not None and arrived[1] == ["speeding-1", "speeding-2"]
         assert arrived[0] - deleted < REACH_S
+        # what the coordinators' metrics say of it: A heard B's two changes, B heard A's two
+        for coordinator in (a, b):
+            heard = scrape(coordinator, 'fleetloop_change_notices_heard_total{topic="campaigns"}')
+            assert heard == 2.0
     finally:
         for car in (on_a, on_b):
             car.link.stop()

@@ -50,6 +50,10 @@ class ChangeFeed(Protocol):
         """Stop listening and release the feed's connections."""
         ...
 
+    def counters(self) -> dict[str, int]:
+        """What went wrong or was ignored, by event (exported as metrics)."""
+        ...
+
 
 class MemoryChangeBus:
     """The notices of the coordinators in one process: what a :class:`MemoryChangeFeed` publishes to."""
@@ -96,3 +100,6 @@ class MemoryChangeFeed:
         for listener in self._mine:
             self.bus.remove(listener)
         self._mine.clear()
+
+    def counters(self) -> dict[str, int]:
+        return {}  # in one process nothing is lost

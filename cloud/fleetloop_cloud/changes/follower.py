@@ -53,6 +53,10 @@ class ChangeFollower:
         self.coalesced = 0
         self.catch_ups = 0
 
+    def feed_counters(self) -> dict[str, int]:
+        """The feed's own counters (sent, lost, reconnects: whatever its adapter counts)."""
+        return self._feed.counters()
+
     def start(self) -> None:
         self._feed.listen(self._on_notice)
         self._thread.start()

@@ -154,6 +154,10 @@ class PostgresChangeFeed:
         self.received += 1
         self._dispatch(*notice)
 
+    def counters(self) -> dict[str, int]:
+        return {"received": self.received, "ignored": self.ignored,
+                "publish_failures": self.publish_failures, "reconnects": self.reconnects}  # fmt: skip
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:

@@ -1,6 +1,7 @@
 """What one coordinator exports at scrape time, read from the parts that hold it: connected devices by
-transport (the sessions), rollouts by state (the rollout repository), refusals, resumable-upload staging
-and the upload scheduler's totals. The composition root calls :func:`watch_coordinator` once.
+transport (the sessions), rollouts by state (the rollout repository), refusals, resumable-upload staging,
+the upload scheduler's totals and the change feed's notices. The composition root calls
+:func:`watch_coordinator` once.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 
+from fleetloop_cloud.changes import ChangeFollower, Topic
 from fleetloop_cloud.metrics.readings import Labels, Watcher
 from fleetloop_cloud.repositories.interfaces import RolloutRepository
 from fleetloop_cloud.rollout.planner import RolloutState
@@ -28,6 +30,7 @@ def watch_coordinator(
     refusals: Refusals,
     staging: UploadStaging,
     grants: UploadGrants,
+    changes: ChangeFollower | None = None,
 ) -> None:
     """Register every scrape-time reading of one coordinator's parts with ``metrics``."""
 
@@ -64,3 +67,19 @@ def watch_coordinator(
       "counter", [], lambda: {(): grants.scheduler.refused_devices})  # fmt: skip
     w("fleetloop_session_pushes_dropped", "Pushes to devices dropped from full outboxes (drop-oldest)",
       "counter", [], lambda: {(): sessions.dropped_total})  # fmt: skip
+    if changes is None:
+        return
+    follower = changes
+
+    def heard() -> Mapping[Labels, float]:
+        return {(topic.value,): n for topic, n in (dict.fromkeys(Topic, 0) | follower.heard).items()}
+
+    def feed_events() -> Mapping[Labels, float]:
+        events = {"coalesced": follower.coalesced, "catch_ups": follower.catch_ups}
+        return {(event,): n for event, n in (events | follower.feed_counters()).items()}
+
+    w("fleetloop_change_notices_heard", "Change notices from other coordinators, by topic", "counter",
+      ["topic"], heard)  # fmt: skip
+    w("fleetloop_change_feed_events", "The change feed: coalesced (a notice folded into one pending), "
+      "catch_ups (timer re-reads), received, ignored, publish_failures, reconnects (PostgreSQL)",
+      "counter", ["event"], feed_events)  # fmt: skip
