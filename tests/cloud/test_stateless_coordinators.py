@@ -23,7 +23,9 @@ from fleetloop_agent.metrics import AgentMetrics
 from fleetloop_agent.uplink import Greeting, Link
 from fleetloop_agent.uplink.grpc_transport import GrpcTransport
 from fleetloop_agent.uplink.pacing import BackoffPolicy
-from fleetloop_cloud.changes import CATCH_UP_S
+from fleetloop_cloud.changes import CATCH_UP_S, MemoryChangeFeed, Topic
+from fleetloop_cloud.server import Coordinator
+from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim import firmware
 from fleetloop_fwsim.fleet import CoordinatorProcess
 from fleetloop_fwsim.rollout_kill import HARDWARE_ID, OtaDevice
@@ -196,3 +198,32 @@ def test_a_rollout_created_through_one_coordinator_reaches_a_device_on_the_other
         for device in (on_a, on_b):
             device.link.stop()
         swarm.close()
+
+
+def test_a_lost_notice_only_delays_a_campaign_until_the_catch_up(tmp_path: Path, pg_url: str) -> None:
+    """Two coordinators on one database whose feeds never reach each other (separate in-process buses:
+    every notice lost): the device on B still gets A's campaign, from B's catch-up."""
+    a = Coordinator(tmp_path / "a", db=pg_url, changes=MemoryChangeFeed())
+    b = Coordinator(tmp_path / "b", db=pg_url, changes=MemoryChangeFeed())
+    b.start()
+    try:
+        car = Caller.device("car-b", transport="test", proven=True)
+        hello = device_pb2.Hello(device_id="car-b", fleet="test", labels={"kind": "car"})
+        session = b.devices.connect(car, hello, time.time())
+        applied = a.campaigns.apply(Caller.local(), CAMPAIGN.format(name="late", limit=90), now=time.time())
+        started = time.monotonic()
+
+        def pushed() -> bool:
+            while not session.outbox.empty():
+                msg = session.outbox.get_nowait()
+                if msg.desired_campaigns.version == applied.campaigns_version:
+                    return True
+            return False
+
+        wait_for("the campaign from B's catch-up", pushed, timeout_s=3 * CATCH_UP_S)
+        assert time.monotonic() - started <= CATCH_UP_S + 2.0
+        assert b.changes.catch_ups >= 1 and b.changes.heard[Topic.CAMPAIGNS] == 0
+    finally:
+        b.stop()
+        b.close()
+        a.close()

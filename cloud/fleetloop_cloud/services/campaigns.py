@@ -64,8 +64,9 @@ class CampaignService:
         self._access = access
         self._changed = changed
         self._push_lock = threading.Lock()
-        #: The global version last pushed to the devices here (None: none pushed since the start).
-        self._pushed: int | None = None
+        #: The global version the devices here were last pushed (or welcomed with: those connecting from
+        #: now on get the current set in their welcome).
+        self._pushed = campaigns.desired().version
 
     def apply(
         self, caller: Caller, document: str, *, source: str = "<campaign>", now: float
