@@ -194,6 +194,8 @@ def test_a_rollout_created_through_one_coordinator_reaches_a_device_on_the_other
             first = min(device.seen.jobs.values())
             assert all(job.startswith(created["id"]) for job in device.seen.jobs)
             assert first - sent < REACH_S, f"{device.device_id}: the job took {first - sent:.3f} s"
+        for coordinator in (a, b):  # each heard of the other's rollout (or of the leader's decisions)
+            assert scrape(coordinator, 'fleetloop_change_notices_heard_total{topic="rollouts"}') >= 1.0
     finally:
         for device in (on_a, on_b):
             device.link.stop()
