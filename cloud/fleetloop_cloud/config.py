@@ -256,7 +256,7 @@ KEYS: tuple[Key, ...] = (
     Key("database", _optional(_text), None,
         "metadata in PostgreSQL (postgresql://...) instead of SQLite in the data directory", "--db"),
     Key("keys.dir", _optional(_path), None,
-        "online keys from this mounted secret (read-only; FLEETLOOP_KEY_* variables win over its files) "
+        "online keys from this mounted secret (read-only; FLEETLOOP_KEY_RELEASE_PEM wins over its file) "
         "instead of the data directory's keys/", "--keys-dir"),
     Key("log_level", _level, "info", "log level", "--log-level"),
     Key("ready_file", _optional(_path), None, "write the bound ports here as JSON once serving",

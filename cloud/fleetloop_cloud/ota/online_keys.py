@@ -10,9 +10,10 @@ repositories' online roles (files by key id under ``tuf/<repository>/``, read by
 - **a secret every coordinator mounts** (:class:`SecretKeys`, ``keys.dir`` in ``cloud.yaml``): a
   directory mounted read-only from the platform's secret store (a Kubernetes Secret volume, a Vault
   agent's files) laid out like ``keys/``, and environment variables ``FLEETLOOP_KEY_<NAME>`` that win
-  over its files (``FLEETLOOP_KEY_RELEASE_PEM``: the release key's PEM text). A coordinator never makes
-  a key there: a missing one is a ConfigError naming it and the command that makes it, because a key made
-  by one of several coordinators would sign what the others cannot vouch for.
+  over its files for keys loaded by name (``FLEETLOOP_KEY_RELEASE_PEM``: the release key's PEM text; the
+  TUF key stores read their files under ``tuf/`` directly). A coordinator never makes a key there: a
+  missing one is a ConfigError naming it and the command that makes it, because a key made by one of
+  several coordinators would sign what the others cannot vouch for.
 
 Never the database: whoever can read it (a replica, a backup, a support session) must not be able to
 sign for the fleet.
