@@ -162,6 +162,7 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     s.set_defaults(func=cmd_artifacts_patch)
 
     keys = groups["top"].add_parser("keys", help="TUF signing keys").add_subparsers(dest="sub", required=True)
+    groups["keys"] = keys
     s = keys.add_parser(
         "rotate",
         help="new root version (new expiry; new root keys and threshold; optionally new online keys)",

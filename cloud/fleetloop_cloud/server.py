@@ -38,7 +38,7 @@ from fleetloop_cloud.mqtt_bridge import BridgeSettings, MqttBridge
 from fleetloop_cloud.ota.artifact_store import ArtifactStore
 from fleetloop_cloud.ota.director import Director
 from fleetloop_cloud.ota.release_key import release_signer
-from fleetloop_cloud.ota.tuf_repository import TufRepositories
+from fleetloop_cloud.ota.tuf_repository import ImageKeyCustody, TufRepositories
 from fleetloop_cloud.repositories import open_repositories
 from fleetloop_cloud.rollout.controller import LEASE_TTL_S, RolloutController
 from fleetloop_cloud.rollout.gate_inputs import FleetStoreGateInputs
@@ -104,7 +104,10 @@ class Coordinator:
         clock: Callable[[], float] = time.time,
         db: str | None = None,
         limits: Limits | None = None,
+        custody: ImageKeyCustody | None = None,
     ) -> None:
+        """``custody``: who holds a new image repository's offline keys (see :class:`ImageKeyCustody`);
+        without it, this coordinator does (a lab's custody: it signs every upload itself)."""
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.clock = clock
@@ -121,7 +124,10 @@ class Coordinator:
         self.compactor = Compactor(self.fleet_store, repos.segments.has, CompactionPolicy(grace_s=grace_s))
         self.signer = release_signer(data_dir / "keys")
         # OTA trust: devices are provisioned with keys/image-root.json and keys/director-root.json
-        self.tuf = TufRepositories(data_dir / "artifacts" / "tuf", data_dir / "keys" / "tuf", clock=clock)
+        self.tuf = TufRepositories(
+            data_dir / "artifacts" / "tuf", data_dir / "keys" / "tuf", clock=clock,
+            custody=custody,
+        )  # fmt: skip
         self.director = Director(self.tuf)
         self.artifacts = ArtifactStore(data_dir / "artifacts", self.signer, tuf=self.tuf)
         self.sessions = DeviceSessions()
@@ -280,11 +286,13 @@ def served_url(scheme: str, host: str, port: int) -> str:
 
 
 def initialise(
-    data_dir: Path, *, db: str | None = None, recover: bool = False, clock: Callable[[], float] = time.time
+    data_dir: Path, *, db: str | None = None, recover: bool = False, clock: Callable[[], float] = time.time,
+    custody: ImageKeyCustody | None = None,
 ) -> IssuedToken:
     """``fleetloop cloud init``: the data directory, its keys and metadata schema, and the first admin
-    token (returned once; only its hash is stored). StateError when tokens exist, unless ``recover``."""
-    coordinator = Coordinator(data_dir, clock=clock, db=db)
+    token (returned once; only its hash is stored). StateError when tokens exist, unless ``recover``.
+    ``custody``: where the image repository's offline keys go (release managers', not this directory)."""
+    coordinator = Coordinator(data_dir, clock=clock, db=db, custody=custody)
     try:
         return coordinator.tokens.bootstrap(clock(), recover=recover)
     finally:
@@ -317,6 +325,10 @@ def serve(
         raise ConfigError(refusal)
     raise_open_files_limit()
     coordinator = Coordinator(data_dir, db=db, limits=limits)
+    if coordinator.releases.coordinator_signs():
+        log.warning("this coordinator holds the image repository's targets key and signs every upload "
+                    "itself (a lab's custody); hand the keys to release managers: fleetloop keys "
+                    "export-offline --dir %s --out DIR", data_dir)  # fmt: skip
     if http.insecure:
         log.warning("--insecure: no API tokens (every HTTP request acts as an admin)%s",
                     "" if http.tls else " and no TLS")  # fmt: skip

@@ -108,6 +108,9 @@ PAYLOAD = _obj(
     base_sha256=STR,
 )  # fmt: skip
 
+RELEASE = _obj(["name", "version", "hardware_id", "sha256", "size", "payloads"], name=STR, version=STR,
+               hardware_id=STR, sha256=STR, size=INT, payloads=_arr(PAYLOAD))
+
 #: Response schema of each operator route (by operationId).
 RESPONSES: dict[str, S] = {
     "whoami": _obj(["name", "role", "actions"], name=STR, role=STR, proven=BOOL, actions=_arr(STR)),
@@ -151,8 +154,10 @@ RESPONSES: dict[str, S] = {
     "exportCapture": {"type": "string", "format": "binary"},
     "listReleases": _arr(_obj(["name", "version", "hardware_id"], name=STR, version=STR, hardware_id=STR,
                               manifest=STR, signature=STR, created_at=NUM)),
-    "uploadRelease": _obj(["name", "version", "hardware_id", "sha256", "size", "payloads"], name=STR,
-                          version=STR, hardware_id=STR, sha256=STR, size=INT, payloads=_arr(PAYLOAD)),
+    "uploadRelease": RELEASE,
+    "stageRelease": _obj(["staging_id", "release", "targets"], staging_id=STR, release=RELEASE,
+                         targets=ANY_MAP),
+    "publishRelease": RELEASE,
     "listRollouts": _arr(ROLLOUT_SUMMARY),
     "createRollout": ROLLOUT,
     "getRollout": ROLLOUT,
@@ -196,12 +201,20 @@ REQUESTS: dict[str, S] = {
                     "additionalProperties": False},
     "retryRollout": {**_obj(devices=_arr(STR)), "additionalProperties": False},
     "rotateRoot": {**_obj(root_keys=INT, threshold=INT, online=BOOL), "additionalProperties": False},
+    # TUF targets metadata ({signed, signatures}) the release managers signed (docs/ota.md)
+    "publishRelease": _obj(["signed", "signatures"], signed=ANY_MAP, signatures=_arr(ANY_MAP)),
     "createToken": {
         **_obj(["name", "role"], name={"type": "string", "pattern": NAME_PATTERN},
                role={"enum": ["viewer", "operator", "release-manager", "admin"]},
                expires_in_s={"type": "number", "exclusiveMinimum": 0}),
         "additionalProperties": False,
     },
+}
+
+RELEASE_QUERY: dict[str, tuple[S, bool, str]] = {
+    "name": (STR, True, "release name (firmware, a model pack, ...)"),
+    "version": (STR, True, "release version"),
+    "hardware": (STR, True, "hardware id the image is for"),
 }
 
 #: Query parameters of the routes that take some: name → (schema, required, description).
@@ -228,11 +241,8 @@ QUERY: dict[str, dict[str, tuple[S, bool, str]]] = {
         "device": (STR, False, "the device, when two devices have captures of this id"),
         "format": ({"enum": ["mcap", "parquet", "csv"]}, False, "file format (mcap by default)"),
     },
-    "uploadRelease": {
-        "name": (STR, True, "release name (firmware, a model pack, ...)"),
-        "version": (STR, True, "release version"),
-        "hardware": (STR, True, "hardware id the image is for"),
-    },
+    "uploadRelease": RELEASE_QUERY,
+    "stageRelease": RELEASE_QUERY,
     "listRolloutRevisions": {"name": (STR, False, "only the revisions of this release name")},
     "listAudit": {
         "after": ({"type": "integer", "minimum": 0, "maximum": 2**53},
