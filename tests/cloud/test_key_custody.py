@@ -203,7 +203,7 @@ def test_with_the_whole_data_directory_an_attacker_cannot_make_a_device_install_
 
     # with the files: signed with every key in the data directory, published, directed ...
     plant_evil_image(cloud, "6.6.6")
-    with pytest.raises(ArtifactVerificationError, match="image repository.*threshold"):
+    with pytest.raises(ArtifactVerificationError, match=r"image repository.*threshold"):
         device.decide(cloud.base, job_id="evil-job", hardware_id=HW, installed_sha256="")
 
     # ... or with a forged image root naming the attacker's own targets key: the device's root refuses it
@@ -351,8 +351,8 @@ def test_a_lab_data_directory_hands_its_keys_to_release_managers(tmp_path: Path)
     inside = cli_local("keys", "export-offline", "--dir", str(tmp_path / "cloud"), "--out",
                        str(tmp_path / "cloud" / "offline"))  # fmt: skip
     assert inside.returncode != 0 and "inside the data directory" in inside.stderr
-    done = cli_local("keys", "export-offline", "--dir", str(tmp_path / "cloud"), "--out", str(tmp_path / "rm"),
-                     "-o", "json")  # fmt: skip
+    data_dir, rm_dir = str(tmp_path / "cloud"), str(tmp_path / "rm")
+    done = cli_local("keys", "export-offline", "--dir", data_dir, "--out", rm_dir, "-o", "json")
     assert done.returncode == 0, done.stderr
     moved = [Path(p) for p in json.loads(done.stdout)["moved"]]
     assert len(moved) == 3  # two root keys and the targets key
