@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tuf.api.metadata import Metadata, Targets
 
 from fleetloop_cloud.http_api import start_http_server
 from fleetloop_cloud.http_api.routes import ROUTES
@@ -147,6 +148,9 @@ def request_for(name: str, w: World) -> tuple[str, bytes | None, str]:
         "listReleases": ("/v1/releases", None, json_type),
         "uploadRelease": ("/v1/releases?name=firmware&version=2.0.0&hardware=gen1",
                           build_image("2.0.0", "gen1", size_hint=4096), "application/octet-stream"),
+        "stageRelease": ("/v1/releases/staged?name=firmware&version=2.1.0&hardware=gen1",
+                         build_image("2.1.0", "gen1", size_hint=4096), "application/octet-stream"),
+        "publishRelease": _staged_and_signed(w) if name == "publishRelease" else ("", None, ""),
         "listRollouts": ("/v1/rollouts", None, json_type),
         "createRollout": ("/v1/rollouts", json.dumps({"release_version": "2.0.0", "selector": "hw=gen1",
                                                       "phases": [{"name": "all", "percent": 100}]}).encode(),
@@ -172,6 +176,20 @@ def request_for(name: str, w: World) -> tuple[str, bytes | None, str]:
         "getMetrics": ("/metrics", None, json_type),
     }  # fmt: skip
     return requests[name]
+
+
+def _staged_and_signed(w: World) -> tuple[str, bytes, str]:
+    """A release staged now and signed with the targets key this lab coordinator holds itself."""
+    c = w.coordinator
+    image = build_image("2.2.0", "gen1", size_hint=4096)
+    staged = c.artifacts.stage_release(image, name="firmware", version="2.2.0", hardware_id="gen1", bases=[],
+                                       now=w.now[0])  # fmt: skip
+    md = Metadata(Targets.from_dict(staged.proposal))
+    for keyid in c.tuf.image_authority.root.signed.roles["targets"].keyids:
+        signer = c.tuf.image_authority.keys.signer(keyid)
+        assert signer is not None
+        md.sign(signer, append=True)
+    return f"/v1/releases/staged/{staged.staging_id}", md.to_bytes(), "application/json"
 
 
 def _revision_of(w: World, version: str) -> int:

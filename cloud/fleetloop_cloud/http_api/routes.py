@@ -417,7 +417,7 @@ ROUTES: tuple[Route, ...] = (
     Route("listReleases", "GET", "/v1/releases", "releases.list", _releases),
     Route("uploadRelease", "POST", "/v1/releases", "releases.upload", _upload_release, MAX_RELEASE_BYTES,
           "application/octet-stream", 201),
-    Route("stageRelease", "POST", "/v1/releases/staged", "releases.upload", _stage_release,
+    Route("stageRelease", "POST", "/v1/releases/staged", "releases.stage", _stage_release,
           MAX_RELEASE_BYTES, "application/octet-stream", 201),
     Route("publishRelease", "POST", "/v1/releases/staged/{staging_id}", "releases.upload", _publish_release,
           4 * MiB, status=201),

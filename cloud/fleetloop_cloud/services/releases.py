@@ -81,7 +81,7 @@ class ReleaseService:
     ) -> StagedRelease:
         """Store a release and its deltas and propose the targets metadata that publishes them, for
         the release manager to sign on their machine; nothing reaches a device yet."""
-        self._access.operator(caller, "releases.upload")
+        self._access.operator(caller, "releases.stage")
         image, bases, base_formats, _ = self._inputs(image, name, version, hardware_id)
         staged = self._artifacts.stage_release(
             image,
