@@ -9,7 +9,9 @@ than the full image, so most devices download a fraction of it.
 
 What devices trust is the TUF image repository (:mod:`fleetloop_cloud.ota.tuf_repository`): every image and
 delta becomes a signed target there, with its hash, length, hardware id, version and (for a delta) base
-hash. The Ed25519 release manifest is kept as the cloud's own record of a release (rollouts read it);
+hash. Where release managers hold its targets keys, a release is *staged* (stored, its targets proposed)
+and published once they have signed (:meth:`ArtifactStore.stage_release`, ``publish_staged``).
+The Ed25519 release manifest is kept as the cloud's own record of a release (rollouts read it);
 devices no longer verify it.
 
 Releases only move forward: a version that is not greater than the newest release of the same name and

@@ -2,8 +2,11 @@
 
 Uptane's split (see ``fleetloop_shared.update.tuf_metadata`` for what the device checks):
 
-- the **image repository** signs every image and delta the cloud built. Its root needs a threshold of
-  root keys (2 of 2 by default; offline in a real deployment), its targets role is the release key;
+- the **image repository** lists every image and delta the cloud built. Its root needs a threshold of
+  root keys (2 of 2 by default) and its targets role the release managers' keys: both are offline,
+  with release managers (:class:`ImageKeyCustody`), who sign the targets the coordinator proposes
+  (:meth:`RoleFiles.propose`, :meth:`RoleFiles.publish_signed`); the coordinator signs snapshot and
+  timestamp. A lab's coordinator may hold them all, and then signs uploads itself;
 - the **director** signs, per device, the image that device should install now and the delta from its
   installed image, tagged with the job id. Its keys are online: the device trusts nothing the director
   says unless the image repository signed the same bytes.
@@ -490,6 +493,11 @@ class TufRepositories:
         ``N.root.json`` files; newly provisioned ones get the new anchor."""
         if repository == "image":
             authority, role_files = self.image_authority, [self.image]
+            if not authority.holds("root"):
+                raise StateError(
+                    "the image repository's root keys are offline, with the release managers: its root "
+                    "cannot be rotated by the coordinator (docs/decisions/0026)"
+                )
         elif repository == "director":
             authority = self.director_authority
             with self._lock:
