@@ -370,3 +370,33 @@ def test_a_lab_data_directory_hands_its_keys_to_release_managers(tmp_path: Path)
 def cli_local(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fleetloop_cli.main", *args], capture_output=True, text=True,
                           timeout=120)  # fmt: skip
+
+
+def test_a_vanilla_tuf_client_downloads_a_release_at_its_target_path(
+    cloud: Cloud, rm_keys: list[Path], tmp_path: Path
+) -> None:
+    """Targets are served at their TUF target paths (and hash-prefixed), so python-tuf's own Updater —
+    not the agent's — verifies and downloads a release a release manager signed."""
+    from tuf.ngclient import Updater
+
+    done = upload_cli(cloud, tmp_path, "1.0.0", rm_keys[0])
+    assert done.returncode == 0, done.stderr
+    image = (tmp_path / "fw-1.0.0.img").read_bytes()
+    (tmp_path / "vanilla").mkdir()
+    updater = Updater(
+        str(tmp_path / "vanilla"), f"{cloud.base}/tuf/image/", str(tmp_path / "vanilla"),
+        f"{cloud.base}/tuf/image/targets/",
+        bootstrap=(cloud.data_dir / "keys" / "image-root.json").read_bytes(),
+    )  # fmt: skip
+    updater.refresh()
+    info = updater.get_targetinfo(image_target_path("fw", HW, "1.0.0"))
+    assert info is not None
+    assert Path(updater.download_target(info)).read_bytes() == image
+    sha = sha256_hex(image)
+    prefixed = f"{cloud.base}/tuf/image/targets/fw/{HW}/{sha}.1.0.0.img"
+    with urllib.request.urlopen(prefixed, timeout=30) as resp:
+        assert resp.read() == image
+    wrong = f"{cloud.base}/tuf/image/targets/fw/{HW}/{'0' * 64}.1.0.0.img"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(wrong, timeout=30)
+    assert err.value.code == 404

@@ -356,6 +356,19 @@ _PUBLIC: S = {
                               "content": {"application/json": {"schema": ANY_MAP}}},
                       **_error_responses(public=True)},
     }},
+    "/tuf/image/targets/{target_path}": {"get": {
+        "operationId": "getImageTarget", "security": [],
+        "description": "A payload at its TUF target path (NAME/HARDWARE/VERSION.img, ...) or with the "
+                       "consistent-snapshot hash prefix on its file name (DIR/<sha256>.NAME), with Range.",
+        "parameters": [{"name": "target_path", "in": "path", "required": True,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 1024}}],
+        "responses": {
+            "200": {"description": "the whole file", "content": BINARY},
+            "206": {"description": "the requested range", "content": BINARY},
+            "416": {"description": "the range starts past the end"},
+            **_error_responses(public=True),
+        },
+    }},
     "/tuf/director/{device_id}/{name}": {"get": {
         "operationId": "getDirectorMetadata", "security": [],
         "parameters": [

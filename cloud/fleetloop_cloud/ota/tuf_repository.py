@@ -528,6 +528,24 @@ class TufRepositories:
             "resigned": len(role_files) if online else 0,
         }
 
+    def image_target_sha256(self, path: str) -> str:
+        """The sha256 of the image repository's target at ``path`` — its TUF target path, or the same with
+        the consistent-snapshot hash prefix on its file name (``dir/<sha256>.name``), so a vanilla TUF
+        client's ``download_target`` finds it either way. NotFoundError for any other path."""
+        if not isinstance(path, str) or len(path) > 1024:
+            raise NotFoundError("no such target")
+        targets = self.image.targets()
+        found = targets.get(path)
+        if found is not None:
+            return str(found.hashes["sha256"])
+        head, _, name = path.rpartition("/")
+        digest, dot, rest = name.partition(".")
+        if dot and re.fullmatch(r"[0-9a-f]{64}", digest):
+            found = targets.get(f"{head}/{rest}" if head else rest)
+            if found is not None and found.hashes.get("sha256") == digest:
+                return digest
+        raise NotFoundError(f"the image repository has no target {path!r}")
+
     def device(self, device_id: str) -> RoleFiles:
         if not _DEVICE.fullmatch(device_id):
             raise NotFoundError(f"no device {device_id!r}")

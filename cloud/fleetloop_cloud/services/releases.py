@@ -187,6 +187,10 @@ class ReleaseService:
         """TUF metadata for devices' ngclient: ``image/<file>`` or ``director/<device_id>/<file>``."""
         return self._tuf.metadata_bytes(repository, name)
 
+    def target_file(self, target_path: str) -> Path:
+        """The file behind an image repository target path (``/tuf/image/targets/<path>``)."""
+        return self._artifacts.file_path(f"files/{self._tuf.image_target_sha256(target_path)}")
+
     def artifact_file(self, relpath: str) -> Path:
         """The file behind ``files/<sha256>``; NotFoundError for anything else."""
         return self._artifacts.file_path(relpath)
