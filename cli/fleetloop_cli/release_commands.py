@@ -24,20 +24,17 @@ from urllib.parse import urlencode
 from fleetloop_cli.client import CoordinatorClient, client_from_args
 from fleetloop_cli.output import render_object
 from fleetloop_shared.errors import NotFoundError, UserError
-from fleetloop_shared.update.artifact import sha256_hex
 from fleetloop_shared.update.release_keys import (
     PASSPHRASE_ENV,
     ReleaseKey,
-    check_proposal,
     generate_key_file,
     is_encrypted,
     load_key_file,
     passphrase_from_env,
     public_pem_path,
+    publish_release,
     read_passphrase_file,
-    sign_targets,
 )
-from fleetloop_shared.update.tuf_metadata import image_target_path
 
 
 def _passphrase(args: argparse.Namespace, what: str, *, confirm: bool) -> bytes:
@@ -82,24 +79,14 @@ def upload_release(
 ) -> Any:
     """Upload one release; with ``keys``, sign its targets metadata here. Returns the release as the
     coordinator published it."""
-    q = urlencode({"name": name, "version": version, "hardware": hardware})
     if not keys:
+        q = urlencode({"name": name, "version": version, "hardware": hardware})
         return client.request("POST", f"/v1/releases?{q}", body=data, content_type="application/octet-stream")
-    staged = client.request(
-        "POST", f"/v1/releases/staged?{q}", body=data, content_type="application/octet-stream"
-    )
-    try:
-        current = json.loads(client.download("/tuf/image/targets.json")[0])["signed"]
-    except NotFoundError:
-        current = None  # the first release of this image repository
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"the coordinator's published targets metadata is unreadable: {exc}") from None
-    check_proposal(
-        staged["targets"], current, image_path=image_target_path(name, hardware, version),
-        sha256=sha256_hex(data), length=len(data), hardware_id=hardware, version=version,
-    )  # fmt: skip
-    signed = sign_targets(staged["targets"], keys)
-    return client.request("POST", f"/v1/releases/staged/{staged['staging_id']}", body=signed)
+
+    def request(method: str, path: str, body: bytes | None, content_type: str) -> Any:
+        return client.request(method, path, body=body, content_type=content_type)
+
+    return publish_release(request, data, name=name, version=version, hardware=hardware, keys=keys)
 
 
 def cmd_artifacts_upload(args: argparse.Namespace) -> int:

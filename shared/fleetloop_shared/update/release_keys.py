@@ -15,11 +15,13 @@ This module is the only shared user of ``tuf`` and ``securesystemslib``; their e
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -28,8 +30,8 @@ from tuf.api.exceptions import RepositoryError
 from tuf.api.metadata import Metadata, Targets  # type: ignore[attr-defined]
 
 from fleetloop_shared.durable import write_atomically
-from fleetloop_shared.errors import ArtifactVerificationError, ConfigError, UserError
-from fleetloop_shared.update.tuf_metadata import CUSTOM_KEY, KIND_DELTA, KIND_IMAGE
+from fleetloop_shared.errors import ArtifactVerificationError, ConfigError, NotFoundError, UserError
+from fleetloop_shared.update.tuf_metadata import CUSTOM_KEY, KIND_DELTA, KIND_IMAGE, image_target_path
 
 #: Environment variable a passphrase may come from (scripts, CI); a prompt or a file otherwise.
 PASSPHRASE_ENV = "FLEETLOOP_KEY_PASSPHRASE"
@@ -201,6 +203,32 @@ def sign_targets(proposed: Mapping[str, Any], keys: Sequence[ReleaseKey]) -> byt
     for key in keys:
         md.sign(key.signer, append=True)
     return bytes(md.to_bytes())
+
+
+#: One request to the coordinator's REST API: (method, path, body, content type) → the JSON answer.
+#: NotFoundError for a 404; the error tree for the rest.
+Request = Callable[[str, str, bytes | None, str], Any]
+
+
+def publish_release(
+    request: Request, data: bytes, *, name: str, version: str, hardware: str, keys: Sequence[ReleaseKey]
+) -> Any:
+    """Stage a release at the coordinator, check what it proposes (:func:`check_proposal`), sign it with
+    ``keys`` here and send the signatures; returns the release as the coordinator published it."""
+    q = urlencode({"name": name, "version": version, "hardware": hardware})
+    staged = request("POST", f"/v1/releases/staged?{q}", data, "application/octet-stream")
+    try:
+        current = request("GET", "/tuf/image/targets.json", None, "application/json")["signed"]
+    except NotFoundError:
+        current = None  # the first release of this image repository
+    except (KeyError, TypeError) as exc:
+        raise ArtifactVerificationError(f"the coordinator's targets metadata is unreadable: {exc}") from None
+    check_proposal(
+        staged["targets"], current, image_path=image_target_path(name, hardware, version),
+        sha256=hashlib.sha256(data).hexdigest(), length=len(data), hardware_id=hardware, version=version,
+    )  # fmt: skip
+    signed = sign_targets(staged["targets"], keys)
+    return request("POST", f"/v1/releases/staged/{staged['staging_id']}", signed, "application/json")
 
 
 def read_passphrase_file(path: Path) -> bytes:
