@@ -400,3 +400,21 @@ def test_a_vanilla_tuf_client_downloads_a_release_at_its_target_path(
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(wrong, timeout=30)
     assert err.value.code == 404
+
+
+def test_at_most_sixteen_releases_wait_for_signatures_and_the_oldest_is_dropped(cloud: Cloud) -> None:
+    from fleetloop_cloud.ota.artifact_store import MAX_STAGED
+    from fleetloop_shared.errors import NotFoundError
+
+    store = cloud.coordinator.artifacts
+    ids = [
+        store.stage_release(build_image(f"1.0.{i}", HW, size_hint=1024), name="fw", version=f"1.0.{i}",
+                            hardware_id=HW, bases=[], now=time.time()).staging_id
+        for i in range(MAX_STAGED + 1)
+    ]  # fmt: skip
+    with pytest.raises(NotFoundError):
+        store.staged(ids[0])
+    assert [store.staged(i).manifest.version for i in ids[1:]] == [
+        f"1.0.{i}" for i in range(1, MAX_STAGED + 1)
+    ]
+    assert cloud.coordinator.tuf.image.version() == 0  # nothing published

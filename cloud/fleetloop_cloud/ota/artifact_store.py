@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import secrets
 import threading
+import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,8 @@ from fleetloop_shared.update.tuf_metadata import (
     image_facts,
     image_target_path,
 )
+
+log = logging.getLogger(__name__)
 
 #: Largest image accepted (refused above, before anything is written).
 MAX_IMAGE_BYTES = 1 << 30
@@ -274,9 +278,12 @@ class ArtifactStore:
             proposal = self.tuf.image.propose(self._targets_of(manifest))
             staged = StagedRelease(secrets.token_hex(8), manifest, manifest_bytes, signature, proposal)
             self._staged.mkdir(parents=True, exist_ok=True)
-            write_atomically(self._staged / f"{staged.staging_id}.json", staged.to_bytes())
-            waiting = sorted(self._staged.glob("*.json"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+            # named by the time it was staged, then its id: the names sort oldest first
+            name = f"{time.time_ns():020d}-{staged.staging_id}.json"
+            write_atomically(self._staged / name, staged.to_bytes())
+            waiting = sorted(self._staged.glob("*.json"))
             for old in waiting[:-MAX_STAGED]:
+                log.warning("staged release %s dropped unsigned: %d wait", old.stem[-16:], MAX_STAGED)
                 old.unlink(missing_ok=True)
         return staged
 
@@ -286,14 +293,9 @@ class ArtifactStore:
         (manifest bytes, signature). NotFoundError for an unknown id."""
         if self.tuf is None or not isinstance(staging_id, str) or not _STAGING_ID.fullmatch(staging_id):
             raise NotFoundError(f"no staged release {staging_id!r}")
-        path = self._staged / f"{staging_id}.json"
         with self._lock:
-            try:
-                staged = StagedRelease.from_bytes(staging_id, path.read_bytes())
-            except FileNotFoundError:
-                raise NotFoundError(
-                    f"no staged release {staging_id!r} (published, replaced by newer ones, or never made)"
-                ) from None
+            path = self._staged_path(staging_id)
+            staged = StagedRelease.from_bytes(staging_id, path.read_bytes())
             m = staged.manifest
             self._check_newer(m.name, m.version, m.hardware_id)
             self.tuf.image.publish_signed(signed_targets, staged.proposal)
@@ -305,10 +307,15 @@ class ArtifactStore:
         """A staged release by id; NotFoundError when there is none."""
         if not isinstance(staging_id, str) or not _STAGING_ID.fullmatch(staging_id):
             raise NotFoundError(f"no staged release {staging_id!r}")
-        try:
-            return StagedRelease.from_bytes(staging_id, (self._staged / f"{staging_id}.json").read_bytes())
-        except FileNotFoundError:
-            raise NotFoundError(f"no staged release {staging_id!r}") from None
+        return StagedRelease.from_bytes(staging_id, self._staged_path(staging_id).read_bytes())
+
+    def _staged_path(self, staging_id: str) -> Path:
+        found = sorted(self._staged.glob(f"*-{staging_id}.json"))
+        if not found:
+            raise NotFoundError(
+                f"no staged release {staging_id!r} (published, dropped for newer ones, or never made)"
+            )
+        return found[-1]
 
     def _check_newer(self, name: str, version: str, hardware_id: str) -> None:
         key = version_key(version)
