@@ -71,6 +71,9 @@ LIFETIMES = {
     "timestamp": timedelta(days=1),
 }
 ONLINE_ROLES = ("targets", "snapshot", "timestamp")
+#: Lifetime of targets metadata release managers sign: each release renews it, and a year without one
+#: is the time they have before devices refuse the image repository as frozen.
+OFFLINE_TARGETS_LIFETIME = timedelta(days=365)
 _ROOT_FILE = re.compile(r"([1-9][0-9]{0,8})\.root\.json")
 _ROLE_FILES = ("timestamp.json", "snapshot.json", "targets.json")
 _DEVICE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
@@ -327,7 +330,8 @@ class RoleFiles:
         merged.update(targets)
         return Targets(
             version=(old_t.signed.version + 1) if old_t else 1,
-            expires=_dt(self._clock()) + LIFETIMES["targets"],
+            expires=_dt(self._clock())
+            + (LIFETIMES["targets"] if self.authority.holds("targets") else OFFLINE_TARGETS_LIFETIME),
             targets=merged,
         )
 
