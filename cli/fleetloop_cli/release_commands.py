@@ -17,6 +17,7 @@ import getpass
 import json
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -31,9 +32,11 @@ from fleetloop_shared.update.release_keys import (
     is_encrypted,
     load_key_file,
     passphrase_from_env,
+    public_key_file,
     public_pem_path,
     publish_release,
     read_passphrase_file,
+    rotate_image_root,
 )
 
 
@@ -99,6 +102,29 @@ def cmd_artifacts_upload(args: argparse.Namespace) -> int:
         hardware=args.hardware, keys=keys,
     )  # fmt: skip
     print(render_object(result, "yaml" if args.output == "yaml" else "json"), flush=True)
+    return 0
+
+
+def rotate_offline(args: argparse.Namespace) -> int:
+    """``keys rotate --repository image --key R1.pem [--key R2.pem] ...``: the new image root is built
+    from the current one (checked from ``--trusted-root`` or version 1) and signed here."""
+    if args.repository != "image":
+        raise UserError("--key signs an image root; the director's keys are online: rotate without --key")
+    if args.online_keys:
+        raise UserError("--online-keys with --key: the coordinator's online keys rotate without --key")
+    client = client_from_args(args)
+
+    def request(method: str, path: str, body: bytes | None, content_type: str) -> Any:
+        return client.request(method, path, body=body, content_type=content_type)
+
+    trusted = Path(args.trusted_root).read_bytes() if args.trusted_root else None
+    result = rotate_image_root(
+        request, load_keys(args, args.key), now=datetime.now(UTC), trusted=trusted,
+        root_keys=[public_key_file(Path(p)) for p in args.new_root_key], root_threshold=args.threshold,
+        targets_keys=[public_key_file(Path(p)) for p in args.targets_key],
+        targets_threshold=args.targets_threshold,
+    )  # fmt: skip
+    print(render_object(result, "json" if args.output == "json" else "yaml"), flush=True)
     return 0
 
 

@@ -418,3 +418,39 @@ def test_at_most_sixteen_releases_wait_for_signatures_and_the_oldest_is_dropped(
         f"1.0.{i}" for i in range(1, MAX_STAGED + 1)
     ]
     assert cloud.coordinator.tuf.image.version() == 0  # nothing published
+
+
+def test_the_image_root_rotates_with_the_offline_root_keys_signed_on_the_release_managers_machine(
+    cloud: Cloud, rm_keys: list[Path], tmp_path: Path
+) -> None:
+    root_keys = sorted((tmp_path / "root-keys").glob("*.pem"))
+    assert len(root_keys) == 2
+    anchor = cloud.data_dir / "keys" / "image-root.json"
+    base = ["keys", "rotate", "--repository", "image", "--trusted-root", str(anchor), "-o", "json"]
+    # one of the two root keys is not the threshold
+    one = cli(cloud, *base, "--key", str(root_keys[0]), token=cloud.admin)
+    assert one.returncode != 0 and "threshold" in one.stderr and "Traceback" not in one.stderr, one.stderr
+    # both: a new root (renewed expiry) whose targets key is now release manager 2's
+    device = cloud.device(tmp_path)
+    both = cli(cloud, *base, "--key", str(root_keys[0]), "--key", str(root_keys[1]),
+               "--targets-key", str(public_pem_path(rm_keys[1])), token=cloud.admin)  # fmt: skip
+    assert both.returncode == 0, both.stderr
+    assert json.loads(both.stdout)["root_version"] == 2
+    root = cloud.coordinator.tuf.image_authority.root.signed
+    assert root.version == 2 and root.roles["targets"].keyids == [load_key_file(rm_keys[1], None).keyid]
+    # the retired targets key can no longer release; the new one can, and the device (walking from
+    # root 1) accepts it
+    refused = upload_cli(cloud, tmp_path, "1.0.0", rm_keys[0])
+    assert refused.returncode != 0 and "signature" in refused.stderr, refused.stderr
+    done = upload_cli(cloud, tmp_path, "1.0.1", rm_keys[1])
+    assert done.returncode == 0, done.stderr
+    direct(cloud, "1.0.1", "job-3")
+    assert device.decide(cloud.base, job_id="job-3", hardware_id=HW, installed_sha256="").version == "1.0.1"
+    # a root not signed by the current root keys is refused by the coordinator too
+    forged = Metadata[Root].from_bytes(cloud.coordinator.tuf.image_authority.root_bytes())
+    forged.signed.version += 1
+    forged.signatures.clear()
+    for signer in keys_in(cloud.data_dir):
+        forged.sign(signer, append=True)
+    status, body = cloud.call("POST", "/v1/tuf/image/root", forged.to_bytes())
+    assert status == 403 and "threshold of root keys" in body["error"], body

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tuf.api.metadata import Metadata, Targets
+from tuf.api.metadata import Metadata, Root, Targets
 
 from fleetloop_cloud.http_api import start_http_server
 from fleetloop_cloud.http_api.routes import ROUTES
@@ -168,6 +168,8 @@ def request_for(name: str, w: World) -> tuple[str, bytes | None, str]:
         "getRolloutHistory": (f"/v1/rollouts/{rid}/history", None, json_type),
         "listRolloutRevisions": ("/v1/rollout-revisions?name=firmware", None, json_type),
         "rotateRoot": ("/v1/tuf/director/rotate", b"{}", json_type),
+        "installImageRoot": ("/v1/tuf/image/root", _next_image_root(w) if name == "installImageRoot" else b"",
+                             json_type),
         "listTokens": ("/v1/tokens", None, json_type),
         "createToken": ("/v1/tokens", b'{"name": "made-by-the-table", "role": "viewer"}', json_type),
         "revokeToken": ("/v1/tokens/to-revoke", None, json_type),
@@ -190,6 +192,19 @@ def _staged_and_signed(w: World) -> tuple[str, bytes, str]:
         assert signer is not None
         md.sign(signer, append=True)
     return f"/v1/releases/staged/{staged.staging_id}", md.to_bytes(), "application/json"
+
+
+def _next_image_root(w: World) -> bytes:
+    """The next image root, signed with the root keys this lab coordinator holds itself."""
+    authority = w.coordinator.tuf.image_authority
+    new = Metadata[Root].from_bytes(authority.root_bytes())
+    new.signed.version += 1
+    new.signatures.clear()
+    for keyid in new.signed.roles["root"].keyids:
+        signer = authority.keys.signer(keyid)
+        assert signer is not None
+        new.sign(signer, append=True)
+    return bytes(new.to_bytes())
 
 
 def _revision_of(w: World, version: str) -> int:

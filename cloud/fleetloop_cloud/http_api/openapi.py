@@ -173,6 +173,8 @@ RESPONSES: dict[str, S] = {
     "listRolloutRevisions": _arr(REVISION),
     "rotateRoot": _obj(["root_version"], root_version=INT, root_keys=INT, threshold=INT,
                        online_keys_rotated=BOOL),
+    "installImageRoot": _obj(["root_version"], root_version=INT, root_keys=INT, threshold=INT,
+                             online_keys_rotated=BOOL),
     "listTokens": _arr(TOKEN),
     "createToken": {**TOKEN, "properties": {**TOKEN["properties"], "token": STR},
                     "required": [*TOKEN["required"], "token"]},
@@ -203,6 +205,7 @@ REQUESTS: dict[str, S] = {
     "rotateRoot": {**_obj(root_keys=INT, threshold=INT, online=BOOL), "additionalProperties": False},
     # TUF targets metadata ({signed, signatures}) the release managers signed (docs/ota.md)
     "publishRelease": _obj(["signed", "signatures"], signed=ANY_MAP, signatures=_arr(ANY_MAP)),
+    "installImageRoot": _obj(["signed", "signatures"], signed=ANY_MAP, signatures=_arr(ANY_MAP)),
     "createToken": {
         **_obj(["name", "role"], name={"type": "string", "pattern": NAME_PATTERN},
                role={"enum": ["viewer", "operator", "release-manager", "admin"]},

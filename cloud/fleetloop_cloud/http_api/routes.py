@@ -315,6 +315,10 @@ def _rotate_root(c: Call) -> Reply:
     return Reply(result)
 
 
+def _install_root(c: Call) -> Reply:
+    return Reply(c.api.releases.install_root(c.caller, "image", c.body, c.now))
+
+
 def _tokens(c: Call) -> Reply:
     return Reply([plain(t) for t in c.api.tokens.all(c.caller, c.now)])
 
@@ -444,6 +448,7 @@ ROUTES: tuple[Route, ...] = (
     Route("listRolloutRevisions", "GET", "/v1/rollout-revisions", "rollouts.list", _rollout_revisions),
     Route("rotateRoot", "POST", "/v1/tuf/{repository:image|director}/rotate", "keys.rotate", _rotate_root,
           4 * KiB),
+    Route("installImageRoot", "POST", "/v1/tuf/image/root", "keys.rotate", _install_root, 256 * KiB),
     Route("listTokens", "GET", "/v1/tokens", "tokens.list", _tokens),
     Route("createToken", "POST", "/v1/tokens", "tokens.create", _create_token, 4 * KiB, status=201),
     Route("revokeToken", "DELETE", "/v1/tokens/{name}", "tokens.revoke", _revoke_token),

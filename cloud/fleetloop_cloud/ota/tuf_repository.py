@@ -58,7 +58,7 @@ from fleetloop_shared.errors import (
     UserError,
 )
 from fleetloop_shared.update.release_keys import public_key_file
-from fleetloop_shared.update.tuf_metadata import REPOSITORIES, REPOSITORY_FIELD
+from fleetloop_shared.update.tuf_metadata import IMAGE_REPOSITORY, REPOSITORIES, REPOSITORY_FIELD
 
 #: How long each role's metadata is valid. The timestamp is re-signed when half of its life is gone
 #: (on read), so a device that cannot reach the cloud for a day refuses stale metadata (freeze attack).
@@ -203,12 +203,43 @@ class RootAuthority:
             if signer is not None:
                 md.sign(signer, append=True)
 
-    def holds(self, role: str) -> bool:
+    def holds(self, role: str, root: Root | None = None) -> bool:
         """Whether this coordinator holds enough keys to sign ``role`` itself (a lab's custody: a data
         directory made before release managers held the image repository's keys)."""
-        listed = self.root.signed.roles[role]
+        listed = (root or self.root.signed).roles[role]
         held = sum(1 for k in listed.keyids if (self.keys.directory / f"{k}.pem").is_file())
         return held >= listed.threshold
+
+    def install(self, data: bytes) -> int:
+        """Make a root version release managers signed offline the current one: the next version, this
+        repository's, not expired, signed by the threshold of the current root's keys *and* of its own
+        (how a device checks it), and keeping online keys this coordinator holds for snapshot and
+        timestamp. Returns the new version."""
+        try:
+            new = Metadata[Root].from_bytes(data)
+        except (ValueError, KeyError, TypeError, RepositoryError) as exc:
+            raise IntegrityError(f"the signed root is unreadable: {exc}") from None
+        signed, old = new.signed, self.root.signed
+        if signed.unrecognized_fields.get(REPOSITORY_FIELD) != self.repository:
+            raise IntegrityError(f"the signed root is not the {self.repository} repository's")
+        if signed.version != old.version + 1:
+            raise StateError(f"the signed root is version {signed.version}; the next is {old.version + 1}")
+        if signed.expires <= _dt(self._clock()):
+            raise StateError(f"the signed root expired at {signed.expires.isoformat()}")
+        for role in ("snapshot", "timestamp"):
+            if not self.holds(role, signed):
+                raise UserError(f"the new root must keep this coordinator's online {role} key(s)")
+        for md_root, label in ((old, "current"), (signed, "new")):
+            try:
+                md_root.verify_delegate("root", new.signed_bytes, new.signatures)
+            except RepositoryError as exc:
+                raise PermissionDeniedError(
+                    f"the signed {self.repository} root does not meet the {label} root's threshold of root "
+                    f"keys: {exc}"
+                ) from None
+        self._write_root(new)
+        self.root = new
+        return int(signed.version)
 
     def verify(self, md: Metadata[Any]) -> None:
         """PermissionDeniedError unless ``md`` carries the threshold of signatures the root asks of its
@@ -521,16 +552,8 @@ class TufRepositories:
                 if (files.directory / "targets.json").is_file():
                     files.publish({})
         self.export_anchors()
-        root = authority.root.signed
-        return {
-            "repository": repository,
-            "root_version": version,
-            "root_expires": root.expires.isoformat(),
-            "root_keys": len(root.roles["root"].keyids),
-            "threshold": root.roles["root"].threshold,
-            "online_keys_rotated": online,
-            "resigned": len(role_files) if online else 0,
-        }
+        resigned = len(role_files) if online else 0
+        return self._root_summary(repository, authority, version, online=online, resigned=resigned)
 
     def image_target_sha256(self, path: str) -> str:
         """The sha256 of the image repository's target at ``path`` — its TUF target path, or the same with
@@ -549,6 +572,28 @@ class TufRepositories:
             if found is not None and found.hashes.get("sha256") == digest:
                 return digest
         raise NotFoundError(f"the image repository has no target {path!r}")
+
+    def install_root(self, repository: str, data: bytes) -> dict[str, Any]:
+        """A new ``image`` root signed offline by release managers (``RootAuthority.install``)."""
+        if repository != IMAGE_REPOSITORY:
+            raise UserError("only the image repository's root is signed offline; rotate the director's")
+        version = self.image_authority.install(data)
+        self.export_anchors()
+        return self._root_summary(repository, self.image_authority, version, online=False, resigned=0)
+
+    def _root_summary(
+        self, repository: str, authority: RootAuthority, version: int, *, online: bool, resigned: int
+    ) -> dict[str, Any]:
+        root = authority.root.signed
+        return {
+            "repository": repository,
+            "root_version": version,
+            "root_expires": root.expires.isoformat(),
+            "root_keys": len(root.roles["root"].keyids),
+            "threshold": root.roles["root"].threshold,
+            "online_keys_rotated": online,
+            "resigned": resigned,
+        }
 
     def device(self, device_id: str) -> RoleFiles:
         if not _DEVICE.fullmatch(device_id):

@@ -183,6 +183,17 @@ class ReleaseService:
         )  # fmt: skip
         return result
 
+    def install_root(self, caller: Caller, repository: str, data: bytes, now: float) -> dict[str, Any]:
+        """A new image root release managers signed with the offline root keys."""
+        self._access.operator(caller, "keys.rotate")
+        before = self._tuf.image_authority.root.signed.version
+        result = self._tuf.install_root(repository, data)
+        self._access.record(
+            caller, "keys.rotate", repository, now, before=before, after=result["root_version"],
+            detail=f"signed offline; root keys {result['root_keys']}, threshold {result['threshold']}",
+        )  # fmt: skip
+        return result
+
     def metadata_file(self, repository: str, name: str) -> bytes:
         """TUF metadata for devices' ngclient: ``image/<file>`` or ``director/<device_id>/<file>``."""
         return self._tuf.metadata_bytes(repository, name)

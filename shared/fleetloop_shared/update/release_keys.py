@@ -16,9 +16,11 @@ This module is the only shared user of ``tuf`` and ``securesystemslib``; their e
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -27,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from securesystemslib.signer import CryptoSigner, SSlibKey  # type: ignore[attr-defined]
 from tuf.api.exceptions import RepositoryError
-from tuf.api.metadata import Metadata, Targets  # type: ignore[attr-defined]
+from tuf.api.metadata import Metadata, Root, Targets  # type: ignore[attr-defined]
 
 from fleetloop_shared.durable import write_atomically
 from fleetloop_shared.errors import ArtifactVerificationError, ConfigError, NotFoundError, UserError
@@ -229,6 +231,94 @@ def publish_release(
     )  # fmt: skip
     signed = sign_targets(staged["targets"], keys)
     return request("POST", f"/v1/releases/staged/{staged['staging_id']}", signed, "application/json")
+
+
+#: Lifetime of a root version release managers sign.
+ROOT_LIFETIME = timedelta(days=365)
+#: Most root versions walked when fetching the current root.
+MAX_ROOT_WALK = 1024
+
+
+def current_root(request: Request, trusted: bytes | None) -> Metadata[Root]:
+    """The image repository's newest root, each version checked against the one before (as a device
+    walks them) from ``trusted`` (a root this machine trusts, e.g. the devices' ``image-root.json``) or,
+    without one, from the coordinator's version 1."""
+
+    def parse(raw: Any, what: str) -> Metadata[Root]:
+        try:
+            return Metadata[Root].from_bytes(raw if isinstance(raw, bytes) else json.dumps(raw).encode())
+        except (ValueError, KeyError, TypeError, RepositoryError) as exc:
+            raise ArtifactVerificationError(f"{what} is not TUF root metadata: {exc}") from None
+
+    root = (
+        parse(trusted, "the trusted root")
+        if trusted
+        else parse(
+            request("GET", "/tuf/image/1.root.json", None, "application/json"),
+            "the image repository's root 1",
+        )
+    )
+    for _ in range(MAX_ROOT_WALK):
+        version = root.signed.version + 1
+        try:
+            raw = request("GET", f"/tuf/image/{version}.root.json", None, "application/json")
+        except NotFoundError:
+            return root
+        new = parse(raw, f"root {version}")
+        try:
+            root.signed.verify_delegate("root", new.signed_bytes, new.signatures)
+            new.signed.verify_delegate("root", new.signed_bytes, new.signatures)
+        except RepositoryError as exc:
+            raise ArtifactVerificationError(
+                f"the coordinator's root {version} does not verify: {exc}"
+            ) from None
+        if new.signed.version != version:
+            raise ArtifactVerificationError(
+                f"the coordinator's root {version} says version {new.signed.version}"
+            )
+        root = new
+    raise ArtifactVerificationError(f"more than {MAX_ROOT_WALK} root versions")
+
+
+def rotate_image_root(
+    request: Request,
+    keys: Sequence[ReleaseKey],
+    *,
+    now: datetime,
+    trusted: bytes | None = None,
+    root_keys: Sequence[SSlibKey] = (),
+    root_threshold: int | None = None,
+    targets_keys: Sequence[SSlibKey] = (),
+    targets_threshold: int | None = None,
+) -> Any:
+    """A new version of the image repository's root, signed here with the offline root ``keys`` (those
+    of the current root, and of the new one when ``root_keys`` replaces them), sent to the coordinator.
+    Renews the expiry; replaces the root keys and threshold, the targets keys and threshold when asked;
+    keeps the coordinator's online snapshot and timestamp keys."""
+    old = current_root(request, trusted)
+    new = Metadata[Root].from_bytes(old.to_bytes())
+    signed = new.signed
+    signed.version += 1
+    signed.expires = now + ROOT_LIFETIME
+    for role, replacement, threshold in (("root", root_keys, root_threshold),
+                                         ("targets", targets_keys, targets_threshold)):  # fmt: skip
+        if replacement:
+            for keyid in list(signed.roles[role].keyids):
+                signed.revoke_key(keyid, role)
+            for public in replacement:
+                signed.add_key(public, role)
+        if threshold is not None:
+            signed.roles[role].threshold = threshold
+        count = len(signed.roles[role].keyids)
+        if not 1 <= signed.roles[role].threshold <= count:
+            raise UserError(f"{role} threshold {signed.roles[role].threshold} must be between 1 and {count}")
+    allowed = set(old.signed.roles["root"].keyids) | set(signed.roles["root"].keyids)
+    new.signatures.clear()
+    for key in keys:
+        if key.keyid not in allowed:
+            raise UserError(f"{key.path} is not a root key of the image repository (old or new)")
+        new.sign(key.signer, append=True)
+    return request("POST", "/v1/tuf/image/root", bytes(new.to_bytes()), "application/json")
 
 
 def read_passphrase_file(path: Path) -> bytes:
