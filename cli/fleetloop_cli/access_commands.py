@@ -88,9 +88,10 @@ def cmd_cloud_init(args: argparse.Namespace) -> int:
     metadata = "in PostgreSQL" if args.db else f"in {data_dir / 'metadata.sqlite'}"
     print(f"initialised {data_dir}: keys in {data_dir / 'keys'}, metadata {metadata}")
     if fresh:
-        signer = "the release managers' keys given" if args.targets_key else f"the targets key in {offline}"
-        print(f"image repository: root keys written to {offline}, releases are signed with {signer}; "
-              "move them off this machine (docs/ota.md: key custody)")  # fmt: skip
+        made = "\n".join(f"  {p}" for p in sorted(offline.glob("image-*.pem")))
+        signer = "the --targets-key keys" if args.targets_key else "the image-targets key"
+        print(f"image repository keys, for the release managers (move them off this machine; releases are "
+              f"signed with {signer}, docs/decisions/0026):\n{made}")  # fmt: skip
     where = f"written to {args.token_file} (mode 0600)" if args.token_file else "shown once, store it now"
     print(f"admin token {issued.token.name!r} ({where}):")
     if not args.token_file:

@@ -423,7 +423,7 @@ def test_at_most_sixteen_releases_wait_for_signatures_and_the_oldest_is_dropped(
 def test_the_image_root_rotates_with_the_offline_root_keys_signed_on_the_release_managers_machine(
     cloud: Cloud, rm_keys: list[Path], tmp_path: Path
 ) -> None:
-    root_keys = sorted((tmp_path / "root-keys").glob("*.pem"))
+    root_keys = sorted((tmp_path / "root-keys").glob("image-root-*.pem"))
     assert len(root_keys) == 2
     anchor = cloud.data_dir / "keys" / "image-root.json"
     base = ["keys", "rotate", "--repository", "image", "--trusted-root", str(anchor), "-o", "json"]

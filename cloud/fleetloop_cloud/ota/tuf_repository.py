@@ -487,6 +487,8 @@ class TufRepositories:
         default: a lab's custody, it signs every upload itself)."""
         self._clock = clock
         custody = custody or ImageKeyCustody()
+        fresh = not (root / "image" / "root" / "1.root.json").is_file()
+        offline = KeyStore(custody.release_keys) if custody.release_keys is not None and fresh else None
         self.image_authority = RootAuthority(
             root / "image" / "root",
             KeyStore(key_root / "image"),
@@ -494,10 +496,18 @@ class TufRepositories:
             clock=clock,
             root_keys=root_keys,
             root_threshold=root_threshold,
-            offline=KeyStore(custody.release_keys) if custody.release_keys is not None else None,
+            offline=offline,
             targets_keys=[public_key_file(p) for p in custody.targets_key_files],
             targets_threshold=custody.targets_threshold,
         )
+        if offline is not None:
+            # what the release managers receive: each key file named by its role
+            signed = self.image_authority.root.signed
+            for role in ("root", "targets"):
+                for keyid in signed.roles[role].keyids:
+                    made = offline.directory / f"{keyid}.pem"
+                    if made.is_file():
+                        made.rename(offline.directory / offline_key_name(role, keyid))
         self.image = RoleFiles(root / "image" / "roles", self.image_authority, clock)
         self.director_authority = RootAuthority(
             root / "director" / "root", KeyStore(key_root / "director"), repository="director", clock=clock
@@ -631,6 +641,11 @@ class TufRepositories:
             raise NotFoundError(f"no TUF metadata {repository}/{name}") from None
 
 
+def offline_key_name(role: str, keyid: str) -> str:
+    """The file name of an image repository key handed to release managers."""
+    return f"image-{role}-{keyid[:16]}.pem"
+
+
 def export_offline_keys(root: Path, key_root: Path, out: Path) -> list[Path]:
     """Move the image repository's root and targets private keys from the coordinator's key store
     (``key_root/image``) to ``out``: a data directory made before release managers held them stops
@@ -653,7 +668,7 @@ def export_offline_keys(root: Path, key_root: Path, out: Path) -> list[Path]:
             source = store / f"{keyid}.pem"
             if not source.is_file():
                 continue
-            dest = out / f"image-{role}-{keyid[:16]}.pem"
+            dest = out / offline_key_name(role, keyid)
             out.mkdir(parents=True, exist_ok=True)
             write_atomically(dest, source.read_bytes(), mode=0o600)
             source.unlink()
