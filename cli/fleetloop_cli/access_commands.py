@@ -61,10 +61,19 @@ def _iso(ts: float | None) -> str:
 
 # -- cloud init ------------------------------------------------------------------------------------
 def cmd_cloud_init(args: argparse.Namespace) -> int:
+    from fleetloop_cloud.ota.tuf_repository import ImageKeyCustody
     from fleetloop_cloud.server import initialise
 
     data_dir = Path(args.dir)
-    issued = initialise(data_dir, db=args.db, recover=args.recover)
+    offline = (
+        Path(args.release_keys) if args.release_keys else data_dir.with_name(data_dir.name + "-release-keys")
+    )
+    fresh = not (data_dir / "artifacts" / "tuf" / "image" / "root").is_dir()
+    custody = ImageKeyCustody(
+        release_keys=offline, targets_key_files=tuple(Path(k) for k in args.targets_key),
+        targets_threshold=args.targets_threshold,
+    )  # fmt: skip
+    issued = initialise(data_dir, db=args.db, recover=args.recover, custody=custody)
     if args.token_file:
         path = Path(args.token_file)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +87,11 @@ def cmd_cloud_init(args: argparse.Namespace) -> int:
         return 0
     metadata = "in PostgreSQL" if args.db else f"in {data_dir / 'metadata.sqlite'}"
     print(f"initialised {data_dir}: keys in {data_dir / 'keys'}, metadata {metadata}")
+    if fresh:
+        made = "\n".join(f"  {p}" for p in sorted(offline.glob("image-*.pem")))
+        signer = "the --targets-key keys" if args.targets_key else "the image-targets key"
+        print(f"image repository keys, for the release managers (move them off this machine; releases are "
+              f"signed with {signer}, docs/decisions/0026):\n{made}")  # fmt: skip
     where = f"written to {args.token_file} (mode 0600)" if args.token_file else "shown once, store it now"
     print(f"admin token {issued.token.name!r} ({where}):")
     if not args.token_file:
@@ -234,9 +248,27 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     )
     s.add_argument("--dir", default="fleetloop-cloud", help="data directory")
     s.add_argument("--db", help="metadata in PostgreSQL (postgresql://...) instead of SQLite in --dir")
-    s.add_argument("--recover", action="store_true",
-                   help="tokens exist but every admin token is lost: make another admin token")
+    s.add_argument(
+        "--recover",
+        action="store_true",
+        help="tokens exist but every admin token is lost: make another admin token",
+    )
     s.add_argument("--token-file", help="write the token to this file (mode 0600) instead of printing it")
+    s.add_argument(
+        "--release-keys", help="where the image repository's offline root keys go (default: DIR-release-keys)"
+    )
+    s.add_argument(
+        "--targets-key",
+        action="append",
+        default=[],
+        help="a release manager's public key (fleetloop keys generate); repeat for several",
+    )
+    s.add_argument(
+        "--targets-threshold",
+        type=int,
+        default=1,
+        help="how many of the --targets-key keys must sign each release",
+    )
     s.add_argument("-o", "--output", choices=["text", "json"], default="text")
     s.set_defaults(func=cmd_cloud_init)
 

@@ -26,17 +26,20 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlencode
 
 from fleetloop_cli.client import CoordinatorClient
 from fleetloop_cli.output import render_rows
+from fleetloop_cli.release_commands import upload_release
 from fleetloop_fwsim import firmware, profiles
 from fleetloop_fwsim.provisioning import provision_sim_device
 from fleetloop_shared.datapaths import find_recordings
 from fleetloop_shared.errors import FleetloopError, NotFoundError, StateError, UnavailableError
+from fleetloop_shared.update.release_keys import generate_key_file, load_key_file, public_pem_path
 
 HARDWARE_ID = "fleetloop-sim-gen1"
 FLEET = "demo"
+#: The demo's release manager's key, in the workdir (never in the coordinator's data directory).
+RELEASE_KEY = "release-manager.pem"
 DEVICES = (("car-001", "car"), ("robot-001", "robot"), ("plc-001", "plc"), ("hub-001", "hub"))
 #: The far sides play their data this many times as fast as it was recorded.
 REPLAY_SPEED = 2.0
@@ -212,14 +215,17 @@ def run_demo(args: argparse.Namespace) -> int:
                 "cert": str(broker.ca.dir / "{device_id}.pem"),
                 "key": str(broker.ca.dir / "{device_id}.key"),
             }
-        _say(verbose, f"coordinator up at {client.base} (tokens: admin from cloud init, an operator, "
-                      "a release manager)")
+        _say(
+            verbose,
+            f"coordinator up at {client.base} (tokens: admin from cloud init, an operator, "
+            "a release manager)",
+        )
         if getattr(args, "serve", False):
             serving = (client.base, _mint(admin, "demo-viewer", "viewer"))
 
         v1 = firmware.build_image("1.0.0", HARDWARE_ID)
         v2 = firmware.build_image("2.0.0", HARDWARE_ID, variant=1)
-        _upload(client, v1, "1.0.0")
+        _upload(client, v1, "1.0.0", work)
         _say(verbose, f"firmware v1 ({len(v1):,} bytes) released and installed on the devices")
 
         devices, skipped = _machines()
@@ -303,7 +309,7 @@ def run_demo(args: argparse.Namespace) -> int:
             f'\n$ fleetloop query "{QUERY}"\n' + render_rows(result["columns"], result["rows"], "table"),
         )
 
-        release = _upload(client, v2, "2.0.0")
+        release = _upload(client, v2, "2.0.0", work)
         full = next(p["size"] for p in release["payloads"] if p["kind"] == "full")
         deltas = [p["size"] for p in release["payloads"] if p["kind"] == "delta"]
         summary["rollout"].update(full_bytes=full, delta_bytes=min(deltas) if deltas else full)
@@ -475,14 +481,24 @@ def _serve(serving: tuple[str, str], procs: _Processes) -> str | None:
 def _start_cloud(
     work: Path, logs: Path, env: dict[str, str], procs: _Processes, deadline: float, extra: Sequence[str] = ()
 ) -> CoordinatorClient:
+    from fleetloop_cloud.ota.tuf_repository import ImageKeyCustody
     from fleetloop_cloud.server import initialise
 
     ready = work / "cloud.ready"
     ready.unlink(missing_ok=True)
     cloud_dir = work / "cloud"
-    # what `fleetloop cloud init --dir` does: the data directory, its keys and the first admin token,
-    # which stays in this process's memory (a kept workdir is initialised once; later runs recover)
-    admin = initialise(cloud_dir, recover=(cloud_dir / "metadata.sqlite").exists())
+    # the release manager's key lives in the workdir, not in the coordinator's data directory: what
+    # `fleetloop keys generate` makes on a release manager's machine (unencrypted: a demo)
+    rm_key = work / RELEASE_KEY
+    if not rm_key.exists():
+        generate_key_file(rm_key, None)
+    # what `fleetloop cloud init --dir --targets-key` does: the data directory, its online keys and the
+    # first admin token, which stays in this process's memory (a kept workdir is initialised once; later
+    # runs recover); the image repository's root keys go to the workdir too
+    custody = ImageKeyCustody(
+        release_keys=work / "release-keys", targets_key_files=(public_pem_path(rm_key),)
+    )
+    admin = initialise(cloud_dir, recover=(cloud_dir / "metadata.sqlite").exists(), custody=custody)
     procs.start(
         "coordinator",
         [
@@ -531,10 +547,11 @@ def _cloud_config(client: CoordinatorClient, device_id: str) -> dict[str, Any]:
     return {"transport": "mqtt", "grpc": client.grpc, "mqtt": m}  # type: ignore[attr-defined]
 
 
-def _upload(client: CoordinatorClient, image: bytes, version: str) -> dict[str, Any]:
-    q = urlencode({"name": "firmware", "version": version, "hardware": HARDWARE_ID})
-    result: dict[str, Any] = client.request(
-        "POST", f"/v1/releases?{q}", body=image, content_type="application/octet-stream"
+def _upload(client: CoordinatorClient, image: bytes, version: str, work: Path) -> dict[str, Any]:
+    """What `fleetloop artifacts upload --key` does: the release manager signs the targets here."""
+    key = load_key_file(work / RELEASE_KEY, None)
+    result: dict[str, Any] = upload_release(
+        client, image, name="firmware", version=version, hardware=HARDWARE_ID, keys=[key]
     )
     return result
 

@@ -149,12 +149,12 @@ def _play(
     v2 = firmware.build_image(
         "2.0.0", HARDWARE_ID, variant=1, behaviour="harsh-braking" if bad else firmware.DEFAULT_BEHAVIOUR
     )
-    _upload(client, v1, "1.0.0")
+    _upload(client, v1, "1.0.0", work)
     cars = [f"car-{i:03d}" for i in range(1, CARS + 1)]
     for device_id in cars:
         _start_car(device_id, work, logs, env, procs, grpc)
     summary["devices"] = len(cars)
-    _upload(client, v2, "2.0.0")  # the delta from v1 is built while the cars boot
+    _upload(client, v2, "2.0.0", work)  # the delta from v1 is built while the cars boot
     what = "brakes harshly 4x as often" if bad else "drives like v1"
     _say(verbose, f"firmware v1 on {len(cars)} cars; v2 uploaded ({what})")
 

@@ -19,13 +19,14 @@ from fleetloop_cli import (
     cloud_commands,
     fleet_commands,
     ota_commands,
+    release_commands,
     rollout_commands,
     rules_commands,
     store_commands,
 )
 from fleetloop_cli.client import CoordinatorClient, client_from_args
 from fleetloop_cli.output import FORMATS, render_object, render_records, render_rows
-from fleetloop_shared.errors import EXIT_INTERRUPTED, FleetloopError, NotFoundError, UserError
+from fleetloop_shared.errors import EXIT_INTERRUPTED, FleetloopError, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -152,20 +153,6 @@ def cmd_captures_export(args: argparse.Namespace) -> int:
 
 
 # -- artifacts and rollouts ------------------------------------------------------------------------
-def cmd_artifacts_upload(args: argparse.Namespace) -> int:
-    from urllib.parse import urlencode
-
-    path = Path(args.file)
-    if not path.is_file():
-        raise NotFoundError(f"{path}: no such file")
-    q = urlencode({"name": args.name, "version": args.version, "hardware": args.hardware})
-    result = _client(args).request(
-        "POST", f"/v1/releases?{q}", body=path.read_bytes(), content_type="application/octet-stream"
-    )
-    _print(render_object(result, "yaml" if args.output == "yaml" else "json"))
-    return 0
-
-
 def cmd_artifacts_list(args: argparse.Namespace) -> int:
     rel = _client(args).get("/v1/releases")
     cols = ["name", "version", "hardware_id"]
@@ -276,13 +263,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_captures_export)
 
     arts = sub.add_parser("artifacts", help="release artifacts").add_subparsers(dest="sub", required=True)
-    s = arts.add_parser("upload", help="sign and store a release; deltas are built from installed versions")
-    s.add_argument("file")
-    s.add_argument("--name", default="firmware")
-    s.add_argument("--version", required=True)
-    s.add_argument("--hardware", required=True)
-    with_cloud(s)
-    s.set_defaults(func=cmd_artifacts_upload)
     s = arts.add_parser("list")
     with_cloud(s)
     s.set_defaults(func=cmd_artifacts_list)
@@ -295,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         rules_commands.register,
         store_commands.register,
         ota_commands.register,
+        release_commands.register,
         fleet_commands.register,
         rollout_commands.register,
     ):

@@ -56,6 +56,10 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     from fleetloop_cli.client import client_from_args
     from fleetloop_cli.output import render_object
 
+    if args.key:  # the image root's keys are offline: the new root is signed here
+        from fleetloop_cli.release_commands import rotate_offline
+
+        return rotate_offline(args)
     body: dict[str, Any] = {"online": args.online_keys}
     if args.root_keys is not None:
         body["root_keys"] = args.root_keys
@@ -162,6 +166,7 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     s.set_defaults(func=cmd_artifacts_patch)
 
     keys = groups["top"].add_parser("keys", help="TUF signing keys").add_subparsers(dest="sub", required=True)
+    groups["keys"] = keys
     s = keys.add_parser(
         "rotate",
         help="new root version (new expiry; new root keys and threshold; optionally new online keys)",
@@ -173,6 +178,15 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
         "--online-keys", action="store_true",
         help="also replace the targets/snapshot/timestamp keys (after a suspected compromise)",
     )
+    offline = s.add_argument_group("an image root whose keys are offline (signed here)")
+    offline.add_argument("--key", action="append", default=[], help="a root private key (repeat)")
+    offline.add_argument("--new-root-key", action="append", default=[],
+                         help="public key replacing the root keys (repeat; sign with their --key too)")
+    offline.add_argument("--targets-key", action="append", default=[],
+                         help="public key replacing the targets keys (repeat)")
+    offline.add_argument("--targets-threshold", type=int, default=None)
+    offline.add_argument("--trusted-root", help="a root you trust (image-root.json)")
+    offline.add_argument("--passphrase-file", help="file holding the keys' passphrase")
     with_cloud(s)
     s.set_defaults(func=cmd_keys_rotate)
 

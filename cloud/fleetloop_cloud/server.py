@@ -46,7 +46,7 @@ from fleetloop_cloud.mqtt_bridge import BridgeSettings, MqttBridge
 from fleetloop_cloud.ota.artifact_store import ArtifactStore
 from fleetloop_cloud.ota.director import Director
 from fleetloop_cloud.ota.online_keys import KeyFiles, OnlineKeys, SecretKeys, release_signer
-from fleetloop_cloud.ota.tuf_repository import TufRepositories
+from fleetloop_cloud.ota.tuf_repository import ImageKeyCustody, TufRepositories
 from fleetloop_cloud.repositories import open_repositories
 from fleetloop_cloud.rollout.controller import LEASE_TTL_S, RolloutController
 from fleetloop_cloud.rollout.gate_inputs import FleetStoreGateInputs
@@ -137,7 +137,10 @@ class Coordinator:
         tables: TableSettings | None = None,
         changes: ChangeFeed | None = None,
         keys: OnlineKeys | None = None,
+        custody: ImageKeyCustody | None = None,
     ) -> None:
+        """``custody``: who holds a new image repository's offline keys (see :class:`ImageKeyCustody`);
+        without it, this coordinator does (a lab's custody: it signs every upload itself)."""
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.clock = clock
@@ -178,7 +181,7 @@ class Coordinator:
             policy = CompactionPolicy(grace_s=grace_s)
             self.compactor = Compactor(self.fleet_store, repos.segments.has, policy)
         self.tuf = TufRepositories(
-            tuf_dir, keys.directory / "tuf", clock=clock, anchor_dir=data_dir / "keys"
+            tuf_dir, keys.directory / "tuf", clock=clock, anchor_dir=data_dir / "keys", custody=custody
         )
         self.director = Director(self.tuf)
         self.artifacts = ArtifactStore(data_dir / "artifacts", self.signer, tuf=self.tuf)
@@ -388,11 +391,13 @@ def served_url(scheme: str, host: str, port: int) -> str:
 
 
 def initialise(
-    data_dir: Path, *, db: str | None = None, recover: bool = False, clock: Callable[[], float] = time.time
+    data_dir: Path, *, db: str | None = None, recover: bool = False, clock: Callable[[], float] = time.time,
+    custody: ImageKeyCustody | None = None,
 ) -> IssuedToken:
     """``fleetloop cloud init``: the data directory, its keys and metadata schema, and the first admin
-    token (returned once; only its hash is stored). StateError when tokens exist, unless ``recover``."""
-    coordinator = Coordinator(data_dir, clock=clock, db=db)
+    token (returned once; only its hash is stored). StateError when tokens exist, unless ``recover``.
+    ``custody``: where the image repository's offline keys go (release managers', not this directory)."""
+    coordinator = Coordinator(data_dir, clock=clock, db=db, custody=custody)
     try:
         return coordinator.tokens.bootstrap(clock(), recover=recover)
     finally:
@@ -430,6 +435,10 @@ def serve(
     raise_open_files_limit()
     keys = SecretKeys(keys_dir) if keys_dir is not None else None
     coordinator = Coordinator(data_dir, db=db, limits=limits, storage=storage, tables=tables, keys=keys)
+    if coordinator.releases.coordinator_signs():
+        log.warning("this coordinator holds the image repository's targets key and signs every upload "
+                    "itself (a lab's custody); hand the keys to release managers: fleetloop keys "
+                    "export-offline --dir %s --out DIR", data_dir)  # fmt: skip
     if http.insecure:
         log.warning("--insecure: no API tokens (every HTTP request acts as an admin)%s",
                     "" if http.tls else " and no TLS")  # fmt: skip

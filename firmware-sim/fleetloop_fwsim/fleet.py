@@ -410,8 +410,11 @@ class CoordinatorProcess(RestartableChild):
         log_path: Path,
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        init_args: list[str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
+        #: Added to ``cloud init`` (e.g. ``--targets-key``: the release manager's public key).
+        self.init_args = list(init_args or [])
         #: Added to this process's environment for the coordinator (e.g. a short controller lease).
         self.env = dict(env or {})
         self.log_path = log_path
@@ -438,7 +441,8 @@ class CoordinatorProcess(RestartableChild):
         if not token_file.exists():
             db = self.extra_args[self.extra_args.index("--db") + 1] if "--db" in self.extra_args else None
             argv = [sys.executable, "-m", "fleetloop_cli.main", "cloud", "init", "--dir", str(self.data_dir),
-                    "--token-file", str(token_file), *(["--db", db] if db else [])]  # fmt: skip
+                    "--token-file", str(token_file), *(["--db", db] if db else []),
+                    *self.init_args]  # fmt: skip
             done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=dict(os.environ))
             if done.returncode != 0:
                 raise UnavailableError(f"cloud init failed: {done.stderr.strip()[-500:]}")

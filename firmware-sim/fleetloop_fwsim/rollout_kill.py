@@ -44,7 +44,14 @@ from fleetloop_agent.uplink.pacing import BackoffPolicy
 from fleetloop_fwsim import firmware
 from fleetloop_fwsim.fleet import CoordinatorProcess
 from fleetloop_fwsim.swarm import Swarm
-from fleetloop_shared.errors import StateError, UnavailableError
+from fleetloop_shared.errors import NotFoundError, StateError, UnavailableError
+from fleetloop_shared.update.release_keys import (
+    ReleaseKey,
+    generate_key_file,
+    load_key_file,
+    public_pem_path,
+    publish_release,
+)
 from fleetloop_shared.wire import device_pb2, ota_pb2
 
 log = logging.getLogger("fleetloop.fwsim.rollout_kill")
@@ -183,8 +190,9 @@ class KillLoopReport:
 
 
 class _Api:
-    def __init__(self, coordinator: CoordinatorProcess) -> None:
+    def __init__(self, coordinator: CoordinatorProcess, release_key: ReleaseKey) -> None:
         self.c = coordinator
+        self.release_key = release_key
 
     def call(self, method: str, path: str, body: bytes | None = None, ctype: str = "application/json") -> Any:
         """One request; retried while the coordinator is down (it is being killed, after all)."""
@@ -200,6 +208,8 @@ class _Api:
                 with urllib.request.urlopen(req, timeout=30) as resp:
                     return json.loads(resp.read())
             except urllib.error.HTTPError as exc:
+                if exc.code == 404:
+                    raise NotFoundError(f"{method} {path}: HTTP 404") from None
                 raise StateError(f"{method} {path}: HTTP {exc.code}: {exc.read()[:300]!r}") from None
             except OSError as exc:
                 if time.monotonic() > deadline:
@@ -221,13 +231,23 @@ def run_kill_loop(
     rng = random.Random(seed)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    # the release manager's key, outside the coordinator's data directory: releases are signed with it
+    rm_key = workdir / "release-manager.pem"
+    if not rm_key.exists():
+        generate_key_file(rm_key, None)
     coordinator = CoordinatorProcess(
         workdir / "cloud",
         log_path=workdir / "coordinator.log",
         env={"FLEETLOOP_CONTROLLER_LEASE_S": f"{LEASE_S:g}"},
+        init_args=[
+            "--targets-key",
+            str(public_pem_path(rm_key)),
+            "--release-keys",
+            str(workdir / "root-keys"),
+        ],
     )
     coordinator.start()
-    api = _Api(coordinator)
+    api = _Api(coordinator, load_key_file(rm_key, None))
     swarm = Swarm(connect_rate=1000.0, connect_burst=devices)
     fleet: list[OtaDevice] = []
     rollouts: list[str] = []
@@ -285,8 +305,8 @@ def run_kill_loop(
 
 def _release(api: _Api, major: int) -> None:
     image = firmware.build_image(f"{major}.0.0", HARDWARE_ID, size_hint=IMAGE_BYTES)
-    q = f"name=firmware&version={major}.0.0&hardware={HARDWARE_ID}"
-    api.call("POST", f"/v1/releases?{q}", image, "application/octet-stream")
+    publish_release(api.call, image, name="firmware", version=f"{major}.0.0", hardware=HARDWARE_ID,
+                    keys=[api.release_key])  # fmt: skip
 
 
 def _wait(probe: Any, what: str, timeout_s: float = 120.0) -> None:

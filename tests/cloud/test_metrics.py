@@ -40,8 +40,14 @@ from fleetloop_cloud.services.query import QueryService
 from fleetloop_cloud.uploads.staging import UploadStaging
 from fleetloop_fwsim.firmware import build_image
 from fleetloop_shared.catalog import DataType
-from fleetloop_shared.errors import CorruptSegmentError, PermissionDeniedError, QueryError
+from fleetloop_shared.errors import CorruptSegmentError, NotFoundError, PermissionDeniedError, QueryError
 from fleetloop_shared.segment import Segment, encode_segment, new_segment_id
+from fleetloop_shared.update.release_keys import (
+    generate_key_file,
+    load_key_file,
+    public_pem_path,
+    publish_release,
+)
 from fleetloop_shared.wire import device_pb2, device_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
 TOKEN = re.compile(r"flt_[A-Za-z0-9_-]{43}")
@@ -61,6 +67,8 @@ class Served:
     admin: str
     viewer: str
     ready: dict[str, Any]
+    #: the release manager's key (the image repository's targets key)
+    release_key: Path = Path()
 
     def call(self, method: str, path: str, body: bytes | None = None, token: str | None = None,
              content_type: str = "application/json") -> tuple[int, dict[str, str], bytes]:  # fmt: skip
@@ -88,7 +96,9 @@ class Served:
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
     data = tmp_path / "cloud"
-    init = cli("cloud", "init", "--dir", str(data))
+    release_key = tmp_path / "rm.pem"
+    generate_key_file(release_key, None)
+    init = cli("cloud", "init", "--dir", str(data), "--targets-key", str(public_pem_path(release_key)))
     assert init.returncode == 0, init.stderr
     admin = TOKEN.findall(init.stdout)[0]
     config = tmp_path / "cloud.yaml"
@@ -109,7 +119,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
             assert time.monotonic() < deadline, "the coordinator did not start"
             time.sleep(0.1)
         info = json.loads(ready.read_text())
-        s = Served(info["http"], info["grpc"], admin, "", info)
+        s = Served(info["http"], info["grpc"], admin, "", info, release_key)
         status, _, body = s.call("POST", "/v1/tokens", b'{"name": "prometheus", "role": "viewer"}', admin)
         assert status == 201, body
         s.viewer = json.loads(body)["token"]
@@ -174,9 +184,18 @@ def test_metrics_move_with_real_traffic(served: Served) -> None:
     assert s.call("POST", "/v1/rollouts", b'{"release_version": "1.0.0"}', s.viewer)[0] == 403
     assert s.call("GET", f"/no/such/{DEVICE}", token=s.viewer)[0] == 404
     image = build_image("1.0.0", "gen1", size_hint=4096)
-    status, _, body = s.call("POST", "/v1/releases?name=firmware&version=1.0.0&hardware=gen1", image,
-                             s.admin, "application/octet-stream")  # fmt: skip
-    assert status == 201, body
+
+
+    def request(method: str, path: str, body: bytes | None, content_type: str) -> Any:
+        status, _, data = s.call(method, path, body, s.admin, content_type)
+        if status == 404:
+            raise NotFoundError(path)
+        assert status in (200, 201), data
+        return json.loads(data)
+
+    released = publish_release(request, image, name="firmware", version="1.0.0", hardware="gen1",
+                               keys=[load_key_file(s.release_key, None)])  # fmt: skip
+    assert released["version"] == "1.0.0"
     policy = {"release_version": "1.0.0", "selector": "kind=car", "phases": [{"name": "all", "percent": 100}]}
     status, _, body = s.call("POST", "/v1/rollouts", json.dumps(policy).encode(), s.admin)
     assert status == 201, body

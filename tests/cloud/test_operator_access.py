@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tuf.api.metadata import Metadata, Root, Targets
 
 from fleetloop_cloud.http_api import start_http_server
 from fleetloop_cloud.http_api.routes import ROUTES
@@ -147,6 +148,9 @@ def request_for(name: str, w: World) -> tuple[str, bytes | None, str]:
         "listReleases": ("/v1/releases", None, json_type),
         "uploadRelease": ("/v1/releases?name=firmware&version=2.0.0&hardware=gen1",
                           build_image("2.0.0", "gen1", size_hint=4096), "application/octet-stream"),
+        "stageRelease": ("/v1/releases/staged?name=firmware&version=2.1.0&hardware=gen1",
+                         build_image("2.1.0", "gen1", size_hint=4096), "application/octet-stream"),
+        "publishRelease": _staged_and_signed(w) if name == "publishRelease" else ("", None, ""),
         "listRollouts": ("/v1/rollouts", None, json_type),
         "createRollout": ("/v1/rollouts", json.dumps({"release_version": "2.0.0", "selector": "hw=gen1",
                                                       "phases": [{"name": "all", "percent": 100}]}).encode(),
@@ -164,6 +168,8 @@ def request_for(name: str, w: World) -> tuple[str, bytes | None, str]:
         "getRolloutHistory": (f"/v1/rollouts/{rid}/history", None, json_type),
         "listRolloutRevisions": ("/v1/rollout-revisions?name=firmware", None, json_type),
         "rotateRoot": ("/v1/tuf/director/rotate", b"{}", json_type),
+        "installImageRoot": ("/v1/tuf/image/root", _next_image_root(w) if name == "installImageRoot" else b"",
+                             json_type),
         "listTokens": ("/v1/tokens", None, json_type),
         "createToken": ("/v1/tokens", b'{"name": "made-by-the-table", "role": "viewer"}', json_type),
         "revokeToken": ("/v1/tokens/to-revoke", None, json_type),
@@ -172,6 +178,33 @@ def request_for(name: str, w: World) -> tuple[str, bytes | None, str]:
         "getMetrics": ("/metrics", None, json_type),
     }  # fmt: skip
     return requests[name]
+
+
+def _staged_and_signed(w: World) -> tuple[str, bytes, str]:
+    """A release staged now and signed with the targets key this lab coordinator holds itself."""
+    c = w.coordinator
+    image = build_image("2.2.0", "gen1", size_hint=4096)
+    staged = c.artifacts.stage_release(image, name="firmware", version="2.2.0", hardware_id="gen1", bases=[],
+                                       now=w.now[0])  # fmt: skip
+    md = Metadata(Targets.from_dict(staged.proposal))
+    for keyid in c.tuf.image_authority.root.signed.roles["targets"].keyids:
+        signer = c.tuf.image_authority.keys.signer(keyid)
+        assert signer is not None
+        md.sign(signer, append=True)
+    return f"/v1/releases/staged/{staged.staging_id}", md.to_bytes(), "application/json"
+
+
+def _next_image_root(w: World) -> bytes:
+    """The next image root, signed with the root keys this lab coordinator holds itself."""
+    authority = w.coordinator.tuf.image_authority
+    new = Metadata[Root].from_bytes(authority.root_bytes())
+    new.signed.version += 1
+    new.signatures.clear()
+    for keyid in new.signed.roles["root"].keyids:
+        signer = authority.keys.signer(keyid)
+        assert signer is not None
+        new.sign(signer, append=True)
+    return bytes(new.to_bytes())
 
 
 def _revision_of(w: World, version: str) -> int:

@@ -82,12 +82,19 @@ async def send_file(request: web.Request, path: Path, executor: Executor) -> web
 
 
 def add_file_routes(app: web.Application, api: OperatorApi, executor: Executor) -> None:
-    """``/files/<sha256>`` (Range) and ``/tuf/image/<file>``, ``/tuf/director/<device_id>/<file>``."""
+    """``/files/<sha256>`` (Range), ``/tuf/image/targets/<target path>`` (Range) and
+    ``/tuf/image/<file>``, ``/tuf/director/<device_id>/<file>``."""
     loop_run = asyncio.get_running_loop
 
     async def artifact(request: web.Request) -> web.StreamResponse:
         relpath = f"files/{request.match_info['sha256']}"
         path = await loop_run().run_in_executor(executor, api.releases.artifact_file, relpath)
+        return await send_file(request, path, executor)
+
+    async def target(request: web.Request) -> web.StreamResponse:
+        """A payload at its TUF target path (or hash-prefixed), for TUF clients other than the agent."""
+        target_path = request.match_info["target_path"]
+        path = await loop_run().run_in_executor(executor, api.releases.target_file, target_path)
         return await send_file(request, path, executor)
 
     async def metadata(request: web.Request) -> web.Response:
@@ -101,4 +108,5 @@ def add_file_routes(app: web.Application, api: OperatorApi, executor: Executor) 
 
     app.router.add_get(f"/files/{SHA256}", artifact, name="getArtifactFile")
     app.router.add_get(f"/tuf/image/{METADATA}", metadata, name="getImageMetadata")
+    app.router.add_get("/tuf/image/targets/{target_path:.+}", target, name="getImageTarget")
     app.router.add_get(f"/tuf/director/{DEVICE_ID}/{METADATA}", metadata, name="getDirectorMetadata")

@@ -108,6 +108,9 @@ PAYLOAD = _obj(
     base_sha256=STR,
 )  # fmt: skip
 
+RELEASE = _obj(["name", "version", "hardware_id", "sha256", "size", "payloads"], name=STR, version=STR,
+               hardware_id=STR, sha256=STR, size=INT, payloads=_arr(PAYLOAD))
+
 #: Response schema of each operator route (by operationId).
 RESPONSES: dict[str, S] = {
     "whoami": _obj(["name", "role", "actions"], name=STR, role=STR, proven=BOOL, actions=_arr(STR)),
@@ -151,8 +154,10 @@ RESPONSES: dict[str, S] = {
     "exportCapture": {"type": "string", "format": "binary"},
     "listReleases": _arr(_obj(["name", "version", "hardware_id"], name=STR, version=STR, hardware_id=STR,
                               manifest=STR, signature=STR, created_at=NUM)),
-    "uploadRelease": _obj(["name", "version", "hardware_id", "sha256", "size", "payloads"], name=STR,
-                          version=STR, hardware_id=STR, sha256=STR, size=INT, payloads=_arr(PAYLOAD)),
+    "uploadRelease": RELEASE,
+    "stageRelease": _obj(["staging_id", "release", "targets"], staging_id=STR, release=RELEASE,
+                         targets=ANY_MAP),
+    "publishRelease": RELEASE,
     "listRollouts": _arr(ROLLOUT_SUMMARY),
     "createRollout": ROLLOUT,
     "getRollout": ROLLOUT,
@@ -168,6 +173,8 @@ RESPONSES: dict[str, S] = {
     "listRolloutRevisions": _arr(REVISION),
     "rotateRoot": _obj(["root_version"], root_version=INT, root_keys=INT, threshold=INT,
                        online_keys_rotated=BOOL),
+    "installImageRoot": _obj(["root_version"], root_version=INT, root_keys=INT, threshold=INT,
+                             online_keys_rotated=BOOL),
     "listTokens": _arr(TOKEN),
     "createToken": {**TOKEN, "properties": {**TOKEN["properties"], "token": STR},
                     "required": [*TOKEN["required"], "token"]},
@@ -196,12 +203,21 @@ REQUESTS: dict[str, S] = {
                     "additionalProperties": False},
     "retryRollout": {**_obj(devices=_arr(STR)), "additionalProperties": False},
     "rotateRoot": {**_obj(root_keys=INT, threshold=INT, online=BOOL), "additionalProperties": False},
+    # TUF targets metadata ({signed, signatures}) the release managers signed (docs/ota.md)
+    "publishRelease": _obj(["signed", "signatures"], signed=ANY_MAP, signatures=_arr(ANY_MAP)),
+    "installImageRoot": _obj(["signed", "signatures"], signed=ANY_MAP, signatures=_arr(ANY_MAP)),
     "createToken": {
         **_obj(["name", "role"], name={"type": "string", "pattern": NAME_PATTERN},
                role={"enum": ["viewer", "operator", "release-manager", "admin"]},
                expires_in_s={"type": "number", "exclusiveMinimum": 0}),
         "additionalProperties": False,
     },
+}
+
+RELEASE_QUERY: dict[str, tuple[S, bool, str]] = {
+    "name": (STR, True, "release name (firmware, a model pack, ...)"),
+    "version": (STR, True, "release version"),
+    "hardware": (STR, True, "hardware id the image is for"),
 }
 
 #: Query parameters of the routes that take some: name → (schema, required, description).
@@ -228,11 +244,8 @@ QUERY: dict[str, dict[str, tuple[S, bool, str]]] = {
         "device": (STR, False, "the device, when two devices have captures of this id"),
         "format": ({"enum": ["mcap", "parquet", "csv"]}, False, "file format (mcap by default)"),
     },
-    "uploadRelease": {
-        "name": (STR, True, "release name (firmware, a model pack, ...)"),
-        "version": (STR, True, "release version"),
-        "hardware": (STR, True, "hardware id the image is for"),
-    },
+    "uploadRelease": RELEASE_QUERY,
+    "stageRelease": RELEASE_QUERY,
     "listRolloutRevisions": {"name": (STR, False, "only the revisions of this release name")},
     "listAudit": {
         "after": ({"type": "integer", "minimum": 0, "maximum": 2**53},
@@ -345,6 +358,19 @@ _PUBLIC: S = {
         "responses": {"200": {"description": "TUF metadata of the image repository",
                               "content": {"application/json": {"schema": ANY_MAP}}},
                       **_error_responses(public=True)},
+    }},
+    "/tuf/image/targets/{target_path}": {"get": {
+        "operationId": "getImageTarget", "security": [],
+        "description": "A payload at its TUF target path (NAME/HARDWARE/VERSION.img, ...) or with the "
+                       "consistent-snapshot hash prefix on its file name (DIR/<sha256>.NAME), with Range.",
+        "parameters": [{"name": "target_path", "in": "path", "required": True,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 1024}}],
+        "responses": {
+            "200": {"description": "the whole file", "content": BINARY},
+            "206": {"description": "the requested range", "content": BINARY},
+            "416": {"description": "the range starts past the end"},
+            **_error_responses(public=True),
+        },
     }},
     "/tuf/director/{device_id}/{name}": {"get": {
         "operationId": "getDirectorMetadata", "security": [],

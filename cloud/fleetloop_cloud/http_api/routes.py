@@ -109,8 +109,9 @@ def _campaigns(c: Call) -> Reply:
     return Reply(
         {
             "version": desired.version,
-            "campaigns": [{"name": d.name, "version": d.revision, "document": d.document}
-                          for d in desired.campaigns],
+            "campaigns": [
+                {"name": d.name, "version": d.revision, "document": d.document} for d in desired.campaigns
+            ],
         }
     )
 
@@ -212,14 +213,31 @@ def _releases(c: Call) -> Reply:
     return Reply([plain(r) for r in c.api.releases.all(c.caller)])
 
 
-def _upload_release(c: Call) -> Reply:
+def _release_query(c: Call) -> tuple[str, str, str]:
     missing = [k for k in ("name", "version", "hardware") if not c.query.get(k)]
     if missing:
         raise UserError(f"missing query parameter(s): {', '.join(missing)}")
-    q = c.query
+    return c.query["name"], c.query["version"], c.query["hardware"]
+
+
+def _upload_release(c: Call) -> Reply:
+    name, version, hardware = _release_query(c)
     manifest = c.api.releases.upload(
-        c.caller, c.body, name=q["name"], version=q["version"], hardware_id=q["hardware"], now=c.now
+        c.caller, c.body, name=name, version=version, hardware_id=hardware, now=c.now
     )
+    return Reply(release_json(manifest), 201)
+
+
+def _stage_release(c: Call) -> Reply:
+    name, version, hardware = _release_query(c)
+    releases = c.api.releases
+    staged = releases.stage(c.caller, c.body, name=name, version=version, hardware_id=hardware, now=c.now)
+    return Reply({"staging_id": staged.staging_id, "release": release_json(staged.manifest),
+                  "targets": staged.proposal}, 201)  # fmt: skip
+
+
+def _publish_release(c: Call) -> Reply:
+    manifest = c.api.releases.publish(c.caller, c.path["staging_id"], c.body, c.now)
     return Reply(release_json(manifest), 201)
 
 
@@ -295,6 +313,10 @@ def _rotate_root(c: Call) -> Reply:
         online=bool(body.get("online", False)), now=c.now,
     )  # fmt: skip
     return Reply(result)
+
+
+def _install_root(c: Call) -> Reply:
+    return Reply(c.api.releases.install_root(c.caller, "image", c.body, c.now))
 
 
 def _tokens(c: Call) -> Reply:
@@ -399,6 +421,10 @@ ROUTES: tuple[Route, ...] = (
     Route("listReleases", "GET", "/v1/releases", "releases.list", _releases),
     Route("uploadRelease", "POST", "/v1/releases", "releases.upload", _upload_release, MAX_RELEASE_BYTES,
           "application/octet-stream", 201),
+    Route("stageRelease", "POST", "/v1/releases/staged", "releases.stage", _stage_release,
+          MAX_RELEASE_BYTES, "application/octet-stream", 201),
+    Route("publishRelease", "POST", "/v1/releases/staged/{staging_id}", "releases.upload", _publish_release,
+          4 * MiB, status=201),
     Route("listRollouts", "GET", "/v1/rollouts", "rollouts.list", _rollouts),
     Route("createRollout", "POST", "/v1/rollouts", "rollouts.create", _create_rollout, 64 * KiB,
           status=201),
@@ -422,6 +448,7 @@ ROUTES: tuple[Route, ...] = (
     Route("listRolloutRevisions", "GET", "/v1/rollout-revisions", "rollouts.list", _rollout_revisions),
     Route("rotateRoot", "POST", "/v1/tuf/{repository:image|director}/rotate", "keys.rotate", _rotate_root,
           4 * KiB),
+    Route("installImageRoot", "POST", "/v1/tuf/image/root", "keys.rotate", _install_root, 256 * KiB),
     Route("listTokens", "GET", "/v1/tokens", "tokens.list", _tokens),
     Route("createToken", "POST", "/v1/tokens", "tokens.create", _create_token, 4 * KiB, status=201),
     Route("revokeToken", "DELETE", "/v1/tokens/{name}", "tokens.revoke", _revoke_token),

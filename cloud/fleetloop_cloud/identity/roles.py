@@ -41,6 +41,7 @@ ACTIONS: dict[str, Role] = {
     "campaigns.apply": Role.OPERATOR,
     "campaigns.delete": Role.OPERATOR,
     "releases.upload": Role.RELEASE_MANAGER,
+    "releases.stage": Role.RELEASE_MANAGER,
     "rollouts.create": Role.RELEASE_MANAGER,
     "rollouts.pause": Role.RELEASE_MANAGER,
     "rollouts.resume": Role.RELEASE_MANAGER,

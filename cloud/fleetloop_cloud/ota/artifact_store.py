@@ -9,7 +9,9 @@ than the full image, so most devices download a fraction of it.
 
 What devices trust is the TUF image repository (:mod:`fleetloop_cloud.ota.tuf_repository`): every image and
 delta becomes a signed target there, with its hash, length, hardware id, version and (for a delta) base
-hash. The Ed25519 release manifest is kept as the cloud's own record of a release (rollouts read it);
+hash. Where release managers hold its targets keys, a release is *staged* (stored, its targets proposed)
+and published once they have signed (:meth:`ArtifactStore.stage_release`, ``publish_staged``).
+The Ed25519 release manifest is kept as the cloud's own record of a release (rollouts read it);
 devices no longer verify it.
 
 Releases only move forward: a version that is not greater than the newest release of the same name and
@@ -19,10 +21,17 @@ too).
 
 from __future__ import annotations
 
+import base64
+import json
+import logging
 import re
+import secrets
 import threading
+import time
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fleetloop_cloud.ota.tuf_repository import TufRepositories, target_file
 from fleetloop_shared.durable import write_atomically
@@ -31,6 +40,7 @@ from fleetloop_shared.update.artifact import (
     PayloadRef,
     ReleaseManifest,
     ReleaseSigner,
+    manifest_from_bytes,
     manifest_to_bytes,
     sha256_file,
     sha256_hex,
@@ -45,6 +55,8 @@ from fleetloop_shared.update.tuf_metadata import (
     image_target_path,
 )
 
+log = logging.getLogger(__name__)
+
 #: Largest image accepted (refused above, before anything is written).
 MAX_IMAGE_BYTES = 1 << 30
 #: Every image size up to the limit gets deltas (FLDELTA2 indexes the whole base: ~5× its size in memory).
@@ -57,6 +69,39 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FILE_RELPATH = re.compile(r"files/([0-9a-f]{64})")
 _VERSION = re.compile(r"\d{1,9}(\.\d{1,9}){0,7}")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_STAGING_ID = re.compile(r"[0-9a-f]{16}")
+#: Most staged releases waiting for release managers' signatures (policy: the oldest is dropped).
+MAX_STAGED = 16
+
+
+@dataclass(frozen=True)
+class StagedRelease:
+    """A release stored but not yet published: its manifest and the targets metadata (signed part)
+    that would publish it, waiting for the release managers' signatures."""
+
+    staging_id: str
+    manifest: ReleaseManifest
+    manifest_bytes: bytes
+    signature: bytes
+    proposal: dict[str, Any]
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "manifest": base64.b64encode(self.manifest_bytes).decode(),
+            "signature": base64.b64encode(self.signature).decode(),
+            "proposal": self.proposal,
+        }
+        return json.dumps(doc, sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, staging_id: str, data: bytes) -> StagedRelease:
+        try:
+            doc = json.loads(data)
+            manifest_bytes = base64.b64decode(doc["manifest"])
+            return cls(staging_id, manifest_from_bytes(manifest_bytes), manifest_bytes,
+                       base64.b64decode(doc["signature"]), dict(doc["proposal"]))  # fmt: skip
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IntegrityError(f"staged release {staging_id} is unreadable: {exc}") from None
 
 
 def version_key(version: str) -> tuple[int, ...]:
@@ -94,6 +139,7 @@ class ArtifactStore:
         self._root = Path(root)
         self._files = self._root / "files"
         self._releases = self._root / "releases"
+        self._staged = self._root / "staged"
         self._files.mkdir(parents=True, exist_ok=True)
         self._releases.mkdir(parents=True, exist_ok=True)
         self._signer = signer
@@ -189,17 +235,123 @@ class ArtifactStore:
         now: float,
         base_formats: Mapping[str, Collection[str]] | None = None,
     ) -> tuple[bytes, bytes]:
-        """Store the image and its deltas, sign the manifest; returns (manifest bytes, signature).
+        """Store the image and its deltas, sign the manifest and (holding the targets keys: a lab's
+        custody) the image repository's targets; returns (manifest bytes, signature). Where release
+        managers hold the targets keys, :meth:`stage_release` and :meth:`publish_staged` instead.
 
         Per distinct base (bases identical to the new image are skipped), one delta in each format
         ``base_formats`` names for that base's sha256 (default: FLDELTA2), each kept only when smaller
         than the full image. StateError for a duplicate or a version not greater than the newest
         existing release of this name and hardware.
         """
+        with self._lock:
+            manifest, manifest_bytes, signature = self._prepare(
+                image, name=name, version=version, hardware_id=hardware_id, bases=bases, now=now,
+                base_formats=base_formats,
+            )  # fmt: skip
+            if self.tuf is not None:
+                self.tuf.image.publish(self._targets_of(manifest))
+            self._write_release(manifest, manifest_bytes, signature)
+        return manifest_bytes, signature
+
+    def stage_release(
+        self,
+        image: bytes,
+        *,
+        name: str,
+        version: str,
+        hardware_id: str,
+        bases: Sequence[bytes],
+        now: float,
+        base_formats: Mapping[str, Collection[str]] | None = None,
+    ) -> StagedRelease:
+        """Store the image and its deltas as :meth:`add_release` does, but publish nothing: the targets
+        metadata that would add them is kept, under a new id, for release managers to sign on their
+        machines (:meth:`publish_staged`). At most :data:`MAX_STAGED` wait; the oldest is dropped."""
+        if self.tuf is None:
+            raise StateError("no TUF image repository to stage a release for")
+        with self._lock:
+            manifest, manifest_bytes, signature = self._prepare(
+                image, name=name, version=version, hardware_id=hardware_id, bases=bases, now=now,
+                base_formats=base_formats,
+            )  # fmt: skip
+            proposal = self.tuf.image.propose(self._targets_of(manifest))
+            staged = StagedRelease(secrets.token_hex(8), manifest, manifest_bytes, signature, proposal)
+            self._staged.mkdir(parents=True, exist_ok=True)
+            # named by the time it was staged, then its id: the names sort oldest first
+            name = f"{time.time_ns():020d}-{staged.staging_id}.json"
+            write_atomically(self._staged / name, staged.to_bytes())
+            waiting = sorted(self._staged.glob("*.json"))
+            for old in waiting[:-MAX_STAGED]:
+                log.warning("staged release %s dropped unsigned: %d wait", old.stem[-16:], MAX_STAGED)
+                old.unlink(missing_ok=True)
+        return staged
+
+    def publish_staged(self, staging_id: str, signed_targets: bytes) -> tuple[bytes, bytes]:
+        """Publish a staged release whose targets metadata release managers signed (checked by the
+        image repository: the same proposal, the next version, the targets keys' threshold); returns
+        (manifest bytes, signature). NotFoundError for an unknown id."""
+        if self.tuf is None or not isinstance(staging_id, str) or not _STAGING_ID.fullmatch(staging_id):
+            raise NotFoundError(f"no staged release {staging_id!r}")
+        with self._lock:
+            path = self._staged_path(staging_id)
+            staged = StagedRelease.from_bytes(staging_id, path.read_bytes())
+            m = staged.manifest
+            self._check_newer(m.name, m.version, m.hardware_id)
+            self.tuf.image.publish_signed(signed_targets, staged.proposal)
+            self._write_release(m, staged.manifest_bytes, staged.signature)
+            path.unlink(missing_ok=True)
+        return staged.manifest_bytes, staged.signature
+
+    def staged(self, staging_id: str) -> StagedRelease:
+        """A staged release by id; NotFoundError when there is none."""
+        if not isinstance(staging_id, str) or not _STAGING_ID.fullmatch(staging_id):
+            raise NotFoundError(f"no staged release {staging_id!r}")
+        return StagedRelease.from_bytes(staging_id, self._staged_path(staging_id).read_bytes())
+
+    def _staged_path(self, staging_id: str) -> Path:
+        found = sorted(self._staged.glob(f"*-{staging_id}.json"))
+        if not found:
+            raise NotFoundError(
+                f"no staged release {staging_id!r} (published, dropped for newer ones, or never made)"
+            )
+        return found[-1]
+
+    def _check_newer(self, name: str, version: str, hardware_id: str) -> None:
+        key = version_key(version)
+        existing = self.versions(name, hardware_id)
+        for old in existing:
+            if version_key(old) == key:
+                raise StateError(f"release {name} {version} for hardware {hardware_id} already exists")
+        if existing and version_key(existing[-1]) > key:
+            raise StateError(
+                f"release {name} {version} for hardware {hardware_id} is not newer than the existing "
+                f"{existing[-1]}; versions only move forward"
+            )
+
+    def _write_release(self, manifest: ReleaseManifest, manifest_bytes: bytes, signature: bytes) -> None:
+        directory = self._release_dir(manifest.name, manifest.hardware_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        # Signature first, manifest last: the manifest's presence is what marks the release as existing.
+        write_atomically(directory / f"{manifest.version}.sig", signature)
+        write_atomically(directory / f"{manifest.version}.manifest.json", manifest_bytes)
+
+    def _prepare(
+        self,
+        image: bytes,
+        *,
+        name: str,
+        version: str,
+        hardware_id: str,
+        bases: Sequence[bytes],
+        now: float,
+        base_formats: Mapping[str, Collection[str]] | None,
+    ) -> tuple[ReleaseManifest, bytes, bytes]:
+        """Checks, stored files and the signed manifest of a release (caller holds the lock)."""
         self._check_image(image)
         image = bytes(image)
-        key = version_key(version)
-        directory = self._release_dir(name, hardware_id)
+        version_key(version)
+        self._release_dir(name, hardware_id)
         _check_header(image, version, hardware_id)
         # A tar archive is a bundle (software, model pack, catalog, config): installed by an atomic
         # directory swap on the device, no reboot; it travels whole (deltas are from firmware bases).
@@ -208,62 +360,46 @@ class ArtifactStore:
             bases = []
         if self.tuf is not None:
             self.tuf.image_authority.check_usable()
-        with self._lock:
-            existing = self.versions(name, hardware_id)
-            for old in existing:
-                if version_key(old) == key:
-                    raise StateError(f"release {name} {version} for hardware {hardware_id} already exists")
-            if existing and version_key(existing[-1]) > key:
-                raise StateError(
-                    f"release {name} {version} for hardware {hardware_id} is not newer than the existing "
-                    f"{existing[-1]}; versions only move forward"
+        self._check_newer(name, version, hardware_id)
+        target_sha = self._put_file(image)
+        payloads = [PayloadRef("full", "none", f"files/{target_sha}", target_sha, len(image), None)]
+        seen = {target_sha}
+        for base in bases:
+            if len(seen) > MAX_DELTA_BASES or len(image) > DELTA_MAX_IMAGE_BYTES:
+                break
+            self._check_image(base)
+            base = bytes(base)
+            base_sha = sha256_hex(base)
+            if base_sha in seen:
+                continue
+            seen.add(base_sha)
+            self._put_file(base)
+            if len(base) > DELTA_MAX_IMAGE_BYTES:
+                continue
+            wanted = (base_formats or {}).get(base_sha, (FLDELTA2,))
+            for fmt in sorted(set(wanted), key=list(FORMATS).index):
+                delta = self._make_delta(base_sha, target_sha, fmt)
+                if delta is None:
+                    continue
+                patch_sha, patch_size, methods = delta
+                payloads.append(
+                    PayloadRef("delta", fmt, f"files/{patch_sha}", patch_sha, patch_size, base_sha)
                 )
-            target_sha = self._put_file(image)
-            payloads = [PayloadRef("full", "none", f"files/{target_sha}", target_sha, len(image), None)]
-            seen = {target_sha}
-            for base in bases:
-                if len(seen) > MAX_DELTA_BASES or len(image) > DELTA_MAX_IMAGE_BYTES:
-                    break
-                self._check_image(base)
-                base = bytes(base)
-                base_sha = sha256_hex(base)
-                if base_sha in seen:
-                    continue
-                seen.add(base_sha)
-                self._put_file(base)
-                if len(base) > DELTA_MAX_IMAGE_BYTES:
-                    continue
-                wanted = (base_formats or {}).get(base_sha, (FLDELTA2,))
-                for fmt in sorted(set(wanted), key=list(FORMATS).index):
-                    delta = self._make_delta(base_sha, target_sha, fmt)
-                    if delta is None:
-                        continue
-                    patch_sha, patch_size, methods = delta
-                    payloads.append(
-                        PayloadRef("delta", fmt, f"files/{patch_sha}", patch_sha, patch_size, base_sha)
-                    )
-                    self._methods[patch_sha] = methods
-            created = int(now)
-            manifest = ReleaseManifest(
-                name=name,
-                version=version,
-                hardware_id=hardware_id,
-                target_sha256=target_sha,
-                target_size=len(image),
-                payloads=tuple(payloads),
-                created_unix=created,
-                expires_unix=created + self._validity_s,
-                install=install,
-            )
-            manifest_bytes = manifest_to_bytes(manifest)
-            signature = self._signer.sign(manifest_bytes)
-            directory.mkdir(parents=True, exist_ok=True)
-            if self.tuf is not None:
-                self._publish_targets(manifest)
-            # Signature first, manifest last: the manifest's presence is what marks the release as existing.
-            write_atomically(directory / f"{version}.sig", signature)
-            write_atomically(directory / f"{version}.manifest.json", manifest_bytes)
-        return manifest_bytes, signature
+                self._methods[patch_sha] = methods
+        created = int(now)
+        manifest = ReleaseManifest(
+            name=name,
+            version=version,
+            hardware_id=hardware_id,
+            target_sha256=target_sha,
+            target_size=len(image),
+            payloads=tuple(payloads),
+            created_unix=created,
+            expires_unix=created + self._validity_s,
+            install=install,
+        )
+        manifest_bytes = manifest_to_bytes(manifest)
+        return manifest, manifest_bytes, self._signer.sign(manifest_bytes)
 
     def _make_delta(self, base_sha: str, target_sha: str, fmt: str) -> tuple[str, int, str] | None:
         """Delta file in format ``fmt`` from one stored image to another, stored by hash; None when it is
@@ -283,11 +419,10 @@ class ArtifactStore:
             tmp.unlink(missing_ok=True)
         return patch_sha, stats.bytes, "+".join(sorted(stats.methods))
 
-    def _publish_targets(self, manifest: ReleaseManifest) -> None:
-        """Sign the release's image and deltas into the TUF image repository."""
-        assert self.tuf is not None
+    def _targets_of(self, manifest: ReleaseManifest) -> dict[str, Any]:
+        """The release's image and deltas as TUF targets of the image repository."""
         image_path = image_target_path(manifest.name, manifest.hardware_id, manifest.version)
-        targets = {}
+        targets: dict[str, Any] = {}
         for p in manifest.payloads:
             if p.kind == "full":
                 facts = image_facts(
@@ -307,7 +442,7 @@ class ArtifactStore:
                     methods=self._methods.get(p.sha256, ""),
                 )
                 targets[path] = target_file(path, p.sha256, p.size, facts)
-        self.tuf.image.publish(targets)
+        return targets
 
 
 def _check_header(image: bytes, version: str, hardware_id: str) -> None:

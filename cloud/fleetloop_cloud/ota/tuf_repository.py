@@ -2,8 +2,11 @@
 
 Uptane's split (see ``fleetloop_shared.update.tuf_metadata`` for what the device checks):
 
-- the **image repository** signs every image and delta the cloud built. Its root needs a threshold of
-  root keys (2 of 2 by default; offline in a real deployment), its targets role is the release key;
+- the **image repository** lists every image and delta the cloud built. Its root needs a threshold of
+  root keys (2 of 2 by default) and its targets role the release managers' keys: both are offline,
+  with release managers (:class:`ImageKeyCustody`), who sign the targets the coordinator proposes
+  (:meth:`RoleFiles.propose`, :meth:`RoleFiles.publish_signed`); the coordinator signs snapshot and
+  timestamp. A lab's coordinator may hold them all, and then signs uploads itself;
 - the **director** signs, per device, the image that device should install now and the delta from its
   installed image, tagged with the job id. Its keys are online: the device trusts nothing the director
   says unless the image repository signed the same bytes.
@@ -24,7 +27,8 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -45,8 +49,16 @@ from tuf.api.metadata import (  # type: ignore[attr-defined]
 )
 
 from fleetloop_shared.durable import write_atomically
-from fleetloop_shared.errors import ConfigError, NotFoundError, StateError, UserError
-from fleetloop_shared.update.tuf_metadata import REPOSITORIES, REPOSITORY_FIELD
+from fleetloop_shared.errors import (
+    ConfigError,
+    IntegrityError,
+    NotFoundError,
+    PermissionDeniedError,
+    StateError,
+    UserError,
+)
+from fleetloop_shared.update.release_keys import public_key_file
+from fleetloop_shared.update.tuf_metadata import IMAGE_REPOSITORY, REPOSITORIES, REPOSITORY_FIELD
 
 #: How long each role's metadata is valid. The timestamp is re-signed when half of its life is gone
 #: (on read), so a device that cannot reach the cloud for a day refuses stale metadata (freeze attack).
@@ -59,6 +71,9 @@ LIFETIMES = {
     "timestamp": timedelta(days=1),
 }
 ONLINE_ROLES = ("targets", "snapshot", "timestamp")
+#: Lifetime of targets metadata release managers sign: each release renews it, and a year without one
+#: is the time they have before devices refuse the image repository as frozen.
+OFFLINE_TARGETS_LIFETIME = timedelta(days=365)
 _ROOT_FILE = re.compile(r"([1-9][0-9]{0,8})\.root\.json")
 _ROLE_FILES = ("timestamp.json", "snapshot.json", "targets.json")
 _DEVICE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
@@ -117,7 +132,13 @@ class RootAuthority:
         clock: Callable[[], float],
         root_keys: int = 1,
         root_threshold: int = 1,
+        offline: KeyStore | None = None,
+        targets_keys: Sequence[SSlibKey] = (),
+        targets_threshold: int = 1,
     ) -> None:
+        """``offline``: where a new root's root and targets keys are made (the release managers' keys,
+        not the coordinator's); ``targets_keys``: public keys release managers made themselves, used as
+        the targets role (``targets_threshold`` of them sign). Both matter only when no root exists."""
         if repository not in REPOSITORIES:
             raise ConfigError(f"unknown TUF repository {repository!r}")
         self.directory = directory
@@ -127,7 +148,7 @@ class RootAuthority:
         directory.mkdir(parents=True, exist_ok=True)
         latest = self._latest_version()
         if latest == 0:
-            self.root = self._new_root(root_keys, root_threshold)
+            self.root = self._new_root(root_keys, root_threshold, offline, targets_keys, targets_threshold)
             self._write_root(self.root)
         else:
             self.root = self._load(latest)
@@ -142,9 +163,18 @@ class RootAuthority:
         except (ValueError, KeyError, TypeError, RepositoryError) as exc:
             raise ConfigError(f"{self.directory}: root version {version} is unreadable: {exc}") from None
 
-    def _new_root(self, root_keys: int, threshold: int) -> Metadata[Root]:
+    def _new_root(
+        self, root_keys: int, threshold: int, offline: KeyStore | None, targets_keys: Sequence[SSlibKey],
+        targets_threshold: int,
+    ) -> Metadata[Root]:  # fmt: skip
         if not 1 <= threshold <= root_keys:
             raise ConfigError(f"root threshold {threshold} must be between 1 and the {root_keys} root keys")
+        if targets_keys and not 1 <= targets_threshold <= len(targets_keys):
+            raise ConfigError(
+                f"targets threshold {targets_threshold} must be between 1 and the {len(targets_keys)} "
+                "targets keys"
+            )
+        keep = offline or self.keys
         root = Root(
             expires=_dt(self._clock()) + LIFETIMES["root"],
             consistent_snapshot=False,
@@ -152,20 +182,77 @@ class RootAuthority:
         )
         root.roles["root"] = Role([], threshold)
         for _ in range(root_keys):
-            root.add_key(self.keys.new_signer().public_key, "root")
-        for role in ONLINE_ROLES:
+            root.add_key(keep.new_signer().public_key, "root")
+        for key in targets_keys:
+            root.add_key(key, "targets")
+        if targets_keys:
+            root.roles["targets"].threshold = targets_threshold
+        else:
+            root.add_key(keep.new_signer().public_key, "targets")
+        for role in ("snapshot", "timestamp"):
             root.add_key(self.keys.new_signer().public_key, role)
         md = Metadata(root)
-        self._sign(md, md.signed)
+        self._sign(md, md.signed, keep)
         return md
 
-    def _sign(self, md: Metadata[Any], root: Root) -> None:
-        """Sign ``md`` with every key ``root`` lists for the role that this store holds."""
+    def _sign(self, md: Metadata[Any], root: Root, keys: KeyStore | None = None) -> None:
+        """Sign ``md`` with every key ``root`` lists for the role that this store (or ``keys``) holds."""
         role = md.signed.type
         for keyid in root.roles[role].keyids:
-            signer = self.keys.signer(keyid)
+            signer = (keys or self.keys).signer(keyid)
             if signer is not None:
                 md.sign(signer, append=True)
+
+    def holds(self, role: str, root: Root | None = None) -> bool:
+        """Whether this coordinator holds enough keys to sign ``role`` itself (a lab's custody: a data
+        directory made before release managers held the image repository's keys)."""
+        listed = (root or self.root.signed).roles[role]
+        held = sum(1 for k in listed.keyids if (self.keys.directory / f"{k}.pem").is_file())
+        return held >= listed.threshold
+
+    def install(self, data: bytes) -> int:
+        """Make a root version release managers signed offline the current one: the next version, this
+        repository's, not expired, signed by the threshold of the current root's keys *and* of its own
+        (how a device checks it), and keeping online keys this coordinator holds for snapshot and
+        timestamp. Returns the new version."""
+        try:
+            new = Metadata[Root].from_bytes(data)
+        except (ValueError, KeyError, TypeError, RepositoryError) as exc:
+            raise IntegrityError(f"the signed root is unreadable: {exc}") from None
+        signed, old = new.signed, self.root.signed
+        if signed.unrecognized_fields.get(REPOSITORY_FIELD) != self.repository:
+            raise IntegrityError(f"the signed root is not the {self.repository} repository's")
+        if signed.version != old.version + 1:
+            raise StateError(f"the signed root is version {signed.version}; the next is {old.version + 1}")
+        if signed.expires <= _dt(self._clock()):
+            raise StateError(f"the signed root expired at {signed.expires.isoformat()}")
+        for role in ("snapshot", "timestamp"):
+            if not self.holds(role, signed):
+                raise UserError(f"the new root must keep this coordinator's online {role} key(s)")
+        for md_root, label in ((old, "current"), (signed, "new")):
+            try:
+                md_root.verify_delegate("root", new.signed_bytes, new.signatures)
+            except RepositoryError as exc:
+                raise PermissionDeniedError(
+                    f"the signed {self.repository} root does not meet the {label} root's threshold of root "
+                    f"keys: {exc}"
+                ) from None
+        self._write_root(new)
+        self.root = new
+        return int(signed.version)
+
+    def verify(self, md: Metadata[Any]) -> None:
+        """PermissionDeniedError unless ``md`` carries the threshold of signatures the root asks of its
+        role: what the coordinator checks before it publishes metadata a release manager signed."""
+        role = md.signed.type
+        try:
+            self.root.signed.verify_delegate(role, md.signed_bytes, md.signatures)
+        except RepositoryError as exc:
+            listed = self.root.signed.roles[role]
+            raise PermissionDeniedError(
+                f"{self.repository} repository: {role} metadata needs {listed.threshold} signature(s) by "
+                f"the release managers' {role} keys ({', '.join(k[:12] for k in listed.keyids)}): {exc}"
+            ) from None
 
     def _write_root(self, md: Metadata[Root]) -> None:
         data = md.to_bytes()
@@ -249,7 +336,8 @@ class RoleFiles:
         self._clock = clock
         self._lock = threading.Lock()
         directory.mkdir(parents=True, exist_ok=True)
-        if not (directory / "timestamp.json").is_file():
+        if not (directory / "timestamp.json").is_file() and authority.holds("targets"):
+            # with the targets keys offline, the first release manager's upload makes the first files
             self.publish({}, replace=True)
 
     def _read(self, name: str) -> Metadata[Any] | None:
@@ -267,34 +355,77 @@ class RoleFiles:
         md = self._read("targets")
         return dict(md.signed.targets) if md is not None else {}
 
+    def _next_targets(self, targets: Mapping[str, TargetFile], replace: bool) -> Targets:
+        old_t = self._read("targets")
+        merged: dict[str, TargetFile] = {} if replace or old_t is None else dict(old_t.signed.targets)
+        merged.update(targets)
+        return Targets(
+            version=(old_t.signed.version + 1) if old_t else 1,
+            expires=_dt(self._clock())
+            + (LIFETIMES["targets"] if self.authority.holds("targets") else OFFLINE_TARGETS_LIFETIME),
+            targets=merged,
+        )
+
     def publish(self, targets: Mapping[str, TargetFile], *, replace: bool = False) -> int:
         """Add (or, with ``replace``, set) targets; re-sign targets, snapshot, timestamp. Returns the
-        new targets version."""
+        new targets version. StateError when this coordinator does not hold the targets keys."""
         with self._lock:
-            now = _dt(self._clock())
-            old_t, old_s, old_ts = self._read("targets"), self._read("snapshot"), self._read("timestamp")
-            merged: dict[str, TargetFile] = {} if replace or old_t is None else dict(old_t.signed.targets)
-            merged.update(targets)
-            t = Targets(
-                version=(old_t.signed.version + 1) if old_t else 1,
-                expires=now + LIFETIMES["targets"],
-                targets=merged,
-            )
-            s = Snapshot(
-                version=(old_s.signed.version + 1) if old_s else 1,
-                expires=now + LIFETIMES["snapshot"],
-                meta={"targets.json": MetaFile(version=t.version)},
-            )
-            ts = Timestamp(
-                version=(old_ts.signed.version + 1) if old_ts else 1,
-                expires=now + LIFETIMES["timestamp"],
-                snapshot_meta=MetaFile(version=s.version),
-            )
-            for signed in (t, s, ts):
-                md: Metadata[Any] = Metadata(signed)
-                self.authority.sign_role(md)
-                write_atomically(self.directory / f"{signed.type}.json", md.to_bytes())
-            return t.version
+            t: Metadata[Any] = Metadata(self._next_targets(targets, replace))
+            self.authority.sign_role(t)
+            return self._write(t)
+
+    def propose(self, targets: Mapping[str, TargetFile]) -> dict[str, Any]:
+        """The signed part of the next targets metadata with ``targets`` added, for release managers to
+        sign (:meth:`publish_signed`); nothing changes here."""
+        with self._lock:
+            return dict(self._next_targets(targets, False).to_dict())
+
+    def publish_signed(self, data: bytes, proposed: Mapping[str, Any]) -> int:
+        """Publish targets metadata a release manager signed: it must be exactly ``proposed`` (what
+        this coordinator offered to sign), the next version, and carry the threshold of signatures by
+        the targets keys in the root; snapshot and timestamp are then re-signed with online keys.
+
+        IntegrityError for bytes that are not targets metadata or not the proposal, StateError when
+        the repository moved on since the proposal, PermissionDeniedError for missing signatures.
+        """
+        try:
+            md = Metadata[Targets].from_bytes(data)
+        except (ValueError, KeyError, TypeError, RepositoryError) as exc:
+            raise IntegrityError(f"the signed targets metadata is unreadable: {exc}") from None
+        if md.signed.to_dict() != dict(proposed):
+            raise IntegrityError("the signed targets metadata is not what the coordinator proposed")
+        with self._lock:
+            current = self.version()
+            if md.signed.version != current + 1:
+                raise StateError(
+                    f"the image repository moved on (targets version {current}) since this release was "
+                    f"staged for version {md.signed.version}; upload it again"
+                )
+            if md.signed.expires <= _dt(self._clock()):
+                raise StateError("the signed targets metadata has expired; upload the release again")
+            self.authority.verify(md)
+            return self._write(md)
+
+    def _write(self, t: Metadata[Any]) -> int:
+        """Write signed targets ``t``, then a snapshot and a timestamp naming it (online keys)."""
+        now = _dt(self._clock())
+        old_s, old_ts = self._read("snapshot"), self._read("timestamp")
+        s = Snapshot(
+            version=(old_s.signed.version + 1) if old_s else 1,
+            expires=now + LIFETIMES["snapshot"],
+            meta={"targets.json": MetaFile(version=t.signed.version)},
+        )
+        ts = Timestamp(
+            version=(old_ts.signed.version + 1) if old_ts else 1,
+            expires=now + LIFETIMES["timestamp"],
+            snapshot_meta=MetaFile(version=s.version),
+        )
+        write_atomically(self.directory / "targets.json", t.to_bytes())
+        for signed in (s, ts):
+            md: Metadata[Any] = Metadata(signed)
+            self.authority.sign_role(md)
+            write_atomically(self.directory / f"{signed.type}.json", md.to_bytes())
+        return int(t.signed.version)
 
     def refresh(self) -> None:
         """Re-sign the timestamp (and snapshot) when half of its life is gone, so honest devices never
@@ -320,6 +451,25 @@ class RoleFiles:
         return self.directory / name
 
 
+@dataclass(frozen=True)
+class ImageKeyCustody:
+    """Who holds the image repository's offline keys, read when its first root is made.
+
+    ``release_keys``: a directory outside the data directory where the root keys (and the targets key,
+    unless ``targets_key_files`` names release managers' public keys) are written, to be handed to the
+    release managers; ``targets_key_files``: public key files (``fleetloop keys generate``) of the
+    targets role, ``targets_threshold`` of which must sign each release. Neither: the coordinator
+    holds them all (a lab)."""
+
+    release_keys: Path | None = None
+    targets_key_files: tuple[Path, ...] = ()
+    targets_threshold: int = 1
+
+    @property
+    def offline(self) -> bool:
+        return self.release_keys is not None or bool(self.targets_key_files)
+
+
 class TufRepositories:
     """The image repository and the director of one coordinator, under ``root`` and ``key_root``."""
 
@@ -332,8 +482,14 @@ class TufRepositories:
         root_keys: int = 2,
         root_threshold: int = 2,
         anchor_dir: Path | None = None,
+        custody: ImageKeyCustody | None = None,
     ) -> None:
+        """``custody``: who holds a new image repository's root and targets keys (the coordinator, by
+        default: a lab's custody, it signs every upload itself)."""
         self._clock = clock
+        custody = custody or ImageKeyCustody()
+        fresh = not (root / "image" / "root" / "1.root.json").is_file()
+        offline = KeyStore(custody.release_keys) if custody.release_keys is not None and fresh else None
         self.image_authority = RootAuthority(
             root / "image" / "root",
             KeyStore(key_root / "image"),
@@ -341,7 +497,18 @@ class TufRepositories:
             clock=clock,
             root_keys=root_keys,
             root_threshold=root_threshold,
+            offline=offline,
+            targets_keys=[public_key_file(p) for p in custody.targets_key_files],
+            targets_threshold=custody.targets_threshold,
         )
+        if offline is not None:
+            # what the release managers receive: each key file named by its role
+            signed = self.image_authority.root.signed
+            for role in ("root", "targets"):
+                for keyid in signed.roles[role].keyids:
+                    made = offline.directory / f"{keyid}.pem"
+                    if made.is_file():
+                        made.rename(offline.directory / offline_key_name(role, keyid))
         self.image = RoleFiles(root / "image" / "roles", self.image_authority, clock)
         self.director_authority = RootAuthority(
             root / "director" / "root", KeyStore(key_root / "director"), repository="director", clock=clock
@@ -360,7 +527,11 @@ class TufRepositories:
         write_atomically(self.anchor_dir / "director-root.json", self.director_authority.root_bytes())
 
     def rotate(
-        self, repository: str, *, root_keys: int | None = None, threshold: int | None = None,
+        self,
+        repository: str,
+        *,
+        root_keys: int | None = None,
+        threshold: int | None = None,
         online: bool = False,
     ) -> dict[str, Any]:
         """Rotate one repository's root (``image`` or ``director``) and, with ``online``, its targets,
@@ -369,6 +540,11 @@ class TufRepositories:
         ``N.root.json`` files; newly provisioned ones get the new anchor."""
         if repository == "image":
             authority, role_files = self.image_authority, [self.image]
+            if not authority.holds("root"):
+                raise StateError(
+                    "the image repository's root keys are offline, with the release managers: its root "
+                    "cannot be rotated by the coordinator (docs/decisions/0026)"
+                )
         elif repository == "director":
             authority = self.director_authority
             with self._lock:
@@ -388,6 +564,38 @@ class TufRepositories:
                 if (files.directory / "targets.json").is_file():
                     files.publish({})
         self.export_anchors()
+        resigned = len(role_files) if online else 0
+        return self._root_summary(repository, authority, version, online=online, resigned=resigned)
+
+    def image_target_sha256(self, path: str) -> str:
+        """The sha256 of the image repository's target at ``path`` — its TUF target path, or the same with
+        the consistent-snapshot hash prefix on its file name (``dir/<sha256>.name``), so a vanilla TUF
+        client's ``download_target`` finds it either way. NotFoundError for any other path."""
+        if not isinstance(path, str) or len(path) > 1024:
+            raise NotFoundError("no such target")
+        targets = self.image.targets()
+        found = targets.get(path)
+        if found is not None:
+            return str(found.hashes["sha256"])
+        head, _, name = path.rpartition("/")
+        digest, dot, rest = name.partition(".")
+        if dot and re.fullmatch(r"[0-9a-f]{64}", digest):
+            found = targets.get(f"{head}/{rest}" if head else rest)
+            if found is not None and found.hashes.get("sha256") == digest:
+                return digest
+        raise NotFoundError(f"the image repository has no target {path!r}")
+
+    def install_root(self, repository: str, data: bytes) -> dict[str, Any]:
+        """A new ``image`` root signed offline by release managers (``RootAuthority.install``)."""
+        if repository != IMAGE_REPOSITORY:
+            raise UserError("only the image repository's root is signed offline; rotate the director's")
+        version = self.image_authority.install(data)
+        self.export_anchors()
+        return self._root_summary(repository, self.image_authority, version, online=False, resigned=0)
+
+    def _root_summary(
+        self, repository: str, authority: RootAuthority, version: int, *, online: bool, resigned: int
+    ) -> dict[str, Any]:
         root = authority.root.signed
         return {
             "repository": repository,
@@ -396,7 +604,7 @@ class TufRepositories:
             "root_keys": len(root.roles["root"].keyids),
             "threshold": root.roles["root"].threshold,
             "online_keys_rotated": online,
-            "resigned": len(role_files) if online else 0,
+            "resigned": resigned,
         }
 
     def device(self, device_id: str) -> RoleFiles:
@@ -433,6 +641,43 @@ class TufRepositories:
             return files.file(name).read_bytes()
         except FileNotFoundError:
             raise NotFoundError(f"no TUF metadata {repository}/{name}") from None
+
+
+def offline_key_name(role: str, keyid: str) -> str:
+    """The file name of an image repository key handed to release managers."""
+    return f"image-{role}-{keyid[:16]}.pem"
+
+
+def export_offline_keys(root: Path, key_root: Path, out: Path) -> list[Path]:
+    """Move the image repository's root and targets private keys from the coordinator's key store
+    (``key_root/image``) to ``out``: a data directory made before release managers held them stops
+    signing releases itself. Returns the files written. UserError when ``out`` is inside the data
+    directory or there is nothing to move."""
+    data_dir = key_root.parent.parent.resolve()
+    target = out.resolve()
+    if target == data_dir or data_dir in target.parents:
+        raise UserError(f"{out} is inside the data directory {data_dir}; the offline keys must leave it")
+    versions = [int(m.group(1)) for p in (root / "image" / "root").glob("*.root.json")
+                if (m := _ROOT_FILE.fullmatch(p.name))]  # fmt: skip
+    if not versions:
+        raise UserError(f"no image repository under {root}")
+    latest = root / "image" / "root" / f"{max(versions)}.root.json"
+    signed = Metadata[Root].from_bytes(latest.read_bytes()).signed
+    store = key_root / "image"
+    moved: list[Path] = []
+    for role in ("root", "targets"):
+        for keyid in signed.roles[role].keyids:
+            source = store / f"{keyid}.pem"
+            if not source.is_file():
+                continue
+            dest = out / offline_key_name(role, keyid)
+            out.mkdir(parents=True, exist_ok=True)
+            write_atomically(dest, source.read_bytes(), mode=0o600)
+            source.unlink()
+            moved.append(dest)
+    if not moved:
+        raise UserError(f"{store} holds no root or targets key of the image repository: nothing to move")
+    return moved
 
 
 def target_file(path: str, data_sha256: str, length: int, facts: Mapping[str, Any]) -> TargetFile:

@@ -10,12 +10,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fleetloop_cloud.ota.artifact_store import ArtifactStore, check_not_older_than_fleet, is_bundle_image
+from fleetloop_cloud.ota.artifact_store import (
+    ArtifactStore,
+    StagedRelease,
+    check_not_older_than_fleet,
+    is_bundle_image,
+)
 from fleetloop_cloud.ota.tuf_repository import TufRepositories
 from fleetloop_cloud.repositories.interfaces import DeviceRepository, ReleaseRepository
 from fleetloop_cloud.repositories.records import ReleaseRecord
 from fleetloop_cloud.services.access import Access, Caller
-from fleetloop_shared.errors import NotFoundError, UserError
+from fleetloop_shared.errors import (
+    IntegrityError,
+    NotFoundError,
+    PermissionDeniedError,
+    StateError,
+    UserError,
+)
 from fleetloop_shared.update.artifact import ReleaseManifest, manifest_from_bytes
 from fleetloop_shared.update.delta_format import readable_formats
 
@@ -39,8 +50,93 @@ class ReleaseService:
         self, caller: Caller, image: bytes, *, name: str, version: str, hardware_id: str, now: float
     ) -> ReleaseManifest:
         """Check, store and sign a release; its deltas start from the images devices of ``hardware_id``
-        run. Refused (UserError / StateError) before anything is signed when the image does not fit."""
+        run. Refused (UserError / StateError) before anything is signed when the image does not fit.
+
+        Only where this coordinator holds the image repository's targets keys (a lab's custody);
+        where release managers hold them, :meth:`stage` and :meth:`publish` (StateError saying so)."""
         self._access.operator(caller, "releases.upload")
+        if not self.coordinator_signs():
+            raise StateError(
+                "release managers hold the image repository's targets keys: upload with "
+                "'fleetloop artifacts upload FILE --key KEY.pem', which signs on your machine"
+            )
+        image, bases, base_formats, previous = self._inputs(image, name, version, hardware_id)
+        manifest, signature = self._artifacts.add_release(
+            image,
+            name=name,
+            version=version,
+            hardware_id=hardware_id,
+            bases=bases,
+            now=now,
+            base_formats=base_formats,
+        )
+        return self._released(caller, manifest, signature, previous, now)
+
+    def coordinator_signs(self) -> bool:
+        """Whether this coordinator signs the image repository's targets itself (lab custody)."""
+        return self._tuf.image_authority.holds("targets")
+
+    def stage(
+        self, caller: Caller, image: bytes, *, name: str, version: str, hardware_id: str, now: float
+    ) -> StagedRelease:
+        """Store a release and its deltas and propose the targets metadata that publishes them, for
+        the release manager to sign on their machine; nothing reaches a device yet."""
+        self._access.operator(caller, "releases.stage")
+        image, bases, base_formats, _ = self._inputs(image, name, version, hardware_id)
+        staged = self._artifacts.stage_release(
+            image,
+            name=name,
+            version=version,
+            hardware_id=hardware_id,
+            bases=bases,
+            now=now,
+            base_formats=base_formats,
+        )
+        m = staged.manifest
+        self._access.record(
+            caller, "releases.stage", f"{name} for {hardware_id}", now, after=version,
+            detail=f"staging {staged.staging_id}, sha256 {m.target_sha256}, {m.target_size} bytes",
+        )  # fmt: skip
+        return staged
+
+    def publish(self, caller: Caller, staging_id: str, signed_targets: bytes, now: float) -> ReleaseManifest:
+        """Publish a staged release with the targets metadata release managers signed. A refusal
+        (missing or wrong signatures, a changed proposal) is audited with its reason, then raised."""
+        self._access.operator(caller, "releases.upload")
+        staged = self._artifacts.staged(staging_id)
+        m = staged.manifest
+        previous = self._previous(m.name, m.hardware_id)
+        try:
+            manifest, signature = self._artifacts.publish_staged(staging_id, signed_targets)
+        except (PermissionDeniedError, IntegrityError) as exc:
+            self._access.record(
+                caller, "releases.refused", f"{m.name} for {m.hardware_id}", now, after=m.version,
+                detail=f"staging {staging_id}: {exc}",
+            )  # fmt: skip
+            raise
+        return self._released(caller, manifest, signature, previous, now)
+
+    def _previous(self, name: str, hardware_id: str) -> list[str]:
+        return [r.version for r in self._releases.all() if (r.name, r.hardware_id) == (name, hardware_id)]
+
+    def _released(
+        self, caller: Caller, manifest: bytes, signature: bytes, previous: list[str], now: float
+    ) -> ReleaseManifest:
+        parsed = manifest_from_bytes(manifest)
+        name, version, hardware_id = parsed.name, parsed.version, parsed.hardware_id
+        self._releases.put(ReleaseRecord(name, version, hardware_id, manifest, signature, now))
+        self._access.record(
+            caller, "releases.upload", f"{name} for {hardware_id}", now,
+            before=previous[-1] if previous else "", after=version,
+            detail=f"sha256 {parsed.target_sha256}, {parsed.target_size} bytes",
+        )  # fmt: skip
+        return parsed
+
+    def _inputs(
+        self, image: bytes, name: str, version: str, hardware_id: str
+    ) -> tuple[bytes, list[bytes], dict[str, set[str]], list[str]]:
+        """The checked image, the bases its deltas start from, the formats per base, and the earlier
+        versions of this release."""
         if not image:
             raise UserError("the artifact is empty")
         fleet = [d for d in self._devices.all() if d.hardware_id == hardware_id]
@@ -65,19 +161,7 @@ class ReleaseService:
                 bases.append(self._artifacts.image(sha))
             except NotFoundError:
                 continue
-        previous = [r.version for r in self._releases.all() if (r.name, r.hardware_id) == (name, hardware_id)]
-        manifest, signature = self._artifacts.add_release(
-            image, name=name, version=version, hardware_id=hardware_id, bases=bases, now=now,
-            base_formats=base_formats,
-        )
-        self._releases.put(ReleaseRecord(name, version, hardware_id, manifest, signature, now))
-        parsed = manifest_from_bytes(manifest)
-        self._access.record(
-            caller, "releases.upload", f"{name} for {hardware_id}", now,
-            before=previous[-1] if previous else "", after=version,
-            detail=f"sha256 {parsed.target_sha256}, {parsed.target_size} bytes",
-        )  # fmt: skip
-        return parsed
+        return image, bases, base_formats, self._previous(name, hardware_id)
 
     def all(self, caller: Caller) -> list[ReleaseRecord]:
         self._access.operator(caller, "releases.list")
@@ -99,9 +183,24 @@ class ReleaseService:
         )  # fmt: skip
         return result
 
+    def install_root(self, caller: Caller, repository: str, data: bytes, now: float) -> dict[str, Any]:
+        """A new image root release managers signed with the offline root keys."""
+        self._access.operator(caller, "keys.rotate")
+        before = self._tuf.image_authority.root.signed.version
+        result = self._tuf.install_root(repository, data)
+        self._access.record(
+            caller, "keys.rotate", repository, now, before=before, after=result["root_version"],
+            detail=f"signed offline; root keys {result['root_keys']}, threshold {result['threshold']}",
+        )  # fmt: skip
+        return result
+
     def metadata_file(self, repository: str, name: str) -> bytes:
         """TUF metadata for devices' ngclient: ``image/<file>`` or ``director/<device_id>/<file>``."""
         return self._tuf.metadata_bytes(repository, name)
+
+    def target_file(self, target_path: str) -> Path:
+        """The file behind an image repository target path (``/tuf/image/targets/<path>``)."""
+        return self._artifacts.file_path(f"files/{self._tuf.image_target_sha256(target_path)}")
 
     def artifact_file(self, relpath: str) -> Path:
         """The file behind ``files/<sha256>``; NotFoundError for anything else."""
