@@ -14,7 +14,7 @@ written here from its description as one numba kernel:
    current alignment predicts is not searched for at all: a better alignment through it is found at the
    next byte it mispredicts (the backward extension of step 3 recovers the bytes before). In relocated
    data — mostly predicted, a changed pointer every few bytes — this skips most binary searches: the
-   kernel is 15-25 % of the delta's CPU less on the benchmark's mixed pairs, sizes within ±0.25 %
+   delta costs 15-25 % less CPU on the benchmark's mixed library pairs, sizes within ±0.25 %
    (benchmarks/delta.py).
 3. When the alignment changes, extend the previous alignment forward and the new one backward as long
    as more than half of the bytes agree (the score ``2·matches − length`` is maximal), split any overlap
