@@ -1,0 +1,174 @@
+"""Where FLDELTA2's creation CPU goes, and what cheaper zstd settings would cost in bytes.
+
+Why: the delta goal asks for creation CPU ≤ 0.5× bsdiff4's *and* bytes ≤ the smallest reference
+(bsdiff4, zstd-19 patch-from) + 256 B. On pairs where zstd-19 patch-from is the reference, only zstd-19's
+optimal parse (or something as good) reaches its size. This script measures, per pair, in one process
+(the numba kernel compiled before any clock):
+
+* ``stages``: the encoder's CPU by stage (suffix sort, the bsdiff search kernel, packing the streams,
+  the cheap zstd estimates, zstd-19) and its bytes, next to ``bsdiff4.diff``'s CPU on the same pair;
+* ``zstd_patch``: for every chunk, zstd patch-from against the dictionary the encoder chooses, at level
+  19 and at cheaper settings (level 19 with searchLog 4, levels 17 and 13), bytes and CPU, and the CPU of
+  loading the dictionary alone (level 19, one byte of input);
+* ``container_bytes``: the delta's bytes outside its zstd frames and streams (header, chunk headers,
+  region tables, stream tables).
+
+Usage: ``.venv/bin/python benchmarks/delta_candidates.py [--only NAME …] [--no-firmware] [--out FILE]``
+(wheels fetched as ``benchmarks/delta.py`` does, into the same cache); prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import io
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import bsdiff4
+
+from fleetloop_shared.update import fldelta2, suffix_diff
+from fleetloop_shared.update.delta_format import HEADER
+from fleetloop_shared.update.fldelta2_apply import CHUNK
+
+_spec = importlib.util.spec_from_file_location("delta_bench", Path(__file__).with_name("delta.py"))
+assert _spec is not None and _spec.loader is not None
+delta_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(delta_bench)
+
+#: The cheaper zstd settings tried against level 19 (keyword overrides of ``fldelta2._zstd``).
+SETTINGS: dict[str, dict[str, int]] = {
+    "level19": {"level": 19},
+    "level19_searchlog4": {"level": 19, "search_log": 4},
+    "level17": {"level": 17},
+    "level13": {"level": 13},
+}
+
+
+def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    c0 = time.process_time()
+    result = fn(*args, **kwargs)
+    return result, time.process_time() - c0
+
+
+def stages(old: bytes, new: bytes) -> dict[str, Any]:
+    """The encoder's CPU by stage, by wrapping its parts (restored afterwards)."""
+    spent: collections.Counter[str] = collections.Counter()
+    saved = {
+        (suffix_diff, "diff_tuples"): "kernel",
+        (suffix_diff, "OldIndex"): "suffix sort",
+        (fldelta2, "_pack_stream"): "pack streams",
+        (fldelta2, "_zstd"): "zstd",
+    }
+    originals = {key: getattr(*key) for key in saved}
+
+    def wrap(key: tuple[Any, str], label: str) -> Callable[..., Any]:
+        fn = originals[key]
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            result, cpu = _timed(fn, *args, **kwargs)
+            name = label
+            if label == "zstd":
+                level = args[2] if len(args) > 2 else kwargs.get("level", fldelta2.ZSTD_LEVEL)
+                name = "zstd-19" if level == fldelta2.ZSTD_LEVEL else "zstd estimates"
+            spent[name] += cpu
+            return result
+
+        return timed
+
+    try:
+        for key, label in saved.items():
+            setattr(*key, wrap(key, label))
+        out = io.BytesIO()
+        stats, total = _timed(fldelta2.encode, old, io.BytesIO(new), len(new), out)
+    finally:
+        for key, fn in originals.items():
+            setattr(*key, fn)
+    _, bs_cpu = _timed(bsdiff4.diff, old, new)
+    return {
+        "bytes": stats.bytes,
+        "methods": stats.methods,
+        "cpu_seconds": round(total, 3),
+        "bsdiff4_cpu_seconds": round(bs_cpu, 3),
+        "ratio_to_bsdiff4": round(total / bs_cpu, 3),
+        "by_stage_seconds": {k: round(v, 3) for k, v in spent.most_common()},
+        "container_bytes": container_bytes(out.getvalue()),
+    }
+
+
+def container_bytes(patch: bytes) -> int:
+    """Bytes of the container itself: header, chunk headers, region and stream tables."""
+    _, _, _, _, count = HEADER.unpack_from(patch)
+    pos, overhead = HEADER.size, HEADER.size
+    for _ in range(count):
+        method, _, body_len = CHUNK.unpack_from(patch, pos)
+        pos += CHUNK.size
+        overhead += CHUNK.size
+        if method == fldelta2.METHOD_ZSTD_PATCH:
+            (regions,) = fldelta2.REGION_COUNT.unpack_from(patch, pos)
+            overhead += fldelta2.REGION_COUNT.size + regions * fldelta2.REGION.size
+        elif method == fldelta2.METHOD_STREAMS:
+            overhead += fldelta2.STREAMS.size + 6 * fldelta2.STREAM.size
+        pos += body_len
+    return overhead
+
+
+def zstd_patch(old: bytes, new: bytes) -> list[dict[str, Any]]:
+    """Per chunk: zstd patch-from at each of :data:`SETTINGS` on the encoder's own dictionary."""
+    index = fldelta2._IndexMatcher(old)
+    rows = []
+    for start in range(0, len(new), fldelta2.DEFAULT_CHUNK):
+        data = new[start : start + fldelta2.DEFAULT_CHUNK]
+        tuples, _, _ = index.tuples(start, data)
+        regions = fldelta2.dictionary_regions(tuples, len(old))
+        dictionary = b"".join(old[a : a + n] for a, n in regions)
+        _, load = _timed(fldelta2._zstd, b"\0", dictionary)
+        row: dict[str, Any] = {"chunk": start // fldelta2.DEFAULT_CHUNK, "dictionary_bytes": len(dictionary)}
+        row["dictionary_load_seconds"] = round(load, 3)
+        for name, kwargs in SETTINGS.items():
+            frame, cpu = _timed(fldelta2._zstd, data, dictionary, **kwargs)
+            row[name] = {"bytes": len(frame), "cpu_seconds": round(cpu, 3)}
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "fleetloop-bench")
+    ap.add_argument("--only", nargs="*", default=None, help="pairs whose name contains any of these")
+    ap.add_argument("--no-firmware", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if not suffix_diff.available():
+        raise SystemExit("the suffix_diff kernel is not available (numba, pydivsufsort)")
+    suffix_diff.diff_tuples(suffix_diff.OldIndex(b"warm up the kernel" * 64), b"warm the kernel up" * 64)
+    pairs: list[tuple[str, bytes, bytes]] = []
+    for package, old_v, new_v, (old_m, new_m), kind in delta_bench.PAIRS:
+        name = f"{package} {old_v} -> {new_v} {new_m.rsplit('/', 1)[1]} ({kind})"
+        if args.only is not None and not any(o in name for o in args.only):
+            continue
+        old = delta_bench.fetch(args.cache, package, old_v, old_m).read_bytes()
+        pairs.append((name, old, delta_bench.fetch(args.cache, package, new_v, new_m).read_bytes()))
+    if not args.no_firmware:
+        from fleetloop_fwsim.firmware import build_image
+
+        name = "simulated firmware 1.0.0 -> 2.0.0 (this machine's binaries)"
+        pairs.append((name, build_image("1.0.0", "bench-hw"), build_image("2.0.0", "bench-hw", variant=1)))
+    report: dict[str, Any] = {"benchmark": "delta_candidates", "command": " ".join(sys.argv), "pairs": []}
+    for name, old, new in pairs:
+        row = {"pair": name, **stages(old, new), "zstd_patch": zstd_patch(old, new)}
+        report["pairs"].append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    text = json.dumps(report, indent=2)
+    if args.out is not None:
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
