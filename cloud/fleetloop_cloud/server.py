@@ -49,6 +49,7 @@ from fleetloop_cloud.services.campaigns import CampaignService
 from fleetloop_cloud.services.captures import CaptureService
 from fleetloop_cloud.services.devices import LEASE_BEAT_S, DeviceService
 from fleetloop_cloud.services.ingest import IngestService, UploadGrants
+from fleetloop_cloud.services.privacy import CampaignPolicies, FleetKeys
 from fleetloop_cloud.services.query import QueryService
 from fleetloop_cloud.services.releases import ReleaseService
 from fleetloop_cloud.services.rollouts import ControllerAudit, RolloutService
@@ -135,11 +136,19 @@ class Coordinator:
         self.grants = UploadGrants(UploadScheduler(limits.upload_budget), self.sessions)
         self.jobs = OtaJobs(self.director, self.sessions, repos.devices)
         self.controller = RolloutController(
-            repos.rollouts, repos.releases, repos.devices, self.jobs,
-            log_to=controller, holder=coordinator_id, lease_ttl_s=_lease_ttl(),
+            repos.rollouts,
+            repos.releases,
+            repos.devices,
+            self.jobs,
+            log_to=controller,
+            holder=coordinator_id,
+            lease_ttl_s=_lease_ttl(),
             gate_inputs=FleetStoreGateInputs(self.query_engine),
         )
-        self.campaigns = CampaignService(repos.campaigns, repos.devices, self.sessions, access)
+        self.privacy_keys = FleetKeys.in_directory(data_dir / "keys")
+        self.campaigns = CampaignService(
+            repos.campaigns, repos.devices, self.sessions, access, keys=self.privacy_keys, clock=clock
+        )
         self.devices = DeviceService(
             repos.devices, repos.leases, self.sessions, access, coordinator_id=coordinator_id,
             campaigns=self.campaigns, ota=self.controller, backlog=self.grants,
@@ -152,6 +161,7 @@ class Coordinator:
             access,
             metrics=self.metrics,
             max_upload_bytes=limits.staging.max_upload_bytes,
+            policies=CampaignPolicies(repos.campaigns),
         )
         self.releases = ReleaseService(repos.releases, repos.devices, self.artifacts, self.tuf, access)
         self.rollouts = RolloutService(self.controller, repos.rollouts, access)
@@ -183,6 +193,7 @@ class Coordinator:
             self.controller.tick(now)
         finally:
             self.grants.tick(now, ROLLOUT_TICK_S)
+            self.campaigns.rotate(now)
             if now - self._last_beat >= LEASE_BEAT_S:
                 self.devices.beat(now)
                 self._last_beat = now

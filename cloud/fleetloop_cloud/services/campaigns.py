@@ -1,17 +1,21 @@
 """Campaigns: the desired state devices converge to, validated with the same compiler the agents run.
 
 Applying or deleting a campaign bumps the global version and pushes each device connected here the
-campaigns whose selector matches it; a device connecting later gets them in its welcome.
+campaigns whose selector matches it; a device connecting later gets them in its welcome. The desired
+campaigns carry the device's fleet's privacy keys (the current period's and the next one's); when a key
+period begins, :meth:`CampaignService.rotate` pushes them again so devices get the next key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from fleetloop_cloud.repositories.interfaces import CampaignRepository, DeviceRepository
 from fleetloop_cloud.repositories.records import CampaignSet
 from fleetloop_cloud.services.access import Access, Caller
+from fleetloop_cloud.services.privacy import FleetKeys
 from fleetloop_cloud.sessions import DeviceSessions
 from fleetloop_shared.errors import UserError
 from fleetloop_shared.rules import parse_campaign, selector_matches
@@ -50,11 +54,17 @@ class CampaignService:
         devices: DeviceRepository,
         sessions: DeviceSessions,
         access: Access,
+        *,
+        keys: FleetKeys | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._campaigns = campaigns
         self._devices = devices
         self._sessions = sessions
         self._access = access
+        self._keys = keys
+        self._clock = clock
+        self._key_period: int | None = None
 
     def apply(
         self, caller: Caller, document: str, *, source: str = "<campaign>", now: float
@@ -104,6 +114,8 @@ class CampaignService:
         device = self._devices.get(device_id)
         labels: Mapping[str, str] = device.labels if device is not None else {}
         out = device_pb2.DesiredCampaigns(version=desired.version)
+        if self._keys is not None and device is not None:
+            out.privacy_keys.extend(self._keys.wire(device.fleet, self._clock()))
         for c in desired.campaigns:
             try:
                 selector = parse_campaign(c.document, source=c.name).selector
@@ -113,6 +125,18 @@ class CampaignService:
                 campaign = device_pb2.Campaign(name=c.name, version=c.revision, document=c.document)
                 out.campaigns.append(campaign)
         return out
+
+    def rotate(self, now: float) -> bool:
+        """When a privacy key period has begun since the last call, push every device connected here its
+        desired campaigns with the keys of the new period and the next; True if it pushed."""
+        if self._keys is None:
+            return False
+        period = self._keys.period(now)
+        previous, self._key_period = self._key_period, period
+        if previous is None or previous == period:
+            return False
+        self._push()
+        return True
 
     def _push(self) -> None:
         for device_id in self._sessions.online():
