@@ -129,7 +129,11 @@ class Relay:
                 client, _ = self._server.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self._target))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self._target))
+            except OSError:  # the cloud is not there yet: the device sees a refused connection
+                client.close()
+                continue
             record = bytearray()
             with self._lock:
                 self.sent.append(record)
