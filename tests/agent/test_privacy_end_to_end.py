@@ -269,6 +269,11 @@ def test_what_the_policy_forbids_never_leaves_the_device(tmp_path: Path) -> None
         if server is not None:
             server.stop(grace=0).wait(2)
         relay.close()
+    # keys from the control channel are kept for a restart without a link
+    kept = json.loads((tmp_path / "b" / "data" / "state" / "campaigns.json").read_text())["privacy_keys"]
+    assert [k["id"] for k in kept] == [
+        k.key_id for k in coordinator.privacy_keys.keys("fleet-b", time.time())
+    ]
     # the wire: uploads carry the hash and the policy, never the VIN
     uploads = relay.uploads()
     assert uploads and VIN.encode() not in relay.wire()
