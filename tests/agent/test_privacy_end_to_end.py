@@ -301,6 +301,10 @@ def test_what_the_policy_forbids_never_leaves_the_device(tmp_path: Path) -> None
     assert inside[0][0] == 0
     captures = coordinator.repositories.segments.captures()
     assert captures and all(c.privacy.startswith("eu-cars@2#p") for c in captures)
+    stamps = coordinator.queries.sql(Caller.local(), "SELECT DISTINCT device_id, privacy FROM captures").rows
+    assert {str(d) for d, _ in stamps} == {"car-a1", "car-b1"} and all(
+        str(p).startswith("eu-cars@2#p") for _, p in stamps
+    )
 
 
 def test_a_segment_with_a_dropped_signal_is_refused_with_a_reason(tmp_path: Path) -> None:

@@ -102,6 +102,7 @@ CAPTURE_PROPS: S = dict(
     segments=INT,
     first_received=NUM,
     last_received=NUM,
+    privacy=STR,
     state={"enum": ["complete", "arriving"]},
 )
 SIGNAL_INFO = _obj(["signal", "kind"], signal=STR, kind={"enum": ["number", "enum", "text"]}, samples=INT,
