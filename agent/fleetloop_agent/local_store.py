@@ -754,9 +754,8 @@ def _group_label(segment: Segment) -> str:
 
 
 def _row_to_entry(row: tuple[Any, ...]) -> StoredSegment:
-    segment_id, capture_id, campaign, priority, group, samples, size_bytes, first_ns, last_ns, created = row[
-        :10
-    ]
+    (segment_id, capture_id, campaign, priority, group, samples, size_bytes, first_ns, last_ns, created,
+     privacy) = row  # fmt: skip
     return StoredSegment(
         segment_id=bytes(segment_id),
         capture_id=str(capture_id),
@@ -768,5 +767,5 @@ def _row_to_entry(row: tuple[Any, ...]) -> StoredSegment:
         first_ns=int(first_ns),
         last_ns=int(last_ns),
         created_ns=int(created),
-        privacy=str(row[10]),
+        privacy=str(privacy),
     )

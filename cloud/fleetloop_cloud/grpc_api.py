@@ -352,7 +352,8 @@ class _HealthServicer(health.aio.HealthServicer):  # type: ignore[name-defined,m
             await _abort(context, "RESOURCE_EXHAUSTED", f"more than {HEALTH_LIST_LIMIT} services")
         return health_pb2.HealthListResponse(
             statuses={
-                name: health_pb2.HealthCheckResponse(status=status) for name, status in self._statuses.items()
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in self._statuses.items()
             }
         )
 

@@ -294,7 +294,9 @@ class MqttBridge:
             self._ready_event.clear()
             with self._lock:
                 ready, self._ready = self._ready, set()
-                entries = [(d, e) for d, e in self._sessions.items() if d in ready or e[1].closed.is_set()]
+                entries = [
+                    (d, e) for d, e in self._sessions.items() if d in ready or e[1].closed.is_set()
+                ]
             for device_id, (fleet, session) in entries:
                 if session.closed.is_set():
                     with self._lock:

@@ -136,13 +136,8 @@ class Coordinator:
         self.grants = UploadGrants(UploadScheduler(limits.upload_budget), self.sessions)
         self.jobs = OtaJobs(self.director, self.sessions, repos.devices)
         self.controller = RolloutController(
-            repos.rollouts,
-            repos.releases,
-            repos.devices,
-            self.jobs,
-            log_to=controller,
-            holder=coordinator_id,
-            lease_ttl_s=_lease_ttl(),
+            repos.rollouts, repos.releases, repos.devices, self.jobs,
+            log_to=controller, holder=coordinator_id, lease_ttl_s=_lease_ttl(),
             gate_inputs=FleetStoreGateInputs(self.query_engine),
         )
         self.privacy_keys = FleetKeys.in_directory(data_dir / "keys")

@@ -178,9 +178,8 @@ class Compactor:
         self, partition: Path, lock: PartitionLock, names: list[str], report: CompactionReport
     ) -> None:
         tables = [pq.ParquetFile(partition / n).read() for n in names]
-        table = pa.concat_tables(
-            [_with_all_columns(t).select(SAMPLES_SCHEMA.names).cast(SAMPLES_SCHEMA) for t in tables]
-        )
+        table = pa.concat_tables([_with_all_columns(t).select(SAMPLES_SCHEMA.names).cast(SAMPLES_SCHEMA)
+                                  for t in tables])
         expected = sum(t.num_rows for t in tables)
         table = table.sort_by([("device_id", "ascending"), ("signal", "ascending"), ("t_ns", "ascending")])
         table = table.replace_schema_metadata({ABSORBED_KEY: json.dumps(names).encode()})

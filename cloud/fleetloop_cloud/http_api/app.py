@@ -243,9 +243,8 @@ class _Operations:
         now = self.api.clock()
         return await asyncio.get_running_loop().run_in_executor(
             self.executor,
-            lambda: self.api.tokens.authenticate(
-                secret, now, transport="http", address=address, request_id=rid
-            ),
+            lambda: self.api.tokens.authenticate(secret, now, transport="http", address=address,
+                                                 request_id=rid),
         )
 
     def handler(self, route: Route) -> Handler:

@@ -109,9 +109,8 @@ def _campaigns(c: Call) -> Reply:
     return Reply(
         {
             "version": desired.version,
-            "campaigns": [
-                {"name": d.name, "version": d.revision, "document": d.document} for d in desired.campaigns
-            ],
+            "campaigns": [{"name": d.name, "version": d.revision, "document": d.document}
+                          for d in desired.campaigns],
         }
     )
 

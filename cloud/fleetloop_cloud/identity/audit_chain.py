@@ -54,9 +54,13 @@ def verify(entries: Iterable[Mapping[str, Any]]) -> ChainReport:
         if seq != expected_seq:
             return ChainReport(False, count, seq, prev, seq, f"entry {expected_seq} is missing")
         if e["prev_hash"] != prev:
-            return ChainReport(False, count, seq, prev, seq, f"entry {seq} does not follow entry {seq - 1}")
+            return ChainReport(
+                False, count, seq, prev, seq, f"entry {seq} does not follow entry {seq - 1}"
+            )
         actual = entry_hash(e)
         if e["hash"] != actual:
-            return ChainReport(False, count, seq, prev, seq, f"entry {seq} was changed after it was written")
+            return ChainReport(
+                False, count, seq, prev, seq, f"entry {seq} was changed after it was written"
+            )
         prev = actual
     return ChainReport(True, count, seq, prev)

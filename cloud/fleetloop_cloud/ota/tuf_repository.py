@@ -358,11 +358,7 @@ class TufRepositories:
         write_atomically(self.anchor_dir / "director-root.json", self.director_authority.root_bytes())
 
     def rotate(
-        self,
-        repository: str,
-        *,
-        root_keys: int | None = None,
-        threshold: int | None = None,
+        self, repository: str, *, root_keys: int | None = None, threshold: int | None = None,
         online: bool = False,
     ) -> dict[str, Any]:
         """Rotate one repository's root (``image`` or ``director``) and, with ``online``, its targets,

@@ -48,7 +48,9 @@ class SqlAuditLog:
 
     def append(self, entry: NewAuditEntry) -> AuditEntry:
         with self._db.write() as tx:
-            head = tx.execute("SELECT seq, entry_hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+            head = tx.execute(
+                "SELECT seq, entry_hash FROM audit_log ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
             seq, prev = (int(head[0]) + 1, str(head[1])) if head else (1, GENESIS)
             e = _chained(entry, seq, prev)
             tx.execute(

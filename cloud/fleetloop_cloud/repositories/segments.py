@@ -59,15 +59,7 @@ class SqlSegments:
         )
         return [
             CaptureRecord(
-                r[0],
-                r[1],
-                r[2],
-                int(r[3]),
-                int(r[4]),
-                int(r[5]),
-                int(r[6]),
-                float(r[7]),
-                float(r[8]),
+                r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]), int(r[6]), float(r[7]), float(r[8]),
                 str(r[9]),
             )
             for r in rows
@@ -101,17 +93,9 @@ class MemorySegments:
             old = self._captures.get((device_id, r.capture_id))
             if old is None:
                 self._captures[(device_id, r.capture_id)] = CaptureRecord(
-                    r.capture_id,
-                    device_id,
-                    r.campaign,
-                    r.first_ns,
-                    r.last_ns,
-                    r.samples,
-                    1,
-                    now,
-                    now,
+                    r.capture_id, device_id, r.campaign, r.first_ns, r.last_ns, r.samples, 1, now, now,
                     r.privacy,
-                )
+                )  # fmt: skip
             else:
                 self._captures[(device_id, r.capture_id)] = dataclasses.replace(
                     old,

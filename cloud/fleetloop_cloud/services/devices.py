@@ -148,13 +148,8 @@ class DeviceService:
         new = self._devices.get(device_id) is None
         self._devices.register(device_id, registration(hello), owner=self.coordinator_id, now=now)
         if new:  # a device joining the fleet is for operators to see; its later reports are telemetry
-            self._access.record(
-                caller,
-                "devices.register",
-                device_id,
-                now,
-                detail=f"fleet {hello.fleet or 'default'}, proven: {caller.proven}",
-            )
+            self._access.record(caller, "devices.register", device_id, now,
+                                detail=f"fleet {hello.fleet or 'default'}, proven: {caller.proven}")
         session = self._sessions.open(device_id, wake, transport=caller.transport)
         log.info(
             "device %s connected over %s (%d signals, data %s)",
@@ -208,15 +203,8 @@ class DeviceService:
             st = msg.ota_status
             state = ota_pb2.OtaState.Name(st.state).removeprefix("OTA_STATE_")
             log.info("device %s ota %s: %s %s", device_id, st.job_id, state, st.reason)
-            self._ota.on_device_status(
-                device_id,
-                st.job_id,
-                state,
-                st.reason,
-                now,
-                running_version=st.running_version,
-                waiting=st.install_waiting,
-            )
+            self._ota.on_device_status(device_id, st.job_id, state, st.reason, now,
+                                       running_version=st.running_version, waiting=st.install_waiting)
         elif kind == "hello":
             raise MalformedMessageError(f"device {device_id}: a second hello on one stream")
 

@@ -48,6 +48,8 @@ from fleetloop_shared.wire import device_pb2, ingest_pb2, parse
 #: Largest segment a device may upload in pieces (UploadChunk), unless configured
 #: (``uploads.staging.max_upload_bytes``); UploadSegment is bounded by the gRPC message limit (16 MiB).
 MAX_CHUNKED_UPLOAD_BYTES = StagingLimits().max_upload_bytes
+#: Longest privacy policy stamp kept with a capture (name, version, key id as the device sent them).
+MAX_STAMP_CHARS = 300
 #: Upload budgets for devices that ask for grants: what the cloud ingests and what cellular costs.
 UPLOAD_BUDGET = Budget(
     global_bytes_per_s=64 * 1024 * 1024, per_network_bytes_per_s={"cellular": 4 * 1024 * 1024}
@@ -198,14 +200,14 @@ class IngestService:
         found = violations(policy, seg, catalog) if policy is not None else []
         if found:
             raise PrivacyViolationError(f"segment {segment_id.hex()} refused: {'; '.join(found)}")
-        stamp = PolicyStamp(r.privacy_policy, r.privacy_policy_version, r.privacy_key_id)
         samples = self._samples.write_segment(
             fleet=device.fleet, device_id=device_id, capture_id=capture_id, campaign=campaign, segment=seg,
             catalog=catalog, received_unix=now,
         )  # fmt: skip
         first, last = seg.time_range() or (0, 0)
-        privacy = stamp.text() if r.privacy_policy else ""
-        receipt = SegmentReceipt(capture_id, campaign, r.priority, samples, first, last, privacy[:300])
+        stamp = PolicyStamp(r.privacy_policy, r.privacy_policy_version, r.privacy_key_id)
+        privacy = stamp.text()[:MAX_STAMP_CHARS] if r.privacy_policy else ""
+        receipt = SegmentReceipt(capture_id, campaign, r.priority, samples, first, last, privacy)
         fresh = self._segments.record(device_id, segment_id, receipt, now)
         if fresh:
             self._metrics.segment(

@@ -67,12 +67,7 @@ class ReleaseService:
                 continue
         previous = [r.version for r in self._releases.all() if (r.name, r.hardware_id) == (name, hardware_id)]
         manifest, signature = self._artifacts.add_release(
-            image,
-            name=name,
-            version=version,
-            hardware_id=hardware_id,
-            bases=bases,
-            now=now,
+            image, name=name, version=version, hardware_id=hardware_id, bases=bases, now=now,
             base_formats=base_formats,
         )
         self._releases.put(ReleaseRecord(name, version, hardware_id, manifest, signature, now))

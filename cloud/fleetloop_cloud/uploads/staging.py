@@ -123,7 +123,9 @@ class UploadStaging:
                 new = data[size - offset :]
                 if self._staged_bytes() + len(new) > self._max_total:
                     self.counters["refused_full"] += 1
-                    raise StorageFullError(f"upload staging is full ({self._max_total} bytes); resume later")
+                    raise StorageFullError(
+                        f"upload staging is full ({self._max_total} bytes); resume later"
+                    )
                 with open(path, "r+b") as fh:
                     fh.seek(size)
                     fh.write(new)
