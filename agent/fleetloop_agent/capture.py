@@ -25,6 +25,7 @@ from fleetloop_agent.ring_buffer import RingBuffers
 from fleetloop_agent.trigger_engine import Fire
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.errors import ConfigError
+from fleetloop_shared.privacy import PrivacyPolicy
 from fleetloop_shared.samples import GroupBatch
 from fleetloop_shared.segment import BUNDLE_MAX_ROWS, Segment, bundle_segments, segment_from_batch
 
@@ -42,6 +43,8 @@ class Capture:
     from_ns: int
     to_ns: int
     batches: list[GroupBatch]
+    #: The campaign's privacy policy when it fired: applied before the capture is stored.
+    privacy: PrivacyPolicy | None = None
 
     @property
     def sample_count(self) -> int:
@@ -63,6 +66,7 @@ class _Pending:
     capture_id: str
     fire: Fire
     patterns: tuple[str, ...]
+    privacy: PrivacyPolicy | None
 
 
 def capture_id_for(fire: Fire) -> str:
@@ -96,8 +100,11 @@ class CaptureAssembler:
         keeps its pending captures: the runtime keeps at least this horizon)."""
         return max((p.fire.to_ns - p.fire.from_ns for p in self._pending.values()), default=0)
 
-    def on_fire(self, fire: Fire, collect_patterns: Sequence[str]) -> None:
-        """Queue ``fire``; ``collect_patterns`` are the campaign's ``collect.signals`` globs.
+    def on_fire(
+        self, fire: Fire, collect_patterns: Sequence[str], privacy: PrivacyPolicy | None = None
+    ) -> None:
+        """Queue ``fire``; ``collect_patterns`` are the campaign's ``collect.signals`` globs and
+        ``privacy`` its policy now (the capture is stored under it even if the campaign changes meanwhile).
 
         A fire already pending (same campaign and time) is not queued twice.
         """
@@ -120,7 +127,7 @@ class CaptureAssembler:
             self.dropped_fires_total += 1
         if fire.max_per_hour is not None:
             self._accepted[fire.campaign].append(fire.t_ns)
-        self._pending[capture_id] = _Pending(capture_id, fire, tuple(collect_patterns))
+        self._pending[capture_id] = _Pending(capture_id, fire, tuple(collect_patterns), privacy)
 
     def poll(self, data_now_ns: int, buffers: RingBuffers) -> list[Capture]:
         """The captures whose window has fully arrived (``data_now_ns >= to_ns``), in fire order."""
@@ -142,6 +149,7 @@ class CaptureAssembler:
                     from_ns=fire.from_ns,
                     to_ns=fire.to_ns,
                     batches=batches,
+                    privacy=pending.privacy,
                 )
             )
         return captures

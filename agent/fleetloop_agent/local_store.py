@@ -64,6 +64,8 @@ TMP_SUFFIX = ".tmp"
 #: Store file envelope (documented in docs/segment-format.md, "Store file envelope").
 ENVELOPE_MAGIC = b"FLSF"
 ENVELOPE_VERSION = 1
+#: Envelope of a capture taken under a privacy policy: version 1 plus the policy stamp as a third label.
+ENVELOPE_VERSION_PRIVACY = 2
 _ENVELOPE_FIXED = struct.Struct("<4sBBHq")  # magic, version, priority, reserved, created_ns
 _U16 = struct.Struct("<H")
 _CRC = struct.Struct("<I")
@@ -101,7 +103,8 @@ CREATE TABLE IF NOT EXISTS segments (
     last_ns INTEGER NOT NULL,
     created_ns INTEGER NOT NULL,
     uploaded_seq INTEGER,
-    signal_ids TEXT NOT NULL DEFAULT ''
+    signal_ids TEXT NOT NULL DEFAULT '',
+    privacy TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS segments_pending_order
     ON segments (priority DESC, created_ns, seq) WHERE uploaded_seq IS NULL;
@@ -118,7 +121,8 @@ _COUNTERS = (
 )
 
 _ROW_COLUMNS = (
-    "segment_id, capture_id, campaign, priority, grp, samples, size_bytes, first_ns, last_ns, created_ns"
+    "segment_id, capture_id, campaign, priority, grp, samples, size_bytes, first_ns, last_ns, created_ns, "
+    "privacy"
 )
 
 
@@ -138,6 +142,8 @@ class StoredSegment:
     first_ns: int
     last_ns: int
     created_ns: int
+    #: The privacy policy the capture was taken under (``NAME@VERSION#KEYID``), "" for none.
+    privacy: str = ""
 
 
 @dataclass(frozen=True)
@@ -183,20 +189,19 @@ class _Envelope:
     priority: int
     created_ns: int
     segment_offset: int
+    privacy: str = ""
 
 
-def _encode_envelope(capture_id: str, campaign: str, priority: int, created_ns: int) -> bytes:
-    cap = capture_id.encode("utf-8")
-    camp = campaign.encode("utf-8")
-    head = b"".join(
-        [
-            _ENVELOPE_FIXED.pack(ENVELOPE_MAGIC, ENVELOPE_VERSION, priority, 0, created_ns),
-            _U16.pack(len(cap)),
-            cap,
-            _U16.pack(len(camp)),
-            camp,
-        ]
-    )
+def _encode_envelope(
+    capture_id: str, campaign: str, priority: int, created_ns: int, privacy: str = ""
+) -> bytes:
+    labels = [capture_id, campaign] + ([privacy] if privacy else [])
+    version = ENVELOPE_VERSION_PRIVACY if privacy else ENVELOPE_VERSION
+    parts = [_ENVELOPE_FIXED.pack(ENVELOPE_MAGIC, version, priority, 0, created_ns)]
+    for label in labels:
+        raw = label.encode("utf-8")
+        parts += [_U16.pack(len(raw)), raw]
+    head = b"".join(parts)
     return head + _CRC.pack(zlib.crc32(head))
 
 
@@ -208,12 +213,12 @@ def _decode_envelope(data: bytes, where: str) -> _Envelope:
     magic, version, priority, reserved, created_ns = _ENVELOPE_FIXED.unpack_from(data, 0)
     if magic != ENVELOPE_MAGIC:
         raise CorruptSegmentError(f"{where}: not a store file (magic {magic!r})")
-    if version != ENVELOPE_VERSION or reserved != 0:
+    if version not in (ENVELOPE_VERSION, ENVELOPE_VERSION_PRIVACY) or reserved != 0:
         raise CorruptSegmentError(f"{where}: unsupported store file version {version}/{reserved}")
     if priority > MAX_PRIORITY:
         raise CorruptSegmentError(f"{where}: priority {priority} out of range")
     labels: list[str] = []
-    for what in ("capture id", "campaign"):
+    for what in ("capture id", "campaign", "privacy policy")[: 2 if version == ENVELOPE_VERSION else 3]:
         if len(data) < pos + 2:
             raise CorruptSegmentError(f"{where}: store file truncated in {what} length")
         (n,) = _U16.unpack_from(data, pos)
@@ -230,7 +235,7 @@ def _decode_envelope(data: bytes, where: str) -> _Envelope:
     (crc,) = _CRC.unpack_from(data, pos)
     if crc != zlib.crc32(data[:pos]):
         raise CorruptSegmentError(f"{where}: envelope checksum mismatch")
-    return _Envelope(labels[0], labels[1], priority, created_ns, pos + _CRC.size)
+    return _Envelope(labels[0], labels[1], priority, created_ns, pos + _CRC.size, *labels[2:])
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -273,18 +278,26 @@ class LocalStore:
     # ------------------------------------------------------------------------------------ public API
 
     def append(
-        self, segment: Segment, *, capture_id: str, campaign: str, priority: int, now_ns: int
+        self,
+        segment: Segment,
+        *,
+        capture_id: str,
+        campaign: str,
+        priority: int,
+        now_ns: int,
+        privacy: str = "",
     ) -> StoredSegment:
-        """Store ``segment`` durably and index it; evicts older, less urgent data if the quota needs it."""
+        """Store ``segment`` durably and index it; evicts older, less urgent data if the quota needs it.
+        ``privacy`` is the stamp of the policy its capture was taken under (it travels with the upload)."""
         if not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
             raise UserError(f"priority must be an integer 0..{MAX_PRIORITY}, got {priority!r}")
-        for what, label in (("capture_id", capture_id), ("campaign", campaign)):
+        for what, label in (("capture_id", capture_id), ("campaign", campaign), ("privacy", privacy)):
             if len(label.encode("utf-8")) > MAX_LABEL_BYTES:
                 raise UserError(f"{what} longer than {MAX_LABEL_BYTES} bytes: {label[:40]!r}...")
         if not -(2**63) <= now_ns < 2**63:
             raise UserError(f"now_ns {now_ns} is outside the int64 range")
         encoded = encode_segment(segment, max_version=self.segment_version)
-        blob = _encode_envelope(capture_id, campaign, priority, now_ns) + encoded
+        blob = _encode_envelope(capture_id, campaign, priority, now_ns, privacy) + encoded
         first, last = segment.time_range() or (0, 0)
         entry = StoredSegment(
             segment_id=segment.segment_id,
@@ -297,6 +310,7 @@ class LocalStore:
             first_ns=first,
             last_ns=last,
             created_ns=now_ns,
+            privacy=privacy,
         )
         with self._lock:
             db = self._require_open()
@@ -526,8 +540,9 @@ class LocalStore:
                 raise sqlite3.DatabaseError("quick_check failed")
             db.executescript(_SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(segments)")}
-            if "signal_ids" not in columns:  # index written before the column existed
-                db.execute("ALTER TABLE segments ADD COLUMN signal_ids TEXT NOT NULL DEFAULT ''")
+            for column in ("signal_ids", "privacy"):  # an index written before the column existed
+                if column not in columns:
+                    db.execute(f"ALTER TABLE segments ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
             with db:
                 db.executemany(
                     "INSERT OR IGNORE INTO counters (name, value) VALUES (?, 0)", [(n,) for n in _COUNTERS]
@@ -548,8 +563,8 @@ class LocalStore:
     ) -> None:
         db.execute(
             "INSERT INTO segments (segment_id, capture_id, campaign, priority, grp, samples, size_bytes, "
-            "disk_bytes, first_ns, last_ns, created_ns, signal_ids) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "disk_bytes, first_ns, last_ns, created_ns, signal_ids, privacy) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 entry.segment_id,
                 entry.capture_id,
@@ -563,6 +578,7 @@ class LocalStore:
                 entry.last_ns,
                 entry.created_ns,
                 signal_ids,
+                entry.privacy,
             ),
         )
         self._bump(db, "samples_stored_total", entry.samples)
@@ -717,6 +733,7 @@ class LocalStore:
             first_ns=first,
             last_ns=last,
             created_ns=envelope.created_ns,
+            privacy=envelope.privacy,
         )
         with db:
             self._insert_row(db, entry, len(data), _ids_text(segment))
@@ -737,7 +754,8 @@ def _group_label(segment: Segment) -> str:
 
 
 def _row_to_entry(row: tuple[Any, ...]) -> StoredSegment:
-    segment_id, capture_id, campaign, priority, group, samples, size_bytes, first_ns, last_ns, created = row
+    (segment_id, capture_id, campaign, priority, group, samples, size_bytes, first_ns, last_ns, created,
+     privacy) = row  # fmt: skip
     return StoredSegment(
         segment_id=bytes(segment_id),
         capture_id=str(capture_id),
@@ -749,4 +767,5 @@ def _row_to_entry(row: tuple[Any, ...]) -> StoredSegment:
         first_ns=int(first_ns),
         last_ns=int(last_ns),
         created_ns=int(created),
+        privacy=str(privacy),
     )

@@ -63,6 +63,11 @@ class AgentMetrics:
                 ("ring_buffer_late_samples", "Samples older than their group's newest, not kept (drop-late)"),
                 ("trigger_evaluations", "Campaign evaluations (campaign x evaluation time)"),
                 ("trigger_late_evaluations", "Evaluation times skipped as not later than the last one"),
+                ("privacy_suppressed_captures", "Captures not stored: a position inside a privacy geofence"),
+                ("privacy_dropped_signals", "Signal columns dropped from captures by privacy policies"),
+                ("privacy_hashed_values", "Identifier values hashed by privacy policies"),
+                ("privacy_removed_positions", "Positions removed by privacy policies (geofence, min_speed)"),
+                ("privacy_unkeyed_signals", "Identifier columns dropped for want of a privacy key"),
             )
         }
         self._mirrored_seen: dict[str, int] = dict.fromkeys(self._mirrored, 0)

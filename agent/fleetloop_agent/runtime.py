@@ -22,10 +22,9 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fleetloop_agent import __version__
-from fleetloop_agent.capture import CaptureAssembler
+from fleetloop_agent.capture import Capture, CaptureAssembler
 from fleetloop_agent.config import AgentConfig
 from fleetloop_agent.local_store import LocalStore
 from fleetloop_agent.metrics import AgentMetrics
@@ -33,6 +32,7 @@ from fleetloop_agent.models import MANIFEST, ModelPack, ModelRegistry, load_mode
 from fleetloop_agent.ota.download import HttpFetcher
 from fleetloop_agent.ota.driver import OtaDriver, OtaReport
 from fleetloop_agent.ota.platform import EXIT_REBOOT, EnvFilePlatform, RebootRequested
+from fleetloop_agent.privacy_state import PrivacyTotals, keys_from_json, keys_from_wire, keys_to_json
 from fleetloop_agent.ring_buffer import RingBuffers
 from fleetloop_agent.sources import SignalSource, build_source
 from fleetloop_agent.sources.live import LIVE_ORIGIN, Closable, source_totals
@@ -43,6 +43,7 @@ from fleetloop_agent.uplink.mqtt_transport import MqttSettings, MqttTransport
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.durable import write_atomically
 from fleetloop_shared.errors import FleetloopError, RuleError, StorageFullError
+from fleetloop_shared.privacy import KeyRing, apply_policy
 from fleetloop_shared.rules import CampaignSpec, check_against_catalog, parse_campaign, selector_matches
 from fleetloop_shared.segment import BUNDLE_MAX_ROWS, FORMAT_VERSION
 from fleetloop_shared.wire import device_pb2, ota_pb2
@@ -124,6 +125,9 @@ class AgentRuntime:
         self.refused: dict[str, str] = {}
         self.desired = _DesiredState(0, [])
         self.captures_total = 0
+        #: The fleet's keys for hashing identifiers (``spec.privacy.hash``), from the cloud.
+        self.privacy_keys = KeyRing()
+        self.privacy = PrivacyTotals()
         self._inbox: queue.Queue[device_pb2.CloudMessage] = queue.Queue(maxsize=256)
         self._ota_jobs: queue.Queue[ota_pb2.OtaJob] = queue.Queue(maxsize=OTA_QUEUE_LIMIT)
         self._stop = threading.Event()
@@ -222,12 +226,26 @@ class AgentRuntime:
             if spec is None:
                 continue
             self.metrics.fires.inc()
-            self.assembler.on_fire(fire, spec.collect_signals)
+            self.assembler.on_fire(fire, spec.collect_signals, spec.privacy)
         for capture in self.assembler.poll(data_now, self.buffers):
             self._store_capture(capture)
 
-    def _store_capture(self, capture: Any) -> None:
+    def _store_capture(self, capture: Capture) -> None:
         now_ns = self._wall_ns()
+        stamp = ""
+        if capture.privacy is not None:  # before the store: what the policy forbids is never written
+            outcome = apply_policy(capture.privacy, capture.batches, self.catalog, self.privacy_keys,
+                                   capture.fire_ns)  # fmt: skip
+            self.privacy.count(outcome)
+            self.metrics.sync_totals(**self.privacy.totals())
+            if outcome.batches is None:
+                log.info("capture %s suppressed by privacy policy %s (inside a geofence)",
+                         capture.capture_id, outcome.stamp.text())  # fmt: skip
+                return
+            if outcome.unkeyed_signals:
+                log.warning("capture %s: no privacy key for its time; its identifiers were dropped",
+                            capture.capture_id)  # fmt: skip
+            capture.batches, stamp = outcome.batches, outcome.stamp.text()
         try:
             # groups sharing arrival times (one CAN bus) travel in one segment that stores them once
             # (below format 4, as the cloud reads it: one group per segment)
@@ -239,6 +257,7 @@ class AgentRuntime:
                     campaign=capture.campaign,
                     priority=capture.priority,
                     now_ns=now_ns,
+                    privacy=stamp,
                 )
         except StorageFullError as exc:
             log.error("capture %s not stored: %s", capture.capture_id, exc)
@@ -279,6 +298,7 @@ class AgentRuntime:
                 return
             if msg.WhichOneof("kind") == "desired_campaigns":
                 dc = msg.desired_campaigns
+                self.privacy_keys.update(keys_from_wire(dc.privacy_keys))
                 self.desired = _DesiredState(
                     dc.version, [(c.name, c.version, c.document) for c in dc.campaigns]
                 )
@@ -315,7 +335,11 @@ class AgentRuntime:
         return self.config.state_dir / "campaigns.json"
 
     def _save_desired(self) -> None:
-        doc = {"version": self.desired.version, "campaigns": self.desired.documents}
+        doc = {
+            "version": self.desired.version,
+            "campaigns": self.desired.documents,
+            "privacy_keys": keys_to_json(self.privacy_keys.keys()),
+        }
         write_atomically(self._desired_path(), json.dumps(doc).encode())
 
     def _load_desired(self) -> None:
@@ -328,6 +352,7 @@ class AgentRuntime:
             self.desired = _DesiredState(
                 int(doc["version"]), [(str(n), int(v), str(d)) for n, v, d in doc["campaigns"]]
             )
+            self.privacy_keys.update(keys_from_json(doc.get("privacy_keys", [])))
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring unreadable %s: %s", path, exc)
             return

@@ -57,6 +57,7 @@ from fleetloop_cloud.services.campaigns import CampaignService
 from fleetloop_cloud.services.captures import CaptureService
 from fleetloop_cloud.services.devices import LEASE_BEAT_S, DeviceService
 from fleetloop_cloud.services.ingest import IngestService, SampleStore, UploadGrants
+from fleetloop_cloud.services.privacy import CampaignPolicies, FleetKeys
 from fleetloop_cloud.services.query import QueryService
 from fleetloop_cloud.services.releases import ReleaseService
 from fleetloop_cloud.services.rollouts import ControllerAudit, RolloutService
@@ -211,8 +212,11 @@ class Coordinator:
             gate_inputs=FleetStoreGateInputs(self.query_engine),
             stepped=lambda: self.changes.publish(Topic.ROLLOUTS),
         )
-        self.campaigns = CampaignService(repos.campaigns, repos.devices, self.sessions, access,
-                                         changed=lambda: self.changes.publish(Topic.CAMPAIGNS))  # fmt: skip
+        self.privacy_keys = FleetKeys.from_source(keys)
+        self.campaigns = CampaignService(
+            repos.campaigns, repos.devices, self.sessions, access, keys=self.privacy_keys, clock=clock,
+            changed=lambda: self.changes.publish(Topic.CAMPAIGNS),
+        )  # fmt: skip
         self.devices = DeviceService(
             repos.devices, repos.leases, self.sessions, access, coordinator_id=coordinator_id,
             campaigns=self.campaigns, ota=self.controller, backlog=self.grants,
@@ -225,6 +229,7 @@ class Coordinator:
             access,
             metrics=self.metrics,
             max_upload_bytes=limits.staging.max_upload_bytes,
+            policies=CampaignPolicies(repos.campaigns),
         )
         self.releases = ReleaseService(repos.releases, repos.devices, self.artifacts, self.tuf, access)
         self.rollouts = RolloutService(
@@ -269,6 +274,7 @@ class Coordinator:
             self.controller.tick(now)
         finally:
             self.grants.tick(now, ROLLOUT_TICK_S)
+            self.campaigns.rotate(now)
             if now - self._last_beat >= LEASE_BEAT_S:
                 self.devices.beat(now)
                 self._last_beat = now

@@ -120,6 +120,13 @@ class MalformedMessageError(IntegrityError):
     http_status = 400
 
 
+class PrivacyViolationError(IntegrityError):
+    """An uploaded segment carries what its campaign's privacy policy keeps on the device (a dropped
+    signal, a clear identifier): refused for good, so the device does not send it again."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
 class UnavailableError(FleetloopError):
     """A peer (cloud, artifact server) cannot be reached now; retrying may help."""
 

@@ -295,7 +295,7 @@ DOC_ERRORS = [
         11,
         "missing required field 'metadata.version'",
     ),
-    ("  priority: 8\n", "  privacy: {drop: [VIN]}\n", 14, 3, "unknown field 'spec.privacy'"),
+    ("  priority: 8\n", "  prviacy: {drop: [VIN]}\n", 14, 3, "unknown field 'spec.prviacy'"),
     (f'when: "{WHEN}"', "when: !cmd 'rm -rf /'", 7, 11, "YAML tag '!cmd' is not allowed"),
     ("  priority: 8", "  priority: !!python/object/apply:os.system ['true']", 14, 13, "single value"),
 ]

@@ -35,6 +35,7 @@ from fleetloop_agent.uplink.transport import (
     UploadAnswer,
     UploadRequest,
 )
+from fleetloop_shared.privacy import PolicyStamp
 from fleetloop_shared.wire import ingest_pb2
 
 #: Uploads larger than this go in pieces of this size: a cut link costs one piece, not the segment, and a
@@ -47,7 +48,9 @@ MAX_INTERRUPTED = 64
 
 
 def upload_request(device_id: str, seg: StoredSegment, data: bytes) -> ingest_pb2.UploadSegmentRequest:
-    """The upload of one stored segment, exactly as every fleetloop link sends it."""
+    """The upload of one stored segment, exactly as every fleetloop link sends it (with the privacy policy
+    its capture was taken under, when there was one)."""
+    stamp = PolicyStamp.parse(seg.privacy)
     return ingest_pb2.UploadSegmentRequest(
         device_id=device_id,
         segment_id=seg.segment_id,
@@ -55,6 +58,9 @@ def upload_request(device_id: str, seg: StoredSegment, data: bytes) -> ingest_pb
         campaign=seg.campaign,
         priority=seg.priority,
         segment=data,
+        privacy_policy=stamp.name if stamp else "",
+        privacy_policy_version=stamp.version if stamp else 0,
+        privacy_key_id=stamp.key_id if stamp else "",
     )
 
 

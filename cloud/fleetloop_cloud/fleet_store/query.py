@@ -91,6 +91,7 @@ CAPTURES_SCHEMA = pa.schema(
         pa.field("segments", pa.int64()),
         pa.field("first_received", pa.float64()),
         pa.field("last_received", pa.float64()),
+        pa.field("privacy", pa.string()),
     ]
 )
 T = TypeVar("T")
@@ -277,6 +278,7 @@ class QueryEngine:
                     "segments": r.segments,
                     "first_received": r.first_received,
                     "last_received": r.last_received,
+                    "privacy": r.privacy,
                 }
                 for r in records
             ],

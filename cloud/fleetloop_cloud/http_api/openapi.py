@@ -94,7 +94,7 @@ AUDIT_ENTRY = _obj(
 )  # fmt: skip
 CAPTURE_PROPS: S = dict(
     capture_id=STR, device_id=STR, campaign=STR, first_ns=INT, last_ns=INT, samples=INT, segments=INT,
-    first_received=NUM, last_received=NUM, state={"enum": ["complete", "arriving"]},
+    first_received=NUM, last_received=NUM, privacy=STR, state={"enum": ["complete", "arriving"]},
 )
 SIGNAL_INFO = _obj(["signal", "kind"], signal=STR, kind={"enum": ["number", "enum", "text"]}, samples=INT,
                    first_ns=INT, last_ns=INT, unit=STR)  # fmt: skip

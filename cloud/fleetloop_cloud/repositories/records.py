@@ -105,6 +105,8 @@ class SegmentReceipt:
     samples: int
     first_ns: int
     last_ns: int
+    #: The privacy policy the capture was taken under (``NAME@VERSION#KEYID``), "" for none.
+    privacy: str = ""
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,8 @@ class CaptureRecord:
     segments: int
     first_received: float
     last_received: float
+    #: The privacy policy the capture was taken under (``NAME@VERSION#KEYID``), "" for none.
+    privacy: str = ""
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS captures (
     segments INTEGER NOT NULL,
     first_received REAL NOT NULL,
     last_received REAL NOT NULL,
+    privacy TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (device_id, capture_id)
 );
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -210,6 +211,7 @@ def ensure_schema(db: Database) -> None:
             _add_rollout_controller_columns(tx, db)
         if version < 5:
             _add_delta_formats_column(tx, db)
+        _add_capture_privacy_column(tx, db)
         tx.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
 
@@ -257,3 +259,10 @@ def _add_delta_formats_column(tx: Transaction, db: Database) -> None:
     """Devices before version 5 never reported delta formats: add the column, empty for all of them."""
     if "delta_formats" not in _columns(tx, db, "devices"):
         tx.execute(db.ddl("ALTER TABLE devices ADD COLUMN delta_formats TEXT NOT NULL DEFAULT ''"))
+
+
+def _add_capture_privacy_column(tx: Transaction, db: Database) -> None:
+    """Captures recorded before privacy policies carry none: add the column, empty for all of them. Run at
+    any version (it checks), so it needs no version number of its own."""
+    if "privacy" not in _columns(tx, db, "captures"):
+        tx.execute(db.ddl("ALTER TABLE captures ADD COLUMN privacy TEXT NOT NULL DEFAULT ''"))

@@ -38,8 +38,8 @@ class SqlSegments:
                 return False
             tx.execute(
                 """INSERT INTO captures (device_id, capture_id, campaign, first_ns, last_ns, samples,
-                                         segments, first_received, last_received)
-                   VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)
+                                         segments, first_received, last_received, privacy)
+                   VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?)
                    ON CONFLICT (device_id, capture_id) DO UPDATE SET
                      first_ns = CASE WHEN excluded.first_ns < captures.first_ns
                                      THEN excluded.first_ns ELSE captures.first_ns END,
@@ -48,18 +48,19 @@ class SqlSegments:
                      samples = captures.samples + excluded.samples,
                      segments = captures.segments + 1,
                      last_received = excluded.last_received""",
-                (device_id, r.capture_id, r.campaign, r.first_ns, r.last_ns, r.samples, now, now),
+                (device_id, r.capture_id, r.campaign, r.first_ns, r.last_ns, r.samples, now, now, r.privacy),
             )
             return True
 
     def captures(self) -> list[CaptureRecord]:
         rows = self._db.read(
             """SELECT capture_id, device_id, campaign, first_ns, last_ns, samples, segments, first_received,
-                      last_received FROM captures ORDER BY first_received, device_id, capture_id"""
+                      last_received, privacy FROM captures ORDER BY first_received, device_id, capture_id"""
         )
         return [
             CaptureRecord(
-                r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]), int(r[6]), float(r[7]), float(r[8])
+                r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]), int(r[6]), float(r[7]), float(r[8]),
+                str(r[9]),
             )
             for r in rows
         ]
@@ -92,8 +93,9 @@ class MemorySegments:
             old = self._captures.get((device_id, r.capture_id))
             if old is None:
                 self._captures[(device_id, r.capture_id)] = CaptureRecord(
-                    r.capture_id, device_id, r.campaign, r.first_ns, r.last_ns, r.samples, 1, now, now
-                )
+                    r.capture_id, device_id, r.campaign, r.first_ns, r.last_ns, r.samples, 1, now, now,
+                    r.privacy,
+                )  # fmt: skip
             else:
                 self._captures[(device_id, r.capture_id)] = dataclasses.replace(
                     old,

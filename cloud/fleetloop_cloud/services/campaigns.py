@@ -3,18 +3,22 @@
 Applying or deleting a campaign bumps the global version and pushes each device connected here the
 campaigns whose selector matches it; a device connecting later gets them in its welcome. Devices
 connected to other coordinators get theirs from :meth:`CampaignService.catch_up` there, run when the
-change feed says campaigns changed (and on a timer, for a notice that was lost).
+change feed says campaigns changed (and on a timer, for a notice that was lost). The desired campaigns
+carry the device's fleet's privacy keys (the current period's and the next one's); when a key period
+begins, :meth:`CampaignService.rotate` pushes them again so devices get the next key.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from fleetloop_cloud.repositories.interfaces import CampaignRepository, DeviceRepository
 from fleetloop_cloud.repositories.records import CampaignSet
 from fleetloop_cloud.services.access import Access, Caller
+from fleetloop_cloud.services.privacy import FleetKeys
 from fleetloop_cloud.sessions import DeviceSessions
 from fleetloop_shared.errors import UserError
 from fleetloop_shared.rules import parse_campaign, selector_matches
@@ -57,6 +61,8 @@ class CampaignService:
         access: Access,
         *,
         changed: Callable[[], None] = lambda: None,
+        keys: FleetKeys | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._campaigns = campaigns
         self._devices = devices
@@ -67,6 +73,9 @@ class CampaignService:
         #: The global version the devices here were last pushed (or welcomed with: those connecting from
         #: now on get the current set in their welcome).
         self._pushed = campaigns.desired().version
+        self._keys = keys
+        self._clock = clock
+        self._key_period: int | None = None
 
     def apply(
         self, caller: Caller, document: str, *, source: str = "<campaign>", now: float
@@ -118,6 +127,8 @@ class CampaignService:
         device = self._devices.get(device_id)
         labels: Mapping[str, str] = device.labels if device is not None else {}
         out = device_pb2.DesiredCampaigns(version=desired.version)
+        if self._keys is not None and device is not None:
+            out.privacy_keys.extend(self._keys.wire(device.fleet, self._clock()))
         for c in desired.campaigns:
             try:
                 selector = parse_campaign(c.document, source=c.name).selector
@@ -132,6 +143,18 @@ class CampaignService:
         """Push the devices connected here their desired campaigns if the global version moved since
         the last push here (a change made through another coordinator); True if it pushed."""
         if self._campaigns.desired().version == self._pushed:
+            return False
+        self._push()
+        return True
+
+    def rotate(self, now: float) -> bool:
+        """When a privacy key period has begun since the last call, push every device connected here its
+        desired campaigns with the keys of the new period and the next; True if it pushed."""
+        if self._keys is None:
+            return False
+        period = self._keys.period(now)
+        previous, self._key_period = self._key_period, period
+        if previous is None or previous == period:
             return False
         self._push()
         return True

@@ -6,6 +6,11 @@ Parquet file named by device and segment id, so a retry rewrites the same file) 
 ingest ledger, whose (device, segment id) key answers a retry "duplicate". Resumable uploads
 (``UploadChunk``) are staged until whole and then take the same path.
 
+Defense in depth: a segment that carries a signal its campaign's privacy policy drops, or a clear
+identifier it hashes, is refused before anything is written (``PrivacyViolationError``, which the device
+gets as a refusal with the reason and does not retry), counted as outcome ``refused_privacy``. The policy
+a capture was taken under (sent by the device) is kept with the capture.
+
 What ingest observes — segments by outcome (stored, duplicate, refused), samples and bytes stored, the
 time to answer each upload request and to make each new segment durable — goes to the narrow
 :class:`IngestMetrics` this service owns, labelled by transport, never by device.
@@ -24,17 +29,27 @@ from fleetloop_cloud.metrics.memory import MemoryMetrics
 from fleetloop_cloud.repositories.interfaces import DeviceRepository, SegmentRepository
 from fleetloop_cloud.repositories.records import SegmentReceipt
 from fleetloop_cloud.services.access import Access, Caller
+from fleetloop_cloud.services.privacy import CampaignPolicies
 from fleetloop_cloud.sessions import DeviceSessions
 from fleetloop_cloud.uploads.scheduler import NETWORKS, Backlog, Budget, UploadScheduler
 from fleetloop_cloud.uploads.staging import StagingLimits, UploadStaging
 from fleetloop_shared.catalog import Catalog
-from fleetloop_shared.errors import FleetloopError, MalformedMessageError, NotFoundError, UserError
+from fleetloop_shared.errors import (
+    FleetloopError,
+    MalformedMessageError,
+    NotFoundError,
+    PrivacyViolationError,
+    UserError,
+)
+from fleetloop_shared.privacy import PolicyStamp, violations
 from fleetloop_shared.segment import Segment, decode_segment
 from fleetloop_shared.wire import device_pb2, ingest_pb2, parse
 
 #: Largest segment a device may upload in pieces (UploadChunk), unless configured
 #: (``uploads.staging.max_upload_bytes``); UploadSegment is bounded by the gRPC message limit (16 MiB).
 MAX_CHUNKED_UPLOAD_BYTES = StagingLimits().max_upload_bytes
+#: Longest privacy policy stamp kept with a capture (name, version, key id as the device sent them).
+MAX_STAMP_CHARS = 300
 #: Upload budgets for devices that ask for grants: what the cloud ingests and what cellular costs.
 UPLOAD_BUDGET = Budget(
     global_bytes_per_s=64 * 1024 * 1024, per_network_bytes_per_s={"cellular": 4 * 1024 * 1024}
@@ -104,7 +119,9 @@ class IngestService:
         metrics: IngestMetrics | None = None,
         max_upload_bytes: int = MAX_CHUNKED_UPLOAD_BYTES,
         timer: Callable[[], float] = time.perf_counter,
+        policies: CampaignPolicies | None = None,
     ) -> None:
+        self._policies = policies
         self._devices = devices
         self._segments = segments
         self._samples = samples
@@ -120,6 +137,9 @@ class IngestService:
         started = self._timer()
         try:
             yield
+        except PrivacyViolationError:
+            self._metrics.segment(caller.transport, "refused_privacy")
+            raise
         except FleetloopError:
             self._metrics.segment(caller.transport, "refused")
             raise
@@ -131,10 +151,7 @@ class IngestService:
         r = request
         with self._observed(caller, "segment"):
             device_id = self._access.device(caller, r.device_id)
-            return self._ingest(
-                caller.transport, device_id, r.segment_id, r.capture_id, r.campaign, r.priority, r.segment,
-                now,
-            )  # fmt: skip
+            return self._ingest(caller.transport, device_id, r, now)
 
     def chunk(self, caller: Caller, request: ingest_pb2.UploadChunkRequest, now: float) -> ChunkAck:
         """One piece of a resumable upload (``UploadChunk``); the finished whole is ingested like an
@@ -161,16 +178,14 @@ class IngestService:
             raise MalformedMessageError(
                 "the assembled upload names another device or segment than its pieces did"
             )
-        ack = self._ingest(
-            caller.transport, device_id, whole.segment_id, whole.capture_id, whole.campaign, whole.priority,
-            whole.segment, now,
-        )  # fmt: skip
+        ack = self._ingest(caller.transport, device_id, whole, now)
         return ChunkAck(r.total_bytes, ack)
 
     def _ingest(
-        self, transport: str, device_id: str, segment_id: bytes, capture_id: str, campaign: str,
-        priority: int, data: bytes, now: float,
-    ) -> IngestAck:  # fmt: skip
+        self, transport: str, device_id: str, request: ingest_pb2.UploadSegmentRequest, now: float
+    ) -> IngestAck:
+        r = request
+        segment_id, capture_id, campaign, data = r.segment_id, r.capture_id, r.campaign, r.segment
         if len(segment_id) != 16:
             raise MalformedMessageError(f"segment id must be 16 bytes, got {len(segment_id)}")
         device = self._devices.get(device_id)
@@ -192,12 +207,18 @@ class IngestService:
                     raise MalformedMessageError(
                         f"segment {segment_id.hex()} names signal id {sid} unknown to device {device_id}"
                     ) from None
+        policy = self._policies.policy_for(campaign, now) if self._policies is not None else None
+        found = violations(policy, seg, catalog) if policy is not None else []
+        if found:
+            raise PrivacyViolationError(f"segment {segment_id.hex()} refused: {'; '.join(found)}")
         samples = self._samples.write_segment(
             fleet=device.fleet, device_id=device_id, capture_id=capture_id, campaign=campaign, segment=seg,
             catalog=catalog, received_unix=now,
         )  # fmt: skip
         first, last = seg.time_range() or (0, 0)
-        receipt = SegmentReceipt(capture_id, campaign, priority, samples, first, last)
+        stamp = PolicyStamp(r.privacy_policy, r.privacy_policy_version, r.privacy_key_id)
+        privacy = stamp.text()[:MAX_STAMP_CHARS] if r.privacy_policy else ""
+        receipt = SegmentReceipt(capture_id, campaign, r.priority, samples, first, last, privacy)
         fresh = self._segments.record(device_id, segment_id, receipt, now)
         if fresh:
             self._metrics.segment(

@@ -19,9 +19,11 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.errors import RuleError
+from fleetloop_shared.privacy.policy import PrivacyPolicy
 from fleetloop_shared.rules.durations import UNIT_NS, format_duration, parse_duration
 from fleetloop_shared.rules.expression import Expression, compile_expression, compile_located
 from fleetloop_shared.rules.location import Locator
+from fleetloop_shared.rules.privacy_spec import read_privacy
 from fleetloop_shared.rules.selector import parse_selector
 
 API_VERSION = "fleetloop/v1"
@@ -70,6 +72,8 @@ class CampaignSpec:
     #: ``(glob, minimum sample period ns)`` for ``collect.signals`` entries written as
     #: ``{signal: GLOB, min_period: 100ms}``: a capture keeps at most one sample of those signals per period.
     collect_min_periods: tuple[tuple[str, int], ...] = ()
+    #: ``spec.privacy``: what the device must drop, hash, coarsen or suppress before storing a capture.
+    privacy: PrivacyPolicy | None = None
 
 
 def parse_campaign(text: str, source: str = "<campaign>") -> CampaignSpec:
@@ -262,7 +266,7 @@ class _DocumentReader:
         spec = self._mapping(
             top["spec"][1],
             "spec",
-            ("target", "trigger", "collect", "priority", "upload", "expires"),
+            ("target", "trigger", "collect", "priority", "upload", "expires", "privacy"),
             ("trigger",),
         )
 
@@ -323,6 +327,10 @@ class _DocumentReader:
         if "expires" in spec:
             expires = self._timestamp(spec["expires"][1], "spec.expires")
 
+        privacy = None
+        if "privacy" in spec:
+            privacy = read_privacy(self, spec["privacy"][1], name, self._catalog)
+
         return CampaignSpec(
             name=name,
             version=version,
@@ -341,6 +349,7 @@ class _DocumentReader:
             source=self._source,
             expression=expression,
             collect_min_periods=min_periods,
+            privacy=privacy,
         )
 
     def _collect(

@@ -369,22 +369,61 @@ class DesiredCampaigns(_message.Message):
 
     VERSION_FIELD_NUMBER: _builtins.int
     CAMPAIGNS_FIELD_NUMBER: _builtins.int
+    PRIVACY_KEYS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     @_builtins.property
     def campaigns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Campaign]: ...
+    @_builtins.property
+    def privacy_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___PrivacyKey]:
+        """The device's fleet's keys for hashing identifiers (spec.privacy.hash): the current period's and the
+        next one's, so a device keeps hashing across a rotation. Older devices ignore them.
+        """
+
     def __init__(
         self,
         *,
         version: _builtins.int = ...,
         campaigns: _abc.Iterable[Global___Campaign] | None = ...,
+        privacy_keys: _abc.Iterable[Global___PrivacyKey] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaigns", b"campaigns", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaigns", b"campaigns", "privacy_keys", b"privacy_keys", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DesiredCampaigns: _TypeAlias = DesiredCampaigns  # noqa: Y015
+
+@_typing.final
+class PrivacyKey(_message.Message):
+    """One fleet's HMAC-SHA256 key of one period; identifiers hashed with it name key_id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_UNIX_NS_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_UNIX_NS_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    key: _builtins.bytes
+    not_before_unix_ns: _builtins.int
+    """Capture times in [not_before, not_after) are hashed with this key."""
+    not_after_unix_ns: _builtins.int
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        key: _builtins.bytes = ...,
+        not_before_unix_ns: _builtins.int = ...,
+        not_after_unix_ns: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "key_id", b"key_id", "not_after_unix_ns", b"not_after_unix_ns", "not_before_unix_ns", b"not_before_unix_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrivacyKey: _TypeAlias = PrivacyKey  # noqa: Y015
 
 @_typing.final
 class UploadGrant(_message.Message):

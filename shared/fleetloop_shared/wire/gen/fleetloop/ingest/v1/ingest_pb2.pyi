@@ -26,6 +26,9 @@ class UploadSegmentRequest(_message.Message):
     CAMPAIGN_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     SEGMENT_FIELD_NUMBER: _builtins.int
+    PRIVACY_POLICY_FIELD_NUMBER: _builtins.int
+    PRIVACY_POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    PRIVACY_KEY_ID_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     segment_id: _builtins.bytes
     """16 bytes, chosen by the device; the dedupe key together with device_id."""
@@ -34,6 +37,12 @@ class UploadSegmentRequest(_message.Message):
     priority: _builtins.int
     segment: _builtins.bytes
     """The encoded segment (docs/segment-format.md), checksummed."""
+    privacy_policy: _builtins.str
+    """The privacy policy (spec.privacy) the capture was taken under, empty when none, and the id of the
+    key its identifiers were hashed with. Older devices send none; older clouds ignore them.
+    """
+    privacy_policy_version: _builtins.int
+    privacy_key_id: _builtins.str
     def __init__(
         self,
         *,
@@ -43,10 +52,13 @@ class UploadSegmentRequest(_message.Message):
         campaign: _builtins.str = ...,
         priority: _builtins.int = ...,
         segment: _builtins.bytes = ...,
+        privacy_policy: _builtins.str = ...,
+        privacy_policy_version: _builtins.int = ...,
+        privacy_key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "capture_id", b"capture_id", "device_id", b"device_id", "priority", b"priority", "segment", b"segment", "segment_id", b"segment_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "capture_id", b"capture_id", "device_id", b"device_id", "priority", b"priority", "privacy_key_id", b"privacy_key_id", "privacy_policy", b"privacy_policy", "privacy_policy_version", b"privacy_policy_version", "segment", b"segment", "segment_id", b"segment_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
