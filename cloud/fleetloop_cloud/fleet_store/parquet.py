@@ -53,6 +53,10 @@ SAMPLES_SCHEMA = pa.schema(
         # The text of a STRING signal (NULL for the others, whose value/value_int are NULL for text).
         # Files written before text existed lack the column; readers fill it with NULL (union by name).
         pa.field("value_str", pa.string(), nullable=True),
+        # The device's clock minus the cloud's, already taken off ``t_ns`` (which is cloud time); NULL
+        # when no offset was applied (none measured, or refused). ``t_ns + clock_offset_ns`` is what the
+        # device stamped. Files from before the column lack it; readers fill it with NULL.
+        pa.field("clock_offset_ns", pa.int64(), nullable=True),
     ]
 )
 #: Names that become directory or file names must be plain: no separators, no '..', no '=' (Hive).
@@ -195,10 +199,13 @@ class FleetStore:
             self._absorbed_cache[partition] = (generation, names)
         return names
 
-    def segment_path(self, *, fleet: str, device_id: str, segment: Segment, received_unix: float) -> Path:
+    def segment_path(
+        self, *, fleet: str, device_id: str, segment: Segment, received_unix: float,
+        clock_offset_ns: int | None = None,
+    ) -> Path:  # fmt: skip
         """Where ``segment`` is (or will be) stored; deterministic, which is what makes retries safe."""
         span = segment.time_range()  # over every group of a multi-group (format 4) segment
-        first = span[0] if span is not None else None
+        first = span[0] - (clock_offset_ns or 0) if span is not None else None
         date = partition_date(first, received_unix)
         name = f"{_safe(device_id, 'device id')}-{bytes(segment.segment_id).hex()}.parquet"
         return self._samples / f"fleet={_safe(fleet, 'fleet')}" / f"date={date}" / name
@@ -213,19 +220,25 @@ class FleetStore:
         segment: Segment,
         catalog: Catalog,
         received_unix: float,
+        clock_offset_ns: int | None = None,
     ) -> int:
         """Store one segment's samples; returns how many (rows × signals). Writing it again is harmless.
 
         A segment whose file compaction already absorbed is not written again (its rows are in the
         compacted file); the count is returned all the same. A signal id the device's catalog does not
         know, or a column whose length differs from the timestamps, is a malformed upload
-        (MalformedMessageError) and writes nothing.
+        (MalformedMessageError) and writes nothing. With ``clock_offset_ns`` (the device's clock minus
+        the cloud's), times are stored on the cloud's clock and the offset beside them.
         """
         path = self.segment_path(
-            fleet=fleet, device_id=device_id, segment=segment, received_unix=received_unix
-        )
+            fleet=fleet, device_id=device_id, segment=segment, received_unix=received_unix,
+            clock_offset_ns=clock_offset_ns,
+        )  # fmt: skip
         # A multi-group (format 4) segment is one file holding every group's rows, group after group.
-        tables = [self._table(device_id, capture_id, campaign, g, catalog) for g in segment.groups()]
+        tables = [
+            self._table(device_id, capture_id, campaign, group, catalog, clock_offset_ns)
+            for group in segment.groups()
+        ]
         if len(tables) == 1:
             table = tables[0]
         else:  # ordered like every other file: by signal path, then time
@@ -243,13 +256,16 @@ class FleetStore:
 
     @staticmethod
     def _table(
-        device_id: str, capture_id: str, campaign: str, segment: Segment, catalog: Catalog
-    ) -> pa.Table:
+        device_id: str, capture_id: str, campaign: str, segment: Segment, catalog: Catalog,
+        clock_offset_ns: int | None,
+    ) -> pa.Table:  # fmt: skip
         where = f"segment {bytes(segment.segment_id).hex()} of device {device_id}"
         t_ns = np.asarray(segment.t_ns)
         if t_ns.ndim != 1:
             raise MalformedMessageError(f"{where}: timestamps are not a 1-D array")
         t_ns = t_ns.astype(np.int64, copy=False)
+        if clock_offset_ns:
+            t_ns = t_ns - np.int64(clock_offset_ns)
         rows = int(t_ns.shape[0])
         signal_ids = sorted(segment.columns)
         paths: list[str] = []
@@ -317,6 +333,9 @@ class FleetStore:
                 pa.array(np.concatenate(value_parts), type=pa.float64(), mask=np.concatenate(value_masks)),
                 pa.array(np.concatenate(int_parts), type=pa.int64(), mask=np.concatenate(int_masks)),
                 pa.concat_arrays(str_parts),
+                pa.nulls(total, pa.int64())
+                if clock_offset_ns is None
+                else pa.array(np.full(total, clock_offset_ns, dtype=np.int64), type=pa.int64()),
             ],
             schema=SAMPLES_SCHEMA,
         )

@@ -13,6 +13,7 @@ time to answer each upload request and to make each new segment durable — goes
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,11 +27,14 @@ from fleetloop_cloud.repositories.interfaces import DeviceRepository, SegmentRep
 from fleetloop_cloud.repositories.records import SegmentReceipt
 from fleetloop_cloud.services.access import Access, Caller
 from fleetloop_cloud.sessions import DeviceSessions
+from fleetloop_cloud.uploads.clock_check import REFUSED, judge
 from fleetloop_cloud.uploads.scheduler import NETWORKS, Backlog, Budget, UploadScheduler
 from fleetloop_cloud.uploads.staging import StagingLimits, UploadStaging
 from fleetloop_shared.errors import FleetloopError, MalformedMessageError, NotFoundError, UserError
 from fleetloop_shared.segment import decode_segment
 from fleetloop_shared.wire import device_pb2, ingest_pb2, parse
+
+log = logging.getLogger("fleetloop.cloud.ingest")
 
 #: Largest segment a device may upload in pieces (UploadChunk), unless configured
 #: (``uploads.staging.max_upload_bytes``); UploadSegment is bounded by the gRPC message limit (16 MiB).
@@ -52,6 +56,9 @@ class IngestMetrics(Protocol):
 
     def upload(self, transport: str, kind: str, seconds: float) -> None:
         """One upload request answered (``segment`` or ``chunk``), refused ones included."""
+
+    def clock_offset(self, transport: str, status: str) -> None:
+        """One new segment's clock offset ``applied``, ``unmeasured`` or ``refused``."""
 
 
 @dataclass(frozen=True)
@@ -120,10 +127,7 @@ class IngestService:
         r = request
         with self._observed(caller, "segment"):
             device_id = self._access.device(caller, r.device_id)
-            return self._ingest(
-                caller.transport, device_id, r.segment_id, r.capture_id, r.campaign, r.priority, r.segment,
-                now,
-            )  # fmt: skip
+            return self._ingest(caller.transport, device_id, r, now)
 
     def chunk(self, caller: Caller, request: ingest_pb2.UploadChunkRequest, now: float) -> ChunkAck:
         """One piece of a resumable upload (``UploadChunk``); the finished whole is ingested like an
@@ -150,16 +154,13 @@ class IngestService:
             raise MalformedMessageError(
                 "the assembled upload names another device or segment than its pieces did"
             )
-        ack = self._ingest(
-            caller.transport, device_id, whole.segment_id, whole.capture_id, whole.campaign, whole.priority,
-            whole.segment, now,
-        )  # fmt: skip
+        ack = self._ingest(caller.transport, device_id, whole, now)
         return ChunkAck(r.total_bytes, ack)
 
     def _ingest(
-        self, transport: str, device_id: str, segment_id: bytes, capture_id: str, campaign: str,
-        priority: int, data: bytes, now: float,
-    ) -> IngestAck:  # fmt: skip
+        self, transport: str, device_id: str, request: ingest_pb2.UploadSegmentRequest, now: float
+    ) -> IngestAck:
+        segment_id, capture_id, data = request.segment_id, request.capture_id, request.segment
         if len(segment_id) != 16:
             raise MalformedMessageError(f"segment id must be 16 bytes, got {len(segment_id)}")
         device = self._devices.get(device_id)
@@ -181,17 +182,31 @@ class IngestService:
                     raise MalformedMessageError(
                         f"segment {segment_id.hex()} names signal id {sid} unknown to device {device_id}"
                     ) from None
-        samples = self._samples.write_segment(
-            fleet=device.fleet, device_id=device_id, capture_id=capture_id, campaign=campaign, segment=seg,
-            catalog=catalog, received_unix=now,
+        span = seg.time_range()
+        clock = judge(
+            request.clock if request.HasField("clock") else None,
+            span[0] if span else None, span[1] if span else None, int(now * 1e9),
         )  # fmt: skip
-        first, last = seg.time_range() or (0, 0)
-        receipt = SegmentReceipt(capture_id, campaign, priority, samples, first, last)
+        samples = self._samples.write_segment(
+            fleet=device.fleet, device_id=device_id, capture_id=capture_id, campaign=request.campaign,
+            segment=seg, catalog=catalog, received_unix=now, clock_offset_ns=clock.applied_ns,
+        )  # fmt: skip
+        shift = clock.applied_ns or 0
+        first, last = (span[0] - shift, span[1] - shift) if span else (0, 0)
+        receipt = SegmentReceipt(
+            capture_id, request.campaign, request.priority, samples, first, last,
+            clock_offset_ns=clock.reported_ns, clock_round_trip_ns=clock.round_trip_ns,
+            clock_status=clock.status,
+        )  # fmt: skip
         fresh = self._segments.record(device_id, segment_id, receipt, now)
         if fresh:
             self._metrics.segment(
                 transport, "stored", samples=samples, size=len(data), seconds=self._timer() - started
             )
+            self._metrics.clock_offset(transport, clock.status)
+            if clock.status == REFUSED:
+                log.warning("device %s: clock offset not applied to segment %s: %s",
+                            device_id, segment_id.hex(), clock.reason)  # fmt: skip
         else:  # another coordinator recorded it first
             self._metrics.segment(transport, "duplicate")
         return IngestAck(samples, not fresh)
