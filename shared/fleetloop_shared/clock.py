@@ -65,6 +65,14 @@ def pong_for(ping: device_pb2.ClockPing, received_ns: int, sent_ns: int) -> devi
     )
 
 
+def stamp_transmit(msg: device_pb2.CloudMessage, now_ns: int) -> device_pb2.CloudMessage:
+    """``msg`` as it leaves: a pong gets its send time now (NTP's transmit stamp), so the time it waited in
+    the cloud's queues counts as the cloud's hold, not as the way back, which would skew the estimate."""
+    if msg.WhichOneof("kind") == "clock_pong" and now_ns > msg.clock_pong.cloud_send_ns:
+        msg.clock_pong.cloud_send_ns = now_ns
+    return msg
+
+
 class ClockEstimator:
     """The device's side: the pings it sent, the exchanges they completed, and the best of those.
 

@@ -61,6 +61,9 @@ IO_QUEUE = 256
 CLOCK_BURST = 8
 CLOCK_SPACING_S = 0.05
 CLOCK_INTERVAL_S = 600.0
+#: Seconds uploads wait, on a link whose cloud answers pings, for the first measurement (so the first
+#: segments after a connect carry an offset too); past it they go without one.
+CLOCK_WAIT_S = 2.0
 
 
 class LinkLoop:
@@ -206,6 +209,8 @@ class Link:
         #: The device's offset to the cloud's clock, measured over the control session.
         self.clock = ClockEstimator()
         self._pings_due = 0
+        #: Set once a measurement burst has had its answers (or when the cloud answers no pings).
+        self._clock_settled = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
         #: Set while the cloud has welcomed the current session (from any thread: wait on it).
@@ -335,6 +340,8 @@ class Link:
                     self._on_welcome()
                     if msg.welcome.answers_clock_ping and clock is None:
                         clock = asyncio.create_task(self._measure_clock())
+                    else:
+                        self._clock_settled.set()  # an older cloud: nothing to wait for
                 try:
                     self._on_message(msg)
                 except Exception as exc:  # a handler bug must not end the device's link
@@ -368,6 +375,8 @@ class Link:
                 self._pings_due = 1
                 self._outbox_wake.set()
                 await asyncio.sleep(CLOCK_SPACING_S)
+            await asyncio.sleep(CLOCK_SPACING_S)  # the last answer's way back
+            self._clock_settled.set()
             await asyncio.sleep(CLOCK_INTERVAL_S)
 
     async def _send_loop(self, session: ControlSession, welcomed: asyncio.Event) -> None:
@@ -423,6 +432,9 @@ class Link:
         store = self._store
         assert store is not None and self._host is not None
         io = self._host.io
+        if self.clock.best(self._device_clock()) is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._clock_settled.wait(), CLOCK_WAIT_S)
         while not self._stopped:
             batch = await io(store.pending, PENDING_BATCH)
             if not batch:
