@@ -199,13 +199,11 @@ class FleetStore:
             self._absorbed_cache[partition] = (generation, names)
         return names
 
-    def segment_path(
-        self, *, fleet: str, device_id: str, segment: Segment, received_unix: float,
-        clock_offset_ns: int | None = None,
-    ) -> Path:  # fmt: skip
-        """Where ``segment`` is (or will be) stored; deterministic, which is what makes retries safe."""
+    def segment_path(self, *, fleet: str, device_id: str, segment: Segment, received_unix: float) -> Path:
+        """Where ``segment`` is (or will be) stored; deterministic, which is what makes retries safe. The
+        date is the device's own stamp's: a retry under another clock estimate lands on the same file."""
         span = segment.time_range()  # over every group of a multi-group (format 4) segment
-        first = span[0] - (clock_offset_ns or 0) if span is not None else None
+        first = span[0] if span is not None else None
         date = partition_date(first, received_unix)
         name = f"{_safe(device_id, 'device id')}-{bytes(segment.segment_id).hex()}.parquet"
         return self._samples / f"fleet={_safe(fleet, 'fleet')}" / f"date={date}" / name
@@ -231,9 +229,8 @@ class FleetStore:
         the cloud's), times are stored on the cloud's clock and the offset beside them.
         """
         path = self.segment_path(
-            fleet=fleet, device_id=device_id, segment=segment, received_unix=received_unix,
-            clock_offset_ns=clock_offset_ns,
-        )  # fmt: skip
+            fleet=fleet, device_id=device_id, segment=segment, received_unix=received_unix
+        )
         # A multi-group (format 4) segment is one file holding every group's rows, group after group.
         tables = [
             self._table(device_id, capture_id, campaign, group, catalog, clock_offset_ns)
