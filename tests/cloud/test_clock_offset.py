@@ -82,8 +82,9 @@ def run_device(transport: UplinkTransport, tmp: Path, coordinator: Coordinator, 
     store = LocalStore(tmp / f"store-{device_id}")
     seg, true_first = captured_now()
     store.append(seg, capture_id="cap", campaign="c", priority=5, now_ns=skewed())
+    metrics = AgentMetrics()
     link = Link(
-        transport, device_id=device_id, store=store, metrics=AgentMetrics(),
+        transport, device_id=device_id, store=store, metrics=metrics,
         greeting=lambda: [hello(device_id)], on_message=lambda m: None, upload_deadline_s=5.0,
         device_clock=skewed,
     )  # fmt: skip
@@ -95,6 +96,8 @@ def run_device(transport: UplinkTransport, tmp: Path, coordinator: Coordinator, 
         store.close()
     best = link.clock.best(skewed())
     assert best is not None and abs(best.offset_ns - SKEW_NS) < 5 * MS
+    shown = metrics.registry.get_sample_value("fleetloop_agent_clock_offset_seconds")
+    assert shown is not None and abs(shown - best.offset_ns / 1e9) < 1e-6
     ((first, offset, rows),) = coordinator.queries.sql(
         LOCAL,
         f"SELECT min(t_ns), min(clock_offset_ns), count(*) FROM samples WHERE device_id = '{device_id}'",

@@ -154,7 +154,9 @@ class Link:
     ``on_message`` gets every cloud message, on the loop (it must not block); ``on_ack(segment,
     duplicate)`` runs once per acknowledged segment, before its checkpoint. With ``scheduled``, uploads
     wait for the cloud's grants (:meth:`grant`). ``store=None``: a device that only holds its session.
-    ``device_clock`` reads the device's wall clock in ns (the one its samples are stamped with)."""
+    ``device_clock`` reads the device's wall clock in ns (the one its samples are stamped with);
+    ``measure_clock=False`` sends no clock pings even to a cloud that answers them (a swarm that only
+    holds sessions)."""
 
     def __init__(
         self,
@@ -173,6 +175,7 @@ class Link:
         rng: random.Random | None = None,
         loop: LinkLoop | None = None,
         device_clock: Callable[[], int] = time.time_ns,
+        measure_clock: bool = True,
     ) -> None:
         self.transport = transport
         self.target = transport.target
@@ -206,6 +209,7 @@ class Link:
         #: A message whose send failed with its session: it goes first on the next one.
         self._unsent: device_pb2.DeviceMessage | None = None
         self._device_clock = device_clock
+        self._pings_wanted = measure_clock
         #: The device's offset to the cloud's clock, measured over the control session.
         self.clock = ClockEstimator()
         self._pings_due = 0
@@ -333,12 +337,12 @@ class Link:
                 msg = await session.receive()
                 kind = msg.WhichOneof("kind")
                 if kind == "clock_pong":
-                    self.clock.pong(msg.clock_pong, self._device_clock())
+                    self._clock_pong(msg.clock_pong)
                     continue
                 if kind == "welcome" and not welcomed.is_set():
                     welcomed.set()
                     self._on_welcome()
-                    if msg.welcome.answers_clock_ping and clock is None:
+                    if msg.welcome.answers_clock_ping and self._pings_wanted and clock is None:
                         clock = asyncio.create_task(self._measure_clock())
                     else:
                         self._clock_settled.set()  # an older cloud: nothing to wait for
@@ -358,6 +362,16 @@ class Link:
                 task.cancel()
             await asyncio.gather(*busy, return_exceptions=True)
             await session.close()
+
+    def _clock_pong(self, pong: device_pb2.ClockPong) -> None:
+        now = self._device_clock()
+        if self.clock.pong(pong, now) is None:
+            self._metrics.clock_pongs_ignored.inc()
+            return
+        best = self.clock.best(now)
+        if best is not None:
+            self._metrics.clock_offset.set(best.offset_ns / 1e9)
+            self._metrics.clock_round_trip.set(best.round_trip_ns / 1e9)
 
     def _on_welcome(self) -> None:
         if self.last_error:
