@@ -55,6 +55,21 @@ class AgentMetrics:
             "fleetloop_agent_store_pending_bytes", "Bytes waiting for upload", registry=r
         )
         self.ring_buffer_bytes = Gauge("fleetloop_agent_ring_buffer_bytes", "Ring buffer memory", registry=r)
+        self.clock_offset = Gauge(
+            "fleetloop_agent_clock_offset_seconds",
+            "The device clock minus the cloud's, best of the recent exchanges (what uploads carry)",
+            registry=r,
+        )
+        self.clock_round_trip = Gauge(
+            "fleetloop_agent_clock_round_trip_seconds",
+            "Round trip of the exchange the offset comes from (the offset is within half of it)",
+            registry=r,
+        )
+        self.clock_pongs_ignored = Counter(
+            "fleetloop_agent_clock_pongs_ignored",
+            "Clock answers not taken: unknown or repeated pings, impossible stamps, round trips over 10 s",
+            registry=r,
+        )
         # Totals the pure cores keep as plain integers (they do no I/O), mirrored by sync_totals().
         self._mirrored = {
             name: Counter(f"fleetloop_agent_{name}", help_text, registry=r)

@@ -182,8 +182,8 @@ class RingBuffers:
                 self._rings_by_signal.setdefault(sid, []).append(ring)
         width = len(key.ids)
         first = 0
-        if len(ring):
-            first = int(np.searchsorted(t_ns, ring.newest, side="left"))
+        if len(ring) and t_ns[0] < (newest := ring.newest):  # rows before what the ring holds: late
+            first = int(np.searchsorted(t_ns, newest, side="left"))
             self.late_samples_total += first * width
         budget_rows = self._max_bytes // ring.row_bytes
         if t_ns.shape[0] - first > budget_rows:
@@ -233,7 +233,10 @@ class RingBuffers:
     def _trim_horizon(self, ring: _GroupRing) -> None:
         if not len(ring):
             return
-        rows = ring.rows_before(ring.newest - self._horizon_ns)
+        cut = ring.newest - self._horizon_ns
+        if ring.oldest >= cut:  # the common case: nothing aged out yet (two reads, no search)
+            return
+        rows = ring.rows_before(cut)
         if rows:
             ring.drop_front(rows)
             self._bytes_used -= rows * ring.row_bytes

@@ -43,6 +43,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from fleetloop_cloud.services.access import Caller, Refusals
 from fleetloop_cloud.services.api import DeviceApi
 from fleetloop_cloud.sessions import Session
+from fleetloop_shared.clock import stamp_transmit
 from fleetloop_shared.errors import FleetloopError, MalformedMessageError
 from fleetloop_shared.wire import MAX_MESSAGE_BYTES, device_pb2, ingest_pb2, parse
 
@@ -201,7 +202,7 @@ class DeviceServicer:
                     if session.outbox.empty() and not session.closed.is_set():
                         await wake.wait()
                     continue
-                await context.write(msg)
+                await context.write(stamp_transmit(msg, int(clock() * 1e9)))
             failure = reader.result() if reader.done() and not reader.cancelled() else None
             if failure is not None:
                 await _abort(context, *failure)

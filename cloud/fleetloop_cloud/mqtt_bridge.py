@@ -17,8 +17,10 @@ control stream drains.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
+import socket
 import threading
 import zlib
 from collections import Counter
@@ -35,6 +37,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from fleetloop_cloud.services.access import Caller
 from fleetloop_cloud.services.api import DeviceApi
 from fleetloop_cloud.sessions import Session
+from fleetloop_shared.clock import stamp_transmit
 from fleetloop_shared.errors import (
     ConfigError,
     FleetloopError,
@@ -134,6 +137,10 @@ class MqttBridge:
         if getattr(rc, "is_failure", False):
             log.warning("broker refused the coordinator: %s", rc)
             return
+        sock = client.socket()
+        if isinstance(sock, socket.socket):  # answers (clock pongs) must not wait on Nagle for an ACK
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.subscribe(f"$share/{self.settings.group}/fl/v1/+/+/up/#", qos=1)
         self.connected.set()
         log.info("MQTT bridge connected to %s:%d", self.settings.host, self.settings.port)
@@ -275,9 +282,8 @@ class MqttBridge:
     def _publish_down(self, fleet: str, device_id: str, msg: device_pb2.CloudMessage) -> None:
         props = _props(PacketTypes.PUBLISH)
         props.MessageExpiryInterval = COMMAND_EXPIRY_S
-        self._client.publish(
-            f"fl/v1/{fleet}/{device_id}/down/control", msg.SerializeToString(), qos=1, properties=props
-        )
+        payload = stamp_transmit(msg, int(self.api.clock() * 1e9)).SerializeToString()
+        self._client.publish(f"fl/v1/{fleet}/{device_id}/down/control", payload, qos=1, properties=props)
 
     def _waker(self, device_id: str) -> Callable[[], None]:
         def wake() -> None:

@@ -76,6 +76,7 @@ class MqttSwarm:
                 on_message=lambda msg: None,
                 backoff=SWARM_BACKOFF,
                 loop=self.swarm,
+                measure_clock=False,  # it holds sessions; thousands of ping bursts would be its load
             )
             for did in device_ids
         ]

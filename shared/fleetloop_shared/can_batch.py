@@ -361,6 +361,10 @@ class BatchDecoder:
         self._first = np.array([m.first for m in self._messages] + [0], np.int64)
         self._need = np.array([m.layout.length for m in self._messages] + [0], np.int64)
         self._never = np.array([m.never for m in self._messages] + [False], bool)
+        # per-signal constants stacked by type, so a batch gathers each table once, not once per constant
+        self._bits = np.stack((self._shift, self._mask, self._sign)) if columns else np.zeros((3, 0), _U64)
+        self._linear_i = np.stack((self._scale_i, self._offset_i)) if columns else np.zeros((2, 0), np.int64)
+        self._linear_f = np.stack((self._scale_f, self._offset_f)) if columns else np.zeros((2, 0))
         self._by_id = {m.layout.frame_id: k for k, m in enumerate(self._messages)}
         self._by_pgn = {
             j1939_pgn(m.layout.frame_id): k for k, m in enumerate(self._messages) if m.layout.is_j1939
@@ -422,11 +426,12 @@ class BatchDecoder:
             return []
         which = self._which(batch.frame_id)
         chosen = which >= 0
-        usable = chosen & (batch.length >= self._need[which]) & ~self._never[which]
-        if batch.payload.shape[1] < int(self._need[which[chosen]].max(initial=0)):
-            usable &= batch.payload.shape[1] >= self._need[which]
-        self.errors_total += int(chosen.sum() - usable.sum())
+        need = self._need[which]
+        usable = chosen & (batch.length >= need) & ~self._never[which]
+        if batch.payload.shape[1] < int(need.max(initial=0)):
+            usable &= batch.payload.shape[1] >= need
         sel = np.flatnonzero(usable)
+        self.errors_total += int(np.count_nonzero(chosen)) - sel.size
         if sel.size == 0:
             return []
         sel = sel[np.argsort(which[sel], kind="stable")]
@@ -470,15 +475,19 @@ class BatchDecoder:
             if block.shape[1] < 8:
                 block = np.pad(block, ((0, 0), (0, 8 - block.shape[1])))
             words[w] = np.ascontiguousarray(block).view(">u8" if big else "<u8")[:, 0]
-        raw = (words[self._sig_window[pair_sig], pair_row] >> self._shift[pair_sig]) & self._mask[pair_sig]
-        sign = self._sign[pair_sig]
+        shift, mask, sign = self._bits[:, pair_sig]
+        raw = (words[self._sig_window[pair_sig], pair_row] >> shift) & mask
         ints = ((raw ^ sign) - sign).view(np.int64)
-        ivals = ints * self._scale_i[pair_sig] + self._offset_i[pair_sig] if self._any_integer else ints
-        fvals = (
-            ints.astype(np.float64) * self._scale_f[pair_sig] + self._offset_f[pair_sig]
-            if self._any_linear
-            else np.zeros(0)
-        )
+        if self._any_integer:
+            scale_i, offset_i = self._linear_i[:, pair_sig]
+            ivals = ints * scale_i + offset_i
+        else:
+            ivals = ints
+        if self._any_linear:
+            scale_f, offset_f = self._linear_f[:, pair_sig]
+            fvals = ints.astype(np.float64) * scale_f + offset_f
+        else:
+            fvals = np.zeros(0)
         return raw, ints, ivals, fvals
 
     def _message(

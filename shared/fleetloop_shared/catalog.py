@@ -26,12 +26,16 @@ class DataType(IntEnum):
 
     @property
     def numpy_dtype(self) -> str:
-        return {
-            DataType.FLOAT64: "float64",
-            DataType.INT64: "int64",
-            DataType.BOOL: "bool",
-            DataType.STRING: "object",
-        }[self]
+        return _NUMPY_DTYPES[self]
+
+
+#: The numpy dtype each datatype's values take (looked up per batch: a table, not a dict built per call).
+_NUMPY_DTYPES: dict[DataType, str] = {
+    DataType.FLOAT64: "float64",
+    DataType.INT64: "int64",
+    DataType.BOOL: "bool",
+    DataType.STRING: "object",
+}
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,7 @@ def test_empty_store_has_a_typed_empty_samples_view(tmp_path: Path) -> None:
     assert described == {"device_id": "VARCHAR", "capture_id": "VARCHAR", "campaign": "VARCHAR",
                          "signal": "VARCHAR", "t_ns": "BIGINT", "value": "DOUBLE", "value_int": "BIGINT",
                          "value_str": "VARCHAR",
-                         "fleet": "VARCHAR", "date": "DATE"}
+                         "fleet": "VARCHAR", "date": "DATE", "clock_offset_ns": "BIGINT"}
     assert engine.query("SELECT count(*) FROM captures").rows == [(0,)]
 
 

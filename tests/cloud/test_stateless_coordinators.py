@@ -31,6 +31,13 @@ from fleetloop_fwsim.fleet import CoordinatorProcess
 from fleetloop_fwsim.rollout_kill import HARDWARE_ID, OtaDevice
 from fleetloop_fwsim.swarm import Swarm
 from fleetloop_shared.catalog import Catalog, DataType
+from fleetloop_shared.errors import NotFoundError
+from fleetloop_shared.update.release_keys import (
+    generate_key_file,
+    load_key_file,
+    public_pem_path,
+    publish_release,
+)
 from fleetloop_shared.wire import device_pb2
 
 DEADLINE_S = 120.0
@@ -110,8 +117,16 @@ class Car:
 @pytest.fixture
 def pair(tmp_path: Path, pg_url: str) -> Iterator[tuple[CoordinatorProcess, CoordinatorProcess]]:
     shared = tmp_path / "cloud"
-    a = CoordinatorProcess(shared, log_path=tmp_path / "a.log", extra_args=["--db", pg_url])
-    b = CoordinatorProcess(shared, log_path=tmp_path / "b.log", extra_args=["--db", pg_url])
+    # the release manager's key stays outside the shared data directory; releases are signed with it
+    generate_key_file(tmp_path / "release-manager.pem", None)
+    custody = ["--targets-key", str(public_pem_path(tmp_path / "release-manager.pem")),
+               "--release-keys", str(tmp_path / "root-keys")]  # fmt: skip
+    a = CoordinatorProcess(
+        shared, log_path=tmp_path / "a.log", extra_args=["--db", pg_url], init_args=custody
+    )
+    b = CoordinatorProcess(
+        shared, log_path=tmp_path / "b.log", extra_args=["--db", pg_url], init_args=custody
+    )
     a.start()
     b.start()
     try:
@@ -169,10 +184,23 @@ def test_a_rollout_created_through_one_coordinator_reaches_a_device_on_the_other
     pair: tuple[CoordinatorProcess, CoordinatorProcess],
 ) -> None:
     a, b = pair
+    key = load_key_file(a.data_dir.parent / "release-manager.pem", None)
+
+    def request(method: str, path: str, body: bytes | None = None, ctype: str = "application/json") -> Any:
+        if method == "GET":
+            try:
+                with urllib.request.urlopen(a.http_url + path, timeout=60) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404:
+                    raise NotFoundError(path) from None
+                raise
+        return call(a, method, path, body, ctype)
+
     for major in (1, 2):
         image = firmware.build_image(f"{major}.0.0", HARDWARE_ID, size_hint=64 * 1024)
-        q = f"name=firmware&version={major}.0.0&hardware={HARDWARE_ID}"
-        call(a, "POST", f"/v1/releases?{q}", image, "application/octet-stream")
+        publish_release(request, image, name="firmware", version=f"{major}.0.0", hardware=HARDWARE_ID,
+                        keys=[key])  # fmt: skip
     swarm = Swarm()
     on_a = OtaDevice("dev-a", a.grpc_target, swarm, install_s=0.2, version="1.0.0")
     on_b = OtaDevice("dev-b", b.grpc_target, swarm, install_s=0.2, version="1.0.0")

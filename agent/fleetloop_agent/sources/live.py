@@ -448,8 +448,12 @@ class ConnectionSource:
 class FrameQueue:
     """Frames handed from a receive thread to ``read()``: bounded, drop-oldest, counted.
 
-    ``put`` is what the receive thread calls per frame, so it does the least possible: one tuple into a
-    deque under a lock. ``drain`` turns everything queued into one :class:`FrameBatch`.
+    ``put`` is what the receive thread calls per frame (``put_many`` per burst), so it does the least
+    possible: appends to three lists under a lock, no tuple per frame. The oldest frames beyond
+    ``capacity`` are dropped in bulk once a quarter more has piled up, and always before a drain, so
+    ``dropped_total`` and what ``drain`` returns are exactly those of a drop-oldest queue of
+    ``capacity``; memory is bounded by 1.25 × ``capacity`` frames. ``drain`` turns everything queued
+    into one :class:`FrameBatch`.
     """
 
     def __init__(self, capacity: int = DEFAULT_QUEUE_FRAMES, width: int = CLASSIC_WIDTH) -> None:
@@ -457,35 +461,59 @@ class FrameQueue:
             raise ValueError("queue capacity must be at least 1 frame")
         self.capacity = capacity
         self.width = width
-        self._frames: deque[tuple[int, int, bytes]] = deque()
+        self._limit = capacity + max(1, capacity // 4)
+        self._t: list[int] = []
+        self._ids: list[int] = []
+        self._data: list[bytes] = []
         self._lock = threading.Lock()
-        #: Frames dropped because the queue was full (oldest first).
-        self.dropped_total = 0
+        self._dropped = 0
+
+    @property
+    def dropped_total(self) -> int:
+        """Frames dropped because the queue was full (oldest first)."""
+        return self._dropped + max(0, len(self._t) - self.capacity)
 
     def put(self, t_ns: int, frame_id: int, data: bytes) -> None:
         with self._lock:
-            if len(self._frames) >= self.capacity:
-                self._frames.popleft()
-                self.dropped_total += 1
-            self._frames.append((t_ns, frame_id, data))
+            self._t.append(t_ns)
+            self._ids.append(frame_id)
+            self._data.append(data)
+            if len(self._t) > self._limit:
+                self._trim()
+
+    def put_many(self, t_ns: list[int], frame_ids: list[int], payloads: list[bytes]) -> None:
+        """A burst of frames, in order (the three lists of equal length)."""
+        with self._lock:
+            self._t += t_ns
+            self._ids += frame_ids
+            self._data += payloads
+            if len(self._t) > self._limit:
+                self._trim()
+
+    def _trim(self) -> None:
+        excess = len(self._t) - self.capacity
+        if excess > 0:
+            del self._t[:excess], self._ids[:excess], self._data[:excess]
+            self._dropped += excess
 
     def __len__(self) -> int:
-        return len(self._frames)
+        return min(len(self._t), self.capacity)
 
     def drain(self, until_ns: int | None = None) -> FrameBatch:
         """Every queued frame (received at or before ``until_ns``, if given) as one batch; later ones stay."""
         with self._lock:
-            frames = self._frames
-            if until_ns is None or not frames or frames[-1][0] <= until_ns:
-                self._frames = deque()
+            self._trim()
+            t, ids, data = self._t, self._ids, self._data
+            if until_ns is None or not t or t[-1] <= until_ns:
+                self._t, self._ids, self._data = [], [], []
             else:
-                taken: deque[tuple[int, int, bytes]] = deque()
-                while frames and frames[0][0] <= until_ns:
-                    taken.append(frames.popleft())
-                frames = taken
-        if not frames:
+                k = 0
+                while k < len(t) and t[k] <= until_ns:
+                    k += 1
+                self._t, self._ids, self._data = t[k:], ids[k:], data[k:]
+                t, ids, data = t[:k], ids[:k], data[:k]
+        if not t:
             return FrameBatch.empty(self.width)
-        t_ns, ids, payloads = zip(*frames, strict=True)
         return FrameBatch.from_payloads(
-            np.array(t_ns, dtype=np.int64), np.array(ids, dtype=np.int64), payloads, width=self.width
+            np.array(t, dtype=np.int64), np.array(ids, dtype=np.int64), data, width=self.width
         )

@@ -8,6 +8,9 @@ the network is an :class:`~fleetloop_agent.uplink.transport.UplinkTransport`'s. 
   cloud's welcome, reconnect after jittered backoff when the session ends;
 - the sender: the :class:`~fleetloop_agent.uplink.outbox.ControlOutbox` (a member) drained into the
   session once the cloud welcomed it;
+- the clock: when the welcome says the cloud answers clock pings, a burst of pings at once and again
+  every ``CLOCK_INTERVAL_S``; the :class:`~fleetloop_shared.clock.ClockEstimator` keeps the best
+  exchange, and every upload carries its offset;
 - the uploads (when the device has a store): the store's pending segments, most urgent first, each
   checkpointed (``mark_uploaded``) only after the cloud acknowledged it or refused it for good, so a cut
   link or a killed process never loses an acknowledged-or-pending segment.
@@ -38,6 +41,7 @@ from fleetloop_agent.uplink.outbox import ControlOutbox
 from fleetloop_agent.uplink.pacing import LINK_BACKOFF, Backoff, BackoffPolicy, TokenBucket
 from fleetloop_agent.uplink.transport import ControlSession, UplinkTransport
 from fleetloop_agent.uplink.uploader import DEFAULT_CHUNK_BYTES, Send, Settle, Uploader, Wait
+from fleetloop_shared.clock import ClockEstimator
 from fleetloop_shared.errors import NotFoundError, UnavailableError
 from fleetloop_shared.wire import device_pb2
 
@@ -52,6 +56,14 @@ PENDING_BATCH = 32
 STOP_TIMEOUT_S = 5.0
 #: Store calls queued or running at once per loop; overflow policy: the calling coroutine waits.
 IO_QUEUE = 256
+#: Clock pings per measurement, the pause between them, and the pause between measurements: several
+#: round trips each time (the least delayed is kept), again before the two clocks drift apart.
+CLOCK_BURST = 8
+CLOCK_SPACING_S = 0.05
+CLOCK_INTERVAL_S = 600.0
+#: Seconds uploads wait, on a link whose cloud answers pings, for the first measurement (so the first
+#: segments after a connect carry an offset too); past it they go without one.
+CLOCK_WAIT_S = 2.0
 
 
 class LinkLoop:
@@ -141,7 +153,10 @@ class Link:
     ``greeting`` is called at every connect (the hello and the state the cloud should learn at once);
     ``on_message`` gets every cloud message, on the loop (it must not block); ``on_ack(segment,
     duplicate)`` runs once per acknowledged segment, before its checkpoint. With ``scheduled``, uploads
-    wait for the cloud's grants (:meth:`grant`). ``store=None``: a device that only holds its session."""
+    wait for the cloud's grants (:meth:`grant`). ``store=None``: a device that only holds its session.
+    ``device_clock`` reads the device's wall clock in ns (the one its samples are stamped with);
+    ``measure_clock=False`` sends no clock pings even to a cloud that answers them (a swarm that only
+    holds sessions)."""
 
     def __init__(
         self,
@@ -159,6 +174,8 @@ class Link:
         backoff: BackoffPolicy = LINK_BACKOFF,
         rng: random.Random | None = None,
         loop: LinkLoop | None = None,
+        device_clock: Callable[[], int] = time.time_ns,
+        measure_clock: bool = True,
     ) -> None:
         self.transport = transport
         self.target = transport.target
@@ -191,6 +208,13 @@ class Link:
         self._outbox = ControlOutbox(metrics, on_put=functools.partial(self._wake, self._outbox_wake))
         #: A message whose send failed with its session: it goes first on the next one.
         self._unsent: device_pb2.DeviceMessage | None = None
+        self._device_clock = device_clock
+        self._pings_wanted = measure_clock
+        #: The device's offset to the cloud's clock, measured over the control session.
+        self.clock = ClockEstimator()
+        self._pings_due = 0
+        #: Set once a measurement burst has had its answers (or when the cloud answers no pings).
+        self._clock_settled = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = False
         #: Set while the cloud has welcomed the current session (from any thread: wait on it).
@@ -307,12 +331,21 @@ class Link:
         self.in_session = True
         welcomed = asyncio.Event()
         sender = asyncio.create_task(self._send_loop(session, welcomed))
+        clock: asyncio.Task[None] | None = None
         try:
             while True:
                 msg = await session.receive()
-                if msg.WhichOneof("kind") == "welcome" and not welcomed.is_set():
+                kind = msg.WhichOneof("kind")
+                if kind == "clock_pong":
+                    self._clock_pong(msg.clock_pong)
+                    continue
+                if kind == "welcome" and not welcomed.is_set():
                     welcomed.set()
                     self._on_welcome()
+                    if msg.welcome.answers_clock_ping and self._pings_wanted and clock is None:
+                        clock = asyncio.create_task(self._measure_clock())
+                    else:
+                        self._clock_settled.set()  # an older cloud: nothing to wait for
                 try:
                     self._on_message(msg)
                 except Exception as exc:  # a handler bug must not end the device's link
@@ -323,9 +356,22 @@ class Link:
             self.in_session = False
             self.sessions_ended += 1
             self.connected.clear()
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
+            self._pings_due = 0
+            busy = [sender] if clock is None else [sender, clock]
+            for task in busy:
+                task.cancel()
+            await asyncio.gather(*busy, return_exceptions=True)
             await session.close()
+
+    def _clock_pong(self, pong: device_pb2.ClockPong) -> None:
+        now = self._device_clock()
+        if self.clock.pong(pong, now) is None:
+            self._metrics.clock_pongs_ignored.inc()
+            return
+        best = self.clock.best(now)
+        if best is not None:
+            self._metrics.clock_offset.set(best.offset_ns / 1e9)
+            self._metrics.clock_round_trip.set(best.round_trip_ns / 1e9)
 
     def _on_welcome(self) -> None:
         if self.last_error:
@@ -336,15 +382,35 @@ class Link:
         self.connected.set()
         self._upload_wake.set()
 
+    async def _measure_clock(self) -> None:
+        """Ask the sender for a burst of clock pings now and every ``CLOCK_INTERVAL_S``."""
+        while True:
+            for _ in range(CLOCK_BURST):
+                self._pings_due = 1
+                self._outbox_wake.set()
+                await asyncio.sleep(CLOCK_SPACING_S)
+            await asyncio.sleep(CLOCK_SPACING_S)  # the last answer's way back
+            self._clock_settled.set()
+            await asyncio.sleep(CLOCK_INTERVAL_S)
+
     async def _send_loop(self, session: ControlSession, welcomed: asyncio.Event) -> None:
         """The outbox into the session, once the cloud is there (a message sent before the welcome might
-        reach a broker with no coordinator behind it)."""
+        reach a broker with no coordinator behind it). A clock ping goes before queued messages and is
+        stamped as it leaves; one that fails with its session is not sent again (its stamp is stale)."""
         await welcomed.wait()
         while True:
+            if self._unsent is None and self._pings_due:
+                self._pings_due = 0
+                try:
+                    await session.send(self.clock.ping(self._device_clock()))
+                except UnavailableError as exc:
+                    self._note_error(str(exc))
+                    return
+                continue
             msg = self._unsent if self._unsent is not None else self._outbox.take()
             if msg is None:
                 self._outbox_wake.clear()
-                if self._outbox.empty():
+                if self._outbox.empty() and not self._pings_due:
                     await self._outbox_wake.wait()
                 continue
             self._unsent = msg
@@ -380,6 +446,9 @@ class Link:
         store = self._store
         assert store is not None and self._host is not None
         io = self._host.io
+        if self.clock.best(self._device_clock()) is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._clock_settled.wait(), CLOCK_WAIT_S)
         while not self._stopped:
             batch = await io(store.pending, PENDING_BATCH)
             if not batch:
@@ -399,7 +468,7 @@ class Link:
     async def _upload(self, uploader: Uploader, seg: StoredSegment, data: bytes) -> bool:
         """One segment, whole or in pieces, until it is settled (True) or the attempt failed (False)."""
         assert self._store is not None and self._host is not None
-        transfer = uploader.begin(seg, data)
+        transfer = uploader.begin(seg, data, self.clock.report(self._device_clock()))
         if transfer.resumed:
             self._metrics.upload_resumes.inc()
         while True:

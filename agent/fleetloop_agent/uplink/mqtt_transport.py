@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -307,6 +308,10 @@ class MqttTransport:
     def _on_connect(
         self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object
     ) -> None:
+        sock = client.socket()
+        if isinstance(sock, socket.socket):  # pings must not wait on Nagle for the last packet's ACK
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._connack is not None and not self._connack.done():
             self._connack.set_result(rc)
 

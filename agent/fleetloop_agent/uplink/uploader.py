@@ -47,9 +47,12 @@ DEFAULT_CHUNK_BYTES = 256 * 1024
 MAX_INTERRUPTED = 64
 
 
-def upload_request(device_id: str, seg: StoredSegment, data: bytes) -> ingest_pb2.UploadSegmentRequest:
+def upload_request(
+    device_id: str, seg: StoredSegment, data: bytes, clock: ingest_pb2.ClockOffset | None = None
+) -> ingest_pb2.UploadSegmentRequest:
     """The upload of one stored segment, exactly as every fleetloop link sends it (with the privacy policy
-    its capture was taken under, when there was one)."""
+    its capture was taken under, when there was one, and ``clock``, the device's measured offset to the
+    cloud's clock)."""
     stamp = PolicyStamp.parse(seg.privacy)
     return ingest_pb2.UploadSegmentRequest(
         device_id=device_id,
@@ -61,6 +64,7 @@ def upload_request(device_id: str, seg: StoredSegment, data: bytes) -> ingest_pb
         privacy_policy=stamp.name if stamp else "",
         privacy_policy_version=stamp.version if stamp else 0,
         privacy_key_id=stamp.key_id if stamp else "",
+        clock=clock,
     )
 
 
@@ -141,7 +145,9 @@ class Uploader:
         self.scheduled = scheduled
         self.backoff = backoff if backoff is not None else Backoff()
         self._max_interrupted = max_interrupted
-        self._interrupted: OrderedDict[bytes, None] = OrderedDict()
+        #: Segments cut mid-upload, with the clock offset their pieces carried: a resumed upload sends
+        #: the same whole again (the cloud keeps its pieces by the whole's checksum).
+        self._interrupted: OrderedDict[bytes, ingest_pb2.ClockOffset | None] = OrderedDict()
         #: Granted bytes not spent yet (may go negative by one segment: the overdraft).
         self.granted_bytes = 0
         self.min_priority = 0
@@ -172,8 +178,11 @@ class Uploader:
         """Segments whose upload in pieces was cut (oldest first)."""
         return list(self._interrupted)
 
-    def begin(self, seg: StoredSegment, data: bytes) -> Transfer:
-        whole = upload_request(self.device_id, seg, data)
+    def begin(self, seg: StoredSegment, data: bytes, clock: ingest_pb2.ClockOffset | None = None) -> Transfer:
+        """Start uploading ``seg`` (its stored bytes ``data``), with the device's clock offset ``clock``."""
+        if seg.segment_id in self._interrupted:
+            clock = self._interrupted[seg.segment_id]
+        whole = upload_request(self.device_id, seg, data, clock)
         encoded = whole.SerializeToString()
         in_pieces = self.pieces and len(encoded) > self.chunk_bytes
         return Transfer(
@@ -244,7 +253,7 @@ class Uploader:
     def _fail(self, transfer: Transfer, reason: str, now: float) -> Wait:
         if transfer.in_pieces:
             sid = transfer.segment.segment_id
-            self._interrupted[sid] = None
+            self._interrupted[sid] = transfer.whole.clock if transfer.whole.HasField("clock") else None
             self._interrupted.move_to_end(sid)
             while len(self._interrupted) > self._max_interrupted:
                 self._interrupted.popitem(last=False)

@@ -34,7 +34,7 @@ MAX_EXPORT_ROWS = 5_000_000
 #: The columns of ``samples``, in order: what an export holds.
 SAMPLE_COLUMNS = (
     "device_id", "capture_id", "campaign", "signal", "t_ns", "value", "value_int", "value_str", "fleet",
-    "date",
+    "date", "clock_offset_ns",
 )  # fmt: skip
 _OF_CAPTURE = "device_id = ? AND capture_id = ?"
 

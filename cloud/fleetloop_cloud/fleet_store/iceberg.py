@@ -80,6 +80,9 @@ SAMPLES_SCHEMA = Schema(
     NestedField(8, "value_str", StringType(), required=False),
     NestedField(9, "fleet", StringType(), required=True),
     NestedField(10, "date", DateType(), required=True),
+    # the device's clock minus the cloud's, already taken off t_ns (see the Parquet layout's schema);
+    # tables made before it gain it by a schema evolution (old rows read NULL)
+    NestedField(11, "clock_offset_ns", LongType(), required=False),
 )
 CAPTURES_SCHEMA = Schema(
     NestedField(1, "capture_id", StringType(), required=True),
@@ -94,11 +97,13 @@ CAPTURES_SCHEMA = Schema(
     NestedField(10, "last_received", DoubleType(), required=True),
     NestedField(11, "fleet", StringType(), required=True),
     NestedField(12, "date", DateType(), required=True),
+    # the privacy policy stamp the capture was taken under ("" for none; older tables gain the column)
+    NestedField(13, "privacy", StringType(), required=False),
 )
 _EPOCH = datetime.date(1970, 1, 1)
 #: What one receipt in a snapshot summary holds, in order.
 RECEIPT_FIELDS = ("device_id", "segment_id", "samples", "capture_id", "campaign", "first_ns", "last_ns",
-                  "received", "fleet", "date")  # fmt: skip
+                  "received", "fleet", "date", "privacy")  # fmt: skip
 #: Table properties: zstd data files, commits retried on conflict, old metadata files removed.
 TABLE_PROPERTIES = {
     "format-version": "2",
@@ -168,10 +173,18 @@ class IcebergTables:
 
     def _table(self, name: str, schema: Schema, order: tuple[str, ...]) -> Table:
         location = f"{self.warehouse}/{name.split('.')[-1]}"
-        return self.catalog.create_table_if_not_exists(
+        table = self.catalog.create_table_if_not_exists(
             name, schema, location=location, partition_spec=_spec(schema), sort_order=_sort(schema, order),
             properties=TABLE_PROPERTIES,
         )  # fmt: skip
+        have = {f.name for f in table.schema().fields}
+        missing = [f for f in schema.fields if f.name not in have]
+        if missing:  # a table made by an earlier version: a schema evolution, not a folder convention
+            with table.update_schema() as update:
+                for field in missing:
+                    update.add_column(field.name, field.field_type, doc=field.doc)
+            table = self.catalog.load_table(name)
+        return table
 
     def load(self, name: str) -> Table:
         return self.catalog.load_table(name)
@@ -214,7 +227,12 @@ def receipts_of(snapshot: Snapshot) -> list[list[Any]]:
         out = json.loads(raw)
     except ValueError:
         return []
-    return [r for r in out if isinstance(r, list) and len(r) == len(RECEIPT_FIELDS)]
+    # receipts written before the privacy stamp existed lack that last field: none
+    return [
+        r if len(r) == len(RECEIPT_FIELDS) else [*r, ""]
+        for r in out
+        if isinstance(r, list) and len(RECEIPT_FIELDS) - 1 <= len(r) <= len(RECEIPT_FIELDS)
+    ]
 
 
 def _keys_between(table: Table, head: Snapshot | None, base_id: int | None) -> set[str]:
@@ -296,20 +314,23 @@ class IcebergFleetStore:
 
     def write_segment(
         self, *, fleet: str, device_id: str, capture_id: str, campaign: str, segment: Segment,
-        catalog: SignalCatalog, received_unix: float,
+        catalog: SignalCatalog, received_unix: float, clock_offset_ns: int | None = None, privacy: str = "",
     ) -> int:  # fmt: skip
         """Store one segment's samples in the next batch and return how many once it is committed (the
-        count it had, for a segment committed before). Writing it again is harmless."""
-        rows = segment_table(device_id, capture_id, campaign, segment, catalog)
+        count it had, for a segment committed before). Writing it again is harmless. With
+        ``clock_offset_ns``, times are stored on the cloud's clock and the offset beside them."""
+        rows = segment_table(device_id, capture_id, campaign, segment, catalog, clock_offset_ns)
         span = segment.time_range()
-        first, last = span if span is not None else (0, 0)
+        shift = clock_offset_ns or 0
+        first, last = (span[0] - shift, span[1] - shift) if span is not None else (0, 0)
         date = partition_date(span[0] if span is not None else None, received_unix)
         key = f"{device_id}/{bytes(segment.segment_id).hex()}"
         if rows.num_rows:
             rows = rows.append_column("fleet", pa.array([fleet] * rows.num_rows, pa.string()))
             rows = rows.append_column("date", pa.array([date] * rows.num_rows, pa.string()).cast(pa.date32()))
+            rows = rows.select([f.name for f in SAMPLES_SCHEMA.fields])
         receipt = [device_id, key.split("/")[1], rows.num_rows, capture_id, campaign, int(first), int(last),
-                   float(received_unix), fleet, date]  # fmt: skip
+                   float(received_unix), fleet, date, privacy]  # fmt: skip
         item = _Item(key, rows, receipt)
         with self._cond:
             if key in self._committed:
@@ -415,7 +436,7 @@ def captures_rows(
             "segment_id": cols["segment_id"], "first_ns": cols["first_ns"], "last_ns": cols["last_ns"],
             "samples": cols["samples"], "segments": segments or [1] * len(receipts),
             "first_received": cols["received"], "last_received": last_received or cols["received"],
-            "fleet": cols["fleet"],
+            "fleet": cols["fleet"], "privacy": cols["privacy"],
             "date": pa.array(cols["date"], pa.string()).cast(pa.date32()),
         },
         schema=schema,

@@ -304,7 +304,7 @@ def migrate_parquet(
     if captures and capture_table.current_snapshot() is None:
         receipts = [[c.device_id, None, c.samples, c.capture_id, c.campaign, c.first_ns, c.last_ns,
                      c.first_received, fleets.get(c.device_id, "default"),
-                     partition_date(c.first_ns, c.first_received)] for c in captures]  # fmt: skip
+                     partition_date(c.first_ns, c.first_received), c.privacy] for c in captures]  # fmt: skip
         rows = captures_rows(receipts, segments=[c.segments for c in captures],
                              last_received=[c.last_received for c in captures])  # fmt: skip
         capture_table.append(rows, snapshot_properties={MIGRATED_KEY: "captures"})

@@ -53,6 +53,10 @@ SAMPLES_SCHEMA = pa.schema(
         # The text of a STRING signal (NULL for the others, whose value/value_int are NULL for text).
         # Files written before text existed lack the column; readers fill it with NULL (union by name).
         pa.field("value_str", pa.string(), nullable=True),
+        # The device's clock minus the cloud's, already taken off ``t_ns`` (which is cloud time); NULL
+        # when no offset was applied (none measured, or refused). ``t_ns + clock_offset_ns`` is what the
+        # device stamped. Files from before the column lack it; readers fill it with NULL.
+        pa.field("clock_offset_ns", pa.int64(), nullable=True),
     ]
 )
 #: Names that become directory or file names must be plain: no separators, no '..', no '=' (Hive).
@@ -196,7 +200,8 @@ class FleetStore:
         return names
 
     def segment_path(self, *, fleet: str, device_id: str, segment: Segment, received_unix: float) -> Path:
-        """Where ``segment`` is (or will be) stored; deterministic, which is what makes retries safe."""
+        """Where ``segment`` is (or will be) stored; deterministic, which is what makes retries safe. The
+        date is the device's own stamp's: a retry under another clock estimate lands on the same file."""
         span = segment.time_range()  # over every group of a multi-group (format 4) segment
         first = span[0] if span is not None else None
         date = partition_date(first, received_unix)
@@ -213,18 +218,22 @@ class FleetStore:
         segment: Segment,
         catalog: Catalog,
         received_unix: float,
+        clock_offset_ns: int | None = None,
+        privacy: str = "",
     ) -> int:
         """Store one segment's samples; returns how many (rows × signals). Writing it again is harmless.
 
         A segment whose file compaction already absorbed is not written again (its rows are in the
         compacted file); the count is returned all the same. A signal id the device's catalog does not
         know, or a column whose length differs from the timestamps, is a malformed upload
-        (MalformedMessageError) and writes nothing.
+        (MalformedMessageError) and writes nothing. With ``clock_offset_ns`` (the device's clock minus
+        the cloud's), times are stored on the cloud's clock and the offset beside them. ``privacy`` (the
+        capture's policy stamp) is not kept here: the metadata's captures hold it in this layout.
         """
         path = self.segment_path(
             fleet=fleet, device_id=device_id, segment=segment, received_unix=received_unix
         )
-        table = segment_table(device_id, capture_id, campaign, segment, catalog)
+        table = segment_table(device_id, capture_id, campaign, segment, catalog, clock_offset_ns)
         if table.num_rows == 0:
             return 0
         sink = pa.BufferOutputStream()
@@ -238,13 +247,16 @@ class FleetStore:
 
     @staticmethod
     def _table(
-        device_id: str, capture_id: str, campaign: str, segment: Segment, catalog: Catalog
-    ) -> pa.Table:
+        device_id: str, capture_id: str, campaign: str, segment: Segment, catalog: Catalog,
+        clock_offset_ns: int | None,
+    ) -> pa.Table:  # fmt: skip
         where = f"segment {bytes(segment.segment_id).hex()} of device {device_id}"
         t_ns = np.asarray(segment.t_ns)
         if t_ns.ndim != 1:
             raise MalformedMessageError(f"{where}: timestamps are not a 1-D array")
         t_ns = t_ns.astype(np.int64, copy=False)
+        if clock_offset_ns:
+            t_ns = t_ns - np.int64(clock_offset_ns)
         rows = int(t_ns.shape[0])
         signal_ids = sorted(segment.columns)
         paths: list[str] = []
@@ -312,6 +324,9 @@ class FleetStore:
                 pa.array(np.concatenate(value_parts), type=pa.float64(), mask=np.concatenate(value_masks)),
                 pa.array(np.concatenate(int_parts), type=pa.int64(), mask=np.concatenate(int_masks)),
                 pa.concat_arrays(str_parts),
+                pa.nulls(total, pa.int64())
+                if clock_offset_ns is None
+                else pa.array(np.full(total, clock_offset_ns, dtype=np.int64), type=pa.int64()),
             ],
             schema=SAMPLES_SCHEMA,
         )
@@ -319,12 +334,16 @@ class FleetStore:
 
 
 def segment_table(
-    device_id: str, capture_id: str, campaign: str, segment: Segment, catalog: Catalog
-) -> pa.Table:
+    device_id: str, capture_id: str, campaign: str, segment: Segment, catalog: Catalog,
+    clock_offset_ns: int | None = None,
+) -> pa.Table:  # fmt: skip
     """One segment's rows in :data:`SAMPLES_SCHEMA`, by signal path and time (what either table format
     stores); MalformedMessageError for a signal id the catalog lacks or a column of the wrong length."""
     # A multi-group (format 4) segment holds every group's rows, group after group.
-    tables = [FleetStore._table(device_id, capture_id, campaign, g, catalog) for g in segment.groups()]
+    tables = [
+        FleetStore._table(device_id, capture_id, campaign, group, catalog, clock_offset_ns)
+        for group in segment.groups()
+    ]
     if len(tables) == 1:
         return tables[0]
     # ordered like every other file: by signal path, then time

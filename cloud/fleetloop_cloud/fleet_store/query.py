@@ -79,6 +79,7 @@ _SAMPLES_COLUMNS = (
     ("value_str", "VARCHAR"),
     ("fleet", "VARCHAR"),
     ("date", "DATE"),
+    ("clock_offset_ns", "BIGINT"),
 )
 CAPTURES_SCHEMA = pa.schema(
     [
@@ -135,7 +136,8 @@ def _dataset(table: TableFiles) -> ds.Dataset:
 _CAPTURES_FROM_SEGMENTS = (
     "SELECT capture_id, device_id, campaign, min(first_ns) AS first_ns, max(last_ns) AS last_ns, "
     "CAST(sum(samples) AS BIGINT) AS samples, CAST(sum(segments) AS BIGINT) AS segments, "
-    "min(first_received) AS first_received, max(last_received) AS last_received "
+    "min(first_received) AS first_received, max(last_received) AS last_received, "
+    "coalesce(max(privacy), '') AS privacy "
     "FROM captures_segments GROUP BY capture_id, device_id, campaign"
 )
 
@@ -319,9 +321,13 @@ class QueryEngine:
                 # Files from before text signals existed have no value_str; when none has it, say NULL.
                 stored = {str(r[0]) for r in conn.execute("DESCRIBE stored_samples").fetchall()}
                 value_str = "value_str" if "value_str" in stored else "CAST(NULL AS VARCHAR) AS value_str"
+                # Files from before clock correction have no clock_offset_ns: NULL, nothing applied.
+                offset = "clock_offset_ns"
+                if offset not in stored:
+                    offset = "CAST(NULL AS BIGINT) AS clock_offset_ns"
                 conn.execute(
                     "CREATE VIEW samples AS SELECT device_id, capture_id, campaign, signal, t_ns, value, "
-                    f"value_int, {value_str}, fleet, date FROM stored_samples"
+                    f"value_int, {value_str}, fleet, date, {offset} FROM stored_samples"
                 )
             else:
                 cols = ", ".join(f"CAST(NULL AS {t}) AS {n}" for n, t in _SAMPLES_COLUMNS)

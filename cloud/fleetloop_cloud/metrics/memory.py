@@ -32,6 +32,8 @@ class MemoryMetrics:
         #: (route, status) → HTTP requests, and those refused for their credentials
         self.http: Counter[tuple[str, int]] = Counter()
         self.auth_failures: Counter[tuple[str, int]] = Counter()
+        #: (transport, status) → uploads by what became of their clock offset
+        self.clock_offsets: Counter[Labels] = Counter()
         self._readings: dict[str, Reading] = {}
 
     def _observe(self, key: Labels, seconds: float) -> None:
@@ -52,6 +54,10 @@ class MemoryMetrics:
     def upload(self, transport: str, kind: str, seconds: float) -> None:
         with self._lock:
             self._observe(("upload", transport, kind), seconds)
+
+    def clock_offset(self, transport: str, status: str) -> None:
+        with self._lock:
+            self.clock_offsets[(transport, status)] += 1
 
     # -- QueryMetrics --------------------------------------------------------------------------------
     def query(self, outcome: str, seconds: float) -> None:

@@ -98,6 +98,11 @@ class PrometheusMetrics:
             "(kind segment: a whole segment; chunk: one piece of a resumable upload)",
             ["transport", "kind"], buckets=FAST_BUCKETS, registry=r,
         )  # fmt: skip
+        self._clock_offsets = Counter(
+            "fleetloop_ingest_clock_offsets", "New segments by what became of the device's clock offset: "
+            "applied (times stored on the cloud's clock), unmeasured (none sent), refused (impossible; "
+            "times stored as stamped)", ["transport", "status"], registry=r,
+        )  # fmt: skip
         self._query_seconds = Histogram(
             "fleetloop_query_duration_seconds", "SQL query run time, by outcome: ok, error, timeout",
             ["outcome"], buckets=SLOW_BUCKETS, registry=r,
@@ -131,6 +136,9 @@ class PrometheusMetrics:
 
     def upload(self, transport: str, kind: str, seconds: float) -> None:
         self._upload_seconds.labels(transport, kind).observe(seconds)
+
+    def clock_offset(self, transport: str, status: str) -> None:
+        self._clock_offsets.labels(transport, status).inc()
 
     # -- QueryMetrics --------------------------------------------------------------------------------
     def query(self, outcome: str, seconds: float) -> None:

@@ -93,6 +93,10 @@ class SegmentRepository(Protocol):
         """Record an ingested segment and fold it into its capture; False (and no change) for a repeat."""
         ...
 
+    def receipt(self, device_id: str, segment_id: bytes) -> SegmentReceipt | None:
+        """What was recorded of one segment (None: not stored)."""
+        ...
+
     def captures(self) -> list[CaptureRecord]:
         """Every capture, by first arrival."""
         ...

@@ -103,10 +103,16 @@ class SegmentReceipt:
     campaign: str
     priority: int
     samples: int
+    #: The samples' time span, on the cloud's clock when the device's offset was applied.
     first_ns: int
     last_ns: int
     #: The privacy policy the capture was taken under (``NAME@VERSION#KEYID``), "" for none.
     privacy: str = ""
+    #: The clock offset the device sent (device minus cloud, clamped; None: none), its round trip, and
+    #: what became of it: ``applied``, ``unmeasured`` or ``refused`` (``uploads.clock_check``).
+    clock_offset_ns: int | None = None
+    clock_round_trip_ns: int | None = None
+    clock_status: str = ""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ defaults) and the tables on open. ``device_telemetry`` (each device's latest hea
 added to any database on open without a new version: older code never reads it. Version 5 (this one)
 added the devices' ``delta_formats`` (the OTA delta formats a device's inventory says it reads,
 comma-separated, preferred first); an older database gains the column, empty for every device (read as
-FLDELTA1 only, what agents before the report read), on open.
+FLDELTA1 only, what agents before the report read), on open. The segments' clock columns (the offset
+each upload carried, its round trip, and whether it was applied) are added to any database on open
+without a new version, like ``device_telemetry``: older code inserts without them (NULL, '').
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ CREATE TABLE IF NOT EXISTS segments (
     first_ns INTEGER NOT NULL,
     last_ns INTEGER NOT NULL,
     received_at REAL NOT NULL,
+    clock_offset_ns INTEGER,
+    clock_round_trip_ns INTEGER,
+    clock_status TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (device_id, segment_id)
 );
 CREATE TABLE IF NOT EXISTS captures (
@@ -195,6 +200,7 @@ def ensure_schema(db: Database) -> None:
         for statement in _TABLES.split(";"):
             if statement.strip():
                 tx.execute(db.ddl(statement))
+        _add_clock_columns(tx, db)
         row = tx.execute("SELECT version FROM schema_version").fetchone()
         if row is None:
             tx.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -266,3 +272,19 @@ def _add_capture_privacy_column(tx: Transaction, db: Database) -> None:
     any version (it checks), so it needs no version number of its own."""
     if "privacy" not in _columns(tx, db, "captures"):
         tx.execute(db.ddl("ALTER TABLE captures ADD COLUMN privacy TEXT NOT NULL DEFAULT ''"))
+
+
+#: The clock offset each upload carried (``uploads.clock_check``); added on open to a ledger made before.
+_CLOCK_COLUMNS = (
+    "clock_offset_ns INTEGER",
+    "clock_round_trip_ns INTEGER",
+    "clock_status TEXT NOT NULL DEFAULT ''",
+)
+
+
+def _add_clock_columns(tx: Transaction, db: Database) -> None:
+    """Segments recorded before the clock exchange have no offset: add the columns (NULL, '')."""
+    have = _columns(tx, db, "segments")
+    for column in _CLOCK_COLUMNS:
+        if column.split()[0] not in have:
+            tx.execute(db.ddl(f"ALTER TABLE segments ADD COLUMN {column}"))

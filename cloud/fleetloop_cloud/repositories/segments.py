@@ -28,11 +28,12 @@ class SqlSegments:
         with self._db.write() as tx:
             cur = tx.execute(
                 """INSERT INTO segments (device_id, segment_id, capture_id, campaign, priority,
-                                         samples, first_ns, last_ns, received_at)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                         samples, first_ns, last_ns, received_at, clock_offset_ns,
+                                         clock_round_trip_ns, clock_status)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT (device_id, segment_id) DO NOTHING""",
                 (device_id, bytes(segment_id), r.capture_id, r.campaign, r.priority, r.samples, r.first_ns,
-                 r.last_ns, now),
+                 r.last_ns, now, r.clock_offset_ns, r.clock_round_trip_ns, r.clock_status),
             )  # fmt: skip
             if cur.rowcount == 0:
                 return False
@@ -51,6 +52,22 @@ class SqlSegments:
                 (device_id, r.capture_id, r.campaign, r.first_ns, r.last_ns, r.samples, now, now, r.privacy),
             )
             return True
+
+    def receipt(self, device_id: str, segment_id: bytes) -> SegmentReceipt | None:
+        rows = self._db.read(
+            """SELECT capture_id, campaign, priority, samples, first_ns, last_ns, clock_offset_ns,
+                      clock_round_trip_ns, clock_status
+               FROM segments WHERE device_id = ? AND segment_id = ?""",
+            (device_id, bytes(segment_id)),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return SegmentReceipt(
+            str(r[0]), str(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]),
+            clock_offset_ns=None if r[6] is None else int(r[6]),
+            clock_round_trip_ns=None if r[7] is None else int(r[7]), clock_status=str(r[8]),
+        )  # fmt: skip
 
     def captures(self) -> list[CaptureRecord]:
         rows = self._db.read(
@@ -76,7 +93,7 @@ class SqlSegments:
 class MemorySegments:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._segments: dict[tuple[str, bytes], int] = {}
+        self._segments: dict[tuple[str, bytes], SegmentReceipt] = {}
         self._captures: dict[tuple[str, str], CaptureRecord] = {}
 
     def has(self, device_id: str, segment_id: bytes) -> bool:
@@ -89,7 +106,7 @@ class MemorySegments:
             key = (device_id, bytes(segment_id))
             if key in self._segments:
                 return False
-            self._segments[key] = r.samples
+            self._segments[key] = r
             old = self._captures.get((device_id, r.capture_id))
             if old is None:
                 self._captures[(device_id, r.capture_id)] = CaptureRecord(
@@ -107,6 +124,10 @@ class MemorySegments:
                 )
             return True
 
+    def receipt(self, device_id: str, segment_id: bytes) -> SegmentReceipt | None:
+        with self._lock:
+            return self._segments.get((device_id, bytes(segment_id)))
+
     def captures(self) -> list[CaptureRecord]:
         with self._lock:
             records = list(self._captures.values())
@@ -114,4 +135,5 @@ class MemorySegments:
 
     def totals(self) -> IngestTotals:
         with self._lock:
-            return IngestTotals(len(self._segments), sum(self._segments.values()), len(self._captures))
+            samples = sum(r.samples for r in self._segments.values())
+            return IngestTotals(len(self._segments), samples, len(self._captures))

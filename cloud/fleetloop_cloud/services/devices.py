@@ -20,6 +20,7 @@ from fleetloop_cloud.repositories.records import DeviceRecord, DeviceTelemetry, 
 from fleetloop_cloud.services.access import Access, Caller
 from fleetloop_cloud.sessions import DeviceSessions, Session
 from fleetloop_shared.catalog import Catalog, DataType
+from fleetloop_shared.clock import pong_for
 from fleetloop_shared.errors import MalformedMessageError, NotFoundError
 from fleetloop_shared.update.delta_format import readable_formats
 from fleetloop_shared.wire import device_pb2, ota_pb2
@@ -102,6 +103,10 @@ def registration(hello: device_pb2.Hello) -> Registration:
     )
 
 
+#: What every device hears first: how often to beat, and that clock pings are answered here.
+WELCOME = device_pb2.Welcome(heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS, answers_clock_ping=True)
+
+
 class DeviceService:
     """Devices as seen by one coordinator (``coordinator_id``): its sessions and the fleet's records."""
 
@@ -172,7 +177,7 @@ class DeviceService:
         """What a device gets after its hello: the welcome and its desired campaigns."""
         device_id = self._access.device(caller, caller.name)
         return [
-            device_pb2.CloudMessage(welcome=device_pb2.Welcome(heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS)),
+            device_pb2.CloudMessage(welcome=WELCOME),
             device_pb2.CloudMessage(desired_campaigns=self._campaigns.desired_for(device_id)),
         ]
 
@@ -205,6 +210,10 @@ class DeviceService:
             log.info("device %s ota %s: %s %s", device_id, st.job_id, state, st.reason)
             self._ota.on_device_status(device_id, st.job_id, state, st.reason, now,
                                        running_version=st.running_version, waiting=st.install_waiting)
+        elif kind == "clock_ping":
+            # answered at once through the device's session here; the stamps are this coordinator's clock
+            stamp = int(now * 1e9)
+            self._sessions.publish(device_id, pong_for(msg.clock_ping, stamp, stamp))
         elif kind == "hello":
             raise MalformedMessageError(f"device {device_id}: a second hello on one stream")
 

@@ -18,6 +18,7 @@ time to answer each upload request and to make each new segment durable — goes
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from fleetloop_cloud.repositories.records import SegmentReceipt
 from fleetloop_cloud.services.access import Access, Caller
 from fleetloop_cloud.services.privacy import CampaignPolicies
 from fleetloop_cloud.sessions import DeviceSessions
+from fleetloop_cloud.uploads.clock_check import REFUSED, judge
 from fleetloop_cloud.uploads.scheduler import NETWORKS, Backlog, Budget, UploadScheduler
 from fleetloop_cloud.uploads.staging import StagingLimits, UploadStaging
 from fleetloop_shared.catalog import Catalog
@@ -44,6 +46,8 @@ from fleetloop_shared.errors import (
 from fleetloop_shared.privacy import PolicyStamp, violations
 from fleetloop_shared.segment import Segment, decode_segment
 from fleetloop_shared.wire import device_pb2, ingest_pb2, parse
+
+log = logging.getLogger("fleetloop.cloud.ingest")
 
 #: Largest segment a device may upload in pieces (UploadChunk), unless configured
 #: (``uploads.staging.max_upload_bytes``); UploadSegment is bounded by the gRPC message limit (16 MiB).
@@ -61,9 +65,11 @@ class SampleStore(Protocol):
 
     def write_segment(
         self, *, fleet: str, device_id: str, capture_id: str, campaign: str, segment: Segment,
-        catalog: Catalog, received_unix: float,
+        catalog: Catalog, received_unix: float, clock_offset_ns: int | None = None, privacy: str = "",
     ) -> int:  # fmt: skip
-        """Store one segment's samples durably and return how many; storing it again is harmless."""
+        """Store one segment's samples durably and return how many; storing it again is harmless. With
+        ``clock_offset_ns`` (device minus cloud), times are stored on the cloud's clock; ``privacy`` is
+        the policy stamp of its capture (a table format that keeps captures beside the samples keeps it)."""
         ...
 
 
@@ -78,6 +84,9 @@ class IngestMetrics(Protocol):
 
     def upload(self, transport: str, kind: str, seconds: float) -> None:
         """One upload request answered (``segment`` or ``chunk``), refused ones included."""
+
+    def clock_offset(self, transport: str, status: str) -> None:
+        """One new segment's clock offset ``applied``, ``unmeasured`` or ``refused``."""
 
 
 @dataclass(frozen=True)
@@ -211,19 +220,33 @@ class IngestService:
         found = violations(policy, seg, catalog) if policy is not None else []
         if found:
             raise PrivacyViolationError(f"segment {segment_id.hex()} refused: {'; '.join(found)}")
-        samples = self._samples.write_segment(
-            fleet=device.fleet, device_id=device_id, capture_id=capture_id, campaign=campaign, segment=seg,
-            catalog=catalog, received_unix=now,
+        span = seg.time_range()
+        clock = judge(
+            r.clock if r.HasField("clock") else None,
+            span[0] if span else None, span[1] if span else None, int(now * 1e9),
         )  # fmt: skip
-        first, last = seg.time_range() or (0, 0)
         stamp = PolicyStamp(r.privacy_policy, r.privacy_policy_version, r.privacy_key_id)
         privacy = stamp.text()[:MAX_STAMP_CHARS] if r.privacy_policy else ""
-        receipt = SegmentReceipt(capture_id, campaign, r.priority, samples, first, last, privacy)
+        samples = self._samples.write_segment(
+            fleet=device.fleet, device_id=device_id, capture_id=capture_id, campaign=campaign, segment=seg,
+            catalog=catalog, received_unix=now, clock_offset_ns=clock.applied_ns, privacy=privacy,
+        )  # fmt: skip
+        shift = clock.applied_ns or 0
+        first, last = (span[0] - shift, span[1] - shift) if span else (0, 0)
+        receipt = SegmentReceipt(
+            capture_id, campaign, r.priority, samples, first, last, privacy,
+            clock_offset_ns=clock.reported_ns, clock_round_trip_ns=clock.round_trip_ns,
+            clock_status=clock.status,
+        )  # fmt: skip
         fresh = self._segments.record(device_id, segment_id, receipt, now)
         if fresh:
             self._metrics.segment(
                 transport, "stored", samples=samples, size=len(data), seconds=self._timer() - started
             )
+            self._metrics.clock_offset(transport, clock.status)
+            if clock.status == REFUSED:
+                log.warning("device %s: clock offset not applied to segment %s: %s",
+                            device_id, segment_id.hex(), clock.reason)  # fmt: skip
         else:  # another coordinator recorded it first
             self._metrics.segment(transport, "duplicate")
         return IngestAck(samples, not fresh)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fleetloop_shared.wire.gen.fleetloop.ota.v1 import ota_pb2 as fleetloop_dot_ota_dot_v1_dot_ota__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fleetloop/device/v1/device.proto\x12\x13\x66leetloop.device.v1\x1a\x1a\x66leetloop/ota/v1/ota.proto\"i\n\rCatalogSignal\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x30\n\tdata_type\x18\x03 \x01(\x0e\x32\x1d.fleetloop.device.v1.DataType\x12\x0c\n\x04unit\x18\x04 \x01(\t\"\xf1\x01\n\x05Hello\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05\x66leet\x18\x02 \x01(\t\x12\x36\n\x06labels\x18\x03 \x03(\x0b\x32&.fleetloop.device.v1.Hello.LabelsEntry\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x33\n\x07\x63\x61talog\x18\x05 \x03(\x0b\x32\".fleetloop.device.v1.CatalogSignal\x12\x13\n\x0b\x64\x61ta_origin\x18\x06 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xad\x01\n\tInventory\x12\x13\n\x0bhardware_id\x18\x01 \x01(\t\x12\x18\n\x10\x66irmware_version\x18\x02 \x01(\t\x12\x17\n\x0f\x66irmware_sha256\x18\x03 \x01(\t\x12\x13\n\x0b\x61\x63tive_slot\x18\x04 \x01(\t\x12\x19\n\x11\x63\x61mpaigns_version\x18\x05 \x01(\x04\x12\x15\n\rdelta_formats\x18\x06 \x03(\t\x12\x11\n\ttime_zone\x18\x07 \x01(\t\"\xca\x01\n\tHeartbeat\x12\x14\n\x0ctime_unix_ns\x18\x01 \x01(\x03\x12\x18\n\x10segments_pending\x18\x02 \x01(\x04\x12\x15\n\rbytes_pending\x18\x03 \x01(\x04\x12\x35\n\x07\x62\x61\x63klog\x18\x04 \x03(\x0b\x32$.fleetloop.device.v1.PriorityBacklog\x12\x0f\n\x07network\x18\x05 \x01(\t\x12\x13\n\x0bstore_bytes\x18\x06 \x01(\x04\x12\x19\n\x11store_quota_bytes\x18\x07 \x01(\x04\"2\n\x0fPriorityBacklog\x12\x10\n\x08priority\x18\x01 \x01(\r\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"\x81\x01\n\x0e\x43\x61mpaignStatus\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0f\n\x07running\x18\x02 \x03(\t\x12\x35\n\x07refused\x18\x03 \x03(\x0b\x32$.fleetloop.device.v1.CampaignRefusal\x12\x16\n\x0e\x63\x61ptures_total\x18\x04 \x01(\x04\"/\n\x0f\x43\x61mpaignRefusal\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xa1\x02\n\rDeviceMessage\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.fleetloop.device.v1.HelloH\x00\x12\x33\n\tinventory\x18\x02 \x01(\x0b\x32\x1e.fleetloop.device.v1.InventoryH\x00\x12\x33\n\theartbeat\x18\x03 \x01(\x0b\x32\x1e.fleetloop.device.v1.HeartbeatH\x00\x12>\n\x0f\x63\x61mpaign_status\x18\x04 \x01(\x0b\x32#.fleetloop.device.v1.CampaignStatusH\x00\x12\x31\n\nota_status\x18\x05 \x01(\x0b\x32\x1b.fleetloop.ota.v1.OtaStatusH\x00\x42\x06\n\x04kind\";\n\x08\x43\x61mpaign\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x10\n\x08\x64ocument\x18\x03 \x01(\t\"\x8c\x01\n\x10\x44\x65siredCampaigns\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x30\n\tcampaigns\x18\x02 \x03(\x0b\x32\x1d.fleetloop.device.v1.Campaign\x12\x35\n\x0cprivacy_keys\x18\x03 \x03(\x0b\x32\x1f.fleetloop.device.v1.PrivacyKey\"`\n\nPrivacyKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x1a\n\x12not_before_unix_ns\x18\x03 \x01(\x03\x12\x19\n\x11not_after_unix_ns\x18\x04 \x01(\x03\"6\n\x0bUploadGrant\x12\x11\n\tmax_bytes\x18\x01 \x01(\x04\x12\x14\n\x0cmin_priority\x18\x02 \x01(\r\"(\n\x07Welcome\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\"\xf2\x01\n\x0c\x43loudMessage\x12/\n\x07welcome\x18\x01 \x01(\x0b\x32\x1c.fleetloop.device.v1.WelcomeH\x00\x12\x42\n\x11\x64\x65sired_campaigns\x18\x02 \x01(\x0b\x32%.fleetloop.device.v1.DesiredCampaignsH\x00\x12+\n\x07ota_job\x18\x03 \x01(\x0b\x32\x18.fleetloop.ota.v1.OtaJobH\x00\x12\x38\n\x0cupload_grant\x18\x04 \x01(\x0b\x32 .fleetloop.device.v1.UploadGrantH\x00\x42\x06\n\x04kind*{\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x02\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x03\x12\x14\n\x10\x44\x41TA_TYPE_STRING\x10\x04\x32\x65\n\rDeviceService\x12T\n\x07\x43onnect\x12\".fleetloop.device.v1.DeviceMessage\x1a!.fleetloop.device.v1.CloudMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fleetloop/device/v1/device.proto\x12\x13\x66leetloop.device.v1\x1a\x1a\x66leetloop/ota/v1/ota.proto\"i\n\rCatalogSignal\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x30\n\tdata_type\x18\x03 \x01(\x0e\x32\x1d.fleetloop.device.v1.DataType\x12\x0c\n\x04unit\x18\x04 \x01(\t\"\xf1\x01\n\x05Hello\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\r\n\x05\x66leet\x18\x02 \x01(\t\x12\x36\n\x06labels\x18\x03 \x03(\x0b\x32&.fleetloop.device.v1.Hello.LabelsEntry\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x33\n\x07\x63\x61talog\x18\x05 \x03(\x0b\x32\".fleetloop.device.v1.CatalogSignal\x12\x13\n\x0b\x64\x61ta_origin\x18\x06 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xad\x01\n\tInventory\x12\x13\n\x0bhardware_id\x18\x01 \x01(\t\x12\x18\n\x10\x66irmware_version\x18\x02 \x01(\t\x12\x17\n\x0f\x66irmware_sha256\x18\x03 \x01(\t\x12\x13\n\x0b\x61\x63tive_slot\x18\x04 \x01(\t\x12\x19\n\x11\x63\x61mpaigns_version\x18\x05 \x01(\x04\x12\x15\n\rdelta_formats\x18\x06 \x03(\t\x12\x11\n\ttime_zone\x18\x07 \x01(\t\"\xca\x01\n\tHeartbeat\x12\x14\n\x0ctime_unix_ns\x18\x01 \x01(\x03\x12\x18\n\x10segments_pending\x18\x02 \x01(\x04\x12\x15\n\rbytes_pending\x18\x03 \x01(\x04\x12\x35\n\x07\x62\x61\x63klog\x18\x04 \x03(\x0b\x32$.fleetloop.device.v1.PriorityBacklog\x12\x0f\n\x07network\x18\x05 \x01(\t\x12\x13\n\x0bstore_bytes\x18\x06 \x01(\x04\x12\x19\n\x11store_quota_bytes\x18\x07 \x01(\x04\"2\n\x0fPriorityBacklog\x12\x10\n\x08priority\x18\x01 \x01(\r\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"\x81\x01\n\x0e\x43\x61mpaignStatus\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0f\n\x07running\x18\x02 \x03(\t\x12\x35\n\x07refused\x18\x03 \x03(\x0b\x32$.fleetloop.device.v1.CampaignRefusal\x12\x16\n\x0e\x63\x61ptures_total\x18\x04 \x01(\x04\"/\n\x0f\x43\x61mpaignRefusal\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xd7\x02\n\rDeviceMessage\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.fleetloop.device.v1.HelloH\x00\x12\x33\n\tinventory\x18\x02 \x01(\x0b\x32\x1e.fleetloop.device.v1.InventoryH\x00\x12\x33\n\theartbeat\x18\x03 \x01(\x0b\x32\x1e.fleetloop.device.v1.HeartbeatH\x00\x12>\n\x0f\x63\x61mpaign_status\x18\x04 \x01(\x0b\x32#.fleetloop.device.v1.CampaignStatusH\x00\x12\x31\n\nota_status\x18\x05 \x01(\x0b\x32\x1b.fleetloop.ota.v1.OtaStatusH\x00\x12\x34\n\nclock_ping\x18\x06 \x01(\x0b\x32\x1e.fleetloop.device.v1.ClockPingH\x00\x42\x06\n\x04kind\"#\n\tClockPing\x12\x16\n\x0e\x64\x65vice_send_ns\x18\x01 \x01(\x03\"T\n\tClockPong\x12\x16\n\x0e\x64\x65vice_send_ns\x18\x01 \x01(\x03\x12\x18\n\x10\x63loud_receive_ns\x18\x02 \x01(\x03\x12\x15\n\rcloud_send_ns\x18\x03 \x01(\x03\";\n\x08\x43\x61mpaign\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x10\n\x08\x64ocument\x18\x03 \x01(\t\"\x8c\x01\n\x10\x44\x65siredCampaigns\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x30\n\tcampaigns\x18\x02 \x03(\x0b\x32\x1d.fleetloop.device.v1.Campaign\x12\x35\n\x0cprivacy_keys\x18\x03 \x03(\x0b\x32\x1f.fleetloop.device.v1.PrivacyKey\"`\n\nPrivacyKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x1a\n\x12not_before_unix_ns\x18\x03 \x01(\x03\x12\x19\n\x11not_after_unix_ns\x18\x04 \x01(\x03\"6\n\x0bUploadGrant\x12\x11\n\tmax_bytes\x18\x01 \x01(\x04\x12\x14\n\x0cmin_priority\x18\x02 \x01(\r\"D\n\x07Welcome\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\r\x12\x1a\n\x12\x61nswers_clock_ping\x18\x02 \x01(\x08\"\xa8\x02\n\x0c\x43loudMessage\x12/\n\x07welcome\x18\x01 \x01(\x0b\x32\x1c.fleetloop.device.v1.WelcomeH\x00\x12\x42\n\x11\x64\x65sired_campaigns\x18\x02 \x01(\x0b\x32%.fleetloop.device.v1.DesiredCampaignsH\x00\x12+\n\x07ota_job\x18\x03 \x01(\x0b\x32\x18.fleetloop.ota.v1.OtaJobH\x00\x12\x38\n\x0cupload_grant\x18\x04 \x01(\x0b\x32 .fleetloop.device.v1.UploadGrantH\x00\x12\x34\n\nclock_pong\x18\x05 \x01(\x0b\x32\x1e.fleetloop.device.v1.ClockPongH\x00\x42\x06\n\x04kind*{\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_INT64\x10\x02\x12\x12\n\x0e\x44\x41TA_TYPE_BOOL\x10\x03\x12\x14\n\x10\x44\x41TA_TYPE_STRING\x10\x04\x32\x65\n\rDeviceService\x12T\n\x07\x43onnect\x12\".fleetloop.device.v1.DeviceMessage\x1a!.fleetloop.device.v1.CloudMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HELLO_LABELSENTRY']._loaded_options = None
   _globals['_HELLO_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_DATATYPE']._serialized_start=1987
-  _globals['_DATATYPE']._serialized_end=2110
+  _globals['_DATATYPE']._serialized_start=2246
+  _globals['_DATATYPE']._serialized_end=2369
   _globals['_CATALOGSIGNAL']._serialized_start=85
   _globals['_CATALOGSIGNAL']._serialized_end=190
   _globals['_HELLO']._serialized_start=193
@@ -53,19 +53,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CAMPAIGNREFUSAL']._serialized_start=1001
   _globals['_CAMPAIGNREFUSAL']._serialized_end=1048
   _globals['_DEVICEMESSAGE']._serialized_start=1051
-  _globals['_DEVICEMESSAGE']._serialized_end=1340
-  _globals['_CAMPAIGN']._serialized_start=1342
-  _globals['_CAMPAIGN']._serialized_end=1401
-  _globals['_DESIREDCAMPAIGNS']._serialized_start=1404
-  _globals['_DESIREDCAMPAIGNS']._serialized_end=1544
-  _globals['_PRIVACYKEY']._serialized_start=1546
-  _globals['_PRIVACYKEY']._serialized_end=1642
-  _globals['_UPLOADGRANT']._serialized_start=1644
-  _globals['_UPLOADGRANT']._serialized_end=1698
-  _globals['_WELCOME']._serialized_start=1700
-  _globals['_WELCOME']._serialized_end=1740
-  _globals['_CLOUDMESSAGE']._serialized_start=1743
-  _globals['_CLOUDMESSAGE']._serialized_end=1985
-  _globals['_DEVICESERVICE']._serialized_start=2112
-  _globals['_DEVICESERVICE']._serialized_end=2213
+  _globals['_DEVICEMESSAGE']._serialized_end=1394
+  _globals['_CLOCKPING']._serialized_start=1396
+  _globals['_CLOCKPING']._serialized_end=1431
+  _globals['_CLOCKPONG']._serialized_start=1433
+  _globals['_CLOCKPONG']._serialized_end=1517
+  _globals['_CAMPAIGN']._serialized_start=1519
+  _globals['_CAMPAIGN']._serialized_end=1578
+  _globals['_DESIREDCAMPAIGNS']._serialized_start=1581
+  _globals['_DESIREDCAMPAIGNS']._serialized_end=1721
+  _globals['_PRIVACYKEY']._serialized_start=1723
+  _globals['_PRIVACYKEY']._serialized_end=1819
+  _globals['_UPLOADGRANT']._serialized_start=1821
+  _globals['_UPLOADGRANT']._serialized_end=1875
+  _globals['_WELCOME']._serialized_start=1877
+  _globals['_WELCOME']._serialized_end=1945
+  _globals['_CLOUDMESSAGE']._serialized_start=1948
+  _globals['_CLOUDMESSAGE']._serialized_end=2244
+  _globals['_DEVICESERVICE']._serialized_start=2371
+  _globals['_DEVICESERVICE']._serialized_end=2472
 # @@protoc_insertion_point(module_scope)

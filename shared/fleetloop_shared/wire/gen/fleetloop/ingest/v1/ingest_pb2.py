@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fleetloop/ingest/v1/ingest.proto\x12\x13\x66leetloop.ingest.v1\"\xd6\x01\n\x14UploadSegmentRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\nsegment_id\x18\x02 \x01(\x0c\x12\x12\n\ncapture_id\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\r\x12\x0f\n\x07segment\x18\x06 \x01(\x0c\x12\x16\n\x0eprivacy_policy\x18\x07 \x01(\t\x12\x1e\n\x16privacy_policy_version\x18\x08 \x01(\x04\x12\x16\n\x0eprivacy_key_id\x18\t \x01(\t\"O\n\x15UploadSegmentResponse\x12\x12\n\nsegment_id\x18\x01 \x01(\x0c\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07samples\x18\x03 \x01(\x04\"\x84\x01\n\x12UploadChunkRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\nsegment_id\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x14\n\x0ctotal_sha256\x18\x05 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"x\n\x13UploadChunkResponse\x12\x13\n\x0bnext_offset\x18\x01 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12:\n\x06result\x18\x03 \x01(\x0b\x32*.fleetloop.ingest.v1.UploadSegmentResponse2\xd9\x01\n\rIngestService\x12\x66\n\rUploadSegment\x12).fleetloop.ingest.v1.UploadSegmentRequest\x1a*.fleetloop.ingest.v1.UploadSegmentResponse\x12`\n\x0bUploadChunk\x12\'.fleetloop.ingest.v1.UploadChunkRequest\x1a(.fleetloop.ingest.v1.UploadChunkResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fleetloop/ingest/v1/ingest.proto\x12\x13\x66leetloop.ingest.v1\"\x87\x02\n\x14UploadSegmentRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\nsegment_id\x18\x02 \x01(\x0c\x12\x12\n\ncapture_id\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\r\x12\x0f\n\x07segment\x18\x06 \x01(\x0c\x12\x16\n\x0eprivacy_policy\x18\x07 \x01(\t\x12\x1e\n\x16privacy_policy_version\x18\x08 \x01(\x04\x12\x16\n\x0eprivacy_key_id\x18\t \x01(\t\x12/\n\x05\x63lock\x18\n \x01(\x0b\x32 .fleetloop.ingest.v1.ClockOffset\"J\n\x0b\x43lockOffset\x12\x11\n\toffset_ns\x18\x01 \x01(\x03\x12\x15\n\rround_trip_ns\x18\x02 \x01(\x03\x12\x11\n\texchanges\x18\x03 \x01(\r\"O\n\x15UploadSegmentResponse\x12\x12\n\nsegment_id\x18\x01 \x01(\x0c\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07samples\x18\x03 \x01(\x04\"\x84\x01\n\x12UploadChunkRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\nsegment_id\x18\x02 \x01(\x0c\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x14\n\x0ctotal_sha256\x18\x05 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"x\n\x13UploadChunkResponse\x12\x13\n\x0bnext_offset\x18\x01 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12:\n\x06result\x18\x03 \x01(\x0b\x32*.fleetloop.ingest.v1.UploadSegmentResponse2\xd9\x01\n\rIngestService\x12\x66\n\rUploadSegment\x12).fleetloop.ingest.v1.UploadSegmentRequest\x1a*.fleetloop.ingest.v1.UploadSegmentResponse\x12`\n\x0bUploadChunk\x12\'.fleetloop.ingest.v1.UploadChunkRequest\x1a(.fleetloop.ingest.v1.UploadChunkResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fleetloop.ingest.v1.ingest_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPLOADSEGMENTREQUEST']._serialized_start=58
-  _globals['_UPLOADSEGMENTREQUEST']._serialized_end=272
-  _globals['_UPLOADSEGMENTRESPONSE']._serialized_start=274
-  _globals['_UPLOADSEGMENTRESPONSE']._serialized_end=353
-  _globals['_UPLOADCHUNKREQUEST']._serialized_start=356
-  _globals['_UPLOADCHUNKREQUEST']._serialized_end=488
-  _globals['_UPLOADCHUNKRESPONSE']._serialized_start=490
-  _globals['_UPLOADCHUNKRESPONSE']._serialized_end=610
-  _globals['_INGESTSERVICE']._serialized_start=613
-  _globals['_INGESTSERVICE']._serialized_end=830
+  _globals['_UPLOADSEGMENTREQUEST']._serialized_end=321
+  _globals['_CLOCKOFFSET']._serialized_start=323
+  _globals['_CLOCKOFFSET']._serialized_end=397
+  _globals['_UPLOADSEGMENTRESPONSE']._serialized_start=399
+  _globals['_UPLOADSEGMENTRESPONSE']._serialized_end=478
+  _globals['_UPLOADCHUNKREQUEST']._serialized_start=481
+  _globals['_UPLOADCHUNKREQUEST']._serialized_end=613
+  _globals['_UPLOADCHUNKRESPONSE']._serialized_start=615
+  _globals['_UPLOADCHUNKRESPONSE']._serialized_end=735
+  _globals['_INGESTSERVICE']._serialized_start=738
+  _globals['_INGESTSERVICE']._serialized_end=955
 # @@protoc_insertion_point(module_scope)

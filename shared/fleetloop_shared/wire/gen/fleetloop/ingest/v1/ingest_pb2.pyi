@@ -29,6 +29,7 @@ class UploadSegmentRequest(_message.Message):
     PRIVACY_POLICY_FIELD_NUMBER: _builtins.int
     PRIVACY_POLICY_VERSION_FIELD_NUMBER: _builtins.int
     PRIVACY_KEY_ID_FIELD_NUMBER: _builtins.int
+    CLOCK_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     segment_id: _builtins.bytes
     """16 bytes, chosen by the device; the dedupe key together with device_id."""
@@ -43,6 +44,12 @@ class UploadSegmentRequest(_message.Message):
     """
     privacy_policy_version: _builtins.int
     privacy_key_id: _builtins.str
+    @_builtins.property
+    def clock(self) -> Global___ClockOffset:
+        """The device's clock against the cloud's when the upload was sent (unset: not measured, e.g. an
+        older agent or cloud); the cloud checks it and stores times corrected by it.
+        """
+
     def __init__(
         self,
         *,
@@ -55,14 +62,45 @@ class UploadSegmentRequest(_message.Message):
         privacy_policy: _builtins.str = ...,
         privacy_policy_version: _builtins.int = ...,
         privacy_key_id: _builtins.str = ...,
+        clock: Global___ClockOffset | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["clock", b"clock"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "capture_id", b"capture_id", "device_id", b"device_id", "priority", b"priority", "privacy_key_id", b"privacy_key_id", "privacy_policy", b"privacy_policy", "privacy_policy_version", b"privacy_policy_version", "segment", b"segment", "segment_id", b"segment_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "capture_id", b"capture_id", "clock", b"clock", "device_id", b"device_id", "priority", b"priority", "privacy_key_id", b"privacy_key_id", "privacy_policy", b"privacy_policy", "privacy_policy_version", b"privacy_policy_version", "segment", b"segment", "segment_id", b"segment_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UploadSegmentRequest: _TypeAlias = UploadSegmentRequest  # noqa: Y015
+
+@_typing.final
+class ClockOffset(_message.Message):
+    """The device's best clock estimate: device time minus cloud time, from the exchange with the least
+    round trip (the estimate is within round_trip_ns / 2 of the truth).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_NS_FIELD_NUMBER: _builtins.int
+    ROUND_TRIP_NS_FIELD_NUMBER: _builtins.int
+    EXCHANGES_FIELD_NUMBER: _builtins.int
+    offset_ns: _builtins.int
+    round_trip_ns: _builtins.int
+    exchanges: _builtins.int
+    """Exchanges the estimate was chosen from."""
+    def __init__(
+        self,
+        *,
+        offset_ns: _builtins.int = ...,
+        round_trip_ns: _builtins.int = ...,
+        exchanges: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exchanges", b"exchanges", "offset_ns", b"offset_ns", "round_trip_ns", b"round_trip_ns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClockOffset: _TypeAlias = ClockOffset  # noqa: Y015
 
 @_typing.final
 class UploadSegmentResponse(_message.Message):
