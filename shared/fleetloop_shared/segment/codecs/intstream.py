@@ -92,67 +92,11 @@ def _stats_numpy(x: I64, order: int) -> tuple[int, int, npt.NDArray[np.int64]]:
 @numba_kernels
 def _load_stats_kernel() -> Any:
     """One pass per statistic over ``x``'s differences without materializing them (numba), or None."""
-    import numba
+    from fleetloop_shared.segment.codecs.compiled_loops import stream_stats
 
-    # numba's count-leading-zeros intrinsic: the bit length in one instruction (ImportError in a numba
-    # without it: the numpy path)
-    from numba.cpython.unsafe.numbers import leading_zeros
-
-    @numba.njit(cache=True, nogil=True)
-    def stats(x: Any, order: int, counts: Any) -> tuple[Any, Any, Any, Any]:  # pragma: no cover - compiled
-        n = x.shape[0] - order
-        base = np.int64(0)
-        for i in range(n):
-            if order == 0:
-                y = x[i]
-            elif order == 1:
-                y = x[i + 1] - x[i]
-            else:
-                y = (x[i + 2] - x[i + 1]) - (x[i + 1] - x[i])
-            if i == 0 or y < base:
-                base = y
-        g = np.uint64(0)
-        for i in range(n):
-            if order == 0:
-                y = x[i]
-            elif order == 1:
-                y = x[i + 1] - x[i]
-            else:
-                y = (x[i + 2] - x[i + 1]) - (x[i + 1] - x[i])
-            a = np.uint64(y - base)
-            b = g
-            while b != 0:
-                a, b = b, a % b
-            g = a
-            if g == 1:
-                break
-        if g == 0:
-            g = np.uint64(1)
-        for i in range(n):
-            if order == 0:
-                y = x[i]
-            elif order == 1:
-                y = x[i + 1] - x[i]
-            else:
-                y = (x[i + 2] - x[i + 1]) - (x[i + 1] - x[i])
-            u = np.uint64(y - base)
-            if g != 1:  # (a 64-bit division per value costs more than the rest of the loop)
-                u //= g
-            counts[64 - leading_zeros(u)] += 1  # type: ignore[call-arg]  # (bit length: one instruction)
-        # the width minimizing packed bytes + exceptions (same arithmetic as _width)
-        above = n
-        best_size = -1
-        best_w = 0
-        for w in range(65):
-            above -= counts[w]
-            size = (n * w + 7) // 8 + above * 12
-            if best_size < 0 or size < best_size:
-                best_size = size
-                best_w = w
-        return base, g, best_size, best_w
-
-    stats(np.array([5, 7, 9], dtype=np.int64), 1, np.zeros(65, dtype=np.int64))  # compile now
-    return stats
+    probe = np.array([5, 7, 9], dtype=np.int64)
+    stream_stats(probe, 1, np.zeros(65, dtype=np.int64), _EXC_ENTRY)  # compile now
+    return stream_stats
 
 
 def _stats(x: I64, order: int) -> tuple[int, int, int, int]:
@@ -161,8 +105,7 @@ def _stats(x: I64, order: int) -> tuple[int, int, int, int]:
     if kernel is None:
         base, g, counts = _stats_numpy(x, order)
         return (base, g, *_width(counts))
-    counts = np.zeros(65, dtype=np.int64)
-    base, g, size, w = kernel(x, order, counts)
+    base, g, size, w = kernel(x, order, np.zeros(65, dtype=np.int64), _EXC_ENTRY)
     return int(base), int(g), int(size), int(w)
 
 
