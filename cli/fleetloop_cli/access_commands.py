@@ -71,7 +71,7 @@ def cmd_cloud_init(args: argparse.Namespace) -> int:
         with open(path, "w", opener=lambda p, flags: os.open(p, flags, 0o600)) as fh:
             fh.write(issued.secret + "\n")
     if args.output == "json":
-        out = {"data_dir": str(data_dir), "name": issued.token.name, "role": issued.token.role}
+        out = {"data_dir": str(data_dir), "name": issued.token.record.name, "role": issued.token.record.role}
         if not args.token_file:
             out["token"] = issued.secret
         print(json.dumps(out), flush=True)
@@ -79,7 +79,7 @@ def cmd_cloud_init(args: argparse.Namespace) -> int:
     metadata = "in PostgreSQL" if args.db else f"in {data_dir / 'metadata.sqlite'}"
     print(f"initialised {data_dir}: keys in {data_dir / 'keys'}, metadata {metadata}")
     where = f"written to {args.token_file} (mode 0600)" if args.token_file else "shown once, store it now"
-    print(f"admin token {issued.token.name!r} ({where}):")
+    print(f"admin token {issued.token.record.name!r} ({where}):")
     if not args.token_file:
         print(issued.secret)
     print("use it: export FLEETLOOP_TOKEN=<token>, or fleetloop config set-context NAME --cloud URL "
