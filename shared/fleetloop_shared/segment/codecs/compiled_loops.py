@@ -5,7 +5,8 @@ import it; without numba the codecs run their numpy paths, which write the same 
 
 Why module level: numba's disk cache keeps a kernel that calls another kernel only when both are
 module-level functions (a kernel built inside a loader that calls another is compiled again in every
-process). Here the float chooser sizes its candidate integer streams with the very loop that
+process). So the difference of order k is written once (:func:`residual`) for every integer-stream
+loop, and the float chooser sizes its candidate integer streams with the very loop that
 :mod:`.intstream` chooses its own layout with, and splits each candidate with the loop the encoder
 splits with, instead of keeping copies of both.
 """
@@ -78,6 +79,55 @@ def stream_stats(
             best_size = size
             best_w = w
     return base, g, best_size, best_w
+
+
+@numba.njit(cache=True, nogil=True)
+def residuals(x: Any, order: int, base: Any, g: Any, w: int, u: Any) -> int:  # pragma: no cover - compiled
+    """Fill ``u`` with ``x``'s residuals at ``order`` less ``base``, divided by ``g``; returns how many
+    are wider than ``w`` bits (the exceptions)."""
+    b = np.int64(base)
+    gg = np.uint64(g)
+    limit = np.uint64(0xFFFFFFFFFFFFFFFF) if w >= 64 else np.uint64((1 << w) - 1)
+    wide = 0
+    for i in range(u.shape[0]):
+        y = residual(x, order, i)
+        v = np.uint64(y - b)
+        if gg > 1:
+            v = v // gg
+        u[i] = v
+        if v > limit:
+            wide += 1
+    return wide
+
+
+@numba.njit(cache=True, nogil=True)
+def outlier_frame(
+    x: Any, order: int, base: Any, w: int, counts: Any
+) -> tuple[Any, Any]:  # pragma: no cover - compiled
+    """intstream's ``_above_low_outliers`` numpy path in exact 64-bit arithmetic (uint64 where a Python
+    int could exceed int64): the same sample, the same frame, the same histogram into ``counts``."""
+    m = x.shape[0] - order
+    step = m // 64
+    sample = np.empty(64, dtype=np.int64)
+    for k in range(64):
+        i = k * step
+        sample[k] = residual(x, order, i)
+    sample.sort()
+    span = np.uint64(sample[61]) - np.uint64(sample[2])
+    room = np.uint64(sample[2]) - np.uint64(base)
+    quarter = span // np.uint64(4)
+    low = base if quarter >= room else sample[2] - np.int64(quarter)
+    if np.uint64(low) - np.uint64(base) < (np.uint64(1) << np.uint64(w - 1)):
+        return low, -1
+    below = 0
+    for i in range(m):
+        y = residual(x, order, i)
+        if y < low:
+            below += 1
+            continue
+        u = np.uint64(y - low)
+        counts[64 - leading_zeros(u)] += 1  # type: ignore[call-arg]  # (bit length: one instruction)
+    return low, below
 
 
 @numba.njit(cache=True, nogil=True)

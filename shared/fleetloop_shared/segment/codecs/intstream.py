@@ -278,73 +278,7 @@ def _residuals(x: I64, order: int, base: int, g: int, w: int) -> tuple[U64, npt.
 
 @numba_kernels
 def _load_residuals_kernel() -> Any:
-    import numba
-
-    # numba's count-leading-zeros intrinsic: the bit length in one instruction (ImportError in a numba
-    # without it: the numpy path)
-    from numba.cpython.unsafe.numbers import leading_zeros
-
-    @numba.njit(cache=True, nogil=True)
-    def residuals(
-        x: Any, order: int, base: Any, g: Any, w: int, u: Any
-    ) -> int:  # pragma: no cover - compiled
-        b = np.int64(base)
-        gg = np.uint64(g)
-        limit = np.uint64(0xFFFFFFFFFFFFFFFF) if w >= 64 else np.uint64((1 << w) - 1)
-        wide = 0
-        for i in range(u.shape[0]):
-            if order == 0:
-                y = x[i]
-            elif order == 1:
-                y = x[i + 1] - x[i]
-            else:
-                y = (x[i + 2] - x[i + 1]) - (x[i + 1] - x[i])
-            v = np.uint64(y - b)
-            if gg > 1:
-                v = v // gg
-            u[i] = v
-            if v > limit:
-                wide += 1
-        return wide
-
-    @numba.njit(cache=True, nogil=True)
-    def outlier_frame(
-        x: Any, order: int, base: Any, w: int, counts: Any
-    ) -> tuple[Any, Any]:  # pragma: no cover - compiled
-        # the numpy path of _above_low_outliers, in exact 64-bit arithmetic (uint64 where a Python
-        # int could exceed int64): the same sample, the same frame, the same histogram
-        m = x.shape[0] - order
-        step = m // 64
-        sample = np.empty(64, dtype=np.int64)
-        for k in range(64):
-            i = k * step
-            if order == 0:
-                sample[k] = x[i]
-            elif order == 1:
-                sample[k] = x[i + 1] - x[i]
-            else:
-                sample[k] = (x[i + 2] - x[i + 1]) - (x[i + 1] - x[i])
-        sample.sort()
-        span = np.uint64(sample[61]) - np.uint64(sample[2])
-        room = np.uint64(sample[2]) - np.uint64(base)
-        quarter = span // np.uint64(4)
-        low = base if quarter >= room else sample[2] - np.int64(quarter)
-        if np.uint64(low) - np.uint64(base) < (np.uint64(1) << np.uint64(w - 1)):
-            return low, -1
-        below = 0
-        for i in range(m):
-            if order == 0:
-                y = x[i]
-            elif order == 1:
-                y = x[i + 1] - x[i]
-            else:
-                y = (x[i + 2] - x[i + 1]) - (x[i + 1] - x[i])
-            if y < low:
-                below += 1
-                continue
-            u = np.uint64(y - low)
-            counts[64 - leading_zeros(u)] += 1  # type: ignore[call-arg]  # (bit length: one instruction)
-        return low, below
+    from fleetloop_shared.segment.codecs.compiled_loops import outlier_frame, residuals
 
     probe = np.array([5, 7, 9], dtype=np.int64)  # compile now
     residuals(probe, 1, np.int64(2), np.uint64(1), 2, np.empty(2, dtype=np.uint64))
