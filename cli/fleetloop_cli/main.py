@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,9 @@ from fleetloop_cli import (
     rules_commands,
     store_commands,
 )
-from fleetloop_cli.client import CoordinatorClient, client_from_args
+from fleetloop_cli.client import CoordinatorClient, client_from_args, post_file
 from fleetloop_cli.output import FORMATS, render_object, render_records, render_rows
-from fleetloop_shared.errors import EXIT_INTERRUPTED, FleetloopError, NotFoundError, UserError
+from fleetloop_shared.errors import EXIT_INTERRUPTED, FleetloopError, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -155,15 +155,8 @@ def cmd_captures_export(args: argparse.Namespace) -> int:
 def cmd_artifacts_upload(args: argparse.Namespace) -> int:
     from urllib.parse import urlencode
 
-    path = Path(args.file)
-    if not path.is_file():
-        raise NotFoundError(f"{path}: no such file")
     q = urlencode({"name": args.name, "version": args.version, "hardware": args.hardware})
-    result = _client(args).request(
-        "POST", f"/v1/releases?{q}", body=path.read_bytes(), content_type="application/octet-stream"
-    )
-    _print(render_object(result, "yaml" if args.output == "yaml" else "json"))
-    return 0
+    return post_file(args, Path(args.file), f"/v1/releases?{q}", "application/octet-stream")
 
 
 def cmd_artifacts_list(args: argparse.Namespace) -> int:
@@ -181,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--cloud", default=None, help="coordinator URL ($FLEETLOOP_CLOUD)")
         sp.add_argument("--context", default=None, help="config context to use ($FLEETLOOP_CONTEXT)")
         sp.add_argument("-o", "--output", choices=FORMATS, default="table")
+
+    def cloud_command(group: Any, name: str, func: Callable[[argparse.Namespace], int], **kw: Any) -> Any:
+        """A subcommand that asks the coordinator: its parser, with the cloud options, and its handler."""
+        sp = group.add_parser(name, **kw)
+        with_cloud(sp)
+        sp.set_defaults(func=func)
+        return sp
 
     cloud = sub.add_parser("cloud", help="run the coordinator").add_subparsers(
         dest="sub", required=True, parser_class=_Parser
@@ -251,20 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_query)
 
     devices = sub.add_parser("devices", help="the fleet").add_subparsers(dest="sub", required=True)
-    s = devices.add_parser("list")
-    with_cloud(s)
-    s.set_defaults(func=cmd_devices_list)
-    s = devices.add_parser(
-        "catalog", help="a device's signal catalog (-o yaml|json: a file for rules validate --catalog)"
-    )
+    cloud_command(devices, "list", cmd_devices_list)
+    catalog_help = "a device's signal catalog (-o yaml|json: a file for rules validate --catalog)"
+    s = cloud_command(devices, "catalog", cmd_devices_catalog, help=catalog_help)
     s.add_argument("id")
-    with_cloud(s)
-    s.set_defaults(func=cmd_devices_catalog)
 
     captures = sub.add_parser("captures", help="ingested captures").add_subparsers(dest="sub", required=True)
-    s = captures.add_parser("list")
-    with_cloud(s)
-    s.set_defaults(func=cmd_captures_list)
+    cloud_command(captures, "list", cmd_captures_list)
     s = captures.add_parser("export", help="a capture as MCAP (Foxglove), Parquet or CSV (PlotJuggler)")
     s.add_argument("id", help="capture id (fleetloop captures list)")
     s.add_argument("--format", choices=("mcap", "parquet", "csv"), default="mcap")
@@ -283,9 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hardware", required=True)
     with_cloud(s)
     s.set_defaults(func=cmd_artifacts_upload)
-    s = arts.add_parser("list")
-    with_cloud(s)
-    s.set_defaults(func=cmd_artifacts_list)
+    cloud_command(arts, "list", cmd_artifacts_list)
 
     groups = {"top": sub, "rules": rules, "sim": sim, "artifacts": arts, "cloud": cloud}
     for register in (
