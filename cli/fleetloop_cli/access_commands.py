@@ -80,7 +80,7 @@ def cmd_cloud_init(args: argparse.Namespace) -> int:
         with open(path, "w", opener=lambda p, flags: os.open(p, flags, 0o600)) as fh:
             fh.write(issued.secret + "\n")
     if args.output == "json":
-        out = {"data_dir": str(data_dir), "name": issued.token.name, "role": issued.token.role}
+        out = {"data_dir": str(data_dir), "name": issued.token.record.name, "role": issued.token.record.role}
         if not args.token_file:
             out["token"] = issued.secret
         print(json.dumps(out), flush=True)
@@ -93,7 +93,7 @@ def cmd_cloud_init(args: argparse.Namespace) -> int:
         print(f"image repository keys, for the release managers (move them off this machine; releases are "
               f"signed with {signer}, docs/decisions/0026):\n{made}")  # fmt: skip
     where = f"written to {args.token_file} (mode 0600)" if args.token_file else "shown once, store it now"
-    print(f"admin token {issued.token.name!r} ({where}):")
+    print(f"admin token {issued.token.record.name!r} ({where}):")
     if not args.token_file:
         print(issued.secret)
     print("use it: export FLEETLOOP_TOKEN=<token>, or fleetloop config set-context NAME --cloud URL "

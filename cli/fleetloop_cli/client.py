@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from fleetloop_cli.contexts import DEFAULT_CLOUD, resolve
+from fleetloop_cli.output import emit, render_object
 from fleetloop_shared import errors
 
-__all__ = ["DEFAULT_CLOUD", "CoordinatorClient", "client_from_args"]
+__all__ = ["DEFAULT_CLOUD", "CoordinatorClient", "client_from_args", "post_file"]
 
 
 class CoordinatorClient:
@@ -100,3 +101,14 @@ def client_from_args(args: Any) -> CoordinatorClient:
     """The client for a command parsed with ``--cloud`` / ``--context`` (see :mod:`.contexts`)."""
     target = resolve(getattr(args, "cloud", None), getattr(args, "context", None))
     return CoordinatorClient(target.cloud, token=target.token, ca=target.ca)
+
+
+def post_file(args: Any, path: Path, url: str, content_type: str) -> int:
+    """What a command that sends a local file does (``artifacts upload``, ``rules apply``): POST the
+    bytes of ``path`` to ``url`` and print the coordinator's answer, YAML with ``-o yaml`` and JSON
+    otherwise. NotFoundError when there is no such file."""
+    if not path.is_file():
+        raise errors.NotFoundError(f"{path}: no such file")
+    result = client_from_args(args).request("POST", url, body=path.read_bytes(), content_type=content_type)
+    emit(render_object(result, "yaml" if args.output == "yaml" else "json"))
+    return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--context", default=None, help="config context to use ($FLEETLOOP_CONTEXT)")
         sp.add_argument("-o", "--output", choices=FORMATS, default="table")
 
+    def cloud_command(group: Any, name: str, func: Callable[[argparse.Namespace], int], **kw: Any) -> Any:
+        """A subcommand that asks the coordinator: its parser, with the cloud options, and its handler."""
+        sp = group.add_parser(name, **kw)
+        with_cloud(sp)
+        sp.set_defaults(func=func)
+        return sp
+
     cloud = sub.add_parser("cloud", help="run the coordinator").add_subparsers(
         dest="sub", required=True, parser_class=_Parser
     )
@@ -238,20 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_query)
 
     devices = sub.add_parser("devices", help="the fleet").add_subparsers(dest="sub", required=True)
-    s = devices.add_parser("list")
-    with_cloud(s)
-    s.set_defaults(func=cmd_devices_list)
-    s = devices.add_parser(
-        "catalog", help="a device's signal catalog (-o yaml|json: a file for rules validate --catalog)"
-    )
+    cloud_command(devices, "list", cmd_devices_list)
+    catalog_help = "a device's signal catalog (-o yaml|json: a file for rules validate --catalog)"
+    s = cloud_command(devices, "catalog", cmd_devices_catalog, help=catalog_help)
     s.add_argument("id")
-    with_cloud(s)
-    s.set_defaults(func=cmd_devices_catalog)
 
     captures = sub.add_parser("captures", help="ingested captures").add_subparsers(dest="sub", required=True)
-    s = captures.add_parser("list")
-    with_cloud(s)
-    s.set_defaults(func=cmd_captures_list)
+    cloud_command(captures, "list", cmd_captures_list)
     s = captures.add_parser("export", help="a capture as MCAP (Foxglove), Parquet or CSV (PlotJuggler)")
     s.add_argument("id", help="capture id (fleetloop captures list)")
     s.add_argument("--format", choices=("mcap", "parquet", "csv"), default="mcap")
@@ -263,9 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_captures_export)
 
     arts = sub.add_parser("artifacts", help="release artifacts").add_subparsers(dest="sub", required=True)
-    s = arts.add_parser("list")
-    with_cloud(s)
-    s.set_defaults(func=cmd_artifacts_list)
+    cloud_command(arts, "list", cmd_artifacts_list)
 
     groups = {"top": sub, "rules": rules, "sim": sim, "artifacts": arts, "cloud": cloud}
     for register in (

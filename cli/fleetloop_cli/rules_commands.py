@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fleetloop_cli.client import client_from_args
+from fleetloop_cli.client import client_from_args, post_file
 from fleetloop_cli.output import FORMATS, emit, render_object, render_records
 from fleetloop_shared.errors import FleetloopError, NotFoundError, RuleError, UserError
 
@@ -347,13 +347,7 @@ def cmd_rules_apply(args: argparse.Namespace) -> int:
     from urllib.parse import quote
 
     path = Path(args.file)
-    if not path.is_file():
-        raise NotFoundError(f"{path}: no such file")
-    result = client_from_args(args).request(
-        "POST", f"/v1/campaigns?source={quote(str(path))}", body=path.read_bytes(), content_type="text/yaml"
-    )
-    emit(render_object(result, "yaml" if args.output == "yaml" else "json"))
-    return 0
+    return post_file(args, path, f"/v1/campaigns?source={quote(str(path))}", "text/yaml")
 
 
 def cmd_rules_get(args: argparse.Namespace) -> int:

@@ -10,8 +10,9 @@ and the simulated car reproduces those.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import yaml
 
@@ -147,43 +148,48 @@ def source_specs(kind: str, recordings: Path | None, workdir: Path) -> tuple[lis
             "origin": origin,
         }
         return [spec], origin
-    if kind == "robot":
-        if recordings is not None:
-            path = Path(recordings) / "xio-fusion-imu" / "sensor_data.csv"
-        else:
-            path = workdir / "imu.csv"
-            if not path.is_file():
-                generate_imu_csv(path)
-        spec = {
-            "kind": "csv_replay",
-            "name": "imu",
-            "path": str(path),
-            "time_column": "Time (s)",
-            "time_format": "seconds",
-            "delimiter": ",",
-            "group": "imu",
-            "columns": {k: list(v) for k, v in IMU_COLUMNS.items()},
-            "origin": origin,
-        }
-        return [spec], origin
+    csv = _CSV_REPLAYS[kind]
     if recordings is not None:
-        path = Path(recordings) / "skab" / "anomaly-free.csv"
+        path = Path(recordings) / csv.recording
     else:
-        path = workdir / "pump.csv"
+        path = workdir / f"{csv.name}.csv"
         if not path.is_file():
-            generate_pump_csv(path)
+            csv.generate(path)
     spec = {
         "kind": "csv_replay",
-        "name": "pump",
+        "name": csv.name,
         "path": str(path),
-        "time_column": "datetime",
-        "time_format": "datetime",
-        "delimiter": ";",
-        "group": "pump",
-        "columns": {k: list(v) for k, v in PUMP_COLUMNS.items()},
+        "time_column": csv.time_column,
+        "time_format": csv.time_format,
+        "delimiter": csv.delimiter,
+        "group": csv.name,
+        "columns": {k: list(v) for k, v in csv.columns.items()},
         "origin": origin,
     }
     return [spec], origin
+
+
+class _CsvReplay(NamedTuple):
+    """A device kind whose data is one CSV: a recording (under the recordings directory), or a stand-in
+    that ``generate`` writes into the work directory as ``<name>.csv``; and how to read it."""
+
+    name: str
+    recording: str
+    generate: Callable[[Path], object]
+    time_column: str
+    time_format: str
+    delimiter: str
+    columns: Mapping[str, Sequence[str]]
+
+
+_CSV_REPLAYS: Final = {
+    "robot": _CsvReplay(
+        "imu", "xio-fusion-imu/sensor_data.csv", generate_imu_csv, "Time (s)", "seconds", ",", IMU_COLUMNS
+    ),
+    "plc": _CsvReplay(
+        "pump", "skab/anomaly-free.csv", generate_pump_csv, "datetime", "datetime", ";", PUMP_COLUMNS
+    ),
+}
 
 
 #: Decelerations beyond ~4.2 m/s²: the harsh brakes of :mod:`fleetloop_fwsim.vehicle`'s drive (17 km/h

@@ -24,7 +24,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from fleetloop_agent.ota.bundles import BundleStore
@@ -86,16 +86,8 @@ class OtaReport:
 
 
 def _report_of(entry: JournalEntry) -> OtaReport:
-    return OtaReport(
-        job_id=entry.job_id,
-        rollout_id=entry.rollout_id,
-        state=entry.state,
-        reason=entry.reason,
-        version=entry.version,
-        bytes_downloaded=entry.bytes_downloaded,
-        bytes_total=entry.bytes_total,
-        payload_kind=entry.payload_kind,
-    )
+    """The journal entry as the cloud is told it: every report field is the entry's field of that name."""
+    return OtaReport(**{f.name: getattr(entry, f.name) for f in fields(OtaReport)})
 
 
 def _no_extra_health() -> list[str]:

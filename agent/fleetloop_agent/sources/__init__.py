@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from fleetloop_agent.sources import can_config
 from fleetloop_agent.sources.base import ORIGINS, SignalSource
@@ -85,17 +85,21 @@ class _SpecReader:
             raise self.fail(key, f"expected true or false, got {value!r}")
         return value
 
-    def path(self, key: str, *, directory: bool) -> Path:
+    def path(self, key: str, *, must_be: Literal["file", "directory", "existing", "any"]) -> Path:
+        """A path, relative to the configuration file's folder: an existing ``file`` or ``directory``,
+        either (``existing``), or ``any`` (it need not exist yet: a socket the source makes)."""
         value = self.raw(key)
         if not isinstance(value, str | Path) or not str(value):
             raise self.fail(key, f"expected a path, got {value!r}")
         path = Path(value).expanduser()
         if not path.is_absolute():
             path = self.base_dir / path
-        if directory and not path.is_dir():
+        if must_be == "directory" and not path.is_dir():
             raise self.fail(key, f"directory not found: {path}")
-        if not directory and not path.is_file():
+        if must_be == "file" and not path.is_file():
             raise self.fail(key, f"file not found: {path}")
+        if must_be == "existing" and not path.exists():
+            raise self.fail(key, f"not found: {path}")
         return path
 
     def mapping(self, key: str, default: Any = _MISSING) -> Mapping[Any, Any]:
@@ -106,7 +110,7 @@ class _SpecReader:
 
 
 def _can_source(r: _SpecReader, name: str, start_ns: int) -> CanReplaySource:
-    frames = r.path("frames", directory=True)
+    frames = r.path("frames", must_be="directory")
     dbc, mapping, include_unmapped = can_config.dbc_mapping(r)
     bus = r.integer("bus", 0)
     origin = r.string("origin", "recordings", choices=ORIGINS)
@@ -123,7 +127,7 @@ def _can_source(r: _SpecReader, name: str, start_ns: int) -> CanReplaySource:
 
 
 def _csv_source(r: _SpecReader, name: str, start_ns: int) -> CsvReplaySource:
-    path = r.path("path", directory=False)
+    path = r.path("path", must_be="file")
     time_column = r.string("time_column")
     time_format = r.string("time_format", choices=tuple(TIME_FORMATS))
     delimiter = r.string("delimiter", ",")

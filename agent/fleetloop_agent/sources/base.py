@@ -15,9 +15,10 @@ receive queue is full.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol, runtime_checkable
+from typing import Final, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +26,8 @@ import numpy.typing as npt
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.samples import GroupBatch
+
+H = TypeVar("H", bound=Hashable)
 
 NS_PER_S: Final = 1_000_000_000
 #: Where samples come from, as every command and capture reports it.
@@ -66,6 +69,13 @@ def check_origin(name: str, origin: str) -> None:
     """ConfigError unless ``origin`` is one a replayed source may claim (:data:`ORIGINS`)."""
     if origin not in ORIGINS:
         raise ConfigError(f"source {name!r}: origin must be one of {', '.join(ORIGINS)}, got {origin!r}")
+
+
+def first_repeat(names: Sequence[H]) -> H | None:
+    """The first of ``names`` that stands in it more than once, or None: what a source's configuration
+    check names when one node, column or signal is mapped twice."""
+    counts = Counter(names)
+    return next((n for n in names if counts[n] > 1), None)
 
 
 def loop_period_ns(t_ns: npt.NDArray[np.int64], duration_ns: int) -> int:

@@ -70,7 +70,7 @@ OBD_TRANSPORTS: Final = ("isotp", "elm327")
 def dbc_mapping(r: _SpecReader) -> tuple[Path, dict[str, str], bool]:
     """``dbc``, ``mapping`` (MESSAGE.SIGNAL → catalog path) and ``include_unmapped`` of a CAN source
     (live or replayed: one reading, one set of messages)."""
-    dbc = r.path("dbc", directory=False)
+    dbc = r.path("dbc", must_be="file")
     mapping: dict[str, str] = {}
     for k, v in r.mapping("mapping", {}).items():
         if not isinstance(k, str) or not isinstance(v, str) or not k or not v:
@@ -131,13 +131,7 @@ def _can_bus(r: _SpecReader, name: str, clock: DeviceClock | None) -> CanBusSour
 
 
 def _can_log(r: _SpecReader, name: str, start_ns: int) -> CanLogSource:
-    raw_path = r.raw("path")
-    if not isinstance(raw_path, str | Path) or not str(raw_path):
-        raise r.fail("path", f"expected a path, got {raw_path!r}")
-    path = Path(raw_path).expanduser()
-    path = path if path.is_absolute() else r.base_dir / path
-    if not path.exists():
-        raise r.fail("path", f"not found: {path}")
+    path = r.path("path", must_be="existing")
     bus = r.spec.get("bus")
     if bus is not None and (isinstance(bus, bool) or not isinstance(bus, int) or bus < 0):
         raise r.fail("bus", f"expected a bus number (0, 1, ...), got {bus!r}")

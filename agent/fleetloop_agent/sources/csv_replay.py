@@ -18,7 +18,13 @@ import numpy as np
 import numpy.typing as npt
 
 from fleetloop_agent.recordings import data_type_of, read_wide_csv
-from fleetloop_agent.sources.base import GroupAccumulator, ReplayCursor, check_origin, loop_period_ns
+from fleetloop_agent.sources.base import (
+    GroupAccumulator,
+    ReplayCursor,
+    check_origin,
+    first_repeat,
+    loop_period_ns,
+)
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.errors import ConfigError, StateError
 from fleetloop_shared.samples import GroupBatch
@@ -58,9 +64,8 @@ class CsvReplaySource:
         self.origin = origin
         self._group = group
         self._columns = {str(k): (str(v[0]), str(v[1])) for k, v in columns.items()}
-        targets = [path for path, _ in self._columns.values()]
-        if len(set(targets)) != len(targets):
-            dup = next(p for p in targets if targets.count(p) > 1)
+        dup = first_repeat([path for path, _ in self._columns.values()])
+        if dup is not None:
             raise ConfigError(f"source {name!r}: two columns map to the same signal {dup!r}")
         recording = read_wide_csv(
             Path(path),

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from fleetloop_agent.sources.base import first_repeat
 from fleetloop_agent.sources.json_paths import MISSING, Extractor, template_extractor
 from fleetloop_shared.catalog import Catalog, DataType
 from fleetloop_shared.errors import ConfigError
@@ -146,8 +147,8 @@ class HubRouter:
         signals = [f.target.signal for fs in self._static.values() for f in fs] + [
             t.signal for t in self.entities.values()
         ]
-        if len(set(signals)) != len(signals):
-            dup = next(s for s in signals if signals.count(s) > 1)
+        dup = first_repeat(signals)
+        if dup is not None:
             raise ConfigError(f"source {source!r}: signal {dup!r} is mapped twice")
         if self.entities and self.discovery_prefix is None:
             raise ConfigError(f"source {source!r}: discovery entities need a discovery prefix")

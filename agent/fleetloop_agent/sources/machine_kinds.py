@@ -265,7 +265,7 @@ def _mqtt_json(r: _SpecReader, name: str, start_ns: int, clock: DeviceClock | No
     from fleetloop_agent.sources.mqtt_json import BrokerSettings, MqttJsonSource
 
     def optional_path(key: str) -> Path | None:
-        return r.path(key, directory=False) if r.raw(key, None) is not None else None
+        return r.path(key, must_be="file") if r.raw(key, None) is not None else None
 
     username = r.raw("username", None)
     password = r.raw("password", None)
@@ -319,12 +319,7 @@ def _mqtt_json(r: _SpecReader, name: str, start_ns: int, clock: DeviceClock | No
 def _push_api(r: _SpecReader, name: str, start_ns: int, clock: DeviceClock | None) -> SignalSource:
     from fleetloop_agent.sources.push_api import PushApiSource, PushSignal
 
-    socket = r.raw("socket")
-    if not isinstance(socket, str) or not socket:
-        raise r.fail("socket", f"expected a path, got {socket!r}")
-    path = Path(socket).expanduser()
-    if not path.is_absolute():
-        path = r.base_dir / path
+    path = r.path("socket", must_be="any")
     mode = r.raw("socket_mode", "0660")
     try:
         socket_mode = int(mode, 8) if isinstance(mode, str) else int(mode)
@@ -352,14 +347,7 @@ def _push_api(r: _SpecReader, name: str, start_ns: int, clock: DeviceClock | Non
 def _ros_replay(r: _SpecReader, name: str, start_ns: int, clock: DeviceClock | None) -> SignalSource:
     from fleetloop_agent.sources.ros_replay import RosReplaySource
 
-    raw_path = r.raw("path")
-    if not isinstance(raw_path, str) or not raw_path:
-        raise r.fail("path", f"expected a path, got {raw_path!r}")
-    path = Path(raw_path).expanduser()
-    if not path.is_absolute():
-        path = r.base_dir / path
-    if not path.exists():
-        raise r.fail("path", f"not found: {path}")
+    path = r.path("path", must_be="existing")
     mapping: dict[str, tuple[str, str]] = {}
     for key, target in r.mapping("mapping", {}).items():
         if isinstance(target, str) and target:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from fleetloop_agent.sources.base import first_repeat
 from fleetloop_agent.sources.live import Backoff, DeviceClock, LiveSource
 from fleetloop_shared.catalog import Catalog, DataType
 from fleetloop_shared.errors import ConfigError, FleetloopError, UnavailableError
@@ -189,11 +190,9 @@ class OpcUaSource(LiveSource):
             raise ConfigError(f"source {name!r}: no nodes to subscribe to")
         if timestamps not in TIMESTAMPS:
             raise ConfigError(f"source {name!r}: timestamps must be one of {', '.join(TIMESTAMPS)}")
-        ids = [n.node_id for n in nodes]
-        if len(set(ids)) != len(ids):
-            raise ConfigError(
-                f"source {name!r}: node {next(i for i in ids if ids.count(i) > 1)!r} is mapped twice"
-            )
+        twice = first_repeat([n.node_id for n in nodes])
+        if twice is not None:
+            raise ConfigError(f"source {name!r}: node {twice!r} is mapped twice")
         self.url = url
         self.nodes = list(nodes)
         self.timestamps = timestamps

@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 
+from fleetloop_agent.sources.base import first_repeat
 from fleetloop_agent.sources.live import DeviceClock, LiveSource, OverflowPolicy
 from fleetloop_shared.catalog import Catalog, DataType
 from fleetloop_shared.errors import ConfigError, MalformedMessageError
@@ -74,11 +75,9 @@ class PushCatalog:
     def __init__(self, source: str, signals: Sequence[PushSignal]) -> None:
         if not signals:
             raise ConfigError(f"source {source!r}: no signals to accept")
-        paths = [s.path for s in signals]
-        if len(set(paths)) != len(paths):
-            raise ConfigError(
-                f"source {source!r}: signal {next(p for p in paths if paths.count(p) > 1)!r} listed twice"
-            )
+        twice = first_repeat([s.path for s in signals])
+        if twice is not None:
+            raise ConfigError(f"source {source!r}: signal {twice!r} listed twice")
         self.source = source
         self.signals = [s if s.group else PushSignal(s.path, s.data_type, s.unit, s.path) for s in signals]
         self._by_path = {s.path: s for s in self.signals}

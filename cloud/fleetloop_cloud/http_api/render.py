@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 from fleetloop_cloud.services.devices import DeviceStatus
+from fleetloop_cloud.services.tokens import TokenView
 from fleetloop_shared.update.artifact import ReleaseManifest
 
 
@@ -29,6 +30,14 @@ def device_json(status: DeviceStatus) -> dict[str, Any]:
     out["online"] = status.online
     out["telemetry"] = plain(status.telemetry) if status.telemetry is not None else None
     return out
+
+
+def token_json(view: TokenView) -> dict[str, Any]:
+    """A token as the API shows it: its name, role and state, then the rest of its record but the hash."""
+    out: dict[str, Any] = {"name": view.record.name, "role": view.record.role, "state": view.state}
+    stored: dict[str, Any] = plain(view.record)
+    del stored["token_hash"]
+    return out | stored
 
 
 def release_json(m: ReleaseManifest) -> dict[str, Any]:

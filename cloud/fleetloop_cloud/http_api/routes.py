@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleetloop_cloud.fleet_store.query import check_timeout
-from fleetloop_cloud.http_api.render import device_json, plain, release_json
+from fleetloop_cloud.http_api.render import device_json, plain, release_json, token_json
 from fleetloop_cloud.identity.roles import ACTIONS, allows
 from fleetloop_cloud.repositories.records import AuditFilter
 from fleetloop_cloud.services.access import Caller
@@ -320,7 +320,7 @@ def _install_root(c: Call) -> Reply:
 
 
 def _tokens(c: Call) -> Reply:
-    return Reply([plain(t) for t in c.api.tokens.all(c.caller, c.now)])
+    return Reply([token_json(t) for t in c.api.tokens.all(c.caller, c.now)])
 
 
 def _create_token(c: Call) -> Reply:
@@ -337,11 +337,11 @@ def _create_token(c: Call) -> Reply:
     issued = c.api.tokens.create(
         c.caller, name, role, c.now, expires_at=None if ttl is None else c.now + float(ttl)
     )
-    return Reply(plain(issued.token) | {"token": issued.secret}, 201)
+    return Reply(token_json(issued.token) | {"token": issued.secret}, 201)
 
 
 def _revoke_token(c: Call) -> Reply:
-    return Reply(plain(c.api.tokens.revoke(c.caller, c.path["name"], c.now)))
+    return Reply(token_json(c.api.tokens.revoke(c.caller, c.path["name"], c.now)))
 
 
 def _number(q: Mapping[str, str], key: str, low: float, high: float) -> float | None:

@@ -60,9 +60,9 @@ class GateDecision:
 
 
 @dataclass(frozen=True)
-class RolloutStatus:
-    """One rollout in full: its phases, every device's state, the counts per state, the latest gate
-    decisions, and the rollouts it is linked with (the one it rolls back, its roll-backs)."""
+class RolloutHeading:
+    """What every view of a rollout starts with: which release it rolls out, as which revision, and
+    where it stands (the list and the full status show these the same way, in this order)."""
 
     id: str
     release_version: str
@@ -70,6 +70,25 @@ class RolloutStatus:
     revision: int
     state: str
     phase: int
+
+
+def _heading(record: RolloutRecord, release_name: str) -> dict[str, Any]:
+    """A stored rollout's :class:`RolloutHeading` fields, for the views that start with them."""
+    return {
+        "id": record.rollout_id,
+        "release_version": record.release_version,
+        "release_name": release_name,
+        "revision": record.revision,
+        "state": record.state,
+        "phase": record.phase,
+    }
+
+
+@dataclass(frozen=True)
+class RolloutStatus(RolloutHeading):
+    """One rollout in full: its phases, every device's state, the counts per state, the latest gate
+    decisions, and the rollouts it is linked with (the one it rolls back, its roll-backs)."""
+
     phase_name: str
     phase_started_at: float
     phases: tuple[PhaseProgress, ...]
@@ -86,15 +105,9 @@ class RolloutStatus:
 
 
 @dataclass(frozen=True)
-class RolloutSummary:
+class RolloutSummary(RolloutHeading):
     """One rollout in a list: its state and the counts per device state."""
 
-    id: str
-    release_version: str
-    release_name: str
-    revision: int
-    state: str
-    phase: int
     reason: str
     devices: int
     counts: dict[str, int]
@@ -206,12 +219,7 @@ def rollout_status(rollouts: RolloutRepository, rollout_id: str) -> RolloutStatu
         key=lambda g: (g.phase, g.gate),
     )
     return RolloutStatus(
-        id=rollout_id,
-        release_version=record.release_version,
-        release_name=policy.release_name,
-        revision=record.revision,
-        state=record.state,
-        phase=record.phase,
+        **_heading(record, policy.release_name),
         phase_name=policy.phases[record.phase].name if record.phase < len(policy.phases) else "",
         phase_started_at=record.phase_started_at,
         phases=tuple(phases),
@@ -235,12 +243,7 @@ def rollout_summaries(rollouts: RolloutRepository) -> list[RolloutSummary]:
         states = [d.state for d in rollouts.devices(record.rollout_id)]
         out.append(
             RolloutSummary(
-                id=record.rollout_id,
-                release_version=record.release_version,
-                release_name=_name(record),
-                revision=record.revision,
-                state=record.state,
-                phase=record.phase,
+                **_heading(record, _name(record)),
                 reason=record.reason,
                 devices=len(states),
                 counts=_counts(states),

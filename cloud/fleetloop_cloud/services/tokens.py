@@ -36,16 +36,11 @@ _HOW = "send 'Authorization: Bearer <token>' (fleetloop: $FLEETLOOP_TOKEN or a c
 
 @dataclass(frozen=True)
 class TokenView:
-    """A token as ``tokens list`` shows it: everything but the secret (which is not stored)."""
+    """A token as ``tokens list`` shows it: its stored record (shown without the hash; the secret is not
+    stored) and the state it is in now (``active``, ``expired``, ``revoked``)."""
 
-    name: str
-    role: str
+    record: TokenRecord
     state: str
-    created_at: float
-    created_by: str
-    expires_at: float | None
-    revoked_at: float | None
-    last_used_at: float | None
 
 
 @dataclass(frozen=True)
@@ -57,9 +52,8 @@ class IssuedToken:
 
 
 def _view(t: TokenRecord, now: float) -> TokenView:
-    state = refusal(TokenState(t.name, Role(t.role), t.expires_at, t.revoked_at), now) or "active"
-    return TokenView(t.name, t.role, state, t.created_at, t.created_by, t.expires_at, t.revoked_at,
-                     t.last_used_at)  # fmt: skip
+    state = refusal(TokenState(t.name, Role(t.role), t.expires_at, t.revoked_at), now)
+    return TokenView(t, state or "active")
 
 
 class TokenService:
@@ -96,7 +90,7 @@ class TokenService:
         self._access.operator(caller, "tokens.create")
         issued = self._issue(caller, name, role, now, expires_at)
         self._access.record(
-            caller, "tokens.create", name, now, after=issued.token.role,
+            caller, "tokens.create", name, now, after=issued.token.record.role,
             detail="no expiry" if expires_at is None else f"expires at {expires_at:.0f}",
         )  # fmt: skip
         return issued

@@ -19,7 +19,6 @@ exactly and divide with one rounding, like Python's ``int / int``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -27,22 +26,35 @@ import numpy as np
 import numpy.typing as npt
 
 from fleetloop_shared.rules.expression import Expression, Kind, Op
+from fleetloop_shared.rules.operators import (
+    DTYPES,
+    FLIPPED,
+    INT64_MIN,
+    NOT_CONSTANT,
+    NUMBER_KINDS,
+    Array,
+    Vec,
+    Window,
+    all_true,
+    any_true,
+    arith_values,
+    average,
+    blank,
+    compare_constant,
+    compare_values,
+    empty_of,
+    logic_values,
+    math_values,
+    number_constant,
+    scalar_vec,
+    scrub,
+    true_flags,
+)
 
-Array = npt.NDArray[Any]
-Vec = tuple[Array, npt.NDArray[np.bool_]]
 Feed = tuple[npt.NDArray[np.int64], Array]
 
-INT64_MIN = -(2**63)
-_EXACT_FLOAT_INT = 2**53
 _NS_PER_S = 1e9
 _EMPTY_T = np.empty(0, np.int64)
-
-_DTYPES: dict[Kind, Any] = {
-    Kind.INT: np.int64,
-    Kind.FLOAT: np.float64,
-    Kind.BOOL: np.bool_,
-    Kind.STRING: object,
-}
 
 
 class WindowSource(Protocol):
@@ -106,7 +118,7 @@ class Evaluator:
         """
         if grid is not None:
             if not t_ns.shape[0]:
-                return _empty(self.expression.kind)
+                return empty_of(self.expression.kind)
             context = _Context(self, t_ns, grid.feeds, history, grid.context(t_ns))
             result = context.eval(self.expression.root)  # the grid's user holds np.errstate
             self._evaluated = True
@@ -119,7 +131,7 @@ class Evaluator:
             feeds = _as_text_feeds(feeds, self._string_paths)
         context = _Context(self, np.asarray(t_ns, np.int64), feeds, history)
         with np.errstate(all="ignore"):
-            result = context.eval(self.expression.root) if t_ns.shape[0] else _empty(self.expression.kind)
+            result = context.eval(self.expression.root) if t_ns.shape[0] else empty_of(self.expression.kind)
         for path in self.expression.signals:
             feed = feeds.get(path)
             if feed is None or feed[0].shape[0] == 0:
@@ -187,14 +199,7 @@ class BatchGrid:
             ends = [(int(t[0]), int(t[-1])) for t, _ in self.feeds.values() if t.shape[0]]
             self._range = (min(e[0] for e in ends), max(e[1] for e in ends)) if ends else (0, 0)
         context = _SharedContext(
-            self._holder,  # type: ignore[arg-type]
-            times,
-            self.feeds,
-            self._history,
-            self._feed_cache,
-            self._fetched,
-            (min(self._range[0], int(times[0])), max(self._range[1], int(times[-1]))),
-            self._spans,
+            self, times, (min(self._range[0], int(times[0])), max(self._range[1], int(times[-1])))
         )
         self._contexts[id(times)] = (times, context)
         return context
@@ -240,53 +245,8 @@ def _as_text_feeds(feeds: Mapping[str, Feed], paths: frozenset[str]) -> Mapping[
     return out
 
 
-def _all(flags: npt.NDArray[np.bool_]) -> bool:
-    """Whether every element of the 1-D ``flags`` is true (``count_nonzero`` costs a quarter of
-    ``ndarray.all``'s Python-level dispatch, which dominates on the short arrays of one tick)."""
-    return int(np.count_nonzero(flags)) == int(flags.shape[0])
-
-
-def _any(flags: npt.NDArray[np.bool_]) -> bool:
-    """Whether some element of the 1-D ``flags`` is true (see :func:`_all`)."""
-    return int(np.count_nonzero(flags)) != 0
-
-
-def _blank(n: int, kind: Kind) -> Array:
-    """``n`` placeholder values of ``kind`` (``""`` for strings, zero otherwise), to be masked."""
-    if kind is Kind.STRING:
-        return np.full(n, "", dtype=object)
-    return np.zeros(n, _DTYPES[kind])
-
-
 def _has_any(op: Op) -> bool:
     return op.kind is Kind.ANY or any(_has_any(a) for a in op.args)
-
-
-def _empty(kind: Kind) -> Vec:
-    return np.empty(0, _DTYPES.get(kind, np.float64)), np.empty(0, np.bool_)
-
-
-#: Every all-true validity array of up to 65,536 elements is a view of this read-only one, so that
-#: "valid everywhere" is known by looking at ``.base`` instead of counting (see :func:`_scrub`).
-_TRUE = np.ones(1 << 16, np.bool_)
-_TRUE.flags.writeable = False
-
-
-def _true(n: int) -> npt.NDArray[np.bool_]:
-    """``n`` true flags, read-only (a view of ``_TRUE`` when it is long enough)."""
-    if n <= _TRUE.shape[0]:
-        return _TRUE[:n]
-    flags = np.ones(n, np.bool_)
-    flags.flags.writeable = False
-    return flags
-
-
-def _scrub(data: Array, valid: npt.NDArray[np.bool_]) -> Vec:
-    """Zero the data where missing, so later operations never see garbage (or NaN) there."""
-    if valid.base is not _TRUE and not _all(valid):
-        data = data.copy() if data.flags.writeable is False else data
-        data[~valid] = False if data.dtype == np.bool_ else (0 if data.dtype != object else "")
-    return data, valid
 
 
 class _Context:
@@ -309,8 +269,8 @@ class _Context:
         self._signals: dict[str, tuple[Array, npt.NDArray[np.bool_], npt.NDArray[np.int64]]] = {}
         self._ones: npt.NDArray[np.bool_] | None = None
         self._fetched: dict[str, tuple[int, npt.NDArray[np.int64], Array]] = {}
-        self._window_bounds: dict[tuple[str, int, bool, int], _Window] = {}
-        #: id(history values) → (them, them padded by one element): see :meth:`_Window.segments`.
+        self._window_bounds: dict[tuple[str, int, bool, int], Window] = {}
+        #: id(history values) → (them, them padded by one element): see :meth:`Window.segments`.
         self._pads: dict[int, tuple[Array, Array]] = {}
         #: Where pure nodes come from when a :class:`BatchGrid` is in use (same times, shared memo).
         self.shared = shared
@@ -337,7 +297,7 @@ class _Context:
         picked from them): checked once per batch, not once per set of evaluation times."""
         found = self.feed_cache.get(path)
         if found is None:
-            found = self.feed_cache[path] = _all(np.isfinite(values))
+            found = self.feed_cache[path] = all_true(np.isfinite(values))
         return bool(found)
 
     def _extended(
@@ -350,7 +310,7 @@ class _Context:
         if found is False:
             found = None
             values = np.asarray(feed_v)
-            if values.dtype == _DTYPES[kind]:
+            if values.dtype == DTYPES[kind]:
                 first = np.empty(1, values.dtype)
                 first[0] = held[1]
                 if kind is not Kind.FLOAT or (
@@ -368,7 +328,7 @@ class _Context:
     ) -> tuple[Array, npt.NDArray[np.bool_], npt.NDArray[np.int64]]:
         n, t = self.n, self.t
         feed = self.feeds.get(path)
-        feed_t, feed_v = (_EMPTY_T, _blank(0, kind)) if feed is None else feed
+        feed_t, feed_v = (_EMPTY_T, blank(0, kind)) if feed is None else feed
         if feed_t.shape[0] and feed_t[0] <= t[0] and (held is None or held[0] <= feed_t[0]):
             # Fast path (the usual case): the new samples cover every evaluation time by themselves.
             if feed_t is t or (feed_t.shape[0] == n and np.array_equal(feed_t, t)):
@@ -378,7 +338,7 @@ class _Context:
                 data, stamp = np.asarray(feed_v)[idx], feed_t[idx]
             if kind is Kind.FLOAT and not self._finite_feed(path, feed_v):
                 finite = np.isfinite(data)
-                return (*_scrub(data.copy(), finite), stamp)
+                return (*scrub(data.copy(), finite), stamp)
             return data, self.ones(), stamp
         if feed_t.shape[0] and held is not None and held[0] <= feed_t[0] and held[0] <= t[0]:
             # The usual case at times that start before this signal's first new sample (another
@@ -390,7 +350,7 @@ class _Context:
                 return ext_v[idx], self.ones(), ext_t[idx]
         idx = feed_t.searchsorted(t, side="right") - 1
         have = idx >= 0
-        data = _blank(n, kind)
+        data = blank(n, kind)
         stamp = np.full(n, INT64_MIN, np.int64)
         if feed_t.shape[0]:
             picked = np.maximum(idx, 0)
@@ -407,14 +367,14 @@ class _Context:
         valid = present.copy()
         if kind is Kind.FLOAT:
             valid &= np.isfinite(data)
-        return (*_scrub(data, valid), np.where(present, stamp, INT64_MIN))
+        return (*scrub(data, valid), np.where(present, stamp, INT64_MIN))
 
     # --- dispatch ------------------------------------------------------------------------------------
 
     def ones(self) -> npt.NDArray[np.bool_]:
         """An all-true validity array, shared (no operation writes into its inputs)."""
         if self._ones is None:
-            self._ones = _true(self.n)
+            self._ones = true_flags(self.n)
         return self._ones
 
     def eval(self, op: Op) -> Vec:
@@ -428,27 +388,27 @@ class _Context:
         return result
 
     def const(self, op: Op) -> Vec:
-        return np.full(self.n, op.value, _DTYPES[op.kind]), self.ones()
+        return np.full(self.n, op.value, DTYPES[op.kind]), self.ones()
 
     def logic(self, op: Op) -> Vec:
         a, b = op.args
         left = self.eval(a)
         if b.pure:  # a pure right side may be skipped when the left decides (it has no state to advance)
             data, valid = left  # data is False wherever valid is (missing is scrubbed to False)
-            if op.fn == "or" and _all(data):
+            if op.fn == "or" and all_true(data):
                 return left  # true everywhere: true or anything is true
-            if op.fn == "and" and not _any(data) and _all(valid):
+            if op.fn == "and" and not any_true(data) and all_true(valid):
                 return left  # false everywhere: false and anything is false
-        return _logic(op.fn, left, self.eval(b))
+        return logic_values(op.fn, left, self.eval(b))
 
     def negation(self, op: Op) -> Vec:
         d, v = self.eval(op.args[0])
-        return _scrub(~d, v)  # validity arrays are never written into: share it
+        return scrub(~d, v)  # validity arrays are never written into: share it
 
     def minus(self, op: Op) -> Vec:
         d, v = self.eval(op.args[0])
         if op.kind is Kind.INT:
-            return _scrub(-d, v & (d != INT64_MIN))
+            return scrub(-d, v & (d != INT64_MIN))
         return -d, v
 
     def arith(self, op: Op) -> Vec:
@@ -458,27 +418,27 @@ class _Context:
             # One constant operand (``x - 2.5``, ``x * -1``) enters as a one-element array that numpy
             # broadcasts: the same element operations as with a full array of it, none allocated.
             # (``**`` and exact ``int / int`` work element by element on equal lengths.)
-            ca, cb = _number_constant(a), _number_constant(b)
-            if cb is not _NOT_CONSTANT and ca is _NOT_CONSTANT:
-                return _arith(fn, op.kind, self.eval(a), a.kind, _scalar_vec(cb, b.kind), b.kind)
-            if ca is not _NOT_CONSTANT and cb is _NOT_CONSTANT:
-                return _arith(fn, op.kind, _scalar_vec(ca, a.kind), a.kind, self.eval(b), b.kind)
-        return _arith(fn, op.kind, self.eval(a), a.kind, self.eval(b), b.kind)
+            ca, cb = number_constant(a), number_constant(b)
+            if cb is not NOT_CONSTANT and ca is NOT_CONSTANT:
+                return arith_values(fn, op.kind, self.eval(a), a.kind, scalar_vec(cb, b.kind), b.kind)
+            if ca is not NOT_CONSTANT and cb is NOT_CONSTANT:
+                return arith_values(fn, op.kind, scalar_vec(ca, a.kind), a.kind, self.eval(b), b.kind)
+        return arith_values(fn, op.kind, self.eval(a), a.kind, self.eval(b), b.kind)
 
     def compare(self, op: Op) -> Vec:
         a, b = op.args
         fn = op.fn
-        if a.kind in _NUMBER_KINDS and b.kind in _NUMBER_KINDS:
-            constant = _number_constant(b)  # a negative literal is ``neg(const)``: a constant too
-            if constant is not _NOT_CONSTANT:
-                return _compare_constant(fn, self.eval(a), a.kind, constant)
-            constant = _number_constant(a)
-            if constant is not _NOT_CONSTANT:
-                return _compare_constant(_FLIPPED[fn], self.eval(b), b.kind, constant)
-        return _compare(fn, self.eval(a), a.kind, self.eval(b), b.kind)
+        if a.kind in NUMBER_KINDS and b.kind in NUMBER_KINDS:
+            constant = number_constant(b)  # a negative literal is ``neg(const)``: a constant too
+            if constant is not NOT_CONSTANT:
+                return compare_constant(fn, self.eval(a), a.kind, constant)
+            constant = number_constant(a)
+            if constant is not NOT_CONSTANT:
+                return compare_constant(FLIPPED[fn], self.eval(b), b.kind, constant)
+        return compare_values(fn, self.eval(a), a.kind, self.eval(b), b.kind)
 
     def math(self, op: Op) -> Vec:
-        return _math(op.fn, op.kind, [(self.eval(a), a.kind) for a in op.args])
+        return math_values(op.fn, op.kind, [(self.eval(a), a.kind) for a in op.args])
 
     def is_null(self, op: Op) -> Vec:
         _, v = self.eval(op.args[0])
@@ -495,7 +455,7 @@ class _Context:
         if self.owner._models is None:
             return np.zeros(n), np.zeros(n, np.bool_)
         d, v = self.owner._models.score(str(op.value), self.t, op.window_ns, self.history)
-        return _scrub(np.asarray(d, np.float64).copy(), np.asarray(v, np.bool_) & np.isfinite(d))
+        return scrub(np.asarray(d, np.float64).copy(), np.asarray(v, np.bool_) & np.isfinite(d))
 
     # --- windows ---------------------------------------------------------------------------------------
 
@@ -515,7 +475,7 @@ class _Context:
         hv = np.asarray(hv_raw)
         if hv.dtype.kind == "f":
             keep = np.isfinite(hv)
-            if not _all(keep):
+            if not all_true(keep):
                 ht, hv = ht[keep], hv[keep]
         elif hv.dtype.kind == "b":
             hv = hv.astype(np.int64)
@@ -525,7 +485,7 @@ class _Context:
         self._fetched[path] = found
         return found
 
-    def _bounds(self, path: str, w: int, previous: bool) -> _Window:
+    def _bounds(self, path: str, w: int, previous: bool) -> Window:
         """The samples of ``path`` in each evaluation time's window (``hv[lo:hi]``), shared by every
         window function of the same signal and width (``avg``, ``min_over`` and ``max_over`` of one
         window search the history once and build one segment index)."""
@@ -540,7 +500,7 @@ class _Context:
             else:
                 lo = ht.searchsorted(t - w, side="right")
                 hi = ht.searchsorted(t, side="right")
-            found = _Window(ht, hv, lo, hi, self._pads)
+            found = Window(ht, hv, lo, hi, self._pads)
             self._window_bounds[key] = found
         return found
 
@@ -551,15 +511,15 @@ class _Context:
         valid = win.valid
         fn = op.fn
         if not win.some:
-            return np.zeros(n, _DTYPES[op.kind]), valid
+            return np.zeros(n, DTYPES[op.kind]), valid
         if fn in ("min_over", "prev_min", "max_over", "prev_max"):
             ufunc = np.minimum if fn in ("min_over", "prev_min") else np.maximum
             result = win.segments(ufunc)
-            return (result, valid) if win.every else _scrub(result, valid)
+            return (result, valid) if win.every else scrub(result, valid)
         hv = win.hv
         integer = hv.dtype.kind == "i"
         if fn in ("avg", "prev_avg"):
-            return _scrub(*_average(win, integer))
+            return scrub(*average(win, integer))
         # delta and rate
         first, last = win.ends()
         if integer:
@@ -569,14 +529,14 @@ class _Context:
         else:
             diff = hv[last] - hv[first]
             finite = np.isfinite(diff)
-            ok = valid if win.every and _all(finite) else valid & finite
+            ok = valid if win.every and all_true(finite) else valid & finite
         if fn == "delta":
-            return _scrub(diff, ok)
+            return scrub(diff, ok)
         ht, count = win.ht, win.count
         dt = ht[last] - ht[first]
         ok = ok & (count >= 2) & (dt != 0)
         rate = diff.astype(np.float64) / (np.where(dt != 0, dt, 1) / _NS_PER_S)
-        return _scrub(rate, ok & np.isfinite(rate))
+        return scrub(rate, ok & np.isfinite(rate))
 
     # --- stateful functions ----------------------------------------------------------------------------
 
@@ -656,22 +616,13 @@ class _SharedContext(_Context):
     """The context of one set of evaluation times in a :class:`BatchGrid`: pure nodes are memoized by
     ``Op.key``, so every campaign evaluated at these times computes each shared subtree once."""
 
-    def __init__(
-        self,
-        owner: Evaluator,
-        t: npt.NDArray[np.int64],
-        feeds: Mapping[str, Feed],
-        history: WindowSource,
-        feed_cache: dict[str, Any] | None = None,
-        fetched: dict[str, tuple[int, npt.NDArray[np.int64], Array]] | None = None,
-        fetch_range: tuple[int, int] | None = None,
-        spans: Mapping[str, int] | None = None,
-    ) -> None:
-        super().__init__(owner, t, feeds, history, feed_cache=feed_cache)
-        if fetched is not None:
-            self._fetched = fetched  # one history fetch per signal for the whole batch
-            self.fetch_range = fetch_range
-            self.spans = spans or {}
+    def __init__(self, grid: BatchGrid, t: npt.NDArray[np.int64], fetch_range: tuple[int, int]) -> None:
+        """The context of ``t`` in ``grid``: its feeds, history, held values and per-batch caches."""
+        owner = grid._holder  # held values and models; no state (a grid's context runs no state function)
+        super().__init__(owner, t, grid.feeds, grid._history, feed_cache=grid._feed_cache)  # type: ignore[arg-type]
+        self._fetched = grid._fetched  # one history fetch per signal for the whole batch
+        self.fetch_range = fetch_range
+        self.spans = grid._spans
         self._memo: dict[bytes, Vec] = {}
         self._truth: dict[bytes, npt.NDArray[np.bool_] | None] = {}
 
@@ -686,7 +637,7 @@ class _SharedContext(_Context):
         if op.key in self._truth:
             return self._truth[op.key]
         true, _ = self.eval(op)  # scrubbed: the data is true exactly where the condition is true
-        found = true if _any(true) else None
+        found = true if any_true(true) else None
         self._truth[op.key] = found
         return found
 
@@ -712,288 +663,3 @@ _HANDLERS: dict[str, Any] = {
     "age": _Context.age,
     "model": _Context.model,
 }
-
-
-# --- pure vector kernels ------------------------------------------------------------------------------
-
-
-def _logic(fn: str, a: Vec, b: Vec) -> Vec:
-    """Kleene ``and``/``or``. Every true/false operand is scrubbed (its data is false wherever it is
-    missing), so its data is exactly "true" and ``valid ^ data`` exactly "false"."""
-    ad, av = a
-    bd, bv = b
-    if fn == "and":
-        true = ad & bd
-        return true, true | (av ^ ad) | (bv ^ bd)  # true, or false on either side
-    true = ad | bd
-    return true, true | (av & bv)  # true on either side, or known on both (then false on both)
-
-
-def _as_float(data: Array) -> npt.NDArray[np.float64]:
-    return data.astype(np.float64, copy=False)
-
-
-def _arith(fn: str, kind: Kind, a: Vec, a_kind: Kind, b: Vec, b_kind: Kind) -> Vec:
-    ad, av = a
-    bd, bv = b
-    valid = av & bv
-    if kind is Kind.INT:
-        if fn == "+":
-            r = ad + bd
-            valid &= ~(((ad ^ r) & (bd ^ r)) < 0)
-        elif fn == "-":
-            r = ad - bd
-            valid &= ~(((ad ^ bd) & (ad ^ r)) < 0)
-        elif fn == "*":
-            r = ad * bd
-            divisor = np.where(ad == 0, 1, ad)
-            wrong = (ad != 0) & ((r // divisor != bd) | ((ad == -1) & (bd == INT64_MIN)))
-            valid &= ~wrong
-        else:  # "%"
-            zero = bd == 0
-            r = np.remainder(ad, np.where(zero, 1, bd))
-            valid &= ~zero
-        return _scrub(r, valid)
-    af, bf = _as_float(ad), _as_float(bd)
-    if fn == "+":
-        r = af + bf
-    elif fn == "-":
-        r = af - bf
-    elif fn == "*":
-        r = af * bf
-    elif fn == "/":
-        zero = bf == 0
-        r = af / np.where(zero, 1.0, bf)
-        valid &= ~zero
-        if a_kind is Kind.INT and b_kind is Kind.INT:
-            big = valid & ((np.abs(af) > _EXACT_FLOAT_INT) | (np.abs(bf) > _EXACT_FLOAT_INT))
-            for i in np.flatnonzero(big).tolist():
-                r[i] = int(ad[i]) / int(bd[i])  # Python's int / int rounds once, exactly
-    elif fn == "%":
-        zero = bf == 0
-        r = np.remainder(af, np.where(zero, 1.0, bf))
-        valid &= ~zero
-    else:  # "**": C's pow() per element (numpy's vector power may round differently on some CPUs)
-        r = np.zeros(af.shape[0])
-        for i, (x, y) in enumerate(zip(af.tolist(), bf.tolist(), strict=True)):
-            try:
-                r[i] = math.pow(x, y)
-            except (OverflowError, ValueError):
-                valid[i] = False
-    valid &= np.isfinite(r)
-    return _scrub(r, valid)
-
-
-def _cmp_int_float(i: npt.NDArray[np.int64], f: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
-    """Sign of ``i - f`` computed exactly (no rounding of ``i`` to a float)."""
-    inside = (f >= -(2.0**63)) & (f < 2.0**63)
-    floor = np.floor(np.where(inside, f, 0.0))
-    whole = floor.astype(np.int64)
-    fraction = np.where(inside, f, 0.0) - floor > 0
-    sign = np.where(i < whole, -1, np.where(i > whole, 1, np.where(fraction, -1, 0)))
-    sign = np.where(inside, sign, np.where(f >= 0, -1, 1))
-    return sign.astype(np.int64)
-
-
-def _compare(fn: str, a: Vec, a_kind: Kind, b: Vec, b_kind: Kind) -> Vec:
-    ad, av = a
-    bd, bv = b
-    valid = av & bv
-    if a_kind is Kind.INT and b_kind is Kind.FLOAT:
-        left, right = _cmp_int_float(ad, bd), np.zeros(1, np.int64)
-    elif a_kind is Kind.FLOAT and b_kind is Kind.INT:
-        left, right = -_cmp_int_float(bd, ad), np.zeros(1, np.int64)
-    else:
-        left, right = ad, bd
-    if fn == "==":
-        r = left == right
-    elif fn == "!=":
-        r = left != right
-    elif fn == "<":
-        r = left < right
-    elif fn == "<=":
-        r = left <= right
-    elif fn == ">":
-        r = left > right
-    else:
-        r = left >= right
-    return _scrub(np.asarray(r, np.bool_), valid)
-
-
-_NUMBER_KINDS = (Kind.INT, Kind.FLOAT)
-_NOT_CONSTANT: Any = object()
-#: The validity of a one-element constant operand; read-only (no operation writes into its inputs).
-_ONE_VALID = _true(1)
-
-
-def _number_constant(op: Op) -> Any:
-    """The value of ``op`` when it is a numeric constant (a literal, or ``-`` of one: ``-2.5`` parses
-    as ``neg(2.5)``), else ``_NOT_CONSTANT``. Exact: an integer negation that would leave 64 bits is
-    not folded (the node computes it as missing)."""
-    if op.kind not in _NUMBER_KINDS:
-        return _NOT_CONSTANT
-    if op.fn == "const":
-        return op.value
-    if op.fn == "neg":
-        inner = _number_constant(op.args[0])
-        if inner is _NOT_CONSTANT or (op.kind is Kind.INT and inner == INT64_MIN):
-            return _NOT_CONSTANT
-        return -inner
-    return _NOT_CONSTANT
-
-
-def _scalar_vec(value: object, kind: Kind) -> Vec:
-    """A constant as a one-element operand (broadcast by numpy against the other operand)."""
-    data = np.array([value], _DTYPES[kind])
-    return data, _ONE_VALID
-
-
-_FLIPPED = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
-_COMPARE_UFUNCS: dict[str, Any] = {
-    "==": np.equal,
-    "!=": np.not_equal,
-    "<": np.less,
-    "<=": np.less_equal,
-    ">": np.greater,
-    ">=": np.greater_equal,
-}
-_INT64_MAX = 2**63 - 1
-
-
-def _compare_constant(fn: str, a: Vec, a_kind: Kind, constant: object) -> Vec:
-    """``a fn constant`` against a scalar (no array of the constant), exactly as :func:`_compare`.
-
-    An integer compared with a float constant c becomes an integer comparison with a whole bound
-    (``i < 2.5`` is ``i < 3``, ``i <= 2.5`` is ``i <= 2``, ``i == 2.5`` is never true); a float compared
-    with an integer constant uses the constant as a float when that is exact (|k| <= 2**53).
-    """
-    data, valid = a
-    if a_kind is Kind.FLOAT:
-        if type(constant) is int:
-            if abs(constant) > _EXACT_FLOAT_INT:
-                n = data.shape[0]
-                return _compare(fn, a, a_kind, (np.full(n, constant, np.int64), valid), Kind.INT)
-            constant = float(constant)
-        result = _COMPARE_UFUNCS[fn](data, constant)
-        return _scrub(result, valid)
-    if type(constant) is float:
-        whole = math.floor(constant)
-        if whole != constant:  # strictly between two integers
-            if fn in ("==", "!="):
-                return _scrub(np.full(data.shape[0], fn == "!="), valid)
-            # i < c  <=>  i <= floor(c);  i > c  <=>  i > floor(c)
-            fn = {"<": "<=", "<=": "<=", ">": ">", ">=": ">"}[fn]
-        constant = whole
-    bound = int(constant)  # type: ignore[call-overload]
-    if bound > _INT64_MAX or bound < INT64_MIN:  # every int64 is on one side of it
-        below = bound > _INT64_MAX  # every value is below the bound
-        truth = {"==": False, "!=": True, "<": below, "<=": below, ">": not below, ">=": not below}[fn]
-        return _scrub(np.full(data.shape[0], truth), valid)
-    return _scrub(_COMPARE_UFUNCS[fn](data, bound), valid)
-
-
-def _math(fn: str, kind: Kind, args: list[tuple[Vec, Kind]]) -> Vec:
-    (d, v), arg_kind = args[0]
-    if fn == "abs":
-        if arg_kind is Kind.INT:
-            return _scrub(np.abs(d), v & (d != INT64_MIN))
-        return np.abs(d), v
-    if fn == "sqrt":
-        f = _as_float(d)
-        ok = v & (f >= 0)
-        return _scrub(np.sqrt(np.where(ok, f, 0.0)), ok)
-    if fn in ("floor", "ceil"):
-        if arg_kind is Kind.INT:
-            return d.copy(), v.copy()
-        rounded = np.floor(d) if fn == "floor" else np.ceil(d)
-        ok = v & (rounded >= -(2.0**63)) & (rounded < 2.0**63)
-        return _scrub(np.where(ok, rounded, 0.0).astype(np.int64), ok)
-    valid = v.copy()
-    for (_, other_v), _ in args[1:]:
-        valid &= other_v
-    columns = [a[0][0] if kind is Kind.INT else _as_float(a[0][0]) for a in args]
-    ufunc = np.minimum if fn == "min" else np.maximum
-    result = columns[0]
-    for column in columns[1:]:
-        result = ufunc(result, column)
-    return _scrub(np.array(result), valid)
-
-
-class _Window:
-    """One window of one signal at every evaluation time: ``hv[lo[i]:hi[i]]`` (``ht`` their times),
-    with what every window function over it needs, each computed once: the segment index of
-    :meth:`segments`, the first and last sample, whether any (``some``) or every (``every``) window
-    holds a sample (then results need no scrubbing)."""
-
-    __slots__ = (
-        "_ends",
-        "_index",
-        "_padded",
-        "_pads",
-        "count",
-        "every",
-        "hi",
-        "ht",
-        "hv",
-        "lo",
-        "some",
-        "valid",
-    )
-
-    def __init__(
-        self, ht: Array, hv: Array, lo: Array, hi: Array, pads: dict[int, tuple[Array, Array]]
-    ) -> None:
-        self.ht, self.hv, self.lo, self.hi = ht, hv, lo, hi
-        self._pads = pads
-        self.count = hi - lo
-        self.valid: npt.NDArray[np.bool_] = self.count > 0
-        self.every = _all(self.valid)
-        self.some = self.every or _any(self.valid)
-        self._index: npt.NDArray[np.intp] | None = None
-        self._padded: Array | None = None
-        self._ends: tuple[Array, Array] | None = None
-
-    def segments(self, ufunc: Any) -> Array:
-        """``ufunc.reduce(hv[lo[i]:hi[i]])`` for every i (empty segments give an arbitrary value)."""
-        if self._index is None:
-            # windows of every width over one fetched history share its padded copy
-            pad = self._pads.get(id(self.hv))
-            if pad is None or pad[0] is not self.hv:
-                pad = self._pads[id(self.hv)] = (self.hv, np.concatenate([self.hv, self.hv[:1]]))
-            self._padded = pad[1]
-            index = np.empty(2 * self.lo.shape[0], np.intp)
-            index[0::2] = self.lo
-            index[1::2] = self.hi
-            self._index = index
-        return np.asarray(ufunc.reduceat(self._padded, self._index)[0::2])
-
-    def ends(self) -> tuple[Array, Array]:
-        """Indices of the first and last sample of each window (clamped into ``hv`` when empty)."""
-        if self._ends is None:
-            self._ends = (np.minimum(self.lo, self.hv.shape[0] - 1), np.maximum(self.hi - 1, 0))
-        return self._ends
-
-
-_SMALL_INT = 2**31
-
-
-def _average(win: _Window, integer: bool) -> Vec:
-    values, lo, count, valid = win.hv, win.lo, win.count, win.valid
-    safe = count if win.every else np.where(count > 0, count, 1)
-    if not integer:
-        return win.segments(np.add) / safe, valid
-    # Exact integer sums: int64 cannot overflow while every |value| < 2**31 and windows are < 2**32.
-    small = values.shape[0] == 0 or int(np.max(np.abs(values.astype(np.float64)))) < _SMALL_INT
-    if small:
-        sums = win.segments(np.add)
-        big = valid & (np.abs(sums) > _EXACT_FLOAT_INT)
-        result = sums.astype(np.float64) / safe
-        for i in np.flatnonzero(big).tolist():
-            result[i] = int(sums[i]) / int(count[i])
-        return result, valid
-    result = np.zeros(lo.shape[0])
-    as_list = values.tolist()
-    hi = win.hi
-    for i in np.flatnonzero(valid).tolist():
-        result[i] = sum(as_list[int(lo[i]) : int(hi[i])]) / int(count[i])
-    return result, valid

@@ -129,8 +129,8 @@ def apply_delta_stream(
     if fmt not in formats:
         raise IntegrityError(f"delta is in format {fmt}; this device reads {', '.join(formats)}")
     patch.seek(-len(head), io.SEEK_CUR)
-    codec = fldelta2_apply.decode if fmt == FLDELTA2 else fldelta1.decode
-    return codec(old, old_size, patch, write, max_size=max_size)
+    reader = fldelta2_apply.READER if fmt == FLDELTA2 else fldelta1.READER
+    return reader.decode(old, old_size, patch, write, max_size=max_size)
 
 
 def apply_delta(

@@ -1,4 +1,4 @@
-"""What both delta containers share: their names, how a result is described, how a header is read.
+"""What both delta containers share: their names, how a result is described, how a patch is read.
 
 Kept apart from the containers so the device-side decoders, the cloud-side encoders and the facade
 (:mod:`fleetloop_shared.update.delta`) import it without importing each other.
@@ -7,7 +7,7 @@ Kept apart from the containers so the device-side decoders, the cloud-side encod
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -69,6 +69,48 @@ def read_header(
     if not 0 < chunk <= max_chunk or count != (new_size + chunk - 1) // chunk:
         raise IntegrityError("delta is malformed: impossible chunk size or count")
     return new_size, chunk, count
+
+
+#: One chunk of a container, applied: ``(old, old_size, patch, write, out_len)`` reads the chunk's header
+#: and body from ``patch`` (its header must say ``out_len``, the length the container header implies)
+#: and hands exactly ``out_len`` new bytes to ``write``; IntegrityError otherwise.
+ChunkApplier = Callable[[BinaryIO, int, BinaryIO, Callable[[bytes], object], int], None]
+
+
+@dataclass(frozen=True)
+class ChunkedContainer:
+    """A delta container as a device reads it: the header, then ``count`` chunks each applied on its
+    own, then nothing. The formats differ only in their magic, their chunk bound and how one chunk is
+    applied; the walk over the chunks is this one."""
+
+    magic: bytes
+    max_chunk: int
+    apply_chunk: ChunkApplier
+
+    def decode(
+        self,
+        old: BinaryIO,
+        old_size: int,
+        patch: BinaryIO,
+        write: Callable[[bytes], object],
+        *,
+        max_size: int = DEFAULT_MAX_OUTPUT,
+    ) -> int:
+        """Apply ``patch`` to ``old``, handing the new image to ``write`` chunk by chunk; returns its size.
+
+        The caller checks the result's hash (the container has none: the signed metadata holds it).
+        """
+        new_size, chunk, count = read_header(
+            patch, self.magic, old_size=old_size, max_size=max_size, max_chunk=self.max_chunk
+        )
+        written = 0
+        for _ in range(count):
+            out_len = min(chunk, new_size - written)
+            self.apply_chunk(old, old_size, patch, write, out_len)
+            written += out_len
+        if patch.read(1):
+            raise IntegrityError("delta is malformed: trailing bytes after the last chunk")
+        return written
 
 
 def check_formats(formats: object, where: str) -> tuple[str, ...]:

@@ -49,12 +49,11 @@ import zstandard
 
 from fleetloop_shared.errors import IntegrityError, UserError
 from fleetloop_shared.update.delta_format import (
-    DEFAULT_MAX_OUTPUT,
     FLDELTA1,
     HEADER,
+    ChunkedContainer,
     DeltaStats,
     read_exact,
-    read_header,
 )
 from fleetloop_shared.update.inflate import unbzip2, unzstd
 
@@ -311,37 +310,25 @@ def _decode_chunk(method: int, body: bytes, window: bytes, out_len: int) -> byte
     return data
 
 
-def decode(
-    old: BinaryIO,
-    old_size: int,
-    patch: BinaryIO,
-    write: Callable[[bytes], object],
-    *,
-    max_size: int = DEFAULT_MAX_OUTPUT,
-) -> int:
-    """Apply ``patch`` to ``old``, handing the new image to ``write`` chunk by chunk; returns its size.
+def _apply_chunk(
+    old: BinaryIO, old_size: int, patch: BinaryIO, write: Callable[[bytes], object], expected: int
+) -> None:
+    """One chunk: its old window and its streams, decoded into ``expected`` new bytes.
 
-    Memory is one old window plus one chunk and its streams, whatever the image size. The caller checks
-    the result's hash (the container has none: the signed metadata holds the target hash).
+    Memory is one old window plus one chunk and its streams, whatever the image size.
     """
-    new_size, chunk, count = read_header(
-        patch, MAGIC, old_size=old_size, max_size=max_size, max_chunk=MAX_CHUNK
-    )
-    written = 0
-    for _ in range(count):
-        method, lo, length, out_len, body_len = _CHUNK.unpack(read_exact(patch, _CHUNK.size, "chunk header"))
-        if out_len != min(chunk, new_size - written) or length > MAX_WINDOW or lo + length > old_size:
-            raise IntegrityError("delta is malformed: chunk header out of bounds")
-        if body_len > out_len + (out_len >> 7) + (1 << 16):  # zstd alone is always a candidate
-            raise IntegrityError(f"delta is malformed: chunk body of {body_len} bytes is impossible")
-        body = read_exact(patch, body_len, "chunk body")
-        old.seek(lo)
-        window = old.read(length)
-        if len(window) != length:
-            raise IntegrityError("the installed image is shorter than the delta's window")
-        data = _decode_chunk(method, body, window, out_len)
-        write(data)
-        written += len(data)
-    if patch.read(1):
-        raise IntegrityError("delta is malformed: trailing bytes after the last chunk")
-    return written
+    method, lo, length, out_len, body_len = _CHUNK.unpack(read_exact(patch, _CHUNK.size, "chunk header"))
+    if out_len != expected or length > MAX_WINDOW or lo + length > old_size:
+        raise IntegrityError("delta is malformed: chunk header out of bounds")
+    if body_len > out_len + (out_len >> 7) + (1 << 16):  # zstd alone is always a candidate
+        raise IntegrityError(f"delta is malformed: chunk body of {body_len} bytes is impossible")
+    body = read_exact(patch, body_len, "chunk body")
+    old.seek(lo)
+    window = old.read(length)
+    if len(window) != length:
+        raise IntegrityError("the installed image is shorter than the delta's window")
+    write(_decode_chunk(method, body, window, out_len))
+
+
+#: How a device reads an FLDELTA1 patch (``READER.decode``).
+READER = ChunkedContainer(MAGIC, MAX_CHUNK, _apply_chunk)

@@ -42,7 +42,7 @@ from typing import BinaryIO
 import numpy as np
 
 from fleetloop_shared.errors import IntegrityError
-from fleetloop_shared.update.delta_format import DEFAULT_MAX_OUTPUT, read_exact, read_header
+from fleetloop_shared.update.delta_format import ChunkedContainer, read_exact
 from fleetloop_shared.update.inflate import Inflow, unzstd, unzstd_patch
 
 MAGIC = b"FLDELTA2"
@@ -250,42 +250,29 @@ def _apply_zstd_patch(old: BinaryIO, old_size: int, body: bytes, out_len: int) -
     return unzstd_patch(body[start:], out_len, "zstd-patch chunk", total, fill)
 
 
-def decode(
-    old: BinaryIO,
-    old_size: int,
-    patch: BinaryIO,
-    write: Callable[[bytes], object],
-    *,
-    max_size: int = DEFAULT_MAX_OUTPUT,
-) -> int:
-    """Apply an FLDELTA2 ``patch`` to ``old``, handing the new image to ``write``; returns its size.
-
-    The caller checks the result's hash (the container has none: the signed metadata holds it).
-    """
-    new_size, chunk, count = read_header(
-        patch, MAGIC, old_size=old_size, max_size=max_size, max_chunk=MAX_CHUNK
-    )
-    written = 0
-    for _ in range(count):
-        method, out_len, body_len = CHUNK.unpack(read_exact(patch, CHUNK.size, "chunk header"))
-        if out_len != min(chunk, new_size - written):
-            raise IntegrityError("delta is malformed: chunk length out of bounds")
-        if body_len > max_body(out_len):
-            raise IntegrityError(f"delta is malformed: chunk body of {body_len} bytes is impossible")
-        body = read_exact(patch, body_len, "chunk body")
-        if method == METHOD_STREAMS:
-            _apply_streams(old, old_size, body, out_len, write)
-        elif method in (METHOD_ZSTD, METHOD_ZSTD_PATCH):
-            if method == METHOD_ZSTD:
-                data = unzstd(body, out_len, "zstd chunk")
-            else:
-                data = _apply_zstd_patch(old, old_size, body, out_len)
-            if len(data) != out_len:
-                raise IntegrityError(f"delta is malformed: chunk decodes to {len(data)} of {out_len} bytes")
-            write(data)
+def _apply_chunk(
+    old: BinaryIO, old_size: int, patch: BinaryIO, write: Callable[[bytes], object], expected: int
+) -> None:
+    """One chunk, by its method: streams against the old image, plain zstd, or zstd patch-from."""
+    method, out_len, body_len = CHUNK.unpack(read_exact(patch, CHUNK.size, "chunk header"))
+    if out_len != expected:
+        raise IntegrityError("delta is malformed: chunk length out of bounds")
+    if body_len > max_body(out_len):
+        raise IntegrityError(f"delta is malformed: chunk body of {body_len} bytes is impossible")
+    body = read_exact(patch, body_len, "chunk body")
+    if method == METHOD_STREAMS:
+        _apply_streams(old, old_size, body, out_len, write)
+    elif method in (METHOD_ZSTD, METHOD_ZSTD_PATCH):
+        if method == METHOD_ZSTD:
+            data = unzstd(body, out_len, "zstd chunk")
         else:
-            raise IntegrityError(f"delta is malformed: unknown chunk method {method}")
-        written += out_len
-    if patch.read(1):
-        raise IntegrityError("delta is malformed: trailing bytes after the last chunk")
-    return written
+            data = _apply_zstd_patch(old, old_size, body, out_len)
+        if len(data) != out_len:
+            raise IntegrityError(f"delta is malformed: chunk decodes to {len(data)} of {out_len} bytes")
+        write(data)
+    else:
+        raise IntegrityError(f"delta is malformed: unknown chunk method {method}")
+
+
+#: How a device reads an FLDELTA2 patch (``READER.decode``).
+READER = ChunkedContainer(MAGIC, MAX_CHUNK, _apply_chunk)

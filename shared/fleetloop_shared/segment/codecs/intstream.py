@@ -92,67 +92,11 @@ def _stats_numpy(x: I64, order: int) -> tuple[int, int, npt.NDArray[np.int64]]:
 @numba_kernels
 def _load_stats_kernel() -> Any:
     """One pass per statistic over ``x``'s differences without materializing them (numba), or None."""
-    import numba
+    from fleetloop_shared.segment.codecs.compiled_loops import stream_stats
 
-    # numba's count-leading-zeros intrinsic: the bit length in one instruction (ImportError in a numba
-    # without it: the numpy path)
-    from numba.cpython.unsafe.numbers import leading_zeros
-
-    @numba.njit(cache=True, nogil=True)
-    def stats(x: Any, order: int, counts: Any) -> tuple[Any, Any, Any, Any]:  # pragma: no cover - compiled
-        n = x.shape[0] - order
-        base = np.int64(0)
-        for i in range(n):
-            if order == 0:
-                y = x[i]
-            elif order == 1:
-                y = x[i + 1] - x[i]
-            else:
-                y = (x[i + 2] - x[i + 1]) - (x[i + 1] - x[i])
-            if i == 0 or y < base:
-                base = y
-        g = np.uint64(0)
-        for i in range(n):
-            if order == 0:
-                y = x[i]
-            elif order == 1:
-                y = x[i + 1] - x[i]
-            else:
-                y = (x[i + 2] - x[i + 1]) - (x[i + 1] - x[i])
-            a = np.uint64(y - base)
-            b = g
-            while b != 0:
-                a, b = b, a % b
-            g = a
-            if g == 1:
-                break
-        if g == 0:
-            g = np.uint64(1)
-        for i in range(n):
-            if order == 0:
-                y = x[i]
-            elif order == 1:
-                y = x[i + 1] - x[i]
-            else:
-                y = (x[i + 2] - x[i + 1]) - (x[i + 1] - x[i])
-            u = np.uint64(y - base)
-            if g != 1:  # (a 64-bit division per value costs more than the rest of the loop)
-                u //= g
-            counts[64 - leading_zeros(u)] += 1  # type: ignore[call-arg]  # (bit length: one instruction)
-        # the width minimizing packed bytes + exceptions (same arithmetic as _width)
-        above = n
-        best_size = -1
-        best_w = 0
-        for w in range(65):
-            above -= counts[w]
-            size = (n * w + 7) // 8 + above * 12
-            if best_size < 0 or size < best_size:
-                best_size = size
-                best_w = w
-        return base, g, best_size, best_w
-
-    stats(np.array([5, 7, 9], dtype=np.int64), 1, np.zeros(65, dtype=np.int64))  # compile now
-    return stats
+    probe = np.array([5, 7, 9], dtype=np.int64)
+    stream_stats(probe, 1, np.zeros(65, dtype=np.int64), _EXC_ENTRY)  # compile now
+    return stream_stats
 
 
 def _stats(x: I64, order: int) -> tuple[int, int, int, int]:
@@ -161,8 +105,7 @@ def _stats(x: I64, order: int) -> tuple[int, int, int, int]:
     if kernel is None:
         base, g, counts = _stats_numpy(x, order)
         return (base, g, *_width(counts))
-    counts = np.zeros(65, dtype=np.int64)
-    base, g, size, w = kernel(x, order, counts)
+    base, g, size, w = kernel(x, order, np.zeros(65, dtype=np.int64), _EXC_ENTRY)
     return int(base), int(g), int(size), int(w)
 
 
@@ -335,73 +278,7 @@ def _residuals(x: I64, order: int, base: int, g: int, w: int) -> tuple[U64, npt.
 
 @numba_kernels
 def _load_residuals_kernel() -> Any:
-    import numba
-
-    # numba's count-leading-zeros intrinsic: the bit length in one instruction (ImportError in a numba
-    # without it: the numpy path)
-    from numba.cpython.unsafe.numbers import leading_zeros
-
-    @numba.njit(cache=True, nogil=True)
-    def residuals(
-        x: Any, order: int, base: Any, g: Any, w: int, u: Any
-    ) -> int:  # pragma: no cover - compiled
-        b = np.int64(base)
-        gg = np.uint64(g)
-        limit = np.uint64(0xFFFFFFFFFFFFFFFF) if w >= 64 else np.uint64((1 << w) - 1)
-        wide = 0
-        for i in range(u.shape[0]):
-            if order == 0:
-                y = x[i]
-            elif order == 1:
-                y = x[i + 1] - x[i]
-            else:
-                y = (x[i + 2] - x[i + 1]) - (x[i + 1] - x[i])
-            v = np.uint64(y - b)
-            if gg > 1:
-                v = v // gg
-            u[i] = v
-            if v > limit:
-                wide += 1
-        return wide
-
-    @numba.njit(cache=True, nogil=True)
-    def outlier_frame(
-        x: Any, order: int, base: Any, w: int, counts: Any
-    ) -> tuple[Any, Any]:  # pragma: no cover - compiled
-        # the numpy path of _above_low_outliers, in exact 64-bit arithmetic (uint64 where a Python
-        # int could exceed int64): the same sample, the same frame, the same histogram
-        m = x.shape[0] - order
-        step = m // 64
-        sample = np.empty(64, dtype=np.int64)
-        for k in range(64):
-            i = k * step
-            if order == 0:
-                sample[k] = x[i]
-            elif order == 1:
-                sample[k] = x[i + 1] - x[i]
-            else:
-                sample[k] = (x[i + 2] - x[i + 1]) - (x[i + 1] - x[i])
-        sample.sort()
-        span = np.uint64(sample[61]) - np.uint64(sample[2])
-        room = np.uint64(sample[2]) - np.uint64(base)
-        quarter = span // np.uint64(4)
-        low = base if quarter >= room else sample[2] - np.int64(quarter)
-        if np.uint64(low) - np.uint64(base) < (np.uint64(1) << np.uint64(w - 1)):
-            return low, -1
-        below = 0
-        for i in range(m):
-            if order == 0:
-                y = x[i]
-            elif order == 1:
-                y = x[i + 1] - x[i]
-            else:
-                y = (x[i + 2] - x[i + 1]) - (x[i + 1] - x[i])
-            if y < low:
-                below += 1
-                continue
-            u = np.uint64(y - low)
-            counts[64 - leading_zeros(u)] += 1  # type: ignore[call-arg]  # (bit length: one instruction)
-        return low, below
+    from fleetloop_shared.segment.codecs.compiled_loops import outlier_frame, residuals
 
     probe = np.array([5, 7, 9], dtype=np.int64)  # compile now
     residuals(probe, 1, np.int64(2), np.uint64(1), 2, np.empty(2, dtype=np.uint64))
