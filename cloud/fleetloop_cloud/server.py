@@ -231,7 +231,10 @@ class Coordinator:
             max_upload_bytes=limits.staging.max_upload_bytes,
             policies=CampaignPolicies(repos.campaigns),
         )
-        self.releases = ReleaseService(repos.releases, repos.devices, self.artifacts, self.tuf, access)
+        self.releases = ReleaseService(
+            repos.releases, repos.devices, self.artifacts, self.tuf, access,
+            read_only_keys=None if keys.writable else keys.directory,
+        )  # fmt: skip
         self.rollouts = RolloutService(
             self.controller, repos.rollouts, access, changed=self._rollouts_changed
         )

@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pyiceberg.schema import Schema
 
+from fleetloop_cloud.fleet_store import iceberg
 from fleetloop_cloud.fleet_store.iceberg import (
     CAPTURES,
     SAMPLES,
@@ -186,6 +188,50 @@ def test_compaction_rewrites_a_partition_in_one_snapshot_and_expiry_deletes_the_
     assert expired.snapshots_expired > 0 and expired.reconciled == 20
     assert len(list(data.rglob("*.parquet"))) == 1  # the rewritten files are gone from disk
     assert engine.query(ORDERED, max_rows=100_000).rows == before
+    repos.close()
+
+
+def test_tables_made_before_the_clock_and_privacy_columns_gain_them_and_old_rows_compact_with_new(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "ice"
+    with monkeypatch.context() as m:  # the tables as the release before made them
+        m.setattr(iceberg, "SAMPLES_SCHEMA", Schema(*[f for f in iceberg.SAMPLES_SCHEMA.fields
+                                                      if f.name != "clock_offset_ns"]))  # fmt: skip
+        m.setattr(iceberg, "CAPTURES_SCHEMA", Schema(*[f for f in iceberg.CAPTURES_SCHEMA.fields
+                                                       if f.name != "privacy"]))  # fmt: skip
+        old = local_tables(root)
+        assert "clock_offset_ns" not in {f.name for f in old.load(SAMPLES).schema().fields}
+        old_store = IcebergFleetStore(old, quick(batch_wait_s=0))
+        for i in range(6):
+            write(old_store, segment(i, rows=100), "car-1")
+    tables = local_tables(root)  # today's code: the new columns come by a schema evolution
+    assert "clock_offset_ns" in {f.name for f in tables.load(SAMPLES).schema().fields}
+    assert "privacy" in {f.name for f in tables.load(CAPTURES).schema().fields}
+    seg = segment(50, rows=100)
+    offset = 37_000_000_000  # the device's clock 37 s ahead
+    assert IcebergFleetStore(tables, quick(batch_wait_s=0)).write_segment(
+        fleet="taxi", device_id="car-2", capture_id="cap-car-2", campaign="braking", segment=seg,
+        catalog=signals(), received_unix=DAY0 / 1e9 + 5 * 86400, clock_offset_ns=offset,
+        privacy="eu-cars@2#k1",
+    ) == 300  # fmt: skip
+    engine = QueryEngine(root, tables=tables)
+    assert engine.query(
+        "SELECT device_id, count(*), count(clock_offset_ns), min(t_ns), max(clock_offset_ns) FROM samples "
+        "GROUP BY device_id ORDER BY device_id"
+    ).rows == [("car-1", 1800, 0, DAY0, None), ("car-2", 300, 300, int(seg.t_ns.min()) - offset, offset)]
+    assert engine.query("SELECT capture_id, privacy FROM captures ORDER BY capture_id").rows == [
+        ("cap-car-1", ""), ("cap-car-2", "eu-cars@2#k1"),
+    ]  # fmt: skip
+    # old files and new compact together; the ledger caught up from the receipts keeps the stamp
+    before = engine.query(ORDERED, max_rows=100_000).rows
+    repos = open_repositories(root / "metadata.sqlite")
+    maintenance = IcebergMaintenance(tables, repos.segments, quick(compact_min_files=4))
+    assert maintenance.compact().files_absorbed == 7
+    assert engine.query(ORDERED, max_rows=100_000).rows == before
+    assert maintenance.reconcile().reconciled == 7
+    stamps = {c.device_id: c.privacy for c in repos.segments.captures()}
+    assert stamps == {"car-1": "", "car-2": "eu-cars@2#k1"}
     repos.close()
 
 

@@ -20,7 +20,8 @@ from fleetloop_cloud.ota.online_keys import (
     release_signer,
 )
 from fleetloop_cloud.server import Coordinator
-from fleetloop_shared.errors import ConfigError
+from fleetloop_cloud.services.access import Caller
+from fleetloop_shared.errors import ConfigError, StateError
 from fleetloop_shared.update.artifact import ReleaseSigner
 
 
@@ -98,6 +99,11 @@ def test_a_second_coordinator_signs_with_the_keys_of_the_secret_and_writes_none(
         assert second.signer.public_key_pem() == release_key
         assert second.tuf.director_authority.root_bytes() == director_root
         assert (tmp_path / "b" / "keys" / "director-root.json").read_bytes() == director_root
+        # a rotation would make keys in the secret: refused with what to do, nothing written
+        with pytest.raises(StateError, match="read-only secret"):
+            second.releases.rotate_root(
+                Caller.local(), "director", root_keys=None, threshold=None, online=True, now=0.0
+            )
     finally:
         second.close()
     assert listing(secret) == before

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fleetloop_cloud.ota.online_keys import KeyFiles, SecretKeys
 from fleetloop_cloud.repositories import open_repositories
 from fleetloop_cloud.repositories.records import SegmentReceipt
 from fleetloop_cloud.server import Coordinator
@@ -31,10 +32,11 @@ spec:
 
 
 def test_one_secret_per_deployment_gives_unlinkable_fleet_keys(tmp_path: Path) -> None:
-    keys = FleetKeys.in_directory(tmp_path / "keys", period_s=86_400)
+    keys = FleetKeys.from_source(KeyFiles(tmp_path / "keys"), period_s=86_400)
     secret = tmp_path / "keys" / SECRET_FILE
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
-    again = FleetKeys.in_directory(tmp_path / "keys", period_s=86_400)  # a restart, or a second coordinator
+    # a restart, or a second coordinator sharing the directory
+    again = FleetKeys.from_source(KeyFiles(tmp_path / "keys"), period_s=86_400)
     now = 1_000 * DAY + 5
     a, a2, b = keys.keys("fleet-a", now), again.keys("fleet-a", now), keys.keys("fleet-b", now)
     assert a == a2 and [k.not_before_ns for k in a] == [1_000 * 86_400 * 10**9, 1_001 * 86_400 * 10**9]
@@ -43,7 +45,30 @@ def test_one_secret_per_deployment_gives_unlinkable_fleet_keys(tmp_path: Path) -
     assert hash_identifier(a[0], "VIN1").split(":")[2] != hash_identifier(a[1], "VIN1").split(":")[2]
     secret.write_bytes(b"short")
     with pytest.raises(ConfigError, match="shorter than 32 bytes"):
-        FleetKeys.in_directory(tmp_path / "keys")
+        FleetKeys.from_source(KeyFiles(tmp_path / "keys"))
+
+
+def test_coordinators_sharing_a_mounted_secret_hash_alike_and_make_no_secret_there(tmp_path: Path) -> None:
+    made = KeyFiles(tmp_path / "made")
+    first = FleetKeys.from_source(made, period_s=86_400)
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    (mount / SECRET_FILE).write_bytes((tmp_path / "made" / SECRET_FILE).read_bytes())
+    now = 1_000 * DAY
+    from_file = FleetKeys.from_source(SecretKeys(mount, environ={}), period_s=86_400)
+    assert from_file.keys("fleet-a", now) == first.keys("fleet-a", now)
+    # the same secret as hex text in an environment variable (which wins over the file)
+    hex_secret = (tmp_path / "made" / SECRET_FILE).read_bytes().hex()
+    from_env = FleetKeys.from_source(
+        SecretKeys(tmp_path, environ={"FLEETLOOP_KEY_PRIVACY_KEY": hex_secret}), period_s=86_400
+    )
+    assert from_env.keys("fleet-a", now) == first.keys("fleet-a", now)
+    # a mount without it: a clear refusal, and nothing written into the mount
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=r"privacy\.key"):
+        FleetKeys.from_source(SecretKeys(empty, environ={}))
+    assert list(empty.iterdir()) == []
 
 
 def test_keys_travel_with_the_desired_campaigns_and_are_pushed_when_a_period_begins(tmp_path: Path) -> None:

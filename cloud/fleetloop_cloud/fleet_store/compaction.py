@@ -48,6 +48,7 @@ from fleetloop_cloud.fleet_store.parquet import (
     FleetStore,
     PartitionLock,
     scan_absorbed,
+    with_all_columns,
 )
 from fleetloop_shared.durable import fsync_directory, write_atomically
 
@@ -178,8 +179,7 @@ class Compactor:
         self, partition: Path, lock: PartitionLock, names: list[str], report: CompactionReport
     ) -> None:
         tables = [pq.ParquetFile(partition / n).read() for n in names]
-        table = pa.concat_tables([_with_all_columns(t).select(SAMPLES_SCHEMA.names).cast(SAMPLES_SCHEMA)
-                                  for t in tables])
+        table = pa.concat_tables([with_all_columns(t, SAMPLES_SCHEMA) for t in tables])
         expected = sum(t.num_rows for t in tables)
         table = table.sort_by([("device_id", "ascending"), ("signal", "ascending"), ("t_ns", "ascending")])
         table = table.replace_schema_metadata({ABSORBED_KEY: json.dumps(names).encode()})
@@ -201,10 +201,3 @@ class Compactor:
         log.info("compacted %d files (%d rows) of %s into %s", len(names), expected, partition, name)
 
 
-def _with_all_columns(table: pa.Table) -> pa.Table:
-    """``table`` with every column of the current schema; a file written before a column existed
-    (``value_str``) gets it as NULLs, so old and new files compact together."""
-    for column in SAMPLES_SCHEMA:
-        if column.name not in table.column_names:
-            table = table.append_column(column, pa.nulls(table.num_rows, type=column.type))
-    return table

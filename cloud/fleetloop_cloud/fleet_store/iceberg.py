@@ -177,12 +177,20 @@ class IcebergTables:
             name, schema, location=location, partition_spec=_spec(schema), sort_order=_sort(schema, order),
             properties=TABLE_PROPERTIES,
         )  # fmt: skip
-        have = {f.name for f in table.schema().fields}
-        missing = [f for f in schema.fields if f.name not in have]
-        if missing:  # a table made by an earlier version: a schema evolution, not a folder convention
-            with table.update_schema() as update:
-                for field in missing:
-                    update.add_column(field.name, field.field_type, doc=field.doc)
+        # a table made by an earlier version gains the columns since by a schema evolution; two
+        # coordinators starting together may race on it: the loser reloads and finds them added
+        for attempt in range(3):
+            have = {f.name for f in table.schema().fields}
+            missing = [f for f in schema.fields if f.name not in have]
+            if not missing:
+                return table
+            try:
+                with table.update_schema() as update:
+                    for field in missing:
+                        update.add_column(field.name, field.field_type, doc=field.doc)
+            except CommitFailedException:
+                if attempt == 2:
+                    raise
             table = self.catalog.load_table(name)
         return table
 

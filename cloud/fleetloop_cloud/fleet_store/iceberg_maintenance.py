@@ -46,7 +46,13 @@ from fleetloop_cloud.fleet_store.iceberg import (
     captures_rows,
     receipts_of,
 )
-from fleetloop_cloud.fleet_store.parquet import COMPACTED_FILE, SEGMENT_FILE, partition_date, scan_absorbed
+from fleetloop_cloud.fleet_store.parquet import (
+    COMPACTED_FILE,
+    SEGMENT_FILE,
+    partition_date,
+    scan_absorbed,
+    with_all_columns,
+)
 from fleetloop_cloud.fleet_store.settings import TableSettings
 from fleetloop_cloud.repositories.interfaces import SegmentRepository
 from fleetloop_cloud.repositories.records import CaptureRecord, SegmentReceipt
@@ -131,7 +137,7 @@ class IcebergMaintenance:
         tables = []
         for src in parts:
             with src.open() as stream:
-                tables.append(pq.read_table(stream).select(arrow_schema.names).cast(arrow_schema))
+                tables.append(with_all_columns(pq.read_table(stream), arrow_schema))
         data = pa.concat_tables(tables).sort_by(
             [("device_id", "ascending"), ("signal", "ascending"), ("t_ns", "ascending")]
         )
@@ -176,7 +182,10 @@ class IcebergMaintenance:
             for r in receipts:
                 device, seg, samples_n, capture, campaign, first, last, received = r[:8]
                 if not self.segments.has(device, bytes.fromhex(seg)):
-                    receipt = SegmentReceipt(capture, campaign, 0, int(samples_n), int(first), int(last))
+                    # the privacy stamp travels in the receipt; the upload's clock figures do not (its rows
+                    # and span are already on the cloud's clock)
+                    receipt = SegmentReceipt(capture, campaign, 0, int(samples_n), int(first), int(last),
+                                             privacy=str(r[10] or ""))  # fmt: skip
                     if self.segments.record(device, bytes.fromhex(seg), receipt, float(received)):
                         report.reconciled += 1
             batch = snapshot.summary.additional_properties.get(BATCH_KEY) if snapshot.summary else None
@@ -286,12 +295,10 @@ def migrate_parquet(
                 SEGMENT_FILE.match(path.name) and path.name not in absorbed
             ):
                 data = pq.read_table(path)
-                if "value_str" not in data.column_names:
-                    data = data.append_column("value_str", pa.nulls(data.num_rows, pa.string()))
                 n = data.num_rows
                 data = data.append_column("fleet", pa.array([fleet] * n, pa.string()))
                 data = data.append_column("date", pa.array([date] * n, pa.string()).cast(pa.date32()))
-                parts.append(data.select(arrow_schema.names).cast(arrow_schema))
+                parts.append(with_all_columns(data, arrow_schema))
         if not parts:
             continue
         data = pa.concat_tables(parts).sort_by(

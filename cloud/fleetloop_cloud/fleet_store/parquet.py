@@ -333,6 +333,15 @@ class FleetStore:
         return table
 
 
+def with_all_columns(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` in ``schema``'s columns and order: a file written before a column existed (``value_str``,
+    ``clock_offset_ns``) gets it as NULLs, so old and new files compact, migrate and append together."""
+    for column in schema:
+        if column.name not in table.column_names:
+            table = table.append_column(column, pa.nulls(table.num_rows, type=column.type))
+    return table.select(schema.names).cast(schema)
+
+
 def segment_table(
     device_id: str, capture_id: str, campaign: str, segment: Segment, catalog: Catalog,
     clock_offset_ns: int | None = None,

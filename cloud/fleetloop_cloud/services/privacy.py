@@ -15,14 +15,11 @@ not checked: there is no policy left to check it with.
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
-from pathlib import Path
 from typing import Protocol
 
 from fleetloop_cloud.repositories.interfaces import CampaignRepository
-from fleetloop_shared.durable import write_atomically
 from fleetloop_shared.errors import ConfigError, UserError
 from fleetloop_shared.privacy import PrivacyKey, PrivacyPolicy, derive_key
 from fleetloop_shared.privacy.keys import DEFAULT_PERIOD_S, period_of
@@ -51,19 +48,6 @@ class FleetKeys:
             raise ConfigError(f"privacy secret must be at least {SECRET_BYTES} bytes")
         self._secret = secret
         self.period_s = period_s
-
-    @classmethod
-    def in_directory(cls, keys_dir: Path, *, period_s: int = DEFAULT_PERIOD_S) -> FleetKeys:
-        """The secret in ``keys_dir`` (made, readable by the owner only, when missing)."""
-        path = keys_dir / SECRET_FILE
-        if not path.exists():
-            keys_dir.mkdir(parents=True, exist_ok=True)
-            write_atomically(path, secrets.token_bytes(SECRET_BYTES))
-            os.chmod(path, 0o600)
-        secret = path.read_bytes()
-        if len(secret) < SECRET_BYTES:
-            raise ConfigError(f"{path}: privacy secret shorter than {SECRET_BYTES} bytes")
-        return cls(secret, period_s=period_s)
 
     @classmethod
     def from_source(cls, source: KeySource, *, period_s: int = DEFAULT_PERIOD_S) -> FleetKeys:

@@ -39,7 +39,12 @@ class ReleaseService:
         artifacts: ArtifactStore,
         tuf: TufRepositories,
         access: Access,
+        *,
+        read_only_keys: Path | None = None,
     ) -> None:
+        """``read_only_keys``: the mounted secret this coordinator's online keys load from, if any (a
+        rotation makes keys, which such a coordinator must not write there)."""
+        self._read_only_keys = read_only_keys
         self._releases = releases
         self._devices = devices
         self._artifacts = artifacts
@@ -173,6 +178,12 @@ class ReleaseService:
     ) -> dict[str, Any]:  # fmt: skip
         """A new root for the ``image`` or ``director`` repository (see ``TufRepositories.rotate``)."""
         self._access.operator(caller, "keys.rotate")
+        if self._read_only_keys is not None:
+            raise StateError(
+                f"this coordinator loads its keys from a read-only secret ({self._read_only_keys}) and a "
+                "rotation makes new keys: rotate on a coordinator whose keys directory is writable, then "
+                "put its keys into the secret"
+            )
         result = self._tuf.rotate(repository, root_keys=root_keys, threshold=threshold, online=online)
         version = result.get("root_version")
         self._access.record(
