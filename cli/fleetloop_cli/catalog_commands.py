@@ -59,6 +59,13 @@ def cmd_catalog_import(args: argparse.Namespace) -> int:
         signals = _from_dbc(path, "CAN" if args.prefix is None else args.prefix)
     else:
         signals = _from_vspec(path, args.prefix or "")
+    # Each signal's class as the cloud would assign it by default (edit it, and give the file to the
+    # coordinator as its classification: classification.file)
+    from fleetloop_shared.classification import Classification
+
+    defaults = Classification()
+    for s in signals:
+        s["class"] = defaults.classify("*", s["path"]).value
     seen: dict[str, int] = {}
     for i, s in enumerate(signals):
         if s["path"] in seen:

@@ -55,6 +55,7 @@ def _load_catalog(path: Path) -> Any:
     import yaml
 
     from fleetloop_shared.catalog import Catalog, DataType, SignalSpec
+    from fleetloop_shared.classification import parse_class
 
     if not path.is_file():
         raise NotFoundError(f"catalog {path}: no such file")
@@ -79,7 +80,8 @@ def _load_catalog(path: Path) -> Any:
         raw_id = record.get("id", i + 1)
         if type(raw_id) is not int or raw_id < 1:
             raise UserError(f"{where} ({record['path']}): id must be a positive integer, got {raw_id!r}")
-        specs.append(SignalSpec(raw_id, record["path"], data_type, str(record.get("unit", ""))))
+        cls = parse_class(record["class"], f"{where} ({record['path']})") if "class" in record else None
+        specs.append(SignalSpec(raw_id, record["path"], data_type, str(record.get("unit", "")), cls))
     return Catalog(specs)
 
 

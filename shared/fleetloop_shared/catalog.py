@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from fleetloop_shared.classification import SignalClass, parse_class
 from fleetloop_shared.errors import UserError
 
 
@@ -46,6 +47,9 @@ class SignalSpec:
     path: str
     data_type: DataType
     unit: str = ""
+    #: The signal's class as a catalog file declares it (``class:``); None: the cloud's classification
+    #: decides (fleetloop_shared.classification). Devices never send it.
+    signal_class: SignalClass | None = None
 
 
 #: Pattern sets whose matches a catalog remembers.
@@ -121,11 +125,16 @@ class Catalog:
         return list(hit)
 
     def to_records(self) -> list[dict[str, Any]]:
-        return [{"id": s.id, "path": s.path, "data_type": s.data_type.name, "unit": s.unit} for s in self]
+        return [
+            {"id": s.id, "path": s.path, "data_type": s.data_type.name, "unit": s.unit}
+            | ({"class": s.signal_class.value} if s.signal_class is not None else {})
+            for s in self
+        ]
 
     @classmethod
     def from_records(cls, records: Iterable[dict[str, Any]]) -> Catalog:
         return cls(
-            SignalSpec(int(r["id"]), str(r["path"]), DataType[str(r["data_type"])], str(r.get("unit", "")))
+            SignalSpec(int(r["id"]), str(r["path"]), DataType[str(r["data_type"])], str(r.get("unit", "")),
+                       parse_class(r["class"], f"signal {r['path']!r}") if r.get("class") else None)
             for r in records
         )

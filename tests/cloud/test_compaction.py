@@ -11,7 +11,9 @@ import datetime as dt
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -26,7 +28,7 @@ from fleetloop_cloud.fleet_store.parquet import (
     FleetStore,
     absorbed_by,
 )
-from fleetloop_cloud.fleet_store.query import QueryEngine
+from fleetloop_cloud.fleet_store import query as query_module
 from fleetloop_cloud.repositories.records import SegmentReceipt
 from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
@@ -215,8 +217,13 @@ def test_a_compacted_file_committed_after_the_query_listed_the_files_is_left_out
         ingest(cloud, "car-1", segment(i))
     before = counts(cloud)
     compactor(cloud, CompactionPolicy(min_files=2, min_age_s=0, grace_s=3600)).run_once()
-    # a query whose snapshot predates the commit: it knows no compacted file and no absorbed one
-    monkeypatch.setattr(QueryEngine, "_snapshot", lambda self, root: ([], []))
+    # a query whose listing predates the commit: it knows no compacted file and no absorbed one
+    listing = query_module.parquet_files
+
+    def before_commit(root: Path, absorbed: Callable[[str, int], tuple[str, ...]]) -> list[Any]:
+        return [f for f in listing(root, absorbed) if "compacted-" not in f[0]]
+
+    monkeypatch.setattr(query_module, "parquet_files", before_commit)
     assert counts(cloud) == before
 
 

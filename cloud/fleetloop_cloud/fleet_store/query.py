@@ -13,7 +13,6 @@ import base64
 import datetime as _dt
 import decimal
 import math
-import os
 import re
 import threading
 import uuid
@@ -26,9 +25,18 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 
-from fleetloop_cloud.fleet_store.parquet import COMPACTED_FILE, absorbed_by
+from fleetloop_cloud.fleet_store.class_views import (
+    FULL_SCHEMA,
+    FULL_VIEW,
+    ClassView,
+    class_sources,
+    parquet_files,
+)
+from fleetloop_cloud.fleet_store.parquet import absorbed_by
 from fleetloop_cloud.repositories.records import CaptureRecord
+from fleetloop_shared.classification import SignalClass
 from fleetloop_shared.errors import QueryError, UserError
 
 #: Largest ``max_rows`` a caller may ask for (the API's result cap; larger exports go through files).
@@ -97,8 +105,7 @@ CAPTURES_SCHEMA = pa.schema(
 )
 T = TypeVar("T")
 _ALLOWED_STATEMENTS = frozenset({duckdb.StatementType.SELECT})
-#: A compacted file's path ends so (fleet_store.COMPACTED_FILE).
-_COMPACTED_SUFFIX = r"/compacted-[0-9a-f]{24}\.parquet$"
+_CLASS_NAMES = frozenset(c.value for c in SignalClass)
 
 
 @dataclass(frozen=True)
@@ -178,6 +185,8 @@ class QueryResult:
     columns: list[str]
     rows: list[tuple[Any, ...]]
     truncated: bool
+    #: Classes of the ``samples`` rows the query read (what its access record names).
+    classes: frozenset[SignalClass] = frozenset()
 
 
 def _sql_string(text: str) -> str:
@@ -235,36 +244,22 @@ class QueryEngine:
         self._captures = captures
         self._absorbed: dict[str, tuple[int, tuple[str, ...]]] = {}
 
-    def _snapshot(self, root: Path) -> tuple[list[str], list[str]]:
-        """The compacted files present now, and the segment files present now that they absorbed (which
-        this query leaves out: their rows are in the compacted files). Absolute paths, as DuckDB's
-        ``filename`` column gives them."""
-        compacted: list[str] = []
-        absorbed_present: list[str] = []
-        for partition in root.glob("fleet=*/date=*"):
-            try:
-                names = {e.name: e for e in os.scandir(partition)}
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            for name, entry in names.items():
-                if not COMPACTED_FILE.match(name):
-                    continue
-                try:
-                    mtime = entry.stat().st_mtime_ns
-                    cached = self._absorbed.get(entry.path)
-                    if cached is None or cached[0] != mtime:
-                        cached = (mtime, tuple(absorbed_by(Path(entry.path))))
-                        self._absorbed[entry.path] = cached
-                except FileNotFoundError:
-                    continue
-                compacted.append(entry.path)
-                absorbed_present.extend(os.path.join(partition, n) for n in cached[1] if n in names)
-        return compacted, absorbed_present
+    def _absorbed_names(self, path: str, mtime_ns: int) -> tuple[str, ...]:
+        """The segment files the compacted file ``path`` absorbed, remembered while it is unchanged."""
+        cached = self._absorbed.get(path)
+        if cached is None or cached[0] != mtime_ns:
+            cached = (mtime_ns, tuple(absorbed_by(Path(path))))
+            self._absorbed[path] = cached
+        return cached[1]
 
-    def _has_sample_files(self) -> bool:
-        if not self._samples.is_dir():
-            return False
-        return next(self._samples.glob("**/*.parquet"), None) is not None
+    def _samples_files(self) -> TableFiles:
+        """The ``samples`` files a query reads now: the table format's snapshot, or the Parquet layout's
+        files (compaction: each row once — a compacted file present now stands for the segment files
+        it absorbed, and one committed after this listing is not in it, while its segment files are)."""
+        if self._tables is not None:
+            return self._tables.scan_files("samples")
+        files = parquet_files(self._samples, self._absorbed_names) if self._samples.is_dir() else []
+        return TableFiles(pafs.LocalFileSystem(), files, FULL_SCHEMA)
 
     def _captures_table(self) -> pa.Table:
         records = self._captures() if self._captures is not None else []
@@ -287,56 +282,52 @@ class QueryEngine:
             schema=CAPTURES_SCHEMA,
         )
 
-    def _connect(self) -> duckdb.DuckDBPyConnection:
+    def _samples_view(
+        self, conn: duckdb.DuckDBPyConnection, view: ClassView, touched: set[SignalClass], keep: list[Any]
+    ) -> None:
+        """``samples`` as ``view`` lets it be seen: one relation per class it lets through, each noting
+        in ``touched`` that the query read rows of its class, united under the one name a query can use.
+        The datasets beneath have no name of their own (``keep`` holds them while the connection lives)."""
+
+        def read(classes: pa.Array) -> pa.Array:
+            touched.update(SignalClass(c) for c in set(classes.to_pylist()) if c in _CLASS_NAMES)
+            return pa.array([True] * len(classes), pa.bool_())
+
+        conn.create_function("fleetloop_read", read, [duckdb.sqltype("VARCHAR")], duckdb.sqltype("BOOLEAN"),
+                             type="arrow", side_effects=True)  # fmt: skip
+        columns = ", ".join(f"CAST({n} AS {t}) AS {n}" for n, t in _SAMPLES_COLUMNS)
+        relation: Any = None
+        for cls, source in class_sources(_dataset(self._samples_files()), view):
+            keep.append(source)
+            part = conn.from_arrow(source).select(columns).filter(f"fleetloop_read({_sql_string(cls.value)})")
+            relation = part if relation is None else relation.union(part)
+        if relation is None:
+            nothing = ", ".join(f"CAST(NULL AS {t}) AS {n}" for n, t in _SAMPLES_COLUMNS)
+            conn.execute(f"CREATE VIEW samples AS SELECT {nothing} WHERE false")
+        else:
+            keep.append(relation)
+            relation.create_view("samples")
+
+    def _connect(
+        self, view: ClassView, touched: set[SignalClass], keep: list[Any]
+    ) -> duckdb.DuckDBPyConnection:
         conn = duckdb.connect(":memory:")
         try:
             conn.execute(f"SET memory_limit={_sql_string(self.limits.memory_limit)}")
             conn.execute(f"SET threads={int(self.limits.threads)}")
             conn.execute("SET autoinstall_known_extensions=false")
             conn.execute("SET autoload_known_extensions=false")
+            self._samples_view(conn, view, touched, keep)
             if self._tables is not None:
-                conn.register("samples_files", _dataset(self._tables.scan_files("samples")))
-                columns = ", ".join(n for n, _ in _SAMPLES_COLUMNS)
-                conn.execute(f"CREATE VIEW samples AS SELECT {columns} FROM samples_files")
                 conn.register("captures_segments", _dataset(self._tables.scan_files("captures")))
                 conn.execute(f"CREATE VIEW captures AS {_CAPTURES_FROM_SEGMENTS}")
-            elif self._has_sample_files():
-                root = self._samples.resolve()
-                pattern = (root / "**" / "*.parquet").as_posix()
-                # Compaction (compaction.py): read each row once. Leave out the segment files a compacted
-                # file absorbed, and any compacted file committed after this snapshot (its segment files
-                # are still there, and in this snapshot). DuckDB prunes whole files on these filters.
-                compacted, absorbed = self._snapshot(root)
-                where = [f"NOT regexp_matches(filename, {_sql_string(_COMPACTED_SUFFIX)})"]
-                if compacted:
-                    where[0] = f"({where[0]} OR filename IN ({', '.join(map(_sql_string, compacted))}))"
-                if absorbed:
-                    where.append(f"filename NOT IN ({', '.join(map(_sql_string, absorbed))})")
-                conn.execute(
-                    f"CREATE VIEW stored_samples AS SELECT * FROM read_parquet({_sql_string(pattern)}, "
-                    "hive_partitioning=true, union_by_name=true, filename=true, "
-                    "hive_types={'fleet': VARCHAR, 'date': DATE}) "
-                    f"WHERE {' AND '.join(where)}"
-                )
-                # Files from before text signals existed have no value_str; when none has it, say NULL.
-                stored = {str(r[0]) for r in conn.execute("DESCRIBE stored_samples").fetchall()}
-                value_str = "value_str" if "value_str" in stored else "CAST(NULL AS VARCHAR) AS value_str"
-                # Files from before clock correction have no clock_offset_ns: NULL, nothing applied.
-                offset = "clock_offset_ns"
-                if offset not in stored:
-                    offset = "CAST(NULL AS BIGINT) AS clock_offset_ns"
-                conn.execute(
-                    "CREATE VIEW samples AS SELECT device_id, capture_id, campaign, signal, t_ns, value, "
-                    f"value_int, {value_str}, fleet, date, {offset} FROM stored_samples"
-                )
-            else:
-                cols = ", ".join(f"CAST(NULL AS {t}) AS {n}" for n, t in _SAMPLES_COLUMNS)
-                conn.execute(f"CREATE VIEW samples AS SELECT {cols} WHERE false")
             if self._tables is None:
                 conn.register("captures_arrow", self._captures_table())
                 conn.execute("CREATE VIEW captures AS SELECT * FROM captures_arrow")
-            allowed = self._samples.resolve().as_posix().rstrip("/") + "/"
-            conn.execute(f"SET allowed_directories=[{_sql_string(allowed)}]")
+            # Nothing of the store is read by DuckDB itself (pyarrow reads the files beneath the views), so
+            # no SQL may open a file: read_parquet, read_csv, glob, COPY, ATTACH are refused. Nor may a
+            # name in a query find a Python object of this process (DuckDB's replacement scans).
+            conn.execute("SET python_enable_replacements=false")
             conn.execute("SET enable_external_access=false")
             conn.execute("SET lock_configuration=true")
         except BaseException:
@@ -350,12 +341,17 @@ class QueryEngine:
         timeout_message: str,
         work: Callable[[duckdb.DuckDBPyConnection], T],
         check: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
+        *,
+        view: ClassView = FULL_VIEW,
+        touched: set[SignalClass] | None = None,
     ) -> T:
         """``work`` on a fresh locked-down connection, interrupted after ``limit_s`` seconds
         (QueryTimeoutError with ``timeout_message``), after ``check`` (untimed: it runs nothing);
-        DuckDB's errors become QueryError."""
+        DuckDB's errors become QueryError. ``samples`` is what ``view`` lets through; the classes read
+        are added to ``touched``."""
+        keep: list[Any] = []
         try:
-            conn = self._connect()
+            conn = self._connect(view, touched if touched is not None else set(), keep)
         except duckdb.Error as exc:
             raise QueryError(f"cannot open the fleet store for querying: {_first_line(exc)}") from None
         timed_out = threading.Event()
@@ -378,8 +374,11 @@ class QueryEngine:
         finally:
             timer.cancel()
             conn.close()
+            keep.clear()
 
-    def query(self, sql: str, *, max_rows: int = 10000, timeout_s: float | None = None) -> QueryResult:
+    def query(
+        self, sql: str, *, max_rows: int = 10000, timeout_s: float | None = None, view: ClassView = FULL_VIEW
+    ) -> QueryResult:
         """Run one SELECT; at most ``max_rows`` rows come back (``truncated`` says whether more existed).
 
         The query (execution and fetching its rows) is interrupted after ``timeout_s`` seconds (above 0, at
@@ -407,25 +406,41 @@ class QueryEngine:
             columns = [str(d[0]) for d in cursor.description or []]
             return columns, cursor.fetchmany(max_rows + 1)
 
+        touched: set[SignalClass] = set()
         columns, fetched = self._run(
             limit_s,
             f"query interrupted after its time limit of {limit_s:g} s (timeout_s; at most "
             f"{most:g} s): narrow it with WHERE on fleet, date, device_id or signal",
             work,
             check,
+            view=view,
+            touched=touched,
         )
         truncated = len(fetched) > max_rows
         rows = [tuple(_plain(v) for v in row) for row in fetched[:max_rows]]
-        return QueryResult(columns=columns, rows=rows, truncated=truncated)
+        return QueryResult(columns=columns, rows=rows, truncated=truncated, classes=frozenset(touched))
 
-    def read(self, sql: str, params: Sequence[object], *, timeout_s: float | None = None) -> pa.Table:
+    def read(
+        self,
+        sql: str,
+        params: Sequence[object],
+        *,
+        timeout_s: float | None = None,
+        view: ClassView = FULL_VIEW,
+        touched: set[SignalClass] | None = None,
+    ) -> pa.Table:
         """Run one of this package's own statements (``sql`` is ours, never a user's; values come as
         bound ``params``) on the same locked-down connection, as an Arrow table. What the console's
         timeline and the capture exports read; QueryTimeoutError past ``timeout_s``."""
-        return self.read_many([(sql, params)], timeout_s=timeout_s)[0]
+        return self.read_many([(sql, params)], timeout_s=timeout_s, view=view, touched=touched)[0]
 
     def read_many(
-        self, statements: Sequence[tuple[str, Sequence[object]]], *, timeout_s: float | None = None
+        self,
+        statements: Sequence[tuple[str, Sequence[object]]],
+        *,
+        timeout_s: float | None = None,
+        view: ClassView = FULL_VIEW,
+        touched: set[SignalClass] | None = None,
     ) -> list[pa.Table]:
         """:meth:`read` for several statements on one connection (opening one costs tens of ms); the
         limits' ``timeout_s`` unless a shorter one is given."""
@@ -444,4 +459,5 @@ class QueryEngine:
                 out.append(result.read_all() if isinstance(result, pa.RecordBatchReader) else result)
             return out
 
-        return self._run(limit_s, f"reading the fleet store took longer than {limit_s:g} s", work)
+        return self._run(limit_s, f"reading the fleet store took longer than {limit_s:g} s", work,
+                         view=view, touched=touched)  # fmt: skip
