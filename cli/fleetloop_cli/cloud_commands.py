@@ -108,4 +108,5 @@ def cmd_cloud_serve(args: argparse.Namespace) -> int:
         storage=config.storage,
         tables=config.tables,
         keys_dir=config["keys.dir"],
+        classification=config["classification.file"],
     )

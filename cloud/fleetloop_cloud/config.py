@@ -258,6 +258,9 @@ KEYS: tuple[Key, ...] = (
     Key("keys.dir", _optional(_path), None,
         "online keys from this mounted secret (read-only; FLEETLOOP_KEY_RELEASE_PEM wins over its file) "
         "instead of the data directory's keys/", "--keys-dir"),
+    Key("classification.file", _file, None,
+        "signal classes (rules: [{fleet, signal, class}] or a catalog with class:) over the built-in "
+        "defaults, which decide who sees what in queries and exports (docs/privacy.md)"),
     Key("log_level", _level, "info", "log level", "--log-level"),
     Key("ready_file", _optional(_path), None, "write the bound ports here as JSON once serving",
         "--ready-file"),

@@ -66,6 +66,7 @@ from fleetloop_cloud.sessions import DeviceSessions
 from fleetloop_cloud.storage import S3Settings, open_object_store
 from fleetloop_cloud.uploads.scheduler import UploadScheduler
 from fleetloop_cloud.uploads.staging import UploadStaging
+from fleetloop_shared.classification import Classification, read_classification
 from fleetloop_shared.errors import ConfigError
 
 log = logging.getLogger("fleetloop.cloud")
@@ -139,6 +140,7 @@ class Coordinator:
         changes: ChangeFeed | None = None,
         keys: OnlineKeys | None = None,
         custody: ImageKeyCustody | None = None,
+        classification: Classification | None = None,
     ) -> None:
         """``custody``: who holds a new image repository's offline keys (see :class:`ImageKeyCustody`);
         without it, this coordinator does (a lab's custody: it signs every upload itself)."""
@@ -194,7 +196,7 @@ class Coordinator:
         staging_store = open_object_store(storage, data_dir / "staging", area="staging", durable=False)
         self.staging = UploadStaging(staging_store, **asdict(limits.staging))
         self.refusals = Refusals()
-        self.access = access = Access(self.refusals, repos.audit_log)
+        self.access = access = Access(self.refusals, repos.audit_log, classification)
         coordinator_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         controller = ControllerAudit(access, Caller.controller(coordinator_id))
         # A change made here reaches the devices of the other coordinators on one database through the
@@ -431,11 +433,13 @@ def serve(
     storage: S3Settings | None = None,
     tables: TableSettings | None = None,
     keys_dir: Path | None = None,
+    classification: Path | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (or ``stop`` is set). Writes ``ready_file`` once both ports listen.
     ConfigError (before anything listens) for an address it must not serve on as configured.
     ``public_url`` is where devices reach the HTTP port (artifact downloads); by default this address.
-    ``keys_dir``: a mounted secret holding the online keys (default: the data directory's keys/)."""
+    ``keys_dir``: a mounted secret holding the online keys (default: the data directory's keys/).
+    ``classification``: the file classifying the fleets' signals (default: the built-in rules)."""
     stop = stop or threading.Event()
     http = http or HttpSettings()
     refusal = exposure_refusal(host, http=http, grpc_tls=grpc_tls is not None)
@@ -443,7 +447,9 @@ def serve(
         raise ConfigError(refusal)
     raise_open_files_limit()
     keys = SecretKeys(keys_dir) if keys_dir is not None else None
-    coordinator = Coordinator(data_dir, db=db, limits=limits, storage=storage, tables=tables, keys=keys)
+    classes = read_classification(classification) if classification is not None else None
+    coordinator = Coordinator(data_dir, db=db, limits=limits, storage=storage, tables=tables, keys=keys,
+                              classification=classes)  # fmt: skip
     if coordinator.releases.coordinator_signs():
         log.warning("this coordinator holds the image repository's targets key and signs every upload "
                     "itself (a lab's custody); hand the keys to release managers: fleetloop keys "

@@ -22,8 +22,9 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from fleetloop_shared.errors import UserError
@@ -175,3 +176,36 @@ def classification_from_document(doc: Any, source: str) -> Classification:
     if len(rules) > MAX_RULES:
         raise UserError(f"{source}: {len(rules)} rules, at most {MAX_RULES}")
     return Classification(tuple(rules))
+
+
+@dataclass(frozen=True)
+class ClassView:
+    """What one reader may see of each class, and the rules signals get their class by."""
+
+    visibility: Mapping[SignalClass, Visibility]
+    classification: Classification = field(default_factory=Classification)
+
+    def of(self, cls: SignalClass) -> Visibility:
+        """A class the mapping does not name is withheld (fail closed)."""
+        return self.visibility.get(cls, Visibility.WITHHELD)
+
+    def limited(self) -> dict[str, str]:
+        """The classes this view does not show whole, and how it shows them (what access records name)."""
+        return {c.value: self.of(c).value for c in SignalClass if self.of(c) is not Visibility.FULL}
+
+
+#: The coordinator itself (rollout gates, in-process tools): every class whole.
+FULL_VIEW = ClassView({c: Visibility.FULL for c in SignalClass})
+
+
+def read_classification(path: Path) -> Classification:
+    """A classification file (YAML or JSON; see :func:`classification_from_document`)."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such classification file") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not YAML or JSON ({str(exc).splitlines()[0]})") from None
+    return classification_from_document(doc, str(path))

@@ -99,6 +99,7 @@ def every_key(tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         "storage.connect_timeout_s": (2, 2.0),
         "storage.max_attempts": (4, 4),
         "keys.dir": ("secrets/fleetloop", tmp / "secrets" / "fleetloop"),
+        "classification.file": ("pki/coordinator.pem", cert),
         "fleet_store.format": ("iceberg", "iceberg"),
         "fleet_store.batch_wait_s": ("20ms", 0.02),
         "fleet_store.batch_max_segments": (64, 64),

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fleetloop_cloud import server as server_module
+from fleetloop_cloud.fleet_store import query as query_module
 from fleetloop_cloud.fleet_store.compaction import CompactionPolicy, Compactor
 from fleetloop_cloud.fleet_store.parquet import (
     ABSORBED_KEY,
@@ -28,7 +29,6 @@ from fleetloop_cloud.fleet_store.parquet import (
     FleetStore,
     absorbed_by,
 )
-from fleetloop_cloud.fleet_store import query as query_module
 from fleetloop_cloud.repositories.records import SegmentReceipt
 from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
@@ -221,7 +221,7 @@ def test_a_compacted_file_committed_after_the_query_listed_the_files_is_left_out
     listing = query_module.parquet_files
 
     def before_commit(root: Path, absorbed: Callable[[str, int], tuple[str, ...]]) -> list[Any]:
-        return [f for f in listing(root, absorbed) if "compacted-" not in f[0]]
+        return [f for f in listing(root, lambda path, mtime: ()) if "/compacted-" not in f[0]]
 
     monkeypatch.setattr(query_module, "parquet_files", before_commit)
     assert counts(cloud) == before

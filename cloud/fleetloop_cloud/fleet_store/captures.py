@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from fleetloop_cloud.fleet_store.query import QueryEngine
+from fleetloop_shared.classification import FULL_VIEW, ClassView, SignalClass
 from fleetloop_shared.errors import UserError
 
 #: Plot columns a series may be reduced to (a wide screen is ~4,000 device pixels).
@@ -94,13 +95,15 @@ class CaptureReader:
     def __init__(self, engine: QueryEngine) -> None:
         self._engine = engine
 
-    def signals(self, device_id: str, capture_id: str) -> list[SignalStats]:
-        """Every signal of the capture, by name (an empty list: no rows stored yet)."""
+    def signals(self, device_id: str, capture_id: str, *, view: ClassView = FULL_VIEW) -> list[SignalStats]:
+        """Every signal of the capture ``view`` lets through, by name (an empty list: no rows stored
+        yet). Every read here takes the reader's view: the console and exports see what SQL would."""
         table = self._engine.read(
             f"""SELECT signal, count(*), min(t_ns), max(t_ns), count(value), count(value_int),
                        count(value_str), count(DISTINCT value_int) + count(DISTINCT value_str)
                 FROM samples WHERE {_OF_CAPTURE} GROUP BY signal ORDER BY signal""",
             [device_id, capture_id],
+            view=view,
         )
         return [SignalStats(str(r[0]), *(int(v) for v in r[1:])) for r in _rows(table)]
 
@@ -127,6 +130,8 @@ class CaptureReader:
         from_ns: int,
         to_ns: int,
         columns: int,
+        *,
+        view: ClassView = FULL_VIEW,
     ) -> tuple[list[Envelope], list[Bands]]:
         """:meth:`envelope` of ``lines`` and :meth:`bands` of ``states``, read on one connection."""
         _check_window([*lines, *states], from_ns, to_ns, columns)
@@ -135,18 +140,27 @@ class CaptureReader:
             statements.append(_envelope_sql(device_id, capture_id, lines, from_ns, to_ns, columns))
         if states:
             statements.append(_bands_sql(device_id, capture_id, states, from_ns, to_ns))
-        tables = self._engine.read_many(statements) if statements else []
+        tables = self._engine.read_many(statements, view=view) if statements else []
         envelopes = _envelopes(lines, tables.pop(0)) if lines else []
         bands = _bands(states, tables.pop(0), from_ns, to_ns) if states else []
         return envelopes, bands
 
-    def rows(self, device_id: str, capture_id: str) -> pa.Table:
+    def rows(
+        self,
+        device_id: str,
+        capture_id: str,
+        *,
+        view: ClassView = FULL_VIEW,
+        touched: set[SignalClass] | None = None,
+    ) -> pa.Table:
         """Every row of the capture as ``samples`` has it, in time order (then by signal). UserError past
         :data:`MAX_EXPORT_ROWS` rows."""
         table = self._engine.read(
             f"""SELECT {", ".join(SAMPLE_COLUMNS)} FROM samples WHERE {_OF_CAPTURE}
                 ORDER BY t_ns, signal LIMIT ?""",
             [device_id, capture_id, MAX_EXPORT_ROWS + 1],
+            view=view,
+            touched=touched,
         )
         if table.num_rows > MAX_EXPORT_ROWS:
             raise UserError(

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,8 @@ import pyarrow.dataset as ds
 from fleetloop_cloud.fleet_store.parquet import COMPACTED_FILE, SAMPLES_SCHEMA
 from fleetloop_shared.classification import (
     DEFAULT_CLASS,
-    Classification,
     ClassRule,
+    ClassView,
     SignalClass,
     Visibility,
     like_pattern,
@@ -45,21 +44,6 @@ SAMPLE_COLUMNS = (
 )  # fmt: skip
 #: The full table's schema: the files' columns and the Hive partitions.
 FULL_SCHEMA = SAMPLES_SCHEMA.append(pa.field("fleet", pa.string())).append(pa.field("date", pa.date32()))
-
-
-@dataclass(frozen=True)
-class ClassView:
-    """What one reader may see of each class, and by which rules signals get their class."""
-
-    visibility: Mapping[SignalClass, Visibility]
-    classification: Classification = field(default_factory=Classification)
-
-    def of(self, cls: SignalClass) -> Visibility:
-        return self.visibility.get(cls, Visibility.WITHHELD)
-
-
-#: The coordinator itself (rollout gates, tests in-process): every class whole.
-FULL_VIEW = ClassView({c: Visibility.FULL for c in SignalClass})
 
 
 def class_expression(rules: Iterable[ClassRule]) -> Any:

@@ -27,16 +27,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from fleetloop_cloud.fleet_store.class_views import (
-    FULL_SCHEMA,
-    FULL_VIEW,
-    ClassView,
-    class_sources,
-    parquet_files,
-)
+from fleetloop_cloud.fleet_store.class_views import FULL_SCHEMA, class_sources, parquet_files
 from fleetloop_cloud.fleet_store.parquet import absorbed_by
 from fleetloop_cloud.repositories.records import CaptureRecord
-from fleetloop_shared.classification import SignalClass
+from fleetloop_shared.classification import FULL_VIEW, ClassView, SignalClass
 from fleetloop_shared.errors import QueryError, UserError
 
 #: Largest ``max_rows`` a caller may ask for (the API's result cap; larger exports go through files).
@@ -294,7 +288,7 @@ class QueryEngine:
             return pa.array([True] * len(classes), pa.bool_())
 
         conn.create_function("fleetloop_read", read, [duckdb.sqltype("VARCHAR")], duckdb.sqltype("BOOLEAN"),
-                             type="arrow", side_effects=True)  # fmt: skip
+                             type="arrow", side_effects=True)  # type: ignore[call-overload]  # fmt: skip
         columns = ", ".join(f"CAST({n} AS {t}) AS {n}" for n, t in _SAMPLES_COLUMNS)
         relation: Any = None
         for cls, source in class_sources(_dataset(self._samples_files()), view):
@@ -377,13 +371,21 @@ class QueryEngine:
             keep.clear()
 
     def query(
-        self, sql: str, *, max_rows: int = 10000, timeout_s: float | None = None, view: ClassView = FULL_VIEW
+        self,
+        sql: str,
+        *,
+        max_rows: int = 10000,
+        timeout_s: float | None = None,
+        view: ClassView = FULL_VIEW,
+        touched: set[SignalClass] | None = None,
     ) -> QueryResult:
         """Run one SELECT; at most ``max_rows`` rows come back (``truncated`` says whether more existed).
 
         The query (execution and fetching its rows) is interrupted after ``timeout_s`` seconds (above 0, at
         most the limits' ``timeout_s``, which is also the default) and raises QueryTimeoutError. Any
         DuckDB error (syntax, unknown column, ...) becomes a QueryError with DuckDB's one-line message.
+        ``samples`` holds what ``view`` lets through; the classes the query read are added to ``touched``
+        (also when it fails) and returned in the result's ``classes``.
         """
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or not 1 <= max_rows <= MAX_ROWS_LIMIT:
             raise UserError(f"max_rows must be between 1 and {MAX_ROWS_LIMIT}, got {max_rows!r}")
@@ -406,7 +408,7 @@ class QueryEngine:
             columns = [str(d[0]) for d in cursor.description or []]
             return columns, cursor.fetchmany(max_rows + 1)
 
-        touched: set[SignalClass] = set()
+        touched = touched if touched is not None else set()
         columns, fetched = self._run(
             limit_s,
             f"query interrupted after its time limit of {limit_s:g} s (timeout_s; at most "

@@ -204,7 +204,7 @@ def _capture_series(c: Call) -> Reply:
 
 def _export_capture(c: Call) -> Reply:
     out = c.api.captures.export(
-        c.caller, c.path["capture_id"], c.query.get("device") or None, c.query.get("format", "mcap")
+        c.caller, c.path["capture_id"], c.query.get("device") or None, c.query.get("format", "mcap"), c.now
     )
     return Reply(out.data, media_type="application/octet-stream", filename=out.filename)
 

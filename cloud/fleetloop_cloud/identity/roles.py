@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from fleetloop_shared.classification import SignalClass, Visibility
+
 
 class Role(StrEnum):
     VIEWER = "viewer"
@@ -84,3 +86,25 @@ READS = frozenset(a for a, role in ACTIONS.items() if role is Role.VIEWER) | {"t
 
 def is_write(action: str) -> bool:
     return action in ACTIONS and action not in READS
+
+
+_F, _C, _W = Visibility.FULL, Visibility.COARSENED, Visibility.WITHHELD
+#: What each role sees of each signal class, in query results, exports and the console alike (the query
+#: layer builds ``samples`` from this; docs/privacy.md shows it as a table). ``viewer`` and
+#: ``release-manager`` read the fleet's engineering data with positions rounded to a ~1 km grid and no
+#: identifier; ``operator``, who designs what devices capture, needs exact positions but no identifiers;
+#: ``admin`` sees everything, and every read records the classes it touched in the audit log.
+CLASS_ACCESS: dict[Role, dict[SignalClass, Visibility]] = {
+    Role.VIEWER: {SignalClass.PUBLIC: _F, SignalClass.INTERNAL: _F, SignalClass.LOCATION: _C,
+                  SignalClass.PERSONAL: _W, SignalClass.SENSITIVE: _W},
+    Role.OPERATOR: {SignalClass.PUBLIC: _F, SignalClass.INTERNAL: _F, SignalClass.LOCATION: _F,
+                    SignalClass.PERSONAL: _W, SignalClass.SENSITIVE: _W},
+    Role.RELEASE_MANAGER: {SignalClass.PUBLIC: _F, SignalClass.INTERNAL: _F, SignalClass.LOCATION: _C,
+                           SignalClass.PERSONAL: _W, SignalClass.SENSITIVE: _W},
+    Role.ADMIN: {c: _F for c in SignalClass},
+}  # fmt: skip
+
+
+def class_access(role: Role | None) -> dict[SignalClass, Visibility]:
+    """What ``role`` sees of each class; no role (not an operator): the viewer's, the least."""
+    return dict(CLASS_ACCESS[role if role is not None else Role.VIEWER])

@@ -22,10 +22,11 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from fleetloop_cloud.identity.roles import ACTIONS, Role, allows
+from fleetloop_cloud.identity.roles import ACTIONS, Role, allows, class_access
 from fleetloop_cloud.repositories.audit import MemoryAuditLog
 from fleetloop_cloud.repositories.interfaces import AuditLog
 from fleetloop_cloud.repositories.records import AuditEntry, NewAuditEntry
+from fleetloop_shared.classification import FULL_VIEW, Classification, ClassView
 from fleetloop_shared.errors import PermissionDeniedError, UnauthenticatedError
 
 log = logging.getLogger("fleetloop.cloud.audit")
@@ -132,9 +133,22 @@ class Access:
     none is given, as in the services' tests).
     """
 
-    def __init__(self, refusals: Refusals, audit: AuditLog | None = None) -> None:
+    def __init__(
+        self, refusals: Refusals, audit: AuditLog | None = None, classification: Classification | None = None
+    ) -> None:
         self.refusals = refusals
         self.audit: AuditLog = audit if audit is not None else MemoryAuditLog()
+        #: How the deployment classifies its signals (built-in defaults unless configured).
+        self.classification = classification if classification is not None else Classification()
+
+    def view(self, caller: Caller) -> ClassView:
+        """What ``caller`` may see of each signal class (identity.roles.CLASS_ACCESS): the query layer
+        builds every read for this caller from it. The coordinator itself and in-process tools see all;
+        a device or an operator without a role gets the least (the viewer's)."""
+        if caller.kind is CallerKind.COORDINATOR:
+            return FULL_VIEW
+        role = caller.role if caller.kind is CallerKind.OPERATOR else None
+        return ClassView(class_access(role), self.classification)
 
     def device(self, caller: Caller, claimed: str) -> str:
         """The device a device request acts for. A request naming another device than its caller (a

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from fleetloop_cloud.fleet_store.exports import export_capture, export_format
 from fleetloop_cloud.repositories.interfaces import CampaignRepository, DeviceRepository, SegmentRepository
 from fleetloop_cloud.repositories.records import CaptureRecord
 from fleetloop_cloud.services.access import Access, Caller
+from fleetloop_cloud.services.query import record_read
+from fleetloop_shared.classification import FULL_VIEW, ClassView, SignalClass
 from fleetloop_shared.errors import NotFoundError, StateError, UserError
 from fleetloop_shared.rules import parse_campaign
 
@@ -130,15 +133,17 @@ class StatsCache:
     def __init__(self, reader: CaptureReader) -> None:
         self._reader = reader
         self._lock = threading.Lock()
-        self._cached: OrderedDict[tuple[str, str, int, int], list[SignalStats]] = OrderedDict()
+        self._cached: OrderedDict[tuple[object, ...], list[SignalStats]] = OrderedDict()
 
-    def of(self, capture: CaptureRecord) -> list[SignalStats]:
-        key = (capture.device_id, capture.capture_id, capture.segments, capture.samples)
+    def of(self, capture: CaptureRecord, view: ClassView = FULL_VIEW) -> list[SignalStats]:
+        """Per view: a role's signal list never comes from another role's read."""
+        key = (capture.device_id, capture.capture_id, capture.segments, capture.samples,
+               tuple(sorted(view.limited().items())), view.classification)  # fmt: skip
         with self._lock:
             if key in self._cached:
                 self._cached.move_to_end(key)
                 return self._cached[key]
-        stats = self._reader.signals(capture.device_id, capture.capture_id)
+        stats = self._reader.signals(capture.device_id, capture.capture_id, view=view)
         with self._lock:
             self._cached[key] = stats
             while len(self._cached) > STATS_CACHED:
@@ -198,7 +203,7 @@ class CaptureService:
     def detail(self, caller: Caller, capture_id: str, device: str | None, now: float) -> CaptureDetail:
         self._access.operator(caller, "captures.get")
         capture = self._find(capture_id, device)
-        stats = self._stats.of(capture)
+        stats = self._stats.of(capture, self._access.view(caller))
         units = self._units(capture.device_id)
         signals = tuple(
             SignalInfo(s.signal, signal_kind(s), s.samples, s.first_ns, s.last_ns, units.get(s.signal, ""))
@@ -244,7 +249,8 @@ class CaptureService:
         plot columns, enumerations as bands. UserError naming a signal the capture does not hold."""
         self._access.operator(caller, "captures.get")
         capture = self._find(capture_id, device)
-        stats = {s.signal: s for s in self._stats.of(capture)}
+        view = self._access.view(caller)
+        stats = {s.signal: s for s in self._stats.of(capture, view)}
         unknown = [s for s in signals if s not in stats]
         if unknown:
             raise UserError(f"capture {capture_id!r} holds no signal {unknown[0]!r}")
@@ -253,11 +259,14 @@ class CaptureService:
         numeric = [s for s in signals if signal_kind(stats[s]) == "number"]
         states = [s for s in signals if signal_kind(stats[s]) != "number"]
         lines, bands = self._reader.series(capture.device_id, capture.capture_id, numeric, states, start, end,
-                                           columns)  # fmt: skip
+                                           columns, view=view)  # fmt: skip
         return Series(start, end, columns, tuple(lines), tuple(bands))
 
-    def export(self, caller: Caller, capture_id: str, device: str | None, fmt_name: str) -> CaptureFile:
-        """The capture's rows as an MCAP, Parquet or CSV file."""
+    def export(
+        self, caller: Caller, capture_id: str, device: str | None, fmt_name: str, now: float | None = None
+    ) -> CaptureFile:
+        """The capture's rows as an MCAP, Parquet or CSV file, as the caller's view shows them; an
+        access record in the audit log names the capture, the format, the rows and the classes read."""
         self._access.operator(caller, "captures.export")
         fmt = export_format(fmt_name)
         capture = self._find(capture_id, device)
@@ -266,7 +275,12 @@ class CaptureService:
             raise UserError(f"capture {capture_id!r} holds {capture.samples:,} samples and an export at most "
                             f"{MAX_EXPORT_SAMPLES:,}: select its rows in parts with SQL (POST /v1/query, "
                             "docs/query.md)")  # fmt: skip
-        table = self._reader.rows(capture.device_id, capture.capture_id)
+        view, touched = self._access.view(caller), set[SignalClass]()
+        table = self._reader.rows(capture.device_id, capture.capture_id, view=view, touched=touched)
+        record_read(self._access, caller, "captures.export", f"{capture.device_id}/{capture.capture_id}",
+                    time.time() if now is None else now, view, touched,
+                    {"capture_id": capture.capture_id, "device_id": capture.device_id, "format": fmt.name,
+                     "rows": table.num_rows})  # fmt: skip
         if table.num_rows == 0:
             raise NotFoundError(f"capture {capture_id!r} has no rows in the fleet store yet")
         metadata = {"capture_id": capture.capture_id, "device_id": capture.device_id,

@@ -7,8 +7,9 @@ narrow :class:`QueryMetrics` this service owns.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,6 +19,7 @@ from fleetloop_cloud.repositories.interfaces import CampaignRepository, SegmentR
 from fleetloop_cloud.repositories.records import CaptureRecord
 from fleetloop_cloud.services.access import Access, Caller
 from fleetloop_cloud.services.devices import Census
+from fleetloop_shared.classification import ClassView, SignalClass
 
 #: Rows a query returns unless it asks for another number.
 DEFAULT_MAX_ROWS = 10_000
@@ -46,6 +48,23 @@ class Summary:
     refused: dict[str, int]
 
 
+def record_read(
+    access: Access,
+    caller: Caller,
+    action: str,
+    target: str,
+    now: float,
+    view: ClassView,
+    touched: Collection[SignalClass],
+    detail: dict[str, object],
+) -> None:
+    """An access record: what ``caller`` read (``detail``: the SQL or the capture, the rows), which
+    classes the rows it read were of, and how its view limited them; JSON in the entry's ``detail``."""
+    classes = sorted(c.value for c in touched)
+    body = detail | {"classes": classes, "limited": view.limited()}
+    access.record(caller, action, target, now, detail=json.dumps(body, sort_keys=True))
+
+
 class QueryService:
     def __init__(
         self,
@@ -57,6 +76,7 @@ class QueryService:
         *,
         metrics: QueryMetrics | None = None,
         timer: Callable[[], float] = time.perf_counter,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._engine = engine
         self._segments = segments
@@ -65,6 +85,7 @@ class QueryService:
         self._access = access
         self._metrics: QueryMetrics = metrics if metrics is not None else MemoryMetrics()
         self._timer = timer
+        self._clock = clock
 
     def sql(
         self,
@@ -75,19 +96,29 @@ class QueryService:
         timeout_s: float | None = None,
     ) -> QueryResult:
         """One read-only SELECT over ``samples`` and ``captures`` (QueryError, QueryTimeoutError).
-        ``max_rows`` above the engine's limit is lowered to it; ``timeout_s`` None is the limit."""
+        ``max_rows`` above the engine's limit is lowered to it; ``timeout_s`` None is the limit.
+
+        ``samples`` is what the caller's role may see of each signal class (Access.view), whatever the
+        SQL; every query, answered or not, leaves an access record in the audit log: the SQL, the rows
+        returned and the classes read."""
         self._access.operator(caller, "query")
         max_rows = max(1, min(max_rows, self._engine.limits.max_rows))
-        started, outcome = self._timer(), "error"
+        view = self._access.view(caller)
+        touched: set[SignalClass] = set()
+        started, outcome, rows = self._timer(), "error", 0
         try:
-            result = self._engine.query(sql, max_rows=max_rows, timeout_s=timeout_s)
-            outcome = "ok"
+            result = self._engine.query(
+                sql, max_rows=max_rows, timeout_s=timeout_s, view=view, touched=touched
+            )
+            outcome, rows = "ok", len(result.rows)
             return result
         except QueryTimeoutError:
             outcome = "timeout"
             raise
         finally:
             self._metrics.query(outcome, self._timer() - started)
+            record_read(self._access, caller, "query", "samples", self._clock(), view, touched,
+                        {"sql": sql, "rows": rows, "outcome": outcome})  # fmt: skip
 
     def captures(self, caller: Caller) -> list[CaptureRecord]:
         self._access.operator(caller, "query")
