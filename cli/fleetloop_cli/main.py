@@ -113,7 +113,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_devices_catalog(args: argparse.Namespace) -> int:
     catalog = _client(args).get(f"/v1/devices/{args.id}/catalog")
     if args.output in ("table", "csv"):
-        _print(render_records(catalog["signals"], args.output, ["id", "path", "data_type", "unit"]))
+        _print(render_records(catalog["signals"], args.output, ["id", "path", "data_type", "unit", "class"]))
     else:
         _print(render_object(catalog, args.output))
     return 0

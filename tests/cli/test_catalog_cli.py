@@ -88,7 +88,11 @@ def test_a_vspec_becomes_a_catalog_that_rules_validate_reads(
         "unit": "km/h",
         "kind": "sensor",
         "description": "Vehicle speed.",
+        "class": "internal",
     }
+    # each signal with the class the cloud's defaults would give it (the operator edits, the
+    # coordinator takes the file as its classification)
+    assert signals["Vehicle.VehicleIdentification.VIN"]["class"] == "personal"
     assert signals["Vehicle.IsMoving"]["data_type"] == "bool"
     assert signals["Vehicle.VehicleIdentification.VIN"]["data_type"] == "string"
     assert "Vehicle" not in signals  # branches are not signals

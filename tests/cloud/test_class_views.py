@@ -292,3 +292,25 @@ def test_a_viewer_with_the_cli_gets_no_personal_value(fleet: Fleet) -> None:
     for text in (out.stdout, out.stderr, refused.stdout, refused.stderr, exported.stdout):
         for secret in SECRETS:
             assert secret not in text
+
+
+def test_the_row_filter_classifies_as_the_rules_do() -> None:
+    """The query layer's pyarrow expression and Classification.classify agree on every (fleet, path)."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    from fleetloop_cloud.fleet_store.class_views import class_expression
+
+    classes = classification_from_document(
+        {"rules": [{"fleet": "eu-*", "signal": "Vehicle.Speed", "class": "public"},
+                   {"signal": "Vehicle.Custom_?", "class": "sensitive"},
+                   {"signal": "*.Badge", "class": "personal"}]}, "t")  # fmt: skip
+    paths = ["Vehicle.Speed", "Vehicle.Custom_1", "VehicleXCustom_1", "Vehicle.Custom%1", "Vehicle.Custom_12",
+             "A.Badge", "Vehicle.VehicleIdentification.VIN", "CAN.X.VIN", "Vehicle.Driver.Identifier.Subject",
+             "Vehicle.Driver.HeartRate", "Vehicle.CurrentLocation.Latitude", "Vehicle.Cabin.Camera1",
+             ""]  # fmt: skip
+    fleets = ["eu-1", "us-1", "eu", "eu-"]
+    rows = [(f, p) for f in fleets for p in paths]
+    table = pa.table({"fleet": [f for f, _ in rows], "signal": [p for _, p in rows]})
+    got = ds.dataset(table).to_table(columns={"c": class_expression(classes.ordered())})["c"].to_pylist()
+    assert got == [classes.classify(f, p).value for f, p in rows]

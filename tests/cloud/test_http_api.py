@@ -109,14 +109,24 @@ def test_a_devices_catalog_is_a_file_rules_validate_takes(
     base = running_coordinator
     status, _, body = call(base, "GET", "/v1/devices/car-7/catalog")
     assert status == 200
+    hello.catalog.add(id=5, path="Vehicle.VehicleIdentification.VIN", data_type=device_pb2.DATA_TYPE_STRING)
+    c.devices.connect(Caller.device("car-7", transport="test", proven=True), hello, c.clock())
+    status, _, body = call(base, "GET", "/v1/devices/car-7/catalog")
+    # each signal with the class the cloud assigns it (the device sends none)
     assert json.loads(body)["signals"] == [
-        {"id": 3, "path": "Vehicle.Speed", "data_type": "FLOAT64", "unit": "km/h"},
-        {"id": 4, "path": "Vehicle.Gear", "data_type": "STRING", "unit": ""},
-    ]
+        {"id": 3, "path": "Vehicle.Speed", "data_type": "FLOAT64", "unit": "km/h", "class": "internal"},
+        {"id": 4, "path": "Vehicle.Gear", "data_type": "STRING", "unit": "", "class": "internal"},
+        {"id": 5, "path": "Vehicle.VehicleIdentification.VIN", "data_type": "STRING", "unit": "",
+         "class": "personal"},
+    ]  # fmt: skip
     assert call(base, "GET", "/v1/devices/nope/catalog")[0] == 404
     (tmp_path / "catalog.json").write_bytes(body)
     (tmp_path / "c.yaml").write_text(CAMPAIGN.replace("Vehicle.Speed > 50", "Vehicle.Gear > 'D'"))
     validate = ["rules", "validate", str(tmp_path / "c.yaml"), "--catalog", str(tmp_path / "catalog.json")]
     assert main(validate) == 0
     (tmp_path / "c.yaml").write_text(CAMPAIGN.replace("Vehicle.Speed > 50", "Vehicle.Gear > 5"))
+    assert main(validate) == 2
+    # a catalog file whose class is none of the five is refused, naming the signal
+    (tmp_path / "c.yaml").write_text(CAMPAIGN)
+    (tmp_path / "catalog.json").write_bytes(body.replace(b'"personal"', b'"secret"'))
     assert main(validate) == 2

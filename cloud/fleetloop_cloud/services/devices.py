@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from fleetloop_cloud.repositories.interfaces import CoordinatorLeases, DeviceRepository
@@ -262,8 +262,14 @@ class DeviceService:
         return DeviceStatus(record, record.session_owner in self._alive(now), telemetry)
 
     def catalog(self, caller: Caller, device_id: str) -> Catalog:
+        """The device's catalog as its hello sent it, each signal with the class the cloud assigns it
+        (the device's fleet's rules, the built-in defaults; devices send no classes)."""
         self._access.operator(caller, "devices.get")
-        return self._devices.catalog(device_id)
+        catalog = self._devices.catalog(device_id)
+        record = self._devices.get(device_id)
+        fleet = record.fleet if record is not None else ""
+        classify = self._access.classification.classify
+        return Catalog(replace(s, signal_class=classify(fleet, s.path)) for s in catalog)
 
     def census(self, now: float) -> Census:
         """How many devices are registered and how many are online, fleet-wide."""
