@@ -27,7 +27,7 @@ from fleetloop_cloud.repositories.records import AuditFilter, SegmentReceipt
 from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
 from fleetloop_shared.catalog import Catalog, DataType
-from fleetloop_shared.classification import classification_from_document
+from fleetloop_shared.classification import SignalClass, classification_from_document
 from fleetloop_shared.datapaths import comma2k19_segment
 from fleetloop_shared.segment import Segment, new_segment_id
 
@@ -314,3 +314,14 @@ def test_the_row_filter_classifies_as_the_rules_do() -> None:
     table = pa.table({"fleet": [f for f, _ in rows], "signal": [p for _, p in rows]})
     got = ds.dataset(table).to_table(columns={"c": class_expression(classes.ordered())})["c"].to_pylist()
     assert got == [classes.classify(f, p).value for f, p in rows]
+
+
+def test_the_role_table_in_the_privacy_guide_is_the_one_enforced() -> None:
+    import re
+
+    from fleetloop_cloud.identity.roles import CLASS_ACCESS, Role
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "privacy.md").read_text()
+    rows = re.findall(r"^\| `(viewer|operator|release-manager|admin)` \|(.*)\|$", doc, re.M)
+    table = {Role(role): [cell.strip() for cell in cells.split("|")] for role, cells in rows}
+    assert table == {role: [CLASS_ACCESS[role][c].value for c in SignalClass] for role in Role}
