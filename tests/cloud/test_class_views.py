@@ -296,10 +296,11 @@ def test_a_viewer_with_the_cli_gets_no_personal_value(fleet: Fleet) -> None:
 
 def test_the_row_filter_classifies_as_the_rules_do() -> None:
     """The query layer's pyarrow expression and Classification.classify agree on every (fleet, path)."""
+    import duckdb
     import pyarrow as pa
     import pyarrow.dataset as ds
 
-    from fleetloop_cloud.fleet_store.class_views import class_expression
+    from fleetloop_cloud.fleet_store.class_views import class_expression, class_sql
 
     classes = classification_from_document(
         {"rules": [{"fleet": "eu-*", "signal": "Vehicle.Speed", "class": "public"},
@@ -314,6 +315,11 @@ def test_the_row_filter_classifies_as_the_rules_do() -> None:
     table = pa.table({"fleet": [f for f, _ in rows], "signal": [p for _, p in rows]})
     got = ds.dataset(table).to_table(columns={"c": class_expression(classes.ordered())})["c"].to_pylist()
     assert got == [classes.classify(f, p).value for f, p in rows]
+    # and the SQL the access records name classes with
+    conn = duckdb.connect()
+    conn.register("t", table)
+    in_sql = [r[0] for r in conn.execute(f"SELECT {class_sql(classes.ordered())} FROM t").fetchall()]
+    assert in_sql == got
 
 
 def test_the_role_table_in_the_privacy_guide_is_the_one_enforced() -> None:

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from fleetloop_cloud.fleet_store.class_views import FULL_SCHEMA, class_sources, parquet_files
+from fleetloop_cloud.fleet_store.class_views import FULL_SCHEMA, class_sources, class_sql, parquet_files
 from fleetloop_cloud.fleet_store.parquet import absorbed_by
 from fleetloop_cloud.repositories.records import CaptureRecord
 from fleetloop_shared.classification import FULL_VIEW, ClassView, SignalClass
@@ -279,21 +280,27 @@ class QueryEngine:
     def _samples_view(
         self, conn: duckdb.DuckDBPyConnection, view: ClassView, touched: set[SignalClass], keep: list[Any]
     ) -> None:
-        """``samples`` as ``view`` lets it be seen: one relation per class it lets through, each noting
-        in ``touched`` that the query read rows of its class, united under the one name a query can use.
-        The datasets beneath have no name of their own (``keep`` holds them while the connection lives)."""
+        """``samples`` as ``view`` lets it be seen: a relation for the classes it shows whole and one for
+        those it coarsens, united under the one name a query can use. Each row a query reads passes a
+        filter that notes its class in ``touched`` (after the scan's pushed-down filters, so a query
+        on one signal notes that signal's class). The datasets beneath have no name of their own
+        (``keep`` holds them while the connection lives)."""
 
         def read(classes: pa.Array) -> pa.Array:
-            touched.update(SignalClass(c) for c in set(classes.to_pylist()) if c in _CLASS_NAMES)
-            return pa.array([True] * len(classes), pa.bool_())
+            touched.update(SignalClass(c) for c in pc.unique(classes).to_pylist() if c in _CLASS_NAMES)
+            return pa.array(np.ones(len(classes), dtype=np.bool_))
 
         conn.create_function("fleetloop_read", read, [duckdb.sqltype("VARCHAR")], duckdb.sqltype("BOOLEAN"),
                              type="arrow", side_effects=True)  # type: ignore[call-overload]  # fmt: skip
         columns = ", ".join(f"CAST({n} AS {t}) AS {n}" for n, t in _SAMPLES_COLUMNS)
+        names = ", ".join(n for n, _ in _SAMPLES_COLUMNS)
+        rules = view.classification.ordered()
         relation: Any = None
-        for cls, source in class_sources(_dataset(self._samples_files()), view):
+        for classes, source in class_sources(_dataset(self._samples_files()), view):
             keep.append(source)
-            part = conn.from_arrow(source).select(columns).filter(f"fleetloop_read({_sql_string(cls.value)})")
+            of_class = class_sql(rules) if len(classes) > 1 else _sql_string(next(iter(classes)).value)
+            part = (conn.from_arrow(source).select(f"{columns}, {of_class} AS class")
+                    .filter("fleetloop_read(class)").select(names))  # fmt: skip
             relation = part if relation is None else relation.union(part)
         if relation is None:
             nothing = ", ".join(f"CAST(NULL AS {t}) AS {n}" for n, t in _SAMPLES_COLUMNS)
