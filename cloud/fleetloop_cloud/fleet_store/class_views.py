@@ -72,41 +72,43 @@ def _coarsened_columns() -> dict[str, Any]:
     return cols
 
 
-def class_sql(rules: Iterable[ClassRule]) -> str:
+def class_code_sql(rules: Iterable[ClassRule]) -> str:
     """The same classification as :func:`class_expression`, as a DuckDB SQL expression over a row's
-    ``fleet`` and ``signal``: what names each row's class for the access record."""
+    ``fleet`` and ``signal`` giving the class's :attr:`~SignalClass.strictness` (a TINYINT: cheap to hand
+    to the access record's counter, where a text per row would cost a copy)."""
     whens = []
     for rule in rules:
         cond = f"signal LIKE {_literal(like_pattern(rule.signal))} ESCAPE '\\'"
         if rule.fleet != "*":
             cond += f" AND fleet LIKE {_literal(like_pattern(rule.fleet))} ESCAPE '\\'"
-        whens.append(f"WHEN {cond} THEN {_literal(rule.signal_class.value)}")
-    default = _literal(DEFAULT_CLASS.value)
-    return f"CASE {' '.join(whens)} ELSE {default} END" if whens else default
+        whens.append(f"WHEN {cond} THEN {rule.signal_class.strictness}")
+    default = str(DEFAULT_CLASS.strictness)
+    body = f"CASE {' '.join(whens)} ELSE {default} END" if whens else default
+    return f"CAST({body} AS TINYINT)"
 
 
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def class_sources(dataset: ds.Dataset, view: ClassView) -> list[tuple[frozenset[SignalClass], Any]]:
-    """(classes, pyarrow source) for what ``view`` lets through: one filtered dataset for every class
+def class_sources(dataset: ds.Dataset, view: ClassView) -> list[Any]:
+    """The pyarrow sources of what ``view`` lets through: one filtered dataset for every class
     it shows whole (DuckDB still pushes its filters into it and prunes files; no filter when every class
     is whole), and one scanner for the coarsened classes, whose projection rounded the positions."""
     of_class = class_expression(view.classification.ordered())
-    out: list[tuple[frozenset[SignalClass], Any]] = []
+    out: list[Any] = []
     full = frozenset(c for c in SignalClass if view.of(c) is Visibility.FULL)
     if len(full) == len(SignalClass):
-        out.append((full, dataset))
+        out.append(dataset)
     elif full:
-        out.append((full, dataset.filter(pc.is_in(of_class, pa.array(sorted(c.value for c in full))))))
+        out.append(dataset.filter(pc.is_in(of_class, pa.array(sorted(c.value for c in full)))))
     coarse = frozenset(c for c in SignalClass if view.of(c) is Visibility.COARSENED)
     if coarse:
         positions = pc.scalar(False)
         for suffix in COARSENED_SUFFIXES:
             positions = positions | pc.ends_with(pc.field("signal"), suffix)
         rows = pc.is_in(of_class, pa.array(sorted(c.value for c in coarse))) & positions
-        out.append((coarse, dataset.scanner(columns=_coarsened_columns(), filter=rows)))
+        out.append(dataset.scanner(columns=_coarsened_columns(), filter=rows))
     return out
 
 

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from fleetloop_cloud.fleet_store.class_views import FULL_SCHEMA, class_sources, class_sql, parquet_files
+from fleetloop_cloud.fleet_store.class_views import FULL_SCHEMA, class_code_sql, class_sources, parquet_files
 from fleetloop_cloud.fleet_store.parquet import absorbed_by
 from fleetloop_cloud.repositories.records import CaptureRecord
 from fleetloop_shared.classification import FULL_VIEW, ClassView, SignalClass
@@ -100,7 +100,6 @@ CAPTURES_SCHEMA = pa.schema(
 )
 T = TypeVar("T")
 _ALLOWED_STATEMENTS = frozenset({duckdb.StatementType.SELECT})
-_CLASS_NAMES = frozenset(c.value for c in SignalClass)
 
 
 @dataclass(frozen=True)
@@ -282,25 +281,26 @@ class QueryEngine:
     ) -> None:
         """``samples`` as ``view`` lets it be seen: a relation for the classes it shows whole and one for
         those it coarsens, united under the one name a query can use. Each row a query reads passes a
-        filter that notes its class in ``touched`` (after the scan's pushed-down filters, so a query
-        on one signal notes that signal's class). The datasets beneath have no name of their own
-        (``keep`` holds them while the connection lives)."""
+        filter that notes its class in ``touched`` (computed from the same rules in SQL; after the
+        scan's pushed-down filters, so a query on one signal notes that signal's class). The datasets
+        beneath have no name of their own (``keep`` holds them while the connection lives)."""
 
-        def read(classes: pa.Array) -> pa.Array:
-            touched.update(SignalClass(c) for c in pc.unique(classes).to_pylist() if c in _CLASS_NAMES)
-            return pa.array(np.ones(len(classes), dtype=np.bool_))
+        by_code = {c.strictness: c for c in SignalClass}
 
-        conn.create_function("fleetloop_read", read, [duckdb.sqltype("VARCHAR")], duckdb.sqltype("BOOLEAN"),
+        def read(codes: pa.Array) -> pa.Array:
+            touched.update(by_code[c] for c in pc.unique(codes).to_pylist() if c in by_code)
+            return pa.array(np.ones(len(codes), dtype=np.bool_))
+
+        conn.create_function("fleetloop_read", read, [duckdb.sqltype("TINYINT")], duckdb.sqltype("BOOLEAN"),
                              type="arrow", side_effects=True)  # type: ignore[call-overload]  # fmt: skip
         columns = ", ".join(f"CAST({n} AS {t}) AS {n}" for n, t in _SAMPLES_COLUMNS)
         names = ", ".join(n for n, _ in _SAMPLES_COLUMNS)
-        rules = view.classification.ordered()
+        of_class = class_code_sql(view.classification.ordered())
         relation: Any = None
-        for classes, source in class_sources(_dataset(self._samples_files()), view):
+        for source in class_sources(_dataset(self._samples_files()), view):
             keep.append(source)
-            of_class = class_sql(rules) if len(classes) > 1 else _sql_string(next(iter(classes)).value)
-            part = (conn.from_arrow(source).select(f"{columns}, {of_class} AS class")
-                    .filter("fleetloop_read(class)").select(names))  # fmt: skip
+            part = (conn.from_arrow(source).select(f"{columns}, {of_class} AS class_code")
+                    .filter("fleetloop_read(class_code)").select(names))  # fmt: skip
             relation = part if relation is None else relation.union(part)
         if relation is None:
             nothing = ", ".join(f"CAST(NULL AS {t}) AS {n}" for n, t in _SAMPLES_COLUMNS)

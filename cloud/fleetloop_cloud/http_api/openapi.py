@@ -14,6 +14,7 @@ from typing import Any
 
 from fleetloop_cloud.identity.roles import ACTIONS
 from fleetloop_cloud.identity.tokens import NAME_PATTERN
+from fleetloop_shared.classification import SignalClass
 
 S = dict[str, Any]
 
@@ -130,7 +131,8 @@ RESPONSES: dict[str, S] = {
         updated_at=NUM, events=_arr(AUDIT_ROW),
     )),
     "getDeviceCatalog": _obj(
-        ["signals"], signals=_arr(_obj(["id", "path"], id=INT, path=STR, data_type=STR, unit=STR))
+        ["signals"], signals=_arr(_obj(["id", "path"], id=INT, path=STR, data_type=STR, unit=STR,
+                                       **{"class": {"enum": [c.value for c in SignalClass]}}))
     ),
     "listCampaigns": _obj(
         ["version", "campaigns"], version=INT,
