@@ -1,10 +1,10 @@
 """What a role's SQL can reach: the ``samples`` rows of each signal class, withheld, coarsened or whole,
 decided before DuckDB sees a single row.
 
-The query engine (query.py) builds ``samples`` from the relations made here and nothing else: each is a
-pyarrow dataset already filtered to one class (and, for a coarsened class, a scanner whose projection
-has already rounded the positions), turned into one DuckDB relation whose only name is the ``samples``
-view. No table, view or file beneath it is nameable — the files are read by pyarrow, DuckDB's own file
+The query engine (query.py) builds ``samples`` from the sources made here and nothing else: a pyarrow
+dataset already filtered to the classes a role sees whole, and one filtered to the positions of the
+classes it sees coarsened (read through :func:`coarsened_sql`, which rounds them in the projection of the
+view), turned into DuckDB relations whose only name is the ``samples`` view. No table, view or file beneath it is nameable — the files are read by pyarrow, DuckDB's own file
 access is switched off — so a viewer's ``SELECT *``, join, subquery, CTE, ``UNION``, cast or
 ``read_parquet(...)`` can only ever see what the view holds. The rules are the classification's, in its
 first-match order (fleetloop_shared.classification), evaluated on each row's ``fleet`` and ``signal``.
@@ -37,11 +37,6 @@ from fleetloop_shared.classification import (
 LOCATION_GRID_DEG = 0.01
 #: Location signals that can be coarsened (the rest of a coarsened class is withheld).
 COARSENED_SUFFIXES = (".Latitude", ".Longitude")
-#: The columns of ``samples``, in order.
-SAMPLE_COLUMNS = (
-    "device_id", "capture_id", "campaign", "signal", "t_ns", "value", "value_int", "value_str", "fleet",
-    "date", "clock_offset_ns",
-)  # fmt: skip
 #: The full table's schema: the files' columns and the Hive partitions.
 FULL_SCHEMA = SAMPLES_SCHEMA.append(pa.field("fleet", pa.string())).append(pa.field("date", pa.date32()))
 
@@ -57,19 +52,12 @@ def class_expression(rules: Iterable[ClassRule]) -> Any:
     return expr
 
 
-def _coarse(column: Any) -> Any:
-    cells = pc.floor(pc.divide(column, LOCATION_GRID_DEG))
-    return pc.round(pc.multiply(pc.add(cells, 0.5), LOCATION_GRID_DEG), 6)
-
-
-def _coarsened_columns() -> dict[str, Any]:
-    """The projection a coarsened class is read through: positions to their cell's centre, the exact
-    integer and text forms withheld (they cannot be rounded)."""
-    cols: dict[str, Any] = {name: pc.field(name) for name in SAMPLE_COLUMNS}
-    cols["value"] = _coarse(pc.field("value"))
-    cols["value_int"] = pc.scalar(pa.scalar(None, pa.int64()))
-    cols["value_str"] = pc.scalar(pa.scalar(None, pa.string()))
-    return cols
+def coarsened_sql(column: str) -> str:
+    """A position column as SQL rounds it: the centre of its :data:`LOCATION_GRID_DEG` cell. Applied in
+    the projection of the only name a query has, so a filter on ``value`` compares the rounded value
+    (DuckDB cannot push it beneath the rounding), while filters on other columns still prune files."""
+    grid = repr(LOCATION_GRID_DEG)
+    return f"round((floor({column} / {grid}) + 0.5) * {grid}, 6)"
 
 
 def class_code_sql(rules: Iterable[ClassRule]) -> str:
@@ -91,24 +79,25 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def class_sources(dataset: ds.Dataset, view: ClassView) -> list[Any]:
-    """The pyarrow sources of what ``view`` lets through: one filtered dataset for every class
-    it shows whole (DuckDB still pushes its filters into it and prunes files; no filter when every class
-    is whole), and one scanner for the coarsened classes, whose projection rounded the positions."""
+def class_sources(dataset: ds.Dataset, view: ClassView) -> list[tuple[Any, bool]]:
+    """(pyarrow dataset, coarsened) for what ``view`` lets through: the rows of the classes it shows
+    whole (the dataset itself when it shows all), and the positions of the classes it coarsens (to be
+    read through :func:`coarsened_sql`). Both are datasets, so DuckDB pushes its filters into them and
+    prunes files by fleet and date."""
     of_class = class_expression(view.classification.ordered())
-    out: list[Any] = []
+    out: list[tuple[Any, bool]] = []
     full = frozenset(c for c in SignalClass if view.of(c) is Visibility.FULL)
     if len(full) == len(SignalClass):
-        out.append(dataset)
+        out.append((dataset, False))
     elif full:
-        out.append(dataset.filter(pc.is_in(of_class, pa.array(sorted(c.value for c in full)))))
+        out.append((dataset.filter(pc.is_in(of_class, pa.array(sorted(c.value for c in full)))), False))
     coarse = frozenset(c for c in SignalClass if view.of(c) is Visibility.COARSENED)
     if coarse:
         positions = pc.scalar(False)
         for suffix in COARSENED_SUFFIXES:
             positions = positions | pc.ends_with(pc.field("signal"), suffix)
         rows = pc.is_in(of_class, pa.array(sorted(c.value for c in coarse))) & positions
-        out.append(dataset.scanner(columns=_coarsened_columns(), filter=rows))
+        out.append((dataset.filter(rows), True))
     return out
 
 

@@ -28,7 +28,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from fleetloop_cloud.fleet_store.class_views import FULL_SCHEMA, class_code_sql, class_sources, parquet_files
+from fleetloop_cloud.fleet_store.class_views import (
+    FULL_SCHEMA,
+    class_code_sql,
+    class_sources,
+    coarsened_sql,
+    parquet_files,
+)
 from fleetloop_cloud.fleet_store.parquet import absorbed_by
 from fleetloop_cloud.repositories.records import CaptureRecord
 from fleetloop_shared.classification import FULL_VIEW, ClassView, SignalClass
@@ -293,12 +299,18 @@ class QueryEngine:
 
         conn.create_function("fleetloop_read", read, [duckdb.sqltype("TINYINT")], duckdb.sqltype("BOOLEAN"),
                              type="arrow", side_effects=True)  # type: ignore[call-overload]  # fmt: skip
-        columns = ", ".join(f"CAST({n} AS {t}) AS {n}" for n, t in _SAMPLES_COLUMNS)
+        whole = {n: f"CAST({n} AS {t})" for n, t in _SAMPLES_COLUMNS}
+        rounded = whole | {
+            "value": coarsened_sql("CAST(value AS DOUBLE)"),
+            "value_int": "CAST(NULL AS BIGINT)",
+            "value_str": "CAST(NULL AS VARCHAR)",
+        }
         names = ", ".join(n for n, _ in _SAMPLES_COLUMNS)
         of_class = class_code_sql(view.classification.ordered())
         relation: Any = None
-        for source in class_sources(_dataset(self._samples_files()), view):
+        for source, coarsened in class_sources(_dataset(self._samples_files()), view):
             keep.append(source)
+            columns = ", ".join(f"{sql} AS {n}" for n, sql in (rounded if coarsened else whole).items())
             part = (conn.from_arrow(source).select(f"{columns}, {of_class} AS class_code")
                     .filter("fleetloop_read(class_code)").select(names))  # fmt: skip
             relation = part if relation is None else relation.union(part)
