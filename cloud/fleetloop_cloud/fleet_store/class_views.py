@@ -3,18 +3,19 @@ decided before DuckDB sees a single row.
 
 The query engine (query.py) builds ``samples`` from the sources made here and nothing else: a pyarrow
 dataset already filtered to the classes a role sees whole, and one filtered to the positions of the
-classes it sees coarsened (read through :func:`coarsened_sql`, which rounds them in the projection of the
-view), turned into DuckDB relations whose only name is the ``samples`` view. No table, view or file beneath it is nameable — the files are read by pyarrow, DuckDB's own file
-access is switched off — so a viewer's ``SELECT *``, join, subquery, CTE, ``UNION``, cast or
-``read_parquet(...)`` can only ever see what the view holds. The rules are the classification's, in its
-first-match order (fleetloop_shared.classification), evaluated on each row's ``fleet`` and ``signal``.
+classes it sees coarsened (read through :func:`coarsened_sql`, which rounds them in the view's
+projection), turned into DuckDB relations whose only name is the ``samples`` view. No table, view or
+file beneath it is nameable — the files are read by pyarrow, DuckDB's own file access is switched off —
+so a viewer's ``SELECT *``, join, subquery, CTE, ``UNION``, cast or ``read_parquet(...)`` can only ever
+see what the view holds. Classes are the classification's (fleetloop_shared.classification), decided
+once per (fleet, signal) present in the files.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +40,6 @@ LOCATION_GRID_DEG = 0.01
 COARSENED_SUFFIXES = (".Latitude", ".Longitude")
 #: The full table's schema: the files' columns and the Hive partitions.
 FULL_SCHEMA = SAMPLES_SCHEMA.append(pa.field("fleet", pa.string())).append(pa.field("date", pa.date32()))
-
-
-def class_expression(rules: Iterable[ClassRule]) -> Any:
-    """A pyarrow expression: the class of a row's (fleet, signal), first matching rule wins."""
-    expr: Any = pc.scalar(DEFAULT_CLASS.value)
-    for rule in reversed(list(rules)):
-        matched = pc.match_like(pc.field("signal"), like_pattern(rule.signal))
-        if rule.fleet != "*":
-            matched = matched & pc.match_like(pc.field("fleet"), like_pattern(rule.fleet))
-        expr = pc.if_else(matched, pc.scalar(rule.signal_class.value), expr)
-    return expr
 
 
 def coarsened_sql(column: str) -> str:
@@ -79,26 +69,57 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def class_sources(dataset: ds.Dataset, view: ClassView) -> list[tuple[Any, bool]]:
+def class_sources(
+    dataset: ds.Dataset, view: ClassView, signals: Callable[[], Mapping[str, Iterable[str]]]
+) -> list[tuple[Any, bool]]:
     """(pyarrow dataset, coarsened) for what ``view`` lets through: the rows of the classes it shows
     whole (the dataset itself when it shows all), and the positions of the classes it coarsens (to be
     read through :func:`coarsened_sql`). Both are datasets, so DuckDB pushes its filters into them and
-    prunes files by fleet and date."""
-    of_class = class_expression(view.classification.ordered())
-    out: list[tuple[Any, bool]] = []
+    prunes files by fleet and date.
+
+    ``signals()`` names the signals of each fleet in the dataset's files; each (fleet, signal) is
+    classified here, once, and a row passes by set membership — no pattern is matched per row."""
+    everything = frozenset(SignalClass)
     full = frozenset(c for c in SignalClass if view.of(c) is Visibility.FULL)
-    if len(full) == len(SignalClass):
-        out.append((dataset, False))
-    elif full:
-        out.append((dataset.filter(pc.is_in(of_class, pa.array(sorted(c.value for c in full)))), False))
     coarse = frozenset(c for c in SignalClass if view.of(c) is Visibility.COARSENED)
+    if full == everything:
+        return [(dataset, False)]
+    present = signals()
+    out: list[tuple[Any, bool]] = []
+    if full:
+        out.append((dataset.filter(_member(dataset, present, view, full, ())), False))
     if coarse:
-        positions = pc.scalar(False)
-        for suffix in COARSENED_SUFFIXES:
-            positions = positions | pc.ends_with(pc.field("signal"), suffix)
-        rows = pc.is_in(of_class, pa.array(sorted(c.value for c in coarse))) & positions
-        out.append((dataset.filter(rows), True))
+        out.append((dataset.filter(_member(dataset, present, view, coarse, COARSENED_SUFFIXES)), True))
     return out
+
+
+def _member(
+    dataset: ds.Dataset,
+    present: Mapping[str, Iterable[str]],
+    view: ClassView,
+    classes: frozenset[SignalClass],
+    suffixes: tuple[str, ...],
+) -> Any:
+    """A filter passing the rows whose (fleet, signal) is of ``classes`` (and ends in one of
+    ``suffixes``, when given): fleets with the same passing signals share one ``is_in``."""
+    groups: dict[frozenset[str], list[str]] = {}
+    for fleet, names in present.items():
+        chosen = frozenset(
+            s for s in names
+            if view.classification.classify(fleet, s) in classes and (not suffixes or s.endswith(suffixes))
+        )  # fmt: skip
+        groups.setdefault(chosen, []).append(fleet)
+    kind = dataset.schema.field("signal").type
+    expr: Any = pc.scalar(False)
+    for chosen, fleets in groups.items():
+        if not chosen:
+            continue
+        term = pc.is_in(pc.field("signal"), pa.array(sorted(chosen), kind))
+        if len(groups) > 1:
+            fleet_kind = dataset.schema.field("fleet").type
+            term = term & pc.is_in(pc.field("fleet"), pa.array(sorted(fleets), fleet_kind))
+        expr = expr | term
+    return expr
 
 
 def parquet_files(

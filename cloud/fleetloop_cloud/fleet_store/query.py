@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from fleetloop_cloud.fleet_store.class_views import (
     FULL_SCHEMA,
@@ -49,6 +50,8 @@ QUERY_TIMEOUT_S = 120.0
 QUERY_MEMORY_LIMIT = "1GB"
 #: DuckDB threads per query.
 QUERY_THREADS = 2
+#: Data files whose signal names the engine remembers (to classify rows by set membership).
+SIGNALS_CACHED = 200_000
 _MEMORY = re.compile(r"^[1-9][0-9]*(\.[0-9]+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
 
 
@@ -243,6 +246,7 @@ class QueryEngine:
         self._samples = self._root / "samples"
         self._captures = captures
         self._absorbed: dict[str, tuple[int, tuple[str, ...]]] = {}
+        self._file_signals: dict[str, frozenset[str]] = {}
 
     def _absorbed_names(self, path: str, mtime_ns: int) -> tuple[str, ...]:
         """The segment files the compacted file ``path`` absorbed, remembered while it is unchanged."""
@@ -251,6 +255,23 @@ class QueryEngine:
             cached = (mtime_ns, tuple(absorbed_by(Path(path))))
             self._absorbed[path] = cached
         return cached[1]
+
+    def _signals_of(self, table: TableFiles) -> dict[str, set[str]]:
+        """The signals of each fleet in ``table``'s files. Data files are never rewritten in place (a
+        segment file, a compacted file, an Iceberg data file each has a name of its own), so each is
+        read once (its ``signal`` column) and remembered, :data:`SIGNALS_CACHED` files at most (past
+        that the memory starts over)."""
+        out: dict[str, set[str]] = {}
+        for path, fleet, _ in table.files:
+            names = self._file_signals.get(path)
+            if names is None:
+                column = pq.read_table(path, columns=["signal"], filesystem=table.filesystem)["signal"]
+                names = frozenset(str(s) for s in pc.unique(column).to_pylist())
+                if len(self._file_signals) >= SIGNALS_CACHED:
+                    self._file_signals.clear()
+                self._file_signals[path] = names
+            out.setdefault(fleet, set()).update(names)
+        return out
 
     def _samples_files(self) -> TableFiles:
         """The ``samples`` files a query reads now: the table format's snapshot, or the Parquet layout's
@@ -308,7 +329,8 @@ class QueryEngine:
         names = ", ".join(n for n, _ in _SAMPLES_COLUMNS)
         of_class = class_code_sql(view.classification.ordered())
         relation: Any = None
-        for source, coarsened in class_sources(_dataset(self._samples_files()), view):
+        files = self._samples_files()
+        for source, coarsened in class_sources(_dataset(files), view, lambda: self._signals_of(files)):
             keep.append(source)
             columns = ", ".join(f"{sql} AS {n}" for n, sql in (rounded if coarsened else whole).items())
             part = (conn.from_arrow(source).select(f"{columns}, {of_class} AS class_code")
