@@ -56,7 +56,7 @@ _ORDER = (SignalClass.PUBLIC, SignalClass.INTERNAL, SignalClass.LOCATION, Signal
 #: The class of a signal no rule names: fail closed, never ``public``.
 DEFAULT_CLASS = SignalClass.INTERNAL
 #: Characters a classification pattern may hold: VSS/CAN path characters and the globs ``*`` and ``?``
-#: (no ``[...]`` sets, so every pattern has one meaning in Python and as a SQL LIKE in the query layer).
+#: (no ``[...]`` sets: one meaning however a reader matches it).
 _PATTERN = re.compile(r"^[A-Za-z0-9_.:/\-*?]{1,256}$")
 #: Rules a classification may hold.
 MAX_RULES = 10_000
@@ -134,21 +134,6 @@ class Classification:
             if rule.matches(fleet, path):
                 return rule.signal_class
         return DEFAULT_CLASS
-
-
-def like_pattern(glob: str) -> str:
-    """A classification glob as a SQL LIKE pattern (``\\`` escapes): ``*`` → ``%``, ``?`` → ``_``."""
-    out = []
-    for ch in glob:
-        if ch == "*":
-            out.append("%")
-        elif ch == "?":
-            out.append("_")
-        elif ch in "%_\\":
-            out.append("\\" + ch)
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 def classification_from_document(doc: Any, source: str) -> Classification:

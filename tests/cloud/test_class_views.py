@@ -294,30 +294,6 @@ def test_a_viewer_with_the_cli_gets_no_personal_value(fleet: Fleet) -> None:
             assert secret not in text
 
 
-def test_the_access_records_sql_classifies_as_the_rules_do() -> None:
-    """The SQL naming each row's class for the access record agrees with Classification.classify."""
-    import duckdb
-    import pyarrow as pa
-
-    from fleetloop_cloud.fleet_store.class_views import class_code_sql
-
-    classes = classification_from_document(
-        {"rules": [{"fleet": "eu-*", "signal": "Vehicle.Speed", "class": "public"},
-                   {"signal": "Vehicle.Custom_?", "class": "sensitive"},
-                   {"signal": "*.Badge", "class": "personal"}]}, "t")  # fmt: skip
-    paths = ["Vehicle.Speed", "Vehicle.Custom_1", "VehicleXCustom_1", "Vehicle.Custom%1", "Vehicle.Custom_12",
-             "A.Badge", "Vehicle.VehicleIdentification.VIN", "CAN.X.VIN", "Vehicle.Driver.Identifier.Subject",
-             "Vehicle.Driver.HeartRate", "Vehicle.CurrentLocation.Latitude", "Vehicle.Cabin.Camera1",
-             ""]  # fmt: skip
-    fleets = ["eu-1", "us-1", "eu", "eu-"]
-    rows = [(f, p) for f in fleets for p in paths]
-    table = pa.table({"fleet": [f for f, _ in rows], "signal": [p for _, p in rows]})
-    conn = duckdb.connect()
-    conn.register("t", table)
-    codes = [r[0] for r in conn.execute(f"SELECT {class_code_sql(classes.ordered())} FROM t").fetchall()]
-    assert codes == [classes.classify(f, p).strictness for f, p in rows]
-
-
 def test_the_role_table_in_the_privacy_guide_is_the_one_enforced() -> None:
     import re
 

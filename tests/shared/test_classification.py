@@ -15,7 +15,6 @@ from fleetloop_shared.classification import (
     SignalClass,
     Visibility,
     classification_from_document,
-    like_pattern,
     read_classification,
 )
 from fleetloop_shared.errors import UserError
@@ -80,11 +79,6 @@ def test_a_catalog_file_with_classes_is_a_classification(tmp_path: Path) -> None
 def test_a_wrong_classification_is_refused_naming_the_entry(doc: object, message: str) -> None:
     with pytest.raises(UserError, match=message):
         classification_from_document(doc, "classes.yaml")
-
-
-def test_like_patterns_escape_what_like_would_read() -> None:
-    assert like_pattern("Vehicle.*.VIN") == "Vehicle.%.VIN"
-    assert like_pattern("A_B?%") == "A\\_B_\\%"
 
 
 def test_catalog_records_carry_a_class_only_when_one_is_declared() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,9 @@ import pyarrow.dataset as ds
 
 from fleetloop_cloud.fleet_store.parquet import COMPACTED_FILE, SAMPLES_SCHEMA
 from fleetloop_shared.classification import (
-    DEFAULT_CLASS,
-    ClassRule,
     ClassView,
     SignalClass,
     Visibility,
-    like_pattern,
 )
 
 #: Degrees of the grid a coarsened position snaps to (the centre of its cell): 0.01° is ≈ 1.1 km
@@ -50,64 +48,67 @@ def coarsened_sql(column: str) -> str:
     return f"round((floor({column} / {grid}) + 0.5) * {grid}, 6)"
 
 
-def class_code_sql(rules: Iterable[ClassRule]) -> str:
-    """The same classification as :func:`class_expression`, as a DuckDB SQL expression over a row's
-    ``fleet`` and ``signal`` giving the class's :attr:`~SignalClass.strictness` (a TINYINT: cheap to hand
-    to the access record's counter, where a text per row would cost a copy)."""
-    whens = []
-    for rule in rules:
-        cond = f"signal LIKE {_literal(like_pattern(rule.signal))} ESCAPE '\\'"
-        if rule.fleet != "*":
-            cond += f" AND fleet LIKE {_literal(like_pattern(rule.fleet))} ESCAPE '\\'"
-        whens.append(f"WHEN {cond} THEN {rule.signal_class.strictness}")
-    default = str(DEFAULT_CLASS.strictness)
-    body = f"CASE {' '.join(whens)} ELSE {default} END" if whens else default
-    return f"CAST({body} AS TINYINT)"
+#: Classes read apart from the rest even where a role sees them whole, so that an access record names
+#: them exactly when a query read their rows (the others: when it read rows of the relation they are in).
+RECORDED_APART = (SignalClass.PERSONAL, SignalClass.SENSITIVE)
 
 
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
+@dataclass(frozen=True)
+class ClassSource:
+    """One relation beneath ``samples``: a filtered pyarrow dataset, whether its positions are rounded
+    (read through :func:`coarsened_sql`), and the classes of the rows it holds (what an access record
+    names when a query reads any of them)."""
+
+    dataset: Any
+    coarsened: bool
+    classes: frozenset[SignalClass]
 
 
 def class_sources(
     dataset: ds.Dataset, view: ClassView, signals: Callable[[], Mapping[str, Iterable[str]]]
-) -> list[tuple[Any, bool]]:
-    """(pyarrow dataset, coarsened) for what ``view`` lets through: the rows of the classes it shows
-    whole (the dataset itself when it shows all), and the positions of the classes it coarsens (to be
-    read through :func:`coarsened_sql`). Both are datasets, so DuckDB pushes its filters into them and
-    prunes files by fleet and date.
+) -> list[ClassSource]:
+    """What ``view`` lets through, as datasets DuckDB pushes its filters into (pruning files by fleet
+    and date): the classes it shows whole — ``personal`` and ``sensitive`` each apart — and the
+    positions of the classes it coarsens. Only relations that hold rows are made.
 
     ``signals()`` names the signals of each fleet in the dataset's files; each (fleet, signal) is
     classified here, once, and a row passes by set membership — no pattern is matched per row."""
-    everything = frozenset(SignalClass)
+    present = signals()
+    classes = {(f, s): view.classification.classify(f, s) for f, names in present.items() for s in names}
+    found = frozenset(classes.values())
     full = frozenset(c for c in SignalClass if view.of(c) is Visibility.FULL)
     coarse = frozenset(c for c in SignalClass if view.of(c) is Visibility.COARSENED)
-    if full == everything:
-        return [(dataset, False)]
-    present = signals()
-    out: list[tuple[Any, bool]] = []
-    if full:
-        out.append((dataset.filter(_member(dataset, present, view, full, ())), False))
-    if coarse:
-        out.append((dataset.filter(_member(dataset, present, view, coarse, COARSENED_SUFFIXES)), True))
+    parts = [(full - set(RECORDED_APART), ()), *(((frozenset({c}) & full), ()) for c in RECORDED_APART),
+             (coarse, COARSENED_SUFFIXES)]  # fmt: skip
+    out = []
+    for i, (wanted, suffixes) in enumerate(parts):
+        held = frozenset(
+            c for (_, s), c in classes.items() if c in wanted and (not suffixes or s.endswith(suffixes))
+        )
+        if not held:
+            continue
+        if not suffixes and wanted >= found:
+            out.append(ClassSource(dataset, False, held))  # every row: no filter at all
+            continue
+        out.append(ClassSource(dataset.filter(_member(dataset, present, classes, wanted, suffixes)),
+                               i == len(parts) - 1, held))  # fmt: skip
     return out
 
 
 def _member(
     dataset: ds.Dataset,
     present: Mapping[str, Iterable[str]],
-    view: ClassView,
-    classes: frozenset[SignalClass],
+    classes: Mapping[tuple[str, str], SignalClass],
+    wanted: frozenset[SignalClass],
     suffixes: tuple[str, ...],
 ) -> Any:
-    """A filter passing the rows whose (fleet, signal) is of ``classes`` (and ends in one of
+    """A filter passing the rows whose (fleet, signal) is of ``wanted`` (and ends in one of
     ``suffixes``, when given): fleets with the same passing signals share one ``is_in``."""
     groups: dict[frozenset[str], list[str]] = {}
     for fleet, names in present.items():
         chosen = frozenset(
-            s for s in names
-            if view.classification.classify(fleet, s) in classes and (not suffixes or s.endswith(suffixes))
-        )  # fmt: skip
+            s for s in names if classes[(fleet, s)] in wanted and (not suffixes or s.endswith(suffixes))
+        )
         groups.setdefault(chosen, []).append(fleet)
     kind = dataset.schema.field("signal").type
     expr: Any = pc.scalar(False)

@@ -29,13 +29,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from fleetloop_cloud.fleet_store.class_views import (
-    FULL_SCHEMA,
-    class_code_sql,
-    class_sources,
-    coarsened_sql,
-    parquet_files,
-)
+from fleetloop_cloud.fleet_store.class_views import FULL_SCHEMA, class_sources, coarsened_sql, parquet_files
 from fleetloop_cloud.fleet_store.parquet import absorbed_by
 from fleetloop_cloud.repositories.records import CaptureRecord
 from fleetloop_shared.classification import FULL_VIEW, ClassView, SignalClass
@@ -306,19 +300,21 @@ class QueryEngine:
     def _samples_view(
         self, conn: duckdb.DuckDBPyConnection, view: ClassView, touched: set[SignalClass], keep: list[Any]
     ) -> None:
-        """``samples`` as ``view`` lets it be seen: a relation for the classes it shows whole and one for
-        those it coarsens, united under the one name a query can use. Each row a query reads passes a
-        filter that notes its class in ``touched`` (computed from the same rules in SQL; after the
-        scan's pushed-down filters, so a query on one signal notes that signal's class). The datasets
-        beneath have no name of their own (``keep`` holds them while the connection lives)."""
+        """``samples`` as ``view`` lets it be seen: the relations of class_views.class_sources, united
+        under the one name a query can use. The rows a query reads from a relation (after the scan's
+        pushed-down filters) pass a filter that adds that relation's classes to ``touched`` — once per
+        chunk, a constant, so it costs nothing per row. The datasets beneath have no name of their own
+        (``keep`` holds them while the connection lives)."""
 
-        by_code = {c.strictness: c for c in SignalClass}
+        files = self._samples_files()
+        sources = class_sources(_dataset(files), view, lambda: self._signals_of(files))
 
-        def read(codes: pa.Array) -> pa.Array:
-            touched.update(by_code[c] for c in pc.unique(codes).to_pylist() if c in by_code)
-            return pa.array(np.ones(len(codes), dtype=np.bool_))
+        def read(marks: pa.Array) -> pa.Array:
+            for i in pc.unique(marks).to_pylist():
+                touched.update(sources[i].classes)
+            return pa.array(np.ones(len(marks), dtype=np.bool_))
 
-        conn.create_function("fleetloop_read", read, [duckdb.sqltype("TINYINT")], duckdb.sqltype("BOOLEAN"),
+        conn.create_function("fleetloop_read", read, [duckdb.sqltype("INTEGER")], duckdb.sqltype("BOOLEAN"),
                              type="arrow", side_effects=True)  # type: ignore[call-overload]  # fmt: skip
         whole = {n: f"CAST({n} AS {t})" for n, t in _SAMPLES_COLUMNS}
         rounded = whole | {
@@ -326,15 +322,12 @@ class QueryEngine:
             "value_int": "CAST(NULL AS BIGINT)",
             "value_str": "CAST(NULL AS VARCHAR)",
         }
-        names = ", ".join(n for n, _ in _SAMPLES_COLUMNS)
-        of_class = class_code_sql(view.classification.ordered())
         relation: Any = None
-        files = self._samples_files()
-        for source, coarsened in class_sources(_dataset(files), view, lambda: self._signals_of(files)):
-            keep.append(source)
-            columns = ", ".join(f"{sql} AS {n}" for n, sql in (rounded if coarsened else whole).items())
-            part = (conn.from_arrow(source).select(f"{columns}, {of_class} AS class_code")
-                    .filter("fleetloop_read(class_code)").select(names))  # fmt: skip
+        for i, source in enumerate(sources):
+            keep.append(source.dataset)
+            chosen = rounded if source.coarsened else whole
+            columns = ", ".join(f"{sql} AS {n}" for n, sql in chosen.items())
+            part = conn.from_arrow(source.dataset).filter(f"fleetloop_read({i})").select(columns)
             relation = part if relation is None else relation.union(part)
         if relation is None:
             nothing = ", ".join(f"CAST(NULL AS {t}) AS {n}" for n, t in _SAMPLES_COLUMNS)
