@@ -65,14 +65,20 @@ class ClassSource:
 
 
 def class_sources(
-    dataset: ds.Dataset, view: ClassView, signals: Callable[[], Mapping[str, Iterable[str]]]
+    dataset: ds.Dataset,
+    view: ClassView,
+    signals: Callable[[], Mapping[str, Iterable[str]]],
+    recorded: bool = True,
 ) -> list[ClassSource]:
     """What ``view`` lets through, as datasets DuckDB pushes its filters into (pruning files by fleet
     and date): the classes it shows whole — ``personal`` and ``sensitive`` each apart — and the
     positions of the classes it coarsens. Only relations that hold rows are made.
 
     ``signals()`` names the signals of each fleet in the dataset's files; each (fleet, signal) is
-    classified here, once, and a row passes by set membership — no pattern is matched per row."""
+    classified here, once, and a row passes by set membership — no pattern is matched per row. Not
+    ``recorded`` (the coordinator's own reads) and every class whole: the dataset as it is, unread."""
+    if not recorded and all(view.of(c) is Visibility.FULL for c in SignalClass):
+        return [ClassSource(dataset, False, frozenset(SignalClass))]
     present = signals()
     classes = {(f, s): view.classification.classify(f, s) for f, names in present.items() for s in names}
     found = frozenset(classes.values())

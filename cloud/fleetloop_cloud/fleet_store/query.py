@@ -259,7 +259,10 @@ class QueryEngine:
         for path, fleet, _ in table.files:
             names = self._file_signals.get(path)
             if names is None:
-                column = pq.read_table(path, columns=["signal"], filesystem=table.filesystem)["signal"]
+                try:
+                    column = pq.read_table(path, columns=["signal"], filesystem=table.filesystem)["signal"]
+                except (OSError, pa.ArrowException):
+                    continue  # gone or unreadable: a query that needs its rows fails when it reads them
                 names = frozenset(str(s) for s in pc.unique(column).to_pylist())
                 if len(self._file_signals) >= SIGNALS_CACHED:
                     self._file_signals.clear()
@@ -298,20 +301,26 @@ class QueryEngine:
         )
 
     def _samples_view(
-        self, conn: duckdb.DuckDBPyConnection, view: ClassView, touched: set[SignalClass], keep: list[Any]
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        view: ClassView,
+        touched: set[SignalClass] | None,
+        keep: list[Any],
     ) -> None:
         """``samples`` as ``view`` lets it be seen: the relations of class_views.class_sources, united
         under the one name a query can use. The rows a query reads from a relation (after the scan's
         pushed-down filters) pass a filter that adds that relation's classes to ``touched`` — once per
         chunk, a constant, so it costs nothing per row. The datasets beneath have no name of their own
-        (``keep`` holds them while the connection lives)."""
+        (``keep`` holds them while the connection lives). ``touched`` None: nobody asks (the coordinator's
+        own reads), and a view showing everything reads the store as it is."""
 
         files = self._samples_files()
-        sources = class_sources(_dataset(files), view, lambda: self._signals_of(files))
+        sources = class_sources(_dataset(files), view, lambda: self._signals_of(files), touched is not None)
 
         def read(marks: pa.Array) -> pa.Array:
             for i in pc.unique(marks).to_pylist():
-                touched.update(sources[i].classes)
+                if touched is not None:
+                    touched.update(sources[i].classes)
             return pa.array(np.ones(len(marks), dtype=np.bool_))
 
         conn.create_function("fleetloop_read", read, [duckdb.sqltype("INTEGER")], duckdb.sqltype("BOOLEAN"),
@@ -337,7 +346,7 @@ class QueryEngine:
             relation.create_view("samples")
 
     def _connect(
-        self, view: ClassView, touched: set[SignalClass], keep: list[Any]
+        self, view: ClassView, touched: set[SignalClass] | None, keep: list[Any]
     ) -> duckdb.DuckDBPyConnection:
         conn = duckdb.connect(":memory:")
         try:
@@ -379,7 +388,7 @@ class QueryEngine:
         are added to ``touched``."""
         keep: list[Any] = []
         try:
-            conn = self._connect(view, touched if touched is not None else set(), keep)
+            conn = self._connect(view, touched, keep)
         except duckdb.Error as exc:
             raise QueryError(f"cannot open the fleet store for querying: {_first_line(exc)}") from None
         timed_out = threading.Event()
@@ -442,7 +451,6 @@ class QueryEngine:
             columns = [str(d[0]) for d in cursor.description or []]
             return columns, cursor.fetchmany(max_rows + 1)
 
-        touched = touched if touched is not None else set()
         columns, fetched = self._run(
             limit_s,
             f"query interrupted after its time limit of {limit_s:g} s (timeout_s; at most "
@@ -454,7 +462,8 @@ class QueryEngine:
         )
         truncated = len(fetched) > max_rows
         rows = [tuple(_plain(v) for v in row) for row in fetched[:max_rows]]
-        return QueryResult(columns=columns, rows=rows, truncated=truncated, classes=frozenset(touched))
+        classes = frozenset(touched) if touched is not None else frozenset()
+        return QueryResult(columns=columns, rows=rows, truncated=truncated, classes=classes)
 
     def read(
         self,
