@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from fleetloop_shared.privacy import Outcome, PrivacyKey
+from fleetloop_shared.privacy import Outcome, PrivacyKey, Redactions
 from fleetloop_shared.wire import device_pb2
 
 #: A key shorter than this is refused: HMAC-SHA256 keys are 32 bytes.
@@ -52,28 +52,23 @@ def keys_from_json(items: Any) -> list[PrivacyKey]:
 
 
 @dataclass
-class PrivacyTotals:
-    """What policies took out, as running totals (mirrored into the agent's metrics)."""
+class PrivacyTotals(Redactions):
+    """What policies took out, as running totals (mirrored into the agent's metrics), and how many
+    captures they suppressed whole."""
 
     suppressed_captures: int = 0
-    dropped_signals: int = 0
-    hashed_values: int = 0
-    removed_positions: int = 0
-    unkeyed_signals: int = 0
 
     def count(self, outcome: Outcome) -> None:
         self.suppressed_captures += int(outcome.suppressed)
-        self.dropped_signals += outcome.dropped_signals
-        self.hashed_values += outcome.hashed_values
-        self.removed_positions += outcome.removed_positions + outcome.unpaired_positions
-        self.unkeyed_signals += outcome.unkeyed_signals
+        self.add(outcome.redacted)
 
     def totals(self) -> dict[str, int]:
-        """By the names of the agent's mirrored counters."""
+        """By the names of the agent's mirrored counters (a position without its partner is a removed
+        position there)."""
         return {
             "privacy_suppressed_captures": self.suppressed_captures,
             "privacy_dropped_signals": self.dropped_signals,
             "privacy_hashed_values": self.hashed_values,
-            "privacy_removed_positions": self.removed_positions,
+            "privacy_removed_positions": self.removed_positions + self.unpaired_positions,
             "privacy_unkeyed_signals": self.unkeyed_signals,
         }

@@ -242,7 +242,7 @@ class AgentRuntime:
                 log.info("capture %s suppressed by privacy policy %s (inside a geofence)",
                          capture.capture_id, outcome.stamp.text())  # fmt: skip
                 return
-            if outcome.unkeyed_signals:
+            if outcome.redacted.unkeyed_signals:
                 log.warning("capture %s: no privacy key for its time; its identifiers were dropped",
                             capture.capture_id)  # fmt: skip
             capture.batches, stamp = outcome.batches, outcome.stamp.text()

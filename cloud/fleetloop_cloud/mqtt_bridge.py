@@ -1,5 +1,6 @@
 """The coordinator's MQTT 5 surface: consumers on a shared subscription calling the same services the
-gRPC servicers call. The cloud's paho adapter: the only cloud module that imports paho.
+gRPC servicers call. The cloud's paho adapter: the only cloud module that imports paho (with the
+paho pieces it shares with the agent's MQTT transport, :mod:`fleetloop_shared.mqtt_client`).
 
 Subscribes ``$share/{group}/fl/v1/+/+/up/#`` (QoS 1), so several coordinators split the devices' traffic
 between them. The caller is the device of the *topic* — which the broker's per-device role ties to the
@@ -17,10 +18,8 @@ control stream drains.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
-import socket
 import threading
 import zlib
 from collections import Counter
@@ -29,8 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -39,12 +36,12 @@ from fleetloop_cloud.services.api import DeviceApi
 from fleetloop_cloud.sessions import Session
 from fleetloop_shared.clock import stamp_transmit
 from fleetloop_shared.errors import (
-    ConfigError,
     FleetloopError,
     MalformedMessageError,
     NotFoundError,
     PermissionDeniedError,
 )
+from fleetloop_shared.mqtt_client import no_delay, publish_properties, tls_client
 from fleetloop_shared.wire import device_pb2, ingest_pb2, parse
 
 log = logging.getLogger("fleetloop.cloud.mqtt")
@@ -57,11 +54,6 @@ COMMAND_EXPIRY_S = 300
 ANSWER_EXPIRY_S = 60
 #: The push loop wakes on every push; this is only how often it also looks for closed sessions.
 PUSH_SWEEP_S = 1.0
-
-
-def _props(packet_type: int) -> Properties:
-    """MQTT 5 properties for one packet (paho's constructor is untyped)."""
-    return Properties(packet_type)  # type: ignore[no-untyped-call]
 
 
 @dataclass(frozen=True)
@@ -79,9 +71,6 @@ class MqttBridge:
     """MQTT consumers for one coordinator process."""
 
     def __init__(self, api: DeviceApi, settings: BridgeSettings) -> None:
-        for what, path in (("ca", settings.ca), ("cert", settings.cert), ("key", settings.key)):
-            if not Path(path).is_file():
-                raise ConfigError(f"--mqtt-{what}: file not found: {path}")
         self.api = api
         self.settings = settings
         self.handled = 0
@@ -95,13 +84,8 @@ class MqttBridge:
         self._queues: list[queue.Queue[mqtt.MQTTMessage | None]] = [
             queue.Queue(maxsize=QUEUE_LIMIT) for _ in range(WORKERS)
         ]
-        self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=settings.client_id,
-            protocol=mqtt.MQTTv5,
-        )
-        self._client.tls_set(
-            ca_certs=str(settings.ca), certfile=str(settings.cert), keyfile=str(settings.key)
+        self._client = tls_client(
+            settings.client_id, ca=settings.ca, cert=settings.cert, key=settings.key, setting="--mqtt-{}"
         )
         self._client.reconnect_delay_set(min_delay=1, max_delay=5)
         self._client.on_connect = self._on_connect
@@ -137,10 +121,7 @@ class MqttBridge:
         if getattr(rc, "is_failure", False):
             log.warning("broker refused the coordinator: %s", rc)
             return
-        sock = client.socket()
-        if isinstance(sock, socket.socket):  # answers (clock pongs) must not wait on Nagle for an ACK
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        no_delay(client)  # answers (clock pongs) must not wait on Nagle for an ACK
         client.subscribe(f"$share/{self.settings.group}/fl/v1/+/+/up/#", qos=1)
         self.connected.set()
         log.info("MQTT bridge connected to %s:%d", self.settings.host, self.settings.port)
@@ -272,16 +253,13 @@ class MqttBridge:
                 status, error = exc.grpc_code, str(exc)
         if not response_topic:
             return
-        out = _props(PacketTypes.PUBLISH)
-        out.CorrelationData = correlation
-        out.MessageExpiryInterval = ANSWER_EXPIRY_S
+        out = publish_properties(expiry_s=ANSWER_EXPIRY_S, correlation=correlation)
         out.UserProperty = [("status", status), ("error", error[:500])]
         self._client.publish(response_topic, answer, qos=1, properties=out)
 
     # -- pushes -----------------------------------------------------------------------------------
     def _publish_down(self, fleet: str, device_id: str, msg: device_pb2.CloudMessage) -> None:
-        props = _props(PacketTypes.PUBLISH)
-        props.MessageExpiryInterval = COMMAND_EXPIRY_S
+        props = publish_properties(expiry_s=COMMAND_EXPIRY_S)
         payload = stamp_transmit(msg, int(self.api.clock() * 1e9)).SerializeToString()
         self._client.publish(f"fl/v1/{fleet}/{device_id}/down/control", payload, qos=1, properties=props)
 

@@ -14,7 +14,6 @@ import io
 import tarfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim import profiles
 from fleetloop_fwsim.provisioning import provision_sim_device
+from tests.fixtures.agent_runtime import wait_for
 
 MODEL = "speedscore"
 DEVICE = "car-t1"
@@ -55,15 +55,6 @@ def make_config(ddir: Path, recordings: Path, grpc_target: str, keys: Path, **ex
     )
     assert device.origin == "recordings"
     return device.config_path
-
-
-def wait_for(pred: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def model_pack(score: float) -> bytes:

@@ -12,7 +12,7 @@ import io
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +28,11 @@ from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim.broker import CertificateAuthority
 from fleetloop_fwsim.provisioning import provision_sim_device
 from fleetloop_shared.errors import ConfigError, UnavailableError
+from tests.fixtures.agent_runtime import wait_for
 
 DEVICE = "car-tls"
 HW = "tls-hw"
 LOCAL = Caller.local()
-
-
-def wait_for(pred: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 class TlsCloud:

@@ -38,6 +38,7 @@ from fleetloop_shared.privacy import hash_identifier, is_hashed
 from fleetloop_shared.samples import GroupBatch
 from fleetloop_shared.segment import Segment, decode_segment, encode_segment, segment_from_batch
 from fleetloop_shared.wire import device_pb2, ingest_pb2
+from tests.fixtures.agent_runtime import AgentRuns, free_port, wait_for
 
 VIN = "WVWZZZ1JZXW000001"
 VIN_PATH = "Vehicle.VehicleIdentification.VIN"
@@ -64,22 +65,6 @@ spec:
         - type: Polygon
           coordinates: [[[11.0, 48.0], [11.1, 48.0], [11.1, 48.1], [11.0, 48.1], [11.0, 48.0]]]
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(pred: object, timeout: float) -> bool:
-    assert callable(pred)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def write_drive(path: Path) -> None:
@@ -218,7 +203,7 @@ def all_bytes(root: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
 
 
-def test_what_the_policy_forbids_never_leaves_the_device(tmp_path: Path) -> None:
+def test_what_the_policy_forbids_never_leaves_the_device(tmp_path: Path, agent_runs: AgentRuns) -> None:
     port = free_port()
     coordinator = Coordinator(tmp_path / "cloud")
     keys = tmp_path / "cloud" / "keys"
@@ -237,10 +222,8 @@ def test_what_the_policy_forbids_never_leaves_the_device(tmp_path: Path) -> None
     b = AgentRuntime(
         load_agent_config(provision(tmp_path / "b", "car-b1", "fleet-b", f"127.0.0.1:{relay.port}", keys))
     )
-    threads = [threading.Thread(target=r.run, daemon=True) for r in (a, b)]
-    server = None
     try:
-        threads[0].start()
+        agent_runs.start(a)
         # offline: the upload queue fills; two fires inside the fence (suppressed), two outside
         assert wait_for(
             lambda: a.privacy.suppressed_captures >= 2 and a.store.stats().segments_pending >= 2, 60
@@ -256,18 +239,13 @@ def test_what_the_policy_forbids_never_leaves_the_device(tmp_path: Path) -> None
         assert not any(mic in g.columns for s in queued for g in s.groups())
         assert VIN.encode() not in all_bytes(config_a.store_dir)
         # the cloud appears; the second device (another fleet) gets campaign and keys over the control channel
-        server, _ = start_grpc_server(coordinator, "127.0.0.1", port)
-        threads[1].start()
+        agent_runs.serve(coordinator, port)
+        agent_runs.start(b)
         assert wait_for(lambda: a.link.connected.is_set() and b.link.connected.is_set(), 30)
         assert wait_for(lambda: len(b.privacy_keys) == 2 and b.store.stats().segments_uploaded_total >= 1, 60)
         assert wait_for(lambda: a.store.stats().segments_pending == 0, 30)
     finally:
-        for r in (a, b):
-            r.stop()
-        for t in threads:
-            t.join(timeout=20)
-        if server is not None:
-            server.stop(grace=0).wait(2)
+        agent_runs.stop()
         relay.close()
     # keys from the control channel are kept for a restart without a link
     kept = json.loads((tmp_path / "b" / "data" / "state" / "campaigns.json").read_text())["privacy_keys"]

@@ -7,9 +7,7 @@ the coordinator appears on the configured address, everything pending is uploade
 from __future__ import annotations
 
 import json
-import socket
 import struct
-import threading
 import time
 from pathlib import Path
 
@@ -18,20 +16,14 @@ import yaml
 
 from fleetloop_agent.config import load_agent_config
 from fleetloop_agent.runtime import AgentRuntime
-from fleetloop_cloud.grpc_api import start_grpc_server
 from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim import profiles
 from fleetloop_fwsim.provisioning import provision_sim_device
 from fleetloop_shared.errors import ConfigError
+from tests.fixtures.agent_runtime import AgentRuns, free_port, wait_for
 
 HW = "test-hw"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_config(ddir: Path, recordings: Path, grpc_target: str, keys: Path) -> Path:
@@ -58,55 +50,41 @@ def make_config(ddir: Path, recordings: Path, grpc_target: str, keys: Path) -> P
     return path
 
 
-def wait_for(pred: object, timeout: float) -> bool:
-    assert callable(pred)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return False
-
-
-def test_offline_capture_then_upload_when_the_cloud_appears(tmp_path: Path, recordings: Path) -> None:
+def test_offline_capture_then_upload_when_the_cloud_appears(
+    tmp_path: Path, recordings: Path, agent_runs: AgentRuns
+) -> None:
     port = free_port()
     coordinator = Coordinator(tmp_path / "cloud")
     keys = tmp_path / "cloud" / "keys"
     config = load_agent_config(make_config(tmp_path / "dev", recordings, f"127.0.0.1:{port}", keys))
     runtime = AgentRuntime(config)
     assert len(runtime.engine.active) == 1 and not runtime.refused, runtime.refused
-    result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(runtime.run()), daemon=True)
-    thread.start()
-    server = None
-    try:
-        assert wait_for(lambda: runtime.store.stats().segments_pending > 0, 60), "no capture while offline"
-        assert not runtime.link.connected.is_set()
-        assert "UNAVAILABLE" in runtime.link.last_error
-        server, _ = start_grpc_server(coordinator, "127.0.0.1", port)
-        assert wait_for(lambda: runtime.link.connected.is_set(), 30), runtime.link.last_error
-        assert wait_for(lambda: runtime.store.stats().segments_pending == 0, 30)
-        totals = coordinator.repositories.segments.totals()
-        assert totals.segments > 0 and totals.samples > 0 and totals.captures >= 1
-        rows = coordinator.queries.sql(
-            Caller.local(),
-            "SELECT count(*) FROM samples WHERE device_id = 'car-t1' AND signal = 'Vehicle.Speed'"
-        ).rows
-        assert rows[0][0] > 0
-        device = coordinator.repositories.devices.get("car-t1")
-        assert device is not None and device.firmware_version == "1.0.0"
-        assert device.delta_formats == ("fldelta2", "fldelta1")  # its inventory says what it applies
-        evaluations = runtime.metrics.registry.get_sample_value("fleetloop_agent_trigger_evaluations_total")
-        assert evaluations is not None and evaluations > 0  # the engine's totals reach Prometheus
-    finally:
-        runtime.stop()
-        thread.join(timeout=20)
-        if server is not None:
-            server.stop(grace=0).wait(2)
-    assert result == [0]
+    agent_runs.start(runtime)
+    assert wait_for(lambda: runtime.store.stats().segments_pending > 0, 60), "no capture while offline"
+    assert not runtime.link.connected.is_set()
+    assert "UNAVAILABLE" in runtime.link.last_error
+    agent_runs.serve(coordinator, port)
+    assert wait_for(lambda: runtime.link.connected.is_set(), 30), runtime.link.last_error
+    assert wait_for(lambda: runtime.store.stats().segments_pending == 0, 30)
+    totals = coordinator.repositories.segments.totals()
+    assert totals.segments > 0 and totals.samples > 0 and totals.captures >= 1
+    rows = coordinator.queries.sql(
+        Caller.local(),
+        "SELECT count(*) FROM samples WHERE device_id = 'car-t1' AND signal = 'Vehicle.Speed'"
+    ).rows
+    assert rows[0][0] > 0
+    device = coordinator.repositories.devices.get("car-t1")
+    assert device is not None and device.firmware_version == "1.0.0"
+    assert device.delta_formats == ("fldelta2", "fldelta1")  # its inventory says what it applies
+    evaluations = runtime.metrics.registry.get_sample_value("fleetloop_agent_trigger_evaluations_total")
+    assert evaluations is not None and evaluations > 0  # the engine's totals reach Prometheus
+    agent_runs.stop()
+    assert agent_runs.exit_codes == [0]
 
 
-def test_scheduled_uploads_wait_for_the_clouds_grants(tmp_path: Path, recordings: Path) -> None:
+def test_scheduled_uploads_wait_for_the_clouds_grants(
+    tmp_path: Path, recordings: Path, agent_runs: AgentRuns
+) -> None:
     """cloud.upload.scheduled: the device reports its backlog and network, and uploads only what the
     coordinator's upload scheduler grants — nothing while the scheduler is not running."""
     port = free_port()
@@ -119,10 +97,8 @@ def test_scheduled_uploads_wait_for_the_clouds_grants(tmp_path: Path, recordings
     config = load_agent_config(path)
     assert config.upload_scheduled and config.network == "cellular"
     coordinator.campaigns.apply(Caller.local(), profiles.default_campaign("car"), now=time.time())
-    server, _ = start_grpc_server(coordinator, "127.0.0.1", port)  # serving, but not granting yet
-    runtime = AgentRuntime(config)
-    thread = threading.Thread(target=runtime.run, daemon=True)
-    thread.start()
+    agent_runs.serve(coordinator, port)  # serving, but not granting yet
+    runtime = agent_runs.start(AgentRuntime(config))
     try:
         assert wait_for(lambda: runtime.link.connected.is_set(), 30), runtime.link.last_error
         assert wait_for(lambda: coordinator.grants.pending_bytes("car-t1") > 0, 60)
@@ -133,10 +109,8 @@ def test_scheduled_uploads_wait_for_the_clouds_grants(tmp_path: Path, recordings
         coordinator.start()  # the scheduler ticks: grants within the cellular budget
         assert wait_for(lambda: segments.totals().segments > 0, 30)
     finally:
-        runtime.stop()
-        thread.join(timeout=20)
+        agent_runs.stop()
         coordinator.stop()
-        server.stop(grace=0).wait(2)
 
 
 def test_a_wrong_upload_setting_is_one_clear_line(tmp_path: Path, recordings: Path) -> None:
@@ -153,7 +127,9 @@ def test_a_wrong_upload_setting_is_one_clear_line(tmp_path: Path, recordings: Pa
         load_agent_config(path)
 
 
-def test_store_segment_version_caps_what_the_agent_writes(tmp_path: Path, recordings: Path) -> None:
+def test_store_segment_version_caps_what_the_agent_writes(
+    tmp_path: Path, recordings: Path, agent_runs: AgentRuns
+) -> None:
     """store.segment_version 3 (a fleet whose cloud reads formats 2/3 only): captures are stored one
     group per segment, none newer than 3."""
     Coordinator(tmp_path / "cloud")  # (makes the trust roots the device is provisioned with; not served)
@@ -162,14 +138,9 @@ def test_store_segment_version_caps_what_the_agent_writes(tmp_path: Path, record
     doc.setdefault("store", {})["segment_version"] = 3
     path.write_text(yaml.safe_dump(doc))
     config = load_agent_config(path)
-    runtime = AgentRuntime(config)
-    thread = threading.Thread(target=runtime.run, daemon=True)
-    thread.start()
-    try:
-        assert wait_for(lambda: runtime.store.stats().segments_pending > 1, 60), "no capture stored"
-    finally:
-        runtime.stop()
-        thread.join(timeout=20)
+    runtime = agent_runs.start(AgentRuntime(config))
+    assert wait_for(lambda: runtime.store.stats().segments_pending > 1, 60), "no capture stored"
+    agent_runs.stop()
     versions = set()
     for f in (config.store_dir / "segments").glob("*.seg"):
         blob = f.read_bytes()

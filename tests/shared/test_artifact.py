@@ -137,7 +137,7 @@ def test_bad_trusted_keys_are_config_errors(signer: ReleaseSigner) -> None:
         .public_key()
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
-    with pytest.raises(ConfigError, match="expected Ed25519"):
+    with pytest.raises(ConfigError, match="expected an Ed25519 key"):
         verify_manifest(data, sig, [ec_pem], now_unix=NOW, hardware_id="gen2")
 
 

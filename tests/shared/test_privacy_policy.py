@@ -144,7 +144,7 @@ def test_drop_and_hash() -> None:
     out = apply_policy(policy, _capture([1.0], [1.0], [5.0]), _catalog(), _ring(), 10 * DAY_NS + 1)
     assert out.batches is not None
     ids = {sid for b in out.batches for sid in b.values}
-    assert 4 not in ids and out.dropped_signals == 1
+    assert 4 not in ids and out.redacted.dropped_signals == 1
     (vin,) = [b.values[1][0] for b in out.batches if 1 in b.values]
     assert vin == hash_identifier(derive_key(SECRET, "fleet-a", 10, period_s=86_400), VIN)
     assert out.stamp.key_id.startswith("p10-") and (out.stamp.name, out.stamp.version) == ("p", 2)
@@ -154,7 +154,7 @@ def test_without_a_key_for_the_time_identifiers_are_dropped_not_kept() -> None:
     policy = PrivacyPolicy("p", 1, hash=("Vehicle.VehicleIdentification.VIN",))
     out = apply_policy(policy, _capture([1.0], [1.0], [5.0]), _catalog(), KeyRing(), 10 * DAY_NS)
     assert out.batches is not None and all(1 not in b.values for b in out.batches)
-    assert out.unkeyed_signals == 1 and out.stamp.key_id == ""
+    assert out.redacted.unkeyed_signals == 1 and out.stamp.key_id == ""
 
 
 def test_a_capture_touching_a_geofence_is_suppressed_whole() -> None:
@@ -170,7 +170,7 @@ def test_scope_positions_removes_only_the_positions_inside() -> None:
     out = apply_policy(
         policy, _capture([47.0, 48.05, 47.5], [11.0, 11.05, 11.0], [9, 9, 9]), _catalog(), _ring(), 0
     )
-    assert out.batches is not None and out.removed_positions == 1
+    assert out.batches is not None and out.redacted.removed_positions == 1
     lats = np.concatenate([b.values[2] for b in out.batches if 2 in b.values])
     assert list(lats) == [47.0, 47.5]
     speeds = np.concatenate([b.values[0] for b in out.batches if 0 in b.values])
@@ -183,7 +183,7 @@ def test_min_speed_keeps_positions_only_while_moving_fast_enough() -> None:
     out = apply_policy(policy, _capture([1, 2, 3, 4], [1, 2, 3, 4], [20, 20, 3, 30]), _catalog(), _ring(), 0)
     assert out.batches is not None
     lats = np.concatenate([b.values[2] for b in out.batches if 2 in b.values])
-    assert list(lats) == [2.0, 3.0] and out.removed_positions == 2  # speeds before: none, 20, 20, 3
+    assert list(lats) == [2.0, 3.0] and out.redacted.removed_positions == 2  # speeds before: none, 20, 20, 3
 
 
 def test_coarsening_positions_and_time() -> None:
@@ -206,7 +206,7 @@ def test_a_latitude_without_its_longitude_is_not_kept() -> None:
     policy = PrivacyPolicy("p", 1, geofences=(FENCE,))
     batches = [GroupBatch("gps", np.array([1], np.int64), {2: np.array([48.05])})]
     out = apply_policy(policy, batches, _catalog(), _ring(), 0)
-    assert out.batches == [] and out.unpaired_positions == 1
+    assert out.batches == [] and out.redacted.unpaired_positions == 1
 
 
 @settings(max_examples=150, deadline=None)

@@ -393,25 +393,25 @@ class OtaDriver:
                 self._fail(entry, f"I/O error in {entry.state.value}: {exc}")
 
     def _step(self, entry: JournalEntry, extra_health: Callable[[], list[str]]) -> None:
-        state = entry.state
-        if state is OtaState.QUEUED:
-            self._transition(entry, "start")
-        elif state is OtaState.DOWNLOADING:
-            self._download(entry)
-        elif state is OtaState.DOWNLOADED:
-            self._verify(entry)
-        elif state is OtaState.VERIFIED:
-            if not self._is_bundle(entry):
-                self._check_slots(entry)
-            self._transition(entry, "install")
-        elif state is OtaState.INSTALLING:
-            self._install(entry)
-        elif state is OtaState.REBOOTING:
-            self._after_reboot(entry)
-        elif state is OtaState.HEALTH_CHECK:
-            self._health_check(entry, extra_health)
-        else:  # pragma: no cover - every non-terminal state is handled above
-            raise StateError(f"no step for state {state.value}")
+        """Do what the entry's state asks for next (each step ends in a transition, or fails)."""
+        steps: dict[OtaState, Callable[[JournalEntry], None]] = {
+            OtaState.QUEUED: lambda e: self._transition(e, "start"),
+            OtaState.DOWNLOADING: self._download,
+            OtaState.DOWNLOADED: self._verify,
+            OtaState.VERIFIED: self._start_install,
+            OtaState.INSTALLING: self._install,
+            OtaState.REBOOTING: self._after_reboot,
+            OtaState.HEALTH_CHECK: lambda e: self._health_check(e, extra_health),
+        }
+        step = steps.get(entry.state)
+        if step is None:  # pragma: no cover - every non-terminal state has a step
+            raise StateError(f"no step for state {entry.state.value}")
+        step(entry)
+
+    def _start_install(self, entry: JournalEntry) -> None:
+        if not self._is_bundle(entry):
+            self._check_slots(entry)
+        self._transition(entry, "install")
 
     def _check_slots(self, entry: JournalEntry) -> None:
         booted = self.platform.booted_slot()

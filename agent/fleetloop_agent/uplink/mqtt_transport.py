@@ -1,6 +1,7 @@
 """The uplink over MQTT 5 (paho), driven by the link's event loop.
 
-The only agent module that imports paho. Topics are ``fl/v1/{fleet}/{device_id}/{up|down}/{kind}``:
+The only agent module that imports paho (with the paho pieces it shares with the cloud's bridge,
+:mod:`fleetloop_shared.mqtt_client`). Topics are ``fl/v1/{fleet}/{device_id}/{up|down}/{kind}``:
 
 - ``up/control`` — :class:`DeviceMessage` (the greeting after every connect, then heartbeats, status),
   QoS 1; ``up/status`` — ``offline``, also the Last Will, so the cloud learns of a vanished link;
@@ -28,7 +29,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import socket
 import ssl
 import threading
 import time
@@ -40,9 +40,6 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from google.protobuf.message import DecodeError
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fleetloop_agent.uplink.transport import (
@@ -54,7 +51,8 @@ from fleetloop_agent.uplink.transport import (
     UploadRequest,
     answer_for_status,
 )
-from fleetloop_shared.errors import ConfigError, UnavailableError
+from fleetloop_shared.errors import UnavailableError
+from fleetloop_shared.mqtt_client import connect_properties, no_delay, publish_properties, tls_client
 from fleetloop_shared.wire import device_pb2, ingest_pb2
 
 log = logging.getLogger("fleetloop.agent.uplink")
@@ -79,11 +77,6 @@ CLOSE_WAIT_S = 1.0
 
 #: What the CONNACK wait gets when the connection dropped before the broker answered.
 _LOST = object()
-
-
-def _props(packet_type: int) -> Properties:
-    """MQTT 5 properties for one packet (paho's constructor is untyped)."""
-    return Properties(packet_type)  # type: ignore[no-untyped-call]
 
 
 @dataclass(frozen=True)
@@ -154,9 +147,6 @@ class MqttTransport:
         keepalive_s: int = KEEPALIVE_S,
         hello_retry_s: float = HELLO_RETRY_S,
     ) -> None:
-        for what, path in (("ca", settings.ca), ("cert", settings.cert), ("key", settings.key)):
-            if not Path(path).is_file():
-                raise ConfigError(f"cloud.mqtt.{what}: file not found: {path}")
         self.settings = settings
         self.target = f"mqtts://{settings.host}:{settings.port}"
         self.device_id = device_id
@@ -168,7 +158,7 @@ class MqttTransport:
         self._up_status = device_topic(fleet, device_id, "up", "status")
         self._down = device_topic(fleet, device_id, "down", "#")
         self._ack_topic = device_topic(fleet, device_id, "down", "upload_ack")
-        self._client = self._make_client()
+        self._client = self._make_client(settings)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         #: Socket callbacks paho made on the connect thread, applied on the loop when it returns.
@@ -182,20 +172,10 @@ class MqttTransport:
         self._waiters: dict[bytes, asyncio.Future[UploadAnswer]] = {}
         self.decode_errors = 0
 
-    def _make_client(self) -> mqtt.Client:
-        client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.device_id, protocol=mqtt.MQTTv5
+    def _make_client(self, settings: MqttSettings) -> mqtt.Client:
+        client = tls_client(
+            self.device_id, ca=settings.ca, cert=settings.cert, key=settings.key, setting="cloud.mqtt.{}"
         )
-        try:
-            client.tls_set(
-                ca_certs=str(self.settings.ca),
-                certfile=str(self.settings.cert),
-                keyfile=str(self.settings.key),
-            )
-        except (OSError, ValueError) as exc:
-            raise ConfigError(
-                f"cloud.mqtt: cannot load the TLS identity ({self.settings.cert}): {exc}"
-            ) from None
         client.connect_timeout = CONNECT_TIMEOUT_S
         client.will_set(self._up_status, b"offline", qos=1)
         client.on_connect = self._on_connect
@@ -215,8 +195,7 @@ class MqttTransport:
         self._unwatch()  # the connect thread closes the old socket: the loop must not read it meanwhile
         self._stop_misc()
         self._connack = connack = loop.create_future()
-        props = _props(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        props = connect_properties(session_expiry_s=SESSION_EXPIRY_S)
         connect = functools.partial(
             self._client.connect,
             self.settings.host,
@@ -260,10 +239,9 @@ class MqttTransport:
         answer: asyncio.Future[UploadAnswer] = self._loop.create_future()
         self._waiters[correlation] = answer
         try:
-            props = _props(PacketTypes.PUBLISH)
-            props.ResponseTopic = self._ack_topic
-            props.CorrelationData = correlation
-            props.MessageExpiryInterval = max(1, int(timeout_s))
+            props = publish_properties(
+                expiry_s=max(1, int(timeout_s)), response_topic=self._ack_topic, correlation=correlation
+            )
             info = self._client.publish(self._up_upload, request.SerializeToString(), qos=1, properties=props)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 return RetryLater(f"UNAVAILABLE: publish failed: {mqtt.error_string(info.rc)}")
@@ -291,10 +269,7 @@ class MqttTransport:
 
     # -- for the session --------------------------------------------------------------------------
     def publish_control(self, msg: device_pb2.DeviceMessage, *, expiry_s: int | None) -> None:
-        props = None
-        if expiry_s is not None:
-            props = _props(PacketTypes.PUBLISH)
-            props.MessageExpiryInterval = expiry_s
+        props = publish_properties(expiry_s=expiry_s) if expiry_s is not None else None
         info = self._client.publish(self._up_control, msg.SerializeToString(), qos=1, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise UnavailableError(f"publish failed: {mqtt.error_string(info.rc)}")
@@ -308,10 +283,7 @@ class MqttTransport:
     def _on_connect(
         self, client: mqtt.Client, userdata: object, flags: object, rc: object, props: object
     ) -> None:
-        sock = client.socket()
-        if isinstance(sock, socket.socket):  # pings must not wait on Nagle for the last packet's ACK
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        no_delay(client)  # pings must not wait on Nagle for the last packet's ACK
         if self._connack is not None and not self._connack.done():
             self._connack.set_result(rc)
 

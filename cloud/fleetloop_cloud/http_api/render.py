@@ -24,7 +24,8 @@ def plain(record: Any) -> Any:
 
 
 def device_json(status: DeviceStatus) -> dict[str, Any]:
-    out: dict[str, Any] = plain(status.record)
+    # the id first, where a reader looks for it (the record's inventory fields come first in it)
+    out: dict[str, Any] = {"device_id": status.record.device_id} | plain(status.record)
     out.pop("catalog", None)
     out.pop("session_owner", None)
     out["online"] = status.online

@@ -12,8 +12,26 @@ from typing import Any, NamedTuple
 
 
 @dataclass(frozen=True)
-class DeviceRecord:
-    """What the coordinator knows of one device: its hello, its inventory and its campaign shadow.
+class Inventory:
+    """What a device reports it runs (its ``Inventory`` message)."""
+
+    hardware_id: str
+    firmware_version: str
+    firmware_sha256: str
+    active_slot: str
+    campaigns_version: int
+    #: The IANA time zone the device reports ("" when it reports none): maintenance windows in
+    #: device-local time are computed in it.
+    time_zone: str = ""
+    #: OTA delta formats the device applies, preferred first (known names only; empty when it did not
+    #: say: such a device predates the report and reads FLDELTA1 only).
+    delta_formats: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceRecord(Inventory):
+    """What the coordinator knows of one device: its hello, its inventory (the fields it inherits: the
+    device's latest report, blank before the first) and its campaign shadow.
 
     ``session_owner`` is the coordinator holding the device's session ('' when none does); whether that
     coordinator is still alive is the coordinator leases' to say, so "online" is decided by the caller
@@ -26,23 +44,12 @@ class DeviceRecord:
     catalog: list[dict[str, Any]]
     agent_version: str
     data_origin: str
-    hardware_id: str
-    firmware_version: str
-    firmware_sha256: str
-    active_slot: str
-    campaigns_version: int
     campaigns_running: list[str]
     campaigns_refused: dict[str, str]
     captures_total: int
     session_owner: str
     last_seen: float
     registered_at: float
-    #: The IANA time zone the device reports ("" when it reports none): maintenance windows in
-    #: device-local time are computed in it.
-    time_zone: str = ""
-    #: OTA delta formats the device applies, preferred first, as its inventory says (empty before it
-    #: says: such a device predates the report and reads FLDELTA1 only).
-    delta_formats: tuple[str, ...] = ()
 
     def selector_labels(self) -> dict[str, str]:
         """Labels a selector is matched against: the device's own labels plus ``fleet`` and ``hardware_id``.
@@ -68,20 +75,6 @@ class DeviceTelemetry:
     #: The device's clock minus the coordinator's when the heartbeat arrived (transport delay included).
     clock_offset_ms: float
     network: str
-
-
-@dataclass(frozen=True)
-class Inventory:
-    """What a device reports it runs (its ``Inventory`` message)."""
-
-    hardware_id: str
-    firmware_version: str
-    firmware_sha256: str
-    active_slot: str
-    campaigns_version: int
-    time_zone: str = ""
-    #: The delta formats it reads, preferred first (known names only; empty when it did not say).
-    delta_formats: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

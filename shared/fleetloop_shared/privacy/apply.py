@@ -20,7 +20,7 @@ is removed (fail closed) and counted in ``unpaired_positions``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import numpy.typing as npt
@@ -32,13 +32,11 @@ from fleetloop_shared.privacy.policy import PolicyStamp, PrivacyPolicy
 from fleetloop_shared.samples import GroupBatch
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What the policy made of one capture: its batches (None: the capture is suppressed), the stamp it
-    is stored under, and what was taken out (for the agent's metrics)."""
+@dataclass
+class Redactions:
+    """What policies took out: of one capture (counted while the policy is applied), or summed over many
+    (the agent's running totals, mirrored into its metrics)."""
 
-    batches: list[GroupBatch] | None
-    stamp: PolicyStamp
     dropped_signals: int = 0
     hashed_values: int = 0
     removed_positions: int = 0
@@ -46,18 +44,23 @@ class Outcome:
     #: Identifiers dropped because no key covered the capture's time.
     unkeyed_signals: int = 0
 
+    def add(self, other: Redactions) -> None:
+        for f in fields(Redactions):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the policy made of one capture: its batches (None: the capture is suppressed), the stamp it
+    is stored under, and what was taken out."""
+
+    batches: list[GroupBatch] | None
+    stamp: PolicyStamp
+    redacted: Redactions = field(default_factory=Redactions)
+
     @property
     def suppressed(self) -> bool:
         return self.batches is None
-
-
-@dataclass
-class _Tally:
-    dropped: int = 0
-    hashed: int = 0
-    removed: int = 0
-    unpaired: int = 0
-    unkeyed: int = 0
 
 
 def apply_policy(
@@ -65,7 +68,7 @@ def apply_policy(
 ) -> Outcome:
     """``batches`` (one capture's) as ``policy`` lets them be stored; ``capture_ns`` (the fire's time)
     picks the hashing key."""
-    tally = _Tally()
+    tally = Redactions()
     lat_spec, lon_spec = catalog.get(policy.latitude), catalog.get(policy.longitude)
     lat = lat_spec.id if lat_spec is not None else -1
     lon = lon_spec.id if lon_spec is not None else -1
@@ -73,7 +76,7 @@ def apply_policy(
     if policy.touches_positions:
         work = _unpair(work, lat, lon, tally)
         if policy.geofences and policy.suppress_scope == "capture" and _any_inside(policy, work, lat, lon):
-            return Outcome(None, policy.stamp(), removed_positions=_count_positions(work, lat))
+            return Outcome(None, policy.stamp(), Redactions(removed_positions=_count_positions(work, lat)))
         speeds = _speed_series(policy, work, catalog)
         work = [part for b in work for part in _positions(policy, b, lat, lon, speeds, tally)]
     work = _drop(policy, work, catalog, tally)
@@ -83,19 +86,16 @@ def apply_policy(
         step = policy.coarsen_time_ns
         work = [GroupBatch(b.group, (b.t_ns // step) * step, b.values) for b in work]
     kept = [b for b in work if b.values and len(b)]
-    return Outcome(
-        kept, policy.stamp(key.key_id if key is not None else ""), tally.dropped, tally.hashed,
-        tally.removed, tally.unpaired, tally.unkeyed,
-    )  # fmt: skip
+    return Outcome(kept, policy.stamp(key.key_id if key is not None else ""), tally)
 
 
-def _unpair(batches: list[GroupBatch], lat: int, lon: int, tally: _Tally) -> list[GroupBatch]:
+def _unpair(batches: list[GroupBatch], lat: int, lon: int, tally: Redactions) -> list[GroupBatch]:
     out = []
     for b in batches:
         has_lat, has_lon = lat in b.values, lon in b.values
         if has_lat != has_lon:
             lone = lat if has_lat else lon
-            tally.unpaired += len(b)
+            tally.unpaired_positions += len(b)
             b = GroupBatch(b.group, b.t_ns, {k: v for k, v in b.values.items() if k != lone})
         out.append(b)
     return out
@@ -141,7 +141,7 @@ def _positions(
     lat: int,
     lon: int,
     speeds: tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]] | None,
-    tally: _Tally,
+    tally: Redactions,
 ) -> list[GroupBatch]:
     """``b`` with its positions filtered (fences of scope ``positions``, min_speed) and coarsened; the
     position columns move to a batch of their own when rows go, so the other columns keep every row."""
@@ -159,7 +159,7 @@ def _positions(
         fast = np.zeros(len(b), dtype=bool)
         fast[known] = sv[at[known]] >= policy.min_speed.value
         keep &= fast
-    tally.removed += int(len(b) - keep.sum())
+    tally.removed_positions += int(len(b) - keep.sum())
     lats, lons = _coarsen(policy, lats[keep], lons[keep])
     rest = {k: v for k, v in b.values.items() if k not in (lat, lon)}
     if keep.all():
@@ -190,19 +190,23 @@ def _coarsen(
 
 
 def _drop(
-    policy: PrivacyPolicy, batches: list[GroupBatch], catalog: Catalog, tally: _Tally
+    policy: PrivacyPolicy, batches: list[GroupBatch], catalog: Catalog, tally: Redactions
 ) -> list[GroupBatch]:
     dropped = {s.id for s in catalog.match(policy.drop)} if policy.drop else set()
     out = []
     for b in batches:
         gone = dropped & b.values.keys()
-        tally.dropped += len(gone)
+        tally.dropped_signals += len(gone)
         out.append(GroupBatch(b.group, b.t_ns, {k: v for k, v in b.values.items() if k not in gone}))
     return out
 
 
 def _hash(
-    policy: PrivacyPolicy, batches: list[GroupBatch], catalog: Catalog, key: PrivacyKey | None, tally: _Tally
+    policy: PrivacyPolicy,
+    batches: list[GroupBatch],
+    catalog: Catalog,
+    key: PrivacyKey | None,
+    tally: Redactions,
 ) -> list[GroupBatch]:
     if not policy.hash:
         return batches
@@ -213,13 +217,13 @@ def _hash(
         for sid in targets.keys() & values.keys():
             if key is None or targets[sid].data_type != DataType.STRING:
                 del values[sid]  # no key for this period, or not text: never keep it clear
-                tally.unkeyed += 1
+                tally.unkeyed_signals += 1
                 continue
             column = values[sid]
             hashed = np.empty(len(column), dtype=object)
             for i, v in enumerate(column):
                 hashed[i] = hash_identifier(key, str(v))
-            tally.hashed += len(column)
+            tally.hashed_values += len(column)
             values[sid] = hashed
         out.append(GroupBatch(b.group, b.t_ns, values))
     return out

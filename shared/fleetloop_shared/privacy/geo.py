@@ -90,52 +90,39 @@ def snap_to_grid(value: float, step: float) -> float:
     return (math.floor(value / step) + 0.5) * step
 
 
+def _world() -> tuple[list[float], list[float]]:
+    """The whole earth as [lo, hi] of longitude and of latitude: a geohash's bit ``i`` halves the
+    ``i % 2``-th of them (the axes take turns, longitude first), narrowed in place bit by bit."""
+    return [-180.0, 180.0], [-90.0, 90.0]
+
+
+def _narrow(span: list[float], upper: bool) -> None:
+    """Keep the upper or the lower half of ``span`` (what one geohash bit says)."""
+    span[0 if upper else 1] = (span[0] + span[1]) / 2
+
+
 def geohash(lat: float, lon: float, precision: int) -> str:
     """The geohash of (lat, lon) with ``precision`` characters (bits alternate lon, lat from lon)."""
-    lat_lo, lat_hi, lon_lo, lon_hi = -90.0, 90.0, -180.0, 180.0
+    spans, point = _world(), (lon, lat)
     out: list[str] = []
-    bit = value = 0
-    even = True
-    while len(out) < precision:
-        if even:
-            mid = (lon_lo + lon_hi) / 2
-            if lon >= mid:
-                value = value * 2 + 1
-                lon_lo = mid
-            else:
-                value *= 2
-                lon_hi = mid
-        else:
-            mid = (lat_lo + lat_hi) / 2
-            if lat >= mid:
-                value = value * 2 + 1
-                lat_lo = mid
-            else:
-                value *= 2
-                lat_hi = mid
-        even = not even
-        bit += 1
-        if bit == 5:
+    value = 0
+    for i in range(precision * 5):
+        span = spans[i % 2]
+        upper = point[i % 2] >= (span[0] + span[1]) / 2
+        _narrow(span, upper)
+        value = value * 2 + upper
+        if i % 5 == 4:
             out.append(_BASE32[value])
-            bit = value = 0
+            value = 0
     return "".join(out)
 
 
 def geohash_cell(code: str) -> tuple[float, float, float, float]:
     """(lat_lo, lat_hi, lon_lo, lon_hi) of a geohash's cell."""
-    lat_lo, lat_hi, lon_lo, lon_hi = -90.0, 90.0, -180.0, 180.0
-    even = True
-    for char in code:
-        bits = _BASE32.index(char)
-        for shift in range(4, -1, -1):
-            high = (bits >> shift) & 1
-            if even:
-                mid = (lon_lo + lon_hi) / 2
-                lon_lo, lon_hi = (mid, lon_hi) if high else (lon_lo, mid)
-            else:
-                mid = (lat_lo + lat_hi) / 2
-                lat_lo, lat_hi = (mid, lat_hi) if high else (lat_lo, mid)
-            even = not even
+    spans = _world()
+    for i in range(len(code) * 5):
+        _narrow(spans[i % 2], bool(_BASE32.index(code[i // 5]) >> (4 - i % 5) & 1))
+    (lon_lo, lon_hi), (lat_lo, lat_hi) = spans
     return lat_lo, lat_hi, lon_lo, lon_hi
 
 

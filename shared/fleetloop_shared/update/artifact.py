@@ -301,6 +301,9 @@ class ReleaseSigner:
         """Write the key as PEM, readable by its owner only (0600), atomically."""
         write_atomically(path, self.pem(), mode=0o600)
 
+    def public_key(self) -> Ed25519PublicKey:
+        return self._key.public_key()
+
     def public_key_pem(self) -> bytes:
         return self._key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -310,13 +313,15 @@ class ReleaseSigner:
         return self._key.sign(manifest_bytes)
 
 
-def _public_key(pem: bytes, index: int) -> Ed25519PublicKey:
+def public_key_from_pem(data: bytes, source: str) -> Ed25519PublicKey:
+    """The Ed25519 public key in ``data`` (PEM, SubjectPublicKeyInfo); ConfigError naming ``source`` (a
+    file, the n-th trusted key) says why it is unusable."""
     try:
-        key = serialization.load_pem_public_key(pem)
+        key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"trusted release key #{index + 1} is not a PEM public key ({exc})") from None
+        raise ConfigError(f"{source}: not a PEM public key ({exc})") from None
     if not isinstance(key, Ed25519PublicKey):
-        raise ConfigError(f"trusted release key #{index + 1} is {type(key).__name__}, expected Ed25519")
+        raise ConfigError(f"{source}: release key is {type(key).__name__}, expected an Ed25519 key")
     return key
 
 
@@ -334,7 +339,8 @@ def verify_manifest(
     """
     if not trusted_public_keys_pem:
         raise ConfigError("no trusted release keys are configured; cannot verify any update")
-    keys = [_public_key(pem, i) for i, pem in enumerate(trusted_public_keys_pem)]
+    trusted = enumerate(trusted_public_keys_pem, 1)
+    keys = [public_key_from_pem(pem, f"trusted release key #{i}") for i, pem in trusted]
     if not _signed_by_any(manifest_bytes, signature, keys):
         raise ArtifactVerificationError("signature does not verify with any trusted release key")
     manifest = manifest_from_bytes(manifest_bytes)

@@ -26,13 +26,14 @@ from typing import Any
 from urllib.parse import urlencode
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from securesystemslib.signer import CryptoSigner, SSlibKey  # type: ignore[attr-defined]
 from tuf.api.exceptions import RepositoryError
 from tuf.api.metadata import Metadata, Root, Targets  # type: ignore[attr-defined]
 
 from fleetloop_shared.durable import write_atomically
 from fleetloop_shared.errors import ArtifactVerificationError, ConfigError, NotFoundError, UserError
+from fleetloop_shared.update.artifact import ReleaseSigner, public_key_from_pem
 from fleetloop_shared.update.tuf_metadata import CUSTOM_KEY, KIND_DELTA, KIND_IMAGE, image_target_path
 
 #: Environment variable a passphrase may come from (scripts, CI); a prompt or a file otherwise.
@@ -114,18 +115,11 @@ def public_key_file(path: Path) -> SSlibKey:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
-    try:
-        if b"PRIVATE KEY" in data:
-            if b"ENCRYPTED" in data[:64]:
-                raise ConfigError(f"{path} is an encrypted private key; give its .pub.pem instead")
-            public = serialization.load_pem_private_key(data, password=None).public_key()
-        else:
-            public = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path}: not a PEM key ({exc})") from None
-    if not isinstance(public, Ed25519PublicKey):
-        raise ConfigError(f"{path}: expected an Ed25519 key")
-    return SSlibKey.from_crypto(public)
+    if b"PRIVATE KEY" not in data:
+        return SSlibKey.from_crypto(public_key_from_pem(data, str(path)))
+    if b"ENCRYPTED" in data[:64]:
+        raise ConfigError(f"{path} is an encrypted private key; give its .pub.pem instead")
+    return SSlibKey.from_crypto(ReleaseSigner.from_pem(data, str(path)).public_key())
 
 
 def _targets(doc: Mapping[str, Any], what: str) -> Targets:
