@@ -53,6 +53,7 @@ from fleetloop_cloud.fleet_store.parquet import partition_date, segment_table
 from fleetloop_cloud.fleet_store.query import TableFiles
 from fleetloop_cloud.fleet_store.settings import TableSettings
 from fleetloop_cloud.storage import S3Settings
+from fleetloop_cloud.uploads.clock_check import cloud_span
 from fleetloop_shared.catalog import Catalog as SignalCatalog
 from fleetloop_shared.errors import ConfigError, UnavailableError
 from fleetloop_shared.segment import Segment
@@ -177,8 +178,12 @@ class IcebergTables:
             name, schema, location=location, partition_spec=_spec(schema), sort_order=_sort(schema, order),
             properties=TABLE_PROPERTIES,
         )  # fmt: skip
-        # a table made by an earlier version gains the columns since by a schema evolution; two
-        # coordinators starting together may race on it: the loser reloads and finds them added
+        return self._evolve(table, schema)
+
+    def _evolve(self, table: Table, schema: Schema) -> Table:
+        """``table`` with the columns of ``schema`` it lacks (a table made by an earlier version gains
+        those since by a schema evolution). Two coordinators starting together may race on it: the loser
+        reloads and finds them added."""
         for attempt in range(3):
             have = {f.name for f in table.schema().fields}
             missing = [f for f in schema.fields if f.name not in have]
@@ -191,7 +196,7 @@ class IcebergTables:
             except CommitFailedException:
                 if attempt == 2:
                     raise
-            table = self.catalog.load_table(name)
+            table = self.catalog.load_table(table.name())
         return table
 
     def load(self, name: str) -> Table:
@@ -329,8 +334,7 @@ class IcebergFleetStore:
         ``clock_offset_ns``, times are stored on the cloud's clock and the offset beside them."""
         rows = segment_table(device_id, capture_id, campaign, segment, catalog, clock_offset_ns)
         span = segment.time_range()
-        shift = clock_offset_ns or 0
-        first, last = (span[0] - shift, span[1] - shift) if span is not None else (0, 0)
+        first, last = cloud_span(segment, clock_offset_ns)
         date = partition_date(span[0] if span is not None else None, received_unix)
         key = f"{device_id}/{bytes(segment.segment_id).hex()}"
         if rows.num_rows:
