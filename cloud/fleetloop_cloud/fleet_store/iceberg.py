@@ -415,24 +415,42 @@ class IcebergFleetStore:
             )  # fmt: skip
             data = data.cast(table.schema().as_arrow())
             files = list(_dataframe_to_data_files(table.metadata, data, table.io))
-        tx = table.transaction()
-        producer = _KeyedAppend(
-            operation=Operation.APPEND, transaction=tx, io=table.io, snapshot_properties=props
-        )
-        producer.keys = frozenset(i.key for i in items)
-        for data_file in files:
-            producer.append_data_file(data_file)
-        try:
-            producer.commit()
-            self._samples = tx.commit_transaction()
-        except _Duplicates:
+        for stale in (True, False):
+            tx = table.transaction()
+            producer = _KeyedAppend(
+                operation=Operation.APPEND, transaction=tx, io=table.io, snapshot_properties=props
+            )
+            producer.keys = frozenset(i.key for i in items)
             for data_file in files:
-                table.io.delete(data_file.file_path)
-            raise
+                producer.append_data_file(data_file)
+            try:
+                producer.commit()
+                self._samples = tx.commit_transaction()
+            except _Duplicates:
+                for data_file in files:
+                    table.io.delete(data_file.file_path)
+                raise
+            except FileNotFoundError:
+                if not stale:
+                    raise
+                table = self._samples = _expired_under_us(table)
+                continue
+            break
         self._index(self._samples)
         self.counters["batches"] += 1
         self.counters["segments"] += len(items)
-        self._captures = append_captures(self._captures, receipts, batch_id)
+        try:
+            self._captures = append_captures(self._captures, receipts, batch_id)
+        except FileNotFoundError:
+            self._captures = append_captures(_expired_under_us(self._captures), receipts, batch_id)
+
+
+def _expired_under_us(table: Table) -> Table:
+    """``table`` as it is now: the snapshot this coordinator last saw was expired under it (erasure and
+    retention expire every snapshot but the current one, and their files), so an append on it cannot
+    read its parent's manifests."""
+    log.info("%s: the snapshot last seen here was expired; appending on the current one", table.name())
+    return table.refresh()
 
 
 def captures_rows(

@@ -43,7 +43,7 @@ from typing import Protocol
 
 from fleetloop_cloud.repositories.interfaces import DeviceRepository, RetentionRepository, SegmentRepository
 from fleetloop_cloud.repositories.records import ErasureRecord
-from fleetloop_cloud.services.access import Access, Caller
+from fleetloop_cloud.services.access import Access, Caller, CallerKind
 from fleetloop_shared.errors import NotFoundError, UserError
 
 log = logging.getLogger("fleetloop.cloud.lifecycle")
@@ -133,7 +133,7 @@ class DataLifecycle:
         self._access = access
         self._holder = holder
         self._forget_cached = forget_cached
-        self._caller = Caller.controller(holder)
+        self._caller = Caller(CallerKind.COORDINATOR, "data-lifecycle", "internal", True, address=holder)
         self._lock = threading.Lock()
         #: Rows deleted (by reason: retention, erasure) and passes (by outcome) — the job's metrics.
         self.rows_deleted: Counter[str] = Counter({"retention": 0, "erasure": 0})
