@@ -321,3 +321,38 @@ def test_an_erasure_killed_half_way_is_finished_by_the_next_coordinator(tmp_path
     assert_no_trace(restarted, local_files(data / "fleet") + local_files(data / "staging"))
     restarted.stop()
     restarted.close()
+
+
+def test_the_cli_and_http_surface(
+    running_coordinator: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fleetloop_cli.main import main
+
+    rc = running_coordinator
+    c: Coordinator = rc.coordinator
+    now = time.time()
+    fill(c, now, days=1)
+    monkeypatch.setenv("FLEETLOOP_TOKEN", rc.token)
+    cloud = ["--cloud", rc.http_base]
+    assert main(["fleet", "retention", "set", "taxi", "--days", "30", *cloud, "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["days"] == 30
+    assert main(["fleet", "retention", "get", "taxi", "--cloud", rc.http_base, "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["days"] == 30
+    assert main(["fleet", "retention", "set", "taxi", "--days", "0", "--cloud", rc.http_base]) != 0
+    assert "days must be a whole number from 1" in capsys.readouterr().err
+    assert main(["devices", "erase", GONE, "--cloud", rc.http_base, "-o", "json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["state"] == "erasing" and "confirmed by the coordinators' next pass" in out.err
+    assert main(["devices", "erase", "no-such-car", "--cloud", rc.http_base]) != 0
+    assert "unknown device 'no-such-car'" in capsys.readouterr().err
+    # a viewer may read, not erase; the erasure is audited
+    status, _, body = rc.call("POST", "/v1/tokens", b'{"name": "vera", "role": "viewer"}')
+    viewer = json.loads(body)["token"]
+    assert rc.call("POST", f"/v1/devices/{KEPT}/erase", token=viewer)[0] == 403
+    assert rc.call("GET", f"/v1/devices/{GONE}/erasure", token=viewer)[0] == 200
+    assert rc.call("PUT", "/v1/fleets/taxi/retention", b'{"days": 1}', token=viewer)[0] == 403
+    status, _, body = rc.call("GET", "/v1/audit?kind=devices.erase")
+    assert status == 200 and [e["target"] for e in json.loads(body)] == [f"device/{GONE}"]
+    assert c.queries.sql(LOCAL, "SELECT DISTINCT device_id FROM samples").rows == [(KEPT,)]
+    status, _, body = rc.call("GET", "/metrics")
+    assert b'fleetloop_lifecycle_rows_deleted_total{reason="erasure"}' in body
