@@ -145,7 +145,6 @@ class StatsCache:
                 self._cached.popitem(last=False)
         return stats
 
-
     def forget(self, device_id: str) -> None:
         """Drop what is held of ``device_id``'s captures (its data was erased)."""
         with self._lock:
