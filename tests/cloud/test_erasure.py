@@ -253,6 +253,11 @@ def test_iceberg_retention(tmp_path: Path, now: float) -> None:
     assert c.tables is not None
     captures = c.tables.load(CAPTURES).scan().to_arrow()
     assert captures.num_rows and {str(d) for d in captures["date"].to_pylist()} <= {today}
+    # a pass with nothing to delete leaves the snapshots (and their receipts) to the ordinary expiry
+    upload(c, KEPT, segment(KEPT, int((now - 1) * NS)), now)
+    before = len(c.tables.load(SAMPLES).metadata.snapshots)
+    assert c.lifecycle.run_once(now + 1)
+    assert len(c.tables.load(SAMPLES).metadata.snapshots) == before > 1
     c.stop()
     c.close()
 

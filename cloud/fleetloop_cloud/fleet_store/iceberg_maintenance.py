@@ -230,20 +230,23 @@ class IcebergMaintenance:
 
     # -- retention and erasure -----------------------------------------------------------------------
     def erase_device(self, device_id: str) -> MaintenanceReport:
-        """Every row of ``device_id`` deleted from both tables, and the files that held them with it."""
-        return self._delete(_equal("device_id", device_id))
+        """Every row of ``device_id`` deleted from both tables, and the files that held them with it
+        (the expiry runs even when no row is left: it finishes an erasure a crash interrupted)."""
+        return self._delete(_equal("device_id", device_id), always_expire=True)
 
     def drop_before(self, date: datetime.date, fleet: str | None = None) -> MaintenanceReport:
         """Retention: rows of days before ``date`` (of one fleet, or all) deleted, files with them."""
         cond: Any = _less("date", date.isoformat())
         if fleet is not None:
             cond = expressions.And(cond, _equal("fleet", fleet))
-        return self._delete(cond)
+        return self._delete(cond, always_expire=False)
 
-    def _delete(self, cond: Any) -> MaintenanceReport:
+    def _delete(self, cond: Any, *, always_expire: bool) -> MaintenanceReport:
         """Rows matching ``cond`` deleted from both tables (copy-on-write; nothing when none match),
-        then every snapshot but the current expired, so the files that held them are deleted too."""
-        rows = 0
+        then every snapshot but the current expired, so the files that held them are deleted too —
+        unless nothing matched and not ``always_expire`` (a retention pass with nothing to do leaves the
+        snapshots to the ordinary expiry)."""
+        rows, deleted = 0, False
         for name in (SAMPLES, CAPTURES):
             table = self.tables.load(name)
             if table.current_snapshot() is None:
@@ -253,8 +256,11 @@ class IcebergMaintenance:
                 table.delete(cond)
                 table = table.refresh()
                 _seal(table)
+                deleted = True
             if name == SAMPLES:
                 rows = matching
+        if not (deleted or always_expire):
+            return MaintenanceReport()
         report = self.expire(older_than_s=0.0, purge_history=True)
         report.rows_deleted += rows
         return report
