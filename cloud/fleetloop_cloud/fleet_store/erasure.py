@@ -25,8 +25,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fleetloop_cloud.fleet_store.parquet import (
@@ -93,8 +93,8 @@ class ParquetLifecycle:
         names = absorbed_by(path)
         kept_names = [n for n in names if (m := SEGMENT_FILE.match(n)) is None or m["device"] != device_id]
         table = with_all_columns(pq.read_table(path), SAMPLES_SCHEMA)
-        keep = pc.not_equal(table["device_id"], pa.scalar(device_id, pa.string()))
-        kept = table.filter(keep)
+        keep = np.asarray(table["device_id"].to_pylist(), dtype=object) != device_id
+        kept = table.filter(pa.array(keep, pa.bool_()))
         if kept.num_rows == table.num_rows and kept_names == names:
             return False
         kept = kept.replace_schema_metadata({ABSORBED_KEY: json.dumps(kept_names).encode()})
