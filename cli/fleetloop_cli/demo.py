@@ -43,8 +43,25 @@ RELEASE_KEY = "release-manager.pem"
 DEVICES = (("car-001", "car"), ("robot-001", "robot"), ("plc-001", "plc"), ("hub-001", "hub"))
 #: The far sides play their data this many times as fast as it was recorded.
 REPLAY_SPEED = 2.0
-#: More than a kind's default campaign collects on a live machine: the car's OBD-II signals.
-EXTRA_SIGNALS = {"car": ("Vehicle.OBD.*",)}
+VIN, POSITIONS = "Vehicle.VehicleIdentification.VIN", "Vehicle.CurrentLocation.*"
+#: More than a kind's default campaign collects on a live machine: the car's OBD-II signals, its VIN
+#: and its GNSS position.
+EXTRA_SIGNALS = {"car": ("Vehicle.OBD.*", VIN, POSITIONS)}
+#: The car campaign's privacy policy (docs/privacy.md): the VIN hashed under the fleet's key, positions
+#: snapped to the centre of their 0.01° cell (about 1.1 km north-south) before anything is stored.
+GRID_DEG = 0.01
+PRIVACY = {"car": {"name": "demo-car", "version": 1, "hash": [VIN],
+                   "coarsen": {"position": {"grid": GRID_DEG}}}}  # fmt: skip
+#: What the store holds of the car's VIN and positions: hashed / clear VIN values, positions, and
+#: positions off their cell's centre (by more than float rounding).
+PRIVACY_QUERY = (
+    f"SELECT count(*) FILTER (WHERE signal = '{VIN}' AND value_str LIKE 'h:%'), "
+    f"count(*) FILTER (WHERE signal = '{VIN}' AND (value_str IS NULL OR value_str NOT LIKE 'h:%')), "
+    "count(*) FILTER (WHERE signal LIKE 'Vehicle.CurrentLocation.%'), "
+    f"count(*) FILTER (WHERE signal LIKE 'Vehicle.CurrentLocation.%' AND "
+    f"abs(value / {GRID_DEG} - floor(value / {GRID_DEG}) - 0.5) > 1e-6) "
+    "FROM samples WHERE device_id = '{device}'"
+)
 T = TypeVar("T")
 
 QUERY = (
@@ -273,10 +290,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
         kinds = sorted({k for _, k in devices})
         for kind in kinds:
+            campaign = profiles.default_campaign(kind, EXTRA_SIGNALS.get(kind, ()), PRIVACY.get(kind))
             operator.request(
                 "POST",
                 f"/v1/campaigns?source=demo-{kind}.yaml",
-                body=profiles.default_campaign(kind, EXTRA_SIGNALS.get(kind, ())).encode(),
+                body=campaign.encode(),
                 content_type="text/yaml",
             )
         summary["campaigns"] = len(kinds)
@@ -308,6 +326,12 @@ def run_demo(args: argparse.Namespace) -> int:
             verbose,
             f'\n$ fleetloop query "{QUERY}"\n' + render_rows(result["columns"], result["rows"], "table"),
         )
+
+        summary["privacy"] = _privacy(client, machines)
+        for kind, p in summary["privacy"].items():
+            _say(verbose, f"privacy: {kind} policy {p['policy']} — VIN hashed ({p['vin_hashed']} values, "
+                          f"{p['vin_clear']} in clear), positions coarsened to {GRID_DEG}° cells (≈1.1 km; "
+                          f"{p['positions']} positions, {p['positions_off_grid']} off grid)")  # fmt: skip
 
         release = _upload(client, v2, "2.0.0", work)
         full = next(p["size"] for p in release["payloads"] if p["kind"] == "full")
@@ -368,6 +392,8 @@ def run_demo(args: argparse.Namespace) -> int:
             error = f"rollout reported success but only {len(updated)} devices run v2"
         elif summary["captures_ingested"] <= 0 or summary["query_rows"] <= 0:
             error = "no captures were ingested"
+        elif any(p["vin_clear"] or p["positions_off_grid"] for p in summary["privacy"].values()):
+            error = f"the store holds what a privacy policy keeps on the device: {summary['privacy']}"
         elif any(m.get("origin") != "live" for m in machines.values()):
             error = "a device did not run on live sources: " + ", ".join(
                 f"{d}={m.get('origin')}" for d, m in machines.items() if m.get("origin") != "live"
@@ -392,6 +418,25 @@ def run_demo(args: argparse.Namespace) -> int:
             if tmp is not None:
                 tmp.cleanup()
     return exit_code(error, "demo")
+
+
+def _privacy(client: CoordinatorClient, machines: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per kind with a privacy policy, what its device's data in the store shows of it: the policy its
+    captures were taken under, its VIN values hashed and in clear, its positions and those off grid."""
+    out: dict[str, dict[str, Any]] = {}
+    caps = client.get("/v1/captures")
+    for device_id, m in machines.items():
+        policy = PRIVACY.get(m["kind"])
+        if policy is None:
+            continue
+        rows = client.post_json("/v1/query", {"sql": PRIVACY_QUERY.format(device=device_id)})["rows"]
+        hashed, clear, positions, off_grid = (int(v or 0) for v in rows[0])
+        stamps = sorted({str(c.get("privacy", "")).split("#")[0] for c in caps
+                         if c["device_id"] == device_id})  # fmt: skip
+        out[m["kind"]] = {"policy": f"{policy['name']}@{policy['version']}", "stamps": stamps,
+                          "vin_hashed": hashed, "vin_clear": clear, "positions": positions,
+                          "positions_off_grid": off_grid, "grid_deg": GRID_DEG}  # fmt: skip
+    return out
 
 
 def attempt(stages: Callable[[], str | None]) -> str | None:
@@ -442,6 +487,10 @@ def _report(summary: dict[str, Any], args: argparse.Namespace) -> None:
         f"{ro['delta_bytes']:,} of {ro['full_bytes']:,} bytes; {summary['seconds']} s",
         flush=True,
     )
+    for kind, p in summary.get("privacy", {}).items():
+        print(f"  privacy: {kind} policy {p['policy']} — VIN hashed ({p['vin_hashed']} values, "
+              f"{p['vin_clear']} in clear), positions coarsened to {p['grid_deg']}° cells (≈1.1 km)",
+              flush=True)  # fmt: skip
     for device_id, m in summary.get("machines", {}).items():
         sources = " + ".join(f"{name} ({kind})" for name, kind in m["sources"].items())
         print(

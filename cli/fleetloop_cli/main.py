@@ -19,6 +19,7 @@ from fleetloop_cli import (
     cloud_commands,
     fleet_commands,
     ota_commands,
+    privacy_commands,
     release_commands,
     rollout_commands,
     rules_commands,
@@ -265,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     arts = sub.add_parser("artifacts", help="release artifacts").add_subparsers(dest="sub", required=True)
     cloud_command(arts, "list", cmd_artifacts_list)
 
-    groups = {"top": sub, "rules": rules, "sim": sim, "artifacts": arts, "cloud": cloud}
+    groups = {"top": sub, "rules": rules, "sim": sim, "artifacts": arts, "cloud": cloud, "devices": devices}
     for register in (
         cloud_commands.register,
         access_commands.register,
@@ -276,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         release_commands.register,
         fleet_commands.register,
         rollout_commands.register,
+        privacy_commands.register,
     ):
         register(groups, with_cloud)
     return p

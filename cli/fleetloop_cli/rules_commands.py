@@ -290,16 +290,87 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
         {
             "t": _time_out(f.t_ns, seconds),
             "window": [_time_out(f.from_ns, seconds), _time_out(f.to_ns, seconds)],
+            "upload": _what_is_uploaded(spec, inputs, f.t_ns, f.from_ns, f.to_ns),
         }
         for f in fires
     ]
     doc = {"campaign": spec.name, "fires": fire_list}
+    if spec.privacy is not None:
+        doc["privacy"] = spec.privacy.stamp().text().split("#")[0]
     if args.output in ("json", "yaml"):
         emit(render_object(doc, args.output))
     else:
-        rows = [{"t": f["t"], "from": f["window"][0], "to": f["window"][1]} for f in fire_list]
-        emit(render_records(rows, args.output, ["t", "from", "to"]) if rows else f"{spec.name}: no fires")
+        rows = [{"t": f["t"], "from": f["window"][0], "to": f["window"][1],
+                 "uploaded": _upload_text(f["upload"])} for f in fire_list]  # fmt: skip
+        cols = ["t", "from", "to", "uploaded"]
+        emit(render_records(rows, args.output, cols) if rows else f"{spec.name}: no fires")
     return 0
+
+
+#: The key ``rules test`` hashes identifiers with: a fixed preview key (``h:preview:…``), never a
+#: fleet's — an operator sees which values would be hashed, not what a fleet's hash of them is.
+_PREVIEW_KEY_ID = "preview"
+
+
+def _what_is_uploaded(spec: Any, inputs: _Inputs, t_ns: int, from_ns: int, to_ns: int) -> dict[str, Any]:
+    """What the device would store for upload of one fire: the window's samples of the collected
+    signals, after the campaign's ``spec.privacy`` (suppressed, dropped, hashed, coarsened, with the
+    first value of each text signal as it would be stored)."""
+    import hashlib
+
+    import numpy as np
+
+    from fleetloop_shared.privacy.apply import apply_policy
+    from fleetloop_shared.privacy.keys import KeyRing, PrivacyKey
+    from fleetloop_shared.samples import GroupBatch
+
+    wanted = {s.id for s in inputs.catalog.match(spec.collect_signals)}
+    # signals sampled at the same times travel as one group, as a device's source reads them (a GNSS
+    # fix's latitude and longitude: the policy pairs positions within a group)
+    by_times: dict[bytes, GroupBatch] = {}
+    for batch in inputs.batches:
+        keep = (batch.t_ns >= from_ns) & (batch.t_ns <= to_ns)
+        values = {sid: np.asarray(v)[keep] for sid, v in batch.values.items() if sid in wanted}
+        if values and keep.any():
+            times = batch.t_ns[keep]
+            joined = by_times.get(times.tobytes())
+            if joined is not None:
+                values = {**joined.values, **values}
+            by_times[times.tobytes()] = GroupBatch(joined.group if joined else batch.group, times, values)
+    window = list(by_times.values())
+    out: dict[str, Any] = {}
+    if spec.privacy is not None:
+        secret = hashlib.sha256(b"fleetloop rules test").digest()
+        key = PrivacyKey(_PREVIEW_KEY_ID, secret, -(2**63), 2**63 - 1)
+        outcome = apply_policy(spec.privacy, window, inputs.catalog, KeyRing([key]), t_ns)
+        out["privacy"] = {"suppressed": outcome.suppressed, "dropped_signals": outcome.dropped_signals,
+                          "hashed_values": outcome.hashed_values,
+                          "removed_positions": outcome.removed_positions}  # fmt: skip
+        window = outcome.batches or []
+    signals: dict[str, dict[str, Any]] = {}
+    for batch in window:
+        for sid, column in batch.values.items():
+            path = inputs.catalog.by_id(sid).path
+            entry = signals.setdefault(path, {"samples": 0})
+            entry["samples"] += len(column)
+            if len(column) and "first" not in entry:
+                first = column[0]
+                entry["first"] = first if isinstance(first, str) else float(first)
+    out["signals"] = dict(sorted(signals.items()))
+    return out
+
+
+def _upload_text(upload: dict[str, Any]) -> str:
+    """One table cell: the signals and samples stored, and what the privacy policy did."""
+    privacy = upload.get("privacy")
+    if privacy is not None and privacy["suppressed"]:
+        return "nothing (suppressed: a position inside a geofence)"
+    samples = sum(e["samples"] for e in upload["signals"].values())
+    text = f"{len(upload['signals'])} signals, {samples} samples"
+    if privacy is not None:
+        text += (f"; privacy: {privacy['dropped_signals']} dropped, {privacy['hashed_values']} hashed, "
+                 f"{privacy['removed_positions']} positions removed")  # fmt: skip
+    return text
 
 
 def cmd_rules_eval(args: argparse.Namespace) -> int:

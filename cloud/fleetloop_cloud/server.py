@@ -27,6 +27,7 @@ from types import FrameType
 from fleetloop_cloud.changes import ChangeFeed, ChangeFollower, Topic, open_change_feed
 from fleetloop_cloud.fleet_store.captures import CaptureReader
 from fleetloop_cloud.fleet_store.compaction import CompactionPolicy, Compactor
+from fleetloop_cloud.fleet_store.erasure import ParquetLifecycle
 from fleetloop_cloud.fleet_store.iceberg import IcebergFleetStore, IcebergTables, catalog_uri, io_properties
 from fleetloop_cloud.fleet_store.iceberg_maintenance import (
     IcebergMaintenance,
@@ -57,6 +58,7 @@ from fleetloop_cloud.services.campaigns import CampaignService
 from fleetloop_cloud.services.captures import CaptureService
 from fleetloop_cloud.services.devices import LEASE_BEAT_S, DeviceService
 from fleetloop_cloud.services.ingest import IngestService, SampleStore, UploadGrants
+from fleetloop_cloud.services.lifecycle import DataLifecycle
 from fleetloop_cloud.services.privacy import CampaignPolicies, FleetKeys
 from fleetloop_cloud.services.query import QueryService
 from fleetloop_cloud.services.releases import ReleaseService
@@ -75,6 +77,8 @@ log = logging.getLogger("fleetloop.cloud")
 ROLLOUT_TICK_S = 0.5
 #: How often the fleet store's small segment files are compacted (compaction.py, docs/query.md).
 COMPACTION_INTERVAL_S = 60.0
+#: How often retention and pending erasures are carried out (services/lifecycle.py, docs/privacy.md).
+LIFECYCLE_INTERVAL_S = 30.0
 
 
 class _Periodic:
@@ -209,8 +213,13 @@ class Coordinator:
         self.grants = UploadGrants(UploadScheduler(limits.upload_budget), self.sessions)
         self.jobs = OtaJobs(self.director, self.sessions, repos.devices)
         self.controller = RolloutController(
-            repos.rollouts, repos.releases, repos.devices, self.jobs,
-            log_to=controller, holder=coordinator_id, lease_ttl_s=_lease_ttl(),
+            repos.rollouts,
+            repos.releases,
+            repos.devices,
+            self.jobs,
+            log_to=controller,
+            holder=coordinator_id,
+            lease_ttl_s=_lease_ttl(),
             gate_inputs=FleetStoreGateInputs(self.query_engine),
             stepped=lambda: self.changes.publish(Topic.ROLLOUTS),
         )
@@ -232,6 +241,7 @@ class Coordinator:
             metrics=self.metrics,
             max_upload_bytes=limits.staging.max_upload_bytes,
             policies=CampaignPolicies(repos.campaigns),
+            erased_before=lambda device_id: self.lifecycle.erased_before(device_id),
         )
         self.releases = ReleaseService(
             repos.releases, repos.devices, self.artifacts, self.tuf, access,
@@ -245,6 +255,22 @@ class Coordinator:
         )
         self.captures = CaptureService(repos.segments, repos.devices, repos.campaigns,
                                        CaptureReader(self.query_engine), access)  # fmt: skip
+        # Retention and erasure: the request is in the database, the job under a lease (one coordinator)
+        erasable = self.compactor if isinstance(self.compactor, IcebergMaintenance) else ParquetLifecycle(
+            self.compactor.store)  # fmt: skip
+        self.lifecycle = DataLifecycle(
+            repos.retention, repos.segments, repos.devices, erasable, self.staging, access,
+            holder=coordinator_id, forget_cached=self.captures.forget_device,
+        )  # fmt: skip
+        lifecycle = self.lifecycle
+        self.metrics.watch("fleetloop_lifecycle_rows_deleted", "Fleet store rows deleted by retention and "
+                           "erasure", "counter", ["reason"],
+                           lambda: {(k,): v for k, v in lifecycle.rows_deleted.items()})  # fmt: skip
+        self.metrics.watch("fleetloop_lifecycle_passes", "Retention and erasure passes: ran, busy (another "
+                           "coordinator holds the lease), failed", "counter", ["outcome"],
+                           lambda: {(k,): v for k, v in lifecycle.passes.items()})  # fmt: skip
+        self.metrics.watch("fleetloop_erasures_pending", "Device erasures asked for and not yet confirmed",
+                           "gauge", [], lambda: {(): lifecycle.pending()})  # fmt: skip
         self.tokens = TokenService(repos.tokens, access)
         self.audit = AuditService(access)
         watch_coordinator(
@@ -261,6 +287,7 @@ class Coordinator:
         self._loops = [
             self._rollout_loop,
             _Periodic("compaction", lambda: COMPACTION_INTERVAL_S, self._compact),
+            _Periodic("lifecycle", lambda: LIFECYCLE_INTERVAL_S, lambda: self._lifecycle(self.clock())),
         ]
 
     def _campaigns_changed(self) -> None:
@@ -292,6 +319,10 @@ class Coordinator:
         if expired:
             log.info("upload staging: removed %d partial uploads left for over a day", expired)
 
+    def _lifecycle(self, now: float) -> None:
+        if self.lifecycle.run_once(now):
+            log.debug("lifecycle pass: %s", dict(self.lifecycle.rows_deleted))
+
     def start(self) -> None:
         self.changes.start()
         for loop in self._loops:
@@ -303,6 +334,7 @@ class Coordinator:
         for loop in self._loops:
             loop.stop()
         self.controller.release_lease()
+        self.lifecycle.stop()
         self.devices.retire()
 
     def close(self) -> None:
@@ -402,7 +434,11 @@ def served_url(scheme: str, host: str, port: int) -> str:
 
 
 def initialise(
-    data_dir: Path, *, db: str | None = None, recover: bool = False, clock: Callable[[], float] = time.time,
+    data_dir: Path,
+    *,
+    db: str | None = None,
+    recover: bool = False,
+    clock: Callable[[], float] = time.time,
     custody: ImageKeyCustody | None = None,
 ) -> IssuedToken:
     """``fleetloop cloud init``: the data directory, its keys and metadata schema, and the first admin

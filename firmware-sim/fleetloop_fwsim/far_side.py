@@ -31,6 +31,7 @@ import numpy as np
 
 from fleetloop_fwsim import hub, plc, profiles, robot
 from fleetloop_fwsim.can_network import CanPlayer, RemoteCanServer
+from fleetloop_fwsim.gnss import GNSS_DBC, GNSS_MAPPING, gnss_frames
 from fleetloop_fwsim.obd_ecu import IsoTpEcu, ObdEcu, drive_values
 from fleetloop_fwsim.signals import SIM_VEHICLE_DBC, SKAB_COLUMNS, generate_vehicle_can
 from fleetloop_shared.datapaths import comma2k19_segment
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 KINDS: Final = ("car", "robot", "plc", "hub")
 #: OBD-II PIDs the car's agent polls (seconds): speed and engine speed follow the drive.
 OBD_PIDS: Final = {"SPEED": 0.5, "RPM": 0.5, "COOLANT_TEMP": 5.0, "ENGINE_LOAD": 1.0}
+#: The car's agent asks for the VIN this often (s), so every capture window holds it.
+VIN_EVERY_S: Final = 2.0
 _OBD_SPEED, _OBD_RPM = 0x0D, 0x0C
 _SPEED_PATH, _RPM_PATH = "Vehicle.Speed", "Vehicle.Powertrain.CombustionEngine.Speed"
 #: A filter no frame matches: the player's connection only sends, so the server gives it nothing back.
@@ -150,7 +153,9 @@ def _car(workdir: Path, recordings: Path | None, speed: float) -> FarSide:
     try:
         player_bus = can.Bus(interface="remote", channel=server.url, can_filters=_SEND_ONLY)
         side._stops.append(player_bus.shutdown)
-        player = CanPlayer(player_bus, frames, speed=speed, loops=0).start()
+        fixes = gnss_frames(recordings, frames[0][0], frames[-1][0])
+        bus = sorted(frames + fixes, key=lambda f: f[0])
+        player = CanPlayer(player_bus, bus, speed=speed, loops=0).start()
         side._stops.append(player.stop)
         requests = [{"can_id": i, "can_mask": 0x7FF, "extended": False} for i in (0x7DF, 0x7E0)]
         ecu_bus = can.Bus(interface="remote", channel=server.url, can_filters=requests)
@@ -173,18 +178,28 @@ def _car(workdir: Path, recordings: Path | None, speed: float) -> FarSide:
             "mapping": mapping,
         },
         {
+            "kind": "can",
+            "name": "gnss",
+            "interface": "remote",
+            "channel": server.url,
+            "dbc": str(GNSS_DBC),
+            "mapping": dict(GNSS_MAPPING),
+        },
+        {
             "kind": "obd",
             "name": "obd",
             "transport": "isotp",
             "interface": "remote",
             "channel": server.url,
             "pids": dict(OBD_PIDS),
+            "vin_every": VIN_EVERY_S,
             "timeout": 1.0,
         },
     ]
     side.description = (
         f"CAN bus {server.url} driven by the ECU playing {drive} (bus 0, {rate:,.0f} frames/s) "
-        "+ OBD-II over ISO-TP from the engine ECU (7E0/7E8)"
+        f"+ its GNSS fixes ({len(fixes) / max(1e-9, (frames[-1][0] - frames[0][0]) / 1e9):.0f} Hz) "
+        "+ OBD-II over ISO-TP from the engine ECU (7E0/7E8, the VIN every few seconds)"
     )
     return side
 

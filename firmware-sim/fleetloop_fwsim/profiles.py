@@ -219,15 +219,18 @@ def hard_braking_campaign(name: str = "hard-braking", *, version: int = 1) -> st
     return str(yaml.safe_dump(document, sort_keys=False, default_flow_style=False))
 
 
-def default_campaign(kind: str, extra_signals: tuple[str, ...] = ()) -> str:
+def default_campaign(
+    kind: str, extra_signals: tuple[str, ...] = (), privacy: dict[str, Any] | None = None
+) -> str:
     """A campaign YAML for ``kind`` that fires within the first ~40 s of its data, real or simulated;
-    ``extra_signals``: more patterns to collect (a live car's OBD-II signals). Every kind with a
-    trigger has one, the home hub too (it has no replay sources, so it is not one of :data:`KINDS`)."""
+    ``extra_signals``: more patterns to collect (a live car's OBD-II signals); ``privacy``: its
+    ``spec.privacy`` (docs/privacy.md). Every kind with a trigger has one, the home hub too (it has no
+    replay sources, so it is not one of :data:`KINDS`)."""
     if kind not in _TRIGGERS:
         raise ConfigError(f"unknown device kind {kind!r} (expected one of {', '.join(_TRIGGERS)})")
     name, when, priority, signals = _TRIGGERS[kind]
     signals = [*signals, *extra_signals]
-    document = {
+    document: dict[str, Any] = {
         "apiVersion": "fleetloop/v1",
         "kind": "Campaign",
         "metadata": {"name": name, "version": 1},
@@ -239,4 +242,6 @@ def default_campaign(kind: str, extra_signals: tuple[str, ...] = ()) -> str:
             "upload": {"network": ["wifi", "cellular"]},
         },
     }
+    if privacy is not None:
+        document["spec"]["privacy"] = privacy
     return str(yaml.safe_dump(document, sort_keys=False, default_flow_style=False))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,6 +40,11 @@ CATALOG = {
 }
 
 
+def fires_only(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The fires' times and windows (without what each would upload)."""
+    return [{k: v for k, v in f.items() if k != "upload"} for f in doc["fires"]]
+
+
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -61,8 +67,13 @@ def test_rules_test_replays_through_the_engine(files: Path, capsys: pytest.Captu
     # 1.0: 60 > 50 and delta -20 -> fire; 3.5: an edge again but within 30 s -> dropped; 40.5: fires
     assert json.loads(out) == {
         "campaign": "harsh-braking",
-        "fires": [{"t": 1, "window": [-9, 6]}, {"t": 40.5, "window": [30.5, 45.5]}],
-    }
+        "fires": [
+            {"t": 1, "window": [-9, 6],
+             "upload": {"signals": {"Vehicle.Speed": {"samples": 6, "first": 80.0}}}},
+            {"t": 40.5, "window": [30.5, 45.5],
+             "upload": {"signals": {"Vehicle.Speed": {"samples": 2, "first": 90.0}}}},
+        ],
+    }  # fmt: skip
 
 
 def test_rules_test_with_nanosecond_input(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -77,7 +88,7 @@ def test_rules_test_with_nanosecond_input(files: Path, capsys: pytest.CaptureFix
         capsys, "rules", "test", str(files / "c.yaml"), "--input", str(files / "ns.csv"), "-o", "json"
     )
     assert code == 0
-    assert json.loads(out)["fires"] == [{"t": 1_000_000_000, "window": [-9_000_000_000, 6_000_000_000]}]
+    assert fires_only(json.loads(out)) == [{"t": 1_000_000_000, "window": [-9_000_000_000, 6_000_000_000]}]
 
 
 def test_rules_eval_prints_every_evaluation_time(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -182,7 +193,7 @@ def test_a_signal_the_input_never_has_is_missing_throughout_with_a_warning(
     code, out, err = run(
         capsys, "rules", "test", str(files / "typo.yaml"), "--input", str(files / "s.csv"), "-o", "json"
     )
-    assert code == 0 and json.loads(out)["fires"] == []
+    assert code == 0 and fires_only(json.loads(out)) == []
     assert (
         err.strip() == f"warning: signal Vehicle.Sped is not in {files / 's.csv'}; it is missing throughout"
     )
@@ -295,7 +306,7 @@ def test_rules_test_fires_on_strings(files: Path, capsys: pytest.CaptureFixture[
         capsys, "rules", "test", str(files / "g.yaml"), "--input", str(files / "g.csv"), "-o", "json"
     )
     assert code == 0
-    assert json.loads(out) == {"campaign": "harsh-braking", "fires": [{"t": 2, "window": [-8, 7]}]}
+    assert fires_only(json.loads(out)) == [{"t": 2, "window": [-8, 7]}]
 
 
 def test_a_signal_with_any_text_is_a_string_signal(files: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -405,14 +416,14 @@ def test_rules_test_runs_model_rules_offline_with_models_dir(
     code, out, err = run(capsys, *argv, "--models", str(files / "models"))
     assert code == 0, err
     # the mean of the last four samples passes 50 once three of them are 90: t = 2.5 s
-    assert json.loads(out)["fires"] == [{"t": 2.5, "window": [-7.5, 7.5]}]
+    assert fires_only(json.loads(out)) == [{"t": 2.5, "window": [-7.5, 7.5]}]
     assert float(np.mean([10, 90, 90, 90])) > 50 >= float(np.mean([10, 10, 90, 90]))
     code, _, err = run(capsys, *argv)
     assert code == 2 and "model 'mean' is not installed" in err
     (files / "other.csv").write_text("t,signal,value\n0,Other,1\n1,Other,2\n")
     argv[4] = str(files / "other.csv")
     code, out, err = run(capsys, *argv, "--models", str(files / "models"))
-    assert code == 0 and json.loads(out)["fires"] == []
+    assert code == 0 and fires_only(json.loads(out)) == []
     assert "signal Vehicle.Speed is not in" in err
 
 
@@ -428,7 +439,7 @@ def test_rules_test_reads_what_the_replay_sources_read(
         capsys, "rules", "test", str(files / "c.yaml"), "--input", str(files / "wide.csv"), "-o", "json"
     )
     assert code == 0 and err == ""
-    assert json.loads(out)["fires"] == [{"t": 1, "window": [-9, 6]}]
+    assert fires_only(json.loads(out)) == [{"t": 1, "window": [-9, 6]}]
     code, out, _ = run(capsys, "rules", "eval", "Mode", "--input", str(files / "wide.csv"), "-o", "json")
     assert [v["value"] for v in json.loads(out)["values"]] == ["eco", "eco", "sport"]
 
@@ -446,7 +457,7 @@ def test_rules_test_reads_what_the_replay_sources_read(
     argv = ["rules", "test", str(files / "can.yaml"), "--input", str(files / "drive.log"), "-o", "json"]
     code, out, err = run(capsys, *argv, "--dbc", str(dbc))
     assert code == 0, err
-    assert json.loads(out)["fires"] == [{"t": 101, "window": [91, 106]}]
+    assert fires_only(json.loads(out)) == [{"t": 101, "window": [91, 106]}]
     code, _, err = run(capsys, *argv)
     assert code == 2 and "needs a DBC (--dbc)" in err
     (files / "drive.log").write_text(
@@ -455,4 +466,57 @@ def test_rules_test_reads_what_the_replay_sources_read(
     code, _, err = run(capsys, *argv, "--dbc", str(dbc))
     assert code == 2 and "comes from two buses; choose one with --bus N" in err
     code, out, err = run(capsys, *argv, "--dbc", str(dbc), "--bus", "1")
-    assert code == 0 and json.loads(out)["fires"] == [{"t": 101, "window": [91, 106]}]
+    assert code == 0 and fires_only(json.loads(out)) == [{"t": 101, "window": [91, 106]}]
+
+
+PRIVATE = textwrap.dedent(
+    """\
+    apiVersion: fleetloop/v1
+    kind: Campaign
+    metadata: {name: trips, version: 2}
+    spec:
+      trigger: {when: "Vehicle.Speed > 50"}
+      collect:
+        signals: [Vehicle.Speed, Vehicle.CurrentLocation.*, Vehicle.VehicleIdentification.*, Vehicle.Cabin.*]
+        pre: 5s
+        post: 5s
+      privacy:
+        name: eu-cars
+        version: 3
+        drop: [Vehicle.Cabin.*]
+        hash: [Vehicle.VehicleIdentification.VIN]
+        coarsen: {position: {grid: 0.01}}
+    """
+)
+
+
+def test_rules_test_shows_what_the_privacy_policy_lets_upload(
+    files: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = ["t,signal,value"]
+    for i in range(4):
+        rows += [f"{i},Vehicle.Speed,{40 + 10 * i}",
+                 f'{i},Vehicle.VehicleIdentification.VIN,"WVWZZZ1JZXW000001"',
+                 f"{i},Vehicle.CurrentLocation.Latitude,{48.1234 + i / 1000}",
+                 f"{i},Vehicle.CurrentLocation.Longitude,11.5678",
+                 f"{i},Vehicle.Cabin.Temperature,21"]  # fmt: skip
+    (files / "p.csv").write_text("\n".join(rows) + "\n")
+    (files / "p.yaml").write_text(PRIVATE)
+    argv = ["rules", "test", str(files / "p.yaml"), "--input", str(files / "p.csv")]
+    code, out, _ = run(capsys, *argv, "-o", "json")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["privacy"] == "eu-cars@3"
+    (fire,) = doc["fires"]
+    upload = fire["upload"]
+    assert upload["privacy"] == {"suppressed": False, "dropped_signals": 1, "hashed_values": 4,
+                                 "removed_positions": 0}  # fmt: skip
+    signals = upload["signals"]
+    assert sorted(signals) == ["Vehicle.CurrentLocation.Latitude", "Vehicle.CurrentLocation.Longitude",
+                               "Vehicle.Speed", "Vehicle.VehicleIdentification.VIN"]  # fmt: skip
+    vin = signals["Vehicle.VehicleIdentification.VIN"]["first"]
+    assert vin.startswith("h:preview:") and "WVWZZZ" not in out  # what is stored: hashed, never clear
+    assert signals["Vehicle.CurrentLocation.Latitude"]["first"] == pytest.approx(48.125)
+    assert signals["Vehicle.CurrentLocation.Longitude"]["first"] == pytest.approx(11.565)
+    code, out, _ = run(capsys, *argv)
+    assert "1 dropped, 4 hashed, 0 positions removed" in out

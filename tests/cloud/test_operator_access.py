@@ -176,6 +176,11 @@ def request_for(name: str, w: World) -> tuple[str, bytes | None, str]:
         "listAudit": ("/v1/audit", None, json_type),
         "verifyAudit": ("/v1/audit/verify", None, json_type),
         "getMetrics": ("/metrics", None, json_type),
+        "getRetention": ("/v1/fleets/taxi/retention", None, json_type),
+        "setRetention": ("/v1/fleets/taxi/retention", b'{"days": 30}', json_type),
+        "clearRetention": ("/v1/fleets/taxi/retention", None, json_type),
+        "eraseDevice": ("/v1/devices/car-1/erase", None, json_type),
+        "getErasure": ("/v1/devices/car-1/erasure", None, json_type),
     }  # fmt: skip
     return requests[name]
 

@@ -16,7 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
+
+from fleetloop_fwsim.obd_ecu import DEFAULT_VIN as DEMO_VIN
 
 pytestmark = pytest.mark.e2e
 
@@ -40,7 +43,7 @@ def _logs(tmp_path: Path) -> str:
 
 #: What each kind's agent reads, by source name and kind (the summary names them).
 LIVE_SOURCES = {
-    "car": {"can0": "can", "obd": "obd"},
+    "car": {"can0": "can", "gnss": "can", "obd": "obd"},
     "robot": {"robot": "push_api"},
     "plc": {"pump": "modbus_tcp"},
     "hub": {"zigbee": "mqtt_json"},
@@ -62,9 +65,28 @@ def assert_four_live_machines(summary: dict[str, Any], data: str) -> None:
     assert "ISO-TP" in car["far_side"] and "ws://127.0.0.1:" in car["far_side"]
 
 
+def assert_car_privacy(summary: dict[str, Any], tmp_path: Path) -> None:
+    """The car campaign's policy shaped what the cloud stores: its VIN only hashed, its positions on
+    their cells' centres, its captures stamped; no file of the cloud's store holds the VIN in clear."""
+    car = summary["privacy"]["car"]
+    assert car["policy"] == "demo-car@1" and car["stamps"] == ["demo-car@1"], car
+    assert car["vin_hashed"] >= 1 and car["vin_clear"] == 0, car
+    assert car["positions"] > 0 and car["positions_off_grid"] == 0, car
+    files = [p for p in (tmp_path / "w" / "cloud").rglob("*") if p.is_file()]
+    assert not [p for p in files if DEMO_VIN.encode() in p.read_bytes()]
+    stores = [p for p in files if p.suffix == ".parquet"]
+    assert stores
+    for path in stores:  # pages are compressed: read every text cell too
+        table = pq.read_table(path)
+        for name in ("value_str", "device_id", "capture_id"):
+            if name in table.column_names:
+                assert DEMO_VIN not in set(table[name].to_pylist()), path
+
+
 def test_demo_runs_the_whole_loop_on_recordings(tmp_path: Path, recordings: Path) -> None:
     code, summary, logs = run_demo(tmp_path, recordings)
     assert code == 0, logs
+    assert_car_privacy(summary, tmp_path)
     assert summary["ok"] is True
     assert summary["data"] == "recordings"
     assert summary["devices"] == 4
@@ -84,6 +106,7 @@ def test_demo_runs_the_whole_loop_on_recordings(tmp_path: Path, recordings: Path
 def test_demo_runs_on_simulated_signals_without_recordings(tmp_path: Path) -> None:
     code, summary, logs = run_demo(tmp_path, None, "--simulated")
     assert code == 0, logs
+    assert_car_privacy(summary, tmp_path)
     assert summary["data"] == "simulated"
     assert_four_live_machines(summary, "simulated")
     assert summary["captures_ingested"] >= 4 and summary["query_rows"] > 0

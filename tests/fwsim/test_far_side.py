@@ -16,6 +16,7 @@ import pytest
 from fleetloop_agent.sources import build_source
 from fleetloop_fwsim import hub, profiles
 from fleetloop_fwsim.far_side import FarSide, start_far_side
+from fleetloop_fwsim.obd_ecu import DEFAULT_VIN
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.errors import ConfigError
 
@@ -57,8 +58,14 @@ def _values(side: FarSide, want: dict[str, int], timeout_s: float = 30.0) -> dic
 
 @pytest.mark.parametrize("far_side", ["car"], indirect=True)
 def test_the_car_reads_its_ecus_frames_and_obd_answers_that_follow_the_drive(far_side: FarSide) -> None:
-    assert far_side.data == "simulated" and [s["kind"] for s in far_side.sources] == ["can", "obd"]
-    got = _values(far_side, {"Vehicle.Speed": 200, "Vehicle.OBD.Speed": 10, "Vehicle.OBD.EngineSpeed": 3})
+    assert far_side.data == "simulated" and [s["kind"] for s in far_side.sources] == ["can", "can", "obd"]
+    got = _values(far_side, {"Vehicle.Speed": 200, "Vehicle.OBD.Speed": 10, "Vehicle.OBD.EngineSpeed": 3,
+                             "Vehicle.CurrentLocation.Latitude": 10, "Vehicle.CurrentLocation.Longitude": 10,
+                             "Vehicle.VehicleIdentification.VIN": 2})  # fmt: skip
+    # its GNSS fixes on the bus (a generated track in Mountain View) and its VIN asked again and again
+    assert all(37.3 < v < 37.6 for v in got["Vehicle.CurrentLocation.Latitude"])
+    assert all(-122.2 < v < -121.9 for v in got["Vehicle.CurrentLocation.Longitude"])
+    assert set(got["Vehicle.VehicleIdentification.VIN"]) == {DEFAULT_VIN}
     can_speed = np.asarray(got["Vehicle.Speed"])
     obd_speed = np.asarray(got["Vehicle.OBD.Speed"])
     # the engine ECU reports the speed of the frames being played (whole km/h), not a curve of its own

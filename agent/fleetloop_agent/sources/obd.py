@@ -1,5 +1,5 @@
-"""OBD-II as a signal source: service 01 PIDs polled by plan, the VIN (service 09) once per connection,
-over ISO-TP on a CAN bus or through an ELM327 adapter (:mod:`.obd_link`).
+"""OBD-II as a signal source: service 01 PIDs polled by plan, the VIN (service 09) once per connection
+(or every ``vin_every`` seconds), over ISO-TP on a CAN bus or through an ELM327 adapter (:mod:`.obd_link`).
 
 A polling thread owns the link: it connects (with backoff, counting reconnects), reads the ECU's
 support bitmaps so unsupported PIDs are never asked, asks for the VIN, then asks for each PID as its
@@ -56,6 +56,7 @@ class ObdSource(ConnectionSource):
         name: str = "obd",
         paths: Mapping[int, str] | None = None,
         vin: bool = True,
+        vin_every_s: float = 0.0,
         multi_pid: bool | None = None,
         timeout_s: float = 1.0,
         queue_samples: int = DEFAULT_QUEUE_SAMPLES,
@@ -68,6 +69,9 @@ class ObdSource(ConnectionSource):
         self._intervals = dict(intervals_s)
         self._paths = {pid: (paths or {}).get(pid, PIDS[pid].path) for pid in self._intervals}
         self._vin = vin
+        #: Ask for the VIN again this often (0: once): a capture window then holds the car's VIN.
+        self._vin_every_ns = int(vin_every_s * 1e9)
+        self._vin_at = 0
         self._timeout = timeout_s
         self._clock = clock or SystemClock()
         self._backoff = backoff or Backoff()
@@ -142,14 +146,11 @@ class ObdSource(ConnectionSource):
                 break
         self.plan.learn_supported(supported)
         if self._vin and self.vin is None:
-            for answer in self._ask(link, bytes([SERVICE_VEHICLE_INFO, PID_VIN])):
-                vin = parse_vin(answer)
-                if vin is not None:
-                    self.vin = vin
-                    self._put(self._clock.now_ns(), -1, vin)
-                    break
+            self._read_vin(link)
         while not self._stop.is_set():
             now = time.monotonic_ns()
+            if self._vin and self._vin_every_ns and now - self._vin_at >= self._vin_every_ns:
+                self._read_vin(link)
             for request in self.plan.due(now):
                 answers = self._ask(link, bytes([SERVICE_CURRENT, *request]))
                 t_ns = self._clock.now_ns()
@@ -166,6 +167,16 @@ class ObdSource(ConnectionSource):
             wait = MAX_IDLE_S if nxt is None else (nxt - time.monotonic_ns()) / 1e9
             if wait > 0:
                 self._stop.wait(min(wait, MAX_IDLE_S))
+
+    def _read_vin(self, link: ObdLink) -> None:
+        """Ask for the VIN (service 09 PID 02) and queue it as a sample."""
+        self._vin_at = time.monotonic_ns()
+        for answer in self._ask(link, bytes([SERVICE_VEHICLE_INFO, PID_VIN])):
+            vin = parse_vin(answer)
+            if vin is not None:
+                self.vin = vin
+                self._put(self._clock.now_ns(), -1, vin)
+                break
 
     # -- reading ------------------------------------------------------------------------------------------
 

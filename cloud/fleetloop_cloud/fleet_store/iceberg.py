@@ -53,6 +53,7 @@ from fleetloop_cloud.fleet_store.parquet import partition_date, segment_table
 from fleetloop_cloud.fleet_store.query import TableFiles
 from fleetloop_cloud.fleet_store.settings import TableSettings
 from fleetloop_cloud.storage import S3Settings
+from fleetloop_cloud.uploads.clock_check import cloud_span
 from fleetloop_shared.catalog import Catalog as SignalCatalog
 from fleetloop_shared.errors import ConfigError, UnavailableError
 from fleetloop_shared.segment import Segment
@@ -177,8 +178,12 @@ class IcebergTables:
             name, schema, location=location, partition_spec=_spec(schema), sort_order=_sort(schema, order),
             properties=TABLE_PROPERTIES,
         )  # fmt: skip
-        # a table made by an earlier version gains the columns since by a schema evolution; two
-        # coordinators starting together may race on it: the loser reloads and finds them added
+        return self._evolve(table, schema)
+
+    def _evolve(self, table: Table, schema: Schema) -> Table:
+        """``table`` with the columns of ``schema`` it lacks (a table made by an earlier version gains
+        those since by a schema evolution). Two coordinators starting together may race on it: the loser
+        reloads and finds them added."""
         for attempt in range(3):
             have = {f.name for f in table.schema().fields}
             missing = [f for f in schema.fields if f.name not in have]
@@ -191,7 +196,7 @@ class IcebergTables:
             except CommitFailedException:
                 if attempt == 2:
                     raise
-            table = self.catalog.load_table(name)
+            table = self.catalog.load_table(table.name())
         return table
 
     def load(self, name: str) -> Table:
@@ -329,8 +334,7 @@ class IcebergFleetStore:
         ``clock_offset_ns``, times are stored on the cloud's clock and the offset beside them."""
         rows = segment_table(device_id, capture_id, campaign, segment, catalog, clock_offset_ns)
         span = segment.time_range()
-        shift = clock_offset_ns or 0
-        first, last = (span[0] - shift, span[1] - shift) if span is not None else (0, 0)
+        first, last = cloud_span(segment, clock_offset_ns)
         date = partition_date(span[0] if span is not None else None, received_unix)
         key = f"{device_id}/{bytes(segment.segment_id).hex()}"
         if rows.num_rows:
@@ -411,24 +415,42 @@ class IcebergFleetStore:
             )  # fmt: skip
             data = data.cast(table.schema().as_arrow())
             files = list(_dataframe_to_data_files(table.metadata, data, table.io))
-        tx = table.transaction()
-        producer = _KeyedAppend(
-            operation=Operation.APPEND, transaction=tx, io=table.io, snapshot_properties=props
-        )
-        producer.keys = frozenset(i.key for i in items)
-        for data_file in files:
-            producer.append_data_file(data_file)
-        try:
-            producer.commit()
-            self._samples = tx.commit_transaction()
-        except _Duplicates:
+        for stale in (True, False):
+            tx = table.transaction()
+            producer = _KeyedAppend(
+                operation=Operation.APPEND, transaction=tx, io=table.io, snapshot_properties=props
+            )
+            producer.keys = frozenset(i.key for i in items)
             for data_file in files:
-                table.io.delete(data_file.file_path)
-            raise
+                producer.append_data_file(data_file)
+            try:
+                producer.commit()
+                self._samples = tx.commit_transaction()
+            except _Duplicates:
+                for data_file in files:
+                    table.io.delete(data_file.file_path)
+                raise
+            except FileNotFoundError:
+                if not stale:
+                    raise
+                table = self._samples = _expired_under_us(table)
+                continue
+            break
         self._index(self._samples)
         self.counters["batches"] += 1
         self.counters["segments"] += len(items)
-        self._captures = append_captures(self._captures, receipts, batch_id)
+        try:
+            self._captures = append_captures(self._captures, receipts, batch_id)
+        except FileNotFoundError:
+            self._captures = append_captures(_expired_under_us(self._captures), receipts, batch_id)
+
+
+def _expired_under_us(table: Table) -> Table:
+    """``table`` as it is now: the snapshot this coordinator last saw was expired under it (erasure and
+    retention expire every snapshot but the current one, and their files), so an append on it cannot
+    read its parent's manifests."""
+    log.info("%s: the snapshot last seen here was expired; appending on the current one", table.name())
+    return table.refresh()
 
 
 def captures_rows(

@@ -32,7 +32,7 @@ from pyiceberg.io.pyarrow import _dataframe_to_data_files
 from pyiceberg.manifest import DataFile
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation
-from pyiceberg.table.update.snapshot import _OverwriteFiles
+from pyiceberg.table.update.snapshot import _FastAppendFiles, _OverwriteFiles
 from pyiceberg.table.update.validate import _validate_data_files_exist
 
 from fleetloop_cloud.fleet_store.compaction import CompactionReport
@@ -87,6 +87,7 @@ class MaintenanceReport(CompactionReport):
     files_deleted: int = 0
     reconciled: int = 0
     captures_restored: int = 0
+    rows_deleted: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -229,19 +230,51 @@ class IcebergMaintenance:
 
     # -- retention and erasure -----------------------------------------------------------------------
     def erase_device(self, device_id: str) -> MaintenanceReport:
-        """Every row of ``device_id`` deleted from both tables, and the files that held them with it."""
-        for name in (SAMPLES, CAPTURES):
-            self.tables.load(name).delete(_equal("device_id", device_id))
-        return self.expire(older_than_s=0.0, purge_history=True)
+        """Every row of ``device_id`` deleted from both tables, and the files that held them with it
+        (the expiry runs even when no row is left: it finishes an erasure a crash interrupted)."""
+        return self._delete(_equal("device_id", device_id), always_expire=True)
 
     def drop_before(self, date: datetime.date, fleet: str | None = None) -> MaintenanceReport:
         """Retention: rows of days before ``date`` (of one fleet, or all) deleted, files with them."""
         cond: Any = _less("date", date.isoformat())
         if fleet is not None:
             cond = expressions.And(cond, _equal("fleet", fleet))
+        return self._delete(cond, always_expire=False)
+
+    def _delete(self, cond: Any, *, always_expire: bool) -> MaintenanceReport:
+        """Rows matching ``cond`` deleted from both tables (copy-on-write; nothing when none match),
+        then every snapshot but the current expired, so the files that held them are deleted too —
+        unless nothing matched and not ``always_expire`` (a retention pass with nothing to do leaves the
+        snapshots to the ordinary expiry)."""
+        rows, deleted = 0, False
         for name in (SAMPLES, CAPTURES):
-            self.tables.load(name).delete(cond)
-        return self.expire(older_than_s=0.0, purge_history=True)
+            table = self.tables.load(name)
+            if table.current_snapshot() is None:
+                continue
+            matching = table.scan(row_filter=cond).count()
+            if matching:
+                table.delete(cond)
+                table = table.refresh()
+                _seal(table)
+                deleted = True
+            if name == SAMPLES:
+                rows = matching
+        if not (deleted or always_expire):
+            return MaintenanceReport()
+        report = self.expire(older_than_s=0.0, purge_history=True)
+        report.rows_deleted += rows
+        return report
+
+
+def _seal(table: Table) -> None:
+    """An empty append after a delete: a delete's snapshot keeps the removed files' entries (marked
+    deleted, with their column bounds — a device id, the start of a VIN) in a manifest of its own; an
+    append carries forward only manifests with live files, so once the delete's snapshot expires that
+    manifest is unreachable and deleted with the rest."""
+    tx = table.transaction()
+    _FastAppendFiles(operation=Operation.APPEND, transaction=tx, io=table.io,
+                     snapshot_properties={"fleetloop.sealed": "1"}).commit()  # fmt: skip
+    tx.commit_transaction()
 
 
 def _reachable(table: Table) -> set[str]:

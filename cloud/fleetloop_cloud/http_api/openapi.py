@@ -37,6 +37,11 @@ INT_MAP: S = {"type": "object", "additionalProperties": {"type": "integer"}}
 ANY_MAP: S = {"type": "object"}
 NS: S = {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1}
 
+RETENTION = _obj(["fleet", "days"], fleet=STR, days={"type": ["integer", "null"]}, keeps_from=STR)
+ERASURE = _obj(
+    ["device_id", "state", "requested_at"], device_id=STR, state={"enum": ["erasing", "done"]},
+    requested_at=NUM, requested_by=STR, done_at=NUM_OR_NULL, removed=INT_MAP,
+)  # fmt: skip
 ERROR = _obj(["error", "type", "request_id"], error=STR, type=STR, request_id=STR)
 DEVICE = _obj(
     ["device_id", "fleet", "online"],
@@ -183,12 +188,19 @@ RESPONSES: dict[str, S] = {
     "revokeToken": TOKEN,
     "listAudit": _arr(AUDIT_ENTRY),
     "getMetrics": {"type": "string", "description": "Prometheus text exposition format"},
+    "getRetention": RETENTION,
+    "setRetention": RETENTION,
+    "clearRetention": RETENTION,
+    "eraseDevice": ERASURE,
+    "getErasure": ERASURE,
     "verifyAudit": _obj(["ok", "entries", "head_seq", "head_hash"], ok=BOOL, entries=INT, head_seq=INT,
                         head_hash=STR, broken_at={"type": ["integer", "null"]}, reason=STR),
 }
 
 #: Request body schema of each route that takes a JSON body.
 REQUESTS: dict[str, S] = {
+    "setRetention": {**_obj(["days"], days={"type": "integer", "minimum": 1, "maximum": 36500}),
+                     "additionalProperties": False},
     "query": _obj(["sql"], sql=STR, max_rows=INT, timeout_s=NUM),
     # The policy (docs/rollouts.md): a whole document (apiVersion, kind, spec) or a bare spec.
     "createRollout": {

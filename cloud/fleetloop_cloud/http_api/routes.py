@@ -395,6 +395,32 @@ def _metrics(c: Call) -> Reply:
     return Reply(body, media_type=content_type)
 
 
+def _retention(c: Call) -> Reply:
+    return Reply(c.api.lifecycle.retention(c.caller, c.path["fleet"], c.now))
+
+
+def _set_retention(c: Call) -> Reply:
+    body = c.json_object('{"days": N}')
+    if "days" not in body:
+        raise UserError('body must be {"days": N}')
+    days = body["days"]
+    if isinstance(days, bool) or not isinstance(days, int):
+        raise UserError(f"days must be a whole number, got {days!r}")
+    return Reply(c.api.lifecycle.set_retention(c.caller, c.path["fleet"], days, c.now))
+
+
+def _clear_retention(c: Call) -> Reply:
+    return Reply(c.api.lifecycle.clear_retention(c.caller, c.path["fleet"], c.now))
+
+
+def _erase_device(c: Call) -> Reply:
+    return Reply(plain(c.api.lifecycle.erase(c.caller, c.path["device_id"], c.now)))
+
+
+def _erasure(c: Call) -> Reply:
+    return Reply(plain(c.api.lifecycle.erasure(c.caller, c.path["device_id"])))
+
+
 #: Every operator route. Public routes (health, the OpenAPI document, artifact files and TUF metadata)
 #: are in :mod:`.app` and :mod:`.files`.
 ROUTES: tuple[Route, ...] = (
@@ -455,4 +481,9 @@ ROUTES: tuple[Route, ...] = (
     Route("listAudit", "GET", "/v1/audit", "audit.list", _audit),
     Route("verifyAudit", "GET", "/v1/audit/verify", "audit.verify", _audit_verify),
     Route("getMetrics", "GET", "/metrics", "metrics", _metrics, reply_type="text/plain"),
+    Route("getRetention", "GET", "/v1/fleets/{fleet}/retention", "retention.get", _retention),
+    Route("setRetention", "PUT", "/v1/fleets/{fleet}/retention", "retention.set", _set_retention, 4 * KiB),
+    Route("clearRetention", "DELETE", "/v1/fleets/{fleet}/retention", "retention.set", _clear_retention),
+    Route("eraseDevice", "POST", "/v1/devices/{device_id}/erase", "devices.erase", _erase_device),
+    Route("getErasure", "GET", "/v1/devices/{device_id}/erasure", "devices.get", _erasure),
 )  # fmt: skip

@@ -56,6 +56,9 @@ ACTIONS: dict[str, Role] = {
     "tokens.list": Role.ADMIN,
     "tokens.revoke": Role.ADMIN,
     "keys.rotate": Role.ADMIN,
+    "retention.get": Role.VIEWER,
+    "retention.set": Role.ADMIN,
+    "devices.erase": Role.ADMIN,
 }
 
 

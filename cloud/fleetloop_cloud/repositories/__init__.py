@@ -18,6 +18,7 @@ from fleetloop_cloud.repositories.devices import MemoryDevices, SqlDevices
 from fleetloop_cloud.repositories.interfaces import Repositories
 from fleetloop_cloud.repositories.leases import MemoryLeases, SqlLeases
 from fleetloop_cloud.repositories.releases import MemoryReleases, SqlReleases
+from fleetloop_cloud.repositories.retention import MemoryRetention, SqlRetention
 from fleetloop_cloud.repositories.rollouts import MemoryRollouts, SqlRollouts
 from fleetloop_cloud.repositories.schema import ensure_schema
 from fleetloop_cloud.repositories.segments import MemorySegments, SqlSegments
@@ -40,6 +41,7 @@ def open_repositories(location: Path | str) -> Repositories:
         leases=SqlLeases(db),
         tokens=SqlTokens(db),
         audit_log=SqlAuditLog(db),
+        retention=SqlRetention(db),
         where=db.where,
         close=db.close,
     )
@@ -56,6 +58,7 @@ def memory_repositories() -> Repositories:
         leases=MemoryLeases(),
         tokens=MemoryTokens(),
         audit_log=MemoryAuditLog(),
+        retention=MemoryRetention(),
         where="memory",
         close=lambda: None,
     )

@@ -22,6 +22,7 @@ from fleetloop_cloud.repositories.records import (
     DeviceChange,
     DeviceRecord,
     DeviceTelemetry,
+    ErasureRecord,
     Fence,
     GateEvaluationRecord,
     IngestTotals,
@@ -102,6 +103,47 @@ class SegmentRepository(Protocol):
         ...
 
     def totals(self) -> IngestTotals: ...
+
+    def forget(self, device_id: str, *, before_ns: int | None = None, limit: int = 10_000) -> int:
+        """Delete at most ``limit`` segment and capture rows of ``device_id`` (all, or those whose last
+        sample is before ``before_ns``); how many went (0: none left)."""
+        ...
+
+
+class RetentionRepository(Protocol):
+    """Retention per fleet, erasure requests per device, and the lease of the job that carries both out."""
+
+    def set_days(self, fleet: str, days: int, now: float) -> int | None:
+        """Keep ``fleet``'s data ``days`` days; the days before (None: kept forever)."""
+        ...
+
+    def clear(self, fleet: str) -> int | None:
+        """Keep ``fleet``'s data forever again; the days before."""
+        ...
+
+    def days(self) -> dict[str, int]:
+        """Fleet → days, for every fleet with a retention."""
+        ...
+
+    def request_erasure(self, device_id: str, now: float, by: str) -> ErasureRecord:
+        """Ask for (again: renew) the erasure of ``device_id``'s data before ``now``."""
+        ...
+
+    def finish_erasure(self, device_id: str, requested_at: float, now: float, detail: str) -> bool:
+        """Mark the request of ``requested_at`` done (False: renewed since, so not done)."""
+        ...
+
+    def erasures(self, *, pending: bool = False) -> list[ErasureRecord]:
+        """Every erasure request (``pending``: those not done), oldest first."""
+        ...
+
+    def erasure(self, device_id: str) -> ErasureRecord | None: ...
+
+    def acquire(self, holder: str, now: float, ttl_s: float) -> int | None:
+        """Take or renew the lifecycle job's lease: its fencing token, None while another holds it."""
+        ...
+
+    def release(self, holder: str) -> None: ...
 
 
 class CampaignRepository(Protocol):
@@ -274,6 +316,7 @@ class Repositories:
     leases: CoordinatorLeases
     tokens: TokenRepository
     audit_log: AuditLog
+    retention: RetentionRepository
     #: Where the state lives, for messages ("memory", a file path, a redacted URL).
     where: str
     #: Releases the connection (the repositories are unusable afterwards).

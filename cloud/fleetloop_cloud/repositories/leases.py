@@ -12,6 +12,48 @@ import threading
 
 from fleetloop_cloud.repositories.database import Database
 
+#: A named lease: (holder, fencing token, expires at).
+Lease = tuple[str, int, float]
+
+
+def take_lease(current: Lease | None, holder: str, now: float, ttl_s: float) -> Lease | None:
+    """The lease after ``holder`` asks for it at ``now``: renewed for its holder, taken over (with the
+    next fencing token) once expired, None while another holds it."""
+    if current is None:
+        return holder, 1, now + ttl_s
+    owner, token, expires = current
+    if owner != holder:
+        if expires > now:
+            return None
+        token += 1
+    return holder, token, now + ttl_s
+
+
+def acquire_named(db: Database, name: str, holder: str, now: float, ttl_s: float) -> int | None:
+    """Take or renew the lease ``name`` in the ``controller_lease`` table (one coordinator at a time
+    does the work it guards); its fencing token, or None while another coordinator holds it."""
+    with db.write() as tx:
+        row = tx.execute(
+            "SELECT holder, token, expires_at FROM controller_lease WHERE name = ?", (name,)
+        ).fetchone()
+        current = None if row is None else (str(row[0]), int(row[1]), float(row[2]))
+        taken = take_lease(current, holder, now, ttl_s)
+        if taken is None:
+            return None
+        if row is None:
+            tx.execute("INSERT INTO controller_lease (name, holder, token, expires_at) VALUES (?, ?, ?, ?)",
+                       (name, *taken))  # fmt: skip
+        else:
+            tx.execute("UPDATE controller_lease SET holder = ?, token = ?, expires_at = ? WHERE name = ?",
+                       (*taken, name))  # fmt: skip
+        return taken[1]
+
+
+def release_named(db: Database, name: str, holder: str) -> None:
+    """End ``holder``'s lease ``name`` now (another coordinator may take it at once)."""
+    with db.write() as tx:
+        tx.execute("UPDATE controller_lease SET expires_at = 0 WHERE name = ? AND holder = ?", (name, holder))
+
 
 class SqlLeases:
     def __init__(self, db: Database) -> None:

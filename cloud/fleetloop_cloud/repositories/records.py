@@ -386,3 +386,16 @@ class AuditFilter:
     actor: str | None = None
     kind: str | None = None
     limit: int = 1000
+
+
+@dataclass(frozen=True)
+class ErasureRecord:
+    """An erasure of one device's data: asked for at ``requested_at`` by ``requested_by``; the device's
+    data from before then is erased (and refused when it arrives again); ``done_at`` None while it runs
+    (or was interrupted: the next pass resumes it), ``detail`` what it removed."""
+
+    device_id: str
+    requested_at: float
+    requested_by: str
+    done_at: float | None = None
+    detail: str = ""

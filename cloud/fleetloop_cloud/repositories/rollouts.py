@@ -23,6 +23,7 @@ from typing import Any
 
 from fleetloop_cloud.repositories.database import Database, Transaction
 from fleetloop_cloud.repositories.interfaces import AUDIT_READ_LIMIT, GATE_READ_LIMIT
+from fleetloop_cloud.repositories.leases import acquire_named, release_named, take_lease
 from fleetloop_cloud.repositories.records import (
     AuditRecord,
     DeviceChange,
@@ -359,33 +360,10 @@ class SqlRollouts:
         return {r.gate: r for r in map(_gate, rows)}
 
     def acquire(self, holder: str, now: float, ttl_s: float) -> int | None:
-        with self._db.write() as tx:
-            row = tx.execute(
-                "SELECT holder, token, expires_at FROM controller_lease WHERE name = ?", (LEASE_NAME,)
-            ).fetchone()
-            if row is None:
-                tx.execute(
-                    "INSERT INTO controller_lease (name, holder, token, expires_at) VALUES (?, ?, 1, ?)",
-                    (LEASE_NAME, holder, now + ttl_s),
-                )
-                return 1
-            current, token, expires = str(row[0]), int(row[1]), float(row[2])
-            if current != holder:
-                if expires > now:
-                    return None
-                token += 1
-            tx.execute(
-                "UPDATE controller_lease SET holder = ?, token = ?, expires_at = ? WHERE name = ?",
-                (holder, token, now + ttl_s, LEASE_NAME),
-            )
-            return token
+        return acquire_named(self._db, LEASE_NAME, holder, now, ttl_s)
 
     def release(self, holder: str) -> None:
-        with self._db.write() as tx:
-            tx.execute(
-                "UPDATE controller_lease SET expires_at = 0 WHERE name = ? AND holder = ?",
-                (LEASE_NAME, holder),
-            )
+        release_named(self._db, LEASE_NAME, holder)
 
     def lease(self) -> tuple[str, int, float] | None:
         rows = self._db.read(
@@ -593,16 +571,10 @@ class MemoryRollouts:
 
     def acquire(self, holder: str, now: float, ttl_s: float) -> int | None:
         with self._lock:
-            if self._lease is None:
-                token = 1
-            else:
-                current, token, expires = self._lease
-                if current != holder:
-                    if expires > now:
-                        return None
-                    token += 1
-            self._lease = (holder, token, now + ttl_s)
-            return token
+            taken = take_lease(self._lease, holder, now, ttl_s)
+            if taken is not None:
+                self._lease = taken
+            return None if taken is None else taken[1]
 
     def release(self, holder: str) -> None:
         with self._lock:

@@ -16,6 +16,8 @@ comma-separated, preferred first); an older database gains the column, empty for
 FLDELTA1 only, what agents before the report read), on open. The segments' clock columns (the offset
 each upload carried, its round trip, and whether it was applied) are added to any database on open
 without a new version, like ``device_telemetry``: older code inserts without them (NULL, '').
+``fleet_retention`` (days kept per fleet) and ``erasures`` (erasure requests per device) are created in
+any database on open without a new version: older code never reads them.
 """
 
 from __future__ import annotations
@@ -191,6 +193,18 @@ CREATE TABLE IF NOT EXISTS audit_log (
     entry_hash TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_log_by_time ON audit_log (at);
+CREATE TABLE IF NOT EXISTS fleet_retention (
+    fleet TEXT PRIMARY KEY,
+    days INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS erasures (
+    device_id TEXT PRIMARY KEY,
+    requested_at REAL NOT NULL,
+    requested_by TEXT NOT NULL,
+    done_at REAL,
+    detail TEXT NOT NULL DEFAULT ''
+);
 """
 
 

@@ -82,6 +82,24 @@ class SqlSegments:
             for r in rows
         ]
 
+    def forget(self, device_id: str, *, before_ns: int | None = None, limit: int = 10_000) -> int:
+        """Delete at most ``limit`` ledger rows of ``device_id`` (segments, then captures) — all, or
+        those whose last sample is before ``before_ns`` — and return how many (call again until 0)."""
+        cond, args = ("device_id = ?", (device_id,)) if before_ns is None else (
+            "device_id = ? AND last_ns < ?", (device_id, before_ns))  # fmt: skip
+        with self._db.write() as tx:
+            gone = 0
+            for table, key in (("segments", "segment_id"), ("captures", "capture_id")):
+                keys = [r[0] for r in tx.execute(
+                    f"SELECT {key} FROM {table} WHERE {cond} ORDER BY {key} LIMIT ?", (*args, limit - gone)
+                ).fetchall()]  # fmt: skip
+                for k in keys:
+                    tx.execute(f"DELETE FROM {table} WHERE device_id = ? AND {key} = ?", (device_id, k))
+                gone += len(keys)
+                if gone >= limit:
+                    break
+            return gone
+
     def totals(self) -> IngestTotals:
         rows = self._db.read(
             "SELECT COUNT(*), COALESCE(SUM(samples), 0), (SELECT COUNT(*) FROM captures) FROM segments"
@@ -132,6 +150,20 @@ class MemorySegments:
         with self._lock:
             records = list(self._captures.values())
         return sorted(records, key=lambda c: (c.first_received, c.device_id, c.capture_id))
+
+    def forget(self, device_id: str, *, before_ns: int | None = None, limit: int = 10_000) -> int:
+        with self._lock:
+            segments = [k for k, r in self._segments.items()
+                        if k[0] == device_id and (before_ns is None or r.last_ns < before_ns)]  # fmt: skip
+            segments = segments[:limit]
+            captures = [k for k, c in self._captures.items()
+                        if k[0] == device_id and (before_ns is None or c.last_ns < before_ns)]  # fmt: skip
+            captures = captures[: limit - len(segments)]
+            for seg in segments:
+                del self._segments[seg]
+            for cap in captures:
+                del self._captures[cap]
+        return len(segments) + len(captures)
 
     def totals(self) -> IngestTotals:
         with self._lock:

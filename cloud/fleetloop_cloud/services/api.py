@@ -13,6 +13,7 @@ from fleetloop_cloud.services.campaigns import CampaignService
 from fleetloop_cloud.services.captures import CaptureService
 from fleetloop_cloud.services.devices import DeviceService
 from fleetloop_cloud.services.ingest import IngestService
+from fleetloop_cloud.services.lifecycle import DataLifecycle
 from fleetloop_cloud.services.query import QueryService
 from fleetloop_cloud.services.releases import ReleaseService
 from fleetloop_cloud.services.rollouts import RolloutService
@@ -47,6 +48,7 @@ class OperatorApi(Protocol):
     rollouts: RolloutService
     queries: QueryService
     captures: CaptureService
+    lifecycle: DataLifecycle
     clock: Callable[[], float]
 
     @property

@@ -150,6 +150,12 @@ class StatsCache:
                 self._cached.popitem(last=False)
         return stats
 
+    def forget(self, device_id: str) -> None:
+        """Drop what is held of ``device_id``'s captures (its data was erased)."""
+        with self._lock:
+            for key in [k for k in self._cached if k[0] == device_id]:
+                del self._cached[key]
+
 
 class CaptureService:
     def __init__(
@@ -166,6 +172,8 @@ class CaptureService:
         self._reader = reader
         self._access = access
         self._stats = StatsCache(reader)
+        #: Drops what the console's timeline holds of a device's captures (after an erasure).
+        self.forget_device = self._stats.forget
         #: Exports refused for holding more than :data:`MAX_EXPORT_SAMPLES`.
         self.exports_refused_total = 0
 

@@ -6,6 +6,9 @@ Parquet file named by device and segment id, so a retry rewrites the same file) 
 ingest ledger, whose (device, segment id) key answers a retry "duplicate". Resumable uploads
 (``UploadChunk``) are staged until whole and then take the same path.
 
+A device whose data was erased (``services.lifecycle``) has every segment with samples from before the
+erasure refused the same way: what it still held is not taken again.
+
 Defense in depth: a segment that carries a signal its campaign's privacy policy drops, or a clear
 identifier it hashes, is refused before anything is written (``PrivacyViolationError``, which the device
 gets as a refusal with the reason and does not retry), counted as outcome ``refused_privacy``. The policy
@@ -32,7 +35,7 @@ from fleetloop_cloud.repositories.records import SegmentReceipt
 from fleetloop_cloud.services.access import Access, Caller
 from fleetloop_cloud.services.privacy import CampaignPolicies
 from fleetloop_cloud.sessions import DeviceSessions
-from fleetloop_cloud.uploads.clock_check import REFUSED, judge
+from fleetloop_cloud.uploads.clock_check import REFUSED, cloud_span, judge
 from fleetloop_cloud.uploads.scheduler import NETWORKS, Backlog, Budget, UploadScheduler
 from fleetloop_cloud.uploads.staging import StagingLimits, UploadStaging
 from fleetloop_shared.catalog import Catalog
@@ -129,8 +132,10 @@ class IngestService:
         max_upload_bytes: int = MAX_CHUNKED_UPLOAD_BYTES,
         timer: Callable[[], float] = time.perf_counter,
         policies: CampaignPolicies | None = None,
+        erased_before: Callable[[str], float | None] | None = None,
     ) -> None:
         self._policies = policies
+        self._erased_before = erased_before
         self._devices = devices
         self._segments = segments
         self._samples = samples
@@ -221,6 +226,12 @@ class IngestService:
         if found:
             raise PrivacyViolationError(f"segment {segment_id.hex()} refused: {'; '.join(found)}")
         span = seg.time_range()
+        erased = self._erased_before(device_id) if self._erased_before is not None else None
+        if erased is not None and span is not None and span[0] < int(erased * 1e9):
+            raise PrivacyViolationError(
+                f"segment {segment_id.hex()} refused: device {device_id}'s data before its erasure "
+                f"at {erased:.0f} (unix s) is not taken again"
+            )
         clock = judge(
             r.clock if r.HasField("clock") else None,
             span[0] if span else None, span[1] if span else None, int(now * 1e9),
@@ -231,8 +242,7 @@ class IngestService:
             fleet=device.fleet, device_id=device_id, capture_id=capture_id, campaign=campaign, segment=seg,
             catalog=catalog, received_unix=now, clock_offset_ns=clock.applied_ns, privacy=privacy,
         )  # fmt: skip
-        shift = clock.applied_ns or 0
-        first, last = (span[0] - shift, span[1] - shift) if span else (0, 0)
+        first, last = cloud_span(seg, clock.applied_ns)
         receipt = SegmentReceipt(
             capture_id, campaign, r.priority, samples, first, last, privacy,
             clock_offset_ns=clock.reported_ns, clock_round_trip_ns=clock.round_trip_ns,

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fleetloop_shared.clock import MAX_ROUND_TRIP_NS
+from fleetloop_shared.segment import Segment
 from fleetloop_shared.wire import ingest_pb2
 
 _NS_PER_S = 1_000_000_000
@@ -74,3 +75,14 @@ def judge(
     if first_ns is not None and first_ns >= EARLIEST_NS and first_ns - offset < EARLIEST_NS:
         return refused("corrected by it, samples would lie before 2000")
     return ClockVerdict(offset, offset, rtt, APPLIED)
+
+
+def cloud_span(segment: Segment, applied_ns: int | None) -> tuple[int, int]:
+    """The first and last sample time of ``segment`` on the cloud's clock (``applied_ns`` taken off, as
+    the fleet store stores its rows); (0, 0) for a segment without samples. The one place a span is
+    corrected, so the ledger's receipts and the fleet store's agree."""
+    span = segment.time_range()
+    if span is None:
+        return 0, 0
+    shift = applied_ns or 0
+    return span[0] - shift, span[1] - shift

@@ -160,6 +160,14 @@ class UploadStaging:
         self.counters["expired"] += removed
         return removed
 
+    def discard_device(self, device_id: str) -> int:
+        """Remove every partial upload of ``device_id`` (its data is being erased); how many."""
+        with self._lock:
+            uploads = _uploads(self._store.list(f"{device_id}/"))
+            for pieces in uploads.values():
+                self._remove(pieces)
+        return len(uploads)
+
     def staged_bytes(self) -> int:
         with self._lock:
             return self._staged
