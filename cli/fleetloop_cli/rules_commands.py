@@ -343,9 +343,10 @@ def _what_is_uploaded(spec: Any, inputs: _Inputs, t_ns: int, from_ns: int, to_ns
         secret = hashlib.sha256(b"fleetloop rules test").digest()
         key = PrivacyKey(_PREVIEW_KEY_ID, secret, -(2**63), 2**63 - 1)
         outcome = apply_policy(spec.privacy, window, inputs.catalog, KeyRing([key]), t_ns)
-        out["privacy"] = {"suppressed": outcome.suppressed, "dropped_signals": outcome.dropped_signals,
-                          "hashed_values": outcome.hashed_values,
-                          "removed_positions": outcome.removed_positions}  # fmt: skip
+        taken = outcome.redacted
+        out["privacy"] = {"suppressed": outcome.suppressed, "dropped_signals": taken.dropped_signals,
+                          "hashed_values": taken.hashed_values,
+                          "removed_positions": taken.removed_positions}  # fmt: skip
         window = outcome.batches or []
     signals: dict[str, dict[str, Any]] = {}
     for batch in window:
