@@ -57,6 +57,15 @@ class ObjectStore(Protocol):
 
     def get(self, key: str) -> bytes: ...
 
+    def stat(self, key: str) -> ObjectInfo:
+        """Size and age of one object; NotFoundError when there is none."""
+        ...
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """Up to ``length`` bytes from ``start`` (fewer at the end): what a file server needs to send
+        a large object in pieces, with HTTP Range, without holding it whole."""
+        ...
+
     def delete(self, key: str) -> None:
         """Remove the object; a missing one is not an error (deletes are retried)."""
         ...
@@ -85,6 +94,16 @@ class MemoryObjectStore:
         if found is None:
             raise NotFoundError(f"no object {key!r} in {self.location}")
         return found[0]
+
+    def stat(self, key: str) -> ObjectInfo:
+        with self._lock:
+            found = self._objects.get(check_key(key))
+        if found is None:
+            raise NotFoundError(f"no object {key!r} in {self.location}")
+        return ObjectInfo(key, len(found[0]), found[1])
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        return self.get(key)[max(0, start) : max(0, start) + max(0, length)]
 
     def delete(self, key: str) -> None:
         with self._lock:
@@ -127,6 +146,29 @@ class LocalObjectStore:
         path = self.path(key)
         try:
             return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise NotFoundError(f"no object {key!r} in {self.location}") from None
+        except OSError as exc:
+            raise UnavailableError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+    def stat(self, key: str) -> ObjectInfo:
+        path = self.path(key)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise NotFoundError(f"no object {key!r} in {self.location}") from None
+        except OSError as exc:
+            raise UnavailableError(f"cannot read {path}: {exc.strerror or exc}") from None
+        if not path.is_file():
+            raise NotFoundError(f"no object {key!r} in {self.location}")
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        path = self.path(key)
+        try:
+            with path.open("rb") as fh:
+                fh.seek(max(0, start))
+                return fh.read(max(0, length))
         except (FileNotFoundError, IsADirectoryError):
             raise NotFoundError(f"no object {key!r} in {self.location}") from None
         except OSError as exc:

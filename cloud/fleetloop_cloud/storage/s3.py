@@ -100,6 +100,22 @@ class S3ObjectStore:
         with mapped_errors(f"s3://{path}"), self._fs.open_input_stream(path) as src:
             return bytes(src.readall())
 
+    def stat(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        with mapped_errors(f"s3://{path}"):
+            info = self._fs.get_file_info(path)
+        if info.type != fs.FileType.File:
+            raise NotFoundError(f"s3://{path}: no such object")
+        modified = info.mtime.timestamp() if info.mtime is not None else 0.0
+        return ObjectInfo(key, int(info.size or 0), modified)
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        path = self._path(key)
+        with mapped_errors(f"s3://{path}"), self._fs.open_input_file(path) as src:
+            size = src.size()
+            begin = min(max(0, start), size)
+            return bytes(src.read_at(min(max(0, length), size - begin), begin)) if begin < size else b""
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         try:
