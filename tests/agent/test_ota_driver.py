@@ -29,9 +29,10 @@ from fleetloop_agent.ota.driver import OtaDriver, OtaReport
 from fleetloop_agent.ota.journal import JournalEntry, OtaJournal
 from fleetloop_agent.ota.platform import EnvFilePlatform, RebootRequested, read_boot_env
 from fleetloop_agent.ota.states import OtaState
-from fleetloop_cloud.ota.artifact_store import ArtifactStore, check_not_older_than_fleet
+from fleetloop_cloud.ota.artifact_store import ArtifactStore, ReleaseInput, check_not_older_than_fleet
 from fleetloop_cloud.ota.director import Director
 from fleetloop_cloud.ota.tuf_repository import TufRepositories, target_file
+from fleetloop_cloud.storage import LocalObjectStore
 from fleetloop_fwsim.bootloader import BootResult, boot, paths, provision, slot_paths
 from fleetloop_fwsim.firmware import build_image
 from fleetloop_fwsim.ota_chaos import Cutter, CuttingFetcher, CuttingPlatform, PowerCut
@@ -77,8 +78,9 @@ class Cloud:
 
     def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
         self.root = root
-        self.tuf = TufRepositories(root / "artifacts" / "tuf", root / "keys" / "tuf", clock=clock)
-        self.store = ArtifactStore(root / "artifacts", ReleaseSigner.generate(), tuf=self.tuf)
+        objects = LocalObjectStore(root / "artifacts")
+        self.tuf = TufRepositories(objects, root / "keys" / "tuf", clock=clock)
+        self.store = ArtifactStore(objects, ReleaseSigner.generate(), tuf=self.tuf)
         self.director = Director(self.tuf)
         self.overrides: dict[str, bytes] = {}
         self.requests: list[str] = []
@@ -115,7 +117,7 @@ class Cloud:
         if path in self.overrides:
             return self.overrides[path]
         if path.startswith("/files/"):
-            return self.store.file_path(path[1:]).read_bytes()
+            return self.store.file(path[1:]).data()
         m = re.fullmatch(r"/tuf/(image|director/[^/]+)/([^/]+)", path)
         if m is None:
             raise StateError("no such path")
@@ -132,7 +134,8 @@ class Cloud:
     def publish(self, image: bytes, version: str, bases: list[bytes]) -> ReleaseManifest:
         for b in bases:
             self.store.add_image(b)
-        m, _ = self.store.add_release(image, name=NAME, version=version, hardware_id=HW, bases=bases, now=NOW)
+        m, _ = self.store.add_release(ReleaseInput(
+            image, name=NAME, version=version, hardware_id=HW, bases=bases, now=NOW))
         self.releases[version] = manifest_from_bytes(m)
         return self.releases[version]
 
@@ -150,7 +153,7 @@ class Cloud:
 
     def delta(self, version: str) -> bytes:
         p = next(p for p in self.releases[version].payloads if p.kind == "delta")
-        return self.store.file_path(p.path).read_bytes()
+        return self.store.file(p.path).data()
 
 
 def make_cloud(root: Path, release: Release) -> Cloud:
@@ -373,7 +376,7 @@ def test_tampered_payload_fails_and_leaves_the_slots_alone(
 def test_missing_artifact_fails_with_a_reason(tmp_path: Path, release: Release, release_cloud: Cloud) -> None:
     cloud = release_cloud
     delta_ref = next(p for p in cloud.releases["2.0.0"].payloads if p.kind == "delta")
-    cloud.store.file_path(delta_ref.path).unlink()
+    (cloud.root / "artifacts" / delta_ref.path).unlink()
     dev = Device(tmp_path, release.v1, cloud)
     dev.driver().handle_job(*dev.job("job-404"))  # type: ignore[arg-type]
     assert dev.reports[-1].state is S.FAILED and "artifact not found" in dev.reports[-1].reason
@@ -695,7 +698,7 @@ def test_a_roll_back_to_the_image_in_the_other_slot_is_accepted_and_no_further(
 def test_attack_metadata_rollback_is_refused(tmp_path: Path, release: Release, release_cloud: Cloud) -> None:
     cloud = release_cloud
     dev = Device(tmp_path, release.v1, cloud)
-    old = {n: cloud.tuf.image.file(f"{n}.json").read_bytes() for n in ("timestamp", "snapshot", "targets")}
+    old = {n: cloud.tuf.image.data(f"{n}.json") for n in ("timestamp", "snapshot", "targets")}
     cloud.publish(build_image("4.0.0", HW, size_hint=IMAGE_SIZE), "4.0.0", [])
     dev.job("job-seen")
     dev.driver().handle_job("job-other", "r", b"", b"", cloud.base_url)  # refused, but metadata was seen
@@ -734,7 +737,7 @@ def test_attack_endless_data(tmp_path: Path, release: Release, release_cloud: Cl
 def test_attack_wrong_key(tmp_path: Path, release: Release, release_cloud: Cloud) -> None:
     cloud = release_cloud
     dev = Device(tmp_path, release.v1, cloud)
-    forged = _signed(cloud.tuf.image.file("targets.json").read_bytes(), CryptoSigner.generate_ed25519())
+    forged = _signed(cloud.tuf.image.data("targets.json"), CryptoSigner.generate_ed25519())
     cloud.overrides["/tuf/image/targets.json"] = forged
     reason = _reject(dev, dev.job("job-forged"), cloud)
     assert "signatures do not meet the threshold" in reason
@@ -818,10 +821,11 @@ def test_release_manager_is_refused_before_anything_reaches_a_device(
     try:
         with pytest.raises(UserError, match="for hardware 'simdev-gen2', not 'other-hw'"):
             cloud.store.add_release(
-                release.v2, name=NAME, version="2.0.0", hardware_id="other-hw", bases=[], now=NOW
-            )
+                ReleaseInput(
+                    release.v2, name=NAME, version="2.0.0", hardware_id="other-hw", bases=[], now=NOW))
         with pytest.raises(UserError, match=r"is firmware version 2\.0\.0, not 2\.1\.0"):
-            cloud.store.add_release(release.v2, name=NAME, version="2.1.0", hardware_id=HW, bases=[], now=NOW)
+            cloud.store.add_release(ReleaseInput(
+                release.v2, name=NAME, version="2.1.0", hardware_id=HW, bases=[], now=NOW))
         with pytest.raises(UserError, match=r"older than 1\.5\.0, which devices with hardware"):
             check_not_older_than_fleet(["1.0.0", "1.5.0"], "1.2.0", HW)
         now[0] += 400 * 86400  # the image repository's root has expired
@@ -869,8 +873,7 @@ def test_a_bundle_installs_by_atomic_swap_without_a_reboot(
     )
     for version, data in (("1.0.0", v1), ("1.1.0", v2)):
         m, _ = cloud.store.add_release(
-            data, name="brake-model", version=version, hardware_id=HW, bases=[], now=NOW
-        )
+            ReleaseInput(data, name="brake-model", version=version, hardware_id=HW, bases=[], now=NOW))
         cloud.releases[version] = manifest_from_bytes(m)
         assert cloud.releases[version].install == "swap"
     dev = Device(tmp_path, release.v1, cloud)
@@ -908,7 +911,8 @@ def test_a_hostile_bundle_fails_and_the_current_version_stays(
         evil = tarfile.TarInfo("link")
         evil.type, evil.linkname = tarfile.SYMTYPE, "/etc/passwd"
     data = _tar({"ok.txt": b"ok"}, evil)
-    m, _ = cloud.store.add_release(data, name="cfg", version="2.0.0", hardware_id=HW, bases=[], now=NOW)
+    m, _ = cloud.store.add_release(ReleaseInput(
+        data, name="cfg", version="2.0.0", hardware_id=HW, bases=[], now=NOW))
     cloud.releases["cfg-2"] = manifest_from_bytes(m)
     dev = Device(tmp_path, release.v1, cloud)
     dev.driver().handle_job(*cloud.job("job-h", "cfg-2", release.v1))  # type: ignore[arg-type]

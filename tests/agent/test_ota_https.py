@@ -23,6 +23,7 @@ from fleetloop_agent.ota.download import HttpFetcher
 from fleetloop_agent.runtime import AgentRuntime
 from fleetloop_cloud.grpc_api import GrpcTls, start_grpc_server
 from fleetloop_cloud.http_api import HttpSettings, HttpTls, start_http_server
+from fleetloop_cloud.ota.artifact_store import ReleaseInput
 from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim.broker import CertificateAuthority
@@ -115,8 +116,9 @@ def test_a_rollout_reaches_an_agent_over_https_with_the_cloud_ca(cloud: TlsCloud
     thread.start()
     try:
         assert wait_for(lambda: runtime.link.connected.is_set(), 30), runtime.link.last_error
-        cloud.coordinator.releases.upload(LOCAL, bundle("1.1.0"), name="settings", version="1.1.0",
-                                          hardware_id=HW, now=time.time())  # fmt: skip
+        cloud.coordinator.releases.upload(LOCAL, ReleaseInput(
+            bundle("1.1.0"), name="settings", version="1.1.0",
+                                          hardware_id=HW, now=time.time()))  # fmt: skip
         policy = {"release_version": "1.1.0", "phases": [{"name": "all", "percent": 100}]}
         rid = cloud.coordinator.rollouts.create(LOCAL, policy, time.time()).id
         status: list[Any] = []

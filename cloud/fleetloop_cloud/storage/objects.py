@@ -246,13 +246,29 @@ class S3Settings:
         return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
 
 
+def copy_objects(source: ObjectStore, target: ObjectStore, prefix: str = "") -> int:
+    """Copy every object under ``prefix`` that ``target`` lacks (or holds with another size) from
+    ``source``: how ``cloud migrate`` moves a data directory's artifacts into a bucket. Safe to run
+    again (what was copied is skipped). Returns how many objects were copied."""
+    have = {o.key: o.size for o in target.list(prefix)}
+    copied = 0
+    for obj in source.list(prefix):
+        if have.get(obj.key) != obj.size:
+            target.put(obj.key, source.get(obj.key))
+            copied += 1
+    return copied
+
+
 def open_object_store(
     settings: S3Settings | None, local_root: Path, *, area: str, durable: bool = True
 ) -> ObjectStore:
-    """Where one user's objects go: below ``area`` (``fleet``, ``staging``) in the bucket of
-    ``settings``, or in the folder ``local_root`` when there is no bucket (the embedded default)."""
+    """Where one user's objects go: below ``area`` (``fleet``, ``staging``, ``artifacts``) in the bucket
+    of ``settings`` (ConfigError if it is missing or refuses the credentials), or in the folder
+    ``local_root`` when there is no bucket (the embedded default)."""
     if settings is None:
         return LocalObjectStore(local_root, durable=durable)
     from fleetloop_cloud.storage.s3 import S3ObjectStore
 
-    return S3ObjectStore(settings, area=check_key(area))
+    store = S3ObjectStore(settings, area=check_key(area))
+    store.check_bucket()
+    return store
