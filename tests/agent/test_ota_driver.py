@@ -920,3 +920,63 @@ def test_a_hostile_bundle_fails_and_the_current_version_stays(
     assert "outside the bundle" in dev.reports[-1].reason or "not a regular file" in dev.reports[-1].reason
     assert not (dev.state_dir / "bundles" / "cfg" / "current").exists()
     assert not list(tmp_path.rglob("outside.txt"))
+
+
+# -- withdrawn jobs ---------------------------------------------------------------------------------
+
+
+def test_a_job_withdrawn_mid_download_is_journaled_canceled_then_its_download_deleted(
+    tmp_path: Path, release: Release, server: Cloud
+) -> None:
+    dev = Device(tmp_path, release.v1, server)
+    seen: list[OtaState] = []
+
+    def report(r: OtaReport) -> None:
+        dev.reports.append(r)
+        if r.state is OtaState.DOWNLOADING and OtaState.DOWNLOADING not in seen:
+            driver.cancel("job-w", "rollout r aborted")  # as the control stream's thread does
+            seen.append(r.state)
+
+    driver = dev.driver(report=report)
+    driver.handle_job(*dev.job("job-w"))  # type: ignore[arg-type]
+    assert dev.states()[-1] is OtaState.CANCELED and dev.reports[-1].reason == "rollout r aborted"
+    assert OtaState.INSTALLING not in dev.states()
+    journal = dev.journal()
+    assert journal is not None and journal.state is OtaState.CANCELED
+    assert not any((dev.state_dir / "downloads").glob("*"))
+    assert dev.env().get("upgrade_available", "0") == "0" and dev.slot("b") != release.v2  # nothing written
+    driver.handle_job(*dev.job("job-w"))  # type: ignore[arg-type]  # offered again: refused
+    assert dev.states()[-1] is OtaState.REJECTED and "already finished as CANCELED" in dev.reports[-1].reason
+
+
+def test_a_job_withdrawn_before_it_starts_never_runs(tmp_path: Path, release: Release, server: Cloud) -> None:
+    dev = Device(tmp_path, release.v1, server)
+    driver = dev.driver()
+    driver.cancel("job-q", "offer withdrawn: schedule ended")
+    driver.handle_job(*dev.job("job-q"))  # type: ignore[arg-type]  # it was queued behind the cancel
+    assert dev.states() == [OtaState.CANCELED] and dev.journal() is None
+    driver.cancel("job-never", "rollout r aborted")  # withdrawn before its offer even arrived
+    driver.settle_cancel("job-never", "r")
+    assert dev.states()[-1] is OtaState.CANCELED and dev.reports[-1].job_id == "job-never"
+    driver.handle_job(*dev.job("job-never"))  # type: ignore[arg-type]  # a late offer is refused
+    assert dev.states()[-1] is OtaState.REJECTED
+
+
+def test_a_job_withdrawn_while_installing_finishes_as_the_state_machine_says(
+    tmp_path: Path, release: Release, server: Cloud
+) -> None:
+    dev = Device(tmp_path, release.v1, server)
+
+    def report(r: OtaReport) -> None:
+        dev.reports.append(r)
+        if r.state is OtaState.INSTALLING:
+            driver.cancel("job-late", "rollout r aborted")
+
+    driver = dev.driver(report=report)
+    with pytest.raises(RebootRequested):  # committed to installing: it goes on to the reboot
+        driver.handle_job(*dev.job("job-late"))  # type: ignore[arg-type]
+    assert OtaState.CANCELED not in dev.states()
+    journal = dev.journal()
+    assert journal is not None and journal.state is OtaState.REBOOTING
+    driver.settle_cancel("job-late", "r")  # the queued withdrawal: reports what became of the job
+    assert dev.states()[-1] is OtaState.REBOOTING
