@@ -763,3 +763,7 @@ def test_an_aborted_rollout_withdraws_the_jobs_devices_hold_once_each(store: Rep
     assert pub.withdrawn[-1][0] == "car-2" and len(pub.withdrawn) == 3
     ctl.tick(8.0 + 3600 * 2)  # long after the abort, nothing is pushed any more
     assert len(pub.withdrawn) == 3
+    # an agent that predates withdrawals ignored it and finished the job: recorded as it ended
+    report(ctl, rid, "car-2", "COMMITTED", now=9.0 + 3600 * 2)
+    assert {d.device_id: d.state for d in status(store, rid).devices}["car-2"] == "COMMITTED"
+    assert len(pub.withdrawn) == 3
