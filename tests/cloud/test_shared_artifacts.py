@@ -6,6 +6,7 @@ by today's code moves into the bucket with ``cloud migrate``."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -198,3 +199,25 @@ def test_a_missing_bucket_or_refused_credentials_is_a_clear_error_at_start(
     s3.faults.refuse_next = 10
     with pytest.raises(ConfigError, match="refused the S3 credentials"):
         Coordinator(tmp_path / "y", storage=settings(s3, max_attempts=1), tables=ICEBERG)
+
+
+def test_releases_survive_500s_slow_answers_and_a_restart_of_the_endpoint_once_each(
+    pair: tuple[Coordinator, Coordinator], s3: Any, tmp_path: Path
+) -> None:
+    a, b = pair
+    before = a.tuf.image.version()
+    s3.faults.fail_next = 3  # three 500s on the first requests of the upload
+    a.releases.upload(LOCAL, release(build_image("1.0.0", HW, size_hint=32 * 1024), "1.0.0"))
+    s3.faults.slow_next, s3.faults.delay_s = 2, 2.5  # landed, answered after the time limit: retried
+    a.releases.upload(LOCAL, release(build_image("1.1.0", HW, size_hint=32 * 1024), "1.1.0"))
+    restarted = s3.front.restart(down_s=1.5)  # the endpoint goes away mid-upload and comes back
+    b.releases.upload(LOCAL, release(build_image("1.2.0", HW, size_hint=32 * 1024), "1.2.0"))
+    restarted.join()
+    assert s3.faults.counts["failed"] >= 3 and s3.faults.counts["slowed"] >= 2
+    # each release once: one targets version per publish, every file whole
+    assert a.tuf.image.version() == before + 3
+    assert b.artifacts.versions("fw", HW) == ["1.0.0", "1.1.0", "1.2.0"]
+    for version in ("1.0.0", "1.1.0", "1.2.0"):
+        manifest = b.artifacts.release("fw", HW, version)[0]
+        sha = json.loads(manifest)["target_sha256"]
+        assert sha256_hex(b.artifacts.image(sha)) == sha
