@@ -532,11 +532,11 @@ class TufRepositories:
             offline = KeyStore(custody.release_keys) if custody.release_keys is not None and fresh else None
             self.image_authority = self._image_root(image_root, key_root, custody, offline,
                                                     root_keys, root_threshold)  # fmt: skip
-            with writers.hold("tuf/director/root"):
-                self.director_authority = RootAuthority(
-                    MetadataFolder(store, "tuf/director/root"), KeyStore(key_root / "director"),
-                    repository="director", clock=clock,
-                )  # fmt: skip
+        with writers.hold("tuf/director/root"):  # one lock at a time: none is held while waiting on another
+            self.director_authority = RootAuthority(
+                MetadataFolder(store, "tuf/director/root"), KeyStore(key_root / "director"),
+                repository="director", clock=clock,
+            )  # fmt: skip
         if offline is not None:
             # what the release managers receive: each key file named by its role
             signed = self.image_authority.root.signed
