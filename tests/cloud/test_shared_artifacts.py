@@ -30,7 +30,7 @@ from fleetloop_cloud.server import Coordinator, migrate
 from fleetloop_cloud.services.access import Caller
 from fleetloop_cloud.storage import S3Settings
 from fleetloop_fwsim.firmware import build_image
-from fleetloop_shared.errors import ConfigError
+from fleetloop_shared.errors import ConfigError, StateError
 from fleetloop_shared.update.artifact import sha256_hex
 
 HW = "gen1"
@@ -221,3 +221,31 @@ def test_releases_survive_500s_slow_answers_and_a_restart_of_the_endpoint_once_e
         manifest = b.artifacts.release("fw", HW, version)[0]
         sha = json.loads(manifest)["target_sha256"]
         assert sha256_hex(b.artifacts.image(sha)) == sha
+
+
+def test_the_same_release_uploaded_through_both_at_once_is_published_once(
+    pair: tuple[Coordinator, Coordinator],
+) -> None:
+    a, b = pair
+    before = a.tuf.image.version()
+    outcomes: list[str] = []
+
+    def upload(c: Coordinator, size: int) -> None:
+        try:
+            c.releases.upload(LOCAL, release(build_image("3.0.0", HW, size_hint=size), "3.0.0"))
+            outcomes.append("published")
+        except StateError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=upload, args=(c, n)) for c, n in ((a, 4096), (b, 8192))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert outcomes.count("published") == 1 and len(outcomes) == 2
+    assert "already" in next(o for o in outcomes if o != "published")
+    assert a.tuf.image.version() == before + 1
+    record = b.repositories.releases.get("3.0.0", "fw")
+    assert record is not None
+    published = a.tuf.image.targets()[f"fw/{HW}/3.0.0.img"].hashes["sha256"]
+    assert json.loads(record.manifest)["target_sha256"] == published  # the record is the signed one

@@ -272,7 +272,7 @@ class ArtifactStore:
         with self._lock:
             manifest, manifest_bytes, signature = self._prepare(release)
             if self.tuf is not None:
-                self.tuf.image.publish(self._targets_of(manifest))
+                self.tuf.image.publish(self._targets_of(manifest), new_only=True)
             self._write_release(manifest, manifest_bytes, signature)
         return manifest_bytes, signature
 

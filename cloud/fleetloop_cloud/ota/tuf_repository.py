@@ -394,10 +394,18 @@ class RoleFiles:
             targets=merged,
         )
 
-    def publish(self, targets: Mapping[str, TargetFile], *, replace: bool = False) -> int:
+    def publish(
+        self, targets: Mapping[str, TargetFile], *, replace: bool = False, new_only: bool = False
+    ) -> int:
         """Add (or, with ``replace``, set) targets; re-sign targets, snapshot, timestamp. Returns the
-        new targets version. StateError when this coordinator does not hold the targets keys."""
+        new targets version. StateError when this coordinator does not hold the targets keys, or with
+        ``new_only`` when one of the paths is a target already (another coordinator published the same
+        release a moment ago: checked under the writer lock, so one of them wins)."""
         with self._writers.hold(self.folder.prefix):
+            if new_only:
+                taken = sorted(set(targets) & set(self.targets()))
+                if taken:
+                    raise StateError(f"{taken[0]} is published already")
             return self._publish(targets, replace=replace)
 
     def _publish(self, targets: Mapping[str, TargetFile], *, replace: bool) -> int:
