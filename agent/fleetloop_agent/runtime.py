@@ -129,7 +129,7 @@ class AgentRuntime:
         self.privacy_keys = KeyRing()
         self.privacy = PrivacyTotals()
         self._inbox: queue.Queue[device_pb2.CloudMessage] = queue.Queue(maxsize=256)
-        self._ota_jobs: queue.Queue[ota_pb2.OtaJob] = queue.Queue(maxsize=OTA_QUEUE_LIMIT)
+        self._ota_jobs: queue.Queue[ota_pb2.OtaJob | ota_pb2.OtaCancel] = queue.Queue(maxsize=OTA_QUEUE_LIMIT)
         self._stop = threading.Event()
         self._reboot = threading.Event()
         self._last_ota: OtaReport | None = None
@@ -284,6 +284,14 @@ class AgentRuntime:
                 self._ota_jobs.put_nowait(msg.ota_job)
             except queue.Full:
                 log.warning("OTA job %s refused: %d jobs already queued", msg.ota_job.job_id, OTA_QUEUE_LIMIT)
+            return
+        if kind == "ota_cancel":
+            # at once, so a job downloading now stops; queued too, to settle one not started yet
+            self.ota.cancel(msg.ota_cancel.job_id, msg.ota_cancel.reason)
+            try:
+                self._ota_jobs.put_nowait(msg.ota_cancel)
+            except queue.Full:
+                log.warning("OTA queue full; job %s is withdrawn when it comes up", msg.ota_cancel.job_id)
             return
         try:
             self._inbox.put_nowait(msg)  # on the link's loop: never wait here
@@ -477,6 +485,9 @@ class AgentRuntime:
                 try:
                     job = self._ota_jobs.get(timeout=0.5)
                 except queue.Empty:
+                    continue
+                if isinstance(job, ota_pb2.OtaCancel):
+                    self.ota.settle_cancel(job.job_id, job.rollout_id, job.reason)
                     continue
                 self.ota.handle_job(
                     job.job_id, job.rollout_id, job.manifest, job.signature, job.artifact_base_url

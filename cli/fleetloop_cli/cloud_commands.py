@@ -45,9 +45,11 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     s.set_defaults(func=cmd_cloud_serve)
 
     m = groups["cloud"].add_parser(
-        "migrate", help="copy a data directory's Parquet fleet store into Iceberg tables",
+        "migrate", help="copy a data directory's Parquet fleet store into Iceberg tables (and, with a "
+        "bucket, its artifacts into the bucket)",
         description="Copies samples/fleet=*/date=* (compacted files included) and the captures into the "
-        "Iceberg tables that serve --table-format iceberg uses, in the same database and storage; safe to "
+        "Iceberg tables that serve --table-format iceberg uses, in the same database and storage, and with "
+        "storage.bucket the artifacts (images, deltas, manifests, TUF metadata) into the bucket; safe to "
         "run again. Then serve with fleet_store.format: iceberg.",
     )  # fmt: skip
     m.add_argument("--config", help="the coordinator's configuration file (data_dir, database, storage)")

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fleetloop_cloud.ota.artifact_store import ReleaseInput
 from fleetloop_shared.errors import UserError
 from fleetloop_shared.update.artifact import manifest_from_bytes, sha256_hex
 from fleetloop_shared.update.delta_format import FLDELTA2, FORMATS
@@ -87,14 +88,14 @@ class _LocalCloud:
         self.base_url = f"http://127.0.0.1:{port}/"
         self.coordinator.artifacts.add_image(self.old_image)
         manifest, _ = self.coordinator.artifacts.add_release(
-            self.new_image,
+            ReleaseInput(self.new_image,
             name="firmware",
             version="2.0.0",
             hardware_id=self.hardware_id,
             bases=[self.old_image],
             now=self.coordinator.clock(),
-            base_formats={sha256_hex(self.old_image): self.delta_formats},
-        )
+            base_formats={sha256_hex(self.old_image): self.delta_formats}),
+    )
         self.release = manifest_from_bytes(manifest)
         self._keys = workdir / "cloud" / "keys"
 

@@ -319,7 +319,7 @@ KEYS: tuple[Key, ...] = (
     Key("query.threads", _integer(1, 256), _QUERY.threads, "DuckDB threads per query"),
     Key("query.max_rows", _integer(1, MAX_ROWS_LIMIT), _QUERY.max_rows, "rows a query returns at most"),
     Key("storage.bucket", _optional(_text), None,
-        "keep the fleet store and upload staging in this S3 bucket (default: the data directory)",
+        "keep the fleet store, upload staging and artifacts in this S3 bucket (default: the data directory)",
         "--bucket"),
     Key("storage.prefix", _object_prefix, "", "key prefix in the bucket for this deployment's objects"),
     Key("storage.endpoint", _optional(_endpoint), None,

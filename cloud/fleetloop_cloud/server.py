@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import FrameType
 
@@ -48,6 +48,7 @@ from fleetloop_cloud.ota.artifact_store import ArtifactStore
 from fleetloop_cloud.ota.director import Director
 from fleetloop_cloud.ota.online_keys import KeyFiles, OnlineKeys, SecretKeys, release_signer
 from fleetloop_cloud.ota.tuf_repository import ImageKeyCustody, TufRepositories
+from fleetloop_cloud.ota.writers import DatabaseWriters, LocalWriters
 from fleetloop_cloud.repositories import open_repositories
 from fleetloop_cloud.rollout.controller import LEASE_TTL_S, RolloutController
 from fleetloop_cloud.rollout.gate_inputs import FleetStoreGateInputs
@@ -65,7 +66,7 @@ from fleetloop_cloud.services.releases import ReleaseService
 from fleetloop_cloud.services.rollouts import ControllerAudit, RolloutService
 from fleetloop_cloud.services.tokens import IssuedToken, TokenService
 from fleetloop_cloud.sessions import DeviceSessions
-from fleetloop_cloud.storage import S3Settings, open_object_store
+from fleetloop_cloud.storage import LocalObjectStore, S3Settings, copy_objects, open_object_store
 from fleetloop_cloud.uploads.scheduler import UploadScheduler
 from fleetloop_cloud.uploads.staging import UploadStaging
 from fleetloop_shared.classification import Classification, read_classification
@@ -155,13 +156,15 @@ class Coordinator:
         # coordinator mounts (never the database)
         self.keys = keys = keys or KeyFiles(data_dir / "keys")
         self.signer = release_signer(keys)
-        # OTA trust: devices are provisioned with keys/image-root.json and keys/director-root.json
-        tuf_dir = data_dir / "artifacts" / "tuf"
-        if not keys.writable and not tuf_dir.is_dir():
+        # OTA trust: devices are provisioned with keys/image-root.json and keys/director-root.json. The
+        # artifacts and the TUF metadata live in the object store: the data directory's artifacts/, or
+        # the bucket every coordinator shares
+        self.artifact_objects = open_object_store(storage, data_dir / "artifacts", area="artifacts")
+        if not keys.writable and not self.artifact_objects.list("tuf/image/root/"):
             raise ConfigError(
-                f"{data_dir} holds no TUF repositories, and with keys from a secret ({keys.directory}) a "
-                "coordinator makes no keys: start from the data directory 'fleetloop cloud init' made "
-                "with those keys"
+                f"{self.artifact_objects.location} holds no TUF repositories, and with keys from a secret "
+                f"({keys.directory}) a coordinator makes no keys: start from the data directory "
+                "'fleetloop cloud init' made with those keys (moved to a bucket by 'fleetloop cloud migrate')"
             )
         self.limits = limits = limits or Limits()
         self.metrics = PrometheusMetrics()
@@ -187,11 +190,15 @@ class Coordinator:
             grace_s = max(CompactionPolicy().grace_s, limits.query.timeout_s + 60)
             policy = CompactionPolicy(grace_s=grace_s)
             self.compactor = Compactor(self.fleet_store, repos.segments.has, policy)
+        coordinator_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        # metadata versions only grow: coordinators sharing a bucket take turns through the database
+        writers = DatabaseWriters(repos.leases, coordinator_id) if db or storage else LocalWriters()
         self.tuf = TufRepositories(
-            tuf_dir, keys.directory / "tuf", clock=clock, anchor_dir=data_dir / "keys", custody=custody
-        )
+            self.artifact_objects, keys.directory / "tuf", clock=clock, anchor_dir=data_dir / "keys",
+            custody=custody, writers=writers,
+        )  # fmt: skip
         self.director = Director(self.tuf)
-        self.artifacts = ArtifactStore(data_dir / "artifacts", self.signer, tuf=self.tuf)
+        self.artifacts = ArtifactStore(self.artifact_objects, self.signer, tuf=self.tuf)
         self.sessions = DeviceSessions()
         # Resumable uploads are staged in the object store: with a bucket shared by every coordinator, a
         # device that moves to another one mid-upload goes on where it was; in a data directory it
@@ -201,7 +208,6 @@ class Coordinator:
         self.staging = UploadStaging(staging_store, **asdict(limits.staging))
         self.refusals = Refusals()
         self.access = access = Access(self.refusals, repos.audit_log, classification)
-        coordinator_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         controller = ControllerAudit(access, Caller.controller(coordinator_id))
         # A change made here reaches the devices of the other coordinators on one database through the
         # change feed (LISTEN/NOTIFY on PostgreSQL); each catches up on a timer too.
@@ -348,17 +354,26 @@ class Coordinator:
 def migrate(data_dir: Path, *, db: str | None = None, storage: S3Settings | None = None) -> MigrationReport:
     """``fleetloop cloud migrate``: copy the Parquet fleet store of ``data_dir`` (and the ledger's
     captures) into the Iceberg tables a coordinator with ``fleet_store.format: iceberg`` (and the same
-    ``db`` and ``storage``) uses. Safe to run again: partitions already copied are skipped. The Parquet
-    folder is left as it was (delete it once the tables are checked)."""
+    ``db`` and ``storage``) uses, and with a bucket, the artifacts (images, deltas, manifests, TUF
+    metadata) into it. Safe to run again: partitions and objects already copied are skipped. The local
+    folders are left as they were (delete them once the copies are checked)."""
     samples = data_dir / "fleet" / "samples"
+    artifacts = data_dir / "artifacts"
+    copied = 0
+    if storage is not None and artifacts.is_dir():
+        target = open_object_store(storage, artifacts, area="artifacts")
+        copied = copy_objects(LocalObjectStore(artifacts), target)
     if not samples.is_dir():
+        if storage is not None and artifacts.is_dir():
+            return MigrationReport(artifacts=copied)
         raise ConfigError(f"{data_dir} holds no Parquet fleet store ({samples} is missing)")
     repos = open_repositories(db if db else data_dir / "metadata.sqlite")
     try:
         tables = open_tables(data_dir, db, storage)
         try:
             fleets = {d.device_id: d.fleet for d in repos.devices.all()}
-            return migrate_parquet(samples, tables, repos.segments.captures(), fleets, now=time.time())
+            report = migrate_parquet(samples, tables, repos.segments.captures(), fleets, now=time.time())
+            return replace(report, artifacts=copied)
         finally:
             tables.close()
     finally:

@@ -25,6 +25,7 @@ from fleetloop_agent.models import ModelRegistry, load_model_pack
 from fleetloop_agent.runtime import AgentRuntime
 from fleetloop_cloud.grpc_api import start_grpc_server
 from fleetloop_cloud.http_api import start_http_server
+from fleetloop_cloud.ota.artifact_store import ReleaseInput
 from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim import profiles
@@ -112,8 +113,8 @@ def captures(coordinator: Coordinator, name: str) -> int:
 def roll_out(coordinator: Coordinator, version: str, score: float) -> None:
     local = Caller.local()
     coordinator.releases.upload(
-        local, model_pack(score), name="speedscore-pack", version=version, hardware_id=HW, now=time.time()
-    )
+        local, ReleaseInput(
+            model_pack(score), name="speedscore-pack", version=version, hardware_id=HW, now=time.time()))
     policy = {"release_version": version, "phases": [{"name": "all", "percent": 100}]}
     rid = coordinator.rollouts.create(local, policy, time.time()).id
     status: list[Any] = []

@@ -29,9 +29,10 @@ from fleetloop_agent.ota.driver import OtaDriver, OtaReport
 from fleetloop_agent.ota.journal import JournalEntry, OtaJournal
 from fleetloop_agent.ota.platform import EnvFilePlatform, RebootRequested, read_boot_env
 from fleetloop_agent.ota.states import OtaState
-from fleetloop_cloud.ota.artifact_store import ArtifactStore, check_not_older_than_fleet
+from fleetloop_cloud.ota.artifact_store import ArtifactStore, ReleaseInput, check_not_older_than_fleet
 from fleetloop_cloud.ota.director import Director
 from fleetloop_cloud.ota.tuf_repository import TufRepositories, target_file
+from fleetloop_cloud.storage import LocalObjectStore
 from fleetloop_fwsim.bootloader import BootResult, boot, paths, provision, slot_paths
 from fleetloop_fwsim.firmware import build_image
 from fleetloop_fwsim.ota_chaos import Cutter, CuttingFetcher, CuttingPlatform, PowerCut
@@ -77,8 +78,9 @@ class Cloud:
 
     def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
         self.root = root
-        self.tuf = TufRepositories(root / "artifacts" / "tuf", root / "keys" / "tuf", clock=clock)
-        self.store = ArtifactStore(root / "artifacts", ReleaseSigner.generate(), tuf=self.tuf)
+        objects = LocalObjectStore(root / "artifacts")
+        self.tuf = TufRepositories(objects, root / "keys" / "tuf", clock=clock)
+        self.store = ArtifactStore(objects, ReleaseSigner.generate(), tuf=self.tuf)
         self.director = Director(self.tuf)
         self.overrides: dict[str, bytes] = {}
         self.requests: list[str] = []
@@ -115,7 +117,7 @@ class Cloud:
         if path in self.overrides:
             return self.overrides[path]
         if path.startswith("/files/"):
-            return self.store.file_path(path[1:]).read_bytes()
+            return self.store.file(path[1:]).data()
         m = re.fullmatch(r"/tuf/(image|director/[^/]+)/([^/]+)", path)
         if m is None:
             raise StateError("no such path")
@@ -132,7 +134,8 @@ class Cloud:
     def publish(self, image: bytes, version: str, bases: list[bytes]) -> ReleaseManifest:
         for b in bases:
             self.store.add_image(b)
-        m, _ = self.store.add_release(image, name=NAME, version=version, hardware_id=HW, bases=bases, now=NOW)
+        m, _ = self.store.add_release(ReleaseInput(
+            image, name=NAME, version=version, hardware_id=HW, bases=bases, now=NOW))
         self.releases[version] = manifest_from_bytes(m)
         return self.releases[version]
 
@@ -150,7 +153,7 @@ class Cloud:
 
     def delta(self, version: str) -> bytes:
         p = next(p for p in self.releases[version].payloads if p.kind == "delta")
-        return self.store.file_path(p.path).read_bytes()
+        return self.store.file(p.path).data()
 
 
 def make_cloud(root: Path, release: Release) -> Cloud:
@@ -373,7 +376,7 @@ def test_tampered_payload_fails_and_leaves_the_slots_alone(
 def test_missing_artifact_fails_with_a_reason(tmp_path: Path, release: Release, release_cloud: Cloud) -> None:
     cloud = release_cloud
     delta_ref = next(p for p in cloud.releases["2.0.0"].payloads if p.kind == "delta")
-    cloud.store.file_path(delta_ref.path).unlink()
+    (cloud.root / "artifacts" / delta_ref.path).unlink()
     dev = Device(tmp_path, release.v1, cloud)
     dev.driver().handle_job(*dev.job("job-404"))  # type: ignore[arg-type]
     assert dev.reports[-1].state is S.FAILED and "artifact not found" in dev.reports[-1].reason
@@ -695,7 +698,7 @@ def test_a_roll_back_to_the_image_in_the_other_slot_is_accepted_and_no_further(
 def test_attack_metadata_rollback_is_refused(tmp_path: Path, release: Release, release_cloud: Cloud) -> None:
     cloud = release_cloud
     dev = Device(tmp_path, release.v1, cloud)
-    old = {n: cloud.tuf.image.file(f"{n}.json").read_bytes() for n in ("timestamp", "snapshot", "targets")}
+    old = {n: cloud.tuf.image.data(f"{n}.json") for n in ("timestamp", "snapshot", "targets")}
     cloud.publish(build_image("4.0.0", HW, size_hint=IMAGE_SIZE), "4.0.0", [])
     dev.job("job-seen")
     dev.driver().handle_job("job-other", "r", b"", b"", cloud.base_url)  # refused, but metadata was seen
@@ -734,7 +737,7 @@ def test_attack_endless_data(tmp_path: Path, release: Release, release_cloud: Cl
 def test_attack_wrong_key(tmp_path: Path, release: Release, release_cloud: Cloud) -> None:
     cloud = release_cloud
     dev = Device(tmp_path, release.v1, cloud)
-    forged = _signed(cloud.tuf.image.file("targets.json").read_bytes(), CryptoSigner.generate_ed25519())
+    forged = _signed(cloud.tuf.image.data("targets.json"), CryptoSigner.generate_ed25519())
     cloud.overrides["/tuf/image/targets.json"] = forged
     reason = _reject(dev, dev.job("job-forged"), cloud)
     assert "signatures do not meet the threshold" in reason
@@ -818,10 +821,11 @@ def test_release_manager_is_refused_before_anything_reaches_a_device(
     try:
         with pytest.raises(UserError, match="for hardware 'simdev-gen2', not 'other-hw'"):
             cloud.store.add_release(
-                release.v2, name=NAME, version="2.0.0", hardware_id="other-hw", bases=[], now=NOW
-            )
+                ReleaseInput(
+                    release.v2, name=NAME, version="2.0.0", hardware_id="other-hw", bases=[], now=NOW))
         with pytest.raises(UserError, match=r"is firmware version 2\.0\.0, not 2\.1\.0"):
-            cloud.store.add_release(release.v2, name=NAME, version="2.1.0", hardware_id=HW, bases=[], now=NOW)
+            cloud.store.add_release(ReleaseInput(
+                release.v2, name=NAME, version="2.1.0", hardware_id=HW, bases=[], now=NOW))
         with pytest.raises(UserError, match=r"older than 1\.5\.0, which devices with hardware"):
             check_not_older_than_fleet(["1.0.0", "1.5.0"], "1.2.0", HW)
         now[0] += 400 * 86400  # the image repository's root has expired
@@ -869,8 +873,7 @@ def test_a_bundle_installs_by_atomic_swap_without_a_reboot(
     )
     for version, data in (("1.0.0", v1), ("1.1.0", v2)):
         m, _ = cloud.store.add_release(
-            data, name="brake-model", version=version, hardware_id=HW, bases=[], now=NOW
-        )
+            ReleaseInput(data, name="brake-model", version=version, hardware_id=HW, bases=[], now=NOW))
         cloud.releases[version] = manifest_from_bytes(m)
         assert cloud.releases[version].install == "swap"
     dev = Device(tmp_path, release.v1, cloud)
@@ -908,7 +911,8 @@ def test_a_hostile_bundle_fails_and_the_current_version_stays(
         evil = tarfile.TarInfo("link")
         evil.type, evil.linkname = tarfile.SYMTYPE, "/etc/passwd"
     data = _tar({"ok.txt": b"ok"}, evil)
-    m, _ = cloud.store.add_release(data, name="cfg", version="2.0.0", hardware_id=HW, bases=[], now=NOW)
+    m, _ = cloud.store.add_release(ReleaseInput(
+        data, name="cfg", version="2.0.0", hardware_id=HW, bases=[], now=NOW))
     cloud.releases["cfg-2"] = manifest_from_bytes(m)
     dev = Device(tmp_path, release.v1, cloud)
     dev.driver().handle_job(*cloud.job("job-h", "cfg-2", release.v1))  # type: ignore[arg-type]
@@ -916,3 +920,63 @@ def test_a_hostile_bundle_fails_and_the_current_version_stays(
     assert "outside the bundle" in dev.reports[-1].reason or "not a regular file" in dev.reports[-1].reason
     assert not (dev.state_dir / "bundles" / "cfg" / "current").exists()
     assert not list(tmp_path.rglob("outside.txt"))
+
+
+# -- withdrawn jobs ---------------------------------------------------------------------------------
+
+
+def test_a_job_withdrawn_mid_download_is_journaled_canceled_then_its_download_deleted(
+    tmp_path: Path, release: Release, server: Cloud
+) -> None:
+    dev = Device(tmp_path, release.v1, server)
+    seen: list[OtaState] = []
+
+    def report(r: OtaReport) -> None:
+        dev.reports.append(r)
+        if r.state is OtaState.DOWNLOADING and OtaState.DOWNLOADING not in seen:
+            driver.cancel("job-w", "rollout r aborted")  # as the control stream's thread does
+            seen.append(r.state)
+
+    driver = dev.driver(report=report)
+    driver.handle_job(*dev.job("job-w"))  # type: ignore[arg-type]
+    assert dev.states()[-1] is OtaState.CANCELED and dev.reports[-1].reason == "rollout r aborted"
+    assert OtaState.INSTALLING not in dev.states()
+    journal = dev.journal()
+    assert journal is not None and journal.state is OtaState.CANCELED
+    assert not any((dev.state_dir / "downloads").glob("*"))
+    assert dev.env().get("upgrade_available", "0") == "0" and dev.slot("b") != release.v2  # nothing written
+    driver.handle_job(*dev.job("job-w"))  # type: ignore[arg-type]  # offered again: refused
+    assert dev.states()[-1] is OtaState.REJECTED and "already finished as CANCELED" in dev.reports[-1].reason
+
+
+def test_a_job_withdrawn_before_it_starts_never_runs(tmp_path: Path, release: Release, server: Cloud) -> None:
+    dev = Device(tmp_path, release.v1, server)
+    driver = dev.driver()
+    driver.cancel("job-q", "offer withdrawn: schedule ended")
+    driver.handle_job(*dev.job("job-q"))  # type: ignore[arg-type]  # it was queued behind the cancel
+    assert dev.states() == [OtaState.CANCELED] and dev.journal() is None
+    driver.cancel("job-never", "rollout r aborted")  # withdrawn before its offer even arrived
+    driver.settle_cancel("job-never", "r")
+    assert dev.states()[-1] is OtaState.CANCELED and dev.reports[-1].job_id == "job-never"
+    driver.handle_job(*dev.job("job-never"))  # type: ignore[arg-type]  # a late offer is refused
+    assert dev.states()[-1] is OtaState.REJECTED
+
+
+def test_a_job_withdrawn_while_installing_finishes_as_the_state_machine_says(
+    tmp_path: Path, release: Release, server: Cloud
+) -> None:
+    dev = Device(tmp_path, release.v1, server)
+
+    def report(r: OtaReport) -> None:
+        dev.reports.append(r)
+        if r.state is OtaState.INSTALLING:
+            driver.cancel("job-late", "rollout r aborted")
+
+    driver = dev.driver(report=report)
+    with pytest.raises(RebootRequested):  # committed to installing: it goes on to the reboot
+        driver.handle_job(*dev.job("job-late"))  # type: ignore[arg-type]
+    assert OtaState.CANCELED not in dev.states()
+    journal = dev.journal()
+    assert journal is not None and journal.state is OtaState.REBOOTING
+    driver.settle_cancel("job-late", "r")  # the queued withdrawal: reports what became of the job
+    assert dev.states()[-1] is OtaState.REBOOTING

@@ -23,6 +23,7 @@ from fleetloop_agent.ota.download import HttpFetcher
 from fleetloop_agent.runtime import AgentRuntime
 from fleetloop_cloud.grpc_api import GrpcTls, start_grpc_server
 from fleetloop_cloud.http_api import HttpSettings, HttpTls, start_http_server
+from fleetloop_cloud.ota.artifact_store import ReleaseInput
 from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim.broker import CertificateAuthority
@@ -107,8 +108,9 @@ def test_a_rollout_reaches_an_agent_over_https_with_the_cloud_ca(cloud: TlsCloud
     thread.start()
     try:
         assert wait_for(lambda: runtime.link.connected.is_set(), 30), runtime.link.last_error
-        cloud.coordinator.releases.upload(LOCAL, bundle("1.1.0"), name="settings", version="1.1.0",
-                                          hardware_id=HW, now=time.time())  # fmt: skip
+        cloud.coordinator.releases.upload(LOCAL, ReleaseInput(
+            bundle("1.1.0"), name="settings", version="1.1.0",
+                                          hardware_id=HW, now=time.time()))  # fmt: skip
         policy = {"release_version": "1.1.0", "phases": [{"name": "all", "percent": 100}]}
         rid = cloud.coordinator.rollouts.create(LOCAL, policy, time.time()).id
         status: list[Any] = []
@@ -137,3 +139,51 @@ def test_the_cloud_ca_is_the_grpc_or_the_mqtt_one(tmp_path: Path) -> None:
     assert load_agent_config(over_mqtt.config_path).cloud_ca == ca.ca_path
     plain = provision_sim_device(tmp_path / "plain", cloud={"grpc": "127.0.0.1:1"}, **base)
     assert load_agent_config(plain.config_path).cloud_ca is None
+
+
+def test_an_aborted_rollout_withdraws_the_job_an_agent_is_downloading(
+    cloud: TlsCloud, tmp_path: Path
+) -> None:
+    """The agent runtime's own path: the withdrawal arrives on its control stream while the OTA worker
+    downloads; the job ends CANCELED on the device and in the rollout, and nothing is installed."""
+    cert, key = cloud.ca.client(DEVICE)
+    keys = cloud.coordinator.data_dir / "keys"
+    device = provision_sim_device(
+        tmp_path / "dev", device_id=DEVICE, kind="car", hardware_id=HW,
+        cloud={"grpc": cloud.grpc_target,
+               "tls": {"ca": str(cloud.ca.ca_path), "cert": str(cert), "key": str(key)}},
+        trust_files=[keys / "image-root.json", keys / "director-root.json"], recordings=None,
+        fleet="test", replay_speed=4.0, heartbeat_s=0.5, health_check=False,
+    )  # fmt: skip
+    cloud.coordinator.start()
+    runtime = AgentRuntime(load_agent_config(device.config_path))
+    runtime.ota.download_rate_limit = 64 * 1024  # a 2 MiB bundle takes half a minute
+    thread = threading.Thread(target=runtime.run, daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: runtime.link.connected.is_set(), 30), runtime.link.last_error
+        big = io.BytesIO()
+        with tarfile.open(fileobj=big, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            data = bytes(range(256)) * (8 * 1024)
+            info = tarfile.TarInfo("weights.bin")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        release = ReleaseInput(big.getvalue(), name="model", version="1.0.0", hardware_id=HW, now=time.time())
+        cloud.coordinator.releases.upload(LOCAL, release)
+        policy = {"release": {"name": "model", "version": "1.0.0"}, "phases": [{"name": "all"}]}
+        rid = cloud.coordinator.rollouts.create(LOCAL, policy, time.time()).id
+
+        def device_state() -> str:
+            (d,) = cloud.coordinator.rollouts.status(LOCAL, rid).devices
+            return f"{d.state} {d.reason}"
+
+        assert wait_for(lambda: "DOWNLOADING" in device_state(), 60), device_state()
+        cloud.coordinator.rollouts.abort(LOCAL, rid, time.time())
+        assert wait_for(lambda: device_state().startswith("CANCELED"), 30), device_state()
+        assert f"rollout {rid} aborted" in device_state()
+        report = runtime.ota.last_report()
+        assert report is not None and report.state.value == "CANCELED"
+        assert runtime.ota.bundles.current("model") is None
+    finally:
+        runtime.stop()
+        thread.join(timeout=20)

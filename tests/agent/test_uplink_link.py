@@ -178,6 +178,9 @@ def test_segments_go_exactly_once_after_the_greeting(cloud: CoordinatorCloud, st
             return any(p.campaigns for p in pushes)
 
         wait_for("the campaign push", campaign_pushed)
+        assert cloud.c.jobs.withdraw("car-1", "r1:car-1", "r1", "rollout r1 aborted")  # a withdrawal too
+        wait_for("the withdrawal", lambda: any(m.ota_cancel.job_id == "r1:car-1" for m in list(received)
+                                                  if m.WhichOneof("kind") == "ota_cancel"))  # fmt: skip
         link.send(status("fast"))
         wait_for("the campaign status", lambda: running(cloud) == ["fast"])
     finally:

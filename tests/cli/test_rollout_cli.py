@@ -15,6 +15,7 @@ import pytest
 
 from fleetloop_cli.rollout_commands import status_text
 from fleetloop_cloud.http_api import start_http_server
+from fleetloop_cloud.ota.artifact_store import ReleaseInput
 from fleetloop_cloud.repositories.records import AuditFilter, Inventory
 from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
@@ -48,8 +49,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Coordinat
     c.tokens.bootstrap(now)
     token = c.tokens.create(LOCAL, "rm", "release-manager", now).secret
     for version in ("0.9.0", "1.0.0"):
-        c.releases.upload(LOCAL, build_image(version, "gen1", size_hint=4096), name="firmware",
-                          version=version, hardware_id="gen1", now=now)  # fmt: skip
+        c.releases.upload(LOCAL, ReleaseInput(build_image(version, "gen1", size_hint=4096), name="firmware",
+                          version=version, hardware_id="gen1", now=now))  # fmt: skip
     for device_id in ("car-1", "car-2", "car-3"):
         hello = device_pb2.Hello(device_id=device_id, fleet="taxi", labels={"hw": "gen1"}, data_origin="sim")
         c.devices.connect(Caller.device(device_id, transport="test", proven=True), hello, now)

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleetloop_cloud.ota.artifact_store import ArtifactStore, version_key
+from fleetloop_cloud.ota.artifact_store import ArtifactStore, ReleaseInput, version_key
+from fleetloop_cloud.storage import LocalObjectStore, MemoryObjectStore
 from fleetloop_shared.errors import IntegrityError, NotFoundError, StateError, UserError
 from fleetloop_shared.update.artifact import ReleaseSigner, manifest_from_bytes, sha256_hex, verify_manifest
 from fleetloop_shared.update.delta import apply_delta
@@ -24,14 +25,14 @@ def firmware(version: int, size: int = 256 * 1024) -> bytes:
     image[:32] = f"FWIMG version={version}.0.0 ".encode().ljust(32, b"\0")
     if version >= 2:
         for pos in range(4096, len(image), 40_000):  # a handful of patched regions
-            image[pos:pos + 64] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
+            image[pos : pos + 64] = rng.integers(0, 256, 64, dtype=np.uint8).tobytes()
         image += b"new module " * 200
     return bytes(image)
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> ArtifactStore:
-    return ArtifactStore(tmp_path / "artifacts", SIGNER, validity_days=30)
+    return ArtifactStore(LocalObjectStore(tmp_path / "artifacts"), SIGNER, validity_days=30)
 
 
 def test_release_with_delta_from_installed_image(store: ArtifactStore, tmp_path: Path) -> None:
@@ -39,10 +40,11 @@ def test_release_with_delta_from_installed_image(store: ArtifactStore, tmp_path:
     base_sha = store.add_image(v1)
     assert base_sha == sha256_hex(v1)
     manifest_bytes, signature = store.add_release(
-        v2, name="fw", version="2.0.0", hardware_id="sim-a", bases=[v1, v1, v2], now=1_000_000.0
+        ReleaseInput(v2, name="fw", version="2.0.0", hardware_id="sim-a", bases=[v1, v1, v2], now=1_000_000.0)
     )
-    m = verify_manifest(manifest_bytes, signature, [SIGNER.public_key_pem()], now_unix=1_000_001,
-                        hardware_id="sim-a")
+    m = verify_manifest(
+        manifest_bytes, signature, [SIGNER.public_key_pem()], now_unix=1_000_001, hardware_id="sim-a"
+    )
     assert m == manifest_from_bytes(manifest_bytes)
     assert (m.name, m.version, m.target_sha256, m.target_size) == ("fw", "2.0.0", sha256_hex(v2), len(v2))
     assert m.expires_unix - m.created_unix == 30 * 86400
@@ -51,10 +53,10 @@ def test_release_with_delta_from_installed_image(store: ArtifactStore, tmp_path:
     delta = m.payload_for(base_sha)
     assert delta.kind == "delta" and delta.base_sha256 == base_sha and delta.algorithm == "fldelta2"
     assert delta.size < len(v2) // 10
-    patch = store.file_path(delta.path).read_bytes()
+    patch = store.file(delta.path).data()
     assert apply_delta(v1, patch) == v2
     full = m.payload_for("ff" * 32)
-    assert full.kind == "full" and store.file_path(full.path).read_bytes() == v2
+    assert full.kind == "full" and store.file(full.path).data() == v2
     # Content addressing: every stored file is named by the hash of its bytes.
     files = sorted((tmp_path / "artifacts" / "files").iterdir())
     assert files and all(f.name == sha256_hex(f.read_bytes()) for f in files)
@@ -66,7 +68,15 @@ def test_a_base_gets_a_delta_in_each_format_its_devices_prefer(store: ArtifactSt
     v1, other, v2 = firmware(1), firmware(3), firmware(2)
     formats = {sha256_hex(v1): {"fldelta1", "fldelta2"}, sha256_hex(other): {"fldelta1"}}
     manifest_bytes, _ = store.add_release(
-        v2, name="fw", version="2.0.0", hardware_id="sim-a", bases=[v1, other], now=1.0, base_formats=formats
+        ReleaseInput(
+            v2,
+            name="fw",
+            version="2.0.0",
+            hardware_id="sim-a",
+            bases=[v1, other],
+            now=1.0,
+            base_formats=formats,
+        )
     )
     m = manifest_from_bytes(manifest_bytes)
     deltas = sorted((p.base_sha256 == sha256_hex(v1), p.algorithm) for p in m.payloads if p.kind == "delta")
@@ -74,7 +84,7 @@ def test_a_base_gets_a_delta_in_each_format_its_devices_prefer(store: ArtifactSt
     for p in m.payloads:
         if p.kind == "delta":
             base = v1 if p.base_sha256 == sha256_hex(v1) else other
-            patch = store.file_path(p.path).read_bytes()
+            patch = store.file(p.path).data()
             assert patch.startswith(p.algorithm.upper().encode()) and apply_delta(base, patch) == v2
 
 
@@ -89,25 +99,40 @@ def test_same_bytes_are_stored_once(store: ArtifactStore, tmp_path: Path) -> Non
 def test_a_delta_no_smaller_than_the_image_is_not_kept(store: ArtifactStore) -> None:
     unrelated = os.urandom(20_000)
     image = os.urandom(20_000)
-    manifest_bytes, _ = store.add_release(image, name="fw", version="1.0.0", hardware_id="sim-a",
-                                          bases=[unrelated], now=0.0)
+    manifest_bytes, _ = store.add_release(
+        ReleaseInput(image, name="fw", version="1.0.0", hardware_id="sim-a", bases=[unrelated], now=0.0)
+    )
     m = manifest_from_bytes(manifest_bytes)
     assert [p.kind for p in m.payloads] == ["full"]
     assert store.image(sha256_hex(unrelated)) == unrelated  # the base is still kept for later releases
 
 
 def test_versions_only_move_forward(store: ArtifactStore) -> None:
-    store.add_release(b"v2" * 100, name="fw", version="2.0.0", hardware_id="sim-a", bases=[], now=0.0)
+    store.add_release(
+        ReleaseInput(b"v2" * 100, name="fw", version="2.0.0", hardware_id="sim-a", bases=[], now=0.0)
+    )
     with pytest.raises(StateError, match="already exists"):
-        store.add_release(b"v2b" * 100, name="fw", version="2.0", hardware_id="sim-a", bases=[], now=0.0)
+        store.add_release(
+            ReleaseInput(b"v2b" * 100, name="fw", version="2.0", hardware_id="sim-a", bases=[], now=0.0)
+        )
     with pytest.raises(StateError, match="not newer"):
-        store.add_release(b"v19" * 100, name="fw", version="1.9.9", hardware_id="sim-a", bases=[], now=0.0)
+        store.add_release(
+            ReleaseInput(b"v19" * 100, name="fw", version="1.9.9", hardware_id="sim-a", bases=[], now=0.0)
+        )
     # numeric, not string, comparison: 10 > 9
-    store.add_release(b"v9" * 100, name="fw", version="9.0.0", hardware_id="sim-a", bases=[], now=0.0)
-    store.add_release(b"v10" * 100, name="fw", version="10.0.0", hardware_id="sim-a", bases=[], now=0.0)
+    store.add_release(
+        ReleaseInput(b"v9" * 100, name="fw", version="9.0.0", hardware_id="sim-a", bases=[], now=0.0)
+    )
+    store.add_release(
+        ReleaseInput(b"v10" * 100, name="fw", version="10.0.0", hardware_id="sim-a", bases=[], now=0.0)
+    )
     # other hardware and other names have their own sequence
-    store.add_release(b"b1" * 100, name="fw", version="1.0.0", hardware_id="sim-b", bases=[], now=0.0)
-    store.add_release(b"m1" * 100, name="model", version="1.0.0", hardware_id="sim-a", bases=[], now=0.0)
+    store.add_release(
+        ReleaseInput(b"b1" * 100, name="fw", version="1.0.0", hardware_id="sim-b", bases=[], now=0.0)
+    )
+    store.add_release(
+        ReleaseInput(b"m1" * 100, name="model", version="1.0.0", hardware_id="sim-a", bases=[], now=0.0)
+    )
     assert store.versions("fw", "sim-a") == ["2.0.0", "9.0.0", "10.0.0"]
     assert version_key("1.10.0") > version_key("1.9.2")
 
@@ -115,7 +140,9 @@ def test_versions_only_move_forward(store: ArtifactStore) -> None:
 @pytest.mark.parametrize("version", ["v2", "2.0.0-rc1", "", "1..2", "2.0.", "x"])
 def test_bad_versions_are_user_errors(store: ArtifactStore, version: str) -> None:
     with pytest.raises(UserError, match="version"):
-        store.add_release(b"img", name="fw", version=version, hardware_id="sim-a", bases=[], now=0.0)
+        store.add_release(
+            ReleaseInput(b"img", name="fw", version=version, hardware_id="sim-a", bases=[], now=0.0)
+        )
 
 
 @pytest.mark.parametrize(
@@ -125,25 +152,38 @@ def test_names_that_would_escape_the_store_are_refused(
     store: ArtifactStore, name: str, hardware: str
 ) -> None:
     with pytest.raises(UserError):
-        store.add_release(b"img", name=name, version="1.0.0", hardware_id=hardware, bases=[], now=0.0)
+        store.add_release(
+            ReleaseInput(b"img", name=name, version="1.0.0", hardware_id=hardware, bases=[], now=0.0)
+        )
 
 
 def test_empty_image_is_refused(store: ArtifactStore) -> None:
     with pytest.raises(UserError, match="empty"):
-        store.add_release(b"", name="fw", version="1.0.0", hardware_id="sim-a", bases=[], now=0.0)
+        store.add_release(
+            ReleaseInput(b"", name="fw", version="1.0.0", hardware_id="sim-a", bases=[], now=0.0)
+        )
 
 
-def test_file_path_refuses_anything_but_stored_files(store: ArtifactStore, tmp_path: Path) -> None:
+def test_file_refuses_anything_but_stored_files(store: ArtifactStore, tmp_path: Path) -> None:
     sha = store.add_image(b"an image")
-    assert store.file_path(f"files/{sha}") == tmp_path / "artifacts" / "files" / sha
+    found = store.file(f"files/{sha}")
+    assert (found.size, found.read(3, 100), found.read(0, 2)) == (8, b"image", b"an")
     (tmp_path / "secret.pem").write_text("KEY")
     for bad in [
-        "../secret.pem", "files/../../secret.pem", f"files/{sha}/..", f"files/{sha.upper()}",
-        f"/files/{sha}", f"files/{sha}\n", "files/" + "0" * 64, "releases/fw/sim-a/1.0.0.sig", "files/",
-        f"files//{sha}", f"files/{sha}?x=1",
+        "../secret.pem",
+        "files/../../secret.pem",
+        f"files/{sha}/..",
+        f"files/{sha.upper()}",
+        f"/files/{sha}",
+        f"files/{sha}\n",
+        "files/" + "0" * 64,
+        "releases/fw/sim-a/1.0.0.sig",
+        "files/",
+        f"files//{sha}",
+        f"files/{sha}?x=1",
     ]:
         with pytest.raises(NotFoundError):
-            store.file_path(bad)
+            store.file(bad)
 
 
 def test_missing_and_corrupt_images(store: ArtifactStore, tmp_path: Path) -> None:
@@ -159,4 +199,4 @@ def test_missing_and_corrupt_images(store: ArtifactStore, tmp_path: Path) -> Non
 
 def test_validity_days_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(UserError):
-        ArtifactStore(tmp_path, SIGNER, validity_days=0)
+        ArtifactStore(MemoryObjectStore(), SIGNER, validity_days=0)

@@ -86,8 +86,10 @@ def test_a_parquet_data_dir_becomes_iceberg_tables_that_answer_alike(tmp_path: P
         pq.write_table(table.drop_columns(["clock_offset_ns"]), path)
 
     # two fleets, two days each
-    assert migrate(data_dir) == {"partitions": 4, "partitions_skipped": 0, "rows": 24 * 600, "captures": 12}
-    assert migrate(data_dir) == {"partitions": 0, "partitions_skipped": 4, "rows": 0, "captures": 0}
+    assert migrate(data_dir) == {"partitions": 4, "partitions_skipped": 0, "rows": 24 * 600, "captures": 12,
+                                 "artifacts": 0}
+    assert migrate(data_dir) == {"partitions": 0, "partitions_skipped": 4, "rows": 0, "captures": 0,
+                                 "artifacts": 0}
 
     tables = TableSettings(format="iceberg", batch_wait_s=0)
     iceberg = Coordinator(data_dir, tables=tables)

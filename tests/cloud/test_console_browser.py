@@ -31,6 +31,7 @@ from fleetloop_agent.runtime import AgentRuntime
 from fleetloop_cli.main import main as cli_main
 from fleetloop_cloud.grpc_api import start_grpc_server
 from fleetloop_cloud.http_api import start_http_server
+from fleetloop_cloud.ota.artifact_store import ReleaseInput
 from fleetloop_cloud.repositories.records import Inventory
 from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
@@ -97,8 +98,9 @@ def console(tmp_path_factory: pytest.TempPathFactory, recordings: Path) -> Itera
     big = connect(c, "car-big", large_signals, labels={"kind": "bench"})
     large = ingest_capture(c, big, large_signals, campaign="load-test", fire_ns=DRIVE_START_NS + 10**9)
     connect(c, "plc-idle", signals[:1], labels={"kind": "plc"})  # a device that never captured
-    c.releases.upload(LOCAL, build_image("2.0.0", HW, size_hint=4096), name="firmware", version="2.0.0",
-                      hardware_id=HW, now=c.clock())  # fmt: skip
+    c.releases.upload(LOCAL, ReleaseInput(
+        build_image("2.0.0", HW, size_hint=4096), name="firmware", version="2.0.0",
+                      hardware_id=HW, now=c.clock()))  # fmt: skip
     policy = {"release_version": "2.0.0", "selector": "role=recorded",
               "phases": [{"name": "canary", "count": 1}, {"name": "all", "percent": 100}]}  # fmt: skip
     rollout = c.rollouts.create(LOCAL, policy, c.clock()).id

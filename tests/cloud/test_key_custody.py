@@ -30,6 +30,7 @@ from tuf.api.metadata import Metadata, Root, Targets
 from fleetloop_agent.ota.download import HttpFetcher
 from fleetloop_agent.ota.tuf_client import TufClient
 from fleetloop_cloud.http_api import start_http_server
+from fleetloop_cloud.ota.artifact_store import ReleaseInput
 from fleetloop_cloud.ota.tuf_repository import ImageKeyCustody, target_file
 from fleetloop_cloud.server import Coordinator
 from fleetloop_fwsim.firmware import build_image
@@ -218,7 +219,7 @@ def test_with_the_whole_data_directory_an_attacker_cannot_make_a_device_install_
     forged.signatures.clear()
     for s in [*keys_in(cloud.data_dir), signer]:
         forged.sign(s, append=True)
-    authority.root_file(forged.signed.version).write_bytes(forged.to_bytes())
+    authority.folder.write(f"{forged.signed.version}.root.json", forged.to_bytes())
     with pytest.raises(ArtifactVerificationError, match="image repository"):
         device.decide(cloud.base, job_id="evil-job", hardware_id=HW, installed_sha256="")
 
@@ -408,8 +409,9 @@ def test_at_most_sixteen_releases_wait_for_signatures_and_the_oldest_is_dropped(
 
     store = cloud.coordinator.artifacts
     ids = [
-        store.stage_release(build_image(f"1.0.{i}", HW, size_hint=1024), name="fw", version=f"1.0.{i}",
-                            hardware_id=HW, bases=[], now=time.time()).staging_id
+        store.stage_release(ReleaseInput(
+            build_image(f"1.0.{i}", HW, size_hint=1024), name="fw", version=f"1.0.{i}",
+                            hardware_id=HW, bases=[], now=time.time())).staging_id
         for i in range(MAX_STAGED + 1)
     ]  # fmt: skip
     with pytest.raises(NotFoundError):

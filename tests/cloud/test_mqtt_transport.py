@@ -149,6 +149,17 @@ def test_segments_flow_over_mqtt_exactly_once(cloud: Any, tmp_path: Path) -> Non
             return False
 
         wait_for("the campaign push", got_campaign)
+        # and a withdrawal (the rollout aborted): the agent's OTA worker hears it on down/control
+        assert coordinator.jobs.withdraw("car-1", "r1:car-1", "r1", "rollout r1 aborted")
+
+        def got_withdrawal() -> bool:
+            while not link.received.empty():  # type: ignore[attr-defined]
+                msg = link.received.get()  # type: ignore[attr-defined]
+                if msg.WhichOneof("kind") == "ota_cancel":
+                    return bool(msg.ota_cancel.job_id == "r1:car-1" and msg.ota_cancel.reason)
+            return False
+
+        wait_for("the withdrawal", got_withdrawal)
     finally:
         link.stop()
     wait_for("the device to go offline", lambda: "car-1" not in coordinator.sessions.online())

@@ -46,10 +46,14 @@ def test_the_contract_put_get_replace_list_delete(store: ObjectStore) -> None:
     assert [o.key for o in store.list("a/")] == ["a/b/one.bin", "a/b/two.bin", "a/c=1/three.bin"]
     assert [o.key for o in store.list("a/b/t")] == ["a/b/two.bin"]
     assert all(o.modified > 0 for o in store.list())
+    assert store.stat("a/c=1/three.bin").size == 3
+    assert store.read_range("a/c=1/three.bin", 1, 5) == b"33"  # fewer at the end
+    assert store.read_range("a/c=1/three.bin", 7, 5) == b""
     store.delete("a/b/one.bin")
     store.delete("a/b/one.bin")  # a retried delete is no error
-    with pytest.raises(NotFoundError, match=r"one\.bin"):
-        store.get("a/b/one.bin")
+    for read in (store.get, store.stat, lambda k: store.read_range(k, 0, 1)):
+        with pytest.raises(NotFoundError, match=r"one\.bin"):
+            read("a/b/one.bin")
     assert [o.key for o in store.list()] == ["a/b/two.bin", "a/c=1/three.bin"]
     for bad in ("", "/abs", "a/../b", "a//b", ".hidden", "a/b/"):
         with pytest.raises(UserError, match="not a relative path"):

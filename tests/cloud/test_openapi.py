@@ -17,6 +17,7 @@ from schemathesis.checks import positive_data_acceptance
 from fleetloop_cloud.http_api import start_http_server
 from fleetloop_cloud.http_api.openapi import openapi_document
 from fleetloop_cloud.http_api.routes import ROUTES
+from fleetloop_cloud.ota.artifact_store import ReleaseInput
 from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim.firmware import build_image
@@ -32,8 +33,9 @@ def coordinator_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     hello = device_pb2.Hello(device_id="car-1", fleet="f", labels={"hw": "gen1"}, data_origin="sim")
     hello.catalog.add(id=1, path="Vehicle.Speed", data_type=device_pb2.DATA_TYPE_FLOAT64)
     c.devices.connect(Caller.device("car-1", transport="test", proven=True), hello, c.clock())
-    c.releases.upload(Caller.local(), build_image("1.0.0", "gen1", size_hint=4096), name="firmware",
-                      version="1.0.0", hardware_id="gen1", now=c.clock())  # fmt: skip
+    c.releases.upload(Caller.local(), ReleaseInput(
+        build_image("1.0.0", "gen1", size_hint=4096), name="firmware",
+                      version="1.0.0", hardware_id="gen1", now=c.clock()))  # fmt: skip
     server, port = start_http_server(c, "127.0.0.1", 0)
     try:
         yield f"http://127.0.0.1:{port}"

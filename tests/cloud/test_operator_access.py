@@ -22,6 +22,7 @@ from tuf.api.metadata import Metadata, Root, Targets
 from fleetloop_cloud.http_api import start_http_server
 from fleetloop_cloud.http_api.routes import ROUTES
 from fleetloop_cloud.identity.roles import ACTIONS, Role, is_write
+from fleetloop_cloud.ota.artifact_store import ReleaseInput
 from fleetloop_cloud.repositories.records import AuditFilter, Inventory
 from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
@@ -98,8 +99,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     c.tokens.create(LOCAL, "to-revoke", "viewer", now[0])
     now[0] += 120  # "short-lived" is past its expiry now
     for version in ("0.8.0", "1.0.0"):
-        c.releases.upload(LOCAL, build_image(version, "gen1", size_hint=4096), name="firmware",
-                          version=version, hardware_id="gen1", now=now[0])  # fmt: skip
+        c.releases.upload(LOCAL, ReleaseInput(build_image(version, "gen1", size_hint=4096), name="firmware",
+                          version=version, hardware_id="gen1", now=now[0]))  # fmt: skip
     _device(c, "car-1", "0.9.0", now[0])
     c.campaigns.apply(LOCAL, CAMPAIGN, now=now[0])
     speed = Segment(new_segment_id(), "speed", np.arange(3, dtype=np.int64) * 10**8 + T0,
@@ -189,8 +190,9 @@ def _staged_and_signed(w: World) -> tuple[str, bytes, str]:
     """A release staged now and signed with the targets key this lab coordinator holds itself."""
     c = w.coordinator
     image = build_image("2.2.0", "gen1", size_hint=4096)
-    staged = c.artifacts.stage_release(image, name="firmware", version="2.2.0", hardware_id="gen1", bases=[],
-                                       now=w.now[0])  # fmt: skip
+    staged = c.artifacts.stage_release(ReleaseInput(
+        image, name="firmware", version="2.2.0", hardware_id="gen1", bases=[],
+                                       now=w.now[0]))  # fmt: skip
     md = Metadata(Targets.from_dict(staged.proposal))
     for keyid in c.tuf.image_authority.root.signed.roles["targets"].keyids:
         signer = c.tuf.image_authority.keys.signer(keyid)
@@ -322,8 +324,8 @@ def test_rollout_transitions_name_the_controller(tmp_path: Path) -> None:
         now = time.time()
         hello = device_pb2.Hello(device_id="car-1", fleet="taxi", labels={"hw": "gen1"}, data_origin="sim")
         c.devices.connect(Caller.device("car-1", transport="test", proven=True), hello, now)
-        c.releases.upload(LOCAL, build_image("1.0.0", "gen1", size_hint=4096), name="firmware",
-                          version="1.0.0", hardware_id="gen1", now=now)  # fmt: skip
+        c.releases.upload(LOCAL, ReleaseInput(build_image("1.0.0", "gen1", size_hint=4096), name="firmware",
+                          version="1.0.0", hardware_id="gen1", now=now))  # fmt: skip
         phases = [{"name": "all", "percent": 100}]
         policy = {"release_version": "1.0.0", "selector": "hw=gen1", "phases": phases}
         rollout_id = c.rollouts.create(LOCAL, policy, now).id

@@ -264,6 +264,20 @@ def test_leases_say_which_coordinators_are_alive(repos: Repositories) -> None:
     assert leases.alive(since=0.0) == set()
 
 
+def test_a_writer_lock_has_one_holder_until_given_up_or_expired(repos: Repositories) -> None:
+    leases = repos.leases
+    assert leases.take("tuf/image", "c1", 100.0, 30.0)
+    assert not leases.take("tuf/image", "c2", 110.0, 30.0)
+    assert leases.take("tuf/director/d1", "c2", 110.0, 30.0)  # another name, another lock
+    assert leases.take("tuf/image", "c1", 110.0, 30.0)  # renewed by its holder
+    leases.give_up("tuf/image", "c2")  # not c2's: nothing happens
+    assert not leases.take("tuf/image", "c2", 120.0, 30.0)
+    leases.give_up("tuf/image", "c1")
+    assert leases.take("tuf/image", "c2", 121.0, 30.0)
+    assert leases.take("tuf/image", "c1", 151.5, 30.0)  # c2 died holding it: expired
+    assert repos.rollouts.lease() is None  # the controller lease is not one of them
+
+
 # -- what only a database has ----------------------------------------------------------------------
 
 

@@ -57,6 +57,7 @@ class FakePublisher:
     online: set[str] = field(default_factory=set)
     sent: list[tuple[str, str, str]] = field(default_factory=list)
     jobs: list[Job] = field(default_factory=list)
+    withdrawn: list[tuple[str, str, str]] = field(default_factory=list)
     inspect: Callable[[str, str, str], None] | None = None  # called before "delivering"
 
     def reachable(self) -> Collection[str]:
@@ -70,6 +71,10 @@ class FakePublisher:
         )
         self.sent.append((device_id, job.job_id, job.rollout_id))
         self.jobs.append(job)
+        return device_id in self.online
+
+    def withdraw(self, device_id: str, job_id: str, rollout_id: str, reason: str) -> bool:
+        self.withdrawn.append((device_id, job_id, reason))
         return device_id in self.online
 
 
@@ -732,3 +737,33 @@ def test_operator_roll_back_undo_and_retry(store: Repositories) -> None:
         act.roll_back(r2, 68.0, to_revision=9)
     with pytest.raises(StateError, match="rolled back already"):
         act.roll_back(r2, 68.0)
+
+
+def test_an_aborted_rollout_withdraws_the_jobs_devices_hold_once_each(store: Repositories) -> None:
+    pub = FakePublisher(online={"car-0", "car-1"})  # car-2 is offline
+    ctl = controller(store, pub)
+    rid = ctl.create(policy(phases=ALL), now=0.0)
+    ctl.tick(1.0)
+    report(ctl, rid, "car-0", "DOWNLOADING", now=2.0)
+    report(ctl, rid, "car-1", "COMMITTED", now=2.0)
+    actions(store, ctl).abort(rid, now=3.0)
+    ctl.tick(4.0)
+    # car-0 holds the job; car-1 finished it; car-2 was offered it but is not here
+    why = f"rollout {rid} aborted: aborted by operator"
+    assert pub.withdrawn == [("car-0", job_id_for(rid, "car-0"), why)]
+    ctl.tick(5.0)
+    assert len(pub.withdrawn) == 1  # told once
+    report(ctl, rid, "car-0", "DOWNLOADING", now=6.0)  # it did not drop it (it was offline): told again now
+    assert len(pub.withdrawn) == 2
+    report(ctl, rid, "car-0", "CANCELED", now=7.0)
+    devices = {d.device_id: d for d in status(store, rid).devices}
+    assert devices["car-0"].state == "CANCELED" and devices["car-1"].state == "COMMITTED"
+    pub.online.add("car-2")  # comes online: told on the next tick
+    ctl.tick(8.0)
+    assert pub.withdrawn[-1][0] == "car-2" and len(pub.withdrawn) == 3
+    ctl.tick(8.0 + 3600 * 2)  # long after the abort, nothing is pushed any more
+    assert len(pub.withdrawn) == 3
+    # an agent that predates withdrawals ignored it and finished the job: recorded as it ended
+    report(ctl, rid, "car-2", "COMMITTED", now=9.0 + 3600 * 2)
+    assert {d.device_id: d.state for d in status(store, rid).devices}["car-2"] == "COMMITTED"
+    assert len(pub.withdrawn) == 3

@@ -15,7 +15,7 @@ import pytest
 from fleetloop_cloud.fleet_store.parquet import FleetStore
 from fleetloop_cloud.fleet_store.query import QueryEngine
 from fleetloop_cloud.identity.roles import Role
-from fleetloop_cloud.ota.artifact_store import ArtifactStore
+from fleetloop_cloud.ota.artifact_store import ArtifactStore, ReleaseInput
 from fleetloop_cloud.ota.online_keys import KeyFiles, release_signer
 from fleetloop_cloud.ota.tuf_repository import TufRepositories
 from fleetloop_cloud.repositories import Repositories, memory_repositories
@@ -29,6 +29,7 @@ from fleetloop_cloud.services.query import QueryService
 from fleetloop_cloud.services.releases import ReleaseService
 from fleetloop_cloud.services.rollouts import RolloutService
 from fleetloop_cloud.sessions import DeviceSessions
+from fleetloop_cloud.storage import LocalObjectStore
 from fleetloop_cloud.uploads.scheduler import Budget, UploadScheduler
 from fleetloop_cloud.uploads.staging import UploadStaging
 from fleetloop_fwsim.firmware import build_image
@@ -338,8 +339,9 @@ def test_upload_grants_go_to_the_devices_connected_here(world: World) -> None:
 
 @pytest.fixture
 def releases(world: World, tmp_path: Path) -> ReleaseService:
-    tuf = TufRepositories(tmp_path / "tuf", tmp_path / "keys" / "tuf", clock=lambda: NOW)
-    artifacts = ArtifactStore(tmp_path / "artifacts", release_signer(KeyFiles(tmp_path / "keys")), tuf=tuf)
+    objects = LocalObjectStore(tmp_path / "artifacts")
+    tuf = TufRepositories(objects, tmp_path / "keys" / "tuf", clock=lambda: NOW)
+    artifacts = ArtifactStore(objects, release_signer(KeyFiles(tmp_path / "keys")), tuf=tuf)
     return ReleaseService(world.repos.releases, world.repos.devices, artifacts, tuf, world.access)
 
 
@@ -347,20 +349,22 @@ def test_a_release_is_checked_against_the_fleet_and_signed(world: World, release
     world.repos.devices.register("car-1", Registration("taxi", {}, [], "x", "sim"), owner="", now=NOW)
     world.repos.devices.update_inventory("car-1", Inventory("gen1", "3.0.0", "", "a", 0), NOW)
     with pytest.raises(UserError, match=r"older than 3\.0\.0"):
-        releases.upload(LOCAL, build_image("2.0.0", "gen1", size_hint=4096), name="fw", version="2.0.0",
-                        hardware_id="gen1", now=NOW)  # fmt: skip
+        releases.upload(LOCAL, ReleaseInput(
+            build_image("2.0.0", "gen1", size_hint=4096), name="fw", version="2.0.0",
+                        hardware_id="gen1", now=NOW))  # fmt: skip
     with pytest.raises(UserError, match="empty"):
-        releases.upload(LOCAL, b"", name="fw", version="4.0.0", hardware_id="gen1", now=NOW)
+        releases.upload(LOCAL, ReleaseInput(b"", name="fw", version="4.0.0", hardware_id="gen1", now=NOW))
     with pytest.raises(PermissionDeniedError):
-        releases.upload(CAR, b"x", name="fw", version="4.0.0", hardware_id="gen1", now=NOW)
-    manifest = releases.upload(LOCAL, build_image("4.0.0", "gen1", size_hint=4096), name="fw",
-                               version="4.0.0", hardware_id="gen1", now=NOW)  # fmt: skip
+        releases.upload(CAR, ReleaseInput(b"x", name="fw", version="4.0.0", hardware_id="gen1", now=NOW))
+    manifest = releases.upload(LOCAL, ReleaseInput(build_image("4.0.0", "gen1", size_hint=4096), name="fw",
+                               version="4.0.0", hardware_id="gen1", now=NOW))  # fmt: skip
     assert (manifest.name, manifest.version, manifest.hardware_id) == ("fw", "4.0.0", "gen1")
     assert [(r.name, r.version, r.created_at) for r in releases.all(LOCAL)] == [("fw", "4.0.0", NOW)]
-    assert releases.artifact_file(manifest.payloads[0].path).is_file()
+    assert releases.artifact_file(manifest.payloads[0].path).size == manifest.target_size
     with pytest.raises(StateError):
-        releases.upload(LOCAL, build_image("4.0.0", "gen1", size_hint=4096), name="fw", version="4.0.0",
-                        hardware_id="gen1", now=NOW)  # fmt: skip
+        releases.upload(LOCAL, ReleaseInput(
+            build_image("4.0.0", "gen1", size_hint=4096), name="fw", version="4.0.0",
+                        hardware_id="gen1", now=NOW))  # fmt: skip
 
 
 @dataclass
@@ -382,8 +386,9 @@ def test_rollouts_are_created_driven_and_read_by_operators_only(
         registration = Registration("taxi", {"kind": "car"}, [], "x", "sim")
         world.repos.devices.register(d, registration, owner="", now=NOW)
         world.repos.devices.update_inventory(d, Inventory("gen1", "1.0.0", "", "a", 0), NOW)
-    releases.upload(LOCAL, build_image("2.0.0", "gen1", size_hint=4096), name="fw", version="2.0.0",
-                    hardware_id="gen1", now=NOW)  # fmt: skip
+    releases.upload(LOCAL, ReleaseInput(
+        build_image("2.0.0", "gen1", size_hint=4096), name="fw", version="2.0.0",
+                    hardware_id="gen1", now=NOW))  # fmt: skip
     publisher = Publisher()
     controller = RolloutController(world.repos.rollouts, world.repos.releases, world.repos.devices, publisher)
     rollouts = RolloutService(controller, world.repos.rollouts, world.access)

@@ -230,6 +230,63 @@ def test_a_rollout_created_through_one_coordinator_reaches_a_device_on_the_other
         swarm.close()
 
 
+class HoldingDevice(OtaDevice):
+    """A device that takes its job and holds it (a long install), noting when a withdrawal arrives."""
+
+    def __init__(self, device_id: str, target: str, swarm: Swarm) -> None:
+        super().__init__(device_id, target, swarm, install_s=600.0, version="1.0.0")
+        self.cancels: dict[str, tuple[float, str]] = {}
+
+    def _on_cloud(self, msg: device_pb2.CloudMessage) -> None:
+        if msg.WhichOneof("kind") == "ota_cancel":
+            self.cancels.setdefault(msg.ota_cancel.job_id, (time.time(), msg.ota_cancel.reason))
+            return
+        super()._on_cloud(msg)
+
+
+def test_an_abort_through_one_coordinator_withdraws_the_job_on_the_other_within_a_second(
+    pair: tuple[CoordinatorProcess, CoordinatorProcess],
+) -> None:
+    a, b = pair
+    key = load_key_file(a.data_dir.parent / "release-manager.pem", None)
+
+    def request(method: str, path: str, body: bytes | None = None, ctype: str = "application/json") -> Any:
+        if method == "GET":
+            try:
+                with urllib.request.urlopen(a.http_url + path, timeout=60) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as exc:
+                if exc.code == 404:
+                    raise NotFoundError(path) from None
+                raise
+        return call(a, method, path, body, ctype)
+
+    for major in (1, 2):
+        image = firmware.build_image(f"{major}.0.0", HARDWARE_ID, size_hint=64 * 1024)
+        publish_release(request, image, name="firmware", version=f"{major}.0.0", hardware=HARDWARE_ID,
+                        keys=[key])  # fmt: skip
+    swarm = Swarm()
+    on_b = HoldingDevice("dev-b", b.grpc_target, swarm)
+    try:
+        on_b.link.start()
+        assert on_b.link.connected.wait(DEADLINE_S)
+        wait_for("the device registered", lambda: len(call(a, "GET", "/v1/devices", None, "")) == 1)
+        policy = {"release": {"name": "firmware", "version": "2.0.0"}, "target": {"devices": ["dev-b"]},
+                  "phases": [{"name": "all"}]}  # fmt: skip
+        created = call(a, "POST", "/v1/rollouts", json.dumps(policy).encode(), "application/json")
+        wait_for("the job on dev-b", lambda: bool(on_b.seen.jobs), timeout_s=30)
+        (job_id,) = on_b.seen.jobs
+        call(a, "POST", f"/v1/rollouts/{created['id']}/abort", b"{}", "application/json")
+        aborted = time.time()
+        wait_for("the withdrawal on dev-b", lambda: job_id in on_b.cancels, timeout_s=3 * CATCH_UP_S)
+        at, reason = on_b.cancels[job_id]
+        assert at - aborted < REACH_S, f"the withdrawal took {at - aborted:.3f} s"
+        assert reason.startswith(f"rollout {created['id']} aborted")
+    finally:
+        on_b.link.stop()
+        swarm.close()
+
+
 def test_a_lost_notice_only_delays_a_campaign_until_the_catch_up(tmp_path: Path, pg_url: str) -> None:
     """Two coordinators on one database whose feeds never reach each other (separate in-process buses:
     every notice lost): the device on B still gets A's campaign, from B's catch-up."""

@@ -11,6 +11,7 @@ from typing import Any
 
 from tuf.api.metadata import Metadata
 
+from fleetloop_cloud.ota.artifact_store import ReleaseInput
 from fleetloop_cloud.repositories.records import Inventory, Registration
 from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim.firmware import build_image
@@ -93,7 +94,8 @@ def test_metadata_is_served_and_the_director_signs_per_device(
 def test_re_offering_the_same_job_does_not_re_sign(running_coordinator: RunningCoordinator) -> None:
     c = running_coordinator.coordinator
     image = build_image("2.0.0", HW, size_hint=8192)
-    c.artifacts.add_release(image, name="fw", version="2.0.0", hardware_id=HW, bases=[], now=time.time())
+    c.artifacts.add_release(ReleaseInput(
+        image, name="fw", version="2.0.0", hardware_id=HW, bases=[], now=time.time()))
     plan = manifest_from_bytes(c.artifacts.release("fw", HW, "2.0.0")[0])
 
     def assign(job_id: str) -> int:

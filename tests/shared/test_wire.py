@@ -62,3 +62,39 @@ def test_truncated_message_is_refused() -> None:
 def test_oversized_message_is_refused_before_decoding() -> None:
     with pytest.raises(MalformedMessageError, match="exceeds"):
         parse(ota_pb2.OtaJob, b"\x00" * (MAX_MESSAGE_BYTES + 1))
+
+
+def test_an_agent_that_predates_the_withdrawal_message_reads_it_as_no_message() -> None:
+    """An older agent's CloudMessage has no field 6: it parses a withdrawal as a message of no kind
+    (which it ignores, finishing its job) and keeps the field's bytes if it passes the message on."""
+    from google.protobuf import descriptor, descriptor_pb2, descriptor_pool, message_factory
+
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: descriptor.FileDescriptor) -> None:
+        for dep in file.dependencies:
+            add(dep)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        if file.name == device_pb2.DESCRIPTOR.name:  # the device.proto an older agent was built from
+            cloud = next(m for m in proto.message_type if m.name == "CloudMessage")
+            kept = [f for f in cloud.field if f.number != 6]
+            del cloud.field[:]
+            cloud.field.extend(kept)
+        if file.name not in added:
+            added.add(file.name)
+            pool.Add(proto)
+
+    add(device_pb2.DESCRIPTOR)
+    old_class = message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("fleetloop.device.v1.CloudMessage")
+    )
+    cancel = ota_pb2.OtaCancel(job_id="r1:car-1", rollout_id="r1", reason="x")
+    sent = device_pb2.CloudMessage(ota_cancel=cancel)
+    old = old_class.FromString(sent.SerializeToString())
+    assert old.WhichOneof("kind") is None
+    assert device_pb2.CloudMessage.FromString(old.SerializeToString()) == sent
+    # the messages it knows are unchanged
+    welcome = device_pb2.CloudMessage(welcome=device_pb2.Welcome())
+    assert old_class.FromString(welcome.SerializeToString()).WhichOneof("kind") == "welcome"

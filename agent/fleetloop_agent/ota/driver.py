@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -33,6 +35,7 @@ from fleetloop_agent.ota.image import image_info
 from fleetloop_agent.ota.journal import FinishedJobs, JournalEntry, OtaJournal
 from fleetloop_agent.ota.platform import SlotPlatform, env_int, one_line
 from fleetloop_agent.ota.states import (
+    CANCELABLE,
     RESUME,
     TERMINAL,
     BootOutcome,
@@ -62,6 +65,13 @@ log = logging.getLogger(__name__)
 
 #: Attempts per download before the job fails (each attempt resumes where the last one stopped).
 DOWNLOAD_ATTEMPTS = 3
+#: Withdrawals remembered until the job they name is seen (policy: the oldest is forgotten; a job the
+#: cloud still wants withdrawn is withdrawn again on its next offer or report).
+MAX_PENDING_CANCELS = 64
+
+
+class _Withdrawn(Exception):
+    """Raised out of a download when the cloud withdrew its job: the step loop cancels it."""
 _PRE_REBOOT = (
     OtaState.QUEUED,
     OtaState.DOWNLOADING,
@@ -141,6 +151,8 @@ class OtaDriver:
         self._journal = OtaJournal(state_dir / "journal.json")
         self._finished = FinishedJobs(state_dir / "finished-jobs.json")
         self._downloads = state_dir / "downloads"
+        self._cancel_lock = threading.Lock()
+        self._cancels: OrderedDict[str, str] = OrderedDict()
         entry = self._journal.load()
         self._last: OtaReport | None = _report_of(entry) if entry is not None else None
 
@@ -180,6 +192,9 @@ class OtaDriver:
                 rollout_id,
                 f"another update (job {current.job_id}) is in progress ({current.state.value})",
             )
+            return
+        if self._take_cancel(job_id) is not None:
+            self.settle_cancel(job_id, rollout_id, "withdrawn by the cloud before it started")
             return
         finished = self._finished.state_of(job_id)
         if finished is not None:
@@ -240,6 +255,54 @@ class OtaDriver:
                 entry.state = resumed
             self._save_and_emit(entry)
         self._run(entry, extra_health)
+
+    # -- withdrawal -----------------------------------------------------------------------------------
+    def cancel(self, job_id: str, reason: str) -> None:
+        """The cloud withdrew ``job_id`` (called from any thread). The job running now stops before its
+        next step, or within one downloaded chunk, if it has not committed to installing
+        (:data:`~.states.CANCELABLE`): journaled CANCELED first, then its download is deleted. A job
+        already installing finishes or rolls back and reports that. A job not started yet is settled by
+        :meth:`settle_cancel` (or when it comes up in :meth:`handle_job`)."""
+        with self._cancel_lock:
+            self._cancels[job_id] = one_line(reason) or "withdrawn by the cloud"
+            self._cancels.move_to_end(job_id)
+            while len(self._cancels) > MAX_PENDING_CANCELS:
+                self._cancels.popitem(last=False)
+
+    def _take_cancel(self, job_id: str) -> str | None:
+        with self._cancel_lock:
+            return self._cancels.pop(job_id, None)
+
+    def _cancel_pending(self, job_id: str) -> bool:
+        with self._cancel_lock:
+            return job_id in self._cancels
+
+    def settle_cancel(self, job_id: str, rollout_id: str, reason: str = "") -> None:
+        """On the OTA thread while no job runs: a withdrawn job this device held only as an offer is
+        recorded CANCELED (so a later offer of it is refused) and reported; the journaled job, finished,
+        is reported again as it ended (the cloud learns what became of it)."""
+        why = self._take_cancel(job_id) or reason or "withdrawn by the cloud"
+        current = self._journal.load()
+        if current is not None and current.job_id == job_id:
+            self._emit(current)
+            return
+        if self._finished.state_of(job_id) is None:
+            log.info("OTA job %s withdrawn before it started: %s", job_id, why)
+            self._finished.record(job_id, OtaState.CANCELED)
+            self._report(OtaReport(job_id, rollout_id, OtaState.CANCELED, why, "", 0, 0, ""))
+
+    def _withdrawn(self, entry: JournalEntry) -> bool:
+        """Whether the running job was withdrawn and has now ended CANCELED; a withdrawal that comes
+        too late (installing) is logged and dropped, and the job goes on."""
+        if not self._cancel_pending(entry.job_id):
+            return False
+        reason = self._take_cancel(entry.job_id) or ""
+        if entry.state not in CANCELABLE:
+            log.info("OTA job %s: withdrawn in %s, too late to drop", entry.job_id, entry.state.value)
+            return False
+        log.info("OTA job %s withdrawn in %s: %s", entry.job_id, entry.state.value, reason)
+        self._transition(entry, "cancel", reason)  # journaled, then the download is deleted
+        return True
 
     # -- journal + report -----------------------------------------------------------------------------
     def _emit(self, entry: JournalEntry) -> None:
@@ -385,8 +448,12 @@ class OtaDriver:
     def _run(self, entry: JournalEntry, extra_health: Callable[[], list[str]]) -> None:
         """Step until a terminal state; a reboot leaves through RebootRequested."""
         while entry.state not in TERMINAL:
+            if self._withdrawn(entry):
+                return
             try:
                 self._step(entry, extra_health)
+            except _Withdrawn:
+                continue  # the loop's check cancels it
             except FleetloopError as exc:
                 self._fail(entry, str(exc))
             except OSError as exc:
@@ -441,6 +508,8 @@ class OtaDriver:
             # Every further 10 %, tell the cloud how far the download is (a report, not a journal write:
             # after a cut the partial file itself says where to resume).
             entry.bytes_downloaded = done
+            if self._cancel_pending(entry.job_id):
+                raise _Withdrawn(entry.job_id)
             if done // step > last_told[0] and done < payload.size:
                 last_told[0] = done // step
                 self._emit(entry)

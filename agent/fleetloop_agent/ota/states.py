@@ -35,8 +35,10 @@ S = OtaState
 
 TERMINAL: frozenset[OtaState] = frozenset({S.COMMITTED, S.ROLLED_BACK, S.FAILED, S.REJECTED, S.CANCELED})
 
-#: States in which the inactive slot has not been switched to yet: cancel is still harmless there.
-_CANCELABLE = (S.QUEUED, S.DOWNLOADING, S.DOWNLOADED, S.VERIFIED)
+#: States in which the device has not committed to installing yet (nothing written to the inactive slot
+#: or the bundle store): a job the cloud withdraws is dropped there. From INSTALLING on, the job finishes
+#: or rolls back as the table says.
+CANCELABLE: frozenset[OtaState] = frozenset({S.QUEUED, S.DOWNLOADING, S.DOWNLOADED, S.VERIFIED})
 
 _TABLE: dict[tuple[OtaState, str], OtaState] = {
     (S.QUEUED, "start"): S.DOWNLOADING,
@@ -58,7 +60,7 @@ _TABLE: dict[tuple[OtaState, str], OtaState] = {
 for _state in S:
     if _state not in TERMINAL:
         _TABLE[(_state, "fail")] = S.FAILED
-for _state in _CANCELABLE:
+for _state in CANCELABLE:
     _TABLE[(_state, "cancel")] = S.CANCELED
 
 #: (state, event) -> next state: the whole life cycle. Anything not here is a bug or a hostile request.

@@ -26,7 +26,8 @@ class Topic(StrEnum):
     #: The desired campaigns (apply, delete): push each device here its desired set.
     CAMPAIGNS = "campaigns"
     #: A rollout (created, paused, resumed, aborted, approved, retried, or stepped by the controller):
-    #: step it now if this coordinator leads, and deliver offered jobs to the devices here.
+    #: step it now if this coordinator leads, deliver offered jobs to the devices here, and tell them to
+    #: drop the jobs of aborted rollouts.
     ROLLOUTS = "rollouts"
 
 

@@ -300,6 +300,8 @@ class MigrationReport:
     partitions_skipped: int = 0
     rows: int = 0
     captures: int = 0
+    #: Artifact objects (images, deltas, manifests, TUF metadata) copied into the bucket.
+    artifacts: int = 0
 
 
 def migrate_parquet(

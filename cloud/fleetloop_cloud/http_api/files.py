@@ -11,15 +11,15 @@ from __future__ import annotations
 import asyncio
 import re
 from concurrent.futures import Executor
-from pathlib import Path
 
 from aiohttp import web
 
 from fleetloop_cloud.services.api import OperatorApi
+from fleetloop_cloud.services.releases import ArtifactFile
 from fleetloop_shared.errors import UserError
 
-#: Bytes read from disk and written to the socket at a time.
-FILE_CHUNK = 256 * 1024
+#: Bytes read from the object store (one ranged GET from a bucket) and written to the socket at a time.
+FILE_CHUNK = 4 * 1024 * 1024
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 SHA256 = "{sha256:[0-9a-f]{64}}"
 DEVICE_ID = "{device_id:[A-Za-z0-9_][A-Za-z0-9._-]{0,127}}"
@@ -49,9 +49,11 @@ def byte_range(header: str | None, size: int) -> tuple[int, int, bool]:
     return start, end, True
 
 
-async def send_file(request: web.Request, path: Path, executor: Executor) -> web.StreamResponse:
+async def send_file(request: web.Request, file: ArtifactFile, executor: Executor) -> web.StreamResponse:
+    """``file`` with Range, read in pieces of FILE_CHUNK from wherever it is stored (a folder, a
+    bucket): a large image never sits whole in the coordinator's memory."""
     loop = asyncio.get_running_loop()
-    size = (await loop.run_in_executor(executor, path.stat)).st_size
+    size = file.size
     try:
         start, end, partial = byte_range(request.headers.get("Range"), size)
     except Unsatisfiable:
@@ -65,18 +67,14 @@ async def send_file(request: web.Request, path: Path, executor: Executor) -> web
     await response.prepare(request)
     if request.method == "HEAD":
         return response
-    fh = await loop.run_in_executor(executor, path.open, "rb")
-    try:
-        await loop.run_in_executor(executor, fh.seek, start)
-        remaining = end - start + 1
-        while remaining > 0:
-            chunk = await loop.run_in_executor(executor, fh.read, min(FILE_CHUNK, remaining))
-            if not chunk:
-                break
-            await response.write(chunk)
-            remaining -= len(chunk)
-    finally:
-        fh.close()
+    position, remaining = start, end - start + 1
+    while remaining > 0:
+        chunk = await loop.run_in_executor(executor, file.read, position, min(FILE_CHUNK, remaining))
+        if not chunk:
+            break
+        await response.write(chunk)
+        position += len(chunk)
+        remaining -= len(chunk)
     await response.write_eof()
     return response
 
@@ -88,14 +86,14 @@ def add_file_routes(app: web.Application, api: OperatorApi, executor: Executor) 
 
     async def artifact(request: web.Request) -> web.StreamResponse:
         relpath = f"files/{request.match_info['sha256']}"
-        path = await loop_run().run_in_executor(executor, api.releases.artifact_file, relpath)
-        return await send_file(request, path, executor)
+        file = await loop_run().run_in_executor(executor, api.releases.artifact_file, relpath)
+        return await send_file(request, file, executor)
 
     async def target(request: web.Request) -> web.StreamResponse:
         """A payload at its TUF target path (or hash-prefixed), for TUF clients other than the agent."""
         target_path = request.match_info["target_path"]
-        path = await loop_run().run_in_executor(executor, api.releases.target_file, target_path)
-        return await send_file(request, path, executor)
+        file = await loop_run().run_in_executor(executor, api.releases.target_file, target_path)
+        return await send_file(request, file, executor)
 
     async def metadata(request: web.Request) -> web.Response:
         """404 for an absent root version ends a device's rotation walk."""

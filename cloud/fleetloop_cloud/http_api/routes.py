@@ -21,6 +21,7 @@ from fleetloop_cloud.identity.roles import ACTIONS, allows
 from fleetloop_cloud.repositories.records import AuditFilter
 from fleetloop_cloud.services.access import Caller
 from fleetloop_cloud.services.api import OperatorApi
+from fleetloop_cloud.services.releases import ReleaseInput
 from fleetloop_shared.errors import UserError
 
 KiB, MiB, GiB = 1024, 1024 * 1024, 1024 * 1024 * 1024
@@ -213,25 +214,20 @@ def _releases(c: Call) -> Reply:
     return Reply([plain(r) for r in c.api.releases.all(c.caller)])
 
 
-def _release_query(c: Call) -> tuple[str, str, str]:
+def _release_query(c: Call) -> ReleaseInput:
     missing = [k for k in ("name", "version", "hardware") if not c.query.get(k)]
     if missing:
         raise UserError(f"missing query parameter(s): {', '.join(missing)}")
-    return c.query["name"], c.query["version"], c.query["hardware"]
+    return ReleaseInput(c.body, c.query["name"], c.query["version"], c.query["hardware"], c.now)
 
 
 def _upload_release(c: Call) -> Reply:
-    name, version, hardware = _release_query(c)
-    manifest = c.api.releases.upload(
-        c.caller, c.body, name=name, version=version, hardware_id=hardware, now=c.now
-    )
+    manifest = c.api.releases.upload(c.caller, _release_query(c))
     return Reply(release_json(manifest), 201)
 
 
 def _stage_release(c: Call) -> Reply:
-    name, version, hardware = _release_query(c)
-    releases = c.api.releases
-    staged = releases.stage(c.caller, c.body, name=name, version=version, hardware_id=hardware, now=c.now)
+    staged = c.api.releases.stage(c.caller, _release_query(c))
     return Reply({"staging_id": staged.staging_id, "release": release_json(staged.manifest),
                   "targets": staged.proposal}, 201)  # fmt: skip
 

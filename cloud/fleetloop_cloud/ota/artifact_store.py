@@ -1,4 +1,9 @@
-"""The artifact store: release images, their deltas and signed manifests on local disk.
+"""The artifact store: release images, their deltas and signed manifests in the object store.
+
+The objects (``files/``, ``releases/``, ``staged/``; the TUF metadata beside them under ``tuf/``) live
+where the coordinator's object store is: the data directory's ``artifacts/`` folder (the embedded
+default, the layout it always had) or a bucket every coordinator shares, so a release uploaded through
+one coordinator is served by all.
 
 Files are content-addressed (``files/<sha256>``): the name *is* the integrity check, the same bytes are
 stored once however many releases use them, and the HTTP server can hand a device any file by hash
@@ -26,6 +31,7 @@ import json
 import logging
 import re
 import secrets
+import tempfile
 import threading
 import time
 from collections.abc import Collection, Mapping, Sequence
@@ -34,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetloop_cloud.ota.tuf_repository import TufRepositories, target_file
-from fleetloop_shared.durable import write_atomically
+from fleetloop_cloud.storage import ObjectStore
 from fleetloop_shared.errors import IntegrityError, NotFoundError, StateError, UserError
 from fleetloop_shared.update.artifact import (
     PayloadRef,
@@ -66,12 +72,44 @@ DELTA_MAX_IMAGE_BYTES = MAX_IMAGE_BYTES
 MAX_DELTA_BASES = 32
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_STAGED = re.compile(r"staged/(\d{20})-([0-9a-f]{16})\.json")
 _FILE_RELPATH = re.compile(r"files/([0-9a-f]{64})")
 _VERSION = re.compile(r"\d{1,9}(\.\d{1,9}){0,7}")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _STAGING_ID = re.compile(r"[0-9a-f]{16}")
 #: Most staged releases waiting for release managers' signatures (policy: the oldest is dropped).
 MAX_STAGED = 16
+
+
+@dataclass(frozen=True)
+class ReleaseInput:
+    """What a release is made from: the image, what it is, when, and the installed images (``bases``)
+    its deltas start from, with the delta formats devices on each base read (by the base's sha256;
+    default FLDELTA2)."""
+
+    image: bytes
+    name: str
+    version: str
+    hardware_id: str
+    now: float
+    bases: Sequence[bytes] = ()
+    base_formats: Mapping[str, Collection[str]] | None = None
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    """A stored file a device downloads: read in pieces (HTTP Range) from wherever it is stored."""
+
+    key: str
+    size: int
+    store: ObjectStore
+
+    def read(self, start: int, length: int) -> bytes:
+        return self.store.read_range(self.key, start, length)
+
+    def data(self) -> bytes:
+        """The whole file."""
+        return self.store.get(self.key)
 
 
 @dataclass(frozen=True)
@@ -128,7 +166,7 @@ class ArtifactStore:
 
     def __init__(
         self,
-        root: Path,
+        store: ObjectStore,
         signer: ReleaseSigner,
         *,
         validity_days: int = 30,
@@ -136,12 +174,7 @@ class ArtifactStore:
     ) -> None:
         if isinstance(validity_days, bool) or not isinstance(validity_days, int) or validity_days < 1:
             raise UserError(f"validity_days must be a whole number of days >= 1, got {validity_days!r}")
-        self._root = Path(root)
-        self._files = self._root / "files"
-        self._releases = self._root / "releases"
-        self._staged = self._root / "staged"
-        self._files.mkdir(parents=True, exist_ok=True)
-        self._releases.mkdir(parents=True, exist_ok=True)
+        self._store = store
         self._signer = signer
         self.tuf = tuf
         self._validity_s = validity_days * 86400
@@ -152,10 +185,15 @@ class ArtifactStore:
 
     def _put_file(self, data: bytes) -> str:
         sha = sha256_hex(data)
-        path = self._files / sha
-        if not (path.is_file() and path.stat().st_size == len(data)):
-            write_atomically(path, data)
+        if self._stored_size(f"files/{sha}") != len(data):
+            self._store.put(f"files/{sha}", data)
         return sha
+
+    def _stored_size(self, key: str) -> int | None:
+        try:
+            return self._store.stat(key).size
+        except NotFoundError:
+            return None
 
     def add_image(self, image: bytes) -> str:
         """Store an installed base image (e.g. v1 as provisioned) so later releases can delta from it."""
@@ -166,25 +204,24 @@ class ArtifactStore:
         """The stored bytes with this hash; NotFoundError if absent, IntegrityError if the disk lies."""
         if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
             raise NotFoundError(f"no image {sha256!r}: expected a lowercase hex sha256")
-        path = self._files / sha256
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+            data = self._store.get(f"files/{sha256}")
+        except NotFoundError:
             raise NotFoundError(f"no image with sha256 {sha256}") from None
         actual = sha256_hex(data)
         if actual != sha256:
-            raise IntegrityError(f"artifact file {path} is corrupt: its sha256 is {actual}")
+            raise IntegrityError(
+                f"artifact file {self._store.location}/files/{sha256} is corrupt: its sha256 is {actual}"
+            )
         return data
 
-    def file_path(self, relpath: str) -> Path:
-        """Absolute path of ``files/<sha256>`` for the file server; NotFoundError for anything else."""
+    def file(self, relpath: str) -> ArtifactFile:
+        """``files/<sha256>`` for the file server; NotFoundError for anything else."""
         match = _FILE_RELPATH.fullmatch(relpath) if isinstance(relpath, str) else None
-        if match is None:
+        size = self._stored_size(relpath) if match is not None else None
+        if size is None:
             raise NotFoundError(f"no artifact file {relpath!r}")
-        path = self._files / match.group(1)
-        if not path.is_file():
-            raise NotFoundError(f"no artifact file {relpath!r}")
-        return path
+        return ArtifactFile(relpath, size, self._store)
 
     # ------------------------------------------------------------------ releases
 
@@ -197,18 +234,16 @@ class ArtifactStore:
         if len(image) > MAX_IMAGE_BYTES:
             raise UserError(f"the image is {len(image)} bytes; the limit is {MAX_IMAGE_BYTES}")
 
-    def _release_dir(self, name: str, hardware_id: str) -> Path:
-        return self._releases / _safe(name, "release name") / _safe(hardware_id, "hardware id")
+    def _release_dir(self, name: str, hardware_id: str) -> str:
+        return f"releases/{_safe(name, 'release name')}/{_safe(hardware_id, 'hardware id')}"
 
     def versions(self, name: str, hardware_id: str) -> list[str]:
         """Released versions of ``name`` for ``hardware_id``, oldest first."""
         directory = self._release_dir(name, hardware_id)
-        if not directory.is_dir():
-            return []
         found = []
-        for p in directory.glob("*.manifest.json"):
-            version = p.name.removesuffix(".manifest.json")
-            if _VERSION.fullmatch(version):
+        for obj in self._store.list(directory + "/"):
+            version = obj.key[len(directory) + 1 :].removesuffix(".manifest.json")
+            if obj.key.endswith(".manifest.json") and _VERSION.fullmatch(version):
                 found.append(version)
         return sorted(found, key=version_key)
 
@@ -218,23 +253,13 @@ class ArtifactStore:
         directory = self._release_dir(name, hardware_id)
         try:
             return (
-                (directory / f"{version}.manifest.json").read_bytes(),
-                (directory / f"{version}.sig").read_bytes(),
+                self._store.get(f"{directory}/{version}.manifest.json"),
+                self._store.get(f"{directory}/{version}.sig"),
             )
-        except FileNotFoundError:
+        except NotFoundError:
             raise NotFoundError(f"no release {name} {version} for hardware {hardware_id}") from None
 
-    def add_release(
-        self,
-        image: bytes,
-        *,
-        name: str,
-        version: str,
-        hardware_id: str,
-        bases: Sequence[bytes],
-        now: float,
-        base_formats: Mapping[str, Collection[str]] | None = None,
-    ) -> tuple[bytes, bytes]:
+    def add_release(self, release: ReleaseInput) -> tuple[bytes, bytes]:
         """Store the image and its deltas, sign the manifest and (holding the targets keys: a lab's
         custody) the image repository's targets; returns (manifest bytes, signature). Where release
         managers hold the targets keys, :meth:`stage_release` and :meth:`publish_staged` instead.
@@ -245,46 +270,28 @@ class ArtifactStore:
         existing release of this name and hardware.
         """
         with self._lock:
-            manifest, manifest_bytes, signature = self._prepare(
-                image, name=name, version=version, hardware_id=hardware_id, bases=bases, now=now,
-                base_formats=base_formats,
-            )  # fmt: skip
+            manifest, manifest_bytes, signature = self._prepare(release)
             if self.tuf is not None:
-                self.tuf.image.publish(self._targets_of(manifest))
+                self.tuf.image.publish(self._targets_of(manifest), new_only=True)
             self._write_release(manifest, manifest_bytes, signature)
         return manifest_bytes, signature
 
-    def stage_release(
-        self,
-        image: bytes,
-        *,
-        name: str,
-        version: str,
-        hardware_id: str,
-        bases: Sequence[bytes],
-        now: float,
-        base_formats: Mapping[str, Collection[str]] | None = None,
-    ) -> StagedRelease:
+    def stage_release(self, release: ReleaseInput) -> StagedRelease:
         """Store the image and its deltas as :meth:`add_release` does, but publish nothing: the targets
         metadata that would add them is kept, under a new id, for release managers to sign on their
         machines (:meth:`publish_staged`). At most :data:`MAX_STAGED` wait; the oldest is dropped."""
         if self.tuf is None:
             raise StateError("no TUF image repository to stage a release for")
         with self._lock:
-            manifest, manifest_bytes, signature = self._prepare(
-                image, name=name, version=version, hardware_id=hardware_id, bases=bases, now=now,
-                base_formats=base_formats,
-            )  # fmt: skip
+            manifest, manifest_bytes, signature = self._prepare(release)
             proposal = self.tuf.image.propose(self._targets_of(manifest))
             staged = StagedRelease(secrets.token_hex(8), manifest, manifest_bytes, signature, proposal)
-            self._staged.mkdir(parents=True, exist_ok=True)
             # named by the time it was staged, then its id: the names sort oldest first
-            name = f"{time.time_ns():020d}-{staged.staging_id}.json"
-            write_atomically(self._staged / name, staged.to_bytes())
-            waiting = sorted(self._staged.glob("*.json"))
+            self._store.put(f"staged/{time.time_ns():020d}-{staged.staging_id}.json", staged.to_bytes())
+            waiting = [o.key for o in self._store.list("staged/") if _STAGED.fullmatch(o.key)]
             for old in waiting[:-MAX_STAGED]:
-                log.warning("staged release %s dropped unsigned: %d wait", old.stem[-16:], MAX_STAGED)
-                old.unlink(missing_ok=True)
+                log.warning("staged release %s dropped unsigned: %d wait", old[-21:-5], MAX_STAGED)
+                self._store.delete(old)
         return staged
 
     def publish_staged(self, staging_id: str, signed_targets: bytes) -> tuple[bytes, bytes]:
@@ -294,23 +301,24 @@ class ArtifactStore:
         if self.tuf is None or not isinstance(staging_id, str) or not _STAGING_ID.fullmatch(staging_id):
             raise NotFoundError(f"no staged release {staging_id!r}")
         with self._lock:
-            path = self._staged_path(staging_id)
-            staged = StagedRelease.from_bytes(staging_id, path.read_bytes())
+            key = self._staged_key(staging_id)
+            staged = StagedRelease.from_bytes(staging_id, self._store.get(key))
             m = staged.manifest
             self._check_newer(m.name, m.version, m.hardware_id)
             self.tuf.image.publish_signed(signed_targets, staged.proposal)
             self._write_release(m, staged.manifest_bytes, staged.signature)
-            path.unlink(missing_ok=True)
+            self._store.delete(key)
         return staged.manifest_bytes, staged.signature
 
     def staged(self, staging_id: str) -> StagedRelease:
         """A staged release by id; NotFoundError when there is none."""
         if not isinstance(staging_id, str) or not _STAGING_ID.fullmatch(staging_id):
             raise NotFoundError(f"no staged release {staging_id!r}")
-        return StagedRelease.from_bytes(staging_id, self._staged_path(staging_id).read_bytes())
+        return StagedRelease.from_bytes(staging_id, self._store.get(self._staged_key(staging_id)))
 
-    def _staged_path(self, staging_id: str) -> Path:
-        found = sorted(self._staged.glob(f"*-{staging_id}.json"))
+    def _staged_key(self, staging_id: str) -> str:
+        found = [o.key for o in self._store.list("staged/")
+                 if (m := _STAGED.fullmatch(o.key)) and m.group(2) == staging_id]  # fmt: skip
         if not found:
             raise NotFoundError(
                 f"no staged release {staging_id!r} (published, dropped for newer ones, or never made)"
@@ -331,25 +339,16 @@ class ArtifactStore:
 
     def _write_release(self, manifest: ReleaseManifest, manifest_bytes: bytes, signature: bytes) -> None:
         directory = self._release_dir(manifest.name, manifest.hardware_id)
-        directory.mkdir(parents=True, exist_ok=True)
         # Signature first, manifest last: the manifest's presence is what marks the release as existing.
-        write_atomically(directory / f"{manifest.version}.sig", signature)
-        write_atomically(directory / f"{manifest.version}.manifest.json", manifest_bytes)
+        self._store.put(f"{directory}/{manifest.version}.sig", signature)
+        self._store.put(f"{directory}/{manifest.version}.manifest.json", manifest_bytes)
 
-    def _prepare(
-        self,
-        image: bytes,
-        *,
-        name: str,
-        version: str,
-        hardware_id: str,
-        bases: Sequence[bytes],
-        now: float,
-        base_formats: Mapping[str, Collection[str]] | None,
-    ) -> tuple[ReleaseManifest, bytes, bytes]:
+    def _prepare(self, release: ReleaseInput) -> tuple[ReleaseManifest, bytes, bytes]:
         """Checks, stored files and the signed manifest of a release (caller holds the lock)."""
-        self._check_image(image)
-        image = bytes(image)
+        name, version, hardware_id = release.name, release.version, release.hardware_id
+        bases, base_formats = release.bases, release.base_formats
+        self._check_image(release.image)
+        image = bytes(release.image)
         version_key(version)
         self._release_dir(name, hardware_id)
         _check_header(image, version, hardware_id)
@@ -378,7 +377,7 @@ class ArtifactStore:
                 continue
             wanted = (base_formats or {}).get(base_sha, (FLDELTA2,))
             for fmt in sorted(set(wanted), key=list(FORMATS).index):
-                delta = self._make_delta(base_sha, target_sha, fmt)
+                delta = self._make_delta(base, image, fmt)
                 if delta is None:
                     continue
                 patch_sha, patch_size, methods = delta
@@ -386,7 +385,7 @@ class ArtifactStore:
                     PayloadRef("delta", fmt, f"files/{patch_sha}", patch_sha, patch_size, base_sha)
                 )
                 self._methods[patch_sha] = methods
-        created = int(now)
+        created = int(release.now)
         manifest = ReleaseManifest(
             name=name,
             version=version,
@@ -401,22 +400,20 @@ class ArtifactStore:
         manifest_bytes = manifest_to_bytes(manifest)
         return manifest, manifest_bytes, self._signer.sign(manifest_bytes)
 
-    def _make_delta(self, base_sha: str, target_sha: str, fmt: str) -> tuple[str, int, str] | None:
-        """Delta file in format ``fmt`` from one stored image to another, stored by hash; None when it is
-        not smaller than the full image."""
-        tmp = self._files / f".delta-{base_sha[:16]}-{target_sha[:16]}.{fmt}"
-        try:
-            stats = make_delta_file(self._files / base_sha, self._files / target_sha, tmp, format=fmt)
+    def _make_delta(self, base: bytes, image: bytes, fmt: str) -> tuple[str, int, str] | None:
+        """Delta file in format ``fmt`` from one image to another, stored by hash; None when it is not
+        smaller than the full image. Made in a scratch folder (the delta maker reads files), which
+        goes when it is done."""
+        with tempfile.TemporaryDirectory(prefix="fleetloop-delta-") as scratch:
+            old, new, out = (Path(scratch) / n for n in ("old", "new", "delta"))
+            old.write_bytes(base)
+            new.write_bytes(image)
+            stats = make_delta_file(old, new, out, format=fmt)
             if stats.bytes >= stats.new_bytes:
                 return None
-            patch_sha = sha256_file(tmp)
-            dest = self._files / patch_sha
-            if dest.is_file() and dest.stat().st_size == stats.bytes:
-                tmp.unlink()
-            else:
-                tmp.replace(dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+            patch_sha = sha256_file(out)
+            if self._stored_size(f"files/{patch_sha}") != stats.bytes:
+                self._store.put(f"files/{patch_sha}", out.read_bytes())
         return patch_sha, stats.bytes, "+".join(sorted(stats.methods))
 
     def _targets_of(self, manifest: ReleaseManifest) -> dict[str, Any]:

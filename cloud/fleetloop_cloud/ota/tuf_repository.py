@@ -13,9 +13,12 @@ Uptane's split (see ``fleetloop_shared.update.tuf_metadata`` for what the device
 
 Each repository is a :class:`RootAuthority` (the root's versions and the keys it lists) plus one or more
 :class:`RoleFiles` (targets, snapshot, timestamp): one for the image repository, one per device for the
-director, all under the same director root. Files are written atomically in the order a client reads
-them backwards (targets, snapshot, then timestamp), so a client never sees a timestamp naming a
-snapshot that is not there yet. ``consistent_snapshot`` is off: the coordinator serves the latest
+director, all under the same director root. The files are objects in the artifacts' object store
+(``tuf/...``: a folder of the data directory, or the bucket every coordinator shares), each written
+whole in the order a client reads them backwards (targets, snapshot, then timestamp), so a client never
+sees a timestamp naming a snapshot that is not there yet; a writer holds the repository's writer lock
+(:mod:`.writers`) across its read-modify-write, so versions only grow whichever coordinator signs.
+``consistent_snapshot`` is off: the coordinator serves the latest
 files; version numbers still only grow, which is what defeats rollback and replay.
 
 Keys are Ed25519 PEM files named by key id under ``keys/tuf/<repository>/`` (0600). This module is the
@@ -48,6 +51,8 @@ from tuf.api.metadata import (  # type: ignore[attr-defined]
     Timestamp,
 )
 
+from fleetloop_cloud.ota.writers import LocalWriters, MetadataFolder, MetadataWriters
+from fleetloop_cloud.storage import ObjectStore
 from fleetloop_shared.durable import write_atomically
 from fleetloop_shared.errors import (
     ConfigError,
@@ -121,11 +126,11 @@ class KeyStore:
 
 
 class RootAuthority:
-    """One repository's root: its versions on disk (``N.root.json``) and the keys it lists per role."""
+    """One repository's root: its versions (``N.root.json``) and the keys it lists per role."""
 
     def __init__(
         self,
-        directory: Path,
+        folder: MetadataFolder,
         keys: KeyStore,
         *,
         repository: str,
@@ -141,11 +146,10 @@ class RootAuthority:
         the targets role (``targets_threshold`` of them sign). Both matter only when no root exists."""
         if repository not in REPOSITORIES:
             raise ConfigError(f"unknown TUF repository {repository!r}")
-        self.directory = directory
+        self.folder = folder
         self.keys = keys
         self.repository = repository
         self._clock = clock
-        directory.mkdir(parents=True, exist_ok=True)
         latest = self._latest_version()
         if latest == 0:
             self.root = self._new_root(root_keys, root_threshold, offline, targets_keys, targets_threshold)
@@ -154,14 +158,21 @@ class RootAuthority:
             self.root = self._load(latest)
 
     def _latest_version(self) -> int:
-        versions = [int(m.group(1)) for p in self.directory.iterdir() if (m := _ROOT_FILE.fullmatch(p.name))]
+        versions = [int(m.group(1)) for name in self.folder.names() if (m := _ROOT_FILE.fullmatch(name))]
         return max(versions, default=0)
+
+    def reload(self) -> None:
+        """Follow a newer root another coordinator wrote (a rotation through it)."""
+        latest = self._latest_version()
+        if latest > self.root.signed.version:
+            self.root = self._load(latest)
 
     def _load(self, version: int) -> Metadata[Root]:
         try:
-            return Metadata[Root].from_bytes(self.root_file(version).read_bytes())
-        except (ValueError, KeyError, TypeError, RepositoryError) as exc:
-            raise ConfigError(f"{self.directory}: root version {version} is unreadable: {exc}") from None
+            return Metadata[Root].from_bytes(self.root_data(version))
+        except (ValueError, KeyError, TypeError, RepositoryError, NotFoundError) as exc:
+            where = self.folder.location
+            raise ConfigError(f"{where}: root version {version} is unreadable: {exc}") from None
 
     def _new_root(
         self, root_keys: int, threshold: int, offline: KeyStore | None, targets_keys: Sequence[SSlibKey],
@@ -255,14 +266,17 @@ class RootAuthority:
             ) from None
 
     def _write_root(self, md: Metadata[Root]) -> None:
-        data = md.to_bytes()
-        write_atomically(self.root_file(md.signed.version), data)
+        self.folder.write(f"{md.signed.version}.root.json", md.to_bytes())
 
-    def root_file(self, version: int) -> Path:
-        return self.directory / f"{version}.root.json"
+    def root_data(self, version: int) -> bytes:
+        """Root version ``version``; NotFoundError when there is none (ends a device's rotation walk)."""
+        data = self.folder.read(f"{version}.root.json")
+        if data is None:
+            raise NotFoundError(f"no root version {version} of the {self.repository} repository")
+        return data
 
     def root_bytes(self) -> bytes:
-        return self.root_file(self.root.signed.version).read_bytes()
+        return self.root_data(self.root.signed.version)
 
     def sign_role(self, md: Metadata[Any]) -> None:
         md.signatures.clear()
@@ -330,21 +344,35 @@ class RootAuthority:
 class RoleFiles:
     """Targets, snapshot and timestamp of one repository (or of one device at the director)."""
 
-    def __init__(self, directory: Path, authority: RootAuthority, clock: Callable[[], float]) -> None:
-        self.directory = directory
+    def __init__(
+        self, folder: MetadataFolder, authority: RootAuthority, clock: Callable[[], float],
+        writers: MetadataWriters | None = None,
+    ) -> None:  # fmt: skip
+        self.folder = folder
         self.authority = authority
         self._clock = clock
-        self._lock = threading.Lock()
-        directory.mkdir(parents=True, exist_ok=True)
-        if not (directory / "timestamp.json").is_file() and authority.holds("targets"):
+        self._writers = writers or LocalWriters()
+        if not self.exists("timestamp") and authority.holds("targets"):
             # with the targets keys offline, the first release manager's upload makes the first files
-            self.publish({}, replace=True)
+            with self._writers.hold(folder.prefix):
+                if not self.exists("timestamp"):
+                    self._publish({}, replace=True)
+
+    def exists(self, role: str) -> bool:
+        try:
+            self.folder.store.stat(f"{self.folder.prefix}/{role}.json")
+        except NotFoundError:
+            return False
+        return True
 
     def _read(self, name: str) -> Metadata[Any] | None:
-        path = self.directory / f"{name}.json"
-        if not path.is_file():
+        data = self.folder.read(f"{name}.json")
+        if data is None:
             return None
-        return Metadata.from_bytes(path.read_bytes())
+        try:
+            return Metadata.from_bytes(data)
+        except (ValueError, KeyError, TypeError, RepositoryError) as exc:
+            raise IntegrityError(f"{self.folder.location}/{name}.json is unreadable: {exc}") from None
 
     def version(self) -> int:
         """The current targets version (0 before the first publish)."""
@@ -366,18 +394,29 @@ class RoleFiles:
             targets=merged,
         )
 
-    def publish(self, targets: Mapping[str, TargetFile], *, replace: bool = False) -> int:
+    def publish(
+        self, targets: Mapping[str, TargetFile], *, replace: bool = False, new_only: bool = False
+    ) -> int:
         """Add (or, with ``replace``, set) targets; re-sign targets, snapshot, timestamp. Returns the
-        new targets version. StateError when this coordinator does not hold the targets keys."""
-        with self._lock:
-            t: Metadata[Any] = Metadata(self._next_targets(targets, replace))
-            self.authority.sign_role(t)
-            return self._write(t)
+        new targets version. StateError when this coordinator does not hold the targets keys, or with
+        ``new_only`` when one of the paths is a target already (another coordinator published the same
+        release a moment ago: checked under the writer lock, so one of them wins)."""
+        with self._writers.hold(self.folder.prefix):
+            if new_only:
+                taken = sorted(set(targets) & set(self.targets()))
+                if taken:
+                    raise StateError(f"{taken[0]} is published already")
+            return self._publish(targets, replace=replace)
+
+    def _publish(self, targets: Mapping[str, TargetFile], *, replace: bool) -> int:
+        t: Metadata[Any] = Metadata(self._next_targets(targets, replace))
+        self.authority.sign_role(t)
+        return self._write(t)
 
     def propose(self, targets: Mapping[str, TargetFile]) -> dict[str, Any]:
         """The signed part of the next targets metadata with ``targets`` added, for release managers to
         sign (:meth:`publish_signed`); nothing changes here."""
-        with self._lock:
+        with self._writers.hold(self.folder.prefix):
             return dict(self._next_targets(targets, False).to_dict())
 
     def publish_signed(self, data: bytes, proposed: Mapping[str, Any]) -> int:
@@ -394,7 +433,7 @@ class RoleFiles:
             raise IntegrityError(f"the signed targets metadata is unreadable: {exc}") from None
         if md.signed.to_dict() != dict(proposed):
             raise IntegrityError("the signed targets metadata is not what the coordinator proposed")
-        with self._lock:
+        with self._writers.hold(self.folder.prefix):
             current = self.version()
             if md.signed.version != current + 1:
                 raise StateError(
@@ -420,11 +459,11 @@ class RoleFiles:
             expires=now + LIFETIMES["timestamp"],
             snapshot_meta=MetaFile(version=s.version),
         )
-        write_atomically(self.directory / "targets.json", t.to_bytes())
+        self.folder.write("targets.json", t.to_bytes())
         for signed in (s, ts):
             md: Metadata[Any] = Metadata(signed)
             self.authority.sign_role(md)
-            write_atomically(self.directory / f"{signed.type}.json", md.to_bytes())
+            self.folder.write(f"{signed.type}.json", md.to_bytes())
         return int(t.signed.version)
 
     def refresh(self) -> None:
@@ -434,7 +473,7 @@ class RoleFiles:
         now = _dt(self._clock())
         if md is not None and md.signed.expires - now > LIFETIMES["timestamp"] / 2:
             return
-        with self._lock:
+        with self._writers.hold(self.folder.prefix):
             ts = self._read("timestamp")
             if ts is None:
                 return
@@ -443,12 +482,14 @@ class RoleFiles:
             ts.signed.version += 1
             ts.signed.expires = now + LIFETIMES["timestamp"]
             self.authority.sign_role(ts)
-            write_atomically(self.directory / "timestamp.json", ts.to_bytes())
+            self.folder.write("timestamp.json", ts.to_bytes())
 
-    def file(self, name: str) -> Path:
-        if name not in _ROLE_FILES:
+    def data(self, name: str) -> bytes:
+        """The bytes of ``timestamp.json``, ``snapshot.json`` or ``targets.json``; NotFoundError else."""
+        found = self.folder.read(name) if name in _ROLE_FILES else None
+        if found is None:
             raise NotFoundError(f"no TUF metadata {name!r}")
-        return self.directory / name
+        return found
 
 
 @dataclass(frozen=True)
@@ -471,11 +512,12 @@ class ImageKeyCustody:
 
 
 class TufRepositories:
-    """The image repository and the director of one coordinator, under ``root`` and ``key_root``."""
+    """The image repository and the director, their files under ``tuf/`` in ``store`` and the online
+    keys under ``key_root``."""
 
     def __init__(
         self,
-        root: Path,
+        store: ObjectStore,
         key_root: Path,
         *,
         clock: Callable[[], float],
@@ -483,24 +525,26 @@ class TufRepositories:
         root_threshold: int = 2,
         anchor_dir: Path | None = None,
         custody: ImageKeyCustody | None = None,
+        writers: MetadataWriters | None = None,
     ) -> None:
         """``custody``: who holds a new image repository's root and targets keys (the coordinator, by
-        default: a lab's custody, it signs every upload itself)."""
+        default: a lab's custody, it signs every upload itself); ``writers``: how coordinators sharing
+        ``store`` take turns writing (default: this process alone)."""
         self._clock = clock
+        self._store = store
+        self._writers = writers = writers or LocalWriters()
         custody = custody or ImageKeyCustody()
-        fresh = not (root / "image" / "root" / "1.root.json").is_file()
-        offline = KeyStore(custody.release_keys) if custody.release_keys is not None and fresh else None
-        self.image_authority = RootAuthority(
-            root / "image" / "root",
-            KeyStore(key_root / "image"),
-            repository="image",
-            clock=clock,
-            root_keys=root_keys,
-            root_threshold=root_threshold,
-            offline=offline,
-            targets_keys=[public_key_file(p) for p in custody.targets_key_files],
-            targets_threshold=custody.targets_threshold,
-        )
+        image_root = MetadataFolder(store, "tuf/image/root")
+        with writers.hold("tuf/image/root"):  # two first starts on one bucket make one root
+            fresh = image_root.read("1.root.json") is None
+            offline = KeyStore(custody.release_keys) if custody.release_keys is not None and fresh else None
+            self.image_authority = self._image_root(image_root, key_root, custody, offline,
+                                                    root_keys, root_threshold)  # fmt: skip
+        with writers.hold("tuf/director/root"):  # one lock at a time: none is held while waiting on another
+            self.director_authority = RootAuthority(
+                MetadataFolder(store, "tuf/director/root"), KeyStore(key_root / "director"),
+                repository="director", clock=clock,
+            )  # fmt: skip
         if offline is not None:
             # what the release managers receive: each key file named by its role
             signed = self.image_authority.root.signed
@@ -509,16 +553,29 @@ class TufRepositories:
                     made = offline.directory / f"{keyid}.pem"
                     if made.is_file():
                         made.rename(offline.directory / offline_key_name(role, keyid))
-        self.image = RoleFiles(root / "image" / "roles", self.image_authority, clock)
-        self.director_authority = RootAuthority(
-            root / "director" / "root", KeyStore(key_root / "director"), repository="director", clock=clock
-        )
-        self._devices_dir = root / "director" / "devices"
+        self.image = RoleFiles(MetadataFolder(store, "tuf/image/roles"), self.image_authority, clock, writers)
+        self._devices_dir = MetadataFolder(store, "tuf/director/devices")
         self._devices: dict[str, RoleFiles] = {}
         self._lock = threading.Lock()
         #: Where the roots devices are provisioned with are written (public: beside the keys by default).
         self.anchor_dir = anchor_dir or key_root.parent
         self.export_anchors()
+
+    def _image_root(
+        self, folder: MetadataFolder, key_root: Path, custody: ImageKeyCustody, offline: KeyStore | None,
+        root_keys: int, root_threshold: int,
+    ) -> RootAuthority:  # fmt: skip
+        return RootAuthority(
+            folder,
+            KeyStore(key_root / "image"),
+            repository="image",
+            clock=self._clock,
+            root_keys=root_keys,
+            root_threshold=root_threshold,
+            offline=offline,
+            targets_keys=[public_key_file(p) for p in custody.targets_key_files],
+            targets_threshold=custody.targets_threshold,
+        )
 
     def export_anchors(self) -> None:
         """Write the current roots as ``image-root.json`` / ``director-root.json``: what devices are
@@ -547,9 +604,7 @@ class TufRepositories:
                 )
         elif repository == "director":
             authority = self.director_authority
-            with self._lock:
-                known = sorted(p.name for p in self._devices_dir.glob("*") if p.is_dir())
-            role_files = [self.device(d) for d in known if _DEVICE.fullmatch(d)]
+            role_files = [self.device(d) for d in self._devices_dir.folders() if _DEVICE.fullmatch(d)]
         else:
             raise UserError(f"no TUF repository {repository!r}; use image or director")
         if root_keys is not None and not 1 <= root_keys <= MAX_ROOT_KEYS:
@@ -558,10 +613,12 @@ class TufRepositories:
         if threshold is not None and not 1 <= threshold <= keys_after:
             # Checked before any key is made: a refused rotation leaves no orphan key files behind.
             raise UserError(f"root threshold {threshold} exceeds the number of root keys ({keys_after})")
-        version = authority.rotate(root_keys=root_keys, threshold=threshold, online=online)
+        with self._writers.hold(f"tuf/{repository}/root"):
+            authority.reload()
+            version = authority.rotate(root_keys=root_keys, threshold=threshold, online=online)
         if online:
             for files in role_files:
-                if (files.directory / "targets.json").is_file():
+                if files.exists("targets"):
                     files.publish({})
         self.export_anchors()
         resigned = len(role_files) if online else 0
@@ -589,7 +646,9 @@ class TufRepositories:
         """A new ``image`` root signed offline by release managers (``RootAuthority.install``)."""
         if repository != IMAGE_REPOSITORY:
             raise UserError("only the image repository's root is signed offline; rotate the director's")
-        version = self.image_authority.install(data)
+        with self._writers.hold("tuf/image/root"):
+            self.image_authority.reload()
+            version = self.image_authority.install(data)
         self.export_anchors()
         return self._root_summary(repository, self.image_authority, version, online=False, resigned=0)
 
@@ -613,7 +672,10 @@ class TufRepositories:
         with self._lock:
             files = self._devices.get(device_id)
             if files is None:
-                files = RoleFiles(self._devices_dir / device_id, self.director_authority, self._clock)
+                files = RoleFiles(
+                    MetadataFolder(self._store, f"tuf/director/devices/{device_id}"),
+                    self.director_authority, self._clock, self._writers,
+                )  # fmt: skip
                 self._devices[device_id] = files
             return files
 
@@ -625,10 +687,10 @@ class TufRepositories:
         elif repository.startswith("director/"):
             device_id = repository.removeprefix("director/")
             authority = self.director_authority
-            if (
-                not (self._devices_dir / device_id / "timestamp.json").is_file()
-                and _ROOT_FILE.fullmatch(name) is None
-            ):
+            if not _DEVICE.fullmatch(device_id):
+                raise NotFoundError(f"no device {device_id!r}")
+            signed_for = self._devices_dir.read(f"{device_id}/timestamp.json") is not None
+            if _ROOT_FILE.fullmatch(name) is None and not signed_for:
                 raise NotFoundError(f"the director has no metadata for device {device_id!r}")
             files = self.device(device_id)
         else:
@@ -636,10 +698,11 @@ class TufRepositories:
         m = _ROOT_FILE.fullmatch(name)
         try:
             if m is not None:
-                return authority.root_file(int(m.group(1))).read_bytes()
+                authority.reload()  # a rotation through another coordinator
+                return authority.root_data(int(m.group(1)))
             files.refresh()
-            return files.file(name).read_bytes()
-        except FileNotFoundError:
+            return files.data(name)
+        except NotFoundError:
             raise NotFoundError(f"no TUF metadata {repository}/{name}") from None
 
 

@@ -256,6 +256,15 @@ class CoordinatorLeases(Protocol):
         """Forget coordinators whose last beat is older than ``before``; returns how many."""
         ...
 
+    def take(self, name: str, holder: str, now: float, ttl_s: float) -> bool:
+        """Take (or renew) the writer lock ``name`` until ``now + ttl_s``; False while another holder's
+        runs. What several coordinators writing one object-store file agree through."""
+        ...
+
+    def give_up(self, name: str, holder: str) -> None:
+        """End ``holder``'s writer lock ``name`` now (nothing when it is not theirs)."""
+        ...
+
 
 class TokenRepository(Protocol):
     """API tokens, by name and by the hash of their secret."""

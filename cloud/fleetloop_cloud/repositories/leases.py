@@ -4,6 +4,10 @@ A coordinator beats its lease every few seconds (``services.devices.LEASE_BEAT_S
 held by a coordinator whose last beat is older than the lease counts for nothing. So a coordinator that
 crashes, is killed or loses its database takes its devices' "online" with it within one lease, in a
 single-coordinator setup (where the restarted process has a new id) as with several sharing PostgreSQL.
+
+Writer locks (:meth:`SqlLeases.take`) are the database's word on who may write one shared thing in the
+object store now (a TUF repository's metadata, whose versions must only grow): a named row of the
+controller lease's table, held until given up or until it expires (a holder that died frees it).
 """
 
 from __future__ import annotations
@@ -79,11 +83,43 @@ class SqlLeases:
         with self._db.write() as tx:
             return tx.execute("DELETE FROM coordinators WHERE beat_at < ?", (before,)).rowcount
 
+    def take(self, name: str, holder: str, now: float, ttl_s: float) -> bool:
+        with self._db.write() as tx:
+            row = tx.execute(
+                "SELECT holder, expires_at FROM controller_lease WHERE name = ?", (_writer(name),)
+            ).fetchone()
+            if row is None:
+                tx.execute(
+                    "INSERT INTO controller_lease (name, holder, token, expires_at) VALUES (?, ?, 1, ?)",
+                    (_writer(name), holder, now + ttl_s),
+                )
+                return True
+            if str(row[0]) != holder and float(row[1]) > now:
+                return False
+            tx.execute(
+                "UPDATE controller_lease SET holder = ?, token = token + 1, expires_at = ? WHERE name = ?",
+                (holder, now + ttl_s, _writer(name)),
+            )
+            return True
+
+    def give_up(self, name: str, holder: str) -> None:
+        with self._db.write() as tx:
+            tx.execute(
+                "UPDATE controller_lease SET expires_at = 0 WHERE name = ? AND holder = ?",
+                (_writer(name), holder),
+            )
+
+
+def _writer(name: str) -> str:
+    """Writer locks share the controller lease's table under their own names."""
+    return f"writer:{name}"
+
 
 class MemoryLeases:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._beats: dict[str, float] = {}
+        self._writers: dict[str, tuple[str, float]] = {}
 
     def beat(self, coordinator_id: str, now: float) -> None:
         with self._lock:
@@ -103,3 +139,16 @@ class MemoryLeases:
             for c in dead:
                 del self._beats[c]
             return len(dead)
+
+    def take(self, name: str, holder: str, now: float, ttl_s: float) -> bool:
+        with self._lock:
+            current = self._writers.get(name)
+            if current is not None and current[0] != holder and current[1] > now:
+                return False
+            self._writers[name] = (holder, now + ttl_s)
+            return True
+
+    def give_up(self, name: str, holder: str) -> None:
+        with self._lock:
+            if self._writers.get(name, ("", 0.0))[0] == holder:
+                del self._writers[name]

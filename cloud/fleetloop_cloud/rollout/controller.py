@@ -17,6 +17,7 @@ to the devices whose sessions it holds, and folds in their reports.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -49,6 +50,7 @@ from fleetloop_cloud.rollout.planner import (
 from fleetloop_cloud.rollout.policy import RolloutPolicy, Selection
 from fleetloop_cloud.rollout.policy_reader import parse_policy
 from fleetloop_cloud.rollout.targets import TargetSelection, new_rollout
+from fleetloop_cloud.rollout.withdrawals import WINDOW_S, WITHDRAWN, Told, Withdrawal, withdrawn
 from fleetloop_shared.errors import NotFoundError, UserError
 
 log = logging.getLogger("fleetloop.cloud.rollout")
@@ -104,6 +106,10 @@ class JobPublisher(Protocol):
 
     def reachable(self) -> Collection[str]:
         """Devices this coordinator can deliver to now (their sessions are here)."""
+        ...
+
+    def withdraw(self, device_id: str, job_id: str, rollout_id: str, reason: str) -> bool:
+        """Tell the device to drop the job; True if it was sent to a device connected here now."""
         ...
 
 
@@ -199,6 +205,7 @@ class RolloutController:
         self._lock = threading.RLock()
         self._planners: dict[str, tuple[str, RolloutPlanner]] = {}
         self.targets = TargetSelection(rollouts, releases, devices)
+        self._told = Told()
 
     # ------------------------------------------------------------------ helpers
 
@@ -272,6 +279,31 @@ class RolloutController:
         if wrote:
             self._stepped()
         self.deliver(now, members)
+        self.withdraw(now, records, members)
+
+    def withdraw(
+        self, now: float, records: Sequence[RolloutRecord], known: Mapping[str, Sequence[RolloutDeviceRecord]]
+    ) -> int:
+        """Tell each device here that holds a withdrawn job (its rollout aborted, or its offer withdrawn)
+        to drop it, once per job; returns how many were told. ``records``/``known``: the holding rollouts
+        and devices this tick read."""
+        reachable = set(self._publisher.reachable())
+        if not reachable:
+            return 0
+        aborted = [r for r in self._rollouts.all(states=(RolloutState.ABORTED.value,))
+                   if now - r.updated_at <= WINDOW_S]  # fmt: skip
+        candidates: list[Withdrawal] = []
+        for record in [*records, *aborted]:
+            members = known.get(record.rollout_id)
+            if members is None:
+                members = self._rollouts.devices(record.rollout_id)
+            candidates += withdrawn(record, members, now, job_id_for)
+        told = 0
+        for w in self._told.due(candidates, reachable):
+            if self._publisher.withdraw(w.device_id, w.job_id, w.rollout_id, w.reason):
+                self._told.mark(w)
+                told += 1
+        return told
 
     def _step(
         self,
@@ -339,7 +371,7 @@ class RolloutController:
             for device_id in decision.cancel:
                 changes[device_id] = DeviceChange(
                     state=S.CANCELED.value,
-                    reason="offer withdrawn: " + decision.reason,
+                    reason=WITHDRAWN + decision.reason,
                     only_from=S.OFFERED.value,
                 )
             for offer in decision.reoffers:
@@ -494,6 +526,14 @@ class RolloutController:
             if current is None or current.attempt != attempt:
                 return
             old = DevicePhaseState(current.state)
+            held = withdrawn(record, [current], now, job_id_for, window_s=math.inf)
+            if held and phase_state is not S.CANCELED and phase_state.value not in _FINAL:
+                # told to drop it, the device still holds it (an agent that was offline, or restarted):
+                # tell it again now, while it is here
+                self._told.forget(device_id, job_id)
+                self._publisher.withdraw(device_id, job_id, rollout_id, held[0].reason)
+            if ota_state == "CANCELED" and held:
+                phase_state = S.CANCELED  # dropped as asked: not a failure of the device
             if old in (S.PENDING, S.COMMITTED, S.CANCELED) or old.value in _FINAL:
                 return
             running = clip(running_version) if running_version else None
@@ -504,7 +544,7 @@ class RolloutController:
             ):
                 return
             retry_at = 0.0
-            if phase_state.value in _FINAL:
+            if phase_state.value in _FINAL and phase_state is not S.CANCELED:
                 settled = self.planner_of(record).settle(device_view(current), phase_state, clip(reason), now)
                 phase_state, reason, retry_at = settled.state, settled.reason, settled.retry_at or 0.0
             self._rollouts.update(

@@ -64,6 +64,12 @@ class OtaJobs:
         )
         return self._sessions.publish(device_id, device_pb2.CloudMessage(ota_job=message))
 
+    def withdraw(self, device_id: str, job_id: str, rollout_id: str, reason: str) -> bool:
+        """Tell the device on its control stream to drop the job (``OtaCancel``); True if its session
+        is here. Nothing is signed: a withdrawal only ever stops an update."""
+        message = ota_pb2.OtaCancel(job_id=job_id, rollout_id=rollout_id, reason=reason[:500])
+        return self._sessions.publish(device_id, device_pb2.CloudMessage(ota_cancel=message))
+
     def publish_job(
         self, device_id: str, job_id: str, rollout_id: str, manifest: bytes, signature: bytes
     ) -> bool:

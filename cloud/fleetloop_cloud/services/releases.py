@@ -7,11 +7,14 @@ device verifies it before use.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from fleetloop_cloud.ota.artifact_store import (
+    ArtifactFile,
     ArtifactStore,
+    ReleaseInput,
     StagedRelease,
     check_not_older_than_fleet,
     is_bundle_image,
@@ -29,6 +32,8 @@ from fleetloop_shared.errors import (
 )
 from fleetloop_shared.update.artifact import ReleaseManifest, manifest_from_bytes
 from fleetloop_shared.update.delta_format import readable_formats
+
+__all__ = ["ArtifactFile", "ReleaseInput", "ReleaseService"]
 
 
 class ReleaseService:
@@ -51,11 +56,10 @@ class ReleaseService:
         self._tuf = tuf
         self._access = access
 
-    def upload(
-        self, caller: Caller, image: bytes, *, name: str, version: str, hardware_id: str, now: float
-    ) -> ReleaseManifest:
-        """Check, store and sign a release; its deltas start from the images devices of ``hardware_id``
-        run. Refused (UserError / StateError) before anything is signed when the image does not fit.
+    def upload(self, caller: Caller, release: ReleaseInput) -> ReleaseManifest:
+        """Check, store and sign a release; its deltas start from the images devices of its hardware
+        run (``release.bases`` is filled in here). Refused (UserError / StateError) before anything
+        is signed when the image does not fit.
 
         Only where this coordinator holds the image repository's targets keys (a lab's custody);
         where release managers hold them, :meth:`stage` and :meth:`publish` (StateError saying so)."""
@@ -65,41 +69,23 @@ class ReleaseService:
                 "release managers hold the image repository's targets keys: upload with "
                 "'fleetloop artifacts upload FILE --key KEY.pem', which signs on your machine"
             )
-        image, bases, base_formats, previous = self._inputs(image, name, version, hardware_id)
-        manifest, signature = self._artifacts.add_release(
-            image,
-            name=name,
-            version=version,
-            hardware_id=hardware_id,
-            bases=bases,
-            now=now,
-            base_formats=base_formats,
-        )
-        return self._released(caller, manifest, signature, previous, now)
+        release, previous = self._inputs(release)
+        manifest, signature = self._artifacts.add_release(release)
+        return self._released(caller, manifest, signature, previous, release.now)
 
     def coordinator_signs(self) -> bool:
         """Whether this coordinator signs the image repository's targets itself (lab custody)."""
         return self._tuf.image_authority.holds("targets")
 
-    def stage(
-        self, caller: Caller, image: bytes, *, name: str, version: str, hardware_id: str, now: float
-    ) -> StagedRelease:
+    def stage(self, caller: Caller, release: ReleaseInput) -> StagedRelease:
         """Store a release and its deltas and propose the targets metadata that publishes them, for
         the release manager to sign on their machine; nothing reaches a device yet."""
         self._access.operator(caller, "releases.stage")
-        image, bases, base_formats, _ = self._inputs(image, name, version, hardware_id)
-        staged = self._artifacts.stage_release(
-            image,
-            name=name,
-            version=version,
-            hardware_id=hardware_id,
-            bases=bases,
-            now=now,
-            base_formats=base_formats,
-        )
+        release, _ = self._inputs(release)
+        staged = self._artifacts.stage_release(release)
         m = staged.manifest
         self._access.record(
-            caller, "releases.stage", f"{name} for {hardware_id}", now, after=version,
+            caller, "releases.stage", f"{m.name} for {m.hardware_id}", release.now, after=m.version,
             detail=f"staging {staged.staging_id}, sha256 {m.target_sha256}, {m.target_size} bytes",
         )  # fmt: skip
         return staged
@@ -137,11 +123,10 @@ class ReleaseService:
         )  # fmt: skip
         return parsed
 
-    def _inputs(
-        self, image: bytes, name: str, version: str, hardware_id: str
-    ) -> tuple[bytes, list[bytes], dict[str, set[str]], list[str]]:
-        """The checked image, the bases its deltas start from, the formats per base, and the earlier
+    def _inputs(self, release: ReleaseInput) -> tuple[ReleaseInput, list[str]]:
+        """The release with the bases its deltas start from and the formats per base, and the earlier
         versions of this release."""
+        image, version, hardware_id = release.image, release.version, release.hardware_id
         if not image:
             raise UserError("the artifact is empty")
         fleet = [d for d in self._devices.all() if d.hardware_id == hardware_id]
@@ -166,7 +151,8 @@ class ReleaseService:
                 bases.append(self._artifacts.image(sha))
             except NotFoundError:
                 continue
-        return image, bases, base_formats, self._previous(name, hardware_id)
+        with_bases = replace(release, bases=bases, base_formats=base_formats)
+        return with_bases, self._previous(release.name, hardware_id)
 
     def all(self, caller: Caller) -> list[ReleaseRecord]:
         self._access.operator(caller, "releases.list")
@@ -209,10 +195,10 @@ class ReleaseService:
         """TUF metadata for devices' ngclient: ``image/<file>`` or ``director/<device_id>/<file>``."""
         return self._tuf.metadata_bytes(repository, name)
 
-    def target_file(self, target_path: str) -> Path:
+    def target_file(self, target_path: str) -> ArtifactFile:
         """The file behind an image repository target path (``/tuf/image/targets/<path>``)."""
-        return self._artifacts.file_path(f"files/{self._tuf.image_target_sha256(target_path)}")
+        return self._artifacts.file(f"files/{self._tuf.image_target_sha256(target_path)}")
 
-    def artifact_file(self, relpath: str) -> Path:
+    def artifact_file(self, relpath: str) -> ArtifactFile:
         """The file behind ``files/<sha256>``; NotFoundError for anything else."""
-        return self._artifacts.file_path(relpath)
+        return self._artifacts.file(relpath)

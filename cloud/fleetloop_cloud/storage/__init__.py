@@ -14,6 +14,7 @@ from fleetloop_cloud.storage.objects import (
     ObjectStore,
     S3Settings,
     check_key,
+    copy_objects,
     open_object_store,
 )
 
@@ -24,5 +25,6 @@ __all__ = [
     "ObjectStore",
     "S3Settings",
     "check_key",
+    "copy_objects",
     "open_object_store",
 ]

@@ -57,6 +57,15 @@ class ObjectStore(Protocol):
 
     def get(self, key: str) -> bytes: ...
 
+    def stat(self, key: str) -> ObjectInfo:
+        """Size and age of one object; NotFoundError when there is none."""
+        ...
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """Up to ``length`` bytes from ``start`` (fewer at the end): what a file server needs to send
+        a large object in pieces, with HTTP Range, without holding it whole."""
+        ...
+
     def delete(self, key: str) -> None:
         """Remove the object; a missing one is not an error (deletes are retried)."""
         ...
@@ -85,6 +94,16 @@ class MemoryObjectStore:
         if found is None:
             raise NotFoundError(f"no object {key!r} in {self.location}")
         return found[0]
+
+    def stat(self, key: str) -> ObjectInfo:
+        with self._lock:
+            found = self._objects.get(check_key(key))
+        if found is None:
+            raise NotFoundError(f"no object {key!r} in {self.location}")
+        return ObjectInfo(key, len(found[0]), found[1])
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        return self.get(key)[max(0, start) : max(0, start) + max(0, length)]
 
     def delete(self, key: str) -> None:
         with self._lock:
@@ -127,6 +146,29 @@ class LocalObjectStore:
         path = self.path(key)
         try:
             return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise NotFoundError(f"no object {key!r} in {self.location}") from None
+        except OSError as exc:
+            raise UnavailableError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+    def stat(self, key: str) -> ObjectInfo:
+        path = self.path(key)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise NotFoundError(f"no object {key!r} in {self.location}") from None
+        except OSError as exc:
+            raise UnavailableError(f"cannot read {path}: {exc.strerror or exc}") from None
+        if not path.is_file():
+            raise NotFoundError(f"no object {key!r} in {self.location}")
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        path = self.path(key)
+        try:
+            with path.open("rb") as fh:
+                fh.seek(max(0, start))
+                return fh.read(max(0, length))
         except (FileNotFoundError, IsADirectoryError):
             raise NotFoundError(f"no object {key!r} in {self.location}") from None
         except OSError as exc:
@@ -204,13 +246,29 @@ class S3Settings:
         return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
 
 
+def copy_objects(source: ObjectStore, target: ObjectStore, prefix: str = "") -> int:
+    """Copy every object under ``prefix`` that ``target`` lacks (or holds with another size) from
+    ``source``: how ``cloud migrate`` moves a data directory's artifacts into a bucket. Safe to run
+    again (what was copied is skipped). Returns how many objects were copied."""
+    have = {o.key: o.size for o in target.list(prefix)}
+    copied = 0
+    for obj in source.list(prefix):
+        if have.get(obj.key) != obj.size:
+            target.put(obj.key, source.get(obj.key))
+            copied += 1
+    return copied
+
+
 def open_object_store(
     settings: S3Settings | None, local_root: Path, *, area: str, durable: bool = True
 ) -> ObjectStore:
-    """Where one user's objects go: below ``area`` (``fleet``, ``staging``) in the bucket of
-    ``settings``, or in the folder ``local_root`` when there is no bucket (the embedded default)."""
+    """Where one user's objects go: below ``area`` (``fleet``, ``staging``, ``artifacts``) in the bucket
+    of ``settings`` (ConfigError if it is missing or refuses the credentials), or in the folder
+    ``local_root`` when there is no bucket (the embedded default)."""
     if settings is None:
         return LocalObjectStore(local_root, durable=durable)
     from fleetloop_cloud.storage.s3 import S3ObjectStore
 
-    return S3ObjectStore(settings, area=check_key(area))
+    store = S3ObjectStore(settings, area=check_key(area))
+    store.check_bucket()
+    return store

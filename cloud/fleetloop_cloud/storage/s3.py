@@ -22,6 +22,9 @@ from pyarrow import fs
 from fleetloop_cloud.storage.objects import ObjectInfo, S3Settings, check_key
 from fleetloop_shared.errors import ConfigError, NotFoundError, UnavailableError
 
+#: What an S3 service answers when it refuses the credentials.
+_REFUSED = ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden")
+
 
 def _credentials(settings: S3Settings) -> dict[str, str]:
     """Keys from the shared-credentials file, or none (the SDK's chain: environment, instance role)."""
@@ -87,6 +90,25 @@ class S3ObjectStore:
         self.location = f"s3://{self._base}"
         self._fs = filesystem if filesystem is not None else s3_filesystem(settings)
 
+    def check_bucket(self) -> None:
+        """ConfigError, at start, for a bucket that is not there or credentials it refuses: an
+        operator's mistake, said as such rather than as the first failed write."""
+        bucket, where = self.settings.bucket, self.settings.endpoint or "AWS"
+        try:
+            info = self._fs.get_file_info(bucket)
+        except OSError as exc:
+            text = str(exc)
+            if any(s in text for s in _REFUSED):
+                raise ConfigError(
+                    f"storage: {where} refused the S3 credentials for bucket {bucket} "
+                    f"(storage.credentials_file or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY): "
+                    f"{text.strip().splitlines()[0]}"
+                ) from None
+            detail = text[:300]
+            raise UnavailableError(f"storage: cannot reach bucket {bucket} at {where}: {detail}") from None
+        if info.type == fs.FileType.NotFound:
+            raise ConfigError(f"storage.bucket {bucket!r} does not exist at {where}: create it first")
+
     def _path(self, key: str) -> str:
         return f"{self._base}/{check_key(key)}"
 
@@ -99,6 +121,22 @@ class S3ObjectStore:
         path = self._path(key)
         with mapped_errors(f"s3://{path}"), self._fs.open_input_stream(path) as src:
             return bytes(src.readall())
+
+    def stat(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        with mapped_errors(f"s3://{path}"):
+            info = self._fs.get_file_info(path)
+        if info.type != fs.FileType.File:
+            raise NotFoundError(f"s3://{path}: no such object")
+        modified = info.mtime.timestamp() if info.mtime is not None else 0.0
+        return ObjectInfo(key, int(info.size or 0), modified)
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        path = self._path(key)
+        with mapped_errors(f"s3://{path}"), self._fs.open_input_file(path) as src:
+            size = src.size()
+            begin = min(max(0, start), size)
+            return bytes(src.read_at(min(max(0, length), size - begin), begin)) if begin < size else b""
 
     def delete(self, key: str) -> None:
         path = self._path(key)

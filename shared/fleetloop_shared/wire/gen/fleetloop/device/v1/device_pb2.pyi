@@ -538,6 +538,7 @@ class CloudMessage(_message.Message):
     OTA_JOB_FIELD_NUMBER: _builtins.int
     UPLOAD_GRANT_FIELD_NUMBER: _builtins.int
     CLOCK_PONG_FIELD_NUMBER: _builtins.int
+    OTA_CANCEL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
@@ -548,6 +549,8 @@ class CloudMessage(_message.Message):
     def upload_grant(self) -> Global___UploadGrant: ...
     @_builtins.property
     def clock_pong(self) -> Global___ClockPong: ...
+    @_builtins.property
+    def ota_cancel(self) -> _ota_pb2.OtaCancel: ...
     def __init__(
         self,
         *,
@@ -556,12 +559,13 @@ class CloudMessage(_message.Message):
         ota_job: _ota_pb2.OtaJob | None = ...,
         upload_grant: Global___UploadGrant | None = ...,
         clock_pong: Global___ClockPong | None = ...,
+        ota_cancel: _ota_pb2.OtaCancel | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["clock_pong", b"clock_pong", "desired_campaigns", b"desired_campaigns", "kind", b"kind", "ota_job", b"ota_job", "upload_grant", b"upload_grant", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["clock_pong", b"clock_pong", "desired_campaigns", b"desired_campaigns", "kind", b"kind", "ota_cancel", b"ota_cancel", "ota_job", b"ota_job", "upload_grant", b"upload_grant", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock_pong", b"clock_pong", "desired_campaigns", b"desired_campaigns", "kind", b"kind", "ota_job", b"ota_job", "upload_grant", b"upload_grant", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock_pong", b"clock_pong", "desired_campaigns", b"desired_campaigns", "kind", b"kind", "ota_cancel", b"ota_cancel", "ota_job", b"ota_job", "upload_grant", b"upload_grant", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "desired_campaigns", "ota_job", "upload_grant", "clock_pong"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "desired_campaigns", "ota_job", "upload_grant", "clock_pong", "ota_cancel"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

@@ -24,19 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66leetloop/ota/v1/ota.proto\x12\x10\x66leetloop.ota.v1\"\xbc\x01\n\x06OtaJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrollout_id\x18\x02 \x01(\t\x12\x10\n\x08manifest\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x19\n\x11\x61rtifact_base_url\x18\x05 \x01(\t\x12\x38\n\x0finstall_windows\x18\x06 \x03(\x0b\x32\x1f.fleetloop.ota.v1.InstallWindow\x12\x14\n\x0chold_install\x18\x07 \x01(\x08\"5\n\rInstallWindow\x12\x12\n\nstart_unix\x18\x01 \x01(\x03\x12\x10\n\x08\x65nd_unix\x18\x02 \x01(\x03\"\xf2\x01\n\tOtaStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrollout_id\x18\x02 \x01(\t\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.fleetloop.ota.v1.OtaState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x18\n\x10\x62ytes_downloaded\x18\x06 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x04\x12\x14\n\x0cpayload_kind\x18\x08 \x01(\t\x12\x17\n\x0frunning_version\x18\t \x01(\t\x12\x17\n\x0finstall_waiting\x18\n \x01(\x08*\xd1\x02\n\x08OtaState\x12\x19\n\x15OTA_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10OTA_STATE_QUEUED\x10\x01\x12\x19\n\x15OTA_STATE_DOWNLOADING\x10\x02\x12\x18\n\x14OTA_STATE_DOWNLOADED\x10\x03\x12\x16\n\x12OTA_STATE_VERIFIED\x10\x04\x12\x18\n\x14OTA_STATE_INSTALLING\x10\x05\x12\x17\n\x13OTA_STATE_REBOOTING\x10\x06\x12\x1a\n\x16OTA_STATE_HEALTH_CHECK\x10\x07\x12\x17\n\x13OTA_STATE_COMMITTED\x10\x08\x12\x19\n\x15OTA_STATE_ROLLED_BACK\x10\t\x12\x14\n\x10OTA_STATE_FAILED\x10\n\x12\x16\n\x12OTA_STATE_REJECTED\x10\x0b\x12\x16\n\x12OTA_STATE_CANCELED\x10\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66leetloop/ota/v1/ota.proto\x12\x10\x66leetloop.ota.v1\"\xbc\x01\n\x06OtaJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrollout_id\x18\x02 \x01(\t\x12\x10\n\x08manifest\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x19\n\x11\x61rtifact_base_url\x18\x05 \x01(\t\x12\x38\n\x0finstall_windows\x18\x06 \x03(\x0b\x32\x1f.fleetloop.ota.v1.InstallWindow\x12\x14\n\x0chold_install\x18\x07 \x01(\x08\"?\n\tOtaCancel\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrollout_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"5\n\rInstallWindow\x12\x12\n\nstart_unix\x18\x01 \x01(\x03\x12\x10\n\x08\x65nd_unix\x18\x02 \x01(\x03\"\xf2\x01\n\tOtaStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrollout_id\x18\x02 \x01(\t\x12)\n\x05state\x18\x03 \x01(\x0e\x32\x1a.fleetloop.ota.v1.OtaState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x18\n\x10\x62ytes_downloaded\x18\x06 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x04\x12\x14\n\x0cpayload_kind\x18\x08 \x01(\t\x12\x17\n\x0frunning_version\x18\t \x01(\t\x12\x17\n\x0finstall_waiting\x18\n \x01(\x08*\xd1\x02\n\x08OtaState\x12\x19\n\x15OTA_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10OTA_STATE_QUEUED\x10\x01\x12\x19\n\x15OTA_STATE_DOWNLOADING\x10\x02\x12\x18\n\x14OTA_STATE_DOWNLOADED\x10\x03\x12\x16\n\x12OTA_STATE_VERIFIED\x10\x04\x12\x18\n\x14OTA_STATE_INSTALLING\x10\x05\x12\x17\n\x13OTA_STATE_REBOOTING\x10\x06\x12\x1a\n\x16OTA_STATE_HEALTH_CHECK\x10\x07\x12\x17\n\x13OTA_STATE_COMMITTED\x10\x08\x12\x19\n\x15OTA_STATE_ROLLED_BACK\x10\t\x12\x14\n\x10OTA_STATE_FAILED\x10\n\x12\x16\n\x12OTA_STATE_REJECTED\x10\x0b\x12\x16\n\x12OTA_STATE_CANCELED\x10\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fleetloop.ota.v1.ota_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OTASTATE']._serialized_start=540
-  _globals['_OTASTATE']._serialized_end=877
+  _globals['_OTASTATE']._serialized_start=605
+  _globals['_OTASTATE']._serialized_end=942
   _globals['_OTAJOB']._serialized_start=49
   _globals['_OTAJOB']._serialized_end=237
-  _globals['_INSTALLWINDOW']._serialized_start=239
-  _globals['_INSTALLWINDOW']._serialized_end=292
-  _globals['_OTASTATUS']._serialized_start=295
-  _globals['_OTASTATUS']._serialized_end=537
+  _globals['_OTACANCEL']._serialized_start=239
+  _globals['_OTACANCEL']._serialized_end=302
+  _globals['_INSTALLWINDOW']._serialized_start=304
+  _globals['_INSTALLWINDOW']._serialized_end=357
+  _globals['_OTASTATUS']._serialized_start=360
+  _globals['_OTASTATUS']._serialized_end=602
 # @@protoc_insertion_point(module_scope)

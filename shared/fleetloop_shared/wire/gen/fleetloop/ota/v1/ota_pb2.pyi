@@ -105,6 +105,37 @@ class OtaJob(_message.Message):
 Global___OtaJob: _TypeAlias = OtaJob  # noqa: Y015
 
 @_typing.final
+class OtaCancel(_message.Message):
+    """The cloud withdraws a job (its rollout was aborted, or the offer was withdrawn): a device that holds
+    it and has not committed to installing it drops it and reports OTA_STATE_CANCELED; one already
+    installing finishes or rolls back as its state machine says, and reports that. An agent that does not
+    know this message ignores it (an unknown oneof field) and finishes the job.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    rollout_id: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        rollout_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "reason", b"reason", "rollout_id", b"rollout_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OtaCancel: _TypeAlias = OtaCancel  # noqa: Y015
+
+@_typing.final
 class InstallWindow(_message.Message):
     """One interval [start, end) in Unix seconds."""
 
