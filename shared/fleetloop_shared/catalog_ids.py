@@ -50,7 +50,9 @@ def check_unique(entries: Iterable[tuple[int, str]], where: str) -> dict[str, in
     by_id: dict[int, str] = {}
     for signal_id, path in entries:
         if not 1 <= signal_id <= LOCAL_ID_MAX:
-            raise MalformedMessageError(f"{where}: signal {path!r} has id {signal_id}, outside 1 .. {LOCAL_ID_MAX}")
+            raise MalformedMessageError(
+                f"{where}: signal {path!r} has id {signal_id}, outside 1 .. {LOCAL_ID_MAX}"
+            )
         if not path or len(path) > MAX_PATH_CHARS:
             raise MalformedMessageError(f"{where}: a signal path must be 1 to {MAX_PATH_CHARS} characters")
         if path in by_path:
@@ -108,7 +110,9 @@ def assignment_from_wire(msg: device_pb2.CatalogAssignment) -> Assignment:
         try:
             data_type = DataType(s.data_type)
         except ValueError:
-            raise MalformedMessageError(f"{where}: signal {s.path!r} has unknown datatype {s.data_type}") from None
+            raise MalformedMessageError(
+                f"{where}: signal {s.path!r} has unknown datatype {s.data_type}"
+            ) from None
         signals.append(SignalSpec(s.id, s.path, data_type, s.unit[:MAX_PATH_CHARS]))
     refused = tuple((r.path[:MAX_PATH_CHARS], r.reason[:MAX_PATH_CHARS]) for r in msg.refused)
     return Assignment(msg.fleet, tuple(signals), refused)

@@ -86,7 +86,8 @@ class DeviceRepository(Protocol):
 
 
 class FleetCatalogRepository(Protocol):
-    """Each fleet's signal catalog: one id per path, assigned once, forever (``repositories.fleet_catalog``)."""
+    """Each fleet's signal catalog: one id per path, assigned once, forever
+    (``repositories.fleet_catalog``)."""
 
     def assign(self, fleet: str, signals: Sequence[tuple[str, DataType, str]]) -> Assignment:
         """Each declared path's fleet id (a new path gets the next free one); a path the fleet has with

@@ -46,7 +46,8 @@ def aliases_of(entries: Sequence[Mapping[str, Any]]) -> dict[int, int]:
 
 
 def merge_device_catalog(
-    where: str, hello: Sequence[Mapping[str, Any]], previous: Sequence[Mapping[str, Any]], assignment: Assignment,
+    where: str, hello: Sequence[Mapping[str, Any]], previous: Sequence[Mapping[str, Any]],
+    assignment: Assignment,
     fleet_catalog: Mapping[str, int],
 ) -> list[Entry]:
     """What a fleet-ids device's segments may name, after this hello: each path under its fleet id when
