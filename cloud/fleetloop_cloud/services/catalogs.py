@@ -108,23 +108,29 @@ def catalog_file_signals(document: Any, where: str) -> list[tuple[str, DataType,
     seen: set[str] = set()
     for i, s in enumerate(signals):
         at = f"{where}: signals[{i}]"
-        if not isinstance(s, dict):
-            raise UserError(f"{at}: expected an object with path and data_type")
-        path, dtype, unit = s.get("path"), s.get("data_type"), s.get("unit", "")
-        if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH_CHARS:
-            raise UserError(f"{at}: path must be text of 1 to {MAX_PATH_CHARS} characters")
-        if path in seen:
-            raise UserError(f"{at}: signal {path!r} comes twice")
-        seen.add(path)
-        try:
-            data_type = DataType[str(dtype).upper()]
-        except KeyError:
-            names = ", ".join(t.name.lower() for t in DataType)
-            raise UserError(f"{at}: signal {path!r} has datatype {dtype!r}; one of {names}") from None
-        if not isinstance(unit, str):
-            raise UserError(f"{at}: unit must be text")
-        out.append((path, data_type, unit[:MAX_PATH_CHARS]))
+        signal = catalog_signal(s, at)
+        if signal[0] in seen:
+            raise UserError(f"{at}: signal {signal[0]!r} comes twice")
+        seen.add(signal[0])
+        out.append(signal)
     return out
+
+
+def catalog_signal(s: Any, at: str) -> tuple[str, DataType, str]:
+    """One entry of a catalog file (``at`` names it in the message): path, datatype, unit."""
+    if not isinstance(s, dict):
+        raise UserError(f"{at}: expected an object with path and data_type")
+    path, dtype, unit = s.get("path"), s.get("data_type"), s.get("unit", "")
+    if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH_CHARS:
+        raise UserError(f"{at}: path must be text of 1 to {MAX_PATH_CHARS} characters")
+    try:
+        data_type = DataType[str(dtype).upper()]
+    except KeyError:
+        names = ", ".join(t.name.lower() for t in DataType)
+        raise UserError(f"{at}: signal {path!r} has datatype {dtype!r}; one of {names}") from None
+    if not isinstance(unit, str):
+        raise UserError(f"{at}: unit must be text")
+    return path, data_type, unit[:MAX_PATH_CHARS]
 
 
 def signal_record(s: SignalSpec) -> dict[str, Any]:
