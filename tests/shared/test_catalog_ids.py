@@ -122,7 +122,8 @@ def test_structured_assignments_are_accepted_exactly_when_consistent(
 def test_a_segment_is_rewritten_to_fleet_ids_in_every_group_and_still_decodes() -> None:
     sid = new_segment_id()
     t = np.arange(5, dtype=np.int64) * 1000
-    second = Segment(sid, "b", t + 7, {LOCAL_ID_MIN + 9: np.arange(5.0)}, {LOCAL_ID_MIN + 9: DataType.FLOAT64})
+    nine = LOCAL_ID_MIN + 9
+    second = Segment(sid, "b", t + 7, {nine: np.arange(5.0)}, {nine: DataType.FLOAT64})
     seg = Segment(sid, "a", t, {LOCAL_ID_MIN + 1: np.arange(5, dtype=np.int64), 3: np.ones(5)},
                   {LOCAL_ID_MIN + 1: DataType.INT64, 3: DataType.FLOAT64}, (second,))  # fmt: skip
     out = remap_segment(decode_segment(encode_segment(seg)), {LOCAL_ID_MIN + 1: 7, LOCAL_ID_MIN + 9: 8})

@@ -153,6 +153,10 @@ class FleetCatalogService:
         from before fleet ids, whose own ids are stored as they are)."""
         where = f"hello from {device_id}"
         check_unique(((int(e["id"]), str(e["path"])) for e in hello), where)
+        if fleet_ids:  # a hostile hello is refused before it adds anything to the fleet's catalog
+            known = self._catalogs.signals(fleet)
+            merge_device_catalog(where, hello, previous, Assignment(fleet, tuple(known)),
+                                 {s.path: s.id for s in known})  # fmt: skip
         assignment = self._catalogs.assign(fleet, _declared(hello))
         for path, reason in assignment.refused:
             log.warning("%s: signal %s keeps its device's id: %s", where, path, reason)
