@@ -108,7 +108,8 @@ def test_the_agent_moves_from_local_to_fleet_ids_mid_life(tmp_path: Path, record
     coordinator = Coordinator(tmp_path / "cloud")
     keys = tmp_path / "cloud" / "keys"
     config = load_agent_config(make_config(tmp_path / "dev", recordings, f"127.0.0.1:{port}", keys))
-    (config.state_dir / "campaigns.json").write_text(json.dumps({"version": 1, "campaigns": [["often", 1, OFTEN]]}))
+    desired = {"version": 1, "campaigns": [["often", 1, OFTEN]]}
+    (config.state_dir / "campaigns.json").write_text(json.dumps(desired))
     runtime = AgentRuntime(config)
     assert runtime.catalog and all(is_local_id(s.id) for s in runtime.catalog)  # never online: all local
     written: list[set[int]] = []
