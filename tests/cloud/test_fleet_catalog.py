@@ -48,6 +48,8 @@ def test_each_path_gets_one_id_per_fleet_and_a_datatype_conflict_is_refused(repo
     assert cat.signals("taxi") == [SignalSpec(1, "Vehicle.Speed", F, "km/h"),
                                    SignalSpec(2, "Vehicle.Gear", INT),
                                    SignalSpec(3, "Vehicle.Mode", S)]  # fmt: skip
+    found = cat.lookup("taxi", ["Vehicle.Gear", "Vehicle.Nope", "Vehicle.Gear"])
+    assert found == [SignalSpec(2, "Vehicle.Gear", INT)]
     assert [s.id for s in cat.assign("bus", [("Vehicle.Mode", INT, "")]).signals] == [1]  # fleets apart
     assert cat.signals("nobody") == []
 

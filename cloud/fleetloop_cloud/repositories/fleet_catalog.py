@@ -11,9 +11,9 @@ process meant to write.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from fleetloop_cloud.repositories.database import Database, Transaction
+from fleetloop_cloud.repositories.database import Database
 from fleetloop_shared.catalog import DataType, SignalSpec
 from fleetloop_shared.catalog_ids import FLEET_ID_MAX, Assignment
 from fleetloop_shared.errors import UnavailableError
@@ -33,12 +33,11 @@ def datatype_conflict(spec: SignalSpec, declared: DataType) -> str:
     )
 
 
-def decide(fleet: str, have: dict[str, SignalSpec], signals: Sequence[Declared]) -> tuple[
+def decide(fleet: str, have: dict[str, SignalSpec], next_id: int, signals: Sequence[Declared]) -> tuple[
     list[SignalSpec], Assignment
 ]:  # fmt: skip
-    """Pure: the rows to insert for the new paths of ``signals`` (next ids after the highest in
-    ``have``) and the assignment, assuming they go in."""
-    next_id = max((s.id for s in have.values()), default=0) + 1
+    """Pure: the rows to insert for the paths of ``signals`` not in ``have`` (the fleet's rows of those
+    paths; new ones numbered from ``next_id``) and the assignment, assuming they go in."""
     new: list[SignalSpec] = []
     assigned: list[SignalSpec] = []
     refused: list[tuple[str, str]] = []
@@ -62,38 +61,65 @@ def decide(fleet: str, have: dict[str, SignalSpec], signals: Sequence[Declared])
     return new, Assignment(fleet, tuple(assigned), tuple(refused))
 
 
+#: Paths looked up per statement (bounded parameter lists on both databases).
+LOOKUP_CHUNK = 500
+_COLUMNS = "signal_id, path, data_type, unit"
+
+
+def _spec(row: Sequence[object]) -> SignalSpec:
+    return SignalSpec(int(str(row[0])), str(row[1]), DataType[str(row[2])], str(row[3]))
+
+
 class SqlFleetCatalog:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    @staticmethod
-    def _rows(tx: Transaction, fleet: str) -> dict[str, SignalSpec]:
-        rows = tx.execute(
-            "SELECT signal_id, path, data_type, unit FROM fleet_signals WHERE fleet = ?", (fleet,)
-        ).fetchall()
-        return {str(r[1]): SignalSpec(int(r[0]), str(r[1]), DataType[str(r[2])], str(r[3])) for r in rows}
+    def _lookup(self, read: Callable[[str, Sequence[object]], list[tuple[object, ...]]], fleet: str,
+                paths: Sequence[str]) -> dict[str, SignalSpec]:  # fmt: skip
+        unique = list(dict.fromkeys(paths))
+        out: dict[str, SignalSpec] = {}
+        for i in range(0, len(unique), LOOKUP_CHUNK):
+            chunk = unique[i : i + LOOKUP_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            sql = f"SELECT {_COLUMNS} FROM fleet_signals WHERE fleet = ? AND path IN ({marks})"
+            out.update((str(r[1]), _spec(r)) for r in read(sql, [fleet, *chunk]))
+        return out
+
+    def lookup(self, fleet: str, paths: Sequence[str]) -> list[SignalSpec]:
+        return list(self._lookup(self._db.read, fleet, paths).values())
 
     def assign(self, fleet: str, signals: Sequence[Declared]) -> Assignment:
+        paths = [p for p, _t, _u in signals]
+        have = self._lookup(self._db.read, fleet, paths)
+        if len(have) == len(set(paths)):  # nothing new: no write, no lock (every hello after the first)
+            return decide(fleet, have, 0, signals)[1]
         for _ in range(ASSIGN_TRIES):
             with self._db.write() as tx:
-                new, _planned = decide(fleet, self._rows(tx, fleet), signals)
-                for s in new:
+
+                def read(sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
+                    return tx.execute(sql, params).fetchall()
+
+                have = self._lookup(read, fleet, paths)
+                top = tx.execute(
+                    "SELECT MAX(signal_id) FROM fleet_signals WHERE fleet = ?", (fleet,)
+                ).fetchone()
+                next_id = int(top[0] or 0) + 1 if top else 1
+                new, _planned = decide(fleet, have, next_id, signals)
+                for spec in new:
                     tx.execute(
                         """INSERT INTO fleet_signals (fleet, signal_id, path, data_type, unit)
                            VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
-                        (fleet, s.id, s.path, s.data_type.name, s.unit),
+                        (fleet, spec.id, spec.path, spec.data_type.name, spec.unit),
                     )
-                have = self._rows(tx, fleet)
-            if all(path in have for path, _t, _u in signals):
-                return decide(fleet, have, signals)[1]
+                have = self._lookup(read, fleet, paths)
+            if all(spec.path in have for spec in new):  # each new path is in, ours or another writer's
+                return decide(fleet, have, next_id, signals)[1]
         raise UnavailableError(f"fleet {fleet!r}: signal ids kept being taken by another writer; try again")
 
     def signals(self, fleet: str) -> list[SignalSpec]:
-        rows = self._db.read(
-            "SELECT signal_id, path, data_type, unit FROM fleet_signals WHERE fleet = ? ORDER BY signal_id",
-            (fleet,),
-        )
-        return [SignalSpec(int(r[0]), str(r[1]), DataType[str(r[2])], str(r[3])) for r in rows]
+        sql = f"SELECT {_COLUMNS} FROM fleet_signals WHERE fleet = ? ORDER BY signal_id"
+        rows = self._db.read(sql, (fleet,))
+        return [_spec(r) for r in rows]
 
 
 class MemoryFleetCatalog:
@@ -103,10 +129,16 @@ class MemoryFleetCatalog:
         self._lock = threading.Lock()
         self._fleets: dict[str, dict[str, SignalSpec]] = {}
 
+    def lookup(self, fleet: str, paths: Sequence[str]) -> list[SignalSpec]:
+        with self._lock:
+            have = self._fleets.get(fleet, {})
+            return [have[p] for p in dict.fromkeys(paths) if p in have]
+
     def assign(self, fleet: str, signals: Sequence[Declared]) -> Assignment:
         with self._lock:
             have = self._fleets.setdefault(fleet, {})
-            new, assignment = decide(fleet, have, signals)
+            next_id = max((s.id for s in have.values()), default=0) + 1
+            new, assignment = decide(fleet, have, next_id, signals)
             have.update((s.path, s) for s in new)
             return assignment
 

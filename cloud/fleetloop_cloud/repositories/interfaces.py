@@ -94,6 +94,10 @@ class FleetCatalogRepository(Protocol):
         another datatype is refused with the reason, never re-typed."""
         ...
 
+    def lookup(self, fleet: str, paths: Sequence[str]) -> list[SignalSpec]:
+        """The fleet's entries of ``paths`` (those it has), without assigning anything."""
+        ...
+
     def signals(self, fleet: str) -> list[SignalSpec]:
         """The fleet's catalog in id order."""
         ...

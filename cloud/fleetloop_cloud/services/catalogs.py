@@ -153,17 +153,18 @@ class FleetCatalogService:
         from before fleet ids, whose own ids are stored as they are)."""
         where = f"hello from {device_id}"
         check_unique(((int(e["id"]), str(e["path"])) for e in hello), where)
+        known: dict[str, int] = {}
         if fleet_ids:  # a hostile hello is refused before it adds anything to the fleet's catalog
-            known = self._catalogs.signals(fleet)
-            merge_device_catalog(where, hello, previous, Assignment(fleet, tuple(known)),
-                                 {s.path: s.id for s in known})  # fmt: skip
+            paths = [str(e["path"]) for e in (*hello, *previous)]
+            found = self._catalogs.lookup(fleet, paths)
+            known = {s.path: s.id for s in found}  # ids never change: still true after the assignment
+            merge_device_catalog(where, hello, previous, Assignment(fleet, tuple(found)), known)
         assignment = self._catalogs.assign(fleet, _declared(hello))
         for path, reason in assignment.refused:
             log.warning("%s: signal %s keeps its device's id: %s", where, path, reason)
         if not fleet_ids:
             return [dict(e) for e in hello], None
-        fleet_catalog = {s.path: s.id for s in self._catalogs.signals(fleet)} if previous else {}
-        return merge_device_catalog(where, hello, previous, assignment, fleet_catalog), assignment
+        return merge_device_catalog(where, hello, previous, assignment, known), assignment
 
     # -- operators --------------------------------------------------------------------------------
     def list(self, caller: Caller, fleet: str) -> list[dict[str, Any]]:
