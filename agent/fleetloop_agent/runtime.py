@@ -25,6 +25,7 @@ from pathlib import Path
 
 from fleetloop_agent import __version__
 from fleetloop_agent.capture import Capture, CaptureAssembler
+from fleetloop_agent.catalog_cache import CatalogIds
 from fleetloop_agent.config import AgentConfig
 from fleetloop_agent.local_store import LocalStore
 from fleetloop_agent.metrics import AgentMetrics
@@ -41,8 +42,9 @@ from fleetloop_agent.uplink import Greeting, Link, UplinkTransport, heartbeat
 from fleetloop_agent.uplink.grpc_transport import GrpcTransport
 from fleetloop_agent.uplink.mqtt_transport import MqttSettings, MqttTransport
 from fleetloop_shared.catalog import Catalog
+from fleetloop_shared.catalog_ids import assignment_from_wire, is_fleet_id, remap_segment
 from fleetloop_shared.durable import write_atomically
-from fleetloop_shared.errors import FleetloopError, RuleError, StorageFullError
+from fleetloop_shared.errors import FleetloopError, IntegrityError, RuleError, StorageFullError
 from fleetloop_shared.privacy import KeyRing, apply_policy
 from fleetloop_shared.rules import CampaignSpec, check_against_catalog, parse_campaign, selector_matches
 from fleetloop_shared.segment import BUNDLE_MAX_ROWS, FORMAT_VERSION
@@ -81,19 +83,24 @@ class AgentRuntime:
         self._monotonic = monotonic
         self._wall_ns = wall_ns
         self.metrics = AgentMetrics()
-        self.catalog = Catalog()
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        #: The fleet's catalog ids as last assigned, and this device's local ids for the others.
+        self.catalog_ids = CatalogIds(config.state_dir / "catalog_ids.json", config.fleet)
+        self.catalog = Catalog(assign=self.catalog_ids.assign)
         self.start_ns = wall_ns()
         self.sources: list[SignalSource] = [
             build_source(spec, base_dir=config.base_dir, start_ns=self.start_ns) for spec in config.sources
         ]
         for src in self.sources:
             src.declare(self.catalog)
+        self.catalog_ids.save()
+        #: Local id → fleet id, for the signals whose fleet id arrived after they were declared.
+        self.segment_ids = self.catalog_ids.segment_ids(self.catalog)
         origins = {s.origin for s in self.sources}
         # one origin when all sources agree; otherwise any simulated data makes the whole simulated
         self.data_origin = (
             origins.pop() if len(origins) == 1 else "simulated" if "simulated" in origins else LIVE_ORIGIN
         )
-        config.state_dir.mkdir(parents=True, exist_ok=True)
         self.buffers = RingBuffers(self.catalog, horizon_ns=MIN_HORIZON_NS)
         #: One registry for the process, replaced in place on reload (running evaluators hold it).
         self.models = ModelRegistry()
@@ -252,7 +259,7 @@ class AgentRuntime:
             bundle_rows = BUNDLE_MAX_ROWS if self.store.segment_version >= 4 else 0
             for seg in capture.segments(self.catalog, bundle_rows=bundle_rows):
                 self.store.append(
-                    seg,
+                    remap_segment(seg, self.segment_ids),
                     capture_id=capture.capture_id,
                     campaign=capture.campaign,
                     priority=capture.priority,
@@ -304,7 +311,9 @@ class AgentRuntime:
                 msg = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if msg.WhichOneof("kind") == "desired_campaigns":
+            if msg.WhichOneof("kind") == "catalog_assignment":
+                self._take_assignment(msg.catalog_assignment)
+            elif msg.WhichOneof("kind") == "desired_campaigns":
                 dc = msg.desired_campaigns
                 self.privacy_keys.update(keys_from_wire(dc.privacy_keys))
                 self.desired = _DesiredState(
@@ -312,6 +321,17 @@ class AgentRuntime:
                 )
                 self._apply_desired()
                 self._save_desired()
+
+    def _take_assignment(self, msg: device_pb2.CatalogAssignment) -> None:
+        """The fleet's ids of this device's signals: cached, and carried by the segments stored from now."""
+        try:
+            self.catalog_ids.apply(assignment_from_wire(msg))
+        except IntegrityError as exc:
+            log.error("catalog assignment refused, ids kept as they were: %s", exc)
+            return
+        self.segment_ids = self.catalog_ids.segment_ids(self.catalog)
+        log.info("catalog ids: %d of %d signals under fleet ids", sum(
+            1 for s in self.catalog if is_fleet_id(self.segment_ids.get(s.id, s.id))), len(self.catalog))
 
     def _apply_desired(self, refresh_models: Collection[str] = ()) -> None:
         specs: list[CampaignSpec] = []
@@ -379,6 +399,8 @@ class AgentRuntime:
             device_id=self.config.device_id,
             fleet=self.config.fleet,
             catalog=self.catalog,
+            fleet_ids=True,
+            ids=self.segment_ids,
             labels=self.config.labels,
             data_origin=self.data_origin,
             inventory=self._inventory(),

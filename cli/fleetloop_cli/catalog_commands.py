@@ -1,5 +1,7 @@
 """``fleetloop catalog import --dbc FILE | --vspec FILE``: a signal catalog (VSS-shaped: paths, datatypes,
-units) from a DBC or a COVESA VSS specification, in the file shape ``rules validate --catalog`` reads.
+units) from a DBC or a COVESA VSS specification, in the file shape ``rules validate --catalog`` reads
+and ``fleetloop catalog push FLEET FILE`` pre-registers (each path gets its fleet-wide id before any
+device says hello); ``fleetloop catalog list FLEET`` shows a fleet's ids, paths, datatypes and units.
 
 From a DBC every signal becomes ``PREFIX.MESSAGE.SIGNAL`` (the name an agent gives an unmapped DBC
 signal, ``CAN`` by default) with the datatype the CAN sources store it as (``float64`` when scaled or
@@ -10,11 +12,14 @@ from a vspec every sensor, actuator and attribute keeps its path, unit and datat
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from fleetloop_cli.output import render_object
+from fleetloop_cli.client import client_from_args
+from fleetloop_cli.output import emit, render_object, render_records
 from fleetloop_shared.errors import NotFoundError, UserError
 
 
@@ -80,9 +85,61 @@ def cmd_catalog_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_catalog_file(path: Path) -> list[dict[str, Any]]:
+    """The signals of a catalog file (YAML or JSON), each checked here so a mistake is named at its
+    FILE:LINE:COL before anything is sent; only path, datatype and unit travel."""
+    import yaml
+
+    from fleetloop_cloud.services.catalogs import catalog_file_signals, catalog_signal
+    from fleetloop_shared.yaml_marks import load_marked, location
+
+    if not path.is_file():
+        raise NotFoundError(f"{path}: no such file")
+    try:
+        doc = load_marked(path.read_text(), source=str(path))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a YAML or JSON catalog: {exc}") from None
+    signals = doc.get("signals") if isinstance(doc, dict) else None
+    if not isinstance(signals, list):
+        raise UserError(f"{path}: expected a mapping with a list 'signals' (catalog import's output)")
+    out = []
+    for i, entry in enumerate(signals):
+        where = (location(entry) if isinstance(entry, dict) else "").rstrip(": ") or f"{path}: signals[{i}]"
+        name, dtype, unit = catalog_signal(entry, where)
+        out.append({"path": name, "data_type": dtype.name.lower(), "unit": unit})
+    catalog_file_signals({"signals": out}, str(path))  # a path twice
+    return out
+
+
+def cmd_catalog_push(args: argparse.Namespace) -> int:
+    signals = read_catalog_file(Path(args.file))
+    result = client_from_args(args).post_json(f"/v1/fleets/{quote(args.fleet, safe='')}/catalog",
+                                              {"signals": signals})  # fmt: skip
+    for r in result["refused"]:
+        print(f"refused: {r['path']}: {r['reason']}", file=sys.stderr)
+    if args.output in ("table", "csv"):
+        emit(render_records(result["signals"], args.output, ["id", "path", "data_type", "unit"]))
+        print(f"fleet {result['fleet']}: {result['added']} signals added, {len(result['refused'])} refused",
+              file=sys.stderr)  # fmt: skip
+    else:
+        emit(render_object(result, args.output))
+    return 1 if result["refused"] else 0
+
+
+def cmd_catalog_list(args: argparse.Namespace) -> int:
+    result = client_from_args(args).get(f"/v1/fleets/{quote(args.fleet, safe='')}/catalog")
+    if args.output in ("table", "csv"):
+        emit(render_records(result["signals"], args.output, ["id", "path", "data_type", "unit"]))
+    else:
+        emit(render_object(result, args.output))
+    return 0
+
+
 def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Add ``catalog import`` (a new top-level group)."""
-    catalog = groups["top"].add_parser("catalog", help="signal catalogs: import from a DBC or a VSS vspec")
+    """Add ``catalog import | push | list`` (a new top-level group)."""
+    catalog = groups["top"].add_parser(
+        "catalog", help="signal catalogs: import from a DBC or a VSS vspec, a fleet's ids in the cloud"
+    )
     sub = catalog.add_subparsers(dest="sub", required=True)
     s = sub.add_parser("import", help="a catalog file (for rules validate --catalog) from a DBC or a vspec")
     s.add_argument("--dbc", help="a DBC: each signal as PREFIX.MESSAGE.SIGNAL")
@@ -91,3 +148,12 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     s.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
     s.add_argument("--out", help="write the catalog to this file instead of printing it")
     s.set_defaults(func=cmd_catalog_import)
+    s = sub.add_parser("push", help="pre-register a catalog file's signals in a fleet (operator)")
+    s.add_argument("fleet", help="the fleet whose catalog takes the signals")
+    s.add_argument("file", help="a catalog file (catalog import's output, YAML or JSON)")
+    with_cloud(s)
+    s.set_defaults(func=cmd_catalog_push)
+    s = sub.add_parser("list", help="a fleet's catalog: ids, paths, datatypes, units")
+    s.add_argument("fleet")
+    with_cloud(s)
+    s.set_defaults(func=cmd_catalog_list)

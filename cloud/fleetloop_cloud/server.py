@@ -57,6 +57,7 @@ from fleetloop_cloud.services.access import Access, Caller, Refusals
 from fleetloop_cloud.services.audit import AuditService
 from fleetloop_cloud.services.campaigns import CampaignService
 from fleetloop_cloud.services.captures import CaptureService
+from fleetloop_cloud.services.catalogs import FleetCatalogService
 from fleetloop_cloud.services.devices import LEASE_BEAT_S, DeviceService
 from fleetloop_cloud.services.ingest import IngestService, SampleStore, UploadGrants
 from fleetloop_cloud.services.lifecycle import DataLifecycle
@@ -234,9 +235,10 @@ class Coordinator:
             repos.campaigns, repos.devices, self.sessions, access, keys=self.privacy_keys, clock=clock,
             changed=lambda: self.changes.publish(Topic.CAMPAIGNS),
         )  # fmt: skip
+        self.catalogs = FleetCatalogService(repos.fleet_catalog, access)
         self.devices = DeviceService(
             repos.devices, repos.leases, self.sessions, access, coordinator_id=coordinator_id,
-            campaigns=self.campaigns, ota=self.controller, backlog=self.grants,
+            campaigns=self.campaigns, ota=self.controller, backlog=self.grants, catalogs=self.catalogs,
         )  # fmt: skip
         self.ingest = IngestService(
             repos.devices,

@@ -1,13 +1,15 @@
 """Signal catalog: VSS-style path → stable integer id, datatype and unit.
 
-Ids are what segments and the wire carry (a path is written once, in the device's hello); they are
-assigned in registration order, so the same configuration always yields the same ids.
+Ids are what segments and the wire carry (a path is written once, in the device's hello). By default
+they are assigned in registration order, so the same configuration always yields the same ids; an agent
+passes ``assign`` instead, which gives the fleet's ids the cloud assigned, or device-local ones
+(:mod:`fleetloop_shared.catalog_ids`).
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -59,7 +61,11 @@ MATCH_CACHE = 256
 class Catalog:
     """The signals one device knows, by path and by id."""
 
-    def __init__(self, signals: Iterable[SignalSpec] = ()) -> None:
+    def __init__(
+        self, signals: Iterable[SignalSpec] = (), *, assign: Callable[[str, DataType, str], int] | None = None
+    ) -> None:
+        #: Gives a new path its id (path, datatype, unit → id); None: registration order.
+        self._assign = assign
         self._by_path: dict[str, SignalSpec] = {}
         self._by_id: dict[int, SignalSpec] = {}
         self._matches: dict[tuple[tuple[str, ...], int], list[SignalSpec]] = {}
@@ -81,7 +87,8 @@ class Catalog:
                     f"signal {path!r} declared as {existing.data_type.name} and as {data_type.name}"
                 )
             return existing
-        spec = SignalSpec(id=len(self._by_id) + 1, path=path, data_type=data_type, unit=unit)
+        signal_id = self._assign(path, data_type, unit) if self._assign else len(self._by_id) + 1
+        spec = SignalSpec(id=signal_id, path=path, data_type=data_type, unit=unit)
         self._insert(spec)
         return spec
 

@@ -1,8 +1,10 @@
 """``fleetloop catalog import --dbc | --vspec``: a catalog file from a DBC or a VSS specification, that
-``rules validate --catalog`` accepts; a wrong vspec refused with FILE:LINE:COL."""
+``rules validate --catalog`` accepts; a wrong vspec refused with FILE:LINE:COL. ``catalog push`` of
+such a file pre-registers a fleet's ids, ``catalog list`` shows them."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,8 @@ import yaml
 from fleetloop_cli.main import main
 from fleetloop_shared.dbc import load_dbc
 from fleetloop_shared.vspec import read_vspec
+from tests.cli.test_operator_cli import cli
+from tests.cli.test_operator_cli import served as served  # a fixture: ``cloud init`` + ``cloud serve``
 
 SIM_DBC = (
     Path(__file__).resolve().parents[2] / "firmware-sim" / "fleetloop_fwsim" / "data" / "sim_vehicle.dbc"
@@ -169,3 +173,43 @@ def test_catalog_import_wants_one_input(capsys: pytest.CaptureFixture[str], tmp_
     assert code != 0 and "exactly one of --dbc FILE or --vspec FILE" in err
     code, _, err = run(capsys, "catalog", "import", "--dbc", str(tmp_path / "none.dbc"))
     assert code != 0 and "no such file" in err
+
+
+def test_an_imported_catalog_pushed_to_a_fleet_gets_its_ids_and_lists_back(
+    served: tuple[Path, str, str, Path], tmp_path: Path
+) -> None:
+    _data, url, admin, _log = served
+    as_admin = {"FLEETLOOP_CLOUD": url, "FLEETLOOP_TOKEN": admin}
+    made = tmp_path / "car.yaml"
+    assert main(["catalog", "import", "--dbc", str(SIM_DBC), "--out", str(made)]) == 0
+    imported = yaml.safe_load(made.read_text())["signals"]
+    pushed = cli("catalog", "push", "taxi", str(made), "-o", "json", env=as_admin)
+    assert pushed.returncode == 0, pushed.stderr
+    assert json.loads(pushed.stdout)["added"] == len(imported)
+    listed = cli("catalog", "list", "taxi", "-o", "json", env=as_admin)
+    assert listed.returncode == 0, listed.stderr
+    signals = json.loads(listed.stdout)["signals"]
+    assert [(s["id"], s["path"], s["data_type"], s["unit"]) for s in signals] == [
+        (i + 1, s["path"], s["data_type"], s["unit"]) for i, s in enumerate(imported)
+    ]
+    table = cli("catalog", "list", "taxi", env=as_admin)
+    assert imported[0]["path"] in table.stdout and "data_type" in table.stdout
+    # the same paths with another datatype are refused, each with its reason; the ids stay
+    retyped = tmp_path / "retyped.yaml"
+    flip = {"float64": "int64", "int64": "float64"}
+    retyped.write_text(yaml.safe_dump({"signals": [{**s, "data_type": flip[s["data_type"]]}
+                                                   for s in imported[:2]]}))  # fmt: skip
+    refused = cli("catalog", "push", "taxi", str(retyped), env=as_admin)
+    assert refused.returncode == 1 and f"refused: {imported[0]['path']}: signal" in refused.stderr
+    assert json.loads(cli("catalog", "list", "taxi", "-o", "json", env=as_admin).stdout)["signals"] == signals
+    # a mistake in the file is named where it is, and nothing is sent
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("signals:\n  - path: A\n    data_type: float64\n  - path: B\n    data_type: double\n")
+    bad = cli("catalog", "push", "taxi", str(wrong), env=as_admin)
+    assert bad.returncode != 0 and f"{wrong}:4:5: signal 'B' has datatype 'double'" in bad.stderr
+    viewer = cli("tokens", "create", "eyes", "--role", "viewer", env=as_admin).stdout.strip()
+    as_viewer = {"FLEETLOOP_CLOUD": url, "FLEETLOOP_TOKEN": viewer}
+    denied = cli("catalog", "push", "taxi", str(made), env=as_viewer)
+    assert denied.returncode == 4 and "catalog.push needs role operator or admin" in denied.stderr
+    audit = json.loads(cli("audit", "list", "-o", "json", env=as_admin).stdout)
+    assert [e["target"] for e in audit if e["action"] == "catalog.push"] == ["taxi", "taxi"]

@@ -35,6 +35,10 @@ class Greeting:
     inventory: device_pb2.Inventory | None = None
     campaign_status: device_pb2.CampaignStatus | None = None
     ota_status: ota_pb2.OtaStatus | None = None
+    #: The catalog's ids are fleet ids or local ones (an agent with a catalog id cache); ``ids`` maps
+    #: those the segments now carry differently (a local id whose fleet id has arrived).
+    fleet_ids: bool = False
+    ids: Mapping[int, int] = field(default_factory=dict)
 
     def hello(self) -> device_pb2.Hello:
         hello = device_pb2.Hello(
@@ -43,10 +47,11 @@ class Greeting:
             labels=dict(self.labels),
             agent_version=self.agent_version,
             data_origin=self.data_origin,
+            fleet_ids=self.fleet_ids,
         )
         for s in self.catalog or ():
             hello.catalog.add(
-                id=s.id,
+                id=self.ids.get(s.id, s.id),
                 path=s.path,
                 data_type=device_pb2.DataType.Value(f"DATA_TYPE_{s.data_type.name}"),
                 unit=s.unit,

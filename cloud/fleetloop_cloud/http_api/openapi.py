@@ -53,6 +53,9 @@ DEVICE = _obj(
         "reported_at": NUM, "segments_pending": INT, "bytes_pending": INT, "store_bytes": INT,
         "store_quota_bytes": INT, "clock_offset_ms": NUM, "network": STR}},
 )  # fmt: skip
+#: One signal of a fleet's catalog (its fleet-wide id; datatype float64, int64, bool or string).
+FLEET_SIGNAL = _obj(["id", "path", "data_type", "unit"], id=INT, path=STR,
+                    data_type={"enum": ["float64", "int64", "bool", "string"]}, unit=STR)  # fmt: skip
 PHASE = _obj(["name", "devices"], name=STR, devices=INT, committed=INT, failed=INT, in_progress=INT,
              pending=INT)  # fmt: skip
 ROLLOUT_DEVICE = _obj(["device_id", "state"], device_id=STR, phase=INT, state=STR, reason=STR)
@@ -139,6 +142,11 @@ RESPONSES: dict[str, S] = {
         ["signals"], signals=_arr(_obj(["id", "path"], id=INT, path=STR, data_type=STR, unit=STR,
                                        **{"class": {"enum": [c.value for c in SignalClass]}}))
     ),
+    "getFleetCatalog": _obj(["fleet", "signals"], fleet=STR, signals=_arr(FLEET_SIGNAL)),
+    "pushFleetCatalog": _obj(
+        ["fleet", "signals", "refused", "added"], fleet=STR, signals=_arr(FLEET_SIGNAL),
+        refused=_arr(_obj(["path", "reason"], path=STR, reason=STR)), added=INT,
+    ),
     "listCampaigns": _obj(
         ["version", "campaigns"], version=INT,
         campaigns=_arr(_obj(["name", "version", "document"], name=STR, version=INT, document=STR)),
@@ -201,6 +209,12 @@ RESPONSES: dict[str, S] = {
 REQUESTS: dict[str, S] = {
     "setRetention": {**_obj(["days"], days={"type": "integer", "minimum": 1, "maximum": 36500}),
                      "additionalProperties": False},
+    # ``fleetloop catalog import``'s output: each signal's path, datatype and unit (other keys ignored)
+    "pushFleetCatalog": _obj(["signals"], signals=_arr(_obj(
+        ["path", "data_type"], path={"type": "string", "minLength": 1, "maxLength": 512},
+        data_type={"enum": ["float64", "int64", "bool", "string", "FLOAT64", "INT64", "BOOL", "STRING"]},
+        unit=STR,
+    ))),
     "query": _obj(["sql"], sql=STR, max_rows=INT, timeout_s=NUM),
     # The policy (docs/rollouts.md): a whole document (apiVersion, kind, spec) or a bare spec.
     "createRollout": {

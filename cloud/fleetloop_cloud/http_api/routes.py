@@ -117,6 +117,15 @@ def _campaigns(c: Call) -> Reply:
     )
 
 
+def _fleet_catalog(c: Call) -> Reply:
+    fleet = c.path["fleet"]
+    return Reply({"fleet": fleet, "signals": c.api.catalogs.list(c.caller, fleet)})
+
+
+def _push_fleet_catalog(c: Call) -> Reply:
+    return Reply(c.api.catalogs.push(c.caller, c.path["fleet"], c.json(), c.now))
+
+
 def _campaign_text(c: Call) -> str:
     try:
         return c.body.decode()
@@ -428,6 +437,9 @@ ROUTES: tuple[Route, ...] = (
     Route("getDeviceCampaigns", "GET", "/v1/devices/{device_id}/campaigns", "campaigns.list",
           _device_campaigns),
     Route("getDeviceOta", "GET", "/v1/devices/{device_id}/ota", "rollouts.get", _device_ota),
+    Route("getFleetCatalog", "GET", "/v1/fleets/{fleet}/catalog", "catalog.list", _fleet_catalog),
+    Route("pushFleetCatalog", "POST", "/v1/fleets/{fleet}/catalog", "catalog.push", _push_fleet_catalog,
+          16 * MiB),
     Route("listCampaigns", "GET", "/v1/campaigns", "campaigns.list", _campaigns),
     Route("applyCampaign", "POST", "/v1/campaigns", "campaigns.apply", _apply_campaign, 1 * MiB,
           "text/yaml", 201),

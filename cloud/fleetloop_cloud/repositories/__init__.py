@@ -15,6 +15,7 @@ from fleetloop_cloud.repositories.audit import MemoryAuditLog, SqlAuditLog
 from fleetloop_cloud.repositories.campaigns import MemoryCampaigns, SqlCampaigns
 from fleetloop_cloud.repositories.database import Database
 from fleetloop_cloud.repositories.devices import MemoryDevices, SqlDevices
+from fleetloop_cloud.repositories.fleet_catalog import MemoryFleetCatalog, SqlFleetCatalog
 from fleetloop_cloud.repositories.interfaces import Repositories
 from fleetloop_cloud.repositories.leases import MemoryLeases, SqlLeases
 from fleetloop_cloud.repositories.releases import MemoryReleases, SqlReleases
@@ -34,6 +35,7 @@ def open_repositories(location: Path | str) -> Repositories:
     db.check_usable(ensure_schema)
     return Repositories(
         devices=SqlDevices(db),
+        fleet_catalog=SqlFleetCatalog(db),
         segments=SqlSegments(db),
         campaigns=SqlCampaigns(db),
         releases=SqlReleases(db),
@@ -51,6 +53,7 @@ def memory_repositories() -> Repositories:
     """Fresh in-memory fakes of every repository (nothing persists)."""
     return Repositories(
         devices=MemoryDevices(),
+        fleet_catalog=MemoryFleetCatalog(),
         segments=MemorySegments(),
         campaigns=MemoryCampaigns(),
         releases=MemoryReleases(),

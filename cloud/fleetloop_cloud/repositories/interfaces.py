@@ -37,7 +37,8 @@ from fleetloop_cloud.repositories.records import (
     SegmentReceipt,
     TokenRecord,
 )
-from fleetloop_shared.catalog import Catalog
+from fleetloop_shared.catalog import Catalog, DataType, SignalSpec
+from fleetloop_shared.catalog_ids import Assignment
 
 
 class DeviceRepository(Protocol):
@@ -82,6 +83,24 @@ class DeviceRepository(Protocol):
 
     def catalog(self, device_id: str) -> Catalog:
         """The catalog from the device's hello; NotFoundError for an unknown device."""
+        ...
+
+
+class FleetCatalogRepository(Protocol):
+    """Each fleet's signal catalog: one id per path, assigned once, forever
+    (``repositories.fleet_catalog``)."""
+
+    def assign(self, fleet: str, signals: Sequence[tuple[str, DataType, str]]) -> Assignment:
+        """Each declared path's fleet id (a new path gets the next free one); a path the fleet has with
+        another datatype is refused with the reason, never re-typed."""
+        ...
+
+    def lookup(self, fleet: str, paths: Sequence[str]) -> list[SignalSpec]:
+        """The fleet's entries of ``paths`` (those it has), without assigning anything."""
+        ...
+
+    def signals(self, fleet: str) -> list[SignalSpec]:
+        """The fleet's catalog in id order."""
         ...
 
 
@@ -318,6 +337,7 @@ class Repositories:
     """One repository per aggregate, over one shared connection (or one in-memory state)."""
 
     devices: DeviceRepository
+    fleet_catalog: FleetCatalogRepository
     segments: SegmentRepository
     campaigns: CampaignRepository
     releases: ReleaseRepository

@@ -15,7 +15,8 @@ added the devices' ``delta_formats`` (the OTA delta formats a device's inventory
 comma-separated, preferred first); an older database gains the column, empty for every device (read as
 FLDELTA1 only, what agents before the report read), on open. The segments' clock columns (the offset
 each upload carried, its round trip, and whether it was applied) are added to any database on open
-without a new version, like ``device_telemetry``: older code inserts without them (NULL, '').
+without a new version, like ``device_telemetry``: older code inserts without them (NULL, ''). So is
+``fleet_signals`` (each fleet's catalog: one id per signal path), which older code never reads.
 ``fleet_retention`` (days kept per fleet) and ``erasures`` (erasure requests per device) are created in
 any database on open without a new version: older code never reads them.
 """
@@ -55,6 +56,15 @@ CREATE TABLE IF NOT EXISTS device_telemetry (
     device_id TEXT PRIMARY KEY,
     reported_at REAL NOT NULL,
     telemetry_json TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fleet_signals (
+    fleet TEXT NOT NULL,
+    signal_id INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    data_type TEXT NOT NULL,
+    unit TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (fleet, signal_id),
+    UNIQUE (fleet, path)
 );
 CREATE TABLE IF NOT EXISTS coordinators (
     coordinator_id TEXT PRIMARY KEY,

@@ -11,6 +11,7 @@ from fleetloop_cloud.services.access import Access, Refusals
 from fleetloop_cloud.services.audit import AuditService
 from fleetloop_cloud.services.campaigns import CampaignService
 from fleetloop_cloud.services.captures import CaptureService
+from fleetloop_cloud.services.catalogs import FleetCatalogService
 from fleetloop_cloud.services.devices import DeviceService
 from fleetloop_cloud.services.ingest import IngestService
 from fleetloop_cloud.services.lifecycle import DataLifecycle
@@ -49,6 +50,7 @@ class OperatorApi(Protocol):
     queries: QueryService
     captures: CaptureService
     lifecycle: DataLifecycle
+    catalogs: FleetCatalogService
     clock: Callable[[], float]
 
     @property

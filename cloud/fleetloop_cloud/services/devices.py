@@ -10,7 +10,10 @@ Transport-free: the surfaces hand in a :class:`~.access.Caller` and the wire mes
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -18,6 +21,7 @@ from typing import Protocol
 from fleetloop_cloud.repositories.interfaces import CoordinatorLeases, DeviceRepository
 from fleetloop_cloud.repositories.records import DeviceRecord, DeviceTelemetry, Inventory, Registration
 from fleetloop_cloud.services.access import Access, Caller
+from fleetloop_cloud.services.catalogs import FleetCatalogService
 from fleetloop_cloud.sessions import DeviceSessions, Session
 from fleetloop_shared.catalog import Catalog, DataType
 from fleetloop_shared.clock import pong_for
@@ -34,6 +38,9 @@ LEASE_S = 15.0
 LEASE_BEAT_S = 5.0
 #: Leases older than this are forgotten (their coordinators are long gone); keeps the table small.
 LEASE_FORGET_S = 24 * 3600.0
+#: Catalog assignments made at a hello and not yet sent with its welcome (a stream that ends between the
+#: two leaves one behind); beyond it the oldest is dropped — that device gets it at its next hello.
+PENDING_ASSIGNMENTS = 4096
 
 
 class CampaignsFor(Protocol):
@@ -105,6 +112,10 @@ def registration(hello: device_pb2.Hello) -> Registration:
 
 #: What every device hears first: how often to beat, and that clock pings are answered here.
 WELCOME = device_pb2.Welcome(heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS, answers_clock_ping=True)
+#: The same, from a coordinator that assigns fleet catalog ids.
+WELCOME_WITH_IDS = device_pb2.Welcome(
+    heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS, answers_clock_ping=True, assigns_catalog_ids=True
+)
 
 
 class DeviceService:
@@ -121,8 +132,13 @@ class DeviceService:
         campaigns: CampaignsFor,
         ota: OtaReports,
         backlog: BacklogReports,
+        catalogs: FleetCatalogService | None = None,
     ) -> None:
         self._devices = devices
+        #: Assigns fleet catalog ids at each hello (None: devices keep their own ids, as before).
+        self._catalogs = catalogs
+        self._assignments: OrderedDict[str, device_pb2.CloudMessage] = OrderedDict()
+        self._assignments_lock = threading.Lock()
         self._leases = leases
         self._sessions = sessions
         self._access = access
@@ -150,8 +166,17 @@ class DeviceService:
         device_id = self._access.device(caller, hello.device_id)
         if not device_id:
             raise MalformedMessageError("hello without a device_id")
-        new = self._devices.get(device_id) is None
-        self._devices.register(device_id, registration(hello), owner=self.coordinator_id, now=now)
+        previous = self._devices.get(device_id)
+        new = previous is None
+        reg = registration(hello)
+        if self._catalogs is not None:
+            entries, assignment = self._catalogs.on_hello(
+                device_id, reg.fleet, hello.fleet_ids, reg.catalog, previous.catalog if previous else []
+            )
+            reg = dataclasses.replace(reg, catalog=entries)
+            if assignment is not None:
+                self._pend(device_id, device_pb2.CloudMessage(catalog_assignment=assignment.to_wire()))
+        self._devices.register(device_id, reg, owner=self.coordinator_id, now=now)
         if new:  # a device joining the fleet is for operators to see; its later reports are telemetry
             self._access.record(caller, "devices.register", device_id, now,
                                 detail=f"fleet {hello.fleet or 'default'}, proven: {caller.proven}")
@@ -173,11 +198,23 @@ class DeviceService:
         self._devices.touch(device_id, now, owner=self.coordinator_id)
         return session
 
+    def _pend(self, device_id: str, msg: device_pb2.CloudMessage) -> None:
+        with self._assignments_lock:
+            self._assignments[device_id] = msg
+            self._assignments.move_to_end(device_id)
+            while len(self._assignments) > PENDING_ASSIGNMENTS:
+                self._assignments.popitem(last=False)
+
     def welcome(self, caller: Caller) -> list[device_pb2.CloudMessage]:
-        """What a device gets after its hello: the welcome and its desired campaigns."""
+        """What a device gets after its hello: the welcome, its catalog assignment (a device that asked
+        for fleet ids) and its desired campaigns."""
         device_id = self._access.device(caller, caller.name)
+        with self._assignments_lock:
+            assignment = self._assignments.pop(device_id, None)
+        welcome = WELCOME if self._catalogs is None else WELCOME_WITH_IDS
         return [
-            device_pb2.CloudMessage(welcome=WELCOME),
+            device_pb2.CloudMessage(welcome=welcome),
+            *([assignment] if assignment is not None else []),
             device_pb2.CloudMessage(desired_campaigns=self._campaigns.desired_for(device_id)),
         ]
 

@@ -33,12 +33,14 @@ from fleetloop_cloud.metrics.memory import MemoryMetrics
 from fleetloop_cloud.repositories.interfaces import DeviceRepository, SegmentRepository
 from fleetloop_cloud.repositories.records import SegmentReceipt
 from fleetloop_cloud.services.access import Access, Caller
+from fleetloop_cloud.services.catalogs import aliases_of
 from fleetloop_cloud.services.privacy import CampaignPolicies
 from fleetloop_cloud.sessions import DeviceSessions
 from fleetloop_cloud.uploads.clock_check import REFUSED, cloud_span, judge
 from fleetloop_cloud.uploads.scheduler import NETWORKS, Backlog, Budget, UploadScheduler
 from fleetloop_cloud.uploads.staging import StagingLimits, UploadStaging
 from fleetloop_shared.catalog import Catalog
+from fleetloop_shared.catalog_ids import remap_segment
 from fleetloop_shared.errors import (
     FleetloopError,
     MalformedMessageError,
@@ -209,7 +211,8 @@ class IngestService:
             self._metrics.segment(transport, "duplicate")
             return IngestAck(0, True)
         started = self._timer()
-        seg = decode_segment(data)
+        # written before the device had its fleet ids: its local ids name the same signals
+        seg = remap_segment(decode_segment(data), aliases_of(device.catalog))
         if seg.segment_id != segment_id:
             raise MalformedMessageError("segment id in the request differs from the one in the segment")
         catalog = self._devices.catalog(device_id)

@@ -106,11 +106,17 @@ class Hello(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     CATALOG_FIELD_NUMBER: _builtins.int
     DATA_ORIGIN_FIELD_NUMBER: _builtins.int
+    FLEET_IDS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     fleet: _builtins.str
     agent_version: _builtins.str
     data_origin: _builtins.str
     """Where the device's signals come from ("recordings" or "simulated")."""
+    fleet_ids: _builtins.bool
+    """The catalog's ids are the fleet's (1 .. 2^31-1, assigned by the cloud, cached by the device) or
+    device-local (2^31 .. 2^32-1) for signals not yet assigned; the device wants a CatalogAssignment.
+    False: a device from before fleet ids, whose ids are its own (registration order).
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Label set used by campaign and rollout selectors ("hw=gen2", "kind=car")."""
@@ -126,10 +132,11 @@ class Hello(_message.Message):
         agent_version: _builtins.str = ...,
         catalog: _abc.Iterable[Global___CatalogSignal] | None = ...,
         data_origin: _builtins.str = ...,
+        fleet_ids: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "catalog", b"catalog", "data_origin", b"data_origin", "device_id", b"device_id", "fleet", b"fleet", "labels", b"labels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "catalog", b"catalog", "data_origin", b"data_origin", "device_id", b"device_id", "fleet", b"fleet", "fleet_ids", b"fleet_ids", "labels", b"labels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -509,25 +516,84 @@ class Welcome(_message.Message):
 
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     ANSWERS_CLOCK_PING_FIELD_NUMBER: _builtins.int
+    ASSIGNS_CATALOG_IDS_FIELD_NUMBER: _builtins.int
     heartbeat_interval_ms: _builtins.int
     """How often the device should send heartbeats."""
     answers_clock_ping: _builtins.bool
     """The cloud answers ClockPing with ClockPong (false: a cloud from before the clock exchange; the
     device then sends no pings and no offset).
     """
+    assigns_catalog_ids: _builtins.bool
+    """The cloud assigns fleet ids (a CatalogAssignment follows the welcome of a hello with fleet_ids)."""
     def __init__(
         self,
         *,
         heartbeat_interval_ms: _builtins.int = ...,
         answers_clock_ping: _builtins.bool = ...,
+        assigns_catalog_ids: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers_clock_ping", b"answers_clock_ping", "heartbeat_interval_ms", b"heartbeat_interval_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers_clock_ping", b"answers_clock_ping", "assigns_catalog_ids", b"assigns_catalog_ids", "heartbeat_interval_ms", b"heartbeat_interval_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
+
+@_typing.final
+class CatalogAssignment(_message.Message):
+    """The fleet's ids of the signals a device announced (its hello with fleet_ids): the device caches them
+    and writes them into new segments; a signal the cloud would not assign keeps its device-local id.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FLEET_FIELD_NUMBER: _builtins.int
+    SIGNALS_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    fleet: _builtins.str
+    @_builtins.property
+    def signals(self) -> _containers.RepeatedCompositeFieldContainer[Global___CatalogSignal]: ...
+    @_builtins.property
+    def refused(self) -> _containers.RepeatedCompositeFieldContainer[Global___CatalogRefusal]: ...
+    def __init__(
+        self,
+        *,
+        fleet: _builtins.str = ...,
+        signals: _abc.Iterable[Global___CatalogSignal] | None = ...,
+        refused: _abc.Iterable[Global___CatalogRefusal] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fleet", b"fleet", "refused", b"refused", "signals", b"signals"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CatalogAssignment: _TypeAlias = CatalogAssignment  # noqa: Y015
+
+@_typing.final
+class CatalogRefusal(_message.Message):
+    """A signal the fleet's catalog refused (say, a datatype other than the one the fleet registered)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CatalogRefusal: _TypeAlias = CatalogRefusal  # noqa: Y015
 
 @_typing.final
 class CloudMessage(_message.Message):
@@ -539,6 +605,7 @@ class CloudMessage(_message.Message):
     UPLOAD_GRANT_FIELD_NUMBER: _builtins.int
     CLOCK_PONG_FIELD_NUMBER: _builtins.int
     OTA_CANCEL_FIELD_NUMBER: _builtins.int
+    CATALOG_ASSIGNMENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
@@ -551,6 +618,8 @@ class CloudMessage(_message.Message):
     def clock_pong(self) -> Global___ClockPong: ...
     @_builtins.property
     def ota_cancel(self) -> _ota_pb2.OtaCancel: ...
+    @_builtins.property
+    def catalog_assignment(self) -> Global___CatalogAssignment: ...
     def __init__(
         self,
         *,
@@ -560,12 +629,13 @@ class CloudMessage(_message.Message):
         upload_grant: Global___UploadGrant | None = ...,
         clock_pong: Global___ClockPong | None = ...,
         ota_cancel: _ota_pb2.OtaCancel | None = ...,
+        catalog_assignment: Global___CatalogAssignment | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["clock_pong", b"clock_pong", "desired_campaigns", b"desired_campaigns", "kind", b"kind", "ota_cancel", b"ota_cancel", "ota_job", b"ota_job", "upload_grant", b"upload_grant", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["catalog_assignment", b"catalog_assignment", "clock_pong", b"clock_pong", "desired_campaigns", b"desired_campaigns", "kind", b"kind", "ota_cancel", b"ota_cancel", "ota_job", b"ota_job", "upload_grant", b"upload_grant", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clock_pong", b"clock_pong", "desired_campaigns", b"desired_campaigns", "kind", b"kind", "ota_cancel", b"ota_cancel", "ota_job", b"ota_job", "upload_grant", b"upload_grant", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["catalog_assignment", b"catalog_assignment", "clock_pong", b"clock_pong", "desired_campaigns", b"desired_campaigns", "kind", b"kind", "ota_cancel", b"ota_cancel", "ota_job", b"ota_job", "upload_grant", b"upload_grant", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "desired_campaigns", "ota_job", "upload_grant", "clock_pong", "ota_cancel"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "desired_campaigns", "ota_job", "upload_grant", "clock_pong", "ota_cancel", "catalog_assignment"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
