@@ -380,7 +380,9 @@ class DecodedBatch:
             n, width = b - a, len(m.columns)
             span = slice(p0, p0 + n * width)
             columns: list[npt.NDArray[Any]]
-            if m.floats is None:
+            if width == 1:
+                columns = [(self._fvals if m.floats == () else self._ivals)[p0 : p0 + n]]
+            elif m.floats is None:
                 columns = list(self._ivals[span].reshape(n, width).T)
             elif not m.floats:
                 columns = list(self._fvals[span].reshape(n, width).T)
