@@ -331,6 +331,8 @@ _ARANGE_CACHE: Final = 1 << 16
 #: Highest frame id looked up in a dense table (11-bit ids); a decoder with larger ids (29-bit, J1939)
 #: searches a sorted table of the ids it has seen instead.
 _DENSE_IDS: Final = 1 << 11
+#: Most distinct 8-byte windows for which each frame's windows are read once (else each pair reads its own).
+_FEW_WINDOWS: Final = 4
 #: ``need`` of a frame that is never usable (no chosen message, or one cantools cannot unpack).
 _NEVER: Final = 1 << 40
 
@@ -461,6 +463,15 @@ class BatchDecoder:
             ],
             np.intp,
         ).reshape(len(columns), 8)
+        # With few distinct windows (a classic DBC has at most two: bytes 0-7 in either order) each frame's
+        # windows are read once and every pair picks its word: one index per pair instead of eight.
+        windows = sorted({tuple(row) for row in self._bytes.tolist()})
+        self._frame_bytes: npt.NDArray[np.intp] | None = None
+        if len(windows) <= _FEW_WINDOWS:
+            self._frame_bytes = np.array(windows, np.intp).reshape(-1)
+            slot = {w: i for i, w in enumerate(windows)}
+            self._window = np.array([slot[tuple(row)] for row in self._bytes.tolist()], np.intp)
+        self._n_windows = len(windows)
         self._any_integer = _INTEGER in kinds
         self._any_linear = _LINEAR in kinds
         # Per message (plus a last row for "none"), gathered per frame: signal count and first signal.
@@ -596,9 +607,16 @@ class BatchDecoder:
         ends = counts.cumsum()
         total = int(ends[-1])
         pair_sig = np.repeat(firsts - ends + counts, counts) + self._range(total)
-        index = self._bytes[pair_sig]
-        index += np.repeat(sel * width, counts)[:, None]
-        words = payload.reshape(-1)[index].view("<u8").reshape(total)
+        flat_payload = payload.reshape(-1)
+        if self._frame_bytes is not None:
+            nw = self._n_windows
+            index = self._frame_bytes + (sel * width)[:, None]
+            frame_words = flat_payload[index].view("<u8").reshape(-1)
+            words = frame_words[np.repeat(self._range(sel.size) * nw, counts) + self._window[pair_sig]]
+        else:
+            index = self._bytes[pair_sig]
+            index += np.repeat(sel * width, counts)[:, None]
+            words = flat_payload[index].view("<u8").reshape(total)
         shift, mask, sign, scale_i, offset_i, scale_f, offset_f = self._table[:, pair_sig]
         ints = (((words >> shift) & mask ^ sign) - sign).view(np.int64)
         ivals = ints * scale_i.view(np.int64) + offset_i.view(np.int64) if self._any_integer else ints
