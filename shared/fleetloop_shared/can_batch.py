@@ -1,12 +1,16 @@
-"""Decoding CAN frames through a DBC many at a time: one set of numpy operations per message id and
-batch, instead of one cantools call per frame.
+"""Decoding CAN frames through a DBC many at a time: one fixed sequence of numpy operations per batch,
+for every message of the DBC together, instead of one cantools call per frame.
 
-A busy bus carries thousands of frames a second but only tens of message ids, so the cost that matters
-is per frame. Here a batch's frames are grouped by message (exact id, or the PGN for J1939 messages),
-and each message is decoded for all its frames at once: its 8-byte windows are read as 64-bit words,
-every signal is a shift and a mask over them (little- or big-endian bit layouts), sign extension,
-IEEE float reinterpretation and scale/offset are whole-column operations, and multiplexed signals are
-masks computed from their multiplexer's column.
+A busy bus carries thousands of frames a second over tens of message ids, and the agent decodes what
+arrived in its last tick, so a batch holds a few hundred frames and each message only a few of them:
+work per message id and batch would dominate. So the DBC is compiled into tables (per signal: where its
+bits are, shift, mask, sign, scale and offset; per message: its signal count, first signal and length)
+and a batch is decoded flat: each frame's message is looked up, the frames cantools would decode kept
+and grouped by message with one stable sort, expanded to (frame, signal) pairs, each pair's 8-byte
+window read in its byte order with one gather, then shifted, masked, sign-extended and scaled, all pairs
+at once. :class:`DecodedBatch` holds the result; its ``parts`` are one array per message and signal,
+views into it. Only messages that need per-signal Python arithmetic (IEEE floats, fields wider than
+int64 or float64 keep exact, 9-byte fields) or multiplexing are finished per message.
 
 The results are exactly cantools' (``Message.decode(data, decode_choices=False, scaling=True,
 allow_truncated=False, allow_excess=True)``): the same values, typed as cantools types them (ints for
@@ -490,11 +494,13 @@ class BatchDecoder:
             j1939_pgn(m.layout.frame_id): k for k, m in enumerate(self._messages) if m.layout.is_j1939
         }
         self._resolved: dict[int, int] = {}
-        # Ids of 11 bits when every chosen message has one: a dense table (the last entry, -1, for every
-        # larger id). Otherwise the ids seen so far and their message (-1: none), sorted, searched.
+        # Ids of 11 bits when every chosen message has one: a dense table, indexed by id + 1 (its end
+        # entries, -1, for every negative or larger id). Otherwise the ids seen so far and their message
+        # (-1: none), sorted, searched.
         self._dense: npt.NDArray[np.intp] | None = None
         if not self._by_pgn and all(i < _DENSE_IDS for i in self._by_id):
-            self._dense = np.array([self.message_index(i) for i in range(_DENSE_IDS)] + [-1], np.intp)
+            dense = [-1] + [self.message_index(i) for i in range(_DENSE_IDS)] + [-1]
+            self._dense = np.array(dense, np.intp)
         self._known_ids = np.zeros(0, np.int64)
         self._known_msg = np.zeros(0, np.intp)
         self._arange = np.arange(256, dtype=np.intp)
@@ -541,7 +547,7 @@ class BatchDecoder:
     def _which(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.intp]:
         """The chosen message of every frame id (-1: none)."""
         if self._dense is not None:
-            return self._dense.take(ids, mode="clip")
+            return self._dense.take(ids + 1, mode="clip")  # negative and large ids: an end entry, -1
         known = self._known_ids
         pos = np.searchsorted(known, ids)
         np.minimum(pos, max(known.size - 1, 0), out=pos)

@@ -268,3 +268,21 @@ def test_short_and_unknown_frames_are_counted_not_raised(tmp_path: Path) -> None
 @pytest.mark.parametrize("width", [8, 64])
 def test_empty_batch(width: int) -> None:
     assert BatchDecoder([]).decode(FrameBatch.empty(width)) == []
+
+
+def test_ids_outside_the_dense_table_match_nothing() -> None:
+    """Ids below 0 or above 11 bits never reach the message of id 0 or 0x7FF (the table's ends)."""
+    from cantools.database.can import Message, Signal
+
+    low = Message(0x0, "LOW", 8, [Signal("A", 0, 8)], strict=False)
+    high = Message(0x7FF, "HIGH", 8, [Signal("B", 0, 8)], strict=False)
+    db = DbcDatabase(cantools.database.can.Database(messages=[low, high], strict=False))
+    decoder = BatchDecoder([db.layout("LOW"), db.layout("HIGH")])
+    ids = [-1, 0x800, 0x7FF, 0, -(1 << 40), 1 << 40]
+    batch = FrameBatch.from_payloads(range(6), ids, [bytes([k]) * 8 for k in range(6)])
+    decoded = {
+        m.layout.name: (m.rows.tolist(), m.values[m.layout.signals[0].name].tolist())
+        for m in decoder.decode(batch)
+    }
+    assert decoded == {"LOW": ([3], [3]), "HIGH": ([2], [2])}
+    assert decoder.errors_total == 0
