@@ -467,15 +467,8 @@ class BatchDecoder:
             ],
             np.intp,
         ).reshape(len(columns), 8)
-        # With few distinct windows (a classic DBC has at most two: bytes 0-7 in either order) each frame's
-        # windows are read once and every pair picks its word: one index per pair instead of eight.
-        windows = sorted({tuple(row) for row in self._bytes.tolist()})
-        self._frame_bytes: npt.NDArray[np.intp] | None = None
-        if len(windows) <= _FEW_WINDOWS:
-            self._frame_bytes = np.array(windows, np.intp).reshape(-1)
-            slot = {w: i for i, w in enumerate(windows)}
-            self._window = np.array([slot[tuple(row)] for row in self._bytes.tolist()], np.intp)
-        self._n_windows = len(windows)
+        #: per payload width, how a batch of that width reads its words (see ``_windows_for``)
+        self._by_width: dict[int, tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]] | None] = {}
         self._any_integer = _INTEGER in kinds
         self._any_linear = _LINEAR in kinds
         # Per message (plus a last row for "none"), gathered per frame: signal count and first signal.
@@ -614,11 +607,13 @@ class BatchDecoder:
         total = int(ends[-1])
         pair_sig = np.repeat(firsts - ends + counts, counts) + self._range(total)
         flat_payload = payload.reshape(-1)
-        if self._frame_bytes is not None:
-            nw = self._n_windows
-            index = self._frame_bytes + (sel * width)[:, None]
+        windows = self._windows_for(width)
+        if windows is not None:
+            frame_bytes, slot = windows
+            index = frame_bytes + (sel * width)[:, None]
             frame_words = flat_payload[index].view("<u8").reshape(-1)
-            words = frame_words[np.repeat(self._range(sel.size) * nw, counts) + self._window[pair_sig]]
+            nw = frame_bytes.size // 8
+            words = frame_words[np.repeat(self._range(sel.size) * nw, counts) + slot[pair_sig]]
         else:
             index = self._bytes[pair_sig]
             index += np.repeat(sel * width, counts)[:, None]
@@ -648,6 +643,26 @@ class BatchDecoder:
                 else:
                     done[k] = part
         return DecodedBatch(self, sel, batch.t_ns[sel], spans, (ints, ivals, fvals), done)
+
+    def _windows_for(self, width: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]] | None:
+        """The distinct 8-byte windows a batch of ``width``-byte rows can use (bytes in read order) and
+        each signal's slot among them, when they are few: then each frame's windows are read once and
+        every pair picks its word (one index per pair instead of eight). A classic batch has at most two
+        (bytes 0-7 in either order); signals of messages longer than the rows never get a pair."""
+        if width in self._by_width:
+            return self._by_width[width]
+        rows = [tuple(r) if max(r) < width else None for r in self._bytes.tolist()]
+        windows = sorted({r for r in rows if r is not None})
+        slots = {w: i for i, w in enumerate(windows)}
+        found = None
+        if len(windows) <= _FEW_WINDOWS:
+            found = (
+                np.array(windows or [tuple(range(8))], np.intp).reshape(-1),
+                np.array([0 if r is None else slots[r] for r in rows], np.intp),
+            )
+        if len(self._by_width) < CLASSIC_WIDTH * 8:  # bounded: one entry per payload width seen
+            self._by_width[width] = found
+        return found
 
     def _empty(self) -> DecodedBatch:
         ints = np.zeros(0, np.int64)

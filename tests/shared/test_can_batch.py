@@ -215,6 +215,9 @@ def test_equal_to_cantools_on_generated_databases(messages: list[Any], seed: int
     batch = FrameBatch.from_payloads(np.arange(n), ids, payloads, width=64)
     for chunk in (7, 64, n):
         assert_batch_equals_cantools(db, batch, chunk=chunk)
+    # a classic bus: rows of 8 bytes, where FD messages of the DBC can never fit
+    classic = FrameBatch.from_payloads(np.arange(n), ids, [p[:8] for p in payloads], width=8)
+    assert_batch_equals_cantools(db, classic, chunk=n)
 
 
 def test_choice_labels_are_cantools_choices(recordings: Path) -> None:
