@@ -301,13 +301,14 @@ def _slow_value(
         raw = _nine_byte_field(payload, c)
         ints = ((raw ^ np.uint64(c.sign)) - np.uint64(c.sign)).view(np.int64)
     if sig.is_float:
-        unscaled = (
-            raw.astype(np.uint32).view(np.float32).astype(np.float64)
-            if sig.length == 32
-            else raw.view(np.float64)
-            if sig.length == 64
-            else raw.astype(np.uint16).view(np.float16).astype(np.float64)
-        )
+        with np.errstate(invalid="ignore"):  # a signalling NaN on the bus widens to NaN, as in cantools
+            unscaled = (
+                raw.astype(np.uint32).view(np.float32).astype(np.float64)
+                if sig.length == 32
+                else raw.view(np.float64)
+                if sig.length == 64
+                else raw.astype(np.uint16).view(np.float16).astype(np.float64)
+            )
         scaled = unscaled if sig.conversion == "identity" else unscaled * float(sig.scale) + float(sig.offset)
         return scaled, (np.trunc(unscaled) if sig.choices else None)
     unsigned64 = sig.length == 64 and not sig.is_signed
