@@ -1,12 +1,16 @@
-"""Decoding CAN frames through a DBC many at a time: one set of numpy operations per message id and
-batch, instead of one cantools call per frame.
+"""Decoding CAN frames through a DBC many at a time: one fixed sequence of numpy operations per batch,
+for every message of the DBC together, instead of one cantools call per frame.
 
-A busy bus carries thousands of frames a second but only tens of message ids, so the cost that matters
-is per frame. Here a batch's frames are grouped by message (exact id, or the PGN for J1939 messages),
-and each message is decoded for all its frames at once: its 8-byte windows are read as 64-bit words,
-every signal is a shift and a mask over them (little- or big-endian bit layouts), sign extension,
-IEEE float reinterpretation and scale/offset are whole-column operations, and multiplexed signals are
-masks computed from their multiplexer's column.
+A busy bus carries thousands of frames a second over tens of message ids, and the agent decodes what
+arrived in its last tick, so a batch holds a few hundred frames and each message only a few of them:
+work per message id and batch would dominate. So the DBC is compiled into tables (per signal: where its
+bits are, shift, mask, sign, scale and offset; per message: its signal count, first signal and length)
+and a batch is decoded flat: each frame's message is looked up, the frames cantools would decode kept
+and grouped by message with one stable sort, expanded to (frame, signal) pairs, each pair's 8-byte
+window read in its byte order with one gather, then shifted, masked, sign-extended and scaled, all pairs
+at once. :class:`DecodedBatch` holds the result; its ``parts`` are one array per message and signal,
+views into it. Only messages that need per-signal Python arithmetic (IEEE floats, fields wider than
+int64 or float64 keep exact, 9-byte fields) or multiplexing are finished per message.
 
 The results are exactly cantools' (``Message.decode(data, decode_choices=False, scaling=True,
 allow_truncated=False, allow_excess=True)``): the same values, typed as cantools types them (ints for
@@ -242,14 +246,24 @@ class _Message:
             for j, (c, k) in enumerate(zip(self.columns, self.kinds, strict=True))
         ]
         self.first = first
-        #: indices of the decoder's 8-byte windows this message reads (set by the decoder)
-        self.windows: set[int] = set()
         # A signal reaching past the message's length cannot be unpacked: cantools refuses every frame.
         self.never = any(
             (c.lsb_lin + 1 if c.big_endian else c.layout.start + c.layout.length) > 8 * layout.length
             for c in self.columns
         )
         self.muxed = any(c.layout.multiplexer is not None or c.layout.is_multiplexer for c in self.columns)
+        #: the signal names, in column order
+        self.names = tuple(c.layout.name for c in self.columns)
+        #: which columns are floats: None when none is, () when all are, else one flag per column
+        self.floats: tuple[bool, ...] | None = (
+            None
+            if _LINEAR not in self.kinds
+            else ()
+            if all(k == _LINEAR for k in self.kinds)
+            else tuple(k == _LINEAR for k in self.kinds)
+        )
+        #: (column, name) of the signals with choices
+        self.choice_columns = [(j, c.layout.name) for j, c in enumerate(self.columns) if c.layout.choices]
 
     def multiplex(
         self, values: dict[str, npt.NDArray[Any]], present: dict[str, npt.NDArray[np.bool_]], n: int
@@ -287,13 +301,14 @@ def _slow_value(
         raw = _nine_byte_field(payload, c)
         ints = ((raw ^ np.uint64(c.sign)) - np.uint64(c.sign)).view(np.int64)
     if sig.is_float:
-        unscaled = (
-            raw.astype(np.uint32).view(np.float32).astype(np.float64)
-            if sig.length == 32
-            else raw.view(np.float64)
-            if sig.length == 64
-            else raw.astype(np.uint16).view(np.float16).astype(np.float64)
-        )
+        with np.errstate(invalid="ignore"):  # a signalling NaN on the bus widens to NaN, as in cantools
+            unscaled = (
+                raw.astype(np.uint32).view(np.float32).astype(np.float64)
+                if sig.length == 32
+                else raw.view(np.float64)
+                if sig.length == 64
+                else raw.astype(np.uint16).view(np.float16).astype(np.float64)
+            )
         scaled = unscaled if sig.conversion == "identity" else unscaled * float(sig.scale) + float(sig.offset)
         return scaled, (np.trunc(unscaled) if sig.choices else None)
     unsigned64 = sig.length == 64 and not sig.is_signed
@@ -307,6 +322,99 @@ def _slow_value(
     return np.array(python, dtype=kind), field if sig.choices else None
 
 
+#: One message of a decoded batch: the decoder's message index, where its frames are in
+#: :attr:`DecodedBatch.rows` (a slice, or positions when multiplexing refused some), its signals' values
+#: (one array per compiled signal, in :meth:`BatchDecoder.signal_names` order) and the presence masks of
+#: its multiplexed signals (empty for a plain message).
+MessagePart = tuple[
+    int, "slice | npt.NDArray[np.intp]", list[npt.NDArray[Any]], dict[str, npt.NDArray[np.bool_]]
+]
+
+#: Largest cached ``arange`` (elements): what a batch reuses instead of allocating one; bigger batches
+#: allocate their own.
+_ARANGE_CACHE: Final = 1 << 16
+#: Highest frame id looked up in a dense table (11-bit ids); a decoder with larger ids (29-bit, J1939)
+#: searches a sorted table of the ids it has seen instead.
+_DENSE_IDS: Final = 1 << 11
+#: Most distinct 8-byte windows for which each frame's windows are read once (else each pair reads its own).
+_FEW_WINDOWS: Final = 4
+#: ``need`` of a frame that is never usable (no chosen message, or one cantools cannot unpack).
+_NEVER: Final = 1 << 40
+
+
+class DecodedBatch:
+    """Every decoded frame of one batch, flat: the frames grouped by message (message index order, the
+    batch's order within a message), and the values of every (frame, signal) pair in a few arrays.
+
+    :meth:`parts` splits them per message (views into the flat arrays, no copy), which is all a consumer
+    building per-signal columns needs; :meth:`BatchDecoder.decode` builds :class:`DecodedMessage` objects
+    from them.
+    """
+
+    __slots__ = ("_decoder", "_done", "_fvals", "_ints", "_ivals", "_spans", "rows", "t_ns")
+
+    def __init__(
+        self,
+        decoder: BatchDecoder,
+        rows: npt.NDArray[np.intp],
+        t_ns: npt.NDArray[np.int64],
+        spans: list[tuple[int, int, int, int]],
+        values: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64]],
+        done: dict[int, tuple[MessagePart, dict[str, npt.NDArray[Any]]]],
+    ) -> None:
+        self._decoder = decoder
+        #: Batch rows of the decoded frames, grouped by message.
+        self.rows = rows
+        #: Their receive times (``batch.t_ns[rows]``).
+        self.t_ns = t_ns
+        self._spans = spans
+        self._ints, self._ivals, self._fvals = values
+        self._done = done
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    def parts(self) -> list[MessagePart]:
+        """One entry per message present, in the decoder's message order."""
+        out: list[MessagePart] = []
+        messages = self._decoder._messages
+        for k, a, b, p0 in self._spans:
+            done = self._done.get(k)
+            if done is not None:
+                out.append(done[0])
+                continue
+            m = messages[k]
+            n, width = b - a, len(m.columns)
+            span = slice(p0, p0 + n * width)
+            columns: list[npt.NDArray[Any]]
+            if width == 1:
+                columns = [(self._fvals if m.floats == () else self._ivals)[p0 : p0 + n]]
+            elif m.floats is None:
+                columns = list(self._ivals[span].reshape(n, width).T)
+            elif not m.floats:
+                columns = list(self._fvals[span].reshape(n, width).T)
+            else:
+                ints = self._ivals[span].reshape(n, width)
+                floats = self._fvals[span].reshape(n, width)
+                columns = [(floats if f else ints)[:, j] for j, f in enumerate(m.floats)]
+            out.append((k, slice(a, b), columns, {}))
+        return out
+
+    def codes(self, i: int) -> dict[str, npt.NDArray[Any]]:
+        """Raw codes of the signals with choices of the ``i``-th message part (what
+        :meth:`DecodedMessage.labels` maps)."""
+        k, a, b, p0 = self._spans[i]
+        done = self._done.get(k)
+        if done is not None:
+            return done[1]
+        m = self._decoder._messages[k]
+        if not m.choice_columns:
+            return {}
+        n, width = b - a, len(m.columns)
+        block = self._ints[p0 : p0 + n * width].reshape(n, width)
+        return {name: block[:, j] for j, name in m.choice_columns}
+
+
 class BatchDecoder:
     """Decodes a batch of frames for a chosen set of messages (and, optionally, signals).
 
@@ -314,9 +422,13 @@ class BatchDecoder:
     (priority and source address ignored; for PDU1 the destination too), as :class:`~.dbc.FrameDecoder`
     matches them.
 
-    The work is flat over the batch: every (frame, signal) pair of every message is one element of the
-    same few arrays, so a batch costs a fixed number of numpy operations plus a slice per decoded signal,
-    whatever the mix of messages.
+    Table-driven and flat over the batch: every (message, signal) is compiled at construction into rows
+    of a few tables (where its bits are, how they become a value), and a batch is one fixed sequence of
+    numpy operations over all its (frame, signal) pairs, whatever the mix of messages: look each frame's
+    message up, keep the frames cantools would decode, group them by message (one stable sort), expand
+    to pairs, read each pair's 8-byte window in its byte order with one gather, then shift, mask, sign
+    and scale. Only messages needing per-signal Python arithmetic (IEEE floats, fields beyond int64 or
+    float64 precision, multiplexing) cost more, and none of the real recordings has them.
     """
 
     def __init__(
@@ -331,48 +443,61 @@ class BatchDecoder:
             self._messages.append(compiled)
             first += len(compiled.columns)
         columns = [c for m in self._messages for c in m.columns]
-        windows = sorted({(c.big_endian, max(c.window, 0)) for c in columns})
-        self._windows = windows
-        window_index = {w: k for k, w in enumerate(windows)}
-        self._sig_window = np.array(
-            [window_index[(c.big_endian, max(c.window, 0))] for c in columns], np.intp
-        )
-        self._shift = np.array([c.shift for c in columns], _U64)
-        self._mask = np.array([c.mask for c in columns], _U64)
-        self._sign = np.array([c.sign for c in columns], _U64)
         kinds = [k for m in self._messages for k in m.kinds]
-        self._scale_i = np.array(
-            [c.layout.scale if k == _INTEGER else 1 for c, k in zip(columns, kinds, strict=True)], np.int64
-        )
-        self._offset_i = np.array(
-            [c.layout.offset if k == _INTEGER else 0 for c, k in zip(columns, kinds, strict=True)], np.int64
-        )
-        self._scale_f = np.array(
-            [float(c.layout.scale) if k == _LINEAR else 1.0 for c, k in zip(columns, kinds, strict=True)]
-        )
-        self._offset_f = np.array(
-            [float(c.layout.offset) if k == _LINEAR else 0.0 for c, k in zip(columns, kinds, strict=True)]
-        )
-        for compiled in self._messages:
-            compiled.windows = {window_index[(c.big_endian, max(c.window, 0))] for c in compiled.columns}
+        # Per signal, one uint64 table gathered once per batch: shift, mask, sign, then the integer and
+        # float scale/offset (their bits; viewed back as int64 / float64).
+        table = np.zeros((7, len(columns)), _U64)
+        for j, (c, k) in enumerate(zip(columns, kinds, strict=True)):
+            sig = c.layout
+            table[0, j], table[1, j], table[2, j] = c.shift, c.mask, c.sign
+            table[3:5, j] = np.array([sig.scale, sig.offset] if k == _INTEGER else [1, 0], np.int64).view(
+                _U64
+            )
+            table[5:7, j] = np.array(
+                [float(sig.scale), float(sig.offset)] if k == _LINEAR else [1.0, 0.0], np.float64
+            ).view(_U64)
+        self._table = table
+        # Per signal, the payload bytes of its 8-byte window in the order that makes a little-endian
+        # read give its word (reversed for big-endian signals); 9-byte fields are read separately.
+        self._bytes = np.array(
+            [
+                (range(max(c.window, 0) + 7, max(c.window, 0) - 1, -1))
+                if c.big_endian
+                else range(max(c.window, 0), max(c.window, 0) + 8)
+                for c in columns
+            ],
+            np.intp,
+        ).reshape(len(columns), 8)
+        #: per payload width, how a batch of that width reads its words (see ``_windows_for``)
+        self._by_width: dict[int, tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]] | None] = {}
         self._any_integer = _INTEGER in kinds
         self._any_linear = _LINEAR in kinds
-        self._count = np.array([len(m.columns) for m in self._messages] + [0], np.int64)
-        self._first = np.array([m.first for m in self._messages] + [0], np.int64)
-        self._need = np.array([m.layout.length for m in self._messages] + [0], np.int64)
-        self._never = np.array([m.never for m in self._messages] + [False], bool)
-        # per-signal constants stacked by type, so a batch gathers each table once, not once per constant
-        self._bits = np.stack((self._shift, self._mask, self._sign)) if columns else np.zeros((3, 0), _U64)
-        self._linear_i = np.stack((self._scale_i, self._offset_i)) if columns else np.zeros((2, 0), np.int64)
-        self._linear_f = np.stack((self._scale_f, self._offset_f)) if columns else np.zeros((2, 0))
+        # Per message (plus a last row for "none"), gathered per frame: signal count and first signal.
+        self._per_message = np.array(
+            [[len(m.columns) for m in self._messages] + [0], [m.first for m in self._messages] + [0]],
+            np.intp,
+        )
+        self._counts = [len(m.columns) for m in self._messages]
+        self._need = np.array(
+            [_NEVER if m.never else m.layout.length for m in self._messages] + [_NEVER], np.int64
+        )
+        self._max_need = max((m.layout.length for m in self._messages), default=0)
+        self._special = {k for k, m in enumerate(self._messages) if m.muxed or _SLOW in m.kinds}
         self._by_id = {m.layout.frame_id: k for k, m in enumerate(self._messages)}
         self._by_pgn = {
             j1939_pgn(m.layout.frame_id): k for k, m in enumerate(self._messages) if m.layout.is_j1939
         }
         self._resolved: dict[int, int] = {}
-        # Ids seen so far and their message (-1: none), sorted, so a batch is looked up in one search.
+        # Ids of 11 bits when every chosen message has one: a dense table, indexed by id + 1 (its end
+        # entries, -1, for every negative or larger id). Otherwise the ids seen so far and their message
+        # (-1: none), sorted, searched.
+        self._dense: npt.NDArray[np.intp] | None = None
+        if not self._by_pgn and all(i < _DENSE_IDS for i in self._by_id):
+            dense = [-1] + [self.message_index(i) for i in range(_DENSE_IDS)] + [-1]
+            self._dense = np.array(dense, np.intp)
         self._known_ids = np.zeros(0, np.int64)
-        self._known_msg = np.zeros(0, np.int64)
+        self._known_msg = np.zeros(0, np.intp)
+        self._arange = np.arange(256, dtype=np.intp)
         #: Frames of a chosen message that cantools would refuse (too short, unknown multiplexer value).
         self.errors_total = 0
 
@@ -385,6 +510,23 @@ class BatchDecoder:
         """Whether some chosen message is J1939 (matched by PGN, not by exact id)."""
         return bool(self._by_pgn)
 
+    @property
+    def layouts(self) -> list[MessageLayout]:
+        """The chosen messages, in message index order (what :data:`MessagePart` indices name)."""
+        return [m.layout for m in self._messages]
+
+    def signal_names(self, k: int) -> tuple[str, ...]:
+        """The signals message ``k`` decodes, in the order of its :data:`MessagePart` columns."""
+        return self._messages[k].names
+
+    def column_dtypes(self, k: int) -> tuple[np.dtype[Any], ...] | None:
+        """The dtypes of message ``k``'s columns (int64, or float64 for scaled floats), or None when they
+        depend on the signal (IEEE floats, 64-bit unsigned or wider-than-int64 fields)."""
+        m = self._messages[k]
+        if k in self._special:
+            return None
+        return tuple(np.dtype(np.float64 if kind == _LINEAR else np.int64) for kind in m.kinds)
+
     def message_index(self, frame_id: int) -> int:
         """Index of the chosen message a frame id belongs to, or -1."""
         k = self._resolved.get(frame_id)
@@ -396,8 +538,10 @@ class BatchDecoder:
                 self._resolved[frame_id] = k
         return k
 
-    def _which(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-        """The chosen message of every frame id (-1: none), by one search in the ids seen so far."""
+    def _which(self, ids: npt.NDArray[np.int64]) -> npt.NDArray[np.intp]:
+        """The chosen message of every frame id (-1: none)."""
+        if self._dense is not None:
+            return self._dense.take(ids + 1, mode="clip")  # negative and large ids: an end entry, -1
         known = self._known_ids
         pos = np.searchsorted(known, ids)
         np.minimum(pos, max(known.size - 1, 0), out=pos)
@@ -405,134 +549,168 @@ class BatchDecoder:
         if not hit.all():
             fresh = np.unique(ids[~hit])
             if known.size + fresh.size <= 65_536:  # bounded: a bus of random ids cannot grow it
-                found = np.fromiter(
-                    (self.message_index(int(i)) for i in fresh.tolist()), np.int64, fresh.size
-                )
+                found = np.fromiter((self.message_index(int(i)) for i in fresh.tolist()), np.intp, fresh.size)
                 ids_all = np.concatenate((known, fresh))
                 msg_all = np.concatenate((self._known_msg, found))
                 order = np.argsort(ids_all, kind="stable")
                 self._known_ids, self._known_msg = ids_all[order], msg_all[order]
                 return self._which(ids)
-            out = np.full(ids.shape, -1, np.int64)
+            out = np.full(ids.shape, -1, np.intp)
             out[hit] = self._known_msg[pos[hit]]
             miss = np.flatnonzero(~hit)
             out[miss] = [self.message_index(int(i)) for i in ids[miss].tolist()]
             return out
         return self._known_msg[pos]
 
+    def _range(self, n: int) -> npt.NDArray[np.intp]:
+        if n > self._arange.size:
+            if n > _ARANGE_CACHE:
+                return np.arange(n, dtype=np.intp)
+            self._arange = np.arange(max(n, 2 * self._arange.size), dtype=np.intp)
+        return self._arange[:n]
+
     def decode(self, batch: FrameBatch) -> list[DecodedMessage]:
         """Every chosen message present in ``batch``, in the order the decoder was given them."""
-        if len(batch) == 0 or not self._messages:
-            return []
-        which = self._which(batch.frame_id)
-        chosen = which >= 0
-        need = self._need[which]
-        usable = chosen & (batch.length >= need) & ~self._never[which]
-        if batch.payload.shape[1] < int(need.max(initial=0)):
-            usable &= batch.payload.shape[1] >= need
-        sel = np.flatnonzero(usable)
-        self.errors_total += int(np.count_nonzero(chosen)) - sel.size
-        if sel.size == 0:
-            return []
-        sel = sel[np.argsort(which[sel], kind="stable")]
-        msg = which[sel]
-        payload = batch.payload[sel]
-        if payload.shape[1] < CLASSIC_WIDTH:
-            payload = np.pad(payload, ((0, 0), (0, CLASSIC_WIDTH - payload.shape[1])))
-        bounds = np.flatnonzero(np.diff(msg)) + 1
-        starts = np.concatenate(([0], bounds))
-        ends = np.concatenate((bounds, [sel.size]))
-        present = msg[starts]
-        windows: set[int] = set()
-        for k in present.tolist():
-            windows |= self._messages[k].windows
-        raw, ints, ivals, fvals = self._pairs(payload, msg, windows)
-        counts = self._count[present]
-        pair_starts = np.concatenate(([0], np.cumsum((ends - starts) * counts)[:-1]))
+        flat = self.decode_flat(batch)
         out = []
-        for a, b, p0, k in zip(
-            starts.tolist(), ends.tolist(), pair_starts.tolist(), present.tolist(), strict=True
-        ):
-            decoded = self._message(self._messages[k], sel[a:b], payload[a:b], raw, ints, ivals, fvals, p0)
-            if decoded is not None:
-                out.append(decoded)
+        for i, (k, where, columns, present) in enumerate(flat.parts()):
+            m = self._messages[k]
+            values = dict(zip(m.names, columns, strict=True))
+            out.append(DecodedMessage(m.layout, flat.rows[where], values, present, flat.codes(i)))
         return out
 
-    def _pairs(
-        self, payload: npt.NDArray[np.uint8], msg: npt.NDArray[np.int64], windows: set[int]
-    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-        """Raw fields, sign-extended ints, and int / float values of every (frame, signal) pair, frames in
-        the order given and each frame's signals in its message's order."""
-        n = payload.shape[0]
-        counts = self._count[msg]
-        total = int(counts.sum())
-        pair_row = np.repeat(np.arange(n), counts)
-        pair_sig = np.repeat(self._first[msg] - (np.cumsum(counts) - counts), counts) + np.arange(total)
-        words = np.zeros((len(self._windows), n), _U64)
-        for w in windows:
-            big, start = self._windows[w]
-            block = payload[:, start : start + 8]
-            if block.shape[1] < 8:
-                block = np.pad(block, ((0, 0), (0, 8 - block.shape[1])))
-            words[w] = np.ascontiguousarray(block).view(">u8" if big else "<u8")[:, 0]
-        shift, mask, sign = self._bits[:, pair_sig]
-        raw = (words[self._sig_window[pair_sig], pair_row] >> shift) & mask
-        ints = ((raw ^ sign) - sign).view(np.int64)
-        if self._any_integer:
-            scale_i, offset_i = self._linear_i[:, pair_sig]
-            ivals = ints * scale_i + offset_i
+    def decode_flat(self, batch: FrameBatch) -> DecodedBatch:
+        """Every value of every chosen message in ``batch``, in flat arrays (see :class:`DecodedBatch`)."""
+        n = len(batch)
+        if n == 0 or not self._messages:
+            return self._empty()
+        msg = self._which(batch.frame_id)
+        need = self._need[msg]
+        usable = batch.length >= need
+        width = batch.payload.shape[1]
+        if width < self._max_need:  # a message longer than this batch's rows: none of its frames fit
+            usable &= need <= width
+        sel = np.flatnonzero(usable)
+        if sel.size != n:
+            self.errors_total += int(np.count_nonzero(msg >= 0)) - sel.size
+            if sel.size == 0:
+                return self._empty()
+        m = msg[sel]
+        order = m.argsort(kind="stable")
+        sel, m = sel[order], m[order]
+        payload = batch.payload
+        if width < CLASSIC_WIDTH:
+            payload = np.pad(payload, ((0, 0), (0, CLASSIC_WIDTH - width)))
+            width = CLASSIC_WIDTH
+        # pairs: frame-major within each message, each frame's signals in its message's order
+        counts, firsts = self._per_message[:, m]
+        ends = counts.cumsum()
+        total = int(ends[-1])
+        pair_sig = np.repeat(firsts - ends + counts, counts) + self._range(total)
+        flat_payload = payload.reshape(-1)
+        windows = self._windows_for(width)
+        if windows is not None:
+            frame_bytes, slot = windows
+            index = frame_bytes + (sel * width)[:, None]
+            frame_words = flat_payload[index].view("<u8").reshape(-1)
+            nw = frame_bytes.size // 8
+            words = frame_words[np.repeat(self._range(sel.size) * nw, counts) + slot[pair_sig]]
         else:
-            ivals = ints
-        if self._any_linear:
-            scale_f, offset_f = self._linear_f[:, pair_sig]
-            fvals = ints.astype(np.float64) * scale_f + offset_f
-        else:
-            fvals = np.zeros(0)
-        return raw, ints, ivals, fvals
+            index = self._bytes[pair_sig]
+            index += np.repeat(sel * width, counts)[:, None]
+            words = flat_payload[index].view("<u8").reshape(total)
+        shift, mask, sign, scale_i, offset_i, scale_f, offset_f = self._table[:, pair_sig]
+        ints = (((words >> shift) & mask ^ sign) - sign).view(np.int64)
+        ivals = ints * scale_i.view(np.int64) + offset_i.view(np.int64) if self._any_integer else ints
+        fvals = (
+            ints * scale_f.view(np.float64) + offset_f.view(np.float64) if self._any_linear else np.zeros(0)
+        )
+        # one span per message present: (message, first frame, end, first pair)
+        spans: list[tuple[int, int, int, int]] = []
+        bounds = (np.flatnonzero(m[1:] != m[:-1]) + 1).tolist()
+        keys = m.tolist()
+        a = p0 = 0
+        for b in [*bounds, sel.size]:
+            k = keys[a]
+            spans.append((k, a, b, p0))
+            p0 += (b - a) * self._counts[k]
+            a = b
+        done: dict[int, tuple[MessagePart, dict[str, npt.NDArray[Any]]]] = {}
+        if self._special:
+            for k, a, b, p0 in [s for s in spans if s[0] in self._special]:
+                part = self._special_part(k, a, b, p0, payload[sel[a:b]], ints)
+                if part is None:
+                    spans.remove((k, a, b, p0))
+                else:
+                    done[k] = part
+        return DecodedBatch(self, sel, batch.t_ns[sel], spans, (ints, ivals, fvals), done)
 
-    def _message(
+    def _windows_for(self, width: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]] | None:
+        """The distinct 8-byte windows a batch of ``width``-byte rows can use (bytes in read order) and
+        each signal's slot among them, when they are few: then each frame's windows are read once and
+        every pair picks its word (one index per pair instead of eight). A classic batch has at most two
+        (bytes 0-7 in either order); signals of messages longer than the rows never get a pair."""
+        if width in self._by_width:
+            return self._by_width[width]
+        rows = [tuple(r) if max(r) < width else None for r in self._bytes.tolist()]
+        windows = sorted({r for r in rows if r is not None})
+        slots = {w: i for i, w in enumerate(windows)}
+        found = None
+        if len(windows) <= _FEW_WINDOWS:
+            found = (
+                np.array(windows or [tuple(range(8))], np.intp).reshape(-1),
+                np.array([0 if r is None else slots[r] for r in rows], np.intp),
+            )
+        if len(self._by_width) < CLASSIC_WIDTH * 8:  # bounded: one entry per payload width seen
+            self._by_width[width] = found
+        return found
+
+    def _empty(self) -> DecodedBatch:
+        ints = np.zeros(0, np.int64)
+        return DecodedBatch(self, np.zeros(0, np.intp), ints, [], (ints, ints, np.zeros(0)), {})
+
+    def _special_part(
         self,
-        m: _Message,
-        rows: npt.NDArray[np.intp],
-        payload: npt.NDArray[np.uint8],
-        raw: npt.NDArray[np.uint64],
-        ints: npt.NDArray[np.int64],
-        ivals: npt.NDArray[np.int64],
-        fvals: npt.NDArray[np.float64],
+        k: int,
+        a: int,
+        b: int,
         p0: int,
-    ) -> DecodedMessage | None:
-        n, width = rows.size, len(m.columns)
-        span = slice(p0, p0 + n * width)
-        block_i = ivals[span].reshape(n, width)
-        block_f = fvals[span].reshape(n, width) if fvals.size else block_i
+        payload: npt.NDArray[np.uint8],
+        ints: npt.NDArray[np.int64],
+    ) -> tuple[MessagePart, dict[str, npt.NDArray[Any]]] | None:
+        """A message needing per-signal work (IEEE floats, wide fields, multiplexing), built in full."""
+        m = self._messages[k]
+        n, width = b - a, len(m.columns)
+        block = ints[p0 : p0 + n * width].reshape(n, width)
         values: dict[str, npt.NDArray[Any]] = {}
         codes: dict[str, npt.NDArray[Any]] = {}
         for j, name, kind, choices in m.plan:
-            if kind == _LINEAR:
-                values[name] = block_f[:, j]
-            elif kind != _SLOW:
-                values[name] = block_i[:, j]
-            else:
-                values[name], code = _slow_value(
-                    m.columns[j],
-                    raw[span].reshape(n, width)[:, j],
-                    ints[span].reshape(n, width)[:, j],
-                    payload,
-                )
+            field_ints = block[:, j]
+            if kind == _SLOW:
+                values[name], code = _slow_value(m.columns[j], field_ints.view(_U64), field_ints, payload)
                 if code is not None:
                     codes[name] = code
                 continue
+            if kind == _LINEAR:
+                sig = m.columns[j].layout
+                values[name] = field_ints * float(sig.scale) + float(sig.offset)
+            elif kind == _INTEGER:
+                sig = m.columns[j].layout
+                values[name] = field_ints * np.int64(sig.scale) + np.int64(sig.offset)
+            else:
+                values[name] = field_ints
             if choices:
-                codes[name] = ints[span].reshape(n, width)[:, j]
+                codes[name] = field_ints
         present: dict[str, npt.NDArray[np.bool_]] = {}
+        where: slice | npt.NDArray[np.intp] = slice(a, b)
         if m.muxed:
             ok = m.multiplex(values, present, n)
             if not ok.all():
                 self.errors_total += int((~ok).sum())
                 if not ok.any():
                     return None
-                rows = rows[ok]
-                values = {k: v[ok] for k, v in values.items()}
-                present = {k: v[ok] for k, v in present.items()}
-                codes = {k: v[ok] for k, v in codes.items()}
-        return DecodedMessage(m.layout, rows, values, present, codes)
+                where = a + np.flatnonzero(ok)
+                values = {name: v[ok] for name, v in values.items()}
+                present = {name: v[ok] for name, v in present.items()}
+                codes = {name: v[ok] for name, v in codes.items()}
+        return (k, where, [values[name] for name in m.names], present), codes

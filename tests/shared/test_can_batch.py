@@ -114,7 +114,7 @@ def test_equal_to_cantools_on_every_real_recording(recordings: Path) -> None:
 
 
 @st.composite
-def _message(draw: st.DrawFn) -> Any:
+def _message(draw: st.DrawFn, frame_id: int = 0x123, name: str = "GEN", extended: bool = False) -> Any:
     from cantools.database.can import Message, Signal
     from cantools.database.conversion import BaseConversion
 
@@ -167,8 +167,9 @@ def _message(draw: st.DrawFn) -> Any:
             )
         )
     return Message(
-        frame_id=0x123,
-        name="GEN",
+        frame_id=frame_id,
+        name=name,
+        is_extended_frame=extended,
         length=length,
         signals=signals,
         is_fd=length > 8,
@@ -186,6 +187,37 @@ def test_equal_to_cantools_on_generated_layouts(message: Any, seed: int) -> None
     payloads = [rng.integers(0, 256, size=int(x), dtype=np.uint8).tobytes() for x in lengths]
     batch = FrameBatch.from_payloads(np.arange(n), np.full(n, 0x123), payloads, width=64)
     assert_batch_equals_cantools(db, batch, chunk=17)
+
+
+@st.composite
+def _database(draw: st.DrawFn) -> Any:
+    """Several generated messages in one database (ids of 11 bits, or 29 when extended)."""
+    extended = draw(st.booleans())
+    ids = draw(st.sets(st.integers(0, (1 << 29) - 1 if extended else 0x7FF), min_size=2, max_size=5))
+    return [draw(_message(frame_id=i, name=f"M{k}", extended=extended)) for k, i in enumerate(sorted(ids))]
+
+
+@settings(max_examples=60, deadline=None)
+@given(messages=_database(), seed=st.integers(0, 2**32 - 1))
+def test_equal_to_cantools_on_generated_databases(messages: list[Any], seed: int) -> None:
+    """The flat path: every message of a batch decoded in the same arrays, frames of several messages
+    (and ids of none) interleaved, classic and FD widths in one batch."""
+    db = DbcDatabase(cantools.database.can.Database(messages=messages, strict=False))
+    rng = np.random.default_rng(seed)
+    n = 200
+    ids = rng.choice([m.frame_id for m in messages] + [0x7FF if messages[0].frame_id != 0x7FF else 0], size=n)
+    by_id = {m.frame_id: m.length for m in messages}
+    lengths = [
+        int(rng.choice([by_id.get(int(i), 8), by_id.get(int(i), 8), max(0, by_id.get(int(i), 8) - 1), 64]))
+        for i in ids
+    ]
+    payloads = [rng.integers(0, 256, size=x, dtype=np.uint8).tobytes() for x in lengths]
+    batch = FrameBatch.from_payloads(np.arange(n), ids, payloads, width=64)
+    for chunk in (7, 64, n):
+        assert_batch_equals_cantools(db, batch, chunk=chunk)
+    # a classic bus: rows of 8 bytes, where FD messages of the DBC can never fit
+    classic = FrameBatch.from_payloads(np.arange(n), ids, [p[:8] for p in payloads], width=8)
+    assert_batch_equals_cantools(db, classic, chunk=n)
 
 
 def test_choice_labels_are_cantools_choices(recordings: Path) -> None:
@@ -239,3 +271,21 @@ def test_short_and_unknown_frames_are_counted_not_raised(tmp_path: Path) -> None
 @pytest.mark.parametrize("width", [8, 64])
 def test_empty_batch(width: int) -> None:
     assert BatchDecoder([]).decode(FrameBatch.empty(width)) == []
+
+
+def test_ids_outside_the_dense_table_match_nothing() -> None:
+    """Ids below 0 or above 11 bits never reach the message of id 0 or 0x7FF (the table's ends)."""
+    from cantools.database.can import Message, Signal
+
+    low = Message(0x0, "LOW", 8, [Signal("A", 0, 8)], strict=False)
+    high = Message(0x7FF, "HIGH", 8, [Signal("B", 0, 8)], strict=False)
+    db = DbcDatabase(cantools.database.can.Database(messages=[low, high], strict=False))
+    decoder = BatchDecoder([db.layout("LOW"), db.layout("HIGH")])
+    ids = [-1, 0x800, 0x7FF, 0, -(1 << 40), 1 << 40]
+    batch = FrameBatch.from_payloads(range(6), ids, [bytes([k]) * 8 for k in range(6)])
+    decoded = {
+        m.layout.name: (m.rows.tolist(), m.values[m.layout.signals[0].name].tolist())
+        for m in decoder.decode(batch)
+    }
+    assert decoded == {"LOW": ([3], [3]), "HIGH": ([2], [2])}
+    assert decoder.errors_total == 0

@@ -38,6 +38,10 @@ class MappingKeyError(ConfigError):
         self.key = key
 
 
+#: Per decoded message: group name, catalog ids, which decoder columns carry them, casts (see ``_plan``).
+_Plan = tuple[str, tuple[int, ...], tuple[int, ...] | None, tuple[np.dtype[Any], ...] | None]
+
+
 @dataclass(frozen=True)
 class _Target:
     signal: str
@@ -66,6 +70,7 @@ class CanSignalMap:
         )
         self._ids: dict[str, dict[str, tuple[int, np.dtype[Any]]]] = {}
         self._muxed_groups: dict[tuple[str, tuple[str, ...]], str] = {}
+        self._plans: list[_Plan] = []
         #: Frames of a chosen message that carried none of its chosen signals (multiplexed elsewhere).
         self.skipped_frames_total = 0
 
@@ -132,18 +137,62 @@ class CanSignalMap:
             message: {t.signal: (ids[t.path][0], np.dtype(ids[t.path][1].numpy_dtype)) for t in targets}
             for message, targets in self._targets.items()
         }
+        self._plans = [self._plan(k) for k in range(len(self.decoder.layouts))]
+
+    def _plan(self, k: int) -> _Plan:
+        """How message ``k``'s decoded columns become a group: its name, the catalog ids in the decoder's
+        column order, which columns carry them (None: all) and their dtypes when some column needs a
+        cast (None: every column already has its catalog type)."""
+        layout = self.decoder.layouts[k]
+        ids = self._ids[layout.name]
+        names = self.decoder.signal_names(k)
+        pick = tuple(j for j, name in enumerate(names) if name in ids)
+        sids = tuple(ids[names[j]][0] for j in pick)
+        dtypes = tuple(ids[names[j]][1] for j in pick)
+        decoded = self.decoder.column_dtypes(k)
+        same = decoded is not None and dtypes == tuple(decoded[j] for j in pick)
+        return (
+            f"{self.source}/{layout.name}",
+            sids,
+            None if len(pick) == len(names) else pick,
+            None if same else dtypes,
+        )
 
     def emit(self, batch: FrameBatch, offset_ns: int, out: GroupAccumulator) -> None:
-        """Decode ``batch`` and add its samples (time ``batch.t_ns + offset_ns``) to ``out``."""
-        for message in self.decoder.decode(batch):
-            ids = self._ids[message.layout.name]
-            t_ns = batch.t_ns[message.rows]
-            if offset_ns:
-                t_ns = t_ns + np.int64(offset_ns)
-            if not message.present:
-                out.add(f"{self.source}/{message.layout.name}", t_ns, self._columns(message, ids, None, None))
+        """Decode ``batch`` and add its samples (time ``batch.t_ns + offset_ns``) to ``out``.
+
+        The decoder's flat result is split per message straight into catalog-id columns (views, cast only
+        where the catalog's type differs); only multiplexed messages go through :class:`DecodedMessage`.
+        """
+        flat = self.decoder.decode_flat(batch)
+        if not len(flat):
+            return
+        t_all = flat.t_ns + np.int64(offset_ns) if offset_ns else flat.t_ns
+        plans = self._plans
+        for i, (k, where, columns, present) in enumerate(flat.parts()):
+            t_ns = t_all[where]
+            if present:
+                layout = self.decoder.layouts[k]
+                names = self.decoder.signal_names(k)
+                message = DecodedMessage(
+                    layout, flat.rows[where], dict(zip(names, columns, strict=True)), present, flat.codes(i)
+                )
+                self._emit_multiplexed(message, self._ids[layout.name], t_ns, out)
                 continue
-            self._emit_multiplexed(message, ids, t_ns, out)
+            group, sids, pick, dtypes = plans[k]
+            if pick is not None:
+                columns = [columns[j] for j in pick]
+            if dtypes is None:
+                out.add(group, t_ns, dict(zip(sids, columns, strict=True)))
+            else:
+                out.add(
+                    group,
+                    t_ns,
+                    {
+                        sid: c if c.dtype == d else c.astype(d)
+                        for sid, c, d in zip(sids, columns, dtypes, strict=True)
+                    },
+                )
 
     @staticmethod
     def _columns(
