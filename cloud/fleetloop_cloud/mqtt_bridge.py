@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import socket
 import threading
@@ -71,7 +72,9 @@ class BridgeSettings:
     ca: Path
     cert: Path
     key: Path
-    client_id: str = "coordinator"
+    #: The MQTT client id; "" for one of this process's own: the broker ends a session when another
+    #: client connects with its id, so coordinators sharing a configuration must not share one.
+    client_id: str = ""
     group: str = "coordinators"
 
 
@@ -97,7 +100,7 @@ class MqttBridge:
         ]
         self._client = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=settings.client_id,
+            client_id=settings.client_id or f"coordinator-{socket.gethostname()}-{os.getpid()}",
             protocol=mqtt.MQTTv5,
         )
         self._client.tls_set(
