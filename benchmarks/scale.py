@@ -1,7 +1,7 @@
 """Scale benchmark: what one coordinator, the database and the object store do when the fleet store is
 Apache Iceberg tables in S3, compared in the same run with today's local Parquet.
 
-Prints one JSON object with four parts:
+Prints one JSON object with five parts:
 
 * ``ingest`` — ``IngestService.segment`` on segments cut from the real comma2k19 drive, from
   ``--writers`` threads at once (as a coordinator's gRPC and MQTT workers call it, so Iceberg's group
@@ -11,6 +11,9 @@ Prints one JSON object with four parts:
   coordinator's). Goal: Iceberg ≥ 0.7 × Parquet; target ≥ 1 M samples per CPU-second.
 * ``object_store_requests`` — the same Iceberg ingest through a counting relay in front of moto:
   requests (by method) per ingested segment and per commit.
+* ``commit_cost`` — CPU per ingest batch as the tables' retained snapshots grow (every snapshot's
+  summary is in each new metadata file, so each commit handles all of them): fleetloop's write path vs
+  the same appends through pyiceberg's own ``Transaction`` (the reference in the same run).
 * ``catalog_commits`` — the catalog's commit is one compare-and-swap of a table's metadata location
   (pyiceberg's SQL catalog: ``UPDATE iceberg_tables SET metadata_location = new WHERE ... AND
   metadata_location = old``); ``--catalog-writers`` threads, each its own connection, swap one row as
@@ -53,7 +56,9 @@ from typing import Any
 import numpy as np
 import psycopg
 import pyarrow as pa
+from pyiceberg.table import Transaction
 
+from fleetloop_cloud.fleet_store import iceberg as iceberg_module
 from fleetloop_cloud.fleet_store.iceberg import SAMPLES, IcebergTables, catalog_uri
 from fleetloop_cloud.fleet_store.query import QueryEngine
 from fleetloop_cloud.fleet_store.settings import TableSettings
@@ -61,7 +66,7 @@ from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.storage import S3Settings
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.datapaths import find_recordings
-from fleetloop_shared.segment import Segment, new_segment_id
+from fleetloop_shared.segment import Segment, encode_segment, new_segment_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest import CAR, NS, _commit, _hello, _upload, real_segments
@@ -140,6 +145,14 @@ def _coordinator(tmp: Path, s3: Any | None, *, counted: bool = False) -> Coordin
     return Coordinator(tmp / "cloud", storage=storage, tables=TableSettings(format="iceberg"))
 
 
+def _stored_bytes(c: Coordinator, tmp: Path) -> int:
+    """Bytes of the samples' data files: the Iceberg table's current files, or the Parquet folder."""
+    if c.tables is None:
+        return sum(p.stat().st_size for p in (tmp / "cloud" / "fleet").rglob("*.parquet"))
+    files = c.tables.scan_files("samples")
+    return sum(int(i.size or 0) for i in files.filesystem.get_file_info([p for p, _, _ in files.files]))
+
+
 def bench_ingest(
     recordings: Path, s3: Any, repeat: int, seconds: float, copies: int, writers: int
 ) -> dict[str, Any]:
@@ -156,6 +169,7 @@ def bench_ingest(
                     run = _ingest_run(c, catalog, _uploads(base, copies, r), writers)
                     assert run["samples"] == per_set * copies, (run, per_set * copies)
                     rate = run["samples"] / run["cpu_s"]
+                    run["stored_bytes"] = float(_stored_bytes(c, Path(tmp)))
                     if rate > best.get(name, {}).get("rate", 0.0):
                         best[name] = {**run, "rate": rate}
                         if name == "iceberg_s3":
@@ -173,10 +187,14 @@ def bench_ingest(
         "segments_per_run": len(base) * copies,
         "samples_per_run": per_set * copies,
         "samples_per_segment": round(per_set / len(base)),
+        "upload_bytes_per_sample": round(sum(len(encode_segment(x)) for x in base) / per_set, 3),
         "iceberg_s3": {"samples_per_cpu_s": round(ours["rate"]), "cpu_s": round(ours["cpu_s"], 3),
-                       "wall_s": round(ours["wall_s"], 3), **{k: round(v, 2) for k, v in commits.items()}},
+                       "wall_s": round(ours["wall_s"], 3),
+                       "stored_bytes_per_sample": round(ours["stored_bytes"] / ours["samples"], 3),
+                       **{k: round(v, 2) for k, v in commits.items()}},
         "parquet_local": {"samples_per_cpu_s": round(ref["rate"]), "cpu_s": round(ref["cpu_s"], 3),
-                          "wall_s": round(ref["wall_s"], 3)},
+                          "wall_s": round(ref["wall_s"], 3),
+                          "stored_bytes_per_sample": round(ref["stored_bytes"] / ref["samples"], 3)},
         "ratio_iceberg_to_parquet": round(ours["rate"] / ref["rate"], 3),
         "goal_ratio": 0.7,
         "target_samples_per_cpu_s": 1_000_000,
@@ -215,6 +233,49 @@ def bench_requests(recordings: Path, s3: Any, seconds: float, copies: int, write
         "by_method": methods,
         "requests_per_segment": round(total / len(uploads), 2),
         "requests_per_batch": round(total / max(1, batches), 1),
+    }  # fmt: skip
+
+
+# -- commit cost as snapshots accumulate -------------------------------------------------------------
+def _commit_cpu(catalog: Catalog, seg: Segment, commits: int, every: int) -> list[float]:
+    """One-segment batches into fresh Iceberg tables (a local folder: CPU, not the network): CPU ms per
+    commit over each ``every`` commits, as the tables' retained snapshots grow."""
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        c = Coordinator(Path(tmp) / "cloud", tables=TableSettings(format="iceberg", batch_wait_s=0))
+        try:
+            c.devices.connect(CAR, _hello("car-1", catalog), time.time())
+            t0 = time.process_time()
+            for i, request in enumerate(_uploads([seg], commits, 7)):
+                c.ingest.segment(CAR, request, time.time())
+                if (i + 1) % every == 0:
+                    now = time.process_time()
+                    out.append(round((now - t0) * 1000 / every, 1))
+                    t0 = now
+        finally:
+            c.close()
+    return out
+
+
+def bench_commit_cost(recordings: Path, commits: int, every: int) -> dict[str, Any]:
+    """Our write path against the same appends through pyiceberg's own ``Transaction`` (the reference)."""
+    catalog, base = real_segments(recordings, 1.0)
+    seg = base[0]
+    ours = _commit_cpu(catalog, seg, commits, every)
+    memo = iceberg_module._AppendTransaction
+    iceberg_module._AppendTransaction = Transaction  # type: ignore[misc]
+    try:
+        stock = _commit_cpu(catalog, seg, commits, every)
+    finally:
+        iceberg_module._AppendTransaction = memo  # type: ignore[misc]
+    return {
+        "what": "CPU ms per ingest batch (one samples + one captures commit) as the tables' snapshots grow "
+                f"(averaged over each {every} commits): fleetloop's write path vs the same appends through "
+                "pyiceberg's Transaction, which re-derives and deep-copies the whole metadata on every read",
+        "snapshots": [every * (i + 1) for i in range(len(ours))],
+        "ours_ms_per_batch": ours,
+        "pyiceberg_transaction_ms_per_batch": stock,
+        "ratio_at_last": round(stock[-1] / ours[-1], 2),
     }  # fmt: skip
 
 
@@ -416,11 +477,14 @@ def main() -> int:
     ap.add_argument("--query-days", type=int, default=7)
     ap.add_argument("--query-samples", type=int, default=2000, help="samples per device and day")
     ap.add_argument("--query-files-per-day", type=int, default=24)
-    ap.add_argument("--only", choices=("ingest", "requests", "catalog", "query"), action="append")
+    ap.add_argument("--commits", type=int, default=300, help="commits in the commit-cost runs")
+    ap.add_argument(
+        "--only", choices=("ingest", "requests", "commit-cost", "catalog", "query"), action="append"
+    )
     args = ap.parse_args()
     recordings = Path(args.data) if args.data else find_recordings()
-    only = set(args.only or ("ingest", "requests", "catalog", "query"))
-    if recordings is None and only & {"ingest", "requests"}:
+    only = set(args.only or ("ingest", "requests", "commit-cost", "catalog", "query"))
+    if recordings is None and only & {"ingest", "requests", "commit-cost"}:
         print("real recordings not found (--data, $FLEETLOOP_DATA or ../shared/data/real)", file=sys.stderr)
         return 2
     out: dict[str, Any] = {
@@ -443,6 +507,9 @@ def main() -> int:
                     _, base = real_segments(recordings, 1.0)
                     _WARM.append(dataclasses.replace(base[0], t_ns=base[0].t_ns - 10**6 * NS))
                 out["object_store_requests"] = bench_requests(recordings, s3, args.seconds, 1, args.writers)
+    if "commit-cost" in only:
+        assert recordings is not None
+        out["commit_cost"] = bench_commit_cost(recordings, args.commits, max(1, args.commits // 3))
     if "catalog" in only:
         with pg_fixture.private_postgres() as pg_url:
             writers = [int(x) for x in args.catalog_writers.split(",")]

@@ -42,9 +42,11 @@ from pyiceberg.exceptions import CommitFailedException, ValidationException
 from pyiceberg.io.pyarrow import PyArrowFileIO, _dataframe_to_data_files
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
-from pyiceberg.table import Table
+from pyiceberg.table import Table, Transaction
+from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.snapshots import Operation, Snapshot
 from pyiceberg.table.sorting import SortField, SortOrder
+from pyiceberg.table.update import update_table_metadata
 from pyiceberg.table.update.snapshot import _FastAppendFiles
 from pyiceberg.transforms import IdentityTransform
 from pyiceberg.types import DateType, DoubleType, LongType, NestedField, StringType
@@ -254,6 +256,29 @@ def _keys_between(table: Table, head: Snapshot | None, base_id: int | None) -> s
     return keys
 
 
+class _AppendTransaction(Transaction):
+    """A transaction that works out its pending metadata once per change, not on every read.
+
+    pyiceberg's ``Transaction.table_metadata`` applies the pending updates to the table's metadata and
+    deep-copies the result each time it is read, and one append reads it a dozen times or more. The
+    metadata holds every retained snapshot (with its receipts), so that copying made each commit's CPU
+    grow with the snapshots kept — the ingest's first bottleneck (benchmarks/scale.py). The metadata is
+    a frozen model and the updates a tuple that is replaced, never changed, so the result is kept until
+    either is replaced."""
+
+    _memo: tuple[TableMetadata, tuple[Any, ...], TableMetadata] | None = None
+
+    @property
+    def table_metadata(self) -> TableMetadata:
+        base, updates = self._table.metadata, self._updates
+        if not updates:
+            return base  # nothing pending: the table's own (frozen) metadata
+        memo = self._memo
+        if memo is None or memo[0] is not base or memo[1] is not updates:
+            memo = self._memo = (base, updates, update_table_metadata(base, updates))
+        return memo[2]
+
+
 class _Duplicates(ValidationException):
     def __init__(self, keys: set[str]) -> None:
         super().__init__(f"{len(keys)} segments were committed concurrently")
@@ -411,7 +436,7 @@ class IcebergFleetStore:
             )  # fmt: skip
             data = data.cast(table.schema().as_arrow())
             files = list(_dataframe_to_data_files(table.metadata, data, table.io))
-        tx = table.transaction()
+        tx = _AppendTransaction(table)
         producer = _KeyedAppend(
             operation=Operation.APPEND, transaction=tx, io=table.io, snapshot_properties=props
         )
@@ -455,5 +480,7 @@ def append_captures(table: Table, receipts: list[list[Any]], batch_id: str) -> T
     """Append a batch's capture rows (its samples commit happened first; the maintenance pass adds
     those of a batch whose captures append never happened)."""
     if receipts:
-        table.append(captures_rows(receipts), snapshot_properties={BATCH_KEY: batch_id})
+        tx = _AppendTransaction(table)
+        tx.append(captures_rows(receipts), snapshot_properties={BATCH_KEY: batch_id})
+        return tx.commit_transaction()
     return table
