@@ -51,8 +51,8 @@ def two_coordinators(tmp_path: Path) -> Iterator[list[tuple[Coordinator, str, ob
 
 
 def segment(k: int) -> Segment:
-    return Segment(new_segment_id(), "speed", np.arange(T0 + k * 10**10, T0 + k * 10**10 + 50, dtype=np.int64),
-                   {1: np.arange(50, dtype=np.float64)}, {1: DataType.FLOAT64})  # fmt: skip
+    t = np.arange(T0 + k * 10**10, T0 + k * 10**10 + 50, dtype=np.int64)
+    return Segment(new_segment_id(), "speed", t, {1: np.arange(50, dtype=np.float64)}, {1: DataType.FLOAT64})
 
 
 def device_link(targets: list[str], store: LocalStore, acks: list[bytes]) -> Link:
@@ -98,4 +98,3 @@ def test_a_dead_first_address_and_a_lost_coordinator_move_the_device_on(
 def test_no_address_is_a_configuration_error() -> None:
     with pytest.raises(ConfigError, match="at least one coordinator address"):
         GrpcTransport([])
-
