@@ -51,6 +51,8 @@ MQTT_DEVICES = 2
 OTA_DEVICES = 4
 #: The controller lease: a survivor takes over this long after the leader died.
 LEASE_S = 1
+#: The canaries' soak: the leader dies during it, so the next phase opens under its successor.
+SOAK_S = 5
 #: How often each device cuts a capture (each a few segments): a load three coordinators on a
 #: shared two-core machine absorb with room to spare, so a slow commit never stalls the drain.
 CAPTURE_PERIOD_S = 1.5
@@ -155,7 +157,7 @@ def test_a_coordinator_killed_mid_ingest_and_mid_rollout_loses_and_doubles_nothi
         policy = {
             "release": {"name": "firmware", "version": "2.0.0"},
             "target": {"selector": "kind=sim"},
-            "phases": [{"name": "canary", "count": 2, "soak": "2s"}, {"name": "everyone"}],
+            "phases": [{"name": "canary", "count": 2, "soak": f"{SOAK_S}s"}, {"name": "everyone"}],
             "success": {"percent": 100, "timeout": "10m", "action": "next"},
         }
         rollout = str(api.call("POST", "/v1/rollouts", json.dumps(policy).encode())["id"])
@@ -165,8 +167,10 @@ def test_a_coordinator_killed_mid_ingest_and_mid_rollout_loses_and_doubles_nothi
         assert led is not None, "nobody holds the controller lease while a rollout runs"
         by_pid = {c.proc.pid: c for c in coordinators if c.proc is not None}
         leader = by_pid[holder_pid(led[0])]
+        assert sum(d.version == "2.0.0" for d in ota) < OTA_DEVICES, "the rollout ended before the kill"
         acked_before = sum(len(a.counters.acked) for f in fleets for a in f.agents)
         leader.kill()
+        killed_at = time.time()
         survivors = [c for c in coordinators if c is not leader]
         api.c = survivors[0]
         dead = leader.grpc_target
@@ -198,6 +202,9 @@ def test_a_coordinator_killed_mid_ingest_and_mid_rollout_loses_and_doubles_nothi
 
         report = check_rollouts(api, ota, [rollout], 1, 0.0, 2)
         assert report.ok, report.problems
+        # the next phase was opened after the kill: by the successor, under its lease
+        history = api.call("GET", f"/v1/rollouts/{rollout}/history")["events"]
+        assert [e["at"] > killed_at for e in history if e["event"] == "phase"] == [True]
         executions = api.call("GET", f"/v1/rollouts/{rollout}/executions")
         assert sorted(e["device_id"] for e in executions) == sorted(d.device_id for d in ota)
 

@@ -25,6 +25,7 @@ Other concurrent appends merely retry (pyiceberg's commit retries, fresh metadat
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import logging
 import threading
@@ -39,10 +40,11 @@ import pyarrow as pa
 from pyiceberg.catalog import Catalog
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.exceptions import CommitFailedException, ValidationException
-from pyiceberg.io.pyarrow import PyArrowFileIO, _dataframe_to_data_files
-from pyiceberg.partitioning import PartitionField, PartitionSpec
+from pyiceberg.io.pyarrow import PyArrowFileIO, bin_pack_arrow_table, pyarrow_to_schema, write_file
+from pyiceberg.manifest import DataFile
+from pyiceberg.partitioning import PartitionField, PartitionFieldValue, PartitionKey, PartitionSpec
 from pyiceberg.schema import Schema
-from pyiceberg.table import Table, Transaction
+from pyiceberg.table import Table, TableProperties, Transaction, WriteTask
 from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.snapshots import Operation, Snapshot
 from pyiceberg.table.sorting import SortField, SortOrder
@@ -256,6 +258,40 @@ def _keys_between(table: Table, head: Snapshot | None, base_id: int | None) -> s
     return keys
 
 
+def _data_files(table: Table, groups: dict[tuple[str, str], list[pa.Table]]) -> list[DataFile]:
+    """A batch's rows written as one data file per partition (more past the target file size), sorted
+    by device, signal and time.
+
+    The rows arrive grouped by partition already (each segment's fleet and date), so each group is
+    handed to pyiceberg's file writer with its partition key. pyiceberg's own path from a table
+    (``_dataframe_to_data_files``) would find the partitions again — transform, group and filter every
+    row, then copy each partition — which was most of the ingest's write CPU (benchmarks/scale.py)."""
+    if not groups:
+        return []
+    metadata = table.metadata
+    schema, spec = metadata.schema(), metadata.spec()
+    arrow_schema = schema.as_arrow()
+    task_schema = pyarrow_to_schema(arrow_schema, name_mapping=schema.name_mapping,
+                                    format_version=metadata.format_version)  # fmt: skip
+    target = int(metadata.properties.get(TableProperties.WRITE_TARGET_FILE_SIZE_BYTES,
+                                         TableProperties.WRITE_TARGET_FILE_SIZE_BYTES_DEFAULT))  # fmt: skip
+    write_uuid, counter = uuid.uuid4(), itertools.count()
+    tasks = []
+    for (fleet, date), parts in sorted(groups.items()):
+        data = pa.concat_tables(parts).sort_by(
+            [("device_id", "ascending"), ("signal", "ascending"), ("t_ns", "ascending")]
+        ).cast(arrow_schema)
+        values = {"fleet": fleet, "date": datetime.date.fromisoformat(date)}
+        key = PartitionKey(
+            field_values=[PartitionFieldValue(field, values[field.name]) for field in spec.fields],
+            partition_spec=spec, schema=schema,
+        )  # fmt: skip
+        for batches in bin_pack_arrow_table(data, target):
+            tasks.append(WriteTask(write_uuid=write_uuid, task_id=next(counter), record_batches=batches,
+                                   partition_key=key, schema=task_schema))  # fmt: skip
+    return list(write_file(table.io, metadata, iter(tasks)))
+
+
 class _AppendTransaction(Transaction):
     """A transaction that works out its pending metadata once per change, not on every read.
 
@@ -426,16 +462,12 @@ class IcebergFleetStore:
         batch_id = uuid.uuid4().hex
         receipts = [i.receipt for i in items]
         props = {SEGMENTS_KEY: json.dumps(receipts, separators=(",", ":")), BATCH_KEY: batch_id}
-        tables = [i.rows for i in items if i.rows.num_rows]
         table = self._samples
-        files = []
-        if tables:
-            data = pa.concat_tables(tables).sort_by(
-                [("fleet", "ascending"), ("date", "ascending"), ("device_id", "ascending"),
-                 ("signal", "ascending"), ("t_ns", "ascending")]
-            )  # fmt: skip
-            data = data.cast(table.schema().as_arrow())
-            files = list(_dataframe_to_data_files(table.metadata, data, table.io))
+        groups: dict[tuple[str, str], list[pa.Table]] = {}
+        for i in items:
+            if i.rows.num_rows:  # a segment lies in one partition: its receipt's fleet and date
+                groups.setdefault((str(i.receipt[8]), str(i.receipt[9])), []).append(i.rows)
+        files = _data_files(table, groups)
         tx = _AppendTransaction(table)
         producer = _KeyedAppend(
             operation=Operation.APPEND, transaction=tx, io=table.io, snapshot_properties=props
