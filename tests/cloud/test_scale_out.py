@@ -211,7 +211,8 @@ def test_a_coordinator_killed_mid_ingest_and_mid_rollout_loses_and_doubles_nothi
                 stuck = {a.device_id: (a.pending(), a.link.transport.target, a.link.connected.is_set(),
                                        [t.get_stack(limit=8) for t in a.link._tasks])
                          for a in fleet.agents if a.pending()}  # fmt: skip
-                pytest.fail(f"segments never acknowledged (device: pending, address, connected, tasks): {stuck}")
+                pytest.fail(f"segments never acknowledged (device: pending, address, connected, tasks): "
+                            f"{stuck}")
 
         report = check_rollouts(api, ota, [rollout], 1, 0.0, 2)
         assert report.ok, report.problems
