@@ -31,6 +31,7 @@ from fleetloop_fwsim.fleet import (
     CoordinatorProcess,
     MqttEndpoint,
     SimFleet,
+    _counter,
     coordinator_mqtt_args,
     register_mqtt_devices,
     store_counts,
@@ -209,10 +210,12 @@ def test_a_coordinator_killed_mid_ingest_and_mid_rollout_loses_and_doubles_nothi
         for fleet in fleets:
             if not fleet.drain(DEADLINE_S):
                 stuck = {a.device_id: (a.pending(), a.link.transport.target, a.link.connected.is_set(),
-                                       [t.get_stack(limit=8) for t in a.link._tasks])
+                                       a.link.in_session, a.link.sessions_ended, a.link.uploader.retry_at
+                                       if a.link.uploader else None, _counter(a, "upload_errors"),
+                                       [(t.done(), t.get_stack(limit=8)) for t in a.link._tasks])
                          for a in fleet.agents if a.pending()}  # fmt: skip
-                pytest.fail(f"segments never acknowledged (device: pending, address, connected, tasks): "
-                            f"{stuck}")
+                pytest.fail(f"segments never acknowledged (device: pending, address, connected, in session, "
+                            f"sessions ended, retry at, upload errors, tasks): {stuck}")
 
         report = check_rollouts(api, ota, [rollout], 1, 0.0, 2)
         assert report.ok, report.problems
