@@ -448,9 +448,10 @@ class CoordinatorProcess(RestartableChild):
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def _init(self) -> None:
+    def init(self) -> None:
         """``fleetloop cloud init`` once per data directory (and database); the admin token goes to a
-        file there, so coordinators sharing the directory share it."""
+        file there, so coordinators sharing the directory share it (and, once one of them ran this,
+        may start at the same time)."""
         token_file = self.data_dir / "admin.token"
         if not token_file.exists():
             db = self.extra_args[self.extra_args.index("--db") + 1] if "--db" in self.extra_args else None
@@ -464,7 +465,7 @@ class CoordinatorProcess(RestartableChild):
 
     def start(self, timeout_s: float = 60.0) -> None:
         if not self.token:
-            self._init()
+            self.init()
         ready = self.log_path.with_suffix(".ready.json")  # per process: several may share data_dir
         with contextlib.suppress(FileNotFoundError):
             ready.unlink()

@@ -162,6 +162,20 @@ def test_a_batch_committed_before_a_crash_is_not_appended_again_and_the_ledger_c
     repos.close()
 
 
+def test_a_batchs_captures_appended_twice_count_each_segment_once(tmp_path: Path) -> None:
+    """The maintenance pass restores the captures of a samples batch it finds without them; the writer,
+    still alive between its two commits, then appends them as well: queries count each segment once."""
+    root = tmp_path / "ice"
+    tables = local_tables(root)
+    for i in range(2):
+        assert write(IcebergFleetStore(tables, quick()), segment(i), "car-1") == 600
+    for snapshot in tables.load(SAMPLES).metadata.snapshots:
+        iceberg.append_captures(tables.load(CAPTURES), iceberg.receipts_of(snapshot), "restored")
+    engine = QueryEngine(root, tables=local_tables(root))
+    assert engine.query("SELECT count(*) FROM captures_segments").rows == [(4,)]  # the rows are there twice
+    assert engine.query("SELECT samples, segments FROM captures").rows == [(1200, 2)]
+
+
 def test_compaction_rewrites_a_partition_in_one_snapshot_and_expiry_deletes_the_old_files(
     tmp_path: Path,
 ) -> None:

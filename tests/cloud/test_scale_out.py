@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,8 +128,9 @@ def cluster(tmp_path: Path, pg_url: str, s3: Any) -> Iterator[Cluster]:
         for i in range(3)
     ]
     try:
-        for c in coordinators:
-            c.start()
+        coordinators[0].init()  # the shared directory and database, once; then the three start at once
+        with ThreadPoolExecutor(len(coordinators)) as starting:
+            list(starting.map(lambda c: c.start(), coordinators))
         yield Cluster(coordinators, broker, pg_url, tmp_path)
     finally:
         for c in coordinators:
@@ -214,8 +216,10 @@ def test_a_coordinator_killed_mid_ingest_and_mid_rollout_loses_and_doubles_nothi
                                        if a.link.uploader else None, _counter(a, "upload_errors"),
                                        [(t.done(), t.get_stack(limit=8)) for t in a.link._tasks])
                          for a in fleet.agents if a.pending()}  # fmt: skip
-                pytest.fail(f"segments never acknowledged (device: pending, address, connected, in session, "
-                            f"sessions ended, retry at, upload errors, tasks): {stuck}")
+                pytest.fail(
+                    f"segments never acknowledged (device: pending, address, connected, in session, "
+                    f"sessions ended, retry at, upload errors, tasks): {stuck}"
+                )
 
         report = check_rollouts(api, ota, [rollout], 1, 0.0, 2)
         assert report.ok, report.problems
