@@ -366,18 +366,25 @@ class IcebergFleetStore:
         self._captures = tables.load(CAPTURES)
         #: Segment key → samples, from the snapshots seen so far (bounded by snapshot expiry).
         self._committed: dict[str, int] = {}
+        #: Segment key → the batch that committed it, and the batches whose captures rows are known to
+        #: be there (both bounded by snapshot expiry, like ``_committed``).
+        self._batch_of: dict[str, str] = {}
+        self._captured: set[str] = set()
         self._seen: set[int] = set()
         self._index(self._samples)
         #: Batches and segments committed, duplicates dropped, conflicts retried (for metrics and tests).
-        self.counters = {"batches": 0, "segments": 0, "duplicates": 0, "conflicts": 0}
+        self.counters = {"batches": 0, "segments": 0, "duplicates": 0, "conflicts": 0, "captures_restored": 0}
 
     def _index(self, table: Table) -> None:
         for snapshot in table.metadata.snapshots:
             if snapshot.snapshot_id in self._seen:
                 continue
             self._seen.add(snapshot.snapshot_id)
+            batch = snapshot.summary.additional_properties.get(BATCH_KEY) if snapshot.summary else None
             for r in receipts_of(snapshot):
                 self._committed[f"{r[0]}/{r[1]}"] = int(r[2])
+                if batch is not None:
+                    self._batch_of[f"{r[0]}/{r[1]}"] = batch
         live = {s.snapshot_id for s in table.metadata.snapshots}
         self._seen &= live
 
@@ -403,6 +410,7 @@ class IcebergFleetStore:
         item = _Item(key, rows, receipt)
         with self._cond:
             if key in self._committed:
+                self._restore_captures({key})
                 return self._committed[key]
             self._pending.append(item)
             while not item.done.is_set():
@@ -442,6 +450,8 @@ class IcebergFleetStore:
         unique: dict[str, _Item] = {}
         for item in batch:
             unique.setdefault(item.key, item)
+        before = {k for k in unique if k in self._committed}
+        elsewhere: set[str] = set()
         while True:
             fresh = [i for k, i in unique.items() if k not in self._committed]
             if fresh:
@@ -450,10 +460,12 @@ class IcebergFleetStore:
                 except _Duplicates as exc:
                     self.counters["conflicts"] += 1
                     self.counters["duplicates"] += len(exc.keys)
+                    elsewhere |= exc.keys
                     self._samples = self._samples.refresh()
                     self._index(self._samples)
                     continue
             break
+        self._restore_captures(elsewhere | before)
         for item in batch:
             item.samples = self._committed.get(item.key, unique[item.key].rows.num_rows)
             item.done.set()
@@ -486,6 +498,26 @@ class IcebergFleetStore:
         self.counters["batches"] += 1
         self.counters["segments"] += len(items)
         self._captures = append_captures(self._captures, receipts, batch_id)
+        self._captured.add(batch_id)
+
+    def _restore_captures(self, keys: set[str]) -> None:
+        """The captures rows of the batches that committed ``keys`` (segments sent again: committed
+        elsewhere, or before), when those batches have none: their writer died between its samples
+        commit and its captures append, and the retry is the first to know. Queries then count the
+        segment at once rather than after the next maintenance pass; should that pass or the writer append
+        them as well, the captures view counts each segment once."""
+        batches = {self._batch_of[k] for k in keys if k in self._batch_of} - self._captured
+        if not batches:
+            return
+        self._captures = self._captures.refresh()
+        self._captured |= {s.summary.additional_properties.get(BATCH_KEY, "")
+                           for s in self._captures.metadata.snapshots if s.summary is not None}  # fmt: skip
+        for snapshot in self._samples.metadata.snapshots:
+            batch = snapshot.summary.additional_properties.get(BATCH_KEY) if snapshot.summary else None
+            if batch in batches and batch not in self._captured:
+                self._captures = append_captures(self._captures, receipts_of(snapshot), batch)
+                self._captured.add(batch)
+                self.counters["captures_restored"] += 1
 
 
 def captures_rows(
