@@ -130,9 +130,11 @@ def cluster(tmp_path: Path, pg_url: str, s3: Any) -> Iterator[Cluster]:
         for i in range(3)
     ]
     try:
-        coordinators[0].init()  # the shared directory and database, once; then the three start at once
-        with ThreadPoolExecutor(len(coordinators)) as starting:
-            list(starting.map(lambda c: c.start(), coordinators))
+        # the first makes the shared directory, database and Iceberg catalog (coordinators creating a new
+        # catalog at once race on its SQL tables); the other two then start together
+        coordinators[0].start()
+        with ThreadPoolExecutor(len(coordinators) - 1) as starting:
+            list(starting.map(lambda c: c.start(), coordinators[1:]))
         yield Cluster(coordinators, broker, pg_url, tmp_path)
     finally:
         for c in coordinators:
