@@ -95,6 +95,14 @@ def sim_fleet(target: str | list[str], devices: int, work: Path, name: str, mqtt
                     mqtt=mqtt)  # fmt: skip
 
 
+def unlisted(c: CoordinatorProcess, fleets: tuple[SimFleet, ...]) -> list[tuple[str, str, str]]:
+    """(device, capture, segment) of every acknowledged segment the captures table has no row for."""
+    listed = {(str(d), str(s)) for d, s in c.query("SELECT device_id, segment_id FROM captures_segments",
+                                                   max_rows=100_000)}  # fmt: skip
+    return sorted((a.device_id, a.counters.capture_of[sid], sid.hex()) for f in fleets for a in f.agents
+                  for sid in a.counters.acked if (a.device_id, sid.hex()) not in listed)  # fmt: skip
+
+
 @dataclass
 class Cluster:
     coordinators: list[CoordinatorProcess]
@@ -247,7 +255,9 @@ def test_a_coordinator_killed_mid_ingest_and_mid_rollout_loses_and_doubles_nothi
             stored = {(str(d), str(cap)): int(n) for d, cap, n in rows}
             per_capture = {(str(d), str(cap)): int(n) for d, cap, n in segments}
             assert stored == {k: samples for k, (_, samples) in expected.items()}, "rows per capture differ"
-            assert per_capture == {k: segs for k, (segs, _) in expected.items()}, "segments differ"
+            assert per_capture == {k: segs for k, (segs, _) in expected.items()}, (
+                f"segments differ; acknowledged, without a captures row: {unlisted(c, fleets)}"
+            )
             total, duplicates = store_counts(c)
             assert duplicates == 0
             answers.append((rows, segments, total))
