@@ -542,4 +542,6 @@ def transport_from_config(config: AgentConfig) -> UplinkTransport:
         return MqttTransport(
             MqttSettings(m.host, m.port, m.ca, m.cert, m.key), config.device_id, fleet=config.fleet
         )
-    return GrpcTransport(config.cloud_grpc, tls=config.cloud_tls)
+    # ``cloud.grpc`` may list several coordinators ("a:8443,b:8443"): a reconnect goes to the next
+    addresses = [a.strip() for a in config.cloud_grpc.split(",") if a.strip()]
+    return GrpcTransport(addresses or config.cloud_grpc, tls=config.cloud_tls)

@@ -19,7 +19,9 @@ control stream drains.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import socket
 import threading
 import zlib
 from collections import Counter
@@ -63,7 +65,9 @@ class BridgeSettings:
     ca: Path
     cert: Path
     key: Path
-    client_id: str = "coordinator"
+    #: The MQTT client id; "" for one of this process's own: the broker ends a session when another
+    #: client connects with its id, so coordinators sharing a configuration must not share one.
+    client_id: str = ""
     group: str = "coordinators"
 
 
@@ -85,7 +89,8 @@ class MqttBridge:
             queue.Queue(maxsize=QUEUE_LIMIT) for _ in range(WORKERS)
         ]
         self._client = tls_client(
-            settings.client_id, ca=settings.ca, cert=settings.cert, key=settings.key, setting="--mqtt-{}"
+            settings.client_id or f"coordinator-{socket.gethostname()}-{os.getpid()}",
+            ca=settings.ca, cert=settings.cert, key=settings.key, setting="--mqtt-{}"
         )
         self._client.reconnect_delay_set(min_delay=1, max_delay=5)
         self._client.on_connect = self._on_connect

@@ -237,7 +237,8 @@ def run_chaos(
         proxy.max_delay_s = 0.02
         proxy.reset_probability = 0.002
         next_fault = 1.0
-        while (elapsed := time.monotonic() - t0) < duration_s:
+        # every planned kill happens, however long the restarts before it took on a loaded machine
+        while (elapsed := time.monotonic() - t0) < duration_s or kill_plan:
             if kill_plan and elapsed >= kill_plan[0][0]:
                 _, victim = kill_plan.pop(0)
                 if victim == "broker" and broker is not None:

@@ -95,6 +95,8 @@ class DeviceCounters:
     granted_bytes: int = 0
     #: Acks the cloud marked duplicate: a retried upload it had already stored (the dedupe at work).
     cloud_duplicates: int = 0
+    #: The capture each acknowledged segment belongs to.
+    capture_of: dict[bytes, str] = field(default_factory=dict)
 
 
 class SimAgent:
@@ -104,7 +106,7 @@ class SimAgent:
         self,
         device_id: str,
         *,
-        target: str,
+        target: str | Sequence[str],
         fleet: str,
         specs: list[dict[str, Any]],
         origin: str,
@@ -185,6 +187,7 @@ class SimAgent:
                 self.counters.duplicate_acks += 1
             else:
                 self.counters.acked[seg.segment_id] = seg.samples
+                self.counters.capture_of[seg.segment_id] = seg.capture_id
             stored_at = self._stored_at.pop(seg.segment_id, None)
             if stored_at is not None and len(self.counters.latencies_s) < MAX_LATENCY_SAMPLES:
                 self.counters.latencies_s.append(time.monotonic() - stored_at)
@@ -237,7 +240,7 @@ class SimAgent:
 
 class SimFleet:
     """``devices`` simulated agents sharing one producer thread; with several targets (coordinators),
-    device i talks to ``targets[i % len(targets)]``."""
+    device i talks to ``targets[i % len(targets)]`` first and, when that session ends, to the next."""
 
     def __init__(
         self,
@@ -289,7 +292,7 @@ class SimFleet:
         self.agents = [
             SimAgent(
                 f"{id_prefix}-{i:05d}",
-                target=targets[i % len(targets)],
+                target=targets[i % len(targets):] + targets[: i % len(targets)],
                 fleet=fleet,
                 specs=specs,
                 origin=self.origin,
@@ -368,6 +371,17 @@ class SimFleet:
         with self._lock:
             return {(a.device_id, sid): n for a in self.agents for sid, n in a.counters.acked.items()}
 
+    def acked_by_capture(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(device, capture) → (acknowledged segments, their samples)."""
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+        with self._lock:
+            for a in self.agents:
+                for sid, n in a.counters.acked.items():
+                    key = (a.device_id, a.counters.capture_of[sid])
+                    segments, samples = out.get(key, (0, 0))
+                    out[key] = (segments + 1, samples + n)
+        return out
+
     def totals(self) -> dict[str, int]:
         with self._lock:
             c = [a.counters for a in self.agents]
@@ -434,9 +448,10 @@ class CoordinatorProcess(RestartableChild):
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def _init(self) -> None:
+    def init(self) -> None:
         """``fleetloop cloud init`` once per data directory (and database); the admin token goes to a
-        file there, so coordinators sharing the directory share it."""
+        file there, so coordinators sharing the directory share it (and, once one of them ran this,
+        may start at the same time)."""
         token_file = self.data_dir / "admin.token"
         if not token_file.exists():
             db = self.extra_args[self.extra_args.index("--db") + 1] if "--db" in self.extra_args else None
@@ -450,7 +465,7 @@ class CoordinatorProcess(RestartableChild):
 
     def start(self, timeout_s: float = 60.0) -> None:
         if not self.token:
-            self._init()
+            self.init()
         ready = self.log_path.with_suffix(".ready.json")  # per process: several may share data_dir
         with contextlib.suppress(FileNotFoundError):
             ready.unlink()

@@ -84,7 +84,9 @@ class OtaDevice:
     """A device that holds its control session and answers OTA jobs like an agent would, without the
     download: QUEUED at once, COMMITTED after ``install_s`` (then it runs the job's version)."""
 
-    def __init__(self, device_id: str, target: str, swarm: Swarm, *, install_s: float, version: str) -> None:
+    def __init__(
+        self, device_id: str, target: str | Sequence[str], swarm: Swarm, *, install_s: float, version: str
+    ) -> None:
         self.device_id = device_id
         self.version = version
         self.install_s = install_s
@@ -189,7 +191,7 @@ class KillLoopReport:
         }
 
 
-class _Api:
+class CoordinatorApi:
     def __init__(self, coordinator: CoordinatorProcess, release_key: ReleaseKey) -> None:
         self.c = coordinator
         self.release_key = release_key
@@ -247,13 +249,13 @@ def run_kill_loop(
         ],
     )
     coordinator.start()
-    api = _Api(coordinator, load_key_file(rm_key, None))
+    api = CoordinatorApi(coordinator, load_key_file(rm_key, None))
     swarm = Swarm(connect_rate=1000.0, connect_burst=devices)
     fleet: list[OtaDevice] = []
     rollouts: list[str] = []
     done_kills = 0
     try:
-        _release(api, 1)
+        publish_firmware(api, 1)
         for i in range(devices):
             fleet.append(
                 OtaDevice(
@@ -273,7 +275,7 @@ def run_kill_loop(
         version = 1
         while done_kills < kills and len(rollouts) < max_rollouts:
             version += 1
-            _release(api, version)
+            publish_firmware(api, version)
             policy = {
                 "release": {"name": "firmware", "version": f"{version}.0.0"},
                 "target": {"selector": "kind=sim"},
@@ -295,7 +297,7 @@ def run_kill_loop(
             _wait(
                 lambda r=rid: api.call("GET", f"/v1/rollouts/{r}")["state"] != "RUNNING", f"{rid} to settle"
             )
-        return _check(api, fleet, rollouts, done_kills, time.monotonic() - started, version)
+        return check_rollouts(api, fleet, rollouts, done_kills, time.monotonic() - started, version)
     finally:
         for d in fleet:
             d.link.stop()
@@ -303,7 +305,7 @@ def run_kill_loop(
         coordinator.stop()
 
 
-def _release(api: _Api, major: int) -> None:
+def publish_firmware(api: CoordinatorApi, major: int) -> None:
     image = firmware.build_image(f"{major}.0.0", HARDWARE_ID, size_hint=IMAGE_BYTES)
     publish_release(api.call, image, name="firmware", version=f"{major}.0.0", hardware=HARDWARE_ID,
                     keys=[api.release_key])  # fmt: skip
@@ -317,8 +319,13 @@ def _wait(probe: Any, what: str, timeout_s: float = 120.0) -> None:
         time.sleep(0.2)
 
 
-def _check(
-    api: _Api, fleet: Sequence[OtaDevice], rollouts: Sequence[str], kills: int, seconds: float, last: int
+def check_rollouts(
+    api: CoordinatorApi,
+    fleet: Sequence[OtaDevice],
+    rollouts: Sequence[str],
+    kills: int,
+    seconds: float,
+    last: int,
 ) -> KillLoopReport:
     problems: list[str] = []
     beyond = lost = extra = 0

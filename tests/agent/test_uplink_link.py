@@ -24,7 +24,13 @@ from fleetloop_agent.metrics import AgentMetrics
 from fleetloop_agent.uplink import Greeting, Link, heartbeat
 from fleetloop_agent.uplink.memory_transport import Downlink, MemoryTransport
 from fleetloop_agent.uplink.pacing import BackoffPolicy
-from fleetloop_agent.uplink.transport import Acknowledged, Refused, RetryLater
+from fleetloop_agent.uplink.transport import (
+    Acknowledged,
+    Refused,
+    RetryLater,
+    UploadAnswer,
+    UploadRequest,
+)
 from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
 from fleetloop_cloud.sessions import Session
@@ -261,6 +267,44 @@ def test_a_segment_refused_for_good_is_checkpointed_and_counted(
         link.stop()
     assert [a.capture_id for a in acks] == ["good"]
     assert count(metrics, "segments_refused") == 1 and count(metrics, "segments_uploaded") == 1
+
+
+class MisbehavingTransport(MemoryTransport):
+    """The first upload never answers, past its own deadline, or has its call cancelled under the link
+    (as grpc.aio does to a call it cancels itself); every later one goes to the cloud."""
+
+    def __init__(self, cloud: CoordinatorCloud, fault: str) -> None:
+        super().__init__(cloud)
+        self.fault = fault
+        self.uploads = 0
+
+    async def upload(self, request: UploadRequest, timeout_s: float) -> UploadAnswer:
+        self.uploads += 1
+        if self.uploads == 1:
+            if self.fault == "hang":
+                await asyncio.Event().wait()  # nothing ever sets it
+            raise asyncio.CancelledError()
+        return await super().upload(request, timeout_s)
+
+
+@pytest.mark.parametrize("fault", ["hang", "cancelled"])
+def test_an_upload_the_transport_never_answers_is_retried_not_left_pending(
+    cloud: CoordinatorCloud, store: LocalStore, fault: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    for k in range(2):
+        store.append(segment(k), capture_id=f"cap-{k}", campaign="c", priority=5, now_ns=T0)
+    metrics, acks = AgentMetrics(), []
+    transport = MisbehavingTransport(cloud, fault)
+    link = make_link(transport, store, acks=acks, metrics=metrics, upload_deadline_s=0.2)
+    link.start()
+    try:
+        wait_for("both acknowledged", lambda: store.stats().segments_pending == 0)
+        assert link.connected.is_set()  # the link went on: the session and the upload loop alike
+    finally:
+        link.stop()
+    assert len(acks) == 2 and transport.uploads == 3
+    assert count(metrics, "upload_errors") == 1
+    assert ("DEADLINE_EXCEEDED" if fault == "hang" else "CANCELLED") in caplog.text
 
 
 def test_scheduled_uploads_go_only_as_granted(cloud: CoordinatorCloud, store: LocalStore) -> None:

@@ -31,7 +31,7 @@ from fleetloop_cloud.repositories import open_repositories
 from fleetloop_cloud.storage import S3Settings
 from fleetloop_cloud.storage.s3 import S3ObjectStore
 from fleetloop_shared.catalog import Catalog, DataType
-from fleetloop_shared.errors import QueryError
+from fleetloop_shared.errors import QueryError, UnavailableError
 from fleetloop_shared.segment import Segment, new_segment_id
 
 DAY0 = int(dt.datetime(2026, 3, 1, 8, tzinfo=dt.UTC).timestamp()) * 1_000_000_000
@@ -160,6 +160,44 @@ def test_a_batch_committed_before_a_crash_is_not_appended_again_and_the_ledger_c
     assert repos.segments.totals().samples == 600
     assert QueryEngine(root, tables=local_tables(root)).query("SELECT count(*) FROM samples").rows == [(600,)]
     repos.close()
+
+
+def test_a_batchs_captures_appended_twice_count_each_segment_once(tmp_path: Path) -> None:
+    """The maintenance pass restores the captures of a samples batch it finds without them; the writer,
+    still alive between its two commits, then appends them as well: queries count each segment once."""
+    root = tmp_path / "ice"
+    tables = local_tables(root)
+    for i in range(2):
+        assert write(IcebergFleetStore(tables, quick()), segment(i), "car-1") == 600
+    for snapshot in tables.load(SAMPLES).metadata.snapshots:
+        iceberg.append_captures(tables.load(CAPTURES), iceberg.receipts_of(snapshot), "restored")
+    engine = QueryEngine(root, tables=local_tables(root))
+    assert engine.query("SELECT count(*) FROM captures_segments").rows == [(4,)]  # the rows are there twice
+    assert engine.query("SELECT samples, segments FROM captures").rows == [(1200, 2)]
+
+
+def test_a_retry_restores_the_captures_of_a_batch_whose_writer_died_before_appending_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "ice"
+    seg, other = segment(1), segment(2)
+    dying = IcebergFleetStore(local_tables(root), quick())
+
+    def died(*_: Any) -> Any:
+        raise UnavailableError("killed between the samples commit and the captures append")
+
+    with monkeypatch.context() as m:
+        m.setattr(iceberg, "append_captures", died)
+        with pytest.raises(UnavailableError):
+            write(dying, seg, "car-1")
+    engine = QueryEngine(root, tables=local_tables(root))
+    assert engine.query("SELECT count(*) FROM samples").rows == [(600,)]
+    assert engine.query("SELECT count(*) FROM captures").rows == [(0,)]
+    # the device sends it again, to another coordinator, beside a new segment: both counted at once
+    survivor = IcebergFleetStore(local_tables(root), quick())
+    assert write(survivor, seg, "car-1") == 600 and write(survivor, other, "car-1") == 600
+    assert survivor.counters["captures_restored"] == 1
+    assert engine.query("SELECT samples, segments FROM captures").rows == [(1200, 2)]
 
 
 def test_compaction_rewrites_a_partition_in_one_snapshot_and_expiry_deletes_the_old_files(

@@ -58,24 +58,24 @@ class _Device:
 
 
 def test_the_checks_see_an_early_offer_a_doubled_phase_and_a_second_attempt() -> None:
-    from fleetloop_fwsim.rollout_kill import _check
+    from fleetloop_fwsim.rollout_kill import check_rollouts
 
     good = _History(
         [("created", 10.0), ("phase", 20.0), ("succeeded", 30.0)], {"a": (0, 11.0, 1), "b": (1, 21.0, 1)}
     )
     devices = [_Device("a", {"r:a": 11.0}), _Device("b", {"r:b": 21.0})]
-    assert _check(good, devices, ["r"], 1, 1.0, 2).ok  # type: ignore[arg-type]
+    assert check_rollouts(good, devices, ["r"], 1, 1.0, 2).ok  # type: ignore[arg-type]
 
     early = _Device("b", {"r:b": 15.0})  # received before its phase opened at 20
-    report = _check(good, [devices[0], early], ["r"], 1, 1.0, 2)  # type: ignore[arg-type]
+    report = check_rollouts(good, [devices[0], early], ["r"], 1, 1.0, 2)  # type: ignore[arg-type]
     assert report.beyond_phase == 1 and not report.ok
 
     doubled = _History(
         [("created", 10.0), ("phase", 20.0), ("phase", 20.5), ("succeeded", 30.0)], good.offered
     )
-    assert _check(doubled, devices, ["r"], 1, 1.0, 2).lost_or_doubled == 1  # type: ignore[arg-type]
+    assert check_rollouts(doubled, devices, ["r"], 1, 1.0, 2).lost_or_doubled == 1  # type: ignore[arg-type]
 
     retried = _History(good.events, {"a": (0, 11.0, 1), "b": (1, 21.0, 2)})
     again = _Device("b", {"r:b": 21.0, "r:b#2": 25.0})
-    report = _check(retried, [devices[0], again], ["r"], 1, 1.0, 2)  # type: ignore[arg-type]
+    report = check_rollouts(retried, [devices[0], again], ["r"], 1, 1.0, 2)  # type: ignore[arg-type]
     assert report.extra_jobs == 2 and not report.ok

@@ -30,7 +30,7 @@ from fleetloop_agent.uplink.transport import (
     UploadRequest,
     answer_for_status,
 )
-from fleetloop_shared.errors import UnavailableError
+from fleetloop_shared.errors import ConfigError, UnavailableError
 from fleetloop_shared.wire import MAX_MESSAGE_BYTES, device_pb2, ingest_pb2
 
 CHANNEL_OPTIONS = [
@@ -93,27 +93,46 @@ class _GrpcSession:
 
 
 class GrpcTransport:
-    """A device's gRPC channel to the coordinator at ``target`` (``host:port``); ``tls``: (ca, cert, key)."""
+    """A device's gRPC channels to the coordinators at ``target`` (``host:port``, or several of them);
+    ``tls``: (ca, cert, key).
+
+    With several addresses the device talks to one at a time, the first to begin with, and every
+    reconnect after a session ended tries the next (round robin): coordinators share their state, so a
+    device whose coordinator died carries on with another one, and one that is only slow to come back
+    costs a reconnect, not an outage. One channel per address, opened on first use; an upload goes over
+    the current one."""
 
     takes_pieces = True
 
-    def __init__(self, target: str, *, tls: tuple[Path, Path, Path] | None = None) -> None:
-        self.target = target
+    def __init__(self, target: str | Sequence[str], *, tls: tuple[Path, Path, Path] | None = None) -> None:
+        self.targets = [target] if isinstance(target, str) else list(target)
+        if not self.targets:
+            raise ConfigError("the device needs at least one coordinator address")
+        self._current = 0
+        #: The address in use now.
+        self.target = self.targets[0]
         self._tls = tls
-        self._channel: grpc.aio.Channel | None = None
+        self._channels: dict[int, grpc.aio.Channel] = {}
+        self._connects = 0
 
     def _open(self) -> grpc.aio.Channel:
-        """The channel, created on first use (on the loop that will drive it)."""
-        if self._channel is None:
+        """The current address's channel, created on first use (on the loop that will drive it)."""
+        channel = self._channels.get(self._current)
+        if channel is None:
             if self._tls is not None:
                 ca, cert, key = (Path(x).read_bytes() for x in self._tls)
                 creds = grpc.ssl_channel_credentials(ca, private_key=key, certificate_chain=cert)
-                self._channel = grpc.aio.secure_channel(self.target, creds, options=CHANNEL_OPTIONS)
+                channel = grpc.aio.secure_channel(self.target, creds, options=CHANNEL_OPTIONS)
             else:
-                self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
-        return self._channel
+                channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+            self._channels[self._current] = channel
+        return channel
 
     async def connect(self, greeting: Sequence[device_pb2.DeviceMessage]) -> _GrpcSession:
+        if self._connects and len(self.targets) > 1:  # the last session ended: the next address
+            self._current = (self._current + 1) % len(self.targets)
+            self.target = self.targets[self._current]
+        self._connects += 1
         connect = self._open().stream_stream(
             CONNECT_PATH,
             request_serializer=device_pb2.DeviceMessage.SerializeToString,
@@ -157,6 +176,6 @@ class GrpcTransport:
             )
 
     async def close(self) -> None:
-        channel, self._channel = self._channel, None
-        if channel is not None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
             await channel.close(None)

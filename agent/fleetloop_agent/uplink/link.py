@@ -39,7 +39,13 @@ from fleetloop_agent.local_store import LocalStore, StoredSegment
 from fleetloop_agent.metrics import AgentMetrics
 from fleetloop_agent.uplink.outbox import ControlOutbox
 from fleetloop_agent.uplink.pacing import LINK_BACKOFF, Backoff, BackoffPolicy, TokenBucket
-from fleetloop_agent.uplink.transport import ControlSession, UplinkTransport
+from fleetloop_agent.uplink.transport import (
+    ControlSession,
+    RetryLater,
+    UplinkTransport,
+    UploadAnswer,
+    UploadRequest,
+)
 from fleetloop_agent.uplink.uploader import DEFAULT_CHUNK_BYTES, Send, Settle, Uploader, Wait
 from fleetloop_shared.clock import ClockEstimator
 from fleetloop_shared.errors import NotFoundError, UnavailableError
@@ -52,6 +58,9 @@ T = TypeVar("T")
 UPLOAD_POLL_S = 1.0
 #: Pending segments fetched from the store at once.
 PENDING_BATCH = 32
+#: Seconds past the upload deadline (at most the deadline again) the link itself waits for a transport's
+#: answer before it counts the attempt failed: the bound that holds when a transport's own does not.
+ANSWER_GRACE_S = 5.0
 #: Seconds ``stop`` gives a link to hang up.
 STOP_TIMEOUT_S = 5.0
 #: Store calls queued or running at once per loop; overflow policy: the calling coroutine waits.
@@ -435,6 +444,13 @@ class Link:
                 continue
             try:
                 await self._drain(uploader)
+            except asyncio.CancelledError:
+                if self._cancelled_here():
+                    raise
+                # not a stop: a library cancelled something under the drain; the loop must go on
+                log.warning("%s: an upload was cancelled under the link (retrying)", self.device_id)
+                self._metrics.upload_errors.inc()
+                uploader.defer(loop.time())
             except Exception as exc:  # a bug must not stop uploads for good: counted, retried later
                 log.exception("%s: upload failed: %s", self.device_id, exc)
                 self._metrics.upload_errors.inc()
@@ -472,7 +488,7 @@ class Link:
         if transfer.resumed:
             self._metrics.upload_resumes.inc()
         while True:
-            answer = await self.transport.upload(uploader.request(transfer), self._deadline)
+            answer = await self._answer(uploader.request(transfer))
             verdict = uploader.answer(transfer, answer, self._host.loop.time())
             if isinstance(verdict, Wait):
                 self._metrics.upload_errors.inc()
@@ -489,6 +505,26 @@ class Link:
             self._settled(seg, verdict)
             await self._host.io(self._store.mark_uploaded, seg.segment_id)
             return True
+
+    async def _answer(self, request: UploadRequest) -> UploadAnswer:
+        """The transport's answer to ``request``, bounded here as well as by the transport: a call its
+        library never completes (past its own deadline) or cancels under the link (grpc.aio raises
+        ``CancelledError`` for a call it cancelled itself) is a failed attempt, logged and retried, never
+        an upload loop that waits forever with the segment pending."""
+        limit = self._deadline + min(self._deadline, ANSWER_GRACE_S)
+        try:
+            return await asyncio.wait_for(self.transport.upload(request, self._deadline), limit)
+        except TimeoutError:
+            return RetryLater(f"DEADLINE_EXCEEDED: the transport gave no answer within {limit:g} s")
+        except asyncio.CancelledError:
+            if self._cancelled_here():
+                raise
+            return RetryLater("CANCELLED: the upload's call was cancelled under the link")
+
+    def _cancelled_here(self) -> bool:
+        """Whether a ``CancelledError`` seen now is this link's own cancellation (a stop), not a call's."""
+        task = asyncio.current_task()
+        return self._stopped or task is None or task.cancelling() > 0
 
     def _settled(self, seg: StoredSegment, verdict: Settle) -> None:
         if verdict.acknowledged:

@@ -25,6 +25,7 @@ Other concurrent appends merely retry (pyiceberg's commit retries, fresh metadat
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import logging
 import threading
@@ -39,12 +40,15 @@ import pyarrow as pa
 from pyiceberg.catalog import Catalog
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.exceptions import CommitFailedException, ValidationException
-from pyiceberg.io.pyarrow import PyArrowFileIO, _dataframe_to_data_files
-from pyiceberg.partitioning import PartitionField, PartitionSpec
+from pyiceberg.io.pyarrow import PyArrowFileIO, bin_pack_arrow_table, pyarrow_to_schema, write_file
+from pyiceberg.manifest import DataFile
+from pyiceberg.partitioning import PartitionField, PartitionFieldValue, PartitionKey, PartitionSpec
 from pyiceberg.schema import Schema
-from pyiceberg.table import Table
+from pyiceberg.table import Table, TableProperties, Transaction, WriteTask
+from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.snapshots import Operation, Snapshot
 from pyiceberg.table.sorting import SortField, SortOrder
+from pyiceberg.table.update import update_table_metadata
 from pyiceberg.table.update.snapshot import _FastAppendFiles
 from pyiceberg.transforms import IdentityTransform
 from pyiceberg.types import DateType, DoubleType, LongType, NestedField, StringType
@@ -259,6 +263,63 @@ def _keys_between(table: Table, head: Snapshot | None, base_id: int | None) -> s
     return keys
 
 
+def _data_files(table: Table, groups: dict[tuple[str, str], list[pa.Table]]) -> list[DataFile]:
+    """A batch's rows written as one data file per partition (more past the target file size), sorted
+    by device, signal and time.
+
+    The rows arrive grouped by partition already (each segment's fleet and date), so each group is
+    handed to pyiceberg's file writer with its partition key. pyiceberg's own path from a table
+    (``_dataframe_to_data_files``) would find the partitions again — transform, group and filter every
+    row, then copy each partition — which was most of the ingest's write CPU (benchmarks/scale.py)."""
+    if not groups:
+        return []
+    metadata = table.metadata
+    schema, spec = metadata.schema(), metadata.spec()
+    arrow_schema = schema.as_arrow()
+    task_schema = pyarrow_to_schema(arrow_schema, name_mapping=schema.name_mapping,
+                                    format_version=metadata.format_version)  # fmt: skip
+    target = int(metadata.properties.get(TableProperties.WRITE_TARGET_FILE_SIZE_BYTES,
+                                         TableProperties.WRITE_TARGET_FILE_SIZE_BYTES_DEFAULT))  # fmt: skip
+    write_uuid, counter = uuid.uuid4(), itertools.count()
+    tasks = []
+    for (fleet, date), parts in sorted(groups.items()):
+        data = pa.concat_tables(parts).sort_by(
+            [("device_id", "ascending"), ("signal", "ascending"), ("t_ns", "ascending")]
+        ).cast(arrow_schema)
+        values = {"fleet": fleet, "date": datetime.date.fromisoformat(date)}
+        key = PartitionKey(
+            field_values=[PartitionFieldValue(field, values[field.name]) for field in spec.fields],
+            partition_spec=spec, schema=schema,
+        )  # fmt: skip
+        for batches in bin_pack_arrow_table(data, target):
+            tasks.append(WriteTask(write_uuid=write_uuid, task_id=next(counter), record_batches=batches,
+                                   partition_key=key, schema=task_schema))  # fmt: skip
+    return list(write_file(table.io, metadata, iter(tasks)))
+
+
+class _AppendTransaction(Transaction):
+    """A transaction that works out its pending metadata once per change, not on every read.
+
+    pyiceberg's ``Transaction.table_metadata`` applies the pending updates to the table's metadata and
+    deep-copies the result each time it is read, and one append reads it a dozen times or more. The
+    metadata holds every retained snapshot (with its receipts), so that copying made each commit's CPU
+    grow with the snapshots kept — the ingest's first bottleneck (benchmarks/scale.py). The metadata is
+    a frozen model and the updates a tuple that is replaced, never changed, so the result is kept until
+    either is replaced."""
+
+    _memo: tuple[TableMetadata, tuple[Any, ...], TableMetadata] | None = None
+
+    @property
+    def table_metadata(self) -> TableMetadata:
+        base, updates = self._table.metadata, self._updates
+        if not updates:
+            return base  # nothing pending: the table's own (frozen) metadata
+        memo = self._memo
+        if memo is None or memo[0] is not base or memo[1] is not updates:
+            memo = self._memo = (base, updates, update_table_metadata(base, updates))
+        return memo[2]
+
+
 class _Duplicates(ValidationException):
     def __init__(self, keys: set[str]) -> None:
         super().__init__(f"{len(keys)} segments were committed concurrently")
@@ -310,18 +371,25 @@ class IcebergFleetStore:
         self._captures = tables.load(CAPTURES)
         #: Segment key → samples, from the snapshots seen so far (bounded by snapshot expiry).
         self._committed: dict[str, int] = {}
+        #: Segment key → the batch that committed it, and the batches whose captures rows are known to
+        #: be there (both bounded by snapshot expiry, like ``_committed``).
+        self._batch_of: dict[str, str] = {}
+        self._captured: set[str] = set()
         self._seen: set[int] = set()
         self._index(self._samples)
         #: Batches and segments committed, duplicates dropped, conflicts retried (for metrics and tests).
-        self.counters = {"batches": 0, "segments": 0, "duplicates": 0, "conflicts": 0}
+        self.counters = {"batches": 0, "segments": 0, "duplicates": 0, "conflicts": 0, "captures_restored": 0}
 
     def _index(self, table: Table) -> None:
         for snapshot in table.metadata.snapshots:
             if snapshot.snapshot_id in self._seen:
                 continue
             self._seen.add(snapshot.snapshot_id)
+            batch = snapshot.summary.additional_properties.get(BATCH_KEY) if snapshot.summary else None
             for r in receipts_of(snapshot):
                 self._committed[f"{r[0]}/{r[1]}"] = int(r[2])
+                if batch is not None:
+                    self._batch_of[f"{r[0]}/{r[1]}"] = batch
         live = {s.snapshot_id for s in table.metadata.snapshots}
         self._seen &= live
 
@@ -346,6 +414,7 @@ class IcebergFleetStore:
         item = _Item(key, rows, receipt)
         with self._cond:
             if key in self._committed:
+                self._restore_captures({key})
                 return self._committed[key]
             self._pending.append(item)
             while not item.done.is_set():
@@ -385,6 +454,8 @@ class IcebergFleetStore:
         unique: dict[str, _Item] = {}
         for item in batch:
             unique.setdefault(item.key, item)
+        before = {k for k in unique if k in self._committed}
+        elsewhere: set[str] = set()
         while True:
             fresh = [i for k, i in unique.items() if k not in self._committed]
             if fresh:
@@ -393,10 +464,12 @@ class IcebergFleetStore:
                 except _Duplicates as exc:
                     self.counters["conflicts"] += 1
                     self.counters["duplicates"] += len(exc.keys)
+                    elsewhere |= exc.keys
                     self._samples = self._samples.refresh()
                     self._index(self._samples)
                     continue
             break
+        self._restore_captures(elsewhere | before)
         for item in batch:
             item.samples = self._committed.get(item.key, unique[item.key].rows.num_rows)
             item.done.set()
@@ -405,18 +478,14 @@ class IcebergFleetStore:
         batch_id = uuid.uuid4().hex
         receipts = [i.receipt for i in items]
         props = {SEGMENTS_KEY: json.dumps(receipts, separators=(",", ":")), BATCH_KEY: batch_id}
-        tables = [i.rows for i in items if i.rows.num_rows]
         table = self._samples
-        files = []
-        if tables:
-            data = pa.concat_tables(tables).sort_by(
-                [("fleet", "ascending"), ("date", "ascending"), ("device_id", "ascending"),
-                 ("signal", "ascending"), ("t_ns", "ascending")]
-            )  # fmt: skip
-            data = data.cast(table.schema().as_arrow())
-            files = list(_dataframe_to_data_files(table.metadata, data, table.io))
+        groups: dict[tuple[str, str], list[pa.Table]] = {}
+        for i in items:
+            if i.rows.num_rows:  # a segment lies in one partition: its receipt's fleet and date
+                groups.setdefault((str(i.receipt[8]), str(i.receipt[9])), []).append(i.rows)
+        files = _data_files(table, groups)
         for stale in (True, False):
-            tx = table.transaction()
+            tx = _AppendTransaction(table)
             producer = _KeyedAppend(
                 operation=Operation.APPEND, transaction=tx, io=table.io, snapshot_properties=props
             )
@@ -443,6 +512,26 @@ class IcebergFleetStore:
             self._captures = append_captures(self._captures, receipts, batch_id)
         except FileNotFoundError:
             self._captures = append_captures(_expired_under_us(self._captures), receipts, batch_id)
+        self._captured.add(batch_id)
+
+    def _restore_captures(self, keys: set[str]) -> None:
+        """The captures rows of the batches that committed ``keys`` (segments sent again: committed
+        elsewhere, or before), when those batches have none: their writer died between its samples
+        commit and its captures append, and the retry is the first to know. Queries then count the
+        segment at once rather than after the next maintenance pass; should that pass or the writer append
+        them as well, the captures view counts each segment once."""
+        batches = {self._batch_of[k] for k in keys if k in self._batch_of} - self._captured
+        if not batches:
+            return
+        self._captures = self._captures.refresh()
+        self._captured |= {s.summary.additional_properties.get(BATCH_KEY, "")
+                           for s in self._captures.metadata.snapshots if s.summary is not None}  # fmt: skip
+        for snapshot in self._samples.metadata.snapshots:
+            batch = snapshot.summary.additional_properties.get(BATCH_KEY) if snapshot.summary else None
+            if batch in batches and batch not in self._captured:
+                self._captures = append_captures(self._captures, receipts_of(snapshot), batch)
+                self._captured.add(batch)
+                self.counters["captures_restored"] += 1
 
 
 def _expired_under_us(table: Table) -> Table:
@@ -477,5 +566,7 @@ def append_captures(table: Table, receipts: list[list[Any]], batch_id: str) -> T
     """Append a batch's capture rows (its samples commit happened first; the maintenance pass adds
     those of a batch whose captures append never happened)."""
     if receipts:
-        table.append(captures_rows(receipts), snapshot_properties={BATCH_KEY: batch_id})
+        tx = _AppendTransaction(table)
+        tx.append(captures_rows(receipts), snapshot_properties={BATCH_KEY: batch_id})
+        return tx.commit_transaction()
     return table

@@ -142,7 +142,11 @@ _CAPTURES_FROM_SEGMENTS = (
     "CAST(sum(samples) AS BIGINT) AS samples, CAST(sum(segments) AS BIGINT) AS segments, "
     "min(first_received) AS first_received, max(last_received) AS last_received, "
     "coalesce(max(privacy), '') AS privacy "
-    "FROM captures_segments GROUP BY capture_id, device_id, campaign"
+    "FROM (SELECT * FROM captures_segments "
+    # A segment's row counted once: a batch's captures may be appended twice (the maintenance pass restores
+    # a batch whose writer is still about to append them). Migrated rows (no segment id) each stand alone.
+    "QUALIFY segment_id IS NULL OR row_number() OVER (PARTITION BY device_id, segment_id) = 1) "
+    "GROUP BY capture_id, device_id, campaign"
 )
 
 
