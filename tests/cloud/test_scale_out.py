@@ -123,9 +123,8 @@ def cluster(tmp_path: Path, pg_url: str, s3: Any) -> Iterator[Cluster]:
     (tmp_path / "cloud.yaml").write_text(TABLES_YAML)
     storage = ["--config", str(tmp_path / "cloud.yaml"), "--table-format", "iceberg", "--bucket", s3.bucket,
                "--s3-endpoint", s3.backend_url]  # fmt: skip
-    # One data directory for the three: the online keys and the artifacts (TUF repositories, images)
-    # live there. TODO(object storage for artifacts): give each its own --dir once artifacts and TUF
-    # metadata are in the bucket.
+    # One data directory for the three holds only the online keys and the admin token of `cloud init`;
+    # artifacts and TUF metadata are in the bucket (coordinators with a --dir each: test_shared_artifacts).
     shared_dir = tmp_path / "cloud"
     coordinators = [
         CoordinatorProcess(
