@@ -161,6 +161,14 @@ class Coordinator:
         # artifacts and the TUF metadata live in the object store: the data directory's artifacts/, or
         # the bucket every coordinator shares
         self.artifact_objects = open_object_store(storage, data_dir / "artifacts", area="artifacts")
+        local_roots = data_dir / "artifacts" / "tuf" / "image" / "root"
+        if storage is not None and local_roots.is_dir() and not self.artifact_objects.list("tuf/image/root/"):
+            # a bucket without the repositories this directory's devices trust: starting would make new
+            # roots there that no device was provisioned with
+            raise ConfigError(
+                f"{self.artifact_objects.location} holds no TUF repositories but {data_dir / 'artifacts'} "
+                "does: move them to the bucket first with 'fleetloop cloud migrate' (docs/deploy.md)"
+            )
         if not keys.writable and not self.artifact_objects.list("tuf/image/root/"):
             raise ConfigError(
                 f"{self.artifact_objects.location} holds no TUF repositories, and with keys from a secret "

@@ -17,6 +17,8 @@ sample is stored twice, and the two survivors answer the same queries alike.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +29,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from fleetloop_cloud.repositories.rollouts import LEASE_NAME
 from fleetloop_fwsim.broker import MosquittoProcess, mosquitto_binary
 from fleetloop_fwsim.fleet import (
     CoordinatorProcess,
@@ -79,7 +82,8 @@ def wait_for(what: str, done: Callable[[], bool], timeout_s: float = DEADLINE_S)
 def lease(pg_url: str) -> tuple[str, int] | None:
     """(holder, fencing token) of the controller lease, if one was ever taken."""
     with psycopg.connect(pg_url) as conn:
-        row = conn.execute("SELECT holder, token FROM controller_lease").fetchone()
+        query = "SELECT holder, token FROM controller_lease WHERE name = %s"
+        row = conn.execute(query, (LEASE_NAME,)).fetchone()
     return None if row is None else (str(row[0]), int(row[1]))
 
 
@@ -120,9 +124,10 @@ def cluster(tmp_path: Path, pg_url: str, s3: Any) -> Iterator[Cluster]:
     generate_key_file(tmp_path / "release-manager.pem", None)
     custody = ["--targets-key", str(public_pem_path(tmp_path / "release-manager.pem")),
                "--release-keys", str(tmp_path / "root-keys")]  # fmt: skip
-    (tmp_path / "cloud.yaml").write_text(TABLES_YAML)
-    storage = ["--config", str(tmp_path / "cloud.yaml"), "--table-format", "iceberg", "--bucket", s3.bucket,
-               "--s3-endpoint", s3.backend_url]  # fmt: skip
+    config = tmp_path / "cloud.yaml"
+    config.write_text(TABLES_YAML + f"  format: iceberg\nstorage:\n  bucket: {s3.bucket}\n"
+                      f"  endpoint: {s3.backend_url}\n")  # fmt: skip
+    storage = ["--config", str(config)]
     # One data directory for the three holds only the online keys and the admin token of `cloud init`;
     # artifacts and TUF metadata are in the bucket (coordinators with a --dir each: test_shared_artifacts).
     shared_dir = tmp_path / "cloud"
@@ -139,6 +144,15 @@ def cluster(tmp_path: Path, pg_url: str, s3: Any) -> Iterator[Cluster]:
     try:
         # the first makes the shared directory, database and Iceberg catalog (coordinators creating a new
         # catalog at once race on its SQL tables); the other two then start together
+        # `cloud init` makes the TUF repositories in the data directory; `cloud migrate` moves them to the
+        # bucket (docs/deploy.md), where every coordinator reads them
+        coordinators[0].init()
+        migrated = subprocess.run(
+            [sys.executable, "-m", "fleetloop_cli.main", "cloud", "migrate", "--config", str(config),
+             "--dir", str(shared_dir), "--db", pg_url],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert migrated.returncode == 0, migrated.stderr[-2000:]
         coordinators[0].start()
         with ThreadPoolExecutor(len(coordinators) - 1) as starting:
             list(starting.map(lambda c: c.start(), coordinators[1:]))

@@ -170,6 +170,9 @@ def test_a_data_dir_made_by_todays_code_moves_into_the_bucket(tmp_path: Path, s3
     record = today.artifacts.release("fw", HW, "2.0.0")
     today.close()
     assert (data_dir / "artifacts" / "files" / sha256_hex(v2)).is_file()  # the layout it always had
+    # started on the bucket before the move, it would make roots no device trusts: refused, with the fix
+    with pytest.raises(ConfigError, match=r"no TUF repositories but .* does: move them .*cloud migrate"):
+        Coordinator(data_dir, storage=settings(s3), tables=ICEBERG)
 
     report = migrate(data_dir, storage=settings(s3))
     assert report.artifacts >= 6  # images, manifest, signature, the TUF roots and roles
