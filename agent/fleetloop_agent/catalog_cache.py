@@ -88,9 +88,10 @@ class CatalogIds:
             return
         self.fleet_ids, self.local_ids = fleet_ids, local_ids
 
-    def save(self) -> None:
-        """Write the cache if it changed (atomically: the old file or the new, never half)."""
-        if not self._dirty:
+    def save(self, *, force: bool = False) -> None:
+        """Write the cache if it changed, or ``force``: its existence ends a first start (the store's
+        upgrade, :mod:`fleetloop_agent.catalog_upgrade`). Atomically: the old file or the new."""
+        if not (self._dirty or force):
             return
         doc: dict[str, Any] = {
             "fleet": self.fleet,

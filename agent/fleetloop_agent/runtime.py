@@ -26,6 +26,7 @@ from pathlib import Path
 from fleetloop_agent import __version__
 from fleetloop_agent.capture import Capture, CaptureAssembler
 from fleetloop_agent.catalog_cache import CatalogIds
+from fleetloop_agent.catalog_upgrade import legacy_catalog, needs_upgrade, upgrade_store
 from fleetloop_agent.config import AgentConfig
 from fleetloop_agent.local_store import LocalStore
 from fleetloop_agent.metrics import AgentMetrics
@@ -85,15 +86,18 @@ class AgentRuntime:
         self.metrics = AgentMetrics()
         config.state_dir.mkdir(parents=True, exist_ok=True)
         #: The fleet's catalog ids as last assigned, and this device's local ids for the others.
+        first_run = not (config.state_dir / "catalog_ids.json").exists()
         self.catalog_ids = CatalogIds(config.state_dir / "catalog_ids.json", config.fleet)
         self.catalog = Catalog(assign=self.catalog_ids.assign)
         self.start_ns = wall_ns()
         self.sources: list[SignalSource] = [
             build_source(spec, base_dir=config.base_dir, start_ns=self.start_ns) for spec in config.sources
         ]
+        # a store an older agent left holds registration-order ids: the same configuration's, declared
+        # first (a source keeps the ids of its last declare)
+        legacy = legacy_catalog(self.sources) if first_run and needs_upgrade(config.store_dir) else None
         for src in self.sources:
             src.declare(self.catalog)
-        self.catalog_ids.save()
         #: Local id → fleet id, for the signals whose fleet id arrived after they were declared.
         self.segment_ids = self.catalog_ids.segment_ids(self.catalog)
         origins = {s.origin for s in self.sources}
@@ -111,6 +115,9 @@ class AgentRuntime:
             quota_bytes=config.store_quota_bytes,
             segment_version=config.store_segment_version or FORMAT_VERSION,
         )
+        # before the uplink starts, and before the cache exists (which ends first runs)
+        self.store_upgrade = upgrade_store(self.store, legacy, self.catalog)
+        self.catalog_ids.save(force=first_run)
         pc = config.platform
         self.platform = EnvFilePlatform(
             pc.slots, pc.env, pc.booted_slot, health_commands=[list(c) for c in pc.health_commands]
