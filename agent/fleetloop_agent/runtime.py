@@ -329,8 +329,11 @@ class AgentRuntime:
             log.error("catalog assignment refused, ids kept as they were: %s", exc)
             return
         self.segment_ids = self.catalog_ids.segment_ids(self.catalog)
-        log.info("catalog ids: %d of %d signals under fleet ids", sum(
-            1 for s in self.catalog if is_fleet_id(self.segment_ids.get(s.id, s.id))), len(self.catalog))
+        log.info(
+            "catalog ids: %d of %d signals under fleet ids",
+            sum(1 for s in self.catalog if is_fleet_id(self.segment_ids.get(s.id, s.id))),
+            len(self.catalog),
+        )
 
     def _apply_desired(self, refresh_models: Collection[str] = ()) -> None:
         specs: list[CampaignSpec] = []

@@ -23,7 +23,6 @@ from fleetloop_agent.sources import build_source
 from fleetloop_cloud.grpc_api import start_grpc_server
 from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
-from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.catalog_ids import is_local_id
 from fleetloop_shared.segment import decode_segment, encode_segment, segment_from_batch
 from tests.agent.test_runtime import free_port, make_config, wait_for
@@ -45,7 +44,7 @@ def write_legacy_store(config: AgentConfig, seconds: float, slice_s: float = 0.1
             for src in sources:
                 for batch in src.read(start + int(step * slice_s * 1e9)):
                     seg = segment_from_batch(batch, catalog)
-                    store.append(seg, capture_id=f"old-{step}", campaign="car", priority=5, now_ns=start + step)
+                    store.append(seg, capture_id=f"old-{step}", campaign="car", priority=5, now_ns=start)
                     for sid, values in batch.values.items():
                         rows[catalog.by_id(sid).path] += len(values)
     finally:
