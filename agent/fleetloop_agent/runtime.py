@@ -118,6 +118,7 @@ class AgentRuntime:
         # before the uplink starts, and before the cache exists (which ends first runs)
         self.store_upgrade = upgrade_store(self.store, legacy, self.catalog)
         self.catalog_ids.save(force=first_run)
+        self._sync_catalog_metrics()
         pc = config.platform
         self.platform = EnvFilePlatform(
             pc.slots, pc.env, pc.booted_slot, health_commands=[list(c) for c in pc.health_commands]
@@ -320,6 +321,15 @@ class AgentRuntime:
                 )
                 self._apply_desired()
                 self._save_desired()
+
+    def _sync_catalog_metrics(self) -> None:
+        up = self.store_upgrade
+        self.metrics.catalog_local_ids.set(len(self.catalog_ids.local_ids))
+        self.metrics.sync_totals(
+            catalog_local_ids_dropped=self.catalog_ids.local_ids_dropped,
+            store_upgrade_rewritten=up.rewritten if up else 0,
+            store_upgrade_held=up.held if up else 0,
+        )
 
     def _take_assignment(self, msg: device_pb2.CatalogAssignment) -> None:
         """The fleet's ids of this device's signals: cached, and carried by the segments stored from now."""

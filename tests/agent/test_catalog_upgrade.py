@@ -77,6 +77,11 @@ def test_an_upgraded_agent_sends_the_old_agents_segments_under_their_paths(
         seg = decode_segment(runtime.store.read(sid))
         assert all(is_local_id(k) for g in seg.groups() for k in g.columns)
     assert (config.state_dir / "catalog_ids.json").exists() and (config.store_dir / MARKER_FILE).exists()
+    sample = runtime.metrics.registry.get_sample_value
+    assert sample("fleetloop_agent_store_upgrade_rewritten_total") == upgrade.rewritten
+    assert sample("fleetloop_agent_store_upgrade_held_total") == 0
+    assert sample("fleetloop_agent_catalog_local_ids") == len(runtime.catalog)
+    assert sample("fleetloop_agent_catalog_local_ids_dropped_total") == 0
     thread = threading.Thread(target=runtime.run, daemon=True)
     thread.start()
     server, _ = start_grpc_server(coordinator, "127.0.0.1", port)
@@ -182,6 +187,7 @@ def test_a_segment_the_legacy_catalog_cannot_explain_is_kept_and_never_sent(
         assert upgrade is not None and upgrade.held == 1 and upgrade.rewritten == len(pending) - 1
         assert pending[0] not in runtime.store.pending_ids()
         assert (runtime.store.held_dir / (pending[0].hex() + ".seg")).is_file()
+        assert runtime.metrics.registry.get_sample_value("fleetloop_agent_store_upgrade_held_total") == 1
     finally:
         runtime.store.close()
 
