@@ -60,6 +60,8 @@ class CatalogIds:
         self.fleet_ids: dict[str, SignalSpec] = {}
         self.local_ids: dict[str, int] = {}
         self._dirty = False
+        #: Local ids dropped at MAX_LOCAL_IDS (drop-oldest), for metrics.
+        self.local_ids_dropped = 0
         self._load()
 
     def _load(self) -> None:
@@ -88,9 +90,10 @@ class CatalogIds:
             return
         self.fleet_ids, self.local_ids = fleet_ids, local_ids
 
-    def save(self) -> None:
-        """Write the cache if it changed (atomically: the old file or the new, never half)."""
-        if not self._dirty:
+    def save(self, *, force: bool = False) -> None:
+        """Write the cache if it changed, or ``force``: its existence ends a first start (the store's
+        upgrade, :mod:`fleetloop_agent.catalog_upgrade`). Atomically: the old file or the new."""
+        if not (self._dirty or force):
             return
         doc: dict[str, Any] = {
             "fleet": self.fleet,
@@ -110,6 +113,7 @@ class CatalogIds:
         if local is None:
             if len(self.local_ids) >= MAX_LOCAL_IDS:  # drop-oldest: a path long gone loses its id
                 self.local_ids.pop(next(iter(self.local_ids)))
+                self.local_ids_dropped += 1
             local = local_id_for(path, set(self.local_ids.values()))
             self.local_ids[path] = local
             self._dirty = True

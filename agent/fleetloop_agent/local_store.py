@@ -58,6 +58,7 @@ from fleetloop_shared.segment import FORMAT_VERSION, READ_VERSIONS, Segment, dec
 #: Where the store keeps its files, relative to its root.
 SEGMENTS_DIR = "segments"
 INDEX_FILE = "index.sqlite3"
+HELD_DIR = "held"
 SEGMENT_SUFFIX = ".seg"
 TMP_SUFFIX = ".tmp"
 
@@ -380,6 +381,64 @@ class LocalStore:
                 )
             _unlink_quietly(self._path(segment_id))
 
+    def pending_ids(self) -> list[bytes]:
+        """Every pending segment's id, oldest first (bounded by the quota: each takes a file)."""
+        with self._lock:
+            db = self._require_open()
+            rows = db.execute("SELECT segment_id FROM segments WHERE uploaded_seq IS NULL ORDER BY seq")
+            return [bytes(r[0]) for r in rows.fetchall()]
+
+    def replace(self, segment: Segment) -> None:
+        """Put ``segment`` in place of the pending segment of the same id, keeping its envelope (capture,
+        campaign, priority, time, privacy stamp): for rewriting ids. The file is replaced by rename, so a
+        crash leaves the old segment or the new; a crash before the index follows is mended on the next
+        open (a file whose size the index does not know is indexed afresh from its own bytes)."""
+        with self._lock:
+            db = self._require_open()
+            found = db.execute(
+                "SELECT 1 FROM segments WHERE segment_id = ? AND uploaded_seq IS NULL", (segment.segment_id,)
+            ).fetchone()
+            if found is None:
+                raise NotFoundError(f"segment {segment.segment_id.hex()} is not pending in the store")
+            final = self._path(segment.segment_id)
+            old = final.read_bytes()
+            envelope = _decode_envelope(old, str(final))
+            encoded = encode_segment(segment, max_version=self.segment_version)
+            blob = old[: envelope.segment_offset] + encoded
+            self._write_file(final, blob)
+            with db:
+                db.execute(
+                    "UPDATE segments SET size_bytes = ?, disk_bytes = ?, signal_ids = ?, grp = ? "
+                    "WHERE segment_id = ?",
+                    (len(encoded), len(blob), _ids_text(segment), _group_label(segment), segment.segment_id),
+                )
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    @property
+    def held_dir(self) -> Path:
+        """Segments set aside (kept, never uploaded): :meth:`hold`."""
+        return self._root / HELD_DIR
+
+    def hold(self, segment_id: bytes) -> None:
+        """Take a pending segment out of the upload queue but keep its file, in :attr:`held_dir` (its
+        bytes still count against the quota). Rename first, then the index: a crash between leaves a row
+        without a file, which the next open drops."""
+        with self._lock:
+            db = self._require_open()
+            src = self._path(segment_id)
+            self.held_dir.mkdir(exist_ok=True)
+            if src.exists():
+                os.replace(src, self.held_dir / src.name)
+                fsync_directory(self.held_dir)
+                fsync_directory(self._dir)
+            with db:
+                db.execute(
+                    "DELETE FROM segments WHERE segment_id = ? AND uploaded_seq IS NULL", (segment_id,)
+                )
+
     @property
     def quota_bytes(self) -> int:
         """The disk quota the store keeps within."""
@@ -700,9 +759,10 @@ class LocalStore:
                     _unlink_quietly(found)  # acknowledged, but the crash came before the delete
                 continue
             if found is None or found.stat().st_size != disk_bytes:
+                # files appear only by rename, whole: one the index does not know the size of was replaced
+                # (``replace``) before the index followed, and is indexed afresh from its bytes below
                 dead_rows.append(int(seq))
-                if found is not None:
-                    _unlink_quietly(found)
+                known.discard(name)
         with db:
             db.executemany("DELETE FROM segments WHERE seq = ?", [(s,) for s in dead_rows])
         for name, path in sorted(on_disk.items()):

@@ -54,6 +54,9 @@ class AgentMetrics:
         self.store_pending_bytes = Gauge(
             "fleetloop_agent_store_pending_bytes", "Bytes waiting for upload", registry=r
         )
+        self.catalog_local_ids = Gauge(
+            "fleetloop_agent_catalog_local_ids", "Device-local catalog ids the cache keeps", registry=r
+        )
         self.ring_buffer_bytes = Gauge("fleetloop_agent_ring_buffer_bytes", "Ring buffer memory", registry=r)
         self.clock_offset = Gauge(
             "fleetloop_agent_clock_offset_seconds",
@@ -83,6 +86,9 @@ class AgentMetrics:
                 ("privacy_hashed_values", "Identifier values hashed by privacy policies"),
                 ("privacy_removed_positions", "Positions removed by privacy policies (geofence, min_speed)"),
                 ("privacy_unkeyed_signals", "Identifier columns dropped for want of a privacy key"),
+                ("catalog_local_ids_dropped", "Device-local catalog ids dropped at the cache's bound"),
+                ("store_upgrade_rewritten", "Segments of an older agent rewritten to this agent's ids"),
+                ("store_upgrade_held", "Segments of an older agent kept unsent: ids it cannot explain"),
             )
         }
         self._mirrored_seen: dict[str, int] = dict.fromkeys(self._mirrored, 0)

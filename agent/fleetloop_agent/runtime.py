@@ -26,6 +26,7 @@ from pathlib import Path
 from fleetloop_agent import __version__
 from fleetloop_agent.capture import Capture, CaptureAssembler
 from fleetloop_agent.catalog_cache import CatalogIds
+from fleetloop_agent.catalog_upgrade import legacy_catalog, needs_upgrade, upgrade_store
 from fleetloop_agent.config import AgentConfig
 from fleetloop_agent.local_store import LocalStore
 from fleetloop_agent.metrics import AgentMetrics
@@ -85,15 +86,18 @@ class AgentRuntime:
         self.metrics = AgentMetrics()
         config.state_dir.mkdir(parents=True, exist_ok=True)
         #: The fleet's catalog ids as last assigned, and this device's local ids for the others.
+        first_run = not (config.state_dir / "catalog_ids.json").exists()
         self.catalog_ids = CatalogIds(config.state_dir / "catalog_ids.json", config.fleet)
         self.catalog = Catalog(assign=self.catalog_ids.assign)
         self.start_ns = wall_ns()
         self.sources: list[SignalSource] = [
             build_source(spec, base_dir=config.base_dir, start_ns=self.start_ns) for spec in config.sources
         ]
+        # a store an older agent left holds registration-order ids: the same configuration's, declared
+        # first (a source keeps the ids of its last declare)
+        legacy = legacy_catalog(self.sources) if first_run and needs_upgrade(config.store_dir) else None
         for src in self.sources:
             src.declare(self.catalog)
-        self.catalog_ids.save()
         #: Local id → fleet id, for the signals whose fleet id arrived after they were declared.
         self.segment_ids = self.catalog_ids.segment_ids(self.catalog)
         origins = {s.origin for s in self.sources}
@@ -111,6 +115,10 @@ class AgentRuntime:
             quota_bytes=config.store_quota_bytes,
             segment_version=config.store_segment_version or FORMAT_VERSION,
         )
+        # before the uplink starts, and before the cache exists (which ends first runs)
+        self.store_upgrade = upgrade_store(self.store, legacy, self.catalog)
+        self.catalog_ids.save(force=first_run)
+        self._sync_catalog_metrics()
         pc = config.platform
         self.platform = EnvFilePlatform(
             pc.slots, pc.env, pc.booted_slot, health_commands=[list(c) for c in pc.health_commands]
@@ -322,6 +330,15 @@ class AgentRuntime:
                 self._apply_desired()
                 self._save_desired()
 
+    def _sync_catalog_metrics(self) -> None:
+        up = self.store_upgrade
+        self.metrics.catalog_local_ids.set(len(self.catalog_ids.local_ids))
+        self.metrics.sync_totals(
+            catalog_local_ids_dropped=self.catalog_ids.local_ids_dropped,
+            store_upgrade_rewritten=up.rewritten if up else 0,
+            store_upgrade_held=up.held if up else 0,
+        )
+
     def _take_assignment(self, msg: device_pb2.CatalogAssignment) -> None:
         """The fleet's ids of this device's signals: cached, and carried by the segments stored from now."""
         try:
@@ -330,8 +347,11 @@ class AgentRuntime:
             log.error("catalog assignment refused, ids kept as they were: %s", exc)
             return
         self.segment_ids = self.catalog_ids.segment_ids(self.catalog)
-        log.info("catalog ids: %d of %d signals under fleet ids", sum(
-            1 for s in self.catalog if is_fleet_id(self.segment_ids.get(s.id, s.id))), len(self.catalog))
+        log.info(
+            "catalog ids: %d of %d signals under fleet ids",
+            sum(1 for s in self.catalog if is_fleet_id(self.segment_ids.get(s.id, s.id))),
+            len(self.catalog),
+        )
 
     def _apply_desired(self, refresh_models: Collection[str] = ()) -> None:
         specs: list[CampaignSpec] = []

@@ -297,6 +297,8 @@ class Coordinator:
             staging=self.staging,
             grants=self.grants,
             changes=self.changes,
+            devices=self.devices,
+            catalogs=self.catalogs,
         )
         self.devices.beat(clock())
         self._last_beat = clock()

@@ -159,3 +159,15 @@ def test_the_agent_moves_from_local_to_fleet_ids_mid_life(tmp_path: Path, record
         assert restarted.segment_ids == {}
     finally:
         restarted.store.close()
+
+
+def test_local_ids_beyond_the_bound_drop_the_oldest_and_count_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleetloop_agent import catalog_cache
+
+    monkeypatch.setattr(catalog_cache, "MAX_LOCAL_IDS", 2)
+    ids = CatalogIds(tmp_path / "catalog_ids.json", "taxi")
+    for path in ("A", "B", "C"):
+        ids.assign(path, F)
+    assert list(ids.local_ids) == ["B", "C"] and ids.local_ids_dropped == 1

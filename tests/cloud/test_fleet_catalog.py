@@ -255,3 +255,36 @@ def test_pushing_a_catalog_needs_an_operator_is_audited_and_says_what_it_refused
         c.catalogs.push(OPERATOR, "taxi", {"signals": [{"path": "X", "data_type": "float"}]}, NOW)
     with pytest.raises(UserError, match="a list 'signals'"):
         c.catalogs.push(OPERATOR, "taxi", [1, 2], NOW)
+
+
+def test_the_bounded_lists_of_fleet_ids_are_counted_with_their_drops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleetloop_cloud.services import devices
+
+    monkeypatch.setattr(devices, "PENDING_ASSIGNMENTS", 2)
+    c = Coordinator(tmp_path / "cloud", clock=lambda: NOW)
+    try:
+
+        def metric(name: str) -> float:
+            text = c.metrics.exposition()[0].decode()
+            found = [line.split()[-1] for line in text.splitlines() if line.split(" ")[0] == name]
+            assert found, f"{name} not exported"
+            return float(found[0])
+
+        assert metric("fleetloop_catalog_assignments_pending") == 0
+        for n in range(3):  # hellos whose welcomes never came: the oldest assignment is dropped
+            c.devices.connect(Caller.device(f"car-{n}", transport="test", proven=True),
+                              hello(f"car-{n}", (LOCAL_ID_MIN, "A", F)), NOW)  # fmt: skip
+        assert metric("fleetloop_catalog_assignments_pending") == 2
+        assert metric("fleetloop_catalog_assignments_dropped_total") == 1
+        connect(c, hello("car-2", (LOCAL_ID_MIN, "A", F)))
+        assert metric("fleetloop_catalog_assignments_pending") == 1
+        # a path whose local id changed at every hello: 16 aliases kept, the oldest beyond dropped
+        for k in range(18):
+            connect(c, hello("car-9", (LOCAL_ID_MIN + 100 + k, "A", F)))
+        assert metric("fleetloop_catalog_aliases_dropped_total") == 2
+        stored = c.repositories.devices.get("car-9")
+        assert stored is not None and len(stored.catalog[0]["aliases"]) == 16
+    finally:
+        c.close()

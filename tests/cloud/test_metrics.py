@@ -241,7 +241,8 @@ def test_metrics_move_with_real_traffic(served: Served) -> None:
     assert families and all(n.endswith(("_total", "_seconds_count", "_seconds_sum", "_seconds_bucket",
                                         "_seconds_created", "_total_created", "_created", "_bytes"))
                             or n in ("fleetloop_devices_connected", "fleetloop_rollouts",
-                                     "fleetloop_upload_backlogs_tracked", "fleetloop_erasures_pending")
+                                     "fleetloop_upload_backlogs_tracked", "fleetloop_erasures_pending",
+                                     "fleetloop_catalog_assignments_pending")
                             for n in families), sorted(families)  # fmt: skip
     label_values = {v for _, labels in after for _, v in labels}
     label_names = {k for _, labels in after for k, _ in labels}

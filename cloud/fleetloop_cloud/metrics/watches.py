@@ -14,6 +14,8 @@ from fleetloop_cloud.metrics.readings import Labels, Watcher
 from fleetloop_cloud.repositories.interfaces import RolloutRepository
 from fleetloop_cloud.rollout.planner import RolloutState
 from fleetloop_cloud.services.access import Refusals
+from fleetloop_cloud.services.catalogs import FleetCatalogService
+from fleetloop_cloud.services.devices import DeviceService
 from fleetloop_cloud.services.ingest import UploadGrants
 from fleetloop_cloud.sessions import DeviceSessions
 from fleetloop_cloud.uploads.staging import UploadStaging
@@ -31,6 +33,8 @@ def watch_coordinator(
     staging: UploadStaging,
     grants: UploadGrants,
     changes: ChangeFollower | None = None,
+    devices: DeviceService | None = None,
+    catalogs: FleetCatalogService | None = None,
 ) -> None:
     """Register every scrape-time reading of one coordinator's parts with ``metrics``."""
 
@@ -67,6 +71,17 @@ def watch_coordinator(
       "counter", [], lambda: {(): grants.scheduler.refused_devices})  # fmt: skip
     w("fleetloop_session_pushes_dropped", "Pushes to devices dropped from full outboxes (drop-oldest)",
       "counter", [], lambda: {(): sessions.dropped_total})  # fmt: skip
+    if devices is not None:
+        dev = devices
+        w("fleetloop_catalog_assignments_pending", "Catalog assignments waiting for their device's welcome",
+          "gauge", [], lambda: {(): dev.pending_assignments()})  # fmt: skip
+        w("fleetloop_catalog_assignments_dropped", "Catalog assignments dropped at the pending bound "
+          "(drop-oldest; the device's next hello asks again)", "counter", [],
+          lambda: {(): dev.assignments_dropped})  # fmt: skip
+    if catalogs is not None:
+        cat = catalogs
+        w("fleetloop_catalog_aliases_dropped", "Device-local ids no longer kept as aliases of a path "
+          "(oldest beyond the per-path bound)", "counter", [], lambda: {(): cat.aliases_dropped})  # fmt: skip
     if changes is None:
         return
     follower = changes

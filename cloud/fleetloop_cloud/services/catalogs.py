@@ -11,7 +11,7 @@ service: a :class:`~.access.Caller` and ``now`` in.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fleetloop_cloud.repositories.interfaces import FleetCatalogRepository
@@ -49,6 +49,7 @@ def merge_device_catalog(
     where: str, hello: Sequence[Mapping[str, Any]], previous: Sequence[Mapping[str, Any]],
     assignment: Assignment,
     fleet_catalog: Mapping[str, int],
+    on_drop: Callable[[int], None] | None = None,
 ) -> list[Entry]:
     """What a fleet-ids device's segments may name, after this hello: each path under its fleet id when
     the fleet assigned one (its local ids kept as aliases), else under its local id; paths of earlier
@@ -56,7 +57,8 @@ def merge_device_catalog(
     ``fleet_catalog`` (the fleet's path → id) agrees with them.
 
     MalformedMessageError when the hello claims a fleet id the fleet did not give that path, or a local
-    id that named another path before (a path reassigned)."""
+    id that named another path before (a path reassigned). ``on_drop`` is told how many aliases the
+    :data:`MAX_ALIASES` bound dropped (oldest first)."""
     by_path = check_unique(((int(e["id"]), str(e["path"])) for e in hello), where)
     fleet_of = {s.path: s.id for s in assignment.signals}
     for path, sid in by_path.items():
@@ -90,7 +92,10 @@ def merge_device_catalog(
         fid = fleet_of.get(path)
         if fid is not None:
             entry["id"] = fid
-        aliases = [i for i in dict.fromkeys(local.get(path, ())) if i != entry["id"]][-MAX_ALIASES:]
+        every = [i for i in dict.fromkeys(local.get(path, ())) if i != entry["id"]]
+        aliases = every[-MAX_ALIASES:]
+        if on_drop is not None and len(every) > len(aliases):
+            on_drop(len(every) - len(aliases))
         if aliases:
             entry["aliases"] = aliases
     return sorted(entries.values(), key=lambda e: int(e["id"]))
@@ -143,6 +148,8 @@ class FleetCatalogService:
     def __init__(self, catalogs: FleetCatalogRepository, access: Access) -> None:
         self._catalogs = catalogs
         self._access = access
+        #: Device-local ids no longer kept as aliases (a path's oldest beyond MAX_ALIASES), for metrics.
+        self.aliases_dropped = 0
 
     # -- devices ----------------------------------------------------------------------------------
     def on_hello(
@@ -164,7 +171,11 @@ class FleetCatalogService:
             log.warning("%s: signal %s keeps its device's id: %s", where, path, reason)
         if not fleet_ids:
             return [dict(e) for e in hello], None
-        return merge_device_catalog(where, hello, previous, assignment, known), assignment
+        entries = merge_device_catalog(where, hello, previous, assignment, known, self._count_drops)
+        return entries, assignment
+
+    def _count_drops(self, n: int) -> None:
+        self.aliases_dropped += n
 
     # -- operators --------------------------------------------------------------------------------
     def list(self, caller: Caller, fleet: str) -> list[dict[str, Any]]:

@@ -139,6 +139,8 @@ class DeviceService:
         self._catalogs = catalogs
         self._assignments: OrderedDict[str, device_pb2.CloudMessage] = OrderedDict()
         self._assignments_lock = threading.Lock()
+        #: Assignments dropped at the PENDING_ASSIGNMENTS bound, for metrics.
+        self.assignments_dropped = 0
         self._leases = leases
         self._sessions = sessions
         self._access = access
@@ -203,7 +205,13 @@ class DeviceService:
             self._assignments[device_id] = msg
             self._assignments.move_to_end(device_id)
             while len(self._assignments) > PENDING_ASSIGNMENTS:
-                self._assignments.popitem(last=False)
+                self._assignments.popitem(last=False)  # drop-oldest: that device's next hello asks again
+                self.assignments_dropped += 1
+
+    def pending_assignments(self) -> int:
+        """Assignments waiting for their device's welcome (bounded by PENDING_ASSIGNMENTS)."""
+        with self._assignments_lock:
+            return len(self._assignments)
 
     def welcome(self, caller: Caller) -> list[device_pb2.CloudMessage]:
         """What a device gets after its hello: the welcome, its catalog assignment (a device that asked
