@@ -327,7 +327,9 @@ def run_demo(args: argparse.Namespace) -> int:
             f'\n$ fleetloop query "{QUERY}"\n' + render_rows(result["columns"], result["rows"], "table"),
         )
 
-        summary["privacy"] = _privacy(client, machines)
+        # read back as the admin: a release manager's view withholds the VIN (personal) and coarsens
+        # positions itself, which would hide what the device's policy did (the read is recorded)
+        summary["privacy"] = _privacy(admin, machines)
         for kind, p in summary["privacy"].items():
             _say(verbose, f"privacy: {kind} policy {p['policy']} — VIN hashed ({p['vin_hashed']} values, "
                           f"{p['vin_clear']} in clear), positions coarsened to {GRID_DEG}° cells (≈1.1 km; "
