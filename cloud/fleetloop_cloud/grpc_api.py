@@ -61,6 +61,9 @@ DOMAIN_THREADS = 8
 DOMAIN_QUEUE = 256
 #: What a request that does not decode is answered, with INTERNAL: gRPC's own words for a failing request
 #: deserializer (the synchronous server's answer, docs/wire.md), kept by this server.
+#: How long a stopping server waits for its left-over handlers, then for the offline records they
+#: start, before cancelling what remains (twice at most, so a stop takes at most four times this).
+STOP_SETTLE_S = 2.0
 UNDECODABLE_DETAILS = "Exception deserializing request!"
 #: The fleetloop services this server implements (full protobuf names), as health and reflection list them.
 SERVICE_NAMES: tuple[str, ...] = (
@@ -437,6 +440,7 @@ class GrpcServer:
             try:
                 assert self._server is not None
                 await self._server.stop(grace)
+                await _settle_handlers(STOP_SETTLE_S)
             finally:
                 if self._domain is not None:
                     self._domain.shutdown()
@@ -498,6 +502,27 @@ def start_grpc_server(
         handle.stop(grace=0)
         raise
     return handle, bound
+
+
+async def _settle_handlers(timeout_s: float) -> None:
+    """Let what the stopped server left on the loop end while the loop still runs.
+
+    An idle ``Connect`` stream waits on its wake event and is not ended by ``grpc.aio.Server.stop``;
+    left alone, its ``finally`` (release the session, record the device offline) would run only when
+    the coroutine is garbage-collected, on a closed loop. So each left-over task is cancelled, then
+    the tasks that cancellation started (the offline records) get ``timeout_s`` to finish, and what
+    is still running after that is cancelled: a stop is bounded whatever a handler does."""
+    me = asyncio.current_task()
+    for _ in range(2):
+        pending = {t for t in asyncio.all_tasks() if t is not me and not t.done()}
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=timeout_s)
+        started = {t for t in asyncio.all_tasks() if t is not me and not t.done()} - pending
+        if started:
+            await asyncio.wait(started, timeout=timeout_s)
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:

@@ -8,11 +8,14 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any as RunningCoordinator
 
 import grpc
 import pytest
 
+from fleetloop_cloud.grpc_api import start_grpc_server
+from fleetloop_cloud.server import Coordinator
 from fleetloop_shared.wire import device_pb2
 
 CONNECT = "/fleetloop.device.v1.DeviceService/Connect"
@@ -151,3 +154,25 @@ def test_the_domain_executor_bounds_the_calls_in_flight() -> None:
 
     asyncio.run(main())
     assert peak == 3  # 8 threads, but never more than the 3 slots at once
+
+
+def test_stopping_the_server_ends_idle_streams_while_its_loop_still_runs(tmp_path: Path) -> None:
+    """An idle stream is not ended by the gRPC server's stop: its clean-up (the device goes offline)
+    must still run before the loop closes — not at garbage collection on a closed loop, where it
+    raised "Event loop is closed" and left the device marked online."""
+    c = Coordinator(tmp_path / "cloud")
+    gserver, gport = start_grpc_server(c, "127.0.0.1", 0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{gport}")
+    s = RawStream(channel, hello_bytes("car-1"))
+    try:
+        s.next("desired_campaigns")
+        record = c.repositories.devices.get("car-1")
+        assert record is not None and record.session_owner != ""
+        time.sleep(0.3)  # the stream is idle, its handler waiting on its wake event
+        assert gserver.stop(grace=0).wait(10), "the server did not stop"
+        record = c.repositories.devices.get("car-1")
+        assert record is not None and record.session_owner == "", "the idle stream's device stayed online"
+    finally:
+        s.close()
+        channel.close()
+        c.stop()
