@@ -50,7 +50,14 @@ from fleetloop_cloud.rollout.planner import (
 from fleetloop_cloud.rollout.policy import RolloutPolicy, Selection
 from fleetloop_cloud.rollout.policy_reader import parse_policy
 from fleetloop_cloud.rollout.targets import TargetSelection, new_rollout
-from fleetloop_cloud.rollout.withdrawals import WINDOW_S, WITHDRAWN, Told, Withdrawal, withdrawn
+from fleetloop_cloud.rollout.withdrawals import (
+    WINDOW_S,
+    WITHDRAWN,
+    Told,
+    Withdrawal,
+    in_play,
+    withdrawn,
+)
 from fleetloop_shared.errors import NotFoundError, UserError
 
 log = logging.getLogger("fleetloop.cloud.rollout")
@@ -321,6 +328,7 @@ class RolloutController:
             joined: dict[str, tuple[int, str]] = {}
             if policy.target.selection is Selection.CONTINUOUS:
                 joined = self.targets.newcomers(record, policy, devices)
+            devices = in_play(devices)  # removed devices: never offered again, counted nowhere
             evaluations = self._evaluate_gates(record, devices, planner, now)
             latest = {
                 name: GateStatus(e.decision, e.reason)
@@ -478,8 +486,11 @@ class RolloutController:
             if members is None:
                 members = self._rollouts.devices(record.rollout_id)
             waiting = [
-                d for d in members if not d.delivered and d.state in _DELIVERABLE and d.device_id in reachable
-            ]
+                d
+                for d in members
+                if not d.delivered and d.state in _DELIVERABLE and d.device_id in reachable
+                and not d.removed_at
+            ]  # fmt: skip
             delivered: dict[str, DeviceChange] = {}
             for d in waiting:
                 if self._publisher.publish(d.device_id, self.job_for(record, d)):
@@ -544,7 +555,8 @@ class RolloutController:
             ):
                 return
             retry_at = 0.0
-            if phase_state.value in _FINAL and phase_state is not S.CANCELED:
+            if phase_state.value in _FINAL and phase_state is not S.CANCELED and not current.removed_at:
+                # (a removed device's end is recorded as it is: it is never offered again, so no retry)
                 settled = self.planner_of(record).settle(device_view(current), phase_state, clip(reason), now)
                 phase_state, reason, retry_at = settled.state, settled.reason, settled.retry_at or 0.0
             self._rollouts.update(
@@ -571,7 +583,7 @@ class RolloutController:
         NAT) still finds its job."""
         jobs: list[Job] = []
         for entry in self._rollouts.of_device(device_id):
-            if entry.state not in (S.OFFERED.value, S.WAITING.value):
+            if entry.state not in (S.OFFERED.value, S.WAITING.value) or entry.removed_at:
                 continue
             record = self._rollouts.get(entry.rollout_id)
             if record is None or record.state != RolloutState.RUNNING.value:
