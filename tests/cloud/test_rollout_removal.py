@@ -45,11 +45,12 @@ def record(rid: str = "ro-1", state: str = "RUNNING") -> RolloutRecord:
 
 
 def device(
-    device_id: str, state: S, *, phase: int = 0, attempt: int = 1, removed_at: float = 0.0
+    device_id: str, state: DevicePhaseState, *, phase: int = 0, attempt: int = 1, removed_at: float = 0.0
 ) -> RolloutDeviceRecord:
     return RolloutDeviceRecord(
         "ro-1", device_id, phase, state.value, "", True, 0.0, attempt if state is not S.PENDING else 0,
-        removed_at=removed_at, removed_by="rm" if removed_at else "", removed_reason="sold" if removed_at else "",
+        removed_at=removed_at, removed_by="rm" if removed_at else "",
+        removed_reason="sold" if removed_at else "",
     )  # fmt: skip
 
 
@@ -89,7 +90,7 @@ def test_only_removed_devices_holding_the_job_are_told_to_drop_it() -> None:
     st.sampled_from([RolloutState.RUNNING, RolloutState.CREATED]),
 )
 def test_the_planner_never_offers_times_out_or_waits_for_a_removed_device(
-    fleet: list[tuple[S, bool, int]], state: RolloutState
+    fleet: list[tuple[DevicePhaseState, bool, int]], state: RolloutState
 ) -> None:
     """Whatever the fleet: no removed device is offered, re-offered, timed out or canceled by the planner,
     and the rollout decides exactly as it would for the fleet without them."""
@@ -195,7 +196,7 @@ def test_a_removed_device_is_never_offered_by_a_later_phase_nor_retried(store: R
     pub = FakePublisher(online={"car-0", "car-1", "car-2"})
     ctl = controller(store, pub)
     rid = ctl.create(policy(), now=0.0)  # canary 1 device, then the other 2
-    canary = [d.device_id for d in status(store, rid).devices if d.phase == 0][0]
+    canary = next(d.device_id for d in status(store, rid).devices if d.phase == 0)
     later = sorted(d.device_id for d in status(store, rid).devices if d.phase == 1)
     act = actions(store, ctl)
     act.remove(rid, later[0], "rm", "sold", 0.5)
@@ -227,3 +228,25 @@ def test_a_removed_offline_device_is_not_waited_for_and_its_offer_is_not_polled(
     sent = len(pub.sent)
     ctl.tick(5.0)
     assert len(pub.sent) == sent  # never delivered after its removal
+
+
+def test_a_removed_device_is_told_even_after_the_rest_succeeded(store: Repositories) -> None:
+    pub = FakePublisher(online={"car-0", "car-1", "car-2"})
+    ctl = controller(store, pub)
+    rid = ctl.create(policy(phases=ALL), now=0.0)
+    ctl.tick(1.0)
+    report(ctl, rid, "car-2", "DOWNLOADING", now=2.0)
+    pub.online.discard("car-2")  # out of reach when it is removed
+    actions(store, ctl).remove(rid, "car-2", "rm", "at the workshop", 3.0)
+    report(ctl, rid, "car-0", "COMMITTED", now=4.0)
+    report(ctl, rid, "car-1", "COMMITTED", now=4.0)
+    ctl.tick(5.0)
+    assert status(store, rid).state == "SUCCEEDED" and pub.withdrawn == []
+    pub.online.add("car-2")  # back: told on the next tick, though its rollout is over
+    ctl.tick(6.0)
+    why = "removed from the rollout by rm: at the workshop"
+    assert pub.withdrawn == [("car-2", job_id_for(rid, "car-2"), why)]
+    ctl.tick(7.0)
+    assert len(pub.withdrawn) == 1  # once
+    report(ctl, rid, "car-2", "CANCELED", now=8.0)
+    assert {d.device_id: d.state for d in status(store, rid).devices}["car-2"] == "CANCELED"

@@ -291,16 +291,16 @@ class RolloutController:
     def withdraw(
         self, now: float, records: Sequence[RolloutRecord], known: Mapping[str, Sequence[RolloutDeviceRecord]]
     ) -> int:
-        """Tell each device here that holds a withdrawn job (its rollout aborted, or its offer withdrawn)
-        to drop it, once per job; returns how many were told. ``records``/``known``: the holding rollouts
-        and devices this tick read."""
+        """Tell each device here that holds a withdrawn job (its rollout aborted, its offer withdrawn, or
+        the device removed) to drop it, once per job; returns how many were told. ``records``/``known``:
+        the holding rollouts and devices this tick read."""
         reachable = set(self._publisher.reachable())
         if not reachable:
             return 0
-        aborted = [r for r in self._rollouts.all(states=(RolloutState.ABORTED.value,))
-                   if now - r.updated_at <= WINDOW_S]  # fmt: skip
+        # ended lately: an abort withdraws its jobs; a success may leave removed devices holding one
+        ended = [r for r in self._rollouts.all(states=_ENDED) if now - r.updated_at <= WINDOW_S]
         candidates: list[Withdrawal] = []
-        for record in [*records, *aborted]:
+        for record in [*records, *ended]:
             members = known.get(record.rollout_id)
             if members is None:
                 members = self._rollouts.devices(record.rollout_id)
@@ -640,3 +640,4 @@ def _busy(
 
 _HOLDING = frozenset(s.value for s in ACTIVE_DEVICE_STATES)
 _DELIVERABLE = frozenset({S.OFFERED.value, S.WAITING.value})
+_ENDED = (RolloutState.ABORTED.value, RolloutState.SUCCEEDED.value)
