@@ -28,7 +28,9 @@ from tests.cloud.test_rollout_controller import (
     FakePublisher,
     actions,
     controller,
+    manifest_name,
     policy,
+    put_release,
     report,
     status,
     store,
@@ -250,3 +252,20 @@ def test_a_removed_device_is_told_even_after_the_rest_succeeded(store: Repositor
     assert len(pub.withdrawn) == 1  # once
     report(ctl, rid, "car-2", "CANCELED", now=8.0)
     assert {d.device_id: d.state for d in status(store, rid).devices}["car-2"] == "CANCELED"
+
+
+def test_an_offer_removed_before_it_reached_the_device_does_not_hold_it_from_another_rollout(
+    store: Repositories,
+) -> None:
+    pub = FakePublisher(online={"car-0", "car-1"})  # car-2 offline: offered, never delivered
+    ctl = controller(store, pub)
+    fw = ctl.create(policy(phases=ALL), now=0.0)
+    ctl.tick(1.0)
+    put_release(store, "3.0.0", name="detector", install="swap", created=1.0)
+    pack = ctl.create(policy(release={"name": "detector", "version": "3.0.0"}, phases=ALL), now=2.0)
+    ctl.tick(3.0)
+    assert {d.device_id: d.state for d in status(store, pack).devices}["car-2"] == "PENDING"  # fw holds it
+    actions(store, ctl).remove(fw, "car-2", "rm", "serviced: gets the detector only", 4.0)
+    ctl.tick(5.0)
+    assert {d.device_id: d.state for d in status(store, pack).devices}["car-2"] == "OFFERED"
+    assert [manifest_name(j.manifest) for j in ctl.offered_jobs("car-2")] == ["detector"]

@@ -617,7 +617,8 @@ def _busy(
         active = record.state in ACTIVE_STATES
         for d in members[record.rollout_id]:
             state = d.state
-            if state in _HOLDING and (state != offered or d.delivered or active):
+            if state in _HOLDING and (state != offered or d.delivered or (active and not d.removed_at)):
+                # (an offer withdrawn by a removal before it reached the device holds nothing)
                 holding[d.device_id] = record.rollout_id
             elif active and state == pending:
                 key = (-weight, rank, record.rollout_id)
