@@ -229,6 +229,8 @@ class RolloutActions:
             update = RolloutUpdate(
                 devices={device_id: change}, audit=[("removed", detail)], expect=(record.state, record.phase)
             )
+            # a PENDING device offered in between does not take the change (``only_from``): decided
+            # again on its new state (the audit log then shows the first try too)
             if self._rollouts.update(rollout_id, update, now) and any(
                 d.device_id == device_id and d.removed_at for d in self._rollouts.devices(rollout_id)
             ):
