@@ -1,6 +1,7 @@
 """A release manager's commands: ``fleetloop keys generate``, ``fleetloop artifacts upload`` (signed
-here, with the release manager's keys) and ``fleetloop keys export-offline`` (a lab's data directory
-handing its image repository keys to the release managers).
+here, with the release manager's keys) and ``fleetloop keys export-offline`` (a lab's coordinator
+handing its image repository keys to the release managers; its TUF metadata in its data directory or, with
+``--config`` naming ``storage.*``, in the bucket).
 
 ``artifacts upload FILE --key KEY.pem`` sends the image, receives the targets metadata the coordinator
 proposes for it, checks that the proposal adds exactly this release (the hash and length of the local
@@ -145,14 +146,34 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_export_offline(args: argparse.Namespace) -> int:
+    """The keys the coordinator holds (its data directory's ``keys/``, or the secret ``keys.dir`` names)
+    out to ``--out``; which keys, from the image root where the coordinator keeps its TUF repositories
+    (the data directory's ``artifacts/``, or the bucket of ``storage.*``)."""
+    from fleetloop_cloud.config import load_cloud_config
     from fleetloop_cloud.ota.tuf_repository import export_offline_keys
+    from fleetloop_cloud.storage import open_object_store
 
-    data = Path(args.dir)
-    moved = export_offline_keys(data / "artifacts" / "tuf", data / "keys" / "tuf", Path(args.out))
-    out = {"moved": [str(p) for p in moved], "to": args.out}
-    print(json.dumps(out) if args.output == "json" else
-          f"moved {len(moved)} key(s) to {args.out}; the coordinator no longer signs releases:\n"
-          + "\n".join(f"  {p}" for p in moved), flush=True)  # fmt: skip
+    if not args.config and not args.dir:
+        raise UserError("keys export-offline: give the coordinator's --config cloud.yaml or its --dir")
+    flags = {"data_dir": args.dir} if args.dir else {}
+    config = load_cloud_config(Path(args.config) if args.config else None, flags)
+    data: Path = config["data_dir"]
+    secret: Path | None = config["keys.dir"]
+    store = open_object_store(config.storage, data / "artifacts", area="artifacts")
+    key_root = (secret if secret is not None else data / "keys") / "tuf"
+    done = export_offline_keys(store, key_root, Path(args.out), data_dir=data, read_only=secret is not None)
+    out = {"moved": [str(p) for p in done.moved], "to": args.out, "from": str(key_root),
+           "metadata": store.location, "left": [str(p) for p in done.left]}  # fmt: skip
+    if args.output == "json":
+        print(json.dumps(out), flush=True)
+        return 0
+    lines = [f"moved {len(done.moved)} key(s) to {args.out}; the coordinator no longer signs releases:",
+             *(f"  {p}" for p in done.moved)]  # fmt: skip
+    if done.left:
+        lines = [f"copied {len(done.moved)} key(s) to {args.out}:", *(f"  {p}" for p in done.moved),
+                 f"{secret} is a mounted secret: remove these from it (until then every coordinator "
+                 "still signs releases):", *(f"  {p}" for p in done.left)]  # fmt: skip
+    print("\n".join(lines), flush=True)
     return 0
 
 
@@ -189,7 +210,10 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
         "export-offline",
         help="move a lab data directory's image repository root and targets keys out, to release managers",
     )
-    s.add_argument("--dir", required=True, help="the coordinator's data directory (stopped)")
+    s.add_argument(
+        "--config", help="the coordinator's cloud.yaml (data_dir, storage.* with the TUF metadata, keys.dir)"
+    )
+    s.add_argument("--dir", help="the coordinator's data directory (stopped); overrides the file's data_dir")
     s.add_argument("--out", required=True, help="where the keys go (not inside the data directory)")
     s.add_argument("-o", "--output", choices=["table", "json"], default="table")
     s.set_defaults(func=cmd_keys_export_offline)

@@ -2,10 +2,10 @@
 
 ``create -f rollout.yaml`` checks the policy here first, so a mistake is reported as ``FILE:LINE:COL``
 before anything is sent; the common fields are flags too. Every action prints the rollout's status as
-it now stands. Exit codes scripts can rely on (besides the error codes every command shares: 2 bad
-input, 3 not found, 4 not allowed, 6 coordinator unreachable, 7 the rollout's state forbids it):
-``status --watch`` and ``wait`` return when the rollout settles — 0 succeeded, 10 paused, 11 waiting
-for approval, 12 aborted.
+it now stands; ``remove ROLLOUT DEVICE`` takes one device out (a device serviced or sold). Exit codes
+scripts can rely on (besides the error codes every command shares: 2 bad input, 3 not found, 4 not
+allowed, 6 coordinator unreachable, 7 the rollout's state forbids it): ``status --watch`` and ``wait``
+return when the rollout settles — 0 succeeded, 10 paused, 11 waiting for approval, 12 aborted.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from fleetloop_cli.client import CoordinatorClient, client_from_args
 from fleetloop_cli.output import emit, render_object, render_records
@@ -131,12 +132,20 @@ def status_text(status: dict[str, Any]) -> str:
             f"{mark} {i + 1}. {p['name']:<12} {bar} {p.get('committed', 0)}/{p['devices']} committed"
             + (f", {p['failed']} failed" if p.get("failed") else "")
             + (f", {p['in_progress']} in progress" if p.get("in_progress") else "")
+            + (f", {p['removed']} removed" if p.get("removed") else "")
         )
     for g in status.get("gates", []):
         lines.append(
             f"  gate {g['gate']} (phase {g['phase'] + 1}): {g['decision']}, p={_number(g.get('p_value'))}, "
             f"effect {_number(g.get('effect'))} — {g.get('reason', '')}"
         )
+    for d in status.get("devices", []):
+        if d.get("removed_at"):
+            when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(d["removed_at"]))
+            why = f": {d['removed_reason']}" if d.get("removed_reason") else ""
+            lines.append(
+                f"  removed {d['device_id']} ({d['state']}) by {d.get('removed_by', '')} at {when}{why}"
+            )
     if status.get("parent_id"):
         lines.append(f"  rolls back {status['parent_id']}")
     if status.get("rollbacks"):
@@ -228,6 +237,13 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_remove(args: argparse.Namespace) -> int:
+    body = {"reason": args.reason} if args.reason else {}
+    path = f"/v1/rollouts/{quote(args.id, safe='')}/devices/{quote(args.device, safe='')}/remove"
+    _show(_client(args).post_json(path, body), args.output)
+    return 0
+
+
 def _create_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("-f", "--file", help="the rollout policy (YAML; docs/rollouts.md)")
     s.add_argument("--release", help="release version to roll out")
@@ -283,3 +299,5 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     s.add_argument("--to-revision", type=int, required=True, help="a revision number (rollout revisions)")
     s = add("retry", cmd_retry, "offer the update again to failed devices", "id")
     s.add_argument("--device", action="append", help="only this device (repeatable; default: all failed)")
+    s = add("remove", cmd_remove, "take one device out of the rollout (not offered it again)", "id", "device")
+    s.add_argument("--reason", default="", help="why (shown in the status and the audit log)")

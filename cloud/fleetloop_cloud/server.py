@@ -516,7 +516,8 @@ def serve(
     if coordinator.releases.coordinator_signs():
         log.warning("this coordinator holds the image repository's targets key and signs every upload "
                     "itself (a lab's custody); hand the keys to release managers: fleetloop keys "
-                    "export-offline --dir %s --out DIR", data_dir)  # fmt: skip
+                    "export-offline --dir %s --out DIR (with a bucket: --config cloud.yaml)",
+                    data_dir)  # fmt: skip
     if http.insecure:
         log.warning("--insecure: no API tokens (every HTTP request acts as an admin)%s",
                     "" if http.tls else " and no TLS")  # fmt: skip

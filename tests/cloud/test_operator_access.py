@@ -168,6 +168,8 @@ def request_for(name: str, w: World) -> tuple[str, bytes | None, str]:
         "undoRollout": (f"/v1/rollouts/{w.succeeded}/undo",
                         json.dumps({"to_revision": _revision_of(w, "0.8.0")}).encode(), json_type),
         "retryRollout": (f"/v1/rollouts/{w.failed}/retry", b'{"devices": ["car-f"]}', json_type),
+        "removeRolloutDevice": (f"/v1/rollouts/{w.waiting}/devices/car-b/remove", b'{"reason": "sold"}',
+                                json_type),
         "listRolloutExecutions": (f"/v1/rollouts/{rid}/executions", None, json_type),
         "getRolloutHistory": (f"/v1/rollouts/{rid}/history", None, json_type),
         "listRolloutRevisions": ("/v1/rollout-revisions?name=firmware", None, json_type),

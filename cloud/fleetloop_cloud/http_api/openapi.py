@@ -57,8 +57,9 @@ DEVICE = _obj(
 FLEET_SIGNAL = _obj(["id", "path", "data_type", "unit"], id=INT, path=STR,
                     data_type={"enum": ["float64", "int64", "bool", "string"]}, unit=STR)  # fmt: skip
 PHASE = _obj(["name", "devices"], name=STR, devices=INT, committed=INT, failed=INT, in_progress=INT,
-             pending=INT)  # fmt: skip
-ROLLOUT_DEVICE = _obj(["device_id", "state"], device_id=STR, phase=INT, state=STR, reason=STR)
+             pending=INT, removed=INT)  # fmt: skip
+ROLLOUT_DEVICE = _obj(["device_id", "state"], device_id=STR, phase=INT, state=STR, reason=STR,
+                      removed_at=NUM_OR_NULL, removed_by=STR, removed_reason=STR)
 NUM_MAP: S = {"type": "object", "additionalProperties": {"type": "number"}}
 GATE_DECISION = _obj(
     ["gate", "phase", "decision"], gate=STR, phase=INT, at=NUM,
@@ -81,6 +82,7 @@ EXECUTION = _obj(
     ["device_id", "state", "attempt"], device_id=STR, phase=INT, state=STR, reason=STR, attempt=INT,
     delivered=BOOL, offered_at=NUM_OR_NULL, retry_at=NUM_OR_NULL, changed_at=NUM,
     install_windows=_arr(_arr(NUM)), hold=BOOL, from_version=STR, running_version=STR,
+    removed_at=NUM_OR_NULL, removed_by=STR, removed_reason=STR,
 )  # fmt: skip
 HISTORY = _obj(
     ["id", "events", "gate_evaluations"], id=STR,
@@ -183,6 +185,7 @@ RESPONSES: dict[str, S] = {
     "rollbackRollout": ROLLOUT,
     "undoRollout": ROLLOUT,
     "retryRollout": ROLLOUT,
+    "removeRolloutDevice": ROLLOUT,
     "listRolloutExecutions": _arr(EXECUTION),
     "getRolloutHistory": HISTORY,
     "listRolloutRevisions": _arr(REVISION),
@@ -230,6 +233,8 @@ REQUESTS: dict[str, S] = {
     "undoRollout": {**_obj(["to_revision"], to_revision={"type": "integer", "minimum": 1}),
                     "additionalProperties": False},
     "retryRollout": {**_obj(devices=_arr(STR)), "additionalProperties": False},
+    "removeRolloutDevice": {**_obj(reason={"type": "string", "maxLength": 500}),
+                            "additionalProperties": False},
     "rotateRoot": {**_obj(root_keys=INT, threshold=INT, online=BOOL), "additionalProperties": False},
     # TUF targets metadata ({signed, signatures}) the release managers signed (docs/ota.md)
     "publishRelease": _obj(["signed", "signatures"], signed=ANY_MAP, signatures=_arr(ANY_MAP)),
@@ -349,7 +354,7 @@ def _operation(route: Any) -> S:
         schema = REQUESTS.get(route.name, {"type": "string"} if route.body_type == "text/yaml"
                               else {"type": "string", "format": "binary"})  # fmt: skip
         op["requestBody"] = {
-            "required": route.name not in ("rotateRoot", "retryRollout"),
+            "required": route.name not in ("rotateRoot", "retryRollout", "removeRolloutDevice"),
             "description": f"at most {route.max_body} bytes",
             "content": {route.body_type: {"schema": schema}},
         }

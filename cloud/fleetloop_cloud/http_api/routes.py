@@ -303,6 +303,22 @@ def _retry_rollout(c: Call) -> Reply:
     return Reply(plain(c.api.rollouts.retry(c.caller, c.path["rollout_id"], c.now, devices)))
 
 
+#: A removal's reason is a note for people (status, audit), not a document.
+MAX_REMOVAL_REASON_CHARS = 500
+
+
+def _remove_from_rollout(c: Call) -> Reply:
+    body = c.json_object('{"reason": "..."} (optional)')
+    unknown = sorted(set(body) - {"reason"})
+    if unknown:
+        raise UserError(f"remove: unknown field {unknown[0]!r}")
+    reason = body.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > MAX_REMOVAL_REASON_CHARS:
+        raise UserError(f"remove: reason must be text of at most {MAX_REMOVAL_REASON_CHARS} characters")
+    status = c.api.rollouts.remove(c.caller, c.path["rollout_id"], c.path["device_id"], c.now, reason=reason)
+    return Reply(plain(status))
+
+
 def _rotate_root(c: Call) -> Reply:
     body = c.json_object("{root_keys, threshold, online}")
     unknown = sorted(set(body) - {"root_keys", "threshold", "online"})
@@ -476,6 +492,8 @@ ROUTES: tuple[Route, ...] = (
     Route("undoRollout", "POST", "/v1/rollouts/{rollout_id}/undo", "rollouts.undo", _undo_rollout, 4 * KiB),
     Route("retryRollout", "POST", "/v1/rollouts/{rollout_id}/retry", "rollouts.retry", _retry_rollout,
           256 * KiB),
+    Route("removeRolloutDevice", "POST", "/v1/rollouts/{rollout_id}/devices/{device_id}/remove",
+          "rollouts.remove", _remove_from_rollout, 4 * KiB),
     Route("listRolloutExecutions", "GET", "/v1/rollouts/{rollout_id}/executions", "rollouts.get",
           _rollout_executions),
     Route("getRolloutHistory", "GET", "/v1/rollouts/{rollout_id}/history", "rollouts.get", _rollout_history),

@@ -54,6 +54,7 @@ ACTIONS: dict[str, Role] = {
     "rollouts.rollback": Role.RELEASE_MANAGER,
     "rollouts.undo": Role.RELEASE_MANAGER,
     "rollouts.retry": Role.RELEASE_MANAGER,
+    "rollouts.remove": Role.RELEASE_MANAGER,
     "tokens.create": Role.ADMIN,
     "tokens.list": Role.ADMIN,
     "tokens.revoke": Role.ADMIN,

@@ -711,36 +711,61 @@ def offline_key_name(role: str, keyid: str) -> str:
     return f"image-{role}-{keyid[:16]}.pem"
 
 
-def export_offline_keys(root: Path, key_root: Path, out: Path) -> list[Path]:
+@dataclass(frozen=True)
+class OfflineExport:
+    """What ``keys export-offline`` did: the key files written to ``out``, and the ones it could not
+    delete where they were (a read-only mounted secret: the operator removes them from the secret)."""
+
+    moved: list[Path]
+    left: list[Path]
+
+
+def export_offline_keys(
+    store: ObjectStore, key_root: Path, out: Path, *, data_dir: Path, read_only: bool = False
+) -> OfflineExport:
     """Move the image repository's root and targets private keys from the coordinator's key store
-    (``key_root/image``) to ``out``: a data directory made before release managers held them stops
-    signing releases itself. Returns the files written. UserError when ``out`` is inside the data
-    directory or there is nothing to move."""
-    data_dir = key_root.parent.parent.resolve()
+    (``key_root/image``: the data directory's, or a mounted secret's) to ``out``, reading which keys
+    those are from the latest image root in ``store`` (the data directory's ``artifacts/``, or the bucket
+    every coordinator shares). A coordinator made before release managers held them stops signing
+    releases itself. ``read_only``: the key store is a mounted secret, so the keys are copied and listed
+    in ``left`` for the operator to remove from it. UserError when ``out`` is inside the data directory
+    or the key store, or there is nothing to move."""
     target = out.resolve()
-    if target == data_dir or data_dir in target.parents:
-        raise UserError(f"{out} is inside the data directory {data_dir}; the offline keys must leave it")
-    versions = [int(m.group(1)) for p in (root / "image" / "root").glob("*.root.json")
-                if (m := _ROOT_FILE.fullmatch(p.name))]  # fmt: skip
+    places = (("the data directory", data_dir.resolve()), ("the key store", key_root.parent.resolve()))
+    for what, inside in places:
+        if target == inside or inside in target.parents:
+            raise UserError(f"{out} is inside {what} {inside}; the offline keys must leave it")
+    folder = MetadataFolder(store, "tuf/image/root")
+    versions = [int(m.group(1)) for name in folder.names() if (m := _ROOT_FILE.fullmatch(name))]
     if not versions:
-        raise UserError(f"no image repository under {root}")
-    latest = root / "image" / "root" / f"{max(versions)}.root.json"
-    signed = Metadata[Root].from_bytes(latest.read_bytes()).signed
-    store = key_root / "image"
+        raise UserError(f"no image repository in {folder.location}")
+    latest = folder.read(f"{max(versions)}.root.json")
+    if latest is None:
+        raise UserError(f"{folder.location}: root {max(versions)} vanished while it was read; try again")
+    try:
+        signed = Metadata[Root].from_bytes(latest).signed
+    except (ValueError, KeyError, TypeError, RepositoryError) as exc:
+        where = f"{folder.location}/{max(versions)}.root.json"
+        raise IntegrityError(f"{where} is not TUF root metadata: {exc}") from None
+    keys = key_root / "image"
     moved: list[Path] = []
+    left: list[Path] = []
     for role in ("root", "targets"):
         for keyid in signed.roles[role].keyids:
-            source = store / f"{keyid}.pem"
+            source = keys / f"{keyid}.pem"
             if not source.is_file():
                 continue
             dest = out / offline_key_name(role, keyid)
             out.mkdir(parents=True, exist_ok=True)
             write_atomically(dest, source.read_bytes(), mode=0o600)
-            source.unlink()
+            if read_only:
+                left.append(source)
+            else:
+                source.unlink()
             moved.append(dest)
     if not moved:
-        raise UserError(f"{store} holds no root or targets key of the image repository: nothing to move")
-    return moved
+        raise UserError(f"{keys} holds no root or targets key of the image repository: nothing to move")
+    return OfflineExport(moved, left)
 
 
 def target_file(path: str, data_sha256: str, length: int, facts: Mapping[str, Any]) -> TargetFile:

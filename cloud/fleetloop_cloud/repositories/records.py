@@ -231,6 +231,12 @@ class RolloutDeviceRecord(NamedTuple):
     from_version: str = ""
     #: The version the device says it runs after this execution (after an A/B fallback: the old one).
     running_version: str = ""
+    #: A release manager took the device out of the rollout (``rollout remove``) at this time (0: never):
+    #: it is not offered the update again and no longer counts in its phase; ``state`` goes on showing
+    #: what the device itself did.
+    removed_at: float = 0.0
+    removed_by: str = ""
+    removed_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -265,6 +271,9 @@ class DeviceChange:
     running_version: str | None = None
     #: Apply only while the device is still on this attempt (a report for an older job is stale).
     only_attempt: int | None = None
+    #: Take the device out of the rollout: (when, by whom, why); a device removed already keeps its first
+    #: removal (removing twice changes nothing).
+    removal: tuple[float, str, str] | None = None
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ _ROLLOUT_COLUMNS = (
 )
 _DEVICE_COLUMNS = (
     "rollout_id, device_id, phase, state, reason, delivered, updated_at, attempt, changed_at, offered_at, "
-    "retry_at, windows_json, hold, from_version, running_version"
+    "retry_at, windows_json, hold, from_version, running_version, removed_at, removed_by, removed_reason"
 )
 _GATE_COLUMNS = "seq, rollout_id, at, phase, gate, decision, statistic, p_value, effect, reason, inputs_json"
 
@@ -115,6 +115,9 @@ def _device(r: tuple[Any, ...]) -> RolloutDeviceRecord:
         bool(r[12]),
         r[13],
         r[14],
+        float(r[15]),
+        r[16],
+        r[17],
     )
 
 
@@ -184,7 +187,7 @@ class SqlRollouts:
             raise StateError(f"rollout {r.rollout_id} already exists")
         tx.executemany(
             f"INSERT INTO rollout_devices ({_DEVICE_COLUMNS}) VALUES (?, ?, ?, ?, ?, 0, ?, 0, ?, NULL, 0, "
-            "'[]', 0, ?, '')",
+            "'[]', 0, ?, '', 0, '', '')",
             [
                 (
                     r.rollout_id,
@@ -270,7 +273,7 @@ class SqlRollouts:
             for device_id, (phase, version) in sorted(update.joined.items()):
                 tx.execute(
                     f"""INSERT INTO rollout_devices ({_DEVICE_COLUMNS})
-                        VALUES (?, ?, ?, 'PENDING', 'joined', 0, ?, 0, ?, NULL, 0, '[]', 0, ?, '')
+                        VALUES (?, ?, ?, 'PENDING', 'joined', 0, ?, 0, ?, NULL, 0, '[]', 0, ?, '', 0, '', '')
                         ON CONFLICT (rollout_id, device_id) DO NOTHING""",
                     (rollout_id, device_id, phase, now, now, version),
                 )
@@ -284,7 +287,7 @@ class SqlRollouts:
         self, tx: Transaction, rollout_id: str, device_id: str, change: DeviceChange, now: float
     ) -> None:
         row = tx.execute(
-            "SELECT state, attempt FROM rollout_devices WHERE rollout_id = ? AND device_id = ?",
+            "SELECT state, attempt, removed_at FROM rollout_devices WHERE rollout_id = ? AND device_id = ?",
             (rollout_id, device_id),
         ).fetchone()
         if row is None:
@@ -307,6 +310,9 @@ class SqlRollouts:
         if change.windows is not None:
             sets.append("windows_json = ?")
             params.append(_windows_json(change.windows))
+        if change.removal is not None and not float(row[2]):
+            sets.append("removed_at = ?, removed_by = ?, removed_reason = ?")
+            params.extend(change.removal)
         tx.execute(
             f"UPDATE rollout_devices SET {', '.join(sets)} WHERE rollout_id = ? AND device_id = ?",
             (*params, rollout_id, device_id),
@@ -539,6 +545,9 @@ class MemoryRollouts:
             changed_at=now if moved else old.changed_at,
             updated_at=now,
         )
+        if change.removal is not None and not old.removed_at:
+            at, by, why = change.removal
+            devices[device_id] = devices[device_id]._replace(removed_at=at, removed_by=by, removed_reason=why)
         if moved:
             assert change.state is not None
             detail = device_transition_detail(device_id, old.state, change.state, change.reason)

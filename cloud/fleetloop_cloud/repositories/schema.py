@@ -145,6 +145,9 @@ CREATE TABLE IF NOT EXISTS rollout_devices (
     hold INTEGER NOT NULL DEFAULT 0,
     from_version TEXT NOT NULL DEFAULT '',
     running_version TEXT NOT NULL DEFAULT '',
+    removed_at REAL NOT NULL DEFAULT 0,
+    removed_by TEXT NOT NULL DEFAULT '',
+    removed_reason TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (rollout_id, device_id)
 );
 CREATE INDEX IF NOT EXISTS rollout_devices_by_device ON rollout_devices (device_id);
@@ -242,6 +245,7 @@ def ensure_schema(db: Database) -> None:
         if version < 5:
             _add_delta_formats_column(tx, db)
         _add_capture_privacy_column(tx, db)
+        _add_removal_columns(tx, db)
         tx.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
 
 
@@ -296,6 +300,23 @@ def _add_capture_privacy_column(tx: Transaction, db: Database) -> None:
     any version (it checks), so it needs no version number of its own."""
     if "privacy" not in _columns(tx, db, "captures"):
         tx.execute(db.ddl("ALTER TABLE captures ADD COLUMN privacy TEXT NOT NULL DEFAULT ''"))
+
+
+#: A release manager's removal of one device from a rollout (``rollout remove``): when, by whom, why.
+_REMOVAL_COLUMNS = (
+    "removed_at REAL NOT NULL DEFAULT 0",
+    "removed_by TEXT NOT NULL DEFAULT ''",
+    "removed_reason TEXT NOT NULL DEFAULT ''",
+)
+
+
+def _add_removal_columns(tx: Transaction, db: Database) -> None:
+    """Executions recorded before devices could be removed from a rollout were none of them removed: add
+    the columns (0, ''). Checked at any version, like the capture privacy column."""
+    have = _columns(tx, db, "rollout_devices")
+    for column in _REMOVAL_COLUMNS:
+        if column.split()[0] not in have:
+            tx.execute(db.ddl(f"ALTER TABLE rollout_devices ADD COLUMN {column}"))
 
 
 #: The clock offset each upload carried (``uploads.clock_check``); added on open to a ledger made before.

@@ -1,4 +1,5 @@
-"""What a release manager does to a rollout: pause, resume, abort, approve, roll back, undo, retry.
+"""What a release manager does to a rollout: pause, resume, abort, approve, roll back, undo, retry,
+remove one device.
 
 Each action checks the rollout's state and writes its change against the state it checked
 (``RolloutUpdate.expect``): another coordinator may step the rollout in between, and then the check runs
@@ -22,6 +23,7 @@ from fleetloop_cloud.rollout.planner import (
     RolloutState,
 )
 from fleetloop_cloud.rollout.views import record_of
+from fleetloop_cloud.rollout.withdrawals import removal
 from fleetloop_shared.errors import NotFoundError, StateError
 
 S = DevicePhaseState
@@ -184,7 +186,9 @@ class RolloutActions:
                 if device_id not in members:
                     raise NotFoundError(f"device {device_id!r} is not part of rollout {rollout_id!r}")
             wanted = set(devices) or set(members)
-            retried.extend(sorted(d for d in wanted if members[d].state in _FAILED))
+            retried.extend(
+                sorted(d for d in wanted if members[d].state in _FAILED and not members[d].removed_at)
+            )
             if not retried:
                 raise StateError(f"rollout {rollout_id}: no failed device to retry")
             return RolloutUpdate(
@@ -203,3 +207,32 @@ class RolloutActions:
 
         self._change(rollout_id, change, now)
         return retried
+
+    def remove(self, rollout_id: str, device_id: str, by: str, why: str, now: float) -> bool:
+        """Take ``device_id`` out of an open rollout (persisted here; the controller's next tick tells the
+        device to drop its job, on whichever coordinator holds its session). True if this removed it,
+        False if it was removed already (the first removal stands). NotFoundError for a device not in the
+        rollout, StateError for a rollout that is over."""
+        for _ in range(OPERATOR_ATTEMPTS):
+            record = record_of(self._rollouts, rollout_id)
+            member = next((d for d in self._rollouts.devices(rollout_id) if d.device_id == device_id), None)
+            if member is None:
+                raise NotFoundError(f"device {device_id!r} is not part of rollout {rollout_id!r}")
+            if member.removed_at:
+                return False
+            if record.state not in _OPEN:
+                raise StateError(
+                    f"rollout {rollout_id} is {record.state.lower()}; only an open one can remove a device"
+                )
+            change = removal(member, by, why, now)
+            detail = clip(f"{device_id}: removed by {by}" + (f": {why}" if why else ""))
+            update = RolloutUpdate(
+                devices={device_id: change}, audit=[("removed", detail)], expect=(record.state, record.phase)
+            )
+            # a PENDING device offered in between does not take the change (``only_from``): decided
+            # again on its new state (the audit log then shows the first try too)
+            if self._rollouts.update(rollout_id, update, now) and any(
+                d.device_id == device_id and d.removed_at for d in self._rollouts.devices(rollout_id)
+            ):
+                return True
+        raise StateError(f"rollout {rollout_id} kept changing under this request; try again")

@@ -50,7 +50,14 @@ from fleetloop_cloud.rollout.planner import (
 from fleetloop_cloud.rollout.policy import RolloutPolicy, Selection
 from fleetloop_cloud.rollout.policy_reader import parse_policy
 from fleetloop_cloud.rollout.targets import TargetSelection, new_rollout
-from fleetloop_cloud.rollout.withdrawals import WINDOW_S, WITHDRAWN, Told, Withdrawal, withdrawn
+from fleetloop_cloud.rollout.withdrawals import (
+    WINDOW_S,
+    WITHDRAWN,
+    Told,
+    Withdrawal,
+    in_play,
+    withdrawn,
+)
 from fleetloop_shared.errors import NotFoundError, UserError
 
 log = logging.getLogger("fleetloop.cloud.rollout")
@@ -284,16 +291,16 @@ class RolloutController:
     def withdraw(
         self, now: float, records: Sequence[RolloutRecord], known: Mapping[str, Sequence[RolloutDeviceRecord]]
     ) -> int:
-        """Tell each device here that holds a withdrawn job (its rollout aborted, or its offer withdrawn)
-        to drop it, once per job; returns how many were told. ``records``/``known``: the holding rollouts
-        and devices this tick read."""
+        """Tell each device here that holds a withdrawn job (its rollout aborted, its offer withdrawn, or
+        the device removed) to drop it, once per job; returns how many were told. ``records``/``known``:
+        the holding rollouts and devices this tick read."""
         reachable = set(self._publisher.reachable())
         if not reachable:
             return 0
-        aborted = [r for r in self._rollouts.all(states=(RolloutState.ABORTED.value,))
-                   if now - r.updated_at <= WINDOW_S]  # fmt: skip
+        # ended lately: an abort withdraws its jobs; a success may leave removed devices holding one
+        ended = [r for r in self._rollouts.all(states=_ENDED) if now - r.updated_at <= WINDOW_S]
         candidates: list[Withdrawal] = []
-        for record in [*records, *aborted]:
+        for record in [*records, *ended]:
             members = known.get(record.rollout_id)
             if members is None:
                 members = self._rollouts.devices(record.rollout_id)
@@ -321,6 +328,7 @@ class RolloutController:
             joined: dict[str, tuple[int, str]] = {}
             if policy.target.selection is Selection.CONTINUOUS:
                 joined = self.targets.newcomers(record, policy, devices)
+            devices = in_play(devices)  # removed devices: never offered again, counted nowhere
             evaluations = self._evaluate_gates(record, devices, planner, now)
             latest = {
                 name: GateStatus(e.decision, e.reason)
@@ -478,8 +486,11 @@ class RolloutController:
             if members is None:
                 members = self._rollouts.devices(record.rollout_id)
             waiting = [
-                d for d in members if not d.delivered and d.state in _DELIVERABLE and d.device_id in reachable
-            ]
+                d
+                for d in members
+                if not d.delivered and d.state in _DELIVERABLE and d.device_id in reachable
+                and not d.removed_at
+            ]  # fmt: skip
             delivered: dict[str, DeviceChange] = {}
             for d in waiting:
                 if self._publisher.publish(d.device_id, self.job_for(record, d)):
@@ -544,7 +555,8 @@ class RolloutController:
             ):
                 return
             retry_at = 0.0
-            if phase_state.value in _FINAL and phase_state is not S.CANCELED:
+            if phase_state.value in _FINAL and phase_state is not S.CANCELED and not current.removed_at:
+                # (a removed device's end is recorded as it is: it is never offered again, so no retry)
                 settled = self.planner_of(record).settle(device_view(current), phase_state, clip(reason), now)
                 phase_state, reason, retry_at = settled.state, settled.reason, settled.retry_at or 0.0
             self._rollouts.update(
@@ -571,7 +583,7 @@ class RolloutController:
         NAT) still finds its job."""
         jobs: list[Job] = []
         for entry in self._rollouts.of_device(device_id):
-            if entry.state not in (S.OFFERED.value, S.WAITING.value):
+            if entry.state not in (S.OFFERED.value, S.WAITING.value) or entry.removed_at:
                 continue
             record = self._rollouts.get(entry.rollout_id)
             if record is None or record.state != RolloutState.RUNNING.value:
@@ -605,7 +617,8 @@ def _busy(
         active = record.state in ACTIVE_STATES
         for d in members[record.rollout_id]:
             state = d.state
-            if state in _HOLDING and (state != offered or d.delivered or active):
+            if state in _HOLDING and (state != offered or d.delivered or (active and not d.removed_at)):
+                # (an offer withdrawn by a removal before it reached the device holds nothing)
                 holding[d.device_id] = record.rollout_id
             elif active and state == pending:
                 key = (-weight, rank, record.rollout_id)
@@ -628,3 +641,4 @@ def _busy(
 
 _HOLDING = frozenset(s.value for s in ACTIVE_DEVICE_STATES)
 _DELIVERABLE = frozenset({S.OFFERED.value, S.WAITING.value})
+_ENDED = (RolloutState.ABORTED.value, RolloutState.SUCCEEDED.value)

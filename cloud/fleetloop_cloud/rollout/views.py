@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleetloop_cloud.repositories.interfaces import RolloutRepository
-from fleetloop_cloud.repositories.records import AuditRecord, GateEvaluationRecord, RolloutRecord
+from fleetloop_cloud.repositories.records import (
+    AuditRecord,
+    GateEvaluationRecord,
+    RolloutDeviceRecord,
+    RolloutRecord,
+)
 from fleetloop_cloud.rollout.planner import DevicePhaseState
 from fleetloop_cloud.rollout.policy import policy_to_dict
 from fleetloop_cloud.rollout.policy_reader import parse_policy
@@ -34,6 +39,8 @@ class PhaseProgress:
     failed: int
     in_progress: int
     pending: int
+    #: Devices a release manager removed (not in the counts before: the phase counts without them).
+    removed: int = 0
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,10 @@ class DeviceProgress:
     phase: int
     state: str
     reason: str
+    #: Removed from the rollout (``rollout remove``): when (None: it was not), by whom, why.
+    removed_at: float | None = None
+    removed_by: str = ""
+    removed_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -133,6 +144,9 @@ class Execution:
     hold: bool
     from_version: str
     running_version: str
+    removed_at: float | None = None
+    removed_by: str = ""
+    removed_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -192,6 +206,10 @@ def _name(record: RolloutRecord) -> str:
     )
 
 
+def _removal(d: RolloutDeviceRecord) -> tuple[float | None, str, str]:
+    return (d.removed_at or None, d.removed_by, d.removed_reason)
+
+
 def rollout_status(rollouts: RolloutRepository, rollout_id: str) -> RolloutStatus:
     """NotFoundError for an unknown rollout."""
     record = record_of(rollouts, rollout_id)
@@ -199,7 +217,7 @@ def rollout_status(rollouts: RolloutRepository, rollout_id: str) -> RolloutStatu
     policy = parse_policy(record.policy)
     phases = []
     for index, spec in enumerate(policy.phases):
-        states = [d.state for d in devices if d.phase == index]
+        states = [d.state for d in devices if d.phase == index and not d.removed_at]
         phases.append(
             PhaseProgress(
                 name=spec.name,
@@ -208,6 +226,7 @@ def rollout_status(rollouts: RolloutRepository, rollout_id: str) -> RolloutStatu
                 failed=sum(s in _FAILED for s in states),
                 in_progress=sum(s in _WORKING for s in states),
                 pending=states.count(S.PENDING.value),
+                removed=sum(1 for d in devices if d.phase == index and d.removed_at),
             )
         )
     gates = sorted(
@@ -223,7 +242,9 @@ def rollout_status(rollouts: RolloutRepository, rollout_id: str) -> RolloutStatu
         phase_name=policy.phases[record.phase].name if record.phase < len(policy.phases) else "",
         phase_started_at=record.phase_started_at,
         phases=tuple(phases),
-        devices=tuple(DeviceProgress(d.device_id, d.phase, d.state, d.reason) for d in devices),
+        devices=tuple(
+            DeviceProgress(d.device_id, d.phase, d.state, d.reason, *_removal(d)) for d in devices
+        ),
         reason=record.reason,
         counts=_counts([d.state for d in devices]),
         accepted_failures=sorted(record.accepted_failures),
@@ -272,6 +293,7 @@ def executions(rollouts: RolloutRepository, rollout_id: str) -> list[Execution]:
             d.hold,
             d.from_version,
             d.running_version,
+            *_removal(d),
         )
         for d in rollouts.devices(rollout_id)
     ]

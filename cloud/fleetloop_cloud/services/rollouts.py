@@ -1,5 +1,5 @@
 """Rollouts as release managers drive them: create, watch, pause, resume, abort, approve, roll back,
-undo, retry.
+undo, retry, remove a device.
 
 The controller decides and persists (:mod:`fleetloop_cloud.rollout.controller`); the operator's commands
 live in :mod:`fleetloop_cloud.rollout.actions`. This is the operator's door to both, where the caller is
@@ -182,6 +182,22 @@ class RolloutService:
             now,
             lambda: self._actions.retry(rollout_id, now, devices),
             lambda retried: f"retried {len(retried)} devices",
+        )
+
+    def remove(
+        self, caller: Caller, rollout_id: str, device_id: str, now: float, *, reason: str = ""
+    ) -> RolloutStatus:
+        """Take one device out of the rollout (written before anything is sent; removing it again changes
+        nothing and says so in the audit entry)."""
+        why = " ".join(reason.split())
+        return self._act(
+            caller,
+            "remove",
+            rollout_id,
+            now,
+            lambda: self._actions.remove(rollout_id, device_id, caller.name, why, now),
+            lambda removed: f"{device_id} " + ("removed" if removed else "was removed already")
+            + (f": {why}" if why else ""),
         )
 
 
