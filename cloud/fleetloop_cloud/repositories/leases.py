@@ -34,7 +34,7 @@ def take_lease(current: Lease | None, holder: str, now: float, ttl_s: float) -> 
 
 
 class MemoryLease:
-    """One named lease held in memory: the in-memory fakes' counterpart of a ``controller_lease`` row
+    """One lease held in memory: the in-memory fakes' counterpart of a ``controller_lease`` row
     (:func:`acquire_named`, :func:`release_named`), so every fake takes, renews and gives up a lease
     by the same rule as the database does."""
 

@@ -571,10 +571,12 @@ class MemoryRollouts:
             return {g.gate: g for g in self._gates if g.rollout_id == rollout_id and g.phase == phase}
 
     def acquire(self, holder: str, now: float, ttl_s: float) -> int | None:
-        return self._lease.acquire(holder, now, ttl_s)
+        with self._lock:  # a takeover waits for a fenced update in progress (the database's write lock)
+            return self._lease.acquire(holder, now, ttl_s)
 
     def release(self, holder: str) -> None:
-        self._lease.release(holder)
+        with self._lock:
+            self._lease.release(holder)
 
     def lease(self) -> tuple[str, int, float] | None:
         return self._lease.current()
