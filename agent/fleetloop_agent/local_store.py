@@ -7,8 +7,8 @@ Captures must survive power cuts and ``kill -9`` while the uplink may be offline
   ``*.tmp`` leftover (deleted on open), a complete file without a row (re-indexed on open from the file
   itself), or a complete file with its row.
 * Each file carries its store metadata (capture, campaign, priority, creation time) in a small envelope
-  before the segment bytes, so a file that lost its row in a crash is re-indexed without losing what
-  campaign it belongs to or how urgent it is.
+  (:mod:`.store_envelope`) before the segment bytes, so a file that lost its row in a crash is
+  re-indexed without losing what campaign it belongs to or how urgent it is.
 * Uploads are acknowledged state-first: the row is marked uploaded, then the file deleted; a crash in
   between leaves a file the next open deletes. Evictions go file-first, so a crash never resurrects an
   evicted segment (at worst a row without file, which the next open drops).
@@ -36,14 +36,15 @@ import contextlib
 import errno
 import os
 import sqlite3
-import struct
 import threading
-import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fleetloop_agent.store_envelope import ENVELOPE_VERSION as ENVELOPE_VERSION
+from fleetloop_agent.store_envelope import ENVELOPE_VERSION_PRIVACY as ENVELOPE_VERSION_PRIVACY
+from fleetloop_agent.store_envelope import MAX_LABEL_BYTES, MAX_PRIORITY, decode_envelope, encode_envelope
 from fleetloop_shared.durable import fsync_directory
 from fleetloop_shared.errors import (
     ConfigError,
@@ -62,17 +63,6 @@ HELD_DIR = "held"
 SEGMENT_SUFFIX = ".seg"
 TMP_SUFFIX = ".tmp"
 
-#: Store file envelope (documented in docs/segment-format.md, "Store file envelope").
-ENVELOPE_MAGIC = b"FLSF"
-ENVELOPE_VERSION = 1
-#: Envelope of a capture taken under a privacy policy: version 1 plus the policy stamp as a third label.
-ENVELOPE_VERSION_PRIVACY = 2
-_ENVELOPE_FIXED = struct.Struct("<4sBBHq")  # magic, version, priority, reserved, created_ns
-_U16 = struct.Struct("<H")
-_CRC = struct.Struct("<I")
-
-MAX_PRIORITY = 9
-MAX_LABEL_BYTES = 256  # capture id and campaign name, UTF-8
 #: Acknowledged segments remembered so a repeated ack stays a no-op; older ones are forgotten (bounded).
 MAX_UPLOADED_REMEMBERED = 10_000
 #: Upper bound of one ``pending()`` page, whatever the caller asks for.
@@ -183,62 +173,6 @@ class StoreInventory:
         return self.segment_bytes / self.samples if self.samples else 0.0
 
 
-@dataclass(frozen=True)
-class _Envelope:
-    capture_id: str
-    campaign: str
-    priority: int
-    created_ns: int
-    segment_offset: int
-    privacy: str = ""
-
-
-def _encode_envelope(
-    capture_id: str, campaign: str, priority: int, created_ns: int, privacy: str = ""
-) -> bytes:
-    labels = [capture_id, campaign] + ([privacy] if privacy else [])
-    version = ENVELOPE_VERSION_PRIVACY if privacy else ENVELOPE_VERSION
-    parts = [_ENVELOPE_FIXED.pack(ENVELOPE_MAGIC, version, priority, 0, created_ns)]
-    for label in labels:
-        raw = label.encode("utf-8")
-        parts += [_U16.pack(len(raw)), raw]
-    head = b"".join(parts)
-    return head + _CRC.pack(zlib.crc32(head))
-
-
-def _decode_envelope(data: bytes, where: str) -> _Envelope:
-    """Parse a store file's envelope; any defect is a CorruptSegmentError naming the file."""
-    pos = _ENVELOPE_FIXED.size
-    if len(data) < pos:
-        raise CorruptSegmentError(f"{where}: store file truncated at byte {len(data)}")
-    magic, version, priority, reserved, created_ns = _ENVELOPE_FIXED.unpack_from(data, 0)
-    if magic != ENVELOPE_MAGIC:
-        raise CorruptSegmentError(f"{where}: not a store file (magic {magic!r})")
-    if version not in (ENVELOPE_VERSION, ENVELOPE_VERSION_PRIVACY) or reserved != 0:
-        raise CorruptSegmentError(f"{where}: unsupported store file version {version}/{reserved}")
-    if priority > MAX_PRIORITY:
-        raise CorruptSegmentError(f"{where}: priority {priority} out of range")
-    labels: list[str] = []
-    for what in ("capture id", "campaign", "privacy policy")[: 2 if version == ENVELOPE_VERSION else 3]:
-        if len(data) < pos + 2:
-            raise CorruptSegmentError(f"{where}: store file truncated in {what} length")
-        (n,) = _U16.unpack_from(data, pos)
-        pos += 2
-        if n > MAX_LABEL_BYTES or len(data) < pos + n:
-            raise CorruptSegmentError(f"{where}: {what} length {n} impossible")
-        try:
-            labels.append(data[pos : pos + n].decode("utf-8"))
-        except UnicodeDecodeError:
-            raise CorruptSegmentError(f"{where}: {what} is not UTF-8") from None
-        pos += n
-    if len(data) < pos + _CRC.size:
-        raise CorruptSegmentError(f"{where}: store file truncated in envelope checksum")
-    (crc,) = _CRC.unpack_from(data, pos)
-    if crc != zlib.crc32(data[:pos]):
-        raise CorruptSegmentError(f"{where}: envelope checksum mismatch")
-    return _Envelope(labels[0], labels[1], priority, created_ns, pos + _CRC.size, *labels[2:])
-
-
 def _unlink_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -298,7 +232,7 @@ class LocalStore:
         if not -(2**63) <= now_ns < 2**63:
             raise UserError(f"now_ns {now_ns} is outside the int64 range")
         encoded = encode_segment(segment, max_version=self.segment_version)
-        blob = _encode_envelope(capture_id, campaign, priority, now_ns, privacy) + encoded
+        blob = encode_envelope(capture_id, campaign, priority, now_ns, privacy) + encoded
         first, last = segment.time_range() or (0, 0)
         entry = StoredSegment(
             segment_id=segment.segment_id,
@@ -359,7 +293,7 @@ class LocalStore:
             data = path.read_bytes()
         except FileNotFoundError:
             raise NotFoundError(f"segment {segment_id.hex()} was removed from the store") from None
-        envelope = _decode_envelope(data, str(path))
+        envelope = decode_envelope(data, str(path))
         return data[envelope.segment_offset :]
 
     def mark_uploaded(self, segment_id: bytes) -> None:
@@ -402,7 +336,7 @@ class LocalStore:
                 raise NotFoundError(f"segment {segment.segment_id.hex()} is not pending in the store")
             final = self._path(segment.segment_id)
             old = final.read_bytes()
-            envelope = _decode_envelope(old, str(final))
+            envelope = decode_envelope(old, str(final))
             encoded = encode_segment(segment, max_version=self.segment_version)
             blob = old[: envelope.segment_offset] + encoded
             self._write_file(final, blob)
@@ -774,7 +708,7 @@ class LocalStore:
         """Index a complete file whose row was lost; a file that does not decode is deleted."""
         try:
             data = path.read_bytes()
-            envelope = _decode_envelope(data, str(path))
+            envelope = decode_envelope(data, str(path))
             segment = decode_segment(data[envelope.segment_offset :])
             if segment.segment_id.hex() + SEGMENT_SUFFIX != path.name:
                 raise CorruptSegmentError(f"{path}: file name does not match segment id")

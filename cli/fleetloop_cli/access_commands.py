@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetloop_cli import contexts
-from fleetloop_cli.client import client_from_args
+from fleetloop_cli.client import client_from_args, cloud_command
 from fleetloop_cli.output import render_object, render_records
 from fleetloop_shared.errors import ConfigError, IntegrityError, UserError
 
@@ -274,19 +274,13 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
 
     top = groups["top"]
     tokens = top.add_parser("tokens", help="API tokens (admin)").add_subparsers(dest="sub", required=True)
-    s = tokens.add_parser("create", help="a new token; its secret is printed once")
+    s = cloud_command(tokens, "create", cmd_tokens_create, help="a new token; its secret is printed once")
     s.add_argument("name")
     s.add_argument("--role", required=True, choices=["viewer", "operator", "release-manager", "admin"])
     s.add_argument("--expires", help="lifetime, e.g. 12h, 30d (default: no expiry)")
-    with_cloud(s)
-    s.set_defaults(func=cmd_tokens_create)
-    s = tokens.add_parser("list", help="every token (never their secrets)")
-    with_cloud(s)
-    s.set_defaults(func=cmd_tokens_list)
-    s = tokens.add_parser("revoke", help="revoke a token at once")
+    cloud_command(tokens, "list", cmd_tokens_list, help="every token (never their secrets)")
+    s = cloud_command(tokens, "revoke", cmd_tokens_revoke, help="revoke a token at once")
     s.add_argument("name")
-    with_cloud(s)
-    s.set_defaults(func=cmd_tokens_revoke)
 
     config = top.add_parser("config", help="named contexts: coordinator URL, token, CA").add_subparsers(
         dest="sub", required=True
@@ -310,13 +304,11 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     audit = top.add_parser("audit", help="the audit log of every write").add_subparsers(
         dest="sub", required=True
     )
-    s = audit.add_parser("list", help="entries, oldest first")
+    s = cloud_command(audit, "list", cmd_audit_list, help="entries, oldest first")
     s.add_argument("--since", help="a duration ago (1h, 7d), a Unix time or an ISO date")
     s.add_argument("--actor", help="only this actor (a token name, rollout-controller, a device id)")
     s.add_argument("--kind", help="only this action or kind of action (rollouts, campaigns.apply)")
     s.add_argument("--limit", type=int, default=1000)
-    with_cloud(s)
-    s.set_defaults(func=cmd_audit_list)
-    s = audit.add_parser("verify", help="check the whole hash chain; exit 5 if it is broken")
-    with_cloud(s)
-    s.set_defaults(func=cmd_audit_verify)
+    cloud_command(
+        audit, "verify", cmd_audit_verify, help="check the whole hash chain; exit 5 if it is broken"
+    )

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from fleetloop_cli.client import client_from_args
+from fleetloop_cli.client import client_from_args, cloud_command
 from fleetloop_cli.output import emit, render_object, render_records
 from fleetloop_shared.errors import NotFoundError, UserError
 
@@ -148,12 +148,10 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     s.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
     s.add_argument("--out", help="write the catalog to this file instead of printing it")
     s.set_defaults(func=cmd_catalog_import)
-    s = sub.add_parser("push", help="pre-register a catalog file's signals in a fleet (operator)")
+    s = cloud_command(
+        sub, "push", cmd_catalog_push, help="pre-register a catalog file's signals in a fleet (operator)"
+    )
     s.add_argument("fleet", help="the fleet whose catalog takes the signals")
     s.add_argument("file", help="a catalog file (catalog import's output, YAML or JSON)")
-    with_cloud(s)
-    s.set_defaults(func=cmd_catalog_push)
-    s = sub.add_parser("list", help="a fleet's catalog: ids, paths, datatypes, units")
+    s = cloud_command(sub, "list", cmd_catalog_list, help="a fleet's catalog: ids, paths, datatypes, units")
     s.add_argument("fleet")
-    with_cloud(s)
-    s.set_defaults(func=cmd_catalog_list)

@@ -6,19 +6,36 @@ coordinator's certificate is checked against the context's CA when one is set (e
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import ssl
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fleetloop_cli.contexts import DEFAULT_CLOUD, resolve
-from fleetloop_cli.output import emit, render_object
+from fleetloop_cli.output import FORMATS, emit, render_object
 from fleetloop_shared import errors
 
 __all__ = ["DEFAULT_CLOUD", "CoordinatorClient", "client_from_args", "post_file"]
+
+
+def with_cloud(sp: argparse.ArgumentParser) -> None:
+    """The options :func:`client_from_args` reads (which coordinator, which context) and the output format."""
+    sp.add_argument("--cloud", default=None, help="coordinator URL ($FLEETLOOP_CLOUD)")
+    sp.add_argument("--context", default=None, help="config context to use ($FLEETLOOP_CONTEXT)")
+    sp.add_argument("-o", "--output", choices=FORMATS, default="table")
+
+
+def cloud_command(group: Any, name: str, func: Callable[[argparse.Namespace], int], **kw: Any) -> Any:
+    """A subcommand that asks the coordinator: its parser, with the cloud options, and its handler."""
+    sp = group.add_parser(name, **kw)
+    with_cloud(sp)
+    sp.set_defaults(func=func)
+    return sp
 
 
 class CoordinatorClient:

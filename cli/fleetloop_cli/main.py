@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,8 @@ from fleetloop_cli import (
     rules_commands,
     store_commands,
 )
-from fleetloop_cli.client import CoordinatorClient, client_from_args
-from fleetloop_cli.output import FORMATS, render_object, render_records, render_rows
+from fleetloop_cli.client import CoordinatorClient, client_from_args, cloud_command, with_cloud
+from fleetloop_cli.output import render_object, render_records, render_rows
 from fleetloop_shared.errors import EXIT_INTERRUPTED, FleetloopError, UserError
 
 
@@ -164,18 +164,6 @@ def cmd_artifacts_list(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fleetloop", description=__doc__.split("\n")[0] if __doc__ else None)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    def with_cloud(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--cloud", default=None, help="coordinator URL ($FLEETLOOP_CLOUD)")
-        sp.add_argument("--context", default=None, help="config context to use ($FLEETLOOP_CONTEXT)")
-        sp.add_argument("-o", "--output", choices=FORMATS, default="table")
-
-    def cloud_command(group: Any, name: str, func: Callable[[argparse.Namespace], int], **kw: Any) -> Any:
-        """A subcommand that asks the coordinator: its parser, with the cloud options, and its handler."""
-        sp = group.add_parser(name, **kw)
-        with_cloud(sp)
-        sp.set_defaults(func=func)
-        return sp
 
     cloud = sub.add_parser("cloud", help="run the coordinator").add_subparsers(
         dest="sub", required=True, parser_class=_Parser

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from fleetloop_cli.client import client_from_args
+from fleetloop_cli.client import client_from_args, cloud_command
 from fleetloop_cli.output import render_object
 
 
@@ -57,27 +57,23 @@ def cmd_devices_erasure(args: argparse.Namespace) -> int:
 def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentParser], None]) -> None:
     """Add ``fleet retention get|set|clear`` (a new top-level group) and ``devices erase|erasure``."""
 
-    def command(group: Any, name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> Any:
-        s = group.add_parser(name, help=help_text)
-        with_cloud(s)
-        s.set_defaults(func=func)
-        return s
-
     fleet = groups["top"].add_parser("fleet", help="fleet-wide settings: retention")
     retention = fleet.add_subparsers(dest="sub", required=True).add_parser(
         "retention", help="how many days a fleet's data is kept (docs/privacy.md)"
     )
     sub = retention.add_subparsers(dest="action", required=True)
-    command(sub, "get", cmd_retention_get, "the fleet's retention").add_argument("fleet")
-    s = command(sub, "set", cmd_retention_set, "keep the fleet's data N days (admin)")
+    cloud_command(sub, "get", cmd_retention_get, help="the fleet's retention").add_argument("fleet")
+    s = cloud_command(sub, "set", cmd_retention_set, help="keep the fleet's data N days (admin)")
     s.add_argument("fleet")
     s.add_argument("--days", type=int, required=True, help="days kept (today counts as one; UTC days)")
-    command(sub, "clear", cmd_retention_clear, "keep the fleet's data forever again (admin)").add_argument(
-        "fleet"
-    )
+    cloud_command(
+        sub, "clear", cmd_retention_clear, help="keep the fleet's data forever again (admin)"
+    ).add_argument("fleet")
     devices = groups["devices"]
-    s = command(devices, "erase", cmd_devices_erase,
-                "erase every stored datum of one device (admin; its data from before now is refused "
-                "when it uploads again)")  # fmt: skip
+    s = cloud_command(devices, "erase", cmd_devices_erase,
+                      help="erase every stored datum of one device (admin; its data from before now is "
+                      "refused when it uploads again)")  # fmt: skip
     s.add_argument("id")
-    command(devices, "erasure", cmd_devices_erasure, "where a device's erasure stands").add_argument("id")
+    cloud_command(
+        devices, "erasure", cmd_devices_erasure, help="where a device's erasure stands"
+    ).add_argument("id")

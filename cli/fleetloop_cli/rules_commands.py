@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fleetloop_cli.client import client_from_args, post_file
+from fleetloop_cli.client import client_from_args, cloud_command, post_file
 from fleetloop_cli.output import FORMATS, emit, render_object, render_records
 from fleetloop_shared.errors import FleetloopError, NotFoundError, RuleError, UserError
 
@@ -462,10 +462,6 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
     s.add_argument("expression")
     _input_arguments(s)
     s.set_defaults(func=_reporting_rule_errors(cmd_rules_eval))
-    s = rules.add_parser("apply", help="validate and push a campaign to the fleet")
+    s = cloud_command(rules, "apply", cmd_rules_apply, help="validate and push a campaign to the fleet")
     s.add_argument("file")
-    with_cloud(s)
-    s.set_defaults(func=cmd_rules_apply)
-    s = rules.add_parser("get", help="list the fleet's campaigns")
-    with_cloud(s)
-    s.set_defaults(func=cmd_rules_get)
+    cloud_command(rules, "get", cmd_rules_get, help="list the fleet's campaigns")

@@ -24,7 +24,7 @@ from fleetloop_cloud.grpc_api import start_grpc_server
 from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
 from fleetloop_shared.catalog_ids import is_local_id
-from fleetloop_shared.segment import decode_segment, encode_segment, segment_from_batch
+from fleetloop_shared.segment import Segment, decode_segment, encode_segment, segment_from_batch
 from tests.agent.test_runtime import free_port, make_config, wait_for
 
 NO_CAMPAIGNS = {"version": 1, "campaigns": []}
@@ -167,19 +167,30 @@ def test_a_kill_anywhere_in_the_rewrite_loses_and_doubles_nothing(tmp_path: Path
         runtime.store.close()
 
 
+def one_second_legacy_store(tmp_path: Path, recordings: Path) -> tuple[AgentConfig, LocalStore]:
+    """An agent's configuration and its store, open, holding one second of an older agent's segments."""
+    config, _ = agent_config(tmp_path, recordings, free_port())
+    write_legacy_store(config, seconds=1)
+    return config, LocalStore(config.store_dir, quota_bytes=config.store_quota_bytes)
+
+
+def with_columns(seg: Segment, ids: dict[int, int]) -> Segment:
+    """``seg`` with only the columns ``ids`` names, each under its new id (old id → new id)."""
+    return seg.__class__(seg.segment_id, seg.group, seg.t_ns,
+                         {new: seg.columns[old] for old, new in ids.items()},
+                         {new: seg.data_types[old] for old, new in ids.items()})  # fmt: skip
+
+
 def test_a_segment_the_legacy_catalog_cannot_explain_is_kept_and_never_sent(
     tmp_path: Path, recordings: Path
 ) -> None:
-    config, _ = agent_config(tmp_path, recordings, free_port())
-    write_legacy_store(config, seconds=1)
-    store = LocalStore(config.store_dir, quota_bytes=config.store_quota_bytes)
+    config, store = one_second_legacy_store(tmp_path, recordings)
     pending = store.pending_ids()
     seg = decode_segment(store.read(pending[0]))
     # a configuration that had one more signal: an id beyond what this configuration numbers
     beyond = max(k for g in seg.groups() for k in g.columns) + 10_000
-    store.replace(seg.__class__(seg.segment_id, seg.group, seg.t_ns,
-                                {beyond: next(iter(seg.columns.values()))},
-                                {beyond: next(iter(seg.data_types.values()))}))  # fmt: skip
+    first = next(iter(seg.columns))
+    store.replace(with_columns(seg, {first: beyond}))
     store.close()
     runtime = AgentRuntime(config)
     try:
@@ -195,18 +206,14 @@ def test_a_segment_the_legacy_catalog_cannot_explain_is_kept_and_never_sent(
 def test_a_file_replaced_before_its_index_row_is_reindexed_not_dropped(
     tmp_path: Path, recordings: Path
 ) -> None:
-    config, _ = agent_config(tmp_path, recordings, free_port())
-    write_legacy_store(config, seconds=1)
-    store = LocalStore(config.store_dir, quota_bytes=config.store_quota_bytes)
+    config, store = one_second_legacy_store(tmp_path, recordings)
     sid = store.pending_ids()[0]
     seg = decode_segment(store.read(sid))
     path = config.store_dir / "segments" / (sid.hex() + ".seg")
     old = path.read_bytes()
     offset = len(old) - len(store.read(sid))
     store.close()
-    moved = seg.__class__(seg.segment_id, seg.group, seg.t_ns,
-                          {k + 2**31: v for k, v in seg.columns.items()},
-                          {k + 2**31: v for k, v in seg.data_types.items()})  # fmt: skip
+    moved = with_columns(seg, {k: k + 2**31 for k in seg.columns})
     blob = old[:offset] + encode_segment(moved)
     assert len(blob) != len(old)  # the index's size is now wrong, as after a kill inside replace()
     path.write_bytes(blob)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from fleetloop_agent.config import load_agent_config
+from fleetloop_agent.config import AgentConfig, load_agent_config
 from fleetloop_agent.ota.download import HttpFetcher
 from fleetloop_agent.runtime import AgentRuntime
 from fleetloop_cloud.grpc_api import GrpcTls, start_grpc_server
@@ -90,7 +90,8 @@ def bundle(version: str) -> bytes:
     return out.getvalue()
 
 
-def test_a_rollout_reaches_an_agent_over_https_with_the_cloud_ca(cloud: TlsCloud, tmp_path: Path) -> None:
+def tls_agent_config(cloud: TlsCloud, tmp_path: Path) -> AgentConfig:
+    """A device of ``cloud`` provisioned with its CA and a client certificate, trusting its TUF roots."""
     cert, key = cloud.ca.client(DEVICE)
     keys = cloud.coordinator.data_dir / "keys"
     device = provision_sim_device(
@@ -100,7 +101,11 @@ def test_a_rollout_reaches_an_agent_over_https_with_the_cloud_ca(cloud: TlsCloud
         trust_files=[keys / "image-root.json", keys / "director-root.json"], recordings=None,
         fleet="test", replay_speed=4.0, heartbeat_s=0.5, health_check=False,
     )  # fmt: skip
-    config = load_agent_config(device.config_path)
+    return load_agent_config(device.config_path)
+
+
+def test_a_rollout_reaches_an_agent_over_https_with_the_cloud_ca(cloud: TlsCloud, tmp_path: Path) -> None:
+    config = tls_agent_config(cloud, tmp_path)
     assert config.cloud_ca == cloud.ca.ca_path
     cloud.coordinator.start()
     runtime = AgentRuntime(config)
@@ -146,17 +151,8 @@ def test_an_aborted_rollout_withdraws_the_job_an_agent_is_downloading(
 ) -> None:
     """The agent runtime's own path: the withdrawal arrives on its control stream while the OTA worker
     downloads; the job ends CANCELED on the device and in the rollout, and nothing is installed."""
-    cert, key = cloud.ca.client(DEVICE)
-    keys = cloud.coordinator.data_dir / "keys"
-    device = provision_sim_device(
-        tmp_path / "dev", device_id=DEVICE, kind="car", hardware_id=HW,
-        cloud={"grpc": cloud.grpc_target,
-               "tls": {"ca": str(cloud.ca.ca_path), "cert": str(cert), "key": str(key)}},
-        trust_files=[keys / "image-root.json", keys / "director-root.json"], recordings=None,
-        fleet="test", replay_speed=4.0, heartbeat_s=0.5, health_check=False,
-    )  # fmt: skip
     cloud.coordinator.start()
-    runtime = AgentRuntime(load_agent_config(device.config_path))
+    runtime = AgentRuntime(tls_agent_config(cloud, tmp_path))
     runtime.ota.download_rate_limit = 64 * 1024  # a 2 MiB bundle takes half a minute
     thread = threading.Thread(target=runtime.run, daemon=True)
     thread.start()

@@ -180,10 +180,8 @@ def test_a_campaign_applied_through_one_coordinator_reaches_a_device_on_the_othe
             car.link.stop()
 
 
-def test_a_rollout_created_through_one_coordinator_reaches_a_device_on_the_other_within_a_second(
-    pair: tuple[CoordinatorProcess, CoordinatorProcess],
-) -> None:
-    a, b = pair
+def publish_two_releases(a: CoordinatorProcess) -> None:
+    """Firmware 1.0.0 and 2.0.0, signed by the release manager and published through ``a``."""
     key = load_key_file(a.data_dir.parent / "release-manager.pem", None)
 
     def request(method: str, path: str, body: bytes | None = None, ctype: str = "application/json") -> Any:
@@ -201,6 +199,13 @@ def test_a_rollout_created_through_one_coordinator_reaches_a_device_on_the_other
         image = firmware.build_image(f"{major}.0.0", HARDWARE_ID, size_hint=64 * 1024)
         publish_release(request, image, name="firmware", version=f"{major}.0.0", hardware=HARDWARE_ID,
                         keys=[key])  # fmt: skip
+
+
+def test_a_rollout_created_through_one_coordinator_reaches_a_device_on_the_other_within_a_second(
+    pair: tuple[CoordinatorProcess, CoordinatorProcess],
+) -> None:
+    a, b = pair
+    publish_two_releases(a)
     swarm = Swarm()
     on_a = OtaDevice("dev-a", a.grpc_target, swarm, install_s=0.2, version="1.0.0")
     on_b = OtaDevice("dev-b", b.grpc_target, swarm, install_s=0.2, version="1.0.0")
@@ -248,23 +253,7 @@ def test_an_abort_through_one_coordinator_withdraws_the_job_on_the_other_within_
     pair: tuple[CoordinatorProcess, CoordinatorProcess],
 ) -> None:
     a, b = pair
-    key = load_key_file(a.data_dir.parent / "release-manager.pem", None)
-
-    def request(method: str, path: str, body: bytes | None = None, ctype: str = "application/json") -> Any:
-        if method == "GET":
-            try:
-                with urllib.request.urlopen(a.http_url + path, timeout=60) as resp:
-                    return json.loads(resp.read())
-            except urllib.error.HTTPError as exc:
-                if exc.code == 404:
-                    raise NotFoundError(path) from None
-                raise
-        return call(a, method, path, body, ctype)
-
-    for major in (1, 2):
-        image = firmware.build_image(f"{major}.0.0", HARDWARE_ID, size_hint=64 * 1024)
-        publish_release(request, image, name="firmware", version=f"{major}.0.0", hardware=HARDWARE_ID,
-                        keys=[key])  # fmt: skip
+    publish_two_releases(a)
     swarm = Swarm()
     on_b = HoldingDevice("dev-b", b.grpc_target, swarm)
     try:

@@ -23,11 +23,11 @@ import grpc.aio
 from grpc.aio import EOF  # type: ignore[attr-defined]
 
 from fleetloop_agent.uplink.transport import (
-    Acknowledged,
     PiecesUnsupported,
-    Progress,
     UploadAnswer,
+    UploadReply,
     UploadRequest,
+    answer_for_reply,
     answer_for_status,
 )
 from fleetloop_shared.errors import ConfigError, UnavailableError
@@ -150,23 +150,15 @@ class GrpcTransport:
     async def upload(self, request: UploadRequest, timeout_s: float) -> UploadAnswer:
         channel = self._open()
         try:
-            if isinstance(request, ingest_pb2.UploadChunkRequest):
-                chunk = channel.unary_unary(
-                    CHUNK_PATH,
-                    request_serializer=ingest_pb2.UploadChunkRequest.SerializeToString,
-                    response_deserializer=ingest_pb2.UploadChunkResponse.FromString,
-                )
-                piece: ingest_pb2.UploadChunkResponse = await chunk(request, timeout=timeout_s)
-                if piece.complete:
-                    return Acknowledged(piece.result.duplicate, piece.result.samples)
-                return Progress(int(piece.next_offset))
-            whole = channel.unary_unary(
-                UPLOAD_PATH,
-                request_serializer=ingest_pb2.UploadSegmentRequest.SerializeToString,
-                response_deserializer=ingest_pb2.UploadSegmentResponse.FromString,
+            chunked = isinstance(request, ingest_pb2.UploadChunkRequest)
+            reply_type = ingest_pb2.UploadChunkResponse if chunked else ingest_pb2.UploadSegmentResponse
+            call = channel.unary_unary(
+                CHUNK_PATH if chunked else UPLOAD_PATH,
+                request_serializer=type(request).SerializeToString,
+                response_deserializer=reply_type.FromString,
             )
-            done: ingest_pb2.UploadSegmentResponse = await whole(request, timeout=timeout_s)
-            return Acknowledged(done.duplicate, done.samples)
+            reply: UploadReply = await call(request, timeout=timeout_s)
+            return answer_for_reply(reply)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
             if code == grpc.StatusCode.UNIMPLEMENTED and isinstance(request, ingest_pb2.UploadChunkRequest):

@@ -17,12 +17,11 @@ from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
 from fleetloop_agent.uplink.transport import (
-    Acknowledged,
-    Progress,
     RetryLater,
     SessionInbox,
     UploadAnswer,
     UploadRequest,
+    answer_for_reply,
     answer_for_status,
 )
 from fleetloop_shared.errors import FleetloopError, UnavailableError
@@ -141,11 +140,9 @@ class MemoryTransport:
                 piece = await asyncio.wait_for(
                     asyncio.to_thread(self._cloud.upload_piece, request), timeout_s
                 )
-                if piece.complete:
-                    return Acknowledged(piece.result.duplicate, piece.result.samples)
-                return Progress(int(piece.next_offset))
+                return answer_for_reply(piece)
             done = await asyncio.wait_for(asyncio.to_thread(self._cloud.upload, request), timeout_s)
-            return Acknowledged(done.duplicate, done.samples)
+            return answer_for_reply(done)
         except TimeoutError:
             return RetryLater(f"DEADLINE_EXCEEDED: no answer within {timeout_s:g} s")
         except FleetloopError as exc:

@@ -43,12 +43,12 @@ from google.protobuf.message import DecodeError
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fleetloop_agent.uplink.transport import (
-    Acknowledged,
     PiecesUnsupported,
     RetryLater,
     SessionInbox,
     UploadAnswer,
     UploadRequest,
+    answer_for_reply,
     answer_for_status,
 )
 from fleetloop_shared.errors import UnavailableError
@@ -333,7 +333,7 @@ class MqttTransport:
             waiter.set_result(answer_for_status(status, error))
             return
         response = ingest_pb2.UploadSegmentResponse.FromString(bytes(message.payload))
-        waiter.set_result(Acknowledged(response.duplicate, response.samples))
+        waiter.set_result(answer_for_reply(response))
 
     # -- the socket on the loop -------------------------------------------------------------------
     def _socket_op(self, fn: Callable[..., None], *args: Any) -> None:

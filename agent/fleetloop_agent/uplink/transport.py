@@ -84,6 +84,20 @@ def answer_for_status(status: str, detail: str) -> Refused | RetryLater:
     return RetryLater(f"{status}: {detail}")
 
 
+#: What the cloud answers to one upload that went through.
+UploadReply: TypeAlias = ingest_pb2.UploadSegmentResponse | ingest_pb2.UploadChunkResponse
+
+
+def answer_for_reply(reply: UploadReply) -> Acknowledged | Progress:
+    """A successful upload's meaning, from the cloud's reply: every transport reads it the same way (a
+    piece short of the end asks for the next one; the last piece carries the whole segment's answer)."""
+    if isinstance(reply, ingest_pb2.UploadChunkResponse):
+        if not reply.complete:
+            return Progress(int(reply.next_offset))
+        reply = reply.result
+    return Acknowledged(reply.duplicate, reply.samples)
+
+
 class ControlSession(Protocol):
     """One connection's control channel. Both calls raise ``UnavailableError`` once it has ended."""
 

@@ -33,6 +33,32 @@ def take_lease(current: Lease | None, holder: str, now: float, ttl_s: float) -> 
     return holder, token, now + ttl_s
 
 
+class MemoryLease:
+    """One lease held in memory: the in-memory fakes' counterpart of a ``controller_lease`` row
+    (:func:`acquire_named`, :func:`release_named`), so every fake takes, renews and gives up a lease
+    by the same rule as the database does."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lease: Lease | None = None
+
+    def acquire(self, holder: str, now: float, ttl_s: float) -> int | None:
+        with self._lock:
+            taken = take_lease(self._lease, holder, now, ttl_s)
+            if taken is not None:
+                self._lease = taken
+            return None if taken is None else taken[1]
+
+    def release(self, holder: str) -> None:
+        with self._lock:
+            if self._lease is not None and self._lease[0] == holder:
+                self._lease = (holder, self._lease[1], 0.0)
+
+    def current(self) -> Lease | None:
+        with self._lock:
+            return self._lease
+
+
 def acquire_named(db: Database, name: str, holder: str, now: float, ttl_s: float) -> int | None:
     """Take or renew the lease ``name`` in the ``controller_lease`` table (one coordinator at a time
     does the work it guards); its fencing token, or None while another coordinator holds it."""
@@ -84,30 +110,10 @@ class SqlLeases:
             return tx.execute("DELETE FROM coordinators WHERE beat_at < ?", (before,)).rowcount
 
     def take(self, name: str, holder: str, now: float, ttl_s: float) -> bool:
-        with self._db.write() as tx:
-            row = tx.execute(
-                "SELECT holder, expires_at FROM controller_lease WHERE name = ?", (_writer(name),)
-            ).fetchone()
-            if row is None:
-                tx.execute(
-                    "INSERT INTO controller_lease (name, holder, token, expires_at) VALUES (?, ?, 1, ?)",
-                    (_writer(name), holder, now + ttl_s),
-                )
-                return True
-            if str(row[0]) != holder and float(row[1]) > now:
-                return False
-            tx.execute(
-                "UPDATE controller_lease SET holder = ?, token = token + 1, expires_at = ? WHERE name = ?",
-                (holder, now + ttl_s, _writer(name)),
-            )
-            return True
+        return acquire_named(self._db, _writer(name), holder, now, ttl_s) is not None
 
     def give_up(self, name: str, holder: str) -> None:
-        with self._db.write() as tx:
-            tx.execute(
-                "UPDATE controller_lease SET expires_at = 0 WHERE name = ? AND holder = ?",
-                (_writer(name), holder),
-            )
+        release_named(self._db, _writer(name), holder)
 
 
 def _writer(name: str) -> str:
@@ -119,7 +125,7 @@ class MemoryLeases:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._beats: dict[str, float] = {}
-        self._writers: dict[str, tuple[str, float]] = {}
+        self._writers: dict[str, MemoryLease] = {}
 
     def beat(self, coordinator_id: str, now: float) -> None:
         with self._lock:
@@ -142,13 +148,11 @@ class MemoryLeases:
 
     def take(self, name: str, holder: str, now: float, ttl_s: float) -> bool:
         with self._lock:
-            current = self._writers.get(name)
-            if current is not None and current[0] != holder and current[1] > now:
-                return False
-            self._writers[name] = (holder, now + ttl_s)
-            return True
+            writer = self._writers.setdefault(name, MemoryLease())
+        return writer.acquire(holder, now, ttl_s) is not None
 
     def give_up(self, name: str, holder: str) -> None:
         with self._lock:
-            if self._writers.get(name, ("", 0.0))[0] == holder:
-                del self._writers[name]
+            writer = self._writers.get(name)
+        if writer is not None:
+            writer.release(holder)

@@ -11,7 +11,7 @@ import dataclasses
 import threading
 
 from fleetloop_cloud.repositories.database import Database
-from fleetloop_cloud.repositories.leases import Lease, acquire_named, release_named, take_lease
+from fleetloop_cloud.repositories.leases import MemoryLease, acquire_named, release_named
 from fleetloop_cloud.repositories.records import ErasureRecord
 
 _ERASURE_COLUMNS = "device_id, requested_at, requested_by, done_at, detail"
@@ -91,7 +91,7 @@ class MemoryRetention:
         self._lock = threading.Lock()
         self._days: dict[str, int] = {}
         self._erasures: dict[str, ErasureRecord] = {}
-        self._lease: Lease | None = None
+        self._lease = MemoryLease()
 
     def set_days(self, fleet: str, days: int, now: float) -> int | None:
         with self._lock:
@@ -130,13 +130,7 @@ class MemoryRetention:
             return self._erasures.get(device_id)
 
     def acquire(self, holder: str, now: float, ttl_s: float) -> int | None:
-        with self._lock:
-            taken = take_lease(self._lease, holder, now, ttl_s)
-            if taken is not None:
-                self._lease = taken
-            return None if taken is None else taken[1]
+        return self._lease.acquire(holder, now, ttl_s)
 
     def release(self, holder: str) -> None:
-        with self._lock:
-            if self._lease is not None and self._lease[0] == holder:
-                self._lease = (holder, self._lease[1], 0.0)
+        self._lease.release(holder)

@@ -23,7 +23,7 @@ from typing import Any
 
 from fleetloop_cloud.repositories.database import Database, Transaction
 from fleetloop_cloud.repositories.interfaces import AUDIT_READ_LIMIT, GATE_READ_LIMIT
-from fleetloop_cloud.repositories.leases import acquire_named, release_named, take_lease
+from fleetloop_cloud.repositories.leases import MemoryLease, acquire_named, release_named
 from fleetloop_cloud.repositories.records import (
     AuditRecord,
     DeviceChange,
@@ -388,14 +388,15 @@ class MemoryRollouts:
         self._devices: dict[str, dict[str, RolloutDeviceRecord]] = {}
         self._audit: list[AuditRecord] = []
         self._gates: list[GateEvaluationRecord] = []
-        self._lease: tuple[str, int, float] | None = None
+        self._lease = MemoryLease()
 
     def _log(self, rollout_id: str, now: float, rows: Sequence[tuple[str, str]]) -> None:
         for event, detail in rows:
             self._audit.append(AuditRecord(len(self._audit) + 1, rollout_id, now, event, detail))
 
     def _holds(self, fence: Fence | None) -> bool:
-        return fence is None or (self._lease is not None and self._lease[:2] == (fence.holder, fence.token))
+        lease = self._lease.current()
+        return fence is None or (lease is not None and lease[:2] == (fence.holder, fence.token))
 
     def _insert(self, r: NewRollout, now: float) -> None:
         revision = 1 + max(
@@ -579,17 +580,12 @@ class MemoryRollouts:
             return {g.gate: g for g in self._gates if g.rollout_id == rollout_id and g.phase == phase}
 
     def acquire(self, holder: str, now: float, ttl_s: float) -> int | None:
-        with self._lock:
-            taken = take_lease(self._lease, holder, now, ttl_s)
-            if taken is not None:
-                self._lease = taken
-            return None if taken is None else taken[1]
+        with self._lock:  # a takeover waits for a fenced update in progress (the database's write lock)
+            return self._lease.acquire(holder, now, ttl_s)
 
     def release(self, holder: str) -> None:
         with self._lock:
-            if self._lease is not None and self._lease[0] == holder:
-                self._lease = (holder, self._lease[1], 0.0)
+            self._lease.release(holder)
 
     def lease(self) -> tuple[str, int, float] | None:
-        with self._lock:
-            return self._lease
+        return self._lease.current()

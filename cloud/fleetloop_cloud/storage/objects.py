@@ -12,11 +12,12 @@ programming error or hostile input, refused before any I/O.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -144,31 +145,29 @@ class LocalObjectStore:
 
     def get(self, key: str) -> bytes:
         path = self.path(key)
-        try:
+        with self._reading(key, path):
             return path.read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
-            raise NotFoundError(f"no object {key!r} in {self.location}") from None
-        except OSError as exc:
-            raise UnavailableError(f"cannot read {path}: {exc.strerror or exc}") from None
 
     def stat(self, key: str) -> ObjectInfo:
         path = self.path(key)
-        try:
+        with self._reading(key, path):
             st = path.stat()
-        except FileNotFoundError:
-            raise NotFoundError(f"no object {key!r} in {self.location}") from None
-        except OSError as exc:
-            raise UnavailableError(f"cannot read {path}: {exc.strerror or exc}") from None
         if not path.is_file():
             raise NotFoundError(f"no object {key!r} in {self.location}")
         return ObjectInfo(key, st.st_size, st.st_mtime)
 
     def read_range(self, key: str, start: int, length: int) -> bytes:
         path = self.path(key)
+        with self._reading(key, path), path.open("rb") as fh:
+            fh.seek(max(0, start))
+            return fh.read(max(0, length))
+
+    @contextlib.contextmanager
+    def _reading(self, key: str, path: Path) -> Iterator[None]:
+        """A read's failures in the object store's words, as a bucket would answer: no such file (or a
+        folder where the object would be) is a missing object; any other disk failure, unavailable."""
         try:
-            with path.open("rb") as fh:
-                fh.seek(max(0, start))
-                return fh.read(max(0, length))
+            yield
         except (FileNotFoundError, IsADirectoryError):
             raise NotFoundError(f"no object {key!r} in {self.location}") from None
         except OSError as exc:
