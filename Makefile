@@ -43,8 +43,15 @@ proto: setup
 proto-check: setup
 	$(BIN)/python scripts/gen_proto.py --check
 
+# PYTEST_WORKERS=N runs the test files in parallel (pytest-xdist), one file per worker at a time so a
+# file's module fixtures and order hold; most of the suite waits (processes starting, brokers, rollout
+# clocks, browsers) rather than computes, so nproc+1 workers keep the cores busy. The default stays one
+# process until two full parallel runs are green: under heavy load, tests with fixed timeouts (a server
+# listening within 15 s, a browser assertion within 5 s, a kill loop's deadline) still fail in parallel.
+PYTEST_WORKERS ?= 0
+
 pytest: setup
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
