@@ -5,6 +5,9 @@ if an upgrade of either library changes what the code relies on."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -192,3 +195,50 @@ def test_recent_files_are_bounded_and_forgotten_when_deleted() -> None:
     assert recent.get("b") is None and recent.get("c") is None and recent.get("d") is not None
     recent.forget("d")
     assert recent.get("d") is None
+
+
+_OPEN = """
+import sys, time
+from pathlib import Path
+from fleetloop_cloud.fleet_store.iceberg import IcebergTables, catalog_uri
+url, warehouse, ready, go = sys.argv[1:5]
+Path(ready).touch()
+while not Path(go).exists():
+    time.sleep(0.005)
+tables = IcebergTables(catalog_uri(url, Path(warehouse)), warehouse)
+print(tables.samples.metadata.table_uuid, tables.captures.metadata.table_uuid)
+tables.close()
+"""
+
+
+def test_three_coordinators_creating_a_new_catalog_at_once_all_open_the_same_tables(
+    tmp_path: Path, pg_url: str
+) -> None:
+    warehouse = (tmp_path / "fleet").as_uri()
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPEN, pg_url, warehouse, str(tmp_path / f"ready-{i}"), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready-{i}").exists() for i in range(3)):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.01)
+        go.touch()  # all three imported: they open the empty database together
+        results = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in results]
+    tables = IcebergTables(catalog_uri(pg_url, tmp_path), warehouse)
+    expected = f"{tables.samples.metadata.table_uuid} {tables.captures.metadata.table_uuid}"
+    tables.close()
+    assert [out.strip() for out, _ in results] == [expected] * 3

@@ -157,19 +157,49 @@ def io_properties(storage: S3Settings | None) -> dict[str, str]:
             "fleetloop.s3": json.dumps(settings)}  # fmt: skip
 
 
+#: Tries to open (and on first use create) the catalog and its tables, and the pause before each retry.
+OPEN_ATTEMPTS = 5
+OPEN_RETRY_S = 0.2
+
+
+def _database_error(exc: BaseException) -> bool:
+    """An error of the catalog's database layer (SQLAlchemy's, raised through pyiceberg's SQL catalog),
+    told by its module so that nothing here imports SQLAlchemy."""
+    return type(exc).__module__.split(".")[0] == "sqlalchemy"
+
+
 class IcebergTables:
-    """The two tables, created on first use, in the catalog at ``uri`` with files under ``warehouse``."""
+    """The two tables, created on first use, in the catalog at ``uri`` with files under ``warehouse``.
+
+    Creation is idempotent across processes: coordinators started together on a new database race to
+    create the catalog's own tables, the namespace and ours, and pyiceberg's SQL catalog checks before it
+    creates, so all but one of them see a duplicate-key or duplicate-table error from the database. That
+    loser opens again (:data:`OPEN_ATTEMPTS`) and finds everything there."""
 
     def __init__(self, uri: str, warehouse: str, properties: dict[str, str] | None = None) -> None:
         self.warehouse = warehouse.rstrip("/")
-        try:
-            self.catalog: Catalog = SqlCatalog("fleetloop", uri=uri, warehouse=self.warehouse,
-                                               **(properties or {}))  # fmt: skip
-            self.catalog.create_namespace_if_not_exists(NAMESPACE)
-            self.samples = self._table(SAMPLES, SAMPLES_SCHEMA, SAMPLES_ORDER)
-            self.captures = self._table(CAPTURES, CAPTURES_SCHEMA, CAPTURES_ORDER)
-        except (OSError, CommitFailedException) as exc:
-            raise UnavailableError(f"Iceberg catalog at {uri.split('@')[-1]}: {exc}") from None
+        where = uri.split("@")[-1]
+        for attempt in range(OPEN_ATTEMPTS):
+            catalog: Catalog | None = None
+            try:
+                catalog = self.catalog = SqlCatalog("fleetloop", uri=uri, warehouse=self.warehouse,
+                                                    **(properties or {}))  # fmt: skip
+                catalog.create_namespace_if_not_exists(NAMESPACE)
+                self.samples = self._table(SAMPLES, SAMPLES_SCHEMA, SAMPLES_ORDER)
+                self.captures = self._table(CAPTURES, CAPTURES_SCHEMA, CAPTURES_ORDER)
+                return
+            except (OSError, CommitFailedException) as exc:
+                raise UnavailableError(f"Iceberg catalog at {where}: {exc}") from None
+            except Exception as exc:
+                if not _database_error(exc):
+                    raise
+                if catalog is not None:
+                    self.close()
+                if attempt == OPEN_ATTEMPTS - 1:
+                    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise UnavailableError(f"Iceberg catalog at {where}: {detail}") from None
+                log.info("Iceberg catalog at %s: %s; opening it again", where, type(exc).__name__)
+                time.sleep(OPEN_RETRY_S * (attempt + 1))
 
     def _table(self, name: str, schema: Schema, order: tuple[str, ...]) -> Table:
         location = f"{self.warehouse}/{name.split('.')[-1]}"
