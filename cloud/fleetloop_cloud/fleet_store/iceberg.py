@@ -31,6 +31,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ from pyiceberg.io.pyarrow import PyArrowFileIO, bin_pack_arrow_table, pyarrow_to
 from pyiceberg.manifest import DataFile
 from pyiceberg.partitioning import PartitionField, PartitionFieldValue, PartitionKey, PartitionSpec
 from pyiceberg.schema import Schema
-from pyiceberg.table import Table, TableProperties, Transaction, WriteTask
+from pyiceberg.table import CommitTableResponse, Table, TableProperties, Transaction, WriteTask
 from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.snapshots import Operation, Snapshot
 from pyiceberg.table.sorting import SortField, SortOrder
@@ -157,6 +158,49 @@ def io_properties(storage: S3Settings | None) -> dict[str, str]:
             "fleetloop.s3": json.dumps(settings)}  # fmt: skip
 
 
+class _FleetCatalog(SqlCatalog):
+    """pyiceberg's SQL catalog, remembering the metadata of the last few metadata files it wrote or read.
+
+    Every commit loads the table's current metadata to check the commit's requirements against it, and
+    every load parses the metadata file — JSON holding every retained snapshot — although this catalog
+    has usually just written it (the previous commit). Metadata files are never rewritten (each commit
+    writes a new one, named by its sequence number and a UUID) and the parsed metadata is a frozen model,
+    so the parsed copy is kept by location (:data:`PARSED_METADATA` of them, the oldest dropped)."""
+
+    def __init__(self, name: str, **properties: str) -> None:
+        super().__init__(name, **properties)
+        self._parsed: OrderedDict[str, TableMetadata] = OrderedDict()
+        self._parsed_lock = threading.Lock()
+
+    def _remember(self, location: str, metadata: TableMetadata) -> None:
+        with self._parsed_lock:
+            self._parsed[location] = metadata
+            self._parsed.move_to_end(location)
+            while len(self._parsed) > PARSED_METADATA:
+                self._parsed.popitem(last=False)
+
+    def _convert_orm_to_iceberg(self, orm_table: Any) -> Table:
+        location = orm_table.metadata_location
+        with self._parsed_lock:
+            metadata = self._parsed.get(location) if location else None
+        if metadata is None:
+            table = super()._convert_orm_to_iceberg(orm_table)
+            self._remember(table.metadata_location, table.metadata)
+            return table
+        return Table(
+            identifier=(*Catalog.identifier_to_tuple(orm_table.table_namespace), orm_table.table_name),
+            metadata=metadata,
+            metadata_location=location, io=self._load_file_io(metadata.properties, location), catalog=self,
+        )  # fmt: skip
+
+    def commit_table(self, table: Table, requirements: Any, updates: Any) -> CommitTableResponse:
+        response = super().commit_table(table, requirements, updates)
+        self._remember(response.metadata_location, response.metadata)
+        return response
+
+
+#: Parsed metadata files a catalog keeps (two tables: the current and the previous of each, and spare).
+PARSED_METADATA = 8
 #: Tries to open (and on first use create) the catalog and its tables, and the pause before each retry.
 OPEN_ATTEMPTS = 5
 OPEN_RETRY_S = 0.2
@@ -182,7 +226,7 @@ class IcebergTables:
         for attempt in range(OPEN_ATTEMPTS):
             catalog: Catalog | None = None
             try:
-                catalog = self.catalog = SqlCatalog("fleetloop", uri=uri, warehouse=self.warehouse,
+                catalog = self.catalog = _FleetCatalog("fleetloop", uri=uri, warehouse=self.warehouse,
                                                     **(properties or {}))  # fmt: skip
                 catalog.create_namespace_if_not_exists(NAMESPACE)
                 self.samples = self._table(SAMPLES, SAMPLES_SCHEMA, SAMPLES_ORDER)
@@ -289,17 +333,22 @@ def _keys_between(table: Table, head: Snapshot | None, base_id: int | None) -> s
 
 
 def _data_files(
-    table: Table, groups: dict[tuple[str, str], list[pa.Table]], order: tuple[str, ...] = SAMPLES_ORDER
+    table: Table, groups: dict[tuple[str, str], list[pa.Table]], order: tuple[str, ...] = ()
 ) -> list[DataFile]:
-    """A batch's rows written as one data file per partition (more past the target file size), sorted
-    by ``order`` (the table's sort order: device, signal and time for ``samples``).
+    """A batch's rows written as one data file per partition (more past the target file size): in the
+    order given, or sorted by ``order``.
 
     The rows arrive grouped by partition already (each segment's fleet and date), so each group is
     handed to pyiceberg's file writer with its partition key. pyiceberg's own path from a table
     (``_dataframe_to_data_files``) would find the partitions again — transform, group and filter every
     row, then copy each partition — which was most of the ingest's write CPU (benchmarks/scale.py).
-    Each group's pieces are joined into one chunk before sorting: sorting and taking from a table of
-    many chunks (one per segment) cost several times more."""
+
+    Ingest passes each partition's segments by device and time, each already sorted by signal and time
+    (:func:`segment_table`), and no ``order``: sorting the batch's rows across its segments (sort, then
+    copy every column) was the largest cost left in a commit, and bought nothing a reader uses — a
+    batch's file is one row group (up to a million rows), so its statistics prune the same either way,
+    and each signal's run stays contiguous within a segment for compression. Compaction rewrites the
+    files fully sorted by the table's sort order (device, signal, time)."""
     if not groups:
         return []
     metadata = table.metadata
@@ -312,8 +361,10 @@ def _data_files(
     write_uuid, counter = uuid.uuid4(), itertools.count()
     tasks = []
     for (fleet, date), parts in sorted(groups.items()):
-        data = pa.concat_tables(parts).combine_chunks()
-        data = data.sort_by([(name, "ascending") for name in order]).cast(arrow_schema)
+        data = pa.concat_tables(parts)
+        if order:
+            data = data.combine_chunks().sort_by([(name, "ascending") for name in order])
+        data = data.cast(arrow_schema)
         values = {"fleet": fleet, "date": datetime.date.fromisoformat(date)}
         key = PartitionKey(
             field_values=[PartitionFieldValue(field, values[field.name]) for field in spec.fields],
@@ -544,7 +595,7 @@ class IcebergFleetStore:
         receipts = [i.receipt for i in items]
         props = {SEGMENTS_KEY: json.dumps(receipts, separators=(",", ":")), BATCH_KEY: batch_id}
         groups: dict[tuple[str, str], list[pa.Table]] = {}
-        for i in items:
+        for i in sorted(items, key=lambda i: (i.receipt[0], i.receipt[5], i.receipt[1])):  # device, first
             if i.rows.num_rows:  # a segment lies in one partition: its receipt's fleet and date
                 groups.setdefault((str(i.receipt[8]), str(i.receipt[9])), []).append(i.rows)
         files = _data_files(self._samples, groups)

@@ -186,14 +186,25 @@ class _FleetFile(PyArrowFile):
         return pa.BufferReader(kept) if kept is not None else super().open(seekable)
 
 
+_clients: dict[str, Any] = {}
+_clients_lock = threading.Lock()
+
+
 class FleetFileIO(PyArrowFileIO):
-    """pyiceberg's pyarrow file IO with our S3 file system (one client, one set of settings) and the
-    request savings above."""
+    """pyiceberg's pyarrow file IO with our S3 file system (one set of settings) and the request savings
+    above. pyiceberg makes a file IO for every table it loads, and a commit returns a newly loaded
+    table: the S3 client is shared by all of them (one per settings, for the process's life), so each
+    commit neither builds a client nor opens new connections."""
 
     def _initialize_s3_fs(self, netloc: str | None) -> Any:
         from fleetloop_cloud.storage.s3 import s3_filesystem
 
-        return s3_filesystem(S3Settings(**json.loads(self.properties["fleetloop.s3"])), single_put=True)
+        key = self.properties["fleetloop.s3"]
+        with _clients_lock:
+            client = _clients.get(key)
+            if client is None:
+                client = _clients[key] = s3_filesystem(S3Settings(**json.loads(key)), single_put=True)
+            return client
 
     def _file(self, location: str) -> _FleetFile:
         scheme, netloc, path = self.parse_location(location, self.properties)
