@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
+from pyiceberg import serializers as iceberg_serializers
 from pyiceberg.table import Transaction
 from pyiceberg.table.snapshots import Operation
 from pyiceberg.table.update.snapshot import _FastAppendFiles
@@ -95,6 +96,33 @@ def test_the_memoized_transaction_derives_the_metadata_pyiceberg_does_and_follow
     assert len(stock.table_metadata.snapshots) == 1
     committed = ours.commit_transaction()
     assert committed.metadata.properties["fleetloop.test"] == "1" and committed.current_snapshot() is not None
+
+
+def test_the_catalog_checks_a_commit_against_the_metadata_it_just_wrote_without_parsing_it_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyiceberg's SQL catalog loads the table's current metadata on every commit; ours answers from the
+    metadata it wrote. If an upgrade renamed the hook, the parse below would run and this fails."""
+    root = tmp_path / "ice"
+    tables = local_tables(root)
+    store = IcebergFleetStore(tables, quick())
+    assert write(store, segment(0), "car-1") == 600
+    parses: list[str] = []
+    parse = iceberg_serializers.FromInputFile.table_metadata
+
+    def counted(input_file: Any, encoding: str = "utf-8") -> Any:
+        parses.append(input_file.location)
+        return parse(input_file, encoding)
+
+    monkeypatch.setattr(iceberg_serializers.FromInputFile, "table_metadata", staticmethod(counted))
+    for i in range(1, 3):
+        assert write(store, segment(i), "car-1") == 600
+    assert parses == []
+    loaded = tables.load(SAMPLES)
+    assert loaded.metadata is store._samples.metadata and len(loaded.metadata.snapshots) == 3
+    # another catalog (another coordinator) parses what it did not write, and sees the same table
+    assert local_tables(root).load(SAMPLES).metadata.model_dump() == loaded.metadata.model_dump()
+    assert parses
 
 
 def test_a_concurrent_snapshot_naming_a_segment_of_the_batch_fails_its_validation(tmp_path: Path) -> None:
