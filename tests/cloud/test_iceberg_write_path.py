@@ -270,3 +270,23 @@ def test_three_coordinators_creating_a_new_catalog_at_once_all_open_the_same_tab
     expected = f"{tables.samples.metadata.table_uuid} {tables.captures.metadata.table_uuid}"
     tables.close()
     assert [out.strip() for out, _ in results] == [expected] * 3
+
+
+def test_on_s3_a_file_whose_writing_fails_sends_nothing_when_held_and_ends_its_upload_when_streamed(
+    s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = S3Settings(bucket=s3.bucket, prefix="failed", endpoint=s3.url)
+    io = iceberg_io.FleetFileIO(io_properties(settings))
+    base = S3ObjectStore(settings, area="t").location
+    with pytest.raises(RuntimeError), io.new_output(f"{base}/held.avro").create() as out:
+        out.write(b"x" * 100)
+        raise RuntimeError("the writer failed")
+    monkeypatch.setattr(iceberg_io, "SPOOL_BYTES", 10)
+    with pytest.raises(RuntimeError), io.new_output(f"{base}/streamed.avro").create() as out:
+        out.write(b"y" * 100)
+        raise RuntimeError("the writer failed")
+    names = {o.key for o in S3ObjectStore(settings, area="t").list()}
+    assert "held.avro" not in names  # the streamed one is an object no commit names
+    with io.new_output(f"{base}/ok.avro").create() as out:
+        out.write(b"z" * 100)
+    assert io.new_input(f"{base}/ok.avro").open().read() == b"z" * 100

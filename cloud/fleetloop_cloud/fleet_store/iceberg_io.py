@@ -22,6 +22,7 @@ is signed, sent and parsed by the AWS SDK). Here:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections import OrderedDict
@@ -151,10 +152,11 @@ class _Upload:
     ) -> None:
         if exc_type is None:
             self.close()
-        else:  # nothing is sent for a file whose writing failed
-            self.closed = True
+        else:  # a file whose writing failed: nothing sent if it was held, else the upload is ended
+            self.closed = True  # (an object no commit names, like any failed write's)
             if self._stream is not None:
-                self._stream.abort()
+                with contextlib.suppress(OSError):
+                    self._stream.close()
 
 
 class _FleetFile(PyArrowFile):
