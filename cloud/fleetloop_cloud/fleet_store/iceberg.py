@@ -31,6 +31,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ from pyiceberg.io.pyarrow import PyArrowFileIO, bin_pack_arrow_table, pyarrow_to
 from pyiceberg.manifest import DataFile
 from pyiceberg.partitioning import PartitionField, PartitionFieldValue, PartitionKey, PartitionSpec
 from pyiceberg.schema import Schema
-from pyiceberg.table import Table, TableProperties, Transaction, WriteTask
+from pyiceberg.table import CommitTableResponse, Table, TableProperties, Transaction, WriteTask
 from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.snapshots import Operation, Snapshot
 from pyiceberg.table.sorting import SortField, SortOrder
@@ -53,6 +54,7 @@ from pyiceberg.table.update.snapshot import _FastAppendFiles
 from pyiceberg.transforms import IdentityTransform
 from pyiceberg.types import DateType, DoubleType, LongType, NestedField, StringType
 
+from fleetloop_cloud.fleet_store.iceberg_io import FleetFileIO
 from fleetloop_cloud.fleet_store.parquet import partition_date, segment_table
 from fleetloop_cloud.fleet_store.query import TableFiles
 from fleetloop_cloud.fleet_store.settings import TableSettings
@@ -105,6 +107,9 @@ CAPTURES_SCHEMA = Schema(
     # the privacy policy stamp the capture was taken under ("" for none; older tables gain the column)
     NestedField(13, "privacy", StringType(), required=False),
 )
+#: The tables' sort orders (each data file is written so sorted).
+SAMPLES_ORDER = ("device_id", "signal", "t_ns")
+CAPTURES_ORDER = ("device_id", "capture_id", "first_ns")
 _EPOCH = datetime.date(1970, 1, 1)
 #: What one receipt in a snapshot summary holds, in order.
 RECEIPT_FIELDS = ("device_id", "segment_id", "samples", "capture_id", "campaign", "first_ns", "last_ns",
@@ -134,15 +139,6 @@ def _sort(schema: Schema, names: Iterable[str]) -> SortOrder:
 
 
 # -- the catalog and its file IO ---------------------------------------------------------------------
-class FleetFileIO(PyArrowFileIO):
-    """pyiceberg's pyarrow file IO with our S3 file system (one client, one set of settings)."""
-
-    def _initialize_s3_fs(self, netloc: str | None) -> Any:
-        from fleetloop_cloud.storage.s3 import s3_filesystem
-
-        return s3_filesystem(S3Settings(**json.loads(self.properties["fleetloop.s3"])))
-
-
 def catalog_uri(db: str | None, sqlite_path: Path) -> str:
     """SQLAlchemy's URL for the coordinator's database: PostgreSQL through psycopg 3, or the SQLite file."""
     if db:
@@ -162,19 +158,92 @@ def io_properties(storage: S3Settings | None) -> dict[str, str]:
             "fleetloop.s3": json.dumps(settings)}  # fmt: skip
 
 
+class _FleetCatalog(SqlCatalog):
+    """pyiceberg's SQL catalog, remembering the metadata of the last few metadata files it wrote or read.
+
+    Every commit loads the table's current metadata to check the commit's requirements against it, and
+    every load parses the metadata file — JSON holding every retained snapshot — although this catalog
+    has usually just written it (the previous commit). Metadata files are never rewritten (each commit
+    writes a new one, named by its sequence number and a UUID) and the parsed metadata is a frozen model,
+    so the parsed copy is kept by location (:data:`PARSED_METADATA` of them, the oldest dropped)."""
+
+    def __init__(self, name: str, **properties: str) -> None:
+        super().__init__(name, **properties)
+        self._parsed: OrderedDict[str, TableMetadata] = OrderedDict()
+        self._parsed_lock = threading.Lock()
+
+    def _remember(self, location: str, metadata: TableMetadata) -> None:
+        with self._parsed_lock:
+            self._parsed[location] = metadata
+            self._parsed.move_to_end(location)
+            while len(self._parsed) > PARSED_METADATA:
+                self._parsed.popitem(last=False)
+
+    def _convert_orm_to_iceberg(self, orm_table: Any) -> Table:
+        location = orm_table.metadata_location
+        with self._parsed_lock:
+            metadata = self._parsed.get(location) if location else None
+        if metadata is None:
+            table = super()._convert_orm_to_iceberg(orm_table)
+            self._remember(table.metadata_location, table.metadata)
+            return table
+        return Table(
+            identifier=(*Catalog.identifier_to_tuple(orm_table.table_namespace), orm_table.table_name),
+            metadata=metadata,
+            metadata_location=location, io=self._load_file_io(metadata.properties, location), catalog=self,
+        )  # fmt: skip
+
+    def commit_table(self, table: Table, requirements: Any, updates: Any) -> CommitTableResponse:
+        response = super().commit_table(table, requirements, updates)
+        self._remember(response.metadata_location, response.metadata)
+        return response
+
+
+#: Parsed metadata files a catalog keeps (two tables: the current and the previous of each, and spare).
+PARSED_METADATA = 8
+#: Tries to open (and on first use create) the catalog and its tables, and the pause before each retry.
+OPEN_ATTEMPTS = 5
+OPEN_RETRY_S = 0.2
+
+
+def _database_error(exc: BaseException) -> bool:
+    """An error of the catalog's database layer (SQLAlchemy's, raised through pyiceberg's SQL catalog),
+    told by its module so that nothing here imports SQLAlchemy."""
+    return type(exc).__module__.split(".")[0] == "sqlalchemy"
+
+
 class IcebergTables:
-    """The two tables, created on first use, in the catalog at ``uri`` with files under ``warehouse``."""
+    """The two tables, created on first use, in the catalog at ``uri`` with files under ``warehouse``.
+
+    Creation is idempotent across processes: coordinators started together on a new database race to
+    create the catalog's own tables, the namespace and ours, and pyiceberg's SQL catalog checks before it
+    creates, so all but one of them see a duplicate-key or duplicate-table error from the database. That
+    loser opens again (:data:`OPEN_ATTEMPTS`) and finds everything there."""
 
     def __init__(self, uri: str, warehouse: str, properties: dict[str, str] | None = None) -> None:
         self.warehouse = warehouse.rstrip("/")
-        try:
-            self.catalog: Catalog = SqlCatalog("fleetloop", uri=uri, warehouse=self.warehouse,
-                                               **(properties or {}))  # fmt: skip
-            self.catalog.create_namespace_if_not_exists(NAMESPACE)
-            self.samples = self._table(SAMPLES, SAMPLES_SCHEMA, ("device_id", "signal", "t_ns"))
-            self.captures = self._table(CAPTURES, CAPTURES_SCHEMA, ("device_id", "capture_id", "first_ns"))
-        except (OSError, CommitFailedException) as exc:
-            raise UnavailableError(f"Iceberg catalog at {uri.split('@')[-1]}: {exc}") from None
+        where = uri.split("@")[-1]
+        for attempt in range(OPEN_ATTEMPTS):
+            catalog: Catalog | None = None
+            try:
+                catalog = self.catalog = _FleetCatalog("fleetloop", uri=uri, warehouse=self.warehouse,
+                                                    **(properties or {}))  # fmt: skip
+                catalog.create_namespace_if_not_exists(NAMESPACE)
+                self.samples = self._table(SAMPLES, SAMPLES_SCHEMA, SAMPLES_ORDER)
+                self.captures = self._table(CAPTURES, CAPTURES_SCHEMA, CAPTURES_ORDER)
+                return
+            except (OSError, CommitFailedException) as exc:
+                raise UnavailableError(f"Iceberg catalog at {where}: {exc}") from None
+            except Exception as exc:
+                if not _database_error(exc):
+                    raise
+                if catalog is not None:
+                    self.close()
+                if attempt == OPEN_ATTEMPTS - 1:
+                    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise UnavailableError(f"Iceberg catalog at {where}: {detail}") from None
+                log.info("Iceberg catalog at %s: %s; opening it again", where, type(exc).__name__)
+                time.sleep(OPEN_RETRY_S * (attempt + 1))
 
     def _table(self, name: str, schema: Schema, order: tuple[str, ...]) -> Table:
         location = f"{self.warehouse}/{name.split('.')[-1]}"
@@ -263,14 +332,23 @@ def _keys_between(table: Table, head: Snapshot | None, base_id: int | None) -> s
     return keys
 
 
-def _data_files(table: Table, groups: dict[tuple[str, str], list[pa.Table]]) -> list[DataFile]:
-    """A batch's rows written as one data file per partition (more past the target file size), sorted
-    by device, signal and time.
+def _data_files(
+    table: Table, groups: dict[tuple[str, str], list[pa.Table]], order: tuple[str, ...] = ()
+) -> list[DataFile]:
+    """A batch's rows written as one data file per partition (more past the target file size): in the
+    order given, or sorted by ``order``.
 
     The rows arrive grouped by partition already (each segment's fleet and date), so each group is
     handed to pyiceberg's file writer with its partition key. pyiceberg's own path from a table
     (``_dataframe_to_data_files``) would find the partitions again — transform, group and filter every
-    row, then copy each partition — which was most of the ingest's write CPU (benchmarks/scale.py)."""
+    row, then copy each partition — which was most of the ingest's write CPU (benchmarks/scale.py).
+
+    Ingest passes each partition's segments by device and time, each already sorted by signal and time
+    (:func:`segment_table`), and no ``order``: sorting the batch's rows across its segments (sort, then
+    copy every column) was the largest cost left in a commit, and bought nothing a reader uses — a
+    batch's file is one row group (up to a million rows), so its statistics prune the same either way,
+    and each signal's run stays contiguous within a segment for compression. Compaction rewrites the
+    files fully sorted by the table's sort order (device, signal, time)."""
     if not groups:
         return []
     metadata = table.metadata
@@ -283,9 +361,10 @@ def _data_files(table: Table, groups: dict[tuple[str, str], list[pa.Table]]) -> 
     write_uuid, counter = uuid.uuid4(), itertools.count()
     tasks = []
     for (fleet, date), parts in sorted(groups.items()):
-        data = pa.concat_tables(parts).sort_by(
-            [("device_id", "ascending"), ("signal", "ascending"), ("t_ns", "ascending")]
-        ).cast(arrow_schema)
+        data = pa.concat_tables(parts)
+        if order:
+            data = data.combine_chunks().sort_by([(name, "ascending") for name in order])
+        data = data.cast(arrow_schema)
         values = {"fleet": fleet, "date": datetime.date.fromisoformat(date)}
         key = PartitionKey(
             field_values=[PartitionFieldValue(field, values[field.name]) for field in spec.fields],
@@ -295,6 +374,32 @@ def _data_files(table: Table, groups: dict[tuple[str, str], list[pa.Table]]) -> 
             tasks.append(WriteTask(write_uuid=write_uuid, task_id=next(counter), record_batches=batches,
                                    partition_key=key, schema=task_schema))  # fmt: skip
     return list(write_file(table.io, metadata, iter(tasks)))
+
+
+def _append_files(
+    table: Table, files: list[DataFile], properties: dict[str, str], keys: frozenset[str] = frozenset()
+) -> Table:
+    """``files`` appended to ``table`` in one snapshot (a fast append; with ``keys``, one that fails
+    with :class:`_Duplicates` when a snapshot committed since it began names one of those segments)."""
+    tx = _AppendTransaction(table)
+    producer = _KeyedAppend(operation=Operation.APPEND, transaction=tx, io=table.io,
+                            snapshot_properties=properties)  # fmt: skip
+    producer.keys = keys
+    for data_file in files:
+        producer.append_data_file(data_file)
+    producer.commit()
+    return tx.commit_transaction()
+
+
+def on_current(table: Table, change: Callable[[Table], Table]) -> Table:
+    """``change(table)``, and once more on the table as it is now if the snapshot this coordinator last
+    saw was expired under it (erasure and retention expire every snapshot but the current one, and their
+    files, so a change on it cannot read its parent's manifests: FileNotFoundError)."""
+    try:
+        return change(table)
+    except FileNotFoundError:
+        log.info("%s: the snapshot last seen here was expired; changing the current one", table.name())
+        return change(table.refresh())
 
 
 class _AppendTransaction(Transaction):
@@ -369,29 +474,40 @@ class IcebergFleetStore:
         self._leader = False
         self._samples = tables.load(SAMPLES)
         self._captures = tables.load(CAPTURES)
-        #: Segment key → samples, from the snapshots seen so far (bounded by snapshot expiry).
+        #: Segment key → samples, and → the batch that committed it, from the live snapshots; the batches
+        #: whose captures rows are known to be there; each live snapshot's batch and segment keys. All
+        #: four shrink as snapshots expire (:meth:`_index`), so they hold what the retention keeps.
         self._committed: dict[str, int] = {}
-        #: Segment key → the batch that committed it, and the batches whose captures rows are known to
-        #: be there (both bounded by snapshot expiry, like ``_committed``).
         self._batch_of: dict[str, str] = {}
         self._captured: set[str] = set()
-        self._seen: set[int] = set()
+        self._indexed: dict[int, tuple[str | None, list[str]]] = {}
         self._index(self._samples)
         #: Batches and segments committed, duplicates dropped, conflicts retried (for metrics and tests).
         self.counters = {"batches": 0, "segments": 0, "duplicates": 0, "conflicts": 0, "captures_restored": 0}
 
     def _index(self, table: Table) -> None:
-        for snapshot in table.metadata.snapshots:
-            if snapshot.snapshot_id in self._seen:
+        """Learn the receipts of ``table``'s snapshots not seen yet, and forget those of expired ones
+        (a segment retried after its snapshot expired is found in the ingest ledger, which the
+        maintenance pass completes from the receipts before it expires them)."""
+        live = {s.snapshot_id: s for s in table.metadata.snapshots}
+        for snapshot_id, snapshot in live.items():
+            if snapshot_id in self._indexed:
                 continue
-            self._seen.add(snapshot.snapshot_id)
             batch = snapshot.summary.additional_properties.get(BATCH_KEY) if snapshot.summary else None
+            keys = []
             for r in receipts_of(snapshot):
-                self._committed[f"{r[0]}/{r[1]}"] = int(r[2])
+                key = f"{r[0]}/{r[1]}"
+                keys.append(key)
+                self._committed[key] = int(r[2])
                 if batch is not None:
-                    self._batch_of[f"{r[0]}/{r[1]}"] = batch
-        live = {s.snapshot_id for s in table.metadata.snapshots}
-        self._seen &= live
+                    self._batch_of[key] = batch
+            self._indexed[snapshot_id] = (batch, keys)
+        for snapshot_id in [s for s in self._indexed if s not in live]:
+            batch, keys = self._indexed.pop(snapshot_id)
+            for key in keys:
+                self._committed.pop(key, None)
+                self._batch_of.pop(key, None)
+        self._captured &= {batch for batch, _ in self._indexed.values() if batch is not None}
 
     def write_segment(
         self, *, fleet: str, device_id: str, capture_id: str, campaign: str, segment: Segment,
@@ -478,40 +594,22 @@ class IcebergFleetStore:
         batch_id = uuid.uuid4().hex
         receipts = [i.receipt for i in items]
         props = {SEGMENTS_KEY: json.dumps(receipts, separators=(",", ":")), BATCH_KEY: batch_id}
-        table = self._samples
         groups: dict[tuple[str, str], list[pa.Table]] = {}
-        for i in items:
+        for i in sorted(items, key=lambda i: (i.receipt[0], i.receipt[5], i.receipt[1])):  # device, first
             if i.rows.num_rows:  # a segment lies in one partition: its receipt's fleet and date
                 groups.setdefault((str(i.receipt[8]), str(i.receipt[9])), []).append(i.rows)
-        files = _data_files(table, groups)
-        for stale in (True, False):
-            tx = _AppendTransaction(table)
-            producer = _KeyedAppend(
-                operation=Operation.APPEND, transaction=tx, io=table.io, snapshot_properties=props
-            )
-            producer.keys = frozenset(i.key for i in items)
+        files = _data_files(self._samples, groups)
+        keys = frozenset(i.key for i in items)
+        try:
+            self._samples = on_current(self._samples, lambda t: _append_files(t, files, props, keys))
+        except _Duplicates:
             for data_file in files:
-                producer.append_data_file(data_file)
-            try:
-                producer.commit()
-                self._samples = tx.commit_transaction()
-            except _Duplicates:
-                for data_file in files:
-                    table.io.delete(data_file.file_path)
-                raise
-            except FileNotFoundError:
-                if not stale:
-                    raise
-                table = self._samples = _expired_under_us(table)
-                continue
-            break
+                self._samples.io.delete(data_file.file_path)
+            raise
         self._index(self._samples)
         self.counters["batches"] += 1
         self.counters["segments"] += len(items)
-        try:
-            self._captures = append_captures(self._captures, receipts, batch_id)
-        except FileNotFoundError:
-            self._captures = append_captures(_expired_under_us(self._captures), receipts, batch_id)
+        self._captures = on_current(self._captures, lambda t: append_captures(t, receipts, batch_id))
         self._captured.add(batch_id)
 
     def _restore_captures(self, keys: set[str]) -> None:
@@ -532,14 +630,6 @@ class IcebergFleetStore:
                 self._captures = append_captures(self._captures, receipts_of(snapshot), batch)
                 self._captured.add(batch)
                 self.counters["captures_restored"] += 1
-
-
-def _expired_under_us(table: Table) -> Table:
-    """``table`` as it is now: the snapshot this coordinator last saw was expired under it (erasure and
-    retention expire every snapshot but the current one, and their files), so an append on it cannot
-    read its parent's manifests."""
-    log.info("%s: the snapshot last seen here was expired; appending on the current one", table.name())
-    return table.refresh()
 
 
 def captures_rows(
@@ -564,9 +654,12 @@ def captures_rows(
 
 def append_captures(table: Table, receipts: list[list[Any]], batch_id: str) -> Table:
     """Append a batch's capture rows (its samples commit happened first; the maintenance pass adds
-    those of a batch whose captures append never happened)."""
-    if receipts:
-        tx = _AppendTransaction(table)
-        tx.append(captures_rows(receipts), snapshot_properties={BATCH_KEY: batch_id})
-        return tx.commit_transaction()
-    return table
+    those of a batch whose captures append never happened): one data file per partition, through the
+    same writer as the samples."""
+    if not receipts:
+        return table
+    by_partition: dict[tuple[str, str], list[list[Any]]] = {}
+    for r in receipts:
+        by_partition.setdefault((str(r[8]), str(r[9])), []).append(r)
+    groups = {k: [captures_rows(v)] for k, v in by_partition.items()}
+    return _append_files(table, _data_files(table, groups, CAPTURES_ORDER), {BATCH_KEY: batch_id})

@@ -180,6 +180,7 @@ class IcebergMaintenance:
             receipts = receipts_of(snapshot)
             if not receipts:
                 continue
+            missing = []
             for r in receipts:
                 device, seg, samples_n, capture, campaign, first, last, received = r[:8]
                 if not self.segments.has(device, bytes.fromhex(seg)):
@@ -187,8 +188,9 @@ class IcebergMaintenance:
                     # and span are already on the cloud's clock)
                     receipt = SegmentReceipt(capture, campaign, 0, int(samples_n), int(first), int(last),
                                              privacy=str(r[10] or ""))  # fmt: skip
-                    if self.segments.record(device, bytes.fromhex(seg), receipt, float(received)):
-                        report.reconciled += 1
+                    missing.append((device, bytes.fromhex(seg), receipt, float(received)))
+            if missing:  # one transaction per batch
+                report.reconciled += sum(self.segments.record_many(missing))
             batch = snapshot.summary.additional_properties.get(BATCH_KEY) if snapshot.summary else None
             if batch is not None and batch not in batches:
                 captures = append_captures(captures, receipts, batch)

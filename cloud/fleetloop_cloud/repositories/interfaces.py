@@ -113,6 +113,10 @@ class SegmentRepository(Protocol):
         """Record an ingested segment and fold it into its capture; False (and no change) for a repeat."""
         ...
 
+    def record_many(self, entries: Sequence[tuple[str, bytes, SegmentReceipt, float]]) -> list[bool]:
+        """:meth:`record` for each ``(device_id, segment_id, receipt, now)``, in one transaction."""
+        ...
+
     def receipt(self, device_id: str, segment_id: bytes) -> SegmentReceipt | None:
         """What was recorded of one segment (None: not stored)."""
         ...

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Sequence
+from typing import Any
 
 from fleetloop_cloud.repositories.database import Database
 from fleetloop_cloud.repositories.records import CaptureRecord, IngestTotals, SegmentReceipt
+
+#: One segment to record in the ingest ledger: device, segment id, receipt, arrival (unix s).
+LedgerEntry = tuple[str, bytes, SegmentReceipt, float]
 
 
 class SqlSegments:
@@ -24,34 +29,41 @@ class SqlSegments:
         return bool(rows)
 
     def record(self, device_id: str, segment_id: bytes, receipt: SegmentReceipt, now: float) -> bool:
-        r = receipt
+        return self.record_many([(device_id, segment_id, receipt, now)])[0]
+
+    def record_many(self, entries: Sequence[LedgerEntry]) -> list[bool]:
         with self._db.write() as tx:
-            cur = tx.execute(
-                """INSERT INTO segments (device_id, segment_id, capture_id, campaign, priority,
-                                         samples, first_ns, last_ns, received_at, clock_offset_ns,
-                                         clock_round_trip_ns, clock_status)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT (device_id, segment_id) DO NOTHING""",
-                (device_id, bytes(segment_id), r.capture_id, r.campaign, r.priority, r.samples, r.first_ns,
-                 r.last_ns, now, r.clock_offset_ns, r.clock_round_trip_ns, r.clock_status),
-            )  # fmt: skip
-            if cur.rowcount == 0:
-                return False
-            tx.execute(
-                """INSERT INTO captures (device_id, capture_id, campaign, first_ns, last_ns, samples,
-                                         segments, first_received, last_received, privacy)
-                   VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?)
-                   ON CONFLICT (device_id, capture_id) DO UPDATE SET
-                     first_ns = CASE WHEN excluded.first_ns < captures.first_ns
-                                     THEN excluded.first_ns ELSE captures.first_ns END,
-                     last_ns = CASE WHEN excluded.last_ns > captures.last_ns
-                                    THEN excluded.last_ns ELSE captures.last_ns END,
-                     samples = captures.samples + excluded.samples,
-                     segments = captures.segments + 1,
-                     last_received = excluded.last_received""",
-                (device_id, r.capture_id, r.campaign, r.first_ns, r.last_ns, r.samples, now, now, r.privacy),
-            )
-            return True
+            return [self._record(tx, *entry) for entry in entries]
+
+    @staticmethod
+    def _record(tx: Any, device_id: str, segment_id: bytes, receipt: SegmentReceipt, now: float) -> bool:
+        r = receipt
+        cur = tx.execute(
+            """INSERT INTO segments (device_id, segment_id, capture_id, campaign, priority,
+                                     samples, first_ns, last_ns, received_at, clock_offset_ns,
+                                     clock_round_trip_ns, clock_status)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (device_id, segment_id) DO NOTHING""",
+            (device_id, bytes(segment_id), r.capture_id, r.campaign, r.priority, r.samples, r.first_ns,
+             r.last_ns, now, r.clock_offset_ns, r.clock_round_trip_ns, r.clock_status),
+        )  # fmt: skip
+        if cur.rowcount == 0:
+            return False
+        tx.execute(
+            """INSERT INTO captures (device_id, capture_id, campaign, first_ns, last_ns, samples,
+                                     segments, first_received, last_received, privacy)
+               VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?)
+               ON CONFLICT (device_id, capture_id) DO UPDATE SET
+                 first_ns = CASE WHEN excluded.first_ns < captures.first_ns
+                                 THEN excluded.first_ns ELSE captures.first_ns END,
+                 last_ns = CASE WHEN excluded.last_ns > captures.last_ns
+                                THEN excluded.last_ns ELSE captures.last_ns END,
+                 samples = captures.samples + excluded.samples,
+                 segments = captures.segments + 1,
+                 last_received = excluded.last_received""",
+            (device_id, r.capture_id, r.campaign, r.first_ns, r.last_ns, r.samples, now, now, r.privacy),
+        )
+        return True
 
     def receipt(self, device_id: str, segment_id: bytes) -> SegmentReceipt | None:
         rows = self._db.read(
@@ -76,7 +88,15 @@ class SqlSegments:
         )
         return [
             CaptureRecord(
-                r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5]), int(r[6]), float(r[7]), float(r[8]),
+                r[0],
+                r[1],
+                r[2],
+                int(r[3]),
+                int(r[4]),
+                int(r[5]),
+                int(r[6]),
+                float(r[7]),
+                float(r[8]),
                 str(r[9]),
             )
             for r in rows
@@ -119,28 +139,34 @@ class MemorySegments:
             return (device_id, bytes(segment_id)) in self._segments
 
     def record(self, device_id: str, segment_id: bytes, receipt: SegmentReceipt, now: float) -> bool:
-        r = receipt
+        return self.record_many([(device_id, segment_id, receipt, now)])[0]
+
+    def record_many(self, entries: Sequence[LedgerEntry]) -> list[bool]:
         with self._lock:
-            key = (device_id, bytes(segment_id))
-            if key in self._segments:
-                return False
-            self._segments[key] = r
-            old = self._captures.get((device_id, r.capture_id))
-            if old is None:
-                self._captures[(device_id, r.capture_id)] = CaptureRecord(
-                    r.capture_id, device_id, r.campaign, r.first_ns, r.last_ns, r.samples, 1, now, now,
-                    r.privacy,
-                )  # fmt: skip
-            else:
-                self._captures[(device_id, r.capture_id)] = dataclasses.replace(
-                    old,
-                    first_ns=min(old.first_ns, r.first_ns),
-                    last_ns=max(old.last_ns, r.last_ns),
-                    samples=old.samples + r.samples,
-                    segments=old.segments + 1,
-                    last_received=now,
-                )
-            return True
+            return [self._record(*entry) for entry in entries]
+
+    def _record(self, device_id: str, segment_id: bytes, receipt: SegmentReceipt, now: float) -> bool:
+        r = receipt
+        key = (device_id, bytes(segment_id))
+        if key in self._segments:
+            return False
+        self._segments[key] = r
+        old = self._captures.get((device_id, r.capture_id))
+        if old is None:
+            self._captures[(device_id, r.capture_id)] = CaptureRecord(
+                r.capture_id, device_id, r.campaign, r.first_ns, r.last_ns, r.samples, 1, now, now,
+                r.privacy,
+            )  # fmt: skip
+        else:
+            self._captures[(device_id, r.capture_id)] = dataclasses.replace(
+                old,
+                first_ns=min(old.first_ns, r.first_ns),
+                last_ns=max(old.last_ns, r.last_ns),
+                samples=old.samples + r.samples,
+                segments=old.segments + 1,
+                last_received=now,
+            )
+        return True
 
     def receipt(self, device_id: str, segment_id: bytes) -> SegmentReceipt | None:
         with self._lock:

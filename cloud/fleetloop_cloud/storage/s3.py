@@ -49,8 +49,10 @@ def _credentials(settings: S3Settings) -> dict[str, str]:
     return out
 
 
-def s3_filesystem(settings: S3Settings) -> fs.S3FileSystem:
-    """pyarrow's S3 file system for ``settings`` (paths are ``bucket/key``)."""
+def s3_filesystem(settings: S3Settings, *, single_put: bool = False) -> fs.S3FileSystem:
+    """pyarrow's S3 file system for ``settings`` (paths are ``bucket/key``). With ``single_put``, an
+    object written in one piece smaller than a multipart part is sent as one PUT (pyarrow's delayed
+    open), not as a multipart upload of three requests; a failure then shows when the stream closes."""
     kwargs: dict[str, object] = dict(_credentials(settings))
     if settings.endpoint:
         parts = urllib.parse.urlsplit(settings.endpoint)
@@ -61,6 +63,7 @@ def s3_filesystem(settings: S3Settings) -> fs.S3FileSystem:
         request_timeout=settings.request_timeout_s,
         connect_timeout=settings.connect_timeout_s,
         retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=settings.max_attempts),
+        allow_delayed_open=single_put,
         **kwargs,
     )
 
