@@ -32,9 +32,9 @@ from fleetloop_shared.errors import ConfigError
 #: Longest group name spelled out; longer combinations of multiplexed signals are named by a digest.
 MAX_GROUP_NAME: Final = 120
 #: Default of ``decode_frames``: a CAN source decodes once this many frames are pending ...
-DEFAULT_DECODE_FRAMES: Final = 2_048
+DEFAULT_DECODE_FRAMES: Final = 4_096
 #: ... or once the oldest pending frame has waited this long (``decode_wait``, seconds), whichever is first.
-DEFAULT_DECODE_WAIT_S: Final = 5.0
+DEFAULT_DECODE_WAIT_S: Final = 10.0
 #: Longest ``decode_wait`` accepted: well under a replay's drop-oldest backlog (300 s).
 MAX_DECODE_WAIT_S: Final = 60.0
 _NS_PER_S: Final = 1_000_000_000
