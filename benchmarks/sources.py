@@ -3,20 +3,24 @@ CAN sources at AWS IoT FleetWise's published load. One JSON object on stdout.
 
 (a) ``decode``: frames decoded per CPU-second of one core, cantools (``Message.decode`` per frame, what
     the agent's ``FrameDecoder`` does) against the batch decoder (numpy, values identical —
-    ``tests/shared/test_can_batch.py``) taken three ways: ``flat`` (``decode_flat``: every value in flat
-    arrays), ``per_signal`` (``decode_flat(...).parts()``: one array per message and signal, what a CAN
-    source makes groups of; the goal's figure, as cantools' dict per frame is) and ``messages``
-    (``decode``: DecodedMessage objects), on every real log with its DBC. Frames are counted
-    as they are on the bus (every frame of the log's bus, in or out of the DBC), in batches holding
-    0.1 s, 1 s and 10 s of the log's own traffic (the agent decodes what arrived since its last tick,
-    every 0.1 s), and the whole log at once. Goal: >= 10x cantools. ``source_path``: a live source's
-    own CPU per frame at the load below (queue hand-over in the receive thread; drain, decode and
-    groups on the loop).
+    ``tests/shared/test_can_batch.py``) taken four ways: ``flat`` (``decode_flat``: every value in flat
+    arrays), ``per_signal`` (``decode_flat(...).parts()``: one array per message and signal),
+    ``messages`` (``decode``: DecodedMessage objects) and ``agent`` (what a CAN source does with a
+    batch: ``CanSignalMap.emit`` into groups of catalog-id columns, every DBC signal mapped, and
+    ``GroupAccumulator.build``; the goal's figure), on every real log with its DBC. Frames are counted
+    as they are on the bus (every frame of the log's bus, in or out of the DBC), in the batches the
+    agent decodes (``cadence``: cut by the sources' own ``DecodeCadence.due`` at the agent's 0.1 s
+    ticks over the log's timeline, default ``decode_frames`` / ``decode_wait``), in batches holding
+    0.1 s, 1 s and 10 s of the log's own traffic (the trade-off), and the whole log at once. Goal:
+    >= 10x cantools at the cadence. ``source_path``: a live source's own CPU per frame at the load
+    below (queue hand-over in the receive thread; drain, decode and groups on the loop), at every
+    tick and at the cadence.
 (b) ``load``: the agent's data path with **live** CAN sources: four buses, each carrying the comma2k19
     drive's bus-0 frames time-compressed to ~3,500 frames/s, read by four ``CanBusSource`` (python-can,
     DBC-decoded, every signal mapped), into ring buffers, the trigger engine with 80 campaigns (50
     time-based, 30 condition: ``benchmarks/triggers.py``'s scenario) and the capture assembler, ticking
-    every 0.1 s of wall time as the agent's loop does. Two buses:
+    every 0.1 s of wall time as the agent's loop does (the sources at their default decode cadence;
+    captures wait, and the ring buffers keep, the decode lag more, as in the runtime). Two buses:
     ``remote``: python-can-remote servers (one per bus, separate processes) fed by a sender process;
       the agent process's whole CPU (receive threads included) and peak RSS are measured. This is the
       only bus here that crosses processes (no ``vcan`` in this kernel); its websocket framing costs more
