@@ -1,10 +1,11 @@
 """Decoding CAN frames through a DBC many at a time: one fixed sequence of numpy operations per batch,
 for every message of the DBC together, instead of one cantools call per frame.
 
-A busy bus carries thousands of frames a second over tens of message ids, and the agent decodes what
-arrived in its last tick, so a batch holds a few hundred frames and each message only a few of them:
-work per message id and batch would dominate. So the DBC is compiled into tables (per signal: where its
-bits are, shift, mask, sign, scale and offset; per message: its signal count, first signal and length)
+A busy bus carries thousands of frames a second over tens of message ids, and a CAN source decodes
+what is pending on its decode cadence (thousands of frames, a few seconds; decision 0035), so a batch
+holds each message only tens of times: work per message id and batch would dominate. So the DBC is
+compiled into tables (per signal: where its bits are, shift, mask, sign, scale and offset; per message:
+its signal count, first signal and length)
 and a batch is decoded flat: each frame's message is looked up, the frames cantools would decode kept
 and grouped by message with one stable sort, expanded to (frame, signal) pairs, each pair's 8-byte
 window read in its byte order with one gather, then shifted, masked, sign-extended and scaled, all pairs
