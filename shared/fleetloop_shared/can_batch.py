@@ -5,13 +5,13 @@ A busy bus carries thousands of frames a second over tens of message ids, and a 
 what is pending on its decode cadence (thousands of frames, a few seconds; decision 0035), so a batch
 holds each message only tens of times: work per message id and batch would dominate. So the DBC is
 compiled into tables (per signal: where its bits are, shift, mask, sign, scale and offset; per message:
-its signal count, first signal and length)
-and a batch is decoded flat: each frame's message is looked up, the frames cantools would decode kept
-and grouped by message with one stable sort, expanded to (frame, signal) pairs, each pair's 8-byte
-window read in its byte order with one gather, then shifted, masked, sign-extended and scaled, all pairs
-at once. :class:`DecodedBatch` holds the result; its ``parts`` are one array per message and signal,
-views into it. Only messages that need per-signal Python arithmetic (IEEE floats, fields wider than
-int64 or float64 keep exact, 9-byte fields) or multiplexing are finished per message.
+its signal count, first signal and length) and a batch is decoded flat: each frame's message is looked
+up, the frames cantools would decode kept and grouped by message with one stable sort, expanded to
+(frame, signal) pairs, each pair's 8-byte window read in its byte order with one gather, then shifted,
+masked, sign-extended and scaled, all pairs at once. :class:`DecodedBatch` holds the result; its
+``parts`` are one array per message and signal, views into it. Only messages that need per-signal
+Python arithmetic (IEEE floats, fields wider than int64 or float64 keep exact, 9-byte fields) or
+multiplexing are finished per message.
 
 The results are exactly cantools' (``Message.decode(data, decode_choices=False, scaling=True,
 allow_truncated=False, allow_excess=True)``): the same values, typed as cantools types them (ints for
