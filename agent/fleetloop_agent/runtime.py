@@ -100,6 +100,9 @@ class AgentRuntime:
             src.declare(self.catalog)
         #: Local id → fleet id, for the signals whose fleet id arrived after they were declared.
         self.segment_ids = self.catalog_ids.segment_ids(self.catalog)
+        # CAN sources decode on a cadence: their samples may arrive this much after their time, so a
+        # capture is cut that much later and the ring buffers keep that much more
+        self._decode_lag_ns = max((int(getattr(s, "decode_lag_ns", 0)) for s in self.sources), default=0)
         origins = {s.origin for s in self.sources}
         # one origin when all sources agree; otherwise any simulated data makes the whole simulated
         self.data_origin = (
@@ -242,7 +245,7 @@ class AgentRuntime:
                 continue
             self.metrics.fires.inc()
             self.assembler.on_fire(fire, spec.collect_signals, spec.privacy)
-        for capture in self.assembler.poll(data_now, self.buffers):
+        for capture in self.assembler.poll(data_now - self._decode_lag_ns, self.buffers):
             self._store_capture(capture)
 
     def _store_capture(self, capture: Capture) -> None:
@@ -370,8 +373,9 @@ class AgentRuntime:
         self.specs = {s.name: s for s in specs if s.name not in refused}
         self.refused = refused
         # captures still pending from swapped-out campaigns keep their history
-        horizon = max(
-            [MIN_HORIZON_NS, self.engine.required_horizon_ns(), self.assembler.required_horizon_ns()]
+        horizon = (
+            max([MIN_HORIZON_NS, self.engine.required_horizon_ns(), self.assembler.required_horizon_ns()])
+            + self._decode_lag_ns
         )
         self.buffers.set_horizon(horizon)
         for name, reason in refused.items():

@@ -20,7 +20,7 @@ import pytest
 from fleetloop_agent.recordings import read_can_frames
 from fleetloop_agent.sources import build_source
 from fleetloop_agent.sources.can_bus import CanBusSource
-from fleetloop_agent.sources.can_signals import CanSignalMap
+from fleetloop_agent.sources.can_signals import EVERY_READ, CanSignalMap
 from fleetloop_agent.sources.live import Backoff, FrameQueue
 from fleetloop_fwsim.can_network import CanPlayer, RemoteCanServer
 from fleetloop_shared.catalog import Catalog
@@ -50,6 +50,7 @@ def drive(recordings: Path) -> dict[str, Any]:
 
 def _source(dbc: Path, *, interface: str, channel: str, **kw: Any) -> tuple[CanBusSource, Catalog]:
     signals = CanSignalMap(load_dbc(dbc), MAPPING, include_unmapped=False, source="car")
+    kw.setdefault("cadence", EVERY_READ)  # these tests check what is decoded, not when (test_can_cadence)
     src = CanBusSource(signals, interface=interface, channel=channel, name="car", clock=StepClock(), **kw)
     catalog = Catalog()
     src.declare(catalog)
@@ -308,7 +309,9 @@ def test_can_fd_frames_of_64_bytes(tmp_path: Path) -> None:
     dbc.write_text(FD_DBC)
     assert load_dbc(dbc).layout("WIDE").is_fd
     signals = CanSignalMap(load_dbc(dbc), {}, include_unmapped=True, source="fd")
-    src = CanBusSource(signals, interface="virtual", channel="live-fd", name="fd", fd=True)
+    src = CanBusSource(
+        signals, interface="virtual", channel="live-fd", name="fd", fd=True, cadence=EVERY_READ
+    )
     catalog = Catalog()
     src.declare(catalog)
     src.start()

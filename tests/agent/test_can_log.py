@@ -15,7 +15,7 @@ import pytest
 from fleetloop_agent.recordings import read_can_frames
 from fleetloop_agent.sources import build_source
 from fleetloop_agent.sources.can_bus import CanBusSource
-from fleetloop_agent.sources.can_signals import CanSignalMap
+from fleetloop_agent.sources.can_signals import EVERY_READ, CanSignalMap
 from fleetloop_agent.sources.j1939 import J1939Reassembler, frame_id_of
 from fleetloop_shared.can_batch import BatchDecoder, FrameBatch
 from fleetloop_shared.catalog import Catalog
@@ -109,8 +109,8 @@ def test_every_log_format_replays_once_completely(recordings: Path, tmp_path: Pa
 def test_pacing_real_time_and_accelerated(recordings: Path, tmp_path: Path) -> None:
     asc = recordings / "kona-ev" / "bms_idle_30sec.asc"
     dbc = recordings / "kona-ev" / "dbc" / "pcan.dbc"
-    real, _ = _log_source(tmp_path, asc, dbc)
-    fast, _ = _log_source(tmp_path, asc, dbc, speed=4)
+    real, _ = _log_source(tmp_path, asc, dbc, decode_wait=0)  # pacing, not the decode cadence
+    fast, _ = _log_source(tmp_path, asc, dbc, speed=4, decode_wait=0)
     halfway_real = _samples(real.read(START + 15 * S))
     quarter_fast = _samples(fast.read(START + int(3.75 * S)))  # 15 s of the log at 4x
     total = _reference_samples(asc, dbc)
@@ -217,7 +217,9 @@ def _ecu(channel: str, address: int, identity: int) -> Any:
 def test_transport_sessions_of_a_real_j1939_stack_are_reassembled(tmp_path: Path) -> None:
     channel = "j1939-tp"
     signals = CanSignalMap(load_dbc(_j1939_dbc(tmp_path)), {}, include_unmapped=True, source="truck")
-    src = CanBusSource(signals, interface="virtual", channel=channel, name="truck", j1939=True)
+    src = CanBusSource(
+        signals, interface="virtual", channel=channel, name="truck", j1939=True, cadence=EVERY_READ
+    )
     catalog = Catalog()
     src.declare(catalog)
     src.start()

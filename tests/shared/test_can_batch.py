@@ -289,3 +289,45 @@ def test_ids_outside_the_dense_table_match_nothing() -> None:
     }
     assert decoded == {"LOW": ([3], [3]), "HIGH": ([2], [2])}
     assert decoder.errors_total == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ids=st.lists(
+        st.one_of(
+            st.integers(0x800, 0x1FFFFFFF), st.sampled_from([0x18FEF100, 0x0CF00400, 0x18FEF1FE, 0x0CF004FF])
+        ),
+        min_size=1,
+        max_size=300,
+    ),
+    hostile=st.lists(st.integers(-(1 << 62), 1 << 62), max_size=5),
+    batches=st.integers(1, 4),
+)
+def test_29_bit_ids_are_looked_up_as_message_index_says(
+    ids: list[int], hostile: list[int], batches: int
+) -> None:
+    """The hashed id table (29-bit and J1939 buses) gives every frame the message ``message_index``
+    gives its id, across batches that teach it new ids, with colliding slots and hostile ids."""
+    from cantools.database.can import Message, Signal
+
+    eec1 = Message(
+        0x0CF00400, "EEC1", 8, [Signal("Rpm", 24, 16)], is_extended_frame=True, strict=False, protocol="j1939"
+    )
+    ccvs = Message(
+        0x18FEF100,
+        "CCVS1",
+        8,
+        [Signal("Speed", 8, 16)],
+        is_extended_frame=True,
+        strict=False,
+        protocol="j1939",
+    )
+    plain = Message(0x1ABCDEF0, "PLAIN", 8, [Signal("X", 0, 8)], strict=False, is_extended_frame=True)
+    db = DbcDatabase(cantools.database.can.Database(messages=[eec1, ccvs, plain], strict=False))
+    decoder = BatchDecoder([db.layout(m) for m in ("EEC1", "CCVS1", "PLAIN")])
+    every = ids + hostile + [0x1ABCDEF0]
+    step = max(1, len(every) // batches)
+    for a in range(0, len(every), step):
+        chunk = np.array(every[a : a + step] + every[:a], np.int64)  # old ids again, and new ones
+        got = decoder._which(chunk).tolist()
+        assert got == [decoder.message_index(int(i)) for i in chunk.tolist()]

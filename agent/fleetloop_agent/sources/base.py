@@ -179,30 +179,39 @@ class GroupAccumulator:
     """Collects per-group pieces of one read and joins them into one :class:`GroupBatch` per group.
 
     Pieces arrive in data-time order (chunk after chunk, loop after loop), so concatenation keeps each
-    group's timestamps non-decreasing.
+    group's timestamps non-decreasing. Most groups get one piece per read (a CAN message decoded once
+    per batch): that piece becomes the batch as it is, its dict of columns taken over (callers hand in
+    a fresh dict per piece), so a read costs no per-column work for them.
     """
 
     def __init__(self) -> None:
-        self._t: dict[str, list[npt.NDArray[np.int64]]] = {}
-        self._values: dict[str, dict[int, list[npt.NDArray[np.generic]]]] = {}
+        self._pieces: dict[str, list[tuple[npt.NDArray[np.int64], dict[int, npt.NDArray[np.generic]]]]] = {}
 
     def add(
         self, group: str, t_ns: npt.NDArray[np.int64], values: dict[int, npt.NDArray[np.generic]]
     ) -> None:
         if t_ns.shape[0] == 0:
             return
-        self._t.setdefault(group, []).append(t_ns)
-        columns = self._values.setdefault(group, {})
-        for signal_id, array in values.items():
-            columns.setdefault(signal_id, []).append(array)
+        pieces = self._pieces.get(group)
+        if pieces is None:
+            self._pieces[group] = [(t_ns, values)]
+        else:
+            pieces.append((t_ns, values))
 
     def build(self) -> list[GroupBatch]:
         batches = []
-        for group, pieces in self._t.items():
-            t_ns = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-            values = {
-                sid: (arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
-                for sid, arrays in self._values[group].items()
-            }
+        for group, pieces in self._pieces.items():
+            if len(pieces) == 1:
+                t_ns, values = pieces[0]
+            else:
+                t_ns = np.concatenate([t for t, _ in pieces])
+                columns: dict[int, list[npt.NDArray[np.generic]]] = {}
+                for _, piece in pieces:
+                    for signal_id, array in piece.items():
+                        columns.setdefault(signal_id, []).append(array)
+                values = {
+                    sid: (arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
+                    for sid, arrays in columns.items()
+                }
             batches.append(GroupBatch(group, t_ns.astype(np.int64, copy=False), values))
         return batches

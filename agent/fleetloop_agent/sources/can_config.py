@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any, Final
 from fleetloop_agent.sources.base import ORIGINS, SignalSource
 from fleetloop_agent.sources.can_bus import TIMESTAMPS, CanBusSource, interfaces
 from fleetloop_agent.sources.can_log import CanLogSource
-from fleetloop_agent.sources.can_signals import CanSignalMap, MappingKeyError
+from fleetloop_agent.sources.can_signals import (
+    DEFAULT_DECODE_FRAMES,
+    DEFAULT_DECODE_WAIT_S,
+    MAX_DECODE_WAIT_S,
+    CanSignalMap,
+    DecodeCadence,
+    MappingKeyError,
+)
 from fleetloop_agent.sources.live import DEFAULT_QUEUE_FRAMES, DeviceClock
 from fleetloop_agent.sources.obd import DEFAULT_QUEUE_SAMPLES, ObdSource
 from fleetloop_agent.sources.obd_link import ELM_PROTOCOLS, Elm327Link, IsoTpLink, ObdLink
@@ -27,7 +34,7 @@ from fleetloop_shared.yaml_marks import location
 if TYPE_CHECKING:
     from fleetloop_agent.sources import _SpecReader
 
-_SIGNAL_KEYS: Final = ("dbc", "mapping", "include_unmapped", "j1939")
+_SIGNAL_KEYS: Final = ("dbc", "mapping", "include_unmapped", "j1939", "decode_frames", "decode_wait")
 KEYS: Final[dict[str, tuple[str, ...]]] = {
     "can": (
         "kind",
@@ -93,6 +100,18 @@ def _signals(r: _SpecReader, name: str) -> CanSignalMap:
         raise ConfigError(f"{where or location(r.spec, 'mapping')}{r.label}: {exc.message}") from None
 
 
+def _cadence(r: _SpecReader) -> DecodeCadence:
+    """``decode_frames`` (decode once this many frames are pending) and ``decode_wait`` (seconds: or once
+    the oldest has waited this long; 0 decodes at every tick)."""
+    frames = r.raw("decode_frames", DEFAULT_DECODE_FRAMES)
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise r.fail("decode_frames", f"expected a number of frames >= 1, got {frames!r}")
+    wait = r.raw("decode_wait", DEFAULT_DECODE_WAIT_S)
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait <= MAX_DECODE_WAIT_S:
+        raise r.fail("decode_wait", f"expected seconds between 0 and {MAX_DECODE_WAIT_S:g}, got {wait!r}")
+    return DecodeCadence.seconds(frames, float(wait))
+
+
 def _number(r: _SpecReader, key: str, default: float) -> float:
     value = r.raw(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
@@ -127,6 +146,7 @@ def _can_bus(r: _SpecReader, name: str, clock: DeviceClock | None) -> CanBusSour
         timestamps=r.string("timestamps", "receive", choices=TIMESTAMPS),
         queue_frames=queue_frames,
         filters=r.boolean("filters", True),
+        cadence=_cadence(r),
         clock=clock,
     )
 
@@ -146,6 +166,7 @@ def _can_log(r: _SpecReader, name: str, start_ns: int) -> CanLogSource:
         j1939=r.boolean("j1939", False),
         name=name,
         origin=r.string("origin", "recordings", choices=ORIGINS),
+        cadence=_cadence(r),
     )
 
 

@@ -5,9 +5,10 @@ The log is read once, at construction, by the one reader of recordings
 (:func:`~fleetloop_agent.recordings.read_can_frames`), so a malformed line is reported with its
 ``FILE:LINE`` before the agent starts and the replay itself cannot fail later. Frames are delivered at
 ``speed`` times real time (2 = twice as fast, so the same frames in half the time: a denser bus), looping
-forever by default as a bus never stops, or once (``loop: false``). Decoding is per read, all frames at
-once (:class:`~fleetloop_agent.sources.can_signals.CanSignalMap`); J1939 transport sessions are
-reassembled when ``j1939`` is on.
+forever by default as a bus never stops, or once (``loop: false``). Frames due are decoded all at once
+(:class:`~fleetloop_agent.sources.can_signals.CanSignalMap`) when the
+:class:`~fleetloop_agent.sources.can_signals.DecodeCadence` says so, as a live bus's are; J1939
+transport sessions are reassembled when ``j1939`` is on.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy.typing as npt
 
 from fleetloop_agent.recordings import read_can_frames
 from fleetloop_agent.sources.base import GroupAccumulator, ReplayCursor, check_origin, loop_period_ns
-from fleetloop_agent.sources.can_signals import CanSignalMap
+from fleetloop_agent.sources.can_signals import DEFAULT_CADENCE, CanSignalMap, DecodeCadence
 from fleetloop_agent.sources.j1939 import J1939Reassembler
 from fleetloop_shared.can_batch import FrameBatch
 from fleetloop_shared.catalog import Catalog
@@ -42,6 +43,7 @@ class CanLogSource:
         j1939: bool = False,
         name: str = "can0",
         origin: str = "recordings",
+        cadence: DecodeCadence = DEFAULT_CADENCE,
     ) -> None:
         check_origin(name, origin)
         if not speed > 0:
@@ -66,6 +68,7 @@ class CanLogSource:
             len(self._frames), int(start_ns), loop_period_ns(self._rel_ns, int(self._rel_ns[-1]))
         )
         self._loop = loop
+        self._cadence = cadence
         self._signals = signals
         self._reassembler = J1939Reassembler() if j1939 else None
         self._declared = False
@@ -91,13 +94,31 @@ class CanLogSource:
             errors += s.malformed + s.timed_out + s.aborted + s.overflowed
         return {"errors": errors, "dropped": self.dropped_total}
 
+    @property
+    def decode_lag_ns(self) -> int:
+        """How much later than its frame's time a sample may be read (see :class:`DecodeCadence`)."""
+        return self._cadence.lag_ns
+
+    def _due(self, until_ns: int) -> bool:
+        """Whether the cadence lets this read decode: frames pending up to ``until_ns`` counted in the
+        cursor's current loop (a read reaching past the loop's end is due: the log wraps or ends)."""
+        c = self._cursor
+        if c.index >= len(self._rel_ns):
+            return True
+        offset = c.offset_ns(c.loop)
+        oldest = int(self._rel_ns[c.index]) + offset
+        if until_ns - offset > int(self._rel_ns[-1]) or until_ns - oldest >= c.max_backlog_ns:
+            return True  # the loop's end, or the drop-oldest backlog policy: the cursor decides
+        pending = int(np.searchsorted(self._rel_ns, until_ns - offset, side="right")) - c.index
+        return self._cadence.due(pending, oldest, until_ns)
+
     def _times(self, lo: int, hi: int) -> npt.NDArray[np.int64]:
         return self._rel_ns[lo:hi]
 
     def read(self, until_ns: int) -> list[GroupBatch]:
         if not self._declared:
             raise StateError(f"source {self.name!r}: read() before declare()")
-        if self.finished:
+        if self.finished or not self._due(int(until_ns)):
             return []
         out = GroupAccumulator()
         for span in self._cursor.advance(int(until_ns), self._times, len(self._rel_ns)):

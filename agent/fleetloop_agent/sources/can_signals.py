@@ -7,6 +7,10 @@ values exactly cantools'. The signals of one frame share its timestamp, so each 
 (``SOURCE/MESSAGE``). A multiplexed message carries different signals in different frames; its frames
 are split by which of the chosen multiplexed signals they carry, one group per combination
 (``SOURCE/MESSAGE/SIG_A,SIG_B``), so every group keeps one time column for all its signals.
+
+When to decode is :class:`DecodeCadence`: a batch costs a fixed ~25-60 µs of array calls whatever it
+holds, so a CAN source lets frames pile up until enough are pending, or the oldest has waited long
+enough, instead of decoding every loop tick (docs/decisions/0035-can-decode-cadence.md).
 """
 
 from __future__ import annotations
@@ -27,6 +31,57 @@ from fleetloop_shared.errors import ConfigError
 
 #: Longest group name spelled out; longer combinations of multiplexed signals are named by a digest.
 MAX_GROUP_NAME: Final = 120
+#: Default of ``decode_frames``: a CAN source decodes once this many frames are pending ...
+DEFAULT_DECODE_FRAMES: Final = 4_096
+#: ... or once the oldest pending frame has waited this long (``decode_wait``, seconds), whichever is first.
+DEFAULT_DECODE_WAIT_S: Final = 10.0
+#: Longest ``decode_wait`` accepted: well under a replay's drop-oldest backlog (300 s).
+MAX_DECODE_WAIT_S: Final = 60.0
+_NS_PER_S: Final = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class DecodeCadence:
+    """When a CAN source decodes the frames it has received (pure: counts and times passed in).
+
+    Decoding is due once ``min_frames`` frames are pending, or once the oldest pending frame is
+    ``max_wait_ns`` old; then everything pending is decoded as one batch. So after every read, every
+    frame received at or before ``now - max_wait_ns`` has been decoded: :attr:`lag_ns` is how much
+    later than its frame a sample can reach the ring buffers and the trigger engine, which the agent
+    adds to the time it waits before cutting a capture (and to the ring buffers' horizon), so a
+    capture still holds its whole window. ``DecodeCadence(1, 0)`` decodes at every read.
+    """
+
+    min_frames: int = DEFAULT_DECODE_FRAMES
+    max_wait_ns: int = int(DEFAULT_DECODE_WAIT_S * _NS_PER_S)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.min_frames, bool) or not isinstance(self.min_frames, int) or self.min_frames < 1:
+            raise ConfigError(f"decode_frames must be an integer >= 1, got {self.min_frames!r}")
+        if not 0 <= self.max_wait_ns <= MAX_DECODE_WAIT_S * _NS_PER_S:
+            got = self.max_wait_ns / _NS_PER_S
+            raise ConfigError(f"decode_wait must be between 0 and {MAX_DECODE_WAIT_S:g} s, got {got:g}")
+
+    @staticmethod
+    def seconds(min_frames: int, max_wait_s: float) -> DecodeCadence:
+        return DecodeCadence(min_frames, round(max_wait_s * _NS_PER_S))
+
+    @property
+    def lag_ns(self) -> int:
+        """Most a sample can reach the agent after its frame's time (at the agent's next tick after it)."""
+        return self.max_wait_ns
+
+    def due(self, pending: int, oldest_ns: int | None, now_ns: int) -> bool:
+        """Whether to decode now, with ``pending`` frames waiting, the oldest received at ``oldest_ns``."""
+        if pending <= 0 or oldest_ns is None:
+            return False
+        return pending >= self.min_frames or now_ns - oldest_ns >= self.max_wait_ns
+
+
+#: Decoding at every read (what a source did before it had a cadence; tests that count frames use it).
+EVERY_READ: Final = DecodeCadence(1, 0)
+#: The cadence of a CAN source whose config says nothing.
+DEFAULT_CADENCE: Final = DecodeCadence()
 
 
 class MappingKeyError(ConfigError):

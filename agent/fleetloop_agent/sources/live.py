@@ -499,6 +499,12 @@ class FrameQueue:
     def __len__(self) -> int:
         return min(len(self._t), self.capacity)
 
+    def oldest_ns(self) -> int | None:
+        """Receive time of the oldest frame a drain would return (None when empty)."""
+        with self._lock:
+            t = self._t
+            return t[max(0, len(t) - self.capacity)] if t else None
+
     def drain(self, until_ns: int | None = None) -> FrameBatch:
         """Every queued frame (received at or before ``until_ns``, if given) as one batch; later ones stay."""
         with self._lock:
