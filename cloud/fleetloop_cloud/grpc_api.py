@@ -61,9 +61,11 @@ DOMAIN_THREADS = 8
 DOMAIN_QUEUE = 256
 #: What a request that does not decode is answered, with INTERNAL: gRPC's own words for a failing request
 #: deserializer (the synchronous server's answer, docs/wire.md), kept by this server.
-#: How long a stopping server waits for its left-over handlers, then for the offline records they
-#: start, before cancelling what remains (twice at most, so a stop takes at most four times this).
+#: How long a stopping server waits for its left-over handlers, then for the offline records, then
+#: for what it had to cancel after that (so a stop takes at most three times this).
 STOP_SETTLE_S = 2.0
+#: The name prefix of the task recording a device offline after its stream ended (a stop awaits them).
+OFFLINE_RECORD = "device-offline"
 UNDECODABLE_DETAILS = "Exception deserializing request!"
 #: The fleetloop services this server implements (full protobuf names), as health and reflection list them.
 SERVICE_NAMES: tuple[str, ...] = (
@@ -213,7 +215,9 @@ class DeviceServicer:
             reader.cancel()
             if devices.release(session):
                 # not awaited here: the handler may be ending because it was cancelled
-                task = loop.create_task(self._disconnected(session.device_id))
+                task = loop.create_task(
+                    self._disconnected(session.device_id), name=f"{OFFLINE_RECORD}:{session.device_id}"
+                )
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
 
@@ -509,20 +513,30 @@ async def _settle_handlers(timeout_s: float) -> None:
 
     An idle ``Connect`` stream waits on its wake event and is not ended by ``grpc.aio.Server.stop``;
     left alone, its ``finally`` (release the session, record the device offline) would run only when
-    the coroutine is garbage-collected, on a closed loop. So each left-over task is cancelled, then
-    the tasks that cancellation started (the offline records) get ``timeout_s`` to finish, and what
-    is still running after that is cancelled: a stop is bounded whatever a handler does."""
+    the coroutine is garbage-collected, on a closed loop. So every left-over task but the offline
+    records is cancelled; the handlers then get ``timeout_s`` to end, the offline records (those the
+    stop itself started and those the cancellations start) ``timeout_s`` more to finish — they are
+    never cancelled first, or the device would stay marked online — and whatever still runs after
+    that is cancelled: a stop is bounded whatever a handler does."""
     me = asyncio.current_task()
-    for _ in range(2):
-        pending = {t for t in asyncio.all_tasks() if t is not me and not t.done()}
-        if not pending:
-            return
-        for task in pending:
+
+    def left() -> set[asyncio.Task[Any]]:
+        return {t for t in asyncio.all_tasks() if t is not me and not t.done()}
+
+    def is_record(task: asyncio.Task[Any]) -> bool:
+        return task.get_name().startswith(OFFLINE_RECORD)
+
+    handlers = {t for t in left() if not is_record(t)}
+    for task in handlers:
+        task.cancel()
+    if handlers:
+        await asyncio.wait(handlers, timeout=timeout_s)
+    if records := {t for t in left() if is_record(t)}:
+        await asyncio.wait(records, timeout=timeout_s)
+    if rest := left():
+        for task in rest:
             task.cancel()
-        await asyncio.wait(pending, timeout=timeout_s)
-        started = {t for t in asyncio.all_tasks() if t is not me and not t.done()} - pending
-        if started:
-            await asyncio.wait(started, timeout=timeout_s)
+        await asyncio.wait(rest, timeout=timeout_s)
 
 
 def _run_loop(loop: asyncio.AbstractEventLoop) -> None:

@@ -54,8 +54,9 @@ def test_a_queue_read_at_the_cadence_loses_nothing_and_lags_at_most_the_wait(
     queue = FrameQueue(capacity=1_000)
     delivered: list[int] = []
     now, k = 0, 0
-    for step in [*ticks, 10 * S + wait_ns]:  # a last read long after the last frame
-        now += step
+    for step in [*ticks, None]:
+        # the last read comes long after the last frame, wherever the ticks ended
+        now = now + step if step is not None else max(now, arrivals[-1]) + 10 * S + wait_ns
         while k < len(arrivals) and arrivals[k] <= now:
             queue.put(arrivals[k], k, bytes([k % 256]))
             k += 1
