@@ -6,23 +6,17 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
-from typing import Any
 
 from fleetloop_cloud.changes import CATCH_UP_S
-from fleetloop_fwsim import firmware
 from fleetloop_fwsim.fleet import CoordinatorProcess
-from fleetloop_fwsim.rollout_kill import HARDWARE_ID
 from fleetloop_fwsim.swarm import Swarm
-from fleetloop_shared.errors import NotFoundError
-from fleetloop_shared.update.release_keys import load_key_file, publish_release
 from tests.cloud.test_stateless_coordinators import (
     DEADLINE_S,
     REACH_S,
     HoldingDevice,
     call,
     pair,
+    publish_two_releases,
     wait_for,
 )
 
@@ -33,23 +27,7 @@ def test_a_removal_through_one_coordinator_withdraws_the_job_on_the_other_within
     pair: tuple[CoordinatorProcess, CoordinatorProcess],
 ) -> None:
     a, b = pair
-    key = load_key_file(a.data_dir.parent / "release-manager.pem", None)
-
-    def request(method: str, path: str, body: bytes | None = None, ctype: str = "application/json") -> Any:
-        if method == "GET":
-            try:
-                with urllib.request.urlopen(a.http_url + path, timeout=60) as resp:
-                    return json.loads(resp.read())
-            except urllib.error.HTTPError as exc:
-                if exc.code == 404:
-                    raise NotFoundError(path) from None
-                raise
-        return call(a, method, path, body, ctype)
-
-    for major in (1, 2):
-        image = firmware.build_image(f"{major}.0.0", HARDWARE_ID, size_hint=64 * 1024)
-        publish_release(request, image, name="firmware", version=f"{major}.0.0", hardware=HARDWARE_ID,
-                        keys=[key])  # fmt: skip
+    publish_two_releases(a)
     swarm = Swarm()
     on_b = HoldingDevice("dev-b", b.grpc_target, swarm)
     try:
