@@ -1,12 +1,14 @@
-"""Shared fixtures: where the real recordings are."""
+"""Shared fixtures: where the real recordings are; the agent runtimes a test starts."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fleetloop_shared.datapaths import find_recordings
+from tests.fixtures.agent_runtime import AgentRuns
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +18,13 @@ def recordings() -> Path:
     if root is None:
         pytest.skip("real recordings not found (../shared/data/real or $FLEETLOOP_DATA)")
     return root
+
+
+@pytest.fixture
+def agent_runs() -> Iterator[AgentRuns]:
+    """Runtimes (each on its thread) and gRPC servers the test starts; all stopped after it."""
+    runs = AgentRuns()
+    try:
+        yield runs
+    finally:
+        runs.stop()

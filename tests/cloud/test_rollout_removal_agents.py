@@ -8,10 +8,7 @@ from __future__ import annotations
 import io
 import tarfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from fleetloop_agent.config import load_agent_config
 from fleetloop_agent.runtime import AgentRuntime
@@ -26,15 +23,6 @@ HW = "removal-hw"
 LOCAL = Caller.local()
 DEVICES = ("car-0", "car-1", "car-2")
 REMOVED = "car-1"
-
-
-@pytest.fixture
-def agent_runs() -> Iterator[AgentRuns]:
-    runs = AgentRuns()
-    try:
-        yield runs
-    finally:
-        runs.stop()
 
 
 def model_bundle(version: str, size: int) -> bytes:
