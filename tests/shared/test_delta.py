@@ -77,23 +77,49 @@ def test_whole_image_matching_finds_what_a_window_misses() -> None:
     assert len(whole) < 1.25 * len(make_delta(old, new)), "small chunks cost a little: the search is whole"
 
 
-def test_each_chunk_takes_its_smallest_method() -> None:
+def chunk_methods(patch: bytes) -> list[str]:
+    """The method of each chunk of an FLDELTA2 patch, in order."""
+    from fleetloop_shared.update.delta_format import HEADER
+
+    methods, at = [], HEADER.size
+    while at < len(patch):
+        method, _, body_len = fldelta2_apply.CHUNK.unpack_from(patch, at)
+        methods.append(fldelta2_apply.METHOD_NAMES[method])
+        at += fldelta2_apply.CHUNK.size + body_len
+    return methods
+
+
+@pytest.mark.parametrize("liblzma", [True, False], ids=["liblzma", "no-liblzma"])
+def test_each_chunk_takes_the_method_its_sample_shows_smaller(
+    liblzma: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relocated code goes to streams (the diff sees a shifted byte), a mosaic of short old pieces to a
+    patch (bsdiff pays a tuple per piece), new bytes to a coder with no use for the old image; without
+    liblzma the patch is zstd-19's."""
+    from fleetloop_shared.update import fldelta2, lzma_preset
+
+    if not liblzma:
+        monkeypatch.setattr(lzma_preset, "available", lambda: False)
     rng = random.Random(7)
     old = rng.randbytes(300_000)
-    similar = bytes((b + 1) & 0xFF for b in old[:100_000]) + old[100_000:]  # relocated: the diff sees it
-    # short pieces of old in a new order: bsdiff pays a tuple per piece, zstd a short match
+    # relocated: one byte in 24 moved by one (a pointer's low byte), the diff sees it
+    similar = bytes((b + 1) & 0xFF if i % 24 == 5 else b for i, b in enumerate(old))
     mosaic = b"".join(old[p : p + 24] for p in (rng.randrange(len(old) - 24) for _ in range(12_000)))
-    fresh = b"abcdefgh" * 40_000  # new and very compressible: plain zstd
+    fresh = rng.randbytes(1 << 12) * 64  # new, compressible: nothing old helps
     chunk = 1 << 18
     new = similar[:chunk] + mosaic[:chunk] + fresh
     out = io.BytesIO()
-    from fleetloop_shared.update import fldelta2
-
     stats = fldelta2.encode(old, io.BytesIO(new), len(new), out, chunk=chunk)
-    assert stats.bytes == len(out.getvalue()) and stats.new_bytes == len(new)
-    assert set(stats.methods) == {"streams", "zstd-patch", "zstd"}, stats.methods
+    patch = out.getvalue()
+    assert stats.bytes == len(patch) and stats.new_bytes == len(new)
+    methods = chunk_methods(patch)
+    assert sum(stats.methods.values()) == len(methods) == 3
+    patch_method = "lzma-patch" if liblzma else "zstd-patch"
+    assert methods[:2] == ["streams", patch_method], methods
+    assert methods[2] in ({"lzma-patch"} if liblzma else {"zstd", "zstd-patch"}), methods
+    assert len(patch) < 0.1 * len(fresh) + 0.5 * len(mosaic[:chunk]) + 0.05 * chunk
     assert stats.algorithm.startswith("fldelta2:")
-    assert apply_delta(old, out.getvalue()) == new
+    assert apply_delta(old, patch) == new
 
 
 def test_fldelta1_patches_still_apply_and_a_device_can_refuse_fldelta2() -> None:

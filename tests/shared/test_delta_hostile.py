@@ -4,9 +4,11 @@ garbage of any kind is IntegrityError, never another exception (FLDELTA2 and FLD
 from __future__ import annotations
 
 import bz2
+import lzma
 import random
 import struct
 from collections.abc import Sequence
+from unittest import mock
 
 import pytest
 import zstandard
@@ -16,6 +18,7 @@ from hypothesis import strategies as st
 from fleetloop_fwsim.code_image import image_pair
 from fleetloop_shared.errors import IntegrityError
 from fleetloop_shared.update import fldelta2_apply as v2
+from fleetloop_shared.update import lzma_preset
 from fleetloop_shared.update.delta import FLDELTA1, apply_delta, make_delta
 from fleetloop_shared.update.delta_format import HEADER
 from fleetloop_shared.update.fldelta2 import varints
@@ -156,6 +159,51 @@ def test_zstd_chunks_that_lie_are_refused(method: int, body: bytes, out: int, me
         apply_delta(OLD, container(out, [(method, out, body)]))
 
 
+def _lzma(data: bytes) -> bytes:
+    """A raw LZMA2 stream made by the standard library (it resets the dictionary: regions are unused)."""
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 4096}])
+
+
+@pytest.mark.parametrize(
+    ("body", "out", "message"),
+    [
+        (_patch_body([(len(OLD) - 10, 20)], _lzma(b"abcd")), 4, "outside the old image"),
+        (_patch_body([(0, 0)], _lzma(b"abcd")), 4, "outside the old image"),
+        (_patch_body([(0, 1 << 20)] * 9, b""), 4, "over 8388608 bytes"),
+        (v2.REGION_COUNT.pack(5) + b"\x00" * 8, 4, "5 dictionary regions"),
+        (b"\x00", 4, "shorter than its header"),
+        (_patch_body([], _lzma(b"x" * (4 << 20))), 100, "expands past 100 bytes"),
+        (_patch_body([(0, 64)], _lzma(b"abc")), 4, "decodes to 3 of 4 bytes"),
+        (_patch_body([], _lzma(b"abcd")[:-3]), 4, "truncated|corrupt"),
+        (_patch_body([], _lzma(b"abcd") + b"!!"), 4, "trailing bytes"),
+        (_patch_body([], b"\xff" * 40), 4, "corrupt"),
+        (_patch_body([(0, 16)], b"\xc0\x00\x03\x00\x05\x5d" + b"\x00" * 12), 4, "corrupt|truncated"),
+    ],
+)
+def test_lzma_patch_chunks_that_lie_are_refused(body: bytes, out: int, message: str) -> None:
+    with pytest.raises(IntegrityError, match=message):
+        apply_delta(OLD, container(out, [(v2.METHOD_LZMA_PATCH, out, body)]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    old=st.binary(max_size=3 << 16),
+    new=st.binary(max_size=1 << 15),
+    cut=st.integers(0, 3 << 16),
+)
+def test_a_preset_dictionary_is_what_uncompressed_chunks_leave(old: bytes, new: bytes, cut: int) -> None:
+    """What the cloud codes with liblzma's preset dictionary, the device decodes with the standard
+    library after feeding the regions as uncompressed chunks (any length: 0, under, at and over 64 KiB)."""
+    region = old[: cut % (len(old) + 1)]
+    new = new + region[len(region) // 3 :]  # something to find in the dictionary
+    size = v2.lzma_dict_size(len(region), len(new))
+    stream = lzma_preset.compress(region, new, size)
+    decoder = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": size}])
+    prefix = b"".join(v2.dictionary_prefix([region[:1000], region[1000:]]))
+    assert decoder.decompress(prefix + stream) == region + new
+    assert decoder.eof and not decoder.unused_data
+
+
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
@@ -182,12 +230,16 @@ def test_containers_that_lie_are_refused(patch: bytes, message: str) -> None:
 
 @pytest.fixture(scope="module")
 def real_patches() -> list[tuple[bytes, bytes]]:
-    """Real patches (old image, FLDELTA2 patch) whose chunks use every method, small enough to fuzz."""
+    """Real patches (old image, FLDELTA2 patch) whose chunks use every method, small enough to fuzz: the
+    zstd methods are what an encoder without liblzma makes."""
     rng = random.Random(2)
     old, new = image_pair("grow", size=96 << 10, seed=4)
     mosaic = b"".join(old[p : p + 20] for p in (rng.randrange(len(old) - 20) for _ in range(900)))
     mixed = new[:20_000] + mosaic + b"abc" * 5000
-    return [(old, make_delta(old, new, chunk=1 << 14)), (old, make_delta(old, mixed, chunk=1 << 14))]
+    made = [(old, make_delta(old, new, chunk=1 << 14)), (old, make_delta(old, mixed, chunk=1 << 14))]
+    with mock.patch.object(lzma_preset, "available", return_value=False):
+        made.append((old, make_delta(old, mixed, chunk=1 << 14)))
+    return made
 
 
 def test_the_fuzzed_patches_use_every_method(real_patches: list[tuple[bytes, bytes]]) -> None:
@@ -198,7 +250,7 @@ def test_the_fuzzed_patches_use_every_method(real_patches: list[tuple[bytes, byt
             method, _, body_len = v2.CHUNK.unpack_from(patch, at)
             methods.add(method)
             at += v2.CHUNK.size + body_len
-    assert methods == {v2.METHOD_STREAMS, v2.METHOD_ZSTD_PATCH, v2.METHOD_ZSTD}
+    assert methods == {v2.METHOD_STREAMS, v2.METHOD_LZMA_PATCH, v2.METHOD_ZSTD_PATCH, v2.METHOD_ZSTD}
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -14,18 +14,17 @@ The chunk is then written as the smallest of:
 - ``streams``: those tuples as separately compressed streams (seeks, copy lengths, add lengths as
   varints — far smaller than bsdiff's 8-byte words —, the diff, plain or as runs of zeros and the bytes
   between them, and the extra bytes), each stored, bzip2 or LZMA2 (:func:`_pack_stream`);
-- ``zstd-patch``: zstd level 19 with a raw dictionary of old regions — the whole old image when it fits
-  :data:`MAX_DICT`, else the 64 KiB blocks the tuples copy from most —: small enough for the device to
-  hold (zstd's decoder needs its whole dictionary in memory), and on the benchmark pairs as small as
-  zstd-19 with the whole old file as dictionary;
-- ``zstd``: the chunk alone at level 19.
+- ``lzma-patch``: LZMA2 whose dictionary starts out holding old regions — the whole old image when it
+  fits :data:`MAX_DICT`, else the 64 KiB blocks the tuples copy from most —: small enough for the
+  device to hold, and on the benchmark pairs 2-7 % smaller than zstd-19 with the whole old file as
+  dictionary, at a third of its CPU (liblzma through :mod:`~fleetloop_shared.update.lzma_preset`;
+  where it cannot be loaded, ``zstd-patch``: zstd-19 with the same dictionary);
+- ``zstd``: the chunk alone at level 3, cheap, for chunks nothing old helps.
 
-The expensive encodings (zstd-19, LZMA2 on a large extra stream) are paid for only where they are
-likely to win: each candidate is first made cheaply (bzip2 / small LZMA2 streams; zstd level 1 / 3), and
-the expensive form is made only when the cheap size times its typical gain (measured on the benchmark
-pairs, constants below) beats the best so far by :data:`_WORTH`. Without numba or pydivsufsort the
-tuples come from ``bsdiff4.core.diff`` against a window of the old image around the chunk's relative
-position (FLDELTA1's search, FLDELTA2's container).
+Making both streams and a patch for every chunk would cost about what bsdiff4 costs; both are made on
+a sample of the chunk and only the smaller is made whole (:func:`_encode_chunk`). Without numba or
+pydivsufsort the tuples come from ``bsdiff4.core.diff`` against a window of the old image around the
+chunk's relative position (FLDELTA1's search, FLDELTA2's container).
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ from __future__ import annotations
 import bz2
 import io
 import lzma
-from collections.abc import Callable
 from typing import BinaryIO, Protocol
 
 import bsdiff4
@@ -42,12 +40,14 @@ import numpy.typing as npt
 import zstandard
 
 from fleetloop_shared.errors import IntegrityError, UserError
+from fleetloop_shared.update import lzma_preset
 from fleetloop_shared.update.delta_format import FLDELTA2, HEADER, DeltaStats
 from fleetloop_shared.update.fldelta2_apply import (
     CHUNK,
     MAGIC,
     MAX_CHUNK,
     MAX_DICT,
+    METHOD_LZMA_PATCH,
     METHOD_NAMES,
     METHOD_STREAMS,
     METHOD_ZSTD,
@@ -56,6 +56,7 @@ from fleetloop_shared.update.fldelta2_apply import (
     REGION_COUNT,
     STREAM,
     STREAMS,
+    lzma_dict_size,
     max_body,
 )
 from fleetloop_shared.update.inflate import CODEC_BZIP2, CODEC_LZMA2, CODEC_STORED, lzma_filters
@@ -66,18 +67,20 @@ DEFAULT_CHUNK = MAX_CHUNK
 ZSTD_LEVEL = 19
 #: Old regions are chosen for a patch-from dictionary in blocks of this size.
 _BLOCK = 1 << 16
-#: Typical size of the expensive form over the cheap one, measured on the benchmark pairs
-#: (benchmarks/delta.py): zstd-19 patch-from over level 1 with a large hash table 0.60-1.05, median 0.78;
-#: zstd-19 over level 3 on a lone chunk 0.74-0.89; LZMA2 over bzip2 on the extra stream (new code)
-#: 0.69-0.89, median 0.8.
-_PATCH_GAIN = 0.78
-_PLAIN_GAIN = 0.82
+#: Typical size of LZMA2 over bzip2 on a streams chunk's extra stream (new code), measured on the
+#: benchmark pairs (benchmarks/delta.py): 0.69-0.89, median 0.8.
 _REFINE_GAIN = 0.8
-#: An expensive form is made only if its expected size is below this fraction of the best so far.
+#: The extra stream is re-packed with LZMA2 only if that is expected to save this fraction of the chunk.
 _WORTH = 0.97
+#: A chunk's method is chosen on _SAMPLES pieces, each 1/_SAMPLE_SHARE of it (an eighth in all).
+_SAMPLES = 4
+_SAMPLE_SHARE = 32
+_SAMPLE_MIN = 4 << 10
 #: An extra stream longer than this gets LZMA2 only when the chunk is refined.
 _DEEP_EXTRA = 1 << 20
-_LZMA_PRESET = 9 | lzma.PRESET_EXTREME
+#: LZMA2's match finder for the streams: hash chains, nice length 16, depth 4 — on the benchmark pairs a
+#: third of the default's CPU (binary trees, nice 64) for streams within 0.5 % of its size.
+_LZMA_SEARCH = {"preset": 6, "mf": lzma.MF_HC4, "mode": lzma.MODE_NORMAL, "nice_len": 16, "depth": 4}
 #: Without the kernel: the old window around a chunk's relative position (FLDELTA1's search).
 _FALLBACK_MARGIN = 512 << 10
 
@@ -170,7 +173,7 @@ def _pack_stream(raw: bytes, deep: bool) -> tuple[int, bytes]:
     if len(raw) <= 64:
         return CODEC_STORED, raw
     if deep:
-        filters = [dict(lzma_filters(len(raw))[0], preset=_LZMA_PRESET)]
+        filters = [dict(lzma_filters(len(raw))[0], **_LZMA_SEARCH)]
         packed = (CODEC_LZMA2, lzma.compress(raw, format=lzma.FORMAT_RAW, filters=filters))
     else:
         packed = (CODEC_BZIP2, bz2.compress(raw, 1))
@@ -232,23 +235,15 @@ class _Streams:
         return self.body()
 
 
-def dictionary_regions(tuples: I64, old_size: int, budget: int = MAX_DICT) -> list[tuple[int, int]]:
-    """The old regions a chunk's copies read most, as a patch-from dictionary of at most ``budget``.
-
-    An old image within the budget is the dictionary whole. Otherwise old 64 KiB blocks are ranked by how
-    many bytes the tuples copy from them; the best blocks up to the budget are kept and merged into
-    regions in old-image order.
-    """
-    if not len(tuples) or old_size == 0:
-        return []
-    if old_size <= budget:  # the whole old image fits: zstd finds what the tuples did not
-        return [(0, old_size)]
+def _block_scores(tuples: I64, blocks: int) -> npt.NDArray[np.int64]:
+    """Bytes the ``(seek, copy, add)`` tuples (old position from 0) copy from each old 64 KiB block."""
+    score = np.zeros(blocks, dtype=np.int64)
+    if not len(tuples):
+        return score
     seeks, x = tuples[:, 0], tuples[:, 1]
     starts = np.cumsum(seeks) + np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(x)[:-1]])
     copied = x > 0
     starts, x = starts[copied], x[copied]
-    blocks = (old_size + _BLOCK - 1) // _BLOCK
-    score = np.zeros(blocks, dtype=np.int64)
     first = starts // _BLOCK
     head = np.minimum(x, (first + 1) * _BLOCK - starts)
     np.add.at(score, first, head)
@@ -256,8 +251,30 @@ def dictionary_regions(tuples: I64, old_size: int, budget: int = MAX_DICT) -> li
         end = s + n
         for b in range(s // _BLOCK + 1, (end - 1) // _BLOCK + 1):
             score[b] += min(end, (b + 1) * _BLOCK) - b * _BLOCK
-    ranked = np.argsort(-score, kind="stable")[: budget // _BLOCK]
-    chosen = np.sort(ranked[score[ranked] > 0])
+    return score
+
+
+def dictionary_regions(
+    tuples: I64 | list[I64], old_size: int, budget: int = MAX_DICT
+) -> list[tuple[int, int]]:
+    """The old regions a chunk's copies read most, as a patch-from dictionary of at most ``budget``.
+
+    An old image within the budget is the dictionary whole. Otherwise old 64 KiB blocks are ranked by how
+    many bytes the tuples (one array, or one per sampled piece of the chunk) copy from them, then by what
+    they copy from the blocks either side; the best blocks fill the budget and are merged into regions in
+    old-image order (the coder finds matches the tuples did not, and a sample's tuples see little).
+    """
+    parts = tuples if isinstance(tuples, list) else [tuples]
+    if not any(len(t) for t in parts) or old_size == 0:
+        return []
+    if old_size <= budget:  # the whole old image fits: the coder finds what the tuples did not
+        return [(0, old_size)]
+    blocks = (old_size + _BLOCK - 1) // _BLOCK
+    score = sum((_block_scores(t, blocks) for t in parts), np.zeros(blocks, dtype=np.int64))
+    near = np.zeros(blocks, dtype=np.int64)  # tuples from a sample miss blocks next to the ones they use
+    near[1:] += score[:-1]
+    near[:-1] += score[1:]
+    chosen = np.sort(np.lexsort((-near, -score))[: budget // _BLOCK])
     regions: list[tuple[int, int]] = []
     for b in chosen.tolist():
         lo, hi = b * _BLOCK, min(old_size, (b + 1) * _BLOCK)
@@ -292,44 +309,68 @@ def _zstd(data: bytes, dictionary: bytes = b"", level: int = ZSTD_LEVEL, **overr
     return out.getvalue()
 
 
-def _patch_from_estimate(data: bytes, dictionary: bytes) -> int:
-    """A cheap stand-in for zstd-19 patch-from: level 1 with a hash table large enough to keep a
-    multi-MB dictionary (level 1's default table misses nearly every match)."""
-    hash_log = max(20, min(24, len(dictionary).bit_length() - 3))
-    return len(_zstd(data, dictionary, 1, hash_log=hash_log))
+def _sample(size: int) -> list[tuple[int, int]]:
+    """The pieces of a chunk its method is chosen on: :data:`_SAMPLES` pieces spread evenly, each
+    1/:data:`_SAMPLE_SHARE` of the chunk (at least :data:`_SAMPLE_MIN`), or the whole of a small chunk."""
+    piece = max(size // _SAMPLE_SHARE, _SAMPLE_MIN)
+    if piece * _SAMPLES * 2 >= size:
+        return [(0, size)]
+    step = size // _SAMPLES
+    return [(i * step + (step - piece) // 2, piece) for i in range(_SAMPLES)]
+
+
+def _patch(old: bytes, regions: list[tuple[int, int]], data: bytes) -> tuple[int, bytes]:
+    """``data`` coded with the old ``regions`` as dictionary: LZMA2 (lzma-patch) where liblzma can be
+    loaded, else zstd-19 patch-from (plain zstd-19 without regions)."""
+    dictionary = b"".join(old[a : a + n] for a, n in regions)
+    table = REGION_COUNT.pack(len(regions)) + b"".join(REGION.pack(a, n) for a, n in regions)
+    if lzma_preset.available():
+        size = lzma_dict_size(len(dictionary), len(data))
+        return METHOD_LZMA_PATCH, table + lzma_preset.compress(dictionary, data, size)
+    if not regions:
+        return METHOD_ZSTD, _zstd(data)
+    return METHOD_ZSTD_PATCH, table + _zstd(data, dictionary)
 
 
 def _encode_chunk(old: bytes, start: int, data: bytes, matcher: _Matcher | None) -> tuple[int, bytes]:
-    """The smallest encoding of ``data`` (the new image from ``start``), paying only for likely winners."""
+    """The smaller of streams and patch for ``data`` (the new image from ``start``), chosen on a sample.
+
+    Both encodings are made on a sample of the chunk (:func:`_sample`) and only the smaller is then
+    made for the whole chunk: making both costs about what bsdiff4 costs, and on the benchmark pairs the
+    sample picks the smaller one wherever they differ by more than a few per cent (docs/benchmarks.md).
+    Without liblzma, plain zstd level 3 is made too (cheap), for chunks nothing old helps (with it, the
+    patch is LZMA2 and as good there).
+    """
     made: list[tuple[int, bytes]] = []
-    pending: list[tuple[float, int, Callable[[], bytes]]] = []  # (expected size, method, make)
-    if matcher is not None:
-        tuples, diff, extra = matcher.tuples(start, data)
-        streams = _Streams(tuples, diff, extra)
-        made.append((METHOD_STREAMS, streams.body()))
-        if streams.refinable():
-            gain = len(streams.extra[1]) * (1 - _REFINE_GAIN)
-            pending.append((len(made[0][1]) - gain, METHOD_STREAMS, streams.refined))
-        regions = dictionary_regions(tuples, len(old))
-        if regions:
-            dictionary = b"".join(old[a : a + n] for a, n in regions)
-            table = REGION_COUNT.pack(len(regions)) + b"".join(REGION.pack(a, n) for a, n in regions)
-            pending.append(
-                (
-                    _patch_from_estimate(data, dictionary) * _PATCH_GAIN + len(table),
-                    METHOD_ZSTD_PATCH,
-                    lambda: table + _zstd(data, dictionary),
-                )
-            )
-    cheap = _zstd(data, level=3)
-    made.append((METHOD_ZSTD, cheap))
-    pending.append((len(cheap) * _PLAIN_GAIN, METHOD_ZSTD, lambda: _zstd(data)))
-    for expected, method, make in sorted(pending, key=lambda p: p[0]):
-        best = min(len(body) for _, body in made)
-        if expected < _WORTH * best or matcher is None:
-            made.append((method, make()))
+    if matcher is None:
+        made.append(_patch(old, [], data))
+    else:
+        pieces = _sample(len(data))
+        found = [matcher.tuples(start + a, data[a : a + n]) for a, n in pieces]
+        regions = dictionary_regions([tuples for tuples, _, _ in found], len(old))
+        # the sample as one chunk both ways, so that each coder sees the sample's pieces as one stream
+        streams = _Streams(
+            np.concatenate([t for t, _, _ in found]),
+            b"".join(d for _, d, _ in found),
+            b"".join(e for _, _, e in found),
+        )
+        patch = _patch(old, regions, b"".join(data[a : a + n] for a, n in pieces))
+        whole = len(pieces) == 1 and pieces[0][1] == len(data)
+        if len(streams.body()) <= len(patch[1]):
+            chosen = streams if whole else _Streams(*matcher.tuples(start, data))
+            made.append((METHOD_STREAMS, chosen.body()))
+            if chosen.refinable():
+                gain = len(chosen.extra[1]) * (1 - _REFINE_GAIN)
+                if len(made[-1][1]) - gain < _WORTH * len(made[-1][1]):
+                    made.append((METHOD_STREAMS, chosen.refined()))
+        else:
+            made.append(patch if whole else _patch(old, regions, data))
+    if not lzma_preset.available():
+        made.append((METHOD_ZSTD, _zstd(data, level=3)))
     fits = [(m, b) for m, b in made if len(b) <= max_body(len(data))]
-    return min(fits, key=lambda mb: len(mb[1]))  # ties: the earlier (streams, then zstd)
+    if not fits:  # nothing old helps and LZMA2 expanded the chunk: zstd's bound always fits
+        fits = [(METHOD_ZSTD, _zstd(data, level=3))]
+    return min(fits, key=lambda mb: len(mb[1]))  # ties: the earlier
 
 
 def encode(

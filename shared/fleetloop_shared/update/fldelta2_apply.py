@@ -7,7 +7,13 @@ in pieces of at most :data:`FLUSH` bytes (the driver hashes and writes them into
 every stream inside the patch is decoded piece by piece (:class:`~fleetloop_shared.update.inflate.Inflow`).
 What memory a patch can make the device use is fixed by this module's constants, not by the image:
 one chunk body (≤ ~4 MiB), one zstd output chunk (≤ :data:`MAX_CHUNK`) or the decoders of one chunk's
-streams, and a patch-from dictionary (≤ :data:`MAX_DICT`; built once, copied once by zstd).
+streams, and a patch-from dictionary (≤ :data:`MAX_DICT`; built once, copied once by zstd), or an
+LZMA2 decoder whose dictionary holds the old regions and the chunk (≤ :data:`MAX_DICT` + :data:`MAX_CHUNK`).
+
+An lzma-patch chunk needs nothing beyond the standard library: the encoder presets LZMA2's dictionary
+with the old regions (:mod:`fleetloop_shared.update.lzma_preset`, cloud only); the device gets the
+decoder into the same state by feeding it those regions first as LZMA2 *uncompressed* chunks
+(:func:`dictionary_prefix`), whose output it discards, then the stream.
 
 Container (all integers little-endian)::
 
@@ -16,6 +22,10 @@ Container (all integers little-endian)::
       method 0, zstd:       a zstd frame (content size declared), no dictionary
       method 1, zstd-patch: region_count u16 | region_count × (offset u64 | length u32) | a zstd frame
                             whose raw-content dictionary is those old regions, concatenated in order
+      method 3, lzma-patch: region_count u16 | region_count × (offset u64 | length u32) | a raw LZMA2
+                            stream (end mark included) whose dictionary starts out holding those old
+                            regions, concatenated in order (none: plain LZMA2); the dictionary is
+                            sized :func:`lzma_dict_size` of the regions and the chunk
       method 2, streams:    tuple_count u32 | 6 × (codec u8 | raw_len u32 | packed_len u32) | 6 streams:
                             seeks, copy lengths, add lengths (LEB128 varints; seeks zigzag-signed),
                             diff runs (varints), diff bytes, extra bytes;
@@ -35,8 +45,9 @@ must decode to exactly its declared length. Anything else is :class:`IntegrityEr
 
 from __future__ import annotations
 
+import lzma
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
 import numpy as np
@@ -56,7 +67,13 @@ STREAM_NAMES = ("seeks", "copy lengths", "add lengths", "diff runs", "diff", "ex
 METHOD_ZSTD = 0
 METHOD_ZSTD_PATCH = 1
 METHOD_STREAMS = 2
-METHOD_NAMES = {METHOD_ZSTD: "zstd", METHOD_ZSTD_PATCH: "zstd-patch", METHOD_STREAMS: "streams"}
+METHOD_LZMA_PATCH = 3
+METHOD_NAMES = {
+    METHOD_ZSTD: "zstd",
+    METHOD_ZSTD_PATCH: "zstd-patch",
+    METHOD_STREAMS: "streams",
+    METHOD_LZMA_PATCH: "lzma-patch",
+}
 
 #: Largest output chunk a patch may declare (the device holds at most one zstd chunk decoded).
 MAX_CHUNK = 8 << 20
@@ -66,6 +83,25 @@ MAX_REGIONS = 1024
 #: Output handed to ``write`` per call, and the largest positioned read of the old image.
 FLUSH = 1 << 20
 _VARINT_MAX = 10
+#: An LZMA2 uncompressed chunk holds at most this many bytes.
+_LZMA2_RAW = 1 << 16
+
+
+def lzma_dict_size(regions: int, out_len: int) -> int:
+    """LZMA2 dictionary of an lzma-patch chunk: its old regions and its output, so that every distance the
+    encoder may use is in reach. Both ends compute it from the declared lengths (never from the stream),
+    which bounds what the decoder allocates."""
+    return max(4096, regions + out_len)
+
+
+def dictionary_prefix(pieces: Iterable[bytes]) -> Iterator[bytes]:
+    """Old bytes as LZMA2 uncompressed chunks (the first resets the dictionary, the rest keep it)."""
+    first = True
+    for piece in pieces:
+        for at in range(0, len(piece), _LZMA2_RAW):
+            part = piece[at : at + _LZMA2_RAW]
+            yield bytes((1 if first else 2,)) + (len(part) - 1).to_bytes(2, "big") + part
+            first = False
 
 
 def max_body(out_len: int) -> int:
@@ -214,13 +250,15 @@ def _apply_streams(
         write(bytes(memoryview(out)[:fill]))
 
 
-def _dictionary_regions(body: bytes, old_size: int) -> tuple[list[tuple[int, int]], int, int]:
-    """The old regions of a zstd-patch chunk, checked; returns (regions, dictionary size, frame start)."""
+def _dictionary_regions(
+    body: bytes, old_size: int, *, least: int = 1
+) -> tuple[list[tuple[int, int]], int, int]:
+    """The old regions of a patch chunk, checked; returns (regions, dictionary size, stream start)."""
     if len(body) < REGION_COUNT.size:
-        raise IntegrityError("delta is malformed: zstd-patch chunk shorter than its header")
+        raise IntegrityError("delta is malformed: patch chunk shorter than its header")
     (count,) = REGION_COUNT.unpack_from(body)
     start = REGION_COUNT.size + count * REGION.size
-    if not 0 < count <= MAX_REGIONS or start > len(body):
+    if not least <= count <= MAX_REGIONS or start > len(body):
         raise IntegrityError(f"delta is malformed: {count} dictionary regions")
     regions = []
     total = 0
@@ -236,24 +274,59 @@ def _dictionary_regions(body: bytes, old_size: int) -> tuple[list[tuple[int, int
     return regions, total, start
 
 
+def _old_pieces(old: BinaryIO, regions: list[tuple[int, int]], size: int) -> Iterator[bytes]:
+    """The regions' bytes, read from the old slot at most ``size`` bytes at a time."""
+    for offset, length in regions:
+        for at in range(offset, offset + length, size):
+            yield _read_old(old, at, min(size, offset + length - at))
+
+
 def _apply_zstd_patch(old: BinaryIO, old_size: int, body: bytes, out_len: int) -> bytes:
     regions, total, start = _dictionary_regions(body, old_size)
 
     def fill(buf: memoryview) -> None:
         at = 0
-        for offset, length in regions:
-            for start in range(offset, offset + length, FLUSH):
-                n = min(FLUSH, offset + length - start)
-                buf[at : at + n] = _read_old(old, start, n)
-                at += n
+        for piece in _old_pieces(old, regions, FLUSH):
+            buf[at : at + len(piece)] = piece
+            at += len(piece)
 
     return unzstd_patch(body[start:], out_len, "zstd-patch chunk", total, fill)
+
+
+def _apply_lzma_patch(
+    old: BinaryIO, old_size: int, body: bytes, out_len: int, write: Callable[[bytes], object]
+) -> None:
+    """Feed the decoder the old regions (output dropped), then the stream; output in ≤ FLUSH pieces."""
+    regions, total, start = _dictionary_regions(body, old_size, least=0)
+    filters = [{"id": lzma.FILTER_LZMA2, "dict_size": lzma_dict_size(total, out_len)}]
+    produced = 0
+    try:
+        decoder = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=filters)
+        for part in dictionary_prefix(_old_pieces(old, regions, _LZMA2_RAW)):
+            decoder.decompress(part)
+        stream: bytes | memoryview = memoryview(body)[start:]
+        while not decoder.eof:
+            piece = decoder.decompress(stream, max_length=FLUSH)
+            stream = b""
+            produced += len(piece)
+            if produced > out_len:
+                raise IntegrityError(f"delta is malformed: lzma-patch chunk expands past {out_len} bytes")
+            if piece:
+                write(piece)
+            elif decoder.needs_input:
+                raise IntegrityError("delta is malformed: lzma-patch chunk is truncated")
+    except (lzma.LZMAError, EOFError, ValueError) as exc:
+        raise IntegrityError(f"delta is malformed: lzma-patch chunk is corrupt ({exc})") from None
+    if decoder.unused_data:
+        raise IntegrityError("delta is malformed: lzma-patch chunk has trailing bytes")
+    if produced != out_len:
+        raise IntegrityError(f"delta is malformed: chunk decodes to {produced} of {out_len} bytes")
 
 
 def _apply_chunk(
     old: BinaryIO, old_size: int, patch: BinaryIO, write: Callable[[bytes], object], expected: int
 ) -> None:
-    """One chunk, by its method: streams against the old image, plain zstd, or zstd patch-from."""
+    """One chunk, by its method: streams against the old image, LZMA2 or zstd patch-from, plain zstd."""
     method, out_len, body_len = CHUNK.unpack(read_exact(patch, CHUNK.size, "chunk header"))
     if out_len != expected:
         raise IntegrityError("delta is malformed: chunk length out of bounds")
@@ -262,6 +335,8 @@ def _apply_chunk(
     body = read_exact(patch, body_len, "chunk body")
     if method == METHOD_STREAMS:
         _apply_streams(old, old_size, body, out_len, write)
+    elif method == METHOD_LZMA_PATCH:
+        _apply_lzma_patch(old, old_size, body, out_len, write)
     elif method in (METHOD_ZSTD, METHOD_ZSTD_PATCH):
         if method == METHOD_ZSTD:
             data = unzstd(body, out_len, "zstd chunk")
