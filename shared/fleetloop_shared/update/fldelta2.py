@@ -67,17 +67,10 @@ DEFAULT_CHUNK = MAX_CHUNK
 ZSTD_LEVEL = 19
 #: Old regions are chosen for a patch-from dictionary in blocks of this size.
 _BLOCK = 1 << 16
-#: Typical size of LZMA2 over bzip2 on a streams chunk's extra stream (new code), measured on the
-#: benchmark pairs (benchmarks/delta.py): 0.69-0.89, median 0.8.
-_REFINE_GAIN = 0.8
-#: The extra stream is re-packed with LZMA2 only if that is expected to save this fraction of the chunk.
-_WORTH = 0.97
 #: A chunk's method is chosen on _SAMPLES pieces, each 1/_SAMPLE_SHARE of it (an eighth in all).
 _SAMPLES = 4
 _SAMPLE_SHARE = 32
 _SAMPLE_MIN = 4 << 10
-#: An extra stream longer than this gets LZMA2 only when the chunk is refined.
-_DEEP_EXTRA = 1 << 20
 #: LZMA2's match finder for the streams: hash chains, nice length 16, depth 4 — on the benchmark pairs a
 #: third of the default's CPU (binary trees, nice 64) for streams within 0.5 % of its size.
 _LZMA_SEARCH = {"preset": 6, "mf": lzma.MF_HC4, "mode": lzma.MODE_NORMAL, "nice_len": 16, "depth": 4}
@@ -202,37 +195,30 @@ def _packed(raw: bytes, deep: bool) -> tuple[int, bytes, int]:
 class _Streams:
     """One chunk's tuples and bytes as the six streams of a streams body, each packed its best way.
 
-    Numbers (small) and the sparse form of the diff go through LZMA2 at once; the diff as it is only
-    through bzip2 (LZMA2 on millions of zeros costs seconds and gains nothing over the sparse form);
-    the extra stream through LZMA2 when it is under :data:`_DEEP_EXTRA`, else only when refined (it is
-    new code: when it is large, a zstd candidate usually wins the chunk anyway).
+    Numbers, the sparse form of the diff and the extra bytes go through LZMA2; the diff as it is through
+    bzip2 (LZMA2 on millions of zeros costs seconds). ``sparse`` says which form of the diff to make;
+    ``None`` makes both and keeps the smaller (the chunk's sample does, and the whole chunk then makes
+    only the form its sample kept).
     """
 
-    def __init__(self, tuples: I64, diff: bytes, extra: bytes) -> None:
+    def __init__(self, tuples: I64, diff: bytes, extra: bytes, *, sparse_diff: bool | None = None) -> None:
         self.count = len(tuples)
         numbers = (_zigzag(tuples[:, 0]), tuples[:, 1].astype(np.uint64), tuples[:, 2].astype(np.uint64))
         self.numbers = [_packed(varints(v), True) for v in numbers]
-        plain = _packed(diff, False)
-        runs, literal = sparse(diff)
-        packed_runs, packed_literal = _packed(runs, True), _packed(literal, True)
-        if len(plain[1]) <= len(packed_runs[1]) + len(packed_literal[1]):
-            self.diff = [(CODEC_STORED, b"", 0), plain]
-        else:
-            self.diff = [packed_runs, packed_literal]
-        self.extra_raw = extra
-        self.extra = _packed(extra, len(extra) <= _DEEP_EXTRA)
+        forms: list[list[tuple[int, bytes, int]]] = []
+        if sparse_diff is not True:
+            forms.append([(CODEC_STORED, b"", 0), _packed(diff, False)])
+        if sparse_diff is not False:
+            runs, literal = sparse(diff)
+            forms.append([_packed(runs, True), _packed(literal, True)])
+        self.diff = min(forms, key=lambda form: sum(len(d) for _, d, _ in form))  # ties: plain
+        self.sparse_diff = self.diff[0][2] > 0 or (sparse_diff is True)
+        self.extra = _packed(extra, True)
 
     def body(self) -> bytes:
         parts = [*self.numbers, *self.diff, self.extra]
         head = STREAMS.pack(self.count) + b"".join(STREAM.pack(c, raw, len(d)) for c, d, raw in parts)
         return head + b"".join(d for _, d, _ in parts)
-
-    def refinable(self) -> bool:
-        return self.extra[0] != CODEC_LZMA2 and len(self.extra_raw) > _DEEP_EXTRA
-
-    def refined(self) -> bytes:
-        self.extra = _packed(self.extra_raw, True)
-        return self.body()
 
 
 def _block_scores(tuples: I64, blocks: int) -> npt.NDArray[np.int64]:
@@ -357,12 +343,9 @@ def _encode_chunk(old: bytes, start: int, data: bytes, matcher: _Matcher | None)
         patch = _patch(old, regions, b"".join(data[a : a + n] for a, n in pieces))
         whole = len(pieces) == 1 and pieces[0][1] == len(data)
         if len(streams.body()) <= len(patch[1]):
-            chosen = streams if whole else _Streams(*matcher.tuples(start, data))
-            made.append((METHOD_STREAMS, chosen.body()))
-            if chosen.refinable():
-                gain = len(chosen.extra[1]) * (1 - _REFINE_GAIN)
-                if len(made[-1][1]) - gain < _WORTH * len(made[-1][1]):
-                    made.append((METHOD_STREAMS, chosen.refined()))
+            if not whole:
+                streams = _Streams(*matcher.tuples(start, data), sparse_diff=streams.sparse_diff)
+            made.append((METHOD_STREAMS, streams.body()))
         else:
             made.append(patch if whole else _patch(old, regions, data))
     if not lzma_preset.available():
