@@ -1,5 +1,8 @@
 """Where FLDELTA2's creation CPU goes, and what cheaper zstd settings would cost in bytes.
 
+(The zstd study led to the lzma-patch method — decision 0023, addendum 2 —; ``stages`` now also times
+LZMA2 patch-from, the method's coder, and the sample the encoder chooses each chunk's method on.)
+
 Why: the delta goal asks for creation CPU ≤ 0.5× bsdiff4's *and* bytes ≤ the smallest reference
 (bsdiff4, zstd-19 patch-from) + 256 B. On pairs where zstd-19 patch-from is the reference, only zstd-19's
 optimal parse (or something as good) reaches its size. This script measures, per pair, in one process
@@ -32,7 +35,7 @@ from typing import Any
 
 import bsdiff4
 
-from fleetloop_shared.update import fldelta2, suffix_diff
+from fleetloop_shared.update import fldelta2, lzma_preset, suffix_diff
 from fleetloop_shared.update.delta_format import HEADER
 from fleetloop_shared.update.fldelta2_apply import CHUNK
 
@@ -64,6 +67,7 @@ def stages(old: bytes, new: bytes) -> dict[str, Any]:
         (suffix_diff, "OldIndex"): "suffix sort",
         (fldelta2, "_pack_stream"): "pack streams",
         (fldelta2, "_zstd"): "zstd",
+        (lzma_preset, "compress"): "lzma-patch",
     }
     originals = {key: getattr(*key) for key in saved}
 
