@@ -34,7 +34,8 @@ _LZMA_OK = 0
 
 
 class _Options(ctypes.Structure):
-    """``lzma_options_lzma`` (liblzma 5.x; the reserved fields keep the layout across versions)."""
+    """``lzma_options_lzma`` as liblzma 5.x declares it (``lzma/lzma12.h``): 5.4 renamed the first three
+    reserved integers, the layout is the same since 5.0."""
 
     _fields_ = [
         ("dict_size", ctypes.c_uint32),
@@ -51,6 +52,10 @@ class _Options(ctypes.Structure):
         ("ext_size_low", ctypes.c_uint32),
         ("ext_size_high", ctypes.c_uint32),
         ("reserved_int4", ctypes.c_uint32),
+        ("reserved_int5", ctypes.c_uint32),
+        ("reserved_int6", ctypes.c_uint32),
+        ("reserved_int7", ctypes.c_uint32),
+        ("reserved_int8", ctypes.c_uint32),
         ("reserved_enum1", ctypes.c_int),
         ("reserved_enum2", ctypes.c_int),
         ("reserved_enum3", ctypes.c_int),
