@@ -17,6 +17,7 @@ from fleetloop_cloud.repositories.interfaces import RolloutRepository
 from fleetloop_cloud.repositories.records import (
     AuditRecord,
     GateEvaluationRecord,
+    NewGateEvaluation,
     RolloutRecord,
 )
 from fleetloop_cloud.rollout.planner import DevicePhaseState
@@ -60,19 +61,12 @@ class DeviceProgress:
     removed_reason: str = ""
 
 
-@dataclass(frozen=True)
-class GateDecision:
-    """The latest evaluation of one signal gate in one phase."""
+@dataclass(frozen=True, kw_only=True)
+class GateDecision(NewGateEvaluation):
+    """One evaluation of a signal gate in one phase, as the controller persisted it (its inputs as a
+    plain dict), and when it was made."""
 
-    gate: str
-    phase: int
     at: float
-    decision: str
-    statistic: float | None
-    p_value: float | None
-    effect: float | None
-    reason: str
-    inputs: dict[str, float]
 
 
 @dataclass(frozen=True)
