@@ -137,12 +137,8 @@ class Execution(DeviceProgress):
     running_version: str
 
 
-@dataclass(frozen=True)
-class HistoryEntry:
-    seq: int
-    at: float
-    event: str
-    detail: str
+#: One event of a rollout's history: its audit row as stored (the rows a device's OTA view lists too).
+HistoryEntry = AuditRecord
 
 
 @dataclass(frozen=True)
@@ -266,7 +262,7 @@ def executions(rollouts: RolloutRepository, rollout_id: str) -> list[Execution]:
 
 def history(rollouts: RolloutRepository, rollout_id: str) -> RolloutHistory:
     record_of(rollouts, rollout_id)
-    events = tuple(_view(HistoryEntry, a) for a in rollouts.audit(rollout_id))
+    events = tuple(rollouts.audit(rollout_id))
     return RolloutHistory(rollout_id, events, tuple(_gate(e) for e in rollouts.evaluations(rollout_id)))
 
 
