@@ -71,10 +71,8 @@ QUERY = (
 )
 
 
-class DemoFailed(FleetloopError):
+class DemoFailed(FleetloopError, exit_code=1):
     """The demo could not complete a stage; the message says which and why."""
-
-    exit_code = 1
 
 
 @contextlib.contextmanager

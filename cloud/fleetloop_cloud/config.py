@@ -18,9 +18,9 @@ import math
 import re
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fleetloop_cloud.fleet_store.query import MAX_ROWS_LIMIT, QueryLimits
 from fleetloop_cloud.fleet_store.settings import FORMATS, TableSettings
@@ -37,6 +37,11 @@ from fleetloop_cloud.uploads.staging import StagingLimits
 from fleetloop_shared.errors import ConfigError, FleetloopError, RuleError
 from fleetloop_shared.rules.durations import parse_duration
 from fleetloop_shared.yaml_marks import MarkedDict, location, read_config_file
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 class Invalid(Exception):
@@ -459,6 +464,14 @@ def _together(values: Mapping[str, Any], paths: tuple[str, ...], origins: Mappin
     return bool(given)
 
 
+def _section(v: Mapping[str, Any], prefix: str, kind: type[T], **given: Any) -> T:
+    """The settings of section ``prefix``: each field of ``kind`` from the key of its name in that section
+    (``query.threads`` → ``QueryLimits.threads``: a setting is named once, in :data:`KEYS` and in its
+    dataclass), and ``given`` for the fields no key sets."""
+    keyed = {f.name: v[f"{prefix}.{f.name}"] for f in fields(kind) if f"{prefix}.{f.name}" in v}
+    return kind(**keyed, **given)
+
+
 def _assemble(source: Path | None, v: dict[str, Any], origins: dict[str, str]) -> CloudConfig:
     tls = None
     if _together(v, ("tls.http.cert", "tls.http.key"), origins):
@@ -470,33 +483,19 @@ def _assemble(source: Path | None, v: dict[str, Any], origins: dict[str, str]) -
     if _together(v, ("mqtt.broker", "mqtt.ca", "mqtt.cert", "mqtt.key"), origins):
         host, _, port = v["mqtt.broker"].rpartition(":")
         mqtt = BridgeSettings(host, int(port), v["mqtt.ca"], v["mqtt.cert"], v["mqtt.key"])
-    http = HttpSettings(tls=tls, insecure=v["insecure"], body_limits=v["http.body_limits"],
-                        workers=v["http.workers"], max_inflight=v["http.max_inflight"])  # fmt: skip
+    http = _section(v, "http", HttpSettings, tls=tls, insecure=v["insecure"])
     try:
         limits = Limits(
-            upload_budget=Budget(
-                v["uploads.budget.global_bytes_per_s"], v["uploads.budget.per_network_bytes_per_s"],
-                quantum_bytes=v["uploads.budget.quantum_bytes"], aging_s=v["uploads.budget.aging_s"],
-                forget_after_s=v["uploads.budget.forget_after_s"],
-                max_devices=v["uploads.budget.max_devices"],
-            ),
-            staging=StagingLimits(
-                v["uploads.staging.max_upload_bytes"], v["uploads.staging.max_total_bytes"],
-                v["uploads.staging.max_per_device"], v["uploads.staging.ttl_s"],
-            ),
-            query=QueryLimits(v["query.timeout_s"], v["query.memory_limit"], v["query.threads"],
-                              v["query.max_rows"]),
-        )  # fmt: skip
+            upload_budget=_section(v, "uploads.budget", Budget),
+            staging=_section(v, "uploads.staging", StagingLimits),
+            query=_section(v, "query", QueryLimits),
+        )
     except FleetloopError as exc:  # what a key's own check cannot see (DuckDB's memory spelling, ...)
         raise ConfigError(f"{source or 'flags'}: {exc}") from None
     storage = None
     if v["storage.bucket"] is not None:
         try:
-            storage = S3Settings(
-                v["storage.bucket"], v["storage.prefix"], v["storage.endpoint"], v["storage.region"],
-                v["storage.credentials_file"], v["storage.profile"], v["storage.request_timeout_s"],
-                v["storage.connect_timeout_s"], v["storage.max_attempts"],
-            )  # fmt: skip
+            storage = _section(v, "storage", S3Settings)
         except FleetloopError as exc:
             where = origins["storage.bucket"]
             raise ConfigError(f"{where}: storage.bucket: {exc}") from None
@@ -504,7 +503,5 @@ def _assemble(source: Path | None, v: dict[str, Any], origins: dict[str, str]) -
         where = origins["storage.bucket"]
         raise ConfigError(f"{where}: storage.bucket needs fleet_store.format: iceberg (--table-format "
                           "iceberg): the Parquet layout lives on local disk only")  # fmt: skip
-    tables = TableSettings(v["fleet_store.format"], v["fleet_store.batch_wait_s"],
-                           v["fleet_store.batch_max_segments"], v["fleet_store.snapshot_retention_s"],
-                           v["fleet_store.compact_min_files"])  # fmt: skip
+    tables = _section(v, "fleet_store", TableSettings)
     return CloudConfig(source, v, origins, http, grpc_tls, mqtt, limits, storage, tables)

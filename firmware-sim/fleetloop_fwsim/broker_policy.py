@@ -14,30 +14,25 @@ them (docs/decisions: "mqtt-identity-dynamic-security").
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from fleetloop_shared.errors import ConfigError
+from fleetloop_shared.names import safe_name
 
 #: The group whose role may join ``$share/coordinators/…`` (packaging/mosquitto/dynamic-security.json).
 COORDINATOR_GROUP = "coordinators"
 #: The CN of the certificate that may send ``$CONTROL/dynamic-security/v1`` commands.
 ADMIN = "broker-admin"
 DEVICE_ROLE_PREFIX = "device:"
-#: Ids and fleets become topic levels: no MQTT wildcard, no ``/``, no ``$`` (a device named ``+`` would
-#: otherwise be granted every device's topics). Same alphabet as the cloud's device-id file names.
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 Command = dict[str, Any]
 
 
 def check_name(what: str, value: str) -> str:
-    if not _NAME.fullmatch(value):
-        raise ConfigError(
-            f"{what} {value!r} cannot name a broker identity: "
-            "1-128 of A-Za-z0-9._- (not starting with . or -)"
-        )
-    return value
+    """Ids and fleets become topic levels: a plain name (:mod:`fleetloop_shared.names`) has no MQTT
+    wildcard, no ``/`` and no ``$`` (a device named ``+`` would otherwise be granted every device's
+    topics)."""
+    return safe_name(value, what, becomes="a broker identity", error=ConfigError)
 
 
 def device_role(fleet: str, device_id: str) -> Command:

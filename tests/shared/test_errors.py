@@ -31,3 +31,17 @@ def test_rule_error_points_at_file_line_col() -> None:
     exc = errors.RuleError("unknown function 'avgg'", line=7, col=12, source="brake.yaml")
     assert str(exc) == "brake.yaml:7:12: unknown function 'avgg'"
     assert exc.reason == "unknown function 'avgg'"
+
+
+def test_a_subclass_header_changes_only_what_it_names() -> None:
+    class Late(errors.UnavailableError, http_status=504):
+        """A peer answered too late."""
+
+    class Body(errors.NotFoundError):
+        """Set in the body, the old way, still counts."""
+
+        exit_code = 9
+
+    assert (Late.exit_code, Late.http_status, Late.grpc_code) == (6, 504, "UNAVAILABLE")
+    assert (Body.exit_code, Body.http_status, Body.grpc_code) == (9, 404, "NOT_FOUND")
+    assert errors.UnavailableError.http_status == 503  # the parent keeps its own

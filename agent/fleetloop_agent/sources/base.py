@@ -16,7 +16,7 @@ receive queue is full.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol, TypeVar, runtime_checkable
 
@@ -65,10 +65,16 @@ class SignalSource(Protocol):
         ...
 
 
+def check_choice(name: str, key: str, value: str, choices: Collection[str]) -> None:
+    """ConfigError unless source ``name``'s setting ``key`` is one of ``choices``: every source words
+    the refusal of an enumerated setting (timestamps, time format, origin) the same way."""
+    if value not in choices:
+        raise ConfigError(f"source {name!r}: {key} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def check_origin(name: str, origin: str) -> None:
     """ConfigError unless ``origin`` is one a replayed source may claim (:data:`ORIGINS`)."""
-    if origin not in ORIGINS:
-        raise ConfigError(f"source {name!r}: origin must be one of {', '.join(ORIGINS)}, got {origin!r}")
+    check_choice(name, "origin", origin, ORIGINS)
 
 
 def first_repeat(names: Sequence[H]) -> H | None:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from fleetloop_agent.sources import can_remote
-from fleetloop_agent.sources.base import LIVE, GroupAccumulator
+from fleetloop_agent.sources.base import LIVE, GroupAccumulator, check_choice
 from fleetloop_agent.sources.can_signals import DEFAULT_CADENCE, CanSignalMap, DecodeCadence
 from fleetloop_agent.sources.j1939 import TP_CM, TP_DT, J1939Reassembler
 from fleetloop_agent.sources.live import (
@@ -42,7 +42,7 @@ from fleetloop_agent.sources.live import (
 )
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.dbc import j1939_pgn
-from fleetloop_shared.errors import ConfigError, StateError
+from fleetloop_shared.errors import StateError
 from fleetloop_shared.samples import GroupBatch
 
 log = logging.getLogger("fleetloop.agent.sources")
@@ -114,8 +114,7 @@ class CanBusSource(ConnectionSource):
         backoff: Backoff | None = None,
         bus_factory: BusFactory = open_bus,
     ) -> None:
-        if timestamps not in TIMESTAMPS:
-            raise ConfigError(f"source {name!r}: timestamps must be one of {', '.join(TIMESTAMPS)}")
+        check_choice(name, "timestamps", timestamps, TIMESTAMPS)
         self.name = name
         self.origin = LIVE
         self._signals = signals

@@ -21,6 +21,7 @@ from fleetloop_agent.recordings import data_type_of, read_wide_csv
 from fleetloop_agent.sources.base import (
     GroupAccumulator,
     ReplayCursor,
+    check_choice,
     check_origin,
     first_repeat,
     loop_period_ns,
@@ -54,10 +55,7 @@ class CsvReplaySource:
         origin: str = "recordings",
     ) -> None:
         check_origin(name, origin)
-        if time_format not in TIME_FORMATS:
-            raise ConfigError(
-                f"source {name!r}: time_format must be one of {', '.join(TIME_FORMATS)}, got {time_format!r}"
-            )
+        check_choice(name, "time_format", time_format, TIME_FORMATS)
         if not columns:
             raise ConfigError(f"source {name!r}: no columns to replay")
         self.name = name

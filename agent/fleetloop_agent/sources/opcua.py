@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from fleetloop_agent.sources.base import first_repeat
+from fleetloop_agent.sources.base import check_choice, first_repeat
 from fleetloop_agent.sources.live import Backoff, DeviceClock, LiveSource
 from fleetloop_shared.catalog import Catalog, DataType
 from fleetloop_shared.errors import ConfigError, FleetloopError, UnavailableError
@@ -188,8 +188,7 @@ class OpcUaSource(LiveSource):
         super().__init__(name, clock=clock, queue_samples=queue_samples, origin=origin)
         if not nodes:
             raise ConfigError(f"source {name!r}: no nodes to subscribe to")
-        if timestamps not in TIMESTAMPS:
-            raise ConfigError(f"source {name!r}: timestamps must be one of {', '.join(TIMESTAMPS)}")
+        check_choice(name, "timestamps", timestamps, TIMESTAMPS)
         twice = first_repeat([n.node_id for n in nodes])
         if twice is not None:
             raise ConfigError(f"source {name!r}: node {twice!r} is mapped twice")

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from fleetloop_shared.catalog import Catalog, DataType
 from fleetloop_shared.durable import write_atomically
 from fleetloop_shared.errors import MalformedMessageError, UserError
+from fleetloop_shared.names import safe_name
 from fleetloop_shared.segment import Segment
 
 #: The narrow table's schema; ``fleet`` and ``date`` come from the directory names (Hive partitions).
@@ -59,8 +60,6 @@ SAMPLES_SCHEMA = pa.schema(
         pa.field("clock_offset_ns", pa.int64(), nullable=True),
     ]
 )
-#: Names that become directory or file names must be plain: no separators, no '..', no '=' (Hive).
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 #: A first sample before this is not wall-clock time (device boot time, say): partition by arrival.
 _PLAUSIBLE_EPOCH_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z
 _NS_PER_S = 1_000_000_000
@@ -72,15 +71,6 @@ SEGMENT_FILE = re.compile(
 COMPACTED_FILE = re.compile(r"^compacted-[0-9a-f]{24}\.parquet$")
 #: Key of the Parquet key-value metadata listing (JSON) the segment file names a compacted file absorbed.
 ABSORBED_KEY = b"fleetloop.absorbed"
-
-
-def _safe(name: str, what: str) -> str:
-    if not isinstance(name, str) or not _SAFE_NAME.match(name):
-        raise UserError(
-            f"{what} {name!r} cannot name a file: use 1-128 letters, digits, '.', '_' or '-', "
-            "not starting with '.' or '-'"
-        )
-    return name
 
 
 def partition_date(first_ns: int | None, received_unix: float) -> str:
@@ -205,8 +195,9 @@ class FleetStore:
         span = segment.time_range()  # over every group of a multi-group (format 4) segment
         first = span[0] if span is not None else None
         date = partition_date(first, received_unix)
-        name = f"{_safe(device_id, 'device id')}-{bytes(segment.segment_id).hex()}.parquet"
-        return self._samples / f"fleet={_safe(fleet, 'fleet')}" / f"date={date}" / name
+        device = safe_name(device_id, "device id", becomes="a file")
+        folder = self._samples / f"fleet={safe_name(fleet, 'fleet', becomes='a file')}" / f"date={date}"
+        return folder / f"{device}-{bytes(segment.segment_id).hex()}.parquet"
 
     def write_segment(
         self,

@@ -150,15 +150,13 @@ _CAPTURES_FROM_SEGMENTS = (
 )
 
 
-class QueryTimeoutError(QueryError):
+class QueryTimeoutError(QueryError, grpc_code="DEADLINE_EXCEEDED"):
     """A query ran past its time limit and was interrupted; nothing of it is returned.
 
     Still the caller's to fix (narrow the query, or ask for a longer ``timeout_s`` up to the server's
     :attr:`QueryLimits.timeout_s`): HTTP 400 and exit code 2 like every :class:`QueryError`, gRPC name
     ``DEADLINE_EXCEEDED``; the REST body's ``type`` is ``QueryTimeoutError``.
     """
-
-    grpc_code = "DEADLINE_EXCEEDED"
 
     def __init__(self, message: str, *, timeout_s: float) -> None:
         super().__init__(message)

@@ -84,9 +84,9 @@ EXECUTION = _obj(
     install_windows=_arr(_arr(NUM)), hold=BOOL, from_version=STR, running_version=STR,
     removed_at=NUM_OR_NULL, removed_by=STR, removed_reason=STR,
 )  # fmt: skip
+AUDIT_ROW = _obj(["seq", "at", "event"], seq=INT, rollout_id=STR, at=NUM, event=STR, detail=STR)
 HISTORY = _obj(
-    ["id", "events", "gate_evaluations"], id=STR,
-    events=_arr(_obj(["seq", "at", "event", "detail"], seq=INT, at=NUM, event=STR, detail=STR)),
+    ["id", "events", "gate_evaluations"], id=STR, events=_arr(AUDIT_ROW),
     gate_evaluations=_arr(GATE_DECISION),
 )  # fmt: skip
 REVISION = _obj(
@@ -113,7 +113,6 @@ LINE = _obj(["signal", "t_ns", "values"], signal=STR, t_ns=_arr(INT), values=_ar
             reduced=BOOL)  # fmt: skip
 BANDS = _obj(["signal", "bands"], signal=STR, truncated=BOOL,
              bands=_arr(_obj(["from_ns", "to_ns", "value"], from_ns=INT, to_ns=INT, value=STR)))  # fmt: skip
-AUDIT_ROW = _obj(["seq", "at", "event"], seq=INT, rollout_id=STR, at=NUM, event=STR, detail=STR)
 PAYLOAD = _obj(
     ["kind", "size", "sha256", "path"], kind=STR, algorithm=STR, size=INT, sha256=STR, path=STR,
     base_sha256=STR,

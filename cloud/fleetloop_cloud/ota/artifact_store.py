@@ -42,6 +42,7 @@ from typing import Any
 from fleetloop_cloud.ota.tuf_repository import TufRepositories, target_file
 from fleetloop_cloud.storage import ObjectStore
 from fleetloop_shared.errors import IntegrityError, NotFoundError, StateError, UserError
+from fleetloop_shared.names import safe_name
 from fleetloop_shared.update.artifact import (
     PayloadRef,
     ReleaseManifest,
@@ -75,7 +76,6 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _STAGED = re.compile(r"staged/(\d{20})-([0-9a-f]{16})\.json")
 _FILE_RELPATH = re.compile(r"files/([0-9a-f]{64})")
 _VERSION = re.compile(r"\d{1,9}(\.\d{1,9}){0,7}")
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _STAGING_ID = re.compile(r"[0-9a-f]{16}")
 #: Most staged releases waiting for release managers' signatures (policy: the oldest is dropped).
 MAX_STAGED = 16
@@ -153,14 +153,6 @@ def version_key(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def _safe(value: str, what: str) -> str:
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
-        raise UserError(
-            f"{what} {value!r}: use 1-128 letters, digits, '.', '_' or '-', not starting with '.' or '-'"
-        )
-    return value
-
-
 class ArtifactStore:
     """Stores images and deltas by hash and signs one manifest per release."""
 
@@ -235,7 +227,8 @@ class ArtifactStore:
             raise UserError(f"the image is {len(image)} bytes; the limit is {MAX_IMAGE_BYTES}")
 
     def _release_dir(self, name: str, hardware_id: str) -> str:
-        return f"releases/{_safe(name, 'release name')}/{_safe(hardware_id, 'hardware id')}"
+        name = safe_name(name, "release name", becomes="an object key")
+        return f"releases/{name}/{safe_name(hardware_id, 'hardware id', becomes='an object key')}"
 
     def versions(self, name: str, hardware_id: str) -> list[str]:
         """Released versions of ``name`` for ``hardware_id``, oldest first."""

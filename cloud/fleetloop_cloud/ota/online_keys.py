@@ -30,6 +30,7 @@ from typing import Protocol
 
 from fleetloop_shared.durable import write_atomically
 from fleetloop_shared.errors import ConfigError
+from fleetloop_shared.names import SAFE_NAME
 from fleetloop_shared.update.artifact import ReleaseSigner
 
 #: The release-manifest key's name.
@@ -37,7 +38,8 @@ RELEASE_KEY = "release.pem"
 #: Environment variables holding keys: this prefix and the key's name in upper case, every character
 #: other than a letter or digit an underscore (``release.pem`` → ``FLEETLOOP_KEY_RELEASE_PEM``).
 ENV_PREFIX = "FLEETLOOP_KEY_"
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9_][A-Za-z0-9._-]{0,127}){0,3}")
+#: A key's name: up to four plain names (:mod:`fleetloop_shared.names`) joined by ``/``.
+_NAME = re.compile(rf"{SAFE_NAME.pattern}(/{SAFE_NAME.pattern}){{0,3}}")
 
 
 def check_name(name: str) -> str:

@@ -8,21 +8,25 @@ every gate evaluation) and the revisions of a release.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fleetloop_cloud.repositories.interfaces import RolloutRepository
 from fleetloop_cloud.repositories.records import (
     AuditRecord,
     GateEvaluationRecord,
-    RolloutDeviceRecord,
+    NewGateEvaluation,
     RolloutRecord,
 )
 from fleetloop_cloud.rollout.planner import DevicePhaseState
 from fleetloop_cloud.rollout.policy import policy_to_dict
 from fleetloop_cloud.rollout.policy_reader import parse_policy
 from fleetloop_shared.errors import NotFoundError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 S = DevicePhaseState
 _FAILED = (S.FAILED.value, S.ROLLED_BACK.value, S.REJECTED.value, S.TIMED_OUT.value)
@@ -45,6 +49,8 @@ class PhaseProgress:
 
 @dataclass(frozen=True)
 class DeviceProgress:
+    """Where one device of a rollout is (the full status lists one per device)."""
+
     device_id: str
     phase: int
     state: str
@@ -55,25 +61,19 @@ class DeviceProgress:
     removed_reason: str = ""
 
 
-@dataclass(frozen=True)
-class GateDecision:
-    """The latest evaluation of one signal gate in one phase."""
+@dataclass(frozen=True, kw_only=True)
+class GateDecision(NewGateEvaluation):
+    """One evaluation of a signal gate in one phase, as the controller persisted it (its inputs as a
+    plain dict), and when it was made."""
 
-    gate: str
-    phase: int
     at: float
-    decision: str
-    statistic: float | None
-    p_value: float | None
-    effect: float | None
-    reason: str
-    inputs: dict[str, float]
 
 
 @dataclass(frozen=True)
 class RolloutHeading:
-    """What every view of a rollout starts with: which release it rolls out, as which revision, and
-    where it stands (the list and the full status show these the same way, in this order)."""
+    """What every view of a rollout starts with: which release it rolls out, as which revision, where
+    it stands and why, its devices by state, the rollout it rolls back, and when it was made and last
+    changed (the list and the full status show these the same way, in this order)."""
 
     id: str
     release_version: str
@@ -81,17 +81,21 @@ class RolloutHeading:
     revision: int
     state: str
     phase: int
+    reason: str
+    counts: dict[str, int]
+    parent_id: str
+    created_at: float
+    updated_at: float
 
 
-def _heading(record: RolloutRecord, release_name: str) -> dict[str, Any]:
-    """A stored rollout's :class:`RolloutHeading` fields, for the views that start with them."""
+def _heading(record: RolloutRecord, release_name: str, states: list[str]) -> dict[str, Any]:
+    """The :class:`RolloutHeading` fields a stored rollout does not hold under the same name
+    (``states``: its devices' states), for :func:`_view`."""
+    found = Counter(states)
     return {
         "id": record.rollout_id,
-        "release_version": record.release_version,
         "release_name": release_name,
-        "revision": record.revision,
-        "state": record.state,
-        "phase": record.phase,
+        "counts": {s.value: found.get(s.value, 0) for s in DevicePhaseState},
     }
 
 
@@ -104,37 +108,24 @@ class RolloutStatus(RolloutHeading):
     phase_started_at: float
     phases: tuple[PhaseProgress, ...]
     devices: tuple[DeviceProgress, ...]
-    reason: str
-    counts: dict[str, int]
     accepted_failures: list[str]
     gates: tuple[GateDecision, ...]
-    parent_id: str
     rollbacks: list[str]
-    created_at: float
-    updated_at: float
     policy: dict[str, Any]
 
 
 @dataclass(frozen=True)
 class RolloutSummary(RolloutHeading):
-    """One rollout in a list: its state and the counts per device state."""
+    """One rollout in a list: its heading and how many devices it has."""
 
-    reason: str
     devices: int
-    counts: dict[str, int]
-    parent_id: str
-    created_at: float
-    updated_at: float
 
 
-@dataclass(frozen=True)
-class Execution:
-    """One device's execution of a rollout (AWS IoT Jobs' word): attempts, offer, versions."""
+@dataclass(frozen=True, kw_only=True)
+class Execution(DeviceProgress):
+    """One device's execution of a rollout (AWS IoT Jobs' word): its progress, with its attempts, offer
+    and versions."""
 
-    device_id: str
-    phase: int
-    state: str
-    reason: str
     attempt: int
     delivered: bool
     offered_at: float | None
@@ -144,17 +135,10 @@ class Execution:
     hold: bool
     from_version: str
     running_version: str
-    removed_at: float | None = None
-    removed_by: str = ""
-    removed_reason: str = ""
 
 
-@dataclass(frozen=True)
-class HistoryEntry:
-    seq: int
-    at: float
-    event: str
-    detail: str
+#: One event of a rollout's history: its audit row as stored (the rows a device's OTA view lists too).
+HistoryEntry = AuditRecord
 
 
 @dataclass(frozen=True)
@@ -186,15 +170,19 @@ def record_of(rollouts: RolloutRepository, rollout_id: str) -> RolloutRecord:
     return record
 
 
+V = TypeVar("V", bound="DataclassInstance")
+
+
+def _view(view: type[V], record: object, **shown: Any) -> V:
+    """``record`` as ``view``: a field the view shares with the stored record by name is the record's
+    (so a view restates no record field by hand); ``shown`` gives the rest: the fields the view names
+    or shows otherwise (None for 0, lists for tuples) and what the record does not hold."""
+    same = {f.name: getattr(record, f.name) for f in dataclasses.fields(view) if f.name not in shown}
+    return view(**same, **shown)
+
+
 def _gate(e: GateEvaluationRecord) -> GateDecision:
-    return GateDecision(
-        e.gate, e.phase, e.at, e.decision, e.statistic, e.p_value, e.effect, e.reason, dict(e.inputs)
-    )
-
-
-def _counts(states: list[str]) -> dict[str, int]:
-    found = Counter(states)
-    return {s.value: found.get(s.value, 0) for s in DevicePhaseState}
+    return _view(GateDecision, e, inputs=dict(e.inputs))
 
 
 def _name(record: RolloutRecord) -> str:
@@ -204,10 +192,6 @@ def _name(record: RolloutRecord) -> str:
         if isinstance(release, dict)
         else str(record.policy.get("release_name", ""))
     )
-
-
-def _removal(d: RolloutDeviceRecord) -> tuple[float | None, str, str]:
-    return (d.removed_at or None, d.removed_by, d.removed_reason)
 
 
 def rollout_status(rollouts: RolloutRepository, rollout_id: str) -> RolloutStatus:
@@ -237,22 +221,16 @@ def rollout_status(rollouts: RolloutRepository, rollout_id: str) -> RolloutStatu
         ),
         key=lambda g: (g.phase, g.gate),
     )
-    return RolloutStatus(
-        **_heading(record, policy.release_name),
+    return _view(
+        RolloutStatus,
+        record,
+        **_heading(record, policy.release_name, [d.state for d in devices]),
         phase_name=policy.phases[record.phase].name if record.phase < len(policy.phases) else "",
-        phase_started_at=record.phase_started_at,
         phases=tuple(phases),
-        devices=tuple(
-            DeviceProgress(d.device_id, d.phase, d.state, d.reason, *_removal(d)) for d in devices
-        ),
-        reason=record.reason,
-        counts=_counts([d.state for d in devices]),
+        devices=tuple(_view(DeviceProgress, d, removed_at=d.removed_at or None) for d in devices),
         accepted_failures=sorted(record.accepted_failures),
         gates=tuple(_gate(g) for g in gates),
-        parent_id=record.parent_id,
         rollbacks=[r.rollout_id for r in rollouts.all() if r.parent_id == rollout_id],
-        created_at=record.created_at,
-        updated_at=record.updated_at,
         policy=policy_to_dict(policy),
     )
 
@@ -263,15 +241,7 @@ def rollout_summaries(rollouts: RolloutRepository) -> list[RolloutSummary]:
     for record in rollouts.all():
         states = [d.state for d in rollouts.devices(record.rollout_id)]
         out.append(
-            RolloutSummary(
-                **_heading(record, _name(record)),
-                reason=record.reason,
-                devices=len(states),
-                counts=_counts(states),
-                parent_id=record.parent_id,
-                created_at=record.created_at,
-                updated_at=record.updated_at,
-            )
+            _view(RolloutSummary, record, **_heading(record, _name(record), states), devices=len(states))
         )
     return out
 
@@ -279,21 +249,12 @@ def rollout_summaries(rollouts: RolloutRepository) -> list[RolloutSummary]:
 def executions(rollouts: RolloutRepository, rollout_id: str) -> list[Execution]:
     record_of(rollouts, rollout_id)
     return [
-        Execution(
-            d.device_id,
-            d.phase,
-            d.state,
-            d.reason,
-            d.attempt,
-            d.delivered,
-            d.offered_at,
-            d.retry_at or None,
-            d.changed_at,
-            [[a, b] for a, b in d.windows],
-            d.hold,
-            d.from_version,
-            d.running_version,
-            *_removal(d),
+        _view(
+            Execution,
+            d,
+            removed_at=d.removed_at or None,
+            retry_at=d.retry_at or None,
+            install_windows=[[a, b] for a, b in d.windows],
         )
         for d in rollouts.devices(rollout_id)
     ]
@@ -301,7 +262,7 @@ def executions(rollouts: RolloutRepository, rollout_id: str) -> list[Execution]:
 
 def history(rollouts: RolloutRepository, rollout_id: str) -> RolloutHistory:
     record_of(rollouts, rollout_id)
-    events = tuple(HistoryEntry(a.seq, a.at, a.event, a.detail) for a in rollouts.audit(rollout_id))
+    events = tuple(rollouts.audit(rollout_id))
     return RolloutHistory(rollout_id, events, tuple(_gate(e) for e in rollouts.evaluations(rollout_id)))
 
 
@@ -313,7 +274,7 @@ def audit_rows(rollouts: RolloutRepository, rollout_id: str) -> list[AuditRecord
 def revisions(rollouts: RolloutRepository, release_name: str = "") -> list[Revision]:
     """Rollouts as revisions, by release name then revision (only ``release_name``'s when given)."""
     out = [
-        Revision(r.revision, r.rollout_id, _name(r), r.release_version, r.state, r.parent_id, r.created_at)
+        _view(Revision, r, id=r.rollout_id, release_name=_name(r))
         for r in rollouts.all()
         if not release_name or _name(r) == release_name
     ]

@@ -59,9 +59,9 @@ class SignalInfo:
 
 
 @dataclass(frozen=True)
-class CaptureDetail:
-    capture: CaptureRecord
-    state: str
+class CaptureDetail(CaptureView):
+    """A capture as listed, with its trigger, its windows and its signals."""
+
     #: The instant the trigger fired (None for a capture not named by an agent).
     trigger_ns: int | None
     pre_ns: int
