@@ -19,7 +19,7 @@ import zstandard
 
 from fleetloop_fwsim.code_image import CHANGES, image_pair
 from fleetloop_shared.errors import IntegrityError, UserError
-from fleetloop_shared.update import fldelta2_apply, suffix_diff
+from fleetloop_shared.update import fldelta2_apply, lzma_preset, suffix_diff
 from fleetloop_shared.update.delta import (
     FLDELTA1,
     FLDELTA2,
@@ -242,3 +242,40 @@ def test_streaming_apply_holds_bounded_buffers_not_the_image(big_pair: tuple[byt
     assert max(pieces) <= fldelta2_apply.MAX_CHUNK and recorder.largest <= fldelta2_apply.FLUSH
     bound = 2 * fldelta2_apply.MAX_CHUNK + 2 * fldelta2_apply.MAX_DICT
     assert peak < bound < len(new), (peak, bound)
+
+
+def test_an_lzma_patch_chunk_holds_its_dictionary_body_and_one_piece() -> None:
+    """The largest honest lzma-patch chunk: 8 MiB of old regions, 8 MiB of output the old image does not
+    help (random, so LZMA2 stores it: the body is as large as a chunk's can be). The device holds the
+    decoder's dictionary (regions + chunk), the body and one output piece — not a second copy of the
+    body (the stream is fed in slices) — and its writes are at most FLUSH bytes."""
+    rng = random.Random(11)
+    old = rng.randbytes(fldelta2_apply.MAX_DICT)
+    new = rng.randbytes(fldelta2_apply.MAX_CHUNK)
+    stream = lzma_preset.compress(old, new, fldelta2_apply.lzma_dict_size(len(old), len(new)))
+    body = fldelta2_apply.REGION_COUNT.pack(1) + fldelta2_apply.REGION.pack(0, len(old)) + stream
+    from fleetloop_shared.update.delta_format import HEADER
+
+    patch = (
+        HEADER.pack(fldelta2_apply.MAGIC, len(new), len(old), len(new), 1)
+        + fldelta2_apply.CHUNK.pack(fldelta2_apply.METHOD_LZMA_PATCH, len(new), len(body))
+        + body
+    )
+    pieces: list[int] = []
+    digest = __import__("hashlib").sha256()
+
+    def write(data: bytes) -> None:
+        pieces.append(len(data))
+        digest.update(data)
+
+    recorder = _Recorder(old)
+    tracemalloc.start()
+    try:
+        size = apply_delta_stream(recorder, len(old), io.BytesIO(patch), write)  # type: ignore[arg-type]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert size == len(new) and digest.digest() == __import__("hashlib").sha256(new).digest()
+    assert max(pieces) <= fldelta2_apply.FLUSH and recorder.largest <= fldelta2_apply.FLUSH
+    bound = fldelta2_apply.lzma_dict_size(len(old), len(new)) + len(body) + 2 * fldelta2_apply.FLUSH
+    assert len(body) > len(new) and peak < bound, (peak, bound)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bz2
 import io
+import logging
 import lzma
 from typing import BinaryIO, Protocol
 
@@ -39,7 +40,7 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
-from fleetloop_shared.errors import IntegrityError, UserError
+from fleetloop_shared.errors import IntegrityError, InternalError, UserError
 from fleetloop_shared.update import lzma_preset
 from fleetloop_shared.update.delta_format import FLDELTA2, HEADER, DeltaStats
 from fleetloop_shared.update.fldelta2_apply import (
@@ -61,6 +62,7 @@ from fleetloop_shared.update.fldelta2_apply import (
 )
 from fleetloop_shared.update.inflate import CODEC_BZIP2, CODEC_LZMA2, CODEC_STORED, lzma_filters
 
+log = logging.getLogger(__name__)
 I64 = npt.NDArray[np.int64]
 DEFAULT_CHUNK = MAX_CHUNK
 #: zstd level of the whole-chunk candidates.
@@ -312,7 +314,10 @@ def _patch(old: bytes, regions: list[tuple[int, int]], data: bytes) -> tuple[int
     table = REGION_COUNT.pack(len(regions)) + b"".join(REGION.pack(a, n) for a, n in regions)
     if lzma_preset.available():
         size = lzma_dict_size(len(dictionary), len(data))
-        return METHOD_LZMA_PATCH, table + lzma_preset.compress(dictionary, data, size)
+        try:
+            return METHOD_LZMA_PATCH, table + lzma_preset.compress(dictionary, data, size)
+        except InternalError as exc:  # liblzma could not (memory): zstd can, slower
+            log.warning("lzma-patch failed (%s); this chunk is coded with zstd patch-from", exc)
     if not regions:
         return METHOD_ZSTD, _zstd(data)
     return METHOD_ZSTD_PATCH, table + _zstd(data, dictionary)
@@ -342,7 +347,8 @@ def _encode_chunk(old: bytes, start: int, data: bytes, matcher: _Matcher | None)
         )
         patch = _patch(old, regions, b"".join(data[a : a + n] for a, n in pieces))
         whole = len(pieces) == 1 and pieces[0][1] == len(data)
-        if len(streams.body()) <= len(patch[1]):
+        table = REGION_COUNT.size + len(regions) * REGION.size  # paid once per chunk, not per sample
+        if len(streams.body()) <= len(patch[1]) - table:
             if not whole:
                 streams = _Streams(*matcher.tuples(start, data), sparse_diff=streams.sparse_diff)
             made.append((METHOD_STREAMS, streams.body()))

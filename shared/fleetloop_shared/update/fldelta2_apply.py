@@ -6,9 +6,11 @@ own disk and is read with positioned reads through a small buffer, the new image
 in pieces of at most :data:`FLUSH` bytes (the driver hashes and writes them into the other slot), and
 every stream inside the patch is decoded piece by piece (:class:`~fleetloop_shared.update.inflate.Inflow`).
 What memory a patch can make the device use is fixed by this module's constants, not by the image:
-one chunk body (≤ ~4 MiB), one zstd output chunk (≤ :data:`MAX_CHUNK`) or the decoders of one chunk's
-streams, and a patch-from dictionary (≤ :data:`MAX_DICT`; built once, copied once by zstd), or an
-LZMA2 decoder whose dictionary holds the old regions and the chunk (≤ :data:`MAX_DICT` + :data:`MAX_CHUNK`).
+one chunk body (≤ :func:`max_body` of :data:`MAX_CHUNK`, ~8.2 MiB) and either the decoders of one
+chunk's streams (≤ 1 MiB buffers), or one zstd output chunk (≤ :data:`MAX_CHUNK`) and a patch-from
+dictionary (≤ :data:`MAX_DICT`; built once, copied once by zstd), or an LZMA2 decoder whose dictionary
+holds the old regions and the chunk (≤ :data:`MAX_DICT` + :data:`MAX_CHUNK`) and ≤ 1 MiB of its output —
+under 26 MiB in all.
 
 An lzma-patch chunk needs nothing beyond the standard library: the encoder presets LZMA2's dictionary
 with the old regions (:mod:`fleetloop_shared.update.lzma_preset`, cloud only); the device gets the
@@ -265,11 +267,12 @@ def _dictionary_regions(
     for i in range(count):
         offset, length = REGION.unpack_from(body, REGION_COUNT.size + i * REGION.size)
         total += length
-        if length == 0 or offset + length > old_size or total > MAX_DICT:
+        if length == 0 or offset + length > old_size:
             raise IntegrityError(
-                f"delta is malformed: dictionary region {offset}+{length} is outside the old image "
-                f"or over {MAX_DICT} bytes in all"
+                f"delta is malformed: dictionary region {offset}+{length} is empty or outside the old image"
             )
+        if total > MAX_DICT:
+            raise IntegrityError(f"delta is malformed: dictionary regions over {MAX_DICT} bytes in all")
         regions.append((offset, length))
     return regions, total, start
 
@@ -296,28 +299,39 @@ def _apply_zstd_patch(old: BinaryIO, old_size: int, body: bytes, out_len: int) -
 def _apply_lzma_patch(
     old: BinaryIO, old_size: int, body: bytes, out_len: int, write: Callable[[bytes], object]
 ) -> None:
-    """Feed the decoder the old regions (output dropped), then the stream; output in ≤ FLUSH pieces."""
+    """Feed the decoder the old regions (output dropped), then the stream in :data:`_LZMA2_RAW` slices
+    (the decoder keeps no copy of input it has not used); output in ≤ FLUSH pieces, never past the
+    chunk's declared length by more than a byte."""
     regions, total, start = _dictionary_regions(body, old_size, least=0)
     filters = [{"id": lzma.FILTER_LZMA2, "dict_size": lzma_dict_size(total, out_len)}]
-    produced = 0
+    stream = memoryview(body)[start:]
+    produced = fed = 0
+
+    def decode(data: bytes | memoryview, limit: int = -1) -> bytes:
+        try:
+            return decoder.decompress(data, max_length=limit)
+        except (lzma.LZMAError, EOFError, ValueError) as exc:
+            raise IntegrityError(f"delta is malformed: lzma-patch chunk is corrupt ({exc})") from None
+
     try:
         decoder = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=filters)
-        for part in dictionary_prefix(_old_pieces(old, regions, _LZMA2_RAW)):
-            decoder.decompress(part)
-        stream: bytes | memoryview = memoryview(body)[start:]
-        while not decoder.eof:
-            piece = decoder.decompress(stream, max_length=FLUSH)
-            stream = b""
-            produced += len(piece)
-            if produced > out_len:
-                raise IntegrityError(f"delta is malformed: lzma-patch chunk expands past {out_len} bytes")
-            if piece:
-                write(piece)
-            elif decoder.needs_input:
+    except (lzma.LZMAError, ValueError) as exc:
+        raise IntegrityError(f"delta is malformed: lzma-patch chunk: {exc}") from None
+    for part in dictionary_prefix(_old_pieces(old, regions, _LZMA2_RAW)):
+        decode(part)
+    while not decoder.eof:
+        data: bytes | memoryview = b""
+        if decoder.needs_input:
+            if fed == len(stream):
                 raise IntegrityError("delta is malformed: lzma-patch chunk is truncated")
-    except (lzma.LZMAError, EOFError, ValueError) as exc:
-        raise IntegrityError(f"delta is malformed: lzma-patch chunk is corrupt ({exc})") from None
-    if decoder.unused_data:
+            data, fed = stream[fed : fed + _LZMA2_RAW], min(len(stream), fed + _LZMA2_RAW)
+        piece = decode(data, min(FLUSH, out_len - produced + 1))
+        produced += len(piece)
+        if produced > out_len:
+            raise IntegrityError(f"delta is malformed: lzma-patch chunk expands past {out_len} bytes")
+        if piece:
+            write(piece)
+    if decoder.unused_data or fed < len(stream):
         raise IntegrityError("delta is malformed: lzma-patch chunk has trailing bytes")
     if produced != out_len:
         raise IntegrityError(f"delta is malformed: chunk decodes to {produced} of {out_len} bytes")

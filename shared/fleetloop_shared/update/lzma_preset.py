@@ -9,7 +9,9 @@ the standard library by feeding the decoder the dictionary first as LZMA2 uncomp
 (:func:`fleetloop_shared.update.fldelta2_apply.dictionary_prefix`), which leaves the decoder in the
 state a preset dictionary would.
 
-Without a loadable liblzma :func:`available` is false and the encoder falls back to zstd patch-from.
+Without a loadable liblzma :func:`available` is false and the encoder falls back to zstd patch-from;
+:func:`compress` failing (liblzma out of memory) raises :class:`InternalError`, on which the encoder
+falls back the same way for that chunk.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+from collections.abc import Iterator
 
 from fleetloop_shared.errors import InternalError
 
@@ -69,27 +72,32 @@ class _Filter(ctypes.Structure):
     _fields_ = [("id", ctypes.c_uint64), ("options", ctypes.c_void_p)]
 
 
+def _names() -> Iterator[str]:
+    yield "liblzma.so.5"
+    found = ctypes.util.find_library("lzma")  # runs ldconfig or a compiler: only if the usual name fails
+    if found:
+        yield found
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    for name in ("liblzma.so.5", ctypes.util.find_library("lzma")):
-        if not name:
-            continue
+    for name in _names():
         try:
             lib = ctypes.CDLL(name)
-        except OSError:
+            lib.lzma_lzma_preset.argtypes = [ctypes.POINTER(_Options), ctypes.c_uint32]
+            lib.lzma_lzma_preset.restype = ctypes.c_ubyte
+            lib.lzma_raw_buffer_encode.argtypes = [
+                ctypes.POINTER(_Filter),
+                ctypes.c_void_p,
+                ctypes.c_char_p,
+                ctypes.c_size_t,
+                ctypes.c_void_p,
+                ctypes.POINTER(ctypes.c_size_t),
+                ctypes.c_size_t,
+            ]
+            lib.lzma_raw_buffer_encode.restype = ctypes.c_int
+        except (OSError, AttributeError):  # not there, or a library without these symbols
             continue
-        lib.lzma_lzma_preset.argtypes = [ctypes.POINTER(_Options), ctypes.c_uint32]
-        lib.lzma_lzma_preset.restype = ctypes.c_ubyte
-        lib.lzma_raw_buffer_encode.argtypes = [
-            ctypes.POINTER(_Filter),
-            ctypes.c_void_p,
-            ctypes.c_char_p,
-            ctypes.c_size_t,
-            ctypes.c_void_p,
-            ctypes.POINTER(ctypes.c_size_t),
-            ctypes.c_size_t,
-        ]
-        lib.lzma_raw_buffer_encode.restype = ctypes.c_int
         return lib
     return None
 
@@ -123,4 +131,4 @@ def compress(dictionary: bytes, data: bytes, dict_size: int) -> bytes:
     ret = lib.lzma_raw_buffer_encode(filters, None, data, len(data), out, ctypes.byref(pos), room)
     if ret != _LZMA_OK:
         raise InternalError(f"liblzma could not encode a {len(data)}-byte chunk (lzma_ret {ret})")
-    return out.raw[: pos.value]
+    return ctypes.string_at(out, pos.value)
