@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from fleetloop_shared.catalog import DataType
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import ConfigError, MalformedMessageError
 
 #: Register types and their read function codes.
@@ -58,12 +59,8 @@ class Tag:
 
     def __post_init__(self) -> None:
         where = f"tag {self.signal!r}"
-        if self.register not in REGISTER_TYPES:
-            raise ConfigError(
-                f"{where}: register must be one of {', '.join(REGISTER_TYPES)}, got {self.register!r}"
-            )
-        if self.data_type not in DATA_TYPES:
-            raise ConfigError(f"{where}: type must be one of {', '.join(DATA_TYPES)}, got {self.data_type!r}")
+        check_choice(self.register, REGISTER_TYPES, f"{where}: register")
+        check_choice(self.data_type, DATA_TYPES, f"{where}: type")
         if self.register in BIT_TYPES and self.data_type != "bool":
             raise ConfigError(f"{where}: a {self.register} holds one bit; its type must be bool")
         if self.data_type == "bool" and self.register not in BIT_TYPES and self.bit is None:

@@ -1,0 +1,33 @@
+"""One test and one wording for a setting that takes one of a fixed set of values."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleetloop_shared.choices import check_choice, choice_problem
+from fleetloop_shared.errors import ConfigError, UserError
+
+
+def test_a_value_among_the_choices_passes_unchanged() -> None:
+    assert check_choice("wifi", ("wifi", "cellular"), "cloud.upload.network") == "wifi"
+    assert check_choice(4, (3, 4, 5), "store.segment_version") == 4
+    assert choice_problem("b", frozenset({"a", "b"})) is None
+
+
+def test_a_refusal_names_the_setting_the_choices_and_the_value() -> None:
+    with pytest.raises(ConfigError) as err:
+        check_choice("lte", ("wifi", "cellular"), "agent.yaml:3:5: cloud.upload.network")
+    assert str(err.value) == "agent.yaml:3:5: cloud.upload.network must be one of wifi, cellular, got 'lte'"
+
+
+@pytest.mark.parametrize("value", [True, False, 1.0, [1], {"a": 1}, None, "1"])
+def test_booleans_unhashables_and_look_alikes_are_not_choices(value: object) -> None:
+    assert choice_problem(value, frozenset({0, 1, 2})) == f"must be one of 0, 1, 2, got {value!r}"
+
+
+def test_the_caller_chooses_the_error_class() -> None:
+    with pytest.raises(UserError, match=r"^fleet store format must be one of parquet, got 'csv'$") as err:
+        check_choice("csv", ("parquet",), "fleet store format", error=UserError)
+    assert type(err.value) is UserError
+    with pytest.raises(ValueError, match="multi_pid must be one of answer, first"):
+        check_choice("all", ("answer", "first"), "multi_pid", error=ValueError)
