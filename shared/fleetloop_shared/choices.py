@@ -10,11 +10,14 @@ that adds FILE:LINE:COL), so only the test and the words live here.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from fleetloop_shared.errors import ConfigError
 
 T = TypeVar("T")
+
+#: Most characters of the refused value a message repeats (its ``repr``, cut with ``...``).
+MAX_SHOWN: Final = 60
 
 
 def choice_problem(value: object, choices: Collection[object]) -> str | None:
@@ -24,18 +27,28 @@ def choice_problem(value: object, choices: Collection[object]) -> str | None:
     a list or a mapping is simply not a choice."""
     if any(_same(value, choice) for choice in choices):
         return None
-    return f"must be one of {', '.join(map(str, choices))}, got {value!r}"
+    return _refusal(value, choices)
+
+
+def _refusal(value: object, choices: Collection[object]) -> str:
+    shown = repr(value)
+    if len(shown) > MAX_SHOWN:  # a request body's value: the refusal stays one readable line
+        shown = shown[: MAX_SHOWN - 3] + "..."
+    return f"must be one of {', '.join(map(str, choices))}, got {shown}"
 
 
 def check_choice(
-    value: T, choices: Collection[T], what: str, *, error: Callable[[str], Exception] = ConfigError
+    value: object, choices: Collection[T], what: str = "", *, error: Callable[[str], Exception] = ConfigError
 ) -> T:
-    """``value`` when it is one of ``choices``; otherwise ``error`` naming ``what`` (the setting, with
-    where it was written when the caller knows), the values it takes and the value given."""
-    problem = choice_problem(value, choices)
-    if problem is not None:
-        raise error(f"{what} {problem}")
-    return value
+    """The choice ``value`` is (typed as the choices are, whatever a YAML or JSON reader made of it);
+    otherwise ``error`` naming ``what`` (the setting, with where it was written when the caller
+    knows), the values it takes and the value given. Without ``what`` the message starts at ``must
+    be``: for an ``error`` that names the setting itself."""
+    for choice in choices:
+        if _same(value, choice):
+            return choice
+    problem = _refusal(value, choices)
+    raise error(f"{what} {problem}" if what else problem)
 
 
 def _same(value: object, choice: object) -> bool:

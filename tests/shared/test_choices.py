@@ -31,3 +31,14 @@ def test_the_caller_chooses_the_error_class() -> None:
     assert type(err.value) is UserError
     with pytest.raises(ValueError, match="multi_pid must be one of answer, first"):
         check_choice("all", ("answer", "first"), "multi_pid", error=ValueError)
+
+
+def test_an_error_that_names_the_setting_itself_gets_the_bare_problem() -> None:
+    with pytest.raises(ValueError, match=r"^must be one of a, b, got 'c'$"):
+        check_choice("c", ("a", "b"), error=ValueError)
+
+
+def test_a_long_value_is_cut_so_the_refusal_stays_one_readable_line() -> None:
+    problem = choice_problem("x" * 10_000, ("a",))
+    assert problem is not None and problem.endswith("got '" + "x" * 56 + "...")
+    assert len(problem) < 100
