@@ -246,3 +246,8 @@ def test_obd_config(tmp_path: Path) -> None:
             spec.pop("channel")
         with pytest.raises(ConfigError, match=message):
             build_source(spec, base_dir=tmp_path, start_ns=0)
+
+
+def test_the_simulated_ecu_refuses_a_multi_pid_mode_it_does_not_have() -> None:
+    with pytest.raises(ValueError, match=r"^multi_pid must be one of answer, .*, got 'sometimes'$"):
+        ObdEcu(multi_pid="sometimes")
