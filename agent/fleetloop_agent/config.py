@@ -110,8 +110,7 @@ def load_agent_config(path: str | Path) -> AgentConfig:
 
     cloud = _req(doc, "cloud", where, dict)
     transport = cloud.get("transport", "grpc")
-    if transport not in ("grpc", "mqtt"):
-        raise ConfigError(f"{where}: cloud.transport must be 'grpc' or 'mqtt', got {transport!r}")
+    check_choice(transport, ("grpc", "mqtt"), f"{where}: cloud.transport")
     cloud_tls = None
     if cloud.get("tls") is not None:
         t = _req(cloud, "tls", f"{where}: cloud", dict)

@@ -67,8 +67,8 @@ class Tag:
             raise ConfigError(f"{where}: a bool in a {self.register} register needs 'bit' (0-15)")
         if self.bit is not None and (self.register in BIT_TYPES or not 0 <= self.bit <= 15):
             raise ConfigError(f"{where}: 'bit' (0-15) applies to a bool in a holding or input register")
-        if self.word_order not in ORDERS or self.byte_order not in ORDERS:
-            raise ConfigError(f"{where}: word_order and byte_order must be big or little")
+        check_choice(self.word_order, ORDERS, f"{where}: word_order")
+        check_choice(self.byte_order, ORDERS, f"{where}: byte_order")
         if not self.address >= 0 or self.address + self.words - 1 > MAX_ADDRESS:
             raise ConfigError(f"{where}: address {self.address} is outside 0-{MAX_ADDRESS}")
         if not 0 <= self.device_id <= 255:
