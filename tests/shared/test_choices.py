@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from fleetloop_shared.catalog import DataType, data_type_named
 from fleetloop_shared.choices import check_choice, choice_problem
 from fleetloop_shared.errors import ConfigError, UserError
 
@@ -42,3 +43,14 @@ def test_a_long_value_is_cut_so_the_refusal_stays_one_readable_line() -> None:
     problem = choice_problem("x" * 10_000, ("a",))
     assert problem is not None and problem.endswith("got '" + "x" * 56 + "...")
     assert len(problem) < 100
+
+
+@pytest.mark.parametrize(("name", "expected"), [("float64", DataType.FLOAT64), ("INT64", DataType.INT64)])
+def test_a_data_type_is_named_in_any_case(name: str, expected: DataType) -> None:
+    assert data_type_named(name, "signal 'A': data_type") is expected
+
+
+@pytest.mark.parametrize("name", ["double", "", None, 1, True, ["bool"]])
+def test_a_name_that_is_no_data_type_is_refused_with_the_ones_there_are(name: object) -> None:
+    with pytest.raises(UserError, match=r"^signal 'A': data_type must be one of float64, int64, bool, str"):
+        data_type_named(name, "signal 'A': data_type")
