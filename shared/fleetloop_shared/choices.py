@@ -20,17 +20,8 @@ T = TypeVar("T")
 MAX_SHOWN: Final = 60
 
 
-def choice_problem(value: object, choices: Collection[object]) -> str | None:
-    """None when ``value`` is one of ``choices``; otherwise what is wrong with it, for a reader that
-    frames its own errors (``must be one of a, b, got 'c'``). A value read from YAML or JSON may be
-    of any type: it matches only a choice of its own kind (``true`` is not 1, ``4.0`` is not 4) and
-    a list or a mapping is simply not a choice."""
-    if any(_same(value, choice) for choice in choices):
-        return None
-    return _refusal(value, choices)
-
-
 def _refusal(value: object, choices: Collection[object]) -> str:
+    """``must be one of a, b, got 'c'``, the value's ``repr`` cut to :data:`MAX_SHOWN` characters."""
     shown = repr(value)
     if len(shown) > MAX_SHOWN:  # a request body's value: the refusal stays one readable line
         shown = shown[: MAX_SHOWN - 3] + "..."
@@ -44,7 +35,7 @@ def check_choice(
     otherwise ``error`` naming ``what`` (the setting, with where it was written when the caller
     knows), the values it takes and the value given. Without ``what`` the message starts at ``must
     be``: for an ``error`` that names the setting itself."""
-    for choice in choices:
+    for choice in choices:  # a value read from YAML or JSON may be of any type: see _same
         if _same(value, choice):
             return choice
     problem = _refusal(value, choices)
@@ -52,7 +43,8 @@ def check_choice(
 
 
 def _same(value: object, choice: object) -> bool:
-    """``value`` is ``choice``: equal, and of its kind (a str subclass such as an enum's value counts)."""
+    """``value`` is ``choice``: equal, and of its kind (``true`` is not 1, ``4.0`` is not 4; a str
+    subclass such as an enum's value counts), so a list or a mapping is simply no choice."""
     if isinstance(value, bool) != isinstance(choice, bool):
         return False
     return (isinstance(value, type(choice)) or isinstance(choice, type(value))) and value == choice

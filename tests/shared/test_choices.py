@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from fleetloop_shared.catalog import DataType, data_type_named
-from fleetloop_shared.choices import check_choice, choice_problem
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import ConfigError, UserError
 
 
 def test_a_value_among_the_choices_passes_unchanged() -> None:
     assert check_choice("wifi", ("wifi", "cellular"), "cloud.upload.network") == "wifi"
     assert check_choice(4, (3, 4, 5), "store.segment_version") == 4
-    assert choice_problem("b", frozenset({"a", "b"})) is None
+    assert check_choice("b", frozenset({"a", "b"})) == "b"
 
 
 def test_a_refusal_names_the_setting_the_choices_and_the_value() -> None:
@@ -23,7 +23,9 @@ def test_a_refusal_names_the_setting_the_choices_and_the_value() -> None:
 
 @pytest.mark.parametrize("value", [True, False, 1.0, [1], {"a": 1}, None, "1"])
 def test_booleans_unhashables_and_look_alikes_are_not_choices(value: object) -> None:
-    assert choice_problem(value, frozenset({0, 1, 2})) == f"must be one of 0, 1, 2, got {value!r}"
+    with pytest.raises(ValueError) as err:
+        check_choice(value, frozenset({0, 1, 2}), error=ValueError)
+    assert str(err.value) == f"must be one of 0, 1, 2, got {value!r}"
 
 
 def test_the_caller_chooses_the_error_class() -> None:
@@ -40,9 +42,9 @@ def test_an_error_that_names_the_setting_itself_gets_the_bare_problem() -> None:
 
 
 def test_a_long_value_is_cut_so_the_refusal_stays_one_readable_line() -> None:
-    problem = choice_problem("x" * 10_000, ("a",))
-    assert problem is not None and problem.endswith("got '" + "x" * 56 + "...")
-    assert len(problem) < 100
+    with pytest.raises(ConfigError) as err:
+        check_choice("x" * 10_000, ("a",), "name")
+    assert str(err.value).endswith("got '" + "x" * 56 + "...") and len(str(err.value)) < 100
 
 
 @pytest.mark.parametrize(("name", "expected"), [("float64", DataType.FLOAT64), ("INT64", DataType.INT64)])

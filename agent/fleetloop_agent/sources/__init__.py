@@ -18,7 +18,7 @@ from fleetloop_agent.sources.csv_replay import TIME_FORMATS, CsvReplaySource
 from fleetloop_agent.sources.live import DeviceClock
 from fleetloop_agent.sources.machine_kinds import BUILDERS as _MACHINE_BUILDERS
 from fleetloop_agent.sources.machine_kinds import KEYS as _MACHINE_KEYS
-from fleetloop_shared.choices import check_choice, choice_problem
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.yaml_marks import location
 
@@ -70,9 +70,8 @@ class _SpecReader:
         value = self.raw(key, default)
         if not isinstance(value, str) or not value:
             raise self.fail(key, f"expected a non-empty string, got {value!r}")
-        problem = choice_problem(value, choices) if choices else None
-        if problem is not None:
-            raise self.fail(key, problem)
+        if choices:
+            check_choice(value, choices, error=lambda problem: self.fail(key, problem))
         return value
 
     def integer(self, key: str, default: int) -> int:

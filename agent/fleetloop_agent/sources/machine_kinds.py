@@ -19,7 +19,7 @@ from fleetloop_agent.sources.json_paths import path_extractor
 from fleetloop_agent.sources.live import DEFAULT_QUEUE_SAMPLES, LIVE_ORIGIN, DeviceClock
 from fleetloop_agent.sources.modbus_map import BIT_TYPES, DATA_TYPES, ORDERS, REGISTER_TYPES, Tag
 from fleetloop_shared.catalog import DataType
-from fleetloop_shared.choices import choice_problem
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.yaml_marks import location
 
@@ -125,9 +125,8 @@ class _Nested:
         v = self.get(key, default)
         if not isinstance(v, str) or (v == "" and default != ""):
             raise self.fail(f"key {key!r}: expected a string, got {v!r}", key)
-        problem = choice_problem(v, choices) if choices else None
-        if problem is not None:
-            raise self.fail(f"key {key!r}: {problem}", key)
+        if choices:
+            check_choice(v, choices, error=lambda problem: self.fail(f"key {key!r}: {problem}", key))
         return v
 
     def integer(self, key: str, default: int | None = None, lo: int = 0, hi: int | None = None) -> int:

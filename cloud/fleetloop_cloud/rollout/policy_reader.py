@@ -49,7 +49,7 @@ from fleetloop_cloud.rollout.policy import (
     WindowScope,
 )
 from fleetloop_cloud.rollout.windows import parse_cron, zone
-from fleetloop_shared.choices import choice_problem
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import UserError
 from fleetloop_shared.yaml_marks import location
 
@@ -158,10 +158,9 @@ class _Reader:
 
     def choice(self, key: str, enum: type[E], default: E) -> E:
         value = self.raw(key, default.value)
-        problem = choice_problem(value, [e.value for e in enum])
-        if problem is not None:
-            raise self.fail(key, problem)
-        return enum(value)
+        return enum(
+            check_choice(value, [e.value for e in enum], error=lambda problem: self.fail(key, problem))
+        )
 
 
 def _show(value: Any) -> str:
