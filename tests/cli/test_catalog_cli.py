@@ -109,13 +109,19 @@ def test_a_vspec_becomes_a_catalog_that_rules_validate_reads(
 @pytest.mark.parametrize(
     ("file", "old", "new", "where", "message"),
     [
-        ("Chassis.vspec", "datatype: int16", "datatype: unit16", "Chassis.vspec:5:13", "datatype 'unit16'"),
+        (
+            "Chassis.vspec",
+            "datatype: int16",
+            "datatype: unit16",
+            "Chassis.vspec:5:13",
+            "datatype must be one of boolean, string, float, double, int8, int16, int32, int64, uint8, ",
+        ),
         (
             "Vehicle.vspec",
             "type: sensor\n  unit: km/h",
             "type: sensr\n  unit: km/h",
             "Vehicle.vspec:9:9",
-            "sensr",
+            "type must be one of branch, sensor, actuator, attribute, got 'sensr'",
         ),
         ("Vehicle.vspec", "unit: km/h", "units: km/h", "Vehicle.vspec:10:3", "unknown key 'units'"),
         ("Vehicle.vspec", "datatype: boolean", "datatype: boolean[]", "Vehicle.vspec:14:13", "array"),
