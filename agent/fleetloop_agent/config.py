@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetloop_agent.uplink.device_messages import NETWORKS
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.segment import READ_VERSIONS
 from fleetloop_shared.update.delta_format import FORMATS, check_formats
@@ -109,8 +110,7 @@ def load_agent_config(path: str | Path) -> AgentConfig:
 
     cloud = _req(doc, "cloud", where, dict)
     transport = cloud.get("transport", "grpc")
-    if transport not in ("grpc", "mqtt"):
-        raise ConfigError(f"{where}: cloud.transport must be 'grpc' or 'mqtt', got {transport!r}")
+    check_choice(transport, ("grpc", "mqtt"), f"{where}: cloud.transport")
     cloud_tls = None
     if cloud.get("tls") is not None:
         t = _req(cloud, "tls", f"{where}: cloud", dict)
@@ -168,19 +168,10 @@ def load_agent_config(path: str | Path) -> AgentConfig:
     scheduled = upload.get("scheduled", False)
     if not isinstance(scheduled, bool):
         raise ConfigError(f"{where}: cloud.upload.scheduled must be true or false, got {scheduled!r}")
-    network = upload.get("network", "wifi")
-    if network not in NETWORKS:
-        raise ConfigError(
-            f"{where}: cloud.upload.network must be one of {', '.join(NETWORKS)}, got {network!r}"
-        )
+    network = check_choice(upload.get("network", "wifi"), NETWORKS, f"{where}: cloud.upload.network")
     segment_version = store.get("segment_version")
-    if segment_version is not None and (
-        not isinstance(segment_version, int)
-        or isinstance(segment_version, bool)
-        or segment_version not in READ_VERSIONS
-    ):
-        allowed = ", ".join(map(str, sorted(READ_VERSIONS)))
-        raise ConfigError(f"{where}: store.segment_version must be one of {allowed}, got {segment_version!r}")
+    if segment_version is not None:
+        check_choice(segment_version, sorted(READ_VERSIONS), f"{where}: store.segment_version")
     models_dir = doc.get("models_dir")
     if models_dir is not None and not isinstance(models_dir, str):
         raise ConfigError(f"{where}: 'models_dir' must be a directory path")

@@ -54,7 +54,7 @@ def _load_catalog(path: Path) -> Any:
     (JSON records with ids). Ids are optional (given in order); datatypes in any case."""
     import yaml
 
-    from fleetloop_shared.catalog import Catalog, DataType, SignalSpec
+    from fleetloop_shared.catalog import Catalog, SignalSpec, data_type_named
     from fleetloop_shared.classification import parse_class
 
     if not path.is_file():
@@ -66,17 +66,13 @@ def _load_catalog(path: Path) -> Any:
     records = doc.get("signals") if isinstance(doc, dict) else doc
     if not isinstance(records, list):
         raise UserError(f"catalog {path}: {_CATALOG_SHAPE}")
-    names = ", ".join(t.name.lower() for t in DataType)
     specs = []
     for i, record in enumerate(records):
         where = f"catalog {path}: signals[{i}]"
         if not isinstance(record, dict) or not isinstance(record.get("path"), str):
             raise UserError(f"{where}: {_CATALOG_SHAPE}")
         kind = record.get("data_type", record.get("type"))
-        try:
-            data_type = DataType[str(kind).upper()]
-        except KeyError:
-            raise UserError(f"{where} ({record['path']}): data_type {kind!r} is not one of {names}") from None
+        data_type = data_type_named(kind, f"{where} ({record['path']}): data_type")
         raw_id = record.get("id", i + 1)
         if type(raw_id) is not int or raw_id < 1:
             raise UserError(f"{where} ({record['path']}): id must be a positive integer, got {raw_id!r}")

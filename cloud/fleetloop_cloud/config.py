@@ -34,6 +34,7 @@ from fleetloop_cloud.services.ingest import UPLOAD_BUDGET
 from fleetloop_cloud.storage import S3Settings, check_key
 from fleetloop_cloud.uploads.scheduler import NETWORKS, Budget
 from fleetloop_cloud.uploads.staging import StagingLimits
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import ConfigError, FleetloopError, RuleError
 from fleetloop_shared.rules.durations import parse_duration
 from fleetloop_shared.yaml_marks import MarkedDict, location, read_config_file
@@ -148,9 +149,7 @@ def _memory(value: Any, base: Path) -> str:
 
 def _level(value: Any, base: Path) -> str:
     levels = ("debug", "info", "warning", "error", "critical")
-    if not isinstance(value, str) or value.lower() not in levels:
-        raise Invalid(f"must be one of {', '.join(levels)}, got {value!r}")
-    return value.lower()
+    return check_choice(value.lower() if isinstance(value, str) else value, levels, error=Invalid)
 
 
 def _sizes_by(names: tuple[str, ...], what: str) -> Parser:
@@ -208,9 +207,7 @@ def _object_prefix(value: Any, base: Path) -> str:
 
 def _choice(names: tuple[str, ...]) -> Parser:
     def parse(value: Any, base: Path) -> str:
-        if value not in names:
-            raise Invalid(f"must be one of {', '.join(names)}, got {value!r}")
-        return str(value)
+        return check_choice(value, names, error=Invalid)
 
     return parse
 

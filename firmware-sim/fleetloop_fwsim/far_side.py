@@ -34,6 +34,7 @@ from fleetloop_fwsim.can_network import CanPlayer, RemoteCanServer
 from fleetloop_fwsim.gnss import GNSS_DBC, GNSS_MAPPING, gnss_frames
 from fleetloop_fwsim.obd_ecu import IsoTpEcu, ObdEcu, drive_values
 from fleetloop_fwsim.signals import SIM_VEHICLE_DBC, SKAB_COLUMNS, generate_vehicle_can
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.datapaths import comma2k19_segment
 from fleetloop_shared.dbc import load_dbc
 from fleetloop_shared.errors import ConfigError
@@ -85,8 +86,7 @@ def start_far_side(
 ) -> FarSide:
     """Start the far side of a machine of ``kind``; generated stand-ins (kept in ``workdir``) when
     ``recordings`` is None. ``socket``: the robot's push-API socket (default ``workdir/push.sock``)."""
-    if kind not in KINDS:
-        raise ConfigError(f"unknown machine kind {kind!r} (expected one of {', '.join(KINDS)})")
+    check_choice(kind, KINDS, "machine kind")
     workdir.mkdir(parents=True, exist_ok=True)
     if kind == "car":
         return _car(workdir, recordings, speed)

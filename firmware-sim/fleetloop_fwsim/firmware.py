@@ -27,6 +27,7 @@ import tarfile
 from pathlib import Path
 
 from fleetloop_agent.ota.image import ImageInfo, image_info, pack_image
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import IntegrityError, StateError, UserError
 from fleetloop_shared.update.firmware_image import image_body
 
@@ -177,8 +178,7 @@ def build_image(
     (one of :data:`BEHAVIOURS`) is what the machine does on this firmware; the default image's bytes are
     those of an image built without it.
     """
-    if behaviour not in BEHAVIOURS:
-        raise UserError(f"unknown firmware behaviour {behaviour!r} (expected one of {', '.join(BEHAVIOURS)})")
+    check_choice(behaviour, BEHAVIOURS, "firmware behaviour", error=UserError)
     chosen, rest = _select(size_hint)
     build = f"{version}/{variant}"  # what a build's changes depend on
     picks = {_seed(build, "changed", i) % len(chosen) for i in range(_CHANGED_FILES)}

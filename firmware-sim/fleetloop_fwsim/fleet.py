@@ -48,6 +48,7 @@ from fleetloop_fwsim.child_process import RestartableChild
 from fleetloop_fwsim.profiles import KINDS, source_specs
 from fleetloop_fwsim.swarm import Swarm
 from fleetloop_shared.catalog import Catalog
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import ConfigError, StorageFullError, UnavailableError, UserError
 from fleetloop_shared.segment import segment_from_batch
 from fleetloop_shared.wire import device_pb2
@@ -267,8 +268,7 @@ class SimFleet:
         limit = MAX_MQTT_DEVICES if mqtt is not None else MAX_DEVICES
         if not 1 <= devices <= limit:
             raise UserError(f"--devices must be between 1 and {limit} over this transport, got {devices}")
-        if kind not in KINDS:
-            raise UserError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        check_choice(kind, KINDS, "--kind", error=UserError)
         if capture_period_s <= 0 or speed <= 0:
             raise UserError("capture period and replay speed must be positive")
         targets = [target] if isinstance(target, str) else list(target)

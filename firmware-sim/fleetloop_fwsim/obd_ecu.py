@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, Final
 
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.obd_pids import (
     MAX_PIDS_PER_REQUEST,
     NEGATIVE,
@@ -63,8 +64,7 @@ class ObdEcu:
         vin: str = DEFAULT_VIN,
         multi_pid: str = "answer",
     ) -> None:
-        if multi_pid not in MULTI_PID_MODES:
-            raise ValueError(f"multi_pid must be one of {', '.join(MULTI_PID_MODES)}")
+        check_choice(multi_pid, MULTI_PID_MODES, "multi_pid", error=ValueError)
         self._values = values
         self.supported = set(values(0.0)) if supported is None else set(supported)
         unknown = self.supported - set(PIDS)

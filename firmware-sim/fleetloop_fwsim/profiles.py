@@ -22,8 +22,8 @@ from fleetloop_fwsim.signals import (
     generate_pump_csv,
     generate_vehicle_can,
 )
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.datapaths import comma2k19_segment
-from fleetloop_shared.errors import ConfigError
 
 KINDS: Final = ("car", "robot", "plc")
 
@@ -111,8 +111,7 @@ _TRIGGERS: Final = {
 
 
 def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ConfigError(f"unknown device kind {kind!r} (expected one of {', '.join(KINDS)})")
+    check_choice(kind, KINDS, "device kind")
 
 
 def frames_complete(directory: Path) -> bool:
@@ -226,8 +225,7 @@ def default_campaign(
     ``extra_signals``: more patterns to collect (a live car's OBD-II signals); ``privacy``: its
     ``spec.privacy`` (docs/privacy.md). Every kind with a trigger has one, the home hub too (it has no
     replay sources, so it is not one of :data:`KINDS`)."""
-    if kind not in _TRIGGERS:
-        raise ConfigError(f"unknown device kind {kind!r} (expected one of {', '.join(_TRIGGERS)})")
+    check_choice(kind, _TRIGGERS, "device kind")
     name, when, priority, signals = _TRIGGERS[kind]
     signals = [*signals, *extra_signals]
     document: dict[str, Any] = {

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.classification import SignalClass, parse_class
 from fleetloop_shared.errors import UserError
 
@@ -30,6 +31,17 @@ class DataType(IntEnum):
     @property
     def numpy_dtype(self) -> str:
         return _NUMPY_DTYPES[self]
+
+
+#: Each datatype by the name catalog files and requests give it (any case; shown lowercase).
+_BY_NAME: dict[str, DataType] = {t.name.lower(): t for t in DataType}
+
+
+def data_type_named(value: object, what: str, *, error: Callable[[str], Exception] = UserError) -> DataType:
+    """The datatype a catalog entry names (``float64``, ``INT64``...); otherwise ``error`` naming
+    ``what`` (the entry and where it is), the datatypes there are and the value given."""
+    name = value.lower() if isinstance(value, str) else value
+    return _BY_NAME[check_choice(name, tuple(_BY_NAME), what, error=error)]
 
 
 #: The numpy dtype each datatype's values take (looked up per batch: a table, not a dict built per call).

@@ -21,6 +21,7 @@ from typing import Final
 import yaml
 
 from fleetloop_shared.catalog import DataType
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import ConfigError
 
 #: VSS datatypes → the catalog's.
@@ -32,6 +33,8 @@ DATATYPES: Final = {
     **{f"{sign}int{bits}": DataType.INT64 for sign in ("", "u") for bits in (8, 16, 32, 64)},
 }
 SIGNAL_TYPES: Final = ("sensor", "actuator", "attribute")
+#: What a refusal shows for a key the file leaves out (never a valid type or datatype).
+MISSING: Final = "(missing)"
 _KEYS: Final = frozenset(
     {"type", "datatype", "unit", "description", "comment", "min", "max", "allowed", "default", "deprecation"}
     | {"arraysize", "pattern", "delete", "instances", "aggregate", "fka", "const", "$file_name$"}
@@ -110,17 +113,17 @@ def _node(path: Path, prefix: str, key_node: yaml.Node, value: yaml.Node, out: d
     kind, kind_at = fields.get("type", ("", at))
     if kind == "branch":
         return
-    if kind not in SIGNAL_TYPES:
-        raise ConfigError(
-            f"{kind_at}: {full}: type {kind or '(missing)'!r} is not one of branch, {', '.join(SIGNAL_TYPES)}"
-            + (" (struct types have no catalog equivalent)" if kind in ("struct", "property") else "")
-        )
+    hint = " (struct types have no catalog equivalent)" if kind in ("struct", "property") else ""
+    check_choice(
+        kind or MISSING,
+        ("branch", *SIGNAL_TYPES),
+        f"{kind_at}: {full}: type",
+        error=lambda m: ConfigError(m + hint),
+    )
     datatype, datatype_at = fields.get("datatype", ("", at))
     if datatype.endswith("[]"):
         raise ConfigError(f"{datatype_at}: {full}: array datatype {datatype!r} has no catalog equivalent")
-    if datatype not in DATATYPES:
-        shown = datatype or "(missing)"
-        raise ConfigError(f"{datatype_at}: {full}: datatype {shown!r} is not one of {', '.join(DATATYPES)}")
+    check_choice(datatype or MISSING, DATATYPES, f"{datatype_at}: {full}: datatype")
     if full in out:
         raise ConfigError(f"{at}: {full}: defined twice (first at {out[full].where})")
     description = fields.get("description", ("", ""))[0]

@@ -246,7 +246,7 @@ def test_config_is_checked_key_by_key(drive: dict[str, Any], tmp_path: Path) -> 
     cases = [
         ({"interface": "nonesuch"}, "key 'interface': python-can has no interface 'nonesuch'"),
         ({"channel": None}, "missing key 'channel'"),
-        ({"timestamps": "sometimes"}, "key 'timestamps': expected one of receive, bus"),
+        ({"timestamps": "sometimes"}, "key 'timestamps': must be one of receive, bus"),
         ({"queue_frames": 0}, "key 'queue_frames': expected at least 1"),
         ({"mapping": {"SPEED.NOPE": "x"}}, "message SPEED has no signal 'NOPE'"),
         ({"dbc": str(tmp_path / "none.dbc")}, "key 'dbc': file not found"),

@@ -73,6 +73,17 @@ def test_yaml_slip_names_line_and_column(tmp_path: Path) -> None:
             lambda t: t + "store: {segment_version: '4'}\n",
             "store.segment_version must be one of 2, 3, 4, 5, 6",
         ),
+        (
+            lambda t: t + "store: {segment_version: 4.0}\n",
+            "store.segment_version must be one of 2, 3, 4, 5, 6, got 4.0",
+        ),
+        (
+            lambda t: t.replace(
+                'cloud: {grpc: "127.0.0.1:50051"}',
+                "cloud: {grpc: x, upload: {network: lte}}",
+            ),
+            "cloud.upload.network must be one of wifi, cellular, ethernet, other, got 'lte'",
+        ),
     ],
 )
 def test_each_mistake_is_named(tmp_path: Path, edit: object, message: str) -> None:

@@ -231,13 +231,13 @@ def test_obd_config(tmp_path: Path) -> None:
     src = build_source(base, base_dir=tmp_path, start_ns=0)
     assert isinstance(src, ObdSource) and src.plan.pids == [RPM, SPEED]
     for change, message in [
-        ({"transport": "bluetooth"}, "key 'transport': expected one of isotp, elm327"),
+        ({"transport": "bluetooth"}, "key 'transport': must be one of isotp, elm327"),
         ({"pids": {"WARP_DRIVE": 1}}, "key 'pids': unknown PID 'WARP_DRIVE'"),
         ({"pids": {"RPM": 0}}, "key 'pids': RPM: expected a polling interval"),
         ({"port": "/dev/ttyUSB0"}, "key 'port': belongs to transport elm327"),
         (
             {"transport": "elm327", "port": "/dev/ttyUSB0", "protocol": "3"},
-            "key 'protocol': expected one of 0, 6, 7, 8, 9",
+            "key 'protocol': must be one of 0, 6, 7, 8, 9",
         ),
         ({"multi_pid": "sometimes"}, "key 'multi_pid': expected auto, true or false"),
     ]:
@@ -246,3 +246,8 @@ def test_obd_config(tmp_path: Path) -> None:
             spec.pop("channel")
         with pytest.raises(ConfigError, match=message):
             build_source(spec, base_dir=tmp_path, start_ns=0)
+
+
+def test_the_simulated_ecu_refuses_a_multi_pid_mode_it_does_not_have() -> None:
+    with pytest.raises(ValueError, match=r"^multi_pid must be one of answer, .*, got 'sometimes'$"):
+        ObdEcu(multi_pid="sometimes")

@@ -167,11 +167,11 @@ def test_float_word_order_is_what_the_server_sends() -> None:
         ({"tags": {}}, "source 'pump': key 'tags': maps no tag"),
         (
             {"tags": {"A": {"register": "holdng", "address": 0}}},
-            "key 'tags': tag 'A': key 'register': expected one of",
+            "key 'tags': tag 'A': key 'register': must be one of",
         ),
         (
             {"tags": {"A": {"address": 0, "type": "float"}}},
-            "key 'tags': tag 'A': key 'type': expected one of",
+            "key 'tags': tag 'A': key 'type': must be one of",
         ),
         ({"tags": {"A": {"address": 0, "adress": 1}}}, "key 'tags': tag 'A': unknown key 'adress'"),
         (

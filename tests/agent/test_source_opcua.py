@@ -118,9 +118,9 @@ def test_a_server_restart_is_reconnected_and_counted(pump: OpcUaPump) -> None:
         ({"nodes": {"ns=2;s=A": {"unit": "bar"}}}, "key 'nodes': node 'ns=2;s=A': key 'signal'"),
         (
             {"nodes": {"ns=2;s=A": {"signal": "A", "type": "double"}}},
-            "key 'nodes': node 'ns=2;s=A': key 'type': expected one of",
+            "key 'nodes': node 'ns=2;s=A': key 'type': must be one of",
         ),
-        ({"timestamps": "client"}, "key 'timestamps': expected one of server, source, device"),
+        ({"timestamps": "client"}, "key 'timestamps': must be one of server, source, device"),
     ],
 )
 def test_config_mistakes_name_the_source_and_the_key(change: dict[str, Any], message: str) -> None:

@@ -194,7 +194,7 @@ def test_a_stale_socket_is_replaced_and_a_file_is_not(tmp_path: Path) -> None:
         ({"socket": None}, "missing key 'socket'"),
         ({"socket": "/tmp/" + "x" * 120}, "socket path longer than 107 bytes"),
         ({"signals": {}}, "key 'signals': lists no signal"),
-        ({"signals": {"A": {"type": "float32"}}}, "key 'signals': signal 'A': key 'type': expected one of"),
+        ({"signals": {"A": {"type": "float32"}}}, "key 'signals': signal 'A': key 'type': must be one of"),
         ({"socket_mode": "rw"}, "key 'socket_mode': expected an octal mode"),
     ],
 )

@@ -569,7 +569,7 @@ def test_build_sources_with_relative_paths(tmp_path: Path) -> None:
     ("change", "reason"),
     [
         ({"kind": None}, "source 'c': missing key 'kind'"),
-        ({"kind": "modbus"}, "source 'c': key 'kind': expected one of can_replay, csv_replay"),
+        ({"kind": "modbus"}, "source 'c': key 'kind': must be one of can_replay, csv_replay"),
         ({"name": None}, "source: missing key 'name'"),
         ({"frames": None}, "source 'c': missing key 'frames'"),
         ({"frames": "nowhere"}, "source 'c': key 'frames': directory not found"),
@@ -581,7 +581,7 @@ def test_build_sources_with_relative_paths(tmp_path: Path) -> None:
         ({"mapping": {"SIM_VEHICLE_SPEED.NOPE": "x"}}, "source 'c': mapping key 'SIM_VEHICLE_SPEED.NOPE'"),
         ({"mapping": {}}, "source 'c': key 'mapping': maps no signal"),
         ({"include_unmapped": "yes"}, "source 'c': key 'include_unmapped': expected true or false"),
-        ({"origin": "dreamt"}, "source 'c': key 'origin': expected one of recordings, simulated"),
+        ({"origin": "dreamt"}, "source 'c': key 'origin': must be one of recordings, simulated"),
         ({"colour": "red"}, "source 'c': unknown key 'colour'"),
     ],
 )
@@ -609,7 +609,7 @@ def test_bad_can_spec(tmp_path: Path, change: dict[str, Any], reason: str) -> No
     [
         ({"path": "missing.csv"}, "source 'p': key 'path': file not found"),
         ({"time_column": None}, "source 'p': missing key 'time_column'"),
-        ({"time_format": "ms"}, "source 'p': key 'time_format': expected one of seconds, datetime"),
+        ({"time_format": "ms"}, "source 'p': key 'time_format': must be one of seconds, datetime"),
         ({"columns": {"x": "X"}}, "source 'p': key 'columns': entry 'x' must be [catalog.path, unit]"),
         ({"columns": {}}, "source 'p': key 'columns': maps no column"),
         ({"delimiter": ";;"}, "source 'p': key 'delimiter': expected one character"),

@@ -42,7 +42,7 @@ def test_mqtt_and_tls_keys_resolve_relative_paths(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("cloud", "message"),
     [
-        ("cloud: {transport: carrier-pigeon}", "cloud.transport must be 'grpc' or 'mqtt'"),
+        ("cloud: {transport: carrier-pigeon}", "cloud.transport must be one of grpc, mqtt, "),
         ("cloud: {transport: mqtt}", "missing required key 'mqtt'"),
         (
             "cloud: {transport: mqtt, mqtt: {host: h, port: '1', ca: a, cert: b, key: c}}",

@@ -109,13 +109,19 @@ def test_a_vspec_becomes_a_catalog_that_rules_validate_reads(
 @pytest.mark.parametrize(
     ("file", "old", "new", "where", "message"),
     [
-        ("Chassis.vspec", "datatype: int16", "datatype: unit16", "Chassis.vspec:5:13", "datatype 'unit16'"),
+        (
+            "Chassis.vspec",
+            "datatype: int16",
+            "datatype: unit16",
+            "Chassis.vspec:5:13",
+            "datatype must be one of boolean, string, float, double, int8, int16, int32, int64, uint8, ",
+        ),
         (
             "Vehicle.vspec",
             "type: sensor\n  unit: km/h",
             "type: sensr\n  unit: km/h",
             "Vehicle.vspec:9:9",
-            "sensr",
+            "type must be one of branch, sensor, actuator, attribute, got 'sensr'",
         ),
         ("Vehicle.vspec", "unit: km/h", "units: km/h", "Vehicle.vspec:10:3", "unknown key 'units'"),
         ("Vehicle.vspec", "datatype: boolean", "datatype: boolean[]", "Vehicle.vspec:14:13", "array"),
@@ -206,7 +212,9 @@ def test_an_imported_catalog_pushed_to_a_fleet_gets_its_ids_and_lists_back(
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("signals:\n  - path: A\n    data_type: float64\n  - path: B\n    data_type: double\n")
     bad = cli("catalog", "push", "taxi", str(wrong), env=as_admin)
-    assert bad.returncode != 0 and f"{wrong}:4:5: signal 'B' has datatype 'double'" in bad.stderr
+    assert bad.returncode != 0
+    refusal = "data_type must be one of float64, int64, bool, string, got 'double'"
+    assert f"{wrong}:4:5: signal 'B': {refusal}" in bad.stderr
     viewer = cli("tokens", "create", "eyes", "--role", "viewer", env=as_admin).stdout.strip()
     as_viewer = {"FLEETLOOP_CLOUD": url, "FLEETLOOP_TOKEN": viewer}
     denied = cli("catalog", "push", "taxi", str(made), env=as_viewer)

@@ -137,7 +137,10 @@ def test_a_hand_written_yaml_catalog_works_and_its_mistakes_are_named(
     code, _, err = run(capsys, "rules", "validate", str(files / "typo.yaml"), *catalog)
     assert code == 2 and "did you mean 'Vehicle.Speed'?" in err
     for text, why in [
-        ("- {path: Vehicle.Speed, type: strng}\n", "signals[0] (Vehicle.Speed): data_type 'strng' is not"),
+        (
+            "- {path: Vehicle.Speed, type: strng}\n",
+            "signals[0] (Vehicle.Speed): data_type must be one of float64, int64, bool, string, got 'strng'",
+        ),
         ("- {path: Vehicle.Speed, data_type: bool, id: 0}\n", "id must be a positive integer, got 0"),
         ("signals: Vehicle.Speed\n", "expected a list of signals"),
         ("signals: [\n", "not YAML or JSON"),

@@ -251,7 +251,7 @@ def test_pushing_a_catalog_needs_an_operator_is_audited_and_says_what_it_refused
     entries = c.audit.entries(VIEWER, AuditFilter(kind="catalog.push"))
     assert [(e.actor, e.target, e.after) for e in entries] == [("ops", "taxi", "2 signals"),
                                                                ("ops", "taxi", "2 signals")]  # fmt: skip
-    with pytest.raises(UserError, match=r"signals\[0\]: signal 'X' has datatype 'float'"):
+    with pytest.raises(UserError, match=r"signal 'X': data_type must be one of .*, got 'float'$"):
         c.catalogs.push(OPERATOR, "taxi", {"signals": [{"path": "X", "data_type": "float"}]}, NOW)
     with pytest.raises(UserError, match="a list 'signals'"):
         c.catalogs.push(OPERATOR, "taxi", [1, 2], NOW)

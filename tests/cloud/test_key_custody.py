@@ -31,10 +31,12 @@ from fleetloop_agent.ota.download import HttpFetcher
 from fleetloop_agent.ota.tuf_client import TufClient
 from fleetloop_cloud.http_api import start_http_server
 from fleetloop_cloud.ota.artifact_store import ReleaseInput
-from fleetloop_cloud.ota.tuf_repository import ImageKeyCustody, target_file
+from fleetloop_cloud.ota.tuf_repository import ImageKeyCustody, KeyStore, RootAuthority, target_file
+from fleetloop_cloud.ota.writers import MetadataFolder
 from fleetloop_cloud.server import Coordinator
+from fleetloop_cloud.storage.objects import MemoryObjectStore
 from fleetloop_fwsim.firmware import build_image
-from fleetloop_shared.errors import ArtifactVerificationError, UserError
+from fleetloop_shared.errors import ArtifactVerificationError, ConfigError, UserError
 from fleetloop_shared.update.artifact import ReleaseManifest, sha256_hex
 from fleetloop_shared.update.release_keys import (
     check_proposal,
@@ -456,3 +458,9 @@ def test_the_image_root_rotates_with_the_offline_root_keys_signed_on_the_release
         forged.sign(signer, append=True)
     status, body = cloud.call("POST", "/v1/tuf/image/root", forged.to_bytes())
     assert status == 403 and "threshold of root keys" in body["error"], body
+
+
+def test_a_root_for_an_unknown_repository_is_refused(tmp_path: Path) -> None:
+    folder = MetadataFolder(MemoryObjectStore(), "tuf/other/roles")
+    with pytest.raises(ConfigError, match=r"^TUF repository must be one of .*, got 'other'$"):
+        RootAuthority(folder, KeyStore(tmp_path / "keys"), repository="other", clock=time.time)

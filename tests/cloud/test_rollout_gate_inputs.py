@@ -94,6 +94,8 @@ def test_bad_cohorts_and_expressions_are_user_errors(engine: QueryEngine) -> Non
         capture_counts(engine, {"car-b": Span(T0, T0 - 1)}, campaign="harsh-braking")
     with pytest.raises(UserError, match="campaign"):
         capture_counts(engine, cohort_over(["car-b"], T0, T0 + 1), campaign="")
+    with pytest.raises(UserError, match=r"^clock must be one of received, sample, got 'wall'$"):
+        capture_counts(engine, cohort_over(["car-b"], T0, T0 + 1), campaign="x", clock="wall")  # type: ignore[arg-type]
     # an id with a quote is data in the cohort list, not SQL
     hostile_id = "x') OR true --"
     hostile = capture_counts(engine, cohort_over([hostile_id], T0, T0 + 3600.0), campaign="harsh-braking")

@@ -355,7 +355,7 @@ def test_every_number_used_is_recorded_and_the_reason_has_them() -> None:
         (lambda: mean_shift_gate([1, 2], [1, 2], confidence=0.9, min_effect=0, min_devices=1,
                                  direction="increase"), "min_devices"),
         (lambda: mean_shift_gate([1, 2], [1, 2], confidence=0.9, min_effect=0, min_devices=2,
-                                 direction="up"), "direction"),  # type: ignore[arg-type]
+                                 direction="up"), "direction must be one of increase, decrease, got 'up'"),  # type: ignore[arg-type]
     ],
 )  # fmt: skip
 def test_bad_input_is_a_clear_user_error(call: object, message: str) -> None:

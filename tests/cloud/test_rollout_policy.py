@@ -178,7 +178,7 @@ def test_the_flat_form_of_earlier_versions_still_reads() -> None:
         ),
         (
             "spec:\n  release: {version: 2.0.0}\n  phases: [{name: a}]\n  install: {type: sometimes}\n",
-            "rollout.yaml:4:13: spec.install.type: expected one of soft, forced, timeforced, downloadonly",
+            "rollout.yaml:4:13: spec.install.type: must be one of soft, forced, timeforced, downloadonly",
         ),
         (
             "spec:\n  release: {version: 2.0.0}\n  phases: [{name: a}]\n"

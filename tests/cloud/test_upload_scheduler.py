@@ -139,3 +139,8 @@ def test_bounded_devices_and_forgetting() -> None:
 def test_bad_input_is_a_user_error(make: object) -> None:
     with pytest.raises(UserError):
         make()  # type: ignore[operator]
+
+
+def test_an_unknown_network_is_refused_naming_the_device_the_networks_and_the_value() -> None:
+    with pytest.raises(UserError, match=r"^backlog of d: network must be one of wifi, .*, got 'satellite'$"):
+        Backlog("d", "satellite", {})

@@ -32,6 +32,7 @@ from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim.fleet import SimFleet
 from fleetloop_fwsim.mqtt_swarm import MqttSwarm
 from fleetloop_shared.catalog import DataType
+from fleetloop_shared.errors import UserError
 from fleetloop_shared.segment import Segment, new_segment_id
 from fleetloop_shared.wire import device_pb2
 
@@ -136,3 +137,9 @@ def test_sim_fleet_hold_only_from_the_command_line(
     out = json.loads(capsys.readouterr().out)
     assert code == 0
     assert (out["devices"], out["peak_connected"], out["segments_stored"]) == (150, 150, 0)
+
+
+def test_an_unknown_kind_is_refused_before_any_device_starts(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"^--kind must be one of car, robot, plc, got 'boat'$"):
+        SimFleet("127.0.0.1:9", 1, tmp_path / "devices", recordings=None, kind="boat")
+    assert not (tmp_path / "devices").exists()

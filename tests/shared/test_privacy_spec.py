@@ -73,7 +73,10 @@ FENCE = "  privacy:\n    suppress:\n      geofences:\n        - {type: Polygon, 
         ("  privacy: {coarsen: {position: {geohash: 13}}}\n", 6, 43, "between 1 and 12, got 13"),
         ("  privacy: {coarsen: {position: {grid: '0.1'}}}\n", 6, 40, "must be a number"),
         ("  privacy: {coarsen: {time: 25h}}\n", 6, 29, "may be at most 24h"),
-        ("  privacy: {suppress: {scope: all, geofences: []}}\n", 6, 31, "capture or positions"),
+        (
+            "  privacy: {suppress: {scope: all, geofences: []}}\n",
+            6, 31, "scope must be one of capture, positions, got 'all'",
+        ),
         ("  privacy: {suppress: {geofences: []}}\n", 6, 35, "at least one polygon"),
         (
             FENCE + "[[[0, 0], [1, 0], [0, 0]]]}\n",

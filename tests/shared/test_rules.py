@@ -269,7 +269,7 @@ DOC_ERRORS = [
         "unknown field 'spec.min_interval'",
     ),  # wrong mapping
     ("    mode: rising", "    mod: rising", 8, 5, "unknown field 'spec.trigger.mod'; did you mean 'mode'"),
-    ("mode: rising", "mode: sometimes", 8, 11, "rising or always"),
+    ("mode: rising", "mode: sometimes", 8, 11, "trigger.mode must be one of rising, always, got 'sometimes'"),
     ("min_interval: 30s", "min_interval: 30", 9, 19, "not a duration"),
     ("min_interval: 30s", "min_interval: 30x", 9, 19, "not a duration"),
     ("pre: 10s", "pre: 2h", 12, 10, "at most 1h"),

@@ -28,11 +28,11 @@ from pathlib import Path, PurePosixPath
 
 from fleetloop_shared.durable import fsync_directory, write_atomically
 from fleetloop_shared.errors import IntegrityError, StorageFullError, UserError
+from fleetloop_shared.names import safe_name
 
 MARKER = ".fleetloop-bundle.json"
 #: Most members a bundle may have (hostile-archive bound).
 MAX_MEMBERS = 10_000
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _VERSION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,63}")
 
 
@@ -49,9 +49,7 @@ class BundleStore:
         self.max_bytes = max_bytes
 
     def _dir(self, name: str) -> Path:
-        if not _NAME.fullmatch(name):
-            raise UserError(f"bundle name {name!r}: use 1-128 letters, digits, '.', '_' or '-'")
-        return self.root / name
+        return self.root / safe_name(name, "bundle name", becomes="a directory")
 
     def current(self, name: str) -> Path | None:
         """The directory readers should use for ``name`` (``<root>/<name>/current``), if installed."""

@@ -18,6 +18,7 @@ from fleetloop_agent.sources.csv_replay import TIME_FORMATS, CsvReplaySource
 from fleetloop_agent.sources.live import DeviceClock
 from fleetloop_agent.sources.machine_kinds import BUILDERS as _MACHINE_BUILDERS
 from fleetloop_agent.sources.machine_kinds import KEYS as _MACHINE_KEYS
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.yaml_marks import location
 
@@ -69,8 +70,8 @@ class _SpecReader:
         value = self.raw(key, default)
         if not isinstance(value, str) or not value:
             raise self.fail(key, f"expected a non-empty string, got {value!r}")
-        if choices and value not in choices:
-            raise self.fail(key, f"expected one of {', '.join(choices)}, got {value!r}")
+        if choices:
+            check_choice(value, choices, error=lambda problem: self.fail(key, problem))
         return value
 
     def integer(self, key: str, default: int) -> int:
@@ -173,10 +174,9 @@ def build_source(
     raw_name = spec.get("name")
     label = f"source {raw_name!r}" if isinstance(raw_name, str) and raw_name else "source"
     kind = spec.get("kind")
-    if kind not in KINDS:
-        if kind is None:
-            raise ConfigError(f"{label}: missing key 'kind' (expected one of {', '.join(KINDS)})")
-        raise ConfigError(f"{label}: key 'kind': expected one of {', '.join(KINDS)}, got {kind!r}")
+    if kind is None:
+        raise ConfigError(f"{label}: missing key 'kind' (expected one of {', '.join(KINDS)})")
+    check_choice(kind, KINDS, f"{label}: key 'kind':")
     if kind in can_config.KEYS:
         allowed = can_config.KEYS[kind]
     elif kind in _MACHINE_KEYS:

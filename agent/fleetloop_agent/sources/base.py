@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fleetloop_shared.catalog import Catalog
-from fleetloop_shared.errors import ConfigError
+from fleetloop_shared.choices import check_choice as shared_check_choice
 from fleetloop_shared.samples import GroupBatch
 
 H = TypeVar("H", bound=Hashable)
@@ -68,8 +68,7 @@ class SignalSource(Protocol):
 def check_choice(name: str, key: str, value: str, choices: Collection[str]) -> None:
     """ConfigError unless source ``name``'s setting ``key`` is one of ``choices``: every source words
     the refusal of an enumerated setting (timestamps, time format, origin) the same way."""
-    if value not in choices:
-        raise ConfigError(f"source {name!r}: {key} must be one of {', '.join(choices)}, got {value!r}")
+    shared_check_choice(value, choices, f"source {name!r}: {key}")
 
 
 def check_origin(name: str, origin: str) -> None:

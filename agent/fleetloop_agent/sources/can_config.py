@@ -26,6 +26,7 @@ from fleetloop_agent.sources.can_signals import (
 from fleetloop_agent.sources.live import DEFAULT_QUEUE_FRAMES, DeviceClock
 from fleetloop_agent.sources.obd import DEFAULT_QUEUE_SAMPLES, ObdSource
 from fleetloop_agent.sources.obd_link import ELM_PROTOCOLS, Elm327Link, IsoTpLink, ObdLink
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.dbc import load_dbc
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.obd_pids import BY_NAME, PIDS
@@ -212,11 +213,11 @@ def _obd(r: _SpecReader, name: str, clock: DeviceClock | None) -> ObdSource:
         port = r.string("port")
         baudrate = r.integer("baudrate", 38400)
         protocol = str(r.raw("protocol", "0"))
-        if protocol not in ELM_PROTOCOLS:
-            raise r.fail(
-                "protocol",
-                f"expected one of {', '.join(ELM_PROTOCOLS)} (the CAN protocols), got {protocol!r}",
-            )
+        check_choice(
+            protocol,
+            ELM_PROTOCOLS,
+            error=lambda problem: r.fail("protocol", f"{problem} (the CAN protocols)"),
+        )
         for key in ("interface", "channel", "options", "request_id", "response_id", "extended"):
             if key in r.spec:
                 raise r.fail(key, "belongs to transport isotp, not elm327")

@@ -19,6 +19,7 @@ from fleetloop_agent.sources.json_paths import path_extractor
 from fleetloop_agent.sources.live import DEFAULT_QUEUE_SAMPLES, LIVE_ORIGIN, DeviceClock
 from fleetloop_agent.sources.modbus_map import BIT_TYPES, DATA_TYPES, ORDERS, REGISTER_TYPES, Tag
 from fleetloop_shared.catalog import DataType
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.yaml_marks import location
 
@@ -124,8 +125,8 @@ class _Nested:
         v = self.get(key, default)
         if not isinstance(v, str) or (v == "" and default != ""):
             raise self.fail(f"key {key!r}: expected a string, got {v!r}", key)
-        if choices and v not in choices:
-            raise self.fail(f"key {key!r}: expected one of {', '.join(choices)}, got {v!r}", key)
+        if choices:
+            check_choice(v, choices, error=lambda problem: self.fail(f"key {key!r}: {problem}", key))
         return v
 
     def integer(self, key: str, default: int | None = None, lo: int = 0, hi: int | None = None) -> int:

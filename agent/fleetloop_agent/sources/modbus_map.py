@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from fleetloop_shared.catalog import DataType
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import ConfigError, MalformedMessageError
 
 #: Register types and their read function codes.
@@ -58,20 +59,16 @@ class Tag:
 
     def __post_init__(self) -> None:
         where = f"tag {self.signal!r}"
-        if self.register not in REGISTER_TYPES:
-            raise ConfigError(
-                f"{where}: register must be one of {', '.join(REGISTER_TYPES)}, got {self.register!r}"
-            )
-        if self.data_type not in DATA_TYPES:
-            raise ConfigError(f"{where}: type must be one of {', '.join(DATA_TYPES)}, got {self.data_type!r}")
+        check_choice(self.register, REGISTER_TYPES, f"{where}: register")
+        check_choice(self.data_type, DATA_TYPES, f"{where}: type")
         if self.register in BIT_TYPES and self.data_type != "bool":
             raise ConfigError(f"{where}: a {self.register} holds one bit; its type must be bool")
         if self.data_type == "bool" and self.register not in BIT_TYPES and self.bit is None:
             raise ConfigError(f"{where}: a bool in a {self.register} register needs 'bit' (0-15)")
         if self.bit is not None and (self.register in BIT_TYPES or not 0 <= self.bit <= 15):
             raise ConfigError(f"{where}: 'bit' (0-15) applies to a bool in a holding or input register")
-        if self.word_order not in ORDERS or self.byte_order not in ORDERS:
-            raise ConfigError(f"{where}: word_order and byte_order must be big or little")
+        check_choice(self.word_order, ORDERS, f"{where}: word_order")
+        check_choice(self.byte_order, ORDERS, f"{where}: byte_order")
         if not self.address >= 0 or self.address + self.words - 1 > MAX_ADDRESS:
             raise ConfigError(f"{where}: address {self.address} is outside 0-{MAX_ADDRESS}")
         if not 0 <= self.device_id <= 255:

@@ -20,7 +20,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final, Protocol
 
-from fleetloop_shared.errors import ConfigError, UnavailableError
+from fleetloop_shared.choices import check_choice
+from fleetloop_shared.errors import UnavailableError
 
 ELM_PROTOCOLS: Final = ("0", "6", "7", "8", "9")
 _ELM_FAILURES: Final = (
@@ -208,10 +209,7 @@ class Elm327Link:
     def __init__(
         self, port: str, *, baudrate: int = 38400, protocol: str = "0", reset_timeout_s: float = 5.0
     ) -> None:
-        if protocol not in ELM_PROTOCOLS:
-            raise ConfigError(
-                f"ELM327 protocol {protocol!r}: expected one of {', '.join(ELM_PROTOCOLS)} (CAN)"
-            )
+        check_choice(protocol, ELM_PROTOCOLS, "ELM327 protocol (the CAN ones)")
         self._port = port
         self._baudrate = baudrate
         self._protocol = protocol

@@ -23,6 +23,7 @@ from fleetloop_agent.uplink.transport import (
     UploadRequest,
     answer_for_reply,
     answer_for_status,
+    no_answer,
 )
 from fleetloop_shared.errors import FleetloopError, UnavailableError
 from fleetloop_shared.wire import device_pb2, ingest_pb2
@@ -144,7 +145,7 @@ class MemoryTransport:
             done = await asyncio.wait_for(asyncio.to_thread(self._cloud.upload, request), timeout_s)
             return answer_for_reply(done)
         except TimeoutError:
-            return RetryLater(f"DEADLINE_EXCEEDED: no answer within {timeout_s:g} s")
+            return no_answer(timeout_s)
         except FleetloopError as exc:
             return answer_for_status(exc.grpc_code, str(exc))
 

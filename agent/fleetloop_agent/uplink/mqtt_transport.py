@@ -50,6 +50,7 @@ from fleetloop_agent.uplink.transport import (
     UploadRequest,
     answer_for_reply,
     answer_for_status,
+    no_answer,
 )
 from fleetloop_shared.errors import UnavailableError
 from fleetloop_shared.mqtt_client import connect_properties, no_delay, publish_properties, tls_client
@@ -248,7 +249,7 @@ class MqttTransport:
             try:
                 return await asyncio.wait_for(answer, timeout_s)
             except TimeoutError:
-                return RetryLater(f"DEADLINE_EXCEEDED: no answer within {timeout_s:g} s")
+                return no_answer(timeout_s)
         finally:
             self._waiters.pop(correlation, None)
 

@@ -84,6 +84,12 @@ def answer_for_status(status: str, detail: str) -> Refused | RetryLater:
     return RetryLater(f"{status}: {detail}")
 
 
+def no_answer(timeout_s: float) -> RetryLater:
+    """A transport's answer when the far side said nothing within ``timeout_s``: worded like the gRPC
+    status, so every transport's timeout reads (and is retried) the same."""
+    return RetryLater(f"DEADLINE_EXCEEDED: no answer within {timeout_s:g} s")
+
+
 #: What the cloud answers to one upload that went through.
 UploadReply: TypeAlias = ingest_pb2.UploadSegmentResponse | ingest_pb2.UploadChunkResponse
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import UserError
 
 FORMATS = ("parquet", "iceberg")
@@ -31,8 +32,7 @@ class TableSettings:
     compact_min_files: int = 16
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise UserError(f"fleet store format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        check_choice(self.format, FORMATS, "fleet store format", error=UserError)
         if not (math.isfinite(self.batch_wait_s) and 0 <= self.batch_wait_s <= 10):
             raise UserError(f"batch wait must be from 0 to 10 seconds, got {self.batch_wait_s!r}")
         if not 1 <= self.batch_max_segments <= 10_000:

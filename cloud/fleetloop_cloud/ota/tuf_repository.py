@@ -53,6 +53,7 @@ from tuf.api.metadata import (  # type: ignore[attr-defined]
 
 from fleetloop_cloud.ota.writers import LocalWriters, MetadataFolder, MetadataWriters
 from fleetloop_cloud.storage import ObjectStore
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.durable import write_atomically
 from fleetloop_shared.errors import (
     ConfigError,
@@ -144,8 +145,7 @@ class RootAuthority:
         """``offline``: where a new root's root and targets keys are made (the release managers' keys,
         not the coordinator's); ``targets_keys``: public keys release managers made themselves, used as
         the targets role (``targets_threshold`` of them sign). Both matter only when no root exists."""
-        if repository not in REPOSITORIES:
-            raise ConfigError(f"unknown TUF repository {repository!r}")
+        check_choice(repository, REPOSITORIES, "TUF repository")
         self.folder = folder
         self.keys = keys
         self.repository = repository

@@ -27,6 +27,7 @@ from typing import Final, Literal, Protocol
 
 from fleetloop_cloud.fleet_store.query import MAX_ROWS_LIMIT, QueryResult
 from fleetloop_cloud.rollout.gating import Cohorts, DeviceValues, RateCounts
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import QueryError, UserError
 
 Clock = Literal["received", "sample"]
@@ -132,8 +133,7 @@ def _cohort_cte(rows: list[tuple[str, Span]]) -> str:
 
 
 def _check_clock(clock: str) -> None:
-    if clock not in ("received", "sample"):
-        raise UserError(f"clock must be 'received' or 'sample', got {clock!r}")
+    check_choice(clock, ("received", "sample"), "clock", error=UserError)
 
 
 def _run(queries: GateQueries, sql: str, devices: int, timeout_s: float) -> QueryResult:

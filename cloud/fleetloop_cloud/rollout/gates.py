@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import InternalError, UserError
 
 Decision = Literal["pass", "trip", "insufficient"]
@@ -384,8 +385,7 @@ def mean_shift_gate(
     ``μ_treated − μ_control ≤ min_effect`` for an increase, ``≥ −min_effect`` for a decrease);
     insufficient while either cohort has fewer than ``min_devices`` values (at least 2: a spread needs two).
     """
-    if direction not in ("increase", "decrease"):
-        raise UserError(f"direction must be 'increase' or 'decrease', got {direction!r}")
+    check_choice(direction, ("increase", "decrease"), "direction", error=UserError)
     if isinstance(min_devices, bool) or not isinstance(min_devices, int) or min_devices < 2:
         raise UserError(f"min_devices must be a whole number ≥ 2 (a spread needs two), got {min_devices!r}")
     a = _values(treated, "treated")

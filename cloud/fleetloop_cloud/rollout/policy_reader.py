@@ -49,6 +49,7 @@ from fleetloop_cloud.rollout.policy import (
     WindowScope,
 )
 from fleetloop_cloud.rollout.windows import parse_cron, zone
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import UserError
 from fleetloop_shared.yaml_marks import location
 
@@ -157,11 +158,9 @@ class _Reader:
 
     def choice(self, key: str, enum: type[E], default: E) -> E:
         value = self.raw(key, default.value)
-        try:
-            return enum(str(value) if not isinstance(value, bool) else "")
-        except ValueError:
-            choices = ", ".join(e.value for e in enum)
-            raise self.fail(key, f"expected one of {choices}, got {_show(value)}") from None
+        return enum(
+            check_choice(value, [e.value for e in enum], error=lambda problem: self.fail(key, problem))
+        )
 
 
 def _show(value: Any) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 from fleetloop_cloud.repositories.interfaces import FleetCatalogRepository
 from fleetloop_cloud.services.access import Access, Caller
-from fleetloop_shared.catalog import DataType, SignalSpec
+from fleetloop_shared.catalog import DataType, SignalSpec, data_type_named
 from fleetloop_shared.catalog_ids import (
     MAX_ASSIGNED,
     MAX_PATH_CHARS,
@@ -128,11 +128,7 @@ def catalog_signal(s: Any, at: str) -> tuple[str, DataType, str]:
     path, dtype, unit = s.get("path"), s.get("data_type"), s.get("unit", "")
     if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH_CHARS:
         raise UserError(f"{at}: path must be text of 1 to {MAX_PATH_CHARS} characters")
-    try:
-        data_type = DataType[str(dtype).upper()]
-    except KeyError:
-        names = ", ".join(t.name.lower() for t in DataType)
-        raise UserError(f"{at}: signal {path!r} has datatype {dtype!r}; one of {names}") from None
+    data_type = data_type_named(dtype, f"{at}: signal {path!r}: data_type")
     if not isinstance(unit, str):
         raise UserError(f"{at}: unit must be text")
     return path, data_type, unit[:MAX_PATH_CHARS]

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import UserError
 
 MAX_PRIORITY = 9
@@ -41,8 +42,7 @@ class Backlog:
     def __post_init__(self) -> None:
         if not self.device_id:
             raise UserError("backlog without a device id")
-        if self.network not in NETWORKS:
-            raise UserError(f"backlog of {self.device_id}: network must be one of {', '.join(NETWORKS)}")
+        check_choice(self.network, NETWORKS, f"backlog of {self.device_id}: network", error=UserError)
         for p, n in self.bytes_by_priority.items():
             if not 0 <= p <= MAX_PRIORITY or n < 0:
                 raise UserError(f"backlog of {self.device_id}: priority {p} / bytes {n} out of range")

@@ -18,6 +18,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from fleetloop_shared.catalog import Catalog
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import RuleError
 from fleetloop_shared.privacy.policy import PrivacyPolicy
 from fleetloop_shared.rules.durations import UNIT_NS, format_duration, parse_duration
@@ -289,9 +290,12 @@ class _DocumentReader:
         mode = "rising"
         if "mode" in trigger:
             mode_node = trigger["mode"][1]
-            mode = self._scalar(mode_node, "spec.trigger.mode")
-            if mode not in MODES:
-                raise self._error(f"spec.trigger.mode must be rising or always, got {mode!r}", mode_node)
+            mode = check_choice(
+                self._scalar(mode_node, "spec.trigger.mode"),
+                MODES,
+                "spec.trigger.mode",
+                error=lambda message: self._error(message, mode_node),
+            )
         min_interval = 0
         if "min_interval" in trigger:
             min_interval = self._duration(

@@ -29,6 +29,7 @@ from typing import Protocol
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from fleetloop_shared.catalog import Catalog, DataType
+from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import RuleError
 from fleetloop_shared.privacy.geo import MAX_GEOHASH_PRECISION, Polygon, Ring
 from fleetloop_shared.privacy.policy import (
@@ -193,9 +194,12 @@ def _suppress(r: FieldReader, node: Node) -> tuple[tuple[Polygon, ...], str]:
     scope = "capture"
     if "scope" in fields:
         scope_node = fields["scope"][1]
-        scope = r._scalar(scope_node, f"{where}.scope")
-        if scope not in SUPPRESS_SCOPES:
-            raise r._error(f"{where}.scope must be capture or positions, got {scope!r}", scope_node)
+        scope = check_choice(
+            r._scalar(scope_node, f"{where}.scope"),
+            SUPPRESS_SCOPES,
+            f"{where}.scope",
+            error=lambda message: r._error(message, scope_node),
+        )
     fences_node = fields["geofences"][1]
     items = fences_node.value if isinstance(fences_node, SequenceNode) else [fences_node]
     polygons: list[Polygon] = []
