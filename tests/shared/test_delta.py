@@ -7,6 +7,7 @@ never images built from the machine's own binaries.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import random
 import tracemalloc
@@ -218,15 +219,12 @@ def big_pair() -> tuple[bytes, bytes, bytes]:
     return old, new, make_delta(old, new)
 
 
-def test_streaming_apply_holds_bounded_buffers_not_the_image(big_pair: tuple[bytes, bytes, bytes]) -> None:
-    """Whatever the image size the device holds at most one chunk's work: writes of at most FLUSH
-    bytes, positioned reads of the old slot of at most FLUSH bytes, and allocations far below the
-    image (traced by tracemalloc: Python objects, numpy, bzip2 and LZMA buffers)."""
-    old, new, patch = big_pair
-    assert len(new) > 5 * fldelta2_apply.MAX_CHUNK - (2 << 20)
+def _apply_traced(old: bytes, new: bytes, patch: bytes) -> tuple[int, int, int]:
+    """Apply ``patch`` as the device does, checking the result is ``new``: (largest write, largest read
+    of the old image, peak of tracemalloc's traced allocations)."""
     recorder = _Recorder(old)
     pieces: list[int] = []
-    digest = __import__("hashlib").sha256()
+    digest = hashlib.sha256()
 
     def write(data: bytes) -> None:
         pieces.append(len(data))
@@ -238,8 +236,18 @@ def test_streaming_apply_holds_bounded_buffers_not_the_image(big_pair: tuple[byt
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert size == len(new) and digest.digest() == __import__("hashlib").sha256(new).digest()
-    assert max(pieces) <= fldelta2_apply.MAX_CHUNK and recorder.largest <= fldelta2_apply.FLUSH
+    assert size == len(new) and digest.digest() == hashlib.sha256(new).digest()
+    return max(pieces), recorder.largest, peak
+
+
+def test_streaming_apply_holds_bounded_buffers_not_the_image(big_pair: tuple[bytes, bytes, bytes]) -> None:
+    """Whatever the image size the device holds at most one chunk's work: writes of at most FLUSH
+    bytes, positioned reads of the old slot of at most FLUSH bytes, and allocations far below the
+    image (traced by tracemalloc: Python objects, numpy, bzip2 and LZMA buffers)."""
+    old, new, patch = big_pair
+    assert len(new) > 5 * fldelta2_apply.MAX_CHUNK - (2 << 20)
+    largest_write, largest_read, peak = _apply_traced(old, new, patch)
+    assert largest_write <= fldelta2_apply.MAX_CHUNK and largest_read <= fldelta2_apply.FLUSH
     bound = 2 * fldelta2_apply.MAX_CHUNK + 2 * fldelta2_apply.MAX_DICT
     assert peak < bound < len(new), (peak, bound)
 
@@ -261,21 +269,7 @@ def test_an_lzma_patch_chunk_holds_its_dictionary_body_and_one_piece() -> None:
         + fldelta2_apply.CHUNK.pack(fldelta2_apply.METHOD_LZMA_PATCH, len(new), len(body))
         + body
     )
-    pieces: list[int] = []
-    digest = __import__("hashlib").sha256()
-
-    def write(data: bytes) -> None:
-        pieces.append(len(data))
-        digest.update(data)
-
-    recorder = _Recorder(old)
-    tracemalloc.start()
-    try:
-        size = apply_delta_stream(recorder, len(old), io.BytesIO(patch), write)  # type: ignore[arg-type]
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert size == len(new) and digest.digest() == __import__("hashlib").sha256(new).digest()
-    assert max(pieces) <= fldelta2_apply.FLUSH and recorder.largest <= fldelta2_apply.FLUSH
+    largest_write, largest_read, peak = _apply_traced(old, new, patch)
+    assert largest_write <= fldelta2_apply.FLUSH and largest_read <= fldelta2_apply.FLUSH
     bound = fldelta2_apply.lzma_dict_size(len(old), len(new)) + len(body) + 2 * fldelta2_apply.FLUSH
     assert len(body) > len(new) and peak < bound, (peak, bound)
