@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test check lint type contracts proto proto-check pytest clean
+.PHONY: setup system-deps demo test test-socketcan check lint type contracts proto proto-check pytest clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,13 @@ PYTEST_WORKERS ?= 0
 
 pytest: setup
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# The live CAN source on a kernel SocketCAN interface: needs the vcan module and root (left out of
+# `make test`, since containers and CI machines have no vcan).
+VCAN ?= vcan0
+test-socketcan: setup
+	@ip link show $(VCAN) >/dev/null 2>&1 || { ip link add dev $(VCAN) type vcan && ip link set up $(VCAN); }
+	FLEETLOOP_VCAN=$(VCAN) $(BIN)/pytest -q tests/agent/test_can_live.py -k socketcan
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
