@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleetloop_agent.uplink.device_messages import NETWORKS
 from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import ConfigError
+from fleetloop_shared.networks import NETWORKS
 from fleetloop_shared.segment import READ_VERSIONS
 from fleetloop_shared.update.delta_format import FORMATS, check_formats
 from fleetloop_shared.yaml_marks import read_config_file

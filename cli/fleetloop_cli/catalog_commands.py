@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from fleetloop_cli.catalog_files import read_catalog_entries
 from fleetloop_cli.client import client_from_args, cloud_command
 from fleetloop_cli.output import emit, render_object, render_records
 from fleetloop_shared.errors import NotFoundError, UserError
@@ -86,24 +87,13 @@ def cmd_catalog_import(args: argparse.Namespace) -> int:
 
 
 def read_catalog_file(path: Path) -> list[dict[str, Any]]:
-    """The signals of a catalog file (YAML or JSON), each checked here so a mistake is named at its
-    FILE:LINE:COL before anything is sent; only path, datatype and unit travel."""
-    import yaml
-
+    """The signals of a catalog file, each checked here so a mistake is named at its FILE:LINE:COL
+    before anything is sent; only path, datatype and unit travel."""
     from fleetloop_cloud.services.catalogs import catalog_file_signals, catalog_signal
-    from fleetloop_shared.yaml_marks import load_marked, location
+    from fleetloop_shared.yaml_marks import location
 
-    if not path.is_file():
-        raise NotFoundError(f"{path}: no such file")
-    try:
-        doc = load_marked(path.read_text(), source=str(path))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not a YAML or JSON catalog: {exc}") from None
-    signals = doc.get("signals") if isinstance(doc, dict) else None
-    if not isinstance(signals, list):
-        raise UserError(f"{path}: expected a mapping with a list 'signals' (catalog import's output)")
     out = []
-    for i, entry in enumerate(signals):
+    for i, entry in enumerate(read_catalog_entries(path)):
         where = (location(entry) if isinstance(entry, dict) else "").rstrip(": ") or f"{path}: signals[{i}]"
         name, dtype, unit = catalog_signal(entry, where)
         out.append({"path": name, "data_type": dtype.name.lower(), "unit": unit})

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fleetloop_cli.catalog_files import CATALOG_SHAPE, read_catalog_entries
 from fleetloop_cli.client import client_from_args, cloud_command, post_file
 from fleetloop_cli.output import FORMATS, emit, render_object, render_records
 from fleetloop_shared.errors import FleetloopError, NotFoundError, RuleError, UserError
@@ -43,34 +44,18 @@ def cmd_rules_validate(args: argparse.Namespace) -> int:
     return 2 if failures else 0
 
 
-_CATALOG_SHAPE = (
-    "expected a list of signals (or {signals: [...]}) with path and data_type "
-    "(float64, int64, bool or string), optionally id and unit"
-)
-
-
 def _load_catalog(path: Path) -> Any:
     """A catalog file as operators write it (YAML or JSON) or as the cloud lists a device's catalog
     (JSON records with ids). Ids are optional (given in order); datatypes in any case."""
-    import yaml
-
     from fleetloop_shared.catalog import Catalog, SignalSpec, data_type_named
     from fleetloop_shared.classification import parse_class
 
-    if not path.is_file():
-        raise NotFoundError(f"catalog {path}: no such file")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"catalog {path}: not YAML or JSON ({str(exc).splitlines()[0]})") from None
-    records = doc.get("signals") if isinstance(doc, dict) else doc
-    if not isinstance(records, list):
-        raise UserError(f"catalog {path}: {_CATALOG_SHAPE}")
+    records = read_catalog_entries(path)
     specs = []
     for i, record in enumerate(records):
         where = f"catalog {path}: signals[{i}]"
         if not isinstance(record, dict) or not isinstance(record.get("path"), str):
-            raise UserError(f"{where}: {_CATALOG_SHAPE}")
+            raise UserError(f"{where}: {CATALOG_SHAPE}")
         kind = record.get("data_type", record.get("type"))
         data_type = data_type_named(kind, f"{where} ({record['path']}): data_type")
         raw_id = record.get("id", i + 1)

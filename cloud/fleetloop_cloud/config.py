@@ -32,10 +32,11 @@ from fleetloop_cloud.mqtt_bridge import BridgeSettings
 from fleetloop_cloud.repositories.database import redact
 from fleetloop_cloud.services.ingest import UPLOAD_BUDGET
 from fleetloop_cloud.storage import S3Settings, check_key
-from fleetloop_cloud.uploads.scheduler import NETWORKS, Budget
+from fleetloop_cloud.uploads.scheduler import Budget
 from fleetloop_cloud.uploads.staging import StagingLimits
 from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import ConfigError, FleetloopError, RuleError
+from fleetloop_shared.networks import NETWORKS
 from fleetloop_shared.rules.durations import parse_duration
 from fleetloop_shared.yaml_marks import MarkedDict, location, read_config_file
 

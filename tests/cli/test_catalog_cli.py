@@ -221,3 +221,35 @@ def test_an_imported_catalog_pushed_to_a_fleet_gets_its_ids_and_lists_back(
     assert denied.returncode == 4 and "catalog.push needs role operator or admin" in denied.stderr
     audit = json.loads(cli("audit", "list", "-o", "json", env=as_admin).stdout)
     assert [e["target"] for e in audit if e["action"] == "catalog.push"] == ["taxi", "taxi"]
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        (None, "no such file"),
+        ("signals: [\n", "not YAML or JSON"),
+        ("signals: Vehicle.Speed\n", "expected a list of signals"),
+    ],
+)
+def test_catalog_push_and_rules_validate_refuse_a_broken_catalog_file_alike(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str | None, why: str
+) -> None:
+    """One reader for the file both commands take: the same refusal, in the same words, before any
+    cloud is asked (none is configured here)."""
+    catalog = tmp_path / "cat.yaml"
+    if text is not None:
+        catalog.write_text(text)
+    campaign = tmp_path / "c.yaml"
+    campaign.write_text(CAMPAIGN)
+    code, _, pushed = run(capsys, "catalog", "push", "taxi", str(catalog))
+    assert code != 0 and f"catalog {catalog}: {why}" in pushed, pushed
+    code, _, validated = run(capsys, "rules", "validate", str(campaign), "--catalog", str(catalog))
+    assert code != 0 and f"catalog {catalog}: {why}" in validated, validated
+
+
+def test_catalog_push_reads_the_bare_list_as_rules_validate_does(tmp_path: Path) -> None:
+    from fleetloop_cli.catalog_commands import read_catalog_file
+
+    bare = tmp_path / "cat.json"
+    bare.write_text(json.dumps([{"path": "Vehicle.Speed", "data_type": "FLOAT64", "unit": "km/h", "id": 3}]))
+    assert read_catalog_file(bare) == [{"path": "Vehicle.Speed", "data_type": "float64", "unit": "km/h"}]

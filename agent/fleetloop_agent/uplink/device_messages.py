@@ -15,8 +15,6 @@ from fleetloop_agent.local_store import LocalStore
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.wire import device_pb2, ota_pb2
 
-#: Networks a device reports to the upload scheduler (the cloud budgets cellular apart from the rest).
-NETWORKS = ("wifi", "cellular", "ethernet", "other")
 #: Pending segments looked at to report the backlog per priority (the store's most urgent first).
 BACKLOG_SCAN = 1000
 

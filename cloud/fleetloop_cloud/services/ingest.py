@@ -37,7 +37,7 @@ from fleetloop_cloud.services.catalogs import aliases_of
 from fleetloop_cloud.services.privacy import CampaignPolicies
 from fleetloop_cloud.sessions import DeviceSessions
 from fleetloop_cloud.uploads.clock_check import REFUSED, cloud_span, judge
-from fleetloop_cloud.uploads.scheduler import NETWORKS, Backlog, Budget, UploadScheduler
+from fleetloop_cloud.uploads.scheduler import Backlog, Budget, UploadScheduler
 from fleetloop_cloud.uploads.staging import StagingLimits, UploadStaging
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.catalog_ids import remap_segment
@@ -48,6 +48,7 @@ from fleetloop_shared.errors import (
     PrivacyViolationError,
     UserError,
 )
+from fleetloop_shared.networks import NETWORKS
 from fleetloop_shared.privacy import PolicyStamp, violations
 from fleetloop_shared.segment import Segment, decode_segment
 from fleetloop_shared.wire import device_pb2, ingest_pb2, parse

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 from fleetloop_shared.choices import check_choice
 from fleetloop_shared.errors import UserError
+from fleetloop_shared.networks import NETWORKS
 
 MAX_PRIORITY = 9
-NETWORKS = ("wifi", "cellular", "ethernet", "other")
 
 
 @dataclass(frozen=True)
