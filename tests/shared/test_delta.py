@@ -123,6 +123,34 @@ def test_each_chunk_takes_the_method_its_sample_shows_smaller(
     assert apply_delta(old, patch) == new
 
 
+def test_the_old_image_is_sorted_only_for_streams_and_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Methods are chosen on estimates from the anchor table; the suffix array is built when a chunk is
+    written as streams, once for all of them, and never for a delta of patches only."""
+    from fleetloop_shared.update import fldelta2, suffix_diff
+
+    if not suffix_diff.available():
+        pytest.fail("the kernel is installed by `make setup` (numba, pydivsufsort)")
+    sorts: list[int] = []
+    real = suffix_diff.OldIndex
+
+    def counted(old: bytes, sa: object = None) -> suffix_diff.OldIndex:
+        sorts.append(len(old))
+        return real(old)
+
+    monkeypatch.setattr(suffix_diff, "OldIndex", counted)
+    rng = random.Random(11)
+    old = rng.randbytes(200_000)
+    mosaic = b"".join(old[p : p + 24] for p in (rng.randrange(len(old) - 24) for _ in range(8_000)))
+    similar = bytes((b + 1) & 0xFF if i % 24 == 5 else b for i, b in enumerate(old))
+    for new, want_sorts in ((mosaic, []), (similar + similar, [len(old)])):
+        sorts.clear()
+        out = io.BytesIO()
+        stats = fldelta2.encode(old, io.BytesIO(new), len(new), out, chunk=1 << 17)
+        assert ("streams" in stats.methods) == bool(want_sorts), stats.methods
+        assert sorts == want_sorts
+        assert apply_delta(old, out.getvalue()) == new
+
+
 def test_fldelta1_patches_still_apply_and_a_device_can_refuse_fldelta2() -> None:
     old, new = image_pair("patch", size=SIZE // 4)
     v1 = make_delta(old, new, format=FLDELTA1)

@@ -81,9 +81,18 @@ _FALLBACK_MARGIN = 512 << 10
 
 
 class _Matcher(Protocol):
+    #: Whether :meth:`estimate` gives the same tuples as :meth:`tuples` (then a chunk sampled whole is
+    #: not searched again).
+    estimates_exact: bool
+
     def tuples(self, start: int, data: bytes) -> tuple[I64, bytes, bytes]:
         """``(seek, copy, add)`` tuples for the new bytes ``data`` found at ``start`` of the new image,
         with their diff and extra bytes."""
+        ...
+
+    def estimate(self, start: int, data: bytes) -> tuple[I64, bytes, bytes]:
+        """Tuples like :meth:`tuples`, possibly from a cheaper search: for choosing a chunk's method and
+        its dictionary, not for writing streams."""
         ...
 
 
@@ -105,21 +114,37 @@ def _seek_first(xyz: I64, base: int = 0) -> I64:
 
 
 class _IndexMatcher:
-    """bsdiff's search against the whole old image (suffix array built once)."""
+    """bsdiff's search against the whole old image: estimates through an anchor table (one pass over the
+    old image), streams through its suffix array — sorted on first need, so a delta whose chunks are all
+    patches never sorts."""
+
+    estimates_exact = False
 
     def __init__(self, old: bytes) -> None:
         from fleetloop_shared.update import suffix_diff
 
-        self._diff = suffix_diff.diff_tuples
-        self._index = suffix_diff.OldIndex(old)
+        self._old = old
+        self._module = suffix_diff
+        self._index: suffix_diff.OldIndex | None = None
+        self._anchors: suffix_diff.AnchorIndex | None = None
 
     def tuples(self, start: int, data: bytes) -> tuple[I64, bytes, bytes]:
-        xyz, diff, extra = self._diff(self._index, data)
+        if self._index is None:
+            self._index = self._module.OldIndex(self._old)
+        xyz, diff, extra = self._module.diff_tuples(self._index, data)
+        return _seek_first(xyz), diff, extra
+
+    def estimate(self, start: int, data: bytes) -> tuple[I64, bytes, bytes]:
+        if self._anchors is None:
+            self._anchors = self._module.AnchorIndex(self._old)
+        xyz, diff, extra = self._module.diff_tuples(self._anchors, data)
         return _seek_first(xyz), diff, extra
 
 
 class _WindowMatcher:
     """``bsdiff4.core.diff`` against the old window around the chunk's relative position."""
+
+    estimates_exact = True
 
     def __init__(self, old: bytes, new_size: int) -> None:
         self._old = old
@@ -133,6 +158,8 @@ class _WindowMatcher:
         hi = min(len(self._old), center + len(data) + _FALLBACK_MARGIN)
         control, diff, extra = bsdiff4.core.diff(self._old[lo:hi], data)
         return _seek_first(control_tuples(control), lo), diff, extra
+
+    estimate = tuples
 
 
 def varints(values: npt.NDArray[np.uint64]) -> bytes:
@@ -337,7 +364,7 @@ def _encode_chunk(old: bytes, start: int, data: bytes, matcher: _Matcher | None)
         made.append(_patch(old, [], data))
     else:
         pieces = _sample(len(data))
-        found = [matcher.tuples(start + a, data[a : a + n]) for a, n in pieces]
+        found = [matcher.estimate(start + a, data[a : a + n]) for a, n in pieces]
         regions = dictionary_regions([tuples for tuples, _, _ in found], len(old))
         # the sample as one chunk both ways, so that each coder sees the sample's pieces as one stream
         streams = _Streams(
@@ -349,7 +376,7 @@ def _encode_chunk(old: bytes, start: int, data: bytes, matcher: _Matcher | None)
         whole = len(pieces) == 1 and pieces[0][1] == len(data)
         table = REGION_COUNT.size + len(regions) * REGION.size  # paid once per chunk, not per sample
         if len(streams.body()) <= len(patch[1]) - table:
-            if not whole:
+            if not (whole and matcher.estimates_exact):  # written from the longest matches
                 streams = _Streams(*matcher.tuples(start, data), sparse_diff=streams.sparse_diff)
             made.append((METHOD_STREAMS, streams.body()))
         else:
