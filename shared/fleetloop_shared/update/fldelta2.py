@@ -22,7 +22,9 @@ The chunk is then written as the smallest of:
 - ``zstd``: the chunk alone at level 3, cheap, for chunks nothing old helps.
 
 Making both streams and a patch for every chunk would cost about what bsdiff4 costs; both are made on
-a sample of the chunk and only the smaller is made whole (:func:`_encode_chunk`). Without numba or
+a sample of the chunk and only the smaller is made whole (:func:`_encode_chunk`). The sample is searched
+through an anchor table (:class:`~fleetloop_shared.update.suffix_diff.AnchorIndex`: one pass, no sort),
+so the suffix array is built only when some chunk is written as streams. Without numba or
 pydivsufsort the tuples come from ``bsdiff4.core.diff`` against a window of the old image around the
 chunk's relative position (FLDELTA1's search, FLDELTA2's container).
 """
