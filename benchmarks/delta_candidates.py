@@ -65,6 +65,7 @@ def stages(old: bytes, new: bytes) -> dict[str, Any]:
     saved = {
         (suffix_diff, "diff_tuples"): "kernel",
         (suffix_diff, "OldIndex"): "suffix sort",
+        (suffix_diff, "AnchorIndex"): "anchor table",
         (fldelta2, "_pack_stream"): "pack streams",
         (fldelta2, "_zstd"): "zstd",
         (lzma_preset, "compress"): "lzma-patch",
