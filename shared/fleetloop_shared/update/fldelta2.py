@@ -118,7 +118,7 @@ def _seek_first(xyz: I64, base: int = 0) -> I64:
 class _IndexMatcher:
     """bsdiff's search against the whole old image: estimates through an anchor table (one pass over the
     old image), streams through its suffix array — sorted on first need, so a delta whose chunks are all
-    patches never sorts."""
+    patches never sorts; the table is dropped then, and later estimates use the sort."""
 
     estimates_exact = False
 
@@ -132,14 +132,16 @@ class _IndexMatcher:
 
     def tuples(self, start: int, data: bytes) -> tuple[I64, bytes, bytes]:
         if self._index is None:
+            self._anchors = None  # never both in memory: once sorted, estimates come from the sort too
             self._index = self._module.OldIndex(self._old)
         xyz, diff, extra = self._module.diff_tuples(self._index, data)
         return _seek_first(xyz), diff, extra
 
     def estimate(self, start: int, data: bytes) -> tuple[I64, bytes, bytes]:
-        if self._anchors is None:
-            self._anchors = self._module.AnchorIndex(self._old)
-        xyz, diff, extra = self._module.diff_tuples(self._anchors, data)
+        index = self._index or self._anchors
+        if index is None:
+            index = self._anchors = self._module.AnchorIndex(self._old)
+        xyz, diff, extra = self._module.diff_tuples(index, data)
         return _seek_first(xyz), diff, extra
 
 
@@ -402,9 +404,12 @@ def encode(
 ) -> DeltaStats:
     """Write the FLDELTA2 delta from ``old`` (in memory: it is indexed whole) to ``new`` into ``out``.
 
-    Memory: the old image, its suffix array (4 bytes per old byte) and one chunk's work — under 10× the
-    old image. ``accelerate=False`` searches with ``bsdiff4.core.diff`` in windows even where the
-    suffix_diff kernel could run (tests compare both; the patches apply the same way).
+    Memory: the old image; its anchor table (4-8 bytes per old byte, at most 64 MiB) or, once a chunk is
+    written as streams, its suffix array (4 bytes per old byte); and one chunk's work, whose coder's match
+    finder (~120 MiB for a full 16 MiB dictionary) dominates below some tens of MiB of old image; on large
+    images under 10× the old image (docs/benchmarks.md). ``accelerate=False`` searches with
+    ``bsdiff4.core.diff`` in windows even where the suffix_diff kernel could run (tests compare both; the
+    patches apply the same way).
     """
     if not 0 < chunk <= MAX_CHUNK:
         raise UserError(f"delta chunk {chunk}: need 0 < chunk ≤ {MAX_CHUNK}")

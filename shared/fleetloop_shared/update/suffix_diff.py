@@ -393,7 +393,8 @@ _ANCHOR_BITS = (12, 24)
 
 class AnchorIndex:
     """An old image made searchable cheaply: where each 8-byte string of it first occurs (a hash table of
-    int32 offsets, about 4 bytes per old byte, at most 64 MiB), built in one pass without sorting.
+    int32 offsets, one slot per half to one old byte — 4 to 8 bytes per old byte, at most 64 MiB), built
+    in one pass without sorting.
 
     bsdiff's search through it finds *a* match of at least :data:`ANCHOR` bytes where the suffix array
     finds the longest: tuples good enough to estimate what a chunk's streams would cost and which old
