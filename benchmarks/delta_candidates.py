@@ -14,9 +14,13 @@ optimal parse (or something as good) reaches its size. This script measures, per
   19 and at cheaper settings (level 19 with searchLog 4, levels 17 and 13), bytes and CPU, and the CPU of
   loading the dictionary alone (level 19, one byte of input);
 * ``container_bytes``: the delta's bytes outside its zstd frames and streams (header, chunk headers,
-  region tables, stream tables).
+  region tables, stream tables);
+* with ``--choices`` instead: per chunk, the method its sample shows smaller — the sample searched
+  through the anchor table, as the encoder does, and through the suffix array — against both methods
+  made whole, and the whole patch with the dictionary each search chose.
 
-Usage: ``.venv/bin/python benchmarks/delta_candidates.py [--only NAME …] [--no-firmware] [--out FILE]``
+Usage: ``.venv/bin/python benchmarks/delta_candidates.py [--only NAME …] [--no-firmware] [--choices]
+[--out FILE]``
 (wheels fetched as ``benchmarks/delta.py`` does, into the same cache); prints JSON.
 """
 
@@ -142,12 +146,56 @@ def zstd_patch(old: bytes, new: bytes) -> list[dict[str, Any]]:
     return rows
 
 
+def choices(old: bytes, new: bytes) -> list[dict[str, Any]]:
+    """Per chunk: the method its sample shows smaller, with the sample searched through the anchor table
+    (as the encoder does) and through the suffix array, against both methods made whole — and the patch
+    made with the dictionary each search chose."""
+    import numpy as np
+
+    from fleetloop_shared.update.fldelta2_apply import REGION, REGION_COUNT
+
+    indexes = {"anchors": suffix_diff.AnchorIndex(old), "suffix array": suffix_diff.OldIndex(old)}
+    rows = []
+    for start in range(0, len(new), fldelta2.DEFAULT_CHUNK):
+        data = new[start : start + fldelta2.DEFAULT_CHUNK]
+        pieces = fldelta2._sample(len(data))
+        row: dict[str, Any] = {"chunk": start // fldelta2.DEFAULT_CHUNK}
+        for name, index in indexes.items():
+            found = [suffix_diff.diff_tuples(index, data[a : a + n]) for a, n in pieces]
+            tuples = [fldelta2._seek_first(t) for t, _, _ in found]
+            regions = fldelta2.dictionary_regions(tuples, len(old))
+            streams = fldelta2._Streams(
+                np.concatenate(tuples), b"".join(d for _, d, _ in found), b"".join(e for _, _, e in found)
+            )
+            sample = b"".join(data[a : a + n] for a, n in pieces)
+            patch = (
+                len(fldelta2._patch(old, regions, sample)[1]) - REGION_COUNT.size - len(regions) * REGION.size
+            )
+            row[name] = {
+                "sample_streams": len(streams.body()),
+                "sample_patch": patch,
+                "chooses": "streams" if len(streams.body()) <= patch else "patch",
+                "whole_patch": len(fldelta2._patch(old, regions, data)[1]),
+            }
+        tuples, diff, extra = suffix_diff.diff_tuples(indexes["suffix array"], data)
+        row["whole_streams"] = len(fldelta2._Streams(fldelta2._seek_first(tuples), diff, extra).body())
+        smaller = row["whole_streams"] <= row["suffix array"]["whole_patch"]
+        row["smaller_whole"] = "streams" if smaller else "patch"
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "fleetloop-bench")
     ap.add_argument("--only", nargs="*", default=None, help="pairs whose name contains any of these")
     ap.add_argument("--no-firmware", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--choices",
+        action="store_true",
+        help="per chunk: the sample's choice vs both made whole",
+    )
     args = ap.parse_args()
     if not suffix_diff.available():
         raise SystemExit("the suffix_diff kernel is not available (numba, pydivsufsort)")
@@ -166,7 +214,10 @@ def main() -> None:
         pairs.append((name, build_image("1.0.0", "bench-hw"), build_image("2.0.0", "bench-hw", variant=1)))
     report: dict[str, Any] = {"benchmark": "delta_candidates", "command": " ".join(sys.argv), "pairs": []}
     for name, old, new in pairs:
-        row = {"pair": name, **stages(old, new), "zstd_patch": zstd_patch(old, new)}
+        if args.choices:
+            row = {"pair": name, "chunks": choices(old, new)}
+        else:
+            row = {"pair": name, **stages(old, new), "zstd_patch": zstd_patch(old, new)}
         report["pairs"].append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     text = json.dumps(report, indent=2)

@@ -111,6 +111,8 @@ from fleetloop_agent.runtime import AgentRuntime
 runtime = AgentRuntime(load_agent_config(sys.argv[1]))
 runtime.store.close()
 """
+#: What CHILD imports before it starts: timed once, so that the kills start near the rewrite.
+IMPORTS_ONLY = "import fleetloop_agent.config, fleetloop_agent.runtime"
 
 
 def store_contents(config: AgentConfig) -> dict[bytes, str]:
@@ -130,8 +132,15 @@ def test_a_kill_anywhere_in_the_rewrite_loses_and_doubles_nothing(tmp_path: Path
     before = store_contents(config)
     assert set(before.values()) == {"legacy"} and len(before) > 200
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    delay, kills, mid_rewrite = 0.2, 0, 0
-    for _ in range(60):
+    # kills start just before a child could reach the rewrite on this machine at this moment (a loaded
+    # machine takes seconds to import the agent) and come later each time, until one finishes
+    startup = []
+    for _ in range(2):  # the second with warm caches, as the children start
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-c", IMPORTS_ONLY], env=env, check=True)
+        startup.append(time.monotonic() - t0)
+    delay, kills, mid_rewrite = 0.5 * min(startup), 0, 0
+    for _ in range(200):
         child = subprocess.Popen([sys.executable, "-c", CHILD, str(config.path)], env=env)
         try:
             child.wait(timeout=delay)
@@ -146,7 +155,7 @@ def test_a_kill_anywhere_in_the_rewrite_loses_and_doubles_nothing(tmp_path: Path
         done = sum(1 for v in now.values() if v == "done")
         if 0 < done < len(now) and not (config.store_dir / MARKER_FILE).exists():
             mid_rewrite += 1
-        delay += 0.1
+        delay = delay * 1.02 + 0.05
     else:
         raise AssertionError("the upgrade never finished")
     assert kills and mid_rewrite, f"no kill fell inside the rewrite ({kills} kills)"
