@@ -161,7 +161,6 @@ def test_metrics_move_with_real_traffic(served: Served) -> None:
     assert s.call("GET", f"/no/such/{DEVICE}", token=s.viewer)[0] == 404
     image = build_image("1.0.0", "gen1", size_hint=4096)
 
-
     def request(method: str, path: str, body: bytes | None, content_type: str) -> Any:
         status, _, data = s.call(method, path, body, s.admin, content_type)
         if status == 404:
