@@ -321,6 +321,14 @@ def measure_large(work: Path, gib: float, interp: dict[str, Any]) -> dict[str, A
     }
 
 
+def write_report(report: dict[str, Any], out: Path | None) -> None:
+    """The report as indented JSON on stdout and, when ``--out`` names a file, into it as well."""
+    text = json.dumps(report, indent=2)
+    if out is not None:
+        out.write_text(text + "\n")
+    print(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=2)
@@ -367,10 +375,7 @@ def main() -> None:
         report.get("large_image", {}).get("goals", {}).values()
     )
     report["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    text = json.dumps(report, indent=2)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
-    print(text)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -220,10 +220,7 @@ def main() -> None:
             row = {"pair": name, **stages(old, new), "zstd_patch": zstd_patch(old, new)}
         report["pairs"].append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-    text = json.dumps(report, indent=2)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
-    print(text)
+    delta_bench.write_report(report, args.out)
 
 
 if __name__ == "__main__":

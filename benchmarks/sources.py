@@ -358,7 +358,6 @@ def load_child(root: Path, seconds: int, bus_kind: str) -> dict[str, Any]:
     from fleetloop_agent.sources.can_bus import CanBusSource
     from fleetloop_agent.trigger_engine import TriggerEngine
     from fleetloop_fwsim.can_network import RemoteCanServer
-    from fleetloop_shared.rules import CampaignSpec
 
     raw_dir, dbc_path = triggers._paths(root)
     dbc = load_dbc(dbc_path)
@@ -382,26 +381,7 @@ def load_child(root: Path, seconds: int, bus_kind: str) -> dict[str, Any]:
     for src in sources:
         assert src.wait_connected(15), src.failure
     # campaigns: benchmarks/triggers.py's load scenario (thresholds from one untimed replay of bus 0)
-    probe = triggers._source(raw_dir, dbc_path, "probe", "Bus0")
-    probe.declare(Catalog())
-    stats = triggers._stats(probe.read(triggers.RECORDING_NS - 1), catalog)
-    per_bus = [[(p.replace("Bus0.", f"Bus{k}.", 1), *rest) for p, *rest in stats] for k in range(BUSES)]
-    specs: list[CampaignSpec] = []
-    for i in range(50):
-        path = per_bus[i % BUSES][i % len(stats)][0]
-        specs.append(
-            triggers.campaign(
-                f"t{i}",
-                f"not is_null({path})",
-                mode="always",
-                gap="10s",
-                collect=path.rsplit(".", 1)[0] + ".*",
-                pre="1s",
-                post="0",
-            )
-        )
-    for i in range(30):
-        specs += triggers.rules(1, per_bus[i % BUSES][i:] + per_bus[i % BUSES][:i], prefix=f"c{i}-")
+    specs = triggers.load_campaigns(raw_dir, dbc_path, catalog, BUSES)
     engine = TriggerEngine(catalog)
     assert not engine.set_campaigns(specs, time.time_ns())
     # as the agent's runtime does: captures wait, and the ring buffers keep, the sources' decode lag more
@@ -571,36 +551,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["decode"] = decode(root, args.repeat)
         result["source_path"] = source_path(root, args.repeat)
     if not args.skip_load:
+        import triggers
+
         result["load"] = []
         for kind in ("remote", "virtual"):
-            best: dict[str, Any] | None = None
-            for _ in range(args.repeat):
-                out = subprocess.run(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--load-child",
-                        kind,
-                        "--data",
-                        str(root),
-                        "--load-seconds",
-                        str(args.load_seconds),
-                    ],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                    env={
-                        **os.environ,
-                        "PYTHONPATH": os.pathsep.join(
-                            [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
-                        ),
-                    },
-                )
-                run = json.loads(out.stdout.strip().splitlines()[-1])
-                key = "cpu_s_per_traffic_s_at_full_rate"
-                if best is None or run[key] < best[key]:
-                    best = run
-            result["load"].append(best)
+            child = [kind, "--data", str(root), "--load-seconds", str(args.load_seconds)]
+            key = "cpu_s_per_traffic_s_at_full_rate"
+            result["load"].append(triggers.best_load_run(__file__, child, args.repeat, key))
     print(json.dumps(result, indent=2))
     return 0
 

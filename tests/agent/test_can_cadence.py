@@ -34,6 +34,7 @@ from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.dbc import load_dbc
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.samples import GroupBatch
+from tests.fixtures.agent_config import agent_yaml
 
 S = 1_000_000_000
 START = 1_700_000_000 * S
@@ -174,16 +175,9 @@ def test_the_cadence_is_set_in_the_config_and_refused_where_written(
     def source(extra: str) -> Any:
         path = tmp_path / "agent.yaml"
         path.write_text(
-            "device_id: car-1\n"
-            "cloud: {grpc: '127.0.0.1:1'}\n"
-            "platform: {slots: {a: a, b: b}, env: env, booted_slot: booted}\n"
-            "sources:\n"
-            f"  - kind: {kind}\n"
-            "    name: bus\n"
-            f"{where}"
-            f"    dbc: {dbc}\n"
-            "    include_unmapped: true\n"
-            f"{extra}"
+            agent_yaml(
+                f"  - kind: {kind}\n    name: bus\n{where}    dbc: {dbc}\n    include_unmapped: true\n{extra}"
+            )
         )
         config = load_agent_config(path)
         return path, lambda: build_source(config.sources[0], base_dir=config.base_dir, start_ns=START)

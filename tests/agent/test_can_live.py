@@ -28,6 +28,7 @@ from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.dbc import load_dbc
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.samples import GroupBatch
+from tests.fixtures.agent_config import agent_yaml
 
 MAPPING = {"SPEED.SPEED": "Vehicle.Speed", "WHEEL_SPEEDS.WHEEL_SPEED_FL": "Vehicle.Wheel.FL"}
 
@@ -262,18 +263,16 @@ def test_a_wrong_mapping_key_is_refused_where_it_is_written(tmp_path: Path) -> N
 
     path = tmp_path / "agent.yaml"
     path.write_text(
-        "device_id: car-1\n"
-        "cloud: {grpc: '127.0.0.1:1'}\n"
-        "platform: {slots: {a: a, b: b}, env: env, booted_slot: booted}\n"
-        "sources:\n"
-        "  - kind: can\n"
-        "    name: can0\n"
-        "    interface: virtual\n"
-        "    channel: car\n"
-        f"    dbc: {SIM_VEHICLE_DBC}\n"
-        "    mapping:\n"
-        "      SIM_VEHICLE_SPEED.VEHICLE_SPEED: Vehicle.Speed\n"
-        "      SIM_BRAKE.BRAKE_PRESURE: Vehicle.Chassis.Brake.PedalPressure\n"
+        agent_yaml(
+            "  - kind: can\n"
+            "    name: can0\n"
+            "    interface: virtual\n"
+            "    channel: car\n"
+            f"    dbc: {SIM_VEHICLE_DBC}\n"
+            "    mapping:\n"
+            "      SIM_VEHICLE_SPEED.VEHICLE_SPEED: Vehicle.Speed\n"
+            "      SIM_BRAKE.BRAKE_PRESURE: Vehicle.Chassis.Brake.PedalPressure\n"
+        )
     )
     config = load_agent_config(path)
     with pytest.raises(ConfigError) as info:

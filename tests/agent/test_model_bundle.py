@@ -29,33 +29,12 @@ from fleetloop_cloud.ota.artifact_store import ReleaseInput
 from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim import profiles
-from fleetloop_fwsim.provisioning import provision_sim_device
-from tests.fixtures.agent_runtime import wait_for
+from tests.fixtures.agent_runtime import TEST_CAR as DEVICE
+from tests.fixtures.agent_runtime import TEST_HW as HW
+from tests.fixtures.agent_runtime import provision_test_car, wait_for
+from tests.fixtures.tar_bundle import ustar
 
 MODEL = "speedscore"
-DEVICE = "car-t1"
-HW = "test-hw"
-
-
-def make_config(ddir: Path, recordings: Path, grpc_target: str, keys: Path, **extra: Any) -> Path:
-    """A device provisioned by firmware-sim (firmware 1.0.0 in slot a) replaying the real recordings,
-    trusting the coordinator's two TUF roots (image repository and director)."""
-    device = provision_sim_device(
-        ddir,
-        device_id=DEVICE,
-        kind="car",
-        hardware_id=HW,
-        cloud={"grpc": grpc_target},
-        trust_files=[keys / "image-root.json", keys / "director-root.json"],
-        recordings=recordings,
-        fleet="test",
-        replay_speed=8.0,
-        heartbeat_s=0.5,
-        health_check=False,
-        extra=extra,
-    )
-    assert device.origin == "recordings"
-    return device.config_path
 
 
 def model_pack(score: float) -> bytes:
@@ -85,13 +64,7 @@ def model_pack(score: float) -> bytes:
         ).encode(),
         "model.onnx": model.SerializeToString(),
     }
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
+    return ustar(files)
 
 
 def campaign(name: str, when: str) -> str:
@@ -105,7 +78,8 @@ def campaign(name: str, when: str) -> str:
 def captures(coordinator: Coordinator, name: str) -> int:
     rows = coordinator.queries.sql(
         Caller.local(),
-        f"SELECT count(DISTINCT capture_id) FROM samples WHERE device_id = '{DEVICE}' AND campaign = '{name}'"
+        f"SELECT count(DISTINCT capture_id) FROM samples WHERE device_id = '{DEVICE}' "
+        f"AND campaign = '{name}'",
     ).rows
     return int(rows[0][0])
 
@@ -113,8 +87,11 @@ def captures(coordinator: Coordinator, name: str) -> int:
 def roll_out(coordinator: Coordinator, version: str, score: float) -> None:
     local = Caller.local()
     coordinator.releases.upload(
-        local, ReleaseInput(
-            model_pack(score), name="speedscore-pack", version=version, hardware_id=HW, now=time.time()))
+        local,
+        ReleaseInput(
+            model_pack(score), name="speedscore-pack", version=version, hardware_id=HW, now=time.time()
+        ),
+    )
     policy = {"release_version": version, "phases": [{"name": "all", "percent": 100}]}
     rid = coordinator.rollouts.create(local, policy, time.time()).id
     status: list[Any] = []
@@ -136,7 +113,7 @@ def test_a_model_pack_bundle_reaches_the_running_rule_without_a_restart(
     coordinator.jobs.artifact_base_url = f"http://127.0.0.1:{hport}"
     coordinator.start()
     keys = tmp_path / "cloud" / "keys"
-    cfg = make_config(tmp_path / "dev", recordings, f"127.0.0.1:{gport}", keys)
+    cfg = provision_test_car(tmp_path / "dev", recordings, f"127.0.0.1:{gport}", keys)
     config = load_agent_config(cfg)
     assert len(config.trusted_release_keys) == 2
     # the default campaign (no model) and two that call the model: "one" fires on v1's score 1.0,
@@ -210,7 +187,7 @@ def test_models_dir_packs_load_at_start_and_a_broken_one_is_left_out(
     """``models_dir`` packs are there before any cloud; a pack that cannot load is logged and left out."""
     keys = tmp_path / "cloud" / "keys"
     Coordinator(tmp_path / "cloud")  # only for its TUF roots
-    cfg = make_config(tmp_path / "dev", recordings, "127.0.0.1:9", keys, models_dir="models")
+    cfg = provision_test_car(tmp_path / "dev", recordings, "127.0.0.1:9", keys, models_dir="models")
     models = tmp_path / "dev" / "models"
     with tarfile.open(fileobj=io.BytesIO(model_pack(1.0))) as tar:
         tar.extractall(models / "good", filter="data")

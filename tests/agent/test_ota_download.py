@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from fleetloop_agent.ota.download import HttpFetcher, download
 from fleetloop_shared.errors import ArtifactVerificationError, ConfigError, NotFoundError, UnavailableError
+from tests.fixtures.http_range import send_head
 
 PAYLOAD = hashlib.sha256(b"seed").digest() * 9000 + b"tail"  # ~288 KB, not a multiple of the chunk size
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -42,20 +43,13 @@ class ArtifactServer:
                     self.send_error(404)
                     return
                 body = body + b"\xee" * server.extra_bytes
-                start = 0
                 match = re.fullmatch(r"bytes=(\d+)-", range_header or "")
-                if match and not server.ignore_range:
-                    start = int(match.group(1))
-                    if start >= len(body):
-                        self.send_error(416)
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                else:
-                    self.send_response(200)
-                self.send_header("Content-Length", str(len(body) - start))
-                self.end_headers()
-                data = body[start:]
+                start = int(match.group(1)) if match and not server.ignore_range else None
+                if start is not None and start >= len(body):
+                    self.send_error(416)
+                    return
+                send_head(self, len(body), start)
+                data = body[start or 0 :]
                 if server.cut_next is not None:
                     data, server.cut_next = data[: server.cut_next], None
                 self.wfile.write(data)
@@ -73,6 +67,17 @@ class ArtifactServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def download_payload(server: ArtifactServer, dest: Path) -> None:
+    """The payload from ``server`` into ``dest``, checked against its signed size and hash."""
+    download(
+        HttpFetcher(),
+        server.url("/files/payload"),
+        dest,
+        expected_size=len(PAYLOAD),
+        expected_sha256=PAYLOAD_SHA,
+    )
 
 
 @pytest.fixture
@@ -115,39 +120,21 @@ def test_resume_against_a_server_that_ignores_range(server: ArtifactServer, tmp_
     dest = tmp_path / "p.bin"
     dest.write_bytes(PAYLOAD[:50_000])
     server.ignore_range = True
-    download(
-        HttpFetcher(),
-        server.url("/files/payload"),
-        dest,
-        expected_size=len(PAYLOAD),
-        expected_sha256=PAYLOAD_SHA,
-    )
+    download_payload(server, dest)
     assert dest.read_bytes() == PAYLOAD
 
 
 def test_complete_file_is_only_hash_checked(server: ArtifactServer, tmp_path: Path) -> None:
     dest = tmp_path / "p.bin"
     dest.write_bytes(PAYLOAD)
-    download(
-        HttpFetcher(),
-        server.url("/files/payload"),
-        dest,
-        expected_size=len(PAYLOAD),
-        expected_sha256=PAYLOAD_SHA,
-    )
+    download_payload(server, dest)
     assert server.ranges == []
 
 
 def test_oversized_leftover_is_discarded(server: ArtifactServer, tmp_path: Path) -> None:
     dest = tmp_path / "p.bin"
     dest.write_bytes(PAYLOAD + b"junk")
-    download(
-        HttpFetcher(),
-        server.url("/files/payload"),
-        dest,
-        expected_size=len(PAYLOAD),
-        expected_sha256=PAYLOAD_SHA,
-    )
+    download_payload(server, dest)
     assert dest.read_bytes() == PAYLOAD and server.ranges == [None]
 
 
@@ -155,13 +142,7 @@ def test_endless_data_is_refused_and_never_written(server: ArtifactServer, tmp_p
     dest = tmp_path / "p.bin"
     server.extra_bytes = 5_000_000
     with pytest.raises(ArtifactVerificationError, match="more than the signed"):
-        download(
-            HttpFetcher(),
-            server.url("/files/payload"),
-            dest,
-            expected_size=len(PAYLOAD),
-            expected_sha256=PAYLOAD_SHA,
-        )
+        download_payload(server, dest)
     assert not dest.exists()
 
 
@@ -171,13 +152,7 @@ def test_wrong_bytes_are_deleted_after_the_hash_check(server: ArtifactServer, tm
     with pytest.raises(
         ArtifactVerificationError, match=f"payload hash mismatch: expected {PAYLOAD_SHA}, got "
     ):
-        download(
-            HttpFetcher(),
-            server.url("/files/payload"),
-            dest,
-            expected_size=len(PAYLOAD),
-            expected_sha256=PAYLOAD_SHA,
-        )
+        download_payload(server, dest)
     assert not dest.exists()
 
 
@@ -185,13 +160,7 @@ def test_short_file_on_the_server_keeps_the_partial_download(server: ArtifactSer
     dest = tmp_path / "p.bin"
     server.files["/files/payload"] = PAYLOAD[:1000]
     with pytest.raises(UnavailableError, match="stopped at 1000 of"):
-        download(
-            HttpFetcher(),
-            server.url("/files/payload"),
-            dest,
-            expected_size=len(PAYLOAD),
-            expected_sha256=PAYLOAD_SHA,
-        )
+        download_payload(server, dest)
     assert dest.stat().st_size == 1000
 
 

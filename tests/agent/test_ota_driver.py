@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import io
 import logging
 import os
 import re
@@ -45,6 +44,8 @@ from fleetloop_shared.update.tuf_metadata import (
     image_facts,
     image_target_path,
 )
+from tests.fixtures.http_range import send_head
+from tests.fixtures.tar_bundle import ustar
 
 S = OtaState
 HW = "simdev-gen2"
@@ -96,15 +97,9 @@ class Cloud:
                     self.send_error(404)
                     return
                 match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-                start = int(match.group(1)) if match else 0
-                if match:
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                else:
-                    self.send_response(200)
-                self.send_header("Content-Length", str(len(body) - start))
-                self.end_headers()
-                self.wfile.write(body[start:])
+                start = int(match.group(1)) if match else None
+                send_head(self, len(body), start)
+                self.wfile.write(body[start or 0 :])
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
@@ -134,8 +129,9 @@ class Cloud:
     def publish(self, image: bytes, version: str, bases: list[bytes]) -> ReleaseManifest:
         for b in bases:
             self.store.add_image(b)
-        m, _ = self.store.add_release(ReleaseInput(
-            image, name=NAME, version=version, hardware_id=HW, bases=bases, now=NOW))
+        m, _ = self.store.add_release(
+            ReleaseInput(image, name=NAME, version=version, hardware_id=HW, bases=bases, now=NOW)
+        )
         self.releases[version] = manifest_from_bytes(m)
         return self.releases[version]
 
@@ -822,10 +818,13 @@ def test_release_manager_is_refused_before_anything_reaches_a_device(
         with pytest.raises(UserError, match="for hardware 'simdev-gen2', not 'other-hw'"):
             cloud.store.add_release(
                 ReleaseInput(
-                    release.v2, name=NAME, version="2.0.0", hardware_id="other-hw", bases=[], now=NOW))
+                    release.v2, name=NAME, version="2.0.0", hardware_id="other-hw", bases=[], now=NOW
+                )
+            )
         with pytest.raises(UserError, match=r"is firmware version 2\.0\.0, not 2\.1\.0"):
-            cloud.store.add_release(ReleaseInput(
-                release.v2, name=NAME, version="2.1.0", hardware_id=HW, bases=[], now=NOW))
+            cloud.store.add_release(
+                ReleaseInput(release.v2, name=NAME, version="2.1.0", hardware_id=HW, bases=[], now=NOW)
+            )
         with pytest.raises(UserError, match=r"older than 1\.5\.0, which devices with hardware"):
             check_not_older_than_fleet(["1.0.0", "1.5.0"], "1.2.0", HW)
         now[0] += 400 * 86400  # the image repository's root has expired
@@ -851,29 +850,18 @@ def test_unreachable_metadata_postpones_the_job_until_it_is_offered_again(
 # -- bundles: no-reboot updates through the same metadata, download and journal ------------------------
 
 
-def _tar(files: dict[str, bytes], evil: tarfile.TarInfo | None = None) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        if evil is not None:
-            tar.addfile(evil, io.BytesIO(b"x" * evil.size))
-    return out.getvalue()
-
-
 def test_a_bundle_installs_by_atomic_swap_without_a_reboot(
     tmp_path: Path, release: Release, release_cloud: Cloud
 ) -> None:
     cloud = release_cloud
-    v1 = _tar({"model.yaml": b"name: brake\nversion: 1\n", "model.onnx": b"\x08\x07onnx-v1"})
-    v2 = _tar(
+    v1 = ustar({"model.yaml": b"name: brake\nversion: 1\n", "model.onnx": b"\x08\x07onnx-v1"})
+    v2 = ustar(
         {"model.yaml": b"name: brake\nversion: 2\n", "model.onnx": b"\x08\x07onnx-v2", "extra/n.txt": b"n"}
     )
     for version, data in (("1.0.0", v1), ("1.1.0", v2)):
         m, _ = cloud.store.add_release(
-            ReleaseInput(data, name="brake-model", version=version, hardware_id=HW, bases=[], now=NOW))
+            ReleaseInput(data, name="brake-model", version=version, hardware_id=HW, bases=[], now=NOW)
+        )
         cloud.releases[version] = manifest_from_bytes(m)
         assert cloud.releases[version].install == "swap"
     dev = Device(tmp_path, release.v1, cloud)
@@ -910,9 +898,10 @@ def test_a_hostile_bundle_fails_and_the_current_version_stays(
     else:
         evil = tarfile.TarInfo("link")
         evil.type, evil.linkname = tarfile.SYMTYPE, "/etc/passwd"
-    data = _tar({"ok.txt": b"ok"}, evil)
-    m, _ = cloud.store.add_release(ReleaseInput(
-        data, name="cfg", version="2.0.0", hardware_id=HW, bases=[], now=NOW))
+    data = ustar({"ok.txt": b"ok"}, evil)
+    m, _ = cloud.store.add_release(
+        ReleaseInput(data, name="cfg", version="2.0.0", hardware_id=HW, bases=[], now=NOW)
+    )
     cloud.releases["cfg-2"] = manifest_from_bytes(m)
     dev = Device(tmp_path, release.v1, cloud)
     dev.driver().handle_job(*cloud.job("job-h", "cfg-2", release.v1))  # type: ignore[arg-type]

@@ -19,29 +19,12 @@ from fleetloop_agent.runtime import AgentRuntime
 from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim import profiles
-from fleetloop_fwsim.provisioning import provision_sim_device
 from fleetloop_shared.errors import ConfigError
-from tests.fixtures.agent_runtime import AgentRuns, free_port, wait_for
-
-HW = "test-hw"
+from tests.fixtures.agent_runtime import AgentRuns, free_port, provision_test_car, wait_for
 
 
 def make_config(ddir: Path, recordings: Path, grpc_target: str, keys: Path) -> Path:
-    device = provision_sim_device(
-        ddir,
-        device_id="car-t1",
-        kind="car",
-        hardware_id=HW,
-        cloud={"grpc": grpc_target},
-        trust_files=[keys / "image-root.json", keys / "director-root.json"],
-        recordings=recordings,
-        fleet="test",
-        replay_speed=8.0,
-        heartbeat_s=0.5,
-        health_check=False,
-    )
-    assert device.origin == "recordings"
-    path = device.config_path
+    path = provision_test_car(ddir, recordings, grpc_target, keys)
     # the desired campaigns a previous run persisted (the device shadow): run them before any cloud
     state = ddir / "data" / "state"
     state.mkdir(parents=True, exist_ok=True)
@@ -69,8 +52,7 @@ def test_offline_capture_then_upload_when_the_cloud_appears(
     totals = coordinator.repositories.segments.totals()
     assert totals.segments > 0 and totals.samples > 0 and totals.captures >= 1
     rows = coordinator.queries.sql(
-        Caller.local(),
-        "SELECT count(*) FROM samples WHERE device_id = 'car-t1' AND signal = 'Vehicle.Speed'"
+        Caller.local(), "SELECT count(*) FROM samples WHERE device_id = 'car-t1' AND signal = 'Vehicle.Speed'"
     ).rows
     assert rows[0][0] > 0
     device = coordinator.repositories.devices.get("car-t1")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +19,7 @@ from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.samples import GroupBatch
 from tests.fixtures.hub_broker import HubBroker, hub_local_broker
-
-
-def wait_for(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
+from tests.fixtures.waiting import wait_for
 
 
 @pytest.fixture
@@ -118,7 +111,9 @@ def test_zigbee2mqtt_and_discovery_devices_become_signals(broker: HubBroker, pub
     src.declare(catalog)
     src.start()
     try:
-        wait_for(lambda: src.connected and src.router.ignored_total == 1)
+        wait_for(
+            "the connection and the ignored message", lambda: src.connected and src.router.ignored_total == 1
+        )
         time.sleep(0.2)  # the discovered state topics are subscribed to
         for i in range(5):
             publish(
@@ -139,7 +134,7 @@ def test_zigbee2mqtt_and_discovery_devices_become_signals(broker: HubBroker, pub
             publisher, "zigbee2mqtt/living_room", {"temperature": "warm", "humidity": 50}
         )  # a wrong value
         publish(publisher, "sensors/boiler", {"flow": {"temp": 61.5}})
-        wait_for(lambda: src.counters.samples >= 5 * 3 + 5 + 1 + 1 + 1)
+        wait_for("every sample", lambda: src.counters.samples >= 5 * 3 + 5 + 1 + 1 + 1)
         groups = by_group(src.read(time.time_ns() + 10**9))
     finally:
         src.close()
@@ -178,18 +173,18 @@ def test_a_broker_restart_is_reconnected_and_topics_resubscribed(
     src.declare(Catalog())
     src.start()
     try:
-        wait_for(lambda: src.connected)
+        wait_for("the connection", lambda: src.connected)
         broker.stop()
-        wait_for(lambda: not src.connected)
+        wait_for("the disconnection", lambda: not src.connected)
         broker.start()
-        wait_for(lambda: src.connected and src.counters.reconnects == 1)
+        wait_for("the reconnection", lambda: src.connected and src.counters.reconnects == 1)
         again = mqtt.Client(CallbackAPIVersion.VERSION2)
         again.connect(broker.host, broker.port)
         again.loop_start()
         try:
             time.sleep(0.2)
             publish(again, "sensors/boiler", {"flow": {"temp": 55.0}})
-            wait_for(lambda: src.counters.samples == 1)
+            wait_for("the sample", lambda: src.counters.samples == 1)
         finally:
             again.disconnect()
             again.loop_stop()

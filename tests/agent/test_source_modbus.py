@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,9 @@ from fleetloop_fwsim.plc import SKAB_COLUMNS
 from fleetloop_shared.catalog import Catalog
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.samples import GroupBatch
+from tests.fixtures.agent_config import agent_yaml
 from tests.fixtures.plc_servers import ModbusPump, modbus_pump
+from tests.fixtures.waiting import wait_for
 
 S = 1_000_000_000
 SKEW = 3600 * S
@@ -58,14 +60,6 @@ def make_source(pump: ModbusPump, tags: dict[str, Any], **extra: Any) -> ModbusS
     return src
 
 
-def wait_for(cond: Callable[[], bool], timeout_s: float = 8.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def pump() -> Iterator[ModbusPump]:
     with modbus_pump(rows_per_s=10.0) as p:
@@ -85,7 +79,7 @@ def test_polls_the_skab_pump_in_every_encoding_with_the_fewest_requests(pump: Mo
     before = time.time_ns() + SKEW
     src.start()
     try:
-        wait_for(lambda: src.counters.samples >= 40 * 27)
+        wait_for("40 polls of samples", lambda: src.counters.samples >= 40 * 27)
         (batch,) = src.read(time.time_ns() + 2 * SKEW)
     finally:
         src.close()
@@ -119,13 +113,19 @@ def test_server_going_away_counts_missed_polls_and_reconnects(pump: ModbusPump) 
     src.declare(Catalog())
     src.start()
     try:
-        wait_for(lambda: src.counters.samples > 0)
+        wait_for("a sample", lambda: src.counters.samples > 0)
         pump.stop()
-        wait_for(lambda: src.counters.missed_polls >= 10 and not src.connected)
+        wait_for(
+            "missed polls and the disconnection",
+            lambda: src.counters.missed_polls >= 10 and not src.connected,
+        )
         assert src.counters.errors >= 1 and src.alive()
         samples = src.counters.samples
         pump.start()
-        wait_for(lambda: src.counters.reconnects == 1 and src.counters.samples > samples)
+        wait_for(
+            "the reconnection and new samples",
+            lambda: src.counters.reconnects == 1 and src.counters.samples > samples,
+        )
         assert src.alive() and src.connected
     finally:
         src.close()
@@ -140,7 +140,10 @@ def test_a_refused_block_is_a_clear_error_and_the_other_tags_keep_polling(pump: 
     src.declare(catalog)
     src.start()
     try:
-        wait_for(lambda: src.counters.samples >= 20 * 27 and src.counters.missed_polls >= 3)
+        wait_for(
+            "20 polls of samples and missed polls",
+            lambda: src.counters.samples >= 20 * 27 and src.counters.missed_polls >= 3,
+        )
     finally:
         src.close()
     assert "device 1 holding 500-500" in (src.last_error or "")
@@ -200,19 +203,18 @@ def test_a_wrong_config_file_is_refused_with_file_line_and_column(tmp_path: Path
 
     path = tmp_path / "agent.yaml"
     path.write_text(
-        "device_id: pump-1\n"
-        "cloud: {grpc: '127.0.0.1:1'}\n"
-        "platform: {slots: {a: a, b: b}, env: env, booted_slot: booted}\n"
-        "sources:\n"
-        "  - kind: modbus_tcp\n"
-        "    name: pump\n"
-        "    host: 127.0.0.1\n"
-        "    tags:\n"
-        "      Plant.Pump.Pressure:\n"
-        "        register: holding\n"
-        "        address: 0\n"
-        "        type: float\n"
-        "      Plant.Pump.Flow: {register: input, adress: 3}\n"
+        agent_yaml(
+            "  - kind: modbus_tcp\n"
+            "    name: pump\n"
+            "    host: 127.0.0.1\n"
+            "    tags:\n"
+            "      Plant.Pump.Pressure:\n"
+            "        register: holding\n"
+            "        address: 0\n"
+            "        type: float\n"
+            "      Plant.Pump.Flow: {register: input, adress: 3}\n",
+            device_id="pump-1",
+        )
     )
     config = load_agent_config(path)
     with pytest.raises(ConfigError) as info:

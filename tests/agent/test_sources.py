@@ -204,7 +204,8 @@ def test_incremental_reads_equal_one_read(comma: dict[str, Any], recordings: Pat
             assert np.array_equal(np.concatenate([p.values[sid] for p in parts]), values)
 
 
-def test_recording_loops_forever(comma: dict[str, Any], recordings: Path) -> None:
+def declared_speed_source(comma: dict[str, Any], recordings: Path) -> CanReplaySource:
+    """The recorded drive's CAN replayed from its start with only the speed mapped, declared."""
     source = CanReplaySource(
         comma["can"] / "raw_can",
         recordings / "opendbc" / TOYOTA,
@@ -212,6 +213,11 @@ def test_recording_loops_forever(comma: dict[str, Any], recordings: Path) -> Non
         mapping={"SPEED.SPEED": "Vehicle.Speed"},
     )
     source.declare(Catalog())
+    return source
+
+
+def test_recording_loops_forever(comma: dict[str, Any], recordings: Path) -> None:
+    source = declared_speed_source(comma, recordings)
     first = by_group(source.read(START + 59 * S))["can0/SPEED"]
     rest = by_group(source.read(START + 200 * S))["can0/SPEED"]
     t = np.concatenate([first.t_ns, rest.t_ns])
@@ -231,13 +237,7 @@ def test_recording_loops_forever(comma: dict[str, Any], recordings: Path) -> Non
 
 
 def test_backlog_is_bounded_drop_oldest(comma: dict[str, Any], recordings: Path) -> None:
-    source = CanReplaySource(
-        comma["can"] / "raw_can",
-        recordings / "opendbc" / TOYOTA,
-        start_ns=START,
-        mapping={"SPEED.SPEED": "Vehicle.Speed"},
-    )
-    source.declare(Catalog())
+    source = declared_speed_source(comma, recordings)
     until = START + 3600 * S
     speed = by_group(source.read(until))["can0/SPEED"]
     assert speed.t_ns[0] >= until - MAX_BACKLOG_NS
@@ -565,6 +565,16 @@ def test_build_sources_with_relative_paths(tmp_path: Path) -> None:
     assert speed.group == "can1/SIM_VEHICLE_SPEED" and len(speed) == 51
 
 
+def refusal(spec: dict[str, Any], change: dict[str, Any], base_dir: Path) -> str:
+    """Why ``build_source`` refuses ``spec`` with ``change`` applied (a None value removes the key)."""
+    changed = {**spec, **change}
+    for key in [key for key, value in change.items() if value is None]:
+        del changed[key]
+    with pytest.raises(ConfigError) as info:
+        build_source(changed, base_dir=base_dir, start_ns=0)
+    return str(info.value)
+
+
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
@@ -594,14 +604,7 @@ def test_bad_can_spec(tmp_path: Path, change: dict[str, Any], reason: str) -> No
         "dbc": str(SIM_DBC),
         "mapping": SIM_SPEED,
     }
-    for key, value in change.items():
-        if value is None:
-            spec.pop(key)
-        else:
-            spec[key] = value
-    with pytest.raises(ConfigError) as info:
-        build_source(spec, base_dir=tmp_path, start_ns=0)
-    assert str(info.value).startswith(reason)
+    assert refusal(spec, change, tmp_path).startswith(reason)
 
 
 @pytest.mark.parametrize(
@@ -629,15 +632,9 @@ def test_bad_csv_spec(tmp_path: Path, change: dict[str, Any], reason: str) -> No
         "columns": {"x": ["X", ""]},
     }
     build_source(dict(spec), base_dir=tmp_path, start_ns=0)  # the unchanged spec is fine
-    for key, value in change.items():
-        if value is None:
-            spec.pop(key)
-        else:
-            spec[key] = value
-    with pytest.raises(ConfigError) as info:
-        build_source(spec, base_dir=tmp_path, start_ns=0)
-    assert str(info.value).startswith(reason)
-    assert "\n" not in str(info.value)
+    message = refusal(spec, change, tmp_path)
+    assert message.startswith(reason)
+    assert "\n" not in message
 
 
 def test_spec_must_be_a_mapping(tmp_path: Path) -> None:

@@ -3,8 +3,7 @@ ends moves the device to the next address, where its stored segments go on uploa
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +21,12 @@ from fleetloop_shared.catalog import DataType
 from fleetloop_shared.errors import ConfigError
 from fleetloop_shared.segment import Segment, new_segment_id
 from fleetloop_shared.wire import device_pb2
+from tests.fixtures.waiting import wait_for
+
+#: How long a wait may take here: a failover first waits out the dead address.
+FAILOVER_WAIT_S = 30.0
 
 T0 = 1_700_000_000 * 10**9
-
-
-def wait_for(what: str, probe: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -76,18 +71,22 @@ def test_a_dead_first_address_and_a_lost_coordinator_move_the_device_on(
     link = device_link([dead, a_target, b_target], store, acks)
     link.start()
     try:
-        wait_for("a session past the dead address", lambda: link.connected.is_set())
+        wait_for("a session past the dead address", lambda: link.connected.is_set(), timeout=FAILOVER_WAIT_S)
         assert link.transport.target == a_target  # type: ignore[attr-defined]
         first = store.append(segment(0), capture_id="c", campaign="x", priority=5, now_ns=T0)
         link.kick_upload()
-        wait_for("the first upload acknowledged", lambda: len(acks) == 1)
+        wait_for("the first upload acknowledged", lambda: len(acks) == 1, timeout=FAILOVER_WAIT_S)
         assert a.repositories.segments.has("car-1", first.segment_id)
         # A goes away: the session ends, and the next address takes the device and its next upload
         a_server.stop(grace=0).wait(2)  # type: ignore[attr-defined]
-        wait_for("a session on B", lambda: link.connected.is_set() and link.transport.target == b_target)  # type: ignore[attr-defined]
+        wait_for(
+            "a session on B",
+            lambda: link.connected.is_set() and link.transport.target == b_target,  # type: ignore[attr-defined]
+            timeout=FAILOVER_WAIT_S,
+        )
         second = store.append(segment(1), capture_id="c", campaign="x", priority=5, now_ns=T0)
         link.kick_upload()
-        wait_for("the second upload acknowledged", lambda: len(acks) == 2)
+        wait_for("the second upload acknowledged", lambda: len(acks) == 2, timeout=FAILOVER_WAIT_S)
         assert acks == [first.segment_id, second.segment_id]
         assert b.repositories.segments.has("car-1", second.segment_id)
     finally:

@@ -38,6 +38,7 @@ from fleetloop_shared.catalog import Catalog, DataType
 from fleetloop_shared.errors import UnavailableError
 from fleetloop_shared.segment import Segment, encode_segment, new_segment_id
 from fleetloop_shared.wire import device_pb2, ingest_pb2
+from tests.fixtures.waiting import wait_for
 
 T0 = 1_700_000_000 * 10**9
 FAST = BackoffPolicy(0.05, 0.2)
@@ -86,14 +87,6 @@ class CoordinatorCloud:
     def upload_piece(self, request: ingest_pb2.UploadChunkRequest) -> ingest_pb2.UploadChunkResponse:
         ack = self.c.ingest.chunk(self._caller(request.device_id), request, self.c.clock())
         return ack.response(request.segment_id)
-
-
-def wait_for(what: str, probe: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def catalog() -> Catalog:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from fleetloop_cloud.repositories.records import AuditFilter
 from fleetloop_cloud.server import Coordinator
 from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim.broker import CertificateAuthority
+from tests.fixtures.cloud_serve import cloud_serve
 
 TOKEN = re.compile(r"flt_[A-Za-z0-9_-]{43}")
 
@@ -43,22 +43,10 @@ def served(tmp_path: Path) -> Iterator[tuple[Path, str, str, Path]]:
     tokens = TOKEN.findall(init.stdout)
     assert len(tokens) == 1 and not TOKEN.search(init.stderr)
     ready, log = tmp_path / "ready.json", tmp_path / "cloud.log"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fleetloop_cli.main", "cloud", "serve", "--dir", str(data),
-             "--grpc-port", "0", "--http-port", "0", "--ready-file", str(ready), "--log-level", "debug"],
-            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the coordinator did not start"
-            time.sleep(0.1)
-        yield data, json.loads(ready.read_text())["http"], tokens[0], log
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+    args = ["--dir", str(data), "--grpc-port", "0", "--http-port", "0", "--ready-file", str(ready),
+            "--log-level", "debug"]  # fmt: skip
+    with cloud_serve(args, ready, log) as info:
+        yield data, info["http"], tokens[0], log
 
 
 def test_tokens_roles_and_a_log_without_secrets(served: tuple[Path, str, str, Path]) -> None:

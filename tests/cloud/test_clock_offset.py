@@ -42,6 +42,7 @@ from fleetloop_shared.segment import Segment, encode_segment, new_segment_id
 from fleetloop_shared.wire import device_pb2, ingest_pb2, ingest_pb2_grpc
 from tests.agent.test_uplink_link import CoordinatorCloud
 from tests.fixtures import mosquitto_broker
+from tests.fixtures.waiting import wait_for
 
 S = 1_000_000_000
 MS = 1_000_000
@@ -52,14 +53,6 @@ LOCAL = Caller.local()
 def skewed() -> int:
     """The device's clock: 37 s ahead of the machine's (the cloud's)."""
     return time.time_ns() + SKEW_NS
-
-
-def wait_for(what: str, probe: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def hello(device_id: str) -> device_pb2.DeviceMessage:

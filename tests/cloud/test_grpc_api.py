@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any as RunningCoordinator
 
 import grpc
@@ -15,7 +12,8 @@ import pytest
 from fleetloop_cloud.services.access import Caller
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.segment import Segment, encode_segment, new_segment_id
-from fleetloop_shared.wire import device_pb2, device_pb2_grpc, ingest_pb2, ingest_pb2_grpc
+from fleetloop_shared.wire import device_pb2, ingest_pb2, ingest_pb2_grpc
+from tests.fixtures.control_stream import ControlStream
 
 LOCAL = Caller.local()
 CAMPAIGN = """
@@ -37,44 +35,6 @@ def hello(device_id: str = "car-1", kind: str = "car") -> device_pb2.DeviceMessa
     return device_pb2.DeviceMessage(hello=h)
 
 
-class Stream:
-    """A device's control stream driven from the test."""
-
-    def __init__(self, channel: grpc.Channel, first: device_pb2.DeviceMessage) -> None:
-        self.out: queue.Queue[device_pb2.DeviceMessage | None] = queue.Queue()
-        self.out.put(first)
-        self.received: queue.Queue[device_pb2.CloudMessage] = queue.Queue()
-        stub = device_pb2_grpc.DeviceServiceStub(channel)
-        self.call = stub.Connect(self._requests())
-        self.error: grpc.RpcError | None = None
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _requests(self) -> Iterator[device_pb2.DeviceMessage]:
-        while True:
-            msg = self.out.get()
-            if msg is None:
-                return
-            yield msg
-
-    def _read(self) -> None:
-        try:
-            for msg in self.call:
-                self.received.put(msg)
-        except grpc.RpcError as exc:
-            self.error = exc
-
-    def next(self, kind: str, timeout: float = 5.0) -> device_pb2.CloudMessage:
-        while True:
-            msg = self.received.get(timeout=timeout)
-            if msg.WhichOneof("kind") == kind:
-                return msg
-
-    def close(self) -> None:
-        self.out.put(None)
-        self.call.cancel()
-
-
 def segment() -> Segment:
     t = np.arange(0, 10_000_000_000, 100_000_000, dtype=np.int64) + 1_700_000_000_000_000_000
     return Segment(
@@ -89,8 +49,8 @@ def segment() -> Segment:
 def test_hello_gets_welcome_and_matching_campaigns(running_coordinator: RunningCoordinator) -> None:
     rc = running_coordinator
     rc.coordinator.campaigns.apply(LOCAL, CAMPAIGN, source="fast.yaml", now=time.time())
-    car = Stream(rc.channel, hello("car-1", "car"))
-    robot = Stream(rc.channel, hello("robot-1", "robot"))
+    car = ControlStream(rc.channel, hello("car-1", "car"))
+    robot = ControlStream(rc.channel, hello("robot-1", "robot"))
     try:
         assert car.next("welcome").welcome.heartbeat_interval_ms > 0
         desired = car.next("desired_campaigns").desired_campaigns
@@ -108,14 +68,14 @@ def test_hello_gets_welcome_and_matching_campaigns(running_coordinator: RunningC
 
 
 def test_first_message_must_be_hello(running_coordinator: RunningCoordinator) -> None:
-    s = Stream(running_coordinator.channel, device_pb2.DeviceMessage(heartbeat=device_pb2.Heartbeat()))
-    s.thread.join(timeout=5)
+    s = ControlStream(running_coordinator.channel, device_pb2.DeviceMessage(heartbeat=device_pb2.Heartbeat()))
+    assert s.ended.wait(5)
     assert s.error is not None and s.error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_upload_is_acked_once_and_deduplicated(running_coordinator: RunningCoordinator) -> None:
     rc = running_coordinator
-    car = Stream(rc.channel, hello())
+    car = ControlStream(rc.channel, hello())
     car.next("welcome")
     stub = ingest_pb2_grpc.IngestServiceStub(rc.channel)
     seg = segment()
@@ -133,8 +93,7 @@ def test_upload_is_acked_once_and_deduplicated(running_coordinator: RunningCoord
     assert first.duplicate is False and first.samples == seg.sample_count
     assert again.duplicate is True
     rows = rc.coordinator.queries.sql(
-        LOCAL,
-        "SELECT signal, count(*) AS n FROM samples GROUP BY signal ORDER BY signal"
+        LOCAL, "SELECT signal, count(*) AS n FROM samples GROUP BY signal ORDER BY signal"
     ).rows
     assert rows == [("Vehicle.Gear", 100), ("Vehicle.Speed", 100)]
 
@@ -152,7 +111,7 @@ def test_bad_uploads_are_refused_with_a_code(
     running_coordinator: RunningCoordinator, mutate: object, code: grpc.StatusCode
 ) -> None:
     rc = running_coordinator
-    car = Stream(rc.channel, hello())
+    car = ControlStream(rc.channel, hello())
     car.next("welcome")
     seg = segment()
     req = ingest_pb2.UploadSegmentRequest(

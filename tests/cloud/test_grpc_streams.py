@@ -4,10 +4,8 @@ once, a newer stream of a device replaces the older one, a message that does not
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any as RunningCoordinator
 
@@ -17,8 +15,7 @@ import pytest
 from fleetloop_cloud.grpc_api import start_grpc_server
 from fleetloop_cloud.server import Coordinator
 from fleetloop_shared.wire import device_pb2
-
-CONNECT = "/fleetloop.device.v1.DeviceService/Connect"
+from tests.fixtures.control_stream import ControlStream
 
 
 def hello_bytes(device_id: str) -> bytes:
@@ -27,50 +24,13 @@ def hello_bytes(device_id: str) -> bytes:
     ).SerializeToString()
 
 
-class RawStream:
-    """A control stream sending raw bytes (so a test can send what does not decode)."""
-
-    def __init__(self, channel: grpc.Channel, first: bytes) -> None:
-        self.out: queue.Queue[bytes | None] = queue.Queue()
-        self.out.put(first)
-        self.received: queue.Queue[device_pb2.CloudMessage] = queue.Queue()
-        self.error: grpc.RpcError | None = None
-        self.ended = threading.Event()
-        call = channel.stream_stream(CONNECT, response_deserializer=device_pb2.CloudMessage.FromString)
-        self.call = call(self._requests())
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _requests(self) -> Iterator[bytes]:
-        while (msg := self.out.get()) is not None:
-            yield msg
-
-    def _read(self) -> None:
-        try:
-            for msg in self.call:
-                self.received.put(msg)
-        except grpc.RpcError as exc:
-            self.error = exc
-        finally:
-            self.ended.set()
-
-    def next(self, kind: str, timeout: float = 5.0) -> device_pb2.CloudMessage:
-        while True:
-            msg = self.received.get(timeout=timeout)
-            if msg.WhichOneof("kind") == kind:
-                return msg
-
-    def close(self) -> None:
-        self.out.put(None)
-        self.call.cancel()
-
-
 def grant(max_bytes: int) -> device_pb2.CloudMessage:
     return device_pb2.CloudMessage(upload_grant=device_pb2.UploadGrant(max_bytes=max_bytes, min_priority=0))
 
 
 def test_a_push_reaches_an_idle_stream_at_once(running_coordinator: RunningCoordinator) -> None:
     rc = running_coordinator
-    s = RawStream(rc.channel, hello_bytes("car-1"))
+    s = ControlStream(rc.channel, hello_bytes("car-1"))
     try:
         s.next("desired_campaigns")
         time.sleep(0.3)  # the stream is idle, waiting
@@ -85,9 +45,9 @@ def test_a_push_reaches_an_idle_stream_at_once(running_coordinator: RunningCoord
 
 def test_a_newer_stream_of_a_device_replaces_the_older(running_coordinator: RunningCoordinator) -> None:
     rc = running_coordinator
-    old = RawStream(rc.channel, hello_bytes("car-1"))
+    old = ControlStream(rc.channel, hello_bytes("car-1"))
     old.next("welcome")
-    new = RawStream(rc.channel, hello_bytes("car-1"))
+    new = ControlStream(rc.channel, hello_bytes("car-1"))
     try:
         new.next("welcome")
         assert old.ended.wait(5), "the replaced stream must end"
@@ -102,14 +62,14 @@ def test_a_newer_stream_of_a_device_replaces_the_older(running_coordinator: Runn
 
 def test_a_later_undecodable_message_ends_the_stream(running_coordinator: RunningCoordinator) -> None:
     rc = running_coordinator
-    s = RawStream(rc.channel, hello_bytes("car-1"))
+    s = ControlStream(rc.channel, hello_bytes("car-1"))
     s.next("welcome")
     s.out.put(b"\xff\xff\xff\xff")
     assert s.ended.wait(5)
     assert s.error is not None and s.error.code() == grpc.StatusCode.INTERNAL
     assert rc.coordinator.refusals["undecodable"] == 1
     # the device reconnects with a fresh hello and is served
-    again = RawStream(rc.channel, hello_bytes("car-1"))
+    again = ControlStream(rc.channel, hello_bytes("car-1"))
     try:
         again.next("welcome")
     finally:
@@ -120,7 +80,7 @@ def test_a_later_undecodable_message_ends_the_stream(running_coordinator: Runnin
 def test_an_undecodable_first_message_is_internal(
     running_coordinator: RunningCoordinator, first: bytes
 ) -> None:
-    s = RawStream(running_coordinator.channel, first)
+    s = ControlStream(running_coordinator.channel, first)
     assert s.ended.wait(5)
     assert s.error is not None and s.error.code() == grpc.StatusCode.INTERNAL
     assert s.error.details() == "Exception deserializing request!"
@@ -163,7 +123,7 @@ def test_stopping_the_server_ends_idle_streams_while_its_loop_still_runs(tmp_pat
     c = Coordinator(tmp_path / "cloud")
     gserver, gport = start_grpc_server(c, "127.0.0.1", 0)
     channel = grpc.insecure_channel(f"127.0.0.1:{gport}")
-    s = RawStream(channel, hello_bytes("car-1"))
+    s = ControlStream(channel, hello_bytes("car-1"))
     try:
         s.next("desired_campaigns")
         record = c.repositories.devices.get("car-1")

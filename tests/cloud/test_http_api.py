@@ -54,16 +54,21 @@ def test_query_errors_are_400_and_results_are_json(running_coordinator: RunningC
     assert status == 404
 
 
-def test_release_upload_and_ranged_download(running_coordinator: RunningCoordinator) -> None:
-    base = running_coordinator
-    image = bytes(range(256)) * 4096
-    status, _, body = call(
+def upload_release(base: RunningCoordinator, image: bytes) -> tuple[int, dict[str, str], bytes]:
+    """``image`` uploaded as firmware 1.0.0 for hardware ``hw1``: status, headers, body."""
+    return call(
         base,
         "POST",
         "/v1/releases?name=fw&version=1.0.0&hardware=hw1",
         image,
         {"Content-Type": "application/octet-stream"},
     )
+
+
+def test_release_upload_and_ranged_download(running_coordinator: RunningCoordinator) -> None:
+    base = running_coordinator
+    image = bytes(range(256)) * 4096
+    status, _, body = upload_release(base, image)
     assert status == 201, body
     rel = json.loads(body)
     full = next(p for p in rel["payloads"] if p["kind"] == "full")
@@ -77,13 +82,7 @@ def test_release_upload_and_ranged_download(running_coordinator: RunningCoordina
     status, headers, _ = call(base, "GET", f"/{full['path']}", headers={"Range": f"bytes={len(image)}-"})
     assert status == 416 and headers["Content-Range"] == f"bytes */{len(image)}"
     # the same version again is a conflict, an unknown file is 404
-    status, _, body = call(
-        base,
-        "POST",
-        "/v1/releases?name=fw&version=1.0.0&hardware=hw1",
-        image,
-        {"Content-Type": "application/octet-stream"},
-    )
+    status, _, body = upload_release(base, image)
     assert status == 409, body
     status, _, _ = call(base, "GET", "/files/" + "0" * 64)
     assert status == 404

@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import queue
 import re
-import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +44,9 @@ from fleetloop_shared.update.release_keys import (
     publish_release,
 )
 from fleetloop_shared.wire import device_pb2, device_pb2_grpc, ingest_pb2, ingest_pb2_grpc
+from tests.fixtures.cloud_serve import cloud_serve
+
+from .conftest import http_call
 
 TOKEN = re.compile(r"flt_[A-Za-z0-9_-]{43}")
 DEVICE = "car-metrics-7"
@@ -72,15 +70,7 @@ class Served:
 
     def call(self, method: str, path: str, body: bytes | None = None, token: str | None = None,
              content_type: str = "application/json") -> tuple[int, dict[str, str], bytes]:  # fmt: skip
-        req = urllib.request.Request(self.http + path, data=body, method=method,
-                                     headers={"Content-Type": content_type})  # fmt: skip
-        if token:
-            req.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                return resp.status, dict(resp.headers), resp.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, dict(exc.headers), exc.read()
+        return http_call(self.http, method, path, body, {"Content-Type": content_type}, token=token)
 
     def scrape(self) -> Samples:
         status, headers, body = self.call("GET", "/metrics", token=self.viewer)
@@ -107,26 +97,12 @@ def served(tmp_path: Path) -> Iterator[Served]:
         "public_url: https://fleet.example.com:8443\n"
     )
     ready, log = tmp_path / "ready.json", tmp_path / "cloud.log"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fleetloop_cli.main", "cloud", "serve", "--config", str(config)],
-            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the coordinator did not start"
-            time.sleep(0.1)
-        info = json.loads(ready.read_text())
+    with cloud_serve(["--config", str(config)], ready, log) as info:
         s = Served(info["http"], info["grpc"], admin, "", info, release_key)
         status, _, body = s.call("POST", "/v1/tokens", b'{"name": "prometheus", "role": "viewer"}', admin)
         assert status == 201, body
         s.viewer = json.loads(body)["token"]
         yield s
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -184,7 +160,6 @@ def test_metrics_move_with_real_traffic(served: Served) -> None:
     assert s.call("POST", "/v1/rollouts", b'{"release_version": "1.0.0"}', s.viewer)[0] == 403
     assert s.call("GET", f"/no/such/{DEVICE}", token=s.viewer)[0] == 404
     image = build_image("1.0.0", "gen1", size_hint=4096)
-
 
     def request(method: str, path: str, body: bytes | None, content_type: str) -> Any:
         status, _, data = s.call(method, path, body, s.admin, content_type)

@@ -6,9 +6,7 @@ publishing or subscribing under another device's or another fleet's topics."""
 
 from __future__ import annotations
 
-import importlib.util
 import queue
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,14 +18,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fleetloop_shared.errors import ConfigError
-
-_spec = importlib.util.spec_from_file_location(
-    "fleetloop_test_mosquitto", Path(__file__).resolve().parents[1] / "fixtures" / "mosquitto_broker.py"
-)
-assert _spec is not None and _spec.loader is not None
-broker_fixture = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = broker_fixture
-_spec.loader.exec_module(broker_fixture)
+from tests.fixtures import mosquitto_broker as broker_fixture
 
 GRANTED_QOS1 = 1
 NO_MATCHING_SUBSCRIBERS = 0x10  # PUBACK: accepted, and no subscription matched

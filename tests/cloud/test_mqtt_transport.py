@@ -5,13 +5,11 @@ everyone else keeps being served."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import queue
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,25 +30,11 @@ from fleetloop_cloud.services.access import Caller
 from fleetloop_shared.catalog import DataType
 from fleetloop_shared.segment import Segment, encode_segment, new_segment_id
 from fleetloop_shared.wire import device_pb2, ingest_pb2
-
-_spec = importlib.util.spec_from_file_location(
-    "fleetloop_test_mosquitto", Path(__file__).resolve().parents[1] / "fixtures" / "mosquitto_broker.py"
-)
-assert _spec is not None and _spec.loader is not None
-broker_fixture = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = broker_fixture
-_spec.loader.exec_module(broker_fixture)
+from tests.fixtures import mosquitto_broker as broker_fixture
+from tests.fixtures.waiting import wait_for
 
 T0 = 1_700_000_000 * 10**9
 LOCAL = Caller.local()
-
-
-def wait_for(what: str, probe: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture

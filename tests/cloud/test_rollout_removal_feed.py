@@ -9,16 +9,7 @@ import time
 
 from fleetloop_cloud.changes import CATCH_UP_S
 from fleetloop_fwsim.fleet import CoordinatorProcess
-from fleetloop_fwsim.swarm import Swarm
-from tests.cloud.test_stateless_coordinators import (
-    DEADLINE_S,
-    REACH_S,
-    HoldingDevice,
-    call,
-    pair,
-    publish_two_releases,
-    wait_for,
-)
+from tests.cloud.test_stateless_coordinators import REACH_S, call, job_held_on_b, pair, wait_for
 
 __all__ = ["pair"]  # the fixture, imported
 
@@ -26,19 +17,8 @@ __all__ = ["pair"]  # the fixture, imported
 def test_a_removal_through_one_coordinator_withdraws_the_job_on_the_other_within_a_second(
     pair: tuple[CoordinatorProcess, CoordinatorProcess],
 ) -> None:
-    a, b = pair
-    publish_two_releases(a)
-    swarm = Swarm()
-    on_b = HoldingDevice("dev-b", b.grpc_target, swarm)
-    try:
-        on_b.link.start()
-        assert on_b.link.connected.wait(DEADLINE_S)
-        wait_for("the device registered", lambda: len(call(a, "GET", "/v1/devices", None, "")) == 1)
-        policy = {"release": {"name": "firmware", "version": "2.0.0"}, "target": {"devices": ["dev-b"]},
-                  "phases": [{"name": "all"}]}  # fmt: skip
-        created = call(a, "POST", "/v1/rollouts", json.dumps(policy).encode(), "application/json")
-        wait_for("the job on dev-b", lambda: bool(on_b.seen.jobs), timeout_s=30)
-        (job_id,) = on_b.seen.jobs
+    a, _ = pair
+    with job_held_on_b(pair) as (on_b, created, job_id):
         body = json.dumps({"reason": "sold"}).encode()
         path = f"/v1/rollouts/{created['id']}/devices/dev-b/remove"
         status = call(a, "POST", path, body, "application/json")
@@ -51,6 +31,3 @@ def test_a_removal_through_one_coordinator_withdraws_the_job_on_the_other_within
         # the rollout does not wait for the removed device: nothing is left to do
         wait_for("the rollout to end", lambda: call(a, "GET", f"/v1/rollouts/{created['id']}", None, "")[
             "state"] == "SUCCEEDED", timeout_s=30)  # fmt: skip
-    finally:
-        on_b.link.stop()
-        swarm.close()

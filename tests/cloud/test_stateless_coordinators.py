@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -249,9 +250,12 @@ class HoldingDevice(OtaDevice):
         super()._on_cloud(msg)
 
 
-def test_an_abort_through_one_coordinator_withdraws_the_job_on_the_other_within_a_second(
+@contextmanager
+def job_held_on_b(
     pair: tuple[CoordinatorProcess, CoordinatorProcess],
-) -> None:
+) -> Iterator[tuple[HoldingDevice, dict[str, Any], str]]:
+    """Both releases published through A, and a rollout created through A whose job a device connected to
+    B has taken and holds: that device, the rollout and the job's id. The device goes away after."""
     a, b = pair
     publish_two_releases(a)
     swarm = Swarm()
@@ -265,15 +269,23 @@ def test_an_abort_through_one_coordinator_withdraws_the_job_on_the_other_within_
         created = call(a, "POST", "/v1/rollouts", json.dumps(policy).encode(), "application/json")
         wait_for("the job on dev-b", lambda: bool(on_b.seen.jobs), timeout_s=30)
         (job_id,) = on_b.seen.jobs
+        yield on_b, created, job_id
+    finally:
+        on_b.link.stop()
+        swarm.close()
+
+
+def test_an_abort_through_one_coordinator_withdraws_the_job_on_the_other_within_a_second(
+    pair: tuple[CoordinatorProcess, CoordinatorProcess],
+) -> None:
+    a, _ = pair
+    with job_held_on_b(pair) as (on_b, created, job_id):
         call(a, "POST", f"/v1/rollouts/{created['id']}/abort", b"{}", "application/json")
         aborted = time.time()
         wait_for("the withdrawal on dev-b", lambda: job_id in on_b.cancels, timeout_s=3 * CATCH_UP_S)
         at, reason = on_b.cancels[job_id]
         assert at - aborted < REACH_S, f"the withdrawal took {at - aborted:.3f} s"
         assert reason.startswith(f"rollout {created['id']} aborted")
-    finally:
-        on_b.link.stop()
-        swarm.close()
 
 
 def test_a_lost_notice_only_delays_a_campaign_until_the_catch_up(tmp_path: Path, pg_url: str) -> None:

@@ -3,9 +3,7 @@ the TUF metadata a device fetches is served under /tuf/ and the director signs p
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 import time
 from typing import Any
 
@@ -17,6 +15,7 @@ from fleetloop_cloud.services.access import Caller
 from fleetloop_fwsim.firmware import build_image
 from fleetloop_shared.update.artifact import manifest_from_bytes, sha256_hex
 from fleetloop_shared.wire import device_pb2
+from tests.fixtures.tar_bundle import ustar
 
 from .conftest import RunningCoordinator
 
@@ -47,23 +46,13 @@ def test_release_manager_mistakes_get_one_clear_refusal(running_coordinator: Run
     assert "older than 3.0.0, which devices with hardware gen1 already run" in json.loads(body)["error"]
     assert c.tuf.image.targets() == {}  # nothing was signed
     # A model pack has its own version line: "1.0.0" is not a downgrade of firmware 3.0.0 ...
-    pack = bundle({"model.yaml": b"name: score\n"})
+    pack = ustar({"model.yaml": b"name: score\n"})
     path = f"/v1/releases?name=detector&version=1.0.0&hardware={HW}"
     status, body = call(base, "POST", path, pack)
     assert status == 201, body
     # ... but the pack itself only moves forward.
     status, body = call(base, "POST", f"/v1/releases?name=detector&version=0.9.0&hardware={HW}", pack)
     assert status == 409 and "not newer than the existing 1.0.0" in json.loads(body)["error"]
-
-
-def bundle(files: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
 
 
 def test_metadata_is_served_and_the_director_signs_per_device(
@@ -94,8 +83,9 @@ def test_metadata_is_served_and_the_director_signs_per_device(
 def test_re_offering_the_same_job_does_not_re_sign(running_coordinator: RunningCoordinator) -> None:
     c = running_coordinator.coordinator
     image = build_image("2.0.0", HW, size_hint=8192)
-    c.artifacts.add_release(ReleaseInput(
-        image, name="fw", version="2.0.0", hardware_id=HW, bases=[], now=time.time()))
+    c.artifacts.add_release(
+        ReleaseInput(image, name="fw", version="2.0.0", hardware_id=HW, bases=[], now=time.time())
+    )
     plan = manifest_from_bytes(c.artifacts.release("fw", HW, "2.0.0")[0])
 
     def assign(job_id: str) -> int:

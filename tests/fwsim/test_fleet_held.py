@@ -8,12 +8,8 @@ the private mosquitto with the shipped config, and check that everyone else is s
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -35,25 +31,15 @@ from fleetloop_shared.catalog import DataType
 from fleetloop_shared.errors import UserError
 from fleetloop_shared.segment import Segment, new_segment_id
 from fleetloop_shared.wire import device_pb2
+from tests.fixtures import mosquitto_broker as broker_fixture
+from tests.fixtures.waiting import wait_for
 
-_spec = importlib.util.spec_from_file_location(
-    "fleetloop_test_mosquitto", Path(__file__).resolve().parents[1] / "fixtures" / "mosquitto_broker.py"
-)
-assert _spec is not None and _spec.loader is not None
-broker_fixture = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = broker_fixture
-_spec.loader.exec_module(broker_fixture)
+#: How long a wait may take here: a whole fleet connects, uploads and leaves.
+FLEET_WAIT_S = 25.0
+
 
 DEVICES = 300  # > the 128 worker threads of the former synchronous server
 T0 = 1_700_000_000 * 10**9
-
-
-def wait_for(what: str, probe: Callable[[], bool], timeout: float = 25.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_one_coordinator_holds_300_grpc_devices_and_serves_others(tmp_path: Path, recordings: Path) -> None:
@@ -64,8 +50,10 @@ def test_one_coordinator_holds_300_grpc_devices_and_serves_others(tmp_path: Path
     store = LocalStore(tmp_path / "honest")
     try:
         fleet.start()
-        wait_for(f"{DEVICES} devices welcomed", lambda: fleet.connected() == DEVICES)
-        wait_for("the coordinator to see them", lambda: len(c.sessions.online()) == DEVICES)
+        wait_for(f"{DEVICES} devices welcomed", lambda: fleet.connected() == DEVICES, timeout=FLEET_WAIT_S)
+        wait_for(
+            "the coordinator to see them", lambda: len(c.sessions.online()) == DEVICES, timeout=FLEET_WAIT_S
+        )
         # health still answers at once (it queued behind the device streams on the thread pool before)
         with grpc.insecure_channel(target) as ch:
             reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
@@ -82,7 +70,7 @@ def test_one_coordinator_holds_300_grpc_devices_and_serves_others(tmp_path: Path
         )  # fmt: skip
         link.start()
         try:
-            wait_for("the upload", lambda: store.stats().segments_pending == 0)
+            wait_for("the upload", lambda: store.stats().segments_pending == 0, timeout=FLEET_WAIT_S)
         finally:
             link.stop()
         assert c.queries.sql(Caller.local(), "SELECT count(*) FROM samples").rows[0][0] == 100
@@ -96,7 +84,7 @@ def test_one_coordinator_holds_300_grpc_devices_and_serves_others(tmp_path: Path
         store.close()
         server.stop(grace=0).wait(5)
     # once the devices hang up, the coordinator marks them offline
-    wait_for("the coordinator to see them leave", lambda: len(c.sessions.online()) == 0)
+    wait_for("the coordinator to see them leave", lambda: len(c.sessions.online()) == 0, timeout=FLEET_WAIT_S)
 
 
 def test_one_simulator_loop_holds_300_mqtt_devices(tmp_path: Path) -> None:
@@ -117,7 +105,9 @@ def test_one_simulator_loop_holds_300_mqtt_devices(tmp_path: Path) -> None:
         loop = threading.Thread(target=swarm.run, args=(stop,), daemon=True)
         loop.start()
         try:
-            wait_for(f"{DEVICES} MQTT devices welcomed", lambda: swarm.welcomed == DEVICES)
+            wait_for(
+                f"{DEVICES} MQTT devices welcomed", lambda: swarm.welcomed == DEVICES, timeout=FLEET_WAIT_S
+            )
             assert len(c.sessions.online()) == DEVICES
             assert swarm.status()["connect_failures"] == 0
             assert threading.active_count() - threads_before < 20  # one loop, not a thread per device
@@ -132,8 +122,22 @@ def test_sim_fleet_hold_only_from_the_command_line(
 ) -> None:
     from fleetloop_cli.main import main
 
-    code = main(["sim", "fleet", "--devices", "150", "--duration", "2", "--hold-only", "--simulated",
-                 "--workdir", str(tmp_path), "-o", "json"])
+    code = main(
+        [
+            "sim",
+            "fleet",
+            "--devices",
+            "150",
+            "--duration",
+            "2",
+            "--hold-only",
+            "--simulated",
+            "--workdir",
+            str(tmp_path),
+            "-o",
+            "json",
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert code == 0
     assert (out["devices"], out["peak_connected"], out["segments_stored"]) == (150, 150, 0)

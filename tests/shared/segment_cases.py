@@ -150,6 +150,24 @@ def expect_corrupt(data: bytes, match: str | None = None) -> CorruptSegmentError
     return info.value
 
 
+def expect_every_byte_flip_corrupt(good: bytes, masks: tuple[int, ...] = (0x01, 0x80, 0xFF)) -> None:
+    """Each byte of ``good`` flipped by each of ``masks`` (one at a time) is refused as corrupt."""
+    for i in range(len(good)):
+        for mask in masks:
+            bad = bytearray(good)
+            bad[i] ^= mask
+            expect_corrupt(bytes(bad))
+
+
+def expect_every_truncation_corrupt(good: bytes) -> None:
+    """Every cut of ``good`` is refused as corrupt, and once the header is whole, it says why: the segment
+    is truncated, or its checksum does not match."""
+    for n in range(len(good)):
+        err = expect_corrupt(good[:n])
+        if n >= 6:
+            assert "truncated" in str(err) or "checksum" in str(err), (n, err)
+
+
 def mutate_resealed(data: st.DataObject, encoded: bytes) -> None:
     """Overwrite a few bytes of ``encoded`` (maybe cut it short) and reseal the checksum, as a forger
     would: decoding ends in CorruptSegmentError (one line) or a segment that round-trips, never else."""
