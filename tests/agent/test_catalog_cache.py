@@ -14,6 +14,7 @@ import pytest
 
 from fleetloop_agent.catalog_cache import CatalogIds, local_id_for
 from fleetloop_agent.config import load_agent_config
+from fleetloop_agent.local_store import LocalStore
 from fleetloop_agent.runtime import AgentRuntime
 from fleetloop_cloud.grpc_api import start_grpc_server
 from fleetloop_cloud.server import Coordinator
@@ -147,7 +148,14 @@ def test_the_agent_moves_from_local_to_fleet_ids_mid_life(tmp_path: Path, record
     ).rows
     paths = {s.path for s in runtime.catalog}
     assert rows and {r[0] for r in rows} <= paths
-    assert coordinator.repositories.segments.totals().segments == len(written)
+    # every segment written was uploaded or is still in the store (the runtime captures until it stops,
+    # and a segment appended after the last upload stays pending): none lost, none doubled
+    store = LocalStore(config.store_dir, quota_bytes=config.store_quota_bytes)
+    try:
+        still_pending = store.stats().segments_pending
+    finally:
+        store.close()
+    assert coordinator.repositories.segments.totals().segments + still_pending == len(written)
     # the cache on disk holds the fleet's ids; the next start (offline) uses them
     cached = json.loads((config.state_dir / "catalog_ids.json").read_text())
     assert cached["fleet"] == "test" and {p: v[0] for p, v in cached["fleet_ids"].items()} == {
