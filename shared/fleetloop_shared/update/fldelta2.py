@@ -138,7 +138,7 @@ class _IndexMatcher:
         return _seek_first(xyz), diff, extra
 
     def estimate(self, start: int, data: bytes) -> tuple[I64, bytes, bytes]:
-        index = self._index or self._anchors
+        index = self._index if self._index is not None else self._anchors
         if index is None:
             index = self._anchors = self._module.AnchorIndex(self._old)
         xyz, diff, extra = self._module.diff_tuples(index, data)

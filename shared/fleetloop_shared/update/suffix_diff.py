@@ -352,6 +352,15 @@ def suffix_array(old: bytes) -> I32:
     return _sorter(old)
 
 
+def _old_array(old: bytes, offsets: str) -> U8:
+    """``old`` as the kernel reads it, refused when empty or too large for int32 ``offsets``."""
+    if not old:
+        raise ValueError("suffix_diff needs a non-empty old buffer")
+    if len(old) >= 1 << 31:
+        raise ValueError(f"old buffer of {len(old)} bytes: int32 {offsets} stop at 2 GiB")
+    return np.frombuffer(old, dtype=np.uint8)
+
+
 class OldIndex:
     """One old image made searchable once: its suffix array and two-byte buckets.
 
@@ -363,16 +372,13 @@ class OldIndex:
     def __init__(self, old: bytes, sa: I32 | None = None) -> None:
         _need()
         assert _buckets is not None
-        if not old:
-            raise ValueError("suffix_diff needs a non-empty old buffer")
-        if len(old) >= 1 << 31:
-            raise ValueError(f"old buffer of {len(old)} bytes: int32 suffix arrays stop at 2 GiB")
+        array = _old_array(old, "suffix arrays")
         if sa is None:
             sa = suffix_array(old)
         elif sa.dtype != np.int32 or sa.shape != (len(old),):  # the kernel trusts it: no bounds checks
             raise ValueError(f"suffix array of {sa.shape} {sa.dtype} for {len(old)} bytes of old")
         self.data = old
-        self.array = np.frombuffer(old, dtype=np.uint8)
+        self.array = array
         self.sa = sa
         self.starts = _buckets(self.array)
 
@@ -405,14 +411,10 @@ class AnchorIndex:
     def __init__(self, old: bytes) -> None:
         _need()
         assert _anchoring is not None
-        if not old:
-            raise ValueError("suffix_diff needs a non-empty old buffer")
-        if len(old) >= 1 << 31:
-            raise ValueError(f"old buffer of {len(old)} bytes: int32 anchors stop at 2 GiB")
+        self.array = _old_array(old, "anchors")
         low, high = _ANCHOR_BITS
         self.bits = min(high, max(low, len(old).bit_length()))
         self.data = old
-        self.array = np.frombuffer(old, dtype=np.uint8)
         self.anchors = _anchoring(self.array, self.bits)
 
     def __len__(self) -> int:
