@@ -144,6 +144,48 @@ def test_two_coordinators_appending_the_same_segments_at_once_store_each_once(tm
     assert sum(engine.query("SELECT sum(segments) FROM captures").rows[0]) == 30
 
 
+def test_coordinators_each_retrying_others_segments_lose_no_captures_row(tmp_path: Path) -> None:
+    """Devices sending their segments again to whichever coordinator answers: a store's leader appends
+    one batch's captures while another thread restores those of a batch committed before. Both once
+    worked on one pyiceberg table object that ``refresh`` changes in place, and a commit begun on the old
+    metadata landed over the old parent with the new sequence number — a captures snapshot dropped from
+    the table (a segment acknowledged and never counted), or "Cannot add snapshot with sequence number
+    N older than last sequence number N" for the device."""
+    root = tmp_path / "ice"
+    stores = [IcebergFleetStore(local_tables(root), quick()) for _ in range(3)]
+    segs = [segment(i, rows=20) for i in range(120)]
+    wrong: list[BaseException] = []
+    acked: set[int] = set()
+
+    def device(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for i in rng.permutation(len(segs)).tolist():
+            for _ in range(10):
+                try:
+                    assert write(stores[int(rng.integers(3))], segs[i], f"car-{i % 5}") == 60
+                    acked.add(i)
+                    break
+                except UnavailableError as exc:  # a conflict the device sends again, not a broken commit
+                    if "sequence number" in str(exc):
+                        wrong.append(exc)
+                except BaseException as exc:  # reported below
+                    wrong.append(exc)
+
+    threads = [threading.Thread(target=device, args=(seed,)) for seed in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong and acked == set(range(len(segs)))
+    tables = local_tables(root)
+    for name in (SAMPLES, CAPTURES):  # each snapshot on top of the one before: none dropped by another
+        parents = [s.parent_snapshot_id for s in tables.load(name).metadata.snapshots]
+        assert len(parents) == len(set(parents)), f"{name}: two snapshots on one parent"
+    engine = QueryEngine(root, tables=tables)
+    assert engine.query("SELECT count(*) FROM samples").rows == [(len(segs) * 60,)]
+    assert engine.query("SELECT sum(segments) FROM captures").rows == [(len(segs),)]
+
+
 def test_a_batch_committed_before_a_crash_is_not_appended_again_and_the_ledger_catches_up(
     tmp_path: Path,
 ) -> None:

@@ -446,6 +446,11 @@ class _KeyedAppend(_FastAppendFiles):
             raise _Duplicates(clash)
 
 
+def _unavailable(exc: BaseException) -> UnavailableError:
+    """A failed commit as the device hears of it: unavailable for now, to be sent again."""
+    return exc if isinstance(exc, UnavailableError) else UnavailableError(f"fleet store commit failed: {exc}")
+
+
 @dataclass
 class _Item:
     key: str
@@ -481,6 +486,12 @@ class IcebergFleetStore:
         self._batch_of: dict[str, str] = {}
         self._captured: set[str] = set()
         self._indexed: dict[int, tuple[str | None, list[str]]] = {}
+        #: Held by whoever touches the captures table or ``_captured``: the group commit's leader appends a
+        #: batch's captures while a writer of a segment committed before restores another's, and both
+        #: would share one pyiceberg ``Table``, whose ``refresh`` (ours, and pyiceberg's own commit retry)
+        #: replaces its metadata in place — a commit begun on the old metadata then lands with the new
+        #: one's sequence number over the old one's parent, dropping the other's snapshot from the table.
+        self._captures_lock = threading.Lock()
         self._index(self._samples)
         #: Batches and segments committed, duplicates dropped, conflicts retried (for metrics and tests).
         self.counters = {"batches": 0, "segments": 0, "duplicates": 0, "conflicts": 0, "captures_restored": 0}
@@ -507,7 +518,8 @@ class IcebergFleetStore:
             for key in keys:
                 self._committed.pop(key, None)
                 self._batch_of.pop(key, None)
-        self._captured &= {batch for batch, _ in self._indexed.values() if batch is not None}
+        with self._captures_lock:
+            self._captured &= {batch for batch, _ in self._indexed.values() if batch is not None}
 
     def write_segment(
         self, *, fleet: str, device_id: str, capture_id: str, campaign: str, segment: Segment,
@@ -530,7 +542,10 @@ class IcebergFleetStore:
         item = _Item(key, rows, receipt)
         with self._cond:
             if key in self._committed:
-                self._restore_captures({key})
+                try:
+                    self._restore_captures({key})
+                except Exception as exc:  # as a batch's failure is reported: the device sends it again
+                    raise _unavailable(exc) from None
                 return self._committed[key]
             self._pending.append(item)
             while not item.done.is_set():
@@ -560,8 +575,7 @@ class IcebergFleetStore:
         except BaseException as exc:
             for item in batch:
                 if not item.done.is_set():
-                    item.error = exc if isinstance(exc, UnavailableError) else UnavailableError(
-                        f"fleet store commit failed: {exc}")  # fmt: skip
+                    item.error = _unavailable(exc)
                     item.done.set()
             if not isinstance(exc, Exception):
                 raise
@@ -609,8 +623,9 @@ class IcebergFleetStore:
         self._index(self._samples)
         self.counters["batches"] += 1
         self.counters["segments"] += len(items)
-        self._captures = on_current(self._captures, lambda t: append_captures(t, receipts, batch_id))
-        self._captured.add(batch_id)
+        with self._captures_lock:
+            self._captures = on_current(self._captures, lambda t: append_captures(t, receipts, batch_id))
+            self._captured.add(batch_id)
 
     def _restore_captures(self, keys: set[str]) -> None:
         """The captures rows of the batches that committed ``keys`` (segments sent again: committed
@@ -618,6 +633,10 @@ class IcebergFleetStore:
         commit and its captures append, and the retry is the first to know. Queries then count the
         segment at once rather than after the next maintenance pass; should that pass or the writer append
         them as well, the captures view counts each segment once."""
+        with self._captures_lock:
+            self._restore_captures_locked(keys)
+
+    def _restore_captures_locked(self, keys: set[str]) -> None:
         batches = {self._batch_of[k] for k in keys if k in self._batch_of} - self._captured
         if not batches:
             return
