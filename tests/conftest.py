@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in kept])
         items[:] = kept
+
+
+@pytest.fixture(autouse=True)
+def _logger_levels_as_found() -> Iterator[None]:
+    """Logger levels put back after each test. CLI commands run in-process quiet the loggers of the
+    process they own (a simulated fleet sets ``fleetloop.agent`` to ERROR); a later test in the same
+    process that expects a warning in its log must not depend on which tests ran before it."""
+    loggers = logging.Logger.manager.loggerDict
+    before = {name: lg.level for name, lg in loggers.items() if isinstance(lg, logging.Logger)}
+    root = logging.getLogger().level
+    yield
+    logging.getLogger().setLevel(root)
+    for name, lg in list(loggers.items()):
+        if isinstance(lg, logging.Logger) and lg.level != before.get(name, logging.NOTSET):
+            lg.setLevel(before.get(name, logging.NOTSET))
 
 
 @pytest.fixture(scope="session")
