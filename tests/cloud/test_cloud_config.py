@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from fleetloop_cli import cloud_commands
-from fleetloop_cli.main import build_parser
+from fleetloop_cli.main import build_parser, main
 from fleetloop_cloud.config import KEYS, load_cloud_config
 from fleetloop_cloud.server import Coordinator, served_url
 from fleetloop_cloud.services.access import Caller
@@ -188,17 +188,31 @@ def test_every_key_is_read_and_reaches_its_part(tmp_path: Path) -> None:
         ("- listen\n", "expected a mapping at the top level"),
     ],
 )  # fmt: skip
-def test_mistakes_are_refused_with_their_place(tmp_path: Path, text: str, message: str) -> None:
+def test_mistakes_are_refused_with_their_place(
+    tmp_path: Path, text: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "cloud.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError) as refused:
         load_cloud_config(path)
     assert str(refused.value).startswith(str(path)), refused.value
     assert message in str(refused.value), refused.value
-    # and the same one line from the command line, exit code 2, nothing started
+    # and the same one line from the command (its entry point, in this process), exit code 2, nothing
+    # started; test_a_mistake_leaves_the_real_process_with_one_line_and_exit_code_2 runs the program
+    capsys.readouterr()
+    assert main(["cloud", "serve", "--config", str(path), "--check"]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.strip().splitlines() == [f"error: {refused.value}"]
+
+
+def test_a_mistake_leaves_the_real_process_with_one_line_and_exit_code_2(tmp_path: Path) -> None:
+    path = tmp_path / "cloud.yaml"
+    path.write_text("listen:\n  http_port: 70000\n")
     checked = cli("cloud", "serve", "--config", str(path), "--check")
     assert checked.returncode == 2 and checked.stdout == ""
-    assert checked.stderr.strip().splitlines() == [f"error: {refused.value}"]
+    assert checked.stderr.strip().splitlines() == [
+        f"error: {path}:2:3: listen.http_port: must be an integer from 0 to 65535, got 70000"
+    ]
 
 
 def test_flags_override_the_file(tmp_path: Path) -> None:
