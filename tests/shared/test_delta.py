@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import BinaryIO
 
 import bsdiff4
+import numpy as np
+import numpy.typing as npt
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fleetloop_fwsim.code_image import CHANGES, image_pair
 from fleetloop_shared.errors import IntegrityError, UserError
-from fleetloop_shared.update import fldelta2_apply, lzma_preset, suffix_diff
+from fleetloop_shared.update import fldelta2, fldelta2_apply, lzma_preset, suffix_diff
 from fleetloop_shared.update.delta import (
     FLDELTA1,
     FLDELTA2,
@@ -301,3 +305,48 @@ def test_an_lzma_patch_chunk_holds_its_dictionary_body_and_one_piece() -> None:
     assert largest_write <= fldelta2_apply.FLUSH and largest_read <= fldelta2_apply.FLUSH
     bound = fldelta2_apply.lzma_dict_size(len(old), len(new)) + len(body) + 2 * fldelta2_apply.FLUSH
     assert len(body) > len(new) and peak < bound, (peak, bound)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    old=st.binary(min_size=64, max_size=512),
+    steps=st.lists(st.tuples(st.integers(0, 511), st.integers(0, 80), st.binary(max_size=40)), max_size=30),
+    shortest=st.integers(1, 48),
+)
+def test_absorbing_short_copies_rebuilds_the_same_bytes(
+    old: bytes, steps: list[tuple[int, int, bytes]], shortest: int
+) -> None:
+    """Tuples as bsdiff makes them (a copy from anywhere in the old image plus a diff, then extra bytes)
+    rebuild the same new bytes once the short copies are extra bytes; each absorbed copy is named by
+    where it read the old image."""
+    rng = random.Random(len(steps))
+    rows, new, diff, extra, pos = [], bytearray(), bytearray(), bytearray(), 0
+    for at, x, added in steps:
+        at, x = min(at, len(old) - 1), min(x, len(old) - min(at, len(old) - 1))
+        if x + len(added) == 0:
+            continue
+        d = bytes(rng.choice((0, 0, 0, 1)) for _ in range(x))
+        rows.append((at - pos, x, len(added)))
+        new += bytes((o + k) & 0xFF for o, k in zip(old[at : at + x], d, strict=True)) + added
+        diff += d
+        extra += added
+        pos = at + x
+    tuples = np.array(rows, dtype=np.int64).reshape(-1, 3)
+    t, d, e, sources = fldelta2.absorb_short_copies(tuples, bytes(diff), bytes(extra), bytes(new), shortest)
+    assert rebuilt(old, t, d, e) == new
+    assert (t[1:, 1] >= shortest).all() and len(t) + len(sources) <= max(len(tuples), 1)
+    for start, length in sources.tolist():
+        assert start >= 0 and start + length <= len(old)
+
+
+def rebuilt(old: bytes, tuples: npt.NDArray[np.int64], diff: bytes, extra: bytes) -> bytes:
+    """bsdiff's apply, the plainest way (the container's reading of streams tuples)."""
+    out, pos, at_diff, at_extra = bytearray(), 0, 0, 0
+    for seek, x, y in tuples.tolist():
+        pos += seek
+        copied = zip(old[pos : pos + x], diff[at_diff : at_diff + x], strict=True)
+        out += bytes((o + k) & 0xFF for o, k in copied)
+        out += extra[at_extra : at_extra + y]
+        pos, at_diff, at_extra = pos + x, at_diff + x, at_extra + y
+    assert at_diff == len(diff) and at_extra == len(extra)
+    return bytes(out)

@@ -47,7 +47,9 @@ def streams(
     *,
     codecs: Sequence[int] = (CODEC_STORED,) * 6,
     raw_lens: Sequence[int] | None = None,
+    against: Sequence[tuple[int, int]] = (),
 ) -> bytes:
+    """A streams body; ``against``: old regions the codec-4 stream is coded against."""
     zig = [(s << 1) ^ (s >> 63) for s, _, _ in tuples]
     raws = [uleb(*zig), uleb(*(x for _, x, _ in tuples)), uleb(*(y for _, _, y in tuples)), runs, diff, extra]
     packed = []
@@ -56,6 +58,11 @@ def streams(
             packed.append(zstandard.ZstdCompressor().compress(raw))
         elif codec == CODEC_BZIP2:
             packed.append(bz2.compress(raw))
+        elif codec == v2.CODEC_LZMA2_OLD:
+            dictionary = b"".join(OLD[a : a + n] for a, n in against)
+            table = v2.REGION_COUNT.pack(len(against)) + b"".join(v2.REGION.pack(a, n) for a, n in against)
+            size = v2.lzma_dict_size(sum(n for _, n in against), len(raw))
+            packed.append(table + lzma_preset.compress(dictionary, raw, size))
         else:
             packed.append(raw)
     lens = raw_lens or [len(r) for r in raws]
@@ -99,6 +106,36 @@ def test_streams_chunks_that_lie_are_refused(body: bytes, out: int, message: str
         return
     with pytest.raises(IntegrityError, match=message):
         apply_delta(OLD, patch)
+
+
+EXTRA_AGAINST_OLD = (0, 0, 0, 0, 0, v2.CODEC_LZMA2_OLD)
+
+
+def test_extra_bytes_coded_against_old_regions_apply_and_lies_about_them_are_refused() -> None:
+    extra = OLD[100:300] + b"new" + OLD[2000:2100]
+    body = streams([(10, 20, len(extra))], diff=bytes(20), extra=extra, codecs=EXTRA_AGAINST_OLD,
+                   against=[(0, 1024), (1536, 1024)])  # fmt: skip
+    assert body.count(OLD[100:164]) == 0  # the old bytes are matches, not in the patch
+    out = len(extra) + 20
+    assert apply_delta(OLD, container(out, [(v2.METHOD_STREAMS, out, body)])) == OLD[10:30] + extra
+    lies = [
+        (streams([(10, 20, 3)], diff=bytes(20), extra=b"new", codecs=(0, 0, 0, 0, 4, 0), against=[(0, 64)]),
+         "diff coded against old regions"),
+        (streams([(10, 20, 3)], diff=bytes(20), extra=b"new", codecs=EXTRA_AGAINST_OLD,
+                 against=[(len(OLD) - 10, 64)]), "outside the old image"),
+        (streams([(10, 20, 3)], diff=bytes(20), extra=b"new", codecs=EXTRA_AGAINST_OLD, against=[]),
+         "0 dictionary regions"),
+    ]  # fmt: skip
+    for bad, message in lies:
+        with pytest.raises(IntegrityError, match=message):
+            apply_delta(OLD, container(23, [(v2.METHOD_STREAMS, 23, bad)]))
+    # more old bytes than a device holds for an extra stream: refused before any is read
+    table = v2.REGION_COUNT.pack(2) + v2.REGION.pack(0, 2 << 20) + v2.REGION.pack(2 << 20, 1)
+    head = v2.STREAMS.pack(1) + b"".join(v2.STREAM.pack(0, 1, 1) for _ in range(3))
+    head += v2.STREAM.pack(0, 0, 0) + v2.STREAM.pack(0, 0, 0) + v2.STREAM.pack(4, 3, len(table) + 5)
+    big = head + b"\x00\x03\x00" + table + bytes(5)
+    with pytest.raises(IntegrityError, match="over 2097152 bytes"):
+        apply_delta(bytes(3 << 20), container(3, [(v2.METHOD_STREAMS, 3, big)], old_size=3 << 20))
 
 
 def test_a_number_over_64_bits_is_refused() -> None:
@@ -252,14 +289,18 @@ def real_patches() -> list[tuple[bytes, bytes]]:
 
 
 def test_the_fuzzed_patches_use_every_method(real_patches: list[tuple[bytes, bytes]]) -> None:
-    methods = set()
+    methods, extra_codecs = set(), set()
     for _, patch in real_patches:
         at = HEADER.size
         while at < len(patch):
             method, _, body_len = v2.CHUNK.unpack_from(patch, at)
             methods.add(method)
+            if method == v2.METHOD_STREAMS:
+                extra_head = at + v2.CHUNK.size + v2.STREAMS.size + 5 * v2.STREAM.size
+                extra_codecs.add(v2.STREAM.unpack_from(patch, extra_head)[0])
             at += v2.CHUNK.size + body_len
     assert methods == {v2.METHOD_STREAMS, v2.METHOD_LZMA_PATCH, v2.METHOD_ZSTD_PATCH, v2.METHOD_ZSTD}
+    assert v2.CODEC_LZMA2_OLD in extra_codecs  # extra bytes coded against old regions too
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

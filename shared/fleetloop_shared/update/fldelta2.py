@@ -13,7 +13,9 @@ The chunk is then written as the smallest of:
 
 - ``streams``: those tuples as separately compressed streams (seeks, copy lengths, add lengths as
   varints — far smaller than bsdiff's 8-byte words —, the diff, plain or as runs of zeros and the bytes
-  between them, and the extra bytes), each stored, bzip2 or LZMA2 (:func:`_pack_stream`);
+  between them, and the extra bytes), each stored, bzip2 or LZMA2 (:func:`_pack_stream`); copies too
+  short to pay for their tuple become extra bytes (:func:`absorb_short_copies`), and the extra bytes are
+  coded against the old blocks those copies came from (:func:`extra_regions`);
 - ``lzma-patch``: LZMA2 whose dictionary starts out holding old regions — the whole old image when it
   fits :data:`MAX_DICT`, else the 64 KiB blocks the tuples copy from most —: small enough for the
   device to hold, and on the benchmark pairs 2-7 % smaller than zstd-19 with the whole old file as
@@ -47,6 +49,7 @@ from fleetloop_shared.update import lzma_preset
 from fleetloop_shared.update.delta_format import FLDELTA2, HEADER, DeltaStats
 from fleetloop_shared.update.fldelta2_apply import (
     CHUNK,
+    CODEC_LZMA2_OLD,
     MAGIC,
     MAX_CHUNK,
     MAX_DICT,
@@ -78,6 +81,14 @@ _SAMPLE_MIN = 4 << 10
 #: LZMA2's match finder for the streams: hash chains, nice length 16, depth 4 — on the benchmark pairs a
 #: third of the default's CPU (binary trees, nice 64) for streams within 0.5 % of its size.
 _LZMA_SEARCH = {"preset": 6, "mf": lzma.MF_HC4, "mode": lzma.MODE_NORMAL, "nice_len": 16, "depth": 4}
+#: Copies shorter than this go into the extra bytes, which are then coded against the old blocks those
+#: copies came from (codec 4): a tuple's three numbers cost about what LZMA2 takes for such a match in
+#: its dictionary, and the bytes around it code better in one stream. Measured against 16 and 64 on the
+#: benchmark pairs: 32 smallest or within 0.1 % on each (decision 0023, addendum 4).
+SHORT_COPY = 32
+#: Old bytes an extra stream's dictionary holds (the format allows ``MAX_EXTRA_DICT``): the blocks the
+#: absorbed copies read most. 2 MiB was no smaller on the benchmark pairs and costs more to load.
+_EXTRA_DICT = 1 << 20
 #: Without the kernel: the old window around a chunk's relative position (FLDELTA1's search).
 _FALLBACK_MARGIN = 512 << 10
 
@@ -225,6 +236,61 @@ def _packed(raw: bytes, deep: bool) -> tuple[int, bytes, int]:
     return codec, data, len(raw)
 
 
+def absorb_short_copies(
+    tuples: I64, diff: bytes, extra: bytes, data: bytes, shortest: int = SHORT_COPY
+) -> tuple[I64, bytes, bytes, I64]:
+    """``(tuples, diff, extra)`` for the new bytes ``data`` with every copy shorter than ``shortest``
+    (but the first tuple's) turned into extra bytes; also the ``(old start, length)`` rows of the copies
+    turned, whose blocks the extra stream is then coded against (:func:`extra_regions`)."""
+    none = np.zeros((0, 2), dtype=np.int64)
+    if len(tuples) < 2:
+        return tuples, diff, extra, none
+    seeks, x, y = tuples[:, 0], tuples[:, 1], tuples[:, 2]
+    keep = x >= shortest
+    keep[0] = True
+    if keep.all():
+        return tuples, diff, extra, none
+    old_at = np.cumsum(seeks) + np.cumsum(x) - x  # where each copy reads the old image
+    new_at = np.cumsum(x + y) - (x + y)  # where each tuple's bytes start in ``data``
+    kept = np.flatnonzero(keep)
+    start, length = old_at[kept], x[kept]
+    seek = start - np.concatenate([np.zeros(1, dtype=np.int64), (start + length)[:-1]])
+    upto = np.concatenate([new_at[kept[1:]], np.array([len(data)], dtype=np.int64)])
+    out = np.stack([seek, length, upto - new_at[kept] - length], axis=1)
+    kept_diff = np.frombuffer(diff, dtype=np.uint8)[np.repeat(keep, x)].tobytes()
+    runs = np.stack([x, y], axis=1).ravel()
+    copied = np.repeat(np.stack([keep, np.zeros_like(keep)], axis=1).ravel(), runs)
+    new_extra = np.frombuffer(data, dtype=np.uint8)[~copied].tobytes()
+    return out, kept_diff, new_extra, np.stack([old_at[~keep], x[~keep]], axis=1)
+
+
+def extra_regions(sources: I64, old_size: int, budget: int = _EXTRA_DICT) -> list[tuple[int, int]]:
+    """The old regions an extra stream is coded against: the whole old image within ``budget``, else
+    the 64 KiB blocks the absorbed copies (``(old start, length)`` rows) read most; none without any."""
+    if not len(sources) or old_size == 0:
+        return []
+    if old_size <= budget:
+        return [(0, old_size)]
+    score = _scores_at(sources[:, 0], sources[:, 1], (old_size + _BLOCK - 1) // _BLOCK)
+    chosen = np.argsort(-score, kind="stable")[: budget // _BLOCK]
+    return _block_regions(np.sort(chosen[score[chosen] > 0]), old_size)
+
+
+def _packed_against(old: bytes, regions: list[tuple[int, int]], raw: bytes) -> tuple[int, bytes, int]:
+    """The extra stream coded against old ``regions`` (codec 4), or packed plainly without any, without
+    liblzma, or where stored is no larger."""
+    if not regions or len(raw) <= 64 or not lzma_preset.available():
+        return _packed(raw, True)
+    dictionary = b"".join(old[a : a + n] for a, n in regions)
+    table = REGION_COUNT.pack(len(regions)) + b"".join(REGION.pack(a, n) for a, n in regions)
+    try:
+        coded = table + lzma_preset.compress(dictionary, raw, lzma_dict_size(len(dictionary), len(raw)))
+    except InternalError as exc:  # liblzma could not (memory): plain LZMA2 can
+        log.warning("extra bytes against old regions failed (%s); coded alone", exc)
+        return _packed(raw, True)
+    return (CODEC_LZMA2_OLD, coded, len(raw)) if len(coded) < len(raw) else (CODEC_STORED, raw, len(raw))
+
+
 class _Streams:
     """One chunk's tuples and bytes as the six streams of a streams body, each packed its best way.
 
@@ -234,7 +300,16 @@ class _Streams:
     only the form its sample kept).
     """
 
-    def __init__(self, tuples: I64, diff: bytes, extra: bytes, *, sparse_diff: bool | None = None) -> None:
+    def __init__(
+        self,
+        tuples: I64,
+        diff: bytes,
+        extra: bytes,
+        *,
+        sparse_diff: bool | None = None,
+        old: bytes = b"",
+        regions: list[tuple[int, int]] | None = None,
+    ) -> None:
         self.count = len(tuples)
         numbers = (_zigzag(tuples[:, 0]), tuples[:, 1].astype(np.uint64), tuples[:, 2].astype(np.uint64))
         self.numbers = [_packed(varints(v), True) for v in numbers]
@@ -246,7 +321,12 @@ class _Streams:
             forms.append([_packed(runs, True), _packed(literal, True)])
         self.diff = min(forms, key=lambda form: sum(len(d) for _, d, _ in form))  # ties: plain
         self.sparse_diff = self.diff[0][2] > 0 or (sparse_diff is True)
-        self.extra = _packed(extra, True)
+        self.extra = _packed_against(old, regions or [], extra)
+        #: Bytes of the body a chunk pays once whatever its length: the stream headers and the extra
+        #: stream's region table.
+        self.fixed = STREAMS.size + 6 * STREAM.size
+        if self.extra[0] == CODEC_LZMA2_OLD:
+            self.fixed += REGION_COUNT.size + len(regions or []) * REGION.size
 
     def body(self) -> bytes:
         parts = [*self.numbers, *self.diff, self.extra]
@@ -256,11 +336,15 @@ class _Streams:
 
 def _block_scores(tuples: I64, blocks: int) -> npt.NDArray[np.int64]:
     """Bytes the ``(seek, copy, add)`` tuples (old position from 0) copy from each old 64 KiB block."""
-    score = np.zeros(blocks, dtype=np.int64)
     if not len(tuples):
-        return score
+        return np.zeros(blocks, dtype=np.int64)
     seeks, x = tuples[:, 0], tuples[:, 1]
-    starts = np.cumsum(seeks) + np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(x)[:-1]])
+    return _scores_at(np.cumsum(seeks) + np.cumsum(x) - x, x, blocks)
+
+
+def _scores_at(starts: I64, x: I64, blocks: int) -> npt.NDArray[np.int64]:
+    """Bytes the copies of ``x`` bytes from old ``starts`` read from each old 64 KiB block."""
+    score = np.zeros(blocks, dtype=np.int64)
     copied = x > 0
     starts, x = starts[copied], x[copied]
     first = starts // _BLOCK
@@ -293,7 +377,11 @@ def dictionary_regions(
     near = np.zeros(blocks, dtype=np.int64)  # tuples from a sample miss blocks next to the ones they use
     near[1:] += score[:-1]
     near[:-1] += score[1:]
-    chosen = np.sort(np.lexsort((-near, -score))[: budget // _BLOCK])
+    return _block_regions(np.sort(np.lexsort((-near, -score))[: budget // _BLOCK]), old_size)
+
+
+def _block_regions(chosen: npt.NDArray[np.int64], old_size: int) -> list[tuple[int, int]]:
+    """Old 64 KiB blocks (ascending) as regions, neighbours merged."""
     regions: list[tuple[int, int]] = []
     for b in chosen.tolist():
         lo, hi = b * _BLOCK, min(old_size, (b + 1) * _BLOCK)
@@ -371,17 +459,23 @@ def _encode_chunk(old: bytes, start: int, data: bytes, matcher: _Matcher | None)
         found = [matcher.estimate(start + a, data[a : a + n]) for a, n in pieces]
         regions = dictionary_regions([tuples for tuples, _, _ in found], len(old))
         # the sample as one chunk both ways, so that each coder sees the sample's pieces as one stream
+        cut = [absorb_short_copies(*f, data[a : a + n]) for f, (a, n) in zip(found, pieces, strict=True)]
         streams = _Streams(
-            np.concatenate([t for t, _, _ in found]),
-            b"".join(d for _, d, _ in found),
-            b"".join(e for _, _, e in found),
+            np.concatenate([t for t, _, _, _ in cut]),
+            b"".join(d for _, d, _, _ in cut),
+            b"".join(e for _, _, e, _ in cut),
+            old=old,
+            regions=extra_regions(np.concatenate([s for _, _, _, s in cut]), len(old)),
         )
         patch = _patch(old, regions, b"".join(data[a : a + n] for a, n in pieces))
         whole = len(pieces) == 1 and pieces[0][1] == len(data)
-        table = REGION_COUNT.size + len(regions) * REGION.size  # paid once per chunk, not per sample
-        if len(streams.body()) <= len(patch[1]) - table:
+        # compared without what each pays once per chunk: the sample is a fraction of the chunk
+        table = REGION_COUNT.size + len(regions) * REGION.size
+        if len(streams.body()) - streams.fixed <= len(patch[1]) - table:
             if not (whole and matcher.estimates_exact):  # written from the longest matches
-                streams = _Streams(*matcher.tuples(start, data), sparse_diff=streams.sparse_diff)
+                t, d, e, sources = absorb_short_copies(*matcher.tuples(start, data), data)
+                streams = _Streams(t, d, e, sparse_diff=streams.sparse_diff, old=old,
+                                   regions=extra_regions(sources, len(old)))  # fmt: skip
             made.append((METHOD_STREAMS, streams.body()))
         else:
             made.append(patch if whole else _patch(old, regions, data))

@@ -7,10 +7,11 @@ in pieces of at most :data:`FLUSH` bytes (the driver hashes and writes them into
 every stream inside the patch is decoded piece by piece (:class:`~fleetloop_shared.update.inflate.Inflow`).
 What memory a patch can make the device use is fixed by this module's constants, not by the image:
 one chunk body (≤ :func:`max_body` of :data:`MAX_CHUNK`, ~8.2 MiB) and either the decoders of one
-chunk's streams (≤ 1 MiB buffers), or one zstd output chunk (≤ :data:`MAX_CHUNK`) and a patch-from
-dictionary (≤ :data:`MAX_DICT`; built once, copied once by zstd), or an LZMA2 decoder whose dictionary
-holds the old regions and the chunk (≤ :data:`MAX_DICT` + :data:`MAX_CHUNK`) and ≤ 1 MiB of its output —
-under 26 MiB in all.
+chunk's streams (≤ 1 MiB buffers; an extra stream coded against old regions, an LZMA2 decoder whose
+dictionary holds those regions and the stream, ≤ :data:`MAX_EXTRA_DICT` + :data:`MAX_CHUNK`), or one
+zstd output chunk (≤ :data:`MAX_CHUNK`) and a patch-from dictionary (≤ :data:`MAX_DICT`; built once,
+copied once by zstd), or an LZMA2 decoder whose dictionary holds the old regions and the chunk
+(≤ :data:`MAX_DICT` + :data:`MAX_CHUNK`) and ≤ 1 MiB of its output — under 26 MiB in all.
 
 An lzma-patch chunk needs nothing beyond the standard library: the encoder presets LZMA2's dictionary
 with the old regions (:mod:`fleetloop_shared.update.lzma_preset`, cloud only); the device gets the
@@ -31,14 +32,20 @@ Container (all integers little-endian)::
       method 2, streams:    tuple_count u32 | 6 × (codec u8 | raw_len u32 | packed_len u32) | 6 streams:
                             seeks, copy lengths, add lengths (LEB128 varints; seeks zigzag-signed),
                             diff runs (varints), diff bytes, extra bytes;
-                            codec: 0 stored, 1 zstd, 2 bzip2, 3 LZMA2 (raw)
+                            codec: 0 stored, 1 zstd, 2 bzip2, 3 LZMA2 (raw), 4 (extra bytes
+                            only) LZMA2 against old regions: region_count u16 | region_count ×
+                            (offset u64 | length u32) | a raw LZMA2 stream whose dictionary starts out
+                            holding those regions (≤ MAX_EXTRA_DICT in all), sized
+                            :func:`lzma_dict_size` of the regions and the stream's raw length
 
 A streams chunk is bsdiff's idea with whole-image reach: an old position starts at 0; each tuple
 ``(seek, x, y)`` moves it by ``seek``, appends ``x`` bytes of old + diff (bytewise, mod 256: a relocated
 pointer differs in a few bytes), moves it by ``x``, then appends ``y`` bytes of extra. Every tuple
 appends at least one byte. The diff is mostly zeros: with an empty *diff runs* stream the diff bytes are
 the diff itself; otherwise the diff is rebuilt from runs alternately of zeros and of the diff bytes
-(starting with zeros), which LZMA2 codes in a tenth of the time it takes on the zeros themselves.
+(starting with zeros), which LZMA2 codes in a tenth of the time it takes on the zeros themselves. The
+extra bytes may be coded against old regions (codec 4): the encoder turns copies too short to pay for
+their tuple into extra bytes and presets the coder's dictionary with the old blocks they came from.
 
 Hostile input: the header, each chunk header, each region and each tuple is checked against the old
 image, the output and the declared lengths *before* the read or allocation it would cause; every stream
@@ -56,7 +63,7 @@ import numpy as np
 
 from fleetloop_shared.errors import IntegrityError
 from fleetloop_shared.update.delta_format import ChunkedContainer, read_exact
-from fleetloop_shared.update.inflate import Inflow, unzstd, unzstd_patch
+from fleetloop_shared.update.inflate import CODEC_LZMA2, Inflow, unzstd, unzstd_patch
 
 MAGIC = b"FLDELTA2"
 CHUNK = struct.Struct("<BII")
@@ -82,6 +89,10 @@ MAX_CHUNK = 8 << 20
 #: Largest patch-from dictionary (old regions) a chunk may ask the device to assemble.
 MAX_DICT = 8 << 20
 MAX_REGIONS = 1024
+#: Largest dictionary of old regions an extra stream (codec 4) may ask for.
+MAX_EXTRA_DICT = 2 << 20
+#: Codec of an extra stream coded against old regions (see the container above).
+CODEC_LZMA2_OLD = 4
 #: Output handed to ``write`` per call, and the largest positioned read of the old image.
 FLUSH = 1 << 20
 _VARINT_MAX = 10
@@ -181,7 +192,7 @@ def _read_old(old: BinaryIO, pos: int, n: int) -> bytes:
     return data
 
 
-def _streams(body: bytes, out_len: int) -> tuple[int, list[Inflow]]:
+def _streams(old: BinaryIO, old_size: int, body: bytes, out_len: int) -> tuple[int, list[Inflow]]:
     """The tuple count and the six streams of a streams chunk, every declared length checked."""
     n = len(STREAM_NAMES)
     if len(body) < STREAMS.size + n * STREAM.size:
@@ -198,15 +209,23 @@ def _streams(body: bytes, out_len: int) -> tuple[int, list[Inflow]]:
     for (codec, raw_len, packed_len), limit, name in zip(heads, limits, STREAM_NAMES, strict=True):
         if raw_len > limit:
             raise IntegrityError(f"delta is malformed: {name} of {raw_len} bytes exceeds {limit}")
-        streams.append(Inflow(codec, memoryview(body)[offset : offset + packed_len], raw_len, name))
+        packed = memoryview(body)[offset : offset + packed_len]
         offset += packed_len
+        if codec != CODEC_LZMA2_OLD:
+            streams.append(Inflow(codec, packed, raw_len, name))
+            continue
+        if name != STREAM_NAMES[-1]:
+            raise IntegrityError(f"delta is malformed: {name} coded against old regions (extra bytes only)")
+        regions, total, start = _dictionary_regions(packed, old_size, budget=MAX_EXTRA_DICT)
+        decoder = _primed_decoder(old, regions, lzma_dict_size(total, raw_len), name)
+        streams.append(Inflow(CODEC_LZMA2, packed[start:], raw_len, name, primed=decoder))
     return tuples, streams
 
 
 def _apply_streams(
     old: BinaryIO, old_size: int, body: bytes, out_len: int, write: Callable[[bytes], object]
 ) -> None:
-    tuples, (seeks_s, xs_s, ys_s, runs, literal, extra) = _streams(body, out_len)
+    tuples, (seeks_s, xs_s, ys_s, runs, literal, extra) = _streams(old, old_size, body, out_len)
     seeks, xs, ys = _Varints(seeks_s), _Varints(xs_s), _Varints(ys_s)
     diff: Inflow | _SparseDiff = _SparseDiff(runs, literal) if runs.left else literal
     if diff is literal:
@@ -253,9 +272,10 @@ def _apply_streams(
 
 
 def _dictionary_regions(
-    body: bytes, old_size: int, *, least: int = 1
+    body: bytes | memoryview, old_size: int, *, least: int = 1, budget: int = MAX_DICT
 ) -> tuple[list[tuple[int, int]], int, int]:
-    """The old regions of a patch chunk, checked; returns (regions, dictionary size, stream start)."""
+    """The old regions a patch chunk or an extra stream starts with, checked against the old image and
+    ``budget``; returns (regions, dictionary size, where the coded stream starts)."""
     if len(body) < REGION_COUNT.size:
         raise IntegrityError("delta is malformed: patch chunk shorter than its header")
     (count,) = REGION_COUNT.unpack_from(body)
@@ -271,8 +291,8 @@ def _dictionary_regions(
             raise IntegrityError(
                 f"delta is malformed: dictionary region {offset}+{length} is empty or outside the old image"
             )
-        if total > MAX_DICT:
-            raise IntegrityError(f"delta is malformed: dictionary regions over {MAX_DICT} bytes in all")
+        if total > budget:
+            raise IntegrityError(f"delta is malformed: dictionary regions over {budget} bytes in all")
         regions.append((offset, length))
     return regions, total, start
 
@@ -296,6 +316,22 @@ def _apply_zstd_patch(old: BinaryIO, old_size: int, body: bytes, out_len: int) -
     return unzstd_patch(body[start:], out_len, "zstd-patch chunk", total, fill)
 
 
+def _primed_decoder(
+    old: BinaryIO, regions: list[tuple[int, int]], dict_size: int, what: str
+) -> lzma.LZMADecompressor:
+    """A raw LZMA2 decoder of ``dict_size`` whose dictionary holds the old ``regions``: fed them as
+    uncompressed chunks, read from the old slot a piece at a time, their output dropped."""
+    try:
+        decoder = lzma.LZMADecompressor(
+            format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": dict_size}]
+        )
+        for part in dictionary_prefix(_old_pieces(old, regions, _LZMA2_RAW)):
+            decoder.decompress(part)
+    except (lzma.LZMAError, EOFError, ValueError) as exc:
+        raise IntegrityError(f"delta is malformed: {what}: {exc}") from None
+    return decoder
+
+
 def _apply_lzma_patch(
     old: BinaryIO, old_size: int, body: bytes, out_len: int, write: Callable[[bytes], object]
 ) -> None:
@@ -303,7 +339,7 @@ def _apply_lzma_patch(
     (the decoder keeps no copy of input it has not used); output in ≤ FLUSH pieces, never past the
     chunk's declared length by more than a byte."""
     regions, total, start = _dictionary_regions(body, old_size, least=0)
-    filters = [{"id": lzma.FILTER_LZMA2, "dict_size": lzma_dict_size(total, out_len)}]
+    decoder = _primed_decoder(old, regions, lzma_dict_size(total, out_len), "lzma-patch chunk")
     stream = memoryview(body)[start:]
     produced = fed = 0
 
@@ -313,12 +349,6 @@ def _apply_lzma_patch(
         except (lzma.LZMAError, EOFError, ValueError) as exc:
             raise IntegrityError(f"delta is malformed: lzma-patch chunk is corrupt ({exc})") from None
 
-    try:
-        decoder = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=filters)
-    except (lzma.LZMAError, ValueError) as exc:
-        raise IntegrityError(f"delta is malformed: lzma-patch chunk: {exc}") from None
-    for part in dictionary_prefix(_old_pieces(old, regions, _LZMA2_RAW)):
-        decode(part)
     while not decoder.eof:
         data: bytes | memoryview = b""
         if decoder.needs_input:

@@ -134,8 +134,17 @@ class Inflow:
     """
 
     def __init__(
-        self, codec: int, body: bytes | memoryview, raw_len: int, what: str, *, exact: bool = True
+        self,
+        codec: int,
+        body: bytes | memoryview,
+        raw_len: int,
+        what: str,
+        *,
+        exact: bool = True,
+        primed: lzma.LZMADecompressor | None = None,
     ) -> None:
+        """``primed``: for :data:`CODEC_LZMA2`, a raw LZMA2 decoder already fed a preset dictionary
+        (its own dictionary size bounds its memory), used instead of a fresh one."""
         self.what = what
         self.left = raw_len
         self.exact = exact
@@ -157,7 +166,9 @@ class Inflow:
             elif codec == CODEC_BZIP2:
                 self._decoder = bz2.BZ2Decompressor()
             elif codec == CODEC_LZMA2:
-                self._decoder = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=lzma_filters(raw_len))
+                self._decoder = primed or lzma.LZMADecompressor(
+                    format=lzma.FORMAT_RAW, filters=lzma_filters(raw_len)
+                )
             else:
                 raise IntegrityError(f"delta is malformed: {what} has unknown codec {codec}")
         except (zstandard.ZstdError, lzma.LZMAError, ValueError) as exc:
