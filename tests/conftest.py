@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fleetloop_shared.datapaths import find_recordings
+from fleetloop_shared.jsonlog import JsonFormatter
 from tests.fixtures.agent_runtime import AgentRuns
 
 
@@ -27,14 +28,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _logger_levels_as_found() -> Iterator[None]:
-    """Logger levels put back after each test. CLI commands run in-process quiet the loggers of the
-    process they own (a simulated fleet sets ``fleetloop.agent`` to ERROR); a later test in the same
-    process that expects a warning in its log must not depend on which tests ran before it."""
+    """Logger levels put back after each test, and a command's JSON log handler taken off. CLI commands
+    run in-process set up the logging of the process they own (a simulated fleet sets ``fleetloop.agent``
+    to ERROR; ``jsonlog.configure`` routes the root logger to that test's stderr); a later test in the
+    same process that expects a warning in its log must not depend on which tests ran before it."""
     loggers = logging.Logger.manager.loggerDict
     before = {name: lg.level for name, lg in loggers.items() if isinstance(lg, logging.Logger)}
-    root = logging.getLogger().level
+    root = logging.getLogger()
+    level = root.level
     yield
-    logging.getLogger().setLevel(root)
+    root.setLevel(level)
+    for handler in [h for h in root.handlers if isinstance(h.formatter, JsonFormatter)]:
+        root.removeHandler(handler)  # a command's JSON lines, to a stream this test captured
     for name, lg in list(loggers.items()):
         if isinstance(lg, logging.Logger) and lg.level != before.get(name, logging.NOTSET):
             lg.setLevel(before.get(name, logging.NOTSET))

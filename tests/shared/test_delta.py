@@ -307,6 +307,35 @@ def test_an_lzma_patch_chunk_holds_its_dictionary_body_and_one_piece() -> None:
     assert len(body) > len(new) and peak < bound, (peak, bound)
 
 
+def test_an_extra_stream_against_old_regions_holds_its_dictionary_body_and_one_piece() -> None:
+    """The largest honest extra stream coded against old regions: 2 MiB of regions, a chunk of 8 MiB
+    that is all extra bytes the old image does not help (random: stored by LZMA2, the body as large as a
+    chunk's can be). The device holds that decoder's dictionary (regions + stream), the body and one
+    piece — not a copy of the stream inside the decoder (it is fed in slices)."""
+    rng = random.Random(12)
+    v2 = fldelta2_apply
+    old = rng.randbytes(v2.MAX_EXTRA_DICT)
+    new = rng.randbytes(v2.MAX_CHUNK)
+    size = v2.lzma_dict_size(len(old), len(new))
+    coded = v2.REGION_COUNT.pack(1) + v2.REGION.pack(0, len(old)) + lzma_preset.compress(old, new, size)
+    numbers = (b"\x00", b"\x00", fldelta2.varints(np.array([len(new)], dtype=np.uint64)))
+    body = v2.STREAMS.pack(1) + b"".join(v2.STREAM.pack(0, len(n), len(n)) for n in numbers)
+    body += v2.STREAM.pack(0, 0, 0) * 2 + v2.STREAM.pack(v2.CODEC_LZMA2_OLD, len(new), len(coded))
+    body += b"".join(numbers) + coded
+    from fleetloop_shared.update.delta_format import HEADER
+
+    patch = (
+        HEADER.pack(v2.MAGIC, len(new), len(old), len(new), 1)
+        + v2.CHUNK.pack(v2.METHOD_STREAMS, len(new), len(body))
+        + body
+    )
+    largest_write, largest_read, peak = _apply_traced(old, new, patch)
+    assert largest_write <= v2.FLUSH and largest_read <= v2.FLUSH
+    # ... and the streams' pieces: the output buffer and the copy handed on, a decoded piece and its slice
+    bound = size + len(body) + 4 * v2.FLUSH
+    assert len(body) > len(new) and peak < bound < 26 << 20, (peak, bound)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     old=st.binary(min_size=64, max_size=512),

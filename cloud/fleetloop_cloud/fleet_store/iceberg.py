@@ -491,7 +491,9 @@ class IcebergFleetStore:
         #: would share one pyiceberg ``Table``, whose ``refresh`` (ours, and pyiceberg's own commit retry)
         #: replaces its metadata in place — a commit begun on the old metadata then lands with the new
         #: one's sequence number over the old one's parent, dropping the other's snapshot from the table.
-        self._captures_lock = threading.Lock()
+        #: The leader holds it from indexing its batch's keys to appending their captures, so that no
+        #: writer of one of those keys restores the batch's captures in between (they would be twice).
+        self._captures_lock = threading.RLock()
         self._index(self._samples)
         #: Batches and segments committed, duplicates dropped, conflicts retried (for metrics and tests).
         self.counters = {"batches": 0, "segments": 0, "duplicates": 0, "conflicts": 0, "captures_restored": 0}
@@ -541,12 +543,13 @@ class IcebergFleetStore:
                    float(received_unix), fleet, date, privacy]  # fmt: skip
         item = _Item(key, rows, receipt)
         with self._cond:
-            if key in self._committed:
+            committed = self._committed.get(key)  # read once: the leader's index may drop it meanwhile
+            if committed is not None:
                 try:
                     self._restore_captures({key})
                 except Exception as exc:  # as a batch's failure is reported: the device sends it again
                     raise _unavailable(exc) from None
-                return self._committed[key]
+                return committed
             self._pending.append(item)
             while not item.done.is_set():
                 if self._leader:
@@ -620,10 +623,10 @@ class IcebergFleetStore:
             for data_file in files:
                 self._samples.io.delete(data_file.file_path)
             raise
-        self._index(self._samples)
-        self.counters["batches"] += 1
-        self.counters["segments"] += len(items)
-        with self._captures_lock:
+        with self._captures_lock:  # before the keys are known here: no writer restores them meanwhile
+            self._index(self._samples)
+            self.counters["batches"] += 1
+            self.counters["segments"] += len(items)
             self._captures = on_current(self._captures, lambda t: append_captures(t, receipts, batch_id))
             self._captured.add(batch_id)
 
@@ -637,7 +640,7 @@ class IcebergFleetStore:
             self._restore_captures_locked(keys)
 
     def _restore_captures_locked(self, keys: set[str]) -> None:
-        batches = {self._batch_of[k] for k in keys if k in self._batch_of} - self._captured
+        batches = {b for k in keys if (b := self._batch_of.get(k)) is not None} - self._captured
         if not batches:
             return
         self._captures = self._captures.refresh()

@@ -469,9 +469,9 @@ def _encode_chunk(old: bytes, start: int, data: bytes, matcher: _Matcher | None)
         )
         patch = _patch(old, regions, b"".join(data[a : a + n] for a, n in pieces))
         whole = len(pieces) == 1 and pieces[0][1] == len(data)
-        # compared without what each pays once per chunk: the sample is a fraction of the chunk
-        table = REGION_COUNT.size + len(regions) * REGION.size
-        if len(streams.body()) - streams.fixed <= len(patch[1]) - table:
+        # a sample of part of the chunk is compared without what each pays once per chunk
+        table = 0 if whole else REGION_COUNT.size + len(regions) * REGION.size
+        if len(streams.body()) - (0 if whole else streams.fixed) <= len(patch[1]) - table:
             if not (whole and matcher.estimates_exact):  # written from the longest matches
                 t, d, e, sources = absorb_short_copies(*matcher.tuples(start, data), data)
                 streams = _Streams(t, d, e, sparse_diff=streams.sparse_diff, old=old,

@@ -277,7 +277,7 @@ def _dictionary_regions(
     """The old regions a patch chunk or an extra stream starts with, checked against the old image and
     ``budget``; returns (regions, dictionary size, where the coded stream starts)."""
     if len(body) < REGION_COUNT.size:
-        raise IntegrityError("delta is malformed: patch chunk shorter than its header")
+        raise IntegrityError("delta is malformed: region table shorter than its header")
     (count,) = REGION_COUNT.unpack_from(body)
     start = REGION_COUNT.size + count * REGION.size
     if not least <= count <= MAX_REGIONS or start > len(body):

@@ -153,7 +153,7 @@ class Inflow:
         self._stored: memoryview | None = None
         self._reader: zstandard.ZstdDecompressionReader | None = None
         self._decoder: _Decoder | None = None
-        self._fed = False
+        self._fed = 0  # bytes of ``body`` handed to the decoder so far, a slice at a time
         self._body = body
         try:
             if codec == CODEC_STORED:
@@ -185,14 +185,20 @@ class Inflow:
                 return bytes(self._reader.read(want))
             decoder = self._decoder
             assert decoder is not None
-            if decoder.eof:
-                return b""
-            data = b"" if self._fed else self._body
-            self._fed = True
-            part = decoder.decompress(data, max_length=want)
-            if not part and not decoder.eof and decoder.needs_input:
-                raise IntegrityError(f"delta is malformed: {self.what} is truncated")
-            return part
+            while not decoder.eof:
+                # fed a slice at a time: a decoder keeps its own copy of input it has not used yet
+                data = b""
+                if decoder.needs_input:
+                    if self._fed >= len(self._body):
+                        raise IntegrityError(f"delta is malformed: {self.what} is truncated")
+                    data = self._body[self._fed : self._fed + _PIECE]
+                    self._fed += len(data)
+                part = decoder.decompress(data, max_length=want)
+                if part:
+                    return part
+                if not data:  # it neither needed input nor gave output
+                    raise IntegrityError(f"delta is malformed: {self.what} is corrupt (no progress)")
+            return b""
         except (zstandard.ZstdError, OSError, EOFError, ValueError, lzma.LZMAError) as exc:
             raise IntegrityError(f"delta is malformed: {self.what} is corrupt ({exc})") from None
 
@@ -236,5 +242,7 @@ class Inflow:
             raise IntegrityError(f"delta is malformed: {self.what} has {self.left} bytes nobody read")
         if self._pos < len(self._buf) or self._more(1):
             raise IntegrityError(f"delta is malformed: {self.what} expands past its declared size")
-        if self._decoder is not None and (not self._decoder.eof or self._decoder.unused_data):
+        if self._decoder is not None and (
+            not self._decoder.eof or self._decoder.unused_data or self._fed < len(self._body)
+        ):
             raise IntegrityError(f"delta is malformed: {self.what} has trailing bytes or no end mark")
