@@ -187,7 +187,7 @@ class Inflow:
             assert decoder is not None
             while not decoder.eof:
                 # fed a slice at a time: a decoder keeps its own copy of input it has not used yet
-                data = b""
+                data: bytes | memoryview = b""
                 if decoder.needs_input:
                     if self._fed >= len(self._body):
                         raise IntegrityError(f"delta is malformed: {self.what} is truncated")
