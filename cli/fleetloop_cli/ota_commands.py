@@ -20,9 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fleetloop_cloud.ota.artifact_store import ReleaseInput
 from fleetloop_shared.errors import UserError
-from fleetloop_shared.update.artifact import manifest_from_bytes, sha256_hex
 from fleetloop_shared.update.delta_format import FLDELTA2, FORMATS
 
 
@@ -76,8 +74,10 @@ class _LocalCloud:
 
     def __init__(self, workdir: Path, image_size: int, delta_format: str = FLDELTA2) -> None:
         from fleetloop_cloud.http_api import start_http_server
+        from fleetloop_cloud.ota.artifact_store import ReleaseInput
         from fleetloop_cloud.server import Coordinator
         from fleetloop_fwsim.firmware import build_image
+        from fleetloop_shared.update.artifact import manifest_from_bytes, sha256_hex
 
         self.hardware_id = "chaos-hw"
         self.delta_formats: tuple[str, ...] = (delta_format,)

@@ -20,25 +20,16 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from fleetloop_cli.client import CoordinatorClient, client_from_args
 from fleetloop_cli.output import render_object
 from fleetloop_shared.errors import NotFoundError, UserError
-from fleetloop_shared.update.release_keys import (
-    PASSPHRASE_ENV,
-    ReleaseKey,
-    generate_key_file,
-    is_encrypted,
-    load_key_file,
-    passphrase_from_env,
-    public_key_file,
-    public_pem_path,
-    publish_release,
-    read_passphrase_file,
-    rotate_image_root,
-)
+from fleetloop_shared.update.passphrases import PASSPHRASE_ENV, passphrase_from_env, read_passphrase_file
+
+if TYPE_CHECKING:
+    from fleetloop_shared.update.release_keys import ReleaseKey
 
 
 def _passphrase(args: argparse.Namespace, what: str, *, confirm: bool) -> bytes:
@@ -61,6 +52,9 @@ def _passphrase(args: argparse.Namespace, what: str, *, confirm: bool) -> bytes:
 
 def load_keys(args: argparse.Namespace, paths: Sequence[str]) -> list[ReleaseKey]:
     """The release keys named by ``--key``, each decrypted with its passphrase."""
+    # TUF and its signers are imported by the commands that sign, not by every command line
+    from fleetloop_shared.update.release_keys import is_encrypted, load_key_file
+
     keys: list[ReleaseKey] = []
     for raw in paths:
         path = Path(raw)
@@ -83,6 +77,8 @@ def upload_release(
 ) -> Any:
     """Upload one release; with ``keys``, sign its targets metadata here. Returns the release as the
     coordinator published it."""
+    from fleetloop_shared.update.release_keys import publish_release
+
     if not keys:
         q = urlencode({"name": name, "version": version, "hardware": hardware})
         return client.request("POST", f"/v1/releases?{q}", body=data, content_type="application/octet-stream")
@@ -109,6 +105,8 @@ def cmd_artifacts_upload(args: argparse.Namespace) -> int:
 def rotate_offline(args: argparse.Namespace) -> int:
     """``keys rotate --repository image --key R1.pem [--key R2.pem] ...``: the new image root is built
     from the current one (checked from ``--trusted-root`` or version 1) and signed here."""
+    from fleetloop_shared.update.release_keys import public_key_file, rotate_image_root
+
     if args.repository != "image":
         raise UserError("--key signs an image root; the director's keys are online: rotate without --key")
     if args.online_keys:
@@ -130,6 +128,8 @@ def rotate_offline(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from fleetloop_shared.update.release_keys import generate_key_file, public_pem_path
+
     out = Path(args.out)
     secret = None if args.no_passphrase else _passphrase(args, f"the new key {out}", confirm=True)
     keyid = generate_key_file(out, secret)

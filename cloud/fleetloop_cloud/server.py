@@ -23,17 +23,12 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from fleetloop_cloud.changes import ChangeFeed, ChangeFollower, Topic, open_change_feed
 from fleetloop_cloud.fleet_store.captures import CaptureReader
 from fleetloop_cloud.fleet_store.compaction import CompactionPolicy, Compactor
 from fleetloop_cloud.fleet_store.erasure import ParquetLifecycle
-from fleetloop_cloud.fleet_store.iceberg import IcebergFleetStore, IcebergTables, catalog_uri, io_properties
-from fleetloop_cloud.fleet_store.iceberg_maintenance import (
-    IcebergMaintenance,
-    MigrationReport,
-    migrate_parquet,
-)
 from fleetloop_cloud.fleet_store.parquet import FleetStore
 from fleetloop_cloud.fleet_store.query import QueryEngine
 from fleetloop_cloud.fleet_store.settings import TableSettings
@@ -120,9 +115,17 @@ class _Periodic:
             self._thread.join(timeout=5)
 
 
+if TYPE_CHECKING:  # Iceberg (pyiceberg, SQLAlchemy) is imported when a coordinator uses it: a second off
+    # every start of the default Parquet store's coordinator
+    from fleetloop_cloud.fleet_store.iceberg import IcebergTables
+    from fleetloop_cloud.fleet_store.iceberg_maintenance import IcebergMaintenance, MigrationReport
+
+
 def open_tables(data_dir: Path, db: str | None, storage: S3Settings | None) -> IcebergTables:
     """The Iceberg tables: catalog in the coordinator's database, files in its object store (the bucket,
     or ``data_dir/tables``)."""
+    from fleetloop_cloud.fleet_store.iceberg import IcebergTables, catalog_uri, io_properties
+
     warehouse = open_object_store(storage, data_dir / "tables", area="fleet").location
     return IcebergTables(catalog_uri(db, data_dir / "metadata.sqlite"), warehouse, io_properties(storage))
 
@@ -185,6 +188,9 @@ class Coordinator:
         self.compactor: Compactor | IcebergMaintenance
         self.tables: IcebergTables | None = None
         if tables.format == "iceberg":
+            from fleetloop_cloud.fleet_store.iceberg import IcebergFleetStore
+            from fleetloop_cloud.fleet_store.iceberg_maintenance import IcebergMaintenance
+
             self.tables = open_tables(data_dir, db, storage)
             self.fleet_store = IcebergFleetStore(self.tables, tables)
             self.query_engine = QueryEngine(data_dir / "fleet", limits=limits.query, tables=self.tables)
@@ -272,7 +278,7 @@ class Coordinator:
         self.captures = CaptureService(repos.segments, repos.devices, repos.campaigns,
                                        CaptureReader(self.query_engine), access)  # fmt: skip
         # Retention and erasure: the request is in the database, the job under a lease (one coordinator)
-        erasable = self.compactor if isinstance(self.compactor, IcebergMaintenance) else ParquetLifecycle(
+        erasable = self.compactor if not isinstance(self.compactor, Compactor) else ParquetLifecycle(
             self.compactor.store)  # fmt: skip
         self.lifecycle = DataLifecycle(
             repos.retention, repos.segments, repos.devices, erasable, self.staging, access,
@@ -369,6 +375,8 @@ def migrate(data_dir: Path, *, db: str | None = None, storage: S3Settings | None
     ``db`` and ``storage``) uses, and with a bucket, the artifacts (images, deltas, manifests, TUF
     metadata) into it. Safe to run again: partitions and objects already copied are skipped. The local
     folders are left as they were (delete them once the copies are checked)."""
+    from fleetloop_cloud.fleet_store.iceberg_maintenance import MigrationReport, migrate_parquet
+
     samples = data_dir / "fleet" / "samples"
     artifacts = data_dir / "artifacts"
     copied = 0

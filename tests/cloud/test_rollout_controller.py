@@ -241,6 +241,28 @@ def test_offline_devices_get_the_job_again_until_delivered(store: Repositories) 
     assert ctl.offered_jobs("car-0") == []
 
 
+def test_a_job_lost_with_its_session_goes_out_again_at_the_devices_next_hello(store: Repositories) -> None:
+    """A job queued on a session that ended before the device read it (the coordinator killed, the link
+    cut) was counted delivered: the device's next hello sends it again, once; a device that reported on
+    its job gets nothing again."""
+    pub = FakePublisher(online={"car-0", "car-1"})
+    ctl = controller(store, pub)
+    rid = ctl.create(policy(phases=ALL), now=0.0)
+    ctl.tick(1.0)
+    assert sorted(d for d, _, _ in pub.sent) == ["car-0", "car-1"]
+    report(ctl, rid, "car-1", "DOWNLOADING", now=2.0)
+    ctl.tick(3.0)
+    assert len(pub.sent) == 2  # delivered: never sent twice on one session
+    for device in ("car-0", "car-1", "car-2"):  # each says hello again (car-2 stays offline here)
+        ctl.on_device_connected(device, 4.0)
+    ctl.tick(5.0)
+    ctl.tick(6.0)
+    assert sorted(d for d, _, _ in pub.sent) == ["car-0", "car-0", "car-1"]
+    jobs = [job_id for d, job_id, _ in pub.sent if d == "car-0"]
+    assert jobs[0] == jobs[1]  # the same job: the device ignores one it has
+    assert {d.device_id: d.state for d in status(store, rid).devices}["car-0"] == "OFFERED"
+
+
 def test_brake_pauses_and_resume_accepts_the_failures(store: Repositories) -> None:
     pub = FakePublisher(online={"car-0", "car-1", "car-2"})
     ctl = controller(store, pub)

@@ -66,10 +66,14 @@ class Sinks:
 
     ota: list[tuple[str, str, str, str, float]] = field(default_factory=list)
     backlog: list[tuple[str, int, float]] = field(default_factory=list)
+    connected: list[tuple[str, float]] = field(default_factory=list)
 
     def on_device_status(self, device_id: str, job_id: str, state: str, reason: str, now: float, *,
                          running_version: str = "", waiting: bool = False) -> None:  # fmt: skip
         self.ota.append((device_id, job_id, state, reason, now))
+
+    def on_device_connected(self, device_id: str, now: float) -> None:
+        self.connected.append((device_id, now))
 
     def report(self, device_id: str, heartbeat: device_pb2.Heartbeat, now: float) -> None:
         self.backlog.append((device_id, heartbeat.bytes_pending, now))

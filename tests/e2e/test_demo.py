@@ -83,26 +83,6 @@ def assert_car_privacy(summary: dict[str, Any], tmp_path: Path) -> None:
                 assert DEMO_VIN not in set(table[name].to_pylist()), path
 
 
-def test_demo_runs_the_whole_loop_on_recordings(tmp_path: Path, recordings: Path) -> None:
-    code, summary, logs = run_demo(tmp_path, recordings)
-    assert code == 0, logs
-    assert_car_privacy(summary, tmp_path)
-    assert summary["ok"] is True
-    assert summary["data"] == "recordings"
-    assert summary["devices"] == 4
-    assert summary["campaigns"] == 4
-    assert_four_live_machines(summary, "recordings")
-    assert summary["captures_ingested"] >= 4
-    assert summary["samples_ingested"] > 0
-    assert summary["query_rows"] > 0
-    ro = summary["rollout"]
-    assert ro["state"] == "succeeded"
-    assert ro["phases"] == 2
-    assert ro["devices_updated"] == 4
-    assert 0 < ro["delta_bytes"] < ro["full_bytes"]
-    assert summary["seconds"] < 180
-
-
 def test_demo_runs_on_simulated_signals_without_recordings(tmp_path: Path) -> None:
     code, summary, logs = run_demo(tmp_path, None, "--simulated")
     assert code == 0, logs
@@ -195,46 +175,77 @@ def test_ctrl_c_stops_every_process_it_started(tmp_path: Path, recordings: Path)
     assert left == {}, err
 
 
-def test_serve_keeps_the_fleet_running_for_the_console_until_ctrl_c(tmp_path: Path, recordings: Path) -> None:
-    """``demo --serve``: after the summary the coordinator and the devices keep running; the console's
-    URL and a viewer token are printed, the console (in Chromium) shows the demo's fleet, campaigns,
-    rollout and a capture in the timeline, and Ctrl-C stops every process."""
+def test_the_whole_loop_on_recordings_then_served_until_ctrl_c(tmp_path: Path, recordings: Path) -> None:
+    """``demo --serve --json`` on the recordings: the summary shows the whole loop (four live machines,
+    captures, the car's privacy policy, a two-phase rollout by delta); then the coordinator and the
+    devices keep running: the console's URL and a viewer token are printed, the console (in Chromium)
+    shows the demo's fleet, campaigns, rollout and a capture in the timeline, and Ctrl-C stops every
+    process."""
     import re
     import urllib.request
 
     work = tmp_path / "w"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fleetloop_cli.main", "demo", "--serve", "--workdir", str(work),
+        [sys.executable, "-m", "fleetloop_cli.main", "demo", "--serve", "--json", "--workdir", str(work),
          "--data", str(recordings)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert proc.stdout is not None
-    seen = []
-    for line in proc.stdout:  # ends when the demo exits: then the assertion below says why
-        seen.append(line)
-        if line.startswith("console: "):
-            break
-    found = re.match(r"console: (http://\S+)/ .*viewer token: (\S+)\)", seen[-1] if seen else "")
-    assert found, "".join(seen) + (proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
-    url, token = found.groups()
-    assert any(line.startswith("summary: ") for line in seen)
-    with urllib.request.urlopen(f"{url}/", timeout=10) as page:
-        assert b"fleetloop console" in page.read()
-    request = urllib.request.Request(f"{url}/v1/devices", headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        devices = json.loads(answer.read())
-    from fleetloop_fwsim.broker import mosquitto_binary  # the hub joins when its broker can run
+    try:
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:  # ends when the demo exits: then the assertion below says why
+            seen.append(line)
+            if line.startswith("console: "):
+                break
+        found = re.match(r"console: (http://\S+)/ .*viewer token: (\S+)\)", seen[-1] if seen else "")
+        err = proc.stderr.read() if proc.poll() is not None and proc.stderr else ""
+        assert found, "".join(seen) + err + _logs(tmp_path)
+        url, token = found.groups()
+        summary = json.loads(next(line for line in seen if line.startswith("{")))
+        assert_the_whole_loop(summary, tmp_path, _logs(tmp_path))
+        with urllib.request.urlopen(f"{url}/", timeout=10) as page:
+            assert b"fleetloop console" in page.read()
+        request = urllib.request.Request(f"{url}/v1/devices", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            devices = json.loads(answer.read())
+        from fleetloop_fwsim.broker import mosquitto_binary  # the hub joins when its broker can run
 
-    machines = {"car-001", "robot-001", "plc-001"} | ({"hub-001"} if mosquitto_binary() else set())
-    assert {d["device_id"] for d in devices if d["online"]} == machines
-    _console_shows_the_demo(url, token, tmp_path / "downloads", machines)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "Traceback" not in err, err
+        machines = {"car-001", "robot-001", "plc-001"} | ({"hub-001"} if mosquitto_binary() else set())
+        assert {d["device_id"] for d in devices if d["online"]} == machines
+        _console_shows_the_demo(url, token, tmp_path / "downloads", machines)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "Traceback" not in err, err
+    finally:  # a failed assertion leaves no fleet running into the next tests
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
     deadline = time.monotonic() + 10
     while _processes_mentioning(str(work)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert {pid: _describe(pid) for pid in _processes_mentioning(str(work))} == {}
+
+
+def assert_the_whole_loop(summary: dict[str, Any], tmp_path: Path, logs: str) -> None:
+    """What a demo on the recordings shows when every stage did what it says."""
+    assert summary["ok"] is True, (summary.get("error"), logs)
+    assert_car_privacy(summary, tmp_path)
+    assert summary["data"] == "recordings"
+    assert summary["devices"] == 4
+    assert summary["campaigns"] == 4
+    assert_four_live_machines(summary, "recordings")
+    assert summary["captures_ingested"] >= 4
+    assert summary["samples_ingested"] > 0
+    assert summary["query_rows"] > 0
+    ro = summary["rollout"]
+    assert ro["state"] == "succeeded"
+    assert ro["phases"] == 2
+    assert ro["devices_updated"] == 4
+    assert 0 < ro["delta_bytes"] < ro["full_bytes"]
 
 
 def _console_shows_the_demo(url: str, token: str, downloads: Path, machines: set[str]) -> None:

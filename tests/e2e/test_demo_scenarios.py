@@ -70,7 +70,6 @@ def test_a_bad_release_is_stopped_by_its_gate_and_rolled_back_by_itself(tmp_path
     updated = [int(r[2]) for r in rows if r[1] == "updated"]
     control = [int(r[2]) for r in rows if r[1] == "not updated"]
     assert len(updated) == 3 and control and min(updated) > max(control), rows
-    assert summary["seconds"] < 180
 
 
 def test_a_good_release_passes_its_gate_and_completes(tmp_path: Path) -> None:
@@ -85,4 +84,3 @@ def test_a_good_release_passes_its_gate_and_completes(tmp_path: Path) -> None:
     assert passed["p_value"] > 0.01 and passed["inputs"]["treated_exposure_h"] >= 0.05
     assert ro["rollback"] is None
     assert ro["devices_on_v2"] == CARS
-    assert summary["seconds"] < 180

@@ -500,6 +500,17 @@ class RolloutController:
                 sent += len(delivered)
         return sent
 
+    def on_device_connected(self, device_id: str, now: float) -> None:
+        """A new session of ``device_id`` (its hello): its offered jobs go out again. A job queued on a
+        session that ended before the device read it (a coordinator killed, a link cut) was marked
+        delivered, and would otherwise wait for its rollout's success timeout; a device that has the job
+        already ignores it (jobs are idempotent by id). A device that reported on the job is past
+        OFFERED and gets nothing again."""
+        for d in self._rollouts.of_device(device_id):
+            if d.delivered and d.state == S.OFFERED.value and not d.removed_at:
+                change = DeviceChange(delivered=False, only_attempt=d.attempt)
+                self._rollouts.update(d.rollout_id, RolloutUpdate(devices={device_id: change}), now)
+
     def on_device_status(
         self,
         device_id: str,

@@ -50,12 +50,14 @@ class CampaignsFor(Protocol):
 
 
 class OtaReports(Protocol):
-    """Where a device's OTA status goes (the rollout controller)."""
+    """Where a device's OTA status and its new sessions go (the rollout controller)."""
 
     def on_device_status(
         self, device_id: str, job_id: str, state: str, reason: str, now: float, *,
         running_version: str = "", waiting: bool = False,
     ) -> None: ...  # fmt: skip
+
+    def on_device_connected(self, device_id: str, now: float) -> None: ...
 
 
 class BacklogReports(Protocol):
@@ -183,6 +185,7 @@ class DeviceService:
             self._access.record(caller, "devices.register", device_id, now,
                                 detail=f"fleet {hello.fleet or 'default'}, proven: {caller.proven}")
         session = self._sessions.open(device_id, wake, transport=caller.transport)
+        self._ota.on_device_connected(device_id, now)
         log.info(
             "device %s connected over %s (%d signals, data %s)",
             device_id, caller.transport, len(hello.catalog), hello.data_origin,

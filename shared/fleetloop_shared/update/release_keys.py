@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -34,12 +33,8 @@ from tuf.api.metadata import Metadata, Root, Targets  # type: ignore[attr-define
 from fleetloop_shared.durable import write_atomically
 from fleetloop_shared.errors import ArtifactVerificationError, ConfigError, NotFoundError, UserError
 from fleetloop_shared.update.artifact import ReleaseSigner, public_key_from_pem
+from fleetloop_shared.update.passphrases import MIN_PASSPHRASE, PASSPHRASE_ENV
 from fleetloop_shared.update.tuf_metadata import CUSTOM_KEY, KIND_DELTA, KIND_IMAGE, image_target_path
-
-#: Environment variable a passphrase may come from (scripts, CI); a prompt or a file otherwise.
-PASSPHRASE_ENV = "FLEETLOOP_KEY_PASSPHRASE"
-#: Shortest passphrase accepted when a key is made.
-MIN_PASSPHRASE = 8
 
 
 @dataclass(frozen=True)
@@ -313,16 +308,3 @@ def rotate_image_root(
             raise UserError(f"{key.path} is not a root key of the image repository (old or new)")
         new.sign(key.signer, append=True)
     return request("POST", "/v1/tuf/image/root", bytes(new.to_bytes()), "application/json")
-
-
-def read_passphrase_file(path: Path) -> bytes:
-    """The first line of ``path`` (a passphrase kept in a file for automation)."""
-    try:
-        return path.read_bytes().splitlines()[0] if path.stat().st_size else b""
-    except OSError as exc:
-        raise UserError(f"cannot read passphrase file {path}: {exc.strerror}") from None
-
-
-def passphrase_from_env() -> bytes | None:
-    value = os.environ.get(PASSPHRASE_ENV)
-    return value.encode() if value else None
