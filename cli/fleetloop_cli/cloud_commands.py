@@ -20,9 +20,21 @@ from fleetloop_shared.errors import ConfigError
 OWN_OPTIONS = ("--config", "--check")
 
 
-def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentParser], None]) -> None:
+def _config_keys() -> tuple[Any, ...]:
     from fleetloop_cloud.config import KEYS
 
+    return KEYS
+
+
+def register(
+    groups: dict[str, Any],
+    with_cloud: Callable[[argparse.ArgumentParser], None],
+    *,
+    serve_options: bool = True,
+) -> None:
+    """``cloud serve`` and ``cloud migrate``; ``serve_options=False`` leaves out serve's options built from
+    the configuration table, whose defaults import most of the coordinator (seconds of every other
+    command's start: an agent, a far side, an operator's query)."""
     s = groups["cloud"].add_parser(
         "serve", help="serve gRPC + HTTP with embedded storage",
         description="Every option is also a key of the configuration file (--config); an option given "
@@ -33,7 +45,7 @@ def register(groups: dict[str, Any], with_cloud: Callable[[argparse.ArgumentPars
         "--check", action="store_true",
         help="check the configuration and print the effective settings; start nothing",
     )  # fmt: skip
-    for key in KEYS:
+    for key in _config_keys() if serve_options else ():
         if key.flag is None:
             continue
         text = f"{key.help} [{key.path}]"

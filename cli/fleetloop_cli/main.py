@@ -161,7 +161,10 @@ def cmd_artifacts_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(words: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; given the ``words`` it will parse, the coordinator's own options (its
+    configuration table) only when they are a ``cloud`` command."""
+    command = next((w for w in words if not w.startswith("-")), None) if words is not None else "cloud"
     p = _Parser(prog="fleetloop", description=__doc__.split("\n")[0] if __doc__ else None)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -255,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     cloud_command(arts, "list", cmd_artifacts_list)
 
     groups = {"top": sub, "rules": rules, "sim": sim, "artifacts": arts, "cloud": cloud, "devices": devices}
+    cloud_commands.register(groups, with_cloud, serve_options=command == "cloud")
     for register in (
-        cloud_commands.register,
         access_commands.register,
         catalog_commands.register,
         rules_commands.register,
@@ -272,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(words).parse_args(words)
     try:
         code = int(args.func(args))
     except FleetloopError as exc:
