@@ -128,7 +128,7 @@ def store_contents(config: AgentConfig) -> dict[bytes, str]:
 
 def test_a_kill_anywhere_in_the_rewrite_loses_and_doubles_nothing(tmp_path: Path, recordings: Path) -> None:
     config, _ = agent_config(tmp_path, recordings, free_port())
-    expected = write_legacy_store(config, seconds=10, slice_s=0.02)
+    expected = write_legacy_store(config, seconds=20, slice_s=0.02)
     before = store_contents(config)
     assert set(before.values()) == {"legacy"} and len(before) > 200
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

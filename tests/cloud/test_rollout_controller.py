@@ -261,6 +261,10 @@ def test_a_job_lost_with_its_session_goes_out_again_at_the_devices_next_hello(st
     jobs = [job_id for d, job_id, _ in pub.sent if d == "car-0"]
     assert jobs[0] == jobs[1]  # the same job: the device ignores one it has
     assert {d.device_id: d.state for d in status(store, rid).devices}["car-0"] == "OFFERED"
+    # a paused rollout delivers nothing: its offers stay counted delivered (the device may hold one)
+    actions(store, ctl).pause(rid, 7.0)
+    ctl.on_device_connected("car-0", 8.0)
+    assert {d.device_id: d.delivered for d in store.rollouts.devices(rid)}["car-0"] is True
 
 
 def test_brake_pauses_and_resume_accepts_the_failures(store: Repositories) -> None:

@@ -41,6 +41,7 @@ from fleetloop_shared.errors import (
     PermissionDeniedError,
     RuleError,
     StateError,
+    UnavailableError,
     UserError,
 )
 from fleetloop_shared.segment import Segment, encode_segment, new_segment_id
@@ -145,6 +146,16 @@ def test_a_hello_registers_the_device_and_its_welcome_carries_its_campaigns(worl
     robot = Caller.device("robot-1", transport="test", proven=True)
     world.devices.connect(robot, hello("robot-1", kind="robot"), NOW)
     assert list(world.devices.welcome(robot)[1].desired_campaigns.campaigns) == []
+    assert world.sinks.connected == [("car-1", NOW), ("robot-1", NOW)]  # each new session: offers again
+
+
+def test_a_new_session_opens_even_when_its_offers_cannot_be_marked_again(world: World) -> None:
+    def unavailable(device_id: str, now: float) -> None:
+        raise UnavailableError("database unreachable")
+
+    world.sinks.on_device_connected = unavailable  # type: ignore[method-assign]
+    session = world.devices.connect(CAR, hello(), NOW)
+    assert session.device_id == "car-1" and world.sessions.online() == ["car-1"]
 
 
 def test_a_hello_is_checked_before_anything_is_registered(world: World) -> None:
@@ -207,6 +218,7 @@ def test_a_message_from_a_device_that_said_hello_elsewhere_attaches_it_here(worl
     world.devices.attach(CAR, NOW + 1)
     assert world.sessions.online() == ["car-1"]
     assert world.repos.devices.get("car-1").session_owner == ME  # type: ignore[union-attr]
+    assert world.sinks.connected == [("car-1", NOW + 1)]  # a restarted coordinator over MQTT: no hello
 
 
 # -- campaigns -------------------------------------------------------------------------------------

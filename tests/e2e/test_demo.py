@@ -202,7 +202,7 @@ def test_the_whole_loop_on_recordings_then_served_until_ctrl_c(tmp_path: Path, r
         assert found, "".join(seen) + err + _logs(tmp_path)
         url, token = found.groups()
         summary = json.loads(next(line for line in seen if line.startswith("{")))
-        assert_the_whole_loop(summary, tmp_path, _logs(tmp_path))
+        assert summary["ok"] is True, (summary.get("error"), _logs(tmp_path))
         with urllib.request.urlopen(f"{url}/", timeout=10) as page:
             assert b"fleetloop console" in page.read()
         request = urllib.request.Request(f"{url}/v1/devices", headers={"Authorization": f"Bearer {token}"})
@@ -228,6 +228,8 @@ def test_the_whole_loop_on_recordings_then_served_until_ctrl_c(tmp_path: Path, r
     while _processes_mentioning(str(work)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert {pid: _describe(pid) for pid in _processes_mentioning(str(work))} == {}
+    # what the summary says, and the store's files read once nothing writes them any more
+    assert_the_whole_loop(summary, tmp_path, _logs(tmp_path))
 
 
 def assert_the_whole_loop(summary: dict[str, Any], tmp_path: Path, logs: str) -> None:

@@ -210,6 +210,10 @@ class RolloutController:
         #: Told after a tick whose decisions were written (the other coordinators deliver at once).
         self._stepped = stepped
         self._lock = threading.RLock()
+        #: Held while jobs are published and marked delivered, and while a new session's offered jobs are
+        #: marked undelivered: a job published on a session that a hello then replaced is never marked
+        #: delivered after that hello's reset (it would wait for the success timeout).
+        self._delivery = threading.Lock()
         self._planners: dict[str, tuple[str, RolloutPlanner]] = {}
         self.targets = TargetSelection(rollouts, releases, devices)
         self._told = Told()
@@ -492,12 +496,13 @@ class RolloutController:
                 and not d.removed_at
             ]  # fmt: skip
             delivered: dict[str, DeviceChange] = {}
-            for d in waiting:
-                if self._publisher.publish(d.device_id, self.job_for(record, d)):
-                    delivered[d.device_id] = DeviceChange(delivered=True, only_attempt=d.attempt)
-            if delivered:
-                self._rollouts.update(record.rollout_id, RolloutUpdate(devices=delivered), now)
-                sent += len(delivered)
+            with self._delivery:
+                for d in waiting:
+                    if self._publisher.publish(d.device_id, self.job_for(record, d)):
+                        delivered[d.device_id] = DeviceChange(delivered=True, only_attempt=d.attempt)
+                if delivered:
+                    self._rollouts.update(record.rollout_id, RolloutUpdate(devices=delivered), now)
+                    sent += len(delivered)
         return sent
 
     def on_device_connected(self, device_id: str, now: float) -> None:
@@ -505,10 +510,17 @@ class RolloutController:
         session that ended before the device read it (a coordinator killed, a link cut) was marked
         delivered, and would otherwise wait for its rollout's success timeout; a device that has the job
         already ignores it (jobs are idempotent by id). A device that reported on the job is past
-        OFFERED and gets nothing again."""
-        for d in self._rollouts.of_device(device_id):
-            if d.delivered and d.state == S.OFFERED.value and not d.removed_at:
-                change = DeviceChange(delivered=False, only_attempt=d.attempt)
+        OFFERED and gets nothing again; only running rollouts deliver, so only their offers are reset (a
+        paused rollout's offer stays delivered: the device may hold it, and no other rollout may offer it
+        another job meanwhile)."""
+        with self._delivery:
+            for d in self._rollouts.of_device(device_id):
+                if not (d.delivered and d.state == S.OFFERED.value and not d.removed_at):
+                    continue
+                record = self._rollouts.get(d.rollout_id)
+                if record is None or record.state != RolloutState.RUNNING.value:
+                    continue
+                change = DeviceChange(delivered=False, only_from=S.OFFERED.value, only_attempt=d.attempt)
                 self._rollouts.update(d.rollout_id, RolloutUpdate(devices={device_id: change}), now)
 
     def on_device_status(

@@ -25,7 +25,7 @@ from fleetloop_cloud.services.catalogs import FleetCatalogService
 from fleetloop_cloud.sessions import DeviceSessions, Session
 from fleetloop_shared.catalog import Catalog, DataType
 from fleetloop_shared.clock import pong_for
-from fleetloop_shared.errors import MalformedMessageError, NotFoundError
+from fleetloop_shared.errors import FleetloopError, MalformedMessageError, NotFoundError
 from fleetloop_shared.update.delta_format import readable_formats
 from fleetloop_shared.wire import device_pb2, ota_pb2
 
@@ -185,7 +185,7 @@ class DeviceService:
             self._access.record(caller, "devices.register", device_id, now,
                                 detail=f"fleet {hello.fleet or 'default'}, proven: {caller.proven}")
         session = self._sessions.open(device_id, wake, transport=caller.transport)
-        self._ota.on_device_connected(device_id, now)
+        self._resend_offers(device_id, now)
         log.info(
             "device %s connected over %s (%d signals, data %s)",
             device_id, caller.transport, len(hello.catalog), hello.data_origin,
@@ -201,7 +201,17 @@ class DeviceService:
             raise NotFoundError(f"device {device_id!r}: a message before any hello")
         session = self._sessions.open(device_id, wake, transport=caller.transport)
         self._devices.touch(device_id, now, owner=self.coordinator_id)
+        self._resend_offers(device_id, now)  # over MQTT a restarted coordinator sees no new hello
         return session
+
+    def _resend_offers(self, device_id: str, now: float) -> None:
+        """A new session here: the device's offered jobs go out again (a job queued on its previous
+        session may never have reached it). Failing that, its session still opens: such a job then waits
+        for its rollout's success timeout, as without this."""
+        try:
+            self._ota.on_device_connected(device_id, now)
+        except FleetloopError as exc:
+            log.warning("device %s: its offered jobs were not marked for sending again: %s", device_id, exc)
 
     def _pend(self, device_id: str, msg: device_pb2.CloudMessage) -> None:
         with self._assignments_lock:
