@@ -50,12 +50,11 @@ proto: setup
 proto-check: setup
 	$(BIN)/python scripts/gen_proto.py --check
 
-# PYTEST_WORKERS=N runs the test files in parallel (pytest-xdist), one file per worker at a time so a
-# file's module fixtures and order hold; most of the suite waits (processes starting, brokers, rollout
-# clocks, browsers) rather than computes. The default stays one process: a run on two workers (2026-12-04,
-# two cores) failed six tests — a demo's console left running, fixed waits of servers and browsers under
-# the doubled load — that pass in one process; each needs its wait tied to the machine, not a constant.
-PYTEST_WORKERS ?= 0
+# The test files run on two workers (pytest-xdist), one file per worker at a time so a file's module
+# fixtures and order hold; much of the suite waits (processes starting, brokers, rollout clocks,
+# browsers) rather than computes. Measured on the two-core machine (2026-12-05): the suite took 1,751 s on
+# two workers against 1,895-2,796 s in one process the same days. PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
 
 pytest: setup bytecode
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)

@@ -199,6 +199,8 @@ class LocalStore:
         self._root = Path(root)
         self._dir = self._root / SEGMENTS_DIR
         self._quota = quota_bytes
+        #: Allocated bytes of files in the segment directory that are not segments (see _overhead_bytes).
+        self._strays = 0
         self._lock = threading.Lock()
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
@@ -590,12 +592,17 @@ class LocalStore:
 
     def _overhead_bytes(self) -> int:
         """Allocated bytes of every file under the root but the segment files (index, log, shared memory,
-        an operator's catalog, a set-aside corrupt index): counted as they are, not estimated."""
-        total = 0
-        for dirpath, _, filenames in os.walk(self._root):
+        an operator's catalog, a set-aside corrupt index, held segments): counted as they are, not
+        estimated.
+
+        The segment directory is not listed here: every append asks, and listing it made each append
+        cost as much as the segments already stored (a store of 7,000 took minutes to fill). Its other
+        files are counted once, when the store opens (:meth:`_recover`): only this store writes there,
+        and only segment files and their ``*.tmp`` (the one being written is counted as needed)."""
+        total = self._strays
+        for dirpath, dirnames, filenames in os.walk(self._root):
             here = Path(dirpath)
-            if here == self._dir:
-                filenames = [n for n in filenames if not n.endswith(SEGMENT_SUFFIX)]
+            dirnames[:] = [d for d in dirnames if here / d != self._dir]
             for name in filenames:
                 with contextlib.suppress(FileNotFoundError):
                     total += os.stat(here / name).st_blocks * 512
@@ -675,11 +682,15 @@ class LocalStore:
         """Bring index and files back into agreement after whatever crash came before this open."""
         db = self._require_open()
         on_disk: dict[str, Path] = {}
+        self._strays = 0
         for path in self._dir.iterdir():
             if path.name.endswith(TMP_SUFFIX):
                 _unlink_quietly(path)  # a write that never reached its rename
             elif path.name.endswith(SEGMENT_SUFFIX):
                 on_disk[path.name] = path
+            else:  # not ours (someone's copy, an editor's backup): it takes disk all the same
+                with contextlib.suppress(FileNotFoundError):
+                    self._strays += os.stat(path).st_blocks * 512
         known: set[str] = set()
         dead_rows: list[int] = []
         for seq, segment_id, uploaded_seq, disk_bytes in db.execute(

@@ -285,6 +285,8 @@ def test_quota_counts_what_the_store_takes_on_disk(tmp_path: Path) -> None:
     more than its quota as ``du`` measures it, although its segment files alone add up to far less."""
     root = tmp_path / "s"
     quota = 256 * 1024
+    (root / "segments").mkdir(parents=True)
+    (root / "segments" / "notes.txt").write_bytes(b"n" * 9_000)  # not a segment, where segments are
     s = LocalStore(root, quota_bytes=quota)
     (root / "catalog.json").write_bytes(b"x" * 20_000)  # an operator's file under the root counts too
     file_bytes = 0

@@ -57,7 +57,7 @@ def test_every_operation_matches_the_document(coordinator_url: str) -> None:
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck),
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck),
                   database=None, derandomize=True)  # fmt: skip
         def check(case: Any) -> None:
             # Every check but "schema-valid data is accepted": no JSON schema can say what a valid

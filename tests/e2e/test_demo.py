@@ -141,6 +141,13 @@ def _describe(pid: int) -> str:
     return f"state {stat[0]} ppid {stat[1]} pgid {stat[2]}: {cmd[:200]}"
 
 
+def _as_from_a_terminal() -> None:
+    """The demo started as from a shell's prompt, where Ctrl-C is not ignored: a process inherits an
+    ignored SIGINT (a runner that ignores it, a script's background job), and Python then leaves it
+    ignored, so the SIGINT below would do nothing and the demo would run to its end."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_every_process_it_started(tmp_path: Path, recordings: Path) -> None:
     work = tmp_path / "w"
     proc = subprocess.Popen(
@@ -157,6 +164,7 @@ def test_ctrl_c_stops_every_process_it_started(tmp_path: Path, recordings: Path)
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_as_from_a_terminal,
     )
     deadline = time.monotonic() + 120  # generous: a loaded machine starts processes slowly
     # the coordinator, four far sides and four device supervisors, whenever they are all up (never a
@@ -188,7 +196,7 @@ def test_the_whole_loop_on_recordings_then_served_until_ctrl_c(tmp_path: Path, r
     proc = subprocess.Popen(
         [sys.executable, "-m", "fleetloop_cli.main", "demo", "--serve", "--json", "--workdir", str(work),
          "--data", str(recordings)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_as_from_a_terminal,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
