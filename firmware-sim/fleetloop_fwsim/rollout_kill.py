@@ -229,7 +229,12 @@ def run_kill_loop(
     interval_s: tuple[float, float] = (0.3, 2.0),
 ) -> KillLoopReport:
     """Roll out release after release to ``devices`` simulated devices, killing the coordinator
-    ``kills`` times at random points (seeded) while rollouts run; then check the invariants."""
+    ``kills`` times at random points (seeded) while rollouts run; then check the invariants.
+
+    One rollout takes at most half the kills (rounded up), so that at least two run under kills: on a
+    slow machine a rollout lasts long enough to take them all, and the next rollout then never starts
+    after a restart that carried the last one over."""
+    per_rollout = -(-kills // 2)
     rng = random.Random(seed)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -284,14 +289,16 @@ def run_kill_loop(
             }
             rid = str(api.call("POST", "/v1/rollouts", json.dumps(policy).encode())["id"])
             rollouts.append(rid)
+            these_kills = 0
             while True:
                 time.sleep(rng.uniform(*interval_s))
                 state = api.call("GET", f"/v1/rollouts/{rid}")["state"]
                 if state in ("SUCCEEDED", "ABORTED", "PAUSED"):
                     break
-                if done_kills < kills:
+                if done_kills < kills and these_kills < per_rollout:
                     coordinator.restart()
                     done_kills += 1
+                    these_kills += 1
         # let the last rollout finish without kills, then read what happened
         for rid in rollouts:
             _wait(
