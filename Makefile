@@ -52,8 +52,9 @@ proto-check: setup
 
 # The test files run on two workers (pytest-xdist), one file per worker at a time so a file's module
 # fixtures and order hold; much of the suite waits (processes starting, brokers, rollout clocks,
-# browsers) rather than computes. Measured on the two-core machine (2026-12-05): the suite took 1,751 s on
-# two workers against 1,895-2,796 s in one process the same days. PYTEST_WORKERS=0 runs it in one process.
+# browsers) rather than computes. Measured on the two-core machine (2026-12-05), before that day's cuts
+# to the slowest tests: 1,751 s on two workers against 1,895-2,796 s in one process the days before;
+# after them, 1,195 s on two workers. PYTEST_WORKERS=0 runs the suite in one process.
 PYTEST_WORKERS ?= 2
 
 pytest: setup bytecode
