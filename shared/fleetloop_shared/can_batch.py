@@ -310,7 +310,10 @@ def _slow_value(
                 if sig.length == 64
                 else raw.astype(np.uint16).view(np.float16).astype(np.float64)
             )
-        scaled = unscaled if sig.conversion == "identity" else unscaled * float(sig.scale) + float(sig.offset)
+        with np.errstate(over="ignore"):  # an extreme scale gives ±inf, as Python's float does in cantools
+            scaled = (
+                unscaled if sig.conversion == "identity" else unscaled * float(sig.scale) + float(sig.offset)
+            )
         return scaled, (np.trunc(unscaled) if sig.choices else None)
     unsigned64 = sig.length == 64 and not sig.is_signed
     field = raw if unsigned64 else ints

@@ -268,6 +268,26 @@ def test_short_and_unknown_frames_are_counted_not_raised(tmp_path: Path) -> None
     assert decoder.errors_total == 1
 
 
+def test_a_float_scaled_past_the_largest_double_is_infinite_as_in_cantools() -> None:
+    """A DBC whose scale takes an IEEE float signal past the largest double gives ±inf, as cantools' own
+    arithmetic does — a value, not a numpy overflow warning in the agent's log."""
+    import warnings
+
+    from cantools.database.can import Message, Signal
+    from cantools.database.conversion import BaseConversion
+
+    wide = BaseConversion.factory(scale=-3, offset=0, choices=None, is_float=True)
+    msg = Message(0x10, "F", 8, [Signal("X", 0, 64, conversion=wide)], strict=False)
+    db = DbcDatabase(cantools.database.can.Database(messages=[msg], strict=False))
+    largest = np.array([np.finfo(np.float64).max, 1.5, -np.finfo(np.float64).max]).tobytes()
+    batch = FrameBatch.from_payloads([1, 2, 3], [0x10] * 3, [largest[k : k + 8] for k in (0, 8, 16)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (m,) = BatchDecoder([db.layout("F")]).decode(batch)
+        assert assert_batch_equals_cantools(db, batch) == 3
+    assert m.values["X"].tolist() == [-math.inf, -4.5, math.inf]
+
+
 @pytest.mark.parametrize("width", [8, 64])
 def test_empty_batch(width: int) -> None:
     assert BatchDecoder([]).decode(FrameBatch.empty(width)) == []
