@@ -17,10 +17,13 @@ optimal parse (or something as good) reaches its size. This script measures, per
   region tables, stream tables);
 * with ``--choices`` instead: per chunk, the method its sample shows smaller — the sample searched
   through the anchor table, as the encoder does, and through the suffix array — against both methods
-  made whole, and the whole patch with the dictionary each search chose.
+  made whole, and the whole patch with the dictionary each search chose;
+* with ``--coder MODE,NICE,DEPTH`` (repeatable; MODE ``normal`` or ``fast``) instead: the whole encoder
+  with LZMA2's match finder set so for both methods (patches and extra bytes), bytes and CPU per pair
+  next to ``bsdiff4.diff``'s in the same process — the study behind decision 0023's fifth addendum.
 
-Usage: ``.venv/bin/python benchmarks/delta_candidates.py [--only NAME …] [--no-firmware] [--choices]
-[--out FILE]``
+Usage: ``.venv/bin/python benchmarks/delta_candidates.py [--only NAME …] [--no-firmware] [--choices |
+--coder normal,16,4 --coder fast,32,16 …] [--out FILE]``
 (wheels fetched as ``benchmarks/delta.py`` does, into the same cache); prints JSON.
 """
 
@@ -185,6 +188,32 @@ def choices(old: bytes, new: bytes) -> list[dict[str, Any]]:
     return rows
 
 
+def coders(old: bytes, new: bytes, settings: list[str]) -> list[dict[str, Any]]:
+    """The whole encoder with each LZMA2 setting (``mode,nice,depth``), best of 3, against bsdiff4."""
+    _, reference = min((_timed(bsdiff4.diff, old, new) for _ in range(3)), key=lambda r: r[1])
+    saved = (lzma_preset._MODE_NORMAL, lzma_preset._NICE, lzma_preset._DEPTH)
+    rows = []
+    try:
+        for setting in settings:
+            mode, nice, depth = setting.split(",")
+            lzma_preset._MODE_NORMAL = {"normal": 2, "fast": 1}[mode]
+            lzma_preset._NICE, lzma_preset._DEPTH = int(nice), int(depth)
+            runs = [_timed(_encode, old, new) for _ in range(3)]
+            (size, methods), cpu = min(runs, key=lambda r: r[1])
+            rows.append(
+                {"coder": setting, "bytes": size, "methods": methods, "cpu_s": round(cpu, 4),
+                 "bsdiff4_cpu_s": round(reference, 4), "cpu_ratio": round(cpu / reference, 3)}
+            )  # fmt: skip
+    finally:
+        lzma_preset._MODE_NORMAL, lzma_preset._NICE, lzma_preset._DEPTH = saved
+    return rows
+
+
+def _encode(old: bytes, new: bytes) -> tuple[int, dict[str, int]]:
+    stats = fldelta2.encode(old, io.BytesIO(new), len(new), io.BytesIO())
+    return stats.bytes, dict(stats.methods)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "fleetloop-bench")
@@ -195,6 +224,12 @@ def main() -> None:
         "--choices",
         action="store_true",
         help="per chunk: the sample's choice vs both made whole",
+    )
+    ap.add_argument(
+        "--coder",
+        action="append",
+        default=None,
+        help="MODE,NICE,DEPTH of LZMA2's match finder (normal|fast): the whole encoder so, per pair",
     )
     args = ap.parse_args()
     if not suffix_diff.available():
@@ -214,7 +249,9 @@ def main() -> None:
         pairs.append((name, build_image("1.0.0", "bench-hw"), build_image("2.0.0", "bench-hw", variant=1)))
     report: dict[str, Any] = {"benchmark": "delta_candidates", "command": " ".join(sys.argv), "pairs": []}
     for name, old, new in pairs:
-        if args.choices:
+        if args.coder:
+            row = {"pair": name, "coders": coders(old, new, args.coder)}
+        elif args.choices:
             row = {"pair": name, "chunks": choices(old, new)}
         else:
             row = {"pair": name, **stages(old, new), "zstd_patch": zstd_patch(old, new)}
