@@ -302,7 +302,9 @@ def _slow_value(
         raw = _nine_byte_field(payload, c)
         ints = ((raw ^ np.uint64(c.sign)) - np.uint64(c.sign)).view(np.int64)
     if sig.is_float:
-        with np.errstate(invalid="ignore"):  # a signalling NaN on the bus widens to NaN, as in cantools
+        # IEEE arithmetic as Python's floats do it in cantools, silently: a signalling NaN on the bus
+        # widens to NaN, an extreme scale gives ±inf, inf times a zero scale NaN
+        with np.errstate(invalid="ignore", over="ignore"):
             unscaled = (
                 raw.astype(np.uint32).view(np.float32).astype(np.float64)
                 if sig.length == 32
@@ -310,7 +312,6 @@ def _slow_value(
                 if sig.length == 64
                 else raw.astype(np.uint16).view(np.float16).astype(np.float64)
             )
-        with np.errstate(over="ignore"):  # an extreme scale gives ±inf, as Python's float does in cantools
             scaled = (
                 unscaled if sig.conversion == "identity" else unscaled * float(sig.scale) + float(sig.offset)
             )
